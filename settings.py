@@ -1,0 +1,164 @@
+"""Every setting of the platform, read from the environment once, here and nowhere else.
+
+Each value is converted to its type when this module is imported; a bad value stops the process
+with an error that names the variable, the value it had, and the form that was expected.
+Every variable has a local default, so a development machine needs none of them.
+
+Import this module, never ``os.environ``::
+
+    import settings
+    settings.REDIS_URL
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+DEV_AUTH_SECRET = "dev-secret-change-me-in-production"
+DEV_AUTH_ADMIN_KEY = "dev-admin-key-change-me"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the platform cannot use."""
+
+
+def _read(env: Mapping[str, str], name: str, default: T, convert: Callable[[str], T], expected: str) -> T:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return convert(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{name}={raw!r} is not valid: expected {expected} ({exc})") from None
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be between 1 and 65535")
+    return value
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        scheme = urllib.parse.urlsplit(raw).scheme
+        if scheme not in schemes:
+            raise ValueError(f"scheme {scheme!r} is not one of {', '.join(schemes)}")
+        return raw
+
+    return convert
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"not one of {', '.join(choices)}")
+        return raw
+
+    return convert
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip().rstrip("/") for part in raw.split(",") if part.strip())
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs: ``redis://:secret@host/0`` -> ``redis://:***@host/0``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+_env = os.environ
+
+#: ``development`` (default) or ``production``; in production, development secrets refuse to start.
+PUSH_ENV: str = _read(_env, "PUSH_ENV", "development", _choice("development", "production"), "development or production")
+
+BROKER_URL: str = _read(_env, "BROKER_URL", "redis://127.0.0.1:6379/0", _url("redis", "rediss", "amqp", "amqps", "pyamqp"), "a redis:// or amqp:// URL")
+REDIS_URL: str = _read(_env, "REDIS_URL", "redis://127.0.0.1:6379/1", _url("redis", "rediss", "unix"), "a redis:// URL")
+#: Where Celery keeps task results (the message ids ``tasks.collect`` returns).
+RESULT_BACKEND: str = _read(_env, "RESULT_BACKEND", REDIS_URL, str, "a Celery result backend URL")
+MONGO_URL: str | None = _read(_env, "MONGO_URL", None, _url("mongodb", "mongodb+srv"), "a mongodb:// URL")
+MONGO_DB: str = _read(_env, "MONGO_DB", "push", str, "a database name")
+DATA_DIR: str = _read(_env, "DATA_DIR", "./data", str, "a folder path")
+
+AUTH_URL: str = _read(_env, "AUTH_URL", "http://127.0.0.1:8000", _url("http", "https"), "an http:// URL").rstrip("/")
+AUTH_PORT: int = _read(_env, "AUTH_PORT", 8000, _port, "a TCP port")
+AUTH_SECRET: str = _read(_env, "AUTH_SECRET", DEV_AUTH_SECRET, str, "a long random string")
+AUTH_ADMIN_KEY: str = _read(_env, "AUTH_ADMIN_KEY", DEV_AUTH_ADMIN_KEY, str, "a long random string")
+#: Lifetime of an issued token, in seconds.
+TOKEN_TTL: int = _read(_env, "TOKEN_TTL", 3600, _positive_int, "a whole number of seconds")
+#: How long a push node trusts a verified token before asking auth again (bounds how long a revoked
+#: token keeps opening connections on a node that saw it recently).
+AUTH_CACHE_SECONDS: float = _read(_env, "AUTH_CACHE_SECONDS", 5.0, float, "a number of seconds (0 disables the cache)")
+
+NODE_HOST: str = _read(_env, "NODE_HOST", "127.0.0.1", str, "a host name or IP address")
+#: Address every HTTP/WebSocket server of the platform listens on; ``0.0.0.0`` for every interface.
+BIND_ADDRESS: str = _read(_env, "BIND_ADDRESS", "127.0.0.1", str, "a host name or IP address to listen on")
+#: Comma-separated origins browsers may connect from, or ``*`` for any.
+ALLOWED_ORIGINS: tuple[str, ...] = _read(_env, "ALLOWED_ORIGINS", ("*",), _origins, "a comma-separated list of origins, or *")
+#: A route lease (user -> node) lives this long unless its node renews it; renewed every third of it.
+LEASE_TTL: float = _read(_env, "LEASE_TTL", 30.0, _positive_float, "a number of seconds")
+#: Largest ``data`` a message may carry, serialised as JSON, in bytes.
+MAX_MESSAGE_BYTES: int = _read(_env, "MAX_MESSAGE_BYTES", 65536, _positive_int, "a whole number of bytes")
+#: Largest frame a browser may send to a push node, in bytes (larger closes with 1009).
+MAX_FRAME_BYTES: int = _read(_env, "MAX_FRAME_BYTES", 4096, _positive_int, "a whole number of bytes")
+#: Most recipients one message may name.
+MAX_RECIPIENTS: int = _read(_env, "MAX_RECIPIENTS", 10000, _positive_int, "a whole number")
+#: How long messages are kept for ``since`` resume, in seconds.
+RETENTION_SECONDS: int = _read(_env, "RETENTION_SECONDS", 86400, _positive_int, "a whole number of seconds")
+#: A resume replays from this many milliseconds before the ``since`` id, so that messages collected
+#: concurrently on other worker processes are not skipped; clients drop the repeats by id.
+RESUME_OVERLAP_MS: int = _read(_env, "RESUME_OVERLAP_MS", 2000, int, "a whole number of milliseconds")
+#: Most messages one resume replays (the oldest beyond it are skipped and the client is told).
+REPLAY_LIMIT: int = _read(_env, "REPLAY_LIMIT", 10000, _positive_int, "a whole number")
+#: How long a node waits for a replay before closing the connection with 1013 (try again).
+REPLAY_TIMEOUT: float = _read(_env, "REPLAY_TIMEOUT", 15.0, _positive_float, "a number of seconds")
+#: Acks are sent to the worker in batches at least this often (seconds) ...
+RECEIPT_FLUSH_SECONDS: float = _read(_env, "RECEIPT_FLUSH_SECONDS", 0.5, _positive_float, "a number of seconds")
+#: ... or as soon as this many are waiting.
+RECEIPT_BATCH: int = _read(_env, "RECEIPT_BATCH", 1000, _positive_int, "a whole number")
+
+LOG_LEVEL: str = _read(_env, "LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR")
+
+
+def check_secrets() -> None:
+    """Warn about development secrets; refuse them when ``PUSH_ENV=production``.
+
+    Called once by each process at start, after logging is set up.
+    """
+    weak = [name for name, value, dev in (("AUTH_SECRET", AUTH_SECRET, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY", AUTH_ADMIN_KEY, DEV_AUTH_ADMIN_KEY)) if value == dev]
+    if not weak:
+        return
+    if PUSH_ENV == "production":
+        raise SettingsError(f"PUSH_ENV=production but {', '.join(weak)} still hold the development value: set them to long random strings")
+    log.warning("%s use the development value: fine on a laptop, never in production (set PUSH_ENV=production to enforce)", ", ".join(weak))
+
+
+def configure_logging(role: str) -> None:
+    """One logging set-up for every process: level from ``LOG_LEVEL``, role in each line."""
+    logging.basicConfig(level=LOG_LEVEL, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")

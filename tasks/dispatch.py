@@ -1,0 +1,49 @@
+"""Dispatch: route stored messages to the push nodes that hold their recipients.
+
+Worker process only.  One Redis round trip looks up every recipient's leases; the plan
+(``tasks.routing.plan``) groups the envelopes by node; one ``wsnode.deliver`` message goes to each
+node's own queue.  A recipient with no live route is skipped: the message waits in the store for
+that user's resume.  Dispatch is idempotent: running it twice delivers duplicates that clients
+drop by id, so transient Redis or broker errors are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from kombu.exceptions import OperationalError
+
+import settings
+from tasks import routing
+from tasks.queues import DELIVER_TASK, node_queue
+from worker import app
+from wsnode.registry import RouteTable
+
+log = logging.getLogger(__name__)
+
+_redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+# redis-py's pool re-creates its connections after a fork, so one client per module is safe under prefork.
+_routes = RouteTable(_redis)
+
+
+def publish(node: str, envelopes: list[dict], **extra) -> None:
+    """Put one ``wsnode.deliver`` batch on ``node``'s queue."""
+    app.send_task(DELIVER_TASK, args=[envelopes], kwargs=extra, queue=node_queue(node), ignore_result=True)
+
+
+@app.task(
+    name="tasks.dispatch",
+    ignore_result=True,
+    autoretry_for=(redis.ConnectionError, redis.TimeoutError, OperationalError),
+    retry_backoff=True,
+    retry_backoff_max=30,
+    max_retries=8,
+)
+def dispatch(messages: list[dict]) -> None:
+    """Route ``messages`` ([{"id", "to", "data", "ts"}], as stored by Collect) to their nodes."""
+    routes, live = _routes.lookup(routing.recipients_of(messages))
+    per_node = routing.plan(messages, routes, live)
+    for node, envelopes in per_node.items():
+        publish(node, envelopes)
+    log.debug("dispatched %d messages to %d nodes", len(messages), len(per_node))

@@ -1,0 +1,75 @@
+"""Validation of business messages: what ``tasks.collect`` accepts.  Pure.
+
+``validate(to, data)`` returns a :class:`Message` or raises :class:`InvalidMessage`, whose text says
+what was expected, what arrived, and how to fix the call.  Nothing is stored or sent for an
+invalid message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+BROADCAST = "*"
+MAX_USER_ID_CHARS = 128
+MISSING: Any = object()
+
+
+class InvalidMessage(ValueError):
+    """A business message that cannot be collected; retrying it unchanged fails again."""
+
+
+@dataclass(frozen=True)
+class Message:
+    #: ``"*"`` for every user online now, else the recipients in the order given, without repeats.
+    to: str | tuple[str, ...]
+    data: Any
+    #: ``data`` as compact JSON, measured against the size limit.
+    data_json: str
+
+
+def _check_user_id(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidMessage(f"{where} must be a non-empty string user id, got {value!r}")
+    if len(value) > MAX_USER_ID_CHARS:
+        raise InvalidMessage(f"{where} is {len(value)} characters long; user ids have at most {MAX_USER_ID_CHARS}")
+    if value == BROADCAST:
+        raise InvalidMessage(f'{where} is "*": to reach every user online, pass to="*" alone, not inside a list')
+    return value
+
+
+def recipients(to: object, max_recipients: int) -> str | tuple[str, ...]:
+    if to is MISSING or to is None:
+        raise InvalidMessage('"to" is missing: pass a user id, a list of user ids, or "*" for every user online')
+    if to == BROADCAST:
+        return BROADCAST
+    if isinstance(to, str):
+        return (_check_user_id(to, '"to"'),)
+    if not isinstance(to, (list, tuple)):
+        raise InvalidMessage(f'"to" must be a user id, a list of user ids, or "*", got {type(to).__name__}')
+    if not to:
+        raise InvalidMessage('"to" is an empty list: name at least one user id')
+    if len(to) > max_recipients:
+        raise InvalidMessage(f'"to" names {len(to)} users; at most {max_recipients} per message (MAX_RECIPIENTS), split the list')
+    checked = [_check_user_id(user, f'"to"[{i}]') for i, user in enumerate(to)]
+    return tuple(dict.fromkeys(checked))
+
+
+def encode_data(data: object, max_bytes: int) -> str:
+    if data is MISSING:
+        raise InvalidMessage('"data" is missing: pass any JSON value, e.g. data={"text": "hi"}')
+    try:
+        text = json.dumps(data, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f'"data" is not JSON: {exc}; send only dicts, lists, strings, numbers, booleans and null') from None
+    size = len(text.encode())
+    if size > max_bytes:
+        raise InvalidMessage(f'"data" is {size} bytes as JSON; the limit is {max_bytes} (MAX_MESSAGE_BYTES): send a reference instead')
+    return text
+
+
+def validate(to: object, data: object, *, max_bytes: int, max_recipients: int, unexpected: dict | None = None) -> Message:
+    if unexpected:
+        raise InvalidMessage(f"unexpected argument(s) {', '.join(sorted(unexpected))}: collect takes to, data and optionally key")
+    return Message(recipients(to, max_recipients), data, encode_data(data, max_bytes))

@@ -1,0 +1,34 @@
+"""Replay: send a resuming connection what it missed.  Worker process only.
+
+A push node asks for it when a browser connects with ``since=<id>``.  The node registers the
+user's route first and only then asks, so every message is either in this replay or routed live
+(or both: clients drop repeats by id).  The replay starts ``RESUME_OVERLAP_MS`` before ``since``
+so that messages collected at the same moment on another worker process are not skipped.  The
+answer goes back through the node's own queue as ``wsnode.deliver`` pages addressed to one
+connection; the last page says so, and whether the retention or ``REPLAY_LIMIT`` cut it short.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import settings
+from tasks import ids
+from tasks.dispatch import publish
+from tasks.store import StoreUnavailable, get_store
+from worker import app
+
+log = logging.getLogger(__name__)
+
+PAGE = 500
+
+
+@app.task(name="tasks.replay", ignore_result=True, autoretry_for=(StoreUnavailable,), retry_backoff=True, max_retries=3)
+def replay(node: str, conn: str, user: str, since: str) -> None:
+    after = ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS)
+    envelopes, truncated = get_store().replay(user, after, settings.REPLAY_LIMIT)
+    pages = [envelopes[i : i + PAGE] for i in range(0, len(envelopes), PAGE)] or [[]]
+    for number, page in enumerate(pages, 1):
+        last = number == len(pages)
+        publish(node, page, conn=conn, replay={"last": last, "truncated": truncated, "count": len(envelopes)})
+    log.info("replayed %d messages to user=%s conn=%s on %s since %s%s", len(envelopes), user, conn, node, since, " (truncated)" if truncated else "")

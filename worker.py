@@ -1,0 +1,64 @@
+"""The Celery app: ``celery -A worker worker`` runs Collect and Dispatch, ``celery -A worker flower`` watches.
+
+Queues (see ``tasks/queues.py``): with no ``-Q`` the worker consumes ``collect`` and ``dispatch``;
+a deployment may split them, e.g. ``-Q collect`` on some workers and ``-Q dispatch`` on others.
+Push nodes import this module only to *send* tasks (replay requests, receipts); they never run it
+as a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import after_setup_logger, worker_ready
+from kombu import Queue
+
+import settings
+from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
+
+log = logging.getLogger(__name__)
+
+app = Celery(
+    "push",
+    broker=settings.BROKER_URL,
+    backend=settings.RESULT_BACKEND,
+    include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts"],
+)
+
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_queues=[Queue(COLLECT_QUEUE), Queue(DISPATCH_QUEUE)],
+    task_default_queue=COLLECT_QUEUE,
+    task_routes={
+        "tasks.collect": {"queue": COLLECT_QUEUE},
+        "tasks.collect_many": {"queue": COLLECT_QUEUE},
+        "tasks.receipts": {"queue": COLLECT_QUEUE},
+        "tasks.dispatch": {"queue": DISPATCH_QUEUE},
+        "tasks.replay": {"queue": DISPATCH_QUEUE},
+    },
+    # Results hold message ids for business code; an hour is plenty to read them.
+    result_expires=3600,
+    # Operators watch the tasks in stock Flower, which needs task events.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": 3600},
+    # Every network call has a timeout (redis-py and kombu default to none).
+    redis_socket_timeout=10,
+    redis_socket_connect_timeout=5,
+    broker_connection_timeout=5,
+    worker_hijack_root_logger=False,
+)
+
+
+@after_setup_logger.connect
+def _log_backends(logger, **_):
+    logger.info("broker %s, results %s", settings.redact(settings.BROKER_URL), settings.redact(settings.RESULT_BACKEND))
+
+
+@worker_ready.connect
+def _check_secrets(**_):
+    settings.check_secrets()

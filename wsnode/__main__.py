@@ -1,0 +1,35 @@
+"""``python -m wsnode --port PORT``: run one push node until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+import settings
+from wsnode.app import PushNode
+
+log = logging.getLogger("wsnode")
+
+
+async def main(port: int, host: str) -> None:
+    node = PushNode(port, host)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("node %s: stop requested", node.address)
+    await node.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m wsnode", description="Run one push node.")
+    parser.add_argument("--port", type=int, required=True, help="TCP port; the node's queue is named NODE_HOST:PORT")
+    parser.add_argument("--host", default=settings.NODE_HOST, help="address advertised to Dispatch (default NODE_HOST)")
+    args = parser.parse_args()
+    settings.configure_logging(f"wsnode:{args.port}")
+    settings.check_secrets()
+    asyncio.run(main(args.port, args.host))

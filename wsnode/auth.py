@@ -1,0 +1,70 @@
+"""Token checks against the auth service, with a short cache.  Loop thread only.
+
+``verify(token)`` returns the user id, or raises :class:`AuthRejected` (close 4401: the client needs
+a new token) or :class:`AuthUnavailable` (close 1013: try again later).  Verified tokens are cached
+for ``cache_seconds`` keyed by a digest of the token (tokens themselves are never kept or logged),
+so a revoked token keeps opening connections on this node for at most that long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from cachetools import TTLCache
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+log = logging.getLogger(__name__)
+
+
+class AuthError(Exception):
+    """Base of the node's auth errors."""
+
+
+class AuthRejected(AuthError):
+    """The auth service said no: bad, expired or revoked token."""
+
+
+class AuthUnavailable(AuthError):
+    """The auth service could not be asked or gave an unusable answer."""
+
+
+class AuthClient:
+    def __init__(self, auth_url: str, cache_seconds: float, timeout: float = 5.0, max_cached: int = 100_000) -> None:
+        self._verify_url = f"{auth_url}/verify"
+        self._timeout = timeout
+        self._cache: TTLCache | None = TTLCache(max_cached, cache_seconds) if cache_seconds > 0 else None
+        self._http = AsyncHTTPClient()
+
+    async def verify(self, token: str | None) -> str:
+        if not token:
+            raise AuthRejected("no token: connect with ?token=...")
+        digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
+        if self._cache is not None and (user := self._cache.get(digest)) is not None:
+            return user
+        try:
+            response = await self._http.fetch(
+                self._verify_url, method="POST", body=json.dumps({"token": token}),
+                headers={"Content-Type": "application/json"}, request_timeout=self._timeout, connect_timeout=self._timeout,
+            )
+        except HTTPClientError as exc:
+            if exc.code == 401:
+                raise AuthRejected(_error_text(exc)) from None
+            raise AuthUnavailable(f"auth service answered {exc.code} at {self._verify_url}") from None
+        except OSError as exc:
+            raise AuthUnavailable(f"auth service unreachable at {self._verify_url}: {exc}") from None
+        try:
+            user = json.loads(response.body)["user_id"]
+        except (ValueError, KeyError, TypeError):
+            raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url}") from None
+        if self._cache is not None:
+            self._cache[digest] = user
+        return user
+
+
+def _error_text(exc: HTTPClientError) -> str:
+    try:
+        return json.loads(exc.response.body)["error"]
+    except Exception:  # the reason is only informative
+        return "token rejected"

@@ -1,0 +1,52 @@
+"""The one table of WebSocket close codes a push node uses.  Pure.
+
+Ranges tell a client what to do: 1001/1011/1013 and 4000-4499 mean reconnect (with backoff;
+4401 only after getting a new token); 4500-4999 mean a client bug: do not reconnect until fixed.
+Reasons are short (a close frame carries at most 123 bytes of reason).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class CloseCode(enum.IntEnum):
+    #: The node is shutting down or draining: reconnect now, the load balancer sends you elsewhere.
+    GOING_AWAY = 1001
+    #: A frame larger than ``MAX_FRAME_BYTES`` (Tornado closes with it by itself).
+    MESSAGE_TOO_BIG = 1009
+    #: An unexpected error on the node: reconnect with backoff and resume with ``since``.
+    INTERNAL_ERROR = 1011
+    #: A backend (auth, Redis, the worker) is unavailable right now: reconnect with backoff.
+    TRY_AGAIN_LATER = 1013
+    #: The token is missing, bad, expired or revoked: get a new token, then reconnect.
+    UNAUTHORIZED = 4401
+    #: The client sent a frame that is not a JSON object with a known ``type``, or a bad ``since``.
+    BAD_REQUEST = 4500
+
+    @property
+    def reason(self) -> str:
+        return _REASONS[self]
+
+    @property
+    def reconnect(self) -> bool:
+        """Whether a client should reconnect after this code (4401: with a fresh token)."""
+        return not 4500 <= self <= 4999
+
+
+_REASONS = {
+    CloseCode.GOING_AWAY: "node shutting down, reconnect elsewhere",
+    CloseCode.MESSAGE_TOO_BIG: "frame too big",
+    CloseCode.INTERNAL_ERROR: "internal error, reconnect with since",
+    CloseCode.TRY_AGAIN_LATER: "backend unavailable, try again later",
+    CloseCode.UNAUTHORIZED: "token missing, bad, expired or revoked",
+    CloseCode.BAD_REQUEST: "bad request",
+}
+
+MAX_REASON_BYTES = 123
+
+
+def short_reason(text: str) -> str:
+    """``text`` cut to fit a close frame (123 bytes of UTF-8)."""
+    data = text.encode()[:MAX_REASON_BYTES]
+    return data.decode(errors="ignore")

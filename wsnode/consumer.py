@@ -1,0 +1,137 @@
+"""Reads this node's own queue on a thread and hands each batch to the IOLoop.
+
+Threading: :class:`NodeQueueConsumer` runs its kombu connection on one dedicated thread (kombu
+channels are not thread-safe).  The only way into the loop is ``IOLoop.add_callback`` on the loop
+captured at construction; the thread then waits until the loop has written the batch before it
+acks the messages, so a node that dies mid-batch leaves them unacked for the broker to restore.
+The broker connection is re-opened with a doubling delay (0.5 s up to 30 s) when it drops.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tasks.queues import DELIVER_TASK, node_queue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Delivery:
+    """One ``wsnode.deliver`` message: envelopes, and for a replay its connection and page info."""
+
+    envelopes: list[dict]
+    conn: str | None = None
+    replay: dict | None = None
+    message: object = field(default=None, repr=False)
+
+
+class BadDelivery(ValueError):
+    """A message on the node queue that is not a well-formed ``wsnode.deliver`` task."""
+
+
+def parse_delivery(headers: dict, body: object) -> Delivery:
+    """Check a decoded Celery protocol-2 message.  Pure."""
+    task = (headers or {}).get("task")
+    if task != DELIVER_TASK:
+        raise BadDelivery(f"task {task!r} on a node queue: only {DELIVER_TASK} belongs here")
+    if not (isinstance(body, (list, tuple)) and len(body) >= 2 and isinstance(body[0], (list, tuple)) and len(body[0]) == 1):
+        raise BadDelivery("body is not [[envelopes], kwargs, embed]")
+    envelopes, kwargs = body[0][0], body[1] or {}
+    if not isinstance(envelopes, list) or not all(isinstance(e, dict) and "id" in e and "data" in e for e in envelopes):
+        raise BadDelivery("envelopes must be a list of objects with id and data")
+    if not all(e.get("to") == "*" or isinstance(e.get("to"), list) for e in envelopes) and kwargs.get("conn") is None:
+        raise BadDelivery("a live envelope needs to: a list of users or '*'")
+    return Delivery(envelopes, kwargs.get("conn"), kwargs.get("replay"))
+
+
+class NodeQueueConsumer:
+    def __init__(self, app, address: str, loop, deliver: Callable[[list[Delivery]], None], batch_max: int = 256, prefetch: int = 512) -> None:
+        self._app = app
+        self._queue = node_queue(address)
+        self._loop = loop
+        self._deliver = deliver
+        self._batch_max = batch_max
+        self._prefetch = prefetch
+        self._stopping = threading.Event()
+        self._pending: list[Delivery] = []
+        self._thread = threading.Thread(target=self._run, name=f"queue-{address}", daemon=True)
+        #: True while the consumer holds a working broker connection (read from any thread).
+        self.connected = False
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the batch in hand; any thread but the loop's (it may wait on the loop)."""
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    def _on_message(self, body, message) -> None:
+        try:
+            delivery = parse_delivery(message.headers, body)
+        except BadDelivery as exc:
+            log.error("dropped a malformed message from %s: %s", self._queue.name, exc)
+            message.reject()
+            return
+        delivery.message = message
+        self._pending.append(delivery)
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                with self._app.connection_for_read() as conn:
+                    conn.ensure_connection(max_retries=1)
+                    with conn.Consumer([self._queue], callbacks=[self._on_message], accept=["json"], prefetch_count=self._prefetch):
+                        self.connected, delay = True, 0.5
+                        log.info("consuming queue %s", self._queue.name)
+                        self._consume(conn)
+            except Exception as exc:  # noqa: BLE001 - the loop must survive any broker failure
+                if self._stopping.is_set():
+                    break
+                log.warning("queue %s: broker connection lost (%s); retrying in %.1f s", self._queue.name, exc, delay)
+            finally:
+                self.connected = False
+                self._pending.clear()  # unacked: the broker restores them
+            self._stopping.wait(delay)
+            delay = min(delay * 2, 30.0)
+
+    def _consume(self, conn) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn.drain_events(timeout=0.5)
+            except socket.timeout:
+                continue
+            while len(self._pending) < self._batch_max:
+                try:
+                    conn.drain_events(timeout=0.002)
+                except socket.timeout:
+                    break
+            if self._pending:
+                self._flush()
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._loop.add_callback(self._deliver_on_loop, batch, done)
+        try:
+            done.result(timeout=30)
+        except Exception:  # noqa: BLE001 - logged; the batch is acked anyway or it would loop forever
+            log.exception("delivering a batch of %d messages failed", len(batch))
+        for delivery in batch:
+            delivery.message.ack()
+        self.batches += 1
+
+    def _deliver_on_loop(self, batch: list[Delivery], done: concurrent.futures.Future) -> None:
+        try:
+            self._deliver(batch)
+            done.set_result(None)
+        except BaseException as exc:  # handed to the consumer thread, which logs it
+            done.set_exception(exc)

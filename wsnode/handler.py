@@ -1,0 +1,84 @@
+"""The WebSocket endpoint ``/ws``: one handler per browser connection.
+
+Loop thread only.  Lifecycle (Tornado's): ``get`` runs before the upgrade and checks ``since`` and
+the token; ``open`` binds the connection through the node, or closes it at once with the code the
+check chose (4401 bad token, 4500 bad request, 1013 auth unavailable); ``on_message`` only runs
+after ``open`` finished; ``on_close`` unbinds.  No token is ever logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from wsnode import protocol
+from wsnode.auth import AuthRejected, AuthUnavailable
+from wsnode.closecodes import CloseCode, short_reason
+from wsnode.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class PushHandler(WebSocketHandler):
+    def initialize(self, node) -> None:
+        self.node = node
+        self.conn_id = secrets.token_hex(8)
+        self.user_id: str | None = None
+        self.session: Session | None = None
+        self._refusal: tuple[CloseCode, str] | None = None
+
+    def check_origin(self, origin: str) -> bool:
+        return self.node.origin_allowed(origin)
+
+    async def get(self, *args, **kwargs) -> None:
+        if self.node.draining:
+            self.set_status(503)
+            self.finish({"error": "node is draining: connect to another node"})
+            return
+        try:
+            since = protocol.parse_since(self.get_query_argument("since", None))
+            self.user_id = await self.node.auth.verify(self.get_query_argument("token", None))
+            self.session = Session(since)
+        except protocol.ProtocolError as exc:
+            self._refusal = (exc.code, exc.reason)
+        except AuthRejected as exc:
+            self._refusal = (CloseCode.UNAUTHORIZED, short_reason(str(exc)))
+        except AuthUnavailable as exc:
+            log.warning("conn=%s refused, auth unavailable: %s", self.conn_id, exc)
+            self._refusal = (CloseCode.TRY_AGAIN_LATER, CloseCode.TRY_AGAIN_LATER.reason)
+        await super().get(*args, **kwargs)
+
+    async def open(self) -> None:
+        if self._refusal is not None:
+            code, reason = self._refusal
+            log.info("conn=%s rejected with %d: %s", self.conn_id, code, reason)
+            self.node.metrics_rejected(code)
+            self.close(code, reason)
+            return
+        await self.node.attach(self)
+
+    def on_message(self, message: str | bytes) -> None:
+        try:
+            ack = protocol.parse_client_frame(message)
+        except protocol.ProtocolError as exc:
+            log.info("conn=%s user=%s closed with %d: %s", self.conn_id, self.user_id, exc.code, exc)
+            self.close(exc.code, exc.reason)
+            return
+        self.node.receipts.add(ack.id, self.user_id)
+
+    def on_close(self) -> None:
+        if self.session is not None and self._refusal is None:
+            self.node.detach(self)
+
+    def send(self, frames: list[str]) -> None:
+        """Write ``frames`` in order; a closed socket drops them (the store keeps the messages)."""
+        for frame in frames:
+            try:
+                self.write_message(frame)
+            except WebSocketClosedError:
+                return
+
+    def close_with(self, code: CloseCode, reason: str | None = None) -> None:
+        self.close(code, short_reason(reason or code.reason))

@@ -1,0 +1,32 @@
+"""Batches browser acks into ``tasks.receipts`` tasks.  Loop thread only.
+
+``add`` is called for every ack frame; the buffer hands a batch to ``send`` when it reaches
+``batch_max`` items, and the node calls ``flush`` every ``RECEIPT_FLUSH_SECONDS`` and at shutdown.
+``send`` must not block the loop (the node passes one that submits to its publisher thread).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class ReceiptBuffer:
+    def __init__(self, send: Callable[[list[dict]], None], batch_max: int, clock: Callable[[], float] = time.time) -> None:
+        self._send = send
+        self._batch_max = batch_max
+        self._clock = clock
+        self._items: list[dict] = []
+
+    def add(self, message_id: str, user: str, state: str = "acked") -> None:
+        self._items.append({"id": message_id, "user": user, "state": state, "at": self._clock()})
+        if len(self._items) >= self._batch_max:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._items:
+            batch, self._items = self._items, []
+            self._send(batch)
+
+    def __len__(self) -> int:
+        return len(self._items)

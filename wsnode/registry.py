@@ -1,0 +1,100 @@
+"""Route leases in Redis: which push node holds a connection of which user.
+
+Schema (all keys in the ``REDIS_URL`` database):
+
+- ``push:route:<user>``: a sorted set; member = node address, score = unix time the lease ends.
+  One user may be on several nodes (several devices).  The key itself expires a little after its
+  newest lease, so a user whose nodes all died leaves nothing behind.
+- ``push:nodes``: a sorted set of every node's own lease, same scoring.  Dispatch only routes to a
+  node whose own lease is current, so a killed node stops receiving within ``LEASE_TTL``.
+
+Leases are written by the node that holds the connections (:class:`Leases`, asyncio, loop thread
+only) and renewed every third of ``LEASE_TTL``; the renewal rewrites every lease, so the routes
+come back by themselves after a Redis restart.  Dispatch reads them (:class:`RouteTable`,
+synchronous, worker process) and tolerates stale entries: a score in the past is ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+ROUTE_PREFIX = "push:route:"
+NODES_KEY = "push:nodes"
+
+
+def route_key(user: str) -> str:
+    return ROUTE_PREFIX + user
+
+
+class Leases:
+    """Writes this node's leases.  Loop thread only; ``redis`` is a ``redis.asyncio.Redis``."""
+
+    def __init__(self, redis, node: str, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self._redis = redis
+        self.node = node
+        self.ttl = ttl
+        self._clock = clock
+
+    def _key_ttl(self) -> int:
+        return int(self.ttl * 2) + 1
+
+    async def register(self, users: Iterable[str]) -> None:
+        """Lease ``users`` (and this node) to this node, in one round trip."""
+        now = self._clock()
+        until = now + self.ttl
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(NODES_KEY, {self.node: until})
+        for user in users:
+            key = route_key(user)
+            pipe.zadd(key, {self.node: until})
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.expire(key, self._key_ttl())
+        await pipe.execute()
+
+    async def renew(self, users: Iterable[str]) -> None:
+        """Extend every lease this node holds (the node's own and ``users``')."""
+        await self.register(users)
+
+    async def release(self, users: Iterable[str]) -> None:
+        """Give up ``users``' leases on this node (their last connection here closed)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for user in users:
+            pipe.zrem(route_key(user), self.node)
+        await pipe.execute()
+
+    async def release_node(self, users: Iterable[str]) -> None:
+        """Shut-down: give up ``users``' leases and the node's own, so nothing routes here any more."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrem(NODES_KEY, self.node)
+        for user in users:
+            pipe.zrem(route_key(user), self.node)
+        await pipe.execute()
+
+
+class RouteTable:
+    """Reads the leases.  Any thread; ``redis`` is a synchronous ``redis.Redis``."""
+
+    def __init__(self, redis, clock: Callable[[], float] = time.time) -> None:
+        self._redis = redis
+        self._clock = clock
+
+    def lookup(self, users: Iterable[str]) -> tuple[dict[str, list[str]], list[str]]:
+        """``({user: [node, ...]}, live_nodes)`` for ``users``, in one round trip.
+
+        Users with no current lease are absent from the first value.
+        """
+        users = list(users)
+        now = self._clock()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrangebyscore(NODES_KEY, now, "+inf")
+        for user in users:
+            pipe.zrangebyscore(route_key(user), now, "+inf")
+        replies = pipe.execute()
+        live = [_text(node) for node in replies[0]]
+        routes = {user: [_text(node) for node in nodes] for user, nodes in zip(users, replies[1:]) if nodes}
+        return routes, live
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
