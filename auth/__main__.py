@@ -1,0 +1,81 @@
+"""``python -m auth``: run the Auth service until SIGTERM or SIGINT, then exit 0.
+
+Main thread; the HTTP server and the Redis client live on the one asyncio loop of ``asyncio.run``.
+Settings come from ``settings.py`` (``AUTH_PORT``, ``BIND_ADDRESS``, ``AUTH_SECRET``,
+``AUTH_ADMIN_KEY``, ``TOKEN_TTL``, ``REDIS_URL``).  The service starts even when Redis is down:
+``/healthz`` answers 503 and ``/verify`` refuses tokens until Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+import settings
+from auth.app import AuthService
+from auth.revocations import RevocationsUnavailable
+
+log = logging.getLogger("auth")
+
+#: Seconds any one Redis call may take before the request gets a 503.
+REDIS_TIMEOUT = 2.0
+
+
+def connect_redis(url: str) -> redis.asyncio.Redis:
+    """A client that fails fast (one quick retry) so an outage turns into 503s, not hung requests."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=REDIS_TIMEOUT,
+        socket_connect_timeout=REDIS_TIMEOUT,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+    )
+
+
+async def serve() -> int:
+    client = connect_redis(settings.REDIS_URL)
+    service = AuthService(settings.AUTH_SECRET, settings.AUTH_ADMIN_KEY, client, settings.TOKEN_TTL)
+    try:
+        try:
+            port = service.start(settings.AUTH_PORT, settings.BIND_ADDRESS)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d (%s): set AUTH_PORT to a free port or BIND_ADDRESS to a local address", settings.BIND_ADDRESS, settings.AUTH_PORT, exc)
+            return 1
+        log.info("listening on http://%s:%d (tokens live %ds)", settings.BIND_ADDRESS, port, settings.TOKEN_TTL)
+        try:
+            await service.revocations.ping()
+        except RevocationsUnavailable as exc:
+            log.warning("starting without Redis, /healthz answers 503 until it is back: %s", exc)
+
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        log.info("stopping: no new connections, closing open ones")
+        await service.stop()
+        return 0
+    finally:
+        await client.aclose()
+
+
+def main() -> int:
+    settings.configure_logging("auth")
+    try:
+        settings.check_secrets()
+    except settings.SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("revocation list in Redis at %s", settings.redact(settings.REDIS_URL))
+    code = asyncio.run(serve())
+    log.info("stopped")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""HTTP handlers of the Auth service and the ``AuthService`` that wires them; loop thread only.
+
+Every response is JSON.  Routes:
+
+- ``POST /tokens``  (admin) ``{"user_id": "alice"}`` -> 200 ``{"token": "...", "expires_at": <int>}``
+- ``POST /verify``  ``{"token": "..."}`` -> 200 ``{"user_id": "alice", "expires_at": <int>}``;
+  401 ``{"error": "token expired" | "token invalid: <why>" | "token revoked"}``;
+  503 when Redis cannot say whether the token is revoked.
+- ``POST /revoke``  (admin) ``{"token": "..."}`` or ``{"user_id": "alice"}`` -> 200 ``{"revoked": "token" | "user"}``
+- ``GET /healthz`` -> 200 ``{"status": "ok"}``, or 503 ``{"status": "redis unavailable"}``
+
+Admin routes need ``Authorization: Bearer <AUTH_ADMIN_KEY>`` (401 otherwise).  A body that is not
+the JSON object a route expects gets 400 with ``{"error": ...}`` saying what was expected and what
+arrived; a body over ``MAX_BODY_BYTES`` is refused by Tornado itself (bare 400, connection closed).
+Tokens and keys are never logged: only user ids and token ids (jti).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import redis.asyncio
+import tornado.httpserver
+import tornado.httputil
+import tornado.netutil
+import tornado.web
+
+from auth import tokens
+from auth.revocations import Revocations, RevocationsUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz"
+REDIS_DOWN = "cannot reach Redis to check or record revocations; retry later (operators: check REDIS_URL)"
+
+
+class Reject(tornado.web.HTTPError):
+    """Ends a request with ``status`` and the JSON ``body``; raised from handlers."""
+
+    def __init__(self, status: int, body: dict, headers: dict | None = None) -> None:
+        super().__init__(status)
+        self.body = body
+        self.headers = headers or {}
+
+
+class AuthService:
+    """The Auth HTTP server: ``start()`` on the loop, ``await stop()`` on the same loop.
+
+    ``redis_client`` belongs to the caller, who closes it after ``stop()``.
+    """
+
+    def __init__(self, secret: str, admin_key: str, redis_client: redis.asyncio.Redis, token_ttl: int, clock: Callable[[], float] = time.time) -> None:
+        self.secret = secret
+        self.admin_key = admin_key
+        self.token_ttl = token_ttl
+        self.clock = clock
+        self.revocations = Revocations(redis_client, token_ttl)
+        args = {"service": self}
+        self.app = tornado.web.Application(
+            [
+                (r"/tokens", TokensHandler, args),
+                (r"/verify", VerifyHandler, args),
+                (r"/revoke", RevokeHandler, args),
+                (r"/healthz", HealthHandler, args),
+            ],
+            default_handler_class=NotFoundHandler,
+            default_handler_args=args,
+        )
+        self._server: tornado.httpserver.HTTPServer | None = None
+
+    def start(self, port: int, address: str) -> int:
+        """Listen on ``address:port`` (port 0 picks a free one); returns the port bound."""
+        if self._server is not None:
+            raise RuntimeError("AuthService.start() called twice: call stop() first")
+        sockets = tornado.netutil.bind_sockets(port, address)
+        self._server = tornado.httpserver.HTTPServer(self.app, max_body_size=MAX_BODY_BYTES)
+        self._server.add_sockets(sockets)
+        return sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop accepting connections, then close the open ones."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.stop()
+        await server.close_all_connections()
+
+
+class JsonHandler(tornado.web.RequestHandler):
+    """Common ground: JSON in and out, admin check, errors as ``{"error": ...}``."""
+
+    def initialize(self, service: AuthService) -> None:
+        self.service = service
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, Reject):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+            self.finish(exc.body)
+        else:
+            self.finish({"error": tornado.httputil.responses.get(status_code, "Unknown")})
+
+    def require_admin(self) -> None:
+        scheme, _, key = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.service.admin_key.encode()):
+            return
+        problem = "missing" if not scheme else "not a Bearer key" if scheme.lower() != "bearer" else "the key does not match"
+        log.warning("admin request %s %s from %s refused: %s", self.request.method, self.request.path, self.request.remote_ip, problem)
+        raise Reject(401, {"error": f"expected header 'Authorization: Bearer <AUTH_ADMIN_KEY>': {problem}"}, {"WWW-Authenticate": 'Bearer realm="auth"'})
+
+    def json_object(self, example: str) -> dict:
+        try:
+            body = json.loads(self.request.body)
+        except (ValueError, RecursionError) as exc:
+            raise Reject(400, {"error": f"expected a JSON object like {example}, got a body that is not JSON ({exc})"}) from None
+        if not isinstance(body, dict):
+            raise Reject(400, {"error": f"expected a JSON object like {example}, got a JSON {_json_type(body)}"})
+        return body
+
+    def string_field(self, body: dict, name: str, example: str) -> str:
+        value = body.get(name)
+        if not isinstance(value, str):
+            got = f"no {name!r} field" if name not in body else f"{name!r} as a JSON {_json_type(value)}"
+            raise Reject(400, {"error": f"expected a JSON object like {example}, got {got}"})
+        return value
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class TokensHandler(JsonHandler):
+    async def post(self) -> None:
+        self.require_admin()
+        user_id = self.string_field(self.json_object('{"user_id": "alice"}'), "user_id", '{"user_id": "alice"}')
+        try:
+            issued = tokens.issue(self.service.secret, user_id, self.service.clock(), self.service.token_ttl)
+        except tokens.InvalidUserId as exc:
+            raise Reject(400, {"error": str(exc)}) from None
+        log.info("issued token jti=%s user=%s expires_at=%d", issued.jti, user_id, issued.expires_at)
+        self.finish({"token": issued.token, "expires_at": issued.expires_at})
+
+
+class VerifyHandler(JsonHandler):
+    async def post(self) -> None:
+        token = self.string_field(self.json_object('{"token": "..."}'), "token", '{"token": "..."}')
+        try:
+            claims = tokens.verify(self.service.secret, token, self.service.clock())
+        except tokens.TokenExpired:
+            raise Reject(401, {"error": "token expired"}) from None
+        except tokens.TokenInvalid as exc:
+            raise Reject(401, {"error": f"token invalid: {exc}"}) from None
+        try:
+            revoked = await self.service.revocations.is_revoked(claims)
+        except RevocationsUnavailable as exc:
+            log.error("cannot verify jti=%s user=%s: %s", claims.jti, claims.user_id, exc)
+            raise Reject(503, {"error": REDIS_DOWN}) from None
+        if revoked:
+            log.info("refused revoked token jti=%s user=%s", claims.jti, claims.user_id)
+            raise Reject(401, {"error": "token revoked"})
+        self.finish({"user_id": claims.user_id, "expires_at": claims.expires_at})
+
+
+class RevokeHandler(JsonHandler):
+    EXAMPLE = '{"token": "..."} or {"user_id": "alice"}'
+
+    async def post(self) -> None:
+        self.require_admin()
+        body = self.json_object(self.EXAMPLE)
+        fields = [name for name in ("token", "user_id") if name in body]
+        if len(fields) != 1:
+            got = "both 'token' and 'user_id'" if fields else "neither 'token' nor 'user_id'"
+            raise Reject(400, {"error": f"expected a JSON object like {self.EXAMPLE}, got {got}"})
+        try:
+            if fields == ["token"]:
+                await self._revoke_token(self.string_field(body, "token", self.EXAMPLE))
+            else:
+                await self._revoke_user(self.string_field(body, "user_id", self.EXAMPLE))
+        except RevocationsUnavailable as exc:
+            log.error("cannot record a revocation: %s", exc)
+            raise Reject(503, {"error": REDIS_DOWN}) from None
+        self.finish({"revoked": "token" if fields == ["token"] else "user"})
+
+    async def _revoke_token(self, token: str) -> None:
+        try:
+            claims = tokens.verify(self.service.secret, token, self.service.clock())
+        except tokens.TokenExpired:
+            return  # dead already: nothing to record
+        except tokens.TokenInvalid as exc:
+            raise Reject(400, {"error": f"token invalid: {exc}"}) from None
+        await self.service.revocations.revoke_token(claims, claims.expires_at)
+        log.info("revoked token jti=%s user=%s", claims.jti, claims.user_id)
+
+    async def _revoke_user(self, user_id: str) -> None:
+        try:
+            tokens.check_user_id(user_id)
+        except tokens.InvalidUserId as exc:
+            raise Reject(400, {"error": str(exc)}) from None
+        at = self.service.clock()
+        await self.service.revocations.revoke_user(user_id, at)
+        log.info("revoked every token of user=%s issued up to %.3f", user_id, at)
+
+
+class HealthHandler(JsonHandler):
+    async def get(self) -> None:
+        try:
+            await self.service.revocations.ping()
+        except RevocationsUnavailable as exc:
+            log.warning("health check: %s", exc)
+            raise Reject(503, {"status": "redis unavailable"}) from None
+        self.finish({"status": "ok"})
+
+
+class NotFoundHandler(JsonHandler):
+    def prepare(self) -> None:
+        raise Reject(404, {"error": f"no such path {self.request.path!r}: expected one of {ROUTES_HELP}"})

@@ -1,0 +1,85 @@
+"""The revocation list, kept in Redis so that every Auth process sees it.
+
+Loop thread only: the ``redis.asyncio`` client passed in belongs to the loop that runs this object.
+
+Two kinds of entry, each expiring as soon as it can no longer matter, so Redis never grows
+without bound:
+
+- ``auth:revoked:jti:<jti>`` -> ``1``: that one token; expires when the token itself expires.
+- ``auth:revoked:user:<user_id>`` -> a cutoff in unix microseconds: every token of that user
+  issued at or before the cutoff.  A token issued in the very microsecond of the cutoff is revoked
+  too.  The entry expires when the last token it covers expires (cutoff + ``token_ttl``), so it
+  assumes ``token_ttl`` is the lifetime the service issues tokens with.  A later revocation only
+  ever moves the cutoff forward.
+
+Redis errors (down, timeout) surface as ``RevocationsUnavailable``: callers must then refuse the
+token, never accept it unchecked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from auth import AuthError
+from auth.tokens import Claims
+
+JTI_PREFIX = "auth:revoked:jti:"
+USER_PREFIX = "auth:revoked:user:"
+
+# KEYS[1] user key; ARGV[1] cutoff (us); ARGV[2] expiry (unix seconds).  Keeps the larger cutoff.
+_MOVE_CUTOFF_FORWARD = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > current then
+  redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class RevocationsUnavailable(AuthError):
+    """Redis did not answer, so a revocation cannot be checked or recorded; retry later."""
+
+
+class Revocations:
+    """Records and checks revoked tokens and users; loop thread only."""
+
+    def __init__(self, redis_client: redis.asyncio.Redis, token_ttl: int) -> None:
+        self._redis = redis_client
+        self._token_ttl = token_ttl
+        self._move_cutoff = redis_client.register_script(_MOVE_CUTOFF_FORWARD)
+
+    async def revoke_token(self, claims_or_jti: Claims | str, expires_at: int) -> None:
+        """Revoke one token until ``expires_at`` (unix seconds), after which it is dead anyway."""
+        jti = claims_or_jti.jti if isinstance(claims_or_jti, Claims) else claims_or_jti
+        if not isinstance(jti, str) or not jti:
+            raise ValueError(f"expected a token's jti (a non-empty string) or its Claims, got {claims_or_jti!r}")
+        # EXAT in the past is accepted by Redis and leaves no key, which is what an expired token needs.
+        await self._call(self._redis.set(JTI_PREFIX + jti, 1, exat=max(int(expires_at), 1)))
+
+    async def revoke_user(self, user_id: str, at: float) -> None:
+        """Revoke every token of ``user_id`` issued at or before ``at`` (unix seconds)."""
+        cutoff_us = math.floor(at * 1_000_000)
+        expire_at = math.ceil(at + self._token_ttl)
+        await self._call(self._move_cutoff(keys=[USER_PREFIX + user_id], args=[cutoff_us, expire_at]))
+
+    async def is_revoked(self, claims: Claims) -> bool:
+        """Whether the token is revoked, by itself or with its user; one round trip (MGET)."""
+        by_jti, user_cutoff = await self._call(self._redis.mget(JTI_PREFIX + claims.jti, USER_PREFIX + claims.user_id))
+        if by_jti is not None:
+            return True
+        return user_cutoff is not None and claims.issued_at_us <= int(user_cutoff)
+
+    async def ping(self) -> None:
+        """Raise ``RevocationsUnavailable`` unless Redis answers PING."""
+        await self._call(self._redis.ping())
+
+    @staticmethod
+    async def _call(awaitable):
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise RevocationsUnavailable(f"Redis did not answer ({type(exc).__name__}: {exc}); check REDIS_URL and that Redis is running") from None

@@ -1,0 +1,450 @@
+"""The real ``python -m auth`` process over real HTTP, and ``auth.revocations``, against a private redis-server.
+
+Each module fixture starts its own processes on free ports of 127.0.0.1 and always stops them
+(SIGTERM, then SIGKILL).  The helpers at the top are deliberately small and local, so that they
+can be swapped for the shared launcher later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jwt
+import pytest
+import redis.asyncio
+
+from auth import tokens
+from auth.revocations import Revocations
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "integration-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+ADMIN_KEY = "integration-test-admin-key-0123456789"
+START_TIMEOUT = 15.0
+
+
+# --- process helpers (local; to be replaced by the shared launcher) ---------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
+def wait_until(check, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before it was ready:\n{log.read_text()}")
+        if check():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{what} not ready after {START_TIMEOUT}s:\n{log.read_text()}")
+
+
+def redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def redis_server(tmp: Path):
+    """A private redis-server on a free port, no persistence; yields its port."""
+    port = free_port()
+    log = tmp / f"redis-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
+    try:
+        wait_until(lambda: redis_answers(port), "redis-server", proc, log)
+        yield port, proc
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def auth_service(tmp: Path, redis_port: int, **env):
+    """A real ``python -m auth`` on a free port; yields ``(base_url, process)`` once /healthz is 200."""
+    port = free_port()
+    log = tmp / f"auth-{port}.log"
+    environ = dict(os.environ)
+    environ.update(
+        AUTH_PORT=str(port),
+        BIND_ADDRESS="127.0.0.1",
+        REDIS_URL=f"redis://127.0.0.1:{redis_port}/1",
+        AUTH_SECRET=SECRET,
+        AUTH_ADMIN_KEY=ADMIN_KEY,
+        PUSH_ENV="development",
+        LOG_LEVEL="INFO",
+    )
+    environ.update(env)
+    base = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "auth"], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=environ)
+    try:
+        wait_until(lambda: call(base, "GET", "/healthz", timeout=1)[0] == 200, "python -m auth", proc, log)
+        yield base, proc
+    finally:
+        stop_process(proc)
+
+
+# --- HTTP helpers ----------------------------------------------------------------------------
+
+
+def call(base: str, method: str, path: str, body=None, key: str | None = None, raw: bytes | None = None, headers: dict | None = None, timeout: float = 10):
+    """``(status, json body)``; status 0 when nothing answered."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(base + path, data=data, method=method, headers=dict(headers or {}))
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, None
+
+
+def issue(base: str, user_id: str) -> dict:
+    status, body = call(base, "POST", "/tokens", {"user_id": user_id}, key=ADMIN_KEY)
+    assert status == 200, body
+    return body
+
+
+def verify(base: str, token: str):
+    return call(base, "POST", "/verify", {"token": token})
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("auth")
+
+
+@pytest.fixture(scope="module")
+def redis_port(tmp):
+    with redis_server(tmp) as (port, _):
+        yield port
+
+
+@pytest.fixture(scope="module")
+def auth(tmp, redis_port) -> str:
+    with auth_service(tmp, redis_port) as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def short_lived_auth(tmp, redis_port) -> str:
+    """A second auth process, same secret and Redis, issuing tokens that live one second."""
+    with auth_service(tmp, redis_port, TOKEN_TTL="1") as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def auth_after_redis_died(tmp):
+    """An auth process whose private Redis has been stopped; yields its URL and a valid token."""
+    with redis_server(tmp) as (port, redis_proc), auth_service(tmp, port) as (base, _):
+        token = issue(base, "dora")["token"]
+        stop_process(redis_proc)
+        yield base, token
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+def test_a_token_issued_for_alice_verifies_as_alice(auth):
+    issued = issue(auth, "alice")
+
+    status, body = verify(auth, issued["token"])
+
+    assert status == 200
+    assert body == {"user_id": "alice", "expires_at": issued["expires_at"]}
+
+
+def test_an_issued_token_expires_about_token_ttl_from_now(auth):
+    issued = issue(auth, "alice")
+
+    assert isinstance(issued["expires_at"], int)
+    assert 3600 - 5 <= issued["expires_at"] - time.time() <= 3600 + 1
+
+
+def test_issuing_without_the_admin_key_is_401(auth):
+    status, body = call(auth, "POST", "/tokens", {"user_id": "alice"})
+
+    assert status == 401
+    assert "Authorization: Bearer" in body["error"]
+
+
+def test_issuing_with_a_wrong_admin_key_is_401(auth):
+    status, body = call(auth, "POST", "/tokens", {"user_id": "alice"}, key=ADMIN_KEY + "x")
+
+    assert status == 401
+    assert ADMIN_KEY not in json.dumps(body)
+
+
+def test_issuing_with_the_key_under_another_scheme_is_401(auth):
+    status, _ = call(auth, "POST", "/tokens", {"user_id": "alice"}, headers={"Authorization": f"Basic {ADMIN_KEY}"})
+
+    assert status == 401
+
+
+def test_revoking_without_the_admin_key_is_401(auth):
+    status, _ = call(auth, "POST", "/revoke", {"user_id": "alice"})
+
+    assert status == 401
+
+
+def test_issuing_for_a_bad_user_id_is_400_saying_what_was_expected(auth):
+    status, body = call(auth, "POST", "/tokens", {"user_id": "al ice"}, key=ADMIN_KEY)
+
+    assert status == 400
+    assert "expected a user id" in body["error"]
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"user": "alice"}', b'{"user_id": 7}', b"\xff\xfe"])
+def test_issuing_with_a_body_that_is_not_the_expected_json_is_400(auth, raw):
+    status, body = call(auth, "POST", "/tokens", raw=raw, key=ADMIN_KEY)
+
+    assert status == 400
+    assert body["error"].startswith("expected a JSON object like")
+
+
+def test_a_garbage_token_is_401_invalid(auth):
+    status, body = verify(auth, "not-a-token")
+
+    assert status == 401
+    assert body["error"].startswith("token invalid: ")
+
+
+def test_a_token_signed_with_another_secret_is_401_invalid(auth):
+    forged = jwt.encode({"sub": "alice", "jti": "x", "iat": time.time(), "exp": int(time.time()) + 60}, "another-secret-" + "x" * 40, algorithm="HS256")
+
+    status, body = verify(auth, forged)
+
+    assert status == 401
+    assert body["error"].startswith("token invalid: signature")
+
+
+@pytest.mark.parametrize("raw", [b"not json", b'"a.b.c"', b"{}", b'{"token": 12}', b'{"token": null}'])
+def test_verifying_a_body_that_is_not_json_with_a_string_token_is_400(auth, raw):
+    status, body = call(auth, "POST", "/verify", raw=raw)
+
+    assert status == 400
+    assert body["error"].startswith('expected a JSON object like {"token": "..."}')
+
+
+def test_an_expired_token_is_401_expired(short_lived_auth):
+    issued = issue(short_lived_auth, "erin")
+    time.sleep(max(0.0, issued["expires_at"] - time.time()) + 0.05)
+
+    status, body = verify(short_lived_auth, issued["token"])
+
+    assert status == 401
+    assert body == {"error": "token expired"}
+
+
+def test_a_revoked_token_is_401_revoked(auth):
+    issued = issue(auth, "frank")
+
+    status, body = call(auth, "POST", "/revoke", {"token": issued["token"]}, key=ADMIN_KEY)
+    assert (status, body) == (200, {"revoked": "token"})
+
+    assert verify(auth, issued["token"]) == (401, {"error": "token revoked"})
+
+
+def test_revoking_one_token_leaves_the_users_other_tokens_working(auth):
+    doomed, kept = issue(auth, "grace"), issue(auth, "grace")
+
+    call(auth, "POST", "/revoke", {"token": doomed["token"]}, key=ADMIN_KEY)
+
+    assert verify(auth, kept["token"])[0] == 200
+
+
+def test_revoking_a_user_kills_their_old_tokens_but_not_one_issued_after(auth):
+    old_tokens = [issue(auth, "heidi")["token"] for _ in range(2)]
+
+    status, body = call(auth, "POST", "/revoke", {"user_id": "heidi"}, key=ADMIN_KEY)
+    assert (status, body) == (200, {"revoked": "user"})
+    new_token = issue(auth, "heidi")["token"]
+
+    assert [verify(auth, token) for token in old_tokens] == [(401, {"error": "token revoked"})] * 2
+    assert verify(auth, new_token)[0] == 200
+
+
+def test_revoking_a_user_leaves_other_users_alone(auth):
+    other = issue(auth, "ivan")["token"]
+
+    call(auth, "POST", "/revoke", {"user_id": "judy"}, key=ADMIN_KEY)
+
+    assert verify(auth, other)[0] == 200
+
+
+def test_a_revocation_made_through_one_auth_process_is_seen_by_another(auth, short_lived_auth):
+    issued = issue(auth, "kim")
+
+    call(auth, "POST", "/revoke", {"user_id": "kim"}, key=ADMIN_KEY)
+
+    assert verify(short_lived_auth, issued["token"]) == (401, {"error": "token revoked"})
+
+
+def test_revocation_keys_expire_with_the_tokens_they_cover(auth, redis_port):
+    issued = issue(auth, "liam")
+    call(auth, "POST", "/revoke", {"token": issued["token"]}, key=ADMIN_KEY)
+    call(auth, "POST", "/revoke", {"user_id": "liam"}, key=ADMIN_KEY)
+
+    assert 3600 - 5 <= redis_ttl(redis_port, "auth:revoked:user:liam") <= 3601
+    assert all(0 < redis_ttl(redis_port, key) <= 3601 for key in redis_keys(redis_port, "auth:revoked:jti:*"))
+
+
+@pytest.mark.parametrize("body", [{}, {"token": "a", "user_id": "b"}, {"user_id": "has space"}, {"token": "garbage"}])
+def test_revoking_with_a_body_that_names_nothing_valid_is_400(auth, body):
+    status, reply = call(auth, "POST", "/revoke", body, key=ADMIN_KEY)
+
+    assert status == 400
+    assert reply["error"]
+
+
+def test_healthz_is_200_ok_while_redis_answers(auth):
+    assert call(auth, "GET", "/healthz") == (200, {"status": "ok"})
+
+
+def test_an_unknown_path_is_404_json(auth):
+    status, body = call(auth, "GET", "/nope")
+
+    assert status == 404
+    assert "POST /verify" in body["error"]
+
+
+def test_a_body_over_64_kib_is_refused(auth):
+    host, port = auth.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(f"POST /verify HTTP/1.1\r\nHost: {host}\r\nContent-Length: {64 * 1024 + 1}\r\n\r\n".encode())
+        reply = sock.recv(1024)
+
+    assert reply.startswith(b"HTTP/1.1 400")
+
+
+def test_healthz_is_503_once_redis_is_stopped(auth_after_redis_died):
+    base, _ = auth_after_redis_died
+
+    assert call(base, "GET", "/healthz") == (503, {"status": "redis unavailable"})
+
+
+def test_a_valid_token_is_503_not_200_when_revocations_cannot_be_checked(auth_after_redis_died):
+    base, token = auth_after_redis_died
+
+    status, body = verify(base, token)
+
+    assert status == 503
+    assert "Redis" in body["error"]
+
+
+def test_sigterm_stops_the_service_with_exit_code_0(tmp, redis_port):
+    with auth_service(tmp, redis_port) as (_, proc):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+# --- the revocation list itself, against the same private Redis --------------------------------
+
+
+@pytest.fixture
+async def revocations(redis_port):
+    client = redis.asyncio.Redis(port=redis_port, db=2)
+    try:
+        yield Revocations(client, token_ttl=3600)
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+def claims_at(user_id: str, issued_at: float):
+    return tokens.verify(SECRET, tokens.issue(SECRET, user_id, issued_at, 3600).token, issued_at)
+
+
+async def test_a_user_revocation_covers_the_microsecond_it_was_made_but_not_the_next(revocations):
+    at = 1_900_000_000.5
+
+    await revocations.revoke_user("mona", at)
+
+    assert await revocations.is_revoked(claims_at("mona", at - 60))
+    assert await revocations.is_revoked(claims_at("mona", at))
+    assert not await revocations.is_revoked(claims_at("mona", at + 0.000_01))
+    assert not await revocations.is_revoked(claims_at("mona", at + 0.001))
+
+
+async def test_a_user_revocation_never_moves_its_cutoff_back(revocations):
+    at = 1_900_000_000.5
+
+    await revocations.revoke_user("nina", at)
+    await revocations.revoke_user("nina", at - 100)
+
+    assert await revocations.is_revoked(claims_at("nina", at - 1))
+
+
+async def test_revoking_an_already_expired_token_stores_nothing(revocations, redis_port):
+    await revocations.revoke_token("long-gone-jti", expires_at=1_000)
+
+    assert redis_command(redis_port, "EXISTS", "auth:revoked:jti:long-gone-jti", db=2) == 0
+
+
+# --- Redis inspection (raw RESP, to keep the test free of the code under test) ----------------
+
+
+def redis_command(port: int, *args: str, db: int = 1):
+    payload = f"*{len(args)}\r\n" + "".join(f"${len(arg.encode())}\r\n{arg}\r\n" for arg in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(f"*2\r\n$6\r\nSELECT\r\n${len(str(db))}\r\n{db}\r\n{payload}".encode())
+        reader = sock.makefile("rb")
+        reader.readline()  # +OK from SELECT
+        return _read_resp(reader)
+
+
+def _read_resp(reader):
+    line = reader.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b":":
+        return int(rest)
+    if kind == b"*":
+        return [_read_resp(reader) for _ in range(int(rest))]
+    if kind == b"$":
+        return None if int(rest) < 0 else reader.readline().rstrip(b"\r\n").decode()
+    return rest.decode()
+
+
+def redis_ttl(port: int, key: str) -> int:
+    return redis_command(port, "TTL", key)
+
+
+def redis_keys(port: int, pattern: str) -> list[str]:
+    keys = redis_command(port, "KEYS", pattern)
+    assert keys, f"no keys match {pattern}"
+    return keys

@@ -1,0 +1,183 @@
+"""Pure tests of ``auth.tokens``: plain strings and numbers in, claims or exceptions out."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jwt
+import pytest
+
+from auth import AuthError
+from auth import tokens
+from auth.tokens import Claims, InvalidUserId, TokenError, TokenExpired, TokenInvalid
+
+SECRET = "unit-test-secret-long-enough-for-hs512-as-well-0123456789abcdefghij"
+OTHER_SECRET = "another-secret-also-with-32-bytes-or-more"
+NOW = 1_700_000_000.25
+TTL = 3600
+
+
+def b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def signed(claims: dict, secret: str = SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def good_claims(**overrides) -> dict:
+    claims = {"sub": "alice", "jti": "j1", "iat": NOW, "exp": int(NOW) + TTL}
+    claims.update(overrides)
+    return {name: value for name, value in claims.items() if value is not None}
+
+
+def test_a_token_issued_for_alice_verifies_as_alice():
+    issued = tokens.issue(SECRET, "alice", NOW, TTL)
+
+    claims = tokens.verify(SECRET, issued.token, NOW + 1)
+
+    assert claims == Claims(user_id="alice", jti=issued.jti, issued_at=NOW, expires_at=issued.expires_at)
+
+
+def test_issued_at_keeps_microseconds_and_never_rounds_up():
+    now = 1_700_000_000.999_9996
+    claims = tokens.verify(SECRET, tokens.issue(SECRET, "alice", now, TTL).token, now)
+
+    assert claims.issued_at <= now
+    assert claims.issued_at == pytest.approx(now, abs=2e-6)
+    assert claims.issued_at_us / 1_000_000 == claims.issued_at
+
+
+def test_expires_at_is_whole_seconds_at_least_ttl_after_issue():
+    issued = tokens.issue(SECRET, "alice", NOW, TTL)
+
+    assert isinstance(issued.expires_at, int)
+    assert issued.expires_at == 1_700_000_000 + TTL + 1
+
+
+def test_every_token_gets_its_own_jti():
+    first, second = (tokens.issue(SECRET, "alice", NOW, TTL) for _ in range(2))
+
+    assert first.jti != second.jti
+    assert first.token != second.token
+
+
+def test_a_token_still_verifies_just_before_it_expires():
+    issued = tokens.issue(SECRET, "alice", NOW, TTL)
+
+    assert tokens.verify(SECRET, issued.token, issued.expires_at - 0.001).user_id == "alice"
+
+
+def test_a_token_is_expired_from_its_expiry_second_on():
+    issued = tokens.issue(SECRET, "alice", NOW, TTL)
+
+    for now in (issued.expires_at, issued.expires_at + 1000):
+        with pytest.raises(TokenExpired):
+            tokens.verify(SECRET, issued.token, now)
+
+
+def test_expired_and_invalid_are_token_errors_and_auth_errors():
+    assert issubclass(TokenExpired, TokenError) and issubclass(TokenInvalid, TokenError)
+    assert issubclass(TokenError, AuthError) and issubclass(InvalidUserId, AuthError)
+
+
+def test_a_tampered_signature_is_invalid():
+    header, payload, signature = tokens.issue(SECRET, "alice", NOW, TTL).token.split(".")
+    flipped = signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]
+
+    with pytest.raises(TokenInvalid, match="signature"):
+        tokens.verify(SECRET, f"{header}.{payload}.{flipped}", NOW)
+
+
+def test_a_payload_changed_to_another_user_is_invalid():
+    header, _, signature = tokens.issue(SECRET, "alice", NOW, TTL).token.split(".")
+    forged = f"{header}.{b64(good_claims(sub='mallory'))}.{signature}"
+
+    with pytest.raises(TokenInvalid, match="signature"):
+        tokens.verify(SECRET, forged, NOW)
+
+
+def test_a_token_signed_with_another_secret_is_invalid():
+    issued = tokens.issue(OTHER_SECRET, "alice", NOW, TTL)
+
+    with pytest.raises(TokenInvalid, match="signature"):
+        tokens.verify(SECRET, issued.token, NOW)
+
+
+def test_an_unsigned_token_with_alg_none_is_invalid():
+    unsigned = jwt.encode(good_claims(), None, algorithm="none")
+
+    with pytest.raises(TokenInvalid, match="HS256"):
+        tokens.verify(SECRET, unsigned, NOW)
+
+
+def test_a_hand_made_alg_none_token_with_a_signature_is_invalid():
+    forged = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(good_claims())}.c2ln"
+
+    with pytest.raises(TokenInvalid):
+        tokens.verify(SECRET, forged, NOW)
+
+
+def test_a_token_signed_with_another_hmac_algorithm_is_invalid():
+    with pytest.raises(TokenInvalid, match="HS256"):
+        tokens.verify(SECRET, signed(good_claims(), algorithm="HS512"), NOW)
+
+
+@pytest.mark.parametrize("token", ["", "abc", "a.b", "a.b.c", "...", "é.é.é", "eyJhbGciOiJIUzI1NiJ9.!!!.sig", "a.b.c.d"])
+def test_a_malformed_string_is_invalid(token):
+    with pytest.raises(TokenInvalid):
+        tokens.verify(SECRET, token, NOW)
+
+
+@pytest.mark.parametrize("token", [None, 123, b"bytes", ["a.b.c"]])
+def test_something_that_is_not_a_string_is_invalid(token):
+    with pytest.raises(TokenInvalid, match="expected a non-empty string"):
+        tokens.verify(SECRET, token, NOW)
+
+
+@pytest.mark.parametrize("claim", ["sub", "jti", "iat", "exp"])
+def test_a_signed_token_missing_a_claim_is_invalid(claim):
+    with pytest.raises(TokenInvalid, match=f"missing claim '{claim}'"):
+        tokens.verify(SECRET, signed(good_claims(**{claim: None})), NOW)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"sub": 42}, {"sub": "a b"}, {"jti": 7}, {"jti": ""}, {"iat": "yesterday"}, {"iat": True}, {"exp": "soon"}, {"exp": 1.5e9 + 0.5}, {"exp": True}],
+)
+def test_a_signed_token_with_a_claim_of_the_wrong_type_is_invalid(overrides):
+    with pytest.raises(TokenInvalid):
+        tokens.verify(SECRET, signed(good_claims(**overrides)), NOW)
+
+
+def test_error_messages_never_contain_the_token():
+    token = tokens.issue(OTHER_SECRET, "alice", NOW, TTL).token
+
+    with pytest.raises(TokenInvalid) as caught:
+        tokens.verify(SECRET, token, NOW)
+
+    assert token not in str(caught.value)
+    assert token.split(".")[2] not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["", " ", "al ice", "alice\n", "\talice", "a\x00b", "a\x7fb", "zero\u200bwidth", "nb\u00a0sp", "x" * 129, "*", None, 42, ["alice"]],
+)
+def test_a_bad_user_id_is_refused_with_what_was_expected(user_id):
+    with pytest.raises(InvalidUserId, match="expected a user id"):
+        tokens.issue(SECRET, user_id, NOW, TTL)
+
+
+@pytest.mark.parametrize("user_id", ["alice", "x" * 128, "alice@example.com", "user:42", "用户", "Ünïcödé"])
+def test_a_good_user_id_is_accepted(user_id):
+    issued = tokens.issue(SECRET, user_id, NOW, TTL)
+
+    assert tokens.verify(SECRET, issued.token, NOW).user_id == user_id
+
+
+@pytest.mark.parametrize("ttl", [0, -1, 1.5, True])
+def test_a_ttl_that_is_not_a_positive_whole_number_is_refused(ttl):
+    with pytest.raises(ValueError, match="ttl"):
+        tokens.issue(SECRET, "alice", NOW, ttl)
