@@ -40,6 +40,14 @@ from wsnode.session import BacklogOverflow
 log = logging.getLogger(__name__)
 
 
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log without the query string: it carries the token."""
+    request = handler.request
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING
+    logging.getLogger("tornado.access").log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path, request.remote_ip, 1000 * request.request_time())
+
+
 class HealthHandler(tornado.web.RequestHandler):
     def initialize(self, node: PushNode) -> None:
         self.node = node
@@ -81,6 +89,7 @@ class PushNode:
             websocket_ping_interval=25,
             websocket_ping_timeout=60,
             websocket_max_message_size=settings.MAX_FRAME_BYTES,
+            log_function=_log_request,
         )
 
     async def start(self) -> None:

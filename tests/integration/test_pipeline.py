@@ -1,0 +1,128 @@
+"""The message path end to end on real processes: business task -> worker -> node queue -> browser."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tasks.store import Store
+from tests.integration.wsclient import dedup
+
+USERS = 120
+PER_USER = 5
+
+
+async def test_each_of_120_users_across_two_nodes_gets_exactly_its_own_messages_in_order(cluster):
+    users = [f"crowd-{i}" for i in range(USERS)]
+    clients = await asyncio.gather(*(cluster.connect(u, cluster.node_ports[i % 2]) for i, u in enumerate(users)))
+    assert {c.hello["node"] for c in clients} == {f"127.0.0.1:{p}" for p in cluster.node_ports}
+
+    # One batch task carrying every user's sequence, then one per-message task per user.
+    batch = [{"to": u, "data": {"user": u, "n": n}} for n in range(PER_USER) for u in users]
+    ids = await cluster.collect_many(batch)
+    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == len(batch)
+    singles = await asyncio.gather(*(cluster.collect(u, {"user": u, "n": PER_USER}) for u in users))
+
+    received = await asyncio.gather(*(c.messages(PER_USER + 1) for c in clients))
+    for user, client, frames in zip(users, clients, received):
+        assert [f["data"] for f in frames] == [{"user": user, "n": n} for n in range(PER_USER + 1)]
+    extras = await asyncio.gather(*(c.quiet(0.5) for c in clients))
+    assert not any(extras), "a user received messages that were not addressed to them"
+    assert [f["id"] for f in received[0]] == sorted(f["id"] for f in received[0])
+    assert singles[0] in {f["id"] for f in received[0]}
+    for c in clients:
+        c.close()
+
+
+async def test_a_user_with_devices_on_both_nodes_gets_every_message_on_each(cluster):
+    phone = await cluster.connect("two-devices", cluster.node_ports[0])
+    laptop = await cluster.connect("two-devices", cluster.node_ports[1])
+    sent = [await cluster.collect("two-devices", {"n": n}) for n in range(3)]
+    for device in (phone, laptop):
+        assert [f["id"] for f in await device.messages(3)] == sent
+    phone.close()
+    laptop.close()
+
+
+async def test_a_list_of_recipients_reaches_each_listed_user_and_no_one_else(cluster):
+    a = await cluster.connect("list-a", cluster.node_ports[0])
+    b = await cluster.connect("list-b", cluster.node_ports[1])
+    outsider = await cluster.connect("list-outsider", cluster.node_ports[0])
+    message_id = await cluster.collect(["list-a", "list-b", "list-offline"], {"to": "list"})
+    for client in (a, b):
+        (frame,) = await client.messages(1)
+        assert frame == {"type": "message", "id": message_id, "data": {"to": "list"}}
+    assert await outsider.quiet() == []
+    for c in (a, b, outsider):
+        c.close()
+
+
+async def test_a_broadcast_reaches_every_user_online_on_both_nodes(cluster):
+    clients = [await cluster.connect(f"everyone-{i}", cluster.node_ports[i % 2]) for i in range(4)]
+    message_id = await cluster.collect("*", {"all": True})
+    for client in clients:
+        frames = [f for f in await client.messages(1)]
+        assert frames[0]["id"] == message_id
+    for c in clients:
+        c.close()
+
+
+async def test_collect_returns_the_id_the_browser_receives(cluster):
+    client = await cluster.connect("id-check")
+    message_id = await cluster.collect("id-check", "plain string data")
+    (frame,) = await client.messages(1)
+    assert frame["id"] == message_id and frame["data"] == "plain string data"
+    client.close()
+
+
+async def test_resume_with_since_delivers_what_was_missed_in_order_then_live_messages(cluster):
+    client = await cluster.connect("resumer", cluster.node_ports[0])
+    first = await cluster.collect("resumer", {"n": 0})
+    assert (await client.messages(1))[0]["id"] == first
+    client.close()
+    missed = [await cluster.collect("resumer", {"n": n}) for n in range(1, 6)]
+
+    back = await cluster.connect("resumer", cluster.node_ports[1], since=first)
+    frames, resumed = await back.until("resumed")
+    assert resumed["since"] == first and resumed["truncated"] is False
+    # The replay starts RESUME_OVERLAP_MS before `since`, so it may repeat `first` and broadcasts.
+    assert [f["id"] for f in dedup(frames) if f["id"] != first and "n" in f["data"]] == missed
+    live = await cluster.collect("resumer", {"n": 6})
+    assert [f["id"] for f in await back.messages(1)] == [live]
+    back.close()
+
+
+async def test_messages_collected_while_a_resume_runs_are_neither_lost_nor_out_of_order(cluster):
+    client = await cluster.connect("racer")
+    first = await cluster.collect("racer", {"n": 0})
+    await client.messages(1)
+    client.close()
+    before = [await cluster.collect("racer", {"n": n}) for n in range(1, 20)]
+
+    async def stream():
+        return [await cluster.collect("racer", {"n": n}) for n in range(20, 60)]
+
+    streaming = asyncio.create_task(stream())
+    await asyncio.sleep(0.05)
+    back = await cluster.connect("racer", since=first)
+    during = await streaming
+    frames = await back.messages(len(before) + len(during), timeout=30)
+    frames += [f for f in await back.quiet(1.0) if f["type"] == "message"]
+    seen = [f["id"] for f in dedup(frames) if f["id"] != first and "n" in f["data"]]
+    assert seen == before + during
+    back.close()
+
+
+async def test_acks_are_recorded_as_receipts_in_the_store(cluster):
+    client = await cluster.connect("acker")
+    message_id = await cluster.collect("acker", {"ack": "me"})
+    (frame,) = await client.messages(1)
+    await client.send({"type": "ack", "id": frame["id"]})
+    assert await client.quiet(0.3) == [], "an ack frame is answered with nothing"
+    store = Store.open()  # the worker's store: the same DATA_DIR (or MONGO_URL) as this process
+    for _ in range(50):
+        if store.database["receipts"].find_one({"m": message_id, "u": "acker", "s": "acked"}):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the ack was not recorded within 5 s")
+    client.close()

@@ -1,0 +1,90 @@
+"""A small WebSocket test client over real loopback sockets (Tornado's client), as a browser uses the node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tornado.websocket import websocket_connect
+
+
+class Client:
+    def __init__(self, ws, url: str) -> None:
+        self.ws = ws
+        self.url = url
+        self.frames: list[dict] = []
+        self.hello: dict | None = None
+
+    @classmethod
+    async def connect(cls, url: str, expect_hello: bool = True, timeout: float = 10.0) -> "Client":
+        ws = await asyncio.wait_for(websocket_connect(url, max_message_size=1 << 24), timeout)
+        client = cls(ws, url)
+        if expect_hello:
+            client.hello = await client.next_frame(timeout)
+            assert client.hello["type"] == "hello", client.hello
+        return client
+
+    async def next_frame(self, timeout: float = 10.0) -> dict:
+        raw = await asyncio.wait_for(self.ws.read_message(), timeout)
+        if raw is None:
+            raise ConnectionError(f"closed with {self.ws.close_code} {self.ws.close_reason!r}")
+        frame = json.loads(raw)
+        self.frames.append(frame)
+        return frame
+
+    async def messages(self, count: int, timeout: float = 15.0) -> list[dict]:
+        """The next ``count`` message frames (other frame types are kept in ``frames`` and skipped)."""
+        out: list[dict] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(out) < count:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError(f"got {len(out)} of {count} messages on {self.url}: {out[-3:]}")
+            frame = await self.next_frame(left)
+            if frame["type"] == "message":
+                out.append(frame)
+        return out
+
+    async def until(self, kind: str, timeout: float = 15.0) -> tuple[list[dict], dict]:
+        """Frames before the first frame of type ``kind``, and that frame."""
+        before: list[dict] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            frame = await self.next_frame(deadline - asyncio.get_running_loop().time())
+            if frame["type"] == kind:
+                return before, frame
+            before.append(frame)
+
+    async def quiet(self, seconds: float = 0.7) -> list[dict]:
+        """Frames that arrive within ``seconds`` (tests assert this is empty: nothing extra)."""
+        extra = []
+        try:
+            while True:
+                extra.append(await self.next_frame(seconds))
+        except (asyncio.TimeoutError, TimeoutError):
+            return extra
+
+    async def closed(self, timeout: float = 10.0) -> tuple[int | None, str | None]:
+        """Wait for the server to close; returns (code, reason)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            raw = await asyncio.wait_for(self.ws.read_message(), deadline - asyncio.get_running_loop().time())
+            if raw is None:
+                return self.ws.close_code, self.ws.close_reason
+
+    async def send(self, frame) -> None:
+        await self.ws.write_message(frame if isinstance(frame, (str, bytes)) else json.dumps(frame), binary=isinstance(frame, bytes))
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def dedup(frames: list[dict]) -> list[dict]:
+    """Message frames with repeats dropped by id, first arrival kept: what a client shows."""
+    seen: set[str] = set()
+    out = []
+    for frame in frames:
+        if frame["type"] == "message" and frame["id"] not in seen:
+            seen.add(frame["id"])
+            out.append(frame)
+    return out
