@@ -85,12 +85,17 @@ def _origins(raw: str) -> tuple[str, ...]:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for logs: ``redis://:secret@host/0`` -> ``redis://:***@host/0``."""
+    """``url`` without its password, for logs: ``redis://:secret@host/0`` -> ``redis://:***@host/0``;
+    a ``password=`` query parameter (redis-py's ``unix://`` form) is masked too."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if parts.query:
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        masked = [(k, "***" if k.lower() == "password" else v) for k, v in query]
+        if masked != query:
+            parts = parts._replace(query=urllib.parse.urlencode(masked, safe="*"))
+    return urllib.parse.urlunsplit(parts)
 
 
 _env = os.environ

@@ -18,7 +18,7 @@ import re
 import threading
 import time
 
-_ID = re.compile(r"^[0-9a-f]{24}$")
+_ID = re.compile(r"[0-9a-f]{24}")
 _COUNTER_MAX = 0xFFFFFF
 
 
@@ -27,7 +27,7 @@ class MessageIdError(ValueError):
 
 
 def is_message_id(value: object) -> bool:
-    return isinstance(value, str) and _ID.match(value) is not None
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
 def timestamp_ms(message_id: str) -> int:

@@ -50,10 +50,10 @@ def recipients(to: object, max_recipients: int) -> str | tuple[str, ...]:
         raise InvalidMessage(f'"to" must be a user id, a list of user ids, or "*", got {type(to).__name__}')
     if not to:
         raise InvalidMessage('"to" is an empty list: name at least one user id')
-    if len(to) > max_recipients:
-        raise InvalidMessage(f'"to" names {len(to)} users; at most {max_recipients} per message (MAX_RECIPIENTS), split the list')
-    checked = [_check_user_id(user, f'"to"[{i}]') for i, user in enumerate(to)]
-    return tuple(dict.fromkeys(checked))
+    unique = tuple(dict.fromkeys(_check_user_id(user, f'"to"[{i}]') for i, user in enumerate(to)))
+    if len(unique) > max_recipients:
+        raise InvalidMessage(f'"to" names {len(unique)} users; at most {max_recipients} per message (MAX_RECIPIENTS), split the list')
+    return unique
 
 
 def encode_data(data: object, max_bytes: int) -> str:
@@ -61,6 +61,8 @@ def encode_data(data: object, max_bytes: int) -> str:
         raise InvalidMessage('"data" is missing: pass any JSON value, e.g. data={"text": "hi"}')
     try:
         text = json.dumps(data, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise InvalidMessage('"data" is nested too deeply to be encoded as JSON') from None
     except (TypeError, ValueError) as exc:
         raise InvalidMessage(f'"data" is not JSON: {exc}; send only dicts, lists, strings, numbers, booleans and null') from None
     size = len(text.encode())

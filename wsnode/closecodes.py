@@ -1,6 +1,6 @@
 """The one table of WebSocket close codes a push node uses.  Pure.
 
-Ranges tell a client what to do: 1001/1011/1013 and 4000-4499 mean reconnect (with backoff;
+Ranges tell a client what to do: 1001/1009/1011/1013 and 4000-4499 mean reconnect (with backoff;
 4401 only after getting a new token); 4500-4999 mean a client bug: do not reconnect until fixed.
 Reasons are short (a close frame carries at most 123 bytes of reason).
 """

@@ -43,6 +43,8 @@ def parse_delivery(headers: dict, body: object) -> Delivery:
     if not (isinstance(body, (list, tuple)) and len(body) >= 2 and isinstance(body[0], (list, tuple)) and len(body[0]) == 1):
         raise BadDelivery("body is not [[envelopes], kwargs, embed]")
     envelopes, kwargs = body[0][0], body[1] or {}
+    if not isinstance(kwargs, dict):
+        raise BadDelivery("kwargs must be an object")
     if not isinstance(envelopes, list) or not all(isinstance(e, dict) and "id" in e and "data" in e for e in envelopes):
         raise BadDelivery("envelopes must be a list of objects with id and data")
     if not all(e.get("to") == "*" or isinstance(e.get("to"), list) for e in envelopes) and kwargs.get("conn") is None:

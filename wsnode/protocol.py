@@ -44,11 +44,13 @@ def parse_client_frame(frame: str | bytes) -> Ack:
         raise ProtocolError("binary frames are not accepted: send JSON text")
     try:
         value = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProtocolError("frame is not JSON") from None
     if not isinstance(value, dict):
         raise ProtocolError("frame must be a JSON object with a type")
     kind = value.get("type")
+    if kind is None:
+        raise ProtocolError("frame has no type: expected {\"type\": \"ack\", \"id\": ...}")
     if kind == "ack":
         message_id = value.get("id")
         if not is_message_id(message_id):

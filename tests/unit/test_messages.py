@@ -1,0 +1,211 @@
+"""Pure tests of ``tasks.messages``: the arguments of ``tasks.collect`` in, a Message or an error out."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from tasks.messages import BROADCAST, MAX_USER_ID_CHARS, MISSING, InvalidMessage, Message, validate
+
+LIMITS = {"max_bytes": 1000, "max_recipients": 5}
+
+
+def check(to=MISSING, data=MISSING, **overrides) -> Message:
+    return validate(to, data, **{**LIMITS, **overrides})
+
+
+def rejection(to=MISSING, data=MISSING, **overrides) -> str:
+    with pytest.raises(InvalidMessage) as caught:
+        check(to, data, **overrides)
+    return str(caught.value)
+
+
+# --- to ---------------------------------------------------------------------------------------
+
+
+def test_a_single_user_id_becomes_a_one_recipient_tuple():
+    assert check("alice", {"x": 1}).to == ("alice",)
+
+
+def test_a_list_of_users_keeps_its_order():
+    assert check(["carol", "alice", "bob"], 1).to == ("carol", "alice", "bob")
+
+
+def test_a_list_of_users_drops_repeats_keeping_the_first_position():
+    assert check(["bob", "alice", "bob", "carol", "alice"], 1).to == ("bob", "alice", "carol")
+
+
+def test_a_tuple_of_users_is_accepted_like_a_list():
+    assert check(("alice", "bob"), 1).to == ("alice", "bob")
+
+
+def test_a_star_alone_means_broadcast():
+    assert check("*", 1).to == BROADCAST == "*"
+
+
+def test_a_missing_to_is_rejected():
+    assert '"to" is missing' in rejection(data=1)
+
+
+def test_to_none_is_rejected_as_missing():
+    assert '"to" is missing' in rejection(None, 1)
+
+
+def test_the_missing_to_error_says_what_to_pass():
+    assert 'a user id, a list of user ids, or "*"' in rejection(data=1)
+
+
+@pytest.mark.parametrize("to", ["", "   ", "\t\n"], ids=["empty", "spaces", "tab-newline"])
+def test_an_empty_or_blank_user_id_is_rejected(to):
+    assert "non-empty string user id" in rejection(to, 1)
+
+
+def test_an_empty_list_is_rejected_and_asks_for_at_least_one_user():
+    assert "empty list" in rejection([], 1) and "at least one user id" in rejection([], 1)
+
+
+def test_a_star_inside_a_list_is_rejected():
+    assert '"to"[1] is "*"' in rejection(["alice", "*"], 1)
+
+
+def test_the_star_inside_a_list_error_says_to_pass_it_alone():
+    assert 'to="*" alone' in rejection(["*"], 1)
+
+
+@pytest.mark.parametrize("bad, shown", [(5, "5"), (None, "None"), (["bob"], "['bob']")])
+def test_a_non_string_item_is_rejected_with_its_index_and_value(bad, shown):
+    text = rejection(["alice", "bob", bad], 1)
+
+    assert '"to"[2]' in text and shown in text
+
+
+def test_a_blank_item_in_a_list_is_rejected_with_its_index():
+    assert '"to"[0] must be a non-empty string user id' in rejection([" ", "alice"], 1)
+
+
+@pytest.mark.parametrize("to", [5, {"alice": 1}, b"alice", True], ids=["int", "dict", "bytes", "bool"])
+def test_a_to_of_another_type_is_rejected_naming_that_type(to):
+    assert type(to).__name__ in rejection(to, 1)
+
+
+def test_more_recipients_than_the_limit_are_rejected():
+    text = rejection(["a", "b", "c", "d"], 1, max_recipients=3)
+
+    assert "names 4 users" in text and "at most 3" in text
+
+
+def test_the_too_many_recipients_error_says_to_split_the_list():
+    assert "split the list" in rejection(["a", "b", "c"], 1, max_recipients=2)
+
+
+def test_exactly_the_recipient_limit_is_accepted():
+    assert check(["a", "b", "c"], 1, max_recipients=3).to == ("a", "b", "c")
+
+
+def test_a_user_id_at_the_length_limit_is_accepted():
+    user = "u" * MAX_USER_ID_CHARS
+
+    assert check(user, 1).to == (user,)
+
+
+def test_an_over_long_user_id_is_rejected_with_its_length_and_the_limit():
+    text = rejection("u" * (MAX_USER_ID_CHARS + 1), 1)
+
+    assert f"{MAX_USER_ID_CHARS + 1} characters" in text and f"at most {MAX_USER_ID_CHARS}" in text
+
+
+def test_an_over_long_user_id_in_a_list_is_rejected_with_its_index():
+    assert '"to"[1] is' in rejection(["alice", "u" * (MAX_USER_ID_CHARS + 1)], 1)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_data_is_kept_unchanged():
+    data = {"text": "hi", "n": [1, 2.5, None, True]}
+
+    assert check("alice", data).data == data
+
+
+def test_data_json_is_compact():
+    assert check("alice", {"a": [1, 2]}).data_json == '{"a":[1,2]}'
+
+
+def test_data_json_keeps_non_ascii_characters():
+    assert check("alice", {"text": "héllo ✓"}).data_json == '{"text":"héllo ✓"}'
+
+
+@pytest.mark.parametrize("data", [None, 0, "", [], {}, False], ids=["null", "zero", "empty string", "empty list", "empty dict", "false"])
+def test_falsy_json_values_are_valid_data(data):
+    assert check("alice", data).data == data
+
+
+def test_missing_data_is_rejected():
+    assert '"data" is missing' in rejection("alice")
+
+
+def test_the_missing_data_error_gives_an_example():
+    assert 'data={"text": "hi"}' in rejection("alice")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {1, 2},
+        b"bytes",
+        float("nan"),
+        float("inf"),
+        datetime.datetime(2024, 1, 1),
+        {"nested": [object()]},
+    ],
+    ids=["set", "bytes", "NaN", "infinity", "datetime", "nested object"],
+)
+def test_data_that_is_not_json_is_rejected(data):
+    assert '"data" is not JSON' in rejection("alice", data)
+
+
+def test_the_not_json_error_lists_the_accepted_types():
+    assert "dicts, lists, strings, numbers, booleans and null" in rejection("alice", {1, 2})
+
+
+def test_data_at_exactly_the_size_limit_is_accepted():
+    data = "x" * 8  # '"xxxxxxxx"' is 10 bytes of JSON
+
+    assert check("alice", data, max_bytes=10).data_json == '"xxxxxxxx"'
+
+
+def test_data_one_byte_over_the_size_limit_is_rejected():
+    text = rejection("alice", "x" * 9, max_bytes=10)
+
+    assert '"data" is 11 bytes' in text and "the limit is 10" in text
+
+
+def test_data_size_is_counted_in_utf8_bytes_not_characters():
+    # '"éé"' is 4 characters but 6 bytes.
+    assert '"data" is 6 bytes' in rejection("alice", "éé", max_bytes=5)
+
+
+def test_the_too_big_error_suggests_sending_a_reference():
+    assert "send a reference instead" in rejection("alice", "x" * 50, max_bytes=10)
+
+
+# --- other arguments --------------------------------------------------------------------------
+
+
+def test_unexpected_arguments_are_rejected_by_name():
+    text = rejection("alice", 1, unexpected={"colour": "red", "priority": 1})
+
+    assert "colour, priority" in text
+
+
+def test_the_unexpected_arguments_error_lists_the_accepted_ones():
+    assert "collect takes to, data" in rejection("alice", 1, unexpected={"x": 1})
+
+
+def test_an_empty_unexpected_mapping_is_not_an_error():
+    assert check("alice", 1, unexpected={}).to == ("alice",)
+
+
+def test_invalid_message_is_a_value_error():
+    assert issubclass(InvalidMessage, ValueError)

@@ -1,0 +1,168 @@
+"""Pure tests of ``wsnode.protocol``: client frames in, Acks or ProtocolErrors out; envelopes in, frames out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wsnode.closecodes import CloseCode
+from wsnode.protocol import Ack, ProtocolError, hello_frame, message_frame, parse_client_frame, parse_since, resumed_frame
+
+ID = "018bcfe56800" "000001" "a1b2c3"  # 24 hex: milliseconds, counter, tag
+
+
+def refusal(frame) -> ProtocolError:
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_frame(frame)
+    return caught.value
+
+
+# --- client frames ----------------------------------------------------------------------------
+
+
+def test_an_ack_frame_parses_to_an_ack_with_its_id():
+    assert parse_client_frame(json.dumps({"type": "ack", "id": ID})) == Ack(ID)
+
+
+def test_an_ack_frame_with_extra_fields_still_parses():
+    assert parse_client_frame(json.dumps({"type": "ack", "id": ID, "extra": [1]})) == Ack(ID)
+
+
+def test_a_binary_frame_is_refused():
+    assert "binary frames are not accepted" in str(refusal(json.dumps({"type": "ack", "id": ID}).encode()))
+
+
+def test_a_frame_that_is_not_json_is_refused():
+    assert "not JSON" in str(refusal("{type: ack"))
+
+
+def test_an_empty_frame_is_refused():
+    assert "not JSON" in str(refusal(""))
+
+
+@pytest.mark.parametrize("frame", ["[]", '["ack"]', '"ack"', "42", "null", "true"], ids=["empty array", "array", "string", "number", "null", "bool"])
+def test_a_json_value_that_is_not_an_object_is_refused(frame):
+    assert "must be a JSON object" in str(refusal(frame))
+
+
+def test_an_unknown_frame_type_is_refused_naming_the_type():
+    text = str(refusal(json.dumps({"type": "subscribe", "channel": "x"})))
+
+    assert "'subscribe'" in text and "expected ack" in text
+
+
+def test_a_frame_without_a_type_is_refused():
+    assert "no type" in str(refusal(json.dumps({"id": ID})))
+
+
+def test_an_unknown_type_is_shortened_in_the_error():
+    assert "x" * 41 not in str(refusal(json.dumps({"type": "x" * 500})))
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [None, "", "nope", ID.upper(), ID + "0", 12345, [ID]],
+    ids=["missing", "empty", "word", "uppercase", "too long", "number", "list"],
+)
+def test_an_ack_with_a_bad_id_is_refused(bad_id):
+    frame = {"type": "ack"} if bad_id is None else {"type": "ack", "id": bad_id}
+
+    assert "ack needs the id of a message frame" in str(refusal(json.dumps(frame)))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"\x00", "not json", "[1]", '{"type": "nope"}', '{"type": "ack", "id": "x"}'],
+    ids=["binary", "not json", "array", "unknown type", "bad ack id"],
+)
+def test_every_refusal_carries_the_bad_request_close_code(frame):
+    assert refusal(frame).code is CloseCode.BAD_REQUEST
+
+
+def test_a_deeply_nested_frame_is_refused_as_a_bad_request():
+    assert refusal("[" * 1500).code is CloseCode.BAD_REQUEST
+
+
+def test_a_protocol_error_reason_fits_in_a_close_frame():
+    assert len(ProtocolError("é" * 200).reason.encode()) <= 123
+
+
+def test_a_protocol_error_can_carry_another_close_code():
+    assert ProtocolError("later", CloseCode.TRY_AGAIN_LATER).code is CloseCode.TRY_AGAIN_LATER
+
+
+def test_protocol_error_is_a_value_error():
+    assert issubclass(ProtocolError, ValueError)
+
+
+# --- since ------------------------------------------------------------------------------------
+
+
+def test_an_absent_since_means_no_resume():
+    assert parse_since(None) is None
+
+
+def test_an_empty_since_means_no_resume():
+    assert parse_since("") is None
+
+
+def test_a_valid_since_is_returned_unchanged():
+    assert parse_since(ID) == ID
+
+
+@pytest.mark.parametrize("since", ["garbage", ID.upper(), ID[:-1], ID + "a", " " + ID[1:]], ids=["word", "uppercase", "short", "long", "space"])
+def test_a_since_that_is_not_a_message_id_is_refused(since):
+    with pytest.raises(ProtocolError, match="since must be the id of a message frame"):
+        parse_since(since)
+
+
+def test_a_bad_since_carries_the_bad_request_close_code():
+    with pytest.raises(ProtocolError) as caught:
+        parse_since("garbage")
+
+    assert caught.value.code is CloseCode.BAD_REQUEST
+
+
+# --- server frames ----------------------------------------------------------------------------
+
+
+def test_a_message_frame_is_json_with_type_id_and_data():
+    frame = message_frame({"id": ID, "data": {"text": "hi", "n": [1, None]}, "to": ["alice"], "ts": 1.0})
+
+    assert json.loads(frame) == {"type": "message", "id": ID, "data": {"text": "hi", "n": [1, None]}}
+
+
+def test_a_message_frame_keeps_unicode_characters_unescaped():
+    frame = message_frame({"id": ID, "data": {"text": "héllo ✓ 😀"}})
+
+    assert "héllo ✓ 😀" in frame
+
+
+def test_a_message_frame_round_trips_unicode_data():
+    data = {"text": "héllo ✓ 😀", "quote": 'say "hi"\n'}
+
+    assert json.loads(message_frame({"id": ID, "data": data}))["data"] == data
+
+
+@pytest.mark.parametrize("data", [None, 0, "", [], "plain"], ids=["null", "zero", "empty string", "empty list", "string"])
+def test_a_message_frame_carries_non_object_data_unchanged(data):
+    assert json.loads(message_frame({"id": ID, "data": data}))["data"] == data
+
+
+def test_a_message_frame_leaves_out_routing_fields():
+    frame = json.loads(message_frame({"id": ID, "data": 1, "to": ["alice"], "ts": 5.0}))
+
+    assert set(frame) == {"type", "id", "data"}
+
+
+def test_a_hello_frame_names_node_user_and_connection():
+    assert json.loads(hello_frame("10.0.0.1:8001", "alice", "c1")) == {"type": "hello", "node": "10.0.0.1:8001", "user": "alice", "conn": "c1"}
+
+
+def test_a_resumed_frame_reports_since_count_and_truncation():
+    assert json.loads(resumed_frame(ID, 12, True)) == {"type": "resumed", "since": ID, "replayed": 12, "truncated": True}
+
+
+def test_a_resumed_frame_without_truncation_says_false():
+    assert json.loads(resumed_frame(ID, 0, False))["truncated"] is False

@@ -1,0 +1,54 @@
+"""Pure tests of ``tasks.queues``: kombu objects built from an address, no connection opened."""
+
+from __future__ import annotations
+
+from tasks.queues import DELIVER_TASK, NODE_QUEUE_EXPIRES_MS, node_address, node_queue
+
+ADDRESS = "10.0.0.7:8765"
+
+
+def test_node_address_is_host_colon_port():
+    assert node_address("10.0.0.7", 8765) == ADDRESS
+
+
+def test_node_address_keeps_a_host_name_as_given():
+    assert node_address("push-1.internal", 80) == "push-1.internal:80"
+
+
+def test_the_node_queue_is_named_after_the_address():
+    assert node_queue(ADDRESS).name == ADDRESS
+
+
+def test_the_node_queue_exchange_is_named_after_the_address():
+    assert node_queue(ADDRESS).exchange.name == ADDRESS
+
+
+def test_the_node_queue_exchange_is_direct():
+    assert node_queue(ADDRESS).exchange.type == "direct"
+
+
+def test_the_node_queue_routing_key_is_the_address():
+    assert node_queue(ADDRESS).routing_key == ADDRESS
+
+
+def test_the_node_queue_expires_when_unused():
+    assert node_queue(ADDRESS).queue_arguments == {"x-expires": NODE_QUEUE_EXPIRES_MS}
+
+
+def test_the_expiry_is_a_positive_whole_number_of_milliseconds():
+    assert isinstance(NODE_QUEUE_EXPIRES_MS, int) and NODE_QUEUE_EXPIRES_MS > 0
+
+
+def test_the_node_queue_is_durable():
+    assert node_queue(ADDRESS).durable is True
+
+
+def test_two_calls_declare_equal_queues():
+    # The worker and the node each build the queue; both must declare it alike.
+    first, second = node_queue(ADDRESS), node_queue(ADDRESS)
+
+    assert (first.name, first.exchange.name, first.routing_key, first.queue_arguments) == (second.name, second.exchange.name, second.routing_key, second.queue_arguments)
+
+
+def test_the_deliver_task_name_is_wsnode_deliver():
+    assert DELIVER_TASK == "wsnode.deliver"

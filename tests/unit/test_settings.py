@@ -1,0 +1,175 @@
+"""Pure tests of ``settings``: the private reader and converters fed a plain dict as the environment.
+
+The module is imported once (with whatever the real environment holds) and never reloaded.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from settings import SettingsError, _choice, _origins, _port, _positive_float, _positive_int, _read, _url, redact
+
+
+def read(env: dict, convert=int, default=7, expected: str = "a whole number"):
+    return _read(env, "SOME_VAR", default, convert, expected)
+
+
+def failure(env: dict, convert=int, expected: str = "a whole number") -> str:
+    with pytest.raises(SettingsError) as caught:
+        read(env, convert, expected=expected)
+    return str(caught.value)
+
+
+# --- _read ------------------------------------------------------------------------------------
+
+
+def test_an_unset_variable_gives_the_default():
+    assert read({}) == 7
+
+
+def test_an_empty_variable_gives_the_default():
+    assert read({"SOME_VAR": ""}) == 7
+
+
+def test_the_default_is_returned_as_is_without_conversion():
+    assert read({}, convert=int, default="not converted") == "not converted"
+
+
+def test_a_set_variable_is_converted():
+    assert read({"SOME_VAR": "42"}) == 42
+
+
+def test_other_variables_are_ignored():
+    assert read({"OTHER_VAR": "42"}) == 7
+
+
+def test_a_bad_value_raises_settings_error():
+    with pytest.raises(SettingsError):
+        read({"SOME_VAR": "forty"})
+
+
+def test_the_error_names_the_variable():
+    assert "SOME_VAR=" in failure({"SOME_VAR": "forty"})
+
+
+def test_the_error_shows_the_bad_value():
+    assert "'forty'" in failure({"SOME_VAR": "forty"})
+
+
+def test_the_error_says_what_form_is_expected():
+    assert "expected a whole number of seconds" in failure({"SOME_VAR": "forty"}, expected="a whole number of seconds")
+
+
+def test_the_error_includes_the_converters_own_explanation():
+    assert "must be between 1 and 65535" in failure({"SOME_VAR": "70000"}, convert=_port)
+
+
+def test_settings_error_is_a_value_error():
+    assert issubclass(SettingsError, ValueError)
+
+
+# --- converters -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, value", [("1", 1), ("8000", 8000), ("65535", 65535)])
+def test_port_accepts_1_to_65535(raw, value):
+    assert _port(raw) == value
+
+
+@pytest.mark.parametrize("raw", ["0", "65536", "-1", "http", "80.5"])
+def test_port_rejects_values_outside_1_to_65535(raw):
+    with pytest.raises(ValueError):
+        _port(raw)
+
+
+@pytest.mark.parametrize("raw, value", [("1", 1), ("3600", 3600)])
+def test_positive_int_accepts_whole_numbers_above_zero(raw, value):
+    assert _positive_int(raw) == value
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "1.5", "ten"])
+def test_positive_int_rejects_zero_negatives_fractions_and_words(raw):
+    with pytest.raises(ValueError):
+        _positive_int(raw)
+
+
+@pytest.mark.parametrize("raw, value", [("0.5", 0.5), ("30", 30.0), ("1e-3", 0.001)])
+def test_positive_float_accepts_numbers_above_zero(raw, value):
+    assert _positive_float(raw) == value
+
+
+@pytest.mark.parametrize("raw", ["0", "-1.5", "nan", "soon"])
+def test_positive_float_rejects_zero_negatives_nan_and_words(raw):
+    with pytest.raises(ValueError):
+        _positive_float(raw)
+
+
+@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379/0", "amqp://guest:guest@rabbit//"])
+def test_url_accepts_a_listed_scheme(raw):
+    assert _url("redis", "amqp")(raw) == raw
+
+
+@pytest.mark.parametrize("raw", ["http://127.0.0.1", "127.0.0.1:6379", "localhost"])
+def test_url_rejects_other_schemes(raw):
+    with pytest.raises(ValueError, match="is not one of redis, amqp"):
+        _url("redis", "amqp")(raw)
+
+
+def test_a_bad_url_setting_error_names_variable_value_and_expected_form():
+    text = failure({"SOME_VAR": "http://x"}, convert=_url("redis"), expected="a redis:// URL")
+
+    assert "SOME_VAR='http://x' is not valid: expected a redis:// URL" in text
+
+
+def test_choice_accepts_a_listed_value():
+    assert _choice("development", "production")("production") == "production"
+
+
+@pytest.mark.parametrize("raw", ["staging", "Production", " production"])
+def test_choice_rejects_anything_not_listed_exactly(raw):
+    with pytest.raises(ValueError, match="not one of development, production"):
+        _choice("development", "production")(raw)
+
+
+def test_origins_split_on_commas_and_trim_spaces_and_trailing_slashes():
+    assert _origins(" https://a.example/ , http://b.example:8080") == ("https://a.example", "http://b.example:8080")
+
+
+def test_origins_skip_empty_parts():
+    assert _origins("https://a.example,, ,") == ("https://a.example",)
+
+
+def test_origins_star_stays_a_star():
+    assert _origins("*") == ("*",)
+
+
+# --- redact -----------------------------------------------------------------------------------
+
+
+def test_redact_hides_a_password_without_a_user():
+    assert redact("redis://:secret@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+
+
+def test_redact_hides_a_password_and_keeps_the_user():
+    assert redact("amqp://guest:hunter2@rabbit:5672//") == "amqp://guest:***@rabbit:5672//"
+
+
+def test_redacted_text_never_contains_the_password():
+    assert "s3cr3t-pw" not in redact("mongodb://app:s3cr3t-pw@db1:27017,db2:27017/push?replicaSet=rs0")
+
+
+def test_redact_leaves_a_url_without_a_password_unchanged():
+    assert redact("redis://127.0.0.1:6379/1") == "redis://127.0.0.1:6379/1"
+
+
+def test_redact_leaves_a_url_with_only_a_user_unchanged():
+    assert redact("amqp://guest@rabbit:5672//") == "amqp://guest@rabbit:5672//"
+
+
+def test_redact_keeps_query_and_path():
+    assert redact("mongodb://u:p@h:27017/db?authSource=admin") == "mongodb://u:***@h:27017/db?authSource=admin"
+
+
+
+def test_redact_hides_a_password_given_in_the_query_string():
+    assert "secret" not in redact("unix:///tmp/redis.sock?db=1&password=secret")
