@@ -85,13 +85,18 @@ class NodeQueueConsumer:
         delivery.message = message
         self._pending.append(delivery)
 
+    def _on_decode_error(self, message, exc: Exception) -> None:
+        log.error("dropped an undecodable message from %s: %s", self._queue.name, exc)
+        message.reject()
+
     def _run(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
             try:
                 with self._app.connection_for_read() as conn:
                     conn.ensure_connection(max_retries=1)
-                    with conn.Consumer([self._queue], callbacks=[self._on_message], accept=["json"], prefetch_count=self._prefetch):
+                    with conn.Consumer([self._queue], callbacks=[self._on_message], on_decode_error=self._on_decode_error,
+                                       accept=["json"], prefetch_count=self._prefetch):
                         self.connected, delay = True, 0.5
                         log.info("consuming queue %s", self._queue.name)
                         self._consume(conn)

@@ -1,0 +1,144 @@
+"""Bad input gets a clear error or a documented close code; nothing partial is stored or sent."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu import Connection
+
+import settings
+from auth.tokens import issue
+from tasks.queues import node_queue
+from tests.integration.wsclient import Client
+from wsnode.closecodes import CloseCode
+
+
+async def _refused(cluster, url) -> tuple[int, str]:
+    client = await Client.connect(url, expect_hello=False)
+    return await client.closed()
+
+
+async def test_a_garbage_token_is_closed_with_4401(cluster):
+    code, reason = await _refused(cluster, cluster.ws_url(cluster.node_ports[0], "not-a-token"))
+    assert code == CloseCode.UNAUTHORIZED and "invalid" in reason
+
+
+async def test_a_missing_token_is_closed_with_4401(cluster):
+    code, _ = await _refused(cluster, f"ws://127.0.0.1:{cluster.node_ports[0]}/ws")
+    assert code == CloseCode.UNAUTHORIZED
+
+
+async def test_an_expired_token_is_closed_with_4401(cluster):
+    old = issue(settings.AUTH_SECRET, "expired-user", now=time.time() - 7200, ttl=60).token
+    code, reason = await _refused(cluster, cluster.ws_url(cluster.node_ports[0], old))
+    assert code == CloseCode.UNAUTHORIZED and "expired" in reason
+
+
+async def test_a_token_signed_with_another_secret_is_closed_with_4401(cluster):
+    forged = issue("not-the-secret", "forger", now=time.time(), ttl=60).token
+    code, _ = await _refused(cluster, cluster.ws_url(cluster.node_ports[0], forged))
+    assert code == CloseCode.UNAUTHORIZED
+
+
+async def test_a_revoked_token_stops_opening_connections_once_the_node_cache_expires(cluster):
+    token = await asyncio.to_thread(cluster.token, "revoked-user")
+    url = cluster.ws_url(cluster.node_ports[0], token)
+    first = await Client.connect(url)  # works, and is now in the node's short cache
+    await asyncio.to_thread(cluster.revoke, {"token": token})
+    await asyncio.sleep(1.5)  # AUTH_CACHE_SECONDS=1 in the test cluster
+    code, reason = await _refused(cluster, url)
+    assert code == CloseCode.UNAUTHORIZED and "revoked" in reason
+    first.close()
+
+
+async def test_a_frame_that_is_not_json_closes_with_4500(cluster):
+    client = await cluster.connect("garbage-sender")
+    await client.send("{this is not json")
+    code, reason = await client.closed()
+    assert code == CloseCode.BAD_REQUEST and "JSON" in reason
+
+
+async def test_a_binary_frame_closes_with_4500(cluster):
+    client = await cluster.connect("binary-sender")
+    await client.send(b"\x00\x01\x02")
+    code, _ = await client.closed()
+    assert code == CloseCode.BAD_REQUEST
+
+
+async def test_an_unknown_frame_type_closes_with_4500(cluster):
+    client = await cluster.connect("unknown-type-sender")
+    await client.send({"type": "subscribe", "channel": "x"})
+    code, reason = await client.closed()
+    assert code == CloseCode.BAD_REQUEST and "subscribe" in reason
+
+
+async def test_an_oversize_frame_closes_with_1009(cluster):
+    client = await cluster.connect("oversize-sender")
+    await client.send({"type": "ack", "id": "x" * 10_000})
+    code, _ = await client.closed()
+    assert code == CloseCode.MESSAGE_TOO_BIG
+
+
+async def test_a_since_that_is_not_a_message_id_closes_with_4500(cluster):
+    token = await asyncio.to_thread(cluster.token, "bad-since")
+    code, reason = await _refused(cluster, cluster.ws_url(cluster.node_ports[0], token, since="yesterday"))
+    assert code == CloseCode.BAD_REQUEST and "since" in reason
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"data": {"x": 1}}, '"to" is missing'),
+        ({"to": "", "data": 1}, "non-empty string"),
+        ({"to": ["ok", 7], "data": 1}, '"to"[1]'),
+        ({"to": "watcher-bad-input", "data": math.nan}, "not JSON"),
+        ({"to": "watcher-bad-input", "data": "x" * 70_000}, "MAX_MESSAGE_BYTES"),
+        ({"to": "watcher-bad-input"}, '"data" is missing'),
+        ({"to": "watcher-bad-input", "data": 1, "priority": "high"}, "unexpected argument"),
+    ],
+)
+async def test_an_invalid_collect_fails_with_a_clear_error_and_sends_nothing(cluster, kwargs, expected):
+    watcher = await cluster.connect("watcher-bad-input")
+    result = cluster.send(**kwargs)
+    with pytest.raises(Exception) as info:
+        await asyncio.to_thread(result.get, timeout=20)
+    assert not isinstance(info.value, CeleryTimeout)
+    assert expected in str(info.value)
+    assert result.state == "FAILURE"
+    assert await watcher.quiet(0.7) == []
+    watcher.close()
+
+
+async def test_an_invalid_item_in_collect_many_rejects_only_that_item_with_its_index(cluster):
+    client = await cluster.connect("many-user")
+    results = await cluster.collect_many([
+        {"to": "many-user", "data": 1},
+        {"to": "many-user"},
+        {"to": "many-user", "data": 3},
+        "not an object",
+    ])
+    assert isinstance(results[0], str) and isinstance(results[2], str)
+    assert results[1]["index"] == 1 and results[1]["error"].startswith("messages[1]:")
+    assert results[3]["index"] == 3
+    frames = await client.messages(2)
+    assert [f["data"] for f in frames] == [1, 3]
+    assert await client.quiet(0.5) == []
+    client.close()
+
+
+async def test_a_malformed_message_on_a_node_queue_is_dropped_and_the_node_keeps_delivering(cluster):
+    port = cluster.node_ports[0]
+    client = await cluster.connect("after-garbage", port)
+    queue = node_queue(f"127.0.0.1:{port}")
+    with Connection(settings.BROKER_URL) as conn:
+        producer = conn.Producer()
+        producer.publish({"surprise": True}, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue], serializer="json")
+        producer.publish("not even json", exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue], content_type="application/json", content_encoding="utf-8")
+    message_id = await cluster.collect("after-garbage", {"still": "works"})
+    (frame,) = await client.messages(1)
+    assert frame["id"] == message_id
+    client.close()
