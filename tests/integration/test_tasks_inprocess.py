@@ -1,0 +1,125 @@
+"""Collect and Dispatch run by an in-process Celery worker (pytest-celery's Docker-free fixtures)
+against the real private Redis: what the tasks publish, checked queue by queue.
+
+The worker consumes a private queue, ``inprocess``, so these tests never race the subprocess worker
+of the end-to-end tests; the nodes here are fake addresses whose queues the tests read directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import redis as redis_lib
+from celery.contrib.pytest import celery_worker  # noqa: F401 - pytest-celery 1.x's own needs Docker
+
+import settings
+from tasks.collect import collect
+from tasks.dispatch import dispatch
+from tasks.store import get_store
+from wsnode.registry import NODES_KEY, route_key
+
+QUEUE = "inprocess"
+
+
+@pytest.fixture
+def celery_app(redis_server):
+    from worker import app
+
+    return app
+
+
+@pytest.fixture
+def celery_worker_pool():
+    return "solo"
+
+
+@pytest.fixture
+def celery_worker_parameters():
+    return {"queues": [QUEUE], "perform_ping_check": False}
+
+
+@pytest.fixture
+def routes(redis_server):
+    return redis_lib.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+
+
+@pytest.fixture
+def broker(redis_server):
+    return redis_lib.Redis.from_url(settings.BROKER_URL)
+
+
+def lease(routes, node: str, users: list[str], ttl: float = 30) -> None:
+    until = time.time() + ttl
+    routes.zadd(NODES_KEY, {node: until})
+    for user in users:
+        routes.zadd(route_key(user), {node: until})
+
+
+def drain(broker, node: str, expect: int = 0, timeout: float = 10.0) -> list[dict]:
+    """Every wsnode.deliver message on ``node``'s queue, decoded (Celery protocol 2 over Redis),
+    once at least ``expect`` are there (dispatch ignores results, so there is nothing to wait on)."""
+    deadline = time.monotonic() + timeout
+    while broker.llen(node) < expect and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # anything published after the expected ones would be a defect: let it show
+    out = []
+    while (raw := broker.rpop(node)) is not None:
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "wsnode.deliver"
+        args, kwargs, _ = json.loads(message["body"]) if message.get("properties", {}).get("body_encoding") != "base64" else json.loads(__import__("base64").b64decode(message["body"]))
+        out.append({"envelopes": args[0], "kwargs": kwargs})
+    return out
+
+
+def fake_node() -> str:
+    return f"fake-{uuid.uuid4().hex[:8]}:1"
+
+
+def test_dispatch_publishes_one_queue_message_per_node_never_one_per_recipient(celery_worker, routes, broker):
+    a, b = fake_node(), fake_node()
+    users_a = [f"{a}-u{i}" for i in range(50)]
+    users_b = [f"{b}-u{i}" for i in range(50)]
+    lease(routes, a, users_a)
+    lease(routes, b, users_b)
+    messages = [{"id": f"{n:024x}", "to": users_a + users_b, "data": {"n": n}, "ts": time.time()} for n in range(3)]
+
+    dispatch.apply_async(args=[messages], queue=QUEUE)
+
+    for node, users in ((a, users_a), (b, users_b)):
+        (published,) = drain(broker, node, expect=1)
+        assert [e["id"] for e in published["envelopes"]] == [m["id"] for m in messages]
+        assert all(e["to"] == users for e in published["envelopes"])
+
+
+def test_dispatch_skips_users_without_a_lease_and_nodes_whose_own_lease_expired(celery_worker, routes, broker):
+    live, dead = fake_node(), fake_node()
+    lease(routes, live, ["skip-live-user"])
+    lease(routes, dead, ["skip-dead-user"])
+    routes.zadd(NODES_KEY, {dead: time.time() - 1})  # the node stopped renewing
+    message = {"id": "0" * 24, "to": ["skip-live-user", "skip-dead-user", "skip-offline-user"], "data": 1, "ts": None}
+
+    dispatch.apply_async(args=[[message]], queue=QUEUE)
+
+    assert [p["envelopes"][0]["to"] for p in drain(broker, live, expect=1)] == [["skip-live-user"]]
+    assert drain(broker, dead) == []
+
+
+def test_a_broadcast_goes_once_to_every_live_node(celery_worker, routes, broker):
+    nodes = [fake_node() for _ in range(3)]
+    for node in nodes:
+        lease(routes, node, [])
+    dispatch.apply_async(args=[[{"id": "1" * 24, "to": "*", "data": "all", "ts": None}]], queue=QUEUE)
+    for node in nodes:
+        (published,) = drain(broker, node, expect=1)
+        assert published["envelopes"][0]["to"] == "*"
+
+
+def test_collect_stores_the_message_before_it_is_dispatched(celery_worker):
+    user = f"stored-{uuid.uuid4().hex[:6]}"
+    message_id = collect.apply_async(kwargs={"to": user, "data": {"kept": True}}, queue=QUEUE).get(timeout=10)
+    envelopes, truncated = get_store().replay(user, "0" * 24, 10)
+    assert [(e["id"], e["data"]) for e in envelopes] == [(message_id, {"kept": True})]
+    assert truncated is False
