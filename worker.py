@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_ready
+from celery.signals import after_setup_logger, worker_process_init, worker_ready
 from kombu import Queue
 
 import settings
@@ -62,3 +62,15 @@ def _log_backends(logger, **_):
 @worker_ready.connect
 def _check_secrets(**_):
     settings.check_secrets()
+
+
+@worker_process_init.connect
+def _open_store(**_):
+    """Open the store (and create MongoDB's indexes) as each worker process starts, not on the
+    first message; a store that cannot be opened now is retried by the first task that needs it."""
+    from tasks.store import StoreError, get_store
+
+    try:
+        get_store()
+    except StoreError as exc:
+        log.error("message store not available at start: %s", exc)

@@ -39,7 +39,7 @@ async def test_an_expired_token_is_closed_with_4401(cluster):
 
 
 async def test_a_token_signed_with_another_secret_is_closed_with_4401(cluster):
-    forged = issue("not-the-secret", "forger", now=time.time(), ttl=60).token
+    forged = issue("not-the-secret-but-just-as-long-as-one-0123456789", "forger", now=time.time(), ttl=60).token
     code, _ = await _refused(cluster, cluster.ws_url(cluster.node_ports[0], forged))
     assert code == CloseCode.UNAUTHORIZED
 

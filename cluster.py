@@ -1,0 +1,256 @@
+"""``python cluster.py``: the whole platform on this machine, on 127.0.0.1, in one command.
+
+Starts, in this order, and waits until each one answers:
+
+- Redis: the one at ``REDIS_URL`` when it answers PING, else a private one on a free port with its
+  (append-only, persistent) data in ``DATA_DIR/redis``;
+- auth on ``AUTH_PORT`` (8000), the worker (collect and dispatch queues), two push nodes (8101 and
+  8102, or ``--nodes``) and Flower (5555, or ``--flower-port``; ``--no-flower`` skips it).
+
+Then it prints the URLs and ready-to-paste commands to get a token and send a message, and echoes
+every process's output behind a ``name |`` prefix.  Ctrl-C or SIGTERM stops everything: nodes first,
+then the worker, Flower, auth and the private Redis (a second Ctrl-C hurries: SIGKILL for the rest).
+If a process dies, it says which, stops the rest and exits with 1.
+
+Settings come from ``settings`` (never from ``os.environ`` here); the children get them through
+``launcher.cluster_env``.  Main thread only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import launcher
+import settings
+
+#: How long each process may take to stop after SIGTERM before it is killed (the worker drains tasks).
+STOP_TIMEOUT = {"worker": 30.0}
+DEFAULT_STOP_TIMEOUT = 10.0
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    try:
+        ports = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ports, e.g. 8101,8102") from None
+    if not ports or any(not 0 < port < 65536 for port in ports):
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one port, each between 1 and 65535")
+    return ports
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run the whole push platform on this machine (127.0.0.1).")
+    parser.add_argument("--nodes", type=_ports, default=(8101, 8102), metavar="PORT,PORT",
+                        help="ports of the push nodes, one node per port (default: 8101,8102)")
+    parser.add_argument("--flower-port", type=int, default=5555, help="port of Flower (default: 5555)")
+    parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    # DEMO PAGE (placeholder): a later piece adds the demo page; see Cluster.start_demo.
+    parser.add_argument("--demo-port", type=int, default=8080, help="port of the demo page (not built yet)")
+    parser.add_argument("--no-demo", action="store_true", help="do not start the demo page (not built yet)")
+    return parser.parse_args(argv)
+
+
+def redis_answers(url: str) -> bool:
+    """True when the Redis at ``url`` answers PING within a second."""
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except Exception:  # noqa: BLE001 - unreachable, refused, wrong password: all mean "not usable"
+        return False
+
+
+def busy_ports(ports: list[int]) -> list[int]:
+    """The ports in ``ports`` that something on 127.0.0.1 already listens on (or that repeat)."""
+    busy = [port for i, port in enumerate(ports) if port in ports[:i]]
+    for port in dict.fromkeys(ports):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+class Cluster:
+    """The processes this run started, with what is needed to stop them in order."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data_dir = Path(settings.DATA_DIR).resolve()
+        self.auth_port = settings.AUTH_PORT
+        self.names = ["redis", "auth", "worker", *(f"node-{port}" for port in args.nodes), "flower"]
+        self.width = max(map(len, [*self.names, "cluster"]))
+        self.redis: launcher.RedisServer | None = None  # only when private
+        self.services: dict[str, launcher.Service] = {}  # name -> Service, in start order
+        self.broker_url = self.redis_url = ""
+
+    def say(self, message: str) -> None:
+        sys.stdout.write(f"{'cluster':<{self.width}} | {message}\n")
+        sys.stdout.flush()
+
+    def _echo(self, name: str) -> dict:
+        """Service keywords: output echoed with a padded, coloured ``name |`` prefix."""
+        return {"name": name, "width": self.width, "colour": self.names.index(name) if name in self.names else 0}
+
+    def start(self) -> None:
+        ports = [self.auth_port, *self.args.nodes, *([] if self.args.no_flower else [self.args.flower_port])]
+        busy = busy_ports(ports)
+        if busy:
+            raise launcher.LauncherError(
+                f"port(s) {', '.join(map(str, busy))} already in use on 127.0.0.1 (another cluster still running?): "
+                "stop what holds them, or choose others with AUTH_PORT=..., --nodes ... and --flower-port ...")
+        env = self._start_redis()
+        self.say(f"starting auth on port {self.auth_port}")
+        self._add(launcher.start_auth(env, self.auth_port, **self._echo("auth")))
+        self.say("starting the worker (queues collect and dispatch)")
+        self._add(launcher.start_worker(env, **self._echo("worker")))
+        for port in self.args.nodes:
+            self.say(f"starting a push node on port {port}")
+            self._add(launcher.start_node(env, port, **self._echo(f"node-{port}")))
+        if not self.args.no_flower:
+            self.say(f"starting Flower on port {self.args.flower_port}")
+            self._add(launcher.start_flower(env, self.args.flower_port, **self._echo("flower")))
+        self.start_demo(env)
+
+    def _start_redis(self) -> dict[str, str]:
+        """Use the Redis at REDIS_URL when it answers, else start a private one; return the children's env."""
+        if redis_answers(settings.REDIS_URL):
+            self.say(f"using the Redis at {settings.redact(settings.REDIS_URL)}")
+            self.broker_url, self.redis_url = settings.BROKER_URL, settings.REDIS_URL
+            return launcher.cluster_env(settings.REDIS_URL, self.data_dir, self.auth_port, broker_url=self.broker_url,
+                                        REDIS_URL=self.redis_url, RESULT_BACKEND=settings.RESULT_BACKEND)
+        self.say(f"no Redis answers at {settings.redact(settings.REDIS_URL)}: starting a private one "
+                 f"(data in {self.data_dir / 'redis'})")
+        self.redis = launcher.RedisServer(data_dir=self.data_dir / "redis", persistent=True, echo=True, **self._echo("redis"))
+        self.redis.start()
+        amqp = urllib.parse.urlsplit(settings.BROKER_URL).scheme in ("amqp", "amqps", "pyamqp")
+        self.broker_url = settings.BROKER_URL if amqp else self.redis.url(0)
+        self.redis_url = self.redis.url(1)
+        return launcher.cluster_env(self.redis.url(0), self.data_dir, self.auth_port, broker_url=self.broker_url)
+
+    def start_demo(self, env: dict[str, str]) -> None:
+        # ---- DEMO PAGE: placeholder ------------------------------------------------------------
+        # A later piece adds the demo page here: unless self.args.no_demo, start it on
+        # self.args.demo_port with a launcher helper, self._add() it (and put its name in
+        # self.names for the prefix), and print its URL in banner().  Until then: nothing.
+        # -----------------------------------------------------------------------------------------
+        return None
+
+    def _add(self, service: launcher.Service) -> None:
+        self.services[service.name] = service
+
+    def banner(self) -> str:
+        auth = f"http://127.0.0.1:{self.auth_port}"
+        key = settings.AUTH_ADMIN_KEY if settings.AUTH_ADMIN_KEY == settings.DEV_AUTH_ADMIN_KEY else "$AUTH_ADMIN_KEY"
+        broker = self.broker_url if urllib.parse.urlsplit(self.broker_url).password is None else None
+        python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd() + os.sep) else sys.executable
+        send = ("from celery import Celery; "
+                + ('import os; Celery(broker=os.environ["BROKER_URL"])' if broker is None else f"Celery(broker={json.dumps(broker)})")
+                + """.send_task("tasks.collect", kwargs={"to": "alice", "data": {"text": "hello"}}, queue="collect")""")
+        nodes = "  ".join(f"ws://127.0.0.1:{port}/ws" for port in self.args.nodes)
+        lines = [
+            "",
+            "The push platform is running (Ctrl-C stops it):",
+            f"  redis      {settings.redact(self.redis_url)}" + (" (private)" if self.redis else ""),
+            f"  broker     {settings.redact(self.broker_url)}",
+            f"  auth       {auth}",
+            f"  push nodes {nodes}",
+            *([] if self.args.no_flower else [f"  flower     http://127.0.0.1:{self.args.flower_port}"]),
+            f"  data       {self.data_dir}",
+            "",
+            "Get a token for alice:",
+            f"  curl -s -X POST {auth}/tokens -H 'Authorization: Bearer {key}' "
+            """-H 'Content-Type: application/json' -d '{"user_id": "alice"}'""",
+            "Connect as alice:",
+            f"  ws://127.0.0.1:{self.args.nodes[0]}/ws?token=TOKEN",
+            "Send alice a message:",
+            f"  {shlex.quote(python)} -c {shlex.quote(send)}",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def watch(self) -> str:
+        """Block until one of our processes exits; return its name."""
+        while True:
+            for name, service in self.processes():
+                if not service.alive:
+                    return name
+            time.sleep(0.5)
+
+    def processes(self) -> list[tuple[str, launcher.Service]]:
+        private = [("redis", self.redis.service)] if self.redis and self.redis.service else []
+        return [*self.services.items(), *private]
+
+    def stop(self) -> None:
+        """Stop everything started: nodes, worker, flower, the rest, then the private Redis.
+
+        A signal during the stop makes it hurry: what is left is killed instead of terminated.
+        """
+        hurry = threading.Event()
+
+        def on_signal(signum: int, frame: object) -> None:
+            hurry.set()
+            self.say("hurrying: killing what is left")
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
+        nodes = [name for name in self.services if name.startswith("node-")]
+        order = [*nodes, "worker", "flower", *(n for n in reversed(self.services) if n not in (*nodes, "worker", "flower"))]
+        for name in order:
+            service = self.services.get(name)
+            if service is None:
+                continue
+            was_alive = service.alive
+            code = service.kill() if hurry.is_set() else service.terminate(STOP_TIMEOUT.get(name, DEFAULT_STOP_TIMEOUT))
+            if was_alive:
+                self.say(f"stopped {name} (exit code {code})")
+        if self.redis is not None:
+            if hurry.is_set():
+                self.redis.kill()
+            else:
+                self.redis.stop()
+            self.say("stopped the private Redis")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (&)
+        signal.signal(signum, _raise_interrupt)
+    cluster = Cluster(args)
+    status = 0
+    try:
+        cluster.start()
+        sys.stdout.write(cluster.banner() + "\n")
+        sys.stdout.flush()
+        died = cluster.watch()
+        service = dict(cluster.processes())[died]
+        cluster.say(f"{died} exited with code {service.returncode}: stopping the rest")
+        status = 1
+    except KeyboardInterrupt:
+        cluster.say("stopping (Ctrl-C or SIGTERM)")
+    except launcher.LauncherError as exc:
+        cluster.say(f"cannot start the cluster: {exc}")
+        status = 1
+    finally:
+        cluster.stop()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

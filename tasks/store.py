@@ -1,0 +1,243 @@
+"""Messages, inbox entries and receipts in MongoDB; the only module that imports pymongo or litemongo.
+
+Worker process only.  ``get_store()`` opens one :class:`Store` lazily in each process (after the
+Celery worker has forked: a store is never carried across a fork) and in each thread, because the
+embedded engine's SQLite connections refuse to be used from another thread.
+
+Two engines, one code path:
+
+- ``MONGO_URL`` set: pymongo against MongoDB, 5 s timeouts.  Indexes: inbox ``(u, m)``, receipts
+  ``m``, messages ``key`` (sparse), and a TTL index on ``at`` in every collection, so MongoDB
+  itself enforces the retention.
+- ``MONGO_URL`` unset: litemongo, mongomock's query engine over SQLite files in ``DATA_DIR/mongo``.
+  It survives a restart and several processes may write the same folder, but:
+  single host only (local disk, no network file system); hash indexes only (equality and ``$in``
+  narrow the candidates, ranges and sorts are Python over them, so a replay costs the size of the
+  user's inbox plus the broadcasts kept); each process rebuilds an index from the whole collection
+  on its first read after another process wrote; about 15-45k documents/s written; and no TTL
+  index (mongomock would scan every collection on every read), so :meth:`Store.purge` must be
+  called now and then.
+
+Documents: ``messages {_id: id, to, data, at[, key]}``, ``inbox {_id: "id:user", u, m, at}``
+(one per recipient, or one with ``u="*"`` for a broadcast), ``receipts {_id: "id:user:state", m, u,
+s, at}``.  ``at`` of a message is the time in its id, so a retried insert writes the same documents.
+
+Errors: StoreError, for anything the store cannot do; StoreUnavailable(StoreError), for a server or
+disk that cannot be reached right now (transient: retry with backoff).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+
+import litemongo
+import pymongo
+import pymongo.database
+from litemongo import sqlite_store
+from pymongo import errors
+
+import settings
+from tasks import ids
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_MS = 5000
+BROADCAST = "*"
+_DUPLICATE_KEY = 11000
+_OPEN_ATTEMPTS = 10
+_INDEX_OPTIONS_CONFLICT = 85
+_COLLECTIONS = ("messages", "inbox", "receipts")
+UTC = datetime.timezone.utc
+
+
+class StoreError(Exception):
+    """The store could not do what was asked."""
+
+
+class StoreUnavailable(StoreError):
+    """MongoDB or the embedded store's disk cannot be reached now; retry later."""
+
+
+class Store:
+    """One connection to the message store.  Worker process only, one thread."""
+
+    def __init__(self, database: pymongo.database.Database) -> None:
+        self.database = database
+        self._messages, self._inbox, self._receipts = (database[name] for name in _COLLECTIONS)
+
+    @classmethod
+    def open(cls) -> Store:
+        """A store on ``MONGO_URL``, or on the embedded engine in ``DATA_DIR/mongo`` when it is unset."""
+        if settings.MONGO_URL:
+            where = settings.redact(settings.MONGO_URL)
+            client = pymongo.MongoClient(settings.MONGO_URL, serverSelectionTimeoutMS=TIMEOUT_MS, connectTimeoutMS=TIMEOUT_MS, socketTimeoutMS=TIMEOUT_MS, tz_aware=True)
+        else:
+            where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+            try:
+                # litemongo's own mkdir fails when another process makes the folder at the same moment
+                os.makedirs(os.path.join(where, settings.MONGO_DB), exist_ok=True)
+                client = litemongo.MongoClient(sqlite_store.ServerStore(where))
+            except (OSError, ValueError, sqlite3.Error) as exc:
+                raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
+        store = cls(client[settings.MONGO_DB])
+        try:
+            store.ensure_indexes()
+        except BaseException:
+            client.close()
+            raise
+        log.info("message store: %s, database %s", where if store.embedded else f"MongoDB at {where}", settings.MONGO_DB)
+        return store
+
+    @property
+    def embedded(self) -> bool:
+        return not isinstance(self.database, pymongo.database.Database)
+
+    def ensure_indexes(self) -> None:
+        """Create the indexes the queries need; idempotent, run at open.
+
+        On the embedded engine this also opens every collection file: two processes creating the
+        same new file at once can meet an immediate "database is locked", so this retries a little.
+        """
+        for attempt in range(1, _OPEN_ATTEMPTS + 1):
+            try:
+                with self._errors("creating indexes"):
+                    self._create_indexes()
+                return
+            except StoreUnavailable:
+                if not self.embedded or attempt == _OPEN_ATTEMPTS:
+                    raise
+                time.sleep(0.05 * attempt)
+
+    def _create_indexes(self) -> None:
+        if self.embedded:
+            # Hash indexes only, and never a TTL index (see the module docstring).
+            self._messages.create_index([("key", 1)])
+            self._inbox.create_index([("u", 1)])
+            self._receipts.create_index([("m", 1)])
+            return
+        self._messages.create_index([("key", 1)], sparse=True)
+        self._inbox.create_index([("u", 1), ("m", 1)])
+        self._receipts.create_index([("m", 1)])
+        for collection in (self._messages, self._inbox, self._receipts):
+            self._ensure_ttl(collection)
+
+    def _ensure_ttl(self, collection) -> None:
+        try:
+            collection.create_index([("at", 1)], name="at_ttl", expireAfterSeconds=settings.RETENTION_SECONDS)
+        except errors.OperationFailure as exc:
+            if exc.code != _INDEX_OPTIONS_CONFLICT:
+                raise
+            # RETENTION_SECONDS changed since the index was made: change it in place.
+            self.database.command("collMod", collection.name, index={"name": "at_ttl", "expireAfterSeconds": settings.RETENTION_SECONDS})
+
+    def insert_messages(self, messages: list[dict]) -> None:
+        """Store ``[{"id", "to": [users] | "*", "data"[, "key"]}]``; re-inserting the same ids is a no-op."""
+        if not messages:
+            return
+        docs, entries = [], []
+        for message in messages:
+            mid, to = message["id"], message["to"]
+            at = _id_time(mid)
+            users = [to] if isinstance(to, str) else list(dict.fromkeys(to))
+            if to != BROADCAST and BROADCAST in users:
+                raise StoreError(f"message {mid}: to={to!r} names a user {BROADCAST!r}; send to={BROADCAST!r} (a string) to broadcast")
+            doc = {"_id": mid, "to": to if to == BROADCAST else users, "data": message["data"], "at": at}
+            if message.get("key") is not None:
+                doc["key"] = message["key"]
+            docs.append(doc)
+            entries.extend({"_id": f"{mid}:{user}", "u": user, "m": mid, "at": at} for user in users)
+        with self._errors(f"storing {len(docs)} messages"):
+            _insert_new(self._messages, docs)
+            if entries:
+                _insert_new(self._inbox, entries)
+
+    def replay(self, user: str, after_id: str, limit: int) -> tuple[list[dict], bool]:
+        """Envelopes ``{"id", "data"}`` of the messages to ``user`` or to everyone with an id above
+        ``after_id``, oldest first.  At most the newest ``limit``; True when older ones were left out."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit!r}")
+        with self._errors(f"replaying for user {user!r}"):
+            cursor = self._inbox.find({"u": {"$in": [user, BROADCAST]}, "m": {"$gt": after_id}}, {"m": 1, "_id": 0})
+            newest = [entry["m"] for entry in cursor.sort("m", -1).limit(limit + 1)]
+            truncated = len(newest) > limit
+            wanted = sorted(newest[:limit])
+            found = {doc["_id"]: doc["data"] for doc in self._messages.find({"_id": {"$in": wanted}}, {"data": 1})} if wanted else {}
+        # A message purged between the two reads is simply missing.
+        return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], truncated
+
+    def record_receipts(self, receipts: list[dict]) -> int:
+        """Append ``[{"id", "user", "state", "at": unix seconds}]``; returns how many were new."""
+        docs = {}
+        for r in receipts:
+            key = f"{r['id']}:{r['user']}:{r['state']}"
+            docs.setdefault(key, {"_id": key, "m": r["id"], "u": r["user"], "s": r["state"], "at": datetime.datetime.fromtimestamp(r["at"], UTC)})
+        if not docs:
+            return 0
+        with self._errors(f"recording {len(docs)} receipts"):
+            return _insert_new(self._receipts, list(docs.values()))
+
+    def purge(self, now: datetime.datetime | None = None) -> int:
+        """Delete everything older than ``RETENTION_SECONDS`` before ``now``; returns how many."""
+        cutoff = (now or datetime.datetime.now(UTC)) - datetime.timedelta(seconds=settings.RETENTION_SECONDS)
+        deleted = 0
+        with self._errors("purging old messages"):
+            # Inbox first: an inbox entry never outlives its message.
+            for collection in (self._inbox, self._messages, self._receipts):
+                deleted += collection.delete_many({"at": {"$lt": cutoff}}).deleted_count
+        return deleted
+
+    def close(self) -> None:
+        self.database.client.close()
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn driver and SQLite errors into StoreError / StoreUnavailable that say what to check."""
+        try:
+            yield
+        except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
+            raise StoreUnavailable(f"{action}: MongoDB did not answer ({exc}); check that MONGO_URL={settings.redact(settings.MONGO_URL or '')} is reachable and the server is up") from exc
+        except sqlite3.OperationalError as exc:
+            where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+            raise StoreUnavailable(f"{action}: the embedded store in {where} failed ({exc}); check that the disk is local, writable and not full, and that no stuck process holds its files") from exc
+        except (errors.PyMongoError, sqlite3.Error) as exc:
+            raise StoreError(f"{action} failed: {exc}") from exc
+
+
+def _insert_new(collection, docs: list[dict]) -> int:
+    """One unordered insert_many; documents whose _id exists already are skipped.  Returns how many were new."""
+    try:
+        return len(collection.insert_many(docs, ordered=False).inserted_ids)
+    except errors.BulkWriteError as exc:
+        details = exc.details
+        if details.get("writeConcernErrors") or any(e.get("code") != _DUPLICATE_KEY for e in details.get("writeErrors", ())):
+            raise
+        return details.get("nInserted", 0)
+
+
+def _id_time(message_id: str) -> datetime.datetime:
+    try:
+        return datetime.datetime.fromtimestamp(ids.timestamp_ms(message_id) / 1000, UTC)
+    except ids.MessageIdError as exc:
+        raise StoreError(str(exc)) from None
+
+
+_local = threading.local()
+
+
+def get_store() -> Store:
+    """This process's (and thread's) store, opened on first use."""
+    store, pid = getattr(_local, "store", None), getattr(_local, "pid", None)
+    if store is None or pid != os.getpid():
+        # A store inherited through fork is dropped but never closed: closing the parent's SQLite
+        # connection from the child could disturb the parent's files.  Keep it referenced instead.
+        if store is not None:
+            _local.inherited = store
+        _local.store, _local.pid = Store.open(), os.getpid()
+    return _local.store

@@ -1,0 +1,240 @@
+"""The message store against the embedded engine, or against the MongoDB at ``MONGO_URL`` when it is set.
+
+Each test gets a store on a fresh, uniquely named database (in a tmp_path folder when embedded;
+dropped at the end on MongoDB).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import socket
+import sqlite3
+import time
+import uuid
+
+import pytest
+
+import settings
+from tasks import store as store_module
+from tasks.ids import IdGenerator
+from tasks.store import Store, StoreError, StoreUnavailable
+
+OLD = time.time() - settings.RETENTION_SECONDS - 3600
+
+
+@pytest.fixture
+def location(tmp_path, monkeypatch):
+    """Point the settings at a fresh data folder and database; returns (data_dir, db_name)."""
+    where = (str(tmp_path), f"test_store_{uuid.uuid4().hex[:12]}")
+    monkeypatch.setattr(settings, "DATA_DIR", where[0])
+    monkeypatch.setattr(settings, "MONGO_DB", where[1])
+    return where
+
+
+@pytest.fixture
+def store(location):
+    opened = Store.open()
+    yield opened
+    if not opened.embedded:
+        opened.database.client.drop_database(opened.database.name)
+    opened.close()
+
+
+def make(gen: IdGenerator, to, data=None) -> dict:
+    mid = gen.next_id()
+    return {"id": mid, "to": to, "data": {"n": mid} if data is None else data}
+
+
+def ids_of(envelopes: list[dict]) -> list[str]:
+    return [e["id"] for e in envelopes]
+
+
+def test_replay_returns_the_users_messages_oldest_first_with_their_data(store):
+    gen = IdGenerator()
+    messages = [make(gen, ["alice"], data) for data in ({"text": "hi"}, [1, 2], "three", None)]
+    store.insert_messages(list(reversed(messages[:2])))
+    store.insert_messages(messages[2:])
+
+    envelopes, truncated = store.replay("alice", "", 100)
+
+    assert envelopes == [{"id": m["id"], "data": m["data"]} for m in messages]
+    assert truncated is False
+
+
+def test_replay_returns_only_the_users_own_messages_and_broadcasts(store):
+    gen = IdGenerator()
+    to_alice, to_bob, to_both, to_all = make(gen, ["alice"]), make(gen, ["bob"]), make(gen, ["alice", "bob"]), make(gen, "*")
+    store.insert_messages([to_alice, to_bob, to_both, to_all])
+
+    assert ids_of(store.replay("alice", "", 100)[0]) == [to_alice["id"], to_both["id"], to_all["id"]]
+    assert ids_of(store.replay("bob", "", 100)[0]) == [to_bob["id"], to_both["id"], to_all["id"]]
+    assert ids_of(store.replay("carol", "", 100)[0]) == [to_all["id"]]
+
+
+def test_a_broadcast_is_stored_as_one_inbox_entry(store):
+    store.insert_messages([make(IdGenerator(), "*")])
+
+    assert store.database["inbox"].count_documents({}) == 1
+
+
+def test_replay_leaves_out_messages_up_to_and_including_after_id(store):
+    gen = IdGenerator()
+    messages = [make(gen, ["alice"]) for _ in range(5)]
+    store.insert_messages(messages)
+
+    envelopes, _ = store.replay("alice", messages[1]["id"], 100)
+
+    assert ids_of(envelopes) == [m["id"] for m in messages[2:]]
+
+
+def test_replay_over_the_limit_keeps_the_newest_and_says_it_was_truncated(store):
+    gen = IdGenerator()
+    messages = [make(gen, ["alice"]) for _ in range(5)]
+    store.insert_messages(messages)
+
+    assert store.replay("alice", "", 3) == ([{"id": m["id"], "data": m["data"]} for m in messages[2:]], True)
+    assert store.replay("alice", "", 5)[1] is False
+
+
+def test_inserting_the_same_messages_again_is_no_error_and_stores_no_duplicates(store):
+    gen = IdGenerator()
+    first = [make(gen, ["alice", "bob"]) for _ in range(3)]
+    store.insert_messages(first)
+    later = make(gen, ["alice"])
+
+    store.insert_messages(first + [later])  # a retried task that also carries a new message
+
+    assert ids_of(store.replay("alice", "", 100)[0]) == [m["id"] for m in first] + [later["id"]]
+    assert store.database["messages"].count_documents({}) == 4
+    assert store.database["inbox"].count_documents({}) == 7
+
+
+def test_repeated_recipients_get_one_inbox_entry(store):
+    message = make(IdGenerator(), ["alice", "alice", "bob"])
+    store.insert_messages([message])
+
+    assert ids_of(store.replay("alice", "", 100)[0]) == [message["id"]]
+    assert store.database["inbox"].count_documents({}) == 2
+
+
+def test_a_list_naming_the_broadcast_user_is_rejected_and_nothing_is_stored(store):
+    with pytest.raises(StoreError, match="broadcast"):
+        store.insert_messages([make(IdGenerator(), ["alice", "*"])])
+
+    assert store.database["messages"].count_documents({}) == 0
+
+
+def test_recording_receipts_counts_only_the_new_ones(store):
+    now = time.time()
+    acked = {"id": IdGenerator().next_id(), "user": "alice", "state": "acked", "at": now}
+    seen = dict(acked, state="seen")
+
+    assert store.record_receipts([acked]) == 1
+    assert store.record_receipts([acked, seen, seen]) == 1
+    assert store.record_receipts([]) == 0
+    assert store.database["receipts"].count_documents({"m": acked["id"]}) == 2
+
+
+def test_purge_removes_records_older_than_the_retention_and_keeps_newer_ones(store):
+    old_gen, new_gen = IdGenerator(clock=lambda: OLD), IdGenerator()
+    old = [make(old_gen, ["alice"]), make(old_gen, "*")]
+    new = [make(new_gen, ["alice"]), make(new_gen, "*")]
+    store.insert_messages(old + new)
+    store.record_receipts([{"id": old[0]["id"], "user": "alice", "state": "acked", "at": OLD}, {"id": new[0]["id"], "user": "alice", "state": "acked", "at": time.time()}])
+
+    deleted = store.purge()
+
+    if store.embedded:  # on MongoDB the TTL monitor may have taken some of them first
+        assert deleted == 5
+    assert ids_of(store.replay("alice", "", 100)[0]) == [m["id"] for m in new]
+    assert store.database["messages"].count_documents({}) == 2
+    assert store.database["inbox"].count_documents({}) == 2
+    assert store.database["receipts"].count_documents({}) == 1
+
+
+def test_purge_measures_age_from_the_given_now(store):
+    store.insert_messages([make(IdGenerator(), ["alice"])])
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=settings.RETENTION_SECONDS + 60)
+
+    assert store.purge(now=later) == 2
+    assert store.replay("alice", "", 100) == ([], False)
+
+
+def test_embedded_store_keeps_messages_across_a_restart(store):
+    if not store.embedded:
+        pytest.skip("restart persistence is the embedded engine's job; MongoDB is a server")
+    message = make(IdGenerator(), ["alice"])
+    store.insert_messages([message])
+    store.close()
+
+    reopened = Store.open()
+    try:
+        assert reopened.replay("alice", "", 100) == ([{"id": message["id"], "data": message["data"]}], False)
+    finally:
+        reopened.close()
+
+
+def _insert_from_another_process(data_dir: str, db_name: str, user: str, count: int, start) -> None:
+    settings.DATA_DIR, settings.MONGO_DB = data_dir, db_name
+    gen = IdGenerator()
+    start.wait(timeout=60)  # both open the (new) files and write at the same moment
+    store = Store.open()
+    for _ in range(count // 10):  # many small inserts, so that the two processes interleave
+        store.insert_messages([make(gen, [user, "shared"]) for _ in range(10)])
+    store.close()
+
+
+def test_processes_writing_the_same_new_store_at_once_lose_nothing(location):
+    count, users = 300, ("alice", "bob", "carol")
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(len(users))
+    workers = [spawn.Process(target=_insert_from_another_process, args=(*location, user, count, start)) for user in users]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+
+    store = Store.open()
+    try:
+        assert [w.exitcode for w in workers] == [0] * len(users)
+        shared, _ = store.replay("shared", "", 10 * count)
+        assert len(set(ids_of(shared))) == len(users) * count
+        assert [len(store.replay(user, "", 10 * count)[0]) for user in users] == [count] * len(users)
+    finally:
+        if not store.embedded:
+            store.database.client.drop_database(store.database.name)
+        store.close()
+
+
+def test_an_unreachable_mongodb_raises_store_unavailable_naming_mongo_url(location, monkeypatch):
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(settings, "MONGO_URL", f"mongodb://127.0.0.1:{port}/")
+    monkeypatch.setattr(store_module, "TIMEOUT_MS", 300)
+
+    with pytest.raises(StoreUnavailable, match="MONGO_URL"):
+        Store.open()
+
+
+def test_a_locked_embedded_store_raises_store_unavailable_naming_the_disk(store):
+    if not store.embedded:
+        pytest.skip("SQLite locking is the embedded engine's")
+    blocker = sqlite3.connect(f"{settings.DATA_DIR}/mongo/{settings.MONGO_DB}/messages", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable, match="disk"):
+            store.insert_messages([make(IdGenerator(), ["alice"])])  # waits SQLite's 5 s busy timeout
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_get_store_returns_one_store_per_process(location, monkeypatch):
+    monkeypatch.setattr(store_module, "_local", type(store_module._local)())
+    first = store_module.get_store()
+    try:
+        assert store_module.get_store() is first
+    finally:
+        first.close()
