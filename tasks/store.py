@@ -10,13 +10,12 @@ Two engines, one code path:
   ``m``, messages ``key`` (sparse), and a TTL index on ``at`` in every collection, so MongoDB
   itself enforces the retention.
 - ``MONGO_URL`` unset: litemongo, mongomock's query engine over SQLite files in ``DATA_DIR/mongo``.
-  It survives a restart and several processes may write the same folder, but:
-  single host only (local disk, no network file system); hash indexes only (equality and ``$in``
-  narrow the candidates, ranges and sorts are Python over them, so a replay costs the size of the
-  user's inbox plus the broadcasts kept); each process rebuilds an index from the whole collection
-  on its first read after another process wrote; about 15-45k documents/s written; and no TTL
-  index (mongomock would scan every collection on every read), so :meth:`Store.purge` must be
-  called now and then.
+  It survives a restart and several processes may write the same folder, but: single host only
+  (local disk, no network file system); hash indexes only, so equality and ``$in`` narrow the
+  candidates and ranges and sorts run in Python over them (a replay costs the user's whole inbox
+  plus every broadcast kept); a process rebuilds an index from the whole collection on its first
+  read after another process wrote; one SQLite commit per document (roughly 10-45k documents/s);
+  no TTL index (mongomock would scan every collection on every read): call :meth:`Store.purge`.
 
 Documents: ``messages {_id: id, to, data, at[, key]}``, ``inbox {_id: "id:user", u, m, at}``
 (one per recipient, or one with ``u="*"`` for a broadcast), ``receipts {_id: "id:user:state", m, u,
@@ -37,6 +36,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import bson
 import litemongo
 import pymongo
 import pymongo.database
@@ -52,6 +52,7 @@ TIMEOUT_MS = 5000
 BROADCAST = "*"
 _DUPLICATE_KEY = 11000
 _OPEN_ATTEMPTS = 10
+_EMBEDDED_ID_BATCH = 100
 _INDEX_OPTIONS_CONFLICT = 85
 _COLLECTIONS = ("messages", "inbox", "receipts")
 UTC = datetime.timezone.utc
@@ -102,16 +103,17 @@ class Store:
     def ensure_indexes(self) -> None:
         """Create the indexes the queries need; idempotent, run at open.
 
-        On the embedded engine this also opens every collection file: two processes creating the
-        same new file at once can meet an immediate "database is locked", so this retries a little.
+        On the embedded engine this also opens every collection file.  litemongo races when two
+        processes create the same new file ("database is locked" at once, or a UNIQUE constraint
+        on its info table), so an SQLite error here is retried a few times.
         """
         for attempt in range(1, _OPEN_ATTEMPTS + 1):
             try:
                 with self._errors("creating indexes"):
                     self._create_indexes()
                 return
-            except StoreUnavailable:
-                if not self.embedded or attempt == _OPEN_ATTEMPTS:
+            except StoreError as exc:
+                if not isinstance(exc.__cause__, sqlite3.Error) or attempt == _OPEN_ATTEMPTS:
                     raise
                 time.sleep(0.05 * attempt)
 
@@ -151,6 +153,10 @@ class Store:
             doc = {"_id": mid, "to": to if to == BROADCAST else users, "data": message["data"], "at": at}
             if message.get("key") is not None:
                 doc["key"] = message["key"]
+            try:  # before any write, so that a bad item stores nothing of the batch
+                bson.encode(doc)
+            except (bson.errors.BSONError, OverflowError) as exc:
+                raise StoreError(f"message {mid}: its data cannot be stored in MongoDB ({exc}); integers must fit in 64 bits and keys cannot contain NUL") from None
             docs.append(doc)
             entries.extend({"_id": f"{mid}:{user}", "u": user, "m": mid, "at": at} for user in users)
         with self._errors(f"storing {len(docs)} messages"):
@@ -163,12 +169,20 @@ class Store:
         ``after_id``, oldest first.  At most the newest ``limit``; True when older ones were left out."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit!r}")
+        query = {"u": {"$in": [user, BROADCAST]}, "m": {"$gt": after_id}}
         with self._errors(f"replaying for user {user!r}"):
-            cursor = self._inbox.find({"u": {"$in": [user, BROADCAST]}, "m": {"$gt": after_id}}, {"m": 1, "_id": 0})
-            newest = [entry["m"] for entry in cursor.sort("m", -1).limit(limit + 1)]
+            if self.embedded:
+                # mongomock's cursor copies its result list on every next() (quadratic); distinct() doesn't.
+                newest = sorted(self._inbox.distinct("m", query), reverse=True)[: limit + 1]
+            else:
+                newest = [entry["m"] for entry in self._inbox.find(query, {"m": 1, "_id": 0}).sort("m", -1).limit(limit + 1)]
             truncated = len(newest) > limit
             wanted = sorted(newest[:limit])
-            found = {doc["_id"]: doc["data"] for doc in self._messages.find({"_id": {"$in": wanted}}, {"data": 1})} if wanted else {}
+            # mongomock checks $in against a list, so keep its lists short there.
+            batch = _EMBEDDED_ID_BATCH if self.embedded else max(len(wanted), 1)
+            found = {}
+            for start in range(0, len(wanted), batch):
+                found.update((doc["_id"], doc["data"]) for doc in self._messages.find({"_id": {"$in": wanted[start : start + batch]}}, {"data": 1}))
         # A message purged between the two reads is simply missing.
         return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], truncated
 

@@ -125,6 +125,17 @@ def test_a_list_naming_the_broadcast_user_is_rejected_and_nothing_is_stored(stor
     assert store.database["messages"].count_documents({}) == 0
 
 
+def test_data_mongodb_cannot_hold_rejects_the_batch_before_anything_is_stored(store):
+    gen = IdGenerator()
+    good, too_big = make(gen, ["alice"]), make(gen, ["alice"], {"n": 2**64})
+
+    with pytest.raises(StoreError, match="64 bits"):
+        store.insert_messages([good, too_big])
+
+    assert store.database["messages"].count_documents({}) == 0
+    assert store.database["inbox"].count_documents({}) == 0
+
+
 def test_recording_receipts_counts_only_the_new_ones(store):
     now = time.time()
     acked = {"id": IdGenerator().next_id(), "user": "alice", "state": "acked", "at": now}
@@ -231,10 +242,15 @@ def test_a_locked_embedded_store_raises_store_unavailable_naming_the_disk(store)
         blocker.close()
 
 
-def test_get_store_returns_one_store_per_process(location, monkeypatch):
+def test_get_store_returns_one_store_per_process_and_a_new_one_after_a_fork(location, monkeypatch):
     monkeypatch.setattr(store_module, "_local", type(store_module._local)())
-    first = store_module.get_store()
-    try:
-        assert store_module.get_store() is first
-    finally:
-        first.close()
+    parent = store_module.get_store()
+    assert store_module.get_store() is parent
+
+    monkeypatch.setattr(store_module.os, "getpid", lambda: -1)  # as seen from a forked child
+    child = store_module.get_store()
+
+    assert child is not parent
+    assert store_module.get_store() is child
+    child.close()
+    parent.close()
