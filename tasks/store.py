@@ -54,7 +54,8 @@ _DUPLICATE_KEY = 11000
 _OPEN_ATTEMPTS = 10
 _EMBEDDED_ID_BATCH = 100
 _INDEX_OPTIONS_CONFLICT = 85
-_COLLECTIONS = ("messages", "inbox", "receipts")
+_COLLECTIONS = ("messages", "inbox", "receipts", "keys")
+ACKED = "acked"
 UTC = datetime.timezone.utc
 
 
@@ -71,7 +72,7 @@ class Store:
 
     def __init__(self, database: pymongo.database.Database) -> None:
         self.database = database
-        self._messages, self._inbox, self._receipts = (database[name] for name in _COLLECTIONS)
+        self._messages, self._inbox, self._receipts, self._keys = (database[name] for name in _COLLECTIONS)
 
     @classmethod
     def open(cls) -> Store:
@@ -120,14 +121,15 @@ class Store:
     def _create_indexes(self) -> None:
         if self.embedded:
             # Hash indexes only, and never a TTL index (see the module docstring).
-            self._messages.create_index([("key", 1)])
             self._inbox.create_index([("u", 1)])
             self._receipts.create_index([("m", 1)])
+            # Open the other files now too, inside the retry: a first open is what races.
+            for collection in (self._messages, self._keys):
+                collection.find_one({"_id": ""})
             return
-        self._messages.create_index([("key", 1)], sparse=True)
         self._inbox.create_index([("u", 1), ("m", 1)])
         self._receipts.create_index([("m", 1)])
-        for collection in (self._messages, self._inbox, self._receipts):
+        for collection in (self._messages, self._inbox, self._receipts, self._keys):
             self._ensure_ttl(collection)
 
     def _ensure_ttl(self, collection) -> None:
@@ -178,13 +180,92 @@ class Store:
                 newest = [entry["m"] for entry in self._inbox.find(query, {"m": 1, "_id": 0}).sort("m", -1).limit(limit + 1)]
             truncated = len(newest) > limit
             wanted = sorted(newest[:limit])
-            # mongomock checks $in against a list, so keep its lists short there.
-            batch = _EMBEDDED_ID_BATCH if self.embedded else max(len(wanted), 1)
-            found = {}
-            for start in range(0, len(wanted), batch):
-                found.update((doc["_id"], doc["data"]) for doc in self._messages.find({"_id": {"$in": wanted[start : start + batch]}}, {"data": 1}))
+            found = self.message_data(wanted)
         # A message purged between the two reads is simply missing.
         return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], truncated
+
+    def claim_ids(self, key: str, ids: list[str]) -> list[str]:
+        """Bind idempotency ``key`` to ``ids``, or return the ids it was bound to before.
+
+        One insert keyed by ``_id`` (the primary key on both engines, no secondary unique index);
+        the read happens only when the key was already taken, i.e. when a task runs again.
+        """
+        with self._errors("recording an idempotency key"):
+            try:
+                self._keys.insert_one({"_id": key, "ids": list(ids), "at": datetime.datetime.now(UTC)})
+                return list(ids)
+            except errors.DuplicateKeyError:
+                earlier = self._keys.find_one({"_id": key}, {"ids": 1})
+        if earlier is None:  # purged between the two calls: bind anew
+            return self.claim_ids(key, ids)
+        return list(earlier["ids"])
+
+    def unacked(self, user: str, limit: int) -> tuple[list[dict], bool]:
+        """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of
+        theirs acked, oldest first: the newest ``limit``, and True when older ones were left out."""
+        with self._errors(f"reading the inbox of user {user!r}"):
+            mids = sorted(self._distinct(self._inbox, "m", {"u": user}))
+            acked = self._acked([(mid, user) for mid in mids])
+            pending = [mid for mid in mids if (mid, user) not in acked]
+            wanted = pending[-limit:]
+            found = self.message_data(wanted)
+        return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], len(pending) > limit
+
+    def unacked_between(self, start: datetime.datetime, end: datetime.datetime, limit: int = 10000) -> list[tuple[str, str]]:
+        """``(message id, user)`` of the deliveries stored between ``start`` and ``end`` that are
+        not acked, oldest first (broadcasts excluded): the candidates for redelivery."""
+        with self._errors("looking for unacked messages"):
+            entries = self._distinct(self._inbox, "_id", {"at": {"$gte": start, "$lt": end}})  # "<id>:<user>"
+            pairs = sorted(tuple(entry.split(":", 1)) for entry in entries)
+            pairs = [pair for pair in pairs if pair[1] != BROADCAST][:limit]
+            acked = self._acked(pairs)
+        return [pair for pair in pairs if pair not in acked]
+
+    def message_data(self, message_ids: list[str]) -> dict[str, object]:
+        """``{id: data}`` for the ids that are still stored."""
+        return {mid: doc["data"] for mid, doc in self.messages(message_ids, {"data": 1}).items()}
+
+    def messages(self, message_ids: list[str], projection: dict | None = None) -> dict[str, dict]:
+        """``{id: {"to", "data"}}`` (or the fields of ``projection``) for the ids still stored."""
+        if not message_ids:
+            return {}
+        with self._errors(f"reading {len(message_ids)} messages"):
+            return {doc["_id"]: doc for doc in self._by_ids(self._messages, list(message_ids), projection or {"to": 1, "data": 1})}
+
+    def status(self, message_id: str) -> dict | None:
+        """What happened to one message: when it was collected, and per recipient the time of each
+        receipt state (``routed``, ``written``, ``acked``); None when it is unknown or purged."""
+        with self._errors(f"reading the status of {message_id}"):
+            message = self._messages.find_one({"_id": message_id}, {"to": 1, "at": 1})
+            if message is None:
+                return None
+            recipients: dict[str, dict[str, float]] = {}
+            if message["to"] != BROADCAST:
+                recipients = {user: {} for user in message["to"]}
+            for receipt in self._receipts.find({"m": message_id}, {"u": 1, "s": 1, "at": 1}):
+                recipients.setdefault(receipt["u"], {})[receipt["s"]] = _unix(receipt["at"])
+        return {"id": message_id, "to": message["to"], "collected_at": _unix(message["at"]), "recipients": recipients}
+
+    def _acked(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        if not pairs:
+            return set()
+        keys = [f"{mid}:{user}:{ACKED}" for mid, user in pairs]
+        found = {doc["_id"] for doc in self._by_ids(self._receipts, keys, {"_id": 1})}
+        return {pair for pair, key in zip(pairs, keys) if key in found}
+
+    def _distinct(self, collection, field: str, query: dict) -> list:
+        """The values of ``field`` in the documents matching ``query``.  On the embedded engine
+        through distinct(): mongomock's cursor copies its result list on every next() (quadratic)."""
+        if self.embedded:
+            return collection.distinct(field, query)
+        return [doc[field] for doc in collection.find(query, {field: 1})]
+
+    def _by_ids(self, collection, ids: list, projection: dict) -> Iterator[dict]:
+        """The documents whose ``_id`` is in ``ids``; on the embedded engine 100 ids per query,
+        since mongomock checks ``$in`` against a list for every candidate."""
+        batch = _EMBEDDED_ID_BATCH if self.embedded else 5000
+        for start in range(0, len(ids), batch):
+            yield from collection.find({"_id": {"$in": ids[start : start + batch]}}, projection)
 
     def record_receipts(self, receipts: list[dict]) -> int:
         """Append ``[{"id", "user", "state", "at": unix seconds}]``; returns how many were new."""
@@ -203,7 +284,7 @@ class Store:
         deleted = 0
         with self._errors("purging old messages"):
             # Inbox first: an inbox entry never outlives its message.
-            for collection in (self._inbox, self._messages, self._receipts):
+            for collection in (self._inbox, self._messages, self._receipts, self._keys):
                 deleted += collection.delete_many({"at": {"$lt": cutoff}}).deleted_count
         return deleted
 
@@ -233,6 +314,10 @@ def _insert_new(collection, docs: list[dict]) -> int:
         if details.get("writeConcernErrors") or any(e.get("code") != _DUPLICATE_KEY for e in details.get("writeErrors", ())):
             raise
         return details.get("nInserted", 0)
+
+
+def _unix(at: datetime.datetime) -> float:
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
 def _id_time(message_id: str) -> datetime.datetime:

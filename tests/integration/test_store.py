@@ -254,3 +254,83 @@ def test_get_store_returns_one_store_per_process_and_a_new_one_after_a_fork(loca
     assert store_module.get_store() is child
     child.close()
     parent.close()
+
+
+# --- idempotency keys, inbox, redelivery candidates and status (delivery guarantees) ---------
+
+def test_claiming_a_new_key_keeps_the_ids_given(store):
+    assert store.claim_ids("task:abc", ["a" * 24]) == ["a" * 24]
+
+
+def test_claiming_a_key_again_returns_the_first_ids_not_the_new_ones(store):
+    store.claim_ids("key:order-17", ["a" * 24])
+    assert store.claim_ids("key:order-17", ["b" * 24]) == ["a" * 24]
+
+
+def test_the_inbox_holds_the_users_unacked_messages_oldest_first(store):
+    gen = IdGenerator()
+    messages = [make(gen, ["ann", "bob"], {"n": n}) for n in range(4)]
+    store.insert_messages(messages)
+    store.record_receipts([{"id": messages[1]["id"], "user": "ann", "state": "acked", "at": time.time()}])
+    store.record_receipts([{"id": messages[2]["id"], "user": "ann", "state": "written", "at": time.time()}])
+
+    envelopes, truncated = store.unacked("ann", 100)
+
+    assert ids_of(envelopes) == [messages[0]["id"], messages[2]["id"], messages[3]["id"]]
+    assert truncated is False
+    assert len(store.unacked("bob", 100)[0]) == 4, "an ack by one user is not an ack by another"
+
+
+def test_the_inbox_leaves_broadcasts_out(store):
+    gen = IdGenerator()
+    store.insert_messages([make(gen, "*", "all"), make(gen, ["ann"], "mine")])
+    assert [e["data"] for e in store.unacked("ann", 100)[0]] == ["mine"]
+
+
+def test_the_inbox_keeps_the_newest_messages_beyond_the_limit_and_says_so(store):
+    gen = IdGenerator()
+    messages = [make(gen, ["ann"], n) for n in range(5)]
+    store.insert_messages(messages)
+    envelopes, truncated = store.unacked("ann", 2)
+    assert ids_of(envelopes) == [messages[3]["id"], messages[4]["id"]] and truncated is True
+
+
+def test_redelivery_candidates_are_the_unacked_deliveries_inside_the_window_without_broadcasts(store):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    gen = IdGenerator()
+    inside = [make(gen, ["ann", "bob"], 1), make(gen, "*", 2)]
+    store.insert_messages(inside)
+    store.record_receipts([{"id": inside[0]["id"], "user": "bob", "state": "acked", "at": time.time()}])
+    old = IdGenerator(clock=lambda: time.time() - 3600)
+    store.insert_messages([make(old, ["ann"], "too old")])
+
+    pairs = store.unacked_between(now - datetime.timedelta(seconds=60), now + datetime.timedelta(seconds=60))
+
+    assert pairs == [(inside[0]["id"], "ann")]
+
+
+def test_status_lists_each_recipient_with_the_time_of_each_receipt_state(store):
+    gen = IdGenerator()
+    message = make(gen, ["ann", "bob"], "x")
+    store.insert_messages([message])
+    store.record_receipts([
+        {"id": message["id"], "user": "ann", "state": "routed", "at": 100.0},
+        {"id": message["id"], "user": "ann", "state": "acked", "at": 102.5},
+    ])
+
+    status = store.status(message["id"])
+
+    assert status["to"] == ["ann", "bob"]
+    assert status["recipients"] == {"ann": {"routed": 100.0, "acked": 102.5}, "bob": {}}
+    assert abs(status["collected_at"] - time.time()) < 60
+
+
+def test_status_of_an_unknown_id_is_none(store):
+    assert store.status("f" * 24) is None
+
+
+def test_purge_also_forgets_old_idempotency_keys(store):
+    store.claim_ids("key:old", ["a" * 24])
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=settings.RETENTION_SECONDS + 60)
+    store.purge(now=later)
+    assert store.claim_ids("key:old", ["b" * 24]) == ["b" * 24]
