@@ -141,12 +141,28 @@ RETENTION_SECONDS: int = _read(_env, "RETENTION_SECONDS", 86400, _positive_int, 
 RESUME_OVERLAP_MS: int = _read(_env, "RESUME_OVERLAP_MS", 2000, int, "a whole number of milliseconds")
 #: Most messages one resume replays (the oldest beyond it are skipped and the client is told).
 REPLAY_LIMIT: int = _read(_env, "REPLAY_LIMIT", 10000, _positive_int, "a whole number")
+#: For this long after a connection's opening replay, live copies of the messages it replayed are
+#: dropped by the node (their dispatch was slower than the replay).
+REPLAY_DEDUP_SECONDS: float = _read(_env, "REPLAY_DEDUP_SECONDS", 30.0, _positive_float, "a number of seconds")
 #: How long a node waits for a replay before closing the connection with 1013 (try again).
 REPLAY_TIMEOUT: float = _read(_env, "REPLAY_TIMEOUT", 15.0, _positive_float, "a number of seconds")
 #: Acks are sent to the worker in batches at least this often (seconds) ...
 RECEIPT_FLUSH_SECONDS: float = _read(_env, "RECEIPT_FLUSH_SECONDS", 0.5, _positive_float, "a number of seconds")
 #: ... or as soon as this many are waiting.
 RECEIPT_BATCH: int = _read(_env, "RECEIPT_BATCH", 1000, _positive_int, "a whole number")
+
+#: A message routed to a user who stays online but has not acked it after this many seconds is
+#: re-dispatched (clients drop the repeat by id) ...
+REDELIVER_AFTER: float = _read(_env, "REDELIVER_AFTER", 30.0, _positive_float, "a number of seconds")
+#: ... at most this many times, at ages REDELIVER_AFTER x 1, 2, 4, ...; after that it waits for
+#: the user's next connection (inbox or ``since``).
+REDELIVER_ATTEMPTS: int = _read(_env, "REDELIVER_ATTEMPTS", 5, _positive_int, "a whole number")
+#: How often one worker (elected through a Redis lock) runs ``tasks.housekeeping``: redelivery,
+#: hand-back of dead nodes' queues, retention purge.
+HOUSEKEEPING_SECONDS: float = _read(_env, "HOUSEKEEPING_SECONDS", 10.0, _positive_float, "a number of seconds")
+#: Redis broker only: a task a worker took but did not acknowledge (it died) goes back to the queue
+#: after this many seconds.  Keep it above the longest task; RabbitMQ needs no such setting.
+VISIBILITY_TIMEOUT: int = _read(_env, "VISIBILITY_TIMEOUT", 60, _positive_int, "a whole number of seconds")
 
 LOG_LEVEL: str = _read(_env, "LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR")
 

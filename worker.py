@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init, worker_ready
+from celery.signals import after_setup_logger, worker_process_init, worker_ready, worker_shutdown
 from kombu import Queue
 
 import settings
@@ -23,7 +23,7 @@ app = Celery(
     "push",
     broker=settings.BROKER_URL,
     backend=settings.RESULT_BACKEND,
-    include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts"],
+    include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts", "tasks.status", "tasks.housekeeping"],
 )
 
 app.conf.update(
@@ -35,17 +35,35 @@ app.conf.update(
     task_routes={
         "tasks.collect": {"queue": COLLECT_QUEUE},
         "tasks.collect_many": {"queue": COLLECT_QUEUE},
-        "tasks.receipts": {"queue": COLLECT_QUEUE},
+        # Receipts feed redelivery: they must not wait behind a backlog of business messages.
+        "tasks.receipts": {"queue": DISPATCH_QUEUE},
         "tasks.dispatch": {"queue": DISPATCH_QUEUE},
         "tasks.replay": {"queue": DISPATCH_QUEUE},
+        "tasks.status": {"queue": DISPATCH_QUEUE},
+        "tasks.housekeeping": {"queue": DISPATCH_QUEUE},
     },
+    # Every task is idempotent (see each one), so a task is acked only once it finished, and one
+    # whose worker process died goes back to the queue instead of being lost.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
     # Results hold message ids for business code; an hour is plenty to read them.
     result_expires=3600,
     # Operators watch the tasks in stock Flower, which needs task events.
     worker_send_task_events=True,
     task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 3600},
+    # A result that cannot be written (Redis restarting) is retried, not turned into a failure
+    # outside the task body: the task waits for Redis, for about a minute at most.
+    result_backend_always_retry=True,
+    result_backend_max_retries=12,
+    result_backend_max_sleep_between_retries_ms=5000,
+    broker_transport_options={
+        # Redis broker: a task taken by a worker that died comes back after this many seconds.
+        "visibility_timeout": settings.VISIBILITY_TIMEOUT,
+        # kombu restores such tasks under a broker-wide lock; a process killed while holding it
+        # (any worker or push node) would block every restore for kombu's default of 5 minutes.
+        "unacked_mutex_expire": 15,
+    },
     # Every network call has a timeout (redis-py and kombu default to none).
     redis_socket_timeout=10,
     redis_socket_connect_timeout=5,
@@ -59,9 +77,25 @@ def _log_backends(logger, **_):
     logger.info("broker %s, results %s", settings.redact(settings.BROKER_URL), settings.redact(settings.RESULT_BACKEND))
 
 
+_scheduler = None
+
+
 @worker_ready.connect
-def _check_secrets(**_):
+def _on_ready(**_):
+    """Check secrets, then start the housekeeping scheduler thread (main process only)."""
+    global _scheduler
     settings.check_secrets()
+    from tasks.dispatch import _redis
+    from tasks.scheduler import HousekeepingScheduler
+
+    _scheduler = HousekeepingScheduler(app, _redis, settings.HOUSEKEEPING_SECONDS)
+    _scheduler.start()
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_):
+    if _scheduler is not None:
+        _scheduler.stop()
 
 
 @worker_process_init.connect

@@ -4,12 +4,14 @@ Worker process only.  One Redis round trip looks up every recipient's leases; th
 (``tasks.routing.plan``) groups the envelopes by node; one ``wsnode.deliver`` message goes to each
 node's own queue.  A recipient with no live route is skipped: the message waits in the store for
 that user's resume.  Dispatch is idempotent: running it twice delivers duplicates that clients
-drop by id, so transient Redis or broker errors are retried with backoff.
+drop by id, so it runs with ``acks_late`` and transient Redis, broker or store errors are retried
+with backoff.  It records a ``routed`` receipt per (message, recipient) it routed, in one insert.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from kombu.exceptions import OperationalError
@@ -17,6 +19,7 @@ from kombu.exceptions import OperationalError
 import settings
 from tasks import routing
 from tasks.queues import DELIVER_TASK, node_queue
+from tasks.store import StoreUnavailable, get_store
 from worker import app
 from wsnode.registry import RouteTable
 
@@ -32,18 +35,30 @@ def publish(node: str, envelopes: list[dict], **extra) -> None:
     app.send_task(DELIVER_TASK, args=[envelopes], kwargs=extra, queue=node_queue(node), ignore_result=True)
 
 
+def route(messages: list[dict]) -> dict[str, list[dict]]:
+    """Look the recipients up, publish one batch per node, and record the ``routed`` receipts;
+    returns what went where."""
+    routes, live = _routes.lookup(routing.recipients_of(messages))
+    per_node = routing.plan(messages, routes, live)
+    for node, envelopes in per_node.items():
+        publish(node, envelopes)
+    now = time.time()
+    routed = [{"id": e["id"], "user": user, "state": "routed", "at": now} for envelopes in per_node.values() for e in envelopes if e["to"] != routing.BROADCAST for user in e["to"]]
+    if routed:
+        get_store().record_receipts(routed)
+    return per_node
+
+
 @app.task(
     name="tasks.dispatch",
     ignore_result=True,
-    autoretry_for=(redis.ConnectionError, redis.TimeoutError, OperationalError),
+    acks_late=True,
+    autoretry_for=(redis.ConnectionError, redis.TimeoutError, OperationalError, StoreUnavailable),
     retry_backoff=True,
     retry_backoff_max=30,
     max_retries=8,
 )
 def dispatch(messages: list[dict]) -> None:
     """Route ``messages`` ([{"id", "to", "data", "ts"}], as stored by Collect) to their nodes."""
-    routes, live = _routes.lookup(routing.recipients_of(messages))
-    per_node = routing.plan(messages, routes, live)
-    for node, envelopes in per_node.items():
-        publish(node, envelopes)
+    per_node = route(messages)
     log.debug("dispatched %d messages to %d nodes", len(messages), len(per_node))

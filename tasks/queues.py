@@ -1,9 +1,12 @@
-"""The queue topology, shared by the worker (which publishes) and the push nodes (which consume).
+"""The queue topology and the node-queue message format, shared by the worker (which publishes)
+and the push nodes (which consume).
 
-Pure: builds kombu objects, touches no connection.
+Pure: builds kombu objects and parses messages, touches no connection.
 
-- ``collect``: business messages (``tasks.collect``, ``tasks.collect_many``), and receipts.
-- ``dispatch``: routing (``tasks.dispatch``) and resume requests (``tasks.replay``).
+- ``collect``: business messages (``tasks.collect``, ``tasks.collect_many``).
+- ``dispatch``: routing (``tasks.dispatch``), replays (``tasks.replay``), receipts
+  (``tasks.receipts``), ``tasks.status`` and ``tasks.housekeeping``: short tasks that must not wait
+  behind a backlog of business messages.
 - one queue per push node, named by the address the node advertises (``NODE_HOST:PORT``), carrying
   ``wsnode.deliver`` messages: a batch of envelopes for the users that node holds.  A node queue
   left behind by a dead node expires on RabbitMQ (``x-expires``); on Redis it is bounded by the
@@ -11,6 +14,8 @@ Pure: builds kombu objects, touches no connection.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from kombu import Exchange, Queue
 
@@ -37,3 +42,34 @@ def node_queue(address: str) -> Queue:
         durable=True,
         queue_arguments={"x-expires": NODE_QUEUE_EXPIRES_MS},
     )
+
+
+@dataclass
+class Delivery:
+    """One ``wsnode.deliver`` message: envelopes, and for a replay its connection and page info."""
+
+    envelopes: list[dict]
+    conn: str | None = None
+    replay: dict | None = None
+    message: object = field(default=None, repr=False)
+
+
+class BadDelivery(ValueError):
+    """A message on the node queue that is not a well-formed ``wsnode.deliver`` task."""
+
+
+def parse_delivery(headers: dict, body: object) -> Delivery:
+    """Check a decoded Celery protocol-2 message.  Pure."""
+    task = (headers or {}).get("task")
+    if task != DELIVER_TASK:
+        raise BadDelivery(f"task {task!r} on a node queue: only {DELIVER_TASK} belongs here")
+    if not (isinstance(body, (list, tuple)) and len(body) >= 2 and isinstance(body[0], (list, tuple)) and len(body[0]) == 1):
+        raise BadDelivery("body is not [[envelopes], kwargs, embed]")
+    envelopes, kwargs = body[0][0], body[1] or {}
+    if not isinstance(kwargs, dict):
+        raise BadDelivery("kwargs must be an object")
+    if not isinstance(envelopes, list) or not all(isinstance(e, dict) and "id" in e and "data" in e for e in envelopes):
+        raise BadDelivery("envelopes must be a list of objects with id and data")
+    if not all(e.get("to") == "*" or isinstance(e.get("to"), list) for e in envelopes) and kwargs.get("conn") is None:
+        raise BadDelivery("a live envelope needs to: a list of users or '*'")
+    return Delivery(envelopes, kwargs.get("conn"), kwargs.get("replay"))

@@ -1,0 +1,100 @@
+"""``tasks.housekeeping``: the platform's periodic work.  Worker process only.
+
+One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exactly one worker):
+
+1. **Redelivery.**  A delivery that no device acked is dispatched again to its user, if online
+   (offline users get it from their inbox when they connect), each time its age crosses one of the
+   thresholds ``REDELIVER_AFTER x 1, 2, 4, ...`` (``REDELIVER_ATTEMPTS`` of them): at most that
+   many times, and clients drop the repeats by id.  Crossings are counted since the previous run
+   (kept in Redis), so an outage of Redis or of the workers delays redelivery but skips none.  This
+   recovers a message lost between the store and the browser while its user stays connected (a
+   dropped queue message, a node that wrote and crashed).
+2. **Dead nodes.**  A node whose own lease ended more than ``LEASE_TTL`` ago has its queue handed
+   back (:func:`tasks.reclaim.hand_back`) and deleted, and leaves the node list.  Not while Redis
+   has been up for less than ``2 x LEASE_TTL``: after a Redis restart every lease looks old until
+   the nodes have renewed them.
+3. **Retention.**  At most once a minute, the store drops what is older than ``RETENTION_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+
+import settings
+from tasks.dispatch import _redis, route
+from tasks.ids import timestamp_ms
+from tasks.reclaim import hand_back
+from tasks.store import get_store
+from worker import app
+from wsnode.registry import NODES_KEY
+
+log = logging.getLogger(__name__)
+
+PURGE_LOCK = "push:purge-lock"
+LAST_RUN = "push:redeliver-last-run"
+PURGE_EVERY_SECONDS = 60
+
+# Remove a node from the list only if its lease is still the old one (it may have come back).
+_FORGET_NODE = _redis.register_script(
+    "local s = redis.call('zscore', KEYS[1], ARGV[1]) "
+    "if s and tonumber(s) <= tonumber(ARGV[2]) then return redis.call('zrem', KEYS[1], ARGV[1]) end return 0"
+)
+
+
+def thresholds() -> list[float]:
+    """The ages at which an unacked delivery is re-sent."""
+    return [settings.REDELIVER_AFTER * 2**k for k in range(settings.REDELIVER_ATTEMPTS)]
+
+
+def crossed(age_then: float, age_now: float, marks: list[float]) -> bool:
+    """Whether a delivery's age crossed a threshold between the previous run and this one.  Pure."""
+    return any(age_then < mark <= age_now for mark in marks)
+
+
+def redeliver(now: float) -> int:
+    marks = thresholds()
+    previous = _redis.set(LAST_RUN, now, get=True)
+    previous = float(previous) if previous is not None else now - settings.HOUSEKEEPING_SECONDS
+    gap = min(max(now - previous, 0.0), marks[-1])
+    utc = datetime.timezone.utc
+    store = get_store()
+    start = datetime.datetime.fromtimestamp(now - marks[-1] - gap, utc)
+    end = datetime.datetime.fromtimestamp(now - marks[0], utc)
+    users_of: dict[str, list[str]] = {}
+    for message_id, user in store.unacked_between(start, end):
+        age = now - timestamp_ms(message_id) / 1000
+        if crossed(age - gap, age, marks):
+            users_of.setdefault(message_id, []).append(user)
+    if not users_of:
+        return 0
+    data = store.message_data(list(users_of))
+    messages = [{"id": mid, "to": users, "data": data[mid], "ts": None} for mid, users in users_of.items() if mid in data]
+    per_node = route(messages)
+    sent = sum(len(e["to"]) for envelopes in per_node.values() for e in envelopes)
+    if sent:
+        log.info("redelivered %d unacked deliveries to online users", sent)
+    return sent
+
+
+def reclaim_dead_nodes(now: float) -> int:
+    if _redis.info("server")["uptime_in_seconds"] < 2 * settings.LEASE_TTL:
+        return 0  # just restarted: live nodes have not renewed their leases yet
+    cutoff = now - settings.LEASE_TTL
+    handed = 0
+    for raw in _redis.zrangebyscore(NODES_KEY, "-inf", cutoff):
+        node = raw.decode() if isinstance(raw, bytes) else raw
+        handed += hand_back(app, node, delete=True)
+        if _FORGET_NODE(keys=[NODES_KEY], args=[node, cutoff]):
+            log.warning("node %s is gone (no lease for %.0f s): its queue was handed back and deleted", node, settings.LEASE_TTL)
+    return handed
+
+
+@app.task(name="tasks.housekeeping", ignore_result=True)
+def housekeeping() -> dict:
+    now = time.time()
+    result = {"redelivered": redeliver(now), "reclaimed": reclaim_dead_nodes(now), "purged": 0}
+    if _redis.set(PURGE_LOCK, "1", nx=True, ex=PURGE_EVERY_SECONDS):
+        result["purged"] = get_store().purge()
+    return result

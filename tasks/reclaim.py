@@ -1,0 +1,50 @@
+"""Hand back what waits on a push node's queue, so that nothing is stranded there.
+
+Used by a draining node (on itself, at SIGTERM) and by ``tasks.housekeeping`` (on nodes whose lease
+expired: killed or cut off).  Any thread; it opens its own broker connection.
+
+Every live envelope found is re-dispatched with ``tasks.dispatch``, which routes it to its users'
+current nodes (users not connected anywhere get it from their inbox or ``since`` when they come
+back); replay pages are dropped, their connection is gone.  Messages are acked only after the
+re-dispatch was published, so a crash in between repeats them (clients drop repeats by id).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tasks.queues import BadDelivery, node_queue, parse_delivery
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500
+
+
+def hand_back(app, address: str, delete: bool = False, limit: int = 100_000) -> int:
+    """Re-dispatch everything on ``address``'s queue; returns the number of envelopes.
+    With ``delete`` the queue itself is deleted afterwards (its node is gone)."""
+    queue = node_queue(address)
+    with app.connection_for_write() as conn:
+        bound = queue(conn.default_channel)
+        bound.declare()
+        taken = []
+        while len(taken) < limit and (message := bound.get(no_ack=False, accept=["json"])) is not None:
+            taken.append(message)
+        envelopes = []
+        for message in taken:
+            try:
+                delivery = parse_delivery(message.headers, message.decode())
+            except (BadDelivery, ValueError) as exc:
+                log.error("dropped a malformed message from %s: %s", address, exc)
+                continue
+            if delivery.conn is None:
+                envelopes.extend(delivery.envelopes)
+        for start in range(0, len(envelopes), CHUNK):
+            app.send_task("tasks.dispatch", args=[envelopes[start : start + CHUNK]], ignore_result=True)
+        for message in taken:
+            message.ack()
+        if delete:
+            bound.delete()
+    if envelopes or taken:
+        log.info("handed back %d envelopes from %d messages on %s's queue", len(envelopes), len(taken), address)
+    return len(envelopes)
