@@ -7,8 +7,9 @@ IOLoop.  All its state is touched on the loop thread only, except:
 - the publisher, a single thread that sends tasks to the worker (replay requests, receipts),
   because publishing to the broker blocks.
 
-Shutdown (SIGTERM) is explicit: stop accepting connections, close clients with 1001 ("reconnect
-elsewhere"), release this node's leases, flush receipts, then stop the consumer and the publisher.
+Shutdown (SIGTERM) is explicit: stop accepting connections; end this node's leases (Dispatch stops
+routing here); close clients with 1001 ("reconnect elsewhere"); flush receipts; stop the consumer;
+hand what is still queued for this node back to Dispatch; stop the publisher.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 import settings
 from tasks.queues import node_address
+from tasks.reclaim import hand_back
 from wsnode import protocol
 from wsnode.auth import AuthClient
 from wsnode.closecodes import CloseCode
@@ -114,17 +116,22 @@ class PushNode:
             self._server.stop()
         for timer in self._timers:
             timer.stop()
-        conns = self.hub.all()
-        for conn in conns:
-            conn.close_with(CloseCode.GOING_AWAY)
         try:
             await self.leases.release_node(self.hub.users())
         except RedisError as exc:
             log.warning("node %s: could not release leases (%s); they expire in %.0f s", self.address, exc, settings.LEASE_TTL)
+        conns = self.hub.all()
+        for conn in conns:
+            conn.close_with(CloseCode.GOING_AWAY)
         self.receipts.flush()
         loop = asyncio.get_running_loop()
         if self._consumer is not None:
             await loop.run_in_executor(None, self._consumer.stop)
+        try:
+            handed = await loop.run_in_executor(None, hand_back, self.celery, self.address)
+            log.info("node %s: handed %d queued envelopes back to dispatch", self.address, handed)
+        except Exception as exc:  # noqa: BLE001 - housekeeping hands them back once the lease is gone
+            log.warning("node %s: could not hand back its queue (%s); housekeeping will", self.address, exc)
         await loop.run_in_executor(None, self._publisher.shutdown)
         await self.redis.aclose()
         log.info("node %s stopped: closed %d connections", self.address, len(conns))
@@ -146,9 +153,8 @@ class PushNode:
                 conn.close_with(CloseCode.TRY_AGAIN_LATER)
                 return
         log.info("conn=%s user=%s connected to %s%s", conn.conn_id, conn.user_id, self.address, f" since={conn.session.since}" if conn.session.since else "")
-        conn.send([protocol.hello_frame(self.address, conn.user_id, conn.conn_id)])
-        if conn.session.replaying:
-            self._request_replay(conn)
+        conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id))])
+        self._request_replay(conn)
 
     def detach(self, conn: PushHandler) -> None:
         if self.hub.remove(conn):
@@ -205,8 +211,7 @@ class PushNode:
             log.warning("conn=%s user=%s: %s", conn.conn_id, conn.user_id, exc)
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "too many messages during resume, reconnect with since")
             return
-        conn.send(frames)
-        self.delivered += len(frames)
+        self.delivered += conn.send(frames)
 
     def _deliver_replay(self, delivery: Delivery) -> None:
         conn = self.hub.get(delivery.conn)
@@ -215,8 +220,9 @@ class PushNode:
         info = delivery.replay or {}
         items = [(e["id"], protocol.message_frame(e)) for e in delivery.envelopes]
         frames = conn.session.replay_page(items, bool(info.get("last")), int(info.get("count", 0)), bool(info.get("truncated")))
-        conn.send(frames)
-        self.delivered += len(items)
+        self.delivered += conn.send(frames)
+        if info.get("last"):
+            IOLoop.current().call_later(settings.REPLAY_DEDUP_SECONDS, conn.session.forget_replayed)
 
     # --- leases, receipts, health -----------------------------------------------------------
 

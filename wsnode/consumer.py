@@ -14,42 +14,9 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-from tasks.queues import DELIVER_TASK, node_queue
+from tasks.queues import BadDelivery, Delivery, node_queue, parse_delivery  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Delivery:
-    """One ``wsnode.deliver`` message: envelopes, and for a replay its connection and page info."""
-
-    envelopes: list[dict]
-    conn: str | None = None
-    replay: dict | None = None
-    message: object = field(default=None, repr=False)
-
-
-class BadDelivery(ValueError):
-    """A message on the node queue that is not a well-formed ``wsnode.deliver`` task."""
-
-
-def parse_delivery(headers: dict, body: object) -> Delivery:
-    """Check a decoded Celery protocol-2 message.  Pure."""
-    task = (headers or {}).get("task")
-    if task != DELIVER_TASK:
-        raise BadDelivery(f"task {task!r} on a node queue: only {DELIVER_TASK} belongs here")
-    if not (isinstance(body, (list, tuple)) and len(body) >= 2 and isinstance(body[0], (list, tuple)) and len(body[0]) == 1):
-        raise BadDelivery("body is not [[envelopes], kwargs, embed]")
-    envelopes, kwargs = body[0][0], body[1] or {}
-    if not isinstance(kwargs, dict):
-        raise BadDelivery("kwargs must be an object")
-    if not isinstance(envelopes, list) or not all(isinstance(e, dict) and "id" in e and "data" in e for e in envelopes):
-        raise BadDelivery("envelopes must be a list of objects with id and data")
-    if not all(e.get("to") == "*" or isinstance(e.get("to"), list) for e in envelopes) and kwargs.get("conn") is None:
-        raise BadDelivery("a live envelope needs to: a list of users or '*'")
-    return Delivery(envelopes, kwargs.get("conn"), kwargs.get("replay"))
 
 
 class NodeQueueConsumer:

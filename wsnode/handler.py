@@ -72,13 +72,20 @@ class PushHandler(WebSocketHandler):
         if self.session is not None and self._refusal is None:
             self.node.detach(self)
 
-    def send(self, frames: list[str]) -> None:
-        """Write ``frames`` in order; a closed socket drops them (the store keeps the messages)."""
-        for frame in frames:
+    def send(self, frames: list[tuple[str | None, str]]) -> int:
+        """Write ``(message id, frame)`` pairs in order and record a ``written`` receipt per message;
+        returns how many messages were written.  A closed socket drops the rest (the store keeps
+        them: the client gets them from ``since`` or its inbox)."""
+        written = 0
+        for message_id, frame in frames:
             try:
                 self.write_message(frame)
             except WebSocketClosedError:
-                return
+                break
+            if message_id is not None:
+                self.node.receipts.add(message_id, self.user_id, "written")
+                written += 1
+        return written
 
     def close_with(self, code: CloseCode, reason: str | None = None) -> None:
         self.close(code, short_reason(reason or code.reason))

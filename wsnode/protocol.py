@@ -4,9 +4,10 @@ Server -> client (JSON text frames):
 
 - ``{"type": "hello", "node": "<address>", "user": "<user id>", "conn": "<connection id>"}``, first.
 - ``{"type": "message", "id": "<message id>", "data": <data>}``, one per message.
-- ``{"type": "resumed", "since": "<id>", "replayed": <n>, "truncated": <bool>}`` after the replay
-  that ``since`` asked for; live messages follow it.  ``truncated`` means the resume reached past
-  the retention or ``REPLAY_LIMIT``: older messages are gone.
+- ``{"type": "resumed", "since": "<id>" | null, "replayed": <n>, "truncated": <bool>}`` after the
+  opening replay: what ``since`` asked for, or without ``since`` the user's unacked inbox; live
+  messages follow it.  ``truncated`` means the replay reached past the retention or
+  ``REPLAY_LIMIT``: older messages are gone.
 
 Client -> server: ``{"type": "ack", "id": "<message id>"}``.  Anything else closes the connection
 with 4500 (``CloseCode.BAD_REQUEST``) and a reason naming what was wrong.
@@ -77,5 +78,5 @@ def hello_frame(node: str, user: str, conn: str) -> str:
     return json.dumps({"type": "hello", "node": node, "user": user, "conn": conn})
 
 
-def resumed_frame(since: str, replayed: int, truncated: bool) -> str:
+def resumed_frame(since: str | None, replayed: int, truncated: bool) -> str:
     return json.dumps({"type": "resumed", "since": since, "replayed": replayed, "truncated": truncated})

@@ -64,9 +64,11 @@ class Leases:
         await pipe.execute()
 
     async def release_node(self, users: Iterable[str]) -> None:
-        """Shut-down: give up ``users``' leases and the node's own, so nothing routes here any more."""
+        """Shut-down: give up ``users``' leases and end the node's own, so nothing routes here any
+        more.  The node stays listed with an ended lease, so housekeeping hands back whatever a
+        dispatcher still published to its queue after the node left."""
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zrem(NODES_KEY, self.node)
+        pipe.zadd(NODES_KEY, {self.node: 0})
         for user in users:
             pipe.zrem(route_key(user), self.node)
         await pipe.execute()

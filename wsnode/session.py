@@ -1,14 +1,20 @@
-"""What one connection is owed, in order, while a resume runs.  Pure; loop thread only.
+"""What one connection is owed, in order, while its opening replay runs.  Pure; loop thread only.
 
-A connection opened with ``since`` starts *replaying*: live messages that arrive meanwhile are held
-back, the replay pages are written as they come, and when the last page arrives the ``resumed``
-frame is written, then the held-back live messages that the replay did not already contain.  A
-connection without ``since`` is live at once.  Each method returns the frames to write, in order.
+Every connection starts *replaying*: with ``since`` it is owed every message after that id, without
+it the user's inbox (messages no device acked).  Live messages that arrive meanwhile are held back;
+the replay pages are written as they come; when the last page arrives the ``resumed`` frame is
+written, then the held-back live messages that the replay did not already contain.  A live copy of
+a replayed message can also arrive *after* the replay (its dispatch was slower than the replay):
+the session keeps the replayed ids until :meth:`forget_replayed` (the node calls it a little
+later) and drops such copies.  Each method returns the ``(message id, frame)`` pairs to write, in
+order (``None`` as the id of a control frame).
 """
 
 from __future__ import annotations
 
 from wsnode import protocol
+
+Outgoing = list[tuple[str | None, str]]
 
 
 class BacklogOverflow(RuntimeError):
@@ -18,28 +24,31 @@ class BacklogOverflow(RuntimeError):
 class Session:
     def __init__(self, since: str | None, max_backlog: int = 10000) -> None:
         self.since = since
-        self.replaying = since is not None
-        self._held: list[tuple[str, str]] = []
+        self.replaying = True
+        self._held: Outgoing = []
         self._replayed: set[str] = set()
         self._max_backlog = max_backlog
 
-    def live(self, message_id: str, frame: str) -> list[str]:
+    def live(self, message_id: str, frame: str) -> Outgoing:
         if not self.replaying:
-            return [frame]
+            return [] if message_id in self._replayed else [(message_id, frame)]
         if len(self._held) >= self._max_backlog:
             raise BacklogOverflow(f"more than {self._max_backlog} live messages arrived during the replay")
         self._held.append((message_id, frame))
         return []
 
-    def replay_page(self, items: list[tuple[str, str]], last: bool, count: int = 0, truncated: bool = False) -> list[str]:
+    def replay_page(self, items: Outgoing, last: bool, count: int = 0, truncated: bool = False) -> Outgoing:
         if not self.replaying:
             return []  # a late page after a timeout: the client already resumed another way
-        frames = [frame for _, frame in items]
+        out = list(items)
         self._replayed.update(message_id for message_id, _ in items)
         if last:
-            frames.append(protocol.resumed_frame(self.since, count, truncated))
-            frames.extend(frame for message_id, frame in self._held if message_id not in self._replayed)
+            out.append((None, protocol.resumed_frame(self.since, count, truncated)))
+            out.extend(pair for pair in self._held if pair[0] not in self._replayed)
             self._held.clear()
-            self._replayed.clear()
             self.replaying = False
-        return frames
+        return out
+
+    def forget_replayed(self) -> None:
+        """Stop dropping live copies of replayed messages (frees their ids)."""
+        self._replayed = set()
