@@ -3,6 +3,12 @@
 Every process is a real one started with ``launcher``; its log goes to ``<DATA_DIR>/logs/`` and
 the tail of each is printed when a test fails.  Tests that kill or stop a node start an extra one
 (``cluster.start_node()``) so the shared nodes stay up for the other tests.
+
+The ``cluster`` fixture runs every test that uses it twice: with Redis as the Celery broker and
+with RabbitMQ (in a private vhost made for the session with ``rabbitmqctl``).  Where no RabbitMQ
+can be reached, the RabbitMQ half is skipped and says why.  ``.ci/run`` starts RabbitMQ when it
+is installed but stopped.  ``TEST_AMQP_URL`` points the tests at another RabbitMQ server (its
+vhost is then used as it is).
 """
 
 from __future__ import annotations
@@ -10,36 +16,45 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
+import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
 from celery import Celery
+from kombu import Connection
 
 import launcher
 from tests.conftest import TEST_AUTH_PORT, TEST_DATA_DIR
 from tests.integration.wsclient import Client
 
+AMQP_BASE = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
 LEASE_TTL = 3.0
+REDELIVER_AFTER = 4.0
+REDELIVER_ATTEMPTS = 2
+HOUSEKEEPING_SECONDS = 1.0
 ADMIN_KEY = "dev-admin-key-change-me"
 
 
 class Cluster:
-    def __init__(self, redis_server: launcher.RedisServer, workdir: Path, **extra_env) -> None:
+    def __init__(self, redis_server: launcher.RedisServer, workdir: Path, broker_url: str | None = None, auth_port: int | None = None, **extra_env) -> None:
         self.redis_server = redis_server
         self.workdir = workdir
         self.logs = workdir / "logs"
-        self.auth_port = TEST_AUTH_PORT
+        self.auth_port = auth_port or TEST_AUTH_PORT
         self.env = launcher.cluster_env(
             redis_server.url(), workdir, self.auth_port,
-            broker_url=os.environ["BROKER_URL"], LEASE_TTL=LEASE_TTL, AUTH_CACHE_SECONDS=1, REPLAY_TIMEOUT=10, LOG_LEVEL="INFO", **extra_env,
+            broker_url=broker_url or redis_server.url(0), LEASE_TTL=LEASE_TTL, AUTH_CACHE_SECONDS=1, REPLAY_TIMEOUT=10, LOG_LEVEL="INFO",
+            REDELIVER_AFTER=REDELIVER_AFTER, REDELIVER_ATTEMPTS=REDELIVER_ATTEMPTS, HOUSEKEEPING_SECONDS=HOUSEKEEPING_SECONDS, RECEIPT_FLUSH_SECONDS=0.2, **extra_env,
         )
         self.services: list[launcher.Service] = []
         self.node_ports: list[int] = []
         self.business = Celery(broker=self.env["BROKER_URL"], backend=self.env["REDIS_URL"])
         self.routes = redis_lib.Redis.from_url(self.env["REDIS_URL"], decode_responses=True)
-        self.broker_redis = redis_lib.Redis.from_url(self.env["BROKER_URL"])
 
     # --- processes ----------------------------------------------------------------------------
 
@@ -93,9 +108,10 @@ class Cluster:
     def ws_url(self, port: int, token: str, since: str | None = None) -> str:
         return f"ws://127.0.0.1:{port}/ws?token={token}" + (f"&since={since}" if since else "")
 
-    async def connect(self, user: str, port: int | None = None, since: str | None = None) -> Client:
+    async def connect(self, user: str, port: int | None = None, since: str | None = None, auto_ack: bool = True) -> Client:
+        """A connected client; without ``since`` it has also read its inbox replay (``client.inbox``)."""
         token = await asyncio.to_thread(self.token, user)
-        return await Client.connect(self.ws_url(port or self.node_ports[0], token, since))
+        return await Client.connect(self.ws_url(port or self.node_ports[0], token, since), auto_ack=auto_ack, wait_resumed=since is None)
 
     def send(self, task: str = "tasks.collect", **kwargs):
         """Send by name, as business code that does not import this project does."""
@@ -108,18 +124,84 @@ class Cluster:
         return await asyncio.to_thread(self.send("tasks.collect_many", messages=messages).get, timeout=timeout)
 
     def node_queue_length(self, port: int) -> int:
-        return self.broker_redis.llen(f"127.0.0.1:{port}")
+        """Messages waiting on a node's queue, on either broker (0 when the queue does not exist)."""
+        with Connection(self.env["BROKER_URL"]) as conn:
+            try:
+                return conn.default_channel.queue_declare(queue=f"127.0.0.1:{port}", passive=True).message_count
+            except conn.channel_errors:
+                return 0
+
+    def status(self, message_id: str) -> dict:
+        return self.business.send_task("tasks.status", args=[message_id], queue="dispatch").get(timeout=20)
 
 
-@pytest.fixture(scope="session")
-def cluster(redis_server):
-    cluster = Cluster(redis_server, Path(TEST_DATA_DIR))
+class RabbitVhost:
+    """A private vhost on the local RabbitMQ for one cluster, removed afterwards."""
+
+    def __init__(self) -> None:
+        base = urllib.parse.urlsplit(AMQP_BASE)
+        self.name = f"push-test-{uuid.uuid4().hex[:8]}"
+        self.own = base.path in ("", "/") and "TEST_AMQP_URL" not in os.environ
+        self.url = f"{AMQP_BASE.rstrip('/')}/{self.name}" if self.own else AMQP_BASE
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+    def create(self) -> "RabbitVhost":
+        try:
+            with Connection(f"{AMQP_BASE.rstrip('/')}//" if self.own else AMQP_BASE, connect_timeout=3) as conn:
+                conn.ensure_connection(max_retries=1)
+        except Exception as exc:  # noqa: BLE001 - any failure means: no RabbitMQ here
+            pytest.skip(f"RabbitMQ not reachable at {AMQP_BASE} ({exc}): start it (rabbitmq-server -detached; .ci/run does) or set TEST_AMQP_URL")
+        if self.own:
+            if shutil.which("rabbitmqctl") is None:
+                pytest.skip("rabbitmqctl not found: cannot make a private vhost; set TEST_AMQP_URL to a vhost of your own")
+            self._ctl("add_vhost", self.name)
+            user = urllib.parse.urlsplit(AMQP_BASE).username or "guest"
+            self._ctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
+        return self
+
+    def delete(self) -> None:
+        if self.own:
+            subprocess.run(["rabbitmqctl", "delete_vhost", self.name], capture_output=True, timeout=60)
+
+
+def broker_url_for(kind: str, redis_server: launcher.RedisServer, request) -> str:
+    """The broker URL of a ``kind`` ("redis" or "amqp") cluster; an amqp vhost is removed at teardown."""
+    if kind == "redis":
+        return redis_server.url(0)
+    vhost = RabbitVhost().create()
+    request.addfinalizer(vhost.delete)
+    return vhost.url
+
+
+def start_or_explain(cluster: Cluster, **kwargs) -> Cluster:
     try:
-        cluster.start()
+        return cluster.start(**kwargs)
     except BaseException:
         print(cluster.log_tails())
         cluster.stop()
         raise
+
+
+@pytest.fixture(scope="session", params=["redis", "amqp"])
+def cluster(request, redis_server):
+    cluster = Cluster(redis_server, Path(TEST_DATA_DIR), broker_url=broker_url_for(request.param, redis_server, request))
+    cluster.broker = request.param
+    start_or_explain(cluster)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def fault_cluster(request, tmp_path):
+    """A private cluster for one fault test: its own persistent Redis (which the test may restart),
+    worker, auth and two nodes, on the broker the parameter names."""
+    redis_server = launcher.RedisServer(persistent=True, data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)
+    cluster = Cluster(redis_server, tmp_path, broker_url=broker_url_for(request.param, redis_server, request), auth_port=launcher.free_port(), VISIBILITY_TIMEOUT=8)
+    cluster.broker = request.param
+    start_or_explain(cluster)
     yield cluster
     cluster.stop()
 
@@ -128,6 +210,7 @@ def cluster(redis_server):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    cluster = item.funcargs.get("cluster") if hasattr(item, "funcargs") else None
+    funcargs = getattr(item, "funcargs", {})
+    cluster = funcargs.get("cluster") or funcargs.get("fault_cluster")
     if report.failed and cluster is not None:
         report.sections.append(("process logs", cluster.log_tails()))

@@ -134,7 +134,7 @@ async def test_a_malformed_message_on_a_node_queue_is_dropped_and_the_node_keeps
     port = cluster.node_ports[0]
     client = await cluster.connect("after-garbage", port)
     queue = node_queue(f"127.0.0.1:{port}")
-    with Connection(settings.BROKER_URL) as conn:
+    with Connection(cluster.env["BROKER_URL"]) as conn:
         producer = conn.Producer()
         producer.publish({"surprise": True}, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue], serializer="json")
         producer.publish("not even json", exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue], content_type="application/json", content_encoding="utf-8")

@@ -9,19 +9,28 @@ from tornado.websocket import websocket_connect
 
 
 class Client:
-    def __init__(self, ws, url: str) -> None:
+    """Acks every message it reads, as the browser client does (``auto_ack=False`` to stop that)."""
+
+    def __init__(self, ws, url: str, auto_ack: bool = True) -> None:
         self.ws = ws
         self.url = url
+        self.auto_ack = auto_ack
         self.frames: list[dict] = []
         self.hello: dict | None = None
+        #: Messages the opening replay carried (the inbox), when ``connect`` waited for it.
+        self.inbox: list[dict] = []
 
     @classmethod
-    async def connect(cls, url: str, expect_hello: bool = True, timeout: float = 10.0) -> "Client":
+    async def connect(cls, url: str, expect_hello: bool = True, timeout: float = 10.0, auto_ack: bool = True, wait_resumed: bool = False) -> "Client":
+        """Open a connection; ``wait_resumed`` also reads the opening replay (kept in ``inbox``)."""
         ws = await asyncio.wait_for(websocket_connect(url, max_message_size=1 << 24), timeout)
-        client = cls(ws, url)
+        client = cls(ws, url, auto_ack)
         if expect_hello:
             client.hello = await client.next_frame(timeout)
             assert client.hello["type"] == "hello", client.hello
+        if wait_resumed:
+            before, _ = await client.until("resumed", timeout)
+            client.inbox = [f for f in before if f["type"] == "message"]
         return client
 
     async def next_frame(self, timeout: float = 10.0) -> dict:
@@ -30,6 +39,8 @@ class Client:
             raise ConnectionError(f"closed with {self.ws.close_code} {self.ws.close_reason!r}")
         frame = json.loads(raw)
         self.frames.append(frame)
+        if self.auto_ack and frame.get("type") == "message":
+            self.ws.write_message(json.dumps({"type": "ack", "id": frame["id"]}))
         return frame
 
     async def messages(self, count: int, timeout: float = 15.0) -> list[dict]:
