@@ -40,6 +40,11 @@ def connect_redis(url: str) -> redis.asyncio.Redis:
 async def serve() -> int:
     client = connect_redis(settings.REDIS_URL)
     service = AuthService(settings.AUTH_SECRET, settings.AUTH_ADMIN_KEY, client, settings.TOKEN_TTL)
+    # Handlers first: a SIGTERM that arrives once /healthz answers must stop the service cleanly.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
     try:
         try:
             port = service.start(settings.AUTH_PORT, settings.BIND_ADDRESS)
@@ -51,11 +56,6 @@ async def serve() -> int:
             await service.revocations.ping()
         except RevocationsUnavailable as exc:
             log.warning("starting without Redis, /healthz answers 503 until it is back: %s", exc)
-
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
         await stopping.wait()
         log.info("stopping: no new connections, closing open ones")
         await service.stop()

@@ -15,11 +15,12 @@ log = logging.getLogger("wsnode")
 
 async def main(port: int, host: str) -> None:
     node = PushNode(port, host)
-    await node.start()
+    # Handlers first: a SIGTERM that arrives once /healthz answers must drain the node.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await node.start()
     await stop.wait()
     log.info("node %s: stop requested", node.address)
     await node.stop()
