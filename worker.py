@@ -48,9 +48,12 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     # Results hold message ids for business code; an hour is plenty to read them.
     result_expires=3600,
-    # Operators watch the tasks in stock Flower, which needs task events.
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    # Task events cost about a third of the worker's main process and a publish per task sent.
+    # They stay off until someone watches: stock Flower turns them on in every worker when it
+    # starts (its enable_events option, on by default), and `celery -A worker control
+    # enable_events` does too.
+    worker_send_task_events=False,
+    task_send_sent_event=False,
     broker_connection_retry_on_startup=True,
     # A result that cannot be written (Redis restarting) is retried, not turned into a failure
     # outside the task body: the task waits for Redis, for about a minute at most.

@@ -9,8 +9,11 @@ Worker process only.  Business code calls::
 
 or, without importing this project, ``send_task("tasks.collect", kwargs=..., queue="collect")``.
 
-A message is stored before it is dispatched: the store insert happens first, and only then is a
-``tasks.dispatch`` queued.
+A message is stored before it is dispatched: the store insert happens first, and only then does
+Dispatch run, inside the same task (``tasks.dispatch.route``): one Celery task per message rather
+than two, and messages from a caller that waits for each collect reach the node queue in the order
+they were collected.  When routing fails there (Redis or the broker unavailable), the stored
+messages go to ``tasks.dispatch`` on the ``dispatch`` queue, which retries with backoff.
 
 The tasks are idempotent, so they run with ``acks_late``: a worker killed mid-task leaves the task
 on the queue and the next run gives back the same ids.  Each run first binds an idempotency key to
@@ -32,7 +35,7 @@ import uuid
 
 import settings
 from tasks import messages as validation
-from tasks.dispatch import dispatch
+from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
 from worker import app
@@ -75,7 +78,11 @@ def _persist_and_dispatch(valid: list[validation.Message], key: str) -> list[str
         for mid, m in zip(ids, valid)
     ]
     store.insert_messages(docs)
-    dispatch.apply_async(args=[docs])
+    try:
+        route(docs)
+    except DISPATCH_RETRYABLE as exc:
+        log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), exc)
+        dispatch.apply_async(args=[docs])
     return ids
 
 

@@ -1,6 +1,7 @@
 """Dispatch: route stored messages to the push nodes that hold their recipients.
 
-Worker process only.  One Redis round trip looks up every recipient's leases; the plan
+Worker process only.  Collect runs it inline (:func:`route`) right after storing; the
+``tasks.dispatch`` task runs it when that failed, for handed-back queues, and for redelivery.  One Redis round trip looks up every recipient's leases; the plan
 (``tasks.routing.plan``) groups the envelopes by node; one ``wsnode.deliver`` message goes to each
 node's own queue.  A recipient with no live route is skipped: the message waits in the store for
 that user's resume.  Dispatch is idempotent: running it twice delivers duplicates that clients
@@ -49,11 +50,15 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
     return per_node
 
 
+#: What Dispatch retries: a routing that failed for one of these can simply run again.
+DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError, StoreUnavailable)
+
+
 @app.task(
     name="tasks.dispatch",
     ignore_result=True,
     acks_late=True,
-    autoretry_for=(redis.ConnectionError, redis.TimeoutError, OperationalError, StoreUnavailable),
+    autoretry_for=DISPATCH_RETRYABLE,
     retry_backoff=True,
     retry_backoff_max=30,
     max_retries=8,

@@ -15,6 +15,7 @@ Pure: builds kombu objects and parses messages, touches no connection.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from kombu import Exchange, Queue
@@ -33,8 +34,11 @@ def node_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+@functools.lru_cache(maxsize=1024)
 def node_queue(address: str) -> Queue:
-    """The queue of the push node that advertises ``address``; declared alike on both sides."""
+    """The queue of the push node that advertises ``address``; declared alike on both sides.
+    One object per address, so that kombu's cache of declared queues spares a declaration per
+    publish."""
     return Queue(
         address,
         Exchange(address, type="direct"),
