@@ -38,7 +38,7 @@ class Browser:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
-    async def connected(self, timeout: float = 15.0) -> None:
+    async def connected(self, timeout: float = 45.0) -> None:
         """Wait until the first connection finished its opening replay."""
         deadline = asyncio.get_running_loop().time() + timeout
         while self.connections == 0:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tornado.websocket import websocket_connect
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, websocket_connect
 
 
 class Client:
@@ -40,8 +41,17 @@ class Client:
         frame = json.loads(raw)
         self.frames.append(frame)
         if self.auto_ack and frame.get("type") == "message":
-            self.ws.write_message(json.dumps({"type": "ack", "id": frame["id"]}))
+            self._ack(frame["id"])
         return frame
+
+    def _ack(self, message_id: str) -> None:
+        """Fire and forget, as a browser does: an ack lost with a closing socket is re-sent by
+        redelivery; its error is consumed here so that it is never an unretrieved exception."""
+        try:
+            future = self.ws.write_message(json.dumps({"type": "ack", "id": message_id}))
+        except (WebSocketClosedError, StreamClosedError):
+            return
+        future.add_done_callback(lambda f: f.exception())
 
     async def messages(self, count: int, timeout: float = 15.0) -> list[dict]:
         """The next ``count`` message frames (other frame types are kept in ``frames`` and skipped)."""
