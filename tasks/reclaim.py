@@ -25,6 +25,7 @@ def hand_back(app, address: str, delete: bool = False, limit: int = 100_000) -> 
     With ``delete`` the queue itself is deleted afterwards (its node is gone)."""
     queue = node_queue(address)
     with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)  # a broker that is down fails fast, never hangs
         bound = queue(conn.default_channel)
         bound.declare()
         taken = []

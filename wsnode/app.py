@@ -41,6 +41,9 @@ from wsnode.session import BacklogOverflow
 
 log = logging.getLogger(__name__)
 
+#: A step of the shutdown that needs the broker gives up after this long (the broker may be down).
+STOP_STEP_SECONDS = 10
+
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log without the query string: it carries the token."""
@@ -128,11 +131,14 @@ class PushNode:
         if self._consumer is not None:
             await loop.run_in_executor(None, self._consumer.stop)
         try:
-            handed = await loop.run_in_executor(None, hand_back, self.celery, self.address)
+            handed = await asyncio.wait_for(loop.run_in_executor(None, hand_back, self.celery, self.address), STOP_STEP_SECONDS)
             log.info("node %s: handed %d queued envelopes back to dispatch", self.address, handed)
         except Exception as exc:  # noqa: BLE001 - housekeeping hands them back once the lease is gone
-            log.warning("node %s: could not hand back its queue (%s); housekeeping will", self.address, exc)
-        await loop.run_in_executor(None, self._publisher.shutdown)
+            log.warning("node %s: could not hand back its queue (%r); housekeeping will", self.address, exc)
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, self._publisher.shutdown), STOP_STEP_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("node %s: receipts or replay requests still unsent after %d s (broker down?); giving up on them", self.address, STOP_STEP_SECONDS)
         await self.redis.aclose()
         log.info("node %s stopped: closed %d connections", self.address, len(conns))
 
