@@ -110,17 +110,20 @@ async def stream(cluster, users: list[str], per_user: int, rate: float) -> list:
     return sent
 
 
-async def confirm(cluster, sent: list, timeout: float = 20.0, attempts: int = 3) -> int:
+async def confirm(cluster, sent: list, timeout: float = 30.0, attempts: int = 3) -> int:
     """What business code that needs the guarantee does: wait for each collect's id and send again,
     with the same key, a collect that gave none in time (a worker killed after taking it from a
-    Redis broker, before running it, loses it).  Returns how many had to be sent again."""
+    Redis broker, before running it, loses it).  ``timeout`` bounds each round as a whole.
+    Returns how many had to be sent again."""
     resent = 0
     pending = sent
+    loop = asyncio.get_running_loop()
     for _ in range(attempts):
         again = []
+        deadline = loop.time() + timeout
         for kwargs, result in pending:
             try:
-                await asyncio.to_thread(result.get, timeout=timeout)
+                await asyncio.to_thread(result.get, timeout=max(deadline - loop.time(), 0.1))
             except Exception:  # noqa: BLE001 - no id in time: send it again, the key makes that safe
                 again.append((kwargs, await _send(cluster, kwargs)))
         resent += len(again)
