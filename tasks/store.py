@@ -28,6 +28,7 @@ disk that cannot be reached right now (transient: retry with backoff).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import datetime
 import logging
 import os
@@ -190,7 +191,7 @@ class Store:
         One insert keyed by ``_id`` (the primary key on both engines, no secondary unique index);
         the read happens only when the key was already taken, i.e. when a task runs again.
         """
-        with self._errors("recording an idempotency key"):
+        with self._errors("recording an idempotency key"), self._key_lock():
             try:
                 self._keys.insert_one({"_id": key, "ids": list(ids), "at": datetime.datetime.now(UTC)})
                 return list(ids)
@@ -199,6 +200,23 @@ class Store:
         if earlier is None:  # purged between the two calls: bind anew
             return self.claim_ids(key, ids)
         return list(earlier["ids"])
+
+    @contextlib.contextmanager
+    def _key_lock(self) -> Iterator[None]:
+        """On the embedded engine, one process at a time claims keys: litemongo checks that an _id
+        is free and then upserts, so two processes inserting the same _id at once would both
+        "succeed" and a message run twice concurrently would get two ids.  MongoDB itself
+        enforces _id atomically and needs no lock."""
+        if not self.embedded:
+            yield
+            return
+        path = os.path.join(os.path.abspath(os.path.join(settings.DATA_DIR, "mongo")), "keys.lock")
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def unacked(self, user: str, limit: int) -> tuple[list[dict], bool]:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of

@@ -334,3 +334,25 @@ def test_purge_also_forgets_old_idempotency_keys(store):
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=settings.RETENTION_SECONDS + 60)
     store.purge(now=later)
     assert store.claim_ids("key:old", ["b" * 24]) == ["b" * 24]
+
+
+def _claim_many(data_dir: str, db: str, prefix: str, out) -> None:
+    settings.DATA_DIR, settings.MONGO_DB = data_dir, db
+    store = Store.open()
+    gen = IdGenerator()
+    out.put([store.claim_ids(f"{prefix}{i}", [gen.next_id()])[0] for i in range(200)])
+
+
+def test_two_processes_claiming_the_same_keys_at_once_get_the_same_ids(location):
+    if settings.MONGO_URL:
+        pytest.skip("MongoDB enforces _id itself; this checks the embedded engine's lock")
+    Store.open().close()  # create the files first, as a worker's start does
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_many, args=(*location, "race:", out)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    first, second = out.get(timeout=60), out.get(timeout=60)
+    for proc in procs:
+        proc.join(30)
+    assert first == second, "a key was bound to two different ids"
