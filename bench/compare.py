@@ -1,0 +1,535 @@
+#!/usr/bin/env python
+"""Comparison benchmark: this platform against python-socketio + AsyncRedisManager, same workload, one run.
+
+One command (from anywhere; the repository root is found from this file)::
+
+    python bench/compare.py [--users 200] [--messages 20000] [--rate 1000] [--seconds 10]
+                            [--nodes 2,4] [--json out.json]
+
+For each node count in ``--nodes`` (default ``2,4``), it runs first OUR system, then the PEER, one at a
+time (the other one is stopped), each with ``--users`` raw WebSocket clients in ONE client process
+(user i on node i mod N) and a separate business process that sends the messages:
+
+- ours: a private cluster started with ``launcher`` as bench/e2e.py does (its own redis-server, auth, one
+  Celery worker with its default concurrency, N push nodes ``python -m wsnode``), the clients of
+  ``e2e.clients_main`` (Tornado, ack every message), senders ``e2e.sender_main`` (``send_task`` by name);
+- peer: its own redis-server, N uvicorn processes serving ``bench/peer_app.py`` (``socketio.AsyncServer(
+  async_mode="asgi", client_manager=socketio.AsyncRedisManager(url))``, ``--loop asyncio``, no access log,
+  no reload), the clients of ``common.peer_clients_main`` (the same Tornado client speaking Engine.IO v4 /
+  Socket.IO v5 framing), and ``socketio.RedisManager(url, write_only=True).emit("message", data, room=user)``
+  per message in ``common.peer_sender_main``.
+
+Rows (every message goes to one random user, ``data = {"t": time.time() at the business call, "seq", "u"}``):
+
+- throughput, max rate: ours ``batch`` (``tasks.collect_many``, ``--batch`` 100 items per task) and
+  ``single`` (one ``tasks.collect`` per message; capped at ``--single-max`` messages, 1000 by default,
+  because it is slow today), peer ``emit``; ``--messages`` messages each;
+- latency, paced at ``--rate`` msg/s for ``--seconds`` s (first node count only): ours ``single`` (capped
+  at ``--single-max`` too) and ``batch/10ms`` (one ``collect_many`` with the messages due every 10 ms),
+  peer ``emit``.
+
+Per row: sent, delivered, lost (missing once nothing new arrived for ``--drain`` s), duplicates, send and
+delivery rates, latency percentiles (client receipt - data.t), CPU time of every process (psutil), node CPU
+per delivered message (sum over the nodes / delivered) and platform CPU per delivered message (nodes +
+Redis, + auth and worker for ours). Then the ratios ours / peer. Everything is stopped at the end, also on
+Ctrl-C, SIGTERM or an error; the temporary folder (logs) is kept with ``--keep`` or when a row lost or
+duplicated messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import platform
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (sets sys.path for the repository and bench/)
+from common import Cleanup, ProcSampler, issue_tokens, peer_clients_main, peer_sender_main, peer_url, wait_pipe  # noqa: E402
+from e2e import analyse, clients_main, make_plan, percentile, sender_main  # noqa: E402,F401
+
+PLATFORM_OURS = ("redis", "auth", "worker main", "worker pool")
+PLATFORM_PEER = ("redis",)
+NOT_PROCESSES = common.MACHINE_ROWS
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("python-socketio", "python-engineio", "uvicorn", "websockets", "httptools", "tornado", "celery", "kombu", "redis", "psutil"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class ClientProc:
+    """A client process (e2e.clients_main or common.peer_clients_main) and its pipe."""
+
+    def __init__(self, ctx, target, targets: list[tuple[str, str]], name: str, cleanup: Cleanup) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child, targets, 20.0), name=name, daemon=True)
+        cleanup.push(name, self.stop)
+        self.proc.start()
+        child.close()
+        if not wait_pipe(self.conn, 120):
+            raise RuntimeError(f"{name}: the client process did not connect within 120 s")
+        _, connected, errors = self.conn.recv()
+        if errors or connected != len(targets):
+            raise RuntimeError(f"{name}: only {connected} of {len(targets)} clients connected; first errors: {errors[:5]}")
+
+    def take(self) -> tuple[list, list, list]:
+        self.conn.send(("take",))
+        if not wait_pipe(self.conn, 60):
+            raise RuntimeError("the client process stopped answering")
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("stop",))
+                if self.conn.poll(5):
+                    self.conn.recv()
+            except (OSError, EOFError):
+                pass
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.ctx = multiprocessing.get_context("spawn")
+        self.cleanup = Cleanup()
+        self.tmp = Path(tempfile.mkdtemp(prefix="push-compare-"))
+        self.keep = args.keep
+        self.users = [f"cmp-u{i:05d}" for i in range(args.users)]
+        self.rows: list[dict] = []
+        self.seq = 0
+
+    def close(self) -> None:
+        self.cleanup.run()
+        if self.keep:
+            print(f"logs kept in {self.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # --- the two systems ---------------------------------------------------------------------
+
+    def start_ours(self, n: int, phase: Cleanup, folder: Path) -> dict:
+        import launcher
+
+        logs = folder / "logs"
+        redis = launcher.RedisServer(port=launcher.free_port(), data_dir=folder / "redis")
+        phase.push("redis", redis.stop)
+        redis.start()
+        auth_port = launcher.free_port()
+        env = launcher.cluster_env(redis.url(), folder, auth_port, LOG_LEVEL=self.args.log_level)
+        auth = launcher.start_auth(env, auth_port, log_path=logs / "auth.log")
+        phase.push("auth", lambda: auth.terminate(10))
+        worker = launcher.start_worker(env, log_path=logs / "worker.log")
+        phase.push("worker", lambda: worker.terminate(15))
+        nodes = []
+        for _ in range(n):
+            port = launcher.free_port()
+            node = launcher.start_node(env, port, log_path=logs / f"node-{port}.log")
+            node.port = port
+            phase.push(f"node {port}", lambda node=node: node.terminate(10))
+            nodes.append(node)
+        tokens = issue_tokens(auth_port, self.users)
+        targets = [(u, f"ws://127.0.0.1:{nodes[i % n].port}/ws?token={t}") for i, (u, t) in enumerate(zip(self.users, tokens))]
+        t0 = time.time()
+        clients = ClientProc(self.ctx, clients_main, targets, "ours-clients", phase)
+        # every connection first gets its replay (through the worker), then "resumed": wait for all of
+        # them so that the first row does not start while the worker is still busy with replays
+        resumed, deadline = 0, time.time() + 60
+        while resumed < len(targets) and time.time() < deadline:
+            _, _, other = clients.take()
+            resumed += sum(1 for _, frame in other if isinstance(frame, dict) and frame.get("type") == "resumed")
+            time.sleep(0.1)
+        print(f"  ours: {len(targets)} clients connected over {n} nodes, {resumed} resumed, in {time.time() - t0:.1f} s", file=sys.stderr)
+        sampler = ProcSampler()
+        phase.push("sampler", sampler.stop)
+        sampler.add("redis", redis.service.pid)
+        sampler.add("auth", auth.pid)
+        sampler.add("worker main", worker.pid)
+        sampler.add("worker pool", worker.pid, children="only")
+        for k, node in enumerate(nodes):
+            sampler.add(f"node {k + 1}", node.pid)
+        sampler.add("clients", clients.proc.pid)
+        sampler.add("bench", os.getpid())
+        return {"system": "ours", "nodes": n, "clients": clients, "sampler": sampler, "broker": env["BROKER_URL"],
+                "platform": PLATFORM_OURS, "logs": logs}
+
+    def start_peer(self, n: int, phase: Cleanup, folder: Path) -> dict:
+        import launcher
+
+        logs = folder / "logs"
+        redis = launcher.RedisServer(port=launcher.free_port(), data_dir=folder / "redis")
+        phase.push("peer redis", redis.stop)
+        redis.start()
+        redis_url = redis.url(0)
+        nodes = []
+        for _ in range(n):
+            port = launcher.free_port()
+            node = common.start_peer_node(redis_url, port, logs / f"peer-{port}.log")
+            phase.push(f"peer node {port}", lambda node=node: node.terminate(10))
+            nodes.append(node)
+        targets = [(u, peer_url(nodes[i % n].port, u)) for i, u in enumerate(self.users)]
+        t0 = time.time()
+        clients = ClientProc(self.ctx, peer_clients_main, targets, "peer-clients", phase)
+        print(f"  peer: {len(targets)} clients connected over {n} nodes in {time.time() - t0:.1f} s", file=sys.stderr)
+        subscribed = common.wait_subscribers(redis_url, n)
+        if subscribed < n:
+            raise RuntimeError(f"only {subscribed} of {n} peer nodes subscribed to Redis")
+        sampler = ProcSampler()
+        phase.push("sampler", sampler.stop)
+        sampler.add("redis", redis.service.pid)
+        for k, node in enumerate(nodes):
+            sampler.add(f"node {k + 1}", node.pid)
+        sampler.add("clients", clients.proc.pid)
+        sampler.add("bench", os.getpid())
+        return {"system": "peer", "nodes": n, "clients": clients, "sampler": sampler, "redis_url": redis_url,
+                "platform": PLATFORM_PEER, "logs": logs}
+
+    # --- one row -----------------------------------------------------------------------------
+
+    def run_row(self, sysinfo: dict, row: str, mode: str, messages: int, batch: int, rate: float) -> dict:
+        args = self.args
+        n, clients, sampler = sysinfo["nodes"], sysinfo["clients"], sysinfo["sampler"]
+        rng = random.Random(f"{args.seed}:{sysinfo['system']}:{n}:{row}")
+        plan_mode = "batch" if mode == "batch" else "single"
+        tasks, expected = make_plan(plan_mode, messages, batch, self.users, self.seq, rng)
+        seq_range = range(self.seq, self.seq + messages)
+        self.seq += messages
+        leftovers, closed, _ = clients.take()
+        problems = [f"connection closed: {c}" for c in closed]
+        if sysinfo["system"] == "ours":
+            target, sender_args = sender_main, (sysinfo["broker"], plan_mode, tasks, rate)
+        else:
+            target, sender_args = peer_sender_main, (sysinfo["redis_url"], tasks, rate)
+        conn, child = self.ctx.Pipe()
+        sender = self.ctx.Process(target=target, args=(child, *sender_args), name=f"sender-{row}", daemon=True)
+        sender.start()
+        child.close()
+        try:
+            if not wait_pipe(conn, 60):
+                raise RuntimeError("the sender process did not get ready within 60 s")
+            conn.recv()
+            sampler.add("sender", sender.pid)
+            label = f"{sysinfo['system']} {n} {row}"
+            sampler.start(label)
+            conn.send(("go",))
+            records: list = []
+            got: set = set()
+            expected_set = set(expected)
+
+            def collect() -> None:
+                batch_, closed_, other_ = clients.take()
+                records.extend(batch_)
+                problems.extend(f"connection closed: {c}" for c in closed_)
+                problems.extend(f"unexpected frame: {o}" for o in other_[:3] if not (isinstance(o[1], dict) and o[1].get("type") == "resumed"))
+                for index, _, seq, _, _ in batch_:
+                    got.add((self.users[index], seq))
+
+            while not conn.poll(0.5):
+                if not sender.is_alive():
+                    raise RuntimeError(f"the sender process died (exit code {sender.exitcode})")
+                collect()
+            done = conn.recv()
+            sampler.freeze("sender")  # read its CPU time before it is reaped
+            sender.join(10)
+            _, first_send, last_send, _, _, send_errors = done
+            if send_errors:
+                problems.append(f"send errors: {send_errors[:3]}")
+            last_progress, last_count = last_send, -1
+            while True:
+                collect()
+                if expected_set <= got:
+                    break
+                if len(records) != last_count:
+                    last_count, last_progress = len(records), max(time.time(), last_send)
+                elif time.time() > last_progress + args.drain:
+                    problems.append(f"drain timeout: {len(expected_set - got)} deliveries missing, nothing new for {args.drain:g} s")
+                    break
+                time.sleep(0.25)
+            cpu = sampler.end()
+            time.sleep(args.settle)  # late duplicates, if any, arrive now
+            collect()
+        finally:
+            sampler.remove("sender")
+            if sender.is_alive():
+                sender.kill()
+                sender.join(5)
+        result = analyse(row, expected, records, self.users, first_send, last_send, done, seq_range)
+        result.update(system=sysinfo["system"], nodes=n, row=row, rate=rate, batch=batch if mode == "batch" else None,
+                      stray_before=len(leftovers), problems=problems, cpu=cpu)
+        # per-node accounting: user i is on node i mod n
+        seen: set = set()
+        per_node = [0] * n
+        for index, _, seq, _, _ in records:
+            if seq in seq_range and (index, seq) not in seen:
+                seen.add((index, seq))
+                per_node[index % n] += 1
+        node_cpu = [cpu.get(f"node {k + 1}", {}).get("cpu_s", 0.0) for k in range(n)]
+        platform_cpu = sum(node_cpu) + sum(cpu.get(name, {}).get("cpu_s", 0.0) for name in sysinfo["platform"])
+        delivered = result["delivered"]
+        result["node_delivered"] = per_node
+        result["node_cpu_s"] = node_cpu
+        result["node_cpu_us_per_msg"] = round(1e6 * sum(node_cpu) / delivered, 1) if delivered else None
+        result["node_cpu_us_per_own_msg"] = [round(1e6 * c / d, 1) if d else None for c, d in zip(node_cpu, per_node)]
+        result["platform_cpu_us_per_msg"] = round(1e6 * platform_cpu / delivered, 1) if delivered else None
+        procs = sorted(((name, v["mean"]) for name, v in cpu.items() if name not in NOT_PROCESSES), key=lambda x: -x[1])
+        result["top_cpu"] = procs[:4]
+        result["machine_pct"] = cpu.get("machine (all cores)", {}).get("mean")
+        result["rest_pct"] = cpu.get("rest of the machine", {}).get("mean")
+        if result["lost"] or result["duplicates"]:
+            self.keep = True
+        print("  " + format_row(result), file=sys.stderr)
+        for problem in problems[:6]:
+            print(f"    ! {problem}", file=sys.stderr)
+        return result
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def run_system(self, kind: str, n: int, latency: bool) -> None:
+        args = self.args
+        folder = self.tmp / f"{kind}-{n}"
+        phase = Cleanup()
+        self.cleanup.push(f"{kind} with {n} nodes", phase.run)
+        t0 = time.time()
+        print(f"--- {kind}, {n} nodes", file=sys.stderr)
+        sysinfo = (self.start_ours if kind == "ours" else self.start_peer)(n, phase, folder)
+        print(f"  started in {time.time() - t0:.1f} s", file=sys.stderr)
+        lat_messages = max(1, int(args.rate * args.seconds))
+        single_cap = (lambda m: min(m, args.single_max)) if args.single_max else (lambda m: m)
+        plan: list[tuple[str, str, int, int, float]] = []  # (row, mode, messages, batch, rate)
+        if kind == "ours":
+            plan.append(("batch", "batch", args.messages, args.batch, 0.0))
+            if latency or args.single_every_count:
+                plan.append(("single", "single", single_cap(args.messages), 1, 0.0))
+            if latency:
+                plan.append((f"latency single @{args.rate:g}", "single", single_cap(lat_messages), 1, args.rate))
+                per10 = max(1, round(args.rate * 0.010))
+                plan.append((f"latency batch/10ms @{args.rate:g}", "batch", lat_messages, per10, args.rate))
+        else:
+            plan.append(("emit", "single", args.messages, 1, 0.0))
+            if latency:
+                plan.append((f"latency emit @{args.rate:g}", "single", lat_messages, 1, args.rate))
+        for i, (row, mode, messages, batch, rate) in enumerate(plan):
+            if i:
+                time.sleep(args.idle)
+            self.rows.append(self.run_row(sysinfo, row, mode, messages, batch, rate))
+        phase.run()
+        print(f"  {kind}, {n} nodes: {time.time() - t0:.0f} s in all", file=sys.stderr)
+
+    def run(self) -> list[dict]:
+        print(f"compare dir {self.tmp}", file=sys.stderr)
+        for k, n in enumerate(self.args.nodes):
+            for kind in ("ours", "peer"):
+                self.run_system(kind, n, latency=(k == 0))
+        return self.rows
+
+
+# =============================================================================================
+# Output
+# =============================================================================================
+
+HEADER = ("system", "nodes", "row", "sent", "deliv", "lost", "dup", "send msg/s", "deliv msg/s", "p50 ms", "p95 ms", "p99 ms",
+          "max ms", "node CPU µs/msg", "platform CPU µs/msg", "busiest processes (% of a core)")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"
+
+
+def _cells(r: dict) -> tuple:
+    lat = r["latency_ms"]
+    top = ", ".join(f"{name} {pct:.0f}" for name, pct in r["top_cpu"][:3])
+    return (r["system"], str(r["nodes"]), r["row"], f"{r['sent']:,}", f"{r['delivered']:,}", str(r["lost"]), str(r["duplicates"]),
+            _fmt(r["send_rate"]), _fmt(r["delivered_per_s"]), _fmt(lat["p50"]), _fmt(lat["p95"]), _fmt(lat["p99"]), _fmt(lat["max"]),
+            _fmt(r["node_cpu_us_per_msg"]), _fmt(r["platform_cpu_us_per_msg"]), top)
+
+
+def format_row(r: dict) -> str:
+    return "  ".join(str(c) for c in _cells(r))
+
+
+def markdown(header: tuple, rows: list[tuple], left: int = 3) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["| " + " | ".join(f"{c:<{w}}" if i < left or i == len(header) - 1 and left == 3 else f"{c:>{w}}"
+                               for i, (c, w) in enumerate(zip(row, widths))) + " |" for row in [header, *rows]]
+    lines.insert(1, "|" + "|".join(("-" * (w + 2)) if i < left else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|")
+    return "\n".join(lines)
+
+
+def format_table(rows: list[dict]) -> str:
+    return markdown(HEADER, [_cells(r) for r in rows])
+
+
+def _find(rows: list[dict], system: str, nodes: int, prefix: str) -> dict | None:
+    for r in rows:
+        if r["system"] == system and r["nodes"] == nodes and r["row"].startswith(prefix):
+            return r
+    return None
+
+
+def _ratio(a, b) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def ratios(rows: list[dict], node_counts: list[int]) -> list[dict]:
+    out: list[dict] = []
+
+    def add(what: str, ours: dict | None, peer: dict | None, key) -> None:
+        if ours is None or peer is None:
+            return
+        a, b = key(ours), key(peer)
+        out.append({"what": what, "ours": a, "peer": b, "ours/peer": _ratio(a, b)})
+
+    for n in node_counts:
+        peer = _find(rows, "peer", n, "emit")
+        for ours_row in ("batch", "single"):
+            add(f"{n} nodes: delivered msg/s, ours {ours_row} vs peer", _find(rows, "ours", n, ours_row), peer, lambda r: r["delivered_per_s"])
+        add(f"{n} nodes: node CPU µs per delivered msg, ours batch vs peer", _find(rows, "ours", n, "batch"), peer, lambda r: r["node_cpu_us_per_msg"])
+        add(f"{n} nodes: platform CPU µs per delivered msg, ours batch vs peer", _find(rows, "ours", n, "batch"), peer, lambda r: r["platform_cpu_us_per_msg"])
+        add(f"{n} nodes: platform CPU µs per delivered msg, ours single vs peer", _find(rows, "ours", n, "single"), peer, lambda r: r["platform_cpu_us_per_msg"])
+    n0 = node_counts[0]
+    peer_lat = _find(rows, "peer", n0, "latency emit")
+    for ours_row in ("latency single", "latency batch"):
+        for q in ("p50", "p95", "p99"):
+            add(f"{n0} nodes: {q} latency, ours {ours_row[8:]} vs peer", _find(rows, "ours", n0, ours_row), peer_lat, lambda r, q=q: r["latency_ms"][q])
+    if len(node_counts) > 1:
+        first, last = node_counts[0], node_counts[-1]
+        for system, row in (("ours", "batch"), ("peer", "emit")):
+            a, b = _find(rows, system, last, row), _find(rows, system, first, row)
+            if a and b:
+                out.append({"what": f"{system} {row}: node CPU µs/msg at {last} nodes / at {first} nodes", "ours": None, "peer": None,
+                            "ours/peer": None, "growth": _ratio(a["node_cpu_us_per_msg"], b["node_cpu_us_per_msg"]),
+                            "at_first": b["node_cpu_us_per_msg"], "at_last": a["node_cpu_us_per_msg"]})
+    return out
+
+
+def _fmt_ratio(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def format_ratios(items: list[dict]) -> str:
+    rows = []
+    for item in items:
+        if "growth" in item:
+            rows.append((item["what"], _fmt(item["at_last"]), _fmt(item["at_first"]), f"x{_fmt_ratio(item['growth'])}" if item["growth"] is not None else "-"))
+        else:
+            rows.append((item["what"], _fmt(item["ours"]), _fmt(item["peer"]), _fmt_ratio(item["ours/peer"])))
+    return markdown(("comparison", "ours (or last)", "peer (or first)", "ours/peer (or growth)"), rows, left=1)
+
+
+def format_cpu(rows: list[dict]) -> str:
+    names: list[str] = []
+    for r in rows:
+        names.extend(n for n in r["cpu"] if n not in names and n != "_wall_s")
+    header = ("process: CPU s (mean/max % of a core)", *[f"{r['system']} {r['nodes']} {r['row']}" for r in rows])
+    body = []
+    for name in names:
+        cells = [name]
+        for r in rows:
+            v = r["cpu"].get(name)
+            cells.append("-" if v is None else f"{v['cpu_s']:.1f} ({v['mean']:.0f}/{v['max']:.0f})" if v["max"] is not None else f"{v['cpu_s']:.1f} ({v['mean']:.0f})")
+        body.append(tuple(cells))
+    return markdown(header, body, left=1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Compare this platform with python-socketio + Redis on the same workload.")
+    parser.add_argument("--users", type=int, default=200, help="WebSocket clients, one user each (default 200)")
+    parser.add_argument("--messages", type=int, default=20000, help="messages per throughput row (default 20000)")
+    parser.add_argument("--rate", type=float, default=1000, help="msg/s of the latency rows (default 1000)")
+    parser.add_argument("--seconds", type=float, default=10, help="duration of the latency rows (default 10)")
+    parser.add_argument("--nodes", default="2,4", help="node counts, comma-separated (default 2,4: everything at 2 nodes, "
+                        "the throughput rows again at 4)")
+    parser.add_argument("--batch", type=int, default=100, help="items per collect_many task in ours' batch row (default 100)")
+    parser.add_argument("--single-max", type=int, default=1000,
+                        help="cap on the messages of ours' single rows (throughput and latency), 0 = no cap (default 1000: "
+                             "single mode delivers 40-150 msg/s today, 20,000 would take 2-8 minutes)")
+    parser.add_argument("--single-every-count", action="store_true", help="also run ours' single row at every node count")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--drain", type=float, default=20.0, help="missing deliveries count as lost once nothing new arrived for this many s (default 20)")
+    parser.add_argument("--idle", type=float, default=2.0, help="seconds of idle between rows (default 2)")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds to wait for late duplicates (default 1)")
+    parser.add_argument("--seed", default="compare")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="LOG_LEVEL of our processes (default INFO)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder and its logs")
+    args = parser.parse_args(argv)
+    try:
+        args.nodes = [int(x) for x in str(args.nodes).split(",") if x.strip()]
+    except ValueError:
+        parser.error("--nodes takes node counts separated by commas, e.g. 2,4")
+    if not args.nodes or min(args.nodes) < 1 or args.users < max(args.nodes) or args.messages < 1 or args.rate <= 0 or args.seconds <= 0:
+        parser.error("--nodes >= 1, --users >= nodes, --messages >= 1, --rate > 0, --seconds > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started with SIGINT ignored
+    started = datetime.datetime.now().astimezone()
+    t0 = time.time()
+    runner = Runner(args)
+    try:
+        rows = runner.run()
+    except KeyboardInterrupt:
+        print("interrupted: stopping everything", file=sys.stderr)
+        return 130
+    except BaseException:
+        runner.keep = True
+        raise
+    finally:
+        runner.close()
+    ratio_items = ratios(rows, args.nodes)
+    print()
+    print(f"compare {started:%Y-%m-%d %H:%M %Z}, {os.cpu_count()} cores, {args.users} users, {args.messages} messages per throughput row, "
+          f"latency rows {args.rate:g} msg/s for {args.seconds:g} s, ours single capped at {args.single_max or 'no cap'}, "
+          f"{time.time() - t0:.0f} s in all")
+    print(format_table(rows))
+    print()
+    print(format_ratios(ratio_items))
+    print()
+    print(format_cpu(rows))
+    problems = [f"{r['system']} {r['nodes']} {r['row']}: {p}" for r in rows for p in r["problems"]]
+    if problems:
+        print("\nproblems:\n" + "\n".join(problems[:30]))
+    if args.json:
+        payload = {"date": started.isoformat(timespec="seconds"), "seconds": round(time.time() - t0, 1),
+                   "machine": {"cores": os.cpu_count(), "platform": platform.platform()}, "versions": versions(),
+                   "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "rows": rows, "ratios": ratio_items}
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    bad = [r for r in rows if r["lost"] or r["duplicates"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
