@@ -77,8 +77,6 @@ class PushNode:
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
         self.redis_ok = False
-        self.delivered = 0
-        self.rejected: dict[int, int] = {}
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._origins = settings.ALLOWED_ORIGINS
         self._consumer: NodeQueueConsumer | None = None
@@ -155,7 +153,6 @@ class PushNode:
             except RedisError as exc:
                 log.warning("conn=%s user=%s refused: lease not written (%s)", conn.conn_id, conn.user_id, exc)
                 self.hub.remove(conn)
-                self.metrics_rejected(CloseCode.TRY_AGAIN_LATER)
                 conn.close_with(CloseCode.TRY_AGAIN_LATER)
                 return
         log.info("conn=%s user=%s connected to %s%s", conn.conn_id, conn.user_id, self.address, f" since={conn.session.since}" if conn.session.since else "")
@@ -217,7 +214,7 @@ class PushNode:
             log.warning("conn=%s user=%s: %s", conn.conn_id, conn.user_id, exc)
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "too many messages during resume, reconnect with since")
             return
-        self.delivered += conn.send(frames)
+        conn.send(frames)
 
     def _deliver_replay(self, delivery: Delivery) -> None:
         conn = self.hub.get(delivery.conn)
@@ -226,7 +223,7 @@ class PushNode:
         info = delivery.replay or {}
         items = [(e["id"], protocol.message_frame(e)) for e in delivery.envelopes]
         frames = conn.session.replay_page(items, bool(info.get("last")), int(info.get("count", 0)), bool(info.get("truncated")))
-        self.delivered += conn.send(frames)
+        conn.send(frames)
         if info.get("last"):
             IOLoop.current().call_later(settings.REPLAY_DEDUP_SECONDS, conn.session.forget_replayed)
 
@@ -246,9 +243,6 @@ class PushNode:
     def _send_receipts(self, batch: list[dict]) -> None:
         future = self._publisher.submit(self.celery.send_task, "tasks.receipts", args=[batch], ignore_result=True)
         future.add_done_callback(lambda f: f.exception() and log.warning("%d receipts not sent: %s", len(batch), f.exception()))
-
-    def metrics_rejected(self, code: int) -> None:
-        self.rejected[code] = self.rejected.get(code, 0) + 1
 
     def health(self) -> dict:
         consumer_ok = self._consumer is not None and self._consumer.connected

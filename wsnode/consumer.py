@@ -32,7 +32,6 @@ class NodeQueueConsumer:
         self._thread = threading.Thread(target=self._run, name=f"queue-{address}", daemon=True)
         #: True while the consumer holds a working broker connection (read from any thread).
         self.connected = False
-        self.batches = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -101,7 +100,6 @@ class NodeQueueConsumer:
             log.exception("delivering a batch of %d messages failed", len(batch))
         for delivery in batch:
             delivery.message.ack()
-        self.batches += 1
 
     def _deliver_on_loop(self, batch: list[Delivery], done: concurrent.futures.Future) -> None:
         try:

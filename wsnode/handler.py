@@ -54,7 +54,6 @@ class PushHandler(WebSocketHandler):
         if self._refusal is not None:
             code, reason = self._refusal
             log.info("conn=%s rejected with %d: %s", self.conn_id, code, reason)
-            self.node.metrics_rejected(code)
             self.close(code, reason)
             return
         await self.node.attach(self)
