@@ -7,7 +7,10 @@ Every response is JSON.  Routes:
   401 ``{"error": "token expired" | "token invalid: <why>" | "token revoked"}``;
   503 when Redis cannot say whether the token is revoked.
 - ``POST /revoke``  (admin) ``{"token": "..."}`` or ``{"user_id": "alice"}`` -> 200 ``{"revoked": "token" | "user"}``
-- ``GET /healthz`` -> 200 ``{"status": "ok"}``, or 503 ``{"status": "redis unavailable"}``
+- ``GET /healthz`` -> 200 ``{"status": "ok"}``, or 503 ``{"status": "redis unavailable"}`` (it PINGs
+  Redis on every call: revocations live there, so without Redis no token can be verified)
+- ``GET /metrics`` -> Prometheus metrics (``auth.metrics``): tokens issued, verifications by result,
+  revocations, requests and their latency by route
 
 Admin routes need ``Authorization: Bearer <AUTH_ADMIN_KEY>`` (401 otherwise).  A body that is not
 the JSON object a route expects gets 400 with ``{"error": ...}`` saying what was expected and what
@@ -30,12 +33,13 @@ import tornado.netutil
 import tornado.web
 
 from auth import tokens
+from auth.metrics import AuthMetrics
 from auth.revocations import Revocations, RevocationsUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
-ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz"
+ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz, GET /metrics"
 REDIS_DOWN = "cannot reach Redis to check or record revocations; retry later (operators: check REDIS_URL)"
 
 
@@ -51,11 +55,14 @@ class Reject(tornado.web.HTTPError):
 class AuthService:
     """The Auth HTTP server: ``start()`` on the loop, ``await stop()`` on the same loop.
 
-    ``redis_client`` belongs to the caller, who closes it after ``stop()``.
+    ``redis_client`` belongs to the caller, who closes it after ``stop()``.  ``metrics`` defaults to
+    a new :class:`AuthMetrics` with a registry of its own.
     """
 
-    def __init__(self, secret: str, admin_key: str, redis_client: redis.asyncio.Redis, token_ttl: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, secret: str, admin_key: str, redis_client: redis.asyncio.Redis, token_ttl: int, clock: Callable[[], float] = time.time,
+                 metrics: AuthMetrics | None = None) -> None:
         self.secret = secret
+        self.metrics = metrics if metrics is not None else AuthMetrics()
         self.admin_key = admin_key
         self.token_ttl = token_ttl
         self.clock = clock
@@ -67,6 +74,7 @@ class AuthService:
                 (r"/verify", VerifyHandler, args),
                 (r"/revoke", RevokeHandler, args),
                 (r"/healthz", HealthHandler, args),
+                (r"/metrics", MetricsHandler, args),
             ],
             default_handler_class=NotFoundHandler,
             default_handler_args=args,
@@ -96,6 +104,9 @@ class JsonHandler(tornado.web.RequestHandler):
 
     def initialize(self, service: AuthService) -> None:
         self.service = service
+
+    def on_finish(self) -> None:
+        self.service.metrics.request(self.request.path, self.get_status(), self.request.request_time())
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -148,6 +159,7 @@ class TokensHandler(JsonHandler):
             issued = tokens.issue(self.service.secret, user_id, self.service.clock(), self.service.token_ttl)
         except tokens.InvalidUserId as exc:
             raise Reject(400, {"error": str(exc)}) from None
+        self.service.metrics.issued()
         log.info("issued token jti=%s user=%s expires_at=%d", issued.jti, user_id, issued.expires_at)
         self.finish({"token": issued.token, "expires_at": issued.expires_at})
 
@@ -158,17 +170,22 @@ class VerifyHandler(JsonHandler):
         try:
             claims = tokens.verify(self.service.secret, token, self.service.clock())
         except tokens.TokenExpired:
+            self.service.metrics.verified("expired")
             raise Reject(401, {"error": "token expired"}) from None
         except tokens.TokenInvalid as exc:
+            self.service.metrics.verified("invalid")
             raise Reject(401, {"error": f"token invalid: {exc}"}) from None
         try:
             revoked = await self.service.revocations.is_revoked(claims)
         except RevocationsUnavailable as exc:
+            self.service.metrics.verified("unavailable")
             log.error("cannot verify jti=%s user=%s: %s", claims.jti, claims.user_id, exc)
             raise Reject(503, {"error": REDIS_DOWN}) from None
         if revoked:
+            self.service.metrics.verified("revoked")
             log.info("refused revoked token jti=%s user=%s", claims.jti, claims.user_id)
             raise Reject(401, {"error": "token revoked"})
+        self.service.metrics.verified("ok")
         self.finish({"user_id": claims.user_id, "expires_at": claims.expires_at})
 
 
@@ -200,6 +217,7 @@ class RevokeHandler(JsonHandler):
         except tokens.TokenInvalid as exc:
             raise Reject(400, {"error": f"token invalid: {exc}"}) from None
         await self.service.revocations.revoke_token(claims, claims.expires_at)
+        self.service.metrics.revoked("token")
         log.info("revoked token jti=%s user=%s", claims.jti, claims.user_id)
 
     async def _revoke_user(self, user_id: str) -> None:
@@ -209,6 +227,7 @@ class RevokeHandler(JsonHandler):
             raise Reject(400, {"error": str(exc)}) from None
         at = self.service.clock()
         await self.service.revocations.revoke_user(user_id, at)
+        self.service.metrics.revoked("user")
         log.info("revoked every token of user=%s issued up to %.3f", user_id, at)
 
 
@@ -220,6 +239,15 @@ class HealthHandler(JsonHandler):
             log.warning("health check: %s", exc)
             raise Reject(503, {"status": "redis unavailable"}) from None
         self.finish({"status": "ok"})
+
+
+class MetricsHandler(JsonHandler):
+    """``GET /metrics``: the service's registry in the format the scraper's ``Accept`` asks for."""
+
+    def get(self) -> None:
+        body, content_type = self.service.metrics.render(self.request.headers.get("Accept"))
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
 
 
 class NotFoundHandler(JsonHandler):

@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
 import time
 
 import redis.asyncio as aioredis
@@ -35,6 +36,8 @@ from wsnode.closecodes import CloseCode
 from wsnode.consumer import Delivery, NodeQueueConsumer
 from wsnode.handler import PushHandler
 from wsnode.hub import Hub
+from wsnode.presence import node_name
+from wsnode.metrics import MetricsHandler, NodeMetrics
 from wsnode.receipts import ReceiptBuffer
 from wsnode.registry import Leases
 from wsnode.session import BacklogOverflow
@@ -43,6 +46,13 @@ log = logging.getLogger(__name__)
 
 #: A step of the shutdown that needs the broker gives up after this long (the broker may be down).
 STOP_STEP_SECONDS = 10
+
+#: How often the node PINGs Redis so that ``/healthz`` turns 503 within seconds of an outage (and
+#: rewrites its leases as soon as Redis is back), instead of at the next lease renewal.
+REDIS_PING_SECONDS = 2.0
+
+#: Files served at ``/static/``: the browser client ``push.js``.
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
@@ -77,6 +87,8 @@ class PushNode:
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
         self.redis_ok = False
+        self.metrics = NodeMetrics(self.address)
+        self.metrics.track(lambda: self.hub.connection_count, lambda: self.hub.user_count, self.health)
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._origins = settings.ALLOWED_ORIGINS
         self._consumer: NodeQueueConsumer | None = None
@@ -88,7 +100,12 @@ class PushNode:
 
     def make_app(self) -> tornado.web.Application:
         return tornado.web.Application(
-            [(r"/ws", PushHandler, {"node": self}), (r"/healthz", HealthHandler, {"node": self})],
+            [
+                (r"/ws", PushHandler, {"node": self}),
+                (r"/healthz", HealthHandler, {"node": self}),
+                (r"/metrics", MetricsHandler, {"metrics": self.metrics}),
+                (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
+            ],
             websocket_ping_interval=25,
             websocket_ping_timeout=60,
             websocket_max_message_size=settings.MAX_FRAME_BYTES,
@@ -99,12 +116,13 @@ class PushNode:
         self._loop = IOLoop.current()
         log.info("node %s: redis %s, broker %s, auth %s", self.address, settings.redact(settings.REDIS_URL), settings.redact(settings.BROKER_URL), settings.AUTH_URL)
         await self._renew()
-        self._consumer = NodeQueueConsumer(self.celery, self.address, self._loop, self.deliver)
+        self._consumer = NodeQueueConsumer(self.celery, self.address, self._loop, self.deliver, hostname=node_name(self.address))
         self._consumer.start()
         self._server = HTTPServer(self.make_app(), max_buffer_size=1 << 20)
         self._server.listen(self.port, address=settings.BIND_ADDRESS)
         self._timers = [
             PeriodicCallback(self._renew, settings.LEASE_TTL / 3 * 1000),
+            PeriodicCallback(self._ping_redis, REDIS_PING_SECONDS * 1000),
             PeriodicCallback(self.receipts.flush, settings.RECEIPT_FLUSH_SECONDS * 1000),
         ]
         for timer in self._timers:
@@ -113,6 +131,8 @@ class PushNode:
 
     async def stop(self) -> None:
         self.draining = True
+        log.info("node=%s draining: refusing new connections, ending the leases of %d users, closing %d connections with 1001",
+                 self.address, self.hub.user_count, self.hub.connection_count)
         if self._server is not None:
             self._server.stop()
         for timer in self._timers:
@@ -120,7 +140,7 @@ class PushNode:
         try:
             await self.leases.release_node(self.hub.users())
         except RedisError as exc:
-            log.warning("node %s: could not release leases (%s); they expire in %.0f s", self.address, exc, settings.LEASE_TTL)
+            log.warning("node=%s could not release leases (%s); they expire in %.0f s", self.address, exc, settings.LEASE_TTL)
         conns = self.hub.all()
         for conn in conns:
             conn.close_with(CloseCode.GOING_AWAY)
@@ -130,15 +150,15 @@ class PushNode:
             await loop.run_in_executor(None, self._consumer.stop)
         try:
             handed = await asyncio.wait_for(loop.run_in_executor(None, hand_back, self.celery, self.address), STOP_STEP_SECONDS)
-            log.info("node %s: handed %d queued envelopes back to dispatch", self.address, handed)
+            log.info("node=%s handed %d queued envelopes back to dispatch", self.address, handed)
         except Exception as exc:  # noqa: BLE001 - housekeeping hands them back once the lease is gone
-            log.warning("node %s: could not hand back its queue (%r); housekeeping will", self.address, exc)
+            log.warning("node=%s could not hand back its queue (%r); housekeeping will", self.address, exc)
         try:
             await asyncio.wait_for(loop.run_in_executor(None, self._publisher.shutdown), STOP_STEP_SECONDS)
         except asyncio.TimeoutError:
-            log.warning("node %s: receipts or replay requests still unsent after %d s (broker down?); giving up on them", self.address, STOP_STEP_SECONDS)
+            log.warning("node=%s receipts or replay requests still unsent after %d s (broker down?); giving up on them", self.address, STOP_STEP_SECONDS)
         await self.redis.aclose()
-        log.info("node %s stopped: closed %d connections", self.address, len(conns))
+        log.info("node=%s drained and stopped: closed %d connections", self.address, len(conns))
 
     # --- connections (loop thread) ------------------------------------------------------------
 
@@ -151,21 +171,24 @@ class PushNode:
             try:
                 await self.leases.register([conn.user_id])
             except RedisError as exc:
-                log.warning("conn=%s user=%s refused: lease not written (%s)", conn.conn_id, conn.user_id, exc)
                 self.hub.remove(conn)
-                conn.close_with(CloseCode.TRY_AGAIN_LATER)
+                self.redis_ok = False  # the next PING says when it is back
+                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({exc})")
                 return
-        log.info("conn=%s user=%s connected to %s%s", conn.conn_id, conn.user_id, self.address, f" since={conn.session.since}" if conn.session.since else "")
+        self.metrics.connected()
+        log.info("conn=%s user=%s node=%s connected%s", conn.conn_id, conn.user_id, self.address, f" since={conn.session.since}" if conn.session.since else "")
         conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id))])
         self._request_replay(conn)
 
     def detach(self, conn: PushHandler) -> None:
+        if self.hub.get(conn.conn_id) is conn:
+            self.metrics.disconnected()
         if self.hub.remove(conn):
-            log.info("conn=%s user=%s disconnected (%s); last on this node", conn.conn_id, conn.user_id, conn.close_code)
+            log.info("conn=%s user=%s node=%s disconnected (%s); last on this node", conn.conn_id, conn.user_id, self.address, conn.close_code)
             if not self.draining:
                 IOLoop.current().spawn_callback(self._release, conn.user_id)
         else:
-            log.info("conn=%s user=%s disconnected (%s)", conn.conn_id, conn.user_id, conn.close_code)
+            log.info("conn=%s user=%s node=%s disconnected (%s)", conn.conn_id, conn.user_id, self.address, conn.close_code)
 
     async def _release(self, user: str) -> None:
         try:
@@ -189,13 +212,18 @@ class PushNode:
 
     def _replay_failed(self, conn: PushHandler, why: str) -> None:
         if conn.session.replaying and self.hub.get(conn.conn_id) is conn:
-            log.warning("conn=%s user=%s: %s; closing so the client resumes again", conn.conn_id, conn.user_id, why)
+            self.metrics.replay("failed")
+            log.warning("conn=%s user=%s node=%s replay failed: %s; closing so the client resumes again", conn.conn_id, conn.user_id, self.address, why)
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "resume failed, reconnect with since")
 
     # --- delivery (loop thread) -------------------------------------------------------------
 
     def deliver(self, batch: list[Delivery]) -> None:
-        """Write a batch from the queue to the sockets; called on the loop by the consumer."""
+        """Write a batch from the queue to the sockets; called on the loop by the consumer, once
+        per batch.  Counts the batch, the frames written, and per live message written here the
+        time since it was collected."""
+        self.metrics.batch(len(batch))
+        written = 0
         for delivery in batch:
             if delivery.conn is not None:
                 self._deliver_replay(delivery)
@@ -204,17 +232,20 @@ class PushNode:
                 frame = protocol.message_frame(envelope)
                 to = envelope["to"]
                 targets = self.hub.all() if to == "*" else itertools.chain.from_iterable(self.hub.of_user(user) for user in to)
-                for conn in targets:
-                    self._write_live(conn, envelope["id"], frame)
+                sent = sum(self._write_live(conn, envelope["id"], frame) for conn in targets)
+                if sent:
+                    self.metrics.latency(envelope["id"])
+                written += sent
+        self.metrics.delivered("live", written)
 
-    def _write_live(self, conn: PushHandler, message_id: str, frame: str) -> None:
+    def _write_live(self, conn: PushHandler, message_id: str, frame: str) -> int:
         try:
             frames = conn.session.live(message_id, frame)
         except BacklogOverflow as exc:
-            log.warning("conn=%s user=%s: %s", conn.conn_id, conn.user_id, exc)
+            log.warning("conn=%s user=%s node=%s: %s", conn.conn_id, conn.user_id, self.address, exc)
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "too many messages during resume, reconnect with since")
-            return
-        conn.send(frames)
+            return 0
+        return conn.send(frames)
 
     def _deliver_replay(self, delivery: Delivery) -> None:
         conn = self.hub.get(delivery.conn)
@@ -222,8 +253,15 @@ class PushNode:
             return  # closed meanwhile: its next resume asks again
         info = delivery.replay or {}
         items = [(e["id"], protocol.message_frame(e)) for e in delivery.envelopes]
+        was_replaying = conn.session.replaying
         frames = conn.session.replay_page(items, bool(info.get("last")), int(info.get("count", 0)), bool(info.get("truncated")))
-        conn.send(frames)
+        self.metrics.delivered("replay", conn.send(frames))
+        if info.get("last") and was_replaying:
+            truncated = bool(info.get("truncated"))
+            self.metrics.replay("truncated" if truncated else "served")
+            log.info("conn=%s user=%s node=%s replay served: %d messages from %s%s", conn.conn_id, conn.user_id, self.address,
+                     int(info.get("count", 0)), f"since={conn.session.since}" if conn.session.since else "the inbox",
+                     ", truncated" if truncated else "")
         if info.get("last"):
             IOLoop.current().call_later(settings.REPLAY_DEDUP_SECONDS, conn.session.forget_replayed)
 
@@ -233,12 +271,26 @@ class PushNode:
         try:
             await self.leases.renew(self.hub.users())
             if not self.redis_ok:
-                log.info("node %s: leases written for %d users", self.address, self.hub.user_count)
+                log.info("node=%s leases written for %d users", self.address, self.hub.user_count)
             self.redis_ok = True
         except RedisError as exc:
-            if self.redis_ok:
-                log.warning("node %s: lease renewal failed (%s); retrying every %.0f s", self.address, exc, settings.LEASE_TTL / 3)
+            self.metrics.lease_failure()
+            log.warning("node=%s lease renewal failed for %d users (%s): their leases expire within %.0f s unless Redis is back; retrying every %.0f s",
+                        self.address, self.hub.user_count, exc, settings.LEASE_TTL, settings.LEASE_TTL / 3)
             self.redis_ok = False
+
+    async def _ping_redis(self) -> None:
+        """Every ``REDIS_PING_SECONDS``: keep ``redis_ok`` honest between renewals; once Redis
+        answers again, rewrite the leases now (it may have lost them) rather than at the next renewal."""
+        try:
+            await asyncio.wait_for(self.redis.ping(), REDIS_PING_SECONDS)
+        except (RedisError, asyncio.TimeoutError) as exc:
+            if self.redis_ok:
+                log.warning("node=%s Redis does not answer PING (%s); not ready until it does", self.address, exc)
+            self.redis_ok = False
+            return
+        if not self.redis_ok:
+            await self._renew()
 
     def _send_receipts(self, batch: list[dict]) -> None:
         future = self._publisher.submit(self.celery.send_task, "tasks.receipts", args=[batch], ignore_result=True)
@@ -246,8 +298,11 @@ class PushNode:
 
     def health(self) -> dict:
         consumer_ok = self._consumer is not None and self._consumer.connected
+        problems = [text for text, bad in (("Redis unavailable", not self.redis_ok), ("queue consumer not connected to the broker", not consumer_ok),
+                                           ("draining", self.draining)) if bad]
         return {
-            "ready": self.redis_ok and consumer_ok and not self.draining,
+            "ready": not problems,
+            "reason": "; ".join(problems) or None,
             "node": self.address,
             "redis": self.redis_ok,
             "queue": consumer_ok,

@@ -3,7 +3,9 @@
 Loop thread only.  Lifecycle (Tornado's): ``get`` runs before the upgrade and checks ``since`` and
 the token; ``open`` binds the connection through the node, or closes it at once with the code the
 check chose (4401 bad token, 4500 bad request, 1013 auth unavailable); ``on_message`` only runs
-after ``open`` finished; ``on_close`` unbinds.  No token is ever logged.
+after ``open`` finished; ``on_close`` unbinds.  Every refusal is logged with its reason and counted
+in the node's metrics by close code (or HTTP status, before the upgrade); so is every close the node
+makes.  No token is ever logged (the token is only in the query string, which no log line shows).
 """
 
 from __future__ import annotations
@@ -30,10 +32,16 @@ class PushHandler(WebSocketHandler):
         self._refusal: tuple[CloseCode, str] | None = None
 
     def check_origin(self, origin: str) -> bool:
-        return self.node.origin_allowed(origin)
+        if self.node.origin_allowed(origin):
+            return True
+        log.info("conn=%s node=%s rejected with 403: origin %r not in ALLOWED_ORIGINS", self.conn_id, self.node.address, origin[:200])
+        self.node.metrics.rejected(403)
+        return False
 
     async def get(self, *args, **kwargs) -> None:
         if self.node.draining:
+            log.info("conn=%s node=%s rejected with 503: draining", self.conn_id, self.node.address)
+            self.node.metrics.rejected(503)
             self.set_status(503)
             self.finish({"error": "node is draining: connect to another node"})
             return
@@ -52,9 +60,7 @@ class PushHandler(WebSocketHandler):
 
     async def open(self) -> None:
         if self._refusal is not None:
-            code, reason = self._refusal
-            log.info("conn=%s rejected with %d: %s", self.conn_id, code, reason)
-            self.close(code, reason)
+            self.refuse(*self._refusal)
             return
         await self.node.attach(self)
 
@@ -62,8 +68,8 @@ class PushHandler(WebSocketHandler):
         try:
             ack = protocol.parse_client_frame(message)
         except protocol.ProtocolError as exc:
-            log.info("conn=%s user=%s closed with %d: %s", self.conn_id, self.user_id, exc.code, exc)
-            self.close(exc.code, exc.reason)
+            log.info("conn=%s user=%s node=%s closed with %d: %s", self.conn_id, self.user_id, self.node.address, exc.code, exc)
+            self.close_with(exc.code, exc.reason)
             return
         self.node.receipts.add(ack.id, self.user_id)
 
@@ -86,5 +92,16 @@ class PushHandler(WebSocketHandler):
                 written += 1
         return written
 
+    def refuse(self, code: CloseCode, reason: str | None = None, why: str | None = None) -> None:
+        """Close a connection that was never bound (or was unbound at once): logged with ``why``
+        (default: the close reason, which the client sees) and counted as rejected."""
+        self._refusal = (code, reason or code.reason)
+        level = logging.WARNING if code == CloseCode.TRY_AGAIN_LATER else logging.INFO  # a backend is down
+        log.log(level, "conn=%s user=%s node=%s rejected with %d: %s", self.conn_id, self.user_id, self.node.address, code, why or self._refusal[1])
+        self.node.metrics.rejected(code)
+        self.close(code, short_reason(self._refusal[1]))
+
     def close_with(self, code: CloseCode, reason: str | None = None) -> None:
+        """Close a bound connection; counted by code."""
+        self.node.metrics.closed(code)
         self.close(code, short_reason(reason or code.reason))
