@@ -5,6 +5,12 @@ channels are not thread-safe).  The only way into the loop is ``IOLoop.add_callb
 captured at construction; the thread then waits until the loop has written the batch before it
 acks the messages, so a node that dies mid-batch leaves them unacked for the broker to restore.
 The broker connection is re-opened with a doubling delay (0.5 s up to 30 s) when it drops.
+
+Given a Celery node name (``hostname``), the consumer also keeps the node present in Celery's
+monitoring (:mod:`wsnode.presence`: Flower lists it as a worker consuming this queue, and each
+delivered batch as ``wsnode.deliver`` tasks while task events are on).  That runs on a thread and
+connection of its own, started and stopped with the consumer; this thread only reports each batch
+to it, which never blocks.
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ import concurrent.futures
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from tasks.queues import BadDelivery, Delivery, node_queue, parse_delivery  # noqa: F401 - re-exported
+from wsnode.presence import Presence
 
 log = logging.getLogger(__name__)
 
 
 class NodeQueueConsumer:
-    def __init__(self, app, address: str, loop, deliver: Callable[[list[Delivery]], None], batch_max: int = 256, prefetch: int = 512) -> None:
+    def __init__(self, app, address: str, loop, deliver: Callable[[list[Delivery]], None], batch_max: int = 256, prefetch: int = 512,
+                 hostname: str | None = None) -> None:
         self._app = app
         self._queue = node_queue(address)
         self._loop = loop
@@ -30,16 +39,25 @@ class NodeQueueConsumer:
         self._stopping = threading.Event()
         self._pending: list[Delivery] = []
         self._thread = threading.Thread(target=self._run, name=f"queue-{address}", daemon=True)
+        self._received_at = 0.0
         #: True while the consumer holds a working broker connection (read from any thread).
         self.connected = False
+        #: The node's presence in Celery's monitoring, when started with a ``hostname``.
+        self.presence = (Presence(app, hostname, self._queue, consuming=lambda: self.connected, prefetch=prefetch)
+                         if hostname else None)
 
     def start(self) -> None:
         self._thread.start()
+        if self.presence is not None:
+            self.presence.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the batch in hand; any thread but the loop's (it may wait on the loop)."""
+        """Stop after the batch in hand, then the presence (its last events and ``worker-offline``);
+        any thread but the loop's (it may wait on the loop)."""
         self._stopping.set()
         self._thread.join(timeout)
+        if self.presence is not None:
+            self.presence.stop()
 
     def _on_message(self, body, message) -> None:
         try:
@@ -49,6 +67,8 @@ class NodeQueueConsumer:
             message.reject()
             return
         delivery.message = message
+        if not self._pending:
+            self._received_at = time.time()
         self._pending.append(delivery)
 
     def _on_decode_error(self, message, exc: Exception) -> None:
@@ -93,13 +113,17 @@ class NodeQueueConsumer:
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
         done: concurrent.futures.Future = concurrent.futures.Future()
+        started, error = time.time(), None
         self._loop.add_callback(self._deliver_on_loop, batch, done)
         try:
             done.result(timeout=30)
-        except Exception:  # noqa: BLE001 - logged; the batch is acked anyway or it would loop forever
+        except Exception as exc:  # noqa: BLE001 - logged; the batch is acked anyway or it would loop forever
             log.exception("delivering a batch of %d messages failed", len(batch))
+            error = repr(exc)
         for delivery in batch:
             delivery.message.ack()
+        if self.presence is not None:
+            self.presence.delivered(batch, self._received_at, started, time.time(), error)
 
     def _deliver_on_loop(self, batch: list[Delivery], done: concurrent.futures.Future) -> None:
         try:
