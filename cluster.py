@@ -5,12 +5,14 @@ Starts, in this order, and waits until each one answers:
 - Redis: the one at ``REDIS_URL`` when it answers PING, else a private one on a free port with its
   (append-only, persistent) data in ``DATA_DIR/redis``;
 - auth on ``AUTH_PORT`` (8000), the worker (collect and dispatch queues), two push nodes (8101 and
-  8102, or ``--nodes``) and Flower (5555, or ``--flower-port``; ``--no-flower`` skips it).
+  8102, or ``--nodes``), Flower (5555, or ``--flower-port``; ``--no-flower`` skips it) and the demo
+  page (8080, or ``--demo-port``; ``--no-demo`` skips it).
 
 Then it prints the URLs and ready-to-paste commands to get a token and send a message, and echoes
 every process's output behind a ``name |`` prefix.  Ctrl-C or SIGTERM stops everything: nodes first,
 then the worker, Flower, auth and the private Redis (a second Ctrl-C hurries: SIGKILL for the rest).
-If a process dies, it says which, stops the rest and exits with 1.
+If a process dies, it says which, stops the rest and exits with 1; except a push node while another
+one still runs: that is only reported (browsers, and the demo page, move to the other node).
 
 Settings come from ``settings`` (never from ``os.environ`` here); the children get them through
 ``launcher.cluster_env``.  Main thread only.
@@ -54,9 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ports of the push nodes, one node per port (default: 8101,8102)")
     parser.add_argument("--flower-port", type=int, default=5555, help="port of Flower (default: 5555)")
     parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
-    # DEMO PAGE (placeholder): a later piece adds the demo page; see Cluster.start_demo.
-    parser.add_argument("--demo-port", type=int, default=8080, help="port of the demo page (not built yet)")
-    parser.add_argument("--no-demo", action="store_true", help="do not start the demo page (not built yet)")
+    parser.add_argument("--demo-port", type=int, default=8080, help="port of the demo page (default: 8080)")
+    parser.add_argument("--no-demo", action="store_true", help="do not start the demo page")
     return parser.parse_args(argv)
 
 
@@ -90,7 +91,7 @@ class Cluster:
         self.args = args
         self.data_dir = Path(settings.DATA_DIR).resolve()
         self.auth_port = settings.AUTH_PORT
-        self.names = ["redis", "auth", "worker", *(f"node-{port}" for port in args.nodes), "flower"]
+        self.names = ["redis", "auth", "worker", *(f"node-{port}" for port in args.nodes), "flower", "demo"]
         self.width = max(map(len, [*self.names, "cluster"]))
         self.redis: launcher.RedisServer | None = None  # only when private
         self.services: dict[str, launcher.Service] = {}  # name -> Service, in start order
@@ -105,12 +106,13 @@ class Cluster:
         return {"name": name, "width": self.width, "colour": self.names.index(name) if name in self.names else 0}
 
     def start(self) -> None:
-        ports = [self.auth_port, *self.args.nodes, *([] if self.args.no_flower else [self.args.flower_port])]
+        ports = [self.auth_port, *self.args.nodes, *([] if self.args.no_flower else [self.args.flower_port]),
+                 *([] if self.args.no_demo else [self.args.demo_port])]
         busy = busy_ports(ports)
         if busy:
             raise launcher.LauncherError(
                 f"port(s) {', '.join(map(str, busy))} already in use on 127.0.0.1 (another cluster still running?): "
-                "stop what holds them, or choose others with AUTH_PORT=..., --nodes ... and --flower-port ...")
+                "stop what holds them, or choose others with AUTH_PORT=..., --nodes ..., --flower-port ... and --demo-port ...")
         env = self._start_redis()
         self.say(f"starting auth on port {self.auth_port}")
         self._add(launcher.start_auth(env, self.auth_port, **self._echo("auth")))
@@ -141,12 +143,11 @@ class Cluster:
         return launcher.cluster_env(self.redis.url(0), self.data_dir, self.auth_port, broker_url=self.broker_url)
 
     def start_demo(self, env: dict[str, str]) -> None:
-        # ---- DEMO PAGE: placeholder ------------------------------------------------------------
-        # A later piece adds the demo page here: unless self.args.no_demo, start it on
-        # self.args.demo_port with a launcher helper, self._add() it (and put its name in
-        # self.names for the prefix), and print its URL in banner().  Until then: nothing.
-        # -----------------------------------------------------------------------------------------
-        return None
+        """The demo page (``python -m demo``) on ``--demo-port``, for every node; unless ``--no-demo``."""
+        if self.args.no_demo:
+            return
+        self.say(f"starting the demo page on port {self.args.demo_port}")
+        self._add(launcher.start_demo(env, self.args.demo_port, self.args.nodes, **self._echo("demo")))
 
     def _add(self, service: launcher.Service) -> None:
         self.services[service.name] = service
@@ -170,6 +171,13 @@ class Cluster:
             *([] if self.args.no_flower else [f"  flower     http://127.0.0.1:{self.args.flower_port}"]),
             f"  data       {self.data_dir}",
             "",
+            *([] if self.args.no_demo else [
+                f"Open the demo page: http://127.0.0.1:{self.args.demo_port}",
+                "  type a user name, Connect, then Send yourself a message; it arrives at once.",
+                "  Kill the node the page is on, and watch it move to another one with nothing lost:",
+                *(f"    kill -9 {service.pid}    # {name}" for name, service in self.services.items() if name.startswith("node-")),
+                "",
+            ]),
             "Get a token for alice:",
             f"  curl -s -X POST {auth}/tokens -H 'Authorization: Bearer {key}' "
             """-H 'Content-Type: application/json' -d '{"user_id": "alice"}'""",
@@ -182,11 +190,24 @@ class Cluster:
         return "\n".join(lines)
 
     def watch(self) -> str:
-        """Block until one of our processes exits; return its name."""
+        """Block until one of our processes exits; return its name.
+
+        A push node that exits while another one still runs is only reported: browsers move to
+        the others (the demo page shows it), so killing a node is something to try, not a failure.
+        """
+        reported: set[str] = set()
         while True:
+            nodes = [name for name in self.services if name.startswith("node-")]
             for name, service in self.processes():
-                if not service.alive:
-                    return name
+                if service.alive or name in reported:
+                    continue
+                alive = [node for node in nodes if self.services[node].alive]
+                if name in nodes and alive:
+                    reported.add(name)
+                    self.say(f"{name} exited with code {service.returncode}; still serving: {', '.join(alive)} "
+                             "(browsers move there). Ctrl-C stops the cluster; start it again to get every node back")
+                    continue
+                return name
             time.sleep(0.5)
 
     def processes(self) -> list[tuple[str, launcher.Service]]:

@@ -4,8 +4,8 @@
 - :class:`RedisServer`: a private ``redis-server`` on loopback;
 - :class:`Service`: one child process in its own process group, with its output in a log file or
   echoed to our stdout behind a ``name |`` prefix;
-- :func:`cluster_env` and ``start_auth`` / ``start_worker`` / ``start_node`` / ``start_flower``, which
-  start one platform process and return it once it answers.
+- :func:`cluster_env` and ``start_auth`` / ``start_worker`` / ``start_node`` / ``start_flower`` /
+  ``start_demo``, which start one platform process and return it once it answers.
 
 Children run ``sys.executable`` (so the venv is used) from the repository root.  Each object is
 driven from one thread; a Service's reader thread only copies output.  Errors are :class:`LauncherError`.
@@ -368,3 +368,11 @@ def start_flower(env: Mapping[str, str], port: int, *, name: str = "flower", tim
     """Stock Flower (``celery -A worker flower``) on 127.0.0.1:``port``; returns once it answers."""
     argv = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}", "--address=127.0.0.1"]
     return _launch(name, argv, env, _http_ok(port, "/healthcheck", timeout), service_kw)
+
+
+def start_demo(env: Mapping[str, str], port: int, nodes: Sequence[int | str], *, name: str = "demo", timeout: float = 30.0,
+               **service_kw) -> Service:
+    """The demo page (``python -m demo``) on ``port``, for the push nodes ``nodes`` (ports or ws://
+    URLs, tried in that order); returns once ``GET /healthz`` answers 200."""
+    argv = [sys.executable, "-m", "demo", "--port", str(port), "--nodes", ",".join(str(node) for node in nodes)]
+    return _launch(name, argv, env, _http_ok(port, "/healthz", timeout), service_kw)

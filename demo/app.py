@@ -1,0 +1,209 @@
+"""The demo page and its small JSON API: a Tornado app, ``python -m demo``.  Loop thread only,
+except the Celery calls, which run on a small thread pool.
+
+**Demo only.** It gets tokens from the auth service with ``AUTH_ADMIN_KEY`` for any user name a
+visitor types, so anyone who can open the page can read anyone's messages.  It refuses to start
+when ``PUSH_ENV=production``.  A real backend hands a token only to the user it authenticated.
+
+Routes (JSON bodies and answers):
+
+- ``GET /`` the page (``demo/static/index.html``); ``GET /static/push.js`` the browser client, the
+  same file the push nodes serve;
+- ``GET /api/config`` -> ``{"nodes": ["ws://127.0.0.1:8101/ws", ...], "auth": ..., "send_example": ...}``;
+- ``POST /api/token`` ``{"user": "alice"}`` -> ``{"user": "alice", "token": ..., "expires_at": ...}``
+  (the auth service's ``POST /tokens``, with the admin key);
+- ``POST /api/send`` ``{"to": "alice" | "alice, bob" | "*", "text": "hi", "from": "bob"}`` ->
+  ``{"id": "<message id>", "to": ...}``: ``send_task("tasks.collect", queue="collect")`` as business
+  code does, waiting up to ``SEND_TIMEOUT`` s for the message id;
+- ``GET /healthz`` -> 200.
+
+Errors answer ``{"error": "..."}`` with 400 (bad form value), 502 (auth refused or unreachable)
+or 504 (no message id in time: is the worker running?).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import time
+
+import tornado.httpclient
+import tornado.web
+from celery import Celery
+from celery.exceptions import TimeoutError as ResultTimeout
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+import settings
+from demo import forms
+
+log = logging.getLogger(__name__)
+
+PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+#: Where the push nodes' ``/static/push.js`` lives; the demo serves the same file.
+PUSH_JS_DIR = os.path.normpath(os.path.join(os.path.dirname(PAGE_DIR), os.pardir, "wsnode", "static"))
+#: Seconds ``POST /api/send`` waits for ``tasks.collect`` to return the message id.
+SEND_TIMEOUT = 15.0
+#: Seconds a call to the auth service may take.
+AUTH_TIMEOUT = 10.0
+
+
+class JsonHandler(tornado.web.RequestHandler):
+    def initialize(self, demo: Demo) -> None:
+        self.demo = demo
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+
+    def body(self) -> dict:
+        try:
+            value = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise tornado.web.HTTPError(400, reason="body is not JSON") from None
+        if not isinstance(value, dict):
+            raise tornado.web.HTTPError(400, reason="body must be a JSON object")
+        return value
+
+    def fail(self, status: int, error: str) -> None:
+        self.set_status(status)
+        self.finish({"error": error})
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        self.finish({"error": self._reason})
+
+
+class ConfigHandler(JsonHandler):
+    def get(self) -> None:
+        nodes = forms.node_urls(self.demo.nodes, self.request.host)
+        self.finish({"nodes": nodes, "auth": settings.AUTH_URL, "send_example": self.demo.send_example()})
+
+
+class TokenHandler(JsonHandler):
+    async def post(self) -> None:
+        try:
+            user = forms.user_name(self.body().get("user"))
+        except forms.DemoInputError as exc:
+            return self.fail(400, str(exc))
+        try:
+            answer = await self.demo.token(user)
+        except DemoBackendError as exc:
+            log.warning("token for user=%s: %s", user, exc)
+            return self.fail(exc.status, str(exc))
+        self.finish({"user": user, **answer})
+
+
+class SendHandler(JsonHandler):
+    async def post(self) -> None:
+        body = self.body()
+        try:
+            to = forms.recipients(body.get("to"))
+            sender = forms.user_name(body["from"]) if body.get("from") else None
+            data = forms.message_data(body.get("text"), to, sender)
+        except forms.DemoInputError as exc:
+            return self.fail(400, str(exc))
+        try:
+            message_id = await self.demo.send(to, data)
+        except DemoBackendError as exc:
+            log.warning("send to=%s: %s", to, exc)
+            return self.fail(exc.status, str(exc))
+        log.info("sent %s to %s", message_id, to)
+        self.finish({"id": message_id, "to": to})
+
+
+class HealthHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.finish({"status": "ok"})
+
+
+class PageHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        with open(os.path.join(PAGE_DIR, "index.html"), "rb") as page:
+            self.finish(page.read())
+
+
+class DemoBackendError(RuntimeError):
+    """The auth service or the worker did not answer as needed; the message says what to check.
+    ``status``: 502 (refused or unreachable) or 504 (no answer in time)."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Demo:
+    """The demo server: ``start(port)`` on the loop, ``stop()`` on the same loop.
+
+    ``nodes``: the push nodes the page connects to, as ports or ws:// URLs (see
+    :func:`demo.forms.node_urls`).
+    """
+
+    def __init__(self, nodes: list[str], celery_app: Celery | None = None) -> None:
+        self.nodes = [str(node) for node in nodes]
+        self.celery = celery_app or Celery("demo", broker=settings.BROKER_URL, backend=settings.RESULT_BACKEND)
+        self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="demo-send")
+        self._http = tornado.httpclient.AsyncHTTPClient()
+        self._server: HTTPServer | None = None
+
+    def make_app(self) -> tornado.web.Application:
+        kw = {"demo": self}
+        return tornado.web.Application([
+            (r"/", PageHandler),
+            (r"/api/config", ConfigHandler, kw),
+            (r"/api/token", TokenHandler, kw),
+            (r"/api/send", SendHandler, kw),
+            (r"/healthz", HealthHandler),
+            (r"/static/(push\.js)", tornado.web.StaticFileHandler, {"path": PUSH_JS_DIR}),
+        ])
+
+    def start(self, port: int, address: str = settings.BIND_ADDRESS) -> None:
+        self._server = HTTPServer(self.make_app())
+        self._server.listen(port, address=address)
+        log.info("demo page on http://%s:%d (nodes %s, auth %s, broker %s)", address, port, ",".join(self.nodes),
+                 settings.AUTH_URL, settings.redact(settings.BROKER_URL))
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def token(self, user: str) -> dict:
+        """A token for ``user`` from the auth service (``POST /tokens`` with the admin key)."""
+        request = tornado.httpclient.HTTPRequest(
+            f"{settings.AUTH_URL}/tokens", method="POST", body=json.dumps({"user_id": user}),
+            headers={"Authorization": f"Bearer {settings.AUTH_ADMIN_KEY}", "Content-Type": "application/json"},
+            request_timeout=AUTH_TIMEOUT, connect_timeout=AUTH_TIMEOUT)
+        try:
+            response = await self._http.fetch(request, raise_error=False)
+        except OSError as exc:
+            raise DemoBackendError(f"the auth service at {settings.AUTH_URL} cannot be reached ({exc}): is `python -m auth` running?") from None
+        if response.code != 200:
+            detail = (response.body or b"").decode(errors="replace")[:200] or str(response.error)
+            raise DemoBackendError(f"the auth service at {settings.AUTH_URL} answered {response.code}: {detail}"
+                                   + (" (does AUTH_ADMIN_KEY match the auth service's?)" if response.code == 401 else ""))
+        answer = json.loads(response.body)
+        return {"token": answer["token"], "expires_at": answer["expires_at"]}
+
+    async def send(self, to: str | list[str], data: dict) -> str:
+        """Collect one message, as business code does; returns its id."""
+        data = {**data, "sent_at": round(time.time(), 3)}
+        try:
+            return await IOLoop.current().run_in_executor(self._pool, self._collect, to, data)
+        except ResultTimeout:
+            raise DemoBackendError(f"no message id within {SEND_TIMEOUT:g} s: is the worker (`celery -A worker worker`) running?", 504) from None
+        except Exception as exc:  # noqa: BLE001 - broker down, task failed: say so to the person
+            raise DemoBackendError(f"the message was not collected: {type(exc).__name__}: {exc}") from None
+
+    def _collect(self, to: str | list[str], data: dict) -> str:
+        """Pool thread: publish ``tasks.collect`` and wait for its result (the message id)."""
+        result = self.celery.send_task("tasks.collect", kwargs={"to": to, "data": data}, queue="collect")
+        return result.get(timeout=SEND_TIMEOUT)
+
+    def send_example(self) -> str:
+        """The Python line that sends what the form sends, for a person to paste."""
+        return ('from celery import Celery; Celery(broker="BROKER_URL").send_task("tasks.collect", '
+                'kwargs={"to": "alice", "data": {"text": "hello"}}, queue="collect")').replace(
+                    "BROKER_URL", settings.redact(settings.BROKER_URL))

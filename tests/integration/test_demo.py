@@ -1,0 +1,126 @@
+"""The demo app (``python -m demo``) against a real cluster: its page, its JSON API, its refusals.
+
+The demo is a business backend like any other, so one broker is enough here: the tests run on the
+Redis-broker cluster only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import urllib.request
+import uuid
+
+import pytest
+
+import launcher
+from tests.integration.browser_support import DemoPage, push_js
+from tests.integration.wsclient import Client
+
+REDIS_ONLY = pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+
+
+@pytest.fixture
+def demo(cluster):
+    page = DemoPage(cluster, cluster.node_ports)
+    yield page
+    page.stop()
+
+
+def fetch(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.headers.get("Content-Type", ""), response.read()
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+@REDIS_ONLY
+def test_the_page_loads_push_js_which_the_demo_and_every_node_serve_unchanged(cluster, demo):
+    status, kind, page = fetch(demo.url + "/")
+    assert status == 200 and kind.startswith("text/html")
+    assert b'<script src="static/push.js">' in page
+    assert fetch(demo.url + "/static/push.js")[2] == push_js()
+    for port in cluster.node_ports:
+        status, kind, body = fetch(f"http://127.0.0.1:{port}/static/push.js")
+        assert status == 200 and "javascript" in kind and body == push_js()
+
+
+@REDIS_ONLY
+def test_config_lists_the_nodes_on_the_host_the_page_was_loaded_from(cluster, demo):
+    status, config = demo.call("/api/config")
+    assert status == 200
+    assert config["nodes"] == [f"ws://127.0.0.1:{port}/ws" for port in cluster.node_ports]
+    assert "tasks.collect" in config["send_example"]
+
+
+@REDIS_ONLY
+async def test_a_token_from_the_demo_opens_a_connection_as_that_user(cluster, demo):
+    user = unique("demo-token")
+    status, answer = await asyncio.to_thread(demo.call, "/api/token", {"user": f"  {user} "})
+    assert status == 200 and answer["user"] == user and answer["expires_at"] > 0
+    client = await Client.connect(cluster.ws_url(cluster.node_ports[1], answer["token"]), wait_resumed=True)
+    assert client.hello["user"] == user
+    client.close()
+
+
+@REDIS_ONLY
+@pytest.mark.parametrize("body, error", [
+    ({"user": ""}, "type a user name"),
+    ({"user": "a,b"}, "cannot be a user name"),
+    ({}, "type a user name"),
+])
+def test_a_bad_user_name_gets_400_saying_what_to_type(cluster, demo, body, error):
+    status, answer = demo.call("/api/token", body)
+    assert status == 400 and error in answer["error"]
+
+
+@REDIS_ONLY
+async def test_send_reaches_one_user_a_comma_list_and_everyone_online(cluster, demo):
+    ann, ben = unique("demo-ann"), unique("demo-ben")
+    a = await cluster.connect(ann, cluster.node_ports[0])
+    b = await cluster.connect(ben, cluster.node_ports[1])
+    to_ann = await asyncio.to_thread(demo.send, ann, "for ann")
+    to_both = await asyncio.to_thread(demo.send, f"{ann}, {ben}", "for both")
+    to_all = await asyncio.to_thread(demo.send, "*", "for everyone")
+    to_ben = await asyncio.to_thread(demo.send, ben, "for ben")
+    got_a, got_b = await a.messages(3), await b.messages(3)
+    assert [(f["id"], f["data"]["text"]) for f in got_a] == [(to_ann, "for ann"), (to_both, "for both"), (to_all, "for everyone")]
+    assert [(f["id"], f["data"]["text"]) for f in got_b] == [(to_both, "for both"), (to_all, "for everyone"), (to_ben, "for ben")]
+    assert got_a[1]["data"]["to"] == f"{ann}, {ben}" and got_a[2]["data"]["to"] == "*"
+    assert not await a.quiet(0.5)
+    a.close()
+    b.close()
+
+
+@REDIS_ONLY
+@pytest.mark.parametrize("body, error", [
+    ({"to": "", "text": "hi"}, "say who gets the message"),
+    ({"to": "ann,,ben", "text": "hi"}, "empty name between commas"),
+    ({"to": "ann", "text": "  "}, "type some text"),
+])
+def test_a_bad_send_form_gets_400_saying_what_to_fix(cluster, demo, body, error):
+    status, answer = demo.call("/api/send", body)
+    assert status == 400 and error in answer["error"]
+
+
+@REDIS_ONLY
+def test_without_the_auth_service_a_token_request_gets_502_naming_it(cluster):
+    dead_auth = f"http://127.0.0.1:{launcher.free_port()}"
+    demo = DemoPage(cluster, cluster.node_ports, env={**cluster.env, "AUTH_URL": dead_auth}, name="demo-no-auth")
+    try:
+        status, answer = demo.call("/api/token", {"user": "nobody"})
+    finally:
+        demo.stop()
+    assert status == 502
+    assert dead_auth in answer["error"] and "python -m auth" in answer["error"]
+
+
+@REDIS_ONLY
+def test_the_demo_refuses_to_run_in_production(cluster, tmp_path):
+    env = {**cluster.env, "PUSH_ENV": "production", "AUTH_SECRET": "s" * 40, "AUTH_ADMIN_KEY": "k" * 40}
+    argv = [sys.executable, "-m", "demo", "--port", str(launcher.free_port())]
+    service = launcher.Service("demo-production", argv, env, log_path=tmp_path / "demo.log").start()
+    assert service.wait(30) == 2
+    assert "does not run in production" in service.log_tail()

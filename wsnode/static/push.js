@@ -1,0 +1,303 @@
+/*
+ * push.js: the browser client of the push platform.  No dependencies; served by every push node
+ * at /static/push.js.  Load it with a <script> tag (it defines window.PushClient) or require() it.
+ *
+ *   const push = new PushClient({
+ *     url: ["wss://push-a.example.com/ws", "wss://push-b.example.com/ws"], // one URL, or several
+ *     getToken: () => fetch("/push-token", {method: "POST"}).then(r => r.json()).then(b => b.token),
+ *     onMessage: (data, message) => console.log(message.id, data),
+ *     onStatus: (status) => console.log(status.state, status.node || "", status.code || ""),
+ *   });
+ *   push.start();
+ *
+ * What it does (the README's "Browser client" section says the same):
+ *
+ * - Connects to ws://NODE/ws?token=T, then reconnects after every close or failed connect, with
+ *   ``since`` = the greatest message id it has seen, so the node replays what it missed.
+ * - Acks every message frame ({"type": "ack", "id": ...}) once the page's onMessage returned,
+ *   drops repeats by id (a resume replays a little before ``since``), and hands messages to the page
+ *   in the order the node sends them, which is the order they were collected.
+ * - Several URLs act like a load balancer in front of the nodes: it starts with the first, and
+ *   moves to the next after a failed connect or a close.  A node that closed with 1001 ("going
+ *   away") is skipped for ``awayMs``; with one URL it waits a backoff step instead of coming
+ *   straight back.
+ * - Close codes, as the README's table says:
+ *     1001           reconnect now (another URL), with since;
+ *     4401           call getToken() for a new token, then reconnect (backoff if it repeats);
+ *     4500-4999      a client bug: stop, report state "stopped", never reconnect;
+ *     anything else  (1006 connection lost, 1009, 1011, 1013, 4000-4499 ...): reconnect after a
+ *                    jittered exponential backoff (initialMs doubling up to maxMs, each delay drawn
+ *                    between half of it and all of it), on the next URL.
+ *   The backoff starts over once a connection has stayed live (past its "resumed" frame) for
+ *   healthyMs.
+ *
+ * Threading: browsers run all of this on the page's one event loop.
+ */
+(function (root, factory) {
+  "use strict";
+  var PushClient = factory();
+  if (typeof module === "object" && module.exports) {
+    module.exports = PushClient;
+  } else {
+    root.PushClient = PushClient;
+  }
+})(typeof self !== "undefined" ? self : this, function () {
+  "use strict";
+
+  var DEFAULTS = {
+    initialMs: 500, // first backoff step (a delay is drawn in [step/2, step])
+    maxMs: 30000, // backoff cap
+    healthyMs: 5000, // a connection live this long resets the backoff
+    awayMs: 30000, // how long a URL that said 1001 is skipped
+    goAwayJitterMs: 500, // after a 1001, reconnect within this (spreads a drained node's clients)
+    connectTimeoutMs: 10000, // a handshake not done in this time counts as a failed connect
+    dedupWindow: 10000, // how many message ids are remembered to drop repeats
+  };
+
+  /**
+   * What to do after a close with ``code`` (1006 when the connection failed or was lost).
+   * Returns {action: "reconnect" | "new-token" | "stop", soon: bool}: ``soon`` means "do not back
+   * off on the first try" (1001 and a first 4401).
+   */
+  function closePolicy(code) {
+    if (code >= 4500 && code <= 4999) return { action: "stop", soon: false };
+    if (code === 4401) return { action: "new-token", soon: true };
+    if (code === 1001) return { action: "reconnect", soon: true };
+    return { action: "reconnect", soon: false };
+  }
+
+  /** The delay before reconnect attempt ``attempt`` (0 = first): in [step/2, step], step = initial * 2^attempt, capped. */
+  function backoffDelay(attempt, initialMs, maxMs, random) {
+    var step = Math.min(maxMs, initialMs * Math.pow(2, Math.min(attempt, 30)));
+    return step / 2 + (random === undefined ? Math.random() : random) * (step / 2);
+  }
+
+  /** ``spec`` (ws:, wss:, http:, https: or a path relative to the page) as a ws:/wss: URL object. */
+  function socketUrl(spec) {
+    var base = typeof location !== "undefined" ? location.href : undefined;
+    var url = new URL(spec, base);
+    if (url.protocol === "http:") url.protocol = "ws:";
+    if (url.protocol === "https:") url.protocol = "wss:";
+    if (url.protocol !== "ws:" && url.protocol !== "wss:") {
+      throw new Error("PushClient: " + spec + " is not a ws://, wss://, http:// or https:// URL");
+    }
+    return url;
+  }
+
+  function PushClient(options) {
+    if (!(this instanceof PushClient)) return new PushClient(options);
+    options = options || {};
+    var urls = options.url || options.urls;
+    if (!urls || (Array.isArray(urls) && urls.length === 0)) {
+      throw new Error("PushClient: give url: one ws://HOST/ws URL, or a list of them");
+    }
+    if (!options.token && typeof options.getToken !== "function") {
+      throw new Error("PushClient: give token (a string) or getToken (a function returning a token or a Promise of one)");
+    }
+    this.urls = (Array.isArray(urls) ? urls : [urls]).map(function (u) { return socketUrl(u).href; });
+    this.options = {};
+    for (var key in DEFAULTS) this.options[key] = options[key] === undefined ? DEFAULTS[key] : options[key];
+    this.onMessage = options.onMessage || function () {};
+    this.onStatus = options.onStatus || function () {};
+    this._getToken = options.getToken || null;
+    this._token = options.token || null;
+    /** The greatest message id seen: the next connection resumes after it. */
+    this.lastId = options.since || null;
+    /** The node of the current connection (from its hello frame), or null. */
+    this.node = null;
+    /** Counters, for pages that show them: connects tried, connections that got hello, repeats dropped. */
+    this.stats = { attempts: 0, connections: 0, duplicates: 0, tokens: 0 };
+    this._index = 0;
+    this._attempt = 0;
+    this._away = {}; // url -> time until which it is skipped
+    this._seen = new Set();
+    this._seenOrder = [];
+    this._ws = null;
+    this._timer = null;
+    this._running = false;
+    this._state = "idle";
+  }
+
+  PushClient.closePolicy = closePolicy;
+  PushClient.backoffDelay = backoffDelay;
+  PushClient.DEFAULTS = DEFAULTS;
+
+  /** Connect, and keep connected until stop() or a terminal close code. */
+  PushClient.prototype.start = function () {
+    if (this._running) return this;
+    this._running = true;
+    this._connect();
+    return this;
+  };
+
+  /** Close the connection (code 1000) and never reconnect. */
+  PushClient.prototype.stop = function () {
+    this._running = false;
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (this._ws) {
+      var ws = this._ws;
+      this._ws = null;
+      try { ws.close(1000, "client stopped"); } catch (e) { /* already closing */ }
+    }
+    this._status({ state: "stopped", code: 1000, reason: "stopped by the page" });
+    return this;
+  };
+
+  Object.defineProperty(PushClient.prototype, "state", { get: function () { return this._state; } });
+
+  PushClient.prototype._status = function (status) {
+    this._state = status.state;
+    status.node = status.node === undefined ? this.node : status.node;
+    try {
+      this.onStatus(status);
+    } catch (e) {
+      if (typeof console !== "undefined") console.error("PushClient onStatus threw", e);
+    }
+  };
+
+  PushClient.prototype._connect = async function () {
+    this._timer = null;
+    if (!this._running) return;
+    var url = this.urls[this._index % this.urls.length];
+    if (!this._token) {
+      this._status({ state: "token", url: url });
+      try {
+        this._token = await this._getToken();
+        this.stats.tokens += 1;
+      } catch (e) {
+        this._token = null;
+      }
+      if (!this._running) return;
+      if (!this._token) {
+        this._retry({ code: 4401, reason: "getToken gave no token", url: url }, { action: "reconnect", soon: false, stay: true }, false);
+        return;
+      }
+    }
+    var target = socketUrl(url);
+    target.searchParams.set("token", this._token);
+    if (this.lastId) target.searchParams.set("since", this.lastId);
+    else target.searchParams.delete("since");
+    this.stats.attempts += 1;
+    this._status({ state: "connecting", url: url, node: null });
+    var ws;
+    try {
+      ws = new WebSocket(target.href);
+    } catch (e) {
+      this._retry({ code: 1006, reason: String(e), url: url }, closePolicy(1006), false);
+      return;
+    }
+    this._ws = ws;
+    var self = this;
+    var conn = { url: url, resumedAt: 0, hello: false };
+    var timeout = setTimeout(function () {
+      if (self._ws === ws && !conn.hello) {
+        try { ws.close(); } catch (e) { /* not open yet */ }
+        self._closed(ws, conn, 1006, "no hello within " + self.options.connectTimeoutMs + " ms");
+      }
+    }, this.options.connectTimeoutMs);
+    ws.onmessage = function (event) {
+      if (self._ws === ws) self._frame(ws, conn, event.data);
+    };
+    ws.onclose = function (event) {
+      clearTimeout(timeout);
+      if (self._ws === ws) self._closed(ws, conn, event.code, event.reason);
+    };
+    ws.onerror = function () { /* always followed by close, which carries the code */ };
+  };
+
+  PushClient.prototype._frame = function (ws, conn, text) {
+    var frame;
+    try {
+      frame = JSON.parse(text);
+    } catch (e) {
+      return; // not ours to judge: the node only sends JSON
+    }
+    if (frame.type === "hello") {
+      conn.hello = true;
+      this.node = frame.node;
+      this.stats.connections += 1;
+      this._status({ state: "connected", url: conn.url, user: frame.user, conn: frame.conn });
+    } else if (frame.type === "resumed") {
+      conn.resumedAt = Date.now();
+      this._status({ state: "live", url: conn.url, since: frame.since, replayed: frame.replayed, truncated: frame.truncated });
+    } else if (frame.type === "message") {
+      var id = frame.id;
+      if (this._seen.has(id)) {
+        this.stats.duplicates += 1;
+      } else {
+        this._remember(id);
+        if (!this.lastId || id > this.lastId) this.lastId = id;
+        try {
+          this.onMessage(frame.data, { id: id, data: frame.data, node: this.node });
+        } catch (e) {
+          if (typeof console !== "undefined") console.error("PushClient onMessage threw", e);
+        }
+      }
+      // A repeat is acked too: it came again because an earlier ack was lost.
+      if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ack", id: id }));
+    }
+    // Other frame types: ignored, as the protocol asks.
+  };
+
+  PushClient.prototype._remember = function (id) {
+    this._seen.add(id);
+    this._seenOrder.push(id);
+    while (this._seenOrder.length > this.options.dedupWindow) this._seen.delete(this._seenOrder.shift());
+  };
+
+  PushClient.prototype._closed = function (ws, conn, code, reason) {
+    this._ws = null;
+    this.node = null;
+    if (!this._running) return;
+    var healthy = conn.resumedAt > 0 && Date.now() - conn.resumedAt >= this.options.healthyMs;
+    if (healthy) this._attempt = 0;
+    this._retry({ code: code, reason: reason || "", url: conn.url }, closePolicy(code), conn.hello);
+  };
+
+  PushClient.prototype._retry = function (closed, policy, hadHello) {
+    var o = this.options;
+    if (policy.action === "stop") {
+      this._running = false;
+      this._status({ state: "stopped", code: closed.code, reason: closed.reason, url: closed.url });
+      if (typeof console !== "undefined") console.error("PushClient: closed with " + closed.code + " (" + closed.reason + "): a client bug, not reconnecting");
+      return;
+    }
+    var delay;
+    if (policy.action === "new-token") {
+      this._token = null;
+      if (!this._getToken) {
+        this._running = false;
+        this._status({ state: "stopped", code: closed.code, reason: "token refused and no getToken option to get a new one", url: closed.url });
+        return;
+      }
+      // Same URL; at once the first time, backing off when new tokens keep being refused.
+      delay = this._attempt === 0 ? 0 : backoffDelay(this._attempt - 1, o.initialMs, o.maxMs);
+    } else {
+      if (closed.code === 1001) this._away[closed.url] = Date.now() + o.awayMs;
+      var next = policy.stay ? { index: this._index, fresh: false } : this._nextUrl(closed.url);
+      this._index = next.index;
+      if (policy.soon && next.fresh) delay = Math.random() * o.goAwayJitterMs;
+      else delay = backoffDelay(this._attempt, o.initialMs, o.maxMs);
+    }
+    this._attempt += 1;
+    this._status({ state: "waiting", code: closed.code, reason: closed.reason, url: closed.url,
+      next: this.urls[this._index % this.urls.length], retryIn: Math.round(delay), wasConnected: hadHello });
+    var self = this;
+    this._timer = setTimeout(function () { self._connect(); }, delay);
+  };
+
+  /** The URL after ``url`` that is not being avoided (fresh), else simply the next one. */
+  PushClient.prototype._nextUrl = function (url) {
+    var n = this.urls.length;
+    var from = this.urls.indexOf(url);
+    var now = Date.now();
+    for (var step = 1; step <= n; step++) {
+      var i = (from + step) % n;
+      if (this.urls[i] !== url && !(this._away[this.urls[i]] > now)) return { index: i, fresh: true };
+    }
+    return { index: (from + 1) % n, fresh: false };
+  };
+
+  return PushClient;
+});
