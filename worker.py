@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import after_setup_logger, worker_init, worker_process_init, worker_ready, worker_shutdown
 from kombu import Queue
 
 import settings
@@ -83,11 +83,22 @@ def _log_backends(logger, **_):
 _scheduler = None
 
 
+@worker_init.connect
+def _check_secrets(**_):
+    """Refuse to start with development secrets under ``PUSH_ENV=production`` (main process,
+    before anything is consumed).  SystemExit, because Celery logs and ignores an Exception
+    raised by a signal handler."""
+    try:
+        settings.check_secrets()
+    except settings.SettingsError as exc:
+        log.critical("%s", exc)
+        raise SystemExit(2) from None
+
+
 @worker_ready.connect
 def _on_ready(**_):
-    """Check secrets, then start the housekeeping scheduler thread (main process only)."""
+    """Start the housekeeping scheduler thread (main process only)."""
     global _scheduler
-    settings.check_secrets()
     from tasks.dispatch import _redis
     from tasks.scheduler import HousekeepingScheduler
 

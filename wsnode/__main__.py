@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 
 import settings
 from wsnode.app import PushNode
@@ -32,5 +33,9 @@ if __name__ == "__main__":
     parser.add_argument("--host", default=settings.NODE_HOST, help="address advertised to Dispatch (default NODE_HOST)")
     args = parser.parse_args()
     settings.configure_logging(f"wsnode:{args.port}")
-    settings.check_secrets()
+    try:
+        settings.check_secrets()
+    except settings.SettingsError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
     asyncio.run(main(args.port, args.host))

@@ -1,0 +1,45 @@
+"""``PUSH_ENV=production`` with the development secrets: every process refuses to start, and says
+which variables to set.  No Redis or broker is needed: the check comes before any connection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import launcher
+
+REPO = Path(__file__).resolve().parents[2]
+
+COMMANDS = {
+    "push node": [sys.executable, "-m", "wsnode", "--port", "0"],
+    "auth": [sys.executable, "-m", "auth"],
+    "worker": [sys.executable, "-m", "celery", "-A", "worker", "worker", "--without-gossip", "--without-mingle"],
+}
+
+
+def production_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    # An unused port: nothing may be reached before the refusal.
+    dead = f"redis://127.0.0.1:{launcher.free_port()}"
+    env = launcher.cluster_env(dead, tmp_path, launcher.free_port(), PUSH_ENV="production", AUTH_SECRET=None, AUTH_ADMIN_KEY=None)
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("role", sorted(COMMANDS))
+def test_a_process_in_production_refuses_the_development_secrets_and_names_them(role, tmp_path):
+    run = subprocess.run(COMMANDS[role], cwd=REPO, env=production_env(tmp_path), capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-2000:]
+    assert "PUSH_ENV=production but AUTH_SECRET, AUTH_ADMIN_KEY still hold the development value" in output
+    assert "set them to long random strings" in output
+
+
+def test_a_production_secret_that_is_set_is_not_named(tmp_path):
+    env = production_env(tmp_path, AUTH_SECRET="s" * 40)
+    run = subprocess.run(COMMANDS["push node"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-2000:]
+    assert "but AUTH_ADMIN_KEY still hold" in output and "AUTH_SECRET," not in output
