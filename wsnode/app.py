@@ -107,7 +107,7 @@ class PushNode:
                 (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
             ],
             websocket_ping_interval=25,
-            websocket_ping_timeout=60,
+            websocket_ping_timeout=20,  # at most the interval (Tornado): a dead peer is dropped within 45 s
             websocket_max_message_size=settings.MAX_FRAME_BYTES,
             log_function=_log_request,
         )
