@@ -150,6 +150,10 @@ REPLAY_TIMEOUT: float = _read(_env, "REPLAY_TIMEOUT", 15.0, _positive_float, "a 
 RECEIPT_FLUSH_SECONDS: float = _read(_env, "RECEIPT_FLUSH_SECONDS", 0.5, _positive_float, "a number of seconds")
 #: ... or as soon as this many are waiting.
 RECEIPT_BATCH: int = _read(_env, "RECEIPT_BATCH", 1000, _positive_int, "a whole number")
+#: ``tasks.collect`` requests are taken from the queue and run together, up to this many at once ...
+COLLECT_BATCH: int = _read(_env, "COLLECT_BATCH", 100, _positive_int, "a whole number")
+#: ... or as many as arrived within this many seconds (the most a lone message waits in the worker).
+COLLECT_FLUSH_SECONDS: float = _read(_env, "COLLECT_FLUSH_SECONDS", 0.05, _positive_float, "a number of seconds")
 
 #: A message routed to a user who stays online but has not acked it after this many seconds is
 #: re-dispatched (clients drop the repeat by id) ...

@@ -12,7 +12,7 @@ import logging
 
 from celery import Celery
 from celery.signals import after_setup_logger, worker_init, worker_process_init, worker_ready, worker_shutdown
-from kombu import Queue
+from kombu import Exchange, Queue
 
 import settings
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
@@ -30,7 +30,10 @@ app.conf.update(
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
-    task_queues=[Queue(COLLECT_QUEUE), Queue(DISPATCH_QUEUE)],
+    # Each queue on its own direct exchange: a bare Queue("dispatch") would be bound to the
+    # default exchange with the default routing key (collect's), which is misleading in the
+    # worker's banner and would route anything published there with that key to both queues.
+    task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (COLLECT_QUEUE, DISPATCH_QUEUE)],
     task_default_queue=COLLECT_QUEUE,
     task_routes={
         "tasks.collect": {"queue": COLLECT_QUEUE},
@@ -46,6 +49,10 @@ app.conf.update(
     # whose worker process died goes back to the queue instead of being lost.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
+    # tasks.collect runs in batches of up to COLLECT_BATCH requests, and with acks_late a batch
+    # holds its requests unacked until it ends: the prefetch window (this times the number of
+    # worker processes) must hold a batch and the next one.
+    worker_prefetch_multiplier=max(4, settings.COLLECT_BATCH),
     # Results hold message ids for business code; an hour is plenty to read them.
     result_expires=3600,
     # Task events cost about a third of the worker's main process and a publish per task sent.

@@ -15,6 +15,11 @@ than two, and messages from a caller that waits for each collect reach the node 
 they were collected.  When routing fails there (Redis or the broker unavailable), the stored
 messages go to ``tasks.dispatch`` on the ``dispatch`` queue, which retries with backoff.
 
+``tasks.collect`` is a celery-batches task: the worker takes its requests from the queue and
+runs up to ``COLLECT_BATCH`` of them at once (one claim, one insert, one route lookup and one queue
+message per node for the batch), so one task per message costs about what ``collect_many`` does.
+Each request still has its own id, result and, when events are on, its own events in Flower.
+
 The tasks are idempotent, so they run with ``acks_late``: a worker killed mid-task leaves the task
 on the queue and the next run gives back the same ids.  Each run first binds an idempotency key to
 its ids in the store: the Celery task id, or the ``key`` business code passes to ``tasks.collect``
@@ -33,8 +38,13 @@ import os
 import time
 import uuid
 
+from celery.utils.time import get_exponential_backoff_interval
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
 import settings
 from tasks import messages as validation
+from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
@@ -62,28 +72,60 @@ def _process() -> _ProcessState:
 
 
 def _persist_and_dispatch(valid: list[validation.Message], key: str) -> list[str]:
+    """Store and dispatch the messages of one ``collect_many`` task, all under one key."""
     state = _process()
     store = get_store()
     fresh = state.ids.next_ids(len(valid))
-    ids = store.claim_ids(key, fresh)
+    (ids,) = store.claim_many([(key, fresh)])
     if len(ids) != len(valid):
         raise validation.InvalidMessage(f"idempotency key {key!r} was used before for {len(ids)} message(s), not {len(valid)}: use a new key per message")
-    # A key used before (a task run again, or business code retrying): send what was stored under
-    # it, and store only what an interrupted earlier run never stored.
-    stored = store.messages(ids) if ids != fresh else {}
+    _store_and_route(store, ids, valid, fresh)
+    return ids
+
+
+def _persist_and_dispatch_keyed(pairs: list[tuple[validation.Message, str]]) -> list:
+    """Store and dispatch one message per ``(message, key)``, each under its own key; returns per
+    pair its id, or an InvalidMessage when its key was bound to a batch of another size."""
+    store = get_store()
+    fresh = _process().ids.next_ids(len(pairs))
+    claimed = store.claim_many([(key, [mid]) for (_, key), mid in zip(pairs, fresh)])
+    results: list = []
+    ids, messages, seen = [], [], set()
+    for (message, key), bound in zip(pairs, claimed):
+        if len(bound) != 1:
+            results.append(validation.InvalidMessage(f"idempotency key {key!r} was used before for {len(bound)} messages, not 1: use a new key per message"))
+            continue
+        results.append(bound[0])
+        if bound[0] not in seen:  # the same key twice in one batch: store and send it once
+            seen.add(bound[0])
+            ids.append(bound[0])
+            messages.append(message)
+    _store_and_route(store, ids, messages, fresh)
+    return results
+
+
+def _store_and_route(store, ids: list[str], valid: list[validation.Message], fresh: list[str]) -> None:
+    """Insert the messages ``ids`` and route them; ``fresh`` are the ids this run generated, so
+    any other id was bound to its key by an earlier run (a task run again, or business code
+    retrying): send what was stored under it, and store only what an interrupted earlier run
+    never stored."""
+    new = set(fresh)
+    reused = [mid for mid in ids if mid not in new]
+    stored = store.messages(reused) if reused else {}
     now = time.time()
     docs = [
         {"id": mid, "to": stored[mid]["to"], "data": stored[mid]["data"], "ts": now} if mid in stored
         else {"id": mid, "to": m.to if m.to == validation.BROADCAST else list(m.to), "data": m.data, "ts": now}
         for mid, m in zip(ids, valid)
     ]
+    if not docs:
+        return
     store.insert_messages(docs)
     try:
         route(docs)
     except DISPATCH_RETRYABLE as exc:
         log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), exc)
         dispatch.apply_async(args=[docs])
-    return ids
 
 
 def _validate(to, data, unexpected=None) -> validation.Message:
@@ -94,18 +136,143 @@ def _task_key(task) -> str:
     return f"task:{task.request.id or uuid.uuid4()}"
 
 
-@app.task(name="tasks.collect", bind=True, acks_late=True, autoretry_for=(StoreUnavailable,), retry_backoff=True, retry_backoff_max=30, max_retries=5)
-def collect(self, to=validation.MISSING, data=validation.MISSING, key: str | None = None, **unexpected) -> str:
-    """Store one message for ``to`` and dispatch it; returns its id.
-
-    ``key``: optional idempotency key (a string of at most 200 characters); calling again with the
-    same key returns the same id and stores and sends nothing new."""
-    message = _validate(to, data, unexpected)
+def _parse_collect(request) -> tuple[validation.Message, str]:
+    """The message and idempotency key of one ``tasks.collect`` request; raises InvalidMessage."""
+    kwargs = dict(request.kwargs or {})
+    if request.args:
+        raise validation.InvalidMessage("tasks.collect takes keyword arguments only: kwargs={\"to\": ..., \"data\": ...}")
+    to = kwargs.pop("to", validation.MISSING)
+    data = kwargs.pop("data", validation.MISSING)
+    key = kwargs.pop("key", None)
+    message = _validate(to, data, kwargs)
     if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
         raise validation.InvalidMessage(f'"key" must be a non-empty string of at most 200 characters, got {key!r:.60}')
-    (message_id,) = _persist_and_dispatch([message], f"key:{key}" if key is not None else _task_key(self))
-    log.debug("collected %s for %s", message_id, message.to)
-    return message_id
+    return message, f"key:{key}" if key is not None else f"task:{request.id or uuid.uuid4()}"
+
+
+class CollectBatches(Batches):
+    """celery-batches' task class, plus what a plain Celery task gives operators and callers.
+
+    Worker main process (``flush``) and pool process (``run``).  celery-batches acks every
+    request of a batch once the batch returns, whatever happened, so the batch function never
+    lets an error escape: it records a result per request (an id, a failure, or a retry sent
+    first).  ``flush`` also sends, when events are on (Flower), ``task-received`` for each
+    request and ``task-succeeded``/``task-failed``/``task-retried`` per request from the
+    outcome the batch returns, so Flower lists every ``tasks.collect`` as a task of its own.
+    """
+
+    abstract = True
+
+    def flush(self, requests):
+        requests = list(requests)
+        serializable = ([SimpleRequest.from_request(r) for r in requests],)
+        for req in requests:
+            req.send_event("task-received", name=req.name, args=str(req.args), kwargs=str(req.kwargs), retries=req.request_dict.get("retries", 0))
+            req.send_event("task-started")
+        started = time.monotonic()
+
+        def on_return(outcomes) -> None:
+            runtime = time.monotonic() - started
+            outcomes = outcomes or {}
+            for req in requests:
+                kind, value = outcomes.get(req.id, ("failed", "the batch did not run: see the worker log"))
+                if kind == "ok":
+                    req.send_event("task-succeeded", result=repr(value), runtime=runtime)
+                elif kind == "retry":
+                    req.send_event("task-retried", exception=value, traceback="")
+                else:
+                    req.send_event("task-failed", exception=value, traceback="")
+                req.acknowledge()
+
+        return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return)
+
+
+#: How often a request whose batch could not reach the store is sent again before it fails.
+COLLECT_MAX_RETRIES = 5
+
+
+@app.task(name="tasks.collect", base=CollectBatches, bind=True, acks_late=True,
+          flush_every=settings.COLLECT_BATCH, flush_interval=settings.COLLECT_FLUSH_SECONDS)
+def collect(self, requests) -> dict[str, tuple[str, str]]:
+    """Store and dispatch a batch of ``tasks.collect`` requests; each request's result is its
+    message id.  Business code calls it as one task per message::
+
+        collect.delay(to="alice", data={...}, key="order-42")   # key: optional, idempotency
+
+    The worker takes up to ``COLLECT_BATCH`` requests from the queue (or what arrived within
+    ``COLLECT_FLUSH_SECONDS``) and runs them here together: one claim of their keys, one insert,
+    one route lookup and one queue message per node for the whole batch.  ``key``: a non-empty
+    string of at most 200 characters; a request with a key used before returns the same id and
+    stores and sends nothing new.  An invalid request fails alone, with the reason in its result.
+
+    Returns ``{task id: (outcome, detail)}`` for :class:`CollectBatches` (outcome ``ok``,
+    ``failed`` or ``retry``); callers read each request's own result.
+    """
+    outcomes: dict[str, tuple[str, str]] = {}
+    parsed: list[tuple[object, validation.Message, str]] = []
+    for req in requests:
+        try:
+            message, key = _parse_collect(req)
+            parsed.append((req, message, key))
+        except validation.InvalidMessage as exc:
+            log.warning("tasks.collect %s rejected: %s", req.id, exc)
+            outcomes[req.id] = ("failed", f"InvalidMessage: {exc}")
+            _store_result(req, exc, failed=True)
+    if not parsed:
+        return outcomes
+    try:
+        ids = _persist_and_dispatch_keyed([(message, key) for _, message, key in parsed])
+    except StoreUnavailable as exc:
+        for req, _, _ in parsed:
+            outcomes[req.id] = _retry(self, req, exc)
+        return outcomes
+    except Exception as exc:  # noqa: BLE001 - record a failure per request rather than lose them silently
+        log.exception("tasks.collect: a batch of %d failed", len(parsed))
+        for req, _, _ in parsed:
+            outcomes[req.id] = ("failed", f"{type(exc).__name__}: {exc}")
+            _store_result(req, exc, failed=True)
+        return outcomes
+    for (req, message, _), message_id in zip(parsed, ids):
+        if isinstance(message_id, validation.InvalidMessage):
+            outcomes[req.id] = ("failed", f"InvalidMessage: {message_id}")
+            _store_result(req, message_id, failed=True)
+        else:
+            outcomes[req.id] = ("ok", message_id)
+            _store_result(req, message_id)
+    log.debug("collected %d messages in one batch", len(parsed))
+    return outcomes
+
+
+def _store_result(req, value, failed: bool = False) -> None:
+    if getattr(req, "ignore_result", False) or not req.id:
+        return
+    try:
+        if failed:
+            app.backend.mark_as_failure(req.id, value, request=req)
+        else:
+            app.backend.mark_as_done(req.id, value, request=req)
+    except Exception as exc:  # noqa: BLE001 - the message itself is stored and sent; only the answer is lost
+        log.warning("tasks.collect %s: result not stored (%s)", req.id, exc)
+
+
+def _retry(task, req, exc: Exception) -> tuple[str, str]:
+    """Send ``req`` again (same task id, same kwargs, so the same idempotency key) after a
+    backoff; after ``COLLECT_MAX_RETRIES`` the request fails with ``exc``."""
+    retries = int((req.request_dict or {}).get("retries") or 0)
+    if retries >= COLLECT_MAX_RETRIES:
+        log.error("tasks.collect %s failed after %d retries: %s", req.id, retries, exc)
+        _store_result(req, exc, failed=True)
+        return ("failed", f"{type(exc).__name__}: {exc}")
+    countdown = get_exponential_backoff_interval(factor=1, retries=retries, maximum=30, full_jitter=True)
+    try:
+        task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown, retries=retries + 1, queue=COLLECT_QUEUE)
+    except Exception as send_exc:  # noqa: BLE001
+        # Not sent: failing would lose the message; let the worker die instead so the broker
+        # restores the unacked request.
+        log.critical("tasks.collect %s: store unavailable (%s) and retry not sent (%s)", req.id, exc, send_exc)
+        raise SystemExit(1) from send_exc
+    log.warning("tasks.collect %s: store unavailable (%s); retry %d in %.1f s", req.id, exc, retries + 1, countdown)
+    return ("retry", f"{type(exc).__name__}: {exc}")
 
 
 @app.task(name="tasks.collect_many", bind=True, acks_late=True, autoretry_for=(StoreUnavailable,), retry_backoff=True, retry_backoff_max=30, max_retries=5)

@@ -201,6 +201,26 @@ class Store:
             return self.claim_ids(key, ids)
         return list(earlier["ids"])
 
+    def claim_many(self, claims: list[tuple[str, list[str]]]) -> list[list[str]]:
+        """:meth:`claim_ids` for several ``(key, ids)`` pairs at once, in order, under one lock;
+        a key given twice gets, the second time, the ids of the first."""
+        if not claims:
+            return []
+        claimed: dict[str, list[str]] = {}
+        with self._errors(f"recording {len(claims)} idempotency keys"), self._key_lock():
+            for key, wanted in claims:
+                if key in claimed:
+                    continue
+                try:
+                    self._keys.insert_one({"_id": key, "ids": list(wanted), "at": datetime.datetime.now(UTC)})
+                    claimed[key] = list(wanted)
+                except errors.DuplicateKeyError:
+                    earlier = self._keys.find_one({"_id": key}, {"ids": 1})
+                    if earlier is not None:
+                        claimed[key] = list(earlier["ids"])
+        # A key purged between insert and read (rare): bind anew, as claim_ids does.
+        return [claimed[key] if key in claimed else self.claim_ids(key, wanted) for key, wanted in claims]
+
     @contextlib.contextmanager
     def _key_lock(self) -> Iterator[None]:
         """On the embedded engine, one process at a time claims keys: litemongo checks that an _id
