@@ -14,10 +14,12 @@ vhost is then used as it is).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
 import subprocess
+import threading
 import urllib.parse
 import urllib.request
 import uuid
@@ -54,6 +56,7 @@ class Cluster:
         self.services: list[launcher.Service] = []
         self.node_ports: list[int] = []
         self.business = Celery(broker=self.env["BROKER_URL"], backend=self.env["REDIS_URL"])
+        self._results_lock = threading.Lock()
         self.routes = redis_lib.Redis.from_url(self.env["REDIS_URL"], decode_responses=True)
 
     # --- processes ----------------------------------------------------------------------------
@@ -82,6 +85,14 @@ class Cluster:
         return service
 
     def stop(self) -> None:
+        # Celery 5.6's AsyncResult.__del__ unsubscribes from the result backend, reconnecting
+        # (without end) when that fails: finalise this cluster's results while its Redis is up,
+        # then drop the pub/sub connection so a late finaliser has nothing to reconnect.
+        gc.collect()
+        consumer = getattr(self.business.backend, "result_consumer", None)
+        if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
+            consumer.stop()
+            consumer._pubsub = None
         for service in reversed(self.services):
             service.terminate(timeout=10)
 
@@ -118,10 +129,19 @@ class Cluster:
         return self.business.send_task(task, kwargs=kwargs, queue="collect")
 
     async def collect(self, to, data, timeout: float = 20.0) -> str:
-        return await asyncio.to_thread(self.send(to=to, data=data).get, timeout=timeout)
+        return await self.result(self.send(to=to, data=data), timeout)
 
     async def collect_many(self, messages: list[dict], timeout: float = 30.0) -> list:
-        return await asyncio.to_thread(self.send("tasks.collect_many", messages=messages).get, timeout=timeout)
+        return await self.result(self.send("tasks.collect_many", messages=messages), timeout)
+
+    async def result(self, async_result, timeout: float):
+        """``async_result.get()`` on a thread, one thread at a time: Celery's Redis result
+        consumer (one pub/sub connection per app) is not thread-safe."""
+        def get():
+            with self._results_lock:
+                return async_result.get(timeout=timeout)
+
+        return await asyncio.to_thread(get)
 
     def node_queue_length(self, port: int) -> int:
         """Messages waiting on a node's queue, on either broker (0 when the queue does not exist)."""
