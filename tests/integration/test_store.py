@@ -267,6 +267,17 @@ def test_claiming_a_key_again_returns_the_first_ids_not_the_new_ones(store):
     assert store.claim_ids("key:order-17", ["b" * 24]) == ["a" * 24]
 
 
+def test_claiming_many_keys_binds_each_new_one_and_returns_earlier_ids_for_old_ones(store):
+    store.claim_ids("key:old", ["a" * 24])
+    claimed = store.claim_many([("key:new", ["b" * 24]), ("key:old", ["c" * 24]), ("task:t1", ["d" * 24])])
+    assert claimed == [["b" * 24], ["a" * 24], ["d" * 24]]
+    assert store.claim_ids("task:t1", ["e" * 24]) == ["d" * 24]
+
+
+def test_a_key_given_twice_in_one_claim_gets_the_first_ids_both_times(store):
+    assert store.claim_many([("key:k", ["a" * 24]), ("key:k", ["b" * 24])]) == [["a" * 24], ["a" * 24]]
+
+
 def test_the_inbox_holds_the_users_unacked_messages_oldest_first(store):
     gen = IdGenerator()
     messages = [make(gen, ["ann", "bob"], {"n": n}) for n in range(4)]
