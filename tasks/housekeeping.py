@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 PURGE_LOCK = "push:purge-lock"
 LAST_RUN = "push:redeliver-last-run"
 PURGE_EVERY_SECONDS = 60
+#: Most deliveries one run checks for redelivery (the oldest first).
+REDELIVER_LIMIT = 20000
 
 # Remove a node from the list only if its lease is still the old one (it may have come back).
 _FORGET_NODE = _redis.register_script(
@@ -62,11 +64,18 @@ def redeliver(now: float) -> int:
     store = get_store()
     start = datetime.datetime.fromtimestamp(now - marks[-1] - gap, utc)
     end = datetime.datetime.fromtimestamp(now - marks[0], utc)
-    users_of: dict[str, list[str]] = {}
-    for message_id, user in store.unacked_between(start, end):
+    # Acks are looked up only for the deliveries that crossed a threshold since the last run
+    # (a few seconds' worth per threshold), not for the whole window (minutes' worth).
+    due = []
+    for message_id, user in store.inbox_between(start, end):
         age = now - timestamp_ms(message_id) / 1000
         if crossed(age - gap, age, marks):
-            users_of.setdefault(message_id, []).append(user)
+            due.append((message_id, user))
+    users_of: dict[str, list[str]] = {}
+    for message_id, user in store.not_acked(due[:REDELIVER_LIMIT]):
+        users_of.setdefault(message_id, []).append(user)
+    if len(due) > REDELIVER_LIMIT:
+        log.warning("%d deliveries crossed a redelivery threshold; checked the oldest %d this run", len(due), REDELIVER_LIMIT)
     if not users_of:
         return 0
     data = store.message_data(list(users_of))

@@ -53,7 +53,7 @@ TIMEOUT_MS = 5000
 BROADCAST = "*"
 _DUPLICATE_KEY = 11000
 _OPEN_ATTEMPTS = 10
-_EMBEDDED_ID_BATCH = 100
+_EMBEDDED_ID_BATCH = 2000
 _INDEX_OPTIONS_CONFLICT = 85
 _COLLECTIONS = ("messages", "inbox", "receipts", "keys")
 ACKED = "acked"
@@ -249,15 +249,23 @@ class Store:
             found = self.message_data(wanted)
         return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], len(pending) > limit
 
-    def unacked_between(self, start: datetime.datetime, end: datetime.datetime, limit: int = 10000) -> list[tuple[str, str]]:
-        """``(message id, user)`` of the deliveries stored between ``start`` and ``end`` that are
-        not acked, oldest first (broadcasts excluded): the candidates for redelivery."""
-        with self._errors("looking for unacked messages"):
+    def inbox_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
+        """``(message id, user)`` of the deliveries stored between ``start`` and ``end``, acked or
+        not, oldest first (broadcasts excluded): one read of the inbox."""
+        with self._errors("listing deliveries"):
             entries = self._distinct(self._inbox, "_id", {"at": {"$gte": start, "$lt": end}})  # "<id>:<user>"
-            pairs = sorted(tuple(entry.split(":", 1)) for entry in entries)
-            pairs = [pair for pair in pairs if pair[1] != BROADCAST][:limit]
+        return sorted(pair for pair in (tuple(entry.split(":", 1)) for entry in entries) if pair[1] != BROADCAST)
+
+    def not_acked(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The ``(message id, user)`` pairs no device of that user acked, in the order given."""
+        with self._errors(f"looking up acks of {len(pairs)} deliveries"):
             acked = self._acked(pairs)
         return [pair for pair in pairs if pair not in acked]
+
+    def unacked_between(self, start: datetime.datetime, end: datetime.datetime, limit: int = 10000) -> list[tuple[str, str]]:
+        """``(message id, user)`` of the deliveries stored between ``start`` and ``end`` that are
+        not acked, oldest first (broadcasts excluded)."""
+        return self.not_acked(self.inbox_between(start, end)[:limit])
 
     def message_data(self, message_ids: list[str]) -> dict[str, object]:
         """``{id: data}`` for the ids that are still stored."""
@@ -299,8 +307,10 @@ class Store:
         return [doc[field] for doc in collection.find(query, {field: 1})]
 
     def _by_ids(self, collection, ids: list, projection: dict) -> Iterator[dict]:
-        """The documents whose ``_id`` is in ``ids``; on the embedded engine 100 ids per query,
-        since mongomock checks ``$in`` against a list for every candidate."""
+        """The documents whose ``_id`` is in ``ids``, in batches.  On the embedded engine every
+        query rebuilds the collection's query index whenever another process wrote since (a full
+        scan), and then checks ``$in`` against a list for every candidate: 2,000 ids per query
+        balances the two (100 made housekeeping's ack lookups take a whole worker process)."""
         batch = _EMBEDDED_ID_BATCH if self.embedded else 5000
         for start in range(0, len(ids), batch):
             yield from collection.find({"_id": {"$in": ids[start : start + batch]}}, projection)
