@@ -38,6 +38,8 @@ import os
 import time
 import uuid
 
+from celery import states
+from celery.backends.redis import RedisBackend
 from celery.utils.time import get_exponential_backoff_interval
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
@@ -232,13 +234,15 @@ def collect(self, requests) -> dict[str, tuple[str, str]]:
             outcomes[req.id] = ("failed", f"{type(exc).__name__}: {exc}")
             _store_result(req, exc, failed=True)
         return outcomes
+    done = []
     for (req, message, _), message_id in zip(parsed, ids):
         if isinstance(message_id, validation.InvalidMessage):
             outcomes[req.id] = ("failed", f"InvalidMessage: {message_id}")
             _store_result(req, message_id, failed=True)
         else:
             outcomes[req.id] = ("ok", message_id)
-            _store_result(req, message_id)
+            done.append((req, message_id))
+    _store_results(done)
     log.debug("collected %d messages in one batch", len(parsed))
     return outcomes
 
@@ -253,6 +257,33 @@ def _store_result(req, value, failed: bool = False) -> None:
             app.backend.mark_as_done(req.id, value, request=req)
     except Exception as exc:  # noqa: BLE001 - the message itself is stored and sent; only the answer is lost
         log.warning("tasks.collect %s: result not stored (%s)", req.id, exc)
+
+
+def _store_results(done: list[tuple[object, str]]) -> None:
+    """Store each request's message id as its SUCCESS result.  With Celery's Redis backend, in
+    one pipeline (SETEX and PUBLISH per result, what ``mark_as_done`` sends, without its prior GET
+    that only guards a SUCCESS against being overwritten: here a rerun writes the same id); with
+    any other backend, ``mark_as_done`` one by one."""
+    done = [(req, mid) for req, mid in done if req.id and not getattr(req, "ignore_result", False)]
+    backend = app.backend
+    if not isinstance(backend, RedisBackend) or not done:
+        for req, message_id in done:
+            _store_result(req, message_id)
+        return
+    try:
+        with backend.client.pipeline(transaction=False) as pipe:
+            for req, message_id in done:
+                meta = backend._get_result_meta(result=message_id, state=states.SUCCESS, traceback=None, request=req)
+                meta["task_id"] = req.id
+                key, value = backend.get_key_for_task(req.id), backend.encode(meta)
+                if backend.expires:
+                    pipe.setex(key, backend.expires, value)
+                else:
+                    pipe.set(key, value)
+                pipe.publish(key, value)
+            pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
+        log.warning("tasks.collect: %d results not stored (%s)", len(done), exc)
 
 
 def _retry(task, req, exc: Exception) -> tuple[str, str]:
