@@ -175,3 +175,26 @@ async def test_a_delivered_message_shows_in_flower_as_a_wsnode_deliver_task_of_i
     assert task["worker"] == node_name(port)
     assert task["received"] <= task["started"] <= task["succeeded"]
     client.close()
+
+
+async def test_each_batched_collect_request_shows_in_flower_as_a_succeeded_task_with_its_message_id(cluster, flower):
+    client = await cluster.connect("flower-collect", cluster.node_ports[0])
+
+    async def collect_task():
+        # Flower turns task events on within 5 s of starting: send until one collect shows.
+        result = cluster.send(to="flower-collect", data={"watched": "collect"})
+        message_id = await cluster.result(result, 20)
+        await client.messages(1)
+        await asyncio.sleep(1.0)
+        tasks = await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.collect")
+        return message_id, tasks.get(result.id)
+
+    deadline = time.monotonic() + DEADLINE
+    while not (found := await collect_task())[1]:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no tasks.collect task in Flower after {DEADLINE:g} s")
+    message_id, task = found
+    assert task["name"] == "tasks.collect"
+    assert task["state"] == "SUCCESS"
+    assert message_id in task["result"]
+    client.close()
