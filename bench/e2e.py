@@ -480,6 +480,11 @@ class Bench:
             node.port = port
             self.services.append(node)
             self.nodes.append(node)
+        if self.args.flower:
+            # To watch a run: Flower's CPU shows under "rest of the machine", and enables task events.
+            self.services.append(launcher.start_flower(self.env, self.args.flower, log_path=self.logs / "flower.log"))
+            print(f"watch: Flower http://127.0.0.1:{self.args.flower}, metrics "
+                  + " ".join(f"http://127.0.0.1:{n.port}/metrics" for n in self.nodes) + f" http://127.0.0.1:{auth_port}/metrics", file=sys.stderr)
 
     def stop_all(self) -> None:
         if self.sender_proc is not None and self.sender_proc.is_alive():
@@ -705,6 +710,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="LOG_LEVEL of the platform processes (default INFO)")
     parser.add_argument("--dump-records", type=Path, default=None, metavar="PATH",
                         help="write every receipt [user, id, seq, t_send, t_recv] as JSON lines to PATH-<mode>.jsonl (for investigations)")
+    parser.add_argument("--flower", type=int, default=None, metavar="PORT",
+                        help="also start stock Flower on this port, to watch the run (it turns task events on, which costs CPU)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and its logs (kept anyway when something was lost)")
     args = parser.parse_args(argv)
     if args.users < 1 or args.batch < 1 or (args.messages is not None and args.messages < 1) or args.rate < 0:
