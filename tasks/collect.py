@@ -33,6 +33,7 @@ Dispatch receives the message bodies rather than ids so that the hot path never 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -41,7 +42,7 @@ import uuid
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.utils.time import get_exponential_backoff_interval
-from celery_batches import Batches, SimpleRequest
+from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
@@ -164,6 +165,21 @@ class CollectBatches(Batches):
     """
 
     abstract = True
+
+    def Strategy(self, task, app, consumer):
+        """Called when the worker's consumer starts, and again each time it reconnects to the
+        broker.  Requests still buffered then came on the old connection: the broker gives their
+        messages back (Redis restores them, RabbitMQ requeues them), so they are dropped here
+        rather than run and then fail to ack; and the flush timer is started afresh with the
+        next request, so a reconnection cannot leave requests waiting for a timer that is gone."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        dropped = len(list(consume_queue(self._buffer))) + len(list(consume_queue(self._pending)))
+        if dropped:
+            log.warning("tasks.collect: consumer restarted; %d buffered requests left to the broker, which delivers them again", dropped)
+        self._count = itertools.count(1)
+        return super().Strategy(task, app, consumer)
 
     def flush(self, requests):
         requests = list(requests)

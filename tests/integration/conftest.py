@@ -56,6 +56,10 @@ class Cluster:
         self.services: list[launcher.Service] = []
         self.node_ports: list[int] = []
         self.business = Celery(broker=self.env["BROKER_URL"], backend=self.env["REDIS_URL"])
+        # Bounded waits on the result backend, so that a test whose Redis is gone fails instead of
+        # hanging its teardown (Celery's defaults: no socket timeout, 20 reconnection attempts).
+        self.business.conf.update(redis_socket_timeout=10, redis_socket_connect_timeout=5,
+                                  result_backend_transport_options={"retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}})
         self._results_lock = threading.Lock()
         self.routes = redis_lib.Redis.from_url(self.env["REDIS_URL"], decode_responses=True)
 
