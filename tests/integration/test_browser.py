@@ -9,7 +9,6 @@ Redis-broker cluster only: the browser does not see the broker.
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import pytest
