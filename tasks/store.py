@@ -186,24 +186,17 @@ class Store:
         return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], truncated
 
     def claim_ids(self, key: str, ids: list[str]) -> list[str]:
-        """Bind idempotency ``key`` to ``ids``, or return the ids it was bound to before.
-
-        One insert keyed by ``_id`` (the primary key on both engines, no secondary unique index);
-        the read happens only when the key was already taken, i.e. when a task runs again.
-        """
-        with self._errors("recording an idempotency key"), self._key_lock():
-            try:
-                self._keys.insert_one({"_id": key, "ids": list(ids), "at": datetime.datetime.now(UTC)})
-                return list(ids)
-            except errors.DuplicateKeyError:
-                earlier = self._keys.find_one({"_id": key}, {"ids": 1})
-        if earlier is None:  # purged between the two calls: bind anew
-            return self.claim_ids(key, ids)
-        return list(earlier["ids"])
+        """Bind idempotency ``key`` to ``ids``, or return the ids it was bound to before."""
+        (claimed,) = self.claim_many([(key, ids)])
+        return claimed
 
     def claim_many(self, claims: list[tuple[str, list[str]]]) -> list[list[str]]:
         """:meth:`claim_ids` for several ``(key, ids)`` pairs at once, in order, under one lock;
-        a key given twice gets, the second time, the ids of the first."""
+        a key given twice gets, the second time, the ids of the first.
+
+        One insert per key, keyed by ``_id`` (the primary key on both engines, no secondary unique
+        index); the read happens only when the key was already taken, i.e. when a task runs again.
+        """
         if not claims:
             return []
         claimed: dict[str, list[str]] = {}
@@ -218,8 +211,14 @@ class Store:
                     earlier = self._keys.find_one({"_id": key}, {"ids": 1})
                     if earlier is not None:
                         claimed[key] = list(earlier["ids"])
-        # A key purged between insert and read (rare): bind anew, as claim_ids does.
-        return [claimed[key] if key in claimed else self.claim_ids(key, wanted) for key, wanted in claims]
+        # A key purged between its insert and its read (rare): bind those anew.
+        purged: dict[str, list[str]] = {}
+        for key, wanted in claims:
+            if key not in claimed:
+                purged.setdefault(key, wanted)
+        if purged:
+            claimed.update(zip(purged, self.claim_many(list(purged.items()))))
+        return [claimed[key] for key, _ in claims]
 
     @contextlib.contextmanager
     def _key_lock(self) -> Iterator[None]:
