@@ -1,4 +1,4 @@
-"""Messages, inbox entries and receipts in MongoDB; the only module that imports pymongo or litemongo.
+"""Messages (each recipient's inbox) and receipts in MongoDB; the only module that imports pymongo or litemongo.
 
 Worker process only.  ``get_store()`` opens one :class:`Store` lazily in each process (after the
 Celery worker has forked: a store is never carried across a fork) and in each thread, because the
@@ -6,20 +6,29 @@ embedded engine's SQLite connections refuse to be used from another thread.
 
 Two engines, one code path:
 
-- ``MONGO_URL`` set: pymongo against MongoDB, 5 s timeouts.  Indexes: inbox ``(u, m)``, receipts
-  ``m``, messages ``key`` (sparse), and a TTL index on ``at`` in every collection, so MongoDB
-  itself enforces the retention.
+- ``MONGO_URL`` set: pymongo against MongoDB, 5 s timeouts.  Indexes: messages ``(to, _id)``,
+  receipts ``m`` (both multikey), and a TTL index on ``at`` in every collection, so MongoDB itself
+  enforces the retention.
 - ``MONGO_URL`` unset: litemongo, mongomock's query engine over SQLite files in ``DATA_DIR/mongo``.
   It survives a restart and several processes may write the same folder, but: single host only
   (local disk, no network file system); hash indexes only, so equality and ``$in`` narrow the
-  candidates and ranges and sorts run in Python over them (a replay costs the user's whole inbox
-  plus every broadcast kept); a process rebuilds an index from the whole collection on its first
-  read after another process wrote; one SQLite commit per document (roughly 10-45k documents/s);
-  no TTL index (mongomock would scan every collection on every read): call :meth:`Store.purge`.
+  candidates and ranges and sorts run in Python over them (a replay costs every message kept for
+  the user plus every broadcast kept); a process rebuilds an index from the whole collection on its
+  first read after another process wrote; one SQLite commit per document (roughly 15-20k
+  documents/s); no TTL index (mongomock would scan every collection on every read): call
+  :meth:`Store.purge`.
 
-Documents: ``messages {_id: id, to, data, at[, key]}``, ``inbox {_id: "id:user", u, m, at}``
-(one per recipient, or one with ``u="*"`` for a broadcast), ``receipts {_id: "id:user:state", m, u,
-s, at}``.  ``at`` of a message is the time in its id, so a retried insert writes the same documents.
+Documents, as few per delivery as the queries allow (each costs a write, and on the embedded
+engine a commit):
+
+- ``messages {_id: id, to: [users] | "*", data, at}``: one per message, whatever its recipients.
+  It is also each recipient's inbox: the index on ``to`` finds a user's messages.  ``at`` is the
+  time in the id, so a retried insert writes the same document.
+- ``receipts {_id, s: state, m: [message ids], r: [[id, user, at], ...], at}``: one per state and
+  minute of a batch of receipts (a batch of acks from a node, the routing of a batch), at most
+  ``RECEIPT_DOC_ITEMS`` receipts each.  ``_id`` is a digest of the content, so recording the same
+  batch again (a retried task) adds nothing; ``at`` is the newest receipt's time, for retention.
+- ``keys {_id: key, ids, at}``: idempotency keys.
 
 Errors: StoreError, for anything the store cannot do; StoreUnavailable(StoreError), for a server or
 disk that cannot be reached right now (transient: retry with backoff).
@@ -28,8 +37,10 @@ disk that cannot be reached right now (transient: retry with backoff).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import datetime
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import sqlite3
@@ -55,7 +66,11 @@ _DUPLICATE_KEY = 11000
 _OPEN_ATTEMPTS = 10
 _EMBEDDED_ID_BATCH = 2000
 _INDEX_OPTIONS_CONFLICT = 85
-_COLLECTIONS = ("messages", "inbox", "receipts", "keys")
+_COLLECTIONS = ("messages", "receipts", "keys")
+#: Most receipts in one receipts document (MongoDB caps a document at 16 MB).
+RECEIPT_DOC_ITEMS = 1000
+#: Receipts of one state are grouped per minute of their time, so retention drops them within a minute of their due.
+_RECEIPT_BUCKET_SECONDS = 60
 ACKED = "acked"
 UTC = datetime.timezone.utc
 
@@ -73,7 +88,7 @@ class Store:
 
     def __init__(self, database: pymongo.database.Database) -> None:
         self.database = database
-        self._messages, self._inbox, self._receipts, self._keys = (database[name] for name in _COLLECTIONS)
+        self._messages, self._receipts, self._keys = (database[name] for name in _COLLECTIONS)
 
     @classmethod
     def open(cls) -> Store:
@@ -122,15 +137,14 @@ class Store:
     def _create_indexes(self) -> None:
         if self.embedded:
             # Hash indexes only, and never a TTL index (see the module docstring).
-            self._inbox.create_index([("u", 1)])
+            self._messages.create_index([("to", 1)])
             self._receipts.create_index([("m", 1)])
-            # Open the other files now too, inside the retry: a first open is what races.
-            for collection in (self._messages, self._keys):
-                collection.find_one({"_id": ""})
+            # Open the other file now too, inside the retry: a first open is what races.
+            self._keys.find_one({"_id": ""})
             return
-        self._inbox.create_index([("u", 1), ("m", 1)])
+        self._messages.create_index([("to", 1), ("_id", 1)])
         self._receipts.create_index([("m", 1)])
-        for collection in (self._messages, self._inbox, self._receipts, self._keys):
+        for collection in (self._messages, self._receipts, self._keys):
             self._ensure_ttl(collection)
 
     def _ensure_ttl(self, collection) -> None:
@@ -146,7 +160,7 @@ class Store:
         """Store ``[{"id", "to": [users] | "*", "data"[, "key"]}]``; re-inserting the same ids is a no-op."""
         if not messages:
             return
-        docs, entries = [], []
+        docs = []
         for message in messages:
             mid, to = message["id"], message["to"]
             at = _id_time(mid)
@@ -161,24 +175,21 @@ class Store:
             except (bson.errors.BSONError, OverflowError) as exc:
                 raise StoreError(f"message {mid}: its data cannot be stored in MongoDB ({exc}); integers must fit in 64 bits and keys cannot contain NUL") from None
             docs.append(doc)
-            entries.extend({"_id": f"{mid}:{user}", "u": user, "m": mid, "at": at} for user in users)
         with self._errors(f"storing {len(docs)} messages"):
             _insert_new(self._messages, docs)
-            if entries:
-                _insert_new(self._inbox, entries)
 
     def replay(self, user: str, after_id: str, limit: int) -> tuple[list[dict], bool]:
         """Envelopes ``{"id", "data"}`` of the messages to ``user`` or to everyone with an id above
         ``after_id``, oldest first.  At most the newest ``limit``; True when older ones were left out."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit!r}")
-        query = {"u": {"$in": [user, BROADCAST]}, "m": {"$gt": after_id}}
+        query = {"to": {"$in": [user, BROADCAST]}, "_id": {"$gt": after_id}}
         with self._errors(f"replaying for user {user!r}"):
             if self.embedded:
                 # mongomock's cursor copies its result list on every next() (quadratic); distinct() doesn't.
-                newest = sorted(self._inbox.distinct("m", query), reverse=True)[: limit + 1]
+                newest = sorted(self._messages.distinct("_id", query), reverse=True)[: limit + 1]
             else:
-                newest = [entry["m"] for entry in self._inbox.find(query, {"m": 1, "_id": 0}).sort("m", -1).limit(limit + 1)]
+                newest = [doc["_id"] for doc in self._messages.find(query, {"_id": 1}).sort("_id", -1).limit(limit + 1)]
             truncated = len(newest) > limit
             wanted = sorted(newest[:limit])
             found = self.message_data(wanted)
@@ -241,7 +252,7 @@ class Store:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of
         theirs acked, oldest first: the newest ``limit``, and True when older ones were left out."""
         with self._errors(f"reading the inbox of user {user!r}"):
-            mids = sorted(self._distinct(self._inbox, "m", {"u": user}))
+            mids = sorted(self._distinct(self._messages, "_id", {"to": user}))  # a user id is never "*"
             acked = self._acked([(mid, user) for mid in mids])
             pending = [mid for mid in mids if (mid, user) not in acked]
             wanted = pending[-limit:]
@@ -250,10 +261,10 @@ class Store:
 
     def inbox_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
         """``(message id, user)`` of the deliveries stored between ``start`` and ``end``, acked or
-        not, oldest first (broadcasts excluded): one read of the inbox."""
+        not, oldest first (broadcasts excluded)."""
         with self._errors("listing deliveries"):
-            entries = self._distinct(self._inbox, "_id", {"at": {"$gte": start, "$lt": end}})  # "<id>:<user>"
-        return sorted(pair for pair in (tuple(entry.split(":", 1)) for entry in entries) if pair[1] != BROADCAST)
+            mids = self._distinct(self._messages, "_id", {"at": {"$gte": start, "$lt": end}, "to": {"$ne": BROADCAST}})
+            return sorted((doc["_id"], user) for doc in self._by_ids(self._messages, mids, {"to": 1}) if doc["to"] != BROADCAST for user in doc["to"])
 
     def not_acked(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The ``(message id, user)`` pairs no device of that user acked, in the order given."""
@@ -287,16 +298,23 @@ class Store:
             recipients: dict[str, dict[str, float]] = {}
             if message["to"] != BROADCAST:
                 recipients = {user: {} for user in message["to"]}
-            for receipt in self._receipts.find({"m": message_id}, {"u": 1, "s": 1, "at": 1}):
-                recipients.setdefault(receipt["u"], {})[receipt["s"]] = _unix(receipt["at"])
+            for receipt in self._receipts.find({"m": message_id}, {"s": 1, "r": 1}):
+                state = receipt["s"]
+                for mid, user, at in receipt["r"]:
+                    if mid == message_id:
+                        times = recipients.setdefault(user, {})
+                        times[state] = min(at, times.get(state, at))  # recorded twice: the first time
         return {"id": message_id, "to": message["to"], "collected_at": _unix(message["at"]), "recipients": recipients}
 
     def _acked(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         if not pairs:
             return set()
-        keys = [f"{mid}:{user}:{ACKED}" for mid, user in pairs]
-        found = {doc["_id"] for doc in self._by_ids(self._receipts, keys, {"_id": 1})}
-        return {pair for pair, key in zip(pairs, keys) if key in found}
+        wanted = set(pairs)
+        mids = list(dict.fromkeys(mid for mid, _ in pairs))
+        found: set[tuple[str, str]] = set()
+        for doc in self._by_ids(self._receipts, mids, {"r": 1}, field="m", also={"s": ACKED}):
+            found.update(pair for pair in ((mid, user) for mid, user, _ in doc["r"]) if pair in wanted)
+        return found
 
     def _distinct(self, collection, field: str, query: dict) -> list:
         """The values of ``field`` in the documents matching ``query``.  On the embedded engine
@@ -305,33 +323,32 @@ class Store:
             return collection.distinct(field, query)
         return [doc[field] for doc in collection.find(query, {field: 1})]
 
-    def _by_ids(self, collection, ids: list, projection: dict) -> Iterator[dict]:
-        """The documents whose ``_id`` is in ``ids``, in batches.  On the embedded engine every
+    def _by_ids(self, collection, ids: list, projection: dict, field: str = "_id", also: dict | None = None) -> Iterator[dict]:
+        """The documents whose ``field`` (default ``_id``) is (or, for an array, holds) one of
+        ``ids`` and that match ``also``, in batches; a document may come once per batch it matches.  On the embedded engine every
         query rebuilds the collection's query index whenever another process wrote since (a full
         scan), and then checks ``$in`` against a list for every candidate: 2,000 ids per query
         balances the two (100 made housekeeping's ack lookups take a whole worker process)."""
         batch = _EMBEDDED_ID_BATCH if self.embedded else 5000
         for start in range(0, len(ids), batch):
-            yield from collection.find({"_id": {"$in": ids[start : start + batch]}}, projection)
+            yield from collection.find({field: {"$in": ids[start : start + batch]}, **(also or {})}, projection)
 
     def record_receipts(self, receipts: list[dict]) -> int:
-        """Append ``[{"id", "user", "state", "at": unix seconds}]``; returns how many were new."""
-        docs = {}
-        for r in receipts:
-            key = f"{r['id']}:{r['user']}:{r['state']}"
-            docs.setdefault(key, {"_id": key, "m": r["id"], "u": r["user"], "s": r["state"], "at": datetime.datetime.fromtimestamp(r["at"], UTC)})
+        """Append ``[{"id", "user", "state", "at": unix seconds}]`` as a few documents (see the
+        module docstring); returns how many receipts were recorded: a receipt given twice counts
+        once (its earliest time is kept), and a batch recorded before counts 0."""
+        docs = receipt_documents(receipts)
         if not docs:
             return 0
-        with self._errors(f"recording {len(docs)} receipts"):
-            return _insert_new(self._receipts, list(docs.values()))
+        with self._errors(f"recording {sum(len(doc['r']) for doc in docs)} receipts"):
+            return sum(len(doc["r"]) for doc in _insert_new(self._receipts, docs))
 
     def purge(self, now: datetime.datetime | None = None) -> int:
         """Delete everything older than ``RETENTION_SECONDS`` before ``now``; returns how many."""
         cutoff = (now or datetime.datetime.now(UTC)) - datetime.timedelta(seconds=settings.RETENTION_SECONDS)
         deleted = 0
         with self._errors("purging old messages"):
-            # Inbox first: an inbox entry never outlives its message.
-            for collection in (self._inbox, self._messages, self._receipts, self._keys):
+            for collection in (self._messages, self._receipts, self._keys):
                 deleted += collection.delete_many({"at": {"$lt": cutoff}}).deleted_count
         return deleted
 
@@ -352,15 +369,38 @@ class Store:
             raise StoreError(f"{action} failed: {exc}") from exc
 
 
-def _insert_new(collection, docs: list[dict]) -> int:
-    """One unordered insert_many; documents whose _id exists already are skipped.  Returns how many were new."""
+def _insert_new(collection, docs: list[dict]) -> list[dict]:
+    """One unordered insert_many; documents whose _id exists already are skipped.  Returns the new ones."""
     try:
-        return len(collection.insert_many(docs, ordered=False).inserted_ids)
+        collection.insert_many(docs, ordered=False)
+        return docs
     except errors.BulkWriteError as exc:
         details = exc.details
         if details.get("writeConcernErrors") or any(e.get("code") != _DUPLICATE_KEY for e in details.get("writeErrors", ())):
             raise
-        return details.get("nInserted", 0)
+        taken = {e["index"] for e in details.get("writeErrors", ())}
+        return [doc for index, doc in enumerate(docs) if index not in taken]
+
+
+def receipt_documents(receipts: list[dict]) -> list[dict]:
+    """The receipts documents for ``[{"id", "user", "state", "at"}]``: per state and minute, the
+    receipts sorted, each (id, user) once at its earliest time, ``RECEIPT_DOC_ITEMS`` per document;
+    ``_id`` is a digest of the state and the receipts.  Pure."""
+    groups: dict[tuple[str, int], dict[tuple[str, str], float]] = {}
+    for r in receipts:
+        at = float(r["at"])
+        items = groups.setdefault((r["state"], int(at // _RECEIPT_BUCKET_SECONDS)), {})
+        pair = (r["id"], r["user"])
+        items[pair] = min(at, items.get(pair, at))
+    docs = []
+    for (state, _), items in sorted(groups.items()):
+        entries = sorted([mid, user, at] for (mid, user), at in items.items())
+        for start in range(0, len(entries), RECEIPT_DOC_ITEMS):
+            chunk = entries[start : start + RECEIPT_DOC_ITEMS]
+            digest = hashlib.sha1(json.dumps([state, chunk], separators=(",", ":")).encode()).hexdigest()[:32]
+            docs.append({"_id": f"{state}:{digest}", "s": state, "m": sorted({mid for mid, _, _ in chunk}), "r": chunk,
+                         "at": datetime.datetime.fromtimestamp(max(at for _, _, at in chunk), UTC)})
+    return docs
 
 
 def _unix(at: datetime.datetime) -> float:

@@ -120,7 +120,7 @@ async def test_acks_are_recorded_as_receipts_in_the_store(cluster):
     assert await client.quiet(0.3) == [], "an ack frame is answered with nothing"
     store = Store.open()  # the worker's store: the same DATA_DIR (or MONGO_URL) as this process
     for _ in range(50):
-        if store.database["receipts"].find_one({"m": message_id, "u": "acker", "s": "acked"}):
+        if store.not_acked([(message_id, "acker")]) == []:
             break
         await asyncio.sleep(0.1)
     else:

@@ -72,10 +72,12 @@ def test_replay_returns_only_the_users_own_messages_and_broadcasts(store):
     assert ids_of(store.replay("carol", "", 100)[0]) == [to_all["id"]]
 
 
-def test_a_broadcast_is_stored_as_one_inbox_entry(store):
-    store.insert_messages([make(IdGenerator(), "*")])
+def test_a_message_is_one_document_whatever_its_recipients(store):
+    gen = IdGenerator()
+    store.insert_messages([make(gen, "*"), make(gen, ["ann", "bob", "cid"])])
 
-    assert store.database["inbox"].count_documents({}) == 1
+    assert store.database["messages"].count_documents({}) == 2
+    assert set(store.database.list_collection_names()) <= {"messages", "receipts", "keys"}
 
 
 def test_replay_leaves_out_messages_up_to_and_including_after_id(store):
@@ -107,15 +109,16 @@ def test_inserting_the_same_messages_again_is_no_error_and_stores_no_duplicates(
 
     assert ids_of(store.replay("alice", "", 100)[0]) == [m["id"] for m in first] + [later["id"]]
     assert store.database["messages"].count_documents({}) == 4
-    assert store.database["inbox"].count_documents({}) == 7
+    assert ids_of(store.replay("bob", "", 100)[0]) == [m["id"] for m in first]
 
 
-def test_repeated_recipients_get_one_inbox_entry(store):
+def test_repeated_recipients_are_stored_once(store):
     message = make(IdGenerator(), ["alice", "alice", "bob"])
     store.insert_messages([message])
 
     assert ids_of(store.replay("alice", "", 100)[0]) == [message["id"]]
-    assert store.database["inbox"].count_documents({}) == 2
+    assert store.database["messages"].find_one({"_id": message["id"]})["to"] == ["alice", "bob"]
+    assert store.unacked("alice", 100)[0] == [{"id": message["id"], "data": message["data"]}]
 
 
 def test_a_list_naming_the_broadcast_user_is_rejected_and_nothing_is_stored(store):
@@ -133,18 +136,43 @@ def test_data_mongodb_cannot_hold_rejects_the_batch_before_anything_is_stored(st
         store.insert_messages([good, too_big])
 
     assert store.database["messages"].count_documents({}) == 0
-    assert store.database["inbox"].count_documents({}) == 0
+    assert store.replay("alice", "", 100) == ([], False)
 
 
-def test_recording_receipts_counts_only_the_new_ones(store):
+def test_recording_receipts_counts_each_once_and_a_batch_recorded_before_not_at_all(store):
     now = time.time()
     acked = {"id": IdGenerator().next_id(), "user": "alice", "state": "acked", "at": now}
-    seen = dict(acked, state="seen")
+    written = dict(acked, state="written")
 
-    assert store.record_receipts([acked]) == 1
-    assert store.record_receipts([acked, seen, seen]) == 1
+    assert store.record_receipts([acked, written, written]) == 2
+    assert store.record_receipts([written, acked]) == 0, "the same batch again: a retried task"
     assert store.record_receipts([]) == 0
-    assert store.database["receipts"].count_documents({"m": acked["id"]}) == 2
+    assert store.database["receipts"].count_documents({"m": acked["id"]}) == 2  # one per state
+
+
+def test_a_batch_of_receipts_is_a_few_documents_and_each_receipt_is_found(store):
+    gen = IdGenerator()
+    messages = [make(gen, [f"u{n}"]) for n in range(250)]
+    store.insert_messages(messages)
+    now = time.time()
+    batch = [{"id": m["id"], "user": f"u{n}", "state": "acked", "at": now} for n, m in enumerate(messages)]
+    batch += [{"id": m["id"], "user": f"u{n}", "state": "written", "at": now - 0.5} for n, m in enumerate(messages)]
+
+    assert store.record_receipts(batch) == 500
+
+    assert store.database["receipts"].count_documents({}) <= 4  # per state, and per minute
+    assert store.not_acked([(m["id"], f"u{n}") for n, m in enumerate(messages)] + [(messages[0]["id"], "u1")]) == [(messages[0]["id"], "u1")]
+    assert store.status(messages[7]["id"])["recipients"] == {"u7": {"written": now - 0.5, "acked": now}}
+
+
+def test_a_receipt_recorded_twice_keeps_its_first_time(store):
+    message = make(IdGenerator(), ["ann"])
+    store.insert_messages([message])
+    store.record_receipts([{"id": message["id"], "user": "ann", "state": "written", "at": 200.0}])
+    store.record_receipts([{"id": message["id"], "user": "ann", "state": "written", "at": 100.0},
+                           {"id": message["id"], "user": "ann", "state": "written", "at": 150.0}])
+
+    assert store.status(message["id"])["recipients"] == {"ann": {"written": 100.0}}
 
 
 def test_purge_removes_records_older_than_the_retention_and_keeps_newer_ones(store):
@@ -157,18 +185,18 @@ def test_purge_removes_records_older_than_the_retention_and_keeps_newer_ones(sto
     deleted = store.purge()
 
     if store.embedded:  # on MongoDB the TTL monitor may have taken some of them first
-        assert deleted == 5
+        assert deleted == 3
     assert ids_of(store.replay("alice", "", 100)[0]) == [m["id"] for m in new]
     assert store.database["messages"].count_documents({}) == 2
-    assert store.database["inbox"].count_documents({}) == 2
     assert store.database["receipts"].count_documents({}) == 1
+    assert store.status(new[0]["id"])["recipients"]["alice"]["acked"] > OLD
 
 
 def test_purge_measures_age_from_the_given_now(store):
     store.insert_messages([make(IdGenerator(), ["alice"])])
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=settings.RETENTION_SECONDS + 60)
 
-    assert store.purge(now=later) == 2
+    assert store.purge(now=later) == 1
     assert store.replay("alice", "", 100) == ([], False)
 
 

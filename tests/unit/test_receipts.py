@@ -1,4 +1,4 @@
-"""Pure tests of ``wsnode.receipts``: acks in, batches handed to an injected ``send`` out."""
+"""Pure tests of receipts: ``wsnode.receipts`` (acks in, batches handed to an injected ``send`` out) and how the store groups them into documents."""
 
 from __future__ import annotations
 
@@ -133,3 +133,32 @@ def test_items_keep_the_order_they_were_added_in():
     receipts.flush()
 
     assert [item["id"] for item in sent.batches[0]] == [ID3, ID1, ID2]
+
+
+# --- how the store groups receipts into documents (tasks.store.receipt_documents, pure) ----------
+
+def test_receipt_documents_group_by_state_and_minute_with_a_digest_id():
+    from tasks.store import receipt_documents
+
+    batch = [{"id": "m1", "user": "ann", "state": "acked", "at": 120.5}, {"id": "m2", "user": "bob", "state": "acked", "at": 121.0},
+             {"id": "m1", "user": "ann", "state": "written", "at": 120.0}, {"id": "m3", "user": "ann", "state": "acked", "at": 185.0}]
+
+    docs = receipt_documents(batch)
+
+    assert [(d["s"], d["r"]) for d in docs] == [("acked", [["m1", "ann", 120.5], ["m2", "bob", 121.0]]), ("acked", [["m3", "ann", 185.0]]),
+                                                ("written", [["m1", "ann", 120.0]])]
+    assert docs[0]["m"] == ["m1", "m2"] and docs[0]["at"].timestamp() == 121.0
+    assert [d["_id"] for d in receipt_documents(list(reversed(batch)))] == [d["_id"] for d in docs], "same receipts, same ids"
+    assert len({d["_id"] for d in docs}) == 3
+
+
+def test_receipt_documents_keep_each_receipts_first_time_and_split_big_batches(monkeypatch):
+    from tasks import store
+
+    monkeypatch.setattr(store, "RECEIPT_DOC_ITEMS", 2)
+    batch = [{"id": f"m{n}", "user": "ann", "state": "routed", "at": 10.0 + n} for n in range(5)]
+    batch.append({"id": "m0", "user": "ann", "state": "routed", "at": 5.0})
+
+    docs = store.receipt_documents(batch)
+
+    assert [d["r"] for d in docs] == [[["m0", "ann", 5.0], ["m1", "ann", 11.0]], [["m2", "ann", 12.0], ["m3", "ann", 13.0]], [["m4", "ann", 14.0]]]
