@@ -277,7 +277,7 @@ def _store_result(req, value, failed: bool = False) -> None:
 
 def _store_results(done: list[tuple[object, str]]) -> None:
     """Store each request's message id as its SUCCESS result.  With Celery's Redis backend, in
-    one pipeline (SETEX and PUBLISH per result, what ``mark_as_done`` sends, without its prior GET
+    one pipeline (SET with its expiry and PUBLISH per result, what ``mark_as_done`` sends, without its prior GET
     that only guards a SUCCESS against being overwritten: here a rerun writes the same id); with
     any other backend, ``mark_as_done`` one by one."""
     done = [(req, mid) for req, mid in done if req.id and not getattr(req, "ignore_result", False)]
@@ -292,10 +292,7 @@ def _store_results(done: list[tuple[object, str]]) -> None:
                 meta = backend._get_result_meta(result=message_id, state=states.SUCCESS, traceback=None, request=req)
                 meta["task_id"] = req.id
                 key, value = backend.get_key_for_task(req.id), backend.encode(meta)
-                if backend.expires:
-                    pipe.setex(key, backend.expires, value)
-                else:
-                    pipe.set(key, value)
+                pipe.set(key, value, ex=backend.expires or None)
                 pipe.publish(key, value)
             pipe.execute()
     except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
