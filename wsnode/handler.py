@@ -1,7 +1,7 @@
 """The WebSocket endpoint ``/ws``: one handler per browser connection.
 
-Loop thread only.  Lifecycle (Tornado's): ``get`` runs before the upgrade and checks ``since`` and
-the token; ``open`` binds the connection through the node, or closes it at once with the code the
+Loop thread only.  Lifecycle (Tornado's): ``prepare`` runs before the upgrade and checks ``since``
+and the token; ``open`` drops what only the handshake needed, then binds the connection through the node, or closes it at once with the code the
 check chose (4401 bad token, 4500 bad request, 1013 auth unavailable); ``on_message`` only runs
 after ``open`` finished; ``on_close`` unbinds.  Every refusal is logged with its reason and counted
 in the node's metrics by close code (or HTTP status, before the upgrade); so is every close the node
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 
+from tornado import httputil
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from wsnode import protocol
@@ -38,7 +39,12 @@ class PushHandler(WebSocketHandler):
         self.node.metrics.rejected(403)
         return False
 
-    async def get(self, *args, **kwargs) -> None:
+    async def prepare(self) -> None:
+        """Before the upgrade: refuse a draining node's requests, check ``since`` and the token.
+
+        This is ``prepare`` rather than an override of ``get`` because Tornado's ``get`` runs for
+        the connection's whole life (it awaits the frame loop): a coroutine of ours around it
+        would stay in memory for every connection."""
         if self.node.draining:
             log.info("conn=%s node=%s rejected with 503: draining", self.conn_id, self.node.address)
             self.node.metrics.rejected(503)
@@ -56,13 +62,24 @@ class PushHandler(WebSocketHandler):
         except AuthUnavailable as exc:
             log.warning("conn=%s refused, auth unavailable: %s", self.conn_id, exc)
             self._refusal = (CloseCode.TRY_AGAIN_LATER, CloseCode.TRY_AGAIN_LATER.reason)
-        await super().get(*args, **kwargs)
 
     async def open(self) -> None:
+        self._forget_handshake()
         if self._refusal is not None:
             self.refuse(*self._refusal)
             return
         await self.node.attach(self)
+
+    def _forget_handshake(self) -> None:
+        """Drop what only the handshake needed: the request's and the response's headers and the
+        query string (it holds the token, which no longer stays in memory).  A browser sends a
+        dozen headers or more, so this is a good part of an idle connection's memory."""
+        request = self.request
+        request.headers = httputil.HTTPHeaders()
+        request.uri = request.path
+        request.query = ""
+        request.query_arguments = request.arguments = {}
+        self._headers = httputil.HTTPHeaders()  # the response's, sent already (Tornado has no public way to drop them)
 
     def on_message(self, message: str | bytes) -> None:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from wsnode import protocol
 
 Outgoing = list[tuple[str | None, str]]
+_NOTHING: frozenset[str] = frozenset()  # shared: an idle connection keeps no set of its own
 
 
 class BacklogOverflow(RuntimeError):
@@ -26,7 +27,7 @@ class Session:
         self.since = since
         self.replaying = True
         self._held: Outgoing = []
-        self._replayed: set[str] = set()
+        self._replayed: set[str] | frozenset[str] = set()
         self._max_backlog = max_backlog
 
     def live(self, message_id: str, frame: str) -> Outgoing:
@@ -51,4 +52,4 @@ class Session:
 
     def forget_replayed(self) -> None:
         """Stop dropping live copies of replayed messages (frees their ids)."""
-        self._replayed = set()
+        self._replayed = _NOTHING
