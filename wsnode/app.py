@@ -51,6 +51,11 @@ STOP_STEP_SECONDS = 10
 #: rewrites its leases as soon as Redis is back), instead of at the next lease renewal.
 REDIS_PING_SECONDS = 2.0
 
+#: Most connections the node opens to Redis.  Callers beyond it wait (up to 5 s) for one to be
+#: free, so that thousands of browsers connecting or leaving at once never open thousands of Redis
+#: connections (Redis refuses clients beyond its ``maxclients``, 10,000 by default, for everyone).
+REDIS_MAX_CONNECTIONS = 16
+
 #: Files served at ``/static/``: the browser client ``push.js``.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -82,7 +87,9 @@ class PushNode:
         self.celery = celery_app
         self.hub = Hub()
         self.auth = AuthClient(settings.AUTH_URL, settings.AUTH_CACHE_SECONDS)
-        self.redis = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=5,
+            client_name=f"wsnode:{self.address}"))  # named in Redis' CLIENT LIST
         self.leases = Leases(self.redis, self.address, settings.LEASE_TTL)
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
@@ -95,6 +102,9 @@ class PushNode:
         self._server: HTTPServer | None = None
         self._timers: list[PeriodicCallback] = []
         self._loop: IOLoop | None = None
+        #: Users whose last connection here closed, whose leases are not released yet (one release for all).
+        self._unleased: set[str] = set()
+        self._releasing = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -186,17 +196,31 @@ class PushNode:
         if self.hub.remove(conn):
             log.info("conn=%s user=%s node=%s disconnected (%s); last on this node", conn.conn_id, conn.user_id, self.address, conn.close_code)
             if not self.draining:
-                IOLoop.current().spawn_callback(self._release, conn.user_id)
+                self._unleased.add(conn.user_id)
+                if not self._releasing:
+                    self._releasing = True
+                    IOLoop.current().spawn_callback(self._release_unleased)
         else:
             log.info("conn=%s user=%s node=%s disconnected (%s)", conn.conn_id, conn.user_id, self.address, conn.close_code)
 
-    async def _release(self, user: str) -> None:
+    async def _release_unleased(self) -> None:
+        """Release the leases of the users who left, many per round trip: one release runs at a
+        time, and takes every user who left meanwhile (thousands leave at once when a proxy in
+        front restarts)."""
         try:
-            await self.leases.release([user])
-            if self.hub.of_user(user):  # reconnected while the release was in flight
-                await self.leases.register([user])
-        except RedisError as exc:
-            log.warning("user=%s: lease not released (%s); it expires in %.0f s", user, exc, settings.LEASE_TTL)
+            while self._unleased:
+                users = [user for user in self._unleased if not self.hub.of_user(user)]  # not back already
+                self._unleased = set()
+                try:
+                    await self.leases.release(users)
+                    back = [user for user in users if self.hub.of_user(user)]  # reconnected meanwhile
+                    if back:
+                        await self.leases.register(back)
+                except RedisError as exc:
+                    log.warning("node=%s leases of %d users who left not released (%s); they expire within %.0f s",
+                                self.address, len(users), exc, settings.LEASE_TTL)
+        finally:
+            self._releasing = False
 
     def _request_replay(self, conn: PushHandler) -> None:
         kwargs = {"node": self.address, "conn": conn.conn_id, "user": conn.user_id, "since": conn.session.since}

@@ -8,6 +8,7 @@ import time
 
 from tests.integration.conftest import LEASE_TTL
 from tests.integration.wsclient import dedup
+from wsnode.app import REDIS_MAX_CONNECTIONS
 from wsnode.closecodes import CloseCode
 from wsnode.registry import NODES_KEY, route_key
 
@@ -46,3 +47,22 @@ async def test_after_sigkill_the_lease_expires_dispatch_stops_routing_there_and_
     frames, _ = await back.until("resumed")
     assert [f["id"] for f in dedup(frames) if f["id"] != first and "n" in f["data"]] == during + after
     back.close()
+
+
+async def test_hundreds_of_browsers_leaving_at_once_release_their_leases_over_a_few_redis_connections(cluster):
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    users = [f"leaving-{i}" for i in range(150)]
+    clients = await asyncio.gather(*(cluster.connect(user, node.port) for user in users))
+    assert all(cluster.routes.zscore(route_key(user), address) is not None for user in users)
+
+    for client in clients:
+        client.close()
+    deadline = time.monotonic() + 10  # the leases themselves run LEASE_TTL, and renew nothing once released
+    while left := [user for user in users if cluster.routes.zscore(route_key(user), address) is not None]:
+        assert time.monotonic() < deadline, f"{len(left)} leases still held 10 s after their users left"
+        await asyncio.sleep(0.2)
+
+    opened = [client for client in cluster.routes.client_list() if client["name"] == f"wsnode:{address}"]
+    assert 0 < len(opened) <= REDIS_MAX_CONNECTIONS, f"the node opened {len(opened)} connections to Redis"
+    await asyncio.to_thread(node.terminate, 15)
