@@ -3,8 +3,15 @@
 Threading: :class:`NodeQueueConsumer` runs its kombu connection on one dedicated thread (kombu
 channels are not thread-safe).  The only way into the loop is ``IOLoop.add_callback`` on the loop
 captured at construction; the thread then waits until the loop has written the batch before it
-acks the messages, so a node that dies mid-batch leaves them unacked for the broker to restore.
-The broker connection is re-opened with a doubling delay (0.5 s up to 30 s) when it drops.
+reads more (backpressure).  The broker connection is re-opened with a doubling delay (0.5 s up to
+30 s) when it drops; what was read before the drop is still delivered.
+
+Messages are consumed without acknowledgements (``no_ack``): the broker forgets a message once
+the node has read it.  On the Redis broker an acknowledged message costs two more round trips
+(recording it as unacknowledged, then the ack), about a fifth of a node's CPU, and a
+``wsnode.deliver`` batch needs no broker-side safety net: its messages are in the store, a node
+that dies drops its clients, who resume elsewhere with ``since``, and a message lost on its way to
+a client that stays connected is redelivered by housekeeping (``REDELIVER_AFTER``).
 
 Given a Celery node name (``hostname``), the consumer also keeps the node present in Celery's
 monitoring (:mod:`wsnode.presence`: Flower lists it as a worker consuming this queue, and each
@@ -28,14 +35,13 @@ log = logging.getLogger(__name__)
 
 
 class NodeQueueConsumer:
-    def __init__(self, app, address: str, loop, deliver: Callable[[list[Delivery]], None], batch_max: int = 256, prefetch: int = 512,
+    def __init__(self, app, address: str, loop, deliver: Callable[[list[Delivery]], None], batch_max: int = 256,
                  hostname: str | None = None) -> None:
         self._app = app
         self._queue = node_queue(address)
         self._loop = loop
         self._deliver = deliver
         self._batch_max = batch_max
-        self._prefetch = prefetch
         self._stopping = threading.Event()
         self._pending: list[Delivery] = []
         self._thread = threading.Thread(target=self._run, name=f"queue-{address}", daemon=True)
@@ -43,7 +49,7 @@ class NodeQueueConsumer:
         #: True while the consumer holds a working broker connection (read from any thread).
         self.connected = False
         #: The node's presence in Celery's monitoring, when started with a ``hostname``.
-        self.presence = (Presence(app, hostname, self._queue, consuming=lambda: self.connected, prefetch=prefetch)
+        self.presence = (Presence(app, hostname, self._queue, consuming=lambda: self.connected, prefetch=batch_max)
                          if hostname else None)
 
     def start(self) -> None:
@@ -64,16 +70,14 @@ class NodeQueueConsumer:
             delivery = parse_delivery(message.headers, body)
         except BadDelivery as exc:
             log.error("dropped a malformed message from %s: %s", self._queue.name, exc)
-            message.reject()
             return
-        delivery.message = message
+        delivery.message = message  # its headers name the task in Flower
         if not self._pending:
             self._received_at = time.time()
         self._pending.append(delivery)
 
     def _on_decode_error(self, message, exc: Exception) -> None:
         log.error("dropped an undecodable message from %s: %s", self._queue.name, exc)
-        message.reject()
 
     def _run(self) -> None:
         delay = 0.5
@@ -82,7 +86,7 @@ class NodeQueueConsumer:
                 with self._app.connection_for_read() as conn:
                     conn.ensure_connection(max_retries=1)
                     with conn.Consumer([self._queue], callbacks=[self._on_message], on_decode_error=self._on_decode_error,
-                                       accept=["json"], prefetch_count=self._prefetch):
+                                       accept=["json"], no_ack=True):
                         self.connected, delay = True, 0.5
                         log.info("consuming queue %s", self._queue.name)
                         self._consume(conn)
@@ -92,7 +96,8 @@ class NodeQueueConsumer:
                 log.warning("queue %s: broker connection lost (%s); retrying in %.1f s", self._queue.name, exc, delay)
             finally:
                 self.connected = False
-                self._pending.clear()  # unacked: the broker restores them
+                if self._pending:  # read already: the broker no longer has them
+                    self._flush()
             self._stopping.wait(delay)
             delay = min(delay * 2, 30.0)
 
@@ -117,11 +122,9 @@ class NodeQueueConsumer:
         self._loop.add_callback(self._deliver_on_loop, batch, done)
         try:
             done.result(timeout=30)
-        except Exception as exc:  # noqa: BLE001 - logged; the batch is acked anyway or it would loop forever
+        except Exception as exc:  # noqa: BLE001 - logged; housekeeping redelivers what no client acked
             log.exception("delivering a batch of %d messages failed", len(batch))
             error = repr(exc)
-        for delivery in batch:
-            delivery.message.ack()
         if self.presence is not None:
             self.presence.delivered(batch, self._received_at, started, time.time(), error)
 
