@@ -161,6 +161,11 @@ REDELIVER_AFTER: float = _read(_env, "REDELIVER_AFTER", 30.0, _positive_float, "
 #: ... at most this many times, at ages REDELIVER_AFTER x 1, 2, 4, ...; after that it waits for
 #: the user's next connection (inbox or ``since``).
 REDELIVER_ATTEMPTS: int = _read(_env, "REDELIVER_ATTEMPTS", 5, _positive_int, "a whole number")
+#: Redelivery candidates are the deliveries Dispatch routed and no ack removed (kept in Redis); this
+#: often, housekeeping also reads the store's unacked deliveries of the redelivery window into them,
+#: for messages stored but never routed (Redis down longer than Dispatch's retries).  Each sweep reads
+#: the store's last minutes of messages.
+REDELIVER_SWEEP_SECONDS: float = _read(_env, "REDELIVER_SWEEP_SECONDS", 300.0, _positive_float, "a number of seconds")
 #: How often one worker (elected through a Redis lock) runs ``tasks.housekeeping``: redelivery,
 #: hand-back of dead nodes' queues, retention purge.
 HOUSEKEEPING_SECONDS: float = _read(_env, "HOUSEKEEPING_SECONDS", 10.0, _positive_float, "a number of seconds")

@@ -4,7 +4,8 @@ Worker process only.  Collect runs it inline (:func:`route`) right after storing
 ``tasks.dispatch`` task runs it when that failed, for handed-back queues, and for redelivery.  One Redis round trip looks up every recipient's leases; the plan
 (``tasks.routing.plan``) groups the envelopes by node; one ``wsnode.deliver`` message goes to each
 node's own queue.  A recipient with no live route is skipped: the message waits in the store for
-that user's resume.  Dispatch is idempotent: running it twice delivers duplicates that clients
+that user's resume.  Each routed (message, user) is also recorded as pending in Redis until acked
+(:mod:`tasks.pending`, the redelivery candidates).  Dispatch is idempotent: running it twice delivers duplicates that clients
 drop by id, so it runs with ``acks_late`` and transient Redis, broker or store errors are retried
 with backoff.  It records a ``routed`` receipt per (message, recipient) it routed, in one insert.
 """
@@ -18,7 +19,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 import settings
-from tasks import routing
+from tasks import pending, routing
 from tasks.queues import DELIVER_TASK, node_queue
 from tasks.store import StoreUnavailable, get_store
 from worker import app
@@ -60,10 +61,11 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
     returns what went where."""
     routes, live = _routes.lookup(routing.recipients_of(messages))
     per_node = routing.plan(messages, routes, live)
-    for node, envelopes in per_node.items():
-        publish(node, envelopes)
     now = time.time()
     routed = [{"id": e["id"], "user": user, "state": "routed", "at": now} for envelopes in per_node.values() for e in envelopes if e["to"] != routing.BROADCAST for user in e["to"]]
+    pending.add(_redis, [(r["id"], r["user"]) for r in routed])  # first: a batch lost after this is redelivered
+    for node, envelopes in per_node.items():
+        publish(node, envelopes)
     if routed:
         get_store().record_receipts(routed)
     return per_node

@@ -5,7 +5,8 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
 1. **Redelivery.**  A delivery that no device acked is dispatched again to its user, if online
    (offline users get it from their inbox when they connect), each time its age crosses one of the
    thresholds ``REDELIVER_AFTER x 1, 2, 4, ...`` (``REDELIVER_ATTEMPTS`` of them): at most that
-   many times, and clients drop the repeats by id.  Crossings are counted since the previous run
+   many times, and clients drop the repeats by id.  The candidates come from Redis
+   (:mod:`tasks.pending`: routed, not acked), so a run reads the store only for what is due.  Crossings are counted since the previous run
    (kept in Redis), so an outage of Redis or of the workers delays redelivery but skips none.  This
    recovers a message lost between the store and the browser while its user stays connected (a
    dropped queue message, a node that wrote and crashed).
@@ -23,6 +24,7 @@ import logging
 import time
 
 import settings
+from tasks import pending
 from tasks.dispatch import _redis, route
 from tasks.ids import timestamp_ms
 from tasks.reclaim import hand_back
@@ -33,9 +35,10 @@ from wsnode.registry import NODES_KEY
 log = logging.getLogger(__name__)
 
 PURGE_LOCK = "push:purge-lock"
+SWEEP_LOCK = "push:redeliver-sweep-lock"
 LAST_RUN = "push:redeliver-last-run"
 PURGE_EVERY_SECONDS = 60
-#: Most deliveries one run checks for redelivery (the oldest first).
+#: Most deliveries one run re-sends (the oldest first); the rest wait for the next run.
 REDELIVER_LIMIT = 20000
 
 # Remove a node from the list only if its lease is still the old one (it may have come back).
@@ -60,22 +63,28 @@ def redeliver(now: float) -> int:
     previous = _redis.set(LAST_RUN, now, get=True)
     previous = float(previous) if previous is not None else now - settings.HOUSEKEEPING_SECONDS
     gap = min(max(now - previous, 0.0), marks[-1])
-    utc = datetime.timezone.utc
-    store = get_store()
-    start = datetime.datetime.fromtimestamp(now - marks[-1] - gap, utc)
-    end = datetime.datetime.fromtimestamp(now - marks[0], utc)
-    # Acks are looked up only for the deliveries that crossed a threshold since the last run
-    # (a few seconds' worth per threshold), not for the whole window (minutes' worth).
+    start, end = now - marks[-1] - gap, now - marks[0]
+    # Only the deliveries routed and not acked (pending, in Redis) whose age crossed a threshold
+    # since the last run: a few seconds' worth per threshold, read without scanning the store.
     due = []
-    for message_id, user in store.inbox_between(start, end):
+    for message_id, user in pending.between(_redis, start, end):
         age = now - timestamp_ms(message_id) / 1000
         if crossed(age - gap, age, marks):
             due.append((message_id, user))
-    users_of: dict[str, list[str]] = {}
-    for message_id, user in store.not_acked(due[:REDELIVER_LIMIT]):
-        users_of.setdefault(message_id, []).append(user)
+    pending.prune(_redis, start)  # past the last threshold: never sent again
+    if _redis.set(SWEEP_LOCK, "1", nx=True, ex=max(1, round(settings.REDELIVER_SWEEP_SECONDS))):
+        sweep(start, now)
     if len(due) > REDELIVER_LIMIT:
-        log.warning("%d deliveries crossed a redelivery threshold; checked the oldest %d this run", len(due), REDELIVER_LIMIT)
+        log.warning("%d deliveries crossed a redelivery threshold; sending the oldest %d this run", len(due), REDELIVER_LIMIT)
+        due = due[:REDELIVER_LIMIT]
+    if not due:
+        return 0
+    store = get_store()
+    unacked = store.not_acked(due)  # the store's receipts are the record: an ack's removal may have been missed
+    pending.remove(_redis, set(due) - set(unacked))
+    users_of: dict[str, list[str]] = {}
+    for message_id, user in unacked:
+        users_of.setdefault(message_id, []).append(user)
     if not users_of:
         return 0
     data = store.message_data(list(users_of))
@@ -85,6 +94,16 @@ def redeliver(now: float) -> int:
     if sent:
         log.info("redelivered %d unacked deliveries to online users", sent)
     return sent
+
+
+def sweep(start: float, end: float) -> int:
+    """Add the store's unacked deliveries of messages from ``start`` to ``end`` to the
+    redelivery candidates (messages stored but never routed); returns how many were read."""
+    utc = datetime.timezone.utc
+    store = get_store()
+    deliveries = store.deliveries_between(datetime.datetime.fromtimestamp(start, utc), datetime.datetime.fromtimestamp(end, utc))
+    pending.add(_redis, store.not_acked(deliveries))
+    return len(deliveries)
 
 
 def reclaim_dead_nodes(now: float) -> int:

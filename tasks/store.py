@@ -259,9 +259,9 @@ class Store:
             found = self.message_data(wanted)
         return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], len(pending) > limit
 
-    def inbox_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
-        """``(message id, user)`` of the deliveries stored between ``start`` and ``end``, acked or
-        not, oldest first (broadcasts excluded)."""
+    def deliveries_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
+        """``(message id, user)`` of the messages stored between ``start`` and ``end``, acked or
+        not, oldest first (broadcasts excluded).  On the embedded engine a scan of every message."""
         with self._errors("listing deliveries"):
             mids = self._distinct(self._messages, "_id", {"at": {"$gte": start, "$lt": end}, "to": {"$ne": BROADCAST}})
             return sorted((doc["_id"], user) for doc in self._by_ids(self._messages, mids, {"to": 1}) if doc["to"] != BROADCAST for user in doc["to"])
@@ -271,11 +271,6 @@ class Store:
         with self._errors(f"looking up acks of {len(pairs)} deliveries"):
             acked = self._acked(pairs)
         return [pair for pair in pairs if pair not in acked]
-
-    def unacked_between(self, start: datetime.datetime, end: datetime.datetime, limit: int = 10000) -> list[tuple[str, str]]:
-        """``(message id, user)`` of the deliveries stored between ``start`` and ``end`` that are
-        not acked, oldest first (broadcasts excluded)."""
-        return self.not_acked(self.inbox_between(start, end)[:limit])
 
     def message_data(self, message_ids: list[str]) -> dict[str, object]:
         """``{id: data}`` for the ids that are still stored."""

@@ -334,18 +334,26 @@ def test_the_inbox_keeps_the_newest_messages_beyond_the_limit_and_says_so(store)
     assert ids_of(envelopes) == [messages[3]["id"], messages[4]["id"]] and truncated is True
 
 
-def test_redelivery_candidates_are_the_unacked_deliveries_inside_the_window_without_broadcasts(store):
+def test_not_acked_keeps_the_deliveries_no_device_of_that_user_acked_in_the_order_given(store):
+    gen = IdGenerator()
+    message = make(gen, ["ann", "bob"], 1)
+    store.insert_messages([message])
+    store.record_receipts([{"id": message["id"], "user": "bob", "state": "acked", "at": time.time()},
+                           {"id": message["id"], "user": "ann", "state": "written", "at": time.time()}])
+
+    assert store.not_acked([(message["id"], "bob"), (message["id"], "ann"), ("f" * 24, "ann")]) == [(message["id"], "ann"), ("f" * 24, "ann")]
+
+
+def test_deliveries_between_are_the_recipients_of_the_messages_stored_in_the_window_without_broadcasts(store):
     now = datetime.datetime.now(datetime.timezone.utc)
     gen = IdGenerator()
     inside = [make(gen, ["ann", "bob"], 1), make(gen, "*", 2)]
     store.insert_messages(inside)
-    store.record_receipts([{"id": inside[0]["id"], "user": "bob", "state": "acked", "at": time.time()}])
-    old = IdGenerator(clock=lambda: time.time() - 3600)
-    store.insert_messages([make(old, ["ann"], "too old")])
+    store.insert_messages([make(IdGenerator(clock=lambda: time.time() - 3600), ["ann"], "too old")])
 
-    pairs = store.unacked_between(now - datetime.timedelta(seconds=60), now + datetime.timedelta(seconds=60))
+    pairs = store.deliveries_between(now - datetime.timedelta(seconds=60), now + datetime.timedelta(seconds=60))
 
-    assert pairs == [(inside[0]["id"], "ann")]
+    assert pairs == [(inside[0]["id"], "ann"), (inside[0]["id"], "bob")]
 
 
 def test_status_lists_each_recipient_with_the_time_of_each_receipt_state(store):

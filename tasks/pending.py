@@ -1,0 +1,73 @@
+"""Deliveries routed to an online user and not acked yet: the redelivery candidates, in Redis.
+
+Worker processes only (synchronous ``redis.Redis``).  One sorted set, ``push:pending`` in the
+``REDIS_URL`` database: member ``"<message id>:<user>"``, score = the message's time (from its id).
+
+- Dispatch adds every (message, user) it routes (:func:`add`, one command per batch), before it
+  publishes; routing the same delivery again changes nothing.  Every ``REDELIVER_SWEEP_SECONDS``
+  housekeeping also adds the store's unacked deliveries of the window (a message stored whose
+  routing never ran, because Redis was down longer than Dispatch retried).
+- An ack removes it (:func:`remove`, from ``tasks.receipts``).
+- Housekeeping reads the deliveries whose age may have crossed a redelivery threshold since its
+  last run (:func:`between`), checks them against the store's ``acked`` receipts (the record of
+  truth: a removal may have been missed while Redis was down), and drops what is older than the
+  last threshold (:func:`prune`).
+
+So a redelivery run costs what is due, not a scan of the store.  A Redis that loses its data loses
+this set: deliveries routed before that are not redelivered, but stay in each user's inbox for
+their next connection.  The set holds only unacked deliveries younger than the last threshold
+(``REDELIVER_AFTER x 2^(REDELIVER_ATTEMPTS - 1)``, 8 minutes by default), about 60 bytes each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tasks.ids import timestamp_ms
+
+PENDING_KEY = "push:pending"
+_CHUNK = 5000
+
+
+def member(message_id: str, user: str) -> str:
+    return f"{message_id}:{user}"
+
+
+def parse(value: bytes | str) -> tuple[str, str]:
+    """``(message id, user)`` of a member (user ids may contain ``:``, message ids never do)."""
+    text = value.decode() if isinstance(value, bytes) else value
+    message_id, _, user = text.partition(":")
+    return message_id, user
+
+
+def add(redis, pairs: Iterable[tuple[str, str]]) -> None:
+    """Record routed ``(message id, user)`` deliveries."""
+    scores = {member(mid, user): timestamp_ms(mid) / 1000 for mid, user in pairs}
+    items = list(scores.items())
+    if not items:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for start in range(0, len(items), _CHUNK):
+        pipe.zadd(PENDING_KEY, dict(items[start : start + _CHUNK]), nx=True)
+    pipe.execute()
+
+
+def remove(redis, pairs: Iterable[tuple[str, str]]) -> None:
+    """Forget acked ``(message id, user)`` deliveries."""
+    members = list(dict.fromkeys(member(mid, user) for mid, user in pairs))
+    if not members:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for start in range(0, len(members), _CHUNK):
+        pipe.zrem(PENDING_KEY, *members[start : start + _CHUNK])
+    pipe.execute()
+
+
+def between(redis, start: float, end: float) -> list[tuple[str, str]]:
+    """The pending deliveries of messages from ``start`` to ``end`` (unix seconds), oldest first."""
+    return [parse(value) for value in redis.zrangebyscore(PENDING_KEY, start, end)]
+
+
+def prune(redis, before: float) -> int:
+    """Drop the deliveries of messages older than ``before``; returns how many."""
+    return redis.zremrangebyscore(PENDING_KEY, "-inf", f"({before}")
