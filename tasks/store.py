@@ -261,10 +261,22 @@ class Store:
 
     def deliveries_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
         """``(message id, user)`` of the messages stored between ``start`` and ``end``, acked or
-        not, oldest first (broadcasts excluded).  On the embedded engine a scan of every message."""
+        not, oldest first (broadcasts excluded).  A range of ids (they start with their time), read
+        through ``aggregate``: mongomock's cursor copies its results on every step, and its ``$in``
+        costs the length of the list for every document."""
+        first, last = (ids.lower_bound(int(when.timestamp() * 1000)) for when in (start, end))
+        query = {"_id": {"$gte": first, "$lt": last}, "to": {"$ne": BROADCAST}}
         with self._errors("listing deliveries"):
-            mids = self._distinct(self._messages, "_id", {"at": {"$gte": start, "$lt": end}, "to": {"$ne": BROADCAST}})
-            return sorted((doc["_id"], user) for doc in self._by_ids(self._messages, mids, {"to": 1}) if doc["to"] != BROADCAST for user in doc["to"])
+            docs = self._messages.aggregate([{"$match": query}, {"$project": {"to": 1}}])
+            return sorted((doc["_id"], user) for doc in docs for user in doc["to"])
+
+    def acked_since(self, start: datetime.datetime) -> set[tuple[str, str]]:
+        """``(message id, user)`` of the acks recorded in receipts documents newer than ``start``
+        (and perhaps a few older ones): one read of the recent receipts, for checking many
+        deliveries at once (:meth:`not_acked` looks each message up)."""
+        with self._errors("listing recent acks"):
+            found = self._distinct(self._receipts, "_id", {"s": ACKED, "at": {"$gte": start}})
+            return {(mid, user) for doc in self._by_ids(self._receipts, found, {"r": 1}) for mid, user, _ in doc["r"]}
 
     def not_acked(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The ``(message id, user)`` pairs no device of that user acked, in the order given."""

@@ -356,6 +356,19 @@ def test_deliveries_between_are_the_recipients_of_the_messages_stored_in_the_win
     assert pairs == [(inside[0]["id"], "ann"), (inside[0]["id"], "bob")]
 
 
+def test_acked_since_lists_the_acks_recorded_after_the_given_time(store):
+    gen = IdGenerator()
+    message = make(gen, ["ann", "bob"], 1)
+    store.insert_messages([message])
+    now = time.time()
+    store.record_receipts([{"id": message["id"], "user": "ann", "state": "acked", "at": now},
+                           {"id": message["id"], "user": "bob", "state": "written", "at": now}])
+    store.record_receipts([{"id": message["id"], "user": "bob", "state": "acked", "at": now - 3600}])
+
+    since = datetime.datetime.fromtimestamp(now - 60, datetime.timezone.utc)
+    assert store.acked_since(since) == {(message["id"], "ann")}
+
+
 def test_status_lists_each_recipient_with_the_time_of_each_receipt_state(store):
     gen = IdGenerator()
     message = make(gen, ["ann", "bob"], "x")
