@@ -2,6 +2,7 @@
 
 - :func:`free_port`, :func:`find_redis_server`;
 - :class:`RedisServer`: a private ``redis-server`` on loopback;
+- :class:`RabbitVhost`: a private vhost on a local RabbitMQ, for a cluster on the RabbitMQ broker;
 - :class:`Service`: one child process in its own process group, with its output in a log file or
   echoed to our stdout behind a ``name |`` prefix;
 - :func:`cluster_env` and ``start_auth`` / ``start_worker`` / ``start_node`` / ``start_flower`` /
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -302,6 +304,36 @@ class RedisServer:
         if self.service is not None and self.service.alive:
             self.service.terminate()
         return self.start(timeout)
+
+
+class RabbitVhost:
+    """A private vhost on the RabbitMQ at ``base_url`` (``amqp://user:password@host:port``), made
+    and removed with ``rabbitmqctl``: so on this host, as a user allowed to run it (root, or one in
+    the ``rabbitmq`` group).  ``url`` is the broker URL of the vhost."""
+
+    def __init__(self, base_url: str = "amqp://guest:guest@127.0.0.1:5672", prefix: str = "push") -> None:
+        self.base = base_url.rstrip("/")
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.url = f"{self.base}/{self.name}"
+
+    def _ctl(self, *args: str) -> None:
+        try:
+            subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            raise LauncherError("rabbitmqctl not found: install RabbitMQ (apt-get install rabbitmq-server) or give a vhost of your own") from None
+        except subprocess.CalledProcessError as exc:
+            raise LauncherError(f"rabbitmqctl {' '.join(args)} failed: {(exc.stderr or exc.stdout or '').strip()[-300:]}") from None
+
+    def create(self) -> RabbitVhost:
+        self._ctl("add_vhost", self.name)
+        self._ctl("set_permissions", "-p", self.name, urllib.parse.urlsplit(self.base).username or "guest", ".*", ".*", ".*")
+        return self
+
+    def delete(self) -> None:
+        try:
+            self._ctl("delete_vhost", self.name)
+        except LauncherError:
+            pass  # already gone, or RabbitMQ stopped: nothing to clean
 
 
 def cluster_env(redis_url_base: str, data_dir: str | Path, auth_port: int, broker_url: str | None = None,

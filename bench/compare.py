@@ -4,14 +4,15 @@
 One command (from anywhere; the repository root is found from this file)::
 
     python bench/compare.py [--users 200] [--messages 20000] [--rate 1000] [--seconds 10]
-                            [--nodes 2,4] [--json out.json]
+                            [--nodes 2,4] [--broker redis|rabbitmq] [--json out.json]
 
 For each node count in ``--nodes`` (default ``2,4``), it runs first OUR system, then the PEER, one at a
 time (the other one is stopped), each with ``--users`` raw WebSocket clients in ONE client process
 (user i on node i mod N) and a separate business process that sends the messages:
 
 - ours: a private cluster started with ``launcher`` as bench/e2e.py does (its own redis-server, auth, one
-  Celery worker with its default concurrency, N push nodes ``python -m wsnode``), the clients of
+  Celery worker with its default concurrency, N push nodes ``python -m wsnode``; the Celery broker is that
+  redis-server, or with ``--broker rabbitmq`` a private vhost on the local RabbitMQ), the clients of
   ``e2e.clients_main`` (Tornado, ack every message), senders ``e2e.sender_main`` (``send_task`` by name);
 - peer: its own redis-server, N uvicorn processes serving ``bench/peer_app.py`` (``socketio.AsyncServer(
   async_mode="asgi", client_manager=socketio.AsyncRedisManager(url))``, ``--loop asyncio``, no access log,
@@ -136,7 +137,12 @@ class Runner:
         phase.push("redis", redis.stop)
         redis.start()
         auth_port = launcher.free_port()
-        env = launcher.cluster_env(redis.url(), folder, auth_port, LOG_LEVEL=self.args.log_level)
+        broker_url = None  # the private redis-server's db 0
+        if self.args.broker == "rabbitmq":
+            vhost = launcher.RabbitVhost(self.args.rabbitmq_url, "push-bench").create()
+            phase.push("rabbitmq vhost", vhost.delete)
+            broker_url = vhost.url
+        env = launcher.cluster_env(redis.url(), folder, auth_port, broker_url=broker_url, LOG_LEVEL=self.args.log_level)
         auth = launcher.start_auth(env, auth_port, log_path=logs / "auth.log")
         phase.push("auth", lambda: auth.terminate(10))
         worker = launcher.start_worker(env, log_path=logs / "worker.log")
@@ -470,6 +476,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cap on the messages of ours' single rows (throughput and latency), 0 = no cap (default 0: "
                              "single mode delivers about 400 msg/s here, so 20,000 take about a minute)")
     parser.add_argument("--single-every-count", action="store_true", help="also run ours' single row at every node count")
+    parser.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis",
+                        help="ours' Celery broker: its own redis-server (default), or a private vhost on the RabbitMQ at "
+                             "--rabbitmq-url, made and removed with rabbitmqctl (Celery's recommended broker)")
+    parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672", help="RabbitMQ for --broker rabbitmq")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--drain", type=float, default=20.0, help="missing deliveries count as lost once nothing new arrived for this many s (default 20)")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds of idle between rows (default 2)")
@@ -511,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio_items = ratios(rows, args.nodes)
     print()
     print(f"compare {started:%Y-%m-%d %H:%M %Z}, {os.cpu_count()} cores, {args.users} users, {args.messages} messages per throughput row, "
-          f"latency rows {args.rate:g} msg/s for {args.seconds:g} s, ours single capped at {args.single_max or 'no cap'}, "
+          f"latency rows {args.rate:g} msg/s for {args.seconds:g} s, ours single capped at {args.single_max or 'no cap'}, ours' broker {args.broker}, "
           f"{time.time() - t0:.0f} s in all")
     print(format_table(rows))
     print()

@@ -18,11 +18,9 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import threading
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -160,16 +158,14 @@ class Cluster:
 
 
 class RabbitVhost:
-    """A private vhost on the local RabbitMQ for one cluster, removed afterwards."""
+    """A private vhost on the local RabbitMQ for one cluster (``launcher.RabbitVhost``), removed
+    afterwards; or the vhost of ``TEST_AMQP_URL`` as it is.  Skips when RabbitMQ cannot be had."""
 
     def __init__(self) -> None:
         base = urllib.parse.urlsplit(AMQP_BASE)
-        self.name = f"push-test-{uuid.uuid4().hex[:8]}"
         self.own = base.path in ("", "/") and "TEST_AMQP_URL" not in os.environ
-        self.url = f"{AMQP_BASE.rstrip('/')}/{self.name}" if self.own else AMQP_BASE
-
-    def _ctl(self, *args: str) -> None:
-        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+        self.vhost = launcher.RabbitVhost(AMQP_BASE, "push-test") if self.own else None
+        self.url = self.vhost.url if self.vhost else AMQP_BASE
 
     def create(self) -> "RabbitVhost":
         try:
@@ -177,17 +173,15 @@ class RabbitVhost:
                 conn.ensure_connection(max_retries=1)
         except Exception as exc:  # noqa: BLE001 - any failure means: no RabbitMQ here
             pytest.skip(f"RabbitMQ not reachable at {AMQP_BASE} ({exc}): start it (rabbitmq-server -detached; .ci/run does) or set TEST_AMQP_URL")
-        if self.own:
+        if self.vhost:
             if shutil.which("rabbitmqctl") is None:
                 pytest.skip("rabbitmqctl not found: cannot make a private vhost; set TEST_AMQP_URL to a vhost of your own")
-            self._ctl("add_vhost", self.name)
-            user = urllib.parse.urlsplit(AMQP_BASE).username or "guest"
-            self._ctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
+            self.vhost.create()
         return self
 
     def delete(self) -> None:
-        if self.own:
-            subprocess.run(["rabbitmqctl", "delete_vhost", self.name], capture_output=True, timeout=60)
+        if self.vhost:
+            self.vhost.delete()
 
 
 def broker_url_for(kind: str, redis_server: launcher.RedisServer, request) -> str:

@@ -216,3 +216,26 @@ def test_cluster_env_sets_the_addresses_and_drops_the_parents_values(monkeypatch
 def test_cluster_env_uses_the_broker_url_it_is_given(tmp_path):
     env = launcher.cluster_env("redis://127.0.0.1:7000", tmp_path, 9000, broker_url="amqp://guest@127.0.0.1//")
     assert env["BROKER_URL"] == "amqp://guest@127.0.0.1//"
+
+
+def test_rabbit_vhost_is_a_private_broker_that_is_gone_after_delete():
+    from kombu import Connection
+
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl not found: RabbitMQ is not installed here")
+    vhost = launcher.RabbitVhost(prefix="push-launcher-test")
+    try:
+        vhost.create()
+    except launcher.LauncherError as exc:
+        pytest.skip(f"RabbitMQ unavailable: {exc}")
+    try:
+        with Connection(vhost.url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+            with conn.SimpleQueue("probe") as queue:
+                queue.put({"n": 1})
+                assert queue.get(timeout=5).payload == {"n": 1}
+    finally:
+        vhost.delete()
+    with pytest.raises(Exception), Connection(vhost.url, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=1)
+    vhost.delete()  # a second delete is no error
