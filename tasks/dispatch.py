@@ -1,13 +1,14 @@
 """Dispatch: route stored messages to the push nodes that hold their recipients.
 
 Worker process only.  Collect runs it inline (:func:`route`) right after storing; the
-``tasks.dispatch`` task runs it when that failed, for handed-back queues, and for redelivery.  One Redis round trip looks up every recipient's leases; the plan
-(``tasks.routing.plan``) groups the envelopes by node; one ``wsnode.deliver`` message goes to each
-node's own queue.  A recipient with no live route is skipped: the message waits in the store for
-that user's resume.  Each routed (message, user) is also recorded as pending in Redis until acked
-(:mod:`tasks.pending`, the redelivery candidates).  Dispatch is idempotent: running it twice delivers duplicates that clients
-drop by id, so it runs with ``acks_late`` and transient Redis, broker or store errors are retried
-with backoff.  It records a ``routed`` receipt per (message, recipient) it routed, in one insert.
+``tasks.dispatch`` task runs it when that failed, for handed-back queues, and for redelivery.  One
+Redis round trip looks up every recipient's leases; the plan (``tasks.routing.plan``) groups the
+envelopes by node; one ``wsnode.deliver`` message goes to each node's own queue.  A recipient with
+no live route is skipped: the message waits in the store for that user's resume.  Each routed
+(message, user) is recorded as pending in Redis until acked (:mod:`tasks.pending`, the
+redelivery candidates), before the publish.  Dispatch is idempotent: running it twice delivers
+duplicates that clients drop by id, so it runs with ``acks_late`` and transient Redis, broker or
+store errors are retried with backoff.  It records the ``routed`` receipts of a batch in one insert.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    (offline users get it from their inbox when they connect), each time its age crosses one of the
    thresholds ``REDELIVER_AFTER x 1, 2, 4, ...`` (``REDELIVER_ATTEMPTS`` of them): at most that
    many times, and clients drop the repeats by id.  The candidates come from Redis
-   (:mod:`tasks.pending`: routed, not acked), so a run reads the store only for what is due.  Crossings are counted since the previous run
-   (kept in Redis), so an outage of Redis or of the workers delays redelivery but skips none.  This
+   (:mod:`tasks.pending`: routed, not acked), so a run reads the store only for what is due.
+   Crossings are counted since the previous run (kept in Redis), so an outage of Redis or of the
+   workers delays redelivery but skips none.  This
    recovers a message lost between the store and the browser while its user stays connected (a
    dropped queue message, a node that wrote and crashed).
 2. **Dead nodes.**  A node whose own lease ended more than ``LEASE_TTL`` ago has its queue handed

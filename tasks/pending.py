@@ -14,8 +14,7 @@ Worker processes only (synchronous ``redis.Redis``).  One sorted set, ``push:pen
   last threshold (:func:`prune`).
 
 So a redelivery run costs what is due, not a scan of the store.  A Redis that loses its data loses
-this set: deliveries routed before that are not redelivered, but stay in each user's inbox for
-their next connection.  The set holds only unacked deliveries younger than the last threshold
+this set until the next sweep puts the store's unacked deliveries back.  The set holds only unacked deliveries younger than the last threshold
 (``REDELIVER_AFTER x 2^(REDELIVER_ATTEMPTS - 1)``, 8 minutes by default), about 60 bytes each.
 """
 
