@@ -26,8 +26,8 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import uuid
 import urllib.request
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO

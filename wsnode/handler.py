@@ -1,11 +1,11 @@
 """The WebSocket endpoint ``/ws``: one handler per browser connection.
 
 Loop thread only.  Lifecycle (Tornado's): ``prepare`` runs before the upgrade and checks ``since``
-and the token; ``open`` drops what only the handshake needed, then binds the connection through the node, or closes it at once with the code the
-check chose (4401 bad token, 4500 bad request, 1013 auth unavailable); ``on_message`` only runs
-after ``open`` finished; ``on_close`` unbinds.  Every refusal is logged with its reason and counted
-in the node's metrics by close code (or HTTP status, before the upgrade); so is every close the node
-makes.  No token is ever logged (the token is only in the query string, which no log line shows).
+and the token; ``open`` drops what only the handshake needed, then binds the connection through
+the node, or closes it at once with the code the check chose (4401 bad token, 4500 bad request,
+1013 auth unavailable); ``on_message`` only runs after ``open`` finished; ``on_close`` unbinds.
+Every refusal is logged with its reason and counted in the node's metrics by close code (or HTTP
+status, before the upgrade); so is every close the node makes.  No token is ever logged (the token is only in the query string, which no log line shows).
 """
 
 from __future__ import annotations
