@@ -48,6 +48,19 @@ def node_queue(address: str) -> Queue:
     )
 
 
+#: Message ids named in a ``wsnode.deliver``'s ``argsrepr``.
+ARGSREPR_IDS = 3
+
+
+def deliver_argsrepr(envelopes: list[dict]) -> str:
+    """What Flower shows as a ``wsnode.deliver``'s arguments: the envelope count and the first
+    message ids, instead of Celery's repr of every envelope (which costs a worker more than the
+    publish itself).  Pure."""
+    ids = [str(e.get("id")) for e in envelopes[:ARGSREPR_IDS]]
+    more = ", ..." if len(envelopes) > ARGSREPR_IDS else ""
+    return f"[<{len(envelopes)} envelope{'' if len(envelopes) == 1 else 's'}: {', '.join(ids)}{more}>]"
+
+
 @dataclass
 class Delivery:
     """One ``wsnode.deliver`` message: envelopes, and for a replay its connection and page info."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.queues import DELIVER_TASK, NODE_QUEUE_EXPIRES_MS, node_address, node_queue
+from tasks.queues import ARGSREPR_IDS, DELIVER_TASK, NODE_QUEUE_EXPIRES_MS, deliver_argsrepr, node_address, node_queue
 
 ADDRESS = "10.0.0.7:8765"
 
@@ -52,3 +52,10 @@ def test_two_calls_declare_equal_queues():
 
 def test_the_deliver_task_name_is_wsnode_deliver():
     assert DELIVER_TASK == "wsnode.deliver"
+
+
+def test_a_deliver_argsrepr_names_the_count_and_the_first_ids():
+    envelopes = [{"id": f"m{n}", "to": ["u"], "data": "x" * 1000} for n in range(ARGSREPR_IDS + 2)]
+    assert deliver_argsrepr(envelopes) == f"[<{ARGSREPR_IDS + 2} envelopes: m0, m1, m2, ...>]"
+    assert deliver_argsrepr(envelopes[:1]) == "[<1 envelope: m0>]"
+    assert "x" not in deliver_argsrepr(envelopes)
