@@ -14,9 +14,9 @@ Two engines, one code path:
   (local disk, no network file system); hash indexes only, so equality and ``$in`` narrow the
   candidates and ranges and sorts run in Python over them (a replay costs every message kept for
   the user plus every broadcast kept); a process rebuilds an index from the whole collection on its
-  first read after another process wrote; one SQLite commit per document (roughly 15-20k
-  documents/s); no TTL index (mongomock would scan every collection on every read): call
-  :meth:`Store.purge`.
+  first read after another process wrote; each insert or delete of this module is one SQLite
+  transaction (litemongo itself commits every document); no TTL index (mongomock would scan
+  every collection on every read): call :meth:`Store.purge`.
 
 Documents, as few per delivery as the queries allow (each costs a write, and on the embedded
 engine a commit):
@@ -211,7 +211,7 @@ class Store:
         if not claims:
             return []
         claimed: dict[str, list[str]] = {}
-        with self._errors(f"recording {len(claims)} idempotency keys"), self._key_lock():
+        with self._errors(f"recording {len(claims)} idempotency keys"), self._key_lock(), _one_transaction(self._keys):
             for key, wanted in claims:
                 if key in claimed:
                     continue
@@ -356,7 +356,8 @@ class Store:
         deleted = 0
         with self._errors("purging old messages"):
             for collection in (self._messages, self._receipts, self._keys):
-                deleted += collection.delete_many({"at": {"$lt": cutoff}}).deleted_count
+                with _one_transaction(collection):
+                    deleted += collection.delete_many({"at": {"$lt": cutoff}}).deleted_count
         return deleted
 
     def close(self) -> None:
@@ -376,10 +377,57 @@ class Store:
             raise StoreError(f"{action} failed: {exc}") from exc
 
 
+class _OneCommit:
+    """Stands for a litemongo table's sqlite3 connection during :func:`_one_transaction`: its
+    ``with connection:`` (a commit per document) does nothing, so the inserts share one
+    transaction, committed once.  Everything else goes to the real connection."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def __getattr__(self, name):
+        return getattr(self._connection, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _one_transaction(collection) -> Iterator[None]:
+    """On the embedded engine, the writes inside share one SQLite transaction (one commit, and one
+    take of the file's write lock, instead of one per document), committed when the block ends,
+    also when it raises a BulkWriteError (MongoDB keeps the documents that went in), and rolled
+    back for any other error.  litemongo 0.2 commits every document; this reaches into its table
+    object (``CollectionStore._documents``) and does nothing where that is not there (MongoDB)."""
+    table = getattr(getattr(collection, "_store", None), "_documents", None)
+    connection = getattr(table, "_connection", None)
+    if not isinstance(connection, sqlite3.Connection):
+        yield
+        return
+    table._connection = _OneCommit(connection)
+    try:
+        yield
+    except errors.BulkWriteError:
+        connection.commit()
+        raise
+    except BaseException:
+        connection.rollback()
+        collection._store._query_index = None  # rebuilt on the next read: it may name rolled-back documents
+        raise
+    else:
+        connection.commit()
+    finally:
+        table._connection = connection
+
+
 def _insert_new(collection, docs: list[dict]) -> list[dict]:
     """One unordered insert_many; documents whose _id exists already are skipped.  Returns the new ones."""
     try:
-        collection.insert_many(docs, ordered=False)
+        with _one_transaction(collection):
+            collection.insert_many(docs, ordered=False)
         return docs
     except errors.BulkWriteError as exc:
         details = exc.details

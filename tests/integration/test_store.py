@@ -112,6 +112,41 @@ def test_inserting_the_same_messages_again_is_no_error_and_stores_no_duplicates(
     assert ids_of(store.replay("bob", "", 100)[0]) == [m["id"] for m in first]
 
 
+def test_a_batch_is_visible_to_other_connections_once_stored_also_when_part_of_it_was_there(store):
+    gen = IdGenerator()
+    first = [make(gen, ["alice"]) for _ in range(3)]
+    store.insert_messages(first)
+    later = make(gen, ["alice"])
+    store.insert_messages(first + [later])  # duplicates of the first three: the new one is kept all the same
+
+    other = Store.open()  # another connection (on the embedded engine, another SQLite connection)
+    try:
+        assert ids_of(other.replay("alice", "", 100)[0]) == ids_of(first) + [later["id"]]
+    finally:
+        other.close()
+
+
+def test_an_error_inside_one_transaction_stores_nothing_of_it(store):
+    if not store.embedded:
+        pytest.skip("the shared transaction is the embedded engine's; MongoDB writes each insert_many itself")
+    gen = IdGenerator()
+    kept = make(gen, ["alice"])
+    store.insert_messages([kept])
+    assert len(store.replay("alice", "", 100)[0]) == 1  # builds this connection's index of "to"
+    with pytest.raises(RuntimeError):
+        with store_module._one_transaction(store.database["messages"]):
+            store.database["messages"].insert_many([{"_id": make(gen, [])["id"], "to": ["alice"], "data": n, "at": 0} for n in range(3)])
+            raise RuntimeError("failed half-way")
+
+    assert store.replay("alice", "", 100)[0] == [{"id": kept["id"], "data": kept["data"]}]
+    assert store.database["messages"].count_documents({"to": "alice"}) == 1
+    other = Store.open()
+    try:
+        assert ids_of(other.replay("alice", "", 100)[0]) == [kept["id"]]
+    finally:
+        other.close()
+
+
 def test_repeated_recipients_are_stored_once(store):
     message = make(IdGenerator(), ["alice", "alice", "bob"])
     store.insert_messages([message])
