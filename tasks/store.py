@@ -19,7 +19,7 @@ Two engines, one code path:
   every collection on every read): call :meth:`Store.purge`.
 
 Documents, as few per delivery as the queries allow (each costs a write, and on the embedded
-engine a commit):
+engine mongomock's checks and copies, about 90 us):
 
 - ``messages {_id: id, to: [users] | "*", data, at}``: one per message, whatever its recipients.
   It is also each recipient's inbox: the index on ``to`` finds a user's messages.  ``at`` is the
