@@ -4,6 +4,13 @@
 a new token) or :class:`AuthUnavailable` (close 1013: try again later).  Verified tokens are cached
 for ``cache_seconds`` keyed by a digest of the token (tokens themselves are never kept or logged),
 so a revoked token keeps opening connections on this node for at most that long.
+
+The requests go through Tornado's libcurl client (pycurl), which keeps its connections to auth
+open between requests: Tornado's default client opens and closes a TCP connection per request,
+which in a reconnect storm costs the node and auth a connect and a close per browser and leaves a
+TIME_WAIT socket behind each.  At most
+``max_in_flight`` checks are in flight at once; the others wait in the client's queue.  A
+connection that auth closed (it restarted) is noticed by libcurl, which connects again.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import json
 import logging
 
 from cachetools import TTLCache
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.curl_httpclient import CurlAsyncHTTPClient
+from tornado.httpclient import HTTPClientError
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +39,11 @@ class AuthUnavailable(AuthError):
 
 
 class AuthClient:
-    def __init__(self, auth_url: str, cache_seconds: float, timeout: float = 5.0, max_cached: int = 100_000) -> None:
+    def __init__(self, auth_url: str, cache_seconds: float, timeout: float = 5.0, max_cached: int = 100_000, max_in_flight: int = 32) -> None:
         self._verify_url = f"{auth_url}/verify"
         self._timeout = timeout
         self._cache: TTLCache | None = TTLCache(max_cached, cache_seconds) if cache_seconds > 0 else None
-        self._http = AsyncHTTPClient()
+        self._http = CurlAsyncHTTPClient(force_instance=True, max_clients=max_in_flight)
 
     async def verify(self, token: str | None) -> str:
         if not token:
@@ -51,6 +59,8 @@ class AuthClient:
         except HTTPClientError as exc:
             if exc.code == 401:
                 raise AuthRejected(_error_text(exc)) from None
+            if exc.code == 599:  # no HTTP answer: refused, reset, timed out (libcurl's message says which)
+                raise AuthUnavailable(f"auth service unreachable at {self._verify_url}: {exc.message}") from None
             raise AuthUnavailable(f"auth service answered {exc.code} at {self._verify_url}") from None
         except OSError as exc:
             raise AuthUnavailable(f"auth service unreachable at {self._verify_url}: {exc}") from None

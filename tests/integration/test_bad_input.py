@@ -10,6 +10,7 @@ import pytest
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu import Connection
 
+import launcher
 import settings
 from auth.tokens import issue
 from tasks.queues import node_queue
@@ -25,6 +26,29 @@ async def _refused(cluster, url) -> tuple[int, str]:
 async def test_a_garbage_token_is_closed_with_4401(cluster):
     code, reason = await _refused(cluster, cluster.ws_url(cluster.node_ports[0], "not-a-token"))
     assert code == CloseCode.UNAUTHORIZED and "invalid" in reason
+
+
+async def test_while_auth_is_down_connections_are_closed_with_1013_and_connect_again_once_it_is_back(cluster, tmp_path):
+    auth_port = launcher.free_port()
+    auth = launcher.start_auth(cluster.env, auth_port, name="auth-restarted", log_path=tmp_path / "auth.log")
+    node_port = launcher.free_port()
+    node = launcher.start_node({**cluster.env, "AUTH_URL": f"http://127.0.0.1:{auth_port}", "AUTH_CACHE_SECONDS": "0"}, node_port, log_path=tmp_path / "node.log")
+    try:
+        tokens = [await asyncio.to_thread(cluster.token, f"auth-down-{n}") for n in range(3)]
+        first = await Client.connect(cluster.ws_url(node_port, tokens[0]))  # the node now holds a connection to auth
+        auth.terminate()
+
+        code, reason = await _refused(cluster, cluster.ws_url(node_port, tokens[1]))
+        assert code == CloseCode.TRY_AGAIN_LATER and "try again later" in reason
+
+        auth = launcher.start_auth(cluster.env, auth_port, name="auth-restarted", log_path=tmp_path / "auth.log")
+        again = await Client.connect(cluster.ws_url(node_port, tokens[2]))
+        assert again.hello["user"] == "auth-down-2"
+        first.close()
+        again.close()
+    finally:
+        node.terminate()
+        auth.terminate()
 
 
 async def test_a_missing_token_is_closed_with_4401(cluster):
