@@ -42,6 +42,7 @@ app.conf.update(
         "tasks.receipts": {"queue": DISPATCH_QUEUE},
         "tasks.dispatch": {"queue": DISPATCH_QUEUE},
         "tasks.replay": {"queue": DISPATCH_QUEUE},
+        "tasks.replay_many": {"queue": DISPATCH_QUEUE},
         "tasks.status": {"queue": DISPATCH_QUEUE},
         "tasks.housekeeping": {"queue": DISPATCH_QUEUE},
     },

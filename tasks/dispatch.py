@@ -63,6 +63,18 @@ def publish(node: str, envelopes: list[dict], producer=None, **extra) -> None:
         _declared_at[node] = now
 
 
+def publish_pages(node: str, pages: list[tuple[list[dict], dict]]) -> None:
+    """Publish several ``wsnode.deliver`` messages to one node, ``(envelopes, kwargs)`` each, in
+    one kombu publish batch (see :func:`publish_many`)."""
+    if len(pages) <= 1:
+        for envelopes, extra in pages:
+            publish(node, envelopes, **extra)
+        return
+    with app.producer_or_acquire() as producer, producer.batch():
+        for envelopes, extra in pages:
+            publish(node, envelopes, producer=producer, **extra)
+
+
 def publish_many(per_node: dict[str, list[dict]]) -> None:
     """Publish one ``wsnode.deliver`` batch per node, all in one kombu publish batch: on the Redis
     broker that is one round trip for every node instead of a transaction each.  Either all are

@@ -7,6 +7,11 @@ user's route first and only then asks, so every message is either in this replay
 so that messages collected at the same moment on another worker process are not skipped.  The
 answer goes back through the node's own queue as ``wsnode.deliver`` pages addressed to one
 connection; the last page says so, and whether the retention or ``REPLAY_LIMIT`` cut it short.
+
+Nodes send ``tasks.replay_many``: every connection that asked since the node's previous request,
+in one task (a reconnect storm of thousands of browsers is then tens of tasks, not thousands),
+answered with one publish batch.  ``tasks.replay`` (one connection) stays for nodes of earlier
+versions: upgrade the workers before the nodes.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 
 import settings
 from tasks import ids
-from tasks.dispatch import publish
+from tasks.dispatch import publish, publish_pages
 from tasks.store import StoreUnavailable, get_store
 from worker import app
 
@@ -24,17 +29,54 @@ log = logging.getLogger(__name__)
 PAGE = 500
 
 
-@app.task(name="tasks.replay", ignore_result=True, autoretry_for=(StoreUnavailable,), retry_backoff=True, max_retries=3)
-def replay(node: str, conn: str, user: str, since: str | None = None) -> None:
-    """Send connection ``conn`` on ``node`` what ``user`` missed: with ``since``, every message
-    after it; without, every message to the user that none of their devices acked (the inbox)."""
+def _pages(user: str, since: str | None) -> list[tuple[list[dict], dict]]:
+    """The pages of one connection's replay: ``(envelopes, replay info)`` each, at least one."""
     if since is None:
         envelopes, truncated = get_store().unacked(user, settings.REPLAY_LIMIT)
     else:
         after = ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS)
         envelopes, truncated = get_store().replay(user, after, settings.REPLAY_LIMIT)
-    pages = [envelopes[i : i + PAGE] for i in range(0, len(envelopes), PAGE)] or [[]]
-    for number, page in enumerate(pages, 1):
-        last = number == len(pages)
-        publish(node, page, conn=conn, replay={"last": last, "truncated": truncated, "count": len(envelopes)})
-    log.info("replayed %d messages to user=%s conn=%s on %s %s%s", len(envelopes), user, conn, node, f"since {since}" if since else "from the inbox", " (truncated)" if truncated else "")
+    chunks = [envelopes[i : i + PAGE] for i in range(0, len(envelopes), PAGE)] or [[]]
+    return [(chunk, {"last": number == len(chunks), "truncated": truncated, "count": len(envelopes)}) for number, chunk in enumerate(chunks, 1)]
+
+
+def _log_replayed(node: str, conn: str, user: str, since: str | None, pages: list[tuple[list[dict], dict]]) -> None:
+    info = pages[-1][1]
+    log.info("replayed %d messages to user=%s conn=%s on %s %s%s", info["count"], user, conn, node, f"since {since}" if since else "from the inbox", " (truncated)" if info["truncated"] else "")
+
+
+@app.task(name="tasks.replay", ignore_result=True, autoretry_for=(StoreUnavailable,), retry_backoff=True, max_retries=3)
+def replay(node: str, conn: str, user: str, since: str | None = None) -> None:
+    """Send connection ``conn`` on ``node`` what ``user`` missed: with ``since``, every message
+    after it; without, every message to the user that none of their devices acked (the inbox)."""
+    pages = _pages(user, since)
+    for envelopes, info in pages:
+        publish(node, envelopes, conn=conn, replay=info)
+    _log_replayed(node, conn, user, since, pages)
+
+
+def parse_requests(requests: object) -> tuple[list[tuple[str, str, str | None]], list[str]]:
+    """The well-formed ``{"conn", "user", "since"}`` items of a ``tasks.replay_many`` as
+    ``(conn, user, since)``, and a description of each one left out.  Pure."""
+    good, bad = [], []
+    for item in requests if isinstance(requests, list) else [requests]:
+        conn, user, since = (item.get(k) for k in ("conn", "user", "since")) if isinstance(item, dict) else (None, None, None)
+        if isinstance(conn, str) and isinstance(user, str) and (since is None or ids.is_message_id(since)):
+            good.append((conn, user, since))
+        else:
+            bad.append(f"{item!r:.120}")
+    return good, bad
+
+
+@app.task(name="tasks.replay_many", ignore_result=True, autoretry_for=(StoreUnavailable,), retry_backoff=True, max_retries=3)
+def replay_many(node: str, requests: list[dict]) -> None:
+    """:func:`replay` for several connections of ``node``: ``requests`` is ``[{"conn", "user",
+    "since"}]``.  Every replay is read first and then all pages go out in one publish batch, so a
+    store error sends nothing and the retry sends everything once."""
+    good, bad = parse_requests(requests)
+    for item in bad:
+        log.error("tasks.replay_many from %s: dropped a malformed request %s (expected {conn, user, since})", node, item)
+    replies = [(conn, user, since, _pages(user, since)) for conn, user, since in good]
+    publish_pages(node, [(envelopes, {"conn": conn, "replay": info}) for conn, _, _, pages in replies for envelopes, info in pages])
+    for conn, user, since, pages in replies:
+        _log_replayed(node, conn, user, since, pages)

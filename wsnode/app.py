@@ -5,7 +5,8 @@ IOLoop.  All its state is touched on the loop thread only, except:
 
 - the queue consumer, which runs on its own thread and enters the loop through ``add_callback``;
 - the publisher, a single thread that sends tasks to the worker (replay requests, receipts),
-  because publishing to the broker blocks.
+  because publishing to the broker blocks; it takes the replay requests the loop thread queued
+  (:mod:`wsnode.replays`).
 
 Shutdown (SIGTERM) is explicit: stop accepting connections; end this node's leases (Dispatch stops
 routing here); close clients with 1001 ("reconnect elsewhere"); flush receipts; stop the consumer;
@@ -39,6 +40,7 @@ from wsnode.hub import Hub
 from wsnode.presence import node_name
 from wsnode.metrics import MetricsHandler, NodeMetrics
 from wsnode.receipts import ReceiptBuffer
+from wsnode.replays import ReplayRequests
 from wsnode.registry import Leases
 from wsnode.session import BacklogOverflow
 
@@ -55,6 +57,10 @@ REDIS_PING_SECONDS = 2.0
 #: free, so that thousands of browsers connecting or leaving at once never open thousands of Redis
 #: connections (Redis refuses clients beyond its ``maxclients``, 10,000 by default, for everyone).
 REDIS_MAX_CONNECTIONS = 16
+
+#: Most connections one ``tasks.replay_many`` answers, so that a reconnect storm is spread over the
+#: worker processes rather than read by one.
+REPLAY_REQUESTS_PER_TASK = 100
 
 #: Files served at ``/static/``: the browser client ``push.js``.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -97,6 +103,7 @@ class PushNode:
         self.metrics = NodeMetrics(self.address)
         self.metrics.track(lambda: self.hub.connection_count, lambda: self.hub.user_count, self.health)
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
+        self._replays: ReplayRequests[tuple[PushHandler, dict]] = ReplayRequests(REPLAY_REQUESTS_PER_TASK)
         self._origins = settings.ALLOWED_ORIGINS
         self._consumer: NodeQueueConsumer | None = None
         self._server: HTTPServer | None = None
@@ -223,16 +230,20 @@ class PushNode:
             self._releasing = False
 
     def _request_replay(self, conn: PushHandler) -> None:
-        kwargs = {"node": self.address, "conn": conn.conn_id, "user": conn.user_id, "since": conn.session.since}
-        future = self._publisher.submit(self.celery.send_task, "tasks.replay", kwargs=kwargs, ignore_result=True)
-        loop = self._loop
+        """Queue ``conn``'s replay request; the publisher thread sends what is queued as
+        ``tasks.replay_many`` (:mod:`wsnode.replays`)."""
+        if self._replays.add((conn, {"conn": conn.conn_id, "user": conn.user_id, "since": conn.session.since})):
+            self._publisher.submit(self._send_replay_requests)
+        self._loop.call_later(settings.REPLAY_TIMEOUT, self._replay_failed, conn, "replay timed out")
 
-        def sent(f: concurrent.futures.Future) -> None:
-            if f.exception() is not None:
-                loop.add_callback(self._replay_failed, conn, f"replay request not sent: {f.exception()}")
-
-        future.add_done_callback(sent)
-        loop.call_later(settings.REPLAY_TIMEOUT, self._replay_failed, conn, "replay timed out")
+    def _send_replay_requests(self) -> None:
+        """Publisher thread."""
+        for batch in self._replays.batches():
+            try:
+                self.celery.send_task("tasks.replay_many", kwargs={"node": self.address, "requests": [request for _, request in batch]}, ignore_result=True)
+            except Exception as exc:  # noqa: BLE001 - each connection is told, and closed to retry
+                for conn, _ in batch:
+                    self._loop.add_callback(self._replay_failed, conn, f"replay request not sent: {exc}")
 
     def _replay_failed(self, conn: PushHandler, why: str) -> None:
         if conn.session.replaying and self.hub.get(conn.conn_id) is conn:

@@ -18,6 +18,7 @@ from celery.contrib.pytest import celery_worker  # noqa: F401 - pytest-celery 1.
 import settings
 from tasks.collect import collect
 from tasks.dispatch import dispatch
+from tasks.replay import replay, replay_many
 from tasks.store import get_store
 from wsnode.registry import NODES_KEY, route_key
 
@@ -125,3 +126,30 @@ def test_collect_stores_the_message_before_it_is_dispatched(celery_worker):
     envelopes, _ = get_store().replay(user, "0" * 24, 1000)
     # Broadcasts of other tests are in every user's replay too; this user's own message is there once.
     assert [e["data"] for e in envelopes if e["id"] == message_id] == [{"kept": True}]
+
+
+def test_replay_many_answers_each_connection_with_its_own_pages_and_drops_malformed_requests(celery_worker, broker):
+    node = fake_node()
+    users = [f"replay-many-{uuid.uuid4().hex[:6]}-{n}" for n in range(3)]
+    # stored, and not routed: no user has a lease
+    stored = [collect.apply_async(kwargs={"to": user, "data": {"for": user}}, queue=QUEUE).get(timeout=10) for user in users]
+    requests = [{"conn": f"c{n}", "user": user, "since": None} for n, user in enumerate(users)] + [{"conn": "bad", "user": 7}, "junk"]
+
+    replay_many.apply_async(kwargs={"node": node, "requests": requests}, queue=QUEUE)
+
+    published = {p["kwargs"]["conn"]: p for p in drain(broker, node, expect=3)}
+    assert sorted(published) == ["c0", "c1", "c2"]
+    for n, message_id in enumerate(stored):
+        assert [(e["id"], e["data"]) for e in published[f"c{n}"]["envelopes"]] == [(message_id, {"for": users[n]})]
+        assert published[f"c{n}"]["kwargs"]["replay"] == {"last": True, "truncated": False, "count": 1}
+
+
+def test_tasks_replay_still_answers_one_connection_as_before_for_nodes_of_earlier_versions(celery_worker, broker):
+    node, user = fake_node(), f"replay-one-{uuid.uuid4().hex[:6]}"
+    message_id = collect.apply_async(kwargs={"to": user, "data": 1}, queue=QUEUE).get(timeout=10)
+
+    replay.apply_async(kwargs={"node": node, "conn": "c", "user": user}, queue=QUEUE)
+
+    (published,) = drain(broker, node, expect=1)
+    assert [e["id"] for e in published["envelopes"]] == [message_id]
+    assert published["kwargs"] == {"conn": "c", "replay": {"last": True, "truncated": False, "count": 1}}

@@ -1,0 +1,63 @@
+"""Pure tests of the node's queue of replay requests (``wsnode.replays``) and of the worker's
+check of a ``tasks.replay_many``'s requests (``tasks.replay.parse_requests``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.replay import parse_requests
+from wsnode.replays import ReplayRequests
+
+SINCE = "0193a1b2c3d4" + "0" * 12
+
+
+def test_the_first_request_schedules_a_round_and_the_next_ones_join_it():
+    requests = ReplayRequests(per_task=100)
+    assert [requests.add(n) for n in range(3)] == [True, False, False]
+    assert list(requests.batches()) == [[0, 1, 2]]
+    assert len(requests) == 0
+
+
+def test_a_round_sends_per_task_requests_at_a_time_oldest_first():
+    requests = ReplayRequests(per_task=2)
+    for n in range(5):
+        requests.add(n)
+    assert list(requests.batches()) == [[0, 1], [2, 3], [4]]
+
+
+def test_a_request_added_while_a_round_sends_is_taken_by_it_or_schedules_the_next():
+    requests = ReplayRequests(per_task=1)
+    requests.add("a")
+    rounds = requests.batches()
+    assert next(rounds) == ["a"]
+    assert requests.add("b") is True  # the round began: the flag is clear, so the caller schedules one more
+    assert list(rounds) == [["b"]]  # ... and this round takes it anyway; the next one finds nothing
+    assert list(requests.batches()) == []
+
+
+def test_per_task_must_be_positive():
+    with pytest.raises(ValueError, match="per_task"):
+        ReplayRequests(per_task=0)
+
+
+def test_well_formed_requests_are_kept_in_order():
+    good, bad = parse_requests([{"conn": "c1", "user": "alice", "since": None}, {"conn": "c2", "user": "bob", "since": SINCE}])
+    assert good == [("c1", "alice", None), ("c2", "bob", SINCE)]
+    assert bad == []
+
+
+@pytest.mark.parametrize("item", [
+    {"conn": "c1", "user": 7, "since": None},
+    {"conn": None, "user": "alice", "since": None},
+    {"conn": "c1", "user": "alice", "since": "yesterday"},
+    ["c1", "alice", None],
+    "junk",
+])
+def test_a_malformed_request_is_left_out_and_described(item):
+    good, bad = parse_requests([{"conn": "ok", "user": "alice"}, item])
+    assert good == [("ok", "alice", None)]
+    assert len(bad) == 1 and bad[0].startswith(repr(item)[:10])
+
+
+def test_requests_that_are_not_a_list_are_one_malformed_request():
+    assert parse_requests("junk") == ([], ["'junk'"])
