@@ -40,7 +40,7 @@ _declared_at: dict[str, float] = {}  # per process: node -> time.monotonic() of 
 
 def publish(node: str, envelopes: list[dict], producer=None, **extra) -> None:
     """Put one ``wsnode.deliver`` batch on ``node``'s queue (through ``producer`` when given: see
-    :func:`publish_many`).
+    :func:`publish_all`).
 
     The queue is declared (created if missing) once a minute per worker process, not with every
     batch: kombu caches no declaration of a queue with ``x-expires``, and on the Redis broker each
@@ -63,29 +63,18 @@ def publish(node: str, envelopes: list[dict], producer=None, **extra) -> None:
         _declared_at[node] = now
 
 
-def publish_pages(node: str, pages: list[tuple[list[dict], dict]]) -> None:
-    """Publish several ``wsnode.deliver`` messages to one node, ``(envelopes, kwargs)`` each, in
-    one kombu publish batch (see :func:`publish_many`)."""
-    if len(pages) <= 1:
-        for envelopes, extra in pages:
+def publish_all(messages: list[tuple[str, list[dict], dict]]) -> None:
+    """Publish several ``wsnode.deliver`` messages, ``(node, envelopes, kwargs)`` each, in one
+    kombu publish batch: on the Redis broker that is one round trip for all of them instead of a
+    transaction each.  Either all are sent or this raises (kombu discards what it had not
+    flushed), and the caller routes again."""
+    if len(messages) <= 1:
+        for node, envelopes, extra in messages:
             publish(node, envelopes, **extra)
         return
     with app.producer_or_acquire() as producer, producer.batch():
-        for envelopes, extra in pages:
+        for node, envelopes, extra in messages:
             publish(node, envelopes, producer=producer, **extra)
-
-
-def publish_many(per_node: dict[str, list[dict]]) -> None:
-    """Publish one ``wsnode.deliver`` batch per node, all in one kombu publish batch: on the Redis
-    broker that is one round trip for every node instead of a transaction each.  Either all are
-    sent or this raises (kombu discards what it had not flushed), and the caller routes again."""
-    if len(per_node) == 1:
-        [(node, envelopes)] = per_node.items()
-        publish(node, envelopes)
-        return
-    with app.producer_or_acquire() as producer, producer.batch():
-        for node, envelopes in per_node.items():
-            publish(node, envelopes, producer=producer)
 
 
 def route(messages: list[dict]) -> dict[str, list[dict]]:
@@ -96,8 +85,7 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
     now = time.time()
     routed = [{"id": e["id"], "user": user, "state": "routed", "at": now} for envelopes in per_node.values() for e in envelopes if e["to"] != routing.BROADCAST for user in e["to"]]
     pending.add(_redis, [(r["id"], r["user"]) for r in routed])  # first: a batch lost after this is redelivered
-    if per_node:
-        publish_many(per_node)
+    publish_all([(node, envelopes, {}) for node, envelopes in per_node.items()])
     if routed:
         get_store().record_receipts(routed)
     return per_node

@@ -20,7 +20,7 @@ import logging
 
 import settings
 from tasks import ids
-from tasks.dispatch import publish, publish_pages
+from tasks.dispatch import publish, publish_all
 from tasks.store import StoreUnavailable, get_store
 from worker import app
 
@@ -77,6 +77,6 @@ def replay_many(node: str, requests: list[dict]) -> None:
     for item in bad:
         log.error("tasks.replay_many from %s: dropped a malformed request %s (expected {conn, user, since})", node, item)
     replies = [(conn, user, since, _pages(user, since)) for conn, user, since in good]
-    publish_pages(node, [(envelopes, {"conn": conn, "replay": info}) for conn, _, _, pages in replies for envelopes, info in pages])
+    publish_all([(node, envelopes, {"conn": conn, "replay": info}) for conn, _, _, pages in replies for envelopes, info in pages])
     for conn, user, since, pages in replies:
         _log_replayed(node, conn, user, since, pages)
