@@ -8,9 +8,10 @@ so a revoked token keeps opening connections on this node for at most that long.
 The requests go through Tornado's libcurl client (pycurl), which keeps its connections to auth
 open between requests: Tornado's default client opens and closes a TCP connection per request,
 which in a reconnect storm costs the node and auth a connect and a close per browser and leaves a
-TIME_WAIT socket behind each.  At most
-``max_in_flight`` checks are in flight at once; the others wait in the client's queue.  A
-connection that auth closed (it restarted) is noticed by libcurl, which connects again.
+TIME_WAIT socket behind each.  At most ``max_in_flight`` checks are in flight at once; the others
+wait in the client's queue.  A connection that auth closed (it restarted) is noticed by libcurl,
+which connects again.  Every failure to get an answer (refused, reset, timed out) is libcurl's
+error 599, hence :class:`AuthUnavailable`.
 """
 
 from __future__ import annotations
@@ -64,8 +65,6 @@ class AuthClient:
             if exc.code == 599:  # no HTTP answer: refused, reset, timed out (libcurl's message says which)
                 raise AuthUnavailable(f"auth service unreachable at {self._verify_url}: {exc.message}") from None
             raise AuthUnavailable(f"auth service answered {exc.code} at {self._verify_url}") from None
-        except OSError as exc:
-            raise AuthUnavailable(f"auth service unreachable at {self._verify_url}: {exc}") from None
         try:
             user = json.loads(response.body)["user_id"]
         except (ValueError, KeyError, TypeError):
