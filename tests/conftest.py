@@ -9,6 +9,7 @@ test needs it; unit tests never touch it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -35,3 +36,14 @@ def redis_server():
     server = launcher.RedisServer(port=TEST_REDIS_PORT, persistent=True).start()
     yield server
     server.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's data folder (embedded store, process logs) goes when every test passed (or
+    none was selected); after a failure it stays, for reading the processes' logs, and its path is
+    printed.  Session fixtures
+    (the Redis, the clusters) are torn down before this runs."""
+    if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        shutil.rmtree(TEST_DATA_DIR, ignore_errors=True)
+    else:
+        print(f"\ntest data and process logs kept in {TEST_DATA_DIR}")
