@@ -20,7 +20,7 @@ import logging
 
 import settings
 from tasks import ids
-from tasks.dispatch import publish, publish_all
+from tasks.dispatch import publish_all
 from tasks.store import StoreUnavailable, get_store
 from worker import app
 
@@ -49,10 +49,7 @@ def _log_replayed(node: str, conn: str, user: str, since: str | None, pages: lis
 def replay(node: str, conn: str, user: str, since: str | None = None) -> None:
     """Send connection ``conn`` on ``node`` what ``user`` missed: with ``since``, every message
     after it; without, every message to the user that none of their devices acked (the inbox)."""
-    pages = _pages(user, since)
-    for envelopes, info in pages:
-        publish(node, envelopes, conn=conn, replay=info)
-    _log_replayed(node, conn, user, since, pages)
+    _answer(node, [(conn, user, since)])
 
 
 def parse_requests(requests: object) -> tuple[list[tuple[str, str, str | None]], list[str]]:
@@ -76,7 +73,12 @@ def replay_many(node: str, requests: list[dict]) -> None:
     good, bad = parse_requests(requests)
     for item in bad:
         log.error("tasks.replay_many from %s: dropped a malformed request %s (expected {conn, user, since})", node, item)
-    replies = [(conn, user, since, _pages(user, since)) for conn, user, since in good]
+    _answer(node, good)
+
+
+def _answer(node: str, requests: list[tuple[str, str, str | None]]) -> None:
+    """Read the replay of every ``(conn, user, since)``, then publish all their pages in one batch."""
+    replies = [(conn, user, since, _pages(user, since)) for conn, user, since in requests]
     publish_all([(node, envelopes, {"conn": conn, "replay": info}) for conn, _, _, pages in replies for envelopes, info in pages])
     for conn, user, since, pages in replies:
         _log_replayed(node, conn, user, since, pages)

@@ -41,8 +41,7 @@ def redis_server():
 def pytest_sessionfinish(session, exitstatus):
     """The session's data folder (embedded store, process logs) goes when every test passed (or
     none was selected); after a failure it stays, for reading the processes' logs, and its path is
-    printed.  Session fixtures
-    (the Redis, the clusters) are torn down before this runs."""
+    printed.  Session fixtures (the Redis, the clusters) are torn down before this runs."""
     if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         shutil.rmtree(TEST_DATA_DIR, ignore_errors=True)
     else:
