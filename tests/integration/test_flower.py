@@ -126,7 +126,10 @@ async def test_flower_broker_page_lists_a_node_queue_with_its_backlog_while_the_
     port = launcher.free_port()
     node = launcher.start_node({**cluster.env, "LEASE_TTL": "60"}, port, log_path=cluster.logs / f"node-{port}.log")
     try:
-        await eventually(lambda: node_name(port) in get(f"{flower}/api/workers?refresh=1"), "Flower listing the new node")
+        # With its queue: Flower's refresh fills a worker's fields one inspect reply at a time, and a
+        # node stopped before its active_queues reply came would never get its queue listed.
+        await eventually(lambda: get(f"{flower}/api/workers?refresh=1").get(node_name(port), {}).get("active_queues"),
+                         "Flower listing the new node with its queue")
         client = await cluster.connect("stuck-node-user", port)
         os.kill(node.pid, signal.SIGSTOP)  # the node stops reading its queue: a backlog builds up
         try:
