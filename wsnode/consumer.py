@@ -13,6 +13,13 @@ the node has read it.  On the Redis broker an acknowledged message costs two mor
 that dies drops its clients, who resume elsewhere with ``since``, and a message lost on its way to
 a client that stays connected is redelivered by housekeeping (``REDELIVER_AFTER``).
 
+Having no unacknowledged messages of its own, the node's connection also skips kombu's scan that
+puts back the messages other consumers took and never acknowledged (:data:`TRANSPORT_OPTIONS`):
+on the Redis broker kombu runs it from every tenth empty poll, and a node polls empty after
+nearly every batch, so the scan (a new Redis client, a lock, a sorted-set read) cost about a
+sixth of the node's CPU per queue message at a few hundred messages a second.  The Celery
+workers run that scan every 10 s (``worker.py``), which is what brings back a dead worker's tasks.
+
 Given a Celery node name (``hostname``), the consumer also keeps the node present in Celery's
 monitoring (:mod:`wsnode.presence`: Flower lists it as a worker consuming this queue, and each
 delivered batch as ``wsnode.deliver`` tasks while task events are on).  That runs on a thread and
@@ -32,6 +39,12 @@ from tasks.queues import BadDelivery, Delivery, node_queue, parse_delivery  # no
 from wsnode.presence import Presence
 
 log = logging.getLogger(__name__)
+
+#: kombu transport options of the node's queue connection, on top of the app's
+#: ``broker_transport_options``: ``unacked_restore_throttle`` makes kombu's Redis transport run its
+#: restore scan on one empty poll in that many (see the module docstring).  Other transports
+#: ignore it.
+TRANSPORT_OPTIONS = {"unacked_restore_throttle": 1_000_000_000}
 
 
 class NodeQueueConsumer:
@@ -83,7 +96,7 @@ class NodeQueueConsumer:
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                with self._app.connection_for_read() as conn:
+                with self._app.connection_for_read(transport_options=TRANSPORT_OPTIONS) as conn:
                     conn.ensure_connection(max_retries=1)
                     with conn.Consumer([self._queue], callbacks=[self._on_message], on_decode_error=self._on_decode_error,
                                        accept=["json"], no_ack=True):
