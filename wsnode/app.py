@@ -62,6 +62,13 @@ REDIS_MAX_CONNECTIONS = 16
 #: worker processes rather than read by one.
 REPLAY_REQUESTS_PER_TASK = 100
 
+#: How long the first replay request of a round waits for others before the round is sent.  A task
+#: costs the node about a millisecond to publish and a worker more to run, whatever it carries;
+#: connections that open a few milliseconds apart (hundreds a second, after a node or a proxy
+#: restarted) would otherwise get a task each.  It delays a new connection's opening replay, and
+#: the live messages held back during it, by this much; nothing after that.
+REPLAY_GATHER_SECONDS = 0.02
+
 #: Files served at ``/static/``: the browser client ``push.js``.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -233,8 +240,14 @@ class PushNode:
         """Queue ``conn``'s replay request; the publisher thread sends what is queued as
         ``tasks.replay_many`` (:mod:`wsnode.replays`)."""
         if self._replays.add((conn, {"conn": conn.conn_id, "user": conn.user_id, "since": conn.session.since})):
-            self._publisher.submit(self._send_replay_requests)
+            self._loop.call_later(REPLAY_GATHER_SECONDS, self._start_replay_round)
         self._loop.call_later(settings.REPLAY_TIMEOUT, self._replay_failed, conn, "replay timed out")
+
+    def _start_replay_round(self) -> None:
+        try:
+            self._publisher.submit(self._send_replay_requests)
+        except RuntimeError:  # the publisher was shut down: the node stopped, its connections are closed
+            pass
 
     def _send_replay_requests(self) -> None:
         """Publisher thread."""

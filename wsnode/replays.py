@@ -1,9 +1,11 @@
 """Replay requests waiting to be sent as ``tasks.replay_many``.  Two threads, as marked.
 
-The node's loop thread ``add``s a request for every connection that opens; the publisher thread
-takes what is queued, ``per_task`` requests at a time, when it gets to it.  One connection alone
-is sent at once; in a reconnect storm the requests pile up while the publisher sends the previous
-task, so thousands of connections become tens of tasks.  Nothing waits for a timer.
+The node's loop thread ``add``s a request for every connection that opens; the first request of
+a round schedules the round (the node does so ``REPLAY_GATHER_SECONDS`` later, on the publisher
+thread), which takes everything queued by then, ``per_task`` requests at a time.  Requests that
+arrive while a round is waiting or sending join it or the next round, so connections opening a
+few milliseconds apart share a task, and in a reconnect storm thousands of connections become
+tens of tasks.
 
 The deque is safe across the two threads (append and popleft are atomic), and so is the flag:
 the publisher clears it before it reads the deque, so a request added meanwhile is either taken
