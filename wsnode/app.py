@@ -34,6 +34,7 @@ from tasks.reclaim import hand_back
 from wsnode import protocol
 from wsnode.auth import AuthClient
 from wsnode.closecodes import CloseCode
+from wsnode.coalesce import Coalescer
 from wsnode.consumer import Delivery, NodeQueueConsumer
 from wsnode.handler import PushHandler
 from wsnode.hub import Hub
@@ -104,6 +105,8 @@ class PushNode:
             settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=5,
             client_name=f"wsnode:{self.address}"))  # named in Redis' CLIENT LIST
         self.leases = Leases(self.redis, self.address, settings.LEASE_TTL)
+        #: Leases of users whose first connection here opened: one pipeline for all who opened meanwhile.
+        self._new_leases: Coalescer[str] = Coalescer(self._register_new_leases)
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
         self.redis_ok = False
@@ -193,7 +196,7 @@ class PushNode:
         first = self.hub.add(conn)
         if first:
             try:
-                await self.leases.register([conn.user_id])
+                await self._new_leases.submit(conn.user_id)
             except RedisError as exc:
                 self.hub.remove(conn)
                 self.redis_ok = False  # the next PING says when it is back
@@ -203,6 +206,11 @@ class PushNode:
         log.info("conn=%s user=%s node=%s connected%s", conn.conn_id, conn.user_id, self.address, f" since={conn.session.since}" if conn.session.since else "")
         conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id))])
         self._request_replay(conn)
+
+    async def _register_new_leases(self, users: list[str]) -> None:
+        # A user whose connection closed while waiting for this pipeline is left out: its release
+        # may already have run, and a lease written after it would point here until it expired.
+        await self.leases.register([user for user in users if self.hub.of_user(user)])
 
     def detach(self, conn: PushHandler) -> None:
         if self.hub.get(conn.conn_id) is conn:

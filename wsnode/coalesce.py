@@ -1,0 +1,76 @@
+"""Many callers, one call at a time: what arrives while a call runs goes into the next one.  asyncio,
+one event loop only (the node's loop thread); no sockets, unit-tested.
+
+The node writes a lease for each user whose first connection opens.  One Redis pipeline per
+connection costs the loop a round trip each; when hundreds of connections open a second (after a
+node or a proxy restarted), :class:`Coalescer` writes the leases of all the users who connected
+while the previous pipeline was in flight with one pipeline, and each caller still learns whether
+its own lease was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Coalescer(Generic[T]):
+    """Runs ``flush(items)`` one call at a time, with every item submitted since the previous call
+    started (at most ``max_items`` per call)."""
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[None]], max_items: int = 1000) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items!r}")
+        self._flush = flush
+        self._max_items = max_items
+        self._waiting: list[tuple[T, asyncio.Future]] = []
+        self._running = False
+        self._task: asyncio.Task | None = None  # referenced, so that it is not collected while it runs
+
+    async def submit(self, item: T) -> None:
+        """Return once a call that carried ``item`` returned; raise what that call raised."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if not self._running:
+            self._running = True
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+        await future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[T, asyncio.Future]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self._max_items], self._waiting[self._max_items :]
+                try:
+                    await self._flush([item for item, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - handed to each caller of this call
+                    _settle(batch, exc)
+                else:
+                    _settle(batch, None)
+        except BaseException:  # cancelled (the loop is closing): so is every caller still waiting
+            _settle(batch, asyncio.CancelledError())
+            _settle(self._waiting, asyncio.CancelledError())
+            self._waiting = []
+            raise
+        finally:
+            self._running = False
+            self._task = None
+
+    def __len__(self) -> int:
+        """Items submitted and not yet carried by a call."""
+        return len(self._waiting)
+
+
+def _settle(batch: list[tuple[object, asyncio.Future]], error: BaseException | None) -> None:
+    for _, future in batch:
+        if future.done():
+            continue  # its caller gave up waiting
+        if error is None:
+            future.set_result(None)
+        elif isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(error)
