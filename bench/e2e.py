@@ -80,7 +80,9 @@ async def _clients(conn, targets, connect_timeout: float) -> None:
     loop = asyncio.get_running_loop()
     loads, now = json.loads, time.time
     sockets: list = [None] * len(targets)
-    hellos = [loop.create_future() for _ in targets]
+    # A connection is ready at its "resumed" frame: bound ("hello"), and its opening replay done,
+    # so that live messages are not held back behind it.
+    ready = [loop.create_future() for _ in targets]
     state = {"records": [], "closed": [], "other": []}
 
     def callback(index: int):
@@ -89,8 +91,8 @@ async def _clients(conn, targets, connect_timeout: float) -> None:
             if raw is None:
                 ws = sockets[index]
                 state["closed"].append((index, getattr(ws, "close_code", None), getattr(ws, "close_reason", None)))
-                if not hellos[index].done():
-                    hellos[index].set_exception(ConnectionError("closed before hello"))
+                if not ready[index].done():
+                    ready[index].set_exception(ConnectionError("closed before resumed"))
                 return
             frame = loads(raw)
             kind = frame.get("type")
@@ -98,13 +100,15 @@ async def _clients(conn, targets, connect_timeout: float) -> None:
                 message_id, data = frame["id"], frame.get("data") or {}
                 state["records"].append((index, message_id, data.get("seq"), data.get("t"), t_recv))
                 ws = sockets[index]
-                if ws is not None:  # always set: sending starts after every hello
+                if ws is not None:  # always set: sending starts once every connection resumed
                     try:
                         ws.write_message('{"type":"ack","id":"%s"}' % message_id)
                     except WebSocketClosedError:
                         pass
-            elif kind == "hello" and not hellos[index].done():
-                hellos[index].set_result(frame)
+            elif kind == "hello":
+                pass
+            elif kind == "resumed" and not ready[index].done():
+                ready[index].set_result(frame)
             else:
                 state["other"].append((index, frame))
         return on_message
@@ -116,7 +120,7 @@ async def _clients(conn, targets, connect_timeout: float) -> None:
             try:
                 ws = await asyncio.wait_for(websocket_connect(url, on_message_callback=callback(index)), connect_timeout)
                 sockets[index] = ws
-                await asyncio.wait_for(hellos[index], connect_timeout)
+                await asyncio.wait_for(ready[index], connect_timeout)
                 return None
             except Exception as exc:  # noqa: BLE001 - reported to the orchestrator
                 return f"{targets[index][0]}: {exc!r}"
@@ -532,7 +536,7 @@ class Bench:
         _, connected, errors = self.client_conn.recv()
         if errors or connected != len(users):
             raise RuntimeError(f"only {connected} of {len(users)} clients connected; first errors: {errors[:5]}")
-        print(f"{connected} clients connected over 2 nodes in {time.time() - t0:.1f} s", file=sys.stderr)
+        print(f"{connected} clients connected and resumed over 2 nodes in {time.time() - t0:.1f} s", file=sys.stderr)
         return users
 
     def take(self) -> tuple[list, list, list]:
