@@ -111,10 +111,26 @@ def test_dispatch_skips_users_without_a_lease_and_nodes_whose_own_lease_expired(
     assert drain(broker, dead) == []
 
 
-def test_a_broadcast_goes_once_to_every_live_node(celery_worker, routes, broker):
+@pytest.fixture
+def own_routes(redis_server, monkeypatch):
+    """A routing registry of this test's own (a Redis database no node uses), for Dispatch in this
+    process: a broadcast routed here reaches the fake nodes only, never the real nodes of the
+    end-to-end tests that share the Redis server."""
+    from tasks import dispatch as dispatch_module
+    from wsnode.registry import RouteTable
+
+    client = redis_lib.Redis.from_url(redis_server.url(7), socket_timeout=5)
+    client.flushdb()
+    monkeypatch.setattr(dispatch_module, "_redis", client)
+    monkeypatch.setattr(dispatch_module, "_routes", RouteTable(client))
+    yield redis_lib.Redis.from_url(redis_server.url(7), decode_responses=True)
+    client.flushdb()
+
+
+def test_a_broadcast_goes_once_to_every_live_node(celery_worker, own_routes, broker):
     nodes = [fake_node() for _ in range(3)]
     for node in nodes:
-        lease(routes, node, [])
+        lease(own_routes, node, [])
     dispatch.apply_async(args=[[{"id": "1" * 24, "to": "*", "data": "all", "ts": None}]], queue=QUEUE)
     for node in nodes:
         (published,) = drain(broker, node, expect=1)
