@@ -119,9 +119,8 @@ class PushNode:
         self._server: HTTPServer | None = None
         self._timers: list[PeriodicCallback] = []
         self._loop: IOLoop | None = None
-        #: Users whose last connection here closed, whose leases are not released yet (one release for all).
-        self._unleased: set[str] = set()
-        self._releasing = False
+        #: Leases of users whose last connection here closed: one release for all who left meanwhile.
+        self._left: Coalescer[str] = Coalescer(self._release_leases)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -218,31 +217,22 @@ class PushNode:
         if self.hub.remove(conn):
             log.info("conn=%s user=%s node=%s disconnected (%s); last on this node", conn.conn_id, conn.user_id, self.address, conn.close_code)
             if not self.draining:
-                self._unleased.add(conn.user_id)
-                if not self._releasing:
-                    self._releasing = True
-                    IOLoop.current().spawn_callback(self._release_unleased)
+                IOLoop.current().spawn_callback(self._left.submit, conn.user_id)
         else:
             log.info("conn=%s user=%s node=%s disconnected (%s)", conn.conn_id, conn.user_id, self.address, conn.close_code)
 
-    async def _release_unleased(self) -> None:
-        """Release the leases of the users who left, many per round trip: one release runs at a
-        time, and takes every user who left meanwhile (thousands leave at once when a proxy in
-        front restarts)."""
+    async def _release_leases(self, left: list[str]) -> None:
+        """Release the leases of the users who left, many per round trip (thousands leave at once
+        when a proxy in front restarts).  A failure is logged here, once for the whole call."""
+        users = [user for user in dict.fromkeys(left) if not self.hub.of_user(user)]  # not back already
         try:
-            while self._unleased:
-                users = [user for user in self._unleased if not self.hub.of_user(user)]  # not back already
-                self._unleased = set()
-                try:
-                    await self.leases.release(users)
-                    back = [user for user in users if self.hub.of_user(user)]  # reconnected meanwhile
-                    if back:
-                        await self.leases.register(back)
-                except RedisError as exc:
-                    log.warning("node=%s leases of %d users who left not released (%s); they expire within %.0f s",
-                                self.address, len(users), exc, settings.LEASE_TTL)
-        finally:
-            self._releasing = False
+            await self.leases.release(users)
+            back = [user for user in users if self.hub.of_user(user)]  # reconnected meanwhile
+            if back:
+                await self.leases.register(back)
+        except RedisError as exc:
+            log.warning("node=%s leases of %d users who left not released (%s); they expire within %.0f s",
+                        self.address, len(users), exc, settings.LEASE_TTL)
 
     def _request_replay(self, conn: PushHandler) -> None:
         """Queue ``conn``'s replay request; the publisher thread sends what is queued as

@@ -1,11 +1,11 @@
 """Many callers, one call at a time: what arrives while a call runs goes into the next one.  asyncio,
 one event loop only (the node's loop thread); no sockets, unit-tested.
 
-The node writes a lease for each user whose first connection opens.  One Redis pipeline per
-connection costs the loop a round trip each; when hundreds of connections open a second (after a
-node or a proxy restarted), :class:`Coalescer` writes the leases of all the users who connected
-while the previous pipeline was in flight with one pipeline, and each caller still learns whether
-its own lease was written.
+The node writes a lease for each user whose first connection opens, and releases it when the last
+one closes.  One Redis pipeline per connection costs the loop a round trip each; when hundreds of
+connections open or close a second (after a node or a proxy restarted), :class:`Coalescer` writes
+the leases of all the users who connected (or releases those of all who left) while the previous
+pipeline was in flight with one pipeline, and each caller still learns whether its own was written.
 """
 
 from __future__ import annotations
