@@ -339,7 +339,7 @@ class Runner:
     def run(self) -> list[dict]:
         print(f"compare dir {self.tmp}", file=sys.stderr)
         for k, n in enumerate(self.args.nodes):
-            for kind in ("ours", "peer"):
+            for kind in self.args.systems:
                 self.run_system(kind, n, latency=(k == 0))
         return self.rows
 
@@ -466,6 +466,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10, help="duration of the latency rows (default 10)")
     parser.add_argument("--nodes", default="2,4", help="node counts, comma-separated (default 2,4: everything at 2 nodes, "
                         "the throughput rows again at 4)")
+    parser.add_argument("--systems", default="ours,peer", help="which systems to run, comma-separated (default ours,peer; "
+                        "one alone gives no ratios, only its rows and its node-CPU growth: for before/after runs)")
     parser.add_argument("--batch", type=int, default=100, help="items per collect_many task in ours' batch row (default 100)")
     parser.add_argument("--single-max", type=int, default=0,
                         help="cap on the messages of ours' single rows (throughput and latency), 0 = no cap (default 0: "
@@ -487,6 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.nodes = [int(x) for x in str(args.nodes).split(",") if x.strip()]
     except ValueError:
         parser.error("--nodes takes node counts separated by commas, e.g. 2,4")
+    args.systems = [x.strip() for x in str(args.systems).split(",") if x.strip()]
+    if not args.systems or any(x not in ("ours", "peer") for x in args.systems):
+        parser.error("--systems takes ours, peer or ours,peer")
     if not args.nodes or min(args.nodes) < 1 or args.users < max(args.nodes) or args.messages < 1 or args.rate <= 0 or args.seconds <= 0:
         parser.error("--nodes >= 1, --users >= nodes, --messages >= 1, --rate > 0, --seconds > 0")
     return args
