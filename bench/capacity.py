@@ -42,13 +42,13 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import Cleanup, issue_tokens, peer_url, raise_nofile, wait_pipe  # noqa: E402
+from common import Cleanup, issue_tokens, peer_url, raise_nofile  # noqa: E402
+from wsclients import stop_client_process, wait_pipe  # noqa: E402
 
 
 # =============================================================================================
@@ -66,47 +66,28 @@ def capacity_clients_main(conn, kind: str, targets: list[str], in_flight: int, t
 
 async def _capacity_clients(conn, kind: str, targets: list[str], in_flight: int, timeout: float) -> None:
     import psutil
-    from tornado.websocket import WebSocketClosedError, websocket_connect
+    from wsclients import ClientSet
 
-    loop = asyncio.get_running_loop()
     loads, now = json.loads, time.time
     n = len(targets)
-    sockets: list = [None] * n
-    pending_open = [False] * n
-    bound = [loop.create_future() for _ in range(n)]
-    ready = [loop.create_future() for _ in range(n)]
-    state = {"records": [], "closed": []}
+    clients = ClientSet(n)
+    ready, sockets, settle = clients.ready, clients.sockets, clients.settle
+    bound = [clients.loop.create_future() for _ in range(n)]
     times = {"bound": 0.0, "ready": 0.0}
-
-    def write(index: int, text: str) -> None:
-        ws = sockets[index]
-        if ws is not None:
-            try:
-                ws.write_message(text)
-            except WebSocketClosedError:
-                pass
-
-    def settle(fut, value=None) -> None:
-        if not fut.done():
-            fut.set_result(value)
 
     def callback(index: int):
         def on_message(raw) -> None:
             t_recv = now()
             if raw is None:
-                ws = sockets[index]
-                state["closed"].append((index, getattr(ws, "close_code", None), getattr(ws, "close_reason", None)))
-                for fut in (bound[index], ready[index]):
-                    if not fut.done():
-                        fut.set_exception(ConnectionError(f"closed: {getattr(ws, 'close_code', None)} {getattr(ws, 'close_reason', None)}"))
+                clients.on_closed(index, bound[index])
                 return
             if kind == "ours":
                 frame = loads(raw)
                 kind_ = frame.get("type")
                 if kind_ == "message":
                     data = frame.get("data") or {}
-                    state["records"].append((index, data.get("seq"), data.get("t"), t_recv))
-                    write(index, '{"type":"ack","id":"%s"}' % frame["id"])
+                    clients.records.append((index, data.get("seq"), data.get("t"), t_recv))
+                    clients.write(index, '{"type":"ack","id":"%s"}' % frame["id"])
                 elif kind_ == "hello":
                     times["bound"] = max(times["bound"], t_recv)
                     settle(bound[index])
@@ -117,70 +98,30 @@ async def _capacity_clients(conn, kind: str, targets: list[str], in_flight: int,
                 if raw.startswith("42"):
                     event = loads(raw[2:])
                     data = event[1] if len(event) > 1 and isinstance(event[1], dict) else {}
-                    state["records"].append((index, data.get("seq"), data.get("t"), t_recv))
+                    clients.records.append((index, data.get("seq"), data.get("t"), t_recv))
                 elif raw == "2":
-                    write(index, "3")
+                    clients.write(index, "3")
                 elif raw.startswith("40"):
                     times["bound"] = times["ready"] = max(times["ready"], t_recv)
                     settle(bound[index])
                     settle(ready[index])
                 elif raw.startswith("0"):
                     if sockets[index] is not None:
-                        write(index, "40")
+                        clients.write(index, "40")
                     else:
-                        pending_open[index] = True
+                        clients.early[index] = True
         return on_message
 
-    gate = asyncio.Semaphore(in_flight)
-
-    async def connect(index: int) -> str | None:
-        async with gate:
-            try:
-                ws = await asyncio.wait_for(websocket_connect(targets[index], on_message_callback=callback(index)), timeout)
-                sockets[index] = ws
-                if pending_open[index]:
-                    write(index, "40")
-                await asyncio.wait_for(asyncio.shield(ready[index]), timeout)
-                return None
-            except Exception as exc:  # noqa: BLE001
-                return f"{index}: {exc!r}"
+    def on_open(index: int) -> None:
+        if clients.early[index]:
+            clients.write(index, "40")
 
     conn.send(("loaded",))
-    await loop.run_in_executor(None, conn.recv)  # ("go",)
+    await clients.loop.run_in_executor(None, conn.recv)  # ("go",)
     t_first = now()
-    results = await asyncio.gather(*(connect(i) for i in range(n)))
-    errors = [e for e in results if e]
+    errors = await clients.connect_all(targets, callback, timeout, in_flight=in_flight, on_open=on_open)
     conn.send(("ready", n - len(errors), errors[:10], t_first, times["bound"], times["ready"], psutil.Process().memory_info().rss))
-
-    async def handle(command: tuple):
-        if command[0] == "take":
-            records, state["records"] = state["records"], []
-            closed, state["closed"] = state["closed"], []
-            return records, closed
-        if command[0] == "stop":
-            for ws in sockets:
-                if ws is not None:
-                    ws.close()
-            await asyncio.sleep(0.5)
-            return "stopped"
-        raise ValueError(command)
-
-    done = asyncio.Event()
-
-    def control() -> None:
-        try:
-            while True:
-                command = conn.recv()
-                conn.send(asyncio.run_coroutine_threadsafe(handle(command), loop).result())
-                if command[0] == "stop":
-                    break
-        except (EOFError, OSError):
-            pass
-        finally:
-            loop.call_soon_threadsafe(done.set)
-
-    threading.Thread(target=control, daemon=True).start()
-    await done.wait()
+    await clients.serve(conn, take=lambda: clients.take()[:2], linger=0.5)
 
 
 class Clients:
@@ -194,7 +135,7 @@ class Clients:
             part = urls[j::k]
             conn, child = ctx.Pipe()
             proc = ctx.Process(target=capacity_clients_main, args=(child, kind, part, per_proc_flight, 60.0), name=f"{kind}-clients-{j}", daemon=True)
-            cleanup.push(proc.name, lambda proc=proc, conn=conn: self._stop(proc, conn))
+            cleanup.push(proc.name, lambda proc=proc, conn=conn: stop_client_process(proc, conn))
             proc.start()
             child.close()
             self.procs.append(proc)
@@ -230,21 +171,6 @@ class Clients:
             records.extend(r)
             closed.extend(c)
         return records, closed
-
-    @staticmethod
-    def _stop(proc, conn) -> None:
-        if proc.is_alive():
-            try:
-                conn.send(("stop",))
-                if conn.poll(5):
-                    conn.recv()
-            except (OSError, EOFError):
-                pass
-            proc.join(5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-
 
 # =============================================================================================
 # Orchestration

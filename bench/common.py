@@ -86,16 +86,6 @@ def issue_tokens(auth_port: int, users: list[str], threads: int = 8) -> list[str
         return list(pool.map(lambda u: issue_token(auth_port, u), users))
 
 
-def wait_pipe(conn, timeout: float) -> bool:
-    """``conn.poll(timeout)`` in short slices, so that Ctrl-C and SIGTERM are handled at once."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if conn.poll(min(0.25, max(0.0, deadline - time.monotonic()))):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-
-
 def http_ok(url: str) -> bool:
     try:
         with _OPENER.open(url, timeout=2) as response:
@@ -319,98 +309,43 @@ def peer_clients_main(conn, targets: list[tuple[str, str]], connect_timeout: flo
 
 
 async def _peer_clients(conn, targets, connect_timeout: float) -> None:
-    from tornado.websocket import WebSocketClosedError, websocket_connect
+    from wsclients import ClientSet
 
-    loop = asyncio.get_running_loop()
     loads, now = json.loads, time.time
-    sockets: list = [None] * len(targets)
-    opened = [False] * len(targets)  # the open packet came before websocket_connect returned
-    ready = [loop.create_future() for _ in targets]
-    state = {"records": [], "closed": [], "other": []}
-
-    def write(index: int, text: str) -> None:
-        try:
-            sockets[index].write_message(text)
-        except WebSocketClosedError:
-            pass
+    clients = ClientSet(len(targets))
+    ready, sockets = clients.ready, clients.sockets  # fixed lists; take() swaps records, closed and other
 
     def callback(index: int):
         def on_message(raw) -> None:
             t_recv = now()
             if raw is None:
-                ws = sockets[index]
-                state["closed"].append((index, getattr(ws, "close_code", None), getattr(ws, "close_reason", None)))
-                if not ready[index].done():
-                    ready[index].set_exception(ConnectionError("closed before connect"))
+                clients.on_closed(index)
                 return
             if raw.startswith("42"):
                 event = loads(raw[2:])
                 data = event[1] if len(event) > 1 and isinstance(event[1], dict) else {}
                 seq = data.get("seq")
-                state["records"].append((index, "%012d" % seq if isinstance(seq, int) else str(seq), seq, data.get("t"), t_recv))
+                clients.records.append((index, "%012d" % seq if isinstance(seq, int) else str(seq), seq, data.get("t"), t_recv))
             elif raw == "2":
-                if sockets[index] is not None:
-                    write(index, "3")
+                clients.write(index, "3")
             elif raw.startswith("40"):
-                if not ready[index].done():
-                    ready[index].set_result(raw)
+                clients.settle(ready[index], raw)
             elif raw.startswith("0"):
                 if sockets[index] is not None:
-                    write(index, "40")
+                    clients.write(index, "40")
                 else:
-                    opened[index] = True
+                    clients.early[index] = True
             else:
-                state["other"].append((index, raw[:200]))
+                clients.other.append((index, raw[:200]))
         return on_message
 
-    gate = asyncio.Semaphore(20)
+    def on_open(index: int) -> None:
+        if clients.early[index]:
+            clients.write(index, "40")
 
-    async def connect(index: int, url: str) -> str | None:
-        async with gate:
-            try:
-                ws = await asyncio.wait_for(websocket_connect(url, on_message_callback=callback(index)), connect_timeout)
-                sockets[index] = ws
-                if opened[index]:
-                    write(index, "40")
-                await asyncio.wait_for(ready[index], connect_timeout)
-                return None
-            except Exception as exc:  # noqa: BLE001 - reported to the orchestrator
-                return f"{targets[index][0]}: {exc!r}"
-
-    errors = [e for e in await asyncio.gather(*(connect(i, url) for i, (_, url) in enumerate(targets))) if e]
+    errors = await clients.connect_all([url for _, url in targets], callback, connect_timeout, on_open=on_open, label=lambda i: targets[i][0])
     conn.send(("ready", sum(s is not None for s in sockets) - len(errors), errors))
-
-    async def handle(command: tuple):
-        if command[0] == "take":
-            records, state["records"] = state["records"], []
-            closed, state["closed"] = state["closed"], []
-            other, state["other"] = state["other"], []
-            return records, closed, other
-        if command[0] == "stop":
-            for ws in sockets:
-                if ws is not None:
-                    ws.close()
-            await asyncio.sleep(0.2)
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
-
-    done = asyncio.Event()
-
-    def control() -> None:
-        try:
-            while True:
-                command = conn.recv()
-                reply = asyncio.run_coroutine_threadsafe(handle(command), loop).result()
-                conn.send(reply)
-                if command[0] == "stop":
-                    break
-        except (EOFError, OSError):
-            pass
-        finally:
-            loop.call_soon_threadsafe(done.set)
-
-    threading.Thread(target=control, name="control", daemon=True).start()
-    await done.wait()
+    await clients.serve(conn)
 
 
 def peer_sender_main(conn, redis_url: str, tasks: list, rate: float) -> None:

@@ -56,8 +56,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets sys.path for the repository and bench/)
-from common import Cleanup, ProcSampler, issue_tokens, peer_clients_main, peer_sender_main, peer_url, wait_pipe  # noqa: E402
+from common import Cleanup, ProcSampler, issue_tokens, peer_clients_main, peer_sender_main, peer_url  # noqa: E402
 from e2e import analyse, clients_main, make_plan, sender_main  # noqa: E402
+from wsclients import ClientProcess, wait_pipe  # noqa: E402
 
 PLATFORM_OURS = ("redis", "auth", "worker main", "worker pool")
 PLATFORM_PEER = ("redis",)
@@ -72,41 +73,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-class ClientProc:
-    """A client process (e2e.clients_main or common.peer_clients_main) and its pipe."""
-
-    def __init__(self, ctx, target, targets: list[tuple[str, str]], name: str, cleanup: Cleanup) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=target, args=(child, targets, 20.0), name=name, daemon=True)
-        cleanup.push(name, self.stop)
-        self.proc.start()
-        child.close()
-        if not wait_pipe(self.conn, 120):
-            raise RuntimeError(f"{name}: the client process did not connect within 120 s")
-        _, connected, errors = self.conn.recv()
-        if errors or connected != len(targets):
-            raise RuntimeError(f"{name}: only {connected} of {len(targets)} clients connected; first errors: {errors[:5]}")
-
-    def take(self) -> tuple[list, list, list]:
-        self.conn.send(("take",))
-        if not wait_pipe(self.conn, 60):
-            raise RuntimeError("the client process stopped answering")
-        return self.conn.recv()
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(("stop",))
-                if self.conn.poll(5):
-                    self.conn.recv()
-            except (OSError, EOFError):
-                pass
-            self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
 
 
 class Runner:
@@ -159,7 +125,7 @@ class Runner:
         t0 = time.time()
         # ready once every connection got its "resumed" (its opening replay went through the worker),
         # so that the first row does not start while the worker is still busy with replays
-        clients = ClientProc(self.ctx, clients_main, targets, "ours-clients", phase)
+        clients = ClientProcess(self.ctx, clients_main, targets, "ours-clients", phase)
         print(f"  ours: {len(targets)} clients connected and resumed over {n} nodes in {time.time() - t0:.1f} s", file=sys.stderr)
         sampler = ProcSampler()
         phase.push("sampler", sampler.stop)
@@ -190,7 +156,7 @@ class Runner:
             nodes.append(node)
         targets = [(u, peer_url(nodes[i % n].port, u)) for i, u in enumerate(self.users)]
         t0 = time.time()
-        clients = ClientProc(self.ctx, peer_clients_main, targets, "peer-clients", phase)
+        clients = ClientProcess(self.ctx, peer_clients_main, targets, "peer-clients", phase)
         print(f"  peer: {len(targets)} clients connected over {n} nodes in {time.time() - t0:.1f} s", file=sys.stderr)
         subscribed = common.wait_subscribers(redis_url, n)
         if subscribed < n:

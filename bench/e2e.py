@@ -48,8 +48,11 @@ import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for _p in (str(REPO_ROOT), str(REPO_ROOT / "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from wsclients import ClientProcess  # noqa: E402 - after the path set-up
 
 MODES = ("single", "batch", "list")
 #: Messages per mode when --messages is not given.  A tasks.collect per message costs the worker two
@@ -75,90 +78,38 @@ def clients_main(conn, targets: list[tuple[str, str]], connect_timeout: float) -
 
 
 async def _clients(conn, targets, connect_timeout: float) -> None:
-    from tornado.websocket import WebSocketClosedError, websocket_connect
+    from wsclients import ClientSet
 
-    loop = asyncio.get_running_loop()
     loads, now = json.loads, time.time
-    sockets: list = [None] * len(targets)
     # A connection is ready at its "resumed" frame: bound ("hello"), and its opening replay done,
     # so that live messages are not held back behind it.
-    ready = [loop.create_future() for _ in targets]
-    state = {"records": [], "closed": [], "other": []}
+    clients = ClientSet(len(targets))
+    ready, sockets = clients.ready, clients.sockets  # fixed lists; take() swaps records, closed and other
 
     def callback(index: int):
         def on_message(raw) -> None:
             t_recv = now()
             if raw is None:
-                ws = sockets[index]
-                state["closed"].append((index, getattr(ws, "close_code", None), getattr(ws, "close_reason", None)))
-                if not ready[index].done():
-                    ready[index].set_exception(ConnectionError("closed before resumed"))
+                clients.on_closed(index)
                 return
             frame = loads(raw)
             kind = frame.get("type")
             if kind == "message":
                 message_id, data = frame["id"], frame.get("data") or {}
-                state["records"].append((index, message_id, data.get("seq"), data.get("t"), t_recv))
-                ws = sockets[index]
-                if ws is not None:  # always set: sending starts once every connection resumed
-                    try:
-                        ws.write_message('{"type":"ack","id":"%s"}' % message_id)
-                    except WebSocketClosedError:
-                        pass
+                clients.records.append((index, message_id, data.get("seq"), data.get("t"), t_recv))
+                if sockets[index] is not None:  # always set: sending starts once every connection resumed
+                    clients.write(index, '{"type":"ack","id":"%s"}' % message_id)
             elif kind == "hello":
                 pass
-            elif kind == "resumed" and not ready[index].done():
-                ready[index].set_result(frame)
+            elif kind == "resumed":
+                clients.settle(ready[index], frame)
             else:
-                state["other"].append((index, frame))
+                clients.other.append((index, frame))
         return on_message
 
-    gate = asyncio.Semaphore(20)
-
-    async def connect(index: int, url: str) -> str | None:
-        async with gate:
-            try:
-                ws = await asyncio.wait_for(websocket_connect(url, on_message_callback=callback(index)), connect_timeout)
-                sockets[index] = ws
-                await asyncio.wait_for(ready[index], connect_timeout)
-                return None
-            except Exception as exc:  # noqa: BLE001 - reported to the orchestrator
-                return f"{targets[index][0]}: {exc!r}"
-
-    errors = [e for e in await asyncio.gather(*(connect(i, url) for i, (_, url) in enumerate(targets))) if e]
+    errors = await clients.connect_all([url for _, url in targets], callback, connect_timeout, label=lambda i: targets[i][0])
     conn.send(("ready", sum(s is not None for s in sockets) - len(errors), errors))
-
-    async def handle(command: tuple):
-        if command[0] == "take":
-            records, state["records"] = state["records"], []
-            closed, state["closed"] = state["closed"], []
-            other, state["other"] = state["other"], []
-            return records, closed, other
-        if command[0] == "stop":
-            for ws in sockets:
-                if ws is not None:
-                    ws.close()
-            await asyncio.sleep(0.2)
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
-
-    done = asyncio.Event()
-
-    def control() -> None:
-        try:
-            while True:
-                command = conn.recv()
-                reply = asyncio.run_coroutine_threadsafe(handle(command), loop).result()
-                conn.send(reply)
-                if command[0] == "stop":
-                    break
-        except (EOFError, OSError):
-            pass  # the orchestrator went away
-        finally:
-            loop.call_soon_threadsafe(done.set)
-
-    threading.Thread(target=control, name="control", daemon=True).start()
-    await done.wait()
+    await clients.serve(conn)
 
 
 # =============================================================================================
@@ -458,8 +409,7 @@ class Bench:
         self.logs = self.tmp / "logs"
         self.services: list = []
         self.redis = None
-        self.client_proc = None
-        self.client_conn = None
+        self.clients = None
         self.sender_proc = None
         self.sampler: CpuSampler | None = None
         self.keep = args.keep
@@ -494,18 +444,8 @@ class Bench:
         if self.sender_proc is not None and self.sender_proc.is_alive():
             self.sender_proc.kill()
             self.sender_proc.join(5)
-        if self.client_proc is not None:
-            if self.client_proc.is_alive():
-                try:
-                    self.client_conn.send(("stop",))
-                    if self.client_conn.poll(5):
-                        self.client_conn.recv()
-                except (OSError, EOFError):
-                    pass
-                self.client_proc.join(5)
-            if self.client_proc.is_alive():
-                self.client_proc.kill()
-                self.client_proc.join(5)
+        if self.clients is not None:
+            self.clients.stop()
         if self.sampler is not None:
             self.sampler.stop()
         for service in reversed(self.services):
@@ -527,23 +467,13 @@ class Bench:
         t0 = time.time()
         tokens = [issue_token(self.auth_port, user) for user in users]
         targets = [(user, f"ws://127.0.0.1:{self.nodes[i % 2].port}/ws?token={token}") for i, (user, token) in enumerate(zip(users, tokens))]
-        self.client_conn, child = self.ctx.Pipe()
-        self.client_proc = self.ctx.Process(target=clients_main, args=(child, targets, 20.0), name="bench-clients", daemon=True)
-        self.client_proc.start()
-        child.close()
-        if not self.client_conn.poll(120):
-            raise RuntimeError("the client process did not connect within 120 s")
-        _, connected, errors = self.client_conn.recv()
-        if errors or connected != len(users):
-            raise RuntimeError(f"only {connected} of {len(users)} clients connected; first errors: {errors[:5]}")
+        self.clients = ClientProcess(self.ctx, clients_main, targets, "bench-clients")
+        connected = len(targets)
         print(f"{connected} clients connected and resumed over 2 nodes in {time.time() - t0:.1f} s", file=sys.stderr)
         return users
 
     def take(self) -> tuple[list, list, list]:
-        self.client_conn.send(("take",))
-        if not self.client_conn.poll(60):
-            raise RuntimeError("the client process stopped answering")
-        return self.client_conn.recv()
+        return self.clients.take()
 
     # --- one mode ----------------------------------------------------------------------------
 
@@ -626,7 +556,7 @@ class Bench:
               f"nodes :{self.nodes[0].port} :{self.nodes[1].port}", file=sys.stderr)
         users = self.start_clients()
         processes = {"redis": self.redis.service.pid, "auth": self.auth.pid, "worker main": self.worker.pid,
-                     "node A": self.nodes[0].pid, "node B": self.nodes[1].pid, "clients": self.client_proc.pid, "bench": os.getpid()}
+                     "node A": self.nodes[0].pid, "node B": self.nodes[1].pid, "clients": self.clients.pid, "bench": os.getpid()}
         queues = ["collect", "dispatch"] + [f"127.0.0.1:{n.port}" for n in self.nodes]
         try:
             self.sampler = CpuSampler(processes, self.worker.pid, self.env["BROKER_URL"], queues)

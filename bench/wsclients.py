@@ -1,0 +1,187 @@
+"""The part every benchmark client process shares: many WebSocket connections on one asyncio loop
+(Tornado's client), driven by the orchestrator over a multiprocessing pipe.
+
+Each client process (``e2e.clients_main`` for ours, ``common.peer_clients_main`` for the peer,
+``capacity.capacity_clients_main`` for both) speaks its own protocol in an ``on_message`` callback
+per connection; :class:`ClientSet` holds the rest: the sockets, one "ready" future per connection,
+what was received, opening the connections a few at a time, and the command loop (``("take",)`` ->
+what arrived since the last take; ``("stop",)`` -> close everything and return).
+
+Threading: everything runs on the loop, except the pipe reader (:meth:`ClientSet.serve`), which
+hands each command to the loop and waits for its answer.
+
+The orchestrator's side: :class:`ClientProcess` starts such a process and talks to it,
+:func:`stop_client_process` stops one, :func:`wait_pipe` waits on a pipe without blocking signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+
+class ClientSet:
+    """``n`` connections; index ``i`` is the ``i``-th target of the process.  Loop thread only,
+    built inside the running loop."""
+
+    def __init__(self, n: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sockets: list = [None] * n
+        #: Set when the connection is ready to receive live messages (the system's own frame).
+        self.ready = [self.loop.create_future() for _ in range(n)]
+        #: Set when the server's greeting came before ``websocket_connect`` returned (the peer's
+        #: open packet): the caller answers it once the socket is known.
+        self.early = [False] * n
+        self.records: list = []
+        self.closed: list = []
+        self.other: list = []
+
+    def write(self, index: int, text: str) -> None:
+        """Send ``text`` on connection ``index``, if it is open."""
+        from tornado.websocket import WebSocketClosedError
+
+        ws = self.sockets[index]
+        if ws is not None:
+            try:
+                ws.write_message(text)
+            except WebSocketClosedError:
+                pass
+
+    def on_closed(self, index: int, *also: asyncio.Future) -> None:
+        """Record that connection ``index`` closed, and fail its ``ready`` (and ``also``) if not set."""
+        ws = self.sockets[index]
+        code, reason = getattr(ws, "close_code", None), getattr(ws, "close_reason", None)
+        self.closed.append((index, code, reason))
+        for fut in (self.ready[index], *also):
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"closed before ready: {code} {reason}"))
+
+    @staticmethod
+    def settle(fut: asyncio.Future, value=None) -> None:
+        if not fut.done():
+            fut.set_result(value)
+
+    async def connect_all(self, urls: list[str], callback: Callable[[int], Callable], timeout: float, in_flight: int = 20,
+                          on_open: Callable[[int], None] | None = None, label: Callable[[int], str] = str) -> list[str]:
+        """Open every connection, at most ``in_flight`` between the TCP connect and ``ready``;
+        ``callback(index)`` makes each one's ``on_message``; ``on_open(index)`` runs once its socket
+        is known.  Returns the errors, as ``"<label(index)>: <error>"``."""
+        from tornado.websocket import websocket_connect
+
+        gate = asyncio.Semaphore(in_flight)
+
+        async def connect(index: int) -> str | None:
+            async with gate:
+                try:
+                    ws = await asyncio.wait_for(websocket_connect(urls[index], on_message_callback=callback(index)), timeout)
+                    self.sockets[index] = ws
+                    if on_open is not None:
+                        on_open(index)
+                    await asyncio.wait_for(asyncio.shield(self.ready[index]), timeout)
+                    return None
+                except Exception as exc:  # noqa: BLE001 - reported to the orchestrator
+                    return f"{label(index)}: {exc!r}"
+
+        return [e for e in await asyncio.gather(*(connect(i) for i in range(len(urls)))) if e]
+
+    def take(self) -> tuple[list, list, list]:
+        """What arrived since the last take: (records, closed, other frames)."""
+        taken = self.records, self.closed, self.other
+        self.records, self.closed, self.other = [], [], []
+        return taken
+
+    async def serve(self, conn, take: Callable[[], object] | None = None, linger: float = 0.2) -> None:
+        """Answer the orchestrator's commands on ``conn`` until ``("stop",)`` or until it goes
+        away; ``take`` answers ``("take",)`` (default :meth:`take`)."""
+        take = take or self.take
+
+        async def handle(command: tuple):
+            if command[0] == "take":
+                return take()
+            if command[0] == "stop":
+                for ws in self.sockets:
+                    if ws is not None:
+                        ws.close()
+                await asyncio.sleep(linger)
+                return "stopped"
+            raise ValueError(f"unknown command {command!r}")
+
+        done = asyncio.Event()
+
+        def control() -> None:
+            try:
+                while True:
+                    command = conn.recv()
+                    conn.send(asyncio.run_coroutine_threadsafe(handle(command), self.loop).result())
+                    if command[0] == "stop":
+                        break
+            except (EOFError, OSError):
+                pass  # the orchestrator went away
+            finally:
+                self.loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=control, name="control", daemon=True).start()
+        await done.wait()
+
+
+# --- the orchestrator's side -------------------------------------------------------------------
+
+def wait_pipe(conn, timeout: float) -> bool:
+    """``conn.poll(timeout)`` in short slices, so that Ctrl-C and SIGTERM are handled at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if conn.poll(min(0.25, max(0.0, deadline - time.monotonic()))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+
+
+def stop_client_process(proc, conn, timeout: float = 5.0) -> None:
+    """Ask a client process to close its connections and exit; kill it if it does not."""
+    if proc.is_alive():
+        try:
+            conn.send(("stop",))
+            if conn.poll(timeout):
+                conn.recv()
+        except (OSError, EOFError):
+            pass
+        proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout)
+
+
+class ClientProcess:
+    """A client process whose ``target(conn, targets, connect_timeout)`` answers as
+    :meth:`ClientSet.serve` does, after a first ``("ready", connected, errors)``; started here and
+    ready when this returns (raises when a connection failed).  ``cleanup``, when given, is a
+    ``common.Cleanup`` that gets its stop."""
+
+    def __init__(self, ctx, target, targets: list[tuple[str, str]], name: str, cleanup=None, connect_timeout: float = 20.0,
+                 start_timeout: float = 120.0) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child, targets, connect_timeout), name=name, daemon=True)
+        if cleanup is not None:
+            cleanup.push(name, self.stop)
+        self.proc.start()
+        child.close()
+        if not wait_pipe(self.conn, start_timeout):
+            raise RuntimeError(f"{name}: the client process did not connect within {start_timeout:.0f} s")
+        _, connected, errors = self.conn.recv()
+        if errors or connected != len(targets):
+            raise RuntimeError(f"{name}: only {connected} of {len(targets)} clients connected; first errors: {errors[:5]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def take(self) -> tuple[list, list, list]:
+        self.conn.send(("take",))
+        if not wait_pipe(self.conn, 60):
+            raise RuntimeError("the client process stopped answering")
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        stop_client_process(self.proc, self.conn)
