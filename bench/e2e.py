@@ -467,9 +467,8 @@ class Bench:
         t0 = time.time()
         tokens = [issue_token(self.auth_port, user) for user in users]
         targets = [(user, f"ws://127.0.0.1:{self.nodes[i % 2].port}/ws?token={token}") for i, (user, token) in enumerate(zip(users, tokens))]
-        self.clients = ClientProcess(self.ctx, clients_main, targets, "bench-clients")
-        connected = len(targets)
-        print(f"{connected} clients connected and resumed over 2 nodes in {time.time() - t0:.1f} s", file=sys.stderr)
+        self.clients = ClientProcess(self.ctx, clients_main, targets, "bench-clients")  # raises unless all connected
+        print(f"{len(targets)} clients connected and resumed over 2 nodes in {time.time() - t0:.1f} s", file=sys.stderr)
         return users
 
     def take(self) -> tuple[list, list, list]:
