@@ -16,6 +16,7 @@ from kombu import Exchange, Queue
 
 import settings
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
+from tasks.redis_transport import transport_for
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ app = Celery(
 )
 
 app.conf.update(
+    # On a redis:// broker, kombu's Redis transport with one client object per channel
+    # (tasks/redis_transport.py); otherwise kombu's own transport for the URL.
+    broker_transport=transport_for(settings.BROKER_URL),
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
