@@ -16,9 +16,12 @@ from kombu import Exchange, Queue
 
 import settings
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
-from tasks.redis_transport import transport_for
+from tasks import redis_transport
 
 log = logging.getLogger(__name__)
+
+# redis:// brokers: kombu's Redis transport with one client object per channel (tasks/redis_transport.py).
+redis_transport.install()
 
 app = Celery(
     "push",
@@ -28,9 +31,6 @@ app = Celery(
 )
 
 app.conf.update(
-    # On a redis:// broker, kombu's Redis transport with one client object per channel
-    # (tasks/redis_transport.py); otherwise kombu's own transport for the URL.
-    broker_transport=transport_for(settings.BROKER_URL),
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],

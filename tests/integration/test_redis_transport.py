@@ -16,6 +16,7 @@ def test_the_app_uses_it_on_a_redis_broker(redis_server):
     with app.connection_for_write() as conn:
         assert isinstance(conn.transport, Transport)
         assert isinstance(conn.default_channel, Channel)
+        assert conn.as_uri().startswith("redis://")  # what Flower's Broker page reads
 
 
 def test_publish_consume_and_ack_go_through_one_client_object(redis_server, monkeypatch):

@@ -1,16 +1,25 @@
-"""Which transport the app configures for a broker URL (pure)."""
+"""Which kombu transport a broker URL gets once ``tasks.redis_transport`` is installed (no server
+needed: kombu builds the transport object without connecting)."""
 
 from __future__ import annotations
 
+import kombu
 import pytest
 
-from tasks.redis_transport import TRANSPORT, transport_for
+from tasks import redis_transport
 
 
-def test_a_redis_broker_gets_the_transport_that_reuses_its_client():
-    assert transport_for("redis://127.0.0.1:6379/0") == TRANSPORT == "tasks.redis_transport:Transport"
+def test_redis_urls_get_the_transport_that_reuses_its_client_and_keep_their_scheme():
+    redis_transport.install()
+    redis_transport.install()  # idempotent
+    with kombu.Connection("redis://127.0.0.1:6379/0") as conn:
+        assert isinstance(conn.transport, redis_transport.Transport)
+        # Flower's Broker page picks its queue reader by this URL's scheme.
+        assert conn.as_uri().startswith("redis://") and conn.as_uri().endswith("127.0.0.1:6379/0")
 
 
-@pytest.mark.parametrize("url", ["rediss://cache.example:6380/0", "amqp://guest:guest@127.0.0.1:5672//", "pyamqp://h//"])
+@pytest.mark.parametrize("url", ["rediss://cache.example:6380/0", "amqp://guest:guest@127.0.0.1:5672//"])
 def test_other_brokers_keep_kombus_own_transport(url):
-    assert transport_for(url) is None
+    redis_transport.install()
+    with kombu.Connection(url) as conn:
+        assert not isinstance(conn.transport, redis_transport.Transport)
