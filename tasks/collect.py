@@ -46,7 +46,7 @@ from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
-from tasks import messages as validation
+from tasks import messages as validation, redis_transport
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
@@ -162,6 +162,8 @@ class CollectBatches(Batches):
     first).  ``flush`` also sends, when events are on (Flower), ``task-received`` for each
     request and ``task-succeeded``/``task-failed``/``task-retried`` per request from the
     outcome the batch returns, so Flower lists every ``tasks.collect`` as a task of its own.
+    The requests of a batch are acked together (:func:`tasks.redis_transport.acknowledge`: one
+    round trip on the Redis broker instead of one per request).
     """
 
     abstract = True
@@ -200,7 +202,7 @@ class CollectBatches(Batches):
                     req.send_event("task-retried", exception=value, traceback="")
                 else:
                     req.send_event("task-failed", exception=value, traceback="")
-                req.acknowledge()
+            redis_transport.acknowledge(requests)
 
         return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return)
 

@@ -1,4 +1,7 @@
-"""kombu's Redis transport, with one redis-py client object per channel instead of one per use.
+"""kombu's Redis transport, with fewer round trips and client objects per message.
+
+Three changes to kombu's Redis channel, each for a cost a worker's main process paid per task:
+one client object per channel, a backlog read in one round trip, a batch acked in one round trip.
 
 kombu's Redis channel builds a new ``redis.Redis`` object every time it sends a group of
 commands (``Channel.conn_or_acquire``): to record a task it delivered as unacknowledged, to
@@ -13,6 +16,20 @@ everything else is kombu's.  It is safe because kombu only calls commands and ma
 it (each takes a connection from the pool and gives it back) and never changes it; the channel's
 own long-lived clients (``client`` for ``BRPOP``, ``subclient`` for pub/sub) are untouched.
 
+kombu also spends two round trips per message a worker receives, one after the other: the
+``BRPOP`` that takes it, then a transaction recording it as unacknowledged (a sorted set and a hash,
+what brings it back if the worker dies).  When a queue holds a backlog, :class:`Channel` takes the
+messages waiting behind the one ``BRPOP`` brought in the same round trip as that record: a Lua
+script records the first message, pops up to the free part of the prefetch window more (``RPOP``
+with a count, Redis 6.2 or later) and records them too, atomically, so no message is ever out of
+the list without being recorded.  Without a backlog a message still costs its two round trips;
+with one, a read of up to the window costs two.  Only queues consumed with acknowledgements
+take part (a push node's queue is read with ``no_ack`` and keeps kombu's one message per ``BRPOP``).
+
+kombu acknowledges one message per round trip too (a pipeline removing it from the unacked index
+and hash).  :func:`acknowledge` acknowledges a group of Celery requests with one such pipeline per
+channel: ``tasks.collect`` acks each batch of requests with it once the batch ran.
+
 ``worker.py`` installs it (:func:`install`) as kombu's transport for ``redis://`` URLs, in every
 process that imports the app: workers, push nodes, Flower (``celery -A worker flower``).  It
 replaces the ``redis`` entry of kombu's alias table (``kombu.transport.TRANSPORT_ALIASES``), not
@@ -23,18 +40,180 @@ scheme, and the page answered 404).  ``rediss://`` and ``amqp://`` keep kombu's 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from queue import Empty
+from time import time
 
 import kombu.transport
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+from redis.exceptions import ResponseError
+
+log = logging.getLogger(__name__)
+
+#: Most messages one read takes beyond the one ``BRPOP`` brought (and never more than the free
+#: part of the consumer's prefetch window).
+TAKE_MAX = 100
+
+# KEYS: the queue's list, kombu's unacked index (sorted set) and unacked hash.  ARGV: the time,
+# how many more to pop, then the tag and unacked record of the message BRPOP brought.  Records it,
+# pops up to that many more and records each (tag and record built from the message's own JSON as
+# kombu's QoS.append builds them: [message, exchange, routing key]); a message that does not parse
+# as kombu's goes back to the list, with all after it, for a BRPOP of its own.  Returns the popped.
+_TAKE_MORE = """
+local now, more = ARGV[1], tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], now, ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+if more < 1 then return {} end
+local items = redis.call('RPOP', KEYS[1], more)
+if not items then return {} end
+local taken = {}
+for i, raw in ipairs(items) do
+  local ok, message = pcall(cjson.decode, raw)
+  local props = ok and type(message) == 'table' and message['properties']
+  local info = type(props) == 'table' and props['delivery_info']
+  local tag = type(props) == 'table' and props['delivery_tag']
+  if type(info) ~= 'table' or type(tag) ~= 'string' or info['exchange'] == nil or info['routing_key'] == nil then
+    for j = #items, i, -1 do redis.call('RPUSH', KEYS[1], items[j]) end
+    break
+  end
+  redis.call('ZADD', KEYS[2], now, tag)
+  redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+  taken[#taken + 1] = raw
+end
+return taken
+"""
 
 #: kombu's alias that :func:`install` points at :class:`Transport`.
 ALIAS = "redis"
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS (acks emulated with an unacked index and hash), plus :meth:`forget`.
+
+    Like every kombu channel object, used from the thread that owns the connection only (the
+    worker's main process loop)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        #: Delivery tags already removed from Redis by :meth:`forget`, whose ack is local only.
+        self._forgotten: set = set()
+        #: Delivery tags the channel's read already recorded as unacknowledged in Redis.
+        self.recorded: set = set()
+
+    def append(self, message, delivery_tag) -> None:
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # the local bookkeeping kombu's append ends with
+            return
+        super().append(message, delivery_tag)
+
+    def forget(self, tags: Iterable) -> None:
+        """Remove the delivered messages ``tags`` from the unacked index and hash in one round
+        trip, so that their :meth:`ack` right after needs none.  Call it only right before acking
+        them: a message forgotten and then rejected or restored is not in Redis any more."""
+        tags = [tag for tag in tags if tag in self._delivered and tag not in self._forgotten]
+        if not tags:
+            return
+        with self.pipe_or_acquire() as pipe:
+            pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        self._forgotten.update(tags)
+
+    def ack(self, delivery_tag) -> None:
+        if delivery_tag in self._forgotten:
+            self._forgotten.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)  # the local bookkeeping kombu's ack ends with
+            return
+        super().ack(delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _command_client = None
+    _take_script = None
+    #: False once the server refused the read of several messages (Redis older than 6.2).
+    _take_more_ok = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        #: Queues whose consumer acknowledges (the others are read one message per BRPOP).
+        self._acked_queues: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def basic_consume(self, queue, no_ack, *args, **kwargs):
+        # kombu keeps one callback per queue, the last consumer's: so does this.
+        (self._acked_queues.discard if no_ack else self._acked_queues.add)(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._tag_to_queue.values():
+            self._acked_queues.discard(queue)
+        return result
+
+    def _brpop_read(self, **options):
+        """kombu 5.7's ``Channel._brpop_read``, delivering with the message ``BRPOP`` brought
+        those :meth:`_take_more` took behind it."""
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                # if there's a ConnectionError, disconnect so the next iteration reconnects
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            key, item = dest__item
+            dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            payload = loads(bytes_to_str(item))
+            payloads = [payload, *self._take_more(key, dest, payload)]
+            try:
+                for payload in payloads:
+                    self.connection._deliver(payload, dest)
+            finally:
+                self.qos.recorded.clear()  # a message recorded and not delivered comes back after the visibility timeout
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _take_more(self, key, queue: str, payload) -> list:
+        """Record ``payload`` as unacknowledged and pop (and record) the messages waiting behind
+        it, in one round trip; returns the popped ones, decoded.  Returns nothing and records nothing when
+        the queue's consumer does not ack, or where it cannot be done (kombu's own append then
+        records ``payload``)."""
+        if not (self._take_more_ok and queue in self._acked_queues and self.ack_emulation and not self.global_keyprefix):
+            return []
+        try:
+            tag = payload["properties"]["delivery_tag"]
+            info = payload["properties"]["delivery_info"]
+            record = dumps([payload, info["exchange"], info["routing_key"]])
+        except (KeyError, TypeError):
+            return []  # not kombu's message format: the consumer rejects it the usual way
+        room = self.qos.can_consume_max_estimate()
+        more = TAKE_MAX if room is None else max(0, min(TAKE_MAX, room - 1))
+        with self.conn_or_acquire() as client:
+            if self._take_script is None:
+                self._take_script = client.register_script(_TAKE_MORE)
+            try:
+                taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
+            except ResponseError as exc:
+                # A script stops at the command that fails: here RPOP (before it took anything)
+                # or the first record.  kombu's append then records the message BRPOP brought
+                # (again, or fails the same way).
+                if "wrong number of arguments" in str(exc).lower():
+                    self._take_more_ok = False
+                    log.warning("reading several messages per round trip is off for this connection: %s (RPOP with a count needs Redis 6.2 or later)", exc)
+                return []
+        payloads = [loads(bytes_to_str(raw)) for raw in taken or ()]
+        self.qos.recorded.add(tag)
+        self.qos.recorded.update(p["properties"]["delivery_tag"] for p in payloads)
+        return payloads
 
     @contextmanager
     def conn_or_acquire(self, client=None) -> Iterator:
@@ -48,6 +227,27 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def acknowledge(requests: Iterable) -> None:
+    """``request.acknowledge()`` for each Celery request (``celery.worker.request.Request``), with
+    the Redis side of those that came on this transport done in one round trip per channel rather
+    than one each.  Worker main process (where requests are acked), from its event loop.  If that
+    round trip fails, each request's own ack tries again and fails or logs as it always did."""
+    requests = [req for req in requests if not req.acknowledged]
+    tags_of: dict[QoS, list] = {}
+    for req in requests:
+        message = req.message
+        qos = getattr(getattr(message, "channel", None), "qos", None)
+        if isinstance(qos, QoS):
+            tags_of.setdefault(qos, []).append(message.delivery_tag)
+    for qos, tags in tags_of.items():
+        try:
+            qos.forget(tags)
+        except Exception as exc:  # noqa: BLE001 - each ack below sends its own removal instead
+            log.warning("acking %d messages in one round trip failed (%s); acking them one by one", len(tags), exc)
+    for req in requests:
+        req.acknowledge()
 
 
 def install() -> None:
