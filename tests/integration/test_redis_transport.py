@@ -5,6 +5,7 @@ acknowledgements and acking all go through one client object."""
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 
 from kombu import Exchange, Producer, Queue
 from kombu.utils.json import loads
@@ -74,6 +75,26 @@ class _Request:
             self.acknowledged = True
 
 
+@contextmanager
+def _published(count: int):
+    """``(connection, channel, queue)``: a channel of the app's broker connection and a fresh
+    queue holding ``count`` messages ``{"n": 0}``, ``{"n": 1}``...; the queue is deleted after."""
+    name = f"test-transport-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        try:
+            producer = Producer(channel)
+            producer.maybe_declare(queue)
+            for n in range(count):
+                producer.publish({"n": n}, exchange=queue.exchange, routing_key=name, serializer="json")
+            yield conn, channel, queue
+        finally:
+            with channel.conn_or_acquire() as client:
+                client.delete(name)
+            channel.close()
+
+
 def _consume(conn, channel, queue, count):
     got = []
     with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: got.append(message)], accept=["json"]):
@@ -82,36 +103,26 @@ def _consume(conn, channel, queue, count):
     return got
 
 
+def _recorded(client, channel, tags):
+    """Per tag: recorded as unacknowledged in kombu's hash and index."""
+    return [bool(client.hexists(channel.unacked_key, t)) and client.zscore(channel.unacked_index_key, t) is not None for t in tags]
+
+
 def test_acknowledge_acks_a_group_of_requests_in_one_round_trip(redis_server, monkeypatch):
     single = []
     original = QoS._remove_from_indices
     monkeypatch.setattr(QoS, "_remove_from_indices", lambda self, tag, pipe=None: single.append(tag) or original(self, tag, pipe))
-    name = f"test-acks-{uuid.uuid4().hex[:8]}"
-    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-    with app.connection_for_write() as conn:
-        channel = conn.channel()
-        try:
-            producer = Producer(channel)
-            for n in range(6):
-                producer.publish({"n": n}, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json")
-            messages = _consume(conn, channel, queue, 6)
-            tags = [m.delivery_tag for m in messages]
-            with channel.conn_or_acquire() as client:
-
-                def recorded():  # as unacknowledged, in kombu's hash and index
-                    return [bool(client.hexists(channel.unacked_key, t)) and client.zscore(channel.unacked_index_key, t) is not None
-                            for t in tags]
-
-                before = recorded()
-                requests = [_Request(m) for m in messages]
-                requests[0].acknowledge()  # acked on its own before: skipped, not acked twice
-                acknowledge(requests)
-                acknowledge(requests)  # again: nothing left to do
-                after = recorded()
-                client.delete(name)
-            forgotten = set(channel.qos._forgotten)
-        finally:
-            channel.close()
+    with _published(6) as (conn, channel, queue):
+        messages = _consume(conn, channel, queue, 6)
+        tags = [m.delivery_tag for m in messages]
+        with channel.conn_or_acquire() as client:
+            before = _recorded(client, channel, tags)
+            requests = [_Request(m) for m in messages]
+            requests[0].acknowledge()  # acked on its own before: skipped, not acked twice
+            acknowledge(requests)
+            acknowledge(requests)  # again: nothing left to do
+            after = _recorded(client, channel, tags)
+        forgotten = set(channel.qos._forgotten)
 
     assert before == [True] * 6
     assert after == [False] * 6
@@ -121,63 +132,35 @@ def test_acknowledge_acks_a_group_of_requests_in_one_round_trip(redis_server, mo
 
 
 def test_acknowledge_falls_back_to_one_ack_each_when_the_group_fails(redis_server, monkeypatch):
-    name = f"test-acks-{uuid.uuid4().hex[:8]}"
-    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-
     def broken(self, tags):
         raise ConnectionError("Redis went away")
 
     monkeypatch.setattr(QoS, "forget", broken)
-    with app.connection_for_write() as conn:
-        channel = conn.channel()
-        try:
-            Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json")
-            (message,) = _consume(conn, channel, queue, 1)
-            acknowledge([_Request(message)])
-            with channel.conn_or_acquire() as client:
-                still_unacked = client.hexists(channel.unacked_key, message.delivery_tag)
-                client.delete(name)
-        finally:
-            channel.close()
-    assert message.acknowledged and not still_unacked
-
-
-def _queue():
-    name = f"test-take-{uuid.uuid4().hex[:8]}"
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
-
-
-def _recorded(client, channel, tags):
-    """Per tag: recorded as unacknowledged in kombu's hash and index."""
-    return [bool(client.hexists(channel.unacked_key, t)) and client.zscore(channel.unacked_index_key, t) is not None for t in tags]
+    with _published(1) as (conn, channel, queue):
+        (message,) = _consume(conn, channel, queue, 1)
+        acknowledge([_Request(message)])
+        with channel.conn_or_acquire() as client:
+            still_recorded = _recorded(client, channel, [message.delivery_tag])
+    assert message.acknowledged and still_recorded == [False]
 
 
 def test_a_read_takes_the_backlog_up_to_the_prefetch_window_and_records_every_message(redis_server):
-    queue = _queue()
     got = []
-    with app.connection_for_write() as conn:
-        channel = conn.channel()
-        try:
-            producer = Producer(channel)
-            for n in range(10):
-                producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.name, declare=[queue], serializer="json")
-            channel.basic_qos(0, 4, False)
-            with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: got.append(message)], accept=["json"]):
-                conn.drain_events(timeout=5)  # one read
-                first_read = [m.payload["n"] for m in got]
-                with channel.conn_or_acquire() as client:
-                    left = client.llen(queue.name)
-                    recorded = _recorded(client, channel, [m.delivery_tag for m in got])
-                    requests = [_Request(m) for m in got]
+    with _published(10) as (conn, channel, queue):
+        channel.basic_qos(0, 4, False)
+        with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: got.append(message)], accept=["json"]):
+            conn.drain_events(timeout=5)  # one read
+            first_read = [m.payload["n"] for m in got]
+            with channel.conn_or_acquire() as client:
+                left = client.llen(queue.name)
+                recorded = _recorded(client, channel, [m.delivery_tag for m in got])
+                requests = [_Request(m) for m in got]
+                acknowledge(requests)
+                while len(got) < 10:  # the window is full until its messages are acked
+                    conn.drain_events(timeout=5)
+                    requests += [_Request(m) for m in got[len(requests):]]
                     acknowledge(requests)
-                    while len(got) < 10:  # the window is full until its messages are acked
-                        conn.drain_events(timeout=5)
-                        requests += [_Request(m) for m in got[len(requests):]]
-                        acknowledge(requests)
-                    after = _recorded(client, channel, [m.delivery_tag for m in got])
-                    client.delete(queue.name)
-        finally:
-            channel.close()
+                after = _recorded(client, channel, [m.delivery_tag for m in got])
 
     assert first_read == [0, 1, 2, 3]  # the BRPOP's message and the 3 the window had room for, in order
     assert left == 6
@@ -187,26 +170,18 @@ def test_a_read_takes_the_backlog_up_to_the_prefetch_window_and_records_every_me
 
 
 def test_a_message_not_in_kombus_format_stays_in_the_queue_for_a_read_of_its_own(redis_server):
-    queue = _queue()
-    with app.connection_for_write() as conn:
-        channel = conn.channel()
-        try:
-            producer = Producer(channel)
-            producer.publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name, declare=[queue], serializer="json")
-            with channel.conn_or_acquire() as client:
-                client.lpush(queue.name, b'{"not": "kombu"}')
-                producer.publish({"n": 2}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
-                channel.basic_consume(queue.name, False, lambda message: None, "test-consumer")
-                raw = client.rpop(queue.name)  # what BRPOP would have brought
-                payload = loads(raw)
-                taken = channel._take_more(queue.name.encode(), queue.name, payload)
-                left = client.lrange(queue.name, 0, -1)
-                first_recorded = _recorded(client, channel, [payload["properties"]["delivery_tag"]])
-                client.delete(queue.name)
-                client.zrem(channel.unacked_index_key, payload["properties"]["delivery_tag"])
-                client.hdel(channel.unacked_key, payload["properties"]["delivery_tag"])
-        finally:
-            channel.close()
+    with _published(1) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            client.lpush(queue.name, b'{"not": "kombu"}')
+            Producer(channel).publish({"n": 2}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+            channel.basic_consume(queue.name, False, lambda message: None, "test-consumer")
+            payload = loads(client.rpop(queue.name))  # what BRPOP would have brought
+            tag = payload["properties"]["delivery_tag"]
+            taken = channel._take_more(queue.name.encode(), queue.name, payload)
+            left = client.lrange(queue.name, 0, -1)
+            first_recorded = _recorded(client, channel, [tag])
+            client.zrem(channel.unacked_index_key, tag)
+            client.hdel(channel.unacked_key, tag)
 
     assert taken == []
     assert len(left) == 2 and left[-1] == b'{"not": "kombu"}'  # next to be read, then the message behind it
@@ -215,19 +190,9 @@ def test_a_message_not_in_kombus_format_stays_in_the_queue_for_a_read_of_its_own
 
 
 def test_a_queue_read_without_acks_keeps_one_message_per_read(redis_server):
-    queue = _queue()
     got = []
-    with app.connection_for_write() as conn:
-        channel = conn.channel()
-        try:
-            producer = Producer(channel)
-            for n in range(5):
-                producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.name, declare=[queue], serializer="json")
-            with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: got.append(body["n"])], accept=["json"], no_ack=True):
-                conn.drain_events(timeout=5)
-                first_read = list(got)
-                with channel.conn_or_acquire() as client:
-                    client.delete(queue.name)
-        finally:
-            channel.close()
+    with _published(5) as (conn, channel, queue):
+        with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: got.append(body["n"])], accept=["json"], no_ack=True):
+            conn.drain_events(timeout=5)
+            first_read = list(got)
     assert first_read == [0]
