@@ -1,15 +1,20 @@
-"""kombu's Redis transport with one client object per channel (``tasks.redis_transport``),
-against the session's real redis-server: the app uses it, and publishing, consuming with
-acknowledgements and acking all go through one client object."""
+"""kombu's Redis transport as ``tasks.redis_transport`` changes it, against real redis-servers: the
+app uses it; publishing, consuming with acknowledgements and acking go through one client object;
+a read takes a backlog and records every task it takes; a group of requests is acked in one round
+trip; and the tasks a killed worker had read in bulk come back and run once."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from contextlib import contextmanager
 
+import psutil
+import redis as redis_lib
 from kombu import Exchange, Producer, Queue
 from kombu.utils.json import loads
 
+import launcher
 from tasks.redis_transport import Channel, QoS, Transport, acknowledge
 from worker import app
 
@@ -196,3 +201,41 @@ def test_a_queue_read_without_acks_keeps_one_message_per_read(redis_server):
             conn.drain_events(timeout=5)
             first_read = list(got)
     assert first_read == [0]
+
+
+def test_tasks_a_killed_worker_had_read_in_bulk_come_back_and_run_once(tmp_path):
+    """A worker reads a backlog of tasks.collect in bulk, its pool never runs them (stopped), and
+    it is killed: every task it took was recorded as it was read, so the next worker runs each one,
+    and no business code sends anything again."""
+    from tests.integration.conftest import Cluster
+
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port(), VISIBILITY_TIMEOUT=2)
+    try:
+        worker = cluster.start_worker("bulk-reader")
+        pool = psutil.Process(worker.pid).children()
+        assert pool, "the worker has no pool processes"
+        for process in pool:
+            process.suspend()
+        total = 300
+        results = [cluster.send(to=f"bulk-{n % 7}", data={"n": n}) for n in range(total)]
+        broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+        deadline = time.monotonic() + 30
+        while broker.llen("collect") > total - 150 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        left, recorded = broker.llen("collect"), broker.hlen("unacked")
+        worker.kill()
+        cluster.start_worker("after-the-kill")
+        deadline = time.monotonic() + 60  # the visibility timeout, then the next worker's restore scan (10 s)
+        while not all(r.ready() for r in results) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ids = [r.result for r in results if r.successful()]
+    finally:
+        cluster.stop()
+        redis_server.stop()
+
+    assert left <= total - 150  # the worker took a backlog (its prefetch window is 200)
+    assert left + recorded == total  # every task out of the list was recorded as it was read
+    assert len(ids) == total, f"{total - len(ids)} tasks never ran after the kill"
+    assert len(set(ids)) == total  # each ran once
