@@ -93,7 +93,8 @@ ALIAS = "redis"
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS (acks emulated with an unacked index and hash), plus :meth:`forget`.
+    """kombu's Redis QoS (acks emulated with an unacked index and hash), plus :meth:`forget`, and
+    no second record of the messages the channel's read recorded already (:attr:`recorded`).
 
     Like every kombu channel object, used from the thread that owns the connection only (the
     worker's main process loop)."""
@@ -170,8 +171,9 @@ class Channel(kombu_redis.Channel):
             key, item = dest__item
             dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            payload = loads(bytes_to_str(item))
-            payloads = [payload, *self._take_more(key, dest, payload)]
+            raw = bytes_to_str(item)
+            payload = loads(raw)
+            payloads = [payload, *self._take_more(key, dest, raw, payload)]
             try:
                 for payload in payloads:
                     self.connection._deliver(payload, dest)
@@ -182,17 +184,18 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _take_more(self, key, queue: str, payload) -> list:
-        """Record ``payload`` as unacknowledged and pop (and record) the messages waiting behind
-        it, in one round trip; returns the popped ones, decoded.  Returns nothing and records nothing when
-        the queue's consumer does not ack, or where it cannot be done (kombu's own append then
-        records ``payload``)."""
+    def _take_more(self, key, queue: str, raw: str, payload) -> list:
+        """Record the message ``raw`` (decoded: ``payload``) as unacknowledged and pop (and
+        record) the messages waiting behind it, in one round trip; returns the popped ones,
+        decoded.  Returns nothing and records nothing when the queue's consumer does not ack, or
+        where it cannot be done (kombu's own append then records the message)."""
         if not (self._take_more_ok and queue in self._acked_queues and self.ack_emulation and not self.global_keyprefix):
             return []
         try:
             tag = payload["properties"]["delivery_tag"]
             info = payload["properties"]["delivery_info"]
-            record = dumps([payload, info["exchange"], info["routing_key"]])
+            # kombu's record, dumps([message, exchange, routing key]), around the message's own JSON
+            record = f'[{raw},{dumps(info["exchange"])},{dumps(info["routing_key"])}]'
         except (KeyError, TypeError):
             return []  # not kombu's message format: the consumer rejects it the usual way
         room = self.qos.can_consume_max_estimate()

@@ -180,9 +180,10 @@ def test_a_message_not_in_kombus_format_stays_in_the_queue_for_a_read_of_its_own
             client.lpush(queue.name, b'{"not": "kombu"}')
             Producer(channel).publish({"n": 2}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
             channel.basic_consume(queue.name, False, lambda message: None, "test-consumer")
-            payload = loads(client.rpop(queue.name))  # what BRPOP would have brought
+            raw = client.rpop(queue.name).decode()  # what BRPOP would have brought
+            payload = loads(raw)
             tag = payload["properties"]["delivery_tag"]
-            taken = channel._take_more(queue.name.encode(), queue.name, payload)
+            taken = channel._take_more(queue.name.encode(), queue.name, raw, payload)
             left = client.lrange(queue.name, 0, -1)
             first_recorded = _recorded(client, channel, [tag])
             client.zrem(channel.unacked_index_key, tag)
