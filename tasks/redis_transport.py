@@ -213,7 +213,7 @@ class Channel(kombu_redis.Channel):
                     self._take_more_ok = False
                     log.warning("reading several messages per round trip is off for this connection: %s (RPOP with a count needs Redis 6.2 or later)", exc)
                 return []
-        payloads = [loads(bytes_to_str(raw)) for raw in taken or ()]
+        payloads = [loads(bytes_to_str(item)) for item in taken or ()]
         self.qos.recorded.add(tag)
         self.qos.recorded.update(p["properties"]["delivery_tag"] for p in payloads)
         return payloads
