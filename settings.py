@@ -164,7 +164,7 @@ REDELIVER_ATTEMPTS: int = _read(_env, "REDELIVER_ATTEMPTS", 5, _positive_int, "a
 #: Redelivery candidates are the deliveries Dispatch routed and no ack removed (kept in Redis); this
 #: often, housekeeping also reads the store's unacked deliveries of the redelivery window into them,
 #: for messages stored but never routed (Redis down longer than Dispatch's retries).  Each sweep reads
-#: the store's last minutes of messages.
+#: the messages stored since the previous one (a minute of overlap), up to REDELIVER_AFTER ago.
 REDELIVER_SWEEP_SECONDS: float = _read(_env, "REDELIVER_SWEEP_SECONDS", 300.0, _positive_float, "a number of seconds")
 #: How often one worker (elected through a Redis lock) runs ``tasks.housekeeping``: redelivery,
 #: hand-back of dead nodes' queues, retention purge.

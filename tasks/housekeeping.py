@@ -10,7 +10,10 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    Crossings are counted since the previous run (kept in Redis), so an outage of Redis or of the
    workers delays redelivery but skips none.  This
    recovers a message lost between the store and the browser while its user stays connected (a
-   dropped queue message, a node that wrote and crashed).
+   dropped queue message, a node that wrote and crashed).  Every ``REDELIVER_SWEEP_SECONDS`` a run
+   also sweeps the store: its unacked deliveries become candidates too (a message stored but never
+   routed, a Redis that lost the candidates).  A sweep reads only what the previous one did not
+   (:func:`sweep_window`), and not the last ``REDELIVER_AFTER`` seconds' messages.
 2. **Dead nodes.**  A node whose own lease ended more than ``LEASE_TTL`` ago has its queue handed
    back (:func:`tasks.reclaim.hand_back`) and deleted, and leaves the node list.  Not while Redis
    has been up for less than ``2 x LEASE_TTL``: after a Redis restart every lease looks old until
@@ -38,6 +41,12 @@ log = logging.getLogger(__name__)
 PURGE_LOCK = "push:purge-lock"
 SWEEP_LOCK = "push:redeliver-sweep-lock"
 LAST_RUN = "push:redeliver-last-run"
+#: The time (in message ids, unix seconds) up to which the store has been swept.
+SWEEP_MARK = "push:redeliver-sweep-mark"
+#: A sweep reads again this much before the previous sweep's end.  A message's id (and its time) is
+#: made just before the message is stored; a run that stores ids made long before (a task run again
+#: after its worker died, a retry after the store was unavailable) routes those messages itself.
+SWEEP_OVERLAP_SECONDS = 60.0
 #: The retention is a day: purging every 10 minutes is precise enough, and on the embedded store
 #: each purge reads every document.
 PURGE_EVERY_SECONDS = 600
@@ -76,7 +85,7 @@ def redeliver(now: float) -> int:
             due.append((message_id, user))
     pending.prune(_redis, start)  # past the last threshold: never sent again
     if _redis.set(SWEEP_LOCK, "1", nx=True, ex=max(1, round(settings.REDELIVER_SWEEP_SECONDS))):
-        sweep(start, now)
+        sweep(start, now - marks[0])
     if len(due) > REDELIVER_LIMIT:
         log.warning("%d deliveries crossed a redelivery threshold; sending the oldest %d this run", len(due), REDELIVER_LIMIT)
         due = due[:REDELIVER_LIMIT]
@@ -99,15 +108,34 @@ def redeliver(now: float) -> int:
     return sent
 
 
+def sweep_window(start: float, end: float, mark: float | None) -> tuple[float, float]:
+    """The messages a sweep reads, by the time in their ids: from ``start`` (the oldest that can
+    still cross a threshold) to ``end``; when an earlier sweep read up to ``mark``, only from
+    ``SWEEP_OVERLAP_SECONDS`` before that.  Empty when the start is not before the end.  Pure."""
+    if mark is not None:
+        start = max(start, min(mark, end) - SWEEP_OVERLAP_SECONDS)
+    return start, end
+
+
 def sweep(start: float, end: float) -> int:
-    """Add the store's unacked deliveries of messages from ``start`` to ``end`` to the
-    redelivery candidates (messages stored but never routed); returns how many were read."""
+    """Add the store's unacked deliveries of the messages from ``start`` to ``end`` that no earlier
+    sweep read (:func:`sweep_window`) to the redelivery candidates; returns how many were read.
+
+    The caller ends the window ``REDELIVER_AFTER`` before now: a younger message is not due yet,
+    and one that was routed is a candidate already.  On the embedded store any range is a scan of
+    every message, so what a sweep saves there is the work on what it finds; on MongoDB it is an
+    index range read of the messages stored since the previous sweep."""
+    mark = _redis.get(SWEEP_MARK)
+    start, end = sweep_window(start, end, float(mark) if mark is not None else None)
+    if start >= end:
+        return 0
     utc = datetime.timezone.utc
     store = get_store()
     since = datetime.datetime.fromtimestamp(start, utc)
     deliveries = store.deliveries_between(since, datetime.datetime.fromtimestamp(end, utc))
     acked = store.acked_since(since) if deliveries else set()  # an ack comes after its message
     pending.add(_redis, [pair for pair in deliveries if pair not in acked])
+    _redis.set(SWEEP_MARK, repr(end))  # only once read: a sweep that failed is read again by the next
     return len(deliveries)
 
 

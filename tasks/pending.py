@@ -5,8 +5,9 @@ Worker processes only (synchronous ``redis.Redis``).  One sorted set, ``push:pen
 
 - Dispatch adds every (message, user) it routes (:func:`add`, one command per batch), before it
   publishes; routing the same delivery again changes nothing.  Every ``REDELIVER_SWEEP_SECONDS``
-  housekeeping also adds the store's unacked deliveries of the window (a message stored whose
-  routing never ran, because Redis was down longer than Dispatch retried).
+  housekeeping also adds the store's unacked deliveries of the messages stored since its previous
+  sweep (a message stored whose routing never ran, because Redis was down longer than Dispatch
+  retried).
 - An ack removes it (:func:`remove`, from ``tasks.receipts``).
 - Housekeeping reads the deliveries whose age may have crossed a redelivery threshold since its
   last run (:func:`between`), checks them against the store's ``acked`` receipts (the record of

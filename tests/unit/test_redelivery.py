@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.housekeeping import crossed
+from tasks.housekeeping import SWEEP_OVERLAP_SECONDS, crossed, sweep_window
 
 MARKS = [30.0, 60.0, 120.0]
 
@@ -38,3 +38,22 @@ def test_over_consecutive_runs_each_delivery_is_resent_once_per_threshold():
     ages = [i * 7.0 for i in range(40)]  # runs every 7 s
     resent = sum(crossed(a, b, MARKS) for a, b in zip(ages, ages[1:]))
     assert resent == len(MARKS)
+
+
+# --- the sweep's window ------------------------------------------------------------------------
+
+def test_a_first_sweep_reads_the_whole_window():
+    assert sweep_window(1000.0, 1450.0, None) == (1000.0, 1450.0)
+
+
+def test_a_later_sweep_starts_one_overlap_before_where_the_previous_one_ended():
+    assert sweep_window(1000.0, 1450.0, 1300.0) == (1300.0 - SWEEP_OVERLAP_SECONDS, 1450.0)
+
+
+def test_a_sweep_never_reads_older_than_the_window_whatever_the_mark():
+    assert sweep_window(1000.0, 1450.0, 1010.0) == (1000.0, 1450.0)
+
+
+def test_a_mark_ahead_of_the_window_end_counts_from_the_end():
+    """Another worker's clock ahead of this one's: the overlap still comes before this end."""
+    assert sweep_window(1000.0, 1450.0, 9000.0) == (1450.0 - SWEEP_OVERLAP_SECONDS, 1450.0)

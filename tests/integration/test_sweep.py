@@ -1,0 +1,77 @@
+"""The redelivery sweep of ``tasks.housekeeping`` (messages stored but never routed become
+redelivery candidates), run in this process against the session's real Redis and the store
+(embedded, or the MongoDB at ``MONGO_URL``)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from tasks import housekeeping, pending
+from tasks.dispatch import _redis
+from tasks.ids import IdGenerator
+from tasks.store import get_store
+
+
+@pytest.fixture
+def clean(redis_server):
+    _redis.delete(housekeeping.SWEEP_MARK, pending.PENDING_KEY)
+    yield
+    _redis.delete(housekeeping.SWEEP_MARK, pending.PENDING_KEY)
+
+
+def stored(age: float, user: str, now: float) -> str:
+    """Store a message to ``user`` whose id is ``age`` seconds old at ``now``, and never route it."""
+    mid = IdGenerator(clock=lambda: now - age).next_id()
+    get_store().insert_messages([{"id": mid, "to": [user], "data": {"age": age}}])
+    return mid
+
+
+def candidates(users: set[str]) -> set[tuple[str, str]]:
+    return {pair for pair in pending.between(_redis, 0, time.time() + 60) if pair[1] in users}
+
+
+def test_a_sweep_makes_stored_unacked_deliveries_candidates_and_leaves_the_newest_to_the_next(clean):
+    now, tag = time.time(), uuid.uuid4().hex[:8]
+    ann, bob, cid = (f"{name}-{tag}" for name in ("ann", "bob", "cid"))
+    lost = stored(200, ann, now)
+    acked = stored(150, bob, now)
+    get_store().record_receipts([{"id": acked, "user": bob, "state": "acked", "at": now - 100}])
+    young = stored(10, cid, now)
+
+    housekeeping.sweep(now - 400, now - 30)
+
+    assert candidates({ann, bob, cid}) == {(lost, ann)}, "the acked delivery and the one younger than the window's end are not candidates"
+    assert float(_redis.get(housekeeping.SWEEP_MARK)) == pytest.approx(now - 30)
+
+    housekeeping.sweep(now - 400, now + 1)  # the next sweep, later
+
+    assert candidates({ann, bob, cid}) == {(lost, ann), (young, cid)}
+
+
+def test_a_sweep_reads_from_one_overlap_before_the_previous_sweeps_end(clean):
+    now, tag = time.time(), uuid.uuid4().hex[:8]
+    within, before = f"within-{tag}", f"before-{tag}"
+    housekeeping.sweep(now - 400, now - 100)  # reads up to now - 100
+    late = stored(100 + housekeeping.SWEEP_OVERLAP_SECONDS / 2, within, now)  # stored late, inside the overlap
+    missed = stored(100 + housekeeping.SWEEP_OVERLAP_SECONDS * 2, before, now)  # read by the first sweep (it was not there yet)
+
+    housekeeping.sweep(now - 400, now - 30)
+
+    assert candidates({within, before}) == {(late, within)}
+    assert [e["id"] for e in get_store().unacked(before, 10)[0]] == [missed], "it stays in its user's inbox, replayed at the next connection"
+
+
+def test_without_a_mark_a_sweep_reads_the_whole_window_again(clean):
+    """After a Redis restart (the mark and the candidates gone) the first sweep reads it all."""
+    now, tag = time.time(), uuid.uuid4().hex[:8]
+    user = f"dan-{tag}"
+    old = stored(300, user, now)
+    housekeeping.sweep(now - 400, now - 30)
+    _redis.delete(housekeeping.SWEEP_MARK, pending.PENDING_KEY)
+
+    housekeeping.sweep(now - 400, now - 30)
+
+    assert candidates({user}) == {(old, user)}
