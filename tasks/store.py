@@ -205,23 +205,22 @@ class Store:
         """:meth:`claim_ids` for several ``(key, ids)`` pairs at once, in order, under one lock;
         a key given twice gets, the second time, the ids of the first.
 
-        One insert per key, keyed by ``_id`` (the primary key on both engines, no secondary unique
-        index); the read happens only when the key was already taken, i.e. when a task runs again.
+        One unordered ``insert_many`` of a document per key, keyed by ``_id`` (the primary key on
+        both engines, no secondary unique index): one round trip to MongoDB for the whole batch.
+        The keys it reports taken (a task run again, a key reused) are read back in one more.
         """
         if not claims:
             return []
-        claimed: dict[str, list[str]] = {}
-        with self._errors(f"recording {len(claims)} idempotency keys"), self._key_lock(), _one_transaction(self._keys):
-            for key, wanted in claims:
-                if key in claimed:
-                    continue
-                try:
-                    self._keys.insert_one({"_id": key, "ids": list(wanted), "at": datetime.datetime.now(UTC)})
-                    claimed[key] = list(wanted)
-                except errors.DuplicateKeyError:
-                    earlier = self._keys.find_one({"_id": key}, {"ids": 1})
-                    if earlier is not None:
-                        claimed[key] = list(earlier["ids"])
+        wanted_of: dict[str, list[str]] = {}
+        for key, wanted in claims:
+            wanted_of.setdefault(key, list(wanted))
+        now = datetime.datetime.now(UTC)
+        docs = [{"_id": key, "ids": wanted, "at": now} for key, wanted in wanted_of.items()]
+        with self._errors(f"recording {len(claims)} idempotency keys"), self._key_lock():
+            claimed = {doc["_id"]: doc["ids"] for doc in _insert_new(self._keys, docs)}
+            taken = [key for key in wanted_of if key not in claimed]
+            if taken:
+                claimed.update((doc["_id"], list(doc["ids"])) for doc in self._by_ids(self._keys, taken, {"ids": 1}))
         # A key purged between its insert and its read (rare): bind those anew.
         purged: dict[str, list[str]] = {}
         for key, wanted in claims:
