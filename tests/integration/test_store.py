@@ -391,6 +391,27 @@ def test_deliveries_between_are_the_recipients_of_the_messages_stored_in_the_win
     assert pairs == [(inside[0]["id"], "ann"), (inside[0]["id"], "bob")]
 
 
+def test_deliveries_between_reads_exactly_the_window_on_either_path(store):
+    """On the embedded engine the window is read through litemongo's primary key; it must find
+    what the query finds, at the window's edges too (a message at its start is in, at its end out)."""
+    base = time.time() - 300
+    gens = [IdGenerator(clock=lambda at=base + offset: at) for offset in (0.0, 10.0, 20.0, 30.0)]
+    messages = [make(gen, [f"u{n}", "ann"], n) for n, gen in enumerate(gens)] + [make(gens[1], "*", "all")]
+    store.insert_messages(messages)
+    utc = datetime.timezone.utc
+    start, end = (datetime.datetime.fromtimestamp(base + offset, utc) for offset in (10.0, 30.0))
+
+    pairs = store.deliveries_between(start, end)
+
+    assert pairs == sorted((m["id"], user) for m in messages[1:3] for user in m["to"])
+    if store.embedded:
+        first, last = messages[1]["id"][:12] + "0" * 12, messages[3]["id"][:12] + "0" * 12
+        read = store_module._embedded_id_range(store.database["messages"], first, last)
+        assert read is not None, "litemongo's table is not what tasks.store reads: the sweep would scan every message"
+        queried = store.database["messages"].find({"_id": {"$gte": first, "$lt": last}})
+        assert [doc["_id"] for doc in read] == sorted(doc["_id"] for doc in queried)
+
+
 def test_acked_since_lists_the_acks_recorded_after_the_given_time(store):
     gen = IdGenerator()
     message = make(gen, ["ann", "bob"], 1)
