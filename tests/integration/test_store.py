@@ -235,6 +235,29 @@ def test_purge_measures_age_from_the_given_now(store):
     assert store.replay("alice", "", 100) == ([], False)
 
 
+def test_an_old_message_stored_after_newer_ones_is_purged_at_the_latest_with_them(store):
+    """The embedded engine skips a collection whose first document (in insertion order) is not old
+    yet: it reads one document instead of decoding all of them."""
+    new, old = make(IdGenerator(), ["alice"]), make(IdGenerator(clock=lambda: OLD), ["alice"])
+    store.insert_messages([new])
+    store.insert_messages([old])  # a late insert of an old id
+
+    store.purge()
+    if store.embedded:
+        assert store.database["messages"].count_documents({}) == 2, "kept until the first document is old too"
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=settings.RETENTION_SECONDS + 60)
+    store.purge(now=later)
+
+    assert store.database["messages"].count_documents({}) == 0
+
+
+def test_a_purge_with_nothing_old_keeps_everything(store):
+    store.insert_messages([make(IdGenerator(), ["alice"])])
+    store.claim_ids("key:k", ["a" * 24])
+    assert store.purge() == 0
+    assert store.database["messages"].count_documents({}) == 1 and store.claim_ids("key:k", ["b" * 24]) == ["a" * 24]
+
+
 def test_embedded_store_keeps_messages_across_a_restart(store):
     if not store.embedded:
         pytest.skip("restart persistence is the embedded engine's job; MongoDB is a server")
