@@ -290,15 +290,33 @@ def _store_results(done: list[tuple[object, str]]) -> None:
         return
     try:
         with backend.client.pipeline(transaction=False) as pipe:
-            for req, message_id in done:
-                meta = backend._get_result_meta(result=message_id, state=states.SUCCESS, traceback=None, request=req)
-                meta["task_id"] = req.id
+            for (req, message_id), meta in zip(done, _success_metas(backend, done)):
                 key, value = backend.get_key_for_task(req.id), backend.encode(meta)
                 pipe.set(key, value, ex=backend.expires or None)
                 pipe.publish(key, value)
             pipe.execute()
     except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
         log.warning("tasks.collect: %d results not stored (%s)", len(done), exc)
+
+
+def _success_metas(backend, done: list[tuple[object, str]]) -> list[dict]:
+    """The SUCCESS result meta of each ``(request, message id)``, as Celery's backend makes it
+    (``_get_result_meta``, plus ``task_id``), with what the requests of a batch share (the time,
+    the settings it reads) made once: per request it cost a quarter of storing the results.
+    A request with a group, a parent or children, or ``result_extended`` on, gets Celery's own."""
+    extended = backend.app.conf.find_value_for_key("extended", "result")
+    shared = None
+    metas = []
+    for req, message_id in done:
+        if extended or any(getattr(req, name, None) for name in ("group", "parent_id", "children")):
+            meta = backend._get_result_meta(result=message_id, state=states.SUCCESS, traceback=None, request=req)
+        else:
+            if shared is None:
+                shared = backend._get_result_meta(result=None, state=states.SUCCESS, traceback=None, request=req)
+            meta = dict(shared, result=message_id)
+        meta["task_id"] = req.id
+        metas.append(meta)
+    return metas
 
 
 def _retry(task, req, exc: Exception) -> tuple[str, str]:

@@ -44,3 +44,33 @@ def test_a_request_without_to_is_refused_as_a_plain_collect_would_be():
 def test_an_unexpected_argument_is_named():
     with pytest.raises(InvalidMessage, match="colour"):
         _parse_collect(request({"to": "alice", "data": 1, "colour": "red"}))
+
+
+# --- the results of a batch ----------------------------------------------------------------------
+
+def _celery_meta(backend, req, message_id) -> dict:
+    meta = backend._get_result_meta(result=message_id, state="SUCCESS", traceback=None, request=req)
+    return dict(meta, task_id=req.id)
+
+
+def test_each_request_of_a_batch_gets_the_result_meta_celery_would_store():
+    from tasks.collect import _success_metas
+    from worker import app
+
+    done = [(request(task_id="t-1"), "id-1"), (request(task_id="t-2"), "id-2")]
+    metas = _success_metas(app.backend, done)
+
+    expected = [_celery_meta(app.backend, req, mid) for req, mid in done]
+    assert [{k: v for k, v in m.items() if k != "date_done"} for m in metas] == [{k: v for k, v in m.items() if k != "date_done"} for m in expected]
+    assert all(m["date_done"] for m in metas) and metas[0] is not metas[1]
+
+
+def test_a_request_in_a_group_keeps_its_group_id_in_its_result():
+    from tasks.collect import _success_metas
+    from worker import app
+
+    grouped = request(task_id="t-2")
+    grouped.group = "g-1"
+    metas = _success_metas(app.backend, [(request(task_id="t-1"), "id-1"), (grouped, "id-2")])
+
+    assert "group_id" not in metas[0] and metas[1]["group_id"] == "g-1" and metas[1]["result"] == "id-2"
