@@ -443,7 +443,7 @@ def _litemongo_table(collection):
         return None
     if not all(hasattr(table, name) for name in ("_table_name", "ID", "DOC", "encode_key", "_decode_doc", "_codec_options")):
         return None
-    if not hasattr(store, "_query_index"):
+    if not hasattr(store, "_query_index") or not callable(getattr(store, "_query_index_is_stale", None)):
         return None
     return table
 
@@ -507,8 +507,9 @@ def _embedded_insert_new(collection, table, docs: list[dict]) -> list[dict]:
     """:func:`_insert_new` on the embedded engine: one SQLite transaction of ``INSERT ... ON
     CONFLICT DO NOTHING`` (what mongomock's insert amounts to here, without its per-document
     validation, copy, existence read and index-list read: about a third of its cost), and the
-    new documents added to this connection's query index as mongomock adds them.  The
-    collections of this module have no unique index but ``_id``."""
+    new documents added to this connection's query index as mongomock adds them, unless another
+    connection wrote since the index was built.  The collections of this module have no unique
+    index but ``_id``."""
     store, connection = collection._store, table._connection
     insert = f"INSERT INTO {table._table_name} VALUES (?, ?) ON CONFLICT({table.ID}) DO NOTHING"  # nosec - names from litemongo
     new: list[tuple[str, dict]] = []
@@ -522,8 +523,15 @@ def _embedded_insert_new(collection, table, docs: list[dict]) -> list[dict]:
         store._query_index = None  # rebuilt on the next read
         raise
     if store._query_index is not None:
-        for key, doc in new:
-            store._query_index.add(key, doc)
+        if store._query_index_is_stale():
+            # Another connection wrote since this one built its index (with several worker
+            # processes, nearly always): the next read rebuilds it from the table in any case, so
+            # adding to it would be work thrown away (a third of an insert's cost).  The check
+            # records the version it saw, so the index must go now for that read to rebuild it.
+            store._query_index = None
+        else:
+            for key, doc in new:
+                store._query_index.add(key, doc)
     return [doc for _, doc in new]
 
 

@@ -126,6 +126,28 @@ def test_a_batch_is_visible_to_other_connections_once_stored_also_when_part_of_i
         other.close()
 
 
+def test_reads_see_every_insert_whichever_connection_made_it(store):
+    """On the embedded engine each connection keeps a query index: its own inserts go into it,
+    and an insert made after another connection wrote drops it, to be rebuilt by the next read."""
+    gen = IdGenerator()
+    first = make(gen, ["alice"])
+    store.insert_messages([first])
+    assert ids_of(store.replay("alice", "", 100)[0]) == [first["id"]]  # this connection's index is built
+    other = Store.open()
+    try:
+        theirs = make(gen, ["alice"])
+        other.insert_messages([theirs])  # another connection writes
+        mine = make(gen, ["alice"])
+        store.insert_messages([mine])  # this one writes after it
+        assert ids_of(store.replay("alice", "", 100)[0]) == [first["id"], theirs["id"], mine["id"]]
+        again = make(gen, ["alice"])
+        store.insert_messages([again])  # nobody else wrote since that read
+        assert ids_of(store.replay("alice", "", 100)[0]) == [first["id"], theirs["id"], mine["id"], again["id"]]
+        assert ids_of(other.replay("alice", "", 100)[0]) == [first["id"], theirs["id"], mine["id"], again["id"]]
+    finally:
+        other.close()
+
+
 def test_an_error_inside_one_transaction_stores_nothing_of_it(store):
     if not store.embedded:
         pytest.skip("the shared transaction is the embedded engine's; MongoDB writes each insert_many itself")
