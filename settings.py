@@ -128,6 +128,13 @@ BIND_ADDRESS: str = _read(_env, "BIND_ADDRESS", "127.0.0.1", str, "a host name o
 ALLOWED_ORIGINS: tuple[str, ...] = _read(_env, "ALLOWED_ORIGINS", ("*",), _origins, "a comma-separated list of origins, or *")
 #: A route lease (user -> node) lives this long unless its node renews it; renewed every third of it.
 LEASE_TTL: float = _read(_env, "LEASE_TTL", 30.0, _positive_float, "a number of seconds")
+#: A push node pings each connection this often, in whole seconds ...
+PING_INTERVAL: int = _read(_env, "PING_INTERVAL", 25, _positive_int, "a whole number of seconds")
+#: ... and closes it (1000, "ping timed out") when its pong has not come this many seconds after
+#: the ping (a dead peer goes within PING_INTERVAL + PING_TIMEOUT); at most PING_INTERVAL.
+PING_TIMEOUT: int = _read(_env, "PING_TIMEOUT", 20, _positive_int, "a whole number of seconds")
+if PING_TIMEOUT > PING_INTERVAL:
+    raise SettingsError(f"PING_TIMEOUT={PING_TIMEOUT} is longer than PING_INTERVAL={PING_INTERVAL}: set it to at most the interval")
 #: Largest ``data`` a message may carry, serialised as JSON, in bytes.
 MAX_MESSAGE_BYTES: int = _read(_env, "MAX_MESSAGE_BYTES", 65536, _positive_int, "a whole number of bytes")
 #: Largest frame a browser may send to a push node, in bytes (larger closes with 1009).

@@ -27,6 +27,7 @@ import tornado.web
 from redis.exceptions import RedisError
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.websocket import WebSocketClosedError
 
 import settings
 from tasks.queues import node_address
@@ -40,6 +41,7 @@ from wsnode.handler import PushHandler
 from wsnode.hub import Hub
 from wsnode.presence import node_name
 from wsnode.metrics import MetricsHandler, NodeMetrics
+from wsnode.pinger import PingSchedule
 from wsnode.receipts import ReceiptBuffer
 from wsnode.replays import ReplayRequests
 from wsnode.registry import Leases
@@ -100,6 +102,7 @@ class PushNode:
         self.address = node_address(host, port)
         self.celery = celery_app
         self.hub = Hub()
+        self.pings: PingSchedule[PushHandler] = PingSchedule(settings.PING_INTERVAL, settings.PING_TIMEOUT)
         self.auth = AuthClient(settings.AUTH_URL, settings.AUTH_CACHE_SECONDS)
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=5,
@@ -132,8 +135,8 @@ class PushNode:
                 (r"/metrics", MetricsHandler, {"metrics": self.metrics}),
                 (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
             ],
-            websocket_ping_interval=25,
-            websocket_ping_timeout=20,  # at most the interval (Tornado): a dead peer is dropped within 45 s
+            # No websocket_ping_interval: Tornado's pings cost a Task per connection; the node's
+            # own timer pings them instead (wsnode.pinger).
             websocket_max_message_size=settings.MAX_FRAME_BYTES,
             log_function=_log_request,
         )
@@ -150,6 +153,7 @@ class PushNode:
             PeriodicCallback(self._renew, settings.LEASE_TTL / 3 * 1000),
             PeriodicCallback(self._ping_redis, REDIS_PING_SECONDS * 1000),
             PeriodicCallback(self.receipts.flush, settings.RECEIPT_FLUSH_SECONDS * 1000),
+            PeriodicCallback(self._ping_tick, 1000),
         ]
         for timer in self._timers:
             timer.start()
@@ -202,9 +206,24 @@ class PushNode:
                 conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({exc})")
                 return
         self.metrics.connected()
+        self.pings.add(conn)
         log.info("conn=%s user=%s node=%s connected%s", conn.conn_id, conn.user_id, self.address, f" since={conn.session.since}" if conn.session.since else "")
         conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id))])
         self._request_replay(conn)
+
+    def _ping_tick(self) -> None:
+        """Every second: ping one slot's connections, close those that left a ping unanswered
+        for ``settings.PING_TIMEOUT`` seconds (:mod:`wsnode.pinger`)."""
+        to_ping, timed_out = self.pings.tick()
+        for conn in timed_out:
+            self.pings.remove(conn)
+            log.info("conn=%s user=%s node=%s closed: no pong within %d s", conn.conn_id, conn.user_id, self.address, settings.PING_TIMEOUT)
+            conn.close(1000, "ping timed out")
+        for conn in to_ping:
+            try:
+                conn.ping()
+            except WebSocketClosedError:
+                self.pings.remove(conn)  # on_close follows
 
     async def _register_new_leases(self, users: list[str]) -> None:
         # A user whose connection closed while waiting for this pipeline is left out: its release
@@ -212,6 +231,7 @@ class PushNode:
         await self.leases.register([user for user in users if self.hub.of_user(user)])
 
     def detach(self, conn: PushHandler) -> None:
+        self.pings.remove(conn)
         if self.hub.get(conn.conn_id) is conn:
             self.metrics.disconnected()
         if self.hub.remove(conn):

@@ -91,6 +91,9 @@ class PushHandler(WebSocketHandler):
             return
         self.node.receipts.add(ack.id, self.user_id)
 
+    def on_pong(self, data: bytes) -> None:
+        self.node.pings.pong(self)
+
     def on_close(self) -> None:
         if self.session is not None and self._refusal is None:
             self.node.detach(self)

@@ -37,6 +37,7 @@ LEASE_TTL = 3.0
 REDELIVER_AFTER = 4.0
 REDELIVER_ATTEMPTS = 2
 HOUSEKEEPING_SECONDS = 1.0
+PING_INTERVAL, PING_TIMEOUT = 2, 1
 ADMIN_KEY = "dev-admin-key-change-me"
 
 
@@ -49,7 +50,7 @@ class Cluster:
         self.env = launcher.cluster_env(
             redis_server.url(), workdir, self.auth_port,
             broker_url=broker_url or redis_server.url(0), LEASE_TTL=LEASE_TTL, AUTH_CACHE_SECONDS=1, REPLAY_TIMEOUT=10, LOG_LEVEL="INFO",
-            REDELIVER_AFTER=REDELIVER_AFTER, REDELIVER_ATTEMPTS=REDELIVER_ATTEMPTS, HOUSEKEEPING_SECONDS=HOUSEKEEPING_SECONDS, REDELIVER_SWEEP_SECONDS=2, RECEIPT_FLUSH_SECONDS=0.2, **extra_env,
+            REDELIVER_AFTER=REDELIVER_AFTER, REDELIVER_ATTEMPTS=REDELIVER_ATTEMPTS, HOUSEKEEPING_SECONDS=HOUSEKEEPING_SECONDS, REDELIVER_SWEEP_SECONDS=2, RECEIPT_FLUSH_SECONDS=0.2, PING_INTERVAL=PING_INTERVAL, PING_TIMEOUT=PING_TIMEOUT, **extra_env,
         )
         self.services: list[launcher.Service] = []
         self.node_ports: list[int] = []

@@ -173,3 +173,18 @@ def test_redact_keeps_query_and_path():
 
 def test_redact_hides_a_password_given_in_the_query_string():
     assert "secret" not in redact("unix:///tmp/redis.sock?db=1&password=secret")
+
+
+# --- cross-checks at import ---------------------------------------------------------------------
+
+
+def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PING_INTERVAL="10", PING_TIMEOUT="15")
+    done = subprocess.run([sys.executable, "-c", "import settings"], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode != 0
+    assert "PING_TIMEOUT=15 is longer than PING_INTERVAL=10: set it to at most the interval" in done.stderr

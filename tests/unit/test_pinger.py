@@ -1,0 +1,85 @@
+"""Pure tests of ``wsnode.pinger.PingSchedule``: who is pinged at each one-second tick, and who is
+given up on."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsnode.pinger import PingSchedule
+
+
+def run(schedule: PingSchedule, ticks: int, answering=lambda conn, tick: True) -> tuple[dict, dict]:
+    """Tick ``ticks`` times; each pinged connection answers at once when ``answering`` says so.
+    Returns {conn: [ticks pinged]} and {conn: tick closed}."""
+    pinged: dict = {}
+    closed: dict = {}
+    for tick in range(ticks):
+        to_ping, timed_out = schedule.tick()
+        for conn in timed_out:
+            closed[conn] = tick
+            schedule.remove(conn)
+        for conn in to_ping:
+            pinged.setdefault(conn, []).append(tick)
+            if answering(conn, tick):
+                schedule.pong(conn)
+    return pinged, closed
+
+
+def test_each_connection_is_pinged_once_per_interval():
+    schedule = PingSchedule(interval=25, timeout=20)
+    for conn in range(100):
+        schedule.add(conn)
+    pinged, closed = run(schedule, 100)
+    assert closed == {}
+    assert all(len(ticks) == 4 and all(b - a == 25 for a, b in zip(ticks, ticks[1:])) for ticks in pinged.values())
+    assert len(pinged) == 100
+
+
+def test_the_pings_of_an_interval_are_spread_over_its_seconds():
+    schedule = PingSchedule(interval=25, timeout=20)
+    for conn in range(1000):
+        schedule.add(conn)
+    per_tick = [len(schedule.tick()[0]) for _ in range(25)]
+    assert per_tick == [40] * 25
+
+
+def test_a_connection_that_never_answers_is_closed_timeout_seconds_after_its_ping():
+    schedule = PingSchedule(interval=25, timeout=20)
+    schedule.add("dead")
+    schedule.add("alive")
+    pinged, closed = run(schedule, 60, answering=lambda conn, tick: conn == "alive")
+    assert closed == {"dead": pinged["dead"][0] + 20}
+    assert "alive" not in closed and len(schedule) == 1
+
+
+def test_a_late_pong_within_the_timeout_keeps_the_connection():
+    schedule = PingSchedule(interval=25, timeout=20)
+    schedule.add("slow")
+    to_ping, _ = schedule.tick()
+    assert to_ping == ["slow"]
+    for _ in range(10):
+        schedule.tick()
+    schedule.pong("slow")  # 10 s later
+    _, closed = run(schedule, 30)
+    assert closed == {}
+
+
+def test_a_connection_that_left_is_neither_pinged_nor_closed():
+    schedule = PingSchedule(interval=5, timeout=5)
+    schedule.add("gone")
+    schedule.remove("gone")
+    pinged, closed = run(schedule, 20, answering=lambda conn, tick: False)
+    assert pinged == {} and closed == {} and len(schedule) == 0
+
+
+def test_with_the_timeout_equal_to_the_interval_an_unanswered_connection_is_closed_instead_of_pinged_again():
+    schedule = PingSchedule(interval=5, timeout=5)
+    schedule.add("dead")
+    pinged, closed = run(schedule, 12, answering=lambda conn, tick: False)
+    assert pinged == {"dead": [0]} and closed == {"dead": 5}
+
+
+@pytest.mark.parametrize("interval, timeout", [(0, 1), (10, 0), (10, 11)])
+def test_a_timeout_outside_the_interval_is_refused(interval, timeout):
+    with pytest.raises(ValueError, match="interval"):
+        PingSchedule(interval, timeout)
