@@ -37,7 +37,6 @@ LEASE_TTL = 3.0
 REDELIVER_AFTER = 4.0
 REDELIVER_ATTEMPTS = 2
 HOUSEKEEPING_SECONDS = 1.0
-PING_INTERVAL, PING_TIMEOUT = 2, 1
 ADMIN_KEY = "dev-admin-key-change-me"
 
 
@@ -50,7 +49,7 @@ class Cluster:
         self.env = launcher.cluster_env(
             redis_server.url(), workdir, self.auth_port,
             broker_url=broker_url or redis_server.url(0), LEASE_TTL=LEASE_TTL, AUTH_CACHE_SECONDS=1, REPLAY_TIMEOUT=10, LOG_LEVEL="INFO",
-            REDELIVER_AFTER=REDELIVER_AFTER, REDELIVER_ATTEMPTS=REDELIVER_ATTEMPTS, HOUSEKEEPING_SECONDS=HOUSEKEEPING_SECONDS, REDELIVER_SWEEP_SECONDS=2, RECEIPT_FLUSH_SECONDS=0.2, PING_INTERVAL=PING_INTERVAL, PING_TIMEOUT=PING_TIMEOUT, **extra_env,
+            REDELIVER_AFTER=REDELIVER_AFTER, REDELIVER_ATTEMPTS=REDELIVER_ATTEMPTS, HOUSEKEEPING_SECONDS=HOUSEKEEPING_SECONDS, REDELIVER_SWEEP_SECONDS=2, RECEIPT_FLUSH_SECONDS=0.2, **extra_env,
         )
         self.services: list[launcher.Service] = []
         self.node_ports: list[int] = []
@@ -80,9 +79,10 @@ class Cluster:
         self.services.append(service)
         return service
 
-    def start_node(self, port: int | None = None) -> launcher.Service:
+    def start_node(self, port: int | None = None, **env) -> launcher.Service:
+        """One more node of this cluster; ``env`` overrides its settings (e.g. ``PING_INTERVAL=2``)."""
         port = port or launcher.free_port()
-        service = launcher.start_node(self.env, port, log_path=self._log(f"node-{port}"))
+        service = launcher.start_node({**self.env, **{key: str(value) for key, value in env.items()}}, port, log_path=self._log(f"node-{port}"))
         service.port = port
         self.services.append(service)
         return service

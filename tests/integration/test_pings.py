@@ -1,6 +1,9 @@
-"""Keepalive pings (``wsnode.pinger``) on the shared cluster, whose nodes ping every
+"""Keepalive pings (``wsnode.pinger``) on a node of the shared cluster started to ping every
 ``PING_INTERVAL`` (2) seconds and wait ``PING_TIMEOUT`` (1) for the pong: a peer that never answers
-is closed with 1000 "ping timed out"; a client that answers stays connected."""
+is closed with 1000 "ping timed out"; a client that answers stays connected.
+
+The shared cluster's own nodes keep the defaults (25 s, 20 s): a test client reading nothing while
+many messages arrive stops reading frames (Tornado's client queues one message), pongs included."""
 
 from __future__ import annotations
 
@@ -10,7 +13,18 @@ import os
 import struct
 import time
 
-from tests.integration.conftest import PING_INTERVAL, PING_TIMEOUT
+import pytest
+
+PING_INTERVAL, PING_TIMEOUT = 2, 1
+
+
+@pytest.fixture
+def pinging_node(cluster):
+    """A node of ``cluster`` with short pings, stopped at the end of the test."""
+    node = cluster.start_node(PING_INTERVAL=PING_INTERVAL, PING_TIMEOUT=PING_TIMEOUT)
+    yield node.port
+    node.terminate(timeout=10)
+    cluster.services.remove(node)
 
 
 async def _silent_peer(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -44,8 +58,8 @@ async def _frames_until_closed(reader: asyncio.StreamReader, timeout: float) -> 
     return frames
 
 
-async def test_a_peer_that_never_answers_a_ping_is_closed_with_ping_timed_out(cluster):
-    port = cluster.node_ports[0]
+async def test_a_peer_that_never_answers_a_ping_is_closed_with_ping_timed_out(cluster, pinging_node):
+    port = pinging_node
     reader, writer = await _silent_peer(port, cluster.token("ping-silent"))
     started = time.monotonic()
     try:
@@ -61,8 +75,8 @@ async def test_a_peer_that_never_answers_a_ping_is_closed_with_ping_timed_out(cl
     assert closed_at - started <= PING_INTERVAL + PING_TIMEOUT + 2
 
 
-async def test_a_client_that_answers_pings_stays_connected(cluster):
-    client = await cluster.connect("ping-answering")
+async def test_a_client_that_answers_pings_stays_connected(cluster, pinging_node):
+    client = await cluster.connect("ping-answering", port=pinging_node)
     await asyncio.sleep(3 * PING_INTERVAL)  # several pings, each answered by the client's protocol
     message_id = await cluster.collect("ping-answering", {"n": 1})
     try:
