@@ -9,17 +9,22 @@ import uuid
 
 import pytest
 
+import redis as redis_lib
+
 from tasks import housekeeping, pending
-from tasks.dispatch import _redis
 from tasks.ids import IdGenerator
 from tasks.store import get_store
 
 
 @pytest.fixture
-def clean(redis_server):
-    _redis.delete(housekeeping.SWEEP_MARK, pending.PENDING_KEY)
-    yield
-    _redis.delete(housekeeping.SWEEP_MARK, pending.PENDING_KEY)
+def routes(redis_server, monkeypatch):
+    """The sweep on a Redis database of its own: the shared cluster's workers run housekeeping on
+    ``REDIS_URL``'s (every second in the tests), which moves the mark and prunes candidates."""
+    client = redis_lib.Redis.from_url(redis_server.url(5))
+    client.flushdb()
+    monkeypatch.setattr(housekeeping, "_redis", client)
+    yield client
+    client.flushdb()
 
 
 def stored(age: float, user: str, now: float) -> str:
@@ -29,11 +34,11 @@ def stored(age: float, user: str, now: float) -> str:
     return mid
 
 
-def candidates(users: set[str]) -> set[tuple[str, str]]:
-    return {pair for pair in pending.between(_redis, 0, time.time() + 60) if pair[1] in users}
+def candidates(routes, users: set[str]) -> set[tuple[str, str]]:
+    return {pair for pair in pending.between(routes, 0, time.time() + 60) if pair[1] in users}
 
 
-def test_a_sweep_makes_stored_unacked_deliveries_candidates_and_leaves_the_newest_to_the_next(clean):
+def test_a_sweep_makes_stored_unacked_deliveries_candidates_and_leaves_the_newest_to_the_next(routes):
     now, tag = time.time(), uuid.uuid4().hex[:8]
     ann, bob, cid = (f"{name}-{tag}" for name in ("ann", "bob", "cid"))
     lost = stored(200, ann, now)
@@ -43,15 +48,15 @@ def test_a_sweep_makes_stored_unacked_deliveries_candidates_and_leaves_the_newes
 
     housekeeping.sweep(now - 400, now - 30)
 
-    assert candidates({ann, bob, cid}) == {(lost, ann)}, "the acked delivery and the one younger than the window's end are not candidates"
-    assert float(_redis.get(housekeeping.SWEEP_MARK)) == pytest.approx(now - 30)
+    assert candidates(routes, {ann, bob, cid}) == {(lost, ann)}, "the acked delivery and the one younger than the window's end are not candidates"
+    assert float(routes.get(housekeeping.SWEEP_MARK)) == pytest.approx(now - 30)
 
     housekeeping.sweep(now - 400, now + 1)  # the next sweep, later
 
-    assert candidates({ann, bob, cid}) == {(lost, ann), (young, cid)}
+    assert candidates(routes, {ann, bob, cid}) == {(lost, ann), (young, cid)}
 
 
-def test_a_sweep_reads_from_one_overlap_before_the_previous_sweeps_end(clean):
+def test_a_sweep_reads_from_one_overlap_before_the_previous_sweeps_end(routes):
     now, tag = time.time(), uuid.uuid4().hex[:8]
     within, before = f"within-{tag}", f"before-{tag}"
     housekeeping.sweep(now - 400, now - 100)  # reads up to now - 100
@@ -60,18 +65,18 @@ def test_a_sweep_reads_from_one_overlap_before_the_previous_sweeps_end(clean):
 
     housekeeping.sweep(now - 400, now - 30)
 
-    assert candidates({within, before}) == {(late, within)}
+    assert candidates(routes, {within, before}) == {(late, within)}
     assert [e["id"] for e in get_store().unacked(before, 10)[0]] == [missed], "it stays in its user's inbox, replayed at the next connection"
 
 
-def test_without_a_mark_a_sweep_reads_the_whole_window_again(clean):
+def test_without_a_mark_a_sweep_reads_the_whole_window_again(routes):
     """After a Redis restart (the mark and the candidates gone) the first sweep reads it all."""
     now, tag = time.time(), uuid.uuid4().hex[:8]
     user = f"dan-{tag}"
     old = stored(300, user, now)
     housekeeping.sweep(now - 400, now - 30)
-    _redis.delete(housekeeping.SWEEP_MARK, pending.PENDING_KEY)
+    routes.delete(housekeeping.SWEEP_MARK, pending.PENDING_KEY)
 
     housekeeping.sweep(now - 400, now - 30)
 
-    assert candidates({user}) == {(old, user)}
+    assert candidates(routes, {user}) == {(old, user)}
