@@ -264,9 +264,9 @@ class Store:
 
     def deliveries_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
         """``(message id, user)`` of the messages stored between ``start`` and ``end``, acked or
-        not, oldest first (broadcasts excluded).  A range of ids (they start with their time), read
-        through ``aggregate``: mongomock's cursor copies its results on every step, and its ``$in``
-        costs the length of the list for every document."""
+        not, oldest first (broadcasts excluded).  A range of ids (they start with their time): on
+        the embedded engine read through its table's primary key (:func:`_embedded_id_range`), on
+        MongoDB through ``aggregate`` on the ``_id`` index."""
         first, last = (ids.lower_bound(int(when.timestamp() * 1000)) for when in (start, end))
         with self._errors("listing deliveries"):
             docs = _embedded_id_range(self._messages, first, last)
