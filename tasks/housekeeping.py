@@ -122,9 +122,9 @@ def sweep(start: float, end: float) -> int:
     sweep read (:func:`sweep_window`) to the redelivery candidates; returns how many were read.
 
     The caller ends the window ``REDELIVER_AFTER`` before now: a younger message is not due yet,
-    and one that was routed is a candidate already.  On the embedded store any range is a scan of
-    every message, so what a sweep saves there is the work on what it finds; on MongoDB it is an
-    index range read of the messages stored since the previous sweep."""
+    and one that was routed is a candidate already.  On either store the read is a range of the
+    message ids (the embedded store's table's primary key, MongoDB's ``_id`` index): the messages
+    stored since the previous sweep, not the whole store."""
     mark = _redis.get(SWEEP_MARK)
     start, end = sweep_window(start, end, float(mark) if mark is not None else None)
     if start >= end:
