@@ -20,7 +20,9 @@ Two engines, one code path:
   litemongo's SQLite tables directly (:func:`_litemongo_table`) instead of through mongomock, which
   checks, copies or decodes every document it touches: the inserts of new documents, a window of
   message ids (:meth:`Store.deliveries_between`, through the primary key) and a purge's check that
-  a collection holds anything old (its first document in insertion order).
+  a collection holds anything old (its first document in insertion order).  The SQLite
+  write-ahead logs are copied back into their files by a thread of each store
+  (:mod:`tasks.checkpoints`), not by whichever task's commit crosses SQLite's 1,000 pages.
 
 Documents, as few per delivery as the queries allow (each costs a write, and on the embedded
 engine mongomock's checks and copies, about 90 us):
@@ -60,7 +62,7 @@ from litemongo import sqlite_store
 from pymongo import errors
 
 import settings
-from tasks import ids
+from tasks import checkpoints, ids
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,13 @@ class StoreUnavailable(StoreError):
 
 
 class Store:
-    """One connection to the message store.  Worker process only, one thread."""
+    """One connection to the message store.  Worker process only, one thread (on the embedded
+    engine, plus the checkpoint thread it starts, which has connections of its own)."""
 
     def __init__(self, database: pymongo.database.Database) -> None:
         self.database = database
         self._messages, self._receipts, self._keys = (database[name] for name in _COLLECTIONS)
+        self._checkpointer: checkpoints.Checkpointer | None = None
 
     @classmethod
     def open(cls) -> Store:
@@ -111,6 +115,8 @@ class Store:
         store = cls(client[settings.MONGO_DB])
         try:
             store.ensure_indexes()
+            if store.embedded:
+                store._start_checkpoints()
         except BaseException:
             client.close()
             raise
@@ -367,7 +373,24 @@ class Store:
                     deleted += collection.delete_many({"at": {"$lt": cutoff}}).deleted_count
         return deleted
 
+    def _start_checkpoints(self) -> None:
+        """Embedded engine: copy the SQLite write-ahead logs back into their files on a thread, not
+        in whichever task's commit crosses SQLite's threshold (:mod:`tasks.checkpoints`).  Leaves
+        SQLite's own checkpoints alone where litemongo's tables are not what this reads."""
+        tables = [_litemongo_table(collection) for collection in (self._messages, self._receipts, self._keys)]
+        if any(table is None for table in tables):
+            return
+        paths = [checkpoints.database_file(table._connection) for table in tables]
+        if not all(paths):
+            return
+        for table in tables:
+            table._connection.execute(f"PRAGMA wal_autocheckpoint={checkpoints.SAFETY_NET_PAGES}")
+        self._checkpointer = checkpoints.Checkpointer(paths)
+        self._checkpointer.start()
+
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.database.client.close()
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing
+import os
 import socket
 import sqlite3
 import time
@@ -16,6 +17,7 @@ import uuid
 import pytest
 
 import settings
+from tasks import checkpoints
 from tasks import store as store_module
 from tasks.ids import IdGenerator
 from tasks.store import Store, StoreError, StoreUnavailable
@@ -517,3 +519,40 @@ def test_two_processes_claiming_the_same_keys_at_once_get_the_same_ids(location)
     for proc in procs:
         proc.join(30)
     assert first == second, "a key was bound to two different ids"
+
+
+def test_embedded_commits_leave_the_checkpoints_to_the_stores_thread(store):
+    """SQLite's default copies the log back into the file inside the commit that takes it past
+    1,000 pages (a stall of several ms in that task); the store's connections leave that to a
+    thread (tasks.checkpoints), and checkpoint themselves only past the safety net."""
+    if not store.embedded:
+        pytest.skip("write-ahead logs are the embedded engine's")
+    checkpointer = store._checkpointer
+    assert checkpointer is not None and checkpointer.running
+    tables = [store_module._litemongo_table(store.database[name]) for name in ("messages", "receipts", "keys")]
+    assert sorted(checkpointer.paths) == sorted(checkpoints.database_file(t._connection) for t in tables)
+    assert {t._connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] for t in tables} == {checkpoints.SAFETY_NET_PAGES}
+    checkpointer.stop()  # from here on only this test checkpoints
+    path = checkpoints.database_file(tables[0]._connection)
+    size = os.path.getsize(path)
+
+    gen = IdGenerator()
+    for _ in range(10):  # about 1,500 pages of log
+        store.insert_messages([make(gen, ["alice"], {"pad": "x" * 3000}) for _ in range(200)])
+
+    assert os.path.getsize(path) == size  # no commit copied the log into the file
+    busy, pages, copied = checkpointer.checkpoint()[path]
+    assert (busy, copied) == (0, pages) and pages > 1000
+    assert os.path.getsize(path) > size + 4_000_000
+    assert len(store.replay("alice", "", 5000)[0]) == 2000
+
+
+def test_closing_an_embedded_store_stops_its_checkpoint_thread(location):
+    store = Store.open()
+    if not store.embedded:
+        store.close()
+        pytest.skip("the checkpoint thread is the embedded engine's")
+    checkpointer = store._checkpointer
+    assert checkpointer.running
+    store.close()
+    assert not checkpointer.running
