@@ -432,9 +432,9 @@ def _one_transaction(collection) -> Iterator[None]:
     also when it raises a BulkWriteError (MongoDB keeps the documents that went in), and rolled
     back for any other error.  litemongo 0.2 commits every document; this reaches into its table
     object (``CollectionStore._documents``) and does nothing where that is not there (MongoDB)."""
-    table = getattr(getattr(collection, "_store", None), "_documents", None)
+    table = _documents_of(collection)
     connection = getattr(table, "_connection", None)
-    if not isinstance(connection, sqlite3.Connection):
+    if not isinstance(connection, sqlite3.Connection):  # MongoDB, or inside another _one_transaction
         yield
         return
     table._connection = _OneCommit(connection)
@@ -453,6 +453,12 @@ def _one_transaction(collection) -> Iterator[None]:
         table._connection = connection
 
 
+def _documents_of(collection):
+    """litemongo's table object behind ``collection`` (``CollectionStore._documents``), or None
+    (MongoDB).  Unchecked: see :func:`_litemongo_table` for what the SQL of this module needs."""
+    return getattr(getattr(collection, "_store", None), "_documents", None)
+
+
 def _litemongo_table(collection):
     """On the embedded engine, the SQLite table behind ``collection`` (litemongo 0.2's
     ``TableDict``: ``_id`` the primary key, encoded by ``encode_key``; ``doc`` the BSON document),
@@ -461,7 +467,7 @@ def _litemongo_table(collection):
     what this module reads (another litemongo version): the callers then go through mongomock.
     tests/integration/test_store.py fails when the embedded engine has no such table."""
     store = getattr(collection, "_store", None)
-    table = getattr(store, "_documents", None)
+    table = _documents_of(collection)
     if not isinstance(getattr(table, "_connection", None), (sqlite3.Connection, _OneCommit)):
         return None
     if not all(hasattr(table, name) for name in ("_table_name", "ID", "DOC", "encode_key", "_decode_doc", "_codec_options")):
