@@ -6,7 +6,7 @@ Redis round trip looks up every recipient's leases; the plan (``tasks.routing.pl
 envelopes by node; one ``wsnode.deliver`` message goes to each node's own queue.  A recipient with
 no live route is skipped: the message waits in the store for that user's resume.  Each routed
 (message, user) is recorded as pending in Redis until acked (:mod:`tasks.pending`, the
-redelivery candidates), before the publish.  Dispatch is idempotent: running it twice delivers
+redelivery candidates), by the lookup's own script call, so before the publish.  Dispatch is idempotent: running it twice delivers
 duplicates that clients drop by id, so it runs with ``acks_late`` and transient Redis, broker or
 store errors are retried with backoff.  It records the ``routed`` receipts of a batch in one insert.
 """
@@ -80,11 +80,13 @@ def publish_all(messages: list[tuple[str, list[dict], dict]]) -> None:
 def route(messages: list[dict]) -> dict[str, list[dict]]:
     """Look the recipients up, publish one batch per node, and record the ``routed`` receipts;
     returns what went where."""
-    routes, live = _routes.lookup(routing.recipients_of(messages))
+    deliveries = [(m["id"], user) for m in messages if m["to"] != routing.BROADCAST for user in m["to"]]
+    # The routed deliveries become pending in the lookup's round trip, before the publish: a batch
+    # lost after this is redelivered.
+    routes, live = _routes.lookup(routing.recipients_of(messages), pending.PENDING_KEY, pending.marks(deliveries))
     per_node = routing.plan(messages, routes, live)
     now = time.time()
     routed = [{"id": e["id"], "user": user, "state": "routed", "at": now} for envelopes in per_node.values() for e in envelopes if e["to"] != routing.BROADCAST for user in e["to"]]
-    pending.add(_redis, [(r["id"], r["user"]) for r in routed])  # first: a batch lost after this is redelivered
     publish_all([(node, envelopes, {}) for node, envelopes in per_node.items()])
     if routed:
         get_store().record_receipts(routed)

@@ -3,8 +3,9 @@
 Worker processes only (synchronous ``redis.Redis``).  One sorted set, ``push:pending`` in the
 ``REDIS_URL`` database: member ``"<message id>:<user>"``, score = the message's time (from its id).
 
-- Dispatch adds every (message, user) it routes (:func:`add`, one command per batch), before it
-  publishes; routing the same delivery again changes nothing.  Every ``REDELIVER_SWEEP_SECONDS``
+- Dispatch adds every (message, user) it routes, before it publishes, in the same script call as
+  its route lookup (:func:`marks`, ``wsnode.registry.RouteTable.lookup``); routing the same
+  delivery again changes nothing.  Every ``REDELIVER_SWEEP_SECONDS``
   housekeeping also adds the store's unacked deliveries of the messages stored since its previous
   sweep (a message stored whose routing never ran, because Redis was down longer than Dispatch
   retried).
@@ -50,6 +51,13 @@ def add(redis, pairs: Iterable[tuple[str, str]]) -> None:
     for start in range(0, len(items), _CHUNK):
         pipe.zadd(PENDING_KEY, dict(items[start : start + _CHUNK]), nx=True)
     pipe.execute()
+
+
+def marks(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str, float]]:
+    """``(user, member, score)`` of each ``(message id, user)`` delivery, for
+    ``wsnode.registry.RouteTable.lookup`` to add to :data:`PENDING_KEY` those it finds routed
+    (Dispatch's record, in its lookup's round trip).  Pure."""
+    return [(user, member(mid, user), timestamp_ms(mid) / 1000) for mid, user in pairs]
 
 
 def remove(redis, pairs: Iterable[tuple[str, str]]) -> None:

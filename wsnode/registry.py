@@ -77,9 +77,33 @@ class Leases:
 #: The current leases of the node list and of each route key, in one command: a pipeline of a
 #: ZRANGEBYSCORE per recipient cost the worker 6.3 us of CPU per recipient (redis-py's Python
 #: around each command and reply), against about 1 us as one script call.
+#:
+#: KEYS: the node list, the marks' sorted set, then one route key per user.  ARGV: the time, then
+#: (user's position among the route keys, member, score) triples: the script adds each member
+#: whose user has a lease on a node with a current lease of its own (the rule of
+#: ``tasks.routing.plan``, which routes exactly those users) with ZADD NX, in the same call.
 _LOOKUP = """
-local found = {}
-for i = 1, #KEYS do found[i] = redis.call('zrangebyscore', KEYS[i], ARGV[1], '+inf') end
+local now = ARGV[1]
+local found = {redis.call('zrangebyscore', KEYS[1], now, '+inf')}
+local live = {}
+for _, node in ipairs(found[1]) do live[node] = true end
+local routed = {}
+for i = 3, #KEYS do
+  local nodes = redis.call('zrangebyscore', KEYS[i], now, '+inf')
+  found[i - 1] = nodes
+  for _, node in ipairs(nodes) do
+    if live[node] then routed[i - 2] = true; break end
+  end
+end
+local marks = {}
+for j = 2, #ARGV, 3 do
+  if routed[tonumber(ARGV[j])] then
+    marks[#marks + 1] = ARGV[j + 2]
+    marks[#marks + 1] = ARGV[j + 1]
+    if #marks >= 2000 then redis.call('zadd', KEYS[2], 'NX', unpack(marks)); marks = {} end
+  end
+end
+if #marks > 0 then redis.call('zadd', KEYS[2], 'NX', unpack(marks)) end
 return found
 """
 
@@ -92,13 +116,24 @@ class RouteTable:
         self._clock = clock
         self._lookup = redis.register_script(_LOOKUP)  # EVALSHA, loaded again after a Redis restart
 
-    def lookup(self, users: Iterable[str]) -> tuple[dict[str, list[str]], list[str]]:
+    def lookup(self, users: Iterable[str], marks_key: str = "", marks: Iterable[tuple[str, str, float]] = ()) -> tuple[dict[str, list[str]], list[str]]:
         """``({user: [node, ...]}, live_nodes)`` for ``users``, in one round trip.
 
-        Users with no current lease are absent from the first value.
+        Users with no current lease are absent from the first value.  In the same round trip,
+        each ``(user, member, score)`` of ``marks`` whose user has a lease on a live node (one that
+        ``tasks.routing.plan`` routes) is added to the sorted set ``marks_key`` unless there
+        already: Dispatch records its pending deliveries that way.  A user of ``marks`` missing
+        from ``users`` is never routed, so never marked.
         """
-        users = list(users)
-        replies = self._lookup(keys=[NODES_KEY, *map(route_key, users)], args=[repr(self._clock())])
+        users = list(dict.fromkeys(users))
+        position = {user: index for index, user in enumerate(users, start=1)}
+        args: list = [repr(self._clock())]
+        for user, member, score in marks:
+            if user in position:
+                args += (position[user], member, repr(float(score)))
+        if len(args) > 1 and not marks_key:
+            raise ValueError("marks given without the key of the sorted set to add them to")
+        replies = self._lookup(keys=[NODES_KEY, marks_key or NODES_KEY, *map(route_key, users)], args=args)
         live = [_text(node) for node in replies[0]]
         routes = {user: [_text(node) for node in nodes] for user, nodes in zip(users, replies[1:]) if nodes}
         return routes, live

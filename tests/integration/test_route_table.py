@@ -47,3 +47,51 @@ def test_lookup_works_after_redis_forgot_its_scripts(redis):
     assert table.lookup(["ann"])[0] == {"ann": ["a:1"]}
     redis.script_flush()
     assert table.lookup(["ann"])[0] == {"ann": ["a:1"]}
+
+
+MARKS = "test:marks"
+
+
+def test_lookup_marks_the_deliveries_of_routed_users_only(redis):
+    """Dispatch's pending record: users with a lease on a live node are marked; a user whose only
+    lease is on a node without a current lease of its own, with an ended lease, or with none, is not."""
+    redis.zadd(NODES_KEY, {"a:1": NOW + 30, "dead:1": NOW - 1})
+    redis.zadd(route_key("ann"), {"a:1": NOW + 30})
+    redis.zadd(route_key("ben"), {"dead:1": NOW + 30})  # its node stopped renewing
+    redis.zadd(route_key("cat"), {"a:1": NOW - 5})  # its own lease ended
+    redis.zadd(route_key("dan"), {"dead:1": NOW + 30, "a:1": NOW + 30})  # two devices, one node live
+    marks = [(user, f"m1:{user}", 100.0) for user in ("ann", "ben", "cat", "dan", "eve")] + [("ann", "m2:ann", 200.0)]
+
+    routes, live = RouteTable(redis, clock=lambda: NOW).lookup(["ann", "ben", "cat", "dan", "eve"], MARKS, marks)
+
+    assert live == ["a:1"] and sorted(routes) == ["ann", "ben", "dan"]
+    assert redis.zrange(MARKS, 0, -1, withscores=True) == [(b"m1:ann", 100.0), (b"m1:dan", 100.0), (b"m2:ann", 200.0)]
+
+
+def test_lookup_keeps_a_marks_first_score_and_ignores_users_it_was_not_asked_about(redis):
+    redis.zadd(NODES_KEY, {"a:1": NOW + 30})
+    redis.zadd(route_key("ann"), {"a:1": NOW + 30})
+    redis.zadd(route_key("bob"), {"a:1": NOW + 30})
+    redis.zadd(MARKS, {"m1:ann": 50.0})
+    table = RouteTable(redis, clock=lambda: NOW)
+
+    table.lookup(["ann"], MARKS, [("ann", "m1:ann", 100.0), ("bob", "m1:bob", 100.0)])
+
+    assert redis.zrange(MARKS, 0, -1, withscores=True) == [(b"m1:ann", 50.0)]
+
+
+def test_lookup_marks_more_deliveries_than_one_command_takes(redis):
+    redis.zadd(NODES_KEY, {"a:1": NOW + 30})
+    users = [f"u{i}" for i in range(300)]
+    for user in users:
+        redis.zadd(route_key(user), {"a:1": NOW + 30})
+    marks = [(user, f"m{n}:{user}", float(n)) for user in users for n in range(20)]  # 6,000, past the script's chunk
+
+    RouteTable(redis, clock=lambda: NOW).lookup(users, MARKS, marks)
+
+    assert redis.zcard(MARKS) == 6000
+
+
+def test_marks_without_their_key_are_refused(redis):
+    with pytest.raises(ValueError, match="key"):
+        RouteTable(redis, clock=lambda: NOW).lookup(["ann"], "", [("ann", "m1:ann", 1.0)])

@@ -17,8 +17,10 @@ import redis as redis_lib
 from celery.contrib.pytest import celery_worker  # noqa: F401 - pytest-celery 1.x's own needs Docker
 
 import settings
+from tasks import pending
 from tasks.collect import collect
 from tasks.dispatch import dispatch
+from tasks.ids import IdGenerator
 from tasks.replay import replay, replay_many
 from tasks.store import get_store
 from wsnode.registry import NODES_KEY, route_key
@@ -125,6 +127,27 @@ def own_routes(redis_server, monkeypatch):
     monkeypatch.setattr(dispatch_module, "_routes", RouteTable(client))
     yield redis_lib.Redis.from_url(redis_server.url(7), decode_responses=True)
     client.flushdb()
+
+
+def test_dispatch_records_as_pending_the_deliveries_it_routed_and_no_others(celery_worker, own_routes, broker):
+    """The redelivery candidates: what went to a live node, recorded by the lookup's script call."""
+    live, dead = fake_node(), fake_node()
+    lease(own_routes, live, ["p-live-1", "p-live-2"])
+    lease(own_routes, dead, ["p-dead"])
+    own_routes.zadd(NODES_KEY, {dead: time.time() - 1})
+    gen = IdGenerator()
+    first, second, everyone = gen.next_id(), gen.next_id(), gen.next_id()
+    messages = [
+        {"id": first, "to": ["p-live-1", "p-dead", "p-offline"], "data": 1, "ts": None},
+        {"id": second, "to": ["p-live-2"], "data": 2, "ts": None},
+        {"id": everyone, "to": "*", "data": 3, "ts": None},
+    ]
+
+    dispatch.apply_async(args=[messages], queue=QUEUE)
+
+    (published,) = drain(broker, live, expect=1)
+    assert [e["id"] for e in published["envelopes"]] == [first, second, everyone]
+    assert sorted(pending.between(own_routes, 0, time.time() + 60)) == sorted([(first, "p-live-1"), (second, "p-live-2")])
 
 
 def test_a_broadcast_goes_once_to_every_live_node(celery_worker, own_routes, broker):
