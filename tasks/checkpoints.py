@@ -60,10 +60,14 @@ class Checkpointer:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread (after the checkpoint in hand) and close its connections."""
+        """Stop the thread (after the checkpoint in hand); its connections close as it ends, or
+        here when it is not running (those of :meth:`checkpoint` called without the thread)."""
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if not self.running:
+            for path in list(self._connections):
+                self._close(path)
 
     @property
     def running(self) -> bool:

@@ -6,9 +6,9 @@ Redis round trip looks up every recipient's leases; the plan (``tasks.routing.pl
 envelopes by node; one ``wsnode.deliver`` message goes to each node's own queue.  A recipient with
 no live route is skipped: the message waits in the store for that user's resume.  Each routed
 (message, user) is recorded as pending in Redis until acked (:mod:`tasks.pending`, the
-redelivery candidates), by the lookup's own script call, so before the publish.  Dispatch is idempotent: running it twice delivers
-duplicates that clients drop by id, so it runs with ``acks_late`` and transient Redis, broker or
-store errors are retried with backoff.  It records the ``routed`` receipts of a batch in one insert.
+redelivery candidates), by the lookup's own script call, so before the publish.  Dispatch is
+idempotent: running it twice delivers duplicates that clients drop by id, so it runs with
+``acks_late`` and transient Redis, broker or store errors are retried with backoff.  It records the ``routed`` receipts of a batch in one insert.
 """
 
 from __future__ import annotations

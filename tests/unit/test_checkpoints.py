@@ -80,6 +80,8 @@ def test_a_file_that_fails_is_logged_once_and_left_out_until_it_works(tmp_path, 
     missing.parent.mkdir()
     wal_file(missing)
     assert checkpointer.checkpoint()[str(missing)][0] == 0
+    checkpointer.stop()  # never started: closes what checkpoint() opened
+    assert checkpointer._connections == {}
 
 
 def test_database_file_names_the_main_file(tmp_path):
