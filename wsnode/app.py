@@ -43,6 +43,7 @@ from wsnode.presence import node_name
 from wsnode.metrics import MetricsHandler, NodeMetrics
 from wsnode.pinger import PingSchedule
 from wsnode.receipts import ReceiptBuffer
+from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
 from wsnode.registry import Leases
 from wsnode.session import BacklogOverflow
@@ -359,7 +360,8 @@ class PushNode:
             await self._renew()
 
     def _send_receipts(self, batch: list[dict]) -> None:
-        future = self._publisher.submit(self.celery.send_task, "tasks.receipts", args=[batch], ignore_result=True)
+        future = self._publisher.submit(self.celery.send_task, "tasks.receipts", args=[batch], ignore_result=True,
+                                        argsrepr=receipts_argsrepr(batch))
         future.add_done_callback(lambda f: f.exception() and log.warning("%d receipts not sent: %s", len(batch), f.exception()))
 
     def health(self) -> dict:

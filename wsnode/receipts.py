@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 
 
@@ -30,3 +31,11 @@ class ReceiptBuffer:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def argsrepr(batch: list[dict]) -> str:
+    """What Flower shows as the arguments of the ``tasks.receipts`` task carrying ``batch``: how many
+    receipts of each state, like ``[<1000 receipts: 998 acked, 2 written>]``, instead of Celery's
+    repr of the batch cut at 1 KB (which also cost the node a sixth of publishing it).  Pure."""
+    states = ", ".join(f"{count} {state}" for state, count in sorted(Counter(r["state"] for r in batch).items()))
+    return f"[<{len(batch)} receipt{'' if len(batch) == 1 else 's'}: {states}>]"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -177,6 +178,26 @@ async def test_a_delivered_message_shows_in_flower_as_a_wsnode_deliver_task_of_i
     assert task["state"] == "SUCCESS"
     assert task["worker"] == node_name(port)
     assert task["received"] <= task["started"] <= task["succeeded"]
+    client.close()
+
+
+async def test_a_nodes_batch_of_acks_shows_in_flower_as_its_count_per_state(cluster, flower):
+    client = await cluster.connect("flower-acks", cluster.node_ports[0])
+
+    async def receipts_tasks():
+        # Flower turns task events on within 5 s of starting: deliver (the client acks) until one shows.
+        await cluster.collect("flower-acks", {"watched": "acks"})
+        await client.messages(1)
+        await asyncio.sleep(1.0)  # the node flushes its acks every RECEIPT_FLUSH_SECONDS (0.2 s here)
+        return await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.receipts")
+
+    deadline = time.monotonic() + DEADLINE
+    while not (tasks := await receipts_tasks()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"no tasks.receipts task in Flower after {DEADLINE:g} s")
+    for task in tasks.values():  # every node's batch, not a repr of its first receipts
+        assert re.fullmatch(r"\[<\d+ receipts?: \d+ [a-z]+(, \d+ [a-z]+)*>\]", task["args"]), task["args"]
+    assert any(re.search(r"[:,] \d+ acked\b", task["args"]) for task in tasks.values())  # acks among them
     client.close()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wsnode.receipts import ReceiptBuffer
+from wsnode.receipts import ReceiptBuffer, argsrepr
 
 ID1, ID2, ID3 = (f"018bcfe56800{n:06x}a1b2c3" for n in (1, 2, 3))
 
@@ -162,3 +162,10 @@ def test_receipt_documents_keep_each_receipts_first_time_and_split_big_batches(m
     docs = store.receipt_documents(batch)
 
     assert [d["r"] for d in docs] == [[["m0", "ann", 5.0], ["m1", "ann", 11.0]], [["m2", "ann", 12.0], ["m3", "ann", 13.0]], [["m4", "ann", 14.0]]]
+
+
+def test_flower_sees_a_batch_as_its_count_per_state_not_its_receipts():
+    batch = [{"id": ID1, "user": "alice", "state": "acked", "at": 1.0}, {"id": ID2, "user": "bob", "state": "written", "at": 1.0},
+             {"id": ID3, "user": "alice", "state": "acked", "at": 2.0}]
+    assert argsrepr(batch) == "[<3 receipts: 2 acked, 1 written>]"
+    assert argsrepr(batch[:1]) == "[<1 receipt: 1 acked>]"
