@@ -52,7 +52,8 @@ class PingSchedule(Generic[C]):
         tick, self._tick = self._tick, self._tick + 1
         check = self._slots[(tick - self.timeout) % self.interval]
         timed_out = [conn for conn in check if conn in self._waiting] if tick >= self.timeout else []
-        to_ping = [conn for conn in self._slots[tick % self.interval] if conn not in timed_out]
+        gone = set(timed_out)  # the same slot when timeout == interval
+        to_ping = [conn for conn in self._slots[tick % self.interval] if conn not in gone]
         self._waiting.update(to_ping)
         return to_ping, timed_out
 

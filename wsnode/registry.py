@@ -133,6 +133,7 @@ class RouteTable:
                 args += (position[user], member, repr(float(score)))
         if len(args) > 1 and not marks_key:
             raise ValueError("marks given without the key of the sorted set to add them to")
+        # Without marks the script writes nothing: the node list only fills KEYS[2]'s place.
         replies = self._lookup(keys=[NODES_KEY, marks_key or NODES_KEY, *map(route_key, users)], args=args)
         live = [_text(node) for node in replies[0]]
         routes = {user: [_text(node) for node in nodes] for user, nodes in zip(users, replies[1:]) if nodes}
