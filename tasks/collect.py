@@ -18,7 +18,10 @@ messages go to ``tasks.dispatch`` on the ``dispatch`` queue, which retries with 
 ``tasks.collect`` is a celery-batches task: the worker takes its requests from the queue and
 runs up to ``COLLECT_BATCH`` of them at once (one claim, one insert, one route lookup and one queue
 message per node for the batch), so one task per message costs about what ``collect_many`` does.
-Each request still has its own id, result and, when events are on, its own events in Flower.
+A batch goes to the pool as soon as a pool process is free for it, and requests gather only
+while every process runs one (:mod:`tasks.batching`): a lone request does not wait for a batch
+to fill.  Each request still has its own id, result and, when events are on, its own events in
+Flower.
 
 The tasks are idempotent, so they run with ``acks_late``: a worker killed mid-task leaves the task
 on the queue and the next run gives back the same ids.  Each run first binds an idempotency key to
@@ -47,6 +50,7 @@ from celery_batches.trace import apply_batches_task
 
 import settings
 from tasks import messages as validation, redis_transport
+from tasks.batching import FlushGate
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
@@ -168,6 +172,12 @@ class CollectBatches(Batches):
 
     abstract = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._gate = FlushGate()
+        self._hub = None  # the worker's event loop (kombu's Hub), or None without one
+        self._flush_pending = False
+
     def Strategy(self, task, app, consumer):
         """Called when the worker's consumer starts, and again each time it reconnects to the
         broker.  Requests still buffered then came on the old connection: the broker gives their
@@ -181,7 +191,43 @@ class CollectBatches(Batches):
         if dropped:
             log.warning("tasks.collect: consumer restarted; %d buffered requests left to the broker, which delivers them again", dropped)
         self._count = itertools.count(1)
-        return super().Strategy(task, app, consumer)
+        self._gate.reset()
+        self._flush_pending = False
+        self._hub = consumer.hub
+        on_message = super().Strategy(task, app, consumer)
+
+        def buffer_then_flush_when_free(*args, **kwargs):
+            on_message(*args, **kwargs)
+            self._flush_when_free()
+
+        return buffer_then_flush_when_free
+
+    def _slots(self) -> int:
+        return getattr(self._pool, "num_processes", None) or 1
+
+    def _flush_when_free(self) -> None:
+        """Run what is buffered as a batch if fewer of our batches run than the pool has
+        processes: on the loop's next turn, so that the requests read from the broker in this
+        turn go together (on the Redis broker a worker reads a whole backlog in one turn)."""
+        if self._flush_pending or self._buffer.empty() or not self._gate.may_flush(self._slots()):
+            return
+        if self._hub is None:
+            self._do_flush()
+            return
+        self._flush_pending = True
+        self._hub.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
+        if not self._buffer.empty() and self._gate.may_flush(self._slots()):
+            self._do_flush()
+
+    def _batch_done(self, token) -> None:
+        """A batch returned: what gathered while it ran may go (through the loop: the threads
+        pool calls this on its own thread)."""
+        self._gate.finished(token)
+        if self._hub is not None:
+            self._flush_when_free()
 
     def flush(self, requests):
         requests = list(requests)
@@ -190,21 +236,31 @@ class CollectBatches(Batches):
             req.send_event("task-received", name=req.name, args=str(req.args), kwargs=str(req.kwargs), retries=req.request_dict.get("retries", 0))
             req.send_event("task-started")
         started = time.monotonic()
+        token = self._gate.started()
 
         def on_return(outcomes) -> None:
-            runtime = time.monotonic() - started
-            outcomes = outcomes or {}
-            for req in requests:
-                kind, value = outcomes.get(req.id, ("failed", "the batch did not run: see the worker log"))
-                if kind == "ok":
-                    req.send_event("task-succeeded", result=repr(value), runtime=runtime)
-                elif kind == "retry":
-                    req.send_event("task-retried", exception=value, traceback="")
-                else:
-                    req.send_event("task-failed", exception=value, traceback="")
-            redis_transport.acknowledge(requests)
+            try:
+                runtime = time.monotonic() - started
+                outcomes = outcomes or {}
+                for req in requests:
+                    kind, value = outcomes.get(req.id, ("failed", "the batch did not run: see the worker log"))
+                    if kind == "ok":
+                        req.send_event("task-succeeded", result=repr(value), runtime=runtime)
+                    elif kind == "retry":
+                        req.send_event("task-retried", exception=value, traceback="")
+                    else:
+                        req.send_event("task-failed", exception=value, traceback="")
+                redis_transport.acknowledge(requests)
+            finally:
+                self._batch_done(token)
 
-        return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return)
+        def on_lost(_exc_info) -> None:
+            # The pool process died with the batch: its requests stay unacknowledged, and the
+            # broker gives them back (Redis after VISIBILITY_TIMEOUT, RabbitMQ when the
+            # connection closes); only the slot is freed here.
+            self._batch_done(token)
+
+        return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return, error_callback=on_lost)
 
 
 #: How often a request whose batch could not reach the store is sent again before it fails.
@@ -219,8 +275,9 @@ def collect(self, requests) -> dict[str, tuple[str, str]]:
 
         collect.delay(to="alice", data={...}, key="order-42")   # key: optional, idempotency
 
-    The worker takes up to ``COLLECT_BATCH`` requests from the queue (or what arrived within
-    ``COLLECT_FLUSH_SECONDS``) and runs them here together: one claim of their keys, one insert,
+    The worker runs what it has buffered as soon as a pool process is free for it (at most
+    ``COLLECT_BATCH`` requests; while every process is busy, requests wait for one to return, or
+    ``COLLECT_FLUSH_SECONDS`` at most) and runs them here together: one claim of their keys, one insert,
     one route lookup and one queue message per node for the whole batch.  ``key``: a non-empty
     string of at most 200 characters; a request with a key used before returns the same id and
     stores and sends nothing new.  An invalid request fails alone, with the reason in its result.

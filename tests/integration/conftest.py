@@ -48,8 +48,10 @@ class Cluster:
         self.auth_port = auth_port or TEST_AUTH_PORT
         self.env = launcher.cluster_env(
             redis_server.url(), workdir, self.auth_port,
-            broker_url=broker_url or redis_server.url(0), LEASE_TTL=LEASE_TTL, AUTH_CACHE_SECONDS=1, REPLAY_TIMEOUT=10, LOG_LEVEL="INFO",
-            REDELIVER_AFTER=REDELIVER_AFTER, REDELIVER_ATTEMPTS=REDELIVER_ATTEMPTS, HOUSEKEEPING_SECONDS=HOUSEKEEPING_SECONDS, REDELIVER_SWEEP_SECONDS=2, RECEIPT_FLUSH_SECONDS=0.2, **extra_env,
+            broker_url=broker_url or redis_server.url(0), **{
+                "LEASE_TTL": LEASE_TTL, "AUTH_CACHE_SECONDS": 1, "REPLAY_TIMEOUT": 10, "LOG_LEVEL": "INFO",
+                "REDELIVER_AFTER": REDELIVER_AFTER, "REDELIVER_ATTEMPTS": REDELIVER_ATTEMPTS, "HOUSEKEEPING_SECONDS": HOUSEKEEPING_SECONDS,
+                "REDELIVER_SWEEP_SECONDS": 2, "RECEIPT_FLUSH_SECONDS": 0.2, **extra_env},
         )
         self.services: list[launcher.Service] = []
         self.node_ports: list[int] = []
