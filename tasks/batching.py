@@ -1,16 +1,22 @@
-"""When the worker hands buffered ``tasks.collect`` requests to its pool: at once while a pool
-process is free for them, gathered while every one is busy (group commit).  Pure.
+"""When the worker hands buffered ``tasks.collect`` requests to its pool: at once while none of
+their batches runs, gathered while one does (group commit).  Pure.
 
 celery-batches on its own runs a batch every ``flush_interval`` seconds or every ``flush_every``
 requests, so a request that comes alone waits up to the interval (50 ms by default) before
 anything is done with it, even on an idle worker.  :class:`FlushGate` lets a batch go as soon as
-fewer of our batches are running than the pool has processes, and holds requests while all are
-taken; when a batch returns, what gathered meanwhile goes as the next batch.  An idle worker thus
-runs a lone request right away, and a busy one runs bigger batches the busier it is (each claim,
-insert, route lookup and node message is then shared by more requests), with no fixed wait in
-either case.  ``COLLECT_BATCH`` still caps a batch and ``COLLECT_FLUSH_SECONDS`` still flushes
-what waits, whatever the gate says (the timer of celery-batches): the longest a request can be
-held while the pool is busy.
+no batch of ours is running, and holds requests while one is; when it returns, what gathered
+meanwhile goes as the next batch.  An idle worker thus runs a lone request right away, and a busy
+one runs bigger batches the busier it is (each claim, insert, route lookup and node message is
+then shared by more requests), with no fixed wait in either case.  ``COLLECT_BATCH`` still caps a
+batch and ``COLLECT_FLUSH_SECONDS`` still flushes what waits whatever the gate says (the timer and
+count of celery-batches): the longest a request can be held, and what puts a second batch beside
+a running one under load, on the pool's other processes.
+
+One batch at a time by default, not one per pool process: a batch has a fixed cost (Redis round
+trips and a store commit), and letting a batch go whenever a process was free made the batches
+small while the pool was busy; at 1,000 msg/s sent one task per message (``bench/compare.py``,
+2026-12-02) that doubled the platform's CPU per message and cut the delivered rate by a quarter,
+where one at a time kept both as they were.
 
 Threading: the worker's main process, on its event loop.  ``started`` is called where the batch
 is handed to the pool; ``finished`` from the pool's result callback, which the prefork and solo
@@ -23,9 +29,11 @@ from __future__ import annotations
 
 
 class FlushGate:
-    """Counts the batches of one task that are in the pool and says whether another may go."""
+    """Counts the batches of one task that are in the pool and says whether another may go:
+    while fewer than ``limit`` run (at least one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 1) -> None:
+        self.limit = max(1, limit)
         self._running: set[object] = set()
 
     @property
@@ -33,9 +41,9 @@ class FlushGate:
         """Batches handed to the pool and not returned yet."""
         return len(self._running)
 
-    def may_flush(self, slots: int) -> bool:
-        """Whether a batch may go now, given the pool's processes (``slots``, at least one counts)."""
-        return len(self._running) < max(1, slots)
+    def may_flush(self) -> bool:
+        """Whether a batch may go now."""
+        return len(self._running) < self.limit
 
     def started(self) -> object:
         """A batch went to the pool; returns the token to pass to :meth:`finished`."""

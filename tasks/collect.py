@@ -18,9 +18,8 @@ messages go to ``tasks.dispatch`` on the ``dispatch`` queue, which retries with 
 ``tasks.collect`` is a celery-batches task: the worker takes its requests from the queue and
 runs up to ``COLLECT_BATCH`` of them at once (one claim, one insert, one route lookup and one queue
 message per node for the batch), so one task per message costs about what ``collect_many`` does.
-A batch goes to the pool as soon as a pool process is free for it, and requests gather only
-while every process runs one (:mod:`tasks.batching`): a lone request does not wait for a batch
-to fill.  Each request still has its own id, result and, when events are on, its own events in
+A batch goes to the pool as soon as no other batch of them runs, and requests gather only
+while one does (:mod:`tasks.batching`): a lone request does not wait for a batch to fill.  Each request still has its own id, result and, when events are on, its own events in
 Flower.
 
 The tasks are idempotent, so they run with ``acks_late``: a worker killed mid-task leaves the task
@@ -202,14 +201,11 @@ class CollectBatches(Batches):
 
         return buffer_then_flush_when_free
 
-    def _slots(self) -> int:
-        return getattr(self._pool, "num_processes", None) or 1
-
     def _flush_when_free(self) -> None:
-        """Run what is buffered as a batch if fewer of our batches run than the pool has
-        processes: on the loop's next turn, so that the requests read from the broker in this
-        turn go together (on the Redis broker a worker reads a whole backlog in one turn)."""
-        if self._flush_pending or self._buffer.empty() or not self._gate.may_flush(self._slots()):
+        """Run what is buffered as a batch if the gate lets one go: on the loop's next turn, so
+        that the requests read from the broker in this turn go together (on the Redis broker a
+        worker reads a whole backlog in one turn)."""
+        if self._flush_pending or self._buffer.empty() or not self._gate.may_flush():
             return
         if self._hub is None:
             self._do_flush()
@@ -219,7 +215,7 @@ class CollectBatches(Batches):
 
     def _flush_now(self) -> None:
         self._flush_pending = False
-        if not self._buffer.empty() and self._gate.may_flush(self._slots()):
+        if not self._buffer.empty() and self._gate.may_flush():
             self._do_flush()
 
     def _batch_done(self, token) -> None:
@@ -275,8 +271,8 @@ def collect(self, requests) -> dict[str, tuple[str, str]]:
 
         collect.delay(to="alice", data={...}, key="order-42")   # key: optional, idempotency
 
-    The worker runs what it has buffered as soon as a pool process is free for it (at most
-    ``COLLECT_BATCH`` requests; while every process is busy, requests wait for one to return, or
+    The worker runs what it has buffered as soon as no other batch of it runs (at most
+    ``COLLECT_BATCH`` requests; while one runs, requests wait for it to return, or
     ``COLLECT_FLUSH_SECONDS`` at most) and runs them here together: one claim of their keys, one insert,
     one route lookup and one queue message per node for the whole batch.  ``key``: a non-empty
     string of at most 200 characters; a request with a key used before returns the same id and

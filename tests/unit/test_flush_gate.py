@@ -7,51 +7,55 @@ from tasks.batching import FlushGate
 
 
 def test_an_idle_pool_takes_a_batch_at_once():
-    assert FlushGate().may_flush(slots=2)
+    assert FlushGate().may_flush()
 
 
-def test_batches_go_while_a_pool_process_is_free_and_gather_once_every_one_runs_a_batch():
+def test_requests_gather_while_a_batch_runs():
     gate = FlushGate()
     gate.started()
-    assert gate.may_flush(slots=2)
+    assert not gate.may_flush()
+    assert gate.running == 1
+
+
+def test_with_a_higher_limit_batches_go_until_that_many_run():
+    gate = FlushGate(limit=2)
     gate.started()
-    assert not gate.may_flush(slots=2)
-    assert gate.running == 2
+    assert gate.may_flush()
+    gate.started()
+    assert not gate.may_flush() and gate.running == 2
 
 
-def test_a_returned_batch_frees_its_slot_for_what_gathered():
+def test_a_limit_below_one_still_runs_one_batch_at_a_time():
+    gate = FlushGate(limit=0)
+    assert gate.may_flush()
+    gate.started()
+    assert not gate.may_flush()
+
+
+def test_a_returned_batch_lets_what_gathered_go():
     gate = FlushGate()
-    first = gate.started()
-    gate.started()
-    gate.finished(first)
-    assert gate.may_flush(slots=2) and gate.running == 1
+    token = gate.started()
+    gate.finished(token)
+    assert gate.may_flush() and gate.running == 0
 
 
 def test_a_batch_returning_twice_frees_one_slot_only():
-    gate = FlushGate()
+    gate = FlushGate(limit=2)
     first = gate.started()
     gate.started()
     gate.finished(first)
     gate.started()
     gate.finished(first)  # e.g. a result callback and a lost-worker callback for the same batch
-    assert not gate.may_flush(slots=2)
-
-
-def test_a_pool_that_reports_no_processes_still_runs_one_batch_at_a_time():
-    gate = FlushGate()
-    assert gate.may_flush(slots=0)
-    gate.started()
-    assert not gate.may_flush(slots=0)
+    assert not gate.may_flush()
 
 
 def test_after_a_reset_batches_from_before_neither_hold_nor_free_a_slot():
     gate = FlushGate()
     old = gate.started()
-    gate.started()
     gate.reset()
-    assert gate.running == 0
+    assert gate.running == 0 and gate.may_flush()
     new = gate.started()
     gate.finished(old)
-    assert gate.running == 1 and not gate.may_flush(slots=1)
+    assert gate.running == 1 and not gate.may_flush()
     gate.finished(new)
-    assert gate.may_flush(slots=1)
+    assert gate.may_flush()
