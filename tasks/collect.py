@@ -220,7 +220,8 @@ class CollectBatches(Batches):
 
     def _batch_done(self, token) -> None:
         """A batch returned: what gathered while it ran may go (through the loop: the threads
-        pool calls this on its own thread)."""
+        pool calls this on its own thread).  Without an event loop (green pools) it goes with
+        the next request or the timer instead."""
         self._gate.finished(token)
         if self._hub is not None:
             self._flush_when_free()
