@@ -27,6 +27,27 @@ hub's thread-safe ``call_soon``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def chunks(items: Sequence[T], size: Callable[[T], int], limit: int) -> Iterator[list[T]]:
+    """``items`` in order, cut into runs whose ``size`` adds up to at most ``limit``; an item
+    bigger than ``limit`` goes alone (a batch is never empty, and nothing is split)."""
+    chunk: list[T] = []
+    total = 0
+    for item in items:
+        n = max(1, size(item))
+        if chunk and total + n > limit:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(item)
+        total += n
+    if chunk:
+        yield chunk
+
 
 class FlushGate:
     """Counts the batches of one task that are in the pool and says whether another may go:

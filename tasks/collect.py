@@ -15,12 +15,15 @@ than two, and messages from a caller that waits for each collect reach the node 
 they were collected.  When routing fails there (Redis or the broker unavailable), the stored
 messages go to ``tasks.dispatch`` on the ``dispatch`` queue, which retries with backoff.
 
-``tasks.collect`` is a celery-batches task: the worker takes its requests from the queue and
-runs up to ``COLLECT_BATCH`` of them at once (one claim, one insert, one route lookup and one queue
-message per node for the batch), so one task per message costs about what ``collect_many`` does.
-A batch goes to the pool as soon as no other batch of them runs, and requests gather only
-while one does (:mod:`tasks.batching`): a lone request does not wait for a batch to fill.  Each request still has its own id, result and, when events are on, its own events in
-Flower.
+``tasks.collect`` and ``tasks.collect_many`` are celery-batches tasks: the worker takes their
+requests from the queue and runs several at once (one claim, one insert, one route lookup and one
+queue message per node for the batch: up to ``COLLECT_BATCH`` ``tasks.collect``, or
+``COLLECT_MANY_MESSAGES`` messages of ``tasks.collect_many``), so one task per message costs
+about what ``collect_many`` does, and a node gets fewer, fuller queue messages when business code
+sends many lists.  A batch goes to the pool as soon as no other batch of its task runs, and
+requests gather only while one does (:mod:`tasks.batching`): a lone request does not wait for a
+batch to fill.  Each request still has its own id, result and, when events are on, its own events
+in Flower.
 
 The tasks are idempotent, so they run with ``acks_late``: a worker killed mid-task leaves the task
 on the queue and the next run gives back the same ids.  Each run first binds an idempotency key to
@@ -43,13 +46,14 @@ import uuid
 
 from celery import states
 from celery.backends.redis import RedisBackend
+from celery.utils.saferepr import saferepr
 from celery.utils.time import get_exponential_backoff_interval
 from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
 from tasks import messages as validation, redis_transport
-from tasks.batching import FlushGate
+from tasks.batching import FlushGate, chunks
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
@@ -57,6 +61,10 @@ from tasks.store import StoreUnavailable, get_store
 from worker import app
 
 log = logging.getLogger(__name__)
+
+#: Longest repr of a request's arguments and result in its events (Flower), as Celery's own
+#: (``resultrepr_maxsize``): a ``collect_many`` of 100 messages would otherwise send kilobytes.
+REPR_MAX = 1024
 
 class _ProcessState:
     """Per-process state of the collect tasks: an id generator (its random tag must differ in
@@ -77,36 +85,29 @@ def _process() -> _ProcessState:
     return _state
 
 
-def _persist_and_dispatch(valid: list[validation.Message], key: str) -> list[str]:
-    """Store and dispatch the messages of one ``collect_many`` task, all under one key."""
-    state = _process()
+def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], str]]) -> list:
+    """Store and dispatch each group of messages under its own idempotency key, all of them with
+    one claim, one insert and one route; returns per group its ids, or an InvalidMessage when
+    its key was bound before to another number of messages."""
     store = get_store()
-    fresh = state.ids.next_ids(len(valid))
-    (ids,) = store.claim_many([(key, fresh)])
-    if len(ids) != len(valid):
-        raise validation.InvalidMessage(f"idempotency key {key!r} was used before for {len(ids)} message(s), not {len(valid)}: use a new key per message")
-    _store_and_route(store, ids, valid, fresh)
-    return ids
-
-
-def _persist_and_dispatch_keyed(pairs: list[tuple[validation.Message, str]]) -> list:
-    """Store and dispatch one message per ``(message, key)``, each under its own key; returns per
-    pair its id, or an InvalidMessage when its key was bound to a batch of another size."""
-    store = get_store()
-    fresh = _process().ids.next_ids(len(pairs))
-    claimed = store.claim_many([(key, [mid]) for (_, key), mid in zip(pairs, fresh)])
+    fresh = _process().ids.next_ids(sum(len(messages) for messages, _ in groups))
+    wanted, at = [], 0
+    for messages, key in groups:
+        wanted.append((key, fresh[at:at + len(messages)]))
+        at += len(messages)
     results: list = []
-    ids, messages, seen = [], [], set()
-    for (message, key), bound in zip(pairs, claimed):
-        if len(bound) != 1:
-            results.append(validation.InvalidMessage(f"idempotency key {key!r} was used before for {len(bound)} messages, not 1: use a new key per message"))
+    ids, messages_out, seen = [], [], set()
+    for (messages, key), bound in zip(groups, store.claim_many(wanted)):
+        if len(bound) != len(messages):
+            results.append(validation.InvalidMessage(f"idempotency key {key!r} was used before for {len(bound)} message(s), not {len(messages)}: use a new key per task"))
             continue
-        results.append(bound[0])
-        if bound[0] not in seen:  # the same key twice in one batch: store and send it once
-            seen.add(bound[0])
-            ids.append(bound[0])
-            messages.append(message)
-    _store_and_route(store, ids, messages, fresh)
+        results.append(bound)
+        for message_id, message in zip(bound, messages):
+            if message_id not in seen:  # the same key twice in one batch: store and send it once
+                seen.add(message_id)
+                ids.append(message_id)
+                messages_out.append(message)
+    _store_and_route(store, ids, messages_out, fresh)
     return results
 
 
@@ -138,10 +139,6 @@ def _validate(to, data, unexpected=None) -> validation.Message:
     return validation.validate(to, data, max_bytes=settings.MAX_MESSAGE_BYTES, max_recipients=settings.MAX_RECIPIENTS, unexpected=unexpected)
 
 
-def _task_key(task) -> str:
-    return f"task:{task.request.id or uuid.uuid4()}"
-
-
 def _parse_collect(request) -> tuple[validation.Message, str]:
     """The message and idempotency key of one ``tasks.collect`` request; raises InvalidMessage."""
     kwargs = dict(request.kwargs or {})
@@ -164,12 +161,16 @@ class CollectBatches(Batches):
     lets an error escape: it records a result per request (an id, a failure, or a retry sent
     first).  ``flush`` also sends, when events are on (Flower), ``task-received`` for each
     request and ``task-succeeded``/``task-failed``/``task-retried`` per request from the
-    outcome the batch returns, so Flower lists every ``tasks.collect`` as a task of its own.
+    outcome the batch returns, so Flower lists every request as a task of its own.
     The requests of a batch are acked together (:func:`tasks.redis_transport.acknowledge`: one
     round trip on the Redis broker instead of one per request).
     """
 
     abstract = True
+
+    #: The most messages one batch stores and routes (a request of ``tasks.collect_many`` counts
+    #: its items, any other request one): a flush of more goes to the pool as several batches.
+    batch_messages: int = settings.COLLECT_BATCH
 
     def __init__(self) -> None:
         super().__init__()
@@ -188,7 +189,7 @@ class CollectBatches(Batches):
             self._tref = None
         dropped = len(list(consume_queue(self._buffer))) + len(list(consume_queue(self._pending)))
         if dropped:
-            log.warning("tasks.collect: consumer restarted; %d buffered requests left to the broker, which delivers them again", dropped)
+            log.warning("%s: consumer restarted; %d buffered requests left to the broker, which delivers them again", self.name, dropped)
         self._count = itertools.count(1)
         self._gate.reset()
         self._flush_pending = False
@@ -227,10 +228,14 @@ class CollectBatches(Batches):
             self._flush_when_free()
 
     def flush(self, requests):
-        requests = list(requests)
+        for batch in chunks(list(requests), _messages_in, self.batch_messages):
+            self._run_in_pool(batch)
+
+    def _run_in_pool(self, requests):
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
         for req in requests:
-            req.send_event("task-received", name=req.name, args=str(req.args), kwargs=str(req.kwargs), retries=req.request_dict.get("retries", 0))
+            req.send_event("task-received", name=req.name, args=saferepr(req.args, REPR_MAX), kwargs=saferepr(req.kwargs, REPR_MAX),
+                           retries=req.request_dict.get("retries", 0))
             req.send_event("task-started")
         started = time.monotonic()
         token = self._gate.started()
@@ -242,7 +247,7 @@ class CollectBatches(Batches):
                 for req in requests:
                     kind, value = outcomes.get(req.id, ("failed", "the batch did not run: see the worker log"))
                     if kind == "ok":
-                        req.send_event("task-succeeded", result=repr(value), runtime=runtime)
+                        req.send_event("task-succeeded", result=saferepr(value, REPR_MAX), runtime=runtime)
                     elif kind == "retry":
                         req.send_event("task-retried", exception=value, traceback="")
                     else:
@@ -258,6 +263,12 @@ class CollectBatches(Batches):
             self._batch_done(token)
 
         return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return, error_callback=on_lost)
+
+
+def _messages_in(request) -> int:
+    """How many messages a request holds, for the size of a batch (main process: not validated)."""
+    messages = (request.kwargs or {}).get("messages")
+    return len(messages) if isinstance(messages, (list, tuple)) else 1
 
 
 #: How often a request whose batch could not reach the store is sent again before it fails.
@@ -282,40 +293,52 @@ def collect(self, requests) -> dict[str, tuple[str, str]]:
     Returns ``{task id: (outcome, detail)}`` for :class:`CollectBatches` (outcome ``ok``,
     ``failed`` or ``retry``); callers read each request's own result.
     """
+    return _run_batch(self, requests, _parse_collect_request)
+
+
+def _parse_collect_request(req):
+    message, key = _parse_collect(req)
+    return [message], key, lambda ids: ids[0]
+
+
+def _run_batch(task, requests, parse) -> dict[str, tuple[str, str]]:
+    """Store and dispatch the requests of one batch of ``task`` together; returns and stores each
+    request's outcome.  ``parse(request)`` gives its valid messages, its idempotency key and a
+    function from their ids to the request's result, or raises InvalidMessage (the request fails
+    alone)."""
     outcomes: dict[str, tuple[str, str]] = {}
-    parsed: list[tuple[object, validation.Message, str]] = []
+    parsed = []
     for req in requests:
         try:
-            message, key = _parse_collect(req)
-            parsed.append((req, message, key))
+            parsed.append((req, *parse(req)))
         except validation.InvalidMessage as exc:
-            log.warning("tasks.collect %s rejected: %s", req.id, exc)
+            log.warning("%s %s rejected: %s", task.name, req.id, exc)
             outcomes[req.id] = ("failed", f"InvalidMessage: {exc}")
             _store_result(req, exc, failed=True)
-    if not parsed:
-        return outcomes
+    storing = [(req, messages, key, result) for req, messages, key, result in parsed if messages]
+    done = [(req, result([])) for req, messages, _, result in parsed if not messages]
     try:
-        ids = _persist_and_dispatch_keyed([(message, key) for _, message, key in parsed])
+        bound = _persist_and_dispatch_groups([(messages, key) for _, messages, key, _ in storing]) if storing else []
     except StoreUnavailable as exc:
-        for req, _, _ in parsed:
-            outcomes[req.id] = _retry(self, req, exc)
-        return outcomes
+        for req, *_ in storing:
+            outcomes[req.id] = _retry(task, req, exc)
+        storing, bound = [], []
     except Exception as exc:  # noqa: BLE001 - record a failure per request rather than lose them silently
-        log.exception("tasks.collect: a batch of %d failed", len(parsed))
-        for req, _, _ in parsed:
+        log.exception("%s: a batch of %d failed", task.name, len(storing))
+        for req, *_ in storing:
             outcomes[req.id] = ("failed", f"{type(exc).__name__}: {exc}")
             _store_result(req, exc, failed=True)
-        return outcomes
-    done = []
-    for (req, message, _), message_id in zip(parsed, ids):
-        if isinstance(message_id, validation.InvalidMessage):
-            outcomes[req.id] = ("failed", f"InvalidMessage: {message_id}")
-            _store_result(req, message_id, failed=True)
+        storing, bound = [], []
+    for (req, _, _, result), ids in zip(storing, bound):
+        if isinstance(ids, validation.InvalidMessage):
+            outcomes[req.id] = ("failed", f"InvalidMessage: {ids}")
+            _store_result(req, ids, failed=True)
         else:
-            outcomes[req.id] = ("ok", message_id)
-            done.append((req, message_id))
+            done.append((req, result(ids)))
+    for req, value in done:
+        outcomes[req.id] = ("ok", value)
     _store_results(done)
-    log.debug("collected %d messages in one batch", len(parsed))
+    log.debug("%s: %d requests, %d messages in one batch", task.name, len(requests), sum(len(m) for _, m, _, _ in storing))
     return outcomes
 
 
@@ -393,15 +416,43 @@ def _retry(task, req, exc: Exception) -> tuple[str, str]:
     return ("retry", f"{type(exc).__name__}: {exc}")
 
 
-@app.task(name="tasks.collect_many", bind=True, acks_late=True, autoretry_for=(StoreUnavailable,), retry_backoff=True, retry_backoff_max=30, max_retries=5)
-def collect_many(self, messages=validation.MISSING, **unexpected) -> list:
-    """Store a batch of messages with one insert and dispatch them with one task.
+#: The most messages one batch of ``tasks.collect_many`` requests stores and routes; the requests
+#: of a bigger batch go to the pool as several.  Also the most envelopes a node gets in one queue
+#: message from one batch (when every recipient is on it).
+COLLECT_MANY_MESSAGES = 1000
 
-    Returns, in the order given, each message's id, or for an invalid item
-    ``{"index": i, "error": "messages[i]: ..."}``; an invalid item rejects only itself.
+
+@app.task(name="tasks.collect_many", base=CollectBatches, bind=True, acks_late=True,
+          flush_every=settings.COLLECT_BATCH, flush_interval=settings.COLLECT_FLUSH_SECONDS, batch_messages=COLLECT_MANY_MESSAGES)
+def collect_many(self, requests) -> dict[str, tuple[str, str]]:
+    """Store a list of messages with one insert and dispatch them at once.  Business code calls::
+
+        collect_many.delay(messages=[{"to": "alice", "data": 1}, {"to": "bob", "data": 2}])
+
+    Each request's result is, in the order given, each message's id, or for an invalid item
+    ``{"index": i, "error": "messages[i]: ..."}``; an invalid item rejects only itself.  Its
+    idempotency key is its task id: a request run again returns the same ids.
+
+    Batched like ``tasks.collect``: the worker runs the requests that gathered while it was busy
+    together (one claim, one insert, one route lookup and one queue message per node), up to
+    :data:`COLLECT_MANY_MESSAGES` messages per batch.  Returns ``{task id: (outcome, detail)}``
+    for :class:`CollectBatches`.
     """
-    if unexpected:
-        raise validation.InvalidMessage(f"unexpected argument(s) {', '.join(sorted(unexpected))}: collect_many takes messages")
+    return _run_batch(self, requests, _parse_collect_many)
+
+
+def _parse_collect_many(req):
+    """The valid messages of one ``tasks.collect_many`` request, its key, and the function that
+    makes its result (each item's id or error, in order) from their ids."""
+    kwargs = dict(req.kwargs or {})
+    args = tuple(req.args or ())
+    if args:
+        if len(args) > 1 or "messages" in kwargs:
+            raise validation.InvalidMessage("tasks.collect_many takes one argument, messages: kwargs={\"messages\": [...]}")
+        kwargs["messages"] = args[0]
+    messages = kwargs.pop("messages", validation.MISSING)
+    if kwargs:
+        raise validation.InvalidMessage(f"unexpected argument(s) {', '.join(sorted(kwargs))}: collect_many takes messages")
     if messages is validation.MISSING or not isinstance(messages, (list, tuple)):
         raise validation.InvalidMessage('"messages" must be a list of {"to": ..., "data": ...} items')
     results: list = [None] * len(messages)
@@ -416,8 +467,11 @@ def collect_many(self, messages=validation.MISSING, **unexpected) -> list:
             positions.append(index)
         except validation.InvalidMessage as exc:
             results[index] = {"index": index, "error": f"messages[{index}]: {exc}"}
-            log.warning("collect_many rejected messages[%d]: %s", index, exc)
-    if valid:
-        for index, message_id in zip(positions, _persist_and_dispatch(valid, _task_key(self))):
+            log.warning("collect_many %s rejected messages[%d]: %s", req.id, index, exc)
+
+    def result(ids: list[str]) -> list:
+        for index, message_id in zip(positions, ids):
             results[index] = message_id
-    return results
+        return results
+
+    return valid, f"task:{req.id or uuid.uuid4()}", result

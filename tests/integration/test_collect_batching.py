@@ -1,11 +1,13 @@
-"""How the worker batches ``tasks.collect`` requests (``tasks.batching``), on a real worker whose
-flush timer and batch size are set so high that neither ever fires: a lone request runs at once,
-and requests that come while a batch runs gather and run together once it returns."""
+"""How the worker batches ``tasks.collect`` and ``tasks.collect_many`` requests (``tasks.batching``),
+on a real worker whose flush timer and batch size are set so high that neither ever fires: a lone
+request runs at once, and requests that come while a batch runs gather and run together once it
+returns, ``collect_many`` up to 1,000 messages a batch."""
 
 from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -30,28 +32,21 @@ def lazy_timer_cluster(tmp_path):
         redis_server.stop()
 
 
-def batch_sizes(cluster: Cluster) -> list[int]:
-    """The size of every tasks.collect batch the worker ran, from its (DEBUG) log."""
+def batch_sizes(cluster: Cluster, task: str = "tasks.collect") -> list[tuple[int, int]]:
+    """(requests, messages) of every batch of ``task`` the worker ran, from its (DEBUG) log."""
     text = cluster._log("worker").read_text(errors="replace")
-    return [int(n) for n in re.findall(r"collected (\d+) messages in one batch", text)]
+    return [(int(r), int(m)) for r, m in re.findall(re.escape(task) + r": (\d+) requests, (\d+) messages in one batch", text)]
 
 
-async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_into_few_batches(lazy_timer_cluster):
-    cluster = lazy_timer_cluster
-    client = await cluster.connect("lone")
-    message_id = await cluster.collect("lone", {"n": 0}, timeout=30)  # not after NEVER seconds
-    (frame,) = await client.messages(1)
-    assert frame["id"] == message_id
-    assert batch_sizes(cluster) == [1]
-
-    # Every pool process stopped: the first requests' batch never returns, the rest gather.
+@contextmanager
+def pool_stopped(cluster: Cluster):
+    """Every pool process stopped until the worker has read everything on the collect queue."""
     pool = psutil.Process(cluster.worker.pid).children()
     assert pool, "the worker has no pool processes"
     for process in pool:
         process.suspend()
-    total = 40
     try:
-        results = [cluster.send(to="lone", data={"n": n}) for n in range(1, total + 1)]
+        yield
         broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
         deadline = time.monotonic() + 20
         while broker.llen("collect") and time.monotonic() < deadline:
@@ -60,11 +55,49 @@ async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_in
     finally:
         for process in pool:
             process.resume()
+
+
+async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_into_few_batches(lazy_timer_cluster):
+    cluster = lazy_timer_cluster
+    client = await cluster.connect("lone")
+    message_id = await cluster.collect("lone", {"n": 0}, timeout=30)  # not after NEVER seconds
+    (frame,) = await client.messages(1)
+    assert frame["id"] == message_id
+    assert batch_sizes(cluster) == [(1, 1)]
+
+    # The first request's batch never returns while the pool is stopped; the rest gather.
+    total = 40
+    with pool_stopped(cluster):
+        results = [cluster.send(to="lone", data={"n": n}) for n in range(1, total + 1)]
     frames = await client.messages(total, timeout=30)
     ids = [await cluster.result(r, timeout=30) for r in results]
     assert sorted(f["id"] for f in frames) == sorted(ids) and len(set(ids)) == total  # each once
-    sizes = batch_sizes(cluster)[1:]
+    sizes = [requests for requests, _ in batch_sizes(cluster)[1:]]
     assert sum(sizes) == total
     # one batch went before anything gathered, the rest gathered into one more
     assert len(sizes) == 2, sizes
     client.close()
+
+
+async def test_collect_many_requests_that_gather_run_together_up_to_a_thousand_messages_a_batch(lazy_timer_cluster):
+    cluster = lazy_timer_cluster
+    clients = {user: await cluster.connect(user) for user in ("many-a", "many-b")}
+    tasks, per_task = 30, 50  # 1,500 messages: more than one batch may hold
+    with pool_stopped(cluster):
+        invalid = cluster.send("tasks.collect_many", messages="not a list")
+        results = [cluster.send("tasks.collect_many", messages=[{"to": f"many-{'ab'[(t + n) % 2]}", "data": [t, n]} for n in range(per_task)])
+                   for t in range(tasks)]
+    answers = [await cluster.result(r, timeout=30) for r in results]
+    assert all(len(a) == per_task and all(isinstance(i, str) for i in a) for a in answers)
+    assert len({i for a in answers for i in a}) == tasks * per_task
+    with pytest.raises(Exception, match='"messages" must be a list'):
+        await cluster.result(invalid, timeout=30)
+    for user, client in clients.items():
+        frames = await client.messages(tasks * per_task // 2, timeout=30)
+        expected = {i for t, a in enumerate(answers) for n, i in enumerate(a) if "ab"[(t + n) % 2] == user[-1]}
+        assert {f["id"] for f in frames} == expected
+        client.close()
+    batches = batch_sizes(cluster, "tasks.collect_many")
+    assert sum(m for _, m in batches) == tasks * per_task
+    assert all(m <= 1000 for _, m in batches), batches
+    assert len(batches) <= 4 and max(r for r, _ in batches) >= 10, batches  # gathered, not one per task

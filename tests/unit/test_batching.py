@@ -1,9 +1,9 @@
-"""Pure tests of ``tasks.batching.FlushGate``: when the worker hands buffered ``tasks.collect``
-requests to its pool."""
+"""Pure tests of ``tasks.batching``: when the worker hands buffered ``tasks.collect`` and
+``tasks.collect_many`` requests to its pool (``FlushGate``), and how many at a time (``chunks``)."""
 
 from __future__ import annotations
 
-from tasks.batching import FlushGate
+from tasks.batching import FlushGate, chunks
 
 
 def test_an_idle_pool_takes_a_batch_at_once():
@@ -59,3 +59,20 @@ def test_after_a_reset_batches_from_before_neither_hold_nor_free_a_slot():
     assert gate.running == 1 and not gate.may_flush()
     gate.finished(new)
     assert gate.may_flush()
+
+
+def test_chunks_keep_the_order_and_cut_where_the_sizes_would_pass_the_limit():
+    sizes = {"a": 400, "b": 500, "c": 200, "d": 1000, "e": 1}
+    assert list(chunks(list("abcde"), sizes.get, 1000)) == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+def test_an_item_bigger_than_the_limit_goes_alone_and_whole():
+    assert list(chunks([5, 2000, 5], lambda n: n, 1000)) == [[5], [2000], [5]]
+
+
+def test_items_of_no_size_count_as_one():
+    assert list(chunks(["x"] * 5, lambda _: 0, 2)) == [["x", "x"], ["x", "x"], ["x"]]
+
+
+def test_nothing_makes_no_chunk():
+    assert list(chunks([], len, 10)) == []
