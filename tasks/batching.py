@@ -1,5 +1,6 @@
-"""When the worker hands buffered ``tasks.collect`` requests to its pool: at once while none of
-their batches runs, gathered while one does (group commit).  Pure.
+"""When the worker hands buffered ``tasks.collect`` and ``tasks.collect_many`` requests to its
+pool: at once while none of their task's batches runs, gathered while one does (group commit);
+and how many go in one batch.  Pure.
 
 celery-batches on its own runs a batch every ``flush_interval`` seconds or every ``flush_every``
 requests, so a request that comes alone waits up to the interval (50 ms by default) before
@@ -14,9 +15,9 @@ a running one under load, on the pool's other processes.
 
 One batch at a time by default, not one per pool process: a batch has a fixed cost (Redis round
 trips and a store commit), and letting a batch go whenever a process was free made the batches
-small while the pool was busy; at 1,000 msg/s sent one task per message (``bench/compare.py``,
-2026-12-02) that doubled the platform's CPU per message and cut the delivered rate by a quarter,
-where one at a time kept both as they were.
+small while the pool was busy; sending one task per message as fast as one process can
+(``bench/compare.py``, 2026-12-02) that nearly doubled the platform's CPU per message and cut the
+delivered rate by about a third, where one at a time kept the rate.
 
 Threading: the worker's main process, on its event loop.  ``started`` is called where the batch
 is handed to the pool; ``finished`` from the pool's result callback, which the prefork and solo
