@@ -20,16 +20,14 @@ NEVER = 600  # seconds: COLLECT_FLUSH_SECONDS of this cluster, longer than any t
 
 
 @pytest.fixture
-def lazy_timer_cluster(tmp_path):
+def lazy_timer_cluster(request, tmp_path):
     redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)  # also when the cluster cannot even be set up
     cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port(), COLLECT_FLUSH_SECONDS=NEVER, COLLECT_BATCH=1000,
                       LOG_LEVEL="DEBUG")
-    try:
-        start_or_explain(cluster, nodes=1)
-        yield cluster
-    finally:
-        cluster.stop()
-        redis_server.stop()
+    start_or_explain(cluster, nodes=1)
+    yield cluster
+    cluster.stop()
 
 
 def batch_sizes(cluster: Cluster, task: str = "tasks.collect") -> list[tuple[int, int]]:
