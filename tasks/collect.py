@@ -351,7 +351,7 @@ def _store_result(req, value, failed: bool = False) -> None:
         else:
             app.backend.mark_as_done(req.id, value, request=req)
     except Exception as exc:  # noqa: BLE001 - the message itself is stored and sent; only the answer is lost
-        log.warning("tasks.collect %s: result not stored (%s)", req.id, exc)
+        log.warning("%s %s: result not stored (%s)", req.name, req.id, exc)
 
 
 def _store_results(done: list[tuple[object, str]]) -> None:
@@ -373,7 +373,7 @@ def _store_results(done: list[tuple[object, str]]) -> None:
                 pipe.publish(key, value)
             pipe.execute()
     except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
-        log.warning("tasks.collect: %d results not stored (%s)", len(done), exc)
+        log.warning("%d results of %s not stored (%s)", len(done), done[0][0].name, exc)
 
 
 def _success_metas(backend, done: list[tuple[object, str]]) -> list[dict]:
@@ -401,7 +401,7 @@ def _retry(task, req, exc: Exception) -> tuple[str, str]:
     backoff; after ``COLLECT_MAX_RETRIES`` the request fails with ``exc``."""
     retries = int((req.request_dict or {}).get("retries") or 0)
     if retries >= COLLECT_MAX_RETRIES:
-        log.error("tasks.collect %s failed after %d retries: %s", req.id, retries, exc)
+        log.error("%s %s failed after %d retries: %s", task.name, req.id, retries, exc)
         _store_result(req, exc, failed=True)
         return ("failed", f"{type(exc).__name__}: {exc}")
     countdown = get_exponential_backoff_interval(factor=1, retries=retries, maximum=30, full_jitter=True)
@@ -410,9 +410,9 @@ def _retry(task, req, exc: Exception) -> tuple[str, str]:
     except Exception as send_exc:  # noqa: BLE001
         # Not sent: failing would lose the message; let the worker die instead so the broker
         # restores the unacked request.
-        log.critical("tasks.collect %s: store unavailable (%s) and retry not sent (%s)", req.id, exc, send_exc)
+        log.critical("%s %s: store unavailable (%s) and retry not sent (%s)", task.name, req.id, exc, send_exc)
         raise SystemExit(1) from send_exc
-    log.warning("tasks.collect %s: store unavailable (%s); retry %d in %.1f s", req.id, exc, retries + 1, countdown)
+    log.warning("%s %s: store unavailable (%s); retry %d in %.1f s", task.name, req.id, exc, retries + 1, countdown)
     return ("retry", f"{type(exc).__name__}: {exc}")
 
 
