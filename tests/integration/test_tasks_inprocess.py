@@ -195,3 +195,34 @@ def test_tasks_replay_still_answers_one_connection_as_before_for_nodes_of_earlie
     assert [e["id"] for e in published["envelopes"]] == [message_id]
     assert published["kwargs"] == {"conn": "c", "replay": {"last": True, "truncated": False, "count": 1}}
     gc.collect()
+
+
+def test_a_batch_that_cannot_reach_the_store_is_sent_again_request_by_request_under_the_same_ids(broker, monkeypatch):
+    """``tasks.collect_many`` requests run as a batch; when the store is unavailable (MongoDB
+    down: the store is the one part replaced here), each valid request is published again, with
+    its own task id (so the same idempotency key) and one more retry, and an invalid one fails."""
+    from celery_batches import SimpleRequest
+
+    from tasks import collect as collect_module
+    from tasks.store import StoreUnavailable
+
+    def unavailable():
+        raise StoreUnavailable("MongoDB is down (test)")
+
+    retry_queue = f"retries-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(collect_module, "get_store", unavailable)
+    monkeypatch.setattr(collect_module, "COLLECT_QUEUE", retry_queue)
+
+    def request(task_id: str, kwargs: dict, retries: int = 0) -> SimpleRequest:
+        return SimpleRequest(task_id, "tasks.collect_many", (), kwargs, {}, "worker@host", True, None, None, {"retries": retries})
+
+    requests = [request("first", {"messages": [{"to": "a", "data": 1}]}), request("second", {"messages": [{"to": "b", "data": 2}]}, retries=2),
+                request("bad", {"messages": "not a list"})]
+    outcomes = collect_module._run_batch(collect_module.collect_many, requests, collect_module._parse_collect_many)
+
+    assert outcomes["first"][0] == "retry" and outcomes["second"][0] == "retry"
+    assert outcomes["bad"][0] == "failed" and '"messages" must be a list' in outcomes["bad"][1]
+    sent = [json.loads(raw) for raw in broker.lrange(retry_queue, 0, -1)]
+    broker.delete(retry_queue)
+    assert sorted((m["headers"]["id"], m["headers"]["retries"]) for m in sent) == [("first", 1), ("second", 3)]
+    assert all(m["headers"]["task"] == "tasks.collect_many" for m in sent)  # after a backoff (full jitter: may be 0)
