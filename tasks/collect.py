@@ -62,9 +62,6 @@ from worker import app
 
 log = logging.getLogger(__name__)
 
-#: Longest repr of a request's arguments and result in its events (Flower), as Celery's own
-#: (``resultrepr_maxsize``): a ``collect_many`` of 100 messages would otherwise send kilobytes.
-REPR_MAX = 1024
 
 class _ProcessState:
     """Per-process state of the collect tasks: an id generator (its random tag must differ in
@@ -234,7 +231,10 @@ class CollectBatches(Batches):
     def _run_in_pool(self, requests):
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
         for req in requests:
-            req.send_event("task-received", name=req.name, args=saferepr(req.args, REPR_MAX), kwargs=saferepr(req.kwargs, REPR_MAX),
+            # The reprs the sender put in the message's headers, as Celery's own task-received
+            # event sends them (cut at 1 KB), rather than the whole kwargs of a collect_many again.
+            req.send_event("task-received", name=req.name, args=req.argsrepr or saferepr(req.args, app.amqp.argsrepr_maxsize),
+                           kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
                            retries=req.request_dict.get("retries", 0))
             req.send_event("task-started")
         started = time.monotonic()
@@ -247,7 +247,7 @@ class CollectBatches(Batches):
                 for req in requests:
                     kind, value = outcomes.get(req.id, ("failed", "the batch did not run: see the worker log"))
                     if kind == "ok":
-                        req.send_event("task-succeeded", result=saferepr(value, REPR_MAX), runtime=runtime)
+                        req.send_event("task-succeeded", result=saferepr(value, self.resultrepr_maxsize), runtime=runtime)
                     elif kind == "retry":
                         req.send_event("task-retried", exception=value, traceback="")
                     else:
