@@ -287,32 +287,50 @@ class PushNode:
 
     def deliver(self, batch: list[Delivery]) -> None:
         """Write a batch from the queue to the sockets; called on the loop by the consumer, once
-        per batch.  Counts the batch, the frames written, and per live message written here the
-        time since it was collected."""
+        per batch.  The frames each connection gets from the batch's live messages go in one
+        write (:meth:`PushHandler.send`), in order; a replay page for a connection goes after
+        what came before it in the batch.  Counts the batch, the frames written, and per live
+        message written here the time since it was collected."""
         self.metrics.batch(len(batch))
-        written = 0
+        outbox: dict[PushHandler, list[tuple[str | None, str]]] = {}
         for delivery in batch:
             if delivery.conn is not None:
+                self._write_outbox(outbox)
                 self._deliver_replay(delivery)
                 continue
             for envelope in delivery.envelopes:
                 frame = protocol.message_frame(envelope)
                 to = envelope["to"]
                 targets = self.hub.all() if to == "*" else itertools.chain.from_iterable(self.hub.of_user(user) for user in to)
-                sent = sum(self._write_live(conn, envelope["id"], frame) for conn in targets)
-                if sent:
-                    self.metrics.latency(envelope["id"])
-                written += sent
-        self.metrics.delivered("live", written)
+                for conn in targets:
+                    self._queue_live(outbox, conn, envelope["id"], frame)
+        self._write_outbox(outbox)
 
-    def _write_live(self, conn: PushHandler, message_id: str, frame: str) -> int:
+    def _queue_live(self, outbox: dict, conn: PushHandler, message_id: str, frame: str) -> None:
+        if conn.closing:
+            return  # closed earlier in this batch (or going): on_close unbinds it
         try:
             frames = conn.session.live(message_id, frame)
         except BacklogOverflow as exc:
             log.warning("conn=%s user=%s node=%s: %s", conn.conn_id, conn.user_id, self.address, exc)
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "too many messages during resume, reconnect with since")
-            return 0
-        return conn.send(frames)
+            return
+        if frames:
+            outbox.setdefault(conn, []).extend(frames)
+
+    def _write_outbox(self, outbox: dict) -> None:
+        """Write what ``outbox`` holds, one write per connection, and empty it."""
+        written: set[str] = set()
+        frames_written = 0
+        for conn, frames in outbox.items():
+            sent = conn.send(frames)
+            if sent:
+                frames_written += sent
+                written.update(message_id for message_id, _ in frames if message_id is not None)
+        outbox.clear()
+        for message_id in written:
+            self.metrics.latency(message_id)
+        self.metrics.delivered("live", frames_written)
 
     def _deliver_replay(self, delivery: Delivery) -> None:
         conn = self.hub.get(delivery.conn)

@@ -17,7 +17,7 @@ from tornado import httputil
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from wsnode import protocol
+from wsnode import protocol, wire
 from wsnode.auth import AuthRejected, AuthUnavailable
 from wsnode.closecodes import CloseCode, short_reason
 from wsnode.session import Session
@@ -98,42 +98,57 @@ class PushHandler(WebSocketHandler):
         if self.session is not None and self._refusal is None:
             self.node.detach(self)
 
+    @property
+    def closing(self) -> bool:
+        """Whether the connection is closed or closing: nothing more can be written to it."""
+        proto = self.ws_connection
+        return proto is None or proto.is_closing()
+
     def send(self, frames: list[tuple[str | None, str]]) -> int:
-        """Write ``(message id, frame)`` pairs in order and record a ``written`` receipt per message;
-        returns how many messages were written.  A closed socket drops the rest (the store keeps
-        them: the client gets them from ``since`` or its inbox)."""
+        """Write ``(message id, frame)`` pairs in order, with one write to the socket, and record a
+        ``written`` receipt per message; returns how many messages were written: all of them, or
+        none when the connection is closed (the store keeps them: the client gets them from
+        ``since`` or its inbox)."""
+        try:
+            self._write_texts([frame for _, frame in frames])
+        except WebSocketClosedError:
+            return 0
         written = 0
-        for message_id, frame in frames:
-            try:
-                self._write_text(frame)
-            except WebSocketClosedError:
-                break
+        for message_id, _ in frames:
             if message_id is not None:
                 self.node.receipts.add(message_id, self.user_id, "written")
                 written += 1
         return written
 
-    def _write_text(self, frame: str) -> None:
-        """``write_message(frame)`` without the asyncio Task it wraps around each write.
+    def _write_texts(self, frames: list[str]) -> None:
+        """What ``write_message(frame)`` does for each text frame, with one stream write for all.
 
-        Tornado's ``write_message`` returns a Task that awaits the stream's write, for callers that
-        await it; the node never does, yet each Task cost a coroutine, a Task and one more loop
-        step per frame (7% of a busy node's loop samples in a py-spy profile).  This does what the protocol's
-        ``write_message`` does for a text frame (byte count, permessage-deflate when negotiated,
-        the frame) and drops the stream's Future: a write that fails closes the stream, which
-        completes that Future and marks its error retrieved, and ``on_close`` follows.  It uses
-        Tornado 6.6's protocol attributes (pinned); tests/integration/test_handler_write.py checks them."""
-        proto = self.ws_connection
-        if proto is None or proto.is_closing():
+        Tornado's ``write_message`` writes each frame to the stream on its own (a ``send`` system
+        call and a Future each) and wraps each write in an asyncio Task for callers that await
+        it; the node never awaits, and a busy node writes several frames to a connection per
+        queue batch.  This does the protocol's part per frame (byte count, permessage-deflate
+        when negotiated, the frame header: :mod:`wsnode.wire`) and writes the frames together,
+        dropping the stream's Future: a write that fails closes the stream, which completes
+        that Future and marks its error retrieved, and ``on_close`` follows.  It uses Tornado
+        6.6's protocol attributes (pinned); tests/integration/test_handler_write.py checks them."""
+        if self.closing:
             raise WebSocketClosedError()
-        data = frame.encode("utf-8")
-        proto._message_bytes_out += len(data)
-        flags = 0
-        if proto._compressor:
-            data = proto._compressor.compress(data)
-            flags |= proto.RSV1
+        proto = self.ws_connection
+        compressor = proto._compressor
+        parts: list[bytes] = []
+        for frame in frames:
+            data = frame.encode("utf-8")
+            proto._message_bytes_out += len(data)
+            if compressor is not None:
+                data = compressor.compress(data)
+            parts.append(wire.text_frame_header(len(data), compressed=compressor is not None))
+            parts.append(data)
+        if not parts:
+            return
+        data = b"".join(parts)
+        proto._wire_bytes_out += len(data)
         try:
-            proto._write_frame(True, 0x1, data, flags=flags)
+            proto.stream.write(data)
         except StreamClosedError:
             raise WebSocketClosedError() from None
 

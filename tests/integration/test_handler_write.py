@@ -1,6 +1,7 @@
-"""``PushHandler._write_text``, the node's text-frame write without Tornado's per-write Task, over a
-real Tornado server and client on loopback: the frames arrive as ``write_message`` would send
-them, plain and with permessage-deflate, and a closed connection raises WebSocketClosedError."""
+"""``PushHandler._write_texts``, the node's text-frame write (several frames, one stream write, no
+Tornado Task per frame), over a real Tornado server and client on loopback: the frames arrive as
+``write_message`` would send them, plain and with permessage-deflate, a batch of them goes to the
+stream in one write, and a closed connection raises WebSocketClosedError."""
 
 from __future__ import annotations
 
@@ -15,27 +16,42 @@ from tornado.websocket import WebSocketClosedError
 
 from wsnode.handler import PushHandler
 
-FRAMES = ['{"type":"message","id":"a","data":"héllo"}', "x" * 70_000, "{}"]
+# Payload lengths on each side of the header's 7-bit and 16-bit length forms.
+FRAMES = ['{"type":"message","id":"a","data":"héllo"}', "x" * 125, "y" * 126, "z" * 65_535, "w" * 70_000, "", "{}"]
 
 
 class Writer(tornado.websocket.WebSocketHandler):
-    """Borrows PushHandler's write, so that it runs on a handler Tornado really opened."""
+    """Borrows PushHandler's write, so that it runs on a handler Tornado really opened; counts the
+    writes its stream gets (the real stream's write runs)."""
 
-    _write_text = PushHandler._write_text
+    _write_texts = PushHandler._write_texts
+    closing = PushHandler.closing
     compress = False
+    one_call = True
     opened: asyncio.Future
 
     def get_compression_options(self):
         return {} if self.compress else None
 
     def open(self) -> None:
-        for frame in FRAMES:
-            self._write_text(frame)
+        stream = self.ws_connection.stream
+        real_write, self.stream_writes = stream.write, 0
+
+        def counting_write(data):
+            self.stream_writes += 1
+            return real_write(data)
+
+        stream.write = counting_write
+        if self.one_call:
+            self._write_texts(FRAMES)
+        else:
+            for frame in FRAMES:
+                self._write_texts([frame])
         Writer.opened.set_result(self)
 
 
-async def _serve(compress: bool):
-    Writer.compress = compress
+async def _serve(compress: bool, one_call: bool = True):
+    Writer.compress, Writer.one_call = compress, one_call
     Writer.opened = asyncio.get_running_loop().create_future()
     sock, port = bind_unused_port()
     server = HTTPServer(tornado.web.Application([("/ws", Writer)]))
@@ -43,9 +59,10 @@ async def _serve(compress: bool):
     return server, port
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one call", "a call per frame"])
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "permessage-deflate"])
-async def test_frames_arrive_as_write_message_would_send_them(compress):
-    server, port = await _serve(compress)
+async def test_frames_arrive_as_write_message_would_send_them(compress, one_call):
+    server, port = await _serve(compress, one_call)
     try:
         client = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws", compression_options={} if compress else None)
         received = [await asyncio.wait_for(client.read_message(), 5) for _ in FRAMES]
@@ -54,6 +71,21 @@ async def test_frames_arrive_as_write_message_would_send_them(compress):
         assert received == FRAMES
         assert handler.ws_connection._message_bytes_out == sum(len(f.encode()) for f in FRAMES)
         assert (handler.ws_connection._compressor is not None) is compress
+        assert handler.ws_connection.mask_outgoing is False  # a server's frames carry no mask, as wsnode.wire writes them
+        client.close()
+    finally:
+        server.stop()
+
+
+async def test_frames_written_together_go_to_the_stream_in_one_write():
+    server, port = await _serve(False)
+    try:
+        client = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws")
+        handler = await Writer.opened
+        [await asyncio.wait_for(client.read_message(), 5) for _ in FRAMES]
+
+        assert handler.stream_writes == 1
+        assert handler.ws_connection._wire_bytes_out > sum(len(f.encode()) for f in FRAMES)
         client.close()
     finally:
         server.stop()
@@ -66,10 +98,11 @@ async def test_writing_to_a_closed_connection_raises_websocket_closed():
         handler = await Writer.opened
         client.close()
         for _ in range(100):
-            if handler.ws_connection is None or handler.ws_connection.is_closing():
+            if handler.closing:
                 break
             await asyncio.sleep(0.02)
+        assert handler.closing
         with pytest.raises(WebSocketClosedError):
-            handler._write_text("late")
+            handler._write_texts(["late"])
     finally:
         server.stop()
