@@ -14,6 +14,7 @@ from celery import Celery
 from celery.signals import after_setup_logger, worker_init, worker_process_init, worker_ready, worker_shutdown
 from kombu import Exchange, Queue
 
+import gcpolicy
 import settings
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
 from tasks import redis_transport
@@ -111,6 +112,12 @@ def _check_secrets(**_):
         raise SystemExit(2) from None
 
 
+@worker_init.connect
+def _tune_gc(**_):
+    """Main process, before the pool forks: see :mod:`gcpolicy`."""
+    gcpolicy.tune()
+
+
 @worker_ready.connect
 def _on_ready(**_):
     """Start the housekeeping scheduler thread (main process only)."""
@@ -138,3 +145,4 @@ def _open_store(**_):
         get_store()
     except StoreError as exc:
         log.error("message store not available at start: %s", exc)
+    gcpolicy.freeze()  # what this process set up, as the main process did before the fork

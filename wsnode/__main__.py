@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+import gcpolicy
 import settings
 from wsnode.app import PushNode
 
@@ -22,6 +23,7 @@ async def main(port: int, host: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await node.start()
+    gcpolicy.tune()
     await stop.wait()
     log.info("node %s: stop requested", node.address)
     await node.stop()
