@@ -17,7 +17,7 @@ from tornado import httputil
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from wsnode import protocol, wire
+from wsnode import protocol, reader, wire
 from wsnode.auth import AuthRejected, AuthUnavailable
 from wsnode.closecodes import CloseCode, short_reason
 from wsnode.session import Session
@@ -32,6 +32,10 @@ class PushHandler(WebSocketHandler):
         self.user_id: str | None = None
         self.session: Session | None = None
         self._refusal: tuple[CloseCode, str] | None = None
+
+    def get_websocket_protocol(self):
+        """Tornado's protocol with the node's frame reader (:mod:`wsnode.reader`)."""
+        return reader.protocol_for(self)
 
     def check_origin(self, origin: str) -> bool:
         if self.node.origin_allowed(origin):

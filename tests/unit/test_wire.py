@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wsnode.wire import text_frame_header
+from wsnode.wire import FrameHeader, read_header, text_frame_header
 
 
 @pytest.mark.parametrize(("length", "header"), [
@@ -32,3 +32,36 @@ def test_the_mask_bit_is_never_set():
 def test_a_negative_length_is_refused():
     with pytest.raises(ValueError, match="negative"):
         text_frame_header(-1)
+
+
+# --- read_header ---------------------------------------------------------------------------
+
+MASK = b"\x01\x02\x03\x04"
+
+
+@pytest.mark.parametrize(("data", "length", "start"), [
+    (b"\x81\x85" + MASK, 5, 6),
+    (b"\x81\xfe\x01\x2c" + MASK, 300, 8),
+    (b"\x81\xff" + (70_000).to_bytes(8, "big") + MASK, 70_000, 14),
+])
+def test_a_masked_header_gives_first_byte_length_mask_and_payload_start(data, length, start):
+    assert read_header(data) == FrameHeader(0x81, length, MASK, start)
+
+
+def test_an_unmasked_header_has_no_mask():
+    assert read_header(b"\x81\x05hello") == FrameHeader(0x81, 5, None, 2)
+
+
+def test_a_header_is_read_where_the_frame_starts():
+    data = b"\x81\x05hello" + b"\x89\x80" + MASK
+    assert read_header(data, 7) == FrameHeader(0x89, 0, MASK, 13)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x81", b"\x81\xfe\x01", b"\x81\xff" + bytes(7), b"\x81\x85\x01\x02\x03"])
+def test_an_incomplete_header_gives_none(data):
+    assert read_header(data) is None
+    assert read_header(b"xx" + data, 2) is None
+
+
+def test_the_header_does_not_wait_for_the_payload():
+    assert read_header(b"\x81\x85" + MASK + b"he") == FrameHeader(0x81, 5, MASK, 6)

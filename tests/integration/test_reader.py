@@ -1,0 +1,197 @@
+"""``wsnode.reader``: the node's frame reader, on a real Tornado server on loopback, against
+Tornado's client (plain and permessage-deflate) and against raw frames written to a socket (many
+in one write, one split over many writes, fragments, control frames, and the frames it must
+refuse as Tornado's reader does)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+
+import pytest
+import tornado.web
+import tornado.websocket
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from wsnode import reader
+
+MAX_MESSAGE = 1000
+
+
+class Recorder(tornado.websocket.WebSocketHandler):
+    """Records what arrives; uses the node's protocol."""
+
+    messages: list
+    closed: asyncio.Event
+
+    def get_websocket_protocol(self):
+        return reader.protocol_for(self)
+
+    def get_compression_options(self):
+        return {}  # offered; a client that does not ask gets none
+
+    @property
+    def max_message_size(self):
+        return MAX_MESSAGE
+
+    def open(self) -> None:
+        assert isinstance(self.ws_connection, reader.BatchReadingProtocol)
+
+    def on_message(self, message) -> None:
+        Recorder.messages.append(message)
+
+    def on_close(self) -> None:
+        Recorder.closed.set()
+
+
+@pytest.fixture
+async def port():
+    Recorder.messages, Recorder.closed = [], asyncio.Event()
+    sock, port = bind_unused_port()
+    server = HTTPServer(tornado.web.Application([("/ws", Recorder)]))
+    server.add_sockets([sock])
+    yield port
+    server.stop()
+
+
+async def wait_for_messages(count: int, timeout: float = 5.0) -> list:
+    for _ in range(int(timeout / 0.01)):
+        if len(Recorder.messages) >= count:
+            break
+        await asyncio.sleep(0.01)
+    return Recorder.messages
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "permessage-deflate"])
+async def test_frames_from_tornados_client_arrive_in_order(port, compress):
+    client = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws", compression_options={} if compress else None)
+    sent = [f'{{"type":"ack","id":"{i:024x}"}}' for i in range(500)] + ["x" * MAX_MESSAGE, b"\x00\x01binary"]
+    for message in sent:
+        client.write_message(message, binary=isinstance(message, bytes))
+
+    assert await wait_for_messages(len(sent)) == sent
+    client.close()
+    await asyncio.wait_for(Recorder.closed.wait(), 5)
+
+
+# --- raw frames ------------------------------------------------------------------------------
+
+def frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True, length: int | None = None) -> bytes:
+    """A client frame: masked unless told otherwise; ``length`` overrides the declared length."""
+    n = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n <= 0xFFFF:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def raw_connect(port: int):
+    reader_, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    response = await asyncio.wait_for(reader_.readuntil(b"\r\n\r\n"), 5)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return reader_, writer
+
+
+async def read_server_frame(stream: asyncio.StreamReader) -> tuple[int, bytes]:
+    first, second = await asyncio.wait_for(stream.readexactly(2), 5)
+    n = second & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", await stream.readexactly(2))[0]
+    elif n == 127:
+        n = struct.unpack("!Q", await stream.readexactly(8))[0]
+    return first & 0x0F, await stream.readexactly(n)
+
+
+async def closes_without_close_frame(stream: asyncio.StreamReader) -> bool:
+    """Whether the server dropped the connection (an abort) rather than closing it cleanly."""
+    return await asyncio.wait_for(stream.read(), 5) == b""
+
+
+async def test_many_frames_in_one_write_are_all_handled(port):
+    _, writer = await raw_connect(port)
+    writer.write(b"".join(frame(0x1, f"m{i}".encode()) for i in range(300)))
+
+    assert await wait_for_messages(300) == [f"m{i}" for i in range(300)]
+    writer.close()
+
+
+async def test_a_frame_split_over_many_writes_is_handled_once_whole(port):
+    _, writer = await raw_connect(port)
+    data = frame(0x1, b"y" * 300) + frame(0x1, b"after")
+    for byte in data:
+        writer.write(bytes([byte]))
+        await writer.drain()
+
+    assert await wait_for_messages(2) == ["y" * 300, "after"]
+    writer.close()
+
+
+async def test_fragments_make_one_message_and_a_ping_between_them_gets_its_pong(port):
+    stream, writer = await raw_connect(port)
+    writer.write(frame(0x1, b"hel", fin=False) + frame(0x9, b"p1") + frame(0x0, b"lo ", fin=False) + frame(0x0, b"world"))
+
+    assert await read_server_frame(stream) == (0xA, b"p1")
+    assert await wait_for_messages(1) == ["hello world"]
+    writer.close()
+
+
+async def test_a_close_frame_is_answered_and_ends_the_connection(port):
+    stream, writer = await raw_connect(port)
+    writer.write(frame(0x1, b"last") + frame(0x8, struct.pack("!H", 1000)))
+
+    opcode, payload = await read_server_frame(stream)
+    assert (opcode, payload[:2]) == (0x8, struct.pack("!H", 1000))
+    await asyncio.wait_for(Recorder.closed.wait(), 5)
+    assert Recorder.messages == ["last"]
+    writer.close()
+
+
+async def test_a_frame_over_the_size_limit_closes_with_1009_as_soon_as_its_header_is_read(port):
+    stream, writer = await raw_connect(port)
+    writer.write(frame(0x1, b"", length=MAX_MESSAGE + 1)[:8])  # the header (2 + 2 length + 4 mask bytes), no payload
+
+    opcode, payload = await read_server_frame(stream)
+    assert (opcode, payload[:2]) == (0x8, struct.pack("!H", 1009))
+    await asyncio.wait_for(Recorder.closed.wait(), 5)
+    writer.close()
+
+
+async def test_fragments_over_the_size_limit_together_close_with_1009(port):
+    stream, writer = await raw_connect(port)
+    writer.write(frame(0x1, b"a" * 600, fin=False) + frame(0x0, b"b" * 600))
+
+    opcode, payload = await read_server_frame(stream)
+    assert (opcode, payload[:2]) == (0x8, struct.pack("!H", 1009))
+    assert Recorder.messages == []
+    writer.close()
+
+
+@pytest.mark.parametrize("bad", [
+    frame(0x1, b"x", rsv=0x20),  # a reserved bit no extension gave a meaning
+    frame(0x0, b"nothing to continue"),
+    frame(0x9, b"p" * 126),  # a control frame longer than 125 bytes
+    frame(0x9, b"p", fin=False),  # a fragmented control frame
+    frame(0x1, b"a", fin=False) + frame(0x1, b"b"),  # a new message before the last one ended
+], ids=["reserved bit", "stray continuation", "long control frame", "fragmented control frame", "unfinished message"])
+async def test_frames_tornado_refuses_drop_the_connection(port, bad):
+    stream, writer = await raw_connect(port)
+    writer.write(bad + frame(0x1, b"never"))
+
+    assert await closes_without_close_frame(stream)
+    await asyncio.wait_for(Recorder.closed.wait(), 5)
+    assert "never" not in Recorder.messages
+    writer.close()

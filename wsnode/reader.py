@@ -1,0 +1,137 @@
+"""The node's WebSocket protocol: Tornado's, with a reader that handles every frame one read from
+the socket brought.  Loop thread only.
+
+Tornado's ``WebSocketProtocol13`` reads each frame with three awaited reads (header, mask,
+payload), each a Future and a coroutine step, and re-registers the socket with the event loop at
+every wake-up.  A browser sends one small ``ack`` frame per message it gets, so under load that
+per-frame cost was the largest part of a node's loop (43% of its busy samples in a ``py-spy``
+profile of the batch benchmark, against 37% for writing the batches).  :class:`BatchReadingProtocol`
+reads whatever the socket holds (up to :data:`READ_CHUNK` bytes) and handles every complete frame
+in it: the same checks, in the same order, with the same outcome as Tornado's ``_receive_frame``
+(a frame over ``max_message_size`` closes with 1009 as soon as its header is read; reserved bits,
+a fragmented or oversized control frame, or a continuation with nothing to continue abort the
+connection), then Tornado's own ``_handle_message`` (permessage-deflate, text, binary, ping, pong,
+close).  It relies on Tornado 6.6's protocol attributes (pinned);
+``tests/integration/test_reader.py`` runs it against Tornado's client and against raw frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from tornado.iostream import StreamClosedError
+from tornado.util import _websocket_mask
+from tornado.websocket import WebSocketProtocol13, _WebSocketParams
+
+from wsnode import wire
+
+#: The most bytes taken from the socket's buffer in one read.
+READ_CHUNK = 65536
+#: After this many bytes (a frame counting at least :data:`_FRAME_COST`) the reader lets the loop
+#: run other callbacks before it reads on, as Tornado's reader does.
+_YIELD_AFTER = 256 * 1024
+_FRAME_COST = 1024
+
+
+class BatchReadingProtocol(WebSocketProtocol13):
+    async def _receive_frame_loop(self) -> None:
+        try:
+            buffer = bytearray()
+            work = 0
+            while not self.client_terminated:
+                chunk = await self.stream.read_bytes(READ_CHUNK, partial=True)
+                self._wire_bytes_in += len(chunk)
+                buffer += chunk
+                at, frames = await self._handle_frames(buffer)
+                del buffer[:at]
+                work += len(chunk) + frames * _FRAME_COST
+                if work >= _YIELD_AFTER:
+                    work = 0
+                    await asyncio.sleep(0)
+        except StreamClosedError:
+            self._abort()
+        finally:
+            self.handler.on_ws_connection_close(self.close_code, self.close_reason)
+
+    async def _handle_frames(self, buffer: bytearray) -> tuple[int, int]:
+        """Handle the complete frames at the start of ``buffer``; returns where the first frame
+        not handled starts (incomplete, or after the connection ended) and how many were."""
+        at = frames = 0
+        while not self.client_terminated:
+            header = wire.read_header(buffer, at)
+            if header is None:
+                break
+            if not self._header_allowed(header):
+                break
+            end = header.start + header.length
+            if end > len(buffer):
+                break
+            data = bytes(buffer[header.start:end])
+            if header.mask is not None:
+                data = _websocket_mask(header.mask, data)
+            at = end
+            frames += 1
+            handled = self._frame(header.first, data)
+            if handled is not None:
+                await handled
+        return at, frames
+
+    def _header_allowed(self, header: wire.FrameHeader) -> bool:
+        """Tornado's checks of a frame's header; False once they closed or aborted."""
+        opcode = header.first & self.OPCODE_MASK
+        reserved = header.first & self.RSV_MASK
+        if self._decompressor is not None and opcode != 0:
+            # The first frame of a message says whether it is compressed.
+            self._frame_compressed = bool(reserved & self.RSV1)
+            reserved &= ~self.RSV1
+        if reserved:
+            self._abort()  # an extension the client did not negotiate
+            return False
+        if opcode & 0x8 and header.length >= 126:
+            self._abort()  # control frames carry at most 125 bytes
+            return False
+        size = header.length + (len(self._fragmented_message_buffer) if self._fragmented_message_buffer is not None else 0)
+        if size > self.params.max_message_size:
+            self.close(1009, "message too big")
+            self._abort()
+            return False
+        return True
+
+    def _frame(self, first: int, data: bytes):
+        """Tornado's handling of one frame's payload: fragments gathered, a whole message to
+        ``_handle_message`` (whose Future, when any, is returned)."""
+        is_final = first & self.FIN
+        opcode = first & self.OPCODE_MASK
+        if opcode & 0x8:
+            if not is_final:
+                self._abort()  # control frames are never fragmented
+                return None
+        elif opcode == 0:  # continuation
+            if self._fragmented_message_buffer is None:
+                self._abort()
+                return None
+            self._fragmented_message_buffer.extend(data)
+            if is_final:
+                opcode = self._fragmented_message_opcode
+                data = bytes(self._fragmented_message_buffer)
+                self._fragmented_message_buffer = None
+        else:  # a new message
+            if self._fragmented_message_buffer is not None:
+                self._abort()  # the previous one is not finished
+                return None
+            if not is_final:
+                self._fragmented_message_opcode = opcode
+                self._fragmented_message_buffer = bytearray(data)
+        if is_final:
+            return self._handle_message(opcode, data)
+        return None
+
+
+def protocol_for(handler) -> BatchReadingProtocol | None:
+    """What ``WebSocketHandler.get_websocket_protocol`` returns (Tornado 6.6's), with this reader:
+    version 13 only, the handler's ping, size and compression settings, unmasked frames out."""
+    if handler.request.headers.get("Sec-WebSocket-Version") != "13":
+        return None
+    params = _WebSocketParams(ping_interval=handler.ping_interval, ping_timeout=handler.ping_timeout,
+                              max_message_size=handler.max_message_size, compression_options=handler.get_compression_options())
+    return BatchReadingProtocol(handler, False, params)
