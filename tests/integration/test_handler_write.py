@@ -6,6 +6,7 @@ stream in one write, and a closed connection raises WebSocketClosedError."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import tornado.web
@@ -50,52 +51,45 @@ class Writer(tornado.websocket.WebSocketHandler):
         Writer.opened.set_result(self)
 
 
-async def _serve(compress: bool, one_call: bool = True):
+@contextlib.asynccontextmanager
+async def serving(compress: bool = False, one_call: bool = True):
+    """A server whose handler writes FRAMES as it opens, and a Tornado client connected to it;
+    yields the client and the server's handler."""
     Writer.compress, Writer.one_call = compress, one_call
     Writer.opened = asyncio.get_running_loop().create_future()
     sock, port = bind_unused_port()
     server = HTTPServer(tornado.web.Application([("/ws", Writer)]))
     server.add_sockets([sock])
-    return server, port
+    try:
+        client = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws", compression_options={} if compress else None)
+        yield client, await Writer.opened
+        client.close()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("one_call", [True, False], ids=["one call", "a call per frame"])
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "permessage-deflate"])
 async def test_frames_arrive_as_write_message_would_send_them(compress, one_call):
-    server, port = await _serve(compress, one_call)
-    try:
-        client = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws", compression_options={} if compress else None)
+    async with serving(compress, one_call) as (client, handler):
         received = [await asyncio.wait_for(client.read_message(), 5) for _ in FRAMES]
-        handler = await Writer.opened
 
         assert received == FRAMES
         assert handler.ws_connection._message_bytes_out == sum(len(f.encode()) for f in FRAMES)
         assert (handler.ws_connection._compressor is not None) is compress
         assert handler.ws_connection.mask_outgoing is False  # a server's frames carry no mask, as wsnode.wire writes them
-        client.close()
-    finally:
-        server.stop()
 
 
 async def test_frames_written_together_go_to_the_stream_in_one_write():
-    server, port = await _serve(False)
-    try:
-        client = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws")
-        handler = await Writer.opened
+    async with serving() as (client, handler):
         [await asyncio.wait_for(client.read_message(), 5) for _ in FRAMES]
 
         assert handler.stream_writes == 1
         assert handler.ws_connection._wire_bytes_out > sum(len(f.encode()) for f in FRAMES)
-        client.close()
-    finally:
-        server.stop()
 
 
 async def test_writing_to_a_closed_connection_raises_websocket_closed():
-    server, port = await _serve(False)
-    try:
-        client = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws")
-        handler = await Writer.opened
+    async with serving() as (client, handler):
         client.close()
         for _ in range(100):
             if handler.closing:
@@ -104,5 +98,3 @@ async def test_writing_to_a_closed_connection_raises_websocket_closed():
         assert handler.closing
         with pytest.raises(WebSocketClosedError):
             handler._write_texts(["late"])
-    finally:
-        server.stop()
