@@ -139,6 +139,11 @@ if PING_TIMEOUT > PING_INTERVAL:
 MAX_MESSAGE_BYTES: int = _read(_env, "MAX_MESSAGE_BYTES", 65536, _positive_int, "a whole number of bytes")
 #: Largest frame a browser may send to a push node, in bytes (larger closes with 1009).
 MAX_FRAME_BYTES: int = _read(_env, "MAX_FRAME_BYTES", 4096, _positive_int, "a whole number of bytes")
+#: A push node closes a connection with 4008 ("client too slow") when new messages come for it
+#: while more than this many bytes written to it still wait for its socket to take them: a client
+#: that stops reading cannot make the node hold its messages without bound.  It reconnects with
+#: ``since`` and gets what it missed from the store.
+CLIENT_QUEUE_MAX_BYTES: int = _read(_env, "CLIENT_QUEUE_MAX_BYTES", 1 << 20, _positive_int, "a whole number of bytes")
 #: Most recipients one message may name.
 MAX_RECIPIENTS: int = _read(_env, "MAX_RECIPIENTS", 10000, _positive_int, "a whole number")
 #: How long messages are kept for ``since`` resume, in seconds.

@@ -319,10 +319,15 @@ class PushNode:
             outbox.setdefault(conn, []).extend(frames)
 
     def _write_outbox(self, outbox: dict) -> None:
-        """Write what ``outbox`` holds, one write per connection, and empty it."""
+        """Write what ``outbox`` holds, one write per connection, and empty it.  A connection that
+        has not taken more than ``CLIENT_QUEUE_MAX_BYTES`` of earlier writes gets nothing more:
+        it is closed with 4008 and resumes from the store with ``since``."""
         written: set[str] = set()
         frames_written = 0
         for conn, frames in outbox.items():
+            if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:
+                self._close_slow(conn, len(frames))
+                continue
             sent = conn.send(frames)
             if sent:
                 frames_written += sent
@@ -331,6 +336,12 @@ class PushNode:
         for message_id in written:
             self.metrics.latency(message_id)
         self.metrics.delivered("live", frames_written)
+
+    def _close_slow(self, conn: PushHandler, frames: int) -> None:
+        log.warning("conn=%s user=%s node=%s closed with %d: %d bytes written to it are not read yet (CLIENT_QUEUE_MAX_BYTES=%d); "
+                    "%d frames not written, the client gets them with since", conn.conn_id, conn.user_id, self.address,
+                    CloseCode.SLOW_CLIENT, conn.unsent_bytes, settings.CLIENT_QUEUE_MAX_BYTES, frames)
+        conn.close_with(CloseCode.SLOW_CLIENT)
 
     def _deliver_replay(self, delivery: Delivery) -> None:
         conn = self.hub.get(delivery.conn)

@@ -19,6 +19,9 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     #: A backend (auth, Redis, the worker) is unavailable right now: reconnect with backoff.
     TRY_AGAIN_LATER = 1013
+    #: The client read too slowly: more than ``CLIENT_QUEUE_MAX_BYTES`` waited for its socket when
+    #: new messages came.  Reconnect with ``since``: what it missed comes from the store.
+    SLOW_CLIENT = 4008
     #: The token is missing, bad, expired or revoked: get a new token, then reconnect.
     UNAUTHORIZED = 4401
     #: The client sent a frame that is not a JSON object with a known ``type``, or a bad ``since``.
@@ -39,6 +42,7 @@ _REASONS = {
     CloseCode.MESSAGE_TOO_BIG: "frame too big",
     CloseCode.INTERNAL_ERROR: "internal error, reconnect with since",
     CloseCode.TRY_AGAIN_LATER: "backend unavailable, try again later",
+    CloseCode.SLOW_CLIENT: "client too slow, reconnect with since",
     CloseCode.UNAUTHORIZED: "token missing, bad, expired or revoked",
     CloseCode.BAD_REQUEST: "bad request",
 }

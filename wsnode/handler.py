@@ -108,6 +108,15 @@ class PushHandler(WebSocketHandler):
         proto = self.ws_connection
         return proto is None or proto.is_closing()
 
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes written to the connection that its socket has not taken yet (what Tornado's
+        stream holds; the kernel's send buffer is not counted).  Grows while the client reads
+        slower than messages come.  Tornado 6.6's stream attribute (pinned); tested in
+        tests/integration/test_slow_client.py."""
+        proto = self.ws_connection
+        return 0 if proto is None or proto.stream is None else len(proto.stream._write_buffer)
+
     def send(self, frames: list[tuple[str | None, str]]) -> int:
         """Write ``(message id, frame)`` pairs in order, with one write to the socket, and record a
         ``written`` receipt per message; returns how many messages were written: all of them, or

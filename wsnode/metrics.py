@@ -57,7 +57,7 @@ class NodeMetrics:
         self._closed = Counter(
             "push_node_closed_connections",
             "Bound connections the node closed, by close code (1001 drain, 1013 resume failed or backlog overflow, "
-            "4500 bad client frame).",
+            "4008 client too slow, 4500 bad client frame).",
             ["code"], registry=r,
         )
         self._delivered = Counter(

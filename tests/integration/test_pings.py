@@ -8,12 +8,12 @@ many messages arrive stops reading frames (Tornado's client queues one message),
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import struct
 import time
 
 import pytest
+
+from tests.integration.wsclient import raw_connect, read_server_frame
 
 PING_INTERVAL, PING_TIMEOUT = 2, 1
 
@@ -27,40 +27,19 @@ def pinging_node(cluster):
     cluster.services.remove(node)
 
 
-async def _silent_peer(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A WebSocket client that completes the handshake and then never sends a frame (no pong)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write((f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    await writer.drain()
-    status = await reader.readline()
-    assert b" 101 " in status, status
-    while (await reader.readline()) not in (b"\r\n", b""):
-        pass
-    return reader, writer
-
-
 async def _frames_until_closed(reader: asyncio.StreamReader, timeout: float) -> list[tuple[int, bytes, float]]:
     """(opcode, payload, monotonic time) of every frame the node sends until it closes the TCP
     connection (Tornado waits 5 s for the peer's own close frame before it does)."""
     frames = []
     async with asyncio.timeout(timeout):
-        while head := await reader.read(2):
-            if len(head) < 2:
-                head += await reader.readexactly(2 - len(head))
-            length = head[1] & 0x7F
-            if length == 126:
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-            elif length == 127:
-                (length,) = struct.unpack("!Q", await reader.readexactly(8))
-            frames.append((head[0] & 0x0F, await reader.readexactly(length), time.monotonic()))
+        while (frame := await read_server_frame(reader, timeout)) is not None:
+            frames.append((*frame, time.monotonic()))
     return frames
 
 
 async def test_a_peer_that_never_answers_a_ping_is_closed_with_ping_timed_out(cluster, pinging_node):
     port = pinging_node
-    reader, writer = await _silent_peer(port, cluster.token("ping-silent"))
+    reader, writer = await raw_connect(port, f"token={cluster.token('ping-silent')}")
     started = time.monotonic()
     try:
         frames = await _frames_until_closed(reader, timeout=4 * (PING_INTERVAL + PING_TIMEOUT))

@@ -6,7 +6,6 @@ refuse as Tornado's reader does)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import struct
 
@@ -16,6 +15,7 @@ import tornado.websocket
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
+from tests.integration.wsclient import raw_connect, read_server_frame
 from wsnode import reader
 
 MAX_MESSAGE = 1000
@@ -94,26 +94,6 @@ def frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: b
         return head + payload
     mask = os.urandom(4)
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-async def raw_connect(port: int):
-    reader_, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    response = await asyncio.wait_for(reader_.readuntil(b"\r\n\r\n"), 5)
-    assert response.startswith(b"HTTP/1.1 101"), response
-    return reader_, writer
-
-
-async def read_server_frame(stream: asyncio.StreamReader) -> tuple[int, bytes]:
-    first, second = await asyncio.wait_for(stream.readexactly(2), 5)
-    n = second & 0x7F
-    if n == 126:
-        n = struct.unpack("!H", await stream.readexactly(2))[0]
-    elif n == 127:
-        n = struct.unpack("!Q", await stream.readexactly(8))[0]
-    return first & 0x0F, await stream.readexactly(n)
 
 
 async def closes_without_close_frame(stream: asyncio.StreamReader) -> bool:

@@ -1,9 +1,15 @@
-"""A small WebSocket test client over real loopback sockets (Tornado's client), as a browser uses the node."""
+"""A small WebSocket test client over real loopback sockets (Tornado's client), as a browser uses
+the node; and a raw peer on a plain socket for what no well-behaved client does (never answering
+a ping, not reading, sending frames by hand)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
+import struct
 
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, websocket_connect
@@ -109,3 +115,43 @@ def dedup(frames: list[dict]) -> list[dict]:
             seen.add(frame["id"])
             out.append(frame)
     return out
+
+
+async def raw_connect(port: int, query: str = "", receive_buffer: int | None = None, limit: int = 1 << 16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket handshake on a plain socket to ``/ws?query``, then nothing the test does not
+    write itself (no pong, no ack).  ``receive_buffer`` sets the socket's SO_RCVBUF before it
+    connects; the reader stops taking bytes from the socket once it holds ``2 * limit`` of them
+    (asyncio's flow control), so a peer that does not read soon stops the node's writes."""
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET /ws{'?' + query if query else ''} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return reader, writer
+
+
+async def read_server_frame(stream: asyncio.StreamReader, timeout: float = 5.0) -> tuple[int, bytes] | None:
+    """(opcode, payload) of the next frame the server sends, or None when it closed the TCP
+    connection first."""
+    async with asyncio.timeout(timeout):
+        head = await stream.read(2)
+        if not head:
+            return None
+        if len(head) < 2:
+            head += await stream.readexactly(1)
+        n = head[1] & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", await stream.readexactly(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", await stream.readexactly(8))[0]
+        return head[0] & 0x0F, await stream.readexactly(n)

@@ -1,0 +1,83 @@
+"""A client that stops reading, on a node of the shared cluster started with a small
+``CLIENT_QUEUE_MAX_BYTES``: the node stops writing to it and closes it with 4008 once more than
+that waits for its socket, and the client gets every message it missed by resuming with ``since``
+on another node.
+
+The peer is a plain socket with a small receive buffer whose reader stops taking bytes after 8 KB
+(:func:`~tests.integration.wsclient.raw_connect`), so what the node writes piles up in the node's
+kernel send buffer (some megabytes on loopback) and then in Tornado's stream, which is what the
+limit counts.  The test sends rounds of large messages until the node says (in its metrics) that
+it closed a connection with 4008, instead of guessing how much the kernel holds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+import pytest
+
+from tests.integration.test_metrics import scrape, value
+from tests.integration.wsclient import dedup, raw_connect, read_server_frame
+from wsnode.closecodes import CloseCode
+
+LIMIT = 65536
+PAD = "x" * 60000  # a message of about 60 KB: rounds of 10 fill kernel buffers quickly
+MAX_ROUNDS = 60  # 36 MB at most; loopback buffers hold a few
+
+
+@pytest.fixture
+def limited_node(cluster):
+    """A node of ``cluster`` with ``CLIENT_QUEUE_MAX_BYTES`` of 64 KB, stopped at the end of the test."""
+    node = cluster.start_node(CLIENT_QUEUE_MAX_BYTES=LIMIT)
+    yield node.port
+    node.terminate(timeout=10)
+    cluster.services.remove(node)
+
+
+def slow_closes(port: int) -> float:
+    return value(scrape(port), "push_node_closed_connections_total", code=str(int(CloseCode.SLOW_CLIENT)))
+
+
+async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_without_a_loss(cluster, limited_node):
+    port, user = limited_node, "slow-reader"
+    token = await asyncio.to_thread(cluster.token, user)
+    reader, writer = await raw_connect(port, f"token={token}", receive_buffer=4096, limit=4096)
+    try:
+        opening = [json.loads((await read_server_frame(reader, 15))[1]) for _ in range(2)]
+        assert [frame["type"] for frame in opening] == ["hello", "resumed"], opening
+        closes_before = await asyncio.to_thread(slow_closes, port)
+
+        sent: list[str] = []
+        for _ in range(MAX_ROUNDS):  # the peer reads nothing from here on
+            sent += await cluster.collect_many([{"to": user, "data": {"n": len(sent) + i, "pad": PAD}} for i in range(10)])
+            if await asyncio.to_thread(slow_closes, port) > closes_before:
+                break
+        else:
+            pytest.fail(f"{len(sent)} messages of 60 KB to a peer that reads nothing, and the node never closed it with 4008")
+
+        # What the node wrote before it gave up, in order, then its close frame.
+        frames, close = [], None
+        while (frame := await read_server_frame(reader, 15)) is not None:
+            opcode, payload = frame
+            if opcode == 0x8:
+                close = (struct.unpack("!H", payload[:2])[0], payload[2:].decode())
+                break
+            frames.append(json.loads(payload))
+    finally:
+        writer.close()
+
+    assert close == (CloseCode.SLOW_CLIENT, CloseCode.SLOW_CLIENT.reason)
+    got = [frame["id"] for frame in frames if frame["type"] == "message"]
+    assert got == sent[: len(got)], "the frames before the close are not the first messages sent, in order"
+    assert len(got) < len(sent), "the node closed the connection only after writing everything"
+
+    # Resuming elsewhere from the last message read gives the rest (the inbox when none was read).
+    client = await cluster.connect(user, port=cluster.node_ports[0], since=got[-1] if got else None)
+    try:
+        replayed = client.inbox if not got else [f for f in (await client.until("resumed", timeout=30))[0] if f["type"] == "message"]
+        shown = dedup([{"type": "message", "id": mid} for mid in got] + replayed)
+        assert [f["id"] for f in shown] == sent
+        assert all(f["data"]["pad"] == PAD for f in replayed)
+    finally:
+        client.close()
