@@ -170,7 +170,11 @@ class Store:
         """Store ``[{"id", "to": [users] | "*", "data"[, "key"]}]``; re-inserting the same ids is a no-op."""
         if not messages:
             return
-        docs = []
+        # The check below encodes each document as BSON; on the embedded engine those bytes are
+        # what goes into its table, so they are encoded with the table's options and kept.
+        table = _litemongo_table(self._messages)
+        codec_options = table._codec_options if table is not None else bson.DEFAULT_CODEC_OPTIONS
+        docs, encoded = [], []
         for message in messages:
             mid, to = message["id"], message["to"]
             at = _id_time(mid)
@@ -181,12 +185,12 @@ class Store:
             if message.get("key") is not None:
                 doc["key"] = message["key"]
             try:  # before any write, so that a bad item stores nothing of the batch
-                bson.encode(doc)
+                encoded.append(bson.encode(doc, codec_options=codec_options))
             except (bson.errors.BSONError, OverflowError) as exc:
                 raise StoreError(f"message {mid}: its data cannot be stored in MongoDB ({exc}); integers must fit in 64 bits and keys cannot contain NUL") from None
             docs.append(doc)
         with self._errors(f"storing {len(docs)} messages"):
-            _insert_new(self._messages, docs)
+            _insert_new(self._messages, docs, encoded if table is not None else None)
 
     def replay(self, user: str, after_id: str, limit: int) -> tuple[list[dict], bool]:
         """Envelopes ``{"id", "data"}`` of the messages to ``user`` or to everyone with an id above
@@ -515,11 +519,13 @@ def _embedded_may_hold_older(collection, cutoff: datetime.datetime) -> bool:
     return not isinstance(at, datetime.datetime) or (at if at.tzinfo else at.replace(tzinfo=UTC)) < cutoff
 
 
-def _insert_new(collection, docs: list[dict]) -> list[dict]:
-    """One unordered insert_many; documents whose _id exists already are skipped.  Returns the new ones."""
+def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None) -> list[dict]:
+    """One unordered insert_many; documents whose _id exists already are skipped.  Returns the new
+    ones.  ``encoded``: on the embedded engine, each document already encoded as BSON with its
+    table's codec options (else they are encoded here)."""
     table = _litemongo_table(collection)
     if table is not None:
-        return _embedded_insert_new(collection, table, docs)
+        return _embedded_insert_new(collection, table, docs, encoded)
     try:
         with _one_transaction(collection):
             collection.insert_many(docs, ordered=False)
@@ -532,7 +538,7 @@ def _insert_new(collection, docs: list[dict]) -> list[dict]:
         return [doc for index, doc in enumerate(docs) if index not in taken]
 
 
-def _embedded_insert_new(collection, table, docs: list[dict]) -> list[dict]:
+def _embedded_insert_new(collection, table, docs: list[dict], encoded: list[bytes] | None = None) -> list[dict]:
     """:func:`_insert_new` on the embedded engine: one SQLite transaction of ``INSERT ... ON
     CONFLICT DO NOTHING`` (what mongomock's insert amounts to here, without its per-document
     validation, copy, existence read and index-list read: about a third of its cost), and the
@@ -544,9 +550,11 @@ def _embedded_insert_new(collection, table, docs: list[dict]) -> list[dict]:
     new: list[tuple[str, dict]] = []
     try:
         with connection:  # one commit; inside _one_transaction, the caller's
-            for doc in docs:
+            if encoded is None:
+                encoded = [bson.encode(doc, codec_options=table._codec_options) for doc in docs]
+            for doc, data in zip(docs, encoded):
                 key = table.encode_key(doc["_id"])
-                if connection.execute(insert, (key, bson.encode(doc, codec_options=table._codec_options))).rowcount == 1:
+                if connection.execute(insert, (key, data)).rowcount == 1:
                     new.append((key, doc))
     except BaseException:
         store._query_index = None  # rebuilt on the next read
