@@ -333,8 +333,7 @@ class PushNode:
                 frames_written += sent
                 written.update(message_id for message_id, _ in frames if message_id is not None)
         outbox.clear()
-        for message_id in written:
-            self.metrics.latency(message_id)
+        self.metrics.latencies(written)
         self.metrics.delivered("live", frames_written)
 
     def _close_slow(self, conn: PushHandler, frames: int) -> None:

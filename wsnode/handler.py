@@ -126,12 +126,10 @@ class PushHandler(WebSocketHandler):
             self._write_texts([frame for _, frame in frames])
         except WebSocketClosedError:
             return 0
-        written = 0
-        for message_id, _ in frames:
-            if message_id is not None:
-                self.node.receipts.add(message_id, self.user_id, "written")
-                written += 1
-        return written
+        written = [message_id for message_id, _ in frames if message_id is not None]
+        if written:
+            self.node.receipts.add_many(written, self.user_id, "written")
+        return len(written)
 
     def _write_texts(self, frames: list[str]) -> None:
         """What ``write_message(frame)`` does for each text frame, with one stream write for all.

@@ -10,7 +10,7 @@ registry.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import tornado.web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -128,11 +128,19 @@ class NodeMetrics:
     def latency(self, message_id: str, now: float | None = None) -> None:
         """Observe how long ago ``message_id`` was collected (0 if the clocks disagree); an id
         that is not a message id is ignored."""
-        try:
-            made = timestamp_ms(message_id) / 1000
-        except MessageIdError:
-            return
-        self._latency.observe(max(0.0, (self._clock() if now is None else now) - made))
+        self.latencies((message_id,), now)
+
+    def latencies(self, message_ids: Iterable[str], now: float | None = None) -> None:
+        """:meth:`latency` of each of ``message_ids``, all at one time (one clock read for the
+        messages of one write)."""
+        now = self._clock() if now is None else now
+        observe = self._latency.observe
+        for message_id in message_ids:
+            try:
+                made = timestamp_ms(message_id) / 1000
+            except MessageIdError:
+                continue
+            observe(max(0.0, now - made))
 
     def replay(self, outcome: str) -> None:
         """One opening replay ended: "served", "truncated" or "failed"."""

@@ -69,9 +69,14 @@ def parse_since(value: str | None) -> str | None:
     return value
 
 
+#: ``json.dumps(data, separators=(",", ":"), ensure_ascii=False)`` without building an encoder
+#: per call (``json.dumps`` reuses its own only for the default options): a fifth of a frame's cost.
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def message_frame(envelope: dict) -> str:
     """The frame for one envelope; built once per envelope, written to every recipient."""
-    return '{"type":"message","id":%s,"data":%s}' % (json.dumps(envelope["id"]), json.dumps(envelope["data"], separators=(",", ":"), ensure_ascii=False))
+    return '{"type":"message","id":%s,"data":%s}' % (json.dumps(envelope["id"]), _compact_json(envelope["data"]))
 
 
 def hello_frame(node: str, user: str, conn: str) -> str:

@@ -24,6 +24,15 @@ class ReceiptBuffer:
         if len(self._items) >= self._batch_max:
             self.flush()
 
+    def add_many(self, message_ids: list[str], user: str, state: str) -> None:
+        """:meth:`add` for several messages of one user at one time (the messages of one write);
+        full batches go as :meth:`add` sends them, ``batch_max`` items each."""
+        at = self._clock()
+        self._items.extend({"id": message_id, "user": user, "state": state, "at": at} for message_id in message_ids)
+        while len(self._items) >= self._batch_max:
+            batch, self._items = self._items[:self._batch_max], self._items[self._batch_max:]
+            self._send(batch)
+
     def flush(self) -> None:
         if self._items:
             batch, self._items = self._items, []

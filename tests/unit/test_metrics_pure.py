@@ -72,6 +72,18 @@ def test_a_string_that_is_not_a_message_id_is_not_observed():
     assert sample(metrics, "push_node_delivery_latency_seconds_count") == 0
 
 
+def test_latencies_observe_each_message_id_against_one_clock_read_and_skip_what_is_not_an_id():
+    reads = []
+    metrics = NodeMetrics("127.0.0.1:8101", clock=lambda: reads.append(1) or COLLECTED_AT + 1)
+    metrics.latencies([message_id_made_at(COLLECTED_AT), "not-an-id", message_id_made_at(COLLECTED_AT + 0.5)])
+    name = "push_node_delivery_latency_seconds"
+    assert len(reads) == 1
+    assert sample(metrics, f"{name}_count") == 2
+    assert sample(metrics, f"{name}_sum") == pytest.approx(1.5, abs=0.004)
+    assert sample(metrics, f"{name}_bucket", le="0.5") == 1
+    assert sample(metrics, f"{name}_bucket", le="1.0") == 2
+
+
 def test_a_batch_counts_once_and_adds_its_queue_messages():
     metrics = NodeMetrics("127.0.0.1:8101")
     metrics.batch(3)

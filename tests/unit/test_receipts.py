@@ -135,6 +135,35 @@ def test_items_keep_the_order_they_were_added_in():
     assert [item["id"] for item in sent.batches[0]] == [ID3, ID1, ID2]
 
 
+def test_add_many_makes_one_item_per_message_at_one_clock_time():
+    times = iter([10.0, 20.0])
+    sent = Recorder()
+    receipts = ReceiptBuffer(sent, 10, clock=lambda: next(times))
+    receipts.add_many([ID1, ID2], "alice", "written")
+    receipts.flush()
+
+    assert sent.batches == [[{"id": ID1, "user": "alice", "state": "written", "at": 10.0},
+                             {"id": ID2, "user": "alice", "state": "written", "at": 10.0}]]
+
+
+def test_add_many_sends_full_batches_of_batch_max_and_keeps_the_rest_in_order():
+    receipts, sent = buffer(batch_max=2)
+    receipts.add(ID3, "bob")
+    receipts.add_many([ID1, ID2, ID3, ID1], "alice", "written")
+
+    assert [[(item["id"], item["user"]) for item in batch] for batch in sent.batches] == [[(ID3, "bob"), (ID1, "alice")], [(ID2, "alice"), (ID3, "alice")]]
+    assert len(receipts) == 1
+    receipts.flush()
+    assert [item["id"] for item in sent.batches[-1]] == [ID1]
+
+
+def test_add_many_of_nothing_sends_nothing():
+    receipts, sent = buffer(batch_max=1)
+    receipts.add_many([], "alice", "written")
+
+    assert sent.batches == [] and len(receipts) == 0
+
+
 # --- how the store groups receipts into documents (tasks.store.receipt_documents, pure) ----------
 
 def test_receipt_documents_group_by_state_and_minute_with_a_digest_id():
