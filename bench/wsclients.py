@@ -17,6 +17,7 @@ The orchestrator's side: :class:`ClientProcess` starts such a process and talks 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -143,6 +144,15 @@ def websocket_connect(url: str, on_message_callback: Callable):
     runs each way).  Same frames, same checks (``tests/integration/test_reader.py`` runs the
     reader against Tornado's client)."""
     from tornado import httpclient
+
+    request = httpclient._RequestProxy(httpclient.HTTPRequest(url), httpclient.HTTPRequest._DEFAULTS)
+    return _batch_reading_connection()(request, on_message_callback=on_message_callback).connect_future
+
+
+@functools.cache
+def _batch_reading_connection() -> type:
+    """Tornado's client connection class with :class:`wsnode.reader.BatchReadingProtocol`, made
+    once per process (Tornado is imported only in the client processes)."""
     from tornado.websocket import WebSocketClientConnection
 
     from wsnode.reader import BatchReadingProtocol
@@ -151,8 +161,7 @@ def websocket_connect(url: str, on_message_callback: Callable):
         def get_websocket_protocol(self):
             return BatchReadingProtocol(self, mask_outgoing=True, params=self.params)
 
-    request = httpclient._RequestProxy(httpclient.HTTPRequest(url), httpclient.HTTPRequest._DEFAULTS)
-    return Connection(request, on_message_callback=on_message_callback).connect_future
+    return Connection
 
 
 def wait_pipe(conn, timeout: float) -> bool:
