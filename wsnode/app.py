@@ -329,9 +329,8 @@ class PushNode:
                 self._close_slow(conn, len(frames))
                 continue
             sent = conn.send(frames)
-            if sent:
-                frames_written += sent
-                written.update(message_id for message_id, _ in frames if message_id is not None)
+            frames_written += len(sent)
+            written.update(sent)
         outbox.clear()
         self.metrics.latencies(written)
         self.metrics.delivered("live", frames_written)
@@ -350,7 +349,7 @@ class PushNode:
         items = [(e["id"], protocol.message_frame(e)) for e in delivery.envelopes]
         was_replaying = conn.session.replaying
         frames = conn.session.replay_page(items, bool(info.get("last")), int(info.get("count", 0)), bool(info.get("truncated")))
-        self.metrics.delivered("replay", conn.send(frames))
+        self.metrics.delivered("replay", len(conn.send(frames)))
         if info.get("last") and was_replaying:
             truncated = bool(info.get("truncated"))
             self.metrics.replay("truncated" if truncated else "served")

@@ -117,19 +117,19 @@ class PushHandler(WebSocketHandler):
         proto = self.ws_connection
         return 0 if proto is None or proto.stream is None else len(proto.stream._write_buffer)
 
-    def send(self, frames: list[tuple[str | None, str]]) -> int:
+    def send(self, frames: list[tuple[str | None, str]]) -> list[str]:
         """Write ``(message id, frame)`` pairs in order, with one write to the socket, and record a
-        ``written`` receipt per message; returns how many messages were written: all of them, or
+        ``written`` receipt per message; returns the ids of the messages written: all of them, or
         none when the connection is closed (the store keeps them: the client gets them from
         ``since`` or its inbox)."""
         try:
             self._write_texts([frame for _, frame in frames])
         except WebSocketClosedError:
-            return 0
+            return []
         written = [message_id for message_id, _ in frames if message_id is not None]
         if written:
             self.node.receipts.add_many(written, self.user_id, "written")
-        return len(written)
+        return written
 
     def _write_texts(self, frames: list[str]) -> None:
         """What ``write_message(frame)`` does for each text frame, with one stream write for all.
