@@ -46,7 +46,7 @@ from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
 from wsnode.registry import Leases
-from wsnode.session import BacklogOverflow
+from wsnode.session import BacklogOverflow, Session
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,11 @@ class PushNode:
 
     def origin_allowed(self, origin: str) -> bool:
         return "*" in self._origins or origin.rstrip("/") in self._origins
+
+    def new_session(self, since: str | None) -> Session:
+        """What a new connection is owed; the live messages it holds during its opening replay are
+        bounded by ``CLIENT_QUEUE_MAX_BYTES``, as what a live connection leaves unread is."""
+        return Session(since, max_backlog_chars=settings.CLIENT_QUEUE_MAX_BYTES)
 
     async def attach(self, conn: PushHandler) -> None:
         first = self.hub.add(conn)

@@ -59,7 +59,7 @@ class PushHandler(WebSocketHandler):
         try:
             since = protocol.parse_since(self.get_query_argument("since", None))
             self.user_id = await self.node.auth.verify(self.get_query_argument("token", None))
-            self.session = Session(since)
+            self.session = self.node.new_session(since)
         except protocol.ProtocolError as exc:
             self._refusal = (exc.code, exc.reason)
         except AuthRejected as exc:

@@ -3,7 +3,11 @@
 Every connection starts *replaying*: with ``since`` it is owed every message after that id, without
 it the user's inbox (messages no device acked).  Live messages that arrive meanwhile are held back;
 the replay pages are written as they come; when the last page arrives the ``resumed`` frame is
-written, then the held-back live messages that the replay did not already contain.  A live copy of
+written, then the held-back live messages that the replay did not already contain.  What is held
+is bounded twice: at most ``max_backlog`` messages and ``max_backlog_chars`` characters of frames
+(the node passes ``CLIENT_QUEUE_MAX_BYTES``, the bound on what a live connection may leave unread);
+beyond either, :class:`BacklogOverflow` says the client should resume later with ``since``, from
+the store, rather than have the node hold its messages in memory.  A live copy of
 a replayed message can also arrive *after* the replay (its dispatch was slower than the replay):
 the session keeps the replayed ids until :meth:`forget_replayed` (the node calls it a little
 later) and drops such copies.  Each method returns the ``(message id, frame)`` pairs to write, in
@@ -23,19 +27,27 @@ class BacklogOverflow(RuntimeError):
 
 
 class Session:
-    def __init__(self, since: str | None, max_backlog: int = 10000) -> None:
+    def __init__(self, since: str | None, max_backlog: int = 10000, max_backlog_chars: int | None = None) -> None:
         self.since = since
         self.replaying = True
         self._held: Outgoing = []
+        self._held_chars = 0
         self._replayed: set[str] | frozenset[str] = set()
         self._max_backlog = max_backlog
+        self._max_backlog_chars = max_backlog_chars
 
     def live(self, message_id: str, frame: str) -> Outgoing:
         if not self.replaying:
             return [] if message_id in self._replayed else [(message_id, frame)]
         if len(self._held) >= self._max_backlog:
             raise BacklogOverflow(f"more than {self._max_backlog} live messages arrived during the replay")
+        chars = self._held_chars + len(frame)
+        # The first message is held whatever its size: a bound below one message must not make a
+        # connection that gets one during its replay unable to resume.
+        if self._max_backlog_chars is not None and self._held and chars > self._max_backlog_chars:
+            raise BacklogOverflow(f"more than {self._max_backlog_chars} characters of live messages arrived during the replay")
         self._held.append((message_id, frame))
+        self._held_chars = chars
         return []
 
     def replay_page(self, items: Outgoing, last: bool, count: int = 0, truncated: bool = False) -> Outgoing:
@@ -47,6 +59,7 @@ class Session:
             out.append((None, protocol.resumed_frame(self.since, count, truncated)))
             out.extend(pair for pair in self._held if pair[0] not in self._replayed)
             self._held.clear()
+            self._held_chars = 0
             self.replaying = False
         return out
 

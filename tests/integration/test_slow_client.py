@@ -3,6 +3,10 @@
 that waits for its socket, and the client gets every message it missed by resuming with ``since``
 on another node.
 
+A connection still in its opening replay is held to the same bound: the node keeps the live
+messages that come meanwhile, and more than ``CLIENT_QUEUE_MAX_BYTES`` of them close it with 1013
+instead of growing the node's memory.
+
 The peer is a plain socket with a small receive buffer whose reader stops taking bytes after 8 KB
 (:func:`~tests.integration.wsclient.raw_connect`), so what the node writes piles up in the node's
 kernel send buffer (some megabytes on loopback) and then in Tornado's stream, which is what the
@@ -17,8 +21,9 @@ import struct
 
 import pytest
 
+import launcher
 from tests.integration.test_metrics import scrape, value
-from tests.integration.wsclient import dedup, raw_connect, read_server_frame
+from tests.integration.wsclient import Client, dedup, raw_connect, read_server_frame
 from wsnode.closecodes import CloseCode
 
 LIMIT = 65536
@@ -81,3 +86,37 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_witho
         assert all(f["data"]["pad"] == PAD for f in replayed)
     finally:
         client.close()
+
+
+async def test_live_messages_held_during_a_replay_are_bounded_and_the_client_gets_them_by_resuming(fault_cluster):
+    """The cluster's worker is replaced by one that consumes only ``collect``: messages are stored
+    and routed, but the replay a new connection asks for (on ``dispatch``) waits, so the node holds
+    the live messages for that connection.  Past ``CLIENT_QUEUE_MAX_BYTES`` of them it closes the
+    connection with 1013 (before ``REPLAY_TIMEOUT`` would, with another reason), and once a full
+    worker is back the user's inbox gives every one of them."""
+    cluster, user = fault_cluster, "held-during-replay"
+    await asyncio.to_thread(cluster.worker.terminate, 20)
+    cluster.services.remove(cluster.worker)
+    collect_only = await asyncio.to_thread(launcher.start_worker, cluster.env, "collect-only", "collect", log_path=cluster.logs / "collect-only.log")
+    cluster.services.append(collect_only)
+    node = await asyncio.to_thread(cluster.start_node, CLIENT_QUEUE_MAX_BYTES=LIMIT)
+
+    token = await asyncio.to_thread(cluster.token, user)
+    client = await Client.connect(cluster.ws_url(node.port, token))  # hello; its replay does not come
+    try:
+        half = "y" * (LIMIT // 2)  # two frames of these are over the limit with their envelopes
+        sent = await cluster.collect_many([{"to": user, "data": {"n": n, "pad": half}} for n in range(3)])
+        code, reason = await client.closed(timeout=30)
+    finally:
+        client.close()
+
+    assert (code, reason) == (CloseCode.TRY_AGAIN_LATER, "too many messages during resume, reconnect with since")
+    assert [f["type"] for f in client.frames] == ["hello"], "a message was written before the replay ended"
+
+    cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
+    resumed = await cluster.connect(user, port=cluster.node_ports[0])
+    try:
+        assert [f["id"] for f in resumed.inbox] == sent
+        assert all(f["data"]["pad"] == half for f in resumed.inbox)
+    finally:
+        resumed.close()

@@ -184,6 +184,40 @@ def test_the_overflow_error_names_the_limit():
         session.live(mid(2), frame(2))
 
 
+def test_held_frames_beyond_the_character_bound_raise_backlog_overflow():
+    session = Session(SINCE, max_backlog_chars=25)
+    session.live(mid(1), "a" * 10)
+    session.live(mid(2), "b" * 10)
+
+    with pytest.raises(BacklogOverflow, match="more than 25 characters of live messages"):
+        session.live(mid(3), "c" * 10)
+
+
+def test_held_frames_exactly_at_the_character_bound_are_written_after_the_replay():
+    session = Session(SINCE, max_backlog_chars=20)
+    session.live(mid(1), "a" * 10)
+    session.live(mid(2), "b" * 10)
+
+    assert frames(session.replay_page([], last=True))[1:] == ["a" * 10, "b" * 10]
+
+
+def test_a_first_held_frame_larger_than_the_character_bound_is_held():
+    session = Session(SINCE, max_backlog_chars=5)
+    session.live(mid(1), "a" * 10)
+
+    assert frames(session.replay_page([], last=True))[1:] == ["a" * 10]
+
+
+def test_the_character_bound_applies_to_the_held_frames_only():
+    session = Session(SINCE, max_backlog_chars=15)
+    session.live(mid(1), "a" * 10)
+    session.replay_page([item(7)], last=True)  # the replay page and the held frame are written
+
+    # Once live, frames go out at once and nothing is held, whatever their size.
+    assert frames(session.live(mid(2), "b" * 10)) == ["b" * 10]
+    assert frames(session.live(mid(3), "c" * 10)) == ["c" * 10]
+
+
 def test_a_page_after_the_session_is_live_writes_nothing():
     session = Session(SINCE)
     session.replay_page([], last=True)
