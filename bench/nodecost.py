@@ -42,8 +42,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  (puts the repository on sys.path too)
+from tasks.ids import IdGenerator  # noqa: E402
 
 
 def parse_list(text: str, kind=int) -> list:
@@ -54,10 +57,6 @@ def run_row(bench: e2e.Bench, publish, address: str, users: list[str], node_pid:
             seconds: float, seq: int, settle: float) -> tuple[dict, int]:
     """Publish ``rate`` envelopes/s in queue messages of ``size`` for ``seconds`` to ``address``;
     returns the row and the next sequence number."""
-    import psutil
-
-    from tasks.ids import IdGenerator
-
     ids = IdGenerator()
     proc = psutil.Process(node_pid)
     bench.take()  # drop anything left from before

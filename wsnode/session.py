@@ -59,7 +59,6 @@ class Session:
             out.append((None, protocol.resumed_frame(self.since, count, truncated)))
             out.extend(pair for pair in self._held if pair[0] not in self._replayed)
             self._held.clear()
-            self._held_chars = 0
             self.replaying = False
         return out
 
