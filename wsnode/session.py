@@ -27,6 +27,9 @@ class BacklogOverflow(RuntimeError):
 
 
 class Session:
+    # One per connection, for as long as it lives: no per-instance dictionary.
+    __slots__ = ("since", "replaying", "_held", "_held_chars", "_replayed", "_max_backlog", "_max_backlog_chars")
+
     def __init__(self, since: str | None, max_backlog: int = 10000, max_backlog_chars: int | None = None) -> None:
         self.since = since
         self.replaying = True
