@@ -4,7 +4,7 @@
 One command (from anywhere; the repository root is found from this file)::
 
     python bench/compare.py [--users 200] [--messages 20000] [--rate 1000] [--seconds 10]
-                            [--nodes 2,4] [--broker redis|rabbitmq] [--json out.json]
+                            [--nodes 2,4] [--rounds 3] [--broker redis|rabbitmq] [--json out.json]
 
 For each node count in ``--nodes`` (default ``2,4``), it runs first OUR system, then the PEER, one at a
 time (the other one is stopped), each with ``--users`` raw WebSocket clients in ONE client process
@@ -28,6 +28,12 @@ Rows (every message goes to one random user, ``data = {"t": time.time() at the b
 - latency, paced at ``--rate`` msg/s for ``--seconds`` s (first node count only): ours ``single`` (capped
   at ``--single-max`` too) and ``batch/10ms`` (one ``collect_many`` with the messages due every 10 ms),
   peer ``emit``.
+
+Rounds: the whole sequence (every node count, ours then the peer) runs ``--rounds`` times (default 3),
+with the same plan each time; the single and latency rows only in the first round.  Each round gives
+its own throughput ratios and node-CPU growth, and the comparison reports every round and their
+median: on this kind of machine one pair of rows can move by a third within minutes (the machine's
+speed, and the peer's sender, which waits for Redis after every emit), so one pair is an anecdote.
 
 Per row: sent, delivered, lost (missing once nothing new arrived for ``--drain`` s), duplicates, send and
 delivery rates, latency percentiles (client receipt - data.t), CPU time of every process (psutil), node CPU
@@ -271,13 +277,13 @@ class Runner:
 
     # --- the run -----------------------------------------------------------------------------
 
-    def run_system(self, kind: str, n: int, latency: bool) -> None:
+    def run_system(self, kind: str, n: int, latency: bool, round_no: int = 1) -> None:
         args = self.args
         folder = self.tmp / f"{kind}-{n}"
         phase = Cleanup()
         self.cleanup.push(f"{kind} with {n} nodes", phase.run)
         t0 = time.time()
-        print(f"--- {kind}, {n} nodes", file=sys.stderr)
+        print(f"--- {kind}, {n} nodes, round {round_no} of {args.rounds}", file=sys.stderr)
         sysinfo = (self.start_ours if kind == "ours" else self.start_peer)(n, phase, folder)
         print(f"  started in {time.time() - t0:.1f} s", file=sys.stderr)
         lat_messages = max(1, int(args.rate * args.seconds))
@@ -285,7 +291,7 @@ class Runner:
         plan: list[tuple[str, str, int, int, float]] = []  # (row, mode, messages, batch, rate)
         if kind == "ours":
             plan.append(("batch", "batch", args.messages, args.batch, 0.0))
-            if latency or args.single_every_count:
+            if latency or args.single_every_count and round_no == 1:
                 plan.append(("single", "single", single_cap(args.messages), 1, 0.0))
             if latency:
                 plan.append((f"latency single @{args.rate:g}", "single", single_cap(lat_messages), 1, args.rate))
@@ -298,15 +304,16 @@ class Runner:
         for i, (row, mode, messages, batch, rate) in enumerate(plan):
             if i:
                 time.sleep(args.idle)
-            self.rows.append(self.run_row(sysinfo, row, mode, messages, batch, rate))
+            self.rows.append({**self.run_row(sysinfo, row, mode, messages, batch, rate), "round": round_no})
         phase.run()
         print(f"  {kind}, {n} nodes: {time.time() - t0:.0f} s in all", file=sys.stderr)
 
     def run(self) -> list[dict]:
         print(f"compare dir {self.tmp}", file=sys.stderr)
-        for k, n in enumerate(self.args.nodes):
-            for kind in self.args.systems:
-                self.run_system(kind, n, latency=(k == 0))
+        for round_no in range(1, self.args.rounds + 1):
+            for k, n in enumerate(self.args.nodes):
+                for kind in self.args.systems:
+                    self.run_system(kind, n, latency=(k == 0 and round_no == 1), round_no=round_no)
         return self.rows
 
 
@@ -324,10 +331,14 @@ def _fmt(v) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"
 
 
+def _row_label(r: dict) -> str:
+    return r["row"] if r.get("round", 1) == 1 else f"{r['row']}, round {r['round']}"
+
+
 def _cells(r: dict) -> tuple:
     lat = r["latency_ms"]
     top = ", ".join(f"{name} {pct:.0f}" for name, pct in r["top_cpu"][:3])
-    return (r["system"], str(r["nodes"]), r["row"], f"{r['sent']:,}", f"{r['delivered']:,}", str(r["lost"]), str(r["duplicates"]),
+    return (r["system"], str(r["nodes"]), _row_label(r), f"{r['sent']:,}", f"{r['delivered']:,}", str(r["lost"]), str(r["duplicates"]),
             _fmt(r["send_rate"]), _fmt(r["delivered_per_s"]), _fmt(lat["p50"]), _fmt(lat["p95"]), _fmt(lat["p99"]), _fmt(lat["max"]),
             _fmt(r["node_cpu_us_per_msg"]), _fmt(r["platform_cpu_us_per_msg"]), top)
 
@@ -348,9 +359,9 @@ def format_table(rows: list[dict]) -> str:
     return markdown(HEADER, [_cells(r) for r in rows])
 
 
-def _find(rows: list[dict], system: str, nodes: int, prefix: str) -> dict | None:
+def _find(rows: list[dict], system: str, nodes: int, prefix: str, round_no: int = 1) -> dict | None:
     for r in rows:
-        if r["system"] == system and r["nodes"] == nodes and r["row"].startswith(prefix):
+        if r["system"] == system and r["nodes"] == nodes and r["row"].startswith(prefix) and r.get("round", 1) == round_no:
             return r
     return None
 
@@ -361,21 +372,50 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 3)
 
 
+def _median(values: list) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def ratios(rows: list[dict], node_counts: list[int]) -> list[dict]:
+    """The comparison lines.  With several rounds, the throughput ratio and the node-CPU growth come
+    once per round and then as the median of the rounds (``"median": True``; its ratio is the median
+    of the rounds' ratios, its two values the medians of each side); the CPU-per-message lines come as
+    that median only.  The single and latency lines use the first round, the only one with those rows."""
     out: list[dict] = []
+    rounds = sorted({r.get("round", 1) for r in rows})
+    several = len(rounds) > 1
+
+    def pair(what: str, ours: dict | None, peer: dict | None, key) -> dict | None:
+        if ours is None or peer is None:
+            return None
+        a, b = key(ours), key(peer)
+        return {"what": what, "ours": a, "peer": b, "ours/peer": _ratio(a, b)}
 
     def add(what: str, ours: dict | None, peer: dict | None, key) -> None:
-        if ours is None or peer is None:
-            return
-        a, b = key(ours), key(peer)
-        out.append({"what": what, "ours": a, "peer": b, "ours/peer": _ratio(a, b)})
+        item = pair(what, ours, peer, key)
+        if item:
+            out.append(item)
+
+    def add_rounds(what: str, n: int, ours_row: str, key, each: bool) -> None:
+        items = [item for rn in rounds
+                 if (item := pair(f"{what}, round {rn}" if several else what,
+                                  _find(rows, "ours", n, ours_row, rn), _find(rows, "peer", n, "emit", rn), key))]
+        if each or len(items) < 2:
+            out.extend(items)
+        if len(items) > 1:
+            out.append({"what": f"{what}, median of {len(items)} rounds", "ours": _median([i["ours"] for i in items]),
+                        "peer": _median([i["peer"] for i in items]), "ours/peer": _median([i["ours/peer"] for i in items]), "median": True})
 
     for n in node_counts:
         peer = _find(rows, "peer", n, "emit")
-        for ours_row in ("batch", "single"):
-            add(f"{n} nodes: delivered msg/s, ours {ours_row} vs peer", _find(rows, "ours", n, ours_row), peer, lambda r: r["delivered_per_s"])
-        add(f"{n} nodes: node CPU µs per delivered msg, ours batch vs peer", _find(rows, "ours", n, "batch"), peer, lambda r: r["node_cpu_us_per_msg"])
-        add(f"{n} nodes: platform CPU µs per delivered msg, ours batch vs peer", _find(rows, "ours", n, "batch"), peer, lambda r: r["platform_cpu_us_per_msg"])
+        add_rounds(f"{n} nodes: delivered msg/s, ours batch vs peer", n, "batch", lambda r: r["delivered_per_s"], each=True)
+        add(f"{n} nodes: delivered msg/s, ours single vs peer", _find(rows, "ours", n, "single"), peer, lambda r: r["delivered_per_s"])
+        add_rounds(f"{n} nodes: node CPU µs per delivered msg, ours batch vs peer", n, "batch", lambda r: r["node_cpu_us_per_msg"], each=False)
+        add_rounds(f"{n} nodes: platform CPU µs per delivered msg, ours batch vs peer", n, "batch", lambda r: r["platform_cpu_us_per_msg"], each=False)
         add(f"{n} nodes: platform CPU µs per delivered msg, ours single vs peer", _find(rows, "ours", n, "single"), peer, lambda r: r["platform_cpu_us_per_msg"])
     n0 = node_counts[0]
     peer_lat = _find(rows, "peer", n0, "latency emit")
@@ -385,11 +425,19 @@ def ratios(rows: list[dict], node_counts: list[int]) -> list[dict]:
     if len(node_counts) > 1:
         first, last = node_counts[0], node_counts[-1]
         for system, row in (("ours", "batch"), ("peer", "emit")):
-            a, b = _find(rows, system, last, row), _find(rows, system, first, row)
-            if a and b:
-                out.append({"what": f"{system} {row}: node CPU µs/msg at {last} nodes / at {first} nodes", "ours": None, "peer": None,
-                            "ours/peer": None, "growth": _ratio(a["node_cpu_us_per_msg"], b["node_cpu_us_per_msg"]),
-                            "at_first": b["node_cpu_us_per_msg"], "at_last": a["node_cpu_us_per_msg"]})
+            what = f"{system} {row}: node CPU µs/msg at {last} nodes / at {first} nodes"
+            items = []
+            for rn in rounds:
+                a, b = _find(rows, system, last, row, rn), _find(rows, system, first, row, rn)
+                if a and b:
+                    items.append({"what": f"{what}, round {rn}" if several else what, "ours": None, "peer": None, "ours/peer": None,
+                                  "growth": _ratio(a["node_cpu_us_per_msg"], b["node_cpu_us_per_msg"]),
+                                  "at_first": b["node_cpu_us_per_msg"], "at_last": a["node_cpu_us_per_msg"]})
+            out.extend(items)
+            if len(items) > 1:
+                out.append({"what": f"{what}, median of {len(items)} rounds", "ours": None, "peer": None, "ours/peer": None,
+                            "growth": _median([i["growth"] for i in items]), "at_first": _median([i["at_first"] for i in items]),
+                            "at_last": _median([i["at_last"] for i in items]), "median": True})
     return out
 
 
@@ -410,6 +458,8 @@ def format_ratios(items: list[dict]) -> str:
 
 
 def format_cpu(rows: list[dict]) -> str:
+    """Each process's CPU per row, for the first round's rows (the others are in ``--json``)."""
+    rows = [r for r in rows if r.get("round", 1) == 1]
     names: list[str] = []
     for r in rows:
         names.extend(n for n in r["cpu"] if n not in names and n != "_wall_s")
@@ -439,6 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cap on the messages of ours' single rows (throughput and latency), 0 = no cap (default 0: "
                              "single mode delivers about 400 msg/s here, so 20,000 take about a minute)")
     parser.add_argument("--single-every-count", action="store_true", help="also run ours' single row at every node count")
+    parser.add_argument("--rounds", type=int, default=3, help="run the throughput rows this many times, ours and the peer "
+                        "alternating, and report each round's ratios and their median (default 3; the single and latency "
+                        "rows run in the first round only)")
     parser.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis",
                         help="ours' Celery broker: its own redis-server (default), or a private vhost on the RabbitMQ at "
                              "--rabbitmq-url, made and removed with rabbitmqctl (Celery's recommended broker)")
@@ -458,8 +511,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.systems = [x.strip() for x in str(args.systems).split(",") if x.strip()]
     if not args.systems or any(x not in ("ours", "peer") for x in args.systems):
         parser.error("--systems takes ours, peer or ours,peer")
-    if not args.nodes or min(args.nodes) < 1 or args.users < max(args.nodes) or args.messages < 1 or args.rate <= 0 or args.seconds <= 0:
-        parser.error("--nodes >= 1, --users >= nodes, --messages >= 1, --rate > 0, --seconds > 0")
+    if not args.nodes or min(args.nodes) < 1 or args.users < max(args.nodes) or args.messages < 1 or args.rate <= 0 or args.seconds <= 0 or args.rounds < 1:
+        parser.error("--nodes >= 1, --users >= nodes, --messages >= 1, --rate > 0, --seconds > 0, --rounds >= 1")
     return args
 
 
@@ -487,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio_items = ratios(rows, args.nodes)
     print()
     print(f"compare {started:%Y-%m-%d %H:%M %Z}, {os.cpu_count()} cores, {args.users} users, {args.messages} messages per throughput row, "
-          f"latency rows {args.rate:g} msg/s for {args.seconds:g} s, ours single capped at {args.single_max or 'no cap'}, ours' broker {args.broker}, "
+          f"latency rows {args.rate:g} msg/s for {args.seconds:g} s, {args.rounds} round{'s' if args.rounds > 1 else ''}, ours single capped at {args.single_max or 'no cap'}, ours' broker {args.broker}, "
           f"{time.time() - t0:.0f} s in all")
     print(format_table(rows))
     print()
