@@ -17,12 +17,14 @@ from kombu import Exchange, Queue
 import gcpolicy
 import settings
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
-from tasks import redis_transport
+from tasks import redis_transport, wirejson
 
 log = logging.getLogger(__name__)
 
 # redis:// brokers: kombu's Redis transport with one client object per channel (tasks/redis_transport.py).
 redis_transport.install()
+# The platform's own messages (node-queue batches, receipts, replay requests) are encoded with orjson (tasks/wirejson.py).
+wirejson.register()
 
 app = Celery(
     "push",

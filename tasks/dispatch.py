@@ -20,7 +20,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 import settings
-from tasks import pending, routing
+from tasks import pending, routing, wirejson
 from tasks.queues import DELIVER_TASK, deliver_argsrepr, node_queue
 from tasks.store import StoreUnavailable, get_store
 from worker import app
@@ -55,6 +55,7 @@ def publish(node: str, envelopes: list[dict], producer=None, **extra) -> None:
         app.send_task(
             DELIVER_TASK, args=[envelopes], kwargs=extra, queue=queue, producer=producer, ignore_result=True, add_to_parent=False,
             declare=[queue] if due else [], argsrepr=deliver_argsrepr(envelopes), kwargsrepr=repr(extra),
+            serializer=wirejson.SERIALIZER,
         )
     except Exception:
         _declared_at.pop(node, None)  # declare again with the next batch

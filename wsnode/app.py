@@ -31,6 +31,7 @@ from tornado.websocket import WebSocketClosedError
 
 import settings
 from tasks.queues import node_address
+from tasks import wirejson
 from tasks.reclaim import hand_back
 from wsnode import protocol
 from wsnode.auth import AuthClient
@@ -277,7 +278,8 @@ class PushNode:
         """Publisher thread."""
         for batch in self._replays.batches():
             try:
-                self.celery.send_task("tasks.replay_many", kwargs={"node": self.address, "requests": [request for _, request in batch]}, ignore_result=True)
+                self.celery.send_task("tasks.replay_many", kwargs={"node": self.address, "requests": [request for _, request in batch]}, ignore_result=True,
+                                      serializer=wirejson.SERIALIZER)
             except Exception as exc:  # noqa: BLE001 - each connection is told, and closed to retry
                 for conn, _ in batch:
                     self._loop.add_callback(self._replay_failed, conn, f"replay request not sent: {exc}")
@@ -393,7 +395,7 @@ class PushNode:
 
     def _send_receipts(self, batch: list[dict]) -> None:
         future = self._publisher.submit(self.celery.send_task, "tasks.receipts", args=[batch], ignore_result=True,
-                                        argsrepr=receipts_argsrepr(batch))
+                                        argsrepr=receipts_argsrepr(batch), serializer=wirejson.SERIALIZER)
         future.add_done_callback(lambda f: f.exception() and log.warning("%d receipts not sent: %s", len(batch), f.exception()))
 
     def health(self) -> dict:

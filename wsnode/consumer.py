@@ -39,6 +39,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from tasks import wirejson
 from tasks.queues import BadDelivery, Delivery, node_queue, parse_delivery  # noqa: F401 - re-exported
 from wsnode.presence import Presence
 
@@ -107,6 +108,21 @@ class NodeQueueConsumer:
         if self.presence is not None:
             self.presence.stop()
 
+    def _on_raw(self, message) -> None:
+        """Consumer thread.  Decodes the body itself, with orjson (:mod:`tasks.wirejson`): kombu's
+        ``json`` decoder runs a Python hook on every object (about 1.7 µs per envelope here, a
+        third of that with orjson).  Anything but uncompressed JSON goes through kombu's decoding,
+        which accepts only JSON (``accept``), as before."""
+        try:
+            if message.content_type == wirejson.CONTENT_TYPE and not message.headers.get("compression"):
+                body = wirejson.loads(message.body)
+            else:
+                body = message.decode()
+        except Exception as exc:  # noqa: BLE001 - anything undecodable is dropped and logged, the thread goes on
+            self._on_decode_error(message, exc)
+            return
+        self._on_message(body, message)
+
     def _on_message(self, body, message) -> None:
         try:
             delivery = parse_delivery(message.headers, body)
@@ -127,8 +143,7 @@ class NodeQueueConsumer:
             try:
                 with self._app.connection_for_read(transport_options=TRANSPORT_OPTIONS) as conn:
                     conn.ensure_connection(max_retries=1)
-                    with conn.Consumer([self._queue], callbacks=[self._on_message], on_decode_error=self._on_decode_error,
-                                       accept=["json"], no_ack=True):
+                    with conn.Consumer([self._queue], on_message=self._on_raw, accept=["json"], no_ack=True):
                         self.connected, delay = True, 0.5
                         log.info("consuming queue %s", self._queue.name)
                         self._consume(conn)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from tasks import wirejson
 from tasks.ids import is_message_id
 from wsnode.closecodes import CloseCode, short_reason
 
@@ -44,7 +45,7 @@ def parse_client_frame(frame: str | bytes) -> Ack:
     if isinstance(frame, bytes):
         raise ProtocolError("binary frames are not accepted: send JSON text")
     try:
-        value = json.loads(frame)
+        value = wirejson.loads(frame)
     except (ValueError, RecursionError):
         raise ProtocolError("frame is not JSON") from None
     if not isinstance(value, dict):
@@ -69,14 +70,10 @@ def parse_since(value: str | None) -> str | None:
     return value
 
 
-#: ``json.dumps(data, separators=(",", ":"), ensure_ascii=False)`` without building an encoder
-#: per call (``json.dumps`` reuses its own only for the default options): a fifth of a frame's cost.
-_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
 def message_frame(envelope: dict) -> str:
-    """The frame for one envelope; built once per envelope, written to every recipient."""
-    return '{"type":"message","id":%s,"data":%s}' % (json.dumps(envelope["id"]), _compact_json(envelope["data"]))
+    """The frame for one envelope; built once per envelope, written to every recipient.  ``data``
+    as compact JSON with non-ASCII kept (orjson: a tenth of the standard library's cost)."""
+    return '{"type":"message","id":%s,"data":%s}' % (wirejson.text(envelope["id"]), wirejson.text(envelope["data"]))
 
 
 def hello_frame(node: str, user: str, conn: str) -> str:

@@ -162,6 +162,9 @@ async def test_a_malformed_message_on_a_node_queue_is_dropped_and_the_node_keeps
         producer = conn.Producer()
         producer.publish({"surprise": True}, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue], serializer="json")
         producer.publish("not even json", exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue], content_type="application/json", content_encoding="utf-8")
+        # a pickle is never unpickled (only JSON is accepted), whatever it holds
+        producer.publish(b"\x80\x04K\x01.", exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+                         content_type="application/x-python-serialize", content_encoding="binary")
     message_id = await cluster.collect("after-garbage", {"still": "works"})
     (frame,) = await client.messages(1)
     assert frame["id"] == message_id
