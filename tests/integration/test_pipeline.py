@@ -74,6 +74,20 @@ async def test_collect_returns_the_id_the_browser_receives(cluster):
     client.close()
 
 
+async def test_a_collect_sent_with_ignore_result_is_delivered_and_leaves_no_result(cluster):
+    client = await cluster.connect("no-result")
+    ignored = cluster.business.send_task("tasks.collect", kwargs={"to": "no-result", "data": {"n": 1}}, queue="collect", ignore_result=True)
+    kept = cluster.send(to="no-result", data={"n": 2})
+    kept_id = await cluster.result(kept, 20)
+    frames = await client.messages(2)
+    assert [f["data"] for f in frames] == [{"n": 1}, {"n": 2}] and frames[1]["id"] == kept_id
+    await asyncio.sleep(0.5)  # a result stored late would be there by now
+    backend = cluster.business.backend
+    assert backend.client.exists(backend.get_key_for_task(kept.id)), "a result is stored where it is asked for"
+    assert not backend.client.exists(backend.get_key_for_task(ignored.id))
+    client.close()
+
+
 async def test_resume_with_since_delivers_what_was_missed_in_order_then_live_messages(cluster):
     client = await cluster.connect("resumer", cluster.node_ports[0])
     first = await cluster.collect("resumer", {"n": 0})
