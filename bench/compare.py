@@ -29,8 +29,9 @@ Rows (every message goes to one random user, ``data = {"t": time.time() at the b
   at ``--single-max`` too) and ``batch/10ms`` (one ``collect_many`` with the messages due every 10 ms),
   peer ``emit``.
 
-Rounds: the whole sequence (every node count, ours then the peer) runs ``--rounds`` times (default 3),
-with the same plan each time; the single and latency rows only in the first round.  Each round gives
+Rounds: the whole sequence (every node count, ours then the peer; the peer first in even rounds)
+runs ``--rounds`` times (default 3), with the same plan each time; the single and latency rows only
+in the first round.  Each round gives
 its own throughput ratios and node-CPU growth, and the comparison reports every round and their
 median: on this kind of machine one pair of rows can move by a third within minutes (the machine's
 speed, and the peer's sender, which waits for Redis after every emit), so one pair is an anecdote.
@@ -311,8 +312,11 @@ class Runner:
     def run(self) -> list[dict]:
         print(f"compare dir {self.tmp}", file=sys.stderr)
         for round_no in range(1, self.args.rounds + 1):
+            # Every other round the peer goes first: a machine that slows or speeds up during the
+            # run then favours neither side in the median.
+            kinds = self.args.systems if round_no % 2 else self.args.systems[::-1]
             for k, n in enumerate(self.args.nodes):
-                for kind in self.args.systems:
+                for kind in kinds:
                     self.run_system(kind, n, latency=(k == 0 and round_no == 1), round_no=round_no)
         return self.rows
 
