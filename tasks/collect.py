@@ -347,7 +347,9 @@ def _store_result(req, value, failed: bool = False) -> None:
         return
     try:
         if failed:
-            app.backend.mark_as_failure(req.id, value, request=req)
+            # call_errbacks=False: celery-batches' SimpleRequest carries no errbacks (nor links):
+            # Celery would store the failure, then fail on the missing attribute.
+            app.backend.mark_as_failure(req.id, value, request=req, call_errbacks=False)
         else:
             app.backend.mark_as_done(req.id, value, request=req)
     except Exception as exc:  # noqa: BLE001 - the message itself is stored and sent; only the answer is lost

@@ -134,6 +134,7 @@ async def test_an_invalid_collect_fails_with_a_clear_error_and_sends_nothing(clu
     assert expected in str(info.value)
     assert result.state == "FAILURE"
     assert await watcher.quiet(0.7) == []
+    assert f"{result.id}: result not stored" not in cluster._log("worker").read_text(errors="replace")
     watcher.close()
 
 
