@@ -31,9 +31,8 @@ Rows (every message goes to one random user, ``data = {"t": time.time() at the b
 
 Rounds: the whole sequence (every node count, ours then the peer; the peer first in even rounds)
 runs ``--rounds`` times (default 3), with the same plan each time; the single and latency rows only
-in the first round.  Each round gives
-its own throughput ratios and node-CPU growth, and the comparison reports every round and their
-median: on this kind of machine one pair of rows can move by a third within minutes (the machine's
+in the first round.  Each round gives its own throughput ratios and node-CPU growth, and the
+comparison reports every round and their median: on this kind of machine one pair of rows can move by a third within minutes (the machine's
 speed, and the peer's sender, which waits for Redis after every emit), so one pair is an anecdote.
 
 Per row: sent, delivered, lost (missing once nothing new arrived for ``--drain`` s), duplicates, send and
@@ -56,6 +55,7 @@ import platform
 import random
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -377,11 +377,8 @@ def _ratio(a, b) -> float | None:
 
 
 def _median(values: list) -> float | None:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def ratios(rows: list[dict], node_counts: list[int]) -> list[dict]:
