@@ -200,7 +200,7 @@ class PushNode:
     def new_session(self, since: str | None) -> Session:
         """What a new connection is owed; the live messages it holds during its opening replay are
         bounded by ``CLIENT_QUEUE_MAX_BYTES``, as what a live connection leaves unread is."""
-        return Session(since, max_backlog_chars=settings.CLIENT_QUEUE_MAX_BYTES)
+        return Session(since, max_backlog_bytes=settings.CLIENT_QUEUE_MAX_BYTES)
 
     async def attach(self, conn: PushHandler) -> None:
         first = self.hub.add(conn)

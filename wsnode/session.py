@@ -4,8 +4,9 @@ Every connection starts *replaying*: with ``since`` it is owed every message aft
 it the user's inbox (messages no device acked).  Live messages that arrive meanwhile are held back;
 the replay pages are written as they come; when the last page arrives the ``resumed`` frame is
 written, then the held-back live messages that the replay did not already contain.  What is held
-is bounded twice: at most ``max_backlog`` messages and ``max_backlog_chars`` characters of frames
-(the node passes ``CLIENT_QUEUE_MAX_BYTES``, the bound on what a live connection may leave unread);
+is bounded twice: at most ``max_backlog`` messages and ``max_backlog_bytes`` bytes of frames, as
+UTF-8 on the wire (the node passes ``CLIENT_QUEUE_MAX_BYTES``, the bound on what a live connection
+may leave unread);
 beyond either, :class:`BacklogOverflow` says the client should resume later with ``since``, from
 the store, rather than have the node hold its messages in memory.  A live copy of
 a replayed message can also arrive *after* the replay (its dispatch was slower than the replay):
@@ -22,35 +23,42 @@ Outgoing = list[tuple[str | None, str]]
 _NOTHING: frozenset[str] = frozenset()  # shared: an idle connection keeps no set of its own
 
 
+def utf8_length(frame: str) -> int:
+    """The bytes ``frame`` takes on the wire.  Frames keep non-ASCII text as it is (a CJK character
+    is 3 bytes, an emoji 4), so the length in characters can be a quarter of it; an ASCII frame,
+    the common case, is measured without encoding it (``str.isascii`` reads a flag)."""
+    return len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
+
+
 class BacklogOverflow(RuntimeError):
     """Too many live messages arrived during a replay; the client should reconnect with ``since``."""
 
 
 class Session:
     # One per connection, for as long as it lives: no per-instance dictionary.
-    __slots__ = ("since", "replaying", "_held", "_held_chars", "_replayed", "_max_backlog", "_max_backlog_chars")
+    __slots__ = ("since", "replaying", "_held", "_held_bytes", "_replayed", "_max_backlog", "_max_backlog_bytes")
 
-    def __init__(self, since: str | None, max_backlog: int = 10000, max_backlog_chars: int | None = None) -> None:
+    def __init__(self, since: str | None, max_backlog: int = 10000, max_backlog_bytes: int | None = None) -> None:
         self.since = since
         self.replaying = True
         self._held: Outgoing = []
-        self._held_chars = 0
+        self._held_bytes = 0
         self._replayed: set[str] | frozenset[str] = set()
         self._max_backlog = max_backlog
-        self._max_backlog_chars = max_backlog_chars
+        self._max_backlog_bytes = max_backlog_bytes
 
     def live(self, message_id: str, frame: str) -> Outgoing:
         if not self.replaying:
             return [] if message_id in self._replayed else [(message_id, frame)]
         if len(self._held) >= self._max_backlog:
             raise BacklogOverflow(f"more than {self._max_backlog} live messages arrived during the replay")
-        chars = self._held_chars + len(frame)
+        held = self._held_bytes + utf8_length(frame)
         # The first message is held whatever its size: a bound below one message must not make a
         # connection that gets one during its replay unable to resume.
-        if self._max_backlog_chars is not None and self._held and chars > self._max_backlog_chars:
-            raise BacklogOverflow(f"more than {self._max_backlog_chars} characters of live messages arrived during the replay")
+        if self._max_backlog_bytes is not None and self._held and held > self._max_backlog_bytes:
+            raise BacklogOverflow(f"more than {self._max_backlog_bytes} bytes of live messages arrived during the replay")
         self._held.append((message_id, frame))
-        self._held_chars = chars
+        self._held_bytes = held
         return []
 
     def replay_page(self, items: Outgoing, last: bool, count: int = 0, truncated: bool = False) -> Outgoing:

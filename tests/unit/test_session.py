@@ -7,7 +7,7 @@ import json
 import pytest
 
 from wsnode.protocol import resumed_frame
-from wsnode.session import BacklogOverflow, Session
+from wsnode.session import BacklogOverflow, Session, utf8_length
 
 SINCE = "018bcfe56800" "000000" "000001"
 
@@ -184,38 +184,55 @@ def test_the_overflow_error_names_the_limit():
         session.live(mid(2), frame(2))
 
 
-def test_held_frames_beyond_the_character_bound_raise_backlog_overflow():
-    session = Session(SINCE, max_backlog_chars=25)
+def test_held_frames_beyond_the_byte_bound_raise_backlog_overflow():
+    session = Session(SINCE, max_backlog_bytes=25)
     session.live(mid(1), "a" * 10)
     session.live(mid(2), "b" * 10)
 
-    with pytest.raises(BacklogOverflow, match="more than 25 characters of live messages"):
+    with pytest.raises(BacklogOverflow, match="more than 25 bytes of live messages"):
         session.live(mid(3), "c" * 10)
 
 
-def test_held_frames_exactly_at_the_character_bound_are_written_after_the_replay():
-    session = Session(SINCE, max_backlog_chars=20)
+def test_held_frames_exactly_at_the_byte_bound_are_written_after_the_replay():
+    session = Session(SINCE, max_backlog_bytes=20)
     session.live(mid(1), "a" * 10)
     session.live(mid(2), "b" * 10)
 
     assert frames(session.replay_page([], last=True))[1:] == ["a" * 10, "b" * 10]
 
 
-def test_a_first_held_frame_larger_than_the_character_bound_is_held():
-    session = Session(SINCE, max_backlog_chars=5)
+def test_a_first_held_frame_larger_than_the_byte_bound_is_held():
+    session = Session(SINCE, max_backlog_bytes=5)
     session.live(mid(1), "a" * 10)
 
     assert frames(session.replay_page([], last=True))[1:] == ["a" * 10]
 
 
-def test_the_character_bound_applies_to_the_held_frames_only():
-    session = Session(SINCE, max_backlog_chars=15)
+def test_the_byte_bound_applies_to_the_held_frames_only():
+    session = Session(SINCE, max_backlog_bytes=15)
     session.live(mid(1), "a" * 10)
     session.replay_page([item(7)], last=True)  # the replay page and the held frame are written
 
     # Once live, frames go out at once and nothing is held, whatever their size.
     assert frames(session.live(mid(2), "b" * 10)) == ["b" * 10]
     assert frames(session.live(mid(3), "c" * 10)) == ["c" * 10]
+
+
+def test_the_byte_bound_counts_non_ascii_frames_in_utf8_bytes_not_characters():
+    # 7 characters, 14 bytes on the wire: two are 14 characters (under the bound) but 28 bytes.
+    text = "你好😀abcd"
+    session = Session(SINCE, max_backlog_bytes=20)
+    session.live(mid(1), text)
+
+    with pytest.raises(BacklogOverflow, match="more than 20 bytes"):
+        session.live(mid(2), text)
+
+
+def test_utf8_length_is_the_encoded_length():
+    assert utf8_length("abc") == 3
+    assert utf8_length("é") == 2
+    assert utf8_length("你") == 3
+    assert utf8_length("😀") == 4
 
 
 def test_a_page_after_the_session_is_live_writes_nothing():
