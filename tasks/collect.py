@@ -48,11 +48,11 @@ from celery import states
 from celery.backends.redis import RedisBackend
 from celery.utils.saferepr import saferepr
 from celery.utils.time import get_exponential_backoff_interval
-from celery_batches import Batches, SimpleRequest, consume_queue
+from celery_batches import Batches, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
-from tasks import messages as validation, redis_transport
+from tasks import links, messages as validation, redis_transport
 from tasks.batching import FlushGate, chunks
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
@@ -229,7 +229,7 @@ class CollectBatches(Batches):
             self._run_in_pool(batch)
 
     def _run_in_pool(self, requests):
-        serializable = ([SimpleRequest.from_request(r) for r in requests],)
+        serializable = ([links.CollectRequest.from_request(r) for r in requests],)
         for req in requests:
             # The reprs the sender put in the message's headers, as Celery's own task-received
             # event sends them (cut at 1 KB), rather than the whole kwargs of a collect_many again.
@@ -338,22 +338,28 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, str]]:
     for req, value in done:
         outcomes[req.id] = ("ok", value)
     _store_results(done)
+    for req, value in done:
+        links.apply_followers(app, req, value)
     log.debug("%s: %d requests, %d messages in one batch", task.name, len(requests), sum(len(m) for _, m, _, _ in storing))
     return outcomes
 
 
 def _store_result(req, value, failed: bool = False) -> None:
-    if getattr(req, "ignore_result", False) or not req.id:
+    """Store ``req``'s result (unless it asked for none) and, for a failure, run its errbacks and
+    fail the rest of its chain (:mod:`tasks.links`), as Celery's backend does for any task."""
+    store = not getattr(req, "ignore_result", False)
+    errbacks = failed and bool(getattr(req, "errbacks", None))
+    if not req.id or not (store or errbacks):
         return
     try:
         if failed:
-            # call_errbacks=False: celery-batches' SimpleRequest carries no errbacks (nor links):
-            # Celery would store the failure, then fail on the missing attribute.
-            app.backend.mark_as_failure(req.id, value, request=req, call_errbacks=False)
+            # call_errbacks only with errbacks: celery-batches' own SimpleRequest (the tests' and
+            # eager calls') has no such attribute, and Celery would fail on it after storing.
+            app.backend.mark_as_failure(req.id, value, request=req, store_result=store, call_errbacks=errbacks)
         else:
             app.backend.mark_as_done(req.id, value, request=req)
     except Exception as exc:  # noqa: BLE001 - the message itself is stored and sent; only the answer is lost
-        log.warning("%s %s: result not stored (%s)", req.name, req.id, exc)
+        log.warning("%s %s: result not stored%s (%s)", req.name, req.id, " or its errbacks not run" if errbacks else "", exc)
 
 
 def _store_results(done: list[tuple[object, str]]) -> None:
@@ -408,7 +414,8 @@ def _retry(task, req, exc: Exception) -> tuple[str, str]:
         return ("failed", f"{type(exc).__name__}: {exc}")
     countdown = get_exponential_backoff_interval(factor=1, retries=retries, maximum=30, full_jitter=True)
     try:
-        task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown, retries=retries + 1, queue=COLLECT_QUEUE)
+        task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown, retries=retries + 1, queue=COLLECT_QUEUE,
+                         **links.retry_options(req))
     except Exception as send_exc:  # noqa: BLE001
         # Not sent: failing would lose the message; let the worker die instead so the broker
         # restores the unacked request.

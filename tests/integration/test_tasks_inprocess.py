@@ -226,3 +226,37 @@ def test_a_batch_that_cannot_reach_the_store_is_sent_again_request_by_request_un
     broker.delete(retry_queue)
     assert sorted((m["headers"]["id"], m["headers"]["retries"]) for m in sent) == [("first", 1), ("second", 3)]
     assert all(m["headers"]["task"] == "tasks.collect_many" for m in sent)  # after a backoff (full jitter: may be 0)
+
+
+def test_a_request_sent_again_keeps_its_link_errback_and_chain(broker, monkeypatch):
+    """A collect request whose batch could not reach the store is published again with what was
+    to follow it (``tasks/links.py``): its ``link``, ``link_error`` and the rest of its chain, and
+    the ids that tie it to its caller."""
+    import base64
+
+    from tasks import collect as collect_module
+    from tasks.links import CollectRequest
+    from tasks.store import StoreUnavailable
+
+    def unavailable():
+        raise StoreUnavailable("MongoDB is down (test)")
+
+    retry_queue = f"retries-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(collect_module, "get_store", unavailable)
+    monkeypatch.setattr(collect_module, "COLLECT_QUEUE", retry_queue)
+    link, errback, rest = ({"task": name, "args": [], "kwargs": {}, "options": {}, "subtask_type": None, "immutable": False}
+                           for name in ("celery.accumulate", "tasks.status", "tasks.status"))
+    req = CollectRequest("linked", "tasks.collect", (), {"to": "a", "data": 1}, {}, "worker@host", False, None, None, {"retries": 0})
+    req.callbacks, req.errbacks, req.chain, req.root_id, req.parent_id = [link], [errback], [rest], "root-1", "parent-1"
+
+    outcomes = collect_module._run_batch(collect_module.collect, [req], collect_module._parse_collect_request)
+
+    assert outcomes["linked"][0] == "retry"
+    (raw,) = broker.lrange(retry_queue, 0, -1)
+    broker.delete(retry_queue)
+    sent = json.loads(raw)
+    _, _, embed = json.loads(base64.b64decode(sent["body"]))
+    assert [s["task"] for s in embed["callbacks"]] == ["celery.accumulate"]
+    assert [s["task"] for s in embed["errbacks"]] == ["tasks.status"]
+    assert [s["task"] for s in embed["chain"]] == ["tasks.status"]
+    assert (sent["headers"]["root_id"], sent["headers"]["parent_id"]) == ("root-1", "parent-1")

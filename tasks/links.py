@@ -1,0 +1,93 @@
+"""Links, errbacks and chains on the batched collect tasks.  Worker processes only.
+
+Celery runs what a caller attached to a task (``apply_async(link=..., link_error=...)``, or the
+rest of a ``chain(...)``) from its tracer, which celery-batches does not use, and celery-batches'
+:class:`~celery_batches.SimpleRequest` drops the message's ``embed`` where they travel.  So
+``tasks.collect`` and ``tasks.collect_many`` keep them on their own request
+(:class:`CollectRequest`, made in the worker's main process and pickled to the pool) and apply
+them here, after each request's outcome, as Celery's tracer does:
+
+- a request that succeeds applies each ``link`` with its result as the first argument, then the
+  next task of its chain (the rest of the chain travels with it);
+- a request that fails runs its ``link_error`` errbacks through the result backend's own
+  ``mark_as_failure``, which also marks the rest of its chain failed, like any Celery task's;
+- a request sent again (its batch could not reach the store) keeps them all.
+
+They run whether or not the request's result is stored (``ignore_result``), as with Celery.  A
+link that cannot be sent is logged and does not fail the request: its message is stored and
+routed by then.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import group, signature
+from celery_batches import SimpleRequest
+
+log = logging.getLogger(__name__)
+
+
+class CollectRequest(SimpleRequest):
+    """celery-batches' request plus what the message's ``embed`` and headers say should follow it."""
+
+    #: Signatures to apply with the result (``link``), in order.
+    callbacks: list | None = None
+    #: Signatures to run on failure (``link_error``).
+    errbacks: list | None = None
+    #: The rest of a chain, last task first (as Celery's protocol 2 carries it).
+    chain: list | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+
+    @classmethod
+    def from_request(cls, request) -> "CollectRequest":
+        simple = super().from_request(request)
+        _, _, embed = request._payload
+        embed = embed or {}
+        simple.callbacks = embed.get("callbacks") or None
+        simple.errbacks = embed.get("errbacks") or None
+        simple.chain = embed.get("chain") or None
+        simple.root_id = request.root_id
+        simple.parent_id = request.parent_id
+        return simple
+
+
+def apply_followers(app, req, retval) -> None:
+    """Apply ``req``'s links with ``retval``, then the next task of its chain (what Celery's
+    tracer does for a task that succeeded: ``_dispatch_callbacks_and_chain`` in
+    ``celery.app.trace``)."""
+    callbacks = getattr(req, "callbacks", None)
+    chain = getattr(req, "chain", None)
+    if not (callbacks or chain):
+        return
+    options = {"parent_id": req.id, "root_id": getattr(req, "root_id", None) or req.id}
+    try:
+        if callbacks:
+            sigs = [signature(callback, app=app) for callback in callbacks]
+            for grouped in (s for s in sigs if isinstance(s, group)):
+                grouped.apply_async((retval,), **options)
+            single = [s for s in sigs if not isinstance(s, group)]
+            if len(single) == 1:
+                single[0].apply_async((retval,), **options)
+            elif single:
+                group(single, app=app).apply_async((retval,), **options)
+        if chain:
+            signature(chain[-1], app=app).apply_async((retval,), chain=chain[:-1], **options)
+    except Exception:  # noqa: BLE001 - the message is stored and routed; only what follows it is lost
+        log.exception("%s %s: its link or the rest of its chain could not be sent", req.name, req.id)
+
+
+def retry_options(req) -> dict:
+    """What a request sent again must carry so that its links, errbacks and chain still follow."""
+    options = {}
+    if getattr(req, "callbacks", None):
+        options["link"] = req.callbacks
+    if getattr(req, "errbacks", None):
+        options["link_error"] = req.errbacks
+    if getattr(req, "chain", None):
+        options["chain"] = req.chain
+    for name in ("root_id", "parent_id"):
+        if getattr(req, name, None):
+            options[name] = getattr(req, name)
+    return options
