@@ -158,7 +158,8 @@ class CollectBatches(Batches):
     lets an error escape: it records a result per request (an id, a failure, or a retry sent
     first).  ``flush`` also sends, when events are on (Flower), ``task-received`` for each
     request and ``task-succeeded``/``task-failed``/``task-retried`` per request from the
-    outcome the batch returns, so Flower lists every request as a task of its own.
+    outcome the batch returns, so Flower lists every request as a task of its own.  A request
+    revoked or expired is dropped before its batch goes to the pool, as Celery drops any task's.
     The requests of a batch are acked together (:func:`tasks.redis_transport.acknowledge`: one
     round trip on the Redis broker instead of one per request).
     """
@@ -225,7 +226,13 @@ class CollectBatches(Batches):
             self._flush_when_free()
 
     def flush(self, requests):
-        for batch in chunks(list(requests), _messages_in, self.batch_messages):
+        # A request revoked (``app.control.revoke``) or past its ``expires`` is dropped here, as
+        # Celery's own strategy drops it before running a task (celery-batches does not): the
+        # request's ``revoked()`` logs it, stores REVOKED, sends ``task-revoked`` and acks it.
+        # A request with a ``countdown`` or ``eta`` comes here when it is due, so one revoked
+        # while it waits is dropped too.
+        live = [req for req in requests if not req.revoked()]
+        for batch in chunks(live, _messages_in, self.batch_messages):
             self._run_in_pool(batch)
 
     def _run_in_pool(self, requests):
