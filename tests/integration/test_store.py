@@ -459,6 +459,49 @@ def test_deliveries_between_reads_exactly_the_window_on_either_path(store):
         assert [doc["_id"] for doc in read] == sorted(doc["_id"] for doc in queried)
 
 
+@pytest.mark.parametrize("around", [True, False], ids=["around mongomock", "through queries"])
+def test_the_inbox_and_reads_by_id_find_the_same_on_either_path(store, around, monkeypatch):
+    """On the embedded engine, reads by _id go through litemongo's primary key and the inbox's ack
+    lookup takes the hash index's candidates unchecked (tasks.store._embedded_by_id and
+    _embedded_candidates); without them (MongoDB) they are queries.  Both must find the same,
+    also what another connection wrote after this one built its index."""
+    if not store.embedded:
+        pytest.skip("these reads are the embedded engine's; on MongoDB the other tests cover the queries")
+    if not around:
+        monkeypatch.setattr(store_module, "_embedded_candidates", lambda *_: None)
+        monkeypatch.setattr(store_module, "_embedded_by_id", lambda *_: None)
+    gen = IdGenerator()
+    messages = [make(gen, ["ann", "bob"], n) for n in range(6)]
+    mids = [m["id"] for m in messages]
+    now = time.time()
+    store.insert_messages(messages[:3])
+    store.record_receipts([{"id": mid, "user": "bob", "state": "acked", "at": now} for mid in mids[:3]])
+    assert ids_of(store.unacked("ann", 100)[0]) == mids[:3]  # this connection's index is built
+    other = Store.open()
+    try:
+        other.insert_messages(messages[3:])
+        other.record_receipts([{"id": mids[4], "user": "ann", "state": "acked", "at": now},
+                               {"id": mids[5], "user": "ann", "state": "written", "at": now}])
+    finally:
+        other.close()
+
+    assert ids_of(store.unacked("ann", 100)[0]) == mids[:4] + mids[5:]
+    assert ids_of(store.unacked("bob", 100)[0]) == mids[3:]
+    assert store.not_acked([(mids[4], "ann"), (mids[5], "ann"), (mids[0], "bob")]) == [(mids[5], "ann")]
+
+    assert ids_of(store.replay("ann", "", 100)[0]) == mids and store.message_data(mids[1:2]) == {mids[1]: 1}
+    if not around:
+        return
+    receipts, collection = store.database["receipts"], store.database["messages"]
+    candidates = store_module._embedded_candidates(receipts, {"m": {"$in": mids}})
+    assert candidates is not None, "litemongo has no find_candidates: an inbox read would go through mongomock's checks and copies"
+    assert {doc["_id"] for doc in receipts.find({"m": {"$in": mids}})} <= {doc["_id"] for doc in candidates}
+    read = store_module._embedded_by_id(collection, [mids[4], mids[0], mids[4], "f" * 24], {"data": 1})
+    assert read is not None, "litemongo's table has no get_many: reads by id would rebuild the index and scan"
+    assert read == [{"_id": mids[4], "data": 4}, {"_id": mids[0], "data": 0}]
+    assert read == [collection.find_one({"_id": mid}, {"data": 1}) for mid in (mids[4], mids[0])]
+
+
 def test_acked_since_lists_the_acks_recorded_after_the_given_time(store):
     gen = IdGenerator()
     message = make(gen, ["ann", "bob"], 1)
