@@ -21,10 +21,12 @@ Two engines, one code path:
   checks, copies or decodes every document it touches: the inserts of new documents, reads by
   ``_id`` and a window of message ids (:meth:`Store.deliveries_between`), both through the primary
   key, and a purge's check that a collection holds anything old (its first document in insertion
-  order).  The inbox's ack lookup takes the receipts index's candidates and checks them here
-  (:func:`_embedded_candidates`).  Every other read goes through mongomock, which first rebuilds
-  the collection's index from every document whenever another process wrote since (about 1.3 s
-  per 100,000 messages here): the user lookup of a replay, and the redelivery sweep's acks.  The SQLite
+  order).  So does a replay with at most ``_EMBEDDED_RANGE_ROWS`` messages after its id (all of
+  them, filtered here).  The inbox's ack lookup takes the receipts index's candidates and checks
+  them here (:func:`_embedded_candidates`).  Every other read goes through mongomock, which first
+  rebuilds the collection's index from every document whenever another process wrote since (about
+  1.3 s per 100,000 messages here): the user lookup of an inbox or of a longer replay, and the
+  redelivery sweep's acks.  The SQLite
   write-ahead logs are copied back into their files by a thread of each store
   (:mod:`tasks.checkpoints`), not by whichever task's commit crosses SQLite's 1,000 pages.
 
@@ -74,6 +76,9 @@ BROADCAST = "*"
 _DUPLICATE_KEY = 11000
 _OPEN_ATTEMPTS = 10
 _EMBEDDED_ID_BATCH = 2000
+#: On the embedded engine a replay reads every message after its ``since`` through the primary key
+#: when there are at most this many (about 10 us each to decode here); beyond, through the index.
+_EMBEDDED_RANGE_ROWS = 5000
 _INDEX_OPTIONS_CONFLICT = 85
 _COLLECTIONS = ("messages", "receipts", "keys")
 #: Most receipts in one receipts document (MongoDB caps a document at 16 MB).
@@ -202,6 +207,14 @@ class Store:
             raise ValueError(f"limit must be at least 1, got {limit!r}")
         query = {"to": {"$in": [user, BROADCAST]}, "_id": {"$gt": after_id}}
         with self._errors(f"replaying for user {user!r}"):
+            recent = _embedded_ids_after(self._messages, after_id, _EMBEDDED_RANGE_ROWS)
+            if recent is not None:
+                # Few messages since after_id (a browser back after seconds or minutes): read them
+                # all, whoever they are for, through the primary key, rather than have mongomock
+                # rebuild the index of the whole collection first (another process nearly always
+                # wrote since its last read while messages flow).
+                mine = [doc for doc in recent if doc["to"] == BROADCAST or user in doc["to"]]
+                return [{"id": doc["_id"], "data": doc["data"]} for doc in mine[-limit:]], len(mine) > limit
             if self.embedded:
                 # mongomock's cursor copies its result list on every next() (quadratic); distinct() doesn't.
                 newest = sorted(self._messages.distinct("_id", query), reverse=True)[: limit + 1]
@@ -514,6 +527,25 @@ def _embedded_id_range(collection, first: str, last: str) -> list[dict] | None:
     rows = table._connection.execute(
         f"SELECT {table.DOC} FROM {table._table_name} WHERE {table.ID} >= ? AND {table.ID} < ? ORDER BY {table.ID}",  # nosec - names from litemongo
         (low, high))
+    return [table._decode_doc(doc) for (doc,) in rows]
+
+
+def _embedded_ids_after(collection, after: str, most: int) -> list[dict] | None:
+    """On the embedded engine, the documents whose string ``_id`` is above ``after``, in ``_id``
+    order, when there are at most ``most`` of them, read through the primary key of litemongo's
+    table.  None when there are more, or where that table is not there, for the caller to query
+    instead."""
+    table = _litemongo_table(collection)
+    if table is None:
+        return None
+    low = table.encode_key(after)
+    if not (isinstance(low, str) and low.endswith(after)):
+        return None  # a key format that would not sort as the ids do
+    rows = table._connection.execute(
+        f"SELECT {table.DOC} FROM {table._table_name} WHERE {table.ID} > ? ORDER BY {table.ID} LIMIT ?",  # nosec - names from litemongo
+        (low, most + 1)).fetchall()
+    if len(rows) > most:
+        return None
     return [table._decode_doc(doc) for (doc,) in rows]
 
 

@@ -502,6 +502,41 @@ def test_the_inbox_and_reads_by_id_find_the_same_on_either_path(store, around, m
     assert read == [collection.find_one({"_id": mid}, {"data": 1}) for mid in (mids[4], mids[0])]
 
 
+def test_a_replay_finds_the_same_through_the_range_of_ids_and_through_the_index(store, monkeypatch):
+    """On the embedded engine a replay with few messages since its id reads them through the
+    table's primary key (tasks.store._embedded_ids_after), and through the index otherwise: both
+    must give the same messages, with the same limit and truncation, also for what another
+    connection wrote after this one built its index."""
+    if not store.embedded:
+        pytest.skip("the range read is the embedded engine's")
+    gen = IdGenerator()
+    messages = [make(gen, to, n) for n, to in enumerate([["ann"], ["bob"], "*", ["bob", "ann"], ["cy"], ["ann"], "*", ["bob"]])]
+    store.insert_messages(messages[:4])
+    assert len(store.replay("ann", "", 100)[0]) == 3  # this connection's index is built
+    other = Store.open()
+    try:
+        other.insert_messages(messages[4:])
+    finally:
+        other.close()
+    mine = [m["id"] for m in messages if m["to"] == "*" or "ann" in m["to"]]
+
+    def replays() -> list:
+        return [store.replay("ann", after, limit) for after in ("", messages[0]["id"], messages[3]["id"], messages[7]["id"]) for limit in (1, 2, 100)]
+
+    through_range = replays()
+    assert store_module._embedded_ids_after(store.database["messages"], "", 100) is not None, "litemongo's table is not what tasks.store reads"
+    monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", 3)  # more than that since "" and since messages[0]
+    mixed = replays()
+    monkeypatch.setattr(store_module, "_embedded_ids_after", lambda *_: None)
+    through_index = replays()
+
+    assert through_range == mixed == through_index
+    assert through_range[2] == ([{"id": mid, "data": int(n)} for mid, n in zip(mine, (0, 2, 3, 5, 6))], False)
+    assert through_range[1] == ([{"id": mine[-2], "data": 5}, {"id": mine[-1], "data": 6}], True)
+    assert through_range[8] == ([{"id": mine[3], "data": 5}, {"id": mine[4], "data": 6}], False)
+    assert through_range[11] == ([], False)
+
+
 def test_acked_since_lists_the_acks_recorded_after_the_given_time(store):
     gen = IdGenerator()
     message = make(gen, ["ann", "bob"], 1)
