@@ -29,13 +29,24 @@ log = logging.getLogger(__name__)
 PAGE = 500
 
 
-def _pages(user: str, since: str | None) -> list[tuple[list[dict], dict]]:
+def _read(requests: list[tuple[str, str, str | None]]) -> list[tuple[list[dict], bool]]:
+    """The envelopes of each ``(conn, user, since)``, and whether the retention or the limit cut
+    them short: the inbox of each without ``since``, and those with ``since`` in one call
+    (:meth:`tasks.store.Store.replays`: one read for all of them when it can)."""
+    store = get_store()
+    replies: list = [None] * len(requests)
+    resumes = [(index, user, ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS))
+               for index, (_, user, since) in enumerate(requests) if since is not None]
+    for index, (_, user, since) in enumerate(requests):
+        if since is None:
+            replies[index] = store.unacked(user, settings.REPLAY_LIMIT)
+    for (index, _, _), reply in zip(resumes, store.replays([(user, after) for _, user, after in resumes], settings.REPLAY_LIMIT)):
+        replies[index] = reply
+    return replies
+
+
+def _pages(envelopes: list[dict], truncated: bool) -> list[tuple[list[dict], dict]]:
     """The pages of one connection's replay: ``(envelopes, replay info)`` each, at least one."""
-    if since is None:
-        envelopes, truncated = get_store().unacked(user, settings.REPLAY_LIMIT)
-    else:
-        after = ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS)
-        envelopes, truncated = get_store().replay(user, after, settings.REPLAY_LIMIT)
     chunks = [envelopes[i : i + PAGE] for i in range(0, len(envelopes), PAGE)] or [[]]
     return [(chunk, {"last": number == len(chunks), "truncated": truncated, "count": len(envelopes)}) for number, chunk in enumerate(chunks, 1)]
 
@@ -78,7 +89,7 @@ def replay_many(node: str, requests: list[dict]) -> None:
 
 def _answer(node: str, requests: list[tuple[str, str, str | None]]) -> None:
     """Read the replay of every ``(conn, user, since)``, then publish all their pages in one batch."""
-    replies = [(conn, user, since, _pages(user, since)) for conn, user, since in requests]
+    replies = [(conn, user, since, _pages(*reply)) for (conn, user, since), reply in zip(requests, _read(requests))]
     publish_all([(node, envelopes, {"conn": conn, "replay": info}) for conn, _, _, pages in replies for envelopes, info in pages])
     for conn, user, since, pages in replies:
         _log_replayed(node, conn, user, since, pages)

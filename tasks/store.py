@@ -22,7 +22,7 @@ Two engines, one code path:
   ``_id`` and a window of message ids (:meth:`Store.deliveries_between`), both through the primary
   key, and a purge's check that a collection holds anything old (its first document in insertion
   order).  So does a replay with at most ``_EMBEDDED_RANGE_ROWS`` messages after its id (all of
-  them, filtered here).  The inbox's ack lookup takes the receipts index's candidates and checks
+  them, filtered here; the replays of one ``tasks.replay_many`` share the read, :meth:`Store.replays`).  The inbox's ack lookup takes the receipts index's candidates and checks
   them here (:func:`_embedded_candidates`).  Every other read goes through mongomock, which first
   rebuilds the collection's index from every document whenever another process wrote since (about
   1.3 s per 100,000 messages here): the user lookup of an inbox or of a longer replay, and the
@@ -52,6 +52,7 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import heapq
 import logging
 import os
 import sqlite3
@@ -213,8 +214,7 @@ class Store:
                 # all, whoever they are for, through the primary key, rather than have mongomock
                 # rebuild the index of the whole collection first (another process nearly always
                 # wrote since its last read while messages flow).
-                mine = [doc for doc in recent if doc["to"] == BROADCAST or user in doc["to"]]
-                return [{"id": doc["_id"], "data": doc["data"]} for doc in mine[-limit:]], len(mine) > limit
+                return replays_from(recent, [(user, after_id)], limit)[0]
             if self.embedded:
                 # mongomock's cursor copies its result list on every next() (quadratic); distinct() doesn't.
                 newest = sorted(self._messages.distinct("_id", query), reverse=True)[: limit + 1]
@@ -225,6 +225,21 @@ class Store:
             found = self.message_data(wanted)
         # A message purged between the two reads is simply missing.
         return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], truncated
+
+    def replays(self, wanted: list[tuple[str, str]], limit: int) -> list[tuple[list[dict], bool]]:
+        """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order.  On the embedded
+        engine, when at most ``_EMBEDDED_RANGE_ROWS`` messages were stored after the earliest
+        ``after_id``, one read of them serves every replay (the connections of one
+        ``tasks.replay_many``, often a reconnect storm's); otherwise each is read alone."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit!r}")
+        if not wanted:
+            return []
+        with self._errors(f"replaying for {len(wanted)} connections"):
+            recent = _embedded_ids_after(self._messages, min(after for _, after in wanted), _EMBEDDED_RANGE_ROWS)
+        if recent is not None:
+            return replays_from(recent, wanted, limit)
+        return [self.replay(user, after, limit) for user, after in wanted]
 
     def claim_ids(self, key: str, ids: list[str]) -> list[str]:
         """Bind idempotency ``key`` to ``ids``, or return the ids it was bound to before."""
@@ -645,6 +660,25 @@ def _embedded_insert_new(collection, table, docs: list[dict], encoded: list[byte
             for key, doc in new:
                 store._query_index.add(key, doc)
     return [doc for _, doc in new]
+
+
+def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int) -> list[tuple[list[dict], bool]]:
+    """What :meth:`Store.replays` returns for ``wanted``, from ``docs``: every message stored after
+    the earliest ``after_id`` of ``wanted``, in ``_id`` order.  Pure."""
+    of_user: dict[str, list[dict]] = {}
+    for doc in docs:
+        for user in [BROADCAST] if doc["to"] == BROADCAST else doc["to"]:
+            of_user.setdefault(user, []).append(doc)
+    broadcasts = of_user.get(BROADCAST, [])
+    out = []
+    for user, after in wanted:
+        mine = [doc for doc in heapq.merge(of_user.get(user, []) if user != BROADCAST else [], broadcasts, key=_doc_id) if doc["_id"] > after]
+        out.append(([{"id": doc["_id"], "data": doc["data"]} for doc in mine[-limit:]], len(mine) > limit))
+    return out
+
+
+def _doc_id(doc: dict) -> str:
+    return doc["_id"]
 
 
 def receipt_documents(receipts: list[dict]) -> list[dict]:

@@ -537,6 +537,28 @@ def test_a_replay_finds_the_same_through_the_range_of_ids_and_through_the_index(
     assert through_range[11] == ([], False)
 
 
+@pytest.mark.parametrize("rows", [100, 4, 0], ids=["one read for all", "one read for some", "each alone"])
+def test_replays_of_several_connections_are_each_what_its_own_replay_is(store, rows, monkeypatch):
+    """Store.replays answers the connections of one tasks.replay_many; on the embedded engine with
+    one read of what came after the earliest of them when that is few enough
+    (_EMBEDDED_RANGE_ROWS), else each alone.  Either way each answer is that connection's replay."""
+    gen = IdGenerator()
+    messages = [make(gen, to, n) for n, to in enumerate([["ann"], ["bob"], "*", ["bob", "ann"], ["cy"], ["ann"], "*", ["bob"]])]
+    store.insert_messages(messages)
+    afters = ["", messages[1]["id"], messages[4]["id"], messages[7]["id"]]
+    wanted = [(user, after) for after in afters for user in ("ann", "bob", "dee")]
+    alone = {limit: [store.replay(user, after, limit) for user, after in wanted] for limit in (1, 2, 100)}
+    monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", rows)
+
+    for limit in (1, 2, 100):
+        assert store.replays(wanted, limit) == alone[limit]
+        assert store.replays(list(reversed(wanted)), limit) == list(reversed(alone[limit]))
+    assert alone[100][0] == ([{"id": messages[n]["id"], "data": n} for n in (0, 2, 3, 5, 6)], False)
+    assert alone[2][1] == ([{"id": messages[n]["id"], "data": n} for n in (6, 7)], True)
+    assert alone[100][8] == ([{"id": messages[6]["id"], "data": 6}], False)
+    assert store.replays([], 10) == []
+
+
 def test_acked_since_lists_the_acks_recorded_after_the_given_time(store):
     gen = IdGenerator()
     message = make(gen, ["ann", "bob"], 1)
