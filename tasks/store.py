@@ -537,13 +537,20 @@ def _embedded_id_range(collection, first: str, last: str) -> list[dict] | None:
     table = _litemongo_table(collection)
     if table is None:
         return None
-    low, high = table.encode_key(first), table.encode_key(last)
-    if not (isinstance(low, str) and isinstance(high, str) and low.endswith(first) and high.endswith(last)):
-        return None  # a key format that would not sort as the ids do
+    low, high = _sortable_key(table, first), _sortable_key(table, last)
+    if low is None or high is None:
+        return None
     rows = table._connection.execute(
         f"SELECT {table.DOC} FROM {table._table_name} WHERE {table.ID} >= ? AND {table.ID} < ? ORDER BY {table.ID}",  # nosec - names from litemongo
         (low, high))
     return [table._decode_doc(doc) for (doc,) in rows]
+
+
+def _sortable_key(table, message_id: str) -> str | None:
+    """``message_id`` as litemongo's table keys it, or None where that key would not sort as the
+    ids do (a key format other than a text prefix followed by the id)."""
+    key = table.encode_key(message_id)
+    return key if isinstance(key, str) and key.endswith(message_id) else None
 
 
 def _embedded_ids_after(collection, after: str, most: int) -> list[dict] | None:
@@ -554,9 +561,9 @@ def _embedded_ids_after(collection, after: str, most: int) -> list[dict] | None:
     table = _litemongo_table(collection)
     if table is None:
         return None
-    low = table.encode_key(after)
-    if not (isinstance(low, str) and low.endswith(after)):
-        return None  # a key format that would not sort as the ids do
+    low = _sortable_key(table, after)
+    if low is None:
+        return None
     rows = table._connection.execute(
         f"SELECT {table.DOC} FROM {table._table_name} WHERE {table.ID} > ? ORDER BY {table.ID} LIMIT ?",  # nosec - names from litemongo
         (low, most + 1)).fetchall()
