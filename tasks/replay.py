@@ -37,11 +37,14 @@ def _read(requests: list[tuple[str, str, str | None]]) -> list[tuple[list[dict],
     replies: list = [None] * len(requests)
     resumes = [(index, user, ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS))
                for index, (_, user, since) in enumerate(requests) if since is not None]
-    for index, (_, user, since) in enumerate(requests):
-        if since is None:
-            replies[index] = store.unacked(user, settings.REPLAY_LIMIT)
-    for (index, _, _), reply in zip(resumes, store.replays([(user, after) for _, user, after in resumes], settings.REPLAY_LIMIT)):
-        replies[index] = reply
+    # Every connection here registered its route before the node asked: what is stored after the
+    # first read below is routed to it live, so all the reads may share that read's index.
+    with store.index_pinned():
+        for index, (_, user, since) in enumerate(requests):
+            if since is None:
+                replies[index] = store.unacked(user, settings.REPLAY_LIMIT)
+        for (index, _, _), reply in zip(resumes, store.replays([(user, after) for _, user, after in resumes], settings.REPLAY_LIMIT)):
+            replies[index] = reply
     return replies
 
 

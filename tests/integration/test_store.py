@@ -559,6 +559,29 @@ def test_replays_of_several_connections_are_each_what_its_own_replay_is(store, r
     assert store.replays([], 10) == []
 
 
+def test_reads_with_the_index_pinned_keep_the_index_of_their_first_read(store):
+    """Store.index_pinned (the reads of one tasks.replay_many): on the embedded engine the reads
+    inside keep the index of the first one although another process writes meanwhile, and the
+    first read after the block sees everything again."""
+    if not store.embedded:
+        pytest.skip("the query index is the embedded engine's")
+    gen = IdGenerator()
+    first, second, third = (make(gen, ["ann"], n) for n in range(3))
+    store.insert_messages([first])
+    other = Store.open()
+    try:
+        with store.index_pinned():
+            assert ids_of(store.unacked("ann", 100)[0]) == [first["id"]]
+            other.insert_messages([second])
+            other.record_receipts([{"id": first["id"], "user": "ann", "state": "acked", "at": time.time()}])
+            assert ids_of(store.unacked("ann", 100)[0]) == [first["id"]], "the index was rebuilt inside the block"
+        assert ids_of(store.unacked("ann", 100)[0]) == [second["id"]]
+        other.insert_messages([third])
+        assert ids_of(store.unacked("ann", 100)[0]) == [second["id"], third["id"]]
+    finally:
+        other.close()
+
+
 def test_acked_since_lists_the_acks_recorded_after_the_given_time(store):
     gen = IdGenerator()
     message = make(gen, ["ann", "bob"], 1)
