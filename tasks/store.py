@@ -26,8 +26,8 @@ Two engines, one code path:
   :meth:`Store.replays`).  The inbox's ack lookup takes the receipts index's candidates and checks
   them here (:func:`_embedded_candidates`).  Every other read goes through mongomock, which first
   rebuilds the collection's index from every document whenever another process wrote since (about
-  1.3 s per 100,000 messages here): the user lookup of an inbox or of a longer replay, and the
-  redelivery sweep's acks.  The SQLite
+  1.3 s per 100,000 messages here): the user lookup of an inbox or of a longer replay (once per
+  ``tasks.replay_many``: :meth:`Store.index_pinned`), and the redelivery sweep's acks.  The SQLite
   write-ahead logs are copied back into their files by a thread of each store
   (:mod:`tasks.checkpoints`), not by whichever task's commit crosses SQLite's 1,000 pages.
 
