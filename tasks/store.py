@@ -205,17 +205,34 @@ class Store:
     def replay(self, user: str, after_id: str, limit: int) -> tuple[list[dict], bool]:
         """Envelopes ``{"id", "data"}`` of the messages to ``user`` or to everyone with an id above
         ``after_id``, oldest first.  At most the newest ``limit``; True when older ones were left out."""
+        return self.replays([(user, after_id)], limit)[0]
+
+    def replays(self, wanted: list[tuple[str, str]], limit: int) -> list[tuple[list[dict], bool]]:
+        """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order.
+
+        On the embedded engine, when at most ``_EMBEDDED_RANGE_ROWS`` messages were stored after
+        the earliest ``after_id`` (a browser back after seconds or minutes), one read of them all,
+        whoever they are for, through the primary key serves every replay (the connections of one
+        ``tasks.replay_many``, often a reconnect storm's), rather than have mongomock rebuild the
+        index of the whole collection first (another process nearly always wrote since its last
+        read while messages flow).  Otherwise each replay from that earliest id goes through the
+        index, and each of the others tries the same for itself."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit!r}")
+        if not wanted:
+            return []
+        first = min(after for _, after in wanted)
+        with self._errors(f"replaying for {len(wanted)} connections"):
+            recent = _embedded_ids_after(self._messages, first, _EMBEDDED_RANGE_ROWS)
+        if recent is not None:
+            return replays_from(recent, wanted, limit)
+        return [self._replay_by_index(user, after, limit) if after == first else self.replays([(user, after)], limit)[0]
+                for user, after in wanted]
+
+    def _replay_by_index(self, user: str, after_id: str, limit: int) -> tuple[list[dict], bool]:
+        """:meth:`replay` through the ``to`` index (on the embedded engine, mongomock's)."""
         query = {"to": {"$in": [user, BROADCAST]}, "_id": {"$gt": after_id}}
         with self._errors(f"replaying for user {user!r}"):
-            recent = _embedded_ids_after(self._messages, after_id, _EMBEDDED_RANGE_ROWS)
-            if recent is not None:
-                # Few messages since after_id (a browser back after seconds or minutes): read them
-                # all, whoever they are for, through the primary key, rather than have mongomock
-                # rebuild the index of the whole collection first (another process nearly always
-                # wrote since its last read while messages flow).
-                return replays_from(recent, [(user, after_id)], limit)[0]
             if self.embedded:
                 # mongomock's cursor copies its result list on every next() (quadratic); distinct() doesn't.
                 newest = sorted(self._messages.distinct("_id", query), reverse=True)[: limit + 1]
@@ -226,21 +243,6 @@ class Store:
             found = self.message_data(wanted)
         # A message purged between the two reads is simply missing.
         return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], truncated
-
-    def replays(self, wanted: list[tuple[str, str]], limit: int) -> list[tuple[list[dict], bool]]:
-        """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order.  On the embedded
-        engine, when at most ``_EMBEDDED_RANGE_ROWS`` messages were stored after the earliest
-        ``after_id``, one read of them serves every replay (the connections of one
-        ``tasks.replay_many``, often a reconnect storm's); otherwise each is read alone."""
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit!r}")
-        if not wanted:
-            return []
-        with self._errors(f"replaying for {len(wanted)} connections"):
-            recent = _embedded_ids_after(self._messages, min(after for _, after in wanted), _EMBEDDED_RANGE_ROWS)
-        if recent is not None:
-            return replays_from(recent, wanted, limit)
-        return [self.replay(user, after, limit) for user, after in wanted]
 
     @contextlib.contextmanager
     def index_pinned(self) -> Iterator[None]:
