@@ -26,7 +26,7 @@ Two changes, which CPython's documentation of :func:`gc.freeze` suggests for pre
 
 With both, in the same run the pool processes ran no collection at all and each node spent
 about 0.07 s in collections, most of it before it had started.  A/B over three alternated runs
-of ``--messages 40000`` (``bench/README.md``): CPU per message x0.85 in the pool, x0.89 in the
+of ``--messages 40000`` (``bench/HISTORY.md``): CPU per message x0.85 in the pool, x0.89 in the
 nodes.
 """
 

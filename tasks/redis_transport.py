@@ -8,8 +8,8 @@ commands (``Channel.conn_or_acquire``): to record a task it delivered as unackno
 acknowledge it, for every publish batch, for every queue declaration.  The object is only a handle
 on the channel's connection pool, but redis-py 8 fills a table of about 170 response callbacks in
 each one, which costs about 0.15 ms of CPU on a fast machine (0.16 ms measured on the 2-core VM of
-``bench/README.md``).  A worker's main process builds two of them per task it receives, and in
-single-message mode that was about 30% of its CPU per message (``bench/README.md``).
+``bench/HISTORY.md``).  A worker's main process builds two of them per task it receives, and in
+single-message mode that was about 30% of its CPU per message (``bench/HISTORY.md``).
 
 :class:`Channel` builds that handle once, on first use, and hands the same one out ever after;
 everything else is kombu's.  It is safe because kombu only calls commands and makes pipelines on

@@ -5,7 +5,7 @@ What the worker publishes to a push node (``wsnode.deliver`` batches), what a no
 that name receipt documents.  Every one of these is encoded once per message or per delivery, and
 the standard library's encoder (kombu's ``json`` serializer is ``json.dumps`` with a custom
 encoder) took about 1.9 µs per delivery to encode a node-queue batch and 2.2 µs per frame on the
-2-core VM of ``bench/README.md``; orjson takes 0.12 and 0.31 (decoding: 1.45 -> 0.32 µs per
+2-core VM of ``bench/HISTORY.md``; orjson takes 0.12 and 0.31 (decoding: 1.45 -> 0.32 µs per
 envelope, an ack frame 1.8 -> 0.9).
 
 The output is plain JSON with content type ``application/json``: any JSON consumer reads it
