@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -108,6 +109,23 @@ async def test_no_log_line_and_no_metrics_page_carries_a_token_or_a_secret(clust
     for log in logs:
         text = log.read_text(errors="replace")
         assert not [name for name, secret in secrets.items() if secret in text], f"{log.name} logs a secret"
+
+
+
+async def test_a_connection_is_logged_once_with_its_user_and_handshake_time_and_other_requests_in_the_access_log(cluster):
+    port = cluster.node_ports[0]
+    token = await asyncio.to_thread(cluster.token, "log-lines")
+    client = await Client.connect(cluster.ws_url(port, token, since="0" * 24), wait_resumed=True)
+    assert (await asyncio.to_thread(get, f"http://127.0.0.1:{port}/healthz"))[0] == 200
+    client.close()
+    await asyncio.sleep(0.5)  # the log copiers catch up
+    text = cluster.logs.joinpath(f"node-{port}.log").read_text(errors="replace")
+    conn = client.hello["conn"]
+    connected = [line for line in text.splitlines() if f"conn={conn} " in line and " connected" in line]
+    assert len(connected) == 1, connected
+    assert re.search(rf"user=log-lines node=\S+ connected in \d+\.\d ms, since={'0' * 24}$", connected[0]), connected[0]
+    assert "200 GET /healthz" in text  # the access log still has what is not an upgrade
+    assert "101 GET /ws" not in text  # an upgrade is the connected line's (DEBUG in the access log)
 
 
 # --- health ----------------------------------------------------------------------------------
