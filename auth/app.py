@@ -6,6 +6,9 @@ Every response is JSON.  Routes:
 - ``POST /verify``  ``{"token": "..."}`` -> 200 ``{"user_id": "alice", "expires_at": <int>}``;
   401 ``{"error": "token expired" | "token invalid: <why>" | "token revoked"}``;
   503 when Redis cannot say whether the token is revoked.
+  Or ``{"tokens": ["...", ...]}`` (1 to ``MAX_VERIFY_BATCH``) -> 200 ``{"results": [...]}``, one per
+  token in order, each the single form's 200 or 401 body; 503 as above for the whole request.
+  Push nodes send what came while their previous check was in flight as one such request.
 - ``POST /revoke``  (admin) ``{"token": "..."}`` or ``{"user_id": "alice"}`` -> 200 ``{"revoked": "token" | "user"}``
 - ``GET /healthz`` -> 200 ``{"status": "ok"}``, or 503 ``{"status": "redis unavailable"}`` (it PINGs
   Redis on every call: revocations live there, so without Redis no token can be verified)
@@ -39,6 +42,9 @@ from auth.revocations import Revocations, RevocationsUnavailable
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+#: Tokens in one ``POST /verify`` of the list form: 100 tokens of the longest user id fit in
+#: ``MAX_BODY_BYTES`` (wsnode.auth sends at most as many).
+MAX_VERIFY_BATCH = 100
 ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz, GET /metrics"
 REDIS_DOWN = "cannot reach Redis to check or record revocations; retry later (operators: check REDIS_URL)"
 
@@ -165,28 +171,62 @@ class TokensHandler(JsonHandler):
 
 
 class VerifyHandler(JsonHandler):
+    EXAMPLE = '{"token": "..."} or {"tokens": ["...", ...]}'
+
     async def post(self) -> None:
-        token = self.string_field(self.json_object('{"token": "..."}'), "token", '{"token": "..."}')
+        body = self.json_object(self.EXAMPLE)
+        if "tokens" in body and "token" not in body:
+            answers = await self._verify(self._token_list(body["tokens"]))
+            self.finish({"results": [answer for _, answer in answers]})
+            return
+        [(status, answer)] = await self._verify([self.string_field(body, "token", self.EXAMPLE)])
+        if status != 200:
+            raise Reject(status, answer)
+        self.finish(answer)
+
+    def _token_list(self, value: object) -> list[str]:
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_VERIFY_BATCH or not all(isinstance(token, str) for token in value):
+            got = (f"'tokens' as a JSON {_json_type(value)}" if not isinstance(value, list)
+                   else f"a list of {len(value)} tokens" if not 1 <= len(value) <= MAX_VERIFY_BATCH
+                   else "a list with an item that is not a string")
+            raise Reject(400, {"error": f"expected a JSON object like {self.EXAMPLE}, with 1 to {MAX_VERIFY_BATCH} token strings; got {got}"})
+        return value
+
+    async def _verify(self, tokens_: list[str]) -> list[tuple[int, dict]]:
+        """``(200, {"user_id", "expires_at"})`` or ``(401, {"error"})`` per token, in order;
+        raises 503 when Redis cannot say whether the signed ones are revoked (one MGET for all)."""
+        answers: list[tuple[int, dict] | None] = []
+        signed: list[tokens.Claims] = []
+        for token in tokens_:
+            try:
+                signed.append(tokens.verify(self.service.secret, token, self.service.clock()))
+                answers.append(None)
+            except tokens.TokenExpired:
+                self.service.metrics.verified("expired")
+                answers.append((401, {"error": "token expired"}))
+            except tokens.TokenInvalid as exc:
+                self.service.metrics.verified("invalid")
+                answers.append((401, {"error": f"token invalid: {exc}"}))
         try:
-            claims = tokens.verify(self.service.secret, token, self.service.clock())
-        except tokens.TokenExpired:
-            self.service.metrics.verified("expired")
-            raise Reject(401, {"error": "token expired"}) from None
-        except tokens.TokenInvalid as exc:
-            self.service.metrics.verified("invalid")
-            raise Reject(401, {"error": f"token invalid: {exc}"}) from None
-        try:
-            revoked = await self.service.revocations.is_revoked(claims)
+            revoked = iter(await self.service.revocations.are_revoked(signed))
         except RevocationsUnavailable as exc:
-            self.service.metrics.verified("unavailable")
-            log.error("cannot verify jti=%s user=%s: %s", claims.jti, claims.user_id, exc)
+            for claims in signed:
+                self.service.metrics.verified("unavailable")
+            log.error("cannot verify %s: %s", ", ".join(f"jti={claims.jti} user={claims.user_id}" for claims in signed), exc)
             raise Reject(503, {"error": REDIS_DOWN}) from None
-        if revoked:
-            self.service.metrics.verified("revoked")
-            log.info("refused revoked token jti=%s user=%s", claims.jti, claims.user_id)
-            raise Reject(401, {"error": "token revoked"})
-        self.service.metrics.verified("ok")
-        self.finish({"user_id": claims.user_id, "expires_at": claims.expires_at})
+        claims_left = iter(signed)
+        for index, answer in enumerate(answers):
+            if answer is not None:
+                continue
+            claims = next(claims_left)
+            if next(revoked):
+                self.service.metrics.verified("revoked")
+                log.info("refused revoked token jti=%s user=%s", claims.jti, claims.user_id)
+                answers[index] = (401, {"error": "token revoked"})
+            else:
+                self.service.metrics.verified("ok")
+                answers[index] = (200, {"user_id": claims.user_id, "expires_at": claims.expires_at})
+        return answers  # type: ignore[return-value]  # every None was filled
 
 
 class RevokeHandler(JsonHandler):

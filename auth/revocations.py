@@ -68,10 +68,16 @@ class Revocations:
 
     async def is_revoked(self, claims: Claims) -> bool:
         """Whether the token is revoked, by itself or with its user; one round trip (MGET)."""
-        by_jti, user_cutoff = await self._call(self._redis.mget(JTI_PREFIX + claims.jti, USER_PREFIX + claims.user_id))
-        if by_jti is not None:
-            return True
-        return user_cutoff is not None and claims.issued_at_us <= int(user_cutoff)
+        return (await self.are_revoked([claims]))[0]
+
+    async def are_revoked(self, many: list[Claims]) -> list[bool]:
+        """:meth:`is_revoked` for each of ``many``, in order, in one round trip (one MGET)."""
+        if not many:
+            return []
+        keys = [key for claims in many for key in (JTI_PREFIX + claims.jti, USER_PREFIX + claims.user_id)]
+        values = await self._call(self._redis.mget(keys))
+        return [by_jti is not None or (user_cutoff is not None and claims.issued_at_us <= int(user_cutoff))
+                for claims, by_jti, user_cutoff in zip(many, values[0::2], values[1::2])]
 
     async def ping(self) -> None:
         """Raise ``RevocationsUnavailable`` unless Redis answers PING."""

@@ -116,7 +116,7 @@ class PushNode:
             client_name=f"wsnode:{self.address}"))  # named in Redis' CLIENT LIST
         self.leases = Leases(self.redis, self.address, settings.LEASE_TTL)
         #: Leases of users whose first connection here opened: one pipeline for all who opened meanwhile.
-        self._new_leases: Coalescer[str] = Coalescer(self._register_new_leases)
+        self._new_leases: Coalescer[str, None] = Coalescer(self._register_new_leases)
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
         self.redis_ok = False
@@ -130,7 +130,7 @@ class PushNode:
         self._timers: list[PeriodicCallback] = []
         self._loop: IOLoop | None = None
         #: Leases of users whose last connection here closed: one release for all who left meanwhile.
-        self._left: Coalescer[str] = Coalescer(self._release_leases)
+        self._left: Coalescer[str, None] = Coalescer(self._release_leases)
 
     # --- lifecycle -------------------------------------------------------------------------
 

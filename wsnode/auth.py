@@ -5,17 +5,27 @@ a new token) or :class:`AuthUnavailable` (close 1013: try again later).  Verifie
 for ``cache_seconds`` keyed by a digest of the token (tokens themselves are never kept or logged),
 so a revoked token keeps opening connections on this node for at most that long.
 
+One request at a time (:class:`~wsnode.coalesce.Coalescer`): the tokens that come while a check
+is in flight go together in the next one, as ``POST /verify {"tokens": [...]}`` (at most
+``MAX_VERIFY_BATCH``); a lone token goes as ``{"token": ...}``.  In a reconnect storm that makes
+one request of many browsers' checks: the HTTP round trip per token was a quarter of the node
+loop's samples (py-spy) and most of auth's CPU per connection; 6,000 connections at once took the
+node 15 s of CPU and auth 7.3 s before, 11 s and 1.6 s after (``bench/HISTORY.md``).  An auth
+from before the list form answers it 400 ("no 'token' field"): the node then checks one token per
+request, as before, and says so once in its log.
+
 The requests go through Tornado's libcurl client (pycurl), which keeps its connections to auth
 open between requests: Tornado's default client opens and closes a TCP connection per request,
 which in a reconnect storm costs the node and auth a connect and a close per browser and leaves a
-TIME_WAIT socket behind each.  At most ``max_in_flight`` checks are in flight at once; the others
-wait in the client's queue.  A connection that auth closed (it restarted) is noticed by libcurl,
-which connects again.  Every failure to get an answer (refused, reset, timed out) is libcurl's
-error 599, hence :class:`AuthUnavailable`.
+TIME_WAIT socket behind each.  At most ``max_in_flight`` requests are in flight at once (one but
+when checking one token per request); the others wait in the client's queue.  A connection that
+auth closed (it restarted) is noticed by libcurl, which connects again.  Every failure to get an
+answer (refused, reset, timed out) is libcurl's error 599, hence :class:`AuthUnavailable`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -23,9 +33,14 @@ import logging
 import pycurl
 from cachetools import TTLCache
 from tornado.curl_httpclient import CurlAsyncHTTPClient
-from tornado.httpclient import HTTPClientError
+from tornado.httpclient import HTTPClientError, HTTPResponse
+
+from wsnode.coalesce import Coalescer
 
 log = logging.getLogger(__name__)
+
+#: Tokens per ``POST /verify`` of the list form; auth's own limit (``auth.app.MAX_VERIFY_BATCH``).
+MAX_VERIFY_BATCH = 100
 
 
 class AuthError(Exception):
@@ -46,6 +61,8 @@ class AuthClient:
         self._timeout = timeout
         self._cache: TTLCache | None = TTLCache(max_cached, cache_seconds) if cache_seconds > 0 else None
         self._http = CurlAsyncHTTPClient(force_instance=True, max_clients=max_in_flight)
+        self._checks: Coalescer[str, str] = Coalescer(self._check_many, max_items=MAX_VERIFY_BATCH)
+        self._list_form = True  # False once auth said it does not know {"tokens": [...]}
 
     async def verify(self, token: str | None) -> str:
         if not token:
@@ -53,25 +70,60 @@ class AuthClient:
         digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
         if self._cache is not None and (user := self._cache.get(digest)) is not None:
             return user
-        try:
-            response = await self._http.fetch(
-                self._verify_url, method="POST", body=json.dumps({"token": token}),
-                headers={"Content-Type": "application/json"}, request_timeout=self._timeout, connect_timeout=self._timeout,
-                prepare_curl_callback=_small_buffers,
-            )
-        except HTTPClientError as exc:
-            if exc.code == 401:
-                raise AuthRejected(_error_text(exc)) from None
-            if exc.code == 599:  # no HTTP answer: refused, reset, timed out (libcurl's message says which)
-                raise AuthUnavailable(f"auth service unreachable at {self._verify_url}: {exc.message}") from None
-            raise AuthUnavailable(f"auth service answered {exc.code} at {self._verify_url}") from None
-        try:
-            user = json.loads(response.body)["user_id"]
-        except (ValueError, KeyError, TypeError):
-            raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url}") from None
+        user = await self._checks.submit(token)
         if self._cache is not None:
             self._cache[digest] = user
         return user
+
+    async def _check_many(self, tokens: list[str]) -> list[str | Exception]:
+        """The user id, or the :class:`AuthError` to raise, per token; raises an :class:`AuthError`
+        that holds for all of them."""
+        if len(tokens) == 1 or not self._list_form:
+            return await asyncio.gather(*(self._check_one(token) for token in tokens), return_exceptions=True)
+        try:
+            response = await self._post({"tokens": tokens})
+        except HTTPClientError as exc:
+            if exc.code != 400:
+                raise _unavailable(exc, self._verify_url) from None
+            # An auth from before the list form, or a body it refused (a client sent an outsize
+            # token): these tokens one per request, and from now on every token if it was the former.
+            if "no 'token' field" in _error_text(exc):
+                self._list_form = False
+                log.warning("auth at %s does not know POST /verify with a list of tokens (it answered: %s); checking one token "
+                            "per request from now on: upgrade auth to check them together", self._verify_url, _error_text(exc))
+            return await asyncio.gather(*(self._check_one(token) for token in tokens), return_exceptions=True)
+        try:
+            results = json.loads(response.body)["results"]
+            if len(results) != len(tokens):
+                raise ValueError(f"{len(results)} results for {len(tokens)} tokens")
+            return [result["user_id"] if "user_id" in result else AuthRejected(str(result["error"])) for result in results]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url} ({exc})") from None
+
+    async def _check_one(self, token: str) -> str:
+        try:
+            response = await self._post({"token": token})
+        except HTTPClientError as exc:
+            if exc.code == 401:
+                raise AuthRejected(_error_text(exc)) from None
+            raise _unavailable(exc, self._verify_url) from None
+        try:
+            return json.loads(response.body)["user_id"]
+        except (ValueError, KeyError, TypeError):
+            raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url}") from None
+
+    async def _post(self, body: dict) -> HTTPResponse:
+        return await self._http.fetch(
+            self._verify_url, method="POST", body=json.dumps(body),
+            headers={"Content-Type": "application/json"}, request_timeout=self._timeout, connect_timeout=self._timeout,
+            prepare_curl_callback=_small_buffers,
+        )
+
+
+def _unavailable(exc: HTTPClientError, url: str) -> AuthUnavailable:
+    if exc.code == 599:  # no HTTP answer: refused, reset, timed out (libcurl's message says which)
+        return AuthUnavailable(f"auth service unreachable at {url}: {exc.message}")
+    return AuthUnavailable(f"auth service answered {exc.code} at {url}")
 
 
 def _small_buffers(curl: pycurl.Curl) -> None:

@@ -367,6 +367,66 @@ def test_a_valid_token_is_503_not_200_when_revocations_cannot_be_checked(auth_af
     assert "Redis" in body["error"]
 
 
+
+# --- the list form of /verify (what push nodes send) --------------------------------------------
+
+
+def test_a_list_of_tokens_gets_one_answer_per_token_in_order(auth):
+    good, revoked, other_user = issue(auth, "ivan"), issue(auth, "ivan"), issue(auth, "judy")
+    call(auth, "POST", "/revoke", {"token": revoked["token"]}, key=ADMIN_KEY)
+    forged = jwt.encode({"sub": "ivan", "jti": "y", "iat": time.time(), "exp": int(time.time()) + 60}, "another-secret-" + "x" * 40, algorithm="HS256")
+
+    status, body = call(auth, "POST", "/verify", {"tokens": [good["token"], "garbage", revoked["token"], forged, other_user["token"], good["token"]]})
+
+    assert status == 200
+    results = body["results"]
+    assert results[0] == results[5] == {"user_id": "ivan", "expires_at": good["expires_at"]}
+    assert results[1]["error"].startswith("token invalid: ")
+    assert results[2] == {"error": "token revoked"}
+    assert results[3]["error"].startswith("token invalid: signature")
+    assert results[4] == {"user_id": "judy", "expires_at": other_user["expires_at"]}
+    assert len(results) == 6
+
+
+def test_an_expired_token_in_a_list_is_answered_expired(short_lived_auth):
+    issued = issue(short_lived_auth, "kim")
+    time.sleep(max(0.0, issued["expires_at"] - time.time()) + 0.05)
+
+    assert call(short_lived_auth, "POST", "/verify", {"tokens": [issued["token"]]}) == (200, {"results": [{"error": "token expired"}]})
+
+
+def test_a_list_of_100_tokens_of_the_longest_user_id_is_answered(auth):
+    token = issue(auth, "u" * 128)["token"]
+
+    status, body = call(auth, "POST", "/verify", {"tokens": [token] * 100})
+
+    assert status == 200
+    assert [result["user_id"] for result in body["results"]] == ["u" * 128] * 100
+
+
+@pytest.mark.parametrize("tokens, got", [
+    ([], "a list of 0 tokens"),
+    (["t"] * 101, "a list of 101 tokens"),
+    ("a.b.c", "'tokens' as a JSON string"),
+    (["a.b.c", 12], "a list with an item that is not a string"),
+])
+def test_a_list_that_is_empty_too_long_or_not_of_strings_is_400_saying_what_was_expected(auth, tokens, got):
+    status, body = call(auth, "POST", "/verify", {"tokens": tokens})
+
+    assert status == 400
+    assert body["error"].startswith('expected a JSON object like {"token": "..."} or {"tokens": ["...", ...]}, with 1 to 100 token strings')
+    assert body["error"].endswith(got)
+
+
+def test_a_list_is_503_when_revocations_cannot_be_checked(auth_after_redis_died):
+    base, token = auth_after_redis_died
+
+    status, body = call(base, "POST", "/verify", {"tokens": [token, "garbage"]})
+
+    assert status == 503
+    assert "Redis" in body["error"]
+
+
 def test_sigterm_stops_the_service_with_exit_code_0(tmp, redis_port):
     with auth_service(tmp, redis_port) as (_, proc):
         proc.send_signal(signal.SIGTERM)

@@ -98,3 +98,26 @@ async def test_a_caller_that_stops_waiting_leaves_the_others_theirs():
 def test_max_items_must_be_positive():
     with pytest.raises(ValueError, match="max_items"):
         Coalescer(Recorder(), max_items=0)
+
+
+async def test_each_caller_gets_its_own_items_result_and_an_exception_result_is_raised_to_its_caller_only():
+    async def answer(items: list[str]) -> list:
+        await asyncio.sleep(0)
+        return [ValueError(f"no {item}") if item.startswith("bad") else item.upper() for item in items]
+
+    coalescer: Coalescer[str, str] = Coalescer(answer)
+    first = asyncio.create_task(coalescer.submit("a"))
+    await settle()
+    later = [asyncio.create_task(coalescer.submit(item)) for item in ("b", "bad-c", "d")]
+    results = await asyncio.gather(first, *later, return_exceptions=True)
+    assert results[0] == "A" and results[1] == "B" and results[3] == "D"
+    assert isinstance(results[2], ValueError) and str(results[2]) == "no bad-c"
+
+
+async def test_a_flush_that_returns_the_wrong_number_of_results_fails_every_caller_of_that_call():
+    async def short(items: list[str]) -> list:
+        return items[:-1]
+
+    coalescer: Coalescer[str, str] = Coalescer(short)
+    with pytest.raises(RuntimeError, match="returned 0 results for 1 items"):
+        await asyncio.wait_for(coalescer.submit("a"), 1)
