@@ -101,3 +101,10 @@ async def test_against_an_auth_without_the_list_form_the_node_checks_one_token_p
         old_auth.stop()
     warnings = [line for line in log_path.read_text().splitlines() if "does not know POST /verify with a list" in line]
     assert len(warnings) == 1, warnings
+
+
+def test_a_node_sends_at_most_as_many_tokens_per_request_as_auth_takes():
+    from auth.app import MAX_VERIFY_BATCH as auth_takes
+    from wsnode.auth import MAX_VERIFY_BATCH as node_sends
+
+    assert node_sends == auth_takes
