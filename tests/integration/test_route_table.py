@@ -95,3 +95,53 @@ def test_lookup_marks_more_deliveries_than_one_command_takes(redis):
 def test_marks_without_their_key_are_refused(redis):
     with pytest.raises(ValueError, match="key"):
         RouteTable(redis, clock=lambda: NOW).lookup(["ann"], "", [("ann", "m1:ann", 1.0)])
+
+
+# --- Leases: what a node writes (script calls, _SCRIPT_USERS users each) ------------------------
+
+
+@pytest.fixture
+async def leases(redis_server):
+    import redis.asyncio as aioredis
+
+    from wsnode.registry import Leases
+
+    client = aioredis.Redis.from_url(redis_server.url(4))
+    await client.flushdb()
+    yield Leases(client, "a:1", ttl=30.0, clock=lambda: NOW)
+    await client.flushdb()
+    await client.aclose()
+
+
+async def test_a_node_leases_more_users_than_one_script_call_takes_trims_ended_leases_and_keeps_other_nodes(redis, leases):
+    from wsnode.registry import _SCRIPT_USERS
+
+    users = [f"lease-{n}" for n in range(2 * _SCRIPT_USERS + 7)]
+    redis.zadd(route_key(users[0]), {"b:1": NOW + 20, "old:1": NOW - 1})  # another device's node; an ended lease
+
+    await leases.register(users)
+
+    assert redis.zscore(NODES_KEY, "a:1") == NOW + 30
+    assert all(redis.zscore(route_key(user), "a:1") == NOW + 30 for user in users)
+    assert redis.zrange(route_key(users[0]), 0, -1, withscores=True) == [(b"b:1", NOW + 20), (b"a:1", NOW + 30)]
+    assert 55 <= redis.ttl(route_key(users[-1])) <= 61  # the key outlives its newest lease
+
+
+async def test_a_node_releases_many_users_and_at_shutdown_its_own_lease_and_after_a_redis_restart_still_writes(redis, leases):
+    from wsnode.registry import _SCRIPT_USERS
+
+    users = [f"leaving-{n}" for n in range(_SCRIPT_USERS + 3)]
+    await leases.register(users)
+    redis.zadd(route_key(users[1]), {"b:1": NOW + 20})
+
+    await leases.release(users[:-1])
+    assert [user for user in users if redis.zscore(route_key(user), "a:1") is not None] == [users[-1]]
+    assert redis.zscore(route_key(users[1]), "b:1") == NOW + 20  # other nodes' leases stay
+    await leases.release([])  # nothing to do: no call
+
+    redis.script_flush()  # what a Redis restart does to the scripts
+    await leases.register(["back"])
+    assert redis.zscore(route_key("back"), "a:1") == NOW + 30
+    await leases.release_node([users[-1], "back"])
+    assert redis.zscore(NODES_KEY, "a:1") == 0
+    assert redis.zscore(route_key(users[-1]), "a:1") is None and redis.zscore(route_key("back"), "a:1") is None
