@@ -10,8 +10,9 @@ Schema (all keys in the ``REDIS_URL`` database):
 
 Leases are written by the node that holds the connections (:class:`Leases`, asyncio, loop thread
 only, a script call per 250 users) and renewed every third of ``LEASE_TTL``; the renewal rewrites
-every lease, so the routes come back by themselves after a Redis restart.  Dispatch reads them (:class:`RouteTable`,
-synchronous, worker process) and tolerates stale entries: a score in the past is ignored.
+every lease, so the routes come back by themselves after a Redis restart.  Dispatch reads them
+(:class:`RouteTable`, synchronous, worker process) and tolerates stale entries: a score in the
+past is ignored.
 """
 
 from __future__ import annotations
@@ -85,8 +86,7 @@ class Leases:
         """Give up ``users``' leases on this node (their last connection here closed)."""
         pipe = self._redis.pipeline(transaction=False)
         await self._release_in(pipe, users)
-        if len(pipe):
-            await pipe.execute()
+        await pipe.execute()  # an empty pipeline sends nothing
 
     async def _release_in(self, pipe, users: Iterable[str]) -> None:
         for keys in _chunks([route_key(user) for user in users]):
