@@ -86,8 +86,6 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     request = handler.request
     status = handler.get_status()
     level = logging.DEBUG if status == 101 else logging.INFO if status < 400 else logging.WARNING
-    if not access_log.isEnabledFor(level):
-        return
     access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path, request.remote_ip, 1000 * request.request_time())
 
 

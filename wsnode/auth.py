@@ -79,7 +79,7 @@ class AuthClient:
         """The user id, or the :class:`AuthError` to raise, per token; raises an :class:`AuthError`
         that holds for all of them."""
         if len(tokens) == 1 or not self._list_form:
-            return await asyncio.gather(*(self._check_one(token) for token in tokens), return_exceptions=True)
+            return await self._check_each(tokens)
         try:
             response = await self._post({"tokens": tokens})
         except HTTPClientError as exc:
@@ -91,7 +91,7 @@ class AuthClient:
                 self._list_form = False
                 log.warning("auth at %s does not know POST /verify with a list of tokens (it answered: %s); checking one token "
                             "per request from now on: upgrade auth to check them together", self._verify_url, _error_text(exc))
-            return await asyncio.gather(*(self._check_one(token) for token in tokens), return_exceptions=True)
+            return await self._check_each(tokens)
         try:
             results = json.loads(response.body)["results"]
             if len(results) != len(tokens):
@@ -99,6 +99,10 @@ class AuthClient:
             return [result["user_id"] if "user_id" in result else AuthRejected(str(result["error"])) for result in results]
         except (ValueError, KeyError, TypeError) as exc:
             raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url} ({exc})") from None
+
+    async def _check_each(self, tokens: list[str]) -> list[str | Exception]:
+        """One request per token (at most ``max_in_flight`` at once)."""
+        return await asyncio.gather(*(self._check_one(token) for token in tokens), return_exceptions=True)
 
     async def _check_one(self, token: str) -> str:
         try:
