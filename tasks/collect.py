@@ -324,6 +324,9 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, str]]:
             _store_result(req, exc, failed=True)
     storing = [(req, messages, key, result) for req, messages, key, result in parsed if messages]
     done = [(req, result([])) for req, messages, _, result in parsed if not messages]
+    # Logged before anything is stored or sent, so that whoever sees a result or a delivery
+    # of this batch finds the line already written (the batching tests read it).
+    log.debug("%s: %d requests, %d messages in one batch", task.name, len(requests), sum(len(m) for _, m, _, _ in storing))
     try:
         bound = _persist_and_dispatch_groups([(messages, key) for _, messages, key, _ in storing]) if storing else []
     except StoreUnavailable as exc:
@@ -347,7 +350,6 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, str]]:
     _store_results(done)
     for req, value in done:
         links.apply_followers(app, req, value)
-    log.debug("%s: %d requests, %d messages in one batch", task.name, len(requests), sum(len(m) for _, m, _, _ in storing))
     return outcomes
 
 
