@@ -30,10 +30,18 @@ def lazy_timer_cluster(request, tmp_path):
     cluster.stop()
 
 
-def batch_sizes(cluster: Cluster, task: str = "tasks.collect") -> list[tuple[int, int]]:
-    """(requests, messages) of every batch of ``task`` the worker ran, from its (DEBUG) log."""
-    text = cluster._log("worker").read_text(errors="replace")
-    return [(int(r), int(m)) for r, m in re.findall(re.escape(task) + r": (\d+) requests, (\d+) messages in one batch", text)]
+def batch_sizes(cluster: Cluster, task: str = "tasks.collect", requests: int = 0) -> list[tuple[int, int]]:
+    """(requests, messages) of every batch of ``task`` the worker ran, from its (DEBUG) log, once
+    its lines add up to at least ``requests`` requests (or after 10 s).  The worker logs a batch
+    before it stores or sends anything, but a thread of this process copies its output to the
+    file, and may not have yet when the test has seen the batch's results."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = cluster._log("worker").read_text(errors="replace")
+        sizes = [(int(r), int(m)) for r, m in re.findall(re.escape(task) + r": (\d+) requests, (\d+) messages in one batch", text)]
+        if sum(r for r, _ in sizes) >= requests or time.monotonic() > deadline:
+            return sizes
+        time.sleep(0.05)
 
 
 @contextmanager
@@ -61,7 +69,7 @@ async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_in
     message_id = await cluster.collect("lone", {"n": 0}, timeout=30)  # not after NEVER seconds
     (frame,) = await client.messages(1)
     assert frame["id"] == message_id
-    assert batch_sizes(cluster) == [(1, 1)]
+    assert batch_sizes(cluster, requests=1) == [(1, 1)]
 
     # The first request's batch never returns while the pool is stopped; the rest gather.
     total = 40
@@ -70,7 +78,7 @@ async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_in
     frames = await client.messages(total, timeout=30)
     ids = [await cluster.result(r, timeout=30) for r in results]
     assert sorted(f["id"] for f in frames) == sorted(ids) and len(set(ids)) == total  # each once
-    sizes = [requests for requests, _ in batch_sizes(cluster)[1:]]
+    sizes = [requests for requests, _ in batch_sizes(cluster, requests=1 + total)[1:]]
     assert sum(sizes) == total
     # one batch went before anything gathered, the rest gathered into one more
     assert len(sizes) == 2, sizes
@@ -95,7 +103,7 @@ async def test_collect_many_requests_that_gather_run_together_up_to_a_thousand_m
         expected = {i for t, a in enumerate(answers) for n, i in enumerate(a) if "ab"[(t + n) % 2] == user[-1]}
         assert {f["id"] for f in frames} == expected
         client.close()
-    batches = batch_sizes(cluster, "tasks.collect_many")
+    batches = batch_sizes(cluster, "tasks.collect_many", requests=1 + tasks)
     assert sum(m for _, m in batches) == tasks * per_task
     assert all(m <= 1000 for _, m in batches), batches
     assert len(batches) <= 4 and max(r for r, _ in batches) >= 10, batches  # gathered, not one per task
