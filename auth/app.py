@@ -17,7 +17,8 @@ Every response is JSON.  Routes:
 
 Admin routes need ``Authorization: Bearer <AUTH_ADMIN_KEY>`` (401 otherwise).  A body that is not
 the JSON object a route expects gets 400 with ``{"error": ...}`` saying what was expected and what
-arrived; a body over ``MAX_BODY_BYTES`` is refused by Tornado itself (bare 400, connection closed).
+arrived; a body over ``MAX_BODY_BYTES`` is refused by Tornado itself (bare 400, connection closed,
+which a client still sending sees as a reset).
 Tokens and keys are never logged: only user ids and token ids (jti).
 """
 
@@ -42,8 +43,8 @@ from auth.revocations import Revocations, RevocationsUnavailable
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
-#: Tokens in one ``POST /verify`` of the list form: 100 tokens of the longest user id fit in
-#: ``MAX_BODY_BYTES`` (wsnode.auth sends at most as many).
+#: Tokens in one ``POST /verify`` of the list form (wsnode.auth sends at most as many, and no body
+#: over ``MAX_BODY_BYTES``: 100 tokens of ASCII user ids fit in it, 29 of the longest do).
 MAX_VERIFY_BATCH = 100
 ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz, GET /metrics"
 REDIS_DOWN = "cannot reach Redis to check or record revocations; retry later (operators: check REDIS_URL)"

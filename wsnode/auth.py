@@ -7,7 +7,9 @@ so a revoked token keeps opening connections on this node for at most that long.
 
 One request at a time (:class:`~wsnode.coalesce.Coalescer`): the tokens that come while a check
 is in flight go together in the next one, as ``POST /verify {"tokens": [...]}`` (at most
-``MAX_VERIFY_BATCH``); a lone token goes as ``{"token": ...}``.  In a reconnect storm that makes
+``MAX_VERIFY_BATCH`` tokens, and requests side by side where their body would be longer than auth
+reads, ``MAX_VERIFY_BODY_BYTES``); a lone token goes as ``{"token": ...}``.  A token longer than
+any auth issues (``MAX_TOKEN_CHARS``) is refused without asking.  In a reconnect storm that makes
 one request of many browsers' checks: the HTTP round trip per token was a quarter of the node
 loop's samples (py-spy) and most of auth's CPU per connection; 6,000 connections at once took the
 node 15 s of CPU and auth 7.3 s before, 11 s and 1.6 s after (``bench/HISTORY.md``).  An auth
@@ -41,6 +43,13 @@ log = logging.getLogger(__name__)
 
 #: Tokens per ``POST /verify`` of the list form; auth's own limit (``auth.app.MAX_VERIFY_BATCH``).
 MAX_VERIFY_BATCH = 100
+#: Bytes of one ``POST /verify`` body; auth's own limit (``auth.app.MAX_BODY_BYTES``: it resets the
+#: connection of a longer one).  A token of a user id of 128 characters outside the BMP has about
+#: 2,200 characters, so the tokens that come together may need several requests.
+MAX_VERIFY_BODY_BYTES = 64 * 1024
+#: A longer token is not one auth issued (2,231 characters at most): refused here, without asking
+#: auth.  In JSON a character takes at most 12 bytes, so one token always fits in one body.
+MAX_TOKEN_CHARS = 4096
 
 
 class AuthError(Exception):
@@ -67,6 +76,8 @@ class AuthClient:
     async def verify(self, token: str | None) -> str:
         if not token:
             raise AuthRejected("no token: connect with ?token=...")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthRejected(f"token invalid: longer than {MAX_TOKEN_CHARS} characters")
         digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
         if self._cache is not None and (user := self._cache.get(digest)) is not None:
             return user
@@ -80,13 +91,22 @@ class AuthClient:
         that holds for all of them."""
         if len(tokens) == 1 or not self._list_form:
             return await self._check_each(tokens)
+        parts = within_body(tokens, MAX_VERIFY_BODY_BYTES)
+        if len(parts) == 1:
+            return await self._check_list(tokens)
+        # A part whose request failed fails its own tokens only.
+        answers = await asyncio.gather(*(self._check_many(part) for part in parts), return_exceptions=True)
+        return [answer for part, got in zip(parts, answers) for answer in (got if isinstance(got, list) else [got] * len(part))]
+
+    async def _check_list(self, tokens: list[str]) -> list[str | Exception]:
+        """:meth:`_check_many` of tokens whose list fits in one request."""
         try:
             response = await self._post({"tokens": tokens})
         except HTTPClientError as exc:
             if exc.code != 400:
                 raise _unavailable(exc, self._verify_url) from None
-            # An auth from before the list form, or a body it refused (a client sent an outsize
-            # token): these tokens one per request, and from now on every token if it was the former.
+            # An auth from before the list form, or another refusal of the list: these tokens one
+            # per request, and from now on every token if it was the former.
             if "no 'token' field" in _error_text(exc):
                 self._list_form = False
                 log.warning("auth at %s does not know POST /verify with a list of tokens (it answered: %s); checking one token "
@@ -122,6 +142,22 @@ class AuthClient:
             headers={"Content-Type": "application/json"}, request_timeout=self._timeout, connect_timeout=self._timeout,
             prepare_curl_callback=_small_buffers,
         )
+
+
+def within_body(tokens: list[str], limit: int) -> list[list[str]]:
+    """``tokens``, in order, cut into lists whose ``{"tokens": [...]}`` body (as :func:`json.dumps`
+    writes it: ASCII) has at most ``limit`` bytes, or a single token where one alone is longer.  Pure."""
+    empty = len(json.dumps({"tokens": []}))
+    parts: list[list[str]] = [[]]
+    size = empty
+    for token in tokens:
+        cost = len(json.dumps(token)) + 2  # with its ", " (the last has none: two bytes of slack)
+        if parts[-1] and size + cost > limit:
+            parts.append([])
+            size = empty
+        parts[-1].append(token)
+        size += cost
+    return parts
 
 
 def _unavailable(exc: HTTPClientError, url: str) -> AuthUnavailable:

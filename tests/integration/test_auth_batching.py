@@ -14,9 +14,11 @@ import tornado.web
 
 import launcher
 import settings
+from auth.app import MAX_BODY_BYTES
 from auth.tokens import issue
 from tests.integration.test_metrics import scrape, value
 from tests.integration.wsclient import Client
+from wsnode.auth import MAX_TOKEN_CHARS
 from wsnode.closecodes import CloseCode
 
 
@@ -52,6 +54,32 @@ async def test_tokens_that_come_together_are_checked_in_one_request_and_each_con
     assert checked == {"ok": len(good), "invalid": 1, "expired": 1, "revoked": 1}
     requests = value(after, "auth_request_duration_seconds_count", route="/verify") - value(before, "auth_request_duration_seconds_count", route="/verify")
     assert 1 <= requests < len(urls), f"{len(urls)} tokens checked in {requests:.0f} requests: none went together"
+
+
+async def test_tokens_of_long_user_ids_that_come_together_go_in_requests_auth_accepts(cluster):
+    # A user id of 128 characters outside the BMP makes a token of about 2,200 characters: 30 of
+    # them are more than auth reads in one body (it resets the connection: every connection of the
+    # request would be told to try again later).
+    port = cluster.node_ports[0]
+    users = [f"{n:03d}" + "\U0001F600" * 125 for n in range(100)]
+    tokens = [issue(settings.AUTH_SECRET, user, now=time.time(), ttl=600).token for user in users]
+    assert len(json.dumps({"tokens": tokens})) > MAX_BODY_BYTES
+    before = await asyncio.to_thread(scrape, cluster.auth_port)
+
+    outcomes = await asyncio.gather(*(_hello_or_close(cluster.ws_url(port, token)) for token in tokens))
+
+    assert outcomes == [("hello", user) for user in users]
+    after = await asyncio.to_thread(scrape, cluster.auth_port)
+    requests = value(after, "auth_request_duration_seconds_count", route="/verify") - value(before, "auth_request_duration_seconds_count", route="/verify")
+    assert 3 <= requests < len(tokens), f"{len(tokens)} tokens checked in {requests:.0f} requests"
+
+
+async def test_a_token_longer_than_any_auth_issues_is_refused_by_the_node_without_asking_auth(cluster):
+    before = await asyncio.to_thread(scrape, cluster.auth_port)
+    kind, (code, reason) = await _hello_or_close(cluster.ws_url(cluster.node_ports[0], "x" * (MAX_TOKEN_CHARS + 1)))
+    assert kind == "closed" and code == CloseCode.UNAUTHORIZED and f"longer than {MAX_TOKEN_CHARS} characters" in reason, (kind, code, reason)
+    after = await asyncio.to_thread(scrape, cluster.auth_port)
+    assert value(after, "auth_request_duration_seconds_count", route="/verify") == value(before, "auth_request_duration_seconds_count", route="/verify")
 
 
 class OldVerifyHandler(tornado.web.RequestHandler):
@@ -106,5 +134,13 @@ async def test_against_an_auth_without_the_list_form_the_node_checks_one_token_p
 def test_a_node_sends_at_most_as_many_tokens_per_request_as_auth_takes():
     from auth.app import MAX_VERIFY_BATCH as auth_takes
     from wsnode.auth import MAX_VERIFY_BATCH as node_sends
+    from wsnode.auth import MAX_VERIFY_BODY_BYTES
 
     assert node_sends == auth_takes
+    assert MAX_VERIFY_BODY_BYTES == MAX_BODY_BYTES
+
+
+def test_the_node_refuses_no_token_auth_issues_and_any_token_it_sends_fits_one_request():
+    longest = issue(settings.AUTH_SECRET, "\U0001F600" * 128, now=time.time(), ttl=10**9).token
+    assert len(longest) <= MAX_TOKEN_CHARS
+    assert len(json.dumps({"token": "\U0001F600" * MAX_TOKEN_CHARS})) <= MAX_BODY_BYTES
