@@ -374,13 +374,14 @@ class Store:
             message = self._messages.find_one({"_id": message_id}, {"to": 1, "at": 1})
             if message is None:
                 return None
-            recipients: dict[str, dict[str, float]] = {}
-            if message["to"] != BROADCAST:
-                recipients = {user: {} for user in message["to"]}
+            broadcast = message["to"] == BROADCAST
+            recipients: dict[str, dict[str, float]] = {} if broadcast else {user: {} for user in message["to"]}
             for receipt in self._receipts.find({"m": message_id}, {"s": 1, "r": 1}):
                 state = receipt["s"]
                 for mid, user, at in receipt["r"]:
-                    if mid == message_id:
+                    # A browser may ack any id: only a recipient's receipts count (anyone online
+                    # may have had a broadcast).
+                    if mid == message_id and (broadcast or user in recipients):
                         times = recipients.setdefault(user, {})
                         times[state] = min(at, times.get(state, at))  # recorded twice: the first time
         return {"id": message_id, "to": message["to"], "collected_at": _unix(message["at"]), "recipients": recipients}

@@ -595,13 +595,14 @@ def test_acked_since_lists_the_acks_recorded_after_the_given_time(store):
     assert store.acked_since(since) == {(message["id"], "ann")}
 
 
-def test_status_lists_each_recipient_with_the_time_of_each_receipt_state(store):
+def test_status_lists_each_recipient_with_the_time_of_each_receipt_state_and_no_one_else(store):
     gen = IdGenerator()
     message = make(gen, ["ann", "bob"], "x")
     store.insert_messages([message])
     store.record_receipts([
         {"id": message["id"], "user": "ann", "state": "routed", "at": 100.0},
         {"id": message["id"], "user": "ann", "state": "acked", "at": 102.5},
+        {"id": message["id"], "user": "mallory", "state": "acked", "at": 103.0},  # a browser may ack any id
     ])
 
     status = store.status(message["id"])
@@ -609,6 +610,15 @@ def test_status_lists_each_recipient_with_the_time_of_each_receipt_state(store):
     assert status["to"] == ["ann", "bob"]
     assert status["recipients"] == {"ann": {"routed": 100.0, "acked": 102.5}, "bob": {}}
     assert abs(status["collected_at"] - time.time()) < 60
+
+
+def test_status_of_a_broadcast_lists_whoever_has_a_receipt_of_it(store):
+    message = make(IdGenerator(), "*")
+    store.insert_messages([message])
+    store.record_receipts([{"id": message["id"], "user": "ann", "state": "written", "at": 100.0},
+                           {"id": message["id"], "user": "bob", "state": "acked", "at": 101.0}])
+
+    assert store.status(message["id"])["recipients"] == {"ann": {"written": 100.0}, "bob": {"acked": 101.0}}
 
 
 def test_status_of_an_unknown_id_is_none(store):
