@@ -188,17 +188,29 @@ VISIBILITY_TIMEOUT: int = _read(_env, "VISIBILITY_TIMEOUT", 60, _positive_int, "
 LOG_LEVEL: str = _read(_env, "LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR")
 
 
+#: Bytes a secret needs at least: an HS256 key as long as its hash (RFC 7518, section 3.2).
+MIN_SECRET_BYTES = 32
+
+
 def check_secrets() -> None:
-    """Warn about development secrets; refuse them when ``PUSH_ENV=production``.
+    """Warn about development or short secrets; refuse them when ``PUSH_ENV=production``.
 
     Called once by each process at start, after logging is set up.
     """
-    weak = [name for name, value, dev in (("AUTH_SECRET", AUTH_SECRET, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY", AUTH_ADMIN_KEY, DEV_AUTH_ADMIN_KEY)) if value == dev]
-    if not weak:
+    secrets = (("AUTH_SECRET", AUTH_SECRET, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY", AUTH_ADMIN_KEY, DEV_AUTH_ADMIN_KEY))
+    weak = [name for name, value, dev in secrets if value == dev]
+    short = [f"{name} has {len(value.encode())}" for name, value, dev in secrets if value != dev and len(value.encode()) < MIN_SECRET_BYTES]
+    problems = []
+    if weak:
+        problems.append(f"{', '.join(weak)} still hold the development value")
+    if short:
+        problems.append(f"{' and '.join(short)} bytes, under the {MIN_SECRET_BYTES} a secret needs")
+    if not problems:
         return
+    fix = "set them to long random strings, such as python -c 'import secrets; print(secrets.token_urlsafe(32))' prints"
     if PUSH_ENV == "production":
-        raise SettingsError(f"PUSH_ENV=production but {', '.join(weak)} still hold the development value: set them to long random strings")
-    log.warning("%s use the development value: fine on a laptop, never in production (set PUSH_ENV=production to enforce)", ", ".join(weak))
+        raise SettingsError(f"PUSH_ENV=production but {'; '.join(problems)}: {fix}")
+    log.warning("%s: fine on a laptop, never in production (set PUSH_ENV=production to enforce); %s", "; ".join(problems), fix)
 
 
 def configure_logging(role: str) -> None:

@@ -43,3 +43,24 @@ def test_a_production_secret_that_is_set_is_not_named(tmp_path):
     output = run.stdout + run.stderr
     assert run.returncode == 2, output[-2000:]
     assert "but AUTH_ADMIN_KEY still hold" in output and "AUTH_SECRET," not in output
+
+
+def test_a_production_secret_shorter_than_hs256_needs_is_refused_with_its_length(tmp_path):
+    env = production_env(tmp_path, AUTH_SECRET="tooshort", AUTH_ADMIN_KEY="k" * 40)
+    run = subprocess.run(COMMANDS["auth"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-2000:]
+    assert "PUSH_ENV=production but AUTH_SECRET has 8 bytes, under the 32 a secret needs" in output
+    assert "secrets.token_urlsafe(32)" in output
+
+
+def test_in_development_a_short_secret_is_only_a_warning(tmp_path):
+    env = {**production_env(tmp_path, AUTH_SECRET="tooshort", AUTH_ADMIN_KEY="k" * 40), "PUSH_ENV": "development",
+           "AUTH_PORT": str(launcher.free_port())}
+    auth = launcher.Service("auth", COMMANDS["auth"], env).start()  # it starts without Redis, and listens
+    try:
+        auth.wait_log("AUTH_SECRET has 8 bytes, under the 32 a secret needs: fine on a laptop, never in production", timeout=30)
+        auth.wait_log("listening", timeout=30)
+        assert auth.alive
+    finally:
+        auth.terminate()
