@@ -1,7 +1,8 @@
 """kombu's Redis transport, with fewer round trips and client objects per message.
 
 Three changes to kombu's Redis channel, each for a cost a worker's main process paid per task:
-one client object per channel, a backlog read in one round trip, a batch acked in one round trip.
+one client object per channel, a backlog read in one round trip, a batch acked in one round trip;
+and a fourth, so that an item of a queue that is not a message cannot stop the process.
 
 kombu's Redis channel builds a new ``redis.Redis`` object every time it sends a group of
 commands (``Channel.conn_or_acquire``): to record a task it delivered as unacknowledged, to
@@ -25,6 +26,11 @@ with a count, Redis 6.2 or later) and records them too, atomically, so no messag
 the list without being recorded.  Without a backlog a message still costs its two round trips;
 with one, a read of up to the window costs two.  Only queues consumed with acknowledgements
 take part (a push node's queue is read with ``no_ack`` and keeps kombu's one message per ``BRPOP``).
+
+An item of a queue's list that is not a kombu message (not JSON, or without the properties kombu
+reads) is logged and dropped: kombu's channel raised on it, out of the worker's event loop, which
+stopped the worker ("Unrecoverable error"); a push node's consumer took it for a lost broker
+connection and connected again.
 
 kombu acknowledges one message per round trip too (a pipeline removing it from the unacked index
 and hash).  :func:`acknowledge` acknowledges a group of Celery requests with one such pipeline per
@@ -172,7 +178,10 @@ class Channel(kombu_redis.Channel):
             dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             raw = bytes_to_str(item)
-            payload = loads(raw)
+            payload = kombu_message(raw)
+            if payload is None:
+                log.error("dropped an item of queue %r that is not a kombu message (%d bytes): %.200r", dest, len(raw), raw)
+                return True
             payloads = [payload, *self._take_more(key, dest, raw, payload)]
             try:
                 for payload in payloads:
@@ -226,6 +235,19 @@ class Channel(kombu_redis.Channel):
         if self._command_client is None:
             self._command_client = self._create_client()
         yield self._command_client
+
+
+def kombu_message(raw: str) -> dict | None:
+    """``raw`` decoded, if it is a message as kombu's Redis channel stores one (what its ``Message``
+    reads: ``properties`` with ``delivery_tag`` and ``delivery_info``); else None.  Pure."""
+    try:
+        payload = loads(raw)
+    except (ValueError, KeyError, TypeError):  # kombu's decoder also rebuilds tagged values
+        return None
+    properties = payload.get("properties") if isinstance(payload, dict) else None
+    if not isinstance(properties, dict) or "delivery_tag" not in properties or not isinstance(properties.get("delivery_info"), dict):
+        return None
+    return payload
 
 
 class Transport(kombu_redis.Transport):

@@ -7,6 +7,7 @@ import math
 import time
 
 import pytest
+import redis as redis_lib
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu import Connection
 
@@ -14,6 +15,7 @@ import launcher
 import settings
 from auth.tokens import issue
 from tasks.queues import node_queue
+from tests.integration.conftest import Cluster, start_or_explain
 from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
 
@@ -170,3 +172,30 @@ async def test_a_malformed_message_on_a_node_queue_is_dropped_and_the_node_keeps
     (frame,) = await client.messages(1)
     assert frame["id"] == message_id
     client.close()
+
+
+async def test_items_of_the_redis_queues_that_are_not_messages_are_dropped_and_the_worker_and_node_go_on(tmp_path):
+    """Something that is not a kombu message in the ``collect`` list or a node's list (pushed there
+    by hand, or by a client of another protocol) once stopped the worker with "Unrecoverable error"."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port())
+    try:
+        start_or_explain(cluster, nodes=1)
+        port = cluster.node_ports[0]
+        client = await cluster.connect("after-raw-garbage", port)
+        broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+        for queue in ("collect", f"127.0.0.1:{port}"):
+            broker.lpush(queue, b"\xff\xfe not json", b'{"not": "kombu"}')
+        ids = [await cluster.collect("after-raw-garbage", {"n": n}, timeout=30) for n in range(3)]
+        frames = await client.messages(3, timeout=30)
+        assert [f["id"] for f in frames] == ids
+        assert all(service.alive for service in cluster.services)  # the worker, auth and the node
+        for log_name, queue in (("worker", "collect"), (f"node-{port}", f"127.0.0.1:{port}")):
+            deadline = time.monotonic() + 10
+            while (text := cluster._log(log_name).read_text(errors="replace")).count(f"dropped an item of queue {queue!r}") < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert text.count(f"dropped an item of queue {queue!r} that is not a kombu message") == 2, log_name
+        client.close()
+    finally:
+        cluster.stop()
+        redis_server.stop()

@@ -5,17 +5,19 @@ trip; and the tasks a killed worker had read in bulk come back and run once."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from contextlib import contextmanager
 
 import psutil
+import pytest
 import redis as redis_lib
 from kombu import Exchange, Producer, Queue
 from kombu.utils.json import loads
 
 import launcher
-from tasks.redis_transport import Channel, QoS, Transport, acknowledge
+from tasks.redis_transport import Channel, QoS, Transport, acknowledge, kombu_message
 from worker import app
 
 
@@ -193,6 +195,47 @@ def test_a_message_not_in_kombus_format_stays_in_the_queue_for_a_read_of_its_own
     assert len(left) == 2 and left[-1] == b'{"not": "kombu"}'  # next to be read, then the message behind it
     assert loads(left[0])["properties"]["delivery_info"]["routing_key"] == queue.name
     assert first_recorded == [True]
+
+
+GARBAGE = [b"\xff\xfe not json", b'{"not": "kombu"}', b"[1, 2]", b'{"properties": {"delivery_tag": "t"}}', b'{"__type__": "datetime", "__value__": 7}']
+
+
+def test_what_is_not_a_kombu_message_is_told_apart():
+    assert all(kombu_message(item.decode(errors="replace")) is None for item in GARBAGE)
+    message = '{"body": "e30=", "properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": "q"}}}'
+    assert kombu_message(message)["properties"]["delivery_tag"] == "t"
+
+
+@pytest.mark.parametrize("no_ack", [False, True], ids=["acked", "no_ack"])
+def test_items_of_a_queue_that_are_not_messages_are_dropped_and_the_messages_around_them_delivered(redis_server, no_ack, caplog):
+    got = []
+    with _published(3) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            for item in GARBAGE:  # read before the messages above (BRPOP reads the list's other end)
+                client.rpush(queue.name, item)
+            client.lpush(queue.name, GARBAGE[0])  # and one after them
+            Producer(channel).publish({"n": 3}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+
+            def on_message(body, message):
+                got.append(body["n"])
+                if not no_ack:
+                    message.ack()
+
+            with caplog.at_level(logging.ERROR, logger="tasks.redis_transport"):
+                with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"], no_ack=no_ack):
+                    deadline = time.monotonic() + 10
+                    while len(got) < 4 and time.monotonic() < deadline:
+                        try:
+                            conn.drain_events(timeout=1)
+                        except TimeoutError:
+                            pass
+            left = client.llen(queue.name)
+
+    assert sorted(got) == [0, 1, 2, 3]
+    assert left == 0
+    dropped = [r.getMessage() for r in caplog.records if "is not a kombu message" in r.getMessage()]
+    assert len(dropped) == len(GARBAGE) + 1, dropped
+    assert all(f"dropped an item of queue {queue.name!r}" in line for line in dropped)
 
 
 def test_a_queue_read_without_acks_keeps_one_message_per_read(redis_server):
