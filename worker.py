@@ -31,6 +31,8 @@ app = Celery(
     broker=settings.BROKER_URL,
     backend=settings.RESULT_BACKEND,
     include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts", "tasks.status", "tasks.housekeeping"],
+    # Every task refuses a message Celery could not build a request from, instead of stopping the worker.
+    task_cls="tasks.taskmessages:CheckedTask",
 )
 
 app.conf.update(

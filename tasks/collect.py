@@ -52,7 +52,7 @@ from celery_batches import Batches, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
-from tasks import links, messages as validation, redis_transport
+from tasks import links, messages as validation, redis_transport, taskmessages
 from tasks.batching import FlushGate, chunks
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
@@ -194,8 +194,9 @@ class CollectBatches(Batches):
         self._hub = consumer.hub
         on_message = super().Strategy(task, app, consumer)
 
-        def buffer_then_flush_when_free(*args, **kwargs):
-            on_message(*args, **kwargs)
+        def buffer_then_flush_when_free(message, *args, **kwargs):
+            taskmessages.refuse_malformed(self, message)  # before celery-batches builds its request
+            on_message(message, *args, **kwargs)
             self._flush_when_free()
 
         return buffer_then_flush_when_free
@@ -231,12 +232,27 @@ class CollectBatches(Batches):
         # request's ``revoked()`` logs it, stores REVOKED, sends ``task-revoked`` and acks it.
         # A request with a ``countdown`` or ``eta`` comes here when it is due, so one revoked
         # while it waits is dropped too.
-        live = [req for req in requests if not req.revoked()]
-        for batch in chunks(live, _messages_in, self.batch_messages):
+        live = [(req, simple) for req in requests if not req.revoked() and (simple := self._simple_or_fail(req)) is not None]
+        for batch in chunks(live, lambda pair: _messages_in(pair[1]), self.batch_messages):
             self._run_in_pool(batch)
 
-    def _run_in_pool(self, requests):
-        serializable = ([links.CollectRequest.from_request(r) for r in requests],)
+    def _simple_or_fail(self, req):
+        """``req`` as the pool receives it (:class:`tasks.links.CollectRequest`), or None when its
+        arguments are not a list and an object (a message made by hand or by another client).
+        Such a request fails here, with its reason as its result, and is acked; the rest of the
+        batch goes on (it raised in this loop before, which stopped the worker)."""
+        problem = taskmessages.arguments_problem(*req._payload)
+        if problem is None:
+            return links.CollectRequest.from_request(req)
+        error = taskmessages.not_a_task_message(problem)
+        taskmessages.fail_unrun(self, req.id, error)
+        req.send_event("task-failed", exception=repr(error), traceback="")
+        redis_transport.acknowledge([req])
+        return None
+
+    def _run_in_pool(self, pairs):
+        requests = [req for req, _ in pairs]
+        serializable = ([simple for _, simple in pairs],)
         for req in requests:
             # The reprs the sender put in the message's headers, as Celery's own task-received
             # event sends them (cut at 1 KB), rather than the whole kwargs of a collect_many again.

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from contextlib import contextmanager
 
 import psutil
 import pytest
 import redis as redis_lib
+from kombu import Connection
 
 import launcher
 from tests.integration.conftest import Cluster, start_or_explain
@@ -107,3 +109,47 @@ async def test_collect_many_requests_that_gather_run_together_up_to_a_thousand_m
     assert sum(m for _, m in batches) == tasks * per_task
     assert all(m <= 1000 for _, m in batches), batches
     assert len(batches) <= 4 and max(r for r, _ in batches) >= 10, batches  # gathered, not one per task
+
+
+MALFORMED = [  # (body, what the failure says)
+    ([[], ["to", "x"], {}], "its args, kwargs and embed are of types list, list and dict"),
+    ([5, {}, {}], "its args, kwargs and embed are of types int, dict and dict"),
+    ([[], {"to": "lone", "data": 1}, "embed"], "its args, kwargs and embed are of types list, dict and str"),
+    ("just a string", "its body is of type str"),
+    ([1, 2], "its body is of type list with 2 items"),
+    ({"a": 1}, "its body is of type dict"),
+]
+
+
+def _publish_raw(cluster: Cluster, queue: str, task: str, bodies: list) -> list[str]:
+    """Task messages made by hand (as another client might): the headers right, the bodies not."""
+    ids = []
+    with Connection(cluster.env["BROKER_URL"]) as conn:
+        producer = conn.Producer()
+        for body in bodies:
+            ids.append(str(uuid.uuid4()))
+            producer.publish(body, exchange="", routing_key=queue, serializer="json", headers={"task": task, "id": ids[-1], "lang": "py"})
+    return ids
+
+
+async def test_malformed_task_messages_fail_alone_with_their_reason_and_the_worker_goes_on(lazy_timer_cluster):
+    # Each once stopped the worker ("Unrecoverable error"), with the batch it was in.
+    cluster = lazy_timer_cluster
+    client = await cluster.connect("lone")
+    await cluster.collect("lone", {"n": 0}, timeout=30)
+    with pool_stopped(cluster):  # the malformed requests come between good ones, in one batch
+        before = cluster.send(to="lone", data={"n": 1})
+        bad = _publish_raw(cluster, "collect", "tasks.collect", [body for body, _ in MALFORMED])
+        after = cluster.send(to="lone", data={"n": 2})
+    bad += _publish_raw(cluster, "dispatch", "tasks.receipts", ["just a string", [1, 2]])  # a task of Celery's own kind
+    ids = [await cluster.result(r, timeout=30) for r in (before, after)]
+    frames = await client.messages(3, timeout=30)
+    assert [f["id"] for f in frames][1:] == ids
+
+    results = [cluster.business.AsyncResult(task_id) for task_id in bad]
+    for result, says in zip(results, [s for _, s in MALFORMED] + ["its body is of type str", "its body is of type list with 2 items"]):
+        with pytest.raises(Exception, match="not a Celery task message: " + re.escape(says)):
+            await cluster.result(result, timeout=30)
+    assert await cluster.collect("lone", {"n": 3}, timeout=30)  # still up
+    assert cluster.worker.alive
+    client.close()
