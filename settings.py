@@ -197,9 +197,9 @@ def check_secrets() -> None:
 
     Called once by each process at start, after logging is set up.
     """
-    secrets = (("AUTH_SECRET", AUTH_SECRET, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY", AUTH_ADMIN_KEY, DEV_AUTH_ADMIN_KEY))
-    weak = [name for name, value, dev in secrets if value == dev]
-    short = [f"{name} has {len(value.encode())}" for name, value, dev in secrets if value != dev and len(value.encode()) < MIN_SECRET_BYTES]
+    named = (("AUTH_SECRET", AUTH_SECRET, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY", AUTH_ADMIN_KEY, DEV_AUTH_ADMIN_KEY))
+    weak = [name for name, value, dev in named if value == dev]
+    short = [f"{name} has {len(value.encode())}" for name, value, dev in named if value != dev and len(value.encode()) < MIN_SECRET_BYTES]
     problems = []
     if weak:
         problems.append(f"{', '.join(weak)} still hold the development value")

@@ -94,8 +94,8 @@ class AuthClient:
         parts = within_body(tokens, MAX_VERIFY_BODY_BYTES)
         if len(parts) == 1:
             return await self._check_list(tokens)
-        # A part whose request failed fails its own tokens only.
-        answers = await asyncio.gather(*(self._check_many(part) for part in parts), return_exceptions=True)
+        # Side by side; a part whose request failed fails its own tokens only.
+        answers = await asyncio.gather(*(self._check_list(part) for part in parts), return_exceptions=True)
         return [answer for part, got in zip(parts, answers) for answer in (got if isinstance(got, list) else [got] * len(part))]
 
     async def _check_list(self, tokens: list[str]) -> list[str | Exception]:
