@@ -27,8 +27,8 @@ the list without being recorded.  Without a backlog a message still costs its tw
 with one, a read of up to the window costs two.  Only queues consumed with acknowledgements
 take part (a push node's queue is read with ``no_ack`` and keeps kombu's one message per ``BRPOP``).
 
-An item of a queue's list that is not a kombu message (not JSON, or without the properties kombu
-reads) is logged and dropped: kombu's channel raised on it, out of the worker's event loop, which
+An item of a queue's list that is not a kombu message (not JSON, without the properties kombu
+reads, or with a body its encoding does not decode) is logged and dropped: kombu's channel raised on it, out of the worker's event loop, which
 stopped the worker ("Unrecoverable error"); a push node's consumer took it for a lost broker
 connection and connected again.
 
@@ -46,9 +46,11 @@ scheme, and the page answered 404).  ``rediss://`` and ``amqp://`` keep kombu's 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from base64 import b64decode
 from queue import Empty
 from time import time
 
@@ -180,7 +182,7 @@ class Channel(kombu_redis.Channel):
             raw = bytes_to_str(item)
             payload = kombu_message(raw)
             if payload is None:
-                log.error("dropped an item of queue %r that is not a kombu message (%d bytes): %.200r", dest, len(raw), raw)
+                _log_dropped(dest, raw)
                 return True
             payloads = [payload, *self._take_more(key, dest, raw, payload)]
             try:
@@ -222,7 +224,17 @@ class Channel(kombu_redis.Channel):
                     self._take_more_ok = False
                     log.warning("reading several messages per round trip is off for this connection: %s (RPOP with a count needs Redis 6.2 or later)", exc)
                 return []
-        payloads = [loads(bytes_to_str(item)) for item in taken or ()]
+        payloads, dropped = [], []
+        for item in map(bytes_to_str, taken or ()):
+            message = kombu_message(item)
+            if message is None:  # the script checked its properties, not its body
+                _log_dropped(queue, item)
+                dropped.append(json.loads(item)["properties"]["delivery_tag"])
+            else:
+                payloads.append(message)
+        if dropped:
+            with self.conn_or_acquire() as client:
+                client.pipeline().zrem(self.unacked_index_key, *dropped).hdel(self.unacked_key, *dropped).execute()
         self.qos.recorded.add(tag)
         self.qos.recorded.update(p["properties"]["delivery_tag"] for p in payloads)
         return payloads
@@ -238,16 +250,33 @@ class Channel(kombu_redis.Channel):
 
 
 def kombu_message(raw: str) -> dict | None:
-    """``raw`` decoded, if it is a message as kombu's Redis channel stores one (what its ``Message``
-    reads: ``properties`` with ``delivery_tag`` and ``delivery_info``); else None.  Pure."""
+    """``raw`` decoded, if it is a message as kombu's Redis channel stores one, with everything
+    its ``Message`` and QoS read before a consumer sees it: ``properties`` with a string
+    ``delivery_tag`` and a ``delivery_info`` naming the exchange and routing key, and a body its
+    ``body_encoding`` decodes (none, utf-8 or base64); else None.  Pure."""
     try:
         payload = loads(raw)
     except (ValueError, KeyError, TypeError):  # kombu's decoder also rebuilds tagged values
         return None
     properties = payload.get("properties") if isinstance(payload, dict) else None
-    if not isinstance(properties, dict) or "delivery_tag" not in properties or not isinstance(properties.get("delivery_info"), dict):
+    if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
         return None
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
+        return None
+    body, encoding = payload.get("body"), properties.get("body_encoding")
+    if body and encoding and not (isinstance(encoding, str) and encoding.lower() == "utf-8"):
+        if encoding != "base64" or not isinstance(body, str):
+            return None
+        try:
+            b64decode(body)  # as kombu's codec decodes it
+        except ValueError:  # binascii.Error, and non-ASCII text
+            return None
     return payload
+
+
+def _log_dropped(queue: str, raw: str) -> None:
+    log.error("dropped an item of queue %r that is not a kombu message (%d bytes): %.200r", queue, len(raw), raw)
 
 
 class Transport(kombu_redis.Transport):

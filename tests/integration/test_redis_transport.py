@@ -5,6 +5,7 @@ trip; and the tasks a killed worker had read in bulk come back and run once."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -197,13 +198,25 @@ def test_a_message_not_in_kombus_format_stays_in_the_queue_for_a_read_of_its_own
     assert first_recorded == [True]
 
 
-GARBAGE = [b"\xff\xfe not json", b'{"not": "kombu"}', b"[1, 2]", b'{"properties": {"delivery_tag": "t"}}', b'{"__type__": "datetime", "__value__": 7}']
+def _shaped(body: object = "e30=", tag: object = "t", info: object = None, encoding: object = "base64") -> bytes:
+    """An item in kombu's format, each part of which may be one kombu cannot read."""
+    info = {"exchange": "", "routing_key": "q"} if info is None else info
+    return json.dumps({"body": body, "properties": {"delivery_tag": tag, "delivery_info": info, "body_encoding": encoding}}).encode()
+
+
+GARBAGE = [b"\xff\xfe not json", b'{"not": "kombu"}', b"[1, 2]", b'{"properties": {"delivery_tag": "t"}}', b'{"__type__": "datetime", "__value__": 7}',
+           _shaped(tag=["t"]), _shaped(tag=7), _shaped(info={"exchange": ""})]
+#: kombu's format, and a body its encoding does not decode: the read script takes them (it checks
+#: the properties only), kombu's Message raised on them.
+BAD_BODIES = [_shaped(body="!!!not base64"), _shaped(body="é"), _shaped(body=5), _shaped(encoding="rot13")]
 
 
 def test_what_is_not_a_kombu_message_is_told_apart():
-    assert all(kombu_message(item.decode(errors="replace")) is None for item in GARBAGE)
+    assert all(kombu_message(item.decode(errors="replace")) is None for item in GARBAGE + BAD_BODIES)
     message = '{"body": "e30=", "properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": "q"}}}'
     assert kombu_message(message)["properties"]["delivery_tag"] == "t"
+    assert kombu_message(_shaped().decode())["properties"]["delivery_tag"] == "t"
+    assert kombu_message(_shaped(body="{}", encoding="utf-8").decode())["body"] == "{}"
 
 
 @pytest.mark.parametrize("no_ack", [False, True], ids=["acked", "no_ack"])
@@ -211,9 +224,10 @@ def test_items_of_a_queue_that_are_not_messages_are_dropped_and_the_messages_aro
     got = []
     with _published(3) as (conn, channel, queue):
         with channel.conn_or_acquire() as client:
-            for item in GARBAGE:  # read before the messages above (BRPOP reads the list's other end)
+            for item in GARBAGE + BAD_BODIES:  # read before the messages above (BRPOP reads the list's other end)
                 client.rpush(queue.name, item)
-            client.lpush(queue.name, GARBAGE[0])  # and one after them
+            client.lpush(queue.name, GARBAGE[0])  # and some after them: behind a message, in the same read
+            client.lpush(queue.name, *BAD_BODIES)
             Producer(channel).publish({"n": 3}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
 
             def on_message(body, message):
@@ -230,11 +244,13 @@ def test_items_of_a_queue_that_are_not_messages_are_dropped_and_the_messages_aro
                         except TimeoutError:
                             pass
             left = client.llen(queue.name)
+            recorded = _recorded(client, channel, ["t"])  # the tag of every item in kombu's format here
 
     assert sorted(got) == [0, 1, 2, 3]
     assert left == 0
+    assert recorded == [False]  # nothing dropped comes back
     dropped = [r.getMessage() for r in caplog.records if "is not a kombu message" in r.getMessage()]
-    assert len(dropped) == len(GARBAGE) + 1, dropped
+    assert len(dropped) == len(GARBAGE) + 2 * len(BAD_BODIES) + 1, dropped
     assert all(f"dropped an item of queue {queue.name!r}" in line for line in dropped)
 
 
