@@ -31,8 +31,6 @@ app = Celery(
     broker=settings.BROKER_URL,
     backend=settings.RESULT_BACKEND,
     include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts", "tasks.status", "tasks.housekeeping"],
-    # Every task refuses a message Celery could not build a request from, instead of stopping the worker.
-    task_cls="tasks.taskmessages:CheckedTask",
 )
 
 app.conf.update(
@@ -93,6 +91,9 @@ app.conf.update(
     redis_socket_connect_timeout=5,
     broker_connection_timeout=5,
     worker_hijack_root_logger=False,
+    # Refuses a message Celery could not run, with its reason as its result, instead of stopping
+    # the worker (Celery's consumer raised on some shapes of hand-made messages).
+    worker_consumer="tasks.taskmessages:Consumer",
 )
 
 

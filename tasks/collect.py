@@ -52,7 +52,7 @@ from celery_batches import Batches, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
-from tasks import links, messages as validation, redis_transport, taskmessages
+from tasks import links, messages as validation, redis_transport
 from tasks.batching import FlushGate, chunks
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
@@ -195,8 +195,7 @@ class CollectBatches(Batches):
         on_message = super().Strategy(task, app, consumer)
 
         def buffer_then_flush_when_free(message, *args, **kwargs):
-            taskmessages.refuse_malformed(self, message)  # before celery-batches builds its request
-            on_message(message, *args, **kwargs)
+            on_message(message, *args, **kwargs)  # its args and kwargs are a list and an object (tasks.taskmessages)
             self._flush_when_free()
 
         return buffer_then_flush_when_free
@@ -232,23 +231,9 @@ class CollectBatches(Batches):
         # request's ``revoked()`` logs it, stores REVOKED, sends ``task-revoked`` and acks it.
         # A request with a ``countdown`` or ``eta`` comes here when it is due, so one revoked
         # while it waits is dropped too.
-        live = [(req, simple) for req in requests if not req.revoked() and (simple := self._simple_or_fail(req)) is not None]
+        live = [(req, links.CollectRequest.from_request(req)) for req in requests if not req.revoked()]
         for batch in chunks(live, lambda pair: _messages_in(pair[1]), self.batch_messages):
             self._run_in_pool(batch)
-
-    def _simple_or_fail(self, req):
-        """``req`` as the pool receives it (:class:`tasks.links.CollectRequest`), or None when its
-        arguments are not a list and an object (a message made by hand or by another client).
-        Such a request fails here, with its reason as its result, and is acked; the rest of the
-        batch goes on (it raised in this loop before, which stopped the worker)."""
-        problem = taskmessages.arguments_problem(*req._payload)
-        if problem is None:
-            return links.CollectRequest.from_request(req)
-        error = taskmessages.not_a_task_message(problem)
-        taskmessages.fail_unrun(self, req.id, error)
-        req.send_event("task-failed", exception=repr(error), traceback="")
-        redis_transport.acknowledge([req])
-        return None
 
     def _run_in_pool(self, pairs):
         requests = [req for req, _ in pairs]

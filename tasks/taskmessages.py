@@ -1,41 +1,41 @@
-"""What a worker needs of a task message before Celery builds a request from it.  Worker main
+"""What a worker needs of a message on its task queues before Celery handles it.  Worker main
 process, on its event loop.
 
-Celery builds a request from a message's headers and body without checking their shape: a
-message made by hand or by another client whose body is not ``[args, kwargs, embed]``, or that
-has no task id, raised out of the worker's event loop, which stopped the worker ("Unrecoverable
-error"), with every task it had read and not run left to come back after the visibility timeout.
-:func:`strategy`, every task's (:class:`CheckedTask`, the app's task class), and ``tasks.collect``'s
-own refuse such a message first: its result, when it has a task id, says why; Celery logs it as
-an invalid task message and discards it.  ``tasks.collect`` also refuses a request whose args and
-kwargs are not a list and an object (:func:`arguments_problem`), which its batches read in this
-process; other tasks fail such a request when they run, as Celery's do.
+Celery's consumer reads a message's task name, task id and body without checking their shape.
+Several shapes a message made by hand or by another client can have raised out of the worker's
+event loop, which stopped the worker ("Unrecoverable error"), with every task it had read and not
+run left to come back after the visibility timeout: a task name that is not a string (a list), an
+unknown task without a task id, a body other than ``[args, kwargs, embed]``, and (for
+``tasks.collect``, whose batches read the arguments in this process) args and kwargs that are not
+a list and an object.
+
+:class:`Consumer`, the worker's consumer (Celery's ``worker_consumer`` setting), checks every
+message's envelope first (:func:`envelope_problem`) and refuses one it cannot run: the error is
+logged, stored as the task's result when the message has a task id, and the message is discarded,
+as Celery discards an invalid task message.  It also stores a result for the messages Celery
+refuses itself and only logged (an unreadable ``eta`` or ``expires``, a content type the worker
+does not accept, a body that does not decode), so that a caller waiting on one is told why instead
+of waiting forever.
 """
 
 from __future__ import annotations
 
 import logging
 
-from celery import Task
-from celery.exceptions import InvalidTaskError
-from celery.worker.strategy import default
+from celery import signals
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 from tasks.messages import InvalidMessage
 
 log = logging.getLogger(__name__)
 
 
-def body_problem(headers: object, body: object) -> str | None:
-    """Why a message cannot become a Celery request of protocol 2 (headers with the task ``id``,
-    a body ``[args, kwargs, embed]``), or None; a protocol 1 body (an object with ``args``) is
-    Celery's to convert.  Pure."""
-    if isinstance(body, dict) and "args" in body:
-        return None
-    if not isinstance(headers, dict) or not isinstance(headers.get("id"), str):
-        return "its headers have no task id"
-    if not isinstance(body, (list, tuple)) or len(body) != 3:
-        return f"its body is of type {type(body).__name__}" + (f" with {len(body)} items" if isinstance(body, (list, tuple)) else "")
-    return None
+def _named(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _type(value: object) -> str:
+    return type(value).__name__
 
 
 def arguments_problem(args: object, kwargs: object, embed: object) -> str | None:
@@ -43,48 +43,90 @@ def arguments_problem(args: object, kwargs: object, embed: object) -> str | None
     (or null), or None.  Pure."""
     if isinstance(args, (list, tuple)) and isinstance(kwargs, dict) and isinstance(embed, (dict, type(None))):
         return None
-    return f"its args, kwargs and embed are of types {type(args).__name__}, {type(kwargs).__name__} and {type(embed).__name__}"
+    return f"its args, kwargs and embed are of types {_type(args)}, {_type(kwargs)} and {_type(embed)}"
+
+
+def envelope_problem(headers: object, body: object) -> str | None:
+    """Why a message cannot become a Celery request, or None: one of protocol 2 (headers with a
+    ``task`` name and an ``id``, a body ``[args, kwargs, embed]``), or of protocol 1 (no task
+    header, a body with ``task``, ``id``, ``args`` and ``kwargs``), or a message that is not a
+    task message at all (neither names a task), which Celery logs and discards itself.  Pure."""
+    if not isinstance(headers, dict):
+        return f"its headers are of type {_type(headers)}"
+    if "task" in headers:
+        fields = headers
+        if isinstance(body, dict) and "args" in body:  # protocol 2 headers on a protocol 1 body, which Celery converts
+            arguments = body.get("args"), body.get("kwargs", {}), None
+        elif isinstance(body, (list, tuple)) and len(body) == 3:
+            arguments = body
+        else:
+            return f"its body is of type {_type(body)}" + (f" with {len(body)} items" if isinstance(body, (list, tuple)) else "")
+    elif isinstance(body, dict) and "task" in body:
+        fields, arguments = body, (body.get("args", []), body.get("kwargs", {}), None)
+    else:
+        return None
+    if not _named(fields["task"]):
+        return f"its task name is of type {_type(fields['task'])}"
+    if not _named(fields.get("id")):
+        return "it has no task id"
+    return arguments_problem(*arguments)
+
+
+def task_id_of(headers: object, body: object) -> str | None:
+    """The task id a message gives (its headers' or, in protocol 1, its body's), or None.  Pure."""
+    for fields in (headers, body):
+        if isinstance(fields, dict) and _named(fields.get("id")):
+            return fields["id"]
+    return None
 
 
 def not_a_task_message(problem: str) -> InvalidMessage:
     return InvalidMessage(f"not a Celery task message: {problem}; expected a body [args (a list), kwargs (an object), "
-                          "embed (an object)]: send it with Celery's send_task or apply_async")
+                          "embed (an object)] and headers with the task's name and id: send it with Celery's send_task or apply_async")
 
 
-def fail_unrun(task: Task, task_id: object, error: Exception) -> None:
-    """Log ``error`` and store it as the result of a request of ``task`` that will not run."""
-    log.warning("%s %s rejected: %s", task.name, task_id, error)
-    if not isinstance(task_id, str) or not task_id:
+def store_failure(backend, task_id: str | None, error: Exception) -> None:
+    """Store ``error`` as the result of the task ``task_id`` (if any), which will not run."""
+    if task_id is None:
         return
     try:
-        task.backend.mark_as_failure(task_id, error)
-    except Exception as exc:  # noqa: BLE001 - the request is dropped anyway; only its answer is lost
-        log.warning("%s %s: result not stored (%s)", task.name, task_id, exc)
+        backend.mark_as_failure(task_id, error)
+    except Exception as exc:  # noqa: BLE001 - the message is dropped anyway; only its answer is lost
+        log.warning("task %s: result not stored (%s)", task_id, exc)
 
 
-def refuse_malformed(task: Task, message) -> None:
-    """Raise ``InvalidTaskError`` (after :func:`fail_unrun`) if ``message`` cannot become a
-    request: Celery's consumer then logs it and discards the message."""
-    headers = message.headers
-    problem = body_problem(headers, message.payload)
-    if problem is not None:
-        error = not_a_task_message(problem)
-        fail_unrun(task, headers.get("id") if isinstance(headers, dict) else None, error)
-        raise InvalidTaskError(str(error))
+class Consumer(CeleryConsumer):
+    """Celery's consumer, which refuses a message whose envelope it cannot run
+    (:func:`envelope_problem`) and stores a result for every message it discards that has a
+    task id."""
 
+    def create_task_handler(self, *args, **kwargs):
+        on_task_received = super().create_task_handler(*args, **kwargs)
 
-def strategy(task: Task, app, consumer, **kwargs):
-    """Celery's default strategy, with :func:`refuse_malformed` first."""
-    on_message = default(task, app, consumer, **kwargs)
+        def checked(message):
+            try:
+                body = message.payload  # decoded once: kombu keeps it for Celery
+            except Exception:  # noqa: BLE001 - Celery's handler reports it (on_decode_error)
+                return on_task_received(message)
+            problem = envelope_problem(message.headers, body)
+            if problem is None:
+                return on_task_received(message)
+            self.refuse(message, body, not_a_task_message(problem))
 
-    def checked(message, *args, **kw):
-        refuse_malformed(task, message)
-        return on_message(message, *args, **kw)
+        return checked
 
-    return checked
+    def refuse(self, message, body, error: Exception) -> None:
+        task_id = task_id_of(message.headers, body)
+        log.error("refused a message of queue %r (task id %s): %s", (message.delivery_info or {}).get("routing_key"), task_id, error)
+        store_failure(self.app.backend, task_id, error)
+        message.reject_log_error(log, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=error)
 
+    def on_invalid_task(self, body, message, exc):
+        super().on_invalid_task(body, message, exc)
+        store_failure(self.app.backend, task_id_of(message.headers, body), InvalidMessage(f"not run: {exc}"))
 
-class CheckedTask(Task):
-    """The app's task class: Celery's, with :func:`strategy`."""
-
-    Strategy = "tasks.taskmessages:strategy"
+    def on_decode_error(self, message, exc):
+        super().on_decode_error(message, exc)
+        store_failure(self.app.backend, task_id_of(message.headers, None),
+                      InvalidMessage(f"not run: its body could not be decoded as {message.content_type} ({exc})"))

@@ -112,23 +112,36 @@ async def test_collect_many_requests_that_gather_run_together_up_to_a_thousand_m
 
 
 MALFORMED = [  # (body, what the failure says)
-    ([[], ["to", "x"], {}], "its args, kwargs and embed are of types list, list and dict"),
-    ([5, {}, {}], "its args, kwargs and embed are of types int, dict and dict"),
-    ([[], {"to": "lone", "data": 1}, "embed"], "its args, kwargs and embed are of types list, dict and str"),
-    ("just a string", "its body is of type str"),
-    ([1, 2], "its body is of type list with 2 items"),
-    ({"a": 1}, "its body is of type dict"),
+    ([[], ["to", "x"], {}], "not a Celery task message: its args, kwargs and embed are of types list, list and dict"),
+    ([5, {}, {}], "not a Celery task message: its args, kwargs and embed are of types int, dict and dict"),
+    ([[], {"to": "lone", "data": 1}, "embed"], "not a Celery task message: its args, kwargs and embed are of types list, dict and str"),
+    ("just a string", "not a Celery task message: its body is of type str"),
+    ([1, 2], "not a Celery task message: its body is of type list with 2 items"),
+    ({"a": 1}, "not a Celery task message: its body is of type dict"),
+]
+#: (body, headers beyond the task's name and id, what the failure says): messages Celery's own
+#: consumer refuses, and only logged; a caller waiting on one waited for ever.
+REFUSED_BY_CELERY = [
+    ([[], {"to": "lone", "data": 1}, {}], {"eta": "tomorrow"}, "not run: invalid ETA value 'tomorrow'"),
+    ([[], {"to": "lone", "data": 1}, {}], {"expires": "never"}, "not run: invalid expires value 'never'"),
+]
+#: Envelopes that stopped the worker in Celery's consumer, before any task's code (a task name
+#: Celery looks up and cannot hash; an unknown task whose id Celery reads and does not find).
+STOPPED_THE_WORKER = [
+    ({"task": ["tasks.collect"], "id": "x"}, [[], {}, {}]),
+    ({"task": "tasks.nope"}, [[], {}, {}]),
+    ({}, {"task": "tasks.nope", "args": [], "kwargs": {}}),
 ]
 
 
-def _publish_raw(cluster: Cluster, queue: str, task: str, bodies: list) -> list[str]:
+def _publish_raw(cluster: Cluster, queue: str, task: str, bodies: list, headers: dict | None = None, serializer: str = "json") -> list[str]:
     """Task messages made by hand (as another client might): the headers right, the bodies not."""
     ids = []
     with Connection(cluster.env["BROKER_URL"]) as conn:
         producer = conn.Producer()
         for body in bodies:
             ids.append(str(uuid.uuid4()))
-            producer.publish(body, exchange="", routing_key=queue, serializer="json", headers={"task": task, "id": ids[-1], "lang": "py"})
+            producer.publish(body, exchange="", routing_key=queue, serializer=serializer, headers={"task": task, "id": ids[-1], "lang": "py", **(headers or {})})
     return ids
 
 
@@ -142,14 +155,26 @@ async def test_malformed_task_messages_fail_alone_with_their_reason_and_the_work
         bad = _publish_raw(cluster, "collect", "tasks.collect", [body for body, _ in MALFORMED])
         after = cluster.send(to="lone", data={"n": 2})
     bad += _publish_raw(cluster, "dispatch", "tasks.receipts", ["just a string", [1, 2]])  # a task of Celery's own kind
+    says = [s for _, s in MALFORMED] + ["not a Celery task message: its body is of type str", "not a Celery task message: its body is of type list with 2 items"]
+    for body, headers, said in REFUSED_BY_CELERY:
+        bad += _publish_raw(cluster, "collect", "tasks.collect", [body], headers)
+        says.append(said)
+    bad += _publish_raw(cluster, "collect", "tasks.collect", [[[], {}, {}]], serializer="pickle")
+    says.append("not run: Refusing to deserialize untrusted content of type pickle")
+    with Connection(cluster.env["BROKER_URL"]) as conn:
+        for headers, body in STOPPED_THE_WORKER:
+            conn.Producer().publish(body, exchange="", routing_key="collect", serializer="json", headers=headers)
     ids = [await cluster.result(r, timeout=30) for r in (before, after)]
     frames = await client.messages(3, timeout=30)
     assert [f["id"] for f in frames][1:] == ids
 
     results = [cluster.business.AsyncResult(task_id) for task_id in bad]
-    for result, says in zip(results, [s for _, s in MALFORMED] + ["its body is of type str", "its body is of type list with 2 items"]):
-        with pytest.raises(Exception, match="not a Celery task message: " + re.escape(says)):
+    for result, said in zip(results, says, strict=True):
+        with pytest.raises(Exception, match=re.escape(said)):
             await cluster.result(result, timeout=30)
     assert await cluster.collect("lone", {"n": 3}, timeout=30)  # still up
     assert cluster.worker.alive
+    log = cluster._log("worker").read_text(errors="replace")
+    assert "Unrecoverable error" not in log
+    assert "its task name is of type list" in log and "it has no task id" in log
     client.close()

@@ -1,22 +1,31 @@
-"""What a worker refuses before Celery builds a request from a task message
+"""What a worker refuses before Celery handles a message on its task queues
 (``tasks.taskmessages``).  Pure."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.taskmessages import arguments_problem, body_problem, not_a_task_message
+from tasks.taskmessages import arguments_problem, envelope_problem, not_a_task_message, task_id_of
 
-HEADERS = {"task": "tasks.collect", "id": "4f1e1d5c-0000-4000-8000-000000000000"}
+TASK_ID = "4f1e1d5c-0000-4000-8000-000000000000"
+HEADERS = {"task": "tasks.collect", "id": TASK_ID}
 
 
 def test_a_protocol_2_message_passes():
-    assert body_problem(HEADERS, [[], {"to": "ann", "data": 1}, {"callbacks": None}]) is None
-    assert body_problem(HEADERS, ((), {}, None)) is None
+    assert envelope_problem(HEADERS, [[], {"to": "ann", "data": 1}, {"callbacks": None}]) is None
+    assert envelope_problem(HEADERS, ((), {}, None)) is None
 
 
-def test_a_protocol_1_body_is_left_to_celery():
-    assert body_problem({}, {"args": [], "kwargs": {}, "id": "x", "task": "tasks.collect"}) is None
+def test_a_protocol_1_message_and_a_protocol_1_body_under_protocol_2_headers_pass():
+    assert envelope_problem({}, {"args": [], "kwargs": {}, "id": "x", "task": "tasks.collect"}) is None
+    assert envelope_problem({}, {"id": "x", "task": "tasks.collect"}) is None  # Celery fills in no arguments
+    assert envelope_problem(HEADERS, {"args": [], "kwargs": {}}) is None
+
+
+def test_a_message_that_names_no_task_is_left_to_celery():
+    # Celery logs it as an unknown message and discards it, which is safe
+    assert envelope_problem({}, [[], {}, {}]) is None
+    assert envelope_problem({"id": TASK_ID}, "hello") is None
 
 
 @pytest.mark.parametrize(("headers", "body", "says"), [
@@ -24,11 +33,26 @@ def test_a_protocol_1_body_is_left_to_celery():
     (HEADERS, [1, 2], "its body is of type list with 2 items"),
     (HEADERS, {"a": 1}, "its body is of type dict"),
     (HEADERS, 5, "its body is of type int"),
-    ({"task": "tasks.collect"}, [[], {}, {}], "its headers have no task id"),
-    (None, [[], {}, {}], "its headers have no task id"),
+    (HEADERS, [[], ["to", "x"], {}], "its args, kwargs and embed are of types list, list and dict"),
+    (HEADERS, {"args": "x", "kwargs": {}}, "its args, kwargs and embed are of types str, dict and NoneType"),
+    ({"task": "tasks.collect"}, [[], {}, {}], "it has no task id"),
+    ({"task": "tasks.nope", "id": ["a"]}, [[], {}, {}], "it has no task id"),
+    ({"task": ["tasks.collect"], "id": TASK_ID}, [[], {}, {}], "its task name is of type list"),
+    ({"task": "", "id": TASK_ID}, [[], {}, {}], "its task name is of type str"),
+    (["task"], [[], {}, {}], "its headers are of type list"),
+    ({}, {"task": "tasks.nope", "args": []}, "it has no task id"),
+    ({}, {"task": {"a": 1}, "id": TASK_ID}, "its task name is of type dict"),
+    ({}, {"task": "tasks.collect", "id": TASK_ID, "args": [], "kwargs": []}, "its args, kwargs and embed are of types list, list and NoneType"),
 ])
-def test_a_body_celery_cannot_unpack_or_a_message_without_an_id_is_named(headers, body, says):
-    assert body_problem(headers, body) == says
+def test_an_envelope_celery_cannot_read_is_named(headers, body, says):
+    assert envelope_problem(headers, body) == says
+
+
+def test_the_task_id_comes_from_the_headers_or_a_protocol_1_body():
+    assert task_id_of(HEADERS, [[], {}, {}]) == TASK_ID
+    assert task_id_of({}, {"id": "p1", "task": "t"}) == "p1"
+    assert task_id_of({"id": ["x"]}, None) is None
+    assert task_id_of(None, "x") is None
 
 
 def test_arguments_must_be_a_list_an_object_and_an_object_or_null():
