@@ -223,7 +223,7 @@ class Store:
             return []
         first = min(after for _, after in wanted)
         with self._errors(f"replaying for {len(wanted)} connections"):
-            recent = _embedded_ids_after(self._messages, first, _EMBEDDED_RANGE_ROWS)
+            recent = _embedded_id_range(self._messages, first, first_included=False, most=_EMBEDDED_RANGE_ROWS)
         if recent is not None:
             return replays_from(recent, wanted, limit)
         return [self._replay_by_index(user, after, limit) if after == first else self.replays([(user, after)], limit)[0]
@@ -551,24 +551,30 @@ def _litemongo_table(collection):
     return table
 
 
-def _embedded_id_range(collection, first: str, last: str) -> list[dict] | None:
-    """On the embedded engine, the documents whose string ``_id`` is from ``first`` (included) to
-    ``last`` (excluded), read through the primary key of litemongo's SQLite table: mongomock has
-    no range index, and its query would decode and match every document of the collection (0.5 s
-    per 20,000 messages here, whatever the range).  None where that table is not there (MongoDB,
-    or a litemongo whose table is not what this reads), for the caller to query instead.
+def _embedded_id_range(collection, first: str, last: str | None = None, *, first_included: bool = True,
+                       most: int | None = None) -> list[dict] | None:
+    """On the embedded engine, the documents whose string ``_id`` is from ``first`` (included, or
+    excluded with ``first_included=False``) to ``last`` (excluded; no end without it), in ``_id``
+    order, read through the primary key of litemongo's SQLite table: mongomock has no range index,
+    and its query would decode and match every document of the collection (0.5 s per 20,000
+    messages here, whatever the range).  None when there are more than ``most`` of them, or where
+    that table is not there (MongoDB, or a litemongo whose table is not what this reads), for the
+    caller to query instead.
 
     This reads litemongo 0.2's ``TableDict`` (``encode_key`` maps a string id to a text key
     that sorts as the id does), as :func:`_one_transaction` does; tests cover both paths."""
     table = _litemongo_table(collection)
     if table is None:
         return None
-    low, high = _sortable_key(table, first), _sortable_key(table, last)
-    if low is None or high is None:
+    keys = [_sortable_key(table, first)] + ([] if last is None else [_sortable_key(table, last)])
+    if None in keys:
         return None
+    where = f"{table.ID} {'>=' if first_included else '>'} ?" + ("" if last is None else f" AND {table.ID} < ?")
+    limit = "" if most is None else f" LIMIT {int(most) + 1}"
     rows = table._connection.execute(
-        f"SELECT {table.DOC} FROM {table._table_name} WHERE {table.ID} >= ? AND {table.ID} < ? ORDER BY {table.ID}",  # nosec - names from litemongo
-        (low, high))
+        f"SELECT {table.DOC} FROM {table._table_name} WHERE {where} ORDER BY {table.ID}{limit}", keys).fetchall()  # nosec - names from litemongo
+    if most is not None and len(rows) > most:
+        return None
     return [table._decode_doc(doc) for (doc,) in rows]
 
 
@@ -591,25 +597,6 @@ def _sortable_key(table, message_id: str) -> str | None:
     ids do (a key format other than a text prefix followed by the id)."""
     key = table.encode_key(message_id)
     return key if isinstance(key, str) and key.endswith(message_id) else None
-
-
-def _embedded_ids_after(collection, after: str, most: int) -> list[dict] | None:
-    """On the embedded engine, the documents whose string ``_id`` is above ``after``, in ``_id``
-    order, when there are at most ``most`` of them, read through the primary key of litemongo's
-    table.  None when there are more, or where that table is not there, for the caller to query
-    instead."""
-    table = _litemongo_table(collection)
-    if table is None:
-        return None
-    low = _sortable_key(table, after)
-    if low is None:
-        return None
-    rows = table._connection.execute(
-        f"SELECT {table.DOC} FROM {table._table_name} WHERE {table.ID} > ? ORDER BY {table.ID} LIMIT ?",  # nosec - names from litemongo
-        (low, most + 1)).fetchall()
-    if len(rows) > most:
-        return None
-    return [table._decode_doc(doc) for (doc,) in rows]
 
 
 def _embedded_by_id(collection, ids: list, projection: dict) -> list[dict] | None:

@@ -504,7 +504,7 @@ def test_the_inbox_and_reads_by_id_find_the_same_on_either_path(store, around, m
 
 def test_a_replay_finds_the_same_through_the_range_of_ids_and_through_the_index(store, monkeypatch):
     """On the embedded engine a replay with few messages since its id reads them through the
-    table's primary key (tasks.store._embedded_ids_after), and through the index otherwise: both
+    table's primary key (tasks.store._embedded_id_range), and through the index otherwise: both
     must give the same messages, with the same limit and truncation, also for what another
     connection wrote after this one built its index."""
     if not store.embedded:
@@ -524,10 +524,11 @@ def test_a_replay_finds_the_same_through_the_range_of_ids_and_through_the_index(
         return [store.replay("ann", after, limit) for after in ("", messages[0]["id"], messages[3]["id"], messages[7]["id"]) for limit in (1, 2, 100)]
 
     through_range = replays()
-    assert store_module._embedded_ids_after(store.database["messages"], "", 100) is not None, "litemongo's table is not what tasks.store reads"
+    assert store_module._embedded_id_range(store.database["messages"], "", first_included=False, most=100) is not None, \
+        "litemongo's table is not what tasks.store reads"
     monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", 3)  # more than that since "" and since messages[0]
     mixed = replays()
-    monkeypatch.setattr(store_module, "_embedded_ids_after", lambda *_: None)
+    monkeypatch.setattr(store_module, "_embedded_id_range", lambda *_, **__: None)
     through_index = replays()
 
     assert through_range == mixed == through_index
