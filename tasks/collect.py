@@ -45,6 +45,7 @@ import time
 import uuid
 
 from celery import states
+from celery.exceptions import InvalidTaskError
 from celery.backends.redis import RedisBackend
 from celery.utils.saferepr import saferepr
 from celery.utils.time import get_exponential_backoff_interval
@@ -52,13 +53,19 @@ from celery_batches import Batches, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
-from tasks import links, messages as validation, redis_transport
+from tasks import links, messages as validation, redis_transport, taskmessages
 from tasks.batching import FlushGate, chunks
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
 from worker import app
+
+#: Most levels a ``tasks.collect`` or ``tasks.collect_many`` request's arguments may nest: far
+#: above what validation lets through (``tasks.messages.MAX_DATA_DEPTH``), and far enough below
+#: what this process can pickle for the pool (pickle spends two of Python's 1,000 recursion
+#: levels per level of nesting: it fails near 500 levels, less the loop's own stack).
+MAX_REQUEST_DEPTH = 200
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +154,8 @@ def _parse_collect(request) -> tuple[validation.Message, str]:
     message = _validate(to, data, kwargs)
     if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
         raise validation.InvalidMessage(f'"key" must be a non-empty string of at most 200 characters, got {key!r:.60}')
+    if key is not None and (problem := validation.not_unicode(key)) is not None:
+        raise validation.InvalidMessage(f'"key" is not valid Unicode: it holds {problem}')
     return message, f"key:{key}" if key is not None else f"task:{request.id or uuid.uuid4()}"
 
 
@@ -195,7 +204,13 @@ class CollectBatches(Batches):
         on_message = super().Strategy(task, app, consumer)
 
         def buffer_then_flush_when_free(message, *args, **kwargs):
-            on_message(message, *args, **kwargs)  # its args and kwargs are a list and an object (tasks.taskmessages)
+            # Its args and kwargs are a list and an object (tasks.taskmessages.Consumer checked).
+            # This process pickles them for the pool, which raised out of the loop (and stopped
+            # the worker) for arguments nested near Python's recursion limit.
+            problem = taskmessages.depth_problem(message.body, "compression" in message.headers, message.payload, MAX_REQUEST_DEPTH)
+            if problem is not None:
+                raise InvalidTaskError(problem)  # the consumer stores it as the result
+            on_message(message, *args, **kwargs)
             self._flush_when_free()
 
         return buffer_then_flush_when_free
@@ -322,6 +337,10 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, str]]:
         except validation.InvalidMessage as exc:
             log.warning("%s %s rejected: %s", task.name, req.id, exc)
             outcomes[req.id] = ("failed", f"InvalidMessage: {exc}")
+            _store_result(req, exc, failed=True)
+        except Exception as exc:  # noqa: BLE001 - a bug of validation: this request fails alone, not its batch
+            log.exception("%s %s: validating it failed", task.name, req.id)
+            outcomes[req.id] = ("failed", f"{type(exc).__name__}: {exc}")
             _store_result(req, exc, failed=True)
     storing = [(req, messages, key, result) for req, messages, key, result in parsed if messages]
     done = [(req, result([])) for req, messages, _, result in parsed if not messages]

@@ -13,6 +13,9 @@ from typing import Any
 
 BROADCAST = "*"
 MAX_USER_ID_CHARS = 128
+#: Most levels lists and objects may nest in ``data``: MongoDB refuses a document nested deeper
+#: than 100 levels, and a message's ``data`` is a field of one.
+MAX_DATA_DEPTH = 64
 MISSING: Any = object()
 
 
@@ -29,9 +32,21 @@ class Message:
     data_json: str
 
 
+def not_unicode(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (it holds a lone surrogate, which JSON's ``\\ud800``
+    escapes can carry), or None.  Pure."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate {exc.object[exc.start:exc.end]!r} at position {exc.start}"
+    return None
+
+
 def _check_user_id(value: object, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidMessage(f"{where} must be a non-empty string user id, got {value!r}")
+    if (problem := not_unicode(value)) is not None:
+        raise InvalidMessage(f"{where} is not valid Unicode: it holds {problem}")
     if len(value) > MAX_USER_ID_CHARS:
         raise InvalidMessage(f"{where} is {len(value)} characters long; user ids have at most {MAX_USER_ID_CHARS}")
     if value == BROADCAST:
@@ -62,16 +77,44 @@ def recipients(to: object, max_recipients: int) -> str | tuple[str, ...]:
 _strict_compact_json = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
 
 
+def nesting(value: object, most: int) -> int:
+    """How many levels lists and objects nest in ``value`` (0 for anything else), counted up to
+    ``most + 1`` at most.  Iterative, so any depth is safe to ask about.  Pure."""
+    depth, level = 0, [value]
+    while depth <= most:
+        children: list = []
+        containers = 0
+        for item in level:
+            if isinstance(item, dict):
+                children += item.values()
+            elif isinstance(item, (list, tuple)):
+                children += item
+            else:
+                continue
+            containers += 1
+        if not containers:
+            break
+        depth += 1
+        level = children
+    return depth
+
+
 def encode_data(data: object, max_bytes: int) -> str:
     if data is MISSING:
         raise InvalidMessage('"data" is missing: pass any JSON value, e.g. data={"text": "hi"}')
+    if nesting(data, MAX_DATA_DEPTH) > MAX_DATA_DEPTH:
+        raise InvalidMessage(f'"data" nests lists and objects more than {MAX_DATA_DEPTH} levels deep (MongoDB stores at most 100 '
+                             'per document): flatten it, or send it as a string')
     try:
         text = _strict_compact_json(data)
     except RecursionError:
         raise InvalidMessage('"data" is nested too deeply to be encoded as JSON') from None
     except (TypeError, ValueError) as exc:
         raise InvalidMessage(f'"data" is not JSON: {exc}; send only dicts, lists, strings, numbers, booleans and null') from None
-    size = len(text.encode())
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise InvalidMessage(f'"data" is not valid Unicode: its JSON holds {not_unicode(text)}') from None
     if size > max_bytes:
         raise InvalidMessage(f'"data" is {size} bytes as JSON; the limit is {max_bytes} (MAX_MESSAGE_BYTES): send a reference instead')
     return text

@@ -25,7 +25,7 @@ import logging
 from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from tasks.messages import InvalidMessage
+from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,19 @@ def envelope_problem(headers: object, body: object) -> str | None:
     if not _named(fields.get("id")):
         return "it has no task id"
     return arguments_problem(*arguments)
+
+
+def depth_problem(raw: object, compressed: bool, payload: object, most: int) -> str | None:
+    """Why a request's decoded body ``payload`` (its raw body: ``raw``) is too deep for this
+    process to pickle for its pool: lists and objects nested more than ``most`` levels.  A raw
+    body with fewer openers than that (and not compressed) needs no walk.  Pure."""
+    if not compressed and isinstance(raw, (bytes, str)):
+        bracket, brace = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
+        if raw.count(bracket) + raw.count(brace) <= most:
+            return None
+    if nesting(payload, most) <= most:
+        return None
+    return f"its arguments nest lists and objects more than {most} levels deep (data may nest at most {MAX_DATA_DEPTH})"
 
 
 def task_id_of(headers: object, body: object) -> str | None:

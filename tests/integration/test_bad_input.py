@@ -116,6 +116,13 @@ async def test_a_since_that_is_not_a_message_id_closes_with_4500(cluster):
     assert code == CloseCode.BAD_REQUEST and "since" in reason
 
 
+def _nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
@@ -126,7 +133,12 @@ async def test_a_since_that_is_not_a_message_id_closes_with_4500(cluster):
         ({"to": "watcher-bad-input", "data": "x" * 70_000}, "MAX_MESSAGE_BYTES"),
         ({"to": "watcher-bad-input"}, '"data" is missing'),
         ({"to": "watcher-bad-input", "data": 1, "priority": "high"}, "unexpected argument"),
+        ({"to": "watcher-bad-input", "data": {"text": "\ud800"}}, '"data" is not valid Unicode'),  # it failed its whole batch
+        ({"to": "watcher-bad-input", "data": 1, "key": "k\udfff"}, '"key" is not valid Unicode'),
+        ({"to": "watcher-bad-input", "data": _nested(65)}, "more than 64 levels deep (MongoDB"),
+        ({"to": "watcher-bad-input", "data": _nested(600)}, "more than 200 levels deep"),  # it stopped the worker, which could not pickle it
     ],
+    ids=["no to", "empty to", "int in to", "NaN", "oversize", "no data", "unexpected", "surrogate", "surrogate key", "deep", "very deep"],
 )
 async def test_an_invalid_collect_fails_with_a_clear_error_and_sends_nothing(cluster, kwargs, expected):
     watcher = await cluster.connect("watcher-bad-input")

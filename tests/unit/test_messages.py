@@ -6,7 +6,7 @@ import datetime
 
 import pytest
 
-from tasks.messages import BROADCAST, MAX_USER_ID_CHARS, MISSING, InvalidMessage, Message, validate
+from tasks.messages import BROADCAST, MAX_DATA_DEPTH, MAX_USER_ID_CHARS, MISSING, InvalidMessage, Message, nesting, not_unicode, validate
 
 LIMITS = {"max_bytes": 1000, "max_recipients": 5}
 
@@ -209,3 +209,40 @@ def test_an_empty_unexpected_mapping_is_not_an_error():
 
 def test_invalid_message_is_a_value_error():
     assert issubclass(InvalidMessage, ValueError)
+
+
+# --- depth and Unicode --------------------------------------------------------------------------
+
+
+def _nested(levels: int, leaf: object = 1) -> object:
+    value = leaf
+    for level in range(levels):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+def test_nesting_counts_levels_of_lists_and_objects_at_any_depth():
+    assert [nesting(value, 64) for value in (1, "x", [], {}, [1], {"a": [1]}, [{"a": [{}]}])] == [0, 0, 1, 1, 1, 2, 4]
+    assert nesting(_nested(5000), 10_000) == 5000  # iterative: no recursion limit
+    assert nesting(_nested(5000), 64) == 65  # counting stops past the bound
+
+
+def test_data_nested_to_the_limit_is_accepted_and_one_level_more_is_rejected_saying_why():
+    assert check("ann", _nested(MAX_DATA_DEPTH)).data == _nested(MAX_DATA_DEPTH)
+    text = rejection("ann", _nested(MAX_DATA_DEPTH + 1), max_bytes=10_000)
+    assert f"more than {MAX_DATA_DEPTH} levels deep" in text and "MongoDB" in text
+
+
+def test_data_with_a_lone_surrogate_is_rejected_where_it_is():
+    # JSON's "\ud800" escape decodes to one, which cannot be stored or sent as UTF-8
+    assert rejection("ann", {"text": "ok \ud800"}) == '"data" is not valid Unicode: its JSON holds a lone surrogate \'\\ud800\' at position 12'
+
+
+@pytest.mark.parametrize(("to", "where"), [("\udc00", '"to"'), (["ann", "b\ud800"], '"to"[1]')])
+def test_a_user_id_with_a_lone_surrogate_is_rejected_with_its_place(to, where):
+    assert rejection(to, 1).startswith(f"{where} is not valid Unicode: it holds a lone surrogate")
+
+
+def test_not_unicode_names_the_first_lone_surrogate_only_when_there_is_one():
+    assert not_unicode("héllo ✓") is None
+    assert not_unicode("ab\udfffc") == "a lone surrogate '\\udfff' at position 2"

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tasks.taskmessages import arguments_problem, envelope_problem, not_a_task_message, task_id_of
+from tasks.taskmessages import arguments_problem, depth_problem, envelope_problem, not_a_task_message, task_id_of
 
 TASK_ID = "4f1e1d5c-0000-4000-8000-000000000000"
 HEADERS = {"task": "tasks.collect", "id": TASK_ID}
@@ -67,3 +69,22 @@ def test_the_error_says_what_was_expected_and_how_to_send_a_task():
     text = str(not_a_task_message("its body is of type str"))
     assert text.startswith("not a Celery task message: its body is of type str;")
     assert "[args (a list), kwargs (an object), embed (an object)]" in text and "send_task" in text
+
+
+def _deep(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_a_request_nested_deeper_than_the_bound_is_named_and_a_shallow_body_is_not_walked():
+    body = [[], {"to": "ann", "data": _deep(300)}, {}]
+    raw = json.dumps(body)
+    assert depth_problem(raw, False, body, 200) == "its arguments nest lists and objects more than 200 levels deep (data may nest at most 64)"
+    assert depth_problem(raw.encode(), False, body, 200) is not None
+    assert depth_problem(raw, False, body, 400) is None
+    # few openers in the raw body: no walk (the payload given here would fail one)
+    assert depth_problem(b'[[], {"to": "ann", "data": 1}, {}]', False, body, 200) is None
+    # a compressed body's bytes say nothing of its depth
+    assert depth_problem(b"x\x9c", True, body, 200) is not None
