@@ -260,3 +260,32 @@ def test_a_request_sent_again_keeps_its_link_errback_and_chain(broker, monkeypat
     assert [s["task"] for s in embed["errbacks"]] == ["tasks.status"]
     assert [s["task"] for s in embed["chain"]] == ["tasks.status"]
     assert (sent["headers"]["root_id"], sent["headers"]["parent_id"]) == ("root-1", "parent-1")
+
+
+def test_a_request_whose_reading_raises_an_unexpected_error_fails_alone(broker, monkeypatch):
+    """A bug of validation (an error other than InvalidMessage while a request is read) fails that
+    request, with the error as its outcome; the rest of the batch goes on (here: to a retry, the
+    store being unavailable).  It used to fail the whole batch, with no result stored."""
+    from celery_batches import SimpleRequest
+
+    from tasks import collect as collect_module
+    from tasks.store import StoreUnavailable
+
+    def unavailable():
+        raise StoreUnavailable("MongoDB is down (test)")
+
+    def parse(req):
+        if req.id == "buggy":
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return collect_module._parse_collect_request(req)
+
+    retry_queue = f"retries-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(collect_module, "get_store", unavailable)
+    monkeypatch.setattr(collect_module, "COLLECT_QUEUE", retry_queue)
+    requests = [SimpleRequest(task_id, "tasks.collect", (), {"to": "a", "data": 1}, {}, "worker@host", True, None, None, {"retries": 0})
+                for task_id in ("buggy", "fine")]
+    outcomes = collect_module._run_batch(collect_module.collect, requests, parse)
+    broker.delete(retry_queue)
+
+    assert outcomes["buggy"][0] == "failed" and outcomes["buggy"][1].startswith("UnicodeEncodeError:")
+    assert outcomes["fine"][0] == "retry"
