@@ -16,6 +16,7 @@ MAX_USER_ID_CHARS = 128
 #: Most levels lists and objects may nest in ``data``: MongoDB refuses a document nested deeper
 #: than 100 levels, and a message's ``data`` is a field of one.
 MAX_DATA_DEPTH = 64
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MISSING: Any = object()
 
 
@@ -99,12 +100,40 @@ def nesting(value: object, most: int) -> int:
     return depth
 
 
+def unstorable(data: object) -> str | None:
+    """Why MongoDB cannot store ``data`` as a field of a message's document, or None: lists and
+    objects nested more than :data:`MAX_DATA_DEPTH` levels, an integer beyond 64 bits, an object
+    key that is not a string or holds NUL.  One walk, iterative.  Pure."""
+    depth, level = 0, [data]
+    while level:
+        children: list = []
+        containers = 0
+        for item in level:
+            if isinstance(item, dict):
+                for key in item:
+                    if not isinstance(key, str) or "\x00" in key:
+                        return f"has the object key {key!r:.40}: MongoDB stores keys that are strings without NUL"
+                children += item.values()
+            elif isinstance(item, (list, tuple)):
+                children += item
+            else:
+                if isinstance(item, int) and not _INT64_MIN <= item <= _INT64_MAX:
+                    return "holds an integer outside MongoDB's 64-bit range (-2**63 to 2**63 - 1): send larger numbers as strings"
+                continue
+            containers += 1
+        if containers:
+            depth += 1
+            if depth > MAX_DATA_DEPTH:
+                return f"nests lists and objects more than {MAX_DATA_DEPTH} levels deep (MongoDB stores at most 100 per document): flatten it, or send it as a string"
+        level = children
+    return None
+
+
 def encode_data(data: object, max_bytes: int) -> str:
     if data is MISSING:
         raise InvalidMessage('"data" is missing: pass any JSON value, e.g. data={"text": "hi"}')
-    if nesting(data, MAX_DATA_DEPTH) > MAX_DATA_DEPTH:
-        raise InvalidMessage(f'"data" nests lists and objects more than {MAX_DATA_DEPTH} levels deep (MongoDB stores at most 100 '
-                             'per document): flatten it, or send it as a string')
+    if (problem := unstorable(data)) is not None:
+        raise InvalidMessage(f'"data" {problem}')
     try:
         text = _strict_compact_json(data)
     except RecursionError:

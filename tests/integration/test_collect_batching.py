@@ -178,3 +178,21 @@ async def test_malformed_task_messages_fail_alone_with_their_reason_and_the_work
     assert "Unrecoverable error" not in log
     assert "its task name is of type list" in log and "it has no task id" in log
     client.close()
+
+
+async def test_data_mongodb_cannot_store_fails_alone_and_the_rest_of_its_batch_is_delivered(lazy_timer_cluster):
+    # An integer beyond 64 bits or an object key with NUL failed the store's write of the
+    # whole batch: every request of it failed with the one message's StoreError.
+    cluster = lazy_timer_cluster
+    client = await cluster.connect("lone")
+    await cluster.collect("lone", {"n": 0}, timeout=30)
+    with pool_stopped(cluster):
+        sent = [cluster.send(to="lone", data=data) for data in ({"n": 1}, {"n": 2**64}, {"bad\x00key": 1}, {"n": 2})]
+    good = [await cluster.result(sent[i], timeout=30) for i in (0, 3)]
+    for result, says in ((sent[1], "holds an integer outside MongoDB's 64-bit range"), (sent[2], "has the object key")):
+        with pytest.raises(Exception, match=re.escape(says)):
+            await cluster.result(result, timeout=30)
+    frames = await client.messages(3, timeout=30)
+    assert [f["id"] for f in frames][1:] == good
+    assert batch_sizes(cluster, requests=5)[-1] == (3, 1)  # the first ran at once; the three behind it as one batch
+    client.close()

@@ -246,3 +246,17 @@ def test_a_user_id_with_a_lone_surrogate_is_rejected_with_its_place(to, where):
 def test_not_unicode_names_the_first_lone_surrogate_only_when_there_is_one():
     assert not_unicode("héllo ✓") is None
     assert not_unicode("ab\udfffc") == "a lone surrogate '\\udfff' at position 2"
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    ({"n": 2**63}, "holds an integer outside MongoDB's 64-bit range"),
+    ([-(2**63) - 1], "holds an integer outside MongoDB's 64-bit range"),
+    ({"a\x00b": 1}, "has the object key 'a\\x00b'"),
+    ({"outer": {7: "x"}}, "has the object key 7"),
+])
+def test_data_mongodb_cannot_store_is_rejected_before_its_batch_is_stored(data, says):
+    assert rejection("ann", data).startswith(f'"data" {says}')
+
+
+def test_the_64_bit_range_itself_is_accepted():
+    assert check("ann", [2**63 - 1, -(2**63), True, 1.5e300]).data == [2**63 - 1, -(2**63), True, 1.5e300]
