@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from auth.tokens import MAX_USER_ID_LENGTH, forbidden_character
+
 BROADCAST = "*"
-MAX_USER_ID_CHARS = 128
+MAX_USER_ID_CHARS = MAX_USER_ID_LENGTH  # auth's rule: an id no token can carry gets no message
 #: Most levels lists and objects may nest in ``data``: MongoDB refuses a document nested deeper
 #: than 100 levels, and a message's ``data`` is a field of one.
 MAX_DATA_DEPTH = 64
@@ -46,8 +48,9 @@ def not_unicode(text: str) -> str | None:
 def _check_user_id(value: object, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidMessage(f"{where} must be a non-empty string user id, got {value!r}")
-    if (problem := not_unicode(value)) is not None:
-        raise InvalidMessage(f"{where} is not valid Unicode: it holds {problem}")
+    if (char := forbidden_character(value)) is not None:
+        raise InvalidMessage(f"{where} holds {char!r}: user ids have no whitespace, control, format or surrogate characters "
+                             "(auth issues no token for such an id)")
     if len(value) > MAX_USER_ID_CHARS:
         raise InvalidMessage(f"{where} is {len(value)} characters long; user ids have at most {MAX_USER_ID_CHARS}")
     if value == BROADCAST:

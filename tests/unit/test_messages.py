@@ -6,6 +6,8 @@ import datetime
 
 import pytest
 
+from auth.tokens import InvalidUserId, check_user_id
+
 from tasks.messages import BROADCAST, MAX_DATA_DEPTH, MAX_USER_ID_CHARS, MISSING, InvalidMessage, Message, nesting, not_unicode, validate
 
 LIMITS = {"max_bytes": 1000, "max_recipients": 5}
@@ -238,9 +240,28 @@ def test_data_with_a_lone_surrogate_is_rejected_where_it_is():
     assert rejection("ann", {"text": "ok \ud800"}) == '"data" is not valid Unicode: its JSON holds a lone surrogate \'\\ud800\' at position 12'
 
 
-@pytest.mark.parametrize(("to", "where"), [("\udc00", '"to"'), (["ann", "b\ud800"], '"to"[1]')])
-def test_a_user_id_with_a_lone_surrogate_is_rejected_with_its_place(to, where):
-    assert rejection(to, 1).startswith(f"{where} is not valid Unicode: it holds a lone surrogate")
+@pytest.mark.parametrize(("to", "where", "char"), [
+    ("\udc00", '"to"', "\udc00"), (["ann", "b\ud800"], '"to"[1]', "\ud800"), ("has space", '"to"', " "),
+    (["ann", "tab\there"], '"to"[1]', "\t"), ("zero\u200dwidth", '"to"', "\u200d"), ("no\xa0break", '"to"', "\xa0"),
+])
+def test_a_user_id_auth_would_not_issue_a_token_for_is_rejected_with_its_place(to, where, char):
+    assert rejection(to, 1).startswith(f"{where} holds {char!r}: user ids have no whitespace, control, format or surrogate characters")
+
+
+@pytest.mark.parametrize("user", ["alice", "Zoë", "用户", "🙂" * 10, "a\ue000b", "x.y@z-1_2", "u" * MAX_USER_ID_CHARS, "has space", "tab\t",
+                                  "\u200d", "\ud800", "u" * (MAX_USER_ID_CHARS + 1), "", " "])
+def test_collect_accepts_exactly_the_user_ids_auth_issues_tokens_for(user):
+    try:
+        check_user_id(user)
+        auth_accepts = True
+    except InvalidUserId:
+        auth_accepts = False
+    try:
+        check(user, 1)
+        collect_accepts = True
+    except InvalidMessage:
+        collect_accepts = False
+    assert collect_accepts == auth_accepts
 
 
 def test_not_unicode_names_the_first_lone_surrogate_only_when_there_is_one():
