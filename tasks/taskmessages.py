@@ -16,6 +16,9 @@ as Celery discards an invalid task message.  It also stores a result for the mes
 refuses itself and only logged (an unreadable ``eta`` or ``expires``, a content type the worker
 does not accept, a body that does not decode), so that a caller waiting on one is told why instead
 of waiting forever.
+
+:func:`depth_problem` is for ``tasks.collect``'s strategy: its batches are pickled in this process
+for the pool, and arguments nested near Python's recursion limit raised out of the loop there.
 """
 
 from __future__ import annotations
