@@ -28,9 +28,9 @@ with one, a read of up to the window costs two.  Only queues consumed with ackno
 take part (a push node's queue is read with ``no_ack`` and keeps kombu's one message per ``BRPOP``).
 
 An item of a queue's list that is not a kombu message (not JSON, without the properties kombu
-reads, or with a body its encoding does not decode) is logged and dropped: kombu's channel raised on it, out of the worker's event loop, which
-stopped the worker ("Unrecoverable error"); a push node's consumer took it for a lost broker
-connection and connected again.
+reads, or with a body its encoding does not decode) is logged and dropped: kombu's channel raised
+on it, out of the worker's event loop, which stopped the worker ("Unrecoverable error"); a push
+node's consumer took it for a lost broker connection and connected again.
 
 kombu acknowledges one message per round trip too (a pipeline removing it from the unacked index
 and hash).  :func:`acknowledge` acknowledges a group of Celery requests with one such pipeline per

@@ -570,9 +570,10 @@ def _embedded_id_range(collection, first: str, last: str | None = None, *, first
     if None in keys:
         return None
     where = f"{table.ID} {'>=' if first_included else '>'} ?" + ("" if last is None else f" AND {table.ID} < ?")
-    limit = "" if most is None else f" LIMIT {int(most) + 1}"
-    rows = table._connection.execute(
-        f"SELECT {table.DOC} FROM {table._table_name} WHERE {where} ORDER BY {table.ID}{limit}", keys).fetchall()  # nosec - names from litemongo
+    limit = "" if most is None else " LIMIT ?"
+    rows = table._connection.execute(  # nosec - names from litemongo, values bound
+        f"SELECT {table.DOC} FROM {table._table_name} WHERE {where} ORDER BY {table.ID}{limit}",
+        keys + ([] if most is None else [most + 1])).fetchall()
     if most is not None and len(rows) > most:
         return None
     return [table._decode_doc(doc) for (doc,) in rows]
