@@ -194,5 +194,8 @@ async def test_data_mongodb_cannot_store_fails_alone_and_the_rest_of_its_batch_i
             await cluster.result(result, timeout=30)
     frames = await client.messages(3, timeout=30)
     assert [f["id"] for f in frames][1:] == good
-    assert batch_sizes(cluster, requests=5)[-1] == (3, 1)  # the first ran at once; the three behind it as one batch
+    # What the worker read in its first turn ran at once, the rest as one batch once it returned:
+    # whatever the split, a batch held a bad request beside a good one.
+    sizes = batch_sizes(cluster, requests=5)
+    assert any(requests > messages >= 1 for requests, messages in sizes), sizes
     client.close()
