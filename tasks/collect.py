@@ -369,16 +369,20 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, str]]:
         outcomes[req.id] = ("ok", value)
     _store_results(done)
     for req, value in done:
+        links.chord_part_done(app, req, value)
         links.apply_followers(app, req, value)
     return outcomes
 
 
 def _store_result(req, value, failed: bool = False) -> None:
-    """Store ``req``'s result (unless it asked for none) and, for a failure, run its errbacks and
-    fail the rest of its chain (:mod:`tasks.links`), as Celery's backend does for any task."""
+    """Store ``req``'s result (unless it asked for none) and, for a failure, count it as a failed
+    part of its chord, run its errbacks and fail the rest of its chain (:mod:`tasks.links`), as
+    Celery's backend does for any task.  A success's chord part is counted by the caller
+    (:func:`tasks.links.chord_part_done`), whether or not its result is stored."""
     store = not getattr(req, "ignore_result", False)
     errbacks = failed and bool(getattr(req, "errbacks", None))
-    if not req.id or not (store or errbacks):
+    chord = failed and getattr(req, "chord", None) is not None
+    if not req.id or not (store or errbacks or chord):
         return
     try:
         if failed:
@@ -386,9 +390,9 @@ def _store_result(req, value, failed: bool = False) -> None:
             # eager calls') has no such attribute, and Celery would fail on it after storing.
             app.backend.mark_as_failure(req.id, value, request=req, store_result=store, call_errbacks=errbacks)
         else:
-            app.backend.mark_as_done(req.id, value, request=req)
+            app.backend.store_result(req.id, value, states.SUCCESS, request=req)
     except Exception as exc:  # noqa: BLE001 - the message itself is stored and sent; only the answer is lost
-        log.warning("%s %s: result not stored%s (%s)", req.name, req.id, " or its errbacks not run" if errbacks else "", exc)
+        log.warning("%s %s: result not stored%s (%s)", req.name, req.id, " or its errbacks and chord not run" if errbacks or chord else "", exc)
 
 
 def _store_results(done: list[tuple[object, str]]) -> None:

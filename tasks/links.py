@@ -1,16 +1,18 @@
-"""Links, errbacks and chains on the batched collect tasks.  Worker processes only.
+"""Links, errbacks, chains and chords on the batched collect tasks.  Worker processes only.
 
-Celery runs what a caller attached to a task (``apply_async(link=..., link_error=...)``, or the
-rest of a ``chain(...)``) from its tracer, which celery-batches does not use, and celery-batches'
-:class:`~celery_batches.SimpleRequest` drops the message's ``embed`` where they travel.  So
-``tasks.collect`` and ``tasks.collect_many`` keep them on their own request
-(:class:`CollectRequest`, made in the worker's main process and pickled to the pool) and apply
-them here, after each request's outcome, as Celery's tracer does:
+Celery runs what a caller attached to a task (``apply_async(link=..., link_error=...)``, the
+rest of a ``chain(...)``, the body of a ``chord(...)``) from its tracer, which celery-batches does
+not use, and celery-batches' :class:`~celery_batches.SimpleRequest` drops the message's ``embed``
+and group headers where they travel.  So ``tasks.collect`` and ``tasks.collect_many`` keep them on
+their own request (:class:`CollectRequest`, made in the worker's main process and pickled to the
+pool) and apply them here, after each request's outcome, as Celery's tracer does:
 
-- a request that succeeds applies each ``link`` with its result as the first argument, then the
-  next task of its chain (the rest of the chain travels with it);
-- a request that fails runs its ``link_error`` errbacks through the result backend's own
-  ``mark_as_failure``, which also marks the rest of its chain failed, like any Celery task's;
+- a request that succeeds counts as a part of its chord (the result backend runs the chord's body
+  once every part has returned), then applies each ``link`` with its result as the first argument,
+  then the next task of its chain (the rest of the chain travels with it);
+- a request that fails counts as a failed part of its chord (the backend then fails the body with
+  a ``ChordError``), runs its ``link_error`` errbacks and marks the rest of its chain failed: all
+  through the result backend's own ``mark_as_failure``, like any Celery task's;
 - a request sent again (its batch could not reach the store) keeps them all.
 
 They run whether or not the request's result is stored (``ignore_result``), as with Celery.  A
@@ -22,14 +24,15 @@ from __future__ import annotations
 
 import logging
 
-from celery import group, signature
+from celery import group, signature, states
 from celery_batches import SimpleRequest
 
 log = logging.getLogger(__name__)
 
 
 class CollectRequest(SimpleRequest):
-    """celery-batches' request plus what the message's ``embed`` and headers say should follow it."""
+    """celery-batches' request plus what the message's ``embed`` and headers say should follow it.
+    ``chord``, ``group`` and ``group_index`` are the names Celery's backends read on a request."""
 
     #: Signatures to apply with the result (``link``), in order.
     callbacks: list | None = None
@@ -39,6 +42,11 @@ class CollectRequest(SimpleRequest):
     chain: list | None = None
     root_id: str | None = None
     parent_id: str | None = None
+    #: The chord's body, when this request is a part of a chord's header.
+    chord: dict | None = None
+    #: The group this request belongs to, and its place in it (a chord's header is a group).
+    group: str | None = None
+    group_index: int | None = None
 
     @classmethod
     def from_request(cls, request) -> "CollectRequest":
@@ -48,9 +56,24 @@ class CollectRequest(SimpleRequest):
         simple.callbacks = embed.get("callbacks") or None
         simple.errbacks = embed.get("errbacks") or None
         simple.chain = embed.get("chain") or None
+        simple.chord = embed.get("chord") or None
         simple.root_id = request.root_id
         simple.parent_id = request.parent_id
+        simple.group = request.group
+        simple.group_index = request.group_index
         return simple
+
+
+def chord_part_done(app, req, retval) -> None:
+    """Count ``req``, which succeeded with ``retval``, as a returned part of its chord, if it is
+    one (what ``mark_as_done`` does for any task; with Celery's Redis backend the last part to
+    return sends the chord's body)."""
+    if getattr(req, "chord", None) is None:
+        return
+    try:
+        app.backend.on_chord_part_return(req, states.SUCCESS, retval)
+    except Exception:  # noqa: BLE001 - the message is stored and routed; only the chord's body is lost
+        log.exception("%s %s: its chord's body could not be sent", req.name, req.id)
 
 
 def apply_followers(app, req, retval) -> None:
@@ -79,7 +102,8 @@ def apply_followers(app, req, retval) -> None:
 
 
 def retry_options(req) -> dict:
-    """What a request sent again must carry so that its links, errbacks and chain still follow."""
+    """What a request sent again must carry so that its links, errbacks and chain still follow,
+    and it still counts as the same part of its chord."""
     options = {}
     if getattr(req, "callbacks", None):
         options["link"] = req.callbacks
@@ -87,7 +111,9 @@ def retry_options(req) -> dict:
         options["link_error"] = req.errbacks
     if getattr(req, "chain", None):
         options["chain"] = req.chain
-    for name in ("root_id", "parent_id"):
-        if getattr(req, name, None):
-            options[name] = getattr(req, name)
+    if getattr(req, "chord", None):
+        options["chord"] = req.chord
+    for name, option in (("root_id", "root_id"), ("parent_id", "parent_id"), ("group", "group_id"), ("group_index", "group_index")):
+        if getattr(req, name, None) is not None:
+            options[option] = getattr(req, name)
     return options

@@ -228,10 +228,10 @@ def test_a_batch_that_cannot_reach_the_store_is_sent_again_request_by_request_un
     assert all(m["headers"]["task"] == "tasks.collect_many" for m in sent)  # after a backoff (full jitter: may be 0)
 
 
-def test_a_request_sent_again_keeps_its_link_errback_and_chain(broker, monkeypatch):
+def test_a_request_sent_again_keeps_its_link_errback_chain_and_chord(broker, monkeypatch):
     """A collect request whose batch could not reach the store is published again with what was
-    to follow it (``tasks/links.py``): its ``link``, ``link_error`` and the rest of its chain, and
-    the ids that tie it to its caller."""
+    to follow it (``tasks/links.py``): its ``link``, ``link_error``, the rest of its chain and its
+    chord's body, and the ids that tie it to its caller and its group."""
     import base64
 
     from tasks import collect as collect_module
@@ -244,10 +244,11 @@ def test_a_request_sent_again_keeps_its_link_errback_and_chain(broker, monkeypat
     retry_queue = f"retries-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(collect_module, "get_store", unavailable)
     monkeypatch.setattr(collect_module, "COLLECT_QUEUE", retry_queue)
-    link, errback, rest = ({"task": name, "args": [], "kwargs": {}, "options": {}, "subtask_type": None, "immutable": False}
-                           for name in ("celery.accumulate", "tasks.status", "tasks.status"))
+    link, errback, rest, body = ({"task": name, "args": [], "kwargs": {}, "options": {}, "subtask_type": None, "immutable": False}
+                                 for name in ("celery.accumulate", "tasks.status", "tasks.status", "celery.accumulate"))
     req = CollectRequest("linked", "tasks.collect", (), {"to": "a", "data": 1}, {}, "worker@host", False, None, None, {"retries": 0})
     req.callbacks, req.errbacks, req.chain, req.root_id, req.parent_id = [link], [errback], [rest], "root-1", "parent-1"
+    req.chord, req.group, req.group_index = body, "group-1", 0
 
     outcomes = collect_module._run_batch(collect_module.collect, [req], collect_module._parse_collect_request)
 
@@ -259,7 +260,9 @@ def test_a_request_sent_again_keeps_its_link_errback_and_chain(broker, monkeypat
     assert [s["task"] for s in embed["callbacks"]] == ["celery.accumulate"]
     assert [s["task"] for s in embed["errbacks"]] == ["tasks.status"]
     assert [s["task"] for s in embed["chain"]] == ["tasks.status"]
+    assert embed["chord"]["task"] == "celery.accumulate"
     assert (sent["headers"]["root_id"], sent["headers"]["parent_id"]) == ("root-1", "parent-1")
+    assert (sent["headers"]["group"], sent["headers"]["group_index"]) == ("group-1", 0)
 
 
 def test_a_request_whose_reading_raises_an_unexpected_error_fails_alone(broker, monkeypatch):
