@@ -262,15 +262,16 @@ class CollectBatches(Batches):
             req.send_event("task-started")
         started = time.monotonic()
         token = self._gate.started()
+        events = any(_sends_events(req) for req in requests)
 
         def on_return(outcomes) -> None:
             try:
                 runtime = time.monotonic() - started
-                outcomes = outcomes or {}
-                for req in requests:
-                    kind, value = outcomes.get(req.id, ("failed", "the batch did not run: see the worker log"))
+                if not isinstance(outcomes, list) or len(outcomes) != len(requests):
+                    outcomes = [("failed", "the batch did not run: see the worker log")] * len(requests)
+                for req, (kind, value) in zip(requests, outcomes):
                     if kind == "ok":
-                        req.send_event("task-succeeded", result=saferepr(value, self.resultrepr_maxsize), runtime=runtime)
+                        req.send_event("task-succeeded", result=value, runtime=runtime)
                     elif kind == "retry":
                         req.send_event("task-retried", exception=value, traceback="")
                     else:
@@ -285,7 +286,42 @@ class CollectBatches(Batches):
             # connection closes); only the slot is freed here.
             self._batch_done(token)
 
-        return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return, error_callback=on_lost)
+        return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost)
+
+
+def _sends_events(request) -> bool:
+    """Whether the worker sends task events for ``request`` now (Celery's ``Request.send_event``
+    test: Flower or ``celery control enable_events`` turned them on).  Main process."""
+    eventer = getattr(request, "_eventer", None)
+    return bool(eventer and eventer.enabled and request.task.send_events)
+
+
+#: The longest text of one request's outcome a batch sends back to the worker's main process.
+OUTCOME_TEXT_MAX = 1024
+
+
+def _apply_batch(task, args, events: bool) -> list[tuple[str, str]]:
+    """Pool process: run one batch (celery-batches' ``apply_batches_task``) and return what the
+    main process needs of it, in the order of its requests: each request's outcome, with the text
+    of its result or error only when task events are on (``saferepr`` cut as Celery cuts a
+    result in its events).
+
+    The answer crosses the pool's pipe, so it is kept small: a batch's own result (every message
+    id of up to 1,000 messages) came to tens of KB, which the main process reads in pieces, and a
+    warm shutdown (SIGTERM) that stopped its event loop between two pieces left it blocked for
+    ever in Celery's reading of the rest (``AsynPool``'s ``_flush_outqueue`` starts a new message
+    mid-way through the old one).  Under 4 KB (Linux's ``PIPE_BUF``) a message is written at once."""
+    outcomes = apply_batches_task(task, args, 0, None) or {}
+    answer = []
+    for req in args[0]:
+        kind, value = outcomes.get(req.id, ("failed", "the batch did not run: see the worker log"))
+        if not events:
+            answer.append((kind, ""))
+        elif kind == "ok":
+            answer.append((kind, saferepr(value, task.resultrepr_maxsize)))
+        else:
+            answer.append((kind, str(value)[:OUTCOME_TEXT_MAX]))
+    return answer
 
 
 def _messages_in(request) -> int:

@@ -107,3 +107,25 @@ async def test_a_rolling_restart_of_both_nodes_under_load_loses_nothing(fault_cl
             await asyncio.to_thread(fault_cluster.start_node, port)
 
     await run_with_fault(fault_cluster, fault)
+
+
+async def test_sigterm_of_the_worker_under_load_stops_it_and_loses_nothing(fault_cluster):
+    """A warm shutdown while batches of 1,000 messages are stored and routed.  A batch used to send
+    its pool's answer (every message id) back to the main process in pieces; when SIGTERM stopped
+    the main process's loop between two pieces, the worker never exited: it blocked for ever
+    reading the rest (``tasks.collect._apply_batch``).  It now stops in 2-3 s here, or after
+    about 30 s when a pool process waits for billiard's count of its results (stock Celery's
+    prefork pool does the same)."""
+    cluster = fault_cluster
+    sent = [cluster.send("tasks.collect_many", messages=[{"to": f"{cluster.broker}-u{i % 50}", "data": {"n": n, "i": i}} for i in range(1000)])
+            for n in range(40)]
+    for _ in range(300):
+        if sum(result.ready() for result in sent) >= 5:
+            break
+        await asyncio.sleep(0.1)
+    assert not all(result.ready() for result in sent), "the worker ran everything before the test could stop it mid-stream"
+    # After 45 s it gets SIGKILL, and its exit code is -9.
+    assert await asyncio.to_thread(cluster.worker.terminate, 45) == 0, "the worker did not stop within 45 s of SIGTERM"
+    cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
+    results = [await cluster.result(result, 60) for result in sent]
+    assert all(len(ids) == 1000 and all(isinstance(i, str) for i in ids) for ids in results)
