@@ -267,7 +267,9 @@ class CollectBatches(Batches):
         def on_return(outcomes) -> None:
             try:
                 runtime = time.monotonic() - started
-                if not isinstance(outcomes, list) or len(outcomes) != len(requests):
+                if isinstance(outcomes, str) and len(outcomes) == len(requests):
+                    outcomes = [(_KIND_OF_CODE.get(code, "failed"), "") for code in outcomes]
+                elif not isinstance(outcomes, list) or len(outcomes) != len(requests):
                     outcomes = [("failed", "the batch did not run: see the worker log")] * len(requests)
                 for req, (kind, value) in zip(requests, outcomes):
                     if kind == "ok":
@@ -296,32 +298,45 @@ def _sends_events(request) -> bool:
     return bool(eventer and eventer.enabled and request.task.send_events)
 
 
-#: The longest text of one request's outcome a batch sends back to the worker's main process.
-OUTCOME_TEXT_MAX = 1024
+#: The most characters of outcome texts one batch sends back to the worker's main process while
+#: task events are on: with the rest of its answer, under Linux's ``PIPE_BUF`` (4 KB) for a batch
+#: of up to about 90 requests.
+OUTCOME_TEXT_BUDGET = 3000
+#: One character per request's outcome, what a batch answers while task events are off.
+_OUTCOME_CODE = {"ok": "o", "failed": "f", "retry": "r"}
+_KIND_OF_CODE = {code: kind for kind, code in _OUTCOME_CODE.items()}
 
 
 def _apply_batch(task, args, events: bool) -> list[tuple[str, str]]:
     """Pool process: run one batch (celery-batches' ``apply_batches_task``) and return what the
-    main process needs of it, in the order of its requests: each request's outcome, with the text
-    of its result or error only when task events are on (``saferepr`` cut as Celery cuts a
-    result in its events).
+    main process needs of it, in the order of its requests: each request's outcome, as one
+    character each (``"o"``, ``"f"``, ``"r"``), or while task events are on with the text of its
+    result or error (:func:`outcome_texts`).
 
     The answer crosses the pool's pipe, so it is kept small: a batch's own result (every message
     id of up to 1,000 messages) came to tens of KB, which the main process reads in pieces, and a
     warm shutdown (SIGTERM) that stopped its event loop between two pieces left it blocked for
     ever in Celery's reading of the rest (``AsynPool``'s ``_flush_outqueue`` starts a new message
-    mid-way through the old one).  Under 4 KB (Linux's ``PIPE_BUF``) a message is written at once."""
+    mid-way through the old one).  Under 4 KB (Linux's ``PIPE_BUF``) a message is written at once:
+    so is the answer of any batch while events are off (at most 1,000 requests), and of a batch of
+    up to about 90 requests while they are on."""
     outcomes = apply_batches_task(task, args, 0, None) or {}
-    answer = []
-    for req in args[0]:
-        kind, value = outcomes.get(req.id, ("failed", "the batch did not run: see the worker log"))
-        if not events:
-            answer.append((kind, ""))
-        elif kind == "ok":
-            answer.append((kind, saferepr(value, task.resultrepr_maxsize)))
-        else:
-            answer.append((kind, str(value)[:OUTCOME_TEXT_MAX]))
-    return answer
+    answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
+    if not events:
+        return "".join(_OUTCOME_CODE.get(kind, "f") for kind, _ in answer)
+    return outcome_texts(answer, task.resultrepr_maxsize, OUTCOME_TEXT_BUDGET)
+
+
+def outcome_texts(outcomes: list[tuple[str, object]], most: int, budget: int) -> list[tuple[str, str]]:
+    """``(kind, text)`` of each ``(kind, result or error)``: a result's ``saferepr`` or an error's
+    text, each at most ``most`` characters (as Celery cuts a result in its events), and all of
+    them together about ``budget`` at most: when they do not fit, each is cut to an equal share
+    (at least 30 characters: a message id's repr is 26), with ``...`` marking the cut.  Pure."""
+    texts = [saferepr(value, most) if kind == "ok" else str(value)[:most] for kind, value in outcomes]
+    if sum(map(len, texts)) > budget:
+        share = max(30, budget // max(len(texts), 1))
+        texts = [text if len(text) <= share else text[: share - 3] + "..." for text in texts]
+    return [(kind, text) for (kind, _), text in zip(outcomes, texts)]
 
 
 def _messages_in(request) -> int:
