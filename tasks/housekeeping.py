@@ -11,8 +11,8 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    workers delays redelivery but skips none.  This
    recovers a message lost between the store and the browser while its user stays connected (a
    dropped queue message, a node that wrote and crashed).  Every ``REDELIVER_SWEEP_SECONDS`` a run
-   also sweeps the store: its unacked deliveries become candidates too (a message stored but never
-   routed, a Redis that lost the candidates).  A sweep reads only what the previous one did not
+   also sweeps the store: its unacked deliveries to users online then become candidates too (a
+   message stored but never routed, a Redis that lost the candidates).  A sweep reads only what the previous one did not
    (:func:`sweep_window`), and not the last ``REDELIVER_AFTER`` seconds' messages.
 2. **Dead nodes.**  A node whose own lease ended more than ``LEASE_TTL`` ago has its queue handed
    back (:func:`tasks.reclaim.hand_back`) and deleted, and leaves the node list.  Not while Redis
@@ -34,7 +34,7 @@ from tasks.ids import timestamp_ms
 from tasks.reclaim import hand_back
 from tasks.store import get_store
 from worker import app
-from wsnode.registry import NODES_KEY
+from wsnode.registry import NODES_KEY, RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ SWEEP_OVERLAP_SECONDS = 60.0
 PURGE_EVERY_SECONDS = 600
 #: Most deliveries one run re-sends (the oldest first); the rest wait for the next run.
 REDELIVER_LIMIT = 20000
+#: About how many deliveries a sweep checks against the leases per script call.
+SWEEP_CHUNK = 5000
 
 # Remove a node from the list only if its lease is still the old one (it may have come back).
 _FORGET_NODE = _redis.register_script(
@@ -119,7 +121,8 @@ def sweep_window(start: float, end: float, mark: float | None) -> tuple[float, f
 
 def sweep(start: float, end: float) -> int:
     """Add the store's unacked deliveries of the messages from ``start`` to ``end`` that no earlier
-    sweep read (:func:`sweep_window`) to the redelivery candidates; returns how many were read.
+    sweep read (:func:`sweep_window`) to the redelivery candidates, those of users online now
+    (:func:`mark_online`); returns how many were read.
 
     The caller ends the window ``REDELIVER_AFTER`` before now: a younger message is not due yet,
     and one that was routed is a candidate already.  On either store the read is a range of the
@@ -134,9 +137,34 @@ def sweep(start: float, end: float) -> int:
     since = datetime.datetime.fromtimestamp(start, utc)
     deliveries = store.deliveries_between(since, datetime.datetime.fromtimestamp(end, utc))
     acked = store.acked_since(since) if deliveries else set()  # an ack comes after its message
-    pending.add(_redis, [pair for pair in deliveries if pair not in acked])
+    mark_online([pair for pair in deliveries if pair not in acked])
     _redis.set(SWEEP_MARK, repr(end))  # only once read: a sweep that failed is read again by the next
     return len(deliveries)
+
+
+def mark_online(deliveries: list[tuple[str, str]]) -> None:
+    """Make the ``(message id, user)`` deliveries whose user is online now (a lease on a live node:
+    the users Dispatch routes to) redelivery candidates, in the leases' lookup script, which adds
+    them in the same call (:meth:`wsnode.registry.RouteTable.lookup`).  A user offline now gets
+    them from their inbox on connecting; as candidates they cost a read of the store at each
+    threshold for nothing (a burst of messages to offline users used to keep the worker's pool
+    busy redelivering to nobody)."""
+    if not deliveries:
+        return
+    per_user: dict[str, list[tuple[str, str]]] = {}
+    for pair in deliveries:
+        per_user.setdefault(pair[1], []).append(pair)
+    table = RouteTable(_redis)
+    users: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    for user, theirs in per_user.items():
+        users.append(user)
+        pairs += theirs
+        if len(pairs) >= SWEEP_CHUNK:
+            table.lookup(users, pending.PENDING_KEY, pending.marks(pairs))
+            users, pairs = [], []
+    if users:
+        table.lookup(users, pending.PENDING_KEY, pending.marks(pairs))
 
 
 def reclaim_dead_nodes(now: float) -> int:

@@ -14,6 +14,7 @@ import redis as redis_lib
 from tasks import housekeeping, pending
 from tasks.ids import IdGenerator
 from tasks.store import get_store
+from wsnode.registry import NODES_KEY, route_key
 
 
 @pytest.fixture
@@ -34,6 +35,14 @@ def stored(age: float, user: str, now: float) -> str:
     return mid
 
 
+def online(routes, *users: str, node: str = "10.0.0.1:8001") -> None:
+    """Leases for ``users`` on a live ``node``, as a push node writes them."""
+    until = time.time() + 600
+    routes.zadd(NODES_KEY, {node: until})
+    for user in users:
+        routes.zadd(route_key(user), {node: until})
+
+
 def candidates(routes, users: set[str]) -> set[tuple[str, str]]:
     return {pair for pair in pending.between(routes, 0, time.time() + 60) if pair[1] in users}
 
@@ -41,6 +50,7 @@ def candidates(routes, users: set[str]) -> set[tuple[str, str]]:
 def test_a_sweep_makes_stored_unacked_deliveries_candidates_and_leaves_the_newest_to_the_next(routes):
     now, tag = time.time(), uuid.uuid4().hex[:8]
     ann, bob, cid = (f"{name}-{tag}" for name in ("ann", "bob", "cid"))
+    online(routes, ann, bob, cid)
     lost = stored(200, ann, now)
     acked = stored(150, bob, now)
     get_store().record_receipts([{"id": acked, "user": bob, "state": "acked", "at": now - 100}])
@@ -59,6 +69,7 @@ def test_a_sweep_makes_stored_unacked_deliveries_candidates_and_leaves_the_newes
 def test_a_sweep_reads_from_one_overlap_before_the_previous_sweeps_end(routes):
     now, tag = time.time(), uuid.uuid4().hex[:8]
     within, before = f"within-{tag}", f"before-{tag}"
+    online(routes, within, before)
     housekeeping.sweep(now - 400, now - 100)  # reads up to now - 100
     late = stored(100 + housekeeping.SWEEP_OVERLAP_SECONDS / 2, within, now)  # stored late, inside the overlap
     missed = stored(100 + housekeeping.SWEEP_OVERLAP_SECONDS * 2, before, now)  # read by the first sweep (it was not there yet)
@@ -73,6 +84,7 @@ def test_without_a_mark_a_sweep_reads_the_whole_window_again(routes):
     """After a Redis restart (the mark and the candidates gone) the first sweep reads it all."""
     now, tag = time.time(), uuid.uuid4().hex[:8]
     user = f"dan-{tag}"
+    online(routes, user)
     old = stored(300, user, now)
     housekeeping.sweep(now - 400, now - 30)
     routes.delete(housekeeping.SWEEP_MARK, pending.PENDING_KEY)
@@ -80,3 +92,32 @@ def test_without_a_mark_a_sweep_reads_the_whole_window_again(routes):
     housekeeping.sweep(now - 400, now - 30)
 
     assert candidates(routes, {user}) == {(old, user)}
+
+
+def test_a_sweep_leaves_the_deliveries_of_users_offline_now_to_their_inbox(routes):
+    """Only a user online now (a lease on a live node) can be sent a message again; one offline gets
+    it from the inbox on connecting.  The sweep made every unacked delivery a candidate, which a
+    burst to offline users turned into tens of thousands of store reads per housekeeping run."""
+    now, tag = time.time(), uuid.uuid4().hex[:8]
+    here, away, stale = f"here-{tag}", f"away-{tag}", f"stale-{tag}"
+    online(routes, here)
+    online(routes, stale, node="10.0.0.9:8001")
+    routes.zadd(NODES_KEY, {"10.0.0.9:8001": now - 100})  # that node's own lease ended: it is dead
+    sent = {user: [stored(age, user, now) for age in (200, 150)] for user in (here, away, stale)}
+
+    housekeeping.sweep(now - 400, now - 30)
+
+    assert candidates(routes, {here, away, stale}) == {(mid, here) for mid in sent[here]}
+    assert [e["id"] for e in get_store().unacked(away, 10)[0]] == sent[away]
+
+
+def test_a_sweep_checks_many_users_against_the_leases_in_chunks(routes, monkeypatch):
+    monkeypatch.setattr(housekeeping, "SWEEP_CHUNK", 7)
+    now, tag = time.time(), uuid.uuid4().hex[:8]
+    users = [f"u{n}-{tag}" for n in range(20)]
+    online(routes, *users[::2])
+    sent = {user: stored(200, user, now) for user in users}
+
+    housekeeping.sweep(now - 400, now - 30)
+
+    assert candidates(routes, set(users)) == {(sent[user], user) for user in users[::2]}
