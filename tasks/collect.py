@@ -260,24 +260,13 @@ class CollectBatches(Batches):
                            kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
                            retries=req.request_dict.get("retries", 0))
             req.send_event("task-started")
-        started = time.monotonic()
         token = self._gate.started()
+        # The pool process sends each request's task-succeeded/failed/retried event itself
+        # (_apply_batch): the main process gets one character per request back.
         events = any(_sends_events(req) for req in requests)
 
-        def on_return(outcomes) -> None:
+        def on_return(_outcomes) -> None:
             try:
-                runtime = time.monotonic() - started
-                if isinstance(outcomes, str) and len(outcomes) == len(requests):
-                    outcomes = [(_KIND_OF_CODE.get(code, "failed"), "") for code in outcomes]
-                elif not isinstance(outcomes, list) or len(outcomes) != len(requests):
-                    outcomes = [("failed", "the batch did not run: see the worker log")] * len(requests)
-                for req, (kind, value) in zip(requests, outcomes):
-                    if kind == "ok":
-                        req.send_event("task-succeeded", result=value, runtime=runtime)
-                    elif kind == "retry":
-                        req.send_event("task-retried", exception=value, traceback="")
-                    else:
-                        req.send_event("task-failed", exception=value, traceback="")
                 redis_transport.acknowledge(requests)
             finally:
                 self._batch_done(token)
@@ -292,51 +281,70 @@ class CollectBatches(Batches):
 
 
 def _sends_events(request) -> bool:
-    """Whether the worker sends task events for ``request`` now (Celery's ``Request.send_event``
-    test: Flower or ``celery control enable_events`` turned them on).  Main process."""
+    """Whether the worker sends task events for ``request`` now: Celery's ``Request.send_event``
+    test, and its dispatcher's, which sends only its ``groups`` (just ``worker``, the heartbeats,
+    until Flower or ``celery control enable_events`` adds ``task``).  Main process."""
     eventer = getattr(request, "_eventer", None)
-    return bool(eventer and eventer.enabled and request.task.send_events)
+    if not (eventer and eventer.enabled and request.task.send_events):
+        return False
+    return not eventer.groups or "task" in eventer.groups
 
 
-#: The most characters of outcome texts one batch sends back to the worker's main process while
-#: task events are on: with the rest of its answer, under Linux's ``PIPE_BUF`` (4 KB) for a batch
-#: of up to about 90 requests.
-OUTCOME_TEXT_BUDGET = 3000
-#: One character per request's outcome, what a batch answers while task events are off.
+#: One character per request's outcome: what a batch answers the worker's main process.
 _OUTCOME_CODE = {"ok": "o", "failed": "f", "retry": "r"}
-_KIND_OF_CODE = {code: kind for kind, code in _OUTCOME_CODE.items()}
+#: The event Celery sends for each outcome.
+_OUTCOME_EVENT = {"ok": "task-succeeded", "failed": "task-failed", "retry": "task-retried"}
+#: This pool process's sender of task events (:func:`_send_outcomes`), made on first use.
+_events = None
 
 
-def _apply_batch(task, args, events: bool) -> list[tuple[str, str]]:
-    """Pool process: run one batch (celery-batches' ``apply_batches_task``) and return what the
-    main process needs of it, in the order of its requests: each request's outcome, as one
-    character each (``"o"``, ``"f"``, ``"r"``), or while task events are on with the text of its
-    result or error (:func:`outcome_texts`).
+def _apply_batch(task, args, events: bool) -> str:
+    """Pool process: run one batch (celery-batches' ``apply_batches_task``), send each request's
+    task-succeeded, -failed or -retried event when task events are on (:func:`_send_outcomes`),
+    and return one character per request, in order (``"o"``, ``"f"``, ``"r"``).
 
-    The answer crosses the pool's pipe, so it is kept small: a batch's own result (every message
-    id of up to 1,000 messages) came to tens of KB, which the main process reads in pieces, and a
-    warm shutdown (SIGTERM) that stopped its event loop between two pieces left it blocked for
-    ever in Celery's reading of the rest (``AsynPool``'s ``_flush_outqueue`` starts a new message
-    mid-way through the old one).  Under 4 KB (Linux's ``PIPE_BUF``) a message is written at once:
-    so is the answer of any batch while events are off (at most 1,000 requests), and of a batch of
-    up to about 90 requests while they are on."""
+    The answer crosses the pool's pipe to the worker's main process, so it is kept small: a
+    batch's own result (every message id of up to 1,000 messages) came to tens of KB, which the
+    main process reads in pieces, and a warm shutdown (SIGTERM) that stopped its event loop between
+    two pieces left it blocked for ever in Celery's reading of the rest (``AsynPool``'s
+    ``_flush_outqueue`` starts a new message mid-way through the old one).  Up to 1,000 requests
+    make at most about 1 KB, under Linux's ``PIPE_BUF`` (4 KB): written, and read, at once."""
+    started = time.monotonic()
     outcomes = apply_batches_task(task, args, 0, None) or {}
     answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
-    if not events:
-        return "".join(_OUTCOME_CODE.get(kind, "f") for kind, _ in answer)
-    return outcome_texts(answer, task.resultrepr_maxsize, OUTCOME_TEXT_BUDGET)
+    if events:
+        _send_outcomes(task, args[0], answer, time.monotonic() - started)
+    return "".join(_OUTCOME_CODE.get(kind, "f") for kind, _ in answer)
 
 
-def outcome_texts(outcomes: list[tuple[str, object]], most: int, budget: int) -> list[tuple[str, str]]:
-    """``(kind, text)`` of each ``(kind, result or error)``: a result's ``saferepr`` or an error's
-    text, each at most ``most`` characters (as Celery cuts a result in its events), and all of
-    them together about ``budget`` at most: when they do not fit, each is cut to an equal share
-    (at least 30 characters: a message id's repr is 26), with ``...`` marking the cut.  Pure."""
-    texts = [saferepr(value, most) if kind == "ok" else str(value)[:most] for kind, value in outcomes]
-    if sum(map(len, texts)) > budget:
-        share = max(30, budget // max(len(texts), 1))
-        texts = [text if len(text) <= share else text[: share - 3] + "..." for text in texts]
-    return [(kind, text) for (kind, _), text in zip(outcomes, texts)]
+def outcome_text(kind: str, value: object, most: int) -> str:
+    """What a request's outcome event carries: its result's ``saferepr``, or its error's text, at
+    most ``most`` characters, as Celery cuts a result in its events.  Pure."""
+    return saferepr(value, most) if kind == "ok" else str(value)[:most]
+
+
+def _send_outcomes(task, requests, outcomes: list[tuple[str, object]], runtime: float) -> None:
+    """Pool process: each request's outcome event, as the worker's main process sends it for any
+    Celery task, under the worker's name, so Flower shows every request as a task of its own.
+    Best effort, like every task event: one that cannot be sent is logged."""
+    global _events
+    try:
+        if _events is None:
+            _events = task.app.events.Dispatcher(task.app.connection_for_write(), hostname=requests[0].hostname, enabled=True)
+        for req, (kind, value) in zip(requests, outcomes):
+            text = outcome_text(kind, value, task.resultrepr_maxsize)
+            if kind == "ok":
+                _events.send("task-succeeded", uuid=req.id, result=text, runtime=runtime)
+            else:
+                _events.send(_OUTCOME_EVENT.get(kind, "task-failed"), uuid=req.id, exception=text, traceback="")
+    except Exception as exc:  # noqa: BLE001 - events are for watching; the batch is done
+        log.warning("%s: the outcome events of %d requests not sent (%s)", task.name, len(requests), exc)
+        if _events is not None:
+            try:
+                _events.close()
+            except Exception:  # noqa: BLE001
+                pass
+        _events = None
 
 
 def _messages_in(request) -> int:

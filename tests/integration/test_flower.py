@@ -222,3 +222,21 @@ async def test_each_batched_collect_request_shows_in_flower_as_a_succeeded_task_
     assert task["state"] == "SUCCESS"
     assert message_id in task["result"]
     client.close()
+
+
+async def test_an_invalid_collect_request_shows_in_flower_as_a_failed_task_with_its_reason(cluster, flower):
+    # The pool process that ran its batch sends its task-failed event (tasks.collect._send_outcomes).
+    async def failed_task():
+        result = cluster.send(to=[], data={"watched": "failure"})
+        with pytest.raises(Exception, match="empty list"):
+            await cluster.result(result, 20)
+        await asyncio.sleep(1.0)
+        tasks = await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.collect")
+        return tasks.get(result.id)
+
+    deadline = time.monotonic() + DEADLINE
+    while not (task := await failed_task()) or task["state"] != "FAILURE":
+        if time.monotonic() > deadline:
+            pytest.fail(f"no failed tasks.collect task in Flower after {DEADLINE:g} s (last seen: {task})")
+    assert "empty list" in task["exception"]
+    assert task["worker"].startswith("worker")

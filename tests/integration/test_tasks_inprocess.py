@@ -296,8 +296,8 @@ def test_a_request_whose_reading_raises_an_unexpected_error_fails_alone(broker, 
 
 def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
     """What a batch sends back to the worker's main process (``tasks.collect._apply_batch``) stays
-    under Linux's PIPE_BUF (4 KB), so it is written and read at once: each request's outcome, with
-    its text only when task events are on, cut as Celery cuts results in events.  A batch's own
+    under Linux's PIPE_BUF (4 KB), so it is written and read at once: one character per request's
+    outcome, with task events on or off (the pool process sends the events itself).  A batch's own
     result, every id of up to 1,000 messages, came to tens of KB, and a warm shutdown between two
     reads of it left the worker blocked for ever (tests/integration/test_faults.py)."""
     import pickle
@@ -312,11 +312,5 @@ def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
     for events in (False, True):
         requests = [request(f"big-{uuid.uuid4().hex}", {"messages": messages}), request(f"bad-{uuid.uuid4().hex}", {"messages": "not a list"})]
         answer = collect_module._apply_batch(collect_module.collect_many, (requests,), events)
-        assert len(pickle.dumps(answer)) < 4096
-        if events:
-            (big_kind, big_text), (bad_kind, bad_text) = answer
-            assert (big_kind, bad_kind) == ("ok", "failed")
-            assert big_text.startswith("['") and big_text.endswith("...]") and len(big_text) < 1100 and '"messages" must be a list' in bad_text
-        else:
-            assert answer == "of"
+        assert answer == "of" and len(pickle.dumps(answer)) < 4096
         assert len(collect_module.collect_many.AsyncResult(requests[0].id).get(timeout=10)) == 1000

@@ -78,16 +78,12 @@ def test_nothing_makes_no_chunk():
     assert list(chunks([], len, 10)) == []
 
 
-def test_outcome_texts_are_results_reprs_and_errors_cut_to_fit_one_pipe_write():
-    import pickle
+def test_an_outcome_event_carries_the_results_repr_or_the_errors_text_cut_as_celery_cuts_results():
+    from tasks.collect import outcome_text
 
-    from tasks.collect import outcome_texts
-
-    ids = [f"01a23d0ff4e00000{n:02x}adb707" for n in range(90)]
-    texts = outcome_texts([("ok", mid) for mid in ids], 1024, 3000)
-    assert texts[0] == ("ok", f"'{ids[0]}'") and len(pickle.dumps(texts)) < 4096  # ids fit whole
-    errors = outcome_texts([("failed", "InvalidMessage: " + "x" * 500)] * 90, 1024, 3000)
-    assert all(text.startswith("InvalidMessage: x") and text.endswith("...") and len(text) == 33 for _, text in errors)
-    assert len(pickle.dumps(errors)) < 4096
-    alone = outcome_texts([("ok", ids * 20), ("retry", "StoreUnavailable: down")], 1024, 3000)
-    assert alone[0][1].endswith("...]") and len(alone[0][1]) < 1100 and alone[1] == ("retry", "StoreUnavailable: down")
+    ids = [f"01a23d0ff4e00000{n:02x}adb707" for n in range(100)]
+    assert outcome_text("ok", ids[0], 1024) == f"'{ids[0]}'"
+    many = outcome_text("ok", ids, 1024)
+    assert many.startswith(f"['{ids[0]}'") and many.endswith("...]") and len(many) < 1100
+    assert outcome_text("failed", "InvalidMessage: " + "x" * 2000, 1024) == ("InvalidMessage: " + "x" * 2000)[:1024]
+    assert outcome_text("retry", "StoreUnavailable: down", 1024) == "StoreUnavailable: down"
