@@ -165,9 +165,10 @@ class CollectBatches(Batches):
     Worker main process (``flush``) and pool process (``run``).  celery-batches acks every
     request of a batch once the batch returns, whatever happened, so the batch function never
     lets an error escape: it records a result per request (an id, a failure, or a retry sent
-    first).  ``flush`` also sends, when events are on (Flower), ``task-received`` for each
-    request and ``task-succeeded``/``task-failed``/``task-retried`` per request from the
-    outcome the batch returns, so Flower lists every request as a task of its own.  A request
+    first).  When task events are on (Flower), ``flush`` also sends ``task-received`` and
+    ``task-started`` for each request, and the pool process that ran the batch sends each one's
+    ``task-succeeded``/``task-failed``/``task-retried`` (:func:`_apply_batch`), so Flower lists
+    every request as a task of its own.  A request
     revoked or expired is dropped before its batch goes to the pool, as Celery drops any task's.
     The requests of a batch are acked together (:func:`tasks.redis_transport.acknowledge`: one
     round trip on the Redis broker instead of one per request).
