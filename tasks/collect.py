@@ -263,10 +263,10 @@ class CollectBatches(Batches):
             req.send_event("task-started")
         token = self._gate.started()
         # The pool process sends each request's task-succeeded/failed/retried event itself
-        # (_apply_batch): the main process gets one character per request back.
+        # (_apply_batch): the main process needs only to know that the batch returned.
         events = any(_sends_events(req) for req in requests)
 
-        def on_return(_outcomes) -> None:
+        def on_return(_nothing) -> None:
             try:
                 redis_transport.acknowledge(requests)
             finally:
@@ -291,31 +291,28 @@ def _sends_events(request) -> bool:
     return not eventer.groups or "task" in eventer.groups
 
 
-#: One character per request's outcome: what a batch answers the worker's main process.
-_OUTCOME_CODE = {"ok": "o", "failed": "f", "retry": "r"}
 #: The event Celery sends for each outcome.
 _OUTCOME_EVENT = {"ok": "task-succeeded", "failed": "task-failed", "retry": "task-retried"}
 #: This pool process's sender of task events (:func:`_send_outcomes`), made on first use.
 _events = None
 
 
-def _apply_batch(task, args, events: bool) -> str:
-    """Pool process: run one batch (celery-batches' ``apply_batches_task``), send each request's
-    task-succeeded, -failed or -retried event when task events are on (:func:`_send_outcomes`),
-    and return one character per request, in order (``"o"``, ``"f"``, ``"r"``).
+def _apply_batch(task, args, events: bool) -> None:
+    """Pool process: run one batch (celery-batches' ``apply_batches_task``) and send each request's
+    task-succeeded, -failed or -retried event when task events are on (:func:`_send_outcomes`).
 
-    The answer crosses the pool's pipe to the worker's main process, so it is kept small: a
-    batch's own result (every message id of up to 1,000 messages) came to tens of KB, which the
-    main process reads in pieces, and a warm shutdown (SIGTERM) that stopped its event loop between
-    two pieces left it blocked for ever in Celery's reading of the rest (``AsynPool``'s
-    ``_flush_outqueue`` starts a new message mid-way through the old one).  Up to 1,000 requests
-    make at most about 1 KB, under Linux's ``PIPE_BUF`` (4 KB): written, and read, at once."""
+    It returns nothing: what it returns crosses the pool's pipe to the worker's main process, which
+    needs only to know that the batch returned.  The batch's own result (every message id of up
+    to 1,000 messages) came to tens of KB, which the main process reads in pieces, and a warm
+    shutdown (SIGTERM) that stopped its event loop between two pieces left it blocked for ever in
+    Celery's reading of the rest (``AsynPool``'s ``_flush_outqueue`` starts a new message mid-way
+    through the old one).  A message under Linux's ``PIPE_BUF`` (4 KB) is written, and read, at
+    once."""
     started = time.monotonic()
     outcomes = apply_batches_task(task, args, 0, None) or {}
     answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
     if events:
         _send_outcomes(task, args[0], answer, time.monotonic() - started)
-    return "".join(_OUTCOME_CODE.get(kind, "f") for kind, _ in answer)
 
 
 def outcome_text(kind: str, value: object, most: int) -> str:

@@ -296,8 +296,8 @@ def test_a_request_whose_reading_raises_an_unexpected_error_fails_alone(broker, 
 
 def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
     """What a batch sends back to the worker's main process (``tasks.collect._apply_batch``) stays
-    under Linux's PIPE_BUF (4 KB), so it is written and read at once: one character per request's
-    outcome, with task events on or off (the pool process sends the events itself).  A batch's own
+    under Linux's PIPE_BUF (4 KB), so it is written and read at once: nothing, with task events on
+    or off (the pool process sends the events itself; each request's result is in the backend).  A batch's own
     result, every id of up to 1,000 messages, came to tens of KB, and a warm shutdown between two
     reads of it left the worker blocked for ever (tests/integration/test_faults.py)."""
     import pickle
@@ -312,5 +312,7 @@ def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
     for events in (False, True):
         requests = [request(f"big-{uuid.uuid4().hex}", {"messages": messages}), request(f"bad-{uuid.uuid4().hex}", {"messages": "not a list"})]
         answer = collect_module._apply_batch(collect_module.collect_many, (requests,), events)
-        assert answer == "of" and len(pickle.dumps(answer)) < 4096
+        assert answer is None and len(pickle.dumps(answer)) < 4096
         assert len(collect_module.collect_many.AsyncResult(requests[0].id).get(timeout=10)) == 1000
+        with pytest.raises(Exception, match='"messages" must be a list'):
+            collect_module.collect_many.AsyncResult(requests[1].id).get(timeout=10)
