@@ -41,18 +41,6 @@ def parse(value: bytes | str) -> tuple[str, str]:
     return message_id, user
 
 
-def add(redis, pairs: Iterable[tuple[str, str]]) -> None:
-    """Record routed ``(message id, user)`` deliveries."""
-    scores = {member(mid, user): timestamp_ms(mid) / 1000 for mid, user in pairs}
-    items = list(scores.items())
-    if not items:
-        return
-    pipe = redis.pipeline(transaction=False)
-    for start in range(0, len(items), _CHUNK):
-        pipe.zadd(PENDING_KEY, dict(items[start : start + _CHUNK]), nx=True)
-    pipe.execute()
-
-
 def marks(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str, float]]:
     """``(user, member, score)`` of each ``(message id, user)`` delivery, for
     ``wsnode.registry.RouteTable.lookup`` to add to :data:`PENDING_KEY` those it finds routed

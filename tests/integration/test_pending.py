@@ -9,20 +9,32 @@ import redis as redis_lib
 
 from tasks import pending
 from tasks.ids import IdGenerator
+from wsnode.registry import NODES_KEY, RouteTable, route_key
 
 
 @pytest.fixture
 def redis(redis_server):
-    client = redis_lib.Redis.from_url(redis_server.url(3))
-    client.delete(pending.PENDING_KEY)
+    client = redis_lib.Redis.from_url(redis_server.url(3))  # this module's own database
+    client.flushdb()
     yield client
-    client.delete(pending.PENDING_KEY)
+    client.flushdb()
+
+
+def routed(redis, pairs: list[tuple[str, str]]) -> None:
+    """Record ``pairs`` as Dispatch does: its users online (leases on a live node), and the lookup
+    script adds their deliveries in the same call."""
+    until = time.time() + 60
+    users = list(dict.fromkeys(user for _, user in pairs))
+    redis.zadd(NODES_KEY, {"10.0.0.1:8001": until})
+    for user in users:
+        redis.zadd(route_key(user), {"10.0.0.1:8001": until})
+    RouteTable(redis).lookup(users, pending.PENDING_KEY, pending.marks(pairs))
 
 
 def test_routed_deliveries_are_pending_by_message_time_until_acked(redis):
     old, new = IdGenerator(clock=lambda: 1000.0).next_id(), IdGenerator(clock=lambda: 2000.0).next_id()
-    pending.add(redis, [(old, "ann"), (old, "b:o:b"), (new, "ann")])
-    pending.add(redis, [(old, "ann")])  # routed again (a redelivery): still one entry
+    routed(redis, [(old, "ann"), (old, "b:o:b"), (new, "ann")])
+    routed(redis, [(old, "ann")])  # routed again (a redelivery): still one entry
 
     assert pending.between(redis, 0, 1500) == [(old, "ann"), (old, "b:o:b")]
     pending.remove(redis, [(old, "ann"), ("f" * 24, "nobody")])
@@ -33,13 +45,13 @@ def test_prune_drops_what_is_older_than_the_given_time_only(redis):
     gen = IdGenerator(clock=lambda: 1000.0)
     first, second = gen.next_id(), gen.next_id()
     later = IdGenerator(clock=lambda: time.time()).next_id()
-    pending.add(redis, [(first, "ann"), (second, "ann"), (later, "ann")])
+    routed(redis, [(first, "ann"), (second, "ann"), (later, "ann")])
 
     assert pending.prune(redis, 1500.0) == 2
     assert pending.between(redis, 0, time.time() + 60) == [(later, "ann")]
 
 
 def test_empty_batches_cost_nothing(redis):
-    pending.add(redis, [])
+    routed(redis, [])
     pending.remove(redis, [])
     assert redis.exists(pending.PENDING_KEY) == 0
