@@ -291,8 +291,8 @@ def _sends_events(request) -> bool:
     return not eventer.groups or "task" in eventer.groups
 
 
-#: The event Celery sends for each outcome.
-_OUTCOME_EVENT = {"ok": "task-succeeded", "failed": "task-failed", "retry": "task-retried"}
+#: The event Celery sends for each outcome but success (``task-succeeded``, with the result).
+_OUTCOME_EVENT = {"failed": "task-failed", "retry": "task-retried"}
 #: This pool process's sender of task events (:func:`_send_outcomes`), made on first use.
 _events = None
 
@@ -310,8 +310,8 @@ def _apply_batch(task, args, events: bool) -> None:
     once."""
     started = time.monotonic()
     outcomes = apply_batches_task(task, args, 0, None) or {}
-    answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
     if events:
+        answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
         _send_outcomes(task, args[0], answer, time.monotonic() - started)
 
 
