@@ -379,14 +379,20 @@ def start_auth(env: Mapping[str, str], port: int, *, name: str = "auth", timeout
 
 
 def start_worker(env: Mapping[str, str], name: str = "worker", queues: str | Sequence[str] | None = None,
-                 concurrency: int | None = None, *, timeout: float = 60.0, **service_kw) -> Service:
-    """``celery -A worker worker -n NAME@%h``; returns once it logs "ready.".  ``queues`` maps to ``-Q``."""
+                 concurrency: int | None = None, *, pool: str | None = None, events: bool = False, timeout: float = 60.0,
+                 **service_kw) -> Service:
+    """``celery -A worker worker -n NAME@%h``; returns once it logs "ready.".  ``queues`` maps to ``-Q``,
+    ``concurrency`` to ``-c``, ``pool`` to ``-P`` (Celery's default: prefork) and ``events`` to ``-E``."""
     argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", f"{name}@%h", f"--loglevel={env.get('LOG_LEVEL') or 'INFO'}",
             "--without-gossip", "--without-mingle"]
     if queues:
         argv += ["-Q", queues if isinstance(queues, str) else ",".join(queues)]
     if concurrency:
         argv += ["-c", str(concurrency)]
+    if pool:
+        argv += ["-P", pool]
+    if events:
+        argv.append("-E")
     return _launch(name, argv, env, lambda s: s.wait_log("ready.", timeout), service_kw)
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -293,8 +294,12 @@ def _sends_events(request) -> bool:
 
 #: The event Celery sends for each outcome but success (``task-succeeded``, with the result).
 _OUTCOME_EVENT = {"failed": "task-failed", "retry": "task-retried"}
-#: This pool process's sender of task events (:func:`_send_outcomes`), made on first use.
+#: This pool process's sender of task events (:func:`_send_outcomes`), made on first use, and
+#: the lock that its users take: in the threads pool (``-P threads``) batches of ``tasks.collect``
+#: and ``tasks.collect_many`` run at once on two threads, and kombu's producers and connections
+#: are not safe to share between threads.
 _events = None
+_events_lock = threading.Lock()
 
 
 def _apply_batch(task, args, events: bool) -> None:
@@ -326,23 +331,24 @@ def _send_outcomes(task, requests, outcomes: list[tuple[str, object]], runtime: 
     Celery task, under the worker's name, so Flower shows every request as a task of its own.
     Best effort, like every task event: one that cannot be sent is logged."""
     global _events
-    try:
-        if _events is None:
-            _events = task.app.events.Dispatcher(task.app.connection_for_write(), hostname=requests[0].hostname, enabled=True)
-        for req, (kind, value) in zip(requests, outcomes):
-            text = outcome_text(kind, value, task.resultrepr_maxsize)
-            if kind == "ok":
-                _events.send("task-succeeded", uuid=req.id, result=text, runtime=runtime)
-            else:
-                _events.send(_OUTCOME_EVENT.get(kind, "task-failed"), uuid=req.id, exception=text, traceback="")
-    except Exception as exc:  # noqa: BLE001 - events are for watching; the batch is done
-        log.warning("%s: the outcome events of %d requests not sent (%s)", task.name, len(requests), exc)
-        if _events is not None:
-            try:
-                _events.close()
-            except Exception:  # noqa: BLE001
-                pass
-        _events = None
+    with _events_lock:
+        try:
+            if _events is None:
+                _events = task.app.events.Dispatcher(task.app.connection_for_write(), hostname=requests[0].hostname, enabled=True)
+            for req, (kind, value) in zip(requests, outcomes):
+                text = outcome_text(kind, value, task.resultrepr_maxsize)
+                if kind == "ok":
+                    _events.send("task-succeeded", uuid=req.id, result=text, runtime=runtime)
+                else:
+                    _events.send(_OUTCOME_EVENT.get(kind, "task-failed"), uuid=req.id, exception=text, traceback="")
+        except Exception as exc:  # noqa: BLE001 - events are for watching; the batch is done
+            log.warning("%s: the outcome events of %d requests not sent (%s)", task.name, len(requests), exc)
+            if _events is not None:
+                try:
+                    _events.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            _events = None
 
 
 def _messages_in(request) -> int:

@@ -68,16 +68,17 @@ class Cluster:
     def _log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
 
-    def start(self, nodes: int = 2) -> "Cluster":
+    def start(self, nodes: int = 2, **worker_kw) -> "Cluster":
+        """Auth, a worker (``worker_kw``: ``launcher.start_worker``'s options) and ``nodes`` nodes."""
         self.auth = launcher.start_auth(self.env, self.auth_port, log_path=self._log("auth"))
         self.services.append(self.auth)
-        self.worker = self.start_worker()
+        self.worker = self.start_worker(**worker_kw)
         for _ in range(nodes):
             self.node_ports.append(self.start_node().port)
         return self
 
-    def start_worker(self, name: str = "worker") -> launcher.Service:
-        service = launcher.start_worker(self.env, name=name, log_path=self._log(name))
+    def start_worker(self, name: str = "worker", **worker_kw) -> launcher.Service:
+        service = launcher.start_worker(self.env, name=name, log_path=self._log(name), **worker_kw)
         self.services.append(service)
         return service
 

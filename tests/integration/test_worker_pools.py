@@ -1,0 +1,114 @@
+"""The worker under Celery's other execution pools: ``-P threads`` (its batches of ``tasks.collect``
+and ``tasks.collect_many`` run at once on two threads of one process, and share its event sender)
+and ``-P solo`` (a batch runs in the worker's main process, on its event loop), both with task
+events on (``-E``), as an operator watching in Flower runs them.  The other tests run the default,
+prefork."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+
+import pytest
+
+import launcher
+from tests.integration.conftest import Cluster, start_or_explain
+
+USERS = ["pool-a", "pool-b", "pool-c"]
+
+
+@pytest.fixture(params=["threads", "solo"])
+def pool_cluster(request, tmp_path):
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port())
+    cluster.pool = request.param
+    start_or_explain(cluster, nodes=1, pool=request.param, concurrency=4, events=True)
+    yield cluster
+    cluster.stop()
+
+
+class TaskEvents:
+    """Every task event the cluster's workers send, by task id, read by Celery's own event
+    receiver on a thread (as Flower reads them)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.by_task: dict[str, list[dict]] = {}
+        self.heartbeat = threading.Event()
+        self._lock = threading.Lock()
+        self._connection = cluster.business.connection_for_read()
+        self._receiver = cluster.business.events.Receiver(self._connection, handlers={"*": self._on_event})
+        self._thread = threading.Thread(target=self._receiver.capture, kwargs={"limit": None, "timeout": None, "wakeup": False}, daemon=True)
+
+    def _on_event(self, event: dict) -> None:
+        if event["type"] == "worker-heartbeat":
+            self.heartbeat.set()
+        elif "uuid" in event:
+            with self._lock:
+                self.by_task.setdefault(event["uuid"], []).append(event)
+
+    def start(self) -> "TaskEvents":
+        self._thread.start()
+        # Events go to a fanout exchange: only those sent once the receiver's queue is bound
+        # arrive.  The worker's heartbeat (every 2 s with -E) says that it is.
+        assert self.heartbeat.wait(15), "no worker-heartbeat event in 15 s: does the worker send events (-E)?"
+        return self
+
+    def types(self, task_id: str) -> list[str]:
+        with self._lock:
+            return [event["type"] for event in self.by_task.get(task_id, [])]
+
+    def stop(self) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(5)
+        self._connection.release()
+
+
+async def test_collect_and_collect_many_deliver_and_report_each_request_under_the_threads_and_solo_pools(pool_cluster):
+    cluster = pool_cluster
+    clients = {user: await cluster.connect(user) for user in USERS}
+    events = await asyncio.to_thread(TaskEvents(cluster).start)
+    try:
+        run = uuid.uuid4().hex[:8]
+        singles = [(cluster.send(to=USERS[i % 3], data={"run": run, "single": i}), USERS[i % 3]) for i in range(40)]
+        manys = [cluster.send("tasks.collect_many", messages=[{"to": user, "data": {"run": run, "many": i, "to": user}} for user in USERS])
+                 for i in range(40)]
+        invalid = cluster.send(to=[], data={"run": run})
+
+        expected: dict[str, set[str]] = {user: set() for user in USERS}
+        for result, user in singles:
+            expected[user].add(await cluster.result(result, 30))
+        for result in manys:
+            ids = await cluster.result(result, 30)
+            assert len(ids) == 3, ids
+            for user, message_id in zip(USERS, ids):
+                expected[user].add(message_id)
+        with pytest.raises(Exception, match="empty list"):
+            await cluster.result(invalid, 30)
+
+        for user, client in clients.items():
+            frames = await client.messages(len(expected[user]), timeout=30)
+            assert {frame["id"] for frame in frames} == expected[user], user
+            assert all(frame["data"]["run"] == run for frame in frames)
+            assert await client.quiet() == [], f"{user} got more than its messages"
+
+        # Flower's view: every request a task of its own, received, started and succeeded (or
+        # failed, with its reason), sent by whichever thread or process ran its batch.
+        want = {result.id: "task-succeeded" for result, _ in singles} | {result.id: "task-succeeded" for result in manys}
+        want[invalid.id] = "task-failed"
+        deadline = asyncio.get_running_loop().time() + 15
+        while (missing := [task_id for task_id, kind in want.items() if kind not in events.types(task_id)]) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        assert not missing, f"{len(missing)} of {len(want)} requests have no outcome event under -P {cluster.pool}, e.g. {missing[0]}: {events.types(missing[0])}"
+        for task_id in want:
+            # In any order: the main process buffers its task events until its loop's next turn,
+            # which under -P solo comes after the batch (Celery's event state, as Flower keeps it,
+            # merges a task-received that comes after the outcome without undoing the outcome).
+            assert {"task-received", "task-started"} <= set(events.types(task_id)), events.types(task_id)
+        assert "empty list" in next(e["exception"] for e in events.by_task[invalid.id] if e["type"] == "task-failed")
+    finally:
+        events.stop()
+        for client in clients.values():
+            client.close()
+    assert "Traceback" not in cluster._log("worker").read_text(errors="replace")
