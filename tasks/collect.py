@@ -43,10 +43,12 @@ import logging
 import os
 import threading
 import time
+import traceback
 import uuid
 
 from celery import states
 from celery.exceptions import InvalidTaskError
+from celery.result import EagerResult
 from celery.backends.redis import RedisBackend
 from celery.utils.saferepr import saferepr
 from celery.utils.time import get_exponential_backoff_interval
@@ -187,6 +189,33 @@ class CollectBatches(Batches):
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
         self._flush_pending = False
 
+    def apply(self, args=None, kwargs=None, *rest, **options):
+        """Run one request here and now: ``collect.apply(kwargs=...)``, and ``delay()`` or
+        ``apply_async()`` under ``task_always_eager`` (business code's tests), as Celery runs any
+        task eagerly.  The ``EagerResult`` holds what the worker would store: the message id (a
+        list of them for ``tasks.collect_many``), or the request's error, which ``get()`` raises
+        (and ``apply`` itself with ``throw=True`` or ``task_eager_propagates``).  The message is
+        stored and dispatched as from a worker.  An eager request does not retry when the store
+        is unavailable: it fails at once with ``StoreUnavailable``.  Its result goes to the
+        result backend only with ``task_store_eager_result``, as any task's.
+
+        (celery-batches' own ``apply`` returns the batch function's return value, the outcome
+        of every request of the batch, as the result, and SUCCESS even for an invalid request.)"""
+        options["task_id"] = task_id = options.get("task_id") or str(uuid.uuid4())
+        throw = options.pop("throw", None)
+        if not self.store_eager_result:
+            options["ignore_result"] = True
+        batch = super().apply(args, kwargs, *rest, **options)
+        if batch.state != states.SUCCESS or not isinstance(batch.result, dict):
+            return batch  # the batch function itself failed: its error is already the result
+        kind, detail = batch.result.get(task_id, ("failed", RuntimeError(f"{self.name} {task_id}: the batch ran without this request")))
+        if kind == "ok":
+            return EagerResult(task_id, detail, states.SUCCESS, name=self.name)
+        exc = detail if isinstance(detail, BaseException) else RuntimeError(str(detail))
+        if throw if throw is not None else self.app.conf.task_eager_propagates:
+            raise exc
+        return EagerResult(task_id, exc, states.FAILURE, traceback="".join(traceback.format_exception(exc)), name=self.name)
+
     def Strategy(self, task, app, consumer):
         """Called when the worker's consumer starts, and again each time it reconnects to the
         broker.  Requests still buffered then came on the old connection: the broker gives their
@@ -321,9 +350,12 @@ def _apply_batch(task, args, events: bool) -> None:
 
 
 def outcome_text(kind: str, value: object, most: int) -> str:
-    """What a request's outcome event carries: its result's ``saferepr``, or its error's text, at
-    most ``most`` characters, as Celery cuts a result in its events.  Pure."""
-    return saferepr(value, most) if kind == "ok" else str(value)[:most]
+    """What a request's outcome event carries: its result's ``saferepr``, or its error's type and
+    text (``value`` an exception, or already a text), at most ``most`` characters, as Celery cuts
+    a result in its events.  Pure."""
+    if kind == "ok":
+        return saferepr(value, most)
+    return (f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value))[:most]
 
 
 def _send_outcomes(task, requests, outcomes: list[tuple[str, object]], runtime: float) -> None:
@@ -363,7 +395,7 @@ COLLECT_MAX_RETRIES = 5
 
 @app.task(name="tasks.collect", base=CollectBatches, bind=True, acks_late=True,
           flush_every=settings.COLLECT_BATCH, flush_interval=settings.COLLECT_FLUSH_SECONDS)
-def collect(self, requests) -> dict[str, tuple[str, str]]:
+def collect(self, requests) -> dict[str, tuple[str, object]]:
     """Store and dispatch a batch of ``tasks.collect`` requests; each request's result is its
     message id.  Business code calls it as one task per message::
 
@@ -376,8 +408,8 @@ def collect(self, requests) -> dict[str, tuple[str, str]]:
     string of at most 200 characters; a request with a key used before returns the same id and
     stores and sends nothing new.  An invalid request fails alone, with the reason in its result.
 
-    Returns ``{task id: (outcome, detail)}`` for :class:`CollectBatches` (outcome ``ok``,
-    ``failed`` or ``retry``); callers read each request's own result.
+    Returns ``{task id: (outcome, detail)}`` for :class:`CollectBatches` (outcome ``ok`` with the
+    result, ``failed`` or ``retry`` with the exception); callers read each request's own result.
     """
     return _run_batch(self, requests, _parse_collect_request)
 
@@ -387,23 +419,23 @@ def _parse_collect_request(req):
     return [message], key, lambda ids: ids[0]
 
 
-def _run_batch(task, requests, parse) -> dict[str, tuple[str, str]]:
+def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
     """Store and dispatch the requests of one batch of ``task`` together; returns and stores each
     request's outcome.  ``parse(request)`` gives its valid messages, its idempotency key and a
     function from their ids to the request's result, or raises InvalidMessage (the request fails
     alone)."""
-    outcomes: dict[str, tuple[str, str]] = {}
+    outcomes: dict[str, tuple[str, object]] = {}
     parsed = []
     for req in requests:
         try:
             parsed.append((req, *parse(req)))
         except validation.InvalidMessage as exc:
             log.warning("%s %s rejected: %s", task.name, req.id, exc)
-            outcomes[req.id] = ("failed", f"InvalidMessage: {exc}")
+            outcomes[req.id] = ("failed", exc)
             _store_result(req, exc, failed=True)
         except Exception as exc:  # noqa: BLE001 - a bug of validation: this request fails alone, not its batch
             log.exception("%s %s: validating it failed", task.name, req.id)
-            outcomes[req.id] = ("failed", f"{type(exc).__name__}: {exc}")
+            outcomes[req.id] = ("failed", exc)
             _store_result(req, exc, failed=True)
     storing = [(req, messages, key, result) for req, messages, key, result in parsed if messages]
     done = [(req, result([])) for req, messages, _, result in parsed if not messages]
@@ -419,12 +451,12 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, str]]:
     except Exception as exc:  # noqa: BLE001 - record a failure per request rather than lose them silently
         log.exception("%s: a batch of %d failed", task.name, len(storing))
         for req, *_ in storing:
-            outcomes[req.id] = ("failed", f"{type(exc).__name__}: {exc}")
+            outcomes[req.id] = ("failed", exc)
             _store_result(req, exc, failed=True)
         storing, bound = [], []
     for (req, _, _, result), ids in zip(storing, bound):
         if isinstance(ids, validation.InvalidMessage):
-            outcomes[req.id] = ("failed", f"InvalidMessage: {ids}")
+            outcomes[req.id] = ("failed", ids)
             _store_result(req, ids, failed=True)
         else:
             done.append((req, result(ids)))
@@ -500,14 +532,18 @@ def _success_metas(backend, done: list[tuple[object, str]]) -> list[dict]:
     return metas
 
 
-def _retry(task, req, exc: Exception) -> tuple[str, str]:
+def _retry(task, req, exc: Exception) -> tuple[str, object]:
     """Send ``req`` again (same task id, same kwargs, so the same idempotency key) after a
     backoff; after ``COLLECT_MAX_RETRIES`` the request fails with ``exc``."""
     retries = int((req.request_dict or {}).get("retries") or 0)
+    if (getattr(req, "delivery_info", None) or {}).get("is_eager"):
+        log.error("%s %s (run eagerly) failed: %s", task.name, req.id, exc)
+        _store_result(req, exc, failed=True)
+        return ("failed", exc)
     if retries >= COLLECT_MAX_RETRIES:
         log.error("%s %s failed after %d retries: %s", task.name, req.id, retries, exc)
         _store_result(req, exc, failed=True)
-        return ("failed", f"{type(exc).__name__}: {exc}")
+        return ("failed", exc)
     countdown = get_exponential_backoff_interval(factor=1, retries=retries, maximum=30, full_jitter=True)
     try:
         task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown, retries=retries + 1, queue=COLLECT_QUEUE,
@@ -518,7 +554,7 @@ def _retry(task, req, exc: Exception) -> tuple[str, str]:
         log.critical("%s %s: store unavailable (%s) and retry not sent (%s)", task.name, req.id, exc, send_exc)
         raise SystemExit(1) from send_exc
     log.warning("%s %s: store unavailable (%s); retry %d in %.1f s", task.name, req.id, exc, retries + 1, countdown)
-    return ("retry", f"{type(exc).__name__}: {exc}")
+    return ("retry", exc)
 
 
 #: The most messages one batch of ``tasks.collect_many`` requests stores and routes; the requests
@@ -529,7 +565,7 @@ COLLECT_MANY_MESSAGES = 1000
 
 @app.task(name="tasks.collect_many", base=CollectBatches, bind=True, acks_late=True,
           flush_every=settings.COLLECT_BATCH, flush_interval=settings.COLLECT_FLUSH_SECONDS, batch_messages=COLLECT_MANY_MESSAGES)
-def collect_many(self, requests) -> dict[str, tuple[str, str]]:
+def collect_many(self, requests) -> dict[str, tuple[str, object]]:
     """Store a list of messages with one insert and dispatch them at once.  Business code calls::
 
         collect_many.delay(messages=[{"to": "alice", "data": 1}, {"to": "bob", "data": 2}])

@@ -221,7 +221,7 @@ def test_a_batch_that_cannot_reach_the_store_is_sent_again_request_by_request_un
     outcomes = collect_module._run_batch(collect_module.collect_many, requests, collect_module._parse_collect_many)
 
     assert outcomes["first"][0] == "retry" and outcomes["second"][0] == "retry"
-    assert outcomes["bad"][0] == "failed" and '"messages" must be a list' in outcomes["bad"][1]
+    assert outcomes["bad"][0] == "failed" and '"messages" must be a list' in str(outcomes["bad"][1])
     sent = [json.loads(raw) for raw in broker.lrange(retry_queue, 0, -1)]
     broker.delete(retry_queue)
     assert sorted((m["headers"]["id"], m["headers"]["retries"]) for m in sent) == [("first", 1), ("second", 3)]
@@ -290,8 +290,8 @@ def test_a_request_whose_reading_raises_an_unexpected_error_fails_alone(broker, 
     outcomes = collect_module._run_batch(collect_module.collect, requests, parse)
     broker.delete(retry_queue)
 
-    assert outcomes["buggy"][0] == "failed" and outcomes["buggy"][1].startswith("UnicodeEncodeError:")
-    assert outcomes["fine"][0] == "retry"
+    assert outcomes["buggy"][0] == "failed" and isinstance(outcomes["buggy"][1], UnicodeEncodeError)
+    assert outcomes["fine"][0] == "retry" and isinstance(outcomes["fine"][1], StoreUnavailable)
 
 
 def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
@@ -316,3 +316,61 @@ def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
         assert len(collect_module.collect_many.AsyncResult(requests[0].id).get(timeout=10)) == 1000
         with pytest.raises(Exception, match='"messages" must be a list'):
             collect_module.collect_many.AsyncResult(requests[1].id).get(timeout=10)
+
+
+def test_collect_run_eagerly_returns_its_message_id_and_delivers_like_a_worker(own_routes, broker, monkeypatch):
+    """``collect.apply()``, and ``delay()`` under ``task_always_eager`` (business code's tests), as
+    Celery runs any task eagerly: the result is the message id, stored and routed to the user's
+    node as from a worker.  celery-batches' own ``apply`` returned its batch's outcome table
+    ``{task id: ("ok", id)}`` as the result."""
+    from celery.result import EagerResult
+
+    from tasks.collect import collect_many
+    from tasks.ids import is_message_id
+
+    node, user = fake_node(), f"eager-{uuid.uuid4().hex[:6]}"
+    lease(own_routes, node, [user])
+
+    result = collect.apply(kwargs={"to": user, "data": {"eager": 1}})
+    assert isinstance(result, EagerResult) and result.state == "SUCCESS"
+    message_id = result.get()
+    assert is_message_id(message_id)
+    assert [[e["id"] for e in p["envelopes"]] for p in drain(broker, node, expect=1)] == [[message_id]]
+    assert get_store().messages([message_id])[message_id]["data"] == {"eager": 1}
+
+    many = collect_many.apply(kwargs={"messages": [{"to": user, "data": 2}, {"to": [], "data": 3}]}).get()
+    assert is_message_id(many[0]) and many[1]["index"] == 1 and "empty list" in many[1]["error"]
+
+    monkeypatch.setitem(collect.app.conf, "task_always_eager", True)
+    delayed = collect.delay(to=user, data={"eager": 3})
+    assert isinstance(delayed, EagerResult) and is_message_id(delayed.get())
+    delivered = [e["id"] for p in drain(broker, node, expect=2) for e in p["envelopes"]]
+    assert delivered == [many[0], delayed.get()]
+    # As Celery keeps any eager result out of the backend (task_store_eager_result is off).
+    assert redis_lib.Redis.from_url(settings.RESULT_BACKEND).exists(f"celery-task-meta-{result.id}") == 0
+
+
+def test_an_invalid_collect_run_eagerly_fails_with_its_reason_and_a_store_outage_fails_at_once(broker, monkeypatch):
+    """An eager request fails as a task fails: FAILURE, ``get()`` raises its error, and ``apply``
+    raises it itself with ``throw=True``.  Eagerly, an unavailable store fails the request at once
+    (a worker would send it again after a backoff): nothing is sent anywhere."""
+    from tasks import collect as collect_module
+    from tasks.messages import InvalidMessage
+    from tasks.store import StoreUnavailable
+
+    result = collect.apply(kwargs={"to": [], "data": 1})
+    assert result.state == "FAILURE" and isinstance(result.result, InvalidMessage) and "InvalidMessage" in result.traceback
+    with pytest.raises(InvalidMessage, match="empty list"):
+        result.get()
+    with pytest.raises(InvalidMessage, match="unexpected"):
+        collect.apply(kwargs={"to": "a", "data": 1, "colour": "red"}, throw=True)
+
+    def unavailable():
+        raise StoreUnavailable("MongoDB is down (test)")
+
+    retry_queue = f"retries-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(collect_module, "get_store", unavailable)
+    monkeypatch.setattr(collect_module, "COLLECT_QUEUE", retry_queue)
+    with pytest.raises(StoreUnavailable, match="down"):
+        collect.apply(kwargs={"to": "a", "data": 1}).get()
+    assert broker.llen(retry_queue) == 0

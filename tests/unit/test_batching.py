@@ -85,5 +85,9 @@ def test_an_outcome_event_carries_the_results_repr_or_the_errors_text_cut_as_cel
     assert outcome_text("ok", ids[0], 1024) == f"'{ids[0]}'"
     many = outcome_text("ok", ids, 1024)
     assert many.startswith(f"['{ids[0]}'") and many.endswith("...]") and len(many) < 1100
-    assert outcome_text("failed", "InvalidMessage: " + "x" * 2000, 1024) == ("InvalidMessage: " + "x" * 2000)[:1024]
-    assert outcome_text("retry", "StoreUnavailable: down", 1024) == "StoreUnavailable: down"
+    from tasks.messages import InvalidMessage
+    from tasks.store import StoreUnavailable
+
+    assert outcome_text("failed", InvalidMessage("x" * 2000), 1024) == ("InvalidMessage: " + "x" * 2000)[:1024]
+    assert outcome_text("retry", StoreUnavailable("down"), 1024) == "StoreUnavailable: down"
+    assert outcome_text("failed", "the batch did not run: see the worker log", 1024) == "the batch did not run: see the worker log"
