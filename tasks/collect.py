@@ -41,14 +41,16 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
 import traceback
 import uuid
 
-from celery import states
+from celery import Task, states
 from celery.exceptions import InvalidTaskError
 from celery.result import EagerResult
+from celery.utils.functional import maybe_list
 from celery.backends.redis import RedisBackend
 from celery.utils.saferepr import saferepr
 from celery.utils.time import get_exponential_backoff_interval
@@ -189,23 +191,29 @@ class CollectBatches(Batches):
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
         self._flush_pending = False
 
-    def apply(self, args=None, kwargs=None, *rest, **options):
+    def apply(self, args=None, kwargs=None, link=None, link_error=None, task_id=None, throw=None, **options):
         """Run one request here and now: ``collect.apply(kwargs=...)``, and ``delay()`` or
         ``apply_async()`` under ``task_always_eager`` (business code's tests), as Celery runs any
         task eagerly.  The ``EagerResult`` holds what the worker would store: the message id (a
         list of them for ``tasks.collect_many``), or the request's error, which ``get()`` raises
         (and ``apply`` itself with ``throw=True`` or ``task_eager_propagates``).  The message is
-        stored and dispatched as from a worker.  An eager request does not retry when the store
-        is unavailable: it fails at once with ``StoreUnavailable``.  Its result goes to the
-        result backend only with ``task_store_eager_result``, as any task's.
+        stored and dispatched as from a worker, and ``link``/``link_error`` follow as from a
+        worker (:mod:`tasks.links`).  An eager request does not retry when the store is
+        unavailable: it fails at once with ``StoreUnavailable``.  Its result goes to the result
+        backend only with ``task_store_eager_result``, as any task's.
 
-        (celery-batches' own ``apply`` returns the batch function's return value, the outcome
-        of every request of the batch, as the result, and SUCCESS even for an invalid request.)"""
-        options["task_id"] = task_id = options.get("task_id") or str(uuid.uuid4())
-        throw = options.pop("throw", None)
-        if not self.store_eager_result:
-            options["ignore_result"] = True
-        batch = super().apply(args, kwargs, *rest, **options)
+        (celery-batches' own ``apply`` returned the batch function's return value, the outcome
+        of every request of the batch, as the result, SUCCESS even for an invalid request, and
+        called ``link`` with it.)"""
+        task_id = task_id or str(uuid.uuid4())
+        request = links.CollectRequest(
+            task_id, self.name, tuple(args or ()), dict(kwargs or {}),
+            {"is_eager": True, "exchange": options.get("exchange"), "routing_key": options.get("routing_key"), "priority": options.get("priority")},
+            socket.gethostname(), bool(options.get("ignore_result")) or not self.store_eager_result, None, None, {"retries": 0})
+        request.callbacks = maybe_list(link) or None
+        request.errbacks = maybe_list(link_error) or None
+        # The batch's own trace stores nothing: its return value is the outcome table, not a result.
+        batch = Task.apply(self, ([request],), {}, task_id=task_id, throw=throw, **{**options, "ignore_result": True})
         if batch.state != states.SUCCESS or not isinstance(batch.result, dict):
             return batch  # the batch function itself failed: its error is already the result
         kind, detail = batch.result.get(task_id, ("failed", RuntimeError(f"{self.name} {task_id}: the batch ran without this request")))

@@ -374,3 +374,40 @@ def test_an_invalid_collect_run_eagerly_fails_with_its_reason_and_a_store_outage
     with pytest.raises(StoreUnavailable, match="down"):
         collect.apply(kwargs={"to": "a", "data": 1}).get()
     assert broker.llen(retry_queue) == 0
+
+
+def test_collect_run_eagerly_applies_its_link_errback_and_chain_with_its_own_result(own_routes, monkeypatch):
+    """Under ``task_always_eager`` a ``link`` gets the message id (celery-batches passed the batch's
+    outcome table), a ``link_error`` the failed request's id, and a chain's next task the id, all
+    run eagerly as Celery runs them."""
+    from celery import chain
+
+    from tasks.collect import collect_many
+    from tasks.ids import is_message_id
+    from worker import app
+
+    seen: list[tuple[str, object]] = []
+
+    @app.task(name=f"tests.record-{uuid.uuid4().hex[:6]}", shared=False)
+    def record(value, label="link"):
+        seen.append((label, value))
+        return value
+
+    @app.task(name=f"tests.errback-{uuid.uuid4().hex[:6]}", shared=False)
+    def errback(task_id):  # one argument: Celery calls it with the failed task's id
+        seen.append(("errback", task_id))
+
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    user = f"eager-links-{uuid.uuid4().hex[:6]}"
+
+    linked = collect.apply_async(kwargs={"to": user, "data": 1}, link=record.s())
+    assert seen == [("link", linked.get())] and is_message_id(linked.get())
+
+    seen.clear()
+    failed = collect.apply_async(kwargs={"to": [], "data": 1}, link=record.s(), link_error=errback.s())
+    assert failed.state == "FAILURE"
+    assert seen == [("errback", failed.id)]
+
+    seen.clear()
+    ids = chain(collect_many.s(messages=[{"to": user, "data": 2}, {"to": user, "data": 3}]), record.s(label="chain")).apply().get()
+    assert len(ids) == 2 and all(is_message_id(i) for i in ids) and seen == [("chain", ids)]
