@@ -379,10 +379,11 @@ def start_auth(env: Mapping[str, str], port: int, *, name: str = "auth", timeout
 
 
 def start_worker(env: Mapping[str, str], name: str = "worker", queues: str | Sequence[str] | None = None,
-                 concurrency: int | None = None, *, pool: str | None = None, events: bool = False, timeout: float = 60.0,
-                 **service_kw) -> Service:
+                 concurrency: int | None = None, *, pool: str | None = None, events: bool = False, options: Sequence[str] = (),
+                 timeout: float = 60.0, **service_kw) -> Service:
     """``celery -A worker worker -n NAME@%h``; returns once it logs "ready.".  ``queues`` maps to ``-Q``,
-    ``concurrency`` to ``-c``, ``pool`` to ``-P`` (Celery's default: prefork) and ``events`` to ``-E``."""
+    ``concurrency`` to ``-c``, ``pool`` to ``-P`` (Celery's default: prefork) and ``events`` to ``-E``;
+    ``options`` are more of the worker's command-line options (e.g. ``["--time-limit=5"]``)."""
     argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", f"{name}@%h", f"--loglevel={env.get('LOG_LEVEL') or 'INFO'}",
             "--without-gossip", "--without-mingle"]
     if queues:
@@ -393,6 +394,7 @@ def start_worker(env: Mapping[str, str], name: str = "worker", queues: str | Seq
         argv += ["-P", pool]
     if events:
         argv.append("-E")
+    argv += list(options)
     return _launch(name, argv, env, lambda s: s.wait_log("ready.", timeout), service_kw)
 
 

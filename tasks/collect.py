@@ -48,7 +48,7 @@ import traceback
 import uuid
 
 from celery import Task, states
-from celery.exceptions import InvalidTaskError
+from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.result import EagerResult
 from celery.utils.functional import maybe_list
 from celery.backends.redis import RedisBackend
@@ -310,13 +310,31 @@ class CollectBatches(Batches):
             finally:
                 self._batch_done(token)
 
-        def on_lost(_exc_info) -> None:
-            # The pool process died with the batch: its requests stay unacknowledged, and the
-            # broker gives them back (Redis after VISIBILITY_TIMEOUT, RabbitMQ when the
-            # connection closes); only the slot is freed here.
-            self._batch_done(token)
+        def on_lost(exc_info) -> None:
+            # The pool process died with the batch (SIGKILL, the OOM killer) or passed the hard
+            # time limit: each request as Celery handles a task of its own then.  A worker lost
+            # puts it back on its queue at once (task_reject_on_worker_lost; before, it waited
+            # unacknowledged for VISIBILITY_TIMEOUT on Redis, and on RabbitMQ until the worker's
+            # connection closed); a time limit fails it with TimeLimitExceeded and acks it.
+            try:
+                exc = getattr(exc_info.exception, "exc", exc_info.exception)  # billiard's ExceptionWithTraceback wraps it
+                log.error("%s: a batch of %d requests was lost with its pool process (%r); %s", self.name, len(requests), exc,
+                          "they go back to the queue" if isinstance(exc, WorkerLostError) else "they fail")
+                for req in requests:
+                    req.on_failure(exc_info, return_ok=True)  # return_ok: logged once above, not once per request
+            finally:
+                self._batch_done(token)
 
-        return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost)
+        def on_timeout(soft: bool, timeout: float) -> None:
+            for req in requests:
+                req.on_timeout(soft, timeout)
+
+        # Time limits as for any task: the task's own (``celery control time_limit``, Flower's
+        # worker page) or the worker's (``--time-limit``, ``--soft-time-limit``), for the batch.
+        conf = self.app.conf
+        return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost,
+                                      timeout_callback=on_timeout, soft_timeout=self.soft_time_limit or conf.task_soft_time_limit,
+                                      timeout=self.time_limit or conf.task_time_limit)
 
 
 def _sends_events(request) -> bool:

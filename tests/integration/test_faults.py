@@ -13,7 +13,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 
+import psutil
+import pytest
+
+import launcher
 from tests.integration.browser import Browser, check_exactly_once, confirm, stream, wait_complete
+from tests.integration.conftest import Cluster, broker_url_for, start_or_explain
 
 USERS = 100
 PER_USER = 8
@@ -129,3 +134,93 @@ async def test_sigterm_of_the_worker_under_load_stops_it_and_loses_nothing(fault
     cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
     results = [await cluster.result(result, 60) for result in sent]
     assert all(len(ids) == 1000 and all(isinstance(i, str) for i in ids) for ids in results)
+
+
+TIME_LIMIT = 3  # seconds: the worker's --time-limit in patient_broker_cluster, far above a batch's time here
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def patient_broker_cluster(request, tmp_path):
+    """A private worker (no nodes) whose Redis broker gives a task taken by a dead worker back
+    only after 300 s: longer than the tests wait, so what they get back came back otherwise.  Its
+    hard time limit is TIME_LIMIT."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)
+    cluster = Cluster(redis_server, tmp_path, broker_url=broker_url_for(request.param, redis_server, request), auth_port=launcher.free_port(),
+                      VISIBILITY_TIMEOUT=300, LOG_LEVEL="DEBUG")
+    cluster.broker = request.param
+    start_or_explain(cluster, nodes=0, options=[f"--time-limit={TIME_LIMIT}"])
+    yield cluster
+    cluster.stop()
+
+
+async def load_then_hit_running_batches(cluster, hit, landed: str, tasks: int = 40) -> list:
+    """Send ``tasks`` ``tasks.collect_many`` of 1,000 messages while the pool is stopped (so that
+    it is then never idle), then ``hit(process)`` every pool process right after a batch starts,
+    until the worker log shows ``landed`` (a pool process may be between two batches); returns
+    the sent tasks' AsyncResults."""
+    log = cluster._log("worker")
+    pool = psutil.Process(cluster.worker.pid).children()
+    for process in pool:
+        process.suspend()
+    sent = [cluster.send("tasks.collect_many", messages=[{"to": f"pool-fault-u{i % 50}", "data": {"n": n, "i": i}} for i in range(1000)])
+            for n in range(tasks)]
+    for process in pool:
+        process.resume()
+    for _ in range(5):
+        seen = log.read_text(errors="replace").count("messages in one batch")
+        for _ in range(300):
+            if log.read_text(errors="replace").count("messages in one batch") > seen:
+                break
+            await asyncio.sleep(0.01)
+        for process in psutil.Process(cluster.worker.pid).children():
+            hit(process)
+        for _ in range(TIME_LIMIT * 20):
+            if landed in log.read_text(errors="replace"):
+                for process in psutil.Process(cluster.worker.pid).children():
+                    process.resume()  # one that was hit between two batches
+                return sent
+            await asyncio.sleep(0.1)
+    pytest.fail(f"no hit on a running batch showed ({landed!r}) in 5 tries:\n{cluster.log_tails(40)}")
+
+
+async def results_within(sent: list, seconds: float) -> list:
+    """Every result of ``sent``, all of which must be ready within ``seconds`` (polled: each
+    get() of a result that is ready already can wait for Celery's 1 s polling)."""
+    for _ in range(int(seconds * 10)):
+        if all(result.ready() for result in sent):
+            break
+        await asyncio.sleep(0.1)
+    missing = [result.id for result in sent if not result.ready()]
+    assert not missing, f"{len(missing)} of {len(sent)} requests got no result within {seconds:g} s"
+    return [result.get(timeout=1, propagate=False) for result in sent]
+
+
+async def test_a_pool_process_killed_mid_batch_has_its_requests_run_again_at_once(patient_broker_cluster):
+    """The OOM killer (here SIGKILL) ends a pool process while it stores and routes a batch: the
+    worker puts the batch's requests back on the queue at once, as Celery does for any task with
+    ``task_reject_on_worker_lost``, and runs them again under the same ids.  They used to stay
+    unacknowledged: on Redis until VISIBILITY_TIMEOUT, on RabbitMQ until the worker's connection
+    closed (never, while it ran)."""
+    cluster = patient_broker_cluster
+    sent = await load_then_hit_running_batches(cluster, lambda process: process.kill(), "was lost with its pool process")
+    assert "they go back to the queue" in cluster._log("worker").read_text(errors="replace")
+    results = await results_within(sent, 60)
+    assert all(len(ids) == 1000 and all(isinstance(i, str) for i in ids) for ids in results)
+    assert len({i for ids in results for i in ids}) == 40 * 1000
+    assert cluster.worker.alive
+
+
+async def test_a_batch_past_the_workers_hard_time_limit_fails_its_requests_and_the_worker_goes_on(patient_broker_cluster):
+    """``celery worker --time-limit`` (or ``celery control time_limit``) holds for a batch as for
+    any task: a pool process stuck in a batch (here stopped with SIGSTOP) is killed after the
+    limit, and the batch's requests fail with ``TimeLimitExceeded`` (acked, not run again); the
+    worker goes on with the rest.  celery-batches ran batches with no time limit."""
+    cluster = patient_broker_cluster
+    sent = await load_then_hit_running_batches(cluster, lambda process: process.suspend(), "Hard time limit")
+    results = await results_within(sent, 60)
+    failed = [result for result in sent if result.state == "FAILURE"]
+    assert failed and all(type(result.result).__name__ == "TimeLimitExceeded" for result in failed), [r.result for r in failed]
+    assert all(len(ids) == 1000 for ids in results if isinstance(ids, list))
+    assert len(failed) < len(sent)  # the others ran, on the pool processes that replaced the stopped ones
+    assert cluster.worker.alive
