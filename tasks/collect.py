@@ -54,6 +54,7 @@ from celery.utils.functional import maybe_list
 from celery.backends.redis import RedisBackend
 from celery.utils.saferepr import saferepr
 from celery.utils.time import get_exponential_backoff_interval
+from celery.worker import state as worker_state
 from celery_batches import Batches, consume_queue
 from celery_batches.trace import apply_batches_task
 
@@ -299,6 +300,10 @@ class CollectBatches(Batches):
                            kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
                            retries=req.request_dict.get("retries", 0))
             req.send_event("task-started")
+        for req in requests:
+            # What `celery inspect active` and `stats` (Flower's worker page) read: the request
+            # runs, and counts in the worker's total per task name, as Celery's own requests do.
+            worker_state.task_accepted(req)
         token = self._gate.started()
         # The pool process sends each request's task-succeeded/failed/retried event itself
         # (_apply_batch): the main process needs only to know that the batch returned.
@@ -306,6 +311,8 @@ class CollectBatches(Batches):
 
         def on_return(_nothing) -> None:
             try:
+                for req in requests:
+                    worker_state.task_ready(req)
                 redis_transport.acknowledge(requests)
             finally:
                 self._batch_done(token)
@@ -321,7 +328,7 @@ class CollectBatches(Batches):
                 log.error("%s: a batch of %d requests was lost with its pool process (%r); %s", self.name, len(requests), exc,
                           "they go back to the queue" if isinstance(exc, WorkerLostError) else "they fail")
                 for req in requests:
-                    req.on_failure(exc_info, return_ok=True)  # return_ok: logged once above, not once per request
+                    req.on_failure(exc_info, return_ok=True)  # return_ok: logged once above, not once per request; task_ready too
             finally:
                 self._batch_done(token)
 

@@ -199,3 +199,38 @@ async def test_data_mongodb_cannot_store_fails_alone_and_the_rest_of_its_batch_i
     sizes = batch_sizes(cluster, requests=5)
     assert any(requests > messages >= 1 for requests, messages in sizes), sizes
     client.close()
+
+
+async def test_a_running_batchs_requests_show_as_active_tasks_and_count_in_the_workers_stats(lazy_timer_cluster):
+    """What ``celery inspect active`` and ``stats`` (Flower's worker page, its Tasks and Stats
+    tabs) show of batched requests, as of any Celery task: listed while their batch runs, gone
+    once it returned, and counted in the worker's total per task name.  celery-batches kept them
+    out of both."""
+    cluster = lazy_timer_cluster
+    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))  # no waiting once all answered
+
+    def worker_answer(method: str):
+        """The worker's answer (the push nodes answer these commands too, for their own queue)."""
+        return next((answer for name, answer in (getattr(inspect, method)() or {}).items() if name.startswith("worker@")), None)
+
+    def active_ids() -> set[str]:
+        return {task["id"] for task in worker_answer("active") or []}
+
+    pool = psutil.Process(cluster.worker.pid).children()
+    for process in pool:
+        process.suspend()
+    try:
+        result = cluster.send(to="watched-active", data={"n": 1})
+        deadline = time.monotonic() + 20
+        while result.id not in (seen := active_ids()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert result.id in seen, f"{result.id} not among the active tasks {seen}"
+        (listed,) = [task for task in worker_answer("active") if task["id"] == result.id]
+        assert listed["name"] == "tasks.collect" and listed["kwargs"]["to"] == "watched-active"
+    finally:
+        for process in pool:
+            process.resume()
+    await cluster.result(result, 30)
+    assert result.id not in active_ids()
+    stats = worker_answer("stats")
+    assert stats["total"].get("tasks.collect", 0) >= 1, stats["total"]
