@@ -55,7 +55,7 @@ from celery.backends.redis import RedisBackend
 from celery.utils.saferepr import saferepr
 from celery.utils.time import get_exponential_backoff_interval
 from celery.worker import state as worker_state
-from celery_batches import Batches, consume_queue
+from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
@@ -191,6 +191,15 @@ class CollectBatches(Batches):
         self._gate = FlushGate()
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
         self._flush_pending = False
+
+    def __call__(self, *args, **kwargs):
+        """``collect(to=..., data=...)``: business code calling the task object directly, which
+        for any Celery task runs its body here and returns its result.  Here: :meth:`apply`, its
+        message id or ids returned, its error raised.  A batch (one list of celery-batches
+        requests: the worker's and :meth:`apply`'s call) runs the batch function."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], list) and args[0] and all(isinstance(r, SimpleRequest) for r in args[0]):
+            return super().__call__(*args)
+        return self.apply(args, kwargs, throw=True).get()
 
     def apply(self, args=None, kwargs=None, link=None, link_error=None, task_id=None, throw=None, **options):
         """Run one request here and now: ``collect.apply(kwargs=...)``, and ``delay()`` or

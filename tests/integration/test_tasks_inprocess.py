@@ -411,3 +411,21 @@ def test_collect_run_eagerly_applies_its_link_errback_and_chain_with_its_own_res
     seen.clear()
     ids = chain(collect_many.s(messages=[{"to": user, "data": 2}, {"to": user, "data": 3}]), record.s(label="chain")).apply().get()
     assert len(ids) == 2 and all(is_message_id(i) for i in ids) and seen == [("chain", ids)]
+
+
+def test_calling_collect_directly_runs_it_here_and_returns_its_id_or_raises(own_routes, broker):
+    """``collect(to=..., data=...)``, as Celery runs any task object called directly: the message
+    is stored and routed here, and the call returns its id (``collect_many``: the list) or raises
+    the request's error.  celery-batches' task took only its list of requests."""
+    from tasks.collect import collect_many
+    from tasks.ids import is_message_id
+    from tasks.messages import InvalidMessage
+
+    node, user = fake_node(), f"direct-{uuid.uuid4().hex[:6]}"
+    lease(own_routes, node, [user])
+    message_id = collect(to=user, data={"direct": 1})
+    ids = collect_many([{"to": user, "data": 2}, {"to": user, "data": 3}])
+    assert is_message_id(message_id) and len(ids) == 2 and all(is_message_id(i) for i in ids)
+    assert [e["id"] for p in drain(broker, node, expect=2) for e in p["envelopes"]] == [message_id, *ids]
+    with pytest.raises(InvalidMessage, match="empty list"):
+        collect(to=[], data=1)
