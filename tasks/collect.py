@@ -197,7 +197,7 @@ class CollectBatches(Batches):
         for any Celery task runs its body here and returns its result.  Here: :meth:`apply`, its
         message id or ids returned, its error raised.  A batch (one list of celery-batches
         requests: the worker's and :meth:`apply`'s call) runs the batch function."""
-        if len(args) == 1 and not kwargs and isinstance(args[0], list) and args[0] and all(isinstance(r, SimpleRequest) for r in args[0]):
+        if len(args) == 1 and not kwargs and isinstance(args[0], list) and args[0] and isinstance(args[0][0], SimpleRequest):
             return super().__call__(*args)
         return self.apply(args, kwargs, throw=True).get()
 
@@ -309,7 +309,6 @@ class CollectBatches(Batches):
                            kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
                            retries=req.request_dict.get("retries", 0))
             req.send_event("task-started")
-        for req in requests:
             # What `celery inspect active` and `stats` (Flower's worker page) read: the request
             # runs, and counts in the worker's total per task name, as Celery's own requests do.
             worker_state.task_accepted(req)
