@@ -577,12 +577,9 @@ def _retry(task, req, exc: Exception) -> tuple[str, object]:
     """Send ``req`` again (same task id, same kwargs, so the same idempotency key) after a
     backoff; after ``COLLECT_MAX_RETRIES`` the request fails with ``exc``."""
     retries = int((req.request_dict or {}).get("retries") or 0)
-    if (getattr(req, "delivery_info", None) or {}).get("is_eager"):
-        log.error("%s %s (run eagerly) failed: %s", task.name, req.id, exc)
-        _store_result(req, exc, failed=True)
-        return ("failed", exc)
-    if retries >= COLLECT_MAX_RETRIES:
-        log.error("%s %s failed after %d retries: %s", task.name, req.id, retries, exc)
+    eager = (getattr(req, "delivery_info", None) or {}).get("is_eager")  # run in the caller's process: it fails at once
+    if eager or retries >= COLLECT_MAX_RETRIES:
+        log.error("%s %s failed %s: %s", task.name, req.id, "(run eagerly, no retry)" if eager else f"after {retries} retries", exc)
         _store_result(req, exc, failed=True)
         return ("failed", exc)
     countdown = get_exponential_backoff_interval(factor=1, retries=retries, maximum=30, full_jitter=True)
