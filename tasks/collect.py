@@ -53,10 +53,11 @@ from celery.result import EagerResult
 from celery.utils.functional import maybe_list
 from celery.backends.redis import RedisBackend
 from celery.utils.saferepr import saferepr
-from celery.utils.time import get_exponential_backoff_interval
+from celery.utils.time import get_exponential_backoff_interval, timezone
 from celery.worker import state as worker_state
 from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
+from kombu.asynchronous.timer import to_timestamp
 
 import settings
 from tasks import links, messages as validation, redis_transport, taskmessages
@@ -72,6 +73,11 @@ from worker import app
 #: what this process can pickle for the pool (pickle spends two of Python's 1,000 recursion
 #: levels per level of nesting: it fails near 500 levels, less the loop's own stack).
 MAX_REQUEST_DEPTH = 200
+
+#: A request whose eta is at most this far ahead (seconds) runs with the batch at hand rather than
+#: being held on the timer: the timer's own resolution, and what converting an eta to the timer's
+#: clock twice can differ by.
+ETA_SLACK = 0.005
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +196,7 @@ class CollectBatches(Batches):
         super().__init__()
         self._gate = FlushGate()
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
+        self._consumer = None  # the worker's consumer (its timer and prefetch window), once started
         self._flush_pending = False
 
     def __call__(self, *args, **kwargs):
@@ -250,6 +257,7 @@ class CollectBatches(Batches):
         self._gate.reset()
         self._flush_pending = False
         self._hub = consumer.hub
+        self._consumer = consumer
         on_message = super().Strategy(task, app, consumer)
 
         def buffer_then_flush_when_free(message, *args, **kwargs):
@@ -289,12 +297,70 @@ class CollectBatches(Batches):
         if self._hub is not None:
             self._flush_when_free()
 
+    def _do_flush(self) -> None:
+        """Hand what is buffered to :meth:`flush`, but for a request whose ``countdown`` or
+        ``eta`` lies ahead: that one is held on the worker's timer until it is due, as Celery
+        holds any task's, and the prefetch window grows by one while it waits.  Called by
+        celery-batches' timer and count, and by :meth:`_flush_when_free`.  Worker main process.
+
+        (celery-batches kept such a request in a list of its own, read again at every flush, and
+        it filled a place of the prefetch window until it ran: a few hundred requests sent with a
+        countdown of minutes, ``COLLECT_BATCH`` times the pool's processes, stopped the worker
+        from reading any other task until the first came due.  Held on the timer, they are also
+        what ``celery inspect scheduled`` and Flower's worker page list.)"""
+        ready = []
+        now = time.monotonic()
+        for req in consume_queue(self._buffer):
+            due = self._due(req)
+            if due is None:
+                continue  # rejected: its eta cannot be read
+            if due <= now + ETA_SLACK:
+                ready.append(req)
+            else:
+                self._hold(req, due)
+        self._count = itertools.count(1)
+        if ready:
+            self.flush(ready)
+        elif self._tref is not None:
+            self._tref.cancel()  # nothing waits: the next request starts it again
+            self._tref = None
+
+    def _due(self, req) -> float | None:
+        """When ``req`` may run, on the worker timer's clock (0 for now); None when its eta
+        cannot be read, after rejecting it as Celery does."""
+        if not req.eta:
+            return 0.0
+        try:
+            if req.utc:
+                return to_timestamp(timezone.to_system(req.eta))
+            return to_timestamp(req.eta, self.app.timezone)
+        except (OverflowError, ValueError) as exc:
+            log.error("%s %s: cannot read its eta %r (%s); it is rejected, not run", self.name, req.id, req.eta, exc)
+            req.reject(requeue=False)
+            return None
+
+    def _hold(self, req, due: float) -> None:
+        """Keep ``req`` on the worker's timer until ``due`` (Celery's ``default`` strategy for a
+        task with an eta): its place in the prefetch window is given back meanwhile, so the
+        worker goes on reading other tasks."""
+        self._consumer.qos.increment_eventually()
+        self._consumer.timer.call_at(due, self._release, (req,), priority=6)
+
+    def _release(self, req) -> None:
+        """Timer: ``req`` is due.  It joins the buffer and goes with the next batch (one revoked
+        while it waited is dropped there)."""
+        self._consumer.qos.decrement_eventually()
+        self._buffer.put(req)
+        if self._tref is None:
+            self._tref = self._consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+        self._flush_when_free()
+
     def flush(self, requests):
         # A request revoked (``app.control.revoke``) or past its ``expires`` is dropped here, as
         # Celery's own strategy drops it before running a task (celery-batches does not): the
         # request's ``revoked()`` logs it, stores REVOKED, sends ``task-revoked`` and acks it.
-        # A request with a ``countdown`` or ``eta`` comes here when it is due, so one revoked
-        # while it waits is dropped too.
+        # A request with a ``countdown`` or ``eta`` comes here when it is due (_do_flush), so one
+        # revoked while it waits is dropped too.
         live = [(req, links.CollectRequest.from_request(req)) for req in requests if not req.revoked()]
         for batch in chunks(live, lambda pair: _messages_in(pair[1]), self.batch_messages):
             self._run_in_pool(batch)

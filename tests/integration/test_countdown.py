@@ -1,0 +1,90 @@
+"""A collect sent with a ``countdown`` (or ``eta``) on a real worker, on both brokers: it waits on
+the worker's timer as any Celery task does (``CollectBatches._do_flush``), so requests waiting
+for their time neither hold the worker's prefetch window nor run early, and ``celery inspect
+scheduled`` (Flower's worker page, Tasks, Scheduled) lists them.  Business code here knows the tasks by name only."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+
+import launcher
+from tests.integration.conftest import Cluster, broker_url_for, start_or_explain
+
+#: More requests than the worker's prefetch window holds (its 2 pool processes times
+#: COLLECT_BATCH, 100): celery-batches kept each in the window until it ran, so this many waiting
+#: stopped the worker from reading anything else.
+WAITING = 500
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def countdown_cluster(request, tmp_path):
+    """A private cluster with one node, so that the requests left waiting go with it; its Redis
+    broker gives a task back to the queue only after 900 s, longer than their countdown."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)
+    cluster = Cluster(redis_server, tmp_path, broker_url=broker_url_for(request.param, redis_server, request), auth_port=launcher.free_port(),
+                      VISIBILITY_TIMEOUT=900)
+    cluster.broker = request.param
+    start_or_explain(cluster, nodes=1, concurrency=2)
+    yield cluster
+    cluster.stop()
+
+
+async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_are_listed_as_scheduled(countdown_cluster):
+    cluster = countdown_cluster
+    now_client = await cluster.connect("now")
+    soon_client = await cluster.connect("soon")
+    waiting = [cluster.business.send_task("tasks.collect", kwargs={"to": "later", "data": n}, queue="collect", countdown=600)
+               for n in range(WAITING)]
+    sent = time.monotonic()
+    soon = cluster.business.send_task("tasks.collect", kwargs={"to": "soon", "data": "soon"}, queue="collect", countdown=3)
+
+    # A task sent after them runs at once.
+    now_id = await cluster.collect("now", "now", timeout=30)
+    assert [(f["id"], f["data"]) for f in await now_client.messages(1)] == [(now_id, "now")]
+
+    # All of them wait on the worker's timer, where `celery inspect scheduled` finds them.
+    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))
+    expected = {result.id for result in waiting}
+    listed: set[str] = set()
+    deadline = time.monotonic() + 30
+    while not expected <= listed and time.monotonic() < deadline:
+        answers = await asyncio.to_thread(inspect.scheduled)
+        listed = {entry["request"]["id"] for name, entries in (answers or {}).items() if name.startswith("worker@") for entry in entries}
+        await asyncio.sleep(0.5)
+    assert expected <= listed, f"{len(expected - listed)} of {WAITING} waiting requests not listed as scheduled"
+
+    # The one with a short countdown ran when it was due, not before.
+    soon_id = await cluster.result(soon, 30)
+    frames = await soon_client.messages(1, timeout=30)
+    assert [(f["id"], f["data"]) for f in frames] == [(soon_id, "soon")]
+    assert time.monotonic() - sent >= 2.9, "delivered before its countdown"
+    assert all(result.state == "PENDING" for result in waiting[:20])
+    now_client.close()
+    soon_client.close()
+
+
+async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdown_and_delivered_once(countdown_cluster):
+    """The store unavailable (here the embedded store's messages file locked by another process,
+    as a long write or a full disk would): the request is sent again with a countdown, waits on
+    the worker's timer, and once the store is back is stored and delivered under its first id."""
+    cluster = countdown_cluster
+    client = await cluster.connect("patient")
+    first = await cluster.collect("patient", "first")  # the store's files exist
+    assert [f["id"] for f in await client.messages(1)] == [first]
+    blocker = sqlite3.connect(cluster.workdir / "mongo" / "push" / "messages", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        result = cluster.send(to="patient", data="second")
+        await asyncio.to_thread(cluster.worker.wait_log, f"tasks.collect {result.id}: store unavailable", 30)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    second = await cluster.result(result, 60)
+    frames = await client.messages(1, timeout=30) + await client.quiet(1.0)
+    assert [(f["id"], f["data"]) for f in frames] == [(second, "second")]
+    client.close()
