@@ -154,11 +154,12 @@ def patient_broker_cluster(request, tmp_path):
     cluster.stop()
 
 
-async def load_then_hit_running_batches(cluster, hit, landed: str, tasks: int = 40) -> list:
+async def load_then_hit_running_batches(cluster, hit, landed: str, tasks: int = 40, process_stops: bool = False) -> list:
     """Send ``tasks`` ``tasks.collect_many`` of 1,000 messages while the pool is stopped (so that
     it is then never idle), then ``hit(process)`` every pool process right after a batch starts,
-    until the worker log shows ``landed`` (a pool process may be between two batches); returns
-    the sent tasks' AsyncResults."""
+    until the worker log shows ``landed`` (a pool process may be between two batches), then
+    resume any process stopped (``process_stops``: the hit is a SIGSTOP); returns the sent
+    tasks' AsyncResults."""
     log = cluster._log("worker")
     pool = psutil.Process(cluster.worker.pid).children()
     for process in pool:
@@ -177,8 +178,13 @@ async def load_then_hit_running_batches(cluster, hit, landed: str, tasks: int = 
             hit(process)
         for _ in range(TIME_LIMIT * 20):
             if landed in log.read_text(errors="replace"):
+                # A process stopped mid-batch is killed by its time limit within a second or so of
+                # the first: resume only what is left after that, the ones hit between two batches.
+                # (One resumed just before its limit killed it could die writing to its pipe, which
+                # can leave Celery's prefork pool stuck, as celery/celery#4789 reports.)
+                await asyncio.sleep(TIME_LIMIT if process_stops else 0)
                 for process in psutil.Process(cluster.worker.pid).children():
-                    process.resume()  # one that was hit between two batches
+                    process.resume()
                 return sent
             await asyncio.sleep(0.1)
     pytest.fail(f"no hit on a running batch showed ({landed!r}) in 5 tries:\n{cluster.log_tails(40)}")
@@ -217,7 +223,7 @@ async def test_a_batch_past_the_workers_hard_time_limit_fails_its_requests_and_t
     limit, and the batch's requests fail with ``TimeLimitExceeded`` (acked, not run again); the
     worker goes on with the rest.  celery-batches ran batches with no time limit."""
     cluster = patient_broker_cluster
-    sent = await load_then_hit_running_batches(cluster, lambda process: process.suspend(), "Hard time limit")
+    sent = await load_then_hit_running_batches(cluster, lambda process: process.suspend(), "Hard time limit", process_stops=True)
     results = await results_within(sent, 60)
     failed = [result for result in sent if result.state == "FAILURE"]
     assert failed and all(type(result.result).__name__ == "TimeLimitExceeded" for result in failed), [r.result for r in failed]
