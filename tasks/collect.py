@@ -197,6 +197,7 @@ class CollectBatches(Batches):
         self._gate = FlushGate()
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
         self._consumer = None  # the worker's consumer (its timer and prefetch window), once started
+        self._announced: set[str] = set()  # ids of the requests held for their eta: task-received sent
         self._flush_pending = False
 
     def __call__(self, *args, **kwargs):
@@ -254,6 +255,7 @@ class CollectBatches(Batches):
         if dropped:
             log.warning("%s: consumer restarted; %d buffered requests left to the broker, which delivers them again", self.name, dropped)
         self._count = itertools.count(1)
+        self._announced.clear()
         self._gate.reset()
         self._flush_pending = False
         self._hub = consumer.hub
@@ -345,6 +347,9 @@ class CollectBatches(Batches):
         worker goes on reading other tasks."""
         self._consumer.qos.increment_eventually()
         self._consumer.timer.call_at(due, self._release, (req,), priority=6)
+        if req.id not in self._announced:  # Flower lists it now, with its eta, as Celery's own
+            self._announced.add(req.id)
+            _send_received(req)
 
     def _release(self, req) -> None:
         """Timer: ``req`` is due.  It joins the buffer and goes with the next batch (one revoked
@@ -361,7 +366,12 @@ class CollectBatches(Batches):
         # request's ``revoked()`` logs it, stores REVOKED, sends ``task-revoked`` and acks it.
         # A request with a ``countdown`` or ``eta`` comes here when it is due (_do_flush), so one
         # revoked while it waits is dropped too.
-        live = [(req, links.CollectRequest.from_request(req)) for req in requests if not req.revoked()]
+        live = []
+        for req in requests:
+            if req.revoked():
+                self._announced.discard(req.id)
+            else:
+                live.append((req, links.CollectRequest.from_request(req)))
         for batch in chunks(live, lambda pair: _messages_in(pair[1]), self.batch_messages):
             self._run_in_pool(batch)
 
@@ -369,11 +379,10 @@ class CollectBatches(Batches):
         requests = [req for req, _ in pairs]
         serializable = ([simple for _, simple in pairs],)
         for req in requests:
-            # The reprs the sender put in the message's headers, as Celery's own task-received
-            # event sends them (cut at 1 KB), rather than the whole kwargs of a collect_many again.
-            req.send_event("task-received", name=req.name, args=req.argsrepr or saferepr(req.args, app.amqp.argsrepr_maxsize),
-                           kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
-                           retries=req.request_dict.get("retries", 0))
+            if req.id in self._announced:
+                self._announced.discard(req.id)  # sent when it was put on hold (_hold)
+            else:
+                _send_received(req)
             req.send_event("task-started")
             # What `celery inspect active` and `stats` (Flower's worker page) read: the request
             # runs, and counts in the worker's total per task name, as Celery's own requests do.
@@ -416,6 +425,16 @@ class CollectBatches(Batches):
         return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost,
                                       timeout_callback=on_timeout, soft_timeout=self.soft_time_limit or conf.task_soft_time_limit,
                                       timeout=self.time_limit or conf.task_time_limit)
+
+
+def _send_received(req) -> None:
+    """``req``'s task-received event, with the fields Celery's worker sends (its ``default``
+    strategy): the reprs the sender put in the message's headers (cut at 1 KB), rather than the
+    whole kwargs of a collect_many again, and its eta and expiry, which Flower shows.  Main process."""
+    req.send_event("task-received", name=req.name, args=req.argsrepr or saferepr(req.args, app.amqp.argsrepr_maxsize),
+                   kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
+                   root_id=req.root_id, parent_id=req.parent_id, retries=req.request_dict.get("retries", 0),
+                   eta=req.eta and req.eta.isoformat(), expires=req.expires and req.expires.isoformat())
 
 
 def _sends_events(request) -> bool:

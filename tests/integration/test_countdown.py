@@ -13,6 +13,7 @@ import pytest
 
 import launcher
 from tests.integration.conftest import Cluster, broker_url_for, start_or_explain
+from tests.integration.taskevents import TaskEvents
 
 #: More requests than the worker's prefetch window holds (its 2 pool processes times
 #: COLLECT_BATCH, 100): celery-batches kept each in the window until it ran, so this many waiting
@@ -23,13 +24,14 @@ WAITING = 500
 @pytest.fixture(params=["redis", "amqp"])
 def countdown_cluster(request, tmp_path):
     """A private cluster with one node, so that the requests left waiting go with it; its Redis
-    broker gives a task back to the queue only after 900 s, longer than their countdown."""
+    broker gives a task back to the queue only after 900 s, longer than their countdown.  Task
+    events on (``-E``), as an operator watching in Flower runs it."""
     redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
     request.addfinalizer(redis_server.stop)
     cluster = Cluster(redis_server, tmp_path, broker_url=broker_url_for(request.param, redis_server, request), auth_port=launcher.free_port(),
                       VISIBILITY_TIMEOUT=900)
     cluster.broker = request.param
-    start_or_explain(cluster, nodes=1, concurrency=2)
+    start_or_explain(cluster, nodes=1, concurrency=2, events=True)
     yield cluster
     cluster.stop()
 
@@ -38,6 +40,7 @@ async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_ar
     cluster = countdown_cluster
     now_client = await cluster.connect("now")
     soon_client = await cluster.connect("soon")
+    events = await asyncio.to_thread(TaskEvents(cluster).start)
     waiting = [cluster.business.send_task("tasks.collect", kwargs={"to": "later", "data": n}, queue="collect", countdown=600)
                for n in range(WAITING)]
     sent = time.monotonic()
@@ -64,6 +67,19 @@ async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_ar
     assert [(f["id"], f["data"]) for f in frames] == [(soon_id, "soon")]
     assert time.monotonic() - sent >= 2.9, "delivered before its countdown"
     assert all(result.state == "PENDING" for result in waiting[:20])
+
+    # Flower lists each as received, with its eta, from when the worker took it (as Celery's
+    # worker announces a task it holds for its eta); the one that ran, as started and succeeded.
+    deadline = time.monotonic() + 15
+    while "task-succeeded" not in events.types(soon.id) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    kinds = events.types(soon.id)
+    assert kinds[0] == "task-received" and sorted(kinds[1:]) == ["task-started", "task-succeeded"], kinds
+    assert events.by_task[soon.id][0]["eta"]
+    for result in waiting[:20]:
+        assert events.types(result.id) == ["task-received"]
+        assert events.by_task[result.id][0]["eta"]
+    events.stop()
     now_client.close()
     soon_client.close()
 
