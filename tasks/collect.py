@@ -198,6 +198,8 @@ class CollectBatches(Batches):
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
         self._consumer = None  # the worker's consumer (its timer and prefetch window), once started
         self._announced: set[str] = set()  # ids of the requests held for their eta: task-received sent
+        self._limited: list = []  # requests due but held back by the task's rate limit, in order
+        self._limit_tref = None  # the timer entry that flushes them when the next token is due
         self._flush_pending = False
 
     def __call__(self, *args, **kwargs):
@@ -251,11 +253,12 @@ class CollectBatches(Batches):
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
-        dropped = len(list(consume_queue(self._buffer))) + len(list(consume_queue(self._pending)))
+        dropped = len(list(consume_queue(self._buffer))) + len(list(consume_queue(self._pending))) + len(self._limited)
         if dropped:
             log.warning("%s: consumer restarted; %d buffered requests left to the broker, which delivers them again", self.name, dropped)
         self._count = itertools.count(1)
         self._announced.clear()
+        self._limited, self._limit_tref = [], None  # the consumer cleared its timer
         self._gate.reset()
         self._flush_pending = False
         self._hub = consumer.hub
@@ -310,7 +313,7 @@ class CollectBatches(Batches):
         countdown of minutes, ``COLLECT_BATCH`` times the pool's processes, stopped the worker
         from reading any other task until the first came due.  Held on the timer, they are also
         what ``celery inspect scheduled`` and Flower's worker page list.)"""
-        ready = []
+        ready, self._limited = self._limited, []
         now = time.monotonic()
         for req in consume_queue(self._buffer):
             due = self._due(req)
@@ -321,11 +324,34 @@ class CollectBatches(Batches):
             else:
                 self._hold(req, due)
         self._count = itertools.count(1)
+        ready = self._within_rate_limit(ready)
         if ready:
             self.flush(ready)
         elif self._tref is not None:
             self._tref.cancel()  # nothing waits: the next request starts it again
             self._tref = None
+
+    def _within_rate_limit(self, ready: list) -> list:
+        """The first of ``ready`` that the task's rate limit lets run now: Celery's token bucket
+        per worker and task name, one token per request (a ``tasks.collect_many`` request counts
+        as one task), as ``celery control rate_limit`` or Flower's worker page set it (or
+        ``rate_limit`` on the task).  The rest wait, in order and ahead of what comes
+        later, for a flush that the timer calls when the next token is due."""
+        consumer = self._consumer
+        bucket = None if consumer is None or consumer.disable_rate_limits else consumer.task_buckets.get(self.name)
+        if bucket is None:
+            return ready
+        for at, req in enumerate(ready):
+            if not bucket.can_consume(1):
+                self._limited = ready[at:]
+                if self._limit_tref is None:
+                    self._limit_tref = consumer.timer.call_after(bucket.expected_time(1), self._rate_limit_due)
+                return ready[:at]
+        return ready
+
+    def _rate_limit_due(self) -> None:
+        self._limit_tref = None
+        self._do_flush()
 
     def _due(self, req) -> float | None:
         """When ``req`` may run, on the worker timer's clock (0 for now); None when its eta

@@ -1,11 +1,14 @@
-"""A collect sent with a ``countdown`` (or ``eta``) on a real worker, on both brokers: it waits on
-the worker's timer as any Celery task does (``CollectBatches._do_flush``), so requests waiting
-for their time neither hold the worker's prefetch window nor run early, and ``celery inspect
-scheduled`` (Flower's worker page, Tasks, Scheduled) lists them.  Business code here knows the tasks by name only."""
+"""Requests the worker holds back, on both brokers: a collect sent with a ``countdown`` (or
+``eta``) waits on the worker's timer as any Celery task does (``CollectBatches._do_flush``), so
+requests waiting for their time neither hold the worker's prefetch window nor run early, and
+``celery inspect scheduled`` (Flower's worker page, Tasks, Scheduled) lists them; a rate limit
+spaces requests out as for any task; a request that finds the store unavailable is sent again
+with a countdown.  Business code here knows the tasks by name only."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import time
 
@@ -22,7 +25,7 @@ WAITING = 500
 
 
 @pytest.fixture(params=["redis", "amqp"])
-def countdown_cluster(request, tmp_path):
+def held_cluster(request, tmp_path):
     """A private cluster with one node, so that the requests left waiting go with it; its Redis
     broker gives a task back to the queue only after 900 s, longer than their countdown.  Task
     events on (``-E``), as an operator watching in Flower runs it."""
@@ -36,8 +39,8 @@ def countdown_cluster(request, tmp_path):
     cluster.stop()
 
 
-async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_are_listed_as_scheduled(countdown_cluster):
-    cluster = countdown_cluster
+async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_are_listed_as_scheduled(held_cluster):
+    cluster = held_cluster
     now_client = await cluster.connect("now")
     soon_client = await cluster.connect("soon")
     events = await asyncio.to_thread(TaskEvents(cluster).start)
@@ -84,11 +87,11 @@ async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_ar
     soon_client.close()
 
 
-async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdown_and_delivered_once(countdown_cluster):
+async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdown_and_delivered_once(held_cluster):
     """The store unavailable (here the embedded store's messages file locked by another process,
     as a long write or a full disk would): the request is sent again with a countdown, waits on
     the worker's timer, and once the store is back is stored and delivered under its first id."""
-    cluster = countdown_cluster
+    cluster = held_cluster
     client = await cluster.connect("patient")
     first = await cluster.collect("patient", "first")  # the store's files exist
     assert [f["id"] for f in await client.messages(1)] == [first]
@@ -103,4 +106,31 @@ async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdow
     second = await cluster.result(result, 60)
     frames = await client.messages(1, timeout=30) + await client.quiet(1.0)
     assert [(f["id"], f["data"]) for f in frames] == [(second, "second")]
+    client.close()
+
+
+async def test_a_rate_limit_set_while_the_worker_runs_spaces_the_requests_out_in_order(held_cluster):
+    """``celery control rate_limit tasks.collect 4/s`` (or Flower's worker page, or ``rate_limit``
+    on the task): the worker runs at most that many requests a second, in the order it read them,
+    as for any Celery task; celery-batches ran them all at once."""
+    cluster = held_cluster
+    client = await cluster.connect("limited")
+    control = cluster.business.control
+    worker = [f"worker@{socket.gethostname()}"]
+    replies = await asyncio.to_thread(control.rate_limit, "tasks.collect", "4/s", destination=worker, reply=True, timeout=5)
+    assert any("ok" in answer for reply in replies for answer in reply.values()), replies
+    try:
+        started = time.monotonic()
+        sent = [cluster.send(to="limited", data=n) for n in range(12)]
+        ids = [await cluster.result(result, 60) for result in sent]
+        elapsed = time.monotonic() - started
+        frames = await client.messages(12, timeout=30)
+        assert [(f["id"], f["data"]) for f in frames] == list(zip(ids, range(12)))
+        # One token a quarter of a second, the first at once: 11 quarters at the least.
+        assert elapsed >= 11 / 4 - 0.25, f"12 requests at 4/s took only {elapsed:.2f} s"
+    finally:
+        await asyncio.to_thread(control.rate_limit, "tasks.collect", None, destination=worker, reply=True, timeout=5)
+    more = [cluster.send(to="limited", data=n) for n in range(12, 24)]
+    more_ids = [await cluster.result(result, 60) for result in more]
+    assert [f["id"] for f in await client.messages(12, timeout=30)] == more_ids
     client.close()
