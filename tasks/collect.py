@@ -181,7 +181,9 @@ class CollectBatches(Batches):
     ``task-started`` for each request, and the pool process that ran the batch sends each one's
     ``task-succeeded``/``task-failed``/``task-retried`` (:func:`_apply_batch`), so Flower lists
     every request as a task of its own.  A request
-    revoked or expired is dropped before its batch goes to the pool, as Celery drops any task's.
+    revoked or expired is dropped before its batch goes to the pool, as Celery drops any task's;
+    one with a countdown, or over the task's rate limit, is held back as Celery holds any task
+    (:meth:`_do_flush`).
     The requests of a batch are acked together (:func:`tasks.redis_transport.acknowledge`: one
     round trip on the Redis broker instead of one per request).
     """
@@ -303,10 +305,12 @@ class CollectBatches(Batches):
             self._flush_when_free()
 
     def _do_flush(self) -> None:
-        """Hand what is buffered to :meth:`flush`, but for a request whose ``countdown`` or
-        ``eta`` lies ahead: that one is held on the worker's timer until it is due, as Celery
-        holds any task's, and the prefetch window grows by one while it waits.  Called by
-        celery-batches' timer and count, and by :meth:`_flush_when_free`.  Worker main process.
+        """Hand what is buffered to :meth:`flush`, but for two kinds of request, held as Celery
+        holds any task's: one whose ``countdown`` or ``eta`` lies ahead waits on the worker's
+        timer until it is due, and the prefetch window grows by one while it does; and what the
+        task's rate limit holds back waits for its token (:meth:`_within_rate_limit`).  Called by
+        celery-batches' timer and count, by :meth:`_flush_when_free` and by the rate limit's
+        timer.  Worker main process.
 
         (celery-batches kept such a request in a list of its own, read again at every flush, and
         it filled a place of the prefetch window until it ran: a few hundred requests sent with a
@@ -457,6 +461,8 @@ def _send_received(req) -> None:
     """``req``'s task-received event, with the fields Celery's worker sends (its ``default``
     strategy): the reprs the sender put in the message's headers (cut at 1 KB), rather than the
     whole kwargs of a collect_many again, and its eta and expiry, which Flower shows.  Main process."""
+    if not _sends_events(req):
+        return  # nothing to make the fields for
     req.send_event("task-received", name=req.name, args=req.argsrepr or saferepr(req.args, app.amqp.argsrepr_maxsize),
                    kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
                    root_id=req.root_id, parent_id=req.parent_id, retries=req.request_dict.get("retries", 0),
