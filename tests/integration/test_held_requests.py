@@ -134,3 +134,29 @@ async def test_a_rate_limit_set_while_the_worker_runs_spaces_the_requests_out_in
     more_ids = [await cluster.result(result, 60) for result in more]
     assert [f["id"] for f in await client.messages(12, timeout=30)] == more_ids
     client.close()
+
+
+
+async def test_requests_held_for_their_countdown_by_a_worker_that_stops_run_on_the_next_when_due(held_cluster):
+    """A worker stopped (SIGTERM, Celery's warm shutdown) while it holds requests for their
+    countdown stops cleanly without running them: they go back to the broker, and the next
+    worker runs each once, when due."""
+    cluster = held_cluster
+    client = await cluster.connect("handed-on")
+    sent = time.monotonic()
+    held = [cluster.business.send_task("tasks.collect", kwargs={"to": "handed-on", "data": n}, queue="collect", countdown=8) for n in range(20)]
+    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))
+    deadline = time.monotonic() + 5
+    listed: set[str] = set()
+    while len(listed) < len(held) and time.monotonic() < deadline:
+        answers = await asyncio.to_thread(inspect.scheduled)
+        listed = {entry["request"]["id"] for name, entries in (answers or {}).items() if name.startswith("worker@") for entry in entries}
+    assert listed == {result.id for result in held}
+    assert await asyncio.to_thread(cluster.worker.terminate, 30) == 0
+    assert all(result.state == "PENDING" for result in held), "run by the worker that stopped"
+    cluster.worker = cluster.start_worker(name="worker-2")
+    ids = [await cluster.result(result, 30) for result in held]
+    assert time.monotonic() - sent >= 7.9, "run before their countdown"
+    frames = await client.messages(20, timeout=30) + await client.quiet(1.0)
+    assert sorted((f["id"], f["data"]) for f in frames) == sorted(zip(ids, range(20)))
+    client.close()
