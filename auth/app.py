@@ -3,7 +3,7 @@
 Every response is JSON.  Routes:
 
 - ``POST /tokens``  (admin) ``{"user_id": "alice"}`` -> 200 ``{"token": "...", "expires_at": <int>}``
-- ``POST /verify``  ``{"token": "..."}`` -> 200 ``{"user_id": "alice", "expires_at": <int>}``;
+- ``POST /verify``  ``{"token": "..."}`` -> 200 ``{"user_id": "alice", "expires_at": <int>, "token_id": <jti>, "issued_at_us": <int>}``;
   401 ``{"error": "token expired" | "token invalid: <why>" | "token revoked"}``;
   503 when Redis cannot say whether the token is revoked.
   Or ``{"tokens": ["...", ...]}`` (1 to ``MAX_VERIFY_BATCH``) -> 200 ``{"results": [...]}``, one per
@@ -194,7 +194,7 @@ class VerifyHandler(JsonHandler):
         return value
 
     async def _verify(self, tokens_: list[str]) -> list[tuple[int, dict]]:
-        """``(200, {"user_id", "expires_at"})`` or ``(401, {"error"})`` per token, in order;
+        """``(200, {"user_id", "expires_at", "token_id", "issued_at_us"})`` or ``(401, {"error"})`` per token, in order;
         raises 503 when Redis cannot say whether the signed ones are revoked (one MGET for all)."""
         answers: list[tuple[int, dict] | None] = []
         signed: list[tokens.Claims] = []
@@ -226,7 +226,7 @@ class VerifyHandler(JsonHandler):
                 answers[index] = (401, {"error": "token revoked"})
             else:
                 self.service.metrics.verified("ok")
-                answers[index] = (200, {"user_id": claims.user_id, "expires_at": claims.expires_at})
+                answers[index] = (200, {"user_id": claims.user_id, "expires_at": claims.expires_at, "token_id": claims.jti, "issued_at_us": claims.issued_at_us})
         return answers  # type: ignore[return-value]  # every None was filled
 
 

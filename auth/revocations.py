@@ -12,12 +12,20 @@ without bound:
   assumes ``token_ttl`` is the lifetime the service issues tokens with.  A later revocation only
   ever moves the cutoff forward.
 
+Each revocation recorded is also published on the Redis channel :data:`CHANNEL`, as JSON
+``{"user_id": ..., "token_id": <jti>}`` (one token) or ``{"user_id": ..., "cutoff_us": ...}``
+(every token of the user issued up to then): push nodes close the connections it covers
+(:mod:`wsnode.revocations`).  Publishing is best effort: the entry in Redis is what counts, and a
+node that missed the message checks its connections against the entries (:func:`revoked_by`).
+
 Redis errors (down, timeout) surface as ``RevocationsUnavailable``: callers must then refuse the
 token, never accept it unchecked.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 
 import redis.asyncio
@@ -26,8 +34,18 @@ from redis.exceptions import RedisError
 from auth import AuthError
 from auth.tokens import Claims
 
+log = logging.getLogger(__name__)
+
 JTI_PREFIX = "auth:revoked:jti:"
 USER_PREFIX = "auth:revoked:user:"
+#: Where each revocation is published for the push nodes.
+CHANNEL = "auth:revocations"
+
+
+def revoked_by(by_jti: object, user_cutoff: object, issued_at_us: int) -> bool:
+    """Whether a token issued at ``issued_at_us`` is revoked, given the values Redis holds under
+    its ``JTI_PREFIX`` key and its user's ``USER_PREFIX`` key (None where there is no key).  Pure."""
+    return by_jti is not None or (user_cutoff is not None and issued_at_us <= int(user_cutoff))
 
 # KEYS[1] user key; ARGV[1] cutoff (us); ARGV[2] expiry (unix seconds).  Keeps the larger cutoff.
 _MOVE_CUTOFF_FORWARD = """
@@ -59,12 +77,24 @@ class Revocations:
             raise ValueError(f"expected a token's jti (a non-empty string) or its Claims, got {claims_or_jti!r}")
         # EXAT in the past is accepted by Redis and leaves no key, which is what an expired token needs.
         await self._call(self._redis.set(JTI_PREFIX + jti, 1, exat=max(int(expires_at), 1)))
+        if isinstance(claims_or_jti, Claims):
+            await self._publish({"user_id": claims_or_jti.user_id, "token_id": jti})
 
     async def revoke_user(self, user_id: str, at: float) -> None:
         """Revoke every token of ``user_id`` issued at or before ``at`` (unix seconds)."""
         cutoff_us = math.floor(at * 1_000_000)
         expire_at = math.ceil(at + self._token_ttl)
         await self._call(self._move_cutoff(keys=[USER_PREFIX + user_id], args=[cutoff_us, expire_at]))
+        await self._publish({"user_id": user_id, "cutoff_us": cutoff_us})
+
+    async def _publish(self, revocation: dict) -> None:
+        """Tell the push nodes (best effort: the entry is recorded, and a node that misses this
+        checks the entries when it is back)."""
+        try:
+            await self._redis.publish(CHANNEL, json.dumps(revocation))
+        except (RedisError, OSError) as exc:
+            log.warning("revocation of user=%s recorded but not announced to the push nodes (%s): their open connections close "
+                        "when they next check the revocation list", revocation["user_id"], exc)
 
     async def is_revoked(self, claims: Claims) -> bool:
         """Whether the token is revoked, by itself or with its user; one round trip (MGET)."""
@@ -76,8 +106,7 @@ class Revocations:
             return []
         keys = [key for claims in many for key in (JTI_PREFIX + claims.jti, USER_PREFIX + claims.user_id)]
         values = await self._call(self._redis.mget(keys))
-        return [by_jti is not None or (user_cutoff is not None and claims.issued_at_us <= int(user_cutoff))
-                for claims, by_jti, user_cutoff in zip(many, values[0::2], values[1::2])]
+        return [revoked_by(by_jti, user_cutoff, claims.issued_at_us) for claims, by_jti, user_cutoff in zip(many, values[0::2], values[1::2])]
 
     async def ping(self) -> None:
         """Raise ``RevocationsUnavailable`` unless Redis answers PING."""

@@ -30,6 +30,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.websocket import WebSocketClosedError
 
 import settings
+from auth.revocations import revoked_by
 from tasks.queues import node_address
 from tasks import wirejson
 from tasks.reclaim import hand_back
@@ -46,6 +47,7 @@ from wsnode.pinger import PingSchedule
 from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
+from wsnode.revocations import Revocation, RevocationListener, covers, keys_of
 from wsnode.registry import Leases
 from wsnode.session import BacklogOverflow, Session
 
@@ -129,6 +131,7 @@ class PushNode:
         self._loop: IOLoop | None = None
         #: Leases of users whose last connection here closed: one release for all who left meanwhile.
         self._left: Coalescer[str, None] = Coalescer(self._release_leases)
+        self._revocations = RevocationListener(settings.REDIS_URL, f"wsnode:{self.address}:revocations", self._on_revocation, self._check_revocations)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -162,6 +165,7 @@ class PushNode:
         ]
         for timer in self._timers:
             timer.start()
+        self._revocations.start()
         log.info("node %s listening on %s:%d", self.address, settings.BIND_ADDRESS, self.port)
 
     async def stop(self) -> None:
@@ -192,6 +196,7 @@ class PushNode:
             await asyncio.wait_for(loop.run_in_executor(None, self._publisher.shutdown), STOP_STEP_SECONDS)
         except asyncio.TimeoutError:
             log.warning("node=%s receipts or replay requests still unsent after %d s (broker down?); giving up on them", self.address, STOP_STEP_SECONDS)
+        await self._revocations.stop()
         await self.redis.aclose()
         log.info("node=%s drained and stopped: closed %d connections", self.address, len(conns))
 
@@ -251,6 +256,34 @@ class PushNode:
                 IOLoop.current().spawn_callback(self._left.submit, conn.user_id)
         else:
             log.info("conn=%s user=%s node=%s disconnected (%s)", conn.conn_id, conn.user_id, self.address, conn.close_code)
+
+    def _on_revocation(self, revocation: Revocation) -> None:
+        """Auth revoked a token, or every token of a user up to now: close the connections here
+        that it covers (4401), and forget the cached checks, so that no cached answer opens a new
+        connection with a revoked token."""
+        self.auth.forget()
+        for conn in self.hub.of_user(revocation.user_id):
+            if covers(revocation, getattr(conn, "identity", None)):
+                self._close_revoked(conn)
+
+    async def _check_revocations(self) -> None:
+        """After the revocation listener lost its subscription: close the connections whose token
+        was revoked meanwhile, read from the revocation list itself (one MGET per thousand)."""
+        conns = [conn for conn in self.hub.all() if getattr(conn, "identity", None) is not None and conn.identity.token_id is not None]
+        self.auth.forget()
+        closed = 0
+        for at in range(0, len(conns), 1000):
+            chunk = conns[at:at + 1000]
+            values = await self.redis.mget([key for conn in chunk for key in keys_of(conn.identity)])
+            for conn, by_jti, cutoff in zip(chunk, values[0::2], values[1::2]):
+                if revoked_by(by_jti, cutoff, conn.identity.issued_at_us or 0) and not conn.closing:
+                    self._close_revoked(conn)
+                    closed += 1
+        log.info("node=%s checked %d connections against the revocation list: %d revoked", self.address, len(conns), closed)
+
+    def _close_revoked(self, conn: PushHandler) -> None:
+        log.info("conn=%s user=%s node=%s closed with %d: token revoked", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED)
+        conn.close_with(CloseCode.UNAUTHORIZED, "token revoked")
 
     async def _release_leases(self, left: list[str]) -> None:
         """Release the leases of the users who left, many per round trip (thousands leave at once

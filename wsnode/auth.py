@@ -1,9 +1,11 @@
 """Token checks against the auth service, with a short cache.  Loop thread only.
 
-``verify(token)`` returns the user id, or raises :class:`AuthRejected` (close 4401: the client needs
+``verify(token)`` returns the token's :class:`Identity` (its user id, and its id and issue time,
+which :mod:`wsnode.revocations` needs), or raises :class:`AuthRejected` (close 4401: the client needs
 a new token) or :class:`AuthUnavailable` (close 1013: try again later).  Verified tokens are cached
 for ``cache_seconds`` keyed by a digest of the token (tokens themselves are never kept or logged),
-so a revoked token keeps opening connections on this node for at most that long.
+so a revoked token keeps opening connections on this node for at most that long (no time at all
+when the announcement of its revocation reaches the node: :meth:`AuthClient.forget`).
 
 One request at a time (:class:`~wsnode.coalesce.Coalescer`): the tokens that come while a check
 is in flight go together in the next one, as ``POST /verify {"tokens": [...]}`` (at most
@@ -31,6 +33,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from typing import NamedTuple
 
 import pycurl
 from cachetools import TTLCache
@@ -52,6 +55,24 @@ MAX_VERIFY_BODY_BYTES = 64 * 1024
 MAX_TOKEN_CHARS = 4096
 
 
+class Identity(NamedTuple):
+    """What auth says of a good token.  ``token_id`` and ``issued_at_us`` are None from an auth
+    of a version before they were in its answer: such a connection is closed by no revocation."""
+
+    user_id: str
+    token_id: str | None = None
+    issued_at_us: int | None = None
+
+    @classmethod
+    def from_answer(cls, answer: dict) -> "Identity":
+        """From one ``POST /verify`` answer; raises KeyError or TypeError for one without a user id."""
+        user_id = answer["user_id"]
+        if not isinstance(user_id, str):
+            raise TypeError(f"user_id is a {type(user_id).__name__}")
+        token_id, issued_at_us = answer.get("token_id"), answer.get("issued_at_us")
+        return cls(user_id, token_id if isinstance(token_id, str) else None, issued_at_us if isinstance(issued_at_us, int) else None)
+
+
 class AuthError(Exception):
     """Base of the node's auth errors."""
 
@@ -70,24 +91,29 @@ class AuthClient:
         self._timeout = timeout
         self._cache: TTLCache | None = TTLCache(max_cached, cache_seconds) if cache_seconds > 0 else None
         self._http = CurlAsyncHTTPClient(force_instance=True, max_clients=max_in_flight)
-        self._checks: Coalescer[str, str] = Coalescer(self._check_many, max_items=MAX_VERIFY_BATCH)
+        self._checks: Coalescer[str, Identity] = Coalescer(self._check_many, max_items=MAX_VERIFY_BATCH)
         self._list_form = True  # False once auth said it does not know {"tokens": [...]}
 
-    async def verify(self, token: str | None) -> str:
+    def forget(self) -> None:
+        """Drop every cached answer (a token was revoked: the next check of each asks auth)."""
+        if self._cache is not None:
+            self._cache.clear()
+
+    async def verify(self, token: str | None) -> Identity:
         if not token:
             raise AuthRejected("no token: connect with ?token=...")
         if len(token) > MAX_TOKEN_CHARS:
             raise AuthRejected(f"token invalid: longer than {MAX_TOKEN_CHARS} characters")
         digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
-        if self._cache is not None and (user := self._cache.get(digest)) is not None:
-            return user
-        user = await self._checks.submit(token)
+        if self._cache is not None and (identity := self._cache.get(digest)) is not None:
+            return identity
+        identity = await self._checks.submit(token)
         if self._cache is not None:
-            self._cache[digest] = user
-        return user
+            self._cache[digest] = identity
+        return identity
 
-    async def _check_many(self, tokens: list[str]) -> list[str | Exception]:
-        """The user id, or the :class:`AuthError` to raise, per token; raises an :class:`AuthError`
+    async def _check_many(self, tokens: list[str]) -> list[Identity | Exception]:
+        """The identity, or the :class:`AuthError` to raise, per token; raises an :class:`AuthError`
         that holds for all of them."""
         if len(tokens) == 1 or not self._list_form:
             return await self._check_each(tokens)
@@ -98,7 +124,7 @@ class AuthClient:
         answers = await asyncio.gather(*(self._check_list(part) for part in parts), return_exceptions=True)
         return [answer for part, got in zip(parts, answers) for answer in (got if isinstance(got, list) else [got] * len(part))]
 
-    async def _check_list(self, tokens: list[str]) -> list[str | Exception]:
+    async def _check_list(self, tokens: list[str]) -> list[Identity | Exception]:
         """:meth:`_check_many` of tokens whose list fits in one request."""
         try:
             response = await self._post({"tokens": tokens})
@@ -116,15 +142,15 @@ class AuthClient:
             results = json.loads(response.body)["results"]
             if len(results) != len(tokens):
                 raise ValueError(f"{len(results)} results for {len(tokens)} tokens")
-            return [result["user_id"] if "user_id" in result else AuthRejected(str(result["error"])) for result in results]
+            return [Identity.from_answer(result) if "user_id" in result else AuthRejected(str(result["error"])) for result in results]
         except (ValueError, KeyError, TypeError) as exc:
             raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url} ({exc})") from None
 
-    async def _check_each(self, tokens: list[str]) -> list[str | Exception]:
+    async def _check_each(self, tokens: list[str]) -> list[Identity | Exception]:
         """One request per token (at most ``max_in_flight`` at once)."""
         return await asyncio.gather(*(self._check_one(token) for token in tokens), return_exceptions=True)
 
-    async def _check_one(self, token: str) -> str:
+    async def _check_one(self, token: str) -> Identity:
         try:
             response = await self._post({"token": token})
         except HTTPClientError as exc:
@@ -132,7 +158,7 @@ class AuthClient:
                 raise AuthRejected(_error_text(exc)) from None
             raise _unavailable(exc, self._verify_url) from None
         try:
-            return json.loads(response.body)["user_id"]
+            return Identity.from_answer(json.loads(response.body))
         except (ValueError, KeyError, TypeError):
             raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url}") from None
 

@@ -18,7 +18,7 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from wsnode import protocol, reader, wire
-from wsnode.auth import AuthRejected, AuthUnavailable
+from wsnode.auth import AuthRejected, AuthUnavailable, Identity
 from wsnode.closecodes import CloseCode, short_reason
 from wsnode.session import Session
 
@@ -30,6 +30,7 @@ class PushHandler(WebSocketHandler):
         self.node = node
         self.conn_id = secrets.token_hex(8)
         self.user_id: str | None = None
+        self.identity: Identity | None = None  # the token's, for revocations (wsnode.revocations)
         self.session: Session | None = None
         self._refusal: tuple[CloseCode, str] | None = None
 
@@ -58,7 +59,8 @@ class PushHandler(WebSocketHandler):
             return
         try:
             since = protocol.parse_since(self.get_query_argument("since", None))
-            self.user_id = await self.node.auth.verify(self.get_query_argument("token", None))
+            self.identity = await self.node.auth.verify(self.get_query_argument("token", None))
+            self.user_id = self.identity.user_id
             self.session = self.node.new_session(since)
         except protocol.ProtocolError as exc:
             self._refusal = (exc.code, exc.reason)

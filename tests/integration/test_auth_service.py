@@ -137,6 +137,12 @@ def issue(base: str, user_id: str) -> dict:
     return body
 
 
+def identity(issued: dict, user_id: str) -> dict:
+    """What ``POST /verify`` answers for the token ``issued``: its user, expiry, id and issue time."""
+    claims = jwt.decode(issued["token"], options={"verify_signature": False})
+    return {"user_id": user_id, "expires_at": issued["expires_at"], "token_id": claims["jti"], "issued_at_us": round(claims["iat"] * 1_000_000)}
+
+
 def verify(base: str, token: str):
     return call(base, "POST", "/verify", {"token": token})
 
@@ -186,7 +192,7 @@ def test_a_token_issued_for_alice_verifies_as_alice(auth):
     status, body = verify(auth, issued["token"])
 
     assert status == 200
-    assert body == {"user_id": "alice", "expires_at": issued["expires_at"]}
+    assert body == identity(issued, "alice")
 
 
 def test_an_issued_token_expires_about_token_ttl_from_now(auth):
@@ -380,11 +386,11 @@ def test_a_list_of_tokens_gets_one_answer_per_token_in_order(auth):
 
     assert status == 200
     results = body["results"]
-    assert results[0] == results[5] == {"user_id": "ivan", "expires_at": good["expires_at"]}
+    assert results[0] == results[5] == identity(good, "ivan")
     assert results[1]["error"].startswith("token invalid: ")
     assert results[2] == {"error": "token revoked"}
     assert results[3]["error"].startswith("token invalid: signature")
-    assert results[4] == {"user_id": "judy", "expires_at": other_user["expires_at"]}
+    assert results[4] == identity(other_user, "judy")
     assert len(results) == 6
 
 

@@ -1,0 +1,62 @@
+"""Which open connections a revocation announced by auth closes (``wsnode.revocations``), and
+auth's own rule for reading its revocation list (``auth.revocations.revoked_by``).  Pure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from auth.revocations import JTI_PREFIX, USER_PREFIX, revoked_by
+from wsnode.auth import Identity
+from wsnode.revocations import Revocation, covers, keys_of, parse
+
+ALICE = Identity("alice", "jti-1", 1_000_000)
+
+
+def test_a_token_revocation_covers_that_token_only():
+    assert covers(Revocation("alice", token_id="jti-1"), ALICE)
+    assert not covers(Revocation("alice", token_id="jti-2"), ALICE)
+    assert not covers(Revocation("bob", token_id="jti-1"), ALICE)
+
+
+def test_a_user_revocation_covers_the_tokens_issued_up_to_its_cutoff():
+    assert covers(Revocation("alice", cutoff_us=1_000_000), ALICE)
+    assert covers(Revocation("alice", cutoff_us=2_000_000), ALICE)
+    assert not covers(Revocation("alice", cutoff_us=999_999), ALICE)
+    assert not covers(Revocation("bob", cutoff_us=2_000_000), ALICE)
+
+
+def test_a_connection_without_a_token_id_is_covered_by_nothing():
+    assert not covers(Revocation("alice", cutoff_us=2_000_000), Identity("alice"))
+    assert not covers(Revocation("alice", cutoff_us=2_000_000), None)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"user_id": "alice", "token_id": "jti-1"}, Revocation("alice", token_id="jti-1")),
+    ({"user_id": "alice", "cutoff_us": 5}, Revocation("alice", cutoff_us=5)),
+])
+def test_parse_reads_what_auth_publishes(body, expected):
+    assert parse(json.dumps(body).encode()) == expected
+
+
+@pytest.mark.parametrize("data", [b"not json", b"[1, 2]", json.dumps({"user_id": "alice"}).encode(),
+                                  json.dumps({"user_id": "alice", "token_id": "j", "cutoff_us": 5}).encode(),
+                                  json.dumps({"user_id": 7, "token_id": "j"}).encode(), json.dumps({"user_id": "a", "cutoff_us": "5"}).encode()])
+def test_parse_ignores_anything_else(data):
+    assert parse(data) is None
+
+
+def test_the_keys_of_a_connection_are_those_auth_reads_and_its_rule_decides():
+    assert keys_of(ALICE) == (JTI_PREFIX + "jti-1", USER_PREFIX + "alice")
+    assert revoked_by(b"1", None, 1_000_000)
+    assert revoked_by(None, b"1000000", 1_000_000)
+    assert not revoked_by(None, b"999999", 1_000_000)
+    assert not revoked_by(None, None, 1_000_000)
+
+
+def test_an_identity_comes_from_a_verify_answer_with_or_without_the_token_fields():
+    assert Identity.from_answer({"user_id": "alice", "expires_at": 9, "token_id": "jti-1", "issued_at_us": 1_000_000}) == ALICE
+    assert Identity.from_answer({"user_id": "alice", "expires_at": 9}) == Identity("alice")  # an auth of an earlier version
+    with pytest.raises(TypeError):
+        Identity.from_answer({"user_id": 5})

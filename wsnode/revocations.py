@@ -1,0 +1,125 @@
+"""Tokens revoked while their connections are open: the node closes those connections.
+
+Auth publishes every revocation it records on the Redis channel ``auth.revocations.CHANNEL``:
+``{"user_id": ..., "token_id": <jti>}`` for one token, ``{"user_id": ..., "cutoff_us": ...}`` for
+every token of a user issued up to then.  :class:`RevocationListener` holds one pub/sub connection
+of the node's own and hands each revocation to the node, which closes every connection of that
+user that it covers (:func:`covers`) with 4401 ``token revoked``: the browser's client asks its
+backend for a new token, which a logged-out or banned user does not get.  The node keeps no
+tokens, only each connection's :class:`~wsnode.auth.Identity` (token id and issue time), which
+auth's ``/verify`` answers with.
+
+A message published while the listener is not subscribed (Redis restarted, the connection
+dropped) never reaches it.  So each time it subscribes again after losing its connection, the
+node checks every connection against the revocation list itself (:func:`keys_of`, the keys auth
+reads, one ``MGET`` per thousand connections) and closes the ones revoked meanwhile.
+
+Loop thread only: the listener is a task on the node's event loop (``redis.asyncio``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from auth.revocations import CHANNEL, JTI_PREFIX, USER_PREFIX
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two attempts to subscribe again after the pub/sub connection was lost.
+RESUBSCRIBE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Revocation:
+    user_id: str
+    #: One token (its jti), or None for every token of the user issued up to ``cutoff_us``.
+    token_id: str | None = None
+    cutoff_us: int | None = None
+
+
+def parse(data: str | bytes) -> Revocation | None:
+    """The revocation a message of the channel announces, or None (logged) for anything else.  Pure
+    but for the log."""
+    try:
+        body = json.loads(data)
+        user_id, token_id, cutoff_us = body["user_id"], body.get("token_id"), body.get("cutoff_us")
+        if isinstance(user_id, str) and (isinstance(token_id, str) != isinstance(cutoff_us, int)):
+            return Revocation(user_id, token_id if isinstance(token_id, str) else None, cutoff_us if isinstance(cutoff_us, int) else None)
+    except (ValueError, TypeError, KeyError):
+        pass
+    log.warning("ignored a message on %s that is not a revocation: %r", CHANNEL, data[:200])
+    return None
+
+
+def covers(revocation: Revocation, identity) -> bool:
+    """Whether ``revocation`` revokes the token of ``identity`` (a :class:`~wsnode.auth.Identity`,
+    or None for a connection that has none).  Pure."""
+    if identity is None or identity.token_id is None or identity.user_id != revocation.user_id:
+        return False
+    if revocation.token_id is not None:
+        return identity.token_id == revocation.token_id
+    return revocation.cutoff_us is not None and identity.issued_at_us is not None and identity.issued_at_us <= revocation.cutoff_us
+
+
+def keys_of(identity) -> tuple[str, str]:
+    """The two keys of auth's revocation list that say whether ``identity``'s token is revoked
+    (read them with ``auth.revocations.revoked_by``).  Pure."""
+    return JTI_PREFIX + identity.token_id, USER_PREFIX + identity.user_id
+
+
+class RevocationListener:
+    """Subscribes to ``CHANNEL`` and calls ``on_revocation`` for each revocation; after losing the
+    subscription, awaits ``on_resubscribed`` once subscribed again (the node's catch-up)."""
+
+    def __init__(self, redis_url: str, client_name: str, on_revocation: Callable[[Revocation], None],
+                 on_resubscribed: Callable[[], Awaitable[None]]) -> None:
+        self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, client_name=client_name)
+        self._on_revocation = on_revocation
+        self._on_resubscribed = on_resubscribed
+        self._task: asyncio.Task | None = None
+        self.subscribed = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._redis.aclose()
+
+    async def _run(self) -> None:
+        lost = False
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                self.subscribed = True
+                if lost:
+                    log.info("subscribed to %s again: checking the open connections against the revocation list", CHANNEL)
+                    await self._on_resubscribed()
+                    lost = False
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None and message.get("type") == "message" and (revocation := parse(message["data"])) is not None:
+                        self._on_revocation(revocation)
+            except (RedisError, OSError) as exc:
+                if not lost:
+                    log.warning("lost the subscription to %s (%s); revocations made meanwhile are checked once it is back", CHANNEL, exc)
+                self.subscribed, lost = False, True
+            finally:
+                try:
+                    await pubsub.aclose()
+                except (RedisError, OSError):
+                    pass
+            await asyncio.sleep(RESUBSCRIBE_SECONDS)
