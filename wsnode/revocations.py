@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two attempts to subscribe again after the pub/sub connection was lost.
 RESUBSCRIBE_SECONDS = 1.0
+#: After this many seconds without a message the listener sends a PING on its connection, and
+#: takes the connection for lost when no answer came after as long again: a connection that died
+#: without a reset (a network partition) is otherwise silent for ever.
+PING_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -84,23 +88,34 @@ class RevocationListener:
         self._on_revocation = on_revocation
         self._on_resubscribed = on_resubscribed
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self.subscribed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        await self._redis.aclose()
+        """End the subscription; within a second or two whatever Redis does."""
+        self._stopping = True
+        task = self._task
+        if task is not None:
+            # redis-py can take a cancellation that lands while get_message waits for its timeout
+            # for that timeout, and return None (seen with Python 3.11): cancel until it ends.
+            for _ in range(20):
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=0.1)
+                if done:
+                    break
+            else:
+                log.warning("the listener of %s did not stop within 2 s; left behind", CHANNEL)
+        try:
+            await asyncio.wait_for(self._redis.aclose(), 2)
+        except (asyncio.TimeoutError, RedisError, OSError) as exc:
+            log.warning("closing the connection of the listener of %s: %r", CHANNEL, exc)
 
     async def _run(self) -> None:
         lost = False
-        while True:
+        while not self._stopping:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL)
@@ -109,11 +124,21 @@ class RevocationListener:
                     log.info("subscribed to %s again: checking the open connections against the revocation list", CHANNEL)
                     await self._on_resubscribed()
                     lost = False
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is not None and message.get("type") == "message" and (revocation := parse(message["data"])) is not None:
+                awaiting_pong = False
+                while not self._stopping:
+                    message = await pubsub.get_message(timeout=PING_SECONDS)
+                    if message is None:
+                        if awaiting_pong:
+                            raise ConnectionError(f"no answer to a PING within {PING_SECONDS:g} s")
+                        await pubsub.ping()
+                        awaiting_pong = True
+                    elif message.get("type") == "pong":
+                        awaiting_pong = False
+                    elif message.get("type") == "message" and (revocation := parse(message["data"])) is not None:
                         self._on_revocation(revocation)
             except (RedisError, OSError) as exc:
+                if self._stopping:
+                    return
                 if not lost:
                     log.warning("lost the subscription to %s (%s); revocations made meanwhile are checked once it is back", CHANNEL, exc)
                 self.subscribed, lost = False, True
@@ -122,4 +147,5 @@ class RevocationListener:
                     await pubsub.aclose()
                 except (RedisError, OSError):
                     pass
-            await asyncio.sleep(RESUBSCRIBE_SECONDS)
+            if not self._stopping:
+                await asyncio.sleep(RESUBSCRIBE_SECONDS)

@@ -9,7 +9,12 @@ import asyncio
 import re
 import time
 
+import psutil
+import redis.asyncio
+
+from auth.revocations import CHANNEL
 from tests.integration.wsclient import Client
+from wsnode import revocations
 from wsnode.closecodes import CloseCode
 
 
@@ -80,3 +85,50 @@ async def test_a_node_that_missed_a_revocation_closes_the_connection_once_subscr
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("the connection was not closed by the node's own check of the revocation list")
+
+
+async def test_the_listener_keeps_its_subscription_alive_with_pings_and_reconnects_when_they_go_unanswered(redis_server, monkeypatch):
+    """``RevocationListener`` alone, against Redis: idle, it pings and stays subscribed; a
+    connection that stops answering (here the Redis server stopped with SIGSTOP, so no reset
+    comes) is taken for lost after two ping intervals, and once Redis answers again the listener
+    subscribes again and runs its check."""
+    monkeypatch.setattr(revocations, "PING_SECONDS", 0.3)
+    monkeypatch.setattr(revocations, "RESUBSCRIBE_SECONDS", 0.1)
+    got: list[revocations.Revocation] = []
+    checks = asyncio.Event()
+
+    async def check() -> None:
+        checks.set()
+
+    listener = revocations.RevocationListener(redis_server.url(1), "revocations-test", got.append, check)
+    listener.start()
+    publisher = redis.asyncio.Redis.from_url(redis_server.url(1))
+    try:
+        for _ in range(50):
+            if listener.subscribed:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # five ping intervals, idle
+        assert listener.subscribed and not checks.is_set()
+        await publisher.publish(CHANNEL, '{"user_id": "idle", "cutoff_us": 7}')
+        for _ in range(50):
+            if got:
+                break
+            await asyncio.sleep(0.1)
+        assert got == [revocations.Revocation("idle", cutoff_us=7)]
+
+        process = psutil.Process(redis_server.service.pid)
+        process.suspend()
+        try:
+            for _ in range(50):
+                if not listener.subscribed:
+                    break
+                await asyncio.sleep(0.1)
+            assert not listener.subscribed, "an unanswered PING did not end the subscription"
+        finally:
+            process.resume()
+        await asyncio.wait_for(checks.wait(), 15)
+        assert listener.subscribed
+    finally:
+        await listener.stop()
+        await publisher.aclose()
