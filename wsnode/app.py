@@ -47,7 +47,7 @@ from wsnode.pinger import PingSchedule
 from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
-from wsnode.revocations import Revocation, RevocationListener, covers, keys_of
+from wsnode.revocations import RecentRevocations, Revocation, RevocationListener, covers, keys_of
 from wsnode.registry import Leases
 from wsnode.session import BacklogOverflow, Session
 
@@ -131,6 +131,7 @@ class PushNode:
         self._loop: IOLoop | None = None
         #: Leases of users whose last connection here closed: one release for all who left meanwhile.
         self._left: Coalescer[str, None] = Coalescer(self._release_leases)
+        self._recent_revocations = RecentRevocations()
         self._revocations = RevocationListener(settings.REDIS_URL, f"wsnode:{self.address}:revocations", self._on_revocation, self._check_revocations)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -211,6 +212,9 @@ class PushNode:
         return Session(since, max_backlog_bytes=settings.CLIENT_QUEUE_MAX_BYTES)
 
     async def attach(self, conn: PushHandler) -> None:
+        if self._recent_revocations.covering(conn.identity, time.monotonic()):
+            conn.refuse(CloseCode.UNAUTHORIZED, "token revoked", why="token revoked while the connection opened")
+            return
         first = self.hub.add(conn)
         if first:
             try:
@@ -262,6 +266,7 @@ class PushNode:
         that it covers (4401), and forget the cached checks, so that no cached answer opens a new
         connection with a revoked token."""
         self.auth.forget()
+        self._recent_revocations.add(revocation, time.monotonic())
         for conn in self.hub.of_user(revocation.user_id):
             if covers(revocation, getattr(conn, "identity", None)):
                 self._close_revoked(conn)

@@ -7,7 +7,8 @@ of the node's own and hands each revocation to the node, which closes every conn
 user that it covers (:func:`covers`) with 4401 ``token revoked``: the browser's client asks its
 backend for a new token, which a logged-out or banned user does not get.  The node keeps no
 tokens, only each connection's :class:`~wsnode.auth.Identity` (token id and issue time), which
-auth's ``/verify`` answers with.
+auth's ``/verify`` answers with.  A connection whose token was checked just before a revocation
+came, and that binds just after it, is refused as it binds (:class:`RecentRevocations`).
 
 A message published while the listener is not subscribed (Redis restarted, the connection
 dropped) never reaches it.  So each time it subscribes again after losing its connection, the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -76,6 +78,25 @@ def keys_of(identity) -> tuple[str, str]:
     """The two keys of auth's revocation list that say whether ``identity``'s token is revoked
     (read them with ``auth.revocations.revoked_by``).  Pure."""
     return JTI_PREFIX + identity.token_id, USER_PREFIX + identity.user_id
+
+
+class RecentRevocations:
+    """The revocations of the last ``seconds``, for the connections whose token was checked
+    before a revocation reached the node and that bind after it (the check's answer was on its
+    way): the node refuses those as it binds them.  Pure: the caller passes the clock."""
+
+    def __init__(self, seconds: float = 10.0, most: int = 1000) -> None:
+        self._seconds = seconds
+        self._entries: deque[tuple[float, Revocation]] = deque(maxlen=most)
+
+    def add(self, revocation: Revocation, now: float) -> None:
+        self._entries.append((now, revocation))
+
+    def covering(self, identity, now: float) -> bool:
+        """Whether a revocation of the last ``seconds`` covers ``identity``'s token."""
+        while self._entries and self._entries[0][0] < now - self._seconds:
+            self._entries.popleft()
+        return any(covers(revocation, identity) for _, revocation in self._entries)
 
 
 class RevocationListener:

@@ -9,7 +9,7 @@ import pytest
 
 from auth.revocations import JTI_PREFIX, USER_PREFIX, revoked_by
 from wsnode.auth import Identity
-from wsnode.revocations import Revocation, covers, keys_of, parse
+from wsnode.revocations import RecentRevocations, Revocation, covers, keys_of, parse
 
 ALICE = Identity("alice", "jti-1", 1_000_000)
 
@@ -60,3 +60,12 @@ def test_an_identity_comes_from_a_verify_answer_with_or_without_the_token_fields
     assert Identity.from_answer({"user_id": "alice", "expires_at": 9}) == Identity("alice")  # an auth of an earlier version
     with pytest.raises(TypeError):
         Identity.from_answer({"user_id": 5})
+
+
+def test_recent_revocations_cover_a_connection_that_binds_within_their_window_only():
+    recent = RecentRevocations(seconds=10.0)
+    recent.add(Revocation("alice", cutoff_us=2_000_000), now=100.0)
+    assert recent.covering(ALICE, now=105.0)
+    assert not recent.covering(Identity("bob", "jti-9", 1), now=105.0)
+    assert not recent.covering(ALICE, now=110.5)  # forgotten after its window
+    assert not recent.covering(ALICE, now=105.0)
