@@ -105,7 +105,9 @@ class RevocationListener:
 
     def __init__(self, redis_url: str, client_name: str, on_revocation: Callable[[Revocation], None],
                  on_resubscribed: Callable[[], Awaitable[None]]) -> None:
-        self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, client_name=client_name)
+        # socket_timeout bounds the commands (SUBSCRIBE, PING) on a Redis that stopped answering;
+        # the wait for a message has its own (PING_SECONDS).
+        self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10, client_name=client_name)
         self._on_revocation = on_revocation
         self._on_resubscribed = on_resubscribed
         self._task: asyncio.Task | None = None
@@ -157,10 +159,12 @@ class RevocationListener:
                         awaiting_pong = False
                     elif message.get("type") == "message" and (revocation := parse(message["data"])) is not None:
                         self._on_revocation(revocation)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the listener must outlive any one failure
                 if self._stopping:
                     return
-                if not lost:
+                if not isinstance(exc, (RedisError, OSError)):
+                    log.exception("the listener of %s failed; subscribing again", CHANNEL)
+                elif not lost:
                     log.warning("lost the subscription to %s (%s); revocations made meanwhile are checked once it is back", CHANNEL, exc)
                 self.subscribed, lost = False, True
             finally:
