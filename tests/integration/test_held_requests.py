@@ -24,6 +24,20 @@ from tests.integration.taskevents import TaskEvents
 WAITING = 500
 
 
+async def scheduled_on_worker(cluster, expected: set[str], within: float) -> set[str]:
+    """The task ids `celery inspect scheduled` lists on the worker (not the nodes, which answer
+    too), once they include ``expected`` or after ``within`` seconds."""
+    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))
+    listed: set[str] = set()
+    deadline = time.monotonic() + within
+    while not expected <= listed and time.monotonic() < deadline:
+        answers = await asyncio.to_thread(inspect.scheduled)
+        listed = {entry["request"]["id"] for name, entries in (answers or {}).items() if name.startswith("worker@") for entry in entries}
+        if not expected <= listed:
+            await asyncio.sleep(0.2)
+    return listed
+
+
 @pytest.fixture(params=["redis", "amqp"])
 def held_cluster(request, tmp_path):
     """A private cluster with one node, so that the requests left waiting go with it; its Redis
@@ -54,14 +68,8 @@ async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_ar
     assert [(f["id"], f["data"]) for f in await now_client.messages(1)] == [(now_id, "now")]
 
     # All of them wait on the worker's timer, where `celery inspect scheduled` finds them.
-    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))
     expected = {result.id for result in waiting}
-    listed: set[str] = set()
-    deadline = time.monotonic() + 30
-    while not expected <= listed and time.monotonic() < deadline:
-        answers = await asyncio.to_thread(inspect.scheduled)
-        listed = {entry["request"]["id"] for name, entries in (answers or {}).items() if name.startswith("worker@") for entry in entries}
-        await asyncio.sleep(0.5)
+    listed = await scheduled_on_worker(cluster, expected, within=30)
     assert expected <= listed, f"{len(expected - listed)} of {WAITING} waiting requests not listed as scheduled"
 
     # The one with a short countdown ran when it was due, not before.
@@ -145,13 +153,7 @@ async def test_requests_held_for_their_countdown_by_a_worker_that_stops_run_on_t
     client = await cluster.connect("handed-on")
     sent = time.monotonic()
     held = [cluster.business.send_task("tasks.collect", kwargs={"to": "handed-on", "data": n}, queue="collect", countdown=8) for n in range(20)]
-    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))
-    deadline = time.monotonic() + 5
-    listed: set[str] = set()
-    while len(listed) < len(held) and time.monotonic() < deadline:
-        answers = await asyncio.to_thread(inspect.scheduled)
-        listed = {entry["request"]["id"] for name, entries in (answers or {}).items() if name.startswith("worker@") for entry in entries}
-    assert listed == {result.id for result in held}
+    assert await scheduled_on_worker(cluster, {result.id for result in held}, within=5) == {result.id for result in held}
     assert await asyncio.to_thread(cluster.worker.terminate, 30) == 0
     assert all(result.state == "PENDING" for result in held), "run by the worker that stopped"
     cluster.worker = cluster.start_worker(name="worker-2")
