@@ -268,13 +268,13 @@ class PushNode:
         self.auth.forget()
         self._recent_revocations.add(revocation, time.monotonic())
         for conn in self.hub.of_user(revocation.user_id):
-            if covers(revocation, getattr(conn, "identity", None)):
+            if covers(revocation, conn.identity):
                 self._close_revoked(conn)
 
     async def _check_revocations(self) -> None:
         """After the revocation listener lost its subscription: close the connections whose token
         was revoked meanwhile, read from the revocation list itself (one MGET per thousand)."""
-        conns = [conn for conn in self.hub.all() if getattr(conn, "identity", None) is not None and conn.identity.token_id is not None]
+        conns = [conn for conn in self.hub.all() if conn.identity is not None and conn.identity.token_id is not None]
         self.auth.forget()
         closed = 0
         for at in range(0, len(conns), 1000):
