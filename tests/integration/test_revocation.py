@@ -12,6 +12,7 @@ import time
 import psutil
 import redis.asyncio
 
+import launcher
 from auth.revocations import CHANNEL
 from tests.integration.wsclient import Client
 from wsnode import revocations
@@ -87,11 +88,13 @@ async def test_a_node_that_missed_a_revocation_closes_the_connection_once_subscr
         raise AssertionError("the connection was not closed by the node's own check of the revocation list")
 
 
-async def test_the_listener_keeps_its_subscription_alive_with_pings_and_reconnects_when_they_go_unanswered(redis_server, monkeypatch):
-    """``RevocationListener`` alone, against Redis: idle, it pings and stays subscribed; a
-    connection that stops answering (here the Redis server stopped with SIGSTOP, so no reset
-    comes) is taken for lost after two ping intervals, and once Redis answers again the listener
-    subscribes again and runs its check."""
+async def test_the_listener_keeps_its_subscription_alive_with_pings_and_reconnects_when_they_go_unanswered(tmp_path, monkeypatch):
+    """``RevocationListener`` alone, against a Redis of its own: idle, it pings and stays
+    subscribed; a connection that stops answering (here the Redis server stopped with SIGSTOP, so
+    no reset comes) is taken for lost after two ping intervals, and once Redis answers again the
+    listener subscribes again and runs its check.  (Not the session's Redis: stopping that one
+    stops every process of the shared cluster with it.)"""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
     monkeypatch.setattr(revocations, "PING_SECONDS", 0.3)
     monkeypatch.setattr(revocations, "RESUBSCRIBE_SECONDS", 0.1)
     got: list[revocations.Revocation] = []
@@ -132,3 +135,4 @@ async def test_the_listener_keeps_its_subscription_alive_with_pings_and_reconnec
     finally:
         await listener.stop()
         await publisher.aclose()
+        redis_server.stop()
