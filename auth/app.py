@@ -2,7 +2,8 @@
 
 Every response is JSON.  Routes:
 
-- ``POST /tokens``  (admin) ``{"user_id": "alice"}`` -> 200 ``{"token": "...", "expires_at": <int>}``
+- ``POST /tokens``  (admin) ``{"user_id": "alice"}`` -> 200 ``{"token": "...", "expires_at": <int>}``; an
+  optional ``"ttl"`` (whole seconds, 1 to ``TOKEN_TTL``) issues a shorter-lived token
 - ``POST /verify``  ``{"token": "..."}`` -> 200 ``{"user_id": "alice", "expires_at": <int>, "token_id": <jti>, "issued_at_us": <int>}``;
   401 ``{"error": "token expired" | "token invalid: <why>" | "token revoked"}``;
   503 when Redis cannot say whether the token is revoked.
@@ -161,14 +162,27 @@ def _json_type(value: object) -> str:
 class TokensHandler(JsonHandler):
     async def post(self) -> None:
         self.require_admin()
-        user_id = self.string_field(self.json_object('{"user_id": "alice"}'), "user_id", '{"user_id": "alice"}')
+        body = self.json_object('{"user_id": "alice"}')
+        user_id = self.string_field(body, "user_id", '{"user_id": "alice"}')
+        ttl = self._ttl(body.get("ttl"))
         try:
-            issued = tokens.issue(self.service.secret, user_id, self.service.clock(), self.service.token_ttl)
+            issued = tokens.issue(self.service.secret, user_id, self.service.clock(), ttl)
         except tokens.InvalidUserId as exc:
             raise Reject(400, {"error": str(exc)}) from None
         self.service.metrics.issued()
         log.info("issued token jti=%s user=%s expires_at=%d", issued.jti, user_id, issued.expires_at)
         self.finish({"token": issued.token, "expires_at": issued.expires_at})
+
+    def _ttl(self, value: object) -> int:
+        """The token's lifetime: ``TOKEN_TTL``, or a shorter ``ttl`` the backend asked for.  Never
+        longer: a user's revocation is kept for ``TOKEN_TTL`` (``auth.revocations``), so it must
+        outlive every token it covers."""
+        if value is None:
+            return self.service.token_ttl
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.service.token_ttl:
+            raise Reject(400, {"error": f"ttl must be a whole number of seconds from 1 to {self.service.token_ttl} (TOKEN_TTL), "
+                                        f"got {json.dumps(value)[:40]}"})
+        return value
 
 
 class VerifyHandler(JsonHandler):

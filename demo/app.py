@@ -10,7 +10,8 @@ Routes (JSON bodies and answers):
 - ``GET /`` the page (``demo/static/index.html``); ``GET /static/push.js`` the browser client, the
   same file the push nodes serve;
 - ``GET /api/config`` -> ``{"nodes": ["ws://127.0.0.1:8101/ws", ...], "auth": ..., "send_example": ...}``;
-- ``POST /api/token`` ``{"user": "alice"}`` -> ``{"user": "alice", "token": ..., "expires_at": ...}``
+- ``POST /api/token`` ``{"user": "alice"}`` (and optionally ``"ttl"``: seconds, for a shorter-lived token)
+  -> ``{"user": "alice", "token": ..., "expires_at": ...}``
   (the auth service's ``POST /tokens``, with the admin key);
 - ``POST /api/send`` ``{"to": "alice" | "alice, bob" | "*", "text": "hi", "from": "bob"}`` ->
   ``{"id": "<message id>", "to": ...}``: ``send_task("tasks.collect", queue="collect")`` as business
@@ -83,11 +84,13 @@ class ConfigHandler(JsonHandler):
 class TokenHandler(JsonHandler):
     async def post(self) -> None:
         try:
-            user = forms.user_name(self.body().get("user"))
+            body = self.body()
+            user = forms.user_name(body.get("user"))
+            ttl = forms.token_ttl(body.get("ttl"))
         except forms.DemoInputError as exc:
             return self.fail(400, str(exc))
         try:
-            answer = await self.demo.token(user)
+            answer = await self.demo.token(user, ttl)
         except DemoBackendError as exc:
             log.warning("token for user=%s: %s", user, exc)
             return self.fail(exc.status, str(exc))
@@ -170,10 +173,12 @@ class Demo:
             self._server.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def token(self, user: str) -> dict:
-        """A token for ``user`` from the auth service (``POST /tokens`` with the admin key)."""
+    async def token(self, user: str, ttl: int | None = None) -> dict:
+        """A token for ``user`` from the auth service (``POST /tokens`` with the admin key), living
+        ``TOKEN_TTL`` or ``ttl`` seconds."""
+        body = {"user_id": user} if ttl is None else {"user_id": user, "ttl": ttl}
         request = tornado.httpclient.HTTPRequest(
-            f"{settings.AUTH_URL}/tokens", method="POST", body=json.dumps({"user_id": user}),
+            f"{settings.AUTH_URL}/tokens", method="POST", body=json.dumps(body),
             headers={"Authorization": f"Bearer {settings.AUTH_ADMIN_KEY}", "Content-Type": "application/json"},
             request_timeout=AUTH_TIMEOUT, connect_timeout=AUTH_TIMEOUT)
         try:

@@ -35,6 +35,15 @@ def user_name(value: object) -> str:
     return name
 
 
+def token_ttl(value: object) -> int | None:
+    """The optional lifetime of a token, in whole seconds (auth refuses one over its ``TOKEN_TTL``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DemoInputError("ttl is a whole number of seconds, 1 or more")
+    return value
+
+
 def recipients(value: object) -> str | list[str]:
     """The ``to`` of ``tasks.collect`` from the send form: ``"*"`` (everyone online), one user id,
     or ``"alice, bob"`` -> ``["alice", "bob"]`` (trimmed, repeats dropped, order kept)."""

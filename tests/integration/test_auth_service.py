@@ -202,6 +202,22 @@ def test_an_issued_token_expires_about_token_ttl_from_now(auth):
     assert 3600 - 5 <= issued["expires_at"] - time.time() <= 3600 + 1
 
 
+def test_a_token_issued_with_a_ttl_expires_that_many_seconds_from_now(auth):
+    status, issued = call(auth, "POST", "/tokens", {"user_id": "alice", "ttl": 60}, key=ADMIN_KEY)
+
+    assert status == 200
+    assert 60 - 5 <= issued["expires_at"] - time.time() <= 60 + 1
+    assert verify(auth, issued["token"]) == (200, identity(issued, "alice"))
+
+
+@pytest.mark.parametrize("ttl", [0, -5, 3601, 1.5, "60", True, {"seconds": 60}, [60]])
+def test_issuing_with_a_ttl_that_is_not_1_to_token_ttl_whole_seconds_is_400(auth, ttl):
+    status, body = call(auth, "POST", "/tokens", {"user_id": "alice", "ttl": ttl}, key=ADMIN_KEY)
+
+    assert status == 400
+    assert "ttl must be a whole number of seconds from 1 to 3600 (TOKEN_TTL)" in body["error"]
+
+
 def test_issuing_without_the_admin_key_is_401(auth):
     status, body = call(auth, "POST", "/tokens", {"user_id": "alice"})
 

@@ -90,3 +90,14 @@ def test_node_urls_are_kept_as_given():
 def test_a_node_that_is_neither_a_port_nor_a_ws_url_is_refused():
     with pytest.raises(forms.DemoInputError, match="give a port \\(8101\\) or a ws:// URL"):
         forms.node_urls(["http://127.0.0.1:8101"], "127.0.0.1:8080")
+
+
+def test_a_token_ttl_is_optional_and_a_whole_number_of_seconds():
+    assert forms.token_ttl(None) is None
+    assert forms.token_ttl(30) == 30
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "30", True, [30]])
+def test_a_token_ttl_that_is_not_a_positive_whole_number_is_refused(value):
+    with pytest.raises(forms.DemoInputError, match="ttl is a whole number of seconds"):
+        forms.token_ttl(value)
