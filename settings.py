@@ -47,6 +47,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < float("inf"):
+        raise ValueError("must be 0 or greater, and finite")
+    return value
+
+
 def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
@@ -117,6 +124,10 @@ AUTH_SECRET: str = _read(_env, "AUTH_SECRET", DEV_AUTH_SECRET, str, "a long rand
 AUTH_ADMIN_KEY: str = _read(_env, "AUTH_ADMIN_KEY", DEV_AUTH_ADMIN_KEY, str, "a long random string")
 #: Lifetime of an issued token, in seconds.
 TOKEN_TTL: int = _read(_env, "TOKEN_TTL", 3600, _positive_int, "a whole number of seconds")
+#: How long a connection whose token expired stays open for the client to send a newer one
+#: (``{"type": "refresh"}``) before the node closes it with 4401 "token expired" (Centrifugo's
+#: ``client_expired_close_delay``).
+TOKEN_EXPIRY_GRACE: float = _read(_env, "TOKEN_EXPIRY_GRACE", 25.0, _non_negative_float, "a number of seconds (0 or more)")
 #: How long a push node trusts a verified token before asking auth again (bounds how long a revoked
 #: token keeps opening connections on a node that saw it recently).
 AUTH_CACHE_SECONDS: float = _read(_env, "AUTH_CACHE_SECONDS", 5.0, float, "a number of seconds (0 disables the cache)")

@@ -35,10 +35,11 @@ from tasks.queues import node_address
 from tasks import wirejson
 from tasks.reclaim import hand_back
 from wsnode import protocol
-from wsnode.auth import AuthClient
-from wsnode.closecodes import CloseCode
+from wsnode.auth import AuthClient, AuthRejected, AuthUnavailable
+from wsnode.closecodes import CloseCode, short_reason
 from wsnode.coalesce import Coalescer
 from wsnode.consumer import Delivery, NodeQueueConsumer
+from wsnode.expiry import ExpirySchedule
 from wsnode.handler import PushHandler
 from wsnode.hub import Hub
 from wsnode.presence import node_name
@@ -110,6 +111,8 @@ class PushNode:
         self.celery = celery_app
         self.hub = Hub()
         self.pings: PingSchedule[PushHandler] = PingSchedule(settings.PING_INTERVAL, settings.PING_TIMEOUT)
+        self.expiries: ExpirySchedule[PushHandler] = ExpirySchedule(settings.TOKEN_EXPIRY_GRACE)
+        self._refreshing: set[PushHandler] = set()  # connections whose refresh is being checked
         self.auth = AuthClient(settings.AUTH_URL, settings.AUTH_CACHE_SECONDS)
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=5,
@@ -163,6 +166,7 @@ class PushNode:
             PeriodicCallback(self._ping_redis, REDIS_PING_SECONDS * 1000),
             PeriodicCallback(self.receipts.flush, settings.RECEIPT_FLUSH_SECONDS * 1000),
             PeriodicCallback(self._ping_tick, 1000),
+            PeriodicCallback(self._close_expired, 1000),
         ]
         for timer in self._timers:
             timer.start()
@@ -226,9 +230,10 @@ class PushNode:
                 return
         self.metrics.connected()
         self.pings.add(conn)
+        self.expiries.set(conn, conn.identity.expires_at)
         log.info("conn=%s user=%s node=%s connected in %.1f ms%s", conn.conn_id, conn.user_id, self.address, 1000 * conn.request.request_time(),
                  f", since={conn.session.since}" if conn.session.since else "")
-        conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id))])
+        conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id, conn.identity.expires_at, time.time()))])
         self._request_replay(conn)
 
     def _ping_tick(self) -> None:
@@ -252,6 +257,8 @@ class PushNode:
 
     def detach(self, conn: PushHandler) -> None:
         self.pings.remove(conn)
+        self.expiries.remove(conn)
+        self._refreshing.discard(conn)
         if self.hub.get(conn.conn_id) is conn:
             self.metrics.disconnected()
         if self.hub.remove(conn):
@@ -260,6 +267,63 @@ class PushNode:
                 IOLoop.current().spawn_callback(self._left.submit, conn.user_id)
         else:
             log.info("conn=%s user=%s node=%s disconnected (%s)", conn.conn_id, conn.user_id, self.address, conn.close_code)
+
+    def refresh(self, conn: PushHandler, token: str) -> None:
+        """A client sent a newer token for its open connection (``{"type": "refresh"}``): checked
+        with auth, off this call; one at a time per connection (another that comes meanwhile is
+        answered ``refresh_error``, and auth is not asked)."""
+        if conn in self._refreshing:
+            self.metrics.refresh("busy")
+            conn.send([(None, protocol.refresh_error_frame("a refresh is in flight: wait for its answer"))])
+            return
+        self._refreshing.add(conn)
+        IOLoop.current().spawn_callback(self._refresh, conn, token)
+
+    async def _refresh(self, conn: PushHandler, token: str) -> None:
+        """The connection goes on with the new token's identity and expiry, and is told when it
+        expires now (``refreshed``).  A token that auth refuses, that is another user's, or that was
+        revoked while it was checked closes the connection with 4401, as it would refuse a new
+        one.  When auth cannot be asked, the connection stays as it was and the client is told to
+        try again (``refresh_error``)."""
+        try:
+            identity = await self.auth.verify(token)
+        except AuthRejected as exc:
+            self._refused_refresh(conn, f"refresh refused: {exc}")
+            return
+        except AuthUnavailable as exc:
+            log.warning("conn=%s user=%s node=%s token refresh not checked: %s", conn.conn_id, conn.user_id, self.address, exc)
+            self.metrics.refresh("unavailable")
+            self._refreshing.discard(conn)
+            conn.send([(None, protocol.refresh_error_frame("auth unavailable, try again"))])
+            return
+        if identity.user_id != conn.user_id:
+            self._refused_refresh(conn, "refresh refused: the token is another user's")
+        elif self._recent_revocations.covering(identity, time.monotonic()):
+            self._refused_refresh(conn, "refresh refused: token revoked")
+        elif self.hub.get(conn.conn_id) is conn and not conn.closing:
+            self._refreshing.discard(conn)
+            conn.identity = identity
+            self.expiries.set(conn, identity.expires_at)
+            self.metrics.refresh("ok")
+            log.debug("conn=%s user=%s node=%s token refreshed, expires at %s", conn.conn_id, conn.user_id, self.address, identity.expires_at)
+            conn.send([(None, protocol.refreshed_frame(identity.expires_at, time.time()))])
+
+    def _refused_refresh(self, conn: PushHandler, why: str) -> None:
+        self._refreshing.discard(conn)
+        self.metrics.refresh("rejected")
+        if self.hub.get(conn.conn_id) is conn and not conn.closing:
+            log.info("conn=%s user=%s node=%s closed with %d: %s", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED, why)
+            conn.close_with(CloseCode.UNAUTHORIZED, short_reason(why))
+
+    def _close_expired(self) -> None:
+        """Every second: close the connections whose token expired ``TOKEN_EXPIRY_GRACE`` seconds
+        ago and was not refreshed (4401 "token expired": the client reconnects with a new token)."""
+        for conn in self.expiries.due(time.time()):
+            if conn.closing:
+                continue
+            log.info("conn=%s user=%s node=%s closed with %d: token expired at %s and was not refreshed", conn.conn_id, conn.user_id,
+                     self.address, CloseCode.UNAUTHORIZED, conn.identity.expires_at)
+            conn.close_with(CloseCode.UNAUTHORIZED, "token expired")
 
     def _on_revocation(self, revocation: Revocation) -> None:
         """Auth revoked a token, or every token of a user up to now: close the connections here

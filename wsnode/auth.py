@@ -1,7 +1,7 @@
 """Token checks against the auth service, with a short cache.  Loop thread only.
 
-``verify(token)`` returns the token's :class:`Identity` (its user id, and its id and issue time,
-which :mod:`wsnode.revocations` needs), or raises :class:`AuthRejected` (close 4401: the client needs
+``verify(token)`` returns the token's :class:`Identity` (its user id, its id and issue time,
+which :mod:`wsnode.revocations` needs, and its expiry, which :mod:`wsnode.expiry` needs), or raises :class:`AuthRejected` (close 4401: the client needs
 a new token) or :class:`AuthUnavailable` (close 1013: try again later).  Verified tokens are cached
 for ``cache_seconds`` keyed by a digest of the token (tokens themselves are never kept or logged),
 so a revoked token keeps opening connections on this node for at most that long (no time at all
@@ -33,6 +33,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from typing import NamedTuple
 
 import pycurl
@@ -57,11 +58,14 @@ MAX_TOKEN_CHARS = 4096
 
 class Identity(NamedTuple):
     """What auth says of a good token.  ``token_id`` and ``issued_at_us`` are None from an auth
-    of a version before they were in its answer: such a connection is closed by no revocation."""
+    of a version before they were in its answer: such a connection is closed by no revocation.
+    ``expires_at`` (unix seconds) is None only from an auth that does not say it: such a
+    connection never expires (:mod:`wsnode.expiry`)."""
 
     user_id: str
     token_id: str | None = None
     issued_at_us: int | None = None
+    expires_at: int | None = None
 
     @classmethod
     def from_answer(cls, answer: dict) -> "Identity":
@@ -69,8 +73,16 @@ class Identity(NamedTuple):
         user_id = answer["user_id"]
         if not isinstance(user_id, str):
             raise TypeError(f"user_id is a {type(user_id).__name__}")
-        token_id, issued_at_us = answer.get("token_id"), answer.get("issued_at_us")
-        return cls(user_id, token_id if isinstance(token_id, str) else None, issued_at_us if isinstance(issued_at_us, int) else None)
+        token_id, issued_at_us, expires_at = answer.get("token_id"), answer.get("issued_at_us"), answer.get("expires_at")
+        return cls(user_id, token_id if isinstance(token_id, str) else None, _int_or_none(issued_at_us), _int_or_none(expires_at))
+
+    def expired(self, now: float) -> bool:
+        """Whether the token has expired at unix time ``now`` (auth's rule: at ``expires_at`` on)."""
+        return self.expires_at is not None and now >= self.expires_at
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class AuthError(Exception):
@@ -106,6 +118,8 @@ class AuthClient:
             raise AuthRejected(f"token invalid: longer than {MAX_TOKEN_CHARS} characters")
         digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
         if self._cache is not None and (identity := self._cache.get(digest)) is not None:
+            if identity.expired(time.time()):  # expired since it was cached: auth would say so
+                raise AuthRejected("token expired")
             return identity
         identity = await self._checks.submit(token)
         if self._cache is not None:

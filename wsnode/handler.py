@@ -3,7 +3,8 @@
 Loop thread only.  Lifecycle (Tornado's): ``prepare`` runs before the upgrade and checks ``since``
 and the token; ``open`` drops what only the handshake needed, then binds the connection through
 the node, or closes it at once with the code the check chose (4401 bad token, 4500 bad request,
-1013 auth unavailable); ``on_message`` only runs after ``open`` finished; ``on_close`` unbinds.
+1013 auth unavailable); ``on_message`` only runs after ``open`` finished, records acks and hands
+token refreshes to the node; ``on_close`` unbinds.
 Every refusal is logged with its reason and counted in the node's metrics by close code (or HTTP
 status, before the upgrade); so is every close the node makes.  No token is ever logged (the token is only in the query string, which no log line shows).
 """
@@ -90,12 +91,15 @@ class PushHandler(WebSocketHandler):
 
     def on_message(self, message: str | bytes) -> None:
         try:
-            ack = protocol.parse_client_frame(message)
+            frame = protocol.parse_client_frame(message)
         except protocol.ProtocolError as exc:
             log.info("conn=%s user=%s node=%s closed with %d: %s", self.conn_id, self.user_id, self.node.address, exc.code, exc)
             self.close_with(exc.code, exc.reason)
             return
-        self.node.receipts.add(ack.id, self.user_id)
+        if isinstance(frame, protocol.Refresh):
+            self.node.refresh(self, frame.token)
+            return
+        self.node.receipts.add(frame.id, self.user_id)
 
     def on_pong(self, data: bytes) -> None:
         self.node.pings.pong(self)

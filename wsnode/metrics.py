@@ -30,6 +30,10 @@ REJECT_CODES = (CloseCode.UNAUTHORIZED, CloseCode.BAD_REQUEST, CloseCode.TRY_AGA
 CLOSE_CODES = (CloseCode.GOING_AWAY, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_REQUEST, CloseCode.INTERNAL_ERROR)
 DELIVERY_KINDS = ("live", "replay")
 REPLAY_OUTCOMES = ("served", "truncated", "failed")
+#: Outcomes of a client's ``refresh`` (a newer token for its connection): ``ok``; ``rejected`` (bad,
+#: expired, revoked or another user's token: closed with 4401); ``unavailable`` (auth could not be
+#: asked: the client was told to try again); ``busy`` (one was already in flight).
+REFRESH_OUTCOMES = ("ok", "rejected", "unavailable", "busy")
 
 
 class NodeMetrics:
@@ -81,6 +85,12 @@ class NodeMetrics:
             "REPLAY_LIMIT), failed (timed out or not requested; the client was closed with 1013).",
             ["outcome"], registry=r,
         )
+        self._refreshes = Counter(
+            "push_node_token_refreshes",
+            "Token refreshes clients sent on open connections, by outcome: ok, rejected (closed with 4401), "
+            "unavailable (auth could not be asked; the client retries), busy (one was already in flight).",
+            ["outcome"], registry=r,
+        )
         self._lease_failures = Counter("push_node_lease_renewal_failures", "Lease renewals that failed (Redis unavailable): leases expire unless a later one works.", registry=r)
         for code in REJECT_CODES:
             self._rejected.labels(code=str(int(code)))
@@ -90,6 +100,8 @@ class NodeMetrics:
             self._delivered.labels(kind=kind)
         for outcome in REPLAY_OUTCOMES:
             self._replays.labels(outcome=outcome)
+        for outcome in REFRESH_OUTCOMES:
+            self._refreshes.labels(outcome=outcome)
 
     def track(self, connections: Callable[[], float], users: Callable[[], float], health: Callable[[], dict]) -> None:
         """Read the gauges from the node at each scrape: counts from the hub, the rest from
@@ -147,6 +159,12 @@ class NodeMetrics:
         if outcome not in REPLAY_OUTCOMES:
             raise ValueError(f"replay outcome {outcome!r}: expected one of {', '.join(REPLAY_OUTCOMES)}")
         self._replays.labels(outcome=outcome).inc()
+
+    def refresh(self, outcome: str) -> None:
+        """A client's token refresh ended: one of ``REFRESH_OUTCOMES``."""
+        if outcome not in REFRESH_OUTCOMES:
+            raise ValueError(f"refresh outcome {outcome!r}: expected one of {', '.join(REFRESH_OUTCOMES)}")
+        self._refreshes.labels(outcome=outcome).inc()
 
     def lease_failure(self) -> None:
         self._lease_failures.inc()

@@ -2,15 +2,26 @@
 
 Server -> client (JSON text frames):
 
-- ``{"type": "hello", "node": "<address>", "user": "<user id>", "conn": "<connection id>"}``, first.
+- ``{"type": "hello", "node": "<address>", "user": "<user id>", "conn": "<connection id>",
+  "expires_at": <unix s>, "expires_in": <s>}``, first: ``expires_*`` say when the connection's
+  token expires, as a unix time and in seconds from now by the node's clock (null when auth did
+  not say).
 - ``{"type": "message", "id": "<message id>", "data": <data>}``, one per message.
 - ``{"type": "resumed", "since": "<id>" | null, "replayed": <n>, "truncated": <bool>}`` after the
   opening replay: what ``since`` asked for, or without ``since`` the user's unacked inbox; live
   messages follow it.  ``truncated`` means the replay reached past the retention or
   ``REPLAY_LIMIT``: older messages are gone.
+- ``{"type": "refreshed", "expires_at": <unix s>, "expires_in": <s>}``: the node took the token of
+  a ``refresh``, and the connection now expires with it.
+- ``{"type": "refresh_error", "reason": "..."}``: the node could not check a ``refresh`` now (auth
+  unavailable, or another refresh in flight): the connection stays as it was; send it again later.
 
-Client -> server: ``{"type": "ack", "id": "<message id>"}``.  Anything else closes the connection
-with 4500 (``CloseCode.BAD_REQUEST``) and a reason naming what was wrong.
+A connection whose token expired is closed with 4401 ``token expired`` ``TOKEN_EXPIRY_GRACE``
+seconds later, unless a ``refresh`` gave it a newer token first (:mod:`wsnode.expiry`).
+
+Client -> server: ``{"type": "ack", "id": "<message id>"}``, and ``{"type": "refresh", "token":
+"<a new token of the same user>"}``.  Anything else closes the connection with 4500
+(``CloseCode.BAD_REQUEST``) and a reason naming what was wrong.
 """
 
 from __future__ import annotations
@@ -40,7 +51,12 @@ class Ack:
     id: str
 
 
-def parse_client_frame(frame: str | bytes) -> Ack:
+@dataclass(frozen=True)
+class Refresh:
+    token: str
+
+
+def parse_client_frame(frame: str | bytes) -> Ack | Refresh:
     """Parse one frame from a browser; raises :class:`ProtocolError`."""
     if isinstance(frame, bytes):
         raise ProtocolError("binary frames are not accepted: send JSON text")
@@ -58,7 +74,12 @@ def parse_client_frame(frame: str | bytes) -> Ack:
         if not is_message_id(message_id):
             raise ProtocolError("ack needs the id of a message frame")
         return Ack(message_id)
-    raise ProtocolError(f"unknown frame type {str(kind)[:40]!r}: expected ack")
+    if kind == "refresh":
+        token = value.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("refresh needs a token: {\"type\": \"refresh\", \"token\": \"...\"}")
+        return Refresh(token)
+    raise ProtocolError(f"unknown frame type {str(kind)[:40]!r}: expected ack or refresh")
 
 
 def parse_since(value: str | None) -> str | None:
@@ -76,8 +97,23 @@ def message_frame(envelope: dict) -> str:
     return '{"type":"message","id":%s,"data":%s}' % (wirejson.text(envelope["id"]), wirejson.text(envelope["data"]))
 
 
-def hello_frame(node: str, user: str, conn: str) -> str:
-    return json.dumps({"type": "hello", "node": node, "user": user, "conn": conn})
+def expires_in(expires_at: int | None, now: float) -> float | None:
+    """Seconds from ``now`` (the node's clock) until ``expires_at``, to a tenth; what a client
+    schedules its refresh from, so that its own clock's error does not matter."""
+    return None if expires_at is None else max(0.0, round(expires_at - now, 1))
+
+
+def hello_frame(node: str, user: str, conn: str, expires_at: int | None = None, now: float = 0.0) -> str:
+    return json.dumps({"type": "hello", "node": node, "user": user, "conn": conn, "expires_at": expires_at,
+                       "expires_in": expires_in(expires_at, now)})
+
+
+def refreshed_frame(expires_at: int | None, now: float) -> str:
+    return json.dumps({"type": "refreshed", "expires_at": expires_at, "expires_in": expires_in(expires_at, now)})
+
+
+def refresh_error_frame(reason: str) -> str:
+    return json.dumps({"type": "refresh_error", "reason": reason})
 
 
 def resumed_frame(since: str | None, replayed: int, truncated: bool) -> str:

@@ -38,6 +38,9 @@ REDELIVER_AFTER = 4.0
 REDELIVER_ATTEMPTS = 2
 HOUSEKEEPING_SECONDS = 1.0
 ADMIN_KEY = "dev-admin-key-change-me"
+#: Seconds a connection on an expired token stays open (production: 25): short, for the expiry tests;
+#: every other test's tokens live an hour.
+TOKEN_EXPIRY_GRACE = 1
 
 
 class Cluster:
@@ -51,7 +54,7 @@ class Cluster:
             broker_url=broker_url or redis_server.url(0), **{
                 "LEASE_TTL": LEASE_TTL, "AUTH_CACHE_SECONDS": 1, "REPLAY_TIMEOUT": 10, "LOG_LEVEL": "INFO",
                 "REDELIVER_AFTER": REDELIVER_AFTER, "REDELIVER_ATTEMPTS": REDELIVER_ATTEMPTS, "HOUSEKEEPING_SECONDS": HOUSEKEEPING_SECONDS,
-                "REDELIVER_SWEEP_SECONDS": 2, "RECEIPT_FLUSH_SECONDS": 0.2, **extra_env},
+                "REDELIVER_SWEEP_SECONDS": 2, "RECEIPT_FLUSH_SECONDS": 0.2, "TOKEN_EXPIRY_GRACE": TOKEN_EXPIRY_GRACE, **extra_env},
         )
         self.services: list[launcher.Service] = []
         self.node_ports: list[int] = []
@@ -107,9 +110,11 @@ class Cluster:
 
     # --- what a browser and a business backend do ------------------------------------------------
 
-    def token(self, user: str) -> str:
+    def token(self, user: str, ttl: int | None = None) -> str:
+        """A token for ``user`` from auth, living ``TOKEN_TTL`` or ``ttl`` seconds."""
+        body = {"user_id": user} if ttl is None else {"user_id": user, "ttl": ttl}
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.auth_port}/tokens", data=json.dumps({"user_id": user}).encode(),
+            f"http://127.0.0.1:{self.auth_port}/tokens", data=json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=10) as response:

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from wsnode.closecodes import CloseCode
-from wsnode.protocol import Ack, ProtocolError, hello_frame, message_frame, parse_client_frame, parse_since, resumed_frame
+from wsnode.protocol import (Ack, ProtocolError, Refresh, hello_frame, message_frame, parse_client_frame, parse_since, refresh_error_frame,
+                             refreshed_frame, resumed_frame)
 
 ID = "018bcfe56800" "000001" "a1b2c3"  # 24 hex: milliseconds, counter, tag
 
@@ -49,7 +50,7 @@ def test_a_json_value_that_is_not_an_object_is_refused(frame):
 def test_an_unknown_frame_type_is_refused_naming_the_type():
     text = str(refusal(json.dumps({"type": "subscribe", "channel": "x"})))
 
-    assert "'subscribe'" in text and "expected ack" in text
+    assert "'subscribe'" in text and "expected ack or refresh" in text
 
 
 def test_a_frame_without_a_type_is_refused():
@@ -156,8 +157,39 @@ def test_a_message_frame_leaves_out_routing_fields():
     assert set(frame) == {"type", "id", "data"}
 
 
-def test_a_hello_frame_names_node_user_and_connection():
-    assert json.loads(hello_frame("10.0.0.1:8001", "alice", "c1")) == {"type": "hello", "node": "10.0.0.1:8001", "user": "alice", "conn": "c1"}
+def test_a_hello_frame_names_node_user_and_connection_and_when_the_token_expires():
+    assert json.loads(hello_frame("10.0.0.1:8001", "alice", "c1", 1_700_003_600, 1_700_000_000.04)) == {
+        "type": "hello", "node": "10.0.0.1:8001", "user": "alice", "conn": "c1", "expires_at": 1_700_003_600, "expires_in": 3600.0}
+
+
+def test_a_hello_frame_of_a_token_without_expiry_says_null():
+    frame = json.loads(hello_frame("10.0.0.1:8001", "alice", "c1"))
+
+    assert frame["expires_at"] is None and frame["expires_in"] is None
+
+
+def test_expires_in_counts_from_the_nodes_clock_and_never_goes_below_zero():
+    assert json.loads(refreshed_frame(1_000, 990.25)) == {"type": "refreshed", "expires_at": 1_000, "expires_in": 9.8}
+    assert json.loads(refreshed_frame(1_000, 1_005.0))["expires_in"] == 0.0
+
+
+def test_a_refresh_error_frame_carries_its_reason():
+    assert json.loads(refresh_error_frame("auth unavailable, try again")) == {"type": "refresh_error", "reason": "auth unavailable, try again"}
+
+
+# --- refresh ----------------------------------------------------------------------------------
+
+
+def test_a_refresh_frame_parses_to_a_refresh_with_its_token():
+    assert parse_client_frame(json.dumps({"type": "refresh", "token": "eyJ.a.b"})) == Refresh("eyJ.a.b")
+
+
+@pytest.mark.parametrize("body", [{"type": "refresh"}, {"type": "refresh", "token": ""}, {"type": "refresh", "token": 12},
+                                  {"type": "refresh", "token": ["eyJ"]}, {"type": "refresh", "token": None}])
+def test_a_refresh_without_a_token_string_is_a_bad_request(body):
+    error = refusal(json.dumps(body))
+
+    assert error.code == CloseCode.BAD_REQUEST and "refresh needs a token" in str(error)
 
 
 def test_a_resumed_frame_reports_since_count_and_truncation():

@@ -56,10 +56,19 @@ def test_the_keys_of_a_connection_are_those_auth_reads_and_its_rule_decides():
 
 
 def test_an_identity_comes_from_a_verify_answer_with_or_without_the_token_fields():
-    assert Identity.from_answer({"user_id": "alice", "expires_at": 9, "token_id": "jti-1", "issued_at_us": 1_000_000}) == ALICE
-    assert Identity.from_answer({"user_id": "alice", "expires_at": 9}) == Identity("alice")  # an auth of an earlier version
+    assert Identity.from_answer({"user_id": "alice", "expires_at": 9, "token_id": "jti-1", "issued_at_us": 1_000_000}) == ALICE._replace(expires_at=9)
+    assert Identity.from_answer({"user_id": "alice", "expires_at": 9}) == Identity("alice", expires_at=9)  # an auth of an earlier version
+    assert Identity.from_answer({"user_id": "alice", "expires_at": True, "issued_at_us": "1"}) == Identity("alice")
     with pytest.raises(TypeError):
         Identity.from_answer({"user_id": 5})
+
+
+def test_an_identity_is_expired_from_its_expiry_on_and_never_without_one():
+    identity = Identity("alice", expires_at=1_000)
+
+    assert not identity.expired(999.9)
+    assert identity.expired(1_000) and identity.expired(1_001)
+    assert not Identity("alice").expired(10**12)
 
 
 def test_recent_revocations_cover_a_connection_that_binds_within_their_window_only():
