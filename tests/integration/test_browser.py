@@ -235,3 +235,34 @@ def test_push_js_gets_a_new_token_after_4401_and_stops_for_good_after_4500(clust
     finally:
         demo.stop()
 
+
+
+@REDIS_ONLY
+def test_push_js_refreshes_its_token_on_the_open_connection_before_it_expires(cluster, pages):
+    demo = DemoPage(cluster, cluster.node_ports)
+    try:
+        page = pages(demo.page_url())
+        page.wait_for_function("window.demo.config !== null")
+        url = f"ws://127.0.0.1:{cluster.node_ports[1]}/ws"
+        user = unique("fresh")
+        # Tokens of 3 s: push.js refreshes each halfway through (refreshAheadMs is more than half).
+        page.evaluate("""([url, user]) => {
+            window.fresh = new PushClient({
+                url, onMessage: (data) => window.fresh.got.push(data),
+                getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify({user, ttl: 3})}).then(r => r.json()).then(a => a.token),
+            });
+            window.fresh.got = [];
+            window.fresh.start();
+        }""", [url, user])
+        page.wait_for_function("window.fresh.state === 'live'")
+        # Three refreshes take at least 4 s: past the first token's expiry and the 1 s grace.
+        page.wait_for_function("window.fresh.stats.refreshes >= 3")
+        stats = page.evaluate("window.fresh.stats")
+        assert stats["connections"] == 1 and stats["attempts"] == 1, f"push.js reconnected instead of refreshing: {stats}"
+        assert stats["tokens"] >= 4
+        demo.send(user, "after the refreshes")
+        page.wait_for_function("window.fresh.got.length >= 1")
+        assert [item["text"] for item in page.evaluate("window.fresh.got")] == ["after the refreshes"]
+        assert page.evaluate("window.fresh.state") == "live" and page.evaluate("window.fresh.stats.connections") == 1
+    finally:
+        demo.stop()

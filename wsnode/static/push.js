@@ -30,6 +30,13 @@
  *                    between half of it and all of it), on the next URL.
  *   The backoff starts over once a connection has stayed live (past its "resumed" frame) for
  *   healthyMs.
+ * - Token refresh: the hello frame says when the connection's token expires (expires_in).  Before
+ *   that (refreshAheadMs before, at most halfway through what is left) it calls getToken() and
+ *   sends the new token ({"type": "refresh", "token": ...}) on the open connection, which goes on
+ *   with it; the node answers "refreshed" with the new expiry, and the next refresh is scheduled
+ *   from it.  When the node could not check the token ("refresh_error": auth unavailable) or
+ *   getToken() failed, it tries again after refreshRetryMs.  Without getToken there is no refresh:
+ *   the node closes the connection with 4401 once the token expired (after TOKEN_EXPIRY_GRACE).
  *
  * Threading: browsers run all of this on the page's one event loop.
  */
@@ -52,6 +59,8 @@
     goAwayJitterMs: 500, // after a 1001, reconnect within this (spreads a drained node's clients)
     connectTimeoutMs: 10000, // a handshake not done in this time counts as a failed connect
     dedupWindow: 10000, // how many message ids are remembered to drop repeats
+    refreshAheadMs: 60000, // refresh the token this long before it expires (at most half its remaining life)
+    refreshRetryMs: 5000, // after a failed refresh (getToken failed, or the node said refresh_error), try again after this
   };
 
   /**
@@ -105,8 +114,9 @@
     this.lastId = options.since || null;
     /** The node of the current connection (from its hello frame), or null. */
     this.node = null;
-    /** Counters, for pages that show them: connects tried, connections that got hello, repeats dropped. */
-    this.stats = { attempts: 0, connections: 0, duplicates: 0, tokens: 0 };
+    /** Counters, for pages that show them: connects tried, connections that got hello, repeats
+     * dropped, tokens got from getToken, refreshes the node took. */
+    this.stats = { attempts: 0, connections: 0, duplicates: 0, tokens: 0, refreshes: 0 };
     this._index = 0;
     this._attempt = 0;
     this._away = {}; // url -> time until which it is skipped
@@ -189,7 +199,7 @@
     }
     this._ws = ws;
     var self = this;
-    var conn = { url: url, resumedAt: 0, hello: false };
+    var conn = { url: url, resumedAt: 0, hello: false, refreshTimer: null };
     var timeout = setTimeout(function () {
       if (self._ws === ws && !conn.hello) {
         try { ws.close(); } catch (e) { /* not open yet */ }
@@ -201,6 +211,7 @@
     };
     ws.onclose = function (event) {
       clearTimeout(timeout);
+      clearTimeout(conn.refreshTimer);
       if (self._ws === ws) self._closed(ws, conn, event.code, event.reason);
     };
     ws.onerror = function () { /* always followed by close, which carries the code */ };
@@ -218,6 +229,12 @@
       this.node = frame.node;
       this.stats.connections += 1;
       this._status({ state: "connected", url: conn.url, user: frame.user, conn: frame.conn });
+      this._scheduleRefresh(ws, conn, frame.expires_in);
+    } else if (frame.type === "refreshed") {
+      this.stats.refreshes += 1;
+      this._scheduleRefresh(ws, conn, frame.expires_in);
+    } else if (frame.type === "refresh_error") {
+      this._refreshLater(ws, conn, this.options.refreshRetryMs);
     } else if (frame.type === "resumed") {
       conn.resumedAt = Date.now();
       this._status({ state: "live", url: conn.url, since: frame.since, replayed: frame.replayed, truncated: frame.truncated });
@@ -238,6 +255,39 @@
       if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ack", id: id }));
     }
     // Other frame types: ignored, as the protocol asks.
+  };
+
+  /** Schedule the refresh of ``conn``'s token, which expires in ``expiresIn`` seconds (by the node's clock). */
+  PushClient.prototype._scheduleRefresh = function (ws, conn, expiresIn) {
+    if (typeof expiresIn !== "number" || !this._getToken) return;
+    var remaining = expiresIn * 1000;
+    this._refreshLater(ws, conn, Math.max(0, remaining - Math.min(this.options.refreshAheadMs, remaining / 2)));
+  };
+
+  PushClient.prototype._refreshLater = function (ws, conn, delay) {
+    clearTimeout(conn.refreshTimer);
+    var self = this;
+    conn.refreshTimer = setTimeout(function () { self._refresh(ws, conn); }, delay);
+  };
+
+  /** Get a new token and send it on the open connection; the next connection uses it too. */
+  PushClient.prototype._refresh = async function (ws, conn) {
+    conn.refreshTimer = null;
+    if (this._ws !== ws || !this._getToken) return;
+    var token = null;
+    try {
+      token = await this._getToken();
+    } catch (e) {
+      token = null;
+    }
+    if (this._ws !== ws || ws.readyState !== 1) return; // closed meanwhile: the reconnect gets its own
+    if (!token) {
+      this._refreshLater(ws, conn, this.options.refreshRetryMs);
+      return;
+    }
+    this.stats.tokens += 1;
+    this._token = token;
+    ws.send(JSON.stringify({ type: "refresh", token: token }));
   };
 
   PushClient.prototype._remember = function (id) {
