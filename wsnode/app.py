@@ -293,15 +293,15 @@ class PushNode:
         except AuthUnavailable as exc:
             log.warning("conn=%s user=%s node=%s token refresh not checked: %s", conn.conn_id, conn.user_id, self.address, exc)
             self.metrics.refresh("unavailable")
-            self._refreshing.discard(conn)
             conn.send([(None, protocol.refresh_error_frame("auth unavailable, try again"))])
             return
+        finally:
+            self._refreshing.discard(conn)
         if identity.user_id != conn.user_id:
             self._refused_refresh(conn, "refresh refused: the token is another user's")
         elif self._recent_revocations.covering(identity, time.monotonic()):
             self._refused_refresh(conn, "refresh refused: token revoked")
         elif self.hub.get(conn.conn_id) is conn and not conn.closing:
-            self._refreshing.discard(conn)
             conn.identity = identity
             self.expiries.set(conn, identity.expires_at)
             self.metrics.refresh("ok")
@@ -309,7 +309,6 @@ class PushNode:
             conn.send([(None, protocol.refreshed_frame(identity.expires_at, time.time()))])
 
     def _refused_refresh(self, conn: PushHandler, why: str) -> None:
-        self._refreshing.discard(conn)
         self.metrics.refresh("rejected")
         if self.hub.get(conn.conn_id) is conn and not conn.closing:
             log.info("conn=%s user=%s node=%s closed with %d: %s", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED, why)

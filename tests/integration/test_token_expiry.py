@@ -6,11 +6,14 @@ goes on, and one that sends a bad, revoked or another user's token is closed wit
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
 
 from tests.integration.conftest import TOKEN_EXPIRY_GRACE
+from tests.integration.test_metrics import scrape, value
 from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
 
@@ -109,3 +112,33 @@ async def test_a_refreshed_connection_is_still_closed_by_a_revocation_of_its_new
     await asyncio.to_thread(cluster.revoke, {"token": new})
 
     assert await client.closed(10) == (CloseCode.UNAUTHORIZED, "token revoked")
+
+
+async def test_while_auth_does_not_answer_a_refresh_gets_refresh_error_and_the_connection_stays(cluster):
+    """Auth stopped (SIGSTOP): the node's check times out (5 s) and it answers ``refresh_error``; a
+    second refresh sent meanwhile is answered ``refresh_error`` at once, without asking auth; once
+    auth answers again a refresh goes through on the same connection."""
+    user = "refresh-auth-down"
+    port = cluster.node_ports[0]
+    before = await asyncio.to_thread(scrape, port)
+    client = await connect(cluster, await token(cluster, user))
+    first, second, third = [await token(cluster, user) for _ in range(3)]  # none checked yet: not in the node's cache
+    os.kill(cluster.auth.pid, signal.SIGSTOP)
+    try:
+        await client.send({"type": "refresh", "token": first})
+        await client.send({"type": "refresh", "token": second})
+        busy = await client.next_frame(timeout=4)
+        assert busy == {"type": "refresh_error", "reason": "a refresh is in flight: wait for its answer"}
+        unavailable = await client.next_frame(timeout=15)
+        assert unavailable == {"type": "refresh_error", "reason": "auth unavailable, try again"}
+    finally:
+        os.kill(cluster.auth.pid, signal.SIGCONT)
+    await client.send({"type": "refresh", "token": third})
+    _, answer = await client.until("refreshed", timeout=15)
+    assert answer["expires_in"] > 3000
+    message_id = await cluster.collect(user, {"after": "auth came back"})
+    assert [frame["id"] for frame in await client.messages(1, timeout=20)] == [message_id]
+    after = await asyncio.to_thread(scrape, port)
+    counted = {outcome: value(after, "push_node_token_refreshes_total", outcome=outcome) - value(before, "push_node_token_refreshes_total", outcome=outcome)
+               for outcome in ("ok", "busy", "unavailable", "rejected")}
+    assert counted == {"ok": 1, "busy": 1, "unavailable": 1, "rejected": 0}
