@@ -30,7 +30,7 @@ app = Celery(
     "push",
     broker=settings.BROKER_URL,
     backend=settings.RESULT_BACKEND,
-    include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts", "tasks.status", "tasks.housekeeping"],
+    include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts", "tasks.status", "tasks.presence", "tasks.housekeeping"],
 )
 
 app.conf.update(
@@ -51,6 +51,7 @@ app.conf.update(
         "tasks.replay": {"queue": DISPATCH_QUEUE},
         "tasks.replay_many": {"queue": DISPATCH_QUEUE},
         "tasks.status": {"queue": DISPATCH_QUEUE},
+        "tasks.presence": {"queue": DISPATCH_QUEUE},
         "tasks.housekeeping": {"queue": DISPATCH_QUEUE},
     },
     # Every task is idempotent (see each one), so a task is acked only once it finished, and one

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
 # redis-py's pool re-creates its connections after a fork, so one client per module is safe under prefork.
-_routes = RouteTable(_redis)
+#: The lease table every task of this worker process reads (Dispatch, tasks.presence).
+routes = RouteTable(_redis)
 
 
 #: How often a worker process declares a node's queue again before publishing to it.
@@ -102,8 +103,8 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
     deliveries = [(m["id"], user) for m in messages if m["to"] != routing.BROADCAST for user in m["to"]]
     # The routed deliveries become pending in the lookup's round trip, before the publish: a batch
     # lost after this is redelivered.
-    routes, live = _routes.lookup(routing.recipients_of(messages), pending.PENDING_KEY, pending.marks(deliveries))
-    per_node = routing.plan(messages, routes, live)
+    found, live = routes.lookup(routing.recipients_of(messages), pending.PENDING_KEY, pending.marks(deliveries))
+    per_node = routing.plan(messages, found, live)
     now = time.time()
     routed = [{"id": e["id"], "user": user, "state": "routed", "at": now} for envelopes in per_node.values() for e in envelopes if e["to"] != routing.BROADCAST for user in e["to"]]
     publish_all([(node, envelopes, {}) for node, envelopes in per_node.items()])

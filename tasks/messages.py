@@ -45,7 +45,7 @@ def not_unicode(text: str) -> str | None:
     return None
 
 
-def _check_user_id(value: object, where: str) -> str:
+def check_user_id(value: object, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidMessage(f"{where} must be a non-empty string user id, got {value!r}")
     if (char := forbidden_character(value)) is not None:
@@ -64,12 +64,12 @@ def recipients(to: object, max_recipients: int) -> str | tuple[str, ...]:
     if to == BROADCAST:
         return BROADCAST
     if isinstance(to, str):
-        return (_check_user_id(to, '"to"'),)
+        return (check_user_id(to, '"to"'),)
     if not isinstance(to, (list, tuple)):
         raise InvalidMessage(f'"to" must be a user id, a list of user ids, or "*", got {type(to).__name__}')
     if not to:
         raise InvalidMessage('"to" is an empty list: name at least one user id')
-    unique = tuple(dict.fromkeys(_check_user_id(user, f'"to"[{i}]') for i, user in enumerate(to)))
+    unique = tuple(dict.fromkeys(check_user_id(user, f'"to"[{i}]') for i, user in enumerate(to)))
     if len(unique) > max_recipients:
         raise InvalidMessage(f'"to" names {len(unique)} users; at most {max_recipients} per message (MAX_RECIPIENTS), split the list')
     return unique

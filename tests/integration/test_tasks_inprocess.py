@@ -124,7 +124,7 @@ def own_routes(redis_server, monkeypatch):
     client = redis_lib.Redis.from_url(redis_server.url(7), socket_timeout=5)
     client.flushdb()
     monkeypatch.setattr(dispatch_module, "_redis", client)
-    monkeypatch.setattr(dispatch_module, "_routes", RouteTable(client))
+    monkeypatch.setattr(dispatch_module, "routes", RouteTable(client))
     yield redis_lib.Redis.from_url(redis_server.url(7), decode_responses=True)
     client.flushdb()
 
