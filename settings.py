@@ -54,6 +54,13 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or greater")
+    return value
+
+
 def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
@@ -139,6 +146,12 @@ BIND_ADDRESS: str = _read(_env, "BIND_ADDRESS", "127.0.0.1", str, "a host name o
 ALLOWED_ORIGINS: tuple[str, ...] = _read(_env, "ALLOWED_ORIGINS", ("*",), _origins, "a comma-separated list of origins, or *")
 #: A route lease (user -> node) lives this long unless its node renews it; renewed every third of it.
 LEASE_TTL: float = _read(_env, "LEASE_TTL", 30.0, _positive_float, "a number of seconds")
+#: Most WebSocket connections one push node holds; past it the node answers new handshakes with
+#: HTTP 503 ("connect to another node").  0: no limit (Centrifugo's ``client_connection_limit``).
+MAX_CONNECTIONS: int = _read(_env, "MAX_CONNECTIONS", 0, _non_negative_int, "a whole number (0 for no limit)")
+#: Most connections one user holds on one push node; past it a new one is closed with 4429.
+#: 0: no limit (Centrifugo's ``client_user_connection_limit``).
+MAX_USER_CONNECTIONS: int = _read(_env, "MAX_USER_CONNECTIONS", 0, _non_negative_int, "a whole number (0 for no limit)")
 #: A push node pings each connection this often, in whole seconds ...
 PING_INTERVAL: int = _read(_env, "PING_INTERVAL", 25, _positive_int, "a whole number of seconds")
 #: ... and closes it (1000, "ping timed out") when its pong has not come this many seconds after

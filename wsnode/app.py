@@ -113,6 +113,8 @@ class PushNode:
         self.pings: PingSchedule[PushHandler] = PingSchedule(settings.PING_INTERVAL, settings.PING_TIMEOUT)
         self.expiries: ExpirySchedule[PushHandler] = ExpirySchedule(settings.TOKEN_EXPIRY_GRACE)
         self._refreshing: set[PushHandler] = set()  # connections whose refresh is being checked
+        self.max_connections = settings.MAX_CONNECTIONS
+        self.max_user_connections = settings.MAX_USER_CONNECTIONS
         self.auth = AuthClient(settings.AUTH_URL, settings.AUTH_CACHE_SECONDS)
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=5,
@@ -210,6 +212,12 @@ class PushNode:
     def origin_allowed(self, origin: str) -> bool:
         return "*" in self._origins or origin.rstrip("/") in self._origins
 
+    @property
+    def full(self) -> bool:
+        """Whether the node holds ``MAX_CONNECTIONS`` connections (new handshakes get 503).  The
+        connections whose handshake is in flight are not counted: a burst may pass it by a few."""
+        return 0 < self.max_connections <= self.hub.connection_count
+
     def new_session(self, since: str | None) -> Session:
         """What a new connection is owed; the live messages it holds during its opening replay are
         bounded by ``CLIENT_QUEUE_MAX_BYTES``, as what a live connection leaves unread is."""
@@ -218,6 +226,9 @@ class PushNode:
     async def attach(self, conn: PushHandler) -> None:
         if self._recent_revocations.covering(conn.identity, time.monotonic()):
             conn.refuse(CloseCode.UNAUTHORIZED, "token revoked", why="token revoked while the connection opened")
+            return
+        if 0 < self.max_user_connections <= self.hub.count_of(conn.user_id):
+            conn.refuse(CloseCode.TOO_MANY_CONNECTIONS, why=f"the user holds {self.max_user_connections} connections here already (MAX_USER_CONNECTIONS)")
             return
         first = self.hub.add(conn)
         if first:

@@ -24,6 +24,9 @@ class CloseCode(enum.IntEnum):
     SLOW_CLIENT = 4008
     #: The token is missing, bad, expired or revoked: get a new token, then reconnect.
     UNAUTHORIZED = 4401
+    #: The user already holds ``MAX_USER_CONNECTIONS`` connections on this node: reconnect with
+    #: backoff (to another node, or once one of the user's connections closed).
+    TOO_MANY_CONNECTIONS = 4429
     #: The client sent a frame that is not a JSON object with a known ``type``, or a bad ``since``.
     BAD_REQUEST = 4500
 
@@ -44,6 +47,7 @@ _REASONS = {
     CloseCode.TRY_AGAIN_LATER: "backend unavailable, try again later",
     CloseCode.SLOW_CLIENT: "client too slow, reconnect with since",
     CloseCode.UNAUTHORIZED: "token missing, bad, expired or revoked",
+    CloseCode.TOO_MANY_CONNECTIONS: "too many connections of this user on this node",
     CloseCode.BAD_REQUEST: "bad request",
 }
 

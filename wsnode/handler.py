@@ -47,7 +47,7 @@ class PushHandler(WebSocketHandler):
         return False
 
     async def prepare(self) -> None:
-        """Before the upgrade: refuse a draining node's requests, check ``since`` and the token.
+        """Before the upgrade: refuse a draining or full node's requests, check ``since`` and the token.
 
         This is ``prepare`` rather than an override of ``get`` because Tornado's ``get`` runs for
         the connection's whole life (it awaits the frame loop): a coroutine of ours around it
@@ -57,6 +57,12 @@ class PushHandler(WebSocketHandler):
             self.node.metrics.rejected(503)
             self.set_status(503)
             self.finish({"error": "node is draining: connect to another node"})
+            return
+        if self.node.full:
+            log.info("conn=%s node=%s rejected with 503: full (%d connections, MAX_CONNECTIONS)", self.conn_id, self.node.address, self.node.hub.connection_count)
+            self.node.metrics.rejected(503)
+            self.set_status(503)
+            self.finish({"error": "node holds as many connections as it may (MAX_CONNECTIONS): connect to another node"})
             return
         try:
             since = protocol.parse_since(self.get_query_argument("since", None))

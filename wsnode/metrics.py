@@ -24,8 +24,8 @@ from wsnode.closecodes import CloseCode
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 #: Label values of ``rejected``: the close codes a refusal uses after the upgrade, and the HTTP
-#: statuses of a refusal before it (403: origin not allowed; 503: the node is draining).
-REJECT_CODES = (CloseCode.UNAUTHORIZED, CloseCode.BAD_REQUEST, CloseCode.TRY_AGAIN_LATER, 403, 503)
+#: statuses of a refusal before it (403: origin not allowed; 503: the node is draining or full).
+REJECT_CODES = (CloseCode.UNAUTHORIZED, CloseCode.TOO_MANY_CONNECTIONS, CloseCode.BAD_REQUEST, CloseCode.TRY_AGAIN_LATER, 403, 503)
 #: Label values of ``closed``: codes the node closes accepted connections with.
 CLOSE_CODES = (CloseCode.GOING_AWAY, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_REQUEST, CloseCode.INTERNAL_ERROR)
 DELIVERY_KINDS = ("live", "replay")

@@ -93,3 +93,9 @@ def test_a_cut_reason_always_fits_in_123_bytes(text):
 def test_a_cut_keeps_as_many_whole_four_byte_characters_as_fit():
     # 2 + 30 * 4 = 122 bytes; the 31st emoji would need bytes 123 to 126.
     assert short_reason("ab" + "😀" * 40) == "ab" + "😀" * 30
+
+
+def test_too_many_connections_is_4429_and_means_reconnect_with_backoff():
+    assert CloseCode.TOO_MANY_CONNECTIONS == 4429
+    assert CloseCode.TOO_MANY_CONNECTIONS.reconnect is True
+    assert len(CloseCode.TOO_MANY_CONNECTIONS.reason.encode()) <= MAX_REASON_BYTES

@@ -1,0 +1,73 @@
+"""``MAX_CONNECTIONS`` and ``MAX_USER_CONNECTIONS`` on a real node: past the node's limit a
+handshake gets HTTP 503 before the upgrade; past a user's, a new connection of that user is closed
+with 4429 while other users connect; both are counted, and a slot freed is usable again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import tornado.httpclient
+
+from tests.integration.test_metrics import scrape, value
+from tests.integration.wsclient import Client
+from wsnode.closecodes import CloseCode
+
+pytestmark = pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
+
+
+async def connect(cluster, port: int, user: str) -> Client:
+    token = await asyncio.to_thread(cluster.token, user)
+    return await Client.connect(cluster.ws_url(port, token), wait_resumed=True)
+
+
+async def refused_before_upgrade(cluster, port: int, user: str) -> tornado.httpclient.HTTPClientError:
+    token = await asyncio.to_thread(cluster.token, user)
+    with pytest.raises(tornado.httpclient.HTTPClientError) as caught:
+        await Client.connect(cluster.ws_url(port, token))
+    return caught.value
+
+
+async def wait_count(port: int, count: int) -> None:
+    for _ in range(100):
+        if value(await asyncio.to_thread(scrape, port), "push_node_connections") == count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the node on {port} never held {count} connections")
+
+
+async def test_a_user_past_max_user_connections_is_closed_with_4429_and_others_are_not(cluster):
+    node = cluster.start_node(MAX_USER_CONNECTIONS=2)
+    tabs = [await connect(cluster, node.port, "limited-user") for _ in range(2)]
+
+    token = await asyncio.to_thread(cluster.token, "limited-user")
+    third = await Client.connect(cluster.ws_url(node.port, token), expect_hello=False)
+    assert await third.closed(10) == (CloseCode.TOO_MANY_CONNECTIONS, "too many connections of this user on this node")
+    other = await connect(cluster, node.port, "limited-other")  # another user is not limited by it
+    # Both tabs still get their messages; once one closes, the user may connect again.
+    message_id = await cluster.collect("limited-user", {"n": 1})
+    for tab in tabs:
+        assert [frame["id"] for frame in await tab.messages(1)] == [message_id]
+    tabs[0].close()
+    await wait_count(node.port, 2)
+    again = await connect(cluster, node.port, "limited-user")
+    assert again.hello["user"] == "limited-user"
+    assert value(await asyncio.to_thread(scrape, node.port), "push_node_rejected_connections_total", code="4429") == 1
+    for client in (tabs[1], other, again):
+        client.close()
+
+
+async def test_a_node_at_max_connections_answers_503_before_the_upgrade_until_one_closes(cluster):
+    node = cluster.start_node(MAX_CONNECTIONS=3)
+    held = [await connect(cluster, node.port, f"full-{n}") for n in range(3)]
+
+    error = await refused_before_upgrade(cluster, node.port, "full-3")
+    assert error.code == 503 and b"MAX_CONNECTIONS" in error.response.body
+    assert value(await asyncio.to_thread(scrape, node.port), "push_node_rejected_connections_total", code="503") == 1
+    other_node = await connect(cluster, cluster.node_ports[0], "full-3")  # the other node takes it
+    held[0].close()
+    await wait_count(node.port, 2)
+    late = await connect(cluster, node.port, "full-3")
+    assert late.hello["node"] == f"127.0.0.1:{node.port}"
+    for client in (*held[1:], other_node, late):
+        client.close()
