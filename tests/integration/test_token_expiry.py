@@ -18,6 +18,11 @@ from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
 
 
+#: Node-side behaviour: one broker is enough (the messages these tests collect are checked on both
+#: elsewhere), and it keeps CI's run shorter.
+pytestmark = pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+
+
 async def token(cluster, user: str, ttl: int | None = None) -> str:
     return await asyncio.to_thread(cluster.token, user, ttl)
 
