@@ -66,12 +66,14 @@ def parse(data: str | bytes) -> Revocation | None:
 
 def covers(revocation: Revocation, identity) -> bool:
     """Whether ``revocation`` revokes the token of ``identity`` (a :class:`~wsnode.auth.Identity`,
-    or None for a connection that has none).  Pure."""
+    or None for a connection that has none).  A token whose issue time auth did not say is taken
+    as issued before any cutoff of its user, as the node's check against the revocation list
+    takes it (``issued_at_us or 0``): a user's revocation closes it rather than leaving it open.  Pure."""
     if identity is None or identity.token_id is None or identity.user_id != revocation.user_id:
         return False
     if revocation.token_id is not None:
         return identity.token_id == revocation.token_id
-    return revocation.cutoff_us is not None and identity.issued_at_us is not None and identity.issued_at_us <= revocation.cutoff_us
+    return revocation.cutoff_us is not None and (identity.issued_at_us or 0) <= revocation.cutoff_us
 
 
 def keys_of(identity) -> tuple[str, str]:

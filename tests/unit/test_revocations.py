@@ -27,6 +27,14 @@ def test_a_user_revocation_covers_the_tokens_issued_up_to_its_cutoff():
     assert not covers(Revocation("bob", cutoff_us=2_000_000), ALICE)
 
 
+def test_a_token_without_an_issue_time_is_covered_by_its_users_revocation_as_the_list_check_covers_it():
+    unknown = Identity("alice", "jti-1", None)
+
+    assert covers(Revocation("alice", cutoff_us=1), unknown)
+    assert revoked_by(None, b"1", unknown.issued_at_us or 0)  # what the node's check against the list does
+    assert not covers(Revocation("bob", cutoff_us=1), unknown)
+
+
 def test_a_connection_without_a_token_id_is_covered_by_nothing():
     assert not covers(Revocation("alice", cutoff_us=2_000_000), Identity("alice"))
     assert not covers(Revocation("alice", cutoff_us=2_000_000), None)
