@@ -516,8 +516,9 @@ class PushNode:
 
     def health(self) -> dict:
         consumer_ok = self._consumer is not None and self._consumer.connected
+        full = self.full
         problems = [text for text, bad in (("Redis unavailable", not self.redis_ok), ("queue consumer not connected to the broker", not consumer_ok),
-                                           ("draining", self.draining)) if bad]
+                                           ("draining", self.draining), ("full: MAX_CONNECTIONS connections", full)) if bad]
         return {
             "ready": not problems,
             "reason": "; ".join(problems) or None,
@@ -525,6 +526,7 @@ class PushNode:
             "redis": self.redis_ok,
             "queue": consumer_ok,
             "draining": self.draining,
+            "full": full,
             "connections": self.hub.connection_count,
             "users": self.hub.user_count,
             "time": time.time(),

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 import tornado.httpclient
 
+from tests.integration.test_metrics import health as healthz
 from tests.integration.test_metrics import scrape, value
 from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
@@ -63,10 +64,15 @@ async def test_a_node_at_max_connections_answers_503_before_the_upgrade_until_on
 
     error = await refused_before_upgrade(cluster, node.port, "full-3")
     assert error.code == 503 and b"MAX_CONNECTIONS" in error.response.body
+    # Not ready for more, so a load balancer sends new ones elsewhere; the held ones go on.
+    status, health = await asyncio.to_thread(healthz, node.port)
+    assert (status, health["ready"], health["full"], health["reason"]) == (503, False, True, "full: MAX_CONNECTIONS connections")
     assert value(await asyncio.to_thread(scrape, node.port), "push_node_rejected_connections_total", code="503") == 1
     other_node = await connect(cluster, cluster.node_ports[0], "full-3")  # the other node takes it
     held[0].close()
     await wait_count(node.port, 2)
+    status, health = await asyncio.to_thread(healthz, node.port)
+    assert (status, health["ready"], health["full"]) == (200, True, False)
     late = await connect(cluster, node.port, "full-3")
     assert late.hello["node"] == f"127.0.0.1:{node.port}"
     for client in (*held[1:], other_node, late):
