@@ -261,7 +261,9 @@
   PushClient.prototype._scheduleRefresh = function (ws, conn, expiresIn) {
     if (typeof expiresIn !== "number" || !this._getToken) return;
     var remaining = expiresIn * 1000;
-    this._refreshLater(ws, conn, Math.max(0, remaining - Math.min(this.options.refreshAheadMs, remaining / 2)));
+    // At least a second apart: a backend that hands out the same token until it expires would
+    // otherwise be asked at ever shorter intervals as the expiry nears.
+    this._refreshLater(ws, conn, Math.max(1000, remaining - Math.min(this.options.refreshAheadMs, remaining / 2)));
   };
 
   PushClient.prototype._refreshLater = function (ws, conn, delay) {
