@@ -5,7 +5,7 @@ Pure: builds kombu objects and parses messages, touches no connection.
 
 - ``collect``: business messages (``tasks.collect``, ``tasks.collect_many``).
 - ``dispatch``: routing (``tasks.dispatch``), replays (``tasks.replay_many``, ``tasks.replay``), receipts
-  (``tasks.receipts``), ``tasks.status`` and ``tasks.housekeeping``: short tasks that must not wait
+  (``tasks.receipts``), ``tasks.status``, ``tasks.presence`` and ``tasks.housekeeping``: short tasks that must not wait
   behind a backlog of business messages.
 - one queue per push node, named by the address the node advertises (``NODE_HOST:PORT``), carrying
   ``wsnode.deliver`` messages: a batch of envelopes for the users that node holds.  A node queue

@@ -214,8 +214,9 @@ class PushNode:
 
     @property
     def full(self) -> bool:
-        """Whether the node holds ``MAX_CONNECTIONS`` connections (new handshakes get 503).  The
-        connections whose handshake is in flight are not counted: a burst may pass it by a few."""
+        """Whether the node holds ``MAX_CONNECTIONS`` connections: new handshakes get 503 before
+        the upgrade, and one whose check was in flight when the node filled is closed with 1013
+        as it binds (:meth:`attach`)."""
         return 0 < self.max_connections <= self.hub.connection_count
 
     def new_session(self, since: str | None) -> Session:
@@ -226,6 +227,9 @@ class PushNode:
     async def attach(self, conn: PushHandler) -> None:
         if self._recent_revocations.covering(conn.identity, time.monotonic()):
             conn.refuse(CloseCode.UNAUTHORIZED, "token revoked", why="token revoked while the connection opened")
+            return
+        if self.full:
+            conn.refuse(CloseCode.TRY_AGAIN_LATER, "node full, connect to another node", why="the node filled while the connection opened (MAX_CONNECTIONS)")
             return
         if 0 < self.max_user_connections <= self.hub.count_of(conn.user_id):
             conn.refuse(CloseCode.TOO_MANY_CONNECTIONS, why=f"the user holds {self.max_user_connections} connections here already (MAX_USER_CONNECTIONS)")
@@ -254,7 +258,7 @@ class PushNode:
         for conn in timed_out:
             self.pings.remove(conn)
             log.info("conn=%s user=%s node=%s closed: no pong within %d s", conn.conn_id, conn.user_id, self.address, settings.PING_TIMEOUT)
-            conn.close(1000, "ping timed out")
+            conn.close_with(CloseCode.PING_TIMED_OUT)
         for conn in to_ping:
             try:
                 conn.ping()

@@ -11,11 +11,16 @@ import enum
 
 
 class CloseCode(enum.IntEnum):
+    #: The client did not answer the node's ping within ``PING_TIMEOUT`` (a dead peer, a frozen
+    #: tab): reconnect with backoff and ``since``.
+    PING_TIMED_OUT = 1000
     #: The node is shutting down or draining: reconnect now, the load balancer sends you elsewhere.
     GOING_AWAY = 1001
     #: A frame larger than ``MAX_FRAME_BYTES`` (Tornado closes with it by itself).
     MESSAGE_TOO_BIG = 1009
-    #: An unexpected error on the node: reconnect with backoff and resume with ``since``.
+    #: Reserved for an unexpected error on the node (reconnect with backoff and resume with
+    #: ``since``); not sent by this version: Tornado aborts a connection whose callback raised
+    #: (the client sees 1006) after the error is logged.
     INTERNAL_ERROR = 1011
     #: A backend (auth, Redis, the worker) is unavailable right now: reconnect with backoff.
     TRY_AGAIN_LATER = 1013
@@ -41,6 +46,7 @@ class CloseCode(enum.IntEnum):
 
 
 _REASONS = {
+    CloseCode.PING_TIMED_OUT: "ping timed out",
     CloseCode.GOING_AWAY: "node shutting down, reconnect elsewhere",
     CloseCode.MESSAGE_TOO_BIG: "frame too big",
     CloseCode.INTERNAL_ERROR: "internal error, reconnect with since",

@@ -27,7 +27,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 #: statuses of a refusal before it (403: origin not allowed; 503: the node is draining or full).
 REJECT_CODES = (CloseCode.UNAUTHORIZED, CloseCode.TOO_MANY_CONNECTIONS, CloseCode.BAD_REQUEST, CloseCode.TRY_AGAIN_LATER, 403, 503)
 #: Label values of ``closed``: codes the node closes accepted connections with.
-CLOSE_CODES = (CloseCode.GOING_AWAY, CloseCode.TRY_AGAIN_LATER, CloseCode.BAD_REQUEST, CloseCode.INTERNAL_ERROR)
+CLOSE_CODES = (CloseCode.PING_TIMED_OUT, CloseCode.GOING_AWAY, CloseCode.TRY_AGAIN_LATER, CloseCode.SLOW_CLIENT, CloseCode.UNAUTHORIZED,
+               CloseCode.BAD_REQUEST)
 DELIVERY_KINDS = ("live", "replay")
 REPLAY_OUTCOMES = ("served", "truncated", "failed")
 #: Outcomes of a client's ``refresh`` (a newer token for its connection): ``ok``; ``rejected`` (bad,
@@ -54,14 +55,15 @@ class NodeMetrics:
         self._disconnects = Counter("push_node_disconnects", "Bound connections that closed, for any reason.", registry=r)
         self._rejected = Counter(
             "push_node_rejected_connections",
-            "Connection attempts refused, by close code (4401 bad token, 4500 bad request, 1013 auth or Redis "
-            "unavailable) or by HTTP status before the upgrade (403 origin not allowed, 503 draining).",
+            "Connection attempts refused, by close code (4401 bad token, 4429 MAX_USER_CONNECTIONS reached, 4500 bad request, "
+            "1013 auth or Redis unavailable, or the node full) or by HTTP status before the upgrade (403 origin not allowed, "
+            "503 draining or MAX_CONNECTIONS reached).",
             ["code"], registry=r,
         )
         self._closed = Counter(
             "push_node_closed_connections",
-            "Bound connections the node closed, by close code (1001 drain, 1013 resume failed or backlog overflow, "
-            "4008 client too slow, 4500 bad client frame).",
+            "Bound connections the node closed, by close code (1000 ping timed out, 1001 drain, 1013 resume failed or "
+            "backlog overflow, 4008 client too slow, 4401 token revoked, expired or its refresh refused, 4500 bad client frame).",
             ["code"], registry=r,
         )
         self._delivered = Counter(

@@ -5,6 +5,8 @@ with 4429 while other users connect; both are counted, and a slot freed is usabl
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 import tornado.httpclient
@@ -77,3 +79,32 @@ async def test_a_node_at_max_connections_answers_503_before_the_upgrade_until_on
     assert late.hello["node"] == f"127.0.0.1:{node.port}"
     for client in (*held[1:], other_node, late):
         client.close()
+
+
+async def test_handshakes_in_flight_when_the_node_fills_are_closed_with_1013_as_they_bind(cluster):
+    """Auth stopped (SIGSTOP) holds two handshakes in their token check, past the 503 check; once
+    auth answers, the first binds and fills the node, and the second is closed with 1013."""
+    node = cluster.start_node(MAX_CONNECTIONS=1)
+    tokens = [await asyncio.to_thread(cluster.token, f"in-flight-{n}") for n in range(2)]
+    os.kill(cluster.auth.pid, signal.SIGSTOP)
+    try:
+        pending = [asyncio.ensure_future(Client.connect(cluster.ws_url(node.port, token), expect_hello=False, timeout=20)) for token in tokens]
+        await asyncio.sleep(1.0)  # both upgraded requests wait in prepare for auth
+    finally:
+        os.kill(cluster.auth.pid, signal.SIGCONT)
+    clients = await asyncio.gather(*pending)
+    outcomes = [await outcome(client) for client in clients]
+    bound = [found for found in outcomes if found[0] == "hello"]
+    assert len(bound) == 1 and bound[0][1] in ("in-flight-0", "in-flight-1"), outcomes
+    assert [found for found in outcomes if found[0] != "hello"] == [(CloseCode.TRY_AGAIN_LATER, "node full, connect to another node")]
+    for client in clients:
+        client.close()
+
+
+async def outcome(client: Client) -> tuple:
+    """``("hello", user)``, or ``(code, reason)`` when the node closed instead."""
+    try:
+        frame = await client.next_frame(10)
+    except ConnectionError:
+        return client.ws.close_code, client.ws.close_reason
+    return frame["type"], frame["user"]
