@@ -231,7 +231,7 @@ class PushNode:
         if self.full:
             conn.refuse(CloseCode.TRY_AGAIN_LATER, "node full, connect to another node", why="the node filled while the connection opened (MAX_CONNECTIONS)")
             return
-        if 0 < self.max_user_connections <= self.hub.count_of(conn.user_id):
+        if 0 < self.max_user_connections <= sum(1 for other in self.hub.of_user(conn.user_id) if not other.closing):
             conn.refuse(CloseCode.TOO_MANY_CONNECTIONS, why=f"the user holds {self.max_user_connections} connections here already (MAX_USER_CONNECTIONS)")
             return
         first = self.hub.add(conn)
@@ -287,6 +287,8 @@ class PushNode:
         """A client sent a newer token for its open connection (``{"type": "refresh"}``): checked
         with auth, off this call; one at a time per connection (another that comes meanwhile is
         answered ``refresh_error``, and auth is not asked)."""
+        if self.hub.get(conn.conn_id) is not conn:
+            return  # refused or closing already: its close handshake may still bring frames
         if conn in self._refreshing:
             self.metrics.refresh("busy")
             conn.send([(None, protocol.refresh_error_frame("a refresh is in flight: wait for its answer"))])
@@ -324,8 +326,8 @@ class PushNode:
             conn.send([(None, protocol.refreshed_frame(identity.expires_at, time.time()))])
 
     def _refused_refresh(self, conn: PushHandler, why: str) -> None:
-        self.metrics.refresh("rejected")
         if self.hub.get(conn.conn_id) is conn and not conn.closing:
+            self.metrics.refresh("rejected")
             log.info("conn=%s user=%s node=%s closed with %d: %s", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED, why)
             conn.close_with(CloseCode.UNAUTHORIZED, short_reason(why))
 
@@ -352,17 +354,19 @@ class PushNode:
     async def _check_revocations(self) -> None:
         """After the revocation listener lost its subscription: close the connections whose token
         was revoked meanwhile, read from the revocation list itself (one MGET per thousand)."""
-        conns = [conn for conn in self.hub.all() if conn.identity is not None and conn.identity.token_id is not None]
+        # Each connection with the identity its keys were read for: a refresh during the read
+        # replaces it with a token auth checked just then, which this read must not judge.
+        pairs = [(conn, conn.identity) for conn in self.hub.all() if conn.identity is not None and conn.identity.token_id is not None]
         self.auth.forget()
         closed = 0
-        for at in range(0, len(conns), 1000):
-            chunk = conns[at:at + 1000]
-            values = await self.redis.mget([key for conn in chunk for key in keys_of(conn.identity)])
-            for conn, by_jti, cutoff in zip(chunk, values[0::2], values[1::2]):
-                if revoked_by(by_jti, cutoff, conn.identity.issued_at_us or 0) and not conn.closing:
+        for at in range(0, len(pairs), 1000):
+            chunk = pairs[at:at + 1000]
+            values = await self.redis.mget([key for _, identity in chunk for key in keys_of(identity)])
+            for (conn, identity), by_jti, cutoff in zip(chunk, values[0::2], values[1::2]):
+                if conn.identity is identity and revoked_by(by_jti, cutoff, identity.issued_at_us or 0) and not conn.closing:
                     self._close_revoked(conn)
                     closed += 1
-        log.info("node=%s checked %d connections against the revocation list: %d revoked", self.address, len(conns), closed)
+        log.info("node=%s checked %d connections against the revocation list: %d revoked", self.address, len(pairs), closed)
 
     def _close_revoked(self, conn: PushHandler) -> None:
         log.info("conn=%s user=%s node=%s closed with %d: token revoked", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED)

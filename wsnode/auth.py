@@ -58,7 +58,9 @@ MAX_TOKEN_CHARS = 4096
 
 class Identity(NamedTuple):
     """What auth says of a good token.  ``token_id`` and ``issued_at_us`` are None from an auth
-    of a version before they were in its answer: such a connection is closed by no revocation.
+    of a version before they were in its answer: a connection without a ``token_id`` is closed by
+    no revocation, and one without ``issued_at_us`` is taken as issued before any cutoff of its
+    user (:func:`wsnode.revocations.covers`).
     ``expires_at`` (unix seconds) is None only from an auth that does not say it: such a
     connection never expires (:mod:`wsnode.expiry`)."""
 

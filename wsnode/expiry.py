@@ -62,7 +62,9 @@ class ExpirySchedule(Generic[C]):
             seconds = sorted(second for second in self._buckets if second <= upto)
         else:
             seconds = [second for second in range(self._checked + 1, upto + 1) if second in self._buckets]
-        self._checked = upto if self._checked is None else max(upto, self._checked)
+        # A clock that went back moves the mark back with it: nothing at or before the old mark is
+        # left in the buckets, and a deadline set now must come due by the clock as it is.
+        self._checked = upto
         out: list[C] = []
         for second in seconds:
             for conn in self._buckets.pop(second):

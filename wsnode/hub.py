@@ -45,10 +45,6 @@ class Hub:
         """A copy, so a caller may close connections while it iterates."""
         return list(self._by_user.get(user_id, {}).values())
 
-    def count_of(self, user_id: str) -> int:
-        """How many connections ``user_id`` holds here (no copy)."""
-        return len(self._by_user.get(user_id, ()))
-
     def all(self) -> list[Connection]:
         return list(self._by_id.values())
 

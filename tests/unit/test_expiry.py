@@ -101,6 +101,16 @@ def test_a_clock_that_goes_back_neither_loses_nor_repeats_a_connection():
     assert schedule.due(T + 6) == []
 
 
+def test_a_deadline_set_after_the_clock_went_back_comes_due_by_the_clock_as_it_is():
+    schedule = ExpirySchedule(grace=0)
+    schedule.due(T + 3600)
+    schedule.due(T)  # the clock was set back an hour
+    schedule.set("a", T + 10)
+
+    assert schedule.due(T + 9) == []
+    assert schedule.due(T + 10) == ["a"]
+
+
 def test_many_connections_in_one_second_are_all_due_together():
     schedule = ExpirySchedule(grace=0)
     for index in range(1000):

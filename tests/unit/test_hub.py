@@ -171,11 +171,3 @@ def test_iterating_the_hub_while_removing_is_safe():
 
     assert hub.connection_count == 0
 
-
-def test_count_of_says_how_many_connections_a_user_holds_here():
-    first, second, other = Conn("c1", "alice"), Conn("c2", "alice"), Conn("c3", "bob")
-    hub = hub_with(first, second, other)
-
-    assert (hub.count_of("alice"), hub.count_of("bob"), hub.count_of("carol")) == (2, 1, 0)
-    hub.remove(first)
-    assert hub.count_of("alice") == 1

@@ -128,6 +128,9 @@
     this._state = "idle";
   }
 
+  /** The longest delay setTimeout takes as it is (a longer one fires at once). */
+  var MAX_TIMER_MS = 2147483647;
+
   PushClient.closePolicy = closePolicy;
   PushClient.backoffDelay = backoffDelay;
   PushClient.DEFAULTS = DEFAULTS;
@@ -269,7 +272,12 @@
   PushClient.prototype._refreshLater = function (ws, conn, delay) {
     clearTimeout(conn.refreshTimer);
     var self = this;
-    conn.refreshTimer = setTimeout(function () { self._refresh(ws, conn); }, delay);
+    // setTimeout runs a delay past 2^31 - 1 ms (24.8 days) at once: a longer one re-arms from there.
+    var step = Math.min(delay, MAX_TIMER_MS);
+    conn.refreshTimer = setTimeout(function () {
+      if (step < delay) self._refreshLater(ws, conn, delay - step);
+      else self._refresh(ws, conn);
+    }, step);
   };
 
   /** Get a new token and send it on the open connection; the next connection uses it too. */
@@ -290,6 +298,8 @@
     this.stats.tokens += 1;
     this._token = token;
     ws.send(JSON.stringify({ type: "refresh", token: token }));
+    // Its answer ("refreshed" or "refresh_error") replaces this; without one, it is sent again.
+    this._refreshLater(ws, conn, this.options.refreshRetryMs + this.options.connectTimeoutMs);
   };
 
   PushClient.prototype._remember = function (id) {
