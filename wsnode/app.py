@@ -328,8 +328,7 @@ class PushNode:
     def _refused_refresh(self, conn: PushHandler, why: str) -> None:
         if self.hub.get(conn.conn_id) is conn and not conn.closing:
             self.metrics.refresh("rejected")
-            log.info("conn=%s user=%s node=%s closed with %d: %s", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED, why)
-            conn.close_with(CloseCode.UNAUTHORIZED, short_reason(why))
+            self._close_unauthorized(conn, why)
 
     def _close_expired(self) -> None:
         """Every second: close the connections whose token expired ``TOKEN_EXPIRY_GRACE`` seconds
@@ -337,9 +336,7 @@ class PushNode:
         for conn in self.expiries.due(time.time()):
             if conn.closing:
                 continue
-            log.info("conn=%s user=%s node=%s closed with %d: token expired at %s and was not refreshed", conn.conn_id, conn.user_id,
-                     self.address, CloseCode.UNAUTHORIZED, conn.identity.expires_at)
-            conn.close_with(CloseCode.UNAUTHORIZED, "token expired")
+            self._close_unauthorized(conn, "token expired", why=f"token expired at {conn.identity.expires_at} and was not refreshed")
 
     def _on_revocation(self, revocation: Revocation) -> None:
         """Auth revoked a token, or every token of a user up to now: close the connections here
@@ -349,7 +346,7 @@ class PushNode:
         self._recent_revocations.add(revocation, time.monotonic())
         for conn in self.hub.of_user(revocation.user_id):
             if covers(revocation, conn.identity):
-                self._close_revoked(conn)
+                self._close_unauthorized(conn, "token revoked")
 
     async def _check_revocations(self) -> None:
         """After the revocation listener lost its subscription: close the connections whose token
@@ -364,13 +361,15 @@ class PushNode:
             values = await self.redis.mget([key for _, identity in chunk for key in keys_of(identity)])
             for (conn, identity), by_jti, cutoff in zip(chunk, values[0::2], values[1::2]):
                 if conn.identity is identity and revoked_by(by_jti, cutoff, identity.issued_at_us or 0) and not conn.closing:
-                    self._close_revoked(conn)
+                    self._close_unauthorized(conn, "token revoked")
                     closed += 1
         log.info("node=%s checked %d connections against the revocation list: %d revoked", self.address, len(pairs), closed)
 
-    def _close_revoked(self, conn: PushHandler) -> None:
-        log.info("conn=%s user=%s node=%s closed with %d: token revoked", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED)
-        conn.close_with(CloseCode.UNAUTHORIZED, "token revoked")
+    def _close_unauthorized(self, conn: PushHandler, reason: str, why: str | None = None) -> None:
+        """Close a bound connection with 4401 and ``reason`` (what the client sees), logged with
+        ``why`` (default: the reason)."""
+        log.info("conn=%s user=%s node=%s closed with %d: %s", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED, why or reason)
+        conn.close_with(CloseCode.UNAUTHORIZED, short_reason(reason))
 
     async def _release_leases(self, left: list[str]) -> None:
         """Release the leases of the users who left, many per round trip (thousands leave at once

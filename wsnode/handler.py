@@ -53,16 +53,11 @@ class PushHandler(WebSocketHandler):
         the connection's whole life (it awaits the frame loop): a coroutine of ours around it
         would stay in memory for every connection."""
         if self.node.draining:
-            log.info("conn=%s node=%s rejected with 503: draining", self.conn_id, self.node.address)
-            self.node.metrics.rejected(503)
-            self.set_status(503)
-            self.finish({"error": "node is draining: connect to another node"})
+            self._unavailable("draining", "node is draining: connect to another node")
             return
         if self.node.full:
-            log.info("conn=%s node=%s rejected with 503: full (%d connections, MAX_CONNECTIONS)", self.conn_id, self.node.address, self.node.hub.connection_count)
-            self.node.metrics.rejected(503)
-            self.set_status(503)
-            self.finish({"error": "node holds as many connections as it may (MAX_CONNECTIONS): connect to another node"})
+            self._unavailable(f"full ({self.node.hub.connection_count} connections, MAX_CONNECTIONS)",
+                              "node holds as many connections as it may (MAX_CONNECTIONS): connect to another node")
             return
         try:
             since = protocol.parse_since(self.get_query_argument("since", None))
@@ -76,6 +71,14 @@ class PushHandler(WebSocketHandler):
         except AuthUnavailable as exc:
             log.warning("conn=%s refused, auth unavailable: %s", self.conn_id, exc)
             self._refusal = (CloseCode.TRY_AGAIN_LATER, CloseCode.TRY_AGAIN_LATER.reason)
+
+    def _unavailable(self, why: str, error: str) -> None:
+        """Refuse the handshake with HTTP 503 before the upgrade: logged with ``why``, counted,
+        ``error`` in the body."""
+        log.info("conn=%s node=%s rejected with 503: %s", self.conn_id, self.node.address, why)
+        self.node.metrics.rejected(503)
+        self.set_status(503)
+        self.finish({"error": error})
 
     async def open(self) -> None:
         self._forget_handshake()
