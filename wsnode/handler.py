@@ -3,8 +3,9 @@
 Loop thread only.  Lifecycle (Tornado's): ``prepare`` runs before the upgrade and checks ``since``
 and the token; ``open`` drops what only the handshake needed, then binds the connection through
 the node, or closes it at once with the code the check chose (4401 bad token, 4500 bad request,
-1013 auth unavailable); ``on_message`` only runs after ``open`` finished, records acks and hands
-token refreshes to the node; ``on_close`` unbinds.
+1013 auth unavailable); ``on_message`` only runs after ``open`` finished, records acks (at most one
+per message frame written, plus an allowance: :mod:`wsnode.acks`) and hands token refreshes to
+the node; ``on_close`` unbinds.
 Every refusal is logged with its reason and counted in the node's metrics by close code (or HTTP
 status, before the upgrade); so is every close the node makes.  No token is ever logged (the token is only in the query string, which no log line shows).
 """
@@ -19,6 +20,7 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from wsnode import protocol, reader, wire
+from wsnode.acks import ACK_ALLOWANCE, AckBudget
 from wsnode.auth import AuthRejected, AuthUnavailable, Identity
 from wsnode.closecodes import CloseCode, short_reason
 from wsnode.session import Session
@@ -33,6 +35,7 @@ class PushHandler(WebSocketHandler):
         self.user_id: str | None = None
         self.identity: Identity | None = None  # the token's, for revocations (wsnode.revocations)
         self.session: Session | None = None
+        self.acks = AckBudget()
         self._refusal: tuple[CloseCode, str] | None = None
 
     def get_websocket_protocol(self):
@@ -99,16 +102,29 @@ class PushHandler(WebSocketHandler):
         self._headers = httputil.HTTPHeaders()  # the response's, sent already (Tornado has no public way to drop them)
 
     def on_message(self, message: str | bytes) -> None:
+        """One frame from the client.  The frames that one read from the socket brought are all
+        handled (:mod:`wsnode.reader`), also after one of them closed the connection: a bad frame
+        closes (and is logged and counted) once, and an ack that came before the client saw the
+        close frame is still recorded."""
         try:
             frame = protocol.parse_client_frame(message)
         except protocol.ProtocolError as exc:
-            log.info("conn=%s user=%s node=%s closed with %d: %s", self.conn_id, self.user_id, self.node.address, exc.code, exc)
-            self.close_with(exc.code, exc.reason)
+            self._close_for_frame(exc.code, str(exc), exc.reason)
             return
         if isinstance(frame, protocol.Refresh):
             self.node.refresh(self, frame.token)
             return
+        if not self.acks.take():
+            self._close_for_frame(CloseCode.BAD_REQUEST, f"an ack past the message frames written to it (and {ACK_ALLOWANCE} more)",
+                                  "more acks than messages sent on this connection")
+            return
         self.node.receipts.add(frame.id, self.user_id)
+
+    def _close_for_frame(self, code: CloseCode, why: str, reason: str) -> None:
+        if self.closing:
+            return  # closed already, by an earlier frame of the same read or by the node
+        log.info("conn=%s user=%s node=%s closed with %d: %s", self.conn_id, self.user_id, self.node.address, code, why)
+        self.close_with(code, reason)
 
     def on_pong(self, data: bytes) -> None:
         self.node.pings.pong(self)
@@ -143,6 +159,7 @@ class PushHandler(WebSocketHandler):
             return []
         written = [message_id for message_id, _ in frames if message_id is not None]
         if written:
+            self.acks.written(len(written))
             self.node.receipts.add_many(written, self.user_id, "written")
         return written
 

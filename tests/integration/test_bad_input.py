@@ -18,6 +18,8 @@ from auth.tokens import issue
 from tasks.queues import node_queue
 from tests.integration.conftest import Cluster, start_or_explain
 from tests.integration.wsclient import Client
+from tests.integration.test_metrics import scrape, value
+from wsnode.acks import ACK_ALLOWANCE
 from wsnode.closecodes import CloseCode
 
 
@@ -108,6 +110,33 @@ async def test_an_oversize_frame_closes_with_1009(cluster):
     await client.send({"type": "ack", "id": "x" * 10_000})
     code, _ = await client.closed()
     assert code == CloseCode.MESSAGE_TOO_BIG
+
+
+def _closed_with(port: int, code: CloseCode) -> float:
+    return value(scrape(port), "push_node_closed_connections_total", code=str(int(code)))
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the node's own check: one broker is enough
+async def test_acks_past_the_messages_written_and_the_allowance_close_with_4500_once(cluster):
+    port = cluster.node_ports[0]
+    client = await cluster.connect("over-acker", port)
+    # Acks of messages this connection never got (a client that acks on a new connection what it
+    # read on the previous one): up to ACK_ALLOWANCE of them are recorded.
+    for n in range(ACK_ALLOWANCE):
+        await client.send({"type": "ack", "id": f"{n + 1:024x}"})
+    # Still open: a message comes, and the client acks it (auto_ack), which its frame allowed.
+    message_id = await cluster.collect("over-acker", {"n": 1})
+    assert [frame["id"] for frame in await client.messages(1)] == [message_id]
+    closes_before = await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST)
+
+    # One ack more than that, with more right behind it (written at once, not awaited): one close,
+    # logged and counted once.
+    for n in range(200, 260):
+        client.ws.write_message(json.dumps({"type": "ack", "id": f"{n:024x}"}))
+    code, reason = await client.closed()
+
+    assert (code, reason) == (CloseCode.BAD_REQUEST, "more acks than messages sent on this connection")
+    assert await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST) == closes_before + 1
 
 
 async def test_a_since_that_is_not_a_message_id_closes_with_4500(cluster):
