@@ -139,6 +139,20 @@ async def test_acks_past_the_messages_written_and_the_allowance_close_with_4500_
     assert await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST) == closes_before + 1
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_bad_frames_written_together_close_once_and_count_once(cluster):
+    port = cluster.node_ports[1]
+    client = await cluster.connect("bad-frames-together", port)
+    closes_before = await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST)
+
+    for n in range(20):
+        client.ws.write_message(f"not json {n}")
+    code, reason = await client.closed()
+
+    assert (code, reason) == (CloseCode.BAD_REQUEST, "frame is not JSON")
+    assert await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST) == closes_before + 1
+
+
 async def test_a_since_that_is_not_a_message_id_closes_with_4500(cluster):
     token = await asyncio.to_thread(cluster.token, "bad-since")
     code, reason = await _refused(cluster, cluster.ws_url(cluster.node_ports[0], token, since="yesterday"))
