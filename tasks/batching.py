@@ -82,3 +82,49 @@ class FlushGate:
         """Forget the running batches: the consumer restarted, and those batches' requests are
         the broker's again (their results still come back, and are ignored here)."""
         self._running.clear()
+
+
+class LostRequests:
+    """The requests whose batch died with its pool process (SIGKILL, the OOM killer), by task id,
+    and how many times.  Pure; the worker's main process.
+
+    A batch lost that way goes back to the queue whole (``task_reject_on_worker_lost``), and its
+    requests come back under the same ids.  If one of them is what kills the process (its data
+    makes the process run out of memory, say), every batch it is in dies again, with the
+    requests beside it: they would go round with it for ever.  So a request seen lost before is
+    run in a batch of its own (:meth:`suspect`), which leaves the others to run, and one lost
+    ``fail_after`` times in all, the last time alone, is failed instead of put back
+    (:meth:`lost` says which), as Celery fails a task whose process died when it does not
+    requeue it.  At most ``most`` ids are remembered, the oldest forgotten first; an id is
+    forgotten once its batch returns.  Counts live in this process: a worker restart clears them.
+    """
+
+    def __init__(self, fail_after: int = 3, most: int = 10_000) -> None:
+        self.fail_after = max(1, fail_after)
+        self._most = most
+        self._lost: dict[str, int] = {}
+
+    def suspect(self, request_id: str) -> bool:
+        """Whether the request's batch was lost before: it runs alone."""
+        return request_id in self._lost
+
+    def lost(self, request_ids: Sequence[str]) -> set[str]:
+        """A batch of these requests died with its pool process; returns those not to put back
+        (lost ``fail_after`` times, alone in this batch)."""
+        for request_id in request_ids:
+            self._lost[request_id] = self._lost.pop(request_id, 0) + 1  # newest last
+        while len(self._lost) > self._most:
+            del self._lost[next(iter(self._lost))]
+        if len(request_ids) == 1 and self._lost.get(request_ids[0], 0) >= self.fail_after:
+            del self._lost[request_ids[0]]
+            return {request_ids[0]}
+        return set()
+
+    def returned(self, request_ids: Sequence[str]) -> None:
+        """A batch of these requests returned (ran, or failed with an error of its own)."""
+        if self._lost:
+            for request_id in request_ids:
+                self._lost.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._lost)

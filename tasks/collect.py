@@ -57,11 +57,12 @@ from celery.utils.time import get_exponential_backoff_interval, timezone
 from celery.worker import state as worker_state
 from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
+from billiard.einfo import ExceptionInfo
 from kombu.asynchronous.timer import to_timestamp
 
 import settings
 from tasks import links, messages as validation, redis_transport, taskmessages
-from tasks.batching import FlushGate, chunks
+from tasks.batching import FlushGate, LostRequests, chunks
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
@@ -80,6 +81,12 @@ MAX_REQUEST_DEPTH = 200
 ETA_SLACK = 0.005
 
 log = logging.getLogger(__name__)
+
+
+class LostWithItsProcess(Exception):
+    """The result of a request that the worker's pool process died running, several times, the
+    last time with the request alone in its batch: it is failed rather than run again
+    (:class:`tasks.batching.LostRequests`)."""
 
 
 class _ProcessState:
@@ -197,6 +204,7 @@ class CollectBatches(Batches):
     def __init__(self) -> None:
         super().__init__()
         self._gate = FlushGate()
+        self._lost = LostRequests()
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
         self._consumer = None  # the worker's consumer (its timer and prefetch window), once started
         self._announced: set[str] = set()  # ids of the requests held for their eta: task-received sent
@@ -396,12 +404,17 @@ class CollectBatches(Batches):
         # request's ``revoked()`` logs it, stores REVOKED, sends ``task-revoked`` and acks it.
         # A request with a ``countdown`` or ``eta`` comes here when it is due (_do_flush), so one
         # revoked while it waits is dropped too.
-        live = []
+        # A request whose batch died with its pool process before runs alone, so that if it is
+        # what kills the process it no longer takes other requests with it (LostRequests).
+        live, alone = [], []
         for req in requests:
             if req.revoked():
                 self._announced.discard(req.id)
             else:
-                live.append((req, links.CollectRequest.from_request(req)))
+                (alone if self._lost.suspect(req.id) else live).append((req, links.CollectRequest.from_request(req)))
+        for pair in alone:
+            log.warning("%s %s: its batch was lost with its pool process before; it runs alone", self.name, pair[0].id)
+            self._run_in_pool([pair])
         for batch in chunks(live, lambda pair: _messages_in(pair[1]), self.batch_messages):
             self._run_in_pool(batch)
 
@@ -424,6 +437,7 @@ class CollectBatches(Batches):
 
         def on_return(_nothing) -> None:
             try:
+                self._lost.returned([req.id for req in requests])
                 for req in requests:
                     worker_state.task_ready(req)
                 redis_transport.acknowledge(requests)
@@ -436,12 +450,17 @@ class CollectBatches(Batches):
             # puts it back on its queue at once (task_reject_on_worker_lost; before, it waited
             # unacknowledged for VISIBILITY_TIMEOUT on Redis, and on RabbitMQ until the worker's
             # connection closed); a time limit fails it with TimeLimitExceeded and acks it.
+            # One lost alone too often (LostRequests) is failed with LostWithItsProcess instead.
             try:
                 exc = getattr(exc_info.exception, "exc", exc_info.exception)  # billiard's ExceptionWithTraceback wraps it
                 log.error("%s: a batch of %d requests was lost with its pool process (%r); %s", self.name, len(requests), exc,
                           "they go back to the queue" if isinstance(exc, WorkerLostError) else "they fail")
+                doomed = self._lost.lost([req.id for req in requests]) if isinstance(exc, WorkerLostError) else set()
                 for req in requests:
-                    req.on_failure(exc_info, return_ok=True)  # return_ok: logged once above, not once per request; task_ready too
+                    if req.id in doomed:
+                        req.on_failure(_lost_too_often(self.name, req.id, self._lost.fail_after), return_ok=False)
+                    else:
+                        req.on_failure(exc_info, return_ok=True)  # return_ok: logged once above, not once per request; task_ready too
             finally:
                 self._batch_done(token)
 
@@ -455,6 +474,17 @@ class CollectBatches(Batches):
         return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost,
                                       timeout_callback=on_timeout, soft_timeout=self.soft_time_limit or conf.task_soft_time_limit,
                                       timeout=self.time_limit or conf.task_time_limit)
+
+
+def _lost_too_often(task_name: str, request_id: str, times: int) -> ExceptionInfo:
+    """The failure of a request lost with its pool process ``times`` times (logged here)."""
+    text = (f"the worker's pool process died {times} times while running this request, the last time with it alone in its "
+            "batch (killed, or out of memory?): it is not run again; send it again once what kills the process is fixed")
+    log.error("%s %s: %s", task_name, request_id, text)
+    try:
+        raise LostWithItsProcess(text)
+    except LostWithItsProcess:
+        return ExceptionInfo()
 
 
 def _send_received(req) -> None:

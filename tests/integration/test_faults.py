@@ -230,3 +230,52 @@ async def test_a_batch_past_the_workers_hard_time_limit_fails_its_requests_and_t
     assert all(len(ids) == 1000 for ids in results if isinstance(ids, list))
     assert len(failed) < len(sent)  # the others ran, on the pool processes that replaced the stopped ones
     assert cluster.worker.alive
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def poisoned_cluster(request, tmp_path):
+    """A private worker (no nodes) whose pool processes die on a request with data
+    ``{"poison": "kill"}`` (``tests/integration/poison.py``); its Redis broker gives a task taken
+    by a dead worker back only after 300 s, so what comes back came back at once."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)
+    cluster = Cluster(redis_server, tmp_path, broker_url=broker_url_for(request.param, redis_server, request), auth_port=launcher.free_port(),
+                      VISIBILITY_TIMEOUT=300)
+    cluster.broker = request.param
+    start_or_explain(cluster, nodes=0, options=["--include=tests.integration.poison"])
+    yield cluster
+    cluster.stop()
+
+
+async def test_a_request_that_kills_its_pool_process_is_failed_alone_and_the_requests_beside_it_run(poisoned_cluster):
+    """A request that kills the pool process running it (out of memory, say) took its whole batch
+    with it each time, and the batch went back to the queue: the requests beside it went round
+    with it for ever.  Now the requests of a lost batch come back one per batch, and one lost
+    three times, the last two alone, fails with ``LostWithItsProcess``."""
+    cluster = poisoned_cluster
+    pool = psutil.Process(cluster.worker.pid).children()
+    for process in pool:
+        process.suspend()  # the first request waits in the pool; those after it gather into one batch
+    first = cluster.send(to="bystander-first", data={"n": -1})
+    await asyncio.sleep(0.3)
+    poison = cluster.send(to="poison-victim", data={"poison": "kill"})
+    beside = [cluster.send(to=f"bystander-{n}", data={"n": n}) for n in range(20)]
+    await asyncio.sleep(0.3)
+    for process in pool:
+        process.resume()
+
+    ids = [await cluster.result(result, 60) for result in [first, *beside]]
+    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 21
+    failure = await asyncio.to_thread(_failure_of, cluster, poison, 60)
+    assert type(failure).__name__ == "LostWithItsProcess" and "not run again" in str(failure)
+    log = cluster._log("worker").read_text(errors="replace")
+    assert log.count("requests was lost with its pool process") == 3, "the poison's batch, then the poison alone twice"
+    assert "runs alone" in log
+    assert cluster.worker.alive
+
+
+def _failure_of(cluster, result, timeout: float) -> BaseException:
+    with cluster._results_lock:  # as Cluster.result: Celery's result consumer is not thread-safe
+        result.get(timeout=timeout, propagate=False)
+    assert result.state == "FAILURE", (result.state, result.result)
+    return result.result

@@ -1,0 +1,41 @@
+"""Pure tests of ``tasks.batching.LostRequests``: which requests run alone after their batch died
+with its pool process, and which are failed instead of put back."""
+
+from __future__ import annotations
+
+from tasks.batching import LostRequests
+
+
+def test_the_requests_of_a_lost_batch_are_suspects_and_one_that_returns_is_forgotten():
+    lost = LostRequests()
+    assert lost.lost(["a", "b", "c"]) == set()
+    assert [lost.suspect(i) for i in "abcd"] == [True, True, True, False]
+    lost.returned(["b"])
+    assert not lost.suspect("b") and lost.suspect("a") and len(lost) == 2
+
+
+def test_a_request_lost_fail_after_times_the_last_time_alone_is_failed_once():
+    lost = LostRequests(fail_after=3)
+    assert lost.lost(["poison", "x", "y"]) == set()
+    lost.returned(["x"])
+    lost.returned(["y"])
+    assert lost.lost(["poison"]) == set()
+    assert lost.lost(["poison"]) == {"poison"}
+    assert not lost.suspect("poison") and len(lost) == 0
+
+
+def test_a_request_lost_often_but_never_alone_is_put_back():
+    lost = LostRequests(fail_after=2)
+    for _ in range(4):
+        assert lost.lost(["p", "q"]) == set()  # two in the batch: neither is known to be the cause
+    assert lost.lost(["p"]) == {"p"}
+    assert lost.suspect("q")
+
+
+def test_at_most_so_many_ids_are_kept_the_oldest_forgotten_first():
+    lost = LostRequests(most=3)
+    lost.lost(["a", "b"])
+    lost.lost(["c"])
+    lost.lost(["a"])  # seen again: now the newest
+    lost.lost(["d"])
+    assert [i for i in "abcd" if lost.suspect(i)] == ["a", "c", "d"]
