@@ -95,8 +95,11 @@ class LostRequests:
     run in a batch of its own (:meth:`suspect`), which leaves the others to run, and one lost
     ``fail_after`` times in all, the last time alone, is failed instead of put back
     (:meth:`lost` says which), as Celery fails a task whose process died when it does not
-    requeue it.  At most ``most`` ids are remembered, the oldest forgotten first; an id is
-    forgotten once its batch returns.  Counts live in this process: a worker restart clears them.
+    requeue it.  Running the requests of a lost batch one by one costs a batch each, once.  At
+    most ``most`` ids are remembered, the oldest forgotten first; an id is forgotten once its
+    batch returns or it fails otherwise.  Counts live in this process: a worker restart clears
+    them, and a request put back may be taken by another worker, which starts from nothing (with
+    W workers, a request that kills its process can take up to W batches with it).
     """
 
     def __init__(self, fail_after: int = 3, most: int = 10_000) -> None:

@@ -410,6 +410,7 @@ class CollectBatches(Batches):
         for req in requests:
             if req.revoked():
                 self._announced.discard(req.id)
+                self._lost.returned((req.id,))
             else:
                 (alone if self._lost.suspect(req.id) else live).append((req, links.CollectRequest.from_request(req)))
         for pair in alone:
@@ -450,12 +451,21 @@ class CollectBatches(Batches):
             # puts it back on its queue at once (task_reject_on_worker_lost; before, it waited
             # unacknowledged for VISIBILITY_TIMEOUT on Redis, and on RabbitMQ until the worker's
             # connection closed); a time limit fails it with TimeLimitExceeded and acks it.
-            # One lost alone too often (LostRequests) is failed with LostWithItsProcess instead.
+            # One lost alone too often (LostRequests) is failed with LostWithItsProcess instead;
+            # pool processes that die while the worker shuts down count against no request.
             try:
                 exc = getattr(exc_info.exception, "exc", exc_info.exception)  # billiard's ExceptionWithTraceback wraps it
+                ids = [req.id for req in requests]
+                if not isinstance(exc, WorkerLostError):
+                    self._lost.returned(ids)  # they fail, and are not put back
+                    doomed = set()
+                elif worker_state.should_terminate or worker_state.should_stop:
+                    doomed = set()
+                else:
+                    doomed = self._lost.lost(ids)
                 log.error("%s: a batch of %d requests was lost with its pool process (%r); %s", self.name, len(requests), exc,
-                          "they go back to the queue" if isinstance(exc, WorkerLostError) else "they fail")
-                doomed = self._lost.lost([req.id for req in requests]) if isinstance(exc, WorkerLostError) else set()
+                          "they fail" if not isinstance(exc, WorkerLostError) else
+                          "it fails, not run again" if doomed else "they go back to the queue")
                 for req in requests:
                     if req.id in doomed:
                         req.on_failure(_lost_too_often(self.name, req.id, self._lost.fail_after), return_ok=False)

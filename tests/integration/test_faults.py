@@ -269,8 +269,13 @@ async def test_a_request_that_kills_its_pool_process_is_failed_alone_and_the_req
     failure = await asyncio.to_thread(_failure_of, cluster, poison, 60)
     assert type(failure).__name__ == "LostWithItsProcess" and "not run again" in str(failure)
     log = cluster._log("worker").read_text(errors="replace")
-    assert log.count("requests was lost with its pool process") == 3, "the poison's batch, then the poison alone twice"
-    assert "runs alone" in log
+    losses = [line for line in log.splitlines() if "requests was lost with its pool process" in line]
+    assert len(losses) == 3, "the poison's batch, then the poison alone twice"
+    assert "a batch of 1 requests" not in losses[0], "the poison was not in a batch with others: nothing shows they were spared"
+    assert "a batch of 1 requests" in losses[1] and "a batch of 1 requests" in losses[2] and "not run again" in losses[2]
+    # The requests beside it ran alone, once each, and are not suspects any more.
+    alone = [line for line in log.splitlines() if "it runs alone" in line]
+    assert any(result.id in line for line in alone for result in beside)
     assert cluster.worker.alive
 
 

@@ -25,6 +25,7 @@ def test_a_request_lost_fail_after_times_the_last_time_alone_is_failed_once():
 
 
 def test_a_request_lost_often_but_never_alone_is_put_back():
+    # (In the worker both run alone after their first loss; this pins the rule itself.)
     lost = LostRequests(fail_after=2)
     for _ in range(4):
         assert lost.lost(["p", "q"]) == set()  # two in the batch: neither is known to be the cause
