@@ -47,6 +47,7 @@ import time
 import traceback
 import uuid
 
+from billiard.einfo import ExceptionInfo
 from celery import Task, states
 from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.result import EagerResult
@@ -57,7 +58,6 @@ from celery.utils.time import get_exponential_backoff_interval, timezone
 from celery.worker import state as worker_state
 from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
-from billiard.einfo import ExceptionInfo
 from kombu.asynchronous.timer import to_timestamp
 
 import settings
