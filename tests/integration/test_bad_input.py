@@ -18,7 +18,7 @@ from auth.tokens import issue
 from tasks.queues import node_queue
 from tests.integration.conftest import Cluster, start_or_explain
 from tests.integration.wsclient import Client
-from tests.integration.test_metrics import scrape, value
+from tests.integration.test_metrics import closes
 from wsnode.acks import ACK_ALLOWANCE
 from wsnode.closecodes import CloseCode
 
@@ -112,10 +112,6 @@ async def test_an_oversize_frame_closes_with_1009(cluster):
     assert code == CloseCode.MESSAGE_TOO_BIG
 
 
-def _closed_with(port: int, code: CloseCode) -> float:
-    return value(scrape(port), "push_node_closed_connections_total", code=str(int(code)))
-
-
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the node's own check: one broker is enough
 async def test_acks_past_the_messages_written_and_the_allowance_close_with_4500(cluster):
     port = cluster.node_ports[0]
@@ -128,28 +124,28 @@ async def test_acks_past_the_messages_written_and_the_allowance_close_with_4500(
     message_id = await cluster.collect("over-acker", {"n": 1})
     assert [frame["id"] for frame in await client.messages(1)] == [message_id]
     assert await client.quiet(0.5) == [] and client.ws.close_code is None
-    closes_before = await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST)
+    closes_before = await asyncio.to_thread(closes, port, CloseCode.BAD_REQUEST)
 
     # One ack more than that closes the connection.
     await client.send({"type": "ack", "id": f"{999:024x}"})
     code, reason = await client.closed()
 
     assert (code, reason) == (CloseCode.BAD_REQUEST, "more acks than messages sent on this connection")
-    assert await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST) == closes_before + 1
+    assert await asyncio.to_thread(closes, port, CloseCode.BAD_REQUEST) == closes_before + 1
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)
 async def test_bad_frames_written_together_close_once_and_count_once(cluster):
     port = cluster.node_ports[1]
     client = await cluster.connect("bad-frames-together", port)
-    closes_before = await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST)
+    closes_before = await asyncio.to_thread(closes, port, CloseCode.BAD_REQUEST)
 
     for n in range(20):
         client.ws.write_message(f"not json {n}")
     code, reason = await client.closed()
 
     assert (code, reason) == (CloseCode.BAD_REQUEST, "frame is not JSON")
-    assert await asyncio.to_thread(_closed_with, port, CloseCode.BAD_REQUEST) == closes_before + 1
+    assert await asyncio.to_thread(closes, port, CloseCode.BAD_REQUEST) == closes_before + 1
 
 
 async def test_a_since_that_is_not_a_message_id_closes_with_4500(cluster):

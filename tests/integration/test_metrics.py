@@ -46,6 +46,11 @@ def value(samples: Samples, name: str, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def closes(port: int, code: int) -> float:
+    """How many bound connections the node on ``port`` closed with ``code``."""
+    return value(scrape(port), "push_node_closed_connections_total", code=str(int(code)))
+
+
 async def test_a_node_counts_the_connection_the_replay_the_delivered_message_its_latency_and_the_batch(cluster):
     port = cluster.node_ports[0]
     before = await asyncio.to_thread(scrape, port)

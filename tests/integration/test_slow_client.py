@@ -22,7 +22,7 @@ import struct
 import pytest
 
 import launcher
-from tests.integration.test_metrics import scrape, value
+from tests.integration.test_metrics import closes
 from tests.integration.wsclient import Client, dedup, raw_connect, read_server_frame
 from wsnode.closecodes import CloseCode
 
@@ -40,10 +40,6 @@ def limited_node(cluster):
     cluster.services.remove(node)
 
 
-def slow_closes(port: int) -> float:
-    return value(scrape(port), "push_node_closed_connections_total", code=str(int(CloseCode.SLOW_CLIENT)))
-
-
 async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_without_a_loss(cluster, limited_node):
     port, user = limited_node, "slow-reader"
     token = await asyncio.to_thread(cluster.token, user)
@@ -51,12 +47,12 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_witho
     try:
         opening = [json.loads((await read_server_frame(reader, 15))[1]) for _ in range(2)]
         assert [frame["type"] for frame in opening] == ["hello", "resumed"], opening
-        closes_before = await asyncio.to_thread(slow_closes, port)
+        closes_before = await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT)
 
         sent: list[str] = []
         for _ in range(MAX_ROUNDS):  # the peer reads nothing from here on
             sent += await cluster.collect_many([{"to": user, "data": {"n": len(sent) + i, "pad": PAD}} for i in range(10)])
-            if await asyncio.to_thread(slow_closes, port) > closes_before:
+            if await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT) > closes_before:
                 break
         else:
             pytest.fail(f"{len(sent)} messages of 60 KB to a peer that reads nothing, and the node never closed it with 4008")
