@@ -30,6 +30,9 @@ app = Celery(
     "push",
     broker=settings.BROKER_URL,
     backend=settings.RESULT_BACKEND,
+    # Celery's Task, whose requests are failed with LostWithItsProcess once their pool process died
+    # under them three times, instead of going back to the queue for ever (tasks/lost.py).
+    task_cls="tasks.lost:Task",
     include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts", "tasks.status", "tasks.presence", "tasks.housekeeping"],
 )
 

@@ -47,7 +47,6 @@ import time
 import traceback
 import uuid
 
-from billiard.einfo import ExceptionInfo
 from celery import Task, states
 from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.result import EagerResult
@@ -62,7 +61,8 @@ from kombu.asynchronous.timer import to_timestamp
 
 import settings
 from tasks import links, messages as validation, redis_transport, taskmessages
-from tasks.batching import FlushGate, LostRequests, chunks
+from tasks.batching import FlushGate, chunks
+from tasks.lost import LostRequests, lost_too_often, shutting_down
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
@@ -81,12 +81,6 @@ MAX_REQUEST_DEPTH = 200
 ETA_SLACK = 0.005
 
 log = logging.getLogger(__name__)
-
-
-class LostWithItsProcess(Exception):
-    """The result of a request that the worker's pool process died running, several times, the
-    last time with the request alone in its batch: it is failed rather than run again
-    (:class:`tasks.batching.LostRequests`)."""
 
 
 class _ProcessState:
@@ -459,7 +453,7 @@ class CollectBatches(Batches):
                 if not isinstance(exc, WorkerLostError):
                     self._lost.returned(ids)  # they fail, and are not put back
                     doomed = set()
-                elif worker_state.should_terminate or worker_state.should_stop:
+                elif shutting_down():
                     doomed = set()
                 else:
                     doomed = self._lost.lost(ids)
@@ -468,7 +462,7 @@ class CollectBatches(Batches):
                           "it fails, not run again" if doomed else "they go back to the queue")
                 for req in requests:
                     if req.id in doomed:
-                        req.on_failure(_lost_too_often(self.name, req.id, self._lost.fail_after), return_ok=False)
+                        req.on_failure(lost_too_often(self.name, req.id, self._lost.fail_after, alone=True), return_ok=False)
                     else:
                         req.on_failure(exc_info, return_ok=True)  # return_ok: logged once above, not once per request; task_ready too
             finally:
@@ -484,17 +478,6 @@ class CollectBatches(Batches):
         return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost,
                                       timeout_callback=on_timeout, soft_timeout=self.soft_time_limit or conf.task_soft_time_limit,
                                       timeout=self.time_limit or conf.task_time_limit)
-
-
-def _lost_too_often(task_name: str, request_id: str, times: int) -> ExceptionInfo:
-    """The failure of a request lost with its pool process ``times`` times (logged here)."""
-    text = (f"the worker's pool process died {times} times while running this request, the last time with it alone in its "
-            "batch (killed, or out of memory?): it is not run again; send it again once what kills the process is fixed")
-    log.error("%s %s: %s", task_name, request_id, text)
-    try:
-        raise LostWithItsProcess(text)
-    except LostWithItsProcess:
-        return ExceptionInfo()
 
 
 def _send_received(req) -> None:

@@ -279,6 +279,25 @@ async def test_a_request_that_kills_its_pool_process_is_failed_alone_and_the_req
     assert cluster.worker.alive
 
 
+async def test_a_plain_task_that_kills_its_pool_process_fails_after_three_losses_and_the_worker_goes_on(poisoned_cluster):
+    """Every task goes back to its queue when its pool process dies (``task_reject_on_worker_lost``),
+    which on its own is Celery's message loop: a request that kills its process every time came
+    back for ever, killing a pool process each time.  Now its third loss fails it with
+    ``LostWithItsProcess`` (``tasks/lost.py``), and it is not run again."""
+    cluster = poisoned_cluster
+    poison = cluster.business.send_task("tasks.presence", args=["poison-kill"], queue="dispatch")
+    failure = await asyncio.to_thread(_failure_of, cluster, poison, 60)
+    assert type(failure).__name__ == "LostWithItsProcess" and "died 3 times" in str(failure), failure
+    # The worker goes on, and the poison does not come back: no fourth pool process dies.
+    assert await cluster.result(cluster.business.send_task("tasks.presence", args=[["nobody"]], queue="dispatch"), 20) == {"nobody": []}
+    await asyncio.sleep(1)
+    log = cluster._log("worker").read_text(errors="replace").splitlines()
+    back = [line for line in log if poison.id in line and "it goes back to the queue" in line]
+    assert len(back) == 2 and "(1 of 3 times)" in back[0] and "(2 of 3 times)" in back[1], back
+    assert len([line for line in log if "exited with 'signal 9 (SIGKILL)'" in line]) == 3
+    assert cluster.worker.alive
+
+
 def _failure_of(cluster, result, timeout: float) -> BaseException:
     with cluster._results_lock:  # as Cluster.result: Celery's result consumer is not thread-safe
         result.get(timeout=timeout, propagate=False)

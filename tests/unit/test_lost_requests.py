@@ -1,9 +1,9 @@
-"""Pure tests of ``tasks.batching.LostRequests``: which requests run alone after their batch died
+"""Pure tests of ``tasks.lost.LostRequests``: which requests run alone after their batch died
 with its pool process, and which are failed instead of put back."""
 
 from __future__ import annotations
 
-from tasks.batching import LostRequests
+from tasks.lost import LostRequests
 
 
 def test_the_requests_of_a_lost_batch_are_suspects_and_one_that_returns_is_forgotten():
@@ -40,3 +40,12 @@ def test_at_most_so_many_ids_are_kept_the_oldest_forgotten_first():
     lost.lost(["a"])  # seen again: now the newest
     lost.lost(["d"])
     assert [i for i in "abcd" if lost.suspect(i)] == ["a", "c", "d"]
+
+
+def test_a_plain_task_alone_each_time_is_counted_and_failed_on_its_third_loss():
+    # tasks.lost.Request: one id per loss; times() is what the worker logs ("2 of 3 times").
+    lost = LostRequests()
+    assert lost.fail_after == 3 and lost.times("t") == 0
+    assert lost.lost(["t"]) == set() and lost.times("t") == 1
+    assert lost.lost(["t"]) == set() and lost.times("t") == 2
+    assert lost.lost(["t"]) == {"t"} and lost.times("t") == 0 and len(lost) == 0
