@@ -47,6 +47,7 @@ import time
 import traceback
 import uuid
 
+from billiard.einfo import ExceptionWithTraceback
 from celery import Task, states
 from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.result import EagerResult
@@ -448,7 +449,9 @@ class CollectBatches(Batches):
             # One lost alone too often (LostRequests) is failed with LostWithItsProcess instead;
             # pool processes that die while the worker shuts down count against no request.
             try:
-                exc = getattr(exc_info.exception, "exc", exc_info.exception)  # billiard's ExceptionWithTraceback wraps it
+                exc = exc_info.exception
+                if isinstance(exc, ExceptionWithTraceback):  # how billiard hands over the pool's exceptions
+                    exc = exc.exc
                 ids = [req.id for req in requests]
                 if not isinstance(exc, WorkerLostError):
                     self._lost.returned(ids)  # they fail, and are not put back

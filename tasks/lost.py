@@ -8,8 +8,8 @@ once, and it runs again under the same id.  That is what keeps a task whose proc
 for an unrelated reason, and on its own it is also Celery's documented message loop: a request
 that kills its process comes back, kills the next one, and so on, for ever.  Here the worker's main
 process counts the losses of each request (:class:`LostRequests`), and one lost ``fail_after``
-times is failed with :class:`LostWithItsProcess` instead: its failure is stored as its result,
-``task-failed`` goes to Flower, and it is acked.
+times is failed with :class:`LostWithItsProcess` instead: it is acked, ``task-failed`` goes to
+Flower, and a task that keeps results stores the failure as its result.
 
 - :class:`Request` does that for every plain task (``tasks.dispatch``, ``tasks.receipts``,
   ``tasks.replay``, ...): the app's ``task_cls`` is :class:`Task`, whose requests are of this class.
@@ -22,6 +22,9 @@ may be taken by another worker, which starts from nothing (with W workers a pois
 ``W x fail_after`` pool processes).  Pool processes that die while the worker shuts down count
 against no request.
 
+Only the prefork pool loses a request this way: under the solo and threads pools what dies is
+the worker itself, and the broker gives the task back (on Redis after ``VISIBILITY_TIMEOUT``).
+
 Threading: the worker's main process.  The prefork pool calls a request's ``on_failure`` and
 acknowledges it on the main process's event loop; the threads pool from its threads, where each
 :class:`LostRequests` call here is a few dict operations that the GIL keeps whole.
@@ -32,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from billiard.einfo import ExceptionInfo
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import Task as CeleryTask
 from celery.exceptions import WorkerLostError
 from celery.worker import state as worker_state
@@ -100,8 +103,10 @@ class LostRequests:
 
 
 def shutting_down() -> bool:
-    """Whether the worker is stopping: its pool processes die then, and no request is to blame."""
-    return bool(worker_state.should_terminate or worker_state.should_stop)
+    """Whether the worker is stopping: its pool processes die then, and no request is to blame.
+    Celery's own test (``celery.worker.state.maybe_shutdown``): a warm shutdown on SIGTERM sets
+    ``should_stop`` to exit code 0, which is not false here."""
+    return any(flag is not None and flag is not False for flag in (worker_state.should_terminate, worker_state.should_stop))
 
 
 def lost_too_often(task_name: str, request_id: str, times: int, alone: bool = False) -> ExceptionInfo:
@@ -126,7 +131,9 @@ class Request(CeleryRequest):
     otherwise is Celery's own.  Main process only (see the module docstring)."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
-        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # billiard's ExceptionWithTraceback wraps it
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):  # how billiard hands over the pool's exceptions
+            exc = exc.exc
         if isinstance(exc, WorkerLostError) and self.task.acks_late and self.task.reject_on_worker_lost and not shutting_down():
             if _LOST.lost((self.id,)):
                 exc_info, return_ok = lost_too_often(self.task.name, self.id, _LOST.fail_after), False

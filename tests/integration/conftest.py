@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 from celery import Celery
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 import launcher
 from tests.conftest import TEST_AUTH_PORT, TEST_DATA_DIR
@@ -156,9 +156,23 @@ class Cluster:
 
     def node_queue_length(self, port: int) -> int:
         """Messages waiting on a node's queue, on either broker (0 when the queue does not exist)."""
+        return self.queue_length(f"127.0.0.1:{port}")
+
+    def take_task_ids(self, name: str) -> list[str]:
+        """Takes every message off a Celery queue (``collect``, ``dispatch``), on either broker, and
+        returns their task ids, oldest first: for tests that look at what is left once the worker stopped."""
+        with Connection(self.env["BROKER_URL"]) as conn:
+            queue = Queue(name, Exchange(name, type="direct"), routing_key=name)(conn.default_channel)
+            ids = []
+            while (message := queue.get(no_ack=True)) is not None:
+                ids.append(message.headers.get("id"))
+            return ids
+
+    def queue_length(self, name: str) -> int:
+        """Messages waiting on a queue, on either broker (0 when the queue does not exist)."""
         with Connection(self.env["BROKER_URL"]) as conn:
             try:
-                return conn.default_channel.queue_declare(queue=f"127.0.0.1:{port}", passive=True).message_count
+                return conn.default_channel.queue_declare(queue=name, passive=True).message_count
             except conn.channel_errors:
                 return 0
 

@@ -234,8 +234,9 @@ async def test_a_batch_past_the_workers_hard_time_limit_fails_its_requests_and_t
 
 @pytest.fixture(params=["redis", "amqp"])
 def poisoned_cluster(request, tmp_path):
-    """A private worker (no nodes) whose pool processes die on a request with data
-    ``{"poison": "kill"}`` (``tests/integration/poison.py``); its Redis broker gives a task taken
+    """A private worker (no nodes) whose pool processes die on a ``tasks.collect`` request with
+    data ``{"poison": "kill"}`` and on ``tasks.presence`` asked about ``poison-kill``
+    (``tests/integration/poison.py``); its Redis broker gives a task taken
     by a dead worker back only after 300 s, so what comes back came back at once."""
     redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
     request.addfinalizer(redis_server.stop)
@@ -296,6 +297,9 @@ async def test_a_plain_task_that_kills_its_pool_process_fails_after_three_losses
     assert len(back) == 2 and "(1 of 3 times)" in back[0] and "(2 of 3 times)" in back[1], back
     assert len([line for line in log if "exited with 'signal 9 (SIGKILL)'" in line]) == 3
     assert cluster.worker.alive
+    # It was acked: a message still unacked goes back to its queue when the worker stops.
+    assert cluster.worker.terminate(30) == 0
+    assert poison.id not in cluster.take_task_ids("dispatch")
 
 
 def _failure_of(cluster, result, timeout: float) -> BaseException:

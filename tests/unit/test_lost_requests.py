@@ -49,3 +49,19 @@ def test_a_plain_task_alone_each_time_is_counted_and_failed_on_its_third_loss():
     assert lost.lost(["t"]) == set() and lost.times("t") == 1
     assert lost.lost(["t"]) == set() and lost.times("t") == 2
     assert lost.lost(["t"]) == {"t"} and lost.times("t") == 0 and len(lost) == 0
+
+
+def test_the_worker_shutting_down_is_told_by_celerys_own_flags(monkeypatch):
+    # A warm shutdown on SIGTERM sets should_stop to exit code 0: still a shutdown.
+    from celery.worker import state as worker_state
+
+    from tasks.lost import shutting_down
+
+    monkeypatch.setattr(worker_state, "should_stop", None)
+    monkeypatch.setattr(worker_state, "should_terminate", None)
+    assert not shutting_down()
+    monkeypatch.setattr(worker_state, "should_stop", 0)
+    assert shutting_down()
+    monkeypatch.setattr(worker_state, "should_stop", False)
+    monkeypatch.setattr(worker_state, "should_terminate", 1)
+    assert shutting_down()
