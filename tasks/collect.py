@@ -46,6 +46,7 @@ import threading
 import time
 import traceback
 import uuid
+from queue import Queue
 
 from billiard.einfo import ExceptionWithTraceback
 from celery import Task, states
@@ -198,6 +199,7 @@ class CollectBatches(Batches):
 
     def __init__(self) -> None:
         super().__init__()
+        self._buffer = _ReservedBuffer()
         self._gate = FlushGate()
         self._lost = LostRequests()
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
@@ -258,9 +260,11 @@ class CollectBatches(Batches):
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
-        dropped = len(list(consume_queue(self._buffer))) + len(list(consume_queue(self._pending))) + len(self._limited)
+        dropped = [*consume_queue(self._buffer), *consume_queue(self._pending), *self._limited]
+        for req in dropped:
+            worker_state.task_ready(req)  # not reserved here any more: the broker has it again
         if dropped:
-            log.warning("%s: consumer restarted; %d buffered requests left to the broker, which delivers them again", self.name, dropped)
+            log.warning("%s: consumer restarted; %d buffered requests left to the broker, which delivers them again", self.name, len(dropped))
         self._count = itertools.count(1)
         self._announced.clear()
         self._limited, self._limit_tref = [], None  # the consumer cleared its timer
@@ -372,12 +376,14 @@ class CollectBatches(Batches):
         except (OverflowError, ValueError) as exc:
             log.error("%s %s: cannot read its eta %r (%s); it is rejected, not run", self.name, req.id, req.eta, exc)
             req.reject(requeue=False)
+            worker_state.task_ready(req)
             return None
 
     def _hold(self, req, due: float) -> None:
         """Keep ``req`` on the worker's timer until ``due`` (Celery's ``default`` strategy for a
         task with an eta): its place in the prefetch window is given back meanwhile, so the
         worker goes on reading other tasks."""
+        worker_state.task_ready(req)  # not reserved while it waits: `inspect scheduled` lists it, as Celery's own
         self._consumer.qos.increment_eventually()
         self._consumer.timer.call_at(due, self._release, (req,), priority=6)
         if req.id not in self._announced:  # Flower lists it now, with its eta, as Celery's own
@@ -481,6 +487,18 @@ class CollectBatches(Batches):
         return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost,
                                       timeout_callback=on_timeout, soft_timeout=self.soft_time_limit or conf.task_soft_time_limit,
                                       timeout=self.time_limit or conf.task_time_limit)
+
+
+class _ReservedBuffer(Queue):
+    """celery-batches' buffer of the requests read and not started yet, each counted as reserved
+    while it is there (Celery's ``task_reserved``, as Celery's own strategy counts a task it read):
+    what ``celery inspect reserved`` and Flower's worker page (Tasks, Reserved) list.  A request
+    leaves the count when it starts (``task_accepted`` makes it active), is held for its eta, is
+    dropped at a reconnection, or is rejected.  Worker main process."""
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        worker_state.task_reserved(item)
+        super().put(item, block, timeout)
 
 
 def _send_received(req) -> None:

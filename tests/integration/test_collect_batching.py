@@ -201,11 +201,11 @@ async def test_data_mongodb_cannot_store_fails_alone_and_the_rest_of_its_batch_i
     client.close()
 
 
-async def test_a_running_batchs_requests_show_as_active_tasks_and_count_in_the_workers_stats(lazy_timer_cluster):
-    """What ``celery inspect active`` and ``stats`` (Flower's worker page, its Tasks and Stats
-    tabs) show of batched requests, as of any Celery task: listed while their batch runs, gone
-    once it returned, and counted in the worker's total per task name.  celery-batches kept them
-    out of both."""
+async def test_batched_requests_show_as_reserved_then_active_tasks_and_count_in_the_workers_stats(lazy_timer_cluster):
+    """What ``celery inspect active``, ``reserved`` and ``stats`` (Flower's worker page, its Tasks
+    and Stats tabs) show of batched requests, as of any Celery task: reserved while they wait for
+    a batch, active while their batch runs, gone once it returned, and counted in the worker's
+    total per task name.  celery-batches kept them out of all three."""
     cluster = lazy_timer_cluster
     inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))  # no waiting once all answered
 
@@ -227,10 +227,24 @@ async def test_a_running_batchs_requests_show_as_active_tasks_and_count_in_the_w
         assert result.id in seen, f"{result.id} not among the active tasks {seen}"
         (listed,) = [task for task in worker_answer("active") if task["id"] == result.id]
         assert listed["name"] == "tasks.collect" and listed["kwargs"]["to"] == "watched-active"
+        # Those read while it runs wait in the worker for the next batch: reserved, not active.
+        waiting = [cluster.send(to=f"watched-reserved-{n}", data={"n": n}) for n in range(3)]
+        ids = {w.id for w in waiting}
+        deadline = time.monotonic() + 20
+        while not ids <= (reserved := {task["id"] for task in worker_answer("reserved") or []}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ids <= reserved, f"{ids} not among the reserved tasks {reserved}"
+        assert result.id not in reserved and not ids & active_ids()
     finally:
         for process in pool:
             process.resume()
     await cluster.result(result, 30)
+    for w in waiting:
+        await cluster.result(w, 30)
+    deadline = time.monotonic() + 10
+    while (reserved := worker_answer("reserved")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not reserved, reserved
     # The pool process stores the result before the main process hears that the batch returned
     # (so with any Celery task): it leaves the active list a moment after.
     deadline = time.monotonic() + 10
