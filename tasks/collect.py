@@ -696,22 +696,39 @@ def _store_results(done: list[tuple[object, str]]) -> None:
     """Store each request's message id as its SUCCESS result.  With Celery's Redis backend, in
     one pipeline (SET with its expiry and PUBLISH per result, what ``mark_as_done`` sends, without its prior GET
     that only guards a SUCCESS against being overwritten: here a rerun writes the same id); with
-    any other backend, ``mark_as_done`` one by one."""
+    any other backend, ``mark_as_done`` one by one.
+
+    While Redis cannot be reached (a restart), the pipeline is sent again as Celery's backend
+    stores any task's result with ``result_backend_always_retry`` (``worker.py``): after a
+    growing, jittered sleep, at most ``result_backend_max_retries`` times.  The batch waits that
+    long, as any Celery task would; business code waiting for the ids gets them once Redis is back,
+    instead of timing out and sending its messages again."""
     done = [(req, mid) for req, mid in done if req.id and not getattr(req, "ignore_result", False)]
     backend = app.backend
     if not isinstance(backend, RedisBackend) or not done:
         for req, message_id in done:
             _store_result(req, message_id)
         return
-    try:
-        with backend.client.pipeline(transaction=False) as pipe:
-            for (req, message_id), meta in zip(done, _success_metas(backend, done)):
-                key, value = backend.get_key_for_task(req.id), backend.encode(meta)
-                pipe.set(key, value, ex=backend.expires or None)
-                pipe.publish(key, value)
-            pipe.execute()
-    except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
-        log.warning("%d results of %s not stored (%s)", len(done), done[0][0].name, exc)
+    values = [(backend.get_key_for_task(req.id), backend.encode(meta)) for (req, _), meta in zip(done, _success_metas(backend, done))]
+    retries = 0
+    while True:
+        try:
+            with backend.client.pipeline(transaction=False) as pipe:
+                for key, value in values:
+                    pipe.set(key, value, ex=backend.expires or None)
+                    pipe.publish(key, value)
+                pipe.execute()
+            return
+        except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
+            if backend.always_retry and backend.exception_safe_to_retry(exc) and retries < backend.max_retries:
+                retries += 1
+                if retries == 1:
+                    log.warning("%d results of %s not stored yet (%s): trying again while Redis does not answer", len(done), done[0][0].name, exc)
+                time.sleep(get_exponential_backoff_interval(backend.base_sleep_between_retries_ms, retries,
+                                                            backend.max_sleep_between_retries_ms, True) / 1000)
+                continue
+            log.warning("%d results of %s not stored (%s)", len(done), done[0][0].name, exc)
+            return
 
 
 def _success_metas(backend, done: list[tuple[object, str]]) -> list[dict]:

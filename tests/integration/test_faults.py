@@ -39,14 +39,14 @@ async def run_with_fault(cluster, fault, online: bool = True) -> dict:
     await asyncio.sleep(USERS * PER_USER / RATE / 3)  # a third of the way through
     await fault()
     supervisor = asyncio.create_task(supervise(cluster))
-    await confirm(cluster, await sending)
+    resent = await confirm(cluster, await sending)
     if not online:
         for browser in browsers:
             browser.start()
     await wait_complete(browsers, PER_USER, SETTLE)
     supervisor.cancel()
     await asyncio.gather(*(b.stop() for b in browsers))
-    return check_exactly_once(browsers, PER_USER)
+    return {**check_exactly_once(browsers, PER_USER), "resent": resent}
 
 
 async def supervise(cluster) -> None:
@@ -89,12 +89,21 @@ async def test_sigkill_of_the_worker_mid_stream_loses_nothing(fault_cluster):
 
 
 async def test_a_redis_restart_mid_stream_loses_nothing(fault_cluster):
+    """Redis holds the leases, the results and (on the Redis broker) the queues.  With RabbitMQ as
+    the broker, business code waiting for its ids gets every one once Redis is back: a batch whose
+    results could not be written waits for Redis, as Celery's backend does for any task
+    (``result_backend_always_retry``); it used to drop them, and those collects timed out and were
+    sent again.  On the Redis broker a request read just before the restart can come back only
+    after ``VISIBILITY_TIMEOUT`` (kombu's restore), past the business code's patience: it is sent
+    again with its key, and stored once."""
     async def fault():
         await asyncio.to_thread(fault_cluster.redis_server.stop)
         await asyncio.sleep(1.0)
         await asyncio.to_thread(fault_cluster.redis_server.start)
 
-    await run_with_fault(fault_cluster, fault)
+    report = await run_with_fault(fault_cluster, fault)
+    if fault_cluster.broker == "amqp":
+        assert report["resent"] == 0, report
 
 
 async def test_a_user_offline_for_the_whole_stream_gets_everything_on_connecting(fault_cluster):
