@@ -75,9 +75,11 @@ app.conf.update(
     task_send_sent_event=False,
     broker_connection_retry_on_startup=True,
     # A result that cannot be written (Redis restarting) is retried, not turned into a failure
-    # outside the task body: the task waits for Redis, for about a minute at most.
+    # outside the task body: the task waits for Redis, about 50 s in all on average (sleeps of
+    # up to 0.2, 0.4, ... 5 s, each drawn at random below its bound: 106 s at most), then gives up.
     result_backend_always_retry=True,
-    result_backend_max_retries=12,
+    result_backend_max_retries=25,
+    result_backend_base_sleep_between_retries_ms=100,
     result_backend_max_sleep_between_retries_ms=5000,
     broker_transport_options={
         # Redis broker: a task taken by a worker that died comes back after this many seconds.

@@ -503,8 +503,12 @@ class _ReservedBuffer(Queue):
     """celery-batches' buffer of the requests read and not started yet, each counted as reserved
     while it is there (Celery's ``task_reserved``, as Celery's own strategy counts a task it read):
     what ``celery inspect reserved`` and Flower's worker page (Tasks, Reserved) list.  A request
-    leaves the count when it starts (``task_accepted`` makes it active), is held for its eta, is
-    dropped at a reconnection, or is rejected.  Worker main process."""
+    leaves the count when it ends (``task_ready``; while its batch runs it is active too, and
+    ``inspect reserved`` leaves it out), is held for its eta, is dropped at a reconnection, or is
+    rejected.  Requests held back by a rate limit stay counted (Celery counts its own only once
+    their token comes).  ``--autoscale`` and ``worker_disable_prefetch`` read this count: with them
+    a backlog of requests asks for a process each, and batches hold about as many requests as the
+    pool has processes.  Worker main process."""
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         worker_state.task_reserved(item)
@@ -728,6 +732,8 @@ def _store_results(done: list[tuple[object, str]]) -> None:
                     pipe.set(key, value, ex=backend.expires or None)
                     pipe.publish(key, value)
                 pipe.execute()
+            if retries:
+                log.warning("%d results of %s stored after %d tries", len(done), done[0][0].name, retries + 1)
             return
         except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
             if backend.always_retry and backend.exception_safe_to_retry(exc) and retries < backend.max_retries:
@@ -737,7 +743,8 @@ def _store_results(done: list[tuple[object, str]]) -> None:
                 time.sleep(get_exponential_backoff_interval(backend.base_sleep_between_retries_ms, retries,
                                                             backend.max_sleep_between_retries_ms, True) / 1000)
                 continue
-            log.warning("%d results of %s not stored (%s)", len(done), done[0][0].name, exc)
+            log.warning("%d results of %s not stored after %d tries (%s): their messages are stored and sent; business code "
+                        "waiting for these ids gets none", len(done), done[0][0].name, retries + 1, exc)
             return
 
 

@@ -216,6 +216,11 @@ async def test_batched_requests_show_as_reserved_then_active_tasks_and_count_in_
     def active_ids() -> set[str]:
         return {task["id"] for task in worker_answer("active") or []}
 
+    def queried(task_ids: set[str]) -> dict:
+        """``celery inspect query_task``: what the worker holds of these ids, and in which state."""
+        answers = inspect.query_task(*task_ids) or {}
+        return next((answer for name, answer in answers.items() if name.startswith("worker@")), {})
+
     pool = psutil.Process(cluster.worker.pid).children()
     for process in pool:
         process.suspend()
@@ -234,17 +239,19 @@ async def test_batched_requests_show_as_reserved_then_active_tasks_and_count_in_
         while not ids <= (reserved := {task["id"] for task in worker_answer("reserved") or []}) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ids <= reserved, f"{ids} not among the reserved tasks {reserved}"
-        assert result.id not in reserved and not ids & active_ids()
+        assert not ids & active_ids()
+        assert {i: state for i, (state, _) in queried(ids).items()} == {i: "reserved" for i in ids}
     finally:
         for process in pool:
             process.resume()
     await cluster.result(result, 30)
     for w in waiting:
         await cluster.result(w, 30)
+    # Once they returned the worker forgets them, as any task: neither reserved nor active.
     deadline = time.monotonic() + 10
-    while (reserved := worker_answer("reserved")) and time.monotonic() < deadline:
+    while (left := queried(ids | {result.id})) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not reserved, reserved
+    assert not left, left
     # The pool process stores the result before the main process hears that the batch returned
     # (so with any Celery task): it leaves the active list a moment after.
     deadline = time.monotonic() + 10
