@@ -60,7 +60,6 @@ from celery.worker import state as worker_state
 from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 from kombu.asynchronous.timer import to_timestamp
-from kombu.exceptions import OperationalError
 
 import settings
 from tasks import links, messages as validation, redis_transport, taskmessages
@@ -152,16 +151,7 @@ def _store_and_route(store, ids: list[str], valid: list[validation.Message], fre
         route(docs)
     except DISPATCH_RETRYABLE as exc:
         log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), exc)
-        try:
-            dispatch.apply_async(args=[docs])
-        except OperationalError as queue_exc:
-            # The broker is down too (a Redis broker restarting with the routes).  The messages
-            # are stored under their final ids, so the requests still succeed: their users get
-            # them when they resume, or, online, from housekeeping's next sweep of the store
-            # (REDELIVER_SWEEP_SECONDS).  Failing them instead told business code that stored
-            # messages had failed, and one sent again without its key was stored twice.
-            log.error("%d stored messages neither dispatched nor queued for tasks.dispatch (%s); their users get them on resuming, "
-                      "or from the next redelivery sweep if online", len(docs), queue_exc)
+        dispatch.apply_async(args=[docs])
 
 
 def _validate(to, data, unexpected=None) -> validation.Message:

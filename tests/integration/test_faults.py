@@ -106,38 +106,6 @@ async def test_a_redis_restart_mid_stream_loses_nothing(fault_cluster):
         assert report["resent"] == 0, report
 
 
-@pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
-async def test_a_collect_that_stored_its_message_while_redis_and_the_broker_were_down_succeeds_and_is_delivered(fault_cluster):
-    """On the Redis broker, Redis holds the routes and the queues: a batch running while it is down
-    stores its messages, then can neither route them nor queue them for ``tasks.dispatch``.  The
-    messages are stored under their final ids, so the request succeeds (its result written once
-    Redis is back) and its user gets the message.  It used to fail with the broker's error, which
-    told business code that a stored message had failed."""
-    cluster = fault_cluster
-    client = await cluster.connect("stranded-by-redis")
-    pool = psutil.Process(cluster.worker.pid).children()
-    for process in pool:
-        process.suspend()  # the request waits in the pool while Redis goes down
-    result = cluster.send(to="stranded-by-redis", data={"n": 1})
-    await asyncio.sleep(1.0)
-    await asyncio.to_thread(cluster.redis_server.stop)
-    for process in pool:
-        process.resume()
-    await asyncio.sleep(2.0)  # the batch stores, fails to route and to queue, and waits to write its result
-    await asyncio.to_thread(cluster.redis_server.start)
-    supervisor = asyncio.create_task(supervise(cluster))
-    try:
-        message_id = await cluster.result(result, 60)
-        assert isinstance(message_id, str), message_id
-        (frame,) = await client.messages(1, timeout=45)  # the request runs again (its ack was lost), or the sweep
-        assert frame["id"] == message_id and frame["data"] == {"n": 1}
-    finally:
-        supervisor.cancel()
-        client.close()
-    log = cluster._log("worker").read_text(errors="replace")
-    assert "neither dispatched nor queued for tasks.dispatch" in log, "the batch did not run while Redis was down"
-
-
 async def test_a_user_offline_for_the_whole_stream_gets_everything_on_connecting(fault_cluster):
     async def nothing():
         return None
