@@ -48,7 +48,6 @@ import traceback
 import uuid
 from queue import Queue
 
-from billiard.einfo import ExceptionWithTraceback
 from celery import Task, states
 from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.result import EagerResult
@@ -64,7 +63,7 @@ from kombu.asynchronous.timer import to_timestamp
 import settings
 from tasks import links, messages as validation, redis_transport, taskmessages
 from tasks.batching import FlushGate, chunks
-from tasks.lost import LostRequests, lost_too_often, shutting_down
+from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
 from tasks.queues import COLLECT_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
@@ -455,9 +454,7 @@ class CollectBatches(Batches):
             # One lost alone too often (LostRequests) is failed with LostWithItsProcess instead;
             # pool processes that die while the worker shuts down count against no request.
             try:
-                exc = exc_info.exception
-                if isinstance(exc, ExceptionWithTraceback):  # how billiard hands over the pool's exceptions
-                    exc = exc.exc
+                exc = exception_of(exc_info)
                 ids = [req.id for req in requests]
                 if not isinstance(exc, WorkerLostError):
                     self._lost.returned(ids)  # they fail, and are not put back

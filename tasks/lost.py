@@ -102,6 +102,13 @@ class LostRequests:
         return len(self._lost)
 
 
+def exception_of(exc_info: ExceptionInfo) -> BaseException:
+    """The exception a pool callback reports (billiard hands it over wrapped in an
+    ``ExceptionWithTraceback``)."""
+    exc = exc_info.exception
+    return exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
+
+
 def shutting_down() -> bool:
     """Whether the worker is stopping: its pool processes die then, and no request is to blame.
     Celery's own test (``celery.worker.state.maybe_shutdown``): a warm shutdown on SIGTERM sets
@@ -131,9 +138,7 @@ class Request(CeleryRequest):
     otherwise is Celery's own.  Main process only (see the module docstring)."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
-        exc = exc_info.exception
-        if isinstance(exc, ExceptionWithTraceback):  # how billiard hands over the pool's exceptions
-            exc = exc.exc
+        exc = exception_of(exc_info)
         if isinstance(exc, WorkerLostError) and self.task.acks_late and self.task.reject_on_worker_lost and not shutting_down():
             if _LOST.lost((self.id,)):
                 exc_info, return_ok = lost_too_often(self.task.name, self.id, _LOST.fail_after), False
