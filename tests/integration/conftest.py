@@ -156,7 +156,11 @@ class Cluster:
 
     def node_queue_length(self, port: int) -> int:
         """Messages waiting on a node's queue, on either broker (0 when the queue does not exist)."""
-        return self.queue_length(f"127.0.0.1:{port}")
+        with Connection(self.env["BROKER_URL"]) as conn:
+            try:
+                return conn.default_channel.queue_declare(queue=f"127.0.0.1:{port}", passive=True).message_count
+            except conn.channel_errors:
+                return 0
 
     def take_task_ids(self, name: str) -> list[str]:
         """Takes every message off a Celery queue (``collect``, ``dispatch``), on either broker, and
@@ -167,14 +171,6 @@ class Cluster:
             while (message := queue.get(no_ack=True)) is not None:
                 ids.append(message.headers.get("id"))
             return ids
-
-    def queue_length(self, name: str) -> int:
-        """Messages waiting on a queue, on either broker (0 when the queue does not exist)."""
-        with Connection(self.env["BROKER_URL"]) as conn:
-            try:
-                return conn.default_channel.queue_declare(queue=name, passive=True).message_count
-            except conn.channel_errors:
-                return 0
 
     def status(self, message_id: str) -> dict:
         return self.business.send_task("tasks.status", args=[message_id], queue="dispatch").get(timeout=20)
