@@ -77,6 +77,8 @@ app.conf.update(
     # A result that cannot be written (Redis restarting) is retried, not turned into a failure
     # outside the task body: the task waits for Redis, about 50 s in all on average (sleeps of
     # up to 0.2, 0.4, ... 5 s, each drawn at random below its bound: 106 s at most), then gives up.
+    # A collect batch waits so too for its results, and for Redis or the broker to take messages
+    # it stored (tasks.collect._while_redis_is_down).
     result_backend_always_retry=True,
     result_backend_max_retries=25,
     result_backend_base_sleep_between_retries_ms=100,

@@ -103,10 +103,10 @@ def _process() -> _ProcessState:
     return _state
 
 
-def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], str]]) -> list:
+def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], str]], patient: bool = True) -> list:
     """Store and dispatch each group of messages under its own idempotency key, all of them with
     one claim, one insert and one route; returns per group its ids, or an InvalidMessage when
-    its key was bound before to another number of messages."""
+    its key was bound before to another number of messages.  ``patient``: see :func:`_hand_off`."""
     store = get_store()
     fresh = _process().ids.next_ids(sum(len(messages) for messages, _ in groups))
     wanted, at = [], 0
@@ -125,11 +125,11 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
                 seen.add(message_id)
                 ids.append(message_id)
                 messages_out.append(message)
-    _store_and_route(store, ids, messages_out, fresh)
+    _store_and_route(store, ids, messages_out, fresh, patient)
     return results
 
 
-def _store_and_route(store, ids: list[str], valid: list[validation.Message], fresh: list[str]) -> None:
+def _store_and_route(store, ids: list[str], valid: list[validation.Message], fresh: list[str], patient: bool = True) -> None:
     """Insert the messages ``ids`` and route them; ``fresh`` are the ids this run generated, so
     any other id was bound to its key by an earlier run (a task run again, or business code
     retrying): send what was stored under it, and store only what an interrupted earlier run
@@ -146,11 +146,29 @@ def _store_and_route(store, ids: list[str], valid: list[validation.Message], fre
     if not docs:
         return
     store.insert_messages(docs)
-    try:
-        route(docs)
-    except DISPATCH_RETRYABLE as exc:
-        log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), exc)
-        dispatch.apply_async(args=[docs])
+    _hand_off(docs, patient)
+
+
+def _hand_off(docs: list[dict], patient: bool = True) -> None:
+    """Route the stored ``docs`` inline or, when that fails, queue them for ``tasks.dispatch``.
+
+    When both fail (Redis is down and is also the broker, or RabbitMQ is down), the messages are
+    stored but no node and no queue has them: this waits for Redis or the broker, with the policy
+    the batch's results are written with (:func:`_while_redis_is_down`), and tries both again.
+    Failing at once would fail the requests of messages that are stored, and business code sending
+    again without its ``key`` would store them twice.  Not ``patient`` (a request run eagerly, in
+    the caller's process), it fails at once, as such a request does when the store is down."""
+    def attempt() -> None:
+        try:
+            route(docs)
+        except DISPATCH_RETRYABLE as exc:
+            log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), exc)
+            dispatch.apply_async(args=[docs])
+
+    if not patient:
+        attempt()
+        return
+    _while_redis_is_down(attempt, lambda exc: isinstance(exc, DISPATCH_RETRYABLE), f"{len(docs)} stored messages", "routed or queued for tasks.dispatch")
 
 
 def _validate(to, data, unexpected=None) -> validation.Message:
@@ -646,7 +664,8 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
     # of this batch finds the line already written (the batching tests read it).
     log.debug("%s: %d requests, %d messages in one batch", task.name, len(requests), sum(len(m) for _, m, _, _ in storing))
     try:
-        bound = _persist_and_dispatch_groups([(messages, key) for _, messages, key, _ in storing]) if storing else []
+        patient = not any(_eager(req) for req, *_ in storing)
+        bound = _persist_and_dispatch_groups([(messages, key) for _, messages, key, _ in storing], patient) if storing else []
     except StoreUnavailable as exc:
         for req, *_ in storing:
             outcomes[req.id] = _retry(task, req, exc)
@@ -711,28 +730,51 @@ def _store_results(done: list[tuple[object, str]]) -> None:
             _store_result(req, message_id)
         return
     values = [(backend.get_key_for_task(req.id), backend.encode(meta)) for (req, _), meta in zip(done, _success_metas(backend, done))]
+
+    def attempt() -> None:
+        with backend.client.pipeline(transaction=False) as pipe:
+            for key, value in values:
+                pipe.set(key, value, ex=backend.expires or None)
+                pipe.publish(key, value)
+            pipe.execute()
+
+    try:
+        _while_redis_is_down(attempt, backend.exception_safe_to_retry, f"{len(done)} results of {done[0][0].name}", "stored")
+    except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
+        log.warning("%d results of %s not stored (%s): their messages are stored and sent; business code "
+                    "waiting for these ids gets none", len(done), done[0][0].name, exc)
+
+
+def _while_redis_is_down(attempt, retryable, what: str, done: str) -> None:
+    """Run ``attempt()``; while it raises an error that ``retryable(error)`` accepts (Redis or the
+    broker does not answer), sleep and run it again, as Celery's backend retries writing any
+    task's result with ``result_backend_always_retry`` (``worker.py``): growing, jittered sleeps
+    from ``result_backend_base_sleep_between_retries_ms`` up to
+    ``result_backend_max_sleep_between_retries_ms``, at most ``result_backend_max_retries`` times
+    (about a minute here).  Then, or for any other error, it raises the last error.
+
+    Blocks the calling pool process meanwhile, as Celery's own retries do; ``what`` and ``done``
+    name the work in the log ("12 stored messages", "routed or queued ...")."""
+    backend = app.backend
     retries = 0
     while True:
         try:
-            with backend.client.pipeline(transaction=False) as pipe:
-                for key, value in values:
-                    pipe.set(key, value, ex=backend.expires or None)
-                    pipe.publish(key, value)
-                pipe.execute()
-            if retries:
-                log.warning("%d results of %s stored after %d tries", len(done), done[0][0].name, retries + 1)
-            return
-        except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
-            if backend.always_retry and backend.exception_safe_to_retry(exc) and retries < backend.max_retries:
-                retries += 1
-                if retries == 1:
-                    log.warning("%d results of %s not stored yet (%s): trying again while Redis does not answer", len(done), done[0][0].name, exc)
-                time.sleep(get_exponential_backoff_interval(backend.base_sleep_between_retries_ms, retries,
-                                                            backend.max_sleep_between_retries_ms, True) / 1000)
-                continue
-            log.warning("%d results of %s not stored after %d tries (%s): their messages are stored and sent; business code "
-                        "waiting for these ids gets none", len(done), done[0][0].name, retries + 1, exc)
-            return
+            attempt()
+        except Exception as exc:
+            if not (backend.always_retry and retryable(exc)):
+                raise
+            if retries >= backend.max_retries:
+                log.warning("%s not %s after %d tries (%s)", what, done, retries + 1, exc)
+                raise
+            retries += 1
+            if retries == 1:
+                log.warning("%s not %s yet (%s): trying again while Redis or the broker does not answer", what, done, exc)
+            time.sleep(get_exponential_backoff_interval(backend.base_sleep_between_retries_ms, retries,
+                                                        backend.max_sleep_between_retries_ms, True) / 1000)
+            continue
+        if retries:
+            log.warning("%s %s after %d tries", what, done, retries + 1)
+        return
 
 
 def _success_metas(backend, done: list[tuple[object, str]]) -> list[dict]:
@@ -755,11 +797,16 @@ def _success_metas(backend, done: list[tuple[object, str]]) -> list[dict]:
     return metas
 
 
+def _eager(req) -> bool:
+    """Whether ``req`` runs eagerly, in the caller's process (``apply()``, ``task_always_eager``)."""
+    return bool((getattr(req, "delivery_info", None) or {}).get("is_eager"))
+
+
 def _retry(task, req, exc: Exception) -> tuple[str, object]:
     """Send ``req`` again (same task id, same kwargs, so the same idempotency key) after a
     backoff; after ``COLLECT_MAX_RETRIES`` the request fails with ``exc``."""
     retries = int((req.request_dict or {}).get("retries") or 0)
-    eager = (getattr(req, "delivery_info", None) or {}).get("is_eager")  # run in the caller's process: it fails at once
+    eager = _eager(req)  # run in the caller's process: it fails at once
     if eager or retries >= COLLECT_MAX_RETRIES:
         log.error("%s %s failed %s: %s", task.name, req.id, "(run eagerly, no retry)" if eager else f"after {retries} retries", exc)
         _store_result(req, exc, failed=True)

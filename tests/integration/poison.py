@@ -1,23 +1,31 @@
 """Loaded into a test worker with ``--include tests.integration.poison``: a ``tasks.collect``
 request whose data is ``{"poison": "kill"}``, and a ``tasks.presence`` request asking about the
 user ``poison-kill``, kill the pool process that runs them (SIGKILL), as a request that made its
-process run out of memory would get it killed.  Nothing else changes."""
+process run out of memory would get it killed.  A message whose data is
+``{"poison": "redis-down"}`` shuts the cluster's Redis down (``SHUTDOWN``: it writes its files
+and exits) once it is stored, right before it is first routed, as a Redis restart at that
+moment would.  Nothing else changes."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+import redis
+
+import settings
 from tasks import collect, presence
 
 _store_and_dispatch = collect._persist_and_dispatch_groups
 _users_of = presence.users_of
+_route = collect.route
+_shut_down_for: set[str] = set()  # per pool process: message ids Redis was shut down for
 
 
-def _dies_on_poison(groups):
+def _dies_on_poison(groups, *args):
     if any(isinstance(message.data, dict) and message.data.get("poison") == "kill" for messages, _ in groups for message in messages):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _store_and_dispatch(groups)
+    return _store_and_dispatch(groups, *args)
 
 
 def _dies_on_poison_user(value, most):
@@ -26,5 +34,14 @@ def _dies_on_poison_user(value, most):
     return _users_of(value, most)
 
 
+def _shuts_redis_down_first(docs):
+    for doc in docs:
+        if doc["data"] == {"poison": "redis-down"} and doc["id"] not in _shut_down_for:
+            _shut_down_for.add(doc["id"])
+            redis.Redis.from_url(settings.REDIS_URL).shutdown()
+    return _route(docs)
+
+
 collect._persist_and_dispatch_groups = _dies_on_poison
+collect.route = _shuts_redis_down_first
 presence.users_of = _dies_on_poison_user

@@ -316,3 +316,52 @@ def _failure_of(cluster, result, timeout: float) -> BaseException:
         result.get(timeout=timeout, propagate=False)
     assert result.state == "FAILURE", (result.state, result.result)
     return result.result
+
+
+@pytest.fixture
+def outage_cluster(tmp_path):
+    """A private cluster on the Redis broker with one node, whose Redis (persistent, so the queues
+    survive) is shut down by the worker itself when it first routes a message with data
+    ``{"poison": "redis-down"}`` (``tests/integration/poison.py``).  A task taken by a dead worker
+    comes back only after 300 s: what arrives in time was not run again."""
+    redis_server = launcher.RedisServer(persistent=True, data_dir=tmp_path / "redis").start()
+    cluster = Cluster(redis_server, tmp_path, broker_url=redis_server.url(0), auth_port=launcher.free_port(), VISIBILITY_TIMEOUT=300)
+    cluster.broker = "redis"
+    start_or_explain(cluster, nodes=1, options=["--include=tests.integration.poison"])
+    yield cluster
+    cluster.stop()
+    redis_server.stop()
+
+
+async def test_a_collect_whose_messages_are_stored_when_redis_and_the_broker_go_down_waits_and_delivers(outage_cluster):
+    """Redis goes down (here it is also the broker) between storing a batch's messages and routing
+    them: neither the node's queue nor ``tasks.dispatch``'s can take them.  The batch waits for
+    Redis, with the policy its results are written with, and routes them once it is back; the
+    request returns the message's id and the user gets it.  It used to fail with the broker's
+    ``OperationalError`` though its message was stored, and business code sending it again
+    without a key stored it twice."""
+    cluster = outage_cluster
+    client = await cluster.connect("outage-user")
+    sent = cluster.send(to="outage-user", data={"poison": "redis-down"})
+    for _ in range(200):
+        if not await asyncio.to_thread(cluster.redis_server.ping):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the worker did not shut Redis down")
+    log = cluster._log("worker")
+    for _ in range(100):
+        if "1 stored messages not routed or queued for tasks.dispatch yet" in log.read_text(errors="replace"):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"the batch did not wait for Redis:\n{cluster.log_tails(20)}")
+    await asyncio.sleep(1.0)  # a few more tries fail
+    await asyncio.to_thread(cluster.redis_server.start)
+
+    message_id = await cluster.result(sent, 60)
+    frames = await client.messages(1, timeout=30)
+    assert [(f["id"], f["data"]) for f in frames] == [(message_id, {"poison": "redis-down"})]
+    assert "1 stored messages routed or queued for tasks.dispatch after" in log.read_text(errors="replace")
+    assert cluster.worker.alive
+    client.close()
