@@ -75,8 +75,9 @@ app.conf.update(
     task_send_sent_event=False,
     broker_connection_retry_on_startup=True,
     # A result that cannot be written (Redis restarting) is retried, not turned into a failure
-    # outside the task body: the task waits for Redis, about 50 s in all on average (sleeps of
-    # up to 0.2, 0.4, ... 5 s, each drawn at random below its bound: 106 s at most), then gives up.
+    # outside the task body: the task waits for Redis, 26 tries with about 50 s of sleeps in all
+    # on average (sleeps of up to 0.2, 0.4, ... 5 s, each drawn at random below its bound: 106 s
+    # at most) plus what each try takes to fail, then gives up.
     # A collect batch waits so too for its results, and for Redis or the broker to take messages
     # it stored (tasks.collect._while_redis_is_down).
     result_backend_always_retry=True,

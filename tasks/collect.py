@@ -738,20 +738,20 @@ def _store_results(done: list[tuple[object, str]]) -> None:
                 pipe.publish(key, value)
             pipe.execute()
 
-    try:
-        _while_redis_is_down(attempt, backend.exception_safe_to_retry, f"{len(done)} results of {done[0][0].name}", "stored")
-    except Exception as exc:  # noqa: BLE001 - the messages are stored and sent; only the answers are lost
-        log.warning("%d results of %s not stored (%s): their messages are stored and sent; business code "
-                    "waiting for these ids gets none", len(done), done[0][0].name, exc)
+    _while_redis_is_down(attempt, backend.exception_safe_to_retry, f"{len(done)} results of {done[0][0].name}", "stored",
+                         give_up="their messages are stored and sent; business code waiting for these ids gets none")
 
 
-def _while_redis_is_down(attempt, retryable, what: str, done: str) -> None:
+def _while_redis_is_down(attempt, retryable, what: str, done: str, give_up: str | None = None) -> None:
     """Run ``attempt()``; while it raises an error that ``retryable(error)`` accepts (Redis or the
     broker does not answer), sleep and run it again, as Celery's backend retries writing any
     task's result with ``result_backend_always_retry`` (``worker.py``): growing, jittered sleeps
     from ``result_backend_base_sleep_between_retries_ms`` up to
     ``result_backend_max_sleep_between_retries_ms``, at most ``result_backend_max_retries`` times
-    (about a minute here).  Then, or for any other error, it raises the last error.
+    (26 tries here: about 50 s of sleeps on average, plus what each try takes to fail).  Then, or
+    for any other error of ``attempt()``, it raises that error; or, with ``give_up`` (what that
+    means, for the log), logs it and returns.  What the sleep raises (a soft time limit,
+    ``Terminated``) always propagates.
 
     Blocks the calling pool process meanwhile, as Celery's own retries do; ``what`` and ``done``
     name the work in the log ("12 stored messages", "routed or queued ...")."""
@@ -761,11 +761,13 @@ def _while_redis_is_down(attempt, retryable, what: str, done: str) -> None:
         try:
             attempt()
         except Exception as exc:
-            if not (backend.always_retry and retryable(exc)):
-                raise
-            if retries >= backend.max_retries:
-                log.warning("%s not %s after %d tries (%s)", what, done, retries + 1, exc)
-                raise
+            if not (backend.always_retry and retryable(exc)) or retries >= backend.max_retries:
+                if give_up is None:
+                    if retries:
+                        log.warning("%s not %s after %d tries (%s)", what, done, retries + 1, exc)
+                    raise
+                log.warning("%s not %s after %d tries (%s): %s", what, done, retries + 1, exc, give_up)
+                return
             retries += 1
             if retries == 1:
                 log.warning("%s not %s yet (%s): trying again while Redis or the broker does not answer", what, done, exc)

@@ -319,18 +319,18 @@ def _failure_of(cluster, result, timeout: float) -> BaseException:
 
 
 @pytest.fixture
-def outage_cluster(tmp_path):
+def outage_cluster(request, tmp_path):
     """A private cluster on the Redis broker with one node, whose Redis (persistent, so the queues
     survive) is shut down by the worker itself when it first routes a message with data
     ``{"poison": "redis-down"}`` (``tests/integration/poison.py``).  A task taken by a dead worker
     comes back only after 300 s: what arrives in time was not run again."""
     redis_server = launcher.RedisServer(persistent=True, data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)
     cluster = Cluster(redis_server, tmp_path, broker_url=redis_server.url(0), auth_port=launcher.free_port(), VISIBILITY_TIMEOUT=300)
     cluster.broker = "redis"
     start_or_explain(cluster, nodes=1, options=["--include=tests.integration.poison"])
     yield cluster
     cluster.stop()
-    redis_server.stop()
 
 
 async def test_a_collect_whose_messages_are_stored_when_redis_and_the_broker_go_down_waits_and_delivers(outage_cluster):
