@@ -225,6 +225,9 @@ class PushNode:
         return Session(since, max_backlog_bytes=settings.CLIENT_QUEUE_MAX_BYTES)
 
     async def attach(self, conn: PushHandler) -> None:
+        if self.draining:
+            conn.refuse(CloseCode.GOING_AWAY, why="the node began draining while the connection opened")
+            return
         if self._recent_revocations.covering(conn.identity, time.monotonic()):
             conn.refuse(CloseCode.UNAUTHORIZED, "token revoked", why="token revoked while the connection opened")
             return
@@ -243,6 +246,8 @@ class PushNode:
                 self.redis_ok = False  # the next PING says when it is back
                 conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({exc})")
                 return
+            if self.hub.get(conn.conn_id) is not conn:
+                return  # it closed while its lease was written, and detach ran: nothing more to do
         self.metrics.connected()
         self.pings.add(conn)
         self.expiries.set(conn, conn.identity.expires_at)

@@ -37,6 +37,10 @@ class PushHandler(WebSocketHandler):
         self.session: Session | None = None
         self.acks = AckBudget()
         self._refusal: tuple[CloseCode, str] | None = None
+        # on_close ran.  Tornado calls it at once when the client leaves during ``prepare``'s
+        # token check, then still upgrades the dead socket and calls ``open``, and never calls
+        # ``on_close`` again: ``open`` must not bind such a connection (it would stay bound).
+        self._left = False
 
     def get_websocket_protocol(self):
         """Tornado's protocol with the node's frame reader (:mod:`wsnode.reader`)."""
@@ -85,6 +89,9 @@ class PushHandler(WebSocketHandler):
 
     async def open(self) -> None:
         self._forget_handshake()
+        if self._left:
+            log.info("conn=%s user=%s node=%s left during its handshake: not bound", self.conn_id, self.user_id, self.node.address)
+            return
         if self._refusal is not None:
             self.refuse(*self._refusal)
             return
@@ -105,7 +112,10 @@ class PushHandler(WebSocketHandler):
         """One frame from the client.  The frames that one read from the socket brought are all
         handled (:mod:`wsnode.reader`), also after one of them closed the connection: a bad frame
         closes (and is logged and counted) once, and an ack that came before the client saw the
-        close frame is still recorded."""
+        close frame is still recorded.  A refused connection's frames (its close handshake may
+        still bring some) are ignored: it was never bound to anyone."""
+        if self._refusal is not None:
+            return
         try:
             frame = protocol.parse_client_frame(message)
         except protocol.ProtocolError as exc:
@@ -130,6 +140,7 @@ class PushHandler(WebSocketHandler):
         self.node.pings.pong(self)
 
     def on_close(self) -> None:
+        self._left = True
         if self.session is not None and self._refusal is None:
             self.node.detach(self)
 

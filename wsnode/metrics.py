@@ -25,7 +25,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 #: Label values of ``rejected``: the close codes a refusal uses after the upgrade, and the HTTP
 #: statuses of a refusal before it (403: origin not allowed; 503: the node is draining or full).
-REJECT_CODES = (CloseCode.UNAUTHORIZED, CloseCode.TOO_MANY_CONNECTIONS, CloseCode.BAD_REQUEST, CloseCode.TRY_AGAIN_LATER, 403, 503)
+REJECT_CODES = (CloseCode.UNAUTHORIZED, CloseCode.TOO_MANY_CONNECTIONS, CloseCode.BAD_REQUEST, CloseCode.TRY_AGAIN_LATER,
+                CloseCode.GOING_AWAY, 403, 503)
 #: Label values of ``closed``: codes the node closes accepted connections with.
 CLOSE_CODES = (CloseCode.PING_TIMED_OUT, CloseCode.GOING_AWAY, CloseCode.TRY_AGAIN_LATER, CloseCode.SLOW_CLIENT, CloseCode.UNAUTHORIZED,
                CloseCode.BAD_REQUEST)
@@ -56,7 +57,8 @@ class NodeMetrics:
         self._rejected = Counter(
             "push_node_rejected_connections",
             "Connection attempts refused, by close code (4401 bad token, 4429 MAX_USER_CONNECTIONS reached, 4500 bad request, "
-            "1013 auth or Redis unavailable, or the node full) or by HTTP status before the upgrade (403 origin not allowed, "
+            "1013 auth or Redis unavailable, or the node full, 1001 the node began draining during the handshake) or by HTTP "
+            "status before the upgrade (403 origin not allowed, "
             "503 draining or MAX_CONNECTIONS reached).",
             ["code"], registry=r,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import struct
 import time
 
 import pytest
@@ -17,7 +18,7 @@ import settings
 from auth.tokens import issue
 from tasks.queues import node_queue
 from tests.integration.conftest import Cluster, start_or_explain
-from tests.integration.wsclient import Client
+from tests.integration.wsclient import Client, client_text_frame, raw_connect, read_server_frame
 from tests.integration.test_metrics import closes
 from wsnode.acks import ACK_ALLOWANCE
 from wsnode.closecodes import CloseCode
@@ -31,6 +32,36 @@ async def _refused(cluster, url) -> tuple[int, str]:
 async def test_a_garbage_token_is_closed_with_4401(cluster):
     code, reason = await _refused(cluster, cluster.ws_url(cluster.node_ports[0], "not-a-token"))
     assert code == CloseCode.UNAUTHORIZED and "invalid" in reason
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_acks_from_a_refused_connection_are_ignored_and_spoil_no_ones_receipts(cluster):
+    """A connection refused with 4401 reads frames until the client's close frame comes.  Its acks
+    were recorded under no user: beside a real user's ack of the same message, in one batch of
+    receipts, that failed the whole batch (the user's ack was lost, and the message stayed due
+    for redelivery)."""
+    port = cluster.node_ports[0]
+    client = await cluster.connect("acked-beside-refused", port, auto_ack=False)
+    message_id = await cluster.collect("acked-beside-refused", {"n": 1})
+    assert [frame["id"] for frame in await client.messages(1)] == [message_id]
+
+    reader, writer = await raw_connect(port, "token=not-a-token")
+    opcode, payload = await read_server_frame(reader)
+    assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == CloseCode.UNAUTHORIZED
+    writer.write(b"".join(client_text_frame(json.dumps({"type": "ack", "id": message_id})) for _ in range(5)))
+    await writer.drain()
+    await client.send({"type": "ack", "id": message_id})  # in the same batch of receipts (RECEIPT_FLUSH_SECONDS)
+
+    for _ in range(100):
+        status = await asyncio.to_thread(cluster.status, message_id)
+        if "acked" in status["recipients"]["acked-beside-refused"]:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"the user's ack was not recorded: {status}")
+    assert "TypeError" not in cluster._log("worker").read_text(errors="replace")
+    writer.close()
+    client.close()
 
 
 async def test_while_auth_is_down_connections_are_closed_with_1013_and_connect_again_once_it_is_back(cluster, tmp_path):

@@ -14,6 +14,7 @@ import tornado.httpclient
 from tests.integration.test_metrics import health as healthz
 from tests.integration.test_metrics import scrape, value
 from tests.integration.wsclient import Client
+from wsnode.registry import route_key
 from wsnode.closecodes import CloseCode
 
 pytestmark = pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
@@ -108,3 +109,30 @@ async def outcome(client: Client) -> tuple:
     except ConnectionError:
         return client.ws.close_code, client.ws.close_reason
     return frame["type"], frame["user"]
+
+
+async def test_a_client_that_leaves_while_its_token_is_checked_is_not_bound(cluster):
+    """Tornado calls ``on_close`` at once when a client leaves during the token check (before the
+    upgrade), then still upgrades the dead socket and calls ``open``: such a connection was bound
+    after it had been unbound, and stayed so for good (its lease renewed for ever, counted against
+    ``MAX_CONNECTIONS``)."""
+    node = cluster.start_node()
+    users = [f"left-early-{n}" for n in range(20)]
+    tokens = [await asyncio.to_thread(cluster.token, user) for user in users]  # fresh: checked with auth, not from the cache
+    for token in tokens:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        writer.write((f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{node.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        await writer.drain()
+        writer.close()  # before the node answers
+    log = cluster._log(f"node-{node.port}")
+    for _ in range(100):
+        if "left during its handshake" in log.read_text(errors="replace"):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("no client left during its token check: the test did not make the case it is about")
+    await asyncio.sleep(1.0)
+    await wait_count(node.port, 0)
+    assert not [user for user in users if cluster.routes.exists(route_key(user))]
+    assert value(await asyncio.to_thread(scrape, node.port), "push_node_connects_total") == 0

@@ -155,3 +155,16 @@ async def read_server_frame(stream: asyncio.StreamReader, timeout: float = 5.0) 
         elif n == 127:
             n = struct.unpack("!Q", await stream.readexactly(8))[0]
         return head[0] & 0x0F, await stream.readexactly(n)
+
+
+def client_text_frame(text: str) -> bytes:
+    """A text frame as a client must send it (masked), for writing by hand to a raw peer."""
+    data = text.encode()
+    mask = os.urandom(4)
+    if len(data) < 126:
+        head = struct.pack("!BB", 0x81, 0x80 | len(data))
+    elif len(data) < 1 << 16:
+        head = struct.pack("!BBH", 0x81, 0x80 | 126, len(data))
+    else:
+        head = struct.pack("!BBQ", 0x81, 0x80 | 127, len(data))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
