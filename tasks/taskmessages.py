@@ -5,7 +5,8 @@ Celery's consumer reads a message's task name, task id and body without checking
 Several shapes a message made by hand or by another client can have raised out of the worker's
 event loop, which stopped the worker ("Unrecoverable error"), with every task it had read and not
 run left to come back after the visibility timeout: a task name that is not a string (a list), an
-unknown task without a task id, a body other than ``[args, kwargs, embed]``, and (for
+unknown task without a task id, a body other than ``[args, kwargs, embed]``, a ``timelimit`` header
+other than ``[hard, soft]`` (Celery unpacks it as a plain task's request goes to the pool), and (for
 ``tasks.collect``, whose batches read the arguments in this process) args and kwargs that are not
 a list and an object.
 
@@ -24,6 +25,7 @@ for the pool, and arguments nested near Python's recursion limit raised out of t
 from __future__ import annotations
 
 import logging
+import math
 
 from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -72,7 +74,19 @@ def envelope_problem(headers: object, body: object) -> str | None:
         return f"its task name is of type {_type(fields['task'])}"
     if not _named(fields.get("id")):
         return "it has no task id"
+    if not time_limits_ok(fields.get("timelimit")):
+        return f"its timelimit header is {fields['timelimit']!r:.60}, not [hard, soft] (seconds or null each)"
     return arguments_problem(*arguments)
+
+
+def time_limits_ok(limits: object) -> bool:
+    """Whether a message's ``timelimit`` is absent or ``[hard, soft]``, each null or a number of
+    seconds (``apply_async(time_limit=..., soft_time_limit=...)`` sends that).  Pure."""
+    if limits is None:
+        return True
+    return isinstance(limits, (list, tuple)) and len(limits) == 2 and all(
+        limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and math.isfinite(limit) and limit >= 0)
+        for limit in limits)
 
 
 def depth_problem(raw: object, compressed: bool, payload: object, most: int) -> str | None:

@@ -125,6 +125,9 @@ REFUSED_BY_CELERY = [
     ([[], {"to": "lone", "data": 1}, {}], {"eta": "tomorrow"}, "not run: invalid ETA value 'tomorrow'"),
     ([[], {"to": "lone", "data": 1}, {}], {"expires": "never"}, "not run: invalid expires value 'never'"),
 ]
+#: ``timelimit`` headers that are not ``[hard, soft]`` (seconds or null each): a plain task's request
+#: raised out of the worker's loop with them.
+BAD_TIME_LIMITS = [5, [1, 2, 3], ["a", None], [-1, None]]
 #: Envelopes that stopped the worker in Celery's consumer, before any task's code (a task name
 #: Celery looks up and cannot hash; an unknown task whose id Celery reads and does not find).
 STOPPED_THE_WORKER = [
@@ -156,6 +159,9 @@ async def test_malformed_task_messages_fail_alone_with_their_reason_and_the_work
         after = cluster.send(to="lone", data={"n": 2})
     bad += _publish_raw(cluster, "dispatch", "tasks.receipts", ["just a string", [1, 2]])  # a task of Celery's own kind
     says = [s for _, s in MALFORMED] + ["not a Celery task message: its body is of type str", "not a Celery task message: its body is of type list with 2 items"]
+    for limits in BAD_TIME_LIMITS:  # Celery unpacks them as the request goes to the pool
+        bad += _publish_raw(cluster, "dispatch", "tasks.status", [[["0" * 24], {}, {}]], {"timelimit": limits})
+        says.append("not a Celery task message: its timelimit header is ")
     for body, headers, said in REFUSED_BY_CELERY:
         bad += _publish_raw(cluster, "collect", "tasks.collect", [body], headers)
         says.append(said)

@@ -24,6 +24,18 @@ def test_a_protocol_1_message_and_a_protocol_1_body_under_protocol_2_headers_pas
     assert envelope_problem(HEADERS, {"args": [], "kwargs": {}}) is None
 
 
+@pytest.mark.parametrize("limits", [None, [None, None], [10, 5], (1.5, None), [None, 0]])
+def test_time_limits_that_apply_async_sends_pass(limits):
+    assert envelope_problem({**HEADERS, "timelimit": limits}, [[], {}, {}]) is None
+
+
+@pytest.mark.parametrize("limits", [5, "5", [1, 2, 3], [1], ["a", None], [True, None], [-1, None], [float("inf"), None], {"hard": 1}])
+def test_a_time_limit_celery_cannot_unpack_or_use_is_refused_in_either_protocol(limits):
+    says = "its timelimit header is "
+    assert envelope_problem({**HEADERS, "timelimit": limits}, [[], {}, {}]).startswith(says)
+    assert envelope_problem({}, {"args": [], "kwargs": {}, "id": "x", "task": "tasks.status", "timelimit": limits}).startswith(says)
+
+
 def test_a_message_that_names_no_task_is_left_to_celery():
     # Celery logs it as an unknown message and discards it, which is safe
     assert envelope_problem({}, [[], {}, {}]) is None
