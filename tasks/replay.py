@@ -17,6 +17,7 @@ versions: upgrade the workers before the nodes.
 from __future__ import annotations
 
 import logging
+import time
 
 import settings
 from tasks import ids
@@ -45,7 +46,19 @@ def _read(requests: list[tuple[str, str, str | None]]) -> list[tuple[list[dict],
                 replies[index] = store.unacked(user, settings.REPLAY_LIMIT)
         for (index, _, _), reply in zip(resumes, store.replays([(user, after) for _, user, after in resumes], settings.REPLAY_LIMIT)):
             replies[index] = reply
+    now = time.time()
+    for index, (_, _, since) in enumerate(requests):
+        if since is not None and past_retention(since, now, settings.RETENTION_SECONDS):
+            envelopes, _ = replies[index]
+            replies[index] = envelopes, True
     return replies
+
+
+def past_retention(since: str, now: float, retention: float) -> bool:
+    """Whether a resume from the message id ``since`` reaches further back than the store keeps
+    messages: some of what came after it may have been purged, so the replay is ``truncated``
+    however many messages it finds.  Pure."""
+    return ids.timestamp_ms(since) < (now - retention) * 1000
 
 
 def _pages(envelopes: list[dict], truncated: bool) -> list[tuple[list[dict], dict]]:

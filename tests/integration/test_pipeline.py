@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+from tasks.ids import IdGenerator
 from tasks.store import Store
 from tests.integration.wsclient import dedup
 
@@ -102,6 +104,18 @@ async def test_resume_with_since_delivers_what_was_missed_in_order_then_live_mes
     assert [f["id"] for f in dedup(frames) if f["id"] != first and "n" in f["data"]] == missed
     live = await cluster.collect("resumer", {"n": 6})
     assert [f["id"] for f in await back.messages(1)] == [live]
+    back.close()
+
+
+async def test_a_resume_from_before_the_retention_says_truncated_with_what_is_still_stored(cluster):
+    """Messages older than ``RETENTION_SECONDS`` may be purged: a resume from further back cannot
+    know what it misses, so its ``resumed`` frame says ``truncated``, though it found few messages."""
+    stored = await cluster.collect("back-after-days", {"n": 1})
+    days_ago = IdGenerator(clock=lambda: time.time() - 3 * 86_400).next_id()  # the cluster keeps messages a day (the default)
+    back = await cluster.connect("back-after-days", cluster.node_ports[0], since=days_ago)
+    frames, resumed = await back.until("resumed")
+    assert resumed["since"] == days_ago and resumed["truncated"] is True
+    assert stored in [f["id"] for f in frames]
     back.close()
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.replay import parse_requests
+from tasks import ids
+from tasks.replay import parse_requests, past_retention
 from wsnode.replays import ReplayRequests
 
 SINCE = "0193a1b2c3d4" + "0" * 12
@@ -61,3 +62,11 @@ def test_a_malformed_request_is_left_out_and_described(item):
 
 def test_requests_that_are_not_a_list_are_one_malformed_request():
     assert parse_requests("junk") == ([], ["'junk'"])
+
+
+def test_a_resume_from_before_the_retention_is_truncated_and_one_within_it_is_not():
+    now, day = 1_800_000_000.0, 86_400
+    within = ids.IdGenerator(clock=lambda: now - day + 5).next_id()
+    before = ids.IdGenerator(clock=lambda: now - day - 5).next_id()
+    assert not past_retention(within, now, day)
+    assert past_retention(before, now, day)
