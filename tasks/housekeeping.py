@@ -7,8 +7,9 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    thresholds ``REDELIVER_AFTER x 1, 2, 4, ...`` (``REDELIVER_ATTEMPTS`` of them): at most that
    many times, and clients drop the repeats by id.  The candidates come from Redis
    (:mod:`tasks.pending`: routed, not acked), so a run reads the store only for what is due.
-   Crossings are counted since the previous run (kept in Redis), so an outage of Redis or of the
-   workers delays redelivery but skips none.  This
+   Crossings are counted since the previous run (kept in Redis, and put back when a run fails),
+   so an outage of Redis, the store or the workers delays redelivery but skips none (past
+   ``REDELIVER_LIMIT`` deliveries due in one run, the newest skip that threshold).  This
    recovers a message lost between the store and the browser while its user stays connected (a
    dropped queue message, a node that wrote and crashed).  Every ``REDELIVER_SWEEP_SECONDS`` a run
    also sweeps the store: its unacked deliveries to users online then become candidates too (a
@@ -26,6 +27,8 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+
+from redis import RedisError
 
 import settings
 from tasks import pending
@@ -50,11 +53,16 @@ SWEEP_OVERLAP_SECONDS = 60.0
 #: The retention is a day: purging every 10 minutes is precise enough, and on the embedded store
 #: each purge reads every document.
 PURGE_EVERY_SECONDS = 600
-#: Most deliveries one run re-sends (the oldest first); the rest wait for the next run.
+#: Most deliveries one run re-sends (the oldest first); the rest skip this threshold and are re-sent
+#: at the next one (or come from the inbox on a reconnect).
 REDELIVER_LIMIT = 20000
 #: About how many deliveries a sweep checks against the leases per script call.
 SWEEP_CHUNK = 5000
 
+# Put LAST_RUN back to the previous run's time (ARGV[2]) if it still holds this run's (ARGV[1]).
+_PUT_BACK = _redis.register_script(
+    "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2]) return 1 end return 0"
+)
 # Remove a node from the list only if its lease is still the old one (it may have come back).
 _FORGET_NODE = _redis.register_script(
     "local s = redis.call('zscore', KEYS[1], ARGV[1]) "
@@ -73,9 +81,24 @@ def crossed(age_then: float, age_now: float, marks: list[float]) -> bool:
 
 
 def redeliver(now: float) -> int:
-    marks = thresholds()
+    """Re-send what crossed a threshold since the previous run (``LAST_RUN``, moved to ``now``
+    first); returns how many deliveries went out.  A run that fails (the store or Redis
+    unavailable) puts ``LAST_RUN`` back, unless a later run moved it meanwhile, so the next run
+    counts its crossings too instead of skipping them."""
     previous = _redis.set(LAST_RUN, now, get=True)
-    previous = float(previous) if previous is not None else now - settings.HOUSEKEEPING_SECONDS
+    try:
+        return _redeliver(now, float(previous) if previous is not None else now - settings.HOUSEKEEPING_SECONDS)
+    except Exception:
+        if previous is not None:
+            try:
+                _PUT_BACK(keys=[LAST_RUN], args=[now, previous], client=_redis)
+            except RedisError as exc:
+                log.warning("redelivery run failed and its start could not be put back (%s): crossings since %s are skipped", exc, previous)
+        raise
+
+
+def _redeliver(now: float, previous: float) -> int:
+    marks = thresholds()
     gap = min(max(now - previous, 0.0), marks[-1])
     start, end = now - marks[-1] - gap, now - marks[0]
     # Only the deliveries routed and not acked (pending, in Redis) whose age crossed a threshold

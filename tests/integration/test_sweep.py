@@ -13,7 +13,7 @@ import redis as redis_lib
 
 from tasks import housekeeping, pending
 from tasks.ids import IdGenerator
-from tasks.store import get_store
+from tasks.store import StoreUnavailable, get_store
 from wsnode.registry import NODES_KEY, route_key
 
 
@@ -121,3 +121,25 @@ def test_a_sweep_checks_many_users_against_the_leases_in_chunks(routes, monkeypa
     housekeeping.sweep(now - 400, now - 30)
 
     assert candidates(routes, set(users)) == {(sent[user], user) for user in users[::2]}
+
+
+def test_a_redelivery_run_that_fails_puts_its_start_back_so_the_next_run_skips_no_crossing(routes, monkeypatch):
+    """Each run counts the threshold crossings since the previous run's time (``LAST_RUN``), which
+    it moves first.  A run that failed (here the store is unavailable) used to leave it moved: what
+    crossed a threshold during it was never re-sent."""
+    now, user = time.time(), f"due-{uuid.uuid4().hex[:8]}"
+    online(routes, user)
+    routes.set(housekeeping.LAST_RUN, now - 1)
+    mid = IdGenerator(clock=lambda: now - housekeeping.thresholds()[0] - 0.5).next_id()  # crossed the first threshold half a second ago
+    routes.zadd(pending.PENDING_KEY, {member: score for _, member, score in pending.marks([(mid, user)])})
+
+    class Unavailable:
+        def not_acked(self, pairs):
+            raise StoreUnavailable("the store does not answer (test)")
+
+    monkeypatch.setattr(housekeeping, "get_store", Unavailable)
+    monkeypatch.setattr(housekeeping, "sweep", lambda start, end: 0)
+    with pytest.raises(StoreUnavailable):
+        housekeeping.redeliver(now)
+    assert float(routes.get(housekeeping.LAST_RUN)) == pytest.approx(now - 1)
+    assert (mid, user) in candidates(routes, {user})  # still due for the next run
