@@ -159,8 +159,14 @@ PING_INTERVAL: int = _read(_env, "PING_INTERVAL", 25, _positive_int, "a whole nu
 PING_TIMEOUT: int = _read(_env, "PING_TIMEOUT", 20, _positive_int, "a whole number of seconds")
 if PING_TIMEOUT > PING_INTERVAL:
     raise SettingsError(f"PING_TIMEOUT={PING_TIMEOUT} is longer than PING_INTERVAL={PING_INTERVAL}: set it to at most the interval")
-#: Largest ``data`` a message may carry, serialised as JSON, in bytes.
+#: Largest ``data`` a message may carry, serialised as JSON, in bytes; at most
+#: ``MAX_MESSAGE_BYTES_LIMIT``, so that any such message fits in one MongoDB document (16 MiB: BSON
+#: can take 6.5 times JSON's bytes, for a list of small numbers, beside MAX_RECIPIENTS user ids).
+MAX_MESSAGE_BYTES_LIMIT = 2_000_000
 MAX_MESSAGE_BYTES: int = _read(_env, "MAX_MESSAGE_BYTES", 65536, _positive_int, "a whole number of bytes")
+if MAX_MESSAGE_BYTES > MAX_MESSAGE_BYTES_LIMIT:
+    raise SettingsError(f"MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES} is over {MAX_MESSAGE_BYTES_LIMIT}: a message's document could pass MongoDB's "
+                        "16 MiB limit; send large payloads as a reference (a URL) instead")
 #: Largest frame a browser may send to a push node, in bytes (larger closes with 1009).
 MAX_FRAME_BYTES: int = _read(_env, "MAX_FRAME_BYTES", 4096, _positive_int, "a whole number of bytes")
 #: A push node closes a connection with 4008 ("client too slow") when new messages come for it
@@ -174,7 +180,7 @@ MAX_RECIPIENTS: int = _read(_env, "MAX_RECIPIENTS", 10000, _positive_int, "a who
 RETENTION_SECONDS: int = _read(_env, "RETENTION_SECONDS", 86400, _positive_int, "a whole number of seconds")
 #: A resume replays from this many milliseconds before the ``since`` id, so that messages collected
 #: concurrently on other worker processes are not skipped; clients drop the repeats by id.
-RESUME_OVERLAP_MS: int = _read(_env, "RESUME_OVERLAP_MS", 2000, int, "a whole number of milliseconds")
+RESUME_OVERLAP_MS: int = _read(_env, "RESUME_OVERLAP_MS", 2000, _non_negative_int, "a whole number of milliseconds")
 #: Most messages one resume replays (the oldest beyond it are skipped and the client is told).
 REPLAY_LIMIT: int = _read(_env, "REPLAY_LIMIT", 10000, _positive_int, "a whole number")
 #: For this long after a connection's opening replay, live copies of the messages it replayed are

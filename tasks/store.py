@@ -91,6 +91,10 @@ ACKED = "acked"
 UTC = datetime.timezone.utc
 
 
+#: MongoDB's largest document (``maxBsonObjectSize``, 16 MiB); the embedded store keeps to it too.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+
+
 class StoreError(Exception):
     """The store could not do what was asked."""
 
@@ -198,6 +202,10 @@ class Store:
                 encoded.append(bson.encode(doc, codec_options=codec_options))
             except (bson.errors.BSONError, OverflowError) as exc:
                 raise StoreError(f"message {mid}: its data cannot be stored in MongoDB ({exc}); integers must fit in 64 bits and keys cannot contain NUL") from None
+            if len(encoded[-1]) > MAX_DOCUMENT_BYTES:
+                # MongoDB refuses it with DocumentTooLarge, which is not a PyMongoError: it failed the whole batch.
+                raise StoreError(f"message {mid}: stored, it would take {len(encoded[-1])} bytes, over MongoDB's limit of {MAX_DOCUMENT_BYTES} "
+                                 "per document (BSON spends up to 5 times JSON's bytes on small numbers): send smaller data")
             docs.append(doc)
         with self._errors(f"storing {len(docs)} messages"):
             _insert_new(self._messages, docs, encoded if table is not None else None)

@@ -20,7 +20,7 @@ import settings
 from tasks import checkpoints
 from tasks import store as store_module
 from tasks.ids import IdGenerator
-from tasks.store import Store, StoreError, StoreUnavailable
+from tasks.store import MAX_DOCUMENT_BYTES, Store, StoreError, StoreUnavailable
 
 OLD = time.time() - settings.RETENTION_SECONDS - 3600
 
@@ -196,6 +196,18 @@ def test_data_mongodb_cannot_hold_rejects_the_batch_before_anything_is_stored(st
 
     assert store.database["messages"].count_documents({}) == 0
     assert store.replay("alice", "", 100) == ([], False)
+
+
+def test_a_message_over_mongodbs_document_limit_rejects_the_batch_before_anything_is_stored(store):
+    """Only with MAX_MESSAGE_BYTES raised far above its default: MongoDB's DocumentTooLarge came as
+    no StoreError, and the embedded store stored what MongoDB refuses."""
+    gen = IdGenerator()
+    good, huge = make(gen, ["alice"]), make(gen, ["alice"], "x" * MAX_DOCUMENT_BYTES)
+
+    with pytest.raises(StoreError, match="over MongoDB's limit"):
+        store.insert_messages([good, huge])
+
+    assert store.database["messages"].count_documents({}) == 0
 
 
 def test_recording_receipts_counts_each_once_and_a_batch_recorded_before_not_at_all(store):

@@ -5,6 +5,11 @@ The module is imported once (with whatever the real environment holds) and never
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from settings import SettingsError, _choice, _origins, _port, _positive_float, _positive_int, _read, _url, redact
@@ -188,3 +193,16 @@ def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix()
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode != 0
     assert "PING_TIMEOUT=15 is longer than PING_INTERVAL=10: set it to at most the interval" in done.stderr
+
+
+# --- the module's own checks, in a fresh interpreter ------------------------------------------------
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"MAX_MESSAGE_BYTES": "3000000"}, "MAX_MESSAGE_BYTES=3000000 is over 2000000"),
+    ({"RESUME_OVERLAP_MS": "-5"}, "RESUME_OVERLAP_MS='-5' is not valid: expected a whole number of milliseconds (must be 0 or greater)"),
+])
+def test_a_setting_out_of_its_range_stops_the_import_saying_which(env, says):
+    done = subprocess.run([sys.executable, "-c", "import settings"], cwd=Path(__file__).resolve().parents[2], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and says in done.stderr, done.stderr[-500:]
