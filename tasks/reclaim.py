@@ -21,31 +21,45 @@ CHUNK = 500
 
 
 def hand_back(app, address: str, delete: bool = False, limit: int = 100_000) -> int:
-    """Re-dispatch everything on ``address``'s queue; returns the number of envelopes.
-    With ``delete`` the queue itself is deleted afterwards (its node is gone)."""
+    """Re-dispatch everything on ``address``'s queue, ``limit`` messages at a time (each round is
+    published and acked before the next is read, so memory stays bounded); returns the number of
+    envelopes.  With ``delete`` the queue itself is deleted afterwards (its node is gone), once a
+    round found it empty."""
     queue = node_queue(address)
+    handed = messages = 0
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)  # a broker that is down fails fast, never hangs
         bound = queue(conn.default_channel)
         bound.declare()
-        taken = []
-        while len(taken) < limit and (message := bound.get(no_ack=False, accept=["json"])) is not None:
-            taken.append(message)
-        envelopes = []
-        for message in taken:
-            try:
-                delivery = parse_delivery(message.headers, message.decode())
-            except (BadDelivery, ValueError) as exc:
-                log.error("dropped a malformed message from %s: %s", address, exc)
-                continue
-            if delivery.conn is None:
-                envelopes.extend(delivery.envelopes)
-        for start in range(0, len(envelopes), CHUNK):
-            app.send_task("tasks.dispatch", args=[envelopes[start : start + CHUNK]], ignore_result=True)
-        for message in taken:
-            message.ack()
+        while True:
+            taken = []
+            while len(taken) < limit and (message := bound.get(no_ack=False, accept=["json"])) is not None:
+                taken.append(message)
+            handed += _re_dispatch(app, address, taken)
+            messages += len(taken)
+            if len(taken) < limit:
+                break
         if delete:
             bound.delete()
-    if envelopes or taken:
-        log.info("handed back %d envelopes from %d messages on %s's queue", len(envelopes), len(taken), address)
+    if handed or messages:
+        log.info("handed back %d envelopes from %d messages on %s's queue", handed, messages, address)
+    return handed
+
+
+def _re_dispatch(app, address: str, taken: list) -> int:
+    """Send the live envelopes of the queue messages ``taken`` to ``tasks.dispatch``, then ack them
+    all; returns how many envelopes went."""
+    envelopes = []
+    for message in taken:
+        try:
+            delivery = parse_delivery(message.headers, message.decode())
+        except (BadDelivery, ValueError) as exc:
+            log.error("dropped a malformed message from %s: %s", address, exc)
+            continue
+        if delivery.conn is None:
+            envelopes.extend(delivery.envelopes)
+    for start in range(0, len(envelopes), CHUNK):
+        app.send_task("tasks.dispatch", args=[envelopes[start : start + CHUNK]], ignore_result=True)
+    for message in taken:
+        message.ack()
     return len(envelopes)

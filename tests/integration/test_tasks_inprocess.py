@@ -429,3 +429,19 @@ def test_calling_collect_directly_runs_it_here_and_returns_its_id_or_raises(own_
     assert [e["id"] for p in drain(broker, node, expect=2) for e in p["envelopes"]] == [message_id, *ids]
     with pytest.raises(InvalidMessage, match="empty list"):
         collect(to=[], data=1)
+
+
+def test_handing_back_a_dead_nodes_queue_longer_than_one_round_takes_all_of_it_before_deleting_it(broker):
+    """``tasks.reclaim.hand_back`` reads a queue ``limit`` messages at a time; it used to read one
+    round only and then delete the queue with the rest in it."""
+    from tasks.dispatch import publish
+    from tasks.reclaim import hand_back
+    from worker import app
+
+    node = f"10.77.{uuid.uuid4().int % 250}.1:{8000 + uuid.uuid4().int % 1000}"
+    gen = IdGenerator()
+    for n in range(7):
+        publish(node, [{"id": gen.next_id(), "to": ["handed-back"], "data": n, "ts": None}])
+    assert broker.llen(node) == 7
+    assert hand_back(app, node, delete=True, limit=3) == 7
+    assert not broker.exists(node)
