@@ -202,6 +202,11 @@ class PushNode:
         try:
             await asyncio.wait_for(loop.run_in_executor(None, self._publisher.shutdown), STOP_STEP_SECONDS)
         except asyncio.TimeoutError:
+            # Drop what waits behind the send in flight: the executor's shutdown, and Python's exit,
+            # join its thread, which would otherwise send the whole backlog (each send can take
+            # 20 s against a broker that does not answer).  Unsent acks mean redeliveries, which
+            # clients drop by id; unsent replay requests were for connections closed now.
+            self._publisher.shutdown(wait=False, cancel_futures=True)
             log.warning("node=%s receipts or replay requests still unsent after %d s (broker down?); giving up on them", self.address, STOP_STEP_SECONDS)
         await self._revocations.stop()
         await self.redis.aclose()
