@@ -297,10 +297,15 @@ class PushNode:
         """A client sent a newer token for its open connection (``{"type": "refresh"}``): checked
         with auth, off this call; one at a time per connection (another that comes meanwhile is
         answered ``refresh_error``, and auth is not asked)."""
-        if self.hub.get(conn.conn_id) is not conn:
+        if self.hub.get(conn.conn_id) is not conn or conn.closing:
             return  # refused or closing already: its close handshake may still bring frames
         if conn in self._refreshing:
             self.metrics.refresh("busy")
+            if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:
+                # A client that sends refreshes and reads none of the answers would have the node
+                # hold them all: bounded as its messages are.
+                self._close_slow(conn, 1)
+                return
             conn.send([(None, protocol.refresh_error_frame("a refresh is in flight: wait for its answer"))])
             return
         self._refreshing.add(conn)

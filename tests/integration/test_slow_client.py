@@ -23,7 +23,7 @@ import pytest
 
 import launcher
 from tests.integration.test_metrics import closes
-from tests.integration.wsclient import Client, dedup, raw_connect, read_server_frame
+from tests.integration.wsclient import Client, client_text_frame, dedup, raw_connect, read_server_frame
 from wsnode.closecodes import CloseCode
 
 LIMIT = 65536
@@ -116,3 +116,28 @@ async def test_live_messages_held_during_a_replay_are_bounded_and_the_client_get
         assert all(f["data"]["pad"] == half for f in resumed.inbox)
     finally:
         resumed.close()
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
+async def test_a_client_that_floods_refreshes_and_reads_no_answer_is_closed_with_4008(cluster, limited_node):
+    """Each ``refresh`` sent while one is checked is answered ``refresh_error``: a client that sent
+    them without end and read nothing had the node hold every answer, without bound."""
+    port, user = limited_node, "refresh-flooder"
+    token = await asyncio.to_thread(cluster.token, user)
+    reader, writer = await raw_connect(port, f"token={token}", receive_buffer=4096, limit=4096)
+    try:
+        opening = [json.loads((await read_server_frame(reader, 15))[1]) for _ in range(2)]
+        assert [frame["type"] for frame in opening] == ["hello", "resumed"], opening
+        closes_before = await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT)
+        chunk = client_text_frame(json.dumps({"type": "refresh", "token": token})) * 2000
+        for _ in range(200):  # 2,000 refreshes a round; the peer reads nothing
+            try:
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 5)
+            except (ConnectionError, asyncio.TimeoutError):
+                break  # closed, or the node stopped reading: the metrics say which
+            if await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT) > closes_before:
+                break
+        assert await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT) == closes_before + 1
+    finally:
+        writer.close()
