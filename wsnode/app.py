@@ -251,8 +251,6 @@ class PushNode:
                 self.redis_ok = False  # the next PING says when it is back
                 conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({exc})")
                 return
-            if self.hub.get(conn.conn_id) is not conn:
-                return  # it closed while its lease was written, and detach ran: nothing more to do
         self.metrics.connected()
         self.pings.add(conn)
         self.expiries.set(conn, conn.identity.expires_at)
@@ -301,12 +299,7 @@ class PushNode:
             return  # refused or closing already: its close handshake may still bring frames
         if conn in self._refreshing:
             self.metrics.refresh("busy")
-            if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:
-                # A client that sends refreshes and reads none of the answers would have the node
-                # hold them all: bounded as its messages are.
-                self._close_slow(conn, 1)
-                return
-            conn.send([(None, protocol.refresh_error_frame("a refresh is in flight: wait for its answer"))])
+            self._answer_refresh(conn, protocol.refresh_error_frame("a refresh is in flight: wait for its answer"))
             return
         self._refreshing.add(conn)
         IOLoop.current().spawn_callback(self._refresh, conn, token)
@@ -325,7 +318,8 @@ class PushNode:
         except AuthUnavailable as exc:
             log.warning("conn=%s user=%s node=%s token refresh not checked: %s", conn.conn_id, conn.user_id, self.address, exc)
             self.metrics.refresh("unavailable")
-            conn.send([(None, protocol.refresh_error_frame("auth unavailable, try again"))])
+            if self.hub.get(conn.conn_id) is conn and not conn.closing:
+                self._answer_refresh(conn, protocol.refresh_error_frame("auth unavailable, try again"))
             return
         finally:
             self._refreshing.discard(conn)
@@ -338,7 +332,16 @@ class PushNode:
             self.expiries.set(conn, identity.expires_at)
             self.metrics.refresh("ok")
             log.debug("conn=%s user=%s node=%s token refreshed, expires at %s", conn.conn_id, conn.user_id, self.address, identity.expires_at)
-            conn.send([(None, protocol.refreshed_frame(identity.expires_at, time.time()))])
+            self._answer_refresh(conn, protocol.refreshed_frame(identity.expires_at, time.time()))
+
+    def _answer_refresh(self, conn: PushHandler, frame: str) -> None:
+        """Write the answer to a ``refresh``, unless more than ``CLIENT_QUEUE_MAX_BYTES`` written to
+        the connection are still unread: a client that sends refreshes and reads none of the
+        answers would have the node hold them all, so it is closed with 4008, as for messages."""
+        if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:
+            self._close_slow(conn, 1)
+            return
+        conn.send([(None, frame)])
 
     def _refused_refresh(self, conn: PushHandler, why: str) -> None:
         if self.hub.get(conn.conn_id) is conn and not conn.closing:
@@ -534,7 +537,7 @@ class PushNode:
     def _send_receipts(self, batch: list[dict]) -> None:
         future = self._publisher.submit(self.celery.send_task, "tasks.receipts", args=[batch], ignore_result=True,
                                         argsrepr=receipts_argsrepr(batch), serializer=wirejson.SERIALIZER)
-        future.add_done_callback(lambda f: f.exception() and log.warning("%d receipts not sent: %s", len(batch), f.exception()))
+        future.add_done_callback(lambda f: not f.cancelled() and f.exception() and log.warning("%d receipts not sent: %s", len(batch), f.exception()))
 
     def health(self) -> dict:
         consumer_ok = self._consumer is not None and self._consumer.connected
