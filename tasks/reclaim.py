@@ -23,22 +23,26 @@ CHUNK = 500
 def hand_back(app, address: str, delete: bool = False, limit: int = 100_000) -> int:
     """Re-dispatch everything on ``address``'s queue, ``limit`` messages at a time (each round is
     published and acked before the next is read, so memory stays bounded); returns the number of
-    envelopes.  With ``delete`` the queue itself is deleted afterwards (its node is gone), once a
-    round found it empty."""
+    envelopes.  It reads at most as many messages as the queue held when it began: on Redis a round
+    slower than ``VISIBILITY_TIMEOUT`` has its first messages put back on the queue by the
+    workers, and reading on until the queue is empty might never end.  With ``delete`` the queue
+    itself is deleted afterwards (its node is gone): what came back that way was handed back
+    already."""
     queue = node_queue(address)
     handed = messages = 0
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)  # a broker that is down fails fast, never hangs
         bound = queue(conn.default_channel)
         bound.declare()
-        while True:
+        _, waiting, _ = bound.queue_declare(passive=True)
+        while messages < waiting:
             taken = []
-            while len(taken) < limit and (message := bound.get(no_ack=False, accept=["json"])) is not None:
+            while len(taken) < min(limit, waiting - messages) and (message := bound.get(no_ack=False, accept=["json"])) is not None:
                 taken.append(message)
+            if not taken:
+                break
             handed += _re_dispatch(app, address, taken)
             messages += len(taken)
-            if len(taken) < limit:
-                break
         if delete:
             bound.delete()
     if handed or messages:
