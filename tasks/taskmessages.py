@@ -74,15 +74,17 @@ def envelope_problem(headers: object, body: object) -> str | None:
         return f"its task name is of type {_type(fields['task'])}"
     if not _named(fields.get("id")):
         return "it has no task id"
-    if not time_limits_ok(fields.get("timelimit")):
-        return f"its timelimit header is {fields['timelimit']!r:.60}, not [hard, soft] (seconds or null each)"
+    for limits in (fields.get("timelimit"), body.get("timelimit") if isinstance(body, dict) else None):  # Celery reads a hybrid's body too
+        if not time_limits_ok(limits):
+            return f"its timelimit header is {limits!r:.60}, not [hard, soft] (seconds or null each)"
     return arguments_problem(*arguments)
 
 
 def time_limits_ok(limits: object) -> bool:
-    """Whether a message's ``timelimit`` is absent or ``[hard, soft]``, each null or a number of
-    seconds (``apply_async(time_limit=..., soft_time_limit=...)`` sends that).  Pure."""
-    if limits is None:
+    """Whether a message's ``timelimit`` is absent (or empty: Celery reads that as none) or
+    ``[hard, soft]``, each null or a number of seconds (``apply_async(time_limit=...,
+    soft_time_limit=...)`` sends that).  Pure."""
+    if not limits:
         return True
     return isinstance(limits, (list, tuple)) and len(limits) == 2 and all(
         limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and math.isfinite(limit) and limit >= 0)

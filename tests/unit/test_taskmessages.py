@@ -24,7 +24,7 @@ def test_a_protocol_1_message_and_a_protocol_1_body_under_protocol_2_headers_pas
     assert envelope_problem(HEADERS, {"args": [], "kwargs": {}}) is None
 
 
-@pytest.mark.parametrize("limits", [None, [None, None], [10, 5], (1.5, None), [None, 0]])
+@pytest.mark.parametrize("limits", [None, [None, None], [10, 5], (1.5, None), [None, 0], 0, [], ""])
 def test_time_limits_that_apply_async_sends_pass(limits):
     assert envelope_problem({**HEADERS, "timelimit": limits}, [[], {}, {}]) is None
 
@@ -34,6 +34,7 @@ def test_a_time_limit_celery_cannot_unpack_or_use_is_refused_in_either_protocol(
     says = "its timelimit header is "
     assert envelope_problem({**HEADERS, "timelimit": limits}, [[], {}, {}]).startswith(says)
     assert envelope_problem({}, {"args": [], "kwargs": {}, "id": "x", "task": "tasks.status", "timelimit": limits}).startswith(says)
+    assert envelope_problem(HEADERS, {"args": [], "kwargs": {}, "timelimit": limits}).startswith(says)  # protocol 2 headers, protocol 1 body
 
 
 def test_a_message_that_names_no_task_is_left_to_celery():
