@@ -87,7 +87,12 @@ def redeliver(now: float) -> int:
     counts its crossings too instead of skipping them."""
     previous = _redis.set(LAST_RUN, now, get=True)
     try:
-        return _redeliver(now, float(previous) if previous is not None else now - settings.HOUSEKEEPING_SECONDS)
+        since = float(previous)
+    except (TypeError, ValueError):  # the first run, or a value not written here
+        since = now - settings.HOUSEKEEPING_SECONDS
+        previous = None
+    try:
+        return _redeliver(now, since)
     except Exception:
         if previous is not None:
             try:
