@@ -160,8 +160,9 @@ PING_TIMEOUT: int = _read(_env, "PING_TIMEOUT", 20, _positive_int, "a whole numb
 if PING_TIMEOUT > PING_INTERVAL:
     raise SettingsError(f"PING_TIMEOUT={PING_TIMEOUT} is longer than PING_INTERVAL={PING_INTERVAL}: set it to at most the interval")
 #: Largest ``data`` a message may carry, serialised as JSON, in bytes; at most
-#: ``MAX_MESSAGE_BYTES_LIMIT``, so that any such message fits in one MongoDB document (16 MiB: BSON
-#: can take 6.5 times JSON's bytes, for a list of small numbers, beside MAX_RECIPIENTS user ids).
+#: ``MAX_MESSAGE_BYTES_LIMIT``, near what fits in one MongoDB document (16 MiB: BSON can take 6
+#: times JSON's bytes, for a list of small numbers).  A message whose document would still be too
+#: big (with many recipients) fails alone (``tasks.messages.document_problem``).
 MAX_MESSAGE_BYTES_LIMIT = 2_000_000
 MAX_MESSAGE_BYTES: int = _read(_env, "MAX_MESSAGE_BYTES", 65536, _positive_int, "a whole number of bytes")
 if MAX_MESSAGE_BYTES > MAX_MESSAGE_BYTES_LIMIT:

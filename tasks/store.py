@@ -70,6 +70,7 @@ from pymongo import errors
 
 import settings
 from tasks import checkpoints, ids, wirejson
+from tasks.messages import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,6 @@ RECEIPT_DOC_ITEMS = 1000
 _RECEIPT_BUCKET_SECONDS = 60
 ACKED = "acked"
 UTC = datetime.timezone.utc
-
-
-#: MongoDB's largest document (``maxBsonObjectSize``, 16 MiB); the embedded store keeps to it too.
-MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 
 
 class StoreError(Exception):
@@ -203,9 +200,10 @@ class Store:
             except (bson.errors.BSONError, OverflowError) as exc:
                 raise StoreError(f"message {mid}: its data cannot be stored in MongoDB ({exc}); integers must fit in 64 bits and keys cannot contain NUL") from None
             if len(encoded[-1]) > MAX_DOCUMENT_BYTES:
-                # MongoDB refuses it with DocumentTooLarge, which is not a PyMongoError: it failed the whole batch.
+                # MongoDB refuses it with DocumentTooLarge, which is not a PyMongoError.  Validation
+                # refuses such a message first (tasks.messages.document_problem): this is for callers that skip it.
                 raise StoreError(f"message {mid}: stored, it would take {len(encoded[-1])} bytes, over MongoDB's limit of {MAX_DOCUMENT_BYTES} "
-                                 "per document (BSON spends up to 5 times JSON's bytes on small numbers): send smaller data")
+                                 "per document: send smaller data")
             docs.append(doc)
         with self._errors(f"storing {len(docs)} messages"):
             _insert_new(self._messages, docs, encoded if table is not None else None)

@@ -8,7 +8,7 @@ import pytest
 
 from auth.tokens import InvalidUserId, check_user_id
 
-from tasks.messages import BROADCAST, MAX_DATA_DEPTH, MAX_USER_ID_CHARS, MISSING, InvalidMessage, Message, nesting, not_unicode, validate
+from tasks.messages import BROADCAST, MAX_DATA_DEPTH, MAX_USER_ID_CHARS, MISSING, InvalidMessage, Message, document_problem, nesting, not_unicode, validate
 
 LIMITS = {"max_bytes": 1000, "max_recipients": 5}
 
@@ -281,3 +281,11 @@ def test_data_mongodb_cannot_store_is_rejected_before_its_batch_is_stored(data, 
 
 def test_the_64_bit_range_itself_is_accepted():
     assert check("ann", [2**63 - 1, -(2**63), True, 1.5e300]).data == [2**63 - 1, -(2**63), True, 1.5e300]
+
+
+def test_a_message_whose_mongodb_document_would_pass_16_mib_fails_alone_and_says_why():
+    numbers = [0] * 1_500_000  # 3 MB as JSON, about 18 MB as BSON
+    with pytest.raises(InvalidMessage, match="over the limit of 16777216"):
+        validate("alice", numbers, max_bytes=4_000_000, max_recipients=10)
+    assert document_problem(("alice",), numbers[:1_000_000], 2_000_000) is None  # about 12 MB
+    assert document_problem(BROADCAST, {"text": "hi"}, 13) is None
