@@ -117,6 +117,47 @@ def test_push_js_follows_the_close_code_table_and_backs_off_within_bounds(pages)
     assert bounds == [[250, 500], [500, 1000], [1000, 2000], [2000, 4000], [15000, 30000]]
 
 
+#: A WebSocket stand-in that only records the sockets push.js opens and closes: for the client's
+#: own bookkeeping, which no server takes part in.
+RECORDING_WEBSOCKET = """
+window.opened = [];
+window.WebSocket = class {
+  constructor(url) { this.url = url; this.readyState = 0; this.closed = false; window.opened.push(this); }
+  close() { this.closed = true; this.readyState = 3; }
+  send() {}
+};
+"""
+
+
+def test_push_js_stopped_while_it_connects_opens_no_socket_and_a_restart_opens_one(pages):
+    """``stop()`` from ``onStatus`` while the client connects, or ``stop(); start()`` while it
+    waits for ``getToken``, left the earlier attempt going on: a socket opened after ``stop()``
+    (messages handed to a stopped page), or two sockets, one of them never closed."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    stopped_on_connecting = page.evaluate("""() => {
+        const client = new PushClient({url: "ws://127.0.0.1:9/ws", token: "t", onStatus: s => { if (s.state === "connecting") client.stop(); }});
+        client.start();
+        return [client.state, window.opened.length];
+    }""")
+    assert stopped_on_connecting == ["stopped", 0]
+    restarted = page.evaluate("""async () => {
+        window.opened = [];
+        const waiting = [];
+        const client = new PushClient({url: "ws://127.0.0.1:9/ws", getToken: () => new Promise(resolve => waiting.push(resolve))});
+        client.start();
+        client.stop();
+        client.start();
+        waiting.forEach(resolve => resolve("t"));
+        await new Promise(resolve => setTimeout(resolve, 50));
+        const open = window.opened.filter(ws => !ws.closed).length;
+        client.stop();
+        return [window.opened.length, open];
+    }""")
+    assert restarted == [1, 1]
+
+
 @REDIS_ONLY
 def test_two_users_on_two_nodes_each_see_only_their_own_messages(cluster, pages):
     demo = DemoPage(cluster, cluster.node_ports)

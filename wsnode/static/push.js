@@ -125,6 +125,9 @@
     this._ws = null;
     this._timer = null;
     this._running = false;
+    // Bumped by stop(): a _connect or _retry of an earlier run (one that waited for getToken, or
+    // whose onStatus called stop() and start()) sees it changed and gives up.
+    this._generation = 0;
     this._state = "idle";
   }
 
@@ -146,6 +149,7 @@
   /** Close the connection (code 1000) and never reconnect. */
   PushClient.prototype.stop = function () {
     this._running = false;
+    this._generation += 1;
     clearTimeout(this._timer);
     this._timer = null;
     if (this._ws) {
@@ -172,6 +176,7 @@
   PushClient.prototype._connect = async function () {
     this._timer = null;
     if (!this._running) return;
+    var generation = this._generation;
     var url = this.urls[this._index % this.urls.length];
     if (!this._token) {
       this._status({ state: "token", url: url });
@@ -181,7 +186,7 @@
       } catch (e) {
         this._token = null;
       }
-      if (!this._running) return;
+      if (!this._running || generation !== this._generation) return;
       if (!this._token) {
         this._retry({ code: 4401, reason: "getToken gave no token", url: url }, { action: "reconnect", soon: false, stay: true }, false);
         return;
@@ -193,6 +198,7 @@
     else target.searchParams.delete("since");
     this.stats.attempts += 1;
     this._status({ state: "connecting", url: url, node: null });
+    if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
     var ws;
     try {
       ws = new WebSocket(target.href);
@@ -319,6 +325,7 @@
 
   PushClient.prototype._retry = function (closed, policy, hadHello) {
     var o = this.options;
+    var generation = this._generation;
     if (policy.action === "stop") {
       this._running = false;
       this._status({ state: "stopped", code: closed.code, reason: closed.reason, url: closed.url });
@@ -345,6 +352,7 @@
     this._attempt += 1;
     this._status({ state: "waiting", code: closed.code, reason: closed.reason, url: closed.url,
       next: this.urls[this._index % this.urls.length], retryIn: Math.round(delay), wasConnected: hadHello });
+    if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
     var self = this;
     this._timer = setTimeout(function () { self._connect(); }, delay);
   };
