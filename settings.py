@@ -226,8 +226,8 @@ MIN_SECRET_BYTES = 32
 def check_secrets() -> None:
     """Warn about development or short secrets; refuse them when ``PUSH_ENV=production``.
 
-    Called once by each process at start, after logging is set up.
-    """
+    Called once by the auth service at start, after logging is set up: it alone holds them (the
+    nodes ask it about each token; the workers never read them)."""
     named = (("AUTH_SECRET", AUTH_SECRET, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY", AUTH_ADMIN_KEY, DEV_AUTH_ADMIN_KEY))
     weak = [name for name, value, dev in named if value == dev]
     short = [f"{name} has {len(value.encode())}" for name, value, dev in named if value != dev and len(value.encode()) < MIN_SECRET_BYTES]

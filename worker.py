@@ -115,18 +115,6 @@ _scheduler = None
 
 
 @worker_init.connect
-def _check_secrets(**_):
-    """Refuse to start with development secrets under ``PUSH_ENV=production`` (main process,
-    before anything is consumed).  SystemExit, because Celery logs and ignores an Exception
-    raised by a signal handler."""
-    try:
-        settings.check_secrets()
-    except settings.SettingsError as exc:
-        log.critical("%s", exc)
-        raise SystemExit(2) from None
-
-
-@worker_init.connect
 def _tune_gc(**_):
     """Main process, before the pool forks: see :mod:`gcpolicy`."""
     gcpolicy.tune()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 
 import pytest
 
@@ -28,6 +29,14 @@ os.environ.update(
     AUTH_URL=f"http://127.0.0.1:{TEST_AUTH_PORT}",
 )
 os.environ.pop("RESULT_BACKEND", None)
+# What a developer's shell may hold for a real deployment and that would change what the tests see:
+# production mode, and secrets other than the development ones the tests use.
+for _name in ("PUSH_ENV", "AUTH_SECRET", "AUTH_ADMIN_KEY"):
+    os.environ.pop(_name, None)
+if os.environ.get("MONGO_URL"):
+    # Against a real MongoDB, the clusters' workers store into a database of this session's own
+    # (dropped at the end when every test passed), never into MONGO_DB's.
+    os.environ["MONGO_DB"] = f"push_tests_{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -44,5 +53,10 @@ def pytest_sessionfinish(session, exitstatus):
     printed.  Session fixtures (the Redis, the clusters) are torn down before this runs."""
     if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         shutil.rmtree(TEST_DATA_DIR, ignore_errors=True)
+        if os.environ.get("MONGO_URL"):
+            import pymongo
+
+            with pymongo.MongoClient(os.environ["MONGO_URL"], serverSelectionTimeoutMS=5000) as client:
+                client.drop_database(os.environ["MONGO_DB"])
     else:
         print(f"\ntest data and process logs kept in {TEST_DATA_DIR}")

@@ -1,10 +1,12 @@
-"""``PUSH_ENV=production`` with the development secrets: every process refuses to start, and says
-which variables to set.  No Redis or broker is needed: the check comes before any connection."""
+"""``PUSH_ENV=production`` with the development secrets: the auth service refuses to start, and says
+which variables to set; the nodes and workers, which never hold the secrets, start without them.
+No Redis or broker is needed: the check comes before any connection."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,18 +30,31 @@ def production_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("role", sorted(COMMANDS))
-def test_a_process_in_production_refuses_the_development_secrets_and_names_them(role, tmp_path):
-    run = subprocess.run(COMMANDS[role], cwd=REPO, env=production_env(tmp_path), capture_output=True, text=True, timeout=60)
+def test_auth_in_production_refuses_the_development_secrets_and_names_them(tmp_path):
+    run = subprocess.run(COMMANDS["auth"], cwd=REPO, env=production_env(tmp_path), capture_output=True, text=True, timeout=60)
     output = run.stdout + run.stderr
     assert run.returncode == 2, output[-2000:]
     assert "PUSH_ENV=production but AUTH_SECRET, AUTH_ADMIN_KEY still hold the development value" in output
     assert "set them to long random strings" in output
 
 
+@pytest.mark.parametrize("role", ["push node", "worker"])
+def test_nodes_and_workers_in_production_need_no_secret(role, tmp_path):
+    """They used to refuse the development secrets too, so an operator had to copy the token
+    signing key onto every internet-facing node, which never reads it."""
+    service = launcher.Service(role, COMMANDS[role], production_env(tmp_path), log_path=tmp_path / "out.log").start()
+    try:
+        time.sleep(3)  # the refusal came before anything else, within a second
+        log = (tmp_path / "out.log").read_text(errors="replace")
+        assert service.alive, log[-2000:]
+        assert "AUTH_SECRET" not in log and "AUTH_ADMIN_KEY" not in log
+    finally:
+        service.kill()
+
+
 def test_a_production_secret_that_is_set_is_not_named(tmp_path):
     env = production_env(tmp_path, AUTH_SECRET="s" * 40)
-    run = subprocess.run(COMMANDS["push node"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(COMMANDS["auth"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     output = run.stdout + run.stderr
     assert run.returncode == 2, output[-2000:]
     assert "but AUTH_ADMIN_KEY still hold" in output and "AUTH_SECRET," not in output
