@@ -9,7 +9,7 @@ Starts, in this order, and waits until each one answers:
   page (8080, or ``--demo-port``; ``--no-demo`` skips it).
 
 Then it prints the URLs and ready-to-paste commands to get a token and send a message, and echoes
-every process's output behind a ``name |`` prefix.  Ctrl-C or SIGTERM stops everything: nodes first,
+every process's output behind a ``name |`` prefix.  Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops everything: nodes first,
 then the worker, Flower, auth and the private Redis (a second Ctrl-C hurries: SIGKILL for the rest).
 If a process dies, it says which, stops the rest and exits with 1; except a push node while another
 one still runs: that is only reported (browsers, and the demo page, move to the other node).
@@ -98,8 +98,11 @@ class Cluster:
         self.broker_url = self.redis_url = ""
 
     def say(self, message: str) -> None:
-        sys.stdout.write(f"{'cluster':<{self.width}} | {message}\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(f"{'cluster':<{self.width}} | {message}\n")
+            sys.stdout.flush()
+        except OSError:
+            pass  # the terminal is gone (SIGHUP): stopping goes on without it
 
     def _echo(self, name: str) -> dict:
         """Service keywords: output echoed with a padded, coloured ``name |`` prefix."""
@@ -225,7 +228,7 @@ class Cluster:
             hurry.set()
             self.say("hurrying: killing what is left")
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, on_signal)
         nodes = [name for name in self.services if name.startswith("node-")]
         order = [*nodes, "worker", "flower", *(n for n in reversed(self.services) if n not in (*nodes, "worker", "flower"))]
@@ -234,7 +237,7 @@ class Cluster:
             if service is None:
                 continue
             was_alive = service.alive
-            code = service.kill() if hurry.is_set() else service.terminate(STOP_TIMEOUT.get(name, DEFAULT_STOP_TIMEOUT))
+            code = service.kill() if hurry.is_set() else service.terminate(STOP_TIMEOUT.get(name, DEFAULT_STOP_TIMEOUT), hurry)
             if was_alive:
                 self.say(f"stopped {name} (exit code {code})")
         if self.redis is not None:
@@ -245,13 +248,18 @@ class Cluster:
             self.say("stopped the private Redis")
 
 
+#: Signals that stop the cluster.  SIGHUP too: the children run in sessions of their own, so when
+#: the terminal closes only this process hears it, and without a handler it died leaving them all.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (&)
+    for signum in STOP_SIGNALS:  # also when started with SIGINT ignored (&)
         signal.signal(signum, _raise_interrupt)
     cluster = Cluster(args)
     status = 0

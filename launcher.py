@@ -126,10 +126,17 @@ class Service:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 with self._lock:
                     self._lines.append(line)
-                out.write(lead + line + "\n")
-                out.flush()
+                if out is None:
+                    continue
+                try:
+                    out.write(lead + line + "\n")
+                    out.flush()
+                except (OSError, ValueError):
+                    # Our stream is gone (the terminal closed): keep reading the pipe, or the
+                    # child would block writing its log, stopping included.
+                    out = None
         except (OSError, ValueError):
-            pass  # our stream or the pipe was closed under us: stop copying
+            pass  # the pipe was closed under us: stop copying
         finally:
             pipe.close()
             if sink is not None:
@@ -190,22 +197,28 @@ class Service:
         self._join_reader(2.0)
         return code
 
-    def terminate(self, timeout: float = 10.0) -> int | None:
+    def terminate(self, timeout: float = 10.0, hurry: threading.Event | None = None) -> int | None:
         """Stop the process and its whole group; return its exit code (None if never started).
 
         SIGTERM goes to the leader alone, so Celery's warm shutdown drains its own pool instead of
-        having its pool children killed mid-task; if it is still running after ``timeout`` the group
-        gets SIGKILL.  Whatever is left in the group then gets SIGTERM and, a second later, SIGKILL.
+        having its pool children killed mid-task; if it is still running after ``timeout``, or
+        once ``hurry`` is set, the group gets SIGKILL.  Whatever is left in the group then gets
+        SIGTERM and, a second later, SIGKILL.
         """
         if self._proc is None:
             return None
         if self._proc.poll() is None:
             self._signal(signal.SIGTERM, group=False)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self._proc.wait()
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    self._proc.wait(min(0.2, max(deadline - time.monotonic(), 0.0)))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+                        self._signal(signal.SIGKILL)
+                        self._proc.wait()
+                        break
         if self._signal(signal.SIGTERM):
             deadline = time.monotonic() + 1.0
             while self._signal(0) and time.monotonic() < deadline:

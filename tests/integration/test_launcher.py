@@ -8,6 +8,7 @@ import shutil
 import socket
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -148,6 +149,19 @@ def test_terminate_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
     started = time.monotonic()
     assert service.terminate(timeout=0.5) == -9
     assert time.monotonic() - started < 5
+
+
+def test_terminate_kills_at_once_when_told_to_hurry(tmp_path):
+    """What a second Ctrl-C does to ``./dev cluster``'s stop: it used to wait out the process
+    being stopped (30 s for the worker) before it hurried the rest."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
+    service = python_service(tmp_path, code).start()
+    service.wait_log("up", timeout=10)
+    hurry = threading.Event()
+    threading.Timer(0.5, hurry.set).start()
+    started = time.monotonic()
+    assert service.terminate(timeout=60, hurry=hurry) == -9
+    assert time.monotonic() - started < 10
 
 
 def test_kill_stops_the_child_and_its_grandchild_at_once(tmp_path):
