@@ -228,8 +228,11 @@ class Cluster:
             hurry.set()
             self.say("hurrying: killing what is left")
 
-        for signum in STOP_SIGNALS:
+        for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, on_signal)
+        # A closing terminal can send SIGHUP twice (the shell, then the kernel): the first began
+        # this stop, a second must not turn it into SIGKILL for everything.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         nodes = [name for name in self.services if name.startswith("node-")]
         order = [*nodes, "worker", "flower", *(n for n in reversed(self.services) if n not in (*nodes, "worker", "flower"))]
         for name in order:
@@ -248,8 +251,9 @@ class Cluster:
             self.say("stopped the private Redis")
 
 
-#: Signals that stop the cluster.  SIGHUP too: the children run in sessions of their own, so when
-#: the terminal closes only this process hears it, and without a handler it died leaving them all.
+#: Signals that stop the cluster.  SIGHUP too (unless ignored, as under nohup): the children run in
+#: sessions of their own, so when the terminal closes only this process hears it, and without a
+#: handler it died leaving them all.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -259,8 +263,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for signum in STOP_SIGNALS:  # also when started with SIGINT ignored (&)
-        signal.signal(signum, _raise_interrupt)
+    for signum in STOP_SIGNALS:  # also when started with SIGINT ignored (&), but not SIGHUP under nohup
+        if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_interrupt)
     cluster = Cluster(args)
     status = 0
     try:
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.say(f"cannot start the cluster: {exc}")
         status = 1
     finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a second one (see Cluster.stop) must not abort the stop
         cluster.stop()
     return status
 

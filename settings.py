@@ -114,7 +114,8 @@ def redact(url: str) -> str:
 
 _env = os.environ
 
-#: ``development`` (default) or ``production``; in production, development secrets refuse to start.
+#: ``development`` (default) or ``production``; in production the auth service refuses to start with
+#: development or short secrets (:func:`check_secrets`).
 PUSH_ENV: str = _read(_env, "PUSH_ENV", "development", _choice("development", "production"), "development or production")
 
 BROKER_URL: str = _read(_env, "BROKER_URL", "redis://127.0.0.1:6379/0", _url("redis", "rediss", "amqp", "amqps", "pyamqp"), "a redis:// or amqp:// URL")

@@ -158,13 +158,14 @@ MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 _DOCUMENT_ROOM = 1024
 
 
-def document_problem(to: str | tuple[str, ...], data: object, data_bytes: int) -> str | None:
-    """Why a message with these recipients and ``data`` (``data_bytes`` as JSON) would not fit in
-    one MongoDB document, or None.  BSON spends at most about 6 bytes per JSON byte (a list of
-    small numbers) and 4 per character of a user id, plus 16 per id: only a message that could
-    pass the limit by that bound is encoded to measure it.  Pure."""
+def document_problem(to: str | tuple[str, ...], data: object, data_chars: int) -> str | None:
+    """Why a message with these recipients and ``data`` (``data_chars`` characters as JSON) would
+    not fit in one MongoDB document, or None.  BSON spends about 6 bytes per JSON character at
+    most (a list of one-digit numbers; a character of a string takes at most 4), and 4 per
+    character of a user id plus 16 per id: only a message that could pass the limit by 6.5 times
+    that is encoded to measure it.  Pure."""
     users = () if to == BROADCAST else to
-    bound = 6.5 * data_bytes + sum(4 * len(user) + 16 for user in users)
+    bound = 6.5 * data_chars + sum(4 * len(user) + 16 for user in users)
     if bound <= MAX_DOCUMENT_BYTES - _DOCUMENT_ROOM:
         return None
     import bson  # pymongo's BSON codec, only for such large messages
@@ -173,7 +174,7 @@ def document_problem(to: str | tuple[str, ...], data: object, data_bytes: int) -
     if size <= MAX_DOCUMENT_BYTES - _DOCUMENT_ROOM:
         return None
     return (f"takes {size} bytes as a MongoDB document with its recipients, over the limit of {MAX_DOCUMENT_BYTES} "
-            "(BSON takes up to 6 times JSON's bytes for lists of small numbers): send less data, or fewer recipients per message")
+            "(BSON takes about 6 times JSON's bytes for lists of small numbers): send less data, or fewer recipients per message")
 
 
 def validate(to: object, data: object, *, max_bytes: int, max_recipients: int, unexpected: dict | None = None) -> Message:
@@ -181,6 +182,6 @@ def validate(to: object, data: object, *, max_bytes: int, max_recipients: int, u
         raise InvalidMessage(f"unexpected argument(s) {', '.join(sorted(unexpected))}: collect takes to, data and optionally key")
     users = recipients(to, max_recipients)
     text = encode_data(data, max_bytes)
-    if (problem := document_problem(users, data, len(text))) is not None:  # len(text) <= its UTF-8 bytes: the bound holds
+    if (problem := document_problem(users, data, len(text))) is not None:
         raise InvalidMessage(f"the message {problem}")
     return Message(users, data, text)

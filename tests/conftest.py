@@ -56,7 +56,11 @@ def pytest_sessionfinish(session, exitstatus):
         if os.environ.get("MONGO_URL"):
             import pymongo
 
-            with pymongo.MongoClient(os.environ["MONGO_URL"], serverSelectionTimeoutMS=5000) as client:
-                client.drop_database(os.environ["MONGO_DB"])
+            try:
+                with pymongo.MongoClient(os.environ["MONGO_URL"], serverSelectionTimeoutMS=5000) as client:
+                    client.drop_database(os.environ["MONGO_DB"])
+            except pymongo.errors.PyMongoError as exc:
+                print(f"\nthe test database {os.environ['MONGO_DB']} at MONGO_URL was not dropped: {exc}")
     else:
-        print(f"\ntest data and process logs kept in {TEST_DATA_DIR}")
+        print(f"\ntest data and process logs kept in {TEST_DATA_DIR}"
+              + (f"; the clusters' messages in the database {os.environ['MONGO_DB']} at MONGO_URL" if os.environ.get("MONGO_URL") else ""))

@@ -180,13 +180,18 @@
     var url = this.urls[this._index % this.urls.length];
     if (!this._token) {
       this._status({ state: "token", url: url });
+      if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
+      var token = null;
       try {
-        this._token = await this._getToken();
-        this.stats.tokens += 1;
+        token = await this._getToken();
       } catch (e) {
-        this._token = null;
+        token = null;
       }
-      if (!this._running || generation !== this._generation) return;
+      if (!this._running || generation !== this._generation) return; // a stale attempt's token is not kept
+      if (token) {
+        this._token = token;
+        this.stats.tokens += 1;
+      }
       if (!this._token) {
         this._retry({ code: 4401, reason: "getToken gave no token", url: url }, { action: "reconnect", soon: false, stay: true }, false);
         return;
