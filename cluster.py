@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.say(f"{died} exited with code {service.returncode}: stopping the rest")
         status = 1
     except KeyboardInterrupt:
-        cluster.say("stopping (Ctrl-C or SIGTERM)")
+        cluster.say("stopping (Ctrl-C, SIGTERM or SIGHUP)")
     except launcher.LauncherError as exc:
         cluster.say(f"cannot start the cluster: {exc}")
         status = 1

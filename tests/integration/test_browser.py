@@ -158,6 +158,25 @@ def test_push_js_stopped_while_it_connects_opens_no_socket_and_a_restart_opens_o
     assert restarted == [1, 1]
 
 
+def test_push_js_retries_a_get_token_that_never_settles(pages):
+    """A ``getToken`` whose request stalls left the client waiting for ever, with no retry."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    states = page.evaluate("""async () => {
+        let calls = 0;
+        const states = [];
+        const client = new PushClient({url: "ws://127.0.0.1:9/ws", connectTimeoutMs: 100, initialMs: 50,
+                                       getToken: () => { calls += 1; return calls === 1 ? new Promise(() => {}) : "t"; },
+                                       onStatus: s => states.push(s.state)});
+        client.start();
+        await new Promise(resolve => setTimeout(resolve, 600));
+        client.stop();
+        return [calls, states.slice(0, 4), window.opened.length > 0];
+    }""")
+    assert states == [2, ["token", "waiting", "token", "connecting"], True]
+
+
 @REDIS_ONLY
 def test_two_users_on_two_nodes_each_see_only_their_own_messages(cluster, pages):
     demo = DemoPage(cluster, cluster.node_ports)

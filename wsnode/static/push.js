@@ -57,11 +57,18 @@
     healthyMs: 5000, // a connection live this long resets the backoff
     awayMs: 30000, // how long a URL that said 1001 is skipped
     goAwayJitterMs: 500, // after a 1001, reconnect within this (spreads a drained node's clients)
-    connectTimeoutMs: 10000, // a handshake not done in this time counts as a failed connect
+    connectTimeoutMs: 10000, // a handshake (or a getToken call) not done in this time counts as a failed one
     dedupWindow: 10000, // how many message ids are remembered to drop repeats
     refreshAheadMs: 60000, // refresh the token this long before it expires (at most half its remaining life)
     refreshRetryMs: 5000, // after a failed refresh (getToken failed, or the node said refresh_error), try again after this
   };
+
+  /** ``promise``, or null once ``ms`` passed without it settling (a getToken whose request stalls). */
+  function within(promise, ms) {
+    var timer;
+    var late = new Promise(function (resolve) { timer = setTimeout(function () { resolve(null); }, ms); });
+    return Promise.race([Promise.resolve(promise), late]).finally(function () { clearTimeout(timer); });
+  }
 
   /**
    * What to do after a close with ``code`` (1006 when the connection failed or was lost).
@@ -183,7 +190,7 @@
       if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
       var token = null;
       try {
-        token = await this._getToken();
+        token = await within(this._getToken(), this.options.connectTimeoutMs);
       } catch (e) {
         token = null;
       }
@@ -297,7 +304,7 @@
     if (this._ws !== ws || !this._getToken) return;
     var token = null;
     try {
-      token = await this._getToken();
+      token = await within(this._getToken(), this.options.connectTimeoutMs);
     } catch (e) {
       token = null;
     }
