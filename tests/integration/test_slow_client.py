@@ -40,13 +40,20 @@ def limited_node(cluster):
     cluster.services.remove(node)
 
 
-async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_without_a_loss(cluster, limited_node):
-    port, user = limited_node, "slow-reader"
+async def live_raw_peer(cluster, port: int, user: str):
+    """A raw peer of ``user`` with a small receive buffer, past its opening ``hello`` and
+    ``resumed`` frames: ``(token, reader, writer)``."""
     token = await asyncio.to_thread(cluster.token, user)
     reader, writer = await raw_connect(port, f"token={token}", receive_buffer=4096, limit=4096)
+    opening = [json.loads((await read_server_frame(reader, 15))[1]) for _ in range(2)]
+    assert [frame["type"] for frame in opening] == ["hello", "resumed"], opening
+    return token, reader, writer
+
+
+async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_without_a_loss(cluster, limited_node):
+    port, user = limited_node, "slow-reader"
+    _, reader, writer = await live_raw_peer(cluster, port, user)
     try:
-        opening = [json.loads((await read_server_frame(reader, 15))[1]) for _ in range(2)]
-        assert [frame["type"] for frame in opening] == ["hello", "resumed"], opening
         closes_before = await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT)
 
         sent: list[str] = []
@@ -123,11 +130,8 @@ async def test_a_client_that_floods_refreshes_and_reads_no_answer_is_closed_with
     """Each ``refresh`` sent while one is checked is answered ``refresh_error``: a client that sent
     them without end and read nothing had the node hold every answer, without bound."""
     port, user = limited_node, "refresh-flooder"
-    token = await asyncio.to_thread(cluster.token, user)
-    reader, writer = await raw_connect(port, f"token={token}", receive_buffer=4096, limit=4096)
+    token, _, writer = await live_raw_peer(cluster, port, user)
     try:
-        opening = [json.loads((await read_server_frame(reader, 15))[1]) for _ in range(2)]
-        assert [frame["type"] for frame in opening] == ["hello", "resumed"], opening
         closes_before = await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT)
         chunk = client_text_frame(json.dumps({"type": "refresh", "token": token})) * 2000
         for _ in range(200):  # 2,000 refreshes a round; the peer reads nothing
