@@ -318,8 +318,7 @@ class PushNode:
         except AuthUnavailable as exc:
             log.warning("conn=%s user=%s node=%s token refresh not checked: %s", conn.conn_id, conn.user_id, self.address, exc)
             self.metrics.refresh("unavailable")
-            if self.hub.get(conn.conn_id) is conn and not conn.closing:
-                self._answer_refresh(conn, protocol.refresh_error_frame("auth unavailable, try again"))
+            self._answer_refresh(conn, protocol.refresh_error_frame("auth unavailable, try again"))
             return
         finally:
             self._refreshing.discard(conn)
@@ -337,7 +336,10 @@ class PushNode:
     def _answer_refresh(self, conn: PushHandler, frame: str) -> None:
         """Write the answer to a ``refresh``, unless more than ``CLIENT_QUEUE_MAX_BYTES`` written to
         the connection are still unread: a client that sends refreshes and reads none of the
-        answers would have the node hold them all, so it is closed with 4008, as for messages."""
+        answers would have the node hold them all, so it is closed with 4008, as for messages.
+        Nothing is written to a connection that closed (or began closing) while auth was asked."""
+        if self.hub.get(conn.conn_id) is not conn or conn.closing:
+            return
         if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:
             self._close_slow(conn, 1)
             return
