@@ -131,3 +131,30 @@ async def test_a_client_that_leaves_while_its_token_is_checked_is_not_bound(clus
     assert not [user for user in users if cluster.routes.exists(route_key(user))]
     assert "left during its handshake" in cluster._log(f"node-{node.port}").read_text(errors="replace"), \
         "no client left during its token check: the test did not make the case it is about"
+
+
+async def test_a_handshake_whose_token_check_ends_while_the_node_drains_is_closed_with_1001(cluster):
+    """Auth stopped (SIGSTOP) holds a handshake in its token check, past the draining check that
+    answers 503; the node is told to stop (SIGTERM) meanwhile.  Once auth answers, the connection
+    is closed with 1001 ("reconnect elsewhere") instead of being bound to a node that is going."""
+    node = cluster.start_node()
+    token = await asyncio.to_thread(cluster.token, "drained-in-flight")
+    os.kill(cluster.auth.pid, signal.SIGSTOP)
+    try:
+        pending = asyncio.ensure_future(Client.connect(cluster.ws_url(node.port, token), expect_hello=False, timeout=20))
+        await asyncio.sleep(1.0)  # the upgraded request waits in prepare for auth
+        os.kill(node.pid, signal.SIGTERM)
+        log = cluster._log(f"node-{node.port}")
+        for _ in range(50):
+            if "draining" in log.read_text(errors="replace"):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the node never began draining")
+    finally:
+        os.kill(cluster.auth.pid, signal.SIGCONT)
+    client = await pending
+    assert await outcome(client) == (CloseCode.GOING_AWAY, CloseCode.GOING_AWAY.reason)
+    assert await asyncio.to_thread(node.terminate, 20) == 0
+    assert "began draining while the connection opened" in log.read_text(errors="replace")
+    assert not cluster.routes.exists(route_key("drained-in-flight"))
