@@ -177,6 +177,33 @@ def test_push_js_retries_a_get_token_that_never_settles(pages):
     assert states == [2, ["token", "waiting", "token", "connecting"], True]
 
 
+def test_push_js_does_not_go_back_to_a_node_that_said_going_away_while_another_url_works(pages):
+    """After A's 1001 the client moves to B; when B's connect then fails, it used to go back to A
+    (the next URL, though A was still skipped for ``awayMs``) and be refused by a draining node,
+    where trying B again is what a load balancer would do.  ``stop()`` forgets the node."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    tried = page.evaluate("""async () => {
+        const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
+        const client = new PushClient({url: ["ws://a.invalid/ws", "ws://b.invalid/ws"], token: "t", initialMs: 20, goAwayJitterMs: 10});
+        client.start();
+        const a = window.opened[0];
+        a.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600})});
+        const node = client.node;
+        a.onclose({code: 1001, reason: "node shutting down"});
+        await pause(50);
+        window.opened[1].onclose({code: 1006, reason: ""});
+        await pause(100);
+        const urls = window.opened.map(ws => new URL(ws.url).host);
+        window.opened[2].onmessage({data: JSON.stringify({type: "hello", node: "b", user: "u", conn: "c", expires_in: 3600})});
+        const live = client.node;
+        client.stop();
+        return [node, urls.slice(0, 3), live, client.node, client.state];
+    }""")
+    assert tried == ["a", ["a.invalid", "b.invalid", "b.invalid"], "b", None, "stopped"]
+
+
 @REDIS_ONLY
 def test_two_users_on_two_nodes_each_see_only_their_own_messages(cluster, pages):
     demo = DemoPage(cluster, cluster.node_ports)

@@ -19,7 +19,8 @@
  *   in the order the node sends them, which is the order they were collected.
  * - Several URLs act like a load balancer in front of the nodes: it starts with the first, and
  *   moves to the next after a failed connect or a close.  A node that closed with 1001 ("going
- *   away") is skipped for ``awayMs``; with one URL it waits a backoff step instead of coming
+ *   away") is skipped for ``awayMs``: when every other URL fails too, the client stays on the one
+ *   it has rather than going back to it; with one URL it waits a backoff step instead of coming
  *   straight back.
  * - Close codes, as the README's table says:
  *     1001           reconnect now (another URL), with since;
@@ -164,6 +165,7 @@
       this._ws = null;
       try { ws.close(1000, "client stopped"); } catch (e) { /* already closing */ }
     }
+    this.node = null;
     this._status({ state: "stopped", code: 1000, reason: "stopped by the page" });
     return this;
   };
@@ -369,7 +371,8 @@
     this._timer = setTimeout(function () { self._connect(); }, delay);
   };
 
-  /** The URL after ``url`` that is not being avoided (fresh), else simply the next one. */
+  /** The URL after ``url`` that is not being avoided (fresh); when all others are, ``url`` itself
+   * unless it is avoided too, else the one whose avoidance ends first (not fresh: backoff). */
   PushClient.prototype._nextUrl = function (url) {
     var n = this.urls.length;
     var from = this.urls.indexOf(url);
@@ -378,7 +381,14 @@
       var i = (from + step) % n;
       if (this.urls[i] !== url && !(this._away[this.urls[i]] > now)) return { index: i, fresh: true };
     }
-    return { index: (from + 1) % n, fresh: false };
+    // Every other URL is being avoided: stay on this one, unless it said 1001 too; then take the
+    // one avoided for the least time (the 1001 of a node that drains and comes back is oldest).
+    if (!(this._away[url] > now)) return { index: from, fresh: false };
+    var best = from;
+    for (var j = 0; j < n; j++) {
+      if ((this._away[this.urls[j]] || 0) < (this._away[this.urls[best]] || 0)) best = j;
+    }
+    return { index: best, fresh: false };
   };
 
   return PushClient;
