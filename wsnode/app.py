@@ -299,7 +299,7 @@ class PushNode:
             return  # refused or closing already: its close handshake may still bring frames
         if conn in self._refreshing:
             self.metrics.refresh("busy")
-            self._answer_refresh(conn, protocol.refresh_error_frame("a refresh is in flight: wait for its answer"))
+            self.answer(conn, protocol.refresh_error_frame("a refresh is in flight: wait for its answer"))
             return
         self._refreshing.add(conn)
         IOLoop.current().spawn_callback(self._refresh, conn, token)
@@ -318,7 +318,7 @@ class PushNode:
         except AuthUnavailable as exc:
             log.warning("conn=%s user=%s node=%s token refresh not checked: %s", conn.conn_id, conn.user_id, self.address, exc)
             self.metrics.refresh("unavailable")
-            self._answer_refresh(conn, protocol.refresh_error_frame("auth unavailable, try again"))
+            self.answer(conn, protocol.refresh_error_frame("auth unavailable, try again"))
             return
         finally:
             self._refreshing.discard(conn)
@@ -331,13 +331,14 @@ class PushNode:
             self.expiries.set(conn, identity.expires_at)
             self.metrics.refresh("ok")
             log.debug("conn=%s user=%s node=%s token refreshed, expires at %s", conn.conn_id, conn.user_id, self.address, identity.expires_at)
-            self._answer_refresh(conn, protocol.refreshed_frame(identity.expires_at, time.time()))
+            self.answer(conn, protocol.refreshed_frame(identity.expires_at, time.time()))
 
-    def _answer_refresh(self, conn: PushHandler, frame: str) -> None:
-        """Write the answer to a ``refresh``, unless more than ``CLIENT_QUEUE_MAX_BYTES`` written to
-        the connection are still unread: a client that sends refreshes and reads none of the
-        answers would have the node hold them all, so it is closed with 4008, as for messages.
-        Nothing is written to a connection that closed (or began closing) while auth was asked."""
+    def answer(self, conn: PushHandler, frame: str) -> None:
+        """Write the answer to a client's ``refresh`` or ``ping``, unless more than
+        ``CLIENT_QUEUE_MAX_BYTES`` written to the connection are still unread: a client that sends
+        them and reads none of the answers would have the node hold them all, so it is closed with
+        4008, as for messages.  Nothing is written to a connection that is not bound (refused, or
+        closed or closing, e.g. while auth was asked about its refresh)."""
         if self.hub.get(conn.conn_id) is not conn or conn.closing:
             return
         if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:

@@ -124,6 +124,9 @@ class PushHandler(WebSocketHandler):
         if isinstance(frame, protocol.Refresh):
             self.node.refresh(self, frame.token)
             return
+        if isinstance(frame, protocol.Ping):
+            self.node.answer(self, protocol.PONG_FRAME)
+            return
         if not self.acks.take():
             self._close_for_frame(CloseCode.BAD_REQUEST, f"an ack past the message frames written to it (and {ACK_ALLOWANCE} more)",
                                   "more acks than messages sent on this connection")

@@ -15,13 +15,16 @@ Server -> client (JSON text frames):
   a ``refresh``, and the connection now expires with it.
 - ``{"type": "refresh_error", "reason": "..."}``: the node could not check a ``refresh`` now (auth
   unavailable, or another refresh in flight): the connection stays as it was; send it again later.
+- ``{"type": "pong"}``: the answer to a client's ``ping``.
 
 A connection whose token expired is closed with 4401 ``token expired`` ``TOKEN_EXPIRY_GRACE``
 seconds later, unless a ``refresh`` gave it a newer token first (:mod:`wsnode.expiry`).
 
-Client -> server: ``{"type": "ack", "id": "<message id>"}``, and ``{"type": "refresh", "token":
-"<a new token of the same user>"}``.  Anything else closes the connection with 4500
-(``CloseCode.BAD_REQUEST``) and a reason naming what was wrong.
+Client -> server: ``{"type": "ack", "id": "<message id>"}``, ``{"type": "refresh", "token":
+"<a new token of the same user>"}``, and ``{"type": "ping"}``, which a client sends to learn
+whether its connection still works (a browser's JavaScript cannot see WebSocket ping frames, and a
+connection whose network went away can look open for many minutes).  Anything else closes the
+connection with 4500 (``CloseCode.BAD_REQUEST``) and a reason naming what was wrong.
 """
 
 from __future__ import annotations
@@ -56,7 +59,12 @@ class Refresh:
     token: str
 
 
-def parse_client_frame(frame: str | bytes) -> Ack | Refresh:
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+def parse_client_frame(frame: str | bytes) -> Ack | Refresh | Ping:
     """Parse one frame from a browser; raises :class:`ProtocolError`."""
     if isinstance(frame, bytes):
         raise ProtocolError("binary frames are not accepted: send JSON text")
@@ -79,7 +87,9 @@ def parse_client_frame(frame: str | bytes) -> Ack | Refresh:
         if not isinstance(token, str) or not token:
             raise ProtocolError("refresh needs a token: {\"type\": \"refresh\", \"token\": \"...\"}")
         return Refresh(token)
-    raise ProtocolError(f"unknown frame type {str(kind)[:40]!r}: expected ack or refresh")
+    if kind == "ping":
+        return Ping()
+    raise ProtocolError(f"unknown frame type {str(kind)[:40]!r}: expected ack, refresh or ping")
 
 
 def parse_since(value: str | None) -> str | None:
@@ -114,6 +124,9 @@ def refreshed_frame(expires_at: int | None, now: float) -> str:
 
 def refresh_error_frame(reason: str) -> str:
     return json.dumps({"type": "refresh_error", "reason": reason})
+
+
+PONG_FRAME = '{"type":"pong"}'
 
 
 def resumed_frame(since: str | None, replayed: int, truncated: bool) -> str:

@@ -124,7 +124,7 @@ window.opened = [];
 window.WebSocket = class {
   constructor(url) { this.url = url; this.readyState = 0; this.closed = false; window.opened.push(this); }
   close() { this.closed = true; this.readyState = 3; }
-  send() {}
+  send(data) { (this.sent = this.sent || []).push(JSON.parse(data)); }
 };
 """
 
@@ -202,6 +202,38 @@ def test_push_js_does_not_go_back_to_a_node_that_said_going_away_while_another_u
         return [node, urls.slice(0, 3), live, client.node, client.state];
     }""")
     assert tried == ["a", ["a.invalid", "b.invalid", "b.invalid"], "b", None, "stopped"]
+
+
+def test_push_js_pings_an_idle_connection_and_reconnects_when_nothing_answers(pages):
+    """A browser cannot see WebSocket pings: a connection whose network went away looked live for
+    as long as the operating system kept it.  After ``idleMs`` without a frame push.js sends a
+    ``ping``; any frame within ``pongTimeoutMs`` keeps the connection, none makes it count as lost."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    seen = page.evaluate("""async () => {
+        const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
+        const states = [];
+        const client = new PushClient({url: ["ws://a.invalid/ws", "ws://b.invalid/ws"], token: "t", idleMs: 200, pongTimeoutMs: 200,
+                                       initialMs: 20, onStatus: s => states.push([s.state, s.code, s.reason])});
+        client.start();
+        const a = window.opened[0];
+        a.readyState = 1;
+        a.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600})});
+        await pause(300);
+        const first = (a.sent || []).slice();
+        a.onmessage({data: JSON.stringify({type: "pong"})});
+        await pause(150);
+        const afterPong = [a.closed, window.opened.length];
+        await pause(700);
+        client.stop();
+        return {first, afterPong, closed: a.closed, opened: window.opened.length, pings: client.stats.pings,
+                lost: states.filter(s => s[0] === "waiting")};
+    }""")
+    assert seen["first"] == [{"type": "ping"}]
+    assert seen["afterPong"] == [False, 1], "a pong did not keep the connection"
+    assert seen["closed"] and seen["opened"] == 2 and seen["pings"] == 2
+    assert seen["lost"] == [["waiting", 1006, "no frame within 200 ms of a ping"]]
 
 
 @REDIS_ONLY
@@ -356,3 +388,26 @@ def test_push_js_refreshes_its_token_on_the_open_connection_before_it_expires(cl
         page.wait_for_function("window.fresh.got.length >= 1")
         assert [item["text"] for item in page.evaluate("window.fresh.got")] == ["after the refreshes"]
         assert page.evaluate("window.fresh.state") == "live" and page.evaluate("window.fresh.stats.connections") == 1
+
+
+@REDIS_ONLY
+def test_push_js_keeps_an_idle_connection_to_a_real_node_that_answers_its_pings(cluster, pages):
+    with blank_demo(cluster, pages) as (demo, page):
+        url = f"ws://127.0.0.1:{cluster.node_ports[0]}/ws"
+        user = unique("idle")
+        page.evaluate("""([url, user]) => {
+            window.idle = new PushClient({
+                url, idleMs: 200, pongTimeoutMs: 1000, onMessage: (data) => window.idle.got.push(data),
+                getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify({user})}).then(r => r.json()).then(a => a.token),
+            });
+            window.idle.got = [];
+            window.idle.start();
+        }""", [url, user])
+        page.wait_for_function("window.idle.state === 'live'")
+        page.wait_for_function("window.idle.stats.pings >= 8")  # about 2 s: twice the pong timeout
+        stats = page.evaluate("window.idle.stats")
+        assert stats["connections"] == 1 and stats["attempts"] == 1, f"push.js took the node's connection for lost: {stats}"
+        demo.send(user, "after the pings")
+        page.wait_for_function("window.idle.got.length >= 1")
+        assert [item["text"] for item in page.evaluate("window.idle.got")] == ["after the pings"]
+        page.evaluate("window.idle.stop()")

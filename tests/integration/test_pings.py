@@ -1,6 +1,7 @@
 """Keepalive pings (``wsnode.pinger``) on a node of the shared cluster started to ping every
 ``PING_INTERVAL`` (2) seconds and wait ``PING_TIMEOUT`` (1) for the pong: a peer that never answers
-is closed with 1000 "ping timed out"; a client that answers stays connected.
+is closed with 1000 "ping timed out"; a client that answers stays connected.  A client's own
+``ping`` frame (how a browser learns that its connection still works) is answered ``pong``.
 
 The shared cluster's own nodes keep the defaults (25 s, 20 s): a test client reading nothing while
 many messages arrive stops reading frames (Tornado's client queues one message), pongs included."""
@@ -60,6 +61,22 @@ async def test_a_client_that_answers_pings_stays_connected(cluster, pinging_node
     message_id = await cluster.collect("ping-answering", {"n": 1})
     try:
         assert [m["id"] for m in await client.messages(1)] == [message_id]
+        assert client.ws.close_code is None
+    finally:
+        client.close()
+
+
+async def test_a_client_ping_frame_is_answered_with_pong_and_the_connection_goes_on(cluster):
+    client = await cluster.connect("app-ping")
+    try:
+        await client.send({"type": "ping"})
+        before, pong = await client.until("pong", 10)
+        assert pong == {"type": "pong"} and [frame["type"] for frame in before] == []
+        message_id = await cluster.collect("app-ping", {"n": 1})
+        await client.send({"type": "ping"})
+        frames = [await client.next_frame(10) for _ in range(2)]
+        assert sorted(frame["type"] for frame in frames) == ["message", "pong"]
+        assert [frame["id"] for frame in frames if frame["type"] == "message"] == [message_id]
         assert client.ws.close_code is None
     finally:
         client.close()

@@ -126,14 +126,16 @@ async def test_live_messages_held_during_a_replay_are_bounded_and_the_client_get
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
-async def test_a_client_that_floods_refreshes_and_reads_no_answer_is_closed_with_4008(cluster, limited_node):
-    """Each ``refresh`` sent while one is checked is answered ``refresh_error``: a client that sent
-    them without end and read nothing had the node hold every answer, without bound."""
-    port, user = limited_node, "refresh-flooder"
+@pytest.mark.parametrize("kind", ["refresh", "ping"])
+async def test_a_client_that_floods_refreshes_or_pings_and_reads_no_answer_is_closed_with_4008(cluster, limited_node, kind):
+    """Each ``refresh`` sent while one is checked is answered ``refresh_error``, each ``ping``
+    ``pong``: a client that sent them without end and read nothing had the node hold every answer,
+    without bound."""
+    port, user = limited_node, f"{kind}-flooder"
     token, _, writer = await live_raw_peer(cluster, port, user)
     try:
         closes_before = await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT)
-        chunk = client_text_frame(json.dumps({"type": "refresh", "token": token})) * 2000
+        chunk = client_text_frame(json.dumps({"type": kind, "token": token})) * 2000
         for _ in range(200):  # 2,000 refreshes a round; the peer reads nothing
             try:
                 writer.write(chunk)

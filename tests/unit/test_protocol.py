@@ -7,7 +7,7 @@ import json
 import pytest
 
 from wsnode.closecodes import CloseCode
-from wsnode.protocol import (Ack, ProtocolError, Refresh, hello_frame, message_frame, parse_client_frame, parse_since, refresh_error_frame,
+from wsnode.protocol import (PONG_FRAME, Ack, Ping, ProtocolError, Refresh, hello_frame, message_frame, parse_client_frame, parse_since, refresh_error_frame,
                              refreshed_frame, resumed_frame)
 
 ID = "018bcfe56800" "000001" "a1b2c3"  # 24 hex: milliseconds, counter, tag
@@ -50,7 +50,7 @@ def test_a_json_value_that_is_not_an_object_is_refused(frame):
 def test_an_unknown_frame_type_is_refused_naming_the_type():
     text = str(refusal(json.dumps({"type": "subscribe", "channel": "x"})))
 
-    assert "'subscribe'" in text and "expected ack or refresh" in text
+    assert "'subscribe'" in text and "expected ack, refresh or ping" in text
 
 
 def test_a_frame_without_a_type_is_refused():
@@ -198,3 +198,15 @@ def test_a_resumed_frame_reports_since_count_and_truncation():
 
 def test_a_resumed_frame_without_truncation_says_false():
     assert json.loads(resumed_frame(ID, 0, False))["truncated"] is False
+
+
+# --- ping ---------------------------------------------------------------------------------------
+
+
+def test_a_ping_frame_parses_to_a_ping_whatever_else_it_carries():
+    assert parse_client_frame('{"type": "ping"}') == Ping()
+    assert parse_client_frame(json.dumps({"type": "ping", "t": 12})) == Ping()
+
+
+def test_the_pong_frame_is_a_json_object_of_type_pong():
+    assert json.loads(PONG_FRAME) == {"type": "pong"}

@@ -38,6 +38,9 @@
  *   from it.  When the node could not check the token ("refresh_error": auth unavailable) or
  *   getToken() failed, it tries again after refreshRetryMs.  Without getToken there is no refresh:
  *   the node closes the connection with 4401 once the token expired (after TOKEN_EXPIRY_GRACE).
+ * - Liveness: after idleMs without a frame it sends {"type": "ping"}; the node answers "pong".  A
+ *   connection that brings no frame within pongTimeoutMs of a ping is closed and counts as lost
+ *   (1006): the client reconnects, as after any lost connection.
  *
  * Threading: browsers run all of this on the page's one event loop.
  */
@@ -62,6 +65,8 @@
     dedupWindow: 10000, // how many message ids are remembered to drop repeats
     refreshAheadMs: 60000, // refresh the token this long before it expires (at most half its remaining life)
     refreshRetryMs: 5000, // after a failed refresh (getToken failed, or the node said refresh_error), try again after this
+    idleMs: 25000, // after this long without a frame, send a ping (0: never)
+    pongTimeoutMs: 10000, // a connection that brings no frame this long after a ping is lost: reconnect
   };
 
   /** ``promise``, or null once ``ms`` passed without it settling (a getToken whose request stalls). */
@@ -123,8 +128,8 @@
     /** The node of the current connection (from its hello frame), or null. */
     this.node = null;
     /** Counters, for pages that show them: connects tried, connections that got hello, repeats
-     * dropped, tokens got from getToken, refreshes the node took. */
-    this.stats = { attempts: 0, connections: 0, duplicates: 0, tokens: 0, refreshes: 0 };
+     * dropped, tokens got from getToken, refreshes the node took, pings sent. */
+    this.stats = { attempts: 0, connections: 0, duplicates: 0, tokens: 0, refreshes: 0, pings: 0 };
     this._index = 0;
     this._attempt = 0;
     this._away = {}; // url -> time until which it is skipped
@@ -222,7 +227,7 @@
     }
     this._ws = ws;
     var self = this;
-    var conn = { url: url, resumedAt: 0, hello: false, refreshTimer: null };
+    var conn = { url: url, resumedAt: 0, hello: false, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
     var timeout = setTimeout(function () {
       if (self._ws === ws && !conn.hello) {
         try { ws.close(); } catch (e) { /* not open yet */ }
@@ -230,11 +235,13 @@
       }
     }, this.options.connectTimeoutMs);
     ws.onmessage = function (event) {
+      conn.lastFrameAt = Date.now();
       if (self._ws === ws) self._frame(ws, conn, event.data);
     };
     ws.onclose = function (event) {
       clearTimeout(timeout);
       clearTimeout(conn.refreshTimer);
+      clearTimeout(conn.pingTimer);
       if (self._ws === ws) self._closed(ws, conn, event.code, event.reason);
     };
     ws.onerror = function () { /* always followed by close, which carries the code */ };
@@ -253,6 +260,7 @@
       this.stats.connections += 1;
       this._status({ state: "connected", url: conn.url, user: frame.user, conn: frame.conn });
       this._scheduleRefresh(ws, conn, frame.expires_in);
+      if (this.options.idleMs > 0) this._watch(ws, conn, this.options.idleMs);
     } else if (frame.type === "refreshed") {
       this.stats.refreshes += 1;
       this._scheduleRefresh(ws, conn, frame.expires_in);
@@ -278,6 +286,46 @@
       if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ack", id: id }));
     }
     // Other frame types: ignored, as the protocol asks.
+  };
+
+  /**
+   * Liveness: a browser's JavaScript never sees WebSocket pings, and a connection whose network
+   * went away (a laptop that slept, a Wi-Fi change) can look open for many minutes.  After idleMs
+   * without a frame it sends {"type": "ping"}, which the node answers {"type": "pong"}; when no
+   * frame at all comes within pongTimeoutMs of it, the connection counts as lost (1006) and the
+   * client reconnects.  One timer per connection, re-armed from the time of the last frame rather
+   * than reset on each one; a timer a background tab delays only delays the check, as any frame
+   * that came meanwhile counts.
+   */
+  PushClient.prototype._watch = function (ws, conn, delay) {
+    clearTimeout(conn.pingTimer);
+    var self = this;
+    var o = this.options;
+    conn.pingTimer = setTimeout(function () {
+      conn.pingTimer = null;
+      if (self._ws !== ws) return;
+      var now = Date.now();
+      if (conn.pingSentAt && conn.lastFrameAt < conn.pingSentAt) {
+        var wait = conn.pingSentAt + o.pongTimeoutMs - now;
+        if (wait > 0) {
+          self._watch(ws, conn, wait);
+          return;
+        }
+        try { ws.close(); } catch (e) { /* closing already */ }
+        self._closed(ws, conn, 1006, "no frame within " + o.pongTimeoutMs + " ms of a ping");
+        return;
+      }
+      conn.pingSentAt = 0;
+      var idle = conn.lastFrameAt + o.idleMs - now;
+      if (idle > 0) {
+        self._watch(ws, conn, idle);
+        return;
+      }
+      if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ping" }));
+      self.stats.pings += 1;
+      conn.pingSentAt = now;
+      self._watch(ws, conn, o.pongTimeoutMs);
+    }, Math.min(delay, MAX_TIMER_MS));
   };
 
   /** Schedule the refresh of ``conn``'s token, which expires in ``expiresIn`` seconds (by the node's clock). */
