@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -122,6 +123,14 @@ class PushNode:
         self.leases = Leases(self.redis, self.address, settings.LEASE_TTL)
         #: Leases of users whose first connection here opened: one pipeline for all who opened meanwhile.
         self._new_leases: Coalescer[str, None] = Coalescer(self._register_new_leases)
+        #: The lease write of each user whose first connection here waits for it: a second
+        #: connection of the user that opens meanwhile waits for the same write before its replay.
+        self._leasing: dict[str, asyncio.Future] = {}
+        #: Lease writes (new, renewed, written again) and the drain's release take turns, and none
+        #: writes once the node drains: a write still in flight when the drain released the leases
+        #: would have put the node's own lease back, and Dispatch would route to a queue that no
+        #: one reads any more.
+        self._lease_writes = asyncio.Lock()
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
         self.redis_ok = False
@@ -184,7 +193,8 @@ class PushNode:
         for timer in self._timers:
             timer.stop()
         try:
-            await self.leases.release_node(self.hub.users())
+            async with self._lease_writes:
+                await self.leases.release_node(self.hub.users())
         except RedisError as exc:
             log.warning("node=%s could not release leases (%s); they expire in %.0f s", self.address, exc, settings.LEASE_TTL)
         conns = self.hub.all()
@@ -242,15 +252,29 @@ class PushNode:
         if 0 < self.max_user_connections <= sum(1 for other in self.hub.of_user(conn.user_id) if not other.closing):
             conn.refuse(CloseCode.TOO_MANY_CONNECTIONS, why=f"the user holds {self.max_user_connections} connections here already (MAX_USER_CONNECTIONS)")
             return
-        first = self.hub.add(conn)
-        if first:
+        if self.hub.add(conn):
+            self._leasing[conn.user_id] = writing = asyncio.ensure_future(self._new_leases.submit(conn.user_id))
+            writing.add_done_callback(functools.partial(self._leased, conn.user_id))
+        else:
+            writing = self._leasing.get(conn.user_id)
+        if writing is not None:
+            # Also for a second connection of the user while the first one's lease is written: the
+            # lease comes before the replay request, so that every message is either replayed or
+            # routed live.
             try:
-                await self._new_leases.submit(conn.user_id)
+                await asyncio.shield(writing)
             except RedisError as exc:
                 self.hub.remove(conn)
                 self.redis_ok = False  # the next PING says when it is back
                 conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({exc})")
                 return
+            if self.hub.get(conn.conn_id) is not conn:
+                return  # closed while the lease was written: detach has run
+            if self.draining and not conn.closing:  # (one the drain closed already is unbound as usual)
+                self.hub.remove(conn)
+                conn.refuse(CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
+                return
+        conn.bound = True
         self.metrics.connected()
         self.pings.add(conn)
         self.expiries.set(conn, conn.identity.expires_at)
@@ -273,16 +297,24 @@ class PushNode:
             except WebSocketClosedError:
                 self.pings.remove(conn)  # on_close follows
 
+    def _leased(self, user: str, writing: asyncio.Future) -> None:
+        if self._leasing.get(user) is writing:
+            del self._leasing[user]
+        if not writing.cancelled():
+            writing.exception()  # retrieved: each waiting connection handles it
+
     async def _register_new_leases(self, users: list[str]) -> None:
         # A user whose connection closed while waiting for this pipeline is left out: its release
         # may already have run, and a lease written after it would point here until it expired.
-        await self.leases.register([user for user in users if self.hub.of_user(user)])
+        async with self._lease_writes:
+            if not self.draining:
+                await self.leases.register([user for user in users if self.hub.of_user(user)])
 
     def detach(self, conn: PushHandler) -> None:
         self.pings.remove(conn)
         self.expiries.remove(conn)
         self._refreshing.discard(conn)
-        if self.hub.get(conn.conn_id) is conn:
+        if conn.bound:
             self.metrics.disconnected()
         if self.hub.remove(conn):
             log.info("conn=%s user=%s node=%s disconnected (%s); last on this node", conn.conn_id, conn.user_id, self.address, conn.close_code)
@@ -397,10 +429,11 @@ class PushNode:
         when a proxy in front restarts).  A failure is logged here, once for the whole call."""
         users = [user for user in dict.fromkeys(left) if not self.hub.of_user(user)]  # not back already
         try:
-            await self.leases.release(users)
-            back = [user for user in users if self.hub.of_user(user)]  # reconnected meanwhile
-            if back:
-                await self.leases.register(back)
+            async with self._lease_writes:
+                await self.leases.release(users)
+                back = [user for user in users if self.hub.of_user(user)]  # reconnected meanwhile
+                if back and not self.draining:
+                    await self.leases.register(back)
         except RedisError as exc:
             log.warning("node=%s leases of %d users who left not released (%s); they expire within %.0f s",
                         self.address, len(users), exc, settings.LEASE_TTL)
@@ -514,7 +547,10 @@ class PushNode:
 
     async def _renew(self) -> None:
         try:
-            await self.leases.renew(self.hub.users())
+            async with self._lease_writes:
+                if self.draining:
+                    return
+                await self.leases.renew(self.hub.users())
             if not self.redis_ok:
                 log.info("node=%s leases written for %d users", self.address, self.hub.user_count)
             self.redis_ok = True

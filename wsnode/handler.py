@@ -37,6 +37,9 @@ class PushHandler(WebSocketHandler):
         self.session: Session | None = None
         self.acks = AckBudget()
         self._refusal: tuple[CloseCode, str] | None = None
+        #: Bound and counted as connected (its lease written, hello sent): only such a connection
+        #: counts as a disconnect when it closes.
+        self.bound = False
         # on_close ran.  Tornado calls it at once when the client leaves during ``prepare``'s
         # token check, then still upgrades the dead socket and calls ``open``, and never calls
         # ``on_close`` again: ``open`` must not bind such a connection (it would stay bound).

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 
+import pytest
+
 from tests.integration.conftest import LEASE_TTL
-from tests.integration.wsclient import dedup
+from tests.integration.wsclient import Client, dedup
 from wsnode.app import REDIS_MAX_CONNECTIONS
 from wsnode.closecodes import CloseCode
 from wsnode.registry import NODES_KEY, route_key
@@ -66,3 +69,70 @@ async def test_hundreds_of_browsers_leaving_at_once_release_their_leases_over_a_
     opened = [client for client in cluster.routes.client_list() if client["name"] == f"wsnode:{address}"]
     assert 0 < len(opened) <= REDIS_MAX_CONNECTIONS, f"the node opened {len(opened)} connections to Redis"
     await asyncio.to_thread(node.terminate, 15)
+
+
+# --- lease writes that Redis holds up -------------------------------------------------------------
+# ``CLIENT PAUSE ... WRITE`` holds every write (the node's lease scripts, the broker's pushes) while
+# reads go on: auth still checks tokens (it only reads the revocation list), and the test still
+# reads the routes.
+
+def pause_writes(cluster, ms: int) -> None:
+    cluster.routes.execute_command("CLIENT", "PAUSE", ms, "WRITE")
+
+
+def unpause(cluster) -> None:
+    cluster.routes.execute_command("CLIENT", "UNPAUSE")
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
+async def test_a_second_connection_of_a_user_gets_hello_only_once_the_users_lease_is_written(cluster):
+    """Only a user's first connection on a node waited for its lease: a second one that opened
+    meanwhile got ``hello`` and asked for its replay with no lease written, and a message stored
+    between the replay's read and the lease was neither replayed nor routed."""
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    user = "second-while-leasing"
+    tokens = [await asyncio.to_thread(cluster.token, user) for _ in range(2)]
+    pause_writes(cluster, 3000)
+    try:
+        first = asyncio.ensure_future(Client.connect(cluster.ws_url(node.port, tokens[0]), expect_hello=False, timeout=20))
+        await asyncio.sleep(0.5)  # bound, its lease write held by Redis
+        second = await Client.connect(cluster.ws_url(node.port, tokens[1]), expect_hello=False, timeout=20)
+        hello = await second.next_frame(20)
+        leased = cluster.routes.zscore(route_key(user), address)  # a read: answered during the pause
+    finally:
+        unpause(cluster)
+    assert hello["type"] == "hello"
+    assert leased is not None, "the second connection got hello before its user's lease was written"
+    assert (await (await first).next_frame(10))["type"] == "hello"
+    for client in (await first, second):
+        client.close()
+    await asyncio.to_thread(node.terminate, 15)
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_a_lease_write_held_up_past_the_start_of_a_drain_does_not_put_the_node_back(cluster):
+    """A lease write that waited behind another when the drain released the node's leases ran after
+    the release, and its script renewed the node's own lease: Dispatch went on routing to a queue
+    that no one read any more.  Now nothing writes leases once the node drains, and that user's
+    connection is closed with 1001 instead of being bound."""
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    tokens = [await asyncio.to_thread(cluster.token, user) for user in ("drain-lease-x", "drain-lease-a")]
+    pause_writes(cluster, 3000)
+    try:
+        x = asyncio.ensure_future(Client.connect(cluster.ws_url(node.port, tokens[0]), expect_hello=False, timeout=20))
+        await asyncio.sleep(0.5)  # x's lease write is held by Redis
+        a = asyncio.ensure_future(Client.connect(cluster.ws_url(node.port, tokens[1]), expect_hello=False, timeout=20))
+        await asyncio.sleep(0.5)  # a's waits behind it
+        os.kill(node.pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)  # the drain's release is held too
+    finally:
+        unpause(cluster)
+    assert await asyncio.to_thread(node.terminate, 20) == 0
+    lease = cluster.routes.zscore(NODES_KEY, address)
+    assert lease is None or lease < time.time(), "a lease write after the drain put the node's own lease back"
+    assert cluster.routes.zscore(route_key("drain-lease-a"), address) is None
+    closed = [await client.closed(10) for client in (await x, await a)]
+    assert [code for code, _ in closed] == [CloseCode.GOING_AWAY, CloseCode.GOING_AWAY]
+
