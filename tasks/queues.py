@@ -85,8 +85,24 @@ def parse_delivery(headers: dict, body: object) -> Delivery:
     envelopes, kwargs = body[0][0], body[1] or {}
     if not isinstance(kwargs, dict):
         raise BadDelivery("kwargs must be an object")
-    if not isinstance(envelopes, list) or not all(isinstance(e, dict) and "id" in e and "data" in e for e in envelopes):
-        raise BadDelivery("envelopes must be a list of objects with id and data")
-    if not all(e.get("to") == "*" or isinstance(e.get("to"), list) for e in envelopes) and kwargs.get("conn") is None:
-        raise BadDelivery("a live envelope needs to: a list of users or '*'")
-    return Delivery(envelopes, kwargs.get("conn"), kwargs.get("replay"))
+    if not isinstance(envelopes, list) or not all(isinstance(e, dict) and isinstance(e.get("id"), str) and "data" in e for e in envelopes):
+        raise BadDelivery("envelopes must be a list of objects with a string id and data")
+    conn, replay = kwargs.get("conn"), kwargs.get("replay")
+    if conn is None:
+        if not all(_recipients_ok(e.get("to")) for e in envelopes):
+            raise BadDelivery("a live envelope needs to: a list of user ids (strings) or '*'")
+    elif not isinstance(conn, str):
+        raise BadDelivery("conn must be a connection id (a string)")
+    elif not (replay is None or isinstance(replay, dict) and _count_ok(replay.get("count", 0))):
+        raise BadDelivery("replay must be an object whose count is a whole number")
+    # Checked here, whole, because the node writes a batch's deliveries in one pass: a bad value
+    # found there would stop the pass, and the good deliveries of the batch with it.
+    return Delivery(envelopes, conn, replay)
+
+
+def _recipients_ok(to: object) -> bool:
+    return to == "*" or isinstance(to, list) and all(isinstance(user, str) for user in to)
+
+
+def _count_ok(count: object) -> bool:
+    return isinstance(count, int) and not isinstance(count, bool)

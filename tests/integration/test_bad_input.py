@@ -256,6 +256,33 @@ async def test_a_malformed_message_on_a_node_queue_is_dropped_and_the_node_keeps
     client.close()
 
 
+async def test_a_delivery_with_bad_recipients_on_a_node_queue_does_not_take_the_good_ones_of_its_batch_with_it(cluster):
+    """Well-formed task messages whose envelope names a user that is not a string, or whose replay
+    count is not a number: the node dropped the whole batch they came in (a TypeError while writing
+    it), good deliveries included.  Now each is refused alone as a malformed message."""
+    port = cluster.node_ports[0]
+    client = await cluster.connect("beside-bad-recipients", port)
+    queue = node_queue(f"127.0.0.1:{port}")
+    good = {"id": "018bcfe56800000001a1b2c3", "to": ["beside-bad-recipients"], "data": {"n": 1}}
+    bad_live = {"id": "018bcfe56800000002a1b2c3", "to": [["beside-bad-recipients"]], "data": {"n": 2}}
+
+    def deliver(envelopes, kwargs=None):
+        return ([[envelopes], kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
+                {"task": "wsnode.deliver", "id": f"t-{len(envelopes)}-{bool(kwargs)}", "lang": "py"})
+
+    with Connection(cluster.env["BROKER_URL"]) as conn:
+        producer = conn.Producer()
+        for body, headers in (deliver([bad_live]), deliver([good], {"conn": client.hello["conn"], "replay": {"last": False, "count": None}}),
+                              deliver([good])):
+            producer.publish(body, headers=headers, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue], serializer="json")
+    (frame,) = await client.messages(1)
+    assert frame == {"type": "message", "id": good["id"], "data": good["data"]}
+    assert await client.quiet() == []
+    log = cluster._log(f"node-{port}").read_text(errors="replace")
+    assert "a live envelope needs to: a list of user ids" in log and "replay must be an object whose count is a whole number" in log
+    client.close()
+
+
 async def test_items_of_the_redis_queues_that_are_not_messages_are_dropped_and_the_worker_and_node_go_on(tmp_path):
     """Something that is not a kombu message in the ``collect`` list or a node's list (pushed there
     by hand, or by a client of another protocol) once stopped the worker with "Unrecoverable error"."""

@@ -104,11 +104,12 @@ def test_envelopes_that_are_not_a_list_are_a_bad_delivery(envelopes):
 
 @pytest.mark.parametrize(
     "envelope",
-    [{"to": ["alice"], "data": 1}, {"id": "x", "to": ["alice"]}, "not an object", ["id", "data"]],
-    ids=["no id", "no data", "a string", "a list"],
+    [{"to": ["alice"], "data": 1}, {"id": "x", "to": ["alice"]}, "not an object", ["id", "data"], {"id": 7, "to": ["alice"], "data": 1},
+     {"id": None, "to": ["alice"], "data": 1}],
+    ids=["no id", "no data", "a string", "a list", "a number id", "a null id"],
 )
 def test_an_envelope_without_id_and_data_is_a_bad_delivery(envelope):
-    with pytest.raises(BadDelivery, match="objects with id and data"):
+    with pytest.raises(BadDelivery, match="objects with a string id and data"):
         parse_delivery(HEADERS, body([LIVE, envelope]))
 
 
@@ -125,8 +126,8 @@ def test_an_envelope_with_null_data_is_accepted():
 
 @pytest.mark.parametrize(
     "to",
-    [None, "alice", {"alice": 1}],
-    ids=["missing", "a single user string", "an object"],
+    [None, "alice", {"alice": 1}, [["bob"]], ["alice", 7], [None]],
+    ids=["missing", "a single user string", "an object", "a nested list", "a number among users", "a null user"],
 )
 def test_a_live_envelope_without_a_list_or_star_to_is_a_bad_delivery(to):
     envelope = {"id": "x", "data": 1} if to is None else {"id": "x", "data": 1, "to": to}
@@ -142,3 +143,22 @@ def test_a_live_envelope_without_to_is_a_bad_delivery_even_with_replay_info_but_
 
 def test_bad_delivery_is_a_value_error():
     assert issubclass(BadDelivery, ValueError)
+
+
+@pytest.mark.parametrize("conn", [7, ["c1"], {"id": "c1"}], ids=["a number", "a list", "an object"])
+def test_a_replay_whose_conn_is_not_a_string_is_a_bad_delivery(conn):
+    with pytest.raises(BadDelivery, match="conn must be a connection id"):
+        parse_delivery(HEADERS, body([REPLAYED], {"conn": conn, "replay": {"last": True}}))
+
+
+@pytest.mark.parametrize("replay", [{"count": None}, {"count": "3"}, {"count": 1.5}, {"count": True}, ["last"], "last"],
+                         ids=["null count", "string count", "fractional count", "bool count", "a list", "a string"])
+def test_replay_info_that_the_node_cannot_read_is_a_bad_delivery(replay):
+    """The node writes a batch's deliveries in one pass: such a value found there stopped the pass,
+    and the batch's good deliveries were not written."""
+    with pytest.raises(BadDelivery, match="replay must be an object whose count is a whole number"):
+        parse_delivery(HEADERS, body([REPLAYED], {"conn": "c1", "replay": replay}))
+
+
+def test_replay_info_without_a_count_is_accepted():
+    assert parse_delivery(HEADERS, body([REPLAYED], {"conn": "c1", "replay": {"last": True}})).replay == {"last": True}
