@@ -15,7 +15,8 @@ Exception tree (every exception of this package derives from ``AuthError``)::
     ├── TokenError
     │   ├── TokenExpired         the token's ``exp`` has passed
     │   └── TokenInvalid         bad signature, malformed, missing claims, or not HS256
-    └── RevocationsUnavailable   Redis did not answer, so revocation cannot be checked or recorded
+    ├── RevocationsUnavailable   Redis did not answer, so revocation cannot be checked or recorded
+    └── RevocationNotAnnounced   a revocation is recorded but its publish to the push nodes failed
 """
 
 

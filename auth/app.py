@@ -10,7 +10,9 @@ Every response is JSON.  Routes:
   Or ``{"tokens": ["...", ...]}`` (1 to ``MAX_VERIFY_BATCH``) -> 200 ``{"results": [...]}``, one per
   token in order, each the single form's 200 or 401 body; 503 as above for the whole request.
   Push nodes send what came while their previous check was in flight as one such request.
-- ``POST /revoke``  (admin) ``{"token": "..."}`` or ``{"user_id": "alice"}`` -> 200 ``{"revoked": "token" | "user"}``
+- ``POST /revoke``  (admin) ``{"token": "..."}`` or ``{"user_id": "alice"}`` -> 200 ``{"revoked": "token" | "user"}``;
+  503 when Redis cannot record it, or when it is recorded but not announced to the push nodes
+  (``NOT_ANNOUNCED``: they would keep its open connections), and the caller must retry
 - ``GET /healthz`` -> 200 ``{"status": "ok"}``, or 503 ``{"status": "redis unavailable"}`` (it PINGs
   Redis on every call: revocations live there, so without Redis no token can be verified)
 - ``GET /metrics`` -> Prometheus metrics (``auth.metrics``): tokens issued, verifications by result,
@@ -39,7 +41,7 @@ import tornado.web
 
 from auth import tokens
 from auth.metrics import AuthMetrics
-from auth.revocations import Revocations, RevocationsUnavailable
+from auth.revocations import CHANNEL, RevocationNotAnnounced, Revocations, RevocationsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_VERIFY_BATCH = 100
 ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz, GET /metrics"
 REDIS_DOWN = "cannot reach Redis to check or record revocations; retry later (operators: check REDIS_URL)"
+NOT_ANNOUNCED = ("revocation recorded but not yet announced to the push nodes, so connections already open with the revoked tokens stay open: "
+                 f"retry the call, which announces it (operators: check that Redis answers and that REDIS_URL's user may publish on {CHANNEL})")
 
 
 class Reject(tornado.web.HTTPError):
@@ -262,6 +266,9 @@ class RevokeHandler(JsonHandler):
         except RevocationsUnavailable as exc:
             log.error("cannot record a revocation: %s", exc)
             raise Reject(503, {"error": REDIS_DOWN}) from None
+        except RevocationNotAnnounced as exc:
+            log.error("%s", exc)
+            raise Reject(503, {"error": NOT_ANNOUNCED}) from None
         self.finish({"revoked": "token" if fields == ["token"] else "user"})
 
     async def _revoke_token(self, token: str) -> None:

@@ -15,8 +15,10 @@ without bound:
 Each revocation recorded is also published on the Redis channel :data:`CHANNEL`, as JSON
 ``{"user_id": ..., "token_id": <jti>}`` (one token) or ``{"user_id": ..., "cutoff_us": ...}``
 (every token of the user issued up to then): push nodes close the connections it covers
-(:mod:`wsnode.revocations`).  Publishing is best effort: the entry in Redis is what counts, and a
-node that missed the message checks its connections against the entries (:func:`revoked_by`).
+(:mod:`wsnode.revocations`).  A node reads the entries itself (:func:`revoked_by`) only after
+losing its subscription, so a revocation recorded but not published would leave the connections
+with its tokens open until they expire: a failed publish raises ``RevocationNotAnnounced``, and
+the caller must revoke again (writing the entry again is harmless, and the retry publishes it).
 
 Redis errors (down, timeout) surface as ``RevocationsUnavailable``: callers must then refuse the
 token, never accept it unchecked.
@@ -62,6 +64,11 @@ class RevocationsUnavailable(AuthError):
     """Redis did not answer, so a revocation cannot be checked or recorded; retry later."""
 
 
+class RevocationNotAnnounced(AuthError):
+    """The revocation is recorded (new connections with its tokens are refused) but could not be
+    published, so the push nodes keep the connections already open with them; revoke again."""
+
+
 class Revocations:
     """Records and checks revoked tokens and users; loop thread only."""
 
@@ -88,13 +95,14 @@ class Revocations:
         await self._publish({"user_id": user_id, "cutoff_us": cutoff_us})
 
     async def _publish(self, revocation: dict) -> None:
-        """Tell the push nodes (best effort: the entry is recorded, and a node that misses this
-        checks the entries when it is back)."""
+        """Tell the push nodes, or raise ``RevocationNotAnnounced``: a subscribed node hears of a
+        revocation only from this message, so its failure must reach the caller, who retries."""
         try:
             await self._redis.publish(CHANNEL, json.dumps(revocation))
         except (RedisError, OSError) as exc:
-            log.warning("revocation of user=%s recorded but not announced to the push nodes (%s): their open connections close "
-                        "when they next check the revocation list", revocation["user_id"], exc)
+            raise RevocationNotAnnounced(f"revocation of user={revocation['user_id']} recorded but not announced on {CHANNEL} "
+                                         f"({type(exc).__name__}: {exc}); check that the Redis user of REDIS_URL may publish "
+                                         f"on {CHANNEL} and that Redis answers") from None
 
     async def is_revoked(self, claims: Claims) -> bool:
         """Whether the token is revoked, by itself or with its user; one round trip (MGET)."""

@@ -346,6 +346,32 @@ def test_revocation_keys_expire_with_the_tokens_they_cover(auth, redis_port):
     assert all(0 < redis_ttl(redis_port, key) <= 3601 for key in redis_keys(redis_port, "auth:revoked:jti:*"))
 
 
+@pytest.fixture
+def auth_that_cannot_publish(tmp, redis_port):
+    """An auth process whose Redis user may read and write every key but publish on no channel
+    (a Redis 7 ACL user without channel permissions); yields its URL.  The ACL user goes after."""
+    assert redis_command(redis_port, "ACL", "SETUSER", "authsvc", "on", ">authsvc-pw", "~*", "+@all", "resetchannels") == "OK"
+    try:
+        with auth_service(tmp, redis_port, REDIS_URL=f"redis://authsvc:authsvc-pw@127.0.0.1:{redis_port}/1") as (base, _):
+            yield base
+    finally:
+        redis_command(redis_port, "ACL", "DELUSER", "authsvc")
+
+
+@pytest.mark.parametrize("kind", ["token", "user_id"])
+def test_a_revocation_recorded_but_not_announced_is_503_saying_to_retry_and_the_retry_announces_it(auth, auth_that_cannot_publish, redis_port, kind):
+    issued = issue(auth, f"noperm-{kind}")
+    body = {"token": issued["token"]} if kind == "token" else {"user_id": f"noperm-{kind}"}
+
+    status, reply = call(auth_that_cannot_publish, "POST", "/revoke", body, key=ADMIN_KEY)
+
+    assert status == 503, reply
+    assert "recorded but not yet announced" in reply["error"] and "retry" in reply["error"]
+    assert verify(auth, issued["token"]) == (401, {"error": "token revoked"})
+    redis_command(redis_port, "ACL", "SETUSER", "authsvc", "allchannels")
+    assert call(auth_that_cannot_publish, "POST", "/revoke", body, key=ADMIN_KEY) == (200, {"revoked": "token" if kind == "token" else "user"})
+
+
 @pytest.mark.parametrize("body", [{}, {"token": "a", "user_id": "b"}, {"user_id": "has space"}, {"token": "garbage"}])
 def test_revoking_with_a_body_that_names_nothing_valid_is_400(auth, body):
     status, reply = call(auth, "POST", "/revoke", body, key=ADMIN_KEY)
