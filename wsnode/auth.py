@@ -107,9 +107,13 @@ class AuthClient:
         self._http = CurlAsyncHTTPClient(force_instance=True, max_clients=max_in_flight)
         self._checks: Coalescer[str, Identity] = Coalescer(self._check_many, max_items=MAX_VERIFY_BATCH)
         self._list_form = True  # False once auth said it does not know {"tokens": [...]}
+        self._generation = 0  # bumped by forget(): an answer asked for before it is not cached
 
     def forget(self) -> None:
-        """Drop every cached answer (a token was revoked: the next check of each asks auth)."""
+        """Drop every cached answer (a token was revoked: the next check of each asks auth), and
+        keep out of the cache the answers of the checks in flight, which auth may have given
+        before the revocation."""
+        self._generation += 1
         if self._cache is not None:
             self._cache.clear()
 
@@ -123,8 +127,12 @@ class AuthClient:
             if identity.expired(time.time()):  # expired since it was cached: auth would say so
                 raise AuthRejected("token expired")
             return identity
+        generation = self._generation
         identity = await self._checks.submit(token)
-        if self._cache is not None:
+        # A forget() meanwhile may have been for this very token: its answer is still returned (the
+        # node refuses it as it binds, wsnode.revocations.RecentRevocations) but never cached, or
+        # it would open connections for AUTH_CACHE_SECONDS after its revocation.
+        if self._cache is not None and self._generation == generation:
             self._cache[digest] = identity
         return identity
 

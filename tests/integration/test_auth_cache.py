@@ -1,0 +1,85 @@
+"""The node's cache of token checks (``wsnode.auth.AuthClient``) against a real local Tornado
+server standing in for auth, whose answers wait until the test lets them go: a revocation
+announced while a check is in flight (``forget()``) must keep that check's answer out of the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from wsnode.auth import AuthClient
+
+
+class HeldVerifyHandler(tornado.web.RequestHandler):
+    """``POST /verify``: a token ``user:<id>`` is good for ``<id>``; each answer waits for ``release``."""
+
+    def initialize(self, seen: list, release: asyncio.Event) -> None:
+        self.seen = seen
+        self.release = release
+
+    async def post(self) -> None:
+        body = json.loads(self.request.body)
+        self.seen.append(body)
+        await self.release.wait()
+        answers = [{"user_id": token.removeprefix("user:"), "token_id": f"jti-{token}", "issued_at_us": 1, "expires_at": int(time.time()) + 600}
+                   for token in body.get("tokens", [body.get("token")])]
+        self.finish({"results": answers} if "tokens" in body else answers[0])
+
+
+@pytest.fixture
+async def stand_in():
+    """``(auth_url, bodies received, release event)`` of a stand-in auth on a free port."""
+    seen: list[dict] = []
+    release = asyncio.Event()
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/verify", HeldVerifyHandler, {"seen": seen, "release": release})]))
+    server.add_sockets(sockets)
+    try:
+        yield f"http://127.0.0.1:{sockets[0].getsockname()[1]}", seen, release
+    finally:
+        release.set()
+        server.stop()
+        await server.close_all_connections()
+
+
+async def asked(seen: list, count: int) -> None:
+    for _ in range(200):
+        if len(seen) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the stand-in auth got {len(seen)} requests, expected {count}")
+
+
+async def test_an_answer_is_cached_when_nothing_was_forgotten_meanwhile(stand_in):
+    url, seen, release = stand_in
+    client = AuthClient(url, cache_seconds=30)
+    release.set()
+
+    assert (await client.verify("user:alice")).user_id == "alice"
+    assert (await client.verify("user:alice")).user_id == "alice"
+
+    assert len(seen) == 1
+    client._http.close()
+
+
+@pytest.mark.parametrize("users", [["alice"], ["alice", "bob", "carol"]], ids=["alone", "together"])
+async def test_answers_in_flight_when_a_revocation_made_the_node_forget_are_returned_but_not_cached(stand_in, users):
+    url, seen, release = stand_in
+    client = AuthClient(url, cache_seconds=30)
+    first = asyncio.gather(*(client.verify(f"user:{user}") for user in users))
+    await asked(seen, 1)
+    assert seen[0].get("tokens", [seen[0].get("token")]) == [f"user:{user}" for user in users]  # one request for all
+
+    client.forget()  # what the node does when a revocation is announced
+    release.set()
+
+    assert [identity.user_id for identity in await first] == users  # RecentRevocations refuses them as they bind
+    await asyncio.gather(*(client.verify(f"user:{user}") for user in users))
+    assert len(seen) == 2, "the answers auth gave before the revocation were cached and used again"
+    client._http.close()
