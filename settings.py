@@ -130,6 +130,11 @@ AUTH_URL: str = _read(_env, "AUTH_URL", "http://127.0.0.1:8000", _url("http", "h
 AUTH_PORT: int = _read(_env, "AUTH_PORT", 8000, _port, "a TCP port")
 AUTH_SECRET: str = _read(_env, "AUTH_SECRET", DEV_AUTH_SECRET, str, "a long random string")
 AUTH_ADMIN_KEY: str = _read(_env, "AUTH_ADMIN_KEY", DEV_AUTH_ADMIN_KEY, str, "a long random string")
+# Checked here rather than by _read, whose error would print the key.  HTTP trims a header value,
+# so a key that starts or ends with whitespace could never match any Authorization header.
+if AUTH_ADMIN_KEY != AUTH_ADMIN_KEY.strip():
+    raise SettingsError("AUTH_ADMIN_KEY starts or ends with whitespace (a trailing newline of a secret file?), which no Authorization "
+                        "header can carry, so every admin request would be refused: remove the whitespace from the value")
 #: Lifetime of an issued token, in seconds.
 TOKEN_TTL: int = _read(_env, "TOKEN_TTL", 3600, _positive_int, "a whole number of seconds")
 #: How long a connection whose token expired stays open for the client to send a newer one

@@ -206,3 +206,11 @@ def test_a_setting_out_of_its_range_stops_the_import_saying_which(env, says):
     done = subprocess.run([sys.executable, "-c", "import settings"], cwd=Path(__file__).resolve().parents[2], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and says in done.stderr, done.stderr[-500:]
+
+
+@pytest.mark.parametrize("key", ["a-long-admin-key-read-from-a-secret-file-0123456789\n", " a-long-admin-key-0123456789-abcdefghijklmnop", "\ta-long-admin-key-after-a-tab-0123456789"])
+def test_an_admin_key_with_whitespace_around_it_stops_the_import_naming_it_without_showing_it(key):
+    done = subprocess.run([sys.executable, "-c", "import settings"], cwd=Path(__file__).resolve().parents[2], env={**os.environ, "AUTH_ADMIN_KEY": key},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "AUTH_ADMIN_KEY starts or ends with whitespace" in done.stderr and "remove the whitespace" in done.stderr, done.stderr[-500:]
+    assert key.strip() not in done.stderr
