@@ -10,7 +10,7 @@ without bound:
   issued at or before the cutoff.  A token issued in the very microsecond of the cutoff is revoked
   too.  The entry expires when the last token it covers expires (cutoff + ``token_ttl``), so it
   assumes ``token_ttl`` is the lifetime the service issues tokens with.  A later revocation only
-  ever moves the cutoff forward.
+  ever moves the cutoff forward, and never the expiry back (made under a shorter ``token_ttl``).
 
 Each revocation recorded is also published on the Redis channel :data:`CHANNEL`, as JSON
 ``{"user_id": ..., "token_id": <jti>}`` (one token) or ``{"user_id": ..., "cutoff_us": ...}``
@@ -49,12 +49,25 @@ def revoked_by(by_jti: object, user_cutoff: object, issued_at_us: int) -> bool:
     its ``JTI_PREFIX`` key and its user's ``USER_PREFIX`` key (None where there is no key).  Pure."""
     return by_jti is not None or (user_cutoff is not None and issued_at_us <= int(user_cutoff))
 
-# KEYS[1] user key; ARGV[1] cutoff (us); ARGV[2] expiry (unix seconds).  Keeps the larger cutoff.
+# KEYS[1] user key; ARGV[1] cutoff (us); ARGV[2] expiry (unix seconds).  Keeps the larger cutoff
+# and the later expiry: an entry made when TOKEN_TTL was longer covers tokens that live that long,
+# so a later revocation must not shorten it.  PTTL and TIME rather than EXPIRETIME (Redis 7).
 _MOVE_CUTOFF_FORWARD = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if tonumber(ARGV[1]) > current then
-  redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[2])
+local stored = redis.call('GET', KEYS[1])
+local moved = (not stored) or tonumber(ARGV[1]) > tonumber(stored)
+local left_ms = redis.call('PTTL', KEYS[1])
+local now = redis.call('TIME')
+local keeps_later = left_ms >= 0 and tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + left_ms >= tonumber(ARGV[2]) * 1000
+if moved then
+  if keeps_later then
+    redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+  else
+    redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[2])
+  end
   return 1
+end
+if not keeps_later then
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
 end
 return 0
 """

@@ -518,6 +518,27 @@ async def test_a_user_revocation_never_moves_its_cutoff_back(revocations):
     assert await revocations.is_revoked(claims_at("nina", at - 1))
 
 
+async def test_a_user_revocation_made_under_a_shorter_token_ttl_never_shortens_the_entry(revocations, redis_port):
+    # TOKEN_TTL was 3600 when the first revocation was made, 2 when the second was: tokens issued
+    # before under 3600 s live on, so the entry must too, whichever revocation comes first.
+    client = redis.asyncio.Redis(port=redis_port, db=2)
+    shorter = Revocations(client, token_ttl=2)
+    now = time.time()
+    try:
+        await revocations.revoke_user("olga", now)
+        await shorter.revoke_user("olga", now + 1)  # moves the cutoff forward
+
+        await shorter.revoke_user("pia", now)
+        await revocations.revoke_user("pia", now - 1)  # does not move the cutoff
+    finally:
+        await client.aclose()
+
+    assert await revocations.is_revoked(claims_at("olga", now + 0.5))
+    assert 3600 - 5 <= redis_ttl(redis_port, "auth:revoked:user:olga", db=2) <= 3601
+    assert redis_command(redis_port, "GET", "auth:revoked:user:pia", db=2) == str(int(now * 1_000_000))
+    assert 3600 - 5 <= redis_ttl(redis_port, "auth:revoked:user:pia", db=2) <= 3601
+
+
 async def test_revoking_an_already_expired_token_stores_nothing(revocations, redis_port):
     await revocations.revoke_token("long-gone-jti", expires_at=1_000)
 
@@ -548,8 +569,8 @@ def _read_resp(reader):
     return rest.decode()
 
 
-def redis_ttl(port: int, key: str) -> int:
-    return redis_command(port, "TTL", key)
+def redis_ttl(port: int, key: str, db: int = 1) -> int:
+    return redis_command(port, "TTL", key, db=db)
 
 
 def redis_keys(port: int, pattern: str) -> list[str]:
