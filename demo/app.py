@@ -18,8 +18,9 @@ Routes (JSON bodies and answers):
   code does, waiting up to ``SEND_TIMEOUT`` s for the message id;
 - ``GET /healthz`` -> 200.
 
-Errors answer ``{"error": "..."}`` with 400 (bad form value), 502 (auth refused or unreachable)
-or 504 (no message id in time: is the worker running?).
+Errors answer ``{"error": "..."}`` with 400 (bad form value), 502 (auth refused, unreachable, silent
+for ``AUTH_TIMEOUT`` s, or answering without a token) or 504 (no message id in time: is the worker
+running?).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class PageHandler(tornado.web.RequestHandler):
 
 class DemoBackendError(RuntimeError):
     """The auth service or the worker did not answer as needed; the message says what to check.
-    ``status``: 502 (refused or unreachable) or 504 (no answer in time)."""
+    ``status``: 502 (refused, unreachable or a wrong answer) or 504 (no message id in time)."""
 
     def __init__(self, message: str, status: int = 502) -> None:
         super().__init__(message)
@@ -183,14 +184,22 @@ class Demo:
             request_timeout=AUTH_TIMEOUT, connect_timeout=AUTH_TIMEOUT)
         try:
             response = await self._http.fetch(request, raise_error=False)
-        except OSError as exc:
+        except (OSError, tornado.httpclient.HTTPClientError) as exc:
+            # OSError: refused.  ``raise_error=False`` only turns HTTP status codes into responses:
+            # no answer in AUTH_TIMEOUT, or a connection closed without one, still raises
+            # (HTTPTimeoutError, HTTPStreamClosedError: HTTPClientError with code 599).
             raise DemoBackendError(f"the auth service at {settings.AUTH_URL} cannot be reached ({exc}): is `python -m auth` running?") from None
         if response.code != 200:
             detail = (response.body or b"").decode(errors="replace")[:200] or str(response.error)
             raise DemoBackendError(f"the auth service at {settings.AUTH_URL} answered {response.code}: {detail}"
                                    + (" (does AUTH_ADMIN_KEY match the auth service's?)" if response.code == 401 else ""))
-        answer = json.loads(response.body)
-        return {"token": answer["token"], "expires_at": answer["expires_at"]}
+        try:
+            answer = json.loads(response.body)
+            return {"token": answer["token"], "expires_at": answer["expires_at"]}
+        except (ValueError, TypeError, KeyError):
+            detail = (response.body or b"").decode(errors="replace")[:200]
+            raise DemoBackendError(f"the auth service at {settings.AUTH_URL} answered 200 without a token: {detail!r} "
+                                   "(is AUTH_URL the address of `python -m auth`?)") from None
 
     async def send(self, to: str | list[str], data: dict) -> str:
         """Collect one message, as business code does; returns its id."""

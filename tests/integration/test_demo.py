@@ -7,7 +7,9 @@ Redis-broker cluster only.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import sys
+import threading
 import urllib.request
 import uuid
 
@@ -115,6 +117,43 @@ def test_without_the_auth_service_a_token_request_gets_502_naming_it(cluster):
         demo.stop()
     assert status == 502
     assert dead_auth in answer["error"] and "python -m auth" in answer["error"]
+
+
+class FakeAuth(http.server.BaseHTTPRequestHandler):
+    """Reads the request, then answers ``self.server.answer`` as it is: b"" closes the connection
+    without a word (Tornado's client raises HTTPStreamClosedError, code 599, even with
+    ``raise_error=False``)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.close_connection = True
+        if self.server.answer:
+            self.wfile.write(self.server.answer)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@REDIS_ONLY
+@pytest.mark.parametrize("answer, error", [
+    (b"", "is `python -m auth` running?"),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 14\r\n\r\n<h1>hello</h1>", "without a token"),
+    (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]", "without a token"),
+], ids=["closes-without-answering", "200-not-json", "200-json-without-token"])
+def test_an_auth_service_that_says_nothing_or_no_token_gets_502_naming_it(cluster, answer, error):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeAuth)
+    server.answer = answer
+    threading.Thread(target=server.serve_forever, name="fake-auth", daemon=True).start()
+    fake_auth = f"http://127.0.0.1:{server.server_address[1]}"
+    demo = DemoPage(cluster, cluster.node_ports, env={**cluster.env, "AUTH_URL": fake_auth}, name="demo-fake-auth")
+    try:
+        status, answer = demo.call("/api/token", {"user": "nobody"})
+    finally:
+        demo.stop()
+        server.shutdown()
+        server.server_close()
+    assert status == 502
+    assert fake_auth in answer["error"] and error in answer["error"]
 
 
 @REDIS_ONLY
