@@ -108,7 +108,7 @@ async def _clients(conn, targets, connect_timeout: float) -> None:
         return on_message
 
     errors = await clients.connect_all([url for _, url in targets], callback, connect_timeout, label=lambda i: targets[i][0])
-    conn.send(("ready", sum(s is not None for s in sockets) - len(errors), errors))
+    conn.send(("ready", len(targets) - len(errors), errors))  # each connection is ready or has its error
     await clients.serve(conn)
 
 
