@@ -45,13 +45,21 @@ class Cleanup:
     def push(self, what: str, action) -> None:
         self._actions.append((what, action))
 
-    def run(self) -> None:
+    def run(self, reraise: bool = False) -> None:
+        """Run every action, also after one failed or was interrupted (a second Ctrl-C or SIGTERM
+        raises KeyboardInterrupt in the middle of one).  With ``reraise``, the first such
+        interruption is raised again once every action ran."""
+        interrupted: BaseException | None = None
         while self._actions:
             what, action = self._actions.pop()
             try:
                 action()
             except BaseException as exc:  # noqa: BLE001 - keep stopping the others
                 print(f"stopping {what} failed: {exc!r}", file=sys.stderr)
+                if interrupted is None and isinstance(exc, KeyboardInterrupt):
+                    interrupted = exc
+        if reraise and interrupted is not None:
+            raise interrupted
 
 
 def raise_nofile(pid: int | None = None, want: int = 65536) -> int:

