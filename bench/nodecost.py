@@ -28,8 +28,9 @@ Why it exists: ``compare.py`` reports each system's node CPU per delivered messa
 nodes.  At 4 nodes, ours' nodes each deliver about half as many messages a second, in queue
 messages of half as many envelopes.  These two series tell those two effects apart.
 
-Every row checks that every envelope was delivered (``delivered`` = ``expected``); a row that
-lost any is flagged, and the temporary folder is kept.
+Every row checks that every envelope was delivered (``delivered``: the distinct envelopes of the
+row received, = ``expected``) and none twice (``duplicates``); a row that lost or duplicated any is
+flagged, the temporary folder is kept and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -53,6 +54,33 @@ def parse_list(text: str, kind=int) -> list:
     return [kind(x) for x in text.split(",") if x.strip()]
 
 
+class RowReceipts:
+    """The receipts of one row, whose envelopes have the seqs ``seq0`` .. ``seq0 + count - 1``, each
+    for one user (one connection): ``delivered`` counts the distinct seqs of the row received,
+    ``duplicates`` the receipts of a seq already received, ``stray`` the receipts of other seqs
+    (late frames of the row before)."""
+
+    def __init__(self, seq0: int, count: int) -> None:
+        self.seqs = range(seq0, seq0 + count)
+        self.got: set[int] = set()
+        self.duplicates = self.stray = 0
+
+    def add(self, records: list[tuple]) -> None:
+        """``records``: the client process's [(conn index, id, seq, t_send, t_recv)]."""
+        for record in records:
+            seq = record[2]
+            if seq not in self.seqs:
+                self.stray += 1
+            elif seq in self.got:
+                self.duplicates += 1
+            else:
+                self.got.add(seq)
+
+    @property
+    def delivered(self) -> int:
+        return len(self.got)
+
+
 def run_row(bench: e2e.Bench, publish, address: str, users: list[str], node_pid: int, rate: float, size: int,
             seconds: float, seq: int, settle: float) -> tuple[dict, int]:
     """Publish ``rate`` envelopes/s in queue messages of ``size`` for ``seconds`` to ``address``;
@@ -63,6 +91,7 @@ def run_row(bench: e2e.Bench, publish, address: str, users: list[str], node_pid:
     batches = max(1, int(rate * seconds / size))
     cpu0 = sum(proc.cpu_times()[:2])
     t0 = time.monotonic()
+    receipts = RowReceipts(seq, batches * size)
     expected = 0
     for i in range(batches):
         now = time.time()
@@ -75,34 +104,37 @@ def run_row(bench: e2e.Bench, publish, address: str, users: list[str], node_pid:
         if delay > 0:
             time.sleep(delay)
     sent_seconds = time.monotonic() - t0
-    delivered, deadline = 0, time.monotonic() + 30
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        records, _, _ = bench.take()
-        delivered += len(records)
-        if delivered >= expected:
+        receipts.add(bench.take()[0])
+        if receipts.delivered >= expected:
             break
         time.sleep(0.1)
     time.sleep(settle)  # the acks of the last messages, and their receipts task
-    records, _, _ = bench.take()
-    delivered += len(records)
+    receipts.add(bench.take()[0])
     cpu = sum(proc.cpu_times()[:2]) - cpu0
+    elapsed = time.monotonic() - t0  # the window of cpu: publishing, the wait for the receipts, the settle
+    delivered = receipts.delivered
     return {
         "rate": rate, "size": size, "queue_messages": batches, "expected": expected, "delivered": delivered,
+        "duplicates": receipts.duplicates, "stray": receipts.stray,
         "achieved_rate": round(expected / sent_seconds, 1),
         "node_cpu_us_per_delivery": round(cpu * 1e6 / max(delivered, 1), 1),
         "node_cpu_us_per_queue_message": round(cpu * 1e6 / batches, 1),
-        "node_cpu_percent": round(cpu / (sent_seconds + settle) * 100, 1),
+        "node_cpu_percent": round(cpu / elapsed * 100, 1),
+        "seconds": round(elapsed, 3),
     }, seq
 
 
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print("| envelopes/s asked | achieved | envelopes per queue msg | queue msgs | delivered/expected | node CPU µs per delivery | node CPU µs per queue msg | node % of a core |")
-    print("|------------------:|---------:|------------------------:|-----------:|-------------------:|-------------------------:|--------------------------:|-----------------:|")
+    print("| envelopes/s asked | achieved | envelopes per queue msg | queue msgs | delivered/expected |   dup | node CPU µs per delivery | node CPU µs per queue msg | node % of a core |")
+    print("|------------------:|---------:|------------------------:|-----------:|-------------------:|------:|-------------------------:|--------------------------:|-----------------:|")
     for r in rows:
         counts = f"{r['delivered']:,}/{r['expected']:,}" + ("" if r["delivered"] == r["expected"] else " LOST")
+        dup = f"{r['duplicates']:,}" + (" DUP" if r["duplicates"] else "")
         print(f"| {r['rate']:17,.0f} | {r['achieved_rate']:8,.0f} | {r['size']:23d} | {r['queue_messages']:10,d} | "
-              f"{counts:>18} | {r['node_cpu_us_per_delivery']:24.1f} | "
+              f"{counts:>18} | {dup:>5} | {r['node_cpu_us_per_delivery']:24.1f} | "
               f"{r['node_cpu_us_per_queue_message']:25.1f} | {r['node_cpu_percent']:16.1f} |")
 
 
@@ -121,7 +153,7 @@ def main() -> int:
     args = parser.parse_args()
 
     bench = e2e.Bench(argparse.Namespace(users=args.users, log_level="INFO", flower=None, keep=args.keep))
-    lost = False
+    bad = False
     try:
         bench.start_cluster()
         users = bench.start_clients()
@@ -151,15 +183,17 @@ def main() -> int:
                     sorted(by_rate, key=lambda r: order["rate"].index(r["rate"])))
         print_table(f"Against envelopes per queue message (at {args.at_rate:,.0f} envelopes/s), {args.rounds} round(s):",
                     sorted(by_size, key=lambda r: order["size"].index(r["size"])))
-        lost = any(r["delivered"] != r["expected"] for r in by_rate + by_size)
+        lost = any(r["delivered"] < r["expected"] for r in by_rate + by_size)
+        duplicated = any(r["duplicates"] for r in by_rate + by_size)
         if args.json:
             args.json.write_text(json.dumps({"started": started, "by_rate": by_rate, "by_size": by_size}, indent=2))
-        if lost:
-            bench.keep = True
-            print("some envelopes were not delivered: see the logs kept below", file=sys.stderr)
+        if lost or duplicated:
+            bad = bench.keep = True
+            what = " and ".join(w for w, flag in (("not delivered", lost), ("delivered twice", duplicated)) if flag)
+            print(f"some envelopes were {what}: see the logs kept below", file=sys.stderr)
     finally:
         bench.stop_all()
-    return 1 if lost else 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
