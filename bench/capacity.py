@@ -25,7 +25,9 @@ s idle, over which the node's idle CPU is measured), KB per connection, time to 
 before its replay), then ONE message to everyone (ours ``tasks.collect`` with ``to="*"``; peer
 ``RedisManager(write_only=True).emit("message", data)`` with no room): wall time from the business call
 until the last client received it, and the node's CPU time (user + system) until then and until
-``--settle`` s later (ours includes then the acks coming back).
+``--settle`` s later (ours includes then the acks coming back). Clients reached are counted once each
+(a second receipt is a duplicate); the exit status is 1 when a connected client was not reached or
+one got the message twice.
 """
 
 from __future__ import annotations
@@ -161,16 +163,47 @@ class Clients:
                 "client_rss": [r[6] for r in replies]}
 
     def take(self) -> tuple[list, list]:
+        """What every process received since the last take: (records [(process number, index, seq,
+        t_send, t_recv)], closed); an index counts within its process (process j holds urls[j::k])."""
         records, closed = [], []
         for conn in self.conns:
             conn.send(("take",))
-        for conn in self.conns:
+        for j, conn in enumerate(self.conns):
             if not wait_pipe(conn, 60):
                 raise RuntimeError("a client process stopped answering")
             r, c = conn.recv()
-            records.extend(r)
+            records.extend((j, *record) for record in r)
             closed.extend(c)
         return records, closed
+
+
+class BroadcastReceipts:
+    """The receipts of one message to everyone (``seq``), by client: ``first`` maps each client
+    reached, (process number, index), to the time it first got the message; ``duplicates`` counts
+    its further receipts, ``other`` the receipts of other messages."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.first: dict[tuple[int, int], float] = {}
+        self.duplicates = self.other = 0
+
+    def add(self, records: list[tuple]) -> int:
+        """``records`` from :meth:`Clients.take`; returns how many clients they reached first."""
+        new = 0
+        for process, index, seq, _, t_recv in records:
+            if seq != self.seq:
+                self.other += 1
+            elif (process, index) in self.first:
+                self.duplicates += 1
+            else:
+                self.first[(process, index)] = t_recv
+                new += 1
+        return new
+
+    @property
+    def reached(self) -> int:
+        return len(self.first)
+
 
 # =============================================================================================
 # Orchestration
@@ -276,30 +309,32 @@ def measure(kind: str, args, ctx, folder: Path, cleanup: Cleanup) -> dict:
     cpu_before, m_send = cpu_s(nproc), time.monotonic()
     t_send = time.time()
     send({"t": t_send, "seq": 1, "u": None})
-    records_all = []
+    receipts = BroadcastReceipts(1)
     deadline = time.time() + args.broadcast_timeout
     cpu_at_last = None
     while time.time() < deadline:
         records, closed = clients.take()
-        records_all.extend(records)
-        if records:
+        if receipts.add(records):
             cpu_at_last = cpu_s(nproc)
-        if len(records_all) >= ok:
+        if receipts.reached >= ok:
             break
         time.sleep(0.05)
-    t_last = max((r[3] for r in records_all), default=None)
     time.sleep(args.settle)
     cpu_after = cpu_s(nproc)
-    result["broadcast_received"] = len(records_all)
+    receipts.add(clients.take()[0])  # duplicates and stragglers of the settle
+    t_last = max(receipts.first.values(), default=None)
+    result["broadcast_received"] = receipts.reached
+    result["broadcast_duplicates"] = receipts.duplicates
     result["broadcast_wall_s"] = round(t_last - t_send, 3) if t_last else None
-    result["broadcast_first_ms"] = round(1000 * (min(r[3] for r in records_all) - t_send), 1) if records_all else None
+    result["broadcast_first_ms"] = round(1000 * (min(receipts.first.values()) - t_send), 1) if receipts.first else None
     result["broadcast_node_cpu_s"] = round(cpu_at_last - cpu_before, 3) if cpu_at_last is not None else None
     result["broadcast_node_cpu_settled_s"] = round(cpu_after - cpu_before, 3)
     # the same, minus what the node burns idle over that time (pings, lease renewals)
     result["broadcast_node_cpu_net_s"] = round(cpu_after - cpu_before - result["idle_node_cpu_pct"] / 100 * (time.monotonic() - m_send), 3)
     result["broadcast_other_cpu_s"] = {name: round(tree_cpu_s(p) - base[name], 3) for name, p in procs.items()}
     result["rss_after_broadcast_mb"] = round(nproc.memory_info().rss / 2**20, 1)
-    print(f"  {kind}: broadcast reached {len(records_all)} of {ok} in {result['broadcast_wall_s']} s, node CPU "
+    print(f"  {kind}: broadcast reached {receipts.reached} of {conn_info['connected']} connected ({ok} open), "
+          f"{receipts.duplicates} duplicates, in {result['broadcast_wall_s']} s, node CPU "
           f"{result['broadcast_node_cpu_s']} s ({result['broadcast_node_cpu_settled_s']} s after {args.settle:g} s), "
           f"others {result['broadcast_other_cpu_s']}", file=sys.stderr)
     t_stop = time.time()
@@ -314,11 +349,24 @@ ROWS = (("connected", "connected", "{:,}"), ("client processes", "client_process
         ("KB per connection", "kb_per_connection", "{:.1f}"), ("time to connect all, s", "connect_s", "{:.1f}"),
         ("  of which until all bound (ours: hello), s", "bind_s", "{:.1f}"), ("node CPU while connecting, s", "connect_node_cpu_s", "{:.1f}"),
         ("node CPU while idle, % of a core", "idle_node_cpu_pct", "{:.1f}"), ("closed while idle", "closed_while_idle", "{}"),
-        ("broadcast: clients reached", "broadcast_received", "{:,}"), ("broadcast: first receipt, ms", "broadcast_first_ms", "{:.1f}"),
+        ("broadcast: clients reached", "broadcast_received", "{:,}"), ("broadcast: duplicates", "broadcast_duplicates", "{:,}"),
+        ("broadcast: first receipt, ms", "broadcast_first_ms", "{:.1f}"),
         ("broadcast: wall until last receipt, s", "broadcast_wall_s", "{:.3f}"),
         ("broadcast: node CPU until last receipt, s", "broadcast_node_cpu_s", "{:.3f}"),
         ("broadcast: node CPU incl. the next --settle s, s", "broadcast_node_cpu_settled_s", "{:.3f}"),
         ("  the same minus the idle CPU over that time, s", "broadcast_node_cpu_net_s", "{:.3f}"))
+
+
+def broadcast_failure(result: dict) -> str | None:
+    """What went wrong with the broadcast of a ``measure`` result, if anything: a connected client
+    not reached (closed while idle included), or reached twice."""
+    problems = []
+    if result["broadcast_received"] < result["connected"]:
+        problems.append(f"the broadcast reached {result['broadcast_received']:,} of {result['connected']:,} connected clients "
+                        f"({result['closed_while_idle']} closed while idle)")
+    if result["broadcast_duplicates"]:
+        problems.append(f"{result['broadcast_duplicates']:,} duplicate receipts (a client reached again)")
+    return "; ".join(problems) or None
 
 
 def format_table(results: list[dict]) -> str:
@@ -366,10 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     keep = args.keep
     started = datetime.datetime.now().astimezone()
     results = []
+    failed = []
     try:
         for kind in (("ours", "peer") if args.system == "both" else (args.system,)):
             print(f"--- {kind}: {args.connections} connections on one node", file=sys.stderr)
             results.append(measure(kind, args, ctx, tmp / kind, cleanup))
+            if failure := broadcast_failure(results[-1]):
+                failed.append(f"{kind}: {failure}")
+                keep = True
     except KeyboardInterrupt:
         print("interrupted: stopping everything", file=sys.stderr)
         return 130
@@ -389,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"date": started.isoformat(timespec="seconds"), "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
                                          "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                          "results": results}, indent=2, default=str) + "\n")
-    return 0
+    if failed:
+        print("\n" + "\n".join(failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
