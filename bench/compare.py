@@ -64,7 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets sys.path for the repository and bench/)
 from common import Cleanup, ProcSampler, issue_tokens, peer_clients_main, peer_sender_main, peer_url  # noqa: E402
-from e2e import analyse, clients_main, make_plan, sender_main  # noqa: E402
+from e2e import RunReceipts, analyse, clients_main, make_plan, sender_main  # noqa: E402
 from wsclients import ClientProcess, wait_pipe  # noqa: E402
 
 PLATFORM_OURS = ("redis", "auth", "worker main", "worker pool")
@@ -189,6 +189,7 @@ class Runner:
         seq_range = range(self.seq, self.seq + messages)
         self.seq += messages
         leftovers, closed, _ = clients.take()
+        sysinfo["receipts"].late(leftovers, f"before {row}")  # a copy of an earlier row's message: its duplicate
         problems = [f"connection closed: {c}" for c in closed]
         if sysinfo["system"] == "ours":
             target, sender_args = sender_main, (sysinfo["broker"], plan_mode, tasks, rate)
@@ -249,7 +250,10 @@ class Runner:
                 sender.join(5)
         result = analyse(row, expected, records, self.users, first_send, last_send, done, seq_range)
         result.update(system=sysinfo["system"], nodes=n, row=row, rate=rate, batch=batch if mode == "batch" else None,
-                      stray_before=len(leftovers), problems=problems, cpu=cpu)
+                      stray_before=len(leftovers), problems=problems, cpu=cpu, late_duplicates=0)
+        if sysinfo["receipts"].add_row(result, records, seq_range):
+            self.keep = True
+            print("    ! late duplicates of an earlier row: see the final table", file=sys.stderr)
         # per-node accounting: user i is on node i mod n
         seen: set = set()
         per_node = [0] * n
@@ -290,6 +294,7 @@ class Runner:
         t0 = time.time()
         print(f"--- {kind}, {n} nodes, round {round_no} of {args.rounds}", file=sys.stderr)
         sysinfo = (self.start_ours if kind == "ours" else self.start_peer)(n, phase, folder)
+        sysinfo["receipts"] = RunReceipts()  # (connection, id) -> row, over this client process's rows
         print(f"  started in {time.time() - t0:.1f} s", file=sys.stderr)
         lat_messages = max(1, int(args.rate * args.seconds))
         single_cap = (lambda m: min(m, args.single_max)) if args.single_max else (lambda m: m)
@@ -309,7 +314,13 @@ class Runner:
         for i, (row, mode, messages, batch, rate) in enumerate(plan):
             if i:
                 time.sleep(args.idle)
-            self.rows.append({**self.run_row(sysinfo, row, mode, messages, batch, rate), "round": round_no})
+            result = self.run_row(sysinfo, row, mode, messages, batch, rate)
+            result["round"] = round_no  # the same dict: a late duplicate found later updates this row
+            self.rows.append(result)
+        # what came after the last row's --settle: a redelivery comes 30 s after its first delivery
+        if sysinfo["receipts"].late(sysinfo["clients"].take()[0], "after the last row"):
+            self.keep = True
+            print("    ! late duplicates after the last row: see the final table", file=sys.stderr)
         phase.run()
         print(f"  {kind}, {n} nodes: {time.time() - t0:.0f} s in all", file=sys.stderr)
 

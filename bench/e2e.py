@@ -21,7 +21,8 @@ Modes (``sent`` always counts expected deliveries, i.e. (user, message) pairs):
   so ``--messages 20000 --batch 100`` is 200 tasks.
 
 Per mode it reports sent, delivered, lost (expected deliveries not received ``--drain`` seconds after
-the last send), duplicates (an id received twice on one connection), the achieved send rate,
+the last send), duplicates (an id received twice on one connection, also when the second copy comes
+after the mode ended: during a later mode or before the run stops, see :class:`RunReceipts`), the achieved send rate,
 delivered msg/s (deliveries / (last receipt - first send)) and latency percentiles
 (receive time - data.t, same machine clock), plus the CPU used by each process while the mode ran.
 Everything is stopped at the end, also on Ctrl-C, SIGTERM or an error; the temporary folder (logs
@@ -347,13 +348,13 @@ def analyse(mode: str, expected: list[tuple[str, int]], records: list[tuple], us
     seq_inversions = id_inversions = id_gap_max = 0
     for index, message_id, seq, t_send, t_recv in records:
         user = users[index]
+        if seq not in seq_range:
+            stray += 1  # a late delivery of an earlier mode: a duplicate of its own row (RunReceipts), if one
+            continue
         if (index, message_id) in seen_ids:
             duplicates += 1
             continue
         seen_ids.add((index, message_id))
-        if seq not in seq_range:
-            stray += 1  # a late delivery of an earlier mode
-            continue
         key = (user, seq)
         if key not in expected_set:
             unexpected += 1
@@ -402,6 +403,52 @@ def analyse(mode: str, expected: list[tuple[str, int]], records: list[tuple], us
     }
 
 
+class RunReceipts:
+    """Every (connection index, id) received over a run of one client process, with the row (the
+    result dict of :func:`analyse`) it belongs to, so that a copy arriving after its row ended still
+    counts as a duplicate of that row.  A message whose ack got lost is delivered again
+    REDELIVER_AFTER (30 s) later, long after ``--settle``: among the next rows' leftovers or strays,
+    or after the last row.  :meth:`add_row` after each row, :meth:`late` for what arrived between
+    rows and after the last one."""
+
+    def __init__(self) -> None:
+        self._rows: list[tuple[range, dict]] = []
+        self._row_of: dict[tuple[int, str], dict] = {}
+
+    def add_row(self, row: dict, records: list[tuple], seq_range: range) -> int:
+        """The records of ``row`` (whose seqs are ``seq_range``): its own are noted (its own
+        duplicates are :func:`analyse`'s), the others (strays) go to :meth:`late`."""
+        self._rows.append((seq_range, row))
+        strays = []
+        for record in records:
+            index, message_id, seq = record[:3]
+            if seq in seq_range:
+                self._row_of.setdefault((index, message_id), row)
+            else:
+                strays.append(record)
+        return self.late(strays, f"during {row['mode']}")
+
+    def late(self, records: list[tuple], when: str) -> int:
+        """Receipts that came after their row ended: a (connection, id) received before is a
+        duplicate of its row (``duplicates`` and ``late_duplicates`` + 1); a first one is noted with
+        the row of its seq, if any (it counted as lost there).  Returns the duplicates found."""
+        found = 0
+        for record in records:
+            index, message_id, seq = record[:3]
+            row = self._row_of.get((index, message_id))
+            if row is None:
+                row = next((r for seqs, r in self._rows if seq in seqs), None)
+                if row is not None:
+                    self._row_of[(index, message_id)] = row
+                continue
+            found += 1
+            row["duplicates"] += 1
+            row["late_duplicates"] = row.get("late_duplicates", 0) + 1
+            if row["late_duplicates"] <= 3:
+                row.setdefault("problems", []).append(f"duplicate after the row ended ({when}): connection {index}, id {message_id}, seq {seq}")
+        return found
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -417,6 +464,7 @@ class Bench:
         self.clients = None
         self.sender_proc = None
         self.sampler: CpuSampler | None = None
+        self.receipts = RunReceipts()
         self.keep = args.keep
 
     # --- cluster -----------------------------------------------------------------------------
@@ -490,6 +538,7 @@ class Bench:
         seq_end = max(seq for _, seq in expected) + 1
         leftovers, closed, other = self.take()
         stray_before = len(leftovers)
+        self.receipts.late(leftovers, f"before {mode}")
         problems: list[str] = [f"connection closed: {c}" for c in closed] + [f"unexpected frame: {o}" for o in other[:5]]
 
         conn, child = self.ctx.Pipe()
@@ -552,7 +601,10 @@ class Bench:
         result["seq_end"] = seq_end
         result["stray_before"] = stray_before
         result["problems"] = problems
+        result["late_duplicates"] = 0
         result["cpu"] = self.sampler.summary(mode)
+        if self.receipts.add_row(result, records, range(seq0, seq_end)):
+            print("    ! late duplicates of an earlier mode: see the final table", file=sys.stderr)
         return result
 
     def run(self) -> list[dict]:
@@ -588,6 +640,11 @@ class Bench:
                 print(f"    ! {problem}", file=sys.stderr)
             if result["lost"] or result["duplicates"] or result["recollected"] or result["unexpected"]:
                 self.keep = True
+        # what came after the last mode's --settle: a redelivery comes 30 s after its first delivery
+        if self.receipts.late(self.take()[0], "after the last mode"):
+            print("    ! late duplicates after the last mode: see the final table", file=sys.stderr)
+        if any(r["duplicates"] for r in results):
+            self.keep = True
         return results
 
 
@@ -687,7 +744,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_cpu(results))
     extras = [f"{r['mode']}: seq inversions {r['seq_inversions']}, id inversions {r['id_inversions']} (largest id-time gap {r['id_inversion_max_gap_ms']} ms), recollected {r['recollected']}, "
-              f"unexpected {r['unexpected']}, stray {r['stray_from_earlier_modes'] + r['stray_before']}" for r in results]
+              f"unexpected {r['unexpected']}, stray {r['stray_from_earlier_modes'] + r['stray_before']}, "
+              f"late duplicates {r['late_duplicates']} (in dup)" for r in results]
+    late = [f"! {r['mode']}: {p}" for r in results for p in r["problems"] if p.startswith("duplicate after the row ended")]
+    extras += late[:10]
     print("\n" + "\n".join(extras))
     if args.json:
         payload = {
