@@ -46,7 +46,6 @@ scheme, and the page answered 404).  ``rediss://`` and ``amqp://`` keep kombu's 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -71,7 +70,11 @@ TAKE_MAX = 100
 # how many more to pop, then the tag and unacked record of the message BRPOP brought.  Records it,
 # pops up to that many more and records each (tag and record built from the message's own JSON as
 # kombu's QoS.append builds them: [message, exchange, routing key]); a message that does not parse
-# as kombu's goes back to the list, with all after it, for a BRPOP of its own.  Returns the popped.
+# as kombu's, or whose tag is recorded already, goes back to the list, with all after it, for a
+# BRPOP of its own.  Returns the popped as tag, item, tag, item...: Lua's cjson takes JSON that
+# Python's json refuses (0x10, inf, nan, a tab inside a string), so an item recorded here may be one
+# Python cannot read, and its tag is what removes its record again.  A record never replaces one
+# already there, so that removal removes nothing but that item's own.
 _TAKE_MORE = """
 local now, more = ARGV[1], tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[3])
@@ -85,12 +88,14 @@ for i, raw in ipairs(items) do
   local props = ok and type(message) == 'table' and message['properties']
   local info = type(props) == 'table' and props['delivery_info']
   local tag = type(props) == 'table' and props['delivery_tag']
-  if type(info) ~= 'table' or type(tag) ~= 'string' or info['exchange'] == nil or info['routing_key'] == nil then
+  if type(info) ~= 'table' or type(tag) ~= 'string' or info['exchange'] == nil or info['routing_key'] == nil
+      or redis.call('HEXISTS', KEYS[3], tag) == 1 then
     for j = #items, i, -1 do redis.call('RPUSH', KEYS[1], items[j]) end
     break
   end
   redis.call('ZADD', KEYS[2], now, tag)
   redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+  taken[#taken + 1] = tag
   taken[#taken + 1] = raw
 end
 return taken
@@ -225,11 +230,17 @@ class Channel(kombu_redis.Channel):
                     log.warning("reading several messages per round trip is off for this connection: %s (RPOP with a count needs Redis 6.2 or later)", exc)
                 return []
         payloads, dropped = [], []
-        for item in map(bytes_to_str, taken or ()):
+        taken = taken or []
+        for item_tag, item in zip(taken[::2], taken[1::2]):
+            item = bytes_to_str(item)
             message = kombu_message(item)
-            if message is None:  # the script checked its properties, not its body
+            # The script checked its properties, not its body, and with a JSON parser more lenient
+            # than Python's; and a tag Python reads differently (bytes that are not UTF-8) is not
+            # the one the script recorded, so no ack would remove that record.  Either is removed
+            # by the tag the script recorded.
+            if message is None or message["properties"]["delivery_tag"].encode(errors="surrogatepass") != item_tag:
                 _log_dropped(queue, item)
-                dropped.append(json.loads(item)["properties"]["delivery_tag"])
+                dropped.append(item_tag)
             else:
                 payloads.append(message)
         if dropped:

@@ -254,6 +254,86 @@ def test_items_of_a_queue_that_are_not_messages_are_dropped_and_the_messages_aro
     assert all(f"dropped an item of queue {queue.name!r}" in line for line in dropped)
 
 
+#: Members of a JSON object that Lua's cjson (the read script's parser) reads and Python's json
+#: refuses (the last one holds a tab character inside a string).
+LENIENT = ['"x": 0x10', '"x": inf', '"x": nan', '"x": "a\tb"']
+
+
+def _variant(raw: str, tag: str, member: str) -> bytes:
+    """The kombu message ``raw`` with the delivery tag ``tag`` and ``member`` (JSON or not) first."""
+    message = json.loads(raw)
+    message["properties"]["delivery_tag"] = tag
+    return ("{" + member + ", " + json.dumps(message)[1:]).encode()
+
+
+def _stored(client, channel, tag) -> bool:
+    """Whether ``tag`` is in kombu's unacked hash or index."""
+    return bool(client.hexists(channel.unacked_key, tag)) or client.zscore(channel.unacked_index_key, tag) is not None
+
+
+def _drain(conn, channel, queue, got: list, count: int, **consumer) -> None:
+    """Consume ``queue`` into ``got`` (each body's ``n``), acking, until it holds ``count``, for 10 s at most."""
+    def on_message(body, message):
+        got.append(body["n"])
+        message.ack()
+
+    with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"], **consumer):
+        deadline = time.monotonic() + 10
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=1)
+            except TimeoutError:
+                pass
+
+
+def test_an_item_only_luas_json_reads_is_dropped_by_the_tag_the_read_script_recorded(redis_server, caplog):
+    """The read script parses items with Lua's cjson, more lenient than Python's json: items in
+    kombu's format that only cjson reads, behind the message BRPOP brought, are recorded by the
+    script, then dropped here.  Their record was removed by the tag Python read from them, which
+    raised (JSONDecodeError) out of the consumer's drain_events: the messages of that read were
+    recorded and never delivered, and kombu's restore raised on those records at every scan."""
+    got = []
+    with _published(1) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            raw = client.lindex(queue.name, 0).decode()
+            tags = [f"lenient-{uuid.uuid4().hex[:8]}" for _ in LENIENT]
+            client.lpush(queue.name, *(_variant(raw, tag, member) for tag, member in zip(tags, LENIENT)))
+            # and one Python reads, with a tag that is not UTF-8: Python reads another tag than the script's
+            tags.append(f"latin-{uuid.uuid4().hex[:8]}-\xe9".encode("latin-1"))
+            client.lpush(queue.name, _variant(raw, "TAG", '"x": 1').replace(b"TAG", tags[-1]))
+            Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+            with caplog.at_level(logging.ERROR, logger="tasks.redis_transport"):
+                _drain(conn, channel, queue, got, 2)
+            left = client.llen(queue.name)
+            stored = [_stored(client, channel, tag) for tag in tags]
+
+    assert got == [0, 1]
+    assert left == 0
+    assert stored == [False] * len(tags)  # no record kombu's restore cannot read, or no ack removes
+    dropped = [r.getMessage() for r in caplog.records if "is not a kombu message" in r.getMessage()]
+    assert len(dropped) == len(tags), dropped
+
+
+def test_the_read_script_never_replaces_a_record(redis_server):
+    """An item with the tag of a message recorded already (here the one BRPOP brought) goes back
+    to the list: its record would replace that message's, and dropping it would remove both."""
+    with _published(1) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            raw = client.lindex(queue.name, 0).decode()
+            tag = loads(raw)["properties"]["delivery_tag"]
+            client.lpush(queue.name, _variant(raw, tag, '"x": 0x10'))
+            channel.basic_consume(queue.name, False, lambda message: None, "test-consumer")
+            raw = client.rpop(queue.name).decode()  # what BRPOP would have brought
+            taken = channel._take_more(queue.name.encode(), queue.name, raw, loads(raw))
+            record = client.hget(channel.unacked_key, tag)
+            left = client.llen(queue.name)
+            client.zrem(channel.unacked_index_key, tag)
+            client.hdel(channel.unacked_key, tag)
+
+    assert taken == [] and left == 1
+    assert record is not None and loads(record)[0]["properties"]["delivery_tag"] == tag  # that message's own record
+
+
 def test_a_queue_read_without_acks_keeps_one_message_per_read(redis_server):
     got = []
     with _published(5) as (conn, channel, queue):
