@@ -267,8 +267,8 @@ def kombu_message(raw: str) -> dict | None:
     ``body_encoding`` decodes (none, utf-8 or base64); else None.  Pure."""
     try:
         payload = loads(raw)
-    except (ValueError, KeyError, TypeError):  # kombu's decoder also rebuilds tagged values
-        return None
+    except Exception:  # noqa: BLE001 - kombu's decoder also rebuilds tagged values ({"__type__": "decimal", ...}),
+        return None    # with hooks that raise what they raise; and deep nesting raises RecursionError
     properties = payload.get("properties") if isinstance(payload, dict) else None
     if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
         return None

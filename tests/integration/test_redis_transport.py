@@ -204,7 +204,10 @@ def _shaped(body: object = "e30=", tag: object = "t", info: object = None, encod
     return json.dumps({"body": body, "properties": {"delivery_tag": tag, "delivery_info": info, "body_encoding": encoding}}).encode()
 
 
+#: Tagged values kombu's decoder rebuilds, with a value its hook raises on (not a ValueError).
+BAD_TAGGED = ['{"__type__": "decimal", "__value__": "x"}', '{"__type__": "bytes", "__value__": 5}']
 GARBAGE = [b"\xff\xfe not json", b'{"not": "kombu"}', b"[1, 2]", b'{"properties": {"delivery_tag": "t"}}', b'{"__type__": "datetime", "__value__": 7}',
+           *(t.encode() for t in BAD_TAGGED), b"[" * 5000 + b"]" * 5000,  # RecursionError
            _shaped(tag=["t"]), _shaped(tag=7), _shaped(info={"exchange": ""})]
 #: kombu's format, and a body its encoding does not decode: the read script takes them (it checks
 #: the properties only), kombu's Message raised on them.
@@ -257,6 +260,8 @@ def test_items_of_a_queue_that_are_not_messages_are_dropped_and_the_messages_aro
 #: Members of a JSON object that Lua's cjson (the read script's parser) reads and Python's json
 #: refuses (the last one holds a tab character inside a string).
 LENIENT = ['"x": 0x10', '"x": inf', '"x": nan', '"x": "a\tb"']
+#: Members that Python's json reads too and kombu's decoder raises on (no ValueError).
+UNDECODABLE = [f'"x": {t}' for t in BAD_TAGGED]
 
 
 def _variant(raw: str, tag: str, member: str) -> bytes:
@@ -291,13 +296,14 @@ def test_an_item_only_luas_json_reads_is_dropped_by_the_tag_the_read_script_reco
     kombu's format that only cjson reads, behind the message BRPOP brought, are recorded by the
     script, then dropped here.  Their record was removed by the tag Python read from them, which
     raised (JSONDecodeError) out of the consumer's drain_events: the messages of that read were
-    recorded and never delivered, and kombu's restore raised on those records at every scan."""
+    recorded and never delivered, and kombu's restore raised on those records at every scan.  So
+    did items with a value kombu's decoder raises on with an error other than ValueError."""
     got = []
     with _published(1) as (conn, channel, queue):
         with channel.conn_or_acquire() as client:
             raw = client.lindex(queue.name, 0).decode()
-            tags = [f"lenient-{uuid.uuid4().hex[:8]}" for _ in LENIENT]
-            client.lpush(queue.name, *(_variant(raw, tag, member) for tag, member in zip(tags, LENIENT)))
+            tags = [f"lenient-{uuid.uuid4().hex[:8]}" for _ in LENIENT + UNDECODABLE]
+            client.lpush(queue.name, *(_variant(raw, tag, member) for tag, member in zip(tags, LENIENT + UNDECODABLE)))
             # and one Python reads, with a tag that is not UTF-8: Python reads another tag than the script's
             tags.append(f"latin-{uuid.uuid4().hex[:8]}-\xe9".encode("latin-1"))
             client.lpush(queue.name, _variant(raw, "TAG", '"x": 1').replace(b"TAG", tags[-1]))
