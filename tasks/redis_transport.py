@@ -74,7 +74,9 @@ TAKE_MAX = 100
 # BRPOP of its own.  Returns the popped as tag, item, tag, item...: Lua's cjson takes JSON that
 # Python's json refuses (0x10, inf, nan, a tab inside a string), so an item recorded here may be one
 # Python cannot read, and its tag is what removes its record again.  A record never replaces one
-# already there, so that removal removes nothing but that item's own.
+# already there, so that removal removes nothing but that item's own.  Exchange and routing key
+# must be strings: cjson.encode raises on some numbers (inf), and a script that raises stops
+# there, keeping what it did (the items it popped and had not recorded would be lost).
 _TAKE_MORE = """
 local now, more = ARGV[1], tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[3])
@@ -88,7 +90,7 @@ for i, raw in ipairs(items) do
   local props = ok and type(message) == 'table' and message['properties']
   local info = type(props) == 'table' and props['delivery_info']
   local tag = type(props) == 'table' and props['delivery_tag']
-  if type(info) ~= 'table' or type(tag) ~= 'string' or info['exchange'] == nil or info['routing_key'] == nil
+  if type(info) ~= 'table' or type(tag) ~= 'string' or type(info['exchange']) ~= 'string' or type(info['routing_key']) ~= 'string'
       or redis.call('HEXISTS', KEYS[3], tag) == 1 then
     for j = #items, i, -1 do redis.call('RPUSH', KEYS[1], items[j]) end
     break

@@ -5,6 +5,7 @@ trip; and the tasks a killed worker had read in bulk come back and run once."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -318,6 +319,28 @@ def test_an_item_only_luas_json_reads_is_dropped_by_the_tag_the_read_script_reco
     assert stored == [False] * len(tags)  # no record kombu's restore cannot read, or no ack removes
     dropped = [r.getMessage() for r in caplog.records if "is not a kombu message" in r.getMessage()]
     assert len(dropped) == len(tags), dropped
+
+
+def test_a_message_whose_exchange_is_not_a_string_does_not_stop_the_read_script(redis_server):
+    """An exchange of 1e999 (Python and Lua read it as inf): the script wrote the record with
+    cjson.encode, which raises on inf, and a script that raises stops there, keeping what it did:
+    the messages it had popped and not recorded were gone, neither in the list nor recorded.  It
+    now goes back to the list, and Python reads it alone (its record says Infinity)."""
+    got = []
+    with _published(1) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            message = json.loads(client.lindex(queue.name, 0))
+            message["body"] = base64.b64encode(b'{"n": 1}').decode()
+            message["properties"]["delivery_tag"] = tag = f"inf-{uuid.uuid4().hex[:8]}"
+            message["properties"]["delivery_info"]["exchange"] = "EXCHANGE"
+            client.lpush(queue.name, json.dumps(message).replace('"EXCHANGE"', "1e999"))
+            Producer(channel).publish({"n": 2}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+            _drain(conn, channel, queue, got, 3)
+            left = client.llen(queue.name)
+            stored = _stored(client, channel, tag)
+
+    assert got == [0, 1, 2]
+    assert left == 0 and not stored
 
 
 def test_the_read_script_never_replaces_a_record(redis_server):
