@@ -128,6 +128,29 @@ class QoS(kombu_redis.QoS):
             return
         super().append(message, delivery_tag)
 
+    def restore_by_tag(self, tag, client=None, leftmost=False) -> None:
+        """kombu 5.7's ``QoS.restore_by_tag``, except that a record it cannot read as [message,
+        exchange, routing key] is logged and removed instead of raising.  kombu's raised out of
+        ``restore_visible`` (and ``restore_unacked``) on such a record every time it reached it, so
+        no message recorded before it was ever restored again, by any worker; the read of this
+        transport left such records before it checked items as Python reads them."""
+
+        def restore_transaction(pipe):
+            p = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if p:
+                try:
+                    M, EX, RK = loads(bytes_to_str(p))  # json is unicode
+                except Exception as exc:  # noqa: BLE001 - whatever kombu's decoder raises on it: removed above
+                    log.error("removed the unacked record of delivery tag %r: it is not [message, exchange, routing key] "
+                              "as kombu writes it (%r), so what it recorded cannot be restored: %.200r", bytes_to_str(tag), exc, p)
+                    return
+                self.channel._do_restore_message(M, EX, RK, pipe, leftmost)
+
+        with self.channel.conn_or_acquire(client) as client:
+            client.transaction(restore_transaction, self.unacked_key)
+
     def forget(self, tags: Iterable) -> None:
         """Remove the delivered messages ``tags`` from the unacked index and hash in one round
         trip, so that their :meth:`ack` right after needs none.  Call it only right before acking

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import redis as redis_lib
 from kombu import Exchange, Producer, Queue
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 import launcher
 from tasks.redis_transport import Channel, QoS, Transport, acknowledge, kombu_message
@@ -341,6 +341,28 @@ def test_a_message_whose_exchange_is_not_a_string_does_not_stop_the_read_script(
 
     assert got == [0, 1, 2]
     assert left == 0 and not stored
+
+
+def test_restore_removes_a_record_it_cannot_read_and_restores_the_others(redis_server, caplog):
+    """A record kombu cannot read (one the read script left before it checked items as Python
+    reads them): kombu's restore raised on it at every restore_visible scan, so the messages
+    recorded before it (scanned after it) never came back."""
+    with _published(1) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            raw = client.rpop(queue.name).decode()  # a message taken and never acked
+            tag, bad = loads(raw)["properties"]["delivery_tag"], f"bad-{uuid.uuid4().hex[:8]}"
+            expired = time.time() - channel.qos.visibility_timeout - 10
+            client.hset(channel.unacked_key, mapping={tag: dumps([loads(raw), queue.exchange.name, queue.name]),
+                                                      bad: '[{"x": 0x10}, "", ""]'})
+            client.zadd(channel.unacked_index_key, {tag: expired, bad: expired + 5})  # the bad one is scanned first
+            with caplog.at_level(logging.ERROR, logger="tasks.redis_transport"):
+                channel.qos.restore_visible(interval=1)
+            back = [loads(item)["properties"]["delivery_tag"] for item in client.lrange(queue.name, 0, -1)]
+            stored = [_stored(client, channel, t) for t in (tag, bad)]
+
+    assert back == [tag]
+    assert stored == [False, False]
+    assert any(f"removed the unacked record of delivery tag {bad!r}" in r.getMessage() for r in caplog.records)
 
 
 def test_the_read_script_never_replaces_a_record(redis_server):
