@@ -250,7 +250,7 @@ class Channel(kombu_redis.Channel):
                 # A script stops at the command that fails: here RPOP (before it took anything)
                 # or the first record.  kombu's append then records the message BRPOP brought
                 # (again, or fails the same way).
-                if "wrong number of arguments" in str(exc).lower():
+                if count_unsupported(str(exc)):
                     self._take_more_ok = False
                     log.warning("reading several messages per round trip is off for this connection: %s (RPOP with a count needs Redis 6.2 or later)", exc)
                 return []
@@ -309,6 +309,14 @@ def kombu_message(raw: str) -> dict | None:
         except ValueError:  # binascii.Error, and non-ASCII text
             return None
     return payload
+
+
+def count_unsupported(error: str) -> bool:
+    """Whether ``error``, the message of an error of the read script, is the server refusing the
+    count of ``RPOP`` (Redis older than 6.2), an arity error.  A command sent by a client gets
+    "wrong number of arguments for 'rpop' command"; inside a script, Redis 3 to 6.0 say "Wrong
+    number of args calling Redis command From Lua script", and 7 "... from script".  Pure."""
+    return "wrong number of arg" in error.lower()
 
 
 def _log_dropped(queue: str, raw: str) -> None:

@@ -17,6 +17,7 @@ import pytest
 import redis as redis_lib
 from kombu import Exchange, Producer, Queue
 from kombu.utils.json import dumps, loads
+from redis.exceptions import ResponseError
 
 import launcher
 from tasks.redis_transport import Channel, QoS, Transport, acknowledge, kombu_message
@@ -363,6 +364,27 @@ def test_restore_removes_a_record_it_cannot_read_and_restores_the_others(redis_s
     assert back == [tag]
     assert stored == [False, False]
     assert any(f"removed the unacked record of delivery tag {bad!r}" in r.getMessage() for r in caplog.records)
+
+
+def test_a_server_without_rpops_count_turns_reads_of_several_off(redis_server, caplog):
+    """What the script gets from Redis 3.x to 6.0 (RPOP has no count before 6.2): the read then
+    stops trying, and kombu's append records the message (the check looked for "wrong number of
+    arguments", the wording a client gets, not a script)."""
+    def old_server(keys, args, client):
+        raise ResponseError("Error running script (call to f_5ab6): @user_script:6: @user_script: 6: "
+                            "Wrong number of args calling Redis command From Lua script")
+
+    with _published(1) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            channel.basic_consume(queue.name, False, lambda message: None, "test-consumer")
+            channel._take_script = old_server
+            raw = client.rpop(queue.name).decode()  # what BRPOP would have brought
+            with caplog.at_level(logging.WARNING, logger="tasks.redis_transport"):
+                taken = channel._take_more(queue.name.encode(), queue.name, raw, loads(raw))
+            ok = channel._take_more_ok
+
+    assert taken == [] and ok is False
+    assert any("RPOP with a count needs Redis 6.2 or later" in r.getMessage() for r in caplog.records)
 
 
 def test_the_read_script_never_replaces_a_record(redis_server):
