@@ -241,6 +241,14 @@ class Channel(kombu_redis.Channel):
             return []  # not kombu's message format: the consumer rejects it the usual way
         room = self.qos.can_consume_max_estimate()
         more = TAKE_MAX if room is None else max(0, min(TAKE_MAX, room - 1))
+        if "can_consume" in vars(self.qos):
+            # Celery's worker_disable_prefetch (--disable-prefetch) replaces can_consume on the
+            # QoS object with one that also says no while the worker holds a reserved task per
+            # pool process.  kombu asks it before each BRPOP; the estimate above knows nothing of
+            # that limit, and whether it has room after this message is known only once this
+            # message is delivered.  So the read takes this message only, as kombu's does (it
+            # took the whole prefetch window).
+            more = 0
         with self.conn_or_acquire() as client:
             if self._take_script is None:
                 self._take_script = client.register_script(_TAKE_MORE)
