@@ -316,16 +316,17 @@ class Presence:
     # --- presence thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Connect, serve, and on any failure retry with a doubling delay; the first failure in a
-        row is a warning, the next ones (the broker is still down: the consumer says so too) debug."""
+        """Connect, serve, and on any failure retry with a doubling delay, which starts again at
+        0.5 s once a connection is made (a connection that broke after working is retried soon, as
+        the consumer's is); the first failure in a row is a warning, the next ones (the broker is
+        still down: the consumer says so too) debug."""
         delay, failures = 0.5, 0
         while not self._stopping.is_set():
             try:
                 with self._app.connection_for_read() as conn:
                     conn.ensure_connection(max_retries=1)
-                    failures = 0
+                    delay, failures = 0.5, 0
                     self._serve(conn)
-                    delay = 0.5
             except Exception as exc:  # noqa: BLE001 - presence must never take the node down
                 if self._stopping.is_set():
                     break

@@ -194,3 +194,47 @@ def test_a_full_event_queue_drops_the_batch_instead_of_blocking_delivery():
         p._records.put_nowait(None)
     p.delivered([delivery()], 1.0, 1.0, 1.0)
     assert p._dropped == 1 and p.panel.processed == 1
+
+
+class _Waits:
+    """The presence thread's stop event, recording each wait before a reconnection; set after ``count``."""
+
+    def __init__(self, count: int) -> None:
+        self.waits: list[float] = []
+        self._count = count
+
+    def is_set(self) -> bool:
+        return len(self.waits) >= self._count
+
+    def set(self) -> None:
+        pass
+
+    def wait(self, delay: float) -> bool:
+        self.waits.append(delay)
+        return self.is_set()
+
+
+def test_a_broker_connection_lost_after_connecting_is_retried_after_the_first_delay():
+    """Each time the connection worked before it broke: the delay starts again at 0.5 s (it kept
+    doubling, up to 30 s, since it was reset only when serving ended without an error)."""
+    p = presence()  # memory:// broker: connecting always works
+    p._stopping = _Waits(5)
+
+    def serve(conn):
+        raise ConnectionError("broker restarted")
+
+    p._serve = serve
+    p._run()
+    assert p._stopping.waits == [0.5] * 5
+
+
+def test_a_broker_that_does_not_answer_is_retried_with_a_doubling_delay():
+    p = presence()
+    p._stopping = _Waits(8)
+
+    def connection_for_read():
+        raise ConnectionError("connection refused")
+
+    p._app.connection_for_read = connection_for_read
+    p._run()
+    assert p._stopping.waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
