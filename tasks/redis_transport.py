@@ -219,7 +219,11 @@ class Channel(kombu_redis.Channel):
                 for payload in payloads:
                     self.connection._deliver(payload, dest)
             finally:
-                self.qos.recorded.clear()  # a message recorded and not delivered comes back after the visibility timeout
+                # a message recorded and not delivered comes back after the visibility timeout;
+                # kombu's own QoS (ack_emulation off) has no record of them
+                recorded = getattr(self.qos, "recorded", None)
+                if recorded is not None:
+                    recorded.clear()
             return True
         finally:
             self._in_poll = None

@@ -464,6 +464,25 @@ def test_a_queue_read_without_acks_keeps_one_message_per_read(redis_server):
     assert first_read == [0]
 
 
+def test_a_channel_without_ack_emulation_delivers(redis_server):
+    """With the transport option ack_emulation off, kombu's channel uses its plain QoS, which has
+    no record of the messages a read recorded: the read looked it up after every delivery."""
+    got = []
+    name = f"test-transport-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    with app.connection_for_write(transport_options={"ack_emulation": False}) as conn:
+        channel = conn.channel()
+        try:
+            assert not isinstance(channel.qos, QoS)
+            Producer(channel).publish({"n": 0}, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json")
+            _drain(conn, channel, queue, got, 1)
+        finally:
+            with channel.conn_or_acquire() as client:
+                client.delete(name)
+            channel.close()
+    assert got == [0]
+
+
 def test_tasks_a_killed_worker_had_read_in_bulk_come_back_and_run_once(tmp_path):
     """A worker reads a backlog of tasks.collect in bulk, its pool never runs them (stopped), and
     it is killed: every task it took was recorded as it was read, so the next worker runs each one,
