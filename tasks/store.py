@@ -62,6 +62,7 @@ import time
 from collections.abc import Iterator
 
 import bson
+from bson.dbref import DBRef
 import litemongo
 import pymongo
 import pymongo.database
@@ -371,7 +372,11 @@ class Store:
         if not message_ids:
             return {}
         with self._errors(f"reading {len(message_ids)} messages"):
-            return {doc["_id"]: doc for doc in self._by_ids(self._messages, list(message_ids), projection or {"to": 1, "data": 1})}
+            docs = {doc["_id"]: doc for doc in self._by_ids(self._messages, list(message_ids), projection or {"to": 1, "data": 1})}
+        for doc in docs.values():
+            if "data" in doc:
+                doc["data"] = as_collected(doc["data"])
+        return docs
 
     def status(self, message_id: str) -> dict | None:
         """What happened to one message: when it was collected, and per recipient the time of each
@@ -715,8 +720,40 @@ def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int) ->
     out = []
     for user, after in wanted:
         mine = [doc for doc in heapq.merge(of_user.get(user, []) if user != BROADCAST else [], broadcasts, key=_doc_id) if doc["_id"] > after]
-        out.append(([{"id": doc["_id"], "data": doc["data"]} for doc in mine[-limit:]], len(mine) > limit))
+        out.append(([{"id": doc["_id"], "data": as_collected(doc["data"])} for doc in mine[-limit:]], len(mine) > limit))
     return out
+
+
+def as_collected(data: object) -> object:
+    """``data`` as it was collected.  Pymongo's BSON decoder (MongoDB's, and the embedded engine's)
+    reads every object with a string ``"$ref"`` and an ``"$id"`` (and a ``"$db"`` that is a string
+    or null) back as a ``DBRef``, which no JSON encoder takes: a message holding one broke every
+    replay request it was part of, and every redelivery run.  Such objects become plain ones again,
+    their keys in ``DBRef``'s order (``$ref``, ``$id``, ``$db``, then the others) and a null
+    ``"$db"`` left out.  Data without one is returned as it is, after one walk.  Pure."""
+    level = [data]
+    while level:
+        children: list = []
+        for item in level:
+            kind = type(item)
+            if kind is DBRef:
+                return _without_refs(data)
+            if kind is dict:
+                children += item.values()
+            elif kind is list:
+                children += item
+        level = children
+    return data
+
+
+def _without_refs(data: object) -> object:
+    if isinstance(data, DBRef):
+        data = data.as_doc()
+    if isinstance(data, dict):
+        return {key: _without_refs(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_without_refs(item) for item in data]
+    return data
 
 
 def _doc_id(doc: dict) -> str:
