@@ -209,6 +209,9 @@ class PushNode:
             log.info("node=%s handed %d queued envelopes back to dispatch", self.address, handed)
         except Exception as exc:  # noqa: BLE001 - housekeeping hands them back once the lease is gone
             log.warning("node=%s could not hand back its queue (%r); housekeeping will", self.address, exc)
+        # Acks that came meanwhile, from clients that had not yet seen their 1001 (the frame loop
+        # reads until their close reply): the flush timer is stopped.
+        self.receipts.flush()
         try:
             await asyncio.wait_for(loop.run_in_executor(None, self._publisher.shutdown), STOP_STEP_SECONDS)
         except asyncio.TimeoutError:
@@ -289,6 +292,8 @@ class PushNode:
         to_ping, timed_out = self.pings.tick()
         for conn in timed_out:
             self.pings.remove(conn)
+            if conn.closing:
+                continue  # closed already (4008, 4401...): no close of its own, and on_close follows
             log.info("conn=%s user=%s node=%s closed: no pong within %d s", conn.conn_id, conn.user_id, self.address, settings.PING_TIMEOUT)
             conn.close_with(CloseCode.PING_TIMED_OUT)
         for conn in to_ping:
@@ -421,6 +426,8 @@ class PushNode:
     def _close_unauthorized(self, conn: PushHandler, reason: str, why: str | None = None) -> None:
         """Close a bound connection with 4401 and ``reason`` (what the client sees), logged with
         ``why`` (default: the reason)."""
+        if conn.closing:
+            return
         log.info("conn=%s user=%s node=%s closed with %d: %s", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED, why or reason)
         conn.close_with(CloseCode.UNAUTHORIZED, short_reason(reason))
 
@@ -462,7 +469,7 @@ class PushNode:
                     self._loop.add_callback(self._replay_failed, conn, f"replay request not sent: {exc}")
 
     def _replay_failed(self, conn: PushHandler, why: str) -> None:
-        if conn.session.replaying and self.hub.get(conn.conn_id) is conn:
+        if conn.session.replaying and self.hub.get(conn.conn_id) is conn and not conn.closing:
             self.metrics.replay("failed")
             log.warning("conn=%s user=%s node=%s replay failed: %s; closing so the client resumes again", conn.conn_id, conn.user_id, self.address, why)
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "resume failed, reconnect with since")
@@ -527,8 +534,13 @@ class PushNode:
 
     def _deliver_replay(self, delivery: Delivery) -> None:
         conn = self.hub.get(delivery.conn)
-        if conn is None:
+        if conn is None or conn.closing:
             return  # closed meanwhile: its next resume asks again
+        if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:
+            # Held to the bound of live messages: a client that reads nothing of a long replay
+            # (REPLAY_LIMIT messages, page after page) would have the node hold all of them.
+            self._close_slow(conn, len(delivery.envelopes))
+            return
         info = delivery.replay or {}
         items = [(e["id"], protocol.message_frame(e)) for e in delivery.envelopes]
         was_replaying = conn.session.replaying

@@ -222,6 +222,9 @@ class PushHandler(WebSocketHandler):
         self.close(code, short_reason(self._refusal[1]))
 
     def close_with(self, code: CloseCode, reason: str | None = None) -> None:
-        """Close a bound connection; counted by code."""
+        """Close a bound connection; counted by code.  One that is closing already is left alone
+        (Tornado would not send a second close frame, so it is not counted again)."""
+        if self.closing:
+            return
         self.node.metrics.closed(code)
         self.close(code, short_reason(reason or code.reason))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -10,7 +11,9 @@ import time
 import pytest
 
 from tests.integration.conftest import LEASE_TTL
-from tests.integration.wsclient import Client, dedup
+from tests.integration.test_guarantees import wait_for
+from tests.integration.test_metrics import closes
+from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_server_frame
 from wsnode.app import REDIS_MAX_CONNECTIONS
 from wsnode.closecodes import CloseCode
 from wsnode.registry import NODES_KEY, route_key
@@ -136,3 +139,52 @@ async def test_a_lease_write_held_up_past_the_start_of_a_drain_does_not_put_the_
     closed = [await client.closed(10) for client in (await x, await a)]
     assert [code for code, _ in closed] == [CloseCode.GOING_AWAY, CloseCode.GOING_AWAY]
 
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_an_ack_sent_before_the_client_saw_the_drains_1001_is_recorded(cluster):
+    """The node reads a client's frames until its close reply, and records an ack among them; but
+    the drain had flushed the receipts right after closing the connections, with the flush timer
+    stopped, so such an ack was never sent and its message was redelivered."""
+    node = cluster.start_node()
+    user = "ack-during-drain"
+    reader, writer = await raw_connect(node.port, f"token={await asyncio.to_thread(cluster.token, user)}")
+    try:
+        assert [json.loads((await read_server_frame(reader, 15))[1])["type"] for _ in range(2)] == ["hello", "resumed"]
+        message_id = await cluster.collect(user, {"n": 1})
+        assert json.loads((await read_server_frame(reader, 15))[1])["id"] == message_id
+        os.kill(node.pid, signal.SIGTERM)
+        while (frame := await read_server_frame(reader, 15)) is not None and frame[0] != 0x8:
+            pass
+        assert frame is not None and frame[1][:2] == CloseCode.GOING_AWAY.to_bytes(2, "big")
+        writer.write(client_text_frame(json.dumps({"type": "ack", "id": message_id})) + client_close_frame())
+        await writer.drain()
+    finally:
+        writer.close()
+    assert await asyncio.to_thread(node.terminate, 20) == 0
+    await wait_for(lambda: "acked" in cluster.status(message_id)["recipients"][user], 10, "the ack recorded")
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_a_connection_closed_already_is_not_closed_and_counted_again(cluster):
+    """A connection the node closed (4500 here) stays in Tornado's hands until the client answers
+    the close or 5 s pass; a revocation meanwhile counted a 4401 close too (a drain a 1001, a ping
+    timeout a 1000), though no second close frame was sent."""
+    node = cluster.start_node()
+    user = "closed-then-revoked"
+    reader, writer = await raw_connect(node.port, f"token={await asyncio.to_thread(cluster.token, user)}")
+    healthy = await cluster.connect(user, node.port)  # the revocation closes it: proof it reached the node
+    try:
+        assert [json.loads((await read_server_frame(reader, 15))[1])["type"] for _ in range(2)] == ["hello", "resumed"]
+        writer.write(client_text_frame("not json"))
+        await writer.drain()
+        opcode, payload = await read_server_frame(reader, 15)
+        assert opcode == 0x8 and payload[:2] == CloseCode.BAD_REQUEST.to_bytes(2, "big")
+        await asyncio.to_thread(cluster.revoke, {"user_id": user})  # the raw peer has not answered the close
+        assert (await healthy.closed(10))[0] == CloseCode.UNAUTHORIZED
+        assert await asyncio.to_thread(closes, node.port, CloseCode.UNAUTHORIZED) == 1  # the healthy one only
+        assert await asyncio.to_thread(closes, node.port, CloseCode.BAD_REQUEST) == 1
+    finally:
+        writer.close()
+        healthy.close()
+    await asyncio.to_thread(node.terminate, 15)

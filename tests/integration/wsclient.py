@@ -157,6 +157,12 @@ async def read_server_frame(stream: asyncio.StreamReader, timeout: float = 5.0) 
         return head[0] & 0x0F, await stream.readexactly(n)
 
 
+def client_close_frame(code: int = 1000) -> bytes:
+    """A close frame as a client must send it (masked), for writing by hand to a raw peer."""
+    data, mask = struct.pack("!H", code), os.urandom(4)
+    return struct.pack("!BB", 0x88, 0x80 | len(data)) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
 def client_text_frame(text: str) -> bytes:
     """A text frame as a client must send it (masked), for writing by hand to a raw peer."""
     data = text.encode()
