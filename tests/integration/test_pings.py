@@ -18,6 +18,8 @@ from tests.integration.wsclient import raw_connect, read_server_frame
 
 PING_INTERVAL, PING_TIMEOUT = 2, 1
 
+pytestmark = pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
+
 
 @pytest.fixture
 def pinging_node(cluster):
