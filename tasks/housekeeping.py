@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import time
 
 from redis import RedisError
@@ -42,6 +43,9 @@ from wsnode.registry import NODES_KEY, RouteTable
 log = logging.getLogger(__name__)
 
 PURGE_LOCK = "push:purge-lock"
+#: Held by the run in progress; it expires, so that a run whose process died does not stop the next.
+RUN_LOCK = "push:housekeeping-run"
+RUN_LOCK_SECONDS = 600
 SWEEP_LOCK = "push:redeliver-sweep-lock"
 LAST_RUN = "push:redeliver-last-run"
 #: The time (in message ids, unix seconds) up to which the store has been swept.
@@ -63,6 +67,8 @@ SWEEP_CHUNK = 5000
 _PUT_BACK = _redis.register_script(
     "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2]) return 1 end return 0"
 )
+# Delete KEYS[1] only if it still holds ARGV[1] (this run's lock, not the next run's).
+_RELEASE = _redis.register_script("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0")
 # Remove a node from the list only if its lease is still the old one (it may have come back).
 _FORGET_NODE = _redis.register_script(
     "local s = redis.call('zscore', KEYS[1], ARGV[1]) "
@@ -85,7 +91,7 @@ def redeliver(now: float) -> int:
     first); returns how many deliveries went out.  A run that fails (the store or Redis
     unavailable) puts ``LAST_RUN`` back, unless a later run moved it meanwhile, so the next run
     counts its crossings too instead of skipping them."""
-    previous = _redis.set(LAST_RUN, now, get=True)
+    previous = _redis.getset(LAST_RUN, now)  # (SET ... GET needs Redis 6.2)
     try:
         since = float(previous)
     except (TypeError, ValueError):  # the first run, or a value not written here
@@ -200,18 +206,46 @@ def reclaim_dead_nodes(now: float) -> int:
         return 0  # just restarted: live nodes have not renewed their leases yet
     cutoff = now - settings.LEASE_TTL
     handed = 0
+    failed = None
     for raw in _redis.zrangebyscore(NODES_KEY, "-inf", cutoff):
         node = raw.decode() if isinstance(raw, bytes) else raw
-        handed += hand_back(app, node, delete=True)
+        try:
+            handed += hand_back(app, node, delete=True)
+        except Exception as exc:  # noqa: BLE001 - the other dead nodes go on; this one is tried again next run
+            log.error("node %s is gone, but its queue could not be handed back (%r): trying again at the next run", node, exc)
+            failed = failed or exc
+            continue
         if _FORGET_NODE(keys=[NODES_KEY], args=[node, cutoff]):
             log.warning("node %s is gone (no lease for %.0f s): its queue was handed back and deleted", node, settings.LEASE_TTL)
+    if failed is not None:
+        raise failed
     return handed
 
 
 @app.task(name="tasks.housekeeping", ignore_result=True)
 def housekeeping() -> dict:
-    now = time.time()
-    result = {"redelivered": redeliver(now), "reclaimed": reclaim_dead_nodes(now), "purged": 0}
-    if _redis.set(PURGE_LOCK, "1", nx=True, ex=PURGE_EVERY_SECONDS):
-        result["purged"] = get_store().purge()
-    return result
+    """One run; skipped while another holds ``RUN_LOCK`` (a slow run is not overlapped by the next
+    one, on another process).  Each step runs whatever the one before did: a failure is raised
+    after the others ran (Flower shows the run failed), so that one step failing at every run
+    stops none of the others."""
+    me = f"{os.getpid()}:{time.time()}"
+    if not _redis.set(RUN_LOCK, me, nx=True, ex=RUN_LOCK_SECONDS):
+        log.info("housekeeping skipped: the run that holds %s has not ended", RUN_LOCK)
+        return {"skipped": True}
+    try:
+        now = time.time()
+        result: dict = {"purged": 0}
+        failed = None
+        for name, step in (("redelivered", redeliver), ("reclaimed", reclaim_dead_nodes)):
+            try:
+                result[name] = step(now)
+            except Exception as exc:  # noqa: BLE001 - raised once the other steps ran
+                log.error("housekeeping: %s failed: %r", step.__name__, exc)
+                failed = failed or exc
+        if _redis.set(PURGE_LOCK, "1", nx=True, ex=PURGE_EVERY_SECONDS):
+            result["purged"] = get_store().purge()
+        if failed is not None:
+            raise failed
+        return result
+    finally:
+        _RELEASE(keys=[RUN_LOCK], args=[me], client=_redis)

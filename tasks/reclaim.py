@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from tasks.queues import BadDelivery, node_queue, parse_delivery
+from tasks.queues import node_queue, parse_delivery
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,10 @@ def hand_back(app, address: str, delete: bool = False, limit: int = 100_000) -> 
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1)  # a broker that is down fails fast, never hangs
         bound = queue(conn.default_channel)
-        bound.declare()
-        _, waiting, _ = bound.queue_declare(passive=True)
+        # Declared (not passively: on Redis an empty queue has no key, and a passive declare of it
+        # raised "404 NOT_FOUND", so every drained node's hand-back failed, and every housekeeping
+        # run after it); the declaration returns its message count.
+        _, waiting, _ = bound.queue_declare()
         while messages < waiting:
             taken = []
             while len(taken) < min(limit, waiting - messages) and (message := bound.get(no_ack=False, accept=["json"])) is not None:
@@ -57,7 +59,7 @@ def _re_dispatch(app, address: str, taken: list) -> int:
     for message in taken:
         try:
             delivery = parse_delivery(message.headers, message.decode())
-        except (BadDelivery, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - BadDelivery, kombu's DecodeError, ContentDisallowed...: acked below, as a node drops it
             log.error("dropped a malformed message from %s: %s", address, exc)
             continue
         if delivery.conn is None:

@@ -36,7 +36,9 @@ class HousekeepingScheduler:
         """Send the task if this worker holds the lock for this period; True when it did."""
         if not self._redis.set(LOCK_KEY, self._me, nx=True, px=max(1, int(self._interval * 900))):
             return False
-        self._app.send_task("tasks.housekeeping", ignore_result=True)
+        # Expires after one period: runs that waited (no worker consumed dispatch) do not pile up
+        # and then run all at once.
+        self._app.send_task("tasks.housekeeping", ignore_result=True, expires=self._interval)
         return True
 
     def _run(self) -> None:

@@ -35,6 +35,22 @@ async def test_sigterm_closes_clients_with_1001_and_releases_the_node_leases(clu
     assert all(cluster.routes.zscore(route_key(f"sigterm-{i}"), address) is None for i in range(3))
 
 
+async def test_a_drained_node_hands_back_its_empty_queue_and_housekeeping_forgets_it(cluster):
+    """On the Redis broker an empty queue has no key, and the passive declaration that read its
+    length raised 404 NOT_FOUND: the drain's hand-back failed, and so did every housekeeping run
+    after it (the node stayed listed, other dead nodes' queues were not handed back, the store
+    was not purged)."""
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    assert await asyncio.to_thread(node.terminate, 15) == 0
+    log = cluster._log(f"node-{node.port}").read_text(errors="replace")
+    assert "could not hand back its queue" not in log, log[-2000:]
+    deadline = time.monotonic() + 3 * LEASE_TTL + 10  # housekeeping forgets it LEASE_TTL after its lease ended
+    while cluster.routes.zscore(NODES_KEY, address) is not None:
+        assert time.monotonic() < deadline, f"housekeeping never forgot the drained node {address}"
+        await asyncio.sleep(0.5)
+
+
 async def test_after_sigkill_the_lease_expires_dispatch_stops_routing_there_and_resume_recovers(cluster):
     node = cluster.start_node()
     client = await cluster.connect("killed-node-user", node.port)

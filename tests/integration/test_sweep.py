@@ -143,3 +143,20 @@ def test_a_redelivery_run_that_fails_puts_its_start_back_so_the_next_run_skips_n
         housekeeping.redeliver(now)
     assert float(routes.get(housekeeping.LAST_RUN)) == pytest.approx(now - 1, abs=1e-3)
     assert (mid, user) in candidates(routes, {user})  # still due for the next run
+
+
+def test_a_housekeeping_run_is_skipped_while_another_holds_the_run_lock_and_releases_its_own(routes, monkeypatch):
+    """Runs used to overlap when one took longer than HOUSEKEEPING_SECONDS (a large hand-back, a
+    purge of the embedded store): two redelivery runs at once, and one that failed could not put
+    its start back."""
+    routes.set(housekeeping.RUN_LOCK, "another run", ex=60)
+    routes.set(housekeeping.LAST_RUN, 1234.5)
+    assert housekeeping.housekeeping.run() == {"skipped": True}
+    assert float(routes.get(housekeeping.LAST_RUN)) == 1234.5  # this run did nothing
+    routes.delete(housekeeping.RUN_LOCK)
+    monkeypatch.setattr(housekeeping, "sweep", lambda start, end: 0)
+    monkeypatch.setattr(housekeeping, "reclaim_dead_nodes", lambda now: 0)
+    result = housekeeping.housekeeping.run()
+    assert result["redelivered"] == 0 and result["reclaimed"] == 0
+    assert float(routes.get(housekeeping.LAST_RUN)) > 1234.5
+    assert not routes.exists(housekeeping.RUN_LOCK), "a run kept its lock"

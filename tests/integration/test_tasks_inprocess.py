@@ -445,3 +445,38 @@ def test_handing_back_a_dead_nodes_queue_longer_than_one_round_takes_all_of_it_b
     assert broker.llen(node) == 7
     assert hand_back(app, node, delete=True, limit=3) == 7
     assert not broker.exists(node)
+
+
+def test_handing_back_a_queue_with_an_undecodable_message_drops_it_and_hands_back_the_others(broker):
+    """kombu's DecodeError and ContentDisallowed are not ValueErrors: such a message stopped the
+    hand-back, came back to the queue, and stopped it again at every housekeeping run."""
+    from kombu import Connection
+
+    from tasks.dispatch import publish
+    from tasks.queues import node_queue
+    from tasks.reclaim import hand_back
+    from worker import app
+
+    node = f"10.78.{uuid.uuid4().int % 250}.1:{8000 + uuid.uuid4().int % 1000}"
+    gen = IdGenerator()
+    publish(node, [{"id": gen.next_id(), "to": ["handed-back"], "data": 0, "ts": None}])
+    queue = node_queue(node)
+    with Connection(settings.BROKER_URL) as conn:
+        producer = conn.Producer()
+        producer.publish("{not json", exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+                         content_type="application/json", content_encoding="utf-8")
+        producer.publish(b"\x80\x04K\x01.", exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+                         content_type="application/x-python-serialize", content_encoding="binary")
+    publish(node, [{"id": gen.next_id(), "to": ["handed-back"], "data": 1, "ts": None}])
+    assert broker.llen(node) == 4
+    assert hand_back(app, node, delete=True) == 2
+    assert not broker.exists(node)
+
+
+def test_an_empty_queue_hands_back_nothing_and_is_deleted(broker):
+    from tasks.reclaim import hand_back
+    from worker import app
+
+    node = f"10.79.{uuid.uuid4().int % 250}.1:{8000 + uuid.uuid4().int % 1000}"
+    assert hand_back(app, node, delete=True) == 0
+    assert not broker.exists(node)
