@@ -43,9 +43,10 @@ from wsnode.registry import NODES_KEY, RouteTable
 log = logging.getLogger(__name__)
 
 PURGE_LOCK = "push:purge-lock"
-#: Held by the run in progress; it expires, so that a run whose process died does not stop the next.
+#: Held by the run in progress.  It expires after ``RUN_LOCK_PERIODS`` periods, so that a run whose
+#: process died stops the next ones for that long only (a run slower than that may be overlapped).
 RUN_LOCK = "push:housekeeping-run"
-RUN_LOCK_SECONDS = 600
+RUN_LOCK_PERIODS = 6
 SWEEP_LOCK = "push:redeliver-sweep-lock"
 LAST_RUN = "push:redeliver-last-run"
 #: The time (in message ids, unix seconds) up to which the store has been swept.
@@ -229,7 +230,7 @@ def housekeeping() -> dict:
     after the others ran (Flower shows the run failed), so that one step failing at every run
     stops none of the others."""
     me = f"{os.getpid()}:{time.time()}"
-    if not _redis.set(RUN_LOCK, me, nx=True, ex=RUN_LOCK_SECONDS):
+    if not _redis.set(RUN_LOCK, me, nx=True, px=max(1, int(RUN_LOCK_PERIODS * settings.HOUSEKEEPING_SECONDS * 1000))):
         log.info("housekeeping skipped: the run that holds %s has not ended", RUN_LOCK)
         return {"skipped": True}
     try:
