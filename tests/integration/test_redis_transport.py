@@ -8,17 +8,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import time
 import uuid
 from contextlib import contextmanager
-from unittest.mock import Mock
 
 import psutil
 import pytest
 import redis as redis_lib
-from celery import Celery
-from celery.worker import state as worker_state
-from celery.worker.consumer.tasks import Tasks
 from kombu import Exchange, Producer, Queue
 from kombu.utils.json import dumps, loads
 from redis.exceptions import ResponseError
@@ -183,48 +180,40 @@ def test_a_read_takes_the_backlog_up_to_the_prefetch_window_and_records_every_me
     assert after == [False] * 10
 
 
-def test_with_celerys_disable_prefetch_a_read_takes_only_the_message_brpop_brought(redis_server):
+def test_with_celerys_disable_prefetch_a_worker_takes_one_task_per_pool_process(tmp_path):
     """Celery's worker_disable_prefetch (--disable-prefetch) replaces the task channel QoS's
-    can_consume (its Tasks bootstep, run here as a worker runs it, for a pool of 2) with one that
-    says no while the worker holds a reserved task per pool process; a read was sized by the
-    prefetch window alone and took all of it."""
-    celery_app = Celery(broker=redis_server.url(0))
-    name = f"test-transport-{uuid.uuid4().hex[:8]}"
-    celery_app.conf.update(worker_disable_prefetch=True, task_default_queue=name)  # the queue its task consumer declares
-    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-    reserved = []
-    with celery_app.connection_for_read() as conn:
-        worker = Mock(app=celery_app, connection=conn, initial_prefetch_count=8)
-        worker.controller.max_concurrency = None
-        worker.pool.num_processes = 2
-        Tasks(worker).start(worker)
-        channel = worker.task_consumer.channel
+    can_consume with one that says no while the worker holds a reserved task per pool process:
+    a worker of 2 processes that runs nothing (its pool stopped) takes 2 tasks of a backlog of 10,
+    one per read.  A read was sized by the prefetch window alone (200) and took all 10."""
+    from tests.integration.conftest import Cluster
 
-        def on_message(body, message):  # as Celery's strategy counts a task it read
-            reserved.append(message)
-            worker_state.reserved_requests.add(message)
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port())
+    try:
+        # A queue nobody sends to: the worker reads no task until it is told to consume collect.
+        worker = cluster.start_worker("no-prefetch", queues=f"idle-{uuid.uuid4().hex[:8]}", concurrency=2, options=["--disable-prefetch"])
+        pool = psutil.Process(worker.pid).children()
+        assert len(pool) == 2, pool
+        for process in pool:
+            process.suspend()
+        ids = {cluster.send(to=f"no-prefetch-{n}", data={"n": n}).id for n in range(10)}
+        broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+        assert broker.llen("collect") == 10
+        replies = cluster.business.control.add_consumer("collect", destination=[f"no-prefetch@{socket.gethostname()}"], reply=True, timeout=10)
+        assert replies and all("ok" in answer for reply in replies for answer in reply.values()), replies
+        deadline = time.monotonic() + 15
+        while broker.llen("collect") > 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # time for any further read to happen
+        left = broker.llen("collect")
+        taken = [loads(record)[0]["headers"]["id"] for record in broker.hvals("unacked")]
+        worker.kill()
+    finally:
+        cluster.stop()
+        redis_server.stop()
 
-        try:
-            producer = Producer(channel)
-            for n in range(10):
-                producer.publish({"n": n}, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json")
-            with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"]):
-                conn.drain_events(timeout=5)
-                first_read = len(reserved)
-                for _ in range(2):  # the second message, then nothing: the pool is full and kombu does not read
-                    try:
-                        conn.drain_events(timeout=1)
-                    except TimeoutError:
-                        pass
-            with channel.conn_or_acquire() as client:
-                left = client.llen(name)
-                client.delete(name)
-        finally:
-            worker_state.reserved_requests.difference_update(reserved)
-
-    assert "can_consume" in vars(channel.qos)  # where Celery puts its check
-    assert first_read == 1
-    assert len(reserved) == 2 and left == 8
+    assert left == 8
+    assert len(taken) == 2 and set(taken) <= ids  # one task per pool process, each recorded as taken
 
 
 def test_a_message_not_in_kombus_format_stays_in_the_queue_for_a_read_of_its_own(redis_server):
