@@ -18,7 +18,6 @@ import pytest
 import redis as redis_lib
 from kombu import Exchange, Producer, Queue
 from kombu.utils.json import dumps, loads
-from redis.exceptions import ResponseError
 
 import launcher
 from tasks.redis_transport import Channel, QoS, Transport, acknowledge, kombu_message
@@ -403,18 +402,24 @@ def test_restore_removes_a_record_it_cannot_read_and_restores_the_others(redis_s
     assert any(f"removed the unacked record of delivery tag {bad!r}" in r.getMessage() for r in caplog.records)
 
 
-def test_a_server_without_rpops_count_turns_reads_of_several_off(redis_server, caplog):
+#: Scripts the server refuses with an arity error, as the read script's RPOP with a count on
+#: Redis 3.x to 6.0, where RPOP takes the key alone: a command of fixed arity given one argument
+#: more (the server's arity check: "Wrong number of args calling Redis command from script", "From
+#: Lua script" before 7), and RPOP given one too many (its own check: "wrong number of arguments for
+#: 'rpop' command").
+ARITY_ERRORS = {"fixed-arity": "return redis.call('LLEN', KEYS[1], 1)", "rpop": "return redis.call('RPOP', KEYS[1], 1, 2)"}
+
+
+@pytest.mark.parametrize("script", ARITY_ERRORS.values(), ids=ARITY_ERRORS.keys())
+def test_a_server_without_rpops_count_turns_reads_of_several_off(redis_server, caplog, script):
     """What the script gets from Redis 3.x to 6.0 (RPOP has no count before 6.2): the read then
     stops trying, and kombu's append records the message (the check looked for "wrong number of
-    arguments", the wording a client gets, not a script)."""
-    def old_server(keys, args, client):
-        raise ResponseError("Error running script (call to f_5ab6): @user_script:6: @user_script: 6: "
-                            "Wrong number of args calling Redis command From Lua script")
-
+    arguments", the wording a client gets, not a script).  The server refuses a script of ours here
+    as it refused the read script's RPOP."""
     with _published(1) as (conn, channel, queue):
         with channel.conn_or_acquire() as client:
             channel.basic_consume(queue.name, False, lambda message: None, "test-consumer")
-            channel._take_script = old_server
+            channel._take_script = client.register_script(script)
             raw = client.rpop(queue.name).decode()  # what BRPOP would have brought
             with caplog.at_level(logging.WARNING, logger="tasks.redis_transport"):
                 taken = channel._take_more(queue.name.encode(), queue.name, raw, loads(raw))
