@@ -227,14 +227,3 @@ def test_a_broker_connection_lost_after_connecting_is_retried_after_the_first_de
     p._run()
     assert p._stopping.waits == [0.5] * 5
 
-
-def test_a_broker_that_does_not_answer_is_retried_with_a_doubling_delay():
-    p = presence()
-    p._stopping = _Waits(8)
-
-    def connection_for_read():
-        raise ConnectionError("connection refused")
-
-    p._app.connection_for_read = connection_for_read
-    p._run()
-    assert p._stopping.waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
