@@ -1,5 +1,6 @@
 """bench/: stopping everything at the end of a run, also when a second Ctrl-C or SIGTERM interrupts
-the stopping (fake actions and a fake redis-server; nothing is started)."""
+the stopping (fake actions; nothing is started: a real redis-server whose start
+failed is in tests/integration/test_bench_redis_start.py)."""
 
 import argparse
 import sys
@@ -53,26 +54,3 @@ def test_e2e_stop_all_stops_every_service_and_removes_the_folder_past_a_second_c
     assert not b.tmp.exists()
     assert "stopping worker failed: KeyboardInterrupt" in capsys.readouterr().err
 
-
-def test_e2e_stops_a_redis_server_whose_start_failed(monkeypatch):
-    import launcher
-
-    stopped = []
-
-    class FailingRedis:
-        def __init__(self, port, data_dir) -> None:
-            self.port = port
-
-        def start(self):
-            raise launcher.LauncherError("redis: not answering PING")
-
-        def stop(self) -> None:
-            stopped.append(self.port)
-
-    monkeypatch.setattr(launcher, "RedisServer", FailingRedis)
-    b = bench()
-    with pytest.raises(launcher.LauncherError):
-        b.start_cluster()
-    b.stop_all()
-    assert len(stopped) == 1
-    assert not b.tmp.exists()
