@@ -146,9 +146,7 @@ def test_terminate_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(120)"
     service = python_service(tmp_path, code).start()
     service.wait_log("up", timeout=10)
-    started = time.monotonic()
-    assert service.terminate(timeout=0.5) == -9
-    assert time.monotonic() - started < 5
+    assert service.terminate(timeout=0.5) == -9  # SIGKILL, the child ignoring SIGTERM
 
 
 def test_terminate_kills_at_once_when_told_to_hurry(tmp_path):
@@ -159,9 +157,8 @@ def test_terminate_kills_at_once_when_told_to_hurry(tmp_path):
     service.wait_log("up", timeout=10)
     hurry = threading.Event()
     threading.Timer(0.5, hurry.set).start()
-    started = time.monotonic()
-    assert service.terminate(timeout=60, hurry=hurry) == -9
-    assert time.monotonic() - started < 10
+    # Only the hurry can end it before this module's timeout (the child sleeps longer than that).
+    assert service.terminate(timeout=3600, hurry=hurry) == -9
 
 
 def test_kill_stops_the_child_and_its_grandchild_at_once(tmp_path):
@@ -173,11 +170,10 @@ def test_kill_stops_the_child_and_its_grandchild_at_once(tmp_path):
 
 def test_wait_http_ok_fails_fast_with_the_log_tail_when_the_process_exits(tmp_path):
     service = python_service(tmp_path, "import sys; print('boom: port already taken'); sys.exit(3)").start()
-    started = time.monotonic()
     with pytest.raises(launcher.LauncherError) as caught:
         service.wait_http_ok(f"http://127.0.0.1:{launcher.free_port()}/healthz", timeout=30)
-    assert time.monotonic() - started < 5
-    assert "exited with code 3" in str(caught.value)
+    # the error of a process that exited, not the one of a wait that ran out ("was not ... after 30s")
+    assert "exited with code 3 before it was answering 200" in str(caught.value)
     assert "boom: port already taken" in str(caught.value)
 
 
