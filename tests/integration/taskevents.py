@@ -37,6 +37,12 @@ class TaskEvents:
         with self._lock:
             return [event["type"] for event in self.by_task.get(task_id, [])]
 
+    def timestamps(self, task_id: str, kind: str) -> list[float]:
+        """When the worker sent each ``kind`` event of the task (its ``timestamp``: ``time.time()``
+        of the worker's clock, this machine's)."""
+        with self._lock:
+            return [event["timestamp"] for event in self.by_task.get(task_id, []) if event["type"] == kind]
+
     def stop(self) -> None:
         self._receiver.should_stop = True
         self._thread.join(5)
