@@ -288,6 +288,7 @@ class Presence:
         self._thread = threading.Thread(target=self._run, name=f"presence-{hostname}", daemon=True)
         #: True while the presence connection works (read from any thread).
         self.online = False
+        self._served = False  # this connection attempt made the node visible (presence thread)
 
     def start(self) -> None:
         self._thread.start()
@@ -317,19 +318,23 @@ class Presence:
 
     def _run(self) -> None:
         """Connect, serve, and on any failure retry with a doubling delay, which starts again at
-        0.5 s once a connection is made (a connection that broke after working is retried soon, as
-        the consumer's is); the first failure in a row is a warning, the next ones (the broker is
-        still down: the consumer says so too) debug."""
+        0.5 s once serving worked (the node was visible: a connection that broke after working is
+        retried soon, as the consumer's is; one that connects and then fails at once, e.g. a broker
+        user without rights to the control or event exchanges, keeps backing off); the first
+        failure in a row is a warning, the next ones (the broker is still down: the consumer says
+        so too) debug."""
         delay, failures = 0.5, 0
         while not self._stopping.is_set():
+            self._served = False
             try:
                 with self._app.connection_for_read() as conn:
                     conn.ensure_connection(max_retries=1)
-                    delay, failures = 0.5, 0
                     self._serve(conn)
             except Exception as exc:  # noqa: BLE001 - presence must never take the node down
                 if self._stopping.is_set():
                     break
+                if self._served:
+                    delay, failures = 0.5, 0
                 failures += 1
                 log.log(logging.WARNING if failures == 1 else logging.DEBUG,
                         "%s: not visible to Celery monitoring (Flower) for now (%r); retrying in %.1f s; "
@@ -350,7 +355,7 @@ class Presence:
             self._beat(dispatcher, "worker-online")
             log.info("%s: visible to Celery monitoring (Flower, celery inspect); task events %s",
                      self.hostname, "on" if self.panel.task_events else "off until Flower or `celery control enable_events` asks")
-            self.online = True
+            self.online = self._served = True
             next_beat = time.monotonic() + HEARTBEAT_SECONDS
             while not self._stopping.is_set():
                 try:

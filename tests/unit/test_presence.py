@@ -214,16 +214,18 @@ class _Waits:
         return self.is_set()
 
 
-def test_a_broker_connection_lost_after_connecting_is_retried_after_the_first_delay():
-    """Each time the connection worked before it broke: the delay starts again at 0.5 s (it kept
-    doubling, up to 30 s, since it was reset only when serving ended without an error)."""
+def test_a_connection_that_fails_before_serving_worked_keeps_backing_off():
+    """A broker that accepts the connection but on which serving fails at once (a user without
+    rights to the control or event exchanges) is retried with a doubling delay, not every 0.5 s
+    with a warning each time.  (Once serving worked, the delay starts again at 0.5 s:
+    tests/integration/test_presence_reconnect.py.)"""
     p = presence()  # memory:// broker: connecting always works
     p._stopping = _Waits(5)
 
     def serve(conn):
-        raise ConnectionError("broker restarted")
+        raise ConnectionError("access refused to the pidbox exchange")
 
     p._serve = serve
     p._run()
-    assert p._stopping.waits == [0.5] * 5
+    assert p._stopping.waits == [0.5, 1.0, 2.0, 4.0, 8.0]
 
