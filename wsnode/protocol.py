@@ -5,7 +5,8 @@ Server -> client (JSON text frames):
 - ``{"type": "hello", "node": "<address>", "user": "<user id>", "conn": "<connection id>",
   "expires_at": <unix s>, "expires_in": <s>}``, first: ``expires_*`` say when the connection's
   token expires, as a unix time and in seconds from now by the node's clock (null when auth did
-  not say).
+  not say); ``ping``: true, the node answers ``ping`` frames (nodes of earlier versions close a
+  connection that sends one with 4500, and say nothing here).
 - ``{"type": "message", "id": "<message id>", "data": <data>}``, one per message.
 - ``{"type": "resumed", "since": "<id>" | null, "replayed": <n>, "truncated": <bool>}`` after the
   opening replay: what ``since`` asked for, or without ``since`` the user's unacked inbox; live
@@ -115,7 +116,7 @@ def expires_in(expires_at: int | None, now: float) -> float | None:
 
 def hello_frame(node: str, user: str, conn: str, expires_at: int | None = None, now: float = 0.0) -> str:
     return json.dumps({"type": "hello", "node": node, "user": user, "conn": conn, "expires_at": expires_at,
-                       "expires_in": expires_in(expires_at, now)})
+                       "expires_in": expires_in(expires_at, now), "ping": True})
 
 
 def refreshed_frame(expires_at: int | None, now: float) -> str:

@@ -219,7 +219,7 @@ def test_push_js_pings_an_idle_connection_and_reconnects_when_nothing_answers(pa
         client.start();
         const a = window.opened[0];
         a.readyState = 1;
-        a.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600})});
+        a.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600, ping: true})});
         await pause(300);
         const first = (a.sent || []).slice();
         a.onmessage({data: JSON.stringify({type: "pong"})});
@@ -234,6 +234,27 @@ def test_push_js_pings_an_idle_connection_and_reconnects_when_nothing_answers(pa
     assert seen["afterPong"] == [False, 1], "a pong did not keep the connection"
     assert seen["closed"] and seen["opened"] == 2 and seen["pings"] == 2
     assert seen["lost"] == [["waiting", 1006, "no frame within 200 ms of a ping"]]
+
+
+def test_push_js_does_not_ping_a_node_whose_hello_does_not_say_it_answers_pings(pages):
+    """A node of an earlier version closes a connection that sends a ``ping`` with 4500, which
+    push.js takes for a client bug and stops for good: during a rolling upgrade, a page that got
+    the new push.js from one node and connected to an old one would stop."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    sent = page.evaluate("""async () => {
+        const client = new PushClient({url: "ws://old.invalid/ws", token: "t", idleMs: 50, pongTimeoutMs: 50});
+        client.start();
+        const ws = window.opened[0];
+        ws.readyState = 1;
+        ws.onmessage({data: JSON.stringify({type: "hello", node: "old", user: "u", conn: "c", expires_in: 3600})});
+        await new Promise(resolve => setTimeout(resolve, 300));
+        const result = [ws.sent || [], ws.closed, client.state, client.stats.pings];
+        client.stop();
+        return result;
+    }""")
+    assert sent == [[], False, "connected", 0]
 
 
 @REDIS_ONLY

@@ -159,7 +159,7 @@ def test_a_message_frame_leaves_out_routing_fields():
 
 def test_a_hello_frame_names_node_user_and_connection_and_when_the_token_expires():
     assert json.loads(hello_frame("10.0.0.1:8001", "alice", "c1", 1_700_003_600, 1_700_000_000.04)) == {
-        "type": "hello", "node": "10.0.0.1:8001", "user": "alice", "conn": "c1", "expires_at": 1_700_003_600, "expires_in": 3600.0}
+        "type": "hello", "node": "10.0.0.1:8001", "user": "alice", "conn": "c1", "expires_at": 1_700_003_600, "expires_in": 3600.0, "ping": True}
 
 
 def test_a_hello_frame_of_a_token_without_expiry_says_null():

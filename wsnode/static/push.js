@@ -38,7 +38,8 @@
  *   from it.  When the node could not check the token ("refresh_error": auth unavailable) or
  *   getToken() failed, it tries again after refreshRetryMs.  Without getToken there is no refresh:
  *   the node closes the connection with 4401 once the token expired (after TOKEN_EXPIRY_GRACE).
- * - Liveness: after idleMs without a frame it sends {"type": "ping"}; the node answers "pong".  A
+ * - Liveness: after idleMs without a frame it sends {"type": "ping"}; the node answers "pong"
+ *   (only to a node whose hello frame says "ping": true; an earlier node would close with 4500).  A
  *   connection that brings no frame within pongTimeoutMs of a ping is closed and counts as lost
  *   (1006): the client reconnects, as after any lost connection.
  *
@@ -260,7 +261,8 @@
       this.stats.connections += 1;
       this._status({ state: "connected", url: conn.url, user: frame.user, conn: frame.conn });
       this._scheduleRefresh(ws, conn, frame.expires_in);
-      if (this.options.idleMs > 0) this._watch(ws, conn, this.options.idleMs);
+      // Only a node whose hello says it answers pings gets them: an earlier one closes with 4500.
+      if (this.options.idleMs > 0 && frame.ping === true) this._watch(ws, conn, this.options.idleMs);
     } else if (frame.type === "refreshed") {
       this.stats.refreshes += 1;
       this._scheduleRefresh(ws, conn, frame.expires_in);
