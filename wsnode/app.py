@@ -199,7 +199,10 @@ class PushNode:
             log.warning("node=%s could not release leases (%s); they expire in %.0f s", self.address, exc, settings.LEASE_TTL)
         conns = self.hub.all()
         for conn in conns:
-            conn.close_with(CloseCode.GOING_AWAY)
+            if conn.bound:
+                conn.close_with(CloseCode.GOING_AWAY)
+            else:  # still waiting for its lease write: refused, as one whose token was being checked
+                conn.refuse(CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
         self.receipts.flush()
         loop = asyncio.get_running_loop()
         if self._consumer is not None:
@@ -271,9 +274,9 @@ class PushNode:
                 self.redis_ok = False  # the next PING says when it is back
                 conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({exc})")
                 return
-            if self.hub.get(conn.conn_id) is not conn:
-                return  # closed while the lease was written: detach has run
-            if self.draining and not conn.closing:  # (one the drain closed already is unbound as usual)
+            if self.hub.get(conn.conn_id) is not conn or conn.closing:
+                return  # closed while the lease was written (by the drain, a revocation...): never bound, on_close unbinds it
+            if self.draining:
                 self.hub.remove(conn)
                 conn.refuse(CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
                 return
@@ -536,11 +539,6 @@ class PushNode:
         conn = self.hub.get(delivery.conn)
         if conn is None or conn.closing:
             return  # closed meanwhile: its next resume asks again
-        if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:
-            # Held to the bound of live messages: a client that reads nothing of a long replay
-            # (REPLAY_LIMIT messages, page after page) would have the node hold all of them.
-            self._close_slow(conn, len(delivery.envelopes))
-            return
         info = delivery.replay or {}
         items = [(e["id"], protocol.message_frame(e)) for e in delivery.envelopes]
         was_replaying = conn.session.replaying

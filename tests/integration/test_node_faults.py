@@ -154,6 +154,9 @@ async def test_a_lease_write_held_up_past_the_start_of_a_drain_does_not_put_the_
     assert cluster.routes.zscore(route_key("drain-lease-a"), address) is None
     closed = [await client.closed(10) for client in (await x, await a)]
     assert [code for code, _ in closed] == [CloseCode.GOING_AWAY, CloseCode.GOING_AWAY]
+    log = cluster._log(f"node-{node.port}").read_text(errors="replace")
+    assert "user=drain-lease-a" in log and not [line for line in log.splitlines() if "user=drain-lease-a" in line and " connected in " in line], \
+        "the connection the drain closed while its lease write waited was bound (counted, sent a replay request) afterwards"
 
 
 

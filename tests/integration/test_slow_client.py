@@ -126,35 +126,6 @@ async def test_live_messages_held_during_a_replay_are_bounded_and_the_client_get
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
-async def test_a_client_that_reads_nothing_of_a_long_replay_is_closed_with_4008(cluster, limited_node):
-    """The opening replay comes in pages of 500 messages: the node wrote every page, whatever the
-    client had left unread, so one connection could make it hold ``REPLAY_LIMIT`` messages.  A
-    page now finds the connection past ``CLIENT_QUEUE_MAX_BYTES`` and closes it, as a live message
-    would; nothing is lost (the messages are in the store, acked by no one)."""
-    port, user = limited_node, "slow-replay-reader"
-    pad = "r" * 8000  # 1,100 of these, about 9 MB in three pages: more than loopback's buffers hold
-    sent = []
-    for start in range(0, 1100, 100):
-        sent += await cluster.collect_many([{"to": user, "data": {"n": n, "pad": pad}} for n in range(start, start + 100)])
-    closes_before = await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT)
-    token = await asyncio.to_thread(cluster.token, user)
-    _, writer = await raw_connect(port, f"token={token}", receive_buffer=4096, limit=4096)  # reads nothing more
-    try:
-        for _ in range(150):
-            if await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT) > closes_before:
-                break
-            await asyncio.sleep(0.2)
-        assert await asyncio.to_thread(closes, port, CloseCode.SLOW_CLIENT) == closes_before + 1, "the node wrote the whole replay"
-    finally:
-        writer.close()
-    again = await cluster.connect(user, port=cluster.node_ports[0])
-    try:
-        assert [frame["id"] for frame in again.inbox] == sent
-    finally:
-        again.close()
-
-
-@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
 @pytest.mark.parametrize("kind", ["refresh", "ping"])
 async def test_a_client_that_floods_refreshes_or_pings_and_reads_no_answer_is_closed_with_4008(cluster, limited_node, kind):
     """Each ``refresh`` sent while one is checked is answered ``refresh_error``, each ``ping``
