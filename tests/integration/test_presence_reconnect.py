@@ -10,30 +10,10 @@ from celery import Celery
 
 import launcher
 from tasks.queues import node_queue
+from tests.unit.test_presence import Waits
 from wsnode.presence import Presence, node_name
 
 ADDRESS = "10.0.0.7:8101"
-
-
-class _Waits:
-    """The presence thread's stop event, recording each wait before a reconnection (without
-    waiting); set after ``count``.  ``on_wait(n)`` runs at the n-th wait."""
-
-    def __init__(self, count: int, on_wait) -> None:
-        self.waits: list[float] = []
-        self._count = count
-        self._on_wait = on_wait
-
-    def is_set(self) -> bool:
-        return len(self.waits) >= self._count
-
-    def set(self) -> None:
-        pass
-
-    def wait(self, delay: float) -> bool:
-        self.waits.append(delay)
-        self._on_wait(len(self.waits))
-        return self.is_set()
 
 
 def test_a_broker_that_does_not_answer_is_retried_with_a_doubling_delay_which_starts_again_once_connected(tmp_path):
@@ -58,7 +38,7 @@ def test_a_broker_that_does_not_answer_is_retried_with_a_doubling_delay_which_st
             redis_server.start()
             threading.Thread(target=kill_once_visible, daemon=True).start()
 
-    p._stopping = _Waits(5, on_wait)
+    p._stopping = Waits(5, on_wait)
     try:
         p._run()
     finally:

@@ -196,12 +196,14 @@ def test_a_full_event_queue_drops_the_batch_instead_of_blocking_delivery():
     assert p._dropped == 1 and p.panel.processed == 1
 
 
-class _Waits:
-    """The presence thread's stop event, recording each wait before a reconnection; set after ``count``."""
+class Waits:
+    """The presence thread's stop event, recording each wait before a reconnection (without
+    waiting); set after ``count``.  ``on_wait(n)``, when given, runs at the n-th wait."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, on_wait=None) -> None:
         self.waits: list[float] = []
         self._count = count
+        self._on_wait = on_wait
 
     def is_set(self) -> bool:
         return len(self.waits) >= self._count
@@ -211,6 +213,8 @@ class _Waits:
 
     def wait(self, delay: float) -> bool:
         self.waits.append(delay)
+        if self._on_wait is not None:
+            self._on_wait(len(self.waits))
         return self.is_set()
 
 
@@ -220,7 +224,7 @@ def test_a_connection_that_fails_before_serving_worked_keeps_backing_off():
     with a warning each time.  (Once serving worked, the delay starts again at 0.5 s:
     tests/integration/test_presence_reconnect.py.)"""
     p = presence()  # memory:// broker: connecting always works
-    p._stopping = _Waits(5)
+    p._stopping = Waits(5)
 
     def serve(conn):
         raise ConnectionError("access refused to the pidbox exchange")
