@@ -100,6 +100,21 @@ def blank_demo(cluster, pages):
         demo.stop()
 
 
+def start_client(page: Page, name: str, url: str, user: str, ttl: int | None = None, **options) -> None:
+    """A PushClient of ``user`` on ``url`` started on the demo page as ``window[name]``, with tokens
+    from the demo backend (living ``ttl`` seconds when given) and ``options``; the data of its
+    messages collect in ``window[name].got``."""
+    page.evaluate("""([name, url, user, ttl, options]) => {
+        const client = new PushClient(Object.assign({
+            url, onMessage: (data) => client.got.push(data),
+            getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify(ttl ? {user, ttl} : {user})}).then(r => r.json()).then(a => a.token),
+        }, options));
+        client.got = [];
+        window[name] = client;
+        client.start();
+    }""", [name, url, user, ttl, options])
+
+
 def texts(received: list[dict]) -> list[str]:
     return [item["data"]["text"] for item in received]
 
@@ -390,14 +405,7 @@ def test_push_js_refreshes_its_token_on_the_open_connection_before_it_expires(cl
         url = f"ws://127.0.0.1:{cluster.node_ports[1]}/ws"
         user = unique("fresh")
         # Tokens of 3 s: push.js refreshes each halfway through (refreshAheadMs is more than half).
-        page.evaluate("""([url, user]) => {
-            window.fresh = new PushClient({
-                url, onMessage: (data) => window.fresh.got.push(data),
-                getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify({user, ttl: 3})}).then(r => r.json()).then(a => a.token),
-            });
-            window.fresh.got = [];
-            window.fresh.start();
-        }""", [url, user])
+        start_client(page, "fresh", url, user, ttl=3)
         page.wait_for_function("window.fresh.state === 'live'")
         # Each refresh comes at least 1.5 s after the one before: four take 6 s, past the first
         # token's expiry (3 to 4 s, auth rounds it up to a second) and the 1 s grace.
@@ -416,14 +424,7 @@ def test_push_js_keeps_an_idle_connection_to_a_real_node_that_answers_its_pings(
     with blank_demo(cluster, pages) as (demo, page):
         url = f"ws://127.0.0.1:{cluster.node_ports[0]}/ws"
         user = unique("idle")
-        page.evaluate("""([url, user]) => {
-            window.idle = new PushClient({
-                url, idleMs: 200, pongTimeoutMs: 1000, onMessage: (data) => window.idle.got.push(data),
-                getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify({user})}).then(r => r.json()).then(a => a.token),
-            });
-            window.idle.got = [];
-            window.idle.start();
-        }""", [url, user])
+        start_client(page, "idle", url, user, idleMs=200, pongTimeoutMs=1000)
         page.wait_for_function("window.idle.state === 'live'")
         page.wait_for_function("window.idle.stats.pings >= 8")  # about 2 s: twice the pong timeout
         stats = page.evaluate("window.idle.stats")
