@@ -85,20 +85,37 @@ def keys_of(identity) -> tuple[str, str]:
 class RecentRevocations:
     """The revocations of the last ``seconds``, for the connections whose token was checked
     before a revocation reached the node and that bind after it (the check's answer was on its
-    way): the node refuses those as it binds them.  Pure: the caller passes the clock."""
+    way): the node refuses those as it binds them.  Bounded by time only, kept by user: a count
+    bound let a burst of revocations (a "log everyone out" script) push out one a moment old, and
+    its token then got a working connection.  Pure: the caller passes the clock."""
 
-    def __init__(self, seconds: float = 10.0, most: int = 1000) -> None:
+    def __init__(self, seconds: float = 10.0) -> None:
         self._seconds = seconds
-        self._entries: deque[tuple[float, Revocation]] = deque(maxlen=most)
+        self._order: deque[tuple[float, Revocation]] = deque()  # oldest first, for forgetting
+        self._of_user: dict[str, list[Revocation]] = {}
 
     def add(self, revocation: Revocation, now: float) -> None:
-        self._entries.append((now, revocation))
+        self._forget(now)
+        self._order.append((now, revocation))
+        self._of_user.setdefault(revocation.user_id, []).append(revocation)
 
     def covering(self, identity, now: float) -> bool:
         """Whether a revocation of the last ``seconds`` covers ``identity``'s token."""
-        while self._entries and self._entries[0][0] < now - self._seconds:
-            self._entries.popleft()
-        return any(covers(revocation, identity) for _, revocation in self._entries)
+        self._forget(now)
+        if identity is None:
+            return False
+        return any(covers(revocation, identity) for revocation in self._of_user.get(identity.user_id, ()))
+
+    def _forget(self, now: float) -> None:
+        while self._order and self._order[0][0] < now - self._seconds:
+            _, old = self._order.popleft()
+            theirs = self._of_user[old.user_id]
+            theirs.remove(old)  # an equal one, if several: the same to covering()
+            if not theirs:
+                del self._of_user[old.user_id]
+
+    def __len__(self) -> int:
+        return len(self._order)
 
 
 class RevocationListener:

@@ -86,3 +86,17 @@ def test_recent_revocations_cover_a_connection_that_binds_within_their_window_on
     assert not recent.covering(Identity("bob", "jti-9", 1), now=105.0)
     assert not recent.covering(ALICE, now=110.5)  # forgotten after its window
     assert not recent.covering(ALICE, now=105.0)
+
+
+def test_a_recent_revocation_is_kept_for_its_seconds_however_many_come_after_it():
+    """A burst of revocations ("log everyone out") used to push the oldest out after 1,000, a
+    moment after it came: a connection whose token it revoked, checked just before, was bound."""
+    recent = RecentRevocations(seconds=10.0)
+    recent.add(Revocation("alice", token_id="jti-1"), now=100.0)
+    for n in range(5000):
+        recent.add(Revocation(f"user-{n}", token_id=f"t-{n}"), now=100.5)
+    assert recent.covering(ALICE, now=101.0)
+    assert not recent.covering(ALICE, now=110.1)
+    assert recent.covering(Identity("user-7", "t-7", 1), now=110.1)
+    assert len(recent) == 5000
+    assert not recent.covering(Identity("user-7", "t-7", 1), now=111.0) and len(recent) == 0
