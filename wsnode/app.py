@@ -202,7 +202,7 @@ class PushNode:
             if conn.bound:
                 conn.close_with(CloseCode.GOING_AWAY)
             else:  # still waiting for its lease write: refused, as one whose token was being checked
-                conn.refuse(CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
+                self._refuse_unbound(conn, CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
         self.receipts.flush()
         loop = asyncio.get_running_loop()
         if self._consumer is not None:
@@ -431,8 +431,19 @@ class PushNode:
         ``why`` (default: the reason)."""
         if conn.closing:
             return
+        if not conn.bound:  # revoked while its lease was written: it never worked, it is refused
+            self._refuse_unbound(conn, CloseCode.UNAUTHORIZED, short_reason(reason), why=f"{why or reason} while the lease was written")
+            return
         log.info("conn=%s user=%s node=%s closed with %d: %s", conn.conn_id, conn.user_id, self.address, CloseCode.UNAUTHORIZED, why or reason)
         conn.close_with(CloseCode.UNAUTHORIZED, short_reason(reason))
+
+    def _refuse_unbound(self, conn: PushHandler, code: CloseCode, reason: str | None = None, why: str | None = None) -> None:
+        """Refuse a connection that is in the hub but not bound yet (it waits for its lease write):
+        counted as rejected, as it never worked.  A refused connection's ``on_close`` does not
+        unbind it, so it leaves the hub here, and its user's lease is released if it was the last."""
+        if self.hub.remove(conn) and not self.draining:
+            IOLoop.current().spawn_callback(self._left.submit, conn.user_id)
+        conn.refuse(code, reason, why=why)
 
     async def _release_leases(self, left: list[str]) -> None:
         """Release the leases of the users who left, many per round trip (thousands leave at once
