@@ -74,7 +74,7 @@ from worker import app
 #: above what validation lets through (``tasks.messages.MAX_DATA_DEPTH``), and far enough below
 #: what this process can pickle for the pool (pickle spends two of Python's 1,000 recursion
 #: levels per level of nesting: it fails near 500 levels, less the loop's own stack).
-MAX_REQUEST_DEPTH = 200
+MAX_REQUEST_DEPTH = taskmessages.MAX_REQUEST_DEPTH
 
 #: A request whose eta is at most this far ahead (seconds) runs with the batch at hand rather than
 #: being held on the timer: the timer's own resolution, and what converting an eta to the timer's

@@ -25,7 +25,6 @@ for the pool, and arguments nested near Python's recursion limit raised out of t
 from __future__ import annotations
 
 import logging
-import math
 
 from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -51,11 +50,28 @@ def arguments_problem(args: object, kwargs: object, embed: object) -> str | None
     return f"its args, kwargs and embed are of types {_type(args)}, {_type(kwargs)} and {_type(embed)}"
 
 
+#: Most levels of lists and objects this process accepts in what it pickles for its pool: a
+#: request's headers (every task's), a protocol 1 body (Celery converts it here), and
+#: ``tasks.collect``'s arguments (:func:`depth_problem`).  Pickling near Python's recursion limit
+#: raised out of the worker's loop.
+MAX_REQUEST_DEPTH = 200
+
+#: The longest ``timelimit`` accepted, in seconds (about 31 years): billiard adds it to the clock,
+#: which a larger integer overflows (as a float, it raised out of the worker's loop).
+MAX_TIME_LIMIT = 10**9
+
+
 def envelope_problem(headers: object, body: object) -> str | None:
     """Why a message cannot become a Celery request, or None: one of protocol 2 (headers with a
     ``task`` name and an ``id``, a body ``[args, kwargs, embed]``), or of protocol 1 (no task
     header, a body with ``task``, ``id``, ``args`` and ``kwargs``), or a message that is not a
-    task message at all (neither names a task), which Celery logs and discards itself.  Pure."""
+    task message at all (neither names a task), which Celery logs and discards itself.  Headers,
+    and a protocol 1 body, nested more than ``MAX_REQUEST_DEPTH`` levels are refused too (this
+    process pickles them for its pool).  Pure."""
+    if nesting(headers, MAX_REQUEST_DEPTH) > MAX_REQUEST_DEPTH:
+        return f"its headers nest lists and objects more than {MAX_REQUEST_DEPTH} levels deep"
+    if isinstance(body, dict) and nesting(body, MAX_REQUEST_DEPTH) > MAX_REQUEST_DEPTH:
+        return f"its arguments nest lists and objects more than {MAX_REQUEST_DEPTH} levels deep (data may nest at most {MAX_DATA_DEPTH})"
     if not isinstance(headers, dict):
         return f"its headers are of type {_type(headers)}"
     if "task" in headers:
@@ -76,18 +92,18 @@ def envelope_problem(headers: object, body: object) -> str | None:
         return "it has no task id"
     for limits in (fields.get("timelimit"), body.get("timelimit") if isinstance(body, dict) else None):  # Celery reads a hybrid's body too
         if not time_limits_ok(limits):
-            return f"its timelimit header is {limits!r:.60}, not [hard, soft] (seconds or null each)"
+            return f"its timelimit header is {limits!r:.60}, not [hard, soft] (null or 0 to {MAX_TIME_LIMIT} seconds each)"
     return arguments_problem(*arguments)
 
 
 def time_limits_ok(limits: object) -> bool:
     """Whether a message's ``timelimit`` is absent (or empty: Celery reads that as none) or
-    ``[hard, soft]``, each null or a number of seconds (``apply_async(time_limit=...,
-    soft_time_limit=...)`` sends that).  Pure."""
+    ``[hard, soft]``, each null or a number of seconds up to ``MAX_TIME_LIMIT``
+    (``apply_async(time_limit=..., soft_time_limit=...)`` sends that).  Pure."""
     if not limits:
         return True
     return isinstance(limits, (list, tuple)) and len(limits) == 2 and all(
-        limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and math.isfinite(limit) and limit >= 0)
+        limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 <= limit <= MAX_TIME_LIMIT)
         for limit in limits)
 
 
@@ -140,7 +156,10 @@ class Consumer(CeleryConsumer):
                 body = message.payload  # decoded once: kombu keeps it for Celery
             except Exception:  # noqa: BLE001 - Celery's handler reports it (on_decode_error)
                 return on_task_received(message)
-            problem = envelope_problem(message.headers, body)
+            try:
+                problem = envelope_problem(message.headers, body)
+            except Exception as exc:  # noqa: BLE001 - a check that fails refuses that message alone, never stops the worker
+                problem = f"it could not be checked ({exc!r:.200})"
             if problem is None:
                 return on_task_received(message)
             self.refuse(message, body, not_a_task_message(problem))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tasks.taskmessages import arguments_problem, depth_problem, envelope_problem, not_a_task_message, task_id_of
+from tasks.taskmessages import MAX_TIME_LIMIT, arguments_problem, depth_problem, envelope_problem, not_a_task_message, task_id_of
 
 TASK_ID = "4f1e1d5c-0000-4000-8000-000000000000"
 HEADERS = {"task": "tasks.collect", "id": TASK_ID}
@@ -24,12 +24,13 @@ def test_a_protocol_1_message_and_a_protocol_1_body_under_protocol_2_headers_pas
     assert envelope_problem(HEADERS, {"args": [], "kwargs": {}}) is None
 
 
-@pytest.mark.parametrize("limits", [None, [None, None], [10, 5], (1.5, None), [None, 0], 0, [], ""])
+@pytest.mark.parametrize("limits", [None, [None, None], [10, 5], (1.5, None), [None, 0], 0, [], "", [MAX_TIME_LIMIT, MAX_TIME_LIMIT]])
 def test_time_limits_that_apply_async_sends_pass(limits):
     assert envelope_problem({**HEADERS, "timelimit": limits}, [[], {}, {}]) is None
 
 
-@pytest.mark.parametrize("limits", [5, "5", [1, 2, 3], [1], ["a", None], [True, None], [-1, None], [float("inf"), None], {"hard": 1}])
+@pytest.mark.parametrize("limits", [5, "5", [1, 2, 3], [1], ["a", None], [True, None], [-1, None], [float("inf"), None], [float("nan"), None],
+                                    [10**400, None], [None, 10**10], {"hard": 1}])
 def test_a_time_limit_celery_cannot_unpack_or_use_is_refused_in_either_protocol(limits):
     says = "its timelimit header is "
     assert envelope_problem({**HEADERS, "timelimit": limits}, [[], {}, {}]).startswith(says)
@@ -101,3 +102,25 @@ def test_a_request_nested_deeper_than_the_bound_is_named_and_a_shallow_body_is_n
     assert depth_problem(b'[[], {"to": "ann", "data": 1}, {}]', False, body, 200) is None
     # a compressed body's bytes say nothing of its depth
     assert depth_problem(b"x\x9c", True, body, 200) is not None
+
+
+def nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_headers_nested_deeper_than_the_pool_can_take_are_refused_for_any_task():
+    """This process pickles every request's headers for its pool: nested near Python's recursion
+    limit, that raised out of the worker's loop and stopped the worker, for any task."""
+    assert envelope_problem({**HEADERS, "deep": nested(600)}, [[], {}, {}]) == "its headers nest lists and objects more than 200 levels deep"
+    assert envelope_problem({"task": "tasks.status", "id": TASK_ID, "deep": {"a": nested(201)}}, [[], {}, {}]) is not None
+    assert envelope_problem({**HEADERS, "fine": nested(150)}, [[], {}, {}]) is None
+
+
+def test_a_protocol_1_body_nested_deeper_than_the_pool_can_take_is_refused():
+    """Celery converts a protocol 1 body in this process and pickles it for the pool."""
+    assert envelope_problem(HEADERS, {"args": [nested(600)], "kwargs": {}}).startswith("its arguments nest lists and objects more than 200 levels deep")
+    assert envelope_problem({}, {"args": [], "kwargs": {"x": nested(300)}, "id": "x", "task": "tasks.status"}).startswith("its arguments nest")
+    assert envelope_problem({}, {"args": [nested(100)], "kwargs": {}, "id": "x", "task": "tasks.status"}) is None
