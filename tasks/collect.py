@@ -64,7 +64,7 @@ import settings
 from tasks import links, messages as validation, redis_transport, taskmessages
 from tasks.batching import FlushGate, chunks
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
-from tasks.queues import COLLECT_QUEUE
+from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
@@ -163,7 +163,10 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
             route(docs)
         except DISPATCH_RETRYABLE as exc:
             log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), exc)
-            dispatch.apply_async(args=[docs])
+            # send_task, not apply_async: under task_always_eager that runs tasks.dispatch here,
+            # which fails the same way, is retried eagerly and returns a failed result without
+            # raising, so the request succeeded with its messages neither routed nor queued.
+            app.send_task(dispatch.name, args=[docs], queue=DISPATCH_QUEUE)
 
     if not patient:
         attempt()

@@ -480,3 +480,27 @@ def test_an_empty_queue_hands_back_nothing_and_is_deleted(broker):
     node = f"10.79.{uuid.uuid4().int % 250}.1:{8000 + uuid.uuid4().int % 1000}"
     assert hand_back(app, node, delete=True) == 0
     assert not broker.exists(node)
+
+
+def test_an_eager_collect_whose_messages_can_be_neither_routed_nor_queued_fails_with_the_brokers_error(tmp_path):
+    """Under ``task_always_eager`` the fallback ``dispatch.apply_async`` ran tasks.dispatch in
+    place, which failed the same way and returned a failed result without raising: the request
+    succeeded though its messages were neither routed nor queued.  (Its own process: Redis and
+    the broker on a port nothing listens on.)"""
+    import os
+    import subprocess
+    import sys
+
+    import launcher
+
+    closed = f"redis://127.0.0.1:{launcher.free_port()}"
+    env = {**os.environ, "REDIS_URL": f"{closed}/1", "BROKER_URL": f"{closed}/0", "DATA_DIR": str(tmp_path), "LOG_LEVEL": "ERROR"}
+    code = ("from worker import app\n"
+            "app.conf.task_always_eager = True\n"
+            "from tasks.collect import collect\n"
+            "result = collect.delay(to='alice', data=2)\n"
+            "print('RESULT', result.state, type(result.result).__name__)\n")
+    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    line = next((line for line in ran.stdout.splitlines() if line.startswith("RESULT")), ran.stdout + ran.stderr[-2000:])
+    assert line == "RESULT FAILURE OperationalError", line
