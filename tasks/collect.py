@@ -48,6 +48,7 @@ import traceback
 import uuid
 from queue import Queue
 
+from billiard.einfo import ExceptionInfo
 from celery import Task, states
 from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.result import EagerResult
@@ -457,7 +458,13 @@ class CollectBatches(Batches):
         # (_apply_batch): the main process needs only to know that the batch returned.
         events = any(_sends_events(req) for req in requests)
 
-        def on_return(_nothing) -> None:
+        def on_return(returned) -> None:
+            if isinstance(returned, ExceptionInfo):
+                # The threads and solo pools hand a BaseException out of the batch (_retry's
+                # SystemExit: a retry that could not be sent) to this callback as a WorkerLostError,
+                # where prefork's process dies and on_lost runs: acking the batch here lost it.
+                on_lost(returned)
+                return
             try:
                 self._lost.returned([req.id for req in requests])
                 for req in requests:

@@ -24,7 +24,7 @@ def pool_cluster(request, tmp_path):
     request.addfinalizer(redis_server.stop)
     cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port())
     cluster.pool = request.param
-    start_or_explain(cluster, nodes=1, pool=request.param, concurrency=4, events=True)
+    start_or_explain(cluster, nodes=1, pool=request.param, concurrency=4, events=True, options=["--include=tests.integration.poison"])
     yield cluster
     cluster.stop()
 
@@ -76,3 +76,18 @@ async def test_collect_and_collect_many_deliver_and_report_each_request_under_th
         for client in clients.values():
             client.close()
     assert "Traceback" not in cluster._log("worker").read_text(errors="replace")
+
+
+async def test_a_batch_whose_store_and_retry_both_fail_goes_back_to_the_queue_under_the_threads_and_solo_pools(pool_cluster):
+    """A request whose store is down and whose retry cannot be sent ends its pool process
+    (SystemExit) so that the broker gives it back; the threads and solo pools hand that to the
+    batch's return callback instead, which acked the batch: the request was lost, and no result
+    ever came.  (``tests.integration.poison`` makes the store and the broker fail once.)"""
+    cluster = pool_cluster
+    client = await cluster.connect("pool-a")
+    data = {"poison": "store-and-broker-down", "n": 1}
+    message_id = await cluster.collect("pool-a", data, timeout=60)
+    (frame,) = await client.messages(1, timeout=30)
+    assert frame["id"] == message_id and frame["data"] == data
+    assert "retry not sent" in cluster._log("worker").read_text(errors="replace")
+    client.close()
