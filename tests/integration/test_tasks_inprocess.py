@@ -504,3 +504,16 @@ def test_an_eager_collect_whose_messages_can_be_neither_routed_nor_queued_fails_
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     line = next((line for line in ran.stdout.splitlines() if line.startswith("RESULT")), ran.stdout + ran.stderr[-2000:])
     assert line == "RESULT FAILURE OperationalError", line
+
+
+def test_a_malformed_receipt_is_left_out_and_the_good_acks_of_its_batch_are_recorded(broker):
+    from tasks.receipts import receipts
+
+    user = f"acker-{uuid.uuid4().hex[:6]}"
+    mid = IdGenerator().next_id()
+    get_store().insert_messages([{"id": mid, "to": [user], "data": 1}])
+    now = time.time()
+    recorded = receipts.run([{"id": mid, "user": user, "state": "acked", "at": now}, {"id": mid, "user": user, "state": "acked", "at": None},
+                             {"id": mid, "user": user, "state": "acked", "at": 4e9}])
+    assert recorded == 1
+    assert get_store().not_acked([(mid, user)]) == []

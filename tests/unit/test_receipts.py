@@ -198,3 +198,25 @@ def test_flower_sees_a_batch_as_its_count_per_state_not_its_receipts():
              {"id": ID3, "user": "alice", "state": "acked", "at": 2.0}]
     assert argsrepr(batch) == "[<3 receipts: 2 acked, 1 written>]"
     assert argsrepr(batch[:1]) == "[<1 receipt: 1 acked>]"
+
+
+# --- what tasks.receipts takes ------------------------------------------------------------------
+
+def test_tasks_receipts_keeps_the_well_formed_items_and_says_why_each_other_is_left_out():
+    """One malformed item (a node's bug, or a message published by hand) failed the whole batch:
+    every good ack in it was lost, and its messages were redelivered.  A time far ahead was
+    stored, and kept the embedded store from purging any receipt."""
+    from tasks.receipts import parse_receipts
+
+    now = 1_800_000_000.0
+    good = [{"id": ID1, "user": "alice", "state": "acked", "at": now - 5}, {"id": ID2, "user": "bob", "state": "written", "at": now + 30}]
+    bad = [None, "text", {"id": "x", "user": "alice", "state": "acked", "at": now}, {"id": ID1, "user": "", "state": "acked", "at": now},
+           {"id": ID1, "user": "a b", "state": "acked", "at": now}, {"id": ID1, "user": "alice", "state": "read", "at": now},
+           {"id": ID1, "user": "alice", "state": "acked", "at": None}, {"id": ID1, "user": "alice", "state": "acked", "at": float("nan")},
+           {"id": ID1, "user": "alice", "state": "acked", "at": 1e300}, {"id": ID1, "user": "alice", "state": "acked", "at": 4e9},
+           {"id": ID1, "user": "alice", "state": "acked", "at": True}]
+    kept, left_out = parse_receipts([good[0], *bad, good[1]], now)
+    assert kept == good
+    assert len(left_out) == len(bad)
+    assert "state is not one of" in left_out[5] and "within a day" in left_out[9]
+    assert parse_receipts("not a list", now) == ([], ["'not a list' (not an object)"])
