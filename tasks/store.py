@@ -387,14 +387,19 @@ class Store:
                 return None
             broadcast = message["to"] == BROADCAST
             recipients: dict[str, dict[str, float]] = {} if broadcast else {user: {} for user in message["to"]}
+            seen: dict[str, dict[str, float]] = {}
             for receipt in self._receipts.find({"m": message_id}, {"s": 1, "r": 1}):
                 state = receipt["s"]
                 for mid, user, at in receipt["r"]:
-                    # A browser may ack any id: only a recipient's receipts count (anyone online
-                    # may have had a broadcast).
-                    if mid == message_id and (broadcast or user in recipients):
-                        times = recipients.setdefault(user, {})
+                    if mid == message_id:
+                        times = seen.setdefault(user, {})
                         times[state] = min(at, times.get(state, at))  # recorded twice: the first time
+        # A browser may ack any id: only a recipient's receipts count.  A broadcast's recipients
+        # are the users a node wrote it to (a `written` receipt): one who was offline when it went
+        # and acks its id later never got it.
+        for user, times in seen.items():
+            if user in recipients or (broadcast and "written" in times):
+                recipients[user] = times
         return {"id": message_id, "to": message["to"], "collected_at": _unix(message["at"]), "recipients": recipients}
 
     def _acked(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -626,13 +626,17 @@ def test_status_lists_each_recipient_with_the_time_of_each_receipt_state_and_no_
     assert abs(status["collected_at"] - time.time()) < 60
 
 
-def test_status_of_a_broadcast_lists_whoever_has_a_receipt_of_it(store):
+def test_status_of_a_broadcast_lists_the_users_a_node_wrote_it_to(store):
+    """A browser may ack any id: bob, offline when the broadcast went, acked its id later and was
+    listed as a recipient that had acked it."""
     message = make(IdGenerator(), "*")
     store.insert_messages([message])
     store.record_receipts([{"id": message["id"], "user": "ann", "state": "written", "at": 100.0},
-                           {"id": message["id"], "user": "bob", "state": "acked", "at": 101.0}])
+                           {"id": message["id"], "user": "bob", "state": "acked", "at": 101.0},
+                           {"id": message["id"], "user": "cy", "state": "written", "at": 100.5},
+                           {"id": message["id"], "user": "cy", "state": "acked", "at": 102.0}])
 
-    assert store.status(message["id"])["recipients"] == {"ann": {"written": 100.0}, "bob": {"acked": 101.0}}
+    assert store.status(message["id"])["recipients"] == {"ann": {"written": 100.0}, "cy": {"written": 100.5, "acked": 102.0}}
 
 
 def test_status_of_an_unknown_id_is_none(store):
