@@ -54,9 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the whole push platform on this machine (127.0.0.1).")
     parser.add_argument("--nodes", type=_ports, default=(8101, 8102), metavar="PORT,PORT",
                         help="ports of the push nodes, one node per port (default: 8101,8102)")
-    parser.add_argument("--flower-port", type=int, default=5555, help="port of Flower (default: 5555)")
+    parser.add_argument("--flower-port", type=settings.port_argument, default=5555, help="port of Flower (default: 5555)")
     parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
-    parser.add_argument("--demo-port", type=int, default=8080, help="port of the demo page (default: 8080)")
+    parser.add_argument("--demo-port", type=settings.port_argument, default=8080, help="port of the demo page (default: 8080)")
     parser.add_argument("--no-demo", action="store_true", help="do not start the demo page")
     return parser.parse_args(argv)
 

@@ -40,17 +40,23 @@ def _read(env: Mapping[str, str], name: str, default: T, convert: Callable[[str]
         raise SettingsError(f"{name}={raw!r} is not valid: expected {expected} ({exc})") from None
 
 
+#: The longest duration a setting may give, in seconds (over three years): the timers and waits
+#: these feed overflow on an infinite or huge one (a scheduler thread that died at start, a node
+#: that crashed on its first lease).
+MAX_SECONDS = 1e8
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if not value > 0:
-        raise ValueError("must be greater than 0")
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be greater than 0 and at most {MAX_SECONDS:.0f}")
     return value
 
 
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
-    if not 0 <= value < float("inf"):
-        raise ValueError("must be 0 or greater, and finite")
+    if not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"must be 0 or greater, and at most {MAX_SECONDS:.0f}")
     return value
 
 
@@ -73,6 +79,18 @@ def _port(raw: str) -> int:
     if not 0 < value < 65536:
         raise ValueError("must be between 1 and 65535")
     return value
+
+
+def port_argument(text: str) -> int:
+    """The ``type`` of a command-line option that takes a TCP port (``python -m wsnode --port``):
+    a port outside 1-65535 is refused there, where the socket would take it modulo 65536 (70000
+    listened on 4464 while the node advertised, and named its queue, ``:70000``)."""
+    import argparse
+
+    try:
+        return _port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give a whole number between 1 and 65535") from None
 
 
 def _url(*schemes: str) -> Callable[[str], str]:
@@ -143,7 +161,7 @@ TOKEN_TTL: int = _read(_env, "TOKEN_TTL", 3600, _positive_int, "a whole number o
 TOKEN_EXPIRY_GRACE: float = _read(_env, "TOKEN_EXPIRY_GRACE", 25.0, _non_negative_float, "a number of seconds (0 or more)")
 #: How long a push node trusts a verified token before asking auth again (bounds how long a revoked
 #: token keeps opening connections on a node that saw it recently).
-AUTH_CACHE_SECONDS: float = _read(_env, "AUTH_CACHE_SECONDS", 5.0, float, "a number of seconds (0 disables the cache)")
+AUTH_CACHE_SECONDS: float = _read(_env, "AUTH_CACHE_SECONDS", 5.0, _non_negative_float, "a number of seconds (0 disables the cache)")
 
 NODE_HOST: str = _read(_env, "NODE_HOST", "127.0.0.1", str, "a host name or IP address")
 #: Address every HTTP/WebSocket server of the platform listens on; ``0.0.0.0`` for every interface.

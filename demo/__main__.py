@@ -22,7 +22,7 @@ log = logging.getLogger("demo")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m demo", description="Serve the push platform's demo page (local try-outs only).")
-    parser.add_argument("--port", type=int, default=8080, help="HTTP port of the page (default 8080)")
+    parser.add_argument("--port", type=settings.port_argument, default=8080, help="HTTP port of the page (default 8080)")
     parser.add_argument("--nodes", default="8101,8102", metavar="PORT|URL,...",
                         help="the push nodes the page connects to: ports on the page's host, or ws:// URLs (default 8101,8102)")
     args = parser.parse_args(argv)

@@ -103,8 +103,10 @@ def test_positive_float_accepts_numbers_above_zero(raw, value):
     assert _positive_float(raw) == value
 
 
-@pytest.mark.parametrize("raw", ["0", "-1.5", "nan", "soon"])
-def test_positive_float_rejects_zero_negatives_nan_and_words(raw):
+@pytest.mark.parametrize("raw", ["0", "-1.5", "nan", "soon", "inf", "1e300", "1e10"])
+def test_positive_float_rejects_zero_negatives_nan_infinite_or_huge_and_words(raw):
+    """An infinite or huge duration overflowed where it was used: HOUSEKEEPING_SECONDS=inf killed
+    the worker's scheduler thread at start (no housekeeping ever), LEASE_TTL=inf crashed a node."""
     with pytest.raises(ValueError):
         _positive_float(raw)
 
@@ -201,6 +203,9 @@ def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix()
 @pytest.mark.parametrize(("env", "says"), [
     ({"MAX_MESSAGE_BYTES": "3000000"}, "MAX_MESSAGE_BYTES=3000000 is over 2000000"),
     ({"RESUME_OVERLAP_MS": "-5"}, "RESUME_OVERLAP_MS='-5' is not valid: expected a whole number of milliseconds (must be 0 or greater)"),
+    ({"HOUSEKEEPING_SECONDS": "inf"}, "HOUSEKEEPING_SECONDS='inf' is not valid: expected a number of seconds (must be greater than 0 and at most 100000000)"),
+    ({"AUTH_CACHE_SECONDS": "-5"}, "AUTH_CACHE_SECONDS='-5' is not valid"),
+    ({"AUTH_CACHE_SECONDS": "nan"}, "AUTH_CACHE_SECONDS='nan' is not valid"),
 ])
 def test_a_setting_out_of_its_range_stops_the_import_saying_which(env, says):
     done = subprocess.run([sys.executable, "-c", "import settings"], cwd=Path(__file__).resolve().parents[2], env={**os.environ, **env},
@@ -214,3 +219,12 @@ def test_an_admin_key_with_whitespace_around_it_stops_the_import_naming_it_witho
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "AUTH_ADMIN_KEY starts or ends with whitespace" in done.stderr and "remove the whitespace" in done.stderr, done.stderr[-500:]
     assert key.strip() not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["-m", "wsnode", "--port", "70000"], ["-m", "demo", "--port", "0"], ["cluster.py", "--flower-port", "65536"]],
+                         ids=["node", "demo", "cluster"])
+def test_a_port_option_outside_1_to_65535_is_refused_by_the_command_line(command):
+    """A node given --port 70000 listened on 4464 (the socket takes it modulo 65536) while it
+    advertised, and named its queue, 127.0.0.1:70000; cluster.py raised OverflowError."""
+    done = subprocess.run([sys.executable, *command], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is not a TCP port: give a whole number between 1 and 65535" in done.stderr, done.stderr[-500:]
