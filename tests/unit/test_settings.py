@@ -122,6 +122,27 @@ def test_url_rejects_other_schemes(raw):
         _url("redis", "amqp")(raw)
 
 
+@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://:pw@host:6380/15", "rediss://h/2",
+                                 "amqp://guest:guest@rabbit:5672//", "unix:///run/redis.sock?db=1"])
+def test_url_accepts_hosts_ports_and_databases_that_work(raw):
+    assert _url("redis", "rediss", "amqp", "unix")(raw) == raw
+
+
+@pytest.mark.parametrize("raw, says", [("redis://127.0.0.1:6379x/1", "Port could not be cast"), ("redis://127.0.0.1:70000/1", "out of range"),
+                                       ("redis://127.0.0.1:6379/x", "the database '/x' is not a number"),
+                                       ("amqp://guest@rabbit:56x72//", "Port could not be cast")])
+def test_url_rejects_a_port_or_a_redis_database_that_is_not_a_number(raw, says):
+    """redis-py raised a traceback that named no variable on a bad port, and read a database that
+    is not a number as 0, the broker's."""
+    with pytest.raises(ValueError, match=says):
+        _url("redis", "amqp")(raw)
+
+
+def test_mongodb_lists_of_hosts_pass():
+    raw = "mongodb://u:p@db1:27017,db2:27017,db3:27017/push?replicaSet=rs0"
+    assert _url("mongodb", "mongodb+srv")(raw) == raw
+
+
 def test_a_bad_url_setting_error_names_variable_value_and_expected_form():
     text = failure({"SOME_VAR": "http://x"}, convert=_url("redis"), expected="a redis:// URL")
 
