@@ -98,14 +98,15 @@ def _url(*schemes: str) -> Callable[[str], str]:
     range, and for Redis a database that is a number: redis-py raised a traceback naming no
     variable on ``:6379x``, and read ``/x`` as database 0, the broker's."""
     def convert(raw: str) -> str:
-        parts = urllib.parse.urlsplit(raw)
-        if parts.scheme not in schemes:
-            raise ValueError(f"scheme {parts.scheme!r} is not one of {', '.join(schemes)}")
-        if parts.scheme not in ("mongodb", "mongodb+srv", "unix"):
-            parts.port  # raises ValueError: "Port could not be cast to integer value", "Port out of range 0-65535"
-        database = parts.path.strip("/")
-        if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
-            raise ValueError(f"the database {parts.path!r} is not a number: end the URL with /0, /1 ...")
+        for url in raw.split(";"):  # a broker URL may list failover brokers, as Celery reads it
+            parts = urllib.parse.urlsplit(url.strip())
+            if parts.scheme not in schemes:
+                raise ValueError(f"scheme {parts.scheme!r} is not one of {', '.join(schemes)}")
+            if parts.scheme not in ("mongodb", "mongodb+srv", "unix"):
+                parts.port  # raises ValueError: "Port could not be cast to integer value", "Port out of range 0-65535"
+            database = parts.path.strip("/")
+            if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+                raise ValueError(f"the database {parts.path!r} is not a number: end the URL with /0, /1 ...")
         return raw
 
     return convert

@@ -55,6 +55,9 @@ def arguments_problem(args: object, kwargs: object, embed: object) -> str | None
 #: ``tasks.collect``'s arguments (:func:`depth_problem`).  Pickling near Python's recursion limit
 #: raised out of the worker's loop.
 MAX_REQUEST_DEPTH = 200
+#: The same for a protocol 1 body, whose chain nests about three levels per task (a chain of 100
+#: tasks from an older client is about 300 deep, and pickles): still below where pickling fails.
+MAX_PROTOCOL_1_BODY_DEPTH = 350
 
 #: The longest ``timelimit`` accepted, in seconds (about 31 years): billiard adds it to the clock,
 #: which a larger integer overflows (as a float, it raised out of the worker's loop).
@@ -66,12 +69,12 @@ def envelope_problem(headers: object, body: object) -> str | None:
     ``task`` name and an ``id``, a body ``[args, kwargs, embed]``), or of protocol 1 (no task
     header, a body with ``task``, ``id``, ``args`` and ``kwargs``), or a message that is not a
     task message at all (neither names a task), which Celery logs and discards itself.  Headers,
-    and a protocol 1 body, nested more than ``MAX_REQUEST_DEPTH`` levels are refused too (this
-    process pickles them for its pool).  Pure."""
+    nested more than ``MAX_REQUEST_DEPTH`` levels, and a protocol 1 body more than
+    ``MAX_PROTOCOL_1_BODY_DEPTH``, are refused too (this process pickles them for its pool).  Pure."""
     if nesting(headers, MAX_REQUEST_DEPTH) > MAX_REQUEST_DEPTH:
         return f"its headers nest lists and objects more than {MAX_REQUEST_DEPTH} levels deep"
-    if isinstance(body, dict) and nesting(body, MAX_REQUEST_DEPTH) > MAX_REQUEST_DEPTH:
-        return f"its arguments nest lists and objects more than {MAX_REQUEST_DEPTH} levels deep (data may nest at most {MAX_DATA_DEPTH})"
+    if isinstance(body, dict) and nesting(body, MAX_PROTOCOL_1_BODY_DEPTH) > MAX_PROTOCOL_1_BODY_DEPTH:
+        return f"its protocol 1 body nests lists and objects more than {MAX_PROTOCOL_1_BODY_DEPTH} levels deep (data may nest at most {MAX_DATA_DEPTH})"
     if not isinstance(headers, dict):
         return f"its headers are of type {_type(headers)}"
     if "task" in headers:

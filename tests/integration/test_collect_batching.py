@@ -180,7 +180,7 @@ async def test_malformed_task_messages_fail_alone_with_their_reason_and_the_work
         bad += _publish_raw(cluster, queue, task, [[[], {"to": "lone", "data": 1}, {}]], {"deep": deep(600)})
         says.append("not a Celery task message: its headers nest lists and objects more than 200 levels deep")
     bad += _publish_raw(cluster, "dispatch", "tasks.status", [{"args": [deep(600)], "kwargs": {}}])
-    says.append("not a Celery task message: its arguments nest lists and objects more than 200 levels deep")
+    says.append("not a Celery task message: its protocol 1 body nests lists and objects more than 350 levels deep")
     with Connection(cluster.env["BROKER_URL"]) as conn:
         for headers, body in STOPPED_THE_WORKER:
             conn.Producer().publish(body, exchange="", routing_key="collect", serializer="json", headers=headers)

@@ -16,7 +16,7 @@ import launcher
 REPO = Path(__file__).resolve().parents[2]
 
 COMMANDS = {
-    "push node": [sys.executable, "-m", "wsnode", "--port", "0"],
+    "push node": [sys.executable, "-m", "wsnode", "--port", str(launcher.free_port())],
     "auth": [sys.executable, "-m", "auth"],
     "worker": [sys.executable, "-m", "celery", "-A", "worker", "worker", "--without-gossip", "--without-mingle"],
 }

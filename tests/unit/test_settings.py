@@ -122,15 +122,17 @@ def test_url_rejects_other_schemes(raw):
         _url("redis", "amqp")(raw)
 
 
-@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://:pw@host:6380/15", "rediss://h/2",
-                                 "amqp://guest:guest@rabbit:5672//", "unix:///run/redis.sock?db=1"])
+@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://:pw@host:6380/15", "rediss://h/2",  # and failover lists:
+                                 "amqp://guest:guest@rabbit:5672//", "unix:///run/redis.sock?db=1",
+                                 "amqp://rabbit1:5672;amqp://rabbit2:5672", "redis://h1:6379/0;redis://h2:6379/0"])
 def test_url_accepts_hosts_ports_and_databases_that_work(raw):
     assert _url("redis", "rediss", "amqp", "unix")(raw) == raw
 
 
 @pytest.mark.parametrize("raw, says", [("redis://127.0.0.1:6379x/1", "Port could not be cast"), ("redis://127.0.0.1:70000/1", "out of range"),
                                        ("redis://127.0.0.1:6379/x", "the database '/x' is not a number"),
-                                       ("amqp://guest@rabbit:56x72//", "Port could not be cast")])
+                                       ("amqp://guest@rabbit:56x72//", "Port could not be cast"),
+                                       ("redis://h1:6379/0;redis://h2:63x79/0", "Port could not be cast"), ("redis://h1/0;http://h2/0", "scheme 'http'")])
 def test_url_rejects_a_port_or_a_redis_database_that_is_not_a_number(raw, says):
     """redis-py raised a traceback that named no variable on a bad port, and read a database that
     is not a number as 0, the broker's."""
