@@ -71,6 +71,7 @@ async def test_after_sigkill_the_lease_expires_dispatch_stops_routing_there_and_
     back.close()
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
 async def test_hundreds_of_browsers_leaving_at_once_release_their_leases_over_a_few_redis_connections(cluster):
     node = cluster.start_node()
     address = f"127.0.0.1:{node.port}"

@@ -50,6 +50,7 @@ async def live_raw_peer(cluster, port: int, user: str):
     return token, reader, writer
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
 async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_without_a_loss(cluster, limited_node):
     port, user = limited_node, "slow-reader"
     _, reader, writer = await live_raw_peer(cluster, port, user)
