@@ -277,8 +277,7 @@ class PushNode:
             if self.hub.get(conn.conn_id) is not conn or conn.closing:
                 return  # closed while the lease was written (by the drain, a revocation...): never bound, on_close unbinds it
             if self.draining:
-                self.hub.remove(conn)
-                conn.refuse(CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
+                self._refuse_unbound(conn, CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
                 return
         conn.bound = True
         self.metrics.connected()
