@@ -17,6 +17,7 @@ from kombu import Connection
 
 import launcher
 from tests.integration.conftest import Cluster, start_or_explain
+from tests.unit.test_taskmessages import nested
 
 NEVER = 600  # seconds: COLLECT_FLUSH_SECONDS of this cluster, longer than any test waits
 
@@ -128,13 +129,6 @@ REFUSED_BY_CELERY = [
 #: ``timelimit`` headers that are not ``[hard, soft]`` (seconds or null each): a plain task's request
 #: raised out of the worker's loop with them.
 BAD_TIME_LIMITS = [5, [1, 2, 3], ["a", None], [-1, None], [10**400, None]]  # (an int no float holds raised in the check itself)
-
-
-def deep(levels: int) -> list:
-    value: list = []
-    for _ in range(levels):
-        value = [value]
-    return value
 #: Envelopes that stopped the worker in Celery's consumer, before any task's code (a task name
 #: Celery looks up and cannot hash; an unknown task whose id Celery reads and does not find).
 STOPPED_THE_WORKER = [
@@ -177,9 +171,9 @@ async def test_malformed_task_messages_fail_alone_with_their_reason_and_the_work
     # What this process pickles for the pool, nested near Python's recursion limit: any task's
     # headers, and a protocol 1 body (Celery converts it here).
     for queue, task in (("collect", "tasks.collect"), ("dispatch", "tasks.status")):
-        bad += _publish_raw(cluster, queue, task, [[[], {"to": "lone", "data": 1}, {}]], {"deep": deep(600)})
+        bad += _publish_raw(cluster, queue, task, [[[], {"to": "lone", "data": 1}, {}]], {"deep": nested(600)})
         says.append("not a Celery task message: its headers nest lists and objects more than 200 levels deep")
-    bad += _publish_raw(cluster, "dispatch", "tasks.status", [{"args": [deep(600)], "kwargs": {}}])
+    bad += _publish_raw(cluster, "dispatch", "tasks.status", [{"args": [nested(600)], "kwargs": {}}])
     says.append("not a Celery task message: its protocol 1 body nests lists and objects more than 350 levels deep")
     with Connection(cluster.env["BROKER_URL"]) as conn:
         for headers, body in STOPPED_THE_WORKER:

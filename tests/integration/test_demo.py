@@ -107,14 +107,19 @@ def test_a_bad_send_form_gets_400_saying_what_to_fix(cluster, demo, body, error)
     assert status == 400 and error in answer["error"]
 
 
+def token_request_with_auth_at(cluster, auth_url: str, name: str) -> tuple[int, dict]:
+    """``POST /api/token`` on a demo page of its own whose AUTH_URL is ``auth_url``: (status, answer)."""
+    demo = DemoPage(cluster, cluster.node_ports, env={**cluster.env, "AUTH_URL": auth_url}, name=name)
+    try:
+        return demo.call("/api/token", {"user": "nobody"})
+    finally:
+        demo.stop()
+
+
 @REDIS_ONLY
 def test_without_the_auth_service_a_token_request_gets_502_naming_it(cluster):
     dead_auth = f"http://127.0.0.1:{launcher.free_port()}"
-    demo = DemoPage(cluster, cluster.node_ports, env={**cluster.env, "AUTH_URL": dead_auth}, name="demo-no-auth")
-    try:
-        status, answer = demo.call("/api/token", {"user": "nobody"})
-    finally:
-        demo.stop()
+    status, answer = token_request_with_auth_at(cluster, dead_auth, "demo-no-auth")
     assert status == 502
     assert dead_auth in answer["error"] and "python -m auth" in answer["error"]
 
@@ -145,11 +150,9 @@ def test_an_auth_service_that_says_nothing_or_no_token_gets_502_naming_it(cluste
     server.answer = answer
     threading.Thread(target=server.serve_forever, name="fake-auth", daemon=True).start()
     fake_auth = f"http://127.0.0.1:{server.server_address[1]}"
-    demo = DemoPage(cluster, cluster.node_ports, env={**cluster.env, "AUTH_URL": fake_auth}, name="demo-fake-auth")
     try:
-        status, answer = demo.call("/api/token", {"user": "nobody"})
+        status, answer = token_request_with_auth_at(cluster, fake_auth, "demo-fake-auth")
     finally:
-        demo.stop()
         server.shutdown()
         server.server_close()
     assert status == 502
