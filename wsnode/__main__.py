@@ -9,7 +9,7 @@ import signal
 
 import gcpolicy
 import settings
-from wsnode.app import PushNode
+from wsnode.app import NodeStartError, PushNode
 
 log = logging.getLogger("wsnode")
 
@@ -36,4 +36,8 @@ if __name__ == "__main__":
     settings.configure_logging(f"wsnode:{args.port}")
     # No secret is checked here: a node asks auth about each token and holds neither AUTH_SECRET
     # nor AUTH_ADMIN_KEY (give them to the auth service alone).
-    asyncio.run(main(args.port, args.host))
+    try:
+        asyncio.run(main(args.port, args.host))
+    except NodeStartError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None

@@ -24,6 +24,7 @@ import os
 import time
 
 import redis.asyncio as aioredis
+import tornado.netutil
 import tornado.web
 from redis.exceptions import RedisError
 from tornado.httpserver import HTTPServer
@@ -55,6 +56,10 @@ from wsnode.session import BacklogOverflow, Session
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tornado.access")
+
+class NodeStartError(RuntimeError):
+    """The node cannot start; the message says why and what to do."""
+
 
 #: A step of the shutdown that needs the broker gives up after this long (the broker may be down).
 STOP_STEP_SECONDS = 10
@@ -167,11 +172,15 @@ class PushNode:
     async def start(self) -> None:
         self._loop = IOLoop.current()
         log.info("node %s: redis %s, broker %s, auth %s", self.address, settings.redact(settings.REDIS_URL), settings.redact(settings.BROKER_URL), settings.AUTH_URL)
+        # The port first: the queue is named by the address, so a second node started on a port in
+        # use would otherwise consume the first one's queue before failing.  Connections wait in
+        # the listen backlog until the server takes the sockets, once the consumer runs.
+        sockets = self._bind()
         await self._renew()
         self._consumer = NodeQueueConsumer(self.celery, self.address, self._loop, self.deliver, hostname=node_name(self.address))
         self._consumer.start()
         self._server = HTTPServer(self.make_app(), max_buffer_size=1 << 20)
-        self._server.listen(self.port, address=settings.BIND_ADDRESS)
+        self._server.add_sockets(sockets)
         self._timers = [
             PeriodicCallback(self._renew, settings.LEASE_TTL / 3 * 1000),
             PeriodicCallback(self._ping_redis, REDIS_PING_SECONDS * 1000),
@@ -183,6 +192,15 @@ class PushNode:
             timer.start()
         self._revocations.start()
         log.info("node %s listening on %s:%d", self.address, settings.BIND_ADDRESS, self.port)
+
+    def _bind(self) -> list:
+        try:
+            return tornado.netutil.bind_sockets(self.port, address=settings.BIND_ADDRESS)
+        except OSError as exc:
+            raise NodeStartError(
+                f"node {self.address} cannot listen on {settings.BIND_ADDRESS}:{self.port}: {exc.strerror or exc}. "
+                f"If another process holds the port (another push node would share this one's queue, "
+                f"{self.address!r}), stop it or give this node another --port; check BIND_ADDRESS otherwise") from exc
 
     async def stop(self) -> None:
         self.draining = True

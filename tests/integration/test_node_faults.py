@@ -6,14 +6,20 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import sys
 import time
 
 import pytest
+from kombu import Connection
+
+import launcher
 
 from tests.integration.conftest import LEASE_TTL
 from tests.integration.test_guarantees import wait_for
 from tests.integration.test_metrics import closes
 from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_server_frame
+from tasks.queues import node_queue
 from wsnode.app import REDIS_MAX_CONNECTIONS
 from wsnode.closecodes import CloseCode
 from wsnode.registry import NODES_KEY, route_key
@@ -208,3 +214,32 @@ async def test_a_connection_closed_already_is_not_closed_and_counted_again(clust
         writer.close()
         healthy.close()
     await asyncio.to_thread(node.terminate, 15)
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
+def test_a_node_on_a_port_in_use_exits_saying_so_and_leaves_that_addresss_queue_alone(cluster, tmp_path):
+    """The queue is named by the address: a node that cannot listen must not consume it.  It
+    started its consumer before it listened, took what was queued for the address, then died
+    with Tornado's traceback."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    with Connection(cluster.env["BROKER_URL"]) as conn:
+        conn.Producer().publish({"not": "consumed"}, exchange=node_queue(address).exchange, routing_key=address,
+                                declare=[node_queue(address)], retry=True)
+    assert cluster.node_queue_length(port) == 1
+    try:
+        node = launcher.Service(f"node-{port}-busy", [sys.executable, "-m", "wsnode", "--port", str(port)], cluster.env,
+                                log_path=tmp_path / "busy.log").start()
+        code = node.wait(timeout=30)
+        log = (tmp_path / "busy.log").read_text(errors="replace")
+        assert code == 1, log[-2000:]
+        assert f"node {address} cannot listen on 127.0.0.1:{port}" in log and "another --port" in log, log[-2000:]
+        assert "Traceback" not in log, log[-2000:]
+        assert cluster.node_queue_length(port) == 1, "the node consumed the queue of an address it could not listen on"
+    finally:
+        holder.close()
+        with Connection(cluster.env["BROKER_URL"]) as conn:
+            node_queue(address)(conn.default_channel).delete()
