@@ -37,7 +37,17 @@ def _read(env: Mapping[str, str], name: str, default: T, convert: Callable[[str]
     try:
         return convert(raw)
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{name}={raw!r} is not valid: expected {expected} ({exc})") from None
+        raise SettingsError(f"{name}={_shown(raw)!r} is not valid: expected {expected} ({exc})") from None
+
+
+def _shown(raw: str) -> str:
+    """A bad value as an error may show it: a URL's password masked (:func:`redact`)."""
+    if "://" not in raw:
+        return raw
+    try:
+        return ";".join(redact(part) for part in raw.split(";"))
+    except ValueError:
+        return raw.partition("://")[0] + "://(not shown: it may hold a password)"
 
 
 #: The longest duration a setting may give, in seconds (over three years): the timers and waits
@@ -112,6 +122,30 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return convert
 
 
+#: The result backends Celery names by scheme (``celery.app.backends.BACKEND_ALIASES``, copied so
+#: that importing settings does not import Celery; a unit test checks the copy).
+RESULT_BACKEND_SCHEMES = frozenset({
+    "rpc", "cache", "redis", "rediss", "sentinel", "mongodb", "db", "database", "elasticsearch", "cassandra",
+    "couchbase", "couchdb", "cosmosdbsql", "riak", "file", "disabled", "consul", "dynamodb", "azureblockblob",
+    "arangodb", "s3", "gs",
+})
+
+
+def _result_backend(raw: str) -> str:
+    """A Celery result backend URL, ``scheme://...`` or ``scheme+driver://...`` (``db+postgresql://``),
+    whose scheme Celery knows; a Redis URL is checked as ``REDIS_URL`` is.  A typo stopped the
+    worker's first task with Celery's traceback, naming no variable."""
+    scheme, sep, _ = raw.partition("://")
+    if not sep:
+        raise ValueError("no scheme: write it as a URL, e.g. redis://127.0.0.1:6379/1")
+    backend = scheme.split("+", 1)[0]
+    if backend not in RESULT_BACKEND_SCHEMES:
+        raise ValueError(f"Celery has no result backend {backend!r}: one of {', '.join(sorted(RESULT_BACKEND_SCHEMES))}")
+    if backend in ("redis", "rediss"):
+        _url("redis", "rediss")(raw)
+    return raw
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def convert(raw: str) -> str:
         if raw not in choices:
@@ -148,7 +182,7 @@ PUSH_ENV: str = _read(_env, "PUSH_ENV", "development", _choice("development", "p
 BROKER_URL: str = _read(_env, "BROKER_URL", "redis://127.0.0.1:6379/0", _url("redis", "rediss", "amqp", "amqps", "pyamqp"), "a redis:// or amqp:// URL")
 REDIS_URL: str = _read(_env, "REDIS_URL", "redis://127.0.0.1:6379/1", _url("redis", "rediss", "unix"), "a redis:// URL")
 #: Where Celery keeps task results (the message ids ``tasks.collect`` returns).
-RESULT_BACKEND: str = _read(_env, "RESULT_BACKEND", REDIS_URL, str, "a Celery result backend URL")
+RESULT_BACKEND: str = _read(_env, "RESULT_BACKEND", REDIS_URL, _result_backend, "a Celery result backend URL")
 MONGO_URL: str | None = _read(_env, "MONGO_URL", None, _url("mongodb", "mongodb+srv"), "a mongodb:// URL")
 MONGO_DB: str = _read(_env, "MONGO_DB", "push", str, "a database name")
 DATA_DIR: str = _read(_env, "DATA_DIR", "./data", str, "a folder path")

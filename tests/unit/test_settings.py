@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import SettingsError, _choice, _origins, _port, _positive_float, _positive_int, _read, _url, redact
+from settings import RESULT_BACKEND_SCHEMES, SettingsError, _choice, _origins, _port, _positive_float, _positive_int, _read, _result_backend, _url, redact
 
 
 def read(env: dict, convert=int, default=7, expected: str = "a whole number"):
@@ -151,6 +151,37 @@ def test_a_bad_url_setting_error_names_variable_value_and_expected_form():
     assert "SOME_VAR='http://x' is not valid: expected a redis:// URL" in text
 
 
+@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379/1", "rediss://:pw@host:6380/2", "rpc://", "db+postgresql://u:p@db/results",
+                                 "cache+memcached://127.0.0.1:11211/", "mongodb://a:27017,b:27017/results", "disabled://"])
+def test_result_backend_accepts_what_celery_reads(raw):
+    assert _result_backend(raw) == raw
+
+
+@pytest.mark.parametrize("raw, says", [
+    ("redsi://127.0.0.1:6379/1", "Celery has no result backend 'redsi'"),
+    ("foo+bar://x", "Celery has no result backend 'foo'"),
+    ("127.0.0.1:6379", "no scheme"),
+    ("redis://127.0.0.1:6379x/1", "Port could not be cast"),
+    ("redis://127.0.0.1:6379/results", "is not a number"),
+])
+def test_result_backend_refuses_what_celery_cannot_use_saying_why(raw, says):
+    with pytest.raises(ValueError, match=says):
+        _result_backend(raw)
+
+
+def test_the_result_backend_schemes_are_celerys():
+    from celery.app.backends import BACKEND_ALIASES
+
+    assert RESULT_BACKEND_SCHEMES == set(BACKEND_ALIASES)
+
+
+@pytest.mark.parametrize("raw", ["redis://:s3cret-pw@127.0.0.1:6379x/0", "amqp://u:s3cret-pw@h:5672;redis://:s3cret-pw@h:bad/0",
+                                 "redsi://:s3cret-pw@127.0.0.1:6379/1"])
+def test_a_bad_url_setting_error_does_not_show_its_password(raw):
+    message = failure({"SOME_VAR": raw}, convert=_result_backend if raw.startswith("redsi") else _url("redis", "amqp"))
+    assert "s3cret-pw" not in message and "***" in message, message
+
+
 def test_choice_accepts_a_listed_value():
     assert _choice("development", "production")("production") == "production"
 
@@ -229,6 +260,7 @@ def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix()
     ({"HOUSEKEEPING_SECONDS": "inf"}, "HOUSEKEEPING_SECONDS='inf' is not valid: expected a number of seconds (must be greater than 0 and at most 100000000)"),
     ({"AUTH_CACHE_SECONDS": "-5"}, "AUTH_CACHE_SECONDS='-5' is not valid"),
     ({"AUTH_CACHE_SECONDS": "nan"}, "AUTH_CACHE_SECONDS='nan' is not valid"),
+    ({"RESULT_BACKEND": "reids://127.0.0.1:6379/1"}, "RESULT_BACKEND='reids://127.0.0.1:6379/1' is not valid: expected a Celery result backend URL (Celery has no result backend 'reids'"),
 ])
 def test_a_setting_out_of_its_range_stops_the_import_saying_which(env, says):
     done = subprocess.run([sys.executable, "-c", "import settings"], cwd=Path(__file__).resolve().parents[2], env={**os.environ, **env},
