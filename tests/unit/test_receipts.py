@@ -220,3 +220,16 @@ def test_tasks_receipts_keeps_the_well_formed_items_and_says_why_each_other_is_l
     assert len(left_out) == len(bad)
     assert "state is not one of" in left_out[5] and "within a day" in left_out[9]
     assert parse_receipts("not a list", now) == ([], ["'not a list' (not an object)"])
+
+
+def test_a_receipt_whose_time_is_an_integer_too_large_for_a_float_is_left_out_not_raised():
+    """JSON carries integers of any size, and kombu's decoder reads them as such: checking one with
+    math.isfinite raised OverflowError, which failed the whole batch and lost its good acks."""
+    from tasks.receipts import parse_receipts
+
+    now = 1_800_000_000.0
+    good = {"id": ID1, "user": "alice", "state": "acked", "at": int(now)}
+    huge = [{"id": ID2, "user": "alice", "state": "acked", "at": 10**400}, {"id": ID3, "user": "bob", "state": "written", "at": -(10**400)}]
+    kept, left_out = parse_receipts([*huge, good], now)
+    assert kept == [good]
+    assert len(left_out) == 2 and all("within a day" in reason for reason in left_out)
