@@ -175,8 +175,13 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
     _while_redis_is_down(attempt, lambda exc: isinstance(exc, DISPATCH_RETRYABLE), f"{len(docs)} stored messages", "routed or queued for tasks.dispatch")
 
 
-def _validate(to, data, unexpected=None) -> validation.Message:
-    return validation.validate(to, data, max_bytes=settings.MAX_MESSAGE_BYTES, max_recipients=settings.MAX_RECIPIENTS, unexpected=unexpected)
+def _validate(to, data, unexpected=None, takes: str = validation.COLLECT_TAKES) -> validation.Message:
+    return validation.validate(to, data, max_bytes=settings.MAX_MESSAGE_BYTES, max_recipients=settings.MAX_RECIPIENTS, unexpected=unexpected, takes=takes)
+
+
+#: A ``collect_many`` item's keys: the request is keyed by its task id, not per message.
+_COLLECT_MANY_ITEM_TAKES = ("a collect_many item takes to and data only (the request is keyed by its task id): "
+                            "send a message that needs a key of its own with tasks.collect")
 
 
 def _parse_collect(request) -> tuple[validation.Message, str]:
@@ -883,7 +888,7 @@ def _parse_collect_many(req):
             if not isinstance(item, dict):
                 raise validation.InvalidMessage(f"each item must be an object with to and data, got {type(item).__name__}")
             extra = {k: v for k, v in item.items() if k not in ("to", "data")}
-            valid.append(_validate(item.get("to", validation.MISSING), item.get("data", validation.MISSING), extra))
+            valid.append(_validate(item.get("to", validation.MISSING), item.get("data", validation.MISSING), extra, _COLLECT_MANY_ITEM_TAKES))
             positions.append(index)
         except validation.InvalidMessage as exc:
             results[index] = {"index": index, "error": f"messages[{index}]: {exc}"}

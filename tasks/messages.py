@@ -177,9 +177,16 @@ def document_problem(to: str | tuple[str, ...], data: object, data_chars: int) -
             "(BSON takes about 6 times JSON's bytes for lists of small numbers): send less data, or fewer recipients per message")
 
 
-def validate(to: object, data: object, *, max_bytes: int, max_recipients: int, unexpected: dict | None = None) -> Message:
+#: What ``tasks.collect`` takes, for the error that names an unexpected argument.
+COLLECT_TAKES = "collect takes to, data and optionally key"
+
+
+def validate(to: object, data: object, *, max_bytes: int, max_recipients: int, unexpected: dict | None = None,
+             takes: str = COLLECT_TAKES) -> Message:
+    """``takes``: what the caller accepts, said after the unexpected arguments (a ``collect_many``
+    item takes no ``key``: naming it as accepted there contradicted the error)."""
     if unexpected:
-        raise InvalidMessage(f"unexpected argument(s) {', '.join(sorted(unexpected))}: collect takes to, data and optionally key")
+        raise InvalidMessage(f"unexpected argument(s) {', '.join(sorted(unexpected))}: {takes}")
     users = recipients(to, max_recipients)
     text = encode_data(data, max_bytes)
     if (problem := document_problem(users, data, len(text))) is not None:

@@ -46,6 +46,19 @@ def test_an_unexpected_argument_is_named():
         _parse_collect(request({"to": "alice", "data": 1, "colour": "red"}))
 
 
+
+def test_a_collect_many_item_with_a_key_is_refused_without_being_told_that_a_key_is_accepted():
+    """The item's error said "collect takes to, data and optionally key": the very argument it
+    refused.  A collect_many request is keyed by its task id; a key per message is tasks.collect's."""
+    from tasks.collect import _parse_collect_many
+
+    many = SimpleRequest("t-1", "tasks.collect_many", (), {"messages": [{"to": "alice", "data": 1, "key": "k-1"}]}, {}, "worker@host", False, None, None, {})
+    valid, _, result = _parse_collect_many(many)
+    (error,) = result([])
+    assert valid == [] and error["index"] == 0
+    assert "unexpected argument(s) key" in error["error"] and "optionally key" not in error["error"]
+    assert "tasks.collect" in error["error"]
+
 # --- the results of a batch ----------------------------------------------------------------------
 
 def _celery_meta(backend, req, message_id) -> dict:
