@@ -13,7 +13,8 @@ pool) and apply them here, after each request's outcome, as Celery's tracer does
 - a request that fails counts as a failed part of its chord (the backend then fails the body with
   a ``ChordError``), runs its ``link_error`` errbacks and marks the rest of its chain failed: all
   through the result backend's own ``mark_as_failure``, like any Celery task's;
-- a request sent again (its batch could not reach the store) keeps them all.
+- a request sent again (its batch could not reach the store) keeps them all, and its caller's
+  ``reply_to`` and ``ignore_result``.
 
 They run whether or not the request's result is stored (``ignore_result``), as with Celery.  A
 link that cannot be sent is logged and does not fail the request: its message is stored and
@@ -103,8 +104,15 @@ def apply_followers(app, req, retval) -> None:
 
 def retry_options(req) -> dict:
     """What a request sent again must carry so that its links, errbacks and chain still follow,
-    and it still counts as the same part of its chord."""
+    it still counts as the same part of its chord, and its result still goes where its caller
+    waits: the ``reply_to`` queue of the ``rpc://`` backend (kept by Celery's own retry too; it
+    named the worker's own, so the caller never got its ids), and nowhere when it was sent with
+    ``ignore_result`` (the README promises no result then)."""
     options = {}
+    if getattr(req, "reply_to", None):
+        options["reply_to"] = req.reply_to
+    if getattr(req, "ignore_result", False):
+        options["ignore_result"] = True
     if getattr(req, "callbacks", None):
         options["link"] = req.callbacks
     if getattr(req, "errbacks", None):

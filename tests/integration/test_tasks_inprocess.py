@@ -265,6 +265,36 @@ def test_a_request_sent_again_keeps_its_link_errback_chain_and_chord(broker, mon
     assert (sent["headers"]["group"], sent["headers"]["group_index"]) == ("group-1", 0)
 
 
+
+def test_a_request_sent_again_keeps_the_reply_queue_its_caller_waits_on_and_its_ignore_result(broker, monkeypatch):
+    """With ``RESULT_BACKEND=rpc://`` a result goes to the queue the caller named in the message's
+    ``reply_to``.  A request published again (its store was down) named the worker's own instead,
+    so the caller's ``.get()`` never got its ids; and one sent with ``ignore_result`` stored a
+    result once sent again."""
+    from celery_batches import SimpleRequest
+
+    from tasks import collect as collect_module
+    from tasks.store import StoreUnavailable
+
+    def unavailable():
+        raise StoreUnavailable("MongoDB is down (test)")
+
+    retry_queue = f"retries-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(collect_module, "get_store", unavailable)
+    monkeypatch.setattr(collect_module, "COLLECT_QUEUE", retry_queue)
+    waited = SimpleRequest("waited", "tasks.collect", (), {"to": "a", "data": 1}, {}, "worker@host", False, "callers-reply-queue", "waited", {"retries": 0})
+    ignored = SimpleRequest("ignored", "tasks.collect", (), {"to": "b", "data": 2}, {}, "worker@host", True, None, None, {"retries": 0})
+
+    outcomes = collect_module._run_batch(collect_module.collect, [waited, ignored], collect_module._parse_collect_request)
+
+    assert outcomes["waited"][0] == "retry" and outcomes["ignored"][0] == "retry"
+    sent = {m["headers"]["id"]: m for m in (json.loads(raw) for raw in broker.lrange(retry_queue, 0, -1))}
+    broker.delete(retry_queue)
+    assert sent["waited"]["properties"]["reply_to"] == "callers-reply-queue"
+    assert sent["waited"]["properties"]["correlation_id"] == "waited"
+    assert sent["ignored"]["headers"]["ignore_result"] is True
+    assert sent["waited"]["headers"]["ignore_result"] is False
+
 def test_a_request_whose_reading_raises_an_unexpected_error_fails_alone(broker, monkeypatch):
     """A bug of validation (an error other than InvalidMessage while a request is read) fails that
     request, with the error as its outcome; the rest of the batch goes on (here: to a retry, the
