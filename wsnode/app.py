@@ -288,8 +288,10 @@ class PushNode:
             try:
                 await asyncio.shield(writing)
             except RedisError as exc:
-                self.hub.remove(conn)
                 self.redis_ok = False  # the next PING says when it is back
+                if self.hub.get(conn.conn_id) is not conn:
+                    return  # refused while the lease was written (by the drain, a revocation...): told and counted once
+                self.hub.remove(conn)
                 conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({exc})")
                 return
             if self.hub.get(conn.conn_id) is not conn or conn.closing:
