@@ -536,8 +536,12 @@ class PushNode:
         try:
             frames = conn.session.live(message_id, frame)
         except BacklogOverflow as exc:
+            reason = "too many messages during resume, reconnect with since"
+            if not conn.bound:  # still waiting for its lease write: it never worked, it is refused
+                self._refuse_unbound(conn, CloseCode.TRY_AGAIN_LATER, reason, why=f"{exc} while the lease was written")
+                return
             log.warning("conn=%s user=%s node=%s: %s", conn.conn_id, conn.user_id, self.address, exc)
-            conn.close_with(CloseCode.TRY_AGAIN_LATER, "too many messages during resume, reconnect with since")
+            conn.close_with(CloseCode.TRY_AGAIN_LATER, reason)
             return
         if frames:
             outbox.setdefault(conn, []).extend(frames)

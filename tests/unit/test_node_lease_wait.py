@@ -15,6 +15,7 @@ import launcher
 from wsnode.app import PushNode
 from wsnode.auth import Identity
 from wsnode.closecodes import CloseCode
+from wsnode.consumer import Delivery
 from wsnode.registry import Leases
 from wsnode.revocations import Revocation
 from wsnode.session import Session
@@ -24,10 +25,10 @@ class Connection:
     """What the node uses of a ``PushHandler`` here.  ``close_with`` leaves a closing connection
     alone and ``refuse`` does not, as the handler's do; ``closes`` lists each close the node made."""
 
-    def __init__(self, user_id: str, conn_id: str = "c1") -> None:
+    def __init__(self, user_id: str, conn_id: str = "c1", max_backlog_bytes: int | None = None) -> None:
         self.conn_id, self.user_id = conn_id, user_id
         self.identity = Identity(user_id, token_id="jti-1", issued_at_us=1)
-        self.session = Session(None)
+        self.session = Session(None, max_backlog_bytes=max_backlog_bytes)
         self.bound = False
         self.closes: list[tuple[str, int]] = []
         self.unsent_bytes = 0
@@ -63,6 +64,10 @@ async def waiting_for_its_lease(node: PushNode, conn: Connection) -> asyncio.Tas
     return attaching
 
 
+def live(user: str, number: int, text: str) -> Delivery:
+    return Delivery([{"id": f"018bcfe568000000{number:02x}a1b2c3", "to": [user], "data": text}])
+
+
 async def test_a_connection_revoked_during_its_lease_write_is_refused_once_when_the_write_then_fails(node):
     conn = Connection("alice")
     async with node._lease_writes:
@@ -72,3 +77,14 @@ async def test_a_connection_revoked_during_its_lease_write_is_refused_once_when_
 
     assert conn.closes == [("refused", CloseCode.UNAUTHORIZED)]
 
+
+async def test_a_connection_whose_held_messages_overflow_during_its_lease_write_is_refused_and_leaves_the_hub(node):
+    conn = Connection("alice", max_backlog_bytes=100)
+    async with node._lease_writes:
+        attaching = await waiting_for_its_lease(node, conn)
+        node.deliver([live("alice", 1, "x" * 80), live("alice", 2, "y" * 80)])
+
+        assert (conn.closes, node.hub.get(conn.conn_id)) == ([("refused", CloseCode.TRY_AGAIN_LATER)], None)
+    await attaching
+
+    assert (conn.closes, conn.bound) == ([("refused", CloseCode.TRY_AGAIN_LATER)], False)
