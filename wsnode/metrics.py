@@ -46,7 +46,7 @@ class NodeMetrics:
         self._clock = clock
         r = self.registry
         Info("push_node", "The address this node advertises (its queue's name).", registry=r).info({"node": node})
-        self.connections = Gauge("push_node_connections", "WebSocket connections bound to this node now.", registry=r)
+        self.connections = Gauge("push_node_connections", "WebSocket connections this node holds now, those whose lease is still being written included.", registry=r)
         self.users = Gauge("push_node_users", "Distinct users with at least one connection on this node now.", registry=r)
         self.ready = Gauge("push_node_ready", "1 while /healthz answers 200 (Redis and the queue consumer work, not draining, not full).", registry=r)
         self.redis_up = Gauge("push_node_redis_up", "1 while the routing Redis answered the last PING or lease write.", registry=r)
