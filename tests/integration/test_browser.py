@@ -138,7 +138,7 @@ RECORDING_WEBSOCKET = """
 window.opened = [];
 window.WebSocket = class {
   constructor(url) { this.url = url; this.readyState = 0; this.closed = false; window.opened.push(this); }
-  close() { this.closed = true; this.readyState = 3; }
+  close(code) { this.closed = true; this.closeCode = code; this.readyState = 3; }
   send(data) { (this.sent = this.sent || []).push(JSON.parse(data)); }
 };
 """
@@ -171,6 +171,35 @@ def test_push_js_stopped_while_it_connects_opens_no_socket_and_a_restart_opens_o
         return [window.opened.length, open];
     }""")
     assert restarted == [1, 1]
+
+
+def test_push_js_reports_a_stop_by_the_page_with_no_close_code_and_keeps_the_code_that_stopped_it(pages):
+    """``stop()`` reported ``code: 1000`` whatever had happened: a page could not tell its own stop
+    from a node's close with 1000 (``ping timed out``), and a ``stop()`` after the node's 4500
+    reported a second ``stopped``, with 1000.  A stop by the page now has no code (the node still
+    sees 1000); once stopped, ``stop()`` reports nothing."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    seen = page.evaluate("""() => {
+        const stopped = [];
+        const onStatus = s => { if (s.state === "stopped") stopped.push(["code" in s, s.code === undefined ? null : s.code, s.reason]); };
+        const byPage = new PushClient({url: "ws://a.invalid/ws", token: "t", onStatus});
+        byPage.start();
+        window.opened[0].onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600})});
+        byPage.stop();
+        byPage.stop();
+        const byNode = new PushClient({url: "ws://a.invalid/ws", token: "t", onStatus});
+        byNode.start();
+        window.opened[1].onclose({code: 4500, reason: "bad request"});
+        byNode.stop();
+        const never = new PushClient({url: "ws://a.invalid/ws", token: "t", onStatus});
+        never.stop();
+        return {stopped, sent: window.opened[0].closeCode, states: [byPage.state, byNode.state, never.state]};
+    }""")
+    assert seen["stopped"] == [[False, None, "stopped by the page"], [True, CloseCode.BAD_REQUEST, "bad request"]]
+    assert seen["sent"] == 1000
+    assert seen["states"] == ["stopped", "stopped", "idle"]
 
 
 def test_push_js_retries_a_get_token_that_never_settles(pages):

@@ -160,8 +160,13 @@
     return this;
   };
 
-  /** Close the connection (code 1000) and never reconnect. */
+  /**
+   * Close the connection (the node sees code 1000) and never reconnect.  onStatus gets state
+   * "stopped" with no code, as no close code stopped it: the page did.  Once stopped (by a
+   * terminal close code, or before start()) it reports nothing: the status that stopped it stands.
+   */
   PushClient.prototype.stop = function () {
+    var wasRunning = this._running;
     this._running = false;
     this._generation += 1;
     clearTimeout(this._timer);
@@ -172,7 +177,7 @@
       try { ws.close(1000, "client stopped"); } catch (e) { /* already closing */ }
     }
     this.node = null;
-    this._status({ state: "stopped", code: 1000, reason: "stopped by the page" });
+    if (wasRunning) this._status({ state: "stopped", reason: "stopped by the page" });
     return this;
   };
 
