@@ -221,6 +221,39 @@ def test_push_js_retries_a_get_token_that_never_settles(pages):
     assert states == [2, ["token", "waiting", "token", "connecting"], True]
 
 
+def test_push_js_reports_a_failed_get_token_as_what_it_was_and_backs_off_on_the_same_url(pages):
+    """A ``getToken`` that threw, rejected, gave no token or never settled was reported as
+    ``waiting`` with code 4401, which no node had sent.  It is now ``waiting`` with no code, a
+    reason that says what went wrong and the ``error``; the client still tries again on the same
+    URL after a backoff step."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    page.evaluate("""() => {
+        let calls = 0;
+        window.waiting = [];
+        const answers = [() => Promise.reject(new Error("auth down")), () => null, () => new Promise(() => {}), () => "t"];
+        window.client = new PushClient({url: ["ws://a.invalid/ws", "ws://b.invalid/ws"], connectTimeoutMs: 100, initialMs: 20,
+                                        getToken: () => answers[calls++](),
+                                        onStatus: s => { if (s.state === "waiting") window.waiting.push(
+                                            ["code" in s, s.reason, s.error ? s.error.message : null, s.url, s.next, s.retryIn, s.wasConnected]); }});
+        window.client.start();
+    }""")
+    page.wait_for_function("window.opened.length === 1")
+    waiting = page.evaluate("window.waiting")
+    url = page.evaluate("window.opened[0].url")
+    page.evaluate("window.client.stop()")
+    a = "ws://a.invalid/ws"
+    assert [w[:5] + [w[6]] for w in waiting] == [
+        [False, "getToken failed: auth down", "auth down", a, a, False],
+        [False, "getToken gave no token", None, a, a, False],
+        [False, "getToken failed: no answer within 100 ms", "no answer within 100 ms", a, a, False],
+    ]
+    # The backoff steps of attempts 0, 1, 2 (20 ms doubling): each delay between half and all of one.
+    assert [20 * 2 ** n / 2 <= w[5] <= 20 * 2 ** n for n, w in enumerate(waiting)] == [True] * 3
+    assert url.startswith(a + "?token=t")
+
+
 def test_push_js_does_not_go_back_to_a_node_that_said_going_away_while_another_url_works(pages):
     """After A's 1001 the client moves to B; when B's connect then fails, it used to go back to A
     (the next URL, though A was still skipped for ``awayMs``) and be refused by a draining node,

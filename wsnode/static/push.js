@@ -30,7 +30,9 @@
  *                    jittered exponential backoff (initialMs doubling up to maxMs, each delay drawn
  *                    between half of it and all of it), on the next URL.
  *   The backoff starts over once a connection has stayed live (past its "resumed" frame) for
- *   healthyMs.
+ *   healthyMs.  A getToken() that fails before a connect (throws, rejects, gives no token or does
+ *   not settle in connectTimeoutMs) is reported as "waiting" with no code (no socket closed), its
+ *   reason and error, and tried again on the same URL after a backoff step.
  * - Token refresh: the hello frame says when the connection's token expires (expires_in).  Before
  *   that (refreshAheadMs before, at most halfway through what is left) it calls getToken() and
  *   sends the new token ({"type": "refresh", "token": ...}) on the open connection, which goes on
@@ -70,10 +72,12 @@
     pongTimeoutMs: 10000, // a connection that brings no frame this long after a ping is lost: reconnect
   };
 
-  /** ``promise``, or null once ``ms`` passed without it settling (a getToken whose request stalls). */
+  /** ``promise``, or a rejection once ``ms`` passed without it settling (a getToken whose request stalls). */
   function within(promise, ms) {
     var timer;
-    var late = new Promise(function (resolve) { timer = setTimeout(function () { resolve(null); }, ms); });
+    var late = new Promise(function (resolve, reject) {
+      timer = setTimeout(function () { reject(new Error("no answer within " + ms + " ms")); }, ms);
+    });
     return Promise.race([Promise.resolve(promise), late]).finally(function () { clearTimeout(timer); });
   }
 
@@ -202,10 +206,11 @@
       this._status({ state: "token", url: url });
       if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
       var token = null;
+      var error;
       try {
         token = await within(this._getToken(), this.options.connectTimeoutMs);
       } catch (e) {
-        token = null;
+        error = e;
       }
       if (!this._running || generation !== this._generation) return; // a stale attempt's token is not kept
       if (token) {
@@ -213,7 +218,9 @@
         this.stats.tokens += 1;
       }
       if (!this._token) {
-        this._retry({ code: 4401, reason: "getToken gave no token", url: url }, { action: "reconnect", soon: false, stay: true }, false);
+        // No close code: no socket was opened.  Same URL (not the node's fault), after a backoff step.
+        var reason = error === undefined ? "getToken gave no token" : "getToken failed: " + (error && error.message ? error.message : String(error));
+        this._retry({ reason: reason, error: error, url: url }, { action: "reconnect", soon: false, stay: true }, false);
         return;
       }
     }
@@ -419,8 +426,11 @@
       else delay = backoffDelay(this._attempt, o.initialMs, o.maxMs);
     }
     this._attempt += 1;
-    this._status({ state: "waiting", code: closed.code, reason: closed.reason, url: closed.url,
-      next: this.urls[this._index % this.urls.length], retryIn: Math.round(delay), wasConnected: hadHello });
+    var status = { state: "waiting", reason: closed.reason, url: closed.url,
+      next: this.urls[this._index % this.urls.length], retryIn: Math.round(delay), wasConnected: hadHello };
+    if (closed.code !== undefined) status.code = closed.code; // none when getToken failed: no socket closed
+    if (closed.error !== undefined) status.error = closed.error;
+    this._status(status);
     if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
     var self = this;
     this._timer = setTimeout(function () { self._connect(); }, delay);
