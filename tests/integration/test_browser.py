@@ -254,6 +254,34 @@ def test_push_js_reports_a_failed_get_token_as_what_it_was_and_backs_off_on_the_
     assert url.startswith(a + "?token=t")
 
 
+def test_push_js_started_again_backs_off_from_the_first_step(pages):
+    """The backoff of a run carried over to the next ``start()``: a page that stops its client (a
+    tab hidden, a "Disconnect" button) after a flaky spell and starts it again waited up to
+    ``maxMs`` after its first failed connect, where a new run starts from ``initialMs``."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    delays = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const delays = [];
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", initialMs: 10, maxMs: 100000,
+                                       onStatus: s => { if (s.state === "waiting") delays.push(s.retryIn); }});
+        client.start();
+        for (let n = 1; n <= 5; n++) {
+            window.opened[n - 1].onclose({code: 1006, reason: ""});
+            await until(() => window.opened.length > n);
+        }
+        client.stop();
+        client.start();
+        window.opened[window.opened.length - 1].onclose({code: 1006, reason: ""});
+        client.stop();
+        return delays;
+    }""")
+    assert len(delays) == 6
+    assert 80 <= delays[4] <= 160  # the fifth failure in a row: the fifth step
+    assert 5 <= delays[5] <= 10, f"the first failure after start() waited {delays[5]} ms, not the first step: {delays}"
+
+
 def test_push_js_does_not_go_back_to_a_node_that_said_going_away_while_another_url_works(pages):
     """After A's 1001 the client moves to B; when B's connect then fails, it used to go back to A
     (the next URL, though A was still skipped for ``awayMs``) and be refused by a draining node,

@@ -30,9 +30,9 @@
  *                    jittered exponential backoff (initialMs doubling up to maxMs, each delay drawn
  *                    between half of it and all of it), on the next URL.
  *   The backoff starts over once a connection has stayed live (past its "resumed" frame) for
- *   healthyMs.  A getToken() that fails before a connect (throws, rejects, gives no token or does
- *   not settle in connectTimeoutMs) is reported as "waiting" with no code (no socket closed), its
- *   reason and error, and tried again on the same URL after a backoff step.
+ *   healthyMs, and on each start().  A getToken() that fails before a connect (throws, rejects,
+ *   gives no token or does not settle in connectTimeoutMs) is reported as "waiting" with no code
+ *   (no socket closed), its reason and error, and tried again on the same URL after a backoff step.
  * - Token refresh: the hello frame says when the connection's token expires (expires_in).  Before
  *   that (refreshAheadMs before, at most halfway through what is left) it calls getToken() and
  *   sends the new token ({"type": "refresh", "token": ...}) on the open connection, which goes on
@@ -156,10 +156,11 @@
   PushClient.backoffDelay = backoffDelay;
   PushClient.DEFAULTS = DEFAULTS;
 
-  /** Connect, and keep connected until stop() or a terminal close code. */
+  /** Connect, and keep connected until stop() or a terminal close code.  A new run backs off from the first step. */
   PushClient.prototype.start = function () {
     if (this._running) return this;
     this._running = true;
+    this._attempt = 0;
     this._connect();
     return this;
   };
