@@ -276,11 +276,13 @@ class PushNode:
         if 0 < self.max_user_connections <= sum(1 for other in self.hub.of_user(conn.user_id) if not other.closing):
             conn.refuse(CloseCode.TOO_MANY_CONNECTIONS, why=f"the user holds {self.max_user_connections} connections here already (MAX_USER_CONNECTIONS)")
             return
-        if self.hub.add(conn):
+        first = self.hub.add(conn)
+        writing = self._leasing.get(conn.user_id)
+        # A write when none of the user's other connections here has a lease: the first one, or
+        # one that comes after a write failed, before the connections that waited for it are gone.
+        if first or (writing is None and not any(other.bound for other in self.hub.of_user(conn.user_id))):
             self._leasing[conn.user_id] = writing = asyncio.ensure_future(self._new_leases.submit(conn.user_id))
             writing.add_done_callback(functools.partial(self._leased, conn.user_id))
-        else:
-            writing = self._leasing.get(conn.user_id)
         if writing is not None:
             # Also for a second connection of the user while the first one's lease is written: the
             # lease comes before the replay request, so that every message is either replayed or

@@ -88,3 +88,33 @@ async def test_a_connection_whose_held_messages_overflow_during_its_lease_write_
     await attaching
 
     assert (conn.closes, conn.bound) == ([("refused", CloseCode.TRY_AGAIN_LATER)], False)
+
+
+async def test_a_connection_that_comes_after_a_failed_lease_write_writes_the_lease_again(node):
+    """A write that failed is forgotten before the connections that waited for it wake up and
+    leave: one that came in between found others in the hub and no write, and was bound with no
+    lease (neither replayed nor routed what came until the next renewal)."""
+    waiting, late = Connection("alice", "c1"), Connection("alice", "c2")
+    seen = {}
+
+    def in_between(_future) -> None:  # runs after the node forgot the write, before `waiting` wakes
+        attaching = node.attach(late)
+        try:
+            attaching.send(None)  # runs up to its first wait
+        except (StopIteration, AttributeError):  # bound at once (then the stand-in has no request to log)
+            pass
+        else:  # it waits for a write of its own
+            seen["writing"] = node._leasing.get("alice")
+            attaching.close()
+        seen["bound at once"] = late.bound
+
+    async with node._lease_writes:
+        attaching = await waiting_for_its_lease(node, waiting)
+        node._leasing["alice"].add_done_callback(in_between)
+    await attaching
+
+    assert waiting.closes == [("refused", CloseCode.TRY_AGAIN_LATER)]
+    assert seen["bound at once"] is False
+    assert seen["writing"] is not None
+    with pytest.raises(Exception):  # the new write fails too: nothing listens there
+        await seen["writing"]
