@@ -309,5 +309,5 @@ async def test_items_of_the_redis_queues_that_are_not_messages_are_dropped_and_t
             assert text.count(f"dropped an item of queue {queue!r} that is not a kombu message") == 3, log_name
         client.close()
     finally:
-        cluster.stop()
+        cluster.stop(at_once=True)
         redis_server.stop()

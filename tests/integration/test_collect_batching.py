@@ -30,7 +30,7 @@ def lazy_timer_cluster(request, tmp_path):
                       LOG_LEVEL="DEBUG")
     start_or_explain(cluster, nodes=1)
     yield cluster
-    cluster.stop()
+    cluster.stop(at_once=True)
 
 
 def batch_sizes(cluster: Cluster, task: str = "tasks.collect", requests: int = 0) -> list[tuple[int, int]]:

@@ -50,7 +50,7 @@ def held_cluster(request, tmp_path):
     cluster.broker = request.param
     start_or_explain(cluster, nodes=1, concurrency=2, events=True)
     yield cluster
-    cluster.stop()
+    cluster.stop(at_once=True)
 
 
 async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_are_listed_as_scheduled(held_cluster):

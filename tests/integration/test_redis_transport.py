@@ -208,7 +208,7 @@ def test_with_celerys_disable_prefetch_a_worker_takes_one_task_per_pool_process(
         taken = [loads(record)[0]["headers"]["id"] for record in broker.hvals("unacked")]
         worker.kill()
     finally:
-        cluster.stop()
+        cluster.stop(at_once=True)
         redis_server.stop()
 
     assert left == 8
@@ -506,7 +506,7 @@ def test_tasks_a_killed_worker_had_read_in_bulk_come_back_and_run_once(tmp_path)
             time.sleep(0.2)
         ids = [r.result for r in results if r.successful()]
     finally:
-        cluster.stop()
+        cluster.stop(at_once=True)
         redis_server.stop()
 
     assert left <= total - 150  # the worker took a backlog (its prefetch window is 200)

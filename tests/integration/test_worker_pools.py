@@ -26,7 +26,7 @@ def pool_cluster(request, tmp_path):
     cluster.pool = request.param
     start_or_explain(cluster, nodes=1, pool=request.param, concurrency=4, events=True, options=["--include=tests.integration.poison"])
     yield cluster
-    cluster.stop()
+    cluster.stop(at_once=True)
 
 
 async def test_collect_and_collect_many_deliver_and_report_each_request_under_the_threads_and_solo_pools(pool_cluster):
