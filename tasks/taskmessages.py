@@ -96,7 +96,26 @@ def envelope_problem(headers: object, body: object) -> str | None:
     for limits in (fields.get("timelimit"), body.get("timelimit") if isinstance(body, dict) else None):  # Celery reads a hybrid's body too
         if not time_limits_ok(limits):
             return f"its timelimit header is {limits!r:.60}, not [hard, soft] (null or 0 to {MAX_TIME_LIMIT} seconds each)"
+    for source in (fields, body) if isinstance(body, dict) else (fields,):  # as for timelimit
+        if (problem := name_and_stamps_problem(source)) is not None:
+            return problem
     return arguments_problem(*arguments)
+
+
+def name_and_stamps_problem(fields: dict) -> str | None:
+    """Why a message's ``shadow``, ``stamped_headers`` and ``stamps`` are not what Celery sends (a
+    task name, a list of header names, an object; each may be null), or None.  The worker's main
+    process counts the request under its shadow name (a key of a dict) and looks each stamped
+    header up in a dict when it checks whether the request was revoked, as it reads the request:
+    anything else there (a list, a number) raised out of its loop and stopped the worker.  Pure."""
+    shadow, stamped_headers, stamps = fields.get("shadow"), fields.get("stamped_headers"), fields.get("stamps")
+    if shadow is not None and not isinstance(shadow, str):
+        return f"its shadow (the task name to show) is of type {_type(shadow)}"
+    if stamped_headers is not None and not (isinstance(stamped_headers, (list, tuple)) and all(isinstance(name, str) for name in stamped_headers)):
+        return f"its stamped_headers header is {stamped_headers!r:.60}, not a list of header names"
+    if stamps is not None and not isinstance(stamps, dict):
+        return f"its stamps header is {stamps!r:.60}, not an object"
+    return None
 
 
 def time_limits_ok(limits: object) -> bool:

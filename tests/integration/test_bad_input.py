@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import struct
 import time
+import uuid
 
 import pytest
 import redis as redis_lib
@@ -311,3 +313,40 @@ async def test_items_of_the_redis_queues_that_are_not_messages_are_dropped_and_t
     finally:
         cluster.stop(at_once=True)
         redis_server.stop()
+
+
+#: Headers Celery reads as the request is built or checked for revocation, in the worker's main
+#: process, with (what it says) when they are not what Celery sends.
+STAMP_AND_SHADOW_HEADERS = [
+    ({"stamped_headers": 5, "stamps": {}}, "its stamped_headers header is 5, not a list of header names"),
+    ({"stamped_headers": [["a"]], "stamps": {}}, "its stamped_headers header is [['a']], not a list of header names"),
+    ({"stamped_headers": ["a"], "stamps": "a"}, "its stamps header is 'a', not an object"),
+    ({"shadow": ["a"]}, "its shadow (the task name to show) is of type list"),
+]
+
+
+@pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
+async def test_stamp_and_shadow_headers_that_are_not_celerys_fail_their_task_and_the_worker_goes_on(fault_cluster):
+    """A ``stamped_headers`` header that is not a list of names, ``stamps`` that is not an object,
+    or a ``shadow`` name that is not a string (in a message made by hand or by another client)
+    raised out of the worker's loop and stopped it ("Unrecoverable error"); on the Redis broker
+    the message went back to its queue and stopped every worker started after it."""
+    cluster = fault_cluster
+    client = await cluster.connect("after-bad-stamps")
+    bad, says = [], []
+    with Connection(cluster.env["BROKER_URL"]) as conn:
+        producer = conn.Producer()
+        for queue, task, body in (("collect", "tasks.collect", [[], {"to": "after-bad-stamps", "data": 0}, {}]),
+                                  ("dispatch", "tasks.status", [["0" * 24], {}, {}])):
+            for headers, said in STAMP_AND_SHADOW_HEADERS:
+                bad.append(str(uuid.uuid4()))
+                producer.publish(body, exchange="", routing_key=queue, serializer="json", headers={"task": task, "id": bad[-1], "lang": "py", **headers})
+                says.append(f"not a Celery task message: {said}")
+    message_id = await cluster.collect("after-bad-stamps", {"n": 1}, timeout=30)
+    assert [frame["id"] for frame in await client.messages(1, timeout=30)] == [message_id]
+    for task_id, said in zip(bad, says, strict=True):
+        with pytest.raises(Exception, match=re.escape(said)):
+            await cluster.result(cluster.business.AsyncResult(task_id), timeout=30)
+    assert cluster.worker.alive
+    assert "Unrecoverable error" not in cluster._log("worker").read_text(errors="replace")
+    client.close()

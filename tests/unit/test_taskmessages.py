@@ -125,3 +125,23 @@ def test_a_protocol_1_body_nested_deeper_than_the_pool_can_take_is_refused():
     assert envelope_problem({}, {"args": [], "kwargs": {"x": nested(400)}, "id": "x", "task": "tasks.status"}).startswith("its protocol 1 body nests")
     # An older client's chain of 100 tasks nests about 300 levels: it runs.
     assert envelope_problem({}, {"args": [nested(300)], "kwargs": {}, "id": "x", "task": "tasks.status"}) is None
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"stamped_headers": 5}, "its stamped_headers header is 5, not a list of header names"),
+    ({"stamped_headers": [["a"]]}, "its stamped_headers header is [['a']], not a list of header names"),
+    ({"stamped_headers": ["a"], "stamps": "a"}, "its stamps header is 'a', not an object"),
+    ({"shadow": ["tasks.collect"]}, "its shadow (the task name to show) is of type list"),
+    ({"shadow": {"a": 1}}, "its shadow (the task name to show) is of type dict"),
+])
+def test_a_shadow_or_stamps_celery_cannot_count_or_look_up_is_refused_in_either_protocol(fields, says):
+    # Each raised out of the worker's loop as Celery read the request, and stopped the worker.
+    assert envelope_problem({**HEADERS, **fields}, [[], {}, {}]) == says
+    assert envelope_problem({}, {"args": [], "kwargs": {}, "id": "x", "task": "tasks.status", **fields}) == says
+    assert envelope_problem(HEADERS, {"args": [], "kwargs": {}, **fields}) == says  # protocol 2 headers, protocol 1 body
+
+
+@pytest.mark.parametrize("fields", [{"shadow": None}, {"shadow": ""}, {"shadow": "my.name"}, {"stamped_headers": None, "stamps": None},
+                                    {"stamped_headers": [], "stamps": {}}, {"stamped_headers": ["mark"], "stamps": {"mark": ["a", 1]}}])
+def test_the_shadow_and_stamps_celery_sends_pass(fields):
+    assert envelope_problem({**HEADERS, **fields}, [[], {}, {}]) is None
