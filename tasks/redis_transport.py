@@ -300,8 +300,9 @@ class Channel(kombu_redis.Channel):
 def kombu_message(raw: str) -> dict | None:
     """``raw`` decoded, if it is a message as kombu's Redis channel stores one, with everything
     its ``Message`` and QoS read before a consumer sees it: ``properties`` with a string
-    ``delivery_tag`` and a ``delivery_info`` naming the exchange and routing key, and a body its
-    ``body_encoding`` decodes (none, utf-8 or base64); else None.  Pure."""
+    ``delivery_tag`` and a ``delivery_info`` naming the exchange and routing key, ``headers`` that
+    are an object, a ``content-type`` and ``content-encoding`` that are strings (each may be
+    absent), and a body its ``body_encoding`` decodes (none, utf-8 or base64); else None.  Pure."""
     try:
         payload = loads(raw)
     except Exception:  # noqa: BLE001 - kombu's decoder also rebuilds tagged values ({"__type__": "decimal", ...}),
@@ -312,6 +313,10 @@ def kombu_message(raw: str) -> dict | None:
     info = properties.get("delivery_info")
     if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
         return None
+    if payload.get("headers") and not isinstance(payload["headers"], dict):
+        return None  # kombu's Message reads headers.get("compression") as it is made
+    if not all(isinstance(payload.get(name) or "", str) for name in ("content-type", "content-encoding")):
+        return None  # kombu's decoder looks the type up in a set and lowercases the encoding
     body, encoding = payload.get("body"), properties.get("body_encoding")
     if body and encoding and not (isinstance(encoding, str) and encoding.lower() == "utf-8"):
         if encoding != "base64" or not isinstance(body, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import re
@@ -348,5 +349,36 @@ async def test_stamp_and_shadow_headers_that_are_not_celerys_fail_their_task_and
         with pytest.raises(Exception, match=re.escape(said)):
             await cluster.result(cluster.business.AsyncResult(task_id), timeout=30)
     assert cluster.worker.alive
+    assert "Unrecoverable error" not in cluster._log("worker").read_text(errors="replace")
+    client.close()
+
+
+@pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
+async def test_items_in_kombus_format_with_headers_or_a_content_type_kombu_cannot_read_are_dropped_and_the_worker_goes_on(fault_cluster):
+    """Items of a Redis queue in kombu's format whose headers are not an object, or whose content
+    type or encoding is not a string, raised in kombu's Message and decoder, out of the worker's
+    loop ("Unrecoverable error"); the worker put them back as it stopped, so every worker started
+    after it stopped too."""
+    cluster = fault_cluster
+    port = cluster.node_ports[0]
+    client = await cluster.connect("after-bad-envelopes", port)
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+    body = base64.b64encode(json.dumps([[], {"to": "after-bad-envelopes", "data": 0}, {}]).encode()).decode()
+    bad = [{"headers": ["tasks.collect"]}, {"content-encoding": 5}, {"content-type": ["application/json"]}]
+    for queue in ("collect", f"127.0.0.1:{port}"):
+        for n, fields in enumerate(bad):
+            item = {"body": body, "content-type": "application/json", "content-encoding": "utf-8",
+                    "headers": {"task": "tasks.collect", "id": f"bad-envelope-{n}", "lang": "py"},
+                    "properties": {"delivery_tag": f"bad-envelope-{queue}-{n}", "body_encoding": "base64",
+                                   "delivery_info": {"exchange": "", "routing_key": queue}}}
+            broker.lpush(queue, json.dumps({**item, **fields}))
+    ids = [await cluster.collect("after-bad-envelopes", {"n": n}, timeout=30) for n in range(2)]
+    assert [frame["id"] for frame in await client.messages(2, timeout=30)] == ids
+    assert all(service.alive for service in cluster.services)
+    for log_name, queue in (("worker", "collect"), (f"node-{port}", f"127.0.0.1:{port}")):
+        deadline = time.monotonic() + 10
+        while (text := cluster._log(log_name).read_text(errors="replace")).count(f"dropped an item of queue {queue!r}") < len(bad) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert text.count(f"dropped an item of queue {queue!r} that is not a kombu message") == len(bad), log_name
     assert "Unrecoverable error" not in cluster._log("worker").read_text(errors="replace")
     client.close()

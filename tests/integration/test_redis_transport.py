@@ -252,12 +252,21 @@ GARBAGE = [b"\xff\xfe not json", b'{"not": "kombu"}', b"[1, 2]", b'{"properties"
 BAD_BODIES = [_shaped(body="!!!not base64"), _shaped(body="é"), _shaped(body=5), _shaped(encoding="rot13")]
 
 
+#: kombu's format, with headers, a content type or a content encoding kombu's Message and decoder
+#: raise on, out of a worker's loop (each stopped the worker: "Unrecoverable error").
+BAD_ENVELOPES = [json.dumps({**json.loads(_shaped()), **fields}).encode()
+                 for fields in ({"headers": ["task"]}, {"headers": "x"}, {"content-encoding": 5}, {"content-type": ["application/json"]})]
+
+
 def test_what_is_not_a_kombu_message_is_told_apart():
-    assert all(kombu_message(item.decode(errors="replace")) is None for item in GARBAGE + BAD_BODIES)
+    assert all(kombu_message(item.decode(errors="replace")) is None for item in GARBAGE + BAD_BODIES + BAD_ENVELOPES)
     message = '{"body": "e30=", "properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": "q"}}}'
     assert kombu_message(message)["properties"]["delivery_tag"] == "t"
     assert kombu_message(_shaped().decode())["properties"]["delivery_tag"] == "t"
     assert kombu_message(_shaped(body="{}", encoding="utf-8").decode())["body"] == "{}"
+    fine = {"headers": {"task": "x"}, "content-type": "application/json", "content-encoding": "utf-8"}
+    assert kombu_message(json.dumps({**json.loads(_shaped()), **fine}))["headers"] == {"task": "x"}
+    assert kombu_message(json.dumps({**json.loads(_shaped()), "headers": None, "content-type": None}))["headers"] is None
 
 
 @pytest.mark.parametrize("no_ack", [False, True], ids=["acked", "no_ack"])
