@@ -188,6 +188,19 @@ async def test_a_since_that_is_not_a_message_id_closes_with_4500(cluster):
     assert code == CloseCode.BAD_REQUEST and "since" in reason
 
 
+async def test_a_token_or_since_whose_percent_escapes_are_not_utf8_is_refused_with_its_close_code(cluster):
+    """Tornado decoded the query's arguments as UTF-8 and answered a ``%ff`` with HTTP 400 before
+    the upgrade: neither the 401/403 nor the 4401 a bad token gets, nor the 4500 of a bad ``since``."""
+    port = cluster.node_ports[0]
+    token = await asyncio.to_thread(cluster.token, "not-utf8-since")
+    code, reason = await _refused(cluster, cluster.ws_url(port, "%ff%fe"))
+    assert code == CloseCode.UNAUTHORIZED and "invalid" in reason
+    code, reason = await _refused(cluster, cluster.ws_url(port, token + "%ff"))
+    assert code == CloseCode.UNAUTHORIZED and "invalid" in reason
+    code, reason = await _refused(cluster, cluster.ws_url(port, token, since="%ff" * 24))
+    assert code == CloseCode.BAD_REQUEST and "since" in reason
+
+
 def _nested(levels: int) -> list:
     value: list = []
     for _ in range(levels - 1):
