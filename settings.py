@@ -142,7 +142,8 @@ def _result_backend(raw: str) -> str:
     if backend not in RESULT_BACKEND_SCHEMES:
         raise ValueError(f"Celery has no result backend {backend!r}: one of {', '.join(sorted(RESULT_BACKEND_SCHEMES))}")
     if backend in ("redis", "rediss"):
-        _url("redis", "rediss")(raw)
+        # Celery reads "redis+socket:///path" (a Unix socket) as the Redis backend with the URL after the +.
+        _url("redis", "rediss", "socket")(raw.partition("+")[2] if "+" in scheme else raw)
     return raw
 
 

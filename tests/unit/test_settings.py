@@ -283,3 +283,9 @@ def test_a_port_option_outside_1_to_65535_is_refused_by_the_command_line(command
     advertised, and named its queue, 127.0.0.1:70000; cluster.py raised OverflowError."""
     done = subprocess.run([sys.executable, *command], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is not a TCP port: give a whole number between 1 and 65535" in done.stderr, done.stderr[-500:]
+
+
+@pytest.mark.parametrize("raw", ["redis+socket:///run/redis/redis.sock", "redis+socket:///run/redis/redis.sock?virtual_host=1"])
+def test_result_backend_accepts_celerys_redis_unix_socket_url(raw):
+    """Celery's Redis backend reads ``redis+socket:///path`` (a Unix socket); it was refused."""
+    assert _result_backend(raw) == raw
