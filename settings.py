@@ -41,13 +41,35 @@ def _read(env: Mapping[str, str], name: str, default: T, convert: Callable[[str]
 
 
 def _shown(raw: str) -> str:
-    """A bad value as an error may show it: a URL's password masked (:func:`redact`)."""
+    """A bad value as an error may show it: a URL's password masked (:func:`redact`), also one
+    holding an unescaped ``/``, ``?`` or ``#`` (urlsplit ends the host there, so redact finds no
+    password: everything up to the URL's last ``@`` is taken as the user and password then)."""
     if "://" not in raw:
         return raw
+    shown = []
+    for part in raw.split(";"):
+        if _password_split(part):
+            scheme, _, rest = part.partition("://")
+            userinfo, _, after = rest.rpartition("@")
+            part = f"{scheme}://{userinfo.partition(':')[0]}:***@{after}"
+        try:
+            shown.append(redact(part))
+        except ValueError:
+            return raw.partition("://")[0] + "://(not shown: it may hold a password)"
+    return ";".join(shown)
+
+
+def _password_split(url: str) -> bool:
+    """Whether ``url`` has an ``@`` past what urlsplit reads as its host: a ``user:password@``
+    whose password holds an unescaped ``/``, ``?`` or ``#``, which urlsplit read as the port,
+    path, query or fragment."""
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0]
     try:
-        return ";".join(redact(part) for part in raw.split(";"))
+        netloc = urllib.parse.urlsplit(url.strip()).netloc
     except ValueError:
-        return raw.partition("://")[0] + "://(not shown: it may hold a password)"
+        return True
+    return ":" in userinfo and "@" not in netloc
 
 
 #: The longest duration a setting may give, in seconds (over three years): the timers and waits
@@ -112,11 +134,17 @@ def _url(*schemes: str) -> Callable[[str], str]:
             parts = urllib.parse.urlsplit(url.strip())
             if parts.scheme not in schemes:
                 raise ValueError(f"scheme {parts.scheme!r} is not one of {', '.join(schemes)}")
-            if parts.scheme not in ("mongodb", "mongodb+srv", "unix"):
-                parts.port  # raises ValueError: "Port could not be cast to integer value", "Port out of range 0-65535"
-            database = parts.path.strip("/")
-            if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
-                raise ValueError(f"the database {parts.path!r} is not a number: end the URL with /0, /1 ...")
+            try:
+                if parts.scheme not in ("mongodb", "mongodb+srv", "unix"):
+                    parts.port  # raises ValueError: "Port could not be cast to integer value", "Port out of range 0-65535"
+                database = parts.path.strip("/")
+                if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+                    raise ValueError(f"the database {parts.path!r} is not a number: end the URL with /0, /1 ...")
+            except ValueError:
+                if _password_split(url):  # the explanation would quote a piece of the password
+                    raise ValueError("its port or database is not a number, the password seemingly holding '/', '?' or '#': "
+                                     "percent-encode them in a URL (%2F, %3F, %23)") from None
+                raise
         return raw
 
     return convert

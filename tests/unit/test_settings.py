@@ -289,3 +289,15 @@ def test_a_port_option_outside_1_to_65535_is_refused_by_the_command_line(command
 def test_result_backend_accepts_celerys_redis_unix_socket_url(raw):
     """Celery's Redis backend reads ``redis+socket:///path`` (a Unix socket); it was refused."""
     assert _result_backend(raw) == raw
+
+
+@pytest.mark.parametrize("raw", ["redis://:s3cr#etpw@127.0.0.1:6379/0", "redis://u:s3cr/etpw@127.0.0.1:6379/0", "redis://:s3cr?etpw@h:6379/1",
+                                 "redis://u:6380/s3cretpw@h:6379/1", "amqp://u:s3cr#etpw@rabbit:5672//"])
+def test_a_url_whose_password_holds_a_character_that_ends_the_host_does_not_show_it(raw):
+    """A password with an unescaped ``#``, ``/`` or ``?`` is the usual cause of this very error
+    (urlsplit reads what follows as the port, path, query or fragment): neither the value shown
+    nor the converter's explanation may hold any of it."""
+    message = failure({"SOME_VAR": raw}, convert=_url("redis", "amqp"))
+    secret = raw.partition("://")[2].rpartition("@")[0].partition(":")[2]
+    assert not any(piece in message for piece in secret.replace("#", "/").replace("?", "/").split("/") if piece), message
+    assert "***" in message and "percent-encode" in message, message
