@@ -94,6 +94,12 @@ app.conf.update(
         # one look in ten (kombu's default throttle, so about every 100 s).  Push nodes take no part
         # (wsnode.consumer.TRANSPORT_OPTIONS).
         "unacked_restore_throttle": 1,
+        # Redis broker: a command waits at most this many seconds for its reply.  kombu's default
+        # is to wait for ever, so a broker that stopped answering without closing the connection
+        # (a failover, a network partition, a paused server) held a push node's queue consumer
+        # blocked while it still counted as connected, and its drain's hand-back, whose thread
+        # the node's exit waits for, for ever.  Other transports ignore it.
+        "socket_timeout": 10,
     },
     # Every network call has a timeout (redis-py and kombu default to none).
     redis_socket_timeout=10,
