@@ -6,7 +6,11 @@ user's route first and only then asks, so every message is either in this replay
 (or both: clients drop repeats by id).  The replay starts ``RESUME_OVERLAP_MS`` before ``since``
 so that messages collected at the same moment on another worker process are not skipped.  The
 answer goes back through the node's own queue as ``wsnode.deliver`` pages addressed to one
-connection; the last page says so, and whether the retention or ``REPLAY_LIMIT`` cut it short.
+connection; the last page says so, whether the retention or ``REPLAY_LIMIT`` cut it short, and
+its ``cursor``: the smallest id of the millisecond the worker read the store in.  What was stored
+after that read is routed live, so a client that got no message yet resumes from the cursor: without
+it, a device that left before its first message came back to the inbox alone, which no longer holds
+what another device of the user acked meanwhile.
 
 Nodes send ``tasks.replay_many``: every connection that asked since the node's previous request,
 in one task (a reconnect storm of thousands of browsers is then tens of tasks, not thousands),
@@ -30,10 +34,12 @@ log = logging.getLogger(__name__)
 PAGE = 500
 
 
-def _read(requests: list[tuple[str, str, str | None]]) -> list[tuple[list[dict], bool]]:
+def _read(requests: list[tuple[str, str, str | None]]) -> tuple[list[tuple[list[dict], bool]], str]:
     """The envelopes of each ``(conn, user, since)``, and whether the retention or the limit cut
     them short: the inbox of each without ``since``, and those with ``since`` in one call
-    (:meth:`tasks.store.Store.replays`: one read for all of them when it can)."""
+    (:meth:`tasks.store.Store.replays`: one read for all of them when it can); and the cursor, an
+    id no later than the reads."""
+    cursor = ids.lower_bound(int(time.time() * 1000))
     store = get_store()
     replies: list = [None] * len(requests)
     resumes = [(index, user, ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS))
@@ -51,7 +57,7 @@ def _read(requests: list[tuple[str, str, str | None]]) -> list[tuple[list[dict],
         if since is not None and past_retention(since, now, settings.RETENTION_SECONDS):
             envelopes, _ = replies[index]
             replies[index] = envelopes, True
-    return replies
+    return replies, cursor
 
 
 def past_retention(since: str, now: float, retention: float) -> bool:
@@ -61,10 +67,13 @@ def past_retention(since: str, now: float, retention: float) -> bool:
     return ids.timestamp_ms(since) < (now - retention) * 1000
 
 
-def _pages(envelopes: list[dict], truncated: bool) -> list[tuple[list[dict], dict]]:
-    """The pages of one connection's replay: ``(envelopes, replay info)`` each, at least one."""
+def _pages(envelopes: list[dict], truncated: bool, cursor: str) -> list[tuple[list[dict], dict]]:
+    """The pages of one connection's replay: ``(envelopes, replay info)`` each, at least one; the
+    last one carries the ``cursor``.  Pure."""
     chunks = [envelopes[i : i + PAGE] for i in range(0, len(envelopes), PAGE)] or [[]]
-    return [(chunk, {"last": number == len(chunks), "truncated": truncated, "count": len(envelopes)}) for number, chunk in enumerate(chunks, 1)]
+    pages = [(chunk, {"last": number == len(chunks), "truncated": truncated, "count": len(envelopes)}) for number, chunk in enumerate(chunks, 1)]
+    pages[-1][1]["cursor"] = cursor
+    return pages
 
 
 def _log_replayed(node: str, conn: str, user: str, since: str | None, pages: list[tuple[list[dict], dict]]) -> None:
@@ -105,7 +114,8 @@ def replay_many(node: str, requests: list[dict]) -> None:
 
 def _answer(node: str, requests: list[tuple[str, str, str | None]]) -> None:
     """Read the replay of every ``(conn, user, since)``, then publish all their pages in one batch."""
-    replies = [(conn, user, since, _pages(*reply)) for (conn, user, since), reply in zip(requests, _read(requests))]
+    read, cursor = _read(requests)
+    replies = [(conn, user, since, _pages(*reply, cursor)) for (conn, user, since), reply in zip(requests, read)]
     publish_all([(node, envelopes, {"conn": conn, "replay": info}) for conn, _, _, pages in replies for envelopes, info in pages])
     for conn, user, since, pages in replies:
         _log_replayed(node, conn, user, since, pages)

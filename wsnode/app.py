@@ -33,6 +33,7 @@ from tornado.websocket import WebSocketClosedError
 
 import settings
 from auth.revocations import revoked_by
+from tasks.ids import is_message_id
 from tasks.queues import node_address
 from tasks import wirejson
 from tasks.reclaim import hand_back
@@ -578,7 +579,9 @@ class PushNode:
         info = delivery.replay or {}
         items = [(e["id"], protocol.message_frame(e)) for e in delivery.envelopes]
         was_replaying = conn.session.replaying
-        frames = conn.session.replay_page(items, bool(info.get("last")), int(info.get("count", 0)), bool(info.get("truncated")))
+        cursor = info.get("cursor")
+        frames = conn.session.replay_page(items, bool(info.get("last")), int(info.get("count", 0)), bool(info.get("truncated")),
+                                          cursor if is_message_id(cursor) else None)
         self.metrics.delivered("replay", len(conn.send(frames)))
         if info.get("last") and was_replaying:
             truncated = bool(info.get("truncated"))

@@ -11,7 +11,8 @@ Server -> client (JSON text frames):
 - ``{"type": "resumed", "since": "<id>" | null, "replayed": <n>, "truncated": <bool>}`` after the
   opening replay: what ``since`` asked for, or without ``since`` the user's unacked inbox; live
   messages follow it.  ``truncated`` means the replay reached past the retention or
-  ``REPLAY_LIMIT``: older messages are gone.
+  ``REPLAY_LIMIT``: older messages are gone.  ``cursor`` (an id): a client that has seen no
+  message yet resumes with ``since=<cursor>`` (everything after it is replayed or came live).
 - ``{"type": "refreshed", "expires_at": <unix s>, "expires_in": <s>}``: the node took the token of
   a ``refresh``, and the connection now expires with it.
 - ``{"type": "refresh_error", "reason": "..."}``: the node could not check a ``refresh`` now (auth
@@ -130,5 +131,8 @@ def refresh_error_frame(reason: str) -> str:
 PONG_FRAME = '{"type":"pong"}'
 
 
-def resumed_frame(since: str | None, replayed: int, truncated: bool) -> str:
-    return json.dumps({"type": "resumed", "since": since, "replayed": replayed, "truncated": truncated})
+def resumed_frame(since: str | None, replayed: int, truncated: bool, cursor: str | None = None) -> str:
+    frame = {"type": "resumed", "since": since, "replayed": replayed, "truncated": truncated}
+    if cursor is not None:  # from workers of this version on
+        frame["cursor"] = cursor
+    return json.dumps(frame)

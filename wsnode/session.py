@@ -61,13 +61,13 @@ class Session:
         self._held_bytes = held
         return []
 
-    def replay_page(self, items: Outgoing, last: bool, count: int = 0, truncated: bool = False) -> Outgoing:
+    def replay_page(self, items: Outgoing, last: bool, count: int = 0, truncated: bool = False, cursor: str | None = None) -> Outgoing:
         if not self.replaying:
             return []  # a late page after a timeout: the client already resumed another way
         out = list(items)
         self._replayed.update(message_id for message_id, _ in items)
         if last:
-            out.append((None, protocol.resumed_frame(self.since, count, truncated)))
+            out.append((None, protocol.resumed_frame(self.since, count, truncated, cursor)))
             out.extend(pair for pair in self._held if pair[0] not in self._replayed)
             self._held.clear()
             self.replaying = False

@@ -50,6 +50,25 @@ async def test_a_message_acked_on_one_device_is_not_in_another_devices_inbox(clu
     tablet.close()
 
 
+async def test_a_device_that_left_before_its_first_message_gets_what_another_device_acked_meanwhile(cluster):
+    """The tablet connects, gets no message and leaves; the phone gets one and acks it; the tablet
+    comes back.  Without ``since`` it got the inbox only, which no longer holds the phone's acked
+    message: it never got it.  It resumes from its first ``resumed`` frame's cursor instead."""
+    user = unique("left-early")
+    tablet = await cluster.connect(user, cluster.node_ports[1])
+    cursor = tablet.resumed.get("cursor")
+    assert tablet.inbox == [] and isinstance(cursor, str), tablet.resumed
+    tablet.close()
+    phone = await cluster.connect(user)
+    message_id = await cluster.collect(user, "while the tablet was away")
+    assert (await phone.messages(1))[0]["id"] == message_id
+    await wait_for(lambda: "acked" in cluster.status(message_id)["recipients"][user], 10, "ack recorded")
+    back = await cluster.connect(user, cluster.node_ports[1], since=cursor)
+    assert [m["id"] for m in await back.messages(1)] == [message_id]
+    phone.close()
+    back.close()
+
+
 async def test_a_message_lost_before_dispatch_still_reaches_a_user_who_stays_online(cluster):
     user = unique("online")
     client = await cluster.connect(user)

@@ -24,8 +24,10 @@ class Client:
         self.auto_ack = auto_ack
         self.frames: list[dict] = []
         self.hello: dict | None = None
-        #: Messages the opening replay carried (the inbox), when ``connect`` waited for it.
+        #: Messages the opening replay carried (the inbox), and its ``resumed`` frame, when
+        #: ``connect`` waited for it.
         self.inbox: list[dict] = []
+        self.resumed: dict | None = None
 
     @classmethod
     async def connect(cls, url: str, expect_hello: bool = True, timeout: float = 10.0, auto_ack: bool = True, wait_resumed: bool = False) -> "Client":
@@ -36,7 +38,7 @@ class Client:
             client.hello = await client.next_frame(timeout)
             assert client.hello["type"] == "hello", client.hello
         if wait_resumed:
-            before, _ = await client.until("resumed", timeout)
+            before, client.resumed = await client.until("resumed", timeout)
             client.inbox = [f for f in before if f["type"] == "message"]
         return client
 

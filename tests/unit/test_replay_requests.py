@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tasks import ids
-from tasks.replay import parse_requests, past_retention
+from tasks.replay import PAGE, _pages, parse_requests, past_retention
 from wsnode.replays import ReplayRequests
 
 SINCE = "0193a1b2c3d4" + "0" * 12
@@ -70,3 +70,11 @@ def test_a_resume_from_before_the_retention_is_truncated_and_one_within_it_is_no
     before = ids.IdGenerator(clock=lambda: now - day - 5).next_id()
     assert not past_retention(within, now, day)
     assert past_retention(before, now, day)
+
+
+def test_only_the_last_page_of_a_replay_carries_the_cursor():
+    envelopes = [{"id": f"{n:024x}"} for n in range(PAGE + 1)]
+    pages = _pages(envelopes, False, "0190f00000000000000000aa")
+    assert [info.get("cursor") for _, info in pages] == [None, "0190f00000000000000000aa"]
+    assert [info["last"] for _, info in pages] == [False, True]
+    assert _pages([], True, "0190f00000000000000000aa") == [([], {"last": True, "truncated": True, "count": 0, "cursor": "0190f00000000000000000aa"})]

@@ -260,3 +260,8 @@ def test_after_forget_replayed_a_replayed_id_passes_again():
     session.forget_replayed()
 
     assert frames(session.live(mid(1), frame(1))) == [frame(1)]
+
+
+def test_the_resumed_frame_carries_the_cursor_the_last_page_brought():
+    written = frames(Session(None).replay_page([], last=True, cursor="0190f00000000000000000aa"))
+    assert json.loads(written[-1]) == {"type": "resumed", "since": None, "replayed": 0, "truncated": False, "cursor": "0190f00000000000000000aa"}

@@ -283,6 +283,9 @@
       this._refreshLater(ws, conn, this.options.refreshRetryMs);
     } else if (frame.type === "resumed") {
       conn.resumedAt = Date.now();
+      // No message seen yet: the next connection resumes from the node's cursor, not from the
+      // inbox, which no longer holds what another device of the user acks meanwhile.
+      if (!this.lastId && typeof frame.cursor === "string") this.lastId = frame.cursor;
       this._status({ state: "live", url: conn.url, since: frame.since, replayed: frame.replayed, truncated: frame.truncated });
     } else if (frame.type === "message") {
       var id = frame.id;
