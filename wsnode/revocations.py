@@ -119,8 +119,10 @@ class RecentRevocations:
 
 
 class RevocationListener:
-    """Subscribes to ``CHANNEL`` and calls ``on_revocation`` for each revocation; after losing the
-    subscription, awaits ``on_resubscribed`` once subscribed again (the node's catch-up)."""
+    """Subscribes to ``CHANNEL`` and calls ``on_revocation`` for each revocation; once subscribed,
+    and again after losing the subscription, awaits ``on_resubscribed`` (the node's catch-up: the
+    node takes connections before its first subscription is made, so a revocation published in
+    between would otherwise go unseen)."""
 
     def __init__(self, redis_url: str, client_name: str, on_revocation: Callable[[Revocation], None],
                  on_resubscribed: Callable[[], Awaitable[None]]) -> None:
@@ -156,16 +158,17 @@ class RevocationListener:
             log.warning("closing the connection of the listener of %s: %r", CHANNEL, exc)
 
     async def _run(self) -> None:
-        lost = False
+        lost, first = False, True
         while not self._stopping:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL)
                 self.subscribed = True
-                if lost:
-                    log.info("subscribed to %s again: checking the open connections against the revocation list", CHANNEL)
+                if lost or first:
+                    if lost:
+                        log.info("subscribed to %s again: checking the open connections against the revocation list", CHANNEL)
                     await self._on_resubscribed()
-                    lost = False
+                    lost = first = False
                 awaiting_pong = False
                 while not self._stopping:
                     message = await pubsub.get_message(timeout=PING_SECONDS)

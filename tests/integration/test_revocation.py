@@ -89,7 +89,8 @@ async def test_a_node_that_missed_a_revocation_closes_the_connection_once_subscr
 
 
 async def test_the_listener_keeps_its_subscription_alive_with_pings_and_reconnects_when_they_go_unanswered(tmp_path, monkeypatch):
-    """``RevocationListener`` alone, against a Redis of its own: idle, it pings and stays
+    """``RevocationListener`` alone, against a Redis of its own: once subscribed it runs its check
+    (a revocation published before the first subscription went unseen); idle, it pings and stays
     subscribed; a connection that stops answering (here the Redis server stopped with SIGSTOP, so
     no reset comes) is taken for lost after two ping intervals, and once Redis answers again the
     listener subscribes again and runs its check.  (Not the session's Redis: stopping that one
@@ -99,9 +100,12 @@ async def test_the_listener_keeps_its_subscription_alive_with_pings_and_reconnec
     monkeypatch.setattr(revocations, "RESUBSCRIBE_SECONDS", 0.1)
     got: list[revocations.Revocation] = []
     checks = asyncio.Event()
+    checked = []
 
     async def check() -> None:
-        checks.set()
+        checked.append(listener.subscribed)
+        if len(checked) > 1:
+            checks.set()
 
     listener = revocations.RevocationListener(redis_server.url(1), "revocations-test", got.append, check)
     listener.start()
@@ -112,7 +116,8 @@ async def test_the_listener_keeps_its_subscription_alive_with_pings_and_reconnec
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # five ping intervals, idle
-        assert listener.subscribed and not checks.is_set()
+        # Once, after the first subscription (the node took connections before it), and not again.
+        assert listener.subscribed and checked == [True]
         await publisher.publish(CHANNEL, '{"user_id": "idle", "cutoff_us": 7}')
         for _ in range(50):
             if got:
