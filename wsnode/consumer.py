@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 #: ignore it.
 TRANSPORT_OPTIONS = {"unacked_restore_throttle": 1_000_000_000}
 
+#: AMQP heartbeat of the node's queue connection, in seconds: with none, a RabbitMQ broker that
+#: stopped answering without closing the connection (a network partition) left the consumer
+#: waiting for ever while it still counted as connected (``/healthz`` 200, nothing read).  The
+#: consumer takes the connection for lost once nothing came from the broker for two of these
+#: (py-amqp's rule), and connects again.  The Redis transport ignores it (its commands time out:
+#: ``socket_timeout`` in ``worker.py``).
+HEARTBEAT_SECONDS = 10
+
 
 class GatherWindow:
     """How long the queue thread waits for more messages once a batch has its first.  Pure; the
@@ -141,12 +149,20 @@ class NodeQueueConsumer:
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                with self._app.connection_for_read(transport_options=TRANSPORT_OPTIONS) as conn:
+                with self._app.connection_for_read(transport_options=TRANSPORT_OPTIONS, heartbeat=HEARTBEAT_SECONDS) as conn:
                     conn.ensure_connection(max_retries=1)
-                    with conn.Consumer([self._queue], on_message=self._on_raw, accept=["json"], no_ack=True):
-                        self.connected, delay = True, 0.5
-                        log.info("consuming queue %s", self._queue.name)
-                        self._consume(conn)
+                    try:
+                        with conn.Consumer([self._queue], on_message=self._on_raw, accept=["json"], no_ack=True):
+                            self.connected, delay = True, 0.5
+                            log.info("consuming queue %s", self._queue.name)
+                            self._consume(conn)
+                    except Exception:
+                        # Drop the connection without a word to the broker: closing it politely
+                        # waits, without a timeout on AMQP, for an answer that a broker that
+                        # stopped answering never sends.
+                        self.connected = False
+                        conn.collect()
+                        raise
             except Exception as exc:  # noqa: BLE001 - the loop must survive any broker failure
                 if self._stopping.is_set():
                     break
@@ -163,7 +179,9 @@ class NodeQueueConsumer:
             try:
                 conn.drain_events(timeout=0.5)
             except socket.timeout:
+                conn.heartbeat_check()  # after the read: a frame read counts as a heartbeat
                 continue
+            conn.heartbeat_check()  # sends ours when due: a no_ack consumer sends nothing else
             wait = self._window.wait(time.monotonic())
             while wait and len(self._pending) < self._batch_max:
                 try:

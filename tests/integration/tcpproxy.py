@@ -1,0 +1,107 @@
+"""A TCP forwarder on 127.0.0.1 that can play a network partition: :meth:`FreezableProxy.freeze`
+stops moving bytes in both directions while every socket stays open (no FIN, no RST), as when a
+peer stops answering without closing its connections; :meth:`FreezableProxy.thaw` moves them on
+again.  While frozen, new connections complete their handshake (the listening socket's backlog)
+but are not taken, so nothing answers them either.
+
+Threads only, no dependency: one accept thread, and one thread per direction of each connection.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import urllib.parse
+
+
+class FreezableProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self._listener.getsockname()[1]
+        self._running = threading.Event()  # set while bytes move
+        self._running.set()
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._accepter = threading.Thread(target=self._accept, name=f"proxy-{self.port}", daemon=True)
+
+    @classmethod
+    def to_url(cls, url: str) -> tuple["FreezableProxy", str]:
+        """A started proxy to the host and port of ``url`` (redis://, amqp://, http://), and ``url``
+        pointed at the proxy instead."""
+        parts = urllib.parse.urlsplit(url)
+        proxy = cls(parts.hostname, parts.port).start()
+        netloc = parts.netloc.rsplit("@", 1)
+        host_port = f"127.0.0.1:{proxy.port}"
+        return proxy, parts._replace(netloc=f"{netloc[0]}@{host_port}" if len(netloc) == 2 else host_port).geturl()
+
+    def start(self) -> "FreezableProxy":
+        self._accepter.start()
+        return self
+
+    def freeze(self) -> None:
+        self._running.clear()
+
+    def thaw(self) -> None:
+        self._running.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._running.set()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in [self._listener, *sockets]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "FreezableProxy":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            self._running.wait()
+            if self._closed.is_set():
+                return
+            readable, _, _ = select.select([self._listener], [], [], 0.1)
+            if not readable or not self._running.is_set():
+                continue
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                if "client" in locals():
+                    client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while not self._closed.is_set():
+                self._running.wait()
+                readable, _, _ = select.select([source], [], [], 0.1)
+                if not readable:
+                    continue
+                data = source.recv(65536)
+                if not data:
+                    break
+                self._running.wait()  # frozen meanwhile: hold what was read until thawed
+                sink.sendall(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -1,0 +1,67 @@
+"""A RabbitMQ broker that stops answering without closing its connections (a network partition):
+here a :class:`~tests.integration.tcpproxy.FreezableProxy` between one process and the broker (a
+private vhost of the shared RabbitMQ, which itself is never stopped) stops moving bytes while
+every socket stays open.  The routing Redis, and the other processes' broker connections, stay up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import launcher
+from tests.integration.conftest import Cluster, RabbitVhost
+from tests.integration.tcpproxy import FreezableProxy
+
+
+@pytest.fixture
+def rabbit_cluster(tmp_path):
+    """A cluster (no process started) on a routing Redis of its own and a private RabbitMQ vhost,
+    and a proxy to that vhost's broker: ``(cluster, proxy, broker URL through the proxy)``."""
+    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
+    vhost = RabbitVhost()
+    try:
+        vhost.create()
+        cluster = Cluster(routing, tmp_path, broker_url=vhost.url, auth_port=launcher.free_port())
+        proxy, url = FreezableProxy.to_url(vhost.url)
+        try:
+            yield cluster, proxy, url
+        finally:
+            proxy.close()
+            cluster.stop(at_once=True)
+    finally:
+        vhost.delete()
+        routing.stop()
+
+
+def health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_node_whose_rabbitmq_stops_answering_is_not_ready_and_is_again_once_it_answers(rabbit_cluster):
+    """The consumer's connection had no heartbeat: it polled a broker that no longer answered,
+    every half second for ever, still counted as connected (``/healthz`` 200, nothing read)."""
+    cluster, proxy, url = rabbit_cluster
+    node = cluster.start_node(BROKER_URL=url)
+    assert health(node.port)[0] == 200
+    proxy.freeze()
+    deadline = time.monotonic() + 120
+    while (status := health(node.port))[0] == 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert status[0] == 503 and status[1]["queue"] is False and status[1]["redis"] is True, status
+    proxy.thaw()
+    deadline = time.monotonic() + 120
+    while (status := health(node.port))[0] != 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert status[0] == 200, status
+
