@@ -65,3 +65,14 @@ def test_a_node_whose_rabbitmq_stops_answering_is_not_ready_and_is_again_once_it
         time.sleep(1)
     assert status[0] == 200, status
 
+
+def test_a_worker_whose_rabbitmq_stops_answering_still_exits_on_sigterm(rabbit_cluster):
+    """Celery's warm shutdown closed the worker's channels waiting, for ever, for the broker's
+    answer (py-amqp reads had no timeout)."""
+    cluster, proxy, url = rabbit_cluster
+    worker = launcher.start_worker({**cluster.env, "BROKER_URL": url}, log_path=cluster.logs / "worker.log", concurrency=1)
+    cluster.services.append(worker)
+    assert cluster.status("0" * 24)["found"] is False  # it reads tasks through the proxy
+    proxy.freeze()
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(120) is not None, "the worker did not exit after SIGTERM:\n" + worker.log_tail(20)
