@@ -47,20 +47,26 @@ def health(port: int) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+def not_ready_then_ready(port: int, answer_again) -> None:
+    """The node at ``port`` turns not ready (503, its queue consumer down, Redis fine) while its
+    broker does not answer, and ready again once ``answer_again()`` made the broker answer."""
+    deadline = time.monotonic() + 120
+    while (status := health(port))[0] == 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert status[0] == 503 and status[1]["queue"] is False and status[1]["redis"] is True, status
+    answer_again()
+    deadline = time.monotonic() + 120
+    while (status := health(port))[0] != 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert status[0] == 200, status
+
+
 def test_a_node_whose_broker_stops_answering_is_not_ready_and_is_again_once_it_answers(stalled_broker_node):
     """The consumer thread waited for ever on a command to the stopped broker (kombu's restore
     scan, then the BRPOP it re-sent), still counted as connected: ``/healthz`` answered 200 while
     nothing was read from the queue."""
     node, broker = stalled_broker_node
-    deadline = time.monotonic() + 120
-    while (status := health(node.port))[0] == 200 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert status[0] == 503 and status[1]["queue"] is False and status[1]["redis"] is True, status
-    broker.resume()
-    deadline = time.monotonic() + 120
-    while (status := health(node.port))[0] != 200 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert status[0] == 200, status
+    not_ready_then_ready(node.port, broker.resume)
 
 
 def test_a_node_whose_broker_stops_answering_still_exits_on_sigterm(stalled_broker_node):

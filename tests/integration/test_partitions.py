@@ -6,18 +6,15 @@ every socket stays open.  The routing Redis, and the other processes' broker con
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 import launcher
 from tests.integration.conftest import Cluster, RabbitVhost
 from tests.integration.tcpproxy import FreezableProxy
+from tests.integration.test_broker_stall import health, not_ready_then_ready
 
 
 @pytest.fixture
@@ -40,14 +37,6 @@ def rabbit_cluster(tmp_path):
         routing.stop()
 
 
-def health(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_a_node_whose_rabbitmq_stops_answering_is_not_ready_and_is_again_once_it_answers(rabbit_cluster):
     """The consumer's connection had no heartbeat: it polled a broker that no longer answered,
     every half second for ever, still counted as connected (``/healthz`` 200, nothing read)."""
@@ -55,15 +44,7 @@ def test_a_node_whose_rabbitmq_stops_answering_is_not_ready_and_is_again_once_it
     node = cluster.start_node(BROKER_URL=url)
     assert health(node.port)[0] == 200
     proxy.freeze()
-    deadline = time.monotonic() + 120
-    while (status := health(node.port))[0] == 200 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert status[0] == 503 and status[1]["queue"] is False and status[1]["redis"] is True, status
-    proxy.thaw()
-    deadline = time.monotonic() + 120
-    while (status := health(node.port))[0] != 200 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert status[0] == 200, status
+    not_ready_then_ready(node.port, proxy.thaw)
 
 
 def test_a_worker_whose_rabbitmq_stops_answering_still_exits_on_sigterm(rabbit_cluster):

@@ -20,7 +20,7 @@ import settings
 from tasks import pending
 from tasks.collect import collect
 from tasks.dispatch import dispatch
-from tasks.ids import IdGenerator
+from tasks.ids import IdGenerator, is_message_id
 from tasks.replay import replay, replay_many
 from tasks.store import get_store
 from wsnode.registry import NODES_KEY, route_key
@@ -181,7 +181,10 @@ def test_replay_many_answers_each_connection_with_its_own_pages_and_drops_malfor
     assert sorted(published) == ["c0", "c1", "c2"]
     for n, message_id in enumerate(stored):
         assert [(e["id"], e["data"]) for e in published[f"c{n}"]["envelopes"]] == [(message_id, {"for": users[n]})]
-        assert published[f"c{n}"]["kwargs"]["replay"] == {"last": True, "truncated": False, "count": 1}
+        info = dict(published[f"c{n}"]["kwargs"]["replay"])
+        cursor = info.pop("cursor")
+        assert info == {"last": True, "truncated": False, "count": 1}
+        assert is_message_id(cursor) and cursor[:12] >= message_id[:12], cursor  # the read came after the message
     gc.collect()  # finalise the AsyncResults while Redis is up (Celery 5.6's __del__, see conftest)
 
 
@@ -193,7 +196,9 @@ def test_tasks_replay_still_answers_one_connection_as_before_for_nodes_of_earlie
 
     (published,) = drain(broker, node, expect=1)
     assert [e["id"] for e in published["envelopes"]] == [message_id]
+    cursor = published["kwargs"]["replay"].pop("cursor")  # nodes of earlier versions ignore it
     assert published["kwargs"] == {"conn": "c", "replay": {"last": True, "truncated": False, "count": 1}}
+    assert is_message_id(cursor) and cursor[:12] >= message_id[:12], cursor
     gc.collect()
 
 
