@@ -6,18 +6,16 @@ queue consumer."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 
 import psutil
 import pytest
 
 import launcher
 from tests.integration.conftest import Cluster
+from tests.integration.test_metrics import health
 
 
 @pytest.fixture
@@ -37,14 +35,6 @@ def stalled_broker_node(tmp_path):
         cluster.stop(at_once=True)
         broker.stop()
         routing.stop()
-
-
-def health(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def not_ready_then_ready(port: int, answer_again) -> None:

@@ -6,12 +6,11 @@ closed terminal (SIGHUP) stops every process it started."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,52 +27,22 @@ READY = "Send alice a message:"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
-class Output:
-    """cluster.py's output, read on a thread as it comes."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float) -> int:
-        """The index of the first line that holds ``text``."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for i, line in enumerate(self.lines):
-                    if text in line:
-                        return i
-                left = deadline - time.monotonic()
-                assert left > 0, f"cluster.py never printed {text!r}:\n" + "\n".join(self.lines[-60:])
-                self._changed.wait(left)
-
-    def after(self, index: int) -> str:
-        with self._changed:
-            return self.lines[index + 1]
-
-
 async def test_the_cluster_command_delivers_the_banners_message_and_sighup_stops_every_process(tmp_path):
     auth_port, node_a, node_b, flower, demo = (launcher.free_port() for _ in range(5))
     dead_redis = f"redis://127.0.0.1:{launcher.free_port()}"
     env = launcher.cluster_env(dead_redis, tmp_path / "data", auth_port, LOG_LEVEL="INFO")
-    proc = subprocess.Popen([sys.executable, "cluster.py", "--nodes", f"{node_a},{node_b}", "--flower-port", str(flower), "--demo-port", str(demo)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = Output(proc)
+    cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", f"{node_a},{node_b}", "--flower-port", str(flower),
+                                            "--demo-port", str(demo)], env, log_path=tmp_path / "cluster.log").start()
     started: list[psutil.Process] = []
     try:
-        send_line = output.after(output.wait_for(READY, timeout=90))
-        started = psutil.Process(proc.pid).children(recursive=True)
+        cluster.wait_log(READY, timeout=90)
+        lines = (tmp_path / "cluster.log").read_text().splitlines()
+        send_line = lines[next(i for i, line in enumerate(lines) if READY in line) + 1]
+        started = psutil.Process(cluster.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in started)
         for part in ("redis-server", "-m auth", "worker worker", f"--port {node_a}", f"--port {node_b}", "flower", "-m demo"):
             assert part in names, f"{part!r} is not among cluster.py's processes: {names}"
-        assert any("(private)" in line for line in output.lines), "\n".join(output.lines[-60:])
+        assert "(private)" in cluster.log_tail(2000), cluster.log_tail(60)
 
         request = urllib.request.Request(f"http://127.0.0.1:{auth_port}/tokens", data=json.dumps({"user_id": "alice"}).encode(),
                                          headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
@@ -87,14 +56,13 @@ async def test_the_cluster_command_delivers_the_banners_message_and_sighup_stops
         assert message["data"] == {"text": "hello"}
         client.close()
 
-        proc.send_signal(signal.SIGHUP)
-        assert proc.wait(timeout=60) == 0, "\n".join(output.lines[-60:])
-        assert any("stopping (Ctrl-C, SIGTERM or SIGHUP)" in line for line in output.lines)
+        os.kill(cluster.pid, signal.SIGHUP)
+        assert cluster.wait(60) == 0, cluster.log_tail(60)
+        assert "stopping (Ctrl-C, SIGTERM or SIGHUP)" in cluster.log_tail(2000)
         _, alive = psutil.wait_procs(started, timeout=5)
         assert not alive, f"still running after cluster.py stopped: {[' '.join(p.cmdline()) for p in alive]}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        cluster.kill()
         for child in started:
             try:
                 child.kill()

@@ -14,7 +14,8 @@ import pytest
 import launcher
 from tests.integration.conftest import Cluster, RabbitVhost
 from tests.integration.tcpproxy import FreezableProxy
-from tests.integration.test_broker_stall import health, not_ready_then_ready
+from tests.integration.test_broker_stall import not_ready_then_ready
+from tests.integration.test_metrics import health
 
 
 @pytest.fixture
