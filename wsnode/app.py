@@ -120,6 +120,8 @@ class PushNode:
         self.pings: PingSchedule[PushHandler] = PingSchedule(settings.PING_INTERVAL, settings.PING_TIMEOUT)
         self.expiries: ExpirySchedule[PushHandler] = ExpirySchedule(settings.TOKEN_EXPIRY_GRACE)
         self._refreshing: set[PushHandler] = set()  # connections whose refresh is being checked
+        #: Handshakes whose token is being checked (before the upgrade): the drain answers them 503.
+        self.checking: set[PushHandler] = set()
         self.max_connections = settings.MAX_CONNECTIONS
         self.max_user_connections = settings.MAX_USER_CONNECTIONS
         self.auth = AuthClient(settings.AUTH_URL, settings.AUTH_CACHE_SECONDS)
@@ -243,6 +245,10 @@ class PushNode:
             # clients drop by id; unsent replay requests were for connections closed now.
             self._publisher.shutdown(wait=False, cancel_futures=True)
             log.warning("node=%s receipts or replay requests still unsent after %d s (broker down?); giving up on them", self.address, STOP_STEP_SECONDS)
+        # A handshake whose token check finished meanwhile was refused with 1001 (attach); one
+        # still waiting for auth would be cancelled with the loop, and answered 500.
+        for handler in list(self.checking):
+            handler.drained_during_check()
         await self._revocations.stop()
         await self.redis.aclose()
         log.info("node=%s drained and stopped: closed %d connections", self.address, len(conns))

@@ -76,10 +76,14 @@ class PushHandler(WebSocketHandler):
             self._unavailable(f"full ({self.node.hub.connection_count} connections, MAX_CONNECTIONS)",
                               "node holds as many connections as it may (MAX_CONNECTIONS): connect to another node")
             return
+        self.node.checking.add(self)
         try:
             since = protocol.parse_since(self.get_query_argument("since", None))
-            self.identity = await self.node.auth.verify(self.get_query_argument("token", None))
-            self.user_id = self.identity.user_id
+            identity = await self.node.auth.verify(self.get_query_argument("token", None))
+            if self._finished:
+                return  # answered meanwhile: the node drained (drained_during_check)
+            self.identity = identity
+            self.user_id = identity.user_id
             self.session = self.node.new_session(since)
         except protocol.ProtocolError as exc:
             self._refusal = (exc.code, exc.reason)
@@ -88,6 +92,17 @@ class PushHandler(WebSocketHandler):
         except AuthUnavailable as exc:
             log.warning("conn=%s refused, auth unavailable: %s", self.conn_id, exc)
             self._refusal = (CloseCode.TRY_AGAIN_LATER, CloseCode.TRY_AGAIN_LATER.reason)
+        finally:
+            self.node.checking.discard(self)
+
+    def drained_during_check(self) -> None:
+        """The node drained while auth had still not answered this handshake's token check:
+        answered with HTTP 503, as a handshake that came during the drain (the check's answer is
+        then dropped).  A check that finishes during the drain gets 1001 instead (``attach``);
+        one still waiting when the node's loop ends would be cancelled, and answered 500."""
+        if not self._finished and not self._left:
+            self._unavailable("the node drained while auth had not answered its token check",
+                              "node is draining: connect to another node")
 
     def _unavailable(self, why: str, error: str) -> None:
         """Refuse the handshake with HTTP 503 before the upgrade: logged with ``why``, counted,

@@ -11,11 +11,17 @@ import sys
 import time
 
 import pytest
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
 from kombu import Connection
+from tornado.httpclient import HTTPClientError
+from tornado.websocket import websocket_connect
 
 import launcher
 
 from tests.integration.conftest import LEASE_TTL
+from tests.integration.test_auth_cache import HeldVerifyHandler
 from tests.integration.test_guarantees import wait_for
 from tests.integration.test_metrics import closes
 from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_server_frame
@@ -243,3 +249,34 @@ def test_a_node_on_a_port_in_use_exits_saying_so_and_leaves_that_addresss_queue_
         holder.close()
         with Connection(cluster.env["BROKER_URL"]) as conn:
             node_queue(address)(conn.default_channel).delete()
+
+
+async def test_a_handshake_whose_token_check_outlasts_the_drain_gets_503(cluster, tmp_path):
+    """Its check waited for auth past the end of the drain: the node's loop ended with the
+    handshake still waiting, which was cancelled and answered with HTTP 500.  The drain's end now
+    answers such a handshake 503, as one that comes during the drain (a check that finishes
+    during the drain gets 1001)."""
+    seen: list[dict] = []
+    release = asyncio.Event()  # never set before the node is gone: auth does not answer in time
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    held_auth = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/verify", HeldVerifyHandler, {"seen": seen, "release": release})]))
+    held_auth.add_sockets(sockets)
+    node_port = launcher.free_port()
+    log_path = tmp_path / "node.log"
+    node = await asyncio.to_thread(launcher.start_node, {**cluster.env, "AUTH_URL": f"http://127.0.0.1:{sockets[0].getsockname()[1]}"},
+                                   node_port, log_path=log_path)
+    try:
+        attempt = asyncio.ensure_future(websocket_connect(cluster.ws_url(node_port, "user:drain-while-checked")))
+        await wait_for(lambda: seen, 5, "the node never asked auth about the token")
+        os.kill(node.pid, signal.SIGTERM)
+        with pytest.raises(HTTPClientError) as refused:
+            await asyncio.wait_for(attempt, 10)
+        assert refused.value.code == 503
+        assert b"node is draining" in refused.value.response.body
+        assert await asyncio.to_thread(node.terminate, 15) == 0
+    finally:
+        release.set()
+        held_auth.stop()
+    log = log_path.read_text()
+    assert "rejected with 503: the node drained while auth had not answered its token check" in log
+    assert " 500 " not in log and "Traceback" not in log, log[-3000:]
