@@ -32,7 +32,8 @@ class CloseCode(enum.IntEnum):
     #: The user already holds ``MAX_USER_CONNECTIONS`` connections on this node: reconnect with
     #: backoff (to another node, or once one of the user's connections closed).
     TOO_MANY_CONNECTIONS = 4429
-    #: The client sent a frame that is not a JSON object with a known ``type``, a bad ``since``, or
+    #: The client sent a frame that is not a JSON object with a known ``type`` (a binary frame,
+    #: a text frame that is not UTF-8, where RFC 6455 would allow 1007), a bad ``since``, or
     #: more acks than the message frames written to it allow (:mod:`wsnode.acks`).
     BAD_REQUEST = 4500
 

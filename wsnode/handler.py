@@ -158,6 +158,15 @@ class PushHandler(WebSocketHandler):
             return
         self.node.receipts.add(frame.id, self.user_id)
 
+    def on_text_not_utf8(self) -> None:
+        """A text frame whose payload is not UTF-8 (:mod:`wsnode.reader`): a bad frame like any
+        other (RFC 6455 lets the endpoint say 1007; 4500 tells a client not to reconnect until
+        it is fixed, as for a binary frame)."""
+        if self._refusal is not None:
+            return
+        exc = protocol.ProtocolError("text frame is not UTF-8: send JSON text")
+        self._close_for_frame(exc.code, str(exc), exc.reason)
+
     def _close_for_frame(self, code: CloseCode, why: str, reason: str) -> None:
         if self.closing:
             return  # closed already, by an earlier frame of the same read or by the node

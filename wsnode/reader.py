@@ -11,7 +11,7 @@ in it: the same checks, in the same order, with the same outcome as Tornado's ``
 (a frame over ``max_message_size`` closes with 1009 as soon as its header is read; reserved bits,
 a fragmented or oversized control frame, or a continuation with nothing to continue abort the
 connection), then Tornado's own ``_handle_message`` (permessage-deflate, text, binary, ping, pong,
-close).  It relies on Tornado 6.6's protocol attributes (pinned);
+close), except that a text message that is not UTF-8 goes to the handler's ``on_text_not_utf8``.  It relies on Tornado 6.6's protocol attributes (pinned);
 ``tests/integration/test_reader.py`` runs it against Tornado's client and against raw frames.
 """
 
@@ -21,7 +21,7 @@ import asyncio
 
 from tornado.iostream import StreamClosedError
 from tornado.util import _websocket_mask
-from tornado.websocket import WebSocketProtocol13, _WebSocketParams
+from tornado.websocket import WebSocketProtocol13, _DecompressTooLargeError, _WebSocketParams
 
 from wsnode import wire
 
@@ -125,6 +125,28 @@ class BatchReadingProtocol(WebSocketProtocol13):
         if is_final:
             return self._handle_message(opcode, data)
         return None
+
+    def _handle_message(self, opcode: int, data: bytes):
+        """Tornado's, except for a text message that is not UTF-8: Tornado drops the connection
+        without a close frame (the client sees 1006, and reconnects to send it again); here the
+        handler's ``on_text_not_utf8`` decides (the node closes with 4500, as for any bad frame).
+        The text path below is Tornado 6.6's, decompression included."""
+        if opcode != 0x1 or self.client_terminated:
+            return super()._handle_message(opcode, data)
+        if self._frame_compressed:
+            try:
+                data = self._decompressor.decompress(data)
+            except _DecompressTooLargeError:
+                self.close(1009, "message too big after decompression")
+                self._abort()
+                return None
+        self._message_bytes_in += len(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.handler.on_text_not_utf8()
+            return None
+        return self._run_callback(self.handler.on_message, text)
 
 
 def protocol_for(handler) -> BatchReadingProtocol | None:

@@ -132,6 +132,15 @@ async def test_a_binary_frame_closes_with_4500(cluster):
     assert code == CloseCode.BAD_REQUEST
 
 
+async def test_a_text_frame_that_is_not_utf8_closes_with_4500(cluster):
+    """Tornado dropped the connection without a close frame (1006: "reconnect"), and nothing
+    was logged or counted."""
+    client = await cluster.connect("not-utf8-sender")
+    client.ws.protocol._write_frame(True, 0x1, b"{\"type\": \"ack\", \"id\": \"\xff\"}")
+    code, reason = await client.closed()
+    assert (code, reason) == (CloseCode.BAD_REQUEST, "text frame is not UTF-8: send JSON text")
+
+
 async def test_an_unknown_frame_type_closes_with_4500(cluster):
     client = await cluster.connect("unknown-type-sender")
     await client.send({"type": "subscribe", "channel": "x"})

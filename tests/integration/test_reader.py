@@ -43,6 +43,10 @@ class Recorder(tornado.websocket.WebSocketHandler):
     def on_message(self, message) -> None:
         Recorder.messages.append(message)
 
+    def on_text_not_utf8(self) -> None:
+        Recorder.messages.append("<not UTF-8>")
+        self.close(4500, "not UTF-8")
+
     def on_close(self) -> None:
         Recorder.closed.set()
 
@@ -175,3 +179,20 @@ async def test_frames_tornado_refuses_drop_the_connection(port, bad):
     await asyncio.wait_for(Recorder.closed.wait(), 5)
     assert "never" not in Recorder.messages
     writer.close()
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "permessage-deflate"])
+async def test_a_text_message_that_is_not_utf8_goes_to_the_handler_which_closes(port, compress):
+    """Tornado dropped such a connection without a close frame: the client saw 1006."""
+    client = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/ws", compression_options={} if compress else None)
+    proto = client.protocol
+    client.write_message("before")
+    payload = b"\xff\xfe not UTF-8"
+    if compress:
+        assert proto._compressor is not None, "the server did not accept permessage-deflate"
+        proto._write_frame(True, 0x1, proto._compressor.compress(payload), flags=proto.RSV1)
+    else:
+        proto._write_frame(True, 0x1, payload)
+    assert await client.read_message() is None
+    assert (client.close_code, client.close_reason) == (4500, "not UTF-8")
+    assert await wait_for_messages(2) == ["before", "<not UTF-8>"]
