@@ -12,6 +12,9 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -98,6 +101,18 @@ async def test_each_push_node_answers_celery_ping_and_lists_its_own_queue(cluste
         assert pings[name] == {"ok": "pong"}
         assert [q["name"] for q in queues[name]] == [queue]
         assert queues[name][0]["routing_key"] == queue
+
+
+def test_the_readmes_worker_health_check_exits_0_while_the_worker_answers_and_69_when_none_does(cluster):
+    """``celery -A worker inspect ping -d NAME``, the worker's health check in the README."""
+    def ping(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "inspect", "ping", "-d", name, "--timeout", "2"],
+                              env={**os.environ, **cluster.env}, capture_output=True, text=True, timeout=60)
+
+    live = ping(f"worker@{socket.gethostname()}")
+    assert live.returncode == 0 and "pong" in live.stdout, live.stdout + live.stderr
+    gone = ping("worker@no-such-host")
+    assert gone.returncode == 69 and "No nodes replied" in gone.stdout + gone.stderr, gone.stdout + gone.stderr
 
 
 async def test_flower_lists_each_push_node_as_an_online_worker_consuming_its_queue(cluster, flower):
