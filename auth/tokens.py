@@ -122,6 +122,10 @@ def verify(secret: str, token: object, now: float) -> Claims:
     """
     if not isinstance(token, str) or not token:
         raise TokenInvalid(f"expected a non-empty string, got {type(token).__name__ if not isinstance(token, str) else 'an empty string'}")
+    if not token.isascii():
+        # A JWT is base64url and dots.  PyJWT encodes the text first, and a lone surrogate (which
+        # JSON's \ud800 escape carries) raised UnicodeEncodeError out of it: a 500, for a whole list.
+        raise TokenInvalid("malformed (not ASCII: a token is base64url text and dots)")
     try:
         payload = jwt.decode(
             token,

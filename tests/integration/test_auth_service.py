@@ -275,6 +275,23 @@ def test_a_token_signed_with_another_secret_is_401_invalid(auth):
     assert body["error"].startswith("token invalid: signature")
 
 
+@pytest.mark.parametrize("token", ["\ud800", "a.\udfff.c", "é.b.c"])
+def test_a_token_that_is_not_ascii_is_401_invalid_alone_in_a_list_and_400_to_revoke(auth, token):
+    # JSON's \ud800 escape carries a lone surrogate, which cannot be encoded: that was a 500, and a
+    # 500 for every token of a list that held it.
+    good = issue(auth, "ursula")
+
+    status, body = verify(auth, token)
+    listed = call(auth, "POST", "/verify", {"tokens": [good["token"], token]})
+    revoked = call(auth, "POST", "/revoke", {"token": token}, key=ADMIN_KEY)
+
+    assert status == 401 and body["error"].startswith("token invalid: "), body
+    assert listed[0] == 200, listed
+    assert listed[1]["results"][0] == identity(good, "ursula")
+    assert listed[1]["results"][1]["error"].startswith("token invalid: ")
+    assert revoked[0] == 400 and revoked[1]["error"].startswith("token invalid: "), revoked
+
+
 @pytest.mark.parametrize("raw", [b"not json", b'"a.b.c"', b"{}", b'{"token": 12}', b'{"token": null}'])
 def test_verifying_a_body_that_is_not_json_with_a_string_token_is_400(auth, raw):
     status, body = call(auth, "POST", "/verify", raw=raw)
