@@ -78,7 +78,7 @@ class AuthService:
         self.admin_key = admin_key
         self.token_ttl = token_ttl
         self.clock = clock
-        self.revocations = Revocations(redis_client, token_ttl)
+        self.revocations = Revocations(redis_client, token_ttl, clock)
         args = {"service": self}
         self.app = tornado.web.Application(
             [

@@ -12,6 +12,12 @@ without bound:
   assumes ``token_ttl`` is the lifetime the service issues tokens with.  A later revocation only
   ever moves the cutoff forward, and never the expiry back (made under a shorter ``token_ttl``).
 
+Whether a token expired is decided by auth's clock, and Redis expires keys by its own: so each
+entry is written with a time to live counted from auth's clock (never an absolute time, which
+Redis would read by its clock: an auth ``N`` seconds behind Redis lost each entry ``N`` seconds
+before its token expired, and a token revoked in its last ``N`` seconds was not recorded at all),
+plus :data:`CLOCK_MARGIN_SECONDS` for auth processes whose clocks disagree with each other.
+
 Each revocation recorded is also published on the Redis channel :data:`CHANNEL`, as JSON
 ``{"user_id": ..., "token_id": <jti>}`` (one token) or ``{"user_id": ..., "cutoff_us": ...}``
 (every token of the user issued up to then): push nodes close the connections it covers
@@ -29,6 +35,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -42,6 +50,9 @@ JTI_PREFIX = "auth:revoked:jti:"
 USER_PREFIX = "auth:revoked:user:"
 #: Where each revocation is published for the push nodes.
 CHANNEL = "auth:revocations"
+#: Seconds an entry outlives the last token it covers: another auth process whose clock runs up to
+#: this much behind the one that wrote it still finds it until the token has expired by its clock.
+CLOCK_MARGIN_SECONDS = 60
 
 
 def revoked_by(by_jti: object, user_cutoff: object, issued_at_us: int) -> bool:
@@ -49,25 +60,25 @@ def revoked_by(by_jti: object, user_cutoff: object, issued_at_us: int) -> bool:
     its ``JTI_PREFIX`` key and its user's ``USER_PREFIX`` key (None where there is no key).  Pure."""
     return by_jti is not None or (user_cutoff is not None and issued_at_us <= int(user_cutoff))
 
-# KEYS[1] user key; ARGV[1] cutoff (us); ARGV[2] expiry (unix seconds).  Keeps the larger cutoff
-# and the later expiry: an entry made when TOKEN_TTL was longer covers tokens that live that long,
-# so a later revocation must not shorten it.  PTTL and TIME rather than EXPIRETIME (Redis 7).
+# KEYS[1] user key; ARGV[1] cutoff (us); ARGV[2] milliseconds the entry must live from now.  Keeps
+# the larger cutoff and the later expiry: an entry made when TOKEN_TTL was longer covers tokens
+# that live that long, so a later revocation must not shorten it.  Times to live only, never
+# Redis's clock (TIME, EXAT): auth's clock decides when the tokens expire.
 _MOVE_CUTOFF_FORWARD = """
 local stored = redis.call('GET', KEYS[1])
 local moved = (not stored) or tonumber(ARGV[1]) > tonumber(stored)
 local left_ms = redis.call('PTTL', KEYS[1])
-local now = redis.call('TIME')
-local keeps_later = left_ms >= 0 and tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + left_ms >= tonumber(ARGV[2]) * 1000
+local keeps_later = left_ms >= tonumber(ARGV[2])
 if moved then
   if keeps_later then
     redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
   else
-    redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[2])
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   end
   return 1
 end
 if not keeps_later then
-  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -85,9 +96,10 @@ class RevocationNotAnnounced(AuthError):
 class Revocations:
     """Records and checks revoked tokens and users; loop thread only."""
 
-    def __init__(self, redis_client: redis.asyncio.Redis, token_ttl: int) -> None:
+    def __init__(self, redis_client: redis.asyncio.Redis, token_ttl: int, clock: Callable[[], float] = time.time) -> None:
         self._redis = redis_client
         self._token_ttl = token_ttl
+        self._clock = clock  # auth's, which tokens expire by (AuthService's)
         self._move_cutoff = redis_client.register_script(_MOVE_CUTOFF_FORWARD)
 
     async def revoke_token(self, claims_or_jti: Claims | str, expires_at: int) -> None:
@@ -95,17 +107,24 @@ class Revocations:
         jti = claims_or_jti.jti if isinstance(claims_or_jti, Claims) else claims_or_jti
         if not isinstance(jti, str) or not jti:
             raise ValueError(f"expected a token's jti (a non-empty string) or its Claims, got {claims_or_jti!r}")
-        # EXAT in the past is accepted by Redis and leaves no key, which is what an expired token needs.
-        await self._call(self._redis.set(JTI_PREFIX + jti, 1, exat=max(int(expires_at), 1)))
+        live_ms = self._live_ms(expires_at)
+        if live_ms > 0:  # else the token is dead for every auth already: nothing to record
+            await self._call(self._redis.set(JTI_PREFIX + jti, 1, px=live_ms))
         if isinstance(claims_or_jti, Claims):
             await self._publish({"user_id": claims_or_jti.user_id, "token_id": jti})
 
     async def revoke_user(self, user_id: str, at: float) -> None:
         """Revoke every token of ``user_id`` issued at or before ``at`` (unix seconds)."""
         cutoff_us = math.floor(at * 1_000_000)
-        expire_at = math.ceil(at + self._token_ttl)
-        await self._call(self._move_cutoff(keys=[USER_PREFIX + user_id], args=[cutoff_us, expire_at]))
+        live_ms = self._live_ms(at + self._token_ttl)
+        if live_ms > 0:  # else every token it covers is dead already
+            await self._call(self._move_cutoff(keys=[USER_PREFIX + user_id], args=[cutoff_us, live_ms]))
         await self._publish({"user_id": user_id, "cutoff_us": cutoff_us})
+
+    def _live_ms(self, until: float) -> int:
+        """Milliseconds from now, by auth's clock, that an entry covering tokens that expire at
+        ``until`` (unix seconds) must live: to then, plus :data:`CLOCK_MARGIN_SECONDS`."""
+        return math.ceil((until + CLOCK_MARGIN_SECONDS - self._clock()) * 1000)
 
     async def _publish(self, revocation: dict) -> None:
         """Tell the push nodes, or raise ``RevocationNotAnnounced``: a subscribed node hears of a

@@ -1,0 +1,72 @@
+"""Auth's revocation list when clocks disagree: an in-process ``AuthService`` whose clock is not
+Redis's (another host), against a private redis-server.
+
+Revocation entries must outlive the tokens they cover by auth's clock, which decides whether a
+token has expired; Redis expires keys by its own.  With absolute expiry times (EXAT), an auth
+whose clock ran behind Redis's by N seconds had each entry vanish N seconds before its token
+expired, and the revoked token verified again meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis.asyncio
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+import launcher
+from auth.app import AuthService
+from auth.revocations import CLOCK_MARGIN_SECONDS
+
+SECRET = "clock-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+ADMIN_KEY = "clock-test-admin-key-0123456789"
+#: How far auth's clock runs behind Redis's in these tests.
+BEHIND = 30.0
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with launcher.RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def auth_behind(redis_server):
+    """An AuthService on a free port whose clock is ``BEHIND`` seconds behind Redis's; yields
+    ``(base URL, Redis client)``."""
+    client = redis.asyncio.Redis.from_url(redis_server.url(1))
+    service = AuthService(SECRET, ADMIN_KEY, client, token_ttl=3600, clock=lambda: time.time() - BEHIND)
+    port = service.start(0, "127.0.0.1")
+    try:
+        yield f"http://127.0.0.1:{port}", client
+    finally:
+        await service.stop()
+        await client.flushdb()
+        await client.aclose()
+
+
+async def post(base: str, path: str, body: dict, admin: bool = False) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"} if admin else {}
+    try:
+        response = await AsyncHTTPClient().fetch(base + path, method="POST", body=json.dumps(body), headers=headers)
+    except HTTPClientError as exc:
+        return exc.code, json.loads(exc.response.body)
+    return response.code, json.loads(response.body)
+
+
+@pytest.mark.parametrize("revoke", ["token", "user_id"])
+async def test_a_revocation_outlives_its_token_by_auths_clock_when_auths_clock_is_behind_redis(auth_behind, revoke):
+    base, client = auth_behind
+    status, issued = await post(base, "/tokens", {"user_id": "quinn", "ttl": 2}, admin=True)
+    assert status == 200, issued
+    assert await post(base, "/revoke", {"token": issued["token"]} if revoke == "token" else {"user_id": "quinn"}, admin=True) == (200, {"revoked": "token" if revoke == "token" else "user"})
+
+    # By auth's clock the token lives about 2 s more; by Redis's it expired 28 s ago.
+    assert (await post(base, "/verify", {"token": issued["token"]}))[1] == {"error": "token revoked"}
+    [key] = await client.keys("auth:revoked:jti:*" if revoke == "token" else "auth:revoked:user:quinn")
+    left = await client.pttl(key)
+    # The token's entry lasts its token's life plus the margin; the user's, TOKEN_TTL plus the margin.
+    lives = 2 if revoke == "token" else 3600
+    assert (lives + CLOCK_MARGIN_SECONDS - 2) * 1000 <= left <= (lives + CLOCK_MARGIN_SECONDS + 1) * 1000, left
