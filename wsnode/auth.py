@@ -24,7 +24,9 @@ which in a reconnect storm costs the node and auth a connect and a close per bro
 TIME_WAIT socket behind each.  At most ``max_in_flight`` requests are in flight at once (one but
 when checking one token per request); the others wait in the client's queue.  A connection that
 auth closed (it restarted) is noticed by libcurl, which connects again.  Every failure to get an
-answer (refused, reset, timed out) is libcurl's error 599, hence :class:`AuthUnavailable`.
+answer (refused, reset, timed out) is libcurl's error 599, hence :class:`AuthUnavailable`; the
+checks that waited for a check that got no usable answer fail with it, without asking auth (an
+auth that answers nothing makes each request wait for the whole ``timeout``).
 """
 
 from __future__ import annotations
@@ -138,7 +140,26 @@ class AuthClient:
 
     async def _check_many(self, tokens: list[str]) -> list[Identity | Exception]:
         """The identity, or the :class:`AuthError` to raise, per token; raises an :class:`AuthError`
-        that holds for all of them."""
+        that holds for all of them.  When auth could not answer, the checks that came meanwhile
+        fail with it, unasked: each request to an auth that accepts connections and answers
+        nothing waits for the whole timeout, so a reconnect storm's last browsers waited (checks /
+        ``MAX_VERIFY_BATCH``) timeouts for their 1013, and came back with more checks meanwhile."""
+        try:
+            results = await self._check_tokens(tokens)
+        except AuthUnavailable as exc:
+            self._fail_waiting(exc)
+            raise
+        unavailable = next((result for result in results if isinstance(result, AuthUnavailable)), None)
+        if unavailable is not None:
+            self._fail_waiting(unavailable)
+        return results
+
+    def _fail_waiting(self, cause: AuthUnavailable) -> None:
+        failed = self._checks.fail_waiting(AuthUnavailable(f"{cause} (while this token waited for that check: not asked)"))
+        if failed:
+            log.warning("%d token checks that waited for auth failed unasked: the check before them got no answer (%s)", failed, cause)
+
+    async def _check_tokens(self, tokens: list[str]) -> list[Identity | Exception]:
         if len(tokens) == 1 or not self._list_form:
             return await self._check_each(tokens)
         parts = within_body(tokens, MAX_VERIFY_BODY_BYTES)

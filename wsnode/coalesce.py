@@ -69,6 +69,13 @@ class Coalescer(Generic[T, R]):
             self._running = False
             self._task = None
 
+    def fail_waiting(self, error: Exception) -> int:
+        """Raise ``error`` to the callers of every item submitted and not yet carried by a call (a
+        ``flush`` that learnt its items' answer holds for them too, as it returns); returns how many."""
+        waiting, self._waiting = self._waiting, []
+        _settle(waiting, error)
+        return len(waiting)
+
     def __len__(self) -> int:
         """Items submitted and not yet carried by a call."""
         return len(self._waiting)

@@ -13,7 +13,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from wsnode.auth import AuthClient
+from wsnode.auth import AuthClient, AuthUnavailable
 
 
 class HeldVerifyHandler(tornado.web.RequestHandler):
@@ -82,4 +82,24 @@ async def test_answers_in_flight_when_a_revocation_made_the_node_forget_are_retu
     assert [identity.user_id for identity in await first] == users  # RecentRevocations refuses them as they bind
     await asyncio.gather(*(client.verify(f"user:{user}") for user in users))
     assert len(seen) == 2, "the answers auth gave before the revocation were cached and used again"
+    client._http.close()
+
+
+async def test_checks_that_waited_behind_a_check_auth_did_not_answer_fail_with_it_and_are_not_sent(stand_in):
+    # An auth that accepts connections and answers nothing (stopped, overloaded): each request
+    # times out.  The checks that came meanwhile used to go as the next requests, 100 a time, each
+    # timing out in turn: in a reconnect storm the last browsers waited (number / 100) x the
+    # timeout for their 1013, long after they had given up and come back with more checks.
+    url, seen, _ = stand_in  # never released
+    client = AuthClient(url, cache_seconds=0, timeout=0.5)
+    first = asyncio.ensure_future(client.verify("user:first"))
+    await asked(seen, 1)
+    started = time.monotonic()
+    waiting = [asyncio.ensure_future(client.verify(f"user:u{index}")) for index in range(250)]
+
+    results = await asyncio.gather(first, *waiting, return_exceptions=True)
+
+    assert all(isinstance(result, AuthUnavailable) for result in results), {type(result).__name__ for result in results}
+    assert len(seen) == 1, f"{len(seen)} requests to an auth that answered none"
+    assert time.monotonic() - started < 1.0
     client._http.close()

@@ -121,3 +121,22 @@ async def test_a_flush_that_returns_the_wrong_number_of_results_fails_every_call
     coalescer: Coalescer[str, str] = Coalescer(short)
     with pytest.raises(RuntimeError, match="returned 0 results for 1 items"):
         await asyncio.wait_for(coalescer.submit("a"), 1)
+
+
+async def test_fail_waiting_raises_to_the_callers_not_yet_carried_and_leaves_the_running_call_alone():
+    flush = Recorder()
+    coalescer = Coalescer(flush)
+    running = asyncio.create_task(coalescer.submit("a"))
+    await settle()
+    waiting = [asyncio.create_task(coalescer.submit(item)) for item in ("b", "c")]
+    await settle()
+
+    assert coalescer.fail_waiting(RuntimeError("auth did not answer")) == 2
+    flush.release.set()
+
+    assert await running is None
+    for task in waiting:
+        with pytest.raises(RuntimeError, match="auth did not answer"):
+            await task
+    assert flush.calls == [["a"]]
+    assert len(coalescer) == 0
