@@ -225,6 +225,12 @@ AUTH_ADMIN_KEY: str = _read(_env, "AUTH_ADMIN_KEY", DEV_AUTH_ADMIN_KEY, str, "a 
 if AUTH_ADMIN_KEY != AUTH_ADMIN_KEY.strip():
     raise SettingsError("AUTH_ADMIN_KEY starts or ends with whitespace (a trailing newline of a secret file?), which no Authorization "
                         "header can carry, so every admin request would be refused: remove the whitespace from the value")
+# Auth reads header bytes as Latin-1 (Tornado): a key outside ASCII matches only clients that send
+# it in Latin-1, never one that sends UTF-8 (curl, Go, Node), which gets 401 with the right key.
+if not AUTH_ADMIN_KEY.isascii():
+    raise SettingsError("AUTH_ADMIN_KEY holds characters outside ASCII, which HTTP clients send in different encodings in the "
+                        "Authorization header, so the right key would be refused to some of them: use ASCII, such as "
+                        "python -c 'import secrets; print(secrets.token_urlsafe(32))' prints")
 #: Lifetime of an issued token, in seconds.
 TOKEN_TTL: int = _read(_env, "TOKEN_TTL", 3600, _positive_int, "a whole number of seconds")
 #: How long a connection whose token expired stays open for the client to send a newer one

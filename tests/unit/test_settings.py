@@ -276,6 +276,17 @@ def test_an_admin_key_with_whitespace_around_it_stops_the_import_naming_it_witho
     assert key.strip() not in done.stderr
 
 
+@pytest.mark.parametrize("key", ["clé-d-administration-0123456789-abcdefgh", "admin-key-0123456789-abcdefghijklmnop-秘密"])
+def test_an_admin_key_that_is_not_ascii_stops_the_import_naming_it_without_showing_it(key):
+    # Tornado reads header bytes as Latin-1: such a key matched the Authorization header of a
+    # client that sends Latin-1 (Python's http.client, for the first key; none for the second) and
+    # never that of one that sends UTF-8 (curl, Go, Node), which got 401 with the right key.
+    done = subprocess.run([sys.executable, "-c", "import settings"], cwd=Path(__file__).resolve().parents[2], env={**os.environ, "AUTH_ADMIN_KEY": key},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "AUTH_ADMIN_KEY holds characters outside ASCII" in done.stderr, done.stderr[-500:]
+    assert key not in done.stderr
+
+
 @pytest.mark.parametrize("command", [["-m", "wsnode", "--port", "70000"], ["-m", "demo", "--port", "0"], ["cluster.py", "--flower-port", "65536"]],
                          ids=["node", "demo", "cluster"])
 def test_a_port_option_outside_1_to_65535_is_refused_by_the_command_line(command):
