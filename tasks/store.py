@@ -44,7 +44,8 @@ engine mongomock's checks and copies, about 90 us):
 - ``keys {_id: key, ids, at}``: idempotency keys.
 
 Errors: StoreError, for anything the store cannot do; StoreUnavailable(StoreError), for a server or
-disk that cannot be reached right now (transient: retry with backoff).
+disk that cannot be reached right now, or a server that refuses for now (no primary, a write its
+replica set did not confirm): transient, retry with backoff.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ log = logging.getLogger(__name__)
 TIMEOUT_MS = 5000
 BROADCAST = "*"
 _DUPLICATE_KEY = 11000
+#: MongoDB's codes for "not now" (a replica set electing a primary, a member shutting down, a
+#: network error between members, a write its members did not confirm in time): the retryable
+#: writes specification's list, plus MaxTimeMSExpired (50) and WriteConcernFailed (64, wtimeout).
+#: pymongo raises most of them as AutoReconnect; these come as OperationFailure (a write concern
+#: error) or inside a BulkWriteError.
+_TRANSIENT_CODES = frozenset({6, 7, 50, 64, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436})
+#: AuthenticationFailed, Unauthorized: MONGO_URL's user, or its roles.
+_ACCESS_CODES = frozenset({13, 18})
 _OPEN_ATTEMPTS = 10
 _EMBEDDED_ID_BATCH = 2000
 #: On the embedded engine a replay reads every message after its ``since`` through the primary key
@@ -494,6 +503,13 @@ class Store:
             where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
             raise StoreUnavailable(f"{action}: the embedded store in {where} failed ({exc}); check that the disk is local, writable and not full, and that no stuck process holds its files") from exc
         except (errors.PyMongoError, sqlite3.Error) as exc:
+            where = settings.redact(settings.MONGO_URL or "")
+            if isinstance(exc, errors.OperationFailure) and _transient(exc):
+                raise StoreUnavailable(f"{action}: MongoDB could not do it now ({exc}); check that MONGO_URL={where} has a primary "
+                                       "and that its members are up and replicating") from exc
+            if isinstance(exc, errors.OperationFailure) and exc.code in _ACCESS_CODES:
+                raise StoreError(f"{action} failed: {exc}; check the user, password and authSource in MONGO_URL={where} and that "
+                                 f"the user has the readWrite role on the database {settings.MONGO_DB}") from exc
             raise StoreError(f"{action} failed: {exc}") from exc
 
 
@@ -541,6 +557,20 @@ def _one_transaction(collection) -> Iterator[None]:
         connection.commit()
     finally:
         table._connection = connection
+
+
+def _transient(exc: errors.OperationFailure) -> bool:
+    """Whether MongoDB refused ``exc``'s operation for now rather than for good: a code of
+    ``_TRANSIENT_CODES``, or the server's RetryableWriteError label.  A BulkWriteError is when each
+    of its errors but the duplicate keys is (``insert_many`` reports a write concern error, such as
+    a primary stepping down before the majority had the documents, in ``writeConcernErrors``:
+    the documents may be stored or not, and inserting them again is what settles it)."""
+    if isinstance(exc, errors.BulkWriteError):
+        details = exc.details or {}
+        codes = [e.get("code") for e in details.get("writeErrors", ()) if e.get("code") != _DUPLICATE_KEY]
+        codes += [e.get("code") for e in details.get("writeConcernErrors", ())]
+        return bool(codes) and all(code in _TRANSIENT_CODES for code in codes)
+    return exc.code in _TRANSIENT_CODES or exc.has_error_label("RetryableWriteError")
 
 
 def _documents_of(collection):

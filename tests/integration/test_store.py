@@ -16,6 +16,7 @@ import time
 import uuid
 
 import pytest
+from pymongo import errors
 
 import settings
 from tasks import checkpoints, wirejson
@@ -350,6 +351,75 @@ def test_an_unreachable_mongodb_raises_store_unavailable_naming_mongo_url(locati
 
     with pytest.raises(StoreUnavailable, match="MONGO_URL"):
         Store.open()
+
+
+def _through_mongodb(store, monkeypatch, method: str, error: Exception) -> None:
+    """Make the store's writes and reads go through its collections' pymongo methods, as on
+    MongoDB, with ``method`` of every collection raising ``error`` (what a server sends back)."""
+    monkeypatch.setattr(store_module, "_litemongo_table", lambda *_: None)
+
+    def refuse(*_, **__):
+        raise error
+    for name in ("messages", "receipts", "keys"):
+        monkeypatch.setattr(getattr(store, f"_{name}"), method, refuse)
+
+
+#: What MongoDB answers when a replica set cannot do a write now (pymongo raises those that come as
+#: a command's error as AutoReconnect, which the store already took as unavailable).
+REFUSED_FOR_NOW = {
+    "replication timed out": errors.BulkWriteError({"writeErrors": [], "nInserted": 1, "writeConcernErrors": [
+        {"code": 64, "codeName": "WriteConcernFailed", "errmsg": "waiting for replication timed out", "errInfo": {"wtimeout": True}}]}),
+    "primary stepped down, some keys taken": errors.BulkWriteError({"nInserted": 0, "writeErrors": [
+        {"index": 0, "code": 11000, "errmsg": "E11000 duplicate key error"}], "writeConcernErrors": [
+        {"code": 11602, "codeName": "InterruptedDueToReplStateChange", "errmsg": "operation was interrupted"}]}),
+    "no primary for a write": errors.BulkWriteError({"nInserted": 0, "writeConcernErrors": [], "writeErrors": [
+        {"index": 0, "code": 10107, "errmsg": "not primary"}, {"index": 1, "code": 11000, "errmsg": "E11000 duplicate key error"}]}),
+}
+
+
+@pytest.mark.parametrize("error", list(REFUSED_FOR_NOW.values()), ids=list(REFUSED_FOR_NOW))
+def test_a_write_mongodb_refuses_for_now_raises_store_unavailable_so_that_it_is_retried(store, monkeypatch, error):
+    """A replica set that did not confirm a write in time, or lost its primary during it, answers
+    insert_many with a BulkWriteError: that was a StoreError, which Collect and the receipts task
+    do not retry (the batch failed, and its acks were lost), although the same write succeeds
+    once the set has a primary again."""
+    _through_mongodb(store, monkeypatch, "insert_many", error)
+    gen = IdGenerator()
+
+    with pytest.raises(StoreUnavailable, match="primary"):
+        store.insert_messages([make(gen, ["alice"])])
+    with pytest.raises(StoreUnavailable):
+        store.record_receipts([{"id": gen.next_id(), "user": "alice", "state": "acked", "at": time.time()}])
+    with pytest.raises(StoreUnavailable):
+        store.claim_ids("key:k", [gen.next_id()])
+
+
+def test_a_write_concern_error_of_a_stepdown_on_a_purge_raises_store_unavailable(store, monkeypatch):
+    _through_mongodb(store, monkeypatch, "delete_many", errors.WriteConcernError(
+        "operation was interrupted", 11602, {"ok": 1, "n": 3, "writeConcernError": {"code": 11602, "errmsg": "operation was interrupted"}}))
+    monkeypatch.setattr(store_module, "_embedded_may_hold_older", lambda *_: True)
+
+    with pytest.raises(StoreUnavailable):
+        store.purge()
+
+
+def test_a_write_mongodb_refuses_for_good_raises_store_error_not_store_unavailable(store, monkeypatch):
+    _through_mongodb(store, monkeypatch, "insert_many", errors.BulkWriteError({"nInserted": 0, "writeConcernErrors": [], "writeErrors": [
+        {"index": 0, "code": 121, "errmsg": "Document failed validation"}, {"index": 1, "code": 11600, "errmsg": "interrupted at shutdown"}]}))
+
+    with pytest.raises(StoreError, match="failed validation") as raised:
+        store.insert_messages([make(IdGenerator(), ["alice"])])
+    assert not isinstance(raised.value, StoreUnavailable)
+
+
+def test_an_authentication_failure_raises_store_error_naming_mongo_url_without_its_password(store, monkeypatch):
+    monkeypatch.setattr(settings, "MONGO_URL", "mongodb://push:s3cret@db.example:27017/push")
+    _through_mongodb(store, monkeypatch, "insert_many", errors.OperationFailure(
+        "Authentication failed.", 18, {"ok": 0, "errmsg": "Authentication failed.", "code": 18, "codeName": "AuthenticationFailed"}))
+
+    with pytest.raises(StoreError, match="mongodb://push:\\*\\*\\*@db.example:27017/push") as raised:
+        store.insert_messages([make(IdGenerator(), ["alice"])])
+    assert not isinstance(raised.value, StoreUnavailable) and "s3cret" not in str(raised.value)
 
 
 def test_a_locked_embedded_store_raises_store_unavailable_naming_the_disk(store):
