@@ -184,8 +184,18 @@ class Store:
         except errors.OperationFailure as exc:
             if exc.code != _INDEX_OPTIONS_CONFLICT:
                 raise
-            # RETENTION_SECONDS changed since the index was made: change it in place.
-            self.database.command("collMod", collection.name, index={"name": "at_ttl", "expireAfterSeconds": settings.RETENTION_SECONDS})
+            # RETENTION_SECONDS changed since the index was made (or an index on `at` has another
+            # name): change it in place, found by its key.  collMod needs more than the readWrite
+            # role (dbAdmin); without it the store works on with the retention the index has.
+            change = {"keyPattern": {"at": 1}, "expireAfterSeconds": settings.RETENTION_SECONDS}
+            try:
+                self.database.command("collMod", collection.name, index=change)
+            except errors.OperationFailure as denied:
+                if denied.code not in _ACCESS_CODES:
+                    raise
+                log.error("the TTL index on %s.at keeps its retention, not RETENTION_SECONDS=%s: MONGO_URL's user may not run "
+                          "collMod (%s); run db.runCommand({collMod: %r, index: %s}) as a dbAdmin of %s",
+                          collection.name, settings.RETENTION_SECONDS, denied, collection.name, change, self.database.name)
 
     def insert_messages(self, messages: list[dict]) -> None:
         """Store ``[{"id", "to": [users] | "*", "data"[, "key"]}]``; re-inserting the same ids is a no-op."""

@@ -422,6 +422,36 @@ def test_an_authentication_failure_raises_store_error_naming_mongo_url_without_i
     assert not isinstance(raised.value, StoreUnavailable) and "s3cret" not in str(raised.value)
 
 
+class _TTLIndexOfAnotherRetention:
+    """A collection whose TTL index was made with another RETENTION_SECONDS: MongoDB refuses
+    createIndexes with IndexOptionsConflict (85), as it does when an index on ``at`` has another name."""
+    name = "messages"
+
+    def create_index(self, *_, **__):
+        raise errors.OperationFailure("An equivalent index already exists with the same name but different options", 85)
+
+
+def test_a_changed_retention_changes_the_ttl_index_by_its_key(store, monkeypatch):
+    commands = []
+    monkeypatch.setattr(store.database, "command", lambda *args, **kwargs: commands.append((args, kwargs)))
+
+    store._ensure_ttl(_TTLIndexOfAnotherRetention())
+
+    assert commands == [(("collMod", "messages"), {"index": {"keyPattern": {"at": 1}, "expireAfterSeconds": settings.RETENTION_SECONDS}})]
+
+
+def test_a_changed_retention_the_user_may_not_apply_leaves_the_store_working_and_says_what_to_run(store, monkeypatch, caplog):
+    """collMod is not in MongoDB's readWrite role: a deploy that changed RETENTION_SECONDS made
+    every worker process fail to open its store, and so to store any message."""
+    def unauthorized(*_, **__):
+        raise errors.OperationFailure("not authorized on push to execute command { collMod: ... }", 13)
+    monkeypatch.setattr(store.database, "command", unauthorized)
+
+    store._ensure_ttl(_TTLIndexOfAnotherRetention())
+
+    assert "collMod" in caplog.text and "RETENTION_SECONDS" in caplog.text and "dbAdmin" in caplog.text
+
+
 def test_a_locked_embedded_store_raises_store_unavailable_naming_the_disk(store):
     if not store.embedded:
         pytest.skip("SQLite locking is the embedded engine's")
