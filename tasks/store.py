@@ -124,7 +124,15 @@ class Store:
         """A store on ``MONGO_URL``, or on the embedded engine in ``DATA_DIR/mongo`` when it is unset."""
         if settings.MONGO_URL:
             where = settings.redact(settings.MONGO_URL)
-            client = pymongo.MongoClient(settings.MONGO_URL, serverSelectionTimeoutMS=TIMEOUT_MS, connectTimeoutMS=TIMEOUT_MS, socketTimeoutMS=TIMEOUT_MS, tz_aware=True)
+            try:
+                client = pymongo.MongoClient(settings.MONGO_URL, serverSelectionTimeoutMS=TIMEOUT_MS, connectTimeoutMS=TIMEOUT_MS, socketTimeoutMS=TIMEOUT_MS, tz_aware=True)
+            except (errors.ConfigurationError, ValueError) as exc:
+                # pymongo parses the URL here, and looks a mongodb+srv:// URL's hosts up in DNS
+                # (SRV and TXT records): a lookup that failed may work later, a URL it refused won't.
+                if settings.MONGO_URL.startswith("mongodb+srv://") and not isinstance(exc, (errors.InvalidURI, ValueError)):
+                    raise StoreUnavailable(f"MONGO_URL={where}: looking its hosts up in DNS failed ({exc}); check the name and the DNS server") from exc
+                raise StoreError(f"MONGO_URL={where} cannot be used ({exc}): check its form (mongodb://user:password@host:port/, "
+                                 "the password percent-encoded) and its options") from exc
         else:
             where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
             try:

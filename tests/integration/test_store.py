@@ -353,6 +353,30 @@ def test_an_unreachable_mongodb_raises_store_unavailable_naming_mongo_url(locati
         Store.open()
 
 
+@pytest.mark.parametrize("url", ["mongodb://push:p@ss@127.0.0.1:27017/", "mongodb://push:s3cret@127.0.0.1:99999/"],
+                         ids=["a password with an unescaped @", "a port out of range"])
+def test_a_mongo_url_pymongo_refuses_raises_store_error_naming_it_without_its_password(location, monkeypatch, url):
+    """pymongo refused such a URL with its own ValueError or InvalidURI, out of Store.open: the
+    worker's start (which catches StoreError) and each collect failed with an error naming no
+    setting."""
+    monkeypatch.setattr(settings, "MONGO_URL", url)
+
+    with pytest.raises(StoreError, match="MONGO_URL=mongodb://push:\\*\\*\\*@") as raised:
+        Store.open()
+    assert not isinstance(raised.value, StoreUnavailable) and "s3cret" not in str(raised.value)
+
+
+def test_a_failed_dns_lookup_of_a_mongodb_srv_url_raises_store_unavailable(location, monkeypatch):
+    def lookup_failed(*_, **__):
+        raise errors.ConfigurationError("The DNS operation timed out.")
+    monkeypatch.setattr(settings, "MONGO_URL", "mongodb+srv://push:s3cret@cluster0.example.net/")
+    monkeypatch.setattr(store_module.pymongo, "MongoClient", lookup_failed)
+
+    with pytest.raises(StoreUnavailable, match="DNS") as raised:
+        Store.open()
+    assert "s3cret" not in str(raised.value)
+
+
 def _through_mongodb(store, monkeypatch, method: str, error: Exception) -> None:
     """Make the store's writes and reads go through its collections' pymongo methods, as on
     MongoDB, with ``method`` of every collection raising ``error`` (what a server sends back)."""
