@@ -15,6 +15,7 @@ import sqlite3
 import time
 import uuid
 
+import pymongo
 import pytest
 from pymongo import errors
 
@@ -29,11 +30,16 @@ OLD = time.time() - settings.RETENTION_SECONDS - 3600
 
 @pytest.fixture
 def location(tmp_path, monkeypatch):
-    """Point the settings at a fresh data folder and database; returns (data_dir, db_name)."""
+    """Point the settings at a fresh data folder and database; returns (data_dir, db_name).  On
+    MongoDB the database is dropped at the end: the tests that open stores of their own (not
+    through ``store``) left one database each behind."""
     where = (str(tmp_path), f"test_store_{uuid.uuid4().hex[:12]}")
     monkeypatch.setattr(settings, "DATA_DIR", where[0])
     monkeypatch.setattr(settings, "MONGO_DB", where[1])
-    return where
+    yield where
+    if os.environ.get("MONGO_URL"):  # the environment's: a test may have pointed settings.MONGO_URL elsewhere
+        with pymongo.MongoClient(os.environ["MONGO_URL"], serverSelectionTimeoutMS=5000) as client:
+            client.drop_database(where[1])
 
 
 @pytest.fixture
