@@ -106,6 +106,19 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _database_name(raw: str) -> str:
+    """A name MongoDB takes for a database (its limits page, "Restrictions on Database Names"):
+    fewer than 64 bytes, and none of ``/\\. "$*<>:|?`` or NUL.  The embedded store made a folder
+    of whatever it was given (``a/b`` a folder in a folder), while pymongo refused ``a.b`` with an
+    error that named no variable, and MongoDB one of 64 bytes or more only at the first write."""
+    bad = sorted({char for char in raw if char in '/\\. "$*<>:|?\0'})
+    if bad:
+        raise ValueError(f"MongoDB refuses {''.join(bad)!r} in a database name")
+    if len(raw.encode()) >= 64:
+        raise ValueError("MongoDB takes database names of fewer than 64 bytes")
+    return raw
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 < value < 65536:
@@ -213,7 +226,7 @@ REDIS_URL: str = _read(_env, "REDIS_URL", "redis://127.0.0.1:6379/1", _url("redi
 #: Where Celery keeps task results (the message ids ``tasks.collect`` returns).
 RESULT_BACKEND: str = _read(_env, "RESULT_BACKEND", REDIS_URL, _result_backend, "a Celery result backend URL")
 MONGO_URL: str | None = _read(_env, "MONGO_URL", None, _url("mongodb", "mongodb+srv"), "a mongodb:// URL")
-MONGO_DB: str = _read(_env, "MONGO_DB", "push", str, "a database name")
+MONGO_DB: str = _read(_env, "MONGO_DB", "push", _database_name, "a MongoDB database name")
 DATA_DIR: str = _read(_env, "DATA_DIR", "./data", str, "a folder path")
 
 AUTH_URL: str = _read(_env, "AUTH_URL", "http://127.0.0.1:8000", _url("http", "https"), "an http:// URL").rstrip("/")

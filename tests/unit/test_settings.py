@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import RESULT_BACKEND_SCHEMES, SettingsError, _choice, _origins, _port, _positive_float, _positive_int, _read, _result_backend, _url, redact
+from settings import RESULT_BACKEND_SCHEMES, SettingsError, _choice, _database_name, _origins, _port, _positive_float, _positive_int, _read, _result_backend, _url, redact
 
 
 def read(env: dict, convert=int, default=7, expected: str = "a whole number"):
@@ -109,6 +109,20 @@ def test_positive_float_rejects_zero_negatives_nan_infinite_or_huge_and_words(ra
     the worker's scheduler thread at start (no housekeeping ever), LEASE_TTL=inf crashed a node."""
     with pytest.raises(ValueError):
         _positive_float(raw)
+
+
+@pytest.mark.parametrize("raw", ["push", "push_tests_1a2b", "Push-2", "é" * 31, "x" * 63])
+def test_database_name_accepts_what_mongodb_takes(raw):
+    assert _database_name(raw) == raw
+
+
+@pytest.mark.parametrize("raw, says", [("push.v2", "'.'"), ("a/b", "'/'"), ("my push", "' '"), ("p$", "'\\$'"), ("a\\b", "'\\\\\\\\'"),
+                                       ("a:b", "':'"), ("nul\0", "'\\\\x00'"), ("x" * 64, "fewer than 64 bytes"), ("é" * 32, "fewer than 64 bytes")])
+def test_database_name_rejects_what_mongodb_refuses(raw, says):
+    """The embedded store took any name (a/b made a folder in a folder); on MongoDB, pymongo refused
+    some with an error naming no variable, and the server the others at the first write."""
+    with pytest.raises(ValueError, match=says):
+        _database_name(raw)
 
 
 @pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379/0", "amqp://guest:guest@rabbit//"])
