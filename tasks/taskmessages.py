@@ -28,6 +28,7 @@ import logging
 
 from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.exceptions import ContentDisallowed
 
 from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting
 
@@ -155,6 +156,17 @@ def not_a_task_message(problem: str) -> InvalidMessage:
                           "embed (an object)] and headers with the task's name and id: send it with Celery's send_task or apply_async")
 
 
+def not_run(exc: Exception) -> InvalidMessage:
+    """The error of a message Celery refused before running it (an unreadable ``eta``, a content
+    type the worker does not accept).  A sender whose serializer is not JSON (``pickle``,
+    ``yaml``, ``msgpack``, set with ``task_serializer`` or ``serializer=``) is told to send JSON,
+    which is all the worker reads: kombu's own text names only the type it refused.  Pure."""
+    if isinstance(exc, ContentDisallowed):
+        return InvalidMessage(f"not run: {exc}; the worker accepts JSON only: send it with Celery's default serializer, "
+                              "json (task_serializer=\"json\", or serializer=\"json\" in apply_async)")
+    return InvalidMessage(f"not run: {exc}")
+
+
 def store_failure(backend, task_id: str | None, error: Exception) -> None:
     """Store ``error`` as the result of the task ``task_id`` (if any), which will not run."""
     if task_id is None:
@@ -197,7 +209,7 @@ class Consumer(CeleryConsumer):
 
     def on_invalid_task(self, body, message, exc):
         super().on_invalid_task(body, message, exc)
-        store_failure(self.app.backend, task_id_of(message.headers, body), InvalidMessage(f"not run: {exc}"))
+        store_failure(self.app.backend, task_id_of(message.headers, body), not_run(exc))
 
     def on_decode_error(self, message, exc):
         super().on_decode_error(message, exc)

@@ -145,3 +145,44 @@ def test_a_shadow_or_stamps_celery_cannot_count_or_look_up_is_refused_in_either_
                                     {"stamped_headers": [], "stamps": {}}, {"stamped_headers": ["mark"], "stamps": {"mark": ["a", 1]}}])
 def test_the_shadow_and_stamps_celery_sends_pass(fields):
     assert envelope_problem({**HEADERS, **fields}, [[], {}, {}]) is None
+
+
+class _Backend:
+    def __init__(self) -> None:
+        self.failed: list[tuple[str, Exception]] = []
+
+    def mark_as_failure(self, task_id, exc) -> None:
+        self.failed.append((task_id, exc))
+
+
+def _refused_by_celery(monkeypatch, exc: Exception) -> str:
+    """The error the worker's consumer stores for a message Celery refused with ``exc``."""
+    from types import SimpleNamespace
+
+    from celery.worker.consumer import Consumer as CeleryConsumer
+
+    from tasks.taskmessages import Consumer
+
+    monkeypatch.setattr(CeleryConsumer, "on_invalid_task", lambda self, body, message, exc: None)  # Celery's log and reject
+    consumer = Consumer.__new__(Consumer)
+    consumer.app = SimpleNamespace(backend=_Backend())
+    consumer.on_invalid_task(None, SimpleNamespace(headers={"id": "t-1", "task": "tasks.collect"}), exc)
+    ((task_id, error),) = consumer.app.backend.failed
+    assert task_id == "t-1"
+    return str(error)
+
+
+def test_a_message_of_a_serializer_the_worker_refuses_is_told_to_send_json(monkeypatch):
+    """A sender with task_serializer="pickle" (or yaml, msgpack) got "not run: Refusing to
+    deserialize untrusted content of type pickle (...)": what was refused, not what to send."""
+    from kombu.exceptions import ContentDisallowed
+
+    text = _refused_by_celery(monkeypatch, ContentDisallowed("Refusing to deserialize untrusted content of type pickle (application/x-python-serialize)"))
+    assert text.startswith("not run: Refusing to deserialize untrusted content of type pickle")
+    assert "accepts JSON only" in text and 'task_serializer="json"' in text
+
+
+def test_other_messages_celery_refuses_keep_their_reason_alone(monkeypatch):
+    from celery.exceptions import InvalidTaskError
+
+    assert _refused_by_celery(monkeypatch, InvalidTaskError("invalid ETA value 'garbage'")) == "not run: invalid ETA value 'garbage'"
