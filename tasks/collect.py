@@ -693,6 +693,7 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
         storing, bound = [], []
     for (req, _, _, result), ids in zip(storing, bound):
         if isinstance(ids, validation.InvalidMessage):
+            log.warning("%s %s rejected: %s", task.name, req.id, ids)
             outcomes[req.id] = ("failed", ids)
             _store_result(req, ids, failed=True)
         else:

@@ -87,3 +87,26 @@ def test_a_request_in_a_group_keeps_its_group_id_in_its_result():
     metas = _success_metas(app.backend, [(request(task_id="t-1"), "id-1"), (grouped, "id-2")])
 
     assert "group_id" not in metas[0] and metas[1]["group_id"] == "g-1" and metas[1]["result"] == "id-2"
+
+
+def test_a_request_whose_key_was_bound_to_another_number_of_messages_is_logged_as_rejected(monkeypatch, caplog):
+    """A collect_many request sent again under a task id of its own choosing with other messages
+    (or a key reused so) fails with InvalidMessage, and Celery's backend keeps the first request's
+    SUCCESS as the result: the worker's log was the only place to say why, and it said nothing."""
+    import logging
+
+    import tasks.collect as collect_module
+    from tasks.collect import _parse_collect_many, _run_batch
+
+    refusal = InvalidMessage("idempotency key 'task:t-1' was used before for 1 message(s), not 2: use a new key per task")
+    monkeypatch.setattr(collect_module, "_persist_and_dispatch_groups", lambda groups, patient=True: [refusal])
+    stored = []
+    monkeypatch.setattr(collect_module, "_store_result", lambda req, value, failed=False: stored.append((req.id, value, failed)))
+    many = SimpleRequest("t-1", "tasks.collect_many", (), {"messages": [{"to": "alice", "data": 1}, {"to": "bob", "data": 2}]}, {}, "worker@host", False, None, None, {})
+    task = type("Task", (), {"name": "tasks.collect_many"})()
+
+    with caplog.at_level(logging.WARNING, logger="tasks.collect"):
+        outcomes = _run_batch(task, [many], _parse_collect_many)
+
+    assert outcomes == {"t-1": ("failed", refusal)} and stored == [("t-1", refusal, True)]
+    assert "tasks.collect_many t-1 rejected: idempotency key 'task:t-1' was used before for 1 message(s), not 2" in caplog.text
