@@ -110,3 +110,16 @@ def test_a_request_whose_key_was_bound_to_another_number_of_messages_is_logged_a
 
     assert outcomes == {"t-1": ("failed", refusal)} and stored == [("t-1", refusal, True)]
     assert "tasks.collect_many t-1 rejected: idempotency key 'task:t-1' was used before for 1 message(s), not 2" in caplog.text
+
+
+def test_collect_many_takes_its_list_as_a_keyword_or_as_its_one_positional_argument():
+    """What the README promises: collect_many.delay([...]) and a chain that hands it a list work;
+    tasks.collect itself takes keyword arguments only (above)."""
+    from tasks.collect import _parse_collect_many
+
+    items = [{"to": "alice", "data": 1}]
+    for args, kwargs in (((items,), {}), ((), {"messages": items})):
+        valid, key, _ = _parse_collect_many(SimpleRequest("t-1", "tasks.collect_many", args, kwargs, {}, "worker@host", False, None, None, {}))
+        assert [m.to for m in valid] == [("alice",)] and key == "task:t-1"
+    with pytest.raises(InvalidMessage, match="takes one argument, messages"):
+        _parse_collect_many(SimpleRequest("t-1", "tasks.collect_many", (items,), {"messages": items}, {}, "worker@host", False, None, None, {}))
