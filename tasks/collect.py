@@ -104,6 +104,17 @@ def _process() -> _ProcessState:
     return _state
 
 
+#: The idempotency key of a request without a ``key`` of its own: its task id, after this.
+TASK_KEY_PREFIX = "task:"
+
+
+def key_reused(key: str, before: int, now: int) -> validation.InvalidMessage:
+    """The error of a request whose idempotency key was bound before to another number of
+    messages: a ``key`` the caller gave, or (``task:...``) the task id it chose.  Pure."""
+    fix = "send each new request with a new task id (Celery's default: leave task_id unset)" if key.startswith(TASK_KEY_PREFIX) else "use a new key per task"
+    return validation.InvalidMessage(f"idempotency key {key!r} was used before for {before} message(s), not {now}: {fix}")
+
+
 def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], str]], patient: bool = True) -> list:
     """Store and dispatch each group of messages under its own idempotency key, all of them with
     one claim, one insert and one route; returns per group its ids, or an InvalidMessage when
@@ -118,7 +129,7 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
     ids, messages_out, seen = [], [], set()
     for (messages, key), bound in zip(groups, store.claim_many(wanted)):
         if len(bound) != len(messages):
-            results.append(validation.InvalidMessage(f"idempotency key {key!r} was used before for {len(bound)} message(s), not {len(messages)}: use a new key per task"))
+            results.append(key_reused(key, len(bound), len(messages)))
             continue
         results.append(bound)
         for message_id, message in zip(bound, messages):
@@ -197,7 +208,7 @@ def _parse_collect(request) -> tuple[validation.Message, str]:
         raise validation.InvalidMessage(f'"key" must be a non-empty string of at most 200 characters, got {key!r:.60}')
     if key is not None and (problem := validation.not_unicode(key)) is not None:
         raise validation.InvalidMessage(f'"key" is not valid Unicode: it holds {problem}')
-    return message, f"key:{key}" if key is not None else f"task:{request.id or uuid.uuid4()}"
+    return message, f"key:{key}" if key is not None else f"{TASK_KEY_PREFIX}{request.id or uuid.uuid4()}"
 
 
 class CollectBatches(Batches):
@@ -900,4 +911,4 @@ def _parse_collect_many(req):
             results[index] = message_id
         return results
 
-    return valid, f"task:{req.id or uuid.uuid4()}", result
+    return valid, f"{TASK_KEY_PREFIX}{req.id or uuid.uuid4()}", result

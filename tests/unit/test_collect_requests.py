@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from celery_batches import SimpleRequest
 
-from tasks.collect import _parse_collect
+from tasks.collect import _parse_collect, key_reused
 from tasks.messages import InvalidMessage
 
 
@@ -123,3 +123,8 @@ def test_collect_many_takes_its_list_as_a_keyword_or_as_its_one_positional_argum
         assert [m.to for m in valid] == [("alice",)] and key == "task:t-1"
     with pytest.raises(InvalidMessage, match="takes one argument, messages"):
         _parse_collect_many(SimpleRequest("t-1", "tasks.collect_many", (items,), {"messages": items}, {}, "worker@host", False, None, None, {}))
+
+
+def test_a_reused_key_is_told_to_use_a_new_key_and_a_reused_task_id_a_new_task_id():
+    assert str(key_reused("key:order-1", 1, 2)) == "idempotency key 'key:order-1' was used before for 1 message(s), not 2: use a new key per task"
+    assert str(key_reused("task:t-1", 1, 2)).endswith("not 2: send each new request with a new task id (Celery's default: leave task_id unset)")
