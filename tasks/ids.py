@@ -30,6 +30,17 @@ def is_message_id(value: object) -> bool:
     return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
+def id_problem(value: object) -> str | None:
+    """Why ``value`` is not a message id, in words for an error message; None when it is one.  Pure."""
+    if is_message_id(value):
+        return None
+    if not isinstance(value, str):
+        return f"{type(value).__name__}, not a string"
+    if len(value) == 24 and _ID.fullmatch(value.lower()):
+        return "upper-case hex: ids are lower-case, as tasks.collect returns them"
+    return f"{len(value)} characters; an id is 24 lower-case hex characters"
+
+
 def timestamp_ms(message_id: str) -> int:
     """Milliseconds since the epoch at which ``message_id`` was made."""
     if not is_message_id(message_id):

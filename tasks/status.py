@@ -12,7 +12,7 @@ Broadcasts list the users that got them.  An unknown or purged id gives ``{"id":
 
 from __future__ import annotations
 
-from tasks.ids import is_message_id
+from tasks.ids import id_problem
 from tasks.messages import InvalidMessage
 from tasks.store import StoreUnavailable, get_store
 from worker import app
@@ -20,7 +20,7 @@ from worker import app
 
 @app.task(name="tasks.status", autoretry_for=(StoreUnavailable,), retry_backoff=True, max_retries=3)
 def status(message_id: str) -> dict:
-    if not is_message_id(message_id):
-        raise InvalidMessage(f"{message_id!r:.60} is not a message id: pass the id tasks.collect returned (24 hex characters)")
+    if (problem := id_problem(message_id)) is not None:
+        raise InvalidMessage(f"{message_id!r:.60} is not a message id ({problem}): pass the id tasks.collect returned, as it returned it")
     found = get_store().status(message_id)
     return {"id": message_id, "found": False} if found is None else dict(found, found=True)

@@ -227,3 +227,25 @@ def test_timestamp_ms_error_names_the_bad_value_and_the_expected_form():
 def test_timestamp_ms_of_a_non_string_raises_message_id_error():
     with pytest.raises(MessageIdError):
         timestamp_ms(12345)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value, says", [
+    ("01A243F0F0BD000000B2E826", "upper-case hex: ids are lower-case"),
+    ("01a243f0f0bd000000b2e82", "23 characters; an id is 24 lower-case hex characters"),
+    (12, "int, not a string"),
+    (None, "NoneType, not a string"),
+])
+def test_the_status_task_says_why_a_value_is_not_a_message_id(value, says):
+    """An upper-case id is 24 hex characters: the status task's error used to tell its caller to
+    pass 24 hex characters, which it had done."""
+    from tasks.messages import InvalidMessage
+    from tasks.status import status
+
+    with pytest.raises(InvalidMessage, match=re.escape(says)):
+        status.run(value)
+
+
+def test_an_id_has_no_problem():
+    from tasks.ids import id_problem
+
+    assert id_problem("01a243f0f0bd000000b2e826") is None
