@@ -8,8 +8,11 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    many times, and clients drop the repeats by id.  The candidates come from Redis
    (:mod:`tasks.pending`: routed, not acked), so a run reads the store only for what is due.
    Crossings are counted since the previous run (kept in Redis, and put back when a run fails),
-   so an outage of Redis, the store or the workers delays redelivery but skips none (past
-   ``REDELIVER_LIMIT`` deliveries due in one run, the newest skip that threshold).  This
+   so an outage of Redis, the store or the workers shorter than the last threshold (8 minutes by
+   default) delays redelivery but skips none (past ``REDELIVER_LIMIT`` deliveries due in one run,
+   the newest skip that threshold).  After a longer one, a run counts crossings over the last
+   threshold's span only: a delivery whose every threshold passed earlier in the outage is not
+   sent again (it stays in its user's inbox).  This
    recovers a message lost between the store and the browser while its user stays connected (a
    dropped queue message, a node that wrote and crashed).  Every ``REDELIVER_SWEEP_SECONDS`` a run
    also sweeps the store: its unacked deliveries to users online then become candidates too (a
@@ -109,10 +112,18 @@ def redeliver(now: float) -> int:
         raise
 
 
+def redelivery_window(now: float, previous: float, marks: list[float]) -> tuple[float, float, float]:
+    """``(start, end, gap)``: a run at ``now`` after one at ``previous`` reads the deliveries
+    routed from ``start`` to ``end`` and counts the crossings of the last ``gap`` seconds, which
+    is at most the last threshold's span: after a longer outage, what crossed its every threshold
+    before that span is not read, and is pruned (it stays in the inbox).  Pure."""
+    gap = min(max(now - previous, 0.0), marks[-1])
+    return now - marks[-1] - gap, now - marks[0], gap
+
+
 def _redeliver(now: float, previous: float) -> int:
     marks = thresholds()
-    gap = min(max(now - previous, 0.0), marks[-1])
-    start, end = now - marks[-1] - gap, now - marks[0]
+    start, end, gap = redelivery_window(now, previous, marks)
     # Only the deliveries routed and not acked (pending, in Redis) whose age crossed a threshold
     # since the last run: a few seconds' worth per threshold, read without scanning the store.
     due = []

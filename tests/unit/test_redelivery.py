@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.housekeeping import SWEEP_OVERLAP_SECONDS, crossed, sweep_window
+from tasks.housekeeping import SWEEP_OVERLAP_SECONDS, crossed, redelivery_window, sweep_window
 
 MARKS = [30.0, 60.0, 120.0]
 
@@ -57,3 +57,23 @@ def test_a_sweep_never_reads_older_than_the_window_whatever_the_mark():
 def test_a_mark_ahead_of_the_window_end_counts_from_the_end():
     """Another worker's clock ahead of this one's: the overlap still comes before this end."""
     assert sweep_window(1000.0, 1450.0, 9000.0) == (1450.0 - SWEEP_OVERLAP_SECONDS, 1450.0)
+
+
+def _resent_after(outage: float, routed_before_outage: float) -> bool:
+    """Whether the first run after ``outage`` seconds without a run re-sends a delivery routed
+    ``routed_before_outage`` seconds before the outage began (and never acked)."""
+    now = 10_000.0
+    start, end, gap = redelivery_window(now, now - outage, MARKS)
+    routed = now - outage - routed_before_outage
+    age = now - routed
+    return start <= routed <= end and crossed(age - gap, age, MARKS)
+
+
+def test_after_an_outage_shorter_than_the_last_threshold_each_delivery_that_crossed_one_is_resent():
+    assert all(_resent_after(100.0, before) for before in (0.0, 10.0, 25.0))
+
+
+def test_after_a_longer_outage_only_the_deliveries_that_crossed_a_threshold_in_its_last_span_are_resent():
+    """As the README says: the rest stay in their users' inboxes."""
+    assert _resent_after(1000.0, -900.0)  # routed during the outage, 100 s before its end: crossed 30 and 60
+    assert not _resent_after(1000.0, 10.0)  # every threshold passed early in the outage
