@@ -311,6 +311,36 @@ def test_push_js_that_has_seen_no_message_resumes_from_the_cursor_of_its_first_r
     assert urls == [None, "0190f00000000000000000aa", "0190f20000000000000000bb"]
 
 
+def test_push_js_whose_inbox_replay_brought_only_older_messages_resumes_from_the_cursor(pages):
+    """It resumed from the newest message of its inbox replay, an old one unacked, and its next
+    connection then replayed everything after it, what other devices acked since included."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    urls = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const hello = {type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600};
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", initialMs: 5, maxMs: 10});
+        client.start();
+        const first = window.opened[0];
+        first.onmessage({data: JSON.stringify(hello)});
+        first.onmessage({data: JSON.stringify({type: "message", id: "0190e00000000000000000bb", data: 1})});
+        first.onmessage({data: JSON.stringify({type: "resumed", since: null, replayed: 1, truncated: false, cursor: "0190f00000000000000000aa"})});
+        first.onclose({code: 1006, reason: ""});
+        await until(() => window.opened.length > 1);
+        const second = window.opened[1];
+        second.onmessage({data: JSON.stringify(hello)});
+        second.onmessage({data: JSON.stringify({type: "message", id: "0190f50000000000000000bb", data: 2})});
+        second.onmessage({data: JSON.stringify({type: "resumed", since: "0190f00000000000000000aa", replayed: 1, truncated: false, cursor: "0190f10000000000000000aa"})});
+        second.onclose({code: 1006, reason: ""});
+        await until(() => window.opened.length > 2);
+        client.stop();
+        return window.opened.map(ws => new URL(ws.url).searchParams.get("since"));
+    }""")
+    # The cursor when it is later than every message seen, never going back to an earlier one.
+    assert urls == [None, "0190f00000000000000000aa", "0190f50000000000000000bb"]
+
+
 def test_push_js_does_not_go_back_to_a_node_that_said_going_away_while_another_url_works(pages):
     """After A's 1001 the client moves to B; when B's connect then fails, it used to go back to A
     (the next URL, though A was still skipped for ``awayMs``) and be refused by a draining node,

@@ -283,9 +283,12 @@
       this._refreshLater(ws, conn, this.options.refreshRetryMs);
     } else if (frame.type === "resumed") {
       conn.resumedAt = Date.now();
-      // No message seen yet: the next connection resumes from the node's cursor, not from the
-      // inbox, which no longer holds what another device of the user acks meanwhile.
-      if (!this.lastId && typeof frame.cursor === "string") this.lastId = frame.cursor;
+      // The next connection resumes from the node's cursor when it is later than every message
+      // seen: not from the inbox (no message seen yet), which no longer holds what another
+      // device of the user acks meanwhile, nor from the newest message of an inbox replay, which
+      // may be old, and after which a resume would replay what other devices acked since.  Every
+      // message before the cursor was in this replay (or was cut by its REPLAY_LIMIT).
+      if (typeof frame.cursor === "string" && (!this.lastId || frame.cursor > this.lastId)) this.lastId = frame.cursor;
       this._status({ state: "live", url: conn.url, since: frame.since, replayed: frame.replayed, truncated: frame.truncated });
     } else if (frame.type === "message") {
       var id = frame.id;
