@@ -39,6 +39,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+
+from amqp.exceptions import ConsumerCancelled
+
 from tasks import wirejson
 from tasks.queues import BadDelivery, Delivery, node_queue, parse_delivery  # noqa: F401 - re-exported
 from wsnode.presence import Presence
@@ -166,7 +169,12 @@ class NodeQueueConsumer:
             except Exception as exc:  # noqa: BLE001 - the loop must survive any broker failure
                 if self._stopping.is_set():
                     break
-                log.warning("queue %s: broker connection lost (%s); retrying in %.1f s", self._queue.name, exc, delay)
+                if isinstance(exc, ConsumerCancelled):
+                    log.warning("queue %s: RabbitMQ cancelled this node's consumer: the queue was deleted (housekeeping deletes the queue "
+                                "of a node whose lease lapsed: was this node cut off from Redis?); declaring and consuming it again in %.1f s",
+                                self._queue.name, delay)
+                else:
+                    log.warning("queue %s: broker connection lost (%s); retrying in %.1f s", self._queue.name, exc, delay)
             finally:
                 self.connected = False
                 if self._pending:  # read already: the broker no longer has them

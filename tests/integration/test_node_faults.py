@@ -26,6 +26,7 @@ from tests.integration.test_guarantees import wait_for
 from tests.integration.test_metrics import closes
 from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_server_frame
 from tasks.queues import node_queue
+from tasks.reclaim import hand_back
 from wsnode.app import REDIS_MAX_CONNECTIONS
 from wsnode.closecodes import CloseCode
 from wsnode.registry import NODES_KEY, route_key
@@ -280,3 +281,18 @@ async def test_a_handshake_whose_token_check_outlasts_the_drain_gets_503(cluster
     log = log_path.read_text()
     assert "rejected with 503: the node drained while auth had not answered its token check" in log
     assert " 500 " not in log and "Traceback" not in log, log[-3000:]
+
+
+async def test_a_node_whose_queue_is_deleted_consumes_it_again_and_delivers(cluster):
+    """Housekeeping hands back and deletes the queue of a node whose lease lapsed, which a node
+    cut off from Redis for a while may outlive.  On RabbitMQ the broker then cancels the node's
+    consumer; the node says so, declares the queue again and reads on."""
+    node = cluster.start_node()
+    client = await cluster.connect("queue-deleted", node.port)
+    await asyncio.to_thread(hand_back, cluster.business, f"127.0.0.1:{node.port}", True)
+    if cluster.broker == "amqp":
+        await asyncio.to_thread(node.wait_log, "RabbitMQ cancelled this node's consumer: the queue was deleted", 10)
+        await asyncio.to_thread(node.wait_ready, lambda: node.log_tail(500).count("consuming queue") >= 2, 10, "consuming its queue again")
+    sent = await cluster.collect("queue-deleted", {"after": "delete"})
+    assert [m["id"] for m in await client.messages(1)] == [sent]
+    await asyncio.to_thread(node.terminate, 15)
