@@ -154,6 +154,13 @@ class PushNode:
         #: Leases of users whose last connection here closed: one release for all who left meanwhile.
         self._left: Coalescer[str, None] = Coalescer(self._release_leases)
         self._recent_revocations = RecentRevocations()
+        #: Catch-ups begun (:meth:`_check_revocations`, after each subscription to revocations).  A
+        #: token check records it as it begins (``PushHandler.revocation_checks_seen``): one that
+        #: began before a catch-up may carry an answer auth gave before a revocation announced while
+        #: the node was not subscribed, which the catch-up did not judge (the connection was not in
+        #: the hub yet, or still had its previous token), so :meth:`attach` and :meth:`_refresh` read
+        #: the revocation list for that one token.  Loop thread only.
+        self.revocation_checks = 0
         self._revocations = RevocationListener(settings.REDIS_URL, f"wsnode:{self.address}:revocations", self._on_revocation, self._check_revocations)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -308,6 +315,9 @@ class PushNode:
             if self.draining:
                 self._refuse_unbound(conn, CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
                 return
+        # Rare (a catch-up began while auth checked the token): every other attach reads nothing more.
+        if conn.revocation_checks_seen != self.revocation_checks and not await self._not_revoked_while_checked(conn):
+            return
         conn.bound = True
         self.metrics.connected()
         self.pings.add(conn)
@@ -316,6 +326,33 @@ class PushNode:
                  f", since={conn.session.since}" if conn.session.since else "")
         conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id, conn.identity.expires_at, time.time()))])
         self._request_replay(conn)
+
+    async def _not_revoked_while_checked(self, conn: PushHandler) -> bool:
+        """Whether ``conn`` (in the hub, not bound yet) may still be bound once its token is read
+        from the revocation list; otherwise it is refused here (4401, or 1013 when Redis cannot be
+        read).  For a connection whose token check began before the last catch-up: auth may have
+        answered it before a revocation that the node missed and the catch-up did not judge for it.
+        It is in the hub by now, so a catch-up or an announcement from here on covers it."""
+        identity = conn.identity
+        if identity.token_id is None:  # no revocation closes it (wsnode.revocations.covers)
+            return True
+        try:
+            by_jti, cutoff = await self.redis.mget(keys_of(identity))
+        except RedisError as exc:
+            self.redis_ok = False  # the next PING says when it is back
+            if self.hub.get(conn.conn_id) is conn and not conn.closing:
+                self._refuse_unbound(conn, CloseCode.TRY_AGAIN_LATER, why=f"revocation list not read ({exc})")
+            return False
+        if self.hub.get(conn.conn_id) is not conn or conn.closing:
+            return False  # closed meanwhile (by the drain, an announced revocation...): told and counted once
+        if revoked_by(by_jti, cutoff, identity.issued_at_us or 0):
+            self._refuse_unbound(conn, CloseCode.UNAUTHORIZED, "token revoked",
+                                 why="token revoked while it was checked, unannounced to this node (read from the revocation list)")
+            return False
+        if self.draining:
+            self._refuse_unbound(conn, CloseCode.GOING_AWAY, why="the node began draining while the revocation list was read")
+            return False
+        return True
 
     def _ping_tick(self) -> None:
         """Every second: ping one slot's connections, close those that left a ping unanswered
@@ -378,15 +415,24 @@ class PushNode:
         revoked while it was checked closes the connection with 4401, as it would refuse a new
         one.  When auth cannot be asked, the connection stays as it was and the client is told to
         try again (``refresh_error``)."""
+        seen = self.revocation_checks
         try:
             identity = await self.auth.verify(token)
+            # A catch-up that began meanwhile judged the connection's previous token, not this one.
+            while seen != self.revocation_checks and identity.user_id == conn.user_id and identity.token_id is not None:
+                seen = self.revocation_checks
+                by_jti, cutoff = await self.redis.mget(keys_of(identity))
+                if revoked_by(by_jti, cutoff, identity.issued_at_us or 0):
+                    self._refused_refresh(conn, "refresh refused: token revoked")
+                    return
         except AuthRejected as exc:
             self._refused_refresh(conn, f"refresh refused: {exc}")
             return
-        except AuthUnavailable as exc:
+        except (AuthUnavailable, RedisError) as exc:
             log.warning("conn=%s user=%s node=%s token refresh not checked: %s", conn.conn_id, conn.user_id, self.address, exc)
             self.metrics.refresh("unavailable")
-            self.answer(conn, protocol.refresh_error_frame("auth unavailable, try again"))
+            unavailable = "auth" if isinstance(exc, AuthUnavailable) else "revocation list (Redis)"
+            self.answer(conn, protocol.refresh_error_frame(f"{unavailable} unavailable, try again"))
             return
         finally:
             self._refreshing.discard(conn)
@@ -443,6 +489,9 @@ class PushNode:
         # Each connection with the identity its keys were read for: a refresh during the read
         # replaces it with a token auth checked just then, which this read must not judge.
         pairs = [(conn, conn.identity) for conn in self.hub.all() if conn.identity is not None and conn.identity.token_id is not None]
+        # With the list of connections, before any wait: a token check that began before this
+        # point and binds (or refreshes) after it reads the list itself (attach, _refresh).
+        self.revocation_checks += 1
         self.auth.forget()
         closed = 0
         for at in range(0, len(pairs), 1000):

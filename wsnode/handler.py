@@ -35,6 +35,9 @@ class PushHandler(WebSocketHandler):
         self.user_id: str | None = None
         self.identity: Identity | None = None  # the token's, for revocations (wsnode.revocations)
         self.session: Session | None = None
+        #: The node's ``revocation_checks`` when its token check began: ``attach`` reads the
+        #: revocation list for its token when a catch-up began since (``PushNode.revocation_checks``).
+        self.revocation_checks_seen: int | None = None
         self.acks = AckBudget()
         self._refusal: tuple[CloseCode, str] | None = None
         #: Bound and counted as connected (its lease written, hello sent): only such a connection
@@ -79,6 +82,7 @@ class PushHandler(WebSocketHandler):
         self.node.checking.add(self)
         try:
             since = protocol.parse_since(self.get_query_argument("since", None))
+            self.revocation_checks_seen = self.node.revocation_checks  # before the check, which may be the cache's
             identity = await self.node.auth.verify(self.get_query_argument("token", None))
             if self._finished:
                 return  # answered meanwhile: the node drained (drained_during_check)

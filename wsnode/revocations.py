@@ -13,7 +13,10 @@ came, and that binds just after it, is refused as it binds (:class:`RecentRevoca
 A message published while the listener is not subscribed (Redis restarted, the connection
 dropped) never reaches it.  So each time it subscribes again after losing its connection, the
 node checks every connection against the revocation list itself (:func:`keys_of`, the keys auth
-reads, one ``MGET`` per thousand connections) and closes the ones revoked meanwhile.
+reads, one ``MGET`` per thousand connections) and closes the ones revoked meanwhile.  A token
+check that began before such a catch-up and binds (or refreshes) after it began was neither in
+that check nor covered by an announcement: the node reads the list for that one token as it binds
+(``PushNode.revocation_checks``).
 
 Loop thread only: the listener is a task on the node's event loop (``redis.asyncio``).
 """

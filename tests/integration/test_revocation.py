@@ -6,14 +6,21 @@ against the revocation list once it has subscribed again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
+import uuid
 
 import psutil
+import pytest
 import redis.asyncio
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
 
 import launcher
-from auth.revocations import CHANNEL
+from auth.revocations import CHANNEL, JTI_PREFIX, USER_PREFIX
+from tests.integration.test_guarantees import wait_for
 from tests.integration.wsclient import Client
 from wsnode import revocations
 from wsnode.closecodes import CloseCode
@@ -141,3 +148,121 @@ async def test_the_listener_keeps_its_subscription_alive_with_pings_and_reconnec
         await listener.stop()
         await publisher.aclose()
         redis_server.stop()
+
+
+class HeldAuth(tornado.web.RequestHandler):
+    """Stand-in auth: a token ``<user>/<jti>`` is good (issued at 1 us, expiring in 10 min), and each
+    answer waits for ``release``: an answer auth gave before a revocation, still on its way to the
+    node while the revocation is made."""
+
+    def initialize(self, seen: list, release: asyncio.Event) -> None:
+        self.seen, self.release = seen, release
+
+    async def post(self) -> None:
+        body = json.loads(self.request.body)
+        self.seen.append(body)
+        await self.release.wait()
+        answers = [{"user_id": token.split("/")[0], "token_id": token.split("/")[1], "issued_at_us": 1, "expires_at": int(time.time()) + 600}
+                   for token in body.get("tokens", [body.get("token")])]
+        self.finish({"results": answers} if "tokens" in body else answers[0])
+
+
+class HeldNode:
+    """A node of the cluster whose auth is a :class:`HeldAuth`."""
+
+    def __init__(self, cluster, service: launcher.Service, port: int, seen: list, release: asyncio.Event) -> None:
+        self.cluster, self.service, self.port, self.seen, self.release = cluster, service, port, seen, release
+
+    def catch_ups(self) -> int:
+        return len(re.findall(r"checked \d+ connections against the revocation list", self.service.log_tail(1000)))
+
+    async def miss_announcements(self) -> None:
+        """Cut the node's pub/sub connection (what it is sent meanwhile is lost) and return once it
+        has subscribed again and checked its connections against the revocation list."""
+        before = self.catch_ups()
+        name = f"wsnode:127.0.0.1:{self.port}:revocations"
+        listener = [c for c in self.cluster.routes.client_list() if c.get("name") == name]
+        assert len(listener) == 1, f"no Redis client named {name}"
+        self.cluster.routes.client_kill_filter(_id=listener[0]["id"])
+        await wait_for(lambda: self.catch_ups() > before, 8, "the node's catch-up after it subscribed again")
+
+
+@pytest.fixture
+async def held_node(cluster, tmp_path):
+    seen: list[dict] = []
+    release = asyncio.Event()
+    release.set()
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    auth = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/verify", HeldAuth, {"seen": seen, "release": release})]))
+    auth.add_sockets(sockets)
+    port = launcher.free_port()
+    service = await asyncio.to_thread(launcher.start_node, {**cluster.env, "AUTH_URL": f"http://127.0.0.1:{sockets[0].getsockname()[1]}"},
+                                      port, log_path=tmp_path / "node.log")
+    node = HeldNode(cluster, service, port, seen, release)
+    try:
+        await wait_for(node.catch_ups, 5, "the node's first check of the revocation list")
+        yield node
+    finally:
+        release.set()
+        await asyncio.to_thread(service.terminate, 10)
+        auth.stop()
+
+
+async def outcome(client: Client, seconds: float) -> tuple[int | None, str | None, list[str]]:
+    """The close code and reason the node closed ``client`` with, (None, None) if it is still open
+    after ``seconds`` of quiet; and the types of the frames it got before."""
+    try:
+        while True:
+            await client.next_frame(seconds)
+    except ConnectionError:
+        return client.ws.close_code, client.ws.close_reason, [frame["type"] for frame in client.frames]
+    except (asyncio.TimeoutError, TimeoutError):
+        client.close()
+        return None, None, [frame["type"] for frame in client.frames]
+
+
+async def test_a_handshake_auth_answered_before_a_revocation_the_node_missed_is_refused_when_it_binds_after_the_catch_up(held_node):
+    """Auth answered the token check before the user was revoked; the announcement was lost (the
+    node's pub/sub connection cut), and the node's catch-up ran before the handshake bound, so the
+    catch-up did not see it and no announcement covers it: it opened, with a revoked token, until
+    the token expired.  It now reads the revocation list as it binds, and is refused."""
+    user = f"checked-before-revocation-{uuid.uuid4().hex[:6]}"
+    held_node.release.clear()
+    attempt = asyncio.ensure_future(Client.connect(held_node.cluster.ws_url(held_node.port, f"{user}/{user}-jti"), expect_hello=False))
+    await wait_for(lambda: held_node.seen, 5, "the node never asked auth about the token")
+    held_node.cluster.routes.set(USER_PREFIX + user, int(time.time() * 1_000_000), ex=3600)  # as auth records it
+    await held_node.miss_announcements()
+    held_node.release.set()
+
+    assert await outcome(await attempt, 3) == (CloseCode.UNAUTHORIZED, "token revoked", [])
+    await wait_for(lambda: "token revoked while it was checked, unannounced to this node" in held_node.service.log_tail(50), 5,
+                   "the node's log of the refusal")
+
+    # A token checked across a catch-up that is not revoked is read from the list too, and opens.
+    other = f"checked-not-revoked-{uuid.uuid4().hex[:6]}"
+    held_node.release.clear()
+    attempt = asyncio.ensure_future(Client.connect(held_node.cluster.ws_url(held_node.port, f"{other}/{other}-jti"), expect_hello=False))
+    await wait_for(lambda: len(held_node.seen) > 1, 5, "the node never asked auth about the other token")
+    await held_node.miss_announcements()
+    held_node.release.set()
+    bystander = await attempt
+    assert (await bystander.next_frame(5))["type"] == "hello"
+    bystander.close()
+
+
+async def test_a_refresh_auth_answered_before_its_token_was_revoked_unannounced_closes_the_connection(held_node):
+    """The same for a ``refresh``: the catch-up judged the connection's previous token, and the
+    new one, revoked meanwhile, was taken.  It is now read from the list before it is taken."""
+    user = f"refreshed-before-revocation-{uuid.uuid4().hex[:6]}"
+    client = await Client.connect(held_node.cluster.ws_url(held_node.port, f"{user}/{user}-old"))
+    held_node.release.clear()
+    asked = len(held_node.seen)
+    await client.send({"type": "refresh", "token": f"{user}/{user}-new"})
+    await wait_for(lambda: len(held_node.seen) > asked, 5, "the node never asked auth about the refresh's token")
+    held_node.cluster.routes.set(JTI_PREFIX + f"{user}-new", 1, ex=3600)  # that token alone, as auth records it
+    await held_node.miss_announcements()
+    held_node.release.set()
+
+    code, reason, frames = await outcome(client, 3)
+    assert (code, reason) == (CloseCode.UNAUTHORIZED, "refresh refused: token revoked")
+    assert "refreshed" not in frames

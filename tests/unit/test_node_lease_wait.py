@@ -28,6 +28,7 @@ class Connection:
     def __init__(self, user_id: str, conn_id: str = "c1", max_backlog_bytes: int | None = None) -> None:
         self.conn_id, self.user_id = conn_id, user_id
         self.identity = Identity(user_id, token_id="jti-1", issued_at_us=1)
+        self.revocation_checks_seen = 0  # its token checked after the node's last catch-up (none)
         self.session = Session(None, max_backlog_bytes=max_backlog_bytes)
         self.bound = False
         self.closes: list[tuple[str, int]] = []
@@ -118,3 +119,18 @@ async def test_a_connection_that_comes_after_a_failed_lease_write_writes_the_lea
     assert seen["writing"] is not None
     with pytest.raises(Exception):  # the new write fails too: nothing listens there
         await seen["writing"]
+
+
+async def test_a_connection_whose_check_began_before_a_catch_up_is_refused_with_1013_when_the_revocation_list_cannot_be_read(node):
+    """Its token is read from the revocation list as it binds (a revocation the node missed may
+    cover it); with Redis down it is refused as when its lease cannot be written."""
+    bound, late = Connection("alice", "c1"), Connection("alice", "c2")
+    node.hub.add(bound)
+    bound.bound = True  # the user's lease is written: no lease write for `late`
+    await node.redis.aclose()  # never used: a client of the settings' Redis
+    node.redis = node.leases._redis  # nothing listens there
+    node.revocation_checks = 1  # a catch-up began since `late`'s check did
+    await node.attach(late)
+
+    assert (late.closes, late.bound, node.hub.get("c2")) == ([("refused", CloseCode.TRY_AGAIN_LATER)], False, None)
+    assert node.hub.get("c1") is bound
