@@ -221,6 +221,7 @@ async def outcome(client: Client, seconds: float) -> tuple[int | None, str | Non
         return None, None, [frame["type"] for frame in client.frames]
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the broker plays no part
 async def test_a_handshake_auth_answered_before_a_revocation_the_node_missed_is_refused_when_it_binds_after_the_catch_up(held_node):
     """Auth answered the token check before the user was revoked; the announcement was lost (the
     node's pub/sub connection cut), and the node's catch-up ran before the handshake bound, so the
@@ -250,6 +251,7 @@ async def test_a_handshake_auth_answered_before_a_revocation_the_node_missed_is_
     bystander.close()
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the broker plays no part
 async def test_a_refresh_auth_answered_before_its_token_was_revoked_unannounced_closes_the_connection(held_node):
     """The same for a ``refresh``: the catch-up judged the connection's previous token, and the
     new one, revoked meanwhile, was taken.  It is now read from the list before it is taken."""
