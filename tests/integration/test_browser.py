@@ -282,63 +282,53 @@ def test_push_js_started_again_backs_off_from_the_first_step(pages):
     assert 5 <= delays[5] <= 10, f"the first failure after start() waited {delays[5]} ms, not the first step: {delays}"
 
 
+def sinces_after(pages, *connections: list[dict]) -> list[str | None]:
+    """The ``since`` of each connection push.js opens when each of ``connections`` (the frames a
+    node sends after ``hello``) ends with a 1006: one more than given."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    return page.evaluate("""async (connections) => {
+        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const hello = {type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600};
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", initialMs: 5, maxMs: 10});
+        client.start();
+        for (let n = 0; n < connections.length; n++) {
+            await until(() => window.opened.length > n);
+            const ws = window.opened[n];
+            for (const frame of [hello, ...connections[n]]) ws.onmessage({data: JSON.stringify(frame)});
+            ws.onclose({code: 1006, reason: ""});
+        }
+        await until(() => window.opened.length > connections.length);
+        client.stop();
+        return window.opened.map(ws => new URL(ws.url).searchParams.get("since"));
+    }""", list(connections))
+
+
+def resumed(since: str | None, replayed: int, cursor: str) -> dict:
+    return {"type": "resumed", "since": since, "replayed": replayed, "truncated": False, "cursor": cursor}
+
+
 def test_push_js_that_has_seen_no_message_resumes_from_the_cursor_of_its_first_resumed_frame(pages):
     """A device that left before its first message came back without ``since``, to the inbox,
     which no longer holds what another device of the user acked meanwhile: it never got those.
     It now resumes from the ``cursor`` the node sent; once it has seen a message, from that."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
-    urls = page.evaluate("""async () => {
-        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
-        const hello = {type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600};
-        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", initialMs: 5, maxMs: 10});
-        client.start();
-        const first = window.opened[0];
-        first.onmessage({data: JSON.stringify(hello)});
-        first.onmessage({data: JSON.stringify({type: "resumed", since: null, replayed: 0, truncated: false, cursor: "0190f00000000000000000aa"})});
-        first.onclose({code: 1006, reason: ""});
-        await until(() => window.opened.length > 1);
-        const second = window.opened[1];
-        second.onmessage({data: JSON.stringify(hello)});
-        second.onmessage({data: JSON.stringify({type: "resumed", since: "0190f00000000000000000aa", replayed: 0, truncated: false, cursor: "0190f10000000000000000aa"})});
-        second.onmessage({data: JSON.stringify({type: "message", id: "0190f20000000000000000bb", data: 1})});
-        second.onclose({code: 1006, reason: ""});
-        await until(() => window.opened.length > 2);
-        client.stop();
-        return window.opened.map(ws => new URL(ws.url).searchParams.get("since"));
-    }""")
-    assert urls == [None, "0190f00000000000000000aa", "0190f20000000000000000bb"]
+    assert sinces_after(pages,
+                        [resumed(None, 0, "0190f00000000000000000aa")],
+                        [resumed("0190f00000000000000000aa", 0, "0190f10000000000000000aa"),
+                         {"type": "message", "id": "0190f20000000000000000bb", "data": 1}],
+                        ) == [None, "0190f00000000000000000aa", "0190f20000000000000000bb"]
 
 
 def test_push_js_whose_inbox_replay_brought_only_older_messages_resumes_from_the_cursor(pages):
     """It resumed from the newest message of its inbox replay, an old one unacked, and its next
-    connection then replayed everything after it, what other devices acked since included."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
-    urls = page.evaluate("""async () => {
-        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
-        const hello = {type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600};
-        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", initialMs: 5, maxMs: 10});
-        client.start();
-        const first = window.opened[0];
-        first.onmessage({data: JSON.stringify(hello)});
-        first.onmessage({data: JSON.stringify({type: "message", id: "0190e00000000000000000bb", data: 1})});
-        first.onmessage({data: JSON.stringify({type: "resumed", since: null, replayed: 1, truncated: false, cursor: "0190f00000000000000000aa"})});
-        first.onclose({code: 1006, reason: ""});
-        await until(() => window.opened.length > 1);
-        const second = window.opened[1];
-        second.onmessage({data: JSON.stringify(hello)});
-        second.onmessage({data: JSON.stringify({type: "message", id: "0190f50000000000000000bb", data: 2})});
-        second.onmessage({data: JSON.stringify({type: "resumed", since: "0190f00000000000000000aa", replayed: 1, truncated: false, cursor: "0190f10000000000000000aa"})});
-        second.onclose({code: 1006, reason: ""});
-        await until(() => window.opened.length > 2);
-        client.stop();
-        return window.opened.map(ws => new URL(ws.url).searchParams.get("since"));
-    }""")
-    # The cursor when it is later than every message seen, never going back to an earlier one.
-    assert urls == [None, "0190f00000000000000000aa", "0190f50000000000000000bb"]
+    connection then replayed everything after it, what other devices acked since included.  The
+    cursor counts when it is later than every message seen, never going back to an earlier one."""
+    assert sinces_after(pages,
+                        [{"type": "message", "id": "0190e00000000000000000bb", "data": 1}, resumed(None, 1, "0190f00000000000000000aa")],
+                        [{"type": "message", "id": "0190f50000000000000000bb", "data": 2},
+                         resumed("0190f00000000000000000aa", 1, "0190f10000000000000000aa")],
+                        ) == [None, "0190f00000000000000000aa", "0190f50000000000000000bb"]
 
 
 def test_push_js_does_not_go_back_to_a_node_that_said_going_away_while_another_url_works(pages):
