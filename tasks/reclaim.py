@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from tasks.queues import node_queue, parse_delivery
+from wsnode.presence import node_name
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,32 @@ def hand_back(app, address: str, delete: bool = False, limit: int = 100_000) -> 
             handed += _re_dispatch(app, address, taken)
             messages += len(taken)
         if delete:
-            bound.delete()
+            _delete(app, conn, bound, address)
     if handed or messages:
         log.info("handed back %d envelopes from %d messages on %s's queue", handed, messages, address)
     return handed
+
+
+def _delete(app, conn, bound, address: str) -> None:
+    """Delete a gone node's queue; on the Redis broker also the bindings kombu keeps in Redis, its
+    queue's (``_kombu.binding.<address>``) and its presence's mailbox (a member of
+    ``_kombu.binding.celery.pidbox``).  kombu's Redis transport deletes a queue's lists and
+    bindings only for the bindings the deleting process declared itself, so declared here first;
+    without that, each node killed on an address that never came back left its mailbox's binding
+    in Redis for good (the mailbox table never expires while any worker or node lives), and its
+    queue's binding for an hour.  RabbitMQ removes both by itself (``x-expires``, and Celery's
+    mailbox queues are ``auto_delete``)."""
+    if conn.transport.driver_type != "redis":
+        bound.delete()
+        return
+    bound.declare()
+    bound.delete()
+    mailbox = app.control.mailbox.get_queue(node_name(address))(conn.default_channel)
+    mailbox.declare()
+    mailbox.delete()
+    # kombu remembers, for the whole process, every fanout queue a channel bound; a worker process
+    # forgetting node after node would keep one entry per node.
+    conn.default_channel._fanout_queues.pop(mailbox.name, None)
 
 
 def _re_dispatch(app, address: str, taken: list) -> int:

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import redis as redis_lib
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
@@ -82,6 +83,30 @@ async def test_after_sigkill_the_lease_expires_dispatch_stops_routing_there_and_
     frames, _ = await back.until("resumed")
     assert [f["id"] for f in dedup(frames) if f["id"] != first and "n" in f["data"]] == during + after
     back.close()
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # RabbitMQ expires both by itself
+async def test_housekeeping_removes_a_killed_nodes_bindings_from_the_redis_broker(cluster):
+    """kombu's Redis transport keeps each queue's bindings in sets of its own, and deletes a
+    queue's only when the deleting process had declared it: housekeeping's deletion of a killed
+    node's queue left ``_kombu.binding.<address>`` for an hour and the node's mailbox binding
+    (a member of ``_kombu.binding.celery.pidbox``, a set that never expires while any worker or
+    node lives) for good, one more for each node killed on an address that never came back."""
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    mailbox = f"\x06\x16\x06\x16wsnode@{address}.celery.pidbox".encode()
+    await wait_for(lambda: broker.sismember("_kombu.binding.celery.pidbox", mailbox), 10, "the node's mailbox bound")
+    assert broker.exists(f"_kombu.binding.{address}")
+
+    await asyncio.to_thread(node.kill)
+    deadline = time.monotonic() + 3 * LEASE_TTL + 10  # housekeeping forgets it LEASE_TTL after its lease ended
+    while cluster.routes.zscore(NODES_KEY, address) is not None:
+        assert time.monotonic() < deadline, f"housekeeping never forgot the killed node {address}"
+        await asyncio.sleep(0.5)
+    assert not broker.sismember("_kombu.binding.celery.pidbox", mailbox), "the killed node's mailbox binding is left in Redis"
+    assert not broker.exists(f"_kombu.binding.{address}"), "the killed node's queue binding is left in Redis"
+    assert broker.sismember("_kombu.binding.celery.pidbox", f"\x06\x16\x06\x16wsnode@127.0.0.1:{cluster.node_ports[0]}.celery.pidbox".encode())
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
