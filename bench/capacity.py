@@ -401,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and its logs")
     args = parser.parse_args(argv)
+    if args.system in ("both", "peer") and (problem := common.peer_packages_problem("--system ours")):
+        parser.error(problem)
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -263,6 +264,26 @@ class ProcSampler:
 # =============================================================================================
 # The peer: python-socketio ASGI server under uvicorn
 # =============================================================================================
+
+#: What the peer's processes import, by the package of bench/requirements.txt that provides it (the
+#: project's requirements.txt has none of them).
+PEER_MODULES = {"socketio": "python-socketio", "engineio": "python-engineio", "uvicorn": "uvicorn", "websockets": "websockets"}
+
+
+def missing_peer_packages() -> list[str]:
+    """The packages of :data:`PEER_MODULES` that are not installed: a run of the peer would fail on
+    them, after the rows of ours that come first."""
+    return [package for module, package in PEER_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
+def peer_packages_problem(only_ours: str) -> str | None:
+    """What to tell the user when the peer cannot run here (``only_ours``: the option that skips it)."""
+    missing = missing_peer_packages()
+    if not missing:
+        return None
+    return (f"the peer's packages are not installed ({', '.join(missing)}): run "
+            f"`pip install -r bench/requirements.txt` in the project's venv first, or measure ours alone with {only_ours}")
+
 
 def start_peer_node(redis_url: str, port: int, log_path: Path, timeout: float = 30.0):
     """One uvicorn process serving ``bench/peer_app.py`` on ``port``; returns the launcher Service once

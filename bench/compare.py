@@ -527,6 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.systems = [x.strip() for x in str(args.systems).split(",") if x.strip()]
     if not args.systems or any(x not in ("ours", "peer") for x in args.systems):
         parser.error("--systems takes ours, peer or ours,peer")
+    if "peer" in args.systems and (problem := common.peer_packages_problem("--systems ours")):
+        parser.error(problem)
     if not args.nodes or min(args.nodes) < 1 or args.users < max(args.nodes) or args.messages < 1 or args.rate <= 0 or args.seconds <= 0 or args.rounds < 1:
         parser.error("--nodes >= 1, --users >= nodes, --messages >= 1, --rate > 0, --seconds > 0, --rounds >= 1")
     return args
