@@ -8,6 +8,7 @@ Settings come from ``settings.py`` (``AUTH_PORT``, ``BIND_ADDRESS``, ``AUTH_SECR
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -64,7 +65,20 @@ async def serve() -> int:
         await client.aclose()
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """No options (everything is a setting); ``--help`` says so, and any argument is refused rather
+    than ignored: ``python -m auth --help`` used to start the service on ``AUTH_PORT``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m auth",
+        description="Run the auth service: it issues tokens (POST /tokens), verifies them for the push nodes (POST /verify) "
+                    "and revokes them (POST /revoke), until SIGTERM or SIGINT.",
+        epilog="It takes no options: its settings are environment variables (AUTH_PORT, BIND_ADDRESS, AUTH_SECRET, "
+               "AUTH_ADMIN_KEY, TOKEN_TTL, REDIS_URL, PUSH_ENV, LOG_LEVEL); see the README's Configuration.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     settings.configure_logging("auth")
     try:
         settings.check_secrets()

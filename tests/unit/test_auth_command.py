@@ -1,0 +1,29 @@
+"""``python -m auth`` takes no options: ``--help`` answers and exits, any other argument is refused,
+and neither starts the service (pure: ``serve`` is replaced; nothing listens)."""
+
+import pytest
+
+from auth import __main__ as auth_main
+
+
+@pytest.fixture(autouse=True)
+def no_serve(monkeypatch):
+    async def serve():  # pragma: no cover - reached only by the bug this guards against
+        raise AssertionError("the service was started")
+
+    monkeypatch.setattr(auth_main, "serve", serve)
+
+
+def test_help_says_the_settings_are_environment_variables_and_starts_nothing(capsys):
+    with pytest.raises(SystemExit) as exc:
+        auth_main.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m auth" in out and "AUTH_PORT" in out
+
+
+def test_an_argument_is_refused_not_ignored(capsys):
+    with pytest.raises(SystemExit) as exc:
+        auth_main.main(["--port", "9000"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --port 9000" in capsys.readouterr().err
