@@ -67,3 +67,29 @@ def test_dev_test_without_a_binary_says_what_to_install(bare_checkout):
     done = run_dev(copy, env, "test", "--collect-only", "-q", "tests/unit/test_ids.py")
     assert done.returncode == 1, done.stdout[-2000:]
     assert "dev: no redis-server found" in done.stderr, done.stderr[-2000:]
+
+
+def fake_python(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_dev_says_a_python_that_does_not_run_does_not_run_rather_than_too_old(tmp_path):
+    """A pyenv shim for a version not selected exits 127: ./dev called its error message a Python
+    that "is too old"."""
+    shim = fake_python(tmp_path, "python3.13", 'echo "pyenv: python3.13: command not found" >&2\nexit 127\n')
+    done = subprocess.run([str(REPO / "dev"), "cluster", "--help"], cwd=REPO, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHON": str(shim)})
+    assert done.returncode == 1
+    assert f"dev: {shim} does not run (exit code 127): pyenv: python3.13: command not found" in done.stderr, done.stderr
+    assert "too old" not in done.stderr
+
+
+def test_dev_says_an_old_python_is_too_old(tmp_path):
+    old = fake_python(tmp_path, "python3.9", 'case "$*" in *--version*) echo "Python 3.9.1";; *) exit 1;; esac\n')
+    done = subprocess.run([str(REPO / "dev"), "cluster", "--help"], cwd=REPO, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHON": str(old)})
+    assert done.returncode == 1
+    assert "dev: Python 3.9.1 is too old: Python 3.11 or newer is needed" in done.stderr, done.stderr
