@@ -39,11 +39,15 @@ def test_freeze_moves_objects_made_after_tune_to_the_permanent_generation():
 
 
 def test_the_worker_tunes_the_collector_when_it_starts():
+    """Importing ``worker`` keeps the interpreter's own threshold (700 up to Python 3.12, 2,000 on
+    3.13: the test said 700, and failed under ``PYTHON=python3.13 ./dev test``); starting it tunes."""
     out = run(
-        "import gc, worker\n"
+        "import gc\n"
+        "default = gc.get_threshold()[0]\n"
+        "import worker\n"
         "from celery.signals import worker_init\n"
-        "print(gc.get_threshold()[0])\n"
+        "print(gc.get_threshold()[0] == default, default < 20000)\n"
         "worker_init.send(sender=None)\n"
         "print(gc.get_threshold()[0], gc.get_freeze_count() > 1000)\n"
     )
-    assert out.splitlines() == ["700", "20000 True"]
+    assert out.splitlines() == ["True True", "20000 True"]
