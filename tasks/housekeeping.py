@@ -219,7 +219,7 @@ def reclaim_dead_nodes(now: float) -> int:
     cutoff = now - settings.LEASE_TTL
     handed = 0
     failed = None
-    for raw in _redis.zrangebyscore(NODES_KEY, "-inf", cutoff):
+    for raw, lease_end in _redis.zrangebyscore(NODES_KEY, "-inf", cutoff, withscores=True):
         node = raw.decode() if isinstance(raw, bytes) else raw
         try:
             handed += hand_back(app, node, delete=True)
@@ -228,7 +228,10 @@ def reclaim_dead_nodes(now: float) -> int:
             failed = failed or exc
             continue
         if _FORGET_NODE(keys=[NODES_KEY], args=[node, cutoff]):
-            log.warning("node %s is gone (no lease for %.0f s): its queue was handed back and deleted", node, settings.LEASE_TTL)
+            if lease_end == 0:  # ended by the node's drain (Leases.release_node): expected, not a fault
+                log.info("node %s drained: what was still queued for it was handed back and its queue deleted", node)
+            else:
+                log.warning("node %s is gone (no lease for %.0f s): its queue was handed back and deleted", node, settings.LEASE_TTL)
     if failed is not None:
         raise failed
     return handed

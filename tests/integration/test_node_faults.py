@@ -63,6 +63,9 @@ async def test_a_drained_node_hands_back_its_empty_queue_and_housekeeping_forget
     while cluster.routes.zscore(NODES_KEY, address) is not None:
         assert time.monotonic() < deadline, f"housekeeping never forgot the drained node {address}"
         await asyncio.sleep(0.5)
+    # Not reported as a node that died: it said it was leaving.
+    await wait_for(lambda: f"node {address} drained: " in cluster._log("worker").read_text(errors="replace"), 5, "the worker logging the drained node")
+    assert f"node {address} is gone" not in cluster._log("worker").read_text(errors="replace")
 
 
 async def test_after_sigkill_the_lease_expires_dispatch_stops_routing_there_and_resume_recovers(cluster):
