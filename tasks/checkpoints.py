@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 #: :class:`Checkpointer` runs: 40 MB of log, reached only if the checkpointer stops.
 SAFETY_NET_PAGES = 10_000
 
+#: What a write-ahead log keeps of its file once it was copied back whole (SQLite's
+#: ``journal_size_limit``): SQLite reuses a log from its start and never shrinks its file by
+#: itself, so a log that grew large once (a purge after a long outage, a backlog taken in big
+#: transactions) kept that size on disk for good.  A few seconds' worth of writes at full speed.
+WAL_KEEP_BYTES = 16 * 1024 * 1024
+
 #: Seconds between two checkpoints of a file.
 INTERVAL_SECONDS = 1.0
 

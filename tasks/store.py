@@ -502,6 +502,7 @@ class Store:
             return
         for table in tables:
             table._connection.execute(f"PRAGMA wal_autocheckpoint={checkpoints.SAFETY_NET_PAGES}")
+            table._connection.execute(f"PRAGMA journal_size_limit={checkpoints.WAL_KEEP_BYTES}")
         self._checkpointer = checkpoints.Checkpointer(paths)
         self._checkpointer.start()
 

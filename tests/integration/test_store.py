@@ -828,6 +828,29 @@ def test_embedded_commits_leave_the_checkpoints_to_the_stores_thread(store):
     assert len(store.replay("alice", "", 5000)[0]) == 2000
 
 
+def test_an_embedded_log_that_grew_large_shrinks_back_once_copied_into_its_file(location, monkeypatch):
+    """SQLite reuses a write-ahead log from its start but never shrinks its file: a log that grew
+    large once (a purge after a long outage) kept that size on disk for good."""
+    monkeypatch.setattr(checkpoints, "WAL_KEEP_BYTES", 1 << 20)
+    store = Store.open()
+    try:
+        if not store.embedded:
+            pytest.skip("write-ahead logs are the embedded engine's")
+        store._checkpointer.stop()  # from here on only this test checkpoints
+        path = checkpoints.database_file(store_module._litemongo_table(store.database["messages"])._connection)
+        gen = IdGenerator()
+        for _ in range(10):  # about 6 MB of log
+            store.insert_messages([make(gen, ["alice"], {"pad": "x" * 3000}) for _ in range(200)])
+        assert os.path.getsize(path + "-wal") > 5_000_000
+        busy, pages, copied = store._checkpointer.checkpoint()[path]
+        assert (busy, copied) == (0, pages)
+        store.insert_messages([make(gen, ["alice"], {"small": 1})])  # starts the log again from its start
+        assert os.path.getsize(path + "-wal") <= 1 << 20
+        assert len(store.replay("alice", "", 5000)[0]) == 2001
+    finally:
+        store.close()
+
+
 def test_closing_an_embedded_store_stops_its_checkpoint_thread(location):
     store = Store.open()
     if not store.embedded:
