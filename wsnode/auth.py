@@ -25,8 +25,9 @@ TIME_WAIT socket behind each.  At most ``max_in_flight`` requests are in flight 
 when checking one token per request); the others wait in the client's queue.  A connection that
 auth closed (it restarted) is noticed by libcurl, which connects again.  Every failure to get an
 answer (refused, reset, timed out) is libcurl's error 599, hence :class:`AuthUnavailable`; the
-checks that waited for a check that got no usable answer fail with it, without asking auth (an
-auth that answers nothing makes each request wait for the whole ``timeout``).
+checks that waited for a check that got no answer (or a 503: auth cannot read its revocation list)
+fail with it, without asking auth (an auth that answers nothing makes each request wait for the
+whole ``timeout``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,13 @@ class AuthRejected(AuthError):
 
 
 class AuthUnavailable(AuthError):
-    """The auth service could not be asked or gave an unusable answer."""
+    """The auth service could not be asked or gave an unusable answer.  ``unanswered``: it gave no
+    answer at all (refused, reset, timed out: libcurl's 599) or answered 503 (it cannot read the
+    revocation list): the checks waiting behind such a check fail with it, unasked."""
+
+    def __init__(self, message: str, unanswered: bool = False) -> None:
+        super().__init__(message)
+        self.unanswered = unanswered
 
 
 class AuthClient:
@@ -140,24 +147,27 @@ class AuthClient:
 
     async def _check_many(self, tokens: list[str]) -> list[Identity | Exception]:
         """The identity, or the :class:`AuthError` to raise, per token; raises an :class:`AuthError`
-        that holds for all of them.  When auth could not answer, the checks that came meanwhile
-        fail with it, unasked: each request to an auth that accepts connections and answers
-        nothing waits for the whole timeout, so a reconnect storm's last browsers waited (checks /
-        ``MAX_VERIFY_BATCH``) timeouts for their 1013, and came back with more checks meanwhile."""
+        that holds for all of them.  When auth gave no answer (or a 503), the checks that came
+        meanwhile fail with it, unasked: each request to an auth that accepts connections and
+        answers nothing waits for the whole timeout, so a reconnect storm's last browsers waited
+        (checks / ``MAX_VERIFY_BATCH``) timeouts for their 1013, and came back with more checks
+        meanwhile.  Any other error (a 500 for one bad token of the list, a proxy's 502, an
+        unexpected body) came at once: the next request is asked as usual."""
         try:
             results = await self._check_tokens(tokens)
         except AuthUnavailable as exc:
-            self._fail_waiting(exc)
+            if exc.unanswered:
+                self._fail_waiting(exc)
             raise
-        unavailable = next((result for result in results if isinstance(result, AuthUnavailable)), None)
-        if unavailable is not None:
-            self._fail_waiting(unavailable)
+        unanswered = next((result for result in results if isinstance(result, AuthUnavailable) and result.unanswered), None)
+        if unanswered is not None:
+            self._fail_waiting(unanswered)
         return results
 
     def _fail_waiting(self, cause: AuthUnavailable) -> None:
         failed = self._checks.fail_waiting(AuthUnavailable(f"{cause} (while this token waited for that check: not asked)"))
         if failed:
-            log.warning("%d token checks that waited for auth failed unasked: the check before them got no answer (%s)", failed, cause)
+            log.warning("%d token checks that waited for auth failed unasked: the check before them got no answer or a 503 (%s)", failed, cause)
 
     async def _check_tokens(self, tokens: list[str]) -> list[Identity | Exception]:
         if len(tokens) == 1 or not self._list_form:
@@ -233,8 +243,8 @@ def within_body(tokens: list[str], limit: int) -> list[list[str]]:
 
 def _unavailable(exc: HTTPClientError, url: str) -> AuthUnavailable:
     if exc.code == 599:  # no HTTP answer: refused, reset, timed out (libcurl's message says which)
-        return AuthUnavailable(f"auth service unreachable at {url}: {exc.message}")
-    return AuthUnavailable(f"auth service answered {exc.code} at {url}")
+        return AuthUnavailable(f"auth service unreachable at {url}: {exc.message}", unanswered=True)
+    return AuthUnavailable(f"auth service answered {exc.code} at {url}", unanswered=exc.code == 503)
 
 
 def _small_buffers(curl: pycurl.Curl) -> None:

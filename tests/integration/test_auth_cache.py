@@ -103,3 +103,57 @@ async def test_checks_that_waited_behind_a_check_auth_did_not_answer_fail_with_i
     assert len(seen) == 1, f"{len(seen)} requests to an auth that answered none"
     assert time.monotonic() - started < 1.0
     client._http.close()
+
+
+class FirstAnswerFailsHandler(tornado.web.RequestHandler):
+    """``POST /verify``: the first request waits for ``release`` and is answered with ``status``;
+    every later one at once, each token ``user:<id>`` good for ``<id>``."""
+
+    def initialize(self, seen: list, release: asyncio.Event, status: int) -> None:
+        self.seen, self.release, self.status = seen, release, status
+
+    async def post(self) -> None:
+        body = json.loads(self.request.body)
+        self.seen.append(body)
+        if len(self.seen) == 1:
+            await self.release.wait()
+            self.set_status(self.status)
+            self.finish({"error": "held, then refused"})
+            return
+        answers = [{"user_id": token.removeprefix("user:"), "token_id": f"jti-{token}", "issued_at_us": 1, "expires_at": int(time.time()) + 600}
+                   for token in body.get("tokens", [body.get("token")])]
+        self.finish({"results": answers} if "tokens" in body else answers[0])
+
+
+@pytest.mark.parametrize("status, waiting_fail", [(500, False), (502, False), (503, True)])
+async def test_only_a_check_auth_did_not_answer_or_answered_503_fails_the_checks_waiting_behind_it(status, waiting_fail):
+    """An auth that answered a check quickly with an error (a 500 for one token of the request, a
+    proxy's 502) will answer the next request quickly too: the checks that waited behind it are
+    asked (the README: only a check with no answer, or a 503, fails them unasked).  Failing them
+    turned one bad request into 1013s for every browser whose check waited meanwhile."""
+    seen: list[dict] = []
+    release = asyncio.Event()
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/verify", FirstAnswerFailsHandler, {"seen": seen, "release": release, "status": status})]))
+    server.add_sockets(sockets)
+    client = AuthClient(f"http://127.0.0.1:{sockets[0].getsockname()[1]}", cache_seconds=0)
+    try:
+        first = asyncio.ensure_future(client.verify("user:first"))
+        await asked(seen, 1)
+        waiting = [asyncio.ensure_future(client.verify(f"user:u{index}")) for index in range(3)]
+        await asyncio.sleep(0.05)
+        release.set()
+
+        with pytest.raises(AuthUnavailable, match=str(status)):
+            await first
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        if waiting_fail:
+            assert all(isinstance(result, AuthUnavailable) for result in results), results
+            assert len(seen) == 1
+        else:
+            assert [getattr(result, "user_id", result) for result in results] == ["u0", "u1", "u2"]
+            assert len(seen) == 2
+    finally:
+        client._http.close()
+        server.stop()
+        await server.close_all_connections()
