@@ -38,6 +38,9 @@ def id_problem(value: object) -> str | None:
         return f"{type(value).__name__}, not a string"
     if len(value) == 24 and _ID.fullmatch(value.lower()):
         return "upper-case hex: ids are lower-case, as tasks.collect returns them"
+    if len(value) == 24:  # the right length: what is wrong is a character
+        bad = next(char for char in value.lower() if char not in "0123456789abcdef")
+        return f"not hex ({bad!r:.12}): an id is 24 lower-case hex characters"
     return f"{len(value)} characters; an id is 24 lower-case hex characters"
 
 

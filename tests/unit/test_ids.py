@@ -232,6 +232,8 @@ def test_timestamp_ms_of_a_non_string_raises_message_id_error():
 @pytest.mark.parametrize("value, says", [
     ("01A243F0F0BD000000B2E826", "upper-case hex: ids are lower-case"),
     ("01a243f0f0bd000000b2e82", "23 characters; an id is 24 lower-case hex characters"),
+    ("01a243f0f0bd000000b2e82g", "not hex ('g'): an id is 24 lower-case hex characters"),
+    ("0x1a243f0f0bd000000b2e82", "not hex ('x'): an id is 24 lower-case hex characters"),
     (12, "int, not a string"),
     (None, "NoneType, not a string"),
 ])
