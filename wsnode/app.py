@@ -337,15 +337,14 @@ class PushNode:
         if identity.token_id is None:  # no revocation closes it (wsnode.revocations.covers)
             return True
         try:
-            by_jti, cutoff = await self.redis.mget(keys_of(identity))
+            revoked = await self._listed_as_revoked(identity)
         except RedisError as exc:
-            self.redis_ok = False  # the next PING says when it is back
             if self.hub.get(conn.conn_id) is conn and not conn.closing:
                 self._refuse_unbound(conn, CloseCode.TRY_AGAIN_LATER, why=f"revocation list not read ({exc})")
             return False
         if self.hub.get(conn.conn_id) is not conn or conn.closing:
             return False  # closed meanwhile (by the drain, an announced revocation...): told and counted once
-        if revoked_by(by_jti, cutoff, identity.issued_at_us or 0):
+        if revoked:
             self._refuse_unbound(conn, CloseCode.UNAUTHORIZED, "token revoked",
                                  why="token revoked while it was checked, unannounced to this node (read from the revocation list)")
             return False
@@ -353,6 +352,17 @@ class PushNode:
             self._refuse_unbound(conn, CloseCode.GOING_AWAY, why="the node began draining while the revocation list was read")
             return False
         return True
+
+    async def _listed_as_revoked(self, identity) -> bool:
+        """Whether auth's revocation list revokes ``identity``'s token (which has a ``token_id``),
+        read from Redis (one ``MGET``), as the catch-up reads it; a ``RedisError`` is raised, after
+        marking Redis down (the next PING says when it is back)."""
+        try:
+            by_jti, cutoff = await self.redis.mget(keys_of(identity))
+        except RedisError:
+            self.redis_ok = False
+            raise
+        return revoked_by(by_jti, cutoff, identity.issued_at_us or 0)
 
     def _ping_tick(self) -> None:
         """Every second: ping one slot's connections, close those that left a ping unanswered
@@ -421,8 +431,7 @@ class PushNode:
             # A catch-up that began meanwhile judged the connection's previous token, not this one.
             while seen != self.revocation_checks and identity.user_id == conn.user_id and identity.token_id is not None:
                 seen = self.revocation_checks
-                by_jti, cutoff = await self.redis.mget(keys_of(identity))
-                if revoked_by(by_jti, cutoff, identity.issued_at_us or 0):
+                if await self._listed_as_revoked(identity):
                     self._refused_refresh(conn, "refresh refused: token revoked")
                     return
         except AuthRejected as exc:
