@@ -5,12 +5,14 @@ Loop thread only: the ``redis.asyncio`` client passed in belongs to the loop tha
 Two kinds of entry, each expiring as soon as it can no longer matter, so Redis never grows
 without bound:
 
-- ``auth:revoked:jti:<jti>`` -> ``1``: that one token; expires when the token itself expires.
+- ``auth:revoked:jti:<jti>`` -> ``1``: that one token; expires :data:`CLOCK_MARGIN_SECONDS` after
+  the token itself (none is written for a token that expired longer ago than that).
 - ``auth:revoked:user:<user_id>`` -> a cutoff in unix microseconds: every token of that user
   issued at or before the cutoff.  A token issued in the very microsecond of the cutoff is revoked
-  too.  The entry expires when the last token it covers expires (cutoff + ``token_ttl``), so it
-  assumes ``token_ttl`` is the lifetime the service issues tokens with.  A later revocation only
-  ever moves the cutoff forward, and never the expiry back (made under a shorter ``token_ttl``).
+  too.  The entry expires :data:`CLOCK_MARGIN_SECONDS` after the last token it covers (cutoff +
+  ``token_ttl``), so it assumes ``token_ttl`` is the lifetime the service issues tokens with.  A
+  later revocation only ever moves the cutoff forward, and never the expiry back (made under a
+  shorter ``token_ttl``).
 
 Whether a token expired is decided by auth's clock, and Redis expires keys by its own: so each
 entry is written with a time to live counted from auth's clock (never an absolute time, which
