@@ -129,7 +129,7 @@ class Store:
             except (errors.ConfigurationError, ValueError) as exc:
                 # pymongo parses the URL here, and looks a mongodb+srv:// URL's hosts up in DNS
                 # (SRV and TXT records): a lookup that failed may work later, a URL it refused won't.
-                if settings.MONGO_URL.startswith("mongodb+srv://") and not isinstance(exc, (errors.InvalidURI, ValueError)):
+                if _dns_for_now(exc):
                     raise StoreUnavailable(f"MONGO_URL={where}: looking its hosts up in DNS failed ({exc}); check the name and the DNS server") from exc
                 raise StoreError(f"MONGO_URL={where} cannot be used ({exc}): check its form (mongodb://user:password@host:port/, "
                                  "the password percent-encoded) and its options") from exc
@@ -576,6 +576,17 @@ def _one_transaction(collection) -> Iterator[None]:
         connection.commit()
     finally:
         table._connection = connection
+
+
+def _dns_for_now(exc: Exception) -> bool:
+    """Whether pymongo's error making a client is a DNS lookup of a ``mongodb+srv://`` URL that
+    may work later (timed out, no name server answered), rather than a URL or options it refuses
+    (which are ConfigurationErrors too), or a name that has no such records."""
+    from dns.exception import DNSException
+    from dns.resolver import NXDOMAIN, NoAnswer
+
+    cause = exc.__cause__
+    return isinstance(exc, errors.ConfigurationError) and isinstance(cause, DNSException) and not isinstance(cause, (NXDOMAIN, NoAnswer))
 
 
 def _transient(exc: errors.OperationFailure) -> bool:

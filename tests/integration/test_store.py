@@ -16,6 +16,8 @@ import time
 import uuid
 
 import pymongo
+import dns.exception
+import dns.resolver
 import pytest
 from pymongo import errors
 
@@ -372,15 +374,37 @@ def test_a_mongo_url_pymongo_refuses_raises_store_error_naming_it_without_its_pa
     assert not isinstance(raised.value, StoreUnavailable) and "s3cret" not in str(raised.value)
 
 
-def test_a_failed_dns_lookup_of_a_mongodb_srv_url_raises_store_unavailable(location, monkeypatch):
-    def lookup_failed(*_, **__):
-        raise errors.ConfigurationError("The DNS operation timed out.")
+def _client_raising(error: Exception, cause: Exception | None = None):
+    """A MongoClient that raises ``error`` (from ``cause``) as pymongo's does on a URL it refuses
+    or whose SRV lookup fails (pymongo/synchronous/srv_resolver.py: ``raise ConfigurationError(str(exc)) from exc``)."""
+    def make(*_, **__):
+        raise error from cause
+    return make
+
+
+def test_a_dns_lookup_of_a_mongodb_srv_url_that_timed_out_raises_store_unavailable(location, monkeypatch):
     monkeypatch.setattr(settings, "MONGO_URL", "mongodb+srv://push:s3cret@cluster0.example.net/")
-    monkeypatch.setattr(store_module.pymongo, "MongoClient", lookup_failed)
+    monkeypatch.setattr(store_module.pymongo, "MongoClient",
+                        _client_raising(errors.ConfigurationError("The DNS operation timed out."), dns.exception.Timeout()))
 
     with pytest.raises(StoreUnavailable, match="DNS") as raised:
         Store.open()
     assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("error, cause", [
+    (errors.ConfigurationError("Cannot specify replicaSet with loadBalanced=true"), None),
+    (errors.ConfigurationError("The DNS query name does not exist: _mongodb._tcp.cluster0.example.net."), dns.resolver.NXDOMAIN()),
+], ids=["options pymongo refuses", "a name with no SRV records"])
+def test_other_errors_of_a_mongodb_srv_url_raise_store_error_not_unavailable(location, monkeypatch, error, cause):
+    """Every ConfigurationError of a mongodb+srv:// URL was taken for a DNS lookup that may work
+    later, and retried for ever."""
+    monkeypatch.setattr(settings, "MONGO_URL", "mongodb+srv://push:s3cret@cluster0.example.net/")
+    monkeypatch.setattr(store_module.pymongo, "MongoClient", _client_raising(error, cause))
+
+    with pytest.raises(StoreError, match="cannot be used") as raised:
+        Store.open()
+    assert not isinstance(raised.value, StoreUnavailable) and "s3cret" not in str(raised.value)
 
 
 def _through_mongodb(store, monkeypatch, method: str, error: Exception) -> None:
