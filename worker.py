@@ -74,6 +74,13 @@ app.conf.update(
     worker_send_task_events=False,
     task_send_sent_event=False,
     broker_connection_retry_on_startup=True,
+    # A channel the broker closes with an error is taken for a lost connection: the worker connects
+    # again, and what it held unacked comes back.  RabbitMQ closes a consumer's channel (406
+    # PRECONDITION_FAILED) when a message stays unacked longer than its consumer_timeout (30 min by
+    # default), which a request held for its countdown or eta does; Celery's default took that for
+    # an "Unrecoverable error" and the worker exited, and every worker restarted after it read the
+    # request again, held it, and exited again.
+    broker_channel_error_retry=True,
     # A result that cannot be written (Redis restarting) is retried, not turned into a failure
     # outside the task body: the task waits for Redis, 26 tries with about 50 s of sleeps in all
     # on average (sleeps of up to 0.2, 0.4, ... 5 s, each drawn at random below its bound: 106 s

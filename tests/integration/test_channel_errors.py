@@ -1,0 +1,135 @@
+"""A RabbitMQ broker that closes the channel a worker consumes on, with an error, while the
+connection stays up: what RabbitMQ does (``406 PRECONDITION_FAILED - delivery acknowledgement on
+channel 1 timed out``) when a task stays unacknowledged longer than its ``consumer_timeout`` (30
+minutes by default), which a ``tasks.collect`` with a countdown or eta, held by the worker until its
+time, does.  Celery's worker took such a channel error for an unrecoverable one: it logged
+"Unrecoverable error: PreconditionFailed" and exited, and each worker restarted after it read the
+request again, held it, and exited again.
+
+The shared RabbitMQ cannot be given a short ``consumer_timeout`` (it is broker-wide), so a proxy
+between the worker and a private vhost sends the worker that very ``channel.close`` frame.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import launcher
+from tests.integration.conftest import Cluster, RabbitVhost
+from tests.integration.tcpproxy import FreezableProxy
+
+#: AMQP 0-9-1 frame types, and the frame's last octet.
+METHOD, HEADER, BODY, FRAME_END = 1, 2, 3, 0xCE
+#: (class, method) of basic.deliver and of the methods that carry content.
+BASIC_DELIVER = (60, 60)
+WITH_CONTENT = {(60, 40), (60, 50), (60, 60), (60, 71)}  # publish, return, deliver, get-ok
+
+
+def channel_close_frame(channel: int, code: int, text: str) -> bytes:
+    payload = struct.pack(">HHH", 20, 40, code) + bytes([len(text)]) + text.encode() + struct.pack(">HH", 0, 0)
+    return struct.pack(">BHI", METHOD, channel, len(payload)) + payload + bytes([FRAME_END])
+
+
+class ChannelClosingProxy(FreezableProxy):
+    """A proxy to RabbitMQ that reads the frames the broker sends, and on :meth:`close_channel`
+    sends the client, between two frames, a ``channel.close`` of the channel the broker last
+    delivered a message of ``queue`` (its routing key) on, as RabbitMQ does at a consumer timeout."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._armed: tuple[str, bytes] | None = None
+        self._arming = threading.Lock()  # one connection's pump sends it
+        self.closed_channel = threading.Event()
+
+    def close_channel(self, queue: str, text: str) -> None:
+        with self._arming:
+            self._armed = (queue, channel_close_frame(0, 406, text))
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        if source.getpeername()[1] != self.target[1]:
+            return super()._pump(source, sink)  # client to broker: as it is
+        buffer, content_left, channels = b"", 0, {}  # routing key -> channel it was last delivered on
+        try:
+            while not self._closed.is_set():
+                readable, _, _ = select.select([source], [], [], 0.05)
+                data = source.recv(65536) if readable else b""
+                if readable and not data:
+                    break
+                buffer += data
+                out = bytearray()
+                while len(buffer) >= 7:  # whole frames only
+                    kind, channel, size = struct.unpack(">BHI", buffer[:7])
+                    if len(buffer) < 8 + size:
+                        break
+                    payload, buffer = buffer[7 : 7 + size], buffer[8 + size :]
+                    out += struct.pack(">BHI", kind, channel, size) + payload + bytes([FRAME_END])
+                    if kind == METHOD:
+                        method = struct.unpack(">HH", payload[:4])
+                        content_left = None if method in WITH_CONTENT else 0  # None: its header is to come
+                        if method == BASIC_DELIVER:
+                            rest = payload[4:]
+                            rest = rest[1 + rest[0] + 8 + 1 :]  # consumer tag, delivery tag, redelivered
+                            rest = rest[1 + rest[0] :]  # exchange (Celery publishes to the default one)
+                            channels[rest[1 : 1 + rest[0]].decode()] = channel
+                    elif kind == HEADER:
+                        content_left = struct.unpack(">Q", payload[4:12])[0]
+                    elif kind == BODY:
+                        content_left -= size
+                with self._arming:
+                    armed = self._armed
+                    if armed and content_left == 0 and not buffer and armed[0] in channels:
+                        # between two frames, no content in progress: the broker's channel.close
+                        frame = bytearray(armed[1])
+                        frame[1:3] = struct.pack(">H", channels[armed[0]])
+                        out += frame
+                        self._armed = None
+                        self.closed_channel.set()
+                if out:
+                    sink.sendall(out)
+        except (OSError, ValueError):
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def worker_behind_proxy(tmp_path):
+    """A worker (no nodes, no auth: collect stores for users offline) on a private vhost through a
+    :class:`ChannelClosingProxy`; ``(cluster, proxy, worker)``."""
+    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
+    vhost = RabbitVhost()
+    try:
+        vhost.create()
+        cluster = Cluster(routing, tmp_path, broker_url=vhost.url, auth_port=launcher.free_port())
+        proxy, url = ChannelClosingProxy.to_url(vhost.url)
+        try:
+            worker = launcher.start_worker({**cluster.env, "BROKER_URL": url}, log_path=cluster.logs / "worker.log", concurrency=1)
+            cluster.services.append(worker)
+            yield cluster, proxy, worker
+        finally:
+            proxy.close()
+            cluster.stop(at_once=True)
+    finally:
+        vhost.delete()
+        routing.stop()
+
+
+async def test_a_worker_goes_on_after_rabbitmq_closes_its_channel_at_a_consumer_timeout(worker_behind_proxy):
+    cluster, proxy, worker = worker_behind_proxy
+    assert len(await cluster.collect("offline-user", 1)) == 24  # read through the proxy
+    proxy.close_channel("collect", "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout value used: 1800000 ms")
+    assert proxy.closed_channel.wait(10)
+    time.sleep(2)
+    assert worker.alive, "the worker exited after RabbitMQ closed its channel:\n" + worker.log_tail(15)
+    # and it reads again: a new channel on a new connection
+    assert len(await cluster.collect("offline-user", 2, timeout=30)) == 24
