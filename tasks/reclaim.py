@@ -61,9 +61,10 @@ def _delete(app, conn, bound, address: str) -> None:
     without that, each node killed on an address that never came back left its mailbox's binding
     in Redis for good (the mailbox table never expires while any worker or node lives), and its
     queue's binding for an hour.  RabbitMQ removes both by itself (``x-expires``, and Celery's
-    mailbox queues are ``auto_delete``)."""
+    mailbox queues are ``auto_delete``), though not the queue's exchange (:func:`_delete_exchange`)."""
     if conn.transport.driver_type != "redis":
         bound.delete()
+        _delete_exchange(conn, address)
         return
     bound.declare()
     bound.delete()
@@ -73,6 +74,24 @@ def _delete(app, conn, bound, address: str) -> None:
     # kombu remembers, for the whole process, every fanout queue a channel bound; a worker process
     # forgetting node after node would keep one entry per node.
     conn.default_channel._fanout_queues.pop(mailbox.name, None)
+
+
+def _delete_exchange(conn, address: str) -> None:
+    """RabbitMQ: delete a gone node's exchange (its queue's, named as the queue), which RabbitMQ
+    keeps when the queue goes: each node address that never came back left one durable exchange
+    for good.  ``if_unused``: a node that declared its queue again meanwhile (one cut off from
+    Redis, whose consumer RabbitMQ cancelled when the queue went) keeps it.  On a channel of its
+    own, which the broker closes when it refuses."""
+    channel = conn.channel()
+    try:
+        channel.exchange_delete(address, if_unused=True)
+    except conn.channel_errors as exc:
+        log.info("kept the exchange of %s's queue: %s", address, exc)
+    finally:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001 - closed by the broker already
+            pass
 
 
 def _re_dispatch(app, address: str, taken: list) -> int:

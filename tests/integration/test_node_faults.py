@@ -118,6 +118,25 @@ async def test_housekeeping_removes_a_killed_nodes_bindings_from_the_redis_broke
     assert broker.sismember("_kombu.binding.celery.pidbox", f"\x06\x16\x06\x16wsnode@127.0.0.1:{cluster.node_ports[0]}.celery.pidbox".encode())
 
 
+@pytest.mark.parametrize("cluster", ["amqp"], indirect=True)
+async def test_housekeeping_removes_a_killed_nodes_exchange_from_rabbitmq(cluster):
+    """RabbitMQ keeps a queue's exchange when the queue is deleted (by housekeeping, or by
+    ``x-expires``): each node killed on an address that never came back left its durable
+    exchange for good.  The exchange of a live node's queue stays."""
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    await asyncio.to_thread(node.kill)
+    deadline = time.monotonic() + 3 * LEASE_TTL + 10  # housekeeping forgets it LEASE_TTL after its lease ended
+    while cluster.routes.zscore(NODES_KEY, address) is not None:
+        assert time.monotonic() < deadline, f"housekeeping never forgot the killed node {address}"
+        await asyncio.sleep(0.5)
+    with Connection(cluster.env["BROKER_URL"]) as conn:
+        assert cluster.node_queue_length(node.port) == 0
+        with pytest.raises(conn.channel_errors, match="NOT_FOUND"):
+            conn.channel().exchange_declare(address, "direct", passive=True)
+        conn.channel().exchange_declare(f"127.0.0.1:{cluster.node_ports[0]}", "direct", passive=True)  # a live node's: still there
+
+
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
 async def test_hundreds_of_browsers_leaving_at_once_release_their_leases_over_a_few_redis_connections(cluster):
     node = cluster.start_node()
