@@ -296,6 +296,30 @@ class Channel(kombu_redis.Channel):
             self._command_client = self._create_client()
         yield self._command_client
 
+    def _disconnect_pools(self) -> None:
+        # The command client is a handle on the pool being dropped: a later command gets a new one
+        # on the channel's next pool, as kombu's per-command clients do.
+        self._command_client = None
+        super()._disconnect_pools()
+
+    def close(self) -> None:
+        """kombu 5.7's ``Channel.close``, which also completes when the ``BRPOP`` it reads first
+        (the one in flight, so that a message it took is delivered rather than lost) fails on a
+        connection the server closed.  kombu's raised there, before anything was released: the
+        worker's consumer, reconnecting after Redis restarted, ignores that error, and the channel
+        stayed open for good (its QoS is referenced by a ``multiprocessing.util.Finalize`` until
+        the channel closes), with its command connection, in CLOSE_WAIT: one more socket in the
+        worker's main process per Redis restart."""
+        if self._in_poll and not self.closed:
+            try:
+                self._brpop_read()
+            except Empty:
+                pass
+            except self.connection_errors as exc:
+                log.info("closing a broker channel whose connection was lost: its pending BRPOP failed (%s)", exc)
+            self._in_poll = None
+        super().close()
+
 
 def kombu_message(raw: str) -> dict | None:
     """``raw`` decoded, if it is a message as kombu's Redis channel stores one, with everything

@@ -522,3 +522,42 @@ def test_tasks_a_killed_worker_had_read_in_bulk_come_back_and_run_once(tmp_path)
     assert left + recorded == total  # every task out of the list was recorded as it was read
     assert len(ids) == total, f"{total - len(ids)} tasks never ran after the kill"
     assert len(set(ids)) == total  # each ran once
+
+
+def _close_wait(pid: int, port: int) -> list:
+    """The sockets of process ``pid`` to ``port`` that the server closed and the process did not."""
+    return [c for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_CLOSE_WAIT and c.raddr and c.raddr.port == port]
+
+
+def test_a_worker_keeps_no_socket_of_a_redis_that_restarted(tmp_path):
+    """Each restart of the Redis broker left one more socket in CLOSE_WAIT in the worker's main
+    process, for good: reconnecting, Celery closes the lost connection's channels, and kombu's
+    close of the task channel first reads the BRPOP it had in flight, which raised on the closed
+    connection, so the channel and its command connection were never released (its QoS stays
+    referenced by a multiprocessing Finalize until then)."""
+    from tests.integration.conftest import Cluster
+
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    # No housekeeping: its scheduler's connections, idle between two periods, are in CLOSE_WAIT
+    # for a while after a restart, until their next use.
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port(), HOUSEKEEPING_SECONDS=3600)
+    restarts, stuck = 4, []
+    try:
+        worker = cluster.start_worker("restarts", queues="dispatch", concurrency=1)
+        for _ in range(restarts):
+            redis_server.restart()
+            # Read again: a task sent to the new server is taken once the worker connected again.
+            cluster.business.send_task("tasks.status", args=["not-an-id"], queue="dispatch", ignore_result=True)
+            broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+            deadline = time.monotonic() + 20
+            while broker.llen("dispatch") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert broker.llen("dispatch") == 0, f"the worker did not read again after a Redis restart:\n{worker.log_tail()}"
+            broker.close()
+        time.sleep(0.5)
+        stuck = _close_wait(worker.pid, redis_server.port)
+    finally:
+        cluster.stop(at_once=True)
+        redis_server.stop()
+
+    assert len(stuck) <= 1, f"{len(stuck)} sockets in CLOSE_WAIT after {restarts} Redis restarts: {stuck}"
