@@ -182,6 +182,31 @@ class Consumer(CeleryConsumer):
     (:func:`envelope_problem`) and stores a result for every message it discards that has a
     task id."""
 
+    #: Whether this connection got as far as consuming (Celery calls :meth:`on_ready` then).
+    _consuming = False
+
+    def on_ready(self):
+        self._consuming = True
+        super().on_ready()
+
+    def on_connection_error_after_connected(self, exc):
+        """``broker_channel_error_retry`` (worker.py) takes a channel the broker closed for a lost
+        connection, which is what RabbitMQ's consumer timeout needs: it comes while the worker
+        consumes.  A channel error before the worker consumed (declaring its queues or starting its
+        consumers: a queue declared before with other arguments, a vhost that refuses it access, a
+        missing queue) comes back at every connection: retried, the worker reconnected five times a
+        second for ever and never became ready.  Such an error stops the worker, as Celery's default
+        did ("Unrecoverable error")."""
+        consuming, self._consuming = self._consuming, False
+        if not consuming and isinstance(exc, tuple(self.channel_errors)) and not isinstance(exc, tuple(self.connection_errors)):
+            log.critical("the broker refused what the worker declares or consumes at start (%s): not retried", exc)
+            try:
+                self.connection.collect()
+            except Exception:  # noqa: BLE001 - the worker stops anyway
+                pass
+            raise exc
+        super().on_connection_error_after_connected(exc)
+
     def create_task_handler(self, *args, **kwargs):
         on_task_received = super().create_task_handler(*args, **kwargs)
 

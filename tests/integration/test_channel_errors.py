@@ -15,10 +15,12 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 
 import pytest
+from kombu import Connection
 
 import launcher
 from tests.integration.conftest import Cluster, RabbitVhost
@@ -133,3 +135,32 @@ async def test_a_worker_goes_on_after_rabbitmq_closes_its_channel_at_a_consumer_
     assert worker.alive, "the worker exited after RabbitMQ closed its channel:\n" + worker.log_tail(15)
     # and it reads again: a new channel on a new connection
     assert len(await cluster.collect("offline-user", 2, timeout=30)) == 24
+
+
+def test_a_worker_whose_queue_the_broker_refuses_at_start_exits_saying_so(tmp_path):
+    """A channel error before the worker consumes (its queue declared earlier with other arguments,
+    a vhost that refuses it access) is no broker hiccup: it comes back at every connection.  Retried
+    as a lost connection (broker_channel_error_retry), it made the worker reconnect five times a
+    second for ever, logging "Connection to broker lost" with the error's traceback each time, and
+    never become ready; it now exits, saying why, as it did before that setting."""
+    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
+    vhost = RabbitVhost()
+    worker = None
+    try:
+        vhost.create()
+        with Connection(vhost.url) as conn:  # as if task_queue_max_priority had been set once
+            conn.default_channel.queue_declare("collect", durable=True, auto_delete=False, arguments={"x-max-priority": 10})
+        cluster = Cluster(routing, tmp_path, broker_url=vhost.url, auth_port=launcher.free_port())
+        argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", "refused@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle", "-c", "1"]
+        worker = launcher.Service("worker", argv, cluster.env, log_path=tmp_path / "worker.log")
+        worker.start()
+        code = worker.wait(60)
+        log = (tmp_path / "worker.log").read_text(errors="replace")
+        assert code is not None, f"the worker still runs, {log.count('Connection to broker lost')} reconnections later:\n" + worker.log_tail(15)
+        assert code != 0 and "inequivalent arg 'x-max-priority'" in log, log[-3000:]
+        assert log.count("Connection to broker lost") == 0, log[-3000:]
+    finally:
+        if worker is not None:
+            worker.terminate(timeout=5)
+        vhost.delete()
+        routing.stop()
