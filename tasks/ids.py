@@ -19,6 +19,7 @@ import threading
 import time
 
 _ID = re.compile(r"[0-9a-f]{24}")
+_HEX_DIGITS = frozenset("0123456789abcdef")
 _COUNTER_MAX = 0xFFFFFF
 
 
@@ -39,7 +40,7 @@ def id_problem(value: object) -> str | None:
     if len(value) == 24 and _ID.fullmatch(value.lower()):
         return "upper-case hex: ids are lower-case, as tasks.collect returns them"
     if len(value) == 24:  # the right length: what is wrong is a character
-        bad = next(char for char in value.lower() if char not in "0123456789abcdef")
+        bad = next(char for char in value if char.lower() not in _HEX_DIGITS)  # as given: 'G', not 'g'
         return f"not hex ({bad!r:.12}): an id is 24 lower-case hex characters"
     return f"{len(value)} characters; an id is 24 lower-case hex characters"
 

@@ -234,6 +234,7 @@ def test_timestamp_ms_of_a_non_string_raises_message_id_error():
     ("01a243f0f0bd000000b2e82", "23 characters; an id is 24 lower-case hex characters"),
     ("01a243f0f0bd000000b2e82g", "not hex ('g'): an id is 24 lower-case hex characters"),
     ("0x1a243f0f0bd000000b2e82", "not hex ('x'): an id is 24 lower-case hex characters"),
+    ("01A243F0F0BD000000B2E82G", "not hex ('G'): an id is 24 lower-case hex characters"),  # the character as given
     (12, "int, not a string"),
     (None, "NoneType, not a string"),
 ])
