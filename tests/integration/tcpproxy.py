@@ -100,8 +100,13 @@ class FreezableProxy:
         except (OSError, ValueError):
             pass
         finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_both(source, sink)
+
+
+def shut_both(*socks: socket.socket) -> None:
+    """End both directions of each of ``socks`` (a pump's end: its peer sees the close)."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -23,8 +23,8 @@ import pytest
 from kombu import Connection
 
 import launcher
-from tests.integration.conftest import Cluster, RabbitVhost
-from tests.integration.tcpproxy import FreezableProxy
+from tests.integration.tcpproxy import FreezableProxy, shut_both
+from tests.integration.test_partitions import private_rabbit_cluster
 
 #: AMQP 0-9-1 frame types, and the frame's last octet.
 METHOD, HEADER, BODY, FRAME_END = 1, 2, 3, 0xCE
@@ -97,33 +97,17 @@ class ChannelClosingProxy(FreezableProxy):
         except (OSError, ValueError):
             pass
         finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut_both(source, sink)
 
 
 @pytest.fixture
 def worker_behind_proxy(tmp_path):
     """A worker (no nodes, no auth: collect stores for users offline) on a private vhost through a
     :class:`ChannelClosingProxy`; ``(cluster, proxy, worker)``."""
-    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
-    vhost = RabbitVhost()
-    try:
-        vhost.create()
-        cluster = Cluster(routing, tmp_path, broker_url=vhost.url, auth_port=launcher.free_port())
-        proxy, url = ChannelClosingProxy.to_url(vhost.url)
-        try:
-            worker = launcher.start_worker({**cluster.env, "BROKER_URL": url}, log_path=cluster.logs / "worker.log", concurrency=1)
-            cluster.services.append(worker)
-            yield cluster, proxy, worker
-        finally:
-            proxy.close()
-            cluster.stop(at_once=True)
-    finally:
-        vhost.delete()
-        routing.stop()
+    with private_rabbit_cluster(tmp_path, ChannelClosingProxy) as (cluster, proxy, url):
+        worker = launcher.start_worker({**cluster.env, "BROKER_URL": url}, log_path=cluster.logs / "worker.log", concurrency=1)
+        cluster.services.append(worker)
+        yield cluster, proxy, worker
 
 
 async def test_a_worker_goes_on_after_rabbitmq_closes_its_channel_at_a_consumer_timeout(worker_behind_proxy):
@@ -143,24 +127,15 @@ def test_a_worker_whose_queue_the_broker_refuses_at_start_exits_saying_so(tmp_pa
     as a lost connection (broker_channel_error_retry), it made the worker reconnect five times a
     second for ever, logging "Connection to broker lost" with the error's traceback each time, and
     never become ready; it now exits, saying why, as it did before that setting."""
-    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
-    vhost = RabbitVhost()
-    worker = None
-    try:
-        vhost.create()
-        with Connection(vhost.url) as conn:  # as if task_queue_max_priority had been set once
+    with private_rabbit_cluster(tmp_path) as (cluster, _, _):
+        with Connection(cluster.env["BROKER_URL"]) as conn:  # as if task_queue_max_priority had been set once
             conn.default_channel.queue_declare("collect", durable=True, auto_delete=False, arguments={"x-max-priority": 10})
-        cluster = Cluster(routing, tmp_path, broker_url=vhost.url, auth_port=launcher.free_port())
         argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", "refused@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle", "-c", "1"]
         worker = launcher.Service("worker", argv, cluster.env, log_path=tmp_path / "worker.log")
+        cluster.services.append(worker)  # stopped with the cluster
         worker.start()
         code = worker.wait(60)
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert code is not None, f"the worker still runs, {log.count('Connection to broker lost')} reconnections later:\n" + worker.log_tail(15)
         assert code != 0 and "inequivalent arg 'x-max-priority'" in log, log[-3000:]
         assert log.count("Connection to broker lost") == 0, log[-3000:]
-    finally:
-        if worker is not None:
-            worker.terminate(timeout=5)
-        vhost.delete()
-        routing.stop()

@@ -6,6 +6,7 @@ every socket stays open.  The routing Redis, and the other processes' broker con
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -18,16 +19,17 @@ from tests.integration.test_broker_stall import not_ready_then_ready
 from tests.integration.test_metrics import health
 
 
-@pytest.fixture
-def rabbit_cluster(tmp_path):
+@contextlib.contextmanager
+def private_rabbit_cluster(tmp_path, proxy_type: type[FreezableProxy] = FreezableProxy):
     """A cluster (no process started) on a routing Redis of its own and a private RabbitMQ vhost,
-    and a proxy to that vhost's broker: ``(cluster, proxy, broker URL through the proxy)``."""
+    and a ``proxy_type`` proxy to that vhost's broker: ``(cluster, proxy, broker URL through the
+    proxy)``; everything stopped and deleted on leaving."""
     routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
     vhost = RabbitVhost()
     try:
         vhost.create()
         cluster = Cluster(routing, tmp_path, broker_url=vhost.url, auth_port=launcher.free_port())
-        proxy, url = FreezableProxy.to_url(vhost.url)
+        proxy, url = proxy_type.to_url(vhost.url)
         try:
             yield cluster, proxy, url
         finally:
@@ -36,6 +38,12 @@ def rabbit_cluster(tmp_path):
     finally:
         vhost.delete()
         routing.stop()
+
+
+@pytest.fixture
+def rabbit_cluster(tmp_path):
+    with private_rabbit_cluster(tmp_path) as parts:
+        yield parts
 
 
 def test_a_node_whose_rabbitmq_stops_answering_is_not_ready_and_is_again_once_it_answers(rabbit_cluster):
