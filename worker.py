@@ -79,9 +79,11 @@ app.conf.update(
     # PRECONDITION_FAILED) when a message stays unacked longer than its consumer_timeout (30 min by
     # default), which a request held for its countdown or eta does; Celery's default took that for
     # an "Unrecoverable error" and the worker exited, and every worker restarted after it read the
-    # request again, held it, and exited again.  Only while the worker consumes: a channel error
-    # before that (a queue declared before with other arguments, access refused) still stops the
-    # worker, which retried it five times a second for ever (tasks.taskmessages.Consumer).
+    # request again, held it, and exited again.  Only once the worker consumed: a channel error
+    # before it first did (a queue declared before with other arguments, access refused) still
+    # stops the worker, which retried it five times a second for ever; one on a reconnection after
+    # that (a Redis broker demoted to a replica answers READONLY) is retried
+    # (tasks.taskmessages.Consumer).
     broker_channel_error_retry=True,
     # A result that cannot be written (Redis restarting) is retried, not turned into a failure
     # outside the task body: the task waits for Redis, 26 tries with about 50 s of sleeps in all

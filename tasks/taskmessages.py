@@ -182,23 +182,30 @@ class Consumer(CeleryConsumer):
     (:func:`envelope_problem`) and stores a result for every message it discards that has a
     task id."""
 
-    #: Whether this connection got as far as consuming (Celery calls :meth:`on_ready` then).
-    _consuming = False
+    #: Whether this worker ever got as far as consuming (Celery calls :meth:`on_ready` then, on
+    #: every connection): never reset.
+    _consumed = False
 
     def on_ready(self):
-        self._consuming = True
+        self._consumed = True
         super().on_ready()
 
     def on_connection_error_after_connected(self, exc):
         """``broker_channel_error_retry`` (worker.py) takes a channel the broker closed for a lost
         connection, which is what RabbitMQ's consumer timeout needs: it comes while the worker
-        consumes.  A channel error before the worker consumed (declaring its queues or starting its
-        consumers: a queue declared before with other arguments, a vhost that refuses it access, a
-        missing queue) comes back at every connection: retried, the worker reconnected five times a
-        second for ever and never became ready.  Such an error stops the worker, as Celery's default
-        did ("Unrecoverable error")."""
-        consuming, self._consuming = self._consuming, False
-        if not consuming and isinstance(exc, tuple(self.channel_errors)) and not isinstance(exc, tuple(self.connection_errors)):
+        consumes.  A channel error before this worker ever consumed (declaring its queues or
+        starting its consumers: a queue declared before with other arguments, a vhost that refuses
+        it access, a missing queue) comes back at every connection: retried, the worker
+        reconnected five times a second for ever and never became ready.  Such an error stops the
+        worker, as Celery's default did ("Unrecoverable error").
+
+        Once the worker consumed, a channel error on a later connection, before it consumes again,
+        is retried: it is what a failover looks like.  A Redis broker demoted to a replica ends the
+        pending ``BRPOP`` (``UNBLOCKED``, while consuming) and answers the reconnection's first
+        write with ``READONLY`` until it is promoted again or the broker's address moves to the new
+        master; that stopped the worker ("Unrecoverable error: ReadOnlyError") where Celery's retry
+        carries it over the failover."""
+        if not self._consumed and isinstance(exc, tuple(self.channel_errors)) and not isinstance(exc, tuple(self.connection_errors)):
             log.critical("the broker refused what the worker declares or consumes at start (%s): not retried", exc)
             try:
                 self.connection.collect()

@@ -139,3 +139,37 @@ def test_a_worker_whose_queue_the_broker_refuses_at_start_exits_saying_so(tmp_pa
         assert code is not None, f"the worker still runs, {log.count('Connection to broker lost')} reconnections later:\n" + worker.log_tail(15)
         assert code != 0 and "inequivalent arg 'x-max-priority'" in log, log[-3000:]
         assert log.count("Connection to broker lost") == 0, log[-3000:]
+
+
+def test_a_worker_goes_on_after_its_redis_broker_was_a_replica_for_a_while(tmp_path):
+    """A failover: the Redis broker is demoted to a replica and comes back as master.  Redis ends
+    the worker's pending BRPOP (``UNBLOCKED``, while it consumes: retried) and answers the first
+    write of its reconnection with ``READONLY``, a channel error before the worker consumes again.
+    Taken for a queue the broker refuses at start, it stopped the worker ("Unrecoverable error:
+    ReadOnlyError"); a worker that consumed before retries it, and reads again once the broker is
+    a master."""
+    import redis as redis_lib
+
+    from tests.integration.conftest import Cluster
+
+    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
+    other = launcher.RedisServer(data_dir=tmp_path / "other").start()
+    broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
+    client = redis_lib.Redis(port=broker.port)
+    cluster = Cluster(routing, tmp_path, broker_url=broker.url(), auth_port=launcher.free_port(), HOUSEKEEPING_SECONDS=3600)
+    try:
+        worker = cluster.start_worker("failover", queues="dispatch", concurrency=1)
+        client.execute_command("REPLICAOF", "127.0.0.1", other.port)
+        time.sleep(4)
+        assert worker.alive, "the worker exited while its broker was a replica:\n" + worker.log_tail(15)
+        client.execute_command("REPLICAOF", "NO", "ONE")
+        cluster.business.send_task("tasks.status", args=["not-an-id"], queue="dispatch", ignore_result=True)
+        deadline = time.monotonic() + 20
+        while client.llen("dispatch") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.alive and client.llen("dispatch") == 0, "the worker did not read again:\n" + worker.log_tail(15)
+    finally:
+        client.close()
+        cluster.stop(at_once=True)
+        for server in (broker, other, routing):
+            server.stop()
