@@ -365,7 +365,32 @@ def _log_dropped(queue: str, raw: str) -> None:
 
 
 class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`Channel`, whose poller is closed with its connection.
+
+    kombu's transport makes an epoll object (``kombu.utils.eventio.poll``) for its
+    ``MultiChannelPoller`` when it is made, one per broker connection, and never closes it: its
+    file descriptor is freed only when the garbage collector frees the transport, which sits in
+    reference cycles.  With ``gcpolicy`` (full collections rare) a push node, whose consumer
+    drops its connection (``Connection.collect``) and opens a new one each time Redis restarts,
+    held one more ``anon_inode:[eventpoll]`` per restart until a full collection ran.
+    :meth:`close_connection` (what both ``Connection.release`` and ``Connection.collect`` call,
+    right before kombu drops the transport) closes that epoll.  Only the transport's own: in a
+    worker, ``register_with_event_loop`` points the poller at the event loop's, which is not
+    the transport's to close."""
+
     Channel = Channel
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._own_poller = self.cycle.poller
+
+    def close_connection(self, connection) -> None:
+        try:
+            super().close_connection(connection)
+        finally:
+            poller, self._own_poller = self._own_poller, None
+            if poller is not None:
+                poller.close()
 
 
 def acknowledge(requests: Iterable) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import socket
 import time
 import uuid
@@ -561,3 +562,46 @@ def test_a_worker_keeps_no_socket_of_a_redis_that_restarted(tmp_path):
         redis_server.stop()
 
     assert len(stuck) <= 1, f"{len(stuck)} sockets in CLOSE_WAIT after {restarts} Redis restarts: {stuck}"
+
+
+def _non_socket_fds(pid: int) -> list[str]:
+    """What the open file descriptors of process ``pid`` that are not sockets are (``readlink``)."""
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if not target.startswith("socket:"):
+            fds.append(target)
+    return sorted(fds)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/PID/fd")
+def test_a_node_keeps_no_poller_of_a_redis_that_restarted(tmp_path):
+    """Each restart of the Redis broker left one more ``anon_inode:[eventpoll]`` open in a push
+    node: its consumer drops the lost connection (``Connection.collect``) and opens a new one, and
+    kombu's Redis transport never closed the epoll its poller made, which waited for a full
+    garbage collection (rare with ``gcpolicy``) to free the transport."""
+    from tests.integration.conftest import Cluster
+
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port(), HOUSEKEEPING_SECONDS=3600)
+    restarts = 4
+    try:
+        node = cluster.start_node()
+        health = f"http://127.0.0.1:{node.port}/healthz"
+        time.sleep(1)
+        before = _non_socket_fds(node.pid)
+        for _ in range(restarts):
+            redis_server.restart()
+            time.sleep(0.5)  # /healthz may still answer 200 from before the node noticed
+            node.wait_http_ok(health, timeout=20)
+            time.sleep(1.0)  # the queue consumer connected again (it retries 0.5 s after a loss)
+        after = _non_socket_fds(node.pid)
+    finally:
+        cluster.stop(at_once=True)
+        redis_server.stop()
+
+    grown = len(after) - len(before)
+    assert grown <= 1, f"{grown} more non-socket fds after {restarts} Redis restarts: {before} -> {after}"
