@@ -43,6 +43,7 @@ def test_the_page_loads_push_js_which_the_demo_and_every_node_serve_unchanged(cl
     status, kind, page = fetch(demo.url + "/")
     assert status == 200 and kind.startswith("text/html")
     assert b'<script src="static/push.js">' in page
+    assert b'<link rel="icon" href="data:,">' in page  # an empty icon: no request for /favicon.ico, no 404 in the console
     assert fetch(demo.url + "/static/push.js")[2] == push_js()
     for port in cluster.node_ports:
         status, kind, body = fetch(f"http://127.0.0.1:{port}/static/push.js")
