@@ -33,7 +33,10 @@ import urllib.parse
 from pathlib import Path
 
 import launcher
-import settings
+import startup
+
+with startup.exit_on_bad_settings("cluster.py", __name__ == "__main__"):
+    import settings
 
 #: How long each process may take to stop after SIGTERM before it is killed (the worker drains tasks).
 STOP_TIMEOUT = {"worker": 30.0}

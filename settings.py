@@ -1,7 +1,8 @@
 """Every setting of the platform, read from the environment once, here and nowhere else.
 
 Each value is converted to its type when this module is imported; a bad value stops the process
-with an error that names the variable, the value it had, and the form that was expected.
+with an error that names the variable, the value it had, and the form that was expected (a
+``SettingsError``, which each command turns into one line on stderr and exit status 2: ``startup.py``).
 Every variable has a local default, so a development machine needs none of them.
 
 Import this module, never ``os.environ``::

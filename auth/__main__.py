@@ -18,9 +18,12 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-import settings
-from auth.app import AuthService
-from auth.revocations import RevocationsUnavailable
+import startup
+
+with startup.exit_on_bad_settings("python -m auth", __name__ == "__main__"):
+    import settings
+    from auth.app import AuthService
+    from auth.revocations import RevocationsUnavailable
 
 log = logging.getLogger("auth")
 

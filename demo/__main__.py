@@ -13,9 +13,12 @@ import logging
 import signal
 import sys
 
-import settings
-from demo import forms
-from demo.app import Demo
+import startup
+
+with startup.exit_on_bad_settings("python -m demo", __name__ == "__main__"):
+    import settings
+    from demo import forms
+    from demo.app import Demo
 
 log = logging.getLogger("demo")
 

@@ -7,9 +7,12 @@ import asyncio
 import logging
 import signal
 
-import gcpolicy
-import settings
-from wsnode.app import NodeStartError, PushNode
+import startup
+
+with startup.exit_on_bad_settings("python -m wsnode", __name__ == "__main__"):
+    import gcpolicy
+    import settings
+    from wsnode.app import NodeStartError, PushNode
 
 log = logging.getLogger("wsnode")
 

@@ -1,0 +1,51 @@
+"""How a command stops on a bad setting: one line on stderr, exit status 2, no traceback.
+
+``settings.py`` checks every variable as it is imported and raises ``settings.SettingsError``,
+whose message names the variable.  Left uncaught, that message came last in a Python traceback of
+ten lines, with exit status 1.  Each command runs its imports under :func:`exit_on_bad_settings`,
+which prints ``PROG: error: MESSAGE``, as argparse does for a bad option of the same command, and
+exits with :data:`EXIT_STATUS`, argparse's for a command-line error: ``python -m auth``,
+``python -m wsnode``, ``python -m demo`` and ``python cluster.py``, when run as the program
+(``__name__ == "__main__"``).
+
+Everything else that imports ``settings`` (the tests, library code) still gets ``SettingsError``,
+a ``ValueError``.  Main thread; nothing here reads a setting.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+#: Exit status of a command stopped by a bad setting: argparse's for a bad command line, as the
+#: same commands give for a bad option (``--port 70000``).
+EXIT_STATUS = 2
+
+
+def is_settings_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``settings.SettingsError``; also one that stopped the import of
+    ``settings``, which is then gone from ``sys.modules`` (so its class is known by its name)."""
+    return any(cls.__module__ == "settings" and cls.__qualname__ == "SettingsError" for cls in type(exc).__mro__)
+
+
+def refuse(prog: str, exc: BaseException) -> NoReturn:
+    """Print ``PROG: error: MESSAGE`` on stderr and exit with :data:`EXIT_STATUS`."""
+    message = " ".join(str(exc).splitlines())  # one line, whatever the message holds
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_STATUS) from None
+
+
+@contextmanager
+def exit_on_bad_settings(prog: str, program: bool) -> Iterator[None]:
+    """Run the block; a ``SettingsError`` in it ends the process (:func:`refuse`) when ``program``
+    is true (the module is the command's own), and is raised as it is otherwise."""
+    try:
+        yield
+    except ValueError as exc:
+        if not (program and is_settings_error(exc)):
+            raise
+        refuse(prog, exc)
+

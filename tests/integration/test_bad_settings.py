@@ -1,0 +1,37 @@
+"""A bad setting stops every command with one line on stderr, ``PROG: error: MESSAGE`` naming the
+variable, and exit status 2, without a traceback (``startup.py``); they printed the traceback of
+``settings``' import, ten lines, with status 1.  Nothing is reached
+before the refusal, so no Redis or broker is needed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+COMMANDS = {
+    "node": ([sys.executable, "-m", "wsnode", "--port", "9999"], "python -m wsnode"),
+    "auth": ([sys.executable, "-m", "auth"], "python -m auth"),
+    "demo": ([sys.executable, "-m", "demo", "--port", "9999"], "python -m demo"),
+    "cluster": ([sys.executable, "cluster.py"], "cluster.py"),
+}
+
+
+def run(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("role", COMMANDS)
+def test_a_bad_setting_stops_the_command_with_one_line_naming_it_and_status_2(role):
+    argv, prog = COMMANDS[role]
+    done = run(argv, PING_INTERVAL="abc")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"{prog}: error: PING_INTERVAL='abc' is not valid: expected a whole number of seconds (invalid literal for int() with base 10: 'abc')"
+    ], done.stderr[-2000:]
+
