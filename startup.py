@@ -2,14 +2,19 @@
 
 ``settings.py`` checks every variable as it is imported and raises ``settings.SettingsError``,
 whose message names the variable.  Left uncaught, that message came last in a Python traceback of
-ten lines, with exit status 1.  Each command runs its imports under :func:`exit_on_bad_settings`,
-which prints ``PROG: error: MESSAGE``, as argparse does for a bad option of the same command, and
-exits with :data:`EXIT_STATUS`, argparse's for a command-line error: ``python -m auth``,
-``python -m wsnode``, ``python -m demo`` and ``python cluster.py``, when run as the program
-(``__name__ == "__main__"``).
+ten lines (seventy under Celery's "Couldn't import 'worker'"), with exit status 1.  Each command
+runs its imports under :func:`exit_on_bad_settings`, which prints ``PROG: error: MESSAGE``, as
+argparse does for a bad option of the same command, and exits with :data:`EXIT_STATUS`,
+argparse's (and Celery's) for a command-line error:
 
-Everything else that imports ``settings`` (the tests, library code) still gets ``SettingsError``,
-a ``ValueError``.  Main thread; nothing here reads a setting.
+- ``python -m auth``, ``python -m wsnode``, ``python -m demo`` and ``python cluster.py``, when run
+  as the program (``__name__ == "__main__"``);
+- ``worker.py``, when the ``celery`` command imports it as its app (``celery -A worker ...``): the
+  ``SystemExit`` passes through Celery's loading of the app, which reports any ``Exception`` with
+  its traceback.
+
+Everything else that imports ``settings`` (the tests, library code, ``import worker`` in a
+script) still gets ``SettingsError``, a ``ValueError``.  Main thread; nothing here reads a setting.
 """
 
 from __future__ import annotations
@@ -49,3 +54,9 @@ def exit_on_bad_settings(prog: str, program: bool) -> Iterator[None]:
             raise
         refuse(prog, exc)
 
+
+def imported_by_celery_command() -> bool:
+    """Whether this process is the ``celery`` command (``celery ...``, ``python -m celery ...``),
+    which imports the app module of ``-A`` itself; a process that only uses the app (a push node,
+    a test, a script) never imports Celery's command line."""
+    return "celery.bin.celery" in sys.modules

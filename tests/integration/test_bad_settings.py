@@ -1,6 +1,6 @@
 """A bad setting stops every command with one line on stderr, ``PROG: error: MESSAGE`` naming the
 variable, and exit status 2, without a traceback (``startup.py``); they printed the traceback of
-``settings``' import, ten lines, with status 1.  Nothing is reached
+``settings``' import, ten lines (seventy under ``celery``), with status 1.  Nothing is reached
 before the refusal, so no Redis or broker is needed."""
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+CELERY = [sys.executable, "-m", "celery", "-A", "worker"]
 
 COMMANDS = {
     "node": ([sys.executable, "-m", "wsnode", "--port", "9999"], "python -m wsnode"),
     "auth": ([sys.executable, "-m", "auth"], "python -m auth"),
     "demo": ([sys.executable, "-m", "demo", "--port", "9999"], "python -m demo"),
     "cluster": ([sys.executable, "cluster.py"], "cluster.py"),
+    "worker": ([*CELERY, "worker"], "celery -A worker"),
 }
 
 
@@ -35,3 +37,10 @@ def test_a_bad_setting_stops_the_command_with_one_line_naming_it_and_status_2(ro
         f"{prog}: error: PING_INTERVAL='abc' is not valid: expected a whole number of seconds (invalid literal for int() with base 10: 'abc')"
     ], done.stderr[-2000:]
 
+
+def test_importing_the_worker_outside_the_celery_command_still_raises_settings_error():
+    """Only the commands turn it into an exit: a script or a test that imports the app gets the
+    exception, to catch or to read in its traceback."""
+    done = run([sys.executable, "-c", "import worker"], PING_INTERVAL="abc")
+    assert done.returncode == 1 and "Traceback" in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith("settings.SettingsError: PING_INTERVAL='abc' is not valid"), done.stderr[-2000:]
