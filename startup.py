@@ -1,11 +1,12 @@
 """How a command stops on a bad setting: one line on stderr, exit status 2, no traceback.
 
-``settings.py`` checks every variable as it is imported and raises ``settings.SettingsError``,
-whose message names the variable.  Left uncaught, that message came last in a Python traceback of
-ten lines (seventy under Celery's "Couldn't import 'worker'"), with exit status 1.  Each command
-runs its imports under :func:`exit_on_bad_settings`, which prints ``PROG: error: MESSAGE``, as
-argparse does for a bad option of the same command, and exits with :data:`EXIT_STATUS`,
-argparse's (and Celery's) for a command-line error:
+``settings.py`` checks every variable as it is imported (and ``settings.check_secrets`` the auth
+service's secrets, in production) and raises ``settings.SettingsError``, whose message names the
+variable.  Left uncaught, that message came last in a Python traceback of ten lines (seventy under
+Celery's "Couldn't import 'worker'"), with exit status 1.  Each command runs its imports under
+:func:`exit_on_bad_settings` (auth its check of the secrets through :func:`refuse`), which prints
+``PROG: error: MESSAGE``, as argparse does for a bad option of the same command, and exits with
+:data:`EXIT_STATUS`, argparse's (and Celery's) for a command-line error:
 
 - ``python -m auth``, ``python -m wsnode``, ``python -m demo`` and ``python cluster.py``, when run
   as the program (``__name__ == "__main__"``);

@@ -85,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.configure_logging("auth")
     try:
         settings.check_secrets()
-    except settings.SettingsError as exc:
-        log.error("%s", exc)
-        return 2
+    except settings.SettingsError as exc:  # PUSH_ENV=production with development or short secrets
+        startup.refuse("python -m auth", exc)
     log.info("revocation list in Redis at %s", settings.redact(settings.REDIS_URL))
     code = asyncio.run(serve())
     log.info("stopped")

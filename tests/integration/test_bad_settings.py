@@ -38,6 +38,13 @@ def test_a_bad_setting_stops_the_command_with_one_line_naming_it_and_status_2(ro
     ], done.stderr[-2000:]
 
 
+def test_auth_refusing_development_secrets_in_production_says_so_in_one_line_with_status_2():
+    done = run(COMMANDS["auth"][0], PUSH_ENV="production")
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert line.startswith("python -m auth: error: PUSH_ENV=production but AUTH_SECRET, AUTH_ADMIN_KEY still hold the development value"), line
+
+
 def test_importing_the_worker_outside_the_celery_command_still_raises_settings_error():
     """Only the commands turn it into an exit: a script or a test that imports the app gets the
     exception, to catch or to read in its traceback."""
