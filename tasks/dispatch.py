@@ -63,7 +63,10 @@ def publish(node: str, envelopes: list[dict], producer=None, **extra) -> None:
     The queue is declared (created if missing) once a minute per worker process, not with every
     batch: kombu caches no declaration of a queue with ``x-expires``, and on the Redis broker each
     costs round trips (a sixth of a worker process's time).  The node declares its queue itself
-    whenever it connects, so a queue lost with a Redis restart is back with the node.  The
+    whenever it connects, so a queue lost with a Redis restart is back with the node.  Celery
+    sends the message through the default exchange, the queue's name as its routing key: on the
+    Redis broker straight to the queue's list, whatever bindings kombu lists in Redis; on RabbitMQ
+    to the queue if it exists, and nowhere (dropped, with no error) if not.  The
     message's ``argsrepr`` (what Flower shows as its arguments) is a count and the first ids
     (:func:`~tasks.queues.deliver_argsrepr`)."""
     queue = node_queue(node)

@@ -19,7 +19,8 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    message stored but never routed, a Redis that lost the candidates).  A sweep reads only what the previous one did not
    (:func:`sweep_window`), and not the last ``REDELIVER_AFTER`` seconds' messages.
 2. **Dead nodes.**  A node whose own lease ended more than ``LEASE_TTL`` ago has its queue handed
-   back (:func:`tasks.reclaim.hand_back`) and deleted, and leaves the node list.  Not while Redis
+   back (:func:`tasks.reclaim.hand_back`) and deleted, and leaves the node list; unless a node
+   wrote its lease at that address meanwhile (restarted on it), which keeps the queue.  Not while Redis
    has been up for less than ``2 x LEASE_TTL``: after a Redis restart every lease looks old until
    the nodes have renewed them.
 3. **Retention.**  At most every 10 minutes, the store drops what is older than ``RETENTION_SECONDS``.
@@ -28,6 +29,7 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import time
@@ -213,7 +215,17 @@ def mark_online(deliveries: list[tuple[str, str]]) -> None:
         table.lookup(users, pending.PENDING_KEY, pending.marks(pairs))
 
 
+#: The node list, read by ``reclaim_dead_nodes`` again before and after deleting a queue.
+_routes = RouteTable(_redis)
+
+
 def reclaim_dead_nodes(now: float) -> int:
+    """Hand back and delete the queue of every node whose own lease ended before ``now -
+    LEASE_TTL``, then forget the node; returns the envelopes handed back.  A node started again
+    on such an address (or back from a cut-off from Redis) after the node list was read here
+    keeps its queue: ``hand_back`` reads its lease again before and after deleting
+    (:func:`tasks.reclaim._delete` says why that is enough), and ``_FORGET_NODE`` keeps it
+    listed."""
     if _redis.info("server")["uptime_in_seconds"] < 2 * settings.LEASE_TTL:
         return 0  # just restarted: live nodes have not renewed their leases yet
     cutoff = now - settings.LEASE_TTL
@@ -222,7 +234,7 @@ def reclaim_dead_nodes(now: float) -> int:
     for raw, lease_end in _redis.zrangebyscore(NODES_KEY, "-inf", cutoff, withscores=True):
         node = raw.decode() if isinstance(raw, bytes) else raw
         try:
-            handed += hand_back(app, node, delete=True)
+            handed += hand_back(app, node, delete=True, node_back=functools.partial(_routes.lease_ends_after, node, cutoff))
         except Exception as exc:  # noqa: BLE001 - the other dead nodes go on; this one is tried again next run
             log.error("node %s is gone, but its queue could not be handed back (%r): trying again at the next run", node, exc)
             failed = failed or exc

@@ -12,6 +12,7 @@ re-dispatch was published, so a crash in between repeats them (clients drop repe
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from tasks.queues import node_queue, parse_delivery
 from wsnode.presence import node_name
@@ -21,14 +22,20 @@ log = logging.getLogger(__name__)
 CHUNK = 500
 
 
-def hand_back(app, address: str, delete: bool = False, limit: int = 100_000) -> int:
+def hand_back(app, address: str, delete: bool = False, limit: int = 100_000, node_back: Callable[[], bool] | None = None) -> int:
     """Re-dispatch everything on ``address``'s queue, ``limit`` messages at a time (each round is
     published and acked before the next is read, so memory stays bounded); returns the number of
     envelopes.  It reads at most as many messages as the queue held when it began: on Redis a round
     slower than ``VISIBILITY_TIMEOUT`` has its first messages put back on the queue by the
     workers, and reading on until the queue is empty might never end.  With ``delete`` the queue
     itself is deleted afterwards (its node is gone): what came back that way was handed back
-    already."""
+    already.
+
+    ``node_back`` (housekeeping's: has a node written its lease at ``address`` since the one
+    found ended?) guards the deletion against a node started again on that address meanwhile (a
+    rolling restart that drained the node housekeeping is reclaiming).  Asked before the queue is
+    deleted, it keeps the queue of a node back by then; asked again after (:func:`_delete`), it
+    declares the queue again for a node that came back in between."""
     queue = node_queue(address)
     handed = messages = 0
     with app.connection_for_write() as conn:
@@ -47,13 +54,16 @@ def hand_back(app, address: str, delete: bool = False, limit: int = 100_000) -> 
             handed += _re_dispatch(app, address, taken)
             messages += len(taken)
         if delete:
-            _delete(app, conn, bound, address)
+            if node_back is not None and node_back():
+                log.info("kept the queue of %s: a node holds the address again", address)
+            else:
+                _delete(app, conn, bound, address, node_back)
     if handed or messages:
         log.info("handed back %d envelopes from %d messages on %s's queue", handed, messages, address)
     return handed
 
 
-def _delete(app, conn, bound, address: str) -> None:
+def _delete(app, conn, bound, address: str, node_back: Callable[[], bool] | None = None) -> None:
     """Delete a gone node's queue; on the Redis broker also the bindings kombu keeps in Redis, its
     queue's (``_kombu.binding.<address>``) and its presence's mailbox (a member of
     ``_kombu.binding.celery.pidbox``).  kombu's Redis transport deletes a queue's lists and
@@ -61,9 +71,27 @@ def _delete(app, conn, bound, address: str) -> None:
     without that, each node killed on an address that never came back left its mailbox's binding
     in Redis for good (the mailbox table never expires while any worker or node lives), and its
     queue's binding for an hour.  RabbitMQ removes both by itself (``x-expires``, and Celery's
-    mailbox queues are ``auto_delete``), though not the queue's exchange (:func:`_delete_exchange`)."""
+    mailbox queues are ``auto_delete``), though not the queue's exchange (:func:`_delete_exchange`).
+
+    Then ``node_back`` is asked whether a node holds the address again, and if one does, its
+    queue (and on Redis its mailbox's binding) is declared again.  That closes the race with a
+    node starting on the address, by the order of each side's steps: a node writes its lease
+    (``wsnode.app.PushNode.start``) before its consumer declares the queue, and this asks for the
+    lease after the broker confirmed the deletion.  Either the answer is the node's new lease, and
+    the queue is declared here, or the node wrote it after the question, so declared its queue
+    after the deletion.  What stood on the queue when it went is lost (the messages published
+    between the hand-back's reading and the deletion: redelivery covers them).  A node that
+    declared its queue with no lease written (it started while Redis was down, or it is back from
+    a cut-off from Redis) is not covered: on RabbitMQ the broker cancels its consumer, which
+    declares the queue again (``wsnode.consumer``); on Redis its consumer reads on from the same
+    list, and Dispatch's messages reach it anyway (Celery publishes them through the default
+    exchange, straight to the list, never through the binding deleted here)."""
     if conn.transport.driver_type != "redis":
         bound.delete()
+        if node_back is not None and node_back():
+            bound.declare()  # its exchange and binding too: the exchange is not deleted
+            log.info("declared the queue of %s again: a node came back on the address while it was deleted", address)
+            return
         _delete_exchange(conn, address)
         return
     bound.declare()
@@ -71,6 +99,10 @@ def _delete(app, conn, bound, address: str) -> None:
     mailbox = app.control.mailbox.get_queue(node_name(address))(conn.default_channel)
     mailbox.declare()
     mailbox.delete()
+    if node_back is not None and node_back():
+        bound.declare()
+        mailbox.declare()
+        log.info("declared the queue of %s again: a node came back on the address while it was deleted", address)
     # kombu remembers, for the whole process, every fanout queue a channel bound; a worker process
     # forgetting node after node would keep one entry per node.
     conn.default_channel._fanout_queues.pop(mailbox.name, None)

@@ -171,6 +171,13 @@ class RouteTable:
         routes = {user: [_text(node) for node in nodes] for user, nodes in zip(users, replies[1:]) if nodes}
         return routes, live
 
+    def lease_ends_after(self, node: str, when: float) -> bool:
+        """Whether ``node``'s own lease ends after ``when``: housekeeping, having found the lease
+        of the node at an address ended before ``when``, asks whether a node holds that address
+        again (one restarted on it, or the same node back from a cut-off from Redis)."""
+        score = self._redis.zscore(NODES_KEY, node)
+        return score is not None and score > when
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -26,11 +27,12 @@ from tests.integration.test_auth_cache import HeldVerifyHandler
 from tests.integration.test_guarantees import wait_for
 from tests.integration.test_metrics import closes
 from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_server_frame
-from tasks.queues import node_queue
+from tasks.ids import IdGenerator
+from tasks.queues import DELIVER_TASK, node_queue
 from tasks.reclaim import hand_back
 from wsnode.app import REDIS_MAX_CONNECTIONS
 from wsnode.closecodes import CloseCode
-from wsnode.registry import NODES_KEY, route_key
+from wsnode.registry import NODES_KEY, RouteTable, route_key
 
 
 async def test_sigterm_closes_clients_with_1001_and_releases_the_node_leases(cluster):
@@ -349,4 +351,73 @@ async def test_a_node_whose_queue_is_deleted_consumes_it_again_and_delivers(clus
         await asyncio.to_thread(node.wait_ready, lambda: node.log_tail(500).count("consuming queue") >= 2, 10, "consuming its queue again")
     sent = await cluster.collect("queue-deleted", {"after": "delete"})
     assert [m["id"] for m in await client.messages(1)] == [sent]
+    await asyncio.to_thread(node.terminate, 15)
+
+
+def _publish_undeclared(cluster, address: str, user: str) -> str:
+    """A ``wsnode.deliver`` for ``user`` on ``address``'s queue, sent as Dispatch sends one when
+    its declaration of the queue is not due (once a minute per worker process): without
+    declaring the queue.  Not stored, so housekeeping never redelivers it.  Returns its id."""
+    message_id = IdGenerator().next_id()
+    cluster.business.send_task(DELIVER_TASK, args=[[{"id": message_id, "to": [user], "data": {"undeclared": True}, "ts": None}]],
+                               queue=node_queue(address), declare=[], ignore_result=True)
+    return message_id
+
+
+def _bound_in_redis(cluster, address: str) -> tuple[bool, bool]:
+    """Whether the Redis broker lists ``address``'s queue binding and its node's mailbox binding."""
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+    return (broker.sismember(f"_kombu.binding.{address}", f"{address}\x06\x16\x06\x16{address}".encode()),
+            broker.sismember("_kombu.binding.celery.pidbox", f"\x06\x16\x06\x16wsnode@{address}.celery.pidbox".encode()))
+
+
+async def test_a_node_started_on_an_address_being_reclaimed_keeps_its_queue(cluster):
+    """Housekeeping read the node list while the address's old node was gone (drained, or
+    killed), and a node started on it again before the queue was deleted (a rolling restart at
+    that moment): the deletion took what stood on the new node's queue; on RabbitMQ it also
+    cancelled the node's consumer, and what Dispatch published until the node declared the queue
+    again (half a second later) was dropped; on Redis it took the queue's and the mailbox's
+    bindings (which Celery's publishes do not use).  The lease is read again before the
+    deletion, and the queue kept."""
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    client = await cluster.connect("reclaimed-address", node.port)
+    routes = RouteTable(cluster.routes)
+    cutoff = time.time() - LEASE_TTL  # the run found the address's lease ended before this
+    await asyncio.to_thread(hand_back, cluster.business, address, True, node_back=functools.partial(routes.lease_ends_after, address, cutoff))
+    sent = _publish_undeclared(cluster, address, "reclaimed-address")
+    assert [m["id"] for m in await client.messages(1, timeout=3)] == [sent]
+    if cluster.broker == "redis":
+        assert _bound_in_redis(cluster, address) == (True, True)
+    assert "RabbitMQ cancelled this node's consumer" not in node.log_tail(500)
+    await asyncio.to_thread(node.terminate, 15)
+
+
+async def test_a_node_started_on_an_address_while_its_queue_is_deleted_gets_it_declared_again(cluster):
+    """The same race, closer: the node wrote its lease and declared its queue after housekeeping's
+    last read of the lease before the deletion (ordered here by hand: that read is made before
+    the node starts).  Housekeeping reads the lease once more after the deletion and declares the
+    queue again (on Redis its bindings too), so what Dispatch publishes meanwhile waits for the
+    node, whose consumer RabbitMQ cancelled."""
+    port = launcher.free_port()
+    address = f"127.0.0.1:{port}"
+    routes = RouteTable(cluster.routes)
+    cutoff = time.time() - LEASE_TTL
+    answers = [routes.lease_ends_after(address, cutoff)]  # before the node started: no lease
+    assert answers == [False]
+    node = cluster.start_node(port)
+    client = await cluster.connect("reclaimed-address-late", port)
+    asked: list[bool] = []
+
+    def node_back() -> bool:
+        asked.append(answers.pop(0) if answers else routes.lease_ends_after(address, cutoff))
+        return asked[-1]
+    await asyncio.to_thread(hand_back, cluster.business, address, True, node_back=node_back)
+    sent = _publish_undeclared(cluster, address, "reclaimed-address-late")
+    assert [m["id"] for m in await client.messages(1, timeout=5)] == [sent]
+    if cluster.broker == "redis":
+        assert _bound_in_redis(cluster, address) == (True, True)
+    else:  # the deletion did take the queue the node consumed
+        assert "RabbitMQ cancelled this node's consumer" in node.log_tail(500)
+    assert asked == [False, True]
     await asyncio.to_thread(node.terminate, 15)
