@@ -186,6 +186,9 @@ class PushNode:
         # use would otherwise consume the first one's queue before failing.  Connections wait in
         # the listen backlog until the server takes the sockets, once the consumer runs.
         sockets = self._bind()
+        # The lease before the queue: housekeeping, deleting the queue of the node this address had
+        # before, reads the lease after the deletion and declares the queue again for a node that
+        # holds it (tasks.reclaim._delete): a node whose lease it missed declares its queue after.
         await self._renew()
         self._consumer = NodeQueueConsumer(self.celery, self.address, self._loop, self.deliver, hostname=node_name(self.address))
         self._consumer.start()
