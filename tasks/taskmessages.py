@@ -20,16 +20,29 @@ of waiting forever.
 
 :func:`depth_problem` is for ``tasks.collect``'s strategy: its batches are pickled in this process
 for the pool, and arguments nested near Python's recursion limit raised out of the loop there.
+
+The consumer also decides what a channel error on its broker connection does
+(:meth:`Consumer.on_connection_error_after_connected`): it stops a worker that never consumed, and
+is retried once it has, at once the first time and after a doubling delay while it keeps coming
+back (:mod:`tasks.channelerrors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+import warnings
 
 from celery import signals
+from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer.consumer import CONNECTION_RETRY
+from celery.worker.consumer.consumer import logger as celery_consumer_log
+from celery.worker.state import maybe_shutdown
 from kombu.exceptions import ContentDisallowed
 
+from tasks.channelerrors import ChannelErrorBackoff, advice
 from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting
 
 log = logging.getLogger(__name__)
@@ -177,6 +190,24 @@ def store_failure(backend, task_id: str | None, error: Exception) -> None:
         log.warning("task %s: result not stored (%s)", task_id, exc)
 
 
+def _not_celerys_connection_retry(record: logging.LogRecord) -> bool:
+    return record.msg != CONNECTION_RETRY
+
+
+@contextlib.contextmanager
+def _without_celerys_warning():
+    """Celery's consumer's "Connection to broker lost" warning (with the error's traceback) and
+    its warning that long-running tasks are not cancelled on a connection loss, muted while it
+    runs (the worker's main thread), for a reconnection already logged in one line."""
+    celery_consumer_log.addFilter(_not_celerys_connection_retry)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CPendingDeprecationWarning)
+            yield
+    finally:
+        celery_consumer_log.removeFilter(_not_celerys_connection_retry)
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer, which refuses a message whose envelope it cannot run
     (:func:`envelope_problem`) and stores a result for every message it discards that has a
@@ -185,9 +216,17 @@ class Consumer(CeleryConsumer):
     #: Whether this worker ever got as far as consuming (Celery calls :meth:`on_ready` then, on
     #: every connection): never reset.
     _consumed = False
+    #: Monotonic time before which :meth:`connect` does not connect again, or None.
+    _connect_at: float | None = None
+
+    def __init__(self, *args, **kwargs):
+        #: Spaces out the connections after channel errors that keep coming back.
+        self.channel_error_backoff = ChannelErrorBackoff()
+        super().__init__(*args, **kwargs)
 
     def on_ready(self):
         self._consumed = True
+        self.channel_error_backoff.consuming(time.monotonic())
         super().on_ready()
 
     def on_connection_error_after_connected(self, exc):
@@ -204,15 +243,48 @@ class Consumer(CeleryConsumer):
         pending ``BRPOP`` (``UNBLOCKED``, while consuming) and answers the reconnection's first
         write with ``READONLY`` until it is promoted again or the broker's address moves to the new
         master; that stopped the worker ("Unrecoverable error: ReadOnlyError") where Celery's retry
-        carries it over the failover."""
-        if not self._consumed and isinstance(exc, tuple(self.channel_errors)) and not isinstance(exc, tuple(self.connection_errors)):
+        carries it over the failover.
+
+        A channel error that keeps coming back after that (the queue deleted and declared again
+        with other arguments, a queue's key in Redis set to a string) reconnected five times a
+        second until it was fixed, each time with Celery's warning and traceback: the first of a
+        run is retried at once, as before, and each next one after a doubling delay, up to 30 s
+        (:class:`ChannelErrorBackoff`, waited in :meth:`connect`), with one line saying what is
+        wrong and what to do (:func:`advice`) instead of Celery's traceback."""
+        channel_error = isinstance(exc, tuple(self.channel_errors)) and not isinstance(exc, tuple(self.connection_errors))
+        if not self._consumed and channel_error:
             log.critical("the broker refused what the worker declares or consumes at start (%s): not retried", exc)
             try:
                 self.connection.collect()
             except Exception:  # noqa: BLE001 - the worker stops anyway
                 pass
             raise exc
-        super().on_connection_error_after_connected(exc)
+        if not channel_error:
+            return super().on_connection_error_after_connected(exc)
+        backoff = self.channel_error_backoff
+        now = time.monotonic()
+        delay = backoff.failed(now)
+        if backoff.run == 1:
+            super().on_connection_error_after_connected(exc)
+            log.warning("the broker refused a command on the worker's channel: %s. %s; connecting again now", exc, advice(exc))
+            return
+        with _without_celerys_warning():
+            super().on_connection_error_after_connected(exc)
+        self._connect_at = now + delay
+        log.error("the broker refused a command on the worker's channel again (%d times in a row): %s. %s; connecting again in %.0f s",
+                  backoff.run, exc, advice(exc), delay)
+
+    def connect(self):
+        """Celery's, after the delay :meth:`on_connection_error_after_connected` set: the Connection
+        step calls it in the worker's main thread, where Celery's own retries wait (its loop does
+        not run between connections).  A warm or cold shutdown ends the wait, as it ends Celery's."""
+        connect_at, self._connect_at = self._connect_at, None
+        if connect_at is not None:
+            while (left := connect_at - time.monotonic()) > 0:
+                maybe_shutdown()
+                time.sleep(min(left, 0.25))
+            maybe_shutdown()
+        return super().connect()
 
     def create_task_handler(self, *args, **kwargs):
         on_task_received = super().create_task_handler(*args, **kwargs)

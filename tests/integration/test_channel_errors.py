@@ -173,3 +173,41 @@ def test_a_worker_goes_on_after_its_redis_broker_was_a_replica_for_a_while(tmp_p
         cluster.stop(at_once=True)
         for server in (broker, other, routing):
             server.stop()
+
+
+def test_a_worker_whose_channel_error_keeps_coming_back_reconnects_less_and_less_often(tmp_path):
+    """Once the worker consumed, a channel error is retried as a lost connection; one that comes
+    back at every connection (here the ``dispatch`` queue's key set to a string: ``WRONGTYPE``)
+    made it reconnect five times a second until fixed (25 times in 5 s), each time with Celery's
+    warning and traceback.  The delay now doubles from the second retry on (0, 1, 2, 4 s ...), the
+    log says once per retry what is wrong, and the worker reads again once the key is gone."""
+    import redis as redis_lib
+
+    from tests.integration.conftest import Cluster
+
+    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
+    broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
+    client = redis_lib.Redis(port=broker.port)
+    cluster = Cluster(routing, tmp_path, broker_url=broker.url(), auth_port=launcher.free_port(), HOUSEKEEPING_SECONDS=3600)
+    try:
+        worker = cluster.start_worker("wrongtype", queues="dispatch", concurrency=1)
+        before = worker.log_path.read_text(errors="replace")
+        client.set("dispatch", "not a list")
+        time.sleep(3.5)
+        log = worker.log_path.read_text(errors="replace")[len(before):]
+        assert worker.alive, "the worker exited:\n" + worker.log_tail(15)
+        # the first retry at once, then after 1 s and 2 s: two or three connections (the old code: about 17)
+        assert 2 <= log.count("Connected to redis") <= 4, log[-3000:]
+        assert "holds another type than the list the worker reads as a queue" in log, log[-3000:]
+        assert log.count("Connection to broker lost") == 1 and log.count("Traceback") == 1, log[-3000:]
+        client.delete("dispatch")
+        cluster.business.send_task("tasks.status", args=["not-an-id"], queue="dispatch", ignore_result=True)
+        deadline = time.monotonic() + 10  # the next retry is due 4 s after the last
+        while client.llen("dispatch") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.alive and client.llen("dispatch") == 0, "the worker did not read again:\n" + worker.log_tail(15)
+    finally:
+        client.close()
+        cluster.stop(at_once=True)
+        for server in (broker, routing):
+            server.stop()
