@@ -253,7 +253,7 @@ class Consumer(CeleryConsumer):
         wrong and what to do (:func:`advice`) instead of Celery's traceback."""
         channel_error = isinstance(exc, tuple(self.channel_errors)) and not isinstance(exc, tuple(self.connection_errors))
         if not self._consumed and channel_error:
-            log.critical("the broker refused what the worker declares or consumes at start (%s): not retried", exc)
+            log.critical("the broker refused what the worker declares or consumes at start (%s): not retried. %s", exc, advice(exc))
             try:
                 self.connection.collect()
             except Exception:  # noqa: BLE001 - the worker stops anyway

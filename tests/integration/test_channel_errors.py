@@ -138,6 +138,7 @@ def test_a_worker_whose_queue_the_broker_refuses_at_start_exits_saying_so(tmp_pa
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert code is not None, f"the worker still runs, {log.count('Connection to broker lost')} reconnections later:\n" + worker.log_tail(15)
         assert code != 0 and "inequivalent arg 'x-max-priority'" in log, log[-3000:]
+        assert "queue 'collect' exists on the broker with other arguments" in log, log[-3000:]  # and what to do
         assert log.count("Connection to broker lost") == 0, log[-3000:]
 
 
