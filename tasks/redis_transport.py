@@ -77,7 +77,13 @@ TAKE_MAX = 100
 # already there, so that removal removes nothing but that item's own.  Exchange and routing key
 # must be strings: cjson.encode raises on some numbers (inf), and a script that raises stops
 # there, keeping what it did (the items it popped and had not recorded would be lost).
-_TAKE_MORE = """
+#
+# It runs with the flag allow-oom (Redis 7 and later): over ``maxmemory`` (a full Redis with
+# ``noeviction`` refuses every write that may use memory) the message BRPOP took is out of its
+# list already, and a record refused then lost it, with every message each reconnection's BRPOP
+# took after it.  The record moves what the list held into the unacked hash (what it adds beyond
+# that is bounded by the prefetch window), so it is allowed to pass the limit.
+_TAKE_MORE = """#!lua flags=allow-oom
 local now, more = ARGV[1], tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
@@ -151,6 +157,15 @@ class QoS(kombu_redis.QoS):
         with self.channel.conn_or_acquire(client) as client:
             client.transaction(restore_transaction, self.unacked_key)
 
+    def _remove_from_indices(self, delivery_tag, pipe=None):
+        """kombu's, on a pipeline without MULTI when none is given (an ack, a reject): Redis 7
+        refuses every command queued in a MULTI while it is over ``maxmemory``, even ZREM and HDEL,
+        which free memory, so kombu's ack raised out of the worker's loop, which reconnected to the
+        broker (five times a second) for as long as Redis was full.  Sent alone, they are allowed."""
+        if pipe is None:
+            pipe = self.channel._command_client_now().pipeline(transaction=False)
+        return pipe.zrem(self.unacked_index_key, delivery_tag).hdel(self.unacked_key, delivery_tag)
+
     def forget(self, tags: Iterable) -> None:
         """Remove the delivered messages ``tags`` from the unacked index and hash in one round
         trip, so that their :meth:`ack` right after needs none.  Call it only right before acking
@@ -158,8 +173,8 @@ class QoS(kombu_redis.QoS):
         tags = [tag for tag in tags if tag in self._delivered and tag not in self._forgotten]
         if not tags:
             return
-        with self.pipe_or_acquire() as pipe:
-            pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        # Without MULTI, which a Redis over maxmemory refuses (see _remove_from_indices).
+        self.channel._command_client_now().pipeline(transaction=False).zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
         self._forgotten.update(tags)
 
     def ack(self, delivery_tag) -> None:
@@ -174,6 +189,8 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
     _command_client = None
     _take_script = None
+    #: The read's script: :data:`_TAKE_MORE`, or without its flags on a Redis older than 7.
+    _take_script_text = _TAKE_MORE
     #: False once the server refused the read of several messages (Redis older than 6.2).
     _take_more_ok = True
 
@@ -255,14 +272,21 @@ class Channel(kombu_redis.Channel):
             more = 0
         with self.conn_or_acquire() as client:
             if self._take_script is None:
-                self._take_script = client.register_script(_TAKE_MORE)
+                self._take_script = client.register_script(self._take_script_text)
             try:
                 taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
             except ResponseError as exc:
                 # A script stops at the command that fails: here RPOP (before it took anything)
                 # or the first record.  kombu's append then records the message BRPOP brought
                 # (again, or fails the same way).
-                if count_unsupported(str(exc)):
+                if flags_unsupported(str(exc)):
+                    # Redis before 7 reads no script flags: the same script without them, which a
+                    # Redis over maxmemory refuses (as it refuses kombu's append).
+                    self._take_script_text = _TAKE_MORE.split("\n", 1)[1]
+                    self._take_script = None
+                    log.warning("this Redis takes no script flags (Redis 7 and later do): a task read while Redis is over maxmemory "
+                                "cannot be recorded as unacknowledged, and is lost (%s)", exc)
+                elif count_unsupported(str(exc)):
                     self._take_more_ok = False
                     log.warning("reading several messages per round trip is off for this connection: %s (RPOP with a count needs Redis 6.2 or later)", exc)
                 return []
@@ -295,6 +319,11 @@ class Channel(kombu_redis.Channel):
         if self._command_client is None:
             self._command_client = self._create_client()
         yield self._command_client
+
+    def _command_client_now(self):
+        """The channel's command client (:meth:`conn_or_acquire`'s)."""
+        with self.conn_or_acquire() as client:
+            return client
 
     def _disconnect_pools(self) -> None:
         # The command client is a handle on the pool being dropped: a later command gets a new one
@@ -350,6 +379,13 @@ def kombu_message(raw: str) -> dict | None:
         except ValueError:  # binascii.Error, and non-ASCII text
             return None
     return payload
+
+
+def flags_unsupported(error: str) -> bool:
+    """Whether ``error``, the message of an error of the read script, is a Redis older than 7
+    refusing its first line, the ``#!lua flags=...`` it does not know (Lua reads ``#`` as an
+    unexpected symbol).  Pure."""
+    return "compiling script" in error.lower() and "'#'" in error
 
 
 def count_unsupported(error: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.redis_transport import count_unsupported
+from tasks.redis_transport import _TAKE_MORE, count_unsupported, flags_unsupported
 
 
 @pytest.mark.parametrize("error", [
@@ -27,3 +27,14 @@ def test_a_server_without_rpops_count_is_told_by_its_arity_error(error):
 ])
 def test_other_errors_of_the_script_are_not_taken_for_it(error):
     assert not count_unsupported(error)
+
+
+def test_a_server_without_script_flags_is_told_by_the_compile_error_of_the_first_line():
+    # Redis 6 compiles the read script's "#!lua flags=allow-oom" line as Lua (through redis-py, without "ERR ")
+    assert flags_unsupported("Error compiling script (new function): user_script:1: unexpected symbol near '#'")
+    assert not flags_unsupported("OOM command not allowed when used memory > 'maxmemory'.")
+    assert not flags_unsupported("Error compiling script (new function): user_script:9: '=' expected near 'x'")
+
+
+def test_the_read_script_may_record_what_it_took_over_maxmemory():
+    assert _TAKE_MORE.split("\n", 1)[0] == "#!lua flags=allow-oom"
