@@ -61,6 +61,7 @@ from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 from kombu.asynchronous.timer import to_timestamp
 
+import redisfull
 import settings
 from tasks import links, messages as validation, redis_transport, taskmessages
 from tasks.batching import FlushGate, chunks
@@ -174,7 +175,7 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
         try:
             route(docs)
         except DISPATCH_RETRYABLE as exc:
-            log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), exc)
+            log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), redisfull.explain(exc))
             # send_task, not apply_async: under task_always_eager that runs tasks.dispatch here,
             # which fails the same way, is retried eagerly and returns a failed result without
             # raising, so the request succeeded with its messages neither routed nor queued.
@@ -765,13 +766,14 @@ def _store_results(done: list[tuple[object, str]]) -> None:
                 pipe.publish(key, value)
             pipe.execute()
 
-    _while_redis_is_down(attempt, backend.exception_safe_to_retry, f"{len(done)} results of {done[0][0].name}", "stored",
+    _while_redis_is_down(attempt, lambda exc: backend.exception_safe_to_retry(exc) or redisfull.is_full(exc),
+                         f"{len(done)} results of {done[0][0].name}", "stored",
                          give_up="their messages are stored and sent; business code waiting for these ids gets none")
 
 
 def _while_redis_is_down(attempt, retryable, what: str, done: str, give_up: str | None = None) -> None:
     """Run ``attempt()``; while it raises an error that ``retryable(error)`` accepts (Redis or the
-    broker does not answer), sleep and run it again, as Celery's backend retries writing any
+    broker does not answer, or is over ``maxmemory``: :mod:`redisfull`), sleep and run it again, as Celery's backend retries writing any
     task's result with ``result_backend_always_retry`` (``worker.py``): growing, jittered sleeps
     from ``result_backend_base_sleep_between_retries_ms`` up to
     ``result_backend_max_sleep_between_retries_ms``, at most ``result_backend_max_retries`` times
@@ -791,13 +793,13 @@ def _while_redis_is_down(attempt, retryable, what: str, done: str, give_up: str 
             if not (backend.always_retry and retryable(exc)) or retries >= backend.max_retries:
                 if give_up is None:
                     if retries:
-                        log.warning("%s not %s after %d tries (%s)", what, done, retries + 1, exc)
+                        log.warning("%s not %s after %d tries (%s)", what, done, retries + 1, redisfull.explain(exc))
                     raise
-                log.warning("%s not %s after %d tries (%s): %s", what, done, retries + 1, exc, give_up)
+                log.warning("%s not %s after %d tries (%s): %s", what, done, retries + 1, redisfull.explain(exc), give_up)
                 return
             retries += 1
             if retries == 1:
-                log.warning("%s not %s yet (%s): trying again while Redis or the broker does not answer", what, done, exc)
+                log.warning("%s not %s yet (%s): trying again while Redis or the broker does not answer or is full", what, done, redisfull.explain(exc))
             time.sleep(get_exponential_backoff_interval(backend.base_sleep_between_retries_ms, retries,
                                                         backend.max_sleep_between_retries_ms, True) / 1000)
             continue

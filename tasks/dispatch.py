@@ -116,8 +116,10 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
     return per_node
 
 
-#: What Dispatch retries: a routing that failed for one of these can simply run again.
-DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError, StoreUnavailable)
+#: What Dispatch retries: a routing that failed for one of these can simply run again.  A Redis over
+#: ``maxmemory`` refuses the lookup's pending marks (``OutOfMemoryError``) until it has room again
+#: (:mod:`redisfull`); a broker over it refuses the publish, which kombu raises as ``OperationalError``.
+DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, OperationalError, StoreUnavailable)
 
 
 @app.task(

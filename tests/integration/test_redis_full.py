@@ -1,0 +1,74 @@
+"""A Redis over ``maxmemory`` (``noeviction``): every write that may use memory is refused with
+``OOM command not allowed when used memory > 'maxmemory'`` while reads still work.
+
+The tests share one private cluster on the Redis broker, whose Redis (broker and ``REDIS_URL``
+alike) they fill and then free again: the session's cluster would see its leases lapse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+import redis as redis_lib
+
+import launcher
+from tests.integration.conftest import Cluster, start_or_explain
+
+
+@pytest.fixture(scope="module")
+def full_cluster(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("redis-full")
+    redis_server = launcher.RedisServer(data_dir=workdir / "redis").start()
+    cluster = Cluster(redis_server, workdir, broker_url=redis_server.url(0), auth_port=launcher.free_port())
+    start_or_explain(cluster, nodes=1)
+    yield cluster
+    cluster.stop(at_once=True)
+    redis_server.stop()
+
+
+@contextlib.contextmanager
+def redis_full(cluster: Cluster):
+    """Redis over ``maxmemory`` (by a 2 MB key over a limit 1 MB above what it used) until the block ends."""
+    admin = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
+    used = int(admin.info("memory")["used_memory"])
+    admin.set("test:filler", b"x" * 2_000_000)
+    admin.config_set("maxmemory", used + 1_000_000)
+    try:
+        with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+            admin.set("test:probe", 1)
+        yield
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.delete("test:filler")
+
+
+async def test_a_collect_queued_before_redis_filled_up_is_stored_and_delivered_once_it_has_room(full_cluster):
+    cluster = full_cluster
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+    os.kill(cluster.worker.pid, signal.SIGSTOP)  # the task waits for the worker, as in a backlog
+    try:
+        queued = cluster.send(to="dora", data="queued before Redis filled up")
+        # A task that runs and is acknowledged while Redis is full (its result is not stored).
+        cluster.business.send_task("tasks.presence", args=[["dora"]], queue="dispatch", ignore_result=True)
+    finally:
+        with redis_full(cluster):
+            os.kill(cluster.worker.pid, signal.SIGCONT)
+            # The worker takes them while Redis is full: it must record them as unacknowledged
+            # (else they are lost), and the collect must store its message and wait to write its result.
+            deadline = time.monotonic() + 10
+            while broker.llen("collect") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)
+            assert broker.hlen("unacked") >= 1, "the collect the worker took while Redis was full is neither recorded as unacknowledged nor waiting to store its result"
+    message_id = await cluster.result(queued, timeout=30)
+    client = await cluster.connect("dora")
+    try:
+        assert [(m["id"], m["data"]) for m in client.inbox] == [(message_id, "queued before Redis filled up")]
+    finally:
+        client.close()
+    assert "Connection to broker lost" not in (cluster.logs / "worker.log").read_text(), "the worker reconnected to its broker while Redis was full"
