@@ -39,9 +39,10 @@ import tornado.httputil
 import tornado.netutil
 import tornado.web
 
+import redisfull
 from auth import tokens
 from auth.metrics import AuthMetrics
-from auth.revocations import CHANNEL, RevocationNotAnnounced, Revocations, RevocationsUnavailable
+from auth.revocations import CHANNEL, RedisFull, RevocationNotAnnounced, Revocations, RevocationsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_VERIFY_BATCH = 100
 ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz, GET /metrics"
 REDIS_DOWN = "cannot reach Redis to check or record revocations; retry later (operators: check REDIS_URL)"
+REDIS_FULL = f"Redis is full and refuses to record the revocation; retry later (operators: {redisfull.HINT})"
 NOT_ANNOUNCED = ("revocation recorded but not yet announced to the push nodes, so connections already open with the revoked tokens stay open: "
                  f"retry the call, which announces it (operators: check that Redis answers and that REDIS_URL's user may publish on {CHANNEL})")
 
@@ -265,7 +267,7 @@ class RevokeHandler(JsonHandler):
                 await self._revoke_user(self.string_field(body, "user_id", self.EXAMPLE))
         except RevocationsUnavailable as exc:
             log.error("cannot record a revocation: %s", exc)
-            raise Reject(503, {"error": REDIS_DOWN}) from None
+            raise Reject(503, {"error": REDIS_FULL if isinstance(exc, RedisFull) else REDIS_DOWN}) from None
         except RevocationNotAnnounced as exc:
             log.error("%s", exc)
             raise Reject(503, {"error": NOT_ANNOUNCED}) from None

@@ -43,6 +43,7 @@ from collections.abc import Callable
 import redis.asyncio
 from redis.exceptions import RedisError
 
+import redisfull
 from auth import AuthError
 from auth.tokens import Claims
 
@@ -88,6 +89,11 @@ return 0
 
 class RevocationsUnavailable(AuthError):
     """Redis did not answer, so a revocation cannot be checked or recorded; retry later."""
+
+
+class RedisFull(RevocationsUnavailable):
+    """Redis answered but refused to record a revocation: it is over ``maxmemory`` (``noeviction``),
+    see :mod:`redisfull`.  Reads (``/verify``) still work; retry the revocation once it has room."""
 
 
 class RevocationNotAnnounced(AuthError):
@@ -159,4 +165,6 @@ class Revocations:
         try:
             return await awaitable
         except (RedisError, OSError) as exc:
+            if redisfull.is_full(exc):
+                raise RedisFull(f"{redisfull.HINT} (REDIS_URL's server refused a write: {exc})") from None
             raise RevocationsUnavailable(f"Redis did not answer ({type(exc).__name__}: {exc}); check REDIS_URL and that Redis is running") from None

@@ -12,6 +12,8 @@ import logging
 import socket
 import threading
 
+import redisfull
+
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "push:housekeeping-lock"
@@ -46,4 +48,4 @@ class HousekeepingScheduler:
             try:
                 self.tick()
             except Exception as exc:  # noqa: BLE001 - Redis or the broker may be down; try next tick
-                log.warning("housekeeping not scheduled this time: %s", exc)
+                log.warning("housekeeping not scheduled this time: %s", redisfull.explain(exc))

@@ -31,6 +31,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.websocket import WebSocketClosedError
 
+import redisfull
 import settings
 from auth.revocations import revoked_by
 from tasks.ids import is_message_id
@@ -142,6 +143,8 @@ class PushNode:
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
         self.redis_ok = False
+        #: Whether the last write Redis refused was refused for lack of memory (``maxmemory``).
+        self.redis_full = False
         self.metrics = NodeMetrics(self.address)
         self.metrics.track(lambda: self.hub.connection_count, lambda: self.hub.user_count, self.health)
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
@@ -307,11 +310,11 @@ class PushNode:
             try:
                 await asyncio.shield(writing)
             except RedisError as exc:
-                self.redis_ok = False  # the next PING says when it is back
+                self._redis_failed(exc)  # the next PING says when it is back
                 if self.hub.get(conn.conn_id) is not conn:
                     return  # refused while the lease was written (by the drain, a revocation...): told and counted once
                 self.hub.remove(conn)
-                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({exc})")
+                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({redisfull.explain(exc)})")
                 return
             if self.hub.get(conn.conn_id) is not conn or conn.closing:
                 return  # closed while the lease was written (by the drain, a revocation...): never bound, on_close unbinds it
@@ -673,8 +676,14 @@ class PushNode:
         except RedisError as exc:
             self.metrics.lease_failure()
             log.warning("node=%s lease renewal failed for %d users (%s): their leases expire within %.0f s unless Redis is back; retrying every %.0f s",
-                        self.address, self.hub.user_count, exc, settings.LEASE_TTL, settings.LEASE_TTL / 3)
-            self.redis_ok = False
+                        self.address, self.hub.user_count, redisfull.explain(exc), settings.LEASE_TTL, settings.LEASE_TTL / 3)
+            self._redis_failed(exc)
+
+    def _redis_failed(self, exc: Exception) -> None:
+        """A write to Redis failed: not ready until a PING and a lease write succeed; ``/healthz``
+        says whether Redis refused it for lack of memory (:mod:`redisfull`) or did not answer."""
+        self.redis_ok = False
+        self.redis_full = redisfull.is_full(exc)
 
     async def _ping_redis(self) -> None:
         """Every ``REDIS_PING_SECONDS``: keep ``redis_ok`` honest between renewals; once Redis
@@ -685,6 +694,7 @@ class PushNode:
             if self.redis_ok:
                 log.warning("node=%s Redis does not answer PING (%s); not ready until it does", self.address, exc)
             self.redis_ok = False
+            self.redis_full = False
             return
         if not self.redis_ok:
             await self._renew()
@@ -697,7 +707,8 @@ class PushNode:
     def health(self) -> dict:
         consumer_ok = self._consumer is not None and self._consumer.connected
         full = self.full
-        problems = [text for text, bad in (("Redis unavailable", not self.redis_ok), ("queue consumer not connected to the broker", not consumer_ok),
+        redis_down = redisfull.HINT if self.redis_full else "Redis unavailable"
+        problems = [text for text, bad in ((redis_down, not self.redis_ok), ("queue consumer not connected to the broker", not consumer_ok),
                                            ("draining", self.draining), ("full: MAX_CONNECTIONS connections", full)) if bad]
         return {
             "ready": not problems,

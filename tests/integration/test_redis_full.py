@@ -1,7 +1,7 @@
 """A Redis over ``maxmemory`` (``noeviction``): every write that may use memory is refused with
 ``OOM command not allowed when used memory > 'maxmemory'`` while reads still work.
 
-The tests share one private cluster on the Redis broker, whose Redis (broker and ``REDIS_URL``
+Both tests share one private cluster on the Redis broker, whose Redis (broker and ``REDIS_URL``
 alike) they fill and then free again: the session's cluster would see its leases lapse.
 """
 
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import redis as redis_lib
 
 import launcher
-from tests.integration.conftest import Cluster, start_or_explain
+from tests.integration.conftest import ADMIN_KEY, Cluster, start_or_explain
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,16 @@ def redis_full(cluster: Cluster):
         admin.delete("test:filler")
 
 
+def post(cluster: Cluster, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{cluster.auth_port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 async def test_a_collect_queued_before_redis_filled_up_is_stored_and_delivered_once_it_has_room(full_cluster):
     cluster = full_cluster
     broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
@@ -72,3 +85,30 @@ async def test_a_collect_queued_before_redis_filled_up_is_stored_and_delivered_o
     finally:
         client.close()
     assert "Connection to broker lost" not in (cluster.logs / "worker.log").read_text(), "the worker reconnected to its broker while Redis was full"
+
+
+def node_health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_a_full_redis_is_named_by_auth_revoke_and_node_healthz(full_cluster):
+    cluster = full_cluster
+    token = await asyncio.to_thread(cluster.token, "erin")
+    client = await cluster.connect("erin")  # its lease renewals fail while Redis is full
+    try:
+        with redis_full(cluster):
+            status, body = await asyncio.to_thread(post, cluster, "/revoke", {"token": token})
+            assert status == 503 and "Redis is full" in body["error"] and "maxmemory" in body["error"], body
+            assert (await asyncio.to_thread(post, cluster, "/verify", {"token": token}))[0] == 200  # reads still work
+            deadline = time.monotonic() + 5
+            while (health := await asyncio.to_thread(node_health, cluster.node_ports[0]))[0] == 200:
+                assert time.monotonic() < deadline, "the node stayed ready while Redis refused its lease renewals"
+                await asyncio.sleep(0.2)
+            assert health[0] == 503 and health[1]["reason"].startswith("Redis is out of memory (maxmemory)"), health
+        assert await asyncio.to_thread(post, cluster, "/revoke", {"token": token}) == (200, {"revoked": "token"})
+    finally:
+        client.close()
