@@ -22,7 +22,8 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    back (:func:`tasks.reclaim.hand_back`) and deleted, and leaves the node list; unless a node
    wrote its lease at that address meanwhile (restarted on it), which keeps the queue.  Not while Redis
    has been up for less than ``2 x LEASE_TTL``: after a Redis restart every lease looks old until
-   the nodes have renewed them.
+   the nodes have renewed them.  Nor for ``2 x LEASE_TTL`` after Redis was seen refusing writes
+   for lack of memory (:func:`refusals_settled`): the nodes' lease renewals were refused too.
 3. **Retention.**  At most every 10 minutes, the store drops what is older than ``RETENTION_SECONDS``.
 """
 
@@ -68,6 +69,9 @@ PURGE_EVERY_SECONDS = 600
 REDELIVER_LIMIT = 20000
 #: About how many deliveries a sweep checks against the leases per script call.
 SWEEP_CHUNK = 5000
+#: What the last run saw of the writes Redis refused for lack of memory: ``count`` (``INFO
+#: errorstats``' ``errorstat_OOM``, since Redis started) and ``since``, when that count last changed.
+OOM_SEEN = "push:housekeeping-oom-seen"
 
 # Put LAST_RUN back to the previous run's time (ARGV[2]) if it still holds this run's (ARGV[1]).
 _PUT_BACK = _redis.register_script(
@@ -215,6 +219,39 @@ def mark_online(deliveries: list[tuple[str, str]]) -> None:
         table.lookup(users, pending.PENDING_KEY, pending.marks(pairs))
 
 
+def refusals_settled(count: int, seen: tuple[int, float] | None, now: float, settle: float) -> tuple[bool, tuple[int, float]]:
+    """Whether Redis has refused no write for lack of memory (``maxmemory``) for ``settle``
+    seconds, judged at ``now`` from ``count``, the refusals Redis counted since it started, and
+    ``seen``, what the last run saw: ``(count, since)``, ``since`` the time the count last
+    changed (None: never seen).  Returns the answer and what to keep for the next run.  Pure.
+
+    A full Redis refuses the nodes' lease renewals, so after a fullness longer than ``LEASE_TTL``
+    every node looks gone until it writes its lease again, which it does within ``LEASE_TTL / 3``
+    of Redis having room; a housekeeping run just then handed back and deleted a live node's queue.
+    Housekeeping cannot run while Redis is full (its lock is a write), so it sees a fullness only
+    afterwards, as a count that changed: no node is reclaimed for ``settle`` seconds from then."""
+    if seen is not None and seen[0] == count:
+        return now - seen[1] >= settle, seen
+    if seen is None and count == 0:
+        return True, (0, 0.0)  # no refusal since Redis started
+    return False, (count, now)
+
+
+def _refusals_settled(now: float) -> bool:
+    """:func:`refusals_settled` on this Redis (``REDIS_URL``'s, which holds the leases); a Redis
+    older than 6.2 has no ``errorstats`` and counts as never full."""
+    count = int(_redis.info("errorstats").get("errorstat_OOM", {}).get("count", 0))
+    raw_count, raw_since = _redis.hmget(OOM_SEEN, "count", "since")
+    seen = (int(raw_count), float(raw_since)) if raw_count is not None and raw_since is not None else None
+    settled, keep = refusals_settled(count, seen, now, 2 * settings.LEASE_TTL)
+    if keep != seen:
+        _redis.hset(OOM_SEEN, mapping={"count": keep[0], "since": keep[1]})
+        if not settled:
+            log.warning("Redis refused writes for lack of memory (maxmemory) since the last run: no node is taken for gone for %.0f s, "
+                        "while the nodes write again the leases it refused", 2 * settings.LEASE_TTL)
+    return settled
+
+
 #: The node list, read by ``reclaim_dead_nodes`` again before and after deleting a queue.
 _routes = RouteTable(_redis)
 
@@ -228,6 +265,8 @@ def reclaim_dead_nodes(now: float) -> int:
     listed."""
     if _redis.info("server")["uptime_in_seconds"] < 2 * settings.LEASE_TTL:
         return 0  # just restarted: live nodes have not renewed their leases yet
+    if not _refusals_settled(now):
+        return 0  # full a moment ago: live nodes have not renewed the leases it refused yet
     cutoff = now - settings.LEASE_TTL
     handed = 0
     failed = None

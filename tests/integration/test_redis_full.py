@@ -20,7 +20,8 @@ import pytest
 import redis as redis_lib
 
 import launcher
-from tests.integration.conftest import ADMIN_KEY, Cluster, start_or_explain
+from tests.integration.conftest import ADMIN_KEY, HOUSEKEEPING_SECONDS, LEASE_TTL, Cluster, start_or_explain
+from wsnode.registry import NODES_KEY
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,31 @@ async def test_a_full_redis_is_named_by_auth_revoke_and_node_healthz(full_cluste
         assert await asyncio.to_thread(post, cluster, "/revoke", {"token": token}) == (200, {"revoked": "token"})
     finally:
         client.close()
+
+
+async def test_housekeeping_takes_no_node_for_gone_right_after_redis_refused_writes(full_cluster):
+    """After a fullness longer than ``LEASE_TTL`` every node's lease looks ended until the node
+    writes it again, within ``LEASE_TTL / 3`` of Redis having room; housekeeping's first run then
+    took a live node for gone and handed back and deleted its queue.  Ordered here: Redis refuses a
+    write, then the node, paused (SIGSTOP), is given the lease it would have after such a
+    fullness, and housekeeping runs (every second) while the node cannot write it again."""
+    cluster = full_cluster
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    admin = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
+    while admin.info("server")["uptime_in_seconds"] < 2 * LEASE_TTL:  # else housekeeping waits for a restarted Redis
+        await asyncio.sleep(0.5)
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        with redis_full(cluster):
+            pass  # one write refused
+        await asyncio.sleep(0.3)  # a run that read Redis's refusals before them has read the node list too
+        admin.zadd(NODES_KEY, {address: time.time() - 3 * LEASE_TTL})
+        await asyncio.sleep(3 * HOUSEKEEPING_SECONDS + 0.5)
+        worker_log = (cluster.logs / "worker.log").read_text()
+        assert f"node {address} is gone" not in worker_log, "housekeeping took a node for gone right after Redis refused writes"
+        assert admin.zscore(NODES_KEY, address) is not None
+        assert "Redis refused writes for lack of memory (maxmemory) since the last run" in worker_log
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    await asyncio.to_thread(node.terminate, 15)
