@@ -23,7 +23,9 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    wrote its lease at that address meanwhile (restarted on it), which keeps the queue.  Not while Redis
    has been up for less than ``2 x LEASE_TTL``: after a Redis restart every lease looks old until
    the nodes have renewed them.  Nor for ``2 x LEASE_TTL`` after Redis was seen refusing writes
-   for lack of memory (:func:`refusals_settled`): the nodes' lease renewals were refused too.
+   for lack of memory (:func:`refusals_settled`), or after runs resumed from a gap longer than
+   ``LEASE_TTL`` (:func:`runs_unbroken_since`: Redis did not answer, or a failover): the nodes'
+   lease renewals were refused or unanswered too.
 3. **Retention.**  At most every 10 minutes, the store drops what is older than ``RETENTION_SECONDS``.
 """
 
@@ -72,6 +74,9 @@ SWEEP_CHUNK = 5000
 #: What the last run saw of the writes Redis refused for lack of memory: ``count`` (``INFO
 #: errorstats``' ``errorstat_OOM``, since Redis started) and ``since``, when that count last changed.
 OOM_SEEN = "push:housekeeping-oom-seen"
+#: When the last run's dead-node step ran (``last``) and when its series of runs with no gap
+#: longer than :func:`run_gap` began (``since``).
+RUNS_SEEN = "push:housekeeping-runs-seen"
 
 # Put LAST_RUN back to the previous run's time (ARGV[2]) if it still holds this run's (ARGV[1]).
 _PUT_BACK = _redis.register_script(
@@ -237,6 +242,37 @@ def refusals_settled(count: int, seen: tuple[int, float] | None, now: float, set
     return False, (count, now)
 
 
+def run_gap() -> float:
+    """The longest time between two runs that is no gap: ``LEASE_TTL``, or twice the period when
+    runs are that far apart (then only a longer outage is seen as one)."""
+    return max(settings.LEASE_TTL, 2 * settings.HOUSEKEEPING_SECONDS)
+
+
+def runs_unbroken_since(last: float | None, since: float | None, now: float, gap: float) -> float:
+    """When the series of runs that the one at ``now`` continues began: ``since``, unless the
+    previous run (at ``last``) is more than ``gap`` seconds ago or unknown.  Pure.
+
+    Housekeeping holds its lock in Redis, so it does not run while Redis does not answer or
+    refuses writes (an outage without a restart, a failover to a replica that was up all along),
+    when the nodes cannot renew their leases either: once runs resume, every node cut off that
+    long looks gone until it writes its lease again (within ``LEASE_TTL / 3``).  A gap for any
+    other reason (every worker stopped) only delays taking a node for gone."""
+    if last is None or since is None or now - last > gap:
+        return now
+    return since
+
+
+def _runs_unbroken_since(now: float) -> float:
+    raw_last, raw_since = _redis.hmget(RUNS_SEEN, "last", "since")
+    last = float(raw_last) if raw_last is not None else None
+    since = runs_unbroken_since(last, float(raw_since) if raw_since is not None else None, now, run_gap())
+    _redis.hset(RUNS_SEEN, mapping={"last": now, "since": since})
+    if since == now and last is not None:
+        log.warning("housekeeping did not run for %.0f s (Redis did not answer or refused writes, or no worker ran it): no node is taken for "
+                    "gone for %.0f s, while the nodes write again the leases they could not", now - last, 2 * settings.LEASE_TTL)
+    return since
+
+
 def _refusals_settled(now: float) -> bool:
     """:func:`refusals_settled` on this Redis (``REDIS_URL``'s, which holds the leases); a Redis
     older than 6.2 has no ``errorstats`` and counts as never full."""
@@ -265,8 +301,11 @@ def reclaim_dead_nodes(now: float) -> int:
     listed."""
     if _redis.info("server")["uptime_in_seconds"] < 2 * settings.LEASE_TTL:
         return 0  # just restarted: live nodes have not renewed their leases yet
-    if not _refusals_settled(now):
-        return 0  # full a moment ago: live nodes have not renewed the leases it refused yet
+    # Both read at every run, so that each keeps what it saw.  Either way, live nodes may not have
+    # written again yet the leases Redis refused or did not answer.
+    resumed = now - _runs_unbroken_since(now) < 2 * settings.LEASE_TTL
+    if not _refusals_settled(now) or resumed:
+        return 0
     cutoff = now - settings.LEASE_TTL
     handed = 0
     failed = None

@@ -141,3 +141,33 @@ async def test_housekeeping_takes_no_node_for_gone_right_after_redis_refused_wri
     finally:
         os.kill(node.pid, signal.SIGCONT)
     await asyncio.to_thread(node.terminate, 15)
+
+
+async def test_housekeeping_takes_no_node_for_gone_right_after_its_runs_resumed_from_a_gap(full_cluster):
+    """Housekeeping holds its lock in Redis, so it does not run while Redis does not answer (an
+    outage without a restart, a failover to a replica that was up all along), when the nodes
+    cannot renew their leases either: its first run after took every node cut off that long for
+    gone.  Here the worker is paused (as if its runs were refused) longer than ``LEASE_TTL`` while
+    the node, paused too, has the lease it would have after such an outage."""
+    cluster = full_cluster
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    admin = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
+    while admin.info("server")["uptime_in_seconds"] < 2 * LEASE_TTL:
+        await asyncio.sleep(0.5)
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        os.kill(cluster.worker.pid, signal.SIGSTOP)
+        try:
+            admin.zadd(NODES_KEY, {address: time.time() - 3 * LEASE_TTL})
+            await asyncio.sleep(LEASE_TTL + 0.5)
+        finally:
+            os.kill(cluster.worker.pid, signal.SIGCONT)
+        await asyncio.sleep(3 * HOUSEKEEPING_SECONDS + 0.5)
+        worker_log = (cluster.logs / "worker.log").read_text()
+        assert f"node {address} is gone" not in worker_log, "housekeeping took a node for gone right after its runs resumed"
+        assert admin.zscore(NODES_KEY, address) is not None
+        assert "housekeeping did not run for" in worker_log
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    await asyncio.to_thread(node.terminate, 15)

@@ -1,9 +1,9 @@
-"""When housekeeping may take a node for gone again after Redis refused writes for lack of memory
+"""When housekeeping may take a node for gone again after Redis refused writes for lack of memory, or after its runs stopped for a while
 (``tasks.housekeeping.refusals_settled``): the nodes' lease renewals were refused too."""
 
 from __future__ import annotations
 
-from tasks.housekeeping import refusals_settled
+from tasks.housekeeping import refusals_settled, runs_unbroken_since
 
 SETTLE = 6.0
 
@@ -30,3 +30,15 @@ def test_refusals_counted_before_housekeeping_first_looked_are_taken_as_recent()
 
 def test_a_count_that_went_down_a_redis_restarted_or_its_stats_reset_counts_as_a_change():
     assert refusals_settled(0, (7, 900.0), 1000.0, SETTLE) == (False, (0, 1000.0))
+
+
+def test_runs_with_no_gap_continue_their_series():
+    assert runs_unbroken_since(1000.0, 900.0, 1003.0, gap=3.0) == 900.0
+
+
+def test_a_run_after_a_gap_longer_than_the_limit_starts_a_series():
+    assert runs_unbroken_since(1000.0, 900.0, 1003.5, gap=3.0) == 1003.5
+
+
+def test_the_first_run_starts_a_series():
+    assert runs_unbroken_since(None, None, 1000.0, gap=3.0) == 1000.0
