@@ -134,7 +134,8 @@ app.conf.update(
     broker_connection_timeout=5,
     worker_hijack_root_logger=False,
     # Refuses a message Celery could not run, with its reason as its result, instead of stopping
-    # the worker (Celery's consumer raised on some shapes of hand-made messages).
+    # the worker (Celery's consumer raised on some shapes of hand-made messages); and on RabbitMQ
+    # declares and consumes again a queue deleted while it consumes it (its consumer cancelled).
     worker_consumer="tasks.taskmessages:Consumer",
 )
 

@@ -8,6 +8,8 @@ request again, held it, and exited again.
 
 The shared RabbitMQ cannot be given a short ``consumer_timeout`` (it is broker-wide), so a proxy
 between the worker and a private vhost sends the worker that very ``channel.close`` frame.
+
+Also: RabbitMQ cancelling the worker's consumer of a queue deleted while it consumes it.
 """
 
 from __future__ import annotations
@@ -212,3 +214,46 @@ def test_a_worker_whose_channel_error_keeps_coming_back_reconnects_less_and_less
         cluster.stop(at_once=True)
         for server in (broker, routing):
             server.stop()
+
+
+def consumers_of(conn: Connection, queue: str) -> int | None:
+    """Consumers of ``queue`` on the broker, or None when it does not exist."""
+    channel = conn.channel()
+    try:
+        return channel.queue_declare(queue, passive=True).consumer_count
+    except conn.channel_errors:
+        return None
+    finally:
+        channel.close()  # a 404 closed it already: a no-op then
+
+
+def wait_for_consumer(conn: Connection, queue: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if consumers_of(conn, queue):
+            return True
+        time.sleep(0.002)
+    return False
+
+
+async def test_a_worker_whose_queue_is_deleted_while_it_consumes_declares_and_consumes_it_again(tmp_path):
+    """RabbitMQ cancels the consumers of a queue deleted (to purge it, to declare it with other
+    arguments) or whose leader moved.  py-amqp raises ConsumerCancelled, which Celery took for a
+    lost connection (a reconnection, with Celery's warning and traceback), except in the first
+    tenth of a second on a connection, where Celery's first drain swallows it: the worker then
+    consumed nothing from the queue, said nothing, and nobody declared it again (business code's
+    tasks sent to it were dropped).  A queue deleted twice, the second time right after the worker
+    came back, hit that.  The worker now declares and consumes the queue again each time, with one
+    warning, on the same connection."""
+    with private_rabbit_cluster(tmp_path) as (cluster, _, _):
+        worker = launcher.start_worker({**cluster.env, "HOUSEKEEPING_SECONDS": "3600"}, log_path=cluster.logs / "worker.log", concurrency=1)
+        cluster.services.append(worker)
+        started = len(worker.log_path.read_text(errors="replace"))
+        with Connection(cluster.env["BROKER_URL"]) as conn:
+            for _ in range(2):
+                conn.default_channel.queue_delete("collect")
+                assert wait_for_consumer(conn, "collect", 5), "nothing consumes collect again:\n" + worker.log_tail(15)
+        assert len(await cluster.collect("offline-user", 1, timeout=10)) == 24
+        log = worker.log_path.read_text(errors="replace")[started:]
+        assert log.count("queue 'collect' was deleted on the broker") == 2, log[-3000:]
+        assert "Connection to broker lost" not in log and "Traceback" not in log, log[-3000:]
