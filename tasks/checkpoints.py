@@ -22,9 +22,12 @@ tasks of the process keep running.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Sequence
+
+from tasks import storedisk
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,8 @@ class Checkpointer:
                 busy, pages, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
                 if path not in self._failing:
-                    log.warning("store checkpoint of %s failed (%s); the store's own commits checkpoint it past %d pages", path, exc, SAFETY_NET_PAGES)
+                    log.warning("store checkpoint of %s failed (%s): %s; the store's own commits checkpoint it past %d pages",
+                                path, exc, storedisk.explain(exc, os.path.dirname(path)), SAFETY_NET_PAGES)
                     self._failing.add(path)
                 self._close(path)
                 continue

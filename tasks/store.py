@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import heapq
@@ -71,7 +72,7 @@ from litemongo import sqlite_store
 from pymongo import errors
 
 import settings
-from tasks import checkpoints, ids, wirejson
+from tasks import checkpoints, ids, storedisk, wirejson
 from tasks.messages import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,11 @@ class Store:
                 # litemongo's own mkdir fails when another process makes the folder at the same moment
                 os.makedirs(os.path.join(where, settings.MONGO_DB), exist_ok=True)
                 client = litemongo.MongoClient(sqlite_store.ServerStore(where))
-            except (OSError, ValueError, sqlite3.Error) as exc:
+            except OSError as exc:
+                if exc.errno in _DISK_ERRNOS:  # a full or read-only disk: it may be freed or remounted
+                    raise StoreUnavailable(f"cannot open the embedded store in {where} ({exc}): {_explain(exc)}") from exc
+                raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
+            except (ValueError, sqlite3.Error) as exc:
                 raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
         store = cls(client[settings.MONGO_DB])
         try:
@@ -161,7 +166,9 @@ class Store:
 
         On the embedded engine this also opens every collection file.  litemongo races when two
         processes create the same new file ("database is locked" at once, or a UNIQUE constraint
-        on its info table), so an SQLite error here is retried a few times.
+        on its info table), so an SQLite error here is retried a few times; not a disk that
+        refuses the write (full, read-only), which no retry within the second fixes: each
+        collect request retried over a full disk paid the ten tries, 2.25 s of sleeps.
         """
         for attempt in range(1, _OPEN_ATTEMPTS + 1):
             try:
@@ -169,7 +176,7 @@ class Store:
                     self._create_indexes()
                 return
             except StoreError as exc:
-                if not isinstance(exc.__cause__, sqlite3.Error) or attempt == _OPEN_ATTEMPTS:
+                if not isinstance(exc.__cause__, sqlite3.Error) or storedisk.is_disk_refusal(exc.__cause__) or attempt == _OPEN_ATTEMPTS:
                     raise
                 time.sleep(0.05 * attempt)
 
@@ -345,12 +352,20 @@ class Store:
             yield
             return
         path = os.path.join(os.path.abspath(os.path.join(settings.DATA_DIR, "mongo")), "keys.lock")
-        with open(path, "a") as handle:
+        try:
+            # Read-only (flock needs no more): opening it to append failed on a file system
+            # mounted read-only with a bare OSError, which failed the requests at once.
+            handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open the embedded store's lock file {path} ({exc}): {_explain(exc)}") from exc
+        try:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            os.close(handle)
 
     def unacked(self, user: str, limit: int) -> tuple[list[dict], bool]:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of
@@ -519,8 +534,11 @@ class Store:
         except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
             raise StoreUnavailable(f"{action}: MongoDB did not answer ({exc}); check that MONGO_URL={settings.redact(settings.MONGO_URL or '')} is reachable and the server is up") from exc
         except sqlite3.OperationalError as exc:
+            # A full disk, a file size limit, a read-only folder or a lock: each goes away once
+            # an operator acts (or the other process lets go), so the caller retries; the error
+            # says which one it is.
             where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
-            raise StoreUnavailable(f"{action}: the embedded store in {where} failed ({exc}); check that the disk is local, writable and not full, and that no stuck process holds its files") from exc
+            raise StoreUnavailable(f"{action}: the embedded store in {where} failed ({exc}): {_explain(exc)}") from exc
         except (errors.PyMongoError, sqlite3.Error) as exc:
             where = settings.redact(settings.MONGO_URL or "")
             if isinstance(exc, errors.OperationFailure) and _transient(exc):
@@ -576,6 +594,16 @@ def _one_transaction(collection) -> Iterator[None]:
         connection.commit()
     finally:
         table._connection = connection
+
+
+#: An OSError of these, opening the embedded store, is a disk that may be freed or remounted.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
+
+
+def _explain(exc: BaseException) -> str:
+    """What the embedded store's disk refused, and what to do (:mod:`tasks.storedisk`)."""
+    where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+    return storedisk.explain(exc, os.path.abspath(settings.DATA_DIR), os.path.join(where, settings.MONGO_DB))
 
 
 def _dns_for_now(exc: Exception) -> bool:

@@ -914,3 +914,138 @@ def test_data_shaped_like_a_mongodb_dbref_comes_back_as_it_was_collected(store, 
     for envelopes in reads:
         assert envelopes == [{"id": message["id"], "data": data}]
         assert json.loads(wirejson.text(envelopes[0]["data"])) == data
+
+
+# --- a disk that refuses writes (embedded engine) -------------------------------------------
+
+def _page_limit(store, collection: str) -> None:
+    """Cap the SQLite file of ``collection`` at the pages it has: SQLite then refuses what needs a
+    new page with SQLITE_FULL ("database or disk is full"), the code a full disk gives."""
+    connection = store_module._litemongo_table(store.database[collection])._connection
+    connection.execute("PRAGMA max_page_count=1")  # clamped to the pages in use
+
+
+def test_a_full_embedded_store_says_the_disk_of_data_dir_is_full_and_keeps_everything_stored(store):
+    if not store.embedded:
+        pytest.skip("the embedded engine's disk")
+    gen = IdGenerator()
+    before = [make(gen, ["alice"], {"pad": "x" * 3000}) for _ in range(20)]
+    store.insert_messages(before)
+    _page_limit(store, "messages")
+
+    refused = [make(gen, ["alice"], {"pad": "y" * 3000}) for _ in range(20)]
+    with pytest.raises(StoreUnavailable, match=r"database or disk is full\): the disk of DATA_DIR \(.+\) is full, \d+ bytes free now: free space on it"):
+        store.insert_messages(refused)
+
+    store_module._litemongo_table(store.database["messages"])._connection.execute("PRAGMA max_page_count=1073741823")  # space again
+    store.insert_messages(refused)  # what the retry sends: nothing of its first try was kept
+    after = [make(gen, ["alice"])]
+    store.insert_messages(after)
+    assert ids_of(store.replay("alice", "", 1000)[0]) == ids_of(before + refused + after)
+    assert store.unacked("alice", 1000)[0] == store.replay("alice", "", 1000)[0]
+    other = Store.open()  # what another process reads
+    try:
+        assert ids_of(other.replay("alice", "", 1000)[0]) == ids_of(before + refused + after)
+    finally:
+        other.close()
+
+
+def _in_a_full_process(data_dir: str, db_name: str, out) -> None:
+    """A worker process whose files cannot grow (RLIMIT_FSIZE, as ``ulimit -f``): a store write
+    fails as on a full disk, with EFBIG (Python ignores SIGXFSZ, as Celery's pool processes do)."""
+    import resource
+
+    settings.DATA_DIR, settings.MONGO_DB = data_dir, db_name
+    store = Store.open()
+    store._checkpointer.stop()
+    gen = IdGenerator()
+    old = [make(gen, ["alice"]) for _ in range(30)]
+    store.insert_messages(old)
+    inbox = ids_of(store.unacked("alice", 100)[0])  # builds this process's index of "to"
+    for name in _COLLECTIONS_OF_TEST:  # empty logs: the next write must make them grow
+        store_module._litemongo_table(store.database[name])._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    errors_seen = []
+    for attempt in (lambda: store.insert_messages([make(gen, ["alice"])]),
+                    lambda: store.purge(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=settings.RETENTION_SECONDS + 60))):
+        try:
+            attempt()
+            errors_seen.append(None)
+        except StoreError as exc:
+            errors_seen.append(f"{type(exc).__name__}: {exc}")
+    after_failed_purge = ids_of(store.unacked("alice", 100)[0])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    newer = make(gen, ["alice"])
+    store.insert_messages([newer])
+    out.put({"errors": errors_seen, "inbox": inbox, "after_failed_purge": after_failed_purge,
+             "later": ids_of(store.unacked("alice", 100)[0]), "expected_later": inbox + [newer["id"]]})
+    store.close()
+
+
+_COLLECTIONS_OF_TEST = ("messages", "receipts", "keys")
+
+
+def test_a_write_past_the_workers_file_size_limit_says_so(location):
+    """The error names the limit rather than a full disk."""
+    if os.environ.get("MONGO_URL"):
+        pytest.skip("the embedded engine's disk")
+    spawn = multiprocessing.get_context("spawn")
+    out = spawn.Queue()
+    child = spawn.Process(target=_in_a_full_process, args=(*location, out))
+    child.start()
+    got = out.get(timeout=60)
+    child.join(30)
+
+    insert_error, purge_error = got["errors"]
+    assert insert_error.startswith("StoreUnavailable: storing 1 messages: ") and "reached the worker's file size limit (4096 bytes" in insert_error
+    assert purge_error.startswith("StoreUnavailable: purging old messages: ") and "file size limit" in purge_error
+
+
+def _open_as_another_user(data_dir: str, db_name: str, out) -> None:
+    if os.geteuid() == 0:  # root writes whatever the modes say
+        os.setgid(65534)
+        os.setuid(65534)
+    settings.DATA_DIR, settings.MONGO_DB = data_dir, db_name
+    started = time.monotonic()
+    try:
+        Store.open().close()
+        out.put(("opened", time.monotonic() - started))
+    except StoreError as exc:
+        out.put((f"{type(exc).__name__}: {exc}", time.monotonic() - started))
+
+
+def test_a_store_the_workers_user_may_not_write_says_who_and_where_without_retrying_the_open():
+    if os.environ.get("MONGO_URL"):
+        pytest.skip("the embedded engine's disk")
+    import shutil
+    import tempfile
+
+    data_dir = tempfile.mkdtemp(prefix="push-readonly-")  # reachable by another user, unlike tmp_path
+    try:
+        os.chmod(data_dir, 0o755)
+        db_name = "readonly"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(settings, "DATA_DIR", data_dir)
+            patch.setattr(settings, "MONGO_DB", db_name)
+            Store.open().close()
+        for root, dirs, files in os.walk(data_dir):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o555)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o444)
+        spawn = multiprocessing.get_context("spawn")
+        out = spawn.Queue()
+        child = spawn.Process(target=_open_as_another_user, args=(data_dir, db_name, out))
+        child.start()
+        said, took = out.get(timeout=60)
+        child.join(30)
+    finally:
+        for root, dirs, _ in os.walk(data_dir):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)
+        shutil.rmtree(data_dir)
+
+    assert said.startswith("StoreUnavailable: creating indexes: ")
+    assert f"the worker's user ({'nobody, uid 65534' if os.geteuid() == 0 else ''}" in said
+    assert f"may not write its folder or files: give that user write access to {data_dir} and everything in it" in said
+    assert took < 2.0  # ten tries of the open slept 2.25 s
