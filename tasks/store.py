@@ -573,7 +573,7 @@ def _one_transaction(collection) -> Iterator[None]:
     """On the embedded engine, the writes inside share one SQLite transaction (one commit, and one
     take of the file's write lock, instead of one per document), committed when the block ends,
     also when it raises a BulkWriteError (MongoDB keeps the documents that went in), and rolled
-    back for any other error.  litemongo 0.2 commits every document; this reaches into its table
+    back for any other error or when the commit fails (a full disk).  litemongo 0.2 commits every document; this reaches into its table
     object (``CollectionStore._documents``) and does nothing where that is not there (MongoDB)."""
     table = _documents_of(collection)
     connection = getattr(table, "_connection", None)
@@ -584,14 +584,13 @@ def _one_transaction(collection) -> Iterator[None]:
     try:
         yield
     except errors.BulkWriteError:
-        connection.commit()
+        _commit(collection, connection)
         raise
     except BaseException:
-        connection.rollback()
-        collection._store._query_index = None  # rebuilt on the next read: it may name rolled-back documents
+        _roll_back(collection, connection)
         raise
     else:
-        connection.commit()
+        _commit(collection, connection)
     finally:
         table._connection = connection
 
@@ -629,6 +628,25 @@ def _transient(exc: errors.OperationFailure) -> bool:
         codes += [e.get("code") for e in details.get("writeConcernErrors", ())]
         return bool(codes) and all(code in _TRANSIENT_CODES for code in codes)
     return exc.code in _TRANSIENT_CODES or exc.has_error_label("RetryableWriteError")
+
+
+def _commit(collection, connection: sqlite3.Connection) -> None:
+    """Commit :func:`_one_transaction`'s writes; when the commit fails (a full disk), roll them back
+    as for any error inside it.  mongomock has applied them to this connection's query index
+    already (a purge's deletions): kept, they hid documents still stored from this process's reads
+    (a user's inbox) until another process wrote."""
+    try:
+        connection.commit()
+    except BaseException:
+        _roll_back(collection, connection)
+        raise
+
+
+def _roll_back(collection, connection: sqlite3.Connection) -> None:
+    try:
+        connection.rollback()
+    finally:
+        collection._store._query_index = None  # rebuilt on the next read: it may name rolled-back documents
 
 
 def _documents_of(collection):
