@@ -8,7 +8,9 @@ no live route is skipped: the message waits in the store for that user's resume.
 (message, user) is recorded as pending in Redis until acked (:mod:`tasks.pending`, the
 redelivery candidates), by the lookup's own script call, so before the publish.  Dispatch is
 idempotent: running it twice delivers duplicates that clients drop by id, so it runs with
-``acks_late`` and transient Redis, broker or store errors are retried with backoff.  It records the ``routed`` receipts of a batch in one insert.
+``acks_late`` and transient Redis, broker or store errors are retried with backoff.  It records the ``routed`` receipts of a batch in one insert,
+after the publish: a store that refuses them (a full disk) is logged and not retried, since routing
+again would publish the batch again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from kombu.exceptions import OperationalError
 import settings
 from tasks import pending, routing, wirejson
 from tasks.queues import DELIVER_TASK, deliver_argsrepr, node_queue
-from tasks.store import StoreUnavailable, get_store
+from tasks.store import StoreError, StoreUnavailable, get_store
 from worker import app
 from wsnode.registry import RouteTable
 
@@ -112,7 +114,14 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
     routed = [{"id": e["id"], "user": user, "state": "routed", "at": now} for envelopes in per_node.values() for e in envelopes if e["to"] != routing.BROADCAST for user in e["to"]]
     publish_all([(node, envelopes, {}) for node, envelopes in per_node.items()])
     if routed:
-        get_store().record_receipts(routed)
+        try:
+            get_store().record_receipts(routed)
+        except StoreError as exc:
+            # The messages are on their nodes' queues: raising would route them again (Collect
+            # hands them to tasks.dispatch, which retries eight times), each time publishing them
+            # anew, ten copies to each browser while the store refuses writes (a full disk).
+            # Only tasks.status loses their `routed` state.
+            log.warning("the routed receipts of %d deliveries were not recorded (%s); tasks.status will not show them routed", len(routed), exc)
     return per_node
 
 

@@ -552,3 +552,29 @@ def test_a_malformed_receipt_is_left_out_and_the_good_acks_of_its_batch_are_reco
                              {"id": mid, "user": user, "state": "acked", "at": 4e9}])
     assert recorded == 1
     assert get_store().not_acked([(mid, user)]) == []
+
+
+def test_routing_whose_receipts_the_store_refuses_publishes_once_and_does_not_route_again(own_routes, broker, tmp_path, monkeypatch):
+    """The ``routed`` receipts are recorded after the publish: a store that refused them (a full
+    disk) made route() raise, so Collect handed the published messages to tasks.dispatch, which
+    published them again at each of its retries (ten copies in all)."""
+    from tasks import dispatch as dispatch_module
+    from tasks import store as store_module
+    from tasks.store import Store
+
+    monkeypatch.setattr(settings, "DATA_DIR", str(tmp_path))
+    store = Store.open()
+    try:
+        store_module._litemongo_table(store.database["receipts"])._connection.execute("PRAGMA max_page_count=1")  # as if the disk were full
+        monkeypatch.setattr(dispatch_module, "get_store", lambda: store)
+        node = fake_node()
+        users = [f"full-{uuid.uuid4().hex[:6]}-{n}" for n in range(200)]  # receipts over a page
+        lease(own_routes, node, users)
+        message = {"id": IdGenerator().next_id(), "to": users, "data": 1, "ts": None}
+
+        assert list(dispatch_module.route([message])) == [node]
+
+        assert [[e["id"] for e in p["envelopes"]] for p in drain(broker, node, expect=1)] == [[message["id"]]]
+        assert store.status(message["id"]) is None  # nothing stored: only the routing was asked for
+    finally:
+        store.close()
