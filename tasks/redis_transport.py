@@ -305,8 +305,9 @@ class Channel(kombu_redis.Channel):
             else:
                 payloads.append(message)
         if dropped:
+            # Without MULTI, which a Redis over maxmemory refuses (see QoS._remove_from_indices).
             with self.conn_or_acquire() as client:
-                client.pipeline().zrem(self.unacked_index_key, *dropped).hdel(self.unacked_key, *dropped).execute()
+                client.pipeline(transaction=False).zrem(self.unacked_index_key, *dropped).hdel(self.unacked_key, *dropped).execute()
         self.qos.recorded.add(tag)
         self.qos.recorded.update(p["properties"]["delivery_tag"] for p in payloads)
         return payloads

@@ -605,3 +605,48 @@ def test_a_node_keeps_no_poller_of_a_redis_that_restarted(tmp_path):
 
     grown = len(after) - len(before)
     assert grown <= 1, f"{grown} more non-socket fds after {restarts} Redis restarts: {before} -> {after}"
+
+
+@contextmanager
+def _over_maxmemory(client):
+    """The broker's Redis over ``maxmemory`` (``noeviction``) until the block ends."""
+    used = int(client.info("memory")["used_memory"])
+    client.set("test:filler", b"x" * 2_000_000)
+    client.config_set("maxmemory", used + 1_000_000)
+    try:
+        with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+            client.set("test:probe", 1)
+        yield
+    finally:
+        client.config_set("maxmemory", 0)
+        client.delete("test:filler")
+
+
+def test_an_item_only_luas_json_reads_is_dropped_while_redis_is_over_maxmemory(redis_server, caplog):
+    """The read script records what it takes even over ``maxmemory`` (allow-oom); the removal of
+    the record of an item dropped after it went in a MULTI, which Redis 7 refuses whole while
+    full: it raised out of the read (the worker's loop connected again), and the messages of that
+    read stayed recorded and undelivered until the visibility timeout."""
+    got = []
+    with _published(1) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            raw = client.lindex(queue.name, 0).decode()
+            tag = f"lenient-{uuid.uuid4().hex[:8]}"
+            client.lpush(queue.name, _variant(raw, tag, LENIENT[0]))
+            Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+            def on_message(body, message):
+                got.append(body["n"])
+                message.ack()
+
+            # Declared before Redis is full: kombu's declaration counts the queue's lists in a MULTI.
+            with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"]):
+                with _over_maxmemory(client), caplog.at_level(logging.ERROR, logger="tasks.redis_transport"):
+                    deadline = time.monotonic() + 10
+                    while len(got) < 2 and time.monotonic() < deadline:
+                        try:
+                            conn.drain_events(timeout=1)
+                        except TimeoutError:
+                            pass
+            stored = _stored(client, channel, tag)
+    assert got == [0, 1]
+    assert not stored
