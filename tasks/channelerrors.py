@@ -28,7 +28,8 @@ class ChannelErrorBackoff:
 
     The first channel error of a run is retried at once; while the errors keep coming, each before
     the worker consumed ``steady`` seconds on a connection, the delay doubles from ``first`` up to
-    ``cap``.  Connection errors are not counted (Celery's ``ensure_connected`` backs those off).
+    ``cap``.  Connection errors are not counted (Celery's ``ensure_connected`` backs those off),
+    but one that ends a connection that consumed ``steady`` seconds ends the run (:meth:`lost`).
     """
 
     def __init__(self, first: float = FIRST_DELAY, cap: float = MAX_DELAY, steady: float = STEADY_SECONDS) -> None:
@@ -40,6 +41,13 @@ class ChannelErrorBackoff:
     def consuming(self, now: float) -> None:
         """The worker consumes again, on a new connection, from monotonic time ``now``."""
         self._consuming_since = now
+
+    def lost(self, now: float) -> None:
+        """The connection was lost (a connection error, not counted) at monotonic time ``now``: a
+        connection that consumed ``steady`` seconds ends the run, as a channel error then would."""
+        if self._consuming_since is not None and now - self._consuming_since >= self.steady:
+            self.run = 0
+        self._consuming_since = None
 
     def failed(self, now: float) -> float:
         """A channel error at monotonic time ``now``: seconds to wait before connecting again."""

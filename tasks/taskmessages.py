@@ -311,6 +311,9 @@ class Consumer(CeleryConsumer):
                 pass
             raise exc
         if not channel_error:
+            # Without this, a run of channel errors long fixed went on after a lost connection:
+            # a channel error soon after the reconnection waited as the next of that run.
+            self.channel_error_backoff.lost(time.monotonic())
             return super().on_connection_error_after_connected(exc)
         backoff = self.channel_error_backoff
         now = time.monotonic()

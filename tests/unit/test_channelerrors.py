@@ -32,6 +32,29 @@ def test_one_that_comes_back_soon_after_the_worker_consumed_again_still_counts()
     assert backoff.failed(102.5) == 2
 
 
+def test_a_connection_that_consumed_steadily_and_was_lost_ends_the_run():
+    """A run of channel errors, fixed; the worker consumes for an hour and loses its connection
+    (a broker restart, not a channel error); a channel error soon after it connected again is the
+    first of a new run, retried at once, not the fifth of the old one."""
+    backoff = ChannelErrorBackoff(first=1, cap=30, steady=30)
+    for now in (100.0, 100.1, 101.2, 103.3):
+        backoff.failed(now)
+    backoff.consuming(108.0)
+    backoff.lost(3708.0)
+    backoff.consuming(3712.0)
+    assert backoff.failed(3720.0) == 0.0 and backoff.run == 1
+
+
+def test_a_connection_lost_before_the_worker_consumed_steadily_keeps_the_run():
+    backoff = ChannelErrorBackoff(first=1, cap=30, steady=30)
+    for now in (100.0, 100.1, 101.2):
+        backoff.failed(now)
+    backoff.consuming(104.0)
+    backoff.lost(110.0)
+    backoff.consuming(150.0)
+    assert backoff.failed(151.0) == 4
+
+
 def test_consuming_steadily_again_ends_the_run():
     backoff = ChannelErrorBackoff(first=1, cap=30, steady=30)
     for now in (100.0, 100.1, 101.2, 103.3):
