@@ -37,8 +37,14 @@ def full_cluster(tmp_path_factory):
 
 @contextlib.contextmanager
 def redis_full(cluster: Cluster):
-    """Redis over ``maxmemory`` (by a 2 MB key over a limit 1 MB above what it used) until the block ends."""
-    admin = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
+    """The cluster's Redis over ``maxmemory`` until the block ends (:func:`over_maxmemory`)."""
+    with over_maxmemory(redis_lib.Redis.from_url(cluster.env["REDIS_URL"])):
+        yield
+
+
+@contextlib.contextmanager
+def over_maxmemory(admin: redis_lib.Redis):
+    """``admin``'s Redis over ``maxmemory`` (by a 2 MB key over a limit 1 MB above what it used) until the block ends."""
     used = int(admin.info("memory")["used_memory"])
     admin.set("test:filler", b"x" * 2_000_000)
     admin.config_set("maxmemory", used + 1_000_000)

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import psutil
 import pytest
@@ -22,6 +22,7 @@ from kombu.utils.json import dumps, loads
 
 import launcher
 from tasks.redis_transport import Channel, QoS, Transport, acknowledge, kombu_message
+from tests.integration.test_redis_full import over_maxmemory
 from worker import app
 
 
@@ -324,13 +325,14 @@ def _stored(client, channel, tag) -> bool:
     return bool(client.hexists(channel.unacked_key, tag)) or client.zscore(channel.unacked_index_key, tag) is not None
 
 
-def _drain(conn, channel, queue, got: list, count: int, **consumer) -> None:
-    """Consume ``queue`` into ``got`` (each body's ``n``), acking, until it holds ``count``, for 10 s at most."""
+def _drain(conn, channel, queue, got: list, count: int, during=None, **consumer) -> None:
+    """Consume ``queue`` into ``got`` (each body's ``n``), acking, until it holds ``count``, for 10 s
+    at most; within the context manager ``during`` (entered once the consumer declared the queue)."""
     def on_message(body, message):
         got.append(body["n"])
         message.ack()
 
-    with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"], **consumer):
+    with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"], **consumer), during or nullcontext():
         deadline = time.monotonic() + 10
         while len(got) < count and time.monotonic() < deadline:
             try:
@@ -607,20 +609,6 @@ def test_a_node_keeps_no_poller_of_a_redis_that_restarted(tmp_path):
     assert grown <= 1, f"{grown} more non-socket fds after {restarts} Redis restarts: {before} -> {after}"
 
 
-@contextmanager
-def _over_maxmemory(client):
-    """The broker's Redis over ``maxmemory`` (``noeviction``) until the block ends."""
-    used = int(client.info("memory")["used_memory"])
-    client.set("test:filler", b"x" * 2_000_000)
-    client.config_set("maxmemory", used + 1_000_000)
-    try:
-        with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
-            client.set("test:probe", 1)
-        yield
-    finally:
-        client.config_set("maxmemory", 0)
-        client.delete("test:filler")
-
 
 def test_an_item_only_luas_json_reads_is_dropped_while_redis_is_over_maxmemory(redis_server, caplog):
     """The read script records what it takes even over ``maxmemory`` (allow-oom); the removal of
@@ -634,19 +622,9 @@ def test_an_item_only_luas_json_reads_is_dropped_while_redis_is_over_maxmemory(r
             tag = f"lenient-{uuid.uuid4().hex[:8]}"
             client.lpush(queue.name, _variant(raw, tag, LENIENT[0]))
             Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
-            def on_message(body, message):
-                got.append(body["n"])
-                message.ack()
-
-            # Declared before Redis is full: kombu's declaration counts the queue's lists in a MULTI.
-            with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"]):
-                with _over_maxmemory(client), caplog.at_level(logging.ERROR, logger="tasks.redis_transport"):
-                    deadline = time.monotonic() + 10
-                    while len(got) < 2 and time.monotonic() < deadline:
-                        try:
-                            conn.drain_events(timeout=1)
-                        except TimeoutError:
-                            pass
+            # Full once the queue is declared: kombu's declaration counts the queue's lists in a MULTI.
+            with caplog.at_level(logging.ERROR, logger="tasks.redis_transport"):
+                _drain(conn, channel, queue, got, 2, during=over_maxmemory(client))
             stored = _stored(client, channel, tag)
     assert got == [0, 1]
     assert not stored
