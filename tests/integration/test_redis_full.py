@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -177,3 +178,23 @@ async def test_housekeeping_takes_no_node_for_gone_right_after_its_runs_resumed_
     finally:
         os.kill(node.pid, signal.SIGCONT)
     await asyncio.to_thread(node.terminate, 15)
+
+
+async def test_a_worker_started_while_redis_is_full_waits_for_room_and_then_consumes(full_cluster):
+    """A worker (re)started while Redis is full: its connection's first writes (kombu's bindings)
+    are refused, which Celery takes for a broker it cannot connect to ("Cannot connect to ...:
+    command not allowed when used memory > 'maxmemory'"), so it retries and consumes once Redis
+    has room; it does not stop, as for a channel error before its first consume (the README's
+    "every process goes on by itself")."""
+    cluster = full_cluster
+    argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", "started-full@%h", "--loglevel=INFO", "--without-gossip",
+            "--without-mingle", "-c", "1", "-Q", "dispatch"]
+    worker = launcher.Service("started-full", argv, cluster.env, log_path=cluster.logs / "started-full.log")
+    cluster.services.append(worker)
+    with redis_full(cluster):
+        worker.start()
+        await asyncio.to_thread(worker.wait_log, "maxmemory", 30)
+        assert await asyncio.to_thread(worker.wait, 2) is None, "the worker stopped while Redis was full:\n" + worker.log_tail(15)
+    await asyncio.to_thread(worker.wait_log, "ready.", 30)
+    assert "not retried" not in worker.log_tail(200)
+    await asyncio.to_thread(worker.terminate, 15)
