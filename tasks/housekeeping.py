@@ -74,9 +74,11 @@ SWEEP_CHUNK = 5000
 #: What the last run saw of the writes Redis refused for lack of memory: ``count`` (``INFO
 #: errorstats``' ``errorstat_OOM``, since Redis started) and ``since``, when that count last changed.
 OOM_SEEN = "push:housekeeping-oom-seen"
-#: When the last run's dead-node step ran (``last``) and when its series of runs with no gap
-#: longer than :func:`run_gap` began (``since``).
+#: When the last run ended (``last``) and when its series of runs with no gap longer than
+#: :func:`run_gap` began (``since``).
 RUNS_SEEN = "push:housekeeping-runs-seen"
+#: ``OOM_SEEN`` and ``RUNS_SEEN`` expire after a day without runs (then read as never seen).
+GUARD_TTL = 86400
 
 # Put LAST_RUN back to the previous run's time (ARGV[2]) if it still holds this run's (ARGV[1]).
 _PUT_BACK = _redis.register_script(
@@ -250,7 +252,7 @@ def run_gap() -> float:
 
 def runs_unbroken_since(last: float | None, since: float | None, now: float, gap: float) -> float:
     """When the series of runs that the one at ``now`` continues began: ``since``, unless the
-    previous run (at ``last``) is more than ``gap`` seconds ago or unknown.  Pure.
+    previous run ended (at ``last``) more than ``gap`` seconds ago, or is unknown.  Pure.
 
     Housekeeping holds its lock in Redis, so it does not run while Redis does not answer or
     refuses writes (an outage without a restart, a failover to a replica that was up all along),
@@ -262,30 +264,43 @@ def runs_unbroken_since(last: float | None, since: float | None, now: float, gap
     return since
 
 
-def _runs_unbroken_since(now: float) -> float:
-    raw_last, raw_since = _redis.hmget(RUNS_SEEN, "last", "since")
+def _nodes_may_be_judged(now: float) -> bool:
+    """Whether this run may take nodes for gone: Redis has been up ``2 x LEASE_TTL``, refused no
+    write for lack of memory for as long (:func:`refusals_settled`; a Redis older than 6.2 has no
+    ``errorstats`` and counts as never full), and housekeeping's runs have gone on without a gap
+    for as long (:func:`runs_unbroken_since`, from the end of the previous run, written by
+    :func:`housekeeping`).  Otherwise live nodes may not have written again yet the leases Redis
+    lost, refused or did not answer.  Two round trips."""
+    settle = 2 * settings.LEASE_TTL
+    with _redis.pipeline(transaction=False) as pipe:
+        pipe.info("server").info("errorstats").hmget(OOM_SEEN, "count", "since").hmget(RUNS_SEEN, "last", "since")
+        server, errorstats, (raw_count, raw_oom_since), (raw_last, raw_since) = pipe.execute()
     last = float(raw_last) if raw_last is not None else None
     since = runs_unbroken_since(last, float(raw_since) if raw_since is not None else None, now, run_gap())
-    _redis.hset(RUNS_SEEN, mapping={"last": now, "since": since})
+    seen = (int(raw_count), float(raw_oom_since)) if raw_count is not None and raw_oom_since is not None else None
+    settled, keep = refusals_settled(int(errorstats.get("errorstat_OOM", {}).get("count", 0)), seen, now, settle)
+    with _redis.pipeline(transaction=False) as pipe:
+        pipe.hset(RUNS_SEEN, "since", since).expire(RUNS_SEEN, GUARD_TTL)
+        if keep != seen:
+            pipe.hset(OOM_SEEN, mapping={"count": keep[0], "since": keep[1]}).expire(OOM_SEEN, GUARD_TTL)
+        pipe.execute()
     if since == now and last is not None:
         log.warning("housekeeping did not run for %.0f s (Redis did not answer or refused writes, or no worker ran it): no node is taken for "
-                    "gone for %.0f s, while the nodes write again the leases they could not", now - last, 2 * settings.LEASE_TTL)
-    return since
+                    "gone for %.0f s, while the nodes write again the leases they could not", now - last, settle)
+    if keep != seen and not settled:
+        log.warning("Redis refused writes for lack of memory (maxmemory) since the last run: no node is taken for gone for %.0f s, "
+                    "while the nodes write again the leases it refused", settle)
+    return server["uptime_in_seconds"] >= settle and settled and now - since >= settle
 
 
-def _refusals_settled(now: float) -> bool:
-    """:func:`refusals_settled` on this Redis (``REDIS_URL``'s, which holds the leases); a Redis
-    older than 6.2 has no ``errorstats`` and counts as never full."""
-    count = int(_redis.info("errorstats").get("errorstat_OOM", {}).get("count", 0))
-    raw_count, raw_since = _redis.hmget(OOM_SEEN, "count", "since")
-    seen = (int(raw_count), float(raw_since)) if raw_count is not None and raw_since is not None else None
-    settled, keep = refusals_settled(count, seen, now, 2 * settings.LEASE_TTL)
-    if keep != seen:
-        _redis.hset(OOM_SEEN, mapping={"count": keep[0], "since": keep[1]})
-        if not settled:
-            log.warning("Redis refused writes for lack of memory (maxmemory) since the last run: no node is taken for gone for %.0f s, "
-                        "while the nodes write again the leases it refused", 2 * settings.LEASE_TTL)
-    return settled
+def _run_ended() -> None:
+    """Record the end of a run, from which :func:`runs_unbroken_since` measures the next one's gap
+    (a slow run is no gap).  A Redis that does not answer now is what the next run sees as one."""
+    try:
+        with _redis.pipeline(transaction=False) as pipe:
+            pipe.hset(RUNS_SEEN, "last", time.time()).expire(RUNS_SEEN, GUARD_TTL).execute()
+    except RedisError as exc:
+        log.warning("housekeeping: the end of this run was not recorded (%s)", exc)
 
 
 #: The node list, read by ``reclaim_dead_nodes`` again before and after deleting a queue.
@@ -299,12 +314,7 @@ def reclaim_dead_nodes(now: float) -> int:
     keeps its queue: ``hand_back`` reads its lease again before and after deleting
     (:func:`tasks.reclaim._delete` says why that is enough), and ``_FORGET_NODE`` keeps it
     listed."""
-    if _redis.info("server")["uptime_in_seconds"] < 2 * settings.LEASE_TTL:
-        return 0  # just restarted: live nodes have not renewed their leases yet
-    # Both read at every run, so that each keeps what it saw.  Either way, live nodes may not have
-    # written again yet the leases Redis refused or did not answer.
-    resumed = now - _runs_unbroken_since(now) < 2 * settings.LEASE_TTL
-    if not _refusals_settled(now) or resumed:
+    if not _nodes_may_be_judged(now):
         return 0
     cutoff = now - settings.LEASE_TTL
     handed = 0
@@ -353,4 +363,5 @@ def housekeeping() -> dict:
             raise failed
         return result
     finally:
+        _run_ended()
         _RELEASE(keys=[RUN_LOCK], args=[me], client=_redis)
