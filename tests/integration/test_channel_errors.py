@@ -196,10 +196,17 @@ def test_a_worker_whose_channel_error_keeps_coming_back_reconnects_less_and_less
         worker = cluster.start_worker("wrongtype", queues="dispatch", concurrency=1)
         before = worker.log_path.read_text(errors="replace")
         client.set("dispatch", "not a list")
-        time.sleep(3.5)
-        log = worker.log_path.read_text(errors="replace")[len(before):]
+
+        def since_set() -> str:
+            return worker.log_path.read_text(errors="replace")[len(before):]
+        deadline = time.monotonic() + 15  # a loaded machine may be slow to retry: waited for, not timed
+        while since_set().count("Connected to redis") < 2:
+            assert worker.alive and time.monotonic() < deadline, "the worker did not connect again:\n" + worker.log_tail(15)
+            time.sleep(0.1)
+        time.sleep(2.5)
+        log = since_set()
         assert worker.alive, "the worker exited:\n" + worker.log_tail(15)
-        # the first retry at once, then after 1 s and 2 s: two or three connections (the old code: about 17)
+        # the first retry at once, then after 1 s and 2 s: by then two or three connections (the old code: about 17 in 3.5 s)
         assert 2 <= log.count("Connected to redis") <= 4, log[-3000:]
         assert "holds another type than the list the worker reads as a queue" in log, log[-3000:]
         assert log.count("Connection to broker lost") == 1 and log.count("Traceback") == 1, log[-3000:]
