@@ -331,6 +331,18 @@ HOUSEKEEPING_SECONDS: float = _read(_env, "HOUSEKEEPING_SECONDS", 10.0, _positiv
 #: Redis broker only: a task a worker took but did not acknowledge (it died) goes back to the queue
 #: after this many seconds.  Keep it above the longest task; RabbitMQ needs no such setting.
 VISIBILITY_TIMEOUT: int = _read(_env, "VISIBILITY_TIMEOUT", 60, _positive_int, "a whole number of seconds")
+#: A broker that stops answering without closing its connections (a network partition, a paused
+#: server) is waited on at most this many seconds at a time (the libraries' defaults wait for ever):
+#: a Redis broker's command (``socket_timeout``), a RabbitMQ write (``write_timeout``) and, half
+#: of it, a wait for RabbitMQ's reply (``read_timeout``: a worker's warm shutdown makes eight);
+#: a push node's queue connection has an AMQP heartbeat of this many seconds (lost after two
+#: heartbeats with nothing from the broker).
+BROKER_TIMEOUT: int = _read(_env, "BROKER_TIMEOUT", 10, _positive_int, "a whole number of seconds")
+#: Redis broker only: kombu drops a BRPOP connection whose reply is this many seconds overdue
+#: (its ``health_check_interval``, kombu's default; redis-py also pings a broker connection
+#: unused this long before its next command).  A push node whose broker stopped answering is
+#: thus told within about this plus ``BROKER_TIMEOUT``.
+BROKER_HEALTH_CHECK_SECONDS: int = _read(_env, "BROKER_HEALTH_CHECK_SECONDS", 25, _positive_int, "a whole number of seconds")
 
 LOG_LEVEL: str = _read(_env, "LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR")
 

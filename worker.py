@@ -117,16 +117,20 @@ app.conf.update(
         # (a failover, a network partition, a paused server) held a push node's queue consumer
         # blocked while it still counted as connected, and its drain's hand-back, whose thread
         # the node's exit waits for, for ever.  Other transports ignore it.
-        "socket_timeout": 10,
+        "socket_timeout": settings.BROKER_TIMEOUT,
+        # Redis broker: a BRPOP whose reply is this overdue is dropped (a push node's queue
+        # consumer waits on it without socket_timeout), and its next command times out; kombu's
+        # default, 25 s, unless BROKER_HEALTH_CHECK_SECONDS says otherwise.
+        "health_check_interval": settings.BROKER_HEALTH_CHECK_SECONDS,
         # RabbitMQ broker (py-amqp): a wait for the broker's reply gives up after this many
         # seconds, and a write after that many.  py-amqp's default is to wait for ever, and
         # Celery's warm shutdown cancels its consumers and closes its channels and connections
         # politely, each waiting for the broker's reply: a broker that stopped answering without
         # closing the connection (a network partition) held a worker's exit after SIGTERM for ever.
-        # A stop makes eight such waits (about 40 s).  Waits for messages have timeouts of their
-        # own; the Redis transport ignores these.
-        "read_timeout": 5,
-        "write_timeout": 10,
+        # A stop makes eight such waits (about 40 s with BROKER_TIMEOUT's 10).  Waits for
+        # messages have timeouts of their own; the Redis transport ignores these.
+        "read_timeout": settings.BROKER_TIMEOUT / 2,
+        "write_timeout": settings.BROKER_TIMEOUT,
     },
     # Every network call has a timeout (redis-py and kombu default to none).
     redis_socket_timeout=10,

@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 from amqp.exceptions import ConsumerCancelled
 
+import settings
 from tasks import wirejson
 from tasks.queues import BadDelivery, Delivery, node_queue, parse_delivery  # noqa: F401 - re-exported
 from wsnode.presence import Presence
@@ -59,8 +60,8 @@ TRANSPORT_OPTIONS = {"unacked_restore_throttle": 1_000_000_000}
 #: waiting for ever while it still counted as connected (``/healthz`` 200, nothing read).  The
 #: consumer takes the connection for lost once nothing came from the broker for two of these
 #: (py-amqp's rule), and connects again.  The Redis transport ignores it (its commands time out:
-#: ``socket_timeout`` in ``worker.py``).
-HEARTBEAT_SECONDS = 10
+#: ``socket_timeout`` in ``worker.py``).  ``BROKER_TIMEOUT``: 10 s by default.
+HEARTBEAT_SECONDS = settings.BROKER_TIMEOUT
 
 
 class GatherWindow:
