@@ -17,13 +17,18 @@ import launcher
 from tests.integration.conftest import Cluster
 from tests.integration.test_metrics import health
 
+#: The node's ``BROKER_TIMEOUT`` and ``BROKER_HEALTH_CHECK_SECONDS`` (production: 10 and 25): its
+#: commands to the stopped broker and its BRPOP give up after seconds, not half a minute, on the
+#: same code path.
+BROKER_TIMEOUTS = {"BROKER_TIMEOUT": 2, "BROKER_HEALTH_CHECK_SECONDS": 2}
+
 
 @pytest.fixture
 def stalled_broker_node(tmp_path):
     """A node whose broker Redis is stopped (SIGSTOP) once the node is ready; ``(node, broker)``."""
     routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
     broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
-    cluster = Cluster(routing, tmp_path, broker_url=broker.url(0), auth_port=launcher.free_port())
+    cluster = Cluster(routing, tmp_path, broker_url=broker.url(0), auth_port=launcher.free_port(), **BROKER_TIMEOUTS)
     process = psutil.Process(broker.service.pid)
     try:
         node = cluster.start_node()

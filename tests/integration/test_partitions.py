@@ -18,6 +18,11 @@ from tests.integration.tcpproxy import FreezableProxy
 from tests.integration.test_broker_stall import not_ready_then_ready
 from tests.integration.test_metrics import health
 
+#: ``BROKER_TIMEOUT`` of the processes these tests cut off (production: 10): a node's AMQP heartbeat
+#: and a worker's waits for RabbitMQ's reply (half of it), so that each test waits seconds, not
+#: its production half-minute, for the same code path to give up on the frozen broker.
+BROKER_TIMEOUT = 2
+
 
 @contextlib.contextmanager
 def private_rabbit_cluster(tmp_path, proxy_type: type[FreezableProxy] = FreezableProxy):
@@ -50,7 +55,7 @@ def test_a_node_whose_rabbitmq_stops_answering_is_not_ready_and_is_again_once_it
     """The consumer's connection had no heartbeat: it polled a broker that no longer answered,
     every half second for ever, still counted as connected (``/healthz`` 200, nothing read)."""
     cluster, proxy, url = rabbit_cluster
-    node = cluster.start_node(BROKER_URL=url)
+    node = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=BROKER_TIMEOUT)
     assert health(node.port)[0] == 200
     proxy.freeze()
     not_ready_then_ready(node.port, proxy.thaw)
@@ -60,7 +65,7 @@ def test_a_worker_whose_rabbitmq_stops_answering_still_exits_on_sigterm(rabbit_c
     """Celery's warm shutdown closed the worker's channels waiting, for ever, for the broker's
     answer (py-amqp reads had no timeout)."""
     cluster, proxy, url = rabbit_cluster
-    worker = launcher.start_worker({**cluster.env, "BROKER_URL": url}, log_path=cluster.logs / "worker.log", concurrency=1)
+    worker = launcher.start_worker({**cluster.env, "BROKER_URL": url, "BROKER_TIMEOUT": str(BROKER_TIMEOUT)}, log_path=cluster.logs / "worker.log", concurrency=1)
     cluster.services.append(worker)
     assert cluster.status("0" * 24)["found"] is False  # it reads tasks through the proxy
     proxy.freeze()
