@@ -331,6 +331,9 @@ HOUSEKEEPING_SECONDS: float = _read(_env, "HOUSEKEEPING_SECONDS", 10.0, _positiv
 #: Redis broker only: a task a worker took but did not acknowledge (it died) goes back to the queue
 #: after this many seconds.  Keep it above the longest task; RabbitMQ needs no such setting.
 VISIBILITY_TIMEOUT: int = _read(_env, "VISIBILITY_TIMEOUT", 60, _positive_int, "a whole number of seconds")
+#: Redis broker only: each worker looks this often for such tasks to put back (kombu's
+#: ``unacked_restore_interval``), so one comes back between VISIBILITY_TIMEOUT and this much later.
+UNACKED_RESTORE_SECONDS: int = _read(_env, "UNACKED_RESTORE_SECONDS", 10, _positive_int, "a whole number of seconds")
 #: A broker that stops answering without closing its connections (a network partition, a paused
 #: server) is waited on at most this many seconds at a time (the libraries' defaults wait for ever):
 #: a Redis broker's command (``socket_timeout``), a RabbitMQ write (``write_timeout``) and, half

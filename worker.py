@@ -108,9 +108,10 @@ app.conf.update(
         # kombu restores such tasks under a broker-wide lock; a process killed while holding it
         # (any worker or push node) would block every restore for kombu's default of 5 minutes.
         "unacked_mutex_expire": 15,
-        # Each worker looks for such tasks every unacked_restore_interval (10 s), rather than on
-        # one look in ten (kombu's default throttle, so about every 100 s).  Push nodes take no part
-        # (wsnode.consumer.TRANSPORT_OPTIONS).
+        # Each worker looks for such tasks every unacked_restore_interval (UNACKED_RESTORE_SECONDS,
+        # kombu's 10 s by default), rather than on one look in ten (kombu's default throttle, so
+        # about every 100 s).  Push nodes take no part (wsnode.consumer.TRANSPORT_OPTIONS).
+        "unacked_restore_interval": settings.UNACKED_RESTORE_SECONDS,
         "unacked_restore_throttle": 1,
         # Redis broker: a command waits at most this many seconds for its reply.  kombu's default
         # is to wait for ever, so a broker that stopped answering without closing the connection
