@@ -496,7 +496,7 @@ def test_tasks_a_killed_worker_had_read_in_bulk_come_back_and_run_once(tmp_path)
     from tests.integration.conftest import Cluster
 
     redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
-    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port(), VISIBILITY_TIMEOUT=2)
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port(), VISIBILITY_TIMEOUT=2, UNACKED_RESTORE_SECONDS=1)
     try:
         worker = cluster.start_worker("bulk-reader")
         pool = psutil.Process(worker.pid).children()
@@ -513,7 +513,7 @@ def test_tasks_a_killed_worker_had_read_in_bulk_come_back_and_run_once(tmp_path)
         left, recorded = broker.llen("collect"), broker.hlen("unacked")
         worker.kill()
         cluster.start_worker("after-the-kill")
-        deadline = time.monotonic() + 60  # the visibility timeout, then the next worker's restore scan (10 s)
+        deadline = time.monotonic() + 60  # the visibility timeout, then the next worker's restore scan (1 s)
         while not all(r.ready() for r in results) and time.monotonic() < deadline:
             time.sleep(0.2)
         ids = [r.result for r in results if r.successful()]
