@@ -122,32 +122,49 @@ async def test_a_full_redis_is_named_by_auth_revoke_and_node_healthz(full_cluste
         client.close()
 
 
-async def test_housekeeping_takes_no_node_for_gone_right_after_redis_refused_writes(full_cluster):
-    """After a fullness longer than ``LEASE_TTL`` every node's lease looks ended until the node
-    writes it again, within ``LEASE_TTL / 3`` of Redis having room; housekeeping's first run then
-    took a live node for gone and handed back and deleted its queue.  Ordered here: Redis refuses a
-    write, then the node, paused (SIGSTOP), is given the lease it would have after such a
-    fullness, and housekeeping runs (every second) while the node cannot write it again."""
-    cluster = full_cluster
+@contextlib.asynccontextmanager
+async def paused_node(cluster: Cluster):
+    """A node of its own, paused (SIGSTOP: it writes no lease) once housekeeping may judge nodes
+    (Redis up ``2 x LEASE_TTL``); yields its address and a Redis client, and resumes and stops it."""
     node = cluster.start_node()
-    address = f"127.0.0.1:{node.port}"
     admin = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
     while admin.info("server")["uptime_in_seconds"] < 2 * LEASE_TTL:  # else housekeeping waits for a restarted Redis
         await asyncio.sleep(0.5)
     os.kill(node.pid, signal.SIGSTOP)
     try:
-        with redis_full(cluster):
-            pass  # one write refused
-        await asyncio.sleep(0.3)  # a run that read Redis's refusals before them has read the node list too
-        admin.zadd(NODES_KEY, {address: time.time() - 3 * LEASE_TTL})
-        await asyncio.sleep(3 * HOUSEKEEPING_SECONDS + 0.5)
-        worker_log = (cluster.logs / "worker.log").read_text()
-        assert f"node {address} is gone" not in worker_log, "housekeeping took a node for gone right after Redis refused writes"
-        assert admin.zscore(NODES_KEY, address) is not None
-        assert "Redis refused writes for lack of memory (maxmemory) since the last run" in worker_log
+        yield f"127.0.0.1:{node.port}", admin
     finally:
         os.kill(node.pid, signal.SIGCONT)
     await asyncio.to_thread(node.terminate, 15)
+
+
+def ended_lease(admin, address: str) -> None:
+    """The node's own lease as after an outage of ``2 x LEASE_TTL``: ended ``2 x LEASE_TTL`` ago."""
+    admin.zadd(NODES_KEY, {address: time.time() - 3 * LEASE_TTL})
+
+
+async def assert_not_taken_for_gone(cluster: Cluster, admin, address: str, why: str) -> None:
+    """Three housekeeping runs later, the node is still listed and its queue was not reclaimed,
+    and the worker logged ``why``."""
+    await asyncio.sleep(3 * HOUSEKEEPING_SECONDS + 0.5)
+    worker_log = (cluster.logs / "worker.log").read_text()
+    assert f"node {address} is gone" not in worker_log, f"housekeeping took a node for gone; expected: {why}"
+    assert admin.zscore(NODES_KEY, address) is not None
+    assert why in worker_log
+
+
+async def test_housekeeping_takes_no_node_for_gone_right_after_redis_refused_writes(full_cluster):
+    """After a fullness longer than ``LEASE_TTL`` every node's lease looks ended until the node
+    writes it again, within ``LEASE_TTL / 3`` of Redis having room; housekeeping's first run then
+    took a live node for gone and handed back and deleted its queue.  Ordered here: Redis refuses a
+    write, then the node, paused, is given the lease it would have after such a fullness, and
+    housekeeping runs (every second) while the node cannot write it again."""
+    async with paused_node(full_cluster) as (address, admin):
+        with redis_full(full_cluster):
+            pass  # one write refused
+        await asyncio.sleep(0.3)  # a run that read Redis's refusals before them has read the node list too
+        ended_lease(admin, address)
+        await assert_not_taken_for_gone(full_cluster, admin, address, "Redis refused writes for lack of memory (maxmemory) since the last run")
 
 
 async def test_housekeeping_takes_no_node_for_gone_right_after_its_runs_resumed_from_a_gap(full_cluster):
@@ -157,27 +174,14 @@ async def test_housekeeping_takes_no_node_for_gone_right_after_its_runs_resumed_
     gone.  Here the worker is paused (as if its runs were refused) longer than ``LEASE_TTL`` while
     the node, paused too, has the lease it would have after such an outage."""
     cluster = full_cluster
-    node = cluster.start_node()
-    address = f"127.0.0.1:{node.port}"
-    admin = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
-    while admin.info("server")["uptime_in_seconds"] < 2 * LEASE_TTL:
-        await asyncio.sleep(0.5)
-    os.kill(node.pid, signal.SIGSTOP)
-    try:
+    async with paused_node(cluster) as (address, admin):
         os.kill(cluster.worker.pid, signal.SIGSTOP)
         try:
-            admin.zadd(NODES_KEY, {address: time.time() - 3 * LEASE_TTL})
+            ended_lease(admin, address)
             await asyncio.sleep(LEASE_TTL + 0.5)
         finally:
             os.kill(cluster.worker.pid, signal.SIGCONT)
-        await asyncio.sleep(3 * HOUSEKEEPING_SECONDS + 0.5)
-        worker_log = (cluster.logs / "worker.log").read_text()
-        assert f"node {address} is gone" not in worker_log, "housekeeping took a node for gone right after its runs resumed"
-        assert admin.zscore(NODES_KEY, address) is not None
-        assert "housekeeping did not run for" in worker_log
-    finally:
-        os.kill(node.pid, signal.SIGCONT)
-    await asyncio.to_thread(node.terminate, 15)
+        await assert_not_taken_for_gone(cluster, admin, address, "housekeeping did not run for")
 
 
 async def test_a_worker_started_while_redis_is_full_waits_for_room_and_then_consumes(full_cluster):
