@@ -14,6 +14,7 @@ Also: RabbitMQ cancelling the worker's consumer of a queue deleted while it cons
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -144,6 +145,37 @@ def test_a_worker_whose_queue_the_broker_refuses_at_start_exits_saying_so(tmp_pa
         assert log.count("Connection to broker lost") == 0, log[-3000:]
 
 
+@contextlib.contextmanager
+def worker_on_private_redis(tmp_path, name: str):
+    """A worker of ``dispatch`` alone (``name``) on a Redis broker of its own, with its cluster's
+    routing Redis beside it; yields the cluster, the worker and a client of the broker, and
+    stops them all."""
+    import redis as redis_lib
+
+    from tests.integration.conftest import Cluster
+
+    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
+    broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
+    client = redis_lib.Redis(port=broker.port)
+    cluster = Cluster(routing, tmp_path, broker_url=broker.url(), auth_port=launcher.free_port(), HOUSEKEEPING_SECONDS=3600)
+    try:
+        yield cluster, cluster.start_worker(name, queues="dispatch", concurrency=1), client
+    finally:
+        client.close()
+        cluster.stop(at_once=True)
+        for server in (broker, routing):
+            server.stop()
+
+
+def assert_reads_dispatch_again(cluster, worker, client, timeout: float) -> None:
+    """A task sent to ``dispatch`` is read by the worker within ``timeout`` seconds."""
+    cluster.business.send_task("tasks.status", args=["not-an-id"], queue="dispatch", ignore_result=True)
+    deadline = time.monotonic() + timeout
+    while client.llen("dispatch") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker.alive and client.llen("dispatch") == 0, "the worker did not read again:\n" + worker.log_tail(15)
+
+
 def test_a_worker_goes_on_after_its_redis_broker_was_a_replica_for_a_while(tmp_path):
     """A failover: the Redis broker is demoted to a replica and comes back as master.  Redis ends
     the worker's pending BRPOP (``UNBLOCKED``, while it consumes: retried) and answers the first
@@ -151,31 +183,16 @@ def test_a_worker_goes_on_after_its_redis_broker_was_a_replica_for_a_while(tmp_p
     Taken for a queue the broker refuses at start, it stopped the worker ("Unrecoverable error:
     ReadOnlyError"); a worker that consumed before retries it, and reads again once the broker is
     a master."""
-    import redis as redis_lib
-
-    from tests.integration.conftest import Cluster
-
-    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
     other = launcher.RedisServer(data_dir=tmp_path / "other").start()
-    broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
-    client = redis_lib.Redis(port=broker.port)
-    cluster = Cluster(routing, tmp_path, broker_url=broker.url(), auth_port=launcher.free_port(), HOUSEKEEPING_SECONDS=3600)
     try:
-        worker = cluster.start_worker("failover", queues="dispatch", concurrency=1)
-        client.execute_command("REPLICAOF", "127.0.0.1", other.port)
-        time.sleep(4)
-        assert worker.alive, "the worker exited while its broker was a replica:\n" + worker.log_tail(15)
-        client.execute_command("REPLICAOF", "NO", "ONE")
-        cluster.business.send_task("tasks.status", args=["not-an-id"], queue="dispatch", ignore_result=True)
-        deadline = time.monotonic() + 20
-        while client.llen("dispatch") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert worker.alive and client.llen("dispatch") == 0, "the worker did not read again:\n" + worker.log_tail(15)
+        with worker_on_private_redis(tmp_path, "failover") as (cluster, worker, client):
+            client.execute_command("REPLICAOF", "127.0.0.1", other.port)
+            time.sleep(4)
+            assert worker.alive, "the worker exited while its broker was a replica:\n" + worker.log_tail(15)
+            client.execute_command("REPLICAOF", "NO", "ONE")
+            assert_reads_dispatch_again(cluster, worker, client, 20)
     finally:
-        client.close()
-        cluster.stop(at_once=True)
-        for server in (broker, other, routing):
-            server.stop()
+        other.stop()
 
 
 def test_a_worker_whose_channel_error_keeps_coming_back_reconnects_less_and_less_often(tmp_path):
@@ -184,16 +201,7 @@ def test_a_worker_whose_channel_error_keeps_coming_back_reconnects_less_and_less
     made it reconnect five times a second until fixed (25 times in 5 s), each time with Celery's
     warning and traceback.  The delay now doubles from the second retry on (0, 1, 2, 4 s ...), the
     log says once per retry what is wrong, and the worker reads again once the key is gone."""
-    import redis as redis_lib
-
-    from tests.integration.conftest import Cluster
-
-    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
-    broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
-    client = redis_lib.Redis(port=broker.port)
-    cluster = Cluster(routing, tmp_path, broker_url=broker.url(), auth_port=launcher.free_port(), HOUSEKEEPING_SECONDS=3600)
-    try:
-        worker = cluster.start_worker("wrongtype", queues="dispatch", concurrency=1)
+    with worker_on_private_redis(tmp_path, "wrongtype") as (cluster, worker, client):
         before = worker.log_path.read_text(errors="replace")
         client.set("dispatch", "not a list")
 
@@ -211,16 +219,7 @@ def test_a_worker_whose_channel_error_keeps_coming_back_reconnects_less_and_less
         assert "holds another type than the list the worker reads as a queue" in log, log[-3000:]
         assert log.count("Connection to broker lost") == 1 and log.count("Traceback") == 1, log[-3000:]
         client.delete("dispatch")
-        cluster.business.send_task("tasks.status", args=["not-an-id"], queue="dispatch", ignore_result=True)
-        deadline = time.monotonic() + 10  # the next retry is due 4 s after the last
-        while client.llen("dispatch") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert worker.alive and client.llen("dispatch") == 0, "the worker did not read again:\n" + worker.log_tail(15)
-    finally:
-        client.close()
-        cluster.stop(at_once=True)
-        for server in (broker, routing):
-            server.stop()
+        assert_reads_dispatch_again(cluster, worker, client, 10)  # the next retry is due 4 s after the last
 
 
 def consumers_of(conn: Connection, queue: str) -> int | None:
