@@ -158,13 +158,19 @@ class QoS(kombu_redis.QoS):
             client.transaction(restore_transaction, self.unacked_key)
 
     def _remove_from_indices(self, delivery_tag, pipe=None):
-        """kombu's, on a pipeline without MULTI when none is given (an ack, a reject): Redis 7
-        refuses every command queued in a MULTI while it is over ``maxmemory``, even ZREM and HDEL,
-        which free memory, so kombu's ack raised out of the worker's loop, which reconnected to the
-        broker (five times a second) for as long as Redis was full.  Sent alone, they are allowed."""
+        """kombu's, on a pipeline without MULTI when none is given (an ack, a reject): see :meth:`unrecord`."""
+        return self.unrecord(delivery_tag, pipe=pipe)
+
+    def unrecord(self, *tags, pipe=None):
+        """``pipe`` with the removal of ``tags`` from the unacked index and hash queued, for the
+        caller to execute; without ``pipe``, a pipeline without MULTI on the channel's command
+        client: Redis 7 refuses every command queued in a MULTI while it is over ``maxmemory``,
+        even ZREM and HDEL, which free memory, so kombu's ack raised out of the worker's loop, which
+        reconnected to the broker (five times a second) for as long as Redis was full.  Sent
+        alone, they are allowed."""
         if pipe is None:
             pipe = self.channel._command_client_now().pipeline(transaction=False)
-        return pipe.zrem(self.unacked_index_key, delivery_tag).hdel(self.unacked_key, delivery_tag)
+        return pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags)
 
     def forget(self, tags: Iterable) -> None:
         """Remove the delivered messages ``tags`` from the unacked index and hash in one round
@@ -173,8 +179,7 @@ class QoS(kombu_redis.QoS):
         tags = [tag for tag in tags if tag in self._delivered and tag not in self._forgotten]
         if not tags:
             return
-        # Without MULTI, which a Redis over maxmemory refuses (see _remove_from_indices).
-        self.channel._command_client_now().pipeline(transaction=False).zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        self.unrecord(*tags).execute()
         self._forgotten.update(tags)
 
     def ack(self, delivery_tag) -> None:
@@ -305,9 +310,7 @@ class Channel(kombu_redis.Channel):
             else:
                 payloads.append(message)
         if dropped:
-            # Without MULTI, which a Redis over maxmemory refuses (see QoS._remove_from_indices).
-            with self.conn_or_acquire() as client:
-                client.pipeline(transaction=False).zrem(self.unacked_index_key, *dropped).hdel(self.unacked_key, *dropped).execute()
+            self.qos.unrecord(*dropped).execute()  # without MULTI, which a Redis over maxmemory refuses
         self.qos.recorded.add(tag)
         self.qos.recorded.update(p["properties"]["delivery_tag"] for p in payloads)
         return payloads
