@@ -22,7 +22,7 @@ delivered rate by about a third, where one at a time kept the rate.
 Threading: the worker's main process, on its event loop.  ``started`` is called where the batch
 is handed to the pool; ``finished`` from the pool's result callback, which the prefork and solo
 pools run on the loop and the threads pool on one of its threads (a ``set.discard`` is atomic
-under the GIL, and :class:`tasks.collect.CollectBatches` schedules the next flush through the
+under the GIL, and :class:`tasks.collectbatches.CollectBatches` schedules the next flush through the
 hub's thread-safe ``call_soon``).
 """
 

@@ -13,7 +13,7 @@ Flower, and a task that keeps results stores the failure as its result.
 
 - :class:`Request` does that for every plain task (``tasks.dispatch``, ``tasks.receipts``,
   ``tasks.replay``, ...): the app's ``task_cls`` is :class:`Task`, whose requests are of this class.
-- ``tasks.collect`` and ``tasks.collect_many`` run in batches (:class:`tasks.collect.CollectBatches`),
+- ``tasks.collect`` and ``tasks.collect_many`` run in batches (:class:`tasks.collectbatches.CollectBatches`),
   where a lost batch takes every request in it: they use :class:`LostRequests` themselves, to run
   the requests of a lost batch one per batch before failing the one that kills its process.
 

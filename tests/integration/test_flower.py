@@ -240,7 +240,7 @@ async def test_each_batched_collect_request_shows_in_flower_as_a_succeeded_task_
 
 
 async def test_an_invalid_collect_request_shows_in_flower_as_a_failed_task_with_its_reason(cluster, flower):
-    # The pool process that ran its batch sends its task-failed event (tasks.collect._send_outcomes).
+    # The pool process that ran its batch sends its task-failed event (tasks.collectbatches._send_outcomes).
     async def failed_task():
         result = cluster.send(to=[], data={"watched": "failure"})
         with pytest.raises(Exception, match="empty list"):

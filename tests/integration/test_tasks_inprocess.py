@@ -330,7 +330,7 @@ def test_a_request_whose_reading_raises_an_unexpected_error_fails_alone(broker, 
 
 
 def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
-    """What a batch sends back to the worker's main process (``tasks.collect._apply_batch``) stays
+    """What a batch sends back to the worker's main process (``tasks.collectbatches._apply_batch``) stays
     under Linux's PIPE_BUF (4 KB), so it is written and read at once: nothing, with task events on
     or off (the pool process sends the events itself; each request's result is in the backend).  A batch's own
     result, every id of up to 1,000 messages, came to tens of KB, and a warm shutdown between two
@@ -338,6 +338,7 @@ def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
     import pickle
 
     from tasks import collect as collect_module
+    from tasks.collectbatches import _apply_batch
     from tasks.links import CollectRequest
 
     def request(task_id, kwargs):
@@ -346,7 +347,7 @@ def test_a_batch_answers_the_worker_in_one_pipe_write_whatever_its_size(broker):
     messages = [{"to": f"nobody-{i}", "data": i} for i in range(1000)]
     for events in (False, True):
         requests = [request(f"big-{uuid.uuid4().hex}", {"messages": messages}), request(f"bad-{uuid.uuid4().hex}", {"messages": "not a list"})]
-        answer = collect_module._apply_batch(collect_module.collect_many, (requests,), events)
+        answer = _apply_batch(collect_module.collect_many, (requests,), events)
         assert answer is None and len(pickle.dumps(answer)) < 4096
         assert len(collect_module.collect_many.AsyncResult(requests[0].id).get(timeout=10)) == 1000
         with pytest.raises(Exception, match='"messages" must be a list'):

@@ -79,7 +79,7 @@ def test_nothing_makes_no_chunk():
 
 
 def test_an_outcome_event_carries_the_results_repr_or_the_errors_text_cut_as_celery_cuts_results():
-    from tasks.collect import outcome_text
+    from tasks.collectbatches import outcome_text
 
     ids = [f"01a23d0ff4e00000{n:02x}adb707" for n in range(100)]
     assert outcome_text("ok", ids[0], 1024) == f"'{ids[0]}'"

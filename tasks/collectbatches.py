@@ -1,0 +1,483 @@
+"""The task class of ``tasks.collect`` and ``tasks.collect_many``: celery-batches' ``Batches``, plus
+what a plain Celery task gives operators and callers.
+
+celery-batches runs the requests a worker read as one batch; this class adds what Celery gives any
+task of its own and celery-batches does not: the requests counted as reserved and active (``celery
+inspect``, Flower's worker page), their ``countdown``/``eta`` held on the worker's timer, the task's
+rate limit, revoked and expired requests dropped, a task event per request (Flower lists each as a
+task), eager ``apply``, time limits, and a batch lost with its pool process put back request by
+request.  A batch goes to the pool as soon as no other batch of its task runs
+(:class:`tasks.batching.FlushGate`).
+
+Thread rules: :class:`CollectBatches`' ``Strategy``, ``flush`` and the timer callbacks run on the
+worker's main process, on its event loop (kombu's Hub); :func:`_apply_batch` and
+:func:`_send_outcomes` run in a pool process (one of its threads in ``-P threads``, under a lock).
+What the batch function does with the requests is :mod:`tasks.collect`'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+import traceback
+import uuid
+from queue import Queue
+
+from billiard.einfo import ExceptionInfo
+from celery import Task, states
+from celery.exceptions import InvalidTaskError, WorkerLostError
+from celery.result import EagerResult
+from celery.utils.functional import maybe_list
+from celery.utils.saferepr import saferepr
+from celery.utils.time import timezone
+from celery.worker import state as worker_state
+from celery_batches import Batches, SimpleRequest, consume_queue
+from celery_batches.trace import apply_batches_task
+from kombu.asynchronous.timer import to_timestamp
+
+import settings
+from tasks import links, redis_transport, taskmessages
+from tasks.batching import FlushGate, chunks
+from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
+from worker import app
+
+#: Most levels a ``tasks.collect`` or ``tasks.collect_many`` request's arguments may nest: far
+#: above what validation lets through (``tasks.messages.MAX_DATA_DEPTH``), and far enough below
+#: what this process can pickle for the pool (pickle spends two of Python's 1,000 recursion
+#: levels per level of nesting: it fails near 500 levels, less the loop's own stack).
+MAX_REQUEST_DEPTH = taskmessages.MAX_REQUEST_DEPTH
+
+#: A request whose eta is at most this far ahead (seconds) runs with the batch at hand rather than
+#: being held on the timer: the timer's own resolution, and what converting an eta to the timer's
+#: clock twice can differ by.
+ETA_SLACK = 0.005
+
+log = logging.getLogger(__name__)
+
+
+class CollectBatches(Batches):
+    """celery-batches' task class, plus what a plain Celery task gives operators and callers.
+
+    Worker main process (``flush``) and pool process (``run``).  celery-batches acks every
+    request of a batch once the batch returns, whatever happened, so the batch function never
+    lets an error escape: it records a result per request (an id, a failure, or a retry sent
+    first).  When task events are on (Flower), ``flush`` also sends ``task-received`` and
+    ``task-started`` for each request, and the pool process that ran the batch sends each one's
+    ``task-succeeded``/``task-failed``/``task-retried`` (:func:`_apply_batch`), so Flower lists
+    every request as a task of its own.  A request
+    revoked or expired is dropped before its batch goes to the pool, as Celery drops any task's;
+    one with a countdown, or over the task's rate limit, is held back as Celery holds any task
+    (:meth:`_do_flush`).
+    The requests of a batch are acked together (:func:`tasks.redis_transport.acknowledge`: one
+    round trip on the Redis broker instead of one per request).
+    """
+
+    abstract = True
+
+    #: The most messages one batch stores and routes (a request of ``tasks.collect_many`` counts
+    #: its items, any other request one): a flush of more goes to the pool as several batches.
+    batch_messages: int = settings.COLLECT_BATCH
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer = _ReservedBuffer()
+        self._gate = FlushGate()
+        self._lost = LostRequests()
+        self._hub = None  # the worker's event loop (kombu's Hub), or None without one
+        self._consumer = None  # the worker's consumer (its timer and prefetch window), once started
+        self._announced: set[str] = set()  # ids of the requests held for their eta: task-received sent
+        self._limited: list = []  # requests due but held back by the task's rate limit, in order
+        self._limit_tref = None  # the timer entry that flushes them when the next token is due
+        self._flush_pending = False
+
+    def __call__(self, *args, **kwargs):
+        """``collect(to=..., data=...)``: business code calling the task object directly, which
+        for any Celery task runs its body here and returns its result.  Here: :meth:`apply`, its
+        message id or ids returned, its error raised.  A batch (one list of celery-batches
+        requests: the worker's and :meth:`apply`'s call) runs the batch function."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], list) and args[0] and isinstance(args[0][0], SimpleRequest):
+            return super().__call__(*args)
+        return self.apply(args, kwargs, throw=True).get()
+
+    def apply(self, args=None, kwargs=None, link=None, link_error=None, task_id=None, throw=None, **options):
+        """Run one request here and now: ``collect.apply(kwargs=...)``, and ``delay()`` or
+        ``apply_async()`` under ``task_always_eager`` (business code's tests), as Celery runs any
+        task eagerly.  The ``EagerResult`` holds what the worker would store: the message id (a
+        list of them for ``tasks.collect_many``), or the request's error, which ``get()`` raises
+        (and ``apply`` itself with ``throw=True`` or ``task_eager_propagates``).  The message is
+        stored and dispatched as from a worker, and ``link``/``link_error`` follow as from a
+        worker (:mod:`tasks.links`).  An eager request does not retry when the store is
+        unavailable: it fails at once with ``StoreUnavailable``.  Its result goes to the result
+        backend only with ``task_store_eager_result``, as any task's.
+
+        (celery-batches' own ``apply`` returned the batch function's return value, the outcome
+        of every request of the batch, as the result, SUCCESS even for an invalid request, and
+        called ``link`` with it.)"""
+        task_id = task_id or str(uuid.uuid4())
+        request = links.CollectRequest(
+            task_id, self.name, tuple(args or ()), dict(kwargs or {}),
+            {"is_eager": True, "exchange": options.get("exchange"), "routing_key": options.get("routing_key"), "priority": options.get("priority")},
+            socket.gethostname(), bool(options.get("ignore_result")) or not self.store_eager_result, None, None, {"retries": 0})
+        request.callbacks = maybe_list(link) or None
+        request.errbacks = maybe_list(link_error) or None
+        # The batch's own trace stores nothing: its return value is the outcome table, not a result.
+        batch = Task.apply(self, ([request],), {}, task_id=task_id, throw=throw, **{**options, "ignore_result": True})
+        if batch.state != states.SUCCESS or not isinstance(batch.result, dict):
+            return batch  # the batch function itself failed: its error is already the result
+        kind, detail = batch.result.get(task_id, ("failed", RuntimeError(f"{self.name} {task_id}: the batch ran without this request")))
+        if kind == "ok":
+            return EagerResult(task_id, detail, states.SUCCESS, name=self.name)
+        exc = detail if isinstance(detail, BaseException) else RuntimeError(str(detail))
+        if throw if throw is not None else self.app.conf.task_eager_propagates:
+            raise exc
+        return EagerResult(task_id, exc, states.FAILURE, traceback="".join(traceback.format_exception(exc)), name=self.name)
+
+    def Strategy(self, task, app, consumer):
+        """Called when the worker's consumer starts, and again each time it reconnects to the
+        broker.  Requests still buffered then came on the old connection: the broker gives their
+        messages back (Redis restores them, RabbitMQ requeues them), so they are dropped here
+        rather than run and then fail to ack; and the flush timer is started afresh with the
+        next request, so a reconnection cannot leave requests waiting for a timer that is gone."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        dropped = [*consume_queue(self._buffer), *consume_queue(self._pending), *self._limited]
+        for req in dropped:
+            worker_state.task_ready(req)  # not reserved here any more: the broker has it again
+        if dropped:
+            log.warning("%s: consumer restarted; %d buffered requests left to the broker, which delivers them again", self.name, len(dropped))
+        self._count = itertools.count(1)
+        self._announced.clear()
+        self._limited, self._limit_tref = [], None  # the consumer cleared its timer
+        self._gate.reset()
+        self._flush_pending = False
+        self._hub = consumer.hub
+        self._consumer = consumer
+        on_message = super().Strategy(task, app, consumer)
+
+        def buffer_then_flush_when_free(message, *args, **kwargs):
+            # Its args and kwargs are a list and an object (tasks.taskmessages.Consumer checked).
+            # This process pickles them for the pool, which raised out of the loop (and stopped
+            # the worker) for arguments nested near Python's recursion limit.
+            problem = taskmessages.depth_problem(message.body, "compression" in message.headers, message.payload, MAX_REQUEST_DEPTH)
+            if problem is not None:
+                raise InvalidTaskError(problem)  # the consumer stores it as the result
+            on_message(message, *args, **kwargs)
+            self._flush_when_free()
+
+        return buffer_then_flush_when_free
+
+    def _flush_when_free(self) -> None:
+        """Run what is buffered as a batch if the gate lets one go: on the loop's next turn, so
+        that the requests read from the broker in this turn go together (on the Redis broker a
+        worker reads a whole backlog in one turn)."""
+        if self._flush_pending or self._buffer.empty() or not self._gate.may_flush():
+            return
+        if self._hub is None:
+            self._do_flush()
+            return
+        self._flush_pending = True
+        self._hub.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
+        if not self._buffer.empty() and self._gate.may_flush():
+            self._do_flush()
+
+    def _batch_done(self, token) -> None:
+        """A batch returned: what gathered while it ran may go (through the loop: the threads
+        pool calls this on its own thread).  Without an event loop (green pools) it goes with
+        the next request or the timer instead."""
+        self._gate.finished(token)
+        if self._hub is not None:
+            self._flush_when_free()
+
+    def _do_flush(self) -> None:
+        """Hand what is buffered to :meth:`flush`, but for two kinds of request, held as Celery
+        holds any task's: one whose ``countdown`` or ``eta`` lies ahead waits on the worker's
+        timer until it is due, and the prefetch window grows by one while it does; and what the
+        task's rate limit holds back waits for its token (:meth:`_within_rate_limit`).  Called by
+        celery-batches' timer and count, by :meth:`_flush_when_free` and by the rate limit's
+        timer.  Worker main process.
+
+        (celery-batches kept such a request in a list of its own, read again at every flush, and
+        it filled a place of the prefetch window until it ran: a few hundred requests sent with a
+        countdown of minutes, ``COLLECT_BATCH`` times the pool's processes, stopped the worker
+        from reading any other task until the first came due.  Held on the timer, they are also
+        what ``celery inspect scheduled`` and Flower's worker page list.)"""
+        ready, self._limited = self._limited, []
+        now = time.monotonic()
+        for req in consume_queue(self._buffer):
+            due = self._due(req)
+            if due is None:
+                continue  # rejected: its eta cannot be read
+            if due <= now + ETA_SLACK:
+                ready.append(req)
+            else:
+                self._hold(req, due)
+        self._count = itertools.count(1)
+        ready = self._within_rate_limit(ready)
+        if ready:
+            self.flush(ready)
+        elif self._tref is not None:
+            self._tref.cancel()  # nothing waits: the next request starts it again
+            self._tref = None
+
+    def _within_rate_limit(self, ready: list) -> list:
+        """The first of ``ready`` that the task's rate limit lets run now: Celery's token bucket
+        per worker and task name, one token per request (a ``tasks.collect_many`` request counts
+        as one task), as ``celery control rate_limit`` or Flower's worker page set it (or
+        ``rate_limit`` on the task).  The rest wait, in order and ahead of what comes
+        later, for a flush that the timer calls when the next token is due."""
+        consumer = self._consumer
+        bucket = None if consumer is None or consumer.disable_rate_limits else consumer.task_buckets.get(self.name)
+        if bucket is None:
+            return ready
+        for at, req in enumerate(ready):
+            if not bucket.can_consume(1):
+                self._limited = ready[at:]
+                if self._limit_tref is None:
+                    self._limit_tref = consumer.timer.call_after(bucket.expected_time(1), self._rate_limit_due)
+                return ready[:at]
+        return ready
+
+    def _rate_limit_due(self) -> None:
+        self._limit_tref = None
+        self._do_flush()
+
+    def _due(self, req) -> float | None:
+        """When ``req`` may run, on the worker timer's clock (0 for now); None when its eta
+        cannot be read, after rejecting it as Celery does."""
+        if not req.eta:
+            return 0.0
+        try:
+            if req.utc:
+                return to_timestamp(timezone.to_system(req.eta))
+            return to_timestamp(req.eta, self.app.timezone)
+        except (OverflowError, ValueError) as exc:
+            log.error("%s %s: cannot read its eta %r (%s); it is rejected, not run", self.name, req.id, req.eta, exc)
+            req.reject(requeue=False)
+            worker_state.task_ready(req)
+            return None
+
+    def _hold(self, req, due: float) -> None:
+        """Keep ``req`` on the worker's timer until ``due`` (Celery's ``default`` strategy for a
+        task with an eta): its place in the prefetch window is given back meanwhile, so the
+        worker goes on reading other tasks."""
+        worker_state.task_ready(req)  # not reserved while it waits: `inspect scheduled` lists it, as Celery's own
+        self._consumer.qos.increment_eventually()
+        self._consumer.timer.call_at(due, self._release, (req,), priority=6)
+        if req.id not in self._announced:  # Flower lists it now, with its eta, as Celery's own
+            self._announced.add(req.id)
+            _send_received(req)
+
+    def _release(self, req) -> None:
+        """Timer: ``req`` is due.  It joins the buffer and goes with the next batch (one revoked
+        while it waited is dropped there)."""
+        self._consumer.qos.decrement_eventually()
+        self._buffer.put(req)
+        if self._tref is None:
+            self._tref = self._consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+        self._flush_when_free()
+
+    def flush(self, requests):
+        # A request revoked (``app.control.revoke``) or past its ``expires`` is dropped here, as
+        # Celery's own strategy drops it before running a task (celery-batches does not): the
+        # request's ``revoked()`` logs it, stores REVOKED, sends ``task-revoked`` and acks it.
+        # A request with a ``countdown`` or ``eta`` comes here when it is due (_do_flush), so one
+        # revoked while it waits is dropped too.
+        # A request whose batch died with its pool process before runs alone, so that if it is
+        # what kills the process it no longer takes other requests with it (LostRequests).
+        live, alone = [], []
+        for req in requests:
+            if req.revoked():
+                self._announced.discard(req.id)
+                self._lost.returned((req.id,))
+            else:
+                (alone if self._lost.suspect(req.id) else live).append((req, links.CollectRequest.from_request(req)))
+        for pair in alone:
+            log.warning("%s %s: its batch was lost with its pool process before; it runs alone", self.name, pair[0].id)
+            self._run_in_pool([pair])
+        for batch in chunks(live, lambda pair: _messages_in(pair[1]), self.batch_messages):
+            self._run_in_pool(batch)
+
+    def _run_in_pool(self, pairs):
+        requests = [req for req, _ in pairs]
+        serializable = ([simple for _, simple in pairs],)
+        for req in requests:
+            if req.id in self._announced:
+                self._announced.discard(req.id)  # sent when it was put on hold (_hold)
+            else:
+                _send_received(req)
+            req.send_event("task-started")
+            # What `celery inspect active` and `stats` (Flower's worker page) read: the request
+            # runs, and counts in the worker's total per task name, as Celery's own requests do.
+            worker_state.task_accepted(req)
+        token = self._gate.started()
+        # The pool process sends each request's task-succeeded/failed/retried event itself
+        # (_apply_batch): the main process needs only to know that the batch returned.
+        events = any(_sends_events(req) for req in requests)
+
+        def on_return(returned) -> None:
+            if isinstance(returned, ExceptionInfo):
+                # The threads and solo pools hand a BaseException out of the batch (_retry's
+                # SystemExit: a retry that could not be sent) to this callback as a WorkerLostError,
+                # where prefork's process dies and on_lost runs: acking the batch here lost it.
+                on_lost(returned)
+                return
+            try:
+                self._lost.returned([req.id for req in requests])
+                for req in requests:
+                    worker_state.task_ready(req)
+                redis_transport.acknowledge(requests)
+            finally:
+                self._batch_done(token)
+
+        def on_lost(exc_info) -> None:
+            # The pool process died with the batch (SIGKILL, the OOM killer) or passed the hard
+            # time limit: each request as Celery handles a task of its own then.  A worker lost
+            # puts it back on its queue at once (task_reject_on_worker_lost; before, it waited
+            # unacknowledged for VISIBILITY_TIMEOUT on Redis, and on RabbitMQ until the worker's
+            # connection closed); a time limit fails it with TimeLimitExceeded and acks it.
+            # One lost alone too often (LostRequests) is failed with LostWithItsProcess instead;
+            # pool processes that die while the worker shuts down count against no request.
+            try:
+                exc = exception_of(exc_info)
+                ids = [req.id for req in requests]
+                if not isinstance(exc, WorkerLostError):
+                    self._lost.returned(ids)  # they fail, and are not put back
+                    doomed = set()
+                elif shutting_down():
+                    doomed = set()
+                else:
+                    doomed = self._lost.lost(ids)
+                log.error("%s: a batch of %d requests was lost with its pool process (%r); %s", self.name, len(requests), exc,
+                          "they fail" if not isinstance(exc, WorkerLostError) else
+                          "it fails, not run again" if doomed else "they go back to the queue")
+                for req in requests:
+                    if req.id in doomed:
+                        req.on_failure(lost_too_often(self.name, req.id, self._lost.fail_after, alone=True), return_ok=False)
+                    else:
+                        req.on_failure(exc_info, return_ok=True)  # return_ok: logged once above, not once per request; task_ready too
+            finally:
+                self._batch_done(token)
+
+        def on_timeout(soft: bool, timeout: float) -> None:
+            for req in requests:
+                req.on_timeout(soft, timeout)
+
+        # Time limits as for any task: the task's own (``celery control time_limit``, Flower's
+        # worker page) or the worker's (``--time-limit``, ``--soft-time-limit``), for the batch.
+        conf = self.app.conf
+        return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost,
+                                      timeout_callback=on_timeout, soft_timeout=self.soft_time_limit or conf.task_soft_time_limit,
+                                      timeout=self.time_limit or conf.task_time_limit)
+
+
+class _ReservedBuffer(Queue):
+    """celery-batches' buffer of the requests read and not started yet, each counted as reserved
+    while it is there (Celery's ``task_reserved``, as Celery's own strategy counts a task it read):
+    what ``celery inspect reserved`` and Flower's worker page (Tasks, Reserved) list.  A request
+    leaves the count when it ends (``task_ready``; while its batch runs it is active too, and
+    ``inspect reserved`` leaves it out), is held for its eta, is dropped at a reconnection, or is
+    rejected.  Requests held back by a rate limit stay counted (Celery counts its own only once
+    their token comes).  ``--autoscale`` and ``worker_disable_prefetch`` read this count: with them
+    a backlog of requests asks for a process each, and batches hold about as many requests as the
+    pool has processes.  Worker main process."""
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        worker_state.task_reserved(item)
+        super().put(item, block, timeout)
+
+
+def _send_received(req) -> None:
+    """``req``'s task-received event, with the fields Celery's worker sends (its ``default``
+    strategy): the reprs the sender put in the message's headers (cut at 1 KB), rather than the
+    whole kwargs of a collect_many again, and its eta and expiry, which Flower shows.  Main process."""
+    if not _sends_events(req):
+        return  # nothing to make the fields for
+    req.send_event("task-received", name=req.name, args=req.argsrepr or saferepr(req.args, app.amqp.argsrepr_maxsize),
+                   kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
+                   root_id=req.root_id, parent_id=req.parent_id, retries=req.request_dict.get("retries", 0),
+                   eta=req.eta and req.eta.isoformat(), expires=req.expires and req.expires.isoformat())
+
+
+def _sends_events(request) -> bool:
+    """Whether the worker sends task events for ``request`` now: Celery's ``Request.send_event``
+    test, and its dispatcher's, which sends only its ``groups`` (just ``worker``, the heartbeats,
+    until Flower or ``celery control enable_events`` adds ``task``).  Main process."""
+    eventer = getattr(request, "_eventer", None)
+    if not (eventer and eventer.enabled and request.task.send_events):
+        return False
+    return not eventer.groups or "task" in eventer.groups
+
+
+#: The event Celery sends for each outcome but success (``task-succeeded``, with the result).
+_OUTCOME_EVENT = {"failed": "task-failed", "retry": "task-retried"}
+#: This pool process's sender of task events (:func:`_send_outcomes`), made on first use, and
+#: the lock that its users take: in the threads pool (``-P threads``) batches of ``tasks.collect``
+#: and ``tasks.collect_many`` run at once on two threads, and kombu's producers and connections
+#: are not safe to share between threads.
+_events = None
+_events_lock = threading.Lock()
+
+
+def _apply_batch(task, args, events: bool) -> None:
+    """Pool process: run one batch (celery-batches' ``apply_batches_task``) and send each request's
+    task-succeeded, -failed or -retried event when task events are on (:func:`_send_outcomes`).
+
+    It returns nothing: what it returns crosses the pool's pipe to the worker's main process, which
+    needs only to know that the batch returned.  The batch's own result (every message id of up
+    to 1,000 messages) came to tens of KB, which the main process reads in pieces, and a warm
+    shutdown (SIGTERM) that stopped its event loop between two pieces left it blocked for ever in
+    Celery's reading of the rest (``AsynPool``'s ``_flush_outqueue`` starts a new message mid-way
+    through the old one).  A message under Linux's ``PIPE_BUF`` (4 KB) is written, and read, at
+    once."""
+    started = time.monotonic()
+    outcomes = apply_batches_task(task, args, 0, None) or {}
+    if events:
+        answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
+        _send_outcomes(task, args[0], answer, time.monotonic() - started)
+
+
+def outcome_text(kind: str, value: object, most: int) -> str:
+    """What a request's outcome event carries: its result's ``saferepr``, or its error's type and
+    text (``value`` an exception, or already a text), at most ``most`` characters, as Celery cuts
+    a result in its events.  Pure."""
+    if kind == "ok":
+        return saferepr(value, most)
+    return (f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value))[:most]
+
+
+def _send_outcomes(task, requests, outcomes: list[tuple[str, object]], runtime: float) -> None:
+    """Pool process: each request's outcome event, as the worker's main process sends it for any
+    Celery task, under the worker's name, so Flower shows every request as a task of its own.
+    Best effort, like every task event: one that cannot be sent is logged."""
+    global _events
+    with _events_lock:
+        try:
+            if _events is None:
+                _events = task.app.events.Dispatcher(task.app.connection_for_write(), hostname=requests[0].hostname, enabled=True)
+            for req, (kind, value) in zip(requests, outcomes):
+                text = outcome_text(kind, value, task.resultrepr_maxsize)
+                if kind == "ok":
+                    _events.send("task-succeeded", uuid=req.id, result=text, runtime=runtime)
+                else:
+                    _events.send(_OUTCOME_EVENT.get(kind, "task-failed"), uuid=req.id, exception=text, traceback="")
+        except Exception as exc:  # noqa: BLE001 - events are for watching; the batch is done
+            log.warning("%s: the outcome events of %d requests not sent (%s)", task.name, len(requests), exc)
+            if _events is not None:
+                try:
+                    _events.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            _events = None
+
+
+def _messages_in(request) -> int:
+    """How many messages a request holds, for the size of a batch (main process: not validated)."""
+    messages = (request.kwargs or {}).get("messages")
+    return len(messages) if isinstance(messages, (list, tuple)) else 1
