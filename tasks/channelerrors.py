@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+import redisfull
+
 #: Seconds before the second connection of a run of channel errors (the first is at once); each
 #: next one waits twice as long, up to ``MAX_DELAY``.
 FIRST_DELAY = 1.0
@@ -98,6 +100,6 @@ def advice(error: object) -> str:
     if "READONLY" in text:
         return ("the Redis broker is a replica (a failover?): the worker connects again until it is a master, "
                 "or point BROKER_URL at the master")
-    if "OOM" in text:
-        return "the Redis broker is out of memory (maxmemory): free memory or raise maxmemory"
+    if redisfull.is_full(error):  # by its text: redis-py's OutOfMemoryError drops the "OOM" of Redis's reply
+        return redisfull.HINT
     return "the broker refused a command on the worker's channel"

@@ -4,6 +4,9 @@ what its log says about the error."""
 from __future__ import annotations
 
 import pytest
+from redis.exceptions import OutOfMemoryError
+
+import redisfull
 
 from tasks.channelerrors import ChannelErrorBackoff, advice
 
@@ -78,6 +81,12 @@ def test_consuming_steadily_again_ends_the_run():
     ("READONLY You can't write against a read only replica.", "the Redis broker is a replica"),
     ("(404) NOT_FOUND - no queue 'collect' in vhost 'v'", "missing on the broker"),
     ("ERR something new", "the broker refused a command"),
+    ("OOM command not allowed when used memory > 'maxmemory'.", "Redis is out of memory (maxmemory): raise maxmemory or free memory"),
 ])
 def test_the_log_says_what_a_channel_error_means(error, says):
     assert says in advice(Exception(error))
+
+
+def test_a_full_redis_is_named_as_redis_py_raises_it():
+    """redis-py's OutOfMemoryError keeps Redis's reply without its "OOM" prefix."""
+    assert advice(OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")) == redisfull.HINT
