@@ -22,11 +22,14 @@ of waiting forever.
 for the pool, and arguments nested near Python's recursion limit raised out of the loop there.
 
 The consumer also decides what a channel error on its broker connection does
-(:meth:`Consumer.on_connection_error_after_connected`): it stops a worker that never consumed, and
-is retried once it has, at once the first time and after a doubling delay while it keeps coming
-back (:mod:`tasks.channelerrors`).  And on RabbitMQ, a queue of the worker deleted while it consumes
-it (or whose leader moved) is declared and consumed again on the same connection
-(:meth:`Consumer.on_consumer_cancelled`).
+(:meth:`Consumer.on_connection_error_after_connected`): it stops a worker that never consumed
+(the broker refused a queue it declares or consumes at start), and is retried once it has, at once
+the first time and after a doubling delay while it keeps coming back (:mod:`tasks.channelerrors`).
+One raised as the worker first connects, before it declares anything (a Redis over ``maxmemory``,
+or a replica, refuses the transport's first write), is retried so too
+(:meth:`Consumer.on_connection_error_before_connected`).  And on RabbitMQ, a queue of the worker
+deleted while it consumes it (or whose leader moved) is declared and consumed again on the same
+connection (:meth:`Consumer.on_consumer_cancelled`).
 """
 
 from __future__ import annotations
@@ -280,6 +283,36 @@ class Consumer(CeleryConsumer):
         consumer.consume()  # the queues not consumed: this one
         self._watch_cancels()
 
+    def _channel_error(self, exc) -> bool:
+        """Whether ``exc`` is the broker refusing a command (a channel error), not a lost connection."""
+        return isinstance(exc, tuple(self.channel_errors)) and not isinstance(exc, tuple(self.connection_errors))
+
+    def on_connection_error_before_connected(self, exc):
+        """An error raised by :meth:`connect` before the worker ever held a connection (Celery calls
+        :meth:`on_connection_error_after_connected` once it did: its ``connection`` stays set).  On
+        Redis the transport's first write, as it joins the event loop, is the lock of kombu's look
+        for unacknowledged tasks to restore (``restore_visible``, a ``SET``), which a Redis over
+        ``maxmemory`` refuses (``OutOfMemoryError``), and a replica too (``READONLY``): a channel
+        error.  For a worker (re)started while Redis was full, Celery logged "Cannot connect to
+        ..." and connected again at once, several times a second, with its ``RestartFreqExceeded``
+        traceback every second, until Redis had room.  A channel error here is retried as one
+        after the worker connected is: at once the first time, then after 1, 2, 4 ... up to 30 s
+        (:class:`ChannelErrorBackoff`, waited in :meth:`connect`), each time with one line saying
+        what is wrong and what to do (:func:`advice`).  A connection error keeps Celery's line: it
+        gets here only once ``ensure_connected``, which backs it off, connected."""
+        if not self._channel_error(exc):
+            return super().on_connection_error_before_connected(exc)
+        backoff = self.channel_error_backoff
+        now = time.monotonic()
+        delay = backoff.failed(now)
+        self._connect_at = now + delay
+        refusal = str(exc).rstrip(".")
+        if backoff.run == 1:
+            log.warning("the broker refused a command as the worker connected: %s. %s; connecting again now", refusal, advice(exc))
+        else:
+            log.error("the broker refused a command as the worker connected, again (%d times in a row): %s. %s; connecting again in %.0f s",
+                      backoff.run, refusal, advice(exc), delay)
+
     def on_connection_error_after_connected(self, exc):
         """``broker_channel_error_retry`` (worker.py) takes a channel the broker closed for a lost
         connection, which is what RabbitMQ's consumer timeout needs: it comes while the worker
@@ -302,7 +335,7 @@ class Consumer(CeleryConsumer):
         run is retried at once, as before, and each next one after a doubling delay, up to 30 s
         (:class:`ChannelErrorBackoff`, waited in :meth:`connect`), with one line saying what is
         wrong and what to do (:func:`advice`) instead of Celery's traceback."""
-        channel_error = isinstance(exc, tuple(self.channel_errors)) and not isinstance(exc, tuple(self.connection_errors))
+        channel_error = self._channel_error(exc)
         if not self._consumed and channel_error:
             log.critical("the broker refused what the worker declares or consumes at start (%s): not retried. %s", exc, advice(exc))
             try:
@@ -329,9 +362,10 @@ class Consumer(CeleryConsumer):
                   backoff.run, exc, advice(exc), delay)
 
     def connect(self):
-        """Celery's, after the delay :meth:`on_connection_error_after_connected` set: the Connection
-        step calls it in the worker's main thread, where Celery's own retries wait (its loop does
-        not run between connections).  A warm or cold shutdown ends the wait, as it ends Celery's."""
+        """Celery's, after the delay :meth:`on_connection_error_after_connected` or
+        :meth:`on_connection_error_before_connected` set: the Connection step calls it in the
+        worker's main thread, where Celery's own retries wait (its loop does not run between
+        connections).  A warm or cold shutdown ends the wait, as it ends Celery's."""
         connect_at, self._connect_at = self._connect_at, None
         if connect_at is not None:
             while (left := connect_at - time.monotonic()) > 0:

@@ -21,6 +21,7 @@ import pytest
 import redis as redis_lib
 
 import launcher
+from redisfull import HINT
 from tests.integration.conftest import ADMIN_KEY, HOUSEKEEPING_SECONDS, LEASE_TTL, Cluster, start_or_explain
 from wsnode.registry import NODES_KEY
 
@@ -184,12 +185,14 @@ async def test_housekeeping_takes_no_node_for_gone_right_after_its_runs_resumed_
         await assert_not_taken_for_gone(cluster, admin, address, "housekeeping did not run for")
 
 
-async def test_a_worker_started_while_redis_is_full_waits_for_room_and_then_consumes(full_cluster):
-    """A worker (re)started while Redis is full: its connection's first writes (kombu's bindings)
-    are refused, which Celery takes for a broker it cannot connect to ("Cannot connect to ...:
-    command not allowed when used memory > 'maxmemory'"), so it retries and consumes once Redis
-    has room; it does not stop, as for a channel error before its first consume (the README's
-    "every process goes on by itself")."""
+async def test_a_worker_started_while_redis_is_full_says_so_waits_calmly_for_room_and_then_consumes(full_cluster):
+    """A worker (re)started while Redis is full: its connection's first write (the lock of kombu's
+    look for unacknowledged tasks to restore, as the transport joins the event loop) is refused, a
+    channel error before Celery holds a connection.  Celery connected again at once, several times
+    a second, each time logging "Cannot connect to ...", with its RestartFreqExceeded traceback
+    every second.  It connects again at once, then after 1 s, 2 s ... (tasks.channelerrors), each
+    time with one line naming the full Redis, and consumes once Redis has room; it does not stop,
+    as for a channel error before its first consume (the README's "every process goes on by itself")."""
     cluster = full_cluster
     argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", "started-full@%h", "--loglevel=INFO", "--without-gossip",
             "--without-mingle", "-c", "1", "-Q", "dispatch"]
@@ -198,7 +201,13 @@ async def test_a_worker_started_while_redis_is_full_waits_for_room_and_then_cons
     with redis_full(cluster):
         worker.start()
         await asyncio.to_thread(worker.wait_log, "maxmemory", 30)
-        assert await asyncio.to_thread(worker.wait, 2) is None, "the worker stopped while Redis was full:\n" + worker.log_tail(15)
+        # Tries at 0, 0, 1 s, then 3 s: 2.5 s of a full Redis are three of them (Celery's: about fifteen).
+        assert await asyncio.to_thread(worker.wait, 2.5) is None, "the worker stopped while Redis was full:\n" + worker.log_tail(15)
+        while_full = worker.log_tail(200)
+    refusals = [line for line in while_full.splitlines() if "maxmemory" in line]
+    assert all(HINT in line for line in refusals), "the worker did not say what to do about the full Redis:\n" + while_full
+    assert len(refusals) <= 4, f"the worker connected again {len(refusals)} times in 2.5 s of a full Redis:\n" + while_full
+    assert "RestartFreqExceeded" not in while_full and "Cannot connect to" not in while_full, while_full
     await asyncio.to_thread(worker.wait_log, "ready.", 30)
     assert "not retried" not in worker.log_tail(200)
     await asyncio.to_thread(worker.terminate, 15)
