@@ -46,6 +46,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_RETRY
 from celery.worker.consumer.consumer import logger as celery_consumer_log
 from celery.worker.state import maybe_shutdown
+from kombu.common import ignore_errors
 from kombu.exceptions import ContentDisallowed
 
 from tasks.channelerrors import ChannelErrorBackoff, advice
@@ -224,6 +225,8 @@ class Consumer(CeleryConsumer):
     _consumed = False
     #: Monotonic time before which :meth:`connect` does not connect again, or None.
     _connect_at: float | None = None
+    #: The connection :meth:`connect` is making, until it returns it.
+    _connecting = None
 
     def __init__(self, *args, **kwargs):
         #: Spaces out the connections after channel errors that keep coming back.
@@ -365,14 +368,32 @@ class Consumer(CeleryConsumer):
         """Celery's, after the delay :meth:`on_connection_error_after_connected` or
         :meth:`on_connection_error_before_connected` set: the Connection step calls it in the
         worker's main thread, where Celery's own retries wait (its loop does not run between
-        connections).  A warm or cold shutdown ends the wait, as it ends Celery's."""
+        connections).  A warm or cold shutdown ends the wait, as it ends Celery's.
+
+        A connection that fails after it connected, as it joins the event loop (a Redis over
+        ``maxmemory`` refuses the transport's first write), is closed here: Celery never holds it
+        (its ``connection`` is not set), and each such try left two clients open in Redis until
+        garbage collection found them (a worker started while Redis was full: 12 more a second)."""
         connect_at, self._connect_at = self._connect_at, None
         if connect_at is not None:
             while (left := connect_at - time.monotonic()) > 0:
                 maybe_shutdown()
                 time.sleep(min(left, 0.25))
             maybe_shutdown()
-        return super().connect()
+        self._connecting = None
+        try:
+            return super().connect()
+        except Exception:
+            if self._connecting is not None:
+                ignore_errors(self._connecting, self._connecting.close)
+            raise
+        finally:
+            self._connecting = None
+
+    def connection_for_read(self, heartbeat=None):
+        """Celery's, kept for :meth:`connect` until it returns it."""
+        self._connecting = super().connection_for_read(heartbeat=heartbeat)
+        return self._connecting
 
     def create_task_handler(self, *args, **kwargs):
         on_task_received = super().create_task_handler(*args, **kwargs)
