@@ -97,7 +97,7 @@ def advice(error: object) -> str:
         return (f"{f'key {key!r}' if key else 'a queue key (collect, dispatch, or one of their priority lists)'} of the Redis "
                 "broker's database holds another type than the list the worker reads as a queue (written by hand or by another "
                 f"program using that database?): see TYPE {key or '<key>'}, then delete or rename it")
-    if "READONLY" in text:
+    if "READONLY" in text or "read only replica" in text:  # redis-py's ReadOnlyError drops the "READONLY"
         return ("the Redis broker is a replica (a failover?): the worker connects again until it is a master, "
                 "or point BROKER_URL at the master")
     if redisfull.is_full(error):  # by its text: redis-py's OutOfMemoryError drops the "OOM" of Redis's reply
