@@ -1,7 +1,7 @@
 """A Redis over ``maxmemory`` (``noeviction``): every write that may use memory is refused with
 ``OOM command not allowed when used memory > 'maxmemory'`` while reads still work.
 
-Both tests share one private cluster on the Redis broker, whose Redis (broker and ``REDIS_URL``
+The tests share one private cluster on the Redis broker, whose Redis (broker and ``REDIS_URL``
 alike) they fill and then free again: the session's cluster would see its leases lapse.
 """
 
