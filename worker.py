@@ -9,6 +9,7 @@ as a worker.
 from __future__ import annotations
 
 import logging
+import os
 
 from celery import Celery
 from celery.signals import after_setup_logger, worker_init, worker_process_init, worker_ready, worker_shutdown
@@ -25,6 +26,14 @@ with startup.exit_on_bad_settings("celery -A worker", startup.imported_by_celery
     from tasks import redis_transport, wirejson
 
 log = logging.getLogger(__name__)
+
+# `celery -A worker worker` logs at LOG_LEVEL, as the auth service and the nodes do, unless its
+# --loglevel (-l) says otherwise: Celery's own default, WARNING, hid every INFO line (the backends
+# at start, "ready.", the replays, "store checkpoint ... works again").  Celery's command line
+# reads an option it was not given from CELERY_WORKER_LOGLEVEL (click's auto_envvar_prefix), and
+# parses the worker's options only after it imported this module.
+if startup.imported_by_celery_command():
+    os.environ.setdefault("CELERY_WORKER_LOGLEVEL", settings.LOG_LEVEL)
 
 # redis:// brokers: kombu's Redis transport with one client object per channel (tasks/redis_transport.py).
 redis_transport.install()
