@@ -198,8 +198,31 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return convert
 
 
+#: The port a browser leaves out of its ``Origin`` header, per scheme.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _origins(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip().rstrip("/") for part in raw.split(",") if part.strip())
+    """Origins as a browser sends them in its ``Origin`` header (``scheme://host[:port]``, in lower
+    case, without the scheme's default port), or ``*``.  One written otherwise (without its
+    scheme, with a path) was kept as given and matched no browser: the node started, and refused
+    every handshake with 403."""
+    origins = []
+    for part in (part.strip().rstrip("/") for part in raw.split(",")):
+        if part in ("", "*", "null"):  # "null": what a browser sends from a file:// page or a sandboxed frame
+            if part:
+                origins.append(part)
+            continue
+        parts = urllib.parse.urlsplit(part.lower())
+        if not parts.scheme or not parts.hostname or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError(f"{part!r} is not an origin as browsers send it: write scheme://host[:port], e.g. https://app.example.com")
+        netloc = parts.netloc
+        if parts.port is not None and parts.port == _DEFAULT_PORTS.get(parts.scheme):  # .port raises ValueError on a port that is not a number
+            netloc = netloc.rpartition(":")[0]
+        origins.append(f"{parts.scheme}://{netloc}")
+    if not origins:
+        raise ValueError("no origin in it")
+    return tuple(origins)
 
 
 def redact(url: str) -> str:
@@ -259,7 +282,7 @@ NODE_HOST: str = _read(_env, "NODE_HOST", "127.0.0.1", str, "a host name or IP a
 #: Address every HTTP/WebSocket server of the platform listens on; ``0.0.0.0`` for every interface.
 BIND_ADDRESS: str = _read(_env, "BIND_ADDRESS", "127.0.0.1", str, "a host name or IP address to listen on")
 #: Comma-separated origins browsers may connect from, or ``*`` for any.
-ALLOWED_ORIGINS: tuple[str, ...] = _read(_env, "ALLOWED_ORIGINS", ("*",), _origins, "a comma-separated list of origins, or *")
+ALLOWED_ORIGINS: tuple[str, ...] = _read(_env, "ALLOWED_ORIGINS", ("*",), _origins, "a comma-separated list of origins such as https://app.example.com, or *")
 #: A route lease (user -> node) lives this long unless its node renews it; renewed every third of it.
 LEASE_TTL: float = _read(_env, "LEASE_TTL", 30.0, _positive_float, "a number of seconds")
 #: Most WebSocket connections one push node holds; past it the node answers new handshakes with

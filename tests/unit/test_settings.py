@@ -218,6 +218,18 @@ def test_origins_star_stays_a_star():
     assert _origins("*") == ("*",)
 
 
+def test_origins_are_read_as_browsers_send_them_lower_case_without_the_scheme_s_default_port():
+    assert _origins("https://App.Example.com:443, http://localhost:80, http://localhost:8080, chrome-extension://abc") == (
+        "https://app.example.com", "http://localhost", "http://localhost:8080", "chrome-extension://abc")
+
+
+@pytest.mark.parametrize("raw", ["app.example.com", "localhost:8080", "https://app.example.com/chat", "https://app.example.com?x=1",
+                                 "https://user@app.example.com", "https://app.example.com:44x", ",", " , "])
+def test_an_origin_no_browser_sends_stops_the_process_instead_of_refusing_every_browser_with_403(raw):
+    text = failure({"SOME_VAR": raw}, convert=_origins, expected="a comma-separated list of origins such as https://app.example.com, or *")
+    assert text.startswith(f"SOME_VAR={raw!r} is not valid: expected a comma-separated list of origins"), text
+
+
 # --- redact -----------------------------------------------------------------------------------
 
 
