@@ -411,6 +411,56 @@ def test_push_js_does_not_ping_a_node_whose_hello_does_not_say_it_answers_pings(
     assert sent == [[], False, "connected", 0]
 
 
+#: Counts the network and visibility listeners a page holds on ``window`` (``window.listening()``),
+#: to show that none stays behind a stopped client.
+COUNTED_LISTENERS = """
+window.listeners = new Map();
+const add = window.addEventListener, remove = window.removeEventListener;
+window.addEventListener = function (type, fn, options) { window.listeners.set(fn, type); return add.call(this, type, fn, options); };
+window.removeEventListener = function (type, fn, options) { window.listeners.delete(fn); return remove.call(this, type, fn, options); };
+window.listening = () => [...window.listeners.values()].filter(type => ["online", "offline", "visibilitychange"].includes(type)).length;
+"""
+
+
+def test_push_js_back_online_reconnects_at_once_and_pings_an_open_connection(pages):
+    """A page whose network went away waited out its backoff (up to ``maxMs``, 30 s) after the
+    network came back, and kept a connection the network change may have killed until its idle
+    ping.  The browser's ``online`` event now cuts the wait short and pings an open connection;
+    the listener goes when the client stops, however often a page starts and stops one."""
+    page = pages("about:blank")
+    page.add_script_tag(content=COUNTED_LISTENERS)
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    seen = page.evaluate("""async () => {
+        const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
+        const waits = [];
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", initialMs: 60000, maxMs: 60000, goAwayJitterMs: 20,
+                                       idleMs: 60000, onStatus: s => { if (s.state === "waiting") waits.push(s.retryIn); }});
+        client.start();
+        window.opened[0].onclose({code: 1006, reason: ""});
+        await pause(50);
+        const before = window.opened.length;
+        window.dispatchEvent(new Event("online"));
+        await pause(100);
+        const after = window.opened.length;
+        const ws = window.opened[after - 1];
+        ws.readyState = 1;
+        ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600, ping: true})});
+        window.dispatchEvent(new Event("online"));
+        const sent = (ws.sent || []).slice();
+        const running = window.listening();
+        client.stop();
+        for (let n = 0; n < 50; n++) { client.start(); client.stop(); }
+        const stoppedByNode = new PushClient({url: "ws://a.invalid/ws", token: "t"});
+        stoppedByNode.start();
+        window.opened[window.opened.length - 1].onclose({code: 4500, reason: "bad request"});
+        return {waits, before, after, sent, running, left: window.listening()};
+    }""")
+    assert seen["waits"][0] >= 30_000 and (seen["before"], seen["after"]) == (1, 2), f"the online event did not cut the wait short: {seen}"
+    assert seen["sent"] == [{"type": "ping"}]
+    assert seen["running"] == 1 and seen["left"] == 0, f"listeners left behind: {seen}"
+
+
 @REDIS_ONLY
 def test_two_users_on_two_nodes_each_see_only_their_own_messages(cluster, pages):
     demo = DemoPage(cluster, cluster.node_ports)

@@ -44,6 +44,11 @@
  *   (only to a node whose hello frame says "ping": true; an earlier node would close with 4500).  A
  *   connection that brings no frame within pongTimeoutMs of a ping is closed and counts as lost
  *   (1006): the client reconnects, as after any lost connection.
+ * - Back online: the browser's "online" event (the network came back, a laptop woke up) cuts a
+ *   reconnect that waits a backoff step short (it goes within goAwayJitterMs instead), and on an
+ *   open connection that answers pings sends one at once, so a connection the network change
+ *   killed is noticed within pongTimeoutMs.  The listener is added by start() and removed when the
+ *   client stops (stop(), or a close code that stops it): a page may start and stop clients freely.
  *
  * Threading: browsers run all of this on the page's one event loop.
  */
@@ -142,7 +147,11 @@
     this._seenOrder = [];
     this._ws = null;
     this._timer = null;
+    this._timerAt = 0; // when this._timer fires
+    this._conn = null; // the bookkeeping of this._ws (see _connect)
     this._running = false;
+    var client = this;
+    this._onOnline = function () { client._online(); };
     // Bumped by stop(): a _connect or _retry of an earlier run (one that waited for getToken, or
     // whose onStatus called stop() and start()) sees it changed and gives up.
     this._generation = 0;
@@ -161,6 +170,7 @@
     if (this._running) return this;
     this._running = true;
     this._attempt = 0;
+    this._listen(true);
     this._connect();
     return this;
   };
@@ -173,9 +183,11 @@
   PushClient.prototype.stop = function () {
     var wasRunning = this._running;
     this._running = false;
+    this._listen(false);
     this._generation += 1;
     clearTimeout(this._timer);
     this._timer = null;
+    this._conn = null;
     if (this._ws) {
       var ws = this._ws;
       this._ws = null;
@@ -184,6 +196,42 @@
     this.node = null;
     if (wasRunning) this._status({ state: "stopped", reason: "stopped by the page" });
     return this;
+  };
+
+  /** The global that fires the browser's "online" event (the window, or a worker's self), if any. */
+  function eventTarget() {
+    return typeof self !== "undefined" && self && typeof self.addEventListener === "function" ? self : null;
+  }
+
+  /** Add (on) or remove the client's "online" listener: one while it runs, none once it stopped. */
+  PushClient.prototype._listen = function (on) {
+    var target = eventTarget();
+    if (!target) return;
+    if (on) target.addEventListener("online", this._onOnline);
+    else target.removeEventListener("online", this._onOnline);
+  };
+
+  /**
+   * The browser is back online.  A reconnect waiting a backoff step goes now (within
+   * goAwayJitterMs, so a network that comes back for many pages at once does not bring them all in
+   * the same instant), the backoff itself unchanged; an open connection that answers pings gets
+   * one now, as the network change may have killed it without a word.
+   */
+  PushClient.prototype._online = function () {
+    if (!this._running) return;
+    var self = this;
+    if (this._timer !== null) {
+      var soon = Math.random() * this.options.goAwayJitterMs;
+      if (this._timerAt - Date.now() > soon) {
+        clearTimeout(this._timer);
+        this._timerAt = Date.now() + soon;
+        this._timer = setTimeout(function () { self._connect(); }, soon);
+      }
+      return;
+    }
+    var ws = this._ws;
+    var conn = this._conn;
+    if (ws && conn && conn.pings && !conn.pingSentAt && ws.readyState === 1) this._ping(ws, conn);
   };
 
   Object.defineProperty(PushClient.prototype, "state", { get: function () { return this._state; } });
@@ -241,7 +289,8 @@
     }
     this._ws = ws;
     var self = this;
-    var conn = { url: url, resumedAt: 0, hello: false, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
+    var conn = { url: url, resumedAt: 0, hello: false, pings: false, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
+    this._conn = conn;
     var timeout = setTimeout(function () {
       if (self._ws === ws && !conn.hello) {
         try { ws.close(); } catch (e) { /* not open yet */ }
@@ -275,7 +324,8 @@
       this._status({ state: "connected", url: conn.url, user: frame.user, conn: frame.conn });
       this._scheduleRefresh(ws, conn, frame.expires_in);
       // Only a node whose hello says it answers pings gets them: an earlier one closes with 4500.
-      if (this.options.idleMs > 0 && frame.ping === true) this._watch(ws, conn, this.options.idleMs);
+      conn.pings = this.options.idleMs > 0 && frame.ping === true;
+      if (conn.pings) this._watch(ws, conn, this.options.idleMs);
     } else if (frame.type === "refreshed") {
       this.stats.refreshes += 1;
       this._scheduleRefresh(ws, conn, frame.expires_in);
@@ -342,11 +392,16 @@
         self._watch(ws, conn, idle);
         return;
       }
-      if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ping" }));
-      self.stats.pings += 1;
-      conn.pingSentAt = now;
-      self._watch(ws, conn, o.pongTimeoutMs);
+      self._ping(ws, conn);
     }, Math.min(delay, MAX_TIMER_MS));
+  };
+
+  /** Send a ping on ``ws`` and close it as lost when no frame comes within pongTimeoutMs. */
+  PushClient.prototype._ping = function (ws, conn) {
+    if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ping" }));
+    this.stats.pings += 1;
+    conn.pingSentAt = Date.now();
+    this._watch(ws, conn, this.options.pongTimeoutMs);
   };
 
   /** Schedule the refresh of ``conn``'s token, which expires in ``expiresIn`` seconds (by the node's clock). */
@@ -399,6 +454,7 @@
 
   PushClient.prototype._closed = function (ws, conn, code, reason) {
     this._ws = null;
+    this._conn = null;
     this.node = null;
     if (!this._running) return;
     var healthy = conn.resumedAt > 0 && Date.now() - conn.resumedAt >= this.options.healthyMs;
@@ -411,6 +467,7 @@
     var generation = this._generation;
     if (policy.action === "stop") {
       this._running = false;
+      this._listen(false);
       this._status({ state: "stopped", code: closed.code, reason: closed.reason, url: closed.url });
       if (typeof console !== "undefined") console.error("PushClient: closed with " + closed.code + " (" + closed.reason + "): a client bug, not reconnecting");
       return;
@@ -420,6 +477,7 @@
       this._token = null;
       if (!this._getToken) {
         this._running = false;
+        this._listen(false);
         this._status({ state: "stopped", code: closed.code, reason: "token refused and no getToken option to get a new one", url: closed.url });
         return;
       }
@@ -440,6 +498,7 @@
     this._status(status);
     if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
     var self = this;
+    this._timerAt = Date.now() + delay;
     this._timer = setTimeout(function () { self._connect(); }, delay);
   };
 
