@@ -411,6 +411,37 @@ def test_push_js_does_not_ping_a_node_whose_hello_does_not_say_it_answers_pings(
     assert sent == [[], False, "connected", 0]
 
 
+def test_push_js_replaces_a_kept_token_at_once_after_failed_connects(pages):
+    """A page whose network was down long enough for its token to expire came back to a 4401 and
+    then waited another backoff step (up to ``maxMs``) before it asked ``getToken``, as if new
+    tokens kept being refused: the step counted the failed connects before.  A kept token refused
+    is now replaced at once; a token ``getToken`` just gave that is refused still backs off."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    seen = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const waits = [];
+        let calls = 0;
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "kept", initialMs: 20, maxMs: 100000,
+                                       getToken: () => "new" + (++calls),
+                                       onStatus: s => { if (s.state === "waiting") waits.push([s.code, s.retryIn]); }});
+        client.start();
+        for (let n = 1; n <= 4; n++) {
+            window.opened[n - 1].onclose({code: 1006, reason: ""});
+            await until(() => window.opened.length > n);
+        }
+        window.opened[4].onclose({code: 4401, reason: "token expired"});
+        await until(() => window.opened.length > 5);
+        window.opened[5].onclose({code: 4401, reason: "token revoked"});
+        client.stop();
+        return {waits, tokens: window.opened.map(ws => new URL(ws.url).searchParams.get("token"))};
+    }""")
+    assert seen["tokens"] == ["kept"] * 5 + ["new1"]
+    assert seen["waits"][4] == [CloseCode.UNAUTHORIZED, 0], f"a kept token refused waited a backoff step: {seen['waits']}"
+    assert seen["waits"][5][0] == CloseCode.UNAUTHORIZED and 160 <= seen["waits"][5][1] <= 320  # a backoff step, as before
+
+
 #: Counts the network and visibility listeners a page holds on ``window`` (``window.listening()``),
 #: to show that none stays behind a stopped client.
 COUNTED_LISTENERS = """

@@ -24,7 +24,8 @@
  *   straight back.
  * - Close codes, as the README's table says:
  *     1001           reconnect now (another URL), with since;
- *     4401           call getToken() for a new token, then reconnect (backoff if it repeats);
+ *     4401           call getToken() for a new token, then reconnect: at once when the refused
+ *                    token was a kept one, with backoff when tokens just got keep being refused;
  *     4500-4999      a client bug: stop, report state "stopped", never reconnect;
  *     anything else  (1006 connection lost, 1009, 1011, 1013, 4000-4499 ...): reconnect after a
  *                    jittered exponential backoff (initialMs doubling up to maxMs, each delay drawn
@@ -251,6 +252,7 @@
     if (!this._running) return;
     var generation = this._generation;
     var url = this.urls[this._index % this.urls.length];
+    var fresh = false; // the token was got for this connect (not kept from an earlier connection or the token option)
     if (!this._token) {
       this._status({ state: "token", url: url });
       if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
@@ -265,6 +267,7 @@
       if (token) {
         this._token = token;
         this.stats.tokens += 1;
+        fresh = true;
       }
       if (!this._token) {
         // No close code: no socket was opened.  Same URL (not the node's fault), after a backoff step.
@@ -289,7 +292,7 @@
     }
     this._ws = ws;
     var self = this;
-    var conn = { url: url, resumedAt: 0, hello: false, pings: false, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
+    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
     this._conn = conn;
     var timeout = setTimeout(function () {
       if (self._ws === ws && !conn.hello) {
@@ -459,7 +462,7 @@
     if (!this._running) return;
     var healthy = conn.resumedAt > 0 && Date.now() - conn.resumedAt >= this.options.healthyMs;
     if (healthy) this._attempt = 0;
-    this._retry({ code: code, reason: reason || "", url: conn.url }, closePolicy(code), conn.hello);
+    this._retry({ code: code, reason: reason || "", url: conn.url, freshToken: conn.freshToken }, closePolicy(code), conn.hello);
   };
 
   PushClient.prototype._retry = function (closed, policy, hadHello) {
@@ -481,8 +484,10 @@
         this._status({ state: "stopped", code: closed.code, reason: "token refused and no getToken option to get a new one", url: closed.url });
         return;
       }
-      // Same URL; at once the first time, backing off when new tokens keep being refused.
-      delay = this._attempt === 0 ? 0 : backoffDelay(this._attempt - 1, o.initialMs, o.maxMs);
+      // Same URL; at once the first time, and whenever the refused token is one it kept (from an
+      // earlier connection or the token option: expired while the network was down, revoked),
+      // however many failed connects came before; backing off when new tokens keep being refused.
+      delay = this._attempt === 0 || !closed.freshToken ? 0 : backoffDelay(this._attempt - 1, o.initialMs, o.maxMs);
     } else {
       if (closed.code === 1001) this._away[closed.url] = Date.now() + o.awayMs;
       var next = policy.stay ? { index: this._index, fresh: false } : this._nextUrl(closed.url);
