@@ -442,6 +442,31 @@ def test_push_js_replaces_a_kept_token_at_once_after_failed_connects(pages):
     assert seen["waits"][5][0] == CloseCode.UNAUTHORIZED and 160 <= seen["waits"][5][1] <= 320  # a backoff step, as before
 
 
+def test_push_js_gets_a_new_token_before_reconnecting_once_its_token_has_expired(pages):
+    """A reconnect after the token expired (the node's ``hello`` said when) connected with it all
+    the same: a handshake and a check with auth for a sure 4401, for every page that comes back
+    after an outage longer than its tokens.  It now asks ``getToken`` first; a token still valid
+    is kept."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    tokens = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        let calls = 0;
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "kept", initialMs: 5, maxMs: 10, getToken: () => "new" + (++calls)});
+        client.start();
+        for (const [n, expiresIn] of [[0, 3600], [1, 0.05]]) {
+            window.opened[n].onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: expiresIn})});
+            await new Promise(r => setTimeout(r, 100));
+            window.opened[n].onclose({code: 1006, reason: ""});
+            await until(() => window.opened.length > n + 1);
+        }
+        client.stop();
+        return window.opened.map(ws => new URL(ws.url).searchParams.get("token"));
+    }""")
+    assert tokens == ["kept", "kept", "new1"]
+
+
 #: Counts the network and visibility listeners a page holds on ``window`` (``window.listening()``),
 #: to show that none stays behind a stopped client.
 COUNTED_LISTENERS = """

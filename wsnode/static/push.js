@@ -41,6 +41,7 @@
  *   from it.  When the node could not check the token ("refresh_error": auth unavailable) or
  *   getToken() failed, it tries again after refreshRetryMs.  Without getToken there is no refresh:
  *   the node closes the connection with 4401 once the token expired (after TOKEN_EXPIRY_GRACE).
+ *   A reconnect after the token expired (by what the node said) gets a new one before it connects.
  * - Liveness: after idleMs without a frame it sends {"type": "ping"}; the node answers "pong"
  *   (only to a node whose hello frame says "ping": true; an earlier node would close with 4500).  A
  *   connection that brings no frame within pongTimeoutMs of a ping is closed and counts as lost
@@ -134,6 +135,8 @@
     this.onStatus = options.onStatus || function () {};
     this._getToken = options.getToken || null;
     this._token = options.token || null;
+    /** When this._token expires by the page's clock (from the node's expires_in), 0 when not known. */
+    this._tokenExpiresAt = 0;
     /** The greatest message id seen: the next connection resumes after it. */
     this.lastId = options.since || null;
     /** The node of the current connection (from its hello frame), or null. */
@@ -253,6 +256,9 @@
     var generation = this._generation;
     var url = this.urls[this._index % this.urls.length];
     var fresh = false; // the token was got for this connect (not kept from an earlier connection or the token option)
+    // A kept token the node said has expired by now would only be refused (4401), after a check
+    // with auth: get a new one first.
+    if (this._token && this._getToken && this._tokenExpiresAt && Date.now() >= this._tokenExpiresAt) this._token = null;
     if (!this._token) {
       this._status({ state: "token", url: url });
       if (!this._running || generation !== this._generation) return; // onStatus stopped (and maybe restarted) it
@@ -266,6 +272,7 @@
       if (!this._running || generation !== this._generation) return; // a stale attempt's token is not kept
       if (token) {
         this._token = token;
+        this._tokenExpiresAt = 0;
         this.stats.tokens += 1;
         fresh = true;
       }
@@ -324,6 +331,7 @@
       conn.hello = true;
       this.node = frame.node;
       this.stats.connections += 1;
+      this._expiresIn(frame.expires_in);
       this._status({ state: "connected", url: conn.url, user: frame.user, conn: frame.conn });
       this._scheduleRefresh(ws, conn, frame.expires_in);
       // Only a node whose hello says it answers pings gets them: an earlier one closes with 4500.
@@ -331,6 +339,7 @@
       if (conn.pings) this._watch(ws, conn, this.options.idleMs);
     } else if (frame.type === "refreshed") {
       this.stats.refreshes += 1;
+      this._expiresIn(frame.expires_in);
       this._scheduleRefresh(ws, conn, frame.expires_in);
     } else if (frame.type === "refresh_error") {
       this._refreshLater(ws, conn, this.options.refreshRetryMs);
@@ -407,6 +416,11 @@
     this._watch(ws, conn, this.options.pongTimeoutMs);
   };
 
+  /** The token in use expires in ``expiresIn`` seconds (null: the node does not know). */
+  PushClient.prototype._expiresIn = function (expiresIn) {
+    this._tokenExpiresAt = typeof expiresIn === "number" ? Date.now() + expiresIn * 1000 : 0;
+  };
+
   /** Schedule the refresh of ``conn``'s token, which expires in ``expiresIn`` seconds (by the node's clock). */
   PushClient.prototype._scheduleRefresh = function (ws, conn, expiresIn) {
     if (typeof expiresIn !== "number" || !this._getToken) return;
@@ -444,6 +458,7 @@
     }
     this.stats.tokens += 1;
     this._token = token;
+    this._tokenExpiresAt = 0; // until the node's "refreshed" says
     ws.send(JSON.stringify({ type: "refresh", token: token }));
     // Its answer ("refreshed" or "refresh_error") replaces this; without one, it is sent again.
     this._refreshLater(ws, conn, this.options.refreshRetryMs + this.options.connectTimeoutMs);
