@@ -467,6 +467,36 @@ def test_push_js_gets_a_new_token_before_reconnecting_once_its_token_has_expired
     assert tokens == ["kept", "kept", "new1"]
 
 
+def test_push_js_tells_the_page_when_a_token_refresh_fails(pages):
+    """A refresh whose ``getToken`` failed (the user logged out, the backend down), or that the
+    node answered ``refresh_error``, was retried in silence, the error dropped: the page learnt
+    nothing until the node closed the connection with 4401 when the token expired.  ``onError``
+    now gets each failure; the connection goes on and the refresh is tried again."""
+    page = pages("about:blank")
+    page.add_script_tag(content=RECORDING_WEBSOCKET)
+    page.add_script_tag(content=push_js().decode())
+    seen = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 300 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const errors = [];
+        let calls = 0;
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", refreshRetryMs: 50,
+                                       getToken: () => ++calls === 1 ? Promise.reject(new Error("logged out")) : "t" + calls,
+                                       onError: e => errors.push([e.type, e.reason, e.error ? e.error.message : null, e.retryIn])});
+        client.start();
+        const ws = window.opened[0];
+        ws.readyState = 1;
+        ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 0})});  // refresh in 1 s
+        await until(() => (ws.sent || []).length > 0);
+        ws.onmessage({data: JSON.stringify({type: "refresh_error", reason: "auth unavailable"})});
+        const state = client.state;
+        client.stop();
+        return {errors, sent: ws.sent, state};
+    }""")
+    assert seen["errors"] == [["refresh", "getToken failed: logged out", "logged out", 50],
+                              ["refresh", "refresh_error: auth unavailable", None, 50]]
+    assert seen["sent"] == [{"type": "refresh", "token": "t2"}] and seen["state"] == "connected"
+
+
 #: Counts the network and visibility listeners a page holds on ``window`` (``window.listening()``),
 #: to show that none stays behind a stopped client.
 COUNTED_LISTENERS = """

@@ -7,6 +7,7 @@
  *     getToken: () => fetch("/push-token", {method: "POST"}).then(r => r.json()).then(b => b.token),
  *     onMessage: (data, message) => console.log(message.id, data),
  *     onStatus: (status) => console.log(status.state, status.node || "", status.code || ""),
+ *     onError: (error) => console.warn(error.type, error.reason),  // a token refresh that failed
  *   });
  *   push.start();
  *
@@ -39,7 +40,9 @@
  *   sends the new token ({"type": "refresh", "token": ...}) on the open connection, which goes on
  *   with it; the node answers "refreshed" with the new expiry, and the next refresh is scheduled
  *   from it.  When the node could not check the token ("refresh_error": auth unavailable) or
- *   getToken() failed, it tries again after refreshRetryMs.  Without getToken there is no refresh:
+ *   getToken() failed, it tries again after refreshRetryMs, and tells the page through onError
+ *   ({type: "refresh", reason, error, retryIn}): the connection goes on meanwhile, until the node
+ *   closes it with 4401 once the token expired.  Without getToken there is no refresh:
  *   the node closes the connection with 4401 once the token expired (after TOKEN_EXPIRY_GRACE).
  *   A reconnect after the token expired (by what the node said) gets a new one before it connects.
  * - Liveness: after idleMs without a frame it sends {"type": "ping"}; the node answers "pong"
@@ -133,6 +136,7 @@
     for (var key in DEFAULTS) this.options[key] = options[key] === undefined ? DEFAULTS[key] : options[key];
     this.onMessage = options.onMessage || function () {};
     this.onStatus = options.onStatus || function () {};
+    this.onError = options.onError || function () {};
     this._getToken = options.getToken || null;
     this._token = options.token || null;
     /** When this._token expires by the page's clock (from the node's expires_in), 0 when not known. */
@@ -250,6 +254,20 @@
     }
   };
 
+  /** What a failed getToken() call says: it threw or rejected with ``error``, or gave nothing. */
+  function tokenFailure(error) {
+    return error === undefined ? "getToken gave no token" : "getToken failed: " + (error && error.message ? error.message : String(error));
+  }
+
+  /** Tell the page of an error that changes no state (a refresh that failed) through onError. */
+  PushClient.prototype._error = function (error) {
+    try {
+      this.onError(error);
+    } catch (e) {
+      if (typeof console !== "undefined") console.error("PushClient onError threw", e);
+    }
+  };
+
   PushClient.prototype._connect = async function () {
     this._timer = null;
     if (!this._running) return;
@@ -278,8 +296,7 @@
       }
       if (!this._token) {
         // No close code: no socket was opened.  Same URL (not the node's fault), after a backoff step.
-        var reason = error === undefined ? "getToken gave no token" : "getToken failed: " + (error && error.message ? error.message : String(error));
-        this._retry({ reason: reason, error: error, url: url }, { action: "reconnect", soon: false, stay: true }, false);
+        this._retry({ reason: tokenFailure(error), error: error, url: url }, { action: "reconnect", soon: false, stay: true }, false);
         return;
       }
     }
@@ -299,7 +316,7 @@
     }
     this._ws = ws;
     var self = this;
-    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
+    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, refreshSent: false, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
     this._conn = conn;
     var timeout = setTimeout(function () {
       if (self._ws === ws && !conn.hello) {
@@ -338,11 +355,14 @@
       conn.pings = this.options.idleMs > 0 && frame.ping === true;
       if (conn.pings) this._watch(ws, conn, this.options.idleMs);
     } else if (frame.type === "refreshed") {
+      conn.refreshSent = false;
       this.stats.refreshes += 1;
       this._expiresIn(frame.expires_in);
       this._scheduleRefresh(ws, conn, frame.expires_in);
     } else if (frame.type === "refresh_error") {
-      this._refreshLater(ws, conn, this.options.refreshRetryMs);
+      conn.refreshSent = false;
+      this._error({ type: "refresh", reason: "refresh_error: " + frame.reason, retryIn: this.options.refreshRetryMs });
+      if (this._ws === ws) this._refreshLater(ws, conn, this.options.refreshRetryMs); // unless onError stopped it
     } else if (frame.type === "resumed") {
       conn.resumedAt = Date.now();
       // The next connection resumes from the node's cursor when it is later than every message
@@ -445,21 +465,30 @@
   PushClient.prototype._refresh = async function (ws, conn) {
     conn.refreshTimer = null;
     if (this._ws !== ws || !this._getToken) return;
+    if (conn.refreshSent) {
+      conn.refreshSent = false;
+      this._error({ type: "refresh", reason: "no answer to refresh within " + (this.options.refreshRetryMs + this.options.connectTimeoutMs) + " ms", retryIn: 0 });
+      if (this._ws !== ws) return; // onError stopped it
+    }
     var token = null;
+    var error;
     try {
       token = await within(this._getToken(), this.options.connectTimeoutMs);
     } catch (e) {
+      error = e;
       token = null;
     }
     if (this._ws !== ws || ws.readyState !== 1) return; // closed meanwhile: the reconnect gets its own
     if (!token) {
-      this._refreshLater(ws, conn, this.options.refreshRetryMs);
+      this._error({ type: "refresh", reason: tokenFailure(error), error: error, retryIn: this.options.refreshRetryMs });
+      if (this._ws === ws) this._refreshLater(ws, conn, this.options.refreshRetryMs);
       return;
     }
     this.stats.tokens += 1;
     this._token = token;
     this._tokenExpiresAt = 0; // until the node's "refreshed" says
     ws.send(JSON.stringify({ type: "refresh", token: token }));
+    conn.refreshSent = true;
     // Its answer ("refreshed" or "refresh_error") replaces this; without one, it is sent again.
     this._refreshLater(ws, conn, this.options.refreshRetryMs + this.options.connectTimeoutMs);
   };
