@@ -144,13 +144,20 @@ window.WebSocket = class {
 """
 
 
+def recording_page(pages, *scripts: str) -> Page:
+    """A blank page with push.js on a recording WebSocket (``window.opened``): the client's
+    sockets, driven by hand.  ``scripts`` go in first."""
+    page = pages("about:blank")
+    for script in (*scripts, RECORDING_WEBSOCKET, push_js().decode()):
+        page.add_script_tag(content=script)
+    return page
+
+
 def test_push_js_stopped_while_it_connects_opens_no_socket_and_a_restart_opens_one(pages):
     """``stop()`` from ``onStatus`` while the client connects, or ``stop(); start()`` while it
     waits for ``getToken``, left the earlier attempt going on: a socket opened after ``stop()``
     (messages handed to a stopped page), or two sockets, one of them never closed."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     stopped_on_connecting = page.evaluate("""() => {
         const client = new PushClient({url: "ws://127.0.0.1:9/ws", token: "t", onStatus: s => { if (s.state === "connecting") client.stop(); }});
         client.start();
@@ -178,9 +185,7 @@ def test_push_js_reports_a_stop_by_the_page_with_no_close_code_and_keeps_the_cod
     from a node's close with 1000 (``ping timed out``), and a ``stop()`` after the node's 4500
     reported a second ``stopped``, with 1000.  A stop by the page now has no code (the node still
     sees 1000); once stopped, ``stop()`` reports nothing."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     seen = page.evaluate("""() => {
         const stopped = [];
         const onStatus = s => { if (s.state === "stopped") stopped.push(["code" in s, s.code === undefined ? null : s.code, s.reason]); };
@@ -204,9 +209,7 @@ def test_push_js_reports_a_stop_by_the_page_with_no_close_code_and_keeps_the_cod
 
 def test_push_js_retries_a_get_token_that_never_settles(pages):
     """A ``getToken`` whose request stalls left the client waiting for ever, with no retry."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     states = page.evaluate("""async () => {
         let calls = 0;
         const states = [];
@@ -226,9 +229,7 @@ def test_push_js_reports_a_failed_get_token_as_what_it_was_and_backs_off_on_the_
     ``waiting`` with code 4401, which no node had sent.  It is now ``waiting`` with no code, a
     reason that says what went wrong and the ``error``; the client still tries again on the same
     URL after a backoff step."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     page.evaluate("""() => {
         let calls = 0;
         window.waiting = [];
@@ -258,9 +259,7 @@ def test_push_js_started_again_backs_off_from_the_first_step(pages):
     """The backoff of a run carried over to the next ``start()``: a page that stops its client (a
     tab hidden, a "Disconnect" button) after a flaky spell and starts it again waited up to
     ``maxMs`` after its first failed connect, where a new run starts from ``initialMs``."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     delays = page.evaluate("""async () => {
         const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
         const delays = [];
@@ -285,9 +284,7 @@ def test_push_js_started_again_backs_off_from_the_first_step(pages):
 def sinces_after(pages, *connections: list[dict]) -> list[str | None]:
     """The ``since`` of each connection push.js opens when each of ``connections`` (the frames a
     node sends after ``hello``) ends with a 1006: one more than given."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     return page.evaluate("""async (connections) => {
         const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
         const hello = {type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600};
@@ -335,9 +332,7 @@ def test_push_js_does_not_go_back_to_a_node_that_said_going_away_while_another_u
     """After A's 1001 the client moves to B; when B's connect then fails, it used to go back to A
     (the next URL, though A was still skipped for ``awayMs``) and be refused by a draining node,
     where trying B again is what a load balancer would do.  ``stop()`` forgets the node."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     tried = page.evaluate("""async () => {
         const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
         const client = new PushClient({url: ["ws://a.invalid/ws", "ws://b.invalid/ws"], token: "t", initialMs: 20, goAwayJitterMs: 10});
@@ -362,9 +357,7 @@ def test_push_js_pings_an_idle_connection_and_reconnects_when_nothing_answers(pa
     """A browser cannot see WebSocket pings: a connection whose network went away looked live for
     as long as the operating system kept it.  After ``idleMs`` without a frame push.js sends a
     ``ping``; any frame within ``pongTimeoutMs`` keeps the connection, none makes it count as lost."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     seen = page.evaluate("""async () => {
         const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
         const states = [];
@@ -394,9 +387,7 @@ def test_push_js_does_not_ping_a_node_whose_hello_does_not_say_it_answers_pings(
     """A node of an earlier version closes a connection that sends a ``ping`` with 4500, which
     push.js takes for a client bug and stops for good: during a rolling upgrade, a page that got
     the new push.js from one node and connected to an old one would stop."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     sent = page.evaluate("""async () => {
         const client = new PushClient({url: "ws://old.invalid/ws", token: "t", idleMs: 50, pongTimeoutMs: 50});
         client.start();
@@ -416,9 +407,7 @@ def test_push_js_replaces_a_kept_token_at_once_after_failed_connects(pages):
     then waited another backoff step (up to ``maxMs``) before it asked ``getToken``, as if new
     tokens kept being refused: the step counted the failed connects before.  A kept token refused
     is now replaced at once; a token ``getToken`` just gave that is refused still backs off."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     seen = page.evaluate("""async () => {
         const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
         const waits = [];
@@ -447,9 +436,7 @@ def test_push_js_gets_a_new_token_before_reconnecting_once_its_token_has_expired
     the same: a handshake and a check with auth for a sure 4401, for every page that comes back
     after an outage longer than its tokens.  It now asks ``getToken`` first; a token still valid
     is kept."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     tokens = page.evaluate("""async () => {
         const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
         let calls = 0;
@@ -472,9 +459,7 @@ def test_push_js_tells_the_page_when_a_token_refresh_fails(pages):
     node answered ``refresh_error``, was retried in silence, the error dropped: the page learnt
     nothing until the node closed the connection with 4401 when the token expired.  ``onError``
     now gets each failure; the connection goes on and the refresh is tried again."""
-    page = pages("about:blank")
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages)
     seen = page.evaluate("""async () => {
         const until = async (check) => { for (let i = 0; i < 300 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
         const errors = [];
@@ -513,10 +498,7 @@ def test_push_js_back_online_reconnects_at_once_and_pings_an_open_connection(pag
     network came back, and kept a connection the network change may have killed until its idle
     ping.  The browser's ``online`` event now cuts the wait short and pings an open connection;
     the listener goes when the client stops, however often a page starts and stops one."""
-    page = pages("about:blank")
-    page.add_script_tag(content=COUNTED_LISTENERS)
-    page.add_script_tag(content=RECORDING_WEBSOCKET)
-    page.add_script_tag(content=push_js().decode())
+    page = recording_page(pages, COUNTED_LISTENERS)
     seen = page.evaluate("""async () => {
         const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
         const waits = [];
