@@ -140,6 +140,11 @@ class PushNode:
         #: would have put the node's own lease back, and Dispatch would route to a queue that no
         #: one reads any more.
         self._lease_writes = asyncio.Lock()
+        #: When the first of the leases of this node's bound connections ends unless written again
+        #: (infinity: none bound since the last lapse).  Past it Dispatch routes nothing to them,
+        #: and a device of their user on another node may ack what they miss, so redelivery would
+        #: not send it again: :meth:`_check_leases` closes them, to resume from the store.
+        self._leases_until = float("inf")
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
         self.redis_ok = False
@@ -299,8 +304,9 @@ class PushNode:
         first = self.hub.add(conn)
         writing = self._leasing.get(conn.user_id)
         # A write when none of the user's other connections here has a lease: the first one, or
-        # one that comes after a write failed, before the connections that waited for it are gone.
-        if first or (writing is None and not any(other.bound for other in self.hub.of_user(conn.user_id))):
+        # one that comes after a write failed, before the connections that waited for it are gone,
+        # or while the others are closing (closed because their lease lapsed: _check_leases).
+        if first or (writing is None and not any(other.bound and not other.closing for other in self.hub.of_user(conn.user_id))):
             self._leasing[conn.user_id] = writing = asyncio.ensure_future(self._new_leases.submit(conn.user_id))
             writing.add_done_callback(functools.partial(self._leased, conn.user_id))
         if writing is not None:
@@ -373,6 +379,7 @@ class PushNode:
     def _ping_tick(self) -> None:
         """Every second: ping one slot's connections, close those that left a ping unanswered
         for ``settings.PING_TIMEOUT`` seconds (:mod:`wsnode.pinger`)."""
+        self._check_leases()
         to_ping, timed_out = self.pings.tick()
         for conn in timed_out:
             self.pings.remove(conn)
@@ -397,7 +404,10 @@ class PushNode:
         # may already have run, and a lease written after it would point here until it expired.
         async with self._lease_writes:
             if not self.draining:
+                started = time.time()
                 await self.leases.register([user for user in users if self.hub.of_user(user)])
+                self._check_leases()
+                self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
 
     def detach(self, conn: PushHandler) -> None:
         self.pings.remove(conn)
@@ -589,6 +599,7 @@ class PushNode:
         what came before it in the batch.  Counts the batch, the frames written, and per live
         message written here the time since it was collected."""
         self.metrics.batch(len(batch))
+        self._check_leases()
         outbox: dict[PushHandler, list[tuple[str | None, str]]] = {}
         for delivery in batch:
             if delivery.conn is not None:
@@ -669,7 +680,12 @@ class PushNode:
             async with self._lease_writes:
                 if self.draining:
                     return
+                started = time.time()
                 await self.leases.renew(self.hub.users())
+                # Before the new end: a lease that ended before this write (Redis did not answer
+                # for LEASE_TTL) left a gap in which Dispatch skipped its users.
+                self._check_leases()
+                self._leases_until = started + settings.LEASE_TTL
             if not self.redis_ok:
                 log.info("node=%s leases written for %d users", self.address, self.hub.user_count)
             self.redis_ok = True
@@ -678,6 +694,25 @@ class PushNode:
             log.warning("node=%s lease renewal failed for %d users (%s): their leases expire within %.0f s unless Redis is back; retrying every %.0f s",
                         self.address, self.hub.user_count, redisfull.explain(exc), settings.LEASE_TTL, settings.LEASE_TTL / 3)
             self._redis_failed(exc)
+
+    def _check_leases(self) -> None:
+        """Close the bound connections with 1013 once their leases may have ended (no lease write
+        for ``LEASE_TTL``: Redis down, full or cut off from this node).  From then on Dispatch
+        routes nothing to them, and what they miss is not redelivered to them when another device
+        of their user acks it: open, they would never get it; closed, they resume with ``since``
+        (on another node, or here once Redis answers).  Run before any live message is written
+        (:meth:`deliver`) and before a lease write's new end is recorded, so that no message
+        routed after such a gap reaches a connection that missed one during it."""
+        if self.draining or time.time() < self._leases_until:
+            return
+        self._leases_until = float("inf")
+        conns = [conn for conn in self.hub.all() if conn.bound and not conn.closing]
+        if conns:
+            log.warning("node=%s leases not written for %.0f s (LEASE_TTL; Redis unavailable): Dispatch routes nothing here, "
+                        "closing %d connections with %d so that they resume with since", self.address, settings.LEASE_TTL,
+                        len(conns), CloseCode.TRY_AGAIN_LATER)
+        for conn in conns:
+            conn.close_with(CloseCode.TRY_AGAIN_LATER, "routes lost (Redis unavailable), reconnect with since")
 
     def _redis_failed(self, exc: Exception) -> None:
         """A write to Redis failed: not ready until a PING and a lease write succeed; ``/healthz``

@@ -26,6 +26,7 @@ from tests.integration.conftest import LEASE_TTL
 from tests.integration.test_auth_cache import HeldVerifyHandler
 from tests.integration.test_guarantees import wait_for
 from tests.integration.test_metrics import closes
+from tests.integration.tcpproxy import FreezableProxy
 from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_server_frame
 from tasks.ids import IdGenerator
 from tasks.queues import DELIVER_TASK, node_queue
@@ -421,3 +422,32 @@ async def test_a_node_started_on_an_address_while_its_queue_is_deleted_gets_it_d
         assert "RabbitMQ cancelled this node's consumer" in node.log_tail(500)
     assert asked == [False, True]
     await asyncio.to_thread(node.terminate, 15)
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the routing Redis is cut off, not the broker
+async def test_a_device_on_a_node_cut_off_from_redis_past_its_leases_resumes_and_gets_what_another_device_acked(cluster):
+    """One user, two devices on two nodes; the second node loses Redis (a partition) for longer
+    than ``LEASE_TTL``.  Dispatch then routes to the first node only, that device acks, and
+    redelivery (per user, until an ack) never sends the message again: the second device, still
+    open on its node, never got it, and once its node wrote its leases again it got the next
+    messages, and would resume after them.  Now the node closes its connections with 1013 once
+    their leases may have ended, and they resume with ``since``."""
+    proxy, url = FreezableProxy.to_url(cluster.env["REDIS_URL"])
+    try:
+        cut = cluster.start_node(REDIS_URL=url)
+        user = f"two-devices-{cut.port}"
+        here = await cluster.connect(user, cluster.node_ports[0])
+        there = await cluster.connect(user, cut.port)
+        first = await cluster.collect(user, {"n": 0})
+        assert [f["id"] for f in await there.messages(1)] == [first]
+        proxy.freeze()
+        code, reason = await there.closed(timeout=LEASE_TTL + 4)
+        assert code == CloseCode.TRY_AGAIN_LATER and "since" in reason, (code, reason)
+        during = await cluster.collect(user, {"n": 1})
+        assert [f["id"] for f in await here.messages(2)][-1] == during  # the first, then this one: acked here
+        proxy.thaw()
+        back = await cluster.connect(user, cluster.node_ports[0], since=first)
+        frames, _ = await back.until("resumed")
+        assert during in [f["id"] for f in frames]
+    finally:
+        proxy.close()
