@@ -71,12 +71,12 @@ class Leases:
         """Lease ``users`` (and this node) to this node, in one round trip."""
         now = self._clock()
         until = now + self.ttl
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(NODES_KEY, {self.node: until})
-        args = [self.node, until, now, self._key_ttl()]
-        for keys in _chunks([route_key(user) for user in users]):
-            await self._register(keys=keys, args=args, client=pipe)  # queued in the pipeline
-        await pipe.execute()
+        async with _pipeline(self._redis) as pipe:
+            pipe.zadd(NODES_KEY, {self.node: until})
+            args = [self.node, until, now, self._key_ttl()]
+            for keys in _chunks([route_key(user) for user in users]):
+                await self._register(keys=keys, args=args, client=pipe)  # queued in the pipeline
+            await pipe.execute()
 
     async def renew(self, users: Iterable[str]) -> None:
         """Extend every lease this node holds (the node's own and ``users``')."""
@@ -84,9 +84,9 @@ class Leases:
 
     async def release(self, users: Iterable[str]) -> None:
         """Give up ``users``' leases on this node (their last connection here closed)."""
-        pipe = self._redis.pipeline(transaction=False)
-        await self._release_in(pipe, users)
-        await pipe.execute()  # an empty pipeline sends nothing
+        async with _pipeline(self._redis) as pipe:
+            await self._release_in(pipe, users)
+            await pipe.execute()  # an empty pipeline sends nothing
 
     async def _release_in(self, pipe, users: Iterable[str]) -> None:
         for keys in _chunks([route_key(user) for user in users]):
@@ -96,10 +96,21 @@ class Leases:
         """Shut-down: give up ``users``' leases and end the node's own, so nothing routes here any
         more.  The node stays listed with an ended lease, so housekeeping hands back whatever a
         dispatcher still published to its queue after the node left."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(NODES_KEY, {self.node: 0})
-        await self._release_in(pipe, users)
-        await pipe.execute()
+        async with _pipeline(self._redis) as pipe:
+            pipe.zadd(NODES_KEY, {self.node: 0})
+            await self._release_in(pipe, users)
+            await pipe.execute()
+
+
+def _pipeline(redis):
+    """A pipeline without MULTI, to be entered (``async with``): leaving gives its connection back
+    to the pool whatever happened.  redis-py's ``execute`` does so only once it has begun sending:
+    a pipeline of script calls first checks its scripts (``SCRIPT EXISTS``) on the connection it
+    takes, and when that check fails (Redis restarted, or stopped answering) the connection stayed
+    taken for good.  The node's pool holds ``REDIS_MAX_CONNECTIONS``: a partition from Redis took
+    one per lease write, and once they were all taken, the node could write no lease and answer
+    no PING again, Redis back or not, until it was restarted."""
+    return redis.pipeline(transaction=False)
 
 
 def _chunks(keys: list[str]) -> list[list[str]]:

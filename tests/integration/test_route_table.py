@@ -3,6 +3,7 @@ session's real redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -145,3 +146,31 @@ async def test_a_node_releases_many_users_and_at_shutdown_its_own_lease_and_afte
     await leases.release_node([users[-1], "back"])
     assert redis.zscore(NODES_KEY, "a:1") == 0
     assert redis.zscore(route_key(users[-1]), "a:1") is None and redis.zscore(route_key("back"), "a:1") is None
+
+
+async def test_lease_writes_that_fail_on_a_redis_that_stopped_answering_give_their_connections_back(redis_server):
+    """A node's Redis pool is bounded (``REDIS_MAX_CONNECTIONS``).  A lease write is a pipeline of
+    script calls, which redis-py begins with ``SCRIPT EXISTS`` on the connection it takes; when that
+    failed (a partition, a Redis restart), the connection was never given back.  Once every pooled
+    connection was taken so, the node could write no lease and answer no PING after Redis came back
+    (``No connection available``), until it was restarted."""
+    import redis.asyncio as aioredis
+
+    from tests.integration.tcpproxy import FreezableProxy
+    from wsnode.registry import Leases
+
+    with FreezableProxy.to_url(redis_server.url(4))[0] as proxy:
+        url = redis_server.url(4).replace(f":{redis_server.port}/", f":{proxy.port}/")
+        client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=2, timeout=1, socket_timeout=0.5, socket_connect_timeout=0.5))
+        leases = Leases(client, "a:1", ttl=30.0, clock=lambda: NOW)
+        try:
+            await asyncio.gather(leases.register(["one"]), leases.register(["two"]))  # both pooled connections made
+            proxy.freeze()
+            failed = await asyncio.gather(leases.register(["one"]), leases.release(["two"]), return_exceptions=True)
+            assert all(isinstance(exc, redis_lib.RedisError) for exc in failed), failed
+            proxy.thaw()
+            await leases.register(["back"])
+            assert await client.zscore(route_key("back"), "a:1") == NOW + 30
+        finally:
+            await client.aclose()
