@@ -13,13 +13,21 @@ A token is a JWT signed with HS256 carrying:
 
 ``verify`` checks the signature and the claims, then ``exp`` against the ``now`` it is given; it
 accepts HS256 only (never ``none``).  Revocation is not checked here: see ``auth.revocations``.
+
+Secret rotation: ``issue`` signs with the one secret it is given (``AUTH_SECRET``); ``verify`` also
+takes the ``previous`` secrets (``AUTH_SECRET_PREVIOUS``), tried in order only after the current
+one's signature did not match, so a token signed with the current secret costs what it did
+without them.  A token signed with a previous secret gives the same claims (its ``jti`` and
+``iat``, which revocations key on), marked ``signed_with_previous``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jwt
@@ -66,6 +74,8 @@ class Claims:
     issued_at: float
     #: Whole unix seconds at which the token stops working.
     expires_at: int
+    #: Signed with one of the ``previous`` secrets ``verify`` was given, not the current one.
+    signed_with_previous: bool = False
 
     @property
     def issued_at_us(self) -> int:
@@ -115,8 +125,9 @@ def issue(secret: str, user_id: str, now: float, ttl: int) -> IssuedToken:
     return IssuedToken(token=token, expires_at=expires_at, jti=jti)
 
 
-def verify(secret: str, token: object, now: float) -> Claims:
-    """The claims of ``token`` if it is signed with ``secret`` and not expired at ``now``.
+def verify(secret: str, token: object, now: float, previous: Sequence[str] = ()) -> Claims:
+    """The claims of ``token`` if it is signed with ``secret`` (or, failing that, one of the
+    ``previous`` secrets, in order) and not expired at ``now``.
 
     Raises ``TokenExpired`` or ``TokenInvalid``; messages never contain the token.
     """
@@ -126,26 +137,37 @@ def verify(secret: str, token: object, now: float) -> Claims:
         # A JWT is base64url and dots.  PyJWT encodes the text first, and a lone surrogate (which
         # JSON's \ud800 escape carries) raised UnicodeEncodeError out of it: a 500, for a whole list.
         raise TokenInvalid("malformed (not ASCII: a token is base64url text and dots)")
+    for index, key in enumerate(itertools.chain((secret,), previous)):  # previous read only when needed
+        try:
+            payload = _decode(token, key)
+        except jwt.InvalidSignatureError:
+            continue  # another secret may have signed it; anything else is wrong whichever did
+        return _claims(payload, now, signed_with_previous=index > 0)
+    raise TokenInvalid("signature does not match (signed with another secret, or altered)")
+
+
+def _decode(token: str, key: str) -> dict:
+    """The payload of ``token`` signed with ``key``; raises ``jwt.InvalidSignatureError`` when
+    ``key`` did not sign it, ``TokenInvalid`` when it is wrong whatever the key."""
     try:
-        payload = jwt.decode(
+        return jwt.decode(
             token,
-            secret,
+            key,
             algorithms=[ALGORITHM],
             # exp and iat are checked below, against the ``now`` we were given, not PyJWT's clock.
             options={"require": list(REQUIRED_CLAIMS), "verify_exp": False, "verify_iat": False, "verify_nbf": False},
         )
     except jwt.InvalidSignatureError:
-        raise TokenInvalid("signature does not match (signed with another secret, or altered)") from None
+        raise
     except jwt.InvalidAlgorithmError:
         raise TokenInvalid(f"algorithm is not {ALGORITHM}") from None
     except jwt.MissingRequiredClaimError as exc:
         raise TokenInvalid(f"missing claim {exc.claim!r}") from None
     except jwt.PyJWTError as exc:
         raise TokenInvalid(f"malformed ({exc})") from None
-    return _claims(payload, now)
 
 
-def _claims(payload: dict, now: float) -> Claims:
+def _claims(payload: dict, now: float, signed_with_previous: bool) -> Claims:
     user_id, jti, issued_at, expires_at = (payload[name] for name in REQUIRED_CLAIMS)
     try:
         check_user_id(user_id)
@@ -159,4 +181,4 @@ def _claims(payload: dict, now: float) -> Claims:
         raise TokenInvalid("claim 'exp' is not a whole number of seconds")
     if now >= expires_at:
         raise TokenExpired(f"token expired at {expires_at}")
-    return Claims(user_id=user_id, jti=jti, issued_at=float(issued_at), expires_at=expires_at)
+    return Claims(user_id=user_id, jti=jti, issued_at=float(issued_at), expires_at=expires_at, signed_with_previous=signed_with_previous)

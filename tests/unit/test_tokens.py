@@ -181,3 +181,87 @@ def test_a_good_user_id_is_accepted(user_id):
 def test_a_ttl_that_is_not_a_positive_whole_number_is_refused(ttl):
     with pytest.raises(ValueError, match="ttl"):
         tokens.issue(SECRET, "alice", NOW, ttl)
+
+
+# --- secret rotation: AUTH_SECRET_PREVIOUS ------------------------------------------------------
+
+PREVIOUS_SECRET = "previous-secret-retired-at-rotation-0123456789"
+
+
+class ReadCount(list):
+    """A list of secrets that counts how often it is read (pure: no mock, just a list)."""
+
+    reads = 0
+
+    def __iter__(self):
+        self.reads += 1
+        return super().__iter__()
+
+
+def test_a_token_signed_with_a_previous_secret_still_verifies_marked_as_such():
+    issued = tokens.issue(PREVIOUS_SECRET, "alice", NOW, TTL)
+
+    claims = tokens.verify(SECRET, issued.token, NOW + 1, previous=[PREVIOUS_SECRET])
+
+    assert claims == Claims(user_id="alice", jti=issued.jti, issued_at=NOW, expires_at=issued.expires_at, signed_with_previous=True)
+
+
+def test_any_of_several_previous_secrets_verifies_its_tokens():
+    previous = [OTHER_SECRET, PREVIOUS_SECRET]
+
+    for secret in previous:
+        assert tokens.verify(SECRET, tokens.issue(secret, "alice", NOW, TTL).token, NOW, previous=previous).signed_with_previous
+
+
+def test_a_token_signed_with_the_current_secret_is_not_marked_and_never_reads_the_previous_ones():
+    previous = ReadCount([PREVIOUS_SECRET])
+
+    claims = tokens.verify(SECRET, tokens.issue(SECRET, "alice", NOW, TTL).token, NOW, previous=previous)
+
+    assert claims.user_id == "alice" and not claims.signed_with_previous
+    assert previous.reads == 0  # the hot path: one HMAC, as without previous secrets
+
+
+def test_a_token_signed_with_a_secret_neither_current_nor_previous_is_invalid():
+    issued = tokens.issue("an-unknown-secret-of-an-attacker-0123456789", "alice", NOW, TTL)
+
+    with pytest.raises(TokenInvalid, match="signature does not match"):
+        tokens.verify(SECRET, issued.token, NOW, previous=[PREVIOUS_SECRET, OTHER_SECRET])
+
+
+def test_a_previous_secret_no_longer_given_verifies_nothing():
+    issued = tokens.issue(PREVIOUS_SECRET, "alice", NOW, TTL)
+
+    with pytest.raises(TokenInvalid, match="signature"):
+        tokens.verify(SECRET, issued.token, NOW)
+
+
+def test_a_token_signed_with_a_previous_secret_expires_as_any_other():
+    issued = tokens.issue(PREVIOUS_SECRET, "alice", NOW, TTL)
+
+    with pytest.raises(TokenExpired):
+        tokens.verify(SECRET, issued.token, issued.expires_at, previous=[PREVIOUS_SECRET])
+
+
+@pytest.mark.parametrize("overrides", [{"sub": None}, {"sub": "a b"}, {"exp": "soon"}])
+def test_a_token_signed_with_a_previous_secret_has_its_claims_checked_as_any_other(overrides):
+    with pytest.raises(TokenInvalid):
+        tokens.verify(SECRET, signed(good_claims(**overrides), secret=PREVIOUS_SECRET), NOW, previous=[PREVIOUS_SECRET])
+
+
+def test_a_token_signed_with_a_previous_secret_keeps_the_id_and_issue_time_revocations_key_on():
+    from auth.revocations import revoked_by
+
+    issued = tokens.issue(PREVIOUS_SECRET, "alice", NOW, TTL)
+    claims = tokens.verify(SECRET, issued.token, NOW, previous=[PREVIOUS_SECRET])
+
+    assert claims.jti == issued.jti
+    assert revoked_by(None, round(NOW * 1_000_000), claims.issued_at_us)  # a user revocation made when it was issued
+    assert not revoked_by(None, round(NOW * 1_000_000) - 1, claims.issued_at_us)
+
+
+def test_new_tokens_are_signed_with_the_current_secret_only():
+    issued = tokens.issue(SECRET, "alice", NOW, TTL)
+
+    with pytest.raises(TokenInvalid, match="signature"):
+        tokens.verify(PREVIOUS_SECRET, issued.token, NOW)
