@@ -225,6 +225,25 @@ def _origins(raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _secret_list(env: Mapping[str, str], name: str, current: str, admin_key: bool) -> tuple[str, ...]:
+    """The comma-separated secrets (or admin keys) of ``name``, in order, without empty items,
+    repeats, or ``current`` (the one in force, accepted anyway).  An error never shows the value.
+
+    An item with whitespace around it is refused: ``old1, old2`` would be read as ``" old2"``, a
+    different key, and the tokens it signed (or the backends that send it) refused after all.  An
+    admin key outside ASCII is refused as ``AUTH_ADMIN_KEY`` is."""
+    items = [item for item in (env.get(name) or "").split(",") if item]
+    for number, item in enumerate(items, 1):
+        which = f"{name} item {number} of {len(items)}" if len(items) > 1 else name
+        if item != item.strip():
+            raise SettingsError(f"{which} starts or ends with whitespace, so it would never match: separate the items with commas "
+                                "alone, without spaces (a secret or key that holds a comma cannot be listed)")
+        if admin_key and not item.isascii():
+            raise SettingsError(f"{which} holds characters outside ASCII, which HTTP clients send in different encodings in the "
+                                "Authorization header: an admin key must be ASCII")
+    return tuple(item for number, item in enumerate(items) if item != current and item not in items[:number])
+
+
 def redact(url: str) -> str:
     """``url`` without its password, for logs: ``redis://:secret@host/0`` -> ``redis://:***@host/0``;
     a ``password=`` query parameter (redis-py's ``unix://`` form) is masked too."""
@@ -268,6 +287,13 @@ if not AUTH_ADMIN_KEY.isascii():
     raise SettingsError("AUTH_ADMIN_KEY holds characters outside ASCII, which HTTP clients send in different encodings in the "
                         "Authorization header, so the right key would be refused to some of them: use ASCII, such as "
                         "python -c 'import secrets; print(secrets.token_urlsafe(32))' prints")
+#: Secrets ``AUTH_SECRET`` held before (comma-separated, newest first): tokens signed with them still
+#: verify until they expire; new tokens are signed with ``AUTH_SECRET`` alone.  Drop them once
+#: ``TOKEN_TTL`` has passed since auth stopped signing with them (README, "Rotating the secrets").
+AUTH_SECRET_PREVIOUS: tuple[str, ...] = _secret_list(_env, "AUTH_SECRET_PREVIOUS", AUTH_SECRET, admin_key=False)
+#: Admin keys accepted besides ``AUTH_ADMIN_KEY`` (comma-separated), while business backends move
+#: to it.  ``AUTH_ADMIN_KEY`` stays the one key that this project's own clients (the demo) send.
+AUTH_ADMIN_KEY_PREVIOUS: tuple[str, ...] = _secret_list(_env, "AUTH_ADMIN_KEY_PREVIOUS", AUTH_ADMIN_KEY, admin_key=True)
 #: Lifetime of an issued token, in seconds.
 TOKEN_TTL: int = _read(_env, "TOKEN_TTL", 3600, _positive_int, "a whole number of seconds")
 #: How long a connection whose token expired stays open for the client to send a newer one
@@ -377,12 +403,18 @@ LOG_LEVEL: str = _read(_env, "LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARN
 MIN_SECRET_BYTES = 32
 
 
-def check_secrets() -> None:
-    """Warn about development or short secrets; refuse them when ``PUSH_ENV=production``.
+def named_secrets(secret: str, admin_key: str, previous_secrets: tuple[str, ...] = (), previous_admin_keys: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """``(name, value, development value)`` of every secret and admin key given, a previous one
+    named by its variable (and its place, when the variable lists several).  Pure."""
+    named = [("AUTH_SECRET", secret, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY", admin_key, DEV_AUTH_ADMIN_KEY)]
+    for name, values, dev in (("AUTH_SECRET_PREVIOUS", previous_secrets, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY_PREVIOUS", previous_admin_keys, DEV_AUTH_ADMIN_KEY)):
+        named += [(f"{name} item {number} of {len(values)}" if len(values) > 1 else name, value, dev) for number, value in enumerate(values, 1)]
+    return named
 
-    Called once by the auth service at start, after logging is set up: it alone holds them (the
-    nodes ask it about each token; the workers never read them)."""
-    named = (("AUTH_SECRET", AUTH_SECRET, DEV_AUTH_SECRET), ("AUTH_ADMIN_KEY", AUTH_ADMIN_KEY, DEV_AUTH_ADMIN_KEY))
+
+def secret_problems(named: list[tuple[str, str, str]]) -> list[str]:
+    """What is wrong with the secrets of :func:`named_secrets`: development values, and values
+    shorter than :data:`MIN_SECRET_BYTES`; empty when nothing is.  Pure."""
     weak = [name for name, value, dev in named if value == dev]
     short = [f"{name} has {len(value.encode())}" for name, value, dev in named if value != dev and len(value.encode()) < MIN_SECRET_BYTES]
     problems = []
@@ -390,6 +422,17 @@ def check_secrets() -> None:
         problems.append(f"{', '.join(weak)} still hold the development value")
     if short:
         problems.append(f"{' and '.join(short)} bytes, under the {MIN_SECRET_BYTES} a secret needs")
+    return problems
+
+
+def check_secrets() -> None:
+    """Warn about development or short secrets; refuse them when ``PUSH_ENV=production``.  Every
+    secret and admin key counts, the previous ones (``AUTH_SECRET_PREVIOUS``,
+    ``AUTH_ADMIN_KEY_PREVIOUS``) too: each one verifies tokens or opens the admin routes.
+
+    Called once by the auth service at start, after logging is set up: it alone holds them (the
+    nodes ask it about each token; the workers never read them)."""
+    problems = secret_problems(named_secrets(AUTH_SECRET, AUTH_ADMIN_KEY, AUTH_SECRET_PREVIOUS, AUTH_ADMIN_KEY_PREVIOUS))
     if not problems:
         return
     fix = "set them to long random strings, such as python -c 'import secrets; print(secrets.token_urlsafe(32))' prints"

@@ -69,6 +69,17 @@ def test_a_production_secret_shorter_than_hs256_needs_is_refused_with_its_length
     assert "secrets.token_urlsafe(32)" in output
 
 
+def test_a_short_or_development_previous_secret_or_admin_key_is_refused_in_production_as_a_current_one_is(tmp_path):
+    env = production_env(tmp_path, AUTH_SECRET="s" * 40, AUTH_ADMIN_KEY="k" * 40, AUTH_SECRET_PREVIOUS=f"{'o' * 40},tooshort",
+                         AUTH_ADMIN_KEY_PREVIOUS="dev-admin-key-change-me")
+    run = subprocess.run(COMMANDS["auth"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)  # the old auth, which ignored them, ran until killed
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-2000:]
+    assert ("PUSH_ENV=production but AUTH_ADMIN_KEY_PREVIOUS still hold the development value; "
+            "AUTH_SECRET_PREVIOUS item 2 of 2 has 8 bytes, under the 32 a secret needs") in output, output[-2000:]
+    assert "tooshort" not in output
+
+
 def test_in_development_a_short_secret_is_only_a_warning(tmp_path):
     env = {**production_env(tmp_path, AUTH_SECRET="tooshort", AUTH_ADMIN_KEY="k" * 40), "PUSH_ENV": "development",
            "AUTH_PORT": str(launcher.free_port())}

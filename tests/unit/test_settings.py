@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import RESULT_BACKEND_SCHEMES, SettingsError, _choice, _database_name, _origins, _port, _positive_float, _positive_int, _read, _result_backend, _url, redact
+from settings import DEV_AUTH_ADMIN_KEY, DEV_AUTH_SECRET, RESULT_BACKEND_SCHEMES, SettingsError, _choice, _database_name, _origins, _port, _positive_float, _positive_int, _read, _result_backend, _secret_list, _url, named_secrets, redact, secret_problems
 
 
 def read(env: dict, convert=int, default=7, expected: str = "a whole number"):
@@ -338,3 +338,81 @@ def test_a_url_whose_password_holds_a_character_that_ends_the_host_does_not_show
     secret = raw.partition("://")[2].rpartition("@")[0].partition(":")[2]
     assert not any(piece in message for piece in secret.replace("#", "/").replace("?", "/").split("/") if piece), message
     assert "***" in message and "percent-encode" in message, message
+
+
+# --- previous secrets and admin keys (rotation) ---------------------------------------------------
+
+CURRENT = "current-secret-0123456789-abcdefghijklmnop"
+OLD = "old-secret-0123456789-abcdefghijklmnopqrstu"
+OLDER = "older-secret-0123456789-abcdefghijklmnopqrs"
+
+
+def previous(raw: str | None, admin_key: bool = False) -> tuple[str, ...]:
+    return _secret_list({} if raw is None else {"AUTH_SECRET_PREVIOUS": raw}, "AUTH_SECRET_PREVIOUS", CURRENT, admin_key)
+
+
+def test_no_previous_secret_by_default():
+    assert previous(None) == previous("") == ()
+
+
+def test_previous_secrets_are_split_on_commas_in_order():
+    assert previous(OLD) == (OLD,)
+    assert previous(f"{OLD},{OLDER}") == (OLD, OLDER)
+
+
+def test_previous_secrets_skip_empty_items_repeats_and_the_current_secret():
+    assert previous(f",{OLD},,{OLD},{CURRENT},{OLDER},") == (OLD, OLDER)
+
+
+def test_a_previous_secret_keeps_every_character_but_the_comma():
+    assert previous("o;ld= secret+/\\é") == ("o;ld= secret+/\\é",)
+
+
+@pytest.mark.parametrize("raw, which", [(f"{OLD}, {OLDER}", "AUTH_SECRET_PREVIOUS item 2 of 2"), (f"{OLD}\n", "AUTH_SECRET_PREVIOUS starts")])
+def test_a_previous_secret_with_whitespace_around_it_is_refused_naming_its_place_without_showing_it(raw, which):
+    with pytest.raises(SettingsError) as caught:
+        previous(raw)
+
+    assert which in str(caught.value) and "separate the items with commas alone" in str(caught.value)
+    assert OLD not in str(caught.value) and OLDER not in str(caught.value)
+
+
+def test_a_previous_admin_key_outside_ascii_is_refused_but_a_previous_secret_is_not():
+    with pytest.raises(SettingsError, match="outside ASCII"):
+        previous("clé-d-administration-0123456789-abcdefgh", admin_key=True)
+    assert previous("clé-0123456789-abcdefghijklmnopqrstuvwxyz") == ("clé-0123456789-abcdefghijklmnopqrstuvwxyz",)
+
+
+def test_every_secret_given_is_named_for_the_checks():
+    named = named_secrets(CURRENT, "k" * 40, (OLD, OLDER), ("p" * 40,))
+
+    assert [name for name, _, _ in named] == ["AUTH_SECRET", "AUTH_ADMIN_KEY", "AUTH_SECRET_PREVIOUS item 1 of 2", "AUTH_SECRET_PREVIOUS item 2 of 2",
+                                              "AUTH_ADMIN_KEY_PREVIOUS"]
+
+
+def test_long_random_secrets_have_no_problem():
+    assert secret_problems(named_secrets(CURRENT, "k" * 40, (OLD, OLDER), ("p" * 40,))) == []
+
+
+def test_a_short_or_development_previous_secret_or_admin_key_is_a_problem_as_the_current_ones_are():
+    problems = secret_problems(named_secrets(CURRENT, "k" * 40, (OLD, "short"), (DEV_AUTH_ADMIN_KEY,)))
+
+    assert problems == ["AUTH_ADMIN_KEY_PREVIOUS still hold the development value",
+                        "AUTH_SECRET_PREVIOUS item 2 of 2 has 5 bytes, under the 32 a secret needs"]
+    assert secret_problems(named_secrets(CURRENT, "k" * 40, (DEV_AUTH_SECRET,))) == ["AUTH_SECRET_PREVIOUS still hold the development value"]
+
+
+def test_the_previous_secrets_and_admin_keys_are_read_from_the_environment_at_import():
+    env = {**os.environ, "AUTH_SECRET": CURRENT, "AUTH_SECRET_PREVIOUS": f"{OLD},{OLDER}", "AUTH_ADMIN_KEY": "k" * 40, "AUTH_ADMIN_KEY_PREVIOUS": "p" * 40}
+    done = subprocess.run([sys.executable, "-c", "import settings; print((settings.AUTH_SECRET_PREVIOUS, settings.AUTH_ADMIN_KEY_PREVIOUS))"],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.stdout.strip() == str(((OLD, OLDER), ("p" * 40,))), done.stderr[-500:]
+
+
+def test_a_previous_admin_key_with_whitespace_stops_the_import_naming_it_without_showing_it():
+    done = subprocess.run([sys.executable, "-c", "import settings"], cwd=Path(__file__).resolve().parents[2],
+                          env={**os.environ, "AUTH_ADMIN_KEY_PREVIOUS": f"{'p' * 40}, {'q' * 40}"}, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode != 0 and "AUTH_ADMIN_KEY_PREVIOUS item 2 of 2 starts or ends with whitespace" in done.stderr, done.stderr[-500:]
+    assert "p" * 40 not in done.stderr and "q" * 40 not in done.stderr
