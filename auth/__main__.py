@@ -2,7 +2,7 @@
 
 Main thread; the HTTP server and the Redis client live on the one asyncio loop of ``asyncio.run``.
 Settings come from ``settings.py`` (``AUTH_PORT``, ``BIND_ADDRESS``, ``AUTH_SECRET``,
-``AUTH_ADMIN_KEY``, ``TOKEN_TTL``, ``REDIS_URL``).  The service starts even when Redis is down:
+``AUTH_SECRET_PREVIOUS``, ``AUTH_ADMIN_KEY``, ``AUTH_ADMIN_KEY_PREVIOUS``, ``TOKEN_TTL``, ``REDIS_URL``).  The service starts even when Redis is down:
 ``/healthz`` answers 503 and ``/verify`` refuses tokens until Redis is back.
 """
 
@@ -43,7 +43,8 @@ def connect_redis(url: str) -> redis.asyncio.Redis:
 
 async def serve() -> int:
     client = connect_redis(settings.REDIS_URL)
-    service = AuthService(settings.AUTH_SECRET, settings.AUTH_ADMIN_KEY, client, settings.TOKEN_TTL)
+    service = AuthService(settings.AUTH_SECRET, settings.AUTH_ADMIN_KEY, client, settings.TOKEN_TTL,
+                          previous_secrets=settings.AUTH_SECRET_PREVIOUS, previous_admin_keys=settings.AUTH_ADMIN_KEY_PREVIOUS)
     # Handlers first: a SIGTERM that arrives once /healthz answers must stop the service cleanly.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -56,6 +57,7 @@ async def serve() -> int:
             log.error("cannot listen on %s:%d (%s): set AUTH_PORT to a free port or BIND_ADDRESS to a local address", settings.BIND_ADDRESS, settings.AUTH_PORT, exc)
             return 1
         log.info("listening on http://%s:%d (tokens live %ds)", settings.BIND_ADDRESS, port, settings.TOKEN_TTL)
+        log_rotation()
         try:
             await service.revocations.ping()
         except RevocationsUnavailable as exc:
@@ -68,6 +70,17 @@ async def serve() -> int:
         await client.aclose()
 
 
+def log_rotation() -> None:
+    """Say which previous secrets and admin keys are still accepted (how many: never the values)."""
+    if settings.AUTH_SECRET_PREVIOUS:
+        log.info("tokens signed with %d previous secret(s) of AUTH_SECRET_PREVIOUS still verify until they expire; new ones are "
+                 "signed with AUTH_SECRET: remove them once TOKEN_TTL (%ds) has passed since every auth process signs with AUTH_SECRET "
+                 "(auth_verifications_previous_secret_total then stays flat)", len(settings.AUTH_SECRET_PREVIOUS), settings.TOKEN_TTL)
+    if settings.AUTH_ADMIN_KEY_PREVIOUS:
+        log.info("%d previous admin key(s) of AUTH_ADMIN_KEY_PREVIOUS still accepted: remove them once every business backend sends "
+                 "AUTH_ADMIN_KEY (auth_admin_previous_key_requests_total then stays flat)", len(settings.AUTH_ADMIN_KEY_PREVIOUS))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """No options (everything is a setting); ``--help`` says so, and any argument is refused rather
     than ignored: ``python -m auth --help`` used to start the service on ``AUTH_PORT``."""
@@ -76,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Run the auth service: it issues tokens (POST /tokens), verifies them for the push nodes (POST /verify) "
                     "and revokes them (POST /revoke), until SIGTERM or SIGINT.",
         epilog="It takes no options: its settings are environment variables (AUTH_PORT, BIND_ADDRESS, AUTH_SECRET, "
-               "AUTH_ADMIN_KEY, TOKEN_TTL, REDIS_URL, PUSH_ENV, LOG_LEVEL); see the README's Configuration.")
+               "AUTH_SECRET_PREVIOUS, AUTH_ADMIN_KEY, AUTH_ADMIN_KEY_PREVIOUS, TOKEN_TTL, REDIS_URL, PUSH_ENV, LOG_LEVEL); "
+               "see the README's Configuration.")
     return parser.parse_args(argv)
 
 

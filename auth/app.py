@@ -18,7 +18,10 @@ Every response is JSON.  Routes:
 - ``GET /metrics`` -> Prometheus metrics (``auth.metrics``): tokens issued, verifications by result,
   revocations, requests and their latency by route
 
-Admin routes need ``Authorization: Bearer <AUTH_ADMIN_KEY>`` (401 otherwise).  A body that is not
+Admin routes need ``Authorization: Bearer <AUTH_ADMIN_KEY>``, or one of the previous admin keys
+(``AUTH_ADMIN_KEY_PREVIOUS``), each compared in constant time (401 otherwise).  Tokens are signed
+with ``AUTH_SECRET``; ``/verify`` and ``/revoke`` also accept tokens signed with a previous secret
+(``AUTH_SECRET_PREVIOUS``), tried after the current one (``auth.tokens.verify``).  A body that is not
 the JSON object a route expects gets 400 with ``{"error": ...}`` saying what was expected and what
 arrived; a body over ``MAX_BODY_BYTES`` is refused by Tornado itself (bare 400, connection closed,
 which a client still sending sees as a reset).
@@ -31,7 +34,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis.asyncio
 import tornado.httpserver
@@ -50,11 +53,21 @@ MAX_BODY_BYTES = 64 * 1024
 #: Tokens in one ``POST /verify`` of the list form (wsnode.auth sends at most as many, and no body
 #: over ``MAX_BODY_BYTES``: 100 tokens of ASCII user ids fit in it, 29 of the longest do).
 MAX_VERIFY_BATCH = 100
+#: Addresses logged, at most, as sending a previous admin key (once each).
+MAX_LOGGED_SENDERS = 1000
 ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz, GET /metrics"
 REDIS_DOWN = "cannot reach Redis to check or record revocations; retry later (operators: check REDIS_URL)"
 REDIS_FULL = f"Redis is full and refuses to record the revocation; retry later (operators: {redisfull.HINT})"
 NOT_ANNOUNCED = ("revocation recorded but not yet announced to the push nodes, so connections already open with the revoked tokens stay open: "
                  f"retry the call, which announces it (operators: check that Redis answers and that REDIS_URL's user may publish on {CHANNEL})")
+
+
+def matching_key(presented: bytes, keys: Sequence[bytes]) -> int | None:
+    """The index in ``keys`` of the key equal to ``presented``, or None.  Each key is compared, in
+    constant time (``hmac.compare_digest``), whichever matches: the time taken says nothing of
+    which key, or which of its bytes, matched.  Pure."""
+    matches = [hmac.compare_digest(presented, key) for key in keys]
+    return matches.index(True) if True in matches else None
 
 
 class Reject(tornado.web.HTTPError):
@@ -70,14 +83,20 @@ class AuthService:
     """The Auth HTTP server: ``start()`` on the loop, ``await stop()`` on the same loop.
 
     ``redis_client`` belongs to the caller, who closes it after ``stop()``.  ``metrics`` defaults to
-    a new :class:`AuthMetrics` with a registry of its own.
+    a new :class:`AuthMetrics` with a registry of its own.  ``previous_secrets`` still verify the
+    tokens they signed, and ``previous_admin_keys`` still open the admin routes (a rotation).
     """
 
     def __init__(self, secret: str, admin_key: str, redis_client: redis.asyncio.Redis, token_ttl: int, clock: Callable[[], float] = time.time,
-                 metrics: AuthMetrics | None = None) -> None:
+                 metrics: AuthMetrics | None = None, previous_secrets: Sequence[str] = (), previous_admin_keys: Sequence[str] = ()) -> None:
         self.secret = secret
+        self.previous_secrets = tuple(previous_secrets)
         self.metrics = metrics if metrics is not None else AuthMetrics()
         self.admin_key = admin_key
+        #: Every admin key accepted, as bytes, the current one first.
+        self.admin_keys = tuple(key.encode() for key in (admin_key, *previous_admin_keys))
+        #: Addresses already logged as sending a previous admin key (one line each, a bounded set).
+        self._previous_key_senders: set[str] = set()
         self.token_ttl = token_ttl
         self.clock = clock
         self.revocations = Revocations(redis_client, token_ttl, clock)
@@ -94,6 +113,19 @@ class AuthService:
             default_handler_args=args,
         )
         self._server: tornado.httpserver.HTTPServer | None = None
+
+    def verify(self, token: object) -> tokens.Claims:
+        """``tokens.verify`` with the current secret, then the previous ones, at the service's clock."""
+        return tokens.verify(self.secret, token, self.clock(), self.previous_secrets)
+
+    def previous_admin_key_used(self, remote_ip: str | None) -> None:
+        """Count an admin request accepted with a previous admin key, and log its address once."""
+        self.metrics.previous_admin_key_used()
+        address = remote_ip or "?"
+        if address not in self._previous_key_senders and len(self._previous_key_senders) < MAX_LOGGED_SENDERS:
+            self._previous_key_senders.add(address)
+            log.warning("admin request from %s accepted with a key of AUTH_ADMIN_KEY_PREVIOUS: move that backend to AUTH_ADMIN_KEY "
+                        "(logged once per address; auth_admin_previous_key_requests_total counts them all)", address)
 
     def start(self, port: int, address: str) -> int:
         """Listen on ``address:port`` (port 0 picks a free one); returns the port bound."""
@@ -137,7 +169,10 @@ class JsonHandler(tornado.web.RequestHandler):
 
     def require_admin(self) -> None:
         scheme, _, key = self.request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.service.admin_key.encode()):
+        index = matching_key(key.strip().encode(), self.service.admin_keys)
+        if scheme.lower() == "bearer" and index is not None:
+            if index > 0:
+                self.service.previous_admin_key_used(self.request.remote_ip)
             return
         problem = "missing" if not scheme else "not a Bearer key" if scheme.lower() != "bearer" else "the key does not match"
         log.warning("admin request %s %s from %s refused: %s", self.request.method, self.request.path, self.request.remote_ip, problem)
@@ -220,7 +255,7 @@ class VerifyHandler(JsonHandler):
         signed: list[tokens.Claims] = []
         for token in tokens_:
             try:
-                signed.append(tokens.verify(self.service.secret, token, self.service.clock()))
+                signed.append(self.service.verify(token))
                 answers.append(None)
             except tokens.TokenExpired:
                 self.service.metrics.verified("expired")
@@ -246,6 +281,8 @@ class VerifyHandler(JsonHandler):
                 answers[index] = (401, {"error": "token revoked"})
             else:
                 self.service.metrics.verified("ok")
+                if claims.signed_with_previous:
+                    self.service.metrics.verified_with_previous_secret()
                 answers[index] = (200, {"user_id": claims.user_id, "expires_at": claims.expires_at, "token_id": claims.jti, "issued_at_us": claims.issued_at_us})
         return answers  # type: ignore[return-value]  # every None was filled
 
@@ -275,7 +312,7 @@ class RevokeHandler(JsonHandler):
 
     async def _revoke_token(self, token: str) -> None:
         try:
-            claims = tokens.verify(self.service.secret, token, self.service.clock())
+            claims = self.service.verify(token)  # one signed with a previous secret is revoked alike (by jti)
         except tokens.TokenExpired:
             return  # dead already: nothing to record
         except tokens.TokenInvalid as exc:

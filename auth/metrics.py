@@ -28,6 +28,14 @@ class AuthMetrics:
             "unavailable (503: Redis could not say whether it is revoked).",
             ["result"], registry=r,
         )
+        self._previous_secret = Counter(
+            "auth_verifications_previous_secret",
+            "Tokens POST /verify answered ok (200) that were signed with a previous secret (AUTH_SECRET_PREVIOUS), not AUTH_SECRET: "
+            "browsers still use tokens from before the rotation.", registry=r)
+        self._previous_admin_key = Counter(
+            "auth_admin_previous_key_requests",
+            "Admin requests (POST /tokens, POST /revoke) accepted with a previous admin key (AUTH_ADMIN_KEY_PREVIOUS), not AUTH_ADMIN_KEY: "
+            "a business backend still sends the old key.", registry=r)
         self._revoked = Counter("auth_revocations", "Revocations recorded, by kind: one token, or every token of a user.", ["kind"], registry=r)
         self._requests = Counter("auth_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=r)
         self._duration = Histogram("auth_request_duration_seconds", "Seconds from a request's arrival to its answer, by route.", ["route"],
@@ -44,6 +52,12 @@ class AuthMetrics:
         if result not in VERIFY_RESULTS:
             raise ValueError(f"verify result {result!r}: expected one of {', '.join(VERIFY_RESULTS)}")
         self._verified.labels(result=result).inc()
+
+    def verified_with_previous_secret(self) -> None:
+        self._previous_secret.inc()
+
+    def previous_admin_key_used(self) -> None:
+        self._previous_admin_key.inc()
 
     def revoked(self, kind: str) -> None:
         if kind not in REVOKE_KINDS:

@@ -594,3 +594,48 @@ def redis_keys(port: int, pattern: str) -> list[str]:
     keys = redis_command(port, "KEYS", pattern)
     assert keys, f"no keys match {pattern}"
     return keys
+
+
+# --- rotating AUTH_SECRET and AUTH_ADMIN_KEY -----------------------------------------------------
+
+NEW_SECRET = "integration-test-new-secret-after-rotation-0123456789"
+NEW_ADMIN_KEY = "integration-test-new-admin-key-0123456789"
+
+
+def metric(base: str, name: str) -> float:
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return float(next(line.split()[-1] for line in lines if line.startswith(name + " ")))
+
+
+def test_after_a_rotation_tokens_and_admin_keys_from_before_still_work_and_revoke_and_unknown_ones_do_not(tmp, redis_port):
+    # Before: auth signs with SECRET and takes ADMIN_KEY.
+    with auth_service(tmp, redis_port) as (before, _):
+        kept, by_token, by_user = (issue(before, user) for user in ("rot-kept", "rot-token", "rot-user"))
+    # After the restart: a new secret and key, the old ones as previous.
+    with auth_service(tmp, redis_port, AUTH_SECRET=NEW_SECRET, AUTH_SECRET_PREVIOUS=SECRET, AUTH_ADMIN_KEY=NEW_ADMIN_KEY,
+                      AUTH_ADMIN_KEY_PREVIOUS=ADMIN_KEY) as (after, _):
+        assert verify(after, kept["token"]) == (200, identity(kept, "rot-kept"))
+        unknown = jwt.encode({"sub": "rot-kept", "jti": "x", "iat": time.time(), "exp": int(time.time()) + 60}, "unknown-secret-" + "x" * 40, algorithm="HS256")
+        status, body = verify(after, unknown)
+        assert status == 401 and body["error"].startswith("token invalid: signature"), body
+
+        # Both admin keys work (a wrong one does not), and new tokens are signed with the new secret only.
+        fresh = [call(after, "POST", "/tokens", {"user_id": "rot-new"}, key=key) for key in (NEW_ADMIN_KEY, ADMIN_KEY, ADMIN_KEY + "x")]
+        assert [status for status, _ in fresh] == [200, 200, 401], fresh
+        jwt.decode(fresh[1][1]["token"], NEW_SECRET, algorithms=["HS256"])
+        with pytest.raises(jwt.InvalidSignatureError):
+            jwt.decode(fresh[1][1]["token"], SECRET, algorithms=["HS256"])
+
+        # Revocation covers the tokens signed with the previous secret, by token and by user.
+        assert call(after, "POST", "/revoke", {"token": by_token["token"]}, key=NEW_ADMIN_KEY) == (200, {"revoked": "token"})
+        assert call(after, "POST", "/revoke", {"user_id": "rot-user"}, key=NEW_ADMIN_KEY) == (200, {"revoked": "user"})
+        listed = call(after, "POST", "/verify", {"tokens": [by_token["token"], by_user["token"], kept["token"]]})
+        assert listed == (200, {"results": [{"error": "token revoked"}, {"error": "token revoked"}, identity(kept, "rot-kept")]})
+
+        assert metric(after, "auth_verifications_previous_secret_total") == 2  # kept, alone then in the list
+        assert metric(after, "auth_admin_previous_key_requests_total") == 1
+        log = (tmp / f"auth-{after.rsplit(':', 1)[1]}.log").read_text()
+        assert "tokens signed with 1 previous secret(s) of AUTH_SECRET_PREVIOUS still verify" in log
+        assert "accepted with a key of AUTH_ADMIN_KEY_PREVIOUS" in log
+        assert SECRET not in log and ADMIN_KEY not in log

@@ -172,3 +172,14 @@ def test_auth_counts_unknown_paths_under_one_route_label():
     assert sample(metrics, "auth_requests_total", route="/verify", status="200") == 1
     assert sample(metrics, "auth_requests_total", route="other", status="404") == 2
     assert sample(metrics, "auth_request_duration_seconds_count", route="/verify") == 1
+
+
+def test_auth_counts_tokens_verified_with_a_previous_secret_and_admin_requests_with_a_previous_key_from_zero():
+    metrics = AuthMetrics()
+    assert sample(metrics, "auth_verifications_previous_secret_total") == 0
+    assert sample(metrics, "auth_admin_previous_key_requests_total") == 0
+    metrics.verified_with_previous_secret()
+    metrics.verified_with_previous_secret()
+    metrics.previous_admin_key_used()
+    assert sample(metrics, "auth_verifications_previous_secret_total") == 2
+    assert sample(metrics, "auth_admin_previous_key_requests_total") == 1
