@@ -88,6 +88,8 @@ def advice(error: object) -> str:
                 "what the worker held comes back; set consumer_timeout (rabbitmq.conf) above your longest countdown")
     if "NOT_FOUND" in text:
         return "a queue or exchange the worker uses is missing on the broker (deleted while the worker ran?)"
+    if "ACCESS_REFUSED" in text and "Login was refused" in text:  # RabbitMQ refusing the login itself, as the worker first connects
+        return "the broker refused the worker's login: check the user name and password in BROKER_URL (rabbitmqctl list_users)"
     if "ACCESS_REFUSED" in text:
         return "the broker's user may not use a queue or exchange of the worker: grant it (rabbitmqctl set_permissions) on the vhost"
     if "RESOURCE_LOCKED" in text:

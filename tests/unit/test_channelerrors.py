@@ -88,6 +88,16 @@ def test_the_log_says_what_a_channel_error_means(error, says):
     assert says in advice(Exception(error))
 
 
+def test_a_login_refused_as_the_worker_first_connects_is_named_as_such_not_as_missing_permissions():
+    """A wrong password (say, BROKER_URL not updated after a credentials rotation) is AMQP's 403
+    ACCESS_REFUSED, a channel error raised before the worker holds a connection: the worker logs
+    it with this advice (Consumer.on_connection_error_before_connected), which told the operator to
+    grant the user permissions on the vhost."""
+    says = advice(Exception("(0, 0): (403) ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. "
+                            "For details see the broker logfile."))
+    assert "password" in says and "BROKER_URL" in says and "set_permissions" not in says
+
+
 def test_a_full_redis_is_named_as_redis_py_raises_it():
     """redis-py's OutOfMemoryError keeps Redis's reply without its "OOM" prefix."""
     assert advice(OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")) == redisfull.HINT
