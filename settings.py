@@ -216,9 +216,15 @@ def _origins(raw: str) -> tuple[str, ...]:
         parts = urllib.parse.urlsplit(part.lower())
         if not parts.scheme or not parts.hostname or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
             raise ValueError(f"{part!r} is not an origin as browsers send it: write scheme://host[:port], e.g. https://app.example.com")
-        netloc = parts.netloc
-        if parts.port is not None and parts.port == _DEFAULT_PORTS.get(parts.scheme):  # .port raises ValueError on a port that is not a number
-            netloc = netloc.rpartition(":")[0]
+        host, port = parts.hostname, parts.port  # .port raises ValueError on a port that is not a number
+        if not host.isascii():
+            raise ValueError(f"{part!r} is not an origin as browsers send it: a browser sends a host outside ASCII in its "
+                             "punycode form (xn--...), so write it so")
+        # Rebuilt from the host and the port as numbers, as a browser writes them: a port written
+        # with leading zeros (:08443) or left empty (host:) matched no Origin header.
+        netloc = f"[{host}]" if ":" in host else host
+        if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+            netloc = f"{netloc}:{port}"
         origins.append(f"{parts.scheme}://{netloc}")
     if not origins:
         raise ValueError("no origin in it")

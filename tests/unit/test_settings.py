@@ -223,8 +223,14 @@ def test_origins_are_read_as_browsers_send_them_lower_case_without_the_scheme_s_
         "https://app.example.com", "http://localhost", "http://localhost:8080", "chrome-extension://abc")
 
 
+def test_an_origin_s_port_is_read_as_the_number_a_browser_writes():
+    assert _origins("https://app.example.com:08443, https://app.example.com:, http://[::1]:80, http://[::1]:8080") == (
+        "https://app.example.com:8443", "https://app.example.com", "http://[::1]", "http://[::1]:8080")
+
+
 @pytest.mark.parametrize("raw", ["app.example.com", "localhost:8080", "https://app.example.com/chat", "https://app.example.com?x=1",
-                                 "https://user@app.example.com", "https://app.example.com:44x", ",", " , "])
+                                 "https://user@app.example.com", "https://app.example.com:44x", ",", " , ",
+                                 "https://bücher.example"])
 def test_an_origin_no_browser_sends_stops_the_process_instead_of_refusing_every_browser_with_403(raw):
     text = failure({"SOME_VAR": raw}, convert=_origins, expected="a comma-separated list of origins such as https://app.example.com, or *")
     assert text.startswith(f"SOME_VAR={raw!r} is not valid: expected a comma-separated list of origins"), text
