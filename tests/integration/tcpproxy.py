@@ -85,6 +85,17 @@ class FreezableProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
+    def _received(self, source: socket.socket, poll: float = 0.05):
+        """What ``source`` sends, chunk by chunk, and ``b""`` every ``poll`` seconds while it sends
+        nothing (so that a caller may act between chunks), until it closes or this proxy does: for
+        subclasses whose ``_pump`` reads the bytes it forwards (a protocol's frames)."""
+        while not self._closed.is_set():
+            readable, _, _ = select.select([source], [], [], poll)
+            data = source.recv(65536) if readable else b""
+            if readable and not data:
+                return
+            yield data
+
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while not self._closed.is_set():

@@ -15,7 +15,6 @@ Also: RabbitMQ cancelling the worker's consumer of a queue deleted while it cons
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import struct
 import sys
@@ -61,11 +60,7 @@ class ChannelClosingProxy(FreezableProxy):
             return super()._pump(source, sink)  # client to broker: as it is
         buffer, content_left, channels = b"", 0, {}  # routing key -> channel it was last delivered on
         try:
-            while not self._closed.is_set():
-                readable, _, _ = select.select([source], [], [], 0.05)
-                data = source.recv(65536) if readable else b""
-                if readable and not data:
-                    break
+            for data in self._received(source):
                 buffer += data
                 out = bytearray()
                 while len(buffer) >= 7:  # whole frames only

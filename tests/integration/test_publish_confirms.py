@@ -15,7 +15,6 @@ the connection both ways.
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 import struct
 import threading
@@ -54,11 +53,7 @@ class PublishCuttingProxy(FreezableProxy):
             return super()._pump(source, sink)  # broker to client: as it is
         buffer, started = b"", False
         try:
-            while not self._closed.is_set():
-                readable, _, _ = select.select([source], [], [], 0.05)
-                data = source.recv(65536) if readable else b""
-                if readable and not data:
-                    break
+            for data in self._received(source):
                 buffer += data
                 out = bytearray()
                 if not started:  # the protocol header, "AMQP" 0 0 9 1
