@@ -141,18 +141,9 @@ app.conf.update(
         # messages have timeouts of their own; the Redis transport ignores these.
         "read_timeout": settings.BROKER_TIMEOUT / 2,
         "write_timeout": settings.BROKER_TIMEOUT,
-        # RabbitMQ broker (py-amqp): publisher confirms.  Each publish of the workers and the nodes
-        # (Dispatch's wsnode.deliver batches, Collect's tasks.dispatch, a node's tasks.receipts and
-        # tasks.replay_many) waits for the broker's basic.ack.  Without it a publish returned once
-        # its bytes were written to the socket: a connection that died a moment later lost the
-        # message without an error (a node's batch then came only from redelivery, REDELIVER_AFTER
-        # later, and a broadcast never).  Now the lost connection fails the publish, and kombu
-        # publishes it again on a new connection (Celery's task_publish_retry_policy); a nack, or
-        # no answer within read_timeout, likewise; once those retries are spent the publish raises
-        # OperationalError, which Collect and Dispatch retry as any broker error.  A message that no
-        # queue takes (a node's queue deleted) is still acked and dropped: see README, Delivery.
-        # The Redis transport ignores it.
-        "confirm_publish": True,
+        # Publisher confirms are not set here, app-wide: the platform's data messages are
+        # published through tasks.publishing's producers, which confirm on RabbitMQ; task events
+        # and remote-control replies, sent from the worker's event loop, do not wait for acks.
     },
     # Every network call has a timeout (redis-py and kombu default to none).
     redis_socket_timeout=10,

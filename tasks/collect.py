@@ -49,7 +49,7 @@ from celery.utils.time import get_exponential_backoff_interval
 
 import redisfull
 import settings
-from tasks import links, messages as validation
+from tasks import links, messages as validation, publishing
 from tasks.collectbatches import CollectBatches
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
@@ -153,7 +153,8 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
             # send_task, not apply_async: under task_always_eager that runs tasks.dispatch here,
             # which fails the same way, is retried eagerly and returns a failed result without
             # raising, so the request succeeded with its messages neither routed nor queued.
-            app.send_task(dispatch.name, args=[docs], queue=DISPATCH_QUEUE)
+            with publishing.producer(app) as producer:
+                app.send_task(dispatch.name, args=[docs], queue=DISPATCH_QUEUE, producer=producer)
 
     if not patient:
         attempt()
@@ -393,8 +394,9 @@ def _retry(task, req, exc: Exception) -> tuple[str, object]:
         return ("failed", exc)
     countdown = get_exponential_backoff_interval(factor=1, retries=retries, maximum=30, full_jitter=True)
     try:
-        task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown, retries=retries + 1, queue=COLLECT_QUEUE,
-                         **links.retry_options(req))
+        with publishing.producer(app) as producer:
+            task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown, retries=retries + 1, queue=COLLECT_QUEUE,
+                             producer=producer, **links.retry_options(req))
     except Exception as send_exc:  # noqa: BLE001
         # Not sent: failing would lose the message; let the worker die instead so the broker
         # restores the unacked request.

@@ -25,7 +25,7 @@ from celery.exceptions import AlwaysEagerIgnored
 from kombu.exceptions import OperationalError
 
 import settings
-from tasks import pending, routing, wirejson
+from tasks import pending, publishing, routing, wirejson
 from tasks.queues import DELIVER_TASK, deliver_argsrepr, node_queue
 from tasks.store import StoreError, StoreUnavailable, get_store
 from worker import app
@@ -92,14 +92,17 @@ def publish_all(messages: list[tuple[str, list[dict], dict]]) -> None:
     """Publish several ``wsnode.deliver`` messages, ``(node, envelopes, kwargs)`` each, in one
     kombu publish batch: on the Redis broker that is one round trip for all of them instead of a
     transaction each.  Either all are sent or this raises (kombu discards what it had not
-    flushed), and the caller routes again."""
-    if len(messages) <= 1:
-        for node, envelopes, extra in messages:
-            publish(node, envelopes, **extra)
+    flushed), and the caller routes again.  On RabbitMQ each is confirmed (:mod:`tasks.publishing`)."""
+    if not messages:
         return
-    with app.producer_or_acquire() as producer, producer.batch():
-        for node, envelopes, extra in messages:
+    with publishing.producer(app) as producer:
+        if len(messages) == 1:
+            node, envelopes, extra = messages[0]
             publish(node, envelopes, producer=producer, **extra)
+            return
+        with producer.batch():
+            for node, envelopes, extra in messages:
+                publish(node, envelopes, producer=producer, **extra)
 
 
 def route(messages: list[dict]) -> dict[str, list[dict]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from tasks import publishing
 from tasks.queues import node_queue, parse_delivery
 from wsnode.presence import node_name
 
@@ -138,8 +139,9 @@ def _re_dispatch(app, address: str, taken: list) -> int:
             continue
         if delivery.conn is None:
             envelopes.extend(delivery.envelopes)
-    for start in range(0, len(envelopes), CHUNK):
-        app.send_task("tasks.dispatch", args=[envelopes[start : start + CHUNK]], ignore_result=True)
+    with publishing.producer(app) as producer:
+        for start in range(0, len(envelopes), CHUNK):
+            app.send_task("tasks.dispatch", args=[envelopes[start : start + CHUNK]], ignore_result=True, producer=producer)
     for message in taken:
         message.ack()
     return len(envelopes)

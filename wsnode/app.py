@@ -35,7 +35,7 @@ import redisfull
 import settings
 from tasks.ids import is_message_id
 from tasks.queues import node_address
-from tasks import wirejson
+from tasks import publishing, wirejson
 from tasks.reclaim import hand_back
 from wsnode import protocol
 from wsnode.auth import AuthClient
@@ -440,8 +440,9 @@ class PushNode(TokenWatch):
         """Publisher thread."""
         for batch in self._replays.batches():
             try:
-                self.celery.send_task("tasks.replay_many", kwargs={"node": self.address, "requests": [request for _, request in batch]}, ignore_result=True,
-                                      serializer=wirejson.SERIALIZER)
+                with publishing.producer(self.celery) as producer:
+                    self.celery.send_task("tasks.replay_many", kwargs={"node": self.address, "requests": [request for _, request in batch]},
+                                          ignore_result=True, serializer=wirejson.SERIALIZER, producer=producer)
             except Exception as exc:  # noqa: BLE001 - each connection is told, and closed to retry
                 for conn, _ in batch:
                     self._loop.add_callback(self._replay_failed, conn, f"replay request not sent: {exc}")
@@ -597,9 +598,14 @@ class PushNode(TokenWatch):
             await self._renew()
 
     def _send_receipts(self, batch: list[dict]) -> None:
-        future = self._publisher.submit(self.celery.send_task, "tasks.receipts", args=[batch], ignore_result=True,
-                                        argsrepr=receipts_argsrepr(batch), serializer=wirejson.SERIALIZER)
+        future = self._publisher.submit(self._publish_receipts, batch)
         future.add_done_callback(lambda f: not f.cancelled() and f.exception() and log.warning("%d receipts not sent: %s", len(batch), f.exception()))
+
+    def _publish_receipts(self, batch: list[dict]) -> None:
+        """Publisher thread."""
+        with publishing.producer(self.celery) as producer:
+            self.celery.send_task("tasks.receipts", args=[batch], ignore_result=True, argsrepr=receipts_argsrepr(batch),
+                                  serializer=wirejson.SERIALIZER, producer=producer)
 
     def health(self) -> dict:
         consumer_ok = self._consumer is not None and self._consumer.connected
