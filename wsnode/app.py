@@ -277,7 +277,7 @@ class PushNode(TokenWatch):
     # --- connections (loop thread) ------------------------------------------------------------
 
     def origin_allowed(self, origin: str) -> bool:
-        return "*" in self._origins or origin.rstrip("/") in self._origins
+        return protocol.origin_allowed(origin, self._origins)
 
     @property
     def full(self) -> bool:

@@ -94,6 +94,14 @@ def parse_client_frame(frame: str | bytes) -> Ack | Refresh | Ping:
     raise ProtocolError(f"unknown frame type {str(kind)[:40]!r}: expected ack, refresh or ping")
 
 
+def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a handshake's ``Origin`` header names one of ``allowed`` (``settings.ALLOWED_ORIGINS``,
+    already in the form browsers send: ``scheme://host[:port]`` in lower case, or ``*``).  Scheme
+    and host are compared without regard to case, as origins are (a client other than a browser
+    may send ``https://App.example.com``), and a trailing ``/`` is ignored.  Pure."""
+    return "*" in allowed or origin.rstrip("/").lower() in allowed
+
+
 def parse_since(value: str | None) -> str | None:
     """Validate the ``since`` query argument (absent, or a message id)."""
     if value is None or value == "":

@@ -13,6 +13,8 @@ import uuid
 
 import pytest
 import redis as redis_lib
+import tornado.httpclient
+import tornado.websocket
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu import Connection
 
@@ -404,3 +406,23 @@ async def test_items_in_kombus_format_with_headers_or_a_content_type_kombu_canno
         assert text.count(f"dropped an item of queue {queue!r} that is not a kombu message") == len(bad), log_name
     assert "Unrecoverable error" not in cluster._log("worker").read_text(errors="replace")
     client.close()
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
+async def test_a_handshake_from_an_origin_not_in_allowed_origins_gets_403_and_an_allowed_one_connects(cluster):
+    """``ALLOWED_ORIGINS`` as written by hand (capitals, the scheme's default port) still lets its
+    browsers in, in whatever case a client writes the origin, and refuses any other origin."""
+    node = cluster.start_node(ALLOWED_ORIGINS="https://App.Example.com:443,http://localhost:3000")
+    token = await asyncio.to_thread(cluster.token, "origin-user")
+
+    async def handshake(origin: str):
+        request = tornado.httpclient.HTTPRequest(cluster.ws_url(node.port, token), headers={"Origin": origin})
+        return await tornado.websocket.websocket_connect(request)
+
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await handshake("https://evil.example")
+    assert refused.value.code == 403
+    for origin in ("https://app.example.com", "HTTPS://APP.example.com", "http://localhost:3000"):
+        connection = await handshake(origin)
+        assert json.loads(await connection.read_message())["type"] == "hello", origin
+        connection.close()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from wsnode import protocol
 from wsnode.closecodes import CloseCode
 from wsnode.protocol import (PONG_FRAME, Ack, Ping, ProtocolError, Refresh, hello_frame, message_frame, parse_client_frame, parse_since, refresh_error_frame,
                              refreshed_frame, resumed_frame)
@@ -210,3 +211,17 @@ def test_a_ping_frame_parses_to_a_ping_whatever_else_it_carries():
 
 def test_the_pong_frame_is_a_json_object_of_type_pong():
     assert json.loads(PONG_FRAME) == {"type": "pong"}
+
+
+@pytest.mark.parametrize("origin, allowed, expected", [
+    ("https://app.example.com", ("https://app.example.com",), True),
+    ("https://app.example.com/", ("https://app.example.com",), True),
+    ("HTTPS://App.Example.COM", ("https://app.example.com",), True),  # scheme and host are case-insensitive
+    ("https://app.example.com:8443", ("https://app.example.com",), False),
+    ("http://app.example.com", ("https://app.example.com",), False),
+    ("https://evil.example", ("https://app.example.com", "http://localhost:3000"), False),
+    ("null", ("null",), True),
+    ("https://anything.example", ("*",), True),
+])
+def test_an_origin_is_allowed_as_browsers_compare_origins(origin, allowed, expected):
+    assert protocol.origin_allowed(origin, allowed) is expected
