@@ -515,6 +515,8 @@ def test_push_js_back_online_reconnects_at_once_and_pings_an_open_connection(pag
         ws.readyState = 1;
         ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600, ping: true})});
         window.dispatchEvent(new Event("online"));
+        ws.onmessage({data: JSON.stringify({type: "pong"})});  // answered: the next online event pings again
+        window.dispatchEvent(new Event("online"));
         const sent = (ws.sent || []).slice();
         const running = window.listening();
         client.stop();
@@ -525,7 +527,7 @@ def test_push_js_back_online_reconnects_at_once_and_pings_an_open_connection(pag
         return {waits, before, after, sent, running, left: window.listening()};
     }""")
     assert seen["waits"][0] >= 30_000 and (seen["before"], seen["after"]) == (1, 2), f"the online event did not cut the wait short: {seen}"
-    assert seen["sent"] == [{"type": "ping"}]
+    assert seen["sent"] == [{"type": "ping"}, {"type": "ping"}], "a ping answered kept the next online event from pinging"
     assert seen["running"] == 1 and seen["left"] == 0, f"listeners left behind: {seen}"
 
 

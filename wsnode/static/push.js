@@ -239,7 +239,8 @@
     }
     var ws = this._ws;
     var conn = this._conn;
-    if (ws && conn && conn.pings && !conn.pingSentAt && ws.readyState === 1) this._ping(ws, conn);
+    var answered = !conn || !conn.pingSentAt || conn.lastFrameAt >= conn.pingSentAt; // no ping of its own in flight
+    if (ws && conn && conn.pings && answered && ws.readyState === 1) this._ping(ws, conn);
   };
 
   Object.defineProperty(PushClient.prototype, "state", { get: function () { return this._state; } });
