@@ -96,6 +96,13 @@ class NodeMetrics:
             ["outcome"], registry=r,
         )
         self._lease_failures = Counter("push_node_lease_renewal_failures", "Lease renewals that failed (Redis unavailable): leases expire unless a later one works.", registry=r)
+        self._leases_lost = Counter(
+            "push_node_leases_lost",
+            "Leases that a lease write found gone or ended while the node's writes worked (Redis restarted without them, failed over, "
+            "was flushed, or evicted them), counted when connections bound here were closed for it with 1013: lease=user per user, "
+            "lease=node for the node's own lease (every connection here closed).",
+            ["lease"], registry=r,
+        )
         for code in REJECT_CODES:
             self._rejected.labels(code=str(int(code)))
         for code in CLOSE_CODES:
@@ -106,6 +113,8 @@ class NodeMetrics:
             self._replays.labels(outcome=outcome)
         for outcome in REFRESH_OUTCOMES:
             self._refreshes.labels(outcome=outcome)
+        for lease in ("user", "node"):
+            self._leases_lost.labels(lease=lease)
 
     def track(self, connections: Callable[[], float], users: Callable[[], float], health: Callable[[], dict]) -> None:
         """Read the gauges from the node at each scrape: counts from the hub, the rest from
@@ -172,6 +181,13 @@ class NodeMetrics:
 
     def lease_failure(self) -> None:
         self._lease_failures.inc()
+
+    def leases_lost(self, node: bool, users: int) -> None:
+        """A lease write found the node's own lease (``node``) or ``users`` users' leases gone."""
+        if node:
+            self._leases_lost.labels(lease="node").inc()
+        if users:
+            self._leases_lost.labels(lease="user").inc(users)
 
     # --- exposition ---------------------------------------------------------------------------
 

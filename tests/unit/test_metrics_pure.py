@@ -137,6 +137,15 @@ def test_replays_and_lease_failures_are_counted():
     assert sample(metrics, "push_node_lease_renewal_failures_total") == 1
 
 
+def test_lost_leases_are_counted_per_user_and_for_the_nodes_own():
+    metrics = NodeMetrics("127.0.0.1:8101")
+    assert sample(metrics, "push_node_leases_lost_total", lease="user") == 0  # listed before the first
+    metrics.leases_lost(node=False, users=3)
+    metrics.leases_lost(node=True, users=0)
+    assert sample(metrics, "push_node_leases_lost_total", lease="user") == 3
+    assert sample(metrics, "push_node_leases_lost_total", lease="node") == 1
+
+
 def test_an_unknown_replay_outcome_is_refused_naming_the_known_ones():
     with pytest.raises(ValueError, match="served, truncated, failed"):
         NodeMetrics("127.0.0.1:8101").replay("lost")
