@@ -52,7 +52,7 @@ from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
 from wsnode.revocations import RecentRevocations, RevocationListener
-from wsnode.registry import Leases
+from wsnode.registry import Lapsed, Leases
 from wsnode.session import BacklogOverflow, Session
 from wsnode.tokenwatch import TokenWatch
 
@@ -67,7 +67,7 @@ class NodeStartError(RuntimeError):
 STOP_STEP_SECONDS = 10
 
 #: How often the node PINGs Redis so that ``/healthz`` turns 503 within seconds of an outage (and
-#: rewrites its leases as soon as Redis is back), instead of at the next lease renewal.
+#: renews its leases as soon as Redis is back), instead of at the next lease renewal.
 REDIS_PING_SECONDS = 2.0
 
 #: Most connections the node opens to Redis.  Callers beyond it wait (up to 5 s) for one to be
@@ -85,6 +85,10 @@ REPLAY_REQUESTS_PER_TASK = 100
 #: restarted) would otherwise get a task each.  It delays a new connection's opening replay, and
 #: the live messages held back during it, by this much; nothing after that.
 REPLAY_GATHER_SECONDS = 0.02
+
+#: The close reason of a connection whose user's lease (or the node's own) a lease write found gone
+#: or ended while the node's writes worked (:meth:`PushNode._close_unroutable`).
+LEASE_LOST_REASON = "routes lost (leases gone from Redis), reconnect with since"
 
 #: Files served at ``/static/``: the browser client ``push.js``.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -371,9 +375,19 @@ class PushNode(TokenWatch):
         async with self._lease_writes:
             if not self.draining:
                 started = time.time()
-                await self.leases.register([user for user in users if self.hub.of_user(user)])
+                await self._write_leases([user for user in users if self.hub.of_user(user)])
                 self._check_leases()
                 self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
+
+    async def _write_leases(self, users: list[str]) -> None:
+        """Write the leases of ``users``, whose connections here are not bound yet (a first write:
+        no lease of theirs is expected), holding ``_lease_writes``.  The node's own lease is only
+        extended: when it was gone or ended (Redis lost it), Dispatch routed to none of the node's
+        users meanwhile, so their bound connections are closed before it is written again."""
+        if await self.leases.register(users):
+            self._check_leases()
+            self._close_unroutable(Lapsed(node=True, users=[]))
+            await self.leases.register([], node=True)
 
     def detach(self, conn: PushHandler) -> None:
         self.pings.remove(conn)
@@ -418,7 +432,7 @@ class PushNode(TokenWatch):
                 await self.leases.release(users)
                 back = [user for user in users if self.hub.of_user(user)]  # reconnected meanwhile
                 if back and not self.draining:
-                    await self.leases.register(back)
+                    await self._write_leases(back)
         except RedisError as exc:
             log.warning("node=%s leases of %d users who left not released (%s); they expire within %.0f s",
                         self.address, len(users), exc, settings.LEASE_TTL)
@@ -544,11 +558,15 @@ class PushNode(TokenWatch):
                 if self.draining:
                     return
                 started = time.time()
-                await self.leases.renew(self.hub.users())
+                lapsed = await self.leases.renew(self.hub.users())
                 # Before the new end: a lease that ended before this write (Redis did not answer
                 # for LEASE_TTL) left a gap in which Dispatch skipped its users.
                 self._check_leases()
                 self._leases_until = started + settings.LEASE_TTL
+                if lapsed:  # left unwritten by the renewal: written again once their connections are closed
+                    again = self._close_unroutable(lapsed)
+                    if again or lapsed.node:
+                        await self.leases.register(again, node=lapsed.node)
             if not self.redis_ok:
                 log.info("node=%s leases written for %d users", self.address, self.hub.user_count)
             self.redis_ok = True
@@ -577,6 +595,37 @@ class PushNode(TokenWatch):
         for conn in conns:
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "routes lost (Redis unavailable), reconnect with since")
 
+    def _close_unroutable(self, lapsed: Lapsed) -> list[str]:
+        """Close with 1013 the bound connections of the users whose lease a write found gone or
+        ended though the node's writes worked (every user's when it was the node's own lease):
+        Redis lost it (restarted without persistence or lost the last second of its append-only
+        file, failed over to a replica that lacked it, was flushed, or evicted the route key under
+        a ``maxmemory`` policy).  Dispatch routed nothing to them since, and what they missed is not
+        redelivered to them when another device of their user acks it; closed, they resume with
+        ``since``.  Run before those leases are written again, so that nothing routed after the gap
+        reaches a connection that missed something during it; the renewal and the first writes
+        leave a lease they find gone or ended unwritten (:class:`wsnode.registry.Lapsed`).
+
+        A connection not bound yet is left open: its first lease write is in flight (which finds no
+        lease, rightly) or done, and its replay comes after it.  Returns the users of
+        ``lapsed.users`` who still hold such a connection and whose first lease write is not in
+        flight: their leases are to be written again now."""
+        def open_bound(user: str) -> list[PushHandler]:
+            return [conn for conn in self.hub.of_user(user) if conn.bound and not conn.closing]
+
+        users = sum(1 for user in lapsed.users if open_bound(user))  # those whose own lease went
+        closing = [conn for user in (self.hub.users() if lapsed.node else lapsed.users) for conn in open_bound(user)]
+        if closing:
+            self.metrics.leases_lost(node=lapsed.node, users=users)
+            found = " and ".join(text for text, shown in (("the node's own lease", lapsed.node),
+                                                          (f"the leases of {users} users with connections here", users)) if shown)
+            log.warning("node=%s lease write found %s gone or ended (Redis lost them: restarted without them, failed over, flushed, or evicted "
+                        "them): Dispatch routed nothing to them meanwhile; closing %d connections with %d so that they resume with since",
+                        self.address, found, len(closing), CloseCode.TRY_AGAIN_LATER)
+        for conn in closing:
+            conn.close_with(CloseCode.TRY_AGAIN_LATER, LEASE_LOST_REASON)
+        return [user for user in lapsed.users if user not in self._leasing and any(not conn.closing for conn in self.hub.of_user(user))]
+
     def _redis_failed(self, exc: Exception) -> None:
         """A write to Redis failed: not ready until a PING and a lease write succeed; ``/healthz``
         says whether Redis refused it for lack of memory (:mod:`redisfull`) or did not answer."""
@@ -585,7 +634,9 @@ class PushNode(TokenWatch):
 
     async def _ping_redis(self) -> None:
         """Every ``REDIS_PING_SECONDS``: keep ``redis_ok`` honest between renewals; once Redis
-        answers again, rewrite the leases now (it may have lost them) rather than at the next renewal."""
+        answers again, renew the leases now rather than at the next renewal: a Redis restarted
+        without its data lost them, and the renewal closes the connections that were unroutable
+        meanwhile (:meth:`_close_unroutable`) before it writes them again."""
         try:
             await asyncio.wait_for(self.redis.ping(), REDIS_PING_SECONDS)
         except (RedisError, asyncio.TimeoutError) as exc:

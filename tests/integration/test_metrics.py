@@ -22,7 +22,8 @@ import settings
 from tests.integration.conftest import ADMIN_KEY
 from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
-from wsnode.registry import route_key
+from wsnode.app import LEASE_LOST_REASON
+from wsnode.registry import NODES_KEY, route_key
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -201,7 +202,11 @@ async def test_healthz_is_503_naming_redis_while_redis_is_down_and_200_once_it_i
     assert body["ready"] is True and body["reason"] is None
 
 
-async def test_a_node_writes_its_leases_again_as_soon_as_a_restarted_redis_answers(lone_node):
+async def test_a_node_whose_restarted_redis_lost_its_leases_closes_their_connections_as_soon_as_it_answers(lone_node):
+    """Redis restarted without its data: Dispatch routed nothing to the node's users meanwhile.  As
+    soon as Redis answers a PING the node renews (the next renewal is 100 s away), finds the leases
+    gone, closes their connections with 1013 so that they resume with ``since``, and writes its own
+    lease again; a connection's lease comes back with its next connection."""
     registry, auth_port, port = lone_node
     token = await asyncio.to_thread(issue_token, auth_port, "lease-back")
     client = await Client.connect(f"ws://127.0.0.1:{port}/ws?token={token}")
@@ -211,6 +216,11 @@ async def test_a_node_writes_its_leases_again_as_soon_as_a_restarted_redis_answe
     await asyncio.to_thread(registry.stop)  # not persistent: the lease is gone with it
     await wait_for(lambda: health(port)[0] == 503, "503 while Redis is down")
     await asyncio.to_thread(registry.start)
-    await wait_for(lambda: routes.exists(route_key("lease-back")), "the lease written again (the next renewal is 100 s away)")
+    code, reason = await client.closed(timeout=15)
+    assert (code, reason) == (CloseCode.TRY_AGAIN_LATER, LEASE_LOST_REASON)
+    await wait_for(lambda: routes.zscore(NODES_KEY, f"127.0.0.1:{port}"), "the node's own lease written again")
+    assert value(await asyncio.to_thread(scrape, port), "push_node_leases_lost_total", lease="user") == 1
+    back = await Client.connect(f"ws://127.0.0.1:{port}/ws?token={token}")
+    assert routes.exists(route_key("lease-back"))
     routes.close()
-    client.close()
+    back.close()

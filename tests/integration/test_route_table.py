@@ -120,8 +120,9 @@ async def test_a_node_leases_more_users_than_one_script_call_takes_trims_ended_l
     users = [f"lease-{n}" for n in range(2 * _SCRIPT_USERS + 7)]
     redis.zadd(route_key(users[0]), {"b:1": NOW + 20, "old:1": NOW - 1})  # another device's node; an ended lease
 
-    await leases.register(users)
-
+    assert await leases.register(users) is True  # the node's own lease was not there: left so
+    assert redis.zscore(NODES_KEY, "a:1") is None
+    assert await leases.register([], node=True) is False  # written whatever it was
     assert redis.zscore(NODES_KEY, "a:1") == NOW + 30
     assert all(redis.zscore(route_key(user), "a:1") == NOW + 30 for user in users)
     assert redis.zrange(route_key(users[0]), 0, -1, withscores=True) == [(b"b:1", NOW + 20), (b"a:1", NOW + 30)]
@@ -132,7 +133,7 @@ async def test_a_node_releases_many_users_and_at_shutdown_its_own_lease_and_afte
     from wsnode.registry import _SCRIPT_USERS
 
     users = [f"leaving-{n}" for n in range(_SCRIPT_USERS + 3)]
-    await leases.register(users)
+    await leases.register(users, node=True)
     redis.zadd(route_key(users[1]), {"b:1": NOW + 20})
 
     await leases.release(users[:-1])
@@ -141,11 +142,51 @@ async def test_a_node_releases_many_users_and_at_shutdown_its_own_lease_and_afte
     await leases.release([])  # nothing to do: no call
 
     redis.script_flush()  # what a Redis restart does to the scripts
-    await leases.register(["back"])
+    assert await leases.register(["back"]) is False  # the node's own lease current: extended
+    assert (await leases.renew(["back"])).users == []
     assert redis.zscore(route_key("back"), "a:1") == NOW + 30
     await leases.release_node([users[-1], "back"])
     assert redis.zscore(NODES_KEY, "a:1") == 0
     assert redis.zscore(route_key(users[-1]), "a:1") is None and redis.zscore(route_key("back"), "a:1") is None
+
+
+async def test_a_renewal_extends_the_current_leases_and_reports_those_gone_or_ended_without_writing_them(redis, redis_server):
+    """What Redis lost (a restart without persistence, a failover, FLUSHDB, an evicted key) is
+    reported, from any script call of the renewal, and left unwritten: the node closes the
+    connections that were unroutable before it writes those leases again."""
+    import redis.asyncio as aioredis
+
+    from wsnode.registry import _SCRIPT_USERS, Lapsed, Leases
+
+    now = [NOW]
+    client = aioredis.Redis.from_url(redis_server.url(4))
+    leases = Leases(client, "a:1", ttl=30.0, clock=lambda: now[0])
+    try:
+        users = [f"renewed-{n}" for n in range(2 * _SCRIPT_USERS + 7)]
+        await leases.register(users, node=True)
+        gone, ended, evicted = users[3], users[_SCRIPT_USERS + 1], users[-1]
+        redis.zrem(route_key(gone), "a:1")
+        redis.zadd(route_key(ended), {"a:1": NOW - 1, "b:1": NOW + 20})  # ended; another device's node stays
+        redis.delete(route_key(evicted))
+
+        assert await leases.renew(users) == Lapsed(node=False, users=[gone, ended, evicted])  # the same end again: still current
+        now[0] = NOW + 5
+        assert await leases.renew(users) == Lapsed(node=False, users=[gone, ended, evicted])
+        assert redis.zscore(NODES_KEY, "a:1") == NOW + 35
+        assert all(redis.zscore(route_key(user), "a:1") == NOW + 35 for user in users if user not in (gone, ended, evicted))
+        assert redis.zrange(route_key(ended), 0, -1, withscores=True) == [(b"b:1", NOW + 20)]
+        assert not redis.exists(route_key(evicted)) and not redis.exists(route_key(gone))
+
+        redis.zadd(NODES_KEY, {"a:1": NOW + 4})  # ended: nothing was routed to this node
+        assert await leases.renew(["renewed-0"]) == Lapsed(node=True, users=[])
+        assert redis.zscore(NODES_KEY, "a:1") == NOW + 4
+        assert await leases.register([], node=True) is False
+        redis.flushdb()
+        assert await leases.renew(users[:2]) == Lapsed(node=True, users=users[:2])
+        assert redis.dbsize() == 0
+        assert await leases.renew([]) == Lapsed(node=True, users=[])
+    finally:
+        await client.aclose()
 
 
 async def test_lease_writes_that_fail_on_a_redis_that_stopped_answering_give_their_connections_back(redis_server):
