@@ -25,7 +25,7 @@ import launcher
 from tests.integration.conftest import LEASE_TTL
 from tests.integration.test_auth_cache import HeldVerifyHandler
 from tests.integration.test_guarantees import wait_for
-from tests.integration.test_metrics import closes
+from tests.integration.test_metrics import closes, scrape, value
 from tests.integration.tcpproxy import FreezableProxy
 from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_server_frame
 from tasks.ids import IdGenerator
@@ -453,3 +453,41 @@ async def test_a_device_on_a_node_cut_off_from_redis_past_its_leases_resumes_and
         assert during in [f["id"] for f in frames]
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
+@pytest.mark.parametrize("lost", ["route", "node"])
+async def test_a_device_whose_lease_redis_lost_while_its_node_wrote_resumes_and_gets_what_another_device_acked(cluster, lost):
+    """One user, two devices on two nodes; Redis loses the second node's lease of the user
+    (``route``: an evicted or flushed route key, a failover to a replica that lacked it) or that
+    node's own lease (``node``) while the node's writes keep working.  Dispatch then routes to the
+    first node only and that device acks, so redelivery never sends the message again; the second
+    node's next renewal wrote the lease again and its device, never closed, got the next messages
+    and would resume after them.  Now that renewal finds the lease gone and closes the device
+    with 1013 before writing it again, and the device resumes with ``since``."""
+    other = cluster.start_node()
+    address = f"127.0.0.1:{other.port}"
+    try:
+        user = f"lost-{lost}-{other.port}"
+        here = await cluster.connect(user, cluster.node_ports[0])
+        there = await cluster.connect(user, other.port)
+        first = await cluster.collect(user, {"n": 0})
+        assert [f["id"] for f in await there.messages(1)] == [first]
+        assert [f["id"] for f in await here.messages(1)] == [first]
+        if lost == "route":
+            assert cluster.routes.zrem(route_key(user), address) == 1
+        else:
+            assert cluster.routes.zrem(NODES_KEY, address) == 1
+        during = await cluster.collect(user, {"n": 1})
+        assert [f["id"] for f in await here.messages(1)] == [during]  # acked here
+        code, reason = await there.closed(timeout=LEASE_TTL / 3 + 2)  # the next renewal
+        assert code == CloseCode.TRY_AGAIN_LATER and "since" in reason, (code, reason)
+        back = await cluster.connect(user, other.port, since=first)
+        frames, _ = await back.until("resumed")
+        assert during in [f["id"] for f in frames]
+        assert f"found {'the leases of 1 users' if lost == 'route' else 'the node' + chr(39) + 's own lease'}" in other.log_tail(200)
+        assert value(await asyncio.to_thread(scrape, other.port), "push_node_leases_lost_total", lease="user" if lost == "route" else "node") == 1
+        for client in (here, back):
+            client.close()
+    finally:
+        await asyncio.to_thread(other.terminate, 15)
