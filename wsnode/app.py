@@ -150,7 +150,9 @@ class PushNode(TokenWatch):
         #: When the first of the leases of this node's bound connections ends unless written again
         #: (infinity: none bound since the last lapse).  Past it Dispatch routes nothing to them,
         #: and a device of their user on another node may ack what they miss, so redelivery would
-        #: not send it again: :meth:`_check_leases` closes them, to resume from the store.
+        #: not send it again: :meth:`_check_leases` closes them, to resume from the store.  On the
+        #: monotonic clock (``LEASE_TTL`` after the start of the last write that succeeded): a step of
+        #: the wall clock is not a write that failed.
         self._leases_until = float("inf")
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
@@ -374,7 +376,7 @@ class PushNode(TokenWatch):
         # may already have run, and a lease written after it would point here until it expired.
         async with self._lease_writes:
             if not self.draining:
-                started = time.time()
+                started = time.monotonic()
                 await self._write_leases([user for user in users if self.hub.of_user(user)])
                 self._check_leases()
                 self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
@@ -557,7 +559,7 @@ class PushNode(TokenWatch):
             async with self._lease_writes:
                 if self.draining:
                     return
-                started = time.time()
+                started = time.monotonic()
                 lapsed = await self.leases.renew(self.hub.users())
                 # Before the new end: a lease that ended before this write (Redis did not answer
                 # for LEASE_TTL) left a gap in which Dispatch skipped its users.
@@ -584,7 +586,7 @@ class PushNode(TokenWatch):
         (on another node, or here once Redis answers).  Run before any live message is written
         (:meth:`deliver`) and before a lease write's new end is recorded, so that no message
         routed after such a gap reaches a connection that missed one during it."""
-        if self.draining or time.time() < self._leases_until:
+        if self.draining or time.monotonic() < self._leases_until:
             return
         self._leases_until = float("inf")
         conns = [conn for conn in self.hub.all() if conn.bound and not conn.closing]
