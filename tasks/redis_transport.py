@@ -109,6 +109,21 @@ end
 return taken
 """
 
+#: :data:`_TAKE_MORE` without its first line (the flags), for a Redis older than 7.
+_TAKE_MORE_NO_FLAGS = _TAKE_MORE.split("\n", 1)[1]
+#: Whether this process logged that its Redis takes no script flags (once per process, not per
+#: channel: a worker opens a channel at each broker reconnection, a node one per consumer).
+_warned_no_flags = False
+
+
+def _warn_no_script_flags(exc: Exception) -> None:
+    global _warned_no_flags
+    if not _warned_no_flags:
+        _warned_no_flags = True
+        log.warning("this Redis takes no script flags (Redis 7 and later do): a task read while Redis is over maxmemory "
+                    "cannot be recorded as unacknowledged, and is lost (%s)", exc)
+
+
 #: kombu's alias that :func:`install` points at :class:`Transport`.
 ALIAS = "redis"
 
@@ -279,19 +294,24 @@ class Channel(kombu_redis.Channel):
             if self._take_script is None:
                 self._take_script = client.register_script(self._take_script_text)
             try:
-                taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
+                try:
+                    taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
+                except ResponseError as exc:
+                    if not (flags_unsupported(str(exc)) and self._take_script_text == _TAKE_MORE):
+                        raise
+                    # Redis before 7 reads no script flags, and refused to compile the script (it
+                    # ran nothing): the same script without them, at once, for this read and the
+                    # channel's next ones.  A Redis over maxmemory refuses its record (as it
+                    # refuses kombu's append), which loses a task read then.
+                    _warn_no_script_flags(exc)
+                    self._take_script_text = _TAKE_MORE_NO_FLAGS
+                    self._take_script = client.register_script(self._take_script_text)
+                    taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
             except ResponseError as exc:
                 # A script stops at the command that fails: here RPOP (before it took anything)
                 # or the first record.  kombu's append then records the message BRPOP brought
                 # (again, or fails the same way).
-                if flags_unsupported(str(exc)):
-                    # Redis before 7 reads no script flags: the same script without them, which a
-                    # Redis over maxmemory refuses (as it refuses kombu's append).
-                    self._take_script_text = _TAKE_MORE.split("\n", 1)[1]
-                    self._take_script = None
-                    log.warning("this Redis takes no script flags (Redis 7 and later do): a task read while Redis is over maxmemory "
-                                "cannot be recorded as unacknowledged, and is lost (%s)", exc)
-                elif count_unsupported(str(exc)):
+                if count_unsupported(str(exc)):
                     self._take_more_ok = False
                     log.warning("reading several messages per round trip is off for this connection: %s (RPOP with a count needs Redis 6.2 or later)", exc)
                 return []

@@ -21,7 +21,9 @@ from kombu import Exchange, Producer, Queue
 from kombu.utils.json import dumps, loads
 
 import launcher
+from tasks import redis_transport
 from tasks.redis_transport import Channel, QoS, Transport, acknowledge, kombu_message
+from tests.conftest import redis_version
 from tests.integration.test_redis_full import over_maxmemory
 from worker import app
 
@@ -88,12 +90,13 @@ class _Request:
 
 
 @contextmanager
-def _published(count: int):
-    """``(connection, channel, queue)``: a channel of the app's broker connection and a fresh
-    queue holding ``count`` messages ``{"n": 0}``, ``{"n": 1}``...; the queue is deleted after."""
+def _published(count: int, url: str | None = None):
+    """``(connection, channel, queue)``: a channel of the app's broker connection (to ``url``
+    when given) and a fresh queue holding ``count`` messages ``{"n": 0}``, ``{"n": 1}``...; the
+    queue is deleted after."""
     name = f"test-transport-{uuid.uuid4().hex[:8]}"
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-    with app.connection_for_write() as conn:
+    with app.connection_for_write(url) as conn:
         channel = conn.channel()
         try:
             producer = Producer(channel)
@@ -179,6 +182,47 @@ def test_a_read_takes_the_backlog_up_to_the_prefetch_window_and_records_every_me
     assert recorded == [True] * 4  # each one is brought back if the worker dies before it acks
     assert sorted(m.payload["n"] for m in got) == list(range(10))
     assert after == [False] * 10
+
+
+def test_on_redis_6_2_the_read_drops_the_script_flags_takes_the_backlog_and_warns_once_per_process(old_redis_server, monkeypatch, caplog):
+    """Redis 6.2 does not compile the read script's ``#!lua flags=allow-oom``: the read runs it
+    again without the line at once.  It returned nothing instead, so every channel's first read
+    took one task (kombu's way), and each channel (one per broker reconnection) logged the warning."""
+    monkeypatch.setattr(redis_transport, "_warned_no_flags", False, raising=False)
+    reads, recorded = [], []
+    with caplog.at_level(logging.WARNING, logger="tasks.redis_transport"):
+        for _ in range(2):  # two channels, as after a reconnection
+            with _published(6, old_redis_server.url(0)) as (conn, channel, queue):
+                channel.basic_qos(0, 4, False)
+                got = []
+                with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: got.append(message)], accept=["json"]):
+                    conn.drain_events(timeout=5)  # one read
+                    with channel.conn_or_acquire() as client:
+                        recorded.append(_recorded(client, channel, [m.delivery_tag for m in got]))
+                        acknowledge([_Request(m) for m in got])
+                reads.append([m.payload["n"] for m in got])
+    warnings = [r.getMessage() for r in caplog.records if "script flags" in r.getMessage()]
+
+    assert redis_version(redis_lib.Redis.from_url(old_redis_server.url())) < (7,)
+    assert reads == [[0, 1, 2, 3]] * 2
+    assert recorded == [[True] * 4] * 2
+    assert len(warnings) == 1, warnings
+    assert "is lost" in warnings[0]
+
+
+def test_on_redis_6_2_a_task_read_while_redis_is_over_maxmemory_is_lost(old_redis_server):
+    """What the README says of a Redis older than 7: without allow-oom the read cannot record the
+    task ``BRPOP`` took out of its list while Redis is full (nor can kombu's append), so the read
+    fails and the task is neither in its queue nor recorded as unacknowledged.  (On Redis 7,
+    ``test_redis_full.py`` shows such a task read and stored.)"""
+    with _published(1, old_redis_server.url(0)) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: None], accept=["json"]):
+                with over_maxmemory(client), pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+                    conn.drain_events(timeout=5)
+            left = client.llen(queue.name)
+            recorded = client.hlen(channel.unacked_key)
+    assert (left, recorded) == (0, 0)
 
 
 def test_with_celerys_disable_prefetch_a_worker_takes_one_task_per_pool_process(tmp_path):
