@@ -22,6 +22,7 @@ import redis as redis_lib
 
 import launcher
 from redisfull import HINT
+from tests.conftest import skip_before_redis_7
 from tests.integration.conftest import ADMIN_KEY, HOUSEKEEPING_SECONDS, LEASE_TTL, Cluster, start_or_explain
 from wsnode.registry import NODES_KEY
 
@@ -72,6 +73,8 @@ def post(cluster: Cluster, path: str, body: dict) -> tuple[int, dict]:
 async def test_a_collect_queued_before_redis_filled_up_is_stored_and_delivered_once_it_has_room(full_cluster):
     cluster = full_cluster
     broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+    # test_redis_transport.py shows such a task lost on Redis 6.2.
+    skip_before_redis_7(broker, "the worker's read cannot pass maxmemory (script flag allow-oom), so a collect it takes while Redis is full is lost")
     os.kill(cluster.worker.pid, signal.SIGSTOP)  # the task waits for the worker, as in a backlog
     try:
         queued = cluster.send(to="dora", data="queued before Redis filled up")

@@ -23,7 +23,7 @@ from kombu.utils.json import dumps, loads
 import launcher
 from tasks import redis_transport
 from tasks.redis_transport import Channel, QoS, Transport, acknowledge, kombu_message
-from tests.conftest import redis_version
+from tests.conftest import redis_version, skip_before_redis_7
 from tests.integration.test_redis_full import over_maxmemory
 from worker import app
 
@@ -662,6 +662,7 @@ def test_an_item_only_luas_json_reads_is_dropped_while_redis_is_over_maxmemory(r
     got = []
     with _published(1) as (conn, channel, queue):
         with channel.conn_or_acquire() as client:
+            skip_before_redis_7(client, "the read script cannot pass maxmemory (allow-oom), so a task read while Redis is full is lost")
             raw = client.lindex(queue.name, 0).decode()
             tag = f"lenient-{uuid.uuid4().hex[:8]}"
             client.lpush(queue.name, _variant(raw, tag, LENIENT[0]))
