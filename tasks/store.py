@@ -1,4 +1,5 @@
-"""Messages (each recipient's inbox) and receipts in MongoDB; the only module that imports pymongo or litemongo.
+"""Messages (each recipient's inbox) and receipts in MongoDB: the only module the tasks reach the store through,
+and with its helper :mod:`tasks.storesql` the only one that imports pymongo or litemongo.
 
 Worker process only.  ``get_store()`` opens one :class:`Store` lazily in each process (after the
 Celery worker has forked: a store is never carried across a fork) and in each thread, because the
@@ -17,14 +18,14 @@ Two engines, one code path:
   first read after another process wrote; each insert or delete of this module is one SQLite
   transaction (litemongo itself commits every document); no TTL index (mongomock would scan
   every collection on every read): call :meth:`Store.purge`.  Inserts, and some reads, go to
-  litemongo's SQLite tables directly (:func:`_litemongo_table`) instead of through mongomock, which
+  litemongo's SQLite tables directly (:mod:`tasks.storesql`) instead of through mongomock, which
   checks, copies or decodes every document it touches: the inserts of new documents, reads by
   ``_id`` and a window of message ids (:meth:`Store.deliveries_between`), both through the primary
   key, and a purge's check that a collection holds anything old (its first document in insertion
   order).  So does a replay with at most ``_EMBEDDED_RANGE_ROWS`` messages after its id (all of
   them, filtered here; the replays of one ``tasks.replay_many`` share the read,
   :meth:`Store.replays`).  The inbox's ack lookup takes the receipts index's candidates and checks
-  them here (:func:`_embedded_candidates`).  Every other read goes through mongomock, which first
+  them here (:func:`storesql.candidates`).  Every other read goes through mongomock, which first
   rebuilds the collection's index from every document whenever another process wrote since (about
   1.3 s per 100,000 messages here): the user lookup of an inbox or of a longer replay (once per
   ``tasks.replay_many``: :meth:`Store.index_pinned`), and the redelivery sweep's acks.  The SQLite
@@ -72,7 +73,7 @@ from litemongo import sqlite_store
 from pymongo import errors
 
 import settings
-from tasks import checkpoints, ids, storedisk, wirejson
+from tasks import checkpoints, ids, storedisk, storesql, wirejson
 from tasks.messages import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class Store:
             return
         # The check below encodes each document as BSON; on the embedded engine those bytes are
         # what goes into its table, so they are encoded with the table's options and kept.
-        table = _litemongo_table(self._messages)
+        table = storesql.table_of(self._messages)
         codec_options = table._codec_options if table is not None else bson.DEFAULT_CODEC_OPTIONS
         docs, encoded = [], []
         for message in messages:
@@ -264,7 +265,7 @@ class Store:
             return []
         first = min(after for _, after in wanted)
         with self._errors(f"replaying for {len(wanted)} connections"):
-            recent = _embedded_id_range(self._messages, first, first_included=False, most=_EMBEDDED_RANGE_ROWS)
+            recent = storesql.id_range(self._messages, first, first_included=False, most=_EMBEDDED_RANGE_ROWS)
         if recent is not None:
             return replays_from(recent, wanted, limit)
         return [self._replay_by_index(user, after, limit) if after == first else self.replays([(user, after)], limit)[0]
@@ -298,7 +299,7 @@ class Store:
                   if self.embedded and callable(getattr(store, "_query_index_is_stale", None))]
         saved = [(store, store.__dict__.get("_query_index_is_stale")) for store in pinned]
         for store in pinned:
-            store._query_index_is_stale = _first_check_only(store._query_index_is_stale)
+            store._query_index_is_stale = storesql.first_check_only(store._query_index_is_stale)
         try:
             yield
         finally:
@@ -381,11 +382,11 @@ class Store:
     def deliveries_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
         """``(message id, user)`` of the messages stored between ``start`` and ``end``, acked or
         not, oldest first (broadcasts excluded).  A range of ids (they start with their time): on
-        the embedded engine read through its table's primary key (:func:`_embedded_id_range`), on
+        the embedded engine read through its table's primary key (:func:`storesql.id_range`), on
         MongoDB through ``aggregate`` on the ``_id`` index."""
         first, last = (ids.lower_bound(int(when.timestamp() * 1000)) for when in (start, end))
         with self._errors("listing deliveries"):
-            docs = _embedded_id_range(self._messages, first, last)
+            docs = storesql.id_range(self._messages, first, last)
             if docs is None:
                 query = {"_id": {"$gte": first, "$lt": last}, "to": {"$ne": BROADCAST}}
                 docs = self._messages.aggregate([{"$match": query}, {"$project": {"to": 1}}])
@@ -450,7 +451,7 @@ class Store:
         wanted = set(pairs)
         mids = list(dict.fromkeys(mid for mid, _ in pairs))
         found: set[tuple[str, str]] = set()
-        candidates = _embedded_candidates(self._receipts, {"m": {"$in": mids}})
+        candidates = storesql.candidates(self._receipts, {"m": {"$in": mids}})
         if candidates is None:
             docs = self._by_ids(self._receipts, mids, {"r": 1}, field="m", also={"s": ACKED})
         else:  # unchecked: any state, and perhaps none of these messages (the pairs filter those)
@@ -473,9 +474,9 @@ class Store:
         scan), and then checks ``$in`` against a list for every candidate: 2,000 ids per query
         balances the two (100 made housekeeping's ack lookups take a whole worker process).
         By ``_id`` alone, the embedded engine reads its table's primary key instead
-        (:func:`_embedded_by_id`): no index, and no scan."""
+        (:func:`storesql.by_id`): no index, and no scan."""
         if field == "_id" and not also:
-            docs = _embedded_by_id(collection, ids, projection)
+            docs = storesql.by_id(collection, ids, projection)
             if docs is not None:
                 yield from docs
                 return
@@ -499,9 +500,9 @@ class Store:
         deleted = 0
         with self._errors("purging old messages"):
             for collection in (self._messages, self._receipts, self._keys):
-                if self.embedded and not _embedded_may_hold_older(collection, cutoff):
+                if self.embedded and not storesql.may_hold_older(collection, cutoff):
                     continue
-                with _one_transaction(collection):
+                with storesql.one_transaction(collection):
                     deleted += collection.delete_many({"at": {"$lt": cutoff}}).deleted_count
         return deleted
 
@@ -509,7 +510,7 @@ class Store:
         """Embedded engine: copy the SQLite write-ahead logs back into their files on a thread, not
         in whichever task's commit crosses SQLite's threshold (:mod:`tasks.checkpoints`).  Leaves
         SQLite's own checkpoints alone where litemongo's tables are not what this reads."""
-        tables = [_litemongo_table(collection) for collection in (self._messages, self._receipts, self._keys)]
+        tables = [storesql.table_of(collection) for collection in (self._messages, self._receipts, self._keys)]
         if any(table is None for table in tables):
             return
         paths = [checkpoints.database_file(table._connection) for table in tables]
@@ -550,51 +551,6 @@ class Store:
             raise StoreError(f"{action} failed: {exc}") from exc
 
 
-class _OneCommit:
-    """Stands for a litemongo table's sqlite3 connection during :func:`_one_transaction`: its
-    ``with connection:`` (a commit per document) does nothing, so the inserts share one
-    transaction, committed once.  Everything else goes to the real connection."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._connection = connection
-
-    def __getattr__(self, name):
-        return getattr(self._connection, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-
-@contextlib.contextmanager
-def _one_transaction(collection) -> Iterator[None]:
-    """On the embedded engine, the writes inside share one SQLite transaction (one commit, and one
-    take of the file's write lock, instead of one per document), committed when the block ends,
-    also when it raises a BulkWriteError (MongoDB keeps the documents that went in), and rolled
-    back for any other error or when the commit fails (a full disk).  litemongo 0.2 commits every document; this reaches into its table
-    object (``CollectionStore._documents``) and does nothing where that is not there (MongoDB)."""
-    table = _documents_of(collection)
-    connection = getattr(table, "_connection", None)
-    if not isinstance(connection, sqlite3.Connection):  # MongoDB, or inside another _one_transaction
-        yield
-        return
-    table._connection = _OneCommit(connection)
-    try:
-        yield
-    except errors.BulkWriteError:
-        _commit(collection, connection)
-        raise
-    except BaseException:
-        _roll_back(collection, connection)
-        raise
-    else:
-        _commit(collection, connection)
-    finally:
-        table._connection = connection
-
-
 #: An OSError of these, opening the embedded store, is a disk that may be freed or remounted.
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
 
@@ -630,152 +586,15 @@ def _transient(exc: errors.OperationFailure) -> bool:
     return exc.code in _TRANSIENT_CODES or exc.has_error_label("RetryableWriteError")
 
 
-def _commit(collection, connection: sqlite3.Connection) -> None:
-    """Commit :func:`_one_transaction`'s writes; when the commit fails (a full disk), roll them back
-    as for any error inside it.  mongomock has applied them to this connection's query index
-    already (a purge's deletions): kept, they hid documents still stored from this process's reads
-    (a user's inbox) until another process wrote."""
-    try:
-        connection.commit()
-    except BaseException:
-        _roll_back(collection, connection)
-        raise
-
-
-def _roll_back(collection, connection: sqlite3.Connection) -> None:
-    try:
-        connection.rollback()
-    finally:
-        collection._store._query_index = None  # rebuilt on the next read: it may name rolled-back documents
-
-
-def _documents_of(collection):
-    """litemongo's table object behind ``collection`` (``CollectionStore._documents``), or None
-    (MongoDB).  Unchecked: see :func:`_litemongo_table` for what the SQL of this module needs."""
-    return getattr(getattr(collection, "_store", None), "_documents", None)
-
-
-def _litemongo_table(collection):
-    """On the embedded engine, the SQLite table behind ``collection`` (litemongo 0.2's
-    ``TableDict``: ``_id`` the primary key, encoded by ``encode_key``; ``doc`` the BSON document),
-    for the few operations this module does in SQL instead of through mongomock, which checks,
-    copies and decodes every document it touches.  None on MongoDB, or where the table is not
-    what this module reads (another litemongo version): the callers then go through mongomock.
-    tests/integration/test_store.py fails when the embedded engine has no such table."""
-    store = getattr(collection, "_store", None)
-    table = _documents_of(collection)
-    if not isinstance(getattr(table, "_connection", None), (sqlite3.Connection, _OneCommit)):
-        return None
-    if not all(hasattr(table, name) for name in ("_table_name", "ID", "DOC", "encode_key", "_decode_doc", "_codec_options")):
-        return None
-    if not hasattr(store, "_query_index") or not callable(getattr(store, "_query_index_is_stale", None)):
-        return None
-    return table
-
-
-def _embedded_id_range(collection, first: str, last: str | None = None, *, first_included: bool = True,
-                       most: int | None = None) -> list[dict] | None:
-    """On the embedded engine, the documents whose string ``_id`` is from ``first`` (included, or
-    excluded with ``first_included=False``) to ``last`` (excluded; no end without it), in ``_id``
-    order, read through the primary key of litemongo's SQLite table: mongomock has no range index,
-    and its query would decode and match every document of the collection (0.5 s per 20,000
-    messages here, whatever the range).  None when there are more than ``most`` of them, or where
-    that table is not there (MongoDB, or a litemongo whose table is not what this reads), for the
-    caller to query instead.
-
-    This reads litemongo 0.2's ``TableDict`` (``encode_key`` maps a string id to a text key
-    that sorts as the id does), as :func:`_one_transaction` does; tests cover both paths."""
-    table = _litemongo_table(collection)
-    if table is None:
-        return None
-    keys = [_sortable_key(table, first)] + ([] if last is None else [_sortable_key(table, last)])
-    if None in keys:
-        return None
-    where = f"{table.ID} {'>=' if first_included else '>'} ?" + ("" if last is None else f" AND {table.ID} < ?")
-    limit = "" if most is None else " LIMIT ?"
-    rows = table._connection.execute(  # nosec - names from litemongo, values bound
-        f"SELECT {table.DOC} FROM {table._table_name} WHERE {where} ORDER BY {table.ID}{limit}",
-        keys + ([] if most is None else [most + 1])).fetchall()
-    if most is not None and len(rows) > most:
-        return None
-    return [table._decode_doc(doc) for (doc,) in rows]
-
-
-def _first_check_only(is_stale):
-    """litemongo's staleness check (``CollectionStore._query_index_is_stale``, which records the
-    version it saw), asked only the first time; False after that (:meth:`Store.index_pinned`)."""
-    asked = False
-
-    def check() -> bool:
-        nonlocal asked
-        if asked:
-            return False
-        asked = True
-        return is_stale()
-    return check
-
-
-def _sortable_key(table, message_id: str) -> str | None:
-    """``message_id`` as litemongo's table keys it, or None where that key would not sort as the
-    ids do (a key format other than a text prefix followed by the id)."""
-    key = table.encode_key(message_id)
-    return key if isinstance(key, str) and key.endswith(message_id) else None
-
-
-def _embedded_by_id(collection, ids: list, projection: dict) -> list[dict] | None:
-    """On the embedded engine, the documents of ``ids`` (those still there, each once) with the
-    fields of ``projection`` (an inclusion, ``{field: 1}``) and ``_id``, read through the primary key
-    of litemongo's table.  A query by ``_id`` through mongomock would rebuild the collection's
-    in-memory index first whenever another process wrote since (a read of every document: 1.3 s
-    for 100,000 messages here), check ``$in`` against the whole list for every candidate, and
-    copy each document.  None where that table is not there, for the caller to query instead."""
-    table = _litemongo_table(collection)
-    if table is None or not callable(getattr(table, "get_many", None)):
-        return None
-    fields = ["_id", *(name for name, include in projection.items() if include and name != "_id")]
-    return [{name: doc[name] for name in fields if name in doc} for doc in table.get_many(dict.fromkeys(ids))]
-
-
-def _embedded_candidates(collection, query: dict) -> Iterator[dict] | None:
-    """On the embedded engine, the documents that may match ``query`` by the collection's hash
-    indexes (litemongo's ``find_candidates``), decoded from the table but neither checked against
-    the query nor copied: the caller checks what it needs.  mongomock's own check of an ``$in``
-    on an array field scans the whole ``$in`` list for each element of each candidate, and its
-    projection copies every element: with receipts documents of up to 1,000 receipts, a user's
-    inbox read cost about a millisecond per message the user holds (0.35-0.53 s for 440-530
-    messages here), nine tenths of it in those two.  None where that hook is not there."""
-    if _litemongo_table(collection) is None:
-        return None
-    find = getattr(collection._store, "find_candidates", None)
-    return find(query) if callable(find) else None
-
-
-def _embedded_may_hold_older(collection, cutoff: datetime.datetime) -> bool:
-    """On the embedded engine, whether a purge of what is older than ``cutoff`` can find anything:
-    False when the collection is empty or the first document it still holds in insertion order
-    is not older (one row read through litemongo's SQLite table; a purge's query decodes every
-    document).  Documents go in about in time order, so one older than the first waits for the
-    next purge at which the first is old too: minutes, against a retention of hours.  True where
-    the table is not what this reads."""
-    table = _litemongo_table(collection)
-    if table is None:
-        return True
-    row = table._connection.execute(f"SELECT {table.DOC} FROM {table._table_name} ORDER BY ROWID LIMIT 1").fetchone()  # nosec
-    if row is None:
-        return False
-    at = table._decode_doc(row[0]).get("at")
-    return not isinstance(at, datetime.datetime) or (at if at.tzinfo else at.replace(tzinfo=UTC)) < cutoff
-
-
 def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None) -> list[dict]:
     """One unordered insert_many; documents whose _id exists already are skipped.  Returns the new
     ones.  ``encoded``: on the embedded engine, each document already encoded as BSON with its
     table's codec options (else they are encoded here)."""
-    table = _litemongo_table(collection)
+    table = storesql.table_of(collection)
     if table is not None:
-        return _embedded_insert_new(collection, table, docs, encoded)
+        return storesql.insert_new(collection, table, docs, encoded)
     try:
-        with _one_transaction(collection):
+        with storesql.one_transaction(collection):
             collection.insert_many(docs, ordered=False)
         return docs
     except errors.BulkWriteError as exc:
@@ -784,40 +603,6 @@ def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None
             raise
         taken = {e["index"] for e in details.get("writeErrors", ())}
         return [doc for index, doc in enumerate(docs) if index not in taken]
-
-
-def _embedded_insert_new(collection, table, docs: list[dict], encoded: list[bytes] | None = None) -> list[dict]:
-    """:func:`_insert_new` on the embedded engine: one SQLite transaction of ``INSERT ... ON
-    CONFLICT DO NOTHING`` (what mongomock's insert amounts to here, without its per-document
-    validation, copy, existence read and index-list read: about a third of its cost), and the
-    new documents added to this connection's query index as mongomock adds them, unless another
-    connection wrote since the index was built.  The collections of this module have no unique
-    index but ``_id``."""
-    store, connection = collection._store, table._connection
-    insert = f"INSERT INTO {table._table_name} VALUES (?, ?) ON CONFLICT({table.ID}) DO NOTHING"  # nosec - names from litemongo
-    new: list[tuple[str, dict]] = []
-    try:
-        with connection:  # one commit; inside _one_transaction, the caller's
-            if encoded is None:
-                encoded = [bson.encode(doc, codec_options=table._codec_options) for doc in docs]
-            for doc, data in zip(docs, encoded):
-                key = table.encode_key(doc["_id"])
-                if connection.execute(insert, (key, data)).rowcount == 1:
-                    new.append((key, doc))
-    except BaseException:
-        store._query_index = None  # rebuilt on the next read
-        raise
-    if store._query_index is not None:
-        if store._query_index_is_stale():
-            # Another connection wrote since this one built its index (with several worker
-            # processes, nearly always): the next read rebuilds it from the table in any case, so
-            # adding to it would be work thrown away (a third of an insert's cost).  The check
-            # records the version it saw, so the index must go now for that read to rebuild it.
-            store._query_index = None
-        else:
-            for key, doc in new:
-                store._query_index.add(key, doc)
-    return [doc for _, doc in new]
 
 
 def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int) -> list[tuple[list[dict], bool]]:

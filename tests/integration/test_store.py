@@ -22,7 +22,7 @@ import pytest
 from pymongo import errors
 
 import settings
-from tasks import checkpoints, wirejson
+from tasks import checkpoints, storesql, wirejson
 from tasks import store as store_module
 from tasks.ids import IdGenerator
 from tasks.store import MAX_DOCUMENT_BYTES, Store, StoreError, StoreUnavailable
@@ -168,7 +168,7 @@ def test_an_error_inside_one_transaction_stores_nothing_of_it(store):
     store.insert_messages([kept])
     assert len(store.replay("alice", "", 100)[0]) == 1  # builds this connection's index of "to"
     with pytest.raises(RuntimeError):
-        with store_module._one_transaction(store.database["messages"]):
+        with storesql.one_transaction(store.database["messages"]):
             store.database["messages"].insert_many([{"_id": make(gen, [])["id"], "to": ["alice"], "data": n, "at": 0} for n in range(3)])
             raise RuntimeError("failed half-way")
 
@@ -410,7 +410,7 @@ def test_other_errors_of_a_mongodb_srv_url_raise_store_error_not_unavailable(loc
 def _through_mongodb(store, monkeypatch, method: str, error: Exception) -> None:
     """Make the store's writes and reads go through its collections' pymongo methods, as on
     MongoDB, with ``method`` of every collection raising ``error`` (what a server sends back)."""
-    monkeypatch.setattr(store_module, "_litemongo_table", lambda *_: None)
+    monkeypatch.setattr(storesql, "table_of", lambda *_: None)
 
     def refuse(*_, **__):
         raise error
@@ -451,7 +451,7 @@ def test_a_write_mongodb_refuses_for_now_raises_store_unavailable_so_that_it_is_
 def test_a_write_concern_error_of_a_stepdown_on_a_purge_raises_store_unavailable(store, monkeypatch):
     _through_mongodb(store, monkeypatch, "delete_many", errors.WriteConcernError(
         "operation was interrupted", 11602, {"ok": 1, "n": 3, "writeConcernError": {"code": 11602, "errmsg": "operation was interrupted"}}))
-    monkeypatch.setattr(store_module, "_embedded_may_hold_older", lambda *_: True)
+    monkeypatch.setattr(storesql, "may_hold_older", lambda *_: True)
 
     with pytest.raises(StoreUnavailable):
         store.purge()
@@ -620,7 +620,7 @@ def test_deliveries_between_reads_exactly_the_window_on_either_path(store):
     assert pairs == sorted((m["id"], user) for m in messages[1:3] for user in m["to"])
     if store.embedded:
         first, last = messages[1]["id"][:12] + "0" * 12, messages[3]["id"][:12] + "0" * 12
-        read = store_module._embedded_id_range(store.database["messages"], first, last)
+        read = storesql.id_range(store.database["messages"], first, last)
         assert read is not None, "litemongo's table is not what tasks.store reads: the sweep would scan every message"
         queried = store.database["messages"].find({"_id": {"$gte": first, "$lt": last}})
         assert [doc["_id"] for doc in read] == sorted(doc["_id"] for doc in queried)
@@ -629,14 +629,14 @@ def test_deliveries_between_reads_exactly_the_window_on_either_path(store):
 @pytest.mark.parametrize("around", [True, False], ids=["around mongomock", "through queries"])
 def test_the_inbox_and_reads_by_id_find_the_same_on_either_path(store, around, monkeypatch):
     """On the embedded engine, reads by _id go through litemongo's primary key and the inbox's ack
-    lookup takes the hash index's candidates unchecked (tasks.store._embedded_by_id and
-    _embedded_candidates); without them (MongoDB) they are queries.  Both must find the same,
+    lookup takes the hash index's candidates unchecked (tasks.storesql.by_id and
+    candidates); without them (MongoDB) they are queries.  Both must find the same,
     also what another connection wrote after this one built its index."""
     if not store.embedded:
         pytest.skip("these reads are the embedded engine's; on MongoDB the other tests cover the queries")
     if not around:
-        monkeypatch.setattr(store_module, "_embedded_candidates", lambda *_: None)
-        monkeypatch.setattr(store_module, "_embedded_by_id", lambda *_: None)
+        monkeypatch.setattr(storesql, "candidates", lambda *_: None)
+        monkeypatch.setattr(storesql, "by_id", lambda *_: None)
     gen = IdGenerator()
     messages = [make(gen, ["ann", "bob"], n) for n in range(6)]
     mids = [m["id"] for m in messages]
@@ -660,10 +660,10 @@ def test_the_inbox_and_reads_by_id_find_the_same_on_either_path(store, around, m
     if not around:
         return
     receipts, collection = store.database["receipts"], store.database["messages"]
-    candidates = store_module._embedded_candidates(receipts, {"m": {"$in": mids}})
+    candidates = storesql.candidates(receipts, {"m": {"$in": mids}})
     assert candidates is not None, "litemongo has no find_candidates: an inbox read would go through mongomock's checks and copies"
     assert {doc["_id"] for doc in receipts.find({"m": {"$in": mids}})} <= {doc["_id"] for doc in candidates}
-    read = store_module._embedded_by_id(collection, [mids[4], mids[0], mids[4], "f" * 24], {"data": 1})
+    read = storesql.by_id(collection, [mids[4], mids[0], mids[4], "f" * 24], {"data": 1})
     assert read is not None, "litemongo's table has no get_many: reads by id would rebuild the index and scan"
     assert read == [{"_id": mids[4], "data": 4}, {"_id": mids[0], "data": 0}]
     assert read == [collection.find_one({"_id": mid}, {"data": 1}) for mid in (mids[4], mids[0])]
@@ -671,7 +671,7 @@ def test_the_inbox_and_reads_by_id_find_the_same_on_either_path(store, around, m
 
 def test_a_replay_finds_the_same_through_the_range_of_ids_and_through_the_index(store, monkeypatch):
     """On the embedded engine a replay with few messages since its id reads them through the
-    table's primary key (tasks.store._embedded_id_range), and through the index otherwise: both
+    table's primary key (tasks.storesql.id_range), and through the index otherwise: both
     must give the same messages, with the same limit and truncation, also for what another
     connection wrote after this one built its index."""
     if not store.embedded:
@@ -691,11 +691,11 @@ def test_a_replay_finds_the_same_through_the_range_of_ids_and_through_the_index(
         return [store.replay("ann", after, limit) for after in ("", messages[0]["id"], messages[3]["id"], messages[7]["id"]) for limit in (1, 2, 100)]
 
     through_range = replays()
-    assert store_module._embedded_id_range(store.database["messages"], "", first_included=False, most=100) is not None, \
+    assert storesql.id_range(store.database["messages"], "", first_included=False, most=100) is not None, \
         "litemongo's table is not what tasks.store reads"
     monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", 3)  # more than that since "" and since messages[0]
     mixed = replays()
-    monkeypatch.setattr(store_module, "_embedded_id_range", lambda *_, **__: None)
+    monkeypatch.setattr(storesql, "id_range", lambda *_, **__: None)
     through_index = replays()
 
     assert through_range == mixed == through_index
@@ -834,7 +834,7 @@ def test_embedded_commits_leave_the_checkpoints_to_the_stores_thread(store):
         pytest.skip("write-ahead logs are the embedded engine's")
     checkpointer = store._checkpointer
     assert checkpointer is not None and checkpointer.running
-    tables = [store_module._litemongo_table(store.database[name]) for name in ("messages", "receipts", "keys")]
+    tables = [storesql.table_of(store.database[name]) for name in ("messages", "receipts", "keys")]
     assert sorted(checkpointer.paths) == sorted(checkpoints.database_file(t._connection) for t in tables)
     assert {t._connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] for t in tables} == {checkpoints.SAFETY_NET_PAGES}
     checkpointer.stop()  # from here on only this test checkpoints
@@ -861,7 +861,7 @@ def test_an_embedded_log_that_grew_large_shrinks_back_once_copied_into_its_file(
         if not store.embedded:
             pytest.skip("write-ahead logs are the embedded engine's")
         store._checkpointer.stop()  # from here on only this test checkpoints
-        path = checkpoints.database_file(store_module._litemongo_table(store.database["messages"])._connection)
+        path = checkpoints.database_file(storesql.table_of(store.database["messages"])._connection)
         gen = IdGenerator()
         for _ in range(10):  # about 6 MB of log
             store.insert_messages([make(gen, ["alice"], {"pad": "x" * 3000}) for _ in range(200)])
@@ -901,7 +901,7 @@ def test_data_shaped_like_a_mongodb_dbref_comes_back_as_it_was_collected(store, 
     id that redelivery and a collect sent again with its key use), which no JSON encoder takes: one
     such message failed every replay request it was part of, other users' included."""
     if path == "index":
-        monkeypatch.setattr(store_module, "_embedded_id_range", lambda *_, **__: None)
+        monkeypatch.setattr(storesql, "id_range", lambda *_, **__: None)
     elif not store.embedded:
         pytest.skip("the range read is the embedded engine's")
     gen = IdGenerator()
@@ -921,7 +921,7 @@ def test_data_shaped_like_a_mongodb_dbref_comes_back_as_it_was_collected(store, 
 def _page_limit(store, collection: str) -> None:
     """Cap the SQLite file of ``collection`` at the pages it has: SQLite then refuses what needs a
     new page with SQLITE_FULL ("database or disk is full"), the code a full disk gives."""
-    connection = store_module._litemongo_table(store.database[collection])._connection
+    connection = storesql.table_of(store.database[collection])._connection
     connection.execute("PRAGMA max_page_count=1")  # clamped to the pages in use
 
 
@@ -937,7 +937,7 @@ def test_a_full_embedded_store_says_the_disk_of_data_dir_is_full_and_keeps_every
     with pytest.raises(StoreUnavailable, match=r"database or disk is full\): the disk of DATA_DIR \(.+\) is full, \d+ bytes free now: free space on it"):
         store.insert_messages(refused)
 
-    store_module._litemongo_table(store.database["messages"])._connection.execute("PRAGMA max_page_count=1073741823")  # space again
+    storesql.table_of(store.database["messages"])._connection.execute("PRAGMA max_page_count=1073741823")  # space again
     store.insert_messages(refused)  # what the retry sends: nothing of its first try was kept
     after = [make(gen, ["alice"])]
     store.insert_messages(after)
@@ -963,7 +963,7 @@ def _in_a_full_process(data_dir: str, db_name: str, out) -> None:
     store.insert_messages(old)
     inbox = ids_of(store.unacked("alice", 100)[0])  # builds this process's index of "to"
     for name in _COLLECTIONS_OF_TEST:  # empty logs: the next write must make them grow
-        store_module._litemongo_table(store.database[name])._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        storesql.table_of(store.database[name])._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
     errors_seen = []
     for attempt in (lambda: store.insert_messages([make(gen, ["alice"])]),

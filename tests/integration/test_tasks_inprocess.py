@@ -560,13 +560,13 @@ def test_routing_whose_receipts_the_store_refuses_publishes_once_and_does_not_ro
     disk) made route() raise, so Collect handed the published messages to tasks.dispatch, which
     published them again at each of its retries (ten copies in all)."""
     from tasks import dispatch as dispatch_module
-    from tasks import store as store_module
+    from tasks import storesql
     from tasks.store import Store
 
     monkeypatch.setattr(settings, "DATA_DIR", str(tmp_path))
     store = Store.open()
     try:
-        store_module._litemongo_table(store.database["receipts"])._connection.execute("PRAGMA max_page_count=1")  # as if the disk were full
+        storesql.table_of(store.database["receipts"])._connection.execute("PRAGMA max_page_count=1")  # as if the disk were full
         monkeypatch.setattr(dispatch_module, "get_store", lambda: store)
         node = fake_node()
         users = [f"full-{uuid.uuid4().hex[:6]}-{n}" for n in range(200)]  # receipts over a page
