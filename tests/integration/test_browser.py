@@ -477,9 +477,52 @@ def test_push_js_tells_the_page_when_a_token_refresh_fails(pages):
         client.stop();
         return {errors, sent: ws.sent, state};
     }""")
-    assert seen["errors"] == [["refresh", "getToken failed: logged out", "logged out", 50],
-                              ["refresh", "refresh_error: auth unavailable", None, 50]]
+    assert [e[:3] for e in seen["errors"]] == [["refresh", "getToken failed: logged out", "logged out"],
+                                               ["refresh", "refresh_error: auth unavailable", None]]
+    assert 0 <= seen["errors"][0][3] <= 50 and 0 <= seen["errors"][1][3] <= 100  # two backoff steps, full jitter
     assert seen["sent"] == [{"type": "refresh", "token": "t2"}] and seen["state"] == "connected"
+
+
+def test_push_js_backs_off_between_failed_token_refreshes_with_full_jitter(pages):
+    """A failed refresh (``getToken`` failed, or the node answered ``refresh_error``) was tried
+    again every ``refreshRetryMs``, for as long as the failures went on: an auth or backend that
+    was down got every page's refresh at that steady pace, all pages of one outage in step.  The
+    retries now back off: the step doubles from ``refreshRetryMs`` up to ``refreshMaxMs``, each
+    delay drawn between 0 and the step (full jitter), and a refresh the node takes starts over."""
+    page = recording_page(pages, "Math.random = () => 0.5;")  # each delay: half its step
+    seen = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 500 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const hello = {type: "hello", node: "a", user: "u", conn: "c", expires_in: 0};  // refresh in 1 s
+        const errors = [], calls = [];
+        let failing = true;
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", refreshRetryMs: 40, refreshMaxMs: 200,
+                                       getToken: () => { calls.push(Date.now()); return failing ? Promise.reject(new Error("down")) : "t" + calls.length; },
+                                       onError: e => errors.push([e.reason, e.retryIn])});
+        client.start();
+        const ws = window.opened[0];
+        ws.readyState = 1;
+        ws.onmessage({data: JSON.stringify(hello)});
+        await until(() => errors.length >= 5);
+        failing = false;
+        await until(() => (ws.sent || []).length >= 1);
+        ws.onmessage({data: JSON.stringify({type: "refresh_error", reason: "auth unavailable"})});
+        await until(() => ws.sent.length >= 2);
+        failing = true;
+        ws.onmessage({data: JSON.stringify({type: "refreshed", expires_at: 0, expires_in: 0})});  // next refresh in 1 s
+        await until(() => errors.length >= 7);
+        client.stop();
+        const gaps = calls.slice(1, 5).map((at, n) => at - calls[n]);
+        const bounds = [0, 1, 2, 3, 4].map(a => [PushClient.backoffDelay(a, 40, 200, 0, true), PushClient.backoffDelay(a, 40, 200, 1, true)]);
+        return {errors, gaps, bounds, sent: ws.sent.length};
+    }""")
+    retry_in = [retry for _, retry in seen["errors"]]
+    # getToken failed five times (steps 40, 80, 160, 200, 200 ms), then the node's refresh_error
+    # (200, capped), then, after a refresh the node took, getToken again: back to the first step.
+    assert retry_in == [20, 40, 80, 100, 100, 100, 20], f"refresh retries did not back off: {seen['errors']}"
+    assert seen["errors"][5][0] == "refresh_error: auth unavailable" and seen["sent"] == 2
+    assert seen["bounds"] == [[0, 40], [0, 80], [0, 160], [0, 200], [0, 200]], "not full jitter: each delay is drawn in [0, step]"
+    # Each getToken call came after the delay onError announced.
+    assert all(gap >= retry - 5 for gap, retry in zip(seen["gaps"], retry_in)), f"calls {seen['gaps']} ms apart, announced {retry_in}"
 
 
 #: Counts the network and visibility listeners a page holds on ``window`` (``window.listening()``),

@@ -40,7 +40,9 @@
  *   sends the new token ({"type": "refresh", "token": ...}) on the open connection, which goes on
  *   with it; the node answers "refreshed" with the new expiry, and the next refresh is scheduled
  *   from it.  When the node could not check the token ("refresh_error": auth unavailable) or
- *   getToken() failed, it tries again after refreshRetryMs, and tells the page through onError
+ *   getToken() failed, it tries again after a backoff step (refreshRetryMs doubling up to
+ *   refreshMaxMs, each delay drawn between 0 and the step: full jitter, so that the pages of one
+ *   auth or backend outage do not all retry in step), and tells the page through onError
  *   ({type: "refresh", reason, error, retryIn}): the connection goes on meanwhile, until the node
  *   closes it with 4401 once the token expired.  Without getToken there is no refresh:
  *   the node closes the connection with 4401 once the token expired (after TOKEN_EXPIRY_GRACE).
@@ -77,7 +79,8 @@
     connectTimeoutMs: 10000, // a handshake (or a getToken call) not done in this time counts as a failed one
     dedupWindow: 10000, // how many message ids are remembered to drop repeats
     refreshAheadMs: 60000, // refresh the token this long before it expires (at most half its remaining life)
-    refreshRetryMs: 5000, // after a failed refresh (getToken failed, or the node said refresh_error), try again after this
+    refreshRetryMs: 5000, // first backoff step after a failed refresh (getToken failed, or the node said refresh_error)
+    refreshMaxMs: 30000, // cap of the refresh retries' backoff (each delay is drawn in [0, step])
     idleMs: 25000, // after this long without a frame, send a ping (0: never)
     pongTimeoutMs: 10000, // a connection that brings no frame this long after a ping is lost: reconnect
   };
@@ -103,10 +106,15 @@
     return { action: "reconnect", soon: false };
   }
 
-  /** The delay before reconnect attempt ``attempt`` (0 = first): in [step/2, step], step = initial * 2^attempt, capped. */
-  function backoffDelay(attempt, initialMs, maxMs, random) {
+  /**
+   * The delay before retry ``attempt`` (0 = first), step = initial * 2^attempt, capped at maxMs:
+   * in [step/2, step] (reconnects), or in [0, step] with ``full`` jitter (token refresh retries,
+   * which may come early: the open connection goes on meanwhile).
+   */
+  function backoffDelay(attempt, initialMs, maxMs, random, full) {
     var step = Math.min(maxMs, initialMs * Math.pow(2, Math.min(attempt, 30)));
-    return step / 2 + (random === undefined ? Math.random() : random) * (step / 2);
+    var r = random === undefined ? Math.random() : random;
+    return full ? r * step : step / 2 + r * (step / 2);
   }
 
   /** ``spec`` (ws:, wss:, http:, https: or a path relative to the page) as a ws:/wss: URL object. */
@@ -317,7 +325,7 @@
     }
     this._ws = ws;
     var self = this;
-    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, refreshSent: false, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
+    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, refreshSent: false, refreshFailures: 0, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
     this._conn = conn;
     var timeout = setTimeout(function () {
       if (self._ws === ws && !conn.hello) {
@@ -357,13 +365,15 @@
       if (conn.pings) this._watch(ws, conn, this.options.idleMs);
     } else if (frame.type === "refreshed") {
       conn.refreshSent = false;
+      conn.refreshFailures = 0;
       this.stats.refreshes += 1;
       this._expiresIn(frame.expires_in);
       this._scheduleRefresh(ws, conn, frame.expires_in);
     } else if (frame.type === "refresh_error") {
       conn.refreshSent = false;
-      this._error({ type: "refresh", reason: "refresh_error: " + frame.reason, retryIn: this.options.refreshRetryMs });
-      if (this._ws === ws) this._refreshLater(ws, conn, this.options.refreshRetryMs); // unless onError stopped it
+      var retryIn = this._refreshRetryIn(conn);
+      this._error({ type: "refresh", reason: "refresh_error: " + frame.reason, retryIn: retryIn });
+      if (this._ws === ws) this._refreshLater(ws, conn, retryIn); // unless onError stopped it
     } else if (frame.type === "resumed") {
       conn.resumedAt = Date.now();
       // The next connection resumes from the node's cursor when it is later than every message
@@ -451,6 +461,13 @@
     this._refreshLater(ws, conn, Math.max(1000, remaining - Math.min(this.options.refreshAheadMs, remaining / 2)));
   };
 
+  /** The delay before the next try of ``conn``'s refresh, which just failed: a backoff step with full jitter. */
+  PushClient.prototype._refreshRetryIn = function (conn) {
+    var delay = backoffDelay(conn.refreshFailures, this.options.refreshRetryMs, this.options.refreshMaxMs, undefined, true);
+    conn.refreshFailures += 1;
+    return Math.round(delay);
+  };
+
   PushClient.prototype._refreshLater = function (ws, conn, delay) {
     clearTimeout(conn.refreshTimer);
     var self = this;
@@ -481,8 +498,9 @@
     }
     if (this._ws !== ws || ws.readyState !== 1) return; // closed meanwhile: the reconnect gets its own
     if (!token) {
-      this._error({ type: "refresh", reason: tokenFailure(error), error: error, retryIn: this.options.refreshRetryMs });
-      if (this._ws === ws) this._refreshLater(ws, conn, this.options.refreshRetryMs);
+      var retryIn = this._refreshRetryIn(conn);
+      this._error({ type: "refresh", reason: tokenFailure(error), error: error, retryIn: retryIn });
+      if (this._ws === ws) this._refreshLater(ws, conn, retryIn);
       return;
     }
     this.stats.tokens += 1;
