@@ -412,7 +412,7 @@ def test_push_js_replaces_a_kept_token_at_once_after_failed_connects(pages):
         const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
         const waits = [];
         let calls = 0;
-        const client = new PushClient({url: "ws://a.invalid/ws", token: "kept", initialMs: 20, maxMs: 100000,
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "kept", initialMs: 20, maxMs: 100000, tokenJitterMs: 50,
                                        getToken: () => "new" + (++calls),
                                        onStatus: s => { if (s.state === "waiting") waits.push([s.code, s.retryIn]); }});
         client.start();
@@ -427,8 +427,40 @@ def test_push_js_replaces_a_kept_token_at_once_after_failed_connects(pages):
         return {waits, tokens: window.opened.map(ws => new URL(ws.url).searchParams.get("token"))};
     }""")
     assert seen["tokens"] == ["kept"] * 5 + ["new1"]
-    assert seen["waits"][4] == [CloseCode.UNAUTHORIZED, 0], f"a kept token refused waited a backoff step: {seen['waits']}"
+    assert seen["waits"][4][0] == CloseCode.UNAUTHORIZED and seen["waits"][4][1] <= 50, f"a kept token refused waited a backoff step: {seen['waits']}"
     assert seen["waits"][5][0] == CloseCode.UNAUTHORIZED and 160 <= seen["waits"][5][1] <= 320  # a backoff step, as before
+
+
+def test_push_js_spreads_its_get_token_calls_after_a_mass_revocation_over_token_jitter_ms(pages):
+    """A revocation that closes many connections with 4401 at once (many users banned, a secret
+    changed without listing the old one) made every page call ``getToken`` in the same instant,
+    a burst on the business backend as large as the revocation.  Each page now calls it after a
+    random delay of at most ``tokenJitterMs`` (1 s), which is all a single page waits more."""
+    page = recording_page(pages)
+    seen = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const calls = [], waits = [], clients = [];
+        for (let n = 0; n < 20; n++) {
+            const client = new PushClient({url: "ws://a.invalid/ws", token: "kept", getToken: () => { calls.push(performance.now()); return "new"; },
+                                           onStatus: s => { if (s.state === "waiting") waits.push([s.code, s.retryIn]); }});
+            client.start();
+            clients.push(client);
+        }
+        const sockets = window.opened.slice();
+        sockets.forEach(ws => ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600})}));
+        const revokedAt = performance.now();
+        sockets.forEach(ws => ws.onclose({code: 4401, reason: "token revoked"}));
+        await until(() => calls.length >= 20);
+        clients.forEach(client => client.stop());
+        return {waits, calls: calls.map(at => at - revokedAt), jitter: PushClient.DEFAULTS.tokenJitterMs};
+    }""")
+    assert len(seen["waits"]) == 20 and {code for code, _ in seen["waits"]} == {CloseCode.UNAUTHORIZED}
+    delays = sorted(retry for _, retry in seen["waits"])
+    calls = sorted(seen["calls"])
+    assert delays[-1] - delays[0] >= 300, f"the 20 pages' getToken calls were not spread: {delays}"
+    assert 0 <= delays[0] and delays[-1] <= 1000, f"a page waited more than tokenJitterMs: {delays}"
+    assert len(calls) == 20 and calls[-1] - calls[0] >= 300 and calls[-1] <= 1000 + 250, f"getToken called at {calls} ms"
+    assert seen["jitter"] == 1000  # the documented default
 
 
 def test_push_js_gets_a_new_token_before_reconnecting_once_its_token_has_expired(pages):

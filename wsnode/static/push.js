@@ -25,8 +25,9 @@
  *   straight back.
  * - Close codes, as the README's table says:
  *     1001           reconnect now (another URL), with since;
- *     4401           call getToken() for a new token, then reconnect: at once when the refused
- *                    token was a kept one, with backoff when tokens just got keep being refused;
+ *     4401           call getToken() for a new token, then reconnect: within tokenJitterMs when
+ *                    the refused token was a kept one (spread, as a mass revocation closes many
+ *                    pages at once), with backoff when tokens just got keep being refused;
  *     4500-4999      a client bug: stop, report state "stopped", never reconnect;
  *     anything else  (1006 connection lost, 1009, 1011, 1013, 4000-4499 ...): reconnect after a
  *                    jittered exponential backoff (initialMs doubling up to maxMs, each delay drawn
@@ -76,6 +77,7 @@
     healthyMs: 5000, // a connection live this long resets the backoff
     awayMs: 30000, // how long a URL that said 1001 is skipped
     goAwayJitterMs: 500, // after a 1001, reconnect within this (spreads a drained node's clients)
+    tokenJitterMs: 1000, // after a 4401, call getToken within this (spreads the pages of a mass revocation)
     connectTimeoutMs: 10000, // a handshake (or a getToken call) not done in this time counts as a failed one
     dedupWindow: 10000, // how many message ids are remembered to drop repeats
     refreshAheadMs: 60000, // refresh the token this long before it expires (at most half its remaining life)
@@ -547,10 +549,12 @@
         this._status({ state: "stopped", code: closed.code, reason: "token refused and no getToken option to get a new one", url: closed.url });
         return;
       }
-      // Same URL; at once the first time, and whenever the refused token is one it kept (from an
+      // Same URL; soon the first time, and whenever the refused token is one it kept (from an
       // earlier connection or the token option: expired while the network was down, revoked),
       // however many failed connects came before; backing off when new tokens keep being refused.
-      delay = this._attempt === 0 || !closed.freshToken ? 0 : backoffDelay(this._attempt - 1, o.initialMs, o.maxMs);
+      // Soon is within tokenJitterMs, not at once: a revocation of many users (or of a secret)
+      // closes every page of theirs in the same instant, and each calls getToken on your backend.
+      delay = this._attempt === 0 || !closed.freshToken ? Math.random() * o.tokenJitterMs : backoffDelay(this._attempt - 1, o.initialMs, o.maxMs);
     } else {
       if (closed.code === 1001) this._away[closed.url] = Date.now() + o.awayMs;
       var next = policy.stay ? { index: this._index, fresh: false } : this._nextUrl(closed.url);
