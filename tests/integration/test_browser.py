@@ -568,6 +568,76 @@ window.listening = () => [...window.listeners.values()].filter(type => ["online"
 """
 
 
+#: Keeps the ids of the timers a page has pending (``window.timers``): set and neither fired nor cleared.
+TRACKED_TIMERS = """
+window.timers = new Set();
+const setTimer = window.setTimeout, clearTimer = window.clearTimeout;
+window.setTimeout = function (fn, ms, ...args) {
+  const id = setTimer.call(window, (...a) => { window.timers.delete(id); fn(...a); }, ms, ...args);
+  window.timers.add(id);
+  return id;
+};
+window.clearTimeout = function (id) { window.timers.delete(id); return clearTimer.call(window, id); };
+"""
+
+
+def test_push_js_stops_for_good_when_get_token_says_the_user_is_logged_out(pages):
+    """A page had no way to tell push.js that its user logged out: a ``getToken`` that failed was
+    retried with backoff for ever, before a connect and for a refresh alike.  A ``getToken`` that
+    throws ``PushClient.UnauthorizedError`` (centrifuge-js's convention) now stops the client for
+    good: ``stopped`` with reason ``unauthorized``, its connection closed, no timer or listener
+    left, no further ``getToken`` call; a later ``start()`` asks ``getToken`` again."""
+    page = recording_page(pages, COUNTED_LISTENERS, TRACKED_TIMERS)
+    seen = page.evaluate("""async () => {
+        const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
+        const until = async (check) => { for (let i = 0; i < 200 && !check(); i++) await pause(10); };
+        const hello = expiresIn => JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: expiresIn, ping: true});
+        const stoppedOf = statuses => statuses.filter(s => s.state === "stopped").map(s =>
+            ["code" in s, s.reason, s.error instanceof PushClient.UnauthorizedError, s.error && s.error.name]);
+        const seen = {};
+
+        // A connection revoked (4401); the page's backend says the user is logged out.
+        let loggedIn = false, calls = 0;
+        const statuses = [], errors = [];
+        const revoked = new PushClient({url: "ws://a.invalid/ws", token: "kept", tokenJitterMs: 20,
+                                        getToken: () => { calls += 1; if (!loggedIn) throw new PushClient.UnauthorizedError(); return "new" + calls; },
+                                        onStatus: s => statuses.push(s), onError: e => errors.push(e)});
+        revoked.start();
+        window.opened[0].readyState = 1;
+        window.opened[0].onmessage({data: hello(3600)});
+        window.opened[0].onclose({code: 4401, reason: "token revoked"});
+        await until(() => revoked.state === "stopped");
+        await pause(300);
+        seen.revoked = {state: revoked.state, stopped: stoppedOf(statuses), calls, opened: window.opened.length,
+                        timers: window.timers.size, listening: window.listening(), errors: errors.length};
+        loggedIn = true;
+        revoked.start();
+        await until(() => window.opened.length > 1);
+        seen.restartedWith = new URL(window.opened[1].url).searchParams.get("token");
+        revoked.stop();
+
+        // An open connection whose refresh finds the user logged out.
+        const statuses2 = [], errors2 = [];
+        const refreshing = new PushClient({url: "ws://a.invalid/ws", token: "t", idleMs: 60000,
+                                           getToken: () => Promise.reject(new PushClient.UnauthorizedError("logged out")),
+                                           onStatus: s => statuses2.push(s), onError: e => errors2.push(e)});
+        refreshing.start();
+        const ws = window.opened[window.opened.length - 1];
+        ws.readyState = 1;
+        ws.onmessage({data: hello(0)});  // a refresh in 1 s
+        await until(() => refreshing.state === "stopped");
+        await pause(300);
+        seen.refresh = {state: refreshing.state, stopped: stoppedOf(statuses2), closed: [ws.closed, ws.closeCode],
+                        opened: window.opened.length, timers: window.timers.size, listening: window.listening(), errors: errors2.length};
+        return seen;
+    }""")
+    assert seen["revoked"] == {"state": "stopped", "stopped": [[False, "unauthorized", True, "UnauthorizedError"]], "calls": 1,
+                               "opened": 1, "timers": 0, "listening": 0, "errors": 0}, f"after a 4401: {seen['revoked']}"
+    assert seen["restartedWith"] == "new2", "start() after a log-out reused the token it had or asked no new one"
+    assert seen["refresh"] == {"state": "stopped", "stopped": [[False, "unauthorized", True, "UnauthorizedError"]], "closed": [True, 1000],
+                               "opened": 3, "timers": 0, "listening": 0, "errors": 0}, f"on a refresh: {seen['refresh']}"
+
+
 def test_push_js_back_online_reconnects_at_once_and_pings_an_open_connection(pages):
     """A page whose network went away waited out its backoff (up to ``maxMs``, 30 s) after the
     network came back, and kept a connection the network change may have killed until its idle

@@ -4,7 +4,10 @@
  *
  *   const push = new PushClient({
  *     url: ["wss://push-a.example.com/ws", "wss://push-b.example.com/ws"], // one URL, or several
- *     getToken: () => fetch("/push-token", {method: "POST"}).then(r => r.json()).then(b => b.token),
+ *     getToken: () => fetch("/push-token", {method: "POST"}).then(r => {
+ *       if (r.status === 401) throw new PushClient.UnauthorizedError();  // logged out: stop for good
+ *       return r.json();
+ *     }).then(b => b.token),
  *     onMessage: (data, message) => console.log(message.id, data),
  *     onStatus: (status) => console.log(status.state, status.node || "", status.code || ""),
  *     onError: (error) => console.warn(error.type, error.reason),  // a token refresh that failed
@@ -48,6 +51,11 @@
  *   closes it with 4401 once the token expired.  Without getToken there is no refresh:
  *   the node closes the connection with 4401 once the token expired (after TOKEN_EXPIRY_GRACE).
  *   A reconnect after the token expired (by what the node said) gets a new one before it connects.
+ * - Logged out: a getToken() that throws (or rejects with) PushClient.UnauthorizedError, before a
+ *   connect or for a refresh, stops the client for good, as centrifuge-js does: the open
+ *   connection (if any) is closed, every timer and listener goes, the token is dropped, and
+ *   onStatus gets state "stopped" with reason "unauthorized" and the error (no code: no node
+ *   closed anything).  start() again (once the user logged in) asks getToken for a token first.
  * - Liveness: after idleMs without a frame it sends {"type": "ping"}; the node answers "pong"
  *   (only to a node whose hello frame says "ping": true; an earlier node would close with 4500).  A
  *   connection that brings no frame within pongTimeoutMs of a ping is closed and counts as lost
@@ -86,6 +94,17 @@
     idleMs: 25000, // after this long without a frame, send a ping (0: never)
     pongTimeoutMs: 10000, // a connection that brings no frame this long after a ping is lost: reconnect
   };
+
+  /**
+   * What a page's getToken throws (or rejects with) when the user is logged out, so that the
+   * client stops for good instead of retrying: ``throw new PushClient.UnauthorizedError()``.
+   */
+  class UnauthorizedError extends Error {
+    constructor(message) {
+      super(message || "unauthorized: the user is logged out");
+      this.name = "UnauthorizedError";
+    }
+  }
 
   /** ``promise``, or a rejection once ``ms`` passed without it settling (a getToken whose request stalls). */
   function within(promise, ms) {
@@ -182,6 +201,7 @@
   PushClient.closePolicy = closePolicy;
   PushClient.backoffDelay = backoffDelay;
   PushClient.DEFAULTS = DEFAULTS;
+  PushClient.UnauthorizedError = UnauthorizedError;
 
   /** Connect, and keep connected until stop() or a terminal close code.  A new run backs off from the first step. */
   PushClient.prototype.start = function () {
@@ -200,20 +220,46 @@
    */
   PushClient.prototype.stop = function () {
     var wasRunning = this._running;
+    this._halt("client stopped");
+    if (wasRunning) this._status({ state: "stopped", reason: "stopped by the page" });
+    return this;
+  };
+
+  /**
+   * Stop running: no listener, no timer (the reconnect's, the connection's hello, refresh and
+   * ping timers), and the connection closed with 1000 and ``reason``.  Every path that stops the
+   * client goes through here; a _connect or _retry still under way sees the generation changed.
+   */
+  PushClient.prototype._halt = function (reason) {
     this._running = false;
     this._listen(false);
     this._generation += 1;
     clearTimeout(this._timer);
     this._timer = null;
+    var conn = this._conn;
+    if (conn) {
+      clearTimeout(conn.helloTimer);
+      clearTimeout(conn.refreshTimer);
+      clearTimeout(conn.pingTimer);
+    }
     this._conn = null;
     if (this._ws) {
       var ws = this._ws;
       this._ws = null;
-      try { ws.close(1000, "client stopped"); } catch (e) { /* already closing */ }
+      try { ws.close(1000, reason); } catch (e) { /* already closing */ }
     }
     this.node = null;
-    if (wasRunning) this._status({ state: "stopped", reason: "stopped by the page" });
-    return this;
+  };
+
+  /**
+   * getToken said the user is logged out (it threw UnauthorizedError): stop for good, without the
+   * token, which a later start() must not reuse.
+   */
+  PushClient.prototype._unauthorized = function (error, url) {
+    this._token = null;
+    this._tokenExpiresAt = 0;
+    this._halt("unauthorized");
+    this._status({ state: "stopped", reason: "unauthorized", error: error, url: url });
   };
 
   /** The global that fires the browser's "online" event (the window, or a worker's self), if any. */
@@ -299,6 +345,10 @@
         error = e;
       }
       if (!this._running || generation !== this._generation) return; // a stale attempt's token is not kept
+      if (error instanceof UnauthorizedError) {
+        this._unauthorized(error, url);
+        return;
+      }
       if (token) {
         this._token = token;
         this._tokenExpiresAt = 0;
@@ -327,9 +377,9 @@
     }
     this._ws = ws;
     var self = this;
-    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, refreshSent: false, refreshFailures: 0, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
+    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, refreshSent: false, refreshFailures: 0, helloTimer: null, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
     this._conn = conn;
-    var timeout = setTimeout(function () {
+    conn.helloTimer = setTimeout(function () {
       if (self._ws === ws && !conn.hello) {
         try { ws.close(); } catch (e) { /* not open yet */ }
         self._closed(ws, conn, 1006, "no hello within " + self.options.connectTimeoutMs + " ms");
@@ -340,7 +390,7 @@
       if (self._ws === ws) self._frame(ws, conn, event.data);
     };
     ws.onclose = function (event) {
-      clearTimeout(timeout);
+      clearTimeout(conn.helloTimer);
       clearTimeout(conn.refreshTimer);
       clearTimeout(conn.pingTimer);
       if (self._ws === ws) self._closed(ws, conn, event.code, event.reason);
@@ -490,6 +540,7 @@
       this._error({ type: "refresh", reason: "no answer to refresh within " + (this.options.refreshRetryMs + this.options.connectTimeoutMs) + " ms", retryIn: 0 });
       if (this._ws !== ws) return; // onError stopped it
     }
+    var generation = this._generation;
     var token = null;
     var error;
     try {
@@ -497,6 +548,12 @@
     } catch (e) {
       error = e;
       token = null;
+    }
+    if (error instanceof UnauthorizedError) {
+      // Logged out: stop, whether or not this connection is still the current one (a reconnect
+      // under way would otherwise go on with the token it kept).
+      if (this._running && generation === this._generation) this._unauthorized(error, conn.url);
+      return;
     }
     if (this._ws !== ws || ws.readyState !== 1) return; // closed meanwhile: the reconnect gets its own
     if (!token) {
@@ -534,8 +591,7 @@
     var o = this.options;
     var generation = this._generation;
     if (policy.action === "stop") {
-      this._running = false;
-      this._listen(false);
+      this._halt("client stopped");
       this._status({ state: "stopped", code: closed.code, reason: closed.reason, url: closed.url });
       if (typeof console !== "undefined") console.error("PushClient: closed with " + closed.code + " (" + closed.reason + "): a client bug, not reconnecting");
       return;
@@ -544,8 +600,7 @@
     if (policy.action === "new-token") {
       this._token = null;
       if (!this._getToken) {
-        this._running = false;
-        this._listen(false);
+        this._halt("client stopped");
         this._status({ state: "stopped", code: closed.code, reason: "token refused and no getToken option to get a new one", url: closed.url });
         return;
       }
