@@ -557,14 +557,16 @@ def test_push_js_backs_off_between_failed_token_refreshes_with_full_jitter(pages
     assert all(gap >= retry - 5 for gap, retry in zip(seen["gaps"], retry_in)), f"calls {seen['gaps']} ms apart, announced {retry_in}"
 
 
-#: Counts the network and visibility listeners a page holds on ``window`` (``window.listening()``),
-#: to show that none stays behind a stopped client.
+#: Lists the network and visibility listeners a page holds on ``window`` and ``document``
+#: (``window.listening()``, their event types, sorted), to show that none stays behind a stopped client.
 COUNTED_LISTENERS = """
 window.listeners = new Map();
-const add = window.addEventListener, remove = window.removeEventListener;
-window.addEventListener = function (type, fn, options) { window.listeners.set(fn, type); return add.call(this, type, fn, options); };
-window.removeEventListener = function (type, fn, options) { window.listeners.delete(fn); return remove.call(this, type, fn, options); };
-window.listening = () => [...window.listeners.values()].filter(type => ["online", "offline", "visibilitychange"].includes(type)).length;
+for (const target of [window, document]) {
+  const add = target.addEventListener, remove = target.removeEventListener;
+  target.addEventListener = function (type, fn, options) { window.listeners.set(fn, type); return add.call(this, type, fn, options); };
+  target.removeEventListener = function (type, fn, options) { window.listeners.delete(fn); return remove.call(this, type, fn, options); };
+}
+window.listening = () => [...window.listeners.values()].filter(type => ["online", "offline", "visibilitychange"].includes(type)).sort();
 """
 
 
@@ -632,10 +634,10 @@ def test_push_js_stops_for_good_when_get_token_says_the_user_is_logged_out(pages
         return seen;
     }""")
     assert seen["revoked"] == {"state": "stopped", "stopped": [[False, "unauthorized", True, "UnauthorizedError"]], "calls": 1,
-                               "opened": 1, "timers": 0, "listening": 0, "errors": 0}, f"after a 4401: {seen['revoked']}"
+                               "opened": 1, "timers": 0, "listening": [], "errors": 0}, f"after a 4401: {seen['revoked']}"
     assert seen["restartedWith"] == "new2", "start() after a log-out reused the token it had or asked no new one"
     assert seen["refresh"] == {"state": "stopped", "stopped": [[False, "unauthorized", True, "UnauthorizedError"]], "closed": [True, 1000],
-                               "opened": 3, "timers": 0, "listening": 0, "errors": 0}, f"on a refresh: {seen['refresh']}"
+                               "opened": 3, "timers": 0, "listening": [], "errors": 0}, f"on a refresh: {seen['refresh']}"
 
 
 def test_push_js_back_online_reconnects_at_once_and_pings_an_open_connection(pages):
@@ -673,7 +675,51 @@ def test_push_js_back_online_reconnects_at_once_and_pings_an_open_connection(pag
     }""")
     assert seen["waits"][0] >= 30_000 and (seen["before"], seen["after"]) == (1, 2), f"the online event did not cut the wait short: {seen}"
     assert seen["sent"] == [{"type": "ping"}, {"type": "ping"}], "a ping answered kept the next online event from pinging"
-    assert seen["running"] == 1 and seen["left"] == 0, f"listeners left behind: {seen}"
+    assert seen["running"] == ["online", "visibilitychange"] and seen["left"] == [], f"listeners left behind: {seen}"
+
+
+#: Makes ``document.visibilityState`` the page's to set: ``window.show("hidden" | "visible")`` sets
+#: it and fires ``visibilitychange``, as a browser does when the tab is hidden or shown.
+VISIBILITY = """
+window.visibility = "visible";
+Object.defineProperty(document, "visibilityState", {configurable: true, get: () => window.visibility});
+Object.defineProperty(document, "hidden", {configurable: true, get: () => window.visibility === "hidden"});
+window.show = state => { window.visibility = state; document.dispatchEvent(new Event("visibilitychange")); };
+"""
+
+
+def test_push_js_tab_shown_again_reconnects_at_once_and_pings_an_open_connection(pages):
+    """A hidden tab's timers are throttled (Chrome runs them once a minute after five minutes
+    hidden), so a reconnect waiting a backoff step, or the idle ping that would notice a connection
+    that died meanwhile, came minutes after the user looked at the tab again.  The tab shown again
+    (``visibilitychange`` to visible) now does what the ``online`` event does: the wait is cut
+    short and an open connection is pinged; the tab hidden does nothing."""
+    page = recording_page(pages, COUNTED_LISTENERS, VISIBILITY)
+    seen = page.evaluate("""async () => {
+        const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", initialMs: 60000, maxMs: 60000, goAwayJitterMs: 20, idleMs: 60000});
+        client.start();
+        const running = window.listening();
+        window.opened[0].onclose({code: 1006, reason: ""});  // a wait of 30 to 60 s
+        window.show("hidden");  // no reason to hurry
+        await pause(50);
+        const hidden = window.opened.length;
+        window.show("visible");
+        await pause(100);
+        const shown = window.opened.length;
+        const ws = window.opened[shown - 1];
+        ws.readyState = 1;
+        ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600, ping: true})});
+        window.show("hidden");
+        const sentHidden = (ws.sent || []).length;
+        window.show("visible");
+        const sent = (ws.sent || []).slice();
+        client.stop();
+        return {running, hidden, shown, sentHidden, sent, left: window.listening()};
+    }""")
+    assert (seen["hidden"], seen["shown"]) == (1, 2), f"showing the tab did not cut the reconnect's wait short: {seen}"
+    assert seen["sentHidden"] == 0 and seen["sent"] == [{"type": "ping"}], f"showing the tab did not ping the open connection: {seen}"
+    assert seen["running"] == ["online", "visibilitychange"] and seen["left"] == [], f"listeners: {seen}"
 
 
 @REDIS_ONLY

@@ -63,8 +63,11 @@
  * - Back online: the browser's "online" event (the network came back, a laptop woke up) cuts a
  *   reconnect that waits a backoff step short (it goes within goAwayJitterMs instead), and on an
  *   open connection that answers pings sends one at once, so a connection the network change
- *   killed is noticed within pongTimeoutMs.  The listener is added by start() and removed when the
- *   client stops (stop(), or a close code that stops it): a page may start and stop clients freely.
+ *   killed is noticed within pongTimeoutMs.  The tab shown again ("visibilitychange" to visible)
+ *   does the same: a hidden tab's timers are throttled (to once a minute in Chrome), so a
+ *   reconnect's wait or the idle ping that would notice a dead connection may be minutes late.
+ *   The listeners are added by start() and removed when the client stops (stop(), or a close code
+ *   that stops it): a page may start and stop clients freely.
  *
  * Threading: browsers run all of this on the page's one event loop.
  */
@@ -188,7 +191,8 @@
     this._conn = null; // the bookkeeping of this._ws (see _connect)
     this._running = false;
     var client = this;
-    this._onOnline = function () { client._online(); };
+    this._onOnline = function () { client._wake(); };
+    this._onVisible = function () { if (document.visibilityState === "visible") client._wake(); };
     // Bumped by stop(): a _connect or _retry of an earlier run (one that waited for getToken, or
     // whose onStatus called stop() and start()) sees it changed and gives up.
     this._generation = 0;
@@ -267,21 +271,27 @@
     return typeof self !== "undefined" && self && typeof self.addEventListener === "function" ? self : null;
   }
 
-  /** Add (on) or remove the client's "online" listener: one while it runs, none once it stopped. */
+  /**
+   * Add (on) or remove the client's listeners, the global's "online" and the document's
+   * "visibilitychange" (none in a worker): one each while it runs, none once it stopped.
+   */
   PushClient.prototype._listen = function (on) {
+    var method = on ? "addEventListener" : "removeEventListener";
     var target = eventTarget();
-    if (!target) return;
-    if (on) target.addEventListener("online", this._onOnline);
-    else target.removeEventListener("online", this._onOnline);
+    if (target) target[method]("online", this._onOnline);
+    if (typeof document !== "undefined" && document && typeof document.addEventListener === "function") {
+      document[method]("visibilitychange", this._onVisible);
+    }
   };
 
   /**
-   * The browser is back online.  A reconnect waiting a backoff step goes now (within
+   * The browser is back online, or the tab is shown again (its timers, throttled while it was
+   * hidden, may be minutes late).  A reconnect waiting a backoff step goes now (within
    * goAwayJitterMs, so a network that comes back for many pages at once does not bring them all in
    * the same instant), the backoff itself unchanged; an open connection that answers pings gets
-   * one now, as the network change may have killed it without a word.
+   * one now, as the network change (or the sleep) may have killed it without a word.
    */
-  PushClient.prototype._online = function () {
+  PushClient.prototype._wake = function () {
     if (!this._running) return;
     var self = this;
     if (this._timer !== null) {
