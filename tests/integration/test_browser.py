@@ -459,7 +459,8 @@ def test_push_js_spreads_its_get_token_calls_after_a_mass_revocation_over_token_
     calls = sorted(seen["calls"])
     assert delays[-1] - delays[0] >= 300, f"the 20 pages' getToken calls were not spread: {delays}"
     assert 0 <= delays[0] and delays[-1] <= 1000, f"a page waited more than tokenJitterMs: {delays}"
-    assert len(calls) == 20 and calls[-1] - calls[0] >= 300 and calls[-1] <= 1000 + 250, f"getToken called at {calls} ms"
+    # The calls follow the delays (within a loaded machine's timer lateness; the bound is the delays').
+    assert len(calls) == 20 and calls[-1] - calls[0] >= 300 and calls[-1] <= 1000 + 1000, f"getToken called at {calls} ms"
     assert seen["jitter"] == 1000  # the documented default
 
 
