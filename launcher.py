@@ -1,7 +1,9 @@
 """Start and stop the platform's processes on this machine, for ``cluster.py`` and the tests.
 
 - :func:`free_port`, :func:`find_redis_server`, :func:`bundled_redis_server`;
-- :class:`RedisServer`: a private ``redis-server`` on loopback;
+- :class:`RedisServer`: a private ``redis-server`` on loopback, optionally with a password, an ACL
+  user and TLS (:class:`TlsFiles`, :func:`make_tls_files`: a CA and a server certificate made with
+  the ``openssl`` command);
 - :class:`RabbitVhost`: a private vhost on a local RabbitMQ, for a cluster on the RabbitMQ broker;
 - :class:`Service`: one child process in its own process group, with its output in a log file or
   echoed to our stdout behind a ``name |`` prefix;
@@ -15,11 +17,13 @@ driven from one thread; a Service's reader thread only copies output.  Errors ar
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.util
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -284,21 +288,64 @@ class Service:
             self._reader.join(timeout)
 
 
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """The files of a Redis served over TLS: the CA that signed the server's certificate, the
+    certificate (for 127.0.0.1 and localhost) and its key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(folder: str | Path, days: int = 2) -> TlsFiles:
+    """A new CA and a server certificate it signed, for 127.0.0.1 and localhost, in ``folder``
+    (made with the ``openssl`` command; :class:`LauncherError` where there is none)."""
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(folder / "ca.crt", folder / "redis.crt", folder / "redis.key")
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", folder / "ca.key", "-out", files.ca, "-days", days, "-subj", "/CN=push test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", files.key, "-out", folder / "redis.csr", "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", folder / "redis.csr", "-CA", files.ca, "-CAkey", folder / "ca.key", "-CAcreateserial",
+         "-out", files.cert, "-days", days, "-extfile", ext],
+    ]
+    for step in steps:
+        try:
+            subprocess.run(["openssl", *map(str, step)], check=True, capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            raise LauncherError("the openssl command is not found: apt-get install openssl") from None
+        except subprocess.CalledProcessError as exc:
+            raise LauncherError(f"openssl {step[0]} failed: {(exc.stderr or '').strip()[-300:]}") from None
+    return files
+
+
 class RedisServer:
     """A private ``redis-server`` on 127.0.0.1; its files (and ``redis-server.log``) live in ``data_dir``.
 
     Without ``data_dir`` a temporary folder is made and removed by :meth:`stop`.  ``persistent=True``
     turns on the append-only file (fsync every second) so data survives :meth:`restart` and even
     :meth:`kill`.  ``echo=True`` prints the log to our stdout (see :class:`Service`) instead of the file.
+
+    ``password`` alone is ``requirepass``; with ``user``, that ACL user has it and the rights
+    ``acl`` gives (the ``default`` user is turned off).  ``tls`` serves TLS only, on ``port``
+    (clients need not show a certificate).  :meth:`url` carries them all (the password and user
+    percent-encoded, and for TLS ``ssl_cert_reqs=required&ssl_ca_certs=...``).
     """
 
     def __init__(self, port: int | None = None, data_dir: str | Path | None = None, persistent: bool = False,
-                 *, echo: bool = False, executable: str | None = None, **service_kw) -> None:
+                 *, echo: bool = False, executable: str | None = None, password: str | None = None, user: str | None = None,
+                 acl: str = "~* &* +@all", tls: TlsFiles | None = None, **service_kw) -> None:
+        if user is not None and password is None:
+            raise LauncherError("an ACL user needs a password")
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="redis-") if data_dir is None else data_dir).resolve()
         self.persistent = persistent
         self.executable = executable or find_redis_server()
+        self.password, self.user, self.acl, self.tls = password, user, acl, tls
         self._name = service_kw.pop("name", "redis")
         self._service_kw = dict(service_kw, **({} if echo else {"log_path": self.data_dir / "redis-server.log"}))
         self.service: Service | None = None
@@ -309,24 +356,54 @@ class RedisServer:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+    def url(self, db: int = 0, *, password: str | None = None) -> str:
+        """The server's URL for database ``db``, with its credentials (``password`` instead of
+        the server's own: a wrong one, for a test)."""
+        password = self.password if password is None else password
+        userinfo = ""
+        if password is not None:
+            userinfo = f"{urllib.parse.quote(self.user or '', safe='')}:{urllib.parse.quote(password, safe='')}@"
+        query = ""
+        if self.tls is not None:
+            query = "?" + urllib.parse.urlencode({"ssl_cert_reqs": "required", "ssl_ca_certs": str(self.tls.ca)})
+        return f"{'rediss' if self.tls else 'redis'}://{userinfo}127.0.0.1:{self.port}/{db}{query}"
 
     def ping(self) -> bool:
-        """True when the server answers PING (False while it is loading or down)."""
+        """True when the server answers PING (False while it is loading or down), after AUTH
+        with its credentials, over TLS when it serves TLS."""
+        commands = [_resp("AUTH", *([self.user] if self.user else []), self.password)] if self.password is not None else []
+        commands.append(_resp("PING"))
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                sock = raw
+                if self.tls is not None:
+                    sock = ssl.create_default_context(cafile=str(self.tls.ca)).wrap_socket(raw, server_hostname="127.0.0.1")
+                sock.sendall(b"".join(commands))
+                reply = b""
+                while reply.count(b"\r\n") < len(commands):  # one simple-string or error line each
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply.split(b"\r\n")[len(commands) - 1] == b"+PONG"
+        except (OSError, ssl.SSLError):
             return False
 
     def start(self, timeout: float = 20.0) -> RedisServer:
         """Start the server and return once it answers PING."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persistent else ["--appendonly", "no"]
-        argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                "--save", "", "--daemonize", "no", "--protected-mode", "no", *durability]
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                      "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"]
+        access: list[str] = []
+        if self.user is not None:
+            access = ["--user", "default", "off", "--user", self.user, "on", f">{self.password}", *self.acl.split()]
+        elif self.password is not None:
+            access = ["--requirepass", self.password]
+        argv = [self.executable, *listen, "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+                "--save", "", "--daemonize", "no", "--protected-mode", "no", *durability, *access]
         self.service = Service(self._name, argv, cwd=self.data_dir, **self._service_kw)
         self.service.start()
         self.service.wait_ready(self.ping, timeout, what=f"answering PING on port {self.port}")
@@ -349,6 +426,12 @@ class RedisServer:
         if self.service is not None and self.service.alive:
             self.service.terminate()
         return self.start(timeout)
+
+
+def _resp(*args: str) -> bytes:
+    """A Redis command in RESP, whatever its arguments hold."""
+    encoded = [arg.encode() for arg in args]
+    return f"*{len(encoded)}\r\n".encode() + b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in encoded)
 
 
 class RabbitVhost:
@@ -387,12 +470,13 @@ def cluster_env(redis_url_base: str, data_dir: str | Path, auth_port: int, broke
 
     Our own environment is passed through except :data:`CLUSTER_VARS`, which are set from the
     arguments (``RESULT_BACKEND`` is left unset so it defaults to ``REDIS_URL``).  ``redis_url_base``
-    is ``redis://host:port`` (a trailing ``/db`` is ignored).  ``extra`` adds or overrides variables;
+    is ``redis://host:port`` (a ``/db`` is replaced; credentials and a query, ``rediss://``'s
+    ``ssl_*`` options, are kept).  ``extra`` adds or overrides variables;
     a value of None removes one.
     """
-    base = urllib.parse.urlsplit(redis_url_base)._replace(path="", query="", fragment="").geturl()
+    base = urllib.parse.urlsplit(redis_url_base)._replace(fragment="")
     env = {key: value for key, value in os.environ.items() if key not in CLUSTER_VARS}
-    env.update(BROKER_URL=broker_url or f"{base}/0", REDIS_URL=f"{base}/1", DATA_DIR=str(Path(data_dir).resolve()),
+    env.update(BROKER_URL=broker_url or base._replace(path="/0").geturl(), REDIS_URL=base._replace(path="/1").geturl(), DATA_DIR=str(Path(data_dir).resolve()),
                AUTH_URL=f"http://127.0.0.1:{auth_port}", AUTH_PORT=str(auth_port), PYTHONUNBUFFERED="1")
     for key, value in extra.items():
         if value is None:
