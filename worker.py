@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 if startup.imported_by_celery_command():
     os.environ.setdefault("CELERY_WORKER_LOGLEVEL", settings.LOG_LEVEL)
 
-# redis:// brokers: kombu's Redis transport with one client object per channel (tasks/redis_transport.py).
+# redis:// and rediss:// brokers: kombu's Redis transport with one client object per channel (tasks/redis_transport.py).
 redis_transport.install()
 # The platform's own messages (node-queue batches, receipts, replay requests) are encoded with orjson (tasks/wirejson.py).
 wirejson.register()
@@ -155,6 +155,11 @@ app.conf.update(
     # declares and consumes again a queue deleted while it consumes it (its consumer cancelled).
     worker_consumer="tasks.taskmessages:Consumer",
 )
+# A rediss:// broker: its URL's ssl_* options (ssl_cert_reqs, ssl_ca_certs ...) also as Celery's
+# broker_use_ssl, which Flower's Broker page reads (kombu takes them from the URL).  The result
+# backend reads them from its own URL.
+if (_broker_ssl := redis_transport.ssl_options(settings.BROKER_URL)) is not None:
+    app.conf.broker_use_ssl = _broker_ssl
 
 
 @after_setup_logger.connect

@@ -36,12 +36,14 @@ kombu acknowledges one message per round trip too (a pipeline removing it from t
 and hash).  :func:`acknowledge` acknowledges a group of Celery requests with one such pipeline per
 channel: ``tasks.collect`` acks each batch of requests with it once the batch ran.
 
-``worker.py`` installs it (:func:`install`) as kombu's transport for ``redis://`` URLs, in every
-process that imports the app: workers, push nodes, Flower (``celery -A worker flower``).  It
-replaces the ``redis`` entry of kombu's alias table (``kombu.transport.TRANSPORT_ALIASES``), not
-Celery's ``broker_transport`` setting: with the alias, connection URLs stay ``redis://...``, which
-is what Flower's Broker page reads to find the queues (a class path there became the URL's
-scheme, and the page answered 404).  ``rediss://`` and ``amqp://`` keep kombu's own transports.
+``worker.py`` installs it (:func:`install`) as kombu's transport for ``redis://`` and ``rediss://``
+(TLS) URLs, in every process that imports the app: workers, push nodes, Flower (``celery -A worker
+flower``).  It replaces the ``redis`` and ``rediss`` entries of kombu's alias table
+(``kombu.transport.TRANSPORT_ALIASES``), not Celery's ``broker_transport`` setting: with the alias,
+connection URLs keep their scheme, which is what Flower's Broker page reads to find the queues (a
+class path there became the URL's scheme, and the page answered 404).  Over TLS, kombu's channel
+connects with redis-py's ``SSLConnection`` and the URL's ``ssl_*`` options, as it does for its own
+transport (this one only adds to kombu's channel).  ``amqp://`` keeps kombu's own transport.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from kombu.utils.url import parse_url
 from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
@@ -124,8 +127,10 @@ def _warn_no_script_flags(exc: Exception) -> None:
                     "cannot be recorded as unacknowledged, and is lost (%s)", exc)
 
 
-#: kombu's alias that :func:`install` points at :class:`Transport`.
-ALIAS = "redis"
+#: kombu's aliases that :func:`install` points at :class:`Transport`: plain and TLS.  Until
+#: 2026-12-05 only ``redis``: a ``rediss://`` broker ran on kombu's stock transport, without any
+#: of this module's changes.
+ALIASES = ("redis", "rediss")
 
 
 class QoS(kombu_redis.QoS):
@@ -474,9 +479,22 @@ def acknowledge(requests: Iterable) -> None:
         req.acknowledge()
 
 
+def ssl_options(url: str) -> dict | None:
+    """The ``ssl_*`` options of a ``rediss://`` broker URL's query (the first of a failover list),
+    as kombu reads them (``ssl_cert_reqs`` as an ``ssl`` constant), or None for any other URL.
+    For Celery's ``broker_use_ssl``: kombu's connections take them from the URL themselves, but
+    Flower's Broker page reads them from that setting alone (without it, its client checked the
+    server's certificate against the system's CAs, not ``ssl_ca_certs``).  Pure."""
+    first = url.split(";", 1)[0].strip()
+    if not first.startswith("rediss://"):
+        return None
+    return parse_url(first).get("ssl") or None
+
+
 def install() -> None:
-    """Make ``redis://`` connections of this process use :class:`Transport`; idempotent.  Call it
-    before the first broker connection: kombu caches the class of each alias on first use, so
-    the cached entry is dropped too."""
-    kombu.transport.TRANSPORT_ALIASES[ALIAS] = f"{__name__}:Transport"
-    kombu.transport._transport_cache.pop(ALIAS, None)
+    """Make ``redis://`` and ``rediss://`` connections of this process use :class:`Transport`;
+    idempotent.  Call it before the first broker connection: kombu caches the class of each alias
+    on first use, so the cached entries are dropped too."""
+    for alias in ALIASES:
+        kombu.transport.TRANSPORT_ALIASES[alias] = f"{__name__}:Transport"
+        kombu.transport._transport_cache.pop(alias, None)
