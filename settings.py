@@ -154,6 +154,8 @@ def _url(*schemes: str) -> Callable[[str], str]:
                 database = parts.path.strip("/")
                 if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
                     raise ValueError(f"the database {parts.path!r} is not a number: end the URL with /0, /1 ...")
+                if parts.scheme == "rediss":
+                    _tls_options(parts.query)
             except ValueError:
                 if _password_split(url):  # the explanation would quote a piece of the password
                     raise ValueError("its port or database is not a number, the password seemingly holding '/', '?' or '#': "
@@ -162,6 +164,29 @@ def _url(*schemes: str) -> Callable[[str], str]:
         return raw
 
     return convert
+
+
+#: The values of a ``rediss://`` URL's ``ssl_cert_reqs`` that redis-py, kombu and Celery's result
+#: backend all read (kombu and Celery also take ``CERT_REQUIRED``..., which redis-py refuses).
+TLS_CERT_REQS = ("required", "optional", "none")
+
+
+def _tls_options(query: str) -> None:
+    """Checks the query of a ``rediss://`` URL: ``ssl_cert_reqs`` must be there (without it
+    kombu's broker connection does not check the server's certificate at all, only warns, and
+    Celery's Redis result backend refuses the URL, failing the worker's first task), and each file
+    it names (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``) must be one: a missing one
+    failed every connection with an SSL error that named no variable."""
+    options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    reqs = options.get("ssl_cert_reqs")
+    if reqs not in TLS_CERT_REQS:
+        got = "none is given" if reqs is None else f"it is {reqs!r}"
+        raise ValueError(f"a rediss:// URL needs ssl_cert_reqs=required (or optional, none) in its query, and {got}: "
+                         "add ?ssl_cert_reqs=required, and &ssl_ca_certs=/path/to/ca.pem when Redis's certificate is not signed by a CA "
+                         "of this system's")
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in options and not os.path.isfile(options[name]):
+            raise ValueError(f"{name}={options[name]!r} is not a file: give the path of the PEM file (percent-encoded: / as %2F)")
 
 
 #: The result backends Celery names by scheme (``celery.app.backends.BACKEND_ALIASES``, copied so

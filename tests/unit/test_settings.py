@@ -6,8 +6,10 @@ The module is imported once (with whatever the real environment holds) and never
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -136,7 +138,7 @@ def test_url_rejects_other_schemes(raw):
         _url("redis", "amqp")(raw)
 
 
-@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://:pw@host:6380/15", "rediss://h/2",  # and failover lists:
+@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/", "redis://:pw@host:6380/15", "rediss://h/2?ssl_cert_reqs=required",  # and failover lists:
                                  "amqp://guest:guest@rabbit:5672//", "unix:///run/redis.sock?db=1",
                                  "amqp://rabbit1:5672;amqp://rabbit2:5672", "redis://h1:6379/0;redis://h2:6379/0"])
 def test_url_accepts_hosts_ports_and_databases_that_work(raw):
@@ -154,6 +156,29 @@ def test_url_rejects_a_port_or_a_redis_database_that_is_not_a_number(raw, says):
         _url("redis", "amqp")(raw)
 
 
+def test_a_tls_url_that_checks_the_servers_certificate_against_a_ca_file_passes(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    raw = f"rediss://push-app:p%40ss@cache:6380/1?ssl_cert_reqs=required&ssl_ca_certs={urllib.parse.quote(str(ca), safe='')}"
+    assert _url("redis", "rediss")(raw) == raw
+    assert _result_backend(raw) == raw
+
+
+@pytest.mark.parametrize("query, says", [
+    ("", "needs ssl_cert_reqs=required .* and none is given"),
+    ("?ssl_ca_certs=%2Fetc%2Fssl%2Fcerts%2Fca-certificates.crt", "needs ssl_cert_reqs=required .* and none is given"),
+    ("?ssl_cert_reqs=CERT_REQUIRED", "and it is 'CERT_REQUIRED'"),
+    ("?ssl_cert_reqs=required&ssl_ca_certs=%2Fno%2Fsuch%2Fca.pem", "ssl_ca_certs='/no/such/ca.pem' is not a file"),
+])
+def test_a_tls_url_without_a_certificate_check_or_with_a_missing_ca_file_is_refused_saying_what_to_add(query, says):
+    """Without ssl_cert_reqs kombu's broker connection checked no certificate (a warning only), and
+    Celery's result backend refused the URL at the worker's first task; a CA file that is not
+    there failed each connection with an SSL error naming no variable."""
+    text = failure({"SOME_VAR": f"rediss://:s3cret-pw@cache:6380/1{query}"}, convert=_url("redis", "rediss"), expected="a redis:// URL")
+    assert re.search(says, text), text
+    assert "SOME_VAR=" in text and "s3cret-pw" not in text
+
+
 def test_mongodb_lists_of_hosts_pass():
     raw = "mongodb://u:p@db1:27017,db2:27017,db3:27017/push?replicaSet=rs0"
     assert _url("mongodb", "mongodb+srv")(raw) == raw
@@ -165,7 +190,7 @@ def test_a_bad_url_setting_error_names_variable_value_and_expected_form():
     assert "SOME_VAR='http://x' is not valid: expected a redis:// URL" in text
 
 
-@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379/1", "rediss://:pw@host:6380/2", "rpc://", "db+postgresql://u:p@db/results",
+@pytest.mark.parametrize("raw", ["redis://127.0.0.1:6379/1", "rediss://:pw@host:6380/2?ssl_cert_reqs=required", "rpc://", "db+postgresql://u:p@db/results",
                                  "cache+memcached://127.0.0.1:11211/", "mongodb://a:27017,b:27017/results", "disabled://"])
 def test_result_backend_accepts_what_celery_reads(raw):
     assert _result_backend(raw) == raw
