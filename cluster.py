@@ -3,7 +3,8 @@
 Starts, in this order, and waits until each one answers:
 
 - Redis: the one at ``REDIS_URL`` when it answers PING, else a private one on a free port with its
-  (append-only, persistent) data in ``DATA_DIR/redis``;
+  (append-only, persistent) data in ``DATA_DIR/redis``; one that refuses the login (a wrong
+  password) stops the run, saying so;
 - auth on ``AUTH_PORT`` (8000), the worker (collect and dispatch queues), two push nodes (8101 and
   8102, or ``--nodes``), Flower (5555, or ``--flower-port``; ``--no-flower`` skips it) and the demo
   page (8080, or ``--demo-port``; ``--no-demo`` skips it).
@@ -36,6 +37,7 @@ import launcher
 import startup
 
 with startup.exit_on_bad_settings("cluster.py", __name__ == "__main__"):
+    import redislogin
     import settings
 
 #: How long each process may take to stop after SIGTERM before it is killed (the worker drains tasks).
@@ -70,7 +72,7 @@ def redis_answers(url: str) -> bool:
         import redis
 
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
-    except Exception:  # noqa: BLE001 - unreachable, refused, wrong password: all mean "not usable"
+    except Exception:  # noqa: BLE001 - unreachable, refused: "not usable" (a wrong password is told before: redislogin)
         return False
 
 
@@ -133,7 +135,12 @@ class Cluster:
         self.start_demo(env)
 
     def _start_redis(self) -> dict[str, str]:
-        """Use the Redis at REDIS_URL when it answers, else start a private one; return the children's env."""
+        """Use the Redis at REDIS_URL when it answers, else start a private one; return the children's env.
+        One that refuses the login (a wrong password) stops the run: a private Redis in its place
+        hid the mistake."""
+        refused = redislogin.problem(settings.REDIS_URL)
+        if refused is not None:
+            raise launcher.LauncherError(redislogin.message([("REDIS_URL", settings.REDIS_URL, *refused)]))
         if redis_answers(settings.REDIS_URL):
             self.say(f"using the Redis at {settings.redact(settings.REDIS_URL)}")
             self.broker_url, self.redis_url = settings.BROKER_URL, settings.REDIS_URL

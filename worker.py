@@ -16,6 +16,7 @@ from celery.signals import after_setup_logger, worker_init, worker_process_init,
 from kombu import Exchange, Queue
 
 import gcpolicy
+import redislogin
 import startup
 
 # A bad setting ends `celery -A worker ...` with one line (startup.py); Celery reports any other
@@ -168,6 +169,14 @@ def _log_backends(logger, **_):
 
 
 _scheduler = None
+
+
+@worker_init.connect
+def _check_redis_logins(**_):
+    """Main process, before the pool starts: a Redis that refuses the login of BROKER_URL,
+    REDIS_URL or RESULT_BACKEND (a wrong password) stops the worker with one line (:mod:`redislogin`);
+    Celery's consumer logged "Cannot connect ... Trying again" up to a hundred times."""
+    redislogin.check("celery -A worker worker", ("BROKER_URL", "REDIS_URL", "RESULT_BACKEND"))
 
 
 @worker_init.connect

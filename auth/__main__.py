@@ -3,7 +3,8 @@
 Main thread; the HTTP server and the Redis client live on the one asyncio loop of ``asyncio.run``.
 Settings come from ``settings.py`` (``AUTH_PORT``, ``BIND_ADDRESS``, ``AUTH_SECRET``,
 ``AUTH_SECRET_PREVIOUS``, ``AUTH_ADMIN_KEY``, ``AUTH_ADMIN_KEY_PREVIOUS``, ``TOKEN_TTL``, ``REDIS_URL``).  The service starts even when Redis is down:
-``/healthz`` answers 503 and ``/verify`` refuses tokens until Redis is back.
+``/healthz`` answers 503 and ``/verify`` refuses tokens until Redis is back; a Redis that refuses
+its login (a wrong password in ``REDIS_URL``) stops it at start with one line (``redislogin``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from redis.backoff import ExponentialBackoff
 import startup
 
 with startup.exit_on_bad_settings("python -m auth", __name__ == "__main__"):
+    import redislogin
     import settings
     from auth.app import AuthService
     from auth.revocations import RevocationsUnavailable
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except settings.SettingsError as exc:  # PUSH_ENV=production with development or short secrets
         startup.refuse("python -m auth", exc)
     log.info("revocation list in Redis at %s", settings.redact(settings.REDIS_URL))
+    # A Redis that refuses the login (a wrong password) stops auth with one line; one that does not
+    # answer does not (/healthz answers 503 until it is back).
+    redislogin.check("python -m auth", ("REDIS_URL",))
     code = asyncio.run(serve())
     log.info("stopped")
     return code

@@ -11,6 +11,7 @@ import startup
 
 with startup.exit_on_bad_settings("python -m wsnode", __name__ == "__main__"):
     import gcpolicy
+    import redislogin
     import settings
     from wsnode.app import NodeStartError, PushNode
 
@@ -37,6 +38,8 @@ if __name__ == "__main__":
     parser.add_argument("--host", default=settings.NODE_HOST, help="address advertised to Dispatch (default NODE_HOST)")
     args = parser.parse_args()
     settings.configure_logging(f"wsnode:{args.port}")
+    # A Redis that refuses the login (a wrong password) stops the node with one line (redislogin).
+    redislogin.check("python -m wsnode", ("REDIS_URL", "BROKER_URL"))
     # No secret is checked here: a node asks auth about each token and holds neither AUTH_SECRET
     # nor AUTH_ADMIN_KEY (give them to the auth service alone).
     try:

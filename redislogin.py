@@ -1,0 +1,123 @@
+"""Whether Redis takes a process's login, checked once as the process starts.
+
+A wrong password or user name in ``REDIS_URL``, ``BROKER_URL`` or ``RESULT_BACKEND``, a password
+missing where Redis requires one, or a server certificate that ``ssl_ca_certs`` does not verify, is
+no outage: waiting does not end it.  Each process took it for one all the same: auth started and
+answered 503 ("Redis did not answer ...; check that Redis is running"), a push node retried its
+leases, its queue and its subscription for ever ("broker connection lost"), and the worker's
+consumer logged "Cannot connect ... Trying again" up to a hundred times.
+
+So auth, each push node and the worker (``celery -A worker worker``, before its pool starts) first
+log in to each Redis URL they use, with one ``PING``: a refusal stops the process with one line
+naming the variable and what to fix (``PROG: error: ...``, exit status 2, as a bad setting does:
+:func:`startup.refuse`), the variables that share a refusal named together.  A Redis that does not answer at all passes: the process starts and waits
+for it as before.  The URL is shown without its password (``settings.redact``), and redis-py's
+message never holds it.  Main thread, at start only.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+
+import redis
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
+
+import settings
+import startup
+
+#: Seconds the check waits for Redis to answer (connect, then PING) before it lets the process start.
+TIMEOUT = 5.0
+
+#: How a password is written in a Redis URL, for the messages.
+_URL_FORM = ("redis://USER:PASSWORD@host:port/db for an ACL user, redis://:PASSWORD@host:port/db for requirepass; "
+             "percent-encode @ : / ? # % and spaces in them (%40 %3A %2F %3F %23 %25 %20)")
+
+
+class LoginRefused(ValueError):
+    """Redis refused a login the settings give (the message says which and what to fix)."""
+
+
+def refusal(url: str, exc: BaseException) -> tuple[str, str] | None:
+    """``(kind, detail)`` when ``exc``, raised by the first command on ``url``, is a refusal that
+    waiting will not end: kind ``password`` (a wrong user name or password), ``no password`` (Redis
+    requires one and the URL gives none), ``permission`` (the ACL user may not run PING) or
+    ``certificate`` (TLS: the server's certificate did not verify), and the detail as the library
+    says it; None for anything else (Redis down, a timeout).  Pure."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, AuthenticationError):
+        has_password = "@" in url.split("://", 1)[-1].split("/", 1)[0]
+        return ("password" if has_password else "no password"), text
+    if isinstance(exc, NoPermissionError):
+        return "permission", text
+    reason = exc
+    while reason is not None and not isinstance(reason, ssl.SSLCertVerificationError):
+        reason = reason.__cause__ or reason.__context__
+    if reason is not None or "CERTIFICATE_VERIFY_FAILED" in text:
+        return "certificate", getattr(reason, "verify_message", None) or text
+    return None
+
+
+#: What to say for each kind of :func:`refusal`: ``{names}`` the variables (with their URLs, without
+#: passwords), ``{detail}`` the library's words.
+_MESSAGES = {
+    "password": "Redis refused the user name and password of {names} ({detail}): correct them; " + _URL_FORM,
+    "no password": "Redis requires a password, and {names} gives none ({detail}): write it in the URL; " + _URL_FORM,
+    "permission": "the Redis user of {names} may not run PING ({detail}): give it the commands the README lists "
+                  "(Configuration, Redis with a password, an ACL user or TLS)",
+    "certificate": "the TLS certificate of the Redis of {names} did not verify ({detail}): set ssl_ca_certs in the URL to the CA "
+                   "file that signed it (a percent-encoded path), and write the host as the certificate names it",
+}
+
+
+def message(refusals: list[tuple[str, str, str, str]]) -> str:
+    """One line for the ``(name, url, kind, detail)`` refusals found, those of a kind together,
+    each variable named with its URL without the password.  Pure."""
+    parts = []
+    for kind in dict.fromkeys(kind for _, _, kind, _ in refusals):
+        these = [(name, url, detail) for name, url, k, detail in refusals if k == kind]
+        names = " and ".join(f"{name} ({settings.redact(url)})" for name, url, _ in these)
+        parts.append(_MESSAGES[kind].format(names=names, detail=these[0][2]))
+    return "; and ".join(parts)
+
+
+def problem(url: str) -> tuple[str, str] | None:
+    """Logs in to ``url`` (redis-py, which reads the URL as the platform's clients do) and sends
+    PING: the :func:`refusal`, or None when it works or Redis does not answer."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
+    except (RedisError, ValueError):
+        return None  # a URL redis-py reads otherwise than the libraries that use it: theirs to say
+    try:
+        client.ping()
+    except RedisError as exc:
+        return refusal(url, exc)
+    finally:
+        client.close()
+    return None
+
+
+def redis_urls(names: Iterable[str]) -> list[tuple[str, str]]:
+    """``(name, url)`` of each setting among ``names`` that is a Redis URL (the first of a failover
+    list; ``amqp://``, ``rpc://``, a ``redis+socket://`` backend and the like are left out).  Reads
+    ``settings``."""
+    found = []
+    for name in names:
+        url = getattr(settings, name).split(";", 1)[0].strip()
+        if url.partition("://")[0] in ("redis", "rediss"):
+            found.append((name, url))
+    return found
+
+
+def check(prog: str, names: Iterable[str]) -> None:
+    """Stop the process (``PROG: error: ...``, exit status 2) when Redis refuses the login of one
+    of the settings ``names``; each URL is tried once (``RESULT_BACKEND`` is ``REDIS_URL``'s unless set)."""
+    refusals, tried = [], set()
+    for name, url in redis_urls(names):
+        if url in tried:
+            continue
+        tried.add(url)
+        if (found := problem(url)) is not None:
+            refusals.append((name, url, *found))
+    if refusals:
+        startup.refuse(prog, LoginRefused(message(refusals)))

@@ -1,0 +1,51 @@
+"""What a process says when Redis refuses its login (``redislogin``): a refusal told apart from an
+outage, and one line naming the variables, their URLs without the password, and the fix."""
+
+from __future__ import annotations
+
+import ssl
+
+from redis.exceptions import AuthenticationError, ConnectionError, NoPermissionError, TimeoutError
+
+import redislogin
+
+URL = "redis://push-app:s3cret%40pw@cache:6379/1"
+
+
+def test_a_wrong_password_is_a_refusal_and_its_line_names_the_variable_without_the_password():
+    kind = redislogin.refusal(URL, AuthenticationError("invalid username-password pair or user is disabled."))
+    line = redislogin.message([("REDIS_URL", URL, *kind)])
+    assert kind[0] == "password"
+    assert line.startswith("Redis refused the user name and password of REDIS_URL (redis://push-app:***@cache:6379/1)")
+    assert "s3cret" not in line and "\n" not in line and "%40" in line  # how to write an @ in it
+
+
+def test_a_missing_password_is_told_as_such():
+    kind = redislogin.refusal("redis://cache:6379/1", AuthenticationError("Authentication required."))
+    assert kind[0] == "no password"
+    assert "REDIS_URL (redis://cache:6379/1) gives none" in redislogin.message([("REDIS_URL", "redis://cache:6379/1", *kind)])
+
+
+def test_variables_refused_alike_are_named_together_once():
+    kind = redislogin.refusal(URL, AuthenticationError("invalid username-password pair or user is disabled."))
+    line = redislogin.message([("REDIS_URL", URL, *kind), ("BROKER_URL", URL.replace("/1", "/0"), *kind)])
+    assert "REDIS_URL (redis://push-app:***@cache:6379/1) and BROKER_URL (redis://push-app:***@cache:6379/0)" in line
+    assert line.count("percent-encode") == 1
+
+
+def test_an_acl_user_without_ping_and_a_certificate_that_does_not_verify_are_refusals():
+    assert redislogin.refusal(URL, NoPermissionError("this user has no permissions to run the 'ping' command"))[0] == "permission"
+    try:
+        try:
+            raise ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+        except ssl.SSLError as exc:
+            raise ConnectionError("Error 1 connecting to cache:6380. [SSL: CERTIFICATE_VERIFY_FAILED] ...") from exc
+    except ConnectionError as exc:
+        kind = redislogin.refusal("rediss://cache:6380/1?ssl_cert_reqs=required", exc)
+    assert kind[0] == "certificate"
+    assert "set ssl_ca_certs in the URL" in redislogin.message([("REDIS_URL", "rediss://cache:6380/1?ssl_cert_reqs=required", *kind)])
+
+
+def test_redis_down_or_slow_is_no_refusal():
+    assert redislogin.refusal(URL, ConnectionError("Error 111 connecting to cache:6379. Connection refused.")) is None
+    assert redislogin.refusal(URL, TimeoutError("Timeout connecting to server")) is None
