@@ -8,7 +8,8 @@ leases, its queue and its subscription for ever ("broker connection lost"), and 
 consumer logged "Cannot connect ... Trying again" up to a hundred times.
 
 So auth, each push node and the worker (``celery -A worker worker``, before its pool starts) first
-log in to each Redis URL they use, with one ``PING``: a refusal stops the process with one line
+log in to each Redis URL they use, with one ``PING`` (and the worker ``INFO server`` on
+``REDIS_URL``, which its housekeeping reads): a refusal stops the process with one line
 naming the variable and what to fix (``PROG: error: ...``, exit status 2, as a bad setting does:
 :func:`startup.refuse`), the variables that share a refusal named together.  A Redis that does not answer at all passes: the process starts and waits
 for it as before.  The URL is shown without its password (``settings.redact``), and redis-py's
@@ -41,7 +42,7 @@ class LoginRefused(ValueError):
 def refusal(url: str, exc: BaseException) -> tuple[str, str] | None:
     """``(kind, detail)`` when ``exc``, raised by the first command on ``url``, is a refusal that
     waiting will not end: kind ``password`` (a wrong user name or password), ``no password`` (Redis
-    requires one and the URL gives none), ``permission`` (the ACL user may not run PING) or
+    requires one and the URL gives none), ``permission`` (the ACL user may not run PING or INFO) or
     ``certificate`` (TLS: the server's certificate did not verify), and the detail as the library
     says it; None for anything else (Redis down, a timeout).  Pure."""
     text = " ".join(str(exc).split())
@@ -63,8 +64,8 @@ def refusal(url: str, exc: BaseException) -> tuple[str, str] | None:
 _MESSAGES = {
     "password": "Redis refused the user name and password of {names} ({detail}): correct them; " + _URL_FORM,
     "no password": "Redis requires a password, and {names} gives none ({detail}): write it in the URL; " + _URL_FORM,
-    "permission": "the Redis user of {names} may not run PING ({detail}): give it the commands the README lists "
-                  "(Configuration, Redis with a password, an ACL user or TLS)",
+    "permission": "the Redis user of {names} may not run a command the platform needs ({detail}): give it the rights the README "
+                  "lists (Configuration, Redis users: ~* &* +@all -@dangerous +info)",
     "certificate": "the TLS certificate of the Redis of {names} did not verify ({detail}): set ssl_ca_certs in the URL to the CA "
                    "file that signed it (a percent-encoded path), and write the host as the certificate names it",
 }
@@ -81,15 +82,18 @@ def message(refusals: list[tuple[str, str, str, str]]) -> str:
     return "; and ".join(parts)
 
 
-def problem(url: str) -> tuple[str, str] | None:
+def problem(url: str, info: bool = False) -> tuple[str, str] | None:
     """Logs in to ``url`` (redis-py, which reads the URL as the platform's clients do) and sends
-    PING: the :func:`refusal`, or None when it works or Redis does not answer."""
+    PING, and with ``info`` ``INFO server``: the :func:`refusal`, or None when it works or Redis
+    does not answer."""
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
     except (RedisError, ValueError):
         return None  # a URL redis-py reads otherwise than the libraries that use it: theirs to say
     try:
         client.ping()
+        if info:
+            client.info("server")
     except RedisError as exc:
         return refusal(url, exc)
     finally:
@@ -109,15 +113,18 @@ def redis_urls(names: Iterable[str]) -> list[tuple[str, str]]:
     return found
 
 
-def check(prog: str, names: Iterable[str]) -> None:
+def check(prog: str, names: Iterable[str], info: Iterable[str] = ()) -> None:
     """Stop the process (``PROG: error: ...``, exit status 2) when Redis refuses the login of one
-    of the settings ``names``; each URL is tried once (``RESULT_BACKEND`` is ``REDIS_URL``'s unless set)."""
-    refusals, tried = [], set()
+    of the settings ``names``, or, for those also in ``info``, ``INFO`` (the worker's housekeeping
+    reads ``INFO server`` and ``errorstats``: without it, a user denied Redis's @dangerous commands
+    failed every run with a traceback).  Each URL is tried once (``RESULT_BACKEND`` is
+    ``REDIS_URL``'s unless set)."""
+    refusals, tried, info = [], set(), set(info)
     for name, url in redis_urls(names):
         if url in tried:
             continue
         tried.add(url)
-        if (found := problem(url)) is not None:
+        if (found := problem(url, info=name in info)) is not None:
             refusals.append((name, url, *found))
     if refusals:
         startup.refuse(prog, LoginRefused(message(refusals)))

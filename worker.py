@@ -174,9 +174,10 @@ _scheduler = None
 @worker_init.connect
 def _check_redis_logins(**_):
     """Main process, before the pool starts: a Redis that refuses the login of BROKER_URL,
-    REDIS_URL or RESULT_BACKEND (a wrong password) stops the worker with one line (:mod:`redislogin`);
+    REDIS_URL or RESULT_BACKEND (a wrong password), or INFO to REDIS_URL's user, stops the worker with
+    one line (:mod:`redislogin`);
     Celery's consumer logged "Cannot connect ... Trying again" up to a hundred times."""
-    redislogin.check("celery -A worker worker", ("BROKER_URL", "REDIS_URL", "RESULT_BACKEND"))
+    redislogin.check("celery -A worker worker", ("BROKER_URL", "REDIS_URL", "RESULT_BACKEND"), info=("REDIS_URL",))
 
 
 @worker_init.connect

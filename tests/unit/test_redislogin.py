@@ -34,7 +34,9 @@ def test_variables_refused_alike_are_named_together_once():
 
 
 def test_an_acl_user_without_ping_and_a_certificate_that_does_not_verify_are_refusals():
-    assert redislogin.refusal(URL, NoPermissionError("this user has no permissions to run the 'ping' command"))[0] == "permission"
+    kind = redislogin.refusal(URL, NoPermissionError("this user has no permissions to run the 'info' command"))
+    assert kind[0] == "permission"
+    assert "+info" in redislogin.message([("REDIS_URL", URL, *kind)])
     try:
         try:
             raise ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
