@@ -406,7 +406,11 @@ class RedisServer:
                 "--save", "", "--daemonize", "no", "--protected-mode", "no", *durability, *access]
         self.service = Service(self._name, argv, cwd=self.data_dir, **self._service_kw)
         self.service.start()
-        self.service.wait_ready(self.ping, timeout, what=f"answering PING on port {self.port}")
+        try:
+            self.service.wait_ready(self.ping, timeout, what=f"answering PING on port {self.port}")
+        except BaseException:
+            self.service.terminate(5)  # one that runs but does not answer (refuses the login) would be left behind
+            raise
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
