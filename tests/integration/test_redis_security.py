@@ -1,0 +1,193 @@
+"""The platform against a Redis as production runs it: with a password (``requirepass``), with an
+ACL user of the least rights the README gives, and over TLS (``rediss://``, the server's
+certificate checked against a CA this module makes).  Each runs a message end to end on real
+processes (business ``send_task`` -> Collect -> Dispatch -> node -> a WebSocket client), and no
+process writes the password in its log.  A wrong password stops auth, a node and the worker at
+start with one line naming the variable; a certificate the CA did not sign, a node.
+
+One private ``redis-server`` per kind of Redis, each shared by the module's tests of that kind."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+
+import pytest
+import redis as redis_lib
+
+import launcher
+from tests.integration.conftest import Cluster, start_or_explain
+from wsnode.closecodes import CloseCode
+
+#: Every character a URL gives a meaning to, and a space: percent-encoded in the URLs (launcher.RedisServer.url).
+PASSWORD = "p@ss:w/rd?#%&+ x"
+#: The README's rights for the platform's Redis user (Configuration): every key and channel, every
+#: command but Redis's @dangerous ones (KEYS, FLUSHDB, CONFIG, CLIENT LIST ...), except INFO,
+#: which housekeeping reads.
+LEAST_ACL = "~* &* +@all -@dangerous +info"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _server(tmp_path_factory, name: str, **kw) -> launcher.RedisServer:
+    return launcher.RedisServer(data_dir=tmp_path_factory.mktemp(name), **kw).start()
+
+
+@pytest.fixture(scope="module")
+def password_redis(tmp_path_factory):
+    server = _server(tmp_path_factory, "requirepass", password=PASSWORD)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory):
+    server = _server(tmp_path_factory, "acl", password=PASSWORD, user="push-app", acl=LEAST_ACL)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make the test's CA with")
+    return launcher.make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory, tls_files):
+    try:
+        server = _server(tmp_path_factory, "tls", password=PASSWORD, user="push-app", acl=LEAST_ACL, tls=tls_files)
+    except launcher.LauncherError as exc:
+        if "tls-port" in str(exc) and ("Bad directive" in str(exc) or "not supported" in str(exc).lower()):
+            pytest.skip(f"this redis-server ({launcher.find_redis_server()}) is built without TLS: it refuses tls-port")
+        raise
+    yield server
+    server.stop()
+
+
+def start_cluster(server: launcher.RedisServer, tmp_path) -> Cluster:
+    cluster = Cluster(server, tmp_path, broker_url=server.url(0), auth_port=launcher.free_port())
+    return start_or_explain(cluster, nodes=1)
+
+
+async def one_message_end_to_end(cluster: Cluster, user: str) -> None:
+    client = await cluster.connect(user)
+    message_id = await cluster.collect(user, {"through": user})
+    assert await client.messages(1) == [{"type": "message", "id": message_id, "data": {"through": user}}]
+    client.close()
+
+
+def assert_password_not_logged(cluster: Cluster) -> None:
+    forms = {PASSWORD, urllib.parse.quote(PASSWORD, safe=""), urllib.parse.quote(PASSWORD), PASSWORD.replace(" ", "+")}
+    for log in cluster.logs.glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert not [form for form in forms if form in text], f"{log.name} holds the password"
+
+
+async def test_the_platform_delivers_through_a_redis_with_requirepass_and_a_password_full_of_url_characters(password_redis, tmp_path):
+    cluster = start_cluster(password_redis, tmp_path)
+    try:
+        await one_message_end_to_end(cluster, "requirepass-user")
+    finally:
+        cluster.stop(at_once=True)
+    assert_password_not_logged(cluster)
+
+
+async def test_the_platform_delivers_revokes_and_keeps_house_as_an_acl_user_with_the_readmes_least_rights(acl_redis, tmp_path):
+    cluster = start_cluster(acl_redis, tmp_path)
+    try:
+        await one_message_end_to_end(cluster, "acl-user")
+        # auth's revocation list and announcement, the node's subscription
+        client = await cluster.connect("acl-revoked")
+        await asyncio.to_thread(cluster.revoke, {"user_id": "acl-revoked"})
+        assert (await client.closed())[0] == CloseCode.UNAUTHORIZED
+        # the worker's housekeeping (its lock, redelivery, the purge) ran under the same user
+        cluster.worker.wait_log("Task tasks.housekeeping", timeout=10)
+        cluster.worker.wait_log("succeeded", timeout=10)
+    finally:
+        cluster.stop(at_once=True)
+    logs = "\n".join(log.read_text(errors="replace") for log in cluster.logs.glob("*.log"))
+    assert "no permissions" not in logs.lower() and "NOPERM" not in logs
+    assert_password_not_logged(cluster)
+
+
+async def test_the_platform_delivers_over_tls_checking_the_servers_certificate_with_the_projects_broker_transport(tls_redis, tmp_path):
+    cluster = start_cluster(tls_redis, tmp_path)
+    try:
+        # What the project's transport does and kombu's stock one does not: an item of a queue that
+        # is not a message is dropped, where kombu's raised out of the worker's loop.
+        redis_lib.Redis.from_url(cluster.env["BROKER_URL"]).lpush("collect", "not a kombu message")
+        await one_message_end_to_end(cluster, "tls-user")
+        cluster.worker.wait_log("dropped an item of queue 'collect' that is not a kombu message", timeout=10)
+        # Flower's Broker page reads the TLS options from broker_use_ssl, and lists the queues.
+        port = launcher.free_port()
+        cluster.services.append(launcher.start_flower(cluster.env, port, log_path=cluster._log("flower")))
+        page = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/broker", timeout=20).read().decode())
+        assert '<td>collect</td>' in page and PASSWORD not in page and urllib.parse.quote(PASSWORD, safe="") not in page
+    finally:
+        cluster.stop(at_once=True)
+    assert_password_not_logged(cluster)
+
+
+def test_a_wrong_password_stops_auth_a_node_and_the_worker_at_start_with_one_line_naming_the_variable(password_redis, tmp_path):
+    wrong = password_redis.url(0, password="not-the-password")
+    env = launcher.cluster_env(wrong, tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
+    commands = {
+        "auth": ([sys.executable, "-m", "auth"], "python -m auth: error: Redis refused the user name and password of REDIS_URL"),
+        "node": ([sys.executable, "-m", "wsnode", "--port", str(launcher.free_port())],
+                 "python -m wsnode: error: Redis refused the user name and password of REDIS_URL"),
+        "worker": ([sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1", "--without-gossip", "--without-mingle"],
+                   "celery -A worker worker: error: Redis refused the user name and password of BROKER_URL"),
+    }
+    running = {name: subprocess.Popen(argv, cwd=launcher.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, (argv, _) in commands.items()}
+    try:
+        for name, process in running.items():
+            try:
+                _, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name} still runs 30 s after it started with a wrong password")
+            errors = [line for line in stderr.splitlines() if ": error: " in line]
+            assert process.returncode == 2 and len(errors) == 1, f"{name}: {process.returncode}\n{stderr[-3000:]}"
+            assert errors[0].startswith(commands[name][1]) and "correct them" in errors[0], errors[0]
+            assert "not-the-password" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+def test_a_node_given_another_ca_than_the_one_that_signed_redis_certificate_stops_with_one_line(tls_redis, tmp_path):
+    other = launcher.make_tls_files(tmp_path / "other-ca")
+    url = tls_redis.url(1).replace(urllib.parse.quote(str(tls_redis.tls.ca), safe=""), urllib.parse.quote(str(other.ca), safe=""))
+    env = launcher.cluster_env(url, tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
+    done = subprocess.run([sys.executable, "-m", "wsnode", "--port", str(launcher.free_port())], cwd=launcher.REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "python -m wsnode: error: the TLS certificate of the Redis of REDIS_URL" in done.stderr and "set ssl_ca_certs" in done.stderr
+
+
+def test_a_worker_whose_redis_user_may_not_run_info_stops_at_start_saying_what_to_grant(tmp_path):
+    """Housekeeping reads INFO server and errorstats: without INFO, every run failed with a traceback."""
+    with launcher.RedisServer(data_dir=tmp_path / "redis", password=PASSWORD, user="push-app", acl="~* &* +@all -@dangerous") as server:
+        env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
+        done = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1", "--without-gossip", "--without-mingle"],
+                              cwd=launcher.REPO_ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "celery -A worker worker: error: the Redis user of REDIS_URL (redis://push-app:***@" in done.stderr
+    assert "no permissions to run the 'info' command" in done.stderr and "+info" in done.stderr
+
+
+def test_the_cluster_command_given_a_wrong_password_says_so_rather_than_start_a_private_redis(password_redis, tmp_path):
+    env = launcher.cluster_env(password_redis.url(0, password="not-the-password"), tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
+    done = subprocess.run([sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
+                          cwd=launcher.REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "cannot start the cluster: Redis refused the user name and password of REDIS_URL (redis://:***@" in done.stdout, done.stdout[-3000:]
+    assert "private" not in done.stdout and "not-the-password" not in done.stdout + done.stderr
