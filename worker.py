@@ -16,12 +16,12 @@ from celery.signals import after_setup_logger, worker_init, worker_process_init,
 from kombu import Exchange, Queue
 
 import gcpolicy
-import redislogin
 import startup
 
 # A bad setting ends `celery -A worker ...` with one line (startup.py); Celery reports any other
 # error of its app's import with a traceback.  Imported otherwise, SettingsError is raised as is.
 with startup.exit_on_bad_settings("celery -A worker", startup.imported_by_celery_command()):
+    import redislogin
     import settings
     from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
     from tasks import redis_transport, wirejson
