@@ -174,7 +174,7 @@ TLS_CERT_REQS = ("required", "optional", "none")
 def _tls_options(query: str) -> None:
     """Checks the query of a ``rediss://`` URL: ``ssl_cert_reqs`` must be there (without it
     kombu's broker connection does not check the server's certificate at all, only warns, and
-    Celery's Redis result backend refuses the URL, failing the worker's first task), and each file
+    Celery's Redis result backend refuses the URL: the worker stopped at start, "Unrecoverable error"), and each file
     it names (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``) must be one: a missing one
     failed every connection with an SSL error that named no variable."""
     options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))

@@ -172,7 +172,7 @@ def test_a_tls_url_that_checks_the_servers_certificate_against_a_ca_file_passes(
 ])
 def test_a_tls_url_without_a_certificate_check_or_with_a_missing_ca_file_is_refused_saying_what_to_add(query, says):
     """Without ssl_cert_reqs kombu's broker connection checked no certificate (a warning only), and
-    Celery's result backend refused the URL at the worker's first task; a CA file that is not
+    Celery's result backend refused the URL (the worker stopped at start, "Unrecoverable error"); a CA file that is not
     there failed each connection with an SSL error naming no variable."""
     text = failure({"SOME_VAR": f"rediss://:s3cret-pw@cache:6380/1{query}"}, convert=_url("redis", "rediss"), expected="a redis:// URL")
     assert re.search(says, text), text
