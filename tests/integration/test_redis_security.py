@@ -107,8 +107,8 @@ async def test_the_platform_delivers_revokes_and_keeps_house_as_an_acl_user_with
         await asyncio.to_thread(cluster.revoke, {"user_id": "acl-revoked"})
         assert (await client.closed())[0] == CloseCode.UNAUTHORIZED
         # the worker's housekeeping (its lock, redelivery, the purge) ran under the same user
-        cluster.worker.wait_log("Task tasks.housekeeping", timeout=10)
-        cluster.worker.wait_log("succeeded", timeout=10)
+        cluster.worker.wait_ready(lambda: any("tasks.housekeeping[" in line and " succeeded " in line for line in cluster.worker.log_tail(2000).splitlines()),
+                                  timeout=10, what="done with a housekeeping run")
     finally:
         cluster.stop(at_once=True)
     logs = "\n".join(log.read_text(errors="replace") for log in cluster.logs.glob("*.log"))
