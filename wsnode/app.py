@@ -90,6 +90,14 @@ REPLAY_GATHER_SECONDS = 0.02
 #: or ended while the node's writes worked (:meth:`PushNode._close_unroutable`).
 LEASE_LOST_REASON = "routes lost (leases gone from Redis), reconnect with since"
 
+#: Seconds a client has to send a request's headers, and again its body, before the node closes the
+#: connection (Tornado's ``idle_connection_timeout``, which also bounds the headers, and
+#: ``body_timeout``).  Tornado waits an hour for headers and for ever for a body, so a client that
+#: opened connections and sent their handshakes a byte at a time, or not at all (slowloris), held a
+#: socket and a file descriptor of the node each for that long.  A browser sends its handshake in
+#: one packet; an upgraded WebSocket is no longer an HTTP request, and is not affected.
+REQUEST_TIMEOUT_SECONDS = 10
+
 #: Files served at ``/static/``: the browser client ``push.js``.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -209,7 +217,8 @@ class PushNode(TokenWatch):
         await self._renew()
         self._consumer = NodeQueueConsumer(self.celery, self.address, self._loop, self.deliver, hostname=node_name(self.address))
         self._consumer.start()
-        self._server = HTTPServer(self.make_app(), max_buffer_size=1 << 20)
+        self._server = HTTPServer(self.make_app(), max_buffer_size=1 << 20, idle_connection_timeout=REQUEST_TIMEOUT_SECONDS,
+                                  body_timeout=REQUEST_TIMEOUT_SECONDS)
         self._server.add_sockets(sockets)
         self._timers = [
             PeriodicCallback(self._renew, settings.LEASE_TTL / 3 * 1000),
