@@ -50,6 +50,8 @@ PUSH_JS_DIR = os.path.normpath(os.path.join(os.path.dirname(PAGE_DIR), os.pardir
 SEND_TIMEOUT = 15.0
 #: Seconds a call to the auth service may take.
 AUTH_TIMEOUT = 10.0
+#: ``AUTH_URL`` as the page, the errors and the log show it: without its password, if it has one.
+AUTH_URL_SHOWN = settings.redact(settings.AUTH_URL)
 
 
 class JsonHandler(tornado.web.RequestHandler):
@@ -79,7 +81,7 @@ class JsonHandler(tornado.web.RequestHandler):
 class ConfigHandler(JsonHandler):
     def get(self) -> None:
         nodes = forms.node_urls(self.demo.nodes, self.request.host)
-        self.finish({"nodes": nodes, "auth": settings.AUTH_URL, "send_example": self.demo.send_example()})
+        self.finish({"nodes": nodes, "auth": AUTH_URL_SHOWN, "send_example": self.demo.send_example()})
 
 
 class TokenHandler(JsonHandler):
@@ -167,7 +169,7 @@ class Demo:
         self._server = HTTPServer(self.make_app())
         self._server.listen(port, address=address)
         log.info("demo page on http://%s:%d (nodes %s, auth %s, broker %s)", address, port, ",".join(self.nodes),
-                 settings.AUTH_URL, settings.redact(settings.BROKER_URL))
+                 AUTH_URL_SHOWN, settings.redact(settings.BROKER_URL))
 
     def stop(self) -> None:
         if self._server is not None:
@@ -188,17 +190,17 @@ class Demo:
             # OSError: refused.  ``raise_error=False`` only turns HTTP status codes into responses:
             # no answer in AUTH_TIMEOUT, or a connection closed without one, still raises
             # (HTTPTimeoutError, HTTPStreamClosedError: HTTPClientError with code 599).
-            raise DemoBackendError(f"the auth service at {settings.AUTH_URL} cannot be reached ({exc}): is `python -m auth` running?") from None
+            raise DemoBackendError(f"the auth service at {AUTH_URL_SHOWN} cannot be reached ({exc}): is `python -m auth` running?") from None
         if response.code != 200:
             detail = (response.body or b"").decode(errors="replace")[:200] or str(response.error)
-            raise DemoBackendError(f"the auth service at {settings.AUTH_URL} answered {response.code}: {detail}"
+            raise DemoBackendError(f"the auth service at {AUTH_URL_SHOWN} answered {response.code}: {detail}"
                                    + (" (does AUTH_ADMIN_KEY match the auth service's?)" if response.code == 401 else ""))
         try:
             answer = json.loads(response.body)
             return {"token": answer["token"], "expires_at": answer["expires_at"]}
         except (ValueError, TypeError, KeyError):
             detail = (response.body or b"").decode(errors="replace")[:200]
-            raise DemoBackendError(f"the auth service at {settings.AUTH_URL} answered 200 without a token: {detail!r} "
+            raise DemoBackendError(f"the auth service at {AUTH_URL_SHOWN} answered 200 without a token: {detail!r} "
                                    "(is AUTH_URL the address of `python -m auth`?)") from None
 
     async def send(self, to: str | list[str], data: dict) -> str:

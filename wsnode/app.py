@@ -206,7 +206,7 @@ class PushNode(TokenWatch):
 
     async def start(self) -> None:
         self._loop = IOLoop.current()
-        log.info("node %s: redis %s, broker %s, auth %s", self.address, settings.redact(settings.REDIS_URL), settings.redact(settings.BROKER_URL), settings.AUTH_URL)
+        log.info("node %s: redis %s, broker %s, auth %s", self.address, settings.redact(settings.REDIS_URL), settings.redact(settings.BROKER_URL), settings.redact(settings.AUTH_URL))
         # The port first: the queue is named by the address, so a second node started on a port in
         # use would otherwise consume the first one's queue before failing.  Connections wait in
         # the listen backlog until the server takes the sockets, once the consumer runs.

@@ -44,6 +44,7 @@ from cachetools import TTLCache
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
+from settings import redact
 from wsnode.coalesce import Coalescer
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class AuthUnavailable(AuthError):
 class AuthClient:
     def __init__(self, auth_url: str, cache_seconds: float, timeout: float = 5.0, max_cached: int = 100_000, max_in_flight: int = 10) -> None:
         self._verify_url = f"{auth_url}/verify"
+        #: What errors and log lines say: ``AUTH_URL`` may carry a password (basic authentication).
+        self._shown_url = redact(self._verify_url)
         self._timeout = timeout
         self._cache: TTLCache | None = TTLCache(max_cached, cache_seconds) if cache_seconds > 0 else None
         self._http = CurlAsyncHTTPClient(force_instance=True, max_clients=max_in_flight)
@@ -185,13 +188,13 @@ class AuthClient:
             response = await self._post({"tokens": tokens})
         except HTTPClientError as exc:
             if exc.code != 400:
-                raise _unavailable(exc, self._verify_url) from None
+                raise _unavailable(exc, self._shown_url) from None
             # An auth from before the list form, or another refusal of the list: these tokens one
             # per request, and from now on every token if it was the former.
             if "no 'token' field" in _error_text(exc):
                 self._list_form = False
                 log.warning("auth at %s does not know POST /verify with a list of tokens (it answered: %s); checking one token "
-                            "per request from now on: upgrade auth to check them together", self._verify_url, _error_text(exc))
+                            "per request from now on: upgrade auth to check them together", self._shown_url, _error_text(exc))
             return await self._check_each(tokens)
         try:
             results = json.loads(response.body)["results"]
@@ -199,7 +202,7 @@ class AuthClient:
                 raise ValueError(f"{len(results)} results for {len(tokens)} tokens")
             return [Identity.from_answer(result) if "user_id" in result else AuthRejected(str(result["error"])) for result in results]
         except (ValueError, KeyError, TypeError) as exc:
-            raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url} ({exc})") from None
+            raise AuthUnavailable(f"auth service gave an unexpected answer at {self._shown_url} ({exc})") from None
 
     async def _check_each(self, tokens: list[str]) -> list[Identity | Exception]:
         """One request per token (at most ``max_in_flight`` at once)."""
@@ -211,11 +214,11 @@ class AuthClient:
         except HTTPClientError as exc:
             if exc.code == 401:
                 raise AuthRejected(_error_text(exc)) from None
-            raise _unavailable(exc, self._verify_url) from None
+            raise _unavailable(exc, self._shown_url) from None
         try:
             return Identity.from_answer(json.loads(response.body))
         except (ValueError, KeyError, TypeError):
-            raise AuthUnavailable(f"auth service gave an unexpected answer at {self._verify_url}") from None
+            raise AuthUnavailable(f"auth service gave an unexpected answer at {self._shown_url}") from None
 
     async def _post(self, body: dict) -> HTTPResponse:
         return await self._http.fetch(

@@ -125,6 +125,23 @@ def test_without_the_auth_service_a_token_request_gets_502_naming_it(cluster):
     assert dead_auth in answer["error"] and "python -m auth" in answer["error"]
 
 
+@REDIS_ONLY
+def test_a_password_in_auth_url_is_neither_shown_by_the_demo_nor_logged(cluster):
+    password = "demo-auth-url-password-7c2e"
+    auth_url = f"http://push:{password}@127.0.0.1:{launcher.free_port()}"
+    demo = DemoPage(cluster, cluster.node_ports, env={**cluster.env, "AUTH_URL": auth_url}, name="demo-auth-password")
+    try:
+        config_status, config = demo.call("/api/config")
+        token_status, answer = demo.call("/api/token", {"user": "nobody"})
+    finally:
+        demo.stop()
+    assert (config_status, token_status) == (200, 502)
+    assert config["auth"] == auth_url.replace(password, "***")
+    assert auth_url.replace(password, "***") in answer["error"]
+    log = demo.service.log_path.read_text(errors="replace")
+    assert password not in str(config) + answer["error"] + log, log[-2000:]
+
+
 class FakeAuth(http.server.BaseHTTPRequestHandler):
     """Reads the request, then answers ``self.server.answer`` as it is: b"" closes the connection
     without a word (Tornado's client raises HTTPStreamClosedError, code 599, even with
