@@ -472,6 +472,17 @@ def check_secrets() -> None:
     log.warning("%s: fine on a laptop, never in production (set PUSH_ENV=production to enforce); %s", "; ".join(problems), fix)
 
 
+#: Loggers kept at INFO or above whatever ``LOG_LEVEL`` says, because at DEBUG they log secrets:
+#: Tornado's libcurl client (a push node's token checks) turns libcurl's verbose mode on and logs
+#: every request's headers and body, so each browser's token (``POST /verify``) and the basic
+#: authentication of an ``AUTH_URL`` that holds a password.
+SECRET_LEAKING_LOGGERS = ("tornado.curl_httpclient",)
+
+
 def configure_logging(role: str) -> None:
-    """One logging set-up for every process: level from ``LOG_LEVEL``, role in each line."""
+    """One logging set-up for every process: level from ``LOG_LEVEL``, role in each line; the
+    :data:`SECRET_LEAKING_LOGGERS` never below INFO."""
     logging.basicConfig(level=LOG_LEVEL, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
+    for name in SECRET_LEAKING_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.INFO))

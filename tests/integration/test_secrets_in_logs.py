@@ -5,6 +5,7 @@ it; libcurl sends it as HTTP basic authentication), as ``REDIS_URL`` and ``BROKE
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import pytest
 
@@ -33,3 +34,22 @@ async def test_a_password_in_auth_url_is_not_logged_when_auth_answers_or_not(clu
         log = node.log_path.read_text(errors="replace")
         assert "auth http://push:***@127.0.0.1:" in log, log[-2000:]
         assert PASSWORD not in log, [line for line in log.splitlines() if PASSWORD in line]
+
+
+async def test_at_log_level_debug_no_token_a_node_checks_or_is_refreshed_with_is_logged(cluster):
+    """Tornado's libcurl client logs what it sends at DEBUG (``tornado.curl_httpclient``): the
+    body of every ``POST /verify``, each browser's token in it, and its headers."""
+    node = cluster.start_node(LOG_LEVEL="DEBUG", AUTH_URL=f"http://push:{PASSWORD}@127.0.0.1:{cluster.auth_port}")
+    token, newer = [await asyncio.to_thread(cluster.token, "debug-log-user") for _ in range(2)]
+    client = await Client.connect(cluster.ws_url(node.port, token), wait_resumed=True)
+    await client.send({"type": "refresh", "token": newer})
+    assert (await client.until("refreshed"))[1]["type"] == "refreshed"
+    refused = await Client.connect(cluster.ws_url(node.port, token[:-4] + "AAAA"), expect_hello=False)
+    assert (await refused.closed(10))[0] == CloseCode.UNAUTHORIZED
+    client.close()
+
+    log = node.log_path.read_text(errors="replace")
+    assert " DEBUG " in log  # the level took
+    basic = base64.b64encode(f"push:{PASSWORD}".encode()).decode()  # the Authorization header libcurl sends
+    for secret in (token, newer, token[:-4] + "AAAA", PASSWORD, basic):
+        assert secret not in log, [line for line in log.splitlines() if secret in line][:3]
