@@ -275,15 +275,24 @@ def _secret_list(env: Mapping[str, str], name: str, current: str, admin_key: boo
     return tuple(item for number, item in enumerate(items) if item != current and item not in items[:number])
 
 
+def _secret_parameter(name: str) -> bool:
+    """Whether a URL's query parameter ``name`` may hold a secret: a password (redis-py's
+    ``password`` and ``ssl_password``, MongoDB's ``tlsCertificateKeyFilePassword``), a secret or a
+    token, or MongoDB's ``authMechanismProperties`` (``AWS_SESSION_TOKEN:...``).  Pure."""
+    name = name.lower()
+    return any(word in name for word in ("password", "secret", "token")) or name == "authmechanismproperties"
+
+
 def redact(url: str) -> str:
     """``url`` without its password, for logs: ``redis://:secret@host/0`` -> ``redis://:***@host/0``;
-    a ``password=`` query parameter (redis-py's ``unix://`` form) is masked too."""
+    query parameters that may hold a secret (:func:`_secret_parameter`: redis-py's ``password=``
+    of its ``unix://`` form, MongoDB's TLS key file password ...) are masked too."""
     parts = urllib.parse.urlsplit(url)
     if parts.password is not None:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
     if parts.query:
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        masked = [(k, "***" if k.lower() == "password" else v) for k, v in query]
+        masked = [(k, "***" if _secret_parameter(k) else v) for k, v in query]
         if masked != query:
             parts = parts._replace(query=urllib.parse.urlencode(masked, safe="*"))
     return urllib.parse.urlunsplit(parts)

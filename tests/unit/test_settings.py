@@ -276,6 +276,20 @@ def test_redacted_text_never_contains_the_password():
     assert "s3cr3t-pw" not in redact("mongodb://app:s3cr3t-pw@db1:27017,db2:27017/push?replicaSet=rs0")
 
 
+@pytest.mark.parametrize("url, secret", [
+    ("mongodb://app@db1:27017/push?tls=true&tlsCertificateKeyFilePassword=key-file-pw", "key-file-pw"),
+    ("mongodb://db1/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:aws-session-token", "aws-session-token"),
+    ("rediss://db1:6380/0?ssl_password=ssl-key-pw", "ssl-key-pw"),
+], ids=["tls key file password", "aws session token", "redis ssl_password"])
+def test_redact_hides_passwords_and_tokens_in_query_parameters(url, secret):
+    """MongoDB's URI options carry a TLS key file's password and MONGODB-AWS's session token, and
+    redis-py's an SSL key's password; the worker logs MONGO_URL at start (and its errors name it),
+    every process its Redis and broker URLs."""
+    shown = redact(url)
+    assert secret not in shown and "***" in shown, shown
+    assert shown.split("?")[0] == url.split("?")[0]
+
+
 def test_redact_leaves_a_url_without_a_password_unchanged():
     assert redact("redis://127.0.0.1:6379/1") == "redis://127.0.0.1:6379/1"
 
