@@ -201,7 +201,7 @@ class AuthClient:
             if len(results) != len(tokens):
                 raise ValueError(f"{len(results)} results for {len(tokens)} tokens")
             return [Identity.from_answer(result) if "user_id" in result else AuthRejected(str(result["error"])) for result in results]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise AuthUnavailable(f"auth service gave an unexpected answer at {self._shown_url} ({exc})") from None
 
     async def _check_each(self, tokens: list[str]) -> list[Identity | Exception]:
@@ -217,7 +217,7 @@ class AuthClient:
             raise _unavailable(exc, self._shown_url) from None
         try:
             return Identity.from_answer(json.loads(response.body))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise AuthUnavailable(f"auth service gave an unexpected answer at {self._shown_url}") from None
 
     async def _post(self, body: dict) -> HTTPResponse:

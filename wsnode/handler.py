@@ -17,6 +17,8 @@ import secrets
 
 from tornado import httputil
 from tornado.iostream import StreamClosedError
+from tornado.log import app_log
+from tornado.web import HTTPError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from wsnode import protocol, reader, wire
@@ -47,6 +49,19 @@ class PushHandler(WebSocketHandler):
         # token check, then still upgrades the dead socket and calls ``open``, and never calls
         # ``on_close`` again: ``open`` must not bind such a connection (it would stay bound).
         self._left = False
+
+    def _request_summary(self) -> str:
+        """What Tornado's own log lines say of the request: without the query string, which holds
+        the token (Tornado's has the whole URI)."""
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
+    def log_exception(self, typ, value, tb) -> None:
+        """Tornado's, without the request's ``repr`` (it holds the URI, so the token): an error the
+        handshake did not expect is logged with its traceback, the method, path and address."""
+        if isinstance(value, HTTPError):
+            super().log_exception(typ, value, tb)  # with _request_summary, above
+            return
+        app_log.error("Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
 
     def get_websocket_protocol(self):
         """Tornado's protocol with the node's frame reader (:mod:`wsnode.reader`)."""

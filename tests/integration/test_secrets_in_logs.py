@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
+import threading
 
 import pytest
 
@@ -53,3 +55,39 @@ async def test_at_log_level_debug_no_token_a_node_checks_or_is_refreshed_with_is
     basic = base64.b64encode(f"push:{PASSWORD}".encode()).decode()  # the Authorization header libcurl sends
     for secret in (token, newer, token[:-4] + "AAAA", PASSWORD, basic):
         assert secret not in log, [line for line in log.splitlines() if secret in line][:3]
+
+
+class NestedAnswer(http.server.BaseHTTPRequestHandler):
+    """An auth (or a proxy in its place) answering 200 with JSON nested past Python's recursion
+    limit: ``json.loads`` raises RecursionError, which is not a ValueError."""
+
+    BODY = b"[" * 100_000 + b"]" * 100_000
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.BODY)))
+        self.end_headers()
+        self.wfile.write(self.BODY)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+async def test_an_unusable_answer_from_auth_refuses_with_1013_and_logs_no_token(cluster):
+    """Any error the token check did not expect went to Tornado, which answered 500 and logged
+    ``Uncaught exception GET /ws?token=...`` with the request: the token in the node's log."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NestedAnswer)
+    threading.Thread(target=server.serve_forever, name="nested-auth", daemon=True).start()
+    try:
+        node = cluster.start_node(AUTH_URL=f"http://127.0.0.1:{server.server_address[1]}")
+        token = await asyncio.to_thread(cluster.token, "unusable-auth-answer")
+        client = await Client.connect(cluster.ws_url(node.port, token), expect_hello=False)
+        assert (await client.closed(15))[0] == CloseCode.TRY_AGAIN_LATER
+        node.wait_log("auth unavailable")
+    finally:
+        server.shutdown()
+        server.server_close()
+    log = node.log_path.read_text(errors="replace")
+    assert token not in log, [line for line in log.splitlines() if token in line][:3]
