@@ -453,15 +453,25 @@ def named_secrets(secret: str, admin_key: str, previous_secrets: tuple[str, ...]
 
 
 def secret_problems(named: list[tuple[str, str, str]]) -> list[str]:
-    """What is wrong with the secrets of :func:`named_secrets`: development values, and values
-    shorter than :data:`MIN_SECRET_BYTES`; empty when nothing is.  Pure."""
+    """What is wrong with the secrets of :func:`named_secrets`: development values, values
+    shorter than :data:`MIN_SECRET_BYTES`, and a signing secret that is also an admin key; empty
+    when nothing is.  Pure."""
     weak = [name for name, value, dev in named if value == dev]
     short = [f"{name} has {len(value.encode())}" for name, value, dev in named if value != dev and len(value.encode()) < MIN_SECRET_BYTES]
+    # A signing secret that is also an admin key: every business backend holds the admin key (and
+    # sends it in a header), and with it could sign tokens itself: for any user, living as long as
+    # it likes, issued "later" than any user revocation, and never logged by auth.
+    signing = [(name, value) for name, value, _ in named if name.startswith("AUTH_SECRET")]
+    admin = [(name, value) for name, value, _ in named if name.startswith("AUTH_ADMIN_KEY")]
+    shared = [f"{secret} and {key}" for secret, value in signing for key, other in admin if value == other]
     problems = []
     if weak:
         problems.append(f"{', '.join(weak)} still hold the development value")
     if short:
         problems.append(f"{' and '.join(short)} bytes, under the {MIN_SECRET_BYTES} a secret needs")
+    if shared:
+        problems.append(f"{', '.join(shared)} hold the same value (a signing secret must not be an admin key, which every "
+                        "business backend holds: it could sign tokens itself)")
     return problems
 
 

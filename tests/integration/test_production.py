@@ -90,3 +90,15 @@ def test_in_development_a_short_secret_is_only_a_warning(tmp_path):
         assert auth.alive
     finally:
         auth.terminate()
+
+
+def test_a_signing_secret_that_is_also_the_admin_key_is_refused_in_production(tmp_path):
+    """Whoever holds the admin key (every business backend) could sign tokens with it: for any
+    user, of any lifetime, that no user revocation covers.  The old auth started with it."""
+    same = "s" * 40
+    run = subprocess.run(COMMANDS["auth"], cwd=REPO, env=production_env(tmp_path, AUTH_SECRET=same, AUTH_ADMIN_KEY=same),
+                         capture_output=True, text=True, timeout=20)
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-2000:]
+    assert "PUSH_ENV=production but AUTH_SECRET and AUTH_ADMIN_KEY hold the same value" in output
+    assert same not in output

@@ -447,6 +447,14 @@ def test_a_short_or_development_previous_secret_or_admin_key_is_a_problem_as_the
     assert secret_problems(named_secrets(CURRENT, "k" * 40, (DEV_AUTH_SECRET,))) == ["AUTH_SECRET_PREVIOUS still hold the development value"]
 
 
+def test_a_signing_secret_that_is_also_an_admin_key_is_a_problem():
+    assert secret_problems(named_secrets(CURRENT, CURRENT)) == [
+        "AUTH_SECRET and AUTH_ADMIN_KEY hold the same value (a signing secret must not be an admin key, which every business "
+        "backend holds: it could sign tokens itself)"]
+    problems = secret_problems(named_secrets(CURRENT, "k" * 40, (OLD,), (OLD,)))
+    assert len(problems) == 1 and problems[0].startswith("AUTH_SECRET_PREVIOUS and AUTH_ADMIN_KEY_PREVIOUS hold the same value")
+
+
 def test_the_previous_secrets_and_admin_keys_are_read_from_the_environment_at_import():
     env = {**os.environ, "AUTH_SECRET": CURRENT, "AUTH_SECRET_PREVIOUS": f"{OLD},{OLDER}", "AUTH_ADMIN_KEY": "k" * 40, "AUTH_ADMIN_KEY_PREVIOUS": "p" * 40}
     done = subprocess.run([sys.executable, "-c", "import settings; print((settings.AUTH_SECRET_PREVIOUS, settings.AUTH_ADMIN_KEY_PREVIOUS))"],
