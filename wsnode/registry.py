@@ -2,11 +2,18 @@
 
 Schema (all keys in the ``REDIS_URL`` database):
 
-- ``push:route:<user>``: a sorted set; member = node address, score = unix time the lease ends.
-  One user may be on several nodes (several devices).  The key itself expires a little after its
-  newest lease, so a user whose nodes all died leaves nothing behind.
-- ``push:nodes``: a sorted set of every node's own lease, same scoring.  Dispatch only routes to a
-  node whose own lease is current, so a killed node stops receiving within ``LEASE_TTL``.
+- ``push:route:<user>``: a sorted set; member = node address, score = the unix time the lease
+  ends, by Redis's clock.  One user may be on several nodes (several devices).  The key itself
+  expires a little after its newest lease, so a user whose nodes all died leaves nothing behind.
+- ``push:nodes``: a sorted set of every node's own lease, same scoring (0: ended by the node's
+  drain).  Dispatch only routes to a node whose own lease is current, so a killed node stops
+  receiving within ``LEASE_TTL``.
+
+**One clock.**  Every lease is written and judged by Redis's clock: the scripts below read it
+(``TIME``) and are given the lease's length, never a time, and housekeeping reads it (``TIME``)
+to judge nodes' leases.  No process's own clock is compared with a score, so a node or worker
+host whose clock is off (by any amount) changes no lease's end.  ``TIME`` is allowed before a
+write in a script that replicates its effects (every script from Redis 7, and by default from 5).
 
 Leases are written by the node that holds the connections (:class:`Leases`, asyncio, loop thread
 only, a script call per 250 users) and renewed every third of ``LEASE_TTL``.  A renewal extends only
@@ -15,13 +22,12 @@ to a replica that lacked them, evicted them, or was flushed; or the node could n
 ``LEASE_TTL``) is reported instead, and the node closes that user's connections (they missed what
 Dispatch routed meanwhile) before it writes the lease again.  Dispatch reads them
 (:class:`RouteTable`, synchronous, worker process) and tolerates stale entries: a score in the
-past is ignored.
+past (by Redis's clock) is ignored.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import NamedTuple
 
 ROUTE_PREFIX = "push:route:"
@@ -38,12 +44,27 @@ def route_key(user: str) -> str:
 #: call holds Redis for about 1.5 ms on the 2-core VM of bench/README.md, so other clients (the
 #: broker, the workers' lookups) never wait long behind one.
 #:
-#: KEYS: route keys.  ARGV: the node, the lease's end, the time, the keys' expiry in seconds.
-_REGISTER = """
+#: Each script's first lines: ``now``, Redis's clock in seconds (``TIME``: seconds and
+#: microseconds), which every lease's end is counted from and judged by.  Effects replication,
+#: which a script that reads ``TIME`` before it writes needs, is the default from Redis 5 and the
+#: only kind from 7; ``redis.replicate_commands()`` asks for it where a Redis 5 or 6 was set
+#: otherwise (``lua-replicate-commands no``), and does nothing on 7.  ``seconds`` makes the text of a
+#: time once per call: a Lua number given to ``redis.call`` is formatted again at every command
+#: (``%.17g``, as here), which at two commands per user cost Redis a quarter more per renewal.
+_NOW = """
+redis.replicate_commands()
+local time = redis.call('time')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local function seconds(t) return string.format('%.17g', t) end
+"""
+
+#: KEYS: route keys.  ARGV: the node, the lease's length in seconds, the keys' expiry in seconds.
+_REGISTER = _NOW + """
+local ends, ended = seconds(now + tonumber(ARGV[2])), seconds(now)
 for i = 1, #KEYS do
-  redis.call('zadd', KEYS[i], ARGV[2], ARGV[1])
-  redis.call('zremrangebyscore', KEYS[i], '-inf', ARGV[3])
-  redis.call('expire', KEYS[i], ARGV[4])
+  redis.call('zadd', KEYS[i], ends, ARGV[1])
+  redis.call('zremrangebyscore', KEYS[i], '-inf', ended)
+  redis.call('expire', KEYS[i], ARGV[3])
 end
 return #KEYS
 """
@@ -52,18 +73,23 @@ return #KEYS
 #: the positions (from 1) of the keys where it is gone or ended, leaving those alone.  ``ZADD XX``
 #: extends only a lease that is there (an ended one was just trimmed) and, with ``CH``, answers 1
 #: when it did; a ZSCORE follows only an answer of 0 (the lease gone, or the same end written
-#: again, which only a test's fixed clock does).  So three commands per user, as :data:`_REGISTER`:
+#: again: the same user twice in one call).  So three commands per user, as :data:`_REGISTER`:
 #: on a private redis-server here, renewing 10,000 users cost Redis 24-27 ms (580-660 us per call)
 #: and the node 8.8-9.5 ms of CPU, against 23-26 ms and 8.3-8.8 ms when the renewal was
-#: :data:`_REGISTER` and reported nothing; a ZSCORE before each ZADD cost Redis 33 ms.
+#: :data:`_REGISTER` and reported nothing; a ZSCORE before each ZADD cost Redis 33 ms.  Reading
+#: Redis's clock in each call (``TIME``) instead of being given the node's changed neither
+#: (``bench/leasecost.py``, three alternated runs each on a slower, shared state of the machine:
+#: Redis at least 37.3 ms and medians 39.4-50.8 with the node's clock, at least 37.9 and medians
+#: 39.1-39.9 with Redis's; the node at least 13.1 ms, medians 14.6-23.6 and 13.6-14.0).
 #:
-#: KEYS: route keys.  ARGV: the node, the lease's end, the time, the keys' expiry in seconds.
-_RENEW = """
+#: KEYS: route keys.  ARGV: the node, the lease's length in seconds, the keys' expiry in seconds.
+_RENEW = _NOW + """
+local ends, ended = seconds(now + tonumber(ARGV[2])), seconds(now)
 local lapsed = {}
 for i = 1, #KEYS do
-  redis.call('zremrangebyscore', KEYS[i], '-inf', ARGV[3])
-  if redis.call('zadd', KEYS[i], 'XX', 'CH', ARGV[2], ARGV[1]) == 1 or redis.call('zscore', KEYS[i], ARGV[1]) then
-    redis.call('expire', KEYS[i], ARGV[4])
+  redis.call('zremrangebyscore', KEYS[i], '-inf', ended)
+  if redis.call('zadd', KEYS[i], 'XX', 'CH', ends, ARGV[1]) == 1 or redis.call('zscore', KEYS[i], ARGV[1]) then
+    redis.call('expire', KEYS[i], ARGV[3])
   else
     lapsed[#lapsed + 1] = i
   end
@@ -71,12 +97,13 @@ end
 return lapsed
 """
 
-#: The node's own lease, renewed the same way: extended when current; 1 when gone or ended (left
-#: as it is), else 0.  KEYS: the node list.  ARGV: the node, the lease's end, the time.
-_RENEW_NODE = """
+#: The node's own lease, renewed the same way: extended when current, or whatever it was when
+#: ARGV[3] is 1 (the node's first lease); 1 when gone or ended (left as it is), else 0.
+#: KEYS: the node list.  ARGV: the node, the lease's length in seconds, 1 to write it whatever it was.
+_RENEW_NODE = _NOW + """
 local score = redis.call('zscore', KEYS[1], ARGV[1])
-if score and tonumber(score) > tonumber(ARGV[3]) then
-  redis.call('zadd', KEYS[1], ARGV[2], ARGV[1])
+if ARGV[3] == '1' or (score and tonumber(score) > now) then
+  redis.call('zadd', KEYS[1], seconds(now + tonumber(ARGV[2])), ARGV[1])
   return 0
 end
 return 1
@@ -115,11 +142,10 @@ def lapsed_from(chunks: list[list[str]], node_reply, chunk_replies: list) -> Lap
 class Leases:
     """Writes this node's leases.  Loop thread only; ``redis`` is a ``redis.asyncio.Redis``."""
 
-    def __init__(self, redis, node: str, ttl: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, redis, node: str, ttl: float) -> None:
         self._redis = redis
         self.node = node
         self.ttl = ttl
-        self._clock = clock
         self._register = redis.register_script(_REGISTER)  # EVALSHA; the pipeline loads them again after a Redis restart
         self._renew = redis.register_script(_RENEW)
         self._renew_node = redis.register_script(_RENEW_NODE)
@@ -133,29 +159,24 @@ class Leases:
         one round trip.  The node's own lease is extended when it is current, and written whatever
         it was with ``node``.  Returns whether it was gone or ended and left so (without ``node``):
         then Dispatch routed to none of the node's users, and a lease written now would route to
-        connections that missed what came meanwhile; the node closes them first."""
-        now = self._clock()
-        until = now + self.ttl
+        connections that missed what came meanwhile; the node closes them first.  Each lease
+        ends ``ttl`` seconds from now by Redis's clock."""
         async with _pipeline(self._redis) as pipe:
-            if node:
-                pipe.zadd(NODES_KEY, {self.node: until})
-            else:
-                await self._renew_node(keys=[NODES_KEY], args=[self.node, until, now], client=pipe)  # queued in the pipeline
-            args = [self.node, until, now, self._key_ttl()]
+            await self._renew_node(keys=[NODES_KEY], args=[self.node, self.ttl, int(node)], client=pipe)  # queued in the pipeline
+            args = [self.node, self.ttl, self._key_ttl()]
             for keys in _chunks([route_key(user) for user in users]):
                 await self._register(keys=keys, args=args, client=pipe)
             replies = await pipe.execute()
-        return not node and bool(int(replies[0]))
+        return bool(int(replies[0]))
 
     async def renew(self, users: Iterable[str]) -> Lapsed:
         """Extend every lease this node holds (the node's own and ``users'``) that is current, in
-        one round trip; returns those gone or ended, which are left so (:class:`Lapsed`)."""
-        now = self._clock()
-        until = now + self.ttl
+        one round trip, to ``ttl`` seconds from now; returns those gone or ended, which are left so
+        (:class:`Lapsed`).  Both by Redis's clock."""
         chunks = _chunks(list(users))
         async with _pipeline(self._redis) as pipe:
-            await self._renew_node(keys=[NODES_KEY], args=[self.node, until, now], client=pipe)
-            args = [self.node, until, now, self._key_ttl()]
+            await self._renew_node(keys=[NODES_KEY], args=[self.node, self.ttl, 0], client=pipe)
+            args = [self.node, self.ttl, self._key_ttl()]
             for chunk in chunks:
                 await self._renew(keys=[route_key(user) for user in chunk], args=args, client=pipe)
             replies = await pipe.execute()
@@ -200,12 +221,14 @@ def _chunks(items: list[str]) -> list[list[str]]:
 #: ZRANGEBYSCORE per recipient cost the worker 6.3 us of CPU per recipient (redis-py's Python
 #: around each command and reply), against about 1 us as one script call.
 #:
-#: KEYS: the node list, the marks' sorted set, then one route key per user.  ARGV: the time, then
-#: (user's position among the route keys, member, score) triples: the script adds each member
-#: whose user has a lease on a node with a current lease of its own (the rule of
-#: ``tasks.routing.plan``, which routes exactly those users) with ZADD NX, in the same call.
-_LOOKUP = """
-local now = ARGV[1]
+#: A lease is current while its end is after Redis's clock (``TIME``).
+#:
+#: KEYS: the node list, the marks' sorted set, then one route key per user.  ARGV: (user's position
+#: among the route keys, member, score) triples: the script adds each member whose user has a
+#: lease on a node with a current lease of its own (the rule of ``tasks.routing.plan``, which
+#: routes exactly those users) with ZADD NX, in the same call.
+_LOOKUP = _NOW + """
+now = seconds(now)  -- as text, made once for every ZRANGEBYSCORE
 local found = {redis.call('zrangebyscore', KEYS[1], now, '+inf')}
 local live = {}
 for _, node in ipairs(found[1]) do live[node] = true end
@@ -218,7 +241,7 @@ for i = 3, #KEYS do
   end
 end
 local marks = {}
-for j = 2, #ARGV, 3 do
+for j = 1, #ARGV, 3 do
   if routed[tonumber(ARGV[j])] then
     marks[#marks + 1] = ARGV[j + 2]
     marks[#marks + 1] = ARGV[j + 1]
@@ -233,27 +256,26 @@ return found
 class RouteTable:
     """Reads the leases.  Any thread; ``redis`` is a synchronous ``redis.Redis``."""
 
-    def __init__(self, redis, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, redis) -> None:
         self._redis = redis
-        self._clock = clock
         self._lookup = redis.register_script(_LOOKUP)  # EVALSHA, loaded again after a Redis restart
 
     def lookup(self, users: Iterable[str], marks_key: str = "", marks: Iterable[tuple[str, str, float]] = ()) -> tuple[dict[str, list[str]], list[str]]:
         """``({user: [node, ...]}, live_nodes)`` for ``users``, in one round trip.
 
-        Users with no current lease are absent from the first value.  In the same round trip,
-        each ``(user, member, score)`` of ``marks`` whose user has a lease on a live node (one that
-        ``tasks.routing.plan`` routes) is added to the sorted set ``marks_key`` unless there
-        already: Dispatch records its pending deliveries that way.  A user of ``marks`` missing
-        from ``users`` is never routed, so never marked.
+        Users with no current lease (by Redis's clock) are absent from the first value.  In the
+        same round trip, each ``(user, member, score)`` of ``marks`` whose user has a lease on a
+        live node (one that ``tasks.routing.plan`` routes) is added to the sorted set
+        ``marks_key`` unless there already: Dispatch records its pending deliveries that way.  A
+        user of ``marks`` missing from ``users`` is never routed, so never marked.
         """
         users = list(dict.fromkeys(users))
         position = {user: index for index, user in enumerate(users, start=1)}
-        args: list = [repr(self._clock())]
+        args: list = []
         for user, member, score in marks:
             if user in position:
                 args += (position[user], member, repr(float(score)))
-        if len(args) > 1 and not marks_key:
+        if args and not marks_key:
             raise ValueError("marks given without the key of the sorted set to add them to")
         # Without marks the script writes nothing: the node list only fills KEYS[2]'s place.
         replies = self._lookup(keys=[NODES_KEY, marks_key or NODES_KEY, *map(route_key, users)], args=args)
@@ -262,11 +284,20 @@ class RouteTable:
         return routes, live
 
     def lease_ends_after(self, node: str, when: float) -> bool:
-        """Whether ``node``'s own lease ends after ``when``: housekeeping, having found the lease
-        of the node at an address ended before ``when``, asks whether a node holds that address
-        again (one restarted on it, or the same node back from a cut-off from Redis)."""
+        """Whether ``node``'s own lease ends after ``when``, a time by Redis's clock (read with
+        :func:`redis_time`): housekeeping, having found the lease of the node at an address ended
+        before ``when``, asks whether a node holds that address again (one restarted on it, or
+        the same node back from a cut-off from Redis)."""
         score = self._redis.zscore(NODES_KEY, node)
         return score is not None and score > when
+
+
+def redis_time(reply) -> float:
+    """Redis's clock in unix seconds, from the reply of redis-py's ``time()`` (``(seconds,
+    microseconds)``): what lease scores are compared with outside the scripts (housekeeping reads
+    ``TIME`` in a pipeline it sends anyway).  Pure."""
+    seconds, micros = reply
+    return seconds + micros / 1_000_000
 
 
 def _text(value: bytes | str) -> str:

