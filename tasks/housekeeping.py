@@ -18,7 +18,8 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    also sweeps the store: its unacked deliveries to users online then become candidates too (a
    message stored but never routed, a Redis that lost the candidates).  A sweep reads only what the previous one did not
    (:func:`sweep_window`), and not the last ``REDELIVER_AFTER`` seconds' messages.
-2. **Dead nodes.**  A node whose own lease ended more than ``LEASE_TTL`` ago has its queue handed
+2. **Dead nodes.**  A node whose own lease ended more than ``LEASE_TTL`` ago (by Redis's clock, which
+   every lease is written and judged by: :mod:`wsnode.registry`) has its queue handed
    back (:func:`tasks.reclaim.hand_back`) and deleted, and leaves the node list; unless a node
    wrote its lease at that address meanwhile (restarted on it), which keeps the queue.  Not while Redis
    has been up for less than ``2 x LEASE_TTL``: after a Redis restart every lease looks old until
@@ -46,7 +47,7 @@ from tasks.ids import timestamp_ms
 from tasks.reclaim import hand_back
 from tasks.store import get_store
 from worker import app
-from wsnode.registry import NODES_KEY, RouteTable
+from wsnode.registry import NODES_KEY, RouteTable, redis_time
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ _PUT_BACK = _redis.register_script(
 )
 # Delete KEYS[1] only if it still holds ARGV[1] (this run's lock, not the next run's).
 _RELEASE = _redis.register_script("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0")
-# Remove a node from the list only if its lease is still the old one (it may have come back).
+# Remove a node from the list only if its lease is still the old one (it may have come back): one
+# that ended by ARGV[2], a time by Redis's clock.
 _FORGET_NODE = _redis.register_script(
     "local s = redis.call('zscore', KEYS[1], ARGV[1]) "
     "if s and tonumber(s) <= tonumber(ARGV[2]) then return redis.call('zrem', KEYS[1], ARGV[1]) end return 0"
@@ -264,17 +266,18 @@ def runs_unbroken_since(last: float | None, since: float | None, now: float, gap
     return since
 
 
-def _nodes_may_be_judged(now: float) -> bool:
-    """Whether this run may take nodes for gone: Redis has been up ``2 x LEASE_TTL``, refused no
-    write for lack of memory for as long (:func:`refusals_settled`; a Redis older than 6.2 has no
-    ``errorstats`` and counts as never full), and housekeeping's runs have gone on without a gap
-    for as long (:func:`runs_unbroken_since`, from the end of the previous run, written by
-    :func:`housekeeping`).  Otherwise live nodes may not have written again yet the leases Redis
-    lost, refused or did not answer.  Two round trips."""
+def _nodes_may_be_judged(now: float) -> float | None:
+    """Redis's clock (``TIME``, read in the same round trip), which the nodes' leases are judged
+    by, when this run may take nodes for gone; else None.  It may when Redis has been up ``2 x
+    LEASE_TTL``, refused no write for lack of memory for as long (:func:`refusals_settled`; a
+    Redis older than 6.2 has no ``errorstats`` and counts as never full), and housekeeping's runs
+    have gone on without a gap for as long (:func:`runs_unbroken_since`, from the end of the
+    previous run, written by :func:`housekeeping`).  Otherwise live nodes may not have written
+    again yet the leases Redis lost, refused or did not answer.  Two round trips."""
     settle = 2 * settings.LEASE_TTL
     with _redis.pipeline(transaction=False) as pipe:
-        pipe.info("server").info("errorstats").hmget(OOM_SEEN, "count", "since").hmget(RUNS_SEEN, "last", "since")
-        server, errorstats, (raw_count, raw_oom_since), (raw_last, raw_since) = pipe.execute()
+        pipe.info("server").info("errorstats").hmget(OOM_SEEN, "count", "since").hmget(RUNS_SEEN, "last", "since").time()
+        server, errorstats, (raw_count, raw_oom_since), (raw_last, raw_since), clock = pipe.execute()
     last = float(raw_last) if raw_last is not None else None
     since = runs_unbroken_since(last, float(raw_since) if raw_since is not None else None, now, run_gap())
     seen = (int(raw_count), float(raw_oom_since)) if raw_count is not None and raw_oom_since is not None else None
@@ -290,7 +293,9 @@ def _nodes_may_be_judged(now: float) -> bool:
     if keep != seen and not settled:
         log.warning("Redis refused writes for lack of memory (maxmemory) since the last run: no node is taken for gone for %.0f s, "
                     "while the nodes write again the leases it refused", settle)
-    return server["uptime_in_seconds"] >= settle and settled and now - since >= settle
+    if server["uptime_in_seconds"] >= settle and settled and now - since >= settle:
+        return redis_time(clock)
+    return None
 
 
 def _run_ended() -> None:
@@ -308,15 +313,17 @@ _routes = RouteTable(_redis)
 
 
 def reclaim_dead_nodes(now: float) -> int:
-    """Hand back and delete the queue of every node whose own lease ended before ``now -
-    LEASE_TTL``, then forget the node; returns the envelopes handed back.  A node started again
-    on such an address (or back from a cut-off from Redis) after the node list was read here
-    keeps its queue: ``hand_back`` reads its lease again before and after deleting
-    (:func:`tasks.reclaim._delete` says why that is enough), and ``_FORGET_NODE`` keeps it
-    listed."""
-    if not _nodes_may_be_judged(now):
+    """Hand back and delete the queue of every node whose own lease ended more than ``LEASE_TTL``
+    ago by Redis's clock (read in :func:`_nodes_may_be_judged`'s round trip: ``now``, this
+    worker's, is not compared with any lease), then forget the node; returns the envelopes
+    handed back.  A node started again on such an address (or back from a cut-off from Redis)
+    after the node list was read here keeps its queue: ``hand_back`` reads its lease again before
+    and after deleting (:func:`tasks.reclaim._delete` says why that is enough), and
+    ``_FORGET_NODE`` keeps it listed."""
+    redis_now = _nodes_may_be_judged(now)
+    if redis_now is None:
         return 0
-    cutoff = now - settings.LEASE_TTL
+    cutoff = redis_now - settings.LEASE_TTL
     handed = 0
     failed = None
     for raw, lease_end in _redis.zrangebyscore(NODES_KEY, "-inf", cutoff, withscores=True):

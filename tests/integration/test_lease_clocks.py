@@ -16,6 +16,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,48 @@ def test_a_node_whose_clock_is_behind_finds_its_ended_leases_ended(url):
 
     redis.zadd(NODES_KEY, {"behind:1": now - 1})  # the node's own lease ended: nothing was routed to it
     assert skewed(-SKEW, "renew", url, "behind:1", "bob") == {"node": True, "users": []}
+
+
+# --- housekeeping: which nodes are gone ------------------------------------------------------------
+
+
+@pytest.fixture
+def keeping(redis_server, monkeypatch):
+    """``tasks.housekeeping`` on a Redis database of its own (the shared cluster's workers run it
+    on ``REDIS_URL``'s), with ``LEASE_TTL`` 1 s, and its hand-back of a node's queue recorded
+    rather than done (the broker is not what is judged here): yields the database and the nodes
+    handed back."""
+    from tasks import housekeeping
+
+    client = redis_lib.Redis.from_url(redis_server.url(6))
+    client.flushdb()
+    monkeypatch.setattr(housekeeping, "_redis", client)
+    monkeypatch.setattr(housekeeping, "_routes", RouteTable(client))
+    monkeypatch.setattr(housekeeping, "_FORGET_NODE", client.register_script(housekeeping._FORGET_NODE.script))
+    monkeypatch.setattr(housekeeping.settings, "LEASE_TTL", 1.0)
+    while client.info("server")["uptime_in_seconds"] < 2:  # else it judges no node: Redis may have lost the leases
+        time.sleep(0.2)
+    handed: list[str] = []
+    monkeypatch.setattr(housekeeping, "hand_back", lambda app, node, delete, node_back: handed.append(node) or 0)
+    yield client, handed
+    client.flushdb()
+
+
+@pytest.mark.parametrize("skew", [-5.0, 0.0, 5.0])
+def test_housekeeping_takes_for_gone_the_nodes_whose_lease_ended_by_redis_clock_whatever_the_workers(keeping, skew):
+    """A worker whose clock was 5 s ahead (``LEASE_TTL`` 1 s) took every live node for gone and
+    deleted its queue; one 5 s behind never reclaimed a dead node's.  Its own clock still measures
+    the gaps between its runs (written by workers, read by workers)."""
+    from tasks import housekeeping
+
+    client, handed = keeping
+    worker_now = time.time() + skew  # what this worker's clock says
+    oom = client.info("errorstats").get("errorstat_OOM", {}).get("count", 0)
+    client.hset(housekeeping.OOM_SEEN, mapping={"count": oom, "since": worker_now - 1000})  # runs went on without a gap
+    client.hset(housekeeping.RUNS_SEEN, mapping={"last": worker_now - 0.5, "since": worker_now - 1000})
+    now = redis_now(client)
+    client.zadd(NODES_KEY, {"live:1": now + 1, "dead:1": now - 3})
+
+    assert housekeeping.reclaim_dead_nodes(worker_now) == 0
+    assert handed == ["dead:1"]
+    assert [node for node, _ in client.zrange(NODES_KEY, 0, -1, withscores=True)] == [b"live:1"]

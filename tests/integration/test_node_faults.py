@@ -33,6 +33,7 @@ from tasks.queues import DELIVER_TASK, node_queue
 from tasks.reclaim import hand_back
 from wsnode.app import REDIS_MAX_CONNECTIONS
 from wsnode.closecodes import CloseCode
+from tests.conftest import redis_now
 from wsnode.registry import NODES_KEY, RouteTable, route_key
 
 
@@ -389,7 +390,7 @@ async def test_a_node_started_on_an_address_being_reclaimed_keeps_its_queue(clus
     address = f"127.0.0.1:{node.port}"
     client = await cluster.connect("reclaimed-address", node.port)
     routes = RouteTable(cluster.routes)
-    cutoff = time.time() - LEASE_TTL  # the run found the address's lease ended before this
+    cutoff = redis_now(cluster.routes) - LEASE_TTL  # the run found the address's lease ended before this (by Redis's clock)
     await asyncio.to_thread(hand_back, cluster.business, address, True, node_back=functools.partial(routes.lease_ends_after, address, cutoff))
     sent = _publish_undeclared(cluster, address, "reclaimed-address")
     assert [m["id"] for m in await client.messages(1, timeout=3)] == [sent]
@@ -408,7 +409,7 @@ async def test_a_node_started_on_an_address_while_its_queue_is_deleted_gets_it_d
     port = launcher.free_port()
     address = f"127.0.0.1:{port}"
     routes = RouteTable(cluster.routes)
-    cutoff = time.time() - LEASE_TTL
+    cutoff = redis_now(cluster.routes) - LEASE_TTL
     answers = [routes.lease_ends_after(address, cutoff)]  # before the node started: no lease
     assert answers == [False]
     node = cluster.start_node(port)
