@@ -9,6 +9,7 @@ import redis as redis_lib
 
 from tasks import pending
 from tasks.ids import IdGenerator
+from tests.conftest import redis_now
 from wsnode.registry import NODES_KEY, RouteTable, route_key
 
 
@@ -23,7 +24,7 @@ def redis(redis_server):
 def routed(redis, pairs: list[tuple[str, str]]) -> None:
     """Record ``pairs`` as Dispatch does: its users online (leases on a live node), and the lookup
     script adds their deliveries in the same call."""
-    until = time.time() + 60
+    until = redis_now(redis) + 60  # leases end by Redis's clock
     users = list(dict.fromkeys(user for _, user in pairs))
     redis.zadd(NODES_KEY, {"10.0.0.1:8001": until})
     for user in users:

@@ -24,6 +24,7 @@ import launcher
 from redisfull import HINT
 from tests.conftest import skip_before_redis_7
 from tests.integration.conftest import ADMIN_KEY, HOUSEKEEPING_SECONDS, LEASE_TTL, Cluster, start_or_explain
+from tests.conftest import redis_now
 from wsnode.registry import NODES_KEY
 
 
@@ -143,8 +144,9 @@ async def paused_node(cluster: Cluster):
 
 
 def ended_lease(admin, address: str) -> None:
-    """The node's own lease as after an outage of ``2 x LEASE_TTL``: ended ``2 x LEASE_TTL`` ago."""
-    admin.zadd(NODES_KEY, {address: time.time() - 3 * LEASE_TTL})
+    """The node's own lease as after an outage of ``2 x LEASE_TTL``: ended ``2 x LEASE_TTL`` ago
+    (by Redis's clock, as every lease)."""
+    admin.zadd(NODES_KEY, {address: redis_now(admin) - 3 * LEASE_TTL})
 
 
 async def assert_not_taken_for_gone(cluster: Cluster, admin, address: str, why: str) -> None:

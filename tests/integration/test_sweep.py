@@ -14,6 +14,7 @@ import redis as redis_lib
 from tasks import housekeeping, pending
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
+from tests.conftest import redis_now
 from wsnode.registry import NODES_KEY, route_key
 
 
@@ -36,8 +37,8 @@ def stored(age: float, user: str, now: float) -> str:
 
 
 def online(routes, *users: str, node: str = "10.0.0.1:8001") -> None:
-    """Leases for ``users`` on a live ``node``, as a push node writes them."""
-    until = time.time() + 600
+    """Leases for ``users`` on a live ``node``, as a push node writes them (by Redis's clock)."""
+    until = redis_now(routes) + 600
     routes.zadd(NODES_KEY, {node: until})
     for user in users:
         routes.zadd(route_key(user), {node: until})
@@ -102,7 +103,7 @@ def test_a_sweep_leaves_the_deliveries_of_users_offline_now_to_their_inbox(route
     here, away, stale = f"here-{tag}", f"away-{tag}", f"stale-{tag}"
     online(routes, here)
     online(routes, stale, node="10.0.0.9:8001")
-    routes.zadd(NODES_KEY, {"10.0.0.9:8001": now - 100})  # that node's own lease ended: it is dead
+    routes.zadd(NODES_KEY, {"10.0.0.9:8001": redis_now(routes) - 100})  # that node's own lease ended: it is dead
     sent = {user: [stored(age, user, now) for age in (200, 150)] for user in (here, away, stale)}
 
     housekeeping.sweep(now - 400, now - 30)

@@ -23,6 +23,7 @@ from tasks.dispatch import dispatch
 from tasks.ids import IdGenerator, is_message_id
 from tasks.replay import replay, replay_many
 from tasks.store import get_store
+from tests.conftest import redis_now
 from wsnode.registry import NODES_KEY, route_key
 
 QUEUE = "inprocess"
@@ -56,7 +57,8 @@ def broker(redis_server):
 
 
 def lease(routes, node: str, users: list[str], ttl: float = 30) -> None:
-    until = time.time() + ttl
+    """Leases for ``users`` and ``node``'s own, ending ``ttl`` seconds from now by Redis's clock."""
+    until = redis_now(routes) + ttl
     routes.zadd(NODES_KEY, {node: until})
     for user in users:
         routes.zadd(route_key(user), {node: until})
@@ -104,7 +106,7 @@ def test_dispatch_skips_users_without_a_lease_and_nodes_whose_own_lease_expired(
     live, dead = fake_node(), fake_node()
     lease(routes, live, ["skip-live-user"])
     lease(routes, dead, ["skip-dead-user"])
-    routes.zadd(NODES_KEY, {dead: time.time() - 1})  # the node stopped renewing
+    routes.zadd(NODES_KEY, {dead: redis_now(routes) - 1})  # the node stopped renewing
     message = {"id": "0" * 24, "to": ["skip-live-user", "skip-dead-user", "skip-offline-user"], "data": 1, "ts": None}
 
     dispatch.apply_async(args=[[message]], queue=QUEUE)
@@ -134,7 +136,7 @@ def test_dispatch_records_as_pending_the_deliveries_it_routed_and_no_others(cele
     live, dead = fake_node(), fake_node()
     lease(own_routes, live, ["p-live-1", "p-live-2"])
     lease(own_routes, dead, ["p-dead"])
-    own_routes.zadd(NODES_KEY, {dead: time.time() - 1})
+    own_routes.zadd(NODES_KEY, {dead: redis_now(own_routes) - 1})
     gen = IdGenerator()
     first, second, everyone = gen.next_id(), gen.next_id(), gen.next_id()
     messages = [
