@@ -79,7 +79,7 @@ return #KEYS
 #: :data:`_REGISTER` and reported nothing; a ZSCORE before each ZADD cost Redis 33 ms.  Reading
 #: Redis's clock in each call (``TIME``) instead of being given the node's changed neither
 #: (``bench/leasecost.py``, three alternated runs each on a slower, shared state of the machine:
-#: Redis at least 37.3 ms and medians 39.4-50.8 with the node's clock, at least 37.9 and medians
+#: Redis at least 37.3 ms and medians 39.4-74.6 with the node's clock, at least 37.9 and medians
 #: 39.1-39.9 with Redis's; the node at least 13.1 ms, medians 14.6-23.6 and 13.6-14.0).
 #:
 #: KEYS: route keys.  ARGV: the node, the lease's length in seconds, the keys' expiry in seconds.
