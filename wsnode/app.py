@@ -160,7 +160,8 @@ class PushNode(TokenWatch):
         #: and a device of their user on another node may ack what they miss, so redelivery would
         #: not send it again: :meth:`_check_leases` closes them, to resume from the store.  On the
         #: monotonic clock (``LEASE_TTL`` after the start of the last write that succeeded): a step of
-        #: the wall clock is not a write that failed.
+        #: the wall clock is not a write that failed.  Redis counts the leases from its own clock when
+        #: the write runs, after it started here, so they end no earlier than this says.
         self._leases_until = float("inf")
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
