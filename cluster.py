@@ -142,6 +142,7 @@ class Cluster:
         if refused is not None:
             raise launcher.LauncherError(redislogin.message([("REDIS_URL", settings.REDIS_URL, *refused)]))
         if redis_answers(settings.REDIS_URL):
+            self._check_broker()
             self.say(f"using the Redis at {settings.redact(settings.REDIS_URL)}")
             self.broker_url, self.redis_url = settings.BROKER_URL, settings.REDIS_URL
             return launcher.cluster_env(settings.REDIS_URL, self.data_dir, self.auth_port, broker_url=self.broker_url,
@@ -154,6 +155,24 @@ class Cluster:
         self.broker_url = settings.BROKER_URL if amqp else self.redis.url(0)
         self.redis_url = self.redis.url(1)
         return launcher.cluster_env(self.redis.url(0), self.data_dir, self.auth_port, broker_url=self.broker_url)
+
+    @staticmethod
+    def _check_broker() -> None:
+        """With the Redis at REDIS_URL in use, a Redis BROKER_URL must answer too.
+
+        Setting REDIS_URL alone left BROKER_URL at its default (redis://127.0.0.1:6379/0): where
+        nothing answered there, the worker retried it for the minute cluster.py waited for it, which
+        then failed with "worker was not logging 'ready.'"; this names the variable at once instead.
+        """
+        broker = urllib.parse.urlsplit(settings.BROKER_URL)
+        if broker.scheme not in ("redis", "rediss") or redis_answers(settings.BROKER_URL):
+            return
+        same = urllib.parse.urlsplit(settings.REDIS_URL)._replace(path="/0", query="", fragment="").geturl()
+        raise launcher.LauncherError(
+            f"the Redis at REDIS_URL={settings.redact(settings.REDIS_URL)} answers, but none at "
+            f"BROKER_URL={settings.redact(settings.BROKER_URL)} (the Celery broker; its default is "
+            f"redis://127.0.0.1:6379/0): set BROKER_URL too, e.g. BROKER_URL={settings.redact(same)} for the same "
+            "Redis, or start the Redis it names")
 
     def start_demo(self, env: dict[str, str]) -> None:
         """The demo page (``python -m demo``) on ``--demo-port``, for every node; unless ``--no-demo``."""

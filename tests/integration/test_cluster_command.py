@@ -68,3 +68,22 @@ async def test_the_cluster_command_delivers_the_banners_message_and_sighup_stops
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_the_cluster_command_names_broker_url_at_once_when_only_redis_url_answers(tmp_path, redis_server):
+    """REDIS_URL set to a Redis that answers, BROKER_URL to one that does not (a reader who set
+    REDIS_URL alone has it at its default, 6379): cluster.py stops before starting anything, naming
+    BROKER_URL, instead of waiting a minute for a worker that retries the broker."""
+    dead_broker = f"redis://127.0.0.1:{launcher.free_port()}/0"
+    env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port(), broker_url=dead_broker)
+    cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
+                               env, log_path=tmp_path / "cluster.log").start()
+    try:
+        assert cluster.wait(20) == 1, cluster.log_tail(60)
+        out = cluster.log_tail(60)
+        assert f"none at BROKER_URL={dead_broker}" in out, out
+        assert f"BROKER_URL={redis_server.url(0)} for the same Redis" in out, out
+        assert "starting auth" not in out, out
+    finally:
+        if cluster.alive:
+            cluster.terminate(timeout=90)  # the old behaviour: cluster.py stops what it started
