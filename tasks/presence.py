@@ -39,7 +39,10 @@ def users_of(value: object, most: int) -> tuple[str, ...]:
     return users
 
 
-@app.task(name="tasks.presence", autoretry_for=(redis.ConnectionError, redis.TimeoutError), retry_backoff=True, max_retries=3)
+# throws: a caller's bad request is logged as Celery logs an expected error (INFO, one line), not
+# as a worker ERROR with a traceback; the task still fails with it.
+@app.task(name="tasks.presence", autoretry_for=(redis.ConnectionError, redis.TimeoutError), retry_backoff=True, max_retries=3,
+          throws=(InvalidMessage,))
 def presence(users: str | list[str]) -> dict[str, list[str]]:
     wanted = users_of(users, settings.MAX_RECIPIENTS)
     found, live = dispatch.routes.lookup(wanted)

@@ -67,3 +67,24 @@ async def test_a_bad_presence_request_fails_with_a_clear_error(cluster, users, e
         await asyncio.to_thread(result.get, timeout=20)
     assert not isinstance(info.value, CeleryTimeout)
     assert expected in str(info.value) and result.state == "FAILURE"
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+@pytest.mark.parametrize("task, args", [("tasks.presence", ["*"]), ("tasks.status", ["not-an-id"])], ids=["presence", "status"])
+async def test_a_callers_bad_request_is_logged_as_expected_in_one_line_not_as_an_error_with_a_traceback(cluster, task, args):
+    """A caller's mistake is the caller's, as for tasks.collect (one WARNING line, "rejected"): the
+    worker logs it as Celery logs a task's declared ``throws``, at INFO, without a traceback, and
+    the task still fails with the error."""
+    result = cluster.business.send_task(task, args=args, queue="dispatch")
+    with pytest.raises(Exception, match="InvalidMessage|not a message id|is not one"):
+        await asyncio.to_thread(result.get, timeout=20)
+    assert result.state == "FAILURE"
+    log = cluster._log("worker")
+    deadline = asyncio.get_running_loop().time() + 10
+    while not (lines := [line for line in log.read_text(errors="replace").splitlines() if f"{result.id}] raised" in line]):
+        assert asyncio.get_running_loop().time() < deadline, f"the worker logged nothing about {result.id}"
+        await asyncio.sleep(0.1)
+    [line] = lines
+    assert "INFO" in line and "raised expected: InvalidMessage" in line, line
+    after = log.read_text(errors="replace").split(line, 1)[1].splitlines()[:1]
+    assert not any("Traceback" in rest for rest in after), after
