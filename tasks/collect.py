@@ -90,6 +90,28 @@ def key_reused(key: str, before: int, now: int) -> validation.InvalidMessage:
     return validation.InvalidMessage(f"idempotency key {key!r} was used before for {before} message(s), not {now}: {fix}")
 
 
+def same_message(stored: dict, message: validation.Message) -> bool:
+    """Whether the stored ``{"to", "data"}`` is ``message`` (recipients in any order).  Pure."""
+    if message.to == validation.BROADCAST or stored["to"] == validation.BROADCAST:
+        same_to = message.to == stored["to"]
+    else:
+        same_to = set(message.to) == set(stored["to"])
+    return same_to and stored["data"] == message.data
+
+
+def key_reused_for_another(key: str, message_id: str) -> str:
+    """The warning for a request whose idempotency key names a stored message other than its own
+    (other recipients or data): what happened, and the fix.  Pure."""
+    if key.startswith(TASK_KEY_PREFIX):
+        named = f"task id {key[len(TASK_KEY_PREFIX):]!r}"
+        fix = "send each new request with a new task id (Celery's default: leave task_id unset)"
+    else:
+        named = f"key {key.removeprefix('key:')!r}"
+        fix = "give each message a key of its own"
+    return (f"{named} was used before for message {message_id}, to other recipients or with other data: "
+            f"that message was sent again and this request's was not stored; {fix}")
+
+
 def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], str]], patient: bool = True) -> list:
     """Store and dispatch each group of messages under its own idempotency key, all of them with
     one claim, one insert and one route; returns per group its ids, or an InvalidMessage when
@@ -101,7 +123,7 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
         wanted.append((key, fresh[at:at + len(messages)]))
         at += len(messages)
     results: list = []
-    ids, messages_out, seen = [], [], set()
+    ids, messages_out, keys_out, seen = [], [], [], set()
     for (messages, key), bound in zip(groups, store.claim_many(wanted)):
         if len(bound) != len(messages):
             results.append(key_reused(key, len(bound), len(messages)))
@@ -112,18 +134,24 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
                 seen.add(message_id)
                 ids.append(message_id)
                 messages_out.append(message)
-    _store_and_route(store, ids, messages_out, fresh, patient)
+                keys_out.append(key)
+    _store_and_route(store, ids, messages_out, fresh, patient, keys_out)
     return results
 
 
-def _store_and_route(store, ids: list[str], valid: list[validation.Message], fresh: list[str], patient: bool = True) -> None:
+def _store_and_route(store, ids: list[str], valid: list[validation.Message], fresh: list[str], patient: bool = True,
+                     keys: list[str] | None = None) -> None:
     """Insert the messages ``ids`` and route them; ``fresh`` are the ids this run generated, so
     any other id was bound to its key by an earlier run (a task run again, or business code
     retrying): send what was stored under it, and store only what an interrupted earlier run
-    never stored."""
+    never stored.  A stored message other than the request's (its key, ``keys``, reused for
+    another message) is logged: it is what is sent, and the request's own is lost."""
     new = set(fresh)
     reused = [mid for mid in ids if mid not in new]
     stored = store.messages(reused) if reused else {}
+    for mid, message, key in zip(ids, valid, keys or ()):
+        if mid in stored and not same_message(stored[mid], message):
+            log.warning("%s", key_reused_for_another(key, mid))
     now = time.time()
     docs = [
         {"id": mid, "to": stored[mid]["to"], "data": stored[mid]["data"], "ts": now} if mid in stored

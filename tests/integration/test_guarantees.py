@@ -7,6 +7,8 @@ import asyncio
 import time
 import uuid
 
+import pytest
+
 from tasks.ids import IdGenerator
 from tasks.store import Store
 from tests.integration.conftest import HOUSEKEEPING_SECONDS, REDELIVER_AFTER, REDELIVER_ATTEMPTS
@@ -120,3 +122,18 @@ async def test_collect_with_the_same_key_returns_the_same_id_and_delivers_once(c
     assert {f["id"] for f in frames} == {first}
     assert all(f["data"] == {"try": 1} for f in frames)
     client.close()
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_a_key_reused_for_other_data_is_logged_by_the_worker_and_a_retry_of_the_same_message_is_not(cluster):
+    """The second message under a used key is never stored or sent (its call returns the first
+    id): the worker says so, naming the key and the message sent instead; a retry is silent."""
+    user, key = unique("rekeyed"), unique("order")
+    first = await asyncio.to_thread(cluster.send(to=user, data={"v": 1}, key=key).get, timeout=20)
+    retry = await asyncio.to_thread(cluster.send(to=[user], data={"v": 1}, key=key).get, timeout=20)
+    other = await asyncio.to_thread(cluster.send(to=user, data={"v": 2}, key=key).get, timeout=20)
+    assert first == retry == other
+    log = cluster._log("worker")
+    warning = f"key {key!r} was used before for message {first}, to other recipients or with other data"
+    await wait_for(lambda: warning in log.read_text(errors="replace"), 10, "the worker's warning")
+    assert log.read_text(errors="replace").count(warning) == 1  # the retry of the same message logged nothing

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from celery_batches import SimpleRequest
 
-from tasks.collect import _parse_collect, key_reused
+from tasks.collect import _parse_collect, key_reused, key_reused_for_another, same_message
 from tasks.messages import InvalidMessage
 
 
@@ -128,3 +128,22 @@ def test_collect_many_takes_its_list_as_a_keyword_or_as_its_one_positional_argum
 def test_a_reused_key_is_told_to_use_a_new_key_and_a_reused_task_id_a_new_task_id():
     assert str(key_reused("key:order-1", 1, 2)) == "idempotency key 'key:order-1' was used before for 1 message(s), not 2: use a new key per task"
     assert str(key_reused("task:t-1", 1, 2)).endswith("not 2: send each new request with a new task id (Celery's default: leave task_id unset)")
+
+
+def test_a_stored_message_is_the_same_whatever_the_order_of_its_recipients():
+    message, _ = _parse_collect(request({"to": ["b", "a"], "data": {"n": 1}}))
+    assert same_message({"to": ["a", "b"], "data": {"n": 1}}, message)
+
+
+@pytest.mark.parametrize("stored", [{"to": ["a"], "data": {"n": 1}}, {"to": ["a", "b"], "data": {"n": 2}}, {"to": "*", "data": {"n": 1}}],
+                         ids=["fewer recipients", "other data", "a broadcast"])
+def test_a_stored_message_with_other_recipients_or_data_is_another(stored):
+    message, _ = _parse_collect(request({"to": ["a", "b"], "data": {"n": 1}}))
+    assert not same_message(stored, message)
+
+
+def test_the_warning_for_a_reused_key_names_the_key_or_the_task_id_and_the_fix():
+    assert key_reused_for_another("key:order-17", "01").startswith("key 'order-17' was used before for message 01")
+    assert "give each message a key of its own" in key_reused_for_another("key:order-17", "01")
+    assert key_reused_for_another("task:abc", "01").startswith("task id 'abc' was used before")
+    assert "leave task_id unset" in key_reused_for_another("task:abc", "01")
