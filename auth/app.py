@@ -3,7 +3,8 @@
 Every response is JSON.  Routes:
 
 - ``POST /tokens``  (admin) ``{"user_id": "alice"}`` -> 200 ``{"token": "...", "expires_at": <int>}``; an
-  optional ``"ttl"`` (whole seconds, 1 to ``TOKEN_TTL``) issues a shorter-lived token
+  optional ``"ttl"`` (whole seconds, 1 to ``TOKEN_TTL``) issues a shorter-lived token; any other
+  field is a 400 naming it (ignored, a misspelt ``ttl`` gave a token of the default lifetime)
 - ``POST /verify``  ``{"token": "..."}`` -> 200 ``{"user_id": "alice", "expires_at": <int>, "token_id": <jti>, "issued_at_us": <int>}``;
   401 ``{"error": "token expired" | "token invalid: <why>" | "token revoked"}``;
   503 when Redis cannot say whether the token is revoked.
@@ -187,6 +188,15 @@ class JsonHandler(tornado.web.RequestHandler):
             raise Reject(400, {"error": f"expected a JSON object like {example}, got a JSON {_json_type(body)}"})
         return body
 
+    def only_fields(self, body: dict, allowed: Sequence[str], example: str, takes: str) -> None:
+        """Refuse a body with fields this request does not take: a misspelt or guessed one
+        (``"expires_in"`` for ``"ttl"``) was ignored, so the call did something else than asked
+        (a token living ``TOKEN_TTL``) with a 200."""
+        unknown = [name for name in body if name not in allowed]
+        if unknown:
+            shown = ", ".join(repr(name[:40]) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise Reject(400, {"error": f"expected a JSON object like {example}, got the unknown field(s) {shown}: {takes}"})
+
     def string_field(self, body: dict, name: str, example: str) -> str:
         value = body.get(name)
         if not isinstance(value, str):
@@ -205,6 +215,8 @@ class TokensHandler(JsonHandler):
         self.require_admin()
         body = self.json_object('{"user_id": "alice"}')
         user_id = self.string_field(body, "user_id", '{"user_id": "alice"}')
+        self.only_fields(body, ("user_id", "ttl"), '{"user_id": "alice", "ttl": 60}',
+                         f'POST /tokens takes "user_id" and optionally "ttl" (whole seconds, 1 to {self.service.token_ttl}, TOKEN_TTL)')
         ttl = self._ttl(body.get("ttl"))
         try:
             issued = tokens.issue(self.service.secret, user_id, self.service.clock(), ttl)
@@ -297,6 +309,7 @@ class RevokeHandler(JsonHandler):
         if len(fields) != 1:
             got = "both 'token' and 'user_id'" if fields else "neither 'token' nor 'user_id'"
             raise Reject(400, {"error": f"expected a JSON object like {self.EXAMPLE}, got {got}"})
+        self.only_fields(body, fields, self.EXAMPLE, f'POST /revoke takes "{fields[0]}" alone')
         try:
             if fields == ["token"]:
                 await self._revoke_token(self.string_field(body, "token", self.EXAMPLE))

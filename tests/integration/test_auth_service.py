@@ -261,6 +261,24 @@ def test_issuing_with_a_body_that_is_not_the_expected_json_is_400(auth, raw):
     assert body["error"].startswith("expected a JSON object like")
 
 
+@pytest.mark.parametrize("body, unknown", [({"user_id": "alice", "expires_in": 60}, "'expires_in'"), ({"user_id": "alice", "tll": 60}, "'tll'"),
+                                           ({"user_id": "alice", "ttl": 60, "exp": 1, "info": {}}, "'exp', 'info'")],
+                         ids=["another name for ttl", "a misspelt ttl", "two unknown"])
+def test_issuing_with_a_field_it_does_not_take_is_400_naming_it_rather_than_a_token_of_the_default_lifetime(auth, body, unknown):
+    status, answer = call(auth, "POST", "/tokens", body, key=ADMIN_KEY)
+
+    assert status == 400, answer
+    assert f"got the unknown field(s) {unknown}: POST /tokens takes \"user_id\" and optionally \"ttl\"" in answer["error"]
+
+
+@pytest.mark.parametrize("body", [{"user_id": "alice", "reason": "banned"}, {"token": "a.b.c", "user": "alice"}], ids=["user", "token"])
+def test_revoking_with_a_field_it_does_not_take_is_400_naming_it(auth, body):
+    status, answer = call(auth, "POST", "/revoke", body, key=ADMIN_KEY)
+
+    assert status == 400, answer
+    assert "got the unknown field(s) " in answer["error"] and "POST /revoke takes" in answer["error"]
+
+
 def test_a_garbage_token_is_401_invalid(auth):
     status, body = verify(auth, "not-a-token")
 
