@@ -255,6 +255,31 @@ def test_push_js_reports_a_failed_get_token_as_what_it_was_and_backs_off_on_the_
     assert url.startswith(a + "?token=t")
 
 
+def test_push_js_reports_a_get_token_that_gave_no_string_as_such_when_it_refreshes(pages):
+    """A refresh whose ``getToken`` gave the auth service's whole answer, not the token in it, sent
+    ``[object Object]`` to the node (closed with 4401 ``refresh refused: token invalid``); ``onError``
+    now says what ``getToken`` gave and what to return, nothing is sent, and it is tried again."""
+    page = recording_page(pages)
+    seen = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 300 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const errors = [];
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", refreshRetryMs: 50,
+                                       getToken: () => Promise.resolve({token: "t2", expires_at: 1}),
+                                       onError: e => errors.push([e.type, e.reason])});
+        client.start();
+        const ws = window.opened[0];
+        ws.readyState = 1;
+        ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 0})});  // refresh in 1 s
+        await until(() => errors.length > 0);
+        const state = client.state;
+        client.stop();
+        return {errors, sent: ws.sent || [], state};
+    }""")
+    assert seen["errors"][0] == ["refresh", 'getToken gave an object, not a token string: return its token field '
+                                            '(the auth service\'s answer holds the token in "token")']
+    assert seen["sent"] == [] and seen["state"] == "connected"
+
+
 def test_push_js_started_again_backs_off_from_the_first_step(pages):
     """The backoff of a run carried over to the next ``start()``: a page that stops its client (a
     tab hidden, a "Disconnect" button) after a flaky spell and starts it again waited up to
@@ -848,6 +873,26 @@ def test_push_js_gets_a_new_token_after_4401_and_stops_for_good_after_4500(clust
         stats = page.evaluate("window.broken.stats")
         assert stats["attempts"] == 1 and stats["connections"] == 0 and stats["tokens"] == 0
         assert page.evaluate("window.broken.state") == "stopped"
+
+
+@REDIS_ONLY
+def test_push_js_whose_get_token_gives_the_whole_auth_answer_opens_no_socket_and_says_to_return_its_token_field(cluster, pages):
+    """``getToken: () => fetch(...).then(r => r.json())``, the backend's answer rather than the token
+    in it: push.js connected with ``token=[object Object]`` and got 4401 ``token invalid: malformed
+    (Not enough segments)`` on every try, which says nothing of the mistake (and cost auth a check
+    each time).  It now opens no socket and reports, as a failed ``getToken``, what it gave."""
+    with blank_demo(cluster, pages) as (_, page):
+        url = f"ws://127.0.0.1:{cluster.node_ports[0]}/ws"
+        page.evaluate("""([url, user]) => {
+            window.whole = new PushClient({url, initialMs: 50, getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify({user})}).then(r => r.json()),
+                                           onStatus: (s) => { if (s.state === "waiting") (window.whole.waits = window.whole.waits || []).push([s.code, s.reason]); }});
+            window.whole.start();
+        }""", [url, unique("whole")])
+        page.wait_for_function("(window.whole.waits || []).length >= 2")
+        waits, stats = page.evaluate("[window.whole.waits, window.whole.stats]")
+        page.evaluate("window.whole.stop()")
+        assert waits[0] == [None, 'getToken gave an object, not a token string: return its token field (the auth service\'s answer holds the token in "token")']
+        assert stats["attempts"] == 0 and stats["tokens"] == 0
 
 
 @REDIS_ONLY

@@ -326,6 +326,19 @@
     return error === undefined ? "getToken gave no token" : "getToken failed: " + (error && error.message ? error.message : String(error));
   }
 
+  /**
+   * Why what getToken gave is not a token, or null when it is one (a string).  The auth service's
+   * whole answer ({token, expires_at}), passed on by the page's endpoint, was sent to the node as
+   * "[object Object]" and refused with 4401 "token invalid: malformed", again on every try.
+   */
+  function notAToken(token) {
+    if (typeof token === "string") return null;
+    var kind = Array.isArray(token) ? "an array" : typeof token === "object" ? "an object" : "a " + typeof token;
+    var fix = token && typeof token === "object" && typeof token.token === "string"
+      ? "return its token field (the auth service's answer holds the token in \"token\")" : "return the token itself";
+    return "getToken gave " + kind + ", not a token string: " + fix;
+  }
+
   /** Tell the page of an error that changes no state (a refresh that failed) through onError. */
   PushClient.prototype._error = function (error) {
     try {
@@ -359,7 +372,8 @@
         this._unauthorized(error, url);
         return;
       }
-      if (token) {
+      var wrong = token ? notAToken(token) : null;
+      if (token && !wrong) {
         this._token = token;
         this._tokenExpiresAt = 0;
         this.stats.tokens += 1;
@@ -367,7 +381,7 @@
       }
       if (!this._token) {
         // No close code: no socket was opened.  Same URL (not the node's fault), after a backoff step.
-        this._retry({ reason: tokenFailure(error), error: error, url: url }, { action: "reconnect", soon: false, stay: true }, false);
+        this._retry({ reason: wrong || tokenFailure(error), error: error, url: url }, { action: "reconnect", soon: false, stay: true }, false);
         return;
       }
     }
@@ -566,9 +580,10 @@
       return;
     }
     if (this._ws !== ws || ws.readyState !== 1) return; // closed meanwhile: the reconnect gets its own
-    if (!token) {
+    var wrong = token ? notAToken(token) : null;
+    if (!token || wrong) {
       var retryIn = this._refreshRetryIn(conn);
-      this._error({ type: "refresh", reason: tokenFailure(error), error: error, retryIn: retryIn });
+      this._error({ type: "refresh", reason: wrong || tokenFailure(error), error: error, retryIn: retryIn });
       if (this._ws === ws) this._refreshLater(ws, conn, retryIn);
       return;
     }
