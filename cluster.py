@@ -151,8 +151,11 @@ class Cluster:
                  f"(data in {self.data_dir / 'redis'})")
         self.redis = launcher.RedisServer(data_dir=self.data_dir / "redis", persistent=True, echo=True, **self._echo("redis"))
         self.redis.start()
-        amqp = urllib.parse.urlsplit(settings.BROKER_URL).scheme in ("amqp", "amqps", "pyamqp")
-        self.broker_url = settings.BROKER_URL if amqp else self.redis.url(0)
+        # BROKER_URL is kept when it is RabbitMQ, or a Redis that answers (set to one of the
+        # reader's own: the business code they wrote sends there); else the private Redis's db 0.
+        scheme = urllib.parse.urlsplit(settings.BROKER_URL).scheme
+        keep = scheme in ("amqp", "amqps", "pyamqp") or (scheme in ("redis", "rediss") and redis_answers(settings.BROKER_URL))
+        self.broker_url = settings.BROKER_URL if keep else self.redis.url(0)
         self.redis_url = self.redis.url(1)
         return launcher.cluster_env(self.redis.url(0), self.data_dir, self.auth_port, broker_url=self.broker_url)
 

@@ -87,3 +87,21 @@ def test_the_cluster_command_names_broker_url_at_once_when_only_redis_url_answer
     finally:
         if cluster.alive:
             cluster.terminate(timeout=90)  # the old behaviour: cluster.py stops what it started
+
+
+def test_the_cluster_command_with_a_private_redis_keeps_a_redis_broker_url_that_answers(tmp_path, redis_server):
+    """No Redis at REDIS_URL, a Redis BROKER_URL that answers (set to the reader's own, where the
+    business code they wrote sends): cluster.py starts its private Redis for the rest, but keeps
+    that broker, as it kept an amqp:// one; it used the private Redis's db 0 instead, and the
+    business code's tasks waited on a broker no worker read."""
+    broker = redis_server.url(5)
+    env = launcher.cluster_env(f"redis://127.0.0.1:{launcher.free_port()}", tmp_path / "data", launcher.free_port(), broker_url=broker)
+    cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
+                               env, log_path=tmp_path / "cluster.log").start()
+    try:
+        cluster.wait_log(READY, timeout=90)
+        out = cluster.log_tail(400)
+        assert "(private)" in out and f"  broker     {broker}\n" in out + "\n", out
+    finally:
+        cluster.terminate(timeout=60)
+    assert cluster.returncode == 0, cluster.log_tail(60)
