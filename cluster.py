@@ -2,9 +2,10 @@
 
 Starts, in this order, and waits until each one answers:
 
-- Redis: the one at ``REDIS_URL`` when it answers PING, else a private one on a free port with its
-  (append-only, persistent) data in ``DATA_DIR/redis``; one that refuses the login (a wrong
-  password) stops the run, saying so;
+- Redis: the one at ``REDIS_URL`` when it answers PING (then a Redis ``BROKER_URL`` must answer
+  too), else a private one on a free port with its (append-only, persistent) data in
+  ``DATA_DIR/redis``, also the broker unless ``BROKER_URL`` is RabbitMQ or a Redis that answers;
+  one that refuses the login (a wrong password) stops the run, saying so;
 - auth on ``AUTH_PORT`` (8000), the worker (collect and dispatch queues), two push nodes (8101 and
   8102, or ``--nodes``), Flower (5555, or ``--flower-port``; ``--no-flower`` skips it) and the demo
   page (8080, or ``--demo-port``; ``--no-demo`` skips it).
