@@ -118,13 +118,15 @@ def check(prog: str, names: Iterable[str], info: Iterable[str] = ()) -> None:
     of the settings ``names``, or, for those also in ``info``, ``INFO`` (the worker's housekeeping
     reads ``INFO server`` and ``errorstats``: without it, a user denied Redis's @dangerous commands
     failed every run with a traceback).  Each URL is tried once (``RESULT_BACKEND`` is
-    ``REDIS_URL``'s unless set)."""
-    refusals, tried, info = [], set(), set(info)
+    ``REDIS_URL``'s unless set), with ``INFO`` when any variable that holds it needs it (a
+    ``BROKER_URL`` that is ``REDIS_URL`` too), named by that variable, else by the first that holds it."""
+    info = set(info)
+    shared: dict[str, list[str]] = {}
     for name, url in redis_urls(names):
-        if url in tried:
-            continue
-        tried.add(url)
-        if (found := problem(url, info=name in info)) is not None:
-            refusals.append((name, url, *found))
+        shared.setdefault(url, []).append(name)
+    refusals = []
+    for url, holders in shared.items():
+        if (found := problem(url, info=any(name in info for name in holders))) is not None:
+            refusals.append((min(holders, key=lambda name: name not in info), url, *found))
     if refusals:
         startup.refuse(prog, LoginRefused(message(refusals)))

@@ -184,6 +184,25 @@ def test_a_worker_whose_redis_user_may_not_run_info_stops_at_start_saying_what_t
     assert "no permissions to run the 'info' command" in done.stderr and "+info" in done.stderr
 
 
+def test_a_worker_whose_broker_is_its_redis_url_still_has_its_users_right_to_info_checked(tmp_path):
+    """BROKER_URL and REDIS_URL the same URL: the login was tried once, for BROKER_URL, which needs
+    no INFO, so the worker started and every housekeeping run failed with a traceback."""
+    with launcher.RedisServer(data_dir=tmp_path / "redis", password=PASSWORD, user="push-app", acl="~* &* +@all -@dangerous") as server:
+        env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), broker_url=server.url(1), LOG_LEVEL="INFO")
+        assert env["BROKER_URL"] == env["REDIS_URL"]
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1", "--without-gossip", "--without-mingle"],
+                                  cwd=launcher.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = worker.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            _, stderr = worker.communicate()
+            pytest.fail(f"the worker still runs 30 s after it started with a Redis user denied INFO\n{stderr[-3000:]}")
+    assert worker.returncode == 2, stderr[-3000:]
+    assert "celery -A worker worker: error: the Redis user of" in stderr and "REDIS_URL" in stderr, stderr[-3000:]
+    assert "no permissions to run the 'info' command" in stderr and "+info" in stderr
+
+
 def test_the_cluster_command_given_a_wrong_password_says_so_rather_than_start_a_private_redis(password_redis, tmp_path):
     env = launcher.cluster_env(password_redis.url(0, password="not-the-password"), tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
     done = subprocess.run([sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
