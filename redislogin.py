@@ -96,6 +96,8 @@ def problem(url: str, info: bool = False) -> tuple[str, str] | None:
             client.info("server")
     except RedisError as exc:
         return refusal(url, exc)
+    except Exception:  # noqa: BLE001 - an option redis-py takes otherwise (kombu's credential_provider=): theirs to say
+        return None
     finally:
         client.close()
     return None

@@ -203,6 +203,17 @@ def test_a_worker_whose_broker_is_its_redis_url_still_has_its_users_right_to_inf
     assert "no permissions to run the 'info' command" in stderr and "+info" in stderr
 
 
+def test_a_node_whose_broker_url_names_a_kombu_credential_provider_starts(tmp_path):
+    """kombu reads ``credential_provider`` (a class path) from a broker URL's query, which redis-py
+    takes for an object: the login check at start failed on it with an AttributeError traceback,
+    where the node had started; the URL is the broker library's to judge."""
+    with launcher.RedisServer(data_dir=tmp_path / "redis") as server:
+        broker = server.url(0) + "?credential_provider=redis.credentials.UsernamePasswordCredentialProvider"
+        env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), broker_url=broker, LOG_LEVEL="INFO")
+        node = launcher.start_node(env, launcher.free_port(), timeout=30)
+        node.terminate()
+
+
 def test_the_cluster_command_given_a_wrong_password_says_so_rather_than_start_a_private_redis(password_redis, tmp_path):
     env = launcher.cluster_env(password_redis.url(0, password="not-the-password"), tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
     done = subprocess.run([sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
