@@ -666,6 +666,46 @@ def test_push_js_stops_for_good_when_get_token_says_the_user_is_logged_out(pages
                                "opened": 3, "timers": 0, "listening": [], "errors": 0}, f"on a refresh: {seen['refresh']}"
 
 
+def test_push_js_started_again_after_a_log_out_resumes_nothing_of_the_user_who_left(pages):
+    """The README's flow after a log-out is ``start()`` again once a user logged in, maybe another
+    one on the same page: the client kept the stream position and the ids seen of the user who
+    left, so the next user connected with ``since`` = the previous user's newest id (the node
+    replayed none of the new user's older unacked messages: the inbox was skipped) and a message
+    sent to both users was dropped as a repeat, though the new user had never seen it."""
+    page = recording_page(pages)
+    seen = page.evaluate("""async () => {
+        const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
+        const until = async (check) => { for (let i = 0; i < 200 && !check(); i++) await pause(10); };
+        const hello = user => JSON.stringify({type: "hello", node: "a", user, conn: "c", expires_in: 3600});
+        let user = "ann";
+        const got = [];
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "ann-token", tokenJitterMs: 20,
+                                       getToken: () => { if (user === null) throw new PushClient.UnauthorizedError(); return user + "-token"; },
+                                       onMessage: (data, message) => got.push([user, message.id])});
+        client.start();
+        const first = window.opened[0];
+        first.readyState = 1;
+        first.onmessage({data: hello("ann")});
+        first.onmessage({data: JSON.stringify({type: "message", id: "0190f00000000000000000aa", data: "to ann and bob"})});
+        user = null;  // ann logged out: her token is revoked
+        first.onclose({code: 4401, reason: "token revoked"});
+        await until(() => client.state === "stopped");
+        user = "bob";
+        client.start();
+        await until(() => window.opened.length > 1);
+        const second = window.opened[1];
+        second.readyState = 1;
+        second.onmessage({data: hello("bob")});
+        second.onmessage({data: JSON.stringify({type: "message", id: "0190f00000000000000000aa", data: "to ann and bob"})});
+        client.stop();
+        const url = new URL(second.url);
+        return {token: url.searchParams.get("token"), since: url.searchParams.get("since"), got};
+    }""")
+    assert seen["token"] == "bob-token"
+    assert seen["since"] is None, f"bob's connection resumed from ann's stream: since={seen['since']}"
+    assert seen["got"] == [["ann", "0190f00000000000000000aa"], ["bob", "0190f00000000000000000aa"]], seen["got"]
+
+
 def test_push_js_back_online_reconnects_at_once_and_pings_an_open_connection(pages):
     """A page whose network went away waited out its backoff (up to ``maxMs``, 30 s) after the
     network came back, and kept a connection the network change may have killed until its idle

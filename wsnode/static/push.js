@@ -55,7 +55,8 @@
  *   connect or for a refresh, stops the client for good, as centrifuge-js does: the open
  *   connection (if any) is closed, every timer and listener goes, the token is dropped, and
  *   onStatus gets state "stopped" with reason "unauthorized" and the error (no code: no node
- *   closed anything).  start() again (once the user logged in) asks getToken for a token first.
+ *   closed anything).  start() again (once a user logged in) asks getToken for a token first,
+ *   and starts from that user's inbox (the stream position and the ids seen are dropped too).
  * - Liveness: after idleMs without a frame it sends {"type": "ping"}; the node answers "pong"
  *   (only to a node whose hello frame says "ping": true; an earlier node would close with 4500).  A
  *   connection that brings no frame within pongTimeoutMs of a ping is closed and counts as lost
@@ -257,11 +258,16 @@
 
   /**
    * getToken said the user is logged out (it threw UnauthorizedError): stop for good, without the
-   * token, which a later start() must not reuse.
+   * token, which a later start() must not reuse, nor the stream position and the ids seen: the
+   * user who logs in next (maybe another one) starts from their inbox, and a message sent to both
+   * is not a repeat for them.
    */
   PushClient.prototype._unauthorized = function (error, url) {
     this._token = null;
     this._tokenExpiresAt = 0;
+    this.lastId = null;
+    this._seen = new Set();
+    this._seenOrder = [];
     this._halt("unauthorized");
     this._status({ state: "stopped", reason: "unauthorized", error: error, url: url });
   };
