@@ -19,6 +19,7 @@ message never holds it.  Main thread, at start only.
 from __future__ import annotations
 
 import ssl
+import urllib.parse
 from collections.abc import Iterable
 
 import redis
@@ -47,7 +48,8 @@ def refusal(url: str, exc: BaseException) -> tuple[str, str] | None:
     says it; None for anything else (Redis down, a timeout).  Pure."""
     text = " ".join(str(exc).split())
     if isinstance(exc, AuthenticationError):
-        has_password = "@" in url.split("://", 1)[-1].split("/", 1)[0]
+        parts = urllib.parse.urlsplit(url)
+        has_password = "@" in parts.netloc or any(key.lower() == "password" for key, _ in urllib.parse.parse_qsl(parts.query))
         return ("password" if has_password else "no password"), text
     if isinstance(exc, NoPermissionError):
         return "permission", text

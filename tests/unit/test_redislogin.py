@@ -51,3 +51,12 @@ def test_an_acl_user_without_ping_and_a_certificate_that_does_not_verify_are_ref
 def test_redis_down_or_slow_is_no_refusal():
     assert redislogin.refusal(URL, ConnectionError("Error 111 connecting to cache:6379. Connection refused.")) is None
     assert redislogin.refusal(URL, TimeoutError("Timeout connecting to server")) is None
+
+
+def test_a_wrong_password_given_as_a_query_parameter_is_not_told_as_a_missing_one():
+    """redis-py also reads ``?password=`` (settings.redact masks it): a wrong one there was told as
+    "REDIS_URL gives none", sending the reader to add a password the URL has."""
+    url = "redis://cache:6379/1?password=wrong"
+    kind = redislogin.refusal(url, AuthenticationError("invalid username-password pair or user is disabled."))
+    assert kind[0] == "password"
+    assert "wrong" not in redislogin.message([("REDIS_URL", url, *kind)])
