@@ -92,11 +92,12 @@ LEASE_LOST_REASON = "routes lost (leases gone from Redis), reconnect with since"
 
 #: Seconds a client has to send a request's headers, and again its body, before the node closes the
 #: connection (Tornado's ``idle_connection_timeout``, which also bounds the headers, and
-#: ``body_timeout``).  Tornado waits an hour for headers and for ever for a body, so a client that
-#: opened connections and sent their handshakes a byte at a time, or not at all (slowloris), held a
-#: socket and a file descriptor of the node each for that long.  A browser sends its handshake in
-#: one packet; an upgraded WebSocket is no longer an HTTP request, and is not affected.
-REQUEST_TIMEOUT_SECONDS = 10
+#: ``body_timeout``): ``settings.REQUEST_TIMEOUT``.  Tornado waits an hour for headers and for ever
+#: for a body, so a client that opened connections and sent their handshakes a byte at a time, or
+#: not at all (slowloris), held a socket and a file descriptor of the node each for that long.  A
+#: browser sends its handshake in one packet; an upgraded WebSocket is no longer an HTTP request,
+#: and is not affected.
+REQUEST_TIMEOUT_SECONDS = settings.REQUEST_TIMEOUT
 
 #: Files served at ``/static/``: the browser client ``push.js``.
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
