@@ -51,7 +51,8 @@
  *   closes it with 4401 once the token expired.  Without getToken there is no refresh:
  *   the node closes the connection with 4401 once the token expired (after TOKEN_EXPIRY_GRACE).
  *   A reconnect after the token expired (by what the node said) gets a new one before it connects.
- * - Logged out: a getToken() that throws (or rejects with) PushClient.UnauthorizedError, before a
+ * - Logged out: a getToken() that throws (or rejects with) PushClient.UnauthorizedError (or any
+ *   error named "UnauthorizedError", such as another copy of push.js's), before a
  *   connect or for a refresh, stops the client for good, as centrifuge-js does: the open
  *   connection (if any) is closed, every timer and listener goes, the token is dropped, and
  *   onStatus gets state "stopped" with reason "unauthorized" and the error (no code: no node
@@ -108,6 +109,15 @@
       super(message || "unauthorized: the user is logged out");
       this.name = "UnauthorizedError";
     }
+  }
+
+  /**
+   * Whether ``error`` says the user is logged out: an UnauthorizedError of this copy of push.js,
+   * or of another (a page that bundles push.js twice throws the class of the copy it imports):
+   * by its name.
+   */
+  function loggedOut(error) {
+    return error instanceof UnauthorizedError || (!!error && error.name === "UnauthorizedError");
   }
 
   /** ``promise``, or a rejection once ``ms`` passed without it settling (a getToken whose request stalls). */
@@ -374,7 +384,7 @@
         error = e;
       }
       if (!this._running || generation !== this._generation) return; // a stale attempt's token is not kept
-      if (error instanceof UnauthorizedError) {
+      if (loggedOut(error)) {
         this._unauthorized(error, url);
         return;
       }
@@ -579,7 +589,7 @@
       error = e;
       token = null;
     }
-    if (error instanceof UnauthorizedError) {
+    if (loggedOut(error)) {
       // Logged out: stop, whether or not this connection is still the current one (a reconnect
       // under way would otherwise go on with the token it kept).
       if (this._running && generation === this._generation) this._unauthorized(error, conn.url);
