@@ -14,6 +14,11 @@ naming the variable and what to fix (``PROG: error: ...``, exit status 2, as a b
 :func:`startup.refuse`), the variables that share a refusal named together.  A Redis that does not answer at all passes: the process starts and waits
 for it as before.  The URL is shown without its password (``settings.redact``), and redis-py's
 message never holds it.  Main thread, at start only.
+
+Once running, a Redis may start refusing all the same (its password or ACL user changed, the
+user's rights narrowed, its certificate replaced): :func:`refused` and :func:`explain` tell such an
+error, where one already happened, in the same words, for the processes' logs, answers and
+``/healthz`` bodies (any thread: they read ``settings`` only).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Iterable
 import redis
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
+import redisfull
 import settings
 import startup
 
@@ -82,6 +88,31 @@ def message(refusals: list[tuple[str, str, str, str]]) -> str:
         names = " and ".join(f"{name} ({settings.redact(url)})" for name, url, _ in these)
         parts.append(_MESSAGES[kind].format(names=names, detail=these[0][2]))
     return "; and ".join(parts)
+
+
+def refused(exc: BaseException, names: Iterable[str] = ("REDIS_URL",)) -> str | None:
+    """While a process runs: the line of :func:`message` for the settings ``names`` when ``exc``,
+    raised by a command on their Redis, is a :func:`refusal` (the password or user changed in
+    Redis, the user's rights narrowed, its certificate replaced), or an error that wraps one (kombu's
+    ``OperationalError``); None for anything else (Redis down, full, a timeout).  What waiting will
+    not end, told as the check at start tells it, rather than as an outage.  Only where an error
+    already happened.  Reads ``settings``."""
+    holders = redis_urls(names)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and holders:
+        seen.add(id(exc))
+        found = [(name, url, *kind) for name, url in holders if (kind := refusal(url, exc)) is not None]
+        if found:
+            return message(found)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def explain(exc: BaseException, names: Iterable[str] = ("REDIS_URL",)) -> str:
+    """``exc`` as text for a log line or an answer: :func:`refused`'s line when Redis refuses the
+    login or the command of the settings ``names``, else :func:`redisfull.explain`'s (a full Redis
+    named so, anything else as the library says it)."""
+    return refused(exc, names) or redisfull.explain(exc)
 
 
 def problem(url: str, info: bool = False) -> tuple[str, str] | None:

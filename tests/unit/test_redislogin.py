@@ -60,3 +60,24 @@ def test_a_wrong_password_given_as_a_query_parameter_is_not_told_as_a_missing_on
     kind = redislogin.refusal(url, AuthenticationError("invalid username-password pair or user is disabled."))
     assert kind[0] == "password"
     assert "wrong" not in redislogin.message([("REDIS_URL", url, *kind)])
+
+
+def test_at_run_time_a_refusal_wrapped_by_kombu_is_told_for_the_variables_named_and_an_outage_or_a_full_redis_is_not():
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import OutOfMemoryError
+
+    import settings
+
+    try:
+        try:
+            raise AuthenticationError("invalid username-password pair or user is disabled.")
+        except AuthenticationError as exc:
+            raise OperationalError("invalid username-password pair or user is disabled.") from exc
+    except OperationalError as wrapped:
+        line = redislogin.refused(wrapped, ("BROKER_URL",))
+    assert line is not None and f"BROKER_URL ({settings.redact(settings.BROKER_URL)})" in line and "REDIS_URL" not in line, line
+    assert redislogin.refused(NoPermissionError("no permissions to run the 'evalsha' command")).startswith("the Redis user of REDIS_URL")
+    assert redislogin.refused(ConnectionError("Connection refused")) is None
+    assert redislogin.explain(ConnectionError("Connection refused")) == "Connection refused"
+    full = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+    assert redislogin.explain(full).startswith("Redis is out of memory (maxmemory)")
