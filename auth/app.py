@@ -15,7 +15,10 @@ Every response is JSON.  Routes:
   503 when Redis cannot record it, or when it is recorded but not announced to the push nodes
   (``NOT_ANNOUNCED``: they would keep its open connections), and the caller must retry
 - ``GET /healthz`` -> 200 ``{"status": "ok"}``, or 503 ``{"status": "redis unavailable"}`` (it PINGs
-  Redis on every call: revocations live there, so without Redis no token can be verified)
+  Redis on every call: revocations live there, so without Redis no token can be verified), or 503
+  ``{"status": "redis refused", "reason": ...}`` when Redis refuses REDIS_URL's login or PING (its
+  password or user changed, the user's rights narrowed, its certificate replaced), the reason
+  naming the variable and the fix; the 503s of ``/verify`` and ``/revoke`` say so too
 - ``GET /metrics`` -> Prometheus metrics (``auth.metrics``): tokens issued, verifications by result,
   revocations, requests and their latency by route
 
@@ -46,7 +49,7 @@ import tornado.web
 import redisfull
 from auth import tokens
 from auth.metrics import AuthMetrics
-from auth.revocations import CHANNEL, RedisFull, RevocationNotAnnounced, Revocations, RevocationsUnavailable
+from auth.revocations import CHANNEL, RedisFull, RedisRefused, RevocationNotAnnounced, Revocations, RevocationsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ MAX_VERIFY_BATCH = 100
 MAX_LOGGED_SENDERS = 1000
 ROUTES_HELP = "POST /tokens, POST /verify, POST /revoke, GET /healthz, GET /metrics"
 REDIS_DOWN = "cannot reach Redis to check or record revocations; retry later (operators: check REDIS_URL)"
+#: The 503 body's error when Redis refuses auth's login or command (:class:`RedisRefused`), before what to fix.
+REDIS_REFUSED = "Redis refuses auth's login or command, so revocations cannot be checked or recorded; retry later (operators: {})"
 REDIS_FULL = f"Redis is full and refuses to record the revocation; retry later (operators: {redisfull.HINT})"
 NOT_ANNOUNCED = ("revocation recorded but not yet announced to the push nodes, so connections already open with the revoked tokens stay open: "
                  f"retry the call, which announces it (operators: check that Redis answers and that REDIS_URL's user may publish on {CHANNEL})")
@@ -69,6 +74,11 @@ def matching_key(presented: bytes, keys: Sequence[bytes]) -> int | None:
     which key, or which of its bytes, matched.  Pure."""
     matches = [hmac.compare_digest(presented, key) for key in keys]
     return matches.index(True) if True in matches else None
+
+
+def _unavailable(exc: RevocationsUnavailable) -> str:
+    """A 503 body's error for Redis not answering, or refusing REDIS_URL's login (what to fix)."""
+    return REDIS_REFUSED.format(exc) if isinstance(exc, RedisRefused) else REDIS_DOWN
 
 
 class Reject(tornado.web.HTTPError):
@@ -281,7 +291,7 @@ class VerifyHandler(JsonHandler):
             for claims in signed:
                 self.service.metrics.verified("unavailable")
             log.error("cannot verify %s: %s", ", ".join(f"jti={claims.jti} user={claims.user_id}" for claims in signed), exc)
-            raise Reject(503, {"error": REDIS_DOWN}) from None
+            raise Reject(503, {"error": _unavailable(exc)}) from None
         claims_left = iter(signed)
         for index, answer in enumerate(answers):
             if answer is not None:
@@ -317,7 +327,7 @@ class RevokeHandler(JsonHandler):
                 await self._revoke_user(self.string_field(body, "user_id", self.EXAMPLE))
         except RevocationsUnavailable as exc:
             log.error("cannot record a revocation: %s", exc)
-            raise Reject(503, {"error": REDIS_FULL if isinstance(exc, RedisFull) else REDIS_DOWN}) from None
+            raise Reject(503, {"error": REDIS_FULL if isinstance(exc, RedisFull) else _unavailable(exc)}) from None
         except RevocationNotAnnounced as exc:
             log.error("%s", exc)
             raise Reject(503, {"error": NOT_ANNOUNCED}) from None
@@ -351,6 +361,8 @@ class HealthHandler(JsonHandler):
             await self.service.revocations.ping()
         except RevocationsUnavailable as exc:
             log.warning("health check: %s", exc)
+            if isinstance(exc, RedisRefused):
+                raise Reject(503, {"status": "redis refused", "reason": str(exc)}) from None
             raise Reject(503, {"status": "redis unavailable"}) from None
         self.finish({"status": "ok"})
 

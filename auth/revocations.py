@@ -29,7 +29,8 @@ with its tokens open until they expire: a failed publish raises ``RevocationNotA
 the caller must revoke again (writing the entry again is harmless, and the retry publishes it).
 
 Redis errors (down, timeout) surface as ``RevocationsUnavailable``: callers must then refuse the
-token, never accept it unchecked.
+token, never accept it unchecked.  A Redis that refuses the login or the command of ``REDIS_URL``
+(:func:`redislogin.refused`) surfaces as its subclass ``RedisRefused``, whose message says what to fix.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 import redisfull
+import redislogin
 from auth import AuthError
 from auth.tokens import Claims
 
@@ -94,6 +96,13 @@ class RevocationsUnavailable(AuthError):
 class RedisFull(RevocationsUnavailable):
     """Redis answered but refused to record a revocation: it is over ``maxmemory`` (``noeviction``),
     see :mod:`redisfull`.  Reads (``/verify``) still work; retry the revocation once it has room."""
+
+
+class RedisRefused(RevocationsUnavailable):
+    """Redis answered but refused REDIS_URL's login or command (its password or user changed, the
+    user's rights narrowed, its certificate replaced), which waiting does not end: the message is
+    :func:`redislogin.refused`'s, naming the variable and the fix.  Retried as an outage is (an
+    operator may fix Redis without restarting auth)."""
 
 
 class RevocationNotAnnounced(AuthError):
@@ -167,4 +176,6 @@ class Revocations:
         except (RedisError, OSError) as exc:
             if redisfull.is_full(exc):
                 raise RedisFull(f"{redisfull.HINT} (REDIS_URL's server refused a write: {exc})") from None
+            if (refused := redislogin.refused(exc)) is not None:  # the password, the rights or the certificate changed
+                raise RedisRefused(refused) from None
             raise RevocationsUnavailable(f"Redis did not answer ({type(exc).__name__}: {exc}); check REDIS_URL and that Redis is running") from None
