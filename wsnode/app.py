@@ -32,6 +32,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.websocket import WebSocketClosedError
 
 import redisfull
+import redislogin
 import settings
 from tasks.ids import is_message_id
 from tasks.queues import node_address
@@ -169,6 +170,9 @@ class PushNode(TokenWatch):
         self.redis_ok = False
         #: Whether the last write Redis refused was refused for lack of memory (``maxmemory``).
         self.redis_full = False
+        #: What to fix when Redis refused the last PING or lease write because of REDIS_URL's login,
+        #: its user's rights or its certificate (:func:`redislogin.refused`), else None.
+        self.redis_refused: str | None = None
         self.metrics = NodeMetrics(self.address)
         self.metrics.track(lambda: self.hub.connection_count, lambda: self.hub.user_count, self.health)
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
@@ -340,7 +344,7 @@ class PushNode(TokenWatch):
                 if self.hub.get(conn.conn_id) is not conn:
                     return  # refused while the lease was written (by the drain, a revocation...): told and counted once
                 self.hub.remove(conn)
-                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({redisfull.explain(exc)})")
+                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({redislogin.explain(exc)})")
                 return
             if self.hub.get(conn.conn_id) is not conn or conn.closing:
                 return  # closed while the lease was written (by the drain, a revocation...): never bound, on_close unbinds it
@@ -582,11 +586,11 @@ class PushNode(TokenWatch):
                         await self.leases.register(again, node=lapsed.node)
             if not self.redis_ok:
                 log.info("node=%s leases written for %d users", self.address, self.hub.user_count)
-            self.redis_ok = True
+            self.redis_ok, self.redis_refused = True, None
         except RedisError as exc:
             self.metrics.lease_failure()
             log.warning("node=%s lease renewal failed for %d users (%s): their leases expire within %.0f s unless Redis is back; retrying every %.0f s",
-                        self.address, self.hub.user_count, redisfull.explain(exc), settings.LEASE_TTL, settings.LEASE_TTL / 3)
+                        self.address, self.hub.user_count, redislogin.explain(exc), settings.LEASE_TTL, settings.LEASE_TTL / 3)
             self._redis_failed(exc)
 
     def _check_leases(self) -> None:
@@ -641,9 +645,11 @@ class PushNode(TokenWatch):
 
     def _redis_failed(self, exc: Exception) -> None:
         """A write to Redis failed: not ready until a PING and a lease write succeed; ``/healthz``
-        says whether Redis refused it for lack of memory (:mod:`redisfull`) or did not answer."""
+        says whether Redis refused it for lack of memory (:mod:`redisfull`), refused REDIS_URL's
+        login or rights (:mod:`redislogin`), or did not answer."""
         self.redis_ok = False
         self.redis_full = redisfull.is_full(exc)
+        self.redis_refused = redislogin.refused(exc)
 
     async def _ping_redis(self) -> None:
         """Every ``REDIS_PING_SECONDS``: keep ``redis_ok`` honest between renewals; once Redis
@@ -653,10 +659,15 @@ class PushNode(TokenWatch):
         try:
             await asyncio.wait_for(self.redis.ping(), REDIS_PING_SECONDS)
         except (RedisError, asyncio.TimeoutError) as exc:
-            if self.redis_ok:
+            refused = redislogin.refused(exc)
+            if refused is not None and refused != self.redis_refused:  # once per change, as the line below
+                log.warning("node=%s Redis refuses PING: %s; not ready until it takes it (retrying every %.0f s)", self.address, refused,
+                            REDIS_PING_SECONDS)
+            elif refused is None and (self.redis_ok or self.redis_refused is not None):
                 log.warning("node=%s Redis does not answer PING (%s); not ready until it does", self.address, exc)
             self.redis_ok = False
             self.redis_full = False
+            self.redis_refused = refused
             return
         if not self.redis_ok:
             await self._renew()
@@ -674,8 +685,11 @@ class PushNode(TokenWatch):
     def health(self) -> dict:
         consumer_ok = self._consumer is not None and self._consumer.connected
         full = self.full
-        redis_down = redisfull.HINT if self.redis_full else "Redis unavailable"
-        problems = [text for text, bad in ((redis_down, not self.redis_ok), ("queue consumer not connected to the broker", not consumer_ok),
+        redis_down = self.redis_refused or (redisfull.HINT if self.redis_full else "Redis unavailable")
+        not_consuming = "queue consumer not connected to the broker"
+        if not consumer_ok and self._consumer is not None and self._consumer.refused is not None:
+            not_consuming += f": {self._consumer.refused}"
+        problems = [text for text, bad in ((redis_down, not self.redis_ok), (not_consuming, not consumer_ok),
                                            ("draining", self.draining), ("full: MAX_CONNECTIONS connections", full)) if bad]
         return {
             "ready": not problems,

@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 from amqp.exceptions import ConsumerCancelled
 
+import redislogin
 import settings
 from tasks import wirejson
 from tasks.queues import BadDelivery, Delivery, node_queue, parse_delivery  # noqa: F401 - re-exported
@@ -103,6 +104,9 @@ class NodeQueueConsumer:
         self._window = GatherWindow()
         #: True while the consumer holds a working broker connection (read from any thread).
         self.connected = False
+        #: What to fix when the broker's Redis refused the last connection's login, rights or
+        #: certificate (:func:`redislogin.refused`, for BROKER_URL), else None (read from any thread).
+        self.refused: str | None = None
         #: The node's presence in Celery's monitoring, when started with a ``hostname``.
         self.presence = (Presence(app, hostname, self._queue, consuming=lambda: self.connected, prefetch=batch_max)
                          if hostname else None)
@@ -157,7 +161,7 @@ class NodeQueueConsumer:
                     conn.ensure_connection(max_retries=1)
                     try:
                         with conn.Consumer([self._queue], on_message=self._on_raw, accept=["json"], no_ack=True):
-                            self.connected, delay = True, 0.5
+                            self.connected, delay, self.refused = True, 0.5, None
                             log.info("consuming queue %s", self._queue.name)
                             self._consume(conn)
                     except Exception:
@@ -175,7 +179,11 @@ class NodeQueueConsumer:
                                 "of a node whose lease lapsed: was this node cut off from Redis?); declaring and consuming it again in %.1f s",
                                 self._queue.name, delay)
                 else:
-                    log.warning("queue %s: broker connection lost (%s); retrying in %.1f s", self._queue.name, exc, delay)
+                    self.refused = redislogin.refused(exc, ("BROKER_URL",))
+                    if self.refused is not None:  # the password, the rights or the certificate changed: waiting alone does not end it
+                        log.warning("queue %s: %s; retrying in %.1f s", self._queue.name, self.refused, delay)
+                    else:
+                        log.warning("queue %s: broker connection lost (%s); retrying in %.1f s", self._queue.name, exc, delay)
             finally:
                 self.connected = False
                 if self._pending:  # read already: the broker no longer has them

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import celery
 
+import redislogin
 from tasks.queues import DELIVER_TASK, Delivery
 
 log = logging.getLogger(__name__)
@@ -337,8 +338,8 @@ class Presence:
                     delay, failures = 0.5, 0
                 failures += 1
                 log.log(logging.WARNING if failures == 1 else logging.DEBUG,
-                        "%s: not visible to Celery monitoring (Flower) for now (%r); retrying in %.1f s; "
-                        "delivery is not affected", self.hostname, exc, delay)
+                        "%s: not visible to Celery monitoring (Flower) for now (%s); retrying in %.1f s; "
+                        "delivery is not affected", self.hostname, redislogin.refused(exc, ("BROKER_URL",)) or repr(exc), delay)
             finally:
                 self.online = False
             self._stopping.wait(delay)

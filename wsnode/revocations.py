@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+import redislogin
 from auth.revocations import CHANNEL, JTI_PREFIX, USER_PREFIX
 
 log = logging.getLogger(__name__)
@@ -161,12 +162,12 @@ class RevocationListener:
             log.warning("closing the connection of the listener of %s: %r", CHANNEL, exc)
 
     async def _run(self) -> None:
-        lost, first = False, True
+        lost, first, refused = False, True, None
         while not self._stopping:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL)
-                self.subscribed = True
+                self.subscribed, refused = True, None
                 if lost or first:
                     if lost:
                         log.info("subscribed to %s again: checking the open connections against the revocation list", CHANNEL)
@@ -189,8 +190,13 @@ class RevocationListener:
                     return
                 if not isinstance(exc, (RedisError, OSError)):
                     log.exception("the listener of %s failed; subscribing again", CHANNEL)
-                elif not lost:
+                elif (now_refused := redislogin.refused(exc)) is not None:
+                    if now_refused != refused:  # once per change, as a lost subscription
+                        log.warning("no subscription to %s: %s; revocations made meanwhile are checked once it is back", CHANNEL, now_refused)
+                    refused = now_refused
+                elif not lost or refused is not None:
                     log.warning("lost the subscription to %s (%s); revocations made meanwhile are checked once it is back", CHANNEL, exc)
+                    refused = None
                 self.subscribed, lost = False, True
             finally:
                 try:

@@ -103,3 +103,49 @@ def test_auth_answers_a_changed_password_as_a_refusal_naming_redis_url_and_works
         assert http(port, "/verify", {"token": issued["token"]})[0] == 200
     finally:
         auth.terminate()
+
+
+def health(port: int) -> tuple[int, dict]:
+    return http(port, "/healthz")
+
+
+def test_a_node_says_redis_refuses_its_password_in_healthz_and_its_log_lines_and_is_ready_again_once_it_is_given_back(server, tmp_path):
+    env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO", LEASE_TTL=3)
+    port = launcher.free_port()
+    node = launcher.start_node(env, port, log_path=tmp_path / "node.log")
+    try:
+        with password_changed(server):
+            refused_both = WRONG_PASSWORD.format(name="REDIS_URL")
+            status, body = wait_for(lambda: (answer := health(port))[0] == 503 and "BROKER_URL" in answer[1]["reason"] and answer,
+                                    15, "503 naming both variables")
+            assert body["reason"].startswith(refused_both) and "correct them" in body["reason"], body
+            assert "queue consumer not connected to the broker: " + WRONG_PASSWORD.format(name="BROKER_URL") in body["reason"], body
+            node.wait_log("lease renewal failed for 0 users (" + refused_both, timeout=10)
+            node.wait_log("queue 127.0.0.1:%d: %s" % (port, WRONG_PASSWORD.format(name="BROKER_URL")), timeout=10)
+            node.wait_log("no subscription to auth:revocations: " + refused_both, timeout=10)
+        node.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=20)
+        log = (tmp_path / "node.log").read_text()
+        assert "Redis does not answer PING" not in log and "broker connection lost (invalid username-password pair" not in log
+        assert log.count("no subscription to auth:revocations") == 1  # once per change of state, not per retry
+    finally:
+        node.terminate()
+
+
+def test_a_node_whose_redis_users_rights_are_narrowed_says_what_to_grant_in_healthz_and_its_log(server, tmp_path):
+    env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO", LEASE_TTL=3,
+                               REDIS_URL=f"redis://{USER}:{USER_PASSWORD}@127.0.0.1:{server.port}/1")
+    port = launcher.free_port()
+    node = launcher.start_node(env, port, log_path=tmp_path / "node.log")
+    admin = _admin(server, PASSWORD)
+    try:
+        admin.execute_command("ACL", "SETUSER", USER, "-@scripting")  # the lease scripts: NOPERM on the open connections too
+        status, body = wait_for(lambda: (answer := health(port))[0] == 503 and answer, 10, "503")
+        assert body["reason"].startswith(f"the Redis user of REDIS_URL (redis://{USER}:***@127.0.0.1:{server.port}/1) may not run a command"), body
+        assert "no permissions to run the" in body["reason"] and "+@all -@dangerous +info" in body["reason"], body
+        node.wait_log("lease renewal failed for 0 users (the Redis user of REDIS_URL", timeout=10)
+        admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
+        node.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    finally:
+        admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
+        admin.close()
+        node.terminate()
