@@ -28,6 +28,7 @@ import urllib.parse
 from collections.abc import Iterable
 
 import redis
+from kombu.exceptions import KombuError
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 import redisfull
@@ -113,6 +114,28 @@ def explain(exc: BaseException, names: Iterable[str] = ("REDIS_URL",)) -> str:
     login or the command of the settings ``names``, else :func:`redisfull.explain`'s (a full Redis
     named so, anything else as the library says it)."""
     return refused(exc, names) or redisfull.explain(exc)
+
+
+def variables_of(exc: BaseException, redis_names: Iterable[str] = ("REDIS_URL",)) -> tuple[str, ...]:
+    """The settings whose Redis ``exc`` came from, for :func:`refused`: ``BROKER_URL`` for kombu's
+    errors (the broker's connection and publishes), else ``redis_names`` (the process's own redis-py
+    clients).  Pure."""
+    return ("BROKER_URL",) if isinstance(exc, KombuError) else tuple(redis_names)
+
+
+def retold(exc: BaseException, names: Iterable[str]) -> BaseException:
+    """``exc``, or, when it is a refusal (:func:`refused`), an error of its type (so retried, or
+    not, as it is) whose message is the refusal's line, chained to it: for what a library logs by
+    itself (Celery's ``Retry in 2s: ...``)."""
+    line = refused(exc, names)
+    if line is None:
+        return exc
+    try:
+        again = type(exc)(line)
+    except Exception:  # noqa: BLE001 - a type built otherwise: its own words, then
+        return exc
+    again.__cause__ = exc
+    return again
 
 
 def problem(url: str, info: bool = False) -> tuple[str, str] | None:

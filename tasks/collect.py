@@ -48,6 +48,7 @@ from celery.backends.redis import RedisBackend
 from celery.utils.time import get_exponential_backoff_interval
 
 import redisfull
+import redislogin
 import settings
 from tasks import links, messages as validation, publishing
 from tasks.collectbatches import CollectBatches
@@ -177,7 +178,8 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
         try:
             route(docs)
         except DISPATCH_RETRYABLE as exc:
-            log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), redisfull.explain(exc))
+            log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs),
+                        redislogin.explain(exc, redislogin.variables_of(exc)))
             # send_task, not apply_async: under task_always_eager that runs tasks.dispatch here,
             # which fails the same way, is retried eagerly and returns a failed result without
             # raising, so the request succeeded with its messages neither routed nor queued.
@@ -276,7 +278,12 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
             outcomes[req.id] = _retry(task, req, exc)
         storing, bound = [], []
     except Exception as exc:  # noqa: BLE001 - record a failure per request rather than lose them silently
-        log.exception("%s: a batch of %d failed", task.name, len(storing))
+        told = redislogin.retold(exc, redislogin.variables_of(exc))  # the login or rights refused: what to fix, as the result too
+        if told is exc:
+            log.exception("%s: a batch of %d failed", task.name, len(storing))
+        else:
+            log.error("%s: a batch of %d failed: %s", task.name, len(storing), told)
+        exc = told
         for req, *_ in storing:
             outcomes[req.id] = ("failed", exc)
             _store_result(req, exc, failed=True)
@@ -345,11 +352,11 @@ def _store_results(done: list[tuple[object, str]]) -> None:
             pipe.execute()
 
     _while_redis_is_down(attempt, lambda exc: backend.exception_safe_to_retry(exc) or redisfull.is_full(exc),
-                         f"{len(done)} results of {done[0][0].name}", "stored",
+                         f"{len(done)} results of {done[0][0].name}", "stored", redis_names=("RESULT_BACKEND",),
                          give_up="their messages are stored and sent; business code waiting for these ids gets none")
 
 
-def _while_redis_is_down(attempt, retryable, what: str, done: str, give_up: str | None = None) -> None:
+def _while_redis_is_down(attempt, retryable, what: str, done: str, give_up: str | None = None, redis_names=("REDIS_URL",)) -> None:
     """Run ``attempt()``; while it raises an error that ``retryable(error)`` accepts (Redis or the
     broker does not answer, or is over ``maxmemory``: :mod:`redisfull`), sleep and run it again, as Celery's backend retries writing any
     task's result with ``result_backend_always_retry`` (``worker.py``): growing, jittered sleeps
@@ -361,7 +368,9 @@ def _while_redis_is_down(attempt, retryable, what: str, done: str, give_up: str 
     ``Terminated``) always propagates.
 
     Blocks the calling pool process meanwhile, as Celery's own retries do; ``what`` and ``done``
-    name the work in the log ("12 stored messages", "routed or queued ...")."""
+    name the work in the log ("12 stored messages", "routed or queued ..."); an error of a
+    redis-py client there is told as one of the settings ``redis_names`` (kombu's as BROKER_URL's) when
+    Redis refuses their login, rights or certificate (:func:`redislogin.explain`)."""
     backend = app.backend
     retries = 0
     while True:
@@ -371,13 +380,13 @@ def _while_redis_is_down(attempt, retryable, what: str, done: str, give_up: str 
             if not (backend.always_retry and retryable(exc)) or retries >= backend.max_retries:
                 if give_up is None:
                     if retries:
-                        log.warning("%s not %s after %d tries (%s)", what, done, retries + 1, redisfull.explain(exc))
+                        log.warning("%s not %s after %d tries (%s)", what, done, retries + 1, redislogin.explain(exc, redislogin.variables_of(exc, redis_names)))
                     raise
-                log.warning("%s not %s after %d tries (%s): %s", what, done, retries + 1, redisfull.explain(exc), give_up)
+                log.warning("%s not %s after %d tries (%s): %s", what, done, retries + 1, redislogin.explain(exc, redislogin.variables_of(exc, redis_names)), give_up)
                 return
             retries += 1
             if retries == 1:
-                log.warning("%s not %s yet (%s): trying again while Redis or the broker does not answer or is full", what, done, redisfull.explain(exc))
+                log.warning("%s not %s yet (%s): trying again while Redis or the broker does not answer or is full", what, done, redislogin.explain(exc, redislogin.variables_of(exc, redis_names)))
             time.sleep(get_exponential_backoff_interval(backend.base_sleep_between_retries_ms, retries,
                                                         backend.max_sleep_between_retries_ms, True) / 1000)
             continue

@@ -24,6 +24,7 @@ import redis
 from celery.exceptions import AlwaysEagerIgnored
 from kombu.exceptions import OperationalError
 
+import redislogin
 import settings
 from tasks import pending, publishing, routing, wirejson
 from tasks.queues import DELIVER_TASK, deliver_argsrepr, node_queue
@@ -144,6 +145,15 @@ DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exception
     max_retries=8,
 )
 def dispatch(messages: list[dict]) -> None:
-    """Route ``messages`` ([{"id", "to", "data", "ts"}], as stored by Collect) to their nodes."""
-    per_node = route(messages)
+    """Route ``messages`` ([{"id", "to", "data", "ts"}], as stored by Collect) to their nodes.  A
+    Redis that refuses REDIS_URL's or BROKER_URL's login, rights or certificate is raised as its
+    error's type (retried, or not, as that) with :func:`redislogin.refused`'s line: Celery's retry
+    line says what to fix."""
+    try:
+        per_node = route(messages)
+    except Exception as exc:
+        told = redislogin.retold(exc, redislogin.variables_of(exc))
+        if told is exc:
+            raise
+        raise told from exc
     log.debug("dispatched %d messages to %d nodes", len(messages), len(per_node))

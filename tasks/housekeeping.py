@@ -40,6 +40,7 @@ import time
 
 from redis import RedisError
 
+import redislogin
 import settings
 from tasks import pending
 from tasks.dispatch import _redis, route
@@ -123,7 +124,7 @@ def redeliver(now: float) -> int:
             try:
                 _PUT_BACK(keys=[LAST_RUN], args=[now, previous], client=_redis)
             except RedisError as exc:
-                log.warning("redelivery run failed and its start could not be put back (%s): crossings since %s are skipped", exc, previous)
+                log.warning("redelivery run failed and its start could not be put back (%s): crossings since %s are skipped", redislogin.explain(exc), previous)
         raise
 
 
@@ -305,7 +306,7 @@ def _run_ended() -> None:
         with _redis.pipeline(transaction=False) as pipe:
             pipe.hset(RUNS_SEEN, "last", time.time()).expire(RUNS_SEEN, GUARD_TTL).execute()
     except RedisError as exc:
-        log.warning("housekeeping: the end of this run was not recorded (%s)", exc)
+        log.warning("housekeeping: the end of this run was not recorded (%s)", redislogin.explain(exc))
 
 
 #: The node list, read by ``reclaim_dead_nodes`` again before and after deleting a queue.
@@ -349,7 +350,19 @@ def housekeeping() -> dict:
     """One run; skipped while another holds ``RUN_LOCK`` (a slow run is not overlapped by the next
     one, on another process).  Each step runs whatever the one before did: a failure is raised
     after the others ran (Flower shows the run failed), so that one step failing at every run
-    stops none of the others."""
+    stops none of the others.  A Redis that refuses REDIS_URL's or BROKER_URL's login, rights or
+    certificate is raised as its error's type with :func:`redislogin.refused`'s line: Celery's
+    failure line says what to fix."""
+    try:
+        return _housekeeping()
+    except Exception as exc:
+        told = redislogin.retold(exc, redislogin.variables_of(exc))
+        if told is exc:
+            raise
+        raise told from exc
+
+
+def _housekeeping() -> dict:
     me = f"{os.getpid()}:{time.time()}"
     if not _redis.set(RUN_LOCK, me, nx=True, px=max(1, int(RUN_LOCK_PERIODS * settings.HOUSEKEEPING_SECONDS * 1000))):
         log.info("housekeeping skipped: the run that holds %s has not ended", RUN_LOCK)
@@ -362,7 +375,7 @@ def housekeeping() -> dict:
             try:
                 result[name] = step(now)
             except Exception as exc:  # noqa: BLE001 - raised once the other steps ran
-                log.error("housekeeping: %s failed: %r", step.__name__, exc)
+                log.error("housekeeping: %s failed: %s", step.__name__, redislogin.refused(exc, redislogin.variables_of(exc)) or repr(exc))
                 failed = failed or exc
         if _redis.set(PURGE_LOCK, "1", nx=True, ex=PURGE_EVERY_SECONDS):
             result["purged"] = get_store().purge()

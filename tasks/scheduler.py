@@ -12,7 +12,7 @@ import logging
 import socket
 import threading
 
-import redisfull
+import redislogin
 
 log = logging.getLogger(__name__)
 
@@ -48,4 +48,4 @@ class HousekeepingScheduler:
             try:
                 self.tick()
             except Exception as exc:  # noqa: BLE001 - Redis or the broker may be down; try next tick
-                log.warning("housekeeping not scheduled this time: %s", redisfull.explain(exc))
+                log.warning("housekeeping not scheduled this time: %s", redislogin.explain(exc, redislogin.variables_of(exc)))

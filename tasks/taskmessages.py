@@ -43,12 +43,13 @@ import warnings
 from celery import signals
 from celery.exceptions import CPendingDeprecationWarning
 from celery.worker.consumer import Consumer as CeleryConsumer
-from celery.worker.consumer.consumer import CONNECTION_RETRY
+from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY
 from celery.worker.consumer.consumer import logger as celery_consumer_log
 from celery.worker.state import maybe_shutdown
 from kombu.common import ignore_errors
 from kombu.exceptions import ContentDisallowed
 
+import redislogin
 from tasks.channelerrors import ChannelErrorBackoff, advice
 from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting
 
@@ -215,6 +216,18 @@ def _without_celerys_warning():
         celery_consumer_log.removeFilter(_not_celerys_connection_retry)
 
 
+def _told_refusal(record: logging.LogRecord) -> bool:
+    """Celery's "Cannot connect to URL: ERROR. Trying again in ..." line, once per retry as before,
+    with the error told as what to fix when the broker's Redis refuses BROKER_URL's login, rights or
+    certificate (:func:`redislogin.refused`), which waiting alone does not end (the password changed
+    in Redis while the worker runs).  Other lines pass as they are."""
+    if record.msg == CONNECTION_ERROR and isinstance(record.args, tuple) and len(record.args) == 3:
+        uri, exc, next_step = record.args
+        if isinstance(exc, BaseException) and (line := redislogin.refused(exc, ("BROKER_URL",))) is not None:
+            record.args = (uri, line, next_step)
+    return True
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer, which refuses a message whose envelope it cannot run
     (:func:`envelope_problem`) and stores a result for every message it discards that has a
@@ -231,6 +244,7 @@ class Consumer(CeleryConsumer):
     def __init__(self, *args, **kwargs):
         #: Spaces out the connections after channel errors that keep coming back.
         self.channel_error_backoff = ChannelErrorBackoff()
+        celery_consumer_log.addFilter(_told_refusal)  # once: a filter already there is not added again
         super().__init__(*args, **kwargs)
 
     def on_ready(self):

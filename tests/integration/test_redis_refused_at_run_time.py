@@ -21,6 +21,7 @@ import pytest
 import redis as redis_lib
 
 import launcher
+from tasks.ids import IdGenerator
 from tests.integration.conftest import ADMIN_KEY
 
 PASSWORD = "the-password"
@@ -149,3 +150,54 @@ def test_a_node_whose_redis_users_rights_are_narrowed_says_what_to_grant_in_heal
         admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
         admin.close()
         node.terminate()
+
+
+def test_a_worker_says_redis_refuses_its_password_where_celery_said_cannot_connect_and_goes_on_once_it_is_given_back(server, tmp_path):
+    env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO", HOUSEKEEPING_SECONDS=1)
+    worker = launcher.start_worker(env, concurrency=1, log_path=tmp_path / "worker.log")
+    try:
+        with password_changed(server):
+            worker.wait_log("consumer: Cannot connect to redis://:**@127.0.0.1:%d/0: %s" % (server.port, WRONG_PASSWORD.format(name="BROKER_URL")),
+                            timeout=15)
+            worker.wait_log("housekeeping not scheduled this time: " + WRONG_PASSWORD.format(name="REDIS_URL"), timeout=10)
+        worker.wait_log("Connected to redis://:**@", timeout=20)
+        assert "Cannot connect to redis://:**@127.0.0.1:%d/0: invalid" % server.port not in (tmp_path / "worker.log").read_text()
+    finally:
+        worker.terminate()
+
+
+def failures(log_path, task: str) -> list[str]:
+    """Celery's lines (with the traceback) of each failure of ``task`` in a worker's log."""
+    return [part.split("\n[")[0] for part in log_path.read_text().split(f"] Task {task}[")[1:] if "raised unexpected" in part.split("\n")[0]]
+
+
+def test_a_collect_whose_redis_user_lost_its_rights_fails_saying_what_to_grant_in_the_log_and_its_result(server, tmp_path):
+    from celery import Celery
+
+    redis_url = f"redis://{USER}:{USER_PASSWORD}@127.0.0.1:{server.port}/1"
+    env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO", REDIS_URL=redis_url, HOUSEKEEPING_SECONDS=1)
+    worker = launcher.start_worker(env, concurrency=1, log_path=tmp_path / "worker.log")
+    business = Celery(broker=env["BROKER_URL"], backend=redis_url)
+    admin = _admin(server, PASSWORD)
+    try:
+        admin.execute_command("ACL", "SETUSER", USER, "-@scripting")  # Dispatch's route lookup
+        result = business.send_task("tasks.collect", kwargs={"to": ["narrowed"], "data": {"n": 1}}, queue="collect")
+        with pytest.raises(Exception) as failed:
+            result.get(timeout=20)
+        expected = f"the Redis user of REDIS_URL (redis://{USER}:***@127.0.0.1:{server.port}/1) may not run a command the platform needs"
+        assert str(failed.value).startswith(expected), failed.value
+        worker.wait_log(f"tasks.collect: a batch of 1 failed: {expected}", timeout=5)
+        # tasks.dispatch (which Collect queues when its inline routing fails): Celery's own line
+        message = {"id": IdGenerator().next_id(), "to": ["narrowed"], "data": {"n": 2}, "ts": time.time()}
+        business.send_task("tasks.dispatch", args=[[message]], queue="dispatch")
+        worker.wait_log("raised unexpected", timeout=10)
+        worker.wait_log(f"redis.exceptions.NoPermissionError: {expected}", timeout=5)
+        worker.wait_log("] Task tasks.housekeeping[", timeout=5)
+        worker.wait_ready(lambda: len(failures(tmp_path / "worker.log", "tasks.housekeeping")) > 0, timeout=5, what="done with a housekeeping run")
+        for task in ("tasks.dispatch", "tasks.housekeeping"):  # in each task's own traceback
+            assert f"NoPermissionError: {expected}" in failures(tmp_path / "worker.log", task)[0], task
+    finally:
+        admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
+        admin.close()
+        business.close()
+        worker.terminate()

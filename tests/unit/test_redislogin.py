@@ -81,3 +81,14 @@ def test_at_run_time_a_refusal_wrapped_by_kombu_is_told_for_the_variables_named_
     assert redislogin.explain(ConnectionError("Connection refused")) == "Connection refused"
     full = OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
     assert redislogin.explain(full).startswith("Redis is out of memory (maxmemory)")
+
+
+def test_a_refusal_retold_keeps_its_type_so_it_is_retried_or_not_as_before_and_kombus_errors_are_the_brokers():
+    from kombu.exceptions import OperationalError
+
+    told = redislogin.retold(NoPermissionError("no permissions to run the 'evalsha' command"), ("REDIS_URL",))
+    assert type(told) is NoPermissionError and str(told).startswith("the Redis user of REDIS_URL") and told.__cause__ is not None
+    down = ConnectionError("Connection refused")
+    assert redislogin.retold(down, ("REDIS_URL",)) is down
+    assert redislogin.variables_of(OperationalError("x")) == ("BROKER_URL",)
+    assert redislogin.variables_of(down, ("RESULT_BACKEND",)) == ("RESULT_BACKEND",)
