@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -201,3 +202,30 @@ def test_a_collect_whose_redis_user_lost_its_rights_fails_saying_what_to_grant_i
         admin.close()
         business.close()
         worker.terminate()
+
+
+def test_a_node_whose_redis_certificate_is_replaced_by_one_its_ca_did_not_sign_says_so_in_healthz(tmp_path):
+    """A server of its own: over TLS, restarted with a certificate of another CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make the test's CAs with")
+    ours, other = launcher.make_tls_files(tmp_path / "ca"), launcher.make_tls_files(tmp_path / "other-ca")
+    try:
+        tls = launcher.RedisServer(data_dir=tmp_path / "redis", tls=ours).start()
+    except launcher.LauncherError as exc:
+        if "tls-port" in str(exc):
+            pytest.skip(f"this redis-server is built without TLS ({exc})")
+        raise
+    env = launcher.cluster_env(tls.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO", LEASE_TTL=3)
+    port = launcher.free_port()
+    node = launcher.start_node(env, port, log_path=tmp_path / "node.log")
+    try:
+        tls.tls = other
+        tls.restart()
+        status, body = wait_for(lambda: (answer := health(port))[0] == 503 and "BROKER_URL" in answer[1]["reason"] and answer,
+                                15, "503 naming both variables")
+        assert body["reason"].startswith("the TLS certificate of the Redis of REDIS_URL (rediss://127.0.0.1:"), body
+        assert "did not verify (self-signed certificate in certificate chain): set ssl_ca_certs" in body["reason"], body
+        assert "queue consumer not connected to the broker: the TLS certificate of the Redis of BROKER_URL" in body["reason"], body
+    finally:
+        node.kill()
+        tls.stop()
