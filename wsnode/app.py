@@ -173,6 +173,8 @@ class PushNode(TokenWatch):
         #: What to fix when Redis refused the last PING or lease write because of REDIS_URL's login,
         #: its user's rights or its certificate (:func:`redislogin.refused`), else None.
         self.redis_refused: str | None = None
+        #: What the last PING's refusal said (None: answered, or did not), so each is logged once.
+        self._ping_refused: str | None = None
         self.metrics = NodeMetrics(self.address)
         self.metrics.track(lambda: self.hub.connection_count, lambda: self.hub.user_count, self.health)
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")
@@ -660,15 +662,16 @@ class PushNode(TokenWatch):
             await asyncio.wait_for(self.redis.ping(), REDIS_PING_SECONDS)
         except (RedisError, asyncio.TimeoutError) as exc:
             refused = redislogin.refused(exc)
-            if refused is not None and refused != self.redis_refused:  # once per change, as the line below
+            if refused is not None and refused != self._ping_refused:  # once per change, as the line below
                 log.warning("node=%s Redis refuses PING: %s; not ready until it takes it (retrying every %.0f s)", self.address, refused,
                             REDIS_PING_SECONDS)
-            elif refused is None and (self.redis_ok or self.redis_refused is not None):
+            elif refused is None and (self.redis_ok or self._ping_refused is not None):
                 log.warning("node=%s Redis does not answer PING (%s); not ready until it does", self.address, exc)
             self.redis_ok = False
             self.redis_full = False
-            self.redis_refused = refused
+            self.redis_refused = self._ping_refused = refused
             return
+        self._ping_refused = None
         if not self.redis_ok:
             await self._renew()
 

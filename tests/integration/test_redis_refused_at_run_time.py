@@ -140,13 +140,17 @@ def test_a_node_whose_redis_users_rights_are_narrowed_says_what_to_grant_in_heal
     node = launcher.start_node(env, port, log_path=tmp_path / "node.log")
     admin = _admin(server, PASSWORD)
     try:
-        admin.execute_command("ACL", "SETUSER", USER, "-@scripting")  # the lease scripts: NOPERM on the open connections too
+        admin.execute_command("ACL", "SETUSER", USER, "-@scripting", "-ping")  # the lease scripts, PING: NOPERM on the open connections too
         status, body = wait_for(lambda: (answer := health(port))[0] == 503 and answer, 10, "503")
         assert body["reason"].startswith(f"the Redis user of REDIS_URL (redis://{USER}:***@127.0.0.1:{server.port}/1) may not run a command"), body
         assert "no permissions to run the" in body["reason"] and "+@all -@dangerous +info" in body["reason"], body
         node.wait_log("lease renewal failed for 0 users (the Redis user of REDIS_URL", timeout=10)
+        node.wait_log("Redis refuses PING: the Redis user of REDIS_URL", timeout=10)
+        time.sleep(2.5)  # another PING refused alike: no second line
         admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
         node.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        log = (tmp_path / "node.log").read_text()
+        assert log.count("Redis refuses PING") == 1 and "Redis does not answer PING" not in log
     finally:
         admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
         admin.close()
