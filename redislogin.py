@@ -23,9 +23,10 @@ error, where one already happened, in the same words, for the processes' logs, a
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import redis
 from kombu.exceptions import KombuError
@@ -136,6 +137,21 @@ def retold(exc: BaseException, names: Iterable[str]) -> BaseException:
         return exc
     again.__cause__ = exc
     return again
+
+
+@contextlib.contextmanager
+def told_as_refusals() -> Iterator[None]:
+    """Inside, an error that is a refusal (:func:`refused`, for the settings :func:`variables_of`
+    names) is raised again as :func:`retold`'s (its type, so retried or not as before; what to fix
+    as its message); any other error as it is.  For a task's body, so that Celery's retry or failure
+    line says what to fix."""
+    try:
+        yield
+    except Exception as exc:
+        told = retold(exc, variables_of(exc))
+        if told is exc:
+            raise
+        raise told from exc
 
 
 def problem(url: str, info: bool = False) -> tuple[str, str] | None:

@@ -147,13 +147,8 @@ DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exception
 def dispatch(messages: list[dict]) -> None:
     """Route ``messages`` ([{"id", "to", "data", "ts"}], as stored by Collect) to their nodes.  A
     Redis that refuses REDIS_URL's or BROKER_URL's login, rights or certificate is raised as its
-    error's type (retried, or not, as that) with :func:`redislogin.refused`'s line: Celery's retry
-    line says what to fix."""
-    try:
+    error's type (retried, or not, as that) with :func:`redislogin.refused`'s line
+    (:func:`redislogin.told_as_refusals`): Celery's retry line says what to fix."""
+    with redislogin.told_as_refusals():
         per_node = route(messages)
-    except Exception as exc:
-        told = redislogin.retold(exc, redislogin.variables_of(exc))
-        if told is exc:
-            raise
-        raise told from exc
     log.debug("dispatched %d messages to %d nodes", len(messages), len(per_node))

@@ -353,13 +353,8 @@ def housekeeping() -> dict:
     stops none of the others.  A Redis that refuses REDIS_URL's or BROKER_URL's login, rights or
     certificate is raised as its error's type with :func:`redislogin.refused`'s line: Celery's
     failure line says what to fix."""
-    try:
+    with redislogin.told_as_refusals():
         return _housekeeping()
-    except Exception as exc:
-        told = redislogin.retold(exc, redislogin.variables_of(exc))
-        if told is exc:
-            raise
-        raise told from exc
 
 
 def _housekeeping() -> dict:
