@@ -447,6 +447,11 @@ def _retry(task, req, exc: Exception) -> tuple[str, object]:
 #: of a bigger batch go to the pool as several.  Also the most envelopes a node gets in one queue
 #: message from one batch (when every recipient is on it).
 COLLECT_MANY_MESSAGES = 1000
+#: The most items one ``tasks.collect_many`` request may hold; a longer list fails the request
+#: whole, telling the sender to split it.  Without a bound, one request of a million items would be
+#: one insert, one route lookup (a script that blocks Redis for every other client meanwhile) and
+#: one result, held in the worker's memory all at once.  The same figure as ``MAX_RECIPIENTS``'s default.
+COLLECT_MANY_MAX_ITEMS = 10_000
 
 
 @app.task(name="tasks.collect_many", base=CollectBatches, bind=True, acks_late=True,
@@ -482,6 +487,9 @@ def _parse_collect_many(req):
         raise validation.InvalidMessage(f"unexpected argument(s) {', '.join(sorted(kwargs))}: collect_many takes messages")
     if messages is validation.MISSING or not isinstance(messages, (list, tuple)):
         raise validation.InvalidMessage('"messages" must be a list of {"to": ..., "data": ...} items')
+    if len(messages) > COLLECT_MANY_MAX_ITEMS:
+        raise validation.InvalidMessage(f'"messages" has {len(messages)} items; at most {COLLECT_MANY_MAX_ITEMS} per tasks.collect_many '
+                                        "request: split the list into several requests")
     results: list = [None] * len(messages)
     valid: list[validation.Message] = []
     positions: list[int] = []

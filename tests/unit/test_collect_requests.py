@@ -125,6 +125,19 @@ def test_collect_many_takes_its_list_as_a_keyword_or_as_its_one_positional_argum
         _parse_collect_many(SimpleRequest("t-1", "tasks.collect_many", (items,), {"messages": items}, {}, "worker@host", False, None, None, {}))
 
 
+def test_a_collect_many_list_longer_than_its_bound_fails_whole_telling_to_split_it():
+    from tasks.collect import COLLECT_MANY_MAX_ITEMS, _parse_collect_many
+
+    def parse(count: int):
+        items = [{"to": f"user-{n}", "data": n} for n in range(count)]
+        return _parse_collect_many(SimpleRequest("t-1", "tasks.collect_many", (), {"messages": items}, {}, "worker@host", False, None, None, {}))
+
+    valid, _, _ = parse(COLLECT_MANY_MAX_ITEMS)
+    assert len(valid) == COLLECT_MANY_MAX_ITEMS
+    with pytest.raises(InvalidMessage, match=f'"messages" has {COLLECT_MANY_MAX_ITEMS + 1} items; at most {COLLECT_MANY_MAX_ITEMS} .*split the list'):
+        parse(COLLECT_MANY_MAX_ITEMS + 1)
+
+
 def test_a_reused_key_is_told_to_use_a_new_key_and_a_reused_task_id_a_new_task_id():
     assert str(key_reused("key:order-1", 1, 2)) == "idempotency key 'key:order-1' was used before for 1 message(s), not 2: use a new key per task"
     assert str(key_reused("task:t-1", 1, 2)).endswith("not 2: send each new request with a new task id (Celery's default: leave task_id unset)")
