@@ -1,7 +1,7 @@
 """The WebSocket endpoint ``/ws``: one handler per browser connection.
 
-Loop thread only.  Lifecycle (Tornado's): ``prepare`` runs before the upgrade and checks ``since``
-and the token; ``open`` drops what only the handshake needed, then binds the connection through
+Loop thread only.  Lifecycle (Tornado's): ``prepare`` runs before the upgrade and checks the
+origin, ``since`` and the token; ``open`` drops what only the handshake needed, then binds the connection through
 the node, or closes it at once with the code the check chose (4401 bad token, 4500 bad request,
 1013 auth unavailable); ``on_message`` only runs after ``open`` finished, records acks (at most one
 per message frame written, plus an allowance: :mod:`wsnode.acks`) and hands token refreshes to
@@ -82,7 +82,8 @@ class PushHandler(WebSocketHandler):
         return False
 
     async def prepare(self) -> None:
-        """Before the upgrade: refuse a draining or full node's requests, check ``since`` and the token.
+        """Before the upgrade: refuse a draining or full node's requests, then one from an origin
+        not in ``ALLOWED_ORIGINS`` (403), check ``since`` and the token.
 
         This is ``prepare`` rather than an override of ``get`` because Tornado's ``get`` runs for
         the connection's whole life (it awaits the frame loop): a coroutine of ours around it
@@ -93,6 +94,14 @@ class PushHandler(WebSocketHandler):
         if self.node.full:
             self._unavailable(f"full ({self.node.hub.connection_count} connections, MAX_CONNECTIONS)",
                               "node holds as many connections as it may (MAX_CONNECTIONS): connect to another node")
+            return
+        if (error := self._check_cross_origin(self.check_origin)) is not None:
+            # Tornado's ``get`` makes this same check, but only after ``prepare``: here it comes
+            # before the token check, so a page of another origin cannot make the node ask auth
+            # (nor learn from the close code whether a token is good).  ``_check_cross_origin`` is
+            # Tornado's own algorithm (6.5+: ``Sec-Fetch-Site``, then ``Origin``), so both agree.
+            self.set_status(403)
+            self.finish("Cross origin websockets not allowed")
             return
         self.node.checking.add(self)
         try:

@@ -24,7 +24,7 @@ from auth.tokens import issue
 from tasks.queues import node_queue
 from tests.integration.conftest import Cluster, start_or_explain
 from tests.integration.wsclient import Client, client_text_frame, raw_connect, read_server_frame
-from tests.integration.test_metrics import closes
+from tests.integration.test_metrics import closes, scrape
 from wsnode.acks import ACK_ALLOWANCE
 from wsnode.closecodes import CloseCode
 
@@ -408,6 +408,11 @@ async def test_items_in_kombus_format_with_headers_or_a_content_type_kombu_canno
     client.close()
 
 
+def verifications(auth_port: int) -> float:
+    """How many tokens auth has answered ``POST /verify`` about, whatever the answer."""
+    return sum(count for (name, _), count in scrape(auth_port).items() if name == "auth_verifications_total")
+
+
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
 async def test_a_handshake_from_an_origin_not_in_allowed_origins_gets_403_and_an_allowed_one_connects(cluster):
     """``ALLOWED_ORIGINS`` as written by hand (capitals, the scheme's default port) still lets its
@@ -419,9 +424,12 @@ async def test_a_handshake_from_an_origin_not_in_allowed_origins_gets_403_and_an
         request = tornado.httpclient.HTTPRequest(cluster.ws_url(node.port, token), headers={"Origin": origin})
         return await tornado.websocket.websocket_connect(request)
 
+    verified_before = await asyncio.to_thread(verifications, cluster.auth_port)
     with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
         await handshake("https://evil.example")
     assert refused.value.code == 403
+    # Refused before its token was checked: the node did not ask auth about it.
+    assert await asyncio.to_thread(verifications, cluster.auth_port) == verified_before
     for origin in ("https://app.example.com", "HTTPS://APP.example.com", "http://localhost:3000"):
         connection = await handshake(origin)
         assert json.loads(await connection.read_message())["type"] == "hello", origin
