@@ -5,7 +5,8 @@ expired: killed or cut off).  Any thread; it opens its own broker connection.
 
 Every live envelope found is re-dispatched with ``tasks.dispatch``, which routes it to its users'
 current nodes (users not connected anywhere get it from their inbox or ``since`` when they come
-back); replay pages are dropped, their connection is gone.  Messages are acked only after the
+back); replay pages are dropped, their connection is gone, and so are broadcasts' envelopes
+(:func:`_re_dispatch` says why).  Messages are acked only after the
 re-dispatch was published, so a crash in between repeats them (clients drop repeats by id).
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 from tasks import publishing
 from tasks.queues import node_queue, parse_delivery
+from tasks.routing import BROADCAST
 from wsnode.presence import node_name
 
 log = logging.getLogger(__name__)
@@ -129,8 +131,16 @@ def _delete_exchange(conn, address: str) -> None:
 
 def _re_dispatch(app, address: str, taken: list) -> int:
     """Send the live envelopes of the queue messages ``taken`` to ``tasks.dispatch``, then ack them
-    all; returns how many envelopes went."""
+    all; returns how many envelopes went.
+
+    A broadcast's envelope (``"*"``: that node's users, whoever they were) is not sent again:
+    Dispatch would route it to every live node, so every user online anywhere would get it a
+    second time (and users who connected since, a broadcast sent before they came), once per node
+    that died or drained with it queued.  Broadcasts are for the users online when they are sent and
+    are never redelivered; the node's users get it by resuming with ``since`` (push.js does), as
+    after any other missed broadcast."""
     envelopes = []
+    broadcasts = 0
     for message in taken:
         try:
             delivery = parse_delivery(message.headers, message.decode())
@@ -138,7 +148,14 @@ def _re_dispatch(app, address: str, taken: list) -> int:
             log.error("dropped a malformed message from %s: %s", address, exc)
             continue
         if delivery.conn is None:
-            envelopes.extend(delivery.envelopes)
+            for envelope in delivery.envelopes:
+                if envelope.get("to") == BROADCAST:
+                    broadcasts += 1
+                else:
+                    envelopes.append(envelope)
+    if broadcasts:
+        log.info("did not hand back %d broadcast envelope(s) from %s's queue: a broadcast is not sent again, "
+                 "that node's users get it by resuming with since", broadcasts, address)
     with publishing.producer(app) as producer:
         for start in range(0, len(envelopes), CHUNK):
             app.send_task("tasks.dispatch", args=[envelopes[start : start + CHUNK]], ignore_result=True, producer=producer)

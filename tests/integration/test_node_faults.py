@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 
 import pytest
 import redis as redis_lib
@@ -96,6 +97,28 @@ async def test_after_sigkill_the_lease_expires_dispatch_stops_routing_there_and_
     frames, _ = await back.until("resumed")
     assert [f["id"] for f in dedup(frames) if f["id"] != first and "n" in f["data"]] == during + after
     back.close()
+
+
+async def test_a_broadcast_left_on_a_dead_nodes_queue_is_not_sent_again_to_the_users_of_other_nodes(cluster):
+    """Housekeeping hands a dead node's queue back to Dispatch.  A broadcast's envelope there went
+    to every live node again: each user online elsewhere got the broadcast a second time (and one
+    who connected since, a broadcast sent before it came).  It is left out, and logged.  The dead
+    node is an address with a lease that ends in a second and nothing consuming its queue (a node
+    killed, or stopped, consumes nothing either, but on Redis the broker hands it what was pushed
+    while its read was blocked)."""
+    watcher = await cluster.connect("broadcast-watcher", cluster.node_ports[0])
+    address = f"dead-{uuid.uuid4().hex[:8]}:1"
+    cluster.routes.zadd(NODES_KEY, {address: redis_now(cluster.routes) + 1.0})
+    message_id = await cluster.collect("*", {"broadcast": "once"})
+    assert (await watcher.messages(1))[0]["id"] == message_id
+    deadline = time.monotonic() + 3 * LEASE_TTL + 10  # housekeeping forgets it LEASE_TTL after its lease ended
+    while cluster.routes.zscore(NODES_KEY, address) is not None:
+        assert time.monotonic() < deadline, f"housekeeping never forgot the dead node {address}"
+        await asyncio.sleep(0.5)
+    log = f"did not hand back 1 broadcast envelope(s) from {address}'s queue"
+    await wait_for(lambda: log in cluster._log("worker").read_text(errors="replace"), 10, "the worker's line about the broadcast it did not hand back")
+    assert [f["id"] for f in await watcher.quiet(2.0) if f.get("type") == "message"] == [], "the broadcast reached a user of another node twice"
+    watcher.close()
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # RabbitMQ expires both by itself
