@@ -4,6 +4,12 @@ Settings are read once, at import, from the environment (``settings.py``), so th
 environment of the test process at a private Redis on a free port *before* anything imports
 ``settings``.  The Redis itself is started by the session fixture ``redis_server`` only when a
 test needs it; unit tests never touch it.
+
+The suite runs in parallel processes (pytest-xdist: ``-n auto --dist loadfile`` in ``pytest.ini``,
+a test file per process at a time).  Each process imports this file itself, so each has its own
+Redis, ports, data folder and clusters; the data folders of a run are in one folder, the one the
+run's first process (xdist's controller, which runs no test) made (``PUSH_TESTS_DIR``).  ``-n 0``
+runs the tests in one process.
 """
 
 from __future__ import annotations
@@ -18,7 +24,15 @@ import pytest
 import launcher
 
 TEST_REDIS_PORT = launcher.free_port()
-TEST_DATA_DIR = tempfile.mkdtemp(prefix="push-tests-")
+#: xdist's name for this test process (``gw0``, ``gw1``, ...); None in a run without workers, and
+#: in xdist's controller.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER and os.environ.get("PUSH_TESTS_DIR"):
+    RUN_DIR = os.environ["PUSH_TESTS_DIR"]  # the controller's, which this worker inherited
+    TEST_DATA_DIR = tempfile.mkdtemp(prefix=f"{XDIST_WORKER}-", dir=RUN_DIR)
+else:
+    RUN_DIR = TEST_DATA_DIR = tempfile.mkdtemp(prefix="push-tests-")
+    os.environ["PUSH_TESTS_DIR"] = RUN_DIR
 TEST_AUTH_PORT = launcher.free_port()
 
 os.environ.update(
@@ -36,7 +50,11 @@ for _name in ("PUSH_ENV", "AUTH_SECRET", "AUTH_ADMIN_KEY"):
 if os.environ.get("MONGO_URL"):
     # Against a real MongoDB, the clusters' workers store into a database of this session's own
     # (dropped at the end when every test passed), never into MONGO_DB's.
-    os.environ["MONGO_DB"] = f"push_tests_{uuid.uuid4().hex[:8]}"
+    # An xdist worker's is the controller's name with its own after it (push_tests_1a2b3c4d_gw0).
+    if XDIST_WORKER and os.environ.get("MONGO_DB", "").startswith("push_tests_"):
+        os.environ["MONGO_DB"] = f"{os.environ['MONGO_DB']}_{XDIST_WORKER}"
+    else:
+        os.environ["MONGO_DB"] = f"push_tests_{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -87,9 +105,12 @@ def skip_before_redis_7(client, limitation: str) -> None:
 def pytest_sessionfinish(session, exitstatus):
     """The session's data folder (embedded store, process logs) goes when every test passed (or
     none was selected); after a failure it stays, for reading the processes' logs, and its path is
-    printed.  Session fixtures (the Redis, the clusters) are torn down before this runs."""
+    printed (by xdist's controller: the run's folder, which holds each worker's).  Session fixtures
+    (the Redis, the clusters) are torn down before this runs."""
     if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         shutil.rmtree(TEST_DATA_DIR, ignore_errors=True)
+        if XDIST_WORKER is None:
+            shutil.rmtree(RUN_DIR, ignore_errors=True)
         if os.environ.get("MONGO_URL"):
             import pymongo
 
@@ -99,5 +120,8 @@ def pytest_sessionfinish(session, exitstatus):
             except pymongo.errors.PyMongoError as exc:
                 print(f"\nthe test database {os.environ['MONGO_DB']} at MONGO_URL was not dropped: {exc}")
     else:
-        print(f"\ntest data and process logs kept in {TEST_DATA_DIR}"
-              + (f"; the clusters' messages in the database {os.environ['MONGO_DB']} at MONGO_URL" if os.environ.get("MONGO_URL") else ""))
+        where = f"test data and process logs kept in {RUN_DIR}"
+        if os.environ.get("MONGO_URL"):
+            workers = XDIST_WORKER is None and bool(session.config.getoption("numprocesses", None))
+            where += f"; the clusters' messages in the database {os.environ['MONGO_DB']}{'_gw*' if workers else ''} at MONGO_URL"
+        print("\n" + where)
