@@ -130,6 +130,11 @@ def test_push_js_follows_the_close_code_table_and_backs_off_within_bounds(pages)
     # Each delay is drawn between half the step and the step; the step doubles up to the cap.
     bounds = page.evaluate("[0, 1, 2, 3, 10].map(a => [PushClient.backoffDelay(a, 500, 30000, 0), PushClient.backoffDelay(a, 500, 30000, 1)])")
     assert bounds == [[250, 500], [500, 1000], [1000, 2000], [2000, 4000], [15000, 30000]]
+    # A token's refresh comes refreshAheadMs before its expiry (at most halfway), and earlier again
+    # by up to half refreshAheadMs (at most a quarter of what is left), never within a second.
+    refresh = page.evaluate("[[3600000, 60000], [100000, 60000], [3000, 60000], [1000, 60000]].map(([left, ahead]) => "
+                            "[PushClient.refreshDelay(left, ahead, 0), PushClient.refreshDelay(left, ahead, 1)])")
+    assert refresh == [[3540000, 3510000], [50000, 25000], [1500, 1000], [1000, 1000]]
 
 
 #: A WebSocket stand-in that only records the sockets push.js opens and closes: for the client's
@@ -942,15 +947,16 @@ def test_push_js_refreshes_its_token_on_the_open_connection_before_it_expires(cl
     with blank_demo(cluster, pages) as (demo, page):
         url = f"ws://127.0.0.1:{cluster.node_ports[1]}/ws"
         user = unique("fresh")
-        # Tokens of 3 s: push.js refreshes each halfway through (refreshAheadMs is more than half).
+        # Tokens of 3 s: push.js refreshes each between a half and a quarter of the way through
+        # (refreshAheadMs is more than half; refreshDelay).
         start_client(page, "fresh", url, user, ttl=3)
         page.wait_for_function("window.fresh.state === 'live'")
-        # Each refresh comes at least 1.5 s after the one before: four take 6 s, past the first
+        # Each refresh comes at least 1 s after the one before: six take 6 s, past the first
         # token's expiry (3 to 4 s, auth rounds it up to a second) and the 1 s grace.
-        page.wait_for_function("window.fresh.stats.refreshes >= 4")
+        page.wait_for_function("window.fresh.stats.refreshes >= 6", timeout=60000)
         stats = page.evaluate("window.fresh.stats")
         assert stats["connections"] == 1 and stats["attempts"] == 1, f"push.js reconnected instead of refreshing: {stats}"
-        assert stats["tokens"] >= 5
+        assert stats["tokens"] >= 7
         demo.send(user, "after the refreshes")
         page.wait_for_function("window.fresh.got.length >= 1")
         assert [item["text"] for item in page.evaluate("window.fresh.got")] == ["after the refreshes"]

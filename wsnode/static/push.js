@@ -40,7 +40,9 @@
  *   gives no token or does not settle in connectTimeoutMs) is reported as "waiting" with no code
  *   (no socket closed), its reason and error, and tried again on the same URL after a backoff step.
  * - Token refresh: the hello frame says when the connection's token expires (expires_in).  Before
- *   that (refreshAheadMs before, at most halfway through what is left) it calls getToken() and
+ *   that (refreshAheadMs before, at most halfway through what is left, and earlier again by a
+ *   random part of up to half refreshAheadMs, so that pages whose tokens expire together spread
+ *   their refreshes: refreshDelay) it calls getToken() and
  *   sends the new token ({"type": "refresh", "token": ...}) on the open connection, which goes on
  *   with it; the node answers "refreshed" with the new expiry, and the next refresh is scheduled
  *   from it.  When the node could not check the token ("refresh_error": auth unavailable) or
@@ -152,6 +154,20 @@
     return full ? r * step : step / 2 + r * (step / 2);
   }
 
+  /**
+   * The delay before refreshing a token that expires in ``remainingMs``: ``aheadMs`` before its
+   * expiry (at most halfway through what is left), and earlier again by a random part of up to
+   * half ``aheadMs`` (at most a quarter of what is left), so that the pages whose tokens were
+   * issued together (all reconnected after a node went down) do not all ask the backend for a
+   * token in the same second; never under a second, so a backend that hands out the same token
+   * until it expires is not asked at ever shorter intervals as the expiry nears.
+   */
+  function refreshDelay(remainingMs, aheadMs, random) {
+    var r = random === undefined ? Math.random() : random;
+    var ahead = Math.min(aheadMs, remainingMs / 2) + r * Math.min(aheadMs / 2, remainingMs / 4);
+    return Math.max(1000, remainingMs - ahead);
+  }
+
   /** ``spec`` (ws:, wss:, http:, https: or a path relative to the page) as a ws:/wss: URL object. */
   function socketUrl(spec) {
     var base = typeof location !== "undefined" ? location.href : undefined;
@@ -215,6 +231,7 @@
 
   PushClient.closePolicy = closePolicy;
   PushClient.backoffDelay = backoffDelay;
+  PushClient.refreshDelay = refreshDelay;
   PushClient.DEFAULTS = DEFAULTS;
   PushClient.UnauthorizedError = UnauthorizedError;
 
@@ -547,10 +564,7 @@
   /** Schedule the refresh of ``conn``'s token, which expires in ``expiresIn`` seconds (by the node's clock). */
   PushClient.prototype._scheduleRefresh = function (ws, conn, expiresIn) {
     if (typeof expiresIn !== "number" || !this._getToken) return;
-    var remaining = expiresIn * 1000;
-    // At least a second apart: a backend that hands out the same token until it expires would
-    // otherwise be asked at ever shorter intervals as the expiry nears.
-    this._refreshLater(ws, conn, Math.max(1000, remaining - Math.min(this.options.refreshAheadMs, remaining / 2)));
+    this._refreshLater(ws, conn, refreshDelay(expiresIn * 1000, this.options.refreshAheadMs));
   };
 
   /** The delay before the next try of ``conn``'s refresh, which just failed: a backoff step with full jitter. */
