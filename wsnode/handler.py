@@ -95,7 +95,7 @@ class PushHandler(WebSocketHandler):
             self._unavailable(f"full ({self.node.hub.connection_count} connections, MAX_CONNECTIONS)",
                               "node holds as many connections as it may (MAX_CONNECTIONS): connect to another node")
             return
-        if (error := self._check_cross_origin(self.check_origin)) is not None:
+        if self._check_cross_origin(self.check_origin) is not None:
             # Tornado's ``get`` makes this same check, but only after ``prepare``: here it comes
             # before the token check, so a page of another origin cannot make the node ask auth
             # (nor learn from the close code whether a token is good).  ``_check_cross_origin`` is
