@@ -43,6 +43,18 @@ routes = RouteTable(_redis)
 #: How often a worker process declares a node's queue again before publishing to it.
 DECLARE_EVERY_SECONDS = 60.0
 _declared_at: dict[str, float] = {}  # per process: node -> time.monotonic() of its last declaration
+#: Nodes remembered in ``_declared_at`` past which those declared ``DECLARE_EVERY_SECONDS`` ago or
+#: more (which would be declared again anyway) are forgotten: node addresses change with every
+#: restart on a new host or pod, and a worker process lives for months.
+MAX_DECLARED_NODES = 1024
+
+
+def _declared(node: str, now: float) -> None:
+    """Remember that ``node``'s queue was declared at ``now`` (``time.monotonic()``)."""
+    _declared_at[node] = now
+    if len(_declared_at) > MAX_DECLARED_NODES:
+        for stale in [name for name, at in _declared_at.items() if now - at >= DECLARE_EVERY_SECONDS]:
+            del _declared_at[stale]
 
 
 @contextlib.contextmanager
@@ -86,7 +98,7 @@ def publish(node: str, envelopes: list[dict], producer=None, **extra) -> None:
         _declared_at.pop(node, None)  # declare again with the next batch
         raise
     if due:
-        _declared_at[node] = now
+        _declared(node, now)
 
 
 def publish_all(messages: list[tuple[str, list[dict], dict]]) -> None:
