@@ -3,11 +3,12 @@
 Loop thread only.  Lifecycle (Tornado's): ``prepare`` runs before the upgrade and checks the
 origin, ``since`` and the token; ``open`` drops what only the handshake needed, then binds the
 connection through the node, or closes it at once with the code the check chose (4401 bad token,
-4500 bad request, 1013 auth unavailable); ``on_message`` only runs after ``open`` finished, records acks (at most one
-per message frame written, plus an allowance: :mod:`wsnode.acks`) and hands token refreshes to
-the node; ``on_close`` unbinds.
+4500 bad request, 1013 auth unavailable); ``on_message`` only runs after ``open`` finished,
+records acks (at most one per message frame written, plus an allowance: :mod:`wsnode.acks`) and
+hands token refreshes to the node; ``on_close`` unbinds.
 Every refusal is logged with its reason and counted in the node's metrics by close code (or HTTP
-status, before the upgrade); so is every close the node makes.  No token is ever logged (the token is only in the query string, which no log line shows).
+status, before the upgrade); so is every close the node makes.  No token is ever logged (the token
+is only in the query string, which no log line shows).
 """
 
 from __future__ import annotations
