@@ -364,10 +364,11 @@ PING_INTERVAL: int = _read(_env, "PING_INTERVAL", 25, _positive_int, "a whole nu
 PING_TIMEOUT: int = _read(_env, "PING_TIMEOUT", 20, _positive_int, "a whole number of seconds")
 if PING_TIMEOUT > PING_INTERVAL:
     raise SettingsError(f"PING_TIMEOUT={PING_TIMEOUT} is longer than PING_INTERVAL={PING_INTERVAL}: set it to at most the interval")
-#: Seconds a push node gives a client to send a request's headers (the WebSocket handshake,
-#: ``/healthz``, ``/metrics``), and again its body, and keeps an idle keep-alive connection open
-#: (Tornado's ``idle_connection_timeout`` is both).  Behind a load balancer that keeps idle
-#: connections to the nodes open longer (nginx's upstream ``keepalive_timeout``, 60 s; an AWS ALB's
+#: Seconds a push node (and auth) gives a client to send a request's headers (the WebSocket
+#: handshake, ``/healthz``, ``/metrics``; auth's routes), and again its body, and keeps an idle
+#: keep-alive connection open (Tornado's ``idle_connection_timeout`` is both; a node's connections
+#: to auth are such, and its next token check connects again).  Behind a load balancer that keeps
+#: idle connections to the nodes open longer (nginx's upstream ``keepalive_timeout``, 60 s; an AWS ALB's
 #: idle timeout, 60 s), set it above that, or the balancer may send a request on a connection the
 #: node is closing (a 502 now and then).
 REQUEST_TIMEOUT: int = _read(_env, "REQUEST_TIMEOUT", 10, _positive_int, "a whole number of seconds")

@@ -46,7 +46,8 @@ def connect_redis(url: str) -> redis.asyncio.Redis:
 async def serve() -> int:
     client = connect_redis(settings.REDIS_URL)
     service = AuthService(settings.AUTH_SECRET, settings.AUTH_ADMIN_KEY, client, settings.TOKEN_TTL,
-                          previous_secrets=settings.AUTH_SECRET_PREVIOUS, previous_admin_keys=settings.AUTH_ADMIN_KEY_PREVIOUS)
+                          previous_secrets=settings.AUTH_SECRET_PREVIOUS, previous_admin_keys=settings.AUTH_ADMIN_KEY_PREVIOUS,
+                          request_timeout=settings.REQUEST_TIMEOUT)
     # Handlers first: a SIGTERM that arrives once /healthz answers must stop the service cleanly.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -99,8 +99,13 @@ class AuthService:
     """
 
     def __init__(self, secret: str, admin_key: str, redis_client: redis.asyncio.Redis, token_ttl: int, clock: Callable[[], float] = time.time,
-                 metrics: AuthMetrics | None = None, previous_secrets: Sequence[str] = (), previous_admin_keys: Sequence[str] = ()) -> None:
+                 metrics: AuthMetrics | None = None, previous_secrets: Sequence[str] = (), previous_admin_keys: Sequence[str] = (),
+                 request_timeout: float | None = None) -> None:
         self.secret = secret
+        #: Seconds a client has to send a request's headers, and again its body, and that an idle
+        #: keep-alive connection stays open (``REQUEST_TIMEOUT``, as on the nodes); None: Tornado's
+        #: defaults, an hour for the headers and no limit for the body.
+        self.request_timeout = request_timeout
         self.previous_secrets = tuple(previous_secrets)
         self.metrics = metrics if metrics is not None else AuthMetrics()
         self.admin_key = admin_key
@@ -143,7 +148,8 @@ class AuthService:
         if self._server is not None:
             raise RuntimeError("AuthService.start() called twice: call stop() first")
         sockets = tornado.netutil.bind_sockets(port, address)
-        self._server = tornado.httpserver.HTTPServer(self.app, max_body_size=MAX_BODY_BYTES)
+        timeouts = {} if self.request_timeout is None else {"idle_connection_timeout": self.request_timeout, "body_timeout": self.request_timeout}
+        self._server = tornado.httpserver.HTTPServer(self.app, max_body_size=MAX_BODY_BYTES, **timeouts)
         self._server.add_sockets(sockets)
         return sockets[0].getsockname()[1]
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import launcher
 import settings
 
 pytestmark = pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
@@ -113,3 +114,28 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_request_timeout
         assert within_the_timeout(wait), f"an idle keep-alive connection was closed after {wait} s (None: still open after {TIMEOUT + 10} s)"
     finally:
         sock.close()
+
+
+async def test_auth_cuts_off_a_client_that_sends_half_a_request_and_nodes_keep_checking_tokens_past_its_idle_timeout(cluster):
+    """Auth gives a request ``REQUEST_TIMEOUT`` too (Tornado's defaults: an hour for the headers,
+    no limit for a body).  A node keeps its connections to auth open between token checks
+    (libcurl); auth closes one that stays idle that long, and the node's next check connects again
+    rather than failing (1013)."""
+    port = launcher.free_port()
+    auth = launcher.start_auth({**cluster.env, "REQUEST_TIMEOUT": str(TIMEOUT)}, port, name="auth-timeouts", log_path=cluster._log("auth-timeouts"))
+    cluster.services.append(auth)
+    try:
+        half = slow_client(port, f"POST /verify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+        try:
+            wait = await asyncio.to_thread(closed_by_peer_within, half, TIMEOUT + 10)
+            assert within_the_timeout(wait), f"auth closed a half-sent request after {wait} s (None: still open after {TIMEOUT + 10} s)"
+        finally:
+            half.close()
+        node = cluster.start_node(AUTH_URL=f"http://127.0.0.1:{port}", AUTH_CACHE_SECONDS=0)
+        for n in range(3):
+            client = await cluster.connect(f"auth-idle-{n}", port=node.port)  # a hello, or it raises
+            client.close()
+            await asyncio.sleep(TIMEOUT + 1)  # auth closes the node's idle connection meanwhile
+        assert "auth unavailable" not in cluster._log(f"node-{node.port}").read_text(errors="replace")
+    finally:
+        auth.terminate(timeout=10)
