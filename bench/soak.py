@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -62,6 +63,9 @@ for _p in (str(REPO_ROOT), str(REPO_ROOT / "bench")):
         sys.path.insert(0, _p)
 
 from common import Cleanup  # noqa: E402 - after the path set-up
+
+#: What the client process imports that the project's requirements.txt does not install (bench/requirements.txt does).
+CLIENT_MODULE = "websockets"
 
 ADMIN_KEY = os.environ.get("AUTH_ADMIN_KEY") or "dev-admin-key-change-me"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
@@ -759,7 +763,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("--json", type=Path, default=None, help="also write every sample and the table as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and its logs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # The client process imports websockets (bench/requirements.txt, not the project's): without
+    # it that process died at once and the run went on for its minutes with no client at all.
+    if importlib.util.find_spec(CLIENT_MODULE) is None:
+        parser.error(f"the client process needs the {CLIENT_MODULE} package, which is not installed: run "
+                     "`pip install -r bench/requirements.txt` in the project's venv first")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
