@@ -3,7 +3,8 @@
 
 One command (run from anywhere; the repository root is found from this file)::
 
-    python bench/soak.py [--minutes 15] [--every 30] [--users 200] [--ghosts 100] [--rate 100] [--json out.json] [--keep]
+    python bench/soak.py [--minutes 15] [--every 30] [--users 200] [--ghosts 100] [--rate 100]
+                         [--session 15,120] [--offline 1,15] [--no-restarts] [--json out.json] [--keep]
 
 Not a test: it asserts nothing, it measures.  It starts a private cluster with ``launcher`` (its own
 redis-server on a free port, auth, one Celery worker with its default concurrency, two push nodes on
@@ -15,7 +16,7 @@ retention and redelivery cycle within the run), then for ``--minutes``:
   profile: most reconnect with ``since=<last id>`` and some without, a fifth never ack, a few hold
   two connections, a few now and then send a garbage frame (closed 4500) or try a bad token (4401);
   tokens live 60-120 s (``POST /tokens`` ``ttl``): most users send a ``refresh`` frame before theirs
-  expires, the others are closed with 4401 ``token expired``; every ``--revoke-every`` seconds a
+  expires, the others are closed with 4401 ``token expired``; every 20 seconds a
   user (or one token) is revoked (``POST /revoke``);
 - one **sender process** (business code, by task name, no project import) sends about ``--rate``
   messages a second: ``tasks.collect`` to one user (online or one of ``--ghosts`` users who never
