@@ -108,7 +108,9 @@ async def test_a_broadcast_left_on_a_dead_nodes_queue_is_not_sent_again_to_the_u
     while its read was blocked)."""
     watcher = await cluster.connect("broadcast-watcher", cluster.node_ports[0])
     address = f"dead-{uuid.uuid4().hex[:8]}:1"
-    cluster.routes.zadd(NODES_KEY, {address: redis_now(cluster.routes) + 1.0})
+    # A lease of 5 s: the broadcast must be routed while it lasts (a collect under a loaded
+    # machine, as with ``pytest -n``, took more than the 1 s it was).
+    cluster.routes.zadd(NODES_KEY, {address: redis_now(cluster.routes) + 5.0})
     message_id = await cluster.collect("*", {"broadcast": "once"})
     assert (await watcher.messages(1))[0]["id"] == message_id
     deadline = time.monotonic() + 3 * LEASE_TTL + 10  # housekeeping forgets it LEASE_TTL after its lease ended
