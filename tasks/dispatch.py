@@ -50,11 +50,13 @@ MAX_DECLARED_NODES = 1024
 
 
 def _declared(node: str, now: float) -> None:
-    """Remember that ``node``'s queue was declared at ``now`` (``time.monotonic()``)."""
+    """Remember that ``node``'s queue was declared at ``now`` (``time.monotonic()``).  Any thread
+    of the worker process (``-P threads`` publishes on several at once): the table is copied in one
+    step before it is scanned, and a node another thread forgot meanwhile is passed over."""
     _declared_at[node] = now
     if len(_declared_at) > MAX_DECLARED_NODES:
-        for stale in [name for name, at in _declared_at.items() if now - at >= DECLARE_EVERY_SECONDS]:
-            del _declared_at[stale]
+        for stale in [name for name, at in list(_declared_at.items()) if now - at >= DECLARE_EVERY_SECONDS]:
+            _declared_at.pop(stale, None)
 
 
 @contextlib.contextmanager

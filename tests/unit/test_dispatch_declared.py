@@ -33,3 +33,35 @@ def test_a_node_declared_within_the_period_is_remembered_past_the_bound(declared
     assert len(declared) == dispatch.MAX_DECLARED_NODES + 10
     dispatch._declared("late:8101", now + dispatch.DECLARE_EVERY_SECONDS)
     assert declared == {"late:8101": now + dispatch.DECLARE_EVERY_SECONDS}
+
+
+def test_threads_of_one_process_remember_their_declarations_at_once_past_the_bound(declared):
+    """Under ``-P threads`` the tasks of one process publish on several threads at once: one
+    thread forgetting the stale nodes while another remembers one (or forgets the same ones) raised
+    ``dictionary changed size during iteration`` (or ``KeyError``) after the batch was published,
+    failing the task."""
+    import sys
+    import threading
+
+    errors: list[BaseException] = []
+    period = dispatch.DECLARE_EVERY_SECONDS
+
+    def remember(thread: int) -> None:
+        try:
+            for n in range(3000):
+                # Every call finds the table past its bound, most of it stale.
+                dispatch._declared(f"10.{thread}.{n // 250}.{n % 250}:8101", (n // 100) * period)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=remember, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
