@@ -128,9 +128,10 @@ async def test_a_rolling_restart_of_both_nodes_under_load_loses_nothing(fault_cl
 
 
 async def test_sigterm_of_the_worker_under_load_stops_it_and_loses_nothing(fault_cluster):
-    """A warm shutdown while batches of 1,000 messages are stored and routed (15 batches: five
-    done, some running, the rest queued; the next worker stores what is left, about a second per
-    batch here).  A batch used to send its pool's answer (every message id) back to the main
+    """A warm shutdown while batches of 1,000 messages are stored and routed (rounds of 15
+    batches, another round while the worker ran every one before the test looked, at most five:
+    some done, some running, the rest queued; the next worker stores what is left, about a second
+    per batch here).  A batch used to send its pool's answer (every message id) back to the main
     process in pieces; when SIGTERM stopped the main process's loop between two pieces, the worker
     never exited: it blocked for ever reading the rest (``tasks.collectbatches._apply_batch``).  It now stops in 2-3 s here, or after
     about 30 s when a pool process waits for billiard's count of its results (stock Celery's
