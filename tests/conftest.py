@@ -102,6 +102,14 @@ def skip_before_redis_7(client, limitation: str) -> None:
         pytest.skip(f"Redis {'.'.join(map(str, version))} is older than 7: {limitation}")
 
 
+def pytest_configure(config):
+    """``TEST_AMQP_URL`` gives every RabbitMQ cluster its one vhost as it is: test processes side by
+    side would have their workers take each other's tasks there."""
+    if os.environ.get("TEST_AMQP_URL") and XDIST_WORKER is None and config.getoption("numprocesses", None) not in (None, 0):
+        raise pytest.UsageError("TEST_AMQP_URL gives every test process the same RabbitMQ vhost, where their workers would take "
+                                "each other's tasks: run the tests in one process with -n 0")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The session's data folder (embedded store, process logs) goes when every test passed (or
     none was selected); after a failure it stays, for reading the processes' logs, and its path is

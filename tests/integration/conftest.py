@@ -8,7 +8,7 @@ The ``cluster`` fixture runs every test that uses it twice: with Redis as the Ce
 with RabbitMQ (in a private vhost made for the session with ``rabbitmqctl``).  Where no RabbitMQ
 can be reached, the RabbitMQ half is skipped and says why.  ``.ci/run`` starts RabbitMQ when it
 is installed but stopped.  ``TEST_AMQP_URL`` points the tests at another RabbitMQ server (its
-vhost is then used as it is).
+vhost is then used as it is, so the tests run in one process: ``-n 0``).
 """
 
 from __future__ import annotations
