@@ -99,7 +99,7 @@ class PushHandler(WebSocketHandler):
         if self._check_cross_origin(self.check_origin) is not None:
             # Tornado's ``get`` makes this same check, but only after ``prepare``: here it comes
             # before the token check, so a page of another origin cannot make the node ask auth
-            # (a check, and a revocation-list read, per handshake it sends).  The answer was 403
+            # (a token check per handshake it sends).  The answer was 403
             # either way.  ``_check_cross_origin`` is Tornado's own algorithm (6.5+:
             # ``Sec-Fetch-Site``, then ``Origin``), so both agree.
             self.set_status(403)
