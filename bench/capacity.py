@@ -404,11 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.system in ("both", "peer") and (problem := common.peer_packages_problem("--system ours")):
         parser.error(problem)
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started with SIGINT ignored
+    common.interrupt_on_signals()
     raise_nofile(None, 65536)
     ctx = multiprocessing.get_context("spawn")
     cleanup = Cleanup()

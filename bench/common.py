@@ -63,6 +63,17 @@ class Cleanup:
             raise interrupted
 
 
+def interrupt_on_signals() -> None:
+    """SIGTERM, and Ctrl-C also when the run was started with SIGINT ignored (a background job of
+    a non-interactive shell), raise KeyboardInterrupt in the main thread: a benchmark's ``finally``
+    then stops every process it started.  Main thread only."""
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def raise_nofile(pid: int | None = None, want: int = 65536) -> int:
     """Raise RLIMIT_NOFILE of ``pid`` (None: this process) as far as allowed; returns the soft limit set."""
     import resource

@@ -54,7 +54,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -537,11 +536,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even when started with SIGINT ignored
+    common.interrupt_on_signals()
     started = datetime.datetime.now().astimezone()
     t0 = time.time()
     runner = Runner(args)

@@ -53,7 +53,7 @@ for _p in (str(REPO_ROOT), str(REPO_ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from common import Cleanup  # noqa: E402 - after the path set-up
+from common import Cleanup, interrupt_on_signals  # noqa: E402 - after the path set-up
 from wsclients import ClientProcess  # noqa: E402
 
 MODES = ("single", "batch", "list")
@@ -721,10 +721,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    interrupt_on_signals()
     bench = Bench(args)
     started = datetime.datetime.now().astimezone()
     try:
