@@ -2,7 +2,7 @@
 
 Main thread; the HTTP server and the Redis client live on the one asyncio loop of ``asyncio.run``.
 Settings come from ``settings.py`` (``AUTH_PORT``, ``BIND_ADDRESS``, ``AUTH_SECRET``,
-``AUTH_SECRET_PREVIOUS``, ``AUTH_ADMIN_KEY``, ``AUTH_ADMIN_KEY_PREVIOUS``, ``TOKEN_TTL``, ``REDIS_URL``).  The service starts even when Redis is down:
+``AUTH_SECRET_PREVIOUS``, ``AUTH_ADMIN_KEY``, ``AUTH_ADMIN_KEY_PREVIOUS``, ``TOKEN_TTL``, ``REQUEST_TIMEOUT``, ``REDIS_URL``).  The service starts even when Redis is down:
 ``/healthz`` answers 503 and ``/verify`` refuses tokens until Redis is back; a Redis that refuses
 its login (a wrong password in ``REDIS_URL``) stops it at start with one line (``redislogin``).
 """
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Run the auth service: it issues tokens (POST /tokens), verifies them for the push nodes (POST /verify) "
                     "and revokes them (POST /revoke), until SIGTERM or SIGINT.",
         epilog="It takes no options: its settings are environment variables (AUTH_PORT, BIND_ADDRESS, AUTH_SECRET, "
-               "AUTH_SECRET_PREVIOUS, AUTH_ADMIN_KEY, AUTH_ADMIN_KEY_PREVIOUS, TOKEN_TTL, REDIS_URL, PUSH_ENV, LOG_LEVEL); "
+               "AUTH_SECRET_PREVIOUS, AUTH_ADMIN_KEY, AUTH_ADMIN_KEY_PREVIOUS, TOKEN_TTL, REQUEST_TIMEOUT, REDIS_URL, PUSH_ENV, LOG_LEVEL); "
                "see the README's Configuration.")
     return parser.parse_args(argv)
 
