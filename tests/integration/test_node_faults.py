@@ -228,6 +228,39 @@ async def test_a_second_connection_of_a_user_gets_hello_only_once_the_users_leas
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_a_client_that_leaves_while_its_lease_is_written_is_not_bound_and_leaves_no_lease(cluster):
+    """A client that closes its socket after the upgrade, while Redis holds its user's lease
+    write: the node notices the close as the write returns, and neither binds the connection
+    (no hello, no replay request, not counted as connected) nor keeps the lease it wrote."""
+    node = cluster.start_node()
+    address = f"127.0.0.1:{node.port}"
+    user = "left-while-leasing"
+    token = await asyncio.to_thread(cluster.token, user)
+    before = await asyncio.to_thread(scrape, node.port)
+    pause_writes(cluster, 2000)
+    try:
+        _, writer = await raw_connect(node.port, f"token={token}")  # upgraded: its lease write is held
+        writer.close()
+        await asyncio.sleep(0.5)  # the node sees the socket closed while the write is still held
+    finally:
+        unpause(cluster)
+    deadline = time.monotonic() + 10
+    while value(await asyncio.to_thread(scrape, node.port), "push_node_connections") != 0:
+        assert time.monotonic() < deadline, "the connection of the client that left is still held"
+        await asyncio.sleep(0.1)
+    while cluster.routes.zscore(route_key(user), address) is not None:  # released once its last connection is gone
+        assert time.monotonic() < deadline, "the lease of the user who left is still there"
+        await asyncio.sleep(0.1)
+    after = await asyncio.to_thread(scrape, node.port)
+    assert value(after, "push_node_connects_total") == value(before, "push_node_connects_total")
+    log = cluster._log(f"node-{node.port}").read_text(errors="replace")
+    assert f"user={user}" in log, "the node never saw the connection: the test did not make the case it is about"
+    assert not [line for line in log.splitlines() if f"user={user}" in line and " connected in " in line], \
+        "the connection of the client that left while its lease was written was bound"
+    await asyncio.to_thread(node.terminate, 15)
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
 async def test_a_lease_write_held_up_past_the_start_of_a_drain_does_not_put_the_node_back(cluster):
     """A lease write that waited behind another when the drain released the node's leases ran after
     the release, and its script renewed the node's own lease: Dispatch went on routing to a queue
