@@ -150,7 +150,23 @@ async def test_a_frame_over_the_size_limit_closes_with_1009_as_soon_as_its_heade
 
     opcode, payload = await read_server_frame(stream)
     assert (opcode, payload[:2]) == (0x8, struct.pack("!H", 1009))
+    writer.close()
     await asyncio.wait_for(Recorder.closed.wait(), 5)
+
+
+async def test_what_follows_a_frame_over_the_size_limit_is_dropped_until_the_clients_close_frame(port):
+    """The reader aborted as soon as it had read the header: the rest of the frame stayed unread,
+    and closing the socket so sent a reset, which reached a client still writing the frame before
+    the close frame did (it saw 1006).  Now the frame, and every frame after it but the client's
+    close frame, are dropped as they come; the close frame ends the connection cleanly."""
+    stream, writer = await raw_connect(port)
+    writer.write(frame(0x1, b"a" * 200_000) + frame(0x1, b"after") + frame(0x9, b"ping") + frame(0x8, struct.pack("!H", 1000)))
+
+    opcode, payload = await read_server_frame(stream)
+    assert (opcode, payload[:2]) == (0x8, struct.pack("!H", 1009))
+    assert await asyncio.wait_for(stream.read(), 5) == b"", "more than the end of the connection after the close frame"
+    await asyncio.wait_for(Recorder.closed.wait(), 5)
+    assert Recorder.messages == []
     writer.close()
 
 
