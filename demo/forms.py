@@ -13,6 +13,8 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Iterable
 
+from auth.tokens import forbidden_character
+
 #: Longest user id the platform accepts (tasks/messages.py checks the same).
 MAX_USER_CHARS = 128
 #: Longest text the demo sends (the platform allows far more; a demo does not need it).
@@ -24,7 +26,9 @@ class DemoInputError(ValueError):
 
 
 def user_name(value: object) -> str:
-    """A user id from the connect form: non-empty after trimming, at most 128 characters, no comma."""
+    """A user id from the connect form: non-empty after trimming, at most 128 characters, no comma,
+    and none of the characters no user id holds (whitespace, control, format: auth issues no token
+    for such a name, and the page got a 502, then asked again and again)."""
     if not isinstance(value, str) or not value.strip():
         raise DemoInputError("type a user name, e.g. alice")
     name = value.strip()
@@ -32,6 +36,9 @@ def user_name(value: object) -> str:
         raise DemoInputError(f"a user name has at most {MAX_USER_CHARS} characters; this one has {len(name)}")
     if "," in name or name == "*":
         raise DemoInputError(f"{name[:40]!r} cannot be a user name: ',' separates users and '*' means everyone")
+    if (char := forbidden_character(name)) is not None:
+        raise DemoInputError(f"{name[:40]!r} cannot be a user name: it holds {char!r}, and user names have no whitespace, "
+                             "control or format characters (write e.g. alice_smith)")
     return name
 
 

@@ -29,6 +29,13 @@ def test_a_user_name_cannot_hold_a_comma_or_be_the_star(value):
         forms.user_name(value)
 
 
+@pytest.mark.parametrize("value", ["alice smith", "alice\tsmith", "alice\u200bsmith", "alice\x07"])
+def test_a_user_name_cannot_hold_what_no_user_id_holds(value):
+    """Auth issues no token for such a name, and tasks.collect sends nothing to it."""
+    with pytest.raises(forms.DemoInputError, match="no whitespace, control or format characters"):
+        forms.user_name(value)
+
+
 def test_one_recipient_is_a_plain_user_id():
     assert forms.recipients(" alice ") == "alice"
 
