@@ -381,8 +381,16 @@ MAX_MESSAGE_BYTES: int = _read(_env, "MAX_MESSAGE_BYTES", 65536, _positive_int, 
 if MAX_MESSAGE_BYTES > MAX_MESSAGE_BYTES_LIMIT:
     raise SettingsError(f"MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES} is over {MAX_MESSAGE_BYTES_LIMIT}: a message's document could pass MongoDB's "
                         "16 MiB limit; send large payloads as a reference (a URL) instead")
-#: Largest frame a browser may send to a push node, in bytes (larger closes with 1009).
+#: Largest frame a browser may send to a push node, in bytes (larger closes with 1009).  At least
+#: ``MIN_FRAME_BYTES``: a ``refresh`` frame carries a whole token (about 2,260 bytes for the longest
+#: auth issues, a user id of 128 characters outside the BMP), and a smaller limit closed every such
+#: refresh with 1009, and its reconnect asked for a token again.
+MIN_FRAME_BYTES = 2560
 MAX_FRAME_BYTES: int = _read(_env, "MAX_FRAME_BYTES", 4096, _positive_int, "a whole number of bytes")
+if MAX_FRAME_BYTES < MIN_FRAME_BYTES:
+    raise SettingsError(f"MAX_FRAME_BYTES={MAX_FRAME_BYTES} is under {MIN_FRAME_BYTES}: a browser's refresh frame carries a whole token "
+                        f"(up to about 2,260 bytes) and would close its connection with 1009; set it to {MIN_FRAME_BYTES} or more "
+                        "(the default is 4096)")
 #: A push node closes a connection with 4008 ("client too slow") when new messages come for it
 #: while more than this many bytes written to it still wait for its socket to take them: a client
 #: that stops reading cannot make the node hold its messages without bound.  It reconnects with

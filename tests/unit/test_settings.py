@@ -327,6 +327,7 @@ def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix()
 
 @pytest.mark.parametrize(("env", "says"), [
     ({"MAX_MESSAGE_BYTES": "3000000"}, "MAX_MESSAGE_BYTES=3000000 is over 2000000"),
+    ({"MAX_FRAME_BYTES": "1000"}, "MAX_FRAME_BYTES=1000 is under 2560: a browser's refresh frame carries a whole token"),
     ({"RESUME_OVERLAP_MS": "-5"}, "RESUME_OVERLAP_MS='-5' is not valid: expected a whole number of milliseconds (must be 0 or greater)"),
     ({"HOUSEKEEPING_SECONDS": "inf"}, "HOUSEKEEPING_SECONDS='inf' is not valid: expected a number of seconds (must be greater than 0 and at most 100000000)"),
     ({"AUTH_CACHE_SECONDS": "-5"}, "AUTH_CACHE_SECONDS='-5' is not valid"),

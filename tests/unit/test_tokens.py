@@ -265,3 +265,17 @@ def test_new_tokens_are_signed_with_the_current_secret_only():
 
     with pytest.raises(TokenInvalid, match="signature"):
         tokens.verify(PREVIOUS_SECRET, issued.token, NOW)
+
+
+@pytest.mark.parametrize("user_id", ["\U0001f600" * tokens.MAX_USER_ID_LENGTH, "\u00e9" * tokens.MAX_USER_ID_LENGTH, "a" * tokens.MAX_USER_ID_LENGTH])
+def test_the_refresh_frame_of_the_longest_token_fits_the_smallest_frame_limit_a_node_takes(user_id):
+    """settings.MIN_FRAME_BYTES, the floor of MAX_FRAME_BYTES: a browser's refresh frame (push.js
+    sends JSON.stringify's compact form) must pass a node's frame limit, with tokens issued until
+    the year 2286 (ten-digit times) and a TTL of a year."""
+    import settings
+
+    issued = tokens.issue(SECRET, user_id, 9_999_999_999.999999 - 366 * 86400, 365 * 86400)
+    frame = json.dumps({"type": "refresh", "token": issued.token}, separators=(",", ":")).encode()
+    assert len(frame) <= settings.MIN_FRAME_BYTES
+    if user_id.startswith("\U0001f600"):
+        assert len(frame) > 2048, "not the longest token: the floor is checked against a shorter one"
