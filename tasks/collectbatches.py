@@ -478,6 +478,9 @@ def _send_outcomes(task, requests, outcomes: list[tuple[str, object]], runtime: 
 
 
 def _messages_in(request) -> int:
-    """How many messages a request holds, for the size of a batch (main process: not validated)."""
+    """How many messages a request holds, for the size of a batch (main process: not validated):
+    a ``tasks.collect_many`` takes its list as ``messages`` or as its one positional argument."""
     messages = (request.kwargs or {}).get("messages")
+    if messages is None and request.args and len(request.args) == 1:
+        messages = request.args[0]
     return len(messages) if isinstance(messages, (list, tuple)) else 1

@@ -88,14 +88,23 @@ async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_in
     client.close()
 
 
-async def test_collect_many_requests_that_gather_run_together_up_to_a_thousand_messages_a_batch(lazy_timer_cluster):
+@pytest.mark.parametrize("positional", [False, True], ids=["kwargs", "args"])
+async def test_collect_many_requests_that_gather_run_together_up_to_a_thousand_messages_a_batch(lazy_timer_cluster, positional):
+    """Also with the list as the one positional argument (``collect_many.delay([...])``, or from
+    the task before it in a chain): such a request counted as one message, and thirty of them,
+    1,500 messages, went to the store and the route lookup as one batch."""
     cluster = lazy_timer_cluster
     clients = {user: await cluster.connect(user) for user in ("many-a", "many-b")}
     tasks, per_task = 30, 50  # 1,500 messages: more than one batch may hold
+
+    def send(messages):
+        if positional:
+            return cluster.business.send_task("tasks.collect_many", args=[messages], queue="collect")
+        return cluster.send("tasks.collect_many", messages=messages)
+
     with pool_stopped(cluster):
-        invalid = cluster.send("tasks.collect_many", messages="not a list")
-        results = [cluster.send("tasks.collect_many", messages=[{"to": f"many-{'ab'[(t + n) % 2]}", "data": [t, n]} for n in range(per_task)])
-                   for t in range(tasks)]
+        invalid = send("not a list")
+        results = [send([{"to": f"many-{'ab'[(t + n) % 2]}", "data": [t, n]} for n in range(per_task)]) for t in range(tasks)]
     answers = [await cluster.result(r, timeout=30) for r in results]
     assert all(len(a) == per_task and all(isinstance(i, str) for i in a) for a in answers)
     assert len({i for a in answers for i in a}) == tasks * per_task
