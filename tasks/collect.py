@@ -124,18 +124,22 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
         wanted.append((key, fresh[at:at + len(messages)]))
         at += len(messages)
     results: list = []
-    ids, messages_out, keys_out, seen = [], [], [], set()
+    ids, messages_out, keys_out, seen = [], [], [], {}
     for (messages, key), bound in zip(groups, store.claim_many(wanted)):
         if len(bound) != len(messages):
             results.append(key_reused(key, len(bound), len(messages)))
             continue
         results.append(bound)
         for message_id, message in zip(bound, messages):
-            if message_id not in seen:  # the same key twice in one batch: store and send it once
-                seen.add(message_id)
-                ids.append(message_id)
-                messages_out.append(message)
-                keys_out.append(key)
+            if message_id in seen:  # the same key twice in one batch: store and send it once
+                first = seen[message_id]
+                if not same_message({"to": first.to if first.to == validation.BROADCAST else list(first.to), "data": first.data}, message):
+                    log.warning("%s", key_reused_for_another(key, message_id))
+                continue
+            seen[message_id] = message
+            ids.append(message_id)
+            messages_out.append(message)
+            keys_out.append(key)
     _store_and_route(store, ids, messages_out, fresh, patient, keys_out)
     return results
 

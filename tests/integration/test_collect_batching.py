@@ -283,3 +283,27 @@ async def test_batched_requests_show_as_reserved_then_active_tasks_and_count_in_
     assert result.id not in seen
     stats = worker_answer("stats")
     assert stats["total"].get("tasks.collect", 0) >= 1, stats["total"]
+
+
+async def test_a_key_reused_for_other_data_within_one_batch_is_logged_as_across_batches(lazy_timer_cluster):
+    """Two requests with one ``key`` and different data in one batch: the second's message is
+    never stored or sent (both return the first's id), and the worker said nothing of it, where it
+    warns when the reuse comes in a later batch."""
+    cluster = lazy_timer_cluster
+    client = await cluster.connect("keyed-in-batch")
+    await cluster.collect("keyed-in-batch", {"n": 0}, timeout=30)
+    with pool_stopped(cluster):
+        ahead = cluster.send(to="keyed-in-batch", data={"n": 1})  # its batch holds the pool; the next three gather
+        time.sleep(0.5)
+        sent = [cluster.send(to="keyed-in-batch", data={"n": n}, key="same-key-in-batch") for n in (2, 2, 3)]
+    await cluster.result(ahead, timeout=30)
+    first, retry, other = [await cluster.result(r, timeout=30) for r in sent]
+    assert first == retry == other
+    assert [f["data"] for f in await client.messages(3, timeout=30)] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert batch_sizes(cluster, requests=5)[-1] == (3, 3)  # the three went together
+    warning = f"key 'same-key-in-batch' was used before for message {first}, to other recipients or with other data"
+    deadline = time.monotonic() + 10
+    while warning not in (log := cluster._log("worker").read_text(errors="replace")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log.count(warning) == 1  # the request with the same data logged nothing
+    client.close()
