@@ -42,6 +42,7 @@ import settings
 from tasks import links, redis_transport, taskmessages
 from tasks.batching import FlushGate, chunks
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
+from tasks.messages import InvalidMessage
 from worker import app
 
 #: Most levels a ``tasks.collect`` or ``tasks.collect_many`` request's arguments may nest: far
@@ -250,7 +251,8 @@ class CollectBatches(Batches):
 
     def _due(self, req) -> float | None:
         """When ``req`` may run, on the worker timer's clock (0 for now); None when its eta
-        cannot be read, after rejecting it as Celery does."""
+        cannot be read, after rejecting it as Celery does, and storing why as its result (a
+        caller waiting on it waited for ever)."""
         if not req.eta:
             return 0.0
         try:
@@ -261,6 +263,8 @@ class CollectBatches(Batches):
             log.error("%s %s: cannot read its eta %r (%s); it is rejected, not run", self.name, req.id, req.eta, exc)
             req.reject(requeue=False)
             worker_state.task_ready(req)
+            taskmessages.store_failure(self.app.backend, req.id, InvalidMessage(
+                f"not run: its eta {req.eta.isoformat()} cannot be read as a time ({exc}): send a countdown, or an eta within the years 1 to 9999 in UTC"))
             return None
 
     def _hold(self, req, due: float) -> None:
