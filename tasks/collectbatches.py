@@ -264,7 +264,8 @@ class CollectBatches(Batches):
             req.reject(requeue=False)
             worker_state.task_ready(req)
             taskmessages.store_failure(self.app.backend, req.id, InvalidMessage(
-                f"not run: its eta {req.eta.isoformat()} cannot be read as a time ({exc}): send a countdown, or an eta within the years 1 to 9999 in UTC"))
+                f"not run: its eta {req.eta.isoformat()} cannot be read as a time ({exc}): send a countdown, or an eta within the years 1 to 9999 in UTC"),
+                {"reply_to": req.reply_to, "correlation_id": req.correlation_id})
             return None
 
     def _hold(self, req, due: float) -> None:

@@ -42,6 +42,7 @@ import warnings
 
 from celery import signals
 from celery.exceptions import CPendingDeprecationWarning
+from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY
 from celery.worker.consumer.consumer import logger as celery_consumer_log
@@ -188,12 +189,22 @@ def not_run(exc: Exception) -> InvalidMessage:
     return InvalidMessage(f"not run: {exc}")
 
 
-def store_failure(backend, task_id: str | None, error: Exception) -> None:
-    """Store ``error`` as the result of the task ``task_id`` (if any), which will not run."""
+def caller(reply_to: object, correlation_id: object) -> Bunch:
+    """The request a result backend is given with the failure of a message that does not run:
+    where its caller waits (the ``rpc://`` backend sends the result to the ``reply_to`` queue, and
+    without it raised "RPC backend missing task request"), and nothing to follow it, as Celery's
+    consumer passes for an unknown task.  Pure."""
+    return Bunch(chord=None, errbacks=None, reply_to=reply_to, correlation_id=correlation_id)
+
+
+def store_failure(backend, task_id: str | None, error: Exception, properties: dict | None = None) -> None:
+    """Store ``error`` as the result of the task ``task_id`` (if any), which will not run;
+    ``properties``: its message's, which say where its caller waits for it (:func:`caller`)."""
     if task_id is None:
         return
+    properties = properties or {}
     try:
-        backend.mark_as_failure(task_id, error)
+        backend.mark_as_failure(task_id, error, request=caller(properties.get("reply_to"), properties.get("correlation_id")))
     except Exception as exc:  # noqa: BLE001 - the message is dropped anyway; only its answer is lost
         log.warning("task %s: result not stored (%s)", task_id, exc)
 
@@ -430,15 +441,15 @@ class Consumer(CeleryConsumer):
     def refuse(self, message, body, error: Exception) -> None:
         task_id = task_id_of(message.headers, body)
         log.error("refused a message of queue %r (task id %s): %s", (message.delivery_info or {}).get("routing_key"), task_id, error)
-        store_failure(self.app.backend, task_id, error)
+        store_failure(self.app.backend, task_id, error, message.properties)
         message.reject_log_error(log, self.connection_errors)
         signals.task_rejected.send(sender=self, message=message, exc=error)
 
     def on_invalid_task(self, body, message, exc):
         super().on_invalid_task(body, message, exc)
-        store_failure(self.app.backend, task_id_of(message.headers, body), not_run(exc))
+        store_failure(self.app.backend, task_id_of(message.headers, body), not_run(exc), message.properties)
 
     def on_decode_error(self, message, exc):
         super().on_decode_error(message, exc)
         store_failure(self.app.backend, task_id_of(message.headers, None),
-                      InvalidMessage(f"not run: its body could not be decoded as {message.content_type} ({exc})"))
+                      InvalidMessage(f"not run: its body could not be decoded as {message.content_type} ({exc})"), message.properties)

@@ -5,6 +5,7 @@ returns, ``collect_many`` up to 1,000 messages a batch."""
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 import uuid
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 import psutil
 import pytest
 import redis as redis_lib
+from celery import Celery
 from kombu import Connection
 
 import launcher
@@ -309,3 +311,36 @@ async def test_a_key_reused_for_other_data_within_one_batch_is_logged_as_across_
         time.sleep(0.1)
     assert log.count(warning) == 1  # the request with the same data logged nothing
     client.close()
+
+
+@pytest.fixture
+def rpc_cluster(request, tmp_path):
+    """A private cluster whose results go back through the broker (``RESULT_BACKEND=rpc://``), and
+    business code that reads them so."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port(), RESULT_BACKEND="rpc://")
+    start_or_explain(cluster, nodes=1)
+    cluster.business = Celery(broker=cluster.env["BROKER_URL"], backend="rpc://")
+    yield cluster
+    cluster.stop(at_once=True)
+
+
+async def test_with_rpc_results_a_message_the_worker_refuses_still_tells_its_caller_why(rpc_cluster):
+    """The ``rpc://`` backend sends a result to the queue its caller named (``reply_to``): a
+    message the worker refused before running it (another serializer, an unreadable eta) had its
+    failure stored with no request, which that backend cannot send ("RPC backend missing task
+    request"), and the caller waited for ever."""
+    cluster = rpc_cluster
+    kwargs = {"to": "rpc-user", "data": 1}
+    refused = [
+        (cluster.business.send_task("tasks.collect", kwargs=kwargs, queue="collect", serializer="pickle"), "the worker accepts JSON only"),
+        (cluster.business.send_task("tasks.collect", kwargs=kwargs, queue="collect",
+                                    eta=datetime.datetime(1, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5)))),
+         "cannot be read as a time"),
+    ]
+    for result, says in refused:
+        with pytest.raises(Exception, match=re.escape(says)):
+            await cluster.result(result, timeout=20)
+    assert isinstance(await cluster.collect("rpc-user", 2, timeout=20), str)  # the backend works
+    assert "result not stored" not in cluster._log("worker").read_text(errors="replace")

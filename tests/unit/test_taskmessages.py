@@ -151,7 +151,7 @@ class _Backend:
     def __init__(self) -> None:
         self.failed: list[tuple[str, Exception]] = []
 
-    def mark_as_failure(self, task_id, exc) -> None:
+    def mark_as_failure(self, task_id, exc, request=None) -> None:
         self.failed.append((task_id, exc))
 
 
@@ -166,7 +166,7 @@ def _refused_by_celery(monkeypatch, exc: Exception) -> str:
     monkeypatch.setattr(CeleryConsumer, "on_invalid_task", lambda self, body, message, exc: None)  # Celery's log and reject
     consumer = Consumer.__new__(Consumer)
     consumer.app = SimpleNamespace(backend=_Backend())
-    consumer.on_invalid_task(None, SimpleNamespace(headers={"id": "t-1", "task": "tasks.collect"}), exc)
+    consumer.on_invalid_task(None, SimpleNamespace(headers={"id": "t-1", "task": "tasks.collect"}, properties={}), exc)
     ((task_id, error),) = consumer.app.backend.failed
     assert task_id == "t-1"
     return str(error)
