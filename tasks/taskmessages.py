@@ -93,7 +93,9 @@ def envelope_problem(headers: object, body: object) -> str | None:
     header, a body with ``task``, ``id``, ``args`` and ``kwargs``), or a message that is not a
     task message at all (neither names a task), which Celery logs and discards itself.  Headers,
     nested more than ``MAX_REQUEST_DEPTH`` levels, and a protocol 1 body more than
-    ``MAX_PROTOCOL_1_BODY_DEPTH``, are refused too (this process pickles them for its pool).  Pure."""
+    ``MAX_PROTOCOL_1_BODY_DEPTH``, are refused too (this process pickles them for its pool), and a
+    ``retries`` that is not a whole number of 0 or more (``tasks.collect`` counts it as it sends a
+    request again).  Pure."""
     if nesting(headers, MAX_REQUEST_DEPTH) > MAX_REQUEST_DEPTH:
         return f"its headers nest lists and objects more than {MAX_REQUEST_DEPTH} levels deep"
     if isinstance(body, dict) and nesting(body, MAX_PROTOCOL_1_BODY_DEPTH) > MAX_PROTOCOL_1_BODY_DEPTH:
@@ -122,6 +124,11 @@ def envelope_problem(headers: object, body: object) -> str | None:
     for source in (fields, body) if isinstance(body, dict) else (fields,):  # as for timelimit
         if (problem := name_and_stamps_problem(source)) is not None:
             return problem
+        retries = source.get("retries")
+        if retries is not None and not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0):
+            # A batch that sent its requests again (the store unavailable) raised on it, and every
+            # request of the batch was acked unstored.
+            return f"its retries header is {retries!r:.60}, not a whole number of retries made (0 or more)"
     return arguments_problem(*arguments)
 
 

@@ -5,8 +5,10 @@ returns, ``collect_many`` up to 1,000 messages a batch."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import re
+import sqlite3
 import time
 import uuid
 from contextlib import contextmanager
@@ -344,3 +346,33 @@ async def test_with_rpc_results_a_message_the_worker_refuses_still_tells_its_cal
             await cluster.result(result, timeout=20)
     assert isinstance(await cluster.collect("rpc-user", 2, timeout=20), str)  # the backend works
     assert "result not stored" not in cluster._log("worker").read_text(errors="replace")
+
+
+async def test_a_retries_header_that_is_not_a_count_fails_its_request_and_the_batch_beside_it_is_sent_again(lazy_timer_cluster):
+    """A request made by hand or by another client with ``retries`` that is not a whole number
+    ran as long as the store took its message; but a batch that found the store unavailable
+    raised on it as it sent its requests again, and every request of the batch was acked
+    without being stored or sent again (the good one beside it was lost, its caller waited for
+    ever).  Now the worker refuses it as it reads it, saying why."""
+    cluster = lazy_timer_cluster
+    client = await cluster.connect("beside-bad-retries")
+    await cluster.collect("beside-bad-retries", "first", timeout=30)  # the store's files exist
+    await client.messages(1, timeout=30)
+    blocker = sqlite3.connect(cluster.workdir / "mongo" / "push" / "messages", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # the store unavailable, as a full disk or a long write makes it
+    try:
+        with pool_stopped(cluster):
+            ahead = cluster.send(to="beside-bad-retries", data="ahead")  # its batch holds the pool; the next two gather
+            time.sleep(0.5)
+            (bad,) = _publish_raw(cluster, "collect", "tasks.collect", [[[], {"to": "beside-bad-retries", "data": "bad"}, {}]], {"retries": "abc"})
+            good = cluster.send(to="beside-bad-retries", data="good")
+        await asyncio.to_thread(cluster.worker.wait_log, f"tasks.collect {good.id}: store unavailable", 30)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    with pytest.raises(Exception, match=re.escape("not a Celery task message: its retries header is 'abc', not a whole number")):
+        await cluster.result(cluster.business.AsyncResult(bad), timeout=30)
+    ids = [await cluster.result(r, timeout=60) for r in (ahead, good)]
+    frames = await client.messages(2, timeout=30) + await client.quiet(1.0)
+    assert sorted((f["id"], f["data"]) for f in frames) == sorted(zip(ids, ["ahead", "good"]))
+    client.close()

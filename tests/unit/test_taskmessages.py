@@ -186,3 +186,14 @@ def test_other_messages_celery_refuses_keep_their_reason_alone(monkeypatch):
     from celery.exceptions import InvalidTaskError
 
     assert _refused_by_celery(monkeypatch, InvalidTaskError("invalid ETA value 'garbage'")) == "not run: invalid ETA value 'garbage'"
+
+
+@pytest.mark.parametrize("retries", ["abc", [1], -1, 1.5, True])
+def test_a_retries_header_that_is_not_a_count_is_refused(retries):
+    assert envelope_problem({**HEADERS, "retries": retries}, [[], {}, {}]) == (
+        f"its retries header is {retries!r}, not a whole number of retries made (0 or more)")
+
+
+@pytest.mark.parametrize("retries", [None, 0, 3])
+def test_the_retries_celery_sends_pass(retries):
+    assert envelope_problem({**HEADERS, "retries": retries}, [[], {}, {}]) is None
