@@ -448,15 +448,32 @@ class Consumer(CeleryConsumer):
     def refuse(self, message, body, error: Exception) -> None:
         task_id = task_id_of(message.headers, body)
         log.error("refused a message of queue %r (task id %s): %s", (message.delivery_info or {}).get("routing_key"), task_id, error)
-        store_failure(self.app.backend, task_id, error, message.properties)
+        self._failed(message, body, task_id, error)
         message.reject_log_error(log, self.connection_errors)
         signals.task_rejected.send(sender=self, message=message, exc=error)
 
     def on_invalid_task(self, body, message, exc):
         super().on_invalid_task(body, message, exc)
-        store_failure(self.app.backend, task_id_of(message.headers, body), not_run(exc), message.properties)
+        self._failed(message, body, task_id_of(message.headers, body), not_run(exc))
 
     def on_decode_error(self, message, exc):
         super().on_decode_error(message, exc)
-        store_failure(self.app.backend, task_id_of(message.headers, None),
-                      InvalidMessage(f"not run: its body could not be decoded as {message.content_type} ({exc})"), message.properties)
+        self._failed(message, None, task_id_of(message.headers, None),
+                     InvalidMessage(f"not run: its body could not be decoded as {message.content_type} ({exc})"))
+
+    def _failed(self, message, body, task_id: str | None, error: Exception) -> None:
+        """Store ``error`` as the result of a message that will not run and, with task events on,
+        send its ``task-received`` and ``task-failed`` so that Flower lists it with its reason
+        (as Celery sends task-failed for a task it does not know).  Best effort."""
+        store_failure(self.app.backend, task_id, error, message.properties)
+        dispatcher = getattr(self, "event_dispatcher", None)
+        if task_id is None or dispatcher is None or not dispatcher.enabled:
+            return
+        fields = message.headers if isinstance(message.headers, dict) and "task" in message.headers else body
+        fields = fields if isinstance(fields, dict) else {}
+        name, args, kwargs = (value if isinstance(value, str) else None for value in (fields.get(k) for k in ("task", "argsrepr", "kwargsrepr")))
+        try:
+            dispatcher.send("task-received", uuid=task_id, name=name, args=args or "", kwargs=kwargs or "", retries=0)
+            dispatcher.send("task-failed", uuid=task_id, exception=f"{type(error).__name__}: {error}", traceback="")
+        except Exception as exc:  # noqa: BLE001 - events are for watching; the failure is stored and logged
+            log.warning("task %s: its task-failed event not sent (%s)", task_id, exc)

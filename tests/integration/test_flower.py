@@ -255,3 +255,23 @@ async def test_an_invalid_collect_request_shows_in_flower_as_a_failed_task_with_
             pytest.fail(f"no failed tasks.collect task in Flower after {DEADLINE:g} s (last seen: {task})")
     assert "empty list" in task["exception"]
     assert task["worker"].startswith("worker")
+
+
+async def test_a_collect_the_worker_refuses_unread_shows_in_flower_as_a_failed_task_with_its_reason(cluster, flower):
+    """A message the worker refuses before it runs (here sent with another serializer) fails with
+    its reason as its result, and showed nowhere in Flower: it sent no task event, where Celery
+    sends task-failed for a task it does not know."""
+    async def refused_task():
+        result = cluster.business.send_task("tasks.collect", kwargs={"to": "flower-refused", "data": 1}, queue="collect", serializer="pickle")
+        with pytest.raises(Exception, match="accepts JSON only"):
+            await cluster.result(result, 20)
+        await asyncio.sleep(1.0)
+        tasks = await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.collect")
+        return tasks.get(result.id)
+
+    deadline = time.monotonic() + DEADLINE
+    while not (task := await refused_task()) or task["state"] != "FAILURE":
+        if time.monotonic() > deadline:
+            pytest.fail(f"no refused tasks.collect task in Flower after {DEADLINE:g} s (last seen: {task})")
+    assert "accepts JSON only" in task["exception"] and task["exception"].startswith("InvalidMessage")
+    assert task["worker"].startswith("worker")
