@@ -145,8 +145,11 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
 
 #: What Dispatch retries: a routing that failed for one of these can simply run again.  A Redis over
 #: ``maxmemory`` refuses the lookup's pending marks (``OutOfMemoryError``) until it has room again
-#: (:mod:`redisfull`); a broker over it refuses the publish, which kombu raises as ``OperationalError``.
-DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, OperationalError, StoreUnavailable)
+#: (:mod:`redisfull`), and one demoted to a replica by a failover (``ReadOnlyError``) until it is
+#: promoted again or its address moves to the new primary; a broker over ``maxmemory`` refuses the
+#: publish, which kombu raises as ``OperationalError``.
+DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                      OperationalError, StoreUnavailable)
 
 
 @app.task(

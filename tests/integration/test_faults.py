@@ -15,6 +15,8 @@ import concurrent.futures
 
 import psutil
 import pytest
+import redis as redis_lib
+from celery import Celery
 
 import launcher
 from tests.integration.browser import Browser, check_exactly_once, confirm, stream, wait_complete
@@ -381,4 +383,44 @@ async def test_a_collect_whose_messages_are_stored_when_redis_and_the_broker_go_
     assert [(f["id"], f["data"]) for f in frames] == [(message_id, {"poison": "redis-down"})]
     assert "1 stored messages routed or queued for tasks.dispatch after" in log.read_text(errors="replace")
     assert cluster.worker.alive
+    client.close()
+
+
+@pytest.fixture
+def routing_redis_cluster(request, tmp_path):
+    """A private cluster on the Redis broker with one node, whose routing Redis (``REDIS_URL``) is
+    a server of its own; results go to the broker's."""
+    routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
+    request.addfinalizer(routing.stop)
+    broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
+    request.addfinalizer(broker.stop)
+    cluster = Cluster(routing, tmp_path, broker_url=broker.url(0), auth_port=launcher.free_port(), RESULT_BACKEND=broker.url(1))
+    cluster.business = Celery(broker=broker.url(0), backend=broker.url(1))
+    cluster.broker = "redis"
+    start_or_explain(cluster, nodes=1)
+    yield cluster
+    cluster.stop(at_once=True)
+
+
+async def test_a_collect_while_the_routing_redis_is_a_replica_for_a_moment_is_queued_and_delivered(routing_redis_cluster):
+    """A failover demotes the routing Redis to a replica for a moment (it refuses writes with
+    READONLY; here its primary is unreachable, so it keeps its data): Dispatch's lookup, which
+    records the pending deliveries, is refused.  Collect stored the message, then failed the
+    request with ReadOnlyError, where a Redis that does not answer has the batch queue its
+    messages for ``tasks.dispatch``, which retries: now so does a refusal of a replica."""
+    cluster = routing_redis_cluster
+    client = await cluster.connect("failover-user")
+    first = await cluster.collect("failover-user", "before", timeout=20)
+    assert [f["id"] for f in await client.messages(1)] == [first]
+    routing = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
+    routing.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer
+    try:
+        sent = cluster.send(to="failover-user", data="during")
+        await asyncio.to_thread(cluster.worker.wait_log, "dispatching 1 stored messages inline failed (You can't write against a read only replica", 20)
+        await asyncio.sleep(1.0)
+    finally:
+        routing.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+    message_id = await cluster.result(sent, 20)
+    frames = await client.messages(1, timeout=60)
+    assert [(f["id"], f["data"]) for f in frames] == [(message_id, "during")]
     client.close()
