@@ -46,6 +46,7 @@ import uuid
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.utils.time import get_exponential_backoff_interval
+from redis.exceptions import ReadOnlyError
 
 import redisfull
 import redislogin
@@ -355,7 +356,8 @@ def _store_results(done: list[tuple[object, str]]) -> None:
                 pipe.publish(key, value)
             pipe.execute()
 
-    _while_redis_is_down(attempt, lambda exc: backend.exception_safe_to_retry(exc) or redisfull.is_full(exc),
+    # A replica (a failover's demotion) refuses the SET, and still sends the PUBLISH to the callers waiting now.
+    _while_redis_is_down(attempt, lambda exc: backend.exception_safe_to_retry(exc) or redisfull.is_full(exc) or isinstance(exc, ReadOnlyError),
                          f"{len(done)} results of {done[0][0].name}", "stored", redis_names=("RESULT_BACKEND",),
                          give_up="their messages are stored and sent; business code waiting for these ids gets none")
 

@@ -386,16 +386,18 @@ async def test_a_collect_whose_messages_are_stored_when_redis_and_the_broker_go_
     client.close()
 
 
-@pytest.fixture
+@pytest.fixture(params=["broker", "routing"], ids=["results-on-the-broker", "results-on-redis-url"])
 def routing_redis_cluster(request, tmp_path):
     """A private cluster on the Redis broker with one node, whose routing Redis (``REDIS_URL``) is
-    a server of its own; results go to the broker's."""
+    a server of its own; results go to the broker's, or (the default) to ``REDIS_URL``'s."""
     routing = launcher.RedisServer(data_dir=tmp_path / "routing").start()
     request.addfinalizer(routing.stop)
     broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
     request.addfinalizer(broker.stop)
-    cluster = Cluster(routing, tmp_path, broker_url=broker.url(0), auth_port=launcher.free_port(), RESULT_BACKEND=broker.url(1))
-    cluster.business = Celery(broker=broker.url(0), backend=broker.url(1))
+    results = {"RESULT_BACKEND": broker.url(1)} if request.param == "broker" else {}
+    cluster = Cluster(routing, tmp_path, broker_url=broker.url(0), auth_port=launcher.free_port(), **results)
+    if results:
+        cluster.business = Celery(broker=broker.url(0), backend=broker.url(1))
     cluster.broker = "redis"
     start_or_explain(cluster, nodes=1)
     yield cluster
@@ -407,7 +409,9 @@ async def test_a_collect_while_the_routing_redis_is_a_replica_for_a_moment_is_qu
     READONLY; here its primary is unreachable, so it keeps its data): Dispatch's lookup, which
     records the pending deliveries, is refused.  Collect stored the message, then failed the
     request with ReadOnlyError, where a Redis that does not answer has the batch queue its
-    messages for ``tasks.dispatch``, which retries: now so does a refusal of a replica."""
+    messages for ``tasks.dispatch``, which retries: now so does a refusal of a replica.  Results
+    kept there (the default) were not stored (only published, which a replica does): now they
+    are written again until it is a primary, as after a restart."""
     cluster = routing_redis_cluster
     client = await cluster.connect("failover-user")
     first = await cluster.collect("failover-user", "before", timeout=20)
@@ -423,4 +427,10 @@ async def test_a_collect_while_the_routing_redis_is_a_replica_for_a_moment_is_qu
     message_id = await cluster.result(sent, 20)
     frames = await client.messages(1, timeout=60)
     assert [(f["id"], f["data"]) for f in frames] == [(message_id, "during")]
+    # Stored, not only published to the callers waiting then (Redis publishes on a replica too).
+    for _ in range(100):
+        if (stored := cluster.business.backend.get_task_meta(sent.id, cache=False)["result"]) is not None:
+            break
+        await asyncio.sleep(0.2)
+    assert stored == message_id
     client.close()
