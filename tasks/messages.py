@@ -47,7 +47,7 @@ def not_unicode(text: str) -> str | None:
 
 def check_user_id(value: object, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise InvalidMessage(f"{where} must be a non-empty string user id, got {value!r}")
+        raise InvalidMessage(f"{where} must be a non-empty string user id, got {value!r:.60}")
     if (char := forbidden_character(value)) is not None:
         raise InvalidMessage(f"{where} holds {char!r}: user ids have no whitespace, control, format or surrogate characters "
                              "(auth issues no token for such an id)")

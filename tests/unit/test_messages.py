@@ -82,6 +82,15 @@ def test_a_non_string_item_is_rejected_with_its_index_and_value(bad, shown):
     assert '"to"[2]' in text and shown in text
 
 
+def test_a_huge_non_string_item_is_shown_cut_short():
+    """Its whole repr went into the error: into the worker's log line and the stored result, a
+    megabyte each for an item of a megabyte (a user object passed where its id belongs)."""
+    text = rejection(["alice", {"id": "bob", "profile": "x" * 1_000_000}], 1)
+
+    assert text.startswith('"to"[1] must be a non-empty string user id, got {\'id\': \'bob\', \'profile\': \'xxx')
+    assert len(text) < 200
+
+
 def test_a_blank_item_in_a_list_is_rejected_with_its_index():
     assert '"to"[0] must be a non-empty string user id' in rejection([" ", "alice"], 1)
 
