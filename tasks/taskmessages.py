@@ -47,8 +47,10 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY
 from celery.worker.consumer.consumer import logger as celery_consumer_log
 from celery.worker.state import maybe_shutdown
+from kombu import serialization
 from kombu.common import ignore_errors
 from kombu.exceptions import ContentDisallowed
+from kombu.utils import json as kombu_json
 
 import redislogin
 from tasks.channelerrors import ChannelErrorBackoff, advice
@@ -194,6 +196,29 @@ def not_run(exc: Exception) -> InvalidMessage:
         return InvalidMessage(f"not run: {exc}; the worker accepts JSON only: send it with Celery's default serializer, "
                               "json (task_serializer=\"json\", or serializer=\"json\" in apply_async)")
     return InvalidMessage(f"not run: {exc}")
+
+
+def _typed_value_or_object(obj: dict) -> object:
+    """kombu's JSON object hook, which reads an object whose only keys are ``__type__`` and
+    ``__value__`` as the date, UUID, decimal or bytes it encodes; one it cannot read so (a type it
+    does not know, a value that is not one) was not made by its encoder and is kept as it is.
+    kombu's raised, and failed the decoding of the whole message: a ``tasks.collect_many`` whose
+    one item's data had that shape failed whole, with none of its other items stored.  Pure."""
+    try:
+        return kombu_json.object_hook(obj)
+    except Exception:  # noqa: BLE001 - ValueError, TypeError, AttributeError, decimal's errors ...: not an encoded value
+        return obj
+
+
+def json_loads(data: bytes | str) -> object:
+    """kombu's ``json`` decoder, with :func:`_typed_value_or_object` as its object hook."""
+    return kombu_json.loads(data, object_hook=_typed_value_or_object)
+
+
+def register_json() -> None:
+    """Make :func:`json_loads` this process's decoder of ``application/json`` (kombu's ``json``
+    serializer, its encoder unchanged).  Idempotent."""
+    serialization.registry.register("json", kombu_json.dumps, json_loads, content_type="application/json", content_encoding="utf-8")
 
 
 def caller(reply_to: object, correlation_id: object) -> Bunch:

@@ -280,6 +280,24 @@ async def test_an_invalid_item_in_collect_many_rejects_only_that_item_with_its_i
     client.close()
 
 
+async def test_an_object_shaped_like_kombus_typed_values_rejects_at_most_its_own_collect_many_item(cluster):
+    """kombu's JSON decoder reads an object whose only keys are ``__type__`` and ``__value__`` as
+    the date, UUID, decimal or bytes it encodes.  One it could not read (a type it does not know, a
+    value that is not one) failed the decoding of the whole message: a ``collect_many`` failed
+    whole, every other item unstored, with "not run: its body could not be decoded" and no index.
+    Such an object is no encoded value: it is kept as the caller sent it, and delivered."""
+    client = await cluster.connect("typed-shapes")
+    sent = [{"__type__": "uuid", "__value__": "not a uuid"}, {"__type__": "no-such-type", "__value__": 1}, 2,
+            {"__type__": "datetime", "__value__": "2020-01-01T00:00:00"}]
+    results = await cluster.collect_many([{"to": "typed-shapes", "data": data} for data in sent])
+    assert all(isinstance(result, str) for result in results[:3]), results
+    assert results[3]["index"] == 3 and "not JSON" in results[3]["error"]  # a datetime, as documented
+    frames = await client.messages(3)
+    assert [(f["id"], f["data"]) for f in frames] == list(zip(results[:3], sent[:3]))
+    assert await client.quiet(0.5) == []
+    client.close()
+
+
 async def test_a_malformed_message_on_a_node_queue_is_dropped_and_the_node_keeps_delivering(cluster):
     port = cluster.node_ports[0]
     client = await cluster.connect("after-garbage", port)
