@@ -138,7 +138,7 @@ MALFORMED = [  # (body, what the failure says)
 REFUSED_BY_CELERY = [
     ([[], {"to": "lone", "data": 1}, {}], {"eta": "tomorrow"}, "not run: invalid ETA value 'tomorrow'"),
     ([[], {"to": "lone", "data": 1}, {}], {"expires": "never"}, "not run: invalid expires value 'never'"),
-    # read, but no time the worker's clock holds (year 0 in UTC): rejected and logged, no result stored
+    # read, but no time the worker's clock holds (year 0 in UTC): rejected, logged, and its failure stored
     ([[], {"to": "lone", "data": 1}, {}], {"eta": "0001-01-01T00:00:00+05:00"}, "not run: its eta 0001-01-01T00:00:00+05:00 cannot be read as a time"),
 ]
 #: ``timelimit`` headers that are not ``[hard, soft]`` (seconds or null each): a plain task's request
