@@ -114,10 +114,13 @@ def key_reused_for_another(key: str, message_id: str) -> str:
             f"that message was sent again and this request's was not stored; {fix}")
 
 
-def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], str]], patient: bool = True) -> list:
+def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], str]], patient: bool = True,
+                                 retried: frozenset[str] | set[str] = frozenset()) -> list:
     """Store and dispatch each group of messages under its own idempotency key, all of them with
     one claim, one insert and one route; returns per group its ids, or an InvalidMessage when
-    its key was bound before to another number of messages.  ``patient``: see :func:`_hand_off`."""
+    its key was bound before to another number of messages.  ``patient``: see :func:`_hand_off`.
+    ``retried``: the keys of requests this worker sent again (:func:`_retry`), whose earlier run
+    has ended (:func:`_claim_afresh`)."""
     store = get_store()
     fresh = _process().ids.next_ids(sum(len(messages) for messages, _ in groups))
     wanted, at = [], 0
@@ -126,7 +129,7 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
         at += len(messages)
     results: list = []
     ids, messages_out, keys_out, seen = [], [], [], {}
-    for (messages, key), bound in zip(groups, store.claim_many(wanted)):
+    for (messages, key), bound in zip(groups, _claim_afresh(store, wanted, store.claim_many(wanted), retried)):
         if len(bound) != len(messages):
             results.append(key_reused(key, len(bound), len(messages)))
             continue
@@ -143,6 +146,32 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
             keys_out.append(key)
     _store_and_route(store, ids, messages_out, fresh, patient, keys_out)
     return results
+
+
+def _claim_afresh(store, wanted: list[tuple[str, list[str]]], claimed: list[list[str]], retried) -> list[list[str]]:
+    """``claimed``, with the keys of ``retried`` whose earlier ids are none of them stored bound
+    to this run's ids (``wanted``) instead.
+
+    Such a request's first run claimed its key and then could not store its messages (the store
+    unavailable).  Stored now under that run's ids, up to tens of seconds old, they would fall
+    before the ``since`` of a device that saw a message stored meanwhile and resumes from it: the
+    replay (which reaches ``RESUME_OVERLAP_MS`` back) skipped them.  Their new ids are from now,
+    and no caller saw the old ones (a request's ids are its result, stored once it succeeds).
+    Only for requests this worker sent again: the run that sent one has ended, so no other run
+    of it is about to store the old ids.  A request redelivered after its worker died between
+    the two writes keeps its old ids (another copy of it may still be running)."""
+    stale: dict[str, tuple[list[str], list[str]]] = {}
+    for (key, mine), bound in zip(wanted, claimed):
+        if key in retried and key not in stale and bound != mine and len(bound) == len(mine):
+            stale[key] = (bound, mine)
+    if not stale:
+        return claimed
+    stored = store.messages([mid for old, _ in stale.values() for mid in old], {"_id": 1})
+    rebound = store.rebind_keys([(key, old, new) for key, (old, new) in stale.items() if not any(mid in stored for mid in old)])
+    for key in rebound:
+        log.info("idempotency key %r: its first run stored none of its messages (%s); bound to new ids from now (%s)",
+                 key, ", ".join(stale[key][0]), ", ".join(stale[key][1]))
+    return [stale[key][1] if key in rebound else bound for (key, _), bound in zip(wanted, claimed)]
 
 
 def _store_and_route(store, ids: list[str], valid: list[validation.Message], fresh: list[str], patient: bool = True,
@@ -277,7 +306,8 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
     log.debug("%s: %d requests, %d messages in one batch", task.name, len(requests), sum(len(m) for _, m, _, _ in storing))
     try:
         patient = not any(_eager(req) for req, *_ in storing)
-        bound = _persist_and_dispatch_groups([(messages, key) for _, messages, key, _ in storing], patient) if storing else []
+        retried = {key for req, _, key, _ in storing if _retries(req)}
+        bound = _persist_and_dispatch_groups([(messages, key) for _, messages, key, _ in storing], patient, retried) if storing else []
     except StoreUnavailable as exc:
         for req, *_ in storing:
             outcomes[req.id] = _retry(task, req, exc)
@@ -426,10 +456,15 @@ def _eager(req) -> bool:
     return bool((getattr(req, "delivery_info", None) or {}).get("is_eager"))
 
 
+def _retries(req) -> int:
+    """How many times this worker sent ``req`` again (:func:`_retry`): 0 for a first run."""
+    return int((req.request_dict or {}).get("retries") or 0)
+
+
 def _retry(task, req, exc: Exception) -> tuple[str, object]:
     """Send ``req`` again (same task id, same kwargs, so the same idempotency key) after a
     backoff; after ``COLLECT_MAX_RETRIES`` the request fails with ``exc``."""
-    retries = int((req.request_dict or {}).get("retries") or 0)
+    retries = _retries(req)
     eager = _eager(req)  # run in the caller's process: it fails at once
     if eager or retries >= COLLECT_MAX_RETRIES:
         log.error("%s %s failed %s: %s", task.name, req.id, "(run eagerly, no retry)" if eager else f"after {retries} retries", exc)

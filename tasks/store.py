@@ -343,6 +343,22 @@ class Store:
             claimed.update(zip(purged, self.claim_many(list(purged.items()))))
         return [claimed[key] for key, _ in claims]
 
+    def rebind_keys(self, rebinds: list[tuple[str, list[str], list[str]]]) -> set[str]:
+        """For each ``(key, old ids, new ids)``, bind ``key`` to the new ids if it is still bound
+        to the old ones; returns the keys rebound.  For a request whose first run claimed its key
+        and then could not store its messages (the store unavailable): stored later under the
+        ids of that first run, tens of seconds old, they fell before the ``since`` of a resume
+        from a message stored meanwhile, which skipped them.  Only the run that sent the request
+        again may call this, once it found none of the old ids stored: a compare-and-set per key,
+        so that of two runs rebinding at once one wins and the other gets its ids."""
+        now = datetime.datetime.now(UTC)
+        rebound: set[str] = set()
+        with self._errors(f"binding {len(rebinds)} idempotency keys anew"), self._key_lock():
+            for key, old, new in rebinds:
+                if self._keys.update_one({"_id": key, "ids": list(old)}, {"$set": {"ids": list(new), "at": now}}).matched_count:
+                    rebound.add(key)
+        return rebound
+
     @contextlib.contextmanager
     def _key_lock(self) -> Iterator[None]:
         """On the embedded engine, one process at a time claims keys: litemongo checks that an _id

@@ -8,6 +8,7 @@ with a countdown.  Business code here knows the tasks by name only."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import sqlite3
 import time
@@ -99,7 +100,7 @@ async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_ar
 async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdown_and_delivered_once(held_cluster):
     """The store unavailable (here the embedded store's messages file locked by another process,
     as a long write or a full disk would): the request is sent again with a countdown, waits on
-    the worker's timer, and once the store is back is stored and delivered under its first id."""
+    the worker's timer, and once the store is back is stored and delivered once, under the id it returns."""
     cluster = held_cluster
     client = await cluster.connect("patient")
     first = await cluster.collect("patient", "first")  # the store's files exist
@@ -116,6 +117,51 @@ async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdow
     frames = await client.messages(1, timeout=30) + await client.quiet(1.0)
     assert [(f["id"], f["data"]) for f in frames] == [(second, "second")]
     client.close()
+
+
+async def test_a_collect_whose_first_run_stored_nothing_gets_ids_from_when_it_is_stored_so_a_later_resume_replays_it(held_cluster):
+    """A request whose first run claimed its key (its ids) and found the messages file locked is
+    sent again; a message stored before that retry runs reaches a device, which then goes
+    offline.  The retry stored the request's message under the first run's ids, seconds older
+    than that device's ``since``, and its resume skipped it.  Now the retry binds its key to ids
+    of its own time, and the resume replays the message."""
+    cluster = held_cluster
+    device = await cluster.connect("roamer")
+    first = await cluster.collect("roamer", "first")  # the store's files exist
+    assert [f["id"] for f in await device.messages(1)] == [first]
+    blocker = sqlite3.connect(cluster.workdir / "mongo" / "push" / "messages", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        result = cluster.send(to="roamer", data="late")
+        sent = time.monotonic()
+        pattern = re.compile(rf"tasks\.collect {result.id}: store unavailable .*; retry (\d+) in ([\d.]+) s")
+        # Held until a retry waits long enough for the message below to be stored first, and the
+        # first run's ids are older than the resume's overlap (RESUME_OVERLAP_MS, 2 s).
+        seen = 0
+        while True:
+            retries = [(int(n), float(wait)) for n, wait in pattern.findall(cluster.worker.log_tail(2000))]
+            if len(retries) > seen:
+                seen = len(retries)
+                retry, countdown = retries[-1]
+                if countdown >= 1.5 and time.monotonic() - sent > 2.5:
+                    break
+                assert retry < 4, f"no retry waited 1.5 s or more: {retries}"
+            await asyncio.sleep(0.05)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    later = await cluster.collect("roamer", "later")
+    assert [f["id"] for f in await device.messages(1)] == [later]
+    device.close()
+    late = await cluster.result(result, 60)
+    assert late > later, f"stored under its first run's id {late}, before the message stored meanwhile ({later})"
+    resumed = await cluster.connect("roamer", since=later)
+    frames = await resumed.messages(1, timeout=30)
+    if frames[0]["id"] == later:  # the replay reaches RESUME_OVERLAP_MS back: clients drop what they had by id
+        frames = await resumed.messages(1, timeout=30)
+    frames += [f for f in await resumed.quiet(0.5) if f["type"] == "message"]
+    assert [(f["id"], f["data"]) for f in frames] == [(late, "late")]
+    resumed.close()
 
 
 async def test_a_rate_limit_set_while_the_worker_runs_spaces_the_requests_out_in_order(held_cluster):

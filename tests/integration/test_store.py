@@ -555,6 +555,15 @@ def test_a_key_given_twice_in_one_claim_gets_the_first_ids_both_times(store):
     assert store.claim_many([("key:k", ["a" * 24]), ("key:k", ["b" * 24])]) == [["a" * 24], ["a" * 24]]
 
 
+def test_a_key_is_bound_anew_only_while_it_still_holds_the_ids_its_rebinder_found(store):
+    store.claim_many([("task:t1", ["a" * 24, "b" * 24]), ("task:t2", ["c" * 24])])
+    rebound = store.rebind_keys([("task:t1", ["a" * 24, "b" * 24], ["d" * 24, "e" * 24]), ("task:t2", ["x" * 24], ["f" * 24])])
+    assert rebound == {"task:t1"}, "t2 holds other ids than the rebinder found: another run bound it meanwhile"
+    assert store.claim_many([("task:t1", ["g" * 24, "g" * 24]), ("task:t2", ["h" * 24])]) == [["d" * 24, "e" * 24], ["c" * 24]]
+    assert store.rebind_keys([("task:t1", ["a" * 24, "b" * 24], ["i" * 24, "j" * 24])]) == set(), "a second rebind from the same old ids lost"
+    assert store.claim_ids("task:t1", ["k" * 24, "k" * 24]) == ["d" * 24, "e" * 24]
+
+
 def test_the_inbox_holds_the_users_unacked_messages_oldest_first(store):
     gen = IdGenerator()
     messages = [make(gen, ["ann", "bob"], {"n": n}) for n in range(4)]

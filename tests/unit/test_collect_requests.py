@@ -99,7 +99,7 @@ def test_a_request_whose_key_was_bound_to_another_number_of_messages_is_logged_a
     from tasks.collect import _parse_collect_many, _run_batch
 
     refusal = InvalidMessage("idempotency key 'task:t-1' was used before for 1 message(s), not 2: use a new key per task")
-    monkeypatch.setattr(collect_module, "_persist_and_dispatch_groups", lambda groups, patient=True: [refusal])
+    monkeypatch.setattr(collect_module, "_persist_and_dispatch_groups", lambda groups, patient=True, retried=frozenset(): [refusal])
     stored = []
     monkeypatch.setattr(collect_module, "_store_result", lambda req, value, failed=False: stored.append((req.id, value, failed)))
     many = SimpleRequest("t-1", "tasks.collect_many", (), {"messages": [{"to": "alice", "data": 1}, {"to": "bob", "data": 2}]}, {}, "worker@host", False, None, None, {})
