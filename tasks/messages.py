@@ -7,7 +7,10 @@ invalid message.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,29 @@ MISSING: Any = object()
 
 class InvalidMessage(ValueError):
     """A business message that cannot be collected; retrying it unchanged fails again."""
+
+
+def checked_arguments(task_name: str) -> Callable[[Callable], Callable]:
+    """Decorate a task's function (under ``@app.task``) so that a request with missing, extra or
+    unknown arguments fails with :class:`InvalidMessage`, naming what the task takes, as any other
+    bad request of the caller's does (the task's ``throws``: one line at INFO), where Python's
+    ``TypeError`` was logged as a worker ERROR with a traceback.  Business code that knows the
+    task by name only sends its arguments unchecked.  The function keeps its signature, so that
+    Celery still checks the calls of code that imports the task.  Pure."""
+    def decorate(fun: Callable) -> Callable:
+        signature = inspect.signature(fun)
+
+        @functools.wraps(fun)
+        def checked(*args, **kwargs):
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise InvalidMessage(f"{task_name} takes ({', '.join(signature.parameters)}): {exc}") from None
+            return fun(*args, **kwargs)
+
+        checked.__signature__ = signature  # Celery reads it with getfullargspec, which does not follow __wrapped__
+        return checked
+    return decorate
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import redis
 
 import settings
 from tasks import dispatch
-from tasks.messages import InvalidMessage, check_user_id
+from tasks.messages import InvalidMessage, check_user_id, checked_arguments
 from tasks.routing import BROADCAST
 from worker import app
 
@@ -43,6 +43,7 @@ def users_of(value: object, most: int) -> tuple[str, ...]:
 # as a worker ERROR with a traceback; the task still fails with it.
 @app.task(name="tasks.presence", autoretry_for=(redis.ConnectionError, redis.TimeoutError), retry_backoff=True, max_retries=3,
           throws=(InvalidMessage,))
+@checked_arguments("tasks.presence")
 def presence(users: str | list[str]) -> dict[str, list[str]]:
     wanted = users_of(users, settings.MAX_RECIPIENTS)
     found, live = dispatch.routes.lookup(wanted)

@@ -13,7 +13,7 @@ Broadcasts list the users that got them.  An unknown or purged id gives ``{"id":
 from __future__ import annotations
 
 from tasks.ids import id_problem
-from tasks.messages import InvalidMessage
+from tasks.messages import InvalidMessage, checked_arguments
 from tasks.store import StoreUnavailable, get_store
 from worker import app
 
@@ -21,6 +21,7 @@ from worker import app
 # throws: a caller's bad id is logged as Celery logs an expected error (INFO, one line), not as a
 # worker ERROR with a traceback; the task still fails with it.
 @app.task(name="tasks.status", autoretry_for=(StoreUnavailable,), retry_backoff=True, max_retries=3, throws=(InvalidMessage,))
+@checked_arguments("tasks.status")
 def status(message_id: str) -> dict:
     if (problem := id_problem(message_id)) is not None:
         raise InvalidMessage(f"{message_id!r:.60} is not a message id ({problem}): pass the id tasks.collect returned, as it returned it")

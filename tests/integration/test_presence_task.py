@@ -70,13 +70,17 @@ async def test_a_bad_presence_request_fails_with_a_clear_error(cluster, users, e
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)
-@pytest.mark.parametrize("task, args", [("tasks.presence", ["*"]), ("tasks.status", ["not-an-id"])], ids=["presence", "status"])
-async def test_a_callers_bad_request_is_logged_as_expected_in_one_line_not_as_an_error_with_a_traceback(cluster, task, args):
+@pytest.mark.parametrize("task, args, kwargs", [
+    ("tasks.presence", ["*"], {}), ("tasks.status", ["not-an-id"], {}),
+    # Arguments the function does not take: Python's TypeError, logged as an ERROR with a traceback.
+    ("tasks.status", [], {}), ("tasks.presence", [["ann"], "bob"], {}), ("tasks.status", [], {"id": "x"}),
+], ids=["presence", "status", "status-no-argument", "presence-two-arguments", "status-unknown-keyword"])
+async def test_a_callers_bad_request_is_logged_as_expected_in_one_line_not_as_an_error_with_a_traceback(cluster, task, args, kwargs):
     """A caller's mistake is the caller's, as for tasks.collect (one WARNING line, "rejected"): the
     worker logs it as Celery logs a task's declared ``throws``, at INFO, without a traceback, and
     the task still fails with the error."""
-    result = cluster.business.send_task(task, args=args, queue="dispatch")
-    with pytest.raises(Exception, match="InvalidMessage|not a message id|is not one"):
+    result = cluster.business.send_task(task, args=args, kwargs=kwargs, queue="dispatch")
+    with pytest.raises(Exception, match="InvalidMessage|not a message id|is not one|takes \\((message_id|users)\\)"):
         await asyncio.to_thread(result.get, timeout=20)
     assert result.state == "FAILURE"
     log = cluster._log("worker")

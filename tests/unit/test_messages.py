@@ -298,3 +298,22 @@ def test_a_message_whose_mongodb_document_would_pass_16_mib_fails_alone_and_says
         validate("alice", numbers, max_bytes=4_000_000, max_recipients=10)
     assert document_problem(("alice",), numbers[:1_000_000], 2_000_000) is None  # about 12 MB
     assert document_problem(BROADCAST, {"text": "hi"}, 13) is None
+
+
+def test_checked_arguments_names_what_the_task_takes_and_keeps_the_signature():
+    import inspect
+
+    from tasks.messages import checked_arguments
+
+    @checked_arguments("tasks.example")
+    def example(message_id: str, verbose: bool = False) -> tuple:
+        return message_id, verbose
+
+    assert example("m1", verbose=True) == ("m1", True)
+    for args, kwargs, says in [((), {}, "missing a required argument: 'message_id'"), (("a", True, 3), {}, "too many positional arguments"),
+                               (("a",), {"colour": 1}, "got an unexpected keyword argument 'colour'")]:
+        with pytest.raises(InvalidMessage, match=r"^tasks\.example takes \(message_id, verbose\): ") as caught:
+            example(*args, **kwargs)
+        assert says in str(caught.value)
+    assert list(inspect.signature(example).parameters) == ["message_id", "verbose"]
+    assert inspect.getfullargspec(example).args == ["message_id", "verbose"], "Celery's check of importers' calls reads this"
