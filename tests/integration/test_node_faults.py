@@ -28,7 +28,7 @@ from tests.integration.test_auth_cache import HeldVerifyHandler
 from tests.integration.test_guarantees import wait_for
 from tests.integration.test_metrics import closes, scrape, value
 from tests.integration.tcpproxy import FreezableProxy
-from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_server_frame
+from tests.integration.wsclient import Client, client_close_frame, client_text_frame, dedup, raw_connect, read_data_frame
 from tasks.ids import IdGenerator
 from tasks.queues import DELIVER_TASK, node_queue
 from tasks.reclaim import hand_back
@@ -300,11 +300,11 @@ async def test_an_ack_sent_before_the_client_saw_the_drains_1001_is_recorded(clu
     user = "ack-during-drain"
     reader, writer = await raw_connect(node.port, f"token={await asyncio.to_thread(cluster.token, user)}")
     try:
-        assert [json.loads((await read_server_frame(reader, 15))[1])["type"] for _ in range(2)] == ["hello", "resumed"]
+        assert [json.loads((await read_data_frame(reader, 15))[1])["type"] for _ in range(2)] == ["hello", "resumed"]
         message_id = await cluster.collect(user, {"n": 1})
-        assert json.loads((await read_server_frame(reader, 15))[1])["id"] == message_id
+        assert json.loads((await read_data_frame(reader, 15))[1])["id"] == message_id
         os.kill(node.pid, signal.SIGTERM)
-        while (frame := await read_server_frame(reader, 15)) is not None and frame[0] != 0x8:
+        while (frame := await read_data_frame(reader, 15)) is not None and frame[0] != 0x8:
             pass
         assert frame is not None and frame[1][:2] == CloseCode.GOING_AWAY.to_bytes(2, "big")
         writer.write(client_text_frame(json.dumps({"type": "ack", "id": message_id})) + client_close_frame())
@@ -325,10 +325,10 @@ async def test_a_connection_closed_already_is_not_closed_and_counted_again(clust
     reader, writer = await raw_connect(node.port, f"token={await asyncio.to_thread(cluster.token, user)}")
     healthy = await cluster.connect(user, node.port)  # the revocation closes it: proof it reached the node
     try:
-        assert [json.loads((await read_server_frame(reader, 15))[1])["type"] for _ in range(2)] == ["hello", "resumed"]
+        assert [json.loads((await read_data_frame(reader, 15))[1])["type"] for _ in range(2)] == ["hello", "resumed"]
         writer.write(client_text_frame("not json"))
         await writer.drain()
-        opcode, payload = await read_server_frame(reader, 15)
+        opcode, payload = await read_data_frame(reader, 15)
         assert opcode == 0x8 and payload[:2] == CloseCode.BAD_REQUEST.to_bytes(2, "big")
         await asyncio.to_thread(cluster.revoke, {"user_id": user})  # the raw peer has not answered the close
         assert (await healthy.closed(10))[0] == CloseCode.UNAUTHORIZED

@@ -23,7 +23,7 @@ import pytest
 
 import launcher
 from tests.integration.test_metrics import closes
-from tests.integration.wsclient import Client, client_text_frame, dedup, raw_connect, read_server_frame
+from tests.integration.wsclient import Client, client_text_frame, dedup, raw_connect, read_data_frame
 from wsnode.closecodes import CloseCode
 
 LIMIT = 65536
@@ -45,7 +45,7 @@ async def live_raw_peer(cluster, port: int, user: str):
     ``resumed`` frames: ``(token, reader, writer)``."""
     token = await asyncio.to_thread(cluster.token, user)
     reader, writer = await raw_connect(port, f"token={token}", receive_buffer=4096, limit=4096)
-    opening = [json.loads((await read_server_frame(reader, 15))[1]) for _ in range(2)]
+    opening = [json.loads((await read_data_frame(reader, 15))[1]) for _ in range(2)]
     assert [frame["type"] for frame in opening] == ["hello", "resumed"], opening
     return token, reader, writer
 
@@ -67,7 +67,7 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_resumes_witho
 
         # What the node wrote before it gave up, in order, then its close frame.
         frames, close = [], None
-        while (frame := await read_server_frame(reader, 15)) is not None:
+        while (frame := await read_data_frame(reader, 15)) is not None:
             opcode, payload = frame
             if opcode == 0x8:
                 close = (struct.unpack("!H", payload[:2])[0], payload[2:].decode())

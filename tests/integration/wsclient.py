@@ -159,6 +159,17 @@ async def read_server_frame(stream: asyncio.StreamReader, timeout: float = 5.0) 
         return head[0] & 0x0F, await stream.readexactly(n)
 
 
+async def read_data_frame(stream: asyncio.StreamReader, timeout: float = 5.0) -> tuple[int, bytes] | None:
+    """As :func:`read_server_frame`, skipping the node's keepalive pings (and pongs): a node pings
+    a connection first at the first one-second tick that reaches its slot (``wsnode.pinger``),
+    which for a node's first connection can be a second after the node started, between any two
+    frames it writes; a browser answers it unseen."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (frame := await read_server_frame(stream, deadline - asyncio.get_running_loop().time())) is not None and frame[0] in (0x9, 0xA):
+        pass
+    return frame
+
+
 def client_close_frame(code: int = 1000) -> bytes:
     """A close frame as a client must send it (masked), for writing by hand to a raw peer."""
     data, mask = struct.pack("!H", code), os.urandom(4)
