@@ -216,16 +216,21 @@ async def test_a_lease_not_renewed_ends_after_its_ttl_by_redis_clock(redis, serv
 
     from wsnode.registry import Lapsed, Leases
 
+    # 1.5 s: long enough that the lookup right after the write finds the lease current on a
+    # loaded machine too (the length is not what is tested: ``ends`` checks it was ttl).
+    ttl = 1.5
     client = aioredis.Redis.from_url(server.url(4))
-    leases = Leases(client, "a:1", ttl=0.5)
+    leases = Leases(client, "a:1", ttl=ttl)
     try:
         before = redis_now(redis)
         await leases.register(["ann"], node=True)
         assert RouteTable(redis).lookup(["ann"]) == ({"ann": ["a:1"]}, ["a:1"])
-        assert ends(redis.zscore(route_key("ann"), "a:1"), before, redis_now(redis), ttl=0.5)
-        while redis_now(redis) <= before + 0.5:
+        end = redis.zscore(route_key("ann"), "a:1")
+        assert ends(end, before, redis_now(redis), ttl=ttl)
+        # Past the lease's own end on Redis's clock: the write may have come well after ``before``
+        # (a loaded machine: a fixed 0.1 s more was not always enough).
+        while redis_now(redis) <= end:
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.1)  # the write came after ``before``: past its end too
 
         assert RouteTable(redis).lookup(["ann"]) == ({}, [])
         assert await leases.renew(["ann"]) == Lapsed(node=True, users=["ann"])
