@@ -187,7 +187,9 @@ async def test_a_rate_limit_set_while_the_worker_runs_spaces_the_requests_out_in
         await asyncio.to_thread(control.rate_limit, "tasks.collect", None, destination=worker, reply=True, timeout=5)
     more = [cluster.send(to="limited", data=n) for n in range(12, 24)]
     more_ids = [await cluster.result(result, 60) for result in more]
-    assert [f["id"] for f in await client.messages(12, timeout=30)] == more_ids
+    # Unlimited, they may run at the same moment on the two pool processes, which gives them no
+    # order between them (README, "Ids and order"): each arrives, once.
+    assert sorted(f["id"] for f in await client.messages(12, timeout=30)) == sorted(more_ids)
     client.close()
 
 
