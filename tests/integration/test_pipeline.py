@@ -18,13 +18,19 @@ async def test_each_of_120_users_across_two_nodes_gets_exactly_its_own_messages_
     clients = await asyncio.gather(*(cluster.connect(u, cluster.node_ports[i % 2]) for i, u in enumerate(users)))
     assert {c.hello["node"] for c in clients} == {f"127.0.0.1:{p}" for p in cluster.node_ports}
 
-    # One batch task carrying every user's sequence, then one per-message task per user.
-    batch = [{"to": u, "data": {"user": u, "n": n}} for n in range(PER_USER) for u in users]
-    ids = await cluster.collect_many(batch)
-    assert all(isinstance(i, str) for i in ids) and len(set(ids)) == len(batch)
-    singles = await asyncio.gather(*(cluster.collect(u, {"user": u, "n": PER_USER}) for u in users))
-
-    received = await asyncio.gather(*(c.messages(PER_USER + 1) for c in clients))
+    # The clients read (and ack) each message as it comes, as browsers do, while the tasks are
+    # sent: a client that read nothing until every collect had returned (several seconds on a
+    # loaded machine) got the batch's messages again once REDELIVER_AFTER (4 s) passed unacked.
+    receiving = asyncio.gather(*(c.messages(PER_USER + 1, timeout=60) for c in clients))
+    try:
+        # One batch task carrying every user's sequence, then one per-message task per user.
+        batch = [{"to": u, "data": {"user": u, "n": n}} for n in range(PER_USER) for u in users]
+        ids = await cluster.collect_many(batch)
+        assert all(isinstance(i, str) for i in ids) and len(set(ids)) == len(batch)
+        singles = await asyncio.gather(*(cluster.collect(u, {"user": u, "n": PER_USER}) for u in users))
+        received = await receiving
+    finally:
+        receiving.cancel()
     for user, client, frames in zip(users, clients, received):
         assert [f["data"] for f in frames] == [{"user": user, "n": n} for n in range(PER_USER + 1)]
     extras = await asyncio.gather(*(c.quiet(0.5) for c in clients))
