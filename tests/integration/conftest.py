@@ -253,7 +253,17 @@ def fault_cluster(request, tmp_path):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    funcargs = getattr(item, "funcargs", {})
-    cluster = funcargs.get("cluster") or funcargs.get("fault_cluster")
-    if report.failed and cluster is not None:
-        report.sections.append(("process logs", cluster.log_tails()))
+    if report.failed:
+        # The shared or fault cluster, else a test file's private one (``held_cluster``,
+        # ``poisoned_cluster``...), alone or first in the tuple its fixture yields.  Told by its
+        # method, not its class: test files import this module as ``tests.integration.conftest``,
+        # a second copy beside the one pytest loads.
+        def is_cluster(value) -> bool:
+            return callable(getattr(value, "log_tails", None))
+
+        funcargs = getattr(item, "funcargs", {})
+        values = [funcargs.get("cluster"), funcargs.get("fault_cluster"), *funcargs.values()]
+        cluster = next((value for value in values if is_cluster(value)), None) or next(
+            (value[0] for value in values if isinstance(value, tuple) and value and is_cluster(value[0])), None)
+        if cluster is not None:
+            report.sections.append(("process logs", cluster.log_tails()))
