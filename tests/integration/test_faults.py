@@ -297,8 +297,9 @@ async def test_a_request_that_kills_its_pool_process_is_failed_alone_and_the_req
     assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 21
     failure = await asyncio.to_thread(_failure_of, cluster, poison, 60)
     assert type(failure).__name__ == "LostWithItsProcess" and "not run again" in str(failure)
-    log = cluster._log("worker").read_text(errors="replace")
-    losses = [line for line in log.splitlines() if "requests was lost with its pool process" in line]
+    lost = "requests was lost with its pool process"
+    log = "\n".join(await worker_log_lines(cluster, lambda lines: sum(lost in line for line in lines) >= 3))
+    losses = [line for line in log.splitlines() if lost in line]
     assert len(losses) == 3, "the poison's batch, then the poison alone twice"
     assert "a batch of 1 requests" not in losses[0], "the poison was not in a batch with others: nothing shows they were spared"
     assert "a batch of 1 requests" in losses[1] and "a batch of 1 requests" in losses[2] and "not run again" in losses[2]
@@ -320,7 +321,8 @@ async def test_a_plain_task_that_kills_its_pool_process_fails_after_three_losses
     # The worker goes on, and the poison does not come back: no fourth pool process dies.
     assert await cluster.result(cluster.business.send_task("tasks.presence", args=[["nobody"]], queue="dispatch"), 20) == {"nobody": []}
     await asyncio.sleep(1)
-    log = cluster._log("worker").read_text(errors="replace").splitlines()
+    log = await worker_log_lines(cluster, lambda lines: sum(poison.id in line and "it goes back to the queue" in line for line in lines) >= 2
+                                 and sum("exited with 'signal 9 (SIGKILL)'" in line for line in lines) >= 3)
     back = [line for line in log if poison.id in line and "it goes back to the queue" in line]
     assert len(back) == 2 and "(1 of 3 times)" in back[0] and "(2 of 3 times)" in back[1], back
     assert len([line for line in log if "exited with 'signal 9 (SIGKILL)'" in line]) == 3
@@ -329,6 +331,16 @@ async def test_a_plain_task_that_kills_its_pool_process_fails_after_three_losses
     # clean stop, not a quick one: it can take about 30 s under load, README "Stopping a worker".)
     assert cluster.worker.terminate(60) == 0
     assert poison.id not in cluster.take_task_ids("dispatch")
+
+
+async def worker_log_lines(cluster, enough, timeout: float = 10.0) -> list[str]:
+    """The lines of the worker's log once ``enough(lines)`` is true, or after ``timeout``: the
+    worker logs a loss as it happens, but a thread of this process copies its output to the file,
+    and under load may not have yet when the test has the failure the loss led to."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not enough(lines := cluster._log("worker").read_text(errors="replace").splitlines()) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    return lines
 
 
 def _failure_of(cluster, result, timeout: float) -> BaseException:
