@@ -167,11 +167,17 @@ def _claim_afresh(store, wanted: list[tuple[str, list[str]]], claimed: list[list
     if not stale:
         return claimed
     stored = store.messages([mid for old, _ in stale.values() for mid in old], {"_id": 1})
-    rebound = store.rebind_keys([(key, old, new) for key, (old, new) in stale.items() if not any(mid in stored for mid in old)])
+    tried = [(key, old, new) for key, (old, new) in stale.items() if not any(mid in stored for mid in old)]
+    rebound = store.rebind_keys(tried)
     for key in rebound:
         log.info("idempotency key %r: its first run stored none of its messages (%s); bound to new ids from now (%s)",
                  key, ", ".join(stale[key][0]), ", ".join(stale[key][1]))
-    return [stale[key][1] if key in rebound else bound for (key, _), bound in zip(wanted, claimed)]
+    current = {key: stale[key][1] for key in rebound}
+    # A key another run rebound first (the compare-and-set lost): that run's ids, not the old ones,
+    # which that run no longer stores (two ids for one message, delivered twice).
+    lost = [(key, new) for key, _, new in tried if key not in rebound]
+    current.update(zip((key for key, _ in lost), store.claim_many(lost)))
+    return [current.get(key, bound) for (key, _), bound in zip(wanted, claimed)]
 
 
 def _store_and_route(store, ids: list[str], valid: list[validation.Message], fresh: list[str], patient: bool = True,

@@ -564,6 +564,20 @@ def test_a_key_is_bound_anew_only_while_it_still_holds_the_ids_its_rebinder_foun
     assert store.claim_ids("task:t1", ["k" * 24, "k" * 24]) == ["d" * 24, "e" * 24]
 
 
+def test_a_retry_whose_key_another_run_rebound_first_takes_that_runs_ids_not_the_old_ones(store):
+    """Two runs of one request sent again (the same ``key`` from two retried tasks, or a retry
+    redelivered) both read the key bound to ids none of which is stored, and both rebind it: the
+    one that lost the compare-and-set stored the message under the old ids, the winner under its
+    own, and the message went out twice under two ids."""
+    from tasks.collect import _claim_afresh
+
+    old, theirs, mine = ["a" * 24], ["b" * 24], ["c" * 24]
+    assert store.claim_many([("key:k", old)]) == [old]  # this run's claim reads the old ids ...
+    assert store.rebind_keys([("key:k", old, theirs)]) == {"key:k"}  # ... and the other run rebinds them first
+    assert _claim_afresh(store, [("key:k", mine)], [old], {"key:k"}) == [theirs]
+    assert store.claim_ids("key:k", mine) == theirs
+
+
 def test_the_inbox_holds_the_users_unacked_messages_oldest_first(store):
     gen = IdGenerator()
     messages = [make(gen, ["ann", "bob"], {"n": n}) for n in range(4)]
