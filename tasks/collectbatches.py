@@ -251,8 +251,8 @@ class CollectBatches(Batches):
 
     def _due(self, req) -> float | None:
         """When ``req`` may run, on the worker timer's clock (0 for now); None when its eta
-        cannot be read, after rejecting it as Celery does, and storing why as its result (a
-        caller waiting on it waited for ever)."""
+        cannot be read, after rejecting it as Celery does, storing why as its result (a caller
+        waiting on it waited for ever) and, with task events on, sending its task-failed."""
         if not req.eta:
             return 0.0
         try:
@@ -261,11 +261,14 @@ class CollectBatches(Batches):
             return to_timestamp(req.eta, self.app.timezone)
         except (OverflowError, ValueError) as exc:
             log.error("%s %s: cannot read its eta %r (%s); it is rejected, not run", self.name, req.id, req.eta, exc)
+            error = InvalidMessage(
+                f"not run: its eta {req.eta.isoformat()} cannot be read as a time ({exc}): send a countdown, or an eta within the years 1 to 9999 in UTC")
+            if _sends_events(req):  # Flower lists it as failed, as the messages the consumer refuses (taskmessages.Consumer)
+                _send_received(req)
+                req.send_event("task-failed", exception=f"{type(error).__name__}: {error}", traceback="")
             req.reject(requeue=False)
             worker_state.task_ready(req)
-            taskmessages.store_failure(self.app.backend, req.id, InvalidMessage(
-                f"not run: its eta {req.eta.isoformat()} cannot be read as a time ({exc}): send a countdown, or an eta within the years 1 to 9999 in UTC"),
-                {"reply_to": req.reply_to, "correlation_id": req.correlation_id})
+            taskmessages.store_failure(self.app.backend, req.id, error, {"reply_to": req.reply_to, "correlation_id": req.correlation_id})
             return None
 
     def _hold(self, req, due: float) -> None:

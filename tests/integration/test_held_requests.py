@@ -8,6 +8,7 @@ with a countdown.  Business code here knows the tasks by name only."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
 import socket
 import sqlite3
@@ -95,6 +96,26 @@ async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_ar
     events.stop()
     now_client.close()
     soon_client.close()
+
+
+async def test_a_collect_whose_eta_is_no_time_the_worker_holds_shows_as_failed_with_its_reason(held_cluster):
+    """An eta that parses but that the worker's clock cannot hold (the year 1, east of UTC) fails
+    its request with ``not run: ...`` as its result, and shows as failed, with that reason, where
+    an operator watches (Flower, from the task events), as every message the worker refuses
+    before it runs does; it sent no event at all, and Flower never listed it."""
+    cluster = held_cluster
+    events = await asyncio.to_thread(TaskEvents(cluster).start)
+    eta = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5)))
+    result = cluster.business.send_task("tasks.collect", kwargs={"to": "never", "data": 1}, queue="collect", eta=eta)
+    with pytest.raises(Exception, match="not run: its eta .* cannot be read as a time"):
+        await cluster.result(result, 30)
+    deadline = time.monotonic() + 15
+    while "task-failed" not in events.types(result.id) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert events.types(result.id)[:2] == ["task-received", "task-failed"]  # then Celery's task-rejected, as it drops the message
+    (failed,) = [event for event in events.by_task[result.id] if event["type"] == "task-failed"]
+    assert failed["exception"].startswith("InvalidMessage: not run: its eta 0001-01-01T00:00:00+05:00 cannot be read as a time")
+    events.stop()
 
 
 async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdown_and_delivered_once(held_cluster):
