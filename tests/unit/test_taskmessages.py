@@ -197,3 +197,25 @@ def test_a_retries_header_that_is_not_a_count_is_refused(retries):
 @pytest.mark.parametrize("retries", [None, 0, 3])
 def test_the_retries_celery_sends_pass(retries):
     assert envelope_problem({**HEADERS, "retries": retries}, [[], {}, {}]) is None
+
+
+def test_the_workers_json_decoder_gives_kombus_hook_only_the_objects_shaped_like_its_typed_values(monkeypatch):
+    """Every object of every message the worker reads goes through the decoder's object hook: an
+    ordinary one is returned at once, without a second call to kombu's hook (a tenth of the time
+    decoding a node's receipts took); one shaped like kombu's typed values is read as kombu reads
+    it, or kept as sent when it is none."""
+    import datetime
+
+    from kombu.utils import json as kombu_json
+
+    from tasks.taskmessages import json_loads
+
+    given = []
+    kombus = kombu_json.object_hook
+    monkeypatch.setattr(kombu_json, "object_hook", lambda obj: given.append(obj) or kombus(obj))
+    receipts = [{"id": f"{n:024x}", "user": "ann", "state": "acked", "at": 1.5} for n in range(100)]
+    assert json_loads(json.dumps([[], {"receipts": receipts}, {"callbacks": None}]).encode()) == [[], {"receipts": receipts}, {"callbacks": None}]
+    assert given == []
+    typed = [{"__type__": "datetime", "__value__": "2020-01-01T00:00:00"}, {"__type__": "no-such-type", "__value__": 1}]
+    assert json_loads(json.dumps(typed)) == [datetime.datetime(2020, 1, 1), typed[1]]
+    assert given == typed
