@@ -148,34 +148,47 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
     return results
 
 
+#: A key bound this long ago to ids none of which is stored belongs to a run that failed or died
+#: between the two writes (each store operation gives up after 5 s): any run of the request may
+#: bind it anew.  Also the longest a request the worker sends again itself (which may bind anew at
+#: once) takes, five retries with backoff, to fail (README: the caller then sends it again).
+STALE_CLAIM_SECONDS = 30.0
+
+
 def _claim_afresh(store, wanted: list[tuple[str, list[str]]], claimed: list[list[str]], retried) -> list[list[str]]:
-    """``claimed``, with the keys of ``retried`` whose earlier ids are none of them stored bound
-    to this run's ids (``wanted``) instead.
+    """``claimed``, with the keys whose earlier ids are none of them stored bound to this run's
+    ids (``wanted``) instead: a key of ``retried`` at once, any other once it was claimed
+    ``STALE_CLAIM_SECONDS`` ago.
 
     Such a request's first run claimed its key and then could not store its messages (the store
-    unavailable).  Stored now under that run's ids, up to tens of seconds old, they would fall
-    before the ``since`` of a device that saw a message stored meanwhile and resumes from it: the
-    replay (which reaches ``RESUME_OVERLAP_MS`` back) skipped them.  Their new ids are from now,
-    and no caller saw the old ones (a request's ids are its result, stored once it succeeds).
-    Only for requests this worker sent again: the run that sent one has ended, so no other run
-    of it is about to store the old ids.  A request redelivered after its worker died between
-    the two writes keeps its old ids (another copy of it may still be running)."""
+    unavailable, or its worker killed between the two writes).  Stored now under that run's ids,
+    up to minutes old, they would fall before the ``since`` of a device that saw a message stored
+    meanwhile and resumes from it: the replay (which reaches ``RESUME_OVERLAP_MS`` back) skipped
+    them.  Their new ids are from now, and no caller saw the old ones (a request's ids are its
+    result, stored once it succeeds).  A request this worker sent again (:func:`_retry`) may at
+    once: the run that sent it has ended, so none is about to store the old ids.  Any other
+    (redelivered after its worker died, or sent again by business code after it failed) only once
+    the claim is too old to be a run still between its two writes."""
     stale: dict[str, tuple[list[str], list[str]]] = {}
     for (key, mine), bound in zip(wanted, claimed):
-        if key in retried and key not in stale and bound != mine and len(bound) == len(mine):
+        if key not in stale and bound != mine and len(bound) == len(mine):
             stale[key] = (bound, mine)
     if not stale:
         return claimed
     stored = store.messages([mid for old, _ in stale.values() for mid in old], {"_id": 1})
-    tried = [(key, old, new) for key, (old, new) in stale.items() if not any(mid in stored for mid in old)]
+    cutoff = time.time() - STALE_CLAIM_SECONDS
+    tried = [(key, old, new, None if key in retried else cutoff) for key, (old, new) in stale.items() if not any(mid in stored for mid in old)]
+    if not tried:
+        return claimed
     rebound = store.rebind_keys(tried)
     for key in rebound:
         log.info("idempotency key %r: its first run stored none of its messages (%s); bound to new ids from now (%s)",
                  key, ", ".join(stale[key][0]), ", ".join(stale[key][1]))
     current = {key: stale[key][1] for key in rebound}
-    # A key another run rebound first (the compare-and-set lost): that run's ids, not the old ones,
-    # which that run no longer stores (two ids for one message, delivered twice).
-    lost = [(key, new) for key, _, new in tried if key not in rebound]
+    # A key another run rebound first (the compare-and-set lost), or claimed too recently: its ids
+    # as they are now, which may be that other run's (not the old ones, which that run no longer
+    # stores: two ids for one message, delivered twice).
+    lost = [(key, new) for key, _, new, _ in tried if key not in rebound]
     current.update(zip((key for key, _ in lost), store.claim_many(lost)))
     return [current.get(key, bound) for (key, _), bound in zip(wanted, claimed)]
 

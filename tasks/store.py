@@ -343,19 +343,23 @@ class Store:
             claimed.update(zip(purged, self.claim_many(list(purged.items()))))
         return [claimed[key] for key, _ in claims]
 
-    def rebind_keys(self, rebinds: list[tuple[str, list[str], list[str]]]) -> set[str]:
-        """For each ``(key, old ids, new ids)``, bind ``key`` to the new ids if it is still bound
-        to the old ones; returns the keys rebound.  For a request whose first run claimed its key
-        and then could not store its messages (the store unavailable): stored later under the
-        ids of that first run, tens of seconds old, they fell before the ``since`` of a resume
-        from a message stored meanwhile, which skipped them.  Only the run that sent the request
-        again may call this, once it found none of the old ids stored: a compare-and-set per key,
-        so that of two runs rebinding at once one wins and the other gets its ids."""
+    def rebind_keys(self, rebinds: list[tuple[str, list[str], list[str], float | None]]) -> set[str]:
+        """For each ``(key, old ids, new ids, claimed before)``, bind ``key`` to the new ids if it
+        is still bound to the old ones and, unless ``claimed before`` is None, was bound to them
+        before that unix time; returns the keys rebound.  For a request whose first run claimed
+        its key and then could not store its messages (the store unavailable, its worker killed):
+        stored later under the ids of that first run, tens of seconds old, they fell before the
+        ``since`` of a resume from a message stored meanwhile, which skipped them.  Only a run
+        that found none of the old ids stored may call this: a compare-and-set per key, so that
+        of two runs rebinding at once one wins, and the other reads the key again."""
         now = datetime.datetime.now(UTC)
         rebound: set[str] = set()
         with self._errors(f"binding {len(rebinds)} idempotency keys anew"), self._key_lock():
-            for key, old, new in rebinds:
-                if self._keys.update_one({"_id": key, "ids": list(old)}, {"$set": {"ids": list(new), "at": now}}).matched_count:
+            for key, old, new, before in rebinds:
+                query: dict = {"_id": key, "ids": list(old)}
+                if before is not None:
+                    query["at"] = {"$lt": datetime.datetime.fromtimestamp(before, UTC)}
+                if self._keys.update_one(query, {"$set": {"ids": list(new), "at": now}}).matched_count:
                     rebound.add(key)
         return rebound
 

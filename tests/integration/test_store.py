@@ -557,11 +557,39 @@ def test_a_key_given_twice_in_one_claim_gets_the_first_ids_both_times(store):
 
 def test_a_key_is_bound_anew_only_while_it_still_holds_the_ids_its_rebinder_found(store):
     store.claim_many([("task:t1", ["a" * 24, "b" * 24]), ("task:t2", ["c" * 24])])
-    rebound = store.rebind_keys([("task:t1", ["a" * 24, "b" * 24], ["d" * 24, "e" * 24]), ("task:t2", ["x" * 24], ["f" * 24])])
+    rebound = store.rebind_keys([("task:t1", ["a" * 24, "b" * 24], ["d" * 24, "e" * 24], None), ("task:t2", ["x" * 24], ["f" * 24], None)])
     assert rebound == {"task:t1"}, "t2 holds other ids than the rebinder found: another run bound it meanwhile"
     assert store.claim_many([("task:t1", ["g" * 24, "g" * 24]), ("task:t2", ["h" * 24])]) == [["d" * 24, "e" * 24], ["c" * 24]]
-    assert store.rebind_keys([("task:t1", ["a" * 24, "b" * 24], ["i" * 24, "j" * 24])]) == set(), "a second rebind from the same old ids lost"
+    assert store.rebind_keys([("task:t1", ["a" * 24, "b" * 24], ["i" * 24, "j" * 24], None)]) == set(), "a second rebind from the same old ids lost"
     assert store.claim_ids("task:t1", ["k" * 24, "k" * 24]) == ["d" * 24, "e" * 24]
+
+
+def test_a_key_claimed_after_the_given_time_is_not_bound_anew(store):
+    store.claim_many([("key:recent", ["a" * 24])])
+    assert store.rebind_keys([("key:recent", ["a" * 24], ["b" * 24], time.time() - 30)]) == set()
+    assert store.rebind_keys([("key:recent", ["a" * 24], ["b" * 24], time.time() + 1)]) == {"key:recent"}
+    assert store.claim_ids("key:recent", ["c" * 24]) == ["b" * 24]
+
+
+def test_a_request_sent_again_without_retries_binds_anew_a_stale_claim_that_stored_nothing_but_not_a_recent_one(store):
+    """A request that failed (the store unavailable through its five retries) and that business
+    code sends again with the same ``key``, as the README says to, runs as a new task (no
+    ``retries``): it stored its message under the first run's ids, over 30 s old, which a resume
+    from a message stored meanwhile skipped.  A claim that recent may be a run still between its
+    two writes, so it is kept; as is a claim whose message is stored."""
+    from tasks.collect import STALE_CLAIM_SECONDS, _claim_afresh
+
+    gen = IdGenerator()
+    stale, recent, done = [gen.next_id()], [gen.next_id()], make(gen, ["ann"])
+    store.claim_many([("key:stale", stale), ("key:recent", recent), ("key:done", [done["id"]])])
+    store.insert_messages([done])
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=STALE_CLAIM_SECONDS + 5)
+    for key in ("key:stale", "key:done"):
+        store._keys.update_one({"_id": key}, {"$set": {"at": long_ago}})
+    mine = [[gen.next_id()] for _ in range(3)]
+    wanted = list(zip(("key:stale", "key:recent", "key:done"), mine))
+    assert _claim_afresh(store, wanted, [stale, recent, [done["id"]]], retried=set()) == [mine[0], recent, [done["id"]]]
+    assert store.claim_many([("key:stale", ["x" * 24])]) == [mine[0]]
 
 
 def test_a_retry_whose_key_another_run_rebound_first_takes_that_runs_ids_not_the_old_ones(store):
@@ -573,7 +601,7 @@ def test_a_retry_whose_key_another_run_rebound_first_takes_that_runs_ids_not_the
 
     old, theirs, mine = ["a" * 24], ["b" * 24], ["c" * 24]
     assert store.claim_many([("key:k", old)]) == [old]  # this run's claim reads the old ids ...
-    assert store.rebind_keys([("key:k", old, theirs)]) == {"key:k"}  # ... and the other run rebinds them first
+    assert store.rebind_keys([("key:k", old, theirs, None)]) == {"key:k"}  # ... and the other run rebinds them first
     assert _claim_afresh(store, [("key:k", mine)], [old], {"key:k"}) == [theirs]
     assert store.claim_ids("key:k", mine) == theirs
 
