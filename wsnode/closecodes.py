@@ -16,6 +16,11 @@ class CloseCode(enum.IntEnum):
     PING_TIMED_OUT = 1000
     #: The node is shutting down or draining: reconnect now, the load balancer sends you elsewhere.
     GOING_AWAY = 1001
+    #: The answer to a client's close frame that no endpoint may send: a code reserved or out of
+    #: range (1005, 1006, under 1000, 5000 and over), or a body of one byte.  The client was closing.
+    PROTOCOL_ERROR = 1002
+    #: The answer to a client's close frame whose reason is not UTF-8.  The client was closing.
+    INVALID_PAYLOAD = 1007
     #: A frame larger than ``MAX_FRAME_BYTES`` (Tornado closes with it by itself).
     MESSAGE_TOO_BIG = 1009
     #: Reserved for an unexpected error on the node (reconnect with backoff and resume with
@@ -50,6 +55,8 @@ class CloseCode(enum.IntEnum):
 _REASONS = {
     CloseCode.PING_TIMED_OUT: "ping timed out",
     CloseCode.GOING_AWAY: "node shutting down, reconnect elsewhere",
+    CloseCode.PROTOCOL_ERROR: "bad close frame",
+    CloseCode.INVALID_PAYLOAD: "close reason is not UTF-8",
     CloseCode.MESSAGE_TOO_BIG: "frame too big",
     CloseCode.INTERNAL_ERROR: "internal error, reconnect with since",
     CloseCode.TRY_AGAIN_LATER: "backend unavailable, try again later",

@@ -12,7 +12,9 @@ in it: the same checks, in the same order, with the same outcome as Tornado's ``
 a fragmented or oversized control frame, or a continuation with nothing to continue abort the
 connection), then Tornado's own ``_handle_message`` (permessage-deflate, text, binary, ping, pong,
 close), except that a text message that is not UTF-8 goes to the handler's ``on_text_not_utf8``,
-and that after a 1009 the reader drops what the client still sends until its close frame comes
+that a close frame whose code no peer may send, of one byte, or with a reason that is not UTF-8
+is answered with 1002 or 1007 (:func:`wsnode.wire.close_problem`; Tornado echoed the code, and
+dropped the connection on such a reason), and that after a 1009 the reader drops what the client still sends until its close frame comes
 (Tornado's close timeout, 5 s, at most): Tornado dropped the connection at once, with the rest of
 the frame unread, and the reset that sent reached a client still writing it before the close
 frame did (Chromium and Tornado's client saw 1006 for a frame of a few megabytes).  It relies on Tornado 6.6's protocol attributes (pinned);
@@ -154,6 +156,13 @@ class BatchReadingProtocol(WebSocketProtocol13):
         without a close frame (the client sees 1006, and reconnects to send it again); here the
         handler's ``on_text_not_utf8`` decides (the node closes with 4500, as for any bad frame).
         The text path below is Tornado 6.6's, decompression included."""
+        if opcode == 0x8 and not self.client_terminated and (problem := wire.close_problem(data)) is not None:
+            # Tornado echoed whatever code came (1005 and 1006 included, which no endpoint may
+            # send), answered a one-byte body with an empty close, and dropped the connection
+            # without a close frame when the reason was not UTF-8 (its decode raised).
+            self.client_terminated = True
+            self.close(*problem)
+            return None
         if opcode != 0x1 or self.client_terminated:
             return super()._handle_message(opcode, data)
         if self._frame_compressed:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from wsnode.closecodes import CloseCode
+
 FIN = 0x80
 RSV1 = 0x40  # "per-message compressed" under permessage-deflate (RFC 7692)
 OPCODE_TEXT = 0x1
@@ -77,3 +79,27 @@ def read_header(buffer: bytes | bytearray, at: int = 0) -> FrameHeader | None:
         mask = bytes(buffer[start:start + 4])
         start += 4
     return FrameHeader(first, length, mask, start)
+
+
+#: Close codes a peer may send (RFC 6455, section 7.4, and IANA's registry): 1004, 1005, 1006 and
+#: 1015 are reserved and never sent, 1016-2999 are for later versions of the protocol, and codes
+#: under 1000 or from 5000 on are not close codes at all.
+_SENDABLE_CLOSE_CODES = frozenset(range(1000, 1015)) - {1004, 1005, 1006}
+
+
+def close_problem(payload: bytes) -> tuple[CloseCode, str] | None:
+    """What is wrong with the payload of a close frame a peer sent, as the close code and reason
+    to answer it with (RFC 6455, sections 5.5.1, 7.1.6 and 7.4.1), or None: a body of one byte
+    (a code is two), a code no peer may send, or a reason that is not UTF-8.  Pure."""
+    if not payload:
+        return None
+    if len(payload) == 1:
+        return CloseCode.PROTOCOL_ERROR, "close frame of one byte"
+    (code,) = _LENGTH_16_ONLY.unpack_from(payload)
+    if code not in _SENDABLE_CLOSE_CODES and not 3000 <= code <= 4999:
+        return CloseCode.PROTOCOL_ERROR, f"close code {code} may not be sent"
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return CloseCode.INVALID_PAYLOAD, CloseCode.INVALID_PAYLOAD.reason
+    return None

@@ -144,6 +144,28 @@ async def test_a_close_frame_is_answered_and_ends_the_connection(port):
     writer.close()
 
 
+@pytest.mark.parametrize(("payload", "answer"), [
+    (struct.pack("!H", 1000) + "bye".encode(), struct.pack("!H", 1000)),  # echoed, as RFC 6455 says
+    (struct.pack("!H", 4001), struct.pack("!H", 4001)),
+    (b"", b""),
+    (b"\x03", struct.pack("!H", 1002) + b"close frame of one byte"),
+    (struct.pack("!H", 1005), struct.pack("!H", 1002) + b"close code 1005 may not be sent"),
+    (struct.pack("!H", 1006), struct.pack("!H", 1002) + b"close code 1006 may not be sent"),
+    (struct.pack("!H", 999), struct.pack("!H", 1002) + b"close code 999 may not be sent"),
+    (struct.pack("!H", 5000), struct.pack("!H", 1002) + b"close code 5000 may not be sent"),
+    (struct.pack("!H", 1000) + b"\xff\xfe", struct.pack("!H", 1007) + b"close reason is not UTF-8"),
+], ids=["1000", "4001", "empty", "one-byte", "1005", "1006", "999", "5000", "reason-not-utf8"])
+async def test_a_close_frame_is_answered_with_its_code_or_with_what_was_wrong_in_it(port, payload, answer):
+    """Tornado echoed any code (1005 and 1006 too, which no endpoint may send), answered a body of
+    one byte with an empty close, and dropped the connection without a close frame when the reason
+    was not UTF-8."""
+    stream, writer = await raw_connect(port)
+    writer.write(frame(0x8, payload))
+    assert await asyncio.wait_for(read_server_frame(stream), 5) == (0x8, answer)
+    await asyncio.wait_for(Recorder.closed.wait(), 5)
+    writer.close()
+
+
 async def test_a_frame_over_the_size_limit_closes_with_1009_as_soon_as_its_header_is_read(port):
     stream, writer = await raw_connect(port)
     writer.write(frame(0x1, b"", length=MAX_MESSAGE + 1)[:8])  # the header (2 + 2 length + 4 mask bytes), no payload

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
+from wsnode import wire
+from wsnode.closecodes import CloseCode
 from wsnode.wire import FrameHeader, read_header, text_frame_header
 
 
@@ -65,3 +69,19 @@ def test_an_incomplete_header_gives_none(data):
 
 def test_the_header_does_not_wait_for_the_payload():
     assert read_header(b"\x81\x85" + MASK + b"he") == FrameHeader(0x81, 5, MASK, 6)
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4000, 4500, 4999])
+def test_a_close_code_a_peer_may_send_is_no_problem(code):
+    assert wire.close_problem(struct.pack("!H", code) + "fin \u00e9".encode()) is None
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
+def test_a_close_code_no_peer_may_send_is_answered_with_1002(code):
+    assert wire.close_problem(struct.pack("!H", code)) == (CloseCode.PROTOCOL_ERROR, f"close code {code} may not be sent")
+
+
+def test_an_empty_close_is_no_problem_and_one_byte_or_a_reason_not_utf8_is():
+    assert wire.close_problem(b"") is None
+    assert wire.close_problem(b"\x03") == (CloseCode.PROTOCOL_ERROR, "close frame of one byte")
+    assert wire.close_problem(struct.pack("!H", 1000) + b"\xff") == (CloseCode.INVALID_PAYLOAD, "close reason is not UTF-8")
