@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import warnings
 
@@ -43,6 +44,7 @@ routes = RouteTable(_redis)
 #: How often a worker process declares a node's queue again before publishing to it.
 DECLARE_EVERY_SECONDS = 60.0
 _declared_at: dict[str, float] = {}  # per process: node -> time.monotonic() of its last declaration
+_declared_lock = threading.Lock()  # guards _declared_at's writes (:func:`_declared`)
 #: Nodes remembered in ``_declared_at`` past which those declared ``DECLARE_EVERY_SECONDS`` ago or
 #: more (which would be declared again anyway) are forgotten: node addresses change with every
 #: restart on a new host or pod, and a worker process lives for months.
@@ -51,12 +53,15 @@ MAX_DECLARED_NODES = 1024
 
 def _declared(node: str, now: float) -> None:
     """Remember that ``node``'s queue was declared at ``now`` (``time.monotonic()``).  Any thread
-    of the worker process (``-P threads`` publishes on several at once): the table is copied in one
-    step before it is scanned, and a node another thread forgot meanwhile is passed over."""
-    _declared_at[node] = now
-    if len(_declared_at) > MAX_DECLARED_NODES:
-        for stale in [name for name, at in list(_declared_at.items()) if now - at >= DECLARE_EVERY_SECONDS]:
-            _declared_at.pop(stale, None)
+    of the worker process (``-P threads`` publishes on several at once): the scan of the table runs
+    under a lock.  ``list(table.items())`` was not enough: another thread could still change the
+    table while it was copied ("dictionary changed size during iteration", once in a CI run of the
+    four-thread test).  Called once a minute per node, so the lock costs nothing that counts."""
+    with _declared_lock:
+        _declared_at[node] = now
+        if len(_declared_at) > MAX_DECLARED_NODES:
+            for stale in [name for name, at in _declared_at.items() if now - at >= DECLARE_EVERY_SECONDS]:
+                del _declared_at[stale]
 
 
 @contextlib.contextmanager
@@ -97,7 +102,8 @@ def publish(node: str, envelopes: list[dict], producer=None, **extra) -> None:
                 serializer=wirejson.SERIALIZER,
             )
     except Exception:
-        _declared_at.pop(node, None)  # declare again with the next batch
+        with _declared_lock:
+            _declared_at.pop(node, None)  # declare again with the next batch
         raise
     if due:
         _declared(node, now)
