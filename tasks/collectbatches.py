@@ -265,7 +265,7 @@ class CollectBatches(Batches):
                 f"not run: its eta {req.eta.isoformat()} cannot be read as a time ({exc}): send a countdown, or an eta within the years 1 to 9999 in UTC")
             if _sends_events(req):  # Flower lists it as failed, as the messages the consumer refuses (taskmessages.Consumer)
                 _send_received(req)
-                req.send_event("task-failed", exception=f"{type(error).__name__}: {error}", traceback="")
+                req.send_event("task-failed", exception=outcome_text("failed", error, self.resultrepr_maxsize), traceback="")
             req.reject(requeue=False)
             worker_state.task_ready(req)
             taskmessages.store_failure(self.app.backend, req.id, error, {"reply_to": req.reply_to, "correlation_id": req.correlation_id})
