@@ -14,13 +14,16 @@ vhost is then used as it is, so the tests run in one process: ``-n 0``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
 import shutil
+import sqlite3
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -180,6 +183,18 @@ class Cluster:
 
     def status(self, message_id: str) -> dict:
         return self.business.send_task("tasks.status", args=[message_id], queue="dispatch").get(timeout=20)
+
+    @contextlib.contextmanager
+    def store_locked(self) -> Iterator[None]:
+        """The embedded store unavailable to the worker while the block runs, as a full disk or a
+        long write would make it: its messages file locked by this process (``BEGIN EXCLUSIVE``)."""
+        blocker = sqlite3.connect(self.workdir / "mongo" / "push" / "messages", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
 
 
 class RabbitVhost:

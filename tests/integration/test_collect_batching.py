@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
-import sqlite3
 import time
 import uuid
 from contextlib import contextmanager
@@ -358,18 +357,13 @@ async def test_a_retries_header_that_is_not_a_count_fails_its_request_and_the_ba
     client = await cluster.connect("beside-bad-retries")
     await cluster.collect("beside-bad-retries", "first", timeout=30)  # the store's files exist
     await client.messages(1, timeout=30)
-    blocker = sqlite3.connect(cluster.workdir / "mongo" / "push" / "messages", isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")  # the store unavailable, as a full disk or a long write makes it
-    try:
+    with cluster.store_locked():
         with pool_stopped(cluster):
             ahead = cluster.send(to="beside-bad-retries", data="ahead")  # its batch holds the pool; the next two gather
             time.sleep(0.5)
             (bad,) = _publish_raw(cluster, "collect", "tasks.collect", [[[], {"to": "beside-bad-retries", "data": "bad"}, {}]], {"retries": "abc"})
             good = cluster.send(to="beside-bad-retries", data="good")
         await asyncio.to_thread(cluster.worker.wait_log, f"tasks.collect {good.id}: store unavailable", 30)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     with pytest.raises(Exception, match=re.escape("not a Celery task message: its retries header is 'abc', not a whole number")):
         await cluster.result(cluster.business.AsyncResult(bad), timeout=30)
     ids = [await cluster.result(r, timeout=60) for r in (ahead, good)]

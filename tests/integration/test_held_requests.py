@@ -11,7 +11,6 @@ import asyncio
 import datetime
 import re
 import socket
-import sqlite3
 import time
 
 import pytest
@@ -126,14 +125,9 @@ async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdow
     client = await cluster.connect("patient")
     first = await cluster.collect("patient", "first")  # the store's files exist
     assert [f["id"] for f in await client.messages(1)] == [first]
-    blocker = sqlite3.connect(cluster.workdir / "mongo" / "push" / "messages", isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
-    try:
+    with cluster.store_locked():
         result = cluster.send(to="patient", data="second")
         await asyncio.to_thread(cluster.worker.wait_log, f"tasks.collect {result.id}: store unavailable", 30)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     second = await cluster.result(result, 60)
     frames = await client.messages(1, timeout=30) + await client.quiet(1.0)
     assert [(f["id"], f["data"]) for f in frames] == [(second, "second")]
@@ -150,27 +144,24 @@ async def test_a_collect_whose_first_run_stored_nothing_gets_ids_from_when_it_is
     device = await cluster.connect("roamer")
     first = await cluster.collect("roamer", "first")  # the store's files exist
     assert [f["id"] for f in await device.messages(1)] == [first]
-    blocker = sqlite3.connect(cluster.workdir / "mongo" / "push" / "messages", isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
-    try:
+    with cluster.store_locked():
         result = cluster.send(to="roamer", data="late")
         sent = time.monotonic()
         pattern = re.compile(rf"tasks\.collect {result.id}: store unavailable .*; retry (\d+) in ([\d.]+) s")
         # Held until a retry waits long enough for the message below to be stored first, and the
-        # first run's ids are older than the resume's overlap (RESUME_OVERLAP_MS, 2 s).
+        # first run's ids are older than the resume's overlap (RESUME_OVERLAP_MS, 2 s).  Each
+        # retry's countdown is drawn in [0, 2^(n-1)] s (full jitter): that none of the five waits
+        # a second or more has a chance of about 1 in 1,000.
         seen = 0
         while True:
             retries = [(int(n), float(wait)) for n, wait in pattern.findall(cluster.worker.log_tail(2000))]
             if len(retries) > seen:
                 seen = len(retries)
                 retry, countdown = retries[-1]
-                if countdown >= 1.5 and time.monotonic() - sent > 2.5:
+                if countdown >= 1.0 and time.monotonic() - sent > 2.5:
                     break
-                assert retry < 4, f"no retry waited 1.5 s or more: {retries}"
+                assert retry < 5, f"no retry waited a second or more: {retries}"
             await asyncio.sleep(0.05)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     later = await cluster.collect("roamer", "later")
     assert [f["id"] for f in await device.messages(1)] == [later]
     device.close()
