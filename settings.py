@@ -107,6 +107,30 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+#: Bounds of ``MAX_USER_CONNECTS``: each connect within the window is one entry of the user's log in
+#: Redis (about 50 bytes), so the count bounds what one user's loop holds there; a window of a day
+#: at most, as the log lives that long after the user's last connect.
+MAX_CONNECTS_PER_WINDOW = 1000
+MAX_CONNECT_WINDOW_SECONDS = 86400
+
+
+def _connect_rate(raw: str) -> tuple[int, int] | None:
+    """``MAX_USER_CONNECTS``: ``0`` (no limit, None) or ``COUNT/SECONDS``, two whole numbers: at
+    most COUNT connects of one user in any SECONDS seconds, ``(COUNT, SECONDS)``."""
+    text = raw.strip()
+    if text == "0":
+        return None
+    count, slash, window = text.partition("/")
+    if not slash:
+        raise ValueError("no '/' between the count and the seconds")
+    count, window = int(count), int(window)
+    if not 1 <= count <= MAX_CONNECTS_PER_WINDOW:
+        raise ValueError(f"the count must be 1 to {MAX_CONNECTS_PER_WINDOW}; 0 alone turns the limit off")
+    if not 1 <= window <= MAX_CONNECT_WINDOW_SECONDS:
+        raise ValueError(f"the seconds must be 1 to {MAX_CONNECT_WINDOW_SECONDS}")
+    return count, window
+
+
 def _database_name(raw: str) -> str:
     """A name MongoDB takes for a database (its limits page, "Restrictions on Database Names"):
     fewer than 64 bytes, and none of ``/\\. "$*<>:|?`` or NUL.  The embedded store made a folder
@@ -357,6 +381,13 @@ MAX_CONNECTIONS: int = _read(_env, "MAX_CONNECTIONS", 0, _non_negative_int, "a w
 #: Most connections one user holds on one push node; past it a new one is closed with 4429.
 #: 0: no limit (Centrifugo's ``client_user_connection_limit``).
 MAX_USER_CONNECTIONS: int = _read(_env, "MAX_USER_CONNECTIONS", 0, _non_negative_int, "a whole number (0 for no limit)")
+#: Most connects one user may make in any window of seconds, across the whole cluster (every node
+#: counts them in one log per user in Redis), as ``(COUNT, SECONDS)``; past it a new connection is
+#: closed with 4429 "too many connects of this user, retry in N s".  None (``0``, the default): no
+#: limit (Centrifugo PRO's per-user connection rate limits).
+MAX_USER_CONNECTS: tuple[int, int] | None = _read(_env, "MAX_USER_CONNECTS", None, _connect_rate,
+                                                  "0 (no limit) or COUNT/SECONDS, two whole numbers: 30/60 is at most 30 connects "
+                                                  "of one user in any 60 seconds")
 #: A push node pings each connection this often, in whole seconds ...
 PING_INTERVAL: int = _read(_env, "PING_INTERVAL", 25, _positive_int, "a whole number of seconds")
 #: ... and closes it (1000, "ping timed out") when its pong has not come this many seconds after

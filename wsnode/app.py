@@ -38,7 +38,7 @@ from tasks.ids import is_message_id
 from tasks.queues import node_address
 from tasks import publishing, wirejson
 from tasks.reclaim import hand_back
-from wsnode import protocol
+from wsnode import connectrate, protocol
 from wsnode.auth import AuthClient
 from wsnode.closecodes import CloseCode
 from wsnode.coalesce import Coalescer
@@ -142,6 +142,9 @@ class PushNode(TokenWatch):
         self.checking: set[PushHandler] = set()
         self.max_connections = settings.MAX_CONNECTIONS
         self.max_user_connections = settings.MAX_USER_CONNECTIONS
+        #: ``(COUNT, SECONDS)``: at most COUNT connects of one user in any SECONDS seconds, across
+        #: the cluster (:mod:`wsnode.connectrate`); None: no limit.
+        self.connect_rate = settings.MAX_USER_CONNECTS
         self.auth = AuthClient(settings.AUTH_URL, settings.AUTH_CACHE_SECONDS)
         self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=5,
@@ -149,6 +152,10 @@ class PushNode(TokenWatch):
         self.leases = Leases(self.redis, self.address, settings.LEASE_TTL)
         #: Leases of users whose first connection here opened: one pipeline for all who opened meanwhile.
         self._new_leases: Coalescer[str, None] = Coalescer(self._register_new_leases)
+        #: With ``MAX_USER_CONNECTS``, every new connection instead (its user's, one item each): its
+        #: connect counted and, when its user needs one, its lease written, in one pipeline for all
+        #: that opened meanwhile; each learns whether it was admitted (:meth:`_admit_connects`).
+        self._connects: Coalescer[str, int | None] = Coalescer(self._admit_connects)
         #: The lease write of each user whose first connection here waits for it: a second
         #: connection of the user that opens meanwhile waits for the same write before its replay.
         self._leasing: dict[str, asyncio.Future] = {}
@@ -328,19 +335,25 @@ class PushNode(TokenWatch):
             conn.refuse(CloseCode.TOO_MANY_CONNECTIONS, why=f"the user holds {self.max_user_connections} connections here already (MAX_USER_CONNECTIONS)")
             return
         first = self.hub.add(conn)
-        writing = self._leasing.get(conn.user_id)
-        # A write when none of the user's other connections here has a lease: the first one, or
-        # one that comes after a write failed, before the connections that waited for it are gone,
-        # or while the others are closing (closed because their lease lapsed: _check_leases).
-        if first or (writing is None and not any(other.bound and not other.closing for other in self.hub.of_user(conn.user_id))):
-            self._leasing[conn.user_id] = writing = asyncio.ensure_future(self._new_leases.submit(conn.user_id))
-            writing.add_done_callback(functools.partial(self._leased, conn.user_id))
-        if writing is not None:
+        if self.connect_rate is not None:
+            # Every connect is counted, with its lease written in the same script call when its
+            # user needs one (the decision is made as the pipeline is sent: _admit_connects).
+            waiting = self._connects.submit(conn.user_id)
+        else:
+            writing = self._leasing.get(conn.user_id)
+            # A write when none of the user's other connections here has a lease: the first one, or
+            # one that comes after a write failed, before the connections that waited for it are gone,
+            # or while the others are closing (closed because their lease lapsed: _check_leases).
+            if first or (writing is None and not any(other.bound and not other.closing for other in self.hub.of_user(conn.user_id))):
+                self._leasing[conn.user_id] = writing = asyncio.ensure_future(self._new_leases.submit(conn.user_id))
+                writing.add_done_callback(functools.partial(self._leased, conn.user_id))
+            waiting = None if writing is None else asyncio.shield(writing)
+        if waiting is not None:
             # Also for a second connection of the user while the first one's lease is written: the
             # lease comes before the replay request, so that every message is either replayed or
             # routed live.
             try:
-                await asyncio.shield(writing)
+                retry_ms = await waiting
             except RedisError as exc:
                 self._redis_failed(exc)  # the next PING says when it is back
                 if self.hub.get(conn.conn_id) is not conn:
@@ -350,6 +363,11 @@ class PushNode(TokenWatch):
                 return
             if self.hub.get(conn.conn_id) is not conn or conn.closing:
                 return  # closed while the lease was written (by the drain, a revocation...): never bound, on_close unbinds it
+            if retry_ms is not None:
+                most, window = self.connect_rate
+                self._refuse_unbound(conn, CloseCode.TOO_MANY_CONNECTIONS, connectrate.reason(retry_ms),
+                                     why=f"{connectrate.reason(retry_ms)}: {most} connects in {window} s already (MAX_USER_CONNECTS={most}/{window})")
+                return
             if self.draining:
                 self._refuse_unbound(conn, CloseCode.GOING_AWAY, why="the node began draining while the lease was written")
                 return
@@ -397,6 +415,44 @@ class PushNode(TokenWatch):
                 await self._write_leases([user for user in users if self.hub.of_user(user)])
                 self._check_leases()
                 self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
+
+    async def _admit_connects(self, users: list[str]) -> list[int | None | Exception]:
+        """Count the connects of ``users`` (one item per new connection) against
+        ``MAX_USER_CONNECTS`` and write, in the same script call, the leases of those admitted
+        whose user holds no bound connection here (as :meth:`_register_new_leases` would: the
+        first connection of the user, or one after the others' lease lapsed); one round trip for
+        all, holding ``_lease_writes``.  Returns per item None (admitted) or the milliseconds until
+        its user's next connect would be admitted (refused: 4429).
+
+        Redis unavailable: the connections whose lease was to be written get the error (refused
+        with 1013, as without the limit); the others, whose user's lease is written already, are
+        admitted uncounted: without the limit they would not have asked Redis at all, and the
+        limiter must not make the node refuse more than it does without it.  Draining: every item
+        is admitted uncounted, and ``attach`` closes it with 1001."""
+        async with self._lease_writes:
+            if self.draining:
+                return [None] * len(users)
+            connects = connectrate.tally(users)
+            # Left meanwhile (no connection here): counted, but no lease (see _register_new_leases).
+            lease = {user for user in connects
+                     if self.hub.of_user(user) and not any(conn.bound and not conn.closing for conn in self.hub.of_user(user))}
+            started = time.monotonic()
+            try:
+                node_lapsed, admitted = await self.leases.admit(connects, lease, *self.connect_rate)
+                if lease:
+                    self._check_leases()
+                    self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
+                if node_lapsed:  # as in _write_leases
+                    self._close_unroutable(Lapsed(node=True, users=[]))
+                    await self.leases.register([], node=True)
+            except RedisError as exc:
+                self._redis_failed(exc)
+                unchecked = sum(1 for user in users if user not in lease)
+                if unchecked:
+                    log.warning("node=%s connect rate of %d connections not checked (%s): admitted, as their users' leases are written already",
+                                self.address, unchecked, redislogin.explain(exc))
+                return [exc if user in lease else None for user in users]
+        return connectrate.answers(users, admitted)
 
     async def _write_leases(self, users: list[str]) -> None:
         """Write the leases of ``users``, whose connections here are not bound yet (a first write:

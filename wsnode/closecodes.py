@@ -35,7 +35,9 @@ class CloseCode(enum.IntEnum):
     #: The token is missing, bad, expired or revoked: get a new token, then reconnect.
     UNAUTHORIZED = 4401
     #: The user already holds ``MAX_USER_CONNECTIONS`` connections on this node: reconnect with
-    #: backoff (to another node, or once one of the user's connections closed).
+    #: backoff (to another node, or once one of the user's connections closed).  Also the user made
+    #: ``MAX_USER_CONNECTS`` connects within its window, on any node: the reason says when to retry
+    #: (``too many connects of this user, retry in N s``, :mod:`wsnode.connectrate`).
     TOO_MANY_CONNECTIONS = 4429
     #: The client sent a frame that is not a JSON object with a known ``type`` (a binary frame,
     #: a text frame that is not UTF-8, where RFC 6455 would allow 1007), a bad ``since``, or

@@ -56,7 +56,7 @@ class NodeMetrics:
         self._disconnects = Counter("push_node_disconnects", "Bound connections that closed, for any reason.", registry=r)
         self._rejected = Counter(
             "push_node_rejected_connections",
-            "Connection attempts refused, by close code (4401 bad token, 4429 MAX_USER_CONNECTIONS reached, 4500 bad request, "
+            "Connection attempts refused, by close code (4401 bad token, 4429 MAX_USER_CONNECTIONS reached or MAX_USER_CONNECTS exceeded, 4500 bad request, "
             "1013 auth or Redis unavailable, the node full, or too many messages while the lease was written, 1001 the node began draining during the handshake) or by HTTP "
             "status before the upgrade (403 origin not allowed, "
             "503 draining or MAX_CONNECTIONS reached).",

@@ -8,6 +8,9 @@ Schema (all keys in the ``REDIS_URL`` database):
 - ``push:nodes``: a sorted set of every node's own lease, same scoring (0: ended by the node's
   drain).  Dispatch only routes to a node whose own lease is current, so a killed node stops
   receiving within ``LEASE_TTL``.
+- ``push:connects:<user>``: with ``MAX_USER_CONNECTS`` only, the user's connects of the last
+  window: a sorted set, score = when a node admitted one, by Redis's clock
+  (:mod:`wsnode.connectrate`).  It expires a window after the newest.
 
 **One clock.**  Every lease is written and judged by Redis's clock: the scripts below read it
 (``TIME``) and are given the lease's length, never a time, and housekeeping reads it (``TIME``)
@@ -27,8 +30,10 @@ past (by Redis's clock) is ignored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import NamedTuple
+
+from wsnode import connectrate
 
 ROUTE_PREFIX = "push:route:"
 NODES_KEY = "push:nodes"
@@ -109,6 +114,46 @@ end
 return 1
 """
 
+#: New connections under ``MAX_USER_CONNECTS`` (:mod:`wsnode.connectrate`): per user, its connects
+#: are counted in its log of the window (the entries older than the window trimmed first), those
+#: that fit are admitted and recorded, and its lease is written as :data:`_REGISTER` does when one
+#: was admitted and the node asked for it.  Answers, per user, ``{connects admitted, milliseconds
+#: until the next would be}`` (0 when all were admitted).  A member is the time and the entry's
+#: place in the log, unique: entries of one microsecond are all in the log when the next is added.
+#:
+#: KEYS: per user, its log then its route key.  ARGV: the node, the lease's length in seconds, the
+#: route keys' expiry in seconds, the most connects per window, the window in seconds, then per
+#: user its connects and 1 to write its lease (else 0).
+_ADMIT = _NOW + """
+local limit, window = tonumber(ARGV[4]), tonumber(ARGV[5])
+local at, since = seconds(now), seconds(now - window)
+local ends = seconds(now + tonumber(ARGV[2]))
+local answers = {}
+for i = 1, #KEYS / 2 do
+  local log, route = KEYS[2 * i - 1], KEYS[2 * i]
+  local connects = tonumber(ARGV[4 + 2 * i])
+  redis.call('zremrangebyscore', log, '-inf', since)
+  local held = redis.call('zcard', log)
+  local admitted = math.max(0, math.min(connects, limit - held))
+  for n = 1, admitted do redis.call('zadd', log, at, at .. '/' .. (held + n)) end
+  local retry = 0
+  if admitted < connects then
+    local oldest = redis.call('zrange', log, 0, 0, 'WITHSCORES')
+    retry = math.max(1, math.ceil((tonumber(oldest[2]) + window - now) * 1000))
+  end
+  if admitted > 0 then
+    redis.call('expire', log, window + 1)
+    if ARGV[5 + 2 * i] == '1' then
+      redis.call('zadd', route, ends, ARGV[1])
+      redis.call('zremrangebyscore', route, '-inf', at)
+      redis.call('expire', route, ARGV[3])
+    end
+  end
+  answers[i] = {admitted, retry}
+end
+return answers
+"""
+
 #: KEYS: route keys.  ARGV: the node.
 _RELEASE = """
 for i = 1, #KEYS do redis.call('zrem', KEYS[i], ARGV[1]) end
@@ -150,6 +195,7 @@ class Leases:
         self._renew = redis.register_script(_RENEW)
         self._renew_node = redis.register_script(_RENEW_NODE)
         self._release = redis.register_script(_RELEASE)
+        self._admit = redis.register_script(_ADMIT)
 
     def _key_ttl(self) -> int:
         return int(self.ttl * 2) + 1
@@ -168,6 +214,29 @@ class Leases:
                 await self._register(keys=keys, args=args, client=pipe)
             replies = await pipe.execute()
         return bool(int(replies[0]))
+
+    async def admit(self, connects: Mapping[str, int], lease: Collection[str], most: int, window: int) -> tuple[bool, dict[str, tuple[int, int]]]:
+        """Count ``connects`` (user: how many connections of theirs opened) against ``most``
+        connects per user in any ``window`` seconds, and write the leases of the users of ``lease``
+        that had one admitted, in one round trip (:data:`_ADMIT`; the node's own lease is
+        extended with them, as by :meth:`register`).  Returns whether the node's own lease was gone
+        or ended and left so (only when a lease was to be written: see :meth:`register`), and per
+        user ``(connects admitted, milliseconds until the next would be)``.  Both by Redis's clock."""
+        users = list(connects)
+        async with _pipeline(self._redis) as pipe:
+            if lease:
+                await self._renew_node(keys=[NODES_KEY], args=[self.node, self.ttl, 0], client=pipe)
+            for chunk in _chunks(users):
+                keys: list[str] = []
+                args: list = [self.node, self.ttl, self._key_ttl(), most, window]
+                for user in chunk:
+                    keys += (connectrate.log_key(user), route_key(user))
+                    args += (connects[user], int(user in lease))
+                await self._admit(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        node_lapsed = bool(int(replies[0])) if lease else False
+        answers = [answer for reply in replies[1 if lease else 0 :] for answer in reply]
+        return node_lapsed, {user: (int(admitted), int(retry)) for user, (admitted, retry) in zip(users, answers)}
 
     async def renew(self, users: Iterable[str]) -> Lapsed:
         """Extend every lease this node holds (the node's own and ``users'``) that is current, in

@@ -1,12 +1,15 @@
-"""``MAX_CONNECTIONS`` and ``MAX_USER_CONNECTIONS`` on a real node: past the node's limit a
-handshake gets HTTP 503 before the upgrade; past a user's, a new connection of that user is closed
-with 4429 while other users connect; both are counted, and a slot freed is usable again."""
+"""``MAX_CONNECTIONS``, ``MAX_USER_CONNECTIONS`` and ``MAX_USER_CONNECTS`` on real nodes: past the
+node's limit a handshake gets HTTP 503 before the upgrade; past a user's, a new connection of that
+user is closed with 4429 while other users connect (connections held on one node, or connects made
+in a window on any node of the cluster); each is counted, and a slot freed is usable again."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import time
 
 import pytest
 import tornado.httpclient
@@ -58,6 +61,55 @@ async def test_a_user_past_max_user_connections_is_closed_with_4429_and_others_a
     assert again.hello["user"] == "limited-user"
     assert value(await asyncio.to_thread(scrape, node.port), "push_node_rejected_connections_total", code="4429") == 1
     for client in (tabs[1], other, again):
+        client.close()
+
+
+#: The connect rate of the test below: 3 connects per user in any 12 s, so that the three admitted
+#: ones fall in one window on a loaded machine too (each takes well under a second).
+CONNECTS, WINDOW = 3, 12
+
+
+async def test_a_user_past_max_user_connects_on_any_node_is_closed_with_4429_until_the_window_passes_and_others_are_not(cluster):
+    """Two nodes with ``MAX_USER_CONNECTS``: the user's connects are counted across both (a
+    reconnect loop spread by a load balancer), the one past the limit is closed with 4429 and the
+    time to wait before it binds (no hello, no replay, no lease on that node), another user connects
+    meanwhile, and once the oldest connect left the window the user connects again."""
+    nodes = [cluster.start_node(MAX_USER_CONNECTS=f"{CONNECTS}/{WINDOW}") for _ in range(2)]
+    user, other = "rate-limited-user", "rate-limited-other"
+    started = time.monotonic()
+    # A reconnect loop over the two nodes: each connection closed before the next one opens.
+    for port in (nodes[0].port, nodes[1].port):
+        client = await connect(cluster, port, user)
+        client.close()
+        await wait_count(port, 0)
+    held = await connect(cluster, nodes[0].port, user)  # the third, still open
+
+    token = await asyncio.to_thread(cluster.token, user)
+    refused = await Client.connect(cluster.ws_url(nodes[1].port, token), expect_hello=False)
+    code, reason = await outcome(refused)
+    assert time.monotonic() - started < WINDOW - 1, "the three connects took longer than the window: the test proves nothing"
+    assert code == CloseCode.TOO_MANY_CONNECTIONS, (code, reason)
+    wait = re.fullmatch(r"too many connects of this user, retry in (\d+) s", reason)
+    assert wait and 1 <= int(wait[1]) <= WINDOW, reason
+    samples = await asyncio.to_thread(scrape, nodes[1].port)
+    assert value(samples, "push_node_rejected_connections_total", code="4429") == 1
+    assert value(samples, "push_node_connects_total") == 1  # the second connect only: the refused one never bound
+    assert cluster.routes.zscore(route_key(user), f"127.0.0.1:{nodes[1].port}") is None  # no lease there
+    assert cluster.routes.zscore(route_key(user), f"127.0.0.1:{nodes[0].port}") is not None  # the held one's stays
+
+    another = await connect(cluster, nodes[1].port, other)  # another user is not limited by it
+    assert another.hello["user"] == other
+
+    await asyncio.sleep(int(wait[1]))  # the oldest connect has left the window
+    again = await connect(cluster, nodes[1].port, user)
+    assert again.hello["user"] == user
+    # Held all along, the third connection still gets the user's messages, as does the new one.
+    message_id = await cluster.collect(user, {"n": 1})
+    for client in (held, again):
+        assert [frame["id"] for frame in await client.messages(1)] == [message_id]
+    log = cluster._log(f"node-{nodes[1].port}").read_text(errors="replace")
+    assert f"rejected with 4429: too many connects of this user, retry in {wait[1]} s: {CONNECTS} connects in {WINDOW} s already" in log
+    for client in (held, another, again):
         client.close()
 
 

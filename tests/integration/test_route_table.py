@@ -208,6 +208,58 @@ async def test_a_renewal_extends_the_current_leases_and_reports_those_gone_or_en
     assert await leases.renew([]) == Lapsed(node=True, users=[])
 
 
+# --- Leases.admit: new connections counted against MAX_USER_CONNECTS (wsnode.connectrate) --------
+
+
+async def test_connects_are_admitted_up_to_the_limit_and_the_rest_told_when_the_oldest_leaves_the_window(redis, leases):
+    from wsnode.connectrate import log_key
+
+    before = redis_now(redis)
+    # ann: three connects in one call (one lease); bob: one, whose lease is not asked for.
+    node_lapsed, admitted = await leases.admit({"ann": 3, "bob": 1}, {"ann"}, 2, 60)
+    after = redis_now(redis)
+    assert node_lapsed is True  # the node's own lease was not there: left so, as register() does
+    assert admitted["bob"] == (1, 0)
+    count, retry = admitted["ann"]
+    assert count == 2 and 60_000 - 1000 * (after - before) - 1 <= retry <= 60_000  # when the first of the two leaves the window
+    assert ends(redis.zscore(route_key("ann"), "a:1"), before, after)
+    assert not redis.exists(route_key("bob"))
+    entries = redis.zrange(log_key("ann"), 0, -1, withscores=True)
+    assert len(entries) == 2 and len({member for member, _ in entries}) == 2  # one entry per admitted connect
+    assert all(before <= score <= after for _, score in entries)
+    assert 55 <= redis.ttl(log_key("ann")) <= 61  # the log outlives its newest entry by the window
+
+    # Refused connects are not recorded, and a refused user's lease is not written.
+    await leases.release(["ann"])
+    assert (await leases.admit({"ann": 1}, {"ann"}, 2, 60))[1]["ann"][0] == 0
+    assert redis.zcard(log_key("ann")) == 2 and redis.zscore(route_key("ann"), "a:1") is None
+
+    # Another node on the same Redis counts into the same log.
+    from wsnode.registry import Leases
+
+    other = Leases(leases._redis, "b:1", 30.0)
+    count, retry = (await other.admit({"bob": 2}, {"bob"}, 2, 60))[1]["bob"]
+    assert count == 1 and 0 < retry <= 60_000  # bob's first connect came through a:1
+    assert redis.zcard(log_key("bob")) == 2 and redis.zscore(route_key("bob"), "b:1") is not None
+
+
+async def test_a_refused_user_is_admitted_again_once_its_oldest_connect_left_the_window_by_redis_clock(redis, leases):
+    from wsnode.connectrate import log_key
+
+    assert (await leases.admit({"cid": 1}, {"cid"}, 2, 2))[1]["cid"] == (1, 0)
+    await asyncio.sleep(0.5)
+    assert (await leases.admit({"cid": 1}, set(), 2, 2))[1]["cid"] == (1, 0)
+    first = redis.zrange(log_key("cid"), 0, 0, withscores=True)[0][1]
+    count, retry = (await leases.admit({"cid": 1}, {"cid"}, 2, 2))[1]["cid"]
+    assert count == 0 and 0 < retry <= 1600  # the first entry leaves 2 s after it, half a second or more of which has passed
+    while redis_now(redis) <= first + 2:
+        await asyncio.sleep(0.05)
+    before = redis_now(redis)
+    assert (await leases.admit({"cid": 1}, {"cid"}, 2, 2))[1]["cid"] == (1, 0)
+    assert ends(redis.zscore(route_key("cid"), "a:1"), before, redis_now(redis))
+    assert redis.zcard(log_key("cid")) == 2  # the first one trimmed, the second and this one held
+
+
 async def test_a_lease_not_renewed_ends_after_its_ttl_by_redis_clock(redis, server):
     """A short lease, in real time: routed while current; once its length has passed on Redis's
     clock, Dispatch's lookup ignores it and the node's next renewal finds it (and the node's own)

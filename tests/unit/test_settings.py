@@ -330,6 +330,8 @@ def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix()
     ({"MAX_FRAME_BYTES": "1000"}, "MAX_FRAME_BYTES=1000 is under 2560: a browser's refresh frame carries a whole token"),
     ({"RESUME_OVERLAP_MS": "-5"}, "RESUME_OVERLAP_MS='-5' is not valid: expected a whole number of milliseconds (must be 0 or greater)"),
     ({"HOUSEKEEPING_SECONDS": "inf"}, "HOUSEKEEPING_SECONDS='inf' is not valid: expected a number of seconds (must be greater than 0 and at most 100000000)"),
+    ({"MAX_USER_CONNECTS": "30"}, "MAX_USER_CONNECTS='30' is not valid: expected 0 (no limit) or COUNT/SECONDS, two whole numbers: "
+                                  "30/60 is at most 30 connects of one user in any 60 seconds (no '/' between the count and the seconds)"),
     ({"AUTH_CACHE_SECONDS": "-5"}, "AUTH_CACHE_SECONDS='-5' is not valid"),
     ({"AUTH_CACHE_SECONDS": "nan"}, "AUTH_CACHE_SECONDS='nan' is not valid"),
     ({"RESULT_BACKEND": "reids://127.0.0.1:6379/1"}, "RESULT_BACKEND='reids://127.0.0.1:6379/1' is not valid: expected a Celery result backend URL (Celery has no result backend 'reids'"),
