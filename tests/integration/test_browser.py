@@ -311,6 +311,34 @@ def test_push_js_started_again_backs_off_from_the_first_step(pages):
     assert 5 <= delays[5] <= 10, f"the first failure after start() waited {delays[5]} ms, not the first step: {delays}"
 
 
+def test_push_js_refused_for_its_users_connect_rate_waits_the_time_the_node_gives_before_it_tries_again(pages):
+    """4429 for ``MAX_USER_CONNECTS`` says "retry in N s", and every node refuses the user until
+    then: push.js waits that long (and up to ``initialMs`` more, so a user's tabs do not come back in
+    the same instant) where its backoff step is shorter, instead of trying each URL again and again
+    within it; the per-node 4429 (``MAX_USER_CONNECTIONS``) keeps the backoff step."""
+    page = recording_page(pages)
+    waits = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 1000 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const waits = [];
+        const client = new PushClient({url: ["ws://a.invalid/ws", "ws://b.invalid/ws"], token: "t", initialMs: 500, maxMs: 30000,
+                                       onStatus: s => { if (s.state === "waiting") waits.push([s.code, s.retryIn, s.next]); }});
+        client.start();
+        await until(() => window.opened.length > 0);
+        window.opened[0].onclose({code: 4429, reason: "too many connects of this user, retry in 3 s"});
+        client.stop();
+        client.start();
+        await until(() => window.opened.length > 1);
+        window.opened[1].onclose({code: 4429, reason: "too many connections of this user on this node"});
+        client.stop();
+        return waits;
+    }""")
+    assert [code for code, _, _ in waits] == [4429, 4429]
+    assert 3000 <= waits[0][1] <= 3500 and waits[0][2] == "ws://b.invalid/ws", waits  # the next URL, not before the 3 s
+    assert 250 <= waits[1][1] <= 500, waits  # the first backoff step
+    assert page.evaluate("[[4429, 'too many connects of this user, retry in 12 s'], [4429, 'too many connections of this user on this node'], "
+                         "[1013, 'retry in 3 s'], [4429, '']].map(([c, r]) => PushClient.retryAfterMs(c, r))") == [12000, 0, 0, 0]
+
+
 def sinces_after(pages, *connections: list[dict]) -> list[str | None]:
     """The ``since`` of each connection push.js opens when each of ``connections`` (the frames a
     node sends after ``hello``) ends with a 1006: one more than given."""

@@ -34,7 +34,9 @@
  *     4500-4999      a client bug: stop, report state "stopped", never reconnect;
  *     anything else  (1006 connection lost, 1009, 1011, 1013, 4000-4499 ...): reconnect after a
  *                    jittered exponential backoff (initialMs doubling up to maxMs, each delay drawn
- *                    between half of it and all of it), on the next URL.
+ *                    between half of it and all of it), on the next URL; after a 4429 whose reason
+ *                    says "retry in N s" (the user's connect rate, MAX_USER_CONNECTS, which every
+ *                    node applies), not before N s (and up to initialMs more): retryAfterMs.
  *   The backoff starts over once a connection has stayed live (past its "resumed" frame) for
  *   healthyMs, and on each start().  A getToken() that fails before a connect (throws, rejects,
  *   gives no token or does not settle in connectTimeoutMs) is reported as "waiting" with no code
@@ -155,6 +157,15 @@
   }
 
   /**
+   * The least delay a close asks for: a 4429 for the user's connect rate (MAX_USER_CONNECTS) says
+   * "retry in N s", and every node refuses the user until then; 0 for any other close.
+   */
+  function retryAfterMs(code, reason) {
+    var found = code === 4429 && /retry in (\d+) s/.exec(reason || "");
+    return found ? Number(found[1]) * 1000 : 0;
+  }
+
+  /**
    * The delay before refreshing a token that expires in ``remainingMs``: ``aheadMs`` before its
    * expiry (at most halfway through what is left), and earlier again by a random part of up to
    * half ``aheadMs`` (at most a quarter of what is left), so that the pages whose tokens were
@@ -231,6 +242,7 @@
 
   PushClient.closePolicy = closePolicy;
   PushClient.backoffDelay = backoffDelay;
+  PushClient.retryAfterMs = retryAfterMs;
   PushClient.refreshDelay = refreshDelay;
   PushClient.DEFAULTS = DEFAULTS;
   PushClient.UnauthorizedError = UnauthorizedError;
@@ -671,6 +683,10 @@
       this._index = next.index;
       if (policy.soon && next.fresh) delay = Math.random() * o.goAwayJitterMs;
       else delay = backoffDelay(this._attempt, o.initialMs, o.maxMs);
+      // Spread over initialMs: a user's other tabs were refused with the same N, and the window
+      // frees one connect at a time.
+      var after = retryAfterMs(closed.code, closed.reason);
+      if (after > delay) delay = Math.min(MAX_TIMER_MS, after + Math.random() * o.initialMs);
     }
     this._attempt += 1;
     var status = { state: "waiting", reason: closed.reason, url: closed.url,
