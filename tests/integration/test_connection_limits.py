@@ -14,9 +14,11 @@ import time
 import pytest
 import tornado.httpclient
 
+from tests.integration.tcpproxy import FreezableProxy
 from tests.integration.test_metrics import health as healthz
 from tests.integration.test_metrics import scrape, value
 from tests.integration.wsclient import Client
+from wsnode.connectrate import log_key
 from wsnode.registry import route_key
 from wsnode.closecodes import CloseCode
 
@@ -113,6 +115,33 @@ async def test_a_user_past_max_user_connects_on_any_node_is_closed_with_4429_unt
         client.close()
 
 
+async def test_with_redis_cut_off_max_user_connects_refuses_only_what_the_lease_write_would(cluster):
+    """The node's Redis stops answering (a partition): a connection whose lease is to be written is
+    closed with 1013, as without the limit, and a second one of a user whose lease is written
+    already, which without the limit would not have asked Redis, is let in uncounted: the limiter
+    does not make the node refuse more than it did."""
+    proxy, url = FreezableProxy.to_url(cluster.env["REDIS_URL"])
+    try:
+        # Leases outlive the cut (the node's Redis calls give up after 5 s).
+        node = cluster.start_node(REDIS_URL=url, LEASE_TTL=60, MAX_USER_CONNECTS="5/60")
+        user, fresh_user = f"cut-off-{node.port}", f"cut-off-new-{node.port}"
+        held = await connect(cluster, node.port, user)
+        tokens = [await asyncio.to_thread(cluster.token, name) for name in (user, fresh_user)]
+        proxy.freeze()
+        second, fresh = await asyncio.gather(*(Client.connect(cluster.ws_url(node.port, token), expect_hello=False, timeout=30)
+                                               for token in tokens))
+        assert await outcome(second, 30) == ("hello", user)
+        assert await outcome(fresh, 30) == (CloseCode.TRY_AGAIN_LATER, CloseCode.TRY_AGAIN_LATER.reason)
+        proxy.thaw()
+        assert cluster.routes.zcard(log_key(user)) == 1  # the held connection's connect only
+        assert not cluster.routes.exists(log_key(fresh_user))
+        assert "connect rate of 1 connections not checked" in node.log_tail(200)
+        for client in (held, second):
+            client.close()
+    finally:
+        proxy.close()
+
+
 async def test_a_node_at_max_connections_answers_503_before_the_upgrade_until_one_closes(cluster):
     node = cluster.start_node(MAX_CONNECTIONS=3)
     held = [await connect(cluster, node.port, f"full-{n}") for n in range(3)]
@@ -154,10 +183,10 @@ async def test_handshakes_in_flight_when_the_node_fills_are_closed_with_1013_as_
         client.close()
 
 
-async def outcome(client: Client) -> tuple:
+async def outcome(client: Client, timeout: float = 10) -> tuple:
     """``("hello", user)``, or ``(code, reason)`` when the node closed instead."""
     try:
-        frame = await client.next_frame(10)
+        frame = await client.next_frame(timeout)
     except ConnectionError:
         return client.ws.close_code, client.ws.close_reason
     return frame["type"], frame["user"]
