@@ -436,6 +436,19 @@ RETENTION_SECONDS: int = _read(_env, "RETENTION_SECONDS", 86400, _positive_int, 
 RESUME_OVERLAP_MS: int = _read(_env, "RESUME_OVERLAP_MS", 2000, _non_negative_int, "a whole number of milliseconds")
 #: Most messages one resume replays (the oldest beyond it are skipped and the client is told).
 REPLAY_LIMIT: int = _read(_env, "REPLAY_LIMIT", 10000, _positive_int, "a whole number")
+#: What a message frame adds to its ``data``'s JSON: ``{"type":"message","id":"<24 hex>","data":}``
+#: (``wsnode.protocol.message_frame``; tests/unit/test_replay_bytes.py checks the two agree).
+MESSAGE_FRAME_OVERHEAD = 58
+#: Most bytes of message frames one opening replay sends (UTF-8, as the node writes them; the
+#: oldest beyond it are left out, as beyond ``REPLAY_LIMIT``, and the client is told).  The default,
+#: 16 MiB, changes nothing for ordinary messages (10,000 messages of 1.6 KB).  At least one
+#: message's largest frame, ``MAX_MESSAGE_BYTES + MESSAGE_FRAME_OVERHEAD``, so that a replay can
+#: always carry its newest message.
+REPLAY_MAX_BYTES: int = _read(_env, "REPLAY_MAX_BYTES", 16 << 20, _positive_int, "a whole number of bytes")
+if REPLAY_MAX_BYTES < MAX_MESSAGE_BYTES + MESSAGE_FRAME_OVERHEAD:
+    raise SettingsError(f"REPLAY_MAX_BYTES={REPLAY_MAX_BYTES} is under one message's largest frame, MAX_MESSAGE_BYTES={MAX_MESSAGE_BYTES} "
+                        f"plus {MESSAGE_FRAME_OVERHEAD}: a replay could not carry its newest message; set it to at least "
+                        f"{MAX_MESSAGE_BYTES + MESSAGE_FRAME_OVERHEAD} (the default is {16 << 20}), or lower MAX_MESSAGE_BYTES")
 #: For this long after a connection's opening replay, live copies of the messages it replayed are
 #: dropped by the node (their dispatch was slower than the replay).
 REPLAY_DEDUP_SECONDS: float = _read(_env, "REPLAY_DEDUP_SECONDS", 30.0, _positive_float, "a number of seconds")

@@ -6,8 +6,8 @@ user's route first and only then asks, so every message is either in this replay
 (or both: clients drop repeats by id).  The replay starts ``RESUME_OVERLAP_MS`` before ``since``
 so that messages collected at the same moment on another worker process are not skipped.  The
 answer goes back through the node's own queue as ``wsnode.deliver`` pages addressed to one
-connection; the last page says so, whether the retention or ``REPLAY_LIMIT`` cut it short, and
-its ``cursor``: the smallest id of the millisecond the worker read the store in.  What was stored
+connection; the last page says so, whether the retention, ``REPLAY_LIMIT`` or ``REPLAY_MAX_BYTES``
+cut it short, and its ``cursor``: the smallest id of the millisecond the worker read the store in.  What was stored
 after that read is routed live, so a client that got no message yet resumes from the cursor: without
 it, a device that left before its first message came back to the inbox alone, which no longer holds
 what another device of the user acked meanwhile.
@@ -16,18 +16,29 @@ Nodes send ``tasks.replay_many``: every connection that asked since the node's p
 in one task (a reconnect storm of thousands of browsers is then tens of tasks, not thousands),
 answered with one publish batch.  ``tasks.replay`` (one connection) stays for nodes of earlier
 versions: upgrade the workers before the nodes.
+
+A replay holds at most the newest ``REPLAY_LIMIT`` messages whose frames take at most
+``REPLAY_MAX_BYTES`` together (:func:`newest_within`): what a node writes whole to a resuming
+connection, whether its client reads or not.  The store reads the messages' data newest first and
+stops once that budget is spent (:meth:`tasks.store.Store.replays`), so the worker holds about the
+budget per connection of a task, not ``REPLAY_LIMIT`` messages of ``MAX_MESSAGE_BYTES`` (except the
+embedded engine's one read of at most ``_EMBEDDED_RANGE_ROWS`` recent messages, which a task's
+replays share).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 
 import settings
 from tasks import ids
 from tasks.dispatch import publish_all
 from tasks.store import StoreUnavailable, get_store
 from worker import app
+from wsnode.protocol import message_frame
+from wsnode.session import utf8_length
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +46,8 @@ PAGE = 500
 
 
 def _read(requests: list[tuple[str, str, str | None]]) -> tuple[list[tuple[list[dict], bool]], str]:
-    """The envelopes of each ``(conn, user, since)``, and whether the retention or the limit cut
-    them short: the inbox of each without ``since``, and those with ``since`` in one call
+    """The envelopes of each ``(conn, user, since)``, and whether the retention, the limit or the
+    byte budget (``REPLAY_MAX_BYTES``, :func:`newest_within`) cut them short: the inbox of each without ``since``, and those with ``since`` in one call
     (:meth:`tasks.store.Store.replays`: one read for all of them when it can); and the cursor, an
     id no later than the reads."""
     cursor = ids.lower_bound(int(time.time() * 1000))
@@ -44,13 +55,17 @@ def _read(requests: list[tuple[str, str, str | None]]) -> tuple[list[tuple[list[
     replies: list = [None] * len(requests)
     resumes = [(index, user, ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS))
                for index, (_, user, since) in enumerate(requests) if since is not None]
+
+    def cut(newest_first: Iterable[dict]) -> tuple[list[dict], bool]:
+        return newest_within(newest_first, settings.REPLAY_MAX_BYTES)
+
     # Every connection here registered its route before the node asked: what is stored after the
     # first read below is routed to it live, so all the reads may share that read's index.
     with store.index_pinned():
         for index, (_, user, since) in enumerate(requests):
             if since is None:
-                replies[index] = store.unacked(user, settings.REPLAY_LIMIT)
-        for (index, _, _), reply in zip(resumes, store.replays([(user, after) for _, user, after in resumes], settings.REPLAY_LIMIT)):
+                replies[index] = store.unacked(user, settings.REPLAY_LIMIT, cut)
+        for (index, _, _), reply in zip(resumes, store.replays([(user, after) for _, user, after in resumes], settings.REPLAY_LIMIT, cut)):
             replies[index] = reply
     now = time.time()
     for index, (_, _, since) in enumerate(requests):
@@ -65,6 +80,35 @@ def past_retention(since: str, now: float, retention: float) -> bool:
     messages: some of what came after it may have been purged, so the replay is ``truncated``
     however many messages it finds.  Pure."""
     return ids.timestamp_ms(since) < (now - retention) * 1000
+
+
+def frame_bytes(envelope: dict) -> int:
+    """The bytes of the message frame a push node writes for ``envelope``: the node's own
+    :func:`wsnode.protocol.message_frame`, measured in UTF-8 as the node measures what it writes
+    (:func:`wsnode.session.utf8_length`).  The node builds it from the envelope this worker sends,
+    which JSON carries unchanged, so this is the size the node writes (WebSocket's own header of
+    2 to 10 bytes a frame aside, as ``CLIENT_QUEUE_MAX_BYTES`` leaves it aside too).  Pure."""
+    return utf8_length(message_frame(envelope))
+
+
+def newest_within(newest_first: Iterable[dict], max_bytes: int,
+                  size: Callable[[dict], int] = frame_bytes) -> tuple[list[dict], bool]:
+    """The newest envelopes of ``newest_first`` (given newest first) whose frames (``size``) take
+    at most ``max_bytes`` together, returned oldest first, and True when older ones were left out
+    (the replay is ``truncated``).  The newest is always kept, even alone over ``max_bytes``, so a
+    replay carries at least its newest message; the kept ones are the newest in a row, with no gap
+    between them and what comes live after.  Stops reading ``newest_first`` at the first envelope
+    that does not fit, so a store that yields them as it reads them reads no further.  Pure."""
+    kept: list[dict] = []
+    total = 0
+    for envelope in newest_first:
+        total += size(envelope)
+        if kept and total > max_bytes:
+            kept.reverse()
+            return kept, True
+        kept.append(envelope)
+    kept.reverse()
+    return kept, False
 
 
 def _pages(envelopes: list[dict], truncated: bool, cursor: str) -> list[tuple[list[dict], dict]]:

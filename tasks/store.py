@@ -62,7 +62,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import bson
 from bson.dbref import DBRef
@@ -94,6 +94,10 @@ _EMBEDDED_ID_BATCH = 2000
 #: On the embedded engine a replay reads every message after its ``since`` through the primary key
 #: when there are at most this many (about 10 us each to decode here); beyond, through the index.
 _EMBEDDED_RANGE_ROWS = 5000
+#: A replay with a ``cut`` reads its messages' data this many at a time, newest first, until the cut
+#: stops taking them: the worker holds what the cut keeps plus at most one such read
+#: (``MAX_MESSAGE_BYTES`` each), not ``REPLAY_LIMIT`` messages.
+_REPLAY_READ_IDS = 100
 _INDEX_OPTIONS_CONFLICT = 85
 _COLLECTIONS = ("messages", "receipts", "keys")
 #: Most receipts in one receipts document (MongoDB caps a document at 16 MB).
@@ -102,6 +106,11 @@ RECEIPT_DOC_ITEMS = 1000
 _RECEIPT_BUCKET_SECONDS = 60
 ACKED = "acked"
 UTC = datetime.timezone.utc
+
+
+#: What a replay keeps of its messages: given their envelopes newest first (read as it takes them),
+#: returns those it keeps, oldest first, and whether it left any out (:meth:`Store.replay`).
+Cut = Callable[[Iterable[dict]], tuple[list[dict], bool]]
 
 
 class StoreError(Exception):
@@ -244,12 +253,17 @@ class Store:
         with self._errors(f"storing {len(docs)} messages"):
             _insert_new(self._messages, docs, encoded if table is not None else None)
 
-    def replay(self, user: str, after_id: str, limit: int) -> tuple[list[dict], bool]:
+    def replay(self, user: str, after_id: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
         """Envelopes ``{"id", "data"}`` of the messages to ``user`` or to everyone with an id above
-        ``after_id``, oldest first.  At most the newest ``limit``; True when older ones were left out."""
-        return self.replays([(user, after_id)], limit)[0]
+        ``after_id``, oldest first.  At most the newest ``limit``; True when older ones were left out.
 
-    def replays(self, wanted: list[tuple[str, str]], limit: int) -> list[tuple[list[dict], bool]]:
+        ``cut`` (:data:`Cut`, e.g. :func:`tasks.replay.newest_within` with ``REPLAY_MAX_BYTES``)
+        is given those newest ``limit`` newest first, as their data is read, and returns what it
+        keeps, oldest first, and whether it left any out (then the replay is truncated too); the
+        data is read ``_REPLAY_READ_IDS`` messages at a time, and no further once the cut returns."""
+        return self.replays([(user, after_id)], limit, cut)[0]
+
+    def replays(self, wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> list[tuple[list[dict], bool]]:
         """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order.
 
         On the embedded engine, when at most ``_EMBEDDED_RANGE_ROWS`` messages were stored after
@@ -258,7 +272,8 @@ class Store:
         ``tasks.replay_many``, often a reconnect storm's), rather than have mongomock rebuild the
         index of the whole collection first (another process nearly always wrote since its last
         read while messages flow).  Otherwise each replay from that earliest id goes through the
-        index, and each of the others tries the same for itself."""
+        index, and each of the others tries the same for itself.  (That one read holds every message
+        it finds, at most ``_EMBEDDED_RANGE_ROWS``: ``cut`` bounds what each replay keeps of it.)"""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit!r}")
         if not wanted:
@@ -267,11 +282,11 @@ class Store:
         with self._errors(f"replaying for {len(wanted)} connections"):
             recent = storesql.id_range(self._messages, first, first_included=False, most=_EMBEDDED_RANGE_ROWS)
         if recent is not None:
-            return replays_from(recent, wanted, limit)
-        return [self._replay_by_index(user, after, limit) if after == first else self.replays([(user, after)], limit)[0]
+            return replays_from(recent, wanted, limit, cut)
+        return [self._replay_by_index(user, after, limit, cut) if after == first else self.replays([(user, after)], limit, cut)[0]
                 for user, after in wanted]
 
-    def _replay_by_index(self, user: str, after_id: str, limit: int) -> tuple[list[dict], bool]:
+    def _replay_by_index(self, user: str, after_id: str, limit: int, cut: Cut | None) -> tuple[list[dict], bool]:
         """:meth:`replay` through the ``to`` index (on the embedded engine, mongomock's)."""
         query = {"to": {"$in": [user, BROADCAST]}, "_id": {"$gt": after_id}}
         with self._errors(f"replaying for user {user!r}"):
@@ -281,10 +296,26 @@ class Store:
             else:
                 newest = [doc["_id"] for doc in self._messages.find(query, {"_id": 1}).sort("_id", -1).limit(limit + 1)]
             truncated = len(newest) > limit
-            wanted = sorted(newest[:limit])
-            found = self.message_data(wanted)
-        # A message purged between the two reads is simply missing.
-        return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], truncated
+            envelopes, cut_short = self._envelopes(sorted(newest[:limit]), cut)
+        return envelopes, truncated or cut_short
+
+    def _envelopes(self, mids: list[str], cut: Cut | None) -> tuple[list[dict], bool]:
+        """Envelopes of the messages ``mids`` (oldest first) that are still stored (a message purged
+        since its id was read is simply missing), oldest first, and whether ``cut`` left any out.
+        With ``cut``, their data is read newest first, ``_REPLAY_READ_IDS`` at a time, and only
+        until the cut stops taking them; without, in one go."""
+        if cut is None:
+            found = self.message_data(mids)
+            return [{"id": mid, "data": found[mid]} for mid in mids if mid in found], False
+        return cut(self._newest_first(mids))
+
+    def _newest_first(self, mids: list[str]) -> Iterator[dict]:
+        for end in range(len(mids), 0, -_REPLAY_READ_IDS):
+            chunk = mids[max(0, end - _REPLAY_READ_IDS) : end]
+            found = self.message_data(chunk)
+            for mid in reversed(chunk):
+                if mid in found:
+                    yield {"id": mid, "data": found[mid]}
 
     @contextlib.contextmanager
     def index_pinned(self) -> Iterator[None]:
@@ -388,16 +419,16 @@ class Store:
         finally:
             os.close(handle)
 
-    def unacked(self, user: str, limit: int) -> tuple[list[dict], bool]:
+    def unacked(self, user: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of
-        theirs acked, oldest first: the newest ``limit``, and True when older ones were left out."""
+        theirs acked, oldest first: the newest ``limit``, and True when older ones were left out.
+        ``cut``: as for :meth:`replay`."""
         with self._errors(f"reading the inbox of user {user!r}"):
             mids = sorted(self._distinct(self._messages, "_id", {"to": user}))  # a user id is never "*"
             acked = self._acked([(mid, user) for mid in mids])
             pending = [mid for mid in mids if (mid, user) not in acked]
-            wanted = pending[-limit:]
-            found = self.message_data(wanted)
-        return [{"id": mid, "data": found[mid]} for mid in wanted if mid in found], len(pending) > limit
+            envelopes, cut_short = self._envelopes(pending[-limit:], cut)
+        return envelopes, len(pending) > limit or cut_short
 
     def deliveries_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
         """``(message id, user)`` of the messages stored between ``start`` and ``end``, acked or
@@ -625,7 +656,7 @@ def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None
         return [doc for index, doc in enumerate(docs) if index not in taken]
 
 
-def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int) -> list[tuple[list[dict], bool]]:
+def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> list[tuple[list[dict], bool]]:
     """What :meth:`Store.replays` returns for ``wanted``, from ``docs``: every message stored after
     the earliest ``after_id`` of ``wanted``, in ``_id`` order.  Pure."""
     of_user: dict[str, list[dict]] = {}
@@ -636,7 +667,12 @@ def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int) ->
     out = []
     for user, after in wanted:
         mine = [doc for doc in heapq.merge(of_user.get(user, []) if user != BROADCAST else [], broadcasts, key=_doc_id) if doc["_id"] > after]
-        out.append(([{"id": doc["_id"], "data": as_collected(doc["data"])} for doc in mine[-limit:]], len(mine) > limit))
+        newest = mine[-limit:]
+        if cut is None:
+            out.append(([{"id": doc["_id"], "data": as_collected(doc["data"])} for doc in newest], len(mine) > limit))
+        else:
+            envelopes, cut_short = cut({"id": doc["_id"], "data": as_collected(doc["data"])} for doc in reversed(newest))
+            out.append((envelopes, len(mine) > limit or cut_short))
     return out
 
 

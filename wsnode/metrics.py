@@ -85,8 +85,8 @@ class NodeMetrics:
         )
         self._replays = Counter(
             "push_node_replays",
-            "Opening replays, by outcome: served (complete), truncated (served, but reached past the retention or "
-            "REPLAY_LIMIT), failed (timed out or not requested; the client was closed with 1013).",
+            "Opening replays, by outcome: served (complete), truncated (served, but reached past the retention, "
+            "REPLAY_LIMIT or REPLAY_MAX_BYTES), failed (timed out or not requested; the client was closed with 1013).",
             ["outcome"], registry=r,
         )
         self._refreshes = Counter(

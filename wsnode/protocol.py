@@ -10,8 +10,8 @@ Server -> client (JSON text frames):
 - ``{"type": "message", "id": "<message id>", "data": <data>}``, one per message.
 - ``{"type": "resumed", "since": "<id>" | null, "replayed": <n>, "truncated": <bool>}`` after the
   opening replay: what ``since`` asked for, or without ``since`` the user's unacked inbox; live
-  messages follow it.  ``truncated`` means the replay reached past the retention or
-  ``REPLAY_LIMIT``: older messages are gone.  ``cursor`` (an id): a client that has seen no
+  messages follow it.  ``truncated`` means the replay reached past the retention,
+  ``REPLAY_LIMIT`` or ``REPLAY_MAX_BYTES``: older messages are gone.  ``cursor`` (an id): a client that has seen no
   message yet resumes with ``since=<cursor>`` (everything after it is replayed or came live).
 - ``{"type": "refreshed", "expires_at": <unix s>, "expires_in": <s>}``: the node took the token of
   a ``refresh``, and the connection now expires with it.

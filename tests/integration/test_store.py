@@ -25,6 +25,7 @@ import settings
 from tasks import checkpoints, storesql, wirejson
 from tasks import store as store_module
 from tasks.ids import IdGenerator
+from tasks.replay import frame_bytes, newest_within
 from tasks.store import MAX_DOCUMENT_BYTES, Store, StoreError, StoreUnavailable
 
 OLD = time.time() - settings.RETENTION_SECONDS - 3600
@@ -776,6 +777,71 @@ def test_replays_of_several_connections_are_each_what_its_own_replay_is(store, r
     assert alone[2][1] == ([{"id": messages[n]["id"], "data": n} for n in (6, 7)], True)
     assert alone[100][8] == ([{"id": messages[6]["id"], "data": 6}], False)
     assert store.replays([], 10) == []
+
+
+def budget(max_bytes: int):
+    """A replay's cut as tasks.replay makes it from REPLAY_MAX_BYTES (frames as the node writes them)."""
+    return lambda newest_first: newest_within(newest_first, max_bytes)
+
+
+@pytest.mark.parametrize("rows", [100, 4, 0], ids=["one read for all", "one read for some", "each alone"])
+def test_a_replay_over_its_byte_budget_keeps_its_newest_messages_and_says_it_was_truncated(store, rows, monkeypatch):
+    """REPLAY_MAX_BYTES: the newest messages whose frames fit, oldest first, truncated; the same
+    through every read (on MongoDB, always through the index)."""
+    gen = IdGenerator()
+    messages = [make(gen, to, "x" * 100) for to in [["ann"], "*", ["ann", "bob"], ["bob"], ["ann"], ["ann"]]]
+    store.insert_messages(messages)
+    frame = frame_bytes({"id": messages[0]["id"], "data": "x" * 100})
+    mine = [{"id": m["id"], "data": m["data"]} for m in messages if m["to"] == "*" or "ann" in m["to"]]
+    monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", rows)
+    if rows == 0:  # every read through mongomock's queries, as on MongoDB
+        monkeypatch.setattr(storesql, "id_range", lambda *_, **__: None)
+        monkeypatch.setattr(storesql, "by_id", lambda *_, **__: None)
+
+    assert store.replay("ann", "", 100, budget(3 * frame)) == (mine[-3:], True)
+    assert store.replay("ann", "", 100, budget(3 * frame + frame - 1)) == (mine[-3:], True)
+    assert store.replay("ann", "", 100, budget(1)) == (mine[-1:], True), "the newest, even alone over the budget"
+    assert store.replay("ann", "", 100, budget(5 * frame)) == store.replay("ann", "", 100) == (mine, False)
+    assert store.replay("ann", "", 2, budget(5 * frame)) == (mine[-2:], True), "REPLAY_LIMIT still applies"
+    assert store.replays([("ann", ""), ("bob", messages[2]["id"])], 100, budget(frame)) == [(mine[-1:], True), ([{"id": messages[3]["id"], "data": "x" * 100}], False)]
+
+
+def test_an_inbox_over_its_byte_budget_keeps_its_newest_unacked_messages_and_says_it_was_truncated(store):
+    gen = IdGenerator()
+    messages = [make(gen, ["ann"], "y" * 50) for _ in range(5)]
+    store.insert_messages(messages)
+    store.record_receipts([{"id": messages[3]["id"], "user": "ann", "state": "acked", "at": time.time()}])
+    frame = frame_bytes({"id": messages[0]["id"], "data": "y" * 50})
+    pending = [{"id": m["id"], "data": m["data"]} for n, m in enumerate(messages) if n != 3]
+
+    assert store.unacked("ann", 100, budget(2 * frame)) == (pending[-2:], True)
+    assert store.unacked("ann", 100, budget(4 * frame)) == store.unacked("ann", 100) == (pending, False)
+    assert store.unacked("ann", 3, budget(4 * frame)) == (pending[-3:], True)
+
+
+@pytest.mark.parametrize("read", ["replay", "inbox"])
+def test_a_replay_over_its_byte_budget_reads_the_data_of_its_newest_messages_only(store, read, monkeypatch):
+    """The data is read newest first, _REPLAY_READ_IDS messages at a time, and no further once the
+    budget is spent: the worker does not hold REPLAY_LIMIT messages to send a few."""
+    gen = IdGenerator()
+    messages = [make(gen, ["ann"], "z" * 200) for _ in range(450)]
+    store.insert_messages(messages)
+    monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", 10)  # through the index, as on MongoDB past it
+    reads: list[list[str]] = []
+    data_of = store.message_data
+    monkeypatch.setattr(store, "message_data", lambda mids: reads.append(list(mids)) or data_of(mids))
+    frame = frame_bytes({"id": messages[0]["id"], "data": "z" * 200})
+
+    def replay(cut=None):
+        reads.clear()
+        return store.replay("ann", "", 1000, cut) if read == "replay" else store.unacked("ann", 1000, cut)
+
+    assert replay(budget(150 * frame)) == ([{"id": m["id"], "data": m["data"]} for m in messages[-150:]], True)
+    assert reads == [[m["id"] for m in messages[350:]], [m["id"] for m in messages[250:350]]], "the two newest hundreds, newest first"
+    envelopes, truncated = replay(budget(1000 * frame))
+    assert len(envelopes) == 450 and not truncated and [len(r) for r in reads] == [100, 100, 100, 100, 50]
+    replay()
+    assert [len(r) for r in reads] == [450], "without a cut, in one read as before"
 
 
 def test_reads_with_the_index_pinned_keep_the_index_of_their_first_read(store):

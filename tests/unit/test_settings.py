@@ -328,6 +328,10 @@ def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix()
 @pytest.mark.parametrize(("env", "says"), [
     ({"MAX_MESSAGE_BYTES": "3000000"}, "MAX_MESSAGE_BYTES=3000000 is over 2000000"),
     ({"MAX_FRAME_BYTES": "1000"}, "MAX_FRAME_BYTES=1000 is under 2560: a browser's refresh frame carries a whole token"),
+    ({"REPLAY_MAX_BYTES": "65593"}, "REPLAY_MAX_BYTES=65593 is under one message's largest frame, MAX_MESSAGE_BYTES=65536 plus 58: "
+                                    "a replay could not carry its newest message; set it to at least 65594"),
+    ({"REPLAY_MAX_BYTES": "4096", "MAX_MESSAGE_BYTES": "4096"}, "REPLAY_MAX_BYTES=4096 is under one message's largest frame, MAX_MESSAGE_BYTES=4096 plus 58"),
+    ({"REPLAY_MAX_BYTES": "16MB"}, "REPLAY_MAX_BYTES='16MB' is not valid: expected a whole number of bytes"),
     ({"RESUME_OVERLAP_MS": "-5"}, "RESUME_OVERLAP_MS='-5' is not valid: expected a whole number of milliseconds (must be 0 or greater)"),
     ({"HOUSEKEEPING_SECONDS": "inf"}, "HOUSEKEEPING_SECONDS='inf' is not valid: expected a number of seconds (must be greater than 0 and at most 100000000)"),
     ({"MAX_USER_CONNECTS": "30"}, "MAX_USER_CONNECTS='30' is not valid: expected 0 (no limit) or COUNT/SECONDS, two whole numbers: "

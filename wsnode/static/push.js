@@ -501,7 +501,7 @@
       // seen: not from the inbox (no message seen yet), which no longer holds what another
       // device of the user acks meanwhile, nor from the newest message of an inbox replay, which
       // may be old, and after which a resume would replay what other devices acked since.  Every
-      // message before the cursor was in this replay (or was cut by its REPLAY_LIMIT).
+      // message before the cursor was in this replay (or was cut by its REPLAY_LIMIT or REPLAY_MAX_BYTES).
       if (typeof frame.cursor === "string" && (!this.lastId || frame.cursor > this.lastId)) this.lastId = frame.cursor;
       this._status({ state: "live", url: conn.url, since: frame.since, replayed: frame.replayed, truncated: frame.truncated });
     } else if (frame.type === "message") {
