@@ -94,10 +94,14 @@ _EMBEDDED_ID_BATCH = 2000
 #: On the embedded engine a replay reads every message after its ``since`` through the primary key
 #: when there are at most this many (about 10 us each to decode here); beyond, through the index.
 _EMBEDDED_RANGE_ROWS = 5000
-#: A replay with a ``cut`` reads its messages' data this many at a time, newest first, until the cut
-#: stops taking them: the worker holds what the cut keeps plus at most one such read
-#: (``MAX_MESSAGE_BYTES`` each), not ``REPLAY_LIMIT`` messages.
+#: A replay with a ``cut`` reads its messages' data newest first, this many in its first read and
+#: twice as many in each next one (up to ``_REPLAY_READ_IDS_MAX``), until the cut stops taking them:
+#: the worker holds what the cut keeps plus at most one such read, of no more messages than were
+#: read before it and 100 more, nor than 1,000 (``MAX_MESSAGE_BYTES`` each: about one budget more
+#: when the messages are alike in size), not ``REPLAY_LIMIT`` messages; and a long replay of small
+#: messages costs MongoDB 14 round trips for 10,000, not 100.
 _REPLAY_READ_IDS = 100
+_REPLAY_READ_IDS_MAX = 1000
 _INDEX_OPTIONS_CONFLICT = 85
 _COLLECTIONS = ("messages", "receipts", "keys")
 #: Most receipts in one receipts document (MongoDB caps a document at 16 MB).
@@ -260,7 +264,8 @@ class Store:
         ``cut`` (:data:`Cut`, e.g. :func:`tasks.replay.newest_within` with ``REPLAY_MAX_BYTES``)
         is given those newest ``limit`` newest first, as their data is read, and returns what it
         keeps, oldest first, and whether it left any out (then the replay is truncated too); the
-        data is read ``_REPLAY_READ_IDS`` messages at a time, and no further once the cut returns."""
+        data is read in growing reads (``_REPLAY_READ_IDS``, then twice as many each time), and no
+        further once the cut returns."""
         return self.replays([(user, after_id)], limit, cut)[0]
 
     def replays(self, wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> list[tuple[list[dict], bool]]:
@@ -302,20 +307,22 @@ class Store:
     def _envelopes(self, mids: list[str], cut: Cut | None) -> tuple[list[dict], bool]:
         """Envelopes of the messages ``mids`` (oldest first) that are still stored (a message purged
         since its id was read is simply missing), oldest first, and whether ``cut`` left any out.
-        With ``cut``, their data is read newest first, ``_REPLAY_READ_IDS`` at a time, and only
-        until the cut stops taking them; without, in one go."""
+        With ``cut``, their data is read newest first, in reads of ``_REPLAY_READ_IDS`` doubling up
+        to ``_REPLAY_READ_IDS_MAX``, and only until the cut stops taking them; without, in one go."""
         if cut is None:
             found = self.message_data(mids)
             return [{"id": mid, "data": found[mid]} for mid in mids if mid in found], False
         return cut(self._newest_first(mids))
 
     def _newest_first(self, mids: list[str]) -> Iterator[dict]:
-        for end in range(len(mids), 0, -_REPLAY_READ_IDS):
-            chunk = mids[max(0, end - _REPLAY_READ_IDS) : end]
+        end, size = len(mids), _REPLAY_READ_IDS
+        while end > 0:
+            chunk = mids[max(0, end - size) : end]
             found = self.message_data(chunk)
             for mid in reversed(chunk):
                 if mid in found:
                     yield {"id": mid, "data": found[mid]}
+            end, size = end - len(chunk), min(size * 2, _REPLAY_READ_IDS_MAX)
 
     @contextlib.contextmanager
     def index_pinned(self) -> Iterator[None]:

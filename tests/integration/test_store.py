@@ -821,8 +821,10 @@ def test_an_inbox_over_its_byte_budget_keeps_its_newest_unacked_messages_and_say
 
 @pytest.mark.parametrize("read", ["replay", "inbox"])
 def test_a_replay_over_its_byte_budget_reads_the_data_of_its_newest_messages_only(store, read, monkeypatch):
-    """The data is read newest first, _REPLAY_READ_IDS messages at a time, and no further once the
-    budget is spent: the worker does not hold REPLAY_LIMIT messages to send a few."""
+    """The data is read newest first, _REPLAY_READ_IDS messages first and twice as many in each
+    next read (up to _REPLAY_READ_IDS_MAX), and no further once the budget is spent: the worker does
+    not hold REPLAY_LIMIT messages to send a few, and a long replay is a few reads, not one per
+    hundred."""
     gen = IdGenerator()
     messages = [make(gen, ["ann"], "z" * 200) for _ in range(450)]
     store.insert_messages(messages)
@@ -837,9 +839,15 @@ def test_a_replay_over_its_byte_budget_reads_the_data_of_its_newest_messages_onl
         return store.replay("ann", "", 1000, cut) if read == "replay" else store.unacked("ann", 1000, cut)
 
     assert replay(budget(150 * frame)) == ([{"id": m["id"], "data": m["data"]} for m in messages[-150:]], True)
-    assert reads == [[m["id"] for m in messages[350:]], [m["id"] for m in messages[250:350]]], "the two newest hundreds, newest first"
+    assert reads == [[m["id"] for m in messages[350:]], [m["id"] for m in messages[150:350]]], "the newest 100, then the 200 before"
     envelopes, truncated = replay(budget(1000 * frame))
-    assert len(envelopes) == 450 and not truncated and [len(r) for r in reads] == [100, 100, 100, 100, 50]
+    assert len(envelopes) == 450 and not truncated and [len(r) for r in reads] == [100, 200, 150]
+    monkeypatch.setattr(store_module, "_REPLAY_READ_IDS_MAX", 200)
+    envelopes, truncated = replay(budget(1000 * frame))
+    assert len(envelopes) == 450 and not truncated and [len(r) for r in reads] == [100, 200, 150]
+    monkeypatch.setattr(store_module, "_REPLAY_READ_IDS_MAX", 150)
+    envelopes, truncated = replay(budget(1000 * frame))
+    assert envelopes == [{"id": m["id"], "data": m["data"]} for m in messages] and [len(r) for r in reads] == [100, 150, 150, 50]
     replay()
     assert [len(r) for r in reads] == [450], "without a cut, in one read as before"
 
