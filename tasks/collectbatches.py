@@ -32,17 +32,14 @@ from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.result import EagerResult
 from celery.utils.functional import maybe_list
 from celery.utils.saferepr import saferepr
-from celery.utils.time import timezone
 from celery.worker import state as worker_state
 from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
-from kombu.asynchronous.timer import to_timestamp
 
 import settings
 from tasks import links, redis_transport, taskmessages
 from tasks.batching import FlushGate, chunks
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
-from tasks.messages import InvalidMessage
 from worker import app
 
 #: Most levels a ``tasks.collect`` or ``tasks.collect_many`` request's arguments may nest: far
@@ -77,6 +74,8 @@ class CollectBatches(Batches):
     """
 
     abstract = True
+    #: Celery's request, which refuses an eta no clock holds as it is made, as for any task.
+    Request = taskmessages.Request
 
     #: The most messages one batch stores and routes (a request of ``tasks.collect_many`` counts
     #: its items, any other request one): a flush of more goes to the pool as several batches.
@@ -213,8 +212,6 @@ class CollectBatches(Batches):
         now = time.monotonic()
         for req in consume_queue(self._buffer):
             due = self._due(req)
-            if due is None:
-                continue  # rejected: its eta cannot be read
             if due <= now + ETA_SLACK:
                 ready.append(req)
             else:
@@ -249,27 +246,13 @@ class CollectBatches(Batches):
         self._limit_tref = None
         self._do_flush()
 
-    def _due(self, req) -> float | None:
-        """When ``req`` may run, on the worker timer's clock (0 for now); None when its eta
-        cannot be read, after rejecting it as Celery does, storing why as its result (a caller
-        waiting on it waited for ever) and, with task events on, sending its task-failed."""
+    def _due(self, req) -> float:
+        """When ``req`` may run, on the worker timer's clock (0 for now).  An eta that is no time
+        that clock holds never comes here: the request is refused as it is made, as any task's
+        (:class:`tasks.taskmessages.Request`)."""
         if not req.eta:
             return 0.0
-        try:
-            if req.utc:
-                return to_timestamp(timezone.to_system(req.eta))
-            return to_timestamp(req.eta, self.app.timezone)
-        except (OverflowError, ValueError) as exc:
-            log.error("%s %s: cannot read its eta %r (%s); it is rejected, not run", self.name, req.id, req.eta, exc)
-            error = InvalidMessage(
-                f"not run: its eta {req.eta.isoformat()} cannot be read as a time ({exc}): send a countdown, or an eta within the years 1 to 9999 in UTC")
-            if _sends_events(req):  # Flower lists it as failed, as the messages the consumer refuses (taskmessages.Consumer)
-                _send_received(req)
-                req.send_event("task-failed", exception=outcome_text("failed", error, self.resultrepr_maxsize), traceback="")
-            req.reject(requeue=False)
-            worker_state.task_ready(req)
-            taskmessages.store_failure(self.app.backend, req.id, error, {"reply_to": req.reply_to, "correlation_id": req.correlation_id})
-            return None
+        return taskmessages.eta_timestamp(req.eta, req.utc, self.app.timezone)
 
     def _hold(self, req, due: float) -> None:
         """Keep ``req`` on the worker's timer until ``due`` (Celery's ``default`` strategy for a

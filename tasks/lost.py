@@ -39,7 +39,8 @@ from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import Task as CeleryTask
 from celery.exceptions import WorkerLostError
 from celery.worker import state as worker_state
-from celery.worker.request import Request as CeleryRequest
+
+from tasks import taskmessages
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,11 @@ def lost_too_often(task_name: str, request_id: str, times: int, alone: bool = Fa
 _LOST = LostRequests()
 
 
-class Request(CeleryRequest):
+class Request(taskmessages.Request):
     """Celery's request, failed with :class:`LostWithItsProcess` once its pool process died
     running it ``FAIL_AFTER`` times, instead of being put back on its queue again.  What it does
-    otherwise is Celery's own.  Main process only (see the module docstring)."""
+    otherwise is Celery's own, but for the eta it checks as it is made (:class:`tasks.taskmessages.Request`).
+    Main process only (see the module docstring)."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = exception_of(exc_info)

@@ -16,7 +16,8 @@ logged, stored as the task's result when the message has a task id, and the mess
 as Celery discards an invalid task message.  It also stores a result for the messages Celery
 refuses itself and only logged (an unreadable ``eta`` or ``expires``, a content type the worker
 does not accept, a body that does not decode), so that a caller waiting on one is told why instead
-of waiting forever.
+of waiting forever; and every task's :class:`Request` refuses so an eta that parses but is no time
+the worker's clock holds, which Celery ran at once.
 
 :func:`depth_problem` is for ``tasks.collect``'s strategy: its batches are pickled in this process
 for the pool, and arguments nested near Python's recursion limit raised out of the loop there.
@@ -41,14 +42,17 @@ import time
 import warnings
 
 from celery import signals
-from celery.exceptions import CPendingDeprecationWarning
+from celery.exceptions import CPendingDeprecationWarning, InvalidTaskError
 from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY
 from celery.worker.consumer.consumer import logger as celery_consumer_log
+from celery.utils.time import timezone
+from celery.worker.request import Request as CeleryRequest
 from celery.worker.state import maybe_shutdown
 from kombu import serialization
 from kombu.common import ignore_errors
+from kombu.asynchronous.timer import to_timestamp
 from kombu.exceptions import ContentDisallowed
 from kombu.utils import json as kombu_json
 
@@ -180,6 +184,35 @@ def task_id_of(headers: object, body: object) -> str | None:
         if isinstance(fields, dict) and _named(fields.get("id")):
             return fields["id"]
     return None
+
+
+def eta_timestamp(eta, utc: bool, app_timezone) -> float:
+    """When a request whose ``eta`` (an aware datetime, as Celery's request reads it) is due, on
+    the worker timer's clock, as Celery's strategy converts it (``utc``: the request's).  Raises
+    OverflowError or ValueError for an eta that parses but is no time that clock holds (the year
+    1 east of UTC).  Pure but for reading the clocks."""
+    if utc:
+        return to_timestamp(timezone.to_system(eta))
+    return to_timestamp(eta, app_timezone)
+
+
+class Request(CeleryRequest):
+    """Celery's request of any task (the plain tasks' :class:`tasks.lost.Request` and
+    ``tasks.collect``'s), refused as it is made when its eta parses but is no time the worker's
+    clock holds: ``InvalidTaskError``, as Celery refuses an eta it cannot parse, so that
+    :class:`Consumer` stores the failure where its caller waits and sends its task events
+    (:meth:`Consumer.on_invalid_task`).  Celery's strategy logged it with a traceback and ran a
+    plain task at once, its eta ignored; celery-batches rejected a collect and logged it only.
+    Worker main process."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._eta is not None:
+            try:
+                eta_timestamp(self._eta, self._utc, self._app.timezone)
+            except (OverflowError, ValueError) as exc:
+                raise InvalidTaskError(f"its eta {self._eta.isoformat()} cannot be read as a time ({exc}): "
+                                       "send a countdown, or an eta within the years 1 to 9999 in UTC") from exc
 
 
 def not_a_task_message(problem: str) -> InvalidMessage:

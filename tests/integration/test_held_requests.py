@@ -97,15 +97,27 @@ async def test_requests_waiting_for_their_countdown_leave_the_worker_free_and_ar
     soon_client.close()
 
 
-async def test_a_collect_whose_eta_is_no_time_the_worker_holds_shows_as_failed_with_its_reason(held_cluster):
+#: The tasks business code calls (README, Business API), each with a request it could run.
+BUSINESS_TASKS = [
+    ("tasks.collect", "collect", [], {"to": "never", "data": 1}),
+    ("tasks.collect_many", "collect", [], {"messages": [{"to": "never", "data": 1}]}),
+    ("tasks.status", "dispatch", ["0" * 24], {}),
+    ("tasks.presence", "dispatch", [["never"]], {}),
+]
+
+
+@pytest.mark.parametrize("task, queue, args, kwargs", BUSINESS_TASKS, ids=[task for task, *_ in BUSINESS_TASKS])
+async def test_a_request_whose_eta_is_no_time_the_worker_holds_shows_as_failed_with_its_reason(held_cluster, task, queue, args, kwargs):
     """An eta that parses but that the worker's clock cannot hold (the year 1, east of UTC) fails
     its request with ``not run: ...`` as its result, and shows as failed, with that reason, where
     an operator watches (Flower, from the task events), as every message the worker refuses
-    before it runs does; it sent no event at all, and Flower never listed it."""
+    before it runs does.  A collect sent no event at all, and Flower never listed it; a status or
+    presence request ran at once, its eta ignored, after Celery logged the eta with a traceback
+    as an ERROR and sent task-rejected."""
     cluster = held_cluster
     events = await asyncio.to_thread(TaskEvents(cluster).start)
     eta = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5)))
-    result = cluster.business.send_task("tasks.collect", kwargs={"to": "never", "data": 1}, queue="collect", eta=eta)
+    result = cluster.business.send_task(task, args=args, kwargs=kwargs, queue=queue, eta=eta)
     with pytest.raises(Exception, match="not run: its eta .* cannot be read as a time"):
         await cluster.result(result, 30)
     deadline = time.monotonic() + 15

@@ -219,3 +219,18 @@ def test_the_workers_json_decoder_gives_kombus_hook_only_the_objects_shaped_like
     typed = [{"__type__": "datetime", "__value__": "2020-01-01T00:00:00"}, {"__type__": "no-such-type", "__value__": 1}]
     assert json_loads(json.dumps(typed)) == [datetime.datetime(2020, 1, 1), typed[1]]
     assert given == typed
+
+
+def test_an_eta_no_clock_holds_raises_where_one_a_second_ahead_gives_a_time_a_second_ahead():
+    import datetime
+    import time
+    from zoneinfo import ZoneInfo
+
+    from tasks.taskmessages import eta_timestamp
+
+    year_1_east = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5)))
+    with pytest.raises((OverflowError, ValueError)):  # read as UTC (what Celery's clients send), it is before the year 1
+        eta_timestamp(year_1_east, True, ZoneInfo("UTC"))
+    for utc in (True, False):
+        soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
+        assert eta_timestamp(soon, utc, ZoneInfo("UTC")) - time.monotonic() == pytest.approx(1, abs=0.2)
