@@ -24,7 +24,7 @@ with startup.exit_on_bad_settings("celery -A worker", startup.imported_by_celery
     import redislogin
     import settings
     from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
-    from tasks import redis_transport, taskmessages, wirejson
+    from tasks import redis_transport, resultbackend, taskmessages, wirejson
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ app = Celery(
     task_cls="tasks.lost:Task",
     include=["tasks.collect", "tasks.dispatch", "tasks.replay", "tasks.receipts", "tasks.status", "tasks.presence", "tasks.housekeeping"],
 )
+# A result that a Redis over maxmemory or demoted to a replica (READONLY) refuses is retried as one
+# that Redis does not answer (tasks/resultbackend.py).
+resultbackend.install(app)
 
 app.conf.update(
     task_serializer="json",

@@ -46,9 +46,7 @@ import uuid
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.utils.time import get_exponential_backoff_interval
-from redis.exceptions import ReadOnlyError
 
-import redisfull
 import redislogin
 import settings
 from tasks import links, messages as validation, publishing
@@ -385,7 +383,8 @@ def _store_results(done: list[tuple[object, str]]) -> None:
     that only guards a SUCCESS against being overwritten: here a rerun writes the same id); with
     any other backend, ``mark_as_done`` one by one.
 
-    While Redis cannot be reached (a restart), the pipeline is sent again as Celery's backend
+    While Redis cannot be reached (a restart), or refuses the write for now (full, or a replica:
+    :func:`tasks.resultbackend.refused_for_now`), the pipeline is sent again as Celery's backend
     stores any task's result with ``result_backend_always_retry`` (``worker.py``): after a
     growing, jittered sleep, at most ``result_backend_max_retries`` times.  The batch waits that
     long, as any Celery task would; business code waiting for the ids gets them once Redis is back,
@@ -405,8 +404,10 @@ def _store_results(done: list[tuple[object, str]]) -> None:
                 pipe.publish(key, value)
             pipe.execute()
 
-    # A replica (a failover's demotion) refuses the SET, and still sends the PUBLISH to the callers waiting now.
-    _while_redis_is_down(attempt, lambda exc: backend.exception_safe_to_retry(exc) or redisfull.is_full(exc) or isinstance(exc, ReadOnlyError),
+    # What Celery's backend retries as it writes any result (tasks.resultbackend): a Redis that does not
+    # answer, is full, or is a replica (a failover's demotion refuses the SET, and still sends the
+    # PUBLISH to the callers waiting now).
+    _while_redis_is_down(attempt, backend.exception_safe_to_retry,
                          f"{len(done)} results of {done[0][0].name}", "stored", redis_names=("RESULT_BACKEND",),
                          give_up="their messages are stored and sent; business code waiting for these ids gets none")
 

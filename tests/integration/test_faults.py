@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import uuid
 
 import psutil
 import pytest
 import redis as redis_lib
 from celery import Celery
+from kombu import Connection
 
 import launcher
 from tests.integration.browser import Browser, check_exactly_once, confirm, stream, wait_complete
@@ -450,3 +452,43 @@ async def test_a_collect_while_the_routing_redis_is_a_replica_for_a_moment_is_qu
         await asyncio.sleep(0.2)
     assert stored == message_id
     client.close()
+
+
+@pytest.mark.parametrize("routing_redis_cluster", ["routing"], indirect=True, ids=["results-on-redis-url"])
+async def test_failures_written_one_at_a_time_while_the_results_redis_is_a_replica_are_stored_once_it_is_a_primary(routing_redis_cluster):
+    """The failures the worker writes one at a time (a collect request that is invalid; a message
+    the worker refuses before it runs, here an unreadable eta; a plain task's error) while the
+    Redis of the results is a replica for a moment (a failover's demotion: READONLY) are written
+    again until it is a primary, as a batch's results are (100be48) and as after a restart:
+    Celery's backend retried only a Redis that does not answer, so each was given up at once
+    ('result not stored'), and a caller that asked for it afterwards waited for ever."""
+    cluster = routing_redis_cluster
+    assert await cluster.collect("replica-user", "before", timeout=20)
+    routing = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
+    routing.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer
+    try:
+        # One after the other: the refused message's failure is written (and retried) on the
+        # worker's main process, which reads no other task meanwhile.
+        plain = cluster.business.send_task("tasks.status", args=[], queue="dispatch")
+        await asyncio.to_thread(cluster.worker.wait_log, f"Task tasks.status[{plain.id}] received", 20)
+        invalid = cluster.send(to=5, data=1)
+        await asyncio.to_thread(cluster.worker.wait_log, f"tasks.collect {invalid.id} rejected", 20)
+        with Connection(cluster.env["BROKER_URL"]) as conn:
+            unreadable = str(uuid.uuid4())
+            conn.Producer().publish([[], {"to": "replica-user", "data": 1}, {}], exchange="", routing_key="collect", serializer="json",
+                                    headers={"task": "tasks.collect", "id": unreadable, "lang": "py", "eta": "tomorrow"})
+        await asyncio.to_thread(cluster.worker.wait_log, "Received invalid task message: invalid ETA value 'tomorrow'", 20)
+        await asyncio.sleep(1.5)  # each write refused at least once
+    finally:
+        routing.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+    expected = {invalid.id: "InvalidMessage", unreadable: "not run: invalid ETA value 'tomorrow'", plain.id: "InvalidMessage"}
+    stored: dict = {}
+    for _ in range(150):  # read as a caller asking afterwards does, not from what was published meanwhile
+        stored = {task_id: cluster.business.backend.get_task_meta(task_id, cache=False) for task_id in expected}
+        if all(meta["status"] == "FAILURE" for meta in stored.values()):
+            break
+        await asyncio.sleep(0.2)
+    for task_id, says in expected.items():
+        assert stored[task_id]["status"] == "FAILURE", (task_id, stored[task_id])
+        assert says in repr(stored[task_id]["result"]), stored[task_id]
+    assert cluster.worker.alive
