@@ -616,6 +616,38 @@ def test_push_js_backs_off_between_failed_token_refreshes_with_full_jitter(pages
     assert all(gap >= retry - 5 for gap, retry in zip(seen["gaps"], retry_in)), f"calls {seen['gaps']} ms apart, announced {retry_in}"
 
 
+def test_push_js_backs_off_between_refreshes_the_node_never_answers_and_keeps_the_connection(pages):
+    """A refresh the node never answers (neither ``refreshed`` nor ``refresh_error``) is a failed
+    refresh: after ``refreshRetryMs + connectTimeoutMs`` without an answer it is tried again after
+    the same backoff step as a ``refresh_error`` (full jitter, doubling up to ``refreshMaxMs``),
+    which ``onError`` announces, and the connection goes on (no reconnect).  It was sent again at
+    once, with ``retryIn: 0`` announced, at the steady pace of the answer's wait for as long as the
+    node kept silent: a getToken call and a refresh from every page of such a node, in step."""
+    page = recording_page(pages, "Math.random = () => 0.5;")  # each delay: half its step
+    seen = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 500 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const errors = [], calls = [];
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t", refreshRetryMs: 40, refreshMaxMs: 200, connectTimeoutMs: 60,
+                                       getToken: () => { calls.push(Date.now()); return "t" + calls.length; },
+                                       onError: e => errors.push([e.reason, e.retryIn])});
+        client.start();
+        const ws = window.opened[0];
+        ws.readyState = 1;
+        ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 0})});  // refresh in 1 s
+        await until(() => errors.length >= 4);
+        const state = client.state;
+        client.stop();
+        const gaps = calls.slice(1, 5).map((at, n) => at - calls[n]);
+        return {errors, gaps, sent: ws.sent.length, opened: window.opened.length, state};
+    }""")
+    assert [reason for reason, _ in seen["errors"]] == ["no answer to refresh within 100 ms"] * 4
+    retry_in = [retry for _, retry in seen["errors"]]
+    assert retry_in == [20, 40, 80, 100], f"unanswered refreshes did not back off: {seen['errors']}"
+    # Each refresh waited 100 ms for its answer, then the delay onError announced before getToken.
+    assert all(gap >= 100 + retry - 5 for gap, retry in zip(seen["gaps"], retry_in)), f"calls {seen['gaps']} ms apart, announced {retry_in}"
+    assert seen["opened"] == 1 and seen["state"] == "connected", "an unanswered refresh made the client reconnect"
+
+
 #: Lists the network and visibility listeners a page holds on ``window`` and ``document``
 #: (``window.listening()``, their event types, sorted), to show that none stays behind a stopped client.
 COUNTED_LISTENERS = """

@@ -47,8 +47,8 @@
  *   their refreshes: refreshDelay) it calls getToken() and
  *   sends the new token ({"type": "refresh", "token": ...}) on the open connection, which goes on
  *   with it; the node answers "refreshed" with the new expiry, and the next refresh is scheduled
- *   from it.  When the node could not check the token ("refresh_error": auth unavailable) or
- *   getToken() failed, it tries again after a backoff step (refreshRetryMs doubling up to
+ *   from it.  When the node could not check the token ("refresh_error": auth unavailable), did
+ *   not answer within refreshRetryMs + connectTimeoutMs, or getToken() failed, it tries again after a backoff step (refreshRetryMs doubling up to
  *   refreshMaxMs, each delay drawn between 0 and the step: full jitter, so that the pages of one
  *   auth or backend outage do not all retry in step), and tells the page through onError
  *   ({type: "refresh", reason, error, retryIn}): the connection goes on meanwhile, until the node
@@ -602,9 +602,13 @@
     conn.refreshTimer = null;
     if (this._ws !== ws || !this._getToken) return;
     if (conn.refreshSent) {
+      // No answer ("refreshed" or "refresh_error") to the refresh sent: a failed refresh, tried
+      // again after a backoff step as after refresh_error (it was sent again at once, every time).
       conn.refreshSent = false;
-      this._error({ type: "refresh", reason: "no answer to refresh within " + (this.options.refreshRetryMs + this.options.connectTimeoutMs) + " ms", retryIn: 0 });
-      if (this._ws !== ws) return; // onError stopped it
+      var waited = this._refreshRetryIn(conn);
+      this._error({ type: "refresh", reason: "no answer to refresh within " + (this.options.refreshRetryMs + this.options.connectTimeoutMs) + " ms", retryIn: waited });
+      if (this._ws === ws) this._refreshLater(ws, conn, waited); // unless onError stopped it
+      return;
     }
     var generation = this._generation;
     var token = null;
@@ -634,7 +638,7 @@
     this._tokenExpiresAt = 0; // until the node's "refreshed" says
     ws.send(JSON.stringify({ type: "refresh", token: token }));
     conn.refreshSent = true;
-    // Its answer ("refreshed" or "refresh_error") replaces this; without one, it is sent again.
+    // Its answer ("refreshed" or "refresh_error") replaces this; without one, it failed (above).
     this._refreshLater(ws, conn, this.options.refreshRetryMs + this.options.connectTimeoutMs);
   };
 
