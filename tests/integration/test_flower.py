@@ -60,6 +60,32 @@ async def eventually(probe, what: str):
         await asyncio.sleep(0.5)
 
 
+async def until_flower_shows(attempt, shown, what: str):
+    """``await attempt()`` (which sends a request, and returns what Flower lists of it) again until
+    ``shown(answer)``: Flower turns task events on within 5 s of starting, and a request sent
+    before that shows nowhere.  Returns that answer; fails saying ``what`` is missing, with the
+    last answer, after :data:`DEADLINE` seconds."""
+    deadline = time.monotonic() + DEADLINE
+    while not shown(answer := await attempt()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} in Flower after {DEADLINE:g} s (last seen: {answer})")
+    return answer
+
+
+async def failed_collect_in_flower(cluster, flower: str, send, says: str) -> dict:
+    """What Flower lists of a ``tasks.collect`` request that ``send()`` sends and that fails with
+    ``says`` in its error, once Flower lists it as failed (sent again until it does)."""
+    async def failed_task():
+        result = send()
+        with pytest.raises(Exception, match=says):
+            await cluster.result(result, 20)
+        await asyncio.sleep(1.0)
+        tasks = await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.collect")
+        return tasks.get(result.id)
+
+    return await until_flower_shows(failed_task, lambda task: task and task["state"] == "FAILURE", "no failed tasks.collect task")
+
+
 def rabbitmq_management_answers(broker_url: str) -> bool:
     """Flower reads RabbitMQ's queue lengths from the management plugin (port 15672)."""
     try:
@@ -185,10 +211,7 @@ async def test_a_delivered_message_shows_in_flower_as_a_wsnode_deliver_task_of_i
         tasks = await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=wsnode.deliver&workername={node_name(port)}")
         return next((task for task in tasks.values() if message_id in (task.get("args") or "")), None)
 
-    deadline = time.monotonic() + DEADLINE
-    while not (task := await delivered_task()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"no wsnode.deliver task of {node_name(port)} in Flower after {DEADLINE:g} s")
+    task = await until_flower_shows(delivered_task, bool, f"no wsnode.deliver task of {node_name(port)}")
     assert task["name"] == "wsnode.deliver"
     assert task["state"] == "SUCCESS"
     assert task["worker"] == node_name(port)
@@ -206,10 +229,7 @@ async def test_a_nodes_batch_of_acks_shows_in_flower_as_its_count_per_state(clus
         await asyncio.sleep(1.0)  # the node flushes its acks every RECEIPT_FLUSH_SECONDS (0.2 s here)
         return await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.receipts")
 
-    deadline = time.monotonic() + DEADLINE
-    while not (tasks := await receipts_tasks()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"no tasks.receipts task in Flower after {DEADLINE:g} s")
+    tasks = await until_flower_shows(receipts_tasks, bool, "no tasks.receipts task")
     for task in tasks.values():  # every node's batch, not a repr of its first receipts
         assert re.fullmatch(r"\[<\d+ receipts?: \d+ [a-z]+(, \d+ [a-z]+)*>\]", task["args"]), task["args"]
     assert any(re.search(r"[:,] \d+ acked\b", task["args"]) for task in tasks.values())  # acks among them
@@ -228,11 +248,7 @@ async def test_each_batched_collect_request_shows_in_flower_as_a_succeeded_task_
         tasks = await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.collect")
         return message_id, tasks.get(result.id)
 
-    deadline = time.monotonic() + DEADLINE
-    while not (found := await collect_task())[1]:
-        if time.monotonic() > deadline:
-            pytest.fail(f"no tasks.collect task in Flower after {DEADLINE:g} s")
-    message_id, task = found
+    message_id, task = await until_flower_shows(collect_task, lambda found: found[1], "no tasks.collect task")
     assert task["name"] == "tasks.collect"
     assert task["state"] == "SUCCESS"
     assert message_id in task["result"]
@@ -241,18 +257,7 @@ async def test_each_batched_collect_request_shows_in_flower_as_a_succeeded_task_
 
 async def test_an_invalid_collect_request_shows_in_flower_as_a_failed_task_with_its_reason(cluster, flower):
     # The pool process that ran its batch sends its task-failed event (tasks.collectbatches._send_outcomes).
-    async def failed_task():
-        result = cluster.send(to=[], data={"watched": "failure"})
-        with pytest.raises(Exception, match="empty list"):
-            await cluster.result(result, 20)
-        await asyncio.sleep(1.0)
-        tasks = await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.collect")
-        return tasks.get(result.id)
-
-    deadline = time.monotonic() + DEADLINE
-    while not (task := await failed_task()) or task["state"] != "FAILURE":
-        if time.monotonic() > deadline:
-            pytest.fail(f"no failed tasks.collect task in Flower after {DEADLINE:g} s (last seen: {task})")
+    task = await failed_collect_in_flower(cluster, flower, lambda: cluster.send(to=[], data={"watched": "failure"}), "empty list")
     assert "empty list" in task["exception"]
     assert task["worker"].startswith("worker")
 
@@ -261,17 +266,7 @@ async def test_a_collect_the_worker_refuses_unread_shows_in_flower_as_a_failed_t
     """A message the worker refuses before it runs (here sent with another serializer) fails with
     its reason as its result, and showed nowhere in Flower: it sent no task event, where Celery
     sends task-failed for a task it does not know."""
-    async def refused_task():
-        result = cluster.business.send_task("tasks.collect", kwargs={"to": "flower-refused", "data": 1}, queue="collect", serializer="pickle")
-        with pytest.raises(Exception, match="accepts JSON only"):
-            await cluster.result(result, 20)
-        await asyncio.sleep(1.0)
-        tasks = await asyncio.to_thread(get, f"{flower}/api/tasks?taskname=tasks.collect")
-        return tasks.get(result.id)
-
-    deadline = time.monotonic() + DEADLINE
-    while not (task := await refused_task()) or task["state"] != "FAILURE":
-        if time.monotonic() > deadline:
-            pytest.fail(f"no refused tasks.collect task in Flower after {DEADLINE:g} s (last seen: {task})")
+    task = await failed_collect_in_flower(cluster, flower, lambda: cluster.business.send_task(
+        "tasks.collect", kwargs={"to": "flower-refused", "data": 1}, queue="collect", serializer="pickle"), "accepts JSON only")
     assert "accepts JSON only" in task["exception"] and task["exception"].startswith("InvalidMessage")
     assert task["worker"].startswith("worker")
