@@ -101,7 +101,10 @@ class PushHandler(WebSocketHandler):
             # before the token check, so a page of another origin cannot make the node ask auth
             # (a token check per handshake it sends).  The answer was 403
             # either way.  ``_check_cross_origin`` is Tornado's own algorithm (6.5+:
-            # ``Sec-Fetch-Site``, then ``Origin``), so both agree.
+            # ``Sec-Fetch-Site``, then ``Origin``), so both agree.  It is private, and no public
+            # API of Tornado 6.6 runs it before ``prepare`` (``check_origin`` is only the hook
+            # that ``get`` calls; ``check_trusted_origin`` is skipped for GET): requirements.txt
+            # pins Tornado, and test_bad_input's 403 test fails (500) on one without it.
             self.set_status(403)
             self.finish("Cross origin websockets not allowed")
             return
