@@ -12,7 +12,8 @@ cost before, shared with every other connect of the same moment (``wsnode.coales
 **The window slides.**  A connect is admitted while fewer than COUNT connects of its user were
 admitted in the SECONDS seconds before it; a refused one is not recorded, so a client that keeps
 trying is let in as soon as its oldest admitted connect leaves the window (the retry time its close
-reason gives), and not later.  Each admitted connect is one entry of the log, which expires SECONDS
+reason gives; when the log holds more than COUNT, admitted under a higher limit, as soon as all but
+COUNT - 1 of them left), and not later.  Each admitted connect is one entry of the log, which expires SECONDS
 seconds after its newest.
 
 **The answer.**  The script answers, per user of a call, how many of its connects it admitted and,

@@ -118,7 +118,8 @@ return 1
 #: are counted in its log of the window (the entries older than the window trimmed first), those
 #: that fit are admitted and recorded, and its lease is written as :data:`_REGISTER` does when one
 #: was admitted and the node asked for it.  Answers, per user, ``{connects admitted, milliseconds
-#: until the next would be}`` (0 when all were admitted).  A member is the time and the entry's
+#: until the next would be}`` (0 when all were admitted): until all but limit - 1 of the log's
+#: entries left the window, which is the oldest's leaving unless the log holds more than the limit.  A member is the time and the entry's
 #: place in the log, unique: entries of one microsecond are all in the log when the next is added.
 #:
 #: KEYS: per user, its log then its route key.  ARGV: the node, the lease's length in seconds, the
@@ -138,7 +139,9 @@ for i = 1, #KEYS / 2 do
   for n = 1, admitted do redis.call('zadd', log, at, at .. '/' .. (held + n)) end
   local retry = 0
   if admitted < connects then
-    local oldest = redis.call('zrange', log, 0, 0, 'WITHSCORES')
+    -- The next fits once all but limit - 1 entries left: the log may hold more than the limit
+    -- (admitted under a higher one, before a change or by a node not yet changed).
+    local oldest = redis.call('zrange', log, held + admitted - limit, held + admitted - limit, 'WITHSCORES')
     retry = math.max(1, math.ceil((tonumber(oldest[2]) + window - now) * 1000))
   end
   if admitted > 0 then

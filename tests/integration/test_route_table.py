@@ -260,6 +260,24 @@ async def test_a_refused_user_is_admitted_again_once_its_oldest_connect_left_the
     assert redis.zcard(log_key("cid")) == 2  # the first one trimmed, the second and this one held
 
 
+async def test_a_log_holding_more_connects_than_the_limit_tells_when_enough_have_left_for_the_next(redis, leases):
+    """The log holds more entries of the window than the limit (the limit was lowered, or a node
+    with a higher one admitted them during a rolling change): the next connect is admitted once all
+    but limit - 1 of them left the window, not when the oldest did (a retry then is refused again)."""
+    from wsnode.connectrate import log_key
+
+    for _ in range(4):
+        assert (await leases.admit({"dee": 1}, set(), 4, 60))[1]["dee"] == (1, 0)
+        await asyncio.sleep(0.4)
+    scores = [score for _, score in redis.zrange(log_key("dee"), 0, -1, withscores=True)]
+    before = redis_now(redis)
+    count, retry = (await leases.admit({"dee": 2}, set(), 2, 60))[1]["dee"]
+    after = redis_now(redis)
+    assert count == 0
+    # 4 held, 2 allowed: the third oldest must leave too (not only the first) before one fits.
+    assert 1000 * (scores[2] + 60 - after) - 1 <= retry <= 1000 * (scores[2] + 60 - before) + 1, (retry, scores, before)
+
+
 async def test_a_lease_not_renewed_ends_after_its_ttl_by_redis_clock(redis, server):
     """A short lease, in real time: routed while current; once its length has passed on Redis's
     clock, Dispatch's lookup ignores it and the node's next renewal finds it (and the node's own)
