@@ -1,0 +1,201 @@
+"""Faults that land while something is in flight: token checks, a resume's replay, a drain, a
+batch.
+
+The single-fault tests (``test_faults.py``, ``test_node_faults.py``) break one thing while messages
+stream; these break it at a moment when something is half done, or break two things at once, and
+check what each client then gets, by id and in order, and the close codes on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+
+import pytest
+
+import launcher
+from tests.integration.conftest import LEASE_TTL
+from tests.integration.browser import Browser, check_exactly_once, wait_complete
+from tests.integration.test_faults import run_with_fault
+from tests.integration.test_guarantees import unique, wait_for
+from tests.integration.wsclient import Client, dedup
+from wsnode.closecodes import CloseCode
+from wsnode.registry import NODES_KEY
+
+CHECKS = 60  # handshakes held in their token check at once
+
+
+async def _outcome(client: Client) -> tuple:
+    """``("hello", user)``, or ``(code, reason)`` when the node closed instead."""
+    try:
+        frame = await client.next_frame(20)
+    except ConnectionError:
+        return client.ws.close_code, client.ws.close_reason
+    return frame["type"], frame["user"]
+
+
+async def test_auth_killed_while_many_token_checks_wait_closes_each_with_1013_and_all_connect_once_it_is_back(cluster, tmp_path):
+    """Auth stopped (SIGSTOP) while a node holds ``CHECKS`` handshakes in their token check (one
+    request in flight, the others coalesced behind it), then killed: every handshake is closed
+    with 1013 and the documented reason, none hangs or gets 1011, and once auth is started again on
+    its port each connects and gets its message once; the node stays ready throughout."""
+    auth_port = launcher.free_port()
+    auth = launcher.start_auth(cluster.env, auth_port, name="auth-killed", log_path=tmp_path / "auth.log")
+    node_port = launcher.free_port()
+    node_log = tmp_path / "node.log"
+    node = launcher.start_node({**cluster.env, "AUTH_URL": f"http://127.0.0.1:{auth_port}", "AUTH_CACHE_SECONDS": "0"}, node_port, log_path=node_log)
+    clients: list[Client] = []
+    try:
+        users = [unique(f"auth-killed-{n}") for n in range(CHECKS)]
+        tokens = [await asyncio.to_thread(cluster.token, user) for user in users]
+        warm = await Client.connect(cluster.ws_url(node_port, tokens[0]))  # the node holds a kept connection to auth
+        warm.close()
+        os.kill(auth.pid, signal.SIGSTOP)
+        pending = [asyncio.ensure_future(Client.connect(cluster.ws_url(node_port, token), expect_hello=False, timeout=30)) for token in tokens]
+        # Every handshake reached the node's token check (the node counts nothing until it ends).
+        await asyncio.sleep(1.5)
+        assert not any(future.done() for future in pending), "a handshake ended while auth was stopped, before it was killed"
+        await asyncio.to_thread(auth.kill)
+        clients = list(await asyncio.gather(*pending))
+        outcomes = [await _outcome(client) for client in clients]
+        assert outcomes == [(CloseCode.TRY_AGAIN_LATER, CloseCode.TRY_AGAIN_LATER.reason)] * CHECKS, sorted(set(map(str, outcomes)))
+        for client in clients:
+            client.close()
+
+        auth = launcher.start_auth(cluster.env, auth_port, name="auth-killed", log_path=tmp_path / "auth.log")
+        clients = list(await asyncio.gather(*(Client.connect(cluster.ws_url(node_port, token), wait_resumed=True, timeout=30) for token in tokens)))
+        assert [client.hello["user"] for client in clients] == users
+        ids = await cluster.collect_many([{"to": user, "data": {"n": n}} for n, user in enumerate(users)])
+        for n, client in enumerate(clients):
+            got = await client.messages(1, timeout=20)
+            assert [(f["id"], f["data"]) for f in got] == [(ids[n], {"n": n})]
+        extra = await asyncio.gather(*(client.quiet(0.5) for client in clients))
+        assert [f for frames in extra for f in frames if f["type"] == "message"] == []
+        text = node_log.read_text(errors="replace")
+        assert "refused, auth unavailable" in text
+        assert "Traceback" not in text and "Uncaught exception" not in text, text[-3000:]
+        assert node.alive
+    finally:
+        for client in clients:
+            client.close()
+        node.terminate()
+        auth.terminate()
+
+
+async def test_a_node_killed_holding_undelivered_messages_and_a_resumes_replay_gets_the_user_everything_once_in_order_elsewhere(cluster):
+    """A node stopped (SIGSTOP, so that it reads nothing more) right after a second device of the
+    user opened there with ``since`` (its replay requested or on its way back through the node's
+    queue), while Dispatch still routes the user's next messages there (its lease holds for
+    ``LEASE_TTL``), then killed.  The user resuming on the other node with the ``since`` of the last
+    message it saw gets each message once, in id order, then ``resumed``; what housekeeping later
+    hands back from the dead node's queue (and redelivery) brings only repeats of those ids, which
+    the client drops; nothing else comes."""
+    user = unique("killed-mid-resume")
+    victim = cluster.start_node()
+    first_device = await cluster.connect(user, victim.port)
+    first = await cluster.collect(user, {"n": 0})
+    assert [f["id"] for f in await first_device.messages(1)] == [first]
+    second_device = await Client.connect(cluster.ws_url(victim.port, await asyncio.to_thread(cluster.token, user), since=first))
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        # Waited for one by one: each is routed (to the stopped node) before the next is collected, so their ids are in order.
+        during = [await cluster.collect(user, {"n": n}) for n in range(1, 5)]
+        assert (await asyncio.to_thread(cluster.routes.zscore, NODES_KEY, f"127.0.0.1:{victim.port}")) is not None
+    finally:
+        await asyncio.to_thread(victim.kill)
+    first_device.close()
+    second_device.close()
+
+    back = await cluster.connect(user, cluster.node_ports[0], since=first)
+    replayed, resumed = await back.until("resumed")
+    assert [f["id"] for f in dedup(replayed) if f["id"] != first] == during
+    assert resumed["type"] == "resumed"
+    # Housekeeping takes the node for gone LEASE_TTL after its lease ended and hands its queue back.
+    await wait_for(lambda: cluster.routes.zscore(NODES_KEY, f"127.0.0.1:{victim.port}") is None, 3 * LEASE_TTL + 20,
+                   "housekeeping forgot the killed node")
+    after = await back.quiet(2.0)
+    later = [f["id"] for f in after if f["type"] == "message"]
+    assert set(later) <= set(during) | {first}, f"after the resume, messages other than repeats came: {later}"
+    seen = [f["id"] for f in dedup(replayed + after) if f["id"] != first]
+    assert seen == during == sorted(during)
+    back.close()
+
+
+async def test_a_node_drained_while_redis_restarts_loses_nothing(fault_cluster):
+    """SIGTERM of a node mid-stream while Redis (leases, results and, on the Redis broker, the
+    queues) is down for a second: the drain cannot release its leases nor (on Redis) hand its
+    queue back at once; it still exits 0, its clients resume on the other node, and every user gets
+    every message once (housekeeping hands the queue back once its lease ended)."""
+    victim = fault_cluster.services[-1]
+
+    async def fault():
+        await asyncio.to_thread(fault_cluster.redis_server.stop)
+        stopping = asyncio.ensure_future(asyncio.to_thread(victim.terminate, 60))
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(fault_cluster.redis_server.start)
+        assert await stopping == 0, f"the node did not exit cleanly within 60 s of SIGTERM:\n{victim.log_tail(40)}"
+
+    await run_with_fault(fault_cluster, fault)
+    drained = fault_cluster._log(f"node-{victim.port}").read_text(errors="replace")
+    assert "could not release leases" in drained, "the drain ran after Redis was back: the test did not make its case"
+
+
+async def test_a_worker_killed_whole_mid_batch_answers_each_waiting_caller_on_the_rerun_and_delivers_each_message_once(fault_cluster):
+    """The worker's main process and its pool (the whole group, as a host crash would) SIGKILLed
+    once the first of eight ``tasks.collect_many`` batches of 1,000 messages reached users online,
+    with some of them not done yet (taken by the worker, running or waiting in its prefetch); a new
+    worker starts.  Business code that simply waits on ``.get()`` (long enough
+    for the broker to give the killed worker's tasks back: at once on RabbitMQ, after
+    ``VISIBILITY_TIMEOUT`` plus the restore scan on Redis) gets every request's ids, and each user
+    gets each of its messages under exactly one id: what the first run stored and routed before the
+    kill comes again under the same ids (the task id is the key), never under new ones."""
+    cluster = fault_cluster
+    users = [f"{cluster.broker}-killed-worker-{n}" for n in range(20)]
+    browsers = [Browser(cluster, user, cluster.node_ports, first=n) for n, user in enumerate(users)]
+    for browser in browsers:
+        browser.start()
+    await asyncio.gather(*(b.connected() for b in browsers))
+    batches, per_batch = 8, 1000
+    per_user = batches * per_batch // len(users)
+    sent = [cluster.send("tasks.collect_many", messages=[{"to": users[i % len(users)], "data": {"u": users[i % len(users)], "n": b * (per_batch // len(users)) + i // len(users)}}
+                                                         for i in range(per_batch)]) for b in range(batches)]
+    # Mid-stream: some messages reached a browser, not every request has its ids yet.
+    await wait_for(lambda: any(b.messages for b in browsers), 30, "a first message reached a browser")
+    ready = sum(result.ready() for result in sent)
+    await asyncio.to_thread(cluster.worker.kill)
+    assert ready < batches, "every batch was done before the kill: the test did not make its case"
+    cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
+    results = [await cluster.result(result, 8 + 10 + 60) for result in sent]  # VISIBILITY_TIMEOUT, UNACKED_RESTORE_SECONDS, the rerun
+    assert all(len(ids) == per_batch and len(set(ids)) == per_batch for ids in results)
+    await wait_complete(browsers, per_user, 60)
+    await asyncio.gather(*(b.stop() for b in browsers))
+    check_exactly_once(browsers, per_user)
+    delivered = {frame["id"] for b in browsers for frame in b.messages}
+    assert delivered == {message_id for ids in results for message_id in ids}, "a browser got an id that no caller was given"
+
+
+@pytest.mark.parametrize("fault_cluster", ["amqp"], indirect=True)  # a Redis broker restarted without its data loses its queues: the README says so
+async def test_a_redis_restarted_without_its_data_mid_stream_loses_no_message(fault_cluster):
+    """``REDIS_URL``'s Redis (leases, redelivery candidates, results) restarted without its data
+    mid-stream, the broker (RabbitMQ) untouched: every node finds its leases gone at its next
+    renewal and closes its connections with 1013 (``routes lost``), which resume with ``since``;
+    results not read yet are lost, and business code sends those collects again with their keys,
+    which gives the same ids.  Every user gets every message once."""
+    cluster = fault_cluster
+    data_dir = cluster.redis_server.data_dir
+
+    async def fault():
+        await asyncio.to_thread(cluster.redis_server.stop)
+        for leftover in (data_dir / "appendonlydir", data_dir / "dump.rdb"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover.exists():
+                leftover.unlink()
+        await asyncio.to_thread(cluster.redis_server.start)
+
+    await run_with_fault(cluster, fault)
+    logs = "".join(cluster._log(f"node-{port}").read_text(errors="replace") for port in cluster.node_ports)
+    assert "lease write found the node's own lease" in logs, "no node found its leases gone: Redis kept its data, the test did not make its case"
+
