@@ -91,6 +91,10 @@ REPLAY_GATHER_SECONDS = 0.02
 #: or ended while the node's writes worked (:meth:`PushNode._close_unroutable`).
 LEASE_LOST_REASON = "routes lost (leases gone from Redis), reconnect with since"
 
+#: The close reason of the connections bound when the node gave up on its queue connection to the
+#: broker while it consumed (:meth:`PushNode._queue_connection_lost`).
+QUEUE_LOST_REASON = "messages lost with the broker connection, reconnect with since"
+
 #: Seconds a client has to send a request's headers, and again its body, before the node closes the
 #: connection (Tornado's ``idle_connection_timeout``, which also bounds the headers, and
 #: ``body_timeout``): ``settings.REQUEST_TIMEOUT``.  Tornado waits an hour for headers and for ever
@@ -230,7 +234,8 @@ class PushNode(TokenWatch):
         # before, reads the lease after the deletion and declares the queue again for a node that
         # holds it (tasks.reclaim._delete): a node whose lease it missed declares its queue after.
         await self._renew()
-        self._consumer = NodeQueueConsumer(self.celery, self.address, self._loop, self.deliver, hostname=node_name(self.address))
+        self._consumer = NodeQueueConsumer(self.celery, self.address, self._loop, self.deliver, hostname=node_name(self.address),
+                                           on_lost=self._queue_connection_lost)
         self._consumer.start()
         self._server = HTTPServer(self.make_app(), max_buffer_size=1 << 20, idle_connection_timeout=REQUEST_TIMEOUT_SECONDS,
                                   body_timeout=REQUEST_TIMEOUT_SECONDS)
@@ -669,6 +674,25 @@ class PushNode(TokenWatch):
                         len(conns), CloseCode.TRY_AGAIN_LATER)
         for conn in conns:
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "routes lost (Redis unavailable), reconnect with since")
+
+    def _queue_connection_lost(self, why: str) -> None:
+        """The queue consumer gave up on its broker connection, which stopped answering while it
+        consumed (:mod:`wsnode.consumer`): what the broker had sent on it and the node had not read
+        (a batch on its way: a network cut, a stalled broker) is gone from the broker.
+        Redelivery would send such a message again only until another device of its user acks it,
+        and a connection here that then got a newer message would resume after it: close the bound
+        connections with 1013 now, before anything the next connection reads is written (the
+        consumer calls this after what it read before the loss and before what it reads after), so
+        that they resume with ``since`` and are replayed what they missed.  Connections still
+        waiting for their lease write are left: their replay is read after it."""
+        if self.draining:
+            return
+        conns = [conn for conn in self.hub.all() if conn.bound and not conn.closing]
+        log.warning("node=%s gave up on its queue connection to the broker, which stopped answering while the node consumed (%s): "
+                    "what the broker had sent on it is lost; closing %d connections with %d so that they resume with since",
+                    self.address, why, len(conns), CloseCode.TRY_AGAIN_LATER)
+        for conn in conns:
+            conn.close_with(CloseCode.TRY_AGAIN_LATER, QUEUE_LOST_REASON)
 
     def _close_unroutable(self, lapsed: Lapsed) -> list[str]:
         """Close with 1013 the bound connections of the users whose lease a write found gone or

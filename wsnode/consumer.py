@@ -4,14 +4,24 @@ Threading: :class:`NodeQueueConsumer` runs its kombu connection on one dedicated
 channels are not thread-safe).  The only way into the loop is ``IOLoop.add_callback`` on the loop
 captured at construction; the thread then waits until the loop has written the batch before it
 reads more (backpressure).  The broker connection is re-opened with a doubling delay (0.5 s up to
-30 s) when it drops; what was read before the drop is still delivered.
+30 s) when it drops; what was read before the drop is still delivered.  A connection it gave up on
+while it consumed may have taken messages with it (below): the consumer then tells the loop
+(``on_lost``) before it delivers anything read on the next connection.
 
 Messages are consumed without acknowledgements (``no_ack``): the broker forgets a message once
 the node has read it.  On the Redis broker an acknowledged message costs two more round trips
 (recording it as unacknowledged, then the ack), about a fifth of a node's CPU, and a
 ``wsnode.deliver`` batch needs no broker-side safety net: its messages are in the store, a node
 that dies drops its clients, who resume elsewhere with ``since``, and a message lost on its way to
-a client that stays connected is redelivered by housekeeping (``REDELIVER_AFTER``).
+a client that stays connected is redelivered by housekeeping (``REDELIVER_AFTER``).  The broker also
+forgets what it handed to a connection that the node then gives up on because the broker stopped
+answering (a read timed out, AMQP heartbeats missed: a network cut, a stalled broker):
+RabbitMQ's deliveries pushed to the socket, the Redis broker's reply to the ``BRPOP`` in flight, on
+their way when the node dropped the connection.  Redelivery brings such a message back only while
+no other device of its user acked it; so the node closes its connections (``on_lost``), before
+anything newer reaches them and moves their ``since`` past it, and they resume with ``since``.  A
+broker that closes the connection itself (a restart) sends what it handed over first: the node
+reads it, and closes nothing for it.
 
 Having no unacknowledged messages of its own, the node's connection also skips kombu's scan that
 puts back the messages other consumers took and never acknowledged (:data:`TRANSPORT_OPTIONS`):
@@ -40,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis.exceptions
 from amqp.exceptions import ConsumerCancelled
 
 import redislogin
@@ -89,16 +100,27 @@ class GatherWindow:
         return self.seconds if first_at - self._handed_over < self.seconds else 0.0
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a read (or connect) of the broker connection that timed out: the
+    broker stopped answering, and what it had sent may still be on its way.  redis-py raises its
+    own ``TimeoutError`` (not Python's); py-amqp and sockets raise Python's.  Pure."""
+    return isinstance(exc, (TimeoutError, redis.exceptions.TimeoutError))
+
+
 class NodeQueueConsumer:
     def __init__(self, app, address: str, loop, deliver: Callable[[list[Delivery]], None], batch_max: int = 256,
-                 hostname: str | None = None) -> None:
+                 hostname: str | None = None, on_lost: Callable[[str], None] | None = None) -> None:
         self._app = app
         self._queue = node_queue(address)
         self._loop = loop
         self._deliver = deliver
+        #: Called on the loop, with what broke it, once a connection that consumed was lost (see the module).
+        self._on_lost = on_lost
         self._batch_max = batch_max
         self._stopping = threading.Event()
         self._pending: list[Delivery] = []
+        #: The consumer thread's: this connection's AMQP heartbeat check failed.
+        self._heartbeats_missed = False
         self._thread = threading.Thread(target=self._run, name=f"queue-{address}", daemon=True)
         self._received_at = 0.0
         self._window = GatherWindow()
@@ -156,18 +178,21 @@ class NodeQueueConsumer:
     def _run(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
+            lost: str | None = None  # what broke a connection that consumed
             try:
                 with self._app.connection_for_read(transport_options=TRANSPORT_OPTIONS, heartbeat=HEARTBEAT_SECONDS) as conn:
                     conn.ensure_connection(max_retries=1)
                     try:
                         with conn.Consumer([self._queue], on_message=self._on_raw, accept=["json"], no_ack=True):
-                            self.connected, delay, self.refused = True, 0.5, None
+                            self.connected, delay, self.refused, self._heartbeats_missed = True, 0.5, None, False
                             log.info("consuming queue %s", self._queue.name)
                             self._consume(conn)
-                    except Exception:
+                    except Exception as exc:
                         # Drop the connection without a word to the broker: closing it politely
                         # waits, without a timeout on AMQP, for an answer that a broker that
                         # stopped answering never sends.
+                        if self.connected and (self._heartbeats_missed or timed_out(exc)):
+                            lost = str(exc) or type(exc).__name__
                         self.connected = False
                         conn.collect()
                         raise
@@ -188,6 +213,9 @@ class NodeQueueConsumer:
                 self.connected = False
                 if self._pending:  # read already: the broker no longer has them
                     self._flush()
+                # After what was read, before what the next connection reads (add_callback keeps the order).
+                if lost is not None and self._on_lost is not None and not self._stopping.is_set():
+                    self._loop.add_callback(self._on_lost, lost)
             self._stopping.wait(delay)
             delay = min(delay * 2, 30.0)
 
@@ -196,9 +224,9 @@ class NodeQueueConsumer:
             try:
                 conn.drain_events(timeout=0.5)
             except socket.timeout:
-                conn.heartbeat_check()  # after the read: a frame read counts as a heartbeat
+                self._heartbeat(conn)  # after the read: a frame read counts as a heartbeat
                 continue
-            conn.heartbeat_check()  # sends ours when due: a no_ack consumer sends nothing else
+            self._heartbeat(conn)  # sends ours when due: a no_ack consumer sends nothing else
             wait = self._window.wait(time.monotonic())
             while wait and len(self._pending) < self._batch_max:
                 try:
@@ -208,6 +236,16 @@ class NodeQueueConsumer:
             if self._pending:
                 self._flush()
                 self._window.handed_over(time.monotonic())
+
+    def _heartbeat(self, conn) -> None:
+        """kombu's ``heartbeat_check`` (AMQP; other transports do nothing), noting when it raises:
+        the broker's heartbeats stopped coming (or ours could not be sent), so the connection is
+        given up on as one that stopped answering."""
+        try:
+            conn.heartbeat_check()
+        except Exception:
+            self._heartbeats_missed = True
+            raise
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []

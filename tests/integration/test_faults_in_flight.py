@@ -1,5 +1,5 @@
 """Faults that land while something is in flight: token checks, a resume's replay, a drain, a
-batch.
+batch, a queue read.
 
 The single-fault tests (``test_faults.py``, ``test_node_faults.py``) break one thing while messages
 stream; these break it at a moment when something is half done, or break two things at once, and
@@ -16,10 +16,12 @@ import signal
 import pytest
 
 import launcher
-from tests.integration.conftest import LEASE_TTL
+from tests.integration.conftest import HOUSEKEEPING_SECONDS, LEASE_TTL, REDELIVER_AFTER
 from tests.integration.browser import Browser, check_exactly_once, wait_complete
 from tests.integration.test_faults import run_with_fault
+from tests.integration.tcpproxy import FreezableProxy
 from tests.integration.test_guarantees import unique, wait_for
+from tests.integration.test_metrics import health
 from tests.integration.wsclient import Client, dedup
 from wsnode.closecodes import CloseCode
 from wsnode.registry import NODES_KEY
@@ -199,3 +201,43 @@ async def test_a_redis_restarted_without_its_data_mid_stream_loses_no_message(fa
     logs = "".join(cluster._log(f"node-{port}").read_text(errors="replace") for port in cluster.node_ports)
     assert "lease write found the node's own lease" in logs, "no node found its leases gone: Redis kept its data, the test did not make its case"
 
+
+async def test_a_message_a_node_lost_with_its_broker_connection_reaches_its_device_though_another_device_acked_it(cluster):
+    """One user, two devices: one on a node whose connection to the broker alone is cut (a proxy
+    frozen; its Redis, so its leases, keep working), one on another node.  A message routed to both
+    right after the cut reaches the node's socket (RabbitMQ pushes it to the ``no_ack`` consumer;
+    the Redis broker's ``BRPOP`` pops it) but never the node, which gives up on the connection
+    and consumes again once the cut ends.  The other device acks the message, so redelivery does
+    not send it again.  The cut-off device used to stay open without it for good: it got the next
+    message, and would have resumed after that one.  The node now closes its connections with 1013
+    once it lost a connection that consumed, before it writes anything the next one reads, and
+    the device resumes with ``since`` and is replayed the message."""
+    proxy, url = FreezableProxy.to_url(cluster.env["BROKER_URL"])
+    try:
+        cut = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=2, BROKER_HEALTH_CHECK_SECONDS=2)
+        user = unique("broker-cut")
+        here = await cluster.connect(user, cluster.node_ports[0])
+        there = Browser(cluster, user, [cut.port, cluster.node_ports[0]])
+        there.start()
+        await there.connected()
+        first = await cluster.collect(user, {"n": 0})
+        assert [f["id"] for f in await here.messages(1)] == [first]
+        await wait_for(lambda: [m["id"] for m in there.messages] == [first], 10, "the first message on the cut-off node")
+        proxy.freeze()
+        lost = await cluster.collect(user, {"n": 1})
+        assert [f["id"] for f in await here.messages(1)] == [lost]  # acked here
+        await wait_for(lambda: health(cut.port)[1]["queue"] is False, 60, "the node gave up on its broker connection")
+        proxy.thaw()
+        await wait_for(lambda: health(cut.port)[0] == 200, 60, "the node consumes again")
+        await asyncio.sleep(REDELIVER_AFTER * 2 + HOUSEKEEPING_SECONDS * 2)  # a redelivery, if any, had its time
+        after = await cluster.collect(user, {"n": 2})
+        assert [f["id"] for f in await here.messages(1)] == [after]
+        await wait_for(lambda: after in [m["id"] for m in there.messages], 30, "the next message on the cut-off device")
+        await there.stop()
+        assert [f["id"] for f in dedup(there.messages)] == [first, lost, after], f"closes: {there.closes}"
+        assert CloseCode.TRY_AGAIN_LATER in there.closes, there.closes
+        log = cluster._log(f"node-{cut.port}").read_text(errors="replace")
+        assert "gave up on its queue connection to the broker, which stopped answering" in log and "closing 1 connections with 1013" in log
+        here.close()
+    finally:
+        proxy.close()
