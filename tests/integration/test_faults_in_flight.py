@@ -102,8 +102,9 @@ async def test_a_node_killed_holding_undelivered_messages_and_a_resumes_replay_g
     second_device = await Client.connect(cluster.ws_url(victim.port, await asyncio.to_thread(cluster.token, user), since=first))
     os.kill(victim.pid, signal.SIGSTOP)
     try:
-        # Waited for one by one: each is routed (to the stopped node) before the next is collected, so their ids are in order.
-        during = [await cluster.collect(user, {"n": n}) for n in range(1, 5)]
+        # One batch (its ids in order), routed at once, while the stopped node's lease still holds
+        # (a lease write less than LEASE_TTL ago): the four go to its queue, which no one reads.
+        during = await cluster.collect_many([{"to": user, "data": {"n": n}} for n in range(1, 5)])
         assert (await asyncio.to_thread(cluster.routes.zscore, NODES_KEY, f"127.0.0.1:{victim.port}")) is not None
     finally:
         await asyncio.to_thread(victim.kill)
