@@ -32,6 +32,13 @@ reads, or with a body its encoding does not decode) is logged and dropped: kombu
 on it, out of the worker's event loop, which stopped the worker ("Unrecoverable error"); a push
 node's consumer took it for a lost broker connection and connected again.
 
+And a fifth, for a push node: :attr:`Channel.abandoned_reads` counts the ``BRPOP`` replies the
+channel gave up on without reading them: kombu drops the connection of a ``BRPOP`` that got no reply
+for ``brpop_timeout + health_check_interval`` seconds (a network cut, a stalled Redis) and reads
+on, on a new connection, without a word to its caller.  A reply on its way then held a message
+Redis had already popped; the node reads its queue without acknowledgements, so that message is
+gone, and the node's consumer (``wsnode.consumer``) closes its connections for it.
+
 kombu acknowledges one message per round trip too (a pipeline removing it from the unacked index
 and hash).  :func:`acknowledge` acknowledges a group of Celery requests with one such pipeline per
 channel: ``tasks.collect`` acks each batch of requests with it once the batch ran.
@@ -218,6 +225,11 @@ class Channel(kombu_redis.Channel):
     _take_script_text = _TAKE_MORE
     #: False once the server refused the read of several messages (Redis older than 6.2).
     _take_more_ok = True
+    #: ``BRPOP`` replies given up on unread: the connection that awaited one was dropped other than by
+    #: reading it (kombu's stale-connection check).  Read by the node's consumer thread.
+    abandoned_reads = 0
+    #: True while :meth:`_brpop_read` reads a reply: a failure there reaches the caller as an error.
+    _reading_brpop = False
 
     def __init__(self, *args, **kwargs) -> None:
         #: Queues whose consumer acknowledges (the others are read one message per BRPOP).
@@ -236,16 +248,24 @@ class Channel(kombu_redis.Channel):
             self._acked_queues.discard(queue)
         return result
 
+    def _on_connection_disconnect(self, connection):
+        if connection is not None and self._in_poll is connection and not self._reading_brpop:
+            self.abandoned_reads += 1
+        super()._on_connection_disconnect(connection)
+
     def _brpop_read(self, **options):
         """kombu 5.7's ``Channel._brpop_read``, delivering with the message ``BRPOP`` brought
         those :meth:`_take_more` took behind it."""
         try:
             try:
+                self._reading_brpop = True
                 dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
             except self.connection_errors:
                 # if there's a ConnectionError, disconnect so the next iteration reconnects
                 self.client.connection.disconnect()
                 raise
+            finally:
+                self._reading_brpop = False
             if not dest__item:
                 raise Empty()
             key, item = dest__item

@@ -220,13 +220,17 @@ class NodeQueueConsumer:
             delay = min(delay * 2, 30.0)
 
     def _consume(self, conn) -> None:
+        channel = conn.default_channel
+        abandoned = getattr(channel, "abandoned_reads", 0)
         while not self._stopping.is_set():
             try:
                 conn.drain_events(timeout=0.5)
             except socket.timeout:
                 self._heartbeat(conn)  # after the read: a frame read counts as a heartbeat
+                abandoned = self._check_abandoned(channel, abandoned)
                 continue
             self._heartbeat(conn)  # sends ours when due: a no_ack consumer sends nothing else
+            abandoned = self._check_abandoned(channel, abandoned)
             wait = self._window.wait(time.monotonic())
             while wait and len(self._pending) < self._batch_max:
                 try:
@@ -236,6 +240,16 @@ class NodeQueueConsumer:
             if self._pending:
                 self._flush()
                 self._window.handed_over(time.monotonic())
+
+    def _check_abandoned(self, channel, seen: int) -> int:
+        """The Redis broker's channel gave up on a read's reply without a word to this thread
+        (``tasks.redis_transport.Channel.abandoned_reads``: kombu dropped a connection whose
+        ``BRPOP`` got no reply, and read on, on a new one): tell the loop, as for a connection
+        given up on, before the batch in hand is written.  Returns the count seen now."""
+        now = getattr(channel, "abandoned_reads", 0)
+        if now > seen and self._on_lost is not None:
+            self._loop.add_callback(self._on_lost, "the Redis broker's BRPOP got no reply; kombu dropped its connection and read on")
+        return now
 
     def _heartbeat(self, conn) -> None:
         """kombu's ``heartbeat_check`` (AMQP; other transports do nothing), noting when it raises:

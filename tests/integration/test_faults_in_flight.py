@@ -278,3 +278,44 @@ async def test_a_redis_restart_while_many_inbox_replays_are_in_flight_loses_noth
     await asyncio.gather(*(b.stop() for b in browsers))
     check_exactly_once(browsers, 3)
     assert opening, "every inbox was replayed before Redis stopped: the test did not make its case"
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # kombu's Redis transport's own check
+async def test_a_message_lost_when_kombu_drops_a_stale_brpop_connection_and_reads_on_reaches_its_device(cluster):
+    """As the test above, but the cut ends right after kombu's Redis transport dropped the
+    connection whose ``BRPOP`` got no reply (``Redis BRPOP got no reply ...; dropping stale
+    connection``): kombu reads on, on a new connection, and no error reaches the node's consumer.
+    The popped message on its way was lost without a word, and the cut-off device, whose user
+    acked it on another device, never got it.  The channel now counts such a dropped read
+    (``tasks.redis_transport.Channel.abandoned_reads``), and the node closes its connections with
+    1013 for it, as for a connection it gave up on."""
+    proxy, url = FreezableProxy.to_url(cluster.env["BROKER_URL"])
+    try:
+        # BROKER_TIMEOUT stays above kombu's check (brpop_timeout + BROKER_HEALTH_CHECK_SECONDS), so
+        # the read's own socket timeout does not come first.
+        cut = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=10, BROKER_HEALTH_CHECK_SECONDS=2)
+        log = cluster._log(f"node-{cut.port}")
+        user = unique("stale-brpop")
+        here = await cluster.connect(user, cluster.node_ports[0])
+        there = Browser(cluster, user, [cut.port, cluster.node_ports[0]])
+        there.start()
+        await there.connected()
+        first = await cluster.collect(user, {"n": 0})
+        assert [f["id"] for f in await here.messages(1)] == [first]
+        await wait_for(lambda: [m["id"] for m in there.messages] == [first], 10, "the first message on the cut-off node")
+        proxy.freeze()
+        lost = await cluster.collect(user, {"n": 1})
+        assert [f["id"] for f in await here.messages(1)] == [lost]  # acked here
+        await wait_for(lambda: "dropping stale connection" in log.read_text(errors="replace"), 60, "kombu dropped the stale BRPOP connection")
+        proxy.thaw()
+        await asyncio.sleep(REDELIVER_AFTER * 2 + HOUSEKEEPING_SECONDS * 2)  # a redelivery, if any, had its time
+        after = await cluster.collect(user, {"n": 2})
+        assert [f["id"] for f in await here.messages(1)] == [after]
+        await wait_for(lambda: after in [m["id"] for m in there.messages], 30, "the next message on the cut-off device")
+        await there.stop()
+        assert [f["id"] for f in dedup(there.messages)] == [first, lost, after], f"closes: {there.closes}"
+        assert CloseCode.TRY_AGAIN_LATER in there.closes, there.closes
+        assert "the Redis broker's BRPOP got no reply" in log.read_text(errors="replace")
+        here.close()
+    finally:
+        proxy.close()
