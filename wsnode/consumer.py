@@ -15,9 +15,9 @@ the node has read it.  On the Redis broker an acknowledged message costs two mor
 that dies drops its clients, who resume elsewhere with ``since``, and a message lost on its way to
 a client that stays connected is redelivered by housekeeping (``REDELIVER_AFTER``).  The broker also
 forgets what it handed to a connection that the node then gives up on because the broker stopped
-answering (a read timed out, AMQP heartbeats missed: a network cut, a stalled broker):
-RabbitMQ's deliveries pushed to the socket, the Redis broker's reply to the ``BRPOP`` in flight, on
-their way when the node dropped the connection.  Redelivery brings such a message back only while
+answering (a read timed out, AMQP heartbeats missed, the Redis broker's channel gave up on a
+read: a network cut, a stalled broker): RabbitMQ's deliveries pushed to the socket, the Redis
+broker's reply to the ``BRPOP`` in flight, on their way when the connection was dropped.  Redelivery brings such a message back only while
 no other device of its user acked it; so the node closes its connections (``on_lost``), before
 anything newer reaches them and moves their ``since`` past it, and they resume with ``since``.  A
 broker that closes the connection itself (a restart) sends what it handed over first: the node
