@@ -102,6 +102,9 @@ def advice(error: object) -> str:
     if "READONLY" in text or "read only replica" in text:  # redis-py's ReadOnlyError drops the "READONLY"
         return ("the Redis broker is a replica (a failover?): the worker connects again until it is a master, "
                 "or point BROKER_URL at the master")
+    if "Link with MASTER is down" in text:  # MASTERDOWN (redis-py's MasterDownError drops the word)
+        return ("the Redis broker is a replica cut off from its primary that serves no stale data (replica-serve-stale-data no; "
+                "a failover?): the worker connects again until it is in sync or promoted, or point BROKER_URL at the primary")
     if redisfull.is_full(error):  # by its text: redis-py's OutOfMemoryError drops the "OOM" of Redis's reply
         return redisfull.HINT
     return "the broker refused a command on the worker's channel"

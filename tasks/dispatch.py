@@ -29,6 +29,7 @@ import redislogin
 import settings
 from tasks import pending, publishing, routing, wirejson
 from tasks.queues import DELIVER_TASK, deliver_argsrepr, node_queue
+from tasks.resultbackend import REFUSED_FOR_NOW
 from tasks.store import StoreError, StoreUnavailable, get_store
 from worker import app
 from wsnode.registry import RouteTable
@@ -151,11 +152,11 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
 
 #: What Dispatch retries: a routing that failed for one of these can simply run again.  A Redis over
 #: ``maxmemory`` refuses the lookup's pending marks (``OutOfMemoryError``) until it has room again
-#: (:mod:`redisfull`), and one demoted to a replica by a failover (``ReadOnlyError``) until it is
-#: promoted again or its address moves to the new primary; a broker over ``maxmemory`` refuses the
-#: publish, which kombu raises as ``OperationalError``.
-DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
-                      OperationalError, StoreUnavailable)
+#: (:mod:`redisfull`), one demoted to a replica by a failover (``ReadOnlyError``) until it is
+#: promoted again or its address moves to the new primary, and a replica that serves no stale data
+#: (``MasterDownError``) until its primary is back (:data:`tasks.resultbackend.REFUSED_FOR_NOW`);
+#: a broker over ``maxmemory`` refuses the publish, which kombu raises as ``OperationalError``.
+DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, *REFUSED_FOR_NOW, OperationalError, StoreUnavailable)
 
 
 @app.task(

@@ -21,6 +21,7 @@ import redis
 import settings
 from tasks import dispatch
 from tasks.messages import InvalidMessage, check_user_id, checked_arguments
+from tasks.resultbackend import REFUSED_FOR_NOW
 from tasks.routing import BROADCAST
 from worker import app
 
@@ -39,9 +40,11 @@ def users_of(value: object, most: int) -> tuple[str, ...]:
     return users
 
 
+# autoretry_for: a Redis that does not answer, and one that refuses for now (a replica serving no
+# stale data answers even this read with MASTERDOWN while its primary is down).
 # throws: a caller's bad request is logged as Celery logs an expected error (INFO, one line), not
 # as a worker ERROR with a traceback; the task still fails with it.
-@app.task(name="tasks.presence", autoretry_for=(redis.ConnectionError, redis.TimeoutError), retry_backoff=True, max_retries=3,
+@app.task(name="tasks.presence", autoretry_for=(redis.ConnectionError, redis.TimeoutError, *REFUSED_FOR_NOW), retry_backoff=True, max_retries=3,
           throws=(InvalidMessage,))
 @checked_arguments("tasks.presence")
 def presence(users: str | list[str]) -> dict[str, list[str]]:

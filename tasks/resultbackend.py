@@ -18,16 +18,27 @@ from __future__ import annotations
 
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
 from celery.backends.redis import SentinelBackend as CelerySentinelBackend
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError
 
 import redisfull
 
+#: The refusals of a Redis that takes the command later, as redis-py raises them (each a
+#: ``ResponseError``, not a ``ConnectionError``, so nothing retries them unless told): over
+#: ``maxmemory`` (``OOM``, :mod:`redisfull`); a replica, which refuses writes (``READONLY``: a
+#: failover's demotion, until it is promoted again or its address moves to the new primary); and a
+#: replica with ``replica-serve-stale-data no`` whose link to its primary is down, which refuses
+#: reads and writes (``MASTERDOWN``: a failover in progress, or the primary restarting) until it is
+#: in sync again or promoted.  For ``autoretry_for`` (``tasks.dispatch``, ``tasks.presence``);
+#: :func:`refused_for_now` is the same rule for an error that may come wrapped.  A Redis still
+#: loading its data (``LOADING``) is redis-py's ``BusyLoadingError``, a ``ConnectionError``, which
+#: every retry of a Redis that does not answer covers already.
+REFUSED_FOR_NOW = (OutOfMemoryError, ReadOnlyError, MasterDownError)
+
 
 def refused_for_now(exc: BaseException) -> bool:
-    """Whether ``exc`` is Redis refusing a write that it takes later: over ``maxmemory``
-    (:func:`redisfull.is_full`), or a replica (``READONLY``: a failover's demotion, until it is
-    promoted again or its address moves to the new primary).  Pure."""
-    return redisfull.is_full(exc) or isinstance(exc, ReadOnlyError)
+    """Whether ``exc`` is Redis refusing a command that it takes later (:data:`REFUSED_FOR_NOW`),
+    or carries the text of a full Redis's refusal (:func:`redisfull.is_full`: kombu wraps it).  Pure."""
+    return isinstance(exc, REFUSED_FOR_NOW) or redisfull.is_full(exc)
 
 
 class RedisBackend(CeleryRedisBackend):

@@ -422,23 +422,33 @@ def routing_redis_cluster(request, tmp_path):
     cluster.stop(at_once=True)
 
 
-async def test_a_collect_while_the_routing_redis_is_a_replica_for_a_moment_is_queued_and_delivered(routing_redis_cluster):
+#: How a demoted Redis refuses Dispatch's lookup: a replica refuses its writes (READONLY), one set
+#: to serve no stale data while its primary is down refuses even its reads (MASTERDOWN), first.
+REPLICA_REFUSALS = {"yes": "You can't write against a read only replica", "no": "Link with MASTER is down"}
+
+
+@pytest.mark.parametrize("serve_stale", REPLICA_REFUSALS, ids=["readonly", "masterdown"])
+async def test_a_collect_while_the_routing_redis_is_a_replica_for_a_moment_is_queued_and_delivered(routing_redis_cluster, serve_stale):
     """A failover demotes the routing Redis to a replica for a moment (it refuses writes with
     READONLY; here its primary is unreachable, so it keeps its data): Dispatch's lookup, which
     records the pending deliveries, is refused.  Collect stored the message, then failed the
     request with ReadOnlyError, where a Redis that does not answer has the batch queue its
     messages for ``tasks.dispatch``, which retries: now so does a refusal of a replica.  Results
     kept there (the default) were not stored (only published, which a replica does): now they
-    are written again until it is a primary, as after a restart."""
+    are written again until it is a primary, as after a restart.  A replica with
+    ``replica-serve-stale-data no`` refuses the lookup with MASTERDOWN, which redis-py raises as a
+    ``ResponseError`` (``MasterDownError``) that nothing retried: the request failed with it and
+    the stored message reached no one."""
     cluster = routing_redis_cluster
     client = await cluster.connect("failover-user")
     first = await cluster.collect("failover-user", "before", timeout=20)
     assert [f["id"] for f in await client.messages(1)] == [first]
     routing = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
+    routing.config_set("replica-serve-stale-data", serve_stale)
     routing.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer
     try:
         sent = cluster.send(to="failover-user", data="during")
-        await asyncio.to_thread(cluster.worker.wait_log, "dispatching 1 stored messages inline failed (You can't write against a read only replica", 20)
+        await asyncio.to_thread(cluster.worker.wait_log, f"dispatching 1 stored messages inline failed ({REPLICA_REFUSALS[serve_stale]}", 20)
         await asyncio.sleep(1.0)
     finally:
         routing.execute_command("REPLICAOF", "NO", "ONE")  # promoted

@@ -80,6 +80,7 @@ def test_consuming_steadily_again_ends_the_run():
     ("WRONGTYPE Operation against a key holding the wrong kind of value", "a queue key (collect, dispatch"),
     ("READONLY You can't write against a read only replica.", "the Redis broker is a replica"),
     ("You can't write against a read only replica.", "the Redis broker is a replica"),  # redis-py's ReadOnlyError
+    ("Link with MASTER is down and replica-serve-stale-data is set to 'no'.", "a replica cut off from its primary"),  # MasterDownError
     ("(404) NOT_FOUND - no queue 'collect' in vhost 'v'", "missing on the broker"),
     ("ERR something new", "the broker refused a command"),
     ("OOM command not allowed when used memory > 'maxmemory'.", "Redis is out of memory (maxmemory): raise maxmemory or free memory"),
