@@ -14,28 +14,30 @@ what another device of the user acked meanwhile.
 
 Nodes send ``tasks.replay_many``: every connection that asked since the node's previous request,
 in one task (a reconnect storm of thousands of browsers is then tens of tasks, not thousands),
-answered with one publish batch.  ``tasks.replay`` (one connection) stays for nodes of earlier
+answered in publish batches of about ``REPLAY_MAX_BYTES`` as the replays are read (one batch for
+all when they are small).  ``tasks.replay`` (one connection) stays for nodes of earlier
 versions: upgrade the workers before the nodes.
 
 A replay holds at most the newest ``REPLAY_LIMIT`` messages whose frames take at most
 ``REPLAY_MAX_BYTES`` together (:func:`newest_within`): what a node writes whole to a resuming
 connection, whether its client reads or not.  The store reads the messages' data newest first and
-stops once that budget is spent (:meth:`tasks.store.Store.replays`), so the worker holds about the
-budget per connection of a task, not ``REPLAY_LIMIT`` messages of ``MAX_MESSAGE_BYTES`` (except the
-embedded engine's one read of at most ``_EMBEDDED_RANGE_ROWS`` recent messages, which a task's
-replays share).
+stops once that budget is spent (:meth:`tasks.store.Store.each_replay`), and a task publishes
+its replays as it reads them, once a batch reaches the budget (:func:`_answer`), so the worker holds
+about two budgets per task (the batch and the replay it reads), not ``REPLAY_LIMIT`` messages of
+``MAX_MESSAGE_BYTES``, nor one budget per connection (except the embedded engine's one read of at
+most ``_EMBEDDED_RANGE_ROWS`` recent messages, which a task's replays share).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import settings
 from tasks import ids
 from tasks.dispatch import publish_all
-from tasks.store import StoreUnavailable, get_store
+from tasks.store import Cut, StoreUnavailable, get_store
 from worker import app
 from wsnode.protocol import message_frame
 from wsnode.session import utf8_length
@@ -45,34 +47,36 @@ log = logging.getLogger(__name__)
 PAGE = 500
 
 
-def _read(requests: list[tuple[str, str, str | None]]) -> tuple[list[tuple[list[dict], bool]], str]:
-    """The envelopes of each ``(conn, user, since)``, and whether the retention, the limit or the
-    byte budget (``REPLAY_MAX_BYTES``, :func:`newest_within`) cut them short: the inbox of each without ``since``, and those with ``since`` in one call
-    (:meth:`tasks.store.Store.replays`: one read for all of them when it can); and the cursor, an
-    id no later than the reads."""
-    cursor = ids.lower_bound(int(time.time() * 1000))
-    store = get_store()
-    replies: list = [None] * len(requests)
-    resumes = [(index, user, ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS))
-               for index, (_, user, since) in enumerate(requests) if since is not None]
+def _read(store, requests: list[tuple[str, str, str | None]], cut: Cut) -> Iterator[tuple[int, tuple[list[dict], bool]]]:
+    """``(index, (envelopes, truncated))`` of each ``(conn, user, since)`` of ``requests``, each read
+    as it is taken, and whether the retention, the limit or the byte budget (``cut``) cut it short:
+    the inbox of each without ``since``, then those with ``since`` (:meth:`tasks.store.Store.each_replay`:
+    one read for all of them when it can).  Inside :meth:`tasks.store.Store.index_pinned`."""
+    for index, (_, user, since) in enumerate(requests):
+        if since is None:
+            yield index, store.unacked(user, settings.REPLAY_LIMIT, cut)
+    resumes = [(index, user, since) for index, (_, user, since) in enumerate(requests) if since is not None]
+    wanted = [(user, ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS)) for _, user, since in resumes]
+    for (index, _, since), (envelopes, truncated) in zip(resumes, store.each_replay(wanted, settings.REPLAY_LIMIT, cut)):
+        yield index, (envelopes, truncated or past_retention(since, time.time(), settings.RETENTION_SECONDS))
 
-    def cut(newest_first: Iterable[dict]) -> tuple[list[dict], bool]:
-        return newest_within(newest_first, settings.REPLAY_MAX_BYTES)
 
-    # Every connection here registered its route before the node asked: what is stored after the
-    # first read below is routed to it live, so all the reads may share that read's index.
-    with store.index_pinned():
-        for index, (_, user, since) in enumerate(requests):
-            if since is None:
-                replies[index] = store.unacked(user, settings.REPLAY_LIMIT, cut)
-        for (index, _, _), reply in zip(resumes, store.replays([(user, after) for _, user, after in resumes], settings.REPLAY_LIMIT, cut)):
-            replies[index] = reply
-    now = time.time()
-    for index, (_, _, since) in enumerate(requests):
-        if since is not None and past_retention(since, now, settings.RETENTION_SECONDS):
-            envelopes, _ = replies[index]
-            replies[index] = envelopes, True
-    return replies, cursor
+class _Held:
+    """The bytes of message frames the replays of one task read since its last publish: the
+    :data:`tasks.store.Cut` it gives the store (:func:`newest_within` with ``REPLAY_MAX_BYTES``)
+    counts every frame it measures, the kept ones and the first one it leaves out."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def cut(self, newest_first: Iterable[dict]) -> tuple[list[dict], bool]:
+        return newest_within(newest_first, self.max_bytes, self._size)
+
+    def _size(self, envelope: dict) -> int:
+        size = frame_bytes(envelope)
+        self.bytes += size
+        return size
 
 
 def past_retention(since: str, now: float, retention: float) -> bool:
@@ -148,8 +152,8 @@ def parse_requests(requests: object) -> tuple[list[tuple[str, str, str | None]],
 @app.task(name="tasks.replay_many", ignore_result=True, autoretry_for=(StoreUnavailable,), retry_backoff=True, max_retries=3)
 def replay_many(node: str, requests: list[dict]) -> None:
     """:func:`replay` for several connections of ``node``: ``requests`` is ``[{"conn", "user",
-    "since"}]``.  Every replay is read first and then all pages go out in one publish batch, so a
-    store error sends nothing and the retry sends everything once."""
+    "since"}]``, answered in publish batches of about ``REPLAY_MAX_BYTES`` as they are read
+    (:func:`_answer`)."""
     good, bad = parse_requests(requests)
     for item in bad:
         log.error("tasks.replay_many from %s: dropped a malformed request %s (expected {conn, user, since})", node, item)
@@ -157,9 +161,32 @@ def replay_many(node: str, requests: list[dict]) -> None:
 
 
 def _answer(node: str, requests: list[tuple[str, str, str | None]]) -> None:
-    """Read the replay of every ``(conn, user, since)``, then publish all their pages in one batch."""
-    read, cursor = _read(requests)
-    replies = [(conn, user, since, _pages(*reply, cursor)) for (conn, user, since), reply in zip(requests, read)]
-    publish_all([(node, envelopes, {"conn": conn, "replay": info}) for conn, _, _, pages in replies for envelopes, info in pages])
-    for conn, user, since, pages in replies:
-        _log_replayed(node, conn, user, since, pages)
+    """Read the replay of every ``(conn, user, since)`` and publish their pages as they are read,
+    in batches of about ``REPLAY_MAX_BYTES`` of frames (and the last batch when all are read), so
+    the worker holds a batch and the replay it reads, not every connection's.  A store error after
+    a batch went out retries the task with every request: the node ignores the pages of a
+    connection whose replay it finished (:meth:`wsnode.session.Session.replay_page`), so each gets
+    its replay once."""
+    cursor = ids.lower_bound(int(time.time() * 1000))  # no later than the reads
+    store = get_store()
+    held = _Held(settings.REPLAY_MAX_BYTES)
+    batch: list[tuple[str, str, str | None, list[tuple[list[dict], dict]]]] = []
+
+    def publish() -> None:
+        publish_all([(node, envelopes, {"conn": conn, "replay": info}) for conn, _, _, pages in batch for envelopes, info in pages])
+        for conn, user, since, pages in batch:
+            _log_replayed(node, conn, user, since, pages)
+        batch.clear()
+        held.bytes = 0
+
+    # Every connection here registered its route before the node asked: what is stored after the
+    # first read below is routed to it live, so all the reads may share that read's index.
+    with store.index_pinned():
+        for index, reply in _read(store, requests, held.cut):
+            conn, user, since = requests[index]
+            batch.append((conn, user, since, _pages(*reply, cursor)))
+            del reply
+            if held.bytes >= held.max_bytes:
+                publish()
+    if batch:
+        publish()

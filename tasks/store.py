@@ -271,7 +271,12 @@ class Store:
         return self.replays([(user, after_id)], limit, cut)[0]
 
     def replays(self, wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> list[tuple[list[dict], bool]]:
-        """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order.
+        """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order: :meth:`each_replay`, all read."""
+        return list(self.each_replay(wanted, limit, cut))
+
+    def each_replay(self, wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> Iterator[tuple[list[dict], bool]]:
+        """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order, each read as it is
+        taken, so a caller that lets go of one before it takes the next holds one at a time.
 
         On the embedded engine, when at most ``_EMBEDDED_RANGE_ROWS`` messages were stored after
         the earliest ``after_id`` (a browser back after seconds or minutes), one read of them all,
@@ -283,15 +288,19 @@ class Store:
         it finds, at most ``_EMBEDDED_RANGE_ROWS``: ``cut`` bounds what each replay keeps of it.)"""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit!r}")
+        return self._each_replay(wanted, limit, cut)
+
+    def _each_replay(self, wanted: list[tuple[str, str]], limit: int, cut: Cut | None) -> Iterator[tuple[list[dict], bool]]:
         if not wanted:
-            return []
+            return
         first = min(after for _, after in wanted)
         with self._errors(f"replaying for {len(wanted)} connections"):
             recent = storesql.id_range(self._messages, first, first_included=False, most=_EMBEDDED_RANGE_ROWS)
         if recent is not None:
-            return replays_from(recent, wanted, limit, cut)
-        return [self._replay_by_index(user, after, limit, cut) if after == first else self.replays([(user, after)], limit, cut)[0]
-                for user, after in wanted]
+            yield from replays_from(recent, wanted, limit, cut)
+            return
+        for user, after in wanted:
+            yield self._replay_by_index(user, after, limit, cut) if after == first else self.replays([(user, after)], limit, cut)[0]
 
     def _replay_by_index(self, user: str, after_id: str, limit: int, cut: Cut | None) -> tuple[list[dict], bool]:
         """:meth:`replay` through the ``to`` index (on the embedded engine, mongomock's)."""
@@ -665,24 +674,23 @@ def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None
         return [doc for index, doc in enumerate(docs) if index not in taken]
 
 
-def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> list[tuple[list[dict], bool]]:
-    """What :meth:`Store.replays` returns for ``wanted``, from ``docs``: every message stored after
-    the earliest ``after_id`` of ``wanted``, in ``_id`` order.  Pure."""
+def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> Iterator[tuple[list[dict], bool]]:
+    """What :meth:`Store.each_replay` yields for ``wanted``, from ``docs``: every message stored
+    after the earliest ``after_id`` of ``wanted``, in ``_id`` order; each replay made as it is
+    taken.  Pure."""
     of_user: dict[str, list[dict]] = {}
     for doc in docs:
         for user in [BROADCAST] if doc["to"] == BROADCAST else doc["to"]:
             of_user.setdefault(user, []).append(doc)
     broadcasts = of_user.get(BROADCAST, [])
-    out = []
     for user, after in wanted:
         mine = [doc for doc in heapq.merge(of_user.get(user, []) if user != BROADCAST else [], broadcasts, key=_doc_id) if doc["_id"] > after]
         newest = mine[-limit:]
         if cut is None:
-            out.append(([{"id": doc["_id"], "data": as_collected(doc["data"])} for doc in newest], len(mine) > limit))
+            yield [{"id": doc["_id"], "data": as_collected(doc["data"])} for doc in newest], len(mine) > limit
         else:
             envelopes, cut_short = cut({"id": doc["_id"], "data": as_collected(doc["data"])} for doc in reversed(newest))
-            out.append((envelopes, len(mine) > limit or cut_short))
-    return out
+            yield envelopes, len(mine) > limit or cut_short
 
 
 def as_collected(data: object) -> object:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+import tracemalloc
 import uuid
 
 import pytest
@@ -581,3 +582,39 @@ def test_routing_whose_receipts_the_store_refuses_publishes_once_and_does_not_ro
         assert store.status(message["id"]) is None  # nothing stored: only the routing was asked for
     finally:
         store.close()
+
+
+def test_replay_many_publishes_its_replays_as_it_reads_them_so_it_holds_as_much_for_16_connections_as_for_2(broker, monkeypatch):
+    """A tasks.replay_many held every connection's replay (up to REPLAY_MAX_BYTES each) until it
+    published them all in one batch, so what it held grew with its connections (up to 100).  It
+    publishes them in batches of about REPLAY_MAX_BYTES as it reads them: the peak of 16
+    connections' inboxes of 250 KB is about that of 2 (the batch, the replay being read, the
+    store's read of its data and the publish's encodings); each connection still gets its own
+    pages, once."""
+    budget = 256 * 1024
+    monkeypatch.setattr(settings, "REPLAY_MAX_BYTES", budget)
+    node, gen, data = fake_node(), IdGenerator(), "x" * 50_000
+    users = [f"held-{uuid.uuid4().hex[:6]}-{n}" for n in range(16)]
+    get_store().insert_messages([{"id": mid, "to": [user], "data": data} for user in users for mid in gen.next_ids(7)])
+    requests = [{"conn": f"c{n}", "user": user, "since": None} for n, user in enumerate(users)]
+
+    def peak(some: list[dict]) -> int:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            replay_many(node, some)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(requests[:1])  # warm up: imports, the store's connection, the producer pool
+    drain(broker, node, expect=1)
+    two = peak(requests[:2])
+    drain(broker, node, expect=2)
+    sixteen = peak(requests)
+
+    published = drain(broker, node, expect=len(users))
+    assert sorted(p["kwargs"]["conn"] for p in published) == sorted(f"c{n}" for n in range(len(users)))
+    for p in published:
+        assert len(p["envelopes"]) == 5 and p["kwargs"]["replay"]["truncated"] is True  # 5 frames of 50 KB fit in 256 KiB
+    assert sixteen < 1.5 * two, f"16 connections held {sixteen / budget:.1f} budgets at the peak, 2 held {two / budget:.1f}"
