@@ -65,7 +65,8 @@ class NodeMetrics:
         self._closed = Counter(
             "push_node_closed_connections",
             "Bound connections the node closed, by close code (1000 ping timed out, 1001 drain, 1013 resume failed or "
-            "backlog overflow, 4008 client too slow, 4401 token revoked, expired or its refresh refused, 4500 bad client frame or too many acks).",
+            "backlog overflow, leases not written for LEASE_TTL or lost from Redis, or the queue connection to the broker "
+            "given up on while consuming, 4008 client too slow, 4401 token revoked, expired or its refresh refused, 4500 bad client frame or too many acks).",
             ["code"], registry=r,
         )
         self._delivered = Counter(

@@ -192,3 +192,14 @@ def test_auth_counts_tokens_verified_with_a_previous_secret_and_admin_requests_w
     metrics.previous_admin_key_used()
     assert sample(metrics, "auth_verifications_previous_secret_total") == 2
     assert sample(metrics, "auth_admin_previous_key_requests_total") == 1
+
+
+def test_the_closed_connections_help_names_every_reason_the_node_closes_with_1013():
+    """The scraper's only description of ``push_node_closed_connections_total{code="1013"}``: a
+    resume that failed or overflowed, leases not written or lost (``_close_unroutable``, the
+    lease check), and the queue connection to the broker given up on (``_queue_connection_lost``),
+    as the README's metrics table says."""
+    metrics = NodeMetrics("127.0.0.1:8101")
+    help_text = next(family.documentation for family in metrics.registry.collect() if family.name == "push_node_closed_connections")
+    for reason in ("resume failed", "lease", "queue connection to the broker"):
+        assert reason in help_text, (reason, help_text)
