@@ -319,3 +319,36 @@ async def test_a_message_lost_when_kombu_drops_a_stale_brpop_connection_and_read
         here.close()
     finally:
         proxy.close()
+
+
+async def test_a_broker_cut_on_a_node_with_many_connections_while_messages_flow_gets_every_device_everything_once_in_order(cluster):
+    """30 users, each with a device on a node whose broker connection alone is cut (a frozen
+    proxy) while messages stream, and one on another node that acks them all: once the node gave
+    up on its queue connection and consumes again, every device on it holds each of its messages
+    once, in order (repeats dropped by id), after resuming with ``since``."""
+    proxy, url = FreezableProxy.to_url(cluster.env["BROKER_URL"])
+    try:
+        cut = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=2, BROKER_HEALTH_CHECK_SECONDS=2)
+        users = [unique("cut-many") for _ in range(30)]
+        acking = [Browser(cluster, user, [cluster.node_ports[0]]) for user in users]
+        devices = [Browser(cluster, user, [cut.port]) for user in users]
+        for browser in acking + devices:
+            browser.start()
+        for browser in acking + devices:
+            await browser.connected()
+        per_user = 8
+        streaming = asyncio.ensure_future(stream(cluster, users, per_user, 40.0))
+        await asyncio.sleep(1.0)
+        proxy.freeze()
+        await wait_for(lambda: health(cut.port)[1]["queue"] is False, 60, "the node gave up on its broker connection")
+        proxy.thaw()
+        await confirm(cluster, await streaming)
+        await wait_complete(acking + devices, per_user, 90)
+        await asyncio.gather(*(b.stop() for b in acking + devices))
+        check_exactly_once(acking + devices, per_user)
+        for device in devices:
+            order = [m["data"]["n"] for m in dedup(device.messages)]
+            assert order == sorted(order), (device.user, order, device.closes)
+        assert any(CloseCode.TRY_AGAIN_LATER in d.closes for d in devices), "no device was closed with 1013: the cut lost nothing"
+    finally:
+        proxy.close()

@@ -5,6 +5,7 @@ of 1 KB, which the budget must hold), so that a backlog of a few small messages 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 import launcher
 from tasks.replay import newest_within
 from tests.integration.conftest import Cluster, start_or_explain
+from tests.integration.wsclient import Client, dedup
 
 BUDGET = 4096
 
@@ -97,3 +99,48 @@ async def test_a_resume_within_the_byte_budget_is_whole_and_not_truncated(budget
     assert resumed["truncated"] is False and resumed["replayed"] == 5, resumed
     await live_after_replay(budget_cluster, client, user)
     client.close()
+
+
+async def stream(cluster: Cluster, user: str, sent: list[str], stop: asyncio.Event) -> None:
+    """Messages to ``user`` one after another (ids in order) until ``stop``, then three more."""
+    n = 0
+    while not stop.is_set() or n < 3:
+        if stop.is_set():
+            n += 1
+        sent.append(await cluster.collect(user, {"live": len(sent), "pad": "l" * 300}))
+
+
+def a_suffix_in_order(got: list[str], sent: list[str]) -> int:
+    """Where the messages a client shows (``got``, repeats dropped) begin in ``sent``: they must be
+    all of ``sent`` from there on, in order, with no gap.  Returns that place."""
+    assert got and got[0] in sent, (got[:3], sent[:3])
+    start = sent.index(got[0])
+    assert got == sent[start:], f"a gap or a reordering: {len(got)} got vs {len(sent) - start} sent from {start}; missing {sorted(set(sent[start:]) - set(got))[:5]}"
+    return start
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["since", "inbox"])
+async def test_two_tabs_replayed_over_the_budget_while_messages_stream_show_a_suffix_with_no_gap(budget_cluster, resume):
+    """Two connections of one user opening together (one tasks.replay_many) with a backlog over
+    the budget while messages keep coming: each shows every message from some point on, in order,
+    none missing between the replayed and the live ones."""
+    user = unique("budget-live")
+    anchor = await budget_cluster.collect(user, "seen")
+    sent = [anchor] + [e["id"] for e in await backlog(budget_cluster, user, 20, 400)]
+    stop = asyncio.Event()
+    streaming = asyncio.ensure_future(stream(budget_cluster, user, sent, stop))
+    await asyncio.sleep(0.3)
+    token = await asyncio.to_thread(budget_cluster.token, user)
+    url = budget_cluster.ws_url(budget_cluster.node_ports[0], token, since=anchor if resume else None)
+    tabs = await asyncio.gather(*(Client.connect(url, auto_ack=False, wait_resumed=True, timeout=30) for _ in range(2)))
+    await asyncio.sleep(0.5)
+    stop.set()
+    await streaming
+    for tab in tabs:
+        assert tab.resumed["truncated"] is True, tab.resumed
+        deadline = asyncio.get_running_loop().time() + 30
+        while sent[-1] not in {f["id"] for f in tab.frames if f["type"] == "message"} and asyncio.get_running_loop().time() < deadline:
+            await tab.next_frame(deadline - asyncio.get_running_loop().time())
+        start = a_suffix_in_order([f["id"] for f in dedup(tab.frames)], sent)
+        assert start > 1, "truncated, so the oldest are left out"
+        tab.close()
