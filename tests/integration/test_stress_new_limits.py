@@ -15,7 +15,6 @@ from tests.integration.wsclient import Client, dedup
 from wsnode.closecodes import CloseCode
 from wsnode.connectrate import log_key
 
-pytestmark = pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
 
 USERS, ALLOWED, TABS, WINDOW, ROUNDS = 100, 2, 3, 30, 4
 
@@ -34,6 +33,7 @@ async def until_has(client: Client, wanted: list[str], timeout: float = 40.0) ->
     return [f["id"] for f in dedup(client.frames)]
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # node-side only: one broker is enough
 async def test_a_reconnect_storm_over_two_nodes_admits_each_user_exactly_its_allowance_and_loses_no_message(cluster):
     nodes = [cluster.start_node(MAX_USER_CONNECTS=f"{ALLOWED}/{WINDOW}") for _ in range(2)]
     users = [f"storm-{nodes[0].port}-{n}" for n in range(USERS)]
@@ -96,6 +96,7 @@ async def test_a_reconnect_storm_over_two_nodes_admits_each_user_exactly_its_all
         node.terminate(timeout=10)
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
 async def test_one_users_tabs_opening_together_on_one_node_get_exactly_the_allowance(cluster):
     node = cluster.start_node(MAX_USER_CONNECTS=f"3/{WINDOW}")
     user = f"tabs-{node.port}"
