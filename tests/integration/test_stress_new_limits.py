@@ -14,6 +14,7 @@ from tests.integration.test_connection_limits import outcome
 from tests.integration.wsclient import Client, dedup
 from wsnode.closecodes import CloseCode
 from wsnode.connectrate import log_key
+from wsnode.registry import route_key
 
 
 USERS, ALLOWED, TABS, WINDOW, ROUNDS = 100, 2, 3, 30, 4
@@ -153,3 +154,31 @@ async def test_heavy_traffic_without_a_fault_never_closes_a_connection_for_a_los
         client.close()
     for node in nodes:
         node.terminate(timeout=10)
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_tabs_refused_and_closed_at_once_in_a_storm_leave_no_lease_behind(cluster):
+    """30 users open 4 tabs each at once on one node at 2/30, and close each admitted tab as soon
+    as its hello comes, while the refused ones leave: once all are gone, no user's lease on the
+    node remains (a refusal's release racing an admitted tab's lease write or close)."""
+    node = cluster.start_node(MAX_USER_CONNECTS=f"2/{WINDOW}", LEASE_TTL=60)  # a lease left behind does not lapse meanwhile
+    address = f"127.0.0.1:{node.port}"
+    users = [f"churn-{node.port}-{n}" for n in range(30)]
+    tokens = await asyncio.gather(*(asyncio.to_thread(cluster.token, user) for user in users))
+
+    async def tab(token: str) -> tuple:
+        client = await Client.connect(cluster.ws_url(node.port, token), expect_hello=False, timeout=60)
+        found = await outcome(client, 60)
+        client.close()
+        return found
+
+    outcomes = await asyncio.gather(*(tab(token) for token in tokens for _ in range(4)))
+    assert [o[0] for o in outcomes].count("hello") == 2 * len(users), outcomes
+    deadline = asyncio.get_running_loop().time() + 8
+    while asyncio.get_running_loop().time() < deadline:
+        held = [user for user in users if cluster.routes.zscore(route_key(user), address) is not None]
+        if not held:
+            break
+        await asyncio.sleep(0.2)
+    assert not held, f"{len(held)} users' leases left on the node after all their tabs closed: {held[:5]}"
+    node.terminate(timeout=10)
