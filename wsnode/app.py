@@ -676,8 +676,8 @@ class PushNode(TokenWatch):
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "routes lost (Redis unavailable), reconnect with since")
 
     def _queue_connection_lost(self, why: str) -> None:
-        """The queue consumer gave up on its broker connection, which stopped answering while it
-        consumed (:mod:`wsnode.consumer`): what the broker had sent on it and the node had not read
+        """The queue consumer gave up on its broker connection, which stopped answering (or was
+        reset) while it consumed (:mod:`wsnode.consumer`): what the broker had sent on it and the node had not read
         (a batch on its way: a network cut, a stalled broker) is gone from the broker.
         Redelivery would send such a message again only until another device of its user acks it,
         and a connection here that then got a newer message would resume after it: close the bound

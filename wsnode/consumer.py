@@ -16,11 +16,12 @@ that dies drops its clients, who resume elsewhere with ``since``, and a message 
 a client that stays connected is redelivered by housekeeping (``REDELIVER_AFTER``).  The broker also
 forgets what it handed to a connection that the node then gives up on because the broker stopped
 answering (a read timed out, AMQP heartbeats missed, the Redis broker's channel gave up on a
-read: a network cut, a stalled broker): RabbitMQ's deliveries pushed to the socket, the Redis
+read: a network cut, a stalled broker), or that was reset (:func:`reset`: a proxy or load balancer
+in the path that restarts drops what it held): RabbitMQ's deliveries pushed to the socket, the Redis
 broker's reply to the ``BRPOP`` in flight, on their way when the connection was dropped.  Redelivery brings such a message back only while
 no other device of its user acked it; so the node closes its connections (``on_lost``), before
 anything newer reaches them and moves their ``since`` past it, and they resume with ``since``.  A
-broker that closes the connection itself (a restart) sends what it handed over first: the node
+broker that closes the connection itself (a restart: an EOF) sends what it handed over first: the node
 reads it, and closes nothing for it.
 
 Having no unacknowledged messages of its own, the node's connection also skips kombu's scan that
@@ -107,6 +108,21 @@ def timed_out(exc: BaseException) -> bool:
     return isinstance(exc, (TimeoutError, redis.exceptions.TimeoutError))
 
 
+def reset(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a connection reset (RST): the path to
+    the broker (a proxy, a load balancer, a NAT that restarts) or the broker dropped the
+    connection without delivering what was on its way, unlike a close (EOF), after which every
+    byte sent first was read.  redis-py raises its own ``ConnectionError`` inside the handler of
+    the socket's ``ConnectionResetError``; py-amqp lets it through.  Pure."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ConnectionResetError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class NodeQueueConsumer:
     def __init__(self, app, address: str, loop, deliver: Callable[[list[Delivery]], None], batch_max: int = 256,
                  hostname: str | None = None, on_lost: Callable[[str], None] | None = None) -> None:
@@ -191,7 +207,7 @@ class NodeQueueConsumer:
                         # Drop the connection without a word to the broker: closing it politely
                         # waits, without a timeout on AMQP, for an answer that a broker that
                         # stopped answering never sends.
-                        if self.connected and (self._heartbeats_missed or timed_out(exc)):
+                        if self.connected and (self._heartbeats_missed or timed_out(exc) or reset(exc)):
                             lost = str(exc) or type(exc).__name__
                         self.connected = False
                         conn.collect()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 import urllib.parse
 
@@ -23,6 +24,7 @@ class FreezableProxy:
         self._running = threading.Event()  # set while bytes move
         self._running.set()
         self._closed = threading.Event()
+        self._resets = 0  # connections taken before the latest reset() forward nothing more
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._accepter = threading.Thread(target=self._accept, name=f"proxy-{self.port}", daemon=True)
@@ -45,6 +47,20 @@ class FreezableProxy:
         self._running.clear()
 
     def thaw(self) -> None:
+        self._running.set()
+
+    def reset(self) -> None:
+        """Drop what is held (frozen) and reset every connection (RST), as a middlebox in the path
+        that restarts: neither peer gets what was on its way.  New connections are taken again."""
+        self._resets += 1
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            except OSError:
+                pass
         self._running.set()
 
     def close(self) -> None:
@@ -97,6 +113,7 @@ class FreezableProxy:
             yield data
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        resets = self._resets
         try:
             while not self._closed.is_set():
                 self._running.wait()
@@ -107,6 +124,8 @@ class FreezableProxy:
                 if not data:
                     break
                 self._running.wait()  # frozen meanwhile: hold what was read until thawed
+                if self._resets != resets:
+                    break  # reset meanwhile: what was held is gone
                 sink.sendall(data)
         except (OSError, ValueError):
             pass

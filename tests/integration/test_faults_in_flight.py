@@ -352,3 +352,37 @@ async def test_a_broker_cut_on_a_node_with_many_connections_while_messages_flow_
         assert any(CloseCode.TRY_AGAIN_LATER in d.closes for d in devices), "no device was closed with 1013: the cut lost nothing"
     finally:
         proxy.close()
+
+
+async def test_a_message_lost_when_the_broker_path_resets_mid_delivery_reaches_its_device_though_another_device_acked_it(cluster):
+    """As the cut above, but the path to the broker resets (RST, a middlebox that restarts) while
+    the broker's reply with the message is held in it, well before ``BROKER_TIMEOUT``: the node
+    reads ``connection reset by peer`` rather than a timeout, and consumes again at once.  The
+    message was gone with the reset, and the device, whose user acked it on another device, stayed
+    open without it (closes: [None] on both brokers): it would resume after the next one."""
+    proxy, url = FreezableProxy.to_url(cluster.env["BROKER_URL"])
+    try:
+        cut = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=10, BROKER_HEALTH_CHECK_SECONDS=5)
+        user = unique("broker-reset")
+        here = await cluster.connect(user, cluster.node_ports[0])
+        there = Browser(cluster, user, [cut.port])
+        there.start()
+        await there.connected()
+        first = await cluster.collect(user, {"n": 0})
+        assert [f["id"] for f in await here.messages(1)] == [first]
+        await wait_for(lambda: [m["id"] for m in there.messages] == [first], 10, "the first message on the node reset")
+        proxy.freeze()
+        lost = await cluster.collect(user, {"n": 1})
+        assert [f["id"] for f in await here.messages(1)] == [lost]  # acked here
+        await asyncio.sleep(0.5)  # the broker handed it over: it waits in the frozen path
+        proxy.reset()
+        await asyncio.sleep(REDELIVER_AFTER * 2 + HOUSEKEEPING_SECONDS * 2)  # a redelivery, if any, had its time
+        after = await cluster.collect(user, {"n": 2})
+        assert [f["id"] for f in await here.messages(1)] == [after]
+        await wait_for(lambda: after in [m["id"] for m in there.messages], 30, "the next message on the reset node's device")
+        await there.stop()
+        assert [f["id"] for f in dedup(there.messages)] == [first, lost, after], f"closes: {there.closes}"
+        assert CloseCode.TRY_AGAIN_LATER in there.closes, there.closes
+        here.close()
+    finally:
+        proxy.close()
