@@ -205,6 +205,46 @@ async def test_a_redis_restarted_without_its_data_mid_stream_loses_no_message(fa
     assert "lease write found the node's own lease" in logs, "no node found its leases gone: Redis kept its data, the test did not make its case"
 
 
+async def a_message_lost_on_its_way_reaches_the_cut_off_device(cluster, name: str, end_the_cut, fallback: bool = True,
+                                                              **node_settings) -> str:
+    """The case of the broker-path tests below: one user with a device on another node ("here",
+    which acks) and one ("there") on a node started with ``node_settings`` whose connection to the
+    broker alone goes through a :class:`FreezableProxy` (its Redis, so its leases, keep working;
+    ``fallback``: that device may move to the other node).  A first message reaches both; the
+    proxy is frozen and a second message is routed, which "here" acks, so redelivery never sends
+    it again; ``end_the_cut(proxy, cut node, its log path)`` ends the cut the test's way; once a
+    redelivery had its time, a third message.  Checks that "there" holds the three once, in
+    order, and was closed with 1013 on the way (resuming with ``since``); returns the cut node's
+    log."""
+    proxy, url = FreezableProxy.to_url(cluster.env["BROKER_URL"])
+    try:
+        cut = cluster.start_node(BROKER_URL=url, **node_settings)
+        log = cluster._log(f"node-{cut.port}")
+        user = unique(name)
+        here = await cluster.connect(user, cluster.node_ports[0])
+        there = Browser(cluster, user, [cut.port, cluster.node_ports[0]] if fallback else [cut.port])
+        there.start()
+        await there.connected()
+        first = await cluster.collect(user, {"n": 0})
+        assert [f["id"] for f in await here.messages(1)] == [first]
+        await wait_for(lambda: [m["id"] for m in there.messages] == [first], 10, "the first message on the cut-off node")
+        proxy.freeze()
+        lost = await cluster.collect(user, {"n": 1})
+        assert [f["id"] for f in await here.messages(1)] == [lost]  # acked here
+        await end_the_cut(proxy, cut, log)
+        await asyncio.sleep(REDELIVER_AFTER * 2 + HOUSEKEEPING_SECONDS * 2)  # a redelivery, if any, had its time
+        after = await cluster.collect(user, {"n": 2})
+        assert [f["id"] for f in await here.messages(1)] == [after]
+        await wait_for(lambda: after in [m["id"] for m in there.messages], 30, "the next message on the cut-off device")
+        await there.stop()
+        assert [f["id"] for f in dedup(there.messages)] == [first, lost, after], f"closes: {there.closes}"
+        assert CloseCode.TRY_AGAIN_LATER in there.closes, there.closes
+        here.close()
+        return log.read_text(errors="replace")
+    finally:
+        proxy.close()
+
+
 async def test_a_message_a_node_lost_with_its_broker_connection_reaches_its_device_though_another_device_acked_it(cluster):
     """One user, two devices: one on a node whose connection to the broker alone is cut (a proxy
     frozen; its Redis, so its leases, keep working), one on another node.  A message routed to both
@@ -215,35 +255,14 @@ async def test_a_message_a_node_lost_with_its_broker_connection_reaches_its_devi
     message, and would have resumed after that one.  The node now closes its connections with 1013
     once it lost a connection that consumed, before it writes anything the next one reads, and
     the device resumes with ``since`` and is replayed the message."""
-    proxy, url = FreezableProxy.to_url(cluster.env["BROKER_URL"])
-    try:
-        cut = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=2, BROKER_HEALTH_CHECK_SECONDS=2)
-        user = unique("broker-cut")
-        here = await cluster.connect(user, cluster.node_ports[0])
-        there = Browser(cluster, user, [cut.port, cluster.node_ports[0]])
-        there.start()
-        await there.connected()
-        first = await cluster.collect(user, {"n": 0})
-        assert [f["id"] for f in await here.messages(1)] == [first]
-        await wait_for(lambda: [m["id"] for m in there.messages] == [first], 10, "the first message on the cut-off node")
-        proxy.freeze()
-        lost = await cluster.collect(user, {"n": 1})
-        assert [f["id"] for f in await here.messages(1)] == [lost]  # acked here
+    async def end_the_cut(proxy, cut, log):
         await wait_for(lambda: health(cut.port)[1]["queue"] is False, 60, "the node gave up on its broker connection")
         proxy.thaw()
         await wait_for(lambda: health(cut.port)[0] == 200, 60, "the node consumes again")
-        await asyncio.sleep(REDELIVER_AFTER * 2 + HOUSEKEEPING_SECONDS * 2)  # a redelivery, if any, had its time
-        after = await cluster.collect(user, {"n": 2})
-        assert [f["id"] for f in await here.messages(1)] == [after]
-        await wait_for(lambda: after in [m["id"] for m in there.messages], 30, "the next message on the cut-off device")
-        await there.stop()
-        assert [f["id"] for f in dedup(there.messages)] == [first, lost, after], f"closes: {there.closes}"
-        assert CloseCode.TRY_AGAIN_LATER in there.closes, there.closes
-        log = cluster._log(f"node-{cut.port}").read_text(errors="replace")
-        assert "gave up on its queue connection to the broker, which stopped answering" in log and "closing 1 connections with 1013" in log
-        here.close()
-    finally:
-        proxy.close()
+
+    log = await a_message_lost_on_its_way_reaches_the_cut_off_device(
+        cluster, "broker-cut", end_the_cut, BROKER_TIMEOUT=2, BROKER_HEALTH_CHECK_SECONDS=2)
+    assert "gave up on its queue connection to the broker, which stopped answering" in log and "closing 1 connections with 1013" in log
 
 
 async def test_a_redis_restart_while_many_inbox_replays_are_in_flight_loses_nothing(fault_cluster):
@@ -289,36 +308,15 @@ async def test_a_message_lost_when_kombu_drops_a_stale_brpop_connection_and_read
     acked it on another device, never got it.  The channel now counts such a dropped read
     (``tasks.redis_transport.Channel.abandoned_reads``), and the node closes its connections with
     1013 for it, as for a connection it gave up on."""
-    proxy, url = FreezableProxy.to_url(cluster.env["BROKER_URL"])
-    try:
-        # BROKER_TIMEOUT stays above kombu's check (brpop_timeout + BROKER_HEALTH_CHECK_SECONDS), so
-        # the read's own socket timeout does not come first.
-        cut = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=10, BROKER_HEALTH_CHECK_SECONDS=2)
-        log = cluster._log(f"node-{cut.port}")
-        user = unique("stale-brpop")
-        here = await cluster.connect(user, cluster.node_ports[0])
-        there = Browser(cluster, user, [cut.port, cluster.node_ports[0]])
-        there.start()
-        await there.connected()
-        first = await cluster.collect(user, {"n": 0})
-        assert [f["id"] for f in await here.messages(1)] == [first]
-        await wait_for(lambda: [m["id"] for m in there.messages] == [first], 10, "the first message on the cut-off node")
-        proxy.freeze()
-        lost = await cluster.collect(user, {"n": 1})
-        assert [f["id"] for f in await here.messages(1)] == [lost]  # acked here
+    async def end_the_cut(proxy, cut, log):
         await wait_for(lambda: "dropping stale connection" in log.read_text(errors="replace"), 60, "kombu dropped the stale BRPOP connection")
         proxy.thaw()
-        await asyncio.sleep(REDELIVER_AFTER * 2 + HOUSEKEEPING_SECONDS * 2)  # a redelivery, if any, had its time
-        after = await cluster.collect(user, {"n": 2})
-        assert [f["id"] for f in await here.messages(1)] == [after]
-        await wait_for(lambda: after in [m["id"] for m in there.messages], 30, "the next message on the cut-off device")
-        await there.stop()
-        assert [f["id"] for f in dedup(there.messages)] == [first, lost, after], f"closes: {there.closes}"
-        assert CloseCode.TRY_AGAIN_LATER in there.closes, there.closes
-        assert "the Redis broker's BRPOP got no reply" in log.read_text(errors="replace")
-        here.close()
-    finally:
-        proxy.close()
+
+    # BROKER_TIMEOUT stays above kombu's check (brpop_timeout + BROKER_HEALTH_CHECK_SECONDS), so the
+    # read's own socket timeout does not come first.
+    log = await a_message_lost_on_its_way_reaches_the_cut_off_device(
+        cluster, "stale-brpop", end_the_cut, BROKER_TIMEOUT=10, BROKER_HEALTH_CHECK_SECONDS=2)
+    assert "the Redis broker's BRPOP got no reply" in log
 
 
 async def test_a_broker_cut_on_a_node_with_many_connections_while_messages_flow_gets_every_device_everything_once_in_order(cluster):
@@ -360,29 +358,9 @@ async def test_a_message_lost_when_the_broker_path_resets_mid_delivery_reaches_i
     reads ``connection reset by peer`` rather than a timeout, and consumes again at once.  The
     message was gone with the reset, and the device, whose user acked it on another device, stayed
     open without it (closes: [None] on both brokers): it would resume after the next one."""
-    proxy, url = FreezableProxy.to_url(cluster.env["BROKER_URL"])
-    try:
-        cut = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=10, BROKER_HEALTH_CHECK_SECONDS=5)
-        user = unique("broker-reset")
-        here = await cluster.connect(user, cluster.node_ports[0])
-        there = Browser(cluster, user, [cut.port])
-        there.start()
-        await there.connected()
-        first = await cluster.collect(user, {"n": 0})
-        assert [f["id"] for f in await here.messages(1)] == [first]
-        await wait_for(lambda: [m["id"] for m in there.messages] == [first], 10, "the first message on the node reset")
-        proxy.freeze()
-        lost = await cluster.collect(user, {"n": 1})
-        assert [f["id"] for f in await here.messages(1)] == [lost]  # acked here
+    async def reset_the_path(proxy, cut, log):
         await asyncio.sleep(0.5)  # the broker handed it over: it waits in the frozen path
         proxy.reset()
-        await asyncio.sleep(REDELIVER_AFTER * 2 + HOUSEKEEPING_SECONDS * 2)  # a redelivery, if any, had its time
-        after = await cluster.collect(user, {"n": 2})
-        assert [f["id"] for f in await here.messages(1)] == [after]
-        await wait_for(lambda: after in [m["id"] for m in there.messages], 30, "the next message on the reset node's device")
-        await there.stop()
-        assert [f["id"] for f in dedup(there.messages)] == [first, lost, after], f"closes: {there.closes}"
-        assert CloseCode.TRY_AGAIN_LATER in there.closes, there.closes
-        here.close()
-    finally:
-        proxy.close()
+
+    await a_message_lost_on_its_way_reaches_the_cut_off_device(
+        cluster, "broker-reset", reset_the_path, fallback=False, BROKER_TIMEOUT=10, BROKER_HEALTH_CHECK_SECONDS=5)
