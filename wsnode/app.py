@@ -349,7 +349,7 @@ class PushNode(TokenWatch):
             # A write when none of the user's other connections here has a lease: the first one, or
             # one that comes after a write failed, before the connections that waited for it are gone,
             # or while the others are closing (closed because their lease lapsed: _check_leases).
-            if first or (writing is None and not any(other.bound and not other.closing for other in self.hub.of_user(conn.user_id))):
+            if first or (writing is None and not self._open_bound(conn.user_id)):
                 self._leasing[conn.user_id] = writing = asyncio.ensure_future(self._new_leases.submit(conn.user_id))
                 writing.add_done_callback(functools.partial(self._leased, conn.user_id))
             waiting = None if writing is None else asyncio.shield(writing)
@@ -439,8 +439,7 @@ class PushNode(TokenWatch):
                 return [None] * len(users)
             connects = connectrate.tally(users)
             # Left meanwhile (no connection here): counted, but no lease (see _register_new_leases).
-            lease = {user for user in connects
-                     if self.hub.of_user(user) and not any(conn.bound and not conn.closing for conn in self.hub.of_user(user))}
+            lease = {user for user in connects if self.hub.of_user(user) and not self._open_bound(user)}
             started = time.monotonic()
             try:
                 node_lapsed, admitted = await self.leases.admit(connects, lease, *self.connect_rate)
@@ -667,13 +666,19 @@ class PushNode(TokenWatch):
         if self.draining or time.monotonic() < self._leases_until:
             return
         self._leases_until = float("inf")
-        conns = [conn for conn in self.hub.all() if conn.bound and not conn.closing]
+        conns = self._open_bound()
         if conns:
             log.warning("node=%s leases not written for %.0f s (LEASE_TTL; Redis unavailable): Dispatch routes nothing here, "
                         "closing %d connections with %d so that they resume with since", self.address, settings.LEASE_TTL,
                         len(conns), CloseCode.TRY_AGAIN_LATER)
         for conn in conns:
             conn.close_with(CloseCode.TRY_AGAIN_LATER, "routes lost (Redis unavailable), reconnect with since")
+
+    def _open_bound(self, user: str | None = None) -> list[PushHandler]:
+        """The connections here (``user``'s, or every user's) that are bound (their lease written)
+        and not closing: those a lease lost, or a message lost on its way, concerns.  Loop thread."""
+        conns = self.hub.all() if user is None else self.hub.of_user(user)
+        return [conn for conn in conns if conn.bound and not conn.closing]
 
     def _queue_connection_lost(self, why: str) -> None:
         """The queue consumer gave up on its broker connection, which stopped answering (or was
@@ -687,7 +692,7 @@ class PushNode(TokenWatch):
         waiting for their lease write are left: their replay is read after it."""
         if self.draining:
             return
-        conns = [conn for conn in self.hub.all() if conn.bound and not conn.closing]
+        conns = self._open_bound()
         log.warning("node=%s gave up on its queue connection to the broker, which stopped answering while the node consumed (%s): "
                     "what the broker had sent on it is lost; closing %d connections with %d so that they resume with since",
                     self.address, why, len(conns), CloseCode.TRY_AGAIN_LATER)
@@ -709,11 +714,8 @@ class PushNode(TokenWatch):
         lease, rightly) or done, and its replay comes after it.  Returns the users of
         ``lapsed.users`` who still hold such a connection and whose first lease write is not in
         flight: their leases are to be written again now."""
-        def open_bound(user: str) -> list[PushHandler]:
-            return [conn for conn in self.hub.of_user(user) if conn.bound and not conn.closing]
-
-        users = sum(1 for user in lapsed.users if open_bound(user))  # those whose own lease went
-        closing = [conn for user in (self.hub.users() if lapsed.node else lapsed.users) for conn in open_bound(user)]
+        users = sum(1 for user in lapsed.users if self._open_bound(user))  # those whose own lease went
+        closing = [conn for user in (self.hub.users() if lapsed.node else lapsed.users) for conn in self._open_bound(user)]
         if closing:
             self.metrics.leases_lost(node=lapsed.node, users=users)
             found = " and ".join(text for text, shown in (("the node's own lease", lapsed.node),
