@@ -516,7 +516,8 @@ def start_auth(env: Mapping[str, str], port: int, *, name: str = "auth", timeout
 def start_worker(env: Mapping[str, str], name: str = "worker", queues: str | Sequence[str] | None = None,
                  concurrency: int | None = None, *, pool: str | None = None, events: bool = False, options: Sequence[str] = (),
                  timeout: float = 60.0, **service_kw) -> Service:
-    """``celery -A worker worker -n NAME@%h``; returns once it logs "ready.".  ``queues`` maps to ``-Q``,
+    """``celery -A worker worker -n NAME@%h``; returns once it logs "ready." (at ``LOG_LEVEL`` WARNING
+    or ERROR, which hide that line, once it answers a ping through the broker).  ``queues`` maps to ``-Q``,
     ``concurrency`` to ``-c``, ``pool`` to ``-P`` (Celery's default: prefork) and ``events`` to ``-E``;
     ``options`` are more of the worker's command-line options (e.g. ``["--time-limit=5"]``)."""
     argv = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-n", f"{name}@%h", f"--loglevel={env.get('LOG_LEVEL') or 'INFO'}",
@@ -530,7 +531,25 @@ def start_worker(env: Mapping[str, str], name: str = "worker", queues: str | Seq
     if events:
         argv.append("-E")
     argv += list(options)
-    return _launch(name, argv, env, lambda s: s.wait_log("ready.", timeout), service_kw)
+    if (env.get("LOG_LEVEL") or "INFO") in ("DEBUG", "INFO"):
+        return _launch(name, argv, env, lambda s: s.wait_log("ready.", timeout), service_kw)
+    return _launch(name, argv, env, _answers_ping(env["BROKER_URL"], name, timeout), service_kw)
+
+
+def _answers_ping(broker_url: str, name: str, timeout: float) -> Callable[[Service], None]:
+    """Wait until the worker ``NAME@host`` answers a ping through the broker: at ``LOG_LEVEL``
+    WARNING or ERROR it never logs Celery's INFO line "ready."."""
+    def wait(service: Service) -> None:
+        from celery import Celery
+
+        client = Celery(broker=broker_url)
+        try:
+            destination = [f"{name}@{socket.gethostname()}"]
+            service.wait_ready(lambda: client.control.ping(destination=destination, timeout=0.5), timeout,
+                               what="answering a ping through the broker")
+        finally:
+            client.close()
+    return wait
 
 
 def start_node(env: Mapping[str, str], port: int, *, name: str | None = None, timeout: float = 30.0, **service_kw) -> Service:

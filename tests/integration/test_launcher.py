@@ -274,3 +274,17 @@ def test_an_interrupt_while_a_service_creates_its_process_stops_that_process(tmp
     assert len(started) == 1 and wait_until(lambda: process_gone(started[0])), "the interrupted start left its process running"
     with pytest.raises(KeyboardInterrupt):
         launcher.interrupt_now_or_soon()  # outside a start, it raises at once
+
+
+@pytest.mark.parametrize("level", ["WARNING", "ERROR"])
+def test_start_worker_returns_once_the_worker_is_up_when_log_level_hides_its_ready_line(redis_server, tmp_path, level):
+    # Celery logs "ready." at INFO: at WARNING the launcher waited 60 s for it and stopped the
+    # worker it had started (python cluster.py and bench/e2e.py with LOG_LEVEL=WARNING).
+    env = launcher.cluster_env(redis_server.url(), tmp_path, launcher.free_port(), LOG_LEVEL=level)
+    worker = launcher.start_worker(env, name=f"quiet-{level.lower()}", concurrency=1, timeout=60,
+                                   log_path=tmp_path / "worker.log")
+    try:
+        assert worker.alive
+        assert not [line for line in worker.log_tail(200).splitlines() if "INFO/" in line], worker.log_tail()
+    finally:
+        worker.terminate(timeout=30)
