@@ -17,7 +17,11 @@ as Celery discards an invalid task message.  It also stores a result for the mes
 refuses itself and only logged (an unreadable ``eta`` or ``expires``, a content type the worker
 does not accept, a body that does not decode), so that a caller waiting on one is told why instead
 of waiting forever; and every task's :class:`Request` refuses so an eta that parses but is no time
-the worker's clock holds, which Celery ran at once.
+the worker's clock holds, which Celery ran at once.  A refused message's failure is written on the
+failure writer's thread (:mod:`tasks.failurewriter`), which a results Redis refusing writes for a
+while holds instead of the loop, and so is the ``NotRegistered`` of a message naming a task the
+worker does not know (Celery wrote it on the loop); the message is discarded (rejected, or
+acknowledged for a body that does not decode) only once its failure is written or given up.
 
 :func:`depth_problem` is for ``tasks.collect``'s strategy: its batches are pickled in this process
 for the pool, and arguments nested near Python's recursion limit raised out of the loop there.
@@ -42,10 +46,10 @@ import time
 import warnings
 
 from celery import signals
-from celery.exceptions import CPendingDeprecationWarning, InvalidTaskError
+from celery.exceptions import CPendingDeprecationWarning, InvalidTaskError, NotRegistered
 from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer as CeleryConsumer
-from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY
+from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY, INVALID_TASK_ERROR, MESSAGE_DECODE_ERROR, UNKNOWN_TASK_ERROR, dump_body
 from celery.worker.consumer.consumer import logger as celery_consumer_log
 from celery.utils.time import timezone
 from celery.worker.request import Request as CeleryRequest
@@ -55,9 +59,11 @@ from kombu.common import ignore_errors
 from kombu.asynchronous.timer import to_timestamp
 from kombu.exceptions import ContentDisallowed
 from kombu.utils import json as kombu_json
+from kombu.utils.encoding import safe_repr
 
 import redislogin
 from tasks.channelerrors import ChannelErrorBackoff, advice
+from tasks.failurewriter import FailureWriter
 from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting
 
 log = logging.getLogger(__name__)
@@ -325,6 +331,8 @@ class Consumer(CeleryConsumer):
     _connect_at: float | None = None
     #: The connection :meth:`connect` is making, until it returns it.
     _connecting = None
+    #: Writes the failures of refused messages beside the loop (:meth:`_write_failure`); made by the first.
+    _failure_writer: FailureWriter | None = None
 
     def __init__(self, *args, **kwargs):
         #: Spaces out the connections after channel errors that keep coming back.
@@ -515,24 +523,79 @@ class Consumer(CeleryConsumer):
     def refuse(self, message, body, error: Exception) -> None:
         task_id = task_id_of(message.headers, body)
         log.error("refused a message of queue %r (task id %s): %s", (message.delivery_info or {}).get("routing_key"), task_id, error)
-        self._failed(message, body, task_id, error)
-        message.reject_log_error(log, self.connection_errors)
-        signals.task_rejected.send(sender=self, message=message, exc=error)
+        self._failed(message, body, task_id, error, functools.partial(self._reject, message, error))
 
     def on_invalid_task(self, body, message, exc):
-        super().on_invalid_task(body, message, exc)
-        self._failed(message, body, task_id_of(message.headers, body), not_run(exc))
+        """Celery's, but for its rejection of the message, which waits until the failure is
+        written (:meth:`_failed`): Celery rejected it first."""
+        celery_consumer_log.error(INVALID_TASK_ERROR, exc, dump_body(message, body), exc_info=True)  # Celery's line
+        self._failed(message, body, task_id_of(message.headers, body), not_run(exc), functools.partial(self._reject, message, exc))
 
     def on_decode_error(self, message, exc):
-        super().on_decode_error(message, exc)
+        """Celery's, but for its acknowledgement of the message, which waits until the failure is
+        written (:meth:`_failed`): Celery acknowledged it first."""
+        celery_consumer_log.critical(MESSAGE_DECODE_ERROR, exc, message.content_type, message.content_encoding,  # Celery's line
+                                     safe_repr(message.headers), dump_body(message, message.body), exc_info=True)
         self._failed(message, None, task_id_of(message.headers, None),
-                     InvalidMessage(f"not run: its body could not be decoded as {message.content_type} ({exc})"))
+                     InvalidMessage(f"not run: its body could not be decoded as {message.content_type} ({exc})"),
+                     functools.partial(message.ack_log_error, log, self.connection_errors))
 
-    def _failed(self, message, body, task_id: str | None, error: Exception) -> None:
-        """Store ``error`` as the result of a message that will not run and, with task events on,
-        send its ``task-received`` and ``task-failed`` so that Flower lists it with its reason
-        (as Celery sends task-failed for a task it does not know).  Best effort."""
-        store_failure(self.app.backend, task_id, error, message.properties)
+    def on_unknown_task(self, body, message, exc):
+        """Celery's, but for the write of its failure (``NotRegistered``), which waits on the
+        failure writer's thread (:meth:`_write_failure`), and its rejection, which waits for the
+        write: Celery rejected it first and wrote it on the loop.  Its ``task-failed`` event and
+        ``task_unknown`` signal are Celery's.  An unknown task's message has a task id and a name
+        (:func:`envelope_problem`)."""
+        celery_consumer_log.error(UNKNOWN_TASK_ERROR, exc, dump_body(message, body), message.headers, message.delivery_info,
+                                  exc_info=True)  # Celery's line
+        fields = message.headers if isinstance(message.headers, dict) and "task" in message.headers else message.payload
+        task_id, name = fields["id"], fields["task"]
+
+        def written() -> None:
+            message.reject_log_error(log, self.connection_errors)
+            dispatcher = getattr(self, "event_dispatcher", None)
+            if dispatcher is not None and dispatcher.enabled:
+                dispatcher.send("task-failed", uuid=task_id, exception=f"NotRegistered({name!r})")
+            signals.task_unknown.send(sender=self, message=message, exc=exc, name=name, id=task_id)
+
+        self._write_failure(message, task_id, NotRegistered(name), written)
+
+    def _reject(self, message, exc: Exception) -> None:
+        """Drops ``message`` as Celery drops one it refuses.  The loop thread."""
+        message.reject_log_error(log, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+    def _failed(self, message, body, task_id: str | None, error: Exception, settle) -> None:
+        """Stores ``error`` as the result of a message that will not run (:meth:`_write_failure`),
+        then, back on the loop, sends its ``task-received`` and ``task-failed``
+        (:meth:`_send_failed_events`) and acknowledges or rejects the message (``settle``).  The
+        loop thread."""
+        def written() -> None:
+            self._send_failed_events(message, body, task_id, error)
+            settle()
+
+        self._write_failure(message, task_id, error, written)
+
+    def _write_failure(self, message, task_id: str | None, error: Exception, then) -> None:
+        """Stores ``error`` as the result of the task ``task_id`` on the failure writer's thread
+        (:mod:`tasks.failurewriter`: the loop goes on reading other tasks while a results Redis
+        that refuses for a while has it wait), then runs ``then`` on the loop, which settles the
+        message: only once its failure is written or given up, so that a worker that stops
+        meanwhile leaves it to the broker (as :meth:`refuse` always did; Celery, for the messages
+        it refuses itself, acknowledged first).  Without a task id, ``then`` runs at once: nobody
+        waits for its result.  The loop thread."""
+        if task_id is None:
+            then()
+            return
+        if self._failure_writer is None:
+            self._failure_writer = FailureWriter(
+                lambda task_id, error, properties: store_failure(self.app.backend, task_id, error, properties), self.call_soon)
+        self._failure_writer.submit(task_id, error, message.properties, then)
+
+    def _send_failed_events(self, message, body, task_id: str | None, error: Exception) -> None:
+        """With task events on, sends a refused message's ``task-received`` and ``task-failed``
+        (none without a task id), so that Flower lists it with its reason (as Celery sends
+        task-failed for a task it does not know).  Best effort.  The loop thread."""
         dispatcher = getattr(self, "event_dispatcher", None)
         if task_id is None or dispatcher is None or not dispatcher.enabled:
             return

@@ -477,8 +477,8 @@ async def test_failures_written_one_at_a_time_while_the_results_redis_is_a_repli
     routing = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
     routing.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer
     try:
-        # One after the other: the refused message's failure is written (and retried) on the
-        # worker's main process, which reads no other task meanwhile.
+        # Each read by the worker before the results Redis is promoted (a refused message's
+        # failure waits on the worker's failure writer, while the worker reads on).
         plain = cluster.business.send_task("tasks.status", args=[], queue="dispatch")
         await asyncio.to_thread(cluster.worker.wait_log, f"Task tasks.status[{plain.id}] received", 20)
         invalid = cluster.send(to=5, data=1)

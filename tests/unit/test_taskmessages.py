@@ -155,37 +155,61 @@ class _Backend:
         self.failed.append((task_id, exc))
 
 
-def _refused_by_celery(monkeypatch, exc: Exception) -> str:
-    """The error the worker's consumer stores for a message Celery refused with ``exc``."""
+def _refused_by_celery(exc: Exception) -> str:
+    """The error the worker's consumer stores for a message Celery refused with ``exc``, and that
+    it rejects the message only once that error is written (the failure writer's thread, then the
+    loop: here ``call_soon`` runs what it is given at once)."""
+    import threading
     from types import SimpleNamespace
-
-    from celery.worker.consumer import Consumer as CeleryConsumer
 
     from tasks.taskmessages import Consumer
 
-    monkeypatch.setattr(CeleryConsumer, "on_invalid_task", lambda self, body, message, exc: None)  # Celery's log and reject
+    rejected = threading.Event()
     consumer = Consumer.__new__(Consumer)
     consumer.app = SimpleNamespace(backend=_Backend())
-    consumer.on_invalid_task(None, SimpleNamespace(headers={"id": "t-1", "task": "tasks.collect"}, properties={}), exc)
+    consumer.connection_errors = ()
+    consumer.call_soon = lambda then: then()
+    message = SimpleNamespace(headers={"id": "t-1", "task": "tasks.collect"}, properties={}, body=b"[[], {}, {}]",
+                              reject_log_error=lambda logger, errors: rejected.set())
+    consumer.on_invalid_task(None, message, exc)
+    assert rejected.wait(10), "the refused message was not rejected once its failure was written"
     ((task_id, error),) = consumer.app.backend.failed
     assert task_id == "t-1"
     return str(error)
 
 
-def test_a_message_of_a_serializer_the_worker_refuses_is_told_to_send_json(monkeypatch):
+def test_a_refused_message_without_a_task_id_is_rejected_at_once_with_nothing_written():
+    """Nobody waits for its result: no failure write, no thread, no events (none can name it)."""
+    from types import SimpleNamespace
+
+    from tasks.taskmessages import Consumer, not_a_task_message
+
+    rejected = []
+    consumer = Consumer.__new__(Consumer)
+    consumer.app = SimpleNamespace(backend=_Backend())
+    consumer.connection_errors = ()
+    consumer.event_dispatcher = SimpleNamespace(enabled=True, send=lambda *args, **kwargs: pytest.fail("an event sent for no task id"))
+    message = SimpleNamespace(headers={"task": "tasks.collect"}, properties={}, delivery_info={"routing_key": "collect"},
+                              reject_log_error=lambda logger, errors: rejected.append(True))
+    consumer.refuse(message, [[], {}, {}], not_a_task_message("it has no task id"))
+    assert rejected == [True]
+    assert consumer.app.backend.failed == [] and consumer._failure_writer is None
+
+
+def test_a_message_of_a_serializer_the_worker_refuses_is_told_to_send_json():
     """A sender with task_serializer="pickle" (or yaml, msgpack) got "not run: Refusing to
     deserialize untrusted content of type pickle (...)": what was refused, not what to send."""
     from kombu.exceptions import ContentDisallowed
 
-    text = _refused_by_celery(monkeypatch, ContentDisallowed("Refusing to deserialize untrusted content of type pickle (application/x-python-serialize)"))
+    text = _refused_by_celery(ContentDisallowed("Refusing to deserialize untrusted content of type pickle (application/x-python-serialize)"))
     assert text.startswith("not run: Refusing to deserialize untrusted content of type pickle")
     assert "accepts JSON only" in text and 'task_serializer="json"' in text
 
 
-def test_other_messages_celery_refuses_keep_their_reason_alone(monkeypatch):
+def test_other_messages_celery_refuses_keep_their_reason_alone():
     from celery.exceptions import InvalidTaskError
 
-    assert _refused_by_celery(monkeypatch, InvalidTaskError("invalid ETA value 'garbage'")) == "not run: invalid ETA value 'garbage'"
+    assert _refused_by_celery(InvalidTaskError("invalid ETA value 'garbage'")) == "not run: invalid ETA value 'garbage'"
 
 
 @pytest.mark.parametrize("retries", ["abc", [1], -1, 1.5, True])

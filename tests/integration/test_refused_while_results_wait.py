@@ -1,0 +1,121 @@
+"""A message the worker refuses before it runs, while the Redis of the results refuses writes for a
+moment (here a replica: ``READONLY``, as a failover's demotion makes it; a Redis over ``maxmemory``
+or answering ``MASTERDOWN`` refuses so too: ``tasks.resultbackend.REFUSED_FOR_NOW``).
+
+Its failure is written again until Redis takes it (up to about 100 s).  The worker's main process
+wrote it itself and read no other task meanwhile: one bad message and a results Redis refusing for
+a moment held every collect of that worker.  Now the failure waits on a thread of its own
+(``tasks.failurewriter``) while the worker reads and runs other tasks; the message is acknowledged
+only once its failure is written, and the caller waiting on it gets it then, as Flower gets its
+``task-received`` and ``task-failed``.
+
+A private cluster on the Redis broker whose broker, routing Redis (``REDIS_URL``) and results
+Redis (``RESULT_BACKEND``) are three servers, so that only the results refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+import redis as redis_lib
+from celery import Celery
+from kombu import Connection
+
+import launcher
+from tests.integration.conftest import Cluster, start_or_explain
+from tests.integration.taskevents import TaskEvents
+
+
+@pytest.fixture
+def results_apart_cluster(request, tmp_path):
+    """A private cluster on the Redis broker, one node, with the events on (``-E``), whose results
+    Redis is a server of its own; yields it and that server."""
+    servers = {}
+    for role in ("broker", "routing", "results"):
+        servers[role] = launcher.RedisServer(data_dir=tmp_path / role).start()
+        request.addfinalizer(servers[role].stop)
+    cluster = Cluster(servers["routing"], tmp_path, broker_url=servers["broker"].url(0), auth_port=launcher.free_port(),
+                      RESULT_BACKEND=servers["results"].url(1))
+    cluster.business = Celery(broker=servers["broker"].url(0), backend=servers["results"].url(1))
+    cluster.broker = "redis"
+    start_or_explain(cluster, nodes=1, events=True)
+    yield cluster, servers["results"]
+    cluster.stop(at_once=True)
+
+
+def _headers(task_id: str, **more) -> dict:
+    return {"task": "tasks.collect", "id": task_id, "lang": "py", **more}
+
+
+#: Messages the worker's main process refuses, one per way it refuses them: how each is
+#: published (body, headers), the line the worker logs as it reads it, what the caller's ``.get()``
+#: raises with, and the task events Flower gets for it.
+RECEIVED_AND_FAILED = ["task-received", "task-failed"]
+REFUSED = {
+    # tasks.taskmessages.Consumer.refuse: an envelope Celery cannot run
+    "malformed": (lambda task_id: ('"not [args, kwargs, embed]"', _headers(task_id)), "refused a message of queue 'collect' (task id {task_id})",
+                  "not a Celery task message: its body is of type str", RECEIVED_AND_FAILED),
+    # Celery's on_invalid_task
+    "unreadable-eta": (lambda task_id: ('[[], {"to": "nobody", "data": 1}, {}]', _headers(task_id, eta="tomorrow")),
+                       "Received invalid task message: invalid ETA value 'tomorrow'", "not run: invalid ETA value 'tomorrow'", RECEIVED_AND_FAILED),
+    # Celery's on_decode_error
+    "undecodable": (lambda task_id: ('[[], {"to": ', _headers(task_id)), "Can't decode message body",
+                    "not run: its body could not be decoded as application/json", RECEIVED_AND_FAILED),
+    # Celery's on_unknown_task, which sends task-failed alone
+    "unknown-task": (lambda task_id: ('[[], {}, {}]', _headers(task_id, task="tasks.no_such_task")),
+                     "Received unregistered task of type 'tasks.no_such_task'", "tasks.no_such_task", ["task-failed"]),
+}
+
+
+def _unacked_task_ids(broker: redis_lib.Redis) -> set[str]:
+    """The task ids of what the worker holds unacknowledged on the Redis broker (kombu's
+    ``unacked`` hash: what the broker gives back if the worker stops)."""
+    return {json.loads(raw)[0]["headers"].get("id") for raw in broker.hvals("unacked")}
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+async def test_a_refused_messages_failure_waits_for_the_results_redis_while_the_worker_runs_other_tasks(results_apart_cluster, kind):
+    cluster, results_server = results_apart_cluster
+    make, read_line, says, told = REFUSED[kind]
+    client = await cluster.connect("overtaken")
+    assert await cluster.collect("overtaken", "before", timeout=20)
+    assert [f["data"] for f in await client.messages(1)] == ["before"]
+    events = await asyncio.to_thread(TaskEvents(cluster).start)
+    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
+    task_id = str(uuid.uuid4())
+    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
+    try:
+        body, headers = make(task_id)
+        with Connection(cluster.env["BROKER_URL"]) as conn:
+            conn.Producer().publish(body.encode(), exchange="", routing_key="collect", headers=headers,
+                                    content_type="application/json", content_encoding="utf-8")
+        await asyncio.to_thread(cluster.worker.wait_log, read_line.format(task_id=task_id), 20)
+        waiting = asyncio.create_task(cluster.result(cluster.business.AsyncResult(task_id), 90))  # a caller waiting on it
+        sent = cluster.send(to="overtaken", data="while a failure waits")
+        # Delivered while the refused message's failure waits: the worker read and ran it.
+        assert [f["data"] for f in await client.messages(1, timeout=30)] == ["while a failure waits"]
+        assert results.get(f"celery-task-meta-{task_id}") is None, "the failure was written while the results Redis was a replica"
+        # Not acknowledged while its failure waits: a worker that stopped now would have it back.
+        assert task_id in _unacked_task_ids(broker)
+    finally:
+        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+    with pytest.raises(Exception, match=says):
+        await waiting
+    deadline = time.monotonic() + 20
+    while task_id in _unacked_task_ids(broker) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert task_id not in _unacked_task_ids(broker), "the refused message was not acknowledged once its failure was written"
+    while "task-failed" not in events.types(task_id) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert events.types(task_id)[:len(told)] == told
+    (failed,) = [event for event in events.by_task[task_id] if event["type"] == "task-failed"]
+    assert says in failed["exception"]
+    assert await cluster.result(sent, 60)  # its batch's result waited for the results Redis too
+    assert cluster.worker.alive
+    events.stop()
+    client.close()
