@@ -77,10 +77,22 @@ def _unacked_task_ids(broker: redis_lib.Redis) -> set[str]:
     return {json.loads(raw)[0]["headers"].get("id") for raw in broker.hvals("unacked")}
 
 
+def _queued_task_ids(broker: redis_lib.Redis, queue: str) -> set[str]:
+    """The task ids of what waits on a queue of the Redis broker (its list)."""
+    return {json.loads(raw)["headers"].get("id") for raw in broker.lrange(queue, 0, -1)}
+
+
+def _publish(cluster, kind: str, task_id: str) -> None:
+    body, headers = REFUSED[kind][0](task_id)
+    with Connection(cluster.env["BROKER_URL"]) as conn:
+        conn.Producer().publish(body.encode(), exchange="", routing_key="collect", headers=headers,
+                                content_type="application/json", content_encoding="utf-8")
+
+
 @pytest.mark.parametrize("kind", REFUSED)
 async def test_a_refused_messages_failure_waits_for_the_results_redis_while_the_worker_runs_other_tasks(results_apart_cluster, kind):
     cluster, results_server = results_apart_cluster
-    make, read_line, says, told = REFUSED[kind]
+    _, read_line, says, told = REFUSED[kind]
     client = await cluster.connect("overtaken")
     assert await cluster.collect("overtaken", "before", timeout=20)
     assert [f["data"] for f in await client.messages(1)] == ["before"]
@@ -90,10 +102,7 @@ async def test_a_refused_messages_failure_waits_for_the_results_redis_while_the_
     task_id = str(uuid.uuid4())
     results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
     try:
-        body, headers = make(task_id)
-        with Connection(cluster.env["BROKER_URL"]) as conn:
-            conn.Producer().publish(body.encode(), exchange="", routing_key="collect", headers=headers,
-                                    content_type="application/json", content_encoding="utf-8")
+        _publish(cluster, kind, task_id)
         await asyncio.to_thread(cluster.worker.wait_log, read_line.format(task_id=task_id), 20)
         waiting = asyncio.create_task(cluster.result(cluster.business.AsyncResult(task_id), 90))  # a caller waiting on it
         sent = cluster.send(to="overtaken", data="while a failure waits")
@@ -119,3 +128,34 @@ async def test_a_refused_messages_failure_waits_for_the_results_redis_while_the_
     assert cluster.worker.alive
     events.stop()
     client.close()
+
+
+async def test_a_worker_stopped_while_a_refused_messages_failure_waits_leaves_the_message_to_the_broker_and_the_next_writes_it(
+        results_apart_cluster):
+    """A message Celery refuses itself (here an unreadable eta) was acknowledged before its failure
+    was written, on the loop: a worker stopped while the write waited lost both, and its caller
+    waited for ever.  Now it is acknowledged only once written: the stopped worker (a warm
+    shutdown, which does not wait for the write) leaves it to the broker, and the next worker
+    refuses it again and writes its failure."""
+    cluster, results_server = results_apart_cluster
+    _, read_line, says, _ = REFUSED["unreadable-eta"]
+    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
+    task_id = str(uuid.uuid4())
+    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
+    try:
+        _publish(cluster, "unreadable-eta", task_id)
+        await asyncio.to_thread(cluster.worker.wait_log, read_line, 20)
+        await asyncio.sleep(1.0)  # its write refused at least once
+        assert await asyncio.to_thread(cluster.worker.terminate, 30) == 0
+        assert results.get(f"celery-task-meta-{task_id}") is None
+        assert task_id in _queued_task_ids(broker, "collect") | _unacked_task_ids(broker), "the broker no longer holds the refused message"
+    finally:
+        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+    cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
+    with pytest.raises(Exception, match=says):
+        await cluster.result(cluster.business.AsyncResult(task_id), 60)
+    deadline = time.monotonic() + 20
+    while task_id in _queued_task_ids(broker, "collect") | _unacked_task_ids(broker) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert task_id not in _queued_task_ids(broker, "collect") | _unacked_task_ids(broker)
