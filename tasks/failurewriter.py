@@ -81,7 +81,7 @@ def _logged(task_id: str, then: Callable[[], None]) -> Callable[[], None]:
         try:
             then()
         except Exception:  # noqa: BLE001 - never into the worker's loop
-            log.exception("task %s: its refused message's failure is written, but what follows (its events, "
+            log.exception("task %s: its refused message's failure was written or given up, but what follows (its events, "
                           "its acknowledgement) failed: the broker gives an unacknowledged message back", task_id)
 
     return run
