@@ -7,9 +7,12 @@ prefork."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
+import redis as redis_lib
+from kombu import Connection
 
 import launcher
 from tests.integration.conftest import Cluster, start_or_explain
@@ -91,3 +94,34 @@ async def test_a_batch_whose_store_and_retry_both_fail_goes_back_to_the_queue_un
     assert frame["id"] == message_id and frame["data"] == data
     assert "retry not sent" in cluster._log("worker").read_text(errors="replace")
     client.close()
+
+
+async def test_a_refused_message_gets_its_failure_and_is_acknowledged_under_the_threads_and_solo_pools(pool_cluster):
+    """The failure of a message the main process refuses is written on the failure writer's thread,
+    and what follows (the acknowledgement, the events) is handed back to the consumer's loop.
+    These pools run Celery's loop without kombu's Hub (``synloop``): the hand-back goes through
+    the consumer's pending operations, which that loop runs between its reads."""
+    cluster = pool_cluster
+    events = await asyncio.to_thread(TaskEvents(cluster).start)
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
+    try:
+        task_id = str(uuid.uuid4())
+        with Connection(cluster.env["BROKER_URL"]) as conn:
+            conn.Producer().publish(b'"not [args, kwargs, embed]"', exchange="", routing_key="collect",
+                                    headers={"task": "tasks.collect", "id": task_id, "lang": "py"},
+                                    content_type="application/json", content_encoding="utf-8")
+        with pytest.raises(Exception, match="not a Celery task message"):
+            await cluster.result(cluster.business.AsyncResult(task_id), 30)
+        deadline = asyncio.get_running_loop().time() + 15
+        held = lambda: {json.loads(raw)[0]["headers"].get("id") for raw in broker.hvals("unacked")}  # noqa: E731
+        while (task_id in held() or "task-failed" not in events.types(task_id)) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        assert task_id not in held(), f"the refused message is still unacknowledged under -P {cluster.pool}"
+        assert events.types(task_id) == ["task-received", "task-failed"], events.types(task_id)
+        # and the worker reads on
+        client = await cluster.connect("pool-a")
+        assert await cluster.collect("pool-a", "after the refused one", timeout=30)
+        assert [frame["data"] for frame in await client.messages(1, timeout=30)] == ["after the refused one"]
+        client.close()
+    finally:
+        events.stop()
