@@ -71,6 +71,16 @@ STOP_STEP_SECONDS = 10
 #: renews its leases as soon as Redis is back), instead of at the next lease renewal.
 REDIS_PING_SECONDS = 2.0
 
+
+def ping_failure(exc: BaseException) -> str:
+    """What a failed ``PING`` of the node's Redis met, for its log line: a ping that got no answer
+    within :data:`REDIS_PING_SECONDS` raises ``asyncio.TimeoutError``, whose text is empty (the line
+    read ``PING ()``)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {REDIS_PING_SECONDS:g} s"
+    return str(exc) or type(exc).__name__
+
+
 #: Most connections the node opens to Redis.  Callers beyond it wait (up to 5 s) for one to be
 #: free, so that thousands of browsers connecting or leaving at once never open thousands of Redis
 #: connections (Redis refuses clients beyond its ``maxclients``, 10,000 by default, for everyone).
@@ -748,7 +758,7 @@ class PushNode(TokenWatch):
                 log.warning("node=%s Redis refuses PING: %s; not ready until it takes it (retrying every %.0f s)", self.address, refused,
                             REDIS_PING_SECONDS)
             elif refused is None and (self.redis_ok or self._ping_refused is not None):
-                log.warning("node=%s Redis does not answer PING (%s); not ready until it does", self.address, exc)
+                log.warning("node=%s Redis does not answer PING (%s); not ready until it does", self.address, ping_failure(exc))
             self.redis_ok = False
             self.redis_full = False
             self.redis_refused = self._ping_refused = refused
