@@ -681,14 +681,20 @@ class PushNode(TokenWatch):
             log.warning("node=%s leases not written for %.0f s (LEASE_TTL; Redis unavailable): Dispatch routes nothing here, "
                         "closing %d connections with %d so that they resume with since", self.address, settings.LEASE_TTL,
                         len(conns), CloseCode.TRY_AGAIN_LATER)
-        for conn in conns:
-            conn.close_with(CloseCode.TRY_AGAIN_LATER, "routes lost (Redis unavailable), reconnect with since")
+        self._close_to_resume(conns, "routes lost (Redis unavailable), reconnect with since")
 
     def _open_bound(self, user: str | None = None) -> list[PushHandler]:
         """The connections here (``user``'s, or every user's) that are bound (their lease written)
         and not closing: those a lease lost, or a message lost on its way, concerns.  Loop thread."""
         conns = self.hub.all() if user is None else self.hub.of_user(user)
         return [conn for conn in conns if conn.bound and not conn.closing]
+
+    def _close_to_resume(self, conns: list[PushHandler], reason: str) -> None:
+        """Close ``conns`` (bound connections that may have missed a message: a lease lost or a
+        queue connection given up on) with 1013 and ``reason``, so that they resume with
+        ``since``.  The caller logs why, in its own words.  Loop thread only."""
+        for conn in conns:
+            conn.close_with(CloseCode.TRY_AGAIN_LATER, reason)
 
     def _queue_connection_lost(self, why: str) -> None:
         """The queue consumer gave up on its broker connection, which stopped answering (or was
@@ -706,8 +712,7 @@ class PushNode(TokenWatch):
         log.warning("node=%s gave up on its queue connection to the broker, which stopped answering while the node consumed (%s): "
                     "what the broker had sent on it is lost; closing %d connections with %d so that they resume with since",
                     self.address, why, len(conns), CloseCode.TRY_AGAIN_LATER)
-        for conn in conns:
-            conn.close_with(CloseCode.TRY_AGAIN_LATER, QUEUE_LOST_REASON)
+        self._close_to_resume(conns, QUEUE_LOST_REASON)
 
     def _close_unroutable(self, lapsed: Lapsed) -> list[str]:
         """Close with 1013 the bound connections of the users whose lease a write found gone or
@@ -733,8 +738,7 @@ class PushNode(TokenWatch):
             log.warning("node=%s lease write found %s gone or ended (Redis lost them: restarted without them, failed over, flushed, or evicted "
                         "them): Dispatch routed nothing to them meanwhile; closing %d connections with %d so that they resume with since",
                         self.address, found, len(closing), CloseCode.TRY_AGAIN_LATER)
-        for conn in closing:
-            conn.close_with(CloseCode.TRY_AGAIN_LATER, LEASE_LOST_REASON)
+        self._close_to_resume(closing, LEASE_LOST_REASON)
         return [user for user in lapsed.users if user not in self._leasing and any(not conn.closing for conn in self.hub.of_user(user))]
 
     def _redis_failed(self, exc: Exception) -> None:
