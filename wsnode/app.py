@@ -456,9 +456,8 @@ class PushNode(TokenWatch):
                 if lease:
                     self._check_leases()
                     self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
-                if node_lapsed:  # as in _write_leases
-                    self._close_unroutable(Lapsed(node=True, users=[]))
-                    await self.leases.register([], node=True)
+                if node_lapsed:
+                    await self._node_lease_lapsed()
             except RedisError as exc:
                 self._redis_failed(exc)
                 unchecked = sum(1 for user in users if user not in lease)
@@ -475,8 +474,15 @@ class PushNode(TokenWatch):
         users meanwhile, so their bound connections are closed before it is written again."""
         if await self.leases.register(users):
             self._check_leases()
-            self._close_unroutable(Lapsed(node=True, users=[]))
-            await self.leases.register([], node=True)
+            await self._node_lease_lapsed()
+
+    async def _node_lease_lapsed(self) -> None:
+        """A first lease write (:meth:`_write_leases`, :meth:`_admit_connects`) found the node's own
+        lease gone or ended and left it so (Redis lost it): Dispatch routed to none of the node's
+        users meanwhile, so their bound connections are closed with 1013 (:meth:`_close_unroutable`)
+        before it is written again.  Loop thread only, holding ``_lease_writes``."""
+        self._close_unroutable(Lapsed(node=True, users=[]))
+        await self.leases.register([], node=True)
 
     def detach(self, conn: PushHandler) -> None:
         self.pings.remove(conn)
