@@ -428,8 +428,7 @@ class PushNode(TokenWatch):
             if not self.draining:
                 started = time.monotonic()
                 await self._write_leases([user for user in users if self.hub.of_user(user)])
-                self._check_leases()
-                self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
+                self._first_leases_written(started)
 
     async def _admit_connects(self, users: list[str]) -> list[int | None | Exception]:
         """Count the connects of ``users`` (one item per new connection) against
@@ -454,8 +453,7 @@ class PushNode(TokenWatch):
             try:
                 node_lapsed, admitted = await self.leases.admit(connects, lease, *self.connect_rate)
                 if lease:
-                    self._check_leases()
-                    self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
+                    self._first_leases_written(started)
                 if node_lapsed:
                     await self._node_lease_lapsed()
             except RedisError as exc:
@@ -475,6 +473,15 @@ class PushNode(TokenWatch):
         if await self.leases.register(users):
             self._check_leases()
             await self._node_lease_lapsed()
+
+    def _first_leases_written(self, started: float) -> None:
+        """First leases (:meth:`_register_new_leases`, :meth:`_admit_connects`) were written by a
+        write that began at ``started`` (monotonic clock): close what a gap before it left
+        unroutable (:meth:`_check_leases`), then, in that order, record their end, ``LEASE_TTL``
+        after ``started``, when it comes before the one recorded (``_leases_until`` is the first
+        end of all).  Loop thread only, holding ``_lease_writes``."""
+        self._check_leases()
+        self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
 
     async def _node_lease_lapsed(self) -> None:
         """A first lease write (:meth:`_write_leases`, :meth:`_admit_connects`) found the node's own
