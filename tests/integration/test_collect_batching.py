@@ -86,8 +86,10 @@ async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_in
     assert sorted(f["id"] for f in frames) == sorted(ids) and len(set(ids)) == total  # each once
     sizes = [requests for requests, _ in batch_sizes(cluster, requests=1 + total)[1:]]
     assert sum(sizes) == total
-    # one batch went before anything gathered, the rest gathered into one more
-    assert len(sizes) == 2, sizes
+    # one batch went before anything gathered, the rest gathered into one more; or, when the
+    # worker's read took the whole burst at once (it came before the worker's BRPOP returned, as
+    # on a loaded machine: seen once in CI), all of it went as one batch
+    assert len(sizes) in (1, 2), sizes
     client.close()
 
 
