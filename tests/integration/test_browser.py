@@ -212,6 +212,25 @@ def test_push_js_reports_a_stop_by_the_page_with_no_close_code_and_keeps_the_cod
     assert seen["states"] == ["stopped", "stopped", "idle"]
 
 
+def test_push_js_stopped_by_a_4401_without_get_token_reports_the_nodes_reason(pages):
+    """A client given ``token`` and no ``getToken`` stops at a 4401, and README says its
+    ``stopped`` status has the code and reason that stopped it; the reason was push.js's own
+    ("token refused and no getToken option to get a new one"), so a page could not tell an
+    expired token from a revoked one."""
+    page = recording_page(pages)
+    stopped = page.evaluate("""() => {
+        const stopped = [];
+        const onStatus = s => { if (s.state === "stopped") stopped.push([s.code, s.reason]); };
+        for (const reason of ["token expired", "token revoked"]) {
+            const client = new PushClient({url: "ws://a.invalid/ws", token: "t", onStatus});
+            client.start();
+            window.opened[window.opened.length - 1].onclose({code: 4401, reason});
+        }
+        return stopped;
+    }""")
+    assert stopped == [[CloseCode.UNAUTHORIZED, "token expired"], [CloseCode.UNAUTHORIZED, "token revoked"]]
+
+
 def test_push_js_retries_a_get_token_that_never_settles(pages):
     """A ``getToken`` whose request stalls left the client waiting for ever, with no retry."""
     page = recording_page(pages)

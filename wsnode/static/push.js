@@ -672,7 +672,8 @@
       this._token = null;
       if (!this._getToken) {
         this._halt("client stopped");
-        this._status({ state: "stopped", code: closed.code, reason: "token refused and no getToken option to get a new one", url: closed.url });
+        this._status({ state: "stopped", code: closed.code, reason: closed.reason, url: closed.url });
+        if (typeof console !== "undefined") console.error("PushClient: closed with 4401 (" + closed.reason + ") and no getToken option to get a new token: not reconnecting");
         return;
       }
       // Same URL; soon the first time, and whenever the refused token is one it kept (from an
