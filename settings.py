@@ -311,15 +311,18 @@ def redact(url: str) -> str:
     """``url`` without its password, for logs: ``redis://:secret@host/0`` -> ``redis://:***@host/0``;
     query parameters that may hold a secret (:func:`_secret_parameter`: redis-py's ``password=``
     of its ``unix://`` form, MongoDB's TLS key file password ...) are masked too."""
+    # The parts are replaced in the text rather than joined again by urlunsplit, which drops the
+    # "//" of an empty host ("rpc://", "unix:///run/redis.sock") and so named another URL.
     parts = urllib.parse.urlsplit(url)
+    shown = url
     if parts.password is not None:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+        shown = shown.replace(f"//{parts.netloc}", "//" + parts.netloc.replace(f":{parts.password}@", ":***@", 1), 1)
     if parts.query:
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
         masked = [(k, "***" if _secret_parameter(k) else v) for k, v in query]
         if masked != query:
-            parts = parts._replace(query=urllib.parse.urlencode(masked, safe="*"))
-    return urllib.parse.urlunsplit(parts)
+            shown = shown.replace(f"?{parts.query}", "?" + urllib.parse.urlencode(masked, safe="*"), 1)
+    return shown
 
 
 _env = os.environ

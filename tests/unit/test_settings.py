@@ -298,6 +298,17 @@ def test_redact_leaves_a_url_with_only_a_user_unchanged():
     assert redact("amqp://guest@rabbit:5672//") == "amqp://guest@rabbit:5672//"
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("rpc://", "rpc://"),
+    ("db+sqlite:///results.db", "db+sqlite:///results.db"),
+    ("unix:///run/redis.sock?db=1&password=secret", "unix:///run/redis.sock?db=1&password=***"),
+], ids=["rpc", "sqlite", "unix socket with a password"])
+def test_redact_keeps_the_slashes_of_a_url_without_a_host(url, shown):
+    """A URL with an empty host was logged without its "//" (the worker's "results rpc:", a node's
+    "redis unix:/run/redis.sock"): urlunsplit drops an empty netloc, so the log named another URL."""
+    assert redact(url) == shown
+
+
 def test_redact_keeps_query_and_path():
     assert redact("mongodb://u:p@h:27017/db?authSource=admin") == "mongodb://u:***@h:27017/db?authSource=admin"
 
