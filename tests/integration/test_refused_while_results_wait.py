@@ -9,15 +9,18 @@ a moment held every collect of that worker.  Now the failure waits on a thread o
 only once its failure is written, and the caller waiting on it gets it then, as Flower gets its
 ``task-received`` and ``task-failed``.
 
-A private cluster on the Redis broker whose broker, routing Redis (``REDIS_URL``) and results
-Redis (``RESULT_BACKEND``) are three servers, so that only the results refuse.
+A private cluster on each broker (Redis, RabbitMQ) whose routing Redis (``REDIS_URL``) and results
+Redis (``RESULT_BACKEND``) are servers of their own (a third one the Redis broker), so that only the
+results refuse.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
+import urllib.parse
 import uuid
 
 import pytest
@@ -26,22 +29,23 @@ from celery import Celery
 from kombu import Connection
 
 import launcher
-from tests.integration.conftest import Cluster, start_or_explain
+from tests.integration.conftest import Cluster, broker_url_for, start_or_explain
 from tests.integration.taskevents import TaskEvents
 
 
-@pytest.fixture
+@pytest.fixture(params=["redis", "amqp"])
 def results_apart_cluster(request, tmp_path):
-    """A private cluster on the Redis broker, one node, with the events on (``-E``), whose results
-    Redis is a server of its own; yields it and that server."""
+    """A private cluster on the broker the parameter names, one node, with the events on (``-E``),
+    whose results Redis is a server of its own; yields it and that server."""
     servers = {}
-    for role in ("broker", "routing", "results"):
+    for role in ("broker", "routing", "results") if request.param == "redis" else ("routing", "results"):
         servers[role] = launcher.RedisServer(data_dir=tmp_path / role).start()
         request.addfinalizer(servers[role].stop)
-    cluster = Cluster(servers["routing"], tmp_path, broker_url=servers["broker"].url(0), auth_port=launcher.free_port(),
+    broker_url = broker_url_for(request.param, servers.get("broker"), request)
+    cluster = Cluster(servers["routing"], tmp_path, broker_url=broker_url, auth_port=launcher.free_port(),
                       RESULT_BACKEND=servers["results"].url(1))
-    cluster.business = Celery(broker=servers["broker"].url(0), backend=servers["results"].url(1))
-    cluster.broker = "redis"
+    cluster.business = Celery(broker=broker_url, backend=servers["results"].url(1))
+    cluster.broker = request.param
     start_or_explain(cluster, nodes=1, events=True)
     yield cluster, servers["results"]
     cluster.stop(at_once=True)
@@ -82,6 +86,37 @@ def _queued_task_ids(broker: redis_lib.Redis, queue: str) -> set[str]:
     return {json.loads(raw)["headers"].get("id") for raw in broker.lrange(queue, 0, -1)}
 
 
+def _rabbit_counts(cluster, queue: str) -> tuple[int, int]:
+    """What RabbitMQ holds of a queue of the cluster's vhost: its ready and its unacknowledged
+    messages (``rabbitmqctl list_queues``; RabbitMQ lists no message by id)."""
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(cluster.env["BROKER_URL"]).path.lstrip("/"))
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages_ready", "messages_unacknowledged"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == queue:
+            return int(fields[1]), int(fields[2])
+    return 0, 0
+
+
+def _unacked(cluster, task_id: str) -> bool:
+    """Whether the worker holds the refused message ``task_id`` unacknowledged: on the Redis
+    broker, by its id; on RabbitMQ, the one unacknowledged message of the collect queue (the test
+    has no other unacknowledged there when it asks)."""
+    if cluster.broker == "redis":
+        return task_id in _unacked_task_ids(redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5))
+    return _rabbit_counts(cluster, "collect")[1] > 0
+
+
+def _held_by_broker(cluster, task_id: str) -> bool:
+    """Whether the broker still holds the message ``task_id``, queued or unacknowledged (on
+    RabbitMQ: any message of the collect queue, the test's only one there)."""
+    if cluster.broker == "redis":
+        broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
+        return task_id in _queued_task_ids(broker, "collect") | _unacked_task_ids(broker)
+    return sum(_rabbit_counts(cluster, "collect")) > 0
+
+
 def _publish(cluster, kind: str, task_id: str) -> None:
     body, headers = REFUSED[kind][0](task_id)
     with Connection(cluster.env["BROKER_URL"]) as conn:
@@ -98,33 +133,34 @@ async def test_a_refused_messages_failure_waits_for_the_results_redis_while_the_
     assert [f["data"] for f in await client.messages(1)] == ["before"]
     events = await asyncio.to_thread(TaskEvents(cluster).start)
     results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
-    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
     task_id = str(uuid.uuid4())
     results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
     try:
         _publish(cluster, kind, task_id)
         await asyncio.to_thread(cluster.worker.wait_log, read_line.format(task_id=task_id), 20)
+        # Not acknowledged while its failure waits: a worker that stopped now would have it back.
+        assert await asyncio.to_thread(_unacked, cluster, task_id)
         waiting = asyncio.create_task(cluster.result(cluster.business.AsyncResult(task_id), 90))  # a caller waiting on it
         sent = cluster.send(to="overtaken", data="while a failure waits")
         # Delivered while the refused message's failure waits: the worker read and ran it.
         assert [f["data"] for f in await client.messages(1, timeout=30)] == ["while a failure waits"]
         assert results.get(f"celery-task-meta-{task_id}") is None, "the failure was written while the results Redis was a replica"
-        # Not acknowledged while its failure waits: a worker that stopped now would have it back.
-        assert task_id in _unacked_task_ids(broker)
+        if cluster.broker == "redis":  # by its id (RabbitMQ counts the collect's batch, unacknowledged too, with it)
+            assert await asyncio.to_thread(_unacked, cluster, task_id)
     finally:
         results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
     with pytest.raises(Exception, match=says):
         await waiting
+    assert await cluster.result(sent, 60)  # its batch's result waited for the results Redis too
     deadline = time.monotonic() + 20
-    while task_id in _unacked_task_ids(broker) and time.monotonic() < deadline:
+    while await asyncio.to_thread(_unacked, cluster, task_id) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    assert task_id not in _unacked_task_ids(broker), "the refused message was not acknowledged once its failure was written"
+    assert not await asyncio.to_thread(_unacked, cluster, task_id), "the refused message was not acknowledged once its failure was written"
     while "task-failed" not in events.types(task_id) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert events.types(task_id)[:len(told)] == told
     (failed,) = [event for event in events.by_task[task_id] if event["type"] == "task-failed"]
     assert says in failed["exception"]
-    assert await cluster.result(sent, 60)  # its batch's result waited for the results Redis too
     assert cluster.worker.alive
     events.stop()
     client.close()
@@ -140,7 +176,6 @@ async def test_a_worker_stopped_while_a_refused_messages_failure_waits_leaves_th
     cluster, results_server = results_apart_cluster
     _, read_line, says, _ = REFUSED["unreadable-eta"]
     results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
-    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
     task_id = str(uuid.uuid4())
     results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
     try:
@@ -149,13 +184,13 @@ async def test_a_worker_stopped_while_a_refused_messages_failure_waits_leaves_th
         await asyncio.sleep(1.0)  # its write refused at least once
         assert await asyncio.to_thread(cluster.worker.terminate, 30) == 0
         assert results.get(f"celery-task-meta-{task_id}") is None
-        assert task_id in _queued_task_ids(broker, "collect") | _unacked_task_ids(broker), "the broker no longer holds the refused message"
+        assert await asyncio.to_thread(_held_by_broker, cluster, task_id), "the broker no longer holds the refused message"
     finally:
         results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
     cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
     with pytest.raises(Exception, match=says):
         await cluster.result(cluster.business.AsyncResult(task_id), 60)
     deadline = time.monotonic() + 20
-    while task_id in _queued_task_ids(broker, "collect") | _unacked_task_ids(broker) and time.monotonic() < deadline:
+    while await asyncio.to_thread(_held_by_broker, cluster, task_id) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    assert task_id not in _queued_task_ids(broker, "collect") | _unacked_task_ids(broker)
+    assert not await asyncio.to_thread(_held_by_broker, cluster, task_id)
