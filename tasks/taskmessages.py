@@ -583,14 +583,30 @@ class Consumer(CeleryConsumer):
         message: only once its failure is written or given up, so that a worker that stops
         meanwhile leaves it to the broker (as :meth:`refuse` always did; Celery, for the messages
         it refuses itself, acknowledged first).  Without a task id, ``then`` runs at once: nobody
-        waits for its result.  The loop thread."""
+        waits for its result.  The loop thread.
+
+        A message whose broker connection was lost while its failure waited (the consumer's channel
+        is another one now, or none) is not settled: the broker gives it back (RabbitMQ requeues
+        what the connection held; the Redis transport restores it as the channel closes), and the
+        next read refuses it again, with its events.  Settled on the channel that is gone, kombu
+        logged a CRITICAL "Couldn't reject" with a traceback (RabbitMQ), or the Redis transport
+        removed the unacked record of the copy given back (the same delivery tag)."""
         if task_id is None:
             then()
             return
+
+        def on_its_channel() -> None:
+            consumer = getattr(self, "task_consumer", None)
+            if consumer is None or message.channel is not consumer.channel:
+                log.info("task %s: its refused message's failure was written or given up after the broker connection it came on "
+                         "was lost: the broker gives the message back, and the next read refuses it again", task_id)
+                return
+            then()
+
         if self._failure_writer is None:
             self._failure_writer = FailureWriter(
                 lambda task_id, error, properties: store_failure(self.app.backend, task_id, error, properties), self.call_soon)
-        self._failure_writer.submit(task_id, error, message.properties, then)
+        self._failure_writer.submit(task_id, error, message.properties, on_its_channel)
 
     def _send_failed_events(self, message, body, task_id: str | None, error: Exception) -> None:
         """With task events on, sends a refused message's ``task-received`` and ``task-failed``

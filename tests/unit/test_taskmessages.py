@@ -155,27 +155,38 @@ class _Backend:
         self.failed.append((task_id, exc))
 
 
-def _refused_by_celery(exc: Exception) -> str:
+def _refused_by_celery(exc: Exception, connection_lost: bool = False) -> str:
     """The error the worker's consumer stores for a message Celery refused with ``exc``, and that
     it rejects the message only once that error is written (the failure writer's thread, then the
-    loop: here ``call_soon`` runs what it is given at once)."""
+    loop: here ``call_soon`` runs what it is given at once) on the channel it came on; or, with
+    ``connection_lost`` (the consumer reads another channel by then), that it does not reject it."""
     import threading
     from types import SimpleNamespace
 
     from tasks.taskmessages import Consumer
 
-    rejected = threading.Event()
+    rejected, handed_back = threading.Event(), threading.Event()
     consumer = Consumer.__new__(Consumer)
     consumer.app = SimpleNamespace(backend=_Backend())
     consumer.connection_errors = ()
-    consumer.call_soon = lambda then: then()
-    message = SimpleNamespace(headers={"id": "t-1", "task": "tasks.collect"}, properties={}, body=b"[[], {}, {}]",
+    consumer.call_soon = lambda then: (then(), handed_back.set())
+    channel = object()
+    consumer.task_consumer = SimpleNamespace(channel=object() if connection_lost else channel)
+    message = SimpleNamespace(headers={"id": "t-1", "task": "tasks.collect"}, properties={}, body=b"[[], {}, {}]", channel=channel,
                               reject_log_error=lambda logger, errors: rejected.set())
     consumer.on_invalid_task(None, message, exc)
-    assert rejected.wait(10), "the refused message was not rejected once its failure was written"
+    assert handed_back.wait(10), "what follows the failure's write was not handed back to the loop"
+    assert rejected.is_set() != connection_lost, "rejected on a channel that is gone" if connection_lost else "not rejected"
     ((task_id, error),) = consumer.app.backend.failed
     assert task_id == "t-1"
     return str(error)
+
+
+def test_a_refused_message_whose_broker_connection_was_lost_while_its_failure_waited_is_written_and_left_to_the_broker():
+    """Its channel is gone: the broker gives it back, and the next read refuses it again."""
+    from celery.exceptions import InvalidTaskError
+
+    assert _refused_by_celery(InvalidTaskError("invalid ETA value 'garbage'"), connection_lost=True) == "not run: invalid ETA value 'garbage'"
 
 
 def test_a_refused_message_without_a_task_id_is_rejected_at_once_with_nothing_written():
