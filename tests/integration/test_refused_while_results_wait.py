@@ -34,7 +34,7 @@ from tests.integration.taskevents import TaskEvents
 from tests.integration.tcpproxy import FreezableProxy
 
 
-def _results_apart(request, tmp_path, proxied: bool = False, **env):
+def _results_apart(request, tmp_path, proxied: bool = False, worker_kw: dict | None = None, **env):
     """A private cluster on the broker ``request.param`` names, one node, with the events on
     (``-E``), whose results Redis is a server of its own; yields it, that server and, ``proxied``,
     the proxy the worker and the node reach the broker through (else None)."""
@@ -51,7 +51,7 @@ def _results_apart(request, tmp_path, proxied: bool = False, **env):
                       RESULT_BACKEND=servers["results"].url(1), **env)
     cluster.business = Celery(broker=broker_url, backend=servers["results"].url(1))
     cluster.broker = request.param
-    start_or_explain(cluster, nodes=1, events=True)
+    start_or_explain(cluster, nodes=1, events=True, **(worker_kw or {}))
     yield cluster, servers["results"], proxy
     cluster.stop(at_once=True)
 
@@ -70,6 +70,20 @@ def proxied_results_apart_cluster(request, tmp_path):
     the test may reset (``tests.integration.tcpproxy``); yields it, its results server and the
     proxy.  A message held unacknowledged on the Redis broker comes back 8 s after it was read."""
     yield from _results_apart(request, tmp_path, proxied=True, VISIBILITY_TIMEOUT=8)
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def narrow_results_apart_cluster(request, tmp_path):
+    """:func:`results_apart_cluster` whose worker holds at most :data:`NARROW_WINDOW` messages
+    unacknowledged (its prefetch window: one process, a multiplier of 4); yields it and its results
+    server."""
+    for cluster, results_server, _ in _results_apart(request, tmp_path, worker_kw={"concurrency": 1}, COLLECT_BATCH=2):
+        yield cluster, results_server
+
+
+#: The prefetch window of :func:`narrow_results_apart_cluster`'s worker (``worker.py``:
+#: ``max(4, COLLECT_BATCH)`` a process).
+NARROW_WINDOW = 4
 
 
 def _headers(task_id: str, **more) -> dict:
@@ -264,3 +278,40 @@ async def test_a_broker_connection_lost_while_a_refused_messages_failure_waits_l
     assert "Couldn't reject" not in log and "Couldn't ack" not in log
     assert "after the broker connection it came on was lost" in log
 
+
+async def test_more_refused_messages_than_the_prefetch_window_stall_the_worker_until_their_failures_are_written_and_none_is_lost(
+        narrow_results_apart_cluster):
+    """Each refused message whose failure waits holds a place of the worker's prefetch window:
+    twice as many as the window, while the results Redis refuses, fill it, and the worker reads
+    nothing more (a collect waits, as documented).  Once the results Redis takes writes again, every
+    failure is written, every refused message acknowledged, and the collect runs."""
+    cluster, results_server = narrow_results_apart_cluster
+    _, read_line, says, _ = REFUSED["malformed"]
+    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
+    client = await cluster.connect("stalled")
+    task_ids = [str(uuid.uuid4()) for _ in range(2 * NARROW_WINDOW)]
+    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
+    try:
+        for task_id in task_ids:
+            _publish(cluster, "malformed", task_id)
+        await asyncio.to_thread(cluster.worker.wait_log, read_line.format(task_id=task_ids[NARROW_WINDOW - 1]), 20)
+        sent = cluster.send(to="stalled", data="behind a full window")
+        await asyncio.sleep(3.0)
+        log = cluster._log("worker").read_text(errors="replace")
+        assert not any(read_line.format(task_id=task_id) in log for task_id in task_ids[NARROW_WINDOW:]), "read past its window"
+        with pytest.raises(TimeoutError):  # the collect did not run while the window was full
+            await client.messages(1, timeout=1)
+    finally:
+        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+    for task_id in task_ids:
+        with pytest.raises(Exception, match=says):
+            await cluster.result(cluster.business.AsyncResult(task_id), 90)
+    assert [f["data"] for f in await client.messages(1, timeout=30)] == ["behind a full window"]
+    assert await cluster.result(sent, 60)
+    deadline = time.monotonic() + 20
+    held = lambda: any(_held_by_broker(cluster, task_id) for task_id in task_ids)  # noqa: E731
+    while await asyncio.to_thread(held) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert not await asyncio.to_thread(held), "the broker still holds refused messages"
+    assert cluster.worker.alive
+    client.close()
