@@ -315,3 +315,34 @@ async def test_more_refused_messages_than_the_prefetch_window_stall_the_worker_u
     assert not await asyncio.to_thread(held), "the broker still holds refused messages"
     assert cluster.worker.alive
     client.close()
+
+
+async def test_a_worker_killed_while_several_refused_messages_failures_wait_leaves_each_to_the_next_worker(proxied_results_apart_cluster):
+    """One refused message of each kind waits for its failure's write when the worker is killed
+    (SIGKILL: nothing runs at exit): none is written, the broker keeps every message (RabbitMQ
+    requeues them with the connection; Redis restores them after the visibility timeout, 8 s here),
+    and the next worker writes each failure and leaves nothing on the broker.  Stock Celery
+    acknowledged three of these kinds before their failure was written: a worker killed then lost
+    them, and their callers waited for ever.  (A warm shutdown: the unreadable-eta test above.)"""
+    cluster, results_server, _ = proxied_results_apart_cluster
+    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
+    task_ids = {kind: str(uuid.uuid4()) for kind in REFUSED}
+    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
+    try:
+        for kind, task_id in task_ids.items():
+            _publish(cluster, kind, task_id)
+            await asyncio.to_thread(cluster.worker.wait_log, REFUSED[kind][1].format(task_id=task_id), 20)
+        await asyncio.sleep(1.0)  # each write refused at least once
+        await asyncio.to_thread(cluster.worker.kill)
+        assert not any(results.get(f"celery-task-meta-{task_id}") for task_id in task_ids.values())
+    finally:
+        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+    cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
+    for kind, task_id in task_ids.items():
+        with pytest.raises(Exception, match=REFUSED[kind][2]):
+            await cluster.result(cluster.business.AsyncResult(task_id), 60)
+    deadline = time.monotonic() + 40
+    held = lambda: any(_held_by_broker(cluster, task_id) for task_id in task_ids.values())  # noqa: E731
+    while await asyncio.to_thread(held) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert not await asyncio.to_thread(held), "the broker still holds refused messages"
