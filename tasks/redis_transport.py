@@ -60,7 +60,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from base64 import b64decode
 from queue import Empty
-from time import time
+from time import monotonic, sleep, time
 
 import kombu.transport
 from kombu.transport import redis as kombu_redis
@@ -75,6 +75,10 @@ log = logging.getLogger(__name__)
 #: Most messages one read takes beyond the one ``BRPOP`` brought (and never more than the free
 #: part of the consumer's prefetch window).
 TAKE_MAX = 100
+
+#: Seconds :meth:`Channel.close` allows, beyond ``brpop_timeout``, for a ``BRPOP`` whose connection
+#: was lost to have reached Redis and timed out there, before it pushes back what it held.
+BRPOP_ANSWER_MARGIN = 0.5
 
 # KEYS: the queue's list, kombu's unacked index (sorted set) and unacked hash.  ARGV: the time,
 # how many more to pop, then the tag and unacked record of the message BRPOP brought.  Records it,
@@ -219,6 +223,9 @@ class QoS(kombu_redis.QoS):
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    #: When the ``BRPOP`` whose connection was lost unread was sent (``monotonic``), until
+    #: :meth:`close` waited it out.
+    _brpop_lost_at: float | None = None
     _command_client = None
     _take_script = None
     #: The read's script: :data:`_TAKE_MORE`, or without its flags on a Redis older than 7.
@@ -263,6 +270,7 @@ class Channel(kombu_redis.Channel):
             except self.connection_errors:
                 # if there's a ConnectionError, disconnect so the next iteration reconnects
                 self.client.connection.disconnect()
+                self._brpop_lost_at = getattr(self, "_brpop_sent_at", None)
                 raise
             finally:
                 self._reading_brpop = False
@@ -387,7 +395,8 @@ class Channel(kombu_redis.Channel):
         worker's consumer, reconnecting after Redis restarted, ignores that error, and the channel
         stayed open for good (its QoS is referenced by a ``multiprocessing.util.Finalize`` until
         the channel closes), with its command connection, in CLOSE_WAIT: one more socket in the
-        worker's main process per Redis restart."""
+        worker's main process per Redis restart.  What it held unacknowledged is pushed back only
+        once the lost ``BRPOP`` timed out in Redis (:meth:`_wait_out_lost_brpop`)."""
         if self._in_poll and not self.closed:
             try:
                 self._brpop_read()
@@ -396,7 +405,28 @@ class Channel(kombu_redis.Channel):
             except self.connection_errors as exc:
                 log.info("closing a broker channel whose connection was lost: its pending BRPOP failed (%s)", exc)
             self._in_poll = None
+        self._wait_out_lost_brpop()
         super().close()
+
+    def _wait_out_lost_brpop(self) -> None:
+        """Before kombu's close pushes back what the channel holds unacknowledged: if the
+        connection of a ``BRPOP`` it sent was lost unread, wait until Redis has answered it (its
+        timeout, ``brpop_timeout``, from when it was sent, and a margin for its way there).  A reset
+        that Redis never saw (a NAT or load balancer dropping its state, a half-open connection)
+        leaves the ``BRPOP`` blocked in Redis: a message pushed back meanwhile went to it, whose
+        answer nobody reads, and was gone from the broker (seen: a refused message whose failure
+        waited, ``tests/integration/test_refused_while_results_wait.py``).  Only with something to
+        push back (a push node reads without acknowledgements: never); at most ``brpop_timeout``
+        and the margin, on a reconnection."""
+        lost_at, self._brpop_lost_at = self._brpop_lost_at, None
+        qos = getattr(self, "_qos", None)
+        if lost_at is None or qos is None or not qos._delivered or self.closed:
+            return
+        wait = lost_at + (self.brpop_timeout or 0) + BRPOP_ANSWER_MARGIN - monotonic()
+        if wait > 0:
+            log.info("waiting %.1f s for the lost connection's BRPOP to time out in Redis before pushing back %d unacknowledged "
+                     "message(s)", wait, len(qos._delivered))
+            sleep(min(wait, (self.brpop_timeout or 0) + BRPOP_ANSWER_MARGIN))
 
 
 def kombu_message(raw: str) -> dict | None:

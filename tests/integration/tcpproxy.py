@@ -25,6 +25,7 @@ class FreezableProxy:
         self._running.set()
         self._closed = threading.Event()
         self._resets = 0  # connections taken before the latest reset() forward nothing more
+        self._kept: set[socket.socket] = set()  # server sides cut_clients() leaves open
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._accepter = threading.Thread(target=self._accept, name=f"proxy-{self.port}", daemon=True)
@@ -63,12 +64,29 @@ class FreezableProxy:
                 pass
         self._running.set()
 
+    def cut_clients(self) -> None:
+        """Reset (RST) the client side of every connection and leave the server side open, as a
+        NAT or load balancer that drops its state: the client sees its connections reset, the
+        server never learns (a command it holds, a blocked ``BRPOP``, still answers into a
+        connection nobody reads).  New connections are taken again."""
+        self._resets += 1
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+            self._kept.update(sockets[1::2])
+        for sock in sockets[0::2]:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            except OSError:
+                pass
+        self._running.set()
+
     def close(self) -> None:
         self._closed.set()
         self._running.set()
         with self._lock:
             sockets, self._sockets = self._sockets, []
-        for sock in [self._listener, *sockets]:
+        for sock in [self._listener, *sockets, *self._kept]:
             try:
                 sock.close()
             except OSError:
@@ -130,7 +148,7 @@ class FreezableProxy:
         except (OSError, ValueError):
             pass
         finally:
-            shut_both(source, sink)
+            shut_both(*(sock for sock in (source, sink) if sock not in self._kept))
 
 
 def shut_both(*socks: socket.socket) -> None:

@@ -34,15 +34,16 @@ from tests.integration.taskevents import TaskEvents
 from tests.integration.tcpproxy import FreezableProxy
 
 
-def _results_apart(request, tmp_path, proxied: bool = False, worker_kw: dict | None = None, **env):
-    """A private cluster on the broker ``request.param`` names, one node, with the events on
-    (``-E``), whose results Redis is a server of its own; yields it, that server and, ``proxied``,
-    the proxy the worker and the node reach the broker through (else None)."""
+def _results_apart(request, tmp_path, proxied: bool = False, worker_kw: dict | None = None, broker: str | None = None, **env):
+    """A private cluster on the broker ``broker`` (else ``request.param``) names, one node, with the
+    events on (``-E``), whose results Redis is a server of its own; yields it, that server and,
+    ``proxied``, the proxy the worker and the node reach the broker through (else None)."""
+    broker = broker or request.param
     servers = {}
-    for role in ("broker", "routing", "results") if request.param == "redis" else ("routing", "results"):
+    for role in ("broker", "routing", "results") if broker == "redis" else ("routing", "results"):
         servers[role] = launcher.RedisServer(data_dir=tmp_path / role).start()
         request.addfinalizer(servers[role].stop)
-    broker_url = broker_url_for(request.param, servers.get("broker"), request)
+    broker_url = broker_url_for(broker, servers.get("broker"), request)
     proxy = None
     if proxied:
         proxy, broker_url = FreezableProxy.to_url(broker_url)
@@ -50,7 +51,7 @@ def _results_apart(request, tmp_path, proxied: bool = False, worker_kw: dict | N
     cluster = Cluster(servers["routing"], tmp_path, broker_url=broker_url, auth_port=launcher.free_port(),
                       RESULT_BACKEND=servers["results"].url(1), **env)
     cluster.business = Celery(broker=broker_url, backend=servers["results"].url(1))
-    cluster.broker = request.param
+    cluster.broker = broker
     start_or_explain(cluster, nodes=1, events=True, **(worker_kw or {}))
     yield cluster, servers["results"], proxy
     cluster.stop(at_once=True)
@@ -70,6 +71,12 @@ def proxied_results_apart_cluster(request, tmp_path):
     the test may reset (``tests.integration.tcpproxy``); yields it, its results server and the
     proxy.  A message held unacknowledged on the Redis broker comes back 8 s after it was read."""
     yield from _results_apart(request, tmp_path, proxied=True, VISIBILITY_TIMEOUT=8)
+
+
+@pytest.fixture
+def redis_proxied_results_apart_cluster(request, tmp_path):
+    """:func:`proxied_results_apart_cluster` on the Redis broker alone."""
+    yield from _results_apart(request, tmp_path, proxied=True, broker="redis", VISIBILITY_TIMEOUT=8)
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -241,12 +248,9 @@ async def test_a_broker_connection_lost_while_a_refused_messages_failure_waits_l
 
     The broker gives the message back meanwhile (RabbitMQ when the connection drops; the Redis
     transport restores it as the channel closes), and the worker refuses it again and writes its
-    failure a second time, which is harmless.  On the Redis broker the copy restored can also be
-    lost: the restore pushes it back while Redis may still hold the dropped connection's blocked
-    ``BRPOP`` (up to its 1 s timeout), which takes it and answers a socket that is gone (seen here
-    about once in seven runs under load, with ``MONITOR``).  That race is kombu's, for any message
-    unacknowledged at a reconnection; here the failure is written all the same, by the first read's
-    write, so this test does not ask where the message is while the write waits."""
+    failure a second time, which is harmless.  (On the Redis broker the copy pushed back was lost
+    about once in seven runs under load: Redis had not yet seen the reset of the dropped
+    connection, whose blocked ``BRPOP`` took it; the NAT test below makes that happen every time.)"""
     cluster, results_server, proxy = proxied_results_apart_cluster
     _, read_line, says, _ = REFUSED["unreadable-eta"]
     results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
@@ -346,3 +350,29 @@ async def test_a_worker_killed_while_several_refused_messages_failures_wait_leav
     while await asyncio.to_thread(held) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
     assert not await asyncio.to_thread(held), "the broker still holds refused messages"
+
+
+async def test_a_message_unacknowledged_when_a_nat_forgets_the_workers_redis_connections_is_given_back(redis_proxied_results_apart_cluster):
+    """A NAT or load balancer between the worker and the Redis broker drops its state: the worker's
+    connections are reset, but Redis never learns, and still holds the dropped connection's blocked
+    ``BRPOP`` until its timeout (1 s).  The worker reconnects and, as the old channel closes, pushes
+    back what it held unacknowledged (here a refused message whose failure waits): pushed then, the
+    message went to that ``BRPOP``, whose answer nobody reads, and was lost to the broker for good
+    (no queue, no unacked record).  The restore now waits for the dropped ``BRPOP`` to time out:
+    the message is back on the broker, read again and refused again."""
+    cluster, results_server, proxy = redis_proxied_results_apart_cluster
+    _, read_line, says, _ = REFUSED["unreadable-eta"]
+    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
+    task_id = str(uuid.uuid4())
+    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
+    try:
+        _publish(cluster, "unreadable-eta", task_id)
+        await asyncio.to_thread(cluster.worker.wait_log, read_line, 20)
+        proxy.cut_clients()
+        await asyncio.to_thread(cluster.worker.wait_log, "Restoring 1 unacknowledged message", 20)
+        await asyncio.sleep(3.0)
+        assert await asyncio.to_thread(_held_by_broker, cluster, task_id), "the message unacknowledged at the reconnection is lost"
+    finally:
+        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+    with pytest.raises(Exception, match=says):
+        await cluster.result(cluster.business.AsyncResult(task_id), 60)
