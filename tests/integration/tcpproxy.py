@@ -53,27 +53,23 @@ class FreezableProxy:
     def reset(self) -> None:
         """Drop what is held (frozen) and reset every connection (RST), as a middlebox in the path
         that restarts: neither peer gets what was on its way.  New connections are taken again."""
-        self._resets += 1
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            except OSError:
-                pass
-        self._running.set()
+        self._reset(keep_server_sides=False)
 
     def cut_clients(self) -> None:
         """Reset (RST) the client side of every connection and leave the server side open, as a
         NAT or load balancer that drops its state: the client sees its connections reset, the
         server never learns (a command it holds, a blocked ``BRPOP``, still answers into a
         connection nobody reads).  New connections are taken again."""
+        self._reset(keep_server_sides=True)
+
+    def _reset(self, keep_server_sides: bool) -> None:
         self._resets += 1
         with self._lock:
             sockets, self._sockets = self._sockets, []
-            self._kept.update(sockets[1::2])
-        for sock in sockets[0::2]:
+            if keep_server_sides:  # taken in pairs: [client, server, client, server ...]
+                self._kept.update(sockets[1::2])
+                sockets = sockets[0::2]
+        for sock in sockets:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()

@@ -17,6 +17,7 @@ results refuse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -166,6 +167,22 @@ def _publish(cluster, kind: str, task_id: str) -> None:
                                 content_type="application/json", content_encoding="utf-8")
 
 
+@contextlib.asynccontextmanager
+async def _an_unreadable_eta_while_results_refuse(cluster, results_server):
+    """Makes the results Redis a replica of a primary that does not answer (it refuses writes:
+    ``READONLY``), publishes a message with an unreadable eta, waits until the worker read it and
+    yields its task id and a client of the results Redis; promotes the results Redis at the end."""
+    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
+    task_id = str(uuid.uuid4())
+    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))
+    try:
+        _publish(cluster, "unreadable-eta", task_id)
+        await asyncio.to_thread(cluster.worker.wait_log, REFUSED["unreadable-eta"][1], 20)
+        yield task_id, results
+    finally:
+        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+
+
 @pytest.mark.parametrize("kind", REFUSED)
 async def test_a_refused_messages_failure_waits_for_the_results_redis_while_the_worker_runs_other_tasks(results_apart_cluster, kind):
     cluster, results_server = results_apart_cluster
@@ -216,19 +233,12 @@ async def test_a_worker_stopped_while_a_refused_messages_failure_waits_leaves_th
     shutdown, which does not wait for the write) leaves it to the broker, and the next worker
     refuses it again and writes its failure."""
     cluster, results_server = results_apart_cluster
-    _, read_line, says, _ = REFUSED["unreadable-eta"]
-    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
-    task_id = str(uuid.uuid4())
-    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
-    try:
-        _publish(cluster, "unreadable-eta", task_id)
-        await asyncio.to_thread(cluster.worker.wait_log, read_line, 20)
+    says = REFUSED["unreadable-eta"][2]
+    async with _an_unreadable_eta_while_results_refuse(cluster, results_server) as (task_id, results):
         await asyncio.sleep(1.0)  # its write refused at least once
         assert await asyncio.to_thread(cluster.worker.terminate, 30) == 0
         assert results.get(f"celery-task-meta-{task_id}") is None
         assert await asyncio.to_thread(_held_by_broker, cluster, task_id), "the broker no longer holds the refused message"
-    finally:
-        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
     cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
     with pytest.raises(Exception, match=says):
         await cluster.result(cluster.business.AsyncResult(task_id), 60)
@@ -252,20 +262,13 @@ async def test_a_broker_connection_lost_while_a_refused_messages_failure_waits_l
     about once in seven runs under load: Redis had not yet seen the reset of the dropped
     connection, whose blocked ``BRPOP`` took it; the NAT test below makes that happen every time.)"""
     cluster, results_server, proxy = proxied_results_apart_cluster
-    _, read_line, says, _ = REFUSED["unreadable-eta"]
-    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
-    task_id = str(uuid.uuid4())
-    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
-    try:
-        _publish(cluster, "unreadable-eta", task_id)
-        await asyncio.to_thread(cluster.worker.wait_log, read_line, 20)
+    says = REFUSED["unreadable-eta"][2]
+    async with _an_unreadable_eta_while_results_refuse(cluster, results_server) as (task_id, results):
         await asyncio.sleep(1.0)  # its write refused at least once
         proxy.reset()  # the worker's (and the node's) broker connections
         await asyncio.to_thread(cluster.worker.wait_log, "Connection to broker lost", 20)
         await asyncio.sleep(3.0)  # the worker reconnects; the write still waits
         assert results.get(f"celery-task-meta-{task_id}") is None
-    finally:
-        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
     with pytest.raises(Exception, match=says):
         await cluster.result(cluster.business.AsyncResult(task_id), 60)
     deadline = time.monotonic() + 40  # a copy restored late (VISIBILITY_TIMEOUT 8 s) is refused and written again
@@ -361,18 +364,11 @@ async def test_a_message_unacknowledged_when_a_nat_forgets_the_workers_redis_con
     (no queue, no unacked record).  The restore now waits for the dropped ``BRPOP`` to time out:
     the message is back on the broker, read again and refused again."""
     cluster, results_server, proxy = redis_proxied_results_apart_cluster
-    _, read_line, says, _ = REFUSED["unreadable-eta"]
-    results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
-    task_id = str(uuid.uuid4())
-    results.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer: READONLY
-    try:
-        _publish(cluster, "unreadable-eta", task_id)
-        await asyncio.to_thread(cluster.worker.wait_log, read_line, 20)
+    says = REFUSED["unreadable-eta"][2]
+    async with _an_unreadable_eta_while_results_refuse(cluster, results_server) as (task_id, results):
         proxy.cut_clients()
         await asyncio.to_thread(cluster.worker.wait_log, "Restoring 1 unacknowledged message", 20)
         await asyncio.sleep(3.0)
         assert await asyncio.to_thread(_held_by_broker, cluster, task_id), "the message unacknowledged at the reconnection is lost"
-    finally:
-        results.execute_command("REPLICAOF", "NO", "ONE")  # promoted
     with pytest.raises(Exception, match=says):
         await cluster.result(cluster.business.AsyncResult(task_id), 60)
