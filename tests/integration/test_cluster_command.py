@@ -31,8 +31,14 @@ async def test_the_cluster_command_delivers_the_banners_message_and_sighup_stops
     auth_port, node_a, node_b, flower, demo = (launcher.free_port() for _ in range(5))
     dead_redis = f"redis://127.0.0.1:{launcher.free_port()}"
     env = launcher.cluster_env(dead_redis, tmp_path / "data", auth_port, LOG_LEVEL="INFO")
-    cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", f"{node_a},{node_b}", "--flower-port", str(flower),
-                                            "--demo-port", str(demo)], env, log_path=tmp_path / "cluster.log").start()
+    # cluster.py leaves SIGHUP alone when it starts with it ignored (nohup), as it would if the
+    # suite itself ran under nohup: the terminal's default for it, as a reader's shell gives it.
+    hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", f"{node_a},{node_b}", "--flower-port", str(flower),
+                                                "--demo-port", str(demo)], env, log_path=tmp_path / "cluster.log").start()
+    finally:
+        signal.signal(signal.SIGHUP, hup)
     started: list[psutil.Process] = []
     try:
         cluster.wait_log(READY, timeout=90)
