@@ -282,3 +282,9 @@ def pytest_runtest_makereport(item, call):
             (value[0] for value in values if isinstance(value, tuple) and value and is_cluster(value[0])), None)
         if cluster is not None:
             report.sections.append(("process logs", cluster.log_tails()))
+
+
+def unacked_task_ids(broker: redis_lib.Redis) -> set[str]:
+    """The task ids of what a worker holds unacknowledged on the Redis broker (kombu's
+    ``unacked`` hash: what the broker gives back if the worker stops)."""
+    return {json.loads(raw)[0]["headers"].get("id") for raw in broker.hvals("unacked")}

@@ -30,7 +30,7 @@ from celery import Celery
 from kombu import Connection
 
 import launcher
-from tests.integration.conftest import Cluster, broker_url_for, start_or_explain
+from tests.integration.conftest import Cluster, broker_url_for, start_or_explain, unacked_task_ids
 from tests.integration.taskevents import TaskEvents
 from tests.integration.tcpproxy import FreezableProxy
 
@@ -118,12 +118,6 @@ REFUSED = {
 }
 
 
-def _unacked_task_ids(broker: redis_lib.Redis) -> set[str]:
-    """The task ids of what the worker holds unacknowledged on the Redis broker (kombu's
-    ``unacked`` hash: what the broker gives back if the worker stops)."""
-    return {json.loads(raw)[0]["headers"].get("id") for raw in broker.hvals("unacked")}
-
-
 def _queued_task_ids(broker: redis_lib.Redis, queue: str) -> set[str]:
     """The task ids of what waits on a queue of the Redis broker (its list)."""
     return {json.loads(raw)["headers"].get("id") for raw in broker.lrange(queue, 0, -1)}
@@ -147,7 +141,7 @@ def _unacked(cluster, task_id: str) -> bool:
     broker, by its id; on RabbitMQ, the one unacknowledged message of the collect queue (the test
     has no other unacknowledged there when it asks)."""
     if cluster.broker == "redis":
-        return task_id in _unacked_task_ids(redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5))
+        return task_id in unacked_task_ids(redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5))
     return _rabbit_counts(cluster, "collect")[1] > 0
 
 
@@ -156,7 +150,7 @@ def _held_by_broker(cluster, task_id: str) -> bool:
     RabbitMQ: any message of the collect queue, the test's only one there)."""
     if cluster.broker == "redis":
         broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
-        return task_id in _queued_task_ids(broker, "collect") | _unacked_task_ids(broker)
+        return task_id in _queued_task_ids(broker, "collect") | unacked_task_ids(broker)
     return sum(_rabbit_counts(cluster, "collect")) > 0
 
 

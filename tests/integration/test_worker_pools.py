@@ -7,7 +7,6 @@ prefork."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import pytest
@@ -15,7 +14,7 @@ import redis as redis_lib
 from kombu import Connection
 
 import launcher
-from tests.integration.conftest import Cluster, start_or_explain
+from tests.integration.conftest import Cluster, start_or_explain, unacked_task_ids
 from tests.integration.taskevents import TaskEvents
 
 USERS = ["pool-a", "pool-b", "pool-c"]
@@ -113,10 +112,9 @@ async def test_a_refused_message_gets_its_failure_and_is_acknowledged_under_the_
         with pytest.raises(Exception, match="not a Celery task message"):
             await cluster.result(cluster.business.AsyncResult(task_id), 30)
         deadline = asyncio.get_running_loop().time() + 15
-        held = lambda: {json.loads(raw)[0]["headers"].get("id") for raw in broker.hvals("unacked")}  # noqa: E731
-        while (task_id in held() or "task-failed" not in events.types(task_id)) and asyncio.get_running_loop().time() < deadline:
+        while (task_id in unacked_task_ids(broker) or "task-failed" not in events.types(task_id)) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.2)
-        assert task_id not in held(), f"the refused message is still unacknowledged under -P {cluster.pool}"
+        assert task_id not in unacked_task_ids(broker), f"the refused message is still unacknowledged under -P {cluster.pool}"
         assert events.types(task_id) == ["task-received", "task-failed"], events.types(task_id)
         # and the worker reads on
         client = await cluster.connect("pool-a")
