@@ -39,6 +39,14 @@ on, on a new connection, without a word to its caller.  A reply on its way then 
 Redis had already popped; the node reads its queue without acknowledgements, so that message is
 gone, and the node's consumer (``wsnode.consumer``) closes its connections for it.
 
+And a sixth, for a connection lost while its ``BRPOP`` waited, on a reset Redis never saw (a NAT
+or load balancer dropping its state): Redis holds that ``BRPOP`` until its timeout, and a message
+pushed to its queues meanwhile goes into it, whose answer nobody reads.  The channel asks Redis,
+once per ``BRPOP`` connection, which client it is (``CLIENT INFO``), and :meth:`Channel.close`
+ends that client (``CLIENT KILL``) before it pushes back what it held unacknowledged; where
+Redis refuses, it waits the ``BRPOP`` out.  Messages pushed between the cut and the close can
+still go into it: only a transport that does not pop before it holds could close that gap.
+
 kombu acknowledges one message per round trip too (a pipeline removing it from the unacked index
 and hash).  :func:`acknowledge` acknowledges a group of Celery requests with one such pipeline per
 channel: ``tasks.collect`` acks each batch of requests with it once the batch ran.
@@ -237,6 +245,12 @@ class Channel(kombu_redis.Channel):
     abandoned_reads = 0
     #: True while :meth:`_brpop_read` reads a reply: a failure there reaches the caller as an error.
     _reading_brpop = False
+    #: ``(socket, id, addr)``: the connection the ``BRPOP`` goes on, as Redis names it (``CLIENT INFO``).
+    _brpop_client: tuple | None = None
+    #: ``(id, addr)`` of the connection whose ``BRPOP`` was lost unread, until :meth:`close` ended it.
+    _lost_brpop_client: tuple | None = None
+    #: False once the server refused ``CLIENT INFO`` (older than 6.2, or an ACL): lost ``BRPOP``\ s are then waited out.
+    _client_info_ok = True
 
     def __init__(self, *args, **kwargs) -> None:
         #: Queues whose consumer acknowledges (the others are read one message per BRPOP).
@@ -260,6 +274,33 @@ class Channel(kombu_redis.Channel):
             self.abandoned_reads += 1
         super()._on_connection_disconnect(connection)
 
+    def _brpop_start(self, timeout=None):
+        self._identify_brpop_connection()
+        super()._brpop_start(timeout)
+
+    def _identify_brpop_connection(self) -> None:
+        """Ask Redis, once per connection, which client the ``BRPOP`` connection is (its id and the
+        address Redis sees): what :meth:`close` ends in Redis if that connection is lost unread.
+        One round trip on a connection that has just connected, before its first ``BRPOP``."""
+        connection = self.client.connection
+        sock = getattr(connection, "_sock", None)
+        if self._brpop_client and self._brpop_client[0] is sock:
+            return
+        self._brpop_client = None
+        if sock is None or not self._client_info_ok:
+            return
+        try:
+            connection.send_command("CLIENT", "INFO")
+            info = bytes_to_str(connection.read_response())
+        except ResponseError as exc:  # Redis older than 6.2, or an ACL without CLIENT INFO
+            self._client_info_ok = False
+            log.info("Redis refused CLIENT INFO (%s): a broker connection lost while its BRPOP waits will be waited out, "
+                     "not ended", exc)
+            return
+        fields = dict(part.split("=", 1) for part in info.split() if "=" in part)
+        if fields.get("id") and fields.get("addr"):
+            self._brpop_client = (sock, fields["id"], fields["addr"])
+
     def _brpop_read(self, **options):
         """kombu 5.7's ``Channel._brpop_read``, delivering with the message ``BRPOP`` brought
         those :meth:`_take_more` took behind it."""
@@ -269,6 +310,9 @@ class Channel(kombu_redis.Channel):
                 dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
             except self.connection_errors:
                 # if there's a ConnectionError, disconnect so the next iteration reconnects
+                # (redis-py dropped the socket already: the BRPOP went on the one identified last)
+                if self._brpop_client:
+                    self._lost_brpop_client = self._brpop_client[1:]
                 self.client.connection.disconnect()
                 self._brpop_lost_at = getattr(self, "_brpop_sent_at", None)
                 raise
@@ -395,8 +439,9 @@ class Channel(kombu_redis.Channel):
         worker's consumer, reconnecting after Redis restarted, ignores that error, and the channel
         stayed open for good (its QoS is referenced by a ``multiprocessing.util.Finalize`` until
         the channel closes), with its command connection, in CLOSE_WAIT: one more socket in the
-        worker's main process per Redis restart.  What it held unacknowledged is pushed back only
-        once the lost ``BRPOP`` timed out in Redis (:meth:`_wait_out_lost_brpop`)."""
+        worker's main process per Redis restart.  The lost ``BRPOP`` is ended in Redis, or else
+        waited out before what the channel held unacknowledged is pushed back
+        (:meth:`_wait_out_lost_brpop`)."""
         if self._in_poll and not self.closed:
             try:
                 self._brpop_read()
@@ -410,23 +455,56 @@ class Channel(kombu_redis.Channel):
 
     def _wait_out_lost_brpop(self) -> None:
         """Before kombu's close pushes back what the channel holds unacknowledged: if the
-        connection of a ``BRPOP`` it sent was lost unread, wait until Redis has answered it (its
-        timeout, ``brpop_timeout``, from when it was sent, and a margin for its way there).  A reset
-        that Redis never saw (a NAT or load balancer dropping its state, a half-open connection)
-        leaves the ``BRPOP`` blocked in Redis: a message pushed back meanwhile went to it, whose
-        answer nobody reads, and was gone from the broker (seen: a refused message whose failure
-        waited, ``tests/integration/test_refused_while_results_wait.py``).  Only with something to
-        push back (a push node reads without acknowledgements: never); at most ``brpop_timeout``
-        and the margin, on a reconnection."""
+        connection of a ``BRPOP`` it sent was lost unread, end that client in Redis
+        (:meth:`_end_lost_brpop`), or else wait until Redis has answered it (its timeout,
+        ``brpop_timeout``, from when it was sent, and a margin for its way there).  A reset that
+        Redis never saw (a NAT or load balancer dropping its state, a half-open connection) leaves
+        the ``BRPOP`` blocked in Redis: a message pushed meanwhile, pushed back by this close or sent
+        by anyone, went to it, whose answer nobody reads, and was gone from the broker (seen: a
+        refused message whose failure waited, ``tests/integration/test_refused_while_results_wait.py``;
+        a message sent during the close, ``tests/integration/test_redis_transport.py``).  A worker
+        reconnecting closes its channels, and so does a push node's consumer dropping a lost
+        connection (kombu's ``collect``).  The wait only with something to push back (a push node
+        reads without acknowledgements: never); at most ``brpop_timeout`` and the margin, on a
+        reconnection."""
         lost_at, self._brpop_lost_at = self._brpop_lost_at, None
+        lost_client, self._lost_brpop_client = self._lost_brpop_client, None
+        if lost_at is None or self.closed or (lost_client is not None and self._end_lost_brpop(*lost_client)):
+            return
         qos = getattr(self, "_qos", None)
-        if lost_at is None or qos is None or not qos._delivered or self.closed:
+        if qos is None or not qos._delivered:
             return
         wait = lost_at + (self.brpop_timeout or 0) + BRPOP_ANSWER_MARGIN - monotonic()
         if wait > 0:
             log.info("waiting %.1f s for the lost connection's BRPOP to time out in Redis before pushing back %d unacknowledged "
                      "message(s)", wait, len(qos._delivered))
             sleep(min(wait, (self.brpop_timeout or 0) + BRPOP_ANSWER_MARGIN))
+
+    def _end_lost_brpop(self, client_id: str, addr: str) -> bool:
+        """End, in Redis, the client of a connection lost while its ``BRPOP`` waited (``CLIENT
+        KILL`` by its id and address, which together name no other client, even on a Redis that
+        restarted and numbers its clients from 1 again): from then on nothing pushed goes to that
+        ``BRPOP``.  True once Redis answered (the client ended, or gone already: Redis saw the
+        connection close); False where it refused (an ACL or a managed Redis without ``CLIENT
+        KILL``) or cannot be reached, and the caller waits the ``BRPOP`` out instead."""
+        for attempt in (1, 2):
+            try:
+                with self.conn_or_acquire() as client:
+                    ended = client.client_kill_filter(_id=client_id, addr=addr, skipme=True)
+                break
+            except self.connection_errors as exc:
+                if attempt == 1:
+                    continue  # a pooled connection the same cut reset (now dropped): once more, on a new one
+                error = exc
+            except ResponseError as exc:
+                error = exc
+            log.info("could not end the BRPOP of a lost broker connection in Redis (CLIENT KILL ID %s ADDR %s: %s)",
+                     client_id, addr, error)
+            return False
+        if ended:
+            log.info("ended the BRPOP of a lost broker connection in Redis (client id %s, %s): nothing pushed from now "
+                     "on goes to it", client_id, addr)
+        return True
 
 
 def kombu_message(raw: str) -> dict | None:

@@ -5,11 +5,13 @@ trip; and the tasks a killed worker had read in bulk come back and run once."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -673,3 +675,160 @@ def test_an_item_only_luas_json_reads_is_dropped_while_redis_is_over_maxmemory(r
             stored = _stored(client, channel, tag)
     assert got == [0, 1]
     assert not stored
+
+
+def _blocked_brpops(client) -> list[dict]:
+    """The clients Redis holds blocked in a ``BRPOP``."""
+    return [c for c in client.client_list() if c.get("cmd") == "brpop" and "b" in c.get("flags", "")]
+
+
+@contextmanager
+def _a_brpop_left_blocked_by_a_nat(brpop_timeout: float = 8.0, url: str | None = None):
+    """A consumer of a fresh queue, with one message it took and holds unacknowledged, whose
+    connection to Redis goes through a proxy that then drops its state (``cut_clients``): the
+    consumer's side is reset, and its next ``BRPOP``, sent before the cut, stays blocked in Redis
+    for ``brpop_timeout`` (kombu sets it from ``polling_interval``).  Yields ``(channel, queue, direct)``: the consumer's channel (its read
+    failed on the reset; the caller closes it, as a worker does reconnecting), and a client
+    straight to Redis."""
+    from tests.integration.tcpproxy import FreezableProxy
+
+    direct_url = url or app.conf.broker_url
+    proxy, proxied = FreezableProxy.to_url(direct_url)
+    direct = redis_lib.Redis.from_url(direct_url)
+    name = f"test-zombie-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    try:
+        with app.connection_for_write(proxied, transport_options={"polling_interval": brpop_timeout}) as conn:
+            channel = conn.channel()
+            Producer(channel).publish({"n": 0}, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json")
+            held = []
+            with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: held.append(message)], accept=["json"]):
+                while not held:
+                    conn.drain_events(timeout=5)
+                with pytest.raises(socket.timeout):
+                    conn.drain_events(timeout=0.3)  # the next BRPOP, sent and blocked
+                deadline = time.monotonic() + 5
+                while not _blocked_brpops(direct) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert _blocked_brpops(direct), "the consumer's BRPOP never blocked in Redis"
+                proxy.cut_clients()
+                with pytest.raises(conn.connection_errors):
+                    conn.drain_events(timeout=5)
+                yield channel, queue, direct
+    finally:
+        direct.delete(name)
+        direct.close()
+        proxy.close()
+
+
+def _consume_fresh(queue: Queue, count: int, seconds: float) -> list:
+    """Up to ``count`` bodies of ``queue`` read, and acked, on a new connection straight to Redis."""
+    got = []
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        try:
+            def on_message(body, message):
+                got.append(body)
+                message.ack()
+            with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"]):
+                deadline = time.monotonic() + seconds
+                while len(got) < count and time.monotonic() < deadline:
+                    try:
+                        conn.drain_events(timeout=0.5)
+                    except socket.timeout:
+                        pass
+        finally:
+            channel.close()
+    return got
+
+
+def test_a_brpop_a_nat_left_blocked_in_redis_is_ended_so_nothing_pushed_then_is_lost(redis_server, caplog):
+    """A NAT or load balancer between a consumer and Redis drops its state: the consumer's
+    connection is reset, Redis never learns, and holds the dropped connection's ``BRPOP`` blocked
+    until its timeout.  Whatever anyone pushes to that queue meanwhile (a business process's task)
+    went to that ``BRPOP``, whose answer nobody reads: lost.  Closing the channel, as a worker does
+    reconnecting, now ends that client in Redis (``CLIENT KILL ID ... ADDR ...``): the message the
+    channel held is pushed back at once, and a message pushed after the close is read."""
+    with caplog.at_level(logging.INFO, logger="tasks.redis_transport"):
+        with _a_brpop_left_blocked_by_a_nat() as (channel, queue, direct):
+            assert _blocked_brpops(direct), "the dropped connection's BRPOP should still be blocked in Redis"
+            closing = threading.Thread(target=channel.close)
+            closing.start()
+            closing.join(0.5)  # the BRPOP, blocked for 8 s, is still there unless the close ended it
+            with app.connection_for_write() as conn:
+                Producer(conn.default_channel).publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+            closing.join(15)
+            assert not _blocked_brpops(direct)
+            got = _consume_fresh(queue, 2, 5)
+    assert sorted(body["n"] for body in got) == [0, 1]
+    assert "ended the BRPOP of a lost broker connection" in caplog.text
+    assert "waiting" not in caplog.text  # ended: nothing to wait out before pushing back
+
+
+def test_where_redis_refuses_client_kill_the_close_waits_the_dropped_brpop_out(redis_server, caplog):
+    """A Redis user without ``CLIENT KILL`` (an ACL, a managed service): the close cannot end the
+    dropped connection's ``BRPOP``, so it waits for it to time out before pushing back what the
+    channel held, which is then read again."""
+    admin = redis_lib.Redis.from_url(app.conf.broker_url)
+    user, password = f"nokill-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"], commands=["+@all", "-client|kill"])
+    url = redis_server.url().replace("redis://", f"redis://{user}:{password}@", 1) if "@" not in redis_server.url() else None
+    if url is None:
+        pytest.skip("the test Redis has a password of its own")
+    try:
+        with caplog.at_level(logging.INFO, logger="tasks.redis_transport"):
+            with _a_brpop_left_blocked_by_a_nat(brpop_timeout=2.0, url=url) as (channel, queue, direct):
+                channel.close()
+                got = _consume_fresh(queue, 1, 5)
+    finally:
+        admin.acl_deluser(user)
+        admin.close()
+    assert [body["n"] for body in got] == [0]
+    assert "could not end the BRPOP of a lost broker connection" in caplog.text
+    assert "for the lost connection's BRPOP to time out" in caplog.text
+
+
+async def test_a_node_consumer_ends_the_brpop_a_nat_left_blocked_so_a_delivery_pushed_then_is_read(redis_server, monkeypatch):
+    """The same cut under a push node's queue consumer, which reads without acknowledgements and
+    drops a lost connection without closing its channels (``collect``): the ``BRPOP`` left blocked
+    in Redis took the next ``wsnode.deliver`` Dispatch pushed, and the node never had it (only
+    housekeeping's redelivery, ``REDELIVER_AFTER`` later, would bring a stored message back).  The
+    consumer's ``collect`` closes the channel, which now ends that client in Redis, before the
+    consumer connects again."""
+    from celery import Celery
+    from tornado.ioloop import IOLoop
+
+    from tasks.ids import IdGenerator
+    from tasks.queues import DELIVER_TASK, node_queue
+    from tests.integration.tcpproxy import FreezableProxy
+    from wsnode import consumer as node_consumer
+
+    monkeypatch.setattr(node_consumer, "TRANSPORT_OPTIONS", {**node_consumer.TRANSPORT_OPTIONS, "polling_interval": 8})
+    proxy, proxied = FreezableProxy.to_url(app.conf.broker_url)
+    direct = redis_lib.Redis.from_url(app.conf.broker_url)
+    address = f"127.0.0.1:{launcher.free_port()}"
+    got: list[str] = []
+    consumer = node_consumer.NodeQueueConsumer(Celery(broker=proxied), address, IOLoop.current(),
+                                               lambda batch: got.extend(e["id"] for d in batch for e in d.envelopes))
+
+    async def until(condition, what: str, seconds: float = 10) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert condition(), what
+
+    consumer.start()
+    try:
+        await until(lambda: consumer.connected and _blocked_brpops(direct), "the node's consumer never read its queue")
+        first = {c["id"] for c in _blocked_brpops(direct)}
+        proxy.cut_clients()
+        await until(lambda: {c["id"] for c in _blocked_brpops(direct)} - first, "the consumer did not read again after the cut")
+        message_id = IdGenerator().next_id()
+        Celery(broker=app.conf.broker_url).send_task(DELIVER_TASK, args=[[{"id": message_id, "to": ["u1"], "data": {}, "ts": None}]],
+                                                     queue=node_queue(address), declare=[], ignore_result=True)
+        await until(lambda: message_id in got, "the delivery pushed after the reconnection went to the lost connection's BRPOP", 5)
+    finally:
+        await asyncio.to_thread(consumer.stop)
+        direct.delete(node_queue(address).name)
+        direct.close()
+        proxy.close()

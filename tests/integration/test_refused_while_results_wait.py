@@ -355,13 +355,16 @@ async def test_a_message_unacknowledged_when_a_nat_forgets_the_workers_redis_con
     ``BRPOP`` until its timeout (1 s).  The worker reconnects and, as the old channel closes, pushes
     back what it held unacknowledged (here a refused message whose failure waits): pushed then, the
     message went to that ``BRPOP``, whose answer nobody reads, and was lost to the broker for good
-    (no queue, no unacked record).  The restore now waits for the dropped ``BRPOP`` to time out:
-    the message is back on the broker, read again and refused again."""
+    (no queue, no unacked record).  The close now ends the dropped connection's client in Redis
+    first (``CLIENT KILL``; where Redis refuses it, it waits for the ``BRPOP`` to time out, as
+    ``test_redis_transport.py`` checks): the message is back on the broker, read again and refused
+    again."""
     cluster, results_server, proxy = redis_proxied_results_apart_cluster
     says = REFUSED["unreadable-eta"][2]
     async with _an_unreadable_eta_while_results_refuse(cluster, results_server) as (task_id, results):
         proxy.cut_clients()
         await asyncio.to_thread(cluster.worker.wait_log, "Restoring 1 unacknowledged message", 20)
+        assert "ended the BRPOP of a lost broker connection in Redis" in cluster.worker.log_tail(400)
         await asyncio.sleep(3.0)
         assert await asyncio.to_thread(_held_by_broker, cluster, task_id), "the message unacknowledged at the reconnection is lost"
     with pytest.raises(Exception, match=says):
