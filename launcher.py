@@ -1,6 +1,7 @@
 """Start and stop the platform's processes on this machine, for ``cluster.py`` and the tests.
 
-- :func:`free_port`, :func:`find_redis_server`, :func:`bundled_redis_server`;
+- :func:`free_port` (below the kernel's ephemeral range, :func:`ephemeral_ports`), :func:`find_redis_server`,
+  :func:`bundled_redis_server`;
 - :class:`RedisServer`: a private ``redis-server`` on loopback, optionally with a password, an ACL
   user and TLS (:class:`TlsFiles`, :func:`make_tls_files`: a CA and a server certificate made with
   the ``openssl`` command);
@@ -20,6 +21,7 @@ import collections
 import dataclasses
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,8 +48,40 @@ class LauncherError(RuntimeError):
     """A process could not be found, started, or did not become ready; the message says why."""
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+#: Where Linux keeps the range of local ports it gives outgoing connections (and ``bind`` to port 0).
+EPHEMERAL_PORTS_PATH = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+#: The lowest port :func:`free_port` picks: above most services' well-known ports (one in use is
+#: skipped by its bind check in any case: RabbitMQ's 15672 and 25672, say).
+FREE_PORT_FLOOR = 10000
+
+
+def ephemeral_ports(path: Path = EPHEMERAL_PORTS_PATH) -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections, or Linux's default where it cannot be
+    read (another OS)."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(ephemeral_path: Path = EPHEMERAL_PORTS_PATH) -> int:
+    """A TCP port that is free on 127.0.0.1 right now, for a server about to bind it: picked at
+    random below the kernel's ephemeral range (:func:`ephemeral_ports`).  A port the OS picks
+    (bind to port 0) comes from that range, where any outgoing connection on the machine may take
+    it before the server binds it (seen: a push node of a test run exiting with ``Address already
+    in use``).  The OS picks only where there is no room below that range."""
+    low, _ = ephemeral_ports(ephemeral_path)
+    if low - FREE_PORT_FLOOR >= 1000:
+        for _ in range(100):
+            port = random.randrange(FREE_PORT_FLOOR, low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # in use, or in TIME_WAIT
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
