@@ -249,7 +249,7 @@ class Channel(kombu_redis.Channel):
     _brpop_client: tuple | None = None
     #: ``(id, addr)`` of the connection whose ``BRPOP`` was lost unread, until :meth:`close` ended it.
     _lost_brpop_client: tuple | None = None
-    #: False once the server refused ``CLIENT INFO`` (older than 6.2, or an ACL): lost ``BRPOP``\ s are then waited out.
+    #: False once the server refused ``CLIENT INFO`` (older than 6.2, or an ACL): a lost ``BRPOP`` is then waited out.
     _client_info_ok = True
 
     def __init__(self, *args, **kwargs) -> None:

@@ -62,6 +62,20 @@ class FreezableProxy:
         connection nobody reads).  New connections are taken again."""
         self._reset(keep_server_sides=True)
 
+    def upstream_addresses(self) -> set[str]:
+        """``host:port`` of each of this proxy's connections to the target, open or kept by
+        :meth:`cut_clients`, as the target sees them (Redis's ``CLIENT LIST`` ``addr``)."""
+        with self._lock:
+            upstreams = [*self._sockets[1::2], *self._kept]
+        addresses = set()
+        for sock in upstreams:
+            try:
+                host, port = sock.getsockname()[:2]
+            except OSError:
+                continue  # closed meanwhile
+            addresses.add(f"{host}:{port}")
+        return addresses
+
     def _reset(self, keep_server_sides: bool) -> None:
         self._resets += 1
         with self._lock:

@@ -677,9 +677,11 @@ def test_an_item_only_luas_json_reads_is_dropped_while_redis_is_over_maxmemory(r
     assert not stored
 
 
-def _blocked_brpops(client) -> list[dict]:
-    """The clients Redis holds blocked in a ``BRPOP``."""
-    return [c for c in client.client_list() if c.get("cmd") == "brpop" and "b" in c.get("flags", "")]
+def _blocked_brpops(client, proxy) -> list[dict]:
+    """The clients Redis holds blocked in a ``BRPOP`` that came through ``proxy`` (the session's
+    Redis also serves this test process's other tests)."""
+    through = proxy.upstream_addresses()
+    return [c for c in client.client_list() if c.get("cmd") == "brpop" and "b" in c.get("flags", "") and c.get("addr") in through]
 
 
 @contextmanager
@@ -687,9 +689,10 @@ def _a_brpop_left_blocked_by_a_nat(brpop_timeout: float = 8.0, url: str | None =
     """A consumer of a fresh queue, with one message it took and holds unacknowledged, whose
     connection to Redis goes through a proxy that then drops its state (``cut_clients``): the
     consumer's side is reset, and its next ``BRPOP``, sent before the cut, stays blocked in Redis
-    for ``brpop_timeout`` (kombu sets it from ``polling_interval``).  Yields ``(channel, queue, direct)``: the consumer's channel (its read
-    failed on the reset; the caller closes it, as a worker does reconnecting), and a client
-    straight to Redis."""
+    for ``brpop_timeout`` (kombu sets it from ``polling_interval``).  Yields ``(channel, queue,
+    blocked)``: the consumer's channel (its read failed on the reset; the caller closes it, as a
+    worker does reconnecting), and what Redis holds blocked of the consumer's ``BRPOP`` calls (a
+    callable)."""
     from tests.integration.tcpproxy import FreezableProxy
 
     direct_url = url or app.conf.broker_url
@@ -707,14 +710,15 @@ def _a_brpop_left_blocked_by_a_nat(brpop_timeout: float = 8.0, url: str | None =
                     conn.drain_events(timeout=5)
                 with pytest.raises(socket.timeout):
                     conn.drain_events(timeout=0.3)  # the next BRPOP, sent and blocked
+                blocked = lambda: _blocked_brpops(direct, proxy)  # noqa: E731
                 deadline = time.monotonic() + 5
-                while not _blocked_brpops(direct) and time.monotonic() < deadline:
+                while not blocked() and time.monotonic() < deadline:
                     time.sleep(0.05)
-                assert _blocked_brpops(direct), "the consumer's BRPOP never blocked in Redis"
+                assert blocked(), "the consumer's BRPOP never blocked in Redis"
                 proxy.cut_clients()
                 with pytest.raises(conn.connection_errors):
                     conn.drain_events(timeout=5)
-                yield channel, queue, direct
+                yield channel, queue, blocked
     finally:
         direct.delete(name)
         direct.close()
@@ -750,15 +754,15 @@ def test_a_brpop_a_nat_left_blocked_in_redis_is_ended_so_nothing_pushed_then_is_
     reconnecting, now ends that client in Redis (``CLIENT KILL ID ... ADDR ...``): the message the
     channel held is pushed back at once, and a message pushed after the close is read."""
     with caplog.at_level(logging.INFO, logger="tasks.redis_transport"):
-        with _a_brpop_left_blocked_by_a_nat() as (channel, queue, direct):
-            assert _blocked_brpops(direct), "the dropped connection's BRPOP should still be blocked in Redis"
+        with _a_brpop_left_blocked_by_a_nat() as (channel, queue, blocked):
+            assert blocked(), "the dropped connection's BRPOP should still be blocked in Redis"
             closing = threading.Thread(target=channel.close)
             closing.start()
             closing.join(0.5)  # the BRPOP, blocked for 8 s, is still there unless the close ended it
             with app.connection_for_write() as conn:
                 Producer(conn.default_channel).publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
             closing.join(15)
-            assert not _blocked_brpops(direct)
+            assert not blocked()
             got = _consume_fresh(queue, 2, 5)
     assert sorted(body["n"] for body in got) == [0, 1]
     assert "ended the BRPOP of a lost broker connection" in caplog.text
@@ -777,7 +781,7 @@ def test_where_redis_refuses_client_kill_the_close_waits_the_dropped_brpop_out(r
         pytest.skip("the test Redis has a password of its own")
     try:
         with caplog.at_level(logging.INFO, logger="tasks.redis_transport"):
-            with _a_brpop_left_blocked_by_a_nat(brpop_timeout=2.0, url=url) as (channel, queue, direct):
+            with _a_brpop_left_blocked_by_a_nat(brpop_timeout=2.0, url=url) as (channel, queue, _):
                 channel.close()
                 got = _consume_fresh(queue, 1, 5)
     finally:
@@ -819,10 +823,10 @@ async def test_a_node_consumer_ends_the_brpop_a_nat_left_blocked_so_a_delivery_p
 
     consumer.start()
     try:
-        await until(lambda: consumer.connected and _blocked_brpops(direct), "the node's consumer never read its queue")
-        first = {c["id"] for c in _blocked_brpops(direct)}
+        await until(lambda: consumer.connected and _blocked_brpops(direct, proxy), "the node's consumer never read its queue")
+        first = {c["id"] for c in _blocked_brpops(direct, proxy)}
         proxy.cut_clients()
-        await until(lambda: {c["id"] for c in _blocked_brpops(direct)} - first, "the consumer did not read again after the cut")
+        await until(lambda: {c["id"] for c in _blocked_brpops(direct, proxy)} - first, "the consumer did not read again after the cut")
         message_id = IdGenerator().next_id()
         Celery(broker=app.conf.broker_url).send_task(DELIVER_TASK, args=[[{"id": message_id, "to": ["u1"], "data": {}, "ts": None}]],
                                                      queue=node_queue(address), declare=[], ignore_result=True)
