@@ -478,7 +478,7 @@ class Channel(kombu_redis.Channel):
         if wait > 0:
             log.info("waiting %.1f s for the lost connection's BRPOP to time out in Redis before pushing back %d unacknowledged "
                      "message(s)", wait, len(qos._delivered))
-            sleep(min(wait, (self.brpop_timeout or 0) + BRPOP_ANSWER_MARGIN))
+            sleep(wait)  # at most brpop_timeout and the margin: lost_at is in the past
 
     def _end_lost_brpop(self, client_id: str, addr: str) -> bool:
         """End, in Redis, the client of a connection lost while its ``BRPOP`` waited (``CLIENT
