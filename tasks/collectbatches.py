@@ -208,6 +208,11 @@ class CollectBatches(Batches):
         countdown of minutes, ``COLLECT_BATCH`` times the pool's processes, stopped the worker
         from reading any other task until the first came due.  Held on the timer, they are also
         what ``celery inspect scheduled`` and Flower's worker page list.)"""
+        if shutting_down():
+            # A warm shutdown drains the pool, which runs nothing more (Celery 5.6 fires the loop's
+            # timers on a thread meanwhile): what is buffered stays unacknowledged, and the broker
+            # gives it to the next worker, rather than being announced as started and never run.
+            return
         ready, self._limited = self._limited, []
         now = time.monotonic()
         for req in consume_queue(self._buffer):
@@ -267,7 +272,10 @@ class CollectBatches(Batches):
 
     def _release(self, req) -> None:
         """Timer: ``req`` is due.  It joins the buffer and goes with the next batch (one revoked
-        while it waited is dropped there)."""
+        while it waited is dropped there).  Not while the worker stops: it stays unacknowledged,
+        and the broker gives it to the next worker (see :meth:`_do_flush`)."""
+        if shutting_down():
+            return
         self._consumer.qos.decrement_eventually()
         self._buffer.put(req)
         if self._tref is None:

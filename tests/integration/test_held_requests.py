@@ -8,9 +8,13 @@ with a countdown.  Business code here knows the tasks by name only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import os
 import re
+import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -247,4 +251,45 @@ async def test_requests_held_for_their_countdown_by_a_worker_that_stops_run_on_t
     assert not early, f"started {early} s after they were sent, before their countdown of 8 s"
     frames = await arriving + await client.quiet(1.0)
     assert sorted((f["id"], f["data"]) for f in frames) == sorted(zip(ids, range(20)))
+    client.close()
+
+
+async def test_requests_that_come_due_while_their_worker_stops_are_not_started_there(held_cluster):
+    """A worker's warm shutdown that outlasts the countdown of requests it holds (its pool slow to
+    drain: here its pool processes stopped with SIGSTOP until after the countdown) fires their
+    timers while the pool drains (Celery 5.6 fires the event loop's timers on a thread then).
+    They are left to the broker, not started: the stopping worker announced each as started
+    (task-started, counted as active) and handed it to a pool that no longer runs anything, so
+    Flower showed each request started twice, once by a worker that never ran it."""
+    cluster = held_cluster
+    client = await cluster.connect("handed-on")
+    events = await asyncio.to_thread(TaskEvents(cluster).start)
+    sent = time.time()
+    held = [cluster.business.send_task("tasks.collect", kwargs={"to": "handed-on", "data": n}, queue="collect", countdown=6) for n in range(10)]
+    assert await scheduled_on_worker(cluster, {result.id for result in held}, within=5) == {result.id for result in held}
+    pool = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(cluster.worker.pid)], capture_output=True, text=True).stdout.split()]
+    assert pool, "the worker's pool processes"
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    stopping = asyncio.create_task(asyncio.to_thread(cluster.worker.terminate, 60))
+    try:
+        await asyncio.sleep(max(0.0, sent + 6 + 3 - time.time()))  # 3 s past the countdown, while the pool drains
+    finally:
+        for pid in pool:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert await stopping == 0
+    assert all(result.state == "PENDING" for result in held), "run by the worker that stopped"
+    cluster.worker = cluster.start_worker(name="worker-2", events=True)
+    arriving = asyncio.create_task(client.messages(10, timeout=60))
+    ids = [await cluster.result(result, 30) for result in held]
+    deadline = time.monotonic() + 15
+    while not all(events.timestamps(result.id, "task-started") for result in held) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # a second task-started of any would be in by now
+    started = [events.timestamps(result.id, "task-started") for result in held]
+    events.stop()
+    assert all(len(times) == 1 for times in started), started
+    frames = await arriving + await client.quiet(1.0)
+    assert sorted((f["id"], f["data"]) for f in frames) == sorted(zip(ids, range(10)))
     client.close()
