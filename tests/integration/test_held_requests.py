@@ -265,15 +265,16 @@ async def test_requests_that_come_due_while_their_worker_stops_are_not_started_t
     client = await cluster.connect("handed-on")
     events = await asyncio.to_thread(TaskEvents(cluster).start)
     sent = time.time()
-    held = [cluster.business.send_task("tasks.collect", kwargs={"to": "handed-on", "data": n}, queue="collect", countdown=6) for n in range(10)]
+    held = [cluster.business.send_task("tasks.collect", kwargs={"to": "handed-on", "data": n}, queue="collect", countdown=10) for n in range(10)]
     assert await scheduled_on_worker(cluster, {result.id for result in held}, within=5) == {result.id for result in held}
+    assert time.time() - sent < 9, "too slow to stop the pool before the countdown (10 s) ran out"
     pool = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(cluster.worker.pid)], capture_output=True, text=True).stdout.split()]
     assert pool, "the worker's pool processes"
     for pid in pool:
         os.kill(pid, signal.SIGSTOP)
     stopping = asyncio.create_task(asyncio.to_thread(cluster.worker.terminate, 60))
     try:
-        await asyncio.sleep(max(0.0, sent + 6 + 3 - time.time()))  # 3 s past the countdown, while the pool drains
+        await asyncio.sleep(max(0.0, sent + 10 + 3 - time.time()))  # 3 s past the countdown, while the pool drains
     finally:
         for pid in pool:
             with contextlib.suppress(ProcessLookupError):
