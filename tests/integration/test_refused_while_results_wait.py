@@ -363,8 +363,9 @@ async def test_a_message_unacknowledged_when_a_nat_forgets_the_workers_redis_con
     says = REFUSED["unreadable-eta"][2]
     async with _an_unreadable_eta_while_results_refuse(cluster, results_server) as (task_id, results):
         proxy.cut_clients()
-        await asyncio.to_thread(cluster.worker.wait_log, "Restoring 1 unacknowledged message", 20)
-        assert "ended the BRPOP of a lost broker connection in Redis" in cluster.worker.log_tail(400)
+        # Then kombu's "Restoring N unacknowledged message(s)": the refused one, and whatever else
+        # the reset caught unacknowledged (a housekeeping run whose ack it cut, say).
+        await asyncio.to_thread(cluster.worker.wait_log, "ended the BRPOP of a lost broker connection in Redis", 20)
         await asyncio.sleep(3.0)
         assert await asyncio.to_thread(_held_by_broker, cluster, task_id), "the message unacknowledged at the reconnection is lost"
     with pytest.raises(Exception, match=says):
