@@ -235,23 +235,31 @@ async def test_requests_held_for_their_countdown_by_a_worker_that_stops_run_on_t
     # A clean stop, not a quick one: it can take about 30 s under load (README, "Stopping a worker").
     assert await asyncio.to_thread(cluster.worker.terminate, 60) == 0
     assert all(result.state == "PENDING" for result in held), "run by the worker that stopped"
+    ids, started, frames = await _run_by_the_next_worker(cluster, client, events, held)
+    assert all(len(times) == 1 for times in started), started  # each started once, by the next worker
+    early = [times[0] - sent for times in started if times[0] - sent < 7.9]
+    assert not early, f"started {early} s after they were sent, before their countdown of 8 s"
+    assert sorted((f["id"], f["data"]) for f in frames) == sorted(zip(ids, range(20)))
+    client.close()
+
+
+async def _run_by_the_next_worker(cluster, client, events, held: list, settle: float = 0.0) -> tuple[list, list, list]:
+    """Start the next worker (``worker-2``, task events on) and wait for it to run ``held``:
+    ``(ids, task-started times per request, the frames client got)``, once every request has a
+    ``task-started`` (or 15 s passed) and ``settle`` seconds more; ``events`` stopped."""
     cluster.worker = cluster.start_worker(name="worker-2", events=True)
     # Read (and so ack) the frames as they come, as a browser does, while the results and events
     # are awaited: a frame left unread REDELIVER_AFTER (4 s here) is sent again under its id by
     # housekeeping, which under load the waits below outlasted (each frame came twice).
-    arriving = asyncio.create_task(client.messages(20, timeout=60))
+    arriving = asyncio.create_task(client.messages(len(held), timeout=60))
     ids = [await cluster.result(result, 30) for result in held]
     deadline = time.monotonic() + 15
     while not all(events.timestamps(result.id, "task-started") for result in held) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
+    await asyncio.sleep(settle)
     started = [events.timestamps(result.id, "task-started") for result in held]
     events.stop()
-    assert all(len(times) == 1 for times in started), started  # each started once, by the next worker
-    early = [times[0] - sent for times in started if times[0] - sent < 7.9]
-    assert not early, f"started {early} s after they were sent, before their countdown of 8 s"
-    frames = await arriving + await client.quiet(1.0)
-    assert sorted((f["id"], f["data"]) for f in frames) == sorted(zip(ids, range(20)))
-    client.close()
+    return ids, started, await arriving + await client.quiet(1.0)
 
 
 async def test_requests_that_come_due_while_their_worker_stops_are_not_started_there(held_cluster):
@@ -281,16 +289,8 @@ async def test_requests_that_come_due_while_their_worker_stops_are_not_started_t
                 os.kill(pid, signal.SIGCONT)
     assert await stopping == 0
     assert all(result.state == "PENDING" for result in held), "run by the worker that stopped"
-    cluster.worker = cluster.start_worker(name="worker-2", events=True)
-    arriving = asyncio.create_task(client.messages(10, timeout=60))
-    ids = [await cluster.result(result, 30) for result in held]
-    deadline = time.monotonic() + 15
-    while not all(events.timestamps(result.id, "task-started") for result in held) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(1.0)  # a second task-started of any would be in by now
-    started = [events.timestamps(result.id, "task-started") for result in held]
-    events.stop()
+    # settle: a second task-started of any would be in by then
+    ids, started, frames = await _run_by_the_next_worker(cluster, client, events, held, settle=1.0)
     assert all(len(times) == 1 for times in started), started
-    frames = await arriving + await client.quiet(1.0)
     assert sorted((f["id"], f["data"]) for f in frames) == sorted(zip(ids, range(10)))
     client.close()
