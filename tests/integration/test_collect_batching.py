@@ -69,6 +69,26 @@ def pool_stopped(cluster: Cluster):
             process.resume()
 
 
+def applied_batches(cluster: Cluster) -> int:
+    """How many batches the worker's main process has handed to its pool so far (its DEBUG log's
+    ``TaskPool: Apply <function _apply_batch``), which it logs even while the pool is stopped."""
+    return cluster._log("worker").read_text(errors="replace").count("TaskPool: Apply <function _apply_batch")
+
+
+def send_ahead(cluster: Cluster, **kwargs):
+    """Send one request while the pool is stopped, and wait until the worker has handed it to the
+    pool as a batch of its own: that batch then holds the pool, and what is sent next gathers.  (A
+    fixed half-second sleep was not enough on a loaded machine: the request reached the worker
+    with the next ones, and all went in one batch.)"""
+    before = applied_batches(cluster)
+    result = cluster.send(**kwargs)
+    deadline = time.monotonic() + 20
+    while applied_batches(cluster) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert applied_batches(cluster) > before, "the worker did not hand the request ahead to its pool within 20 s"
+    return result
+
+
 async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_into_few_batches(lazy_timer_cluster):
     cluster = lazy_timer_cluster
     client = await cluster.connect("lone")
@@ -300,8 +320,7 @@ async def test_a_key_reused_for_other_data_within_one_batch_is_logged_as_across_
     client = await cluster.connect("keyed-in-batch")
     await cluster.collect("keyed-in-batch", {"n": 0}, timeout=30)
     with pool_stopped(cluster):
-        ahead = cluster.send(to="keyed-in-batch", data={"n": 1})  # its batch holds the pool; the next three gather
-        time.sleep(0.5)
+        ahead = send_ahead(cluster, to="keyed-in-batch", data={"n": 1})  # its batch holds the pool; the next three gather
         sent = [cluster.send(to="keyed-in-batch", data={"n": n}, key="same-key-in-batch") for n in (2, 2, 3)]
     await cluster.result(ahead, timeout=30)
     first, retry, other = [await cluster.result(r, timeout=30) for r in sent]
@@ -361,8 +380,7 @@ async def test_a_retries_header_that_is_not_a_count_fails_its_request_and_the_ba
     await client.messages(1, timeout=30)
     with cluster.store_locked():
         with pool_stopped(cluster):
-            ahead = cluster.send(to="beside-bad-retries", data="ahead")  # its batch holds the pool; the next two gather
-            time.sleep(0.5)
+            ahead = send_ahead(cluster, to="beside-bad-retries", data="ahead")  # its batch holds the pool; the next two gather
             (bad,) = _publish_raw(cluster, "collect", "tasks.collect", [[[], {"to": "beside-bad-retries", "data": "bad"}, {}]], {"retries": "abc"})
             good = cluster.send(to="beside-bad-retries", data="good")
         await asyncio.to_thread(cluster.worker.wait_log, f"tasks.collect {good.id}: store unavailable", 30)
