@@ -46,6 +46,32 @@ ADMIN_KEY = "dev-admin-key-change-me"
 TOKEN_EXPIRY_GRACE = 1
 
 
+def business_app(broker_url: str, backend_url: str | None = None) -> Celery:
+    """The Celery app of a test's business process, which sends by name and reads results from
+    ``backend_url``; its waits on the result backend are bounded, so that a test whose Redis is
+    gone fails instead of hanging (Celery's defaults: no socket timeout, 20 reconnection attempts a
+    second apart).  Pass it to :func:`release_results` before its result backend stops."""
+    app = Celery(broker=broker_url, backend=backend_url)
+    app.conf.update(redis_socket_timeout=10, redis_socket_connect_timeout=5,
+                    result_backend_transport_options={"retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}})
+    return app
+
+
+def release_results(app: Celery) -> None:
+    """Finalise ``app``'s results and drop its pub/sub connection to the result backend, while that
+    Redis still runs.  An ``AsyncResult`` whose ``.get()`` raised lives as long as the app (the
+    backend caches the exception, whose traceback holds the result), and the app as long as it is
+    Celery's current one: until a later test makes another.  Collected after its Redis stopped,
+    Celery 5.6's ``AsyncResult.__del__`` unsubscribes and reconnects, with Celery's defaults 20
+    times a second apart, inside whatever test the garbage collector then runs in: a 19 s stall at
+    a random point, and an "Exception ignored in AsyncResult.__del__" warning."""
+    gc.collect()
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
+        consumer.stop()
+        consumer._pubsub = None
+
+
 class Cluster:
     def __init__(self, redis_server: launcher.RedisServer, workdir: Path, broker_url: str | None = None, auth_port: int | None = None, **extra_env) -> None:
         self.redis_server = redis_server
@@ -61,11 +87,7 @@ class Cluster:
         )
         self.services: list[launcher.Service] = []
         self.node_ports: list[int] = []
-        self.business = Celery(broker=self.env["BROKER_URL"], backend=self.env["REDIS_URL"])
-        # Bounded waits on the result backend, so that a test whose Redis is gone fails instead of
-        # hanging its teardown (Celery's defaults: no socket timeout, 20 reconnection attempts).
-        self.business.conf.update(redis_socket_timeout=10, redis_socket_connect_timeout=5,
-                                  result_backend_transport_options={"retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}})
+        self.business = business_app(self.env["BROKER_URL"], self.env["REDIS_URL"])
         self._results_lock = threading.Lock()
         self.routes = redis_lib.Redis.from_url(self.env["REDIS_URL"], decode_responses=True)
 
@@ -100,14 +122,7 @@ class Cluster:
         """Stop every process: gracefully (SIGTERM, as an operator stops them), or ``at_once``
         (SIGKILL) for a private cluster whose Redis and broker are thrown away with it (a graceful
         stop of its worker and nodes took 4-7 s of each fault test's teardown)."""
-        # Celery 5.6's AsyncResult.__del__ unsubscribes from the result backend, reconnecting
-        # (without end) when that fails: finalise this cluster's results while its Redis is up,
-        # then drop the pub/sub connection so a late finaliser has nothing to reconnect.
-        gc.collect()
-        consumer = getattr(self.business.backend, "result_consumer", None)
-        if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
-            consumer.stop()
-            consumer._pubsub = None
+        release_results(self.business)
         for service in reversed(self.services):
             if at_once:
                 service.kill()

@@ -17,12 +17,11 @@ import uuid
 import psutil
 import pytest
 import redis as redis_lib
-from celery import Celery
 from kombu import Connection
 
 import launcher
 from tests.integration.browser import Browser, check_exactly_once, confirm, stream, wait_complete
-from tests.integration.conftest import Cluster, broker_url_for, start_or_explain
+from tests.integration.conftest import Cluster, broker_url_for, business_app, start_or_explain
 
 USERS = 100
 PER_USER = 8
@@ -415,7 +414,7 @@ def routing_redis_cluster(request, tmp_path):
     results = {"RESULT_BACKEND": broker.url(1)} if request.param == "broker" else {}
     cluster = Cluster(routing, tmp_path, broker_url=broker.url(0), auth_port=launcher.free_port(), **results)
     if results:
-        cluster.business = Celery(broker=broker.url(0), backend=broker.url(1))
+        cluster.business = business_app(broker.url(0), broker.url(1))
     cluster.broker = "redis"
     start_or_explain(cluster, nodes=1)
     yield cluster

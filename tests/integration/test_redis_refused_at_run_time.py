@@ -23,7 +23,7 @@ import redis as redis_lib
 
 import launcher
 from tasks.ids import IdGenerator
-from tests.integration.conftest import ADMIN_KEY
+from tests.integration.conftest import ADMIN_KEY, business_app, release_results
 
 PASSWORD = "the-password"
 USER, USER_PASSWORD = "push-app", "user-password"
@@ -177,12 +177,10 @@ def failures(log_path, task: str) -> list[str]:
 
 
 def test_a_collect_whose_redis_user_lost_its_rights_fails_saying_what_to_grant_in_the_log_and_its_result(server, tmp_path):
-    from celery import Celery
-
     redis_url = f"redis://{USER}:{USER_PASSWORD}@127.0.0.1:{server.port}/1"
     env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO", REDIS_URL=redis_url, HOUSEKEEPING_SECONDS=1)
     worker = launcher.start_worker(env, concurrency=1, log_path=tmp_path / "worker.log")
-    business = Celery(broker=env["BROKER_URL"], backend=redis_url)
+    business = business_app(env["BROKER_URL"], redis_url)
     admin = _admin(server, PASSWORD)
     try:
         admin.execute_command("ACL", "SETUSER", USER, "-@scripting")  # Dispatch's route lookup
@@ -204,6 +202,7 @@ def test_a_collect_whose_redis_user_lost_its_rights_fails_saying_what_to_grant_i
     finally:
         admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
         admin.close()
+        release_results(business)
         business.close()
         worker.terminate()
 

@@ -26,11 +26,10 @@ import uuid
 
 import pytest
 import redis as redis_lib
-from celery import Celery
 from kombu import Connection
 
 import launcher
-from tests.integration.conftest import Cluster, broker_url_for, start_or_explain, unacked_task_ids
+from tests.integration.conftest import Cluster, broker_url_for, business_app, start_or_explain, unacked_task_ids
 from tests.integration.taskevents import TaskEvents
 from tests.integration.tcpproxy import FreezableProxy
 
@@ -51,7 +50,7 @@ def _results_apart(request, tmp_path, proxied: bool = False, worker_kw: dict | N
         request.addfinalizer(proxy.close)
     cluster = Cluster(servers["routing"], tmp_path, broker_url=broker_url, auth_port=launcher.free_port(),
                       RESULT_BACKEND=servers["results"].url(1), **env)
-    cluster.business = Celery(broker=broker_url, backend=servers["results"].url(1))
+    cluster.business = business_app(broker_url, servers["results"].url(1))
     cluster.broker = broker
     start_or_explain(cluster, nodes=1, events=True, **(worker_kw or {}))
     yield cluster, servers["results"], proxy
