@@ -5,11 +5,9 @@ of another test's cluster."""
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import pytest
-from celery import Celery
 
 import launcher
 
@@ -41,16 +39,9 @@ def test_a_worker_started_without_loglevel_logs_at_log_level_info_by_default(pri
 def test_the_worker_s_loglevel_option_still_wins_over_log_level(private_redis, tmp_path):
     quiet = worker(private_redis, tmp_path, "quiet", "--loglevel=WARNING", LOG_LEVEL="DEBUG")
     try:
-        # The worker is up once it answers a ping through the broker; its log then holds no INFO line.
-        client = Celery(broker=private_redis.url(0))
-        try:
-            for _ in range(60):
-                if client.control.ping(destination=[f"quiet@{socket.gethostname()}"], timeout=1):
-                    break
-            else:
-                pytest.fail(f"the worker never answered a ping:\n{quiet.log_tail()}")
-        finally:
-            client.close()
+        # The worker is up once it answers a ping through the broker (as launcher.start_worker
+        # waits at LOG_LEVEL WARNING); its log then holds no INFO line.
+        launcher._answers_ping(private_redis.url(0), "quiet", 60)(quiet)
         assert not [line for line in quiet.log_tail(200).splitlines() if "INFO/" in line or "DEBUG/" in line], quiet.log_tail()
     finally:
         quiet.terminate(timeout=30)
