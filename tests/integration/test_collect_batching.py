@@ -82,10 +82,7 @@ def send_ahead(cluster: Cluster, **kwargs):
     with the next ones, and all went in one batch.)"""
     before = applied_batches(cluster)
     result = cluster.send(**kwargs)
-    deadline = time.monotonic() + 20
-    while applied_batches(cluster) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert applied_batches(cluster) > before, "the worker did not hand the request ahead to its pool within 20 s"
+    cluster.worker.wait_ready(lambda: applied_batches(cluster) > before, timeout=20, what="handing the request ahead to its pool")
     return result
 
 
