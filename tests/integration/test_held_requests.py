@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import os
 import re
-import signal
 import socket
-import subprocess
 import time
 
+import psutil
 import pytest
 
 import launcher
@@ -281,17 +279,17 @@ async def test_requests_that_come_due_while_their_worker_stops_are_not_started_t
     held = [cluster.business.send_task("tasks.collect", kwargs={"to": "handed-on", "data": n}, queue="collect", countdown=10) for n in range(10)]
     assert await scheduled_on_worker(cluster, {result.id for result in held}, within=5) == {result.id for result in held}
     assert time.time() - sent < 9, "too slow to stop the pool before the countdown (10 s) ran out"
-    pool = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(cluster.worker.pid)], capture_output=True, text=True).stdout.split()]
+    pool = psutil.Process(cluster.worker.pid).children()  # as test_collect_batching's pool_stopped
     assert pool, "the worker's pool processes"
-    for pid in pool:
-        os.kill(pid, signal.SIGSTOP)
+    for process in pool:
+        process.suspend()  # SIGSTOP
     stopping = asyncio.create_task(asyncio.to_thread(cluster.worker.terminate, 60))
     try:
         await asyncio.sleep(max(0.0, sent + 10 + 3 - time.time()))  # 3 s past the countdown, while the pool drains
     finally:
-        for pid in pool:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        for process in pool:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()  # SIGCONT
     assert await stopping == 0
     assert all(result.state == "PENDING" for result in held), "run by the worker that stopped"
     # settle: a second task-started of any would be in by then
