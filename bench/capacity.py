@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="push-capacity-"))
     keep = args.keep
     started = datetime.datetime.now().astimezone()
+    speed_before = common.speed_ms()
     results = []
     failed = []
     try:
@@ -432,11 +433,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"logs kept in {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    speed_after = common.speed_ms()
     print()
-    print(f"capacity {started:%Y-%m-%d %H:%M %Z}, {os.cpu_count()} cores, {args.connections} connections on one node")
+    print(f"capacity {started:%Y-%m-%d %H:%M %Z}, {os.cpu_count()} cores, {args.connections} connections on one node, "
+          f"{common.speed_line(speed_before, speed_after)}")
     print(format_table(results))
     if args.json:
-        args.json.write_text(json.dumps({"date": started.isoformat(timespec="seconds"), "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
+        args.json.write_text(json.dumps({"date": started.isoformat(timespec="seconds"), "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
+                                                     "speed_ms": {"before": speed_before, "after": speed_after}},
                                          "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                          "results": results}, indent=2, default=str) + "\n")
     if failed:

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import timeit
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,6 +113,32 @@ def http_ok(url: str) -> bool:
             return response.status == 200
     except Exception:  # noqa: BLE001
         return False
+
+
+# =============================================================================================
+# The machine's speed
+# =============================================================================================
+
+#: What bench/README.md and HISTORY.md give as a run's machine state: ``python3 -m timeit
+#: "sum(range(100000))"``, one core's speed for plain Python right now.
+SPEED_PROBE = "sum(range(100000))"
+
+
+def speed_ms(repeat: int = 5) -> float:
+    """Milliseconds per :data:`SPEED_PROBE`, the best of ``repeat`` timings of a loop long enough to
+    take 0.2 s, as ``python3 -m timeit`` measures and reports it; about a second with the default.
+    The VM these figures come from moved by up to three times within an hour, so every run says
+    what it ran on, before and after."""
+    timer = timeit.Timer(SPEED_PROBE)
+    number, _ = timer.autorange()
+    return min(timer.repeat(repeat, number)) / number * 1000.0
+
+
+def speed_line(before: float, after: float | None = None) -> str:
+    """The speed part of a run's heading, e.g. ``timeit "sum(range(100000))" 1.31 ms before, 1.36
+    after``.  Pure."""
+    text = f'timeit "{SPEED_PROBE}" {before:.2f} ms before'
+    return text if after is None else f"{text}, {after:.2f} after"
 
 
 # =============================================================================================

@@ -538,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common.interrupt_on_signals()
     started = datetime.datetime.now().astimezone()
+    speed_before = common.speed_ms()
     t0 = time.time()
     runner = Runner(args)
     try:
@@ -550,11 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         runner.close()
+    speed_after = common.speed_ms()
     ratio_items = ratios(rows, args.nodes)
     print()
     print(f"compare {started:%Y-%m-%d %H:%M %Z}, {os.cpu_count()} cores, {args.users} users, {args.messages} messages per throughput row, "
           f"latency rows {args.rate:g} msg/s for {args.seconds:g} s, {args.rounds} round{'s' if args.rounds > 1 else ''}, ours single capped at {args.single_max or 'no cap'}, ours' broker {args.broker}, "
-          f"{time.time() - t0:.0f} s in all")
+          f"{time.time() - t0:.0f} s in all, {common.speed_line(speed_before, speed_after)}")
     print(format_table(rows))
     print()
     print(format_ratios(ratio_items))
@@ -565,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nproblems:\n" + "\n".join(problems[:30]))
     if args.json:
         payload = {"date": started.isoformat(timespec="seconds"), "seconds": round(time.time() - t0, 1),
-                   "machine": {"cores": os.cpu_count(), "platform": platform.platform()}, "versions": versions(),
+                   "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "speed_ms": {"before": speed_before, "after": speed_after}},
+                   "versions": versions(),
                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "rows": rows, "ratios": ratio_items}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -53,7 +53,7 @@ for _p in (str(REPO_ROOT), str(REPO_ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from common import Cleanup, interrupt_on_signals  # noqa: E402 - after the path set-up
+from common import Cleanup, interrupt_on_signals, speed_line, speed_ms  # noqa: E402 - after the path set-up
 from wsclients import ClientProcess  # noqa: E402
 
 MODES = ("single", "batch", "list")
@@ -724,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_on_signals()
     bench = Bench(args)
     started = datetime.datetime.now().astimezone()
+    speed_before = speed_ms()
     try:
         results = bench.run()
     except KeyboardInterrupt:
@@ -734,9 +735,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         bench.stop_all()
+    speed_after = speed_ms()
     print()
     print(f"e2e bench {started:%Y-%m-%d %H:%M %Z}, {os.cpu_count()} cores, {args.users} users on 2 nodes, 1 worker (default concurrency), "
-          f"batch {args.batch}, {'rate ' + format(args.rate, 'g') + ' msg/s' if args.rate else 'max rate'}")
+          f"batch {args.batch}, {'rate ' + format(args.rate, 'g') + ' msg/s' if args.rate else 'max rate'}, {speed_line(speed_before, speed_after)}")
     print(format_table(results))
     print()
     print(format_cpu(results))
@@ -749,7 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         payload = {
             "date": started.isoformat(timespec="seconds"),
-            "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "speed_ms": {"before": speed_before, "after": speed_after}},
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "results": results,
         }
