@@ -134,11 +134,10 @@ def speed_ms(repeat: int = 5) -> float:
     return min(timer.repeat(repeat, number)) / number * 1000.0
 
 
-def speed_line(before: float, after: float | None = None) -> str:
+def speed_line(before: float, after: float) -> str:
     """The speed part of a run's heading, e.g. ``timeit "sum(range(100000))" 1.31 ms before, 1.36
     after``.  Pure."""
-    text = f'timeit "{SPEED_PROBE}" {before:.2f} ms before'
-    return text if after is None else f"{text}, {after:.2f} after"
+    return f'timeit "{SPEED_PROBE}" {before:.2f} ms before, {after:.2f} after'
 
 
 # =============================================================================================
