@@ -11,13 +11,22 @@ one runs bigger batches the busier it is (each claim, insert, route lookup and n
 then shared by more requests), with no fixed wait in either case.  ``COLLECT_BATCH`` still caps a
 batch and ``COLLECT_FLUSH_SECONDS`` still flushes what waits whatever the gate says (the timer and
 count of celery-batches): the longest a request can be held, and what puts a second batch beside
-a running one under load, on the pool's other processes.
+a running one under load, on the pool's other processes, for requests of other users.
 
 One batch at a time by default, not one per pool process: a batch has a fixed cost (Redis round
 trips and a store commit), and letting a batch go whenever a process was free made the batches
 small while the pool was busy; sending one task per message as fast as one process can
 (``bench/compare.py``, 2026-12-02) that nearly doubled the platform's CPU per message and cut the
 delivered rate by about a third, where one at a time kept the rate.
+
+Per-user order (:func:`ordered_batches`): two batches that run beside each other (the timer's or
+the count's flush beside a running one, or the pieces of a flush bigger than one batch) have no
+order between them, each on its own pool process.  So a request waits, in order, behind a running
+batch (or a batch cut before it in the same flush) that names one of its users, or every user
+(``to="*"``), and behind an earlier request that waits; a request of other users goes beside.
+One worker then delivers a user's messages in the order it read their requests from the broker,
+which is the order one business process sent them.  A batch's own messages are published in
+order, one pool process each, and a node reads its queue in order.
 
 Threading: the worker's main process, on its event loop.  ``started`` is called where the batch
 is handed to the pool; ``finished`` from the pool's result callback, which the prefork and solo
@@ -28,26 +37,97 @@ hub's thread-safe ``call_soon``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
 
+#: What :func:`request_users` answers for a request that names every user online (``to="*"``).
+EVERYONE = None
 
-def chunks(items: Sequence[T], size: Callable[[T], int], limit: int) -> Iterator[list[T]]:
-    """``items`` in order, cut into runs whose ``size`` adds up to at most ``limit``; an item
-    bigger than ``limit`` goes alone (a batch is never empty, and nothing is split)."""
-    chunk: list[T] = []
+
+def request_users(args: Sequence | None, kwargs: Mapping | None) -> frozenset[str] | None:
+    """The users a ``tasks.collect`` or ``tasks.collect_many`` request names, read as the worker's
+    main process has it (not validated): ``to`` of the request, or of each item of ``messages``
+    (a ``collect_many`` takes its list as ``messages`` or as its one positional argument).
+    :data:`EVERYONE` when one of them is ``"*"``.  What is not a user id is left out: the pool
+    refuses such a request or item, which then sends nothing.  Pure."""
+    kwargs = kwargs if isinstance(kwargs, Mapping) else {}
+    messages = kwargs.get("messages")
+    if messages is None and args and len(args) == 1:
+        messages = args[0]
+    if isinstance(messages, (list, tuple)):
+        targets = [item.get("to") for item in messages if isinstance(item, Mapping)]
+    else:
+        targets = [kwargs.get("to")]
+    users: set[str] = set()
+    for to in targets:
+        if to == "*":
+            return EVERYONE
+        if isinstance(to, str):
+            users.add(to)
+        elif isinstance(to, (list, tuple)):
+            users.update(user for user in to if isinstance(user, str))
+    return frozenset(users)
+
+
+class _Claims:
+    """Users taken by batches that run (or are cut to run), or by requests that wait."""
+
+    def __init__(self, taken: Iterable[frozenset[str] | None] = ()) -> None:
+        self.everyone = False
+        self.users: set[str] = set()
+        for users in taken:
+            self.add(users)
+
+    def add(self, users: frozenset[str] | None) -> None:
+        if users is EVERYONE:
+            self.everyone = True
+        elif not self.everyone:
+            self.users.update(users)
+
+    def overlaps(self, users: frozenset[str] | None) -> bool:
+        if users is EVERYONE:
+            return self.everyone or bool(self.users)
+        return self.everyone or not self.users.isdisjoint(users)
+
+    def frozen(self) -> frozenset[str] | None:
+        return EVERYONE if self.everyone else frozenset(self.users)
+
+
+def ordered_batches(items: Sequence[T], users: Callable[[T], frozenset[str] | None], size: Callable[[T], int], limit: int,
+                    running: Iterable[frozenset[str] | None] = ()) -> tuple[list[tuple[list[T], frozenset[str] | None]], list[T]]:
+    """``items`` (in the order the worker read them) cut, in order, into batches of at most
+    ``limit`` in ``size`` (an item bigger than that goes alone and whole; one of no size counts as
+    one) that may all start now, beside each other and beside the batches that run, whose users
+    are ``running``; and the items that must wait, in order.  An item waits when a running batch,
+    a batch cut before it here, or an item that waits names one of its ``users`` (or every user:
+    :data:`EVERYONE`).  Returns ``([(batch, its users), ...], waiting)``.  Pure."""
+    taken = _Claims(running)
+    waiting_users = _Claims()
+    batches: list[tuple[list[T], frozenset[str] | None]] = []
+    waiting: list[T] = []
+    batch: list[T] = []
+    batch_users = _Claims()
     total = 0
     for item in items:
+        named = users(item)
         n = max(1, size(item))
-        if chunk and total + n > limit:
-            yield chunk
-            chunk, total = [], 0
-        chunk.append(item)
+        if taken.overlaps(named) or waiting_users.overlaps(named) or (batch and total + n > limit and batch_users.overlaps(named)):
+            # (the last: it does not fit in the batch it would follow, and would run beside it)
+            waiting.append(item)
+            waiting_users.add(named)
+            continue
+        if batch and total + n > limit:
+            batches.append((batch, batch_users.frozen()))
+            taken.add(batches[-1][1])
+            batch, batch_users, total = [], _Claims(), 0
+        batch.append(item)
+        batch_users.add(named)
         total += n
-    if chunk:
-        yield chunk
+    if batch:
+        batches.append((batch, batch_users.frozen()))
+    return batches, waiting
 
 
 class FlushGate:

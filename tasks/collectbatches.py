@@ -38,7 +38,7 @@ from celery_batches.trace import apply_batches_task
 
 import settings
 from tasks import links, redis_transport, taskmessages
-from tasks.batching import FlushGate, chunks
+from tasks.batching import FlushGate, ordered_batches, request_users
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
 from worker import app
 
@@ -92,6 +92,14 @@ class CollectBatches(Batches):
         self._limited: list = []  # requests due but held back by the task's rate limit, in order
         self._limit_tref = None  # the timer entry that flushes them when the next token is due
         self._flush_pending = False
+        # Requests that wait behind a running batch naming one of their users (per-user order,
+        # tasks.batching.ordered_batches), in the order read, as (request, its picklable copy,
+        # its users); they go first at the next flush.
+        self._waiting: list[tuple] = []
+        # The users of each batch in the pool, by its gate token.  Set on the loop; removed where
+        # the batch's result callback runs (a thread of the threads pool: dict.pop is atomic
+        # under the GIL, and the loop reads a copy).
+        self._running_users: dict[object, frozenset[str] | None] = {}
 
     def __call__(self, *args, **kwargs):
         """``collect(to=..., data=...)``: business code calling the task object directly, which
@@ -144,7 +152,7 @@ class CollectBatches(Batches):
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
-        dropped = [*consume_queue(self._buffer), *consume_queue(self._pending), *self._limited]
+        dropped = [*(entry[0] for entry in self._waiting), *consume_queue(self._buffer), *consume_queue(self._pending), *self._limited]
         for req in dropped:
             worker_state.task_ready(req)  # not reserved here any more: the broker has it again
         if dropped:
@@ -152,7 +160,9 @@ class CollectBatches(Batches):
         self._count = itertools.count(1)
         self._announced.clear()
         self._limited, self._limit_tref = [], None  # the consumer cleared its timer
+        self._waiting = []
         self._gate.reset()
+        self._running_users.clear()
         self._flush_pending = False
         self._hub = consumer.hub
         self._consumer = consumer
@@ -174,7 +184,7 @@ class CollectBatches(Batches):
         """Run what is buffered as a batch if the gate lets one go: on the loop's next turn, so
         that the requests read from the broker in this turn go together (on the Redis broker a
         worker reads a whole backlog in one turn)."""
-        if self._flush_pending or self._buffer.empty() or not self._gate.may_flush():
+        if self._flush_pending or not self._has_work() or not self._gate.may_flush():
             return
         if self._hub is None:
             self._do_flush()
@@ -184,13 +194,17 @@ class CollectBatches(Batches):
 
     def _flush_now(self) -> None:
         self._flush_pending = False
-        if not self._buffer.empty() and self._gate.may_flush():
+        if self._has_work() and self._gate.may_flush():
             self._do_flush()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting) or not self._buffer.empty()
 
     def _batch_done(self, token) -> None:
         """A batch returned: what gathered while it ran may go (through the loop: the threads
         pool calls this on its own thread).  Without an event loop (green pools) it goes with
         the next request or the timer instead."""
+        self._running_users.pop(token, None)
         self._gate.finished(token)
         if self._hub is not None:
             self._flush_when_free()
@@ -213,6 +227,7 @@ class CollectBatches(Batches):
             # timers on a thread meanwhile): what is buffered stays unacknowledged, and the broker
             # gives it to the next worker, rather than being announced as started and never run.
             return
+        waiting, self._waiting = self._waiting, []  # past the rate limit already
         ready, self._limited = self._limited, []
         now = time.monotonic()
         for req in consume_queue(self._buffer):
@@ -223,8 +238,8 @@ class CollectBatches(Batches):
                 self._hold(req, due)
         self._count = itertools.count(1)
         ready = self._within_rate_limit(ready)
-        if ready:
-            self.flush(ready)
+        if ready or waiting:
+            self.flush(ready, waiting)
         elif self._tref is not None:
             self._tref.cancel()  # nothing waits: the next request starts it again
             self._tref = None
@@ -282,7 +297,7 @@ class CollectBatches(Batches):
             self._tref = self._consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
         self._flush_when_free()
 
-    def flush(self, requests):
+    def flush(self, requests, waiting=()):
         # A request revoked (``app.control.revoke``) or past its ``expires`` is dropped here, as
         # Celery's own strategy drops it before running a task (celery-batches does not): the
         # request's ``revoked()`` logs it, stores REVOKED, sends ``task-revoked`` and acks it.
@@ -290,20 +305,30 @@ class CollectBatches(Batches):
         # revoked while it waits is dropped too.
         # A request whose batch died with its pool process before runs alone, so that if it is
         # what kills the process it no longer takes other requests with it (LostRequests).
-        live, alone = [], []
-        for req in requests:
+        # A request that names a user of a batch in the pool, or of a batch cut before it here,
+        # waits for the next flush, behind any earlier one that waits (per-user order: see
+        # tasks.batching); the rest go now, as several batches when they are more than one holds.
+        # ``waiting``: what waited at the last flush, as (request, its picklable copy, its users).
+        live = []  # the same, in order
+        for req, simple, users in [*waiting, *((req, None, None) for req in requests)]:
             if req.revoked():
                 self._announced.discard(req.id)
                 self._lost.returned((req.id,))
+            elif simple is None:
+                simple = links.CollectRequest.from_request(req)
+                live.append((req, simple, request_users(simple.args, simple.kwargs)))
             else:
-                (alone if self._lost.suspect(req.id) else live).append((req, links.CollectRequest.from_request(req)))
-        for pair in alone:
-            log.warning("%s %s: its batch was lost with its pool process before; it runs alone", self.name, pair[0].id)
-            self._run_in_pool([pair])
-        for batch in chunks(live, lambda pair: _messages_in(pair[1]), self.batch_messages):
-            self._run_in_pool(batch)
+                live.append((req, simple, users))
+        most = self.batch_messages
+        batches, self._waiting = ordered_batches(
+            live, lambda entry: entry[2], lambda entry: most + 1 if self._lost.suspect(entry[0].id) else _messages_in(entry[1]), most,
+            list(self._running_users.values()))
+        for batch, users in batches:
+            if self._lost.suspect(batch[0][0].id):
+                log.warning("%s %s: its batch was lost with its pool process before; it runs alone", self.name, batch[0][0].id)
+            self._run_in_pool([(req, simple) for req, simple, _ in batch], users)
 
-    def _run_in_pool(self, pairs):
+    def _run_in_pool(self, pairs, users: frozenset[str] | None = frozenset()):
         requests = [req for req, _ in pairs]
         serializable = ([simple for _, simple in pairs],)
         for req in requests:
@@ -316,6 +341,7 @@ class CollectBatches(Batches):
             # runs, and counts in the worker's total per task name, as Celery's own requests do.
             worker_state.task_accepted(req)
         token = self._gate.started()
+        self._running_users[token] = users
         # The pool process sends each request's task-succeeded/failed/retried event itself
         # (_apply_batch): the main process needs only to know that the batch returned.
         events = any(_sends_events(req) for req in requests)

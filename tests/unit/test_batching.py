@@ -1,9 +1,10 @@
 """Pure tests of ``tasks.batching``: when the worker hands buffered ``tasks.collect`` and
-``tasks.collect_many`` requests to its pool (``FlushGate``), and how many at a time (``chunks``)."""
+``tasks.collect_many`` requests to its pool (``FlushGate``), how many at a time and which may run beside each other
+(``ordered_batches``), and whom a request names (``request_users``)."""
 
 from __future__ import annotations
 
-from tasks.batching import FlushGate, chunks
+from tasks.batching import EVERYONE, FlushGate, ordered_batches, request_users
 
 
 def test_an_idle_pool_takes_a_batch_at_once():
@@ -61,33 +62,78 @@ def test_after_a_reset_batches_from_before_neither_hold_nor_free_a_slot():
     assert gate.may_flush()
 
 
-def test_chunks_keep_the_order_and_cut_where_the_sizes_would_pass_the_limit():
-    sizes = {"a": 400, "b": 500, "c": 200, "d": 1000, "e": 1}
-    assert list(chunks(list("abcde"), sizes.get, 1000)) == [["a", "b"], ["c"], ["d"], ["e"]]
+def batches_of(items, users=None, size=None, limit=1000, running=()):
+    """``ordered_batches`` with each item its own size and user by default, answering the batches
+    alone (without their users) and what waits."""
+    batches, waiting = ordered_batches(items, users or (lambda item: frozenset({item[0]})), size or (lambda item: item[1]), limit, running)
+    return [batch for batch, _ in batches], waiting
+
+
+def test_batches_keep_the_order_and_cut_where_the_sizes_would_pass_the_limit():
+    items = [("a", 400), ("b", 500), ("c", 200), ("d", 1000), ("e", 1)]
+    assert batches_of(items) == ([[("a", 400), ("b", 500)], [("c", 200)], [("d", 1000)], [("e", 1)]], [])
 
 
 def test_an_item_bigger_than_the_limit_goes_alone_and_whole():
-    assert list(chunks([5, 2000, 5], lambda n: n, 1000)) == [[5], [2000], [5]]
+    assert batches_of([("a", 5), ("b", 2000), ("c", 5)]) == ([[("a", 5)], [("b", 2000)], [("c", 5)]], [])
 
 
 def test_items_of_no_size_count_as_one():
-    assert list(chunks(["x"] * 5, lambda _: 0, 2)) == [["x", "x"], ["x", "x"], ["x"]]
+    assert batches_of([(u, 0) for u in "vwxyz"], limit=2) == ([[("v", 0), ("w", 0)], [("x", 0), ("y", 0)], [("z", 0)]], [])
 
 
-def test_nothing_makes_no_chunk():
-    assert list(chunks([], len, 10)) == []
+def test_nothing_makes_no_batch():
+    assert ordered_batches([], len, len, 10) == ([], [])
 
 
-def test_an_outcome_event_carries_the_results_repr_or_the_errors_text_cut_as_celery_cuts_results():
-    from tasks.collectbatches import outcome_text
+def test_a_request_of_a_user_whose_batch_runs_waits_and_so_does_every_later_one_of_that_user():
+    items = [("a", 1), ("b", 1), ("a", 1), ("c", 1)]
+    assert batches_of(items, running=[frozenset({"a"})]) == ([[("b", 1), ("c", 1)]], [("a", 1), ("a", 1)])
 
-    ids = [f"01a23d0ff4e00000{n:02x}adb707" for n in range(100)]
-    assert outcome_text("ok", ids[0], 1024) == f"'{ids[0]}'"
-    many = outcome_text("ok", ids, 1024)
-    assert many.startswith(f"['{ids[0]}'") and many.endswith("...]") and len(many) < 1100
-    from tasks.messages import InvalidMessage
-    from tasks.store import StoreUnavailable
 
-    assert outcome_text("failed", InvalidMessage("x" * 2000), 1024) == ("InvalidMessage: " + "x" * 2000)[:1024]
-    assert outcome_text("retry", StoreUnavailable("down"), 1024) == "StoreUnavailable: down"
-    assert outcome_text("failed", "the batch did not run: see the worker log", 1024) == "the batch did not run: see the worker log"
+def test_one_user_in_two_batches_of_one_flush_waits_for_the_first_and_other_users_go_beside():
+    # the first batch is full at 1000; the next of "a" would run beside it: it waits, and the
+    # later "a" behind it too, while "b" starts a batch beside the first
+    items = [("a", 600), ("x", 400), ("a", 600), ("b", 600), ("a", 1)]
+    assert batches_of(items) == ([[("a", 600), ("x", 400)], [("b", 600)]], [("a", 600), ("a", 1)])
+
+
+def test_a_request_that_fits_goes_in_the_same_batch_as_an_earlier_one_of_its_user():
+    assert batches_of([("a", 1), ("a", 1), ("b", 1)]) == ([[("a", 1), ("a", 1), ("b", 1)]], [])
+
+
+def test_a_request_to_everyone_waits_for_any_batch_that_runs_and_holds_back_what_comes_after_it():
+    everyone = lambda item: EVERYONE if item[0] == "*" else frozenset({item[0]})  # noqa: E731
+    items = [("*", 1), ("a", 1), ("b", 1)]
+    assert batches_of(items, users=everyone, running=[frozenset({"z"})]) == ([], items)
+    # with nothing running it goes, and a later batch cut beside it cannot start
+    items = [("a", 999), ("*", 1), ("b", 5)]
+    assert batches_of(items, users=everyone) == ([[("a", 999), ("*", 1)]], [("b", 5)])
+    # and a batch to everyone that runs holds back everyone else
+    assert batches_of([("a", 1)], running=[EVERYONE]) == ([], [("a", 1)])
+
+
+def test_each_batch_comes_with_the_users_it_names():
+    batches, waiting = ordered_batches([("a", 600), ("b", 300), ("c", 600)], lambda item: frozenset({item[0]}), lambda item: item[1], 1000)
+    assert [(len(batch), users) for batch, users in batches] == [(2, frozenset({"a", "b"})), (1, frozenset({"c"}))]
+    assert waiting == []
+
+
+def test_a_request_names_its_to_or_each_items_to():
+    assert request_users((), {"to": "alice", "data": 1}) == frozenset({"alice"})
+    assert request_users((), {"to": ["alice", "bob", "alice"], "data": 1}) == frozenset({"alice", "bob"})
+    assert request_users((), {"to": "*", "data": 1}) is EVERYONE
+    assert request_users((), {"messages": [{"to": "a"}, {"to": ["b", "c"]}]}) == frozenset("abc")
+    assert request_users(([{"to": "a"}, {"to": "b"}],), {}) == frozenset("ab")  # collect_many's list as its one argument
+    assert request_users((), {"messages": [{"to": "a"}, {"to": "*"}]}) is EVERYONE
+
+
+def test_what_is_not_a_user_id_names_nobody():
+    # the pool refuses such a request or item, which sends nothing: it need not wait for anyone
+    assert request_users((), {}) == frozenset()
+    assert request_users((), {"to": 5}) == frozenset()
+    assert request_users((), {"to": ["a", 5, None, ["b"]]}) == frozenset({"a"})
+    assert request_users((), {"messages": ["x", 5, {"data": 1}, {"to": "a"}]}) == frozenset({"a"})
+    assert request_users((), {"messages": "not a list"}) == frozenset()
+    assert request_users(None, None) == frozenset()
+    assert request_users(("a", "b"), {}) == frozenset()  # two positional arguments: refused
