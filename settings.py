@@ -465,6 +465,11 @@ RECEIPT_BATCH: int = _read(_env, "RECEIPT_BATCH", 1000, _positive_int, "a whole 
 COLLECT_BATCH: int = _read(_env, "COLLECT_BATCH", 100, _positive_int, "a whole number")
 #: ... or as many as arrived within this many seconds (the most a lone message waits in the worker).
 COLLECT_FLUSH_SECONDS: float = _read(_env, "COLLECT_FLUSH_SECONDS", 0.05, _positive_float, "a number of seconds")
+#: ``user``: a request waits while a batch of its task that names one of its users runs, so that
+#: one worker delivers a user's messages in the order it read them (tasks/batching.py); ``none``:
+#: batches go beside each other whoever they name, in no order between them (more throughput when
+#: every batch names the same users).
+COLLECT_ORDER: str = _read(_env, "COLLECT_ORDER", "user", _choice("user", "none"), "user or none")
 
 #: A message routed to a user who stays online but has not acked it after this many seconds is
 #: re-dispatched (clients drop the repeat by id) ...

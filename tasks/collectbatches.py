@@ -55,6 +55,10 @@ ETA_SLACK = 0.005
 
 log = logging.getLogger(__name__)
 
+#: Whether a request waits for a running batch of its users (``COLLECT_ORDER``).
+ORDERED = settings.COLLECT_ORDER == "user"
+NOBODY: frozenset[str] = frozenset()
+
 
 class CollectBatches(Batches):
     """celery-batches' task class, plus what a plain Celery task gives operators and callers.
@@ -316,7 +320,7 @@ class CollectBatches(Batches):
                 self._lost.returned((req.id,))
             elif simple is None:
                 simple = links.CollectRequest.from_request(req)
-                live.append((req, simple, request_users(simple.args, simple.kwargs)))
+                live.append((req, simple, request_users(simple.args, simple.kwargs) if ORDERED else NOBODY))
             else:
                 live.append((req, simple, users))
         most = self.batch_messages

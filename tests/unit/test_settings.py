@@ -487,3 +487,15 @@ def test_a_previous_admin_key_with_whitespace_stops_the_import_naming_it_without
 
     assert done.returncode != 0 and "AUTH_ADMIN_KEY_PREVIOUS item 2 of 2 starts or ends with whitespace" in done.stderr, done.stderr[-500:]
     assert "p" * 40 not in done.stderr and "q" * 40 not in done.stderr
+
+
+def test_collect_order_is_user_unless_set_to_none():
+    """Read in a fresh interpreter: ``settings`` reads the environment once, at import."""
+    def order(value):
+        env = {k: v for k, v in os.environ.items() if k != "COLLECT_ORDER"} | ({"COLLECT_ORDER": value} if value is not None else {})
+        return subprocess.run([sys.executable, "-c", "import settings; print(settings.COLLECT_ORDER)"], cwd=Path(__file__).resolve().parents[2],
+                              env=env, capture_output=True, text=True, timeout=60)
+    assert order(None).stdout.strip() == "user"
+    assert order("none").stdout.strip() == "none"
+    bad = order("per-user")
+    assert bad.returncode != 0 and "COLLECT_ORDER='per-user' is not valid: expected user or none" in bad.stderr
