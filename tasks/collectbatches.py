@@ -332,7 +332,7 @@ class CollectBatches(Batches):
                 log.warning("%s %s: its batch was lost with its pool process before; it runs alone", self.name, batch[0][0].id)
             self._run_in_pool([(req, simple) for req, simple, _ in batch], users)
 
-    def _run_in_pool(self, pairs, users: frozenset[str] | None = frozenset()):
+    def _run_in_pool(self, pairs, users: frozenset[str] | None):
         requests = [req for req, _ in pairs]
         serializable = ([simple for _, simple in pairs],)
         for req in requests:
