@@ -44,7 +44,7 @@ async def test_collect_and_collect_many_deliver_and_report_each_request_under_th
         # Each client reads (and so acks, as a browser does) while the results are awaited: read
         # only after them, the first messages stayed unacked for longer than REDELIVER_AFTER (4 s)
         # under load, and their redelivered copies came after them (failed in a CI run).
-        counts = {user: sum(USERS[i % 3] == user for i in range(40)) + 40 for user in USERS}
+        counts = {user: sum(to == user for _, to in singles) + len(manys) for user in USERS}
         reading = {user: asyncio.create_task(client.messages(counts[user], timeout=60)) for user, client in clients.items()}
 
         expected: dict[str, set[str]] = {user: set() for user in USERS}
