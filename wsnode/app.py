@@ -1,4 +1,10 @@
-"""Wiring of one push node: hub, leases, auth client, queue consumer and HTTP server.
+"""Wiring of one push node: hub, leases, auth client, queue consumer and HTTP server; a connection's
+admission (``attach``) and departure (``detach``); the node's health.
+
+Three parts of the node are modules of their own, each one concept (mixins of :class:`PushNode`):
+its leases and the connections their gaps close (:mod:`wsnode.leasekeeper`), what it writes to its
+connections and its replay requests (:mod:`wsnode.deliveries`), and what it does about open
+connections' tokens (:mod:`wsnode.tokenwatch`).
 
 :class:`PushNode` has explicit ``start()`` and ``stop()``, both coroutines run on the node's
 IOLoop.  All its state is touched on the loop thread only, except:
@@ -18,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import itertools
 import logging
 import os
 import time
@@ -34,7 +39,6 @@ from tornado.websocket import WebSocketClosedError
 import redisfull
 import redislogin
 import settings
-from tasks.ids import is_message_id
 from tasks.queues import node_address
 from tasks import publishing, wirejson
 from tasks.reclaim import hand_back
@@ -42,10 +46,12 @@ from wsnode import connectrate, protocol
 from wsnode.auth import AuthClient
 from wsnode.closecodes import CloseCode
 from wsnode.coalesce import Coalescer
-from wsnode.consumer import Delivery, NodeQueueConsumer
+from wsnode.consumer import NodeQueueConsumer
+from wsnode.deliveries import REPLAY_REQUESTS_PER_TASK, Deliveries
 from wsnode.expiry import ExpirySchedule
 from wsnode.handler import PushHandler
 from wsnode.hub import Hub
+from wsnode.leasekeeper import LeaseKeeper
 from wsnode.presence import node_name
 from wsnode.metrics import MetricsHandler, NodeMetrics
 from wsnode.pinger import PingSchedule
@@ -53,8 +59,8 @@ from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
 from wsnode.revocations import RecentRevocations, RevocationListener
-from wsnode.registry import Lapsed, Leases
-from wsnode.session import BacklogOverflow, Session
+from wsnode.registry import Leases
+from wsnode.session import Session
 from wsnode.tokenwatch import TokenWatch
 
 log = logging.getLogger(__name__)
@@ -85,25 +91,6 @@ def ping_failure(exc: BaseException) -> str:
 #: free, so that thousands of browsers connecting or leaving at once never open thousands of Redis
 #: connections (Redis refuses clients beyond its ``maxclients``, 10,000 by default, for everyone).
 REDIS_MAX_CONNECTIONS = 16
-
-#: Most connections one ``tasks.replay_many`` answers, so that a reconnect storm is spread over the
-#: worker processes rather than read by one.
-REPLAY_REQUESTS_PER_TASK = 100
-
-#: How long the first replay request of a round waits for others before the round is sent.  A task
-#: costs the node about a millisecond to publish and a worker more to run, whatever it carries;
-#: connections that open a few milliseconds apart (hundreds a second, after a node or a proxy
-#: restarted) would otherwise get a task each.  It delays a new connection's opening replay, and
-#: the live messages held back during it, by this much; nothing after that.
-REPLAY_GATHER_SECONDS = 0.02
-
-#: The close reason of a connection whose user's lease (or the node's own) a lease write found gone
-#: or ended while the node's writes worked (:meth:`PushNode._close_unroutable`).
-LEASE_LOST_REASON = "routes lost (leases gone from Redis), reconnect with since"
-
-#: The close reason of the connections bound when the node gave up on its queue connection to the
-#: broker while it consumed (:meth:`PushNode._queue_connection_lost`).
-QUEUE_LOST_REASON = "messages lost with the broker connection, reconnect with since"
 
 #: Seconds a client has to send a request's headers, and again its body, before the node closes the
 #: connection (Tornado's ``idle_connection_timeout``, which also bounds the headers, and
@@ -138,9 +125,12 @@ class HealthHandler(tornado.web.RequestHandler):
         self.finish(status)
 
 
-class PushNode(TokenWatch):
-    """One push node (see the module).  What it does about its connections' tokens once they are
-    open (refresh, expiry, revocation) is :class:`wsnode.tokenwatch.TokenWatch`."""
+class PushNode(LeaseKeeper, Deliveries, TokenWatch):
+    """One push node (see the module).  Its parts written apart, each one concept: its leases and
+    the connections their gaps close (:class:`wsnode.leasekeeper.LeaseKeeper`), what it writes to
+    its connections and how it asks for their replays (:class:`wsnode.deliveries.Deliveries`), and
+    what it does about its connections' tokens once they are open (refresh, expiry, revocation:
+    :class:`wsnode.tokenwatch.TokenWatch`)."""
 
     def __init__(self, port: int, host: str = settings.NODE_HOST, celery_app=None) -> None:
         if celery_app is None:
@@ -415,82 +405,6 @@ class PushNode(TokenWatch):
             except WebSocketClosedError:
                 self.pings.remove(conn)  # on_close follows
 
-    def _leased(self, user: str, writing: asyncio.Future) -> None:
-        if self._leasing.get(user) is writing:
-            del self._leasing[user]
-        if not writing.cancelled():
-            writing.exception()  # retrieved: each waiting connection handles it
-
-    async def _register_new_leases(self, users: list[str]) -> None:
-        # A user whose connection closed while waiting for this pipeline is left out: its release
-        # may already have run, and a lease written after it would point here until it expired.
-        async with self._lease_writes:
-            if not self.draining:
-                started = time.monotonic()
-                await self._write_leases([user for user in users if self.hub.of_user(user)])
-                self._first_leases_written(started)
-
-    async def _admit_connects(self, users: list[str]) -> list[int | None | Exception]:
-        """Count the connects of ``users`` (one item per new connection) against
-        ``MAX_USER_CONNECTS`` and write, in the same script call, the leases of those admitted
-        whose user holds no bound connection here (as :meth:`_register_new_leases` would: the
-        first connection of the user, or one after the others' lease lapsed); one round trip for
-        all, holding ``_lease_writes``.  Returns per item None (admitted) or the milliseconds until
-        its user's next connect would be admitted (refused: 4429).
-
-        Redis unavailable: the connections whose lease was to be written get the error (refused
-        with 1013, as without the limit); the others, whose user's lease is written already, are
-        admitted uncounted: without the limit they would not have asked Redis at all, and the
-        limiter must not make the node refuse more than it does without it.  Draining: every item
-        is admitted uncounted, and ``attach`` closes it with 1001."""
-        async with self._lease_writes:
-            if self.draining:
-                return [None] * len(users)
-            connects = connectrate.tally(users)
-            # Left meanwhile (no connection here): counted, but no lease (see _register_new_leases).
-            lease = {user for user in connects if self.hub.of_user(user) and not self._open_bound(user)}
-            started = time.monotonic()
-            try:
-                node_lapsed, admitted = await self.leases.admit(connects, lease, *self.connect_rate)
-                if lease:
-                    self._first_leases_written(started)
-                if node_lapsed:
-                    await self._node_lease_lapsed()
-            except RedisError as exc:
-                self._redis_failed(exc)
-                unchecked = sum(1 for user in users if user not in lease)
-                if unchecked:
-                    log.warning("node=%s connect rate of %d connections not checked (%s): admitted, as their users' leases are written already",
-                                self.address, unchecked, redislogin.explain(exc))
-                return [exc if user in lease else None for user in users]
-        return connectrate.answers(users, admitted)
-
-    async def _write_leases(self, users: list[str]) -> None:
-        """Write the leases of ``users``, whose connections here are not bound yet (a first write:
-        no lease of theirs is expected), holding ``_lease_writes``.  The node's own lease is only
-        extended: when it was gone or ended (Redis lost it), Dispatch routed to none of the node's
-        users meanwhile, so their bound connections are closed before it is written again."""
-        if await self.leases.register(users):
-            self._check_leases()
-            await self._node_lease_lapsed()
-
-    def _first_leases_written(self, started: float) -> None:
-        """First leases (:meth:`_register_new_leases`, :meth:`_admit_connects`) were written by a
-        write that began at ``started`` (monotonic clock): close what a gap before it left
-        unroutable (:meth:`_check_leases`), then, in that order, record their end, ``LEASE_TTL``
-        after ``started``, when it comes before the one recorded (``_leases_until`` is the first
-        end of all).  Loop thread only, holding ``_lease_writes``."""
-        self._check_leases()
-        self._leases_until = min(self._leases_until, started + settings.LEASE_TTL)
-
-    async def _node_lease_lapsed(self) -> None:
-        """A first lease write (:meth:`_write_leases`, :meth:`_admit_connects`) found the node's own
-        lease gone or ended and left it so (Redis lost it): Dispatch routed to none of the node's
-        users meanwhile, so their bound connections are closed with 1013 (:meth:`_close_unroutable`)
-        before it is written again.  Loop thread only, holding ``_lease_writes``."""
-        self._close_unroutable(Lapsed(node=True, users=[]))
-        await self.leases.register([], node=True)
-
     def detach(self, conn: PushHandler) -> None:
         self.pings.remove(conn)
         self.expiries.remove(conn)
@@ -525,234 +439,7 @@ class PushNode(TokenWatch):
             IOLoop.current().spawn_callback(self._left.submit, conn.user_id)
         conn.refuse(code, reason, why=why)
 
-    async def _release_leases(self, left: list[str]) -> None:
-        """Release the leases of the users who left, many per round trip (thousands leave at once
-        when a proxy in front restarts).  A failure is logged here, once for the whole call."""
-        users = [user for user in dict.fromkeys(left) if not self.hub.of_user(user)]  # not back already
-        try:
-            async with self._lease_writes:
-                await self.leases.release(users)
-                back = [user for user in users if self.hub.of_user(user)]  # reconnected meanwhile
-                if back and not self.draining:
-                    await self._write_leases(back)
-        except RedisError as exc:
-            log.warning("node=%s leases of %d users who left not released (%s); they expire within %.0f s",
-                        self.address, len(users), exc, settings.LEASE_TTL)
-
-    def _request_replay(self, conn: PushHandler) -> None:
-        """Queue ``conn``'s replay request; the publisher thread sends what is queued as
-        ``tasks.replay_many`` (:mod:`wsnode.replays`)."""
-        if self._replays.add((conn, {"conn": conn.conn_id, "user": conn.user_id, "since": conn.session.since})):
-            self._loop.call_later(REPLAY_GATHER_SECONDS, self._start_replay_round)
-        self._loop.call_later(settings.REPLAY_TIMEOUT, self._replay_failed, conn, "replay timed out")
-
-    def _start_replay_round(self) -> None:
-        try:
-            self._publisher.submit(self._send_replay_requests)
-        except RuntimeError:  # the publisher was shut down: the node stopped, its connections are closed
-            pass
-
-    def _send_replay_requests(self) -> None:
-        """Publisher thread."""
-        for batch in self._replays.batches():
-            try:
-                with publishing.producer(self.celery) as producer:
-                    self.celery.send_task("tasks.replay_many", kwargs={"node": self.address, "requests": [request for _, request in batch]},
-                                          ignore_result=True, serializer=wirejson.SERIALIZER, producer=producer)
-            except Exception as exc:  # noqa: BLE001 - each connection is told, and closed to retry
-                for conn, _ in batch:
-                    self._loop.add_callback(self._replay_failed, conn, f"replay request not sent: {exc}")
-
-    def _replay_failed(self, conn: PushHandler, why: str) -> None:
-        if conn.session.replaying and self.hub.get(conn.conn_id) is conn and not conn.closing:
-            self.metrics.replay("failed")
-            log.warning("conn=%s user=%s node=%s replay failed: %s; closing so the client resumes again", conn.conn_id, conn.user_id, self.address, why)
-            conn.close_with(CloseCode.TRY_AGAIN_LATER, "resume failed, reconnect with since")
-
-    # --- delivery (loop thread) -------------------------------------------------------------
-
-    def deliver(self, batch: list[Delivery]) -> None:
-        """Write a batch from the queue to the sockets; called on the loop by the consumer, once
-        per batch.  The frames each connection gets from the batch's live messages go in one
-        write (:meth:`PushHandler.send`), in order; a replay page for a connection goes after
-        what came before it in the batch.  Counts the batch, the frames written, and per live
-        message written here the time since it was collected."""
-        self.metrics.batch(len(batch))
-        self._check_leases()
-        outbox: dict[PushHandler, list[tuple[str | None, str]]] = {}
-        for delivery in batch:
-            if delivery.conn is not None:
-                self._write_outbox(outbox)
-                self._deliver_replay(delivery)
-                continue
-            for envelope in delivery.envelopes:
-                frame = protocol.message_frame(envelope)
-                to = envelope["to"]
-                targets = self.hub.all() if to == "*" else itertools.chain.from_iterable(self.hub.of_user(user) for user in to)
-                for conn in targets:
-                    self._queue_live(outbox, conn, envelope["id"], frame)
-        self._write_outbox(outbox)
-
-    def _queue_live(self, outbox: dict, conn: PushHandler, message_id: str, frame: str) -> None:
-        if conn.closing:
-            return  # closed earlier in this batch (or going): on_close unbinds it
-        try:
-            frames = conn.session.live(message_id, frame)
-        except BacklogOverflow as exc:
-            reason = "too many messages during resume, reconnect with since"
-            if not conn.bound:  # still waiting for its lease write: it never worked, it is refused
-                self._refuse_unbound(conn, CloseCode.TRY_AGAIN_LATER, reason, why=f"{exc} while the lease was written")
-                return
-            log.warning("conn=%s user=%s node=%s: %s", conn.conn_id, conn.user_id, self.address, exc)
-            conn.close_with(CloseCode.TRY_AGAIN_LATER, reason)
-            return
-        if frames:
-            outbox.setdefault(conn, []).extend(frames)
-
-    def _write_outbox(self, outbox: dict) -> None:
-        """Write what ``outbox`` holds, one write per connection, and empty it.  A connection that
-        has not taken more than ``CLIENT_QUEUE_MAX_BYTES`` of earlier writes gets nothing more:
-        it is closed with 4008 and resumes from the store with ``since``."""
-        written: set[str] = set()
-        frames_written = 0
-        for conn, frames in outbox.items():
-            if conn.unsent_bytes > settings.CLIENT_QUEUE_MAX_BYTES:
-                self._close_slow(conn, len(frames))
-                continue
-            sent = conn.send(frames)
-            frames_written += len(sent)
-            written.update(sent)
-        outbox.clear()
-        self.metrics.latencies(written)
-        self.metrics.delivered("live", frames_written)
-
-    def _close_slow(self, conn: PushHandler, frames: int) -> None:
-        log.warning("conn=%s user=%s node=%s closed with %d: %d bytes written to it are not read yet (CLIENT_QUEUE_MAX_BYTES=%d); "
-                    "%d frames not written, the client gets them with since", conn.conn_id, conn.user_id, self.address,
-                    CloseCode.SLOW_CLIENT, conn.unsent_bytes, settings.CLIENT_QUEUE_MAX_BYTES, frames)
-        conn.close_with(CloseCode.SLOW_CLIENT)
-
-    def _deliver_replay(self, delivery: Delivery) -> None:
-        conn = self.hub.get(delivery.conn)
-        if conn is None or conn.closing:
-            return  # closed meanwhile: its next resume asks again
-        info = delivery.replay or {}
-        items = [(e["id"], protocol.message_frame(e)) for e in delivery.envelopes]
-        was_replaying = conn.session.replaying
-        cursor = info.get("cursor")
-        frames = conn.session.replay_page(items, bool(info.get("last")), int(info.get("count", 0)), bool(info.get("truncated")),
-                                          cursor if is_message_id(cursor) else None)
-        self.metrics.delivered("replay", len(conn.send(frames)))
-        if info.get("last") and was_replaying:
-            truncated = bool(info.get("truncated"))
-            self.metrics.replay("truncated" if truncated else "served")
-            log.info("conn=%s user=%s node=%s replay served: %d messages from %s%s", conn.conn_id, conn.user_id, self.address,
-                     int(info.get("count", 0)), f"since={conn.session.since}" if conn.session.since else "the inbox",
-                     ", truncated" if truncated else "")
-        if info.get("last"):
-            IOLoop.current().call_later(settings.REPLAY_DEDUP_SECONDS, conn.session.forget_replayed)
-
-    # --- leases, receipts, health -----------------------------------------------------------
-
-    async def _renew(self) -> None:
-        try:
-            async with self._lease_writes:
-                if self.draining:
-                    return
-                started = time.monotonic()
-                lapsed = await self.leases.renew(self.hub.users())
-                # Before the new end: a lease that ended before this write (Redis did not answer
-                # for LEASE_TTL) left a gap in which Dispatch skipped its users.
-                self._check_leases()
-                self._leases_until = started + settings.LEASE_TTL
-                if lapsed:  # left unwritten by the renewal: written again once their connections are closed
-                    again = self._close_unroutable(lapsed)
-                    if again or lapsed.node:
-                        await self.leases.register(again, node=lapsed.node)
-            if not self.redis_ok:
-                log.info("node=%s leases written for %d users", self.address, self.hub.user_count)
-            self.redis_ok, self.redis_refused = True, None
-        except RedisError as exc:
-            self.metrics.lease_failure()
-            log.warning("node=%s lease renewal failed for %d users (%s): their leases expire within %.0f s unless Redis is back; retrying every %.0f s",
-                        self.address, self.hub.user_count, redislogin.explain(exc), settings.LEASE_TTL, settings.LEASE_TTL / 3)
-            self._redis_failed(exc)
-
-    def _check_leases(self) -> None:
-        """Close the bound connections with 1013 once their leases may have ended (no lease write
-        for ``LEASE_TTL``: Redis down, full or cut off from this node).  From then on Dispatch
-        routes nothing to them, and what they miss is not redelivered to them when another device
-        of their user acks it: open, they would never get it; closed, they resume with ``since``
-        (on another node, or here once Redis answers).  Run before any live message is written
-        (:meth:`deliver`) and before a lease write's new end is recorded, so that no message
-        routed after such a gap reaches a connection that missed one during it."""
-        if self.draining or time.monotonic() < self._leases_until:
-            return
-        self._leases_until = float("inf")
-        conns = self._open_bound()
-        if conns:
-            log.warning("node=%s leases not written for %.0f s (LEASE_TTL; Redis unavailable): Dispatch routes nothing here, "
-                        "closing %d connections with %d so that they resume with since", self.address, settings.LEASE_TTL,
-                        len(conns), CloseCode.TRY_AGAIN_LATER)
-        self._close_to_resume(conns, "routes lost (Redis unavailable), reconnect with since")
-
-    def _open_bound(self, user: str | None = None) -> list[PushHandler]:
-        """The connections here (``user``'s, or every user's) that are bound (their lease written)
-        and not closing: those a lease lost, or a message lost on its way, concerns.  Loop thread."""
-        conns = self.hub.all() if user is None else self.hub.of_user(user)
-        return [conn for conn in conns if conn.bound and not conn.closing]
-
-    def _close_to_resume(self, conns: list[PushHandler], reason: str) -> None:
-        """Close ``conns`` (bound connections that may have missed a message: a lease lost or a
-        queue connection given up on) with 1013 and ``reason``, so that they resume with
-        ``since``.  The caller logs why, in its own words.  Loop thread only."""
-        for conn in conns:
-            conn.close_with(CloseCode.TRY_AGAIN_LATER, reason)
-
-    def _queue_connection_lost(self, why: str) -> None:
-        """The queue consumer gave up on its broker connection, which stopped answering (or was
-        reset) while it consumed (:mod:`wsnode.consumer`): what the broker had sent on it and the node had not read
-        (a batch on its way: a network cut, a stalled broker) is gone from the broker.
-        Redelivery would send such a message again only until another device of its user acks it,
-        and a connection here that then got a newer message would resume after it: close the bound
-        connections with 1013 now, before anything the next connection reads is written (the
-        consumer calls this after what it read before the loss and before what it reads after), so
-        that they resume with ``since`` and are replayed what they missed.  Connections still
-        waiting for their lease write are left: their replay is read after it."""
-        if self.draining:
-            return
-        conns = self._open_bound()
-        log.warning("node=%s gave up on its queue connection to the broker, which stopped answering while the node consumed (%s): "
-                    "what the broker had sent on it is lost; closing %d connections with %d so that they resume with since",
-                    self.address, why, len(conns), CloseCode.TRY_AGAIN_LATER)
-        self._close_to_resume(conns, QUEUE_LOST_REASON)
-
-    def _close_unroutable(self, lapsed: Lapsed) -> list[str]:
-        """Close with 1013 the bound connections of the users whose lease a write found gone or
-        ended though the node's writes worked (every user's when it was the node's own lease):
-        Redis lost it (restarted without persistence or lost the last second of its append-only
-        file, failed over to a replica that lacked it, was flushed, or evicted the route key under
-        a ``maxmemory`` policy).  Dispatch routed nothing to them since, and what they missed is not
-        redelivered to them when another device of their user acks it; closed, they resume with
-        ``since``.  Run before those leases are written again, so that nothing routed after the gap
-        reaches a connection that missed something during it; the renewal and the first writes
-        leave a lease they find gone or ended unwritten (:class:`wsnode.registry.Lapsed`).
-
-        A connection not bound yet is left open: its first lease write is in flight (which finds no
-        lease, rightly) or done, and its replay comes after it.  Returns the users of
-        ``lapsed.users`` who still hold such a connection and whose first lease write is not in
-        flight: their leases are to be written again now."""
-        users = sum(1 for user in lapsed.users if self._open_bound(user))  # those whose own lease went
-        closing = [conn for user in (self.hub.users() if lapsed.node else lapsed.users) for conn in self._open_bound(user)]
-        if closing:
-            self.metrics.leases_lost(node=lapsed.node, users=users)
-            found = " and ".join(text for text, shown in (("the node's own lease", lapsed.node),
-                                                          (f"the leases of {users} users with connections here", users)) if shown)
-            log.warning("node=%s lease write found %s gone or ended (Redis lost them: restarted without them, failed over, flushed, or evicted "
-                        "them): Dispatch routed nothing to them meanwhile; closing %d connections with %d so that they resume with since",
-                        self.address, found, len(closing), CloseCode.TRY_AGAIN_LATER)
-        self._close_to_resume(closing, LEASE_LOST_REASON)
-        return [user for user in lapsed.users if user not in self._leasing and any(not conn.closing for conn in self.hub.of_user(user))]
+    # --- Redis, receipts, health ------------------------------------------------------------
 
     def _redis_failed(self, exc: Exception) -> None:
         """A write to Redis failed: not ready until a PING and a lease write succeed; ``/healthz``

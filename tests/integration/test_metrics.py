@@ -22,7 +22,7 @@ import settings
 from tests.integration.conftest import ADMIN_KEY
 from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
-from wsnode.app import LEASE_LOST_REASON
+from wsnode.leasekeeper import LEASE_LOST_REASON
 from wsnode.registry import NODES_KEY, route_key
 
 Samples = dict[tuple[str, frozenset], float]

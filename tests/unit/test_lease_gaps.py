@@ -1,6 +1,6 @@
 """A lease Redis lost while the node's writes worked (a restart without persistence, a failover, a
 FLUSHDB, an evicted route key): what the renewal's replies say (``wsnode.registry.lapsed_from``),
-and which connections the node closes for it (``PushNode._close_unroutable``), on a real node
+and which connections the node closes for it (``LeaseKeeper._close_unroutable``, a part of ``PushNode``), on a real node
 without sockets and stand-in connections (those of ``test_node_lease_wait``)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 
 import launcher
 from tests.unit.test_node_lease_wait import Connection
-from wsnode.app import LEASE_LOST_REASON, PushNode
+from wsnode.app import PushNode
+from wsnode.leasekeeper import LEASE_LOST_REASON
 from wsnode.closecodes import CloseCode, short_reason
 from wsnode.registry import Lapsed, lapsed_from
 from tests.unit.test_metrics_pure import sample
