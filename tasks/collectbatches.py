@@ -37,7 +37,7 @@ from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
-from tasks import links, redis_transport, taskmessages
+from tasks import envelopes, links, redis_transport, taskmessages
 from tasks.batching import FlushGate, ordered_batches, request_users
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
 from worker import app
@@ -46,7 +46,7 @@ from worker import app
 #: above what validation lets through (``tasks.messages.MAX_DATA_DEPTH``), and far enough below
 #: what this process can pickle for the pool (pickle spends two of Python's 1,000 recursion
 #: levels per level of nesting: it fails near 500 levels, less the loop's own stack).
-MAX_REQUEST_DEPTH = taskmessages.MAX_REQUEST_DEPTH
+MAX_REQUEST_DEPTH = envelopes.MAX_REQUEST_DEPTH
 
 #: A request whose eta is at most this far ahead (seconds) runs with the batch at hand rather than
 #: being held on the timer: the timer's own resolution, and what converting an eta to the timer's
@@ -176,7 +176,7 @@ class CollectBatches(Batches):
             # Its args and kwargs are a list and an object (tasks.taskmessages.Consumer checked).
             # This process pickles them for the pool, which raised out of the loop (and stopped
             # the worker) for arguments nested near Python's recursion limit.
-            problem = taskmessages.depth_problem(message.body, "compression" in message.headers, message.payload, MAX_REQUEST_DEPTH)
+            problem = envelopes.depth_problem(message.body, "compression" in message.headers, message.payload, MAX_REQUEST_DEPTH)
             if problem is not None:
                 raise InvalidTaskError(problem)  # the consumer stores it as the result
             on_message(message, *args, **kwargs)

@@ -11,7 +11,7 @@ other than ``[hard, soft]`` (Celery unpacks it as a plain task's request goes to
 a list and an object.
 
 :class:`Consumer`, the worker's consumer (Celery's ``worker_consumer`` setting), checks every
-message's envelope first (:func:`envelope_problem`) and refuses one it cannot run: the error is
+message's envelope first (:func:`tasks.envelopes.envelope_problem`) and refuses one it cannot run: the error is
 logged, stored as the task's result when the message has a task id, and the message is discarded,
 as Celery discards an invalid task message.  It also stores a result for the messages Celery
 refuses itself and only logged (an unreadable ``eta`` or ``expires``, a content type the worker
@@ -23,7 +23,7 @@ while holds instead of the loop, and so is the ``NotRegistered`` of a message na
 worker does not know (Celery wrote it on the loop); the message is discarded (rejected, or
 acknowledged for a body that does not decode) only once its failure is written or given up.
 
-:func:`depth_problem` is for ``tasks.collect``'s strategy: its batches are pickled in this process
+:func:`tasks.envelopes.depth_problem` is for ``tasks.collect``'s strategy: its batches are pickled in this process
 for the pool, and arguments nested near Python's recursion limit raised out of the loop there.
 
 The consumer also decides what a channel error on its broker connection does
@@ -57,139 +57,16 @@ from celery.worker.state import maybe_shutdown
 from kombu import serialization
 from kombu.common import ignore_errors
 from kombu.asynchronous.timer import to_timestamp
-from kombu.exceptions import ContentDisallowed
 from kombu.utils import json as kombu_json
 from kombu.utils.encoding import safe_repr
 
 import redislogin
 from tasks.channelerrors import ChannelErrorBackoff, advice
 from tasks.failurewriter import FailureWriter
-from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting
+from tasks.envelopes import envelope_problem, not_a_task_message, not_run, task_id_of
+from tasks.messages import InvalidMessage
 
 log = logging.getLogger(__name__)
-
-
-def _named(value: object) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-def _type(value: object) -> str:
-    return type(value).__name__
-
-
-def arguments_problem(args: object, kwargs: object, embed: object) -> str | None:
-    """Why a request's ``args``, ``kwargs`` and ``embed`` are not a list, an object and an object
-    (or null), or None.  Pure."""
-    if isinstance(args, (list, tuple)) and isinstance(kwargs, dict) and isinstance(embed, (dict, type(None))):
-        return None
-    return f"its args, kwargs and embed are of types {_type(args)}, {_type(kwargs)} and {_type(embed)}"
-
-
-#: Most levels of lists and objects this process accepts in what it pickles for its pool: a
-#: request's headers (every task's), a protocol 1 body (Celery converts it here), and
-#: ``tasks.collect``'s arguments (:func:`depth_problem`).  Pickling near Python's recursion limit
-#: raised out of the worker's loop.
-MAX_REQUEST_DEPTH = 200
-#: The same for a protocol 1 body, whose chain nests about three levels per task (a chain of 100
-#: tasks from an older client is about 300 deep, and pickles): still below where pickling fails.
-MAX_PROTOCOL_1_BODY_DEPTH = 350
-
-#: The longest ``timelimit`` accepted, in seconds (about 31 years): billiard adds it to the clock,
-#: which a larger integer overflows (as a float, it raised out of the worker's loop).
-MAX_TIME_LIMIT = 10**9
-
-
-def envelope_problem(headers: object, body: object) -> str | None:
-    """Why a message cannot become a Celery request, or None: one of protocol 2 (headers with a
-    ``task`` name and an ``id``, a body ``[args, kwargs, embed]``), or of protocol 1 (no task
-    header, a body with ``task``, ``id``, ``args`` and ``kwargs``), or a message that is not a
-    task message at all (neither names a task), which Celery logs and discards itself.  Headers,
-    nested more than ``MAX_REQUEST_DEPTH`` levels, and a protocol 1 body more than
-    ``MAX_PROTOCOL_1_BODY_DEPTH``, are refused too (this process pickles them for its pool), and a
-    ``retries`` that is not a whole number of 0 or more (``tasks.collect`` counts it as it sends a
-    request again).  Pure."""
-    if nesting(headers, MAX_REQUEST_DEPTH) > MAX_REQUEST_DEPTH:
-        return f"its headers nest lists and objects more than {MAX_REQUEST_DEPTH} levels deep"
-    if isinstance(body, dict) and nesting(body, MAX_PROTOCOL_1_BODY_DEPTH) > MAX_PROTOCOL_1_BODY_DEPTH:
-        return f"its protocol 1 body nests lists and objects more than {MAX_PROTOCOL_1_BODY_DEPTH} levels deep (data may nest at most {MAX_DATA_DEPTH})"
-    if not isinstance(headers, dict):
-        return f"its headers are of type {_type(headers)}"
-    if "task" in headers:
-        fields = headers
-        if isinstance(body, dict) and "args" in body:  # protocol 2 headers on a protocol 1 body, which Celery converts
-            arguments = body.get("args"), body.get("kwargs", {}), None
-        elif isinstance(body, (list, tuple)) and len(body) == 3:
-            arguments = body
-        else:
-            return f"its body is of type {_type(body)}" + (f" with {len(body)} items" if isinstance(body, (list, tuple)) else "")
-    elif isinstance(body, dict) and "task" in body:
-        fields, arguments = body, (body.get("args", []), body.get("kwargs", {}), None)
-    else:
-        return None
-    if not _named(fields["task"]):
-        return f"its task name is of type {_type(fields['task'])}"
-    if not _named(fields.get("id")):
-        return "it has no task id"
-    for limits in (fields.get("timelimit"), body.get("timelimit") if isinstance(body, dict) else None):  # Celery reads a hybrid's body too
-        if not time_limits_ok(limits):
-            return f"its timelimit header is {limits!r:.60}, not [hard, soft] (null or 0 to {MAX_TIME_LIMIT} seconds each)"
-    for source in (fields, body) if isinstance(body, dict) else (fields,):  # as for timelimit
-        if (problem := name_and_stamps_problem(source)) is not None:
-            return problem
-        retries = source.get("retries")
-        if retries is not None and not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0):
-            # A batch that sent its requests again (the store unavailable) raised on it, and every
-            # request of the batch was acked unstored.
-            return f"its retries header is {retries!r:.60}, not a whole number of retries made (0 or more)"
-    return arguments_problem(*arguments)
-
-
-def name_and_stamps_problem(fields: dict) -> str | None:
-    """Why a message's ``shadow``, ``stamped_headers`` and ``stamps`` are not what Celery sends (a
-    task name, a list of header names, an object; each may be null), or None.  The worker's main
-    process counts the request under its shadow name (a key of a dict) and looks each stamped
-    header up in a dict when it checks whether the request was revoked, as it reads the request:
-    anything else there (a list, a number) raised out of its loop and stopped the worker.  Pure."""
-    shadow, stamped_headers, stamps = fields.get("shadow"), fields.get("stamped_headers"), fields.get("stamps")
-    if shadow is not None and not isinstance(shadow, str):
-        return f"its shadow (the task name to show) is of type {_type(shadow)}"
-    if stamped_headers is not None and not (isinstance(stamped_headers, (list, tuple)) and all(isinstance(name, str) for name in stamped_headers)):
-        return f"its stamped_headers header is {stamped_headers!r:.60}, not a list of header names"
-    if stamps is not None and not isinstance(stamps, dict):
-        return f"its stamps header is {stamps!r:.60}, not an object"
-    return None
-
-
-def time_limits_ok(limits: object) -> bool:
-    """Whether a message's ``timelimit`` is absent (or empty: Celery reads that as none) or
-    ``[hard, soft]``, each null or a number of seconds up to ``MAX_TIME_LIMIT``
-    (``apply_async(time_limit=..., soft_time_limit=...)`` sends that).  Pure."""
-    if not limits:
-        return True
-    return isinstance(limits, (list, tuple)) and len(limits) == 2 and all(
-        limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 <= limit <= MAX_TIME_LIMIT)
-        for limit in limits)
-
-
-def depth_problem(raw: object, compressed: bool, payload: object, most: int) -> str | None:
-    """Why a request's decoded body ``payload`` (its raw body: ``raw``) is too deep for this
-    process to pickle for its pool: lists and objects nested more than ``most`` levels.  A raw
-    body with fewer openers than that (and not compressed) needs no walk.  Pure."""
-    if not compressed and isinstance(raw, (bytes, str)):
-        bracket, brace = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
-        if raw.count(bracket) + raw.count(brace) <= most:
-            return None
-    if nesting(payload, most) <= most:
-        return None
-    return f"its arguments nest lists and objects more than {most} levels deep (data may nest at most {MAX_DATA_DEPTH})"
-
-
-def task_id_of(headers: object, body: object) -> str | None:
-    """The task id a message gives (its headers' or, in protocol 1, its body's), or None.  Pure."""
-    for fields in (headers, body):
-        if isinstance(fields, dict) and _named(fields.get("id")):
-            return fields["id"]
-    return None
 
 
 def eta_timestamp(eta, utc: bool, app_timezone) -> float:
@@ -219,22 +96,6 @@ class Request(CeleryRequest):
             except (OverflowError, ValueError) as exc:
                 raise InvalidTaskError(f"its eta {self._eta.isoformat()} cannot be read as a time ({exc}): "
                                        "send a countdown, or an eta within the years 1 to 9999 in UTC") from exc
-
-
-def not_a_task_message(problem: str) -> InvalidMessage:
-    return InvalidMessage(f"not a Celery task message: {problem}; expected a body [args (a list), kwargs (an object), "
-                          "embed (an object)] and headers with the task's name and id: send it with Celery's send_task or apply_async")
-
-
-def not_run(exc: Exception) -> InvalidMessage:
-    """The error of a message Celery refused before running it (an unreadable ``eta``, a content
-    type the worker does not accept).  A sender whose serializer is not JSON (``pickle``,
-    ``yaml``, ``msgpack``, set with ``task_serializer`` or ``serializer=``) is told to send JSON,
-    which is all the worker reads: kombu's own text names only the type it refused.  Pure."""
-    if isinstance(exc, ContentDisallowed):
-        return InvalidMessage(f"not run: {exc}; the worker accepts JSON only: send it with Celery's default serializer, "
-                              "json (task_serializer=\"json\", or serializer=\"json\" in apply_async)")
-    return InvalidMessage(f"not run: {exc}")
 
 
 #: The keys of an object kombu's JSON encoder made from a date, UUID, decimal or bytes.

@@ -1,5 +1,5 @@
 """What a worker refuses before Celery handles a message on its task queues
-(``tasks.taskmessages``).  Pure."""
+(``tasks.envelopes``, and ``tasks.taskmessages``'s decoder and consumer)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tasks.taskmessages import MAX_TIME_LIMIT, arguments_problem, depth_problem, envelope_problem, not_a_task_message, task_id_of
+from tasks.envelopes import MAX_TIME_LIMIT, arguments_problem, depth_problem, envelope_problem, not_a_task_message, task_id_of
 
 TASK_ID = "4f1e1d5c-0000-4000-8000-000000000000"
 HEADERS = {"task": "tasks.collect", "id": TASK_ID}
@@ -193,7 +193,8 @@ def test_a_refused_message_without_a_task_id_is_rejected_at_once_with_nothing_wr
     """Nobody waits for its result: no failure write, no thread, no events (none can name it)."""
     from types import SimpleNamespace
 
-    from tasks.taskmessages import Consumer, not_a_task_message
+    from tasks.envelopes import not_a_task_message
+    from tasks.taskmessages import Consumer
 
     rejected = []
     consumer = Consumer.__new__(Consumer)
