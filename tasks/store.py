@@ -1,5 +1,6 @@
 """Messages (each recipient's inbox) and receipts in MongoDB: the only module the tasks reach the store through,
-and with its helper :mod:`tasks.storesql` the only one that imports pymongo or litemongo.
+and with its helpers (:mod:`tasks.storesql`, :mod:`tasks.storedocs`, :mod:`tasks.storeerrors`) the only
+ones that import pymongo or litemongo.
 
 Worker process only.  ``get_store()`` opens one :class:`Store` lazily in each process (after the
 Celery worker has forked: a store is never carried across a fork) and in each thread, because the
@@ -32,40 +33,23 @@ Two engines, one code path:
   write-ahead logs are copied back into their files by a thread of each store
   (:mod:`tasks.checkpoints`), not by whichever task's commit crosses SQLite's 1,000 pages.
 
-Documents, as few per delivery as the queries allow (each costs a write, and on the embedded
-engine mongomock's checks and copies, about 90 us):
-
-- ``messages {_id: id, to: [users] | "*", data, at}``: one per message, whatever its recipients.
-  It is also each recipient's inbox: the index on ``to`` finds a user's messages.  ``at`` is the
-  time in the id, so a retried insert writes the same document.
-- ``receipts {_id, s: state, m: [message ids], r: [[id, user, at], ...], at}``: one per state and
-  minute of a batch of receipts (a batch of acks from a node, the routing of a batch), at most
-  ``RECEIPT_DOC_ITEMS`` receipts each.  ``_id`` is a digest of the content, so recording the same
-  batch again (a retried task) adds nothing; ``at`` is the newest receipt's time, for retention.
-- ``keys {_id: key, ids, at}``: idempotency keys.
-
-Errors: StoreError, for anything the store cannot do; StoreUnavailable(StoreError), for a server or
-disk that cannot be reached right now, or a server that refuses for now (no primary, a write its
-replica set did not confirm): transient, retry with backoff.
+The documents it writes and reads are :mod:`tasks.storedocs`'s; its errors, and what a driver's
+or SQLite's error becomes, :mod:`tasks.storeerrors`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
-import hashlib
-import heapq
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 
 import bson
-from bson.dbref import DBRef
 import litemongo
 import pymongo
 import pymongo.database
@@ -73,22 +57,14 @@ from litemongo import sqlite_store
 from pymongo import errors
 
 import settings
-from tasks import checkpoints, ids, storedisk, storesql, wirejson
+from tasks import checkpoints, ids, storedisk, storesql
+from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, receipt_documents, replays_from
+from tasks.storeerrors import ACCESS_CODES, DISK_ERRNOS, DUPLICATE_KEY, StoreError, StoreUnavailable, dns_for_now, explain_disk, translated
 from tasks.messages import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_MS = 5000
-BROADCAST = "*"
-_DUPLICATE_KEY = 11000
-#: MongoDB's codes for "not now" (a replica set electing a primary, a member shutting down, a
-#: network error between members, a write its members did not confirm in time): the retryable
-#: writes specification's list, plus MaxTimeMSExpired (50) and WriteConcernFailed (64, wtimeout).
-#: pymongo raises most of them as AutoReconnect; these come as OperationFailure (a write concern
-#: error) or inside a BulkWriteError.
-_TRANSIENT_CODES = frozenset({6, 7, 50, 64, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436})
-#: AuthenticationFailed, Unauthorized: MONGO_URL's user, or its roles.
-_ACCESS_CODES = frozenset({13, 18})
 _OPEN_ATTEMPTS = 10
 _EMBEDDED_ID_BATCH = 2000
 #: On the embedded engine a replay reads every message after its ``since`` through the primary key
@@ -106,27 +82,7 @@ _REPLAY_READ_IDS = 100
 _REPLAY_READ_IDS_MAX = 1000
 _INDEX_OPTIONS_CONFLICT = 85
 _COLLECTIONS = ("messages", "receipts", "keys")
-#: Most receipts in one receipts document (MongoDB caps a document at 16 MB).
-RECEIPT_DOC_ITEMS = 1000
-#: Receipts of one state are grouped per minute of their time, so retention drops them within a minute of their due.
-_RECEIPT_BUCKET_SECONDS = 60
 ACKED = "acked"
-UTC = datetime.timezone.utc
-
-
-#: What a replay keeps of its messages: given their envelopes newest first (read as it takes them),
-#: returns those it keeps, oldest first, and whether it left any out (:meth:`Store.replay`).
-Cut = Callable[[Iterable[dict]], tuple[list[dict], bool]]
-
-
-class StoreError(Exception):
-    """The store could not do what was asked."""
-
-
-class StoreUnavailable(StoreError):
-    """MongoDB or the embedded store's disk cannot be reached now; retry later."""
-
-
 class Store:
     """One connection to the message store.  Worker process only, one thread (on the embedded
     engine, plus the checkpoint thread it starts, which has connections of its own)."""
@@ -146,7 +102,7 @@ class Store:
             except (errors.ConfigurationError, ValueError) as exc:
                 # pymongo parses the URL here, and looks a mongodb+srv:// URL's hosts up in DNS
                 # (SRV and TXT records): a lookup that failed may work later, a URL it refused won't.
-                if _dns_for_now(exc):
+                if dns_for_now(exc):
                     raise StoreUnavailable(f"MONGO_URL={where}: looking its hosts up in DNS failed ({exc}); check the name and the DNS server") from exc
                 raise StoreError(f"MONGO_URL={where} cannot be used ({exc}): check its form (mongodb://user:password@host:port/, "
                                  "the password percent-encoded) and its options") from exc
@@ -157,8 +113,8 @@ class Store:
                 os.makedirs(os.path.join(where, settings.MONGO_DB), exist_ok=True)
                 client = litemongo.MongoClient(sqlite_store.ServerStore(where))
             except OSError as exc:
-                if exc.errno in _DISK_ERRNOS:  # a full or read-only disk: it may be freed or remounted
-                    raise StoreUnavailable(f"cannot open the embedded store in {where} ({exc}): {_explain(exc)}") from exc
+                if exc.errno in DISK_ERRNOS:  # a full or read-only disk: it may be freed or remounted
+                    raise StoreUnavailable(f"cannot open the embedded store in {where} ({exc}): {explain_disk(exc)}") from exc
                 raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
             except (ValueError, sqlite3.Error) as exc:
                 raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
@@ -188,7 +144,7 @@ class Store:
         """
         for attempt in range(1, _OPEN_ATTEMPTS + 1):
             try:
-                with self._errors("creating indexes"):
+                with translated("creating indexes"):
                     self._create_indexes()
                 return
             except StoreError as exc:
@@ -222,7 +178,7 @@ class Store:
             try:
                 self.database.command("collMod", collection.name, index=change)
             except errors.OperationFailure as denied:
-                if denied.code not in _ACCESS_CODES:
+                if denied.code not in ACCESS_CODES:
                     raise
                 log.error("the TTL index on %s.at keeps its retention, not RETENTION_SECONDS=%s: MONGO_URL's user may not run "
                           "collMod (%s); run db.runCommand({collMod: %r, index: %s}) as a dbAdmin of %s",
@@ -256,7 +212,7 @@ class Store:
                 raise StoreError(f"message {mid}: stored, it would take {len(encoded[-1])} bytes, over MongoDB's limit of {MAX_DOCUMENT_BYTES} "
                                  "per document: send smaller data")
             docs.append(doc)
-        with self._errors(f"storing {len(docs)} messages"):
+        with translated(f"storing {len(docs)} messages"):
             _insert_new(self._messages, docs, encoded if table is not None else None)
 
     def replay(self, user: str, after_id: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
@@ -294,7 +250,7 @@ class Store:
         if not wanted:
             return
         first = min(after for _, after in wanted)
-        with self._errors(f"replaying for {len(wanted)} connections"):
+        with translated(f"replaying for {len(wanted)} connections"):
             recent = storesql.id_range(self._messages, first, first_included=False, most=_EMBEDDED_RANGE_ROWS)
         if recent is not None:
             yield from replays_from(recent, wanted, limit, cut)
@@ -305,7 +261,7 @@ class Store:
     def _replay_by_index(self, user: str, after_id: str, limit: int, cut: Cut | None) -> tuple[list[dict], bool]:
         """:meth:`replay` through the ``to`` index (on the embedded engine, mongomock's)."""
         query = {"to": {"$in": [user, BROADCAST]}, "_id": {"$gt": after_id}}
-        with self._errors(f"replaying for user {user!r}"):
+        with translated(f"replaying for user {user!r}"):
             if self.embedded:
                 # mongomock's cursor copies its result list on every next() (quadratic); distinct() doesn't.
                 newest = sorted(self._messages.distinct("_id", query), reverse=True)[: limit + 1]
@@ -378,7 +334,7 @@ class Store:
             wanted_of.setdefault(key, list(wanted))
         now = datetime.datetime.now(UTC)
         docs = [{"_id": key, "ids": wanted, "at": now} for key, wanted in wanted_of.items()]
-        with self._errors(f"recording {len(claims)} idempotency keys"), self._key_lock():
+        with translated(f"recording {len(claims)} idempotency keys"), self._key_lock():
             claimed = {doc["_id"]: doc["ids"] for doc in _insert_new(self._keys, docs)}
             taken = [key for key in wanted_of if key not in claimed]
             if taken:
@@ -403,7 +359,7 @@ class Store:
         of two runs rebinding at once one wins, and the other reads the key again."""
         now = datetime.datetime.now(UTC)
         rebound: set[str] = set()
-        with self._errors(f"binding {len(rebinds)} idempotency keys anew"), self._key_lock():
+        with translated(f"binding {len(rebinds)} idempotency keys anew"), self._key_lock():
             for key, old, new, before in rebinds:
                 query: dict = {"_id": key, "ids": list(old)}
                 if before is not None:
@@ -427,7 +383,7 @@ class Store:
             # mounted read-only with a bare OSError, which failed the requests at once.
             handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot open the embedded store's lock file {path} ({exc}): {_explain(exc)}") from exc
+            raise StoreUnavailable(f"cannot open the embedded store's lock file {path} ({exc}): {explain_disk(exc)}") from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -441,7 +397,7 @@ class Store:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of
         theirs acked, oldest first: the newest ``limit``, and True when older ones were left out.
         ``cut``: as for :meth:`replay`."""
-        with self._errors(f"reading the inbox of user {user!r}"):
+        with translated(f"reading the inbox of user {user!r}"):
             mids = sorted(self._distinct(self._messages, "_id", {"to": user}))  # a user id is never "*"
             acked = self._acked([(mid, user) for mid in mids])
             pending = [mid for mid in mids if (mid, user) not in acked]
@@ -454,7 +410,7 @@ class Store:
         the embedded engine read through its table's primary key (:func:`storesql.id_range`), on
         MongoDB through ``aggregate`` on the ``_id`` index."""
         first, last = (ids.lower_bound(int(when.timestamp() * 1000)) for when in (start, end))
-        with self._errors("listing deliveries"):
+        with translated("listing deliveries"):
             docs = storesql.id_range(self._messages, first, last)
             if docs is None:
                 query = {"_id": {"$gte": first, "$lt": last}, "to": {"$ne": BROADCAST}}
@@ -465,13 +421,13 @@ class Store:
         """``(message id, user)`` of the acks recorded in receipts documents newer than ``start``
         (and perhaps a few older ones): one read of the recent receipts, for checking many
         deliveries at once (:meth:`not_acked` looks each message up)."""
-        with self._errors("listing recent acks"):
+        with translated("listing recent acks"):
             found = self._distinct(self._receipts, "_id", {"s": ACKED, "at": {"$gte": start}})
             return {(mid, user) for doc in self._by_ids(self._receipts, found, {"r": 1}) for mid, user, _ in doc["r"]}
 
     def not_acked(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The ``(message id, user)`` pairs no device of that user acked, in the order given."""
-        with self._errors(f"looking up acks of {len(pairs)} deliveries"):
+        with translated(f"looking up acks of {len(pairs)} deliveries"):
             acked = self._acked(pairs)
         return [pair for pair in pairs if pair not in acked]
 
@@ -483,7 +439,7 @@ class Store:
         """``{id: {"to", "data"}}`` (or the fields of ``projection``) for the ids still stored."""
         if not message_ids:
             return {}
-        with self._errors(f"reading {len(message_ids)} messages"):
+        with translated(f"reading {len(message_ids)} messages"):
             docs = {doc["_id"]: doc for doc in self._by_ids(self._messages, list(message_ids), projection or {"to": 1, "data": 1})}
         for doc in docs.values():
             if "data" in doc:
@@ -493,7 +449,7 @@ class Store:
     def status(self, message_id: str) -> dict | None:
         """What happened to one message: when it was collected, and per recipient the time of each
         receipt state (``routed``, ``written``, ``acked``); None when it is unknown or purged."""
-        with self._errors(f"reading the status of {message_id}"):
+        with translated(f"reading the status of {message_id}"):
             message = self._messages.find_one({"_id": message_id}, {"to": 1, "at": 1})
             if message is None:
                 return None
@@ -560,14 +516,14 @@ class Store:
         docs = receipt_documents(receipts)
         if not docs:
             return 0
-        with self._errors(f"recording {sum(len(doc['r']) for doc in docs)} receipts"):
+        with translated(f"recording {sum(len(doc['r']) for doc in docs)} receipts"):
             return sum(len(doc["r"]) for doc in _insert_new(self._receipts, docs))
 
     def purge(self, now: datetime.datetime | None = None) -> int:
         """Delete everything older than ``RETENTION_SECONDS`` before ``now``; returns how many."""
         cutoff = (now or datetime.datetime.now(UTC)) - datetime.timedelta(seconds=settings.RETENTION_SECONDS)
         deleted = 0
-        with self._errors("purging old messages"):
+        with translated("purging old messages"):
             for collection in (self._messages, self._receipts, self._keys):
                 if self.embedded and not storesql.may_hold_older(collection, cutoff):
                     continue
@@ -596,65 +552,6 @@ class Store:
             self._checkpointer.stop()
         self.database.client.close()
 
-    @contextlib.contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        """Turn driver and SQLite errors into StoreError / StoreUnavailable that say what to check."""
-        try:
-            yield
-        except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
-            raise StoreUnavailable(f"{action}: MongoDB did not answer ({exc}); check that MONGO_URL={settings.redact(settings.MONGO_URL or '')} is reachable and the server is up") from exc
-        except sqlite3.OperationalError as exc:
-            # A full disk, a file size limit, a read-only folder or a lock: each goes away once
-            # an operator acts (or the other process lets go), so the caller retries; the error
-            # says which one it is.
-            where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
-            raise StoreUnavailable(f"{action}: the embedded store in {where} failed ({exc}): {_explain(exc)}") from exc
-        except (errors.PyMongoError, sqlite3.Error) as exc:
-            where = settings.redact(settings.MONGO_URL or "")
-            if isinstance(exc, errors.OperationFailure) and _transient(exc):
-                raise StoreUnavailable(f"{action}: MongoDB could not do it now ({exc}); check that MONGO_URL={where} has a primary "
-                                       "and that its members are up and replicating") from exc
-            if isinstance(exc, errors.OperationFailure) and exc.code in _ACCESS_CODES:
-                raise StoreError(f"{action} failed: {exc}; check the user, password and authSource in MONGO_URL={where} and that "
-                                 f"the user has the readWrite role on the database {settings.MONGO_DB}") from exc
-            raise StoreError(f"{action} failed: {exc}") from exc
-
-
-#: An OSError of these, opening the embedded store, is a disk that may be freed or remounted.
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
-
-
-def _explain(exc: BaseException) -> str:
-    """What the embedded store's disk refused, and what to do (:mod:`tasks.storedisk`)."""
-    where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
-    return storedisk.explain(exc, os.path.abspath(settings.DATA_DIR), os.path.join(where, settings.MONGO_DB))
-
-
-def _dns_for_now(exc: Exception) -> bool:
-    """Whether pymongo's error making a client is a DNS lookup of a ``mongodb+srv://`` URL that
-    may work later (timed out, no name server answered), rather than a URL or options it refuses
-    (which are ConfigurationErrors too), or a name that has no such records."""
-    from dns.exception import DNSException
-    from dns.resolver import NXDOMAIN, NoAnswer
-
-    cause = exc.__cause__
-    return isinstance(exc, errors.ConfigurationError) and isinstance(cause, DNSException) and not isinstance(cause, (NXDOMAIN, NoAnswer))
-
-
-def _transient(exc: errors.OperationFailure) -> bool:
-    """Whether MongoDB refused ``exc``'s operation for now rather than for good: a code of
-    ``_TRANSIENT_CODES``, or the server's RetryableWriteError label.  A BulkWriteError is when each
-    of its errors but the duplicate keys is (``insert_many`` reports a write concern error, such as
-    a primary stepping down before the majority had the documents, in ``writeConcernErrors``:
-    the documents may be stored or not, and inserting them again is what settles it)."""
-    if isinstance(exc, errors.BulkWriteError):
-        details = exc.details or {}
-        codes = [e.get("code") for e in details.get("writeErrors", ()) if e.get("code") != _DUPLICATE_KEY]
-        codes += [e.get("code") for e in details.get("writeConcernErrors", ())]
-        return bool(codes) and all(code in _TRANSIENT_CODES for code in codes)
-    return exc.code in _TRANSIENT_CODES or exc.has_error_label("RetryableWriteError")
-
-
 def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None) -> list[dict]:
     """One unordered insert_many; documents whose _id exists already are skipped.  Returns the new
     ones.  ``encoded``: on the embedded engine, each document already encoded as BSON with its
@@ -668,89 +565,10 @@ def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None
         return docs
     except errors.BulkWriteError as exc:
         details = exc.details
-        if details.get("writeConcernErrors") or any(e.get("code") != _DUPLICATE_KEY for e in details.get("writeErrors", ())):
+        if details.get("writeConcernErrors") or any(e.get("code") != DUPLICATE_KEY for e in details.get("writeErrors", ())):
             raise
         taken = {e["index"] for e in details.get("writeErrors", ())}
         return [doc for index, doc in enumerate(docs) if index not in taken]
-
-
-def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> Iterator[tuple[list[dict], bool]]:
-    """What :meth:`Store.each_replay` yields for ``wanted``, from ``docs``: every message stored
-    after the earliest ``after_id`` of ``wanted``, in ``_id`` order; each replay made as it is
-    taken.  Pure."""
-    of_user: dict[str, list[dict]] = {}
-    for doc in docs:
-        for user in [BROADCAST] if doc["to"] == BROADCAST else doc["to"]:
-            of_user.setdefault(user, []).append(doc)
-    broadcasts = of_user.get(BROADCAST, [])
-    for user, after in wanted:
-        mine = [doc for doc in heapq.merge(of_user.get(user, []) if user != BROADCAST else [], broadcasts, key=_doc_id) if doc["_id"] > after]
-        newest = mine[-limit:]
-        if cut is None:
-            yield [{"id": doc["_id"], "data": as_collected(doc["data"])} for doc in newest], len(mine) > limit
-        else:
-            envelopes, cut_short = cut({"id": doc["_id"], "data": as_collected(doc["data"])} for doc in reversed(newest))
-            yield envelopes, len(mine) > limit or cut_short
-
-
-def as_collected(data: object) -> object:
-    """``data`` as it was collected.  Pymongo's BSON decoder (MongoDB's, and the embedded engine's)
-    reads every object with a string ``"$ref"`` and an ``"$id"`` (and a ``"$db"`` that is a string
-    or null) back as a ``DBRef``, which no JSON encoder takes: a message holding one broke every
-    replay request it was part of, and every redelivery run.  Such objects become plain ones again,
-    their keys in ``DBRef``'s order (``$ref``, ``$id``, ``$db``, then the others) and a null
-    ``"$db"`` left out.  Data without one is returned as it is, after one walk.  Pure."""
-    level = [data]
-    while level:
-        children: list = []
-        for item in level:
-            kind = type(item)
-            if kind is DBRef:
-                return _without_refs(data)
-            if kind is dict:
-                children += item.values()
-            elif kind is list:
-                children += item
-        level = children
-    return data
-
-
-def _without_refs(data: object) -> object:
-    if isinstance(data, DBRef):
-        data = data.as_doc()
-    if isinstance(data, dict):
-        return {key: _without_refs(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_without_refs(item) for item in data]
-    return data
-
-
-def _doc_id(doc: dict) -> str:
-    return doc["_id"]
-
-
-def receipt_documents(receipts: list[dict]) -> list[dict]:
-    """The receipts documents for ``[{"id", "user", "state", "at"}]``: per state and minute, the
-    receipts sorted, each (id, user) once at its earliest time, ``RECEIPT_DOC_ITEMS`` per document;
-    ``_id`` is a digest of the state and the receipts.  Pure."""
-    groups: dict[tuple[str, int], dict[tuple[str, str], float]] = {}
-    for r in receipts:
-        at = float(r["at"])
-        items = groups.setdefault((r["state"], int(at // _RECEIPT_BUCKET_SECONDS)), {})
-        pair = (r["id"], r["user"])
-        items[pair] = min(at, items.get(pair, at))
-    docs = []
-    for (state, _), items in sorted(groups.items()):
-        entries = sorted([mid, user, at] for (mid, user), at in items.items())
-        for start in range(0, len(entries), RECEIPT_DOC_ITEMS):
-            chunk = entries[start : start + RECEIPT_DOC_ITEMS]
-            # orjson: the standard library's encoder was half of this function's time (the floats).
-            # A receipt recorded again under another digest (a retry across an upgrade) is harmless:
-            # readers take each receipt's earliest time.
-            digest = hashlib.sha1(wirejson.dumps([state, chunk])).hexdigest()[:32]
-            docs.append({"_id": f"{state}:{digest}", "s": state, "m": sorted({mid for mid, _, _ in chunk}), "r": chunk,
-                         "at": datetime.datetime.fromtimestamp(max(at for _, _, at in chunk), UTC)})
-    return docs
 
 
 def _unix(at: datetime.datetime) -> float:

@@ -164,10 +164,10 @@ def test_add_many_of_nothing_sends_nothing():
     assert sent.batches == [] and len(receipts) == 0
 
 
-# --- how the store groups receipts into documents (tasks.store.receipt_documents, pure) ----------
+# --- how the store groups receipts into documents (tasks.storedocs.receipt_documents, pure) -------
 
 def test_receipt_documents_group_by_state_and_minute_with_a_digest_id():
-    from tasks.store import receipt_documents
+    from tasks.storedocs import receipt_documents
 
     batch = [{"id": "m1", "user": "ann", "state": "acked", "at": 120.5}, {"id": "m2", "user": "bob", "state": "acked", "at": 121.0},
              {"id": "m1", "user": "ann", "state": "written", "at": 120.0}, {"id": "m3", "user": "ann", "state": "acked", "at": 185.0}]
@@ -182,13 +182,13 @@ def test_receipt_documents_group_by_state_and_minute_with_a_digest_id():
 
 
 def test_receipt_documents_keep_each_receipts_first_time_and_split_big_batches(monkeypatch):
-    from tasks import store
+    from tasks import storedocs
 
-    monkeypatch.setattr(store, "RECEIPT_DOC_ITEMS", 2)
+    monkeypatch.setattr(storedocs, "RECEIPT_DOC_ITEMS", 2)
     batch = [{"id": f"m{n}", "user": "ann", "state": "routed", "at": 10.0 + n} for n in range(5)]
     batch.append({"id": "m0", "user": "ann", "state": "routed", "at": 5.0})
 
-    docs = store.receipt_documents(batch)
+    docs = storedocs.receipt_documents(batch)
 
     assert [d["r"] for d in docs] == [[["m0", "ann", 5.0], ["m1", "ann", 11.0]], [["m2", "ann", 12.0], ["m3", "ann", 13.0]], [["m4", "ann", 14.0]]]
 

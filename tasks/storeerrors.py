@@ -1,0 +1,101 @@
+"""The errors of the message store (:mod:`tasks.store`), and what a driver's or SQLite's error
+becomes: :class:`StoreError`, for anything the store cannot do; :class:`StoreUnavailable`, for a
+server or disk that cannot be reached right now, or a server that refuses for now (no primary, a
+write its replica set did not confirm): transient, retry with backoff.  Each says what to check.
+
+Worker process only (it reads the settings that name the store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+from collections.abc import Iterator
+
+from pymongo import errors
+
+import settings
+from tasks import storedisk
+
+
+#: MongoDB's code for a duplicate key (an ``_id`` stored already).
+DUPLICATE_KEY = 11000
+
+#: MongoDB's codes for "not now" (a replica set electing a primary, a member shutting down, a
+#: network error between members, a write its members did not confirm in time): the retryable
+#: writes specification's list, plus MaxTimeMSExpired (50) and WriteConcernFailed (64, wtimeout).
+#: pymongo raises most of them as AutoReconnect; these come as OperationFailure (a write concern
+#: error) or inside a BulkWriteError.
+_TRANSIENT_CODES = frozenset({6, 7, 50, 64, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602, 13435, 13436})
+
+#: AuthenticationFailed, Unauthorized: MONGO_URL's user, or its roles.
+ACCESS_CODES = frozenset({13, 18})
+
+
+class StoreError(Exception):
+    """The store could not do what was asked."""
+
+
+class StoreUnavailable(StoreError):
+    """MongoDB or the embedded store's disk cannot be reached now; retry later."""
+
+
+#: An OSError of these, opening the embedded store, is a disk that may be freed or remounted.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
+
+
+def explain_disk(exc: BaseException) -> str:
+    """What the embedded store's disk refused, and what to do (:mod:`tasks.storedisk`)."""
+    where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+    return storedisk.explain(exc, os.path.abspath(settings.DATA_DIR), os.path.join(where, settings.MONGO_DB))
+
+
+def dns_for_now(exc: Exception) -> bool:
+    """Whether pymongo's error making a client is a DNS lookup of a ``mongodb+srv://`` URL that
+    may work later (timed out, no name server answered), rather than a URL or options it refuses
+    (which are ConfigurationErrors too), or a name that has no such records."""
+    from dns.exception import DNSException
+    from dns.resolver import NXDOMAIN, NoAnswer
+
+    cause = exc.__cause__
+    return isinstance(exc, errors.ConfigurationError) and isinstance(cause, DNSException) and not isinstance(cause, (NXDOMAIN, NoAnswer))
+
+
+def transient(exc: errors.OperationFailure) -> bool:
+    """Whether MongoDB refused ``exc``'s operation for now rather than for good: a code of
+    ``_TRANSIENT_CODES``, or the server's RetryableWriteError label.  A BulkWriteError is when each
+    of its errors but the duplicate keys is (``insert_many`` reports a write concern error, such as
+    a primary stepping down before the majority had the documents, in ``writeConcernErrors``:
+    the documents may be stored or not, and inserting them again is what settles it)."""
+    if isinstance(exc, errors.BulkWriteError):
+        details = exc.details or {}
+        codes = [e.get("code") for e in details.get("writeErrors", ()) if e.get("code") != DUPLICATE_KEY]
+        codes += [e.get("code") for e in details.get("writeConcernErrors", ())]
+        return bool(codes) and all(code in _TRANSIENT_CODES for code in codes)
+    return exc.code in _TRANSIENT_CODES or exc.has_error_label("RetryableWriteError")
+
+
+@contextlib.contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Turn driver and SQLite errors into StoreError / StoreUnavailable that say what to check."""
+    try:
+        yield
+    except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
+        raise StoreUnavailable(f"{action}: MongoDB did not answer ({exc}); check that MONGO_URL={settings.redact(settings.MONGO_URL or '')} is reachable and the server is up") from exc
+    except sqlite3.OperationalError as exc:
+        # A full disk, a file size limit, a read-only folder or a lock: each goes away once
+        # an operator acts (or the other process lets go), so the caller retries; the error
+        # says which one it is.
+        where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+        raise StoreUnavailable(f"{action}: the embedded store in {where} failed ({exc}): {explain_disk(exc)}") from exc
+    except (errors.PyMongoError, sqlite3.Error) as exc:
+        where = settings.redact(settings.MONGO_URL or "")
+        if isinstance(exc, errors.OperationFailure) and transient(exc):
+            raise StoreUnavailable(f"{action}: MongoDB could not do it now ({exc}); check that MONGO_URL={where} has a primary "
+                                   "and that its members are up and replicating") from exc
+        if isinstance(exc, errors.OperationFailure) and exc.code in ACCESS_CODES:
+            raise StoreError(f"{action} failed: {exc}; check the user, password and authSource in MONGO_URL={where} and that "
+                             f"the user has the readWrite role on the database {settings.MONGO_DB}") from exc
+        raise StoreError(f"{action} failed: {exc}") from exc
