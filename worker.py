@@ -112,7 +112,7 @@ app.conf.update(
     # on average (sleeps of up to 0.2, 0.4, ... 5 s, each drawn at random below its bound: 106 s
     # at most) plus what each try takes to fail, then gives up.
     # A collect batch waits so too for its results, and for Redis or the broker to take messages
-    # it stored (tasks.collect._while_redis_is_down).
+    # it stored (tasks.batchresults.while_redis_is_down).
     result_backend_always_retry=True,
     result_backend_max_retries=25,
     result_backend_base_sleep_between_retries_ms=100,

@@ -8,7 +8,7 @@ failover (``READONLY``) refuses the write for a while too, and then takes it: su
 given up at once ('result not stored'), and a caller asking for it afterwards waited for ever.
 :func:`refused_for_now` is the one rule for what a result write retries: every result Celery writes
 (a plain task's, a failure written one at a time) and a batch's results
-(:func:`tasks.collect._store_results`) go by it.
+(:func:`tasks.batchresults.store_results`) go by it.
 
 :func:`install` makes ``redis://``, ``rediss://`` and ``sentinel://`` result backends of an app
 these classes (Celery's loader's ``override_backends``), its URL and settings unchanged.

@@ -67,11 +67,11 @@ def _celery_meta(backend, req, message_id) -> dict:
 
 
 def test_each_request_of_a_batch_gets_the_result_meta_celery_would_store():
-    from tasks.collect import _success_metas
+    from tasks.batchresults import success_metas
     from worker import app
 
     done = [(request(task_id="t-1"), "id-1"), (request(task_id="t-2"), "id-2")]
-    metas = _success_metas(app.backend, done)
+    metas = success_metas(app.backend, done)
 
     expected = [_celery_meta(app.backend, req, mid) for req, mid in done]
     assert [{k: v for k, v in m.items() if k != "date_done"} for m in metas] == [{k: v for k, v in m.items() if k != "date_done"} for m in expected]
@@ -79,12 +79,12 @@ def test_each_request_of_a_batch_gets_the_result_meta_celery_would_store():
 
 
 def test_a_request_in_a_group_keeps_its_group_id_in_its_result():
-    from tasks.collect import _success_metas
+    from tasks.batchresults import success_metas
     from worker import app
 
     grouped = request(task_id="t-2")
     grouped.group = "g-1"
-    metas = _success_metas(app.backend, [(request(task_id="t-1"), "id-1"), (grouped, "id-2")])
+    metas = success_metas(app.backend, [(request(task_id="t-1"), "id-1"), (grouped, "id-2")])
 
     assert "group_id" not in metas[0] and metas[1]["group_id"] == "g-1" and metas[1]["result"] == "id-2"
 
@@ -96,12 +96,13 @@ def test_a_request_whose_key_was_bound_to_another_number_of_messages_is_logged_a
     import logging
 
     import tasks.collect as collect_module
+    from tasks import batchresults
     from tasks.collect import _parse_collect_many, _run_batch
 
     refusal = InvalidMessage("idempotency key 'task:t-1' was used before for 1 message(s), not 2: use a new key per task")
     monkeypatch.setattr(collect_module, "_persist_and_dispatch_groups", lambda groups, patient=True, retried=frozenset(): [refusal])
     stored = []
-    monkeypatch.setattr(collect_module, "_store_result", lambda req, value, failed=False: stored.append((req.id, value, failed)))
+    monkeypatch.setattr(batchresults, "store_result", lambda req, value, failed=False: stored.append((req.id, value, failed)))
     many = SimpleRequest("t-1", "tasks.collect_many", (), {"messages": [{"to": "alice", "data": 1}, {"to": "bob", "data": 2}]}, {}, "worker@host", False, None, None, {})
     task = type("Task", (), {"name": "tasks.collect_many"})()
 
