@@ -52,7 +52,9 @@ def batch_sizes(cluster: Cluster, task: str = "tasks.collect", requests: int = 0
 
 @contextmanager
 def pool_stopped(cluster: Cluster):
-    """Every pool process stopped until the worker has read everything on the collect queue."""
+    """Every pool process stopped until the worker has read everything on the collect queue.  First
+    the worker's main process has seen every earlier batch return (:func:`batches_returned`)."""
+    batches_returned(cluster)
     pool = psutil.Process(cluster.worker.pid).children()
     assert pool, "the worker has no pool processes"
     for process in pool:
@@ -67,6 +69,26 @@ def pool_stopped(cluster: Cluster):
     finally:
         for process in pool:
             process.resume()
+
+
+def batches_returned(cluster: Cluster, timeout: float = 20) -> None:
+    """Wait until the worker's main process has seen every batch of ``tasks.collect`` and
+    ``tasks.collect_many`` return: none of their requests active, as ``celery inspect active``
+    lists them.  A batch's results are stored before its pool process tells the main process that
+    it returned; a pool stopped in between (a test's earlier request, its result in hand) left that
+    batch running for the main process, which then handed nothing more to the pool (one batch at a
+    time: :class:`tasks.batching.FlushGate`), and the test waited for a batch that never came
+    (seen once under load, in ``test_a_retries_header_that_is_not_a_count...``)."""
+    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))  # no waiting once all answered
+    deadline = time.monotonic() + timeout
+    while True:
+        answers = inspect.active() or {}
+        running = [task for name, tasks in answers.items() if name.startswith("worker@") for task in tasks or ()
+                   if task.get("name") in ("tasks.collect", "tasks.collect_many")]
+        if any(name.startswith("worker@") for name in answers) and not running:
+            return
+        assert time.monotonic() < deadline, f"the worker's batches did not return within {timeout:g} s: still active {running}"
+        time.sleep(0.05)
 
 
 def applied_batches(cluster: Cluster) -> int:
