@@ -11,7 +11,7 @@ request.  A batch goes to the pool as soon as no other batch of its task runs
 
 Thread rules: :class:`CollectBatches`' ``Strategy``, ``flush`` and the timer callbacks run on the
 worker's main process, on its event loop (kombu's Hub); :func:`_apply_batch` and
-:func:`_send_outcomes` run in a pool process (one of its threads in ``-P threads``, under a lock).
+:func:`tasks.batchevents.send_outcomes` run in a pool process (one of its threads in ``-P threads``, under a lock).
 What the batch function does with the requests is :mod:`tasks.collect`'s.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
-import threading
 import time
 import traceback
 import uuid
@@ -31,16 +30,14 @@ from celery import Task, states
 from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.result import EagerResult
 from celery.utils.functional import maybe_list
-from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
-from tasks import envelopes, links, redis_transport, taskmessages
+from tasks import batchevents, envelopes, links, redis_transport, taskmessages
 from tasks.batching import FlushGate, ordered_batches, request_users
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
-from worker import app
 
 #: Most levels a ``tasks.collect`` or ``tasks.collect_many`` request's arguments may nest: far
 #: above what validation lets through (``tasks.messages.MAX_DATA_DEPTH``), and far enough below
@@ -287,7 +284,7 @@ class CollectBatches(Batches):
         self._consumer.timer.call_at(due, self._release, (req,), priority=6)
         if req.id not in self._announced:  # Flower lists it now, with its eta, as Celery's own
             self._announced.add(req.id)
-            _send_received(req)
+            batchevents.send_received(req)
 
     def _release(self, req) -> None:
         """Timer: ``req`` is due.  It joins the buffer and goes with the next batch (one revoked
@@ -339,7 +336,7 @@ class CollectBatches(Batches):
             if req.id in self._announced:
                 self._announced.discard(req.id)  # sent when it was put on hold (_hold)
             else:
-                _send_received(req)
+                batchevents.send_received(req)
             req.send_event("task-started")
             # What `celery inspect active` and `stats` (Flower's worker page) read: the request
             # runs, and counts in the worker's total per task name, as Celery's own requests do.
@@ -348,7 +345,7 @@ class CollectBatches(Batches):
         self._running_users[token] = users
         # The pool process sends each request's task-succeeded/failed/retried event itself
         # (_apply_batch): the main process needs only to know that the batch returned.
-        events = any(_sends_events(req) for req in requests)
+        events = any(batchevents.sends_events(req) for req in requests)
 
         def on_return(returned) -> None:
             if isinstance(returned, ExceptionInfo):
@@ -422,41 +419,9 @@ class _ReservedBuffer(Queue):
         super().put(item, block, timeout)
 
 
-def _send_received(req) -> None:
-    """``req``'s task-received event, with the fields Celery's worker sends (its ``default``
-    strategy): the reprs the sender put in the message's headers (cut at 1 KB), rather than the
-    whole kwargs of a collect_many again, and its eta and expiry, which Flower shows.  Main process."""
-    if not _sends_events(req):
-        return  # nothing to make the fields for
-    req.send_event("task-received", name=req.name, args=req.argsrepr or saferepr(req.args, app.amqp.argsrepr_maxsize),
-                   kwargs=req.kwargsrepr or saferepr(req.kwargs, app.amqp.kwargsrepr_maxsize),
-                   root_id=req.root_id, parent_id=req.parent_id, retries=req.request_dict.get("retries", 0),
-                   eta=req.eta and req.eta.isoformat(), expires=req.expires and req.expires.isoformat())
-
-
-def _sends_events(request) -> bool:
-    """Whether the worker sends task events for ``request`` now: Celery's ``Request.send_event``
-    test, and its dispatcher's, which sends only its ``groups`` (just ``worker``, the heartbeats,
-    until Flower or ``celery control enable_events`` adds ``task``).  Main process."""
-    eventer = getattr(request, "_eventer", None)
-    if not (eventer and eventer.enabled and request.task.send_events):
-        return False
-    return not eventer.groups or "task" in eventer.groups
-
-
-#: The event Celery sends for each outcome but success (``task-succeeded``, with the result).
-_OUTCOME_EVENT = {"failed": "task-failed", "retry": "task-retried"}
-#: This pool process's sender of task events (:func:`_send_outcomes`), made on first use, and
-#: the lock that its users take: in the threads pool (``-P threads``) batches of ``tasks.collect``
-#: and ``tasks.collect_many`` run at once on two threads, and kombu's producers and connections
-#: are not safe to share between threads.
-_events = None
-_events_lock = threading.Lock()
-
-
 def _apply_batch(task, args, events: bool) -> None:
     """Pool process: run one batch (celery-batches' ``apply_batches_task``) and send each request's
-    task-succeeded, -failed or -retried event when task events are on (:func:`_send_outcomes`).
+    task-succeeded, -failed or -retried event when task events are on (:func:`tasks.batchevents.send_outcomes`).
 
     It returns nothing: what it returns crosses the pool's pipe to the worker's main process, which
     needs only to know that the batch returned.  The batch's own result (every message id of up
@@ -469,41 +434,7 @@ def _apply_batch(task, args, events: bool) -> None:
     outcomes = apply_batches_task(task, args, 0, None) or {}
     if events:
         answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
-        _send_outcomes(task, args[0], answer, time.monotonic() - started)
-
-
-def outcome_text(kind: str, value: object, most: int) -> str:
-    """What a request's outcome event carries: its result's ``saferepr``, or its error's type and
-    text (``value`` an exception, or already a text), at most ``most`` characters, as Celery cuts
-    a result in its events.  Pure."""
-    if kind == "ok":
-        return saferepr(value, most)
-    return (f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value))[:most]
-
-
-def _send_outcomes(task, requests, outcomes: list[tuple[str, object]], runtime: float) -> None:
-    """Pool process: each request's outcome event, as the worker's main process sends it for any
-    Celery task, under the worker's name, so Flower shows every request as a task of its own.
-    Best effort, like every task event: one that cannot be sent is logged."""
-    global _events
-    with _events_lock:
-        try:
-            if _events is None:
-                _events = task.app.events.Dispatcher(task.app.connection_for_write(), hostname=requests[0].hostname, enabled=True)
-            for req, (kind, value) in zip(requests, outcomes):
-                text = outcome_text(kind, value, task.resultrepr_maxsize)
-                if kind == "ok":
-                    _events.send("task-succeeded", uuid=req.id, result=text, runtime=runtime)
-                else:
-                    _events.send(_OUTCOME_EVENT.get(kind, "task-failed"), uuid=req.id, exception=text, traceback="")
-        except Exception as exc:  # noqa: BLE001 - events are for watching; the batch is done
-            log.warning("%s: the outcome events of %d requests not sent (%s)", task.name, len(requests), exc)
-            if _events is not None:
-                try:
-                    _events.close()
-                except Exception:  # noqa: BLE001
-                    pass
-            _events = None
+        batchevents.send_outcomes(task, args[0], answer, time.monotonic() - started)
 
 
 def _messages_in(request) -> int:

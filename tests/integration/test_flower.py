@@ -256,7 +256,7 @@ async def test_each_batched_collect_request_shows_in_flower_as_a_succeeded_task_
 
 
 async def test_an_invalid_collect_request_shows_in_flower_as_a_failed_task_with_its_reason(cluster, flower):
-    # The pool process that ran its batch sends its task-failed event (tasks.collectbatches._send_outcomes).
+    # The pool process that ran its batch sends its task-failed event (tasks.batchevents.send_outcomes).
     task = await failed_collect_in_flower(cluster, flower, lambda: cluster.send(to=[], data={"watched": "failure"}), "empty list")
     assert "empty list" in task["exception"]
     assert task["worker"].startswith("worker")
