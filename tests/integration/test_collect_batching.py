@@ -71,6 +71,17 @@ def pool_stopped(cluster: Cluster):
             process.resume()
 
 
+def worker_inspect(cluster: Cluster):
+    """``celery inspect`` of the cluster, which waits no longer once the worker and every node answered."""
+    return cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))
+
+
+def worker_answer(inspect, method: str):
+    """The worker's answer to ``inspect``'s ``method`` (the push nodes answer these commands too,
+    for their own queue), or None when it did not answer."""
+    return next((answer for name, answer in (getattr(inspect, method)() or {}).items() if name.startswith("worker@")), None)
+
+
 def batches_returned(cluster: Cluster, timeout: float = 20) -> None:
     """Wait until the worker's main process has seen every batch of ``tasks.collect`` and
     ``tasks.collect_many`` return: none of their requests active, as ``celery inspect active``
@@ -79,13 +90,12 @@ def batches_returned(cluster: Cluster, timeout: float = 20) -> None:
     batch running for the main process, which then handed nothing more to the pool (one batch at a
     time: :class:`tasks.batching.FlushGate`), and the test waited for a batch that never came
     (seen once under load, in ``test_a_retries_header_that_is_not_a_count...``)."""
-    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))  # no waiting once all answered
+    inspect = worker_inspect(cluster)
     deadline = time.monotonic() + timeout
     while True:
-        answers = inspect.active() or {}
-        running = [task for name, tasks in answers.items() if name.startswith("worker@") for task in tasks or ()
-                   if task.get("name") in ("tasks.collect", "tasks.collect_many")]
-        if any(name.startswith("worker@") for name in answers) and not running:
+        active = worker_answer(inspect, "active")
+        running = [task for task in active or () if task.get("name") in ("tasks.collect", "tasks.collect_many")]
+        if active is not None and not running:
             return
         assert time.monotonic() < deadline, f"the worker's batches did not return within {timeout:g} s: still active {running}"
         time.sleep(0.05)
@@ -276,14 +286,10 @@ async def test_batched_requests_show_as_reserved_then_active_tasks_and_count_in_
     a batch, active while their batch runs, gone once it returned, and counted in the worker's
     total per task name.  celery-batches kept them out of all three."""
     cluster = lazy_timer_cluster
-    inspect = cluster.business.control.inspect(timeout=3, limit=1 + len(cluster.node_ports))  # no waiting once all answered
-
-    def worker_answer(method: str):
-        """The worker's answer (the push nodes answer these commands too, for their own queue)."""
-        return next((answer for name, answer in (getattr(inspect, method)() or {}).items() if name.startswith("worker@")), None)
+    inspect = worker_inspect(cluster)
 
     def active_ids() -> set[str]:
-        return {task["id"] for task in worker_answer("active") or []}
+        return {task["id"] for task in worker_answer(inspect, "active") or []}
 
     def queried(task_ids: set[str]) -> dict:
         """``celery inspect query_task``: what the worker holds of these ids, and in which state."""
@@ -299,13 +305,13 @@ async def test_batched_requests_show_as_reserved_then_active_tasks_and_count_in_
         while result.id not in (seen := active_ids()) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert result.id in seen, f"{result.id} not among the active tasks {seen}"
-        (listed,) = [task for task in worker_answer("active") if task["id"] == result.id]
+        (listed,) = [task for task in worker_answer(inspect, "active") if task["id"] == result.id]
         assert listed["name"] == "tasks.collect" and listed["kwargs"]["to"] == "watched-active"
         # Those read while it runs wait in the worker for the next batch: reserved, not active.
         waiting = [cluster.send(to=f"watched-reserved-{n}", data={"n": n}) for n in range(3)]
         ids = {w.id for w in waiting}
         deadline = time.monotonic() + 20
-        while not ids <= (reserved := {task["id"] for task in worker_answer("reserved") or []}) and time.monotonic() < deadline:
+        while not ids <= (reserved := {task["id"] for task in worker_answer(inspect, "reserved") or []}) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ids <= reserved, f"{ids} not among the reserved tasks {reserved}"
         assert not ids & active_ids()
@@ -327,7 +333,7 @@ async def test_batched_requests_show_as_reserved_then_active_tasks_and_count_in_
     while result.id in (seen := active_ids()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert result.id not in seen
-    stats = worker_answer("stats")
+    stats = worker_answer(inspect, "stats")
     assert stats["total"].get("tasks.collect", 0) >= 1, stats["total"]
 
 
