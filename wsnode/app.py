@@ -126,11 +126,9 @@ class HealthHandler(tornado.web.RequestHandler):
 
 
 class PushNode(LeaseKeeper, Deliveries, TokenWatch):
-    """One push node (see the module).  Its parts written apart, each one concept: its leases and
-    the connections their gaps close (:class:`wsnode.leasekeeper.LeaseKeeper`), what it writes to
-    its connections and how it asks for their replays (:class:`wsnode.deliveries.Deliveries`), and
-    what it does about its connections' tokens once they are open (refresh, expiry, revocation:
-    :class:`wsnode.tokenwatch.TokenWatch`)."""
+    """One push node (see the module, which names its parts written apart: the mixins
+    :class:`~wsnode.leasekeeper.LeaseKeeper`, :class:`~wsnode.deliveries.Deliveries` and
+    :class:`~wsnode.tokenwatch.TokenWatch`)."""
 
     def __init__(self, port: int, host: str = settings.NODE_HOST, celery_app=None) -> None:
         if celery_app is None:
