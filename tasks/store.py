@@ -59,7 +59,7 @@ from pymongo import errors
 import settings
 from tasks import checkpoints, ids, storedisk, storesql
 from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, receipt_documents, replays_from
-from tasks.storeerrors import ACCESS_CODES, DISK_ERRNOS, DUPLICATE_KEY, StoreError, StoreUnavailable, dns_for_now, explain_disk, translated
+from tasks.storeerrors import ACCESS_CODES, DISK_ERRNOS, DUPLICATE_KEY, StoreError, StoreUnavailable, dns_for_now, embedded_folder, explain_disk, translated
 from tasks.messages import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Store:
                 raise StoreError(f"MONGO_URL={where} cannot be used ({exc}): check its form (mongodb://user:password@host:port/, "
                                  "the password percent-encoded) and its options") from exc
         else:
-            where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+            where = embedded_folder()
             try:
                 # litemongo's own mkdir fails when another process makes the folder at the same moment
                 os.makedirs(os.path.join(where, settings.MONGO_DB), exist_ok=True)
@@ -377,7 +377,7 @@ class Store:
         if not self.embedded:
             yield
             return
-        path = os.path.join(os.path.abspath(os.path.join(settings.DATA_DIR, "mongo")), "keys.lock")
+        path = os.path.join(embedded_folder(), "keys.lock")
         try:
             # Read-only (flock needs no more): opening it to append failed on a file system
             # mounted read-only with a bare OSError, which failed the requests at once.

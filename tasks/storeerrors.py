@@ -46,9 +46,14 @@ class StoreUnavailable(StoreError):
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
 
 
+def embedded_folder() -> str:
+    """The embedded store's folder, ``DATA_DIR/mongo``, as an absolute path (what errors name)."""
+    return os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+
+
 def explain_disk(exc: BaseException) -> str:
     """What the embedded store's disk refused, and what to do (:mod:`tasks.storedisk`)."""
-    where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+    where = embedded_folder()
     return storedisk.explain(exc, os.path.abspath(settings.DATA_DIR), os.path.join(where, settings.MONGO_DB))
 
 
@@ -88,7 +93,7 @@ def translated(action: str) -> Iterator[None]:
         # A full disk, a file size limit, a read-only folder or a lock: each goes away once
         # an operator acts (or the other process lets go), so the caller retries; the error
         # says which one it is.
-        where = os.path.abspath(os.path.join(settings.DATA_DIR, "mongo"))
+        where = embedded_folder()
         raise StoreUnavailable(f"{action}: the embedded store in {where} failed ({exc}): {explain_disk(exc)}") from exc
     except (errors.PyMongoError, sqlite3.Error) as exc:
         where = settings.redact(settings.MONGO_URL or "")
