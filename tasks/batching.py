@@ -28,6 +28,14 @@ One worker then delivers a user's messages in the order it read their requests f
 which is the order one business process sent them.  A batch's own messages are published in
 order, one pool process each, and a node reads its queue in order.
 
+The two tasks share that order: ``tasks.collect`` and ``tasks.collect_many`` have a buffer and a
+gate each, but a request also waits behind a batch of the other task that names one of its users
+and runs, and behind a request of the other task read before it that has not run yet (its
+``earlier``).  Each request is numbered as it is read, across both tasks (:mod:`tasks.collectbatches`), so
+that a flush of one task knows which of the other's requests came first.  A request waits only
+for requests read before it, and for batches that run, so the first request read never waits for
+anything but a running batch: nothing waits in a circle.
+
 Threading: the worker's main process, on its event loop.  ``started`` is called where the batch
 is handed to the pool; ``finished`` from the pool's result callback, which the prefork and solo
 pools run on the loop and the threads pool on one of its threads (a ``set.discard`` is atomic
@@ -96,21 +104,34 @@ class _Claims:
 
 
 def ordered_batches(items: Sequence[T], users: Callable[[T], frozenset[str] | None], size: Callable[[T], int], limit: int,
-                    running: Iterable[frozenset[str] | None] = ()) -> tuple[list[tuple[list[T], frozenset[str] | None]], list[T]]:
+                    running: Iterable[frozenset[str] | None] = (), earlier: Sequence[tuple[int, frozenset[str] | None]] = (),
+                    read_at: Callable[[T], int] | None = None) -> tuple[list[tuple[list[T], frozenset[str] | None]], list[T]]:
     """``items`` (in the order the worker read them) cut, in order, into batches of at most
     ``limit`` in ``size`` (an item bigger than that goes alone and whole; one of no size counts as
     one) that may all start now, beside each other and beside the batches that run, whose users
     are ``running``; and the items that must wait, in order.  An item waits when a running batch,
     a batch cut before it here, or an item that waits names one of its ``users`` (or every user:
-    :data:`EVERYONE`).  Returns ``([(batch, its users), ...], waiting)``.  Pure."""
+    :data:`EVERYONE`), and when one of ``earlier`` does that was read before it: ``earlier`` are
+    (read number, users) of requests that have not started and are not among ``items`` (another
+    task's), in read order, and ``read_at`` gives an item's read number (required with
+    ``earlier``).  Returns ``([(batch, its users), ...], waiting)``.  Pure."""
     taken = _Claims(running)
     waiting_users = _Claims()
+    ahead = iter(earlier)
+    next_ahead = next(ahead, None)
     batches: list[tuple[list[T], frozenset[str] | None]] = []
     waiting: list[T] = []
     batch: list[T] = []
     batch_users = _Claims()
     total = 0
     for item in items:
+        if next_ahead is not None:
+            # the other task's requests read before this item have not run: they hold their users
+            # from here on as a waiting item of this task does
+            read = read_at(item)
+            while next_ahead is not None and next_ahead[0] < read:
+                waiting_users.add(next_ahead[1])
+                next_ahead = next(ahead, None)
         named = users(item)
         n = max(1, size(item))
         if taken.overlaps(named) or waiting_users.overlaps(named) or (batch and total + n > limit and batch_users.overlaps(named)):

@@ -7,7 +7,8 @@ inspect``, Flower's worker page), their ``countdown``/``eta`` held on the worker
 rate limit, revoked and expired requests dropped, a task event per request (Flower lists each as a
 task), eager ``apply``, time limits, and a batch lost with its pool process put back request by
 request.  A batch goes to the pool as soon as no other batch of its task runs
-(:class:`tasks.batching.FlushGate`).
+(:class:`tasks.batching.FlushGate`), and a request waits while a request of one of its users read
+before it, of either task, has not returned (per-user order: :func:`tasks.batching.ordered_batches`).
 
 Thread rules: :class:`CollectBatches`' ``Strategy``, ``flush`` and the timer callbacks run on the
 worker's main process, on its event loop (kombu's Hub); :func:`_apply_batch` and
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 ORDERED = settings.COLLECT_ORDER == "user"
 NOBODY: frozenset[str] = frozenset()
 
+#: Numbers the requests of ``tasks.collect`` and ``tasks.collect_many`` as this worker process
+#: reads them (:meth:`_ReservedBuffer.put`), one count for both: the order their users' messages
+#: keep across the two tasks.
+_READ_ORDER = itertools.count()
+
 
 class CollectBatches(Batches):
     """celery-batches' task class, plus what a plain Celery task gives operators and callers.
@@ -101,6 +107,10 @@ class CollectBatches(Batches):
         # the batch's result callback runs (a thread of the threads pool: dict.pop is atomic
         # under the GIL, and the loop reads a copy).
         self._running_users: dict[object, frozenset[str] | None] = {}
+        # The worker's other CollectBatches tasks (tasks.collect's is tasks.collect_many's, and the
+        # other way round), whose requests and batches a request of this one waits for as for its
+        # own (per-user order across both); found when the consumer starts.
+        self._siblings: list[CollectBatches] = []
 
     def __call__(self, *args, **kwargs):
         """``collect(to=..., data=...)``: business code calling the task object directly, which
@@ -167,6 +177,7 @@ class CollectBatches(Batches):
         self._flush_pending = False
         self._hub = consumer.hub
         self._consumer = consumer
+        self._siblings = [other for other in app.tasks.values() if isinstance(other, CollectBatches) and other is not self]
         on_message = super().Strategy(task, app, consumer)
 
         def buffer_then_flush_when_free(message, *args, **kwargs):
@@ -209,6 +220,20 @@ class CollectBatches(Batches):
         self._gate.finished(token)
         if self._hub is not None:
             self._flush_when_free()
+        self._wake_siblings()
+
+    def _wake_siblings(self) -> None:
+        """A batch of this task returned, or a flush started some of its requests, dropped them or
+        held them for their eta: a request of the other task that waited for them may go now."""
+        for other in self._siblings:
+            if other._waiting and other._hub is not None:
+                other._flush_when_free()
+
+    def _not_started(self):
+        """(read number, users) of each request of this task that was read and has not started
+        (waiting for a batch of its users, held by the rate limit, or buffered), in no order."""
+        for req in itertools.chain((entry[0] for entry in self._waiting), self._limited, list(self._buffer.queue)):
+            yield req.read_at, req.read_users
 
     def _do_flush(self) -> None:
         """Hand what is buffered to :meth:`flush`, but for two kinds of request, held as Celery
@@ -244,6 +269,7 @@ class CollectBatches(Batches):
         elif self._tref is not None:
             self._tref.cancel()  # nothing waits: the next request starts it again
             self._tref = None
+        self._wake_siblings()
 
     def _within_rate_limit(self, ready: list) -> list:
         """The first of ``ready`` that the task's rate limit lets run now: Celery's token bucket
@@ -306,24 +332,33 @@ class CollectBatches(Batches):
         # revoked while it waits is dropped too.
         # A request whose batch died with its pool process before runs alone, so that if it is
         # what kills the process it no longer takes other requests with it (LostRequests).
-        # A request that names a user of a batch in the pool, or of a batch cut before it here,
+        # A request that names a user of a batch in the pool (of either task), of a batch cut
+        # before it here, or of a request read before it that has not started (of either task),
         # waits for the next flush, behind any earlier one that waits (per-user order: see
         # tasks.batching); the rest go now, as several batches when they are more than one holds.
         # ``waiting``: what waited at the last flush, as (request, its picklable copy, its users).
-        live = []  # the same, in order
+        live = []  # the same, in the order read
         for req, simple, users in [*waiting, *((req, None, None) for req in requests)]:
             if req.revoked():
                 self._announced.discard(req.id)
                 self._lost.returned((req.id,))
             elif simple is None:
-                simple = links.CollectRequest.from_request(req)
-                live.append((req, simple, request_users(simple.args, simple.kwargs) if ORDERED else NOBODY))
+                live.append((req, links.CollectRequest.from_request(req), req.read_users))
             else:
                 live.append((req, simple, users))
+        # (what waited and what the rate limit held back can interleave in the order read)
+        live.sort(key=lambda entry: entry[0].read_at)
+        running = list(self._running_users.values())
+        earlier = []
+        if ORDERED:
+            for other in self._siblings:
+                running.extend(list(other._running_users.values()))  # a copy: see _running_users
+                earlier.extend(other._not_started())
+            earlier.sort(key=lambda entry: entry[0])
         most = self.batch_messages
         batches, self._waiting = ordered_batches(
             live, lambda entry: entry[2], lambda entry: most + 1 if self._lost.suspect(entry[0].id) else _messages_in(entry[1]), most,
-            list(self._running_users.values()))
+            running, earlier, lambda entry: entry[0].read_at)
         for batch, users in batches:
             if self._lost.suspect(batch[0][0].id):
                 log.warning("%s %s: its batch was lost with its pool process before; it runs alone", self.name, batch[0][0].id)
@@ -416,6 +451,10 @@ class _ReservedBuffer(Queue):
 
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         worker_state.task_reserved(item)
+        # Its place in the order read, across both tasks, and the users it names (per-user
+        # order); a request held for its eta comes here again when it is due, and counts as read then.
+        item.read_at = next(_READ_ORDER)
+        item.read_users = request_users(item.args, item.kwargs) if ORDERED else NOBODY
         super().put(item, block, timeout)
 
 

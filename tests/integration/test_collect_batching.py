@@ -471,3 +471,37 @@ async def test_a_request_waits_for_the_running_batch_of_its_user_while_other_use
     assert [f["data"] for f in await clients["order-y"].messages(per_task, timeout=30)] == list(range(per_task))
     for client in clients.values():
         client.close()
+
+
+async def test_a_collect_waits_for_a_collect_many_of_its_user_read_before_it_though_its_own_task_is_free(lazy_timer_cluster):
+    """A user's messages keep the order the worker read their requests across the two tasks, each
+    with its own buffer and gate: a ``tasks.collect`` read after a ``tasks.collect_many`` of its
+    user that has not run yet (here: behind a running batch of its task) waits for it, though no
+    ``tasks.collect`` batch runs, while one of another user goes at once.  Before, it went, and
+    could reach the user before the earlier batch's messages."""
+    cluster = lazy_timer_cluster
+    user, other_user = "across-x", "across-y"
+    client = await cluster.connect(user)
+    other = await cluster.connect(other_user)
+    inspect = worker_inspect(cluster)
+    with pool_stopped(cluster):
+        # a tasks.collect_many batch that holds its task's gate; the next one, to the user, waits behind it
+        send_ahead(cluster, task="tasks.collect_many", messages=[{"to": "across-z", "data": "holds the pool"}])
+        first = cluster.send("tasks.collect_many", messages=[{"to": user, "data": n} for n in range(50)])
+        second = cluster.send(to=user, data=50)  # tasks.collect: its gate is open
+        beside = cluster.send(to=other_user, data="beside")  # read after second: second was read when this runs
+        deadline = time.monotonic() + 20
+        while beside.id not in (active := {task["id"] for task in worker_answer(inspect, "active") or []}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert beside.id in active, f"the request of another user did not go to the pool: active {active}"
+        assert second.id not in active and first.id not in active
+        reserved = {task["id"] for task in worker_answer(inspect, "reserved") or []}
+        assert {first.id, second.id} <= reserved, reserved
+    first_ids = await cluster.result(first, timeout=30)
+    second_id = await cluster.result(second, timeout=30)
+    frames = await client.messages(51, timeout=30)
+    assert [f["data"] for f in frames] == list(range(51))
+    assert [f["id"] for f in frames] == [*first_ids, second_id]
+    assert [f["data"] for f in await other.messages(1, timeout=30)] == ["beside"]
+    client.close()
+    other.close()

@@ -41,6 +41,39 @@ async def test_each_of_120_users_across_two_nodes_gets_exactly_its_own_messages_
         c.close()
 
 
+async def test_one_sender_mixing_collect_and_collect_many_without_waiting_keeps_each_users_order(cluster):
+    """Messages to one user arrive in the order they were collected, whichever task carried them:
+    one business process sends ``tasks.collect`` and ``tasks.collect_many`` interleaved, without
+    waiting for any result, and each user gets its messages in the order sent (the worker reads
+    them in that order, and a request waits for the other task's earlier requests of its users)."""
+    users = [f"mixed-{i}" for i in range(4)]
+    expected: dict[str, list[int]] = {u: [] for u in users}
+    sends = []  # (task, kwargs) in send order
+    for n in range(90):
+        if n % 3 == 2:
+            sends.append(("tasks.collect_many", {"messages": [{"to": u, "data": n} for u in users[n % 2::2]]}))
+            for u in users[n % 2::2]:
+                expected[u].append(n)
+        else:
+            user = users[n % len(users)]
+            sends.append(("tasks.collect", {"to": user, "data": n}))
+            expected[user].append(n)
+    clients = await asyncio.gather(*(cluster.connect(u, cluster.node_ports[i % 2]) for i, u in enumerate(users)))
+    receiving = asyncio.gather(*(c.messages(len(expected[u]), timeout=60) for u, c in zip(users, clients)))
+    try:
+        results = [cluster.send(task, **kwargs) for task, kwargs in sends]
+        for result in results:
+            await cluster.result(result, timeout=60)
+        received = await receiving
+    finally:
+        receiving.cancel()
+    for user, frames in zip(users, received):
+        assert [f["data"] for f in frames] == expected[user], user
+    assert not any(await asyncio.gather(*(c.quiet(0.3) for c in clients)))
+    for c in clients:
+        c.close()
+
+
 async def test_a_user_with_devices_on_both_nodes_gets_every_message_on_each(cluster):
     phone = await cluster.connect("two-devices", cluster.node_ports[0])
     laptop = await cluster.connect("two-devices", cluster.node_ports[1])

@@ -113,6 +113,23 @@ def test_a_request_to_everyone_waits_for_any_batch_that_runs_and_holds_back_what
     assert batches_of([("a", 1)], running=[EVERYONE]) == ([], [("a", 1)])
 
 
+def test_a_request_waits_behind_the_other_tasks_request_of_its_user_read_before_it_and_only_that():
+    # items: (user, size, read number); earlier: the other task's requests not started yet
+    items = [("a", 1, 2), ("b", 1, 3), ("c", 1, 6), ("a", 1, 7)]
+    earlier = [(1, frozenset({"a"})), (5, frozenset({"c"})), (9, frozenset({"b"}))]
+    batches, waiting = ordered_batches(items, lambda item: frozenset({item[0]}), lambda item: item[1], 1000, (), earlier, lambda item: item[2])
+    # "a" read 2 waits for the other's "a" read 1, and the later "a" behind it; "c" read 6 waits
+    # for the other's "c" read 5; "b" read 3 goes: the other's "b" was read after it
+    assert [batch for batch, _ in batches] == [[("b", 1, 3)]]
+    assert waiting == [("a", 1, 2), ("c", 1, 6), ("a", 1, 7)]
+
+
+def test_the_other_tasks_request_to_everyone_holds_back_what_was_read_after_it():
+    items = [("a", 1, 1), ("b", 1, 3)]
+    batches, waiting = ordered_batches(items, lambda item: frozenset({item[0]}), lambda item: item[1], 1000, (), [(2, EVERYONE)], lambda item: item[2])
+    assert [batch for batch, _ in batches] == [[("a", 1, 1)]] and waiting == [("b", 1, 3)]
+
+
 def test_each_batch_comes_with_the_users_it_names():
     batches, waiting = ordered_batches([("a", 600), ("b", 300), ("c", 600)], lambda item: frozenset({item[0]}), lambda item: item[1], 1000)
     assert [(len(batch), users) for batch, users in batches] == [(2, frozenset({"a", "b"})), (1, frozenset({"c"}))]
