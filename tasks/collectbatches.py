@@ -7,8 +7,9 @@ inspect``, Flower's worker page), their ``countdown``/``eta`` held on the worker
 rate limit, revoked and expired requests dropped, a task event per request (Flower lists each as a
 task), eager ``apply``, time limits, and a batch lost with its pool process put back request by
 request.  A batch goes to the pool as soon as no other batch of its task runs
-(:class:`tasks.batching.FlushGate`), and a request waits while a request of one of its users read
-before it, of either task, has not returned (per-user order: :func:`tasks.batching.ordered_batches`).
+(:class:`tasks.batching.FlushGate`); a request waits while a request of one of its users read
+before it, of either task, has not returned, unless both go in one batch (per-user order:
+:func:`tasks.batching.ordered_batches`).
 
 Thread rules: :class:`CollectBatches`' ``Strategy``, ``flush`` and the timer callbacks run on the
 worker's main process, on its event loop (kombu's Hub); :func:`_apply_batch` and
