@@ -62,6 +62,10 @@ async def test_collect_and_collect_many_deliver_and_report_each_request_under_th
             frames = await reading[user]
             assert {frame["id"] for frame in frames} == expected[user], user
             assert all(frame["data"]["run"] == run for frame in frames)
+            # in the order sent, across the two tasks: under -P threads a batch returns on a pool
+            # thread, which lets the other task's requests that waited for it go
+            sent = [("single", i) for i in range(40) if USERS[i % 3] == user] + [("many", i) for i in range(40)]
+            assert [("single", f["data"]["single"]) if "single" in f["data"] else ("many", f["data"]["many"]) for f in frames] == sent, user
             assert await client.quiet() == [], f"{user} got more than its messages"
 
         # Flower's view: every request a task of its own, received, started and succeeded (or
