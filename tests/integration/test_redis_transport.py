@@ -23,8 +23,9 @@ from kombu import Exchange, Producer, Queue
 from kombu.utils.json import dumps, loads
 
 import launcher
-from tasks import redis_transport
-from tasks.redis_transport import Channel, QoS, Transport, acknowledge, kombu_message
+from tasks import backlogread
+from tasks.backlogread import kombu_message
+from tasks.redis_transport import Channel, QoS, Transport, acknowledge
 from tests.conftest import redis_version, skip_before_redis_7
 from tests.integration.test_redis_full import over_maxmemory
 from worker import app
@@ -190,7 +191,7 @@ def test_on_redis_6_2_the_read_drops_the_script_flags_takes_the_backlog_and_warn
     """Redis 6.2 does not compile the read script's ``#!lua flags=allow-oom``: the read runs it
     again without the line at once.  It returned nothing instead, so every channel's first read
     took one task (kombu's way), and each channel (one per broker reconnection) logged the warning."""
-    monkeypatch.setattr(redis_transport, "_warned_no_flags", False, raising=False)
+    monkeypatch.setattr(backlogread, "_warned_no_flags", False, raising=False)
     reads, recorded = [], []
     with caplog.at_level(logging.WARNING, logger="tasks.redis_transport"):
         for _ in range(2):  # two channels, as after a reconnection

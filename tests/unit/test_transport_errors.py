@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.redis_transport import _TAKE_MORE, count_unsupported, flags_unsupported
+from tasks.backlogread import _TAKE_MORE, count_unsupported, flags_unsupported
 
 
 @pytest.mark.parametrize("error", [

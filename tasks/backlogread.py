@@ -1,0 +1,226 @@
+"""How a worker's broker channel reads a queue's backlog: the message ``BRPOP`` brought, and those
+waiting behind it, recorded as unacknowledged in one round trip.  Part of
+:class:`tasks.redis_transport.Channel` (:class:`BacklogRead`).
+
+kombu spends two round trips per message a worker receives, one after the other: the
+``BRPOP`` that takes it, then a transaction recording it as unacknowledged (a sorted set and a hash,
+what brings it back if the worker dies).  When a queue holds a backlog, the channel takes the
+messages waiting behind the one ``BRPOP`` brought in the same round trip as that record: a Lua
+script records the first message, pops up to the free part of the prefetch window more (``RPOP``
+with a count, Redis 6.2 or later) and records them too, atomically, so no message is ever out of
+the list without being recorded.  Without a backlog a message still costs its two round trips;
+with one, a read of up to the window costs two.  Only queues consumed with acknowledgements
+take part (a push node's queue is read with ``no_ack`` and keeps kombu's one message per ``BRPOP``).
+
+An item of a queue's list that is not a kombu message (not JSON, without the properties kombu
+reads, or with a body its encoding does not decode) is logged and dropped: kombu's channel raised
+on it, out of the worker's event loop, which stopped the worker ("Unrecoverable error"); a push
+node's consumer took it for a lost broker connection and connected again.
+
+Like every kombu channel object, used from the thread that owns the connection only (the worker's
+main process loop, a push node's queue thread).  Logs as ``tasks.redis_transport``, the channel's
+logger, so that operators' filters match what they matched before it was a module of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from base64 import b64decode
+from time import time
+
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+from redis.exceptions import ResponseError
+
+log = logging.getLogger("tasks.redis_transport")
+
+#: Most messages one read takes beyond the one ``BRPOP`` brought (and never more than the free
+#: part of the consumer's prefetch window).
+TAKE_MAX = 100
+
+# KEYS: the queue's list, kombu's unacked index (sorted set) and unacked hash.  ARGV: the time,
+# how many more to pop, then the tag and unacked record of the message BRPOP brought.  Records it,
+# pops up to that many more and records each (tag and record built from the message's own JSON as
+# kombu's QoS.append builds them: [message, exchange, routing key]); a message that does not parse
+# as kombu's, or whose tag is recorded already, goes back to the list, with all after it, for a
+# BRPOP of its own.  Returns the popped as tag, item, tag, item...: Lua's cjson takes JSON that
+# Python's json refuses (0x10, inf, nan, a tab inside a string), so an item recorded here may be one
+# Python cannot read, and its tag is what removes its record again.  A record never replaces one
+# already there, so that removal removes nothing but that item's own.  Exchange and routing key
+# must be strings: cjson.encode raises on some numbers (inf), and a script that raises stops
+# there, keeping what it did (the items it popped and had not recorded would be lost).
+#
+# It runs with the flag allow-oom (Redis 7 and later): over ``maxmemory`` (a full Redis with
+# ``noeviction`` refuses every write that may use memory) the message BRPOP took is out of its
+# list already, and a record refused then lost it, with every message each reconnection's BRPOP
+# took after it.  The record moves what the list held into the unacked hash (what it adds beyond
+# that is bounded by the prefetch window), so it is allowed to pass the limit.
+_TAKE_MORE = """#!lua flags=allow-oom
+local now, more = ARGV[1], tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], now, ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+if more < 1 then return {} end
+local items = redis.call('RPOP', KEYS[1], more)
+if not items then return {} end
+local taken = {}
+for i, raw in ipairs(items) do
+  local ok, message = pcall(cjson.decode, raw)
+  local props = ok and type(message) == 'table' and message['properties']
+  local info = type(props) == 'table' and props['delivery_info']
+  local tag = type(props) == 'table' and props['delivery_tag']
+  if type(info) ~= 'table' or type(tag) ~= 'string' or type(info['exchange']) ~= 'string' or type(info['routing_key']) ~= 'string'
+      or redis.call('HEXISTS', KEYS[3], tag) == 1 then
+    for j = #items, i, -1 do redis.call('RPUSH', KEYS[1], items[j]) end
+    break
+  end
+  redis.call('ZADD', KEYS[2], now, tag)
+  redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+  taken[#taken + 1] = tag
+  taken[#taken + 1] = raw
+end
+return taken
+"""
+
+#: :data:`_TAKE_MORE` without its first line (the flags), for a Redis older than 7.
+_TAKE_MORE_NO_FLAGS = _TAKE_MORE.split("\n", 1)[1]
+#: Whether this process logged that its Redis takes no script flags (once per process, not per
+#: channel: a worker opens a channel at each broker reconnection, a node one per consumer).
+_warned_no_flags = False
+
+
+def _warn_no_script_flags(exc: Exception) -> None:
+    global _warned_no_flags
+    if not _warned_no_flags:
+        _warned_no_flags = True
+        log.warning("this Redis takes no script flags (Redis 7 and later do): a task read while Redis is over maxmemory "
+                    "cannot be recorded as unacknowledged, and is lost (%s)", exc)
+
+
+class BacklogRead:
+    """The part of :class:`tasks.redis_transport.Channel` that records the message ``BRPOP``
+    brought and takes those waiting behind it (:meth:`_take_more`)."""
+
+    _take_script = None
+    #: The read's script: :data:`_TAKE_MORE`, or without its flags on a Redis older than 7.
+    _take_script_text = _TAKE_MORE
+    #: False once the server refused the read of several messages (Redis older than 6.2).
+    _take_more_ok = True
+
+    def _take_more(self, key, queue: str, raw: str, payload) -> list:
+        """Record the message ``raw`` (decoded: ``payload``) as unacknowledged and pop (and
+        record) the messages waiting behind it, in one round trip; returns the popped ones,
+        decoded.  Returns nothing and records nothing when the queue's consumer does not ack, or
+        where it cannot be done (kombu's own append then records the message)."""
+        if not (self._take_more_ok and queue in self._acked_queues and self.ack_emulation and not self.global_keyprefix):
+            return []
+        try:
+            tag = payload["properties"]["delivery_tag"]
+            info = payload["properties"]["delivery_info"]
+            # kombu's record, dumps([message, exchange, routing key]), around the message's own JSON
+            record = f'[{raw},{dumps(info["exchange"])},{dumps(info["routing_key"])}]'
+        except (KeyError, TypeError):
+            return []  # not kombu's message format: the consumer rejects it the usual way
+        room = self.qos.can_consume_max_estimate()
+        more = TAKE_MAX if room is None else max(0, min(TAKE_MAX, room - 1))
+        if "can_consume" in vars(self.qos):
+            # Celery's worker_disable_prefetch (--disable-prefetch) replaces can_consume on the
+            # QoS object with one that also says no while the worker holds a reserved task per
+            # pool process.  kombu asks it before each BRPOP; the estimate above knows nothing of
+            # that limit, and whether it has room after this message is known only once this
+            # message is delivered.  So the read takes this message only, as kombu's does (it
+            # took the whole prefetch window).
+            more = 0
+        with self.conn_or_acquire() as client:
+            if self._take_script is None:
+                self._take_script = client.register_script(self._take_script_text)
+            try:
+                try:
+                    taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
+                except ResponseError as exc:
+                    if not (flags_unsupported(str(exc)) and self._take_script_text == _TAKE_MORE):
+                        raise
+                    # Redis before 7 reads no script flags, and refused to compile the script (it
+                    # ran nothing): the same script without them, at once, for this read and the
+                    # channel's next ones.  A Redis over maxmemory refuses its record (as it
+                    # refuses kombu's append), which loses a task read then.
+                    _warn_no_script_flags(exc)
+                    self._take_script_text = _TAKE_MORE_NO_FLAGS
+                    self._take_script = client.register_script(self._take_script_text)
+                    taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
+            except ResponseError as exc:
+                # A script stops at the command that fails: here RPOP (before it took anything)
+                # or the first record.  kombu's append then records the message BRPOP brought
+                # (again, or fails the same way).
+                if count_unsupported(str(exc)):
+                    self._take_more_ok = False
+                    log.warning("reading several messages per round trip is off for this connection: %s (RPOP with a count needs Redis 6.2 or later)", exc)
+                return []
+        payloads, dropped = [], []
+        taken = taken or []
+        for item_tag, item in zip(taken[::2], taken[1::2]):
+            item = bytes_to_str(item)
+            message = kombu_message(item)
+            # The script checked its properties, not its body, and with a JSON parser more lenient
+            # than Python's; and a tag Python reads differently (bytes that are not UTF-8) is not
+            # the one the script recorded, so no ack would remove that record.  Either is removed
+            # by the tag the script recorded.
+            if message is None or message["properties"]["delivery_tag"].encode(errors="surrogatepass") != item_tag:
+                log_dropped(queue, item)
+                dropped.append(item_tag)
+            else:
+                payloads.append(message)
+        if dropped:
+            self.qos.unrecord(*dropped).execute()  # without MULTI, which a Redis over maxmemory refuses
+        self.qos.recorded.add(tag)
+        self.qos.recorded.update(p["properties"]["delivery_tag"] for p in payloads)
+        return payloads
+
+
+def kombu_message(raw: str) -> dict | None:
+    """``raw`` decoded, if it is a message as kombu's Redis channel stores one, with everything
+    its ``Message`` and QoS read before a consumer sees it: ``properties`` with a string
+    ``delivery_tag`` and a ``delivery_info`` naming the exchange and routing key, ``headers`` that
+    are an object, a ``content-type`` and ``content-encoding`` that are strings (each may be
+    absent), and a body its ``body_encoding`` decodes (none, utf-8 or base64); else None.  Pure."""
+    try:
+        payload = loads(raw)
+    except Exception:  # noqa: BLE001 - kombu's decoder also rebuilds tagged values ({"__type__": "decimal", ...}),
+        return None    # with hooks that raise what they raise; and deep nesting raises RecursionError
+    properties = payload.get("properties") if isinstance(payload, dict) else None
+    if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
+        return None
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
+        return None
+    if payload.get("headers") and not isinstance(payload["headers"], dict):
+        return None  # kombu's Message reads headers.get("compression") as it is made
+    if not all(isinstance(payload.get(name) or "", str) for name in ("content-type", "content-encoding")):
+        return None  # kombu's decoder looks the type up in a set and lowercases the encoding
+    body, encoding = payload.get("body"), properties.get("body_encoding")
+    if body and encoding and not (isinstance(encoding, str) and encoding.lower() == "utf-8"):
+        if encoding != "base64" or not isinstance(body, str):
+            return None
+        try:
+            b64decode(body)  # as kombu's codec decodes it
+        except ValueError:  # binascii.Error, and non-ASCII text
+            return None
+    return payload
+
+
+def flags_unsupported(error: str) -> bool:
+    """Whether ``error``, the message of an error of the read script, is a Redis older than 7
+    refusing its first line, the ``#!lua flags=...`` it does not know (Lua reads ``#`` as an
+    unexpected symbol).  Pure."""
+    return "compiling script" in error.lower() and "'#'" in error
+
+
+def count_unsupported(error: str) -> bool:
+    """Whether ``error``, the message of an error of the read script, is the server refusing the
+    count of ``RPOP`` (Redis older than 6.2), an arity error.  A command sent by a client gets
+    "wrong number of arguments for 'rpop' command"; inside a script, Redis 3 to 6.0 say "Wrong
+    number of args calling Redis command From Lua script", and 7 "... from script".  Pure."""
+    return "wrong number of arg" in error.lower()
+
+
+def log_dropped(queue: str, raw: str) -> None:
+    log.error("dropped an item of queue %r that is not a kombu message (%d bytes): %.200r", queue, len(raw), raw)
