@@ -3,7 +3,7 @@
 
 One command (run from anywhere; the repository root is found from this file)::
 
-    python bench/e2e.py [--users 200] [--messages N] [--mode single|batch|list|all] [--batch 100]
+    python bench/e2e.py [--users 200] [--messages N] [--mode single|batch|list|mixed|all] [--batch 100]
                         [--rate 0 | N msg/s] [--json out.json]
 
 It starts a private cluster with ``launcher`` (its own redis-server on a free port, auth, ONE worker
@@ -57,9 +57,14 @@ from common import Cleanup, interrupt_on_signals, speed_line, speed_ms  # noqa: 
 from wsclients import ClientProcess  # noqa: E402
 
 MODES = ("single", "batch", "list")
+#: A mode ``--mode all`` leaves out: one ``tasks.collect_many`` of ``--batch`` messages, then
+#: :data:`MIXED_SINGLES` ``tasks.collect`` of one message each, and again, all to random users: each
+#: user's messages come by both tasks, and its seq inversions say whether their order held.
+MIXED = "mixed"
+MIXED_SINGLES = 10
 #: Messages per mode when --messages is not given.  A tasks.collect per message costs the worker two
 #: Celery tasks (collect + dispatch), so single mode gets fewer to keep `--mode all` near 3 minutes.
-DEFAULT_MESSAGES = {"single": 4000, "batch": 20000, "list": 20000}
+DEFAULT_MESSAGES = {"single": 4000, "batch": 20000, "list": 20000, MIXED: 20000}
 ADMIN_KEY = os.environ.get("AUTH_ADMIN_KEY") or "dev-admin-key-change-me"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
 
@@ -144,11 +149,15 @@ def sender_main(conn, broker_url: str, mode: str, tasks: list, rate: float) -> N
             if ahead > 0.001:
                 sleep(ahead)
         try:
-            if mode == "single":
+            if mode == MIXED:
+                mode_of_task, task = task
+            else:
+                mode_of_task = mode
+            if mode_of_task == "single":
                 seq, user = task
                 send("tasks.collect", kwargs={"to": user, "data": {"t": now(), "seq": seq, "u": user}}, queue="collect")
                 count = 1
-            elif mode == "batch":
+            elif mode_of_task == "batch":
                 t = now()
                 send("tasks.collect_many", kwargs={"messages": [{"to": user, "data": {"t": t, "seq": seq, "u": user}} for seq, user in task]}, queue="collect")
                 count = len(task)
@@ -186,6 +195,17 @@ def make_plan(mode: str, messages: int, batch: int, users: list[str], seq0: int,
                 expected.append((user, seq))
                 seq += 1
             tasks.append(items)
+    elif mode == MIXED:
+        while seq - seq0 < messages:
+            many, _ = make_plan("batch", min(batch, messages - (seq - seq0)), batch, users, seq, rng)
+            tasks += [("batch", items) for items in many]
+            expected += [(user, n) for items in many for n, user in items]
+            seq += len(many[0])
+            for _ in range(min(MIXED_SINGLES, messages - (seq - seq0))):
+                user = rng.choice(users)
+                tasks.append(("single", (seq, user)))
+                expected.append((user, seq))
+                seq += 1
     elif mode == "list":
         width = min(batch, len(users))
         for start in range(0, messages, width):
@@ -697,7 +717,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=200, help="WebSocket clients, one user each, spread over 2 nodes (default 200)")
     parser.add_argument("--messages", type=int, default=None,
                         help="deliveries per mode (default: single %(single)d, batch %(batch)d, list %(list)d)" % DEFAULT_MESSAGES)
-    parser.add_argument("--mode", choices=(*MODES, "all"), default="all", help="default all = single, batch, list in one cluster run")
+    parser.add_argument("--mode", choices=(*MODES, MIXED, "all"), default="all",
+                        help=f"default all = single, batch, list in one cluster run; {MIXED}: a collect_many of --batch messages, "
+                             f"then {MIXED_SINGLES} collects of one, and again")
     parser.add_argument("--batch", type=int, default=100, help="items per collect_many task (batch) / recipients per message (list); default 100")
     parser.add_argument("--rate", type=float, default=0, help="pace sends to N messages/s (0 = as fast as possible, the default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
