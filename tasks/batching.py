@@ -29,12 +29,14 @@ which is the order one business process sent them.  A batch's own messages are p
 order, one pool process each, and a node reads its queue in order.
 
 The two tasks share that order: ``tasks.collect`` and ``tasks.collect_many`` have a buffer and a
-gate each, but a request also waits behind a batch of the other task that names one of its users
-and runs, and behind a request of the other task read before it that has not run yet (its
-``earlier``).  Each request is numbered as it is read, across both tasks (:mod:`tasks.collectbatches`), so
-that a flush of one task knows which of the other's requests came first.  A request waits only
-for requests read before it, and for batches that run, so the first request read never waits for
-anything but a running batch: nothing waits in a circle.
+gate each, but a flush of one takes the other's requests that may run too, and cuts the batches
+from both in the order read (one batch then holds requests of both tasks); a request also waits
+behind a batch of the other task that names one of its users and runs, and behind a request of
+the other task read before it that has not run yet (its ``earlier``: one held by that task's rate
+limit).  Each request is numbered as it is read, across both tasks (:mod:`tasks.collectbatches`), so
+that a flush knows which came first.  A request waits only for requests read before it, and for
+batches that run, so the first request read never waits for anything but a running batch:
+nothing waits in a circle.
 
 Threading: the worker's main process, on its event loop.  ``started`` is called where the batch
 is handed to the pool; ``finished`` from the pool's result callback, which the prefork and solo

@@ -266,6 +266,9 @@ def _parse_collect(request) -> tuple[validation.Message, str]:
     return message, f"key:{key}" if key is not None else f"{TASK_KEY_PREFIX}{request.id or uuid.uuid4()}"
 
 
+#: The name of ``tasks.collect_many``: a batch may hold requests of both tasks, parsed by their task's name.
+COLLECT_MANY_TASK = "tasks.collect_many"
+
 #: How often a request whose batch could not reach the store is sent again before it fails.
 COLLECT_MAX_RETRIES = 5
 
@@ -288,7 +291,7 @@ def collect(self, requests) -> dict[str, tuple[str, object]]:
     Returns ``{task id: (outcome, detail)}`` for :class:`CollectBatches` (outcome ``ok`` with the
     result, ``failed`` or ``retry`` with the exception); callers read each request's own result.
     """
-    return _run_batch(self, requests, _parse_collect_request)
+    return _run_batch(self, requests, _parse_request)
 
 
 def _parse_collect_request(req):
@@ -296,29 +299,43 @@ def _parse_collect_request(req):
     return [message], key, lambda ids: ids[0]
 
 
+def _parse_request(req):
+    """What ``parse`` of :func:`_run_batch` gives for a request of either task, by its task's name:
+    a batch may hold requests of both (:meth:`tasks.collectbatches.CollectBatches._do_flush`)."""
+    return _parse_collect_many(req) if _task_of(req) == COLLECT_MANY_TASK else _parse_collect_request(req)
+
+
+def _task_of(req) -> str:
+    """The name of the task ``req`` is of (not its ``shadow`` name)."""
+    return getattr(req, "task_name", None) or req.name
+
+
 def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
     """Store and dispatch the requests of one batch of ``task`` together; returns and stores each
     request's outcome.  ``parse(request)`` gives its valid messages, its idempotency key and a
     function from their ids to the request's result, or raises InvalidMessage (the request fails
-    alone)."""
+    alone).  The batch may hold requests of the other task too (each is named by its own task:
+    ``req.name``); ``task`` is the one whose batch function runs."""
     outcomes: dict[str, tuple[str, object]] = {}
     parsed = []
     for req in requests:
         try:
             parsed.append((req, *parse(req)))
         except validation.InvalidMessage as exc:
-            log.warning("%s %s rejected: %s", task.name, req.id, exc)
+            log.warning("%s %s rejected: %s", req.name or task.name, req.id, exc)
             outcomes[req.id] = ("failed", exc)
             batchresults.store_result(req, exc, failed=True)
         except Exception as exc:  # noqa: BLE001 - a bug of validation: this request fails alone, not its batch
-            log.exception("%s %s: validating it failed", task.name, req.id)
+            log.exception("%s %s: validating it failed", req.name or task.name, req.id)
             outcomes[req.id] = ("failed", exc)
             batchresults.store_result(req, exc, failed=True)
     storing = [(req, messages, key, result) for req, messages, key, result in parsed if messages]
     done = [(req, result([])) for req, messages, _, result in parsed if not messages]
     # Logged before anything is stored or sent, so that whoever sees a result or a delivery
     # of this batch finds the line already written (the batching tests read it).
-    log.debug("%s: %d requests, %d messages in one batch", task.name, len(requests), sum(len(m) for _, m, _, _ in storing))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s: %d requests, %d messages in one batch%s", task.name, len(requests), sum(len(m) for _, m, _, _ in storing),
+                  _other_task_part(task, requests, storing))
     try:
         patient = not any(_eager(req) for req, *_ in storing)
         retried = {key for req, _, key, _ in storing if _retries(req)}
@@ -340,7 +357,7 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
         storing, bound = [], []
     for (req, _, _, result), ids in zip(storing, bound):
         if isinstance(ids, validation.InvalidMessage):
-            log.warning("%s %s rejected: %s", task.name, req.id, ids)
+            log.warning("%s %s rejected: %s", req.name or task.name, req.id, ids)
             outcomes[req.id] = ("failed", ids)
             batchresults.store_result(req, ids, failed=True)
         else:
@@ -352,6 +369,16 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
         links.chord_part_done(app, req, value)
         links.apply_followers(app, req, value)
     return outcomes
+
+
+def _other_task_part(task, requests, storing) -> str:
+    """For the batch line of :func:`_run_batch`: what of a batch of ``task`` is the other task's
+    (its requests and the messages they store), or nothing when it holds none."""
+    others = [req for req in requests if _task_of(req) != task.name]
+    if not others:
+        return ""
+    ids = {req.id for req in others}
+    return f" (of them {_task_of(others[0])}: {len(others)} requests, {sum(len(m) for req, m, _, _ in storing if req.id in ids)} messages)"
 
 
 def _eager(req) -> bool:
@@ -366,7 +393,9 @@ def _retries(req) -> int:
 
 def _retry(task, req, exc: Exception) -> tuple[str, object]:
     """Send ``req`` again (same task id, same kwargs, so the same idempotency key) after a
-    backoff; after ``COLLECT_MAX_RETRIES`` the request fails with ``exc``."""
+    backoff; after ``COLLECT_MAX_RETRIES`` the request fails with ``exc``.  It goes again as a
+    request of its own task, whichever task's batch it ran in."""
+    task = app.tasks.get(_task_of(req)) or task
     retries = _retries(req)
     eager = _eager(req)  # run in the caller's process: it fails at once
     if eager or retries >= COLLECT_MAX_RETRIES:
@@ -398,7 +427,7 @@ COLLECT_MANY_MESSAGES = 1000
 COLLECT_MANY_MAX_ITEMS = 10_000
 
 
-@app.task(name="tasks.collect_many", base=CollectBatches, bind=True, acks_late=True,
+@app.task(name=COLLECT_MANY_TASK, base=CollectBatches, bind=True, acks_late=True,
           flush_every=settings.COLLECT_BATCH, flush_interval=settings.COLLECT_FLUSH_SECONDS, batch_messages=COLLECT_MANY_MESSAGES)
 def collect_many(self, requests) -> dict[str, tuple[str, object]]:
     """Store a list of messages with one insert and dispatch them at once.  Business code calls::
@@ -414,7 +443,7 @@ def collect_many(self, requests) -> dict[str, tuple[str, object]]:
     :data:`COLLECT_MANY_MESSAGES` messages per batch.  Returns ``{task id: (outcome, detail)}``
     for :class:`CollectBatches`.
     """
-    return _run_batch(self, requests, _parse_collect_many)
+    return _run_batch(self, requests, _parse_request)
 
 
 def _parse_collect_many(req):

@@ -7,8 +7,9 @@ inspect``, Flower's worker page), their ``countdown``/``eta`` held on the worker
 rate limit, revoked and expired requests dropped, a task event per request (Flower lists each as a
 task), eager ``apply``, time limits, and a batch lost with its pool process put back request by
 request.  A batch goes to the pool as soon as no other batch of its task runs
-(:class:`tasks.batching.FlushGate`); a request waits while a request of one of its users read
-before it, of either task, has not returned, unless both go in one batch (per-user order:
+(:class:`tasks.batching.FlushGate`), and takes along what of the other task may run: one batch
+may hold requests of both.  A request waits while a request of one of its users read before it,
+of either task, has not returned, unless both go in one batch (per-user order:
 :func:`tasks.batching.ordered_batches`).
 
 Thread rules: :class:`CollectBatches`' ``Strategy``, ``flush`` and the timer callbacks run on the
@@ -63,6 +64,13 @@ NOBODY: frozenset[str] = frozenset()
 #: keep across the two tasks.
 _READ_ORDER = itertools.count()
 
+#: The requests of both tasks lost with their pool process, in the worker's main process: a batch
+#: may hold requests of both (:meth:`CollectBatches._do_flush`), and ids are unique.
+_LOST = LostRequests()
+#: Ids of the requests of both tasks held for their eta whose ``task-received`` was sent (their
+#: batch may be the other task's).  Worker main process.
+_ANNOUNCED: set[str] = set()
+
 
 class CollectBatches(Batches):
     """celery-batches' task class, plus what a plain Celery task gives operators and callers.
@@ -93,10 +101,10 @@ class CollectBatches(Batches):
         super().__init__()
         self._buffer = _ReservedBuffer()
         self._gate = FlushGate()
-        self._lost = LostRequests()
+        self._lost = _LOST  # shared by both tasks: a batch may hold requests of both
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
         self._consumer = None  # the worker's consumer (its timer and prefetch window), once started
-        self._announced: set[str] = set()  # ids of the requests held for their eta: task-received sent
+        self._announced = _ANNOUNCED  # ids of the requests held for their eta: task-received sent (both tasks')
         self._limited: list = []  # requests due but held back by the task's rate limit, in order
         self._limit_tref = None  # the timer entry that flushes them when the next token is due
         self._flush_pending = False
@@ -254,6 +262,26 @@ class CollectBatches(Batches):
             # timers on a thread meanwhile): what is buffered stays unacknowledged, and the broker
             # gives it to the next worker, rather than being announced as started and never run.
             return
+        ready, waiting = self._take_ready()
+        # The other task's requests that may run now go too, in the same batches: a sender of
+        # both tasks to the same users gets one batch for both (one claim, insert, route lookup
+        # and node message) where the two tasks' batches would take turns (per-user order).
+        for other in self._siblings:
+            other_ready, other_waiting = other._take_ready()
+            ready += other_ready
+            waiting += other_waiting
+        if ready or waiting:
+            self.flush(ready, waiting)
+        elif self._tref is not None:
+            self._tref.cancel()  # nothing waits: the next request starts it again
+            self._tref = None
+        self._wake_siblings()
+
+    def _take_ready(self) -> tuple[list, list]:
+        """What of this task may go to the pool now, for a flush of this task or of the other
+        (:meth:`_do_flush`): ``(requests due and within the rate limit, in the order read; what
+        waited at the last flush, as (request, its picklable copy, its users))``.  A request whose
+        eta lies ahead is put on the timer, and one over the rate limit kept for its token."""
         waiting, self._waiting = self._waiting, []  # past the rate limit already
         ready, self._limited = self._limited, []
         now = time.monotonic()
@@ -264,13 +292,7 @@ class CollectBatches(Batches):
             else:
                 self._hold(req, due)
         self._count = itertools.count(1)
-        ready = self._within_rate_limit(ready)
-        if ready or waiting:
-            self.flush(ready, waiting)
-        elif self._tref is not None:
-            self._tref.cancel()  # nothing waits: the next request starts it again
-            self._tref = None
-        self._wake_siblings()
+        return self._within_rate_limit(ready), waiting
 
     def _within_rate_limit(self, ready: list) -> list:
         """The first of ``ready`` that the task's rate limit lets run now: Celery's token bucket
@@ -338,6 +360,8 @@ class CollectBatches(Batches):
         # waits for the next flush, behind any earlier one that waits (per-user order: see
         # tasks.batching); the rest go now, as several batches when they are more than one holds.
         # ``waiting``: what waited at the last flush, as (request, its picklable copy, its users).
+        # Both may hold requests of the other task too (_do_flush): they go in the same batches,
+        # which this task's batch function runs (tasks.collect._parse_request).
         live = []  # the same, in the order read
         for req, simple, users in [*waiting, *((req, None, None) for req in requests)]:
             if req.revoked():
@@ -349,6 +373,8 @@ class CollectBatches(Batches):
                 live.append((req, simple, users))
         # (what waited and what the rate limit held back can interleave in the order read)
         live.sort(key=lambda entry: entry[0].read_at)
+        # A batch that holds requests of both tasks holds as many messages as the larger task's.
+        most = max(getattr(task, "batch_messages", self.batch_messages) for task in {self, *(entry[0].task for entry in live)})
         running = list(self._running_users.values())
         earlier = []
         if ORDERED:
@@ -356,13 +382,12 @@ class CollectBatches(Batches):
                 running.extend(list(other._running_users.values()))  # a copy: see _running_users
                 earlier.extend(other._not_started())
             earlier.sort(key=lambda entry: entry[0])
-        most = self.batch_messages
         batches, self._waiting = ordered_batches(
             live, lambda entry: entry[2], lambda entry: most + 1 if self._lost.suspect(entry[0].id) else _messages_in(entry[1]), most,
             running, earlier, lambda entry: entry[0].read_at)
         for batch, users in batches:
             if self._lost.suspect(batch[0][0].id):
-                log.warning("%s %s: its batch was lost with its pool process before; it runs alone", self.name, batch[0][0].id)
+                log.warning("%s %s: its batch was lost with its pool process before; it runs alone", batch[0][0].task.name, batch[0][0].id)
             self._run_in_pool([(req, simple) for req, simple, _ in batch], users)
 
     def _run_in_pool(self, pairs, users: frozenset[str] | None):
@@ -421,7 +446,7 @@ class CollectBatches(Batches):
                           "it fails, not run again" if doomed else "they go back to the queue")
                 for req in requests:
                     if req.id in doomed:
-                        req.on_failure(lost_too_often(self.name, req.id, self._lost.fail_after, alone=True), return_ok=False)
+                        req.on_failure(lost_too_often(req.task.name, req.id, self._lost.fail_after, alone=True), return_ok=False)
                     else:
                         req.on_failure(exc_info, return_ok=True)  # return_ok: logged once above, not once per request; task_ready too
             finally:

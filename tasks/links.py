@@ -48,10 +48,15 @@ class CollectRequest(SimpleRequest):
     #: The group this request belongs to, and its place in it (a chord's header is a group).
     group: str | None = None
     group_index: int | None = None
+    #: The name of the task the request is of (``name`` is the sender's ``shadow`` name when it
+    #: gave one, as for Celery's own request); None: ``name``.  A batch may hold requests of both
+    #: collect tasks, each parsed by this.
+    task_name: str | None = None
 
     @classmethod
     def from_request(cls, request) -> "CollectRequest":
         simple = super().from_request(request)
+        simple.task_name = request.task.name
         _, _, embed = request._payload
         embed = embed or {}
         simple.callbacks = embed.get("callbacks") or None

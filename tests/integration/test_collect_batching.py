@@ -473,35 +473,68 @@ async def test_a_request_waits_for_the_running_batch_of_its_user_while_other_use
         client.close()
 
 
-async def test_a_collect_waits_for_a_collect_many_of_its_user_read_before_it_though_its_own_task_is_free(lazy_timer_cluster):
-    """A user's messages keep the order the worker read their requests across the two tasks, each
-    with its own buffer and gate: a ``tasks.collect`` read after a ``tasks.collect_many`` of its
-    user that has not run yet (here: behind a running batch of its task) waits for it, though no
-    ``tasks.collect`` batch runs, while one of another user goes at once.  Before, it went, and
-    could reach the user before the earlier batch's messages."""
+async def test_a_collect_and_the_collect_many_of_its_user_read_before_it_go_in_one_batch_in_read_order(lazy_timer_cluster):
+    """A user's messages keep the order the worker read their requests across the two tasks, and
+    a flush of one task takes the other's requests that may run into the same batch: here a
+    ``tasks.collect_many`` to the user waits behind a running batch of its task (of another user),
+    and the ``tasks.collect`` read after it, whose task runs nothing, takes it along in one batch,
+    in the order read.  (Before, the collect waited for the collect_many to run first, in a batch
+    of its own: the two tasks' batches took turns.)"""
     cluster = lazy_timer_cluster
-    user, other_user = "across-x", "across-y"
+    user = "across-x"
     client = await cluster.connect(user)
-    other = await cluster.connect(other_user)
     inspect = worker_inspect(cluster)
     with pool_stopped(cluster):
         # a tasks.collect_many batch that holds its task's gate; the next one, to the user, waits behind it
         send_ahead(cluster, task="tasks.collect_many", messages=[{"to": "across-z", "data": "holds the pool"}])
         first = cluster.send("tasks.collect_many", messages=[{"to": user, "data": n} for n in range(50)])
         second = cluster.send(to=user, data=50)  # tasks.collect: its gate is open
-        beside = cluster.send(to=other_user, data="beside")  # read after second: second was read when this runs
         deadline = time.monotonic() + 20
-        while beside.id not in (active := {task["id"] for task in worker_answer(inspect, "active") or []}) and time.monotonic() < deadline:
+        wanted = {first.id, second.id}
+        while not wanted <= (active := {task["id"] for task in worker_answer(inspect, "active") or []}) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert beside.id in active, f"the request of another user did not go to the pool: active {active}"
-        assert second.id not in active and first.id not in active
-        reserved = {task["id"] for task in worker_answer(inspect, "reserved") or []}
-        assert {first.id, second.id} <= reserved, reserved
+        assert wanted <= active, f"the two requests did not go to the pool: active {active}"
     first_ids = await cluster.result(first, timeout=30)
     second_id = await cluster.result(second, timeout=30)
     frames = await client.messages(51, timeout=30)
     assert [f["data"] for f in frames] == list(range(51))
     assert [f["id"] for f in frames] == [*first_ids, second_id]
+    # one batch of tasks.collect (the task that flushed) holding the collect_many: 2 requests, 51 messages
+    assert (2, 51) in batch_sizes(cluster, "tasks.collect", requests=2)
+    assert "(of them tasks.collect_many: 1 requests, 50 messages)" in cluster._log("worker").read_text(errors="replace")
+    client.close()
+
+
+async def test_a_collect_waits_for_a_running_collect_many_of_its_user_and_then_goes_with_the_next_one(lazy_timer_cluster):
+    """A ``tasks.collect`` read while a ``tasks.collect_many`` batch naming its user runs waits for
+    that batch, though its own task runs nothing, as does the ``tasks.collect_many`` to the user
+    read before it; a request of another user goes at once.  Once the batch returns, the two that
+    waited go together, in the order read."""
+    cluster = lazy_timer_cluster
+    user, other_user = "running-x", "running-y"
+    client = await cluster.connect(user)
+    other = await cluster.connect(other_user)
+    inspect = worker_inspect(cluster)
+    with pool_stopped(cluster):
+        ahead = send_ahead(cluster, task="tasks.collect_many", messages=[{"to": user, "data": "ahead"}])  # runs, and names the user
+        first = cluster.send("tasks.collect_many", messages=[{"to": user, "data": n} for n in range(20)])
+        second = cluster.send(to=user, data=20)
+        beside = cluster.send(to=other_user, data="beside")
+        deadline = time.monotonic() + 20
+        while beside.id not in (active := {task["id"] for task in worker_answer(inspect, "active") or []}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert beside.id in active, f"the request of another user did not go to the pool: active {active}"
+        assert ahead.id in active and first.id not in active and second.id not in active
+        reserved = {task["id"] for task in worker_answer(inspect, "reserved") or []}
+        assert {first.id, second.id} <= reserved, reserved
+    ahead_ids = await cluster.result(ahead, timeout=30)
+    first_ids = await cluster.result(first, timeout=30)
+    second_id = await cluster.result(second, timeout=30)
+    frames = await client.messages(22, timeout=30)
+    assert [f["data"] for f in frames] == ["ahead", *range(21)]
+    assert [f["id"] for f in frames] == [*ahead_ids, *first_ids, second_id]
     assert [f["data"] for f in await other.messages(1, timeout=30)] == ["beside"]
+    sizes = batch_sizes(cluster, "tasks.collect", requests=3) + batch_sizes(cluster, "tasks.collect_many", requests=1)
+    assert (2, 21) in sizes, sizes  # the two that waited, in one batch of either task
     client.close()
     other.close()

@@ -161,3 +161,35 @@ def test_the_warning_for_a_reused_key_names_the_key_or_the_task_id_and_the_fix()
     assert "give each message a key of its own" in key_reused_for_another("key:order-17", "01")
     assert key_reused_for_another("task:abc", "01").startswith("task id 'abc' was used before")
     assert "leave task_id unset" in key_reused_for_another("task:abc", "01")
+
+
+def test_a_batch_may_hold_requests_of_both_tasks_each_read_as_its_own_tasks_even_under_a_shadow_name():
+    """A flush of one collect task takes the other's requests that may run into the same batch
+    (tasks.collectbatches), which one task's batch function runs: each request is read by the task
+    it is of, which the worker records apart from its (possibly ``shadow``) name."""
+    from tasks.collect import _other_task_part, _parse_request
+    from tasks.links import CollectRequest
+
+    def simple(task_id, name, kwargs, task_name=None):
+        req = CollectRequest(task_id, name, (), kwargs, {}, "worker@host", False, None, None, {})
+        req.task_name = task_name
+        return req
+
+    many = simple("m-1", "tasks.collect_many", {"messages": [{"to": "alice", "data": 1}, {"to": "bob", "data": 2}]})
+    one = simple("c-1", "tasks.collect", {"to": "alice", "data": 3, "key": "k-3"})
+    shadowed = simple("m-2", "nightly report", {"messages": [{"to": "carol", "data": 4}]}, task_name="tasks.collect_many")
+
+    valid, key, result = _parse_request(many)
+    assert [m.to for m in valid] == [("alice",), ("bob",)] and key == "task:m-1" and result(["i1", "i2"]) == ["i1", "i2"]
+    valid, key, result = _parse_request(one)
+    assert [m.to for m in valid] == [("alice",)] and key == "key:k-3" and result(["i3"]) == "i3"
+    valid, key, _ = _parse_request(shadowed)
+    assert [m.to for m in valid] == [("carol",)] and key == "task:m-2"
+    # a tasks.collect shadowed as "tasks.collect_many": read as a collect_many, it would be refused
+    valid, key, _ = _parse_request(simple("c-2", "tasks.collect_many", {"to": "dan", "data": 5}, task_name="tasks.collect"))
+    assert [m.to for m in valid] == [("dan",)] and key == "task:c-2"
+
+    collect_task = type("Task", (), {"name": "tasks.collect"})()
+    storing = [(one, [object()], "key:k-3", None), (many, [object(), object()], "task:m-1", None)]
+    assert _other_task_part(collect_task, [one, many], storing) == " (of them tasks.collect_many: 1 requests, 2 messages)"
+    assert _other_task_part(collect_task, [one], storing[:1]) == ""
