@@ -33,8 +33,12 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import childprocess
+from childprocess import LauncherError, Service
+
 # Service and what goes with it are childprocess's, and launcher's API too (cluster.py, the tests).
-from childprocess import REPO_ROOT, LauncherError, Service, interrupt_now_or_soon  # noqa: F401
+REPO_ROOT = childprocess.REPO_ROOT
+interrupt_now_or_soon = childprocess.interrupt_now_or_soon
 
 #: Set by :func:`cluster_env` from its arguments; a parent's values are never passed through.
 CLUSTER_VARS = ("BROKER_URL", "REDIS_URL", "RESULT_BACKEND", "DATA_DIR", "AUTH_URL", "AUTH_PORT")

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 import redis as redis_lib
-from celery.contrib.pytest import celery_worker  # noqa: F401 - pytest-celery 1.x's own needs Docker
+from celery.contrib import pytest as celery_pytest
 
 import settings
 from tasks import pending
@@ -26,6 +26,9 @@ from tasks.replay import replay, replay_many
 from tasks.store import get_store
 from tests.conftest import redis_now
 from wsnode.registry import NODES_KEY, route_key
+
+#: Celery's own worker fixture (pytest-celery 1.x's needs Docker).
+celery_worker = celery_pytest.celery_worker
 
 QUEUE = "inprocess"
 
