@@ -380,7 +380,10 @@ class CollectBatches(Batches):
         if ORDERED:
             for other in self._siblings:
                 running.extend(list(other._running_users.values()))  # a copy: see _running_users
-                earlier.extend(other._not_started())
+            # What has not started and is not here: either task's requests held by its rate
+            # limit (this task's too: the other's requests here may have been read after them).
+            for task in (self, *self._siblings):
+                earlier.extend(task._not_started())
             earlier.sort(key=lambda entry: entry[0])
         batches, self._waiting = ordered_batches(
             live, lambda entry: entry[2], lambda entry: most + 1 if self._lost.suspect(entry[0].id) else _messages_in(entry[1]), most,

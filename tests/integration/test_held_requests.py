@@ -223,6 +223,29 @@ async def test_a_rate_limit_set_while_the_worker_runs_spaces_the_requests_out_in
     client.close()
 
 
+async def test_a_collect_held_by_its_rate_limit_holds_the_later_collect_many_of_its_user_though_they_could_share_a_batch(held_cluster):
+    """One sender alternating ``tasks.collect`` (rate limited) and ``tasks.collect_many`` to one
+    user: each ``collect_many`` waits for the ``collect`` read before it that waits for its token,
+    though a flush of either task takes the other's requests along into one batch, so the user
+    gets every message in the order sent."""
+    cluster = held_cluster
+    client = await cluster.connect("limited-mixed")
+    control = cluster.business.control
+    worker = [f"worker@{socket.gethostname()}"]
+    replies = await asyncio.to_thread(control.rate_limit, "tasks.collect", "4/s", destination=worker, reply=True, timeout=5)
+    assert any("ok" in answer for reply in replies for answer in reply.values()), replies
+    try:
+        sent = [cluster.send(to="limited-mixed", data=n) if n % 2 == 0 else
+                cluster.send("tasks.collect_many", messages=[{"to": "limited-mixed", "data": n}]) for n in range(16)]
+        arriving = asyncio.create_task(client.messages(16, timeout=60))  # read as they come (see above)
+        for result in sent:
+            await cluster.result(result, 60)
+        assert [f["data"] for f in await arriving] == list(range(16))
+    finally:
+        await asyncio.to_thread(control.rate_limit, "tasks.collect", None, destination=worker, reply=True, timeout=5)
+    client.close()
+
+
 async def test_requests_held_for_their_countdown_by_a_worker_that_stops_run_on_the_next_when_due(held_cluster):
     """A worker stopped (SIGTERM, Celery's warm shutdown) while it holds requests for their
     countdown stops cleanly without running them: they go back to the broker, and the next
