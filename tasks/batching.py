@@ -32,8 +32,8 @@ The two tasks share that order: ``tasks.collect`` and ``tasks.collect_many`` hav
 gate each, but a flush of one takes the other's requests that may run too, and cuts the batches
 from both in the order read (one batch then holds requests of both tasks); a request also waits
 behind a batch of the other task that names one of its users and runs, and behind a request of
-the other task read before it that has not run yet (its ``earlier``: one held by that task's rate
-limit).  Each request is numbered as it is read, across both tasks (:mod:`tasks.collectbatches`), so
+either task read before it that has not run yet and is not in the flush (its ``earlier``: one
+held by its task's rate limit).  Each request is numbered as it is read, across both tasks (:mod:`tasks.collectbatches`), so
 that a flush knows which came first.  A request waits only for requests read before it, and for
 batches that run, so the first request read never waits for anything but a running batch:
 nothing waits in a circle.
