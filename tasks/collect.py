@@ -314,8 +314,8 @@ def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
     """Store and dispatch the requests of one batch of ``task`` together; returns and stores each
     request's outcome.  ``parse(request)`` gives its valid messages, its idempotency key and a
     function from their ids to the request's result, or raises InvalidMessage (the request fails
-    alone).  The batch may hold requests of the other task too (each is named by its own task:
-    ``req.name``); ``task`` is the one whose batch function runs."""
+    alone).  The batch may hold requests of the other task too (:func:`_task_of` says whose each
+    is); ``task`` is the one whose batch function runs."""
     outcomes: dict[str, tuple[str, object]] = {}
     parsed = []
     for req in requests:
