@@ -460,11 +460,11 @@ class CollectBatches(Batches):
                 req.on_timeout(soft, timeout)
 
         # Time limits as for any task: the task's own (``celery control time_limit``, Flower's
-        # worker page) or the worker's (``--time-limit``, ``--soft-time-limit``), for the batch.
-        conf = self.app.conf
+        # worker page) or the worker's (``--time-limit``, ``--soft-time-limit``), for the batch;
+        # for a batch that holds requests of both tasks, the shorter of theirs.
+        soft, hard = batch_time_limits({req.task for req in requests} or {self}, self.app.conf)
         return self._pool.apply_async(_apply_batch, (self, serializable, events), callback=on_return, error_callback=on_lost,
-                                      timeout_callback=on_timeout, soft_timeout=self.soft_time_limit or conf.task_soft_time_limit,
-                                      timeout=self.time_limit or conf.task_time_limit)
+                                      timeout_callback=on_timeout, soft_timeout=soft, timeout=hard)
 
 
 class _ReservedBuffer(Queue):
@@ -503,6 +503,17 @@ def _apply_batch(task, args, events: bool) -> None:
     if events:
         answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
         batchevents.send_outcomes(task, args[0], answer, time.monotonic() - started)
+
+
+def batch_time_limits(tasks, conf) -> tuple[float | None, float | None]:
+    """(soft, hard) time limit of a batch of requests of ``tasks``: each task's own, else the
+    worker's (``conf.task_soft_time_limit``, ``conf.task_time_limit``), the shortest of them, so
+    that no request runs longer than its own task allows; None where none is set.  Pure."""
+    def shortest(limits):
+        limits = [limit for limit in limits if limit]
+        return min(limits) if limits else None
+    return (shortest(task.soft_time_limit or conf.task_soft_time_limit for task in tasks),
+            shortest(task.time_limit or conf.task_time_limit for task in tasks))
 
 
 def _messages_in(request) -> int:

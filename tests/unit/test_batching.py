@@ -154,3 +154,20 @@ def test_what_is_not_a_user_id_names_nobody():
     assert request_users((), {"messages": "not a list"}) == frozenset()
     assert request_users(None, None) == frozenset()
     assert request_users(("a", "b"), {}) == frozenset()  # two positional arguments: refused
+
+
+def test_a_batch_of_both_tasks_gets_the_shorter_of_their_time_limits_and_the_workers_where_a_task_sets_none():
+    from types import SimpleNamespace
+
+    from tasks.collectbatches import batch_time_limits
+
+    def task(soft=None, hard=None):
+        return SimpleNamespace(soft_time_limit=soft, time_limit=hard)
+
+    worker = SimpleNamespace(task_soft_time_limit=None, task_time_limit=None)
+    assert batch_time_limits([task(), task()], worker) == (None, None)
+    assert batch_time_limits([task(soft=30, hard=60), task()], worker) == (30, 60)
+    assert batch_time_limits([task(soft=30, hard=60), task(soft=10, hard=90)], worker) == (10, 60)
+    limited = SimpleNamespace(task_soft_time_limit=20, task_time_limit=40)
+    assert batch_time_limits([task(soft=30, hard=60), task()], limited) == (20, 40)  # the other task: the worker's
+    assert batch_time_limits([task(soft=30, hard=60)], limited) == (30, 60)  # a task's own goes before the worker's
