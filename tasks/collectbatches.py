@@ -374,7 +374,7 @@ class CollectBatches(Batches):
         # (what waited and what the rate limit held back can interleave in the order read)
         live.sort(key=lambda entry: entry[0].read_at)
         # A batch that holds requests of both tasks holds as many messages as the larger task's.
-        most = max(getattr(task, "batch_messages", self.batch_messages) for task in {self, *(entry[0].task for entry in live)})
+        most = max(task.batch_messages for task in {self, *(entry[0].task for entry in live)})
         running = list(self._running_users.values())
         earlier = []
         if ORDERED:
