@@ -190,17 +190,27 @@ async def test_a_collect_whose_first_run_stored_nothing_gets_ids_from_when_it_is
     resumed.close()
 
 
+@contextlib.asynccontextmanager
+async def collect_rate_limited(cluster, rate: str):
+    """``celery control rate_limit tasks.collect <rate>`` on the cluster's worker (checked answered
+    ``ok``) for the body, the limit taken off again after it."""
+    control = cluster.business.control
+    worker = [f"worker@{socket.gethostname()}"]
+    replies = await asyncio.to_thread(control.rate_limit, "tasks.collect", rate, destination=worker, reply=True, timeout=5)
+    assert any("ok" in answer for reply in replies for answer in reply.values()), replies
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(control.rate_limit, "tasks.collect", None, destination=worker, reply=True, timeout=5)
+
+
 async def test_a_rate_limit_set_while_the_worker_runs_spaces_the_requests_out_in_order(held_cluster):
     """``celery control rate_limit tasks.collect 4/s`` (or Flower's worker page, or ``rate_limit``
     on the task): the worker runs at most that many requests a second, in the order it read them,
     as for any Celery task; celery-batches ran them all at once."""
     cluster = held_cluster
     client = await cluster.connect("limited")
-    control = cluster.business.control
-    worker = [f"worker@{socket.gethostname()}"]
-    replies = await asyncio.to_thread(control.rate_limit, "tasks.collect", "4/s", destination=worker, reply=True, timeout=5)
-    assert any("ok" in answer for reply in replies for answer in reply.values()), replies
-    try:
+    async with collect_rate_limited(cluster, "4/s"):
         started = time.monotonic()
         sent = [cluster.send(to="limited", data=n) for n in range(12)]
         # Read (and so ack) the frames as they come: one left unread REDELIVER_AFTER (4 s here)
@@ -212,8 +222,6 @@ async def test_a_rate_limit_set_while_the_worker_runs_spaces_the_requests_out_in
         assert [(f["id"], f["data"]) for f in frames] == list(zip(ids, range(12)))
         # One token a quarter of a second, the first at once: 11 quarters at the least.
         assert elapsed >= 11 / 4 - 0.25, f"12 requests at 4/s took only {elapsed:.2f} s"
-    finally:
-        await asyncio.to_thread(control.rate_limit, "tasks.collect", None, destination=worker, reply=True, timeout=5)
     more = [cluster.send(to="limited", data=n) for n in range(12, 24)]
     arriving = asyncio.create_task(client.messages(12, timeout=60))
     more_ids = [await cluster.result(result, 60) for result in more]
@@ -230,19 +238,13 @@ async def test_a_collect_held_by_its_rate_limit_holds_the_later_collect_many_of_
     gets every message in the order sent."""
     cluster = held_cluster
     client = await cluster.connect("limited-mixed")
-    control = cluster.business.control
-    worker = [f"worker@{socket.gethostname()}"]
-    replies = await asyncio.to_thread(control.rate_limit, "tasks.collect", "4/s", destination=worker, reply=True, timeout=5)
-    assert any("ok" in answer for reply in replies for answer in reply.values()), replies
-    try:
+    async with collect_rate_limited(cluster, "4/s"):
         sent = [cluster.send(to="limited-mixed", data=n) if n % 2 == 0 else
                 cluster.send("tasks.collect_many", messages=[{"to": "limited-mixed", "data": n}]) for n in range(16)]
         arriving = asyncio.create_task(client.messages(16, timeout=60))  # read as they come (see above)
         for result in sent:
             await cluster.result(result, 60)
         assert [f["data"] for f in await arriving] == list(range(16))
-    finally:
-        await asyncio.to_thread(control.rate_limit, "tasks.collect", None, destination=worker, reply=True, timeout=5)
     client.close()
 
 
