@@ -4,7 +4,8 @@ An ack records a receipt in the store (through ``tasks.receipts``) and clears a 
 candidate in Redis, so a client that sent acks without bound (any well-formed id, as fast as its
 socket takes them) would make the platform write without bound.  A client acks the message frames
 it got, each once (push.js acks a repeat too: it came again because an earlier ack was lost), so
-a connection may send one ack per message frame written to it, plus :data:`ACK_ALLOWANCE` for a
+a connection may send one ack per message frame written to it (an ``ack`` frame with ``ids``
+counts one per id), plus :data:`ACK_ALLOWANCE` for a
 client that acks on a new connection what it read on the previous one.  Past that the node
 closes the connection with 4500 (a client bug: :class:`~wsnode.closecodes.CloseCode`).
 """
@@ -27,9 +28,10 @@ class AckBudget:
         """``count`` message frames were written to the connection."""
         self._left += count
 
-    def take(self) -> bool:
-        """An ack came: False when the connection has no ack left to send."""
-        if self._left <= 0:
+    def take(self, count: int = 1) -> bool:
+        """``count`` acks came (one frame's): False, taking none, when the connection has fewer
+        than that left to send."""
+        if self._left < count:
             return False
-        self._left -= 1
+        self._left -= count
         return True

@@ -185,11 +185,11 @@ class PushHandler(WebSocketHandler):
         if isinstance(frame, protocol.Ping):
             self.node.answer(self, protocol.PONG_FRAME)
             return
-        if not self.acks.take():
+        if not self.acks.take(len(frame.ids)):
             self._close_for_frame(CloseCode.BAD_REQUEST, f"an ack past the message frames written to it (and {ACK_ALLOWANCE} more)",
                                   "more acks than messages sent on this connection")
             return
-        self.node.receipts.add(frame.id, self.user_id)
+        self.node.receipts.add_many(frame.ids, self.user_id, "acked")
 
     def on_text_not_utf8(self) -> None:
         """A text frame whose payload is not UTF-8 (:mod:`wsnode.reader`): a bad frame like any

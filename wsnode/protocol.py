@@ -6,7 +6,9 @@ Server -> client (JSON text frames):
   "expires_at": <unix s>, "expires_in": <s>}``, first: ``expires_*`` say when the connection's
   token expires, as a unix time and in seconds from now by the node's clock (null when auth did
   not say); ``ping``: true, the node answers ``ping`` frames (nodes of earlier versions close a
-  connection that sends one with 4500, and say nothing here).
+  connection that sends one with 4500, and say nothing here); ``ack_ids``: the most ids one
+  ``ack`` frame may carry in its ``ids`` list (nodes of earlier versions take ``id`` only, close
+  a connection that sends ``ids`` with 4500, and say nothing here).
 - ``{"type": "message", "id": "<message id>", "data": <data>}``, one per message.
 - ``{"type": "resumed", "since": "<id>" | null, "replayed": <n>, "truncated": <bool>}`` after the
   opening replay: what ``since`` asked for, or without ``since`` the user's unacked inbox; live
@@ -22,7 +24,10 @@ Server -> client (JSON text frames):
 A connection whose token expired is closed with 4401 ``token expired`` ``TOKEN_EXPIRY_GRACE``
 seconds later, unless a ``refresh`` gave it a newer token first (:mod:`wsnode.expiry`).
 
-Client -> server: ``{"type": "ack", "id": "<message id>"}``, ``{"type": "refresh", "token":
+Client -> server: ``{"type": "ack", "id": "<message id>"}`` or ``{"type": "ack", "ids": ["<message
+id>", ...]}`` (the acks of several message frames in one frame, at most :data:`MAX_ACK_IDS`: a
+client that acks what one read brought sends one frame instead of one per message, which costs
+the node one frame to read and parse instead of many), ``{"type": "refresh", "token":
 "<a new token of the same user>"}``, and ``{"type": "ping"}``, which a client sends to learn
 whether its connection still works (a browser's JavaScript cannot see WebSocket ping frames, and a
 connection whose network went away can look open for many minutes).  Anything else closes the
@@ -51,9 +56,16 @@ class ProtocolError(ValueError):
         return short_reason(str(self))
 
 
+#: The most message ids one ``ack`` frame may carry (``ids``); told to clients in ``hello``
+#: (``ack_ids``).  A frame of that many ids is about 27 KB.
+MAX_ACK_IDS = 1000
+
+
 @dataclass(frozen=True)
 class Ack:
-    id: str
+    """The acks of one frame: one id (``id``) or several (``ids``), in the order sent."""
+
+    ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -80,10 +92,7 @@ def parse_client_frame(frame: str | bytes) -> Ack | Refresh | Ping:
     if kind is None:
         raise ProtocolError("frame has no type: expected {\"type\": \"ack\", \"id\": ...}")
     if kind == "ack":
-        message_id = value.get("id")
-        if not is_message_id(message_id):
-            raise ProtocolError("ack needs the id of a message frame")
-        return Ack(message_id)
+        return Ack(_ack_ids(value))
     if kind == "refresh":
         token = value.get("token")
         if not isinstance(token, str) or not token:
@@ -92,6 +101,24 @@ def parse_client_frame(frame: str | bytes) -> Ack | Refresh | Ping:
     if kind == "ping":
         return Ping()
     raise ProtocolError(f"unknown frame type {str(kind)[:40]!r}: expected ack, refresh or ping")
+
+
+def _ack_ids(value: dict) -> tuple[str, ...]:
+    """The ids an ``ack`` frame names: ``id``, or the list ``ids`` (1 to :data:`MAX_ACK_IDS`), not both."""
+    if "ids" not in value:
+        if not is_message_id(value.get("id")):
+            raise ProtocolError("ack needs the id of a message frame (\"id\"), or a list of them (\"ids\")")
+        return (value["id"],)
+    if "id" in value:
+        raise ProtocolError("ack has both id and ids: send one id as \"id\" or several as \"ids\"")
+    ids = value["ids"]
+    if not isinstance(ids, list) or not ids:
+        raise ProtocolError("ack ids must be a non-empty list of message ids")
+    if len(ids) > MAX_ACK_IDS:
+        raise ProtocolError(f"ack has {len(ids)} ids: at most {MAX_ACK_IDS} in one frame (hello's ack_ids)")
+    if not all(is_message_id(message_id) for message_id in ids):
+        raise ProtocolError("ack ids must all be ids of message frames")
+    return tuple(ids)
 
 
 def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
@@ -125,7 +152,7 @@ def expires_in(expires_at: int | None, now: float) -> float | None:
 
 def hello_frame(node: str, user: str, conn: str, expires_at: int | None = None, now: float = 0.0) -> str:
     return json.dumps({"type": "hello", "node": node, "user": user, "conn": conn, "expires_at": expires_at,
-                       "expires_in": expires_in(expires_at, now), "ping": True})
+                       "expires_in": expires_in(expires_at, now), "ping": True, "ack_ids": MAX_ACK_IDS})
 
 
 def refreshed_frame(expires_at: int | None, now: float) -> str:

@@ -1,6 +1,6 @@
 """Batches browser acks into ``tasks.receipts`` tasks.  Loop thread only.
 
-``add`` is called for every ack frame; the buffer hands a batch to ``send`` when it reaches
+``add_many`` is called for every ack frame (with its ids); the buffer hands a batch to ``send`` when it reaches
 ``batch_max`` items, and the node calls ``flush`` every ``RECEIPT_FLUSH_SECONDS`` and at shutdown.
 ``send`` must not block the loop (the node passes one that submits to its publisher thread).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 class ReceiptBuffer:
@@ -24,8 +24,9 @@ class ReceiptBuffer:
         if len(self._items) >= self._batch_max:
             self.flush()
 
-    def add_many(self, message_ids: list[str], user: str, state: str) -> None:
-        """:meth:`add` for several messages of one user at one time (the messages of one write);
+    def add_many(self, message_ids: Iterable[str], user: str, state: str) -> None:
+        """:meth:`add` for several messages of one user at one time (the messages of one write, the
+        ids of one ``ack`` frame);
         full batches go as :meth:`add` sends them, ``batch_max`` items each."""
         at = self._clock()
         self._items.extend({"id": message_id, "user": user, "state": state, "at": at} for message_id in message_ids)

@@ -194,6 +194,21 @@ async def test_acks_past_the_messages_written_and_the_allowance_close_with_4500(
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_an_ack_frame_whose_ids_go_past_the_allowance_closes_with_4500_and_records_none_of_them(cluster):
+    client = await cluster.connect("over-acker-in-one", cluster.node_ports[0], auto_ack=False)
+    message_id = await cluster.collect("over-acker-in-one", {"n": 1})
+    assert [frame["id"] for frame in await client.messages(1)] == [message_id]
+
+    # One frame written allows ACK_ALLOWANCE + 1 acks: a frame of one more is refused whole.
+    await client.send({"type": "ack", "ids": [message_id] + [f"{n + 1:024x}" for n in range(ACK_ALLOWANCE + 1)]})
+    code, reason = await client.closed()
+
+    assert (code, reason) == (CloseCode.BAD_REQUEST, "more acks than messages sent on this connection")
+    await asyncio.sleep(1)  # past several receipt flushes (RECEIPT_FLUSH_SECONDS): nothing of that frame went
+    assert "acked" not in cluster.status(message_id)["recipients"]["over-acker-in-one"]
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
 async def test_bad_frames_written_together_close_once_and_count_once(cluster):
     port = cluster.node_ports[1]
     client = await cluster.connect("bad-frames-together", port)

@@ -10,6 +10,8 @@ Redis-broker cluster only: the browser does not see the broker.
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 import uuid
 
 import pytest
@@ -1043,6 +1045,30 @@ def test_push_js_refreshes_its_token_on_the_open_connection_before_it_expires(cl
         page.wait_for_function("window.fresh.got.length >= 1")
         assert [item["text"] for item in page.evaluate("window.fresh.got")] == ["after the refreshes"]
         assert page.evaluate("window.fresh.state") == "live" and page.evaluate("window.fresh.stats.connections") == 1
+
+
+@REDIS_ONLY
+def test_push_js_acks_a_replay_in_frames_of_ids_and_the_node_records_each_ack(cluster, pages):
+    """The node's hello says ``ack_ids``: the acks of the inbox replay, whose frames come together,
+    go in ``ids`` frames instead of one frame each, every message acked once."""
+    with blank_demo(cluster, pages) as (demo, page):
+        user = unique("ida")
+        ids = [demo.send(user, f"m{n}") for n in range(20)]  # while the user is offline: the inbox
+        sent: list[dict] = []
+        page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))))
+        start_client(page, "ida", f"ws://127.0.0.1:{cluster.node_ports[0]}/ws", user)
+        page.wait_for_function("window.ida.got.length >= 20")
+        assert [item["text"] for item in page.evaluate("window.ida.got")] == [f"m{n}" for n in range(20)]
+        deadline = time.monotonic() + 20
+        while not all("acked" in cluster.status(m)["recipients"][user] for m in ids):
+            assert time.monotonic() < deadline, "not every message of the replay was recorded acked within 20 s"
+            time.sleep(0.2)
+
+        acks = [frame for frame in sent if frame.get("type") == "ack"]
+        acked = [message_id for frame in acks for message_id in frame.get("ids", [frame.get("id")])]
+        assert sorted(acked) == sorted(ids), f"each message acked once: {acks}"
+        assert any(len(frame.get("ids", ())) > 1 for frame in acks), f"no ack frame of several ids: {acks}"
+        assert len(acks) < len(ids)
 
 
 @REDIS_ONLY

@@ -52,6 +52,21 @@ async def test_a_message_acked_on_one_device_is_not_in_another_devices_inbox(clu
     tablet.close()
 
 
+async def test_one_ack_frame_of_several_ids_records_each_as_acked(cluster):
+    """What push.js sends for the message frames one read brought, where hello says ``ack_ids``."""
+    user = unique("batch-acker")
+    phone = await cluster.connect(user, auto_ack=False)
+    assert phone.hello["ack_ids"] == 1000
+    sent = [await cluster.collect(user, {"n": n}) for n in range(3)]
+    assert [f["id"] for f in await phone.messages(3)] == sent
+    await phone.send({"type": "ack", "ids": sent})
+    await wait_for(lambda: all("acked" in cluster.status(m)["recipients"][user] for m in sent), 10, "every ack of the frame recorded")
+    tablet = await cluster.connect(user, cluster.node_ports[1])
+    assert tablet.inbox == [] and phone.ws.close_code is None
+    phone.close()
+    tablet.close()
+
+
 async def test_a_device_that_left_before_its_first_message_gets_what_another_device_acked_meanwhile(cluster):
     """The tablet connects, gets no message and leaves; the phone gets one and acks it; the tablet
     comes back.  Without ``since`` it got the inbox only, which no longer holds the phone's acked

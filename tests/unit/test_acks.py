@@ -26,3 +26,12 @@ def test_frames_written_after_the_budget_ran_out_count_in_full():
     assert budget.take() is False
     budget.written(2)
     assert [budget.take(), budget.take(), budget.take()] == [True, True, False]
+
+
+def test_an_ack_frame_of_several_ids_takes_one_per_id_or_none_when_fewer_are_left():
+    budget = AckBudget(allowance=0)
+    budget.written(5)
+    assert budget.take(3) is True
+    assert budget.take(3) is False  # two left: the frame is refused whole, and takes nothing
+    assert budget.take(2) is True
+    assert budget.take() is False

@@ -24,11 +24,41 @@ def refusal(frame) -> ProtocolError:
 
 
 def test_an_ack_frame_parses_to_an_ack_with_its_id():
-    assert parse_client_frame(json.dumps({"type": "ack", "id": ID})) == Ack(ID)
+    assert parse_client_frame(json.dumps({"type": "ack", "id": ID})) == Ack((ID,))
 
 
 def test_an_ack_frame_with_extra_fields_still_parses():
-    assert parse_client_frame(json.dumps({"type": "ack", "id": ID, "extra": [1]})) == Ack(ID)
+    assert parse_client_frame(json.dumps({"type": "ack", "id": ID, "extra": [1]})) == Ack((ID,))
+
+
+def test_an_ack_frame_with_ids_parses_to_an_ack_of_those_ids_in_their_order():
+    other = ID[:-1] + "4"
+    assert parse_client_frame(json.dumps({"type": "ack", "ids": [other, ID]})) == Ack((other, ID))
+    assert parse_client_frame(json.dumps({"type": "ack", "ids": [ID] * protocol.MAX_ACK_IDS})) == Ack((ID,) * protocol.MAX_ACK_IDS)
+
+
+@pytest.mark.parametrize(
+    ("ids", "says"),
+    [
+        ([], "ack ids must be a non-empty list of message ids"),
+        (ID, "ack ids must be a non-empty list of message ids"),
+        ({"0": ID}, "ack ids must be a non-empty list of message ids"),
+        (None, "ack ids must be a non-empty list of message ids"),
+        ([ID, "nope"], "ack ids must all be ids of message frames"),
+        ([ID, ID.upper()], "ack ids must all be ids of message frames"),
+        ([ID, [ID]], "ack ids must all be ids of message frames"),
+        ([ID] * (protocol.MAX_ACK_IDS + 1), f"ack has {protocol.MAX_ACK_IDS + 1} ids: at most {protocol.MAX_ACK_IDS} in one frame"),
+    ],
+    ids=["empty", "a string", "an object", "null", "a word", "uppercase", "a nested list", "too many"],
+)
+def test_an_ack_with_bad_ids_is_refused_saying_what_is_wrong(ids, says):
+    error = refusal(json.dumps({"type": "ack", "ids": ids}))
+
+    assert says in str(error) and error.code == CloseCode.BAD_REQUEST
+
+
+def test_an_ack_with_both_id_and_ids_is_refused():
+    assert "ack has both id and ids" in str(refusal(json.dumps({"type": "ack", "id": ID, "ids": [ID]})))
 
 
 def test_a_binary_frame_is_refused():
@@ -160,7 +190,8 @@ def test_a_message_frame_leaves_out_routing_fields():
 
 def test_a_hello_frame_names_node_user_and_connection_and_when_the_token_expires():
     assert json.loads(hello_frame("10.0.0.1:8001", "alice", "c1", 1_700_003_600, 1_700_000_000.04)) == {
-        "type": "hello", "node": "10.0.0.1:8001", "user": "alice", "conn": "c1", "expires_at": 1_700_003_600, "expires_in": 3600.0, "ping": True}
+        "type": "hello", "node": "10.0.0.1:8001", "user": "alice", "conn": "c1", "expires_at": 1_700_003_600, "expires_in": 3600.0, "ping": True,
+        "ack_ids": protocol.MAX_ACK_IDS}
 
 
 def test_a_hello_frame_of_a_token_without_expiry_says_null():

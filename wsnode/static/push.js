@@ -18,7 +18,8 @@
  *
  * - Connects to ws://NODE/ws?token=T, then reconnects after every close or failed connect, with
  *   ``since`` = the greatest message id it has seen, so the node replays what it missed.
- * - Acks every message frame ({"type": "ack", "id": ...}) once the page's onMessage returned,
+ * - Acks every message frame once the page's onMessage returned ({"type": "ack", "id": ...}, or
+ *   where the node's hello says ack_ids, the acks of a burst together: {"type": "ack", "ids": [...]}),
  *   drops repeats by id (a resume replays a little before ``since``), and hands messages to the page
  *   in the order the node sends them, which is the order they were collected.
  * - Several URLs act like a load balancer in front of the nodes: it starts with the first, and
@@ -123,6 +124,29 @@
   function loggedOut(error) {
     return error instanceof UnauthorizedError || (!!error && error.name === "UnauthorizedError");
   }
+
+  /**
+   * Run ``callback`` in a task of its own, after the tasks already queued (the message events of
+   * frames that came together): a MessageChannel message where there is one (every browser, and
+   * Node.js), else a timer of 0 ms.  Callbacks run in the order they were queued.
+   */
+  var nextTask = (function () {
+    if (typeof MessageChannel === "undefined") return function (callback) { setTimeout(callback, 0); };
+    var queued = [];
+    var channel = null; // made at the first call: an open port would keep a Node.js process running
+    return function (callback) {
+      if (!channel) {
+        channel = new MessageChannel();
+        channel.port1.onmessage = function () {
+          var next = queued.shift();
+          if (next) next();
+        };
+        if (channel.port1.unref) channel.port1.unref(); // Node.js: nor does it once used
+      }
+      queued.push(callback);
+      channel.port2.postMessage(null);
+    };
+  })();
 
   /** ``promise``, or a rejection once ``ms`` passed without it settling (a getToken whose request stalls). */
   function within(promise, ms) {
@@ -446,7 +470,7 @@
     }
     this._ws = ws;
     var self = this;
-    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, refreshSent: false, refreshFailures: 0, helloTimer: null, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
+    var conn = { url: url, resumedAt: 0, hello: false, freshToken: fresh, pings: false, ackIds: 0, acks: null, refreshSent: false, refreshFailures: 0, helloTimer: null, refreshTimer: null, pingTimer: null, lastFrameAt: 0, pingSentAt: 0 };
     this._conn = conn;
     conn.helloTimer = setTimeout(function () {
       if (self._ws === ws && !conn.hello) {
@@ -484,6 +508,8 @@
       // Only a node whose hello says it answers pings gets them: an earlier one closes with 4500.
       conn.pings = this.options.idleMs > 0 && frame.ping === true;
       if (conn.pings) this._watch(ws, conn, this.options.idleMs);
+      // Only a node whose hello says ack_ids takes several acks in one frame: an earlier one closes with 4500.
+      conn.ackIds = typeof frame.ack_ids === "number" && frame.ack_ids >= 1 ? Math.floor(frame.ack_ids) : 0;
     } else if (frame.type === "refreshed") {
       conn.refreshSent = false;
       conn.refreshFailures = 0;
@@ -518,9 +544,40 @@
         }
       }
       // A repeat is acked too: it came again because an earlier ack was lost.
-      if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ack", id: id }));
+      this._ack(ws, conn, id);
     }
     // Other frame types: ignored, as the protocol asks.
+  };
+
+  /**
+   * Acks.  Where the node's hello says ack_ids, the acks of the message frames handled before the
+   * next task of the page's event loop (a burst: a resume's replay, the frames one network read
+   * brought) go together, as {"type": "ack", "ids": [...]} frames of at most ack_ids ids, so that
+   * the node reads and parses one frame instead of one per message; a lone ack goes as
+   * {"type": "ack", "id": ...}, as it always does to a node of an earlier version.  The next task
+   * is a MessageChannel message, which background tabs do not throttle as they do timers (a
+   * delay past REDELIVER_AFTER would have the message sent again).  An ack not sent because the
+   * socket closed meanwhile is made good by redelivery, as any lost ack is.
+   */
+  PushClient.prototype._ack = function (ws, conn, id) {
+    if (!conn.ackIds) {
+      if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ack", id: id }));
+      return;
+    }
+    if (conn.acks) {
+      conn.acks.push(id);
+      return;
+    }
+    conn.acks = [id];
+    nextTask(function () {
+      var ids = conn.acks;
+      conn.acks = null;
+      if (ws.readyState !== 1) return;
+      for (var i = 0; i < ids.length; i += conn.ackIds) {
+        var part = ids.slice(i, i + conn.ackIds);
+        ws.send(JSON.stringify(part.length === 1 ? { type: "ack", id: part[0] } : { type: "ack", ids: part }));
+      }
+    });
   };
 
   /**
