@@ -105,9 +105,9 @@ async def _clients(conn, targets, connect_timeout: float) -> None:
                 message_id, data = frame["id"], frame.get("data") or {}
                 clients.records.append((index, message_id, data.get("seq"), data.get("t"), t_recv))
                 if sockets[index] is not None:  # always set: sending starts once every connection resumed
-                    clients.write(index, '{"type":"ack","id":"%s"}' % message_id)
+                    clients.ack(index, message_id)
             elif kind == "hello":
-                pass
+                clients.ack_ids[index] = frame.get("ack_ids") or 0
             elif kind == "resumed":
                 clients.settle(ready[index], frame)
             else:

@@ -38,6 +38,29 @@ class ClientSet:
         self.records: list = []
         self.closed: list = []
         self.other: list = []
+        #: The most ids an ``ack`` frame may carry on each connection (its hello's ``ack_ids``; 0:
+        #: one frame per ack, as to a node that does not say it).
+        self.ack_ids = [0] * n
+        self._acks: dict[int, list[str]] = {}  # connection -> ids to ack at the next loop turn
+
+    def ack(self, index: int, message_id: str) -> None:
+        """Ack ``message_id`` on connection ``index`` as push.js does: where its hello said
+        ``ack_ids``, the acks of the frames handled in this turn of the loop (those one read
+        brought) go together at the next turn, in ``ids`` frames; else one frame each, now."""
+        if not self.ack_ids[index]:
+            self.write(index, '{"type":"ack","id":"%s"}' % message_id)
+            return
+        if not self._acks:
+            self.loop.call_soon(self._send_acks)
+        self._acks.setdefault(index, []).append(message_id)
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, {}
+        for index, ids in acks.items():
+            most = self.ack_ids[index]
+            for start in range(0, len(ids), most):
+                part = ids[start:start + most]
+                self.write(index, '{"type":"ack","id":"%s"}' % part[0] if len(part) == 1 else '{"type":"ack","ids":["%s"]}' % '","'.join(part))
 
     def write(self, index: int, text: str) -> None:
         """Send ``text`` as one masked text frame on connection ``index``, if it is open, with one
