@@ -72,6 +72,8 @@ class NodeStartError(RuntimeError):
 
 #: A step of the shutdown that needs the broker gives up after this long (the broker may be down).
 STOP_STEP_SECONDS = 10
+#: The ids one ``ack`` frame may carry here, as many as fit in ``MAX_FRAME_BYTES`` (``hello``'s ``ack_ids``).
+ACK_IDS = protocol.ack_ids_limit(settings.MAX_FRAME_BYTES)
 
 #: How often the node PINGs Redis so that ``/healthz`` turns 503 within seconds of an outage (and
 #: renews its leases as soon as Redis is back), instead of at the next lease renewal.
@@ -383,7 +385,7 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
         self.expiries.set(conn, conn.identity.expires_at)
         log.info("conn=%s user=%s node=%s connected in %.1f ms%s", conn.conn_id, conn.user_id, self.address, 1000 * conn.request.request_time(),
                  f", since={conn.session.since}" if conn.session.since else "")
-        conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id, conn.identity.expires_at, time.time()))])
+        conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id, conn.identity.expires_at, time.time(), ACK_IDS))])
         self._request_replay(conn)
 
     def _ping_tick(self) -> None:

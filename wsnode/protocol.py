@@ -7,8 +7,9 @@ Server -> client (JSON text frames):
   token expires, as a unix time and in seconds from now by the node's clock (null when auth did
   not say); ``ping``: true, the node answers ``ping`` frames (nodes of earlier versions close a
   connection that sends one with 4500, and say nothing here); ``ack_ids``: the most ids one
-  ``ack`` frame may carry in its ``ids`` list (nodes of earlier versions take ``id`` only, close
-  a connection that sends ``ids`` with 4500, and say nothing here).
+  ``ack`` frame may carry in its ``ids`` list, as many as fit in ``MAX_FRAME_BYTES`` (145 at its
+  default), at most :data:`MAX_ACK_IDS` (nodes of earlier versions take ``id`` only, close a
+  connection that sends ``ids`` with 4500, and say nothing here).
 - ``{"type": "message", "id": "<message id>", "data": <data>}``, one per message.
 - ``{"type": "resumed", "since": "<id>" | null, "replayed": <n>, "truncated": <bool>}`` after the
   opening replay: what ``since`` asked for, or without ``since`` the user's unacked inbox; live
@@ -25,7 +26,7 @@ A connection whose token expired is closed with 4401 ``token expired`` ``TOKEN_E
 seconds later, unless a ``refresh`` gave it a newer token first (:mod:`wsnode.expiry`).
 
 Client -> server: ``{"type": "ack", "id": "<message id>"}`` or ``{"type": "ack", "ids": ["<message
-id>", ...]}`` (the acks of several message frames in one frame, at most :data:`MAX_ACK_IDS`: a
+id>", ...]}`` (the acks of several message frames in one frame, at most hello's ``ack_ids``: a
 client that acks what one read brought sends one frame instead of one per message, which costs
 the node one frame to read and parse instead of many), ``{"type": "refresh", "token":
 "<a new token of the same user>"}``, and ``{"type": "ping"}``, which a client sends to learn
@@ -56,9 +57,19 @@ class ProtocolError(ValueError):
         return short_reason(str(self))
 
 
-#: The most message ids one ``ack`` frame may carry (``ids``); told to clients in ``hello``
-#: (``ack_ids``).  A frame of that many ids is about 27 KB.
+#: The most message ids one ``ack`` frame may carry (``ids``), whatever ``MAX_FRAME_BYTES`` allows.
 MAX_ACK_IDS = 1000
+#: What an ``ack`` frame of ids takes beyond its ids, and each id in it, written by ``json.dumps``
+#: (``{"type": "ack", "ids": [`` ... ``]}``, ``"<24 hex>", ``); ``JSON.stringify`` writes less.
+ACK_FRAME_BYTES = 26
+ACK_ID_BYTES = 28
+
+
+def ack_ids_limit(max_frame_bytes: int) -> int:
+    """How many ids an ``ack`` frame may carry on a node that takes frames of up to
+    ``max_frame_bytes`` (``MAX_FRAME_BYTES``): as many as fit, at most :data:`MAX_ACK_IDS`; what
+    ``hello`` tells clients (``ack_ids``), so that a frame of that many never closes with 1009."""
+    return max(1, min(MAX_ACK_IDS, (max_frame_bytes - ACK_FRAME_BYTES) // ACK_ID_BYTES))
 
 
 @dataclass(frozen=True)
@@ -150,9 +161,10 @@ def expires_in(expires_at: int | None, now: float) -> float | None:
     return None if expires_at is None else max(0.0, round(expires_at - now, 1))
 
 
-def hello_frame(node: str, user: str, conn: str, expires_at: int | None = None, now: float = 0.0) -> str:
+def hello_frame(node: str, user: str, conn: str, expires_at: int | None = None, now: float = 0.0, ack_ids: int = 1) -> str:
+    """``ack_ids``: :func:`ack_ids_limit` of the node's ``MAX_FRAME_BYTES``."""
     return json.dumps({"type": "hello", "node": node, "user": user, "conn": conn, "expires_at": expires_at,
-                       "expires_in": expires_in(expires_at, now), "ping": True, "ack_ids": MAX_ACK_IDS})
+                       "expires_in": expires_in(expires_at, now), "ping": True, "ack_ids": ack_ids})
 
 
 def refreshed_frame(expires_at: int | None, now: float) -> str:

@@ -57,6 +57,19 @@ def test_an_ack_with_bad_ids_is_refused_saying_what_is_wrong(ids, says):
     assert says in str(error) and error.code == CloseCode.BAD_REQUEST
 
 
+@pytest.mark.parametrize("max_frame_bytes", [2560, 4096, 10_000, 27_999, 28_026, 1 << 20])
+def test_hello_says_as_many_ack_ids_as_fit_in_the_largest_frame_a_node_takes_at_most_the_cap(max_frame_bytes):
+    most = protocol.ack_ids_limit(max_frame_bytes)
+    widest = json.dumps({"type": "ack", "ids": [ID] * most})  # json.dumps's spaces: more than JSON.stringify writes
+
+    assert len(widest.encode()) <= max_frame_bytes
+    assert most == protocol.MAX_ACK_IDS or len(json.dumps({"type": "ack", "ids": [ID] * (most + 1)}).encode()) > max_frame_bytes
+
+
+def test_hello_says_145_ack_ids_at_the_default_max_frame_bytes():
+    assert protocol.ack_ids_limit(4096) == 145
+
+
 def test_an_ack_with_both_id_and_ids_is_refused():
     assert "ack has both id and ids" in str(refusal(json.dumps({"type": "ack", "id": ID, "ids": [ID]})))
 
@@ -189,9 +202,9 @@ def test_a_message_frame_leaves_out_routing_fields():
 
 
 def test_a_hello_frame_names_node_user_and_connection_and_when_the_token_expires():
-    assert json.loads(hello_frame("10.0.0.1:8001", "alice", "c1", 1_700_003_600, 1_700_000_000.04)) == {
+    assert json.loads(hello_frame("10.0.0.1:8001", "alice", "c1", 1_700_003_600, 1_700_000_000.04, 145)) == {
         "type": "hello", "node": "10.0.0.1:8001", "user": "alice", "conn": "c1", "expires_at": 1_700_003_600, "expires_in": 3600.0, "ping": True,
-        "ack_ids": protocol.MAX_ACK_IDS}
+        "ack_ids": 145}
 
 
 def test_a_hello_frame_of_a_token_without_expiry_says_null():
