@@ -126,7 +126,7 @@ def _ack_ids(value: dict) -> tuple[str, ...]:
     if not isinstance(ids, list) or not ids:
         raise ProtocolError("ack ids must be a non-empty list of message ids")
     if len(ids) > MAX_ACK_IDS:
-        raise ProtocolError(f"ack has {len(ids)} ids: at most {MAX_ACK_IDS} in one frame (hello's ack_ids)")
+        raise ProtocolError(f"ack has {len(ids)} ids: send at most hello's ack_ids in one frame (never more than {MAX_ACK_IDS})")
     if not all(is_message_id(message_id) for message_id in ids):
         raise ProtocolError("ack ids must all be ids of message frames")
     return tuple(ids)

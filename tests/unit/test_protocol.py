@@ -47,7 +47,7 @@ def test_an_ack_frame_with_ids_parses_to_an_ack_of_those_ids_in_their_order():
         ([ID, "nope"], "ack ids must all be ids of message frames"),
         ([ID, ID.upper()], "ack ids must all be ids of message frames"),
         ([ID, [ID]], "ack ids must all be ids of message frames"),
-        ([ID] * (protocol.MAX_ACK_IDS + 1), f"ack has {protocol.MAX_ACK_IDS + 1} ids: at most {protocol.MAX_ACK_IDS} in one frame"),
+        ([ID] * (protocol.MAX_ACK_IDS + 1), f"ack has {protocol.MAX_ACK_IDS + 1} ids: send at most hello's ack_ids in one frame (never more than {protocol.MAX_ACK_IDS})"),
     ],
     ids=["empty", "a string", "an object", "null", "a word", "uppercase", "a nested list", "too many"],
 )
