@@ -31,10 +31,16 @@ MAX_CLOCK_GAP_SECONDS = 86400.0
 def parse_receipts(items: object, now: float) -> tuple[list[dict], list[str]]:
     """The well-formed receipts of a ``tasks.receipts`` (``{"id": a message id, "user": a user id,
     "state": "written" or "acked", "at": unix seconds within MAX_CLOCK_GAP_SECONDS of ``now``}``),
-    and a description of each one left out.  Pure."""
+    and a description of each one left out.  An ack may carry its delivery's write too
+    (``"written": unix seconds``, as a node sends an ack that came before it flushed the write's
+    receipt: :class:`wsnode.receipts.ReceiptBuffer`): that is two receipts, the written one first.  Pure."""
     good, bad = [], []
     for item in items if isinstance(items, list) else [items]:
         problem = _receipt_problem(item, now)
+        if problem is None and "written" in item:
+            problem = _time_problem("written", item["written"], now) if item["state"] == "acked" else "only an ack carries a written time"
+            if problem is None:
+                good.append({"id": item["id"], "user": item["user"], "state": "written", "at": item["written"]})
         if problem is None:
             good.append(item)
         else:
@@ -53,11 +59,14 @@ def _receipt_problem(item: object, now: float) -> str | None:
         return str(exc)
     if item.get("state") not in STATES:
         return f"state is not one of {STATES}"
-    at = item.get("at")
+    return _time_problem("at", item.get("at"), now)
+
+
+def _time_problem(name: str, at: object, now: float) -> str | None:
     # Compared, not subtracted: JSON's integers have any size, and one too large for a float made
     # math.isfinite and at - now raise OverflowError (the whole batch failed).  NaN compares false.
     if isinstance(at, bool) or not isinstance(at, (int, float)) or not now - MAX_CLOCK_GAP_SECONDS <= at <= now + MAX_CLOCK_GAP_SECONDS:
-        return "at is not a unix time within a day of the worker's clock"
+        return f"{name} is not a unix time within a day of the worker's clock"
     return None
 
 

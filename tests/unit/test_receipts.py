@@ -233,3 +233,51 @@ def test_a_receipt_whose_time_is_an_integer_too_large_for_a_float_is_left_out_no
     kept, left_out = parse_receipts([*huge, good], now)
     assert kept == [good]
     assert len(left_out) == 2 and all("within a day" in reason for reason in left_out)
+
+
+# --- an ack that carries its write --------------------------------------------------------------
+
+def test_an_ack_of_a_write_still_waiting_becomes_that_item_and_carries_the_write_time():
+    times = iter([10.0, 11.0, 12.0])
+    sent = Recorder()
+    receipts = ReceiptBuffer(sent, batch_max=100, clock=lambda: next(times))
+    receipts.add_many([ID1, ID2], "alice", "written")  # at 10
+    receipts.add_many([ID2, ID3], "alice", "acked")  # at 11: ID2's write waits, ID3's went earlier
+    receipts.add_many([ID1], "bob", "acked")  # at 12: another user's delivery of ID1
+    receipts.flush()
+
+    assert sent.batches == [[
+        {"id": ID1, "user": "alice", "state": "written", "at": 10.0},
+        {"id": ID2, "user": "alice", "state": "acked", "at": 11.0, "written": 10.0},
+        {"id": ID3, "user": "alice", "state": "acked", "at": 11.0},
+        {"id": ID1, "user": "bob", "state": "acked", "at": 12.0},
+    ]]
+    assert argsrepr(sent.batches[0]) == "[<5 receipts: 3 acked, 2 written>]"
+
+
+def test_a_write_whose_receipt_went_already_is_not_changed_by_its_ack():
+    for full_batch in (True, False):
+        sent = Recorder()
+        receipts = ReceiptBuffer(sent, batch_max=2 if full_batch else 100, clock=lambda: 5.0)
+        receipts.add_many([ID1, ID2], "alice", "written")
+        if not full_batch:
+            receipts.flush()
+        receipts.add_many([ID1], "alice", "acked")
+        receipts.flush()
+
+        assert sent.batches == [[{"id": ID1, "user": "alice", "state": "written", "at": 5.0}, {"id": ID2, "user": "alice", "state": "written", "at": 5.0}],
+                                [{"id": ID1, "user": "alice", "state": "acked", "at": 5.0}]]
+
+
+def test_tasks_receipts_records_an_ack_that_carries_its_write_as_two_receipts():
+    from tasks.receipts import parse_receipts
+
+    now = 1_800_000_000.0
+    both = {"id": ID1, "user": "alice", "state": "acked", "at": now, "written": now - 0.2}
+    kept, left_out = parse_receipts([both], now)
+    assert kept == [{"id": ID1, "user": "alice", "state": "written", "at": now - 0.2}, both] and left_out == []
+
+    bad = [dict(both, written=None), dict(both, written=now + 2e5), dict(both, state="written")]
+    kept, left_out = parse_receipts(bad, now)
+    assert kept == [] and len(left_out) == 3
+    assert "written is not a unix time" in left_out[0] and "only an ack carries a written time" in left_out[2]
