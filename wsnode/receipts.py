@@ -34,20 +34,17 @@ class ReceiptBuffer:
         ids of one ``ack`` frame); full batches go as they fill, ``batch_max`` items each."""
         at = self._clock()
         items, written = self._items, self._written
-        if state == "written":
-            for message_id in message_ids:
-                item = {"id": message_id, "user": user, "state": state, "at": at}
-                items.append(item)
-                written[(message_id, user)] = item
-        elif state == "acked":
-            for message_id in message_ids:
-                item = written.pop((message_id, user), None)
-                if item is None:
-                    items.append({"id": message_id, "user": user, "state": state, "at": at})
-                else:
-                    item["written"], item["state"], item["at"] = item["at"], state, at
-        else:
-            items.extend({"id": message_id, "user": user, "state": state, "at": at} for message_id in message_ids)
+        acked, writing = state == "acked", state == "written"
+        for message_id in message_ids:
+            key = (message_id, user)
+            waiting = written.pop(key, None) if acked else None
+            if waiting is not None:  # its write's receipt is still here: that item becomes the ack
+                waiting["written"], waiting["state"], waiting["at"] = waiting["at"], state, at
+                continue
+            item = {"id": message_id, "user": user, "state": state, "at": at}
+            items.append(item)
+            if writing:
+                written[key] = item
         while len(self._items) >= self._batch_max:
             batch, self._items = self._items[:self._batch_max], self._items[self._batch_max:]
             self._forget(batch)
