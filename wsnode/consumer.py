@@ -2,9 +2,13 @@
 
 Threading: :class:`NodeQueueConsumer` runs its kombu connection on one dedicated thread (kombu
 channels are not thread-safe).  The only way into the loop is ``IOLoop.add_callback`` on the loop
-captured at construction; the thread then waits until the loop has written the batch before it
-reads more (backpressure).  The broker connection is re-opened with a doubling delay (0.5 s up to
-30 s) when it drops; what was read before the drop is still delivered.  A connection it gave up on
+captured at construction.  The thread reads on while the loop writes, up to :data:`IN_FLIGHT`
+batches ahead of it (:class:`InFlight`: backpressure).  It does not wait for each write: every
+wake-up of a waiting thread is a futex call and, on a virtual machine, often a wake-up of another
+virtual CPU; waiting for each batch cost a node about 8% of its CPU per delivery in the 2-node
+batch benchmark (bench/HISTORY.md, 2026-12-06 16:05).  The broker connection is re-opened with
+a doubling delay (0.5 s up to 30 s) when it drops; what was read before the drop is still
+delivered.  A connection it gave up on
 while it consumed may have taken messages with it (below): the consumer then tells the loop
 (``on_lost``) before it delivers anything read on the next connection.
 
@@ -44,8 +48,8 @@ to it, which never blocks.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
+import os
 import socket
 import threading
 import time
@@ -77,6 +81,49 @@ TRANSPORT_OPTIONS = {"unacked_restore_throttle": 1_000_000_000}
 HEARTBEAT_SECONDS = settings.BROKER_TIMEOUT
 
 
+#: Batches the queue thread may have handed to the loop that the loop has not written yet.
+IN_FLIGHT = 2
+
+#: Seconds the queue thread waits for the loop to write a batch before it logs the loop as stuck
+#: (and hands it the next batch all the same, as before it waited).
+STUCK_AFTER = 30.0
+
+
+class InFlight:
+    """The batches handed to the loop and not yet written: the queue thread takes a place before
+    it hands one over, waiting while ``limit`` are out, and the loop gives it back once the batch
+    is written.  ``take`` is the queue thread's, ``give_back`` the loop's (it never waits),
+    ``drained`` any thread's but the loop's."""
+
+    def __init__(self, limit: int = IN_FLIGHT) -> None:
+        self.limit = limit
+        self._out = 0
+        self._changed = threading.Condition()
+
+    def take(self, timeout: float) -> bool:
+        """Take a place, waiting up to ``timeout`` seconds for one.  False when that timed out: the
+        place is taken all the same (one more is out), so that a loop that is stuck is reported, not
+        waited for without end."""
+        with self._changed:
+            free = self._changed.wait_for(lambda: self._out < self.limit, timeout)
+            self._out += 1
+            return free
+
+    def give_back(self) -> None:
+        with self._changed:
+            self._out -= 1
+            self._changed.notify_all()  # no futex call unless the queue thread waits
+
+    def drained(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every batch handed over was written."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._out == 0, timeout)
+
+    @property
+    def out(self) -> int:
+        return self._out
+
+
 class GatherWindow:
     """How long the queue thread waits for more messages once a batch has its first.  Pure; the
     consumer thread only.
@@ -93,7 +140,7 @@ class GatherWindow:
         self._handed_over = float("-inf")
 
     def handed_over(self, at: float) -> None:
-        """A batch went to the loop (and was written) at monotonic time ``at``."""
+        """A batch went to the loop at monotonic time ``at``."""
         self._handed_over = at
 
     def wait(self, first_at: float) -> float:
@@ -140,6 +187,7 @@ class NodeQueueConsumer:
         self._thread = threading.Thread(target=self._run, name=f"queue-{address}", daemon=True)
         self._received_at = 0.0
         self._window = GatherWindow()
+        self._in_flight = InFlight()
         #: True while the consumer holds a working broker connection (read from any thread).
         self.connected = False
         #: What to fix when the broker's Redis refused the last connection's login, rights or
@@ -155,10 +203,12 @@ class NodeQueueConsumer:
             self.presence.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the batch in hand, then the presence (its last events and ``worker-offline``);
-        any thread but the loop's (it may wait on the loop)."""
+        """Stop after the batch in hand, wait until the loop has written what it was handed, then
+        stop the presence (its last events and ``worker-offline``); any thread but the loop's (it
+        waits on the loop)."""
         self._stopping.set()
         self._thread.join(timeout)
+        self._in_flight.drained(timeout)
         if self.presence is not None:
             self.presence.stop()
 
@@ -279,20 +329,20 @@ class NodeQueueConsumer:
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        started, error = time.time(), None
-        self._loop.add_callback(self._deliver_on_loop, batch, done)
+        if not self._in_flight.take(timeout=STUCK_AFTER):
+            log.error("the IOLoop has not written a batch of queue %s in %.0f s: it is blocked (py-spy dump --pid %d shows where); "
+                      "handing it the next %d messages all the same", self._queue.name, STUCK_AFTER, os.getpid(), len(batch))
+        self._loop.add_callback(self._deliver_on_loop, batch, self._received_at, time.time())
+
+    def _deliver_on_loop(self, batch: list[Delivery], received: float, started: float) -> None:
+        """Loop thread: write ``batch``, give its place back, report it to the presence."""
+        error = None
         try:
-            done.result(timeout=30)
+            self._deliver(batch)
         except Exception as exc:  # noqa: BLE001 - logged; housekeeping redelivers what no client acked
             log.exception("delivering a batch of %d messages failed", len(batch))
             error = repr(exc)
+        finally:
+            self._in_flight.give_back()
         if self.presence is not None:
-            self.presence.delivered(batch, self._received_at, started, time.time(), error)
-
-    def _deliver_on_loop(self, batch: list[Delivery], done: concurrent.futures.Future) -> None:
-        try:
-            self._deliver(batch)
-            done.set_result(None)
-        except BaseException as exc:  # handed to the consumer thread, which logs it
-            done.set_exception(exc)
+            self.presence.delivered(batch, received, started, time.time(), error)

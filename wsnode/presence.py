@@ -178,7 +178,7 @@ class ControlPanel:
         self._task_events = threading.Event()
         if task_events:
             self._task_events.set()
-        #: ``wsnode.deliver`` messages handled so far (written by the consumer thread only).
+        #: ``wsnode.deliver`` messages handled so far (written by the loop's thread only).
         self.processed = 0
         #: The broker connection's info, for ``stats`` (set by the presence thread once connected).
         self.broker: dict = {}
@@ -305,8 +305,8 @@ class Presence:
                   error: str | None = None) -> None:
         """The consumer handled ``batch`` (``error`` says why it failed): count it and, while task
         events are on, hand it to the presence thread, which builds and sends its events (the
-        batch is done with: nothing changes it any more).  Consumer thread; never blocks, never
-        raises.  (``_dropped`` is a best-effort count: a lost increment only shortens a log line.)"""
+        batch is done with: nothing changes it any more).  The loop's thread (the only caller);
+        never blocks, never raises.  (``_dropped`` is a best-effort count: a lost increment only shortens a log line.)"""
         self.panel.processed += len(batch)
         if not self.panel.task_events:
             return
