@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from auth.tokens import MAX_USER_ID_LENGTH, forbidden_character
 
 BROADCAST = "*"
@@ -133,36 +135,81 @@ def unstorable(data: object) -> str | None:
     """Why MongoDB cannot store ``data`` as a field of a message's document, or None: lists and
     objects nested more than :data:`MAX_DATA_DEPTH` levels, an integer beyond 64 bits, an object
     key that is not a string or holds NUL.  One walk, iterative.  Pure."""
+    return scan(data)[0]
+
+
+#: The value types orjson encodes exactly as the standard library's strict encoder does
+#: (``_strict_compact_json``), besides finite floats (below); exact types, not subclasses.
+_PLAIN_SCALARS = frozenset((str, int, bool, type(None)))
+#: The most characters a float takes as JSON, in the spelling of either encoder (they differ only
+#: in some exponents: ``1e-05`` and ``1e-5``, ``2.5e-07`` and ``2.5e-7``).
+_FLOAT_CHARS = 24
+
+
+def scan(data: object) -> tuple[str | None, int | None]:
+    """One walk of ``data``: :func:`unstorable`'s answer, and the number of floats in it when
+    every value is plain JSON (exact ``dict`` with ``str`` keys, ``list``, ``tuple``, ``str``,
+    ``int``, ``bool``, ``None``, finite ``float``), else None (a subclass, a date, a NaN, a set
+    ...: what only the standard library's encoder judges as :func:`encode_data` always has).
+    Iterative.  Pure."""
     depth, level = 0, [data]
+    floats: int | None = 0
     while level:
         children: list = []
         containers = 0
         for item in level:
-            if isinstance(item, dict):
+            kind = type(item)
+            if kind is dict or isinstance(item, dict):
                 for key in item:
-                    if not isinstance(key, str) or "\x00" in key:
-                        return f"has the object key {key!r:.40}: MongoDB stores keys that are strings without NUL"
+                    if type(key) is not str:
+                        if not isinstance(key, str):
+                            return f"has the object key {key!r:.40}: MongoDB stores keys that are strings without NUL", None
+                        floats = None
+                    if "\x00" in key:
+                        return f"has the object key {key!r:.40}: MongoDB stores keys that are strings without NUL", None
                 children += item.values()
-            elif isinstance(item, (list, tuple)):
+                if kind is not dict:
+                    floats = None
+            elif kind is list or kind is tuple or isinstance(item, (list, tuple)):
                 children += item
+                if kind is not list and kind is not tuple:
+                    floats = None
             else:
                 if isinstance(item, int) and not _INT64_MIN <= item <= _INT64_MAX:
-                    return "holds an integer outside MongoDB's 64-bit range (-2**63 to 2**63 - 1): send larger numbers as strings"
+                    return "holds an integer outside MongoDB's 64-bit range (-2**63 to 2**63 - 1): send larger numbers as strings", None
+                if kind is float:
+                    if floats is not None:
+                        floats = floats + 1 if item - item == 0.0 else None  # NaN and infinities give NaN
+                elif kind not in _PLAIN_SCALARS:
+                    floats = None
                 continue
             containers += 1
         if containers:
             depth += 1
             if depth > MAX_DATA_DEPTH:
-                return f"nests lists and objects more than {MAX_DATA_DEPTH} levels deep (MongoDB stores at most 100 per document): flatten it, or send it as a string"
+                return f"nests lists and objects more than {MAX_DATA_DEPTH} levels deep (MongoDB stores at most 100 per document): flatten it, or send it as a string", None
         level = children
-    return None
+    return None, floats
 
 
 def encode_data(data: object, max_bytes: int) -> str:
+    """``data`` as compact JSON, or InvalidMessage saying why it cannot be a message's data.  The
+    standard library's strict encoder is the rule; plain JSON (:func:`scan`) is encoded with orjson
+    instead (1.2 µs against 2.6 for a small message), whose text is the same but for the spelling
+    of some floats' exponents, and is taken only when it is within ``max_bytes`` in either
+    spelling, so the verdict is always the standard library's."""
     if data is MISSING:
         raise InvalidMessage('"data" is missing: pass any JSON value, e.g. data={"text": "hi"}')
-    if (problem := unstorable(data)) is not None:
+    problem, floats = scan(data)
+    if problem is not None:
         raise InvalidMessage(f'"data" {problem}')
+    if floats is not None:  # plain JSON: orjson's text is the standard library's, but for some floats' spelling
+        try:
+            plain = orjson.dumps(data)
+        except orjson.JSONEncodeError:  # a lone surrogate: the standard library's path below says what
+            plain = None
+        if plain is not None and len(plain) + _FLOAT_CHARS * floats <= max_bytes:  # within the limit in either spelling
+            return plain.decode()
     try:
         text = _strict_compact_json(data)
     except RecursionError:

@@ -14,8 +14,9 @@ spelling of some floats (``1e16`` rather than ``1e+16``).  What orjson refuses (
 bits, types it does not know) falls back to the encoder that was used before, so no message that
 encoded before fails now.
 
-Business input is not decoded or validated here: ``tasks.collect`` keeps the standard library's
-strict encoder (``tasks.messages``), which is what decides what a valid ``data`` is.
+Business input is not decoded or validated here: the standard library's strict encoder decides
+what a valid ``data`` is (``tasks.messages.encode_data``, which measures plain JSON with orjson
+only where both encoders give the same verdict).
 
 Pure, and safe from any thread.
 """
