@@ -150,8 +150,7 @@ def scan(data: object) -> tuple[str | None, int | None]:
     """One walk of ``data``: :func:`unstorable`'s answer, and the number of floats in it when
     every value is plain JSON (exact ``dict`` with ``str`` keys, ``list``, ``tuple``, ``str``,
     ``int``, ``bool``, ``None``, finite ``float``), else None (a subclass, a date, a NaN, a set
-    ...: what only the standard library's encoder judges as :func:`encode_data` always has).
-    Iterative.  Pure."""
+    ...), which :func:`encode_data` leaves to the standard library's encoder.  Iterative.  Pure."""
     depth, level = 0, [data]
     floats: int | None = 0
     while level:

@@ -8,9 +8,9 @@ wake-up of a waiting thread is a futex call and, on a virtual machine, often a w
 virtual CPU; waiting for each batch cost a node about 8% of its CPU per delivery in the 2-node
 batch benchmark (bench/HISTORY.md, 2026-12-06 16:05).  The broker connection is re-opened with
 a doubling delay (0.5 s up to 30 s) when it drops; what was read before the drop is still
-delivered.  A connection it gave up on
-while it consumed may have taken messages with it (below): the consumer then tells the loop
-(``on_lost``) before it delivers anything read on the next connection.
+delivered.  A connection it gave up on while it consumed may have taken messages with it (below):
+the consumer then tells the loop (``on_lost``) before it delivers anything read on the next
+connection.
 
 Messages are consumed without acknowledgements (``no_ack``): the broker forgets a message once
 the node has read it.  On the Redis broker an acknowledged message costs two more round trips
