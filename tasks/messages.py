@@ -131,13 +131,6 @@ def nesting(value: object, most: int) -> int:
     return depth
 
 
-def unstorable(data: object) -> str | None:
-    """Why MongoDB cannot store ``data`` as a field of a message's document, or None: lists and
-    objects nested more than :data:`MAX_DATA_DEPTH` levels, an integer beyond 64 bits, an object
-    key that is not a string or holds NUL.  One walk, iterative.  Pure."""
-    return scan(data)[0]
-
-
 #: The value types orjson encodes exactly as the standard library's strict encoder does
 #: (``_strict_compact_json``), besides finite floats (below); exact types, not subclasses.
 _PLAIN_SCALARS = frozenset((str, int, bool, type(None)))
@@ -147,7 +140,9 @@ _FLOAT_CHARS = 24
 
 
 def scan(data: object) -> tuple[str | None, int | None]:
-    """One walk of ``data``: :func:`unstorable`'s answer, and the number of floats in it when
+    """One walk of ``data``: why MongoDB cannot store it as a field of a message's document, or
+    None (lists and objects nested more than :data:`MAX_DATA_DEPTH` levels, an integer beyond 64
+    bits, an object key that is not a string or holds NUL); and the number of floats in it when
     every value is plain JSON (exact ``dict`` with ``str`` keys, ``list``, ``tuple``, ``str``,
     ``int``, ``bool``, ``None``, finite ``float``), else None (a subclass, a date, a NaN, a set
     ...), which :func:`encode_data` leaves to the standard library's encoder.  Iterative.  Pure."""
@@ -160,12 +155,10 @@ def scan(data: object) -> tuple[str | None, int | None]:
             kind = type(item)
             if kind is dict or isinstance(item, dict):
                 for key in item:
-                    if type(key) is not str:
-                        if not isinstance(key, str):
+                    if type(key) is not str or "\x00" in key:
+                        if not isinstance(key, str) or "\x00" in key:
                             return f"has the object key {key!r:.40}: MongoDB stores keys that are strings without NUL", None
-                        floats = None
-                    if "\x00" in key:
-                        return f"has the object key {key!r:.40}: MongoDB stores keys that are strings without NUL", None
+                        floats = None  # a str subclass: the standard library's encoder judges it
                 children += item.values()
                 if kind is not dict:
                     floats = None
