@@ -145,6 +145,9 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
         #: Handshakes whose token is being checked (before the upgrade): the drain answers them 503.
         self.checking: set[PushHandler] = set()
         self.max_connections = settings.MAX_CONNECTIONS
+        #: The most ids one ``ack`` frame may carry here: what ``hello`` says (``ack_ids``), and
+        #: what the handlers hold frames to (more closes with 4500).
+        self.ack_ids = ACK_IDS
         self.max_user_connections = settings.MAX_USER_CONNECTIONS
         #: ``(COUNT, SECONDS)``: at most COUNT connects of one user in any SECONDS seconds, across
         #: the cluster (:mod:`wsnode.connectrate`); None: no limit.
@@ -385,7 +388,7 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
         self.expiries.set(conn, conn.identity.expires_at)
         log.info("conn=%s user=%s node=%s connected in %.1f ms%s", conn.conn_id, conn.user_id, self.address, 1000 * conn.request.request_time(),
                  f", since={conn.session.since}" if conn.session.since else "")
-        conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id, conn.identity.expires_at, time.time(), ACK_IDS))])
+        conn.send([(None, protocol.hello_frame(self.address, conn.user_id, conn.conn_id, conn.identity.expires_at, time.time(), self.ack_ids))])
         self._request_replay(conn)
 
     def _ping_tick(self) -> None:

@@ -175,7 +175,7 @@ class PushHandler(WebSocketHandler):
         if self._refusal is not None:
             return
         try:
-            frame = protocol.parse_client_frame(message)
+            frame = protocol.parse_client_frame(message, self.node.ack_ids)
         except protocol.ProtocolError as exc:
             self._close_for_frame(exc.code, str(exc), exc.reason)
             return

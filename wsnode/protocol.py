@@ -89,8 +89,9 @@ class Ping:
     pass
 
 
-def parse_client_frame(frame: str | bytes) -> Ack | Refresh | Ping:
-    """Parse one frame from a browser; raises :class:`ProtocolError`."""
+def parse_client_frame(frame: str | bytes, max_ack_ids: int = MAX_ACK_IDS) -> Ack | Refresh | Ping:
+    """Parse one frame from a browser; raises :class:`ProtocolError`.  ``max_ack_ids``: the most
+    ids an ``ack`` frame may carry, what the node's ``hello`` said (``ack_ids``)."""
     if isinstance(frame, bytes):
         raise ProtocolError("binary frames are not accepted: send JSON text")
     try:
@@ -103,7 +104,7 @@ def parse_client_frame(frame: str | bytes) -> Ack | Refresh | Ping:
     if kind is None:
         raise ProtocolError("frame has no type: expected {\"type\": \"ack\", \"id\": ...}")
     if kind == "ack":
-        return Ack(_ack_ids(value))
+        return Ack(_ack_ids(value, max_ack_ids))
     if kind == "refresh":
         token = value.get("token")
         if not isinstance(token, str) or not token:
@@ -114,8 +115,8 @@ def parse_client_frame(frame: str | bytes) -> Ack | Refresh | Ping:
     raise ProtocolError(f"unknown frame type {str(kind)[:40]!r}: expected ack, refresh or ping")
 
 
-def _ack_ids(value: dict) -> tuple[str, ...]:
-    """The ids an ``ack`` frame names: ``id``, or the list ``ids`` (1 to :data:`MAX_ACK_IDS`), not both."""
+def _ack_ids(value: dict, most: int) -> tuple[str, ...]:
+    """The ids an ``ack`` frame names: ``id``, or the list ``ids`` (1 to ``most``), not both."""
     if "ids" not in value:
         if not is_message_id(value.get("id")):
             raise ProtocolError("ack needs the id of a message frame (\"id\"), or a list of them (\"ids\")")
@@ -125,8 +126,8 @@ def _ack_ids(value: dict) -> tuple[str, ...]:
     ids = value["ids"]
     if not isinstance(ids, list) or not ids:
         raise ProtocolError("ack ids must be a non-empty list of message ids")
-    if len(ids) > MAX_ACK_IDS:
-        raise ProtocolError(f"ack has {len(ids)} ids: send at most hello's ack_ids in one frame (never more than {MAX_ACK_IDS})")
+    if len(ids) > most:
+        raise ProtocolError(f"ack has {len(ids)} ids: send at most hello's ack_ids ({most}) in one frame")
     if not all(is_message_id(message_id) for message_id in ids):
         raise ProtocolError("ack ids must all be ids of message frames")
     return tuple(ids)

@@ -209,6 +209,19 @@ async def test_an_ack_frame_whose_ids_go_past_the_allowance_closes_with_4500_and
 
 
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_an_ack_frame_of_more_ids_than_hellos_ack_ids_closes_with_4500_even_when_it_fits_the_frame_limit(cluster):
+    client = await cluster.connect("over-ack-ids", cluster.node_ports[0], auto_ack=False)
+    most = client.hello["ack_ids"]
+    frame = json.dumps({"type": "ack", "ids": [f"{n + 1:024x}" for n in range(most + 1)]}, separators=(",", ":"))
+    assert len(frame) <= settings.MAX_FRAME_BYTES  # written without spaces, one id more than hello said still fits
+
+    await client.send(frame)
+    code, reason = await client.closed()
+
+    assert (code, reason) == (CloseCode.BAD_REQUEST, f"ack has {most + 1} ids: send at most hello's ack_ids ({most}) in one frame")
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
 async def test_bad_frames_written_together_close_once_and_count_once(cluster):
     port = cluster.node_ports[1]
     client = await cluster.connect("bad-frames-together", port)
