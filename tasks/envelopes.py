@@ -48,7 +48,8 @@ MAX_TIME_LIMIT = 10**9
 def envelope_problem(headers: object, body: object) -> str | None:
     """Why a message cannot become a Celery request, or None: one of protocol 2 (headers with a
     ``task`` name and an ``id``, a body ``[args, kwargs, embed]``), or of protocol 1 (no task
-    header, a body with ``task``, ``id``, ``args`` and ``kwargs``), or a message that is not a
+    header, a body with ``task``, ``id``, ``args`` and ``kwargs``; the headers it has override
+    those fields, as in Celery), or a message that is not a
     task message at all (neither names a task), which Celery logs and discards itself.  Headers,
     nested more than ``MAX_REQUEST_DEPTH`` levels, and a protocol 1 body more than
     ``MAX_PROTOCOL_1_BODY_DEPTH``, are refused too (this process pickles them for its pool), and a
@@ -69,7 +70,10 @@ def envelope_problem(headers: object, body: object) -> str | None:
         else:
             return f"its body is of type {_type(body)}" + (f" with {len(body)} items" if isinstance(body, (list, tuple)) else "")
     elif isinstance(body, dict) and "task" in body:
-        fields, arguments = body, (body.get("args", []), body.get("kwargs", {}), None)
+        # Celery builds a protocol 1 message's request from its body's fields, then lets the
+        # message's own headers override them (``hybrid_to_proto2``): a header left unchecked
+        # here (a ``timelimit`` of 5, a list as ``shadow``) raised out of the worker's loop.
+        fields, arguments = {**body, **headers}, (body.get("args", []), body.get("kwargs", {}), None)
     else:
         return None
     if not _named(fields["task"]):

@@ -438,6 +438,34 @@ async def test_stamp_and_shadow_headers_that_are_not_celerys_fail_their_task_and
 
 
 @pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
+async def test_protocol_1_messages_whose_own_headers_celery_cannot_read_fail_alone_and_the_worker_goes_on(fault_cluster):
+    """A protocol 1 message (the task's fields in its body) whose headers Celery lets override
+    those fields: a ``timelimit`` of 5 or a list as ``shadow`` raised out of the worker's loop and
+    stopped it ("Unrecoverable error"); a ``retries`` of ``"x"`` failed every request of its batch."""
+    cluster = fault_cluster
+    client = await cluster.connect("after-bad-p1-headers")
+    cases = [("dispatch", "tasks.status", [["0" * 24], {}], {"timelimit": 5}, "its timelimit header is 5"),
+             ("dispatch", "tasks.status", [["0" * 24], {}], {"shadow": ["x"]}, "its shadow (the task name to show) is of type list"),
+             ("collect", "tasks.collect", [[], {"to": "after-bad-p1-headers", "data": 1}], {"shadow": ["x"]}, "its shadow (the task name to show) is of type list"),
+             ("collect", "tasks.collect", [[], {"to": "after-bad-p1-headers", "data": 2}], {"retries": "x"}, "its retries header is 'x'")]
+    bad = []
+    with Connection(cluster.env["BROKER_URL"]) as conn:
+        producer = conn.Producer()
+        for queue, task, (args, kwargs), headers, _ in cases:
+            bad.append(str(uuid.uuid4()))
+            producer.publish({"task": task, "id": bad[-1], "args": args, "kwargs": kwargs}, exchange="", routing_key=queue, serializer="json", headers=headers)
+    message_id = await cluster.collect("after-bad-p1-headers", {"n": 3}, timeout=30)
+
+    assert [frame["id"] for frame in await client.messages(1, timeout=30)] == [message_id]
+    for task_id, (*_, said) in zip(bad, cases, strict=True):
+        with pytest.raises(Exception, match=re.escape(f"not a Celery task message: {said}")):
+            await cluster.result(cluster.business.AsyncResult(task_id), timeout=30)
+    assert cluster.worker.alive
+    assert "Unrecoverable error" not in cluster._log("worker").read_text(errors="replace")
+    client.close()
+
+
+@pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
 async def test_items_in_kombus_format_with_headers_or_a_content_type_kombu_cannot_read_are_dropped_and_the_worker_goes_on(fault_cluster):
     """Items of a Redis queue in kombu's format whose headers are not an object, or whose content
     type or encoding is not a string, raised in kombu's Message and decoder, out of the worker's

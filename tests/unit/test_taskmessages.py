@@ -141,6 +141,22 @@ def test_a_shadow_or_stamps_celery_cannot_count_or_look_up_is_refused_in_either_
     assert envelope_problem(HEADERS, {"args": [], "kwargs": {}, **fields}) == says  # protocol 2 headers, protocol 1 body
 
 
+@pytest.mark.parametrize(("headers", "says"), [
+    ({"timelimit": 5}, "its timelimit header is 5, not [hard, soft]"),
+    ({"shadow": ["x"]}, "its shadow (the task name to show) is of type list"),
+    ({"stamps": "a"}, "its stamps header is 'a', not an object"),
+    ({"retries": "x"}, "its retries header is 'x', not a whole number of retries made (0 or more)"),
+    ({"id": ["x"]}, "it has no task id"),
+])
+def test_the_headers_of_a_protocol_1_message_are_checked_as_the_fields_they_override(headers, says):
+    # Celery lets them override the body's fields; each of these raised out of the worker's loop
+    # (or, for retries, failed every request of its batch).
+    body = {"args": [], "kwargs": {"to": "ann", "data": 1}, "id": TASK_ID, "task": "tasks.collect"}
+
+    assert envelope_problem(headers, body).startswith(says)
+    assert envelope_problem({"retries": 2, "timelimit": [None, None]}, body) is None
+
+
 @pytest.mark.parametrize("fields", [{"shadow": None}, {"shadow": ""}, {"shadow": "my.name"}, {"stamped_headers": None, "stamps": None},
                                     {"stamped_headers": [], "stamps": {}}, {"stamped_headers": ["mark"], "stamps": {"mark": ["a", 1]}}])
 def test_the_shadow_and_stamps_celery_sends_pass(fields):
