@@ -199,9 +199,7 @@ def _store_and_route(store, ids: list[str], valid: list[validation.Message], fre
     new = set(fresh)
     reused = [mid for mid in ids if mid not in new]
     stored = store.messages(reused) if reused else {}
-    for mid, message, key in zip(ids, valid, keys or ()):
-        if mid in stored and not same_message(stored[mid], message):
-            log.warning("%s", key_reused_for_another(key, mid))
+    _warn_of_reused_keys(stored, ids, valid, keys)
     now = time.time()
     docs = [
         {"id": mid, "to": stored[mid]["to"], "data": stored[mid]["data"], "ts": now} if mid in stored
@@ -210,8 +208,25 @@ def _store_and_route(store, ids: list[str], valid: list[validation.Message], fre
     ]
     if not docs:
         return
-    store.insert_messages(docs)
+    inserted = store.insert_messages(docs)
+    # An id that neither was stored when read above nor is inserted now was stored meanwhile by
+    # another run of its key (sent again while its first run was between its claim and its
+    # insert, in another pool process or worker): what that run stored is what goes, never this
+    # run's copy, which the store did not take.
+    raced = [mid for mid in ids if mid not in inserted and mid not in stored]
+    if raced:
+        stored_meanwhile = store.messages(raced)
+        _warn_of_reused_keys(stored_meanwhile, ids, valid, keys)
+        docs = [{**doc, "to": stored_meanwhile[doc["id"]]["to"], "data": stored_meanwhile[doc["id"]]["data"]} if doc["id"] in stored_meanwhile else doc
+                for doc in docs]
     _hand_off(docs, patient)
+
+
+def _warn_of_reused_keys(stored: dict[str, dict], ids: list[str], valid: list[validation.Message], keys: list[str] | None) -> None:
+    """Log each request whose key names a ``stored`` message other than its own."""
+    for mid, message, key in zip(ids, valid, keys or ()):
+        if mid in stored and not same_message(stored[mid], message):
+            log.warning("%s", key_reused_for_another(key, mid))
 
 
 def _hand_off(docs: list[dict], patient: bool = True) -> None:

@@ -184,10 +184,11 @@ class Store:
                           "collMod (%s); run db.runCommand({collMod: %r, index: %s}) as a dbAdmin of %s",
                           collection.name, settings.RETENTION_SECONDS, denied, collection.name, change, self.database.name)
 
-    def insert_messages(self, messages: list[dict]) -> None:
-        """Store ``[{"id", "to": [users] | "*", "data"[, "key"]}]``; re-inserting the same ids is a no-op."""
+    def insert_messages(self, messages: list[dict]) -> set[str]:
+        """Store ``[{"id", "to": [users] | "*", "data"[, "key"]}]``; re-inserting the same ids is a
+        no-op.  Returns the ids stored now (not those stored before)."""
         if not messages:
-            return
+            return set()
         # The check below encodes each document as BSON; on the embedded engine those bytes are
         # what goes into its table, so they are encoded with the table's options and kept.
         table = storesql.table_of(self._messages)
@@ -213,7 +214,7 @@ class Store:
                                  "per document: send smaller data")
             docs.append(doc)
         with translated(f"storing {len(docs)} messages"):
-            _insert_new(self._messages, docs, encoded if table is not None else None)
+            return {doc["_id"] for doc in _insert_new(self._messages, docs, encoded if table is not None else None)}
 
     def replay(self, user: str, after_id: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
         """Envelopes ``{"id", "data"}`` of the messages to ``user`` or to everyone with an id above

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import time
 import tracemalloc
 import uuid
@@ -471,6 +472,58 @@ def test_calling_collect_directly_runs_it_here_and_returns_its_id_or_raises(own_
     assert [e["id"] for p in drain(broker, node, expect=2) for e in p["envelopes"]] == [message_id, *ids]
     with pytest.raises(InvalidMessage, match="empty list"):
         collect(to=[], data=1)
+
+
+class WarningsOf(logging.Handler):
+    """The warnings ``logger`` logs while this is entered, whatever the process's logging setup."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logging.WARNING)
+        self.logger, self.lines = logger, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> WarningsOf:
+        self._was = self.logger.disabled, self.logger.level
+        self.logger.disabled = False
+        self.logger.setLevel(logging.WARNING)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.disabled = self._was[0]
+        self.logger.setLevel(self._was[1])
+
+
+def test_a_key_reused_for_another_message_while_its_first_run_stores_sends_only_what_was_stored(own_routes, broker, monkeypatch):
+    """Two requests with one key and other messages, the second run between the first's claim and
+    its insert (two pool processes or workers): each sends what the store holds under the key's
+    id, never its own copy that the store did not take, and the loser's warning is logged."""
+    import tasks.collect as collect_module
+
+    node, key = fake_node(), f"order-{uuid.uuid4().hex[:6]}"
+    first_user, second_user = f"race-a-{uuid.uuid4().hex[:6]}", f"race-b-{uuid.uuid4().hex[:6]}"
+    lease(own_routes, node, [first_user, second_user])
+    store_and_route, second = collect_module._store_and_route, []
+
+    def second_run_first(*args, **kwargs):
+        if not second:  # the first run has claimed the key: the second runs to its end now
+            second.append(None)
+            second[0] = collect(to=second_user, data="second", key=key)
+        return store_and_route(*args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "_store_and_route", second_run_first)
+    warnings = WarningsOf(collect_module.log)  # the in-process worker's logging setup leaves caplog nothing here
+    with warnings:
+        first = collect(to=first_user, data="first", key=key)
+
+    assert second == [first]
+    sent = [(e["id"], e["to"], e["data"]) for p in drain(broker, node, expect=2) for e in p["envelopes"]]
+    assert sent == [(first, [second_user], "second")] * 2
+    assert get_store().messages([first])[first]["data"] == "second"
+    assert any(f"key {key!r} was used before for message {first}" in line for line in warnings.lines)
 
 
 def test_handing_back_a_dead_nodes_queue_longer_than_one_round_takes_all_of_it_before_deleting_it(broker):
