@@ -342,8 +342,11 @@ class RevokeHandler(JsonHandler):
     async def _revoke_token(self, token: str) -> None:
         try:
             claims = self.service.verify(token)  # one signed with a previous secret is revoked alike (by jti)
-        except tokens.TokenExpired:
-            return  # dead already: nothing to record
+        except tokens.TokenExpired as exc:
+            # Dead for new connections already, but the connections open with it stay open for
+            # TOKEN_EXPIRY_GRACE: revoked alike, they close now.  The entry in Redis is written
+            # only while the token is within CLOCK_MARGIN_SECONDS of its expiry.
+            claims = exc.claims
         except tokens.TokenInvalid as exc:
             raise Reject(400, {"error": f"token invalid: {exc}"}) from None
         await self.service.revocations.revoke_token(claims, claims.expires_at)

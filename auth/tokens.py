@@ -51,7 +51,12 @@ class TokenError(AuthError):
 
 
 class TokenExpired(TokenError):
-    """The token was valid but its ``exp`` has passed: the client needs a new token."""
+    """The token was valid but its ``exp`` has passed: the client needs a new token.  ``claims``:
+    what the token says (its signature checked), for revoking it all the same."""
+
+    def __init__(self, message: str, claims: Claims | None = None) -> None:
+        super().__init__(message)
+        self.claims = claims
 
 
 class TokenInvalid(TokenError):
@@ -179,6 +184,7 @@ def _claims(payload: dict, now: float, signed_with_previous: bool) -> Claims:
         raise TokenInvalid("claim 'iat' is not a number of seconds")
     if isinstance(expires_at, bool) or not isinstance(expires_at, int):
         raise TokenInvalid("claim 'exp' is not a whole number of seconds")
+    claims = Claims(user_id=user_id, jti=jti, issued_at=float(issued_at), expires_at=expires_at, signed_with_previous=signed_with_previous)
     if now >= expires_at:
-        raise TokenExpired(f"token expired at {expires_at}")
-    return Claims(user_id=user_id, jti=jti, issued_at=float(issued_at), expires_at=expires_at, signed_with_previous=signed_with_previous)
+        raise TokenExpired(f"token expired at {expires_at}", claims)
+    return claims

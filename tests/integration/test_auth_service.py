@@ -21,11 +21,12 @@ from pathlib import Path
 
 import jwt
 import pytest
+import redis
 import redis.asyncio
 
 import launcher
 from auth import tokens
-from auth.revocations import CLOCK_MARGIN_SECONDS, Revocations
+from auth.revocations import CHANNEL, CLOCK_MARGIN_SECONDS, Revocations
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "integration-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -328,6 +329,29 @@ def test_an_expired_token_is_401_expired(short_lived_auth):
 
     assert status == 401
     assert body == {"error": "token expired"}
+
+
+def test_revoking_a_token_that_just_expired_announces_it_so_that_its_connections_in_their_grace_close(short_lived_auth, redis_port):
+    """The connections open with an expired token stay open for ``TOKEN_EXPIRY_GRACE``; revoking
+    the token then is announced to the nodes like any revocation, which close them at once.  It
+    answered 200 and announced nothing: they stayed open, still sent messages, to the grace's end."""
+    issued = issue(short_lived_auth, "grace-revoked")
+    token_id = verify(short_lived_auth, issued["token"])[1]["token_id"]
+    listener = redis.Redis(port=redis_port, socket_timeout=5)
+    channel = listener.pubsub(ignore_subscribe_messages=True)
+    channel.subscribe(CHANNEL)
+    time.sleep(max(0.0, issued["expires_at"] - time.time()) + 0.05)
+    assert verify(short_lived_auth, issued["token"]) == (401, {"error": "token expired"})
+
+    status, body = call(short_lived_auth, "POST", "/revoke", {"token": issued["token"]}, key=ADMIN_KEY)
+
+    assert (status, body) == (200, {"revoked": "token"})
+    deadline, announced = time.monotonic() + 5, None
+    while announced is None and time.monotonic() < deadline:  # None too for the subscription's own reply, ignored
+        announced = channel.get_message(timeout=0.5)
+    assert announced is not None and json.loads(announced["data"]) == {"user_id": "grace-revoked", "token_id": token_id}
+    channel.close()
+    listener.close()
 
 
 def test_a_revoked_token_is_401_revoked(auth):
