@@ -363,6 +363,76 @@ def test_push_js_refused_for_its_users_connect_rate_waits_the_time_the_node_give
                          "[1013, 'retry in 3 s'], [4429, '']].map(([c, r]) => PushClient.retryAfterMs(c, r))") == [12000, 0, 0, 0]
 
 
+def test_push_js_back_online_still_waits_the_time_a_4429_gave(pages):
+    """The ``online`` event (or the tab shown again) cuts a backoff step short, but not the "retry
+    in N s" of a 4429, until which every node refuses the user: it reconnected within
+    ``goAwayJitterMs``, a handshake and a token check spent on another 4429."""
+    page = recording_page(pages)
+    seen = page.evaluate("""async () => {
+        const pause = ms => new Promise(resolve => setTimeout(resolve, ms));
+        const client = new PushClient({url: ["ws://a.invalid/ws", "ws://b.invalid/ws"], token: "t", initialMs: 50, maxMs: 50, goAwayJitterMs: 20});
+        client.start();
+        const closedAt = Date.now();
+        window.opened[0].onclose({code: 4429, reason: "too many connects of this user, retry in 1 s"});
+        await pause(50);
+        window.dispatchEvent(new Event("online"));
+        await pause(500);
+        const early = window.opened.length;
+        for (let i = 0; i < 200 && window.opened.length < 2; i++) await pause(10);
+        const after = Date.now() - closedAt;
+        client.stop();
+        return {early, opened: window.opened.length, after};
+    }""")
+    assert seen["early"] == 1, f"reconnected before the 4429's 1 s: {seen}"
+    assert seen["opened"] == 2 and seen["after"] >= 1000, seen
+
+
+def test_push_js_refreshed_with_no_expiry_sends_no_more_refreshes(pages):
+    """A ``refreshed`` frame whose ``expires_in`` is null (an auth that gives no expiry: the token
+    never expires) left the timer of the refresh's answer armed: push.js then called getToken and
+    sent another refresh every ``refreshRetryMs + connectTimeoutMs``, for the connection's life."""
+    page = recording_page(pages)
+    seen = page.evaluate("""async () => {
+        const until = async (check) => { for (let i = 0; i < 500 && !check(); i++) await new Promise(r => setTimeout(r, 10)); };
+        const calls = [], errors = [];
+        const client = new PushClient({url: "ws://a.invalid/ws", refreshRetryMs: 40, connectTimeoutMs: 60,
+                                       getToken: () => { calls.push(Date.now()); return "t" + calls.length; }, onError: e => errors.push(e.reason)});
+        client.start();
+        await until(() => window.opened.length > 0);
+        const ws = window.opened[0];
+        ws.readyState = 1;
+        ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 0})});  // refresh in 1 s
+        const refreshes = () => (ws.sent || []).filter(frame => frame.type === "refresh").length;
+        await until(() => refreshes() > 0);
+        ws.onmessage({data: JSON.stringify({type: "refreshed", expires_at: null, expires_in: null})});
+        await new Promise(r => setTimeout(r, 600));
+        const seen = {refreshes: refreshes(), calls: calls.length, errors, state: client.state};
+        client.stop();
+        return seen;
+    }""")
+    assert seen == {"refreshes": 1, "calls": 2, "errors": [], "state": "connected"}, seen  # getToken: the connect, the one refresh
+
+
+def test_push_js_ignores_a_frame_that_is_json_but_no_object(pages):
+    """``null`` (JSON, but no frame) threw a TypeError out of the socket's ``onmessage`` into the
+    page; numbers, strings and lists were ignored, as is what push.js does not know."""
+    page = recording_page(pages)
+    seen = page.evaluate("""() => {
+        const client = new PushClient({url: "ws://a.invalid/ws", token: "t"});
+        client.start();
+        const ws = window.opened[0];
+        const thrown = [];
+        for (const text of ["null", "3", '"hello"', "[]", "true"]) {
+            try { ws.onmessage({data: text}); } catch (e) { thrown.push(text + ": " + e); }
+        }
+        ws.onmessage({data: JSON.stringify({type: "hello", node: "a", user: "u", conn: "c", expires_in: 3600})});
+        const state = client.state;
+        client.stop();
+        return {thrown, state};
+    }""")
+    assert seen == {"thrown": [], "state": "connected"}, seen
+
+
 def sinces_after(pages, *connections: list[dict]) -> list[str | None]:
     """The ``since`` of each connection push.js opens when each of ``connections`` (the frames a
     node sends after ``hello``) ends with a 1006: one more than given."""

@@ -250,6 +250,7 @@
     this._ws = null;
     this._timer = null;
     this._timerAt = 0; // when this._timer fires
+    this._notBefore = 0; // when a 4429's "retry in N s" lets it connect again (0: no such wait)
     this._conn = null; // the bookkeeping of this._ws (see _connect)
     this._running = false;
     var client = this;
@@ -357,14 +358,15 @@
    * The browser is back online, or the tab is shown again (its timers, throttled while it was
    * hidden, may be minutes late).  A reconnect waiting a backoff step goes now (within
    * goAwayJitterMs, so a network that comes back for many pages at once does not bring them all in
-   * the same instant), the backoff itself unchanged; an open connection that answers pings gets
-   * one now, as the network change (or the sleep) may have killed it without a word.
+   * the same instant), the backoff itself unchanged, but never before the "retry in N s" of a
+   * 4429 (the node refuses the user everywhere until then); an open connection that answers
+   * pings gets one now, as the network change (or the sleep) may have killed it without a word.
    */
   PushClient.prototype._wake = function () {
     if (!this._running) return;
     var self = this;
     if (this._timer !== null) {
-      var soon = Math.random() * this.options.goAwayJitterMs;
+      var soon = Math.max(Math.random() * this.options.goAwayJitterMs, this._notBefore - Date.now());
       if (this._timerAt - Date.now() > soon) {
         clearTimeout(this._timer);
         this._timerAt = Date.now() + soon;
@@ -498,6 +500,7 @@
     } catch (e) {
       return; // not ours to judge: the node only sends JSON
     }
+    if (frame === null || typeof frame !== "object") return; // JSON, but no frame of ours (null has no type)
     if (frame.type === "hello") {
       conn.hello = true;
       this.node = frame.node;
@@ -632,7 +635,13 @@
 
   /** Schedule the refresh of ``conn``'s token, which expires in ``expiresIn`` seconds (by the node's clock). */
   PushClient.prototype._scheduleRefresh = function (ws, conn, expiresIn) {
-    if (typeof expiresIn !== "number" || !this._getToken) return;
+    if (typeof expiresIn !== "number" || !this._getToken) {
+      // A token that never expires (expires_in null): no refresh, and none of the timer a refresh
+      // sent left waiting for its answer, which would send another every refreshRetryMs.
+      clearTimeout(conn.refreshTimer);
+      conn.refreshTimer = null;
+      return;
+    }
     this._refreshLater(ws, conn, refreshDelay(expiresIn * 1000, this.options.refreshAheadMs));
   };
 
@@ -725,6 +734,7 @@
       return;
     }
     var delay;
+    this._notBefore = 0;
     if (policy.action === "new-token") {
       this._token = null;
       if (!this._getToken) {
@@ -749,6 +759,7 @@
       // frees one connect at a time.
       var after = retryAfterMs(closed.code, closed.reason);
       if (after > delay) delay = Math.min(MAX_TIMER_MS, after + Math.random() * o.initialMs);
+      if (after > 0) this._notBefore = Date.now() + after; // _wake keeps to it too
     }
     this._attempt += 1;
     var status = { state: "waiting", reason: closed.reason, url: closed.url,
