@@ -107,6 +107,23 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _positive_seconds(raw: str) -> int:
+    """A whole number of seconds, 1 to ``MAX_SECONDS``: a larger one overflowed the socket timeouts
+    and timers it feeds (``BROKER_TIMEOUT`` of 10**10 stopped the worker with a traceback)."""
+    value = int(raw)
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be greater than 0 and at most {MAX_SECONDS:.0f}")
+    return value
+
+
+def _non_negative_ms(raw: str) -> int:
+    """A whole number of milliseconds, 0 to ``MAX_SECONDS`` in milliseconds."""
+    value = int(raw)
+    if not 0 <= value <= MAX_SECONDS * 1000:
+        raise ValueError(f"must be 0 or greater, and at most {MAX_SECONDS * 1000:.0f}")
+    return value
+
+
 #: Bounds of ``MAX_USER_CONNECTS``: each connect within the window is one entry of the user's log in
 #: Redis (about 45 bytes, 125 past 128 entries), so the count bounds what one user's loop holds there; a window of a day
 #: at most, as the log lives that long after the user's last connect.
@@ -362,7 +379,7 @@ AUTH_SECRET_PREVIOUS: tuple[str, ...] = _secret_list(_env, "AUTH_SECRET_PREVIOUS
 #: to it.  ``AUTH_ADMIN_KEY`` stays the one key that this project's own clients (the demo) send.
 AUTH_ADMIN_KEY_PREVIOUS: tuple[str, ...] = _secret_list(_env, "AUTH_ADMIN_KEY_PREVIOUS", AUTH_ADMIN_KEY, admin_key=True)
 #: Lifetime of an issued token, in seconds.
-TOKEN_TTL: int = _read(_env, "TOKEN_TTL", 3600, _positive_int, "a whole number of seconds")
+TOKEN_TTL: int = _read(_env, "TOKEN_TTL", 3600, _positive_seconds, "a whole number of seconds")
 #: How long a connection whose token expired stays open for the client to send a newer one
 #: (``{"type": "refresh"}``) before the node closes it with 4401 "token expired" (Centrifugo's
 #: ``client_expired_close_delay``).
@@ -392,10 +409,10 @@ MAX_USER_CONNECTS: tuple[int, int] | None = _read(_env, "MAX_USER_CONNECTS", Non
                                                   "0 (no limit) or COUNT/SECONDS, two whole numbers: 30/60 is at most 30 connects "
                                                   "of one user in any 60 seconds")
 #: A push node pings each connection this often, in whole seconds ...
-PING_INTERVAL: int = _read(_env, "PING_INTERVAL", 25, _positive_int, "a whole number of seconds")
+PING_INTERVAL: int = _read(_env, "PING_INTERVAL", 25, _positive_seconds, "a whole number of seconds")
 #: ... and closes it (1000, "ping timed out") when its pong has not come this many seconds after
 #: the ping (a dead peer goes within PING_INTERVAL + PING_TIMEOUT); at most PING_INTERVAL.
-PING_TIMEOUT: int = _read(_env, "PING_TIMEOUT", 20, _positive_int, "a whole number of seconds")
+PING_TIMEOUT: int = _read(_env, "PING_TIMEOUT", 20, _positive_seconds, "a whole number of seconds")
 if PING_TIMEOUT > PING_INTERVAL:
     raise SettingsError(f"PING_TIMEOUT={PING_TIMEOUT} is longer than PING_INTERVAL={PING_INTERVAL}: set it to at most the interval")
 #: Seconds a push node (and auth) gives a client to send a request's headers (the WebSocket
@@ -405,7 +422,7 @@ if PING_TIMEOUT > PING_INTERVAL:
 #: idle connections to the nodes open longer (nginx's upstream ``keepalive_timeout``, 60 s; an AWS ALB's
 #: idle timeout, 60 s), set it above that, or the balancer may send a request on a connection the
 #: node is closing (a 502 now and then).
-REQUEST_TIMEOUT: int = _read(_env, "REQUEST_TIMEOUT", 10, _positive_int, "a whole number of seconds")
+REQUEST_TIMEOUT: int = _read(_env, "REQUEST_TIMEOUT", 10, _positive_seconds, "a whole number of seconds")
 #: Largest ``data`` a message may carry, serialised as JSON, in bytes; at most
 #: ``MAX_MESSAGE_BYTES_LIMIT``, near what fits in one MongoDB document (16 MiB: BSON can take 6
 #: times JSON's bytes, for a list of small numbers).  A message whose document would still be too
@@ -433,10 +450,10 @@ CLIENT_QUEUE_MAX_BYTES: int = _read(_env, "CLIENT_QUEUE_MAX_BYTES", 1 << 20, _po
 #: Most recipients one message may name.
 MAX_RECIPIENTS: int = _read(_env, "MAX_RECIPIENTS", 10000, _positive_int, "a whole number")
 #: How long messages are kept for ``since`` resume, in seconds.
-RETENTION_SECONDS: int = _read(_env, "RETENTION_SECONDS", 86400, _positive_int, "a whole number of seconds")
+RETENTION_SECONDS: int = _read(_env, "RETENTION_SECONDS", 86400, _positive_seconds, "a whole number of seconds")
 #: A resume replays from this many milliseconds before the ``since`` id, so that messages collected
 #: concurrently on other worker processes are not skipped; clients drop the repeats by id.
-RESUME_OVERLAP_MS: int = _read(_env, "RESUME_OVERLAP_MS", 2000, _non_negative_int, "a whole number of milliseconds")
+RESUME_OVERLAP_MS: int = _read(_env, "RESUME_OVERLAP_MS", 2000, _non_negative_ms, "a whole number of milliseconds")
 #: Most messages one resume replays (the oldest beyond it are skipped and the client is told).
 REPLAY_LIMIT: int = _read(_env, "REPLAY_LIMIT", 10000, _positive_int, "a whole number")
 #: What a message frame adds to its ``data``'s JSON: ``{"type":"message","id":"<24 hex>","data":}``
@@ -487,22 +504,22 @@ REDELIVER_SWEEP_SECONDS: float = _read(_env, "REDELIVER_SWEEP_SECONDS", 300.0, _
 HOUSEKEEPING_SECONDS: float = _read(_env, "HOUSEKEEPING_SECONDS", 10.0, _positive_float, "a number of seconds")
 #: Redis broker only: a task a worker took but did not acknowledge (it died) goes back to the queue
 #: after this many seconds.  Keep it above the longest task; RabbitMQ needs no such setting.
-VISIBILITY_TIMEOUT: int = _read(_env, "VISIBILITY_TIMEOUT", 60, _positive_int, "a whole number of seconds")
+VISIBILITY_TIMEOUT: int = _read(_env, "VISIBILITY_TIMEOUT", 60, _positive_seconds, "a whole number of seconds")
 #: Redis broker only: each worker looks this often for such tasks to put back (kombu's
 #: ``unacked_restore_interval``), so one comes back between VISIBILITY_TIMEOUT and this much later.
-UNACKED_RESTORE_SECONDS: int = _read(_env, "UNACKED_RESTORE_SECONDS", 10, _positive_int, "a whole number of seconds")
+UNACKED_RESTORE_SECONDS: int = _read(_env, "UNACKED_RESTORE_SECONDS", 10, _positive_seconds, "a whole number of seconds")
 #: A broker that stops answering without closing its connections (a network partition, a paused
 #: server) is waited on at most this many seconds at a time (the libraries' defaults wait for ever):
 #: a Redis broker's command (``socket_timeout``), a RabbitMQ write (``write_timeout``) and, half
 #: of it, a wait for RabbitMQ's reply (``read_timeout``: a worker's warm shutdown makes eight);
 #: a push node's queue connection has an AMQP heartbeat of this many seconds (lost after two
 #: heartbeats with nothing from the broker).
-BROKER_TIMEOUT: int = _read(_env, "BROKER_TIMEOUT", 10, _positive_int, "a whole number of seconds")
+BROKER_TIMEOUT: int = _read(_env, "BROKER_TIMEOUT", 10, _positive_seconds, "a whole number of seconds")
 #: Redis broker only: kombu drops a BRPOP connection whose reply is this many seconds overdue
 #: (its ``health_check_interval``, kombu's default; redis-py also pings a broker connection
 #: unused this long before its next command).  A push node whose broker stopped answering is
 #: thus told within about this plus ``BROKER_TIMEOUT``.
-BROKER_HEALTH_CHECK_SECONDS: int = _read(_env, "BROKER_HEALTH_CHECK_SECONDS", 25, _positive_int, "a whole number of seconds")
+BROKER_HEALTH_CHECK_SECONDS: int = _read(_env, "BROKER_HEALTH_CHECK_SECONDS", 25, _positive_seconds, "a whole number of seconds")
 
 LOG_LEVEL: str = _read(_env, "LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "DEBUG, INFO, WARNING or ERROR")
 

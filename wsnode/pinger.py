@@ -26,7 +26,8 @@ class PingSchedule(Generic[C]):
         if interval < 1 or not 0 < timeout <= interval:
             raise ValueError(f"need interval >= 1 and 0 < timeout <= interval, got {interval!r} and {timeout!r}")
         self.interval, self.timeout = interval, timeout
-        self._slots: list[set[C]] = [set() for _ in range(interval)]
+        #: slot -> its connections; only slots that hold some (an interval of a year took a set per second).
+        self._slots: dict[int, set[C]] = {}
         self._slot_of: dict[C, int] = {}
         self._waiting: set[C] = set()  # pinged, no pong yet
         self._next_slot = itertools.count()
@@ -34,13 +35,16 @@ class PingSchedule(Generic[C]):
 
     def add(self, conn: C) -> None:
         slot = next(self._next_slot) % self.interval
-        self._slots[slot].add(conn)
+        self._slots.setdefault(slot, set()).add(conn)
         self._slot_of[conn] = slot
 
     def remove(self, conn: C) -> None:
         slot = self._slot_of.pop(conn, None)
         if slot is not None:
-            self._slots[slot].discard(conn)
+            held = self._slots[slot]
+            held.discard(conn)
+            if not held:
+                del self._slots[slot]
         self._waiting.discard(conn)
 
     def pong(self, conn: C) -> None:
@@ -50,10 +54,10 @@ class PingSchedule(Generic[C]):
         """One second passed: ``(to_ping, timed_out)``.  The caller pings the first and closes
         the second (and removes them)."""
         tick, self._tick = self._tick, self._tick + 1
-        check = self._slots[(tick - self.timeout) % self.interval]
+        check = self._slots.get((tick - self.timeout) % self.interval, ())
         timed_out = [conn for conn in check if conn in self._waiting] if tick >= self.timeout else []
         gone = set(timed_out)  # the same slot when timeout == interval
-        to_ping = [conn for conn in self._slots[tick % self.interval] if conn not in gone]
+        to_ping = [conn for conn in self._slots.get(tick % self.interval, ()) if conn not in gone]
         self._waiting.update(to_ping)
         return to_ping, timed_out
 

@@ -38,6 +38,18 @@ def test_a_bad_setting_stops_the_command_with_one_line_naming_it_and_status_2(ro
     ], done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("role", ["node", "worker"])
+def test_a_number_of_seconds_too_large_for_the_timers_it_feeds_is_refused_in_one_line(role):
+    """``BROKER_TIMEOUT`` of 10**10 s overflowed the socket timeouts: the worker stopped with a
+    traceback, and a node started and stayed not ready, naming no variable."""
+    argv, prog = COMMANDS[role]
+    done = run(argv, BROKER_TIMEOUT="10000000000")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"{prog}: error: BROKER_TIMEOUT='10000000000' is not valid: expected a whole number of seconds (must be greater than 0 and at most 100000000)"
+    ], done.stderr[-2000:]
+
+
 def test_auth_refusing_development_secrets_in_production_says_so_in_one_line_with_status_2():
     done = run(COMMANDS["auth"][0], PUSH_ENV="production")
     assert done.returncode == 2, done.stderr[-2000:]

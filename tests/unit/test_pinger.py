@@ -3,6 +3,8 @@ given up on."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from wsnode.pinger import PingSchedule
@@ -83,3 +85,21 @@ def test_with_the_timeout_equal_to_the_interval_an_unanswered_connection_is_clos
 def test_a_timeout_outside_the_interval_is_refused(interval, timeout):
     with pytest.raises(ValueError, match="interval"):
         PingSchedule(interval, timeout)
+
+
+def test_a_long_interval_costs_what_its_connections_cost_not_a_slot_per_second():
+    """A set per second of the interval: ``PING_INTERVAL`` of a year (to ping next to never) took
+    gigabytes and minutes before the node listened."""
+    tracemalloc.start()
+    try:
+        schedule = PingSchedule(interval=31_536_000, timeout=20)
+        for conn in range(3):
+            schedule.add(conn)
+        pinged, closed = run(schedule, 5)
+        schedule.remove(2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 100_000, f"{peak} bytes for three connections"
+    assert pinged == {0: [0], 1: [1], 2: [2]} and closed == {} and len(schedule) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import DEV_AUTH_ADMIN_KEY, DEV_AUTH_SECRET, RESULT_BACKEND_SCHEMES, SettingsError, _choice, _database_name, _origins, _port, _positive_float, _positive_int, _read, _result_backend, _secret_list, _url, named_secrets, redact, secret_problems
+from settings import DEV_AUTH_ADMIN_KEY, DEV_AUTH_SECRET, RESULT_BACKEND_SCHEMES, SettingsError, _choice, _database_name, _origins, _port, _non_negative_ms, _positive_float, _positive_int, _positive_seconds, _read, _result_backend, _secret_list, _url, named_secrets, redact, secret_problems
 
 
 def read(env: dict, convert=int, default=7, expected: str = "a whole number"):
@@ -98,6 +98,27 @@ def test_positive_int_accepts_whole_numbers_above_zero(raw, value):
 def test_positive_int_rejects_zero_negatives_fractions_and_words(raw):
     with pytest.raises(ValueError):
         _positive_int(raw)
+
+
+@pytest.mark.parametrize("raw, value", [("1", 1), ("100000000", 100_000_000)])
+def test_whole_seconds_accept_1_to_max_seconds(raw, value):
+    assert _positive_seconds(raw) == value
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "1.5", "100000001", "10000000000", "ten"])
+def test_whole_seconds_reject_zero_negatives_fractions_words_and_more_than_max_seconds(raw):
+    # 10**10 s passed as BROKER_TIMEOUT overflowed the socket timeouts: the worker stopped with a traceback
+    with pytest.raises(ValueError):
+        _positive_seconds(raw)
+
+
+@pytest.mark.parametrize("raw, ok", [("0", True), ("100000000000", True), ("100000000001", False), ("-1", False)])
+def test_whole_milliseconds_take_0_to_max_seconds(raw, ok):
+    if ok:
+        assert _non_negative_ms(raw) == int(raw)
+    else:
+        with pytest.raises(ValueError):
+            _non_negative_ms(raw)
 
 
 @pytest.mark.parametrize("raw, value", [("0.5", 0.5), ("30", 30.0), ("1e-3", 0.001)])
@@ -343,7 +364,7 @@ def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix()
                                     "a replay could not carry its newest message; set it to at least 65594"),
     ({"REPLAY_MAX_BYTES": "4096", "MAX_MESSAGE_BYTES": "4096"}, "REPLAY_MAX_BYTES=4096 is under one message's largest frame, MAX_MESSAGE_BYTES=4096 plus 58"),
     ({"REPLAY_MAX_BYTES": "16MB"}, "REPLAY_MAX_BYTES='16MB' is not valid: expected a whole number of bytes"),
-    ({"RESUME_OVERLAP_MS": "-5"}, "RESUME_OVERLAP_MS='-5' is not valid: expected a whole number of milliseconds (must be 0 or greater)"),
+    ({"RESUME_OVERLAP_MS": "-5"}, "RESUME_OVERLAP_MS='-5' is not valid: expected a whole number of milliseconds (must be 0 or greater, and at most 100000000000)"),
     ({"HOUSEKEEPING_SECONDS": "inf"}, "HOUSEKEEPING_SECONDS='inf' is not valid: expected a number of seconds (must be greater than 0 and at most 100000000)"),
     ({"MAX_USER_CONNECTS": "30"}, "MAX_USER_CONNECTS='30' is not valid: expected 0 (no limit) or COUNT/SECONDS, two whole numbers: "
                                   "30/60 is at most 30 connects of one user in any 60 seconds (no '/' between the count and the seconds)"),
