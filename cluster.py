@@ -29,6 +29,7 @@ import shlex
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -122,6 +123,7 @@ class Cluster:
             raise launcher.LauncherError(
                 f"port(s) {', '.join(map(str, busy))} already in use on 127.0.0.1 (another cluster still running?): "
                 "stop what holds them, or choose others with AUTH_PORT=..., --nodes ..., --flower-port ... and --demo-port ...")
+        self._check_data_dir()
         env = self._start_redis()
         self.say(f"starting auth on port {self.auth_port}")
         self._add(launcher.start_auth(env, self.auth_port, **self._echo("auth")))
@@ -134,6 +136,17 @@ class Cluster:
             self.say(f"starting Flower on port {self.args.flower_port}")
             self._add(launcher.start_flower(env, self.args.flower_port, **self._echo("flower")))
         self.start_demo(env)
+
+    def _check_data_dir(self) -> None:
+        """Stop at once, saying what to fix, when ``DATA_DIR`` cannot be made or written (a file,
+        a folder of another user): the private Redis and the worker's store keep their data there,
+        and the folder's creation raised a traceback out of the start."""
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.data_dir).close()
+        except OSError as exc:
+            raise launcher.LauncherError(f"DATA_DIR={settings.DATA_DIR!r} ({self.data_dir}) cannot hold the cluster's data "
+                                         f"({exc.strerror or exc}): set DATA_DIR to a writable local folder") from None
 
     def _start_redis(self) -> dict[str, str]:
         """Use the Redis at REDIS_URL when it answers, else start a private one; return the children's env.

@@ -95,6 +95,25 @@ def test_the_cluster_command_names_broker_url_at_once_when_only_redis_url_answer
             cluster.terminate(timeout=90)  # the old behaviour: cluster.py stops what it started
 
 
+def test_the_cluster_command_with_a_data_dir_it_cannot_use_stops_at_once_saying_so(tmp_path):
+    """DATA_DIR a file (or a folder it cannot write), no Redis answering: the private Redis's
+    folder could not be made, and cluster.py ended in a traceback."""
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("a file")
+    dead = f"redis://127.0.0.1:{launcher.free_port()}"
+    env = launcher.cluster_env(f"{dead}/0", not_a_folder, launcher.free_port(), broker_url=f"{dead}/0", REDIS_URL=f"{dead}/1")
+    cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
+                               env, log_path=tmp_path / "cluster.log").start()
+    try:
+        assert cluster.wait(20) == 1, cluster.log_tail(60)
+        out = cluster.log_tail(60)
+        assert f"cannot start the cluster: DATA_DIR={str(not_a_folder)!r}" in out and "set DATA_DIR to a writable local folder" in out, out
+        assert "Traceback" not in out and "starting" not in out, out
+    finally:
+        if cluster.alive:
+            cluster.terminate(timeout=90)
+
+
 def test_the_cluster_command_with_a_private_redis_keeps_a_redis_broker_url_that_answers(tmp_path, redis_server):
     """No Redis at REDIS_URL, a Redis BROKER_URL that answers (set to the reader's own, where the
     business code they wrote sends): cluster.py starts its private Redis for the rest, but keeps
