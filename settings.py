@@ -125,7 +125,7 @@ def _non_negative_ms(raw: str) -> int:
 
 
 #: Bounds of ``MAX_USER_CONNECTS``: each connect within the window is one entry of the user's log in
-#: Redis (about 45 bytes, 125 past 128 entries), so the count bounds what one user's loop holds there; a window of a day
+#: Redis (about 45 bytes, 190 for a log's first, 125 past 128 entries), so the count bounds what one user's loop holds there; a window of a day
 #: at most, as the log lives that long after the user's last connect.
 MAX_CONNECTS_PER_WINDOW = 1000
 MAX_CONNECT_WINDOW_SECONDS = 86400

@@ -17,7 +17,8 @@ Worker processes only (synchronous ``redis.Redis``).  One sorted set, ``push:pen
 
 So a redelivery run costs what is due, not a scan of the store.  A Redis that loses its data loses
 this set until the next sweep puts the store's unacked deliveries back.  The set holds only unacked deliveries younger than the last threshold
-(``REDELIVER_AFTER x 2^(REDELIVER_ATTEMPTS - 1)``, 8 minutes by default), about 60 bytes each.
+(``REDELIVER_AFTER x 2^(REDELIVER_ATTEMPTS - 1)``, 8 minutes by default), about 145 bytes each
+(``INFO memory``, Redis 7.0, 200,000 of them).
 """
 
 from __future__ import annotations
