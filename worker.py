@@ -81,6 +81,12 @@ app.conf.update(
     # whose worker process died goes back to the queue instead of being lost.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
+    # A pool process opens the store (MongoDB's indexes) before it tells the main process it is up
+    # (_open_store), and Celery kills one not up within this many seconds (4 by default): with
+    # MongoDB down or electing, each round trip of that open waits up to 5 s, so a pool process
+    # started to replace one that died was killed before it could start, again and again, and the
+    # worker ran nothing meanwhile, not even the tasks that need no store.
+    worker_proc_alive_timeout=60.0,
     # tasks.collect runs in batches of up to COLLECT_BATCH requests, and with acks_late a batch
     # holds its requests unacked until it ends: the prefetch window (this times the number of
     # worker processes) must hold a batch and the next one.

@@ -7,10 +7,15 @@ prefork."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 import uuid
 
+import psutil
 import pytest
 import redis as redis_lib
+from celery import Celery
 from kombu import Connection
 
 import launcher
@@ -132,3 +137,29 @@ async def test_a_refused_message_gets_its_failure_and_is_acknowledged_under_the_
         client.close()
     finally:
         events.stop()
+
+
+def test_a_pool_process_started_while_mongodb_is_unreachable_comes_up_and_runs_what_needs_no_store(tmp_path):
+    """A pool process opens the store before it reports up, and Celery killed one not up within 4 s:
+    with MongoDB unreachable (each round trip of the open waits 5 s), the process that replaced
+    one that died was killed, and replaced, every 5 s, and the worker ran nothing meanwhile."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    worker = None
+    try:
+        env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port(), MONGO_URL=f"mongodb://127.0.0.1:{launcher.free_port()}/")
+        worker = launcher.start_worker(env, queues="dispatch", concurrency=1, log_path=tmp_path / "worker.log")
+        (first,) = psutil.Process(worker.pid).children()
+        os.kill(first.pid, signal.SIGKILL)
+        business = Celery(broker=env["BROKER_URL"], backend=env["REDIS_URL"])
+
+        # tasks.presence reads Redis only; it runs once the new process is up, after its store's open gave up.
+        assert business.send_task("tasks.presence", args=[["nobody"]], queue="dispatch").get(timeout=40) == {"nobody": []}
+        time.sleep(1)
+        log = (tmp_path / "worker.log").read_text(errors="replace")
+        assert "Timed out waiting for UP message" not in log, log[-3000:]
+        assert "message store not available at start" in log, log[-3000:]
+        business.close()
+    finally:
+        if worker is not None:
+            worker.terminate(timeout=30)
+        redis_server.stop()
