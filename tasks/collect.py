@@ -418,6 +418,7 @@ def _retry(task, req, exc: Exception) -> tuple[str, object]:
         batchresults.store_result(req, exc, failed=True)
         return ("failed", exc)
     countdown = get_exponential_backoff_interval(factor=1, retries=retries, maximum=30, full_jitter=True)
+    _mark_as_retry(req, exc)
     try:
         with publishing.producer(app) as producer:
             task.apply_async(args=req.args, kwargs=req.kwargs, task_id=req.id, countdown=countdown, retries=retries + 1, queue=COLLECT_QUEUE,
@@ -429,6 +430,19 @@ def _retry(task, req, exc: Exception) -> tuple[str, object]:
         raise SystemExit(1) from send_exc
     log.warning("%s %s: store unavailable (%s); retry %d in %.1f s", task.name, req.id, exc, retries + 1, countdown)
     return ("retry", exc)
+
+
+def _mark_as_retry(req, exc: Exception) -> None:
+    """Store ``req``'s state as ``RETRY`` with ``exc``, as Celery's own retry does, so that a caller
+    that looks (``AsyncResult(id).state``, ``.info``) sees why it waits instead of ``PENDING``.
+    Before the request is sent again: a rerun's ``SUCCESS`` is never overwritten by it (Celery's
+    backends keep a ``SUCCESS``).  Not when it asked for no result."""
+    if not req.id or getattr(req, "ignore_result", False):
+        return
+    try:
+        app.backend.mark_as_retry(req.id, exc, request=req)
+    except Exception as store_exc:  # noqa: BLE001 - only the caller's view of the wait is lost
+        log.warning("%s: its RETRY state was not stored (%s)", req.id, store_exc)
 
 
 #: The most messages one batch of ``tasks.collect_many`` requests stores and routes; the requests

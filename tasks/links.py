@@ -109,8 +109,8 @@ def apply_followers(app, req, retval) -> None:
 
 def retry_options(req) -> dict:
     """What a request sent again must carry so that its links, errbacks and chain still follow,
-    it still counts as the same part of its chord, and its result still goes where its caller
-    waits: the ``reply_to`` queue of the ``rpc://`` backend (kept by Celery's own retry too; it
+    it still counts as the same part of its chord, it still expires when it was to (and keeps its
+    priority), and its result still goes where its caller waits: the ``reply_to`` queue of the ``rpc://`` backend (kept by Celery's own retry too; it
     named the worker's own, so the caller never got its ids), and nowhere when it was sent with
     ``ignore_result`` (the README promises no result then)."""
     options = {}
@@ -129,4 +129,10 @@ def retry_options(req) -> dict:
     for name, option in (("root_id", "root_id"), ("parent_id", "parent_id"), ("group", "group_id"), ("group_index", "group_index")):
         if getattr(req, name, None) is not None:
             options[option] = getattr(req, name)
+    # Kept as Celery's own retry keeps them: a request sent again without its ``expires`` was
+    # stored and delivered once the store was back, however long after it expired.
+    if (expires := (getattr(req, "request_dict", None) or {}).get("expires")) is not None:
+        options["expires"] = expires
+    if (priority := (getattr(req, "delivery_info", None) or {}).get("priority")) is not None:
+        options["priority"] = priority
     return options

@@ -148,6 +148,35 @@ async def test_a_collect_that_finds_the_store_locked_is_retried_after_a_countdow
     client.close()
 
 
+async def test_a_collect_retried_while_the_store_is_locked_shows_retry_and_still_expires_when_it_was_to(held_cluster):
+    """The worker's own retry (the store unavailable) is what Celery's retry is to a caller: the
+    state is ``RETRY`` with the error, not ``PENDING``, and the request sent again keeps its
+    ``expires``.  Without it, a message whose ``expires`` passed while the store was down was
+    stored and delivered once the store was back."""
+    cluster = held_cluster
+    client = await cluster.connect("late")
+    first = await cluster.collect("late", "first")  # the store's files exist
+    assert [f["id"] for f in await client.messages(1)] == [first]
+    with cluster.store_locked():
+        # Far enough for the first run's wait on the lock (its busy timeout, 5 s) to end before it.
+        expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=10)
+        result = cluster.business.send_task("tasks.collect", kwargs={"to": "late", "data": "stale"}, queue="collect", expires=expires)
+        await asyncio.to_thread(cluster.worker.wait_log, f"tasks.collect {result.id}: store unavailable", 30)
+        waiting = cluster.business.AsyncResult(result.id)
+        state, info = waiting.state, waiting.info
+        # Past it, and past the wait on the lock (5 s) of a run that began just before it: that
+        # run may still store the message (Celery checks expires as a request starts, not after).
+        await asyncio.sleep(max(0.0, (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 7)
+    deadline = time.monotonic() + 60
+    while cluster.business.AsyncResult(result.id).state in ("PENDING", "RETRY") and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+
+    assert state == "RETRY" and "store" in str(info), (state, info)
+    assert cluster.business.AsyncResult(result.id).state == "REVOKED"
+    assert await client.quiet(1.0) == [], "an expired request was stored and delivered"
+    client.close()
+
+
 async def test_a_collect_whose_first_run_stored_nothing_gets_ids_from_when_it_is_stored_so_a_later_resume_replays_it(held_cluster):
     """A request whose first run claimed its key (its ids) and found the messages file locked is
     sent again; a message stored before that retry runs reaches a device, which then goes
