@@ -404,7 +404,7 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
             conn.close_with(CloseCode.PING_TIMED_OUT)
         for conn in to_ping:
             try:
-                conn.ping()
+                conn.ping(self.pings.payload)
             except WebSocketClosedError:
                 self.pings.remove(conn)  # on_close follows
 

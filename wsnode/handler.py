@@ -207,7 +207,7 @@ class PushHandler(WebSocketHandler):
         self.close_with(code, reason)
 
     def on_pong(self, data: bytes) -> None:
-        self.node.pings.pong(self)
+        self.node.pings.pong(self, data)
 
     def on_close(self) -> None:
         self._left = True

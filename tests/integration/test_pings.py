@@ -57,6 +57,33 @@ async def test_a_peer_that_never_answers_a_ping_is_closed_with_ping_timed_out(cl
     assert closed_at - started <= PING_INTERVAL + PING_TIMEOUT + 2
 
 
+async def test_a_peer_that_sends_pongs_of_its_own_but_never_echoes_a_ping_is_closed_all_the_same(cluster, pinging_node):
+    """Any pong counted as the answer: a client that read nothing (its opening replay held in the
+    node's buffer, up to REPLAY_MAX_BYTES) but sent an unsolicited pong every second was never
+    closed.  A pong now answers only the ping whose payload it echoes."""
+    port = pinging_node
+    reader, writer = await raw_connect(port, f"token={cluster.token('ping-forger')}")
+    started = time.monotonic()
+
+    async def forge() -> None:
+        while True:
+            writer.write(b"\x8a\x80" + b"\x00\x00\x00\x00")  # a masked pong, empty payload
+            writer.write(b"\x8a\x88" + b"\x00\x00\x00\x00" + b"\x00" * 8)  # and one of 8 zero bytes, a ping's length
+            await writer.drain()
+            await asyncio.sleep(0.3)
+
+    forging = asyncio.create_task(forge())
+    try:
+        frames = await _frames_until_closed(reader, timeout=4 * (PING_INTERVAL + PING_TIMEOUT))
+    finally:
+        forging.cancel()
+        writer.close()
+
+    payload, closed_at = frames[-1][1], frames[-1][2]
+    assert frames[-1][0] == 0x8 and (struct.unpack("!H", payload[:2])[0], payload[2:].decode()) == (1000, "ping timed out")
+    assert closed_at - started <= PING_INTERVAL + PING_TIMEOUT + 2
+
+
 async def test_a_client_that_answers_pings_stays_connected(cluster, pinging_node):
     client = await cluster.connect("ping-answering", port=pinging_node)
     await asyncio.sleep(3 * PING_INTERVAL)  # several pings, each answered by the client's protocol

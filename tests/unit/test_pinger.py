@@ -23,7 +23,7 @@ def run(schedule: PingSchedule, ticks: int, answering=lambda conn, tick: True) -
         for conn in to_ping:
             pinged.setdefault(conn, []).append(tick)
             if answering(conn, tick):
-                schedule.pong(conn)
+                schedule.pong(conn, schedule.payload)
     return pinged, closed
 
 
@@ -59,9 +59,10 @@ def test_a_late_pong_within_the_timeout_keeps_the_connection():
     schedule.add("slow")
     to_ping, _ = schedule.tick()
     assert to_ping == ["slow"]
+    echoed = schedule.payload
     for _ in range(10):
         schedule.tick()
-    schedule.pong("slow")  # 10 s later
+    schedule.pong("slow", echoed)  # 10 s later
     _, closed = run(schedule, 30)
     assert closed == {}
 
@@ -103,3 +104,33 @@ def test_a_long_interval_costs_what_its_connections_cost_not_a_slot_per_second()
 
     assert peak < 100_000, f"{peak} bytes for three connections"
     assert pinged == {0: [0], 1: [1], 2: [2]} and closed == {} and len(schedule) == 2
+
+
+def test_only_a_pong_that_echoes_its_ping_answers_it():
+    """A client that reads nothing (the replay it was sent held in the node's buffer) but sends a
+    pong of its own every second was never closed: any pong counted."""
+    schedule = PingSchedule(interval=5, timeout=2)
+    for conn in ("hog", "fair"):
+        schedule.add(conn)
+    closed = {}
+    for tick in range(12):
+        to_ping, timed_out = schedule.tick()
+        for conn in timed_out:
+            closed[conn] = tick
+            schedule.remove(conn)
+        schedule.pong("hog", b"")  # unsolicited, or a guess
+        schedule.pong("hog", b"\x00" * 8)
+        for conn in to_ping:
+            if conn == "fair":
+                schedule.pong(conn, schedule.payload)
+
+    assert closed == {"hog": 2}
+
+
+def test_each_tick_pings_with_a_payload_of_its_own():
+    schedule = PingSchedule(interval=1, timeout=1)
+    payloads = set()
+    for _ in range(50):
+        schedule.tick()
+        payloads.add(schedule.payload)
+    assert len(payloads) == 50 and all(len(payload) == 8 for payload in payloads)
