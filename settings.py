@@ -79,18 +79,20 @@ def _password_split(url: str) -> bool:
 MAX_SECONDS = 1e8
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not 0 < value <= MAX_SECONDS:
-        raise ValueError(f"must be greater than 0 and at most {MAX_SECONDS:.0f}")
+def _bounded(value: float, positive: bool, most: float):
+    """``value`` when it is above 0 (``positive``) or at least 0, and at most ``most``; else a
+    ValueError saying the range (NaN is neither)."""
+    if not (value > 0 if positive else value >= 0) or value > most:
+        raise ValueError(f"must be greater than 0 and at most {most:.0f}" if positive else f"must be 0 or greater, and at most {most:.0f}")
     return value
+
+
+def _positive_float(raw: str) -> float:
+    return _bounded(float(raw), True, MAX_SECONDS)
 
 
 def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not 0 <= value <= MAX_SECONDS:
-        raise ValueError(f"must be 0 or greater, and at most {MAX_SECONDS:.0f}")
-    return value
+    return _bounded(float(raw), False, MAX_SECONDS)
 
 
 def _non_negative_int(raw: str) -> int:
@@ -110,18 +112,12 @@ def _positive_int(raw: str) -> int:
 def _positive_seconds(raw: str) -> int:
     """A whole number of seconds, 1 to ``MAX_SECONDS``: a larger one overflowed the socket timeouts
     and timers it feeds (``BROKER_TIMEOUT`` of 10**10 stopped the worker with a traceback)."""
-    value = int(raw)
-    if not 0 < value <= MAX_SECONDS:
-        raise ValueError(f"must be greater than 0 and at most {MAX_SECONDS:.0f}")
-    return value
+    return _bounded(int(raw), True, MAX_SECONDS)
 
 
 def _non_negative_ms(raw: str) -> int:
     """A whole number of milliseconds, 0 to ``MAX_SECONDS`` in milliseconds."""
-    value = int(raw)
-    if not 0 <= value <= MAX_SECONDS * 1000:
-        raise ValueError(f"must be 0 or greater, and at most {MAX_SECONDS * 1000:.0f}")
-    return value
+    return _bounded(int(raw), False, MAX_SECONDS * 1000)
 
 
 #: Bounds of ``MAX_USER_CONNECTS``: each connect within the window is one entry of the user's log in

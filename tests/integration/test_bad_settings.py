@@ -28,26 +28,20 @@ def run(argv: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
 
 
+#: (variable, bad value, what the error says of it): a word where a number goes, and a number of
+#: seconds too large for the timers it feeds (``BROKER_TIMEOUT`` of 10**10 s overflowed the socket
+#: timeouts: the worker stopped with a traceback, and a node started and stayed not ready).
+BAD_VALUES = [("PING_INTERVAL", "abc", "a whole number of seconds (invalid literal for int() with base 10: 'abc')"),
+              ("BROKER_TIMEOUT", "10000000000", "a whole number of seconds (must be greater than 0 and at most 100000000)")]
+
+
+@pytest.mark.parametrize("name, value, expected", BAD_VALUES, ids=["a word", "too large"])
 @pytest.mark.parametrize("role", COMMANDS)
-def test_a_bad_setting_stops_the_command_with_one_line_naming_it_and_status_2(role):
+def test_a_bad_setting_stops_the_command_with_one_line_naming_it_and_status_2(role, name, value, expected):
     argv, prog = COMMANDS[role]
-    done = run(argv, PING_INTERVAL="abc")
+    done = run(argv, **{name: value})
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.splitlines() == [
-        f"{prog}: error: PING_INTERVAL='abc' is not valid: expected a whole number of seconds (invalid literal for int() with base 10: 'abc')"
-    ], done.stderr[-2000:]
-
-
-@pytest.mark.parametrize("role", ["node", "worker"])
-def test_a_number_of_seconds_too_large_for_the_timers_it_feeds_is_refused_in_one_line(role):
-    """``BROKER_TIMEOUT`` of 10**10 s overflowed the socket timeouts: the worker stopped with a
-    traceback, and a node started and stayed not ready, naming no variable."""
-    argv, prog = COMMANDS[role]
-    done = run(argv, BROKER_TIMEOUT="10000000000")
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.splitlines() == [
-        f"{prog}: error: BROKER_TIMEOUT='10000000000' is not valid: expected a whole number of seconds (must be greater than 0 and at most 100000000)"
-    ], done.stderr[-2000:]
+    assert done.stderr.splitlines() == [f"{prog}: error: {name}={value!r} is not valid: expected {expected}"], done.stderr[-2000:]
 
 
 def test_auth_refusing_development_secrets_in_production_says_so_in_one_line_with_status_2():
