@@ -100,6 +100,10 @@ class BacklogRead:
     """The part of :class:`tasks.redis_transport.Channel` that records the message ``BRPOP``
     brought and takes those waiting behind it (:meth:`_take_more`)."""
 
+    #: True while the channel's close reads the ``BRPOP`` in flight: that read takes no backlog
+    #: (its consumer is still registered, and the close's restore would push it back: run twice).
+    _closing_read = False
+
     _take_script = None
     #: The read's script: :data:`_TAKE_MORE`, or without its flags on a Redis older than 7.
     _take_script_text = _TAKE_MORE
@@ -111,7 +115,7 @@ class BacklogRead:
         record) the messages waiting behind it, in one round trip; returns the popped ones,
         decoded.  Returns nothing and records nothing when the queue's consumer does not ack, or
         where it cannot be done (kombu's own append then records the message)."""
-        if not (self._take_more_ok and queue in self._acked_queues and self.ack_emulation and not self.global_keyprefix):
+        if not (self._take_more_ok and queue in self._acked_queues and self.ack_emulation and not self.global_keyprefix) or self._closing_read:
             return []
         try:
             tag = payload["properties"]["delivery_tag"]

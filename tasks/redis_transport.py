@@ -219,9 +219,16 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
                 log_dropped(dest, raw)
                 return True
             payloads = [payload, *self._take_more(key, dest, raw, payload)]
+            delivered = 0
             try:
                 for payload in payloads:
                     self.connection._deliver(payload, dest)
+                    delivered += 1
+            except BaseException:
+                # The one whose callback raised is in kombu's unacked list (restored at close, as
+                # kombu's own); the ones behind it were recorded by the read but never delivered.
+                self._put_back(payloads[delivered + 1:])
+                raise
             finally:
                 # a message recorded and not delivered comes back after the visibility timeout;
                 # kombu's own QoS (ack_emulation off) has no record of them
@@ -232,6 +239,17 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _put_back(self, payloads: list) -> None:
+        """Push the messages ``payloads``, recorded as unacknowledged and never delivered, back
+        where the next read takes them, in their order: when a callback raised on a message of a
+        read, those behind it stayed recorded, and came back only after the visibility timeout
+        (a minute), out of order, not even when the channel closed."""
+        for payload in reversed(payloads):
+            try:
+                self.qos.restore_by_tag(payload["properties"]["delivery_tag"])
+            except Exception as exc:  # noqa: BLE001 - it comes back after the visibility timeout, as before
+                log.warning("could not put back a message read and not delivered (%s): it comes back after the visibility timeout", exc)
 
     @contextmanager
     def conn_or_acquire(self, client=None) -> Iterator:
@@ -264,6 +282,9 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
         waited out before what the channel held unacknowledged is pushed back
         (:meth:`_wait_out_lost_brpop`)."""
         if self._in_poll and not self.closed:
+            # Its one message, not a backlog: the consumer is still registered here, and what
+            # the read delivered now would be pushed back by the restore below, and run twice.
+            self._closing_read = True
             try:
                 self._brpop_read()
             except Empty:

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import psutil
 import pytest
@@ -185,6 +185,63 @@ def test_a_read_takes_the_backlog_up_to_the_prefetch_window_and_records_every_me
     assert recorded == [True] * 4  # each one is brought back if the worker dies before it acks
     assert sorted(m.payload["n"] for m in got) == list(range(10))
     assert after == [False] * 10
+
+
+def _queued(channel, queue) -> list[int]:
+    """The ``n`` of the messages on ``queue``, in the order reads take them."""
+    with channel.conn_or_acquire() as client:
+        return [json.loads(base64.b64decode(json.loads(item)["body"]))["n"] for item in reversed(client.lrange(queue.name, 0, -1))]
+
+
+def test_a_channel_closed_with_its_brpop_in_flight_delivers_that_message_alone_and_keeps_the_rest_queued(redis_server):
+    """A close (Celery's consumer collecting its connection after an error) reads the ``BRPOP``
+    in flight; that read took the backlog too, up to the prefetch window, delivered it, and the
+    close's restore then pushed it all back: every message of it ran twice."""
+    got = []
+    with _published(0) as (conn, channel, queue):
+        channel.basic_qos(0, 10, False)
+        with conn.Consumer([queue], channel=channel, callbacks=[lambda body, message: got.append(body["n"])], accept=["json"]):
+            with suppress(socket.timeout):
+                conn.drain_events(timeout=0.3)  # leaves a BRPOP in flight
+            with app.connection_for_write() as other:
+                producer = Producer(other.default_channel)
+                for n in range(10):
+                    producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+            time.sleep(0.2)
+            channel.close()
+        after = _queued(conn.default_channel, queue)
+        with conn.default_channel.conn_or_acquire() as client:
+            unacked = client.hlen(channel.unacked_key)
+
+    assert got == [0]  # the message BRPOP brought, as kombu's own close delivers it
+    assert sorted(after) == list(range(10)) and unacked == 0  # it too is back: its task never ran, nor acked
+
+
+def test_messages_read_behind_one_whose_callback_raised_are_put_back_at_once_in_order(redis_server):
+    """A read takes the backlog behind the message ``BRPOP`` brought; a callback that raised on one
+    left those behind it recorded as unacknowledged and never delivered, back only after the
+    visibility timeout (a minute), out of order, not even when the channel closed."""
+    got = []
+
+    def callback(body, message):
+        got.append(body["n"])
+        if body["n"] == 2:
+            raise RuntimeError("this message's handling failed")
+
+    with _published(10) as (conn, channel, queue):
+        channel.basic_qos(0, 10, False)
+        with conn.Consumer([queue], channel=channel, callbacks=[callback], accept=["json"]):
+            with pytest.raises(RuntimeError):
+                conn.drain_events(timeout=5)
+            queued = _queued(channel, queue)
+            with channel.conn_or_acquire() as client:
+                unacked = client.hlen(channel.unacked_key)
+        channel.close()
+        after_close = _queued(conn.default_channel, queue)
+
+    assert got == [0, 1, 2]
+    assert queued == list(range(3, 10)) and unacked == 3  # those delivered stay the consumer's, as kombu's
+    assert sorted(after_close) == list(range(10))  # the close restores the three, as kombu's close does
 
 
 def test_on_redis_6_2_the_read_drops_the_script_flags_takes_the_backlog_and_warns_once_per_process(old_redis_server, monkeypatch, caplog):
