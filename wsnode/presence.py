@@ -29,7 +29,11 @@ batch on a bounded queue without ever blocking (when the queue is full the batch
 dropped); the presence thread builds and sends the events.  While task events are on, that costs
 some CPU in the node's process, as Celery's task events do in a worker.  A broken presence
 connection logs a warning and is re-opened with a doubling delay (0.5 s up to 30 s); delivery
-goes on meanwhile.
+goes on meanwhile.  On RabbitMQ that connection has AMQP heartbeats (``BROKER_TIMEOUT``, as the
+queue consumer's), and the replies to remote control go out on it too, not on the app's pooled
+producer connection: without them a path that silently dropped the connection (a NAT or load
+balancer forgetting it) left the node out of Flower and ``celery inspect`` for the quarter of an
+hour TCP takes to give up, while its queue consumer had reconnected within seconds.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from dataclasses import dataclass
 import celery
 
 import redislogin
+import settings
 from tasks.queues import DELIVER_TASK, Delivery
 
 log = logging.getLogger(__name__)
@@ -328,7 +333,7 @@ class Presence:
         while not self._stopping.is_set():
             self._served = False
             try:
-                with self._app.connection_for_read() as conn:
+                with self._app.connection_for_read(heartbeat=settings.BROKER_TIMEOUT) as conn:
                     conn.ensure_connection(max_retries=1)
                     self._serve(conn)
             except Exception as exc:  # noqa: BLE001 - presence must never take the node down
@@ -348,7 +353,9 @@ class Presence:
     def _serve(self, conn) -> None:
         self.panel.broker = broker_info(conn.info())
         channel = conn.channel()
-        self._node = self._app.control.mailbox.Node(self.hostname, handlers=self.panel.handlers(), channel=channel)
+        mailbox = self._app.control.mailbox(conn)  # a copy, bound to this connection
+        mailbox._producer_pool = None  # kombu's pidbox then replies with a producer on the node's channel
+        self._node = mailbox.Node(self.hostname, handlers=self.panel.handlers(), channel=channel)
         consumer = self._node.listen(channel=channel, callback=self._on_control)
         dispatcher = self._app.events.Dispatcher(conn, hostname=self.hostname, enabled=True, buffer_while_offline=False,
                                                  buffer_group=["task"], buffer_limit=EVENTS_PER_MESSAGE)
@@ -363,6 +370,7 @@ class Presence:
                     conn.drain_events(timeout=POLL_SECONDS)
                 except socket.timeout:
                     pass
+                conn.heartbeat_check()  # AMQP: raises once the broker's heartbeats stopped coming; others: nothing
                 self._send_task_events(dispatcher)
                 if self.panel.beat_now or time.monotonic() >= next_beat:
                     self.panel.beat_now = False

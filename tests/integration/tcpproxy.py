@@ -13,6 +13,7 @@ import select
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 
 
@@ -159,6 +160,37 @@ class FreezableProxy:
             pass
         finally:
             shut_both(*(sock for sock in (source, sink) if sock not in self._kept))
+
+
+class BlackholeProxy(FreezableProxy):
+    """A :class:`FreezableProxy` whose :meth:`blackhole` makes the connections open at that moment
+    forward nothing more, either way, for good, with no FIN or RST to either side (a NAT or load
+    balancer that forgot them); connections made after go through as usual."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._dead: set[socket.socket] = set()
+
+    def blackhole(self) -> None:
+        with self._lock:
+            self._dead.update(self._sockets)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while not self._closed.is_set():
+                if source in self._dead:
+                    time.sleep(0.1)  # held open, nothing forwarded
+                    continue
+                readable, _, _ = select.select([source], [], [], 0.1)
+                if not readable:
+                    continue
+                data = source.recv(65536)
+                if not data:
+                    break
+                if source not in self._dead:
+                    sink.sendall(data)
+        except (OSError, ValueError):
+            pass
 
 
 def shut_both(*socks: socket.socket) -> None:

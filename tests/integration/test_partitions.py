@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 import pytest
 
 import launcher
 from tests.integration.conftest import Cluster, RabbitVhost
-from tests.integration.tcpproxy import FreezableProxy
+from tests.integration.tcpproxy import BlackholeProxy, FreezableProxy
 from tests.integration.test_broker_stall import not_ready_then_ready
 from tests.integration.test_metrics import health
 
@@ -59,6 +60,24 @@ def test_a_node_whose_rabbitmq_stops_answering_is_not_ready_and_is_again_once_it
     assert health(node.port)[0] == 200
     proxy.freeze()
     not_ready_then_ready(node.port, proxy.thaw)
+
+
+def test_a_nodes_presence_whose_rabbitmq_connection_went_silent_connects_again_and_answers_remote_control(tmp_path):
+    """The presence's connection had no heartbeat, and its replies to remote control went out on
+    the app's pooled connection, which had none either: a path that silently dropped them (a NAT
+    forgetting its flows) left the node out of Flower and ``celery inspect`` for the quarter of an
+    hour TCP takes to give up, while its queue consumer had reconnected within seconds."""
+    with private_rabbit_cluster(tmp_path, BlackholeProxy) as (cluster, proxy, url):
+        node = cluster.start_node(BROKER_URL=url, BROKER_TIMEOUT=BROKER_TIMEOUT)
+        name = f"wsnode@127.0.0.1:{node.port}"
+        ping = lambda: cluster.business.control.ping(destination=[name], timeout=2.0) or []  # noqa: E731
+        assert ping(), "not visible before the cut"
+        proxy.blackhole()
+        deadline = time.monotonic() + 60
+        while not (answered := ping()) and time.monotonic() < deadline:
+            pass
+        assert answered, f"no answer to ping within 60 s of the cut:\n{node.log_tail(40)}"
+        assert "not visible to Celery monitoring" in node.log_tail(200)
 
 
 def test_a_worker_whose_rabbitmq_stops_answering_still_exits_on_sigterm(rabbit_cluster):
