@@ -121,6 +121,8 @@ class Store:
         store = cls(client[settings.MONGO_DB])
         try:
             store.ensure_indexes()
+            for collection in (store._messages, store._receipts, store._keys):  # their tables exist now
+                storesql.guard_index_rebuild(collection)
             if store.embedded:
                 store._start_checkpoints()
         except BaseException:

@@ -230,14 +230,42 @@ def insert_new(collection, table, docs: list[dict], encoded: list[bytes] | None 
     except BaseException:
         store._query_index = None  # rebuilt on the next read
         raise
-    if store._query_index is not None:
-        if store._query_index_is_stale():
-            # Another connection wrote since this one built its index (with several worker
-            # processes, nearly always): the next read rebuilds it from the table in any case, so
-            # adding to it would be work thrown away (a third of an insert's cost).  The check
-            # records the version it saw, so the index must go now for that read to rebuild it.
-            store._query_index = None
-        else:
-            for key, doc in new:
-                store._query_index.add(key, doc)
+    try:
+        if store._query_index is not None:
+            if store._query_index_is_stale():
+                # Another connection wrote since this one built its index (with several worker
+                # processes, nearly always): the next read rebuilds it from the table in any case, so
+                # adding to it would be work thrown away (a third of an insert's cost).  The check
+                # records the version it saw, so the index must go now for that read to rebuild it.
+                store._query_index = None
+            else:
+                for key, doc in new:
+                    store._query_index.add(key, doc)
+    except BaseException:
+        # Interrupted part-way (Celery's soft time limit is raised by a signal handler, on any
+        # line): an index that lacks rows committed above would hide them from this process's
+        # reads, while it counts as current.
+        store._query_index = None
+        raise
     return [doc for _, doc in new]
+
+
+def guard_index_rebuild(collection) -> None:
+    """On the embedded engine, make the query index of ``collection`` go when its rebuild is
+    interrupted.  litemongo records the data version it saw before it rebuilds the index after
+    another process wrote; an exception during the rebuild (Celery's soft time limit, raised from a
+    signal handler on any line; a read error) left the old index in place, counted as current, so
+    this process's inbox reads and ``tasks.status`` missed what the other wrote until the next
+    write.  Dropped instead, it is built anew by the next read.  Nothing on MongoDB."""
+    store = getattr(collection, "_store", None)
+    rebuild = getattr(store, "_get_query_index", None)
+    if table_of(collection) is None or rebuild is None:
+        return
+
+    def guarded():
+        try:
+            return rebuild()
+        except BaseException:
+            store._query_index = None
+            raise
+    store._get_query_index = guarded

@@ -875,6 +875,62 @@ def test_reads_with_the_index_pinned_keep_the_index_of_their_first_read(store):
         other.close()
 
 
+def _index_add_raising_at(monkeypatch, call: int) -> None:
+    """The embedded engine's query index raises on its ``call``-th addition from now on, as a task
+    interrupted there (Celery's soft time limit, raised from a signal handler on any line) does."""
+    from litemongo._vendor.mongomock import indexing
+
+    real, calls = indexing.CollectionIndexes.add, [0]
+
+    def add(self, key, doc):
+        calls[0] += 1
+        if calls[0] == call:
+            raise RuntimeError("interrupted (SoftTimeLimitExceeded)")
+        return real(self, key, doc)
+    monkeypatch.setattr(indexing.CollectionIndexes, "add", add)
+
+
+def test_an_index_rebuild_interrupted_after_another_process_wrote_hides_nothing_from_the_next_read(store, monkeypatch):
+    """The rebuild after another process wrote records the data version first: interrupted, it
+    left the old index counted as current, and this process's inbox and status missed the other's
+    message until someone wrote again."""
+    if not store.embedded:
+        pytest.skip("the query index is the embedded engine's")
+    gen = IdGenerator()
+    store.insert_messages([make(gen, ["bob"], n) for n in range(5)])
+    assert store.unacked("alice", 100)[0] == []  # this process's index built
+    other = Store.open()
+    try:
+        theirs = make(gen, ["alice"], "hello")
+        other.insert_messages([theirs])
+        with monkeypatch.context() as patched:
+            _index_add_raising_at(patched, 3)
+            with pytest.raises(Exception, match="interrupted"):
+                store.unacked("alice", 100)
+
+        assert ids_of(store.unacked("alice", 100)[0]) == [theirs["id"]]
+        assert store.status(theirs["id"]) is not None
+    finally:
+        other.close()
+
+
+def test_an_insert_interrupted_while_it_indexes_what_it_committed_hides_none_of_it(store, monkeypatch):
+    if not store.embedded:
+        pytest.skip("the query index is the embedded engine's")
+    gen = IdGenerator()
+    store.insert_messages([make(gen, ["bob"], 0)])
+    assert store.unacked("alice", 100)[0] == []  # this process's index built
+    mine = [make(gen, ["alice"], n) for n in range(3)]
+    with monkeypatch.context() as patched:
+        _index_add_raising_at(patched, 2)
+        with pytest.raises(Exception, match="interrupted"):
+            store.insert_messages(mine)
+
+    assert sorted(store.message_data([m["id"] for m in mine])) == sorted(m["id"] for m in mine)  # committed
+    assert ids_of(store.unacked("alice", 100)[0]) == [m["id"] for m in mine]
+    assert all(store.status(m["id"]) is not None for m in mine)
+
+
 def test_acked_since_lists_the_acks_recorded_after_the_given_time(store):
     gen = IdGenerator()
     message = make(gen, ["ann", "bob"], 1)
