@@ -7,7 +7,7 @@ One run (every ``HOUSEKEEPING_SECONDS``, sent by :mod:`tasks.scheduler` from exa
    thresholds ``REDELIVER_AFTER x 1, 2, 4, ...`` (``REDELIVER_ATTEMPTS`` of them): at most that
    many times, and clients drop the repeats by id.  The candidates come from Redis
    (:mod:`tasks.pending`: routed, not acked), so a run reads the store only for what is due.
-   Crossings are counted since the previous run (kept in Redis, and put back when a run fails),
+   Crossings are counted since the previous run that sent its own (kept in Redis, moved once a run sent),
    so an outage of Redis, the store or the workers shorter than the last threshold (8 minutes by
    default) delays redelivery but skips none (past ``REDELIVER_LIMIT`` deliveries due in one run,
    the newest skip that threshold).  After a longer one, a run counts crossings over the last
@@ -82,9 +82,11 @@ RUNS_SEEN = "push:housekeeping-runs-seen"
 #: ``OOM_SEEN`` and ``RUNS_SEEN`` expire after a day without runs (then read as never seen).
 GUARD_TTL = 86400
 
-# Put LAST_RUN back to the previous run's time (ARGV[2]) if it still holds this run's (ARGV[1]).
-_PUT_BACK = _redis.register_script(
-    "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2]) return 1 end return 0"
+# Move LAST_RUN to this run's time (ARGV[1]) if it still holds what the run read (ARGV[2]; "" for
+# none): a later run that moved it meanwhile is not moved back.
+_ADVANCE = _redis.register_script(
+    "local v = redis.call('get', KEYS[1]) "
+    "if (v == false and ARGV[2] == '') or v == ARGV[2] then redis.call('set', KEYS[1], ARGV[1]) return 1 end return 0"
 )
 # Delete KEYS[1] only if it still holds ARGV[1] (this run's lock, not the next run's).
 _RELEASE = _redis.register_script("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0")
@@ -107,25 +109,21 @@ def crossed(age_then: float, age_now: float, marks: list[float]) -> bool:
 
 
 def redeliver(now: float) -> int:
-    """Re-send what crossed a threshold since the previous run (``LAST_RUN``, moved to ``now``
-    first); returns how many deliveries went out.  A run that fails (the store or Redis
-    unavailable) puts ``LAST_RUN`` back, unless a later run moved it meanwhile, so the next run
-    counts its crossings too instead of skipping them."""
-    previous = _redis.getset(LAST_RUN, now)  # (SET ... GET needs Redis 6.2)
+    """Re-send what crossed a threshold since the previous run (``LAST_RUN``), then move
+    ``LAST_RUN`` to ``now``; returns how many deliveries went out.  It moves only once this run's
+    redeliveries went out: a run that fails (the store or Redis unavailable) or dies (its worker
+    process killed, where no ``except`` runs) leaves it, so the next run counts this run's
+    crossings too.  It used to move first and be put back on a failure, so a killed run's
+    crossings were never re-sent.  A run that dies between its sends and the move has them sent
+    again by the next one, which clients drop by id."""
+    raw = _redis.get(LAST_RUN)
     try:
-        since = float(previous)
+        since = float(raw)
     except (TypeError, ValueError):  # the first run, or a value not written here
         since = now - settings.HOUSEKEEPING_SECONDS
-        previous = None
-    try:
-        return _redeliver(now, since)
-    except Exception:
-        if previous is not None:
-            try:
-                _PUT_BACK(keys=[LAST_RUN], args=[now, previous], client=_redis)
-            except RedisError as exc:
-                log.warning("redelivery run failed and its start could not be put back (%s): crossings since %s are skipped", redislogin.explain(exc), previous)
-        raise
+    sent = _redeliver(now, since)
+    _ADVANCE(keys=[LAST_RUN], args=[now, raw if raw is not None else ""], client=_redis)
+    return sent
 
 
 def redelivery_window(now: float, previous: float, marks: list[float]) -> tuple[float, float, float]:

@@ -146,6 +146,33 @@ def test_a_redelivery_run_that_fails_puts_its_start_back_so_the_next_run_skips_n
     assert (mid, user) in candidates(routes, {user})  # still due for the next run
 
 
+def test_a_redelivery_run_killed_midway_leaves_the_next_run_its_crossings(routes, monkeypatch):
+    """A run killed (its worker process SIGKILLed, where no ``except`` runs: stood for here by an
+    exception that is not an ``Exception``) left ``LAST_RUN`` at its own start, and the crossings
+    of its period were never re-sent; the next run now counts from where the killed one did, and
+    moves ``LAST_RUN`` once it has sent."""
+    now = time.time()
+    routes.set(housekeeping.LAST_RUN, now - 1)
+
+    def killed(now, since):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(housekeeping, "_redeliver", killed)
+    with pytest.raises(SystemExit):
+        housekeeping.redeliver(now)
+    assert float(routes.get(housekeeping.LAST_RUN)) == pytest.approx(now - 1, abs=1e-3)
+
+    counted = []
+    monkeypatch.setattr(housekeeping, "_redeliver", lambda now, since: counted.append((now, since)) or 3)
+    assert housekeeping.redeliver(now + 1) == 3
+    assert counted == [(now + 1, pytest.approx(now - 1, abs=1e-3))]
+    assert float(routes.get(housekeeping.LAST_RUN)) == pytest.approx(now + 1, abs=1e-3)
+    # A later run that moved it meanwhile is not moved back.
+    monkeypatch.setattr(housekeeping, "_redeliver", lambda now, since: routes.set(housekeeping.LAST_RUN, now + 5) and 0)
+    housekeeping.redeliver(now + 2)
+    assert float(routes.get(housekeeping.LAST_RUN)) == pytest.approx(now + 7, abs=1e-3)
+
+
 def test_a_housekeeping_run_is_skipped_while_another_holds_the_run_lock_and_releases_its_own(routes, monkeypatch):
     """Runs used to overlap when one took longer than HOUSEKEEPING_SECONDS (a large hand-back, a
     purge of the embedded store): two redelivery runs at once, and one that failed could not put
