@@ -13,7 +13,6 @@ import select
 import socket
 import struct
 import threading
-import time
 import urllib.parse
 
 
@@ -177,20 +176,13 @@ class BlackholeProxy(FreezableProxy):
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
-            while not self._closed.is_set():
-                if source in self._dead:
-                    time.sleep(0.1)  # held open, nothing forwarded
-                    continue
-                readable, _, _ = select.select([source], [], [], 0.1)
-                if not readable:
-                    continue
-                data = source.recv(65536)
-                if not data:
-                    break
-                if source not in self._dead:
+            for data in self._received(source):
+                if data and source not in self._dead:  # a dead one's bytes are read and dropped
                     sink.sendall(data)
         except (OSError, ValueError):
             pass
+        if source not in self._dead:
+            shut_both(source, sink)
 
 
 def shut_both(*socks: socket.socket) -> None:
