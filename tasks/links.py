@@ -110,9 +110,10 @@ def apply_followers(app, req, retval) -> None:
 def retry_options(req) -> dict:
     """What a request sent again must carry so that its links, errbacks and chain still follow,
     it still counts as the same part of its chord, it still expires when it was to (and keeps its
-    priority), and its result still goes where its caller waits: the ``reply_to`` queue of the ``rpc://`` backend (kept by Celery's own retry too; it
-    named the worker's own, so the caller never got its ids), and nowhere when it was sent with
-    ``ignore_result`` (the README promises no result then)."""
+    priority), and its result still goes where its caller waits: the ``reply_to`` queue of the
+    ``rpc://`` backend (kept by Celery's own retry too; it named the worker's own, so the caller
+    never got its ids), and nowhere when it was sent with ``ignore_result`` (the README promises
+    no result then)."""
     options = {}
     if getattr(req, "reply_to", None):
         options["reply_to"] = req.reply_to
