@@ -76,11 +76,10 @@ class PushHandler(WebSocketHandler):
         return value.decode("utf-8", errors="replace")
 
     def check_origin(self, origin: str) -> bool:
-        if self.node.origin_allowed(origin):
-            return True
-        log.info("conn=%s node=%s rejected with 403: origin %r not in ALLOWED_ORIGINS", self.conn_id, self.node.address, origin[:200])
-        self.node.metrics.rejected(403)
-        return False
+        """Whether ``origin`` is in ``ALLOWED_ORIGINS``; the refusal is logged and counted where
+        Tornado's check is made (:meth:`prepare`), which refuses some requests without asking this
+        (``Sec-Fetch-Site: cross-site`` with no ``Origin``)."""
+        return self.node.origin_allowed(origin)
 
     async def prepare(self) -> None:
         """Before the upgrade: refuse a draining or full node's requests, then one from an origin
@@ -96,7 +95,7 @@ class PushHandler(WebSocketHandler):
             self._unavailable(f"full ({self.node.hub.connection_count} connections, MAX_CONNECTIONS)",
                               "node holds as many connections as it may (MAX_CONNECTIONS): connect to another node")
             return
-        if self._check_cross_origin(self.check_origin) is not None:
+        if (refused := self._check_cross_origin(self.check_origin)) is not None:
             # Tornado's ``get`` makes this same check, but only after ``prepare``: here it comes
             # before the token check, so a page of another origin cannot make the node ask auth
             # (a token check per handshake it sends).  The answer was 403
@@ -105,6 +104,8 @@ class PushHandler(WebSocketHandler):
             # API of Tornado 6.6 runs it before ``prepare`` (``check_origin`` is only the hook
             # that ``get`` calls; ``check_trusted_origin`` is skipped for GET): requirements.txt
             # pins Tornado, and test_bad_input's 403 test fails (500) on one without it.
+            log.info("conn=%s node=%s rejected with 403: %s (ALLOWED_ORIGINS)", self.conn_id, self.node.address, refused[:300])
+            self.node.metrics.rejected(403)
             self.set_status(403)
             self.finish("Cross origin websockets not allowed")
             return

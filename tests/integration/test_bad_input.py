@@ -24,7 +24,7 @@ from auth.tokens import issue
 from tasks.queues import node_queue
 from tests.integration.conftest import Cluster, start_or_explain
 from tests.integration.wsclient import Client, client_text_frame, raw_connect, read_server_frame
-from tests.integration.test_metrics import closes, scrape
+from tests.integration.test_metrics import closes, scrape, value
 from wsnode.acks import ACK_ALLOWANCE
 from wsnode.closecodes import CloseCode
 
@@ -508,16 +508,22 @@ async def test_a_handshake_from_an_origin_not_in_allowed_origins_gets_403_and_an
     node = cluster.start_node(ALLOWED_ORIGINS="https://App.Example.com:443,http://localhost:3000")
     token = await asyncio.to_thread(cluster.token, "origin-user")
 
-    async def handshake(origin: str):
-        request = tornado.httpclient.HTTPRequest(cluster.ws_url(node.port, token), headers={"Origin": origin})
+    async def handshake(origin: str | None, **headers: str):
+        request = tornado.httpclient.HTTPRequest(cluster.ws_url(node.port, token), headers={**({"Origin": origin} if origin else {}), **headers})
         return await tornado.websocket.websocket_connect(request)
 
     verified_before = await asyncio.to_thread(verifications, cluster.auth_port)
+    refused_before = value(await asyncio.to_thread(scrape, node.port), "push_node_rejected_connections_total", code="403")
     with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
         await handshake("https://evil.example")
     assert refused.value.code == 403
-    # Refused before its token was checked: the node did not ask auth about it.
+    # Tornado refuses this one without asking check_origin: it went uncounted and unlogged.
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await handshake(None, **{"Sec-Fetch-Site": "cross-site"})
+    assert refused.value.code == 403
+    # Refused before their token was checked: the node did not ask auth about them.
     assert await asyncio.to_thread(verifications, cluster.auth_port) == verified_before
+    assert value(await asyncio.to_thread(scrape, node.port), "push_node_rejected_connections_total", code="403") == refused_before + 2
     for origin in ("https://app.example.com", "HTTPS://APP.example.com", "http://localhost:3000"):
         connection = await handshake(origin)
         assert json.loads(await connection.read_message())["type"] == "hello", origin
