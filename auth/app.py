@@ -281,23 +281,28 @@ class VerifyHandler(JsonHandler):
         raises 503 when Redis cannot say whether the signed ones are revoked (one MGET for all)."""
         answers: list[tuple[int, dict] | None] = []
         signed: list[tokens.Claims] = []
+        refused: list[str] = []  # the results of the tokens refused here, counted once they are answered
         for token in tokens_:
             try:
                 signed.append(self.service.verify(token))
                 answers.append(None)
             except tokens.TokenExpired:
-                self.service.metrics.verified("expired")
+                refused.append("expired")
                 answers.append((401, {"error": "token expired"}))
             except tokens.TokenInvalid as exc:
-                self.service.metrics.verified("invalid")
+                refused.append("invalid")
                 answers.append((401, {"error": f"token invalid: {exc}"}))
         try:
             revoked = iter(await self.service.revocations.are_revoked(signed))
         except RevocationsUnavailable as exc:
-            for claims in signed:
+            # The whole request is answered 503: each of its tokens counts as that, not as the
+            # 401 it was never sent.
+            for _ in tokens_:
                 self.service.metrics.verified("unavailable")
             log.error("cannot verify %s: %s", ", ".join(f"jti={claims.jti} user={claims.user_id}" for claims in signed), exc)
             raise Reject(503, {"error": _unavailable(exc)}) from None
+        for result in refused:
+            self.service.metrics.verified(result)
         claims_left = iter(signed)
         for index, answer in enumerate(answers):
             if answer is not None:

@@ -477,6 +477,17 @@ def test_a_valid_token_is_503_not_200_when_revocations_cannot_be_checked(auth_af
 
 
 
+def test_a_list_answered_503_counts_each_of_its_tokens_as_unavailable_and_none_as_the_401_it_was_not_sent(auth_after_redis_died):
+    base, token = auth_after_redis_died
+    before = {result: metric(base, f'auth_verifications_total{{result="{result}"}}') for result in ("invalid", "unavailable")}
+
+    status, _ = call(base, "POST", "/verify", {"tokens": ["garbage", token]})
+
+    assert status == 503
+    assert metric(base, 'auth_verifications_total{result="unavailable"}') == before["unavailable"] + 2
+    assert metric(base, 'auth_verifications_total{result="invalid"}') == before["invalid"]
+
+
 # --- the list form of /verify (what push nodes send) --------------------------------------------
 
 
