@@ -27,7 +27,7 @@ from kombu.exceptions import OperationalError
 
 import redislogin
 import settings
-from tasks import pending, publishing, routing, wirejson
+from tasks import ids, pending, publishing, routing, wirejson
 from tasks.queues import DELIVER_TASK, deliver_argsrepr, node_queue
 from tasks.resultbackend import REFUSED_FOR_NOW
 from tasks.store import StoreError, StoreUnavailable, get_store
@@ -127,9 +127,12 @@ def publish_all(messages: list[tuple[str, list[dict], dict]]) -> None:
                 publish(node, envelopes, producer=producer, **extra)
 
 
-def route(messages: list[dict]) -> dict[str, list[dict]]:
+def route(messages: list[dict], first: bool = True) -> dict[str, list[dict]]:
     """Look the recipients up, publish one batch per node, and record the ``routed`` receipts;
-    returns what went where."""
+    returns what went where.  ``first``: the messages' first routing (Collect's, Dispatch's), whose
+    late ones are recorded first (:func:`mark_late`); not housekeeping's redelivery."""
+    if first:
+        mark_late(messages, time.time())
     deliveries = [(m["id"], user) for m in messages if m["to"] != routing.BROADCAST for user in m["to"]]
     # The routed deliveries become pending in the lookup's round trip, before the publish: a batch
     # lost after this is redelivered.
@@ -148,6 +151,26 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
             # Only tasks.status loses their `routed` state.
             log.warning("the routed receipts of %d deliveries were not recorded (%s); tasks.status will not show them routed", len(routed), exc)
     return per_node
+
+
+def mark_late(messages: list[dict], now: float) -> None:
+    """Record in the store the ``messages`` routed at ``now`` more than ``RESUME_OVERLAP_MS`` after
+    their ids' time (:meth:`tasks.store.Store.mark_late`), before their route lookup, so that a
+    browser that registers its route too late for this routing reads the record when it resumes
+    (:func:`tasks.replay.reach_back`).  Nearly always none: a message is routed milliseconds after
+    its id is made, unless Collect could not route it (queued for ``tasks.dispatch``) or its batch
+    was held.  A store that refuses the record does not stop the routing: the browsers online get
+    the messages, and one that resumes from a later id may not (each stays in its user's inbox)."""
+    oldest = int(now * 1000) - settings.RESUME_OVERLAP_MS
+    late = [{"id": m["id"], "to": m["to"]} for m in messages if ids.timestamp_ms(m["id"]) < oldest]
+    if not late:
+        return
+    try:
+        get_store().mark_late(late, now)
+    except StoreError as exc:
+        log.warning("%d messages routed %.1f s or more after their ids were made could not be recorded as routed late (%s): "
+                    "a browser that saw a later message and resumes from its id will not get them (they stay in the inbox)",
+                    len(late), settings.RESUME_OVERLAP_MS / 1000, exc)
 
 
 #: What Dispatch retries: a routing that failed for one of these can simply run again.  A Redis over

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 import settings
 from tasks import ids
 from tasks.dispatch import publish_all
-from tasks.store import Cut, StoreUnavailable, get_store
+from tasks.store import BROADCAST, Cut, StoreUnavailable, get_store
 from worker import app
 from wsnode.protocol import message_frame
 from wsnode.session import utf8_length
@@ -57,8 +57,33 @@ def _read(store, requests: list[tuple[str, str, str | None]], cut: Cut) -> Itera
             yield index, store.unacked(user, settings.REPLAY_LIMIT, cut)
     resumes = [(index, user, since) for index, (_, user, since) in enumerate(requests) if since is not None]
     wanted = [(user, ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS)) for _, user, since in resumes]
+    if wanted:
+        wanted = reach_back(wanted, store.late_since(min(ids.timestamp_ms(after) for _, after in wanted)))
     for (index, _, since), (envelopes, truncated) in zip(resumes, store.each_replay(wanted, settings.REPLAY_LIMIT, cut)):
         yield index, (envelopes, truncated or past_retention(since, time.time(), settings.RETENTION_SECONDS))
+
+
+def reach_back(wanted: list[tuple[str, str]], late: list[tuple[str, list[str] | str, int]]) -> list[tuple[str, str]]:
+    """Each ``(user, after_id)`` of ``wanted``, reaching back, when a message to that user (or a
+    broadcast) with an id at or before ``after_id`` was routed at ``after_id``'s time or later
+    (``late``: ``(id, to, routed at in ms)``, :meth:`tasks.store.Store.mark_late`), to just before
+    the oldest such message.
+
+    A message is routed late when Collect could not route it at once (the routing Redis
+    unavailable: :func:`tasks.collect._hand_off` queues it for ``tasks.dispatch``, which retries
+    for up to minutes) while later messages to the same user went out: a browser that saw one of
+    those and left before the late one came resumes from a later id than the late one's, further
+    than ``RESUME_OVERLAP_MS``.  Reaching back replays the messages in between again too, which
+    clients drop by id; the replay's limits still apply (newest first).  Pure."""
+    if not late:
+        return wanted
+    reached = []
+    for user, after in wanted:
+        after_ms = ids.timestamp_ms(after)
+        older = [mid for mid, to, routed_ms in late
+                 if routed_ms >= after_ms and mid <= after and (to == BROADCAST or user in to)]
+        reached.append((user, ids.lower_bound(ids.timestamp_ms(min(older)) - 1) if older else after))
+    return reached
 
 
 class _Held:

@@ -9,8 +9,8 @@ embedded engine's SQLite connections refuse to be used from another thread.
 Two engines, one code path:
 
 - ``MONGO_URL`` set: pymongo against MongoDB, 5 s timeouts.  Indexes: messages ``(to, _id)``,
-  receipts ``m`` (both multikey), and a TTL index on ``at`` in every collection, so MongoDB itself
-  enforces the retention.
+  receipts ``m`` (both multikey), late ``r``, and a TTL index on ``at`` in every collection, so
+  MongoDB itself enforces the retention.
 - ``MONGO_URL`` unset: litemongo, mongomock's query engine over SQLite files in ``DATA_DIR/mongo``.
   It survives a restart and several processes may write the same folder, but: single host only
   (local disk, no network file system); hash indexes only, so equality and ``$in`` narrow the
@@ -81,7 +81,7 @@ _EMBEDDED_RANGE_ROWS = 5000
 _REPLAY_READ_IDS = 100
 _REPLAY_READ_IDS_MAX = 1000
 _INDEX_OPTIONS_CONFLICT = 85
-_COLLECTIONS = ("messages", "receipts", "keys")
+_COLLECTIONS = ("messages", "receipts", "keys", "late")
 ACKED = "acked"
 class Store:
     """One connection to the message store.  Worker process only, one thread (on the embedded
@@ -89,7 +89,7 @@ class Store:
 
     def __init__(self, database: pymongo.database.Database) -> None:
         self.database = database
-        self._messages, self._receipts, self._keys = (database[name] for name in _COLLECTIONS)
+        self._messages, self._receipts, self._keys, self._late = (database[name] for name in _COLLECTIONS)
         self._checkpointer: checkpoints.Checkpointer | None = None
 
     @classmethod
@@ -121,7 +121,7 @@ class Store:
         store = cls(client[settings.MONGO_DB])
         try:
             store.ensure_indexes()
-            for collection in (store._messages, store._receipts, store._keys):  # their tables exist now
+            for collection in store._collections:  # their tables exist now
                 storesql.guard_index_rebuild(collection)
             if store.embedded:
                 store._start_checkpoints()
@@ -130,6 +130,10 @@ class Store:
             raise
         log.info("message store: %s, database %s", where if store.embedded else f"MongoDB at {where}", settings.MONGO_DB)
         return store
+
+    @property
+    def _collections(self) -> tuple:
+        return (self._messages, self._receipts, self._keys, self._late)
 
     @property
     def embedded(self) -> bool:
@@ -159,12 +163,14 @@ class Store:
             # Hash indexes only, and never a TTL index (see the module docstring).
             self._messages.create_index([("to", 1)])
             self._receipts.create_index([("m", 1)])
-            # Open the other file now too, inside the retry: a first open is what races.
+            # Open the other files now too, inside the retry: a first open is what races.
             self._keys.find_one({"_id": ""})
+            self._late.find_one({"_id": ""})
             return
         self._messages.create_index([("to", 1), ("_id", 1)])
         self._receipts.create_index([("m", 1)])
-        for collection in (self._messages, self._receipts, self._keys):
+        self._late.create_index([("r", 1)])
+        for collection in self._collections:
             self._ensure_ttl(collection)
 
     def _ensure_ttl(self, collection) -> None:
@@ -396,6 +402,28 @@ class Store:
         finally:
             os.close(handle)
 
+    def mark_late(self, messages: list[dict], routed_at: float) -> None:
+        """Record that ``messages`` (``[{"id", "to"}]``) were routed at ``routed_at`` (unix
+        seconds), more than a resume's overlap after their ids' time (:func:`tasks.dispatch.route`):
+        a browser that saw a later message before them and resumes from its id would not reach
+        back to them without it (:meth:`late_since`).  One small document each in ``late``, purged
+        with the messages; a message routed late again keeps the latest time."""
+        if not messages:
+            return
+        at_ms = int(routed_at * 1000)
+        ops = [pymongo.UpdateOne({"_id": m["id"]}, {"$max": {"r": at_ms}, "$setOnInsert": {"to": m["to"], "at": _id_time(m["id"])}}, upsert=True)
+               for m in messages]
+        with translated(f"recording {len(ops)} messages routed late"):
+            with storesql.one_transaction(self._late):
+                self._late.bulk_write(ops, ordered=False)
+
+    def late_since(self, routed_from_ms: int) -> list[tuple[str, list[str] | str, int]]:
+        """``(message id, to, routed at in unix ms)`` of the messages routed late
+        (:meth:`mark_late`) at ``routed_from_ms`` or after.  A small collection: only the messages
+        Collect could not route at once (the routing Redis unavailable, a batch held for seconds)."""
+        with translated("reading the messages routed late"):
+            return [(doc["_id"], doc["to"], doc["r"]) for doc in self._late.find({"r": {"$gte": routed_from_ms}}, {"to": 1, "r": 1})]
+
     def unacked(self, user: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of
         theirs acked, oldest first: the newest ``limit``, and True when older ones were left out.
@@ -527,7 +555,7 @@ class Store:
         cutoff = (now or datetime.datetime.now(UTC)) - datetime.timedelta(seconds=settings.RETENTION_SECONDS)
         deleted = 0
         with translated("purging old messages"):
-            for collection in (self._messages, self._receipts, self._keys):
+            for collection in self._collections:
                 if self.embedded and not storesql.may_hold_older(collection, cutoff):
                     continue
                 with storesql.one_transaction(collection):
@@ -538,7 +566,7 @@ class Store:
         """Embedded engine: copy the SQLite write-ahead logs back into their files on a thread, not
         in whichever task's commit crosses SQLite's threshold (:mod:`tasks.checkpoints`).  Leaves
         SQLite's own checkpoints alone where litemongo's tables are not what this reads."""
-        tables = [storesql.table_of(collection) for collection in (self._messages, self._receipts, self._keys)]
+        tables = [storesql.table_of(collection) for collection in self._collections]
         if any(table is None for table in tables):
             return
         paths = [checkpoints.database_file(table._connection) for table in tables]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 import uuid
 
 import psutil
@@ -21,7 +22,9 @@ from kombu import Connection
 
 import launcher
 from tests.integration.browser import Browser, check_exactly_once, confirm, stream, wait_complete
-from tests.integration.conftest import Cluster, broker_url_for, business_app, start_or_explain
+from tests.integration.conftest import Cluster, broker_url_for, business_app, start_or_explain, unacked_task_ids
+from tests.integration.wsclient import Client
+from wsnode.registry import route_key
 
 USERS = 100
 PER_USER = 8
@@ -461,6 +464,55 @@ async def test_a_collect_while_the_routing_redis_is_a_replica_for_a_moment_is_qu
         await asyncio.sleep(0.2)
     assert stored == message_id
     client.close()
+
+
+@pytest.mark.parametrize("routing_redis_cluster", ["broker"], indirect=True, ids=["results-on-the-broker"])
+async def test_a_message_routed_late_is_replayed_to_a_browser_that_resumes_from_a_later_id(routing_redis_cluster):
+    """Collect cannot route ``late`` (the routing Redis demoted for a moment) and queues it for
+    ``tasks.dispatch``; ``later``, sent once Redis is back, is routed at once.  The browser sees
+    ``later``, leaves, and ``tasks.dispatch`` routes ``late`` while it is away (here its queue is
+    held until then, so the order is certain).  The browser resumes from ``later``, as push.js
+    does (its greatest id), which is more than ``RESUME_OVERLAP_MS`` after ``late``'s id: the
+    replay did not reach back to ``late``, which that browser then never got (its inbox would
+    have it, but a resume reads after ``since``)."""
+    cluster = routing_redis_cluster
+    user = "late-routed"
+    client = await cluster.connect(user)
+    first = await cluster.collect(user, "first")
+    assert [f["id"] for f in await client.messages(1)] == [first]
+    worker = [f"worker@{socket.gethostname()}"]
+    replies = await asyncio.to_thread(cluster.business.control.cancel_consumer, "dispatch", destination=worker, reply=True, timeout=10)
+    assert replies and "ok" in replies[0][worker[0]], replies
+    routing = redis_lib.Redis.from_url(cluster.env["REDIS_URL"])
+    routing.execute_command("REPLICAOF", "127.0.0.1", str(launcher.free_port()))  # a primary that does not answer
+    try:
+        sent = cluster.send(to=user, data="late")
+        await asyncio.to_thread(cluster.worker.wait_log, "dispatching 1 stored messages inline failed", 20)
+        await asyncio.sleep(2.5)  # RESUME_OVERLAP_MS (2 s) and more between the two ids
+    finally:
+        routing.execute_command("REPLICAOF", "NO", "ONE")  # promoted
+    late = await cluster.result(sent, 20)
+    later = await cluster.collect(user, "later")
+    assert [(f["id"], f["data"]) for f in await client.messages(1)] == [(later, "later")]
+    client.close()
+    for _ in range(100):
+        if not cluster.routes.exists(route_key(user)):
+            break
+        await asyncio.sleep(0.1)
+    assert not cluster.routes.exists(route_key(user)), "the browser's lease outlived its connection"
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+    assert broker.llen("dispatch") >= 1  # late's routing (and the acks' receipts), held
+    replies = await asyncio.to_thread(cluster.business.control.add_consumer, "dispatch", destination=worker, reply=True, timeout=10)
+    assert replies and "ok" in replies[0][worker[0]], replies
+    for _ in range(100):
+        if broker.llen("dispatch") == 0 and not unacked_task_ids(broker):
+            break
+        await asyncio.sleep(0.1)
+    assert broker.llen("dispatch") == 0 and not unacked_task_ids(broker), "tasks.dispatch did not run"
+    back = await Client.connect(cluster.ws_url(cluster.node_ports[0], await asyncio.to_thread(cluster.token, user), since=later))
+    replayed, resumed = await back.until("resumed", 20)
+    assert [f["id"] for f in replayed if f["type"] == "message" and f["id"] != first] == [late, later], (resumed, replayed)
+    back.close()
 
 
 @pytest.mark.parametrize("routing_redis_cluster", ["routing"], indirect=True, ids=["results-on-redis-url"])

@@ -274,6 +274,34 @@ def test_purge_removes_records_older_than_the_retention_and_keeps_newer_ones(sto
     assert store.status(new[0]["id"])["recipients"]["alice"]["acked"] > OLD
 
 
+def test_messages_routed_late_are_listed_from_a_routing_time_with_the_latest_time_kept(store):
+    gen = IdGenerator()
+    one, everyone = make(gen, ["alice", "bob"]), make(gen, "*")
+    store.insert_messages([one, everyone])
+    now = time.time()
+
+    store.mark_late([{"id": one["id"], "to": one["to"]}], now - 10)
+    store.mark_late([{"id": everyone["id"], "to": "*"}], now - 5)
+    store.mark_late([{"id": one["id"], "to": one["to"]}], now - 20)  # an earlier time does not replace a later one
+
+    assert sorted(store.late_since(int((now - 60) * 1000))) == sorted([
+        (one["id"], ["alice", "bob"], int((now - 10) * 1000)), (everyone["id"], "*", int((now - 5) * 1000))])
+    assert store.late_since(int((now - 7) * 1000)) == [(everyone["id"], "*", int((now - 5) * 1000))]
+    store.mark_late([{"id": one["id"], "to": one["to"]}], now)  # routed late again, later
+    assert sorted(mid for mid, _, _ in store.late_since(int((now - 1) * 1000))) == [one["id"]]
+    assert store.late_since(int((now + 1) * 1000)) == []
+
+
+def test_purge_removes_the_records_of_old_messages_routed_late(store):
+    old, new = make(IdGenerator(clock=lambda: OLD), ["alice"]), make(IdGenerator(), ["alice"])
+    store.insert_messages([old, new])
+    store.mark_late([{"id": old["id"], "to": old["to"]}, {"id": new["id"], "to": new["to"]}], time.time())
+
+    store.purge()
+
+    assert [mid for mid, _, _ in store.late_since(0)] == [new["id"]]
+
+
 def test_purge_measures_age_from_the_given_now(store):
     store.insert_messages([make(IdGenerator(), ["alice"])])
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=settings.RETENTION_SECONDS + 60)
@@ -1015,7 +1043,7 @@ def test_embedded_commits_leave_the_checkpoints_to_the_stores_thread(store):
         pytest.skip("write-ahead logs are the embedded engine's")
     checkpointer = store._checkpointer
     assert checkpointer is not None and checkpointer.running
-    tables = [storesql.table_of(store.database[name]) for name in ("messages", "receipts", "keys")]
+    tables = [storesql.table_of(store.database[name]) for name in store_module._COLLECTIONS]
     assert sorted(checkpointer.paths) == sorted(checkpoints.database_file(t._connection) for t in tables)
     assert {t._connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] for t in tables} == {checkpoints.SAFETY_NET_PAGES}
     checkpointer.stop()  # from here on only this test checkpoints

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tasks import ids
-from tasks.replay import PAGE, _pages, parse_requests, past_retention
+from tasks.replay import PAGE, _pages, parse_requests, past_retention, reach_back
 from wsnode.replays import ReplayRequests
 
 SINCE = "0193a1b2c3d4" + "0" * 12
@@ -78,3 +78,29 @@ def test_only_the_last_page_of_a_replay_carries_the_cursor():
     assert [info.get("cursor") for _, info in pages] == [None, "0190f00000000000000000aa"]
     assert [info["last"] for _, info in pages] == [False, True]
     assert _pages([], True, "0190f00000000000000000aa") == [([], {"last": True, "truncated": True, "count": 0, "cursor": "0190f00000000000000000aa"})]
+
+
+def test_a_resume_reaches_back_to_the_oldest_message_to_its_user_routed_at_or_after_its_start():
+    after = ids.lower_bound(10_000)
+    older, oldest, other = ids.lower_bound(8_000)[:-1] + "1", ids.lower_bound(5_000)[:-1] + "1", ids.lower_bound(3_000)[:-1] + "1"
+    late = [(older, ["alice"], 10_500), (oldest, ["alice", "bob"], 10_000), (other, ["carol"], 12_000)]
+
+    assert reach_back([("alice", after), ("bob", after), ("dave", after)], late) == [
+        ("alice", ids.lower_bound(4_999)), ("bob", ids.lower_bound(4_999)), ("dave", after)]
+
+
+def test_a_resume_does_not_reach_back_for_a_message_routed_before_its_start_or_already_after_it():
+    after = ids.lower_bound(10_000)
+    routed_before = (ids.lower_bound(5_000)[:-1] + "1", ["alice"], 9_999)
+    within = (ids.lower_bound(10_001), ["alice"], 20_000)  # the replay reads it anyway
+
+    assert reach_back([("alice", after)], [routed_before, within]) == [("alice", after)]
+    assert reach_back([("alice", after)], []) == [("alice", after)]
+
+
+def test_a_broadcast_routed_late_reaches_every_resume_back():
+    after = ids.lower_bound(10_000)
+    broadcast = ids.lower_bound(7_000)[:-1] + "1"
+
+    assert reach_back([("alice", after), ("bob", after)], [(broadcast, "*", 11_000)]) == [
+        ("alice", ids.lower_bound(6_999)), ("bob", ids.lower_bound(6_999))]
