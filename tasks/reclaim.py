@@ -26,7 +26,7 @@ CHUNK = 500
 
 
 def hand_back(app, address: str, delete: bool = False, limit: int = 100_000, node_back: Callable[[], bool] | None = None) -> int:
-    """Re-dispatch everything on ``address``'s queue, ``limit`` messages at a time (each round is
+    """Re-dispatch everything on ``address``'s queue, ``limit`` (at most ``CHUNK``) messages at a time (each round is
     published and acked before the next is read, so memory stays bounded); returns the number of
     envelopes.  It reads at most as many messages as the queue held when it began: on Redis a round
     slower than ``VISIBILITY_TIMEOUT`` has its first messages put back on the queue by the
@@ -34,11 +34,16 @@ def hand_back(app, address: str, delete: bool = False, limit: int = 100_000, nod
     itself is deleted afterwards (its node is gone): what came back that way was handed back
     already.
 
-    ``node_back`` (housekeeping's: has a node written its lease at ``address`` since the one
-    found ended?) guards the deletion against a node started again on that address meanwhile (a
-    rolling restart that drained the node housekeeping is reclaiming).  Asked before the queue is
-    deleted, it keeps the queue of a node back by then; asked again after (:func:`_delete`), it
-    declares the queue again for a node that came back in between."""
+    ``node_back`` (has a node written its lease at ``address`` since the one found ended?
+    housekeeping's, and a draining node's own) guards against a node started again on that address
+    meanwhile (a rolling restart): that node consumes the same queue, and what stands on it now
+    is its own (live messages, in order behind those before; broadcasts, which are not handed
+    back; its connections' replay pages).  It is asked before each round of at most ``CHUNK``
+    messages, and the hand-back stops at once when a node is back, leaving the queue to it (a
+    round read just before a node came back is still handed back: up to ``CHUNK`` messages that
+    node may receive late or, for broadcasts and replay pages, not at all).  Asked again before
+    the queue is deleted, it keeps the queue of a node back by then; and again after
+    (:func:`_delete`), it declares the queue again for a node that came back in between."""
     queue = node_queue(address)
     handed = messages = 0
     with app.connection_for_write() as conn:
@@ -48,16 +53,22 @@ def hand_back(app, address: str, delete: bool = False, limit: int = 100_000, nod
         # raised "404 NOT_FOUND", so every drained node's hand-back failed, and every housekeeping
         # run after it); the declaration returns its message count.
         _, waiting, _ = bound.queue_declare()
+        back = False
         while messages < waiting:
+            if node_back is not None and node_back():
+                back = True
+                log.info("stopped handing back %s's queue after %d of its %d messages: a node holds the address again and reads the rest",
+                         address, messages, waiting)
+                break
             taken = []
-            while len(taken) < min(limit, waiting - messages) and (message := bound.get(no_ack=False, accept=["json"])) is not None:
+            while len(taken) < min(limit, CHUNK, waiting - messages) and (message := bound.get(no_ack=False, accept=["json"])) is not None:
                 taken.append(message)
             if not taken:
                 break
             handed += _re_dispatch(app, address, taken)
             messages += len(taken)
         if delete:
-            if node_back is not None and node_back():
+            if back or (node_back is not None and node_back()):
                 log.info("kept the queue of %s: a node holds the address again", address)
             else:
                 _delete(app, conn, bound, address, node_back)

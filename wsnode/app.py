@@ -59,7 +59,7 @@ from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
 from wsnode.revocations import RecentRevocations, RevocationListener
-from wsnode.registry import Leases
+from wsnode.registry import NODES_KEY, Leases
 from wsnode.session import Session
 from wsnode.tokenwatch import TokenWatch
 
@@ -264,6 +264,15 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
                 f"If another process holds the port (another push node would share this one's queue, "
                 f"{self.address!r}), stop it or give this node another --port; check BIND_ADDRESS otherwise") from exc
 
+    def _node_back(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether a node holds this node's address again, for the hand-back of its queue at
+        :meth:`stop`, which runs on an executor thread: this asks Redis on the loop.  The drain
+        ended this node's own lease (score 0), so a lease there now is a node started again on the
+        address, which reads the queue itself (:func:`tasks.reclaim.hand_back`); not asked when
+        the drain could not end it."""
+        score = asyncio.run_coroutine_threadsafe(self.redis.zscore(NODES_KEY, self.address), loop).result(STOP_STEP_SECONDS)
+        return score is not None and score > 0
+
     async def stop(self) -> None:
         self.draining = True
         log.info("node=%s draining: refusing new connections, ending the leases of %d users, closing %d connections with 1001",
@@ -272,9 +281,11 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
             self._server.stop()
         for timer in self._timers:
             timer.stop()
+        released = False
         try:
             async with self._lease_writes:
                 await self.leases.release_node(self.hub.users())
+            released = True
         except RedisError as exc:
             log.warning("node=%s could not release leases (%s); they expire in %.0f s", self.address, exc, settings.LEASE_TTL)
         conns = self.hub.all()
@@ -288,7 +299,9 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
         if self._consumer is not None:
             await loop.run_in_executor(None, self._consumer.stop)
         try:
-            handed = await asyncio.wait_for(loop.run_in_executor(None, hand_back, self.celery, self.address), STOP_STEP_SECONDS)
+            node_back = functools.partial(self._node_back, loop) if released else None
+            handed = await asyncio.wait_for(loop.run_in_executor(None, functools.partial(
+                hand_back, self.celery, self.address, node_back=node_back)), STOP_STEP_SECONDS)
             log.info("node=%s handed %d queued envelopes back to dispatch", self.address, handed)
         except Exception as exc:  # noqa: BLE001 - housekeeping hands them back once the lease is gone
             log.warning("node=%s could not hand back its queue (%r); housekeeping will", self.address, exc)

@@ -542,6 +542,30 @@ def test_handing_back_a_dead_nodes_queue_longer_than_one_round_takes_all_of_it_b
     assert not broker.exists(node)
 
 
+def test_handing_back_stops_at_the_next_round_once_a_node_holds_the_address_again_and_leaves_it_the_queue(broker):
+    """A node started again on the address (a rolling restart, while the old one drains or
+    housekeeping reclaims it) reads the same queue: what stands there is now its own.  The
+    hand-back counted the queue once and took that many, the new node's live messages (handed
+    back behind later ones), broadcasts (not handed back: lost) and replay pages too."""
+    from tasks.dispatch import publish
+    from tasks.reclaim import CHUNK, hand_back
+    from worker import app
+
+    node = f"10.76.{uuid.uuid4().int % 250}.1:{8000 + uuid.uuid4().int % 1000}"
+    gen = IdGenerator()
+    for n in range(CHUNK + 200):
+        publish(node, [{"id": gen.next_id(), "to": ["handed-back"], "data": n, "ts": None}])
+    asked = []
+
+    def node_back() -> bool:
+        asked.append(None)
+        return len(asked) > 1  # back once the first round is handed back
+
+    assert hand_back(app, node, delete=True, node_back=node_back) == CHUNK
+    assert broker.llen(node) == 200, "the rest is the node's that came back"
+    assert len(asked) == 2
+
+
 def test_handing_back_a_queue_with_an_undecodable_message_drops_it_and_hands_back_the_others(broker):
     """kombu's DecodeError and ContentDisallowed are not ValueErrors: such a message stopped the
     hand-back, came back to the queue, and stopped it again at every housekeeping run."""
