@@ -49,7 +49,7 @@ import redislogin
 import settings
 from tasks import batchresults, links, messages as validation, publishing
 from tasks.collectbatches import CollectBatches
-from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
+from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE, by_size
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
@@ -248,7 +248,8 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
             # which fails the same way, is retried eagerly and returns a failed result without
             # raising, so the request succeeded with its messages neither routed nor queued.
             with publishing.producer(app) as producer:
-                app.send_task(dispatch.name, args=[docs], queue=DISPATCH_QUEUE, producer=producer)
+                for run in by_size(docs):
+                    app.send_task(dispatch.name, args=[run], queue=DISPATCH_QUEUE, producer=producer)
 
     if not patient:
         attempt()

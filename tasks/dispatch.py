@@ -28,7 +28,7 @@ from kombu.exceptions import OperationalError
 import redislogin
 import settings
 from tasks import ids, pending, publishing, routing, wirejson
-from tasks.queues import DELIVER_TASK, deliver_argsrepr, node_queue
+from tasks.queues import DELIVER_TASK, by_size, deliver_argsrepr, node_queue
 from tasks.resultbackend import REFUSED_FOR_NOW
 from tasks.store import StoreError, StoreUnavailable, get_store
 from worker import app
@@ -140,7 +140,7 @@ def route(messages: list[dict], first: bool = True) -> dict[str, list[dict]]:
     per_node = routing.plan(messages, found, live)
     now = time.time()
     routed = [{"id": e["id"], "user": user, "state": "routed", "at": now} for envelopes in per_node.values() for e in envelopes if e["to"] != routing.BROADCAST for user in e["to"]]
-    publish_all([(node, envelopes, {}) for node, envelopes in per_node.items()])
+    publish_all([(node, run, {}) for node, envelopes in per_node.items() for run in by_size(envelopes)])
     if routed:
         try:
             get_store().record_receipts(routed)

@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 
 from kombu import Exchange, Queue
 
+import settings
+from tasks import wirejson
+from tasks.messages import MAX_USER_ID_CHARS
+from tasks.routing import BROADCAST
+
 COLLECT_QUEUE = "collect"
 DISPATCH_QUEUE = "dispatch"
 
@@ -106,3 +111,37 @@ def _recipients_ok(to: object) -> bool:
 
 def _count_ok(count: object) -> bool:
     return isinstance(count, int) and not isinstance(count, bool)
+
+
+#: Most bytes of data one broker message of envelopes carries (``wsnode.deliver``, and the
+#: ``tasks.dispatch`` that hands messages to Dispatch): a broker refuses a message over its limit
+#: (RabbitMQ's ``max_message_size``: 128 MiB in 3.x, 16 MiB from 4.0; Redis's ``proto-max-bulk-len``,
+#: 512 MB), and whoever reads one holds it whole.  A batch of 1,000 messages of ``MAX_MESSAGE_BYTES``
+#: (64 KiB, up to 2 MB) for one node was one message of 64 MiB, up to 2 GB; a redelivery run, up to
+#: 20,000 deliveries.
+MAX_PUBLISH_BYTES = 8 << 20
+#: At most a user id's bytes in an envelope's ``to``: ``MAX_USER_ID_CHARS`` of UTF-8, quoted, with its comma.
+_USER_BYTES = 4 * MAX_USER_ID_CHARS + 4
+
+
+def by_size(envelopes: list[dict], most: int = MAX_PUBLISH_BYTES) -> list[list[dict]]:
+    """``envelopes`` (``{"id", "to", "data", ...}``) in order, in runs whose data and recipients
+    take at most about ``most`` bytes (an envelope bigger than that alone).  Measures nothing when
+    ``MAX_MESSAGE_BYTES`` each could not reach ``most``: the usual batch is one run, at no cost."""
+    users = sum(len(envelope["to"]) for envelope in envelopes if envelope["to"] != BROADCAST)
+    if len(envelopes) * (settings.MAX_MESSAGE_BYTES + 64) + users * _USER_BYTES <= most:
+        return [envelopes] if envelopes else []
+    runs: list[list[dict]] = []
+    run: list[dict] = []
+    size = 0
+    for envelope in envelopes:
+        to = envelope["to"]
+        length = len(wirejson.dumps(envelope["data"])) + 64 + (0 if to == BROADCAST else sum(len(user.encode()) + 4 for user in to))
+        if run and size + length > most:
+            runs.append(run)
+            run, size = [], 0
+        run.append(envelope)
+        size += length
+    if run:
+        runs.append(run)
+    return runs

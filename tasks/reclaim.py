@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from tasks import publishing
-from tasks.queues import node_queue, parse_delivery
+from tasks.queues import by_size, node_queue, parse_delivery
 from tasks.routing import BROADCAST
 from wsnode.presence import node_name
 
@@ -169,7 +169,8 @@ def _re_dispatch(app, address: str, taken: list) -> int:
                  "that node's users get it by resuming with since", broadcasts, address)
     with publishing.producer(app) as producer:
         for start in range(0, len(envelopes), CHUNK):
-            app.send_task("tasks.dispatch", args=[envelopes[start : start + CHUNK]], ignore_result=True, producer=producer)
+            for run in by_size(envelopes[start : start + CHUNK]):
+                app.send_task("tasks.dispatch", args=[run], ignore_result=True, producer=producer)
     for message in taken:
         message.ack()
     return len(envelopes)

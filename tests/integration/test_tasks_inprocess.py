@@ -526,6 +526,28 @@ def test_a_key_reused_for_another_message_while_its_first_run_stores_sends_only_
     assert any(f"key {key!r} was used before for message {first}" in line for line in warnings.lines)
 
 
+def test_a_batch_bigger_than_one_broker_message_should_carry_goes_to_its_node_in_several_in_order(own_routes, broker):
+    """A node's share of a batch was one ``wsnode.deliver`` message whatever its size: 1,000
+    messages of ``MAX_MESSAGE_BYTES`` (64 KiB, up to 2 MB) made one of 64 MiB (up to 2 GB), over
+    RabbitMQ's ``max_message_size`` (128 MiB in 3.x, 16 MiB from 4.0), which refused it: the
+    requests failed after their messages were stored, and a redelivery run of such a batch failed
+    at every housekeeping run."""
+    from tasks.dispatch import route
+    from tasks.queues import MAX_PUBLISH_BYTES
+
+    node, user = fake_node(), f"big-{uuid.uuid4().hex[:6]}"
+    lease(own_routes, node, [user])
+    gen, data = IdGenerator(), "x" * (settings.MAX_MESSAGE_BYTES - 10)
+    messages = [{"id": gen.next_id(), "to": [user], "data": data, "ts": time.time()} for _ in range(3 * MAX_PUBLISH_BYTES // len(data))]
+
+    route(messages)
+
+    published = drain(broker, node, expect=3)
+    assert len(published) >= 3
+    assert all(len(json.dumps(p["envelopes"])) <= MAX_PUBLISH_BYTES for p in published)
+    assert [e["id"] for p in published for e in p["envelopes"]] == [m["id"] for m in messages]
+
+
 def test_handing_back_a_dead_nodes_queue_longer_than_one_round_takes_all_of_it_before_deleting_it(broker):
     """``tasks.reclaim.hand_back`` reads a queue ``limit`` messages at a time; it used to read one
     round only and then delete the queue with the rest in it."""

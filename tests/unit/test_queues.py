@@ -59,3 +59,22 @@ def test_a_deliver_argsrepr_names_the_count_and_the_first_ids():
     assert deliver_argsrepr(envelopes) == f"[<{ARGSREPR_IDS + 2} envelopes: m0, m1, m2, ...>]"
     assert deliver_argsrepr(envelopes[:1]) == "[<1 envelope: m0>]"
     assert "x" not in deliver_argsrepr(envelopes)
+
+
+def test_envelopes_are_split_in_order_into_runs_of_at_most_the_given_bytes_one_too_big_alone():
+    from tasks.queues import by_size
+
+    envelopes = [{"id": str(n), "to": ["u"], "data": "x" * size} for n, size in enumerate([20, 20, 20, 500, 20])]
+
+    runs = by_size(envelopes, most=200)
+
+    assert [[e["id"] for e in run] for run in runs] == [["0", "1"], ["2"], ["3"], ["4"]]
+    assert by_size([], most=200) == []
+
+
+def test_a_batch_that_cannot_reach_the_limit_is_one_run_unmeasured(monkeypatch):
+    from tasks import queues
+
+    monkeypatch.setattr(queues.wirejson, "dumps", None)  # not called
+    envelopes = [{"id": str(n), "to": ["u"], "data": n} for n in range(10)]
+    assert queues.by_size(envelopes) == [envelopes]
