@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from kombu.exceptions import ContentDisallowed
 
-from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting
+from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting, not_unicode
 
 
 def _named(value: object) -> bool:
@@ -80,6 +80,13 @@ def envelope_problem(headers: object, body: object) -> str | None:
         return f"its task name is of type {_type(fields['task'])}"
     if not _named(fields.get("id")):
         return "it has no task id"
+    for name in ("id", "group", "root_id", "parent_id"):
+        # JSON's \ud800 escapes carry a lone surrogate, which neither the store (the request's
+        # key is its task id) nor Redis (its result's key) can encode: one such id failed every
+        # request of its batch with UnicodeEncodeError, or left them all without a result.
+        value = fields.get(name)
+        if isinstance(value, str) and (problem := not_unicode(value)) is not None:
+            return f"its {name} is not valid Unicode: it holds {problem}"
     for limits in (fields.get("timelimit"), body.get("timelimit") if isinstance(body, dict) else None):  # Celery reads a hybrid's body too
         if not time_limits_ok(limits):
             return f"its timelimit header is {limits!r:.60}, not [hard, soft] (null or 0 to {MAX_TIME_LIMIT} seconds each)"

@@ -438,6 +438,30 @@ async def test_stamp_and_shadow_headers_that_are_not_celerys_fail_their_task_and
 
 
 @pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
+async def test_a_task_id_that_is_not_valid_unicode_fails_alone_and_its_batch_mates_are_delivered(fault_cluster):
+    """JSON's \\ud800 escapes carry a lone surrogate in a task id, which stock Celery sends: the
+    batch stored its requests under keys made of their task ids, and that one key failed every
+    request of the batch with UnicodeEncodeError (nothing stored or sent, the callers with
+    ``ignore_result`` never told)."""
+    cluster = fault_cluster
+    client = await cluster.connect("beside-a-bad-id")
+    with cluster.business.producer_or_acquire() as producer:
+        good = [cluster.business.send_task("tasks.collect", kwargs={"to": "beside-a-bad-id", "data": n}, queue="collect", producer=producer) for n in range(3)]
+        # As send_task sends it, without the AsyncResult, whose clean-up cannot encode the id either.
+        amqp = cluster.business.amqp
+        amqp.send_task_message(producer, "tasks.collect", amqp.create_task_message("bad-\ud800", "tasks.collect", [], {"to": "beside-a-bad-id", "data": "bad"}),
+                               queue=amqp.queues["collect"])
+        good += [cluster.business.send_task("tasks.collect", kwargs={"to": "beside-a-bad-id", "data": n}, queue="collect", producer=producer) for n in range(3, 6)]
+    ids = [await cluster.result(result, timeout=30) for result in good]
+
+    assert [(frame["id"], frame["data"]) for frame in await client.messages(6, timeout=30)] == list(zip(ids, range(6)))
+    assert not await client.quiet(1.0)
+    await asyncio.to_thread(cluster.worker.wait_log, "its id is not valid Unicode", 20)
+    assert cluster.worker.alive
+    client.close()
+
+
+@pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
 async def test_protocol_1_messages_whose_own_headers_celery_cannot_read_fail_alone_and_the_worker_goes_on(fault_cluster):
     """A protocol 1 message (the task's fields in its body) whose headers Celery lets override
     those fields: a ``timelimit`` of 5 or a list as ``shadow`` raised out of the worker's loop and
