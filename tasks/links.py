@@ -110,7 +110,7 @@ def apply_followers(app, req, retval) -> None:
 def retry_options(req) -> dict:
     """What a request sent again must carry so that its links, errbacks and chain still follow,
     it still counts as the same part of its chord, it still expires when it was to (and keeps its
-    priority), and its result still goes where its caller waits: the ``reply_to`` queue of the
+    priority, its stamps and its shadow name), and its result still goes where its caller waits: the ``reply_to`` queue of the
     ``rpc://`` backend (kept by Celery's own retry too; it named the worker's own, so the caller
     never got its ids), and nowhere when it was sent with ``ignore_result`` (the README promises
     no result then)."""
@@ -136,4 +136,14 @@ def retry_options(req) -> dict:
         options["expires"] = expires
     if (priority := (getattr(req, "delivery_info", None) or {}).get("priority")) is not None:
         options["priority"] = priority
+    # Also as Celery's retry (``Context.as_execution_options``): without its stamps a request sent
+    # again was no longer revoked by ``revoke_by_stamped_headers``, and without its shadow it showed
+    # under its task's name.  Celery sends each stamp as the option of its header's name.
+    request_dict = getattr(req, "request_dict", None) or {}
+    stamped, stamps = request_dict.get("stamped_headers"), request_dict.get("stamps")
+    if stamped and isinstance(stamps, dict):
+        options["stamped_headers"] = list(stamped)
+        options.update({name: stamps.get(name) for name in stamped})
+    if isinstance(shadow := request_dict.get("shadow"), str):
+        options["shadow"] = shadow
     return options

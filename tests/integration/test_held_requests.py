@@ -16,6 +16,7 @@ import time
 
 import psutil
 import pytest
+from celery.canvas import StampingVisitor
 
 import launcher
 from tests.integration.conftest import Cluster, broker_url_for, start_or_explain
@@ -174,6 +175,45 @@ async def test_a_collect_retried_while_the_store_is_locked_shows_retry_and_still
     assert state == "RETRY" and "store" in str(info), (state, info)
     assert cluster.business.AsyncResult(result.id).state == "REVOKED"
     assert await client.quiet(1.0) == [], "an expired request was stored and delivered"
+    client.close()
+
+
+class _Tenant(StampingVisitor):
+    def on_signature(self, sig, **headers):
+        return {"tenant": "held-t1"}
+
+
+async def test_a_stamped_collect_retried_while_the_store_is_locked_is_still_revoked_by_its_stamp(held_cluster):
+    """The request the worker sends again (the store unavailable) keeps its stamps, as Celery's
+    own retry does: without them ``revoke_by_stamped_headers`` no longer stopped it, and it was
+    stored and delivered once the store was back."""
+    cluster = held_cluster
+    client = await cluster.connect("stamped")
+    first = await cluster.collect("stamped", "first")  # the store's files exist
+    assert [f["id"] for f in await client.messages(1)] == [first]
+    events = await asyncio.to_thread(TaskEvents(cluster).start)
+    with cluster.store_locked():
+        stamped = cluster.business.signature("tasks.collect", kwargs={"to": "stamped", "data": "revoked"}, queue="collect")
+        stamped.stamp(visitor=_Tenant())
+        result = stamped.apply_async()
+        # Revoked while its first run waits for the store (5 s): that run goes on, and the request
+        # it sends again is what the stamp must stop (a request not yet started is stopped anyway).
+        deadline = time.monotonic() + 30
+        while "task-started" not in events.types(result.id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert "task-started" in events.types(result.id), events.types(result.id)
+        replies = await asyncio.to_thread(cluster.business.control.revoke_by_stamped_headers, {"tenant": "held-t1"},
+                                          destination=[f"worker@{socket.gethostname()}"], reply=True, timeout=10)
+        assert replies, "the worker did not answer revoke_by_stamped_headers"
+        await asyncio.to_thread(cluster.worker.wait_log, f"tasks.collect {result.id}: store unavailable", 30)
+        await asyncio.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while cluster.business.AsyncResult(result.id).state in ("PENDING", "RETRY") and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+
+    assert cluster.business.AsyncResult(result.id).state == "REVOKED"
+    assert await client.quiet(2.0) == [], "a request revoked by its stamp was stored and delivered"
+    events.stop()
     client.close()
 
 
