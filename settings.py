@@ -14,6 +14,7 @@ Import this module, never ``os.environ``::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -490,6 +491,13 @@ REDELIVER_AFTER: float = _read(_env, "REDELIVER_AFTER", 30.0, _positive_float, "
 #: ... at most this many times, at ages REDELIVER_AFTER x 1, 2, 4, ...; after that it waits for
 #: the user's next connection (inbox or ``since``).
 REDELIVER_ATTEMPTS: int = _read(_env, "REDELIVER_ATTEMPTS", 5, _positive_int, "a whole number")
+#: The last attempt's age, REDELIVER_AFTER x 2**(REDELIVER_ATTEMPTS - 1), is a duration too: more
+#: than MAX_SECONDS overflowed housekeeping's dates at every run (no redelivery at all from about 1,030).
+_MOST_ATTEMPTS = int(math.log2(MAX_SECONDS / REDELIVER_AFTER)) + 1
+if REDELIVER_ATTEMPTS > _MOST_ATTEMPTS:
+    raise SettingsError(f"REDELIVER_ATTEMPTS={REDELIVER_ATTEMPTS} is too many for REDELIVER_AFTER={REDELIVER_AFTER:g}: the last redelivery "
+                        f"would come at an age of {REDELIVER_AFTER:g} x 2^{REDELIVER_ATTEMPTS - 1} seconds, over {MAX_SECONDS:.0f}; "
+                        f"set it to at most {_MOST_ATTEMPTS} (a message is kept RETENTION_SECONDS={RETENTION_SECONDS} anyway)")
 #: Redelivery candidates are the deliveries Dispatch routed and no ack removed (kept in Redis); this
 #: often, housekeeping also reads the store's unacked deliveries of the redelivery window into them,
 #: for messages stored but never routed (Redis down longer than Dispatch's retries).  Each sweep reads

@@ -364,6 +364,8 @@ def test_a_ping_timeout_longer_than_the_interval_stops_the_import_with_the_fix()
                                     "a replay could not carry its newest message; set it to at least 65594"),
     ({"REPLAY_MAX_BYTES": "4096", "MAX_MESSAGE_BYTES": "4096"}, "REPLAY_MAX_BYTES=4096 is under one message's largest frame, MAX_MESSAGE_BYTES=4096 plus 58"),
     ({"REPLAY_MAX_BYTES": "16MB"}, "REPLAY_MAX_BYTES='16MB' is not valid: expected a whole number of bytes"),
+    ({"REDELIVER_ATTEMPTS": "1100"}, "REDELIVER_ATTEMPTS=1100 is too many for REDELIVER_AFTER=30: the last redelivery would come at an age of 30 x 2^1099 seconds, over 100000000; set it to at most 22"),
+    ({"REDELIVER_ATTEMPTS": "12", "REDELIVER_AFTER": "50000"}, "REDELIVER_ATTEMPTS=12 is too many for REDELIVER_AFTER=50000: the last redelivery would come at an age of 50000 x 2^11 seconds, over 100000000; set it to at most 11"),
     ({"RESUME_OVERLAP_MS": "-5"}, "RESUME_OVERLAP_MS='-5' is not valid: expected a whole number of milliseconds (must be 0 or greater, and at most 100000000000)"),
     ({"HOUSEKEEPING_SECONDS": "inf"}, "HOUSEKEEPING_SECONDS='inf' is not valid: expected a number of seconds (must be greater than 0 and at most 100000000)"),
     ({"MAX_USER_CONNECTS": "30"}, "MAX_USER_CONNECTS='30' is not valid: expected 0 (no limit) or COUNT/SECONDS, two whole numbers: "
