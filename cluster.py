@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import signal
 import socket
@@ -205,7 +204,7 @@ class Cluster:
         auth = f"http://127.0.0.1:{self.auth_port}"
         key = settings.AUTH_ADMIN_KEY if settings.AUTH_ADMIN_KEY == settings.DEV_AUTH_ADMIN_KEY else "$AUTH_ADMIN_KEY"
         broker = self.broker_url if urllib.parse.urlsplit(self.broker_url).password is None else None
-        python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd() + os.sep) else sys.executable
+        python = sys.executable  # absolute: ./dev runs this from the repository, the reader's shell may be elsewhere
         send = ("from celery import Celery; "
                 + ('import os; Celery(broker=os.environ["BROKER_URL"])' if broker is None else f"Celery(broker={json.dumps(broker)})")
                 + """.send_task("tasks.collect", kwargs={"to": "alice", "data": {"text": "hello"}}, queue="collect")""")
@@ -228,7 +227,7 @@ class Cluster:
                 "",
             ]),
             "Get a token for alice:",
-            f"  curl -s -X POST {auth}/tokens -H 'Authorization: Bearer {key}' "
+            f'  curl -s -X POST {auth}/tokens -H "Authorization: Bearer {key}" '  # double quotes: $AUTH_ADMIN_KEY expands
             """-H 'Content-Type: application/json' -d '{"user_id": "alice"}'""",
             "Connect as alice:",
             f"  ws://127.0.0.1:{self.args.nodes[0]}/ws?token=TOKEN",

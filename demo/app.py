@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 
 import tornado.httpclient
 import tornado.web
@@ -60,6 +61,21 @@ class JsonHandler(tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
+
+    def prepare(self) -> None:
+        """The API answers its own page only: a POST must say it is JSON, which a page of another
+        origin cannot send without asking first (CORS, which this never allows), and one whose
+        ``Origin`` is another page's is refused.  Without it, any site the developer visited
+        could send a message to every user online, or get a token for any user, through a form
+        or a ``no-cors`` fetch of ``text/plain``.  (curl and scripts send no ``Origin``.)"""
+        if self.request.method != "POST":
+            return
+        origin = self.request.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != self.request.host:
+            raise tornado.web.HTTPError(403, reason=f"cross-origin request from {origin[:100]!r} refused: the demo's API answers its own page only")
+        content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise tornado.web.HTTPError(415, reason="send the body as JSON, with Content-Type: application/json")
 
     def body(self) -> dict:
         try:

@@ -950,6 +950,22 @@ def test_push_js_tab_shown_again_reconnects_at_once_and_pings_an_open_connection
 
 
 @REDIS_ONLY
+def test_a_page_for_a_name_no_token_can_be_issued_for_stops_and_says_why_instead_of_asking_again(cluster, pages):
+    """``?user=`` skips the form's checks: a name with a space gets 400 from ``/api/token``, which
+    the page passed to push.js as a plain error, so push.js asked for a token again and again."""
+    demo = DemoPage(cluster, cluster.node_ports)
+    try:
+        page = pages(demo.page_url("bad%20name"))
+        page.wait_for_function("window.demo.client && window.demo.client.state === 'stopped'")
+        time.sleep(3.0)  # push.js's first retry would come within this
+        statuses = page.evaluate("window.demo.statuses.map((s) => [s.state, s.reason || null])")
+        assert statuses[-1] == ["stopped", "unauthorized"] and "waiting" not in [state for state, _ in statuses], statuses
+        assert "cannot be a user name" in page.text_content("#connect-error")
+    finally:
+        demo.stop()
+
+
+@REDIS_ONLY
 def test_two_users_on_two_nodes_each_see_only_their_own_messages(cluster, pages):
     demo = DemoPage(cluster, cluster.node_ports)
     try:

@@ -12,16 +12,13 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
 import launcher
-from tests.integration.conftest import ADMIN_KEY
 from tests.integration.wsclient import Client
 
-REPO = Path(__file__).resolve().parents[2]
 READY = "Send alice a message:"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -30,7 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 async def test_the_cluster_command_delivers_the_banners_message_and_sighup_stops_every_process(tmp_path):
     auth_port, node_a, node_b, flower, demo = (launcher.free_port() for _ in range(5))
     dead_redis = f"redis://127.0.0.1:{launcher.free_port()}"
-    env = launcher.cluster_env(dead_redis, tmp_path / "data", auth_port, LOG_LEVEL="INFO")
+    # A key of the reader's own: the banner prints $AUTH_ADMIN_KEY, which their shell expands.
+    env = launcher.cluster_env(dead_redis, tmp_path / "data", auth_port, LOG_LEVEL="INFO", AUTH_ADMIN_KEY="a-key-of-the-readers-own")
     # cluster.py leaves SIGHUP alone when it starts with it ignored (nohup), as it would if the
     # suite itself ran under nohup: the terminal's default for it, as a reader's shell gives it.
     hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
@@ -44,19 +42,26 @@ async def test_the_cluster_command_delivers_the_banners_message_and_sighup_stops
         cluster.wait_log(READY, timeout=90)
         lines = (tmp_path / "cluster.log").read_text().splitlines()
         send_line = lines[next(i for i, line in enumerate(lines) if READY in line) + 1]
+        token_line = lines[next(i for i, line in enumerate(lines) if "Get a token for alice:" in line) + 1]
         started = psutil.Process(cluster.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in started)
         for part in ("redis-server", "-m auth", "worker worker", f"--port {node_a}", f"--port {node_b}", "flower", "-m demo"):
             assert part in names, f"{part!r} is not among cluster.py's processes: {names}"
         assert "(private)" in cluster.log_tail(2000), cluster.log_tail(60)
 
-        request = urllib.request.Request(f"http://127.0.0.1:{auth_port}/tokens", data=json.dumps({"user_id": "alice"}).encode(),
-                                         headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
+        # The banner's curl, as the reader's shell runs it (its arguments printed, one a line).
+        said = subprocess.run(["bash", "-c", 'curl() { printf "%s\\n" "$@"; }; ' + token_line.strip()], env=env, capture_output=True, text=True, timeout=10)
+        arguments = said.stdout.splitlines()
+        assert arguments[arguments.index("-d") + 1] == json.dumps({"user_id": "alice"}), arguments
+        headers = dict(arguments[n + 1].split(": ", 1) for n, argument in enumerate(arguments) if argument == "-H")
+        assert headers["Authorization"] == "Bearer a-key-of-the-readers-own", arguments
+        request = urllib.request.Request(f"http://127.0.0.1:{auth_port}/tokens", data=json.dumps({"user_id": "alice"}).encode(), headers=headers)
         with urllib.request.urlopen(request, timeout=10) as response:
             token = json.loads(response.read())["token"]
         client = await Client.connect(f"ws://127.0.0.1:{node_a}/ws?token={token}", wait_resumed=True)
         # The banner's own command, as a reader pastes it.
-        sent = subprocess.run(shlex.split(send_line), cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        # ... from another folder than the repository, where ./dev runs cluster.py.
+        sent = subprocess.run(shlex.split(send_line), cwd=tmp_path, env={**env, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr[-2000:]
         [message] = await client.messages(1)
         assert message["data"] == {"text": "hello"}

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import sys
 import threading
+import urllib.error
 import urllib.request
 import uuid
 
@@ -108,6 +110,38 @@ async def test_send_reaches_one_user_a_comma_list_and_everyone_online(cluster, d
 def test_a_bad_send_form_gets_400_saying_what_to_fix(cluster, demo, body, error):
     status, answer = demo.call("/api/send", body)
     assert status == 400 and error in answer["error"]
+
+
+def post(url: str, body: bytes, headers: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@REDIS_ONLY
+async def test_the_api_refuses_posts_from_another_origin_and_bodies_not_sent_as_json(cluster, demo):
+    """Any site the developer visited could broadcast to every user online, or get a token for
+    any user, through a form or a ``no-cors`` fetch: a ``text/plain`` body is a simple request,
+    which browsers send cross-origin without asking."""
+    user = unique("csrf")
+    client = await cluster.connect(user)
+    body = json.dumps({"to": user, "text": "from elsewhere"}).encode()
+    host = demo.url.split("//", 1)[1]
+
+    assert post(demo.url + "/api/send", body, {"Origin": "http://evil.example", "Content-Type": "application/json"})[0] == 403
+    assert post(demo.url + "/api/token", json.dumps({"user": user}).encode(), {"Origin": "http://evil.example", "Content-Type": "application/json"})[0] == 403
+    status, answer = post(demo.url + "/api/send", body, {"Origin": "http://evil.example", "Content-Type": "text/plain"})
+    assert status == 403 and "cross-origin request from 'http://evil.example' refused" in answer["error"]
+    status, answer = post(demo.url + "/api/send", body, {"Content-Type": "text/plain;charset=UTF-8"})
+    assert status == 415 and "Content-Type: application/json" in answer["error"]
+    assert await client.quiet(1.0) == []
+    status, answer = post(demo.url + "/api/send", body, {"Origin": f"http://{host}", "Content-Type": "application/json"})  # its own page
+    assert status == 200
+    assert [f["id"] for f in await client.messages(1)] == [answer["id"]]
+    client.close()
 
 
 def token_request_with_auth_at(cluster, auth_url: str, name: str) -> tuple[int, dict]:
