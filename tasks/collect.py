@@ -53,6 +53,7 @@ from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE, by_size
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
+from tasks.storedocs import as_stored
 from worker import app
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,29 @@ def same_message(stored: dict, message: validation.Message) -> bool:
         same_to = message.to == stored["to"]
     else:
         same_to = set(message.to) == set(stored["to"])
-    return same_to and stored["data"] == message.data
+    return same_to and same_json(stored["data"], as_stored(message.data))
+
+
+def _json_kind(value: object) -> str:
+    """A value's JSON type, telling ``true`` from ``1`` and ``1`` from ``1.0`` (the store gives
+    64-bit integers back as ``bson.Int64``, an int).  Pure."""
+    return "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float" if isinstance(value, float) else \
+        "object" if isinstance(value, dict) else "array" if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def same_json(a: object, b: object) -> bool:
+    """Whether ``a`` and ``b`` are the same JSON value, object keys in any order.  Python's ``==``
+    says ``true`` is ``1``, ``1`` is ``1.0`` and ``-0.0`` is ``0.0``: a key reused with such other
+    data was taken as a retry of the same message and its warning never logged.  Pure."""
+    if _json_kind(a) != _json_kind(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_json(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return repr(a) == repr(b)
+    return a == b
 
 
 def key_reused_for_another(key: str, message_id: str) -> str:

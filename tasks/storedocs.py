@@ -21,6 +21,7 @@ import hashlib
 import heapq
 from collections.abc import Callable, Iterable, Iterator
 
+import bson
 from bson.dbref import DBRef
 
 from tasks import wirejson
@@ -59,6 +60,13 @@ def replays_from(docs: list[dict], wanted: list[tuple[str, str]], limit: int, cu
         else:
             envelopes, cut_short = cut({"id": doc["_id"], "data": as_collected(doc["data"])} for doc in reversed(newest))
             yield envelopes, len(mine) > limit or cut_short
+
+
+def as_stored(data: object) -> object:
+    """``data`` as the store gives it back: BSON's round trip (a null ``$db`` of a DBRef shape is
+    dropped, for one), then :func:`as_collected`.  To compare what a request sends with what is
+    stored under its key.  Pure."""
+    return as_collected(bson.decode(bson.encode({"d": data}))["d"])
 
 
 def as_collected(data: object) -> object:

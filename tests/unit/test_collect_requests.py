@@ -156,6 +156,20 @@ def test_a_stored_message_with_other_recipients_or_data_is_another(stored):
     assert not same_message(stored, message)
 
 
+@pytest.mark.parametrize(("first", "again"), [({"n": 1}, {"n": True}), (1, 1.0), (0.0, -0.0), ([0], [False]), ({"a": None}, {"a": 0})],
+                         ids=["int and bool", "int and float", "zero and minus zero", "in a list", "null and zero"])
+def test_a_stored_message_whose_data_python_calls_equal_but_json_does_not_is_another(first, again):
+    message, _ = _parse_collect(request({"to": "a", "data": again}))
+    assert not same_message({"to": ["a"], "data": first}, message)
+
+
+def test_a_retry_of_a_stored_message_is_the_same_as_the_store_gives_it_back():
+    data = {"$ref": "x", "$id": 1, "$db": None, "big": 2**40, "keys": {"b": 1, "a": [1.5, "s", None]}}
+    message, _ = _parse_collect(request({"to": "a", "data": data}))
+    from tasks.storedocs import as_stored
+    assert same_message({"to": ["a"], "data": as_stored(data)}, message)
+
+
 def test_the_warning_for_a_reused_key_names_the_key_or_the_task_id_and_the_fix():
     assert key_reused_for_another("key:order-17", "01").startswith("key 'order-17' was used before for message 01")
     assert "give each message a key of its own" in key_reused_for_another("key:order-17", "01")
