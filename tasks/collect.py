@@ -47,7 +47,7 @@ from celery.utils.time import get_exponential_backoff_interval
 
 import redislogin
 import settings
-from tasks import batchresults, links, messages as validation, publishing
+from tasks import batchresults, links, messages as validation, publishing, wirejson
 from tasks.collectbatches import CollectBatches
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE, by_size
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
@@ -270,9 +270,12 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
             # send_task, not apply_async: under task_always_eager that runs tasks.dispatch here,
             # which fails the same way, is retried eagerly and returns a failed result without
             # raising, so the request succeeded with its messages neither routed nor queued.
+            # One task, so that its messages keep their order (several would retry apart); too big
+            # for one broker message (tasks.queues.by_size), it names them and Dispatch reads
+            # their data from the store.
+            handed = docs if len(by_size(docs)) == 1 else [{"id": doc["id"], "to": doc["to"]} for doc in docs]
             with publishing.producer(app) as producer:
-                for run in by_size(docs):
-                    app.send_task(dispatch.name, args=[run], queue=DISPATCH_QUEUE, producer=producer)
+                app.send_task(dispatch.name, args=[handed], queue=DISPATCH_QUEUE, producer=producer, serializer=wirejson.SERIALIZER)
 
     if not patient:
         attempt()

@@ -127,12 +127,12 @@ def publish_all(messages: list[tuple[str, list[dict], dict]]) -> None:
                 publish(node, envelopes, producer=producer, **extra)
 
 
-def route(messages: list[dict], first: bool = True) -> dict[str, list[dict]]:
+def route(messages: list[dict]) -> dict[str, list[dict]]:
     """Look the recipients up, publish one batch per node, and record the ``routed`` receipts;
-    returns what went where.  ``first``: the messages' first routing (Collect's, Dispatch's), whose
-    late ones are recorded first (:func:`mark_late`); not housekeeping's redelivery."""
-    if first:
-        mark_late(messages, time.time())
+    returns what went where.  The messages routed late are recorded first (:func:`mark_late`):
+    Collect's that it could not route at once, a dead node's handed back, and housekeeping's
+    redeliveries, among which the messages stored but never routed that its sweep found."""
+    mark_late(messages, time.time())
     deliveries = [(m["id"], user) for m in messages if m["to"] != routing.BROADCAST for user in m["to"]]
     # The routed deliveries become pending in the lookup's round trip, before the publish: a batch
     # lost after this is redelivered.
@@ -192,10 +192,15 @@ DISPATCH_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, *REFUSED_FOR_NO
     max_retries=8,
 )
 def dispatch(messages: list[dict]) -> None:
-    """Route ``messages`` ([{"id", "to", "data", "ts"}], as stored by Collect) to their nodes.  A
+    """Route ``messages`` ([{"id", "to", "data", "ts"}], as stored by Collect) to their nodes; those
+    without ``data`` (a hand-off too big for one broker message names them only) get theirs from
+    the store, and one purged meanwhile is left out.  A
     Redis that refuses REDIS_URL's or BROKER_URL's login, rights or certificate is raised as its
     error's type (retried, or not, as that) with :func:`redislogin.refused`'s line
     (:func:`redislogin.told_as_refusals`): Celery's retry line says what to fix."""
+    if named := [m["id"] for m in messages if "data" not in m]:
+        stored = get_store().message_data(named)
+        messages = [m if "data" in m else {**m, "data": stored[m["id"]], "ts": None} for m in messages if "data" in m or m["id"] in stored]
     with redislogin.told_as_refusals():
         per_node = route(messages)
     log.debug("dispatched %d messages to %d nodes", len(messages), len(per_node))

@@ -163,7 +163,7 @@ def _redeliver(now: float, previous: float) -> int:
         return 0
     data = store.message_data(list(users_of))
     messages = [{"id": mid, "to": users, "data": data[mid], "ts": None} for mid, users in users_of.items() if mid in data]
-    per_node = route(messages, first=False)
+    per_node = route(messages)
     sent = sum(len(e["to"]) for envelopes in per_node.values() for e in envelopes)
     if sent:
         log.info("redelivered %d unacked deliveries to online users", sent)

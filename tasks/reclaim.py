@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from tasks import publishing
+from tasks import publishing, wirejson
 from tasks.queues import by_size, node_queue, parse_delivery
 from tasks.routing import BROADCAST
 from wsnode.presence import node_name
@@ -170,7 +170,7 @@ def _re_dispatch(app, address: str, taken: list) -> int:
     with publishing.producer(app) as producer:
         for start in range(0, len(envelopes), CHUNK):
             for run in by_size(envelopes[start : start + CHUNK]):
-                app.send_task("tasks.dispatch", args=[run], ignore_result=True, producer=producer)
+                app.send_task("tasks.dispatch", args=[run], ignore_result=True, producer=producer, serializer=wirejson.SERIALIZER)
     for message in taken:
         message.ack()
     return len(envelopes)

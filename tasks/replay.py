@@ -58,7 +58,7 @@ def _read(store, requests: list[tuple[str, str, str | None]], cut: Cut) -> Itera
     resumes = [(index, user, since) for index, (_, user, since) in enumerate(requests) if since is not None]
     wanted = [(user, ids.lower_bound(ids.timestamp_ms(since) - settings.RESUME_OVERLAP_MS)) for _, user, since in resumes]
     if wanted:
-        wanted = reach_back(wanted, store.late_since(min(ids.timestamp_ms(after) for _, after in wanted)))
+        wanted = reach_back(wanted, store.late_since(min(ids.timestamp_ms(after) for _, after in wanted), [user for user, _ in wanted]))
     for (index, _, since), (envelopes, truncated) in zip(resumes, store.each_replay(wanted, settings.REPLAY_LIMIT, cut)):
         yield index, (envelopes, truncated or past_retention(since, time.time(), settings.RETENTION_SECONDS))
 

@@ -9,7 +9,7 @@ embedded engine's SQLite connections refuse to be used from another thread.
 Two engines, one code path:
 
 - ``MONGO_URL`` set: pymongo against MongoDB, 5 s timeouts.  Indexes: messages ``(to, _id)``,
-  receipts ``m`` (both multikey), late ``r``, and a TTL index on ``at`` in every collection, so
+  receipts ``m`` (both multikey), late ``(to, r)``, and a TTL index on ``at`` in every collection, so
   MongoDB itself enforces the retention.
 - ``MONGO_URL`` unset: litemongo, mongomock's query engine over SQLite files in ``DATA_DIR/mongo``.
   It survives a restart and several processes may write the same folder, but: single host only
@@ -165,11 +165,11 @@ class Store:
             self._receipts.create_index([("m", 1)])
             # Open the other files now too, inside the retry: a first open is what races.
             self._keys.find_one({"_id": ""})
-            self._late.find_one({"_id": ""})
+            self._late.create_index([("to", 1)])
             return
         self._messages.create_index([("to", 1), ("_id", 1)])
         self._receipts.create_index([("m", 1)])
-        self._late.create_index([("r", 1)])
+        self._late.create_index([("to", 1), ("r", 1)])
         for collection in self._collections:
             self._ensure_ttl(collection)
 
@@ -411,18 +411,23 @@ class Store:
         if not messages:
             return
         at_ms = int(routed_at * 1000)
-        ops = [pymongo.UpdateOne({"_id": m["id"]}, {"$max": {"r": at_ms}, "$setOnInsert": {"to": m["to"], "at": _id_time(m["id"])}}, upsert=True)
-               for m in messages]
-        with translated(f"recording {len(ops)} messages routed late"):
-            with storesql.one_transaction(self._late):
-                self._late.bulk_write(ops, ordered=False)
+        docs = [{"_id": m["id"], "to": m["to"], "r": at_ms, "at": _id_time(m["id"])} for m in dict((m["id"], m) for m in messages).values()]
+        with translated(f"recording {len(docs)} messages routed late"):
+            new = {doc["_id"] for doc in _insert_new(self._late, docs)}  # on the embedded engine straight into its table
+            again = [doc["_id"] for doc in docs if doc["_id"] not in new]
+            if again:
+                with storesql.one_transaction(self._late):
+                    self._late.update_many({"_id": {"$in": again}}, {"$max": {"r": at_ms}})
 
-    def late_since(self, routed_from_ms: int) -> list[tuple[str, list[str] | str, int]]:
-        """``(message id, to, routed at in unix ms)`` of the messages routed late
-        (:meth:`mark_late`) at ``routed_from_ms`` or after.  A small collection: only the messages
-        Collect could not route at once (the routing Redis unavailable, a batch held for seconds)."""
+    def late_since(self, routed_from_ms: int, users: list[str]) -> list[tuple[str, list[str] | str, int]]:
+        """``(message id, to, routed at in unix ms)`` of the messages to any of ``users`` or to
+        everyone routed late (:meth:`mark_late`) at ``routed_from_ms`` or after, through the index
+        on ``to``: after an outage of the routing Redis, or a dead node's queue handed back, the
+        collection holds a record per message routed then, and reading them all for every replay
+        took seconds per 100,000 (the resumes timed out, 1013, again and again)."""
         with translated("reading the messages routed late"):
-            return [(doc["_id"], doc["to"], doc["r"]) for doc in self._late.find({"r": {"$gte": routed_from_ms}}, {"to": 1, "r": 1})]
+            query = {"to": {"$in": [*dict.fromkeys(users), BROADCAST]}, "r": {"$gte": routed_from_ms}}
+            return [(doc["_id"], doc["to"], doc["r"]) for doc in self._late.find(query, {"to": 1, "r": 1})]
 
     def unacked(self, user: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of

@@ -22,7 +22,9 @@ from kombu import Connection
 
 import launcher
 from tests.integration.browser import Browser, check_exactly_once, confirm, stream, wait_complete
-from tests.integration.conftest import Cluster, broker_url_for, business_app, start_or_explain, unacked_task_ids
+from tasks.ids import IdGenerator
+from tasks.store import get_store
+from tests.integration.conftest import HOUSEKEEPING_SECONDS, REDELIVER_AFTER, Cluster, broker_url_for, business_app, start_or_explain, unacked_task_ids
 from tests.integration.wsclient import Client
 from wsnode.registry import route_key
 
@@ -512,6 +514,36 @@ async def test_a_message_routed_late_is_replayed_to_a_browser_that_resumes_from_
     back = await Client.connect(cluster.ws_url(cluster.node_ports[0], await asyncio.to_thread(cluster.token, user), since=later))
     replayed, resumed = await back.until("resumed", 20)
     assert [f["id"] for f in replayed if f["type"] == "message" and f["id"] != first] == [late, later], (resumed, replayed)
+    back.close()
+
+
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+async def test_a_message_stored_but_never_routed_that_redelivery_sends_is_replayed_to_a_device_that_resumes_from_a_later_id(cluster):
+    """A message stored and never routed (tasks.dispatch gave up after its retries, or its worker
+    was killed between storing and routing) reaches the devices online only when housekeeping's
+    sweep finds it and redelivery sends it.  A second device that saw a later message and left
+    before that resumed from the later id and never got it; with the first device's ack, not even
+    its inbox had it."""
+    user = f"swept-{uuid.uuid4().hex[:8]}"
+    online = await cluster.connect(user)
+    first = await cluster.collect(user, "first")
+    assert [f["id"] for f in await online.messages(1)] == [first]
+    leaving = await cluster.connect(user, since=first)
+    await leaving.until("resumed")
+    never_routed = IdGenerator().next_id()
+    get_store().insert_messages([{"id": never_routed, "to": [user], "data": "never routed"}])
+    await asyncio.sleep(2.5)  # more than RESUME_OVERLAP_MS
+    later = await cluster.collect(user, "later")
+    assert [f["id"] for f in await leaving.messages(1)] == [later]
+    leaving.close()
+    frames = await online.messages(2, timeout=3 * REDELIVER_AFTER + 10 * HOUSEKEEPING_SECONDS)
+    assert never_routed in [f["id"] for f in frames], frames  # swept, redelivered, acked
+    await asyncio.sleep(1.0)
+
+    back = await cluster.connect(user, since=later)
+    replayed, _ = await back.until("resumed", 20)
+    assert never_routed in [f["id"] for f in replayed if f["type"] == "message"], replayed
+    online.close()
     back.close()
 
 

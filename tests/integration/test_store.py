@@ -90,7 +90,8 @@ def test_a_message_is_one_document_whatever_its_recipients(store):
     store.insert_messages([make(gen, "*"), make(gen, ["ann", "bob", "cid"])])
 
     assert store.database["messages"].count_documents({}) == 2
-    assert set(store.database.list_collection_names()) <= {"messages", "receipts", "keys"}
+    assert set(store.database.list_collection_names()) <= {"messages", "receipts", "keys", "late"}
+    assert store.database["late"].count_documents({}) == 0  # nothing was routed late
 
 
 def test_replay_leaves_out_messages_up_to_and_including_after_id(store):
@@ -274,22 +275,23 @@ def test_purge_removes_records_older_than_the_retention_and_keeps_newer_ones(sto
     assert store.status(new[0]["id"])["recipients"]["alice"]["acked"] > OLD
 
 
-def test_messages_routed_late_are_listed_from_a_routing_time_with_the_latest_time_kept(store):
+def test_messages_routed_late_are_listed_per_user_from_a_routing_time_with_the_latest_time_kept(store):
     gen = IdGenerator()
-    one, everyone = make(gen, ["alice", "bob"]), make(gen, "*")
-    store.insert_messages([one, everyone])
+    one, everyone, other = make(gen, ["alice", "bob"]), make(gen, "*"), make(gen, ["carol"])
+    store.insert_messages([one, everyone, other])
     now = time.time()
 
-    store.mark_late([{"id": one["id"], "to": one["to"]}], now - 10)
+    store.mark_late([{"id": one["id"], "to": one["to"]}, {"id": other["id"], "to": other["to"]}], now - 10)
     store.mark_late([{"id": everyone["id"], "to": "*"}], now - 5)
     store.mark_late([{"id": one["id"], "to": one["to"]}], now - 20)  # an earlier time does not replace a later one
 
-    assert sorted(store.late_since(int((now - 60) * 1000))) == sorted([
+    assert sorted(store.late_since(int((now - 60) * 1000), ["bob", "dave"])) == sorted([
         (one["id"], ["alice", "bob"], int((now - 10) * 1000)), (everyone["id"], "*", int((now - 5) * 1000))])
-    assert store.late_since(int((now - 7) * 1000)) == [(everyone["id"], "*", int((now - 5) * 1000))]
+    assert sorted(mid for mid, _, _ in store.late_since(int((now - 60) * 1000), ["carol"])) == sorted([other["id"], everyone["id"]])
+    assert store.late_since(int((now - 7) * 1000), ["alice"]) == [(everyone["id"], "*", int((now - 5) * 1000))]
     store.mark_late([{"id": one["id"], "to": one["to"]}], now)  # routed late again, later
-    assert sorted(mid for mid, _, _ in store.late_since(int((now - 1) * 1000))) == [one["id"]]
-    assert store.late_since(int((now + 1) * 1000)) == []
+    assert sorted(mid for mid, _, _ in store.late_since(int((now - 1) * 1000), ["alice"])) == [one["id"]]
+    assert store.late_since(int((now + 1) * 1000), ["alice", "bob", "carol"]) == []
 
 
 def test_purge_removes_the_records_of_old_messages_routed_late(store):
@@ -299,7 +301,7 @@ def test_purge_removes_the_records_of_old_messages_routed_late(store):
 
     store.purge()
 
-    assert [mid for mid, _, _ in store.late_since(0)] == [new["id"]]
+    assert [mid for mid, _, _ in store.late_since(0, ["alice"])] == [new["id"]]
 
 
 def test_purge_measures_age_from_the_given_now(store):

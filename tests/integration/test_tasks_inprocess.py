@@ -548,6 +548,43 @@ def test_a_batch_bigger_than_one_broker_message_should_carry_goes_to_its_node_in
     assert [e["id"] for p in published for e in p["envelopes"]] == [m["id"] for m in messages]
 
 
+def test_a_hand_off_too_big_for_one_broker_message_is_one_task_naming_the_messages_whose_data_dispatch_reads(own_routes, broker, monkeypatch):
+    """Collect could not route (the routing Redis down) a batch bigger than one broker message
+    should be: handed to tasks.dispatch in several tasks, it arrived out of order (each retries on
+    its own), so it goes as one task naming the messages, and Dispatch reads their data from the
+    store.  (Non-ASCII data: kombu's json would have escaped it to up to three times its size.)"""
+    import base64
+
+    import tasks.collect as collect_module
+    from tasks.dispatch import dispatch as dispatch_task
+    from tasks.queues import MAX_PUBLISH_BYTES
+
+    node, user = fake_node(), f"handed-{uuid.uuid4().hex[:6]}"
+    lease(own_routes, node, [user])
+    gen, data = IdGenerator(), "é" * (settings.MAX_MESSAGE_BYTES // 2 - 10)
+    docs = [{"id": gen.next_id(), "to": [user], "data": data, "ts": time.time()} for _ in range(2 * MAX_PUBLISH_BYTES // settings.MAX_MESSAGE_BYTES)]
+    get_store().insert_messages(docs)
+    queue = f"handed-off-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setattr(collect_module, "DISPATCH_QUEUE", queue)
+
+    def routing_redis_down(_docs):
+        raise redis_lib.ConnectionError("the routing Redis does not answer")
+
+    monkeypatch.setattr(collect_module, "route", routing_redis_down)
+    collect_module._hand_off(docs)
+
+    [raw] = broker.lrange(queue, 0, -1)
+    broker.delete(queue)
+    message = json.loads(raw)
+    body = base64.b64decode(message["body"]) if message["properties"].get("body_encoding") == "base64" else message["body"]
+    assert len(body) < MAX_PUBLISH_BYTES
+    [handed], _, _ = json.loads(body)
+    assert handed == [{"id": doc["id"], "to": doc["to"]} for doc in docs]
+    dispatch_task.run(handed)
+    published = drain(broker, node, expect=2)
+    assert [(e["id"], e["data"]) for p in published for e in p["envelopes"]] == [(doc["id"], data) for doc in docs]
+
+
 def test_handing_back_a_dead_nodes_queue_longer_than_one_round_takes_all_of_it_before_deleting_it(broker):
     """``tasks.reclaim.hand_back`` reads a queue ``limit`` messages at a time; it used to read one
     round only and then delete the queue with the rest in it."""
