@@ -59,6 +59,7 @@ from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
 from wsnode.revocations import RecentRevocations, RevocationListener
+from wsnode.addressclaim import AddressClaim
 from wsnode.registry import NODES_KEY, Leases
 from wsnode.session import Session
 from wsnode.tokenwatch import TokenWatch
@@ -157,6 +158,7 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
             settings.REDIS_URL, max_connections=REDIS_MAX_CONNECTIONS, timeout=5, socket_timeout=5, socket_connect_timeout=5,
             client_name=f"wsnode:{self.address}"))  # named in Redis' CLIENT LIST
         self.leases = Leases(self.redis, self.address, settings.LEASE_TTL)
+        self.claim = AddressClaim(self.redis, self.address, settings.LEASE_TTL)
         #: Leases of users whose first connection here opened: one pipeline for all who opened meanwhile.
         self._new_leases: Coalescer[str, None] = Coalescer(self._register_new_leases)
         #: With ``MAX_USER_CONNECTS``, every new connection instead (its user's, one item each): its
@@ -233,6 +235,9 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
         # use would otherwise consume the first one's queue before failing.  Connections wait in
         # the listen backlog until the server takes the sockets, once the consumer runs.
         sockets = self._bind()
+        # The address before the lease and the queue: a node of another host given the same
+        # NODE_HOST:PORT would read this one's queue (wsnode.addressclaim).
+        await self._claim_address()
         # The lease before the queue: housekeeping, deleting the queue of the node this address had
         # before, reads the lease after the deletion and declares the queue again for a node that
         # holds it (tasks.reclaim._delete): a node whose lease it missed declares its queue after.
@@ -263,6 +268,30 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
                 f"node {self.address} cannot listen on {settings.BIND_ADDRESS}:{self.port}: {exc.strerror or exc}. "
                 f"If another process holds the port (another push node would share this one's queue, "
                 f"{self.address!r}), stop it or give this node another --port; check BIND_ADDRESS otherwise") from exc
+
+    async def _claim_address(self) -> None:
+        """Wait until this process holds its address's claim (:mod:`wsnode.addressclaim`), saying
+        every 10 s who holds it meanwhile.  Redis unavailable: the node starts without it, as it
+        starts without its leases, and the renewals take it."""
+        waited = 0
+        while True:
+            try:
+                other = await self.claim.take()
+            except RedisError as exc:
+                log.warning("node=%s could not claim its address in Redis (%s): starting without; the lease renewals claim it",
+                            self.address, redislogin.explain(exc))
+                return
+            if other is None:
+                if waited:
+                    log.info("node=%s claimed its address after waiting %d s", self.address, waited)
+                return
+            if waited % 10 == 0:
+                log.error("node=%s: %s holds this address (%s in Redis), so this node waits before it reads the address's queue. "
+                          "Two nodes with one NODE_HOST:PORT would split one queue: give each node its own NODE_HOST (the address "
+                          "Dispatch reaches it at) or --port. A node killed without draining holds it for up to LEASE_TTL=%g s",
+                          self.address, other, self.claim.key, settings.LEASE_TTL)
+            await asyncio.sleep(1.0)
+            waited += 1
 
     def _node_back(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether a node holds this node's address again, for the hand-back of its queue at
@@ -298,6 +327,10 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
         loop = asyncio.get_running_loop()
         if self._consumer is not None:
             await loop.run_in_executor(None, self._consumer.stop)
+        try:  # the queue is no longer read here: a node started again on the address may read it
+            await self.claim.give_up()
+        except RedisError as exc:
+            log.warning("node=%s could not give up its address's claim (%s); it ends within %.0f s", self.address, exc, settings.LEASE_TTL)
         try:
             node_back = functools.partial(self._node_back, loop) if released else None
             handed = await asyncio.wait_for(loop.run_in_executor(None, functools.partial(

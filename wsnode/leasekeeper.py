@@ -7,7 +7,7 @@ so that they resume with ``since`` instead of missing what Dispatch could not ro
 
 :class:`LeaseKeeper` is a part of :class:`wsnode.app.PushNode` (a mixin, as
 :class:`wsnode.tokenwatch.TokenWatch`), written apart because it is one concept: it uses the node's
-``hub``, ``leases`` (:class:`wsnode.registry.Leases`), ``metrics``, ``address``, ``draining``,
+``hub``, ``leases`` (:class:`wsnode.registry.Leases`), ``claim`` (:class:`wsnode.addressclaim.AddressClaim`), ``metrics``, ``address``, ``draining``,
 ``connect_rate``, ``redis_ok``, ``redis_refused``, ``_redis_failed`` and the lease state that
 :class:`~wsnode.app.PushNode` sets up (``_lease_writes``, ``_leasing``, ``_leases_until``).
 Loop thread only.
@@ -139,6 +139,10 @@ class LeaseKeeper:
                     return
                 started = time.monotonic()
                 lapsed = await self.leases.renew(self.hub.users())
+                if (other := await self.claim.take()) is not None:
+                    log.error("node=%s: %s holds this node's address in Redis (%s): two nodes with one NODE_HOST:PORT split one "
+                              "queue, each delivering only what it reads; give each node its own NODE_HOST or --port",
+                              self.address, other, self.claim.key)
                 # Before the new end: a lease that ended before this write (Redis did not answer
                 # for LEASE_TTL) left a gap in which Dispatch skipped its users.
                 self._check_leases()

@@ -54,6 +54,44 @@ async def test_sigterm_closes_clients_with_1001_and_releases_the_node_leases(clu
     assert all(cluster.routes.zscore(route_key(f"sigterm-{i}"), address) is None for i in range(3))
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the claim is in Redis whatever the broker
+async def test_a_second_node_given_the_same_address_waits_for_the_first_to_drain_instead_of_splitting_its_queue(cluster):
+    """Two hosts that both left NODE_HOST at its default, with the same --port (here two loopback
+    addresses of this host): both read one queue, each delivering only the messages it read, to
+    its own connections; the others reached their users only by redelivery.  Nothing said so."""
+    first = cluster.start_node()
+    user = f"one-address-{first.port}"
+    client = await cluster.connect(user, first.port)
+    log_path = cluster._log(f"node-{first.port}-twin")
+    twin = launcher.Service(f"node-{first.port}-twin", [sys.executable, "-m", "wsnode", "--port", str(first.port)],
+                            {**cluster.env, "BIND_ADDRESS": "127.0.0.2"}, log_path=log_path).start()
+    cluster.services.append(twin)
+    try:
+        await asyncio.to_thread(twin.wait_log, "holds this address", 20)
+        sent = [await cluster.collect(user, n) for n in range(10)]
+        assert [f["id"] for f in await client.messages(10, timeout=5)] == sent, "the twin read some of the first node's messages"
+        assert "consuming queue" not in log_path.read_text()
+
+        await asyncio.to_thread(first.terminate, 15)
+        await asyncio.to_thread(twin.wait_log, "claimed its address after waiting", 20)
+        await asyncio.to_thread(twin.wait_log, "consuming queue", 20)
+    finally:
+        twin.terminate(timeout=15)
+    assert "claimed its address after waiting" in log_path.read_text()
+
+
+async def test_a_node_restarted_on_this_host_after_sigkill_takes_its_address_at_once(cluster):
+    """The claim of a process of this host that is gone does not hold its successor back."""
+    node = cluster.start_node()
+    port = node.port
+    node.kill()
+    started = time.monotonic()
+    again = cluster.start_node(port)
+    assert time.monotonic() - started < LEASE_TTL + 10
+    assert "holds this address" not in again.log_tail(200)
+    await asyncio.to_thread(again.terminate, 15)
+
+
 async def test_a_drained_node_hands_back_its_empty_queue_and_housekeeping_forgets_it(cluster):
     """On the Redis broker an empty queue has no key, and the passive declaration that read its
     length raised 404 NOT_FOUND: the drain's hand-back failed, and so did every housekeeping run
