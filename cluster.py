@@ -36,6 +36,7 @@ from pathlib import Path
 
 import launcher
 import startup
+from wsnode import addressclaim
 
 with startup.exit_on_bad_settings("cluster.py", __name__ == "__main__"):
     import redislogin
@@ -77,6 +78,62 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+#: The key a running cluster claims in each Redis it uses that answered already (REDIS_URL's, and a
+#: Redis BROKER_URL's), for ``CLAIM_SECONDS``, renewed while it runs.
+CLAIM_KEY = "push:cluster"
+CLAIM_SECONDS = 30
+
+
+class RedisClaims:
+    """This cluster's claims on the Redis servers it shares with whatever else uses them.
+
+    Two clusters on one Redis (a second one started with other ports, as the busy-port message
+    said, but the same system Redis) share the ``collect`` queue and the routing registry: each
+    worker stores what it takes in its own ``DATA_DIR``, and half of each cluster's messages went
+    to the other's store and nodes, silently.  So a cluster claims the Redis it uses, and a second
+    one stops at once, naming the first.  A claim of a process of this host that is gone (killed
+    with SIGKILL) is taken over."""
+
+    def __init__(self, data_dir: Path, auth_port: int) -> None:
+        self.value = addressclaim.claim_value(socket.gethostname(), data=str(data_dir), auth_port=auth_port)
+        self.held: list[tuple[str, object]] = []
+
+    def take(self, variable: str, url: str) -> None:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        take = client.register_script(addressclaim.TAKE)
+        found = take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000])
+        if found is not None and addressclaim.gone_from(found, socket.gethostname(), addressclaim.process_alive):
+            client.register_script(addressclaim.GIVE_UP)(keys=[CLAIM_KEY], args=[found])
+            found = take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000])
+        if found is not None:
+            other = json.loads(found) if found.startswith(b"{") else {}
+            raise launcher.LauncherError(
+                f"another cluster uses the Redis at {variable}={settings.redact(url)} "
+                f"({addressclaim.holder(found)}, data in {other.get('data', '?')}, auth on port {other.get('auth_port', '?')}): "
+                "two clusters on one Redis share its queues and routes and lose each other's messages. Stop the other one, "
+                "or give this one a Redis of its own: REDIS_URL and BROKER_URL to another Redis (or to one nothing answers at, "
+                "for a private one), and its own DATA_DIR")
+        self.held.append((url, client))
+
+    def renew(self) -> None:
+        """Extend the claims; a Redis that does not answer for a moment is left to the next renewal."""
+        for url, client in self.held:
+            try:
+                client.register_script(addressclaim.TAKE)(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000])
+            except Exception:  # noqa: BLE001 - renewed at the next round; the claim lasts CLAIM_SECONDS
+                pass
+
+    def give_up(self) -> None:
+        for url, client in self.held:
+            try:
+                client.register_script(addressclaim.GIVE_UP)(keys=[CLAIM_KEY], args=[self.value])
+            except Exception:  # noqa: BLE001 - it ends by itself within CLAIM_SECONDS
+                pass
+        self.held.clear()
+
+
 def busy_ports(ports: list[int]) -> list[int]:
     """The ports in ``ports`` that something on 127.0.0.1 already listens on (or that repeat)."""
     busy = [port for i, port in enumerate(ports) if port in ports[:i]]
@@ -102,6 +159,7 @@ class Cluster:
         self.redis: launcher.RedisServer | None = None  # only when private
         self.services: dict[str, launcher.Service] = {}  # name -> Service, in start order
         self.broker_url = self.redis_url = ""
+        self.claims = RedisClaims(self.data_dir, self.auth_port)
 
     def say(self, message: str) -> None:
         try:
@@ -121,7 +179,8 @@ class Cluster:
         if busy:
             raise launcher.LauncherError(
                 f"port(s) {', '.join(map(str, busy))} already in use on 127.0.0.1 (another cluster still running?): "
-                "stop what holds them, or choose others with AUTH_PORT=..., --nodes ..., --flower-port ... and --demo-port ...")
+                "stop what holds them, or choose others with AUTH_PORT=..., --nodes ..., --flower-port ... and --demo-port ..., "
+                "and for a second cluster also REDIS_URL, BROKER_URL and DATA_DIR of its own (see the README's quick start)")
         self._check_data_dir()
         env = self._start_redis()
         self.say(f"starting auth on port {self.auth_port}")
@@ -156,6 +215,9 @@ class Cluster:
             raise launcher.LauncherError(redislogin.message([("REDIS_URL", settings.REDIS_URL, *refused)]))
         if redis_answers(settings.REDIS_URL):
             self._check_broker()
+            self.claims.take("REDIS_URL", settings.REDIS_URL)
+            if urllib.parse.urlsplit(settings.BROKER_URL).scheme in ("redis", "rediss"):
+                self.claims.take("BROKER_URL", settings.BROKER_URL)
             self.say(f"using the Redis at {settings.redact(settings.REDIS_URL)}")
             self.broker_url, self.redis_url = settings.BROKER_URL, settings.REDIS_URL
             return launcher.cluster_env(settings.REDIS_URL, self.data_dir, self.auth_port, broker_url=self.broker_url,
@@ -168,6 +230,8 @@ class Cluster:
         # reader's own: the business code they wrote sends there); else the private Redis's db 0.
         scheme = urllib.parse.urlsplit(settings.BROKER_URL).scheme
         keep = scheme in ("amqp", "amqps", "pyamqp") or (scheme in ("redis", "rediss") and redis_answers(settings.BROKER_URL))
+        if keep and scheme in ("redis", "rediss"):
+            self.claims.take("BROKER_URL", settings.BROKER_URL)
         self.broker_url = settings.BROKER_URL if keep else self.redis.url(0)
         self.redis_url = self.redis.url(1)
         return launcher.cluster_env(self.redis.url(0), self.data_dir, self.auth_port, broker_url=self.broker_url)
@@ -244,7 +308,11 @@ class Cluster:
         the others (the demo page shows it), so killing a node is something to try, not a failure.
         """
         reported: set[str] = set()
+        renewed = time.monotonic()
         while True:
+            if time.monotonic() - renewed > CLAIM_SECONDS / 3:
+                self.claims.renew()
+                renewed = time.monotonic()
             nodes = [name for name in self.services if name.startswith("node-")]
             for name, service in self.processes():
                 if service.alive or name in reported:
@@ -288,6 +356,7 @@ class Cluster:
             code = service.kill() if hurry.is_set() else service.terminate(STOP_TIMEOUT.get(name, DEFAULT_STOP_TIMEOUT), hurry)
             if was_alive:
                 self.say(f"stopped {name} (exit code {code})")
+        self.claims.give_up()
         if self.redis is not None:
             if hurry.is_set():
                 self.redis.kill()

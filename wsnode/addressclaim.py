@@ -31,7 +31,7 @@ PREFIX = "push:address:"
 
 #: Take or extend the claim: set when absent or ours, else leave it.  Returns the value found when
 #: it is another's, else nil.  KEYS: the claim.  ARGV: our value, its length in milliseconds.
-_TAKE = """
+TAKE = """
 local found = redis.call('get', KEYS[1])
 if found and found ~= ARGV[1] then return found end
 redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
@@ -39,7 +39,7 @@ return false
 """
 
 #: Delete the claim when it is ours.  KEYS: the claim.  ARGV: our value.
-_GIVE_UP = """
+GIVE_UP = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
@@ -47,6 +47,11 @@ return 0
 
 def claim_key(address: str) -> str:
     return PREFIX + address
+
+
+def claim_value(host: str, **more) -> str:
+    """This process's value for a claim: its host, its process id, a random token (and ``more``)."""
+    return json.dumps({"host": host, "pid": os.getpid(), "token": secrets.token_hex(8), **more}, sort_keys=True)
 
 
 def holder(value: bytes | str) -> str:
@@ -86,9 +91,9 @@ class AddressClaim:
         self.key = claim_key(address)
         self.ttl_ms = max(1, int(ttl * 1000))
         self.host = socket.gethostname()
-        self.value = json.dumps({"host": self.host, "pid": os.getpid(), "token": secrets.token_hex(8)}, sort_keys=True)
-        self._take = redis.register_script(_TAKE)
-        self._give_up = redis.register_script(_GIVE_UP)
+        self.value = claim_value(self.host)
+        self._take = redis.register_script(TAKE)
+        self._give_up = redis.register_script(GIVE_UP)
 
     async def take(self) -> str | None:
         """Take or extend the claim; None when it is this process's now, else who holds it."""

@@ -15,6 +15,7 @@ import urllib.request
 
 import psutil
 import pytest
+import redis as redis_lib
 
 import launcher
 from tests.integration.wsclient import Client
@@ -79,6 +80,36 @@ async def test_the_cluster_command_delivers_the_banners_message_and_sighup_stops
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_second_cluster_on_the_redis_of_a_running_one_stops_at_once_naming_it(tmp_path, redis_server):
+    """Two clusters on one Redis (the second given other ports, as the busy-port message said,
+    but the same system Redis) shared its queues and routes: each worker stored what it took in
+    its own DATA_DIR, and half of each cluster's messages never reached the other's browsers."""
+    redis_url, broker_url = redis_server.url(11), redis_server.url(12)
+
+    def cluster_command(name: str) -> launcher.Service:
+        env = launcher.cluster_env(redis_url, tmp_path / name, launcher.free_port(), broker_url=broker_url, REDIS_URL=redis_url)
+        return launcher.Service(name, [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
+                                env, log_path=tmp_path / f"{name}.log").start()
+
+    first = cluster_command("first")
+    try:
+        first.wait_log(READY, timeout=90)
+        second = cluster_command("second")
+        try:
+            assert second.wait(30) == 1, second.log_tail(60)
+            out = second.log_tail(60)
+            assert f"another cluster uses the Redis at REDIS_URL={redis_url}" in out and "give this one a Redis of its own" in out, out
+            assert str(tmp_path / "first") in out, out
+            assert "starting auth" not in out, out
+        finally:
+            if second.alive:
+                second.terminate(timeout=90)
+        assert first.alive
+    finally:
+        first.terminate(timeout=90)
+    assert not redis_lib.Redis.from_url(redis_url).exists("push:cluster"), "the stopped cluster left its claim"
 
 
 def test_the_cluster_command_names_broker_url_at_once_when_only_redis_url_answers(tmp_path, redis_server):
