@@ -43,6 +43,7 @@ import os
 import time
 import uuid
 
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 
 import redislogin
@@ -264,9 +265,11 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
     def attempt() -> None:
         try:
             route(docs)
-        except DISPATCH_RETRYABLE as exc:
-            log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs),
-                        redislogin.explain(exc, redislogin.variables_of(exc)))
+        except (*DISPATCH_RETRYABLE, SoftTimeLimitExceeded) as exc:
+            # The soft time limit (--soft-time-limit) too: the messages are stored, and failing
+            # their requests would have business code send them again under new ids.
+            why = "the soft time limit" if isinstance(exc, SoftTimeLimitExceeded) else redislogin.explain(exc, redislogin.variables_of(exc))
+            log.warning("dispatching %d stored messages inline failed (%s); queued for tasks.dispatch", len(docs), why)
             # send_task, not apply_async: under task_always_eager that runs tasks.dispatch here,
             # which fails the same way, is retried eagerly and returns a failed result without
             # raising, so the request succeeded with its messages neither routed nor queued.

@@ -585,6 +585,29 @@ def test_a_hand_off_too_big_for_one_broker_message_is_one_task_naming_the_messag
     assert [(e["id"], e["data"]) for p in published for e in p["envelopes"]] == [(doc["id"], data) for doc in docs]
 
 
+def test_the_soft_time_limit_while_routing_stored_messages_queues_them_for_dispatch_instead_of_failing_their_requests(broker, monkeypatch):
+    """``--soft-time-limit`` raised in the routing of stored messages failed their requests: the
+    messages were delivered anyway (the sweep), and business code that sent them again stored
+    them twice, under new ids."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    import tasks.collect as collect_module
+
+    queue = f"soft-limit-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setattr(collect_module, "DISPATCH_QUEUE", queue)
+
+    def soft_limit(_docs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(collect_module, "route", soft_limit)
+    docs = [{"id": IdGenerator().next_id(), "to": ["soft"], "data": 1, "ts": time.time()}]
+    collect_module._hand_off(docs)
+
+    [raw] = broker.lrange(queue, 0, -1)
+    broker.delete(queue)
+    assert json.loads(raw)["headers"]["task"] == "tasks.dispatch"
+
+
 def test_handing_back_a_dead_nodes_queue_longer_than_one_round_takes_all_of_it_before_deleting_it(broker):
     """``tasks.reclaim.hand_back`` reads a queue ``limit`` messages at a time; it used to read one
     round only and then delete the queue with the rest in it."""
