@@ -26,6 +26,7 @@ running?).
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import json
 import logging
 import os
@@ -55,6 +56,22 @@ AUTH_TIMEOUT = 10.0
 AUTH_URL_SHOWN = settings.redact(settings.AUTH_URL)
 
 
+def local_host(host: str) -> bool:
+    """Whether a request's ``Host`` names the demo by an IP address or ``localhost``, as one opens
+    it (a name DNS could point anywhere, an attacker's rebound to this host included, is not).  Pure."""
+    try:
+        name = urllib.parse.urlsplit(f"//{host}").hostname or ""
+    except ValueError:  # "[" and the like: no host at all
+        return False
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class JsonHandler(tornado.web.RequestHandler):
     def initialize(self, demo: Demo) -> None:
         self.demo = demo
@@ -70,6 +87,11 @@ class JsonHandler(tornado.web.RequestHandler):
         or a ``no-cors`` fetch of ``text/plain``.  (curl and scripts send no ``Origin``.)"""
         if self.request.method != "POST":
             return
+        if not local_host(self.request.host):
+            # DNS rebinding: a page of another site whose name now resolves here is same-origin
+            # by its Host, and could read the tokens it asks for.
+            raise tornado.web.HTTPError(403, reason=f"Host {self.request.host[:100]!r} refused: open the demo at its address "
+                                                    "(an IP address, or localhost)")
         origin = self.request.headers.get("Origin")
         if origin is not None and urllib.parse.urlsplit(origin).netloc != self.request.host:
             raise tornado.web.HTTPError(403, reason=f"cross-origin request from {origin[:100]!r} refused: the demo's API answers its own page only")

@@ -135,6 +135,9 @@ async def test_the_api_refuses_posts_from_another_origin_and_bodies_not_sent_as_
     assert post(demo.url + "/api/token", json.dumps({"user": user}).encode(), {"Origin": "http://evil.example", "Content-Type": "application/json"})[0] == 403
     status, answer = post(demo.url + "/api/send", body, {"Origin": "http://evil.example", "Content-Type": "text/plain"})
     assert status == 403 and "cross-origin request from 'http://evil.example' refused" in answer["error"]
+    status, answer = post(demo.url + "/api/token", json.dumps({"user": user}).encode(),
+                          {"Host": f"evil.example:{demo.port}", "Origin": f"http://evil.example:{demo.port}", "Content-Type": "application/json"})
+    assert status == 403 and "Host 'evil.example" in answer["error"], answer  # DNS rebinding: same-origin by its Host
     status, answer = post(demo.url + "/api/send", body, {"Content-Type": "text/plain;charset=UTF-8"})
     assert status == 415 and "Content-Type: application/json" in answer["error"]
     assert await client.quiet(1.0) == []
