@@ -95,7 +95,7 @@ class RedisClaims:
     with SIGKILL) is taken over."""
 
     def __init__(self, data_dir: Path, auth_port: int) -> None:
-        self.value = addressclaim.claim_value(socket.gethostname(), data=str(data_dir), auth_port=auth_port)
+        self.value = addressclaim.claim_value(data=str(data_dir), auth_port=auth_port)
         self.held: list[tuple[str, object]] = []
 
     def take(self, variable: str, url: str) -> None:
@@ -103,10 +103,10 @@ class RedisClaims:
 
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
         take = client.register_script(addressclaim.TAKE)
-        found = take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000])
-        if found is not None and addressclaim.gone_from(found, socket.gethostname(), addressclaim.process_alive):
-            client.register_script(addressclaim.GIVE_UP)(keys=[CLAIM_KEY], args=[found])
-            found = take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000])
+        found = take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000, "1"])
+        if found is not None and addressclaim.gone(found):
+            client.register_script(addressclaim.GIVE_UP)(keys=[CLAIM_KEY], args=[found, addressclaim.RELEASED_MS])
+            found = take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000, "1"])
         if found is not None:
             other = json.loads(found) if found.startswith(b"{") else {}
             raise launcher.LauncherError(
@@ -121,14 +121,14 @@ class RedisClaims:
         """Extend the claims; a Redis that does not answer for a moment is left to the next renewal."""
         for url, client in self.held:
             try:
-                client.register_script(addressclaim.TAKE)(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000])
+                client.register_script(addressclaim.TAKE)(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000, "1"])
             except Exception:  # noqa: BLE001 - renewed at the next round; the claim lasts CLAIM_SECONDS
                 pass
 
     def give_up(self) -> None:
         for url, client in self.held:
             try:
-                client.register_script(addressclaim.GIVE_UP)(keys=[CLAIM_KEY], args=[self.value])
+                client.register_script(addressclaim.GIVE_UP)(keys=[CLAIM_KEY], args=[self.value, addressclaim.RELEASED_MS])
             except Exception:  # noqa: BLE001 - it ends by itself within CLAIM_SECONDS
                 pass
         self.held.clear()

@@ -8,14 +8,18 @@ at all once another device of theirs acked.  Binding the port catches a second n
 host only.
 
 So each node process claims its address before it writes its lease or reads its queue: the key
-``push:address:<address>`` holds a value of its own (the host, the process id and a random
-token) for ``LEASE_TTL``, renewed with the node's leases and deleted by its drain.  A node that
+``push:address:<address>`` holds a value of its own (where it runs, its process id and a random
+token) for ``LEASE_TTL``, renewed with the node's leases and released by its drain once its
+consumer stopped (a node waiting for the address takes a released claim at once).  A node that
 finds another's value there waits, saying so, until it can take it: another node lives on the
 address (give each its own ``NODE_HOST:PORT``), or one was killed without draining, whose claim
-ends within ``LEASE_TTL`` (at once when it was a process of this host that is gone: a node
-restarted where it was killed takes its address without waiting).  A renewal that finds another's value logs an error every time (the
-claim lapsed while Redis did not answer, and another node took it).  A claim Redis lost (a
-restart, a failover) is taken again.
+ends within ``LEASE_TTL`` (at once when it was a process of this host, boot and process-id
+namespace that is gone: a node restarted where it was killed takes its address without
+waiting; one restarted in a new container waits).  A renewal that finds another's value logs an
+error every time (the claim lapsed while Redis did not answer, and another node took it).  A
+claim Redis lost (a restart, a failover) is taken again by its holder at its next renewal; a
+node waiting for the address takes an absent claim only once it stayed absent longer than a
+renewal's interval, so that it does not take a living node's.
 
 asyncio, loop thread only; the claim's Redis client is the node's.
 """
@@ -28,19 +32,26 @@ import secrets
 import socket
 
 PREFIX = "push:address:"
+#: What a drain leaves in its claim for ``RELEASED_MS``: free at once, where a claim Redis lost (a
+#: restart, a failover) may still be a living node's, which takes it again at its next renewal.
+RELEASED = "released"
+RELEASED_MS = 5000
 
-#: Take or extend the claim: set when absent or ours, else leave it.  Returns the value found when
-#: it is another's, else nil.  KEYS: the claim.  ARGV: our value, its length in milliseconds.
+#: Take or extend the claim: set when ours, released, or (ARGV[3] '1') absent.  Returns nil when
+#: it is ours now, "" when absent and not taken, else the value found (another's).  KEYS: the
+#: claim.  ARGV: our value, its length in milliseconds, '1' to take an absent claim.
 TAKE = """
 local found = redis.call('get', KEYS[1])
-if found and found ~= ARGV[1] then return found end
+if found and found ~= ARGV[1] and found ~= 'released' then return found end
+if not found and ARGV[3] ~= '1' then return '' end
 redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
 return false
 """
 
-#: Delete the claim when it is ours.  KEYS: the claim.  ARGV: our value.
+#: Release the claim when it holds ARGV[1] (ours, or a gone process's).  KEYS: the claim.  ARGV:
+#: that value, how long the release lasts in milliseconds.
 GIVE_UP = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], 'released', 'px', ARGV[2]) end
 return 0
 """
 
@@ -49,9 +60,29 @@ def claim_key(address: str) -> str:
     return PREFIX + address
 
 
-def claim_value(host: str, **more) -> str:
-    """This process's value for a claim: its host, its process id, a random token (and ``more``)."""
-    return json.dumps({"host": host, "pid": os.getpid(), "token": secrets.token_hex(8), **more}, sort_keys=True)
+def _read(path: str) -> str:
+    try:
+        with open(path) as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+def here() -> dict:
+    """Where this process runs, as far as another process's claim can tell it apart: the host
+    name, the kernel's boot, and the process-id namespace (containers of one host name, such as a
+    container restarted with its name, each have their own)."""
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = 0
+    return {"host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
+
+
+def claim_value(**more) -> str:
+    """This process's value for a claim: where it runs (:func:`here`), its process id, a random
+    token (and ``more``)."""
+    return json.dumps({**here(), "pid": os.getpid(), "token": secrets.token_hex(8), **more}, sort_keys=True)
 
 
 def holder(value: bytes | str) -> str:
@@ -64,18 +95,21 @@ def holder(value: bytes | str) -> str:
         return f"{text[:80]!r}"
 
 
-def gone_from(value: bytes | str, host: str, alive) -> bool:
-    """Whether a claim's value names a process of ``host`` that ``alive(pid)`` says is gone."""
+def gone_from(value: bytes | str, where: dict, pid: int, alive) -> bool:
+    """Whether a claim's value (not this process's) names a process that is gone: one of the same
+    host, boot and process-id namespace as ``where`` that ``alive(pid)`` says is gone, or whose
+    process id is this process's own ``pid`` (its predecessor, with the same id in a restarted
+    container's namespace).  A process elsewhere cannot be told gone: its claim is waited out.  Pure."""
     try:
         found = json.loads(value)
-        return found["host"] == host and isinstance(found["pid"], int) and not alive(found["pid"])
+        if any(found[key] != where[key] for key in ("host", "boot", "pidns")) or not isinstance(found["pid"], int):
+            return False
+        return found["pid"] == pid or not alive(found["pid"])
     except (ValueError, KeyError, TypeError):
         return False
 
 
 def process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,24 +119,38 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def gone(value: bytes | str) -> bool:
+    """:func:`gone_from` for this process."""
+    return gone_from(value, here(), os.getpid(), process_alive)
+
+
+#: :meth:`AddressClaim.take`'s answer when the claim is absent and was not taken.
+ABSENT = ""
+
+
 class AddressClaim:
     def __init__(self, redis, address: str, ttl: float) -> None:
         self.address = address
         self.key = claim_key(address)
         self.ttl_ms = max(1, int(ttl * 1000))
-        self.host = socket.gethostname()
-        self.value = claim_value(self.host)
+        self.value = claim_value()
         self._take = redis.register_script(TAKE)
         self._give_up = redis.register_script(GIVE_UP)
 
-    async def take(self) -> str | None:
-        """Take or extend the claim; None when it is this process's now, else who holds it."""
-        found = await self._take(keys=[self.key], args=[self.value, self.ttl_ms])
-        if found is not None and gone_from(found, self.host, process_alive):
-            await self._give_up(keys=[self.key], args=[found])  # its own value only: not one taken meanwhile
-            found = await self._take(keys=[self.key], args=[self.value, self.ttl_ms])
-        return None if found is None else holder(found)
+    async def take(self, absent_too: bool = True) -> str | None:
+        """Take or extend the claim: None when it is this process's now; :data:`ABSENT` when it
+        is absent and ``absent_too`` is False (a node that saw another's claim: Redis may have
+        lost that node's, which it takes again at its next renewal); else who holds it."""
+        args = [self.value, self.ttl_ms, "1" if absent_too else "0"]
+        found = await self._take(keys=[self.key], args=args)
+        if found and gone(found):
+            await self._give_up(keys=[self.key], args=[found, RELEASED_MS])  # that value only: not one taken meanwhile
+            found = await self._take(keys=[self.key], args=args)
+        if found is None:
+            return None
+        return ABSENT if found == b"" or found == "" else holder(found)
 
     async def give_up(self) -> None:
-        """Delete the claim if it is still this process's (the drain)."""
-        await self._give_up(keys=[self.key], args=[self.value])
+        """Release the claim if it is still this process's (the drain): a node waiting for the
+        address takes it at once."""
+        await self._give_up(keys=[self.key], args=[self.value, RELEASED_MS])

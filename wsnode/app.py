@@ -59,7 +59,7 @@ from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
 from wsnode.revocations import RecentRevocations, RevocationListener
-from wsnode.addressclaim import AddressClaim
+from wsnode.addressclaim import ABSENT, AddressClaim
 from wsnode.registry import NODES_KEY, Leases
 from wsnode.session import Session
 from wsnode.tokenwatch import TokenWatch
@@ -271,27 +271,44 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
 
     async def _claim_address(self) -> None:
         """Wait until this process holds its address's claim (:mod:`wsnode.addressclaim`), saying
-        every 10 s who holds it meanwhile.  Redis unavailable: the node starts without it, as it
-        starts without its leases, and the renewals take it."""
-        waited = 0
+        who holds it meanwhile: a warning at first (a node draining on the address releases it
+        once it stops reading its queue), an error every 10 s from then on.  Redis unavailable
+        before any other holder was seen: the node starts without it, as it starts without its
+        leases, and the renewals take it; after, it goes on waiting.  A claim absent after another
+        holder was seen (Redis lost it) is taken only once it stayed absent longer than that
+        holder's renewal interval."""
+        seen, absent_since, started = None, None, time.monotonic()
+        next_error = started + 10
+        renewal = settings.LEASE_TTL / 3 + 2
         while True:
+            waited = time.monotonic() - started
             try:
-                other = await self.claim.take()
+                other = await self.claim.take(absent_too=seen is None or (absent_since is not None and time.monotonic() - absent_since > renewal))
             except RedisError as exc:
-                log.warning("node=%s could not claim its address in Redis (%s): starting without; the lease renewals claim it",
-                            self.address, redislogin.explain(exc))
-                return
+                if seen is None:
+                    log.warning("node=%s could not claim its address in Redis (%s): starting without; the lease renewals claim it",
+                                self.address, redislogin.explain(exc))
+                    return
+                other = seen  # still waiting: Redis may have lost the holder's claim, not the holder
             if other is None:
-                if waited:
-                    log.info("node=%s claimed its address after waiting %d s", self.address, waited)
+                if seen is not None:
+                    log.info("node=%s claimed its address after waiting %.0f s", self.address, waited)
                 return
-            if waited % 10 == 0:
-                log.error("node=%s: %s holds this address (%s in Redis), so this node waits before it reads the address's queue. "
-                          "Two nodes with one NODE_HOST:PORT would split one queue: give each node its own NODE_HOST (the address "
-                          "Dispatch reaches it at) or --port. A node killed without draining holds it for up to LEASE_TTL=%g s",
-                          self.address, other, self.claim.key, settings.LEASE_TTL)
+            if other == ABSENT:
+                absent_since = absent_since or time.monotonic()
+            else:
+                absent_since = None
+                if seen is None:
+                    log.warning("node=%s: %s holds this address (%s in Redis): waiting for it; a node draining on the address "
+                                "releases it once it stops reading its queue", self.address, other, self.claim.key)
+                seen = other
+            if time.monotonic() >= next_error:
+                next_error += 10
+                log.error("node=%s: %s still holds this address (%s in Redis) after %.0f s, so this node waits before it reads "
+                          "the address's queue. Two nodes with one NODE_HOST:PORT would split one queue: give each node its own "
+                          "NODE_HOST (the address Dispatch reaches it at) or --port. A node killed without draining holds it for up "
+                          "to LEASE_TTL=%g s", self.address, seen, self.claim.key, waited, settings.LEASE_TTL)
             await asyncio.sleep(1.0)
-            waited += 1
 
     def _node_back(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether a node holds this node's address again, for the hand-back of its queue at

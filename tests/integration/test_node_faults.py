@@ -71,6 +71,12 @@ async def test_a_second_node_given_the_same_address_waits_for_the_first_to_drain
         sent = [await cluster.collect(user, n) for n in range(10)]
         assert [f["id"] for f in await client.messages(10, timeout=5)] == sent, "the twin read some of the first node's messages"
         assert "consuming queue" not in log_path.read_text()
+        # Redis loses the claim (a restart without persistence, a failover): the first node takes
+        # it again at its next renewal, before the twin, which saw it held, takes an absent one.
+        cluster.routes.delete(f"push:address:127.0.0.1:{first.port}")
+        await asyncio.sleep(3 * LEASE_TTL)
+        assert "consuming queue" not in log_path.read_text(), "the twin took a claim Redis lost while its holder lived"
+        assert json.loads(cluster.routes.get(f"push:address:127.0.0.1:{first.port}"))["pid"] == first.pid
 
         await asyncio.to_thread(first.terminate, 15)
         await asyncio.to_thread(twin.wait_log, "claimed its address after waiting", 20)
