@@ -109,7 +109,7 @@ def start_client(page: Page, name: str, url: str, user: str, ttl: int | None = N
     page.evaluate("""([name, url, user, ttl, options]) => {
         const client = new PushClient(Object.assign({
             url, onMessage: (data) => client.got.push(data),
-            getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify(ttl ? {user, ttl} : {user})}).then(r => r.json()).then(a => a.token),
+            getToken: () => fetch("api/token", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(ttl ? {user, ttl} : {user})}).then(r => r.json()).then(a => a.token),
         }, options));
         client.got = [];
         window[name] = client;
@@ -1070,7 +1070,7 @@ def test_push_js_gets_a_new_token_after_4401_and_stops_for_good_after_4500(clust
             const statuses = [];
             window.refreshed = new PushClient({
                 url, token: "not-a-token", onStatus: (s) => statuses.push(Object.assign({}, s)),
-                getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify({user})}).then(r => r.json()).then(a => a.token),
+                getToken: () => fetch("api/token", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({user})}).then(r => r.json()).then(a => a.token),
             });
             window.refreshed.statuses = statuses;
             window.refreshed.start();
@@ -1101,7 +1101,7 @@ def test_push_js_whose_get_token_gives_the_whole_auth_answer_opens_no_socket_and
     with blank_demo(cluster, pages) as (_, page):
         url = f"ws://127.0.0.1:{cluster.node_ports[0]}/ws"
         page.evaluate("""([url, user]) => {
-            window.whole = new PushClient({url, initialMs: 50, getToken: () => fetch("api/token", {method: "POST", body: JSON.stringify({user})}).then(r => r.json()),
+            window.whole = new PushClient({url, initialMs: 50, getToken: () => fetch("api/token", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({user})}).then(r => r.json()),
                                            onStatus: (s) => { if (s.state === "waiting") (window.whole.waits = window.whole.waits || []).push([s.code, s.reason]); }});
             window.whole.start();
         }""", [url, unique("whole")])
