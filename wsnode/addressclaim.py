@@ -40,9 +40,9 @@ RELEASED_MS = 5000
 #: Take or extend the claim: set when ours, released, or (ARGV[3] '1') absent.  Returns nil when
 #: it is ours now, "" when absent and not taken, else the value found (another's).  KEYS: the
 #: claim.  ARGV: our value, its length in milliseconds, '1' to take an absent claim.
-TAKE = """
+TAKE = f"""
 local found = redis.call('get', KEYS[1])
-if found and found ~= ARGV[1] and found ~= 'released' then return found end
+if found and found ~= ARGV[1] and found ~= '{RELEASED}' then return found end
 if not found and ARGV[3] ~= '1' then return '' end
 redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
 return false
@@ -50,8 +50,8 @@ return false
 
 #: Release the claim when it holds ARGV[1] (ours, or a gone process's).  KEYS: the claim.  ARGV:
 #: that value, how long the release lasts in milliseconds.
-GIVE_UP = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], 'released', 'px', ARGV[2]) end
+GIVE_UP = f"""
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], '{RELEASED}', 'px', ARGV[2]) end
 return 0
 """
 
@@ -98,8 +98,9 @@ def holder(value: bytes | str) -> str:
 def gone_from(value: bytes | str, where: dict, pid: int, alive) -> bool:
     """Whether a claim's value (not this process's) names a process that is gone: one of the same
     host, boot and process-id namespace as ``where`` that ``alive(pid)`` says is gone, or whose
-    process id is this process's own ``pid`` (its predecessor, with the same id in a restarted
-    container's namespace).  A process elsewhere cannot be told gone: its claim is waited out.  Pure."""
+    process id is this process's own ``pid`` (no other process of the namespace has it: that was
+    a predecessor's).  A process elsewhere (a container restarted in a new namespace included)
+    cannot be told gone: its claim is waited out.  Pure."""
     try:
         found = json.loads(value)
         if any(found[key] != where[key] for key in ("host", "boot", "pidns")) or not isinstance(found["pid"], int):
