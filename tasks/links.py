@@ -132,14 +132,14 @@ def retry_options(req) -> dict:
             options[option] = getattr(req, name)
     # Kept as Celery's own retry keeps them: a request sent again without its ``expires`` was
     # stored and delivered once the store was back, however long after it expired.
-    if (expires := (getattr(req, "request_dict", None) or {}).get("expires")) is not None:
+    request_dict = getattr(req, "request_dict", None) or {}
+    if (expires := request_dict.get("expires")) is not None:
         options["expires"] = expires
     if (priority := (getattr(req, "delivery_info", None) or {}).get("priority")) is not None:
         options["priority"] = priority
     # Also as Celery's retry (``Context.as_execution_options``): without its stamps a request sent
     # again was no longer revoked by ``revoke_by_stamped_headers``, and without its shadow it showed
     # under its task's name.  Celery sends each stamp as the option of its header's name.
-    request_dict = getattr(req, "request_dict", None) or {}
     stamped, stamps = request_dict.get("stamped_headers"), request_dict.get("stamps")
     if stamped and isinstance(stamps, dict):
         options["stamped_headers"] = list(stamped)
