@@ -96,17 +96,17 @@ class RedisClaims:
 
     def __init__(self, data_dir: Path, auth_port: int) -> None:
         self.value = addressclaim.claim_value(data=str(data_dir), auth_port=auth_port)
-        self.held: list[tuple[str, object]] = []
+        self.held: list[_Claim] = []
 
     def take(self, variable: str, url: str) -> None:
         import redis
 
         client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
-        take = client.register_script(addressclaim.TAKE)
-        found = take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000, "1"])
+        claim = _Claim(client.register_script(addressclaim.TAKE), client.register_script(addressclaim.GIVE_UP), self.value)
+        found = claim.take()
         if found is not None and addressclaim.gone(found):
-            client.register_script(addressclaim.GIVE_UP)(keys=[CLAIM_KEY], args=[found, addressclaim.RELEASED_MS])
-            found = take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000, "1"])
+            claim.give_up(found)
+            found = claim.take()
         if found is not None:
             other = json.loads(found) if found.startswith(b"{") else {}
             raise launcher.LauncherError(
@@ -115,23 +115,36 @@ class RedisClaims:
                 "two clusters on one Redis share its queues and routes and lose each other's messages. Stop the other one, "
                 "or give this one a Redis of its own: REDIS_URL and BROKER_URL to another Redis (or to one nothing answers at, "
                 "for a private one), and its own DATA_DIR")
-        self.held.append((url, client))
+        self.held.append(claim)
 
     def renew(self) -> None:
         """Extend the claims; a Redis that does not answer for a moment is left to the next renewal."""
-        for url, client in self.held:
+        for claim in self.held:
             try:
-                client.register_script(addressclaim.TAKE)(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000, "1"])
+                claim.take()
             except Exception:  # noqa: BLE001 - renewed at the next round; the claim lasts CLAIM_SECONDS
                 pass
 
     def give_up(self) -> None:
-        for url, client in self.held:
+        for claim in self.held:
             try:
-                client.register_script(addressclaim.GIVE_UP)(keys=[CLAIM_KEY], args=[self.value, addressclaim.RELEASED_MS])
+                claim.give_up(self.value)
             except Exception:  # noqa: BLE001 - it ends by itself within CLAIM_SECONDS
                 pass
         self.held.clear()
+
+
+class _Claim:
+    """The claim scripts (:mod:`wsnode.addressclaim`) on one Redis, for ``CLAIM_KEY``."""
+
+    def __init__(self, take, give_up, value: str) -> None:
+        self._take, self._give_up, self.value = take, give_up, value
+
+    def take(self):
+        return self._take(keys=[CLAIM_KEY], args=[self.value, CLAIM_SECONDS * 1000, "1"])
+
+    def give_up(self, value: str | bytes) -> None:
+        self._give_up(keys=[CLAIM_KEY], args=[value, addressclaim.RELEASED_MS])
 
 
 def busy_ports(ports: list[int]) -> list[int]:
