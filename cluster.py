@@ -17,7 +17,8 @@ If a process dies, it says which, stops the rest and exits with 1; except a push
 one still runs: that is only reported (browsers, and the demo page, move to the other node).
 
 Settings come from ``settings`` (never from ``os.environ`` here); the children get them through
-``launcher.cluster_env``.  Main thread only.
+``launcher.cluster_env``.  Main thread only, but for the renewal of the Redis claims
+(:class:`RedisClaims`).
 """
 
 from __future__ import annotations
@@ -92,11 +93,19 @@ class RedisClaims:
     worker stores what it takes in its own ``DATA_DIR``, and half of each cluster's messages went
     to the other's store and nodes, silently.  So a cluster claims the Redis it uses, and a second
     one stops at once, naming the first.  A claim of a process of this host that is gone (killed
-    with SIGKILL) is taken over."""
+    with SIGKILL) is taken over.
+
+    Threading: the claims are renewed every ``CLAIM_SECONDS / 3`` on a daemon thread of their own,
+    from the first claim taken until :meth:`give_up`, so that a start-up slower than
+    ``CLAIM_SECONDS`` (a worker that takes long to answer on a loaded machine) cannot let them
+    lapse before the main thread watches the processes.  redis-py's clients are safe to share
+    between the two threads."""
 
     def __init__(self, data_dir: Path, auth_port: int) -> None:
         self.value = addressclaim.claim_value(data=str(data_dir), auth_port=auth_port)
         self.held: list[_Claim] = []
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def take(self, variable: str, url: str) -> None:
         import redis
@@ -116,16 +125,26 @@ class RedisClaims:
                 "or give this one a Redis of its own: REDIS_URL and BROKER_URL to another Redis (or to one nothing answers at, "
                 "for a private one), and its own DATA_DIR")
         self.held.append(claim)
+        if self._renewer is None:
+            self._renewer = threading.Thread(target=self._renew_until_given_up, name="cluster-claims", daemon=True)
+            self._renewer.start()
+
+    def _renew_until_given_up(self) -> None:
+        while not self._stop.wait(CLAIM_SECONDS / 3):
+            self.renew()
 
     def renew(self) -> None:
         """Extend the claims; a Redis that does not answer for a moment is left to the next renewal."""
-        for claim in self.held:
+        for claim in list(self.held):
             try:
                 claim.take()
             except Exception:  # noqa: BLE001 - renewed at the next round; the claim lasts CLAIM_SECONDS
                 pass
 
     def give_up(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
         for claim in self.held:
             try:
                 claim.give_up(self.value)
@@ -321,11 +340,7 @@ class Cluster:
         the others (the demo page shows it), so killing a node is something to try, not a failure.
         """
         reported: set[str] = set()
-        renewed = time.monotonic()
         while True:
-            if time.monotonic() - renewed > CLAIM_SECONDS / 3:
-                self.claims.renew()
-                renewed = time.monotonic()
             nodes = [name for name in self.services if name.startswith("node-")]
             for name, service in self.processes():
                 if service.alive or name in reported:

@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import psutil
@@ -110,6 +111,29 @@ def test_a_second_cluster_on_the_redis_of_a_running_one_stops_at_once_naming_it(
     finally:
         first.terminate(timeout=90)
     assert redis_lib.Redis.from_url(redis_url).get("push:cluster") in (None, b"released"), "the stopped cluster left its claim"
+
+
+def test_the_clusters_claim_is_renewed_from_when_it_is_taken_not_only_once_the_cluster_watches(tmp_path, redis_server, monkeypatch):
+    """The claim was renewed only by ``watch``, after every process answered: a start-up longer
+    than ``CLAIM_SECONDS`` (a slow worker on a loaded machine) let it lapse, and a second cluster
+    could start on the same Redis meanwhile."""
+    import cluster
+
+    monkeypatch.setattr(cluster, "CLAIM_SECONDS", 2)
+    url = redis_server.url(13)
+    client = redis_lib.Redis.from_url(url)
+    client.delete(cluster.CLAIM_KEY)
+    claims = cluster.RedisClaims(tmp_path, 1)
+    claims.take("REDIS_URL", url)
+    try:
+        time.sleep(5)  # two and a half claim lifetimes, and no watch()
+        assert client.get(cluster.CLAIM_KEY) == claims.value.encode(), "the claim lapsed while the cluster was starting"
+        assert 0 < client.pttl(cluster.CLAIM_KEY) <= 2000
+    finally:
+        claims.give_up()
+    assert client.get(cluster.CLAIM_KEY) in (None, b"released")
+    time.sleep(1.5)  # the renewal stopped with give_up: nothing takes the claim again
+    assert client.get(cluster.CLAIM_KEY) in (None, b"released")
 
 
 def test_the_cluster_command_names_broker_url_at_once_when_only_redis_url_answers(tmp_path, redis_server):
