@@ -125,18 +125,18 @@ _USER_BYTES = 4 * MAX_USER_ID_CHARS + 4
 
 
 def by_size(envelopes: list[dict], most: int = MAX_PUBLISH_BYTES) -> list[list[dict]]:
-    """``envelopes`` (``{"id", "to", "data", ...}``) in order, in runs whose data and recipients
-    take at most about ``most`` bytes (an envelope bigger than that alone).  Measures nothing when
-    ``MAX_MESSAGE_BYTES`` each could not reach ``most``: the usual batch is one run, at no cost."""
-    users = sum(len(envelope["to"]) for envelope in envelopes if envelope["to"] != BROADCAST)
+    """``envelopes`` (``{"id", "to", "data", ...}``, or a replay's ``{"id", "data"}``) in order, in
+    runs whose data and recipients take at most about ``most`` bytes (an envelope bigger than that
+    alone).  Measures nothing when ``MAX_MESSAGE_BYTES`` each could not reach ``most``: the usual
+    batch is one run, at no cost."""
+    users = sum(len(_users(envelope)) for envelope in envelopes)
     if len(envelopes) * (settings.MAX_MESSAGE_BYTES + 64) + users * _USER_BYTES <= most:
         return [envelopes] if envelopes else []
     runs: list[list[dict]] = []
     run: list[dict] = []
     size = 0
     for envelope in envelopes:
-        to = envelope["to"]
-        length = len(wirejson.dumps(envelope["data"])) + 64 + (0 if to == BROADCAST else sum(len(user.encode()) + 4 for user in to))
+        length = len(wirejson.dumps(envelope["data"])) + 64 + sum(len(user.encode()) + 4 for user in _users(envelope))
         if run and size + length > most:
             runs.append(run)
             run, size = [], 0
@@ -145,3 +145,9 @@ def by_size(envelopes: list[dict], most: int = MAX_PUBLISH_BYTES) -> list[list[d
     if run:
         runs.append(run)
     return runs
+
+
+def _users(envelope: dict) -> list[str] | tuple[()]:
+    """The user ids an envelope names: none for a broadcast, nor for a replay's (no ``to``)."""
+    to = envelope.get("to", BROADCAST)
+    return () if to == BROADCAST else to

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 import settings
 from tasks import ids
 from tasks.dispatch import publish_all
+from tasks.queues import by_size
 from tasks.store import BROADCAST, Cut, StoreUnavailable, get_store
 from worker import app
 from wsnode.protocol import message_frame
@@ -141,9 +142,11 @@ def newest_within(newest_first: Iterable[dict], max_bytes: int,
 
 
 def _pages(envelopes: list[dict], truncated: bool, cursor: str) -> list[tuple[list[dict], dict]]:
-    """The pages of one connection's replay: ``(envelopes, replay info)`` each, at least one; the
-    last one carries the ``cursor``.  Pure."""
-    chunks = [envelopes[i : i + PAGE] for i in range(0, len(envelopes), PAGE)] or [[]]
+    """The pages of one connection's replay: ``(envelopes, replay info)`` each, at least one, of at
+    most ``PAGE`` envelopes and about ``MAX_PUBLISH_BYTES`` of data (each page is one broker
+    message, and a replay may take ``REPLAY_MAX_BYTES``, 16 MiB by default, over RabbitMQ 4's
+    ``max_message_size``); the last one carries the ``cursor``.  Pure."""
+    chunks = [run[i : i + PAGE] for run in by_size(envelopes) for i in range(0, len(run), PAGE)] or [[]]
     pages = [(chunk, {"last": number == len(chunks), "truncated": truncated, "count": len(envelopes)}) for number, chunk in enumerate(chunks, 1)]
     pages[-1][1]["cursor"] = cursor
     return pages

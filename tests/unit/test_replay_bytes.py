@@ -103,3 +103,30 @@ def test_the_default_budget_keeps_ten_thousand_messages_of_1_6_kb_whole():
     given = [{"id": IDS[0], "data": "x" * 1600}] * 10_000
     assert newest_within(reversed(given), default) == (given, False)
     assert newest_within(reversed(given * 2), default)[1] is True, "not so for 20,000"
+
+
+def test_a_replay_of_the_default_budget_goes_in_pages_of_at_most_one_publish_each_in_order():
+    """Each page is one broker message: a replay of ``REPLAY_MAX_BYTES`` (16 MiB by default) was
+    cut into pages by count alone, 500 messages of 33 KB in one message of 16.7 MB, over RabbitMQ
+    4's default ``max_message_size`` (16 MiB) as soon as the budget is raised a little."""
+    from tasks.queues import MAX_PUBLISH_BYTES
+    from tasks.replay import PAGE, _pages
+
+    data = "é" * 16_000  # 32 KB of UTF-8: 500 of them take 16 MB
+    given = [{"id": f"0190f0000000{n:06x}0000aa", "data": data} for n in range(PAGE)]
+    pages = _pages(given, False, "c" * 24)
+
+    assert len(pages) >= 2
+    assert [e for envelopes, _ in pages for e in envelopes] == given
+    assert all(sum(len(message_frame(e).encode()) for e in envelopes) <= MAX_PUBLISH_BYTES for envelopes, _ in pages)
+    assert [info["last"] for _, info in pages] == [False] * (len(pages) - 1) + [True]
+    assert all(info["count"] == PAGE and info["truncated"] is False for _, info in pages)
+    assert "cursor" in pages[-1][1] and not any("cursor" in info for _, info in pages[:-1])
+
+
+def test_small_replays_keep_their_pages_of_page_messages():
+    from tasks.replay import PAGE, _pages
+
+    given = [{"id": f"0190f0000000{n:06x}0000aa", "data": n} for n in range(2 * PAGE + 1)]
+    assert [len(envelopes) for envelopes, _ in _pages(given, True, "c" * 24)] == [PAGE, PAGE, 1]
+    assert [(envelopes, info) for envelopes, info in _pages([], False, "c" * 24)] == [([], {"last": True, "truncated": False, "count": 0, "cursor": "c" * 24})]
