@@ -429,9 +429,21 @@ class Store:
         on ``to``: after an outage of the routing Redis, or a dead node's queue handed back, the
         collection holds a record per message routed then, and reading them all for every replay
         took seconds per 100,000 (the resumes timed out, 1013, again and again)."""
+        wanted = [*dict.fromkeys(users), BROADCAST]
         with translated("reading the messages routed late"):
-            query = {"to": {"$in": [*dict.fromkeys(users), BROADCAST]}, "r": {"$gte": routed_from_ms}}
-            return [(doc["_id"], doc["to"], doc["r"]) for doc in self._late.find(query, {"to": 1, "r": 1})]
+            candidates = storesql.candidates(self._late, {"to": {"$in": wanted}})
+            if candidates is None:
+                query = {"to": {"$in": wanted}, "r": {"$gte": routed_from_ms}}
+                return [(doc["_id"], doc["to"], doc["r"]) for doc in self._late.find(query, {"to": 1, "r": 1})]
+            # Unchecked, perhaps more than once each: mongomock's own check of that $in against
+            # each record's list scanned the whole list for each of its users (77 s for the
+            # resumes of 1,000 users with 40 records each here, against the replay's 15 s).
+            named, found = set(wanted), {}
+            for doc in candidates:
+                to = doc["to"]
+                if doc["r"] >= routed_from_ms and (to == BROADCAST or not named.isdisjoint(to)):
+                    found[doc["_id"]] = (doc["_id"], to, doc["r"])
+            return list(found.values())
 
     def unacked(self, user: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of

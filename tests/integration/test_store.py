@@ -275,7 +275,15 @@ def test_purge_removes_records_older_than_the_retention_and_keeps_newer_ones(sto
     assert store.status(new[0]["id"])["recipients"]["alice"]["acked"] > OLD
 
 
-def test_messages_routed_late_are_listed_per_user_from_a_routing_time_with_the_latest_time_kept(store):
+@pytest.mark.parametrize("around", [True, False], ids=["around mongomock", "through queries"])
+def test_messages_routed_late_are_listed_per_user_from_a_routing_time_with_the_latest_time_kept(store, around, monkeypatch):
+    """On the embedded engine the records are the hash index's candidates, checked here: mongomock's
+    own check of the ``$in`` took 77 s for the resumes of 1,000 users with 40 records each, against
+    the replay's 15 s.  Without them (MongoDB, or another litemongo) a query: both find the same."""
+    if not around:
+        monkeypatch.setattr(storesql, "candidates", lambda *_: None)
+    elif store.embedded:
+        monkeypatch.setattr(store._late, "find", None)  # not through mongomock's query
     gen = IdGenerator()
     one, everyone, other = make(gen, ["alice", "bob"]), make(gen, "*"), make(gen, ["carol"])
     store.insert_messages([one, everyone, other])
@@ -291,6 +299,7 @@ def test_messages_routed_late_are_listed_per_user_from_a_routing_time_with_the_l
     assert store.late_since(int((now - 7) * 1000), ["alice"]) == [(everyone["id"], "*", int((now - 5) * 1000))]
     store.mark_late([{"id": one["id"], "to": one["to"]}], now)  # routed late again, later
     assert sorted(mid for mid, _, _ in store.late_since(int((now - 1) * 1000), ["alice"])) == [one["id"]]
+    assert store.late_since(int((now - 1) * 1000), ["alice", "bob", "alice"]) == [(one["id"], ["alice", "bob"], int(now * 1000))], "once"
     assert store.late_since(int((now + 1) * 1000), ["alice", "bob", "carol"]) == []
 
 
