@@ -17,6 +17,21 @@ import redislogin
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "push:housekeeping-lock"
+#: Shortest expiry of a sent run, in seconds (:func:`expiry`).
+MIN_EXPIRY_SECONDS = 60.0
+#: A sent run expires after this many periods at least.
+EXPIRY_PERIODS = 6
+
+
+def expiry(interval: float) -> float:
+    """Seconds after which a sent run is dropped unrun: runs that waited (no worker consumed
+    ``dispatch``) do not all run at once later, at most ``EXPIRY_PERIODS`` of them.  Celery turns it
+    into a time by the sending worker's clock, which the consuming worker compares with its own:
+    the expiry of one period (10 s) made a consumer whose clock ran more than that ahead of the
+    sender's (or a sender behind) drop every run, and housekeeping never ran (no redelivery, no
+    hand-back of dead nodes' queues, no purge).  With a minute at least, workers' clocks may
+    disagree by up to about that much.  Pure."""
+    return max(MIN_EXPIRY_SECONDS, EXPIRY_PERIODS * interval)
 
 
 class HousekeepingScheduler:
@@ -38,9 +53,7 @@ class HousekeepingScheduler:
         """Send the task if this worker holds the lock for this period; True when it did."""
         if not self._redis.set(LOCK_KEY, self._me, nx=True, px=max(1, int(self._interval * 900))):
             return False
-        # Expires after one period: runs that waited (no worker consumed dispatch) do not pile up
-        # and then run all at once.
-        self._app.send_task("tasks.housekeeping", ignore_result=True, expires=self._interval)
+        self._app.send_task("tasks.housekeeping", ignore_result=True, expires=expiry(self._interval))
         return True
 
     def _run(self) -> None:
