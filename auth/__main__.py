@@ -16,12 +16,14 @@ import signal
 import sys
 
 import redis.asyncio
+import tornado.ioloop
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 import startup
 
 with startup.exit_on_bad_settings("python -m auth", __name__ == "__main__"):
+    import redisclock
     import redislogin
     import settings
     from auth.app import AuthService
@@ -45,7 +47,14 @@ def connect_redis(url: str) -> redis.asyncio.Redis:
 
 async def serve() -> int:
     client = connect_redis(settings.REDIS_URL)
-    service = AuthService(settings.AUTH_SECRET, settings.AUTH_ADMIN_KEY, client, settings.TOKEN_TTL,
+    # Tokens' iat and exp and revocation cutoffs by Redis's clock, which every auth process
+    # shares (redisclock): an auth process whose host ran 5 s behind another's missed, in a
+    # revocation, the tokens the other issued in the 5 s before it.
+    clock = redisclock.RedisClock("auth")
+    await redisclock.anchor_async(clock, client)
+    anchoring = tornado.ioloop.PeriodicCallback(lambda: redisclock.anchor_async(clock, client), redisclock.RESYNC_SECONDS * 1000)
+    anchoring.start()
+    service = AuthService(settings.AUTH_SECRET, settings.AUTH_ADMIN_KEY, client, settings.TOKEN_TTL, clock=clock.now,
                           previous_secrets=settings.AUTH_SECRET_PREVIOUS, previous_admin_keys=settings.AUTH_ADMIN_KEY_PREVIOUS,
                           request_timeout=settings.REQUEST_TIMEOUT)
     # Handlers first: a SIGTERM that arrives once /healthz answers must stop the service cleanly.
@@ -70,6 +79,7 @@ async def serve() -> int:
         await service.stop()
         return 0
     finally:
+        anchoring.stop()
         await client.aclose()
 
 

@@ -52,6 +52,7 @@ from tasks import batchresults, links, messages as validation, publishing, wirej
 from tasks.collectbatches import CollectBatches
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE, by_size
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
+from tasks.dispatch import clock as dispatch_clock
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
 from tasks.storedocs import as_stored
@@ -66,7 +67,7 @@ class _ProcessState:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.ids = IdGenerator()
+        self.ids = IdGenerator(clock=dispatch_clock.now)  # Redis's: ids are compared across workers
 
 
 _state: _ProcessState | None = None

@@ -25,6 +25,7 @@ import redis
 from celery.exceptions import AlwaysEagerIgnored
 from kombu.exceptions import OperationalError
 
+import redisclock
 import redislogin
 import settings
 from tasks import ids, pending, publishing, routing, wirejson
@@ -40,6 +41,10 @@ _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_conne
 # redis-py's pool re-creates its connections after a fork, so one client per module is safe under prefork.
 #: The lease table every task of this worker process reads (Dispatch, tasks.presence).
 routes = RouteTable(_redis)
+#: Redis's clock (:mod:`redisclock`): what this worker's message ids, late routings, replay
+#: cursors and housekeeping windows are timed by, so that workers on hosts whose clocks disagree
+#: still agree on them.  Safe after a fork (it holds two floats and the client above).
+clock = redisclock.SyncRedisClock(_redis, "worker")
 
 
 #: How often a worker process declares a node's queue again before publishing to it.
@@ -132,7 +137,7 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
     returns what went where.  The messages routed late are recorded first (:func:`mark_late`):
     Collect's that it could not route at once, a dead node's handed back, and housekeeping's
     redeliveries, among which the messages stored but never routed that its sweep found."""
-    mark_late(messages, time.time())
+    mark_late(messages, clock.now())
     deliveries = [(m["id"], user) for m in messages if m["to"] != routing.BROADCAST for user in m["to"]]
     # The routed deliveries become pending in the lookup's round trip, before the publish: a batch
     # lost after this is redelivered.

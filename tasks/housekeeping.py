@@ -43,7 +43,7 @@ from redis import RedisError
 import redislogin
 import settings
 from tasks import pending
-from tasks.dispatch import _redis, route
+from tasks.dispatch import _redis, clock, route
 from tasks.ids import timestamp_ms
 from tasks.reclaim import hand_back
 from tasks.store import get_store
@@ -276,7 +276,7 @@ def _nodes_may_be_judged(now: float) -> float | None:
     settle = 2 * settings.LEASE_TTL
     with _redis.pipeline(transaction=False) as pipe:
         pipe.info("server").info("errorstats").hmget(OOM_SEEN, "count", "since").hmget(RUNS_SEEN, "last", "since").time()
-        server, errorstats, (raw_count, raw_oom_since), (raw_last, raw_since), clock = pipe.execute()
+        server, errorstats, (raw_count, raw_oom_since), (raw_last, raw_since), time_reply = pipe.execute()
     last = float(raw_last) if raw_last is not None else None
     since = runs_unbroken_since(last, float(raw_since) if raw_since is not None else None, now, run_gap())
     seen = (int(raw_count), float(raw_oom_since)) if raw_count is not None and raw_oom_since is not None else None
@@ -293,7 +293,7 @@ def _nodes_may_be_judged(now: float) -> float | None:
         log.warning("Redis refused writes for lack of memory (maxmemory) since the last run: no node is taken for gone for %.0f s, "
                     "while the nodes write again the leases it refused", settle)
     if server["uptime_in_seconds"] >= settle and settled and now - since >= settle:
-        return redis_time(clock)
+        return redis_time(time_reply)
     return None
 
 
@@ -302,7 +302,7 @@ def _run_ended() -> None:
     (a slow run is no gap).  A Redis that does not answer now is what the next run sees as one."""
     try:
         with _redis.pipeline(transaction=False) as pipe:
-            pipe.hset(RUNS_SEEN, "last", time.time()).expire(RUNS_SEEN, GUARD_TTL).execute()
+            pipe.hset(RUNS_SEEN, "last", clock.now()).expire(RUNS_SEEN, GUARD_TTL).execute()
     except RedisError as exc:
         log.warning("housekeeping: the end of this run was not recorded (%s)", redislogin.explain(exc))
 
@@ -361,7 +361,7 @@ def _housekeeping() -> dict:
         log.info("housekeeping skipped: the run that holds %s has not ended", RUN_LOCK)
         return {"skipped": True}
     try:
-        now = time.time()
+        now = clock.now()  # Redis's, as the ids in the redelivery window, whichever worker runs this
         result: dict = {"purged": 0}
         failed = None
         for name, step in (("redelivered", redeliver), ("reclaimed", reclaim_dead_nodes)):

@@ -31,12 +31,11 @@ most ``_EMBEDDED_RANGE_ROWS`` recent messages, which a task's replays share).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import settings
 from tasks import ids
-from tasks.dispatch import publish_all
+from tasks.dispatch import clock, publish_all
 from tasks.queues import by_size
 from tasks.store import BROADCAST, Cut, StoreUnavailable, get_store
 from worker import app
@@ -61,7 +60,7 @@ def _read(store, requests: list[tuple[str, str, str | None]], cut: Cut) -> Itera
     if wanted:
         wanted = reach_back(wanted, store.late_since(min(ids.timestamp_ms(after) for _, after in wanted), [user for user, _ in wanted]))
     for (index, _, since), (envelopes, truncated) in zip(resumes, store.each_replay(wanted, settings.REPLAY_LIMIT, cut)):
-        yield index, (envelopes, truncated or past_retention(since, time.time(), settings.RETENTION_SECONDS))
+        yield index, (envelopes, truncated or past_retention(since, clock.now(), settings.RETENTION_SECONDS))
 
 
 def reach_back(wanted: list[tuple[str, str]], late: list[tuple[str, list[str] | str, int]]) -> list[tuple[str, str]]:
@@ -195,7 +194,7 @@ def _answer(node: str, requests: list[tuple[str, str, str | None]]) -> None:
     a batch went out retries the task with every request: the node ignores the pages of a
     connection whose replay it finished (:meth:`wsnode.session.Session.replay_page`), so each gets
     its replay once."""
-    cursor = ids.lower_bound(int(time.time() * 1000))  # no later than the reads
+    cursor = ids.lower_bound(int(clock.now() * 1000))  # no later than the reads; Redis's clock, as the ids
     store = get_store()
     held = _Held(settings.REPLAY_MAX_BYTES)
     batch: list[tuple[str, str, str | None, list[tuple[list[dict], dict]]]] = []

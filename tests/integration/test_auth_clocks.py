@@ -70,3 +70,38 @@ async def test_a_revocation_outlives_its_token_by_auths_clock_when_auths_clock_i
     # The token's entry lasts its token's life plus the margin; the user's, TOKEN_TTL plus the margin.
     lives = 2 if revoke == "token" else 3600
     assert (lives + CLOCK_MARGIN_SECONDS - 2) * 1000 <= left <= (lives + CLOCK_MARGIN_SECONDS + 1) * 1000, left
+
+
+async def test_auth_processes_on_hosts_five_seconds_apart_agree_on_revocations_by_redis_clock(redis_server):
+    """Each auth process reads Redis's clock (``redisclock``, as ``python -m auth`` does): on
+    their hosts' clocks, a revocation of a user through one 5 s behind missed the token another
+    issued 0.5 s before, and through one 5 s ahead refused the user's new tokens for 5 s."""
+    import redisclock
+
+    client = redis.asyncio.Redis.from_url(redis_server.url(2))
+    services, bases = [], {}
+    try:
+        for name, skew in (("on time", 0.0), ("behind", -5.0), ("ahead", 5.0)):
+            clock = redisclock.RedisClock(name, wall=lambda skew=skew: time.time() + skew)
+            await redisclock.anchor_async(clock, client)
+            assert clock.offset is not None and abs(clock.offset - skew) < 0.5
+            service = AuthService(SECRET, ADMIN_KEY, client, token_ttl=3600, clock=clock.now)
+            services.append(service)
+            bases[name] = f"http://127.0.0.1:{service.start(0, '127.0.0.1')}"
+
+        status, issued = await post(bases["on time"], "/tokens", {"user_id": "rae"}, admin=True)
+        assert status == 200, issued
+        time.sleep(0.5)
+        assert (await post(bases["behind"], "/revoke", {"user_id": "rae"}, admin=True))[0] == 200
+        assert (await post(bases["on time"], "/verify", {"token": issued["token"]}))[1] == {"error": "token revoked"}
+
+        assert (await post(bases["ahead"], "/revoke", {"user_id": "sam"}, admin=True))[0] == 200
+        time.sleep(1.1)  # tokens carry whole seconds: one issued a second later is after the cutoff
+        status, again = await post(bases["on time"], "/tokens", {"user_id": "sam"}, admin=True)
+        assert status == 200, again
+        assert (await post(bases["ahead"], "/verify", {"token": again["token"]}))[0] == 200, "a token issued after the revocation"
+    finally:
+        for service in services:
+            await service.stop()
+        await client.flushdb()
+        await client.aclose()

@@ -1,0 +1,127 @@
+"""Redis's clock, for the times that processes on different hosts compare with each other.
+
+A message id carries the time its worker made it, and a resume compares it with ids other workers
+made (it replays from ``RESUME_OVERLAP_MS``, 2 s, before its ``since``); the ``resumed`` cursor is
+a time of the worker that read the replay; housekeeping's redelivery window, read by whichever
+worker runs it, is a range of ids; a revocation cutoff one auth process writes is compared with
+the ``iat`` another one stamped.  On each host's own clock, a worker 5 s ahead of another lost 3 s
+of the other's messages to every resume, and a revocation through an auth process 5 s behind
+missed the tokens another issued in the 5 s before it (reproduced with faketime).  So these read
+Redis's clock (``TIME`` on ``REDIS_URL``), as leases already do: every process of a cluster shares
+that Redis, so they agree to within a round trip, whatever their hosts' clocks say.
+
+A reading costs no round trip.  The clock is anchored to one ``TIME`` reply (taken at the middle
+of its round trip) and runs on from there with the host's monotonic clock, which steps of the
+wall clock (an NTP correction, a VM resumed) do not move; it is anchored again every
+:data:`RESYNC_SECONDS`.  Until its first anchor (Redis not reachable yet) it reads the host's
+clock, and an anchor that fails keeps the previous one.  A host whose clock is more than
+:data:`WARN_SECONDS` off Redis's is logged once (and again when it comes back): the platform no
+longer depends on it, but logs, receipts' times and the latency metric still do.
+
+Threading: :meth:`RedisClock.now` from any thread; an anchor replaces one tuple, which readers see
+whole.  :class:`SyncRedisClock` anchors itself inside ``now()`` when due (one ``TIME`` round trip
+a minute, on the calling thread); the auth service, on an IOLoop, anchors with :func:`anchor_async`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two anchors to Redis's clock.
+RESYNC_SECONDS = 60.0
+#: A host clock further than this from Redis's, in seconds, is logged.
+WARN_SECONDS = 1.0
+
+
+def redis_seconds(reply) -> float:
+    """Unix seconds from the reply of redis-py's ``time()`` (``(seconds, microseconds)``).  Pure."""
+    seconds, micros = reply
+    return seconds + micros / 1_000_000
+
+
+class RedisClock:
+    """Redis's clock as this process reads it (see the module docstring)."""
+
+    def __init__(self, name: str, wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self._wall, self._monotonic = wall, monotonic
+        self._anchor: tuple[float, float] | None = None  # (Redis's unix seconds, this monotonic time then)
+        self._tried = float("-inf")  # monotonic time of the last anchor attempt
+        #: This host's clock minus Redis's, in seconds, at the last anchor (None before it).
+        self.offset: float | None = None
+
+    def now(self) -> float:
+        """Unix seconds by Redis's clock (by this host's until the first anchor)."""
+        anchor = self._anchor
+        if anchor is None:
+            return self._wall()
+        return anchor[0] + (self._monotonic() - anchor[1])
+
+    def due(self) -> bool:
+        """Whether :data:`RESYNC_SECONDS` passed since the last anchor attempt."""
+        return self._monotonic() - self._tried >= RESYNC_SECONDS
+
+    def anchor(self, before: float, reply, after: float, wall_after: float) -> None:
+        """Anchor to ``reply``, a ``TIME`` read between the monotonic times ``before`` and
+        ``after``; ``wall_after`` is this host's clock read just after it (for :attr:`offset`)."""
+        redis_now, middle = redis_seconds(reply), (before + after) / 2
+        self._anchor = (redis_now, middle)
+        offset = wall_after - (after - middle) - redis_now
+        was_off = self.offset is not None and abs(self.offset) > WARN_SECONDS
+        self.offset = offset
+        if abs(offset) > WARN_SECONDS and not was_off:
+            log.warning("%s: this host's clock is %.1f s %s Redis's (REDIS_URL): the platform keeps to Redis's clock, but "
+                        "logs and receipt times follow this host's; keep the hosts' clocks in sync (NTP, chrony)",
+                        self.name, abs(offset), "ahead of" if offset > 0 else "behind")
+        elif was_off and abs(offset) <= WARN_SECONDS:
+            log.info("%s: this host's clock agrees with Redis's again (%.3f s apart)", self.name, offset)
+
+    def tried(self) -> None:
+        """Record an anchor attempt (made or failed): the next is due :data:`RESYNC_SECONDS` later."""
+        self._tried = self._monotonic()
+
+
+class SyncRedisClock(RedisClock):
+    """A :class:`RedisClock` that anchors itself with a redis-py client when due, inside ``now()``."""
+
+    def __init__(self, client: redis.Redis, name: str, **clocks) -> None:
+        super().__init__(name, **clocks)
+        self._client = client
+
+    def now(self) -> float:
+        if self.due():
+            self.sync()
+        return super().now()
+
+    def sync(self) -> None:
+        """Anchor now; a Redis that does not answer leaves the previous anchor (or the host's clock)."""
+        self.tried()
+        try:
+            before = self._monotonic()
+            reply = self._client.time()
+            after = self._monotonic()
+        except (redis.RedisError, OSError) as exc:
+            log.debug("%s: Redis's clock not read (%s); keeping %s", self.name, exc, "the last anchor" if self._anchor else "this host's clock")
+            return
+        self.anchor(before, reply, after, self._wall())
+
+
+async def anchor_async(clock: RedisClock, client) -> None:
+    """Anchor ``clock`` with a ``redis.asyncio`` client (the auth service's, on its loop); a Redis
+    that does not answer leaves the previous anchor."""
+    clock.tried()
+    try:
+        before = clock._monotonic()
+        reply = await client.time()
+        after = clock._monotonic()
+    except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
+        log.debug("%s: Redis's clock not read (%s)", clock.name, exc)
+        return
+    clock.anchor(before, reply, after, clock._wall())

@@ -1,0 +1,61 @@
+"""Redis's clock as a process reads it (``redisclock``): anchored to one TIME reply, run on with
+the monotonic clock.  Pure: the clocks are given; tests/integration/test_redisclock.py reads a
+real Redis."""
+
+from __future__ import annotations
+
+import logging
+
+from redisclock import RESYNC_SECONDS, WARN_SECONDS, RedisClock
+
+
+class Clocks:
+    """A host's wall and monotonic clocks, moved by hand."""
+
+    def __init__(self, wall: float, monotonic: float = 1000.0) -> None:
+        self.wall_now, self.monotonic_now = wall, monotonic
+
+    def wall(self) -> float:
+        return self.wall_now
+
+    def monotonic(self) -> float:
+        return self.monotonic_now
+
+    def advance(self, seconds: float) -> None:
+        self.wall_now += seconds
+        self.monotonic_now += seconds
+
+
+def test_before_its_first_anchor_it_reads_the_hosts_clock():
+    clocks = Clocks(wall=5000.0)
+    clock = RedisClock("t", wall=clocks.wall, monotonic=clocks.monotonic)
+    assert clock.now() == 5000.0 and clock.offset is None and clock.due()
+
+
+def test_anchored_it_reads_redis_time_at_the_middle_of_the_round_trip_and_runs_on_monotonically():
+    clocks = Clocks(wall=5005.0)  # the host runs 5 s ahead of Redis
+    clock = RedisClock("t", wall=clocks.wall, monotonic=clocks.monotonic)
+    clock.tried()
+    clock.anchor(before=999.98, reply=(5000, 0), after=1000.0, wall_after=clocks.wall())
+
+    assert abs(clock.now() - 5000.01) < 1e-9  # TIME was read 10 ms ago, at the round trip's middle
+    assert abs(clock.offset - 4.99) < 1e-9
+    clocks.advance(2.5)
+    assert abs(clock.now() - 5002.51) < 1e-9
+    clocks.wall_now -= 3600  # the host's wall clock steps back an hour (NTP, a VM resumed)
+    assert abs(clock.now() - 5002.51) < 1e-9, "a step of the wall clock must not move it"
+    assert not clock.due()
+    clocks.advance(RESYNC_SECONDS)
+    assert clock.due()
+
+
+def test_a_host_clock_off_redis_is_logged_once_and_again_when_it_agrees(caplog):
+    clocks = Clocks(wall=100.0)
+    clock = RedisClock("worker", wall=clocks.wall, monotonic=clocks.monotonic)
+    with caplog.at_level(logging.INFO, logger="redisclock"):
+        clock.anchor(1000.0, (int(100 - WARN_SECONDS - 2), 0), 1000.0, clocks.wall())
+        clock.anchor(1000.0, (int(100 - WARN_SECONDS - 2), 0), 1000.0, clocks.wall())
+        clock.anchor(1000.0, (100, 0), 1000.0, clocks.wall())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "worker: this host's clock is 3.0 s ahead of Redis's" in warnings[0], warnings
+    assert any("agrees with Redis's again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
