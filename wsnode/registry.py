@@ -325,6 +325,11 @@ return found
 """
 
 
+#: Most users one lookup script reads (:meth:`RouteTable.lookup` makes several calls for more):
+#: about 50 ms of Redis's time each on the 2-core VM of bench/HISTORY.md.
+LOOKUP_CHUNK = 5000
+
+
 class RouteTable:
     """Reads the leases.  Any thread; ``redis`` is a synchronous ``redis.Redis``."""
 
@@ -333,7 +338,8 @@ class RouteTable:
         self._lookup = redis.register_script(_LOOKUP)  # EVALSHA, loaded again after a Redis restart
 
     def lookup(self, users: Iterable[str], marks_key: str = "", marks: Iterable[tuple[str, str, float]] = ()) -> tuple[dict[str, list[str]], list[str]]:
-        """``({user: [node, ...]}, live_nodes)`` for ``users``, in one round trip.
+        """``({user: [node, ...]}, live_nodes)`` for ``users``, in one round trip per
+        :data:`LOOKUP_CHUNK` users.
 
         Users with no current lease (by Redis's clock) are absent from the first value.  In the
         same round trip, each ``(user, member, score)`` of ``marks`` whose user has a lease on a
@@ -342,13 +348,33 @@ class RouteTable:
         user of ``marks`` missing from ``users`` is never routed, so never marked.
         """
         users = list(dict.fromkeys(users))
+        marks = list(marks)
+        if marks and not marks_key:
+            raise ValueError("marks given without the key of the sorted set to add them to")
+        if len(users) <= LOOKUP_CHUNK:
+            return self._lookup_some(users, marks_key, marks)
+        # A script blocks Redis while it runs: one over a batch of 100 messages of 10,000
+        # recipients each read a million keys and held every client of that Redis (nodes, auth,
+        # the broker) for 8 s, past its busy-script limit.  Calls of LOOKUP_CHUNK users let the
+        # others in between; the users of one chunk are marked with that chunk's view.
+        routes: dict[str, list[str]] = {}
+        live: dict[str, None] = {}
+        by_user: dict[str, list[tuple[str, str, float]]] = {}
+        for mark in marks:
+            by_user.setdefault(mark[0], []).append(mark)
+        for start in range(0, len(users), LOOKUP_CHUNK):
+            chunk = users[start : start + LOOKUP_CHUNK]
+            found, nodes = self._lookup_some(chunk, marks_key, [mark for user in chunk for mark in by_user.get(user, ())])
+            routes.update(found)
+            live.update(dict.fromkeys(nodes))
+        return routes, list(live)
+
+    def _lookup_some(self, users: list[str], marks_key: str, marks: list[tuple[str, str, float]]) -> tuple[dict[str, list[str]], list[str]]:
         position = {user: index for index, user in enumerate(users, start=1)}
         args: list = []
         for user, member, score in marks:
             if user in position:
                 args += (position[user], member, repr(float(score)))
-        if args and not marks_key:
-            raise ValueError("marks given without the key of the sorted set to add them to")
         # Without marks the script writes nothing: the node list only fills KEYS[2]'s place.
         replies = self._lookup(keys=[NODES_KEY, marks_key or NODES_KEY, *map(route_key, users)], args=args)
         live = [_text(node) for node in replies[0]]

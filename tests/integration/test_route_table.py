@@ -106,6 +106,31 @@ def test_lookup_marks_more_deliveries_than_one_command_takes(redis, now):
     assert redis.zcard(MARKS) == 6000
 
 
+def test_a_lookup_of_more_users_than_one_script_should_read_is_several_calls_with_the_same_answer(redis, now):
+    """One script over every recipient of a batch (100 messages of 10,000 recipients: a million
+    keys) held Redis for 8 s, and every other client of it (nodes, auth, the broker) got BUSY."""
+    from wsnode.registry import LOOKUP_CHUNK
+
+    users = [f"u{i}" for i in range(2 * LOOKUP_CHUNK + 10)]
+    live_users = users[::7]
+    redis.zadd(NODES_KEY, {"a:1": now + 30})
+    with redis.pipeline(transaction=False) as pipe:
+        for user in live_users:
+            pipe.zadd(route_key(user), {"a:1": now + 30})
+        pipe.execute()
+    marks = [(user, f"m1:{user}", 1.0) for user in users]
+    calls = lambda: redis.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)  # noqa: E731
+    table = RouteTable(redis)
+    table.lookup([])  # the script loaded: a first EVALSHA refused with NOSCRIPT counts as a call
+    before = calls()
+
+    routes, live = table.lookup(users, MARKS, marks)
+
+    assert calls() - before == 3
+    assert live == ["a:1"] and routes == {user: ["a:1"] for user in live_users}
+    assert sorted(redis.zrange(MARKS, 0, -1)) == sorted(f"m1:{user}".encode() for user in live_users)
+
+
 def test_marks_without_their_key_are_refused(redis):
     with pytest.raises(ValueError, match="key"):
         RouteTable(redis).lookup(["ann"], "", [("ann", "m1:ann", 1.0)])
