@@ -328,6 +328,8 @@ return found
 #: Most users one lookup script reads (:meth:`RouteTable.lookup` makes several calls for more):
 #: about 50 ms of Redis's time each on the 2-core VM of bench/HISTORY.md.
 LOOKUP_CHUNK = 5000
+#: And about this many deliveries to mark (a user's marks are never split between calls).
+LOOKUP_MARKS = 20000
 
 
 class RouteTable:
@@ -339,7 +341,7 @@ class RouteTable:
 
     def lookup(self, users: Iterable[str], marks_key: str = "", marks: Iterable[tuple[str, str, float]] = ()) -> tuple[dict[str, list[str]], list[str]]:
         """``({user: [node, ...]}, live_nodes)`` for ``users``, in one round trip per
-        :data:`LOOKUP_CHUNK` users.
+        :data:`LOOKUP_CHUNK` users or :data:`LOOKUP_MARKS` marks.
 
         Users with no current lease (by Redis's clock) are absent from the first value.  In the
         same round trip, each ``(user, member, score)`` of ``marks`` whose user has a lease on a
@@ -351,7 +353,7 @@ class RouteTable:
         marks = list(marks)
         if marks and not marks_key:
             raise ValueError("marks given without the key of the sorted set to add them to")
-        if len(users) <= LOOKUP_CHUNK:
+        if len(users) <= LOOKUP_CHUNK and len(marks) <= LOOKUP_MARKS:
             return self._lookup_some(users, marks_key, marks)
         # A script blocks Redis while it runs: one over a batch of 100 messages of 10,000
         # recipients each read a million keys and held every client of that Redis (nodes, auth,
@@ -362,11 +364,16 @@ class RouteTable:
         by_user: dict[str, list[tuple[str, str, float]]] = {}
         for mark in marks:
             by_user.setdefault(mark[0], []).append(mark)
-        for start in range(0, len(users), LOOKUP_CHUNK):
-            chunk = users[start : start + LOOKUP_CHUNK]
-            found, nodes = self._lookup_some(chunk, marks_key, [mark for user in chunk for mark in by_user.get(user, ())])
-            routes.update(found)
-            live.update(dict.fromkeys(nodes))
+        chunk: list[str] = []
+        chunk_marks: list[tuple[str, str, float]] = []
+        for index, user in enumerate(users):
+            chunk.append(user)
+            chunk_marks += by_user.get(user, ())
+            if len(chunk) >= LOOKUP_CHUNK or len(chunk_marks) >= LOOKUP_MARKS or index == len(users) - 1:
+                found, nodes = self._lookup_some(chunk, marks_key, chunk_marks)
+                routes.update(found)
+                live.update(dict.fromkeys(nodes))
+                chunk, chunk_marks = [], []
         return routes, list(live)
 
     def _lookup_some(self, users: list[str], marks_key: str, marks: list[tuple[str, str, float]]) -> tuple[dict[str, list[str]], list[str]]:

@@ -130,6 +130,13 @@ def test_a_lookup_of_more_users_than_one_script_should_read_is_several_calls_wit
     assert live == ["a:1"] and routes == {user: ["a:1"] for user in live_users}
     assert sorted(redis.zrange(MARKS, 0, -1)) == sorted(f"m1:{user}".encode() for user in live_users)
 
+    # Few users, many deliveries: 100 messages to each of 1,000 users (100,000 marks).
+    redis.delete(MARKS)
+    before = calls()
+    routes, _ = table.lookup(users[:1000], MARKS, [(user, f"m{n}:{user}", 1.0) for n in range(100) for user in users[:1000]])
+    assert calls() - before == 5
+    assert redis.zcard(MARKS) == 100 * len([user for user in users[:1000] if user in routes])
+
 
 def test_marks_without_their_key_are_refused(redis):
     with pytest.raises(ValueError, match="key"):
