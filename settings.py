@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -163,6 +164,29 @@ def _port(raw: str) -> int:
     if not 0 < value < 65536:
         raise ValueError("must be between 1 and 65535")
     return value
+
+
+_HOST = re.compile(r"[A-Za-z0-9._\-:\[\]]{1,253}")
+
+
+def _host(raw: str) -> str:
+    """A host name or IP address a node advertises: it names the node's queue and its Redis
+    client (``wsnode:HOST:PORT``), and Redis refuses a client name with a space or a line break:
+    ``NODE_HOST='127.0.0.1 '`` (from a .env file) left a node running that never wrote a lease,
+    unready, every browser closed with 1013."""
+    if not _HOST.fullmatch(raw):
+        raise ValueError("only ASCII letters, digits and . - _ : [ ] (no spaces or line breaks), at most 253 characters")
+    return raw
+
+
+def host_argument(text: str) -> str:
+    """The ``type`` of ``python -m wsnode --host``: as ``NODE_HOST``."""
+    import argparse
+
+    try:
+        return _host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name or IP address: {exc}") from None
 
 
 def port_argument(text: str) -> int:
@@ -385,7 +409,7 @@ TOKEN_EXPIRY_GRACE: float = _read(_env, "TOKEN_EXPIRY_GRACE", 25.0, _non_negativ
 #: token keeps opening connections on a node that saw it recently).
 AUTH_CACHE_SECONDS: float = _read(_env, "AUTH_CACHE_SECONDS", 5.0, _non_negative_float, "a number of seconds (0 disables the cache)")
 
-NODE_HOST: str = _read(_env, "NODE_HOST", "127.0.0.1", str, "a host name or IP address")
+NODE_HOST: str = _read(_env, "NODE_HOST", "127.0.0.1", _host, "a host name or IP address")
 #: Address every HTTP/WebSocket server of the platform listens on; ``0.0.0.0`` for every interface.
 BIND_ADDRESS: str = _read(_env, "BIND_ADDRESS", "127.0.0.1", str, "a host name or IP address to listen on")
 #: Comma-separated origins browsers may connect from, or ``*`` for any.

@@ -35,7 +35,7 @@ async def main(port: int, host: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m wsnode", description="Run one push node.")
     parser.add_argument("--port", type=settings.port_argument, required=True, help="TCP port; the node's queue is named NODE_HOST:PORT")
-    parser.add_argument("--host", default=settings.NODE_HOST, help="address advertised to Dispatch (default NODE_HOST)")
+    parser.add_argument("--host", type=settings.host_argument, default=settings.NODE_HOST, help="address advertised to Dispatch (default NODE_HOST)")
     args = parser.parse_args()
     settings.configure_logging(f"wsnode:{args.port}")
     # A Redis that refuses the login (a wrong password) stops the node with one line (redislogin).

@@ -57,3 +57,23 @@ def test_importing_the_worker_outside_the_celery_command_still_raises_settings_e
     done = run([sys.executable, "-c", "import worker"], PING_INTERVAL="abc")
     assert done.returncode == 1 and "Traceback" in done.stderr, done.stderr[-2000:]
     assert done.stderr.splitlines()[-1].startswith("settings.SettingsError: PING_INTERVAL='abc' is not valid"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1 ", "node\nb", "nœud"], ids=["a trailing space", "a line break", "not ASCII"])
+def test_a_node_host_redis_cannot_name_a_client_by_stops_the_node_at_start(value):
+    """``NODE_HOST='127.0.0.1 '`` (from a .env file) started a node that never wrote a lease:
+    Redis refused its client name ``wsnode:127.0.0.1 :PORT``, /healthz said Redis was down, and
+    every browser was closed with 1013."""
+    done = run(COMMANDS["node"][0], NODE_HOST=value)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [f"python -m wsnode: error: NODE_HOST={value!r} is not valid: expected a host name or IP address "
+                                        "(only ASCII letters, digits and . - _ : [ ] (no spaces or line breaks), at most 253 characters)"]
+    by_option = run([*COMMANDS["node"][0], "--host", value])
+    assert by_option.returncode == 2 and "is not a host name or IP address" in by_option.stderr, by_option.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["push-1.internal", "10.0.0.7", "[::1]", "node_b"])
+def test_host_names_and_ip_addresses_are_taken(value):
+    import settings
+
+    assert settings._host(value) == value
