@@ -517,7 +517,7 @@ def _parse_collect_many(req):
         kwargs["messages"] = args[0]
     messages = kwargs.pop("messages", validation.MISSING)
     if kwargs:
-        raise validation.InvalidMessage(f"unexpected argument(s) {', '.join(sorted(kwargs))}: collect_many takes messages")
+        raise validation.InvalidMessage(f"unexpected argument(s) {validation.argument_names(kwargs)}: collect_many takes messages")
     if messages is validation.MISSING or not isinstance(messages, (list, tuple)):
         raise validation.InvalidMessage('"messages" must be a list of {"to": ..., "data": ...} items')
     if len(messages) > COLLECT_MANY_MAX_ITEMS:

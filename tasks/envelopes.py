@@ -10,9 +10,14 @@ what :func:`envelope_problem` finds before Celery reads it).  :func:`depth_probl
 
 from __future__ import annotations
 
+import re
+
 from kombu.exceptions import ContentDisallowed
 
 from tasks.messages import MAX_DATA_DEPTH, InvalidMessage, nesting, not_unicode
+
+#: C0 and C1 control characters, DEL, and the line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _named(value: object) -> bool:
@@ -87,6 +92,10 @@ def envelope_problem(headers: object, body: object) -> str | None:
         value = fields.get(name)
         if isinstance(value, str) and (problem := not_unicode(value)) is not None:
             return f"its {name} is not valid Unicode: it holds {problem}"
+        # The worker's log lines show task ids (Celery's "received", the request's errors): one
+        # holding a line break wrote lines of its own there, with any level and time.
+        if isinstance(value, str) and (control := _CONTROL.search(value)) is not None:
+            return f"its {name} holds the control character {control.group()!r}: ids are written into log lines"
     for limits in (fields.get("timelimit"), body.get("timelimit") if isinstance(body, dict) else None):  # Celery reads a hybrid's body too
         if not time_limits_ok(limits):
             return f"its timelimit header is {limits!r:.60}, not [hard, soft] (null or 0 to {MAX_TIME_LIMIT} seconds each)"

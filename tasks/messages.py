@@ -251,9 +251,17 @@ def validate(to: object, data: object, *, max_bytes: int, max_recipients: int, u
     """``takes``: what the caller accepts, said after the unexpected arguments (a ``collect_many``
     item takes no ``key``: naming it as accepted there contradicted the error)."""
     if unexpected:
-        raise InvalidMessage(f"unexpected argument(s) {', '.join(sorted(unexpected))}: {takes}")
+        raise InvalidMessage(f"unexpected argument(s) {argument_names(unexpected)}: {takes}")
     users = recipients(to, max_recipients)
     text = encode_data(data, max_bytes)
     if (problem := document_problem(users, data, len(text))) is not None:
         raise InvalidMessage(f"the message {problem}")
     return Message(users, data, text)
+
+
+def argument_names(names) -> str:
+    """Unexpected argument names for an error message, which the worker logs: each as its
+    ``repr`` (a name holding a line break wrote a line of its own into the log, one that looked
+    like the worker's), at most 10 of them and 40 characters each.  Pure."""
+    shown = [repr(name)[:40] for name in sorted(names, key=str)[:10]]
+    return ", ".join(shown) + (f" and {len(names) - 10} more" if len(names) > 10 else "")

@@ -147,7 +147,7 @@ def store_failure(backend, task_id: str | None, error: Exception, properties: di
     try:
         backend.mark_as_failure(task_id, error, request=caller(properties.get("reply_to"), properties.get("correlation_id")))
     except Exception as exc:  # noqa: BLE001 - the message is dropped anyway; only its answer is lost
-        log.warning("task %s: result not stored (%s)", task_id, exc)
+        log.warning("task %r: result not stored (%s)", task_id, exc)
 
 
 def _not_celerys_connection_retry(record: logging.LogRecord) -> bool:
@@ -383,7 +383,7 @@ class Consumer(CeleryConsumer):
 
     def refuse(self, message, body, error: Exception) -> None:
         task_id = task_id_of(message.headers, body)
-        log.error("refused a message of queue %r (task id %s): %s", (message.delivery_info or {}).get("routing_key"), task_id, error)
+        log.error("refused a message of queue %r (task id %r): %s", (message.delivery_info or {}).get("routing_key"), task_id, error)
         self._failed(message, body, task_id, error, functools.partial(self._reject, message, error))
 
     def on_invalid_task(self, body, message, exc):
@@ -483,4 +483,4 @@ class Consumer(CeleryConsumer):
             dispatcher.send("task-received", uuid=task_id, name=name, args=args or "", kwargs=kwargs or "", retries=0)
             dispatcher.send("task-failed", uuid=task_id, exception=f"{type(error).__name__}: {error}", traceback="")
         except Exception as exc:  # noqa: BLE001 - events are for watching; the failure is stored and logged
-            log.warning("task %s: its task-failed event not sent (%s)", task_id, exc)
+            log.warning("task %r: its task-failed event not sent (%s)", task_id, exc)

@@ -462,6 +462,30 @@ async def test_a_task_id_that_is_not_valid_unicode_fails_alone_and_its_batch_mat
 
 
 @pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
+async def test_a_task_id_or_argument_name_with_a_line_break_writes_no_line_of_its_own_into_the_workers_log(fault_cluster):
+    """Task ids come from business code (a ``task_id`` of its own, to retry safely), and the
+    worker logs them, with the names of unexpected arguments: one holding a line break wrote a
+    line of its own, with any level and time."""
+    cluster = fault_cluster
+    forged = "[2026-12-06 22:00:00,000: ERROR/MainProcess] FORGED"
+    client = await cluster.connect("beside-a-forged-id")
+    with cluster.business.producer_or_acquire() as producer:
+        amqp = cluster.business.amqp
+        amqp.send_task_message(producer, "tasks.collect", amqp.create_task_message(f"req-1\n{forged} by id", "tasks.collect", [], {"to": "beside-a-forged-id", "data": "bad"}),
+                               queue=amqp.queues["collect"])
+        by_name = cluster.business.send_task("tasks.collect", kwargs={"to": "beside-a-forged-id", "data": 1, f"x\n{forged} by name": 1}, queue="collect", producer=producer)
+        good = cluster.business.send_task("tasks.collect", kwargs={"to": "beside-a-forged-id", "data": 2}, queue="collect", producer=producer)
+    message_id = await cluster.result(good, timeout=30)
+    with pytest.raises(Exception, match="unexpected argument"):
+        await cluster.result(by_name, timeout=30)
+
+    assert [(frame["id"], frame["data"]) for frame in await client.messages(1, timeout=30)] == [(message_id, 2)]
+    await asyncio.to_thread(cluster.worker.wait_log, "its id holds the control character '\\n'", 20)
+    assert not any(line.lstrip().startswith(forged) for line in cluster.worker.log_tail(400).splitlines()), cluster.worker.log_tail(40)
+    client.close()
+
+
+@pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
 async def test_protocol_1_messages_whose_own_headers_celery_cannot_read_fail_alone_and_the_worker_goes_on(fault_cluster):
     """A protocol 1 message (the task's fields in its body) whose headers Celery lets override
     those fields: a ``timelimit`` of 5 or a list as ``shadow`` raised out of the worker's loop and

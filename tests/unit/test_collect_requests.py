@@ -56,7 +56,7 @@ def test_a_collect_many_item_with_a_key_is_refused_without_being_told_that_a_key
     valid, _, result = _parse_collect_many(many)
     (error,) = result([])
     assert valid == [] and error["index"] == 0
-    assert "unexpected argument(s) key" in error["error"] and "optionally key" not in error["error"]
+    assert "unexpected argument(s) 'key'" in error["error"] and "optionally key" not in error["error"]
     assert "tasks.collect" in error["error"]
 
 # --- the results of a batch ----------------------------------------------------------------------
