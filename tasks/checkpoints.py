@@ -27,6 +27,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 
+import settings
 from tasks import storedisk
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Checkpointer:
             except sqlite3.Error as exc:
                 if path not in self._failing:
                     log.warning("store checkpoint of %s failed (%s): %s; the store's own commits checkpoint it past %d pages",
-                                path, exc, storedisk.explain(exc, os.path.dirname(path)), SAFETY_NET_PAGES)
+                                path, exc, storedisk.explain(exc, os.path.abspath(settings.DATA_DIR), os.path.dirname(path)), SAFETY_NET_PAGES)
                     self._failing.add(path)
                 self._close(path)
                 continue
