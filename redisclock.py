@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 RESYNC_SECONDS = 60.0
 #: A host clock further than this from Redis's, in seconds, is logged.
 WARN_SECONDS = 1.0
+#: A ``TIME`` whose round trip took longer than this, in seconds, is not anchored to (Redis stalled
+#: by a long script or a fork, or the caller's loop busy: the reading could be off by half of it),
+#: and is read again after :data:`RETRY_SECONDS`.
+MAX_ROUND_TRIP_SECONDS = 0.25
+#: Seconds before another attempt after one that failed or was too slow, doubling up to
+#: :data:`RESYNC_SECONDS` while Redis does not answer (a process started before its Redis anchors
+#: within about a second of it answering, not a minute later).
+RETRY_SECONDS = 1.0
 
 
 def redis_seconds(reply) -> float:
@@ -53,7 +61,8 @@ class RedisClock:
         self.name = name
         self._wall, self._monotonic = wall, monotonic
         self._anchor: tuple[float, float] | None = None  # (Redis's unix seconds, this monotonic time then)
-        self._tried = float("-inf")  # monotonic time of the last anchor attempt
+        self._next = float("-inf")  # monotonic time of the next anchor attempt
+        self._failures = 0
         #: This host's clock minus Redis's, in seconds, at the last anchor (None before it).
         self.offset: float | None = None
 
@@ -65,12 +74,17 @@ class RedisClock:
         return anchor[0] + (self._monotonic() - anchor[1])
 
     def due(self) -> bool:
-        """Whether :data:`RESYNC_SECONDS` passed since the last anchor attempt."""
-        return self._monotonic() - self._tried >= RESYNC_SECONDS
+        """Whether the next anchor attempt is due: :data:`RESYNC_SECONDS` after the last anchor,
+        sooner after an attempt that failed (:meth:`tried`)."""
+        return self._monotonic() >= self._next
 
-    def anchor(self, before: float, reply, after: float, wall_after: float) -> None:
+    def anchor(self, before: float, reply, after: float, wall_after: float) -> bool:
         """Anchor to ``reply``, a ``TIME`` read between the monotonic times ``before`` and
-        ``after``; ``wall_after`` is this host's clock read just after it (for :attr:`offset`)."""
+        ``after``; ``wall_after`` is this host's clock read just after it (for :attr:`offset`).
+        False, and nothing changed, when the round trip took over :data:`MAX_ROUND_TRIP_SECONDS`."""
+        if after - before > MAX_ROUND_TRIP_SECONDS:
+            log.debug("%s: Redis's TIME took %.3f s to come back; not anchored to it", self.name, after - before)
+            return False
         redis_now, middle = redis_seconds(reply), (before + after) / 2
         self._anchor = (redis_now, middle)
         offset = wall_after - (after - middle) - redis_now
@@ -82,10 +96,17 @@ class RedisClock:
                         self.name, abs(offset), "ahead of" if offset > 0 else "behind")
         elif was_off and abs(offset) <= WARN_SECONDS:
             log.info("%s: this host's clock agrees with Redis's again (%.3f s apart)", self.name, offset)
+        return True
 
-    def tried(self) -> None:
-        """Record an anchor attempt (made or failed): the next is due :data:`RESYNC_SECONDS` later."""
-        self._tried = self._monotonic()
+    def tried(self, anchored: bool) -> None:
+        """Record an anchor attempt: the next is due :data:`RESYNC_SECONDS` after one that
+        anchored, :data:`RETRY_SECONDS` after one that did not, doubling while they fail."""
+        if anchored:
+            self._failures, wait = 0, RESYNC_SECONDS
+        else:
+            wait = min(RESYNC_SECONDS, RETRY_SECONDS * 2 ** self._failures)
+            self._failures += 1
+        self._next = self._monotonic() + wait
 
 
 class SyncRedisClock(RedisClock):
@@ -102,26 +123,30 @@ class SyncRedisClock(RedisClock):
 
     def sync(self) -> None:
         """Anchor now; a Redis that does not answer leaves the previous anchor (or the host's clock)."""
-        self.tried()
         try:
             before = self._monotonic()
             reply = self._client.time()
             after = self._monotonic()
         except (redis.RedisError, OSError) as exc:
             log.debug("%s: Redis's clock not read (%s); keeping %s", self.name, exc, "the last anchor" if self._anchor else "this host's clock")
+            self.tried(False)
             return
-        self.anchor(before, reply, after, self._wall())
+        self.tried(self.anchor(before, reply, after, self._wall()))
 
 
 async def anchor_async(clock: RedisClock, client) -> None:
     """Anchor ``clock`` with a ``redis.asyncio`` client (the auth service's, on its loop); a Redis
-    that does not answer leaves the previous anchor."""
-    clock.tried()
+    that does not answer leaves the previous anchor.  Does nothing unless :meth:`RedisClock.due`:
+    call it every :data:`RETRY_SECONDS`.  A loop busy when the reply came makes the round trip
+    look long, and that reading is not taken."""
+    if not clock.due():
+        return
     try:
         before = clock._monotonic()
         reply = await client.time()
         after = clock._monotonic()
     except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
         log.debug("%s: Redis's clock not read (%s)", clock.name, exc)
+        clock.tried(False)
         return
-    clock.anchor(before, reply, after, clock._wall())
+    clock.tried(clock.anchor(before, reply, after, clock._wall()))

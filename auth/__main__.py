@@ -52,7 +52,7 @@ async def serve() -> int:
     # revocation, the tokens the other issued in the 5 s before it.
     clock = redisclock.RedisClock("auth")
     await redisclock.anchor_async(clock, client)
-    anchoring = tornado.ioloop.PeriodicCallback(lambda: redisclock.anchor_async(clock, client), redisclock.RESYNC_SECONDS * 1000)
+    anchoring = tornado.ioloop.PeriodicCallback(lambda: redisclock.anchor_async(clock, client), redisclock.RETRY_SECONDS * 1000)
     anchoring.start()
     service = AuthService(settings.AUTH_SECRET, settings.AUTH_ADMIN_KEY, client, settings.TOKEN_TTL, clock=clock.now,
                           previous_secrets=settings.AUTH_SECRET_PREVIOUS, previous_admin_keys=settings.AUTH_ADMIN_KEY_PREVIOUS,

@@ -52,3 +52,19 @@ def test_the_workers_ids_replay_cursors_and_late_routings_read_redis_clock():
     assert isinstance(dispatch.clock, SyncRedisClock)
     assert collect._ProcessState().ids._clock == dispatch.clock.now
     assert replay.clock is dispatch.clock and housekeeping.clock is dispatch.clock
+
+
+def test_a_clock_that_started_before_its_redis_anchors_within_seconds_of_it_answering():
+    """Attempts that failed were retried only a minute later: an auth process started 3 s before
+    its Redis issued tokens by its host's clock (5 s ahead) for a minute after Redis answered."""
+    port = launcher.free_port()
+    client = redis_lib.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+    clock = SyncRedisClock(client, "t", wall=lambda: time.time() + 5)
+    assert abs(clock.now() - (time.time() + 5)) < 0.5  # no Redis yet: the host's clock
+    with launcher.RedisServer(port=port):
+        deadline = time.monotonic() + 5
+        while clock.offset is None and time.monotonic() < deadline:
+            clock.now()
+            time.sleep(0.1)
+        assert clock.offset is not None, "not anchored within 5 s of Redis answering"
+        assert abs(clock.now() - redis_now(client)) < 0.5

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from redisclock import RESYNC_SECONDS, WARN_SECONDS, RedisClock
+from redisclock import MAX_ROUND_TRIP_SECONDS, RESYNC_SECONDS, RETRY_SECONDS, WARN_SECONDS, RedisClock
 
 
 class Clocks:
@@ -35,8 +35,8 @@ def test_before_its_first_anchor_it_reads_the_hosts_clock():
 def test_anchored_it_reads_redis_time_at_the_middle_of_the_round_trip_and_runs_on_monotonically():
     clocks = Clocks(wall=5005.0)  # the host runs 5 s ahead of Redis
     clock = RedisClock("t", wall=clocks.wall, monotonic=clocks.monotonic)
-    clock.tried()
-    clock.anchor(before=999.98, reply=(5000, 0), after=1000.0, wall_after=clocks.wall())
+    assert clock.anchor(before=999.98, reply=(5000, 0), after=1000.0, wall_after=clocks.wall())
+    clock.tried(True)
 
     assert abs(clock.now() - 5000.01) < 1e-9  # TIME was read 10 ms ago, at the round trip's middle
     assert abs(clock.offset - 4.99) < 1e-9
@@ -59,3 +59,36 @@ def test_a_host_clock_off_redis_is_logged_once_and_again_when_it_agrees(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "worker: this host's clock is 3.0 s ahead of Redis's" in warnings[0], warnings
     assert any("agrees with Redis's again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_a_reading_whose_round_trip_was_slow_is_not_taken_and_is_tried_again_soon():
+    """Redis answers TIME at the end of a stall (a long script, a fork) or the caller's loop
+    resumes late: half that stall was the clock's error, for a minute, and a resume lost a message."""
+    clocks = Clocks(wall=5000.0)
+    clock = RedisClock("t", wall=clocks.wall, monotonic=clocks.monotonic)
+    slow = MAX_ROUND_TRIP_SECONDS + 0.01
+    assert not clock.anchor(1000.0 - slow, (5002, 0), 1000.0, clocks.wall())
+    assert clock.now() == 5000.0 and clock.offset is None
+    clock.tried(False)
+    assert not clock.due()
+    clocks.advance(RETRY_SECONDS)
+    assert clock.due()
+
+
+def test_attempts_that_fail_are_retried_after_a_second_doubling_up_to_the_resync_period():
+    """A process started before its Redis anchored only a minute after Redis answered, and
+    issued tokens by its host's clock meanwhile."""
+    clocks = Clocks(wall=5000.0)
+    clock = RedisClock("t", wall=clocks.wall, monotonic=clocks.monotonic)
+    waits = []
+    for _ in range(9):
+        clock.tried(False)
+        start = clocks.monotonic_now
+        while not clock.due():
+            clocks.advance(0.25)
+        waits.append(clocks.monotonic_now - start)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    clock.tried(True)
+    clock.tried(False)
+    clocks.advance(RETRY_SECONDS)
+    assert clock.due(), "an anchor resets the doubling"

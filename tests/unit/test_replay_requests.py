@@ -73,7 +73,7 @@ def test_a_resume_from_before_the_retention_is_truncated_and_one_within_it_is_no
 
 
 def test_only_the_last_page_of_a_replay_carries_the_cursor():
-    envelopes = [{"id": f"{n:024x}"} for n in range(PAGE + 1)]
+    envelopes = [{"id": f"{n:024x}", "data": n} for n in range(PAGE + 1)]
     pages = _pages(envelopes, False, "0190f00000000000000000aa")
     assert [info.get("cursor") for _, info in pages] == [None, "0190f00000000000000000aa"]
     assert [info["last"] for _, info in pages] == [False, True]
