@@ -120,9 +120,12 @@ def make_tls_files(folder: str | Path, days: int = 2) -> TlsFiles:
     folder.mkdir(parents=True, exist_ok=True)
     files = TlsFiles(folder / "ca.crt", folder / "redis.crt", folder / "redis.key")
     ext = folder / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
+    # Python 3.13's default TLS context checks certificates strictly (VERIFY_X509_STRICT): a CA
+    # without keyUsage was refused ("CA cert does not include key usage extension").
     steps = [
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", folder / "ca.key", "-out", files.ca, "-days", days, "-subj", "/CN=push test CA"],
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", folder / "ca.key", "-out", files.ca, "-days", days, "-subj", "/CN=push test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
         ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", files.key, "-out", folder / "redis.csr", "-subj", "/CN=127.0.0.1"],
         ["x509", "-req", "-in", folder / "redis.csr", "-CA", files.ca, "-CAkey", folder / "ca.key", "-CAcreateserial",
          "-out", files.cert, "-days", days, "-extfile", ext],

