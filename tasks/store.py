@@ -59,7 +59,7 @@ from pymongo import errors
 import settings
 from tasks import checkpoints, ids, storedisk, storesql
 from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, receipt_documents, replays_from
-from tasks.storeerrors import ACCESS_CODES, DISK_ERRNOS, DUPLICATE_KEY, StoreError, StoreUnavailable, dns_for_now, embedded_folder, explain_disk, translated
+from tasks.storeerrors import ACCESS_CODES, DISK_ERRNOS, DUPLICATE_KEY, StoreError, StoreUnavailable, damaged, dns_for_now, embedded_folder, explain_disk, translated
 from tasks.messages import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ class Store:
                     raise StoreUnavailable(f"cannot open the embedded store in {where} ({exc}): {explain_disk(exc)}") from exc
                 raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
             except (ValueError, sqlite3.Error) as exc:
+                if (damage := damaged("opening the embedded store", exc)) is not None:
+                    raise damage from exc
                 raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
         store = cls(client[settings.MONGO_DB])
         try:

@@ -42,6 +42,9 @@ class StoreUnavailable(StoreError):
     """MongoDB or the embedded store's disk cannot be reached now; retry later."""
 
 
+#: SQLite's SQLITE_CORRUPT and SQLITE_NOTADB: a file of the embedded store is damaged.
+_DAMAGED = frozenset({11, 26})
+
 #: An OSError of these, opening the embedded store, is a disk that may be freed or remounted.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
 
@@ -82,6 +85,20 @@ def transient(exc: errors.OperationFailure) -> bool:
     return exc.code in _TRANSIENT_CODES or exc.has_error_label("RetryableWriteError")
 
 
+def damaged(action: str, exc: BaseException) -> StoreError | None:
+    """A :class:`StoreError` saying how to recover, when ``exc`` is SQLite's finding a file of the
+    embedded store damaged (``database disk image is malformed``, ``file is not a database``: a
+    disk or file system that lost writes, a file changed by hand); None for any other error.
+    Retrying does not help, so it is not :class:`StoreUnavailable`."""
+    if getattr(exc, "sqlite_errorcode", None) not in _DAMAGED:
+        return None
+    return StoreError(
+        f"{action}: a file of the embedded store in {embedded_folder()} is damaged ({exc}): stop the workers, then for each "
+        "file there that `sqlite3 FILE 'PRAGMA quick_check'` does not answer ok, recover what it holds with "
+        "`sqlite3 FILE .recover | sqlite3 FILE.recovered`, move FILE (and FILE-wal, FILE-shm) aside and put FILE.recovered "
+        "in its place; or move the whole folder aside to start with an empty store (what it held is lost)")
+
+
 @contextlib.contextmanager
 def translated(action: str) -> Iterator[None]:
     """Turn driver and SQLite errors into StoreError / StoreUnavailable that say what to check."""
@@ -89,18 +106,28 @@ def translated(action: str) -> Iterator[None]:
         yield
     except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
         raise StoreUnavailable(f"{action}: MongoDB did not answer ({exc}); check that MONGO_URL={settings.redact(settings.MONGO_URL or '')} is reachable and the server is up") from exc
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
+        if (damage := damaged(action, exc)) is not None:
+            raise damage from exc
+        if not isinstance(exc, sqlite3.OperationalError):
+            raise _other(action, exc) from exc
         # A full disk, a file size limit, a read-only folder or a lock: each goes away once
         # an operator acts (or the other process lets go), so the caller retries; the error
         # says which one it is.
         where = embedded_folder()
         raise StoreUnavailable(f"{action}: the embedded store in {where} failed ({exc}): {explain_disk(exc)}") from exc
     except (errors.PyMongoError, sqlite3.Error) as exc:
-        where = settings.redact(settings.MONGO_URL or "")
-        if isinstance(exc, errors.OperationFailure) and transient(exc):
-            raise StoreUnavailable(f"{action}: MongoDB could not do it now ({exc}); check that MONGO_URL={where} has a primary "
-                                   "and that its members are up and replicating") from exc
-        if isinstance(exc, errors.OperationFailure) and exc.code in ACCESS_CODES:
-            raise StoreError(f"{action} failed: {exc}; check the user, password and authSource in MONGO_URL={where} and that "
-                             f"the user has the readWrite role on the database {settings.MONGO_DB}") from exc
-        raise StoreError(f"{action} failed: {exc}") from exc
+        raise _other(action, exc) from exc
+
+
+def _other(action: str, exc: Exception) -> StoreError:
+    """What :func:`translated` makes of a driver's or SQLite's error that is neither a server that
+    did not answer nor the embedded store's disk or damage: the caller raises it."""
+    where = settings.redact(settings.MONGO_URL or "")
+    if isinstance(exc, errors.OperationFailure) and transient(exc):
+        return StoreUnavailable(f"{action}: MongoDB could not do it now ({exc}); check that MONGO_URL={where} has a primary "
+                                "and that its members are up and replicating")
+    if isinstance(exc, errors.OperationFailure) and exc.code in ACCESS_CODES:
+        return StoreError(f"{action} failed: {exc}; check the user, password and authSource in MONGO_URL={where} and that "
+                          f"the user has the readWrite role on the database {settings.MONGO_DB}")
+    return StoreError(f"{action} failed: {exc}")
