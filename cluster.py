@@ -29,7 +29,6 @@ import shlex
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -42,6 +41,7 @@ from wsnode import addressclaim
 with startup.exit_on_bad_settings("cluster.py", __name__ == "__main__"):
     import redislogin
     import settings
+    from tasks import storedisk
 
 #: How long each process may take to stop after SIGTERM before it is killed (the worker drains tasks).
 STOP_TIMEOUT = {"worker": 30.0}
@@ -231,12 +231,10 @@ class Cluster:
         """Stop at once, saying what to fix, when ``DATA_DIR`` cannot be made or written (a file,
         a folder of another user): the private Redis and the worker's store keep their data there,
         and the folder's creation raised a traceback out of the start."""
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=self.data_dir).close()
-        except OSError as exc:
+        exc = storedisk.unwritable(self.data_dir)
+        if exc is not None:
             raise launcher.LauncherError(f"DATA_DIR={settings.DATA_DIR!r} ({self.data_dir}) cannot hold the cluster's data "
-                                         f"({exc.strerror or exc}): set DATA_DIR to a writable local folder") from None
+                                         f"({exc.strerror or exc}): set DATA_DIR to a writable local folder")
 
     def _start_redis(self) -> dict[str, str]:
         """Use the Redis at REDIS_URL when it answers, else start a private one; return the children's env.

@@ -192,6 +192,21 @@ def _check_redis_logins(**_):
 
 
 @worker_init.connect
+def _check_data_dir(**_):
+    """Main process, before the pool starts: with the embedded store (``MONGO_URL`` unset), a
+    ``DATA_DIR`` that cannot be made or written (a file, a folder of another user, a read-only
+    file system) stops the worker with one line; the worker said ``ready`` and failed every
+    request, without retrying."""
+    if settings.MONGO_URL:
+        return
+    from tasks import storedisk
+
+    problem = storedisk.folder_problem(settings.DATA_DIR)
+    if problem is not None:
+        startup.refuse("celery -A worker worker", ValueError(problem))
+
+
+@worker_init.connect
 def _tune_gc(**_):
     """Main process, before the pool forks: see :mod:`gcpolicy`."""
     gcpolicy.tune()

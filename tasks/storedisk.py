@@ -121,3 +121,28 @@ def _user() -> str:
         return f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
     except (ImportError, KeyError):
         return f"uid {uid}"
+
+
+def unwritable(folder: str | os.PathLike) -> OSError | None:
+    """Why ``folder`` cannot hold data files (made with its parents if missing, then a file
+    created in it and removed), or None when it can: a path that is a file, a folder of another
+    user, a read-only file system."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def folder_problem(data_dir: str) -> str | None:
+    """What stops the embedded store from using ``DATA_DIR``, and what to do, in one line; None
+    when it can (:func:`unwritable`)."""
+    path = os.path.abspath(data_dir)
+    exc = unwritable(path)
+    if exc is None:
+        return None
+    return (f"DATA_DIR={data_dir!r} ({path}) cannot hold the message store ({exc.strerror or exc}): set DATA_DIR to a local "
+            f"folder the worker's user ({_user()}) may write, or MONGO_URL to a MongoDB")

@@ -45,8 +45,9 @@ class StoreUnavailable(StoreError):
 #: SQLite's SQLITE_CORRUPT and SQLITE_NOTADB: a file of the embedded store is damaged.
 _DAMAGED = frozenset({11, 26})
 
-#: An OSError of these, opening the embedded store, is a disk that may be freed or remounted.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
+#: An OSError of these, opening the embedded store, is a disk that may be freed or remounted, or
+#: rights that may be given (the error names the worker's user).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM})
 
 
 def embedded_folder() -> str:

@@ -77,3 +77,16 @@ def test_host_names_and_ip_addresses_are_taken(value):
     import settings
 
     assert settings._host(value) == value
+
+
+def test_a_worker_whose_data_dir_cannot_hold_the_store_stops_at_start_with_one_line(tmp_path, redis_server):
+    """With the embedded store, a DATA_DIR that is a file (or a folder of another user) made a
+    worker that said "ready" and failed every request at once, without retrying."""
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    done = run([*CELERY, "worker", "--pool", "solo"], DATA_DIR=str(a_file), MONGO_URL="", REDIS_URL=redis_server.url(14),
+               BROKER_URL=redis_server.url(15), RESULT_BACKEND=redis_server.url(15))
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("celery -A worker worker: error:")]
+    assert len(lines) == 1 and f"DATA_DIR={str(a_file)!r}" in lines[0] and "cannot hold the message store" in lines[0], done.stderr[-2000:]
+    assert "set DATA_DIR to a local folder the worker's user" in lines[0]
