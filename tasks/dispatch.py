@@ -138,7 +138,7 @@ def route(messages: list[dict]) -> dict[str, list[dict]]:
     Collect's that it could not route at once, a dead node's handed back, and housekeeping's
     redeliveries, among which the messages stored but never routed that its sweep found."""
     mark_late(messages, clock.now())
-    deliveries = [(m["id"], user) for m in messages if m["to"] != routing.BROADCAST for user in m["to"]]
+    deliveries = ((m["id"], user) for m in messages if m["to"] != routing.BROADCAST for user in m["to"])
     # The routed deliveries become pending in the lookup's round trip, before the publish: a batch
     # lost after this is redelivered.
     found, live = routes.lookup(routing.recipients_of(messages), pending.PENDING_KEY, pending.marks(deliveries))

@@ -339,7 +339,7 @@ class RouteTable:
         self._redis = redis
         self._lookup = redis.register_script(_LOOKUP)  # EVALSHA, loaded again after a Redis restart
 
-    def lookup(self, users: Iterable[str], marks_key: str = "", marks: Iterable[tuple[str, str, float]] = ()) -> tuple[dict[str, list[str]], list[str]]:
+    def lookup(self, users: Iterable[str], marks_key: str = "", marks=()) -> tuple[dict[str, list[str]], list[str]]:
         """``({user: [node, ...]}, live_nodes)`` for ``users``, in one round trip per
         :data:`LOOKUP_CHUNK` users or :data:`LOOKUP_MARKS` marks.
 
@@ -347,28 +347,28 @@ class RouteTable:
         same round trip, each ``(user, member, score)`` of ``marks`` whose user has a lease on a
         live node (one that ``tasks.routing.plan`` routes) is added to the sorted set
         ``marks_key`` unless there already: Dispatch records its pending deliveries that way.  A
-        user of ``marks`` missing from ``users`` is never routed, so never marked.
+        user of ``marks`` missing from ``users`` is never routed, so never marked.  ``marks`` are
+        ``(user, member, score)`` triples, or what gives them one user at a time (``of(user)``
+        and ``len``: :class:`tasks.pending.Marks`, which makes them only as each call needs them).
         """
         users = list(dict.fromkeys(users))
-        marks = list(marks)
-        if marks and not marks_key:
+        if not hasattr(marks, "of"):  # triples: by user
+            marks = _ByUser(marks)
+        if len(marks) and not marks_key:
             raise ValueError("marks given without the key of the sorted set to add them to")
         if len(users) <= LOOKUP_CHUNK and len(marks) <= LOOKUP_MARKS:
-            return self._lookup_some(users, marks_key, marks)
+            return self._lookup_some(users, marks_key, [mark for user in users for mark in marks.of(user)])
         # A script blocks Redis while it runs: one over a batch of 100 messages of 10,000
         # recipients each read a million keys and held every client of that Redis (nodes, auth,
         # the broker) for 8 s, past its busy-script limit.  Calls of LOOKUP_CHUNK users let the
         # others in between; the users of one chunk are marked with that chunk's view.
         routes: dict[str, list[str]] = {}
         live: dict[str, None] = {}
-        by_user: dict[str, list[tuple[str, str, float]]] = {}
-        for mark in marks:
-            by_user.setdefault(mark[0], []).append(mark)
         chunk: list[str] = []
         chunk_marks: list[tuple[str, str, float]] = []
         for index, user in enumerate(users):
             chunk.append(user)
-            chunk_marks += by_user.get(user, ())
+            chunk_marks += marks.of(user)
             if len(chunk) >= LOOKUP_CHUNK or len(chunk_marks) >= LOOKUP_MARKS or index == len(users) - 1:
                 found, nodes = self._lookup_some(chunk, marks_key, chunk_marks)
                 routes.update(found)
@@ -377,11 +377,11 @@ class RouteTable:
         return routes, list(live)
 
     def _lookup_some(self, users: list[str], marks_key: str, marks: list[tuple[str, str, float]]) -> tuple[dict[str, list[str]], list[str]]:
+        """One script call for ``users``; ``marks`` are of these users only."""
         position = {user: index for index, user in enumerate(users, start=1)}
         args: list = []
         for user, member, score in marks:
-            if user in position:
-                args += (position[user], member, repr(float(score)))
+            args += (position[user], member, repr(float(score)))
         # Without marks the script writes nothing: the node list only fills KEYS[2]'s place.
         replies = self._lookup(keys=[NODES_KEY, marks_key or NODES_KEY, *map(route_key, users)], args=args)
         live = [_text(node) for node in replies[0]]
@@ -407,3 +407,20 @@ def redis_time(reply) -> float:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class _ByUser:
+    """Marks given as ``(user, member, score)`` triples, by user, as :class:`tasks.pending.Marks`
+    gives them (``of``).  A user not looked up is never marked."""
+
+    def __init__(self, marks: Iterable[tuple[str, str, float]]) -> None:
+        self._by_user: dict[str, list[tuple[str, str, float]]] = {}
+        for mark in marks:
+            self._by_user.setdefault(mark[0], []).append(mark)
+        self._count = sum(map(len, self._by_user.values()))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def of(self, user: str) -> list[tuple[str, str, float]]:
+        return self._by_user.get(user, [])
