@@ -34,8 +34,11 @@ import redis
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two anchors to Redis's clock.
+#: Seconds between two anchors to Redis's clock (auth's; a worker keeps its first: ``tasks.dispatch``).
 RESYNC_SECONDS = 60.0
+#: ``TIME`` readings per anchor of :class:`SyncRedisClock`, of which the one with the shortest
+#: round trip is taken.
+SAMPLES = 5
 #: A host clock further than this from Redis's, in seconds, is logged.
 WARN_SECONDS = 1.0
 #: A ``TIME`` whose round trip took longer than this, in seconds, is not anchored to (Redis stalled
@@ -57,8 +60,10 @@ def redis_seconds(reply) -> float:
 class RedisClock:
     """Redis's clock as this process reads it (see the module docstring)."""
 
-    def __init__(self, name: str, wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, name: str, wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 resync: float | None = RESYNC_SECONDS) -> None:
         self.name = name
+        self._resync = resync
         self._wall, self._monotonic = wall, monotonic
         self._anchor: tuple[float, float] | None = None  # (Redis's unix seconds, this monotonic time then)
         self._next = float("-inf")  # monotonic time of the next anchor attempt
@@ -102,7 +107,7 @@ class RedisClock:
         """Record an anchor attempt: the next is due :data:`RESYNC_SECONDS` after one that
         anchored, :data:`RETRY_SECONDS` after one that did not, doubling while they fail."""
         if anchored:
-            self._failures, wait = 0, RESYNC_SECONDS
+            self._failures, wait = 0, (float("inf") if self._resync is None else self._resync)
         else:
             wait = min(RESYNC_SECONDS, RETRY_SECONDS * 2 ** self._failures)
             self._failures += 1
@@ -110,7 +115,10 @@ class RedisClock:
 
 
 class SyncRedisClock(RedisClock):
-    """A :class:`RedisClock` that anchors itself with a redis-py client when due, inside ``now()``."""
+    """A :class:`RedisClock` that anchors itself with a redis-py client when due, inside ``now()``.
+
+    With ``resync=None`` it keeps its first anchor for good (the workers': see ``tasks.dispatch``),
+    and each anchor is the best of :data:`SAMPLES` readings (the shortest round trip)."""
 
     def __init__(self, client: redis.Redis, name: str, **clocks) -> None:
         super().__init__(name, **clocks)
@@ -122,16 +130,22 @@ class SyncRedisClock(RedisClock):
         return super().now()
 
     def sync(self) -> None:
-        """Anchor now; a Redis that does not answer leaves the previous anchor (or the host's clock)."""
+        """Anchor now, to the reading of :data:`SAMPLES` with the shortest round trip; a Redis that
+        does not answer leaves the previous anchor (or the host's clock)."""
+        best = None
         try:
-            before = self._monotonic()
-            reply = self._client.time()
-            after = self._monotonic()
+            for _ in range(SAMPLES):
+                before = self._monotonic()
+                reply = self._client.time()
+                after = self._monotonic()
+                if best is None or after - before < best[2] - best[0]:
+                    best = (before, reply, after, self._wall())
         except (redis.RedisError, OSError) as exc:
-            log.debug("%s: Redis's clock not read (%s); keeping %s", self.name, exc, "the last anchor" if self._anchor else "this host's clock")
-            self.tried(False)
-            return
-        self.tried(self.anchor(before, reply, after, self._wall()))
+            if best is None:
+                log.debug("%s: Redis's clock not read (%s); keeping %s", self.name, exc, "the last anchor" if self._anchor else "this host's clock")
+                self.tried(False)
+                return
+        self.tried(self.anchor(*best))
 
 
 async def anchor_async(clock: RedisClock, client) -> None:

@@ -207,6 +207,15 @@ def _check_data_dir(**_):
 
 
 @worker_init.connect
+def _anchor_clock(**_):
+    """Main process, before the pool forks: anchor Redis's clock once (``tasks.dispatch.clock``),
+    so that every pool process, also one that replaces another later, reads the same clock."""
+    from tasks.dispatch import clock
+
+    clock.sync()
+
+
+@worker_init.connect
 def _tune_gc(**_):
     """Main process, before the pool forks: see :mod:`gcpolicy`."""
     gcpolicy.tune()

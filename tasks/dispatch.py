@@ -43,8 +43,13 @@ _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_conne
 routes = RouteTable(_redis)
 #: Redis's clock (:mod:`redisclock`): what this worker's message ids, late routings, replay
 #: cursors and housekeeping windows are timed by, so that workers on hosts whose clocks disagree
-#: still agree on them.  Safe after a fork (it holds two floats and the client above).
-clock = redisclock.SyncRedisClock(_redis, "worker")
+#: still agree on them.  The worker's main process anchors it before its pool forks
+#: (``worker.py``), and every pool process keeps that one anchor for good (the monotonic clock is
+#: the system's): two anchors differ by up to half a round trip, and pool processes that each
+#: anchored on their own made ids 8 ms out of order on a loaded machine, where the host's one
+#: clock had kept them in order.  A pool process that inherits no anchor (Redis down as the
+#: worker started) anchors itself once Redis answers.
+clock = redisclock.SyncRedisClock(_redis, "worker", resync=None)
 
 
 #: How often a worker process declares a node's queue again before publishing to it.

@@ -103,7 +103,7 @@ def _headers(task_id: str, **more) -> dict:
 RECEIVED_AND_FAILED = ["task-received", "task-failed"]
 REFUSED = {
     # tasks.taskmessages.Consumer.refuse: an envelope Celery cannot run
-    "malformed": (lambda task_id: ('"not [args, kwargs, embed]"', _headers(task_id)), "refused a message of queue 'collect' (task id {task_id})",
+    "malformed": (lambda task_id: ('"not [args, kwargs, embed]"', _headers(task_id)), "refused a message of queue 'collect' (task id '{task_id}')",
                   "not a Celery task message: its body is of type str", RECEIVED_AND_FAILED),
     # Celery's on_invalid_task
     "unreadable-eta": (lambda task_id: ('[[], {"to": "nobody", "data": 1}, {}]', _headers(task_id, eta="tomorrow")),

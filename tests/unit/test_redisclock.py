@@ -92,3 +92,18 @@ def test_attempts_that_fail_are_retried_after_a_second_doubling_up_to_the_resync
     clock.tried(False)
     clocks.advance(RETRY_SECONDS)
     assert clock.due(), "an anchor resets the doubling"
+
+
+def test_a_clock_without_resync_keeps_its_first_anchor_for_good_and_retries_until_it_has_one():
+    """The workers' (tasks.dispatch.clock): anchored once in the worker's main process, before its
+    pool forks, so that every pool process reads the very same clock; pool processes that each
+    anchored on their own made ids 8 ms out of order on a loaded machine."""
+    clocks = Clocks(wall=5000.0)
+    clock = RedisClock("worker", wall=clocks.wall, monotonic=clocks.monotonic, resync=None)
+    clock.tried(False)
+    clocks.advance(RETRY_SECONDS)
+    assert clock.due(), "no anchor yet: tried again"
+    assert clock.anchor(1000.0, (4000, 0), 1000.0, clocks.wall())
+    clock.tried(True)
+    clocks.advance(30 * 86400)
+    assert not clock.due()
