@@ -371,7 +371,11 @@ class RouteTable:
             chunk_marks += marks.of(user)
             if len(chunk) >= LOOKUP_CHUNK or len(chunk_marks) >= LOOKUP_MARKS or index == len(users) - 1:
                 found, nodes = self._lookup_some(chunk, marks_key, chunk_marks)
-                routes.update(found)
+                # Only the routes to nodes this call saw live: this call marked its users by them,
+                # and a node whose lease ended (or came back) between two calls would otherwise
+                # be routed users this call did not mark pending.
+                here = set(nodes)
+                routes.update((user, kept) for user, held in found.items() if (kept := [node for node in held if node in here]))
                 live.update(dict.fromkeys(nodes))
                 chunk, chunk_marks = [], []
         return routes, list(live)

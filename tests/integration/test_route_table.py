@@ -138,6 +138,36 @@ def test_a_lookup_of_more_users_than_one_script_should_read_is_several_calls_wit
     assert redis.zcard(MARKS) == 100 * len([user for user in users[:1000] if user in routes])
 
 
+@pytest.mark.parametrize("change", ["ended", "back"])
+def test_a_split_lookup_routes_each_user_only_by_the_live_nodes_of_the_call_that_marked_it(redis, now, monkeypatch, change):
+    """A node whose own lease ended (or came back) between two calls of a split lookup: the users
+    of the call that saw it dead were not marked pending, yet routed to it by the other call's
+    view, and went out with no redelivery candidate."""
+    from wsnode import registry
+
+    monkeypatch.setattr(registry, "LOOKUP_CHUNK", 2)
+    redis.zadd(NODES_KEY, {"a:1": now + 30 if change == "ended" else now - 1})
+    users = ["u1", "u2", "u3", "u4"]
+    for user in users:
+        redis.zadd(route_key(user), {"a:1": now + 30})
+    table, calls = RouteTable(redis), []
+    first_call = table._lookup_some
+
+    def then_change(*args):
+        calls.append(args[0])
+        found = first_call(*args)
+        if len(calls) == 1:
+            redis.zadd(NODES_KEY, {"a:1": now - 1 if change == "ended" else now + 30})
+        return found
+
+    monkeypatch.setattr(table, "_lookup_some", then_change)
+    routes, _ = table.lookup(users, MARKS, [(user, f"m1:{user}", 1.0) for user in users])
+
+    assert len(calls) == 2
+    marked = sorted(member.decode().split(":")[1] for member in redis.zrange(MARKS, 0, -1))
+    assert sorted(routes) == marked == (["u1", "u2"] if change == "ended" else ["u3", "u4"])
+
+
 def test_marks_without_their_key_are_refused(redis):
     with pytest.raises(ValueError, match="key"):
         RouteTable(redis).lookup(["ann"], "", [("ann", "m1:ann", 1.0)])
