@@ -166,7 +166,7 @@ def _port(raw: str) -> int:
     return value
 
 
-_HOST = re.compile(r"[A-Za-z0-9._\-:\[\]]{1,253}")
+_HOST = re.compile(r"[!-~]{1,253}")
 
 
 def _host(raw: str) -> str:
@@ -175,7 +175,7 @@ def _host(raw: str) -> str:
     ``NODE_HOST='127.0.0.1 '`` (from a .env file) left a node running that never wrote a lease,
     unready, every browser closed with 1013."""
     if not _HOST.fullmatch(raw):
-        raise ValueError("only ASCII letters, digits and . - _ : [ ] (no spaces or line breaks), at most 253 characters")
+        raise ValueError("printable ASCII only, no spaces or line breaks, at most 253 characters")
     return raw
 
 
