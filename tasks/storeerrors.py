@@ -14,6 +14,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 
+import bson.errors
 from pymongo import errors
 
 import settings
@@ -89,8 +90,14 @@ def transient(exc: errors.OperationFailure) -> bool:
 def damaged(action: str, exc: BaseException) -> StoreError | None:
     """A :class:`StoreError` saying how to recover, when ``exc`` is SQLite's finding a file of the
     embedded store damaged (``database disk image is malformed``, ``file is not a database``: a
-    disk or file system that lost writes, a file changed by hand); None for any other error.
+    disk or file system that lost writes, a file changed by hand), or a document in it that
+    cannot be decoded (damage inside a row, which SQLite does not see); None for any other error.
     Retrying does not help, so it is not :class:`StoreUnavailable`."""
+    if isinstance(exc, bson.errors.InvalidBSON) and not settings.MONGO_URL:
+        return StoreError(
+            f"{action}: a document of the embedded store in {embedded_folder()} cannot be read ({exc!r}): its file is damaged "
+            "inside a document, which SQLite's own checks (PRAGMA quick_check) do not see: stop the workers and move the folder "
+            "aside to start with an empty store (what it held is lost)")
     if getattr(exc, "sqlite_errorcode", None) not in _DAMAGED:
         return None
     return StoreError(
@@ -107,7 +114,7 @@ def translated(action: str) -> Iterator[None]:
         yield
     except (errors.ConnectionFailure, errors.ExecutionTimeout, errors.WTimeoutError) as exc:
         raise StoreUnavailable(f"{action}: MongoDB did not answer ({exc}); check that MONGO_URL={settings.redact(settings.MONGO_URL or '')} is reachable and the server is up") from exc
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, bson.errors.InvalidBSON) as exc:
         if (damage := damaged(action, exc)) is not None:
             raise damage from exc
         if not isinstance(exc, sqlite3.OperationalError):

@@ -390,6 +390,24 @@ def test_processes_writing_the_same_new_store_at_once_lose_nothing(location):
         store.close()
 
 
+def test_a_document_damaged_inside_its_row_raises_a_store_error_not_bsons_own(store):
+    """Damage inside a row's BSON passes SQLite's checks (PRAGMA quick_check says ok), and a
+    replay raised bson's InvalidBSON, which nothing turned into a StoreError."""
+    if not store.embedded:
+        pytest.skip("the embedded engine's files")
+    gen = IdGenerator()
+    message = make(gen, ["ann"], "x" * 100)
+    store.insert_messages([message])
+    table = storesql.table_of(store.database["messages"])
+    assert table is not None
+    table._connection.execute(f"UPDATE {table._table_name} SET {table.DOC} = ?", (b"\x30\x00\x00\x00garbage",))
+    table._connection.commit()
+
+    with pytest.raises(StoreError) as raised:
+        store.message_data([message["id"]])
+    assert "cannot be read" in str(raised.value) and "move the folder aside" in str(raised.value), raised.value
+
+
 @pytest.mark.parametrize("damage", ["header", "pages"])
 def test_a_damaged_store_file_raises_a_store_error_saying_how_to_recover_it(location, damage):
     """SQLite's "file is not a database" and "database disk image is malformed" (a disk that lost
