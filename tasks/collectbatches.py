@@ -104,6 +104,7 @@ class CollectBatches(Batches):
         self._lost = _LOST  # shared by both tasks: a batch may hold requests of both
         self._hub = None  # the worker's event loop (kombu's Hub), or None without one
         self._consumer = None  # the worker's consumer (its timer and prefetch window), once started
+        self._connection = None  # the consumer's broker connection when the strategy was made
         self._announced = _ANNOUNCED  # ids of the requests held for their eta: task-received sent (both tasks')
         self._limited: list = []  # requests due but held back by the task's rate limit, in order
         self._limit_tref = None  # the timer entry that flushes them when the next token is due
@@ -168,22 +169,17 @@ class CollectBatches(Batches):
         broker.  Requests still buffered then came on the old connection: the broker gives their
         messages back (Redis restores them, RabbitMQ requeues them), so they are dropped here
         rather than run and then fail to ack; and the flush timer is started afresh with the
-        next request, so a reconnection cannot leave requests waiting for a timer that is gone."""
-        if self._tref is not None:
-            self._tref.cancel()
-            self._tref = None
-        dropped = [*(entry[0] for entry in self._waiting), *consume_queue(self._buffer), *consume_queue(self._pending), *self._limited]
-        for req in dropped:
-            worker_state.task_ready(req)  # not reserved here any more: the broker has it again
-        if dropped:
-            log.warning("%s: consumer restarted; %d buffered requests left to the broker, which delivers them again", self.name, len(dropped))
-        self._count = itertools.count(1)
-        self._announced.clear()
-        self._limited, self._limit_tref = [], None  # the consumer cleared its timer
-        self._waiting = []
-        self._gate.reset()
-        self._running_users.clear()
-        self._flush_pending = False
+        next request, so a reconnection cannot leave requests waiting for a timer that is gone.
+
+        Also called on a pool restart (``pool_restart``, Flower's Restart pool, where
+        ``worker_pool_restarts`` is on), with the same consumer on the same connection: the
+        requests held then stay, and run in the new pool processes.  Dropping them left their
+        messages unacknowledged on the live channel: back only after ``VISIBILITY_TIMEOUT`` on
+        Redis (out of order), never on RabbitMQ, whose prefetch window they then filled."""
+        connection = getattr(consumer, "connection", None)
+        if not (consumer is self._consumer and connection is not None and connection is self._connection):
+            self._start_afresh()
+        self._connection = connection
         self._hub = consumer.hub
         self._consumer = consumer
         self._siblings = [other for other in app.tasks.values() if isinstance(other, CollectBatches) and other is not self]
@@ -200,6 +196,24 @@ class CollectBatches(Batches):
             self._flush_when_free()
 
         return buffer_then_flush_when_free
+
+    def _start_afresh(self) -> None:
+        """Drop what a consumer on an earlier connection held (see :meth:`Strategy`)."""
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        dropped = [*(entry[0] for entry in self._waiting), *consume_queue(self._buffer), *consume_queue(self._pending), *self._limited]
+        for req in dropped:
+            worker_state.task_ready(req)  # not reserved here any more: the broker has it again
+        if dropped:
+            log.warning("%s: consumer restarted; %d buffered requests left to the broker, which delivers them again", self.name, len(dropped))
+        self._count = itertools.count(1)
+        self._announced.clear()
+        self._limited, self._limit_tref = [], None  # the consumer cleared its timer
+        self._waiting = []
+        self._gate.reset()
+        self._running_users.clear()
+        self._flush_pending = False
 
     def _flush_when_free(self) -> None:
         """Run what is buffered as a batch if the gate lets one go: on the loop's next turn, so

@@ -391,3 +391,38 @@ async def test_requests_that_come_due_while_their_worker_stops_are_not_started_t
     assert all(len(times) == 1 for times in started), started
     assert sorted((f["id"], f["data"]) for f in frames) == sorted(zip(ids, range(10)))
     client.close()
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def restartable_cluster(request, tmp_path):
+    """A private cluster whose worker has ``worker_pool_restarts`` on (Flower's Restart pool),
+    one pool process, and a Redis broker that gives a task back only after 900 s."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    request.addfinalizer(redis_server.stop)
+    cluster = Cluster(redis_server, tmp_path, broker_url=broker_url_for(request.param, redis_server, request), auth_port=launcher.free_port(),
+                      VISIBILITY_TIMEOUT=900)
+    cluster.broker = request.param
+    start_or_explain(cluster, nodes=1, concurrency=1, app="tests.integration.poolrestart_app")
+    yield cluster
+    cluster.stop(at_once=True)
+
+
+async def test_a_pool_restart_runs_the_collect_requests_the_worker_held_in_its_new_pool_in_order(restartable_cluster):
+    """Flower's Restart pool (``pool_restart``) remade the strategy as on a reconnection, which
+    drops what the worker held for the broker to give back: the channel lived on, so the messages
+    stayed unacknowledged, back on Redis only after the visibility timeout (out of order), and
+    never on RabbitMQ, whose prefetch window they filled."""
+    cluster = restartable_cluster
+    client = await cluster.connect("restarted")
+    worker = [f"worker@{socket.gethostname()}"]
+    async with collect_rate_limited(cluster, "5/s"):
+        sent = [cluster.send(to="restarted", data=n) for n in range(20)]
+        arriving = asyncio.create_task(client.messages(20, timeout=40))
+        await asyncio.sleep(1.5)  # the worker read them; most of them wait for their token now
+        replies = await asyncio.to_thread(cluster.business.control.pool_restart, destination=worker, reply=True, timeout=10)
+        assert any("ok" in answer for reply in replies for answer in reply.values()), replies
+        ids = [await cluster.result(result, 40) for result in sent]
+        frames = await arriving
+    assert [(f["id"], f["data"]) for f in frames] == list(zip(ids, range(20)))
+    assert "buffered requests left to the broker" not in cluster.worker.log_tail(400)
+    client.close()
