@@ -235,7 +235,9 @@ def test_messages_read_behind_one_whose_callback_raised_are_put_back_at_once_in_
                 conn.drain_events(timeout=5)
             queued = _queued(channel, queue)
             with channel.conn_or_acquire() as client:
-                unacked = client.hlen(channel.unacked_key)
+                # This queue's only: the session's worker shares the broker's unacked hash, and
+                # a task of its own there at that moment counted too (4 == 3, once in CI).
+                unacked = sum(1 for raw in client.hvals(channel.unacked_key) if json.loads(raw)[2] == queue.name)
         channel.close()
         after_close = _queued(conn.default_channel, queue)
 
