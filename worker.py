@@ -210,9 +210,12 @@ def _check_data_dir(**_):
 def _anchor_clock(**_):
     """Main process, before the pool forks: anchor Redis's clock once (``tasks.dispatch.clock``),
     so that every pool process, also one that replaces another later, reads the same clock."""
-    from tasks.dispatch import clock
+    from tasks.dispatch import _redis, clock
 
     clock.sync()
+    # Not kept open in this process, where nothing may use it for a long while (the scheduler's
+    # first tick is HOUSEKEEPING_SECONDS away): after a Redis restart it sat in CLOSE_WAIT.
+    _redis.connection_pool.disconnect()
 
 
 @worker_init.connect

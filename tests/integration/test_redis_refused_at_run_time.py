@@ -193,10 +193,10 @@ def test_a_collect_whose_redis_user_lost_its_rights_fails_saying_what_to_grant_i
         # tasks.dispatch (which Collect queues when its inline routing fails): Celery's own line
         message = {"id": IdGenerator().next_id(), "to": ["narrowed"], "data": {"n": 2}, "ts": time.time()}
         business.send_task("tasks.dispatch", args=[[message]], queue="dispatch")
-        worker.wait_log("raised unexpected", timeout=10)
-        worker.wait_log(f"redis.exceptions.NoPermissionError: {expected}", timeout=5)
-        worker.wait_log("] Task tasks.housekeeping[", timeout=5)
-        worker.wait_ready(lambda: len(failures(tmp_path / "worker.log", "tasks.housekeeping")) > 0, timeout=5, what="done with a housekeeping run")
+        # Each task's own failure (housekeeping's, every second, came first on a loaded machine
+        # and satisfied a wait for any "raised unexpected").
+        for task in ("tasks.dispatch", "tasks.housekeeping"):
+            worker.wait_ready(lambda task=task: len(failures(tmp_path / "worker.log", task)) > 0, timeout=20, what=f"done with a failed {task}")
         for task in ("tasks.dispatch", "tasks.housekeeping"):  # in each task's own traceback
             assert f"NoPermissionError: {expected}" in failures(tmp_path / "worker.log", task)[0], task
     finally:
