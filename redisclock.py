@@ -12,15 +12,16 @@ that Redis, so they agree to within a round trip, whatever their hosts' clocks s
 
 A reading costs no round trip.  The clock is anchored to one ``TIME`` reply (taken at the middle
 of its round trip) and runs on from there with the host's monotonic clock, which steps of the
-wall clock (an NTP correction, a VM resumed) do not move; it is anchored again every
-:data:`RESYNC_SECONDS`.  Until its first anchor (Redis not reachable yet) it reads the host's
-clock, and an anchor that fails keeps the previous one.  A host whose clock is more than
+wall clock (an NTP correction, a VM resumed) do not move.  Auth anchors again every
+:data:`RESYNC_SECONDS`; a worker anchors once, before its pool forks, and its pool processes keep
+that anchor (``tasks.dispatch.clock``).  Until its first anchor (Redis not reachable yet) a
+process reads the host's clock, and an anchor that fails keeps the previous one.  A host whose clock is more than
 :data:`WARN_SECONDS` off Redis's is logged once (and again when it comes back): the platform no
 longer depends on it, but logs, receipts' times and the latency metric still do.
 
 Threading: :meth:`RedisClock.now` from any thread; an anchor replaces one tuple, which readers see
-whole.  :class:`SyncRedisClock` anchors itself inside ``now()`` when due (one ``TIME`` round trip
-a minute, on the calling thread); the auth service, on an IOLoop, anchors with :func:`anchor_async`.
+whole.  :class:`SyncRedisClock` anchors itself inside ``now()`` when due (a few ``TIME`` round
+trips, on the calling thread); the auth service, on an IOLoop, anchors with :func:`anchor_async`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ MAX_ROUND_TRIP_SECONDS = 0.25
 RETRY_SECONDS = 1.0
 
 
-def redis_seconds(reply) -> float:
-    """Unix seconds from the reply of redis-py's ``time()`` (``(seconds, microseconds)``).  Pure."""
+def redis_time(reply) -> float:
+    """Redis's clock in unix seconds, from the reply of redis-py's ``time()`` (``(seconds,
+    microseconds)``): also what lease scores are compared with outside the scripts
+    (``wsnode.registry``; housekeeping reads ``TIME`` in a pipeline it sends anyway).  Pure."""
     seconds, micros = reply
     return seconds + micros / 1_000_000
 
@@ -90,7 +93,7 @@ class RedisClock:
         if after - before > MAX_ROUND_TRIP_SECONDS:
             log.debug("%s: Redis's TIME took %.3f s to come back; not anchored to it", self.name, after - before)
             return False
-        redis_now, middle = redis_seconds(reply), (before + after) / 2
+        redis_now, middle = redis_time(reply), (before + after) / 2
         self._anchor = (redis_now, middle)
         offset = wall_after - (after - middle) - redis_now
         was_off = self.offset is not None and abs(self.offset) > WARN_SECONDS

@@ -42,13 +42,14 @@ from redis import RedisError
 
 import redislogin
 import settings
+from redisclock import redis_time
 from tasks import pending
 from tasks.dispatch import _redis, clock, route
 from tasks.ids import timestamp_ms
 from tasks.reclaim import hand_back
 from tasks.store import get_store
 from worker import app
-from wsnode.registry import NODES_KEY, RouteTable, redis_time
+from wsnode.registry import NODES_KEY, RouteTable
 
 log = logging.getLogger(__name__)
 

@@ -67,9 +67,6 @@ class Marks:
     def __len__(self) -> int:
         return self._count
 
-    def count(self, user: str) -> int:
-        return len(self._ids.get(user, ()))
-
     def of(self, user: str) -> list[tuple[str, str, float]]:
         return [(user, member(mid, user), timestamp_ms(mid) / 1000) for mid in self._ids.get(user, ())]
 

@@ -88,7 +88,7 @@ def redis_version(client) -> tuple[int, ...]:
 def redis_now(client) -> float:
     """Redis's clock (``TIME``) in unix seconds, through redis-py's synchronous ``client``: what
     every lease's end is counted from (``wsnode.registry``), so what a test writes leases by."""
-    from wsnode.registry import redis_time
+    from redisclock import redis_time
 
     return redis_time(client.time())
 

@@ -394,19 +394,11 @@ class RouteTable:
 
     def lease_ends_after(self, node: str, when: float) -> bool:
         """Whether ``node``'s own lease ends after ``when``, a time by Redis's clock (read with
-        :func:`redis_time`): housekeeping, having found the lease of the node at an address ended
+        :func:`redisclock.redis_time`): housekeeping, having found the lease of the node at an address ended
         before ``when``, asks whether a node holds that address again (one restarted on it, or
         the same node back from a cut-off from Redis)."""
         score = self._redis.zscore(NODES_KEY, node)
         return score is not None and score > when
-
-
-def redis_time(reply) -> float:
-    """Redis's clock in unix seconds, from the reply of redis-py's ``time()`` (``(seconds,
-    microseconds)``): what lease scores are compared with outside the scripts (housekeeping reads
-    ``TIME`` in a pipeline it sends anyway).  Pure."""
-    seconds, micros = reply
-    return seconds + micros / 1_000_000
 
 
 def _text(value: bytes | str) -> str:

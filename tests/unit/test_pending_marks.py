@@ -12,7 +12,7 @@ def test_marks_are_made_per_user_in_the_order_the_deliveries_came_and_all_of_the
     one, two = gen.next_id(), gen.next_id()
     marks = pending.marks(((one, "ann"), (one, "bob"), (two, "ann")))
 
-    assert len(marks) == 3 and marks.count("ann") == 2 and marks.count("eve") == 0
+    assert len(marks) == 3
     assert marks.of("ann") == [("ann", f"{one}:ann", timestamp_ms(one) / 1000), ("ann", f"{two}:ann", timestamp_ms(two) / 1000)]
     assert marks.of("eve") == []
     assert sorted(marks) == sorted([*marks.of("ann"), *marks.of("bob")])
