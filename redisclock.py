@@ -64,9 +64,14 @@ class RedisClock:
     """Redis's clock as this process reads it (see the module docstring)."""
 
     def __init__(self, name: str, wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 resync: float | None = RESYNC_SECONDS) -> None:
+                 resync: float | None = RESYNC_SECONDS, host_within: float | None = None) -> None:
         self.name = name
         self._resync = resync
+        # With host_within, the host's own clock while it is at most that far from Redis's (auth's:
+        # two processes of one host then read one clock, as before, where two anchors differ by
+        # up to half a round trip, and a revocation a moment after another process issued a token
+        # missed it).
+        self._host_within = host_within
         self._wall, self._monotonic = wall, monotonic
         self._anchor: tuple[float, float] | None = None  # (Redis's unix seconds, this monotonic time then)
         self._next = float("-inf")  # monotonic time of the next anchor attempt
@@ -77,7 +82,7 @@ class RedisClock:
     def now(self) -> float:
         """Unix seconds by Redis's clock (by this host's until the first anchor)."""
         anchor = self._anchor
-        if anchor is None:
+        if anchor is None or (self._host_within is not None and abs(self.offset) <= self._host_within):
             return self._wall()
         return anchor[0] + (self._monotonic() - anchor[1])
 

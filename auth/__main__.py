@@ -50,7 +50,7 @@ async def serve() -> int:
     # Tokens' iat and exp and revocation cutoffs by Redis's clock, which every auth process
     # shares (redisclock): an auth process whose host ran 5 s behind another's missed, in a
     # revocation, the tokens the other issued in the 5 s before it.
-    clock = redisclock.RedisClock("auth")
+    clock = redisclock.RedisClock("auth", host_within=redisclock.WARN_SECONDS)
     await redisclock.anchor_async(clock, client)
     anchoring = tornado.ioloop.PeriodicCallback(lambda: redisclock.anchor_async(clock, client), redisclock.RETRY_SECONDS * 1000)
     anchoring.start()

@@ -82,7 +82,7 @@ async def test_auth_processes_on_hosts_five_seconds_apart_agree_on_revocations_b
     services, bases = [], {}
     try:
         for name, skew in (("on time", 0.0), ("behind", -5.0), ("ahead", 5.0)):
-            clock = redisclock.RedisClock(name, wall=lambda skew=skew: time.time() + skew)
+            clock = redisclock.RedisClock(name, wall=lambda skew=skew: time.time() + skew, host_within=redisclock.WARN_SECONDS)
             await redisclock.anchor_async(clock, client)
             assert clock.offset is not None and abs(clock.offset - skew) < 0.5
             service = AuthService(SECRET, ADMIN_KEY, client, token_ttl=3600, clock=clock.now)

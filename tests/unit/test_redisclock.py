@@ -107,3 +107,15 @@ def test_a_clock_without_resync_keeps_its_first_anchor_for_good_and_retries_unti
     clock.tried(True)
     clocks.advance(30 * 86400)
     assert not clock.due()
+
+
+def test_auths_clock_is_the_hosts_own_while_the_host_is_within_a_second_of_redis():
+    """Two auth processes of one host each anchored on their own read clocks up to half a round
+    trip apart, and a revocation right after the other one issued a token missed it (CI)."""
+    clocks = Clocks(wall=5000.4)
+    clock = RedisClock("auth", wall=clocks.wall, monotonic=clocks.monotonic, host_within=WARN_SECONDS)
+    assert clock.anchor(1000.0, (5000, 0), 1000.0, clocks.wall())
+    assert clock.now() == 5000.4
+    clocks.wall_now = 5003.0  # now 3 s ahead: Redis's
+    assert clock.anchor(1000.0, (5000, 0), 1000.0, clocks.wall())
+    assert clock.now() == 5000.0
