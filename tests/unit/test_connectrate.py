@@ -1,11 +1,12 @@
 """Pure tests of ``wsnode.connectrate`` (``MAX_USER_CONNECTS``): each connection's answer from the
-script's answer per user, the close reason, and the setting's form (``settings._connect_rate``)."""
+script's answer per user, the close reason, and the setting's form (``settingtypes._connect_rate``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from settings import MAX_CONNECT_WINDOW_SECONDS, MAX_CONNECTS_PER_WINDOW, SettingsError, _connect_rate, _read
+from settings import SettingsError, _read
+from settingtypes import MAX_CONNECT_WINDOW_SECONDS, MAX_CONNECTS_PER_WINDOW, _connect_rate
 from wsnode import connectrate
 from wsnode.closecodes import MAX_REASON_BYTES
 

@@ -1,4 +1,4 @@
-"""Pure tests of ``settings``: the private reader and converters fed a plain dict as the environment.
+"""Pure tests of ``settings`` and ``settingtypes``: the private reader and converters fed a plain dict as the environment.
 
 The module is imported once (with whatever the real environment holds) and never reloaded.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from settings import DEV_AUTH_ADMIN_KEY, DEV_AUTH_SECRET, RESULT_BACKEND_SCHEMES, SettingsError, _choice, _database_name, _origins, _port, _non_negative_ms, _positive_float, _positive_int, _positive_seconds, _read, _result_backend, _secret_list, _url, named_secrets, redact, secret_problems
+from settings import DEV_AUTH_ADMIN_KEY, DEV_AUTH_SECRET, SettingsError, _read, _secret_list, named_secrets, redact, secret_problems
+from settingtypes import RESULT_BACKEND_SCHEMES, _choice, _database_name, _origins, _port, _non_negative_ms, _positive_float, _positive_int, _positive_seconds, _result_backend, _url
 
 
 def read(env: dict, convert=int, default=7, expected: str = "a whole number"):
