@@ -59,7 +59,8 @@ from pymongo import errors
 import settings
 from tasks import checkpoints, ids, storedisk, storesql
 from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, receipt_documents, replays_from
-from tasks.storeerrors import ACCESS_CODES, DISK_ERRNOS, DUPLICATE_KEY, StoreError, StoreUnavailable, damaged, dns_for_now, embedded_folder, explain_disk, translated
+from tasks.storeerrors import (ACCESS_CODES, StoreError, StoreUnavailable, duplicates_only, embedded_folder, explain_disk, opening_embedded, opening_mongo,
+                               translated)
 from tasks.messages import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
@@ -100,29 +101,14 @@ class Store:
         """A store on ``MONGO_URL``, or on the embedded engine in ``DATA_DIR/mongo`` when it is unset."""
         if settings.MONGO_URL:
             where = settings.redact(settings.MONGO_URL)
-            try:
+            with opening_mongo(where):
                 client = pymongo.MongoClient(settings.MONGO_URL, serverSelectionTimeoutMS=TIMEOUT_MS, connectTimeoutMS=TIMEOUT_MS, socketTimeoutMS=TIMEOUT_MS, tz_aware=True)
-            except (errors.ConfigurationError, ValueError) as exc:
-                # pymongo parses the URL here, and looks a mongodb+srv:// URL's hosts up in DNS
-                # (SRV and TXT records): a lookup that failed may work later, a URL it refused won't.
-                if dns_for_now(exc):
-                    raise StoreUnavailable(f"MONGO_URL={where}: looking its hosts up in DNS failed ({exc}); check the name and the DNS server") from exc
-                raise StoreError(f"MONGO_URL={where} cannot be used ({exc}): check its form (mongodb://user:password@host:port/, "
-                                 "the password percent-encoded) and its options") from exc
         else:
             where = embedded_folder()
-            try:
+            with opening_embedded(where):
                 # litemongo's own mkdir fails when another process makes the folder at the same moment
                 os.makedirs(os.path.join(where, settings.MONGO_DB), exist_ok=True)
                 client = litemongo.MongoClient(sqlite_store.ServerStore(where))
-            except OSError as exc:
-                if exc.errno in DISK_ERRNOS:  # a full or read-only disk: it may be freed or remounted
-                    raise StoreUnavailable(f"cannot open the embedded store in {where} ({exc}): {explain_disk(exc)}") from exc
-                raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
-            except (ValueError, sqlite3.Error) as exc:
-                if (damage := damaged("opening the embedded store", exc)) is not None:
-                    raise damage from exc
-                raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
         store = cls(client[settings.MONGO_DB])
         try:
             store.ensure_indexes()
@@ -618,10 +604,8 @@ def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None
             collection.insert_many(docs, ordered=False)
         return docs
     except errors.BulkWriteError as exc:
-        details = exc.details
-        if details.get("writeConcernErrors") or any(e.get("code") != DUPLICATE_KEY for e in details.get("writeErrors", ())):
+        if (taken := duplicates_only(exc)) is None:
             raise
-        taken = {e["index"] for e in details.get("writeErrors", ())}
         return [doc for index, doc in enumerate(docs) if index not in taken]
 
 

@@ -1,5 +1,6 @@
 """The errors of the message store (:mod:`tasks.store`), and what a driver's or SQLite's error
-becomes: :class:`StoreError`, for anything the store cannot do; :class:`StoreUnavailable`, for a
+becomes (:func:`translated`; opening the store, :func:`opening_mongo` and :func:`opening_embedded`):
+:class:`StoreError`, for anything the store cannot do; :class:`StoreUnavailable`, for a
 server or disk that cannot be reached right now, or a server that refuses for now (no primary, a
 write its replica set did not confirm): transient, retry with backoff.  Each says what to check.
 
@@ -73,6 +74,15 @@ def dns_for_now(exc: Exception) -> bool:
     return isinstance(exc, errors.ConfigurationError) and isinstance(cause, DNSException) and not isinstance(cause, (NXDOMAIN, NoAnswer))
 
 
+def duplicates_only(exc: errors.BulkWriteError) -> set[int] | None:
+    """The indexes of the documents an unordered ``insert_many`` skipped because their ``_id`` was
+    stored already, when those are all ``exc`` holds; None when it holds any other error."""
+    details = exc.details
+    if details.get("writeConcernErrors") or any(e.get("code") != DUPLICATE_KEY for e in details.get("writeErrors", ())):
+        return None
+    return {e["index"] for e in details.get("writeErrors", ())}
+
+
 def transient(exc: errors.OperationFailure) -> bool:
     """Whether MongoDB refused ``exc``'s operation for now rather than for good: a code of
     ``_TRANSIENT_CODES``, or the server's RetryableWriteError label.  A BulkWriteError is when each
@@ -105,6 +115,37 @@ def damaged(action: str, exc: BaseException) -> StoreError | None:
         "file there that `sqlite3 FILE 'PRAGMA quick_check'` does not answer ok, recover what it holds with "
         "`sqlite3 FILE .recover | sqlite3 FILE.recovered`, move FILE (and FILE-wal, FILE-shm) aside and put FILE.recovered "
         "in its place; or move the whole folder aside to start with an empty store (what it held is lost)")
+
+
+@contextlib.contextmanager
+def opening_mongo(where: str) -> Iterator[None]:
+    """Turn pymongo's refusal to make a client of ``MONGO_URL`` (``where``: the URL redacted) into a
+    StoreError, or StoreUnavailable when it is a DNS lookup that may work later."""
+    try:
+        yield
+    except (errors.ConfigurationError, ValueError) as exc:
+        # pymongo parses the URL here, and looks a mongodb+srv:// URL's hosts up in DNS
+        # (SRV and TXT records): a lookup that failed may work later, a URL it refused won't.
+        if dns_for_now(exc):
+            raise StoreUnavailable(f"MONGO_URL={where}: looking its hosts up in DNS failed ({exc}); check the name and the DNS server") from exc
+        raise StoreError(f"MONGO_URL={where} cannot be used ({exc}): check its form (mongodb://user:password@host:port/, "
+                         "the password percent-encoded) and its options") from exc
+
+
+@contextlib.contextmanager
+def opening_embedded(where: str) -> Iterator[None]:
+    """Turn an error opening the embedded store in ``where`` into a StoreError that says what to do,
+    or StoreUnavailable for a disk that may be freed or remounted."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:  # a full or read-only disk: it may be freed or remounted
+            raise StoreUnavailable(f"cannot open the embedded store in {where} ({exc}): {explain_disk(exc)}") from exc
+        raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
+    except (ValueError, sqlite3.Error) as exc:
+        if (damage := damaged("opening the embedded store", exc)) is not None:
+            raise damage from exc
+        raise StoreError(f"cannot open the embedded store in {where} ({exc}): set DATA_DIR to a writable local folder") from exc
 
 
 @contextlib.contextmanager
