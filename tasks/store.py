@@ -58,10 +58,9 @@ from pymongo import errors
 
 import settings
 from tasks import checkpoints, ids, storedisk, storesql
-from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, receipt_documents, replays_from
+from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, id_time, late_among, message_documents, newest_first, receipt_documents, replays_from, status_of
 from tasks.storeerrors import (ACCESS_CODES, StoreError, StoreUnavailable, duplicates_only, embedded_folder, explain_disk, opening_embedded, opening_mongo,
                                translated)
-from tasks.messages import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +70,6 @@ _EMBEDDED_ID_BATCH = 2000
 #: On the embedded engine a replay reads every message after its ``since`` through the primary key
 #: when there are at most this many (about 10 us each to decode here); beyond, through the index.
 _EMBEDDED_RANGE_ROWS = 5000
-#: A replay with a ``cut`` reads its messages' data newest first, this many in its first read and
-#: twice as many in each next one (up to ``_REPLAY_READ_IDS_MAX``), until the cut stops taking them:
-#: the worker holds what the cut keeps plus at most one such read, of no more messages than were
-#: read before it and 100 more, nor than 1,000 (``MAX_MESSAGE_BYTES`` each: about one budget more
-#: when the messages are alike in size), not ``REPLAY_LIMIT`` messages; and a long replay of small
-#: messages costs MongoDB 13 queries of data for 10,000, not 100.  Each past 101 messages is two
-#: round trips (a ``find``'s first batch holds 101 documents, its ``getMore`` up to 16 MiB): 25 in
-#: all, where the reads of 100 cost 100 and the two reads of 5,000 before the budget cost 4.
-_REPLAY_READ_IDS = 100
-_REPLAY_READ_IDS_MAX = 1000
 _INDEX_OPTIONS_CONFLICT = 85
 #: Ids per update of records routed late again: one update of 20,000 took the embedded engine
 #: about 30 s (each row checked against the whole list), 256 at a time about 2 s.
@@ -192,26 +181,7 @@ class Store:
         # what goes into its table, so they are encoded with the table's options and kept.
         table = storesql.table_of(self._messages)
         codec_options = table._codec_options if table is not None else bson.DEFAULT_CODEC_OPTIONS
-        docs, encoded = [], []
-        for message in messages:
-            mid, to = message["id"], message["to"]
-            at = _id_time(mid)
-            users = [to] if isinstance(to, str) else list(dict.fromkeys(to))
-            if to != BROADCAST and BROADCAST in users:
-                raise StoreError(f"message {mid}: to={to!r} names a user {BROADCAST!r}; send to={BROADCAST!r} (a string) to broadcast")
-            doc = {"_id": mid, "to": to if to == BROADCAST else users, "data": message["data"], "at": at}
-            if message.get("key") is not None:
-                doc["key"] = message["key"]
-            try:  # before any write, so that a bad item stores nothing of the batch
-                encoded.append(bson.encode(doc, codec_options=codec_options))
-            except (bson.errors.BSONError, OverflowError) as exc:
-                raise StoreError(f"message {mid}: its data cannot be stored in MongoDB ({exc}); integers must fit in 64 bits and keys cannot contain NUL") from None
-            if len(encoded[-1]) > MAX_DOCUMENT_BYTES:
-                # MongoDB refuses it with DocumentTooLarge, which is not a PyMongoError.  Validation
-                # refuses such a message first (tasks.messages.document_problem): this is for callers that skip it.
-                raise StoreError(f"message {mid}: stored, it would take {len(encoded[-1])} bytes, over MongoDB's limit of {MAX_DOCUMENT_BYTES} "
-                                 "per document: send smaller data")
-            docs.append(doc)
+        docs, encoded = message_documents(messages, codec_options)  # before any write: a bad item stores nothing of the batch
         with translated(f"storing {len(docs)} messages"):
             return {doc["_id"] for doc in _insert_new(self._messages, docs, encoded if table is not None else None)}
 
@@ -274,22 +244,12 @@ class Store:
     def _envelopes(self, mids: list[str], cut: Cut | None) -> tuple[list[dict], bool]:
         """Envelopes of the messages ``mids`` (oldest first) that are still stored (a message purged
         since its id was read is simply missing), oldest first, and whether ``cut`` left any out.
-        With ``cut``, their data is read newest first, in reads of ``_REPLAY_READ_IDS`` doubling up
-        to ``_REPLAY_READ_IDS_MAX``, and only until the cut stops taking them; without, in one go."""
+        With ``cut``, their data is read newest first, in growing reads (:func:`storedocs.newest_first`),
+        and only until the cut stops taking them; without, in one go."""
         if cut is None:
             found = self.message_data(mids)
             return [{"id": mid, "data": found[mid]} for mid in mids if mid in found], False
-        return cut(self._newest_first(mids))
-
-    def _newest_first(self, mids: list[str]) -> Iterator[dict]:
-        end, size = len(mids), _REPLAY_READ_IDS
-        while end > 0:
-            chunk = mids[max(0, end - size) : end]
-            found = self.message_data(chunk)
-            for mid in reversed(chunk):
-                if mid in found:
-                    yield {"id": mid, "data": found[mid]}
-            end, size = end - len(chunk), min(size * 2, _REPLAY_READ_IDS_MAX)
+        return cut(newest_first(mids, self.message_data))
 
     @contextlib.contextmanager
     def index_pinned(self) -> Iterator[None]:
@@ -402,7 +362,7 @@ class Store:
         if not messages:
             return
         at_ms = int(routed_at * 1000)
-        docs = [{"_id": m["id"], "to": m["to"], "r": at_ms, "at": _id_time(m["id"])} for m in dict((m["id"], m) for m in messages).values()]
+        docs = [{"_id": m["id"], "to": m["to"], "r": at_ms, "at": id_time(m["id"])} for m in dict((m["id"], m) for m in messages).values()]
         with translated(f"recording {len(docs)} messages routed late"):
             new = {doc["_id"] for doc in _insert_new(self._late, docs)}  # on the embedded engine straight into its table
             again = [doc["_id"] for doc in docs if doc["_id"] not in new]
@@ -423,15 +383,7 @@ class Store:
             if candidates is None:
                 query = {"to": {"$in": wanted}, "r": {"$gte": routed_from_ms}}
                 return [(doc["_id"], doc["to"], doc["r"]) for doc in self._late.find(query, {"to": 1, "r": 1})]
-            # Unchecked, perhaps more than once each: mongomock's own check of that $in against
-            # each record's list scanned the whole list for each of its users (77 s for the
-            # resumes of 1,000 users with 40 records each here, against the replay's 15 s).
-            named, found = set(wanted), {}
-            for doc in candidates:
-                to = doc["to"]
-                if doc["r"] >= routed_from_ms and (to == BROADCAST or not named.isdisjoint(to)):
-                    found[doc["_id"]] = (doc["_id"], to, doc["r"])
-            return list(found.values())
+            return late_among(candidates, wanted, routed_from_ms)
 
     def unacked(self, user: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
         """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of
@@ -493,22 +445,7 @@ class Store:
             message = self._messages.find_one({"_id": message_id}, {"to": 1, "at": 1})
             if message is None:
                 return None
-            broadcast = message["to"] == BROADCAST
-            recipients: dict[str, dict[str, float]] = {} if broadcast else {user: {} for user in message["to"]}
-            seen: dict[str, dict[str, float]] = {}
-            for receipt in self._receipts.find({"m": message_id}, {"s": 1, "r": 1}):
-                state = receipt["s"]
-                for mid, user, at in receipt["r"]:
-                    if mid == message_id:
-                        times = seen.setdefault(user, {})
-                        times[state] = min(at, times.get(state, at))  # recorded twice: the first time
-        # A browser may ack any id: only a recipient's receipts count.  A broadcast's recipients
-        # are the users a node wrote it to (a `written` receipt): one who was offline when it went
-        # and acks its id later never got it.
-        for user, times in seen.items():
-            if user in recipients or (broadcast and "written" in times):
-                recipients[user] = times
-        return {"id": message_id, "to": message["to"], "collected_at": _unix(message["at"]), "recipients": recipients}
+            return status_of(message_id, message, self._receipts.find({"m": message_id}, {"s": 1, "r": 1}))
 
     def _acked(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         if not pairs:
@@ -607,17 +544,6 @@ def _insert_new(collection, docs: list[dict], encoded: list[bytes] | None = None
         if (taken := duplicates_only(exc)) is None:
             raise
         return [doc for index, doc in enumerate(docs) if index not in taken]
-
-
-def _unix(at: datetime.datetime) -> float:
-    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
-
-
-def _id_time(message_id: str) -> datetime.datetime:
-    try:
-        return datetime.datetime.fromtimestamp(ids.timestamp_ms(message_id) / 1000, UTC)
-    except ids.MessageIdError as exc:
-        raise StoreError(str(exc)) from None
 
 
 _local = threading.local()

@@ -22,11 +22,12 @@ import pytest
 from pymongo import errors
 
 import settings
-from tasks import checkpoints, storesql, wirejson
+from tasks import checkpoints, storedocs, storesql, wirejson
 from tasks import store as store_module
 from tasks.ids import IdGenerator
 from tasks.replay import frame_bytes, newest_within
-from tasks.store import MAX_DOCUMENT_BYTES, Store, StoreError, StoreUnavailable
+from tasks.messages import MAX_DOCUMENT_BYTES
+from tasks.store import Store, StoreError, StoreUnavailable
 
 OLD = time.time() - settings.RETENTION_SECONDS - 3600
 
@@ -931,10 +932,10 @@ def test_a_replay_over_its_byte_budget_reads_the_data_of_its_newest_messages_onl
     assert reads == [[m["id"] for m in messages[350:]], [m["id"] for m in messages[150:350]]], "the newest 100, then the 200 before"
     envelopes, truncated = replay(budget(1000 * frame))
     assert len(envelopes) == 450 and not truncated and [len(r) for r in reads] == [100, 200, 150]
-    monkeypatch.setattr(store_module, "_REPLAY_READ_IDS_MAX", 200)
+    monkeypatch.setattr(storedocs, "_REPLAY_READ_IDS_MAX", 200)
     envelopes, truncated = replay(budget(1000 * frame))
     assert len(envelopes) == 450 and not truncated and [len(r) for r in reads] == [100, 200, 150]
-    monkeypatch.setattr(store_module, "_REPLAY_READ_IDS_MAX", 150)
+    monkeypatch.setattr(storedocs, "_REPLAY_READ_IDS_MAX", 150)
     envelopes, truncated = replay(budget(1000 * frame))
     assert envelopes == [{"id": m["id"], "data": m["data"]} for m in messages] and [len(r) for r in reads] == [100, 150, 150, 50]
     replay()
