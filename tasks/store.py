@@ -104,7 +104,7 @@ class Store:
             for collection in store._collections:  # their tables exist now
                 storesql.guard_index_rebuild(collection)
             if store.embedded:
-                store._start_checkpoints()
+                store._checkpointer = storesql.start_checkpoints(store._collections)
         except BaseException:
             client.close()
             raise
@@ -260,19 +260,8 @@ class Store:
         write while they run: a ``tasks.replay_many``, whose connections' routes were registered
         before it started, so that a message stored after its first read is routed to them live.
         The first read after the block sees everything again.  Nothing to do on MongoDB."""
-        pinned = [store for store in (getattr(c, "_store", None) for c in (self._messages, self._receipts))
-                  if self.embedded and callable(getattr(store, "_query_index_is_stale", None))]
-        saved = [(store, store.__dict__.get("_query_index_is_stale")) for store in pinned]
-        for store in pinned:
-            store._query_index_is_stale = storesql.first_check_only(store._query_index_is_stale)
-        try:
+        with storesql.index_pinned((self._messages, self._receipts) if self.embedded else ()):
             yield
-        finally:
-            for store, before in saved:  # litemongo's own check again
-                if before is None:
-                    del store._query_index_is_stale
-                else:
-                    store._query_index_is_stale = before
 
     def claim_ids(self, key: str, ids: list[str]) -> list[str]:
         """Bind idempotency ``key`` to ``ids``, or return the ids it was bound to before."""
@@ -507,22 +496,6 @@ class Store:
                 with storesql.one_transaction(collection):
                     deleted += collection.delete_many({"at": {"$lt": cutoff}}).deleted_count
         return deleted
-
-    def _start_checkpoints(self) -> None:
-        """Embedded engine: copy the SQLite write-ahead logs back into their files on a thread, not
-        in whichever task's commit crosses SQLite's threshold (:mod:`tasks.checkpoints`).  Leaves
-        SQLite's own checkpoints alone where litemongo's tables are not what this reads."""
-        tables = [storesql.table_of(collection) for collection in self._collections]
-        if any(table is None for table in tables):
-            return
-        paths = [checkpoints.database_file(table._connection) for table in tables]
-        if not all(paths):
-            return
-        for table in tables:
-            table._connection.execute(f"PRAGMA wal_autocheckpoint={checkpoints.SAFETY_NET_PAGES}")
-            table._connection.execute(f"PRAGMA journal_size_limit={checkpoints.WAL_KEEP_BYTES}")
-        self._checkpointer = checkpoints.Checkpointer(paths)
-        self._checkpointer.start()
 
     def close(self) -> None:
         if self._checkpointer is not None:

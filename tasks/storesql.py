@@ -6,7 +6,9 @@ wrote since.  :mod:`tasks.store` does a few operations in SQL on litemongo 0.2's
 (``TableDict``: ``_id`` the primary key, encoded by ``encode_key``; ``doc`` the BSON document):
 new documents' inserts, reads by ``_id`` and by a window of ids through the primary key, the
 hash index's candidates unchecked, a purge's look at the oldest row, and one transaction (one
-commit) for many writes.  Each function returns None (or does nothing) where the table is not
+commit) for many writes; and, beside the tables, it pins litemongo's query index for a block of
+reads (:func:`index_pinned`) and starts the thread that checkpoints the tables' write-ahead logs
+(:func:`start_checkpoints`).  Each function returns None (or does nothing) where the table is not
 what it reads, MongoDB or another litemongo version, and the store then goes through the driver;
 tests/integration/test_store.py covers both paths and fails when the embedded engine has no such
 table.
@@ -23,6 +25,8 @@ from collections.abc import Iterator
 
 import bson
 from pymongo import errors
+
+from tasks import checkpoints
 
 UTC = datetime.timezone.utc
 
@@ -143,6 +147,25 @@ def id_range(collection, first: str, last: str | None = None, *, first_included:
     return [table._decode_doc(doc) for (doc,) in rows]
 
 
+@contextlib.contextmanager
+def index_pinned(collections) -> Iterator[None]:
+    """Inside, litemongo's query index of each of ``collections`` is checked for staleness at its
+    first read only (:func:`first_check_only`; :meth:`Store.index_pinned`); its own check again after."""
+    pinned = [store for store in (getattr(c, "_store", None) for c in collections)
+              if callable(getattr(store, "_query_index_is_stale", None))]
+    saved = [(store, store.__dict__.get("_query_index_is_stale")) for store in pinned]
+    for store in pinned:
+        store._query_index_is_stale = first_check_only(store._query_index_is_stale)
+    try:
+        yield
+    finally:
+        for store, before in saved:  # litemongo's own check again
+            if before is None:
+                del store._query_index_is_stale
+            else:
+                store._query_index_is_stale = before
+
+
 def first_check_only(is_stale):
     """litemongo's staleness check (``CollectionStore._query_index_is_stale``, which records the
     version it saw), asked only the first time; False after that (:meth:`Store.index_pinned`)."""
@@ -155,6 +178,25 @@ def first_check_only(is_stale):
         asked = True
         return is_stale()
     return check
+
+
+def start_checkpoints(collections) -> checkpoints.Checkpointer | None:
+    """Copy the SQLite write-ahead logs of ``collections`` back into their files on a thread, not in
+    whichever task's commit crosses SQLite's threshold (:mod:`tasks.checkpoints`): the checkpointer
+    started, or None (SQLite's own checkpoints left alone) where litemongo's tables are not what
+    this reads."""
+    tables = [table_of(collection) for collection in collections]
+    if any(table is None for table in tables):
+        return None
+    paths = [checkpoints.database_file(table._connection) for table in tables]
+    if not all(paths):
+        return None
+    for table in tables:
+        table._connection.execute(f"PRAGMA wal_autocheckpoint={checkpoints.SAFETY_NET_PAGES}")
+        table._connection.execute(f"PRAGMA journal_size_limit={checkpoints.WAL_KEEP_BYTES}")
+    checkpointer = checkpoints.Checkpointer(paths)
+    checkpointer.start()
+    return checkpointer
 
 
 def _sortable_key(table, message_id: str) -> str | None:
