@@ -34,14 +34,14 @@ Two engines, one code path:
   (:mod:`tasks.checkpoints`), not by whichever task's commit crosses SQLite's 1,000 pages.
 
 The documents it writes and reads are :mod:`tasks.storedocs`'s; its errors, and what a driver's
-or SQLite's error becomes, :mod:`tasks.storeerrors`'s.
+or SQLite's error becomes, :mod:`tasks.storeerrors`'s; the embedded engine's lock on claiming
+idempotency keys, :mod:`tasks.keylock`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import logging
 import os
 import sqlite3
@@ -57,10 +57,12 @@ from litemongo import sqlite_store
 from pymongo import errors
 
 import settings
-from tasks import checkpoints, ids, storedisk, storesql
+from tasks import checkpoints, ids, keylock, storedisk, storesql
 from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, id_time, late_among, message_documents, newest_first, receipt_documents, replays_from, status_of
-from tasks.storeerrors import (ACCESS_CODES, StoreError, StoreUnavailable, duplicates_only, embedded_folder, explain_disk, opening_embedded, opening_mongo,
-                               translated)
+from tasks.storeerrors import ACCESS_CODES, StoreError, StoreUnavailable, duplicates_only, embedded_folder, opening_embedded, opening_mongo, translated
+
+#: What the tasks import from here: the store, and its documents' and errors' names they need.
+__all__ = ["BROADCAST", "Cut", "Store", "StoreError", "StoreUnavailable", "get_store"]
 
 log = logging.getLogger(__name__)
 
@@ -317,30 +319,10 @@ class Store:
                     rebound.add(key)
         return rebound
 
-    @contextlib.contextmanager
-    def _key_lock(self) -> Iterator[None]:
-        """On the embedded engine, one process at a time claims keys: litemongo checks that an _id
-        is free and then upserts, so two processes inserting the same _id at once would both
-        "succeed" and a message run twice concurrently would get two ids.  MongoDB itself
-        enforces _id atomically and needs no lock."""
-        if not self.embedded:
-            yield
-            return
-        path = os.path.join(embedded_folder(), "keys.lock")
-        try:
-            # Read-only (flock needs no more): opening it to append failed on a file system
-            # mounted read-only with a bare OSError, which failed the requests at once.
-            handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot open the embedded store's lock file {path} ({exc}): {explain_disk(exc)}") from exc
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        finally:
-            os.close(handle)
+    def _key_lock(self) -> contextlib.AbstractContextManager:
+        """On the embedded engine, one process at a time claims keys (:mod:`tasks.keylock`: litemongo
+        would let two insert the same _id); MongoDB itself enforces _id atomically and needs no lock."""
+        return keylock.held() if self.embedded else contextlib.nullcontext()
 
     def mark_late(self, messages: list[dict], routed_at: float) -> None:
         """Record that ``messages`` (``[{"id", "to"}]``) were routed at ``routed_at`` (unix

@@ -1,4 +1,4 @@
-"""The documents of the message store (:mod:`tasks.store`), and what the store makes of them.  Pure.
+"""The documents of the message store (:mod:`tasks.store`), and what the store makes of them.  Pure; any thread.
 
 Documents, as few per delivery as the queries allow (each costs a write, and on the embedded
 engine mongomock's checks and copies, about 90 us):
