@@ -94,14 +94,15 @@ async def test_checks_that_waited_behind_a_check_auth_did_not_answer_fail_with_i
     client = AuthClient(url, cache_seconds=0, timeout=0.5)
     first = asyncio.ensure_future(client.verify("user:first"))
     await asked(seen, 1)
-    started = time.monotonic()
     waiting = [asyncio.ensure_future(client.verify(f"user:u{index}")) for index in range(250)]
 
     results = await asyncio.gather(first, *waiting, return_exceptions=True)
 
     assert all(isinstance(result, AuthUnavailable) for result in results), {type(result).__name__ for result in results}
     assert len(seen) == 1, f"{len(seen)} requests to an auth that answered none"
-    assert time.monotonic() - started < 1.0
+    # Failed with the first check's timeout, unasked, not each after a timeout of its own (told by
+    # what they say, not by a wall-clock bound, which a loaded machine can overrun).
+    assert all("while this token waited for that check: not asked" in str(result) for result in results[1:]), {str(r) for r in results[1:]}
     client._http.close()
 
 
