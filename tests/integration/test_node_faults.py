@@ -91,10 +91,11 @@ async def test_a_node_restarted_on_this_host_after_sigkill_takes_its_address_at_
     node = cluster.start_node()
     port = node.port
     node.kill()
-    started = time.monotonic()
     again = cluster.start_node(port)
-    assert time.monotonic() - started < LEASE_TTL + 10
-    assert "holds this address" not in again.log_tail(200)
+    # Told by what it logs, not by how long the start took: a successor that waited for the gone
+    # process's claim to lapse (LEASE_TTL) started well within the bound this used to assert.
+    log = again.log_tail(200)
+    assert "holds this address" not in log and "claimed its address after waiting" not in log, log[-2000:]
     await asyncio.to_thread(again.terminate, 15)
 
 
