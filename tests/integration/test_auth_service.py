@@ -366,8 +366,9 @@ def test_a_revoked_token_is_401_revoked(auth):
 def test_revoking_one_token_leaves_the_users_other_tokens_working(auth):
     doomed, kept = issue(auth, "grace"), issue(auth, "grace")
 
-    call(auth, "POST", "/revoke", {"token": doomed["token"]}, key=ADMIN_KEY)
+    assert call(auth, "POST", "/revoke", {"token": doomed["token"]}, key=ADMIN_KEY) == (200, {"revoked": "token"})
 
+    assert verify(auth, doomed["token"]) == (401, {"error": "token revoked"})  # else nothing was revoked to leave the other alone
     assert verify(auth, kept["token"])[0] == 200
 
 
@@ -383,10 +384,11 @@ def test_revoking_a_user_kills_their_old_tokens_but_not_one_issued_after(auth):
 
 
 def test_revoking_a_user_leaves_other_users_alone(auth):
-    other = issue(auth, "ivan")["token"]
+    other, judys = issue(auth, "ivan")["token"], issue(auth, "judy")["token"]
 
-    call(auth, "POST", "/revoke", {"user_id": "judy"}, key=ADMIN_KEY)
+    assert call(auth, "POST", "/revoke", {"user_id": "judy"}, key=ADMIN_KEY) == (200, {"revoked": "user"})
 
+    assert verify(auth, judys) == (401, {"error": "token revoked"})  # else nothing was revoked to leave the others alone
     assert verify(auth, other)[0] == 200
 
 
@@ -400,10 +402,14 @@ def test_a_revocation_made_through_one_auth_process_is_seen_by_another(auth, sho
 
 def test_revocation_keys_expire_with_the_tokens_they_cover(auth, redis_port):
     issued = issue(auth, "liam")
-    call(auth, "POST", "/revoke", {"token": issued["token"]}, key=ADMIN_KEY)
-    call(auth, "POST", "/revoke", {"user_id": "liam"}, key=ADMIN_KEY)
+    assert call(auth, "POST", "/revoke", {"token": issued["token"]}, key=ADMIN_KEY) == (200, {"revoked": "token"})
+    assert call(auth, "POST", "/revoke", {"user_id": "liam"}, key=ADMIN_KEY) == (200, {"revoked": "user"})
 
     assert 3600 + CLOCK_MARGIN_SECONDS - 5 <= redis_ttl(redis_port, "auth:revoked:user:liam") <= 3601 + CLOCK_MARGIN_SECONDS
+    # This token's own entry, by its id: a check of whatever matched "auth:revoked:jti:*" passed
+    # over none at all (an entry written under another key, that never expired, went unseen).
+    jti = jwt.decode(issued["token"], options={"verify_signature": False})["jti"]
+    assert 3600 + CLOCK_MARGIN_SECONDS - 5 <= redis_ttl(redis_port, f"auth:revoked:jti:{jti}") <= 3601 + CLOCK_MARGIN_SECONDS
     assert all(0 < redis_ttl(redis_port, key) <= 3601 + CLOCK_MARGIN_SECONDS for key in redis_keys(redis_port, "auth:revoked:jti:*"))
 
 
