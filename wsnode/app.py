@@ -1,10 +1,11 @@
 """Wiring of one push node: hub, leases, auth client, queue consumer and HTTP server; a connection's
-admission (``attach``) and departure (``detach``); the node's health.
+admission (``attach``) and departure (``detach``).
 
-Three parts of the node are modules of their own, each one concept (mixins of :class:`PushNode`):
+Four parts of the node are modules of their own, each one concept (mixins of :class:`PushNode`):
 its leases and the connections their gaps close (:mod:`wsnode.leasekeeper`), what it writes to its
-connections and its replay requests (:mod:`wsnode.deliveries`), and what it does about open
-connections' tokens (:mod:`wsnode.tokenwatch`).
+connections and its replay requests (:mod:`wsnode.deliveries`), what it does about open
+connections' tokens (:mod:`wsnode.tokenwatch`), and whether it is ready (``/healthz``) with the
+PING of its Redis (:mod:`wsnode.health`).
 
 :class:`PushNode` has explicit ``start()`` and ``stop()``, both coroutines run on the node's
 IOLoop.  All its state is touched on the loop thread only, except:
@@ -36,7 +37,6 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.websocket import WebSocketClosedError
 
-import redisfull
 import redislogin
 import settings
 from tasks.queues import node_address
@@ -50,6 +50,7 @@ from wsnode.consumer import NodeQueueConsumer
 from wsnode.deliveries import REPLAY_REQUESTS_PER_TASK, Deliveries
 from wsnode.expiry import ExpirySchedule
 from wsnode.handler import PushHandler
+from wsnode.health import REDIS_PING_SECONDS, HealthHandler, NodeHealth
 from wsnode.hub import Hub
 from wsnode.leasekeeper import LeaseKeeper
 from wsnode.presence import node_name
@@ -75,20 +76,6 @@ class NodeStartError(RuntimeError):
 STOP_STEP_SECONDS = 10
 #: The ids one ``ack`` frame may carry here, as many as fit in ``MAX_FRAME_BYTES`` (``hello``'s ``ack_ids``).
 ACK_IDS = protocol.ack_ids_limit(settings.MAX_FRAME_BYTES)
-
-#: How often the node PINGs Redis so that ``/healthz`` turns 503 within seconds of an outage (and
-#: renews its leases as soon as Redis is back), instead of at the next lease renewal.
-REDIS_PING_SECONDS = 2.0
-
-
-def ping_failure(exc: BaseException) -> str:
-    """What a failed ``PING`` of the node's Redis met, for its log line: a ping that got no answer
-    within :data:`REDIS_PING_SECONDS` raises ``asyncio.TimeoutError``, whose text is empty (the line
-    read ``PING ()``)."""
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"no answer within {REDIS_PING_SECONDS:g} s"
-    return str(exc) or type(exc).__name__
-
 
 #: Most connections the node opens to Redis.  Callers beyond it wait (up to 5 s) for one to be
 #: free, so that thousands of browsers connecting or leaving at once never open thousands of Redis
@@ -118,20 +105,10 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path, request.remote_ip, 1000 * request.request_time())
 
 
-class HealthHandler(tornado.web.RequestHandler):
-    def initialize(self, node: PushNode) -> None:
-        self.node = node
-
-    def get(self) -> None:
-        status = self.node.health()
-        self.set_status(200 if status["ready"] else 503)
-        self.finish(status)
-
-
-class PushNode(LeaseKeeper, Deliveries, TokenWatch):
+class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
     """One push node (see the module, which names its parts written apart: the mixins
-    :class:`~wsnode.leasekeeper.LeaseKeeper`, :class:`~wsnode.deliveries.Deliveries` and
-    :class:`~wsnode.tokenwatch.TokenWatch`)."""
+    :class:`~wsnode.leasekeeper.LeaseKeeper`, :class:`~wsnode.deliveries.Deliveries`,
+    :class:`~wsnode.tokenwatch.TokenWatch` and :class:`~wsnode.health.NodeHealth`)."""
 
     def __init__(self, port: int, host: str = settings.NODE_HOST, celery_app=None) -> None:
         if celery_app is None:
@@ -505,37 +482,7 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
             IOLoop.current().spawn_callback(self._left.submit, conn.user_id)
         conn.refuse(code, reason, why=why)
 
-    # --- Redis, receipts, health ------------------------------------------------------------
-
-    def _redis_failed(self, exc: Exception) -> None:
-        """A write to Redis failed: not ready until a PING and a lease write succeed; ``/healthz``
-        says whether Redis refused it for lack of memory (:mod:`redisfull`), refused REDIS_URL's
-        login or rights (:mod:`redislogin`), or did not answer."""
-        self.redis_ok = False
-        self.redis_full = redisfull.is_full(exc)
-        self.redis_refused = redislogin.refused(exc)
-
-    async def _ping_redis(self) -> None:
-        """Every ``REDIS_PING_SECONDS``: keep ``redis_ok`` honest between renewals; once Redis
-        answers again, renew the leases now rather than at the next renewal: a Redis restarted
-        without its data lost them, and the renewal closes the connections that were unroutable
-        meanwhile (:meth:`_close_unroutable`) before it writes them again."""
-        try:
-            await asyncio.wait_for(self.redis.ping(), REDIS_PING_SECONDS)
-        except (RedisError, asyncio.TimeoutError) as exc:
-            refused = redislogin.refused(exc)
-            if refused is not None and refused != self._ping_refused:  # once per change, as the line below
-                log.warning("node=%s Redis refuses PING: %s; not ready until it takes it (retrying every %.0f s)", self.address, refused,
-                            REDIS_PING_SECONDS)
-            elif refused is None and (self.redis_ok or self._ping_refused is not None):
-                log.warning("node=%s Redis does not answer PING (%s); not ready until it does", self.address, ping_failure(exc))
-            self.redis_ok = False
-            self.redis_full = False
-            self.redis_refused = self._ping_refused = refused
-            return
-        self._ping_refused = None
-        if not self.redis_ok:
-            await self._renew()
+    # --- receipts ----------------------------------------------------------------------------
 
     def _send_receipts(self, batch: list[dict]) -> None:
         future = self._publisher.submit(self._publish_receipts, batch)
@@ -546,25 +493,3 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch):
         with publishing.producer(self.celery) as producer:
             self.celery.send_task("tasks.receipts", args=[batch], ignore_result=True, argsrepr=receipts_argsrepr(batch),
                                   serializer=wirejson.SERIALIZER, producer=producer)
-
-    def health(self) -> dict:
-        consumer_ok = self._consumer is not None and self._consumer.connected
-        full = self.full
-        redis_down = self.redis_refused or (redisfull.HINT if self.redis_full else "Redis unavailable")
-        not_consuming = "queue consumer not connected to the broker"
-        if not consumer_ok and self._consumer is not None and self._consumer.refused is not None:
-            not_consuming += f": {self._consumer.refused}"
-        problems = [text for text, bad in ((redis_down, not self.redis_ok), (not_consuming, not consumer_ok),
-                                           ("draining", self.draining), ("full: MAX_CONNECTIONS connections", full)) if bad]
-        return {
-            "ready": not problems,
-            "reason": "; ".join(problems) or None,
-            "node": self.address,
-            "redis": self.redis_ok,
-            "queue": consumer_ok,
-            "draining": self.draining,
-            "full": full,
-            "connections": self.hub.connection_count,
-            "users": self.hub.user_count,
-            "time": time.time(),
-        }
