@@ -36,12 +36,12 @@ from pathlib import Path
 
 import launcher
 import startup
-from wsnode import addressclaim
 
 with startup.exit_on_bad_settings("cluster.py", __name__ == "__main__"):
     import redislogin
     import settings
     from tasks import storedisk
+    from wsnode import addressclaim  # reads settings (through redislogin, for AddressClaim.wait)
 
 #: How long each process may take to stop after SIGTERM before it is killed (the worker drains tasks).
 STOP_TIMEOUT = {"worker": 30.0}

@@ -19,17 +19,27 @@ waiting; one restarted in a new container waits).  A renewal that finds another'
 error every time (the claim lapsed while Redis did not answer, and another node took it).  A
 claim Redis lost (a restart, a failover) is taken again by its holder at its next renewal; a
 node waiting for the address takes an absent claim only once it stayed absent longer than a
-renewal's interval, so that it does not take a living node's.
+renewal's interval, so that it does not take a living node's.  :meth:`AddressClaim.wait` is that
+wait, as a node starts.
 
 asyncio, loop thread only; the claim's Redis client is the node's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import secrets
 import socket
+import time
+
+from redis.exceptions import RedisError
+
+import redislogin
+
+log = logging.getLogger("wsnode.app")  # the node's own log, as before the wait was written here
 
 PREFIX = "push:address:"
 #: What a drain leaves in its claim for ``RELEASED_MS``: free at once, where a claim Redis lost (a
@@ -133,6 +143,7 @@ class AddressClaim:
     def __init__(self, redis, address: str, ttl: float) -> None:
         self.address = address
         self.key = claim_key(address)
+        self.ttl = ttl
         self.ttl_ms = max(1, int(ttl * 1000))
         self.value = claim_value()
         self._take = redis.register_script(TAKE)
@@ -155,3 +166,43 @@ class AddressClaim:
         """Release the claim if it is still this process's (the drain): a node waiting for the
         address takes it at once."""
         await self._give_up(keys=[self.key], args=[self.value, RELEASED_MS])
+
+    async def wait(self) -> None:
+        """Wait until this process holds the claim, saying who holds it meanwhile: a warning at
+        first (a node draining on the address releases it once it stops reading its queue), an
+        error every 10 s from then on.  Redis unavailable before any other holder was seen: the
+        node starts without it, as it starts without its leases, and the renewals take it; after,
+        it goes on waiting.  A claim absent after another holder was seen (Redis lost it) is taken
+        only once it stayed absent longer than that holder's renewal interval."""
+        seen, absent_since, started = None, None, time.monotonic()
+        next_error = started + 10
+        renewal = self.ttl / 3 + 2
+        while True:
+            waited = time.monotonic() - started
+            try:
+                other = await self.take(absent_too=seen is None or (absent_since is not None and time.monotonic() - absent_since > renewal))
+            except RedisError as exc:
+                if seen is None:
+                    log.warning("node=%s could not claim its address in Redis (%s): starting without; the lease renewals claim it",
+                                self.address, redislogin.explain(exc))
+                    return
+                other = seen  # still waiting: Redis may have lost the holder's claim, not the holder
+            if other is None:
+                if seen is not None:
+                    log.info("node=%s claimed its address after waiting %.0f s", self.address, waited)
+                return
+            if other == ABSENT:
+                absent_since = absent_since or time.monotonic()
+            else:
+                absent_since = None
+                if seen is None:
+                    log.warning("node=%s: %s holds this address (%s in Redis): waiting for it; a node draining on the address "
+                                "releases it once it stops reading its queue", self.address, other, self.key)
+                seen = other
+            if time.monotonic() >= next_error:
+                next_error += 10
+                log.error("node=%s: %s still holds this address (%s in Redis) after %.0f s, so this node waits before it reads "
+                          "the address's queue. Two nodes with one NODE_HOST:PORT would split one queue: give each node its own "
+                          "NODE_HOST (the address Dispatch reaches it at) or --port. A node killed without draining holds it for up "
+                          "to LEASE_TTL=%g s", self.address, seen, self.key, waited, self.ttl)
+            await asyncio.sleep(1.0)

@@ -60,7 +60,7 @@ from wsnode.receipts import ReceiptBuffer
 from wsnode.receipts import argsrepr as receipts_argsrepr
 from wsnode.replays import ReplayRequests
 from wsnode.revocations import RecentRevocations, RevocationListener
-from wsnode.addressclaim import ABSENT, AddressClaim
+from wsnode.addressclaim import AddressClaim
 from wsnode.registry import NODES_KEY, Leases
 from wsnode.session import Session
 from wsnode.tokenwatch import TokenWatch
@@ -214,7 +214,7 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
         sockets = self._bind()
         # The address before the lease and the queue: a node of another host given the same
         # NODE_HOST:PORT would read this one's queue (wsnode.addressclaim).
-        await self._claim_address()
+        await self.claim.wait()
         # The lease before the queue: housekeeping, deleting the queue of the node this address had
         # before, reads the lease after the deletion and declares the queue again for a node that
         # holds it (tasks.reclaim._delete): a node whose lease it missed declares its queue after.
@@ -245,47 +245,6 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
                 f"node {self.address} cannot listen on {settings.BIND_ADDRESS}:{self.port}: {exc.strerror or exc}. "
                 f"If another process holds the port (another push node would share this one's queue, "
                 f"{self.address!r}), stop it or give this node another --port; check BIND_ADDRESS otherwise") from exc
-
-    async def _claim_address(self) -> None:
-        """Wait until this process holds its address's claim (:mod:`wsnode.addressclaim`), saying
-        who holds it meanwhile: a warning at first (a node draining on the address releases it
-        once it stops reading its queue), an error every 10 s from then on.  Redis unavailable
-        before any other holder was seen: the node starts without it, as it starts without its
-        leases, and the renewals take it; after, it goes on waiting.  A claim absent after another
-        holder was seen (Redis lost it) is taken only once it stayed absent longer than that
-        holder's renewal interval."""
-        seen, absent_since, started = None, None, time.monotonic()
-        next_error = started + 10
-        renewal = settings.LEASE_TTL / 3 + 2
-        while True:
-            waited = time.monotonic() - started
-            try:
-                other = await self.claim.take(absent_too=seen is None or (absent_since is not None and time.monotonic() - absent_since > renewal))
-            except RedisError as exc:
-                if seen is None:
-                    log.warning("node=%s could not claim its address in Redis (%s): starting without; the lease renewals claim it",
-                                self.address, redislogin.explain(exc))
-                    return
-                other = seen  # still waiting: Redis may have lost the holder's claim, not the holder
-            if other is None:
-                if seen is not None:
-                    log.info("node=%s claimed its address after waiting %.0f s", self.address, waited)
-                return
-            if other == ABSENT:
-                absent_since = absent_since or time.monotonic()
-            else:
-                absent_since = None
-                if seen is None:
-                    log.warning("node=%s: %s holds this address (%s in Redis): waiting for it; a node draining on the address "
-                                "releases it once it stops reading its queue", self.address, other, self.claim.key)
-                seen = other
-            if time.monotonic() >= next_error:
-                next_error += 10
-                log.error("node=%s: %s still holds this address (%s in Redis) after %.0f s, so this node waits before it reads "
-                          "the address's queue. Two nodes with one NODE_HOST:PORT would split one queue: give each node its own "
-                          "NODE_HOST (the address Dispatch reaches it at) or --port. A node killed without draining holds it for up "
-                          "to LEASE_TTL=%g s", self.address, seen, self.claim.key, waited, settings.LEASE_TTL)
-            await asyncio.sleep(1.0)
 
     def _node_back(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether a node holds this node's address again, for the hand-back of its queue at
