@@ -34,6 +34,10 @@ the stored message again (clients drop it by id) and stores nothing new.  Invali
 fails with that text in its result and in the worker log) and nothing of it is stored or sent.
 Dispatch receives the message bodies rather than ids so that the hot path never reads the store
 (the embedded store has no range indexes); the store remains the record.
+
+How each request is read (its messages, its key, its result's form) is :mod:`tasks.collectrequests`'s;
+what a key used before is told, and when a key whose first run stored nothing is bound anew,
+:mod:`tasks.collectkeys`'s.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
@@ -50,12 +53,13 @@ import redislogin
 import settings
 from tasks import batchresults, links, messages as validation, publishing, wirejson
 from tasks.collectbatches import CollectBatches
+from tasks.collectkeys import _claim_afresh, key_reused, key_reused_for_another, same_message
+from tasks.collectrequests import COLLECT_MANY_TASK, _parse_request, _task_of
 from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE, by_size
 from tasks.dispatch import DISPATCH_RETRYABLE, dispatch, route
 from tasks.dispatch import clock as dispatch_clock
 from tasks.ids import IdGenerator
 from tasks.store import StoreUnavailable, get_store
-from tasks.storedocs import as_stored
 from worker import app
 
 log = logging.getLogger(__name__)
@@ -78,61 +82,6 @@ def _process() -> _ProcessState:
     if _state is None or _state.pid != os.getpid():
         _state = _ProcessState()
     return _state
-
-
-#: The idempotency key of a request without a ``key`` of its own: its task id, after this.
-TASK_KEY_PREFIX = "task:"
-
-
-def key_reused(key: str, before: int, now: int) -> validation.InvalidMessage:
-    """The error of a request whose idempotency key was bound before to another number of
-    messages: a ``key`` the caller gave, or (``task:...``) the task id it chose.  Pure."""
-    fix = "send each new request with a new task id (Celery's default: leave task_id unset)" if key.startswith(TASK_KEY_PREFIX) else "use a new key per task"
-    return validation.InvalidMessage(f"idempotency key {key!r} was used before for {before} message(s), not {now}: {fix}")
-
-
-def same_message(stored: dict, message: validation.Message) -> bool:
-    """Whether the stored ``{"to", "data"}`` is ``message`` (recipients in any order).  Pure."""
-    if message.to == validation.BROADCAST or stored["to"] == validation.BROADCAST:
-        same_to = message.to == stored["to"]
-    else:
-        same_to = set(message.to) == set(stored["to"])
-    return same_to and same_json(stored["data"], as_stored(message.data))
-
-
-def _json_kind(value: object) -> str:
-    """A value's JSON type, telling ``true`` from ``1`` and ``1`` from ``1.0`` (the store gives
-    64-bit integers back as ``bson.Int64``, an int).  Pure."""
-    return "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float" if isinstance(value, float) else \
-        "object" if isinstance(value, dict) else "array" if isinstance(value, (list, tuple)) else type(value).__name__
-
-
-def same_json(a: object, b: object) -> bool:
-    """Whether ``a`` and ``b`` are the same JSON value, object keys in any order.  Python's ``==``
-    says ``true`` is ``1``, ``1`` is ``1.0`` and ``-0.0`` is ``0.0``: a key reused with such other
-    data was taken as a retry of the same message and its warning never logged.  Pure."""
-    if _json_kind(a) != _json_kind(b):
-        return False
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_json(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return repr(a) == repr(b)
-    return a == b
-
-
-def key_reused_for_another(key: str, message_id: str) -> str:
-    """The warning for a request whose idempotency key names a stored message other than its own
-    (other recipients or data): what happened, and the fix.  Pure."""
-    if key.startswith(TASK_KEY_PREFIX):
-        named = f"task id {key[len(TASK_KEY_PREFIX):]!r}"
-        fix = "send each new request with a new task id (Celery's default: leave task_id unset)"
-    else:
-        named = f"key {key.removeprefix('key:')!r}"
-        fix = "give each message a key of its own"
-    return (f"{named} was used before for message {message_id}, to other recipients or with other data: "
-            f"that message was sent again and this request's was not stored; {fix}")
 
 
 def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], str]], patient: bool = True,
@@ -167,51 +116,6 @@ def _persist_and_dispatch_groups(groups: list[tuple[list[validation.Message], st
             keys_out.append(key)
     _store_and_route(store, ids, messages_out, fresh, patient, keys_out)
     return results
-
-
-#: A key bound this long ago to ids none of which is stored belongs to a run that failed or died
-#: between the two writes (each store operation gives up after 5 s): any run of the request may
-#: bind it anew.  Also the longest a request the worker sends again itself (which may bind anew at
-#: once) takes, five retries with backoff, to fail (README: the caller then sends it again).
-STALE_CLAIM_SECONDS = 30.0
-
-
-def _claim_afresh(store, wanted: list[tuple[str, list[str]]], claimed: list[list[str]], retried) -> list[list[str]]:
-    """``claimed``, with the keys whose earlier ids are none of them stored bound to this run's
-    ids (``wanted``) instead: a key of ``retried`` at once, any other once it was claimed
-    ``STALE_CLAIM_SECONDS`` ago.
-
-    Such a request's first run claimed its key and then could not store its messages (the store
-    unavailable, or its worker killed between the two writes).  Stored now under that run's ids,
-    up to minutes old, they would fall before the ``since`` of a device that saw a message stored
-    meanwhile and resumes from it: the replay (which reaches ``RESUME_OVERLAP_MS`` back) skipped
-    them.  Their new ids are from now, and no caller saw the old ones (a request's ids are its
-    result, stored once it succeeds).  A request this worker sent again (:func:`_retry`) may at
-    once: the run that sent it has ended, so none is about to store the old ids.  Any other
-    (redelivered after its worker died, or sent again by business code after it failed) only once
-    the claim is too old to be a run still between its two writes."""
-    stale: dict[str, tuple[list[str], list[str]]] = {}
-    for (key, mine), bound in zip(wanted, claimed):
-        if key not in stale and bound != mine and len(bound) == len(mine):
-            stale[key] = (bound, mine)
-    if not stale:
-        return claimed
-    stored = store.messages([mid for old, _ in stale.values() for mid in old], {"_id": 1})
-    cutoff = time.time() - STALE_CLAIM_SECONDS
-    tried = [(key, old, new, None if key in retried else cutoff) for key, (old, new) in stale.items() if not any(mid in stored for mid in old)]
-    if not tried:
-        return claimed
-    rebound = store.rebind_keys(tried)
-    for key in rebound:
-        log.info("idempotency key %r: its first run stored none of its messages (%s); bound to new ids from now (%s)",
-                 key, ", ".join(stale[key][0]), ", ".join(stale[key][1]))
-    current = {key: stale[key][1] for key in rebound}
-    # A key another run rebound first (the compare-and-set lost), or claimed too recently: its ids
-    # as they are now, which may be that other run's (not the old ones, which that run no longer
-    # stores: two ids for one message, delivered twice).
-    lost = [(key, new) for key, _, new, _ in tried if key not in rebound]
-    current.update(zip((key for key, _ in lost), store.claim_many(lost)))
-    return [current.get(key, bound) for (key, _), bound in zip(wanted, claimed)]
 
 
 def _store_and_route(store, ids: list[str], valid: list[validation.Message], fresh: list[str], patient: bool = True,
@@ -287,34 +191,6 @@ def _hand_off(docs: list[dict], patient: bool = True) -> None:
     batchresults.while_redis_is_down(attempt, lambda exc: isinstance(exc, DISPATCH_RETRYABLE), f"{len(docs)} stored messages", "routed or queued for tasks.dispatch")
 
 
-def _validate(to, data, unexpected=None, takes: str = validation.COLLECT_TAKES) -> validation.Message:
-    return validation.validate(to, data, max_bytes=settings.MAX_MESSAGE_BYTES, max_recipients=settings.MAX_RECIPIENTS, unexpected=unexpected, takes=takes)
-
-
-#: A ``collect_many`` item's keys: the request is keyed by its task id, not per message.
-_COLLECT_MANY_ITEM_TAKES = ("a collect_many item takes to and data only (the request is keyed by its task id): "
-                            "send a message that needs a key of its own with tasks.collect")
-
-
-def _parse_collect(request) -> tuple[validation.Message, str]:
-    """The message and idempotency key of one ``tasks.collect`` request; raises InvalidMessage."""
-    kwargs = dict(request.kwargs or {})
-    if request.args:
-        raise validation.InvalidMessage("tasks.collect takes keyword arguments only: kwargs={\"to\": ..., \"data\": ...}")
-    to = kwargs.pop("to", validation.MISSING)
-    data = kwargs.pop("data", validation.MISSING)
-    key = kwargs.pop("key", None)
-    message = _validate(to, data, kwargs)
-    if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
-        raise validation.InvalidMessage(f'"key" must be a non-empty string of at most 200 characters, got {key!r:.60}')
-    if key is not None and (problem := validation.not_unicode(key)) is not None:
-        raise validation.InvalidMessage(f'"key" is not valid Unicode: it holds {problem}')
-    return message, f"key:{key}" if key is not None else f"{TASK_KEY_PREFIX}{request.id or uuid.uuid4()}"
-
-
-#: The name of ``tasks.collect_many``: a batch may hold requests of both tasks, parsed by their task's name.
-COLLECT_MANY_TASK = "tasks.collect_many"
-
 #: How often a request whose batch could not reach the store is sent again before it fails.
 COLLECT_MAX_RETRIES = 5
 
@@ -338,22 +214,6 @@ def collect(self, requests) -> dict[str, tuple[str, object]]:
     result, ``failed`` or ``retry`` with the exception); callers read each request's own result.
     """
     return _run_batch(self, requests, _parse_request)
-
-
-def _parse_collect_request(req):
-    message, key = _parse_collect(req)
-    return [message], key, lambda ids: ids[0]
-
-
-def _parse_request(req):
-    """What ``parse`` of :func:`_run_batch` gives for a request of either task, by its task's name:
-    a batch may hold requests of both (:meth:`tasks.collectbatches.CollectBatches._do_flush`)."""
-    return _parse_collect_many(req) if _task_of(req) == COLLECT_MANY_TASK else _parse_collect_request(req)
-
-
-def _task_of(req) -> str:
-    """The name of the task ``req`` is of (not its ``shadow`` name)."""
-    return getattr(req, "task_name", None) or req.name
 
 
 def _run_batch(task, requests, parse) -> dict[str, tuple[str, object]]:
@@ -480,11 +340,6 @@ def _mark_as_retry(req, exc: Exception) -> None:
 #: of a bigger batch go to the pool as several.  Also the most envelopes a node gets in one queue
 #: message from one batch (when every recipient is on it).
 COLLECT_MANY_MESSAGES = 1000
-#: The most items one ``tasks.collect_many`` request may hold; a longer list fails the request
-#: whole, telling the sender to split it.  Without a bound, one request of a million items would be
-#: one insert, one route lookup (a script that blocks Redis for every other client meanwhile) and
-#: one result, held in the worker's memory all at once.  The same figure as ``MAX_RECIPIENTS``'s default.
-COLLECT_MANY_MAX_ITEMS = 10_000
 
 
 @app.task(name=COLLECT_MANY_TASK, base=CollectBatches, bind=True, acks_late=True,
@@ -506,40 +361,3 @@ def collect_many(self, requests) -> dict[str, tuple[str, object]]:
     return _run_batch(self, requests, _parse_request)
 
 
-def _parse_collect_many(req):
-    """The valid messages of one ``tasks.collect_many`` request, its key, and the function that
-    makes its result (each item's id or error, in order) from their ids."""
-    kwargs = dict(req.kwargs or {})
-    args = tuple(req.args or ())
-    if args:
-        if len(args) > 1 or "messages" in kwargs:
-            raise validation.InvalidMessage("tasks.collect_many takes one argument, messages: kwargs={\"messages\": [...]}")
-        kwargs["messages"] = args[0]
-    messages = kwargs.pop("messages", validation.MISSING)
-    if kwargs:
-        raise validation.InvalidMessage(f"unexpected argument(s) {validation.argument_names(kwargs)}: collect_many takes messages")
-    if messages is validation.MISSING or not isinstance(messages, (list, tuple)):
-        raise validation.InvalidMessage('"messages" must be a list of {"to": ..., "data": ...} items')
-    if len(messages) > COLLECT_MANY_MAX_ITEMS:
-        raise validation.InvalidMessage(f'"messages" has {len(messages)} items; at most {COLLECT_MANY_MAX_ITEMS} per tasks.collect_many '
-                                        "request: split the list into several requests")
-    results: list = [None] * len(messages)
-    valid: list[validation.Message] = []
-    positions: list[int] = []
-    for index, item in enumerate(messages):
-        try:
-            if not isinstance(item, dict):
-                raise validation.InvalidMessage(f"each item must be an object with to and data, got {type(item).__name__}")
-            extra = {k: v for k, v in item.items() if k not in ("to", "data")}
-            valid.append(_validate(item.get("to", validation.MISSING), item.get("data", validation.MISSING), extra, _COLLECT_MANY_ITEM_TAKES))
-            positions.append(index)
-        except validation.InvalidMessage as exc:
-            results[index] = {"index": index, "error": f"messages[{index}]: {exc}"}
-            log.warning("collect_many %s rejected messages[%d]: %s", req.id, index, exc)
-
-    def result(ids: list[str]) -> list:
-        for index, message_id in zip(positions, ids):
-            results[index] = message_id
-        return results
-
-    return valid, f"{TASK_KEY_PREFIX}{req.id or uuid.uuid4()}", result

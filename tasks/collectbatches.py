@@ -375,7 +375,7 @@ class CollectBatches(Batches):
         # tasks.batching); the rest go now, as several batches when they are more than one holds.
         # ``waiting``: what waited at the last flush, as (request, its picklable copy, its users).
         # Both may hold requests of the other task too (_do_flush): they go in the same batches,
-        # which this task's batch function runs (tasks.collect._parse_request).
+        # which this task's batch function runs (tasks.collectrequests._parse_request).
         live = []  # the same, in the order read
         for req, simple, users in [*waiting, *((req, None, None) for req in requests)]:
             if req.revoked():

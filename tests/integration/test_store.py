@@ -668,7 +668,7 @@ def test_a_request_sent_again_without_retries_binds_anew_a_stale_claim_that_stor
     ``retries``): it stored its message under the first run's ids, over 30 s old, which a resume
     from a message stored meanwhile skipped.  A claim that recent may be a run still between its
     two writes, so it is kept; as is a claim whose message is stored."""
-    from tasks.collect import STALE_CLAIM_SECONDS, _claim_afresh
+    from tasks.collectkeys import STALE_CLAIM_SECONDS, _claim_afresh
 
     gen = IdGenerator()
     stale, recent, done = [gen.next_id()], [gen.next_id()], make(gen, ["ann"])
@@ -688,7 +688,7 @@ def test_a_retry_whose_key_another_run_rebound_first_takes_that_runs_ids_not_the
     redelivered) both read the key bound to ids none of which is stored, and both rebind it: the
     one that lost the compare-and-set stored the message under the old ids, the winner under its
     own, and the message went out twice under two ids."""
-    from tasks.collect import _claim_afresh
+    from tasks.collectkeys import _claim_afresh
 
     old, theirs, mine = ["a" * 24], ["b" * 24], ["c" * 24]
     assert store.claim_many([("key:k", old)]) == [old]  # this run's claim reads the old ids ...

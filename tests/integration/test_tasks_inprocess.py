@@ -19,7 +19,7 @@ import redis as redis_lib
 from celery.contrib import pytest as celery_pytest
 
 import settings
-from tasks import pending
+from tasks import collectrequests, pending
 from tasks.collect import collect
 from tasks.dispatch import dispatch
 from tasks.ids import IdGenerator, is_message_id
@@ -230,7 +230,7 @@ def test_a_batch_that_cannot_reach_the_store_is_sent_again_request_by_request_un
 
     requests = [request("first", {"messages": [{"to": "a", "data": 1}]}), request("second", {"messages": [{"to": "b", "data": 2}]}, retries=2),
                 request("bad", {"messages": "not a list"})]
-    outcomes = collect_module._run_batch(collect_module.collect_many, requests, collect_module._parse_collect_many)
+    outcomes = collect_module._run_batch(collect_module.collect_many, requests, collectrequests._parse_collect_many)
 
     assert outcomes["first"][0] == "retry" and outcomes["second"][0] == "retry"
     assert outcomes["bad"][0] == "failed" and '"messages" must be a list' in str(outcomes["bad"][1])
@@ -262,7 +262,7 @@ def test_a_request_sent_again_keeps_its_link_errback_chain_and_chord(broker, mon
     req.callbacks, req.errbacks, req.chain, req.root_id, req.parent_id = [link], [errback], [rest], "root-1", "parent-1"
     req.chord, req.group, req.group_index = body, "group-1", 0
 
-    outcomes = collect_module._run_batch(collect_module.collect, [req], collect_module._parse_collect_request)
+    outcomes = collect_module._run_batch(collect_module.collect, [req], collectrequests._parse_collect_request)
 
     assert outcomes["linked"][0] == "retry"
     (raw,) = broker.lrange(retry_queue, 0, -1)
@@ -297,7 +297,7 @@ def test_a_request_sent_again_keeps_the_reply_queue_its_caller_waits_on_and_its_
     waited = SimpleRequest("waited", "tasks.collect", (), {"to": "a", "data": 1}, {}, "worker@host", False, "callers-reply-queue", "waited", {"retries": 0})
     ignored = SimpleRequest("ignored", "tasks.collect", (), {"to": "b", "data": 2}, {}, "worker@host", True, None, None, {"retries": 0})
 
-    outcomes = collect_module._run_batch(collect_module.collect, [waited, ignored], collect_module._parse_collect_request)
+    outcomes = collect_module._run_batch(collect_module.collect, [waited, ignored], collectrequests._parse_collect_request)
 
     assert outcomes["waited"][0] == "retry" and outcomes["ignored"][0] == "retry"
     sent = {m["headers"]["id"]: m for m in (json.loads(raw) for raw in broker.lrange(retry_queue, 0, -1))}
@@ -322,7 +322,7 @@ def test_a_request_whose_reading_raises_an_unexpected_error_fails_alone(broker, 
     def parse(req):
         if req.id == "buggy":
             raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
-        return collect_module._parse_collect_request(req)
+        return collectrequests._parse_collect_request(req)
 
     retry_queue = f"retries-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(collect_module, "get_store", unavailable)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from celery_batches import SimpleRequest
 
-from tasks.collect import _parse_collect, key_reused, key_reused_for_another, same_message
+from tasks.collect import key_reused, key_reused_for_another, same_message
+from tasks.collectrequests import _parse_collect
 from tasks.messages import InvalidMessage
 
 
@@ -50,7 +51,7 @@ def test_an_unexpected_argument_is_named():
 def test_a_collect_many_item_with_a_key_is_refused_without_being_told_that_a_key_is_accepted():
     """The item's error said "collect takes to, data and optionally key": the very argument it
     refused.  A collect_many request is keyed by its task id; a key per message is tasks.collect's."""
-    from tasks.collect import _parse_collect_many
+    from tasks.collectrequests import _parse_collect_many
 
     many = SimpleRequest("t-1", "tasks.collect_many", (), {"messages": [{"to": "alice", "data": 1, "key": "k-1"}]}, {}, "worker@host", False, None, None, {})
     valid, _, result = _parse_collect_many(many)
@@ -97,7 +98,8 @@ def test_a_request_whose_key_was_bound_to_another_number_of_messages_is_logged_a
 
     import tasks.collect as collect_module
     from tasks import batchresults
-    from tasks.collect import _parse_collect_many, _run_batch
+    from tasks.collect import _run_batch
+    from tasks.collectrequests import _parse_collect_many
 
     refusal = InvalidMessage("idempotency key 'task:t-1' was used before for 1 message(s), not 2: use a new key per task")
     monkeypatch.setattr(collect_module, "_persist_and_dispatch_groups", lambda groups, patient=True, retried=frozenset(): [refusal])
@@ -116,7 +118,7 @@ def test_a_request_whose_key_was_bound_to_another_number_of_messages_is_logged_a
 def test_collect_many_takes_its_list_as_a_keyword_or_as_its_one_positional_argument():
     """What the README promises: collect_many.delay([...]) and a chain that hands it a list work;
     tasks.collect itself takes keyword arguments only (above)."""
-    from tasks.collect import _parse_collect_many
+    from tasks.collectrequests import _parse_collect_many
 
     items = [{"to": "alice", "data": 1}]
     for args, kwargs in (((items,), {}), ((), {"messages": items})):
@@ -127,7 +129,7 @@ def test_collect_many_takes_its_list_as_a_keyword_or_as_its_one_positional_argum
 
 
 def test_a_collect_many_list_longer_than_its_bound_fails_whole_telling_to_split_it():
-    from tasks.collect import COLLECT_MANY_MAX_ITEMS, _parse_collect_many
+    from tasks.collectrequests import COLLECT_MANY_MAX_ITEMS, _parse_collect_many
 
     def parse(count: int):
         items = [{"to": f"user-{n}", "data": n} for n in range(count)]
@@ -181,7 +183,8 @@ def test_a_batch_may_hold_requests_of_both_tasks_each_read_as_its_own_tasks_even
     """A flush of one collect task takes the other's requests that may run into the same batch
     (tasks.collectbatches), which one task's batch function runs: each request is read by the task
     it is of, which the worker records apart from its (possibly ``shadow``) name."""
-    from tasks.collect import _other_task_part, _parse_request
+    from tasks.collect import _other_task_part
+    from tasks.collectrequests import _parse_request
     from tasks.links import CollectRequest
 
     def simple(task_id, name, kwargs, task_name=None):
