@@ -15,7 +15,9 @@ of either task, has not returned, unless both go in one batch (per-user order:
 Thread rules: :class:`CollectBatches`' ``Strategy``, ``flush`` and the timer callbacks run on the
 worker's main process, on its event loop (kombu's Hub); :func:`_apply_batch` and
 :func:`tasks.batchevents.send_outcomes` run in a pool process (one of its threads in ``-P threads``, under a lock).
-What the batch function does with the requests is :mod:`tasks.collect`'s.
+What the batch function does with the requests is :mod:`tasks.collect`'s; the requests held back
+for their eta or by the rate limit are :mod:`tasks.heldrequests`'s (:class:`~tasks.heldrequests.HeldRequests`,
+a mixin of :class:`CollectBatches`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from celery_batches.trace import apply_batches_task
 import settings
 from tasks import batchevents, envelopes, links, redis_transport, taskmessages
 from tasks.batching import FlushGate, ordered_batches, request_users
+from tasks.heldrequests import HeldRequests
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
 
 #: Most levels a ``tasks.collect`` or ``tasks.collect_many`` request's arguments may nest: far
@@ -47,11 +50,6 @@ from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
 #: what this process can pickle for the pool (pickle spends two of Python's 1,000 recursion
 #: levels per level of nesting: it fails near 500 levels, less the loop's own stack).
 MAX_REQUEST_DEPTH = envelopes.MAX_REQUEST_DEPTH
-
-#: A request whose eta is at most this far ahead (seconds) runs with the batch at hand rather than
-#: being held on the timer: the timer's own resolution, and what converting an eta to the timer's
-#: clock twice can differ by.
-ETA_SLACK = 0.005
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ _LOST = LostRequests()
 _ANNOUNCED: set[str] = set()
 
 
-class CollectBatches(Batches):
+class CollectBatches(HeldRequests, Batches):
     """celery-batches' task class, plus what a plain Celery task gives operators and callers.
 
     Worker main process (``flush``) and pool process (``run``).  celery-batches acks every
@@ -262,7 +260,7 @@ class CollectBatches(Batches):
         """Hand what is buffered to :meth:`flush`, but for two kinds of request, held as Celery
         holds any task's: one whose ``countdown`` or ``eta`` lies ahead waits on the worker's
         timer until it is due, and the prefetch window grows by one while it does; and what the
-        task's rate limit holds back waits for its token (:meth:`_within_rate_limit`).  Called by
+        task's rate limit holds back waits for its token (:meth:`~tasks.heldrequests.HeldRequests._within_rate_limit`).  Called by
         celery-batches' timer and count, by :meth:`_flush_when_free` and by the rate limit's
         timer.  Worker main process.
 
@@ -290,76 +288,6 @@ class CollectBatches(Batches):
             self._tref.cancel()  # nothing waits: the next request starts it again
             self._tref = None
         self._wake_siblings()
-
-    def _take_ready(self) -> tuple[list, list]:
-        """What of this task may go to the pool now, for a flush of this task or of the other
-        (:meth:`_do_flush`): ``(requests due and within the rate limit, in the order read; what
-        waited at the last flush, as (request, its picklable copy, its users))``.  A request whose
-        eta lies ahead is put on the timer, and one over the rate limit kept for its token."""
-        waiting, self._waiting = self._waiting, []  # past the rate limit already
-        ready, self._limited = self._limited, []
-        now = time.monotonic()
-        for req in consume_queue(self._buffer):
-            due = self._due(req)
-            if due <= now + ETA_SLACK:
-                ready.append(req)
-            else:
-                self._hold(req, due)
-        self._count = itertools.count(1)
-        return self._within_rate_limit(ready), waiting
-
-    def _within_rate_limit(self, ready: list) -> list:
-        """The first of ``ready`` that the task's rate limit lets run now: Celery's token bucket
-        per worker and task name, one token per request (a ``tasks.collect_many`` request counts
-        as one task), as ``celery control rate_limit`` or Flower's worker page set it (or
-        ``rate_limit`` on the task).  The rest wait, in order and ahead of what comes
-        later, for a flush that the timer calls when the next token is due."""
-        consumer = self._consumer
-        bucket = None if consumer is None or consumer.disable_rate_limits else consumer.task_buckets.get(self.name)
-        if bucket is None:
-            return ready
-        for at, req in enumerate(ready):
-            if not bucket.can_consume(1):
-                self._limited = ready[at:]
-                if self._limit_tref is None:
-                    self._limit_tref = consumer.timer.call_after(bucket.expected_time(1), self._rate_limit_due)
-                return ready[:at]
-        return ready
-
-    def _rate_limit_due(self) -> None:
-        self._limit_tref = None
-        self._do_flush()
-
-    def _due(self, req) -> float:
-        """When ``req`` may run, on the worker timer's clock (0 for now).  An eta that is no time
-        that clock holds never comes here: the request is refused as it is made, as any task's
-        (:class:`tasks.taskmessages.Request`)."""
-        if not req.eta:
-            return 0.0
-        return taskmessages.eta_timestamp(req.eta, req.utc, self.app.timezone)
-
-    def _hold(self, req, due: float) -> None:
-        """Keep ``req`` on the worker's timer until ``due`` (Celery's ``default`` strategy for a
-        task with an eta): its place in the prefetch window is given back meanwhile, so the
-        worker goes on reading other tasks."""
-        worker_state.task_ready(req)  # not reserved while it waits: `inspect scheduled` lists it, as Celery's own
-        self._consumer.qos.increment_eventually()
-        self._consumer.timer.call_at(due, self._release, (req,), priority=6)
-        if req.id not in self._announced:  # Flower lists it now, with its eta, as Celery's own
-            self._announced.add(req.id)
-            batchevents.send_received(req)
-
-    def _release(self, req) -> None:
-        """Timer: ``req`` is due.  It joins the buffer and goes with the next batch (one revoked
-        while it waited is dropped there).  Not while the worker stops: it stays unacknowledged,
-        and the broker gives it to the next worker (see :meth:`_do_flush`)."""
-        if shutting_down():
-            return
-        self._consumer.qos.decrement_eventually()
-        self._buffer.put(req)
-        if self._tref is None:
-            self._tref = self._consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
-        self._flush_when_free()
 
     def flush(self, requests, waiting=()):
         # A request revoked (``app.control.revoke``) or past its ``expires`` is dropped here, as
