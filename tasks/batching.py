@@ -1,6 +1,6 @@
 """When the worker hands buffered ``tasks.collect`` and ``tasks.collect_many`` requests to its
 pool: at once while none of their task's batches runs, gathered while one does (group commit);
-and how many go in one batch.  Pure.
+how many go in one batch (:func:`messages_in`); and a batch's time limits (:func:`batch_time_limits`).  Pure.
 
 celery-batches on its own runs a batch every ``flush_interval`` seconds or every ``flush_every``
 requests, so a request that comes alone waits up to the interval (50 ms by default) before
@@ -185,3 +185,23 @@ class FlushGate:
         """Forget the running batches: the consumer restarted, and those batches' requests are
         the broker's again (their results still come back, and are ignored here)."""
         self._running.clear()
+
+
+def batch_time_limits(tasks, conf) -> tuple[float | None, float | None]:
+    """(soft, hard) time limit of a batch of requests of ``tasks``: each task's own, else the
+    worker's (``conf.task_soft_time_limit``, ``conf.task_time_limit``), the shortest of them, so
+    that no request runs longer than its own task allows; None where none is set.  Pure."""
+    def shortest(limits):
+        limits = [limit for limit in limits if limit]
+        return min(limits) if limits else None
+    return (shortest(task.soft_time_limit or conf.task_soft_time_limit for task in tasks),
+            shortest(task.time_limit or conf.task_time_limit for task in tasks))
+
+
+def messages_in(request) -> int:
+    """How many messages a request holds, for the size of a batch (main process: not validated):
+    a ``tasks.collect_many`` takes its list as ``messages`` or as its one positional argument."""
+    messages = (request.kwargs or {}).get("messages")
+    if messages is None and request.args and len(request.args) == 1:
+        messages = request.args[0]
+    return len(messages) if isinstance(messages, (list, tuple)) else 1

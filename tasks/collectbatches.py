@@ -41,7 +41,7 @@ from celery_batches.trace import apply_batches_task
 
 import settings
 from tasks import batchevents, envelopes, links, redis_transport, taskmessages
-from tasks.batching import FlushGate, ordered_batches, request_users
+from tasks.batching import FlushGate, batch_time_limits, messages_in, ordered_batches, request_users
 from tasks.heldrequests import HeldRequests
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
 
@@ -328,7 +328,7 @@ class CollectBatches(HeldRequests, Batches):
                 earlier.extend(task._not_started())
             earlier.sort(key=lambda entry: entry[0])
         batches, self._waiting = ordered_batches(
-            live, lambda entry: entry[2], lambda entry: most + 1 if self._lost.suspect(entry[0].id) else _messages_in(entry[1]), most,
+            live, lambda entry: entry[2], lambda entry: most + 1 if self._lost.suspect(entry[0].id) else messages_in(entry[1]), most,
             running, earlier, lambda entry: entry[0].read_at)
         for batch, users in batches:
             if self._lost.suspect(batch[0][0].id):
@@ -445,23 +445,3 @@ def _apply_batch(task, args, events: bool) -> None:
     if events:
         answer = [outcomes.get(req.id, ("failed", "the batch did not run: see the worker log")) for req in args[0]]
         batchevents.send_outcomes(task, args[0], answer, time.monotonic() - started)
-
-
-def batch_time_limits(tasks, conf) -> tuple[float | None, float | None]:
-    """(soft, hard) time limit of a batch of requests of ``tasks``: each task's own, else the
-    worker's (``conf.task_soft_time_limit``, ``conf.task_time_limit``), the shortest of them, so
-    that no request runs longer than its own task allows; None where none is set.  Pure."""
-    def shortest(limits):
-        limits = [limit for limit in limits if limit]
-        return min(limits) if limits else None
-    return (shortest(task.soft_time_limit or conf.task_soft_time_limit for task in tasks),
-            shortest(task.time_limit or conf.task_time_limit for task in tasks))
-
-
-def _messages_in(request) -> int:
-    """How many messages a request holds, for the size of a batch (main process: not validated):
-    a ``tasks.collect_many`` takes its list as ``messages`` or as its one positional argument."""
-    messages = (request.kwargs or {}).get("messages")
-    if messages is None and request.args and len(request.args) == 1:
-        messages = request.args[0]
-    return len(messages) if isinstance(messages, (list, tuple)) else 1

@@ -159,7 +159,7 @@ def test_what_is_not_a_user_id_names_nobody():
 def test_a_batch_of_both_tasks_gets_the_shorter_of_their_time_limits_and_the_workers_where_a_task_sets_none():
     from types import SimpleNamespace
 
-    from tasks.collectbatches import batch_time_limits
+    from tasks.batching import batch_time_limits
 
     def task(soft=None, hard=None):
         return SimpleNamespace(soft_time_limit=soft, time_limit=hard)
