@@ -15,7 +15,9 @@ of its round trip) and runs on from there with the host's monotonic clock, which
 wall clock (an NTP correction, a VM resumed) do not move.  Auth anchors again every
 :data:`RESYNC_SECONDS`; a worker anchors once, before its pool forks, and its pool processes keep
 that anchor (``tasks.dispatch.clock``).  Until its first anchor (Redis not reachable yet) a
-process reads the host's clock, and an anchor that fails keeps the previous one.  A host whose clock is more than
+process reads the host's clock, and an anchor that fails keeps the previous one; a Redis whose
+``TIME`` never comes back within :data:`MAX_ROUND_TRIP_SECONDS` is anchored to roughly after
+:data:`ROUGH_AFTER_ATTEMPTS` attempts.  A host whose clock is more than
 :data:`WARN_SECONDS` off Redis's is logged once (and again when it comes back): the platform no
 longer depends on it, but logs, receipts' times and the latency metric still do.
 
@@ -46,6 +48,11 @@ WARN_SECONDS = 1.0
 #: by a long script or a fork, or the caller's loop busy: the reading could be off by half of it),
 #: and is read again after :data:`RETRY_SECONDS`.
 MAX_ROUND_TRIP_SECONDS = 0.25
+#: Attempts whose readings were all too slow after which a clock with no anchor yet takes the
+#: best of them anyway (a Redis further than half of :data:`MAX_ROUND_TRIP_SECONDS` away, over a
+#: WAN link, never answered within it, and its processes kept their hosts' clocks for good): off
+#: by at most half its round trip, where a host's clock may be off by any amount.
+ROUGH_AFTER_ATTEMPTS = 3
 #: Seconds before another attempt after one that failed or was too slow, doubling up to
 #: :data:`RESYNC_SECONDS` while Redis does not answer (a process started before its Redis anchors
 #: within about a second of it answering, not a minute later).
@@ -76,6 +83,7 @@ class RedisClock:
         self._anchor: tuple[float, float] | None = None  # (Redis's unix seconds, this monotonic time then)
         self._next = float("-inf")  # monotonic time of the next anchor attempt
         self._failures = 0
+        self._slow = 0  # readings not taken for their round trip, before the first anchor counts
         #: This host's clock minus Redis's, in seconds, at the last anchor (None before it).
         self.offset: float | None = None
 
@@ -94,10 +102,17 @@ class RedisClock:
     def anchor(self, before: float, reply, after: float, wall_after: float) -> bool:
         """Anchor to ``reply``, a ``TIME`` read between the monotonic times ``before`` and
         ``after``; ``wall_after`` is this host's clock read just after it (for :attr:`offset`).
-        False, and nothing changed, when the round trip took over :data:`MAX_ROUND_TRIP_SECONDS`."""
+        False, and nothing changed, when the round trip took over :data:`MAX_ROUND_TRIP_SECONDS`,
+        unless the clock has no anchor after :data:`ROUGH_AFTER_ATTEMPTS` attempts (then it is
+        taken, and logged: off by at most half the round trip)."""
         if after - before > MAX_ROUND_TRIP_SECONDS:
-            log.debug("%s: Redis's TIME took %.3f s to come back; not anchored to it", self.name, after - before)
-            return False
+            if self._anchor is not None or self._slow < ROUGH_AFTER_ATTEMPTS:
+                self._slow += 1
+                log.debug("%s: Redis's TIME took %.3f s to come back; not anchored to it", self.name, after - before)
+                return False
+            log.warning("%s: Redis's TIME took %.3f s to come back, over %.2f s at each of %d attempts: anchored to it anyway, "
+                        "within %.3f s (a Redis that far away slows every request; keep it near the platform's processes)",
+                        self.name, after - before, MAX_ROUND_TRIP_SECONDS, self._slow + 1, (after - before) / 2)
         redis_now, middle = redis_time(reply), (before + after) / 2
         self._anchor = (redis_now, middle)
         offset = wall_after - (after - middle) - redis_now

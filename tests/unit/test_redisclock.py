@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from redisclock import MAX_ROUND_TRIP_SECONDS, RESYNC_SECONDS, RETRY_SECONDS, WARN_SECONDS, RedisClock
+from redisclock import MAX_ROUND_TRIP_SECONDS, RESYNC_SECONDS, RETRY_SECONDS, ROUGH_AFTER_ATTEMPTS, WARN_SECONDS, RedisClock
 
 
 class Clocks:
@@ -119,3 +119,35 @@ def test_auths_clock_is_the_hosts_own_while_the_host_is_within_a_second_of_redis
     clocks.wall_now = 5003.0  # now 3 s ahead: Redis's
     assert clock.anchor(1000.0, (5000, 0), 1000.0, clocks.wall())
     assert clock.now() == 5000.0
+
+
+def test_a_redis_whose_time_never_comes_back_fast_is_anchored_to_roughly_after_a_few_attempts(caplog):
+    """A Redis over a WAN link, 300 ms away: every reading was refused for its round trip, and its
+    processes kept their hosts' clocks for good, however far off.  After ROUGH_AFTER_ATTEMPTS
+    slow attempts the clock takes one, off by at most half its round trip, and says so."""
+    clocks = Clocks(wall=5009.0)  # the host 9 s ahead of Redis
+    clock = RedisClock("auth", wall=clocks.wall, monotonic=clocks.monotonic)
+    far = 0.3
+    for _ in range(ROUGH_AFTER_ATTEMPTS):
+        assert not clock.anchor(clocks.monotonic() - far, (5000, 0), clocks.monotonic(), clocks.wall())
+        clock.tried(False)
+    assert clock.offset is None and clock.now() == 5009.0
+    with caplog.at_level(logging.WARNING, logger="redisclock"):
+        assert clock.anchor(clocks.monotonic() - far, (5000, 0), clocks.monotonic(), clocks.wall())
+    assert abs(clock.now() - 5000.15) < 1e-9  # TIME's middle: 150 ms ago
+    assert any(f"at each of {ROUGH_AFTER_ATTEMPTS + 1} attempts: anchored to it anyway, within 0.150 s" in r.getMessage() for r in caplog.records)
+    clock.tried(True)
+    clocks.advance(RESYNC_SECONDS)
+    assert not clock.anchor(clocks.monotonic() - far, (6000, 0), clocks.monotonic(), clocks.wall()), \
+        "anchored, it keeps waiting for a reading within MAX_ROUND_TRIP_SECONDS"
+    assert abs(clock.now() - 5060.15) < 1e-9
+    assert clock.anchor(clocks.monotonic() - 0.01, (6000, 0), clocks.monotonic(), clocks.wall())
+    assert abs(clock.now() - 6000.005) < 1e-9
+
+
+def test_readings_refused_for_errors_do_not_count_as_slow_ones():
+    clocks = Clocks(wall=5000.0)
+    clock = RedisClock("t", wall=clocks.wall, monotonic=clocks.monotonic)
+    for _ in range(ROUGH_AFTER_ATTEMPTS + 2):
+        clock.tried(False)  # Redis did not answer
+    assert not clock.anchor(clocks.monotonic() - MAX_ROUND_TRIP_SECONDS - 0.01, (4000, 0), clocks.monotonic(), clocks.wall())
