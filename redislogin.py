@@ -8,8 +8,10 @@ leases, its queue and its subscription for ever ("broker connection lost"), and 
 consumer logged "Cannot connect ... Trying again" up to a hundred times.
 
 So auth, each push node and the worker (``celery -A worker worker``, before its pool starts) first
-log in to each Redis URL they use, with one ``PING`` (and the worker ``INFO server`` on
-``REDIS_URL``, which its housekeeping reads): a refusal stops the process with one line
+log in to each Redis URL they use, with one ``PING`` and one ``PUBLISH`` (every process uses
+channels, which Redis 7 gives a new ACL user none of), and the worker ``INFO server`` on
+``REDIS_URL``, which its housekeeping reads: a refusal (or a plain ``redis://`` URL to a Redis that
+serves TLS only, which resets the connection) stops the process with one line
 naming the variable and what to fix (``PROG: error: ...``, exit status 2, as a bad setting does:
 :func:`startup.refuse`), the variables that share a refusal named together.  A Redis that does not answer at all passes: the process starts and waits
 for it as before.  The URL is shown without its password (``settings.redact``), and redis-py's
@@ -24,6 +26,7 @@ error, where one already happened, in the same words, for the processes' logs, a
 from __future__ import annotations
 
 import contextlib
+import socket
 import ssl
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -51,7 +54,7 @@ class LoginRefused(ValueError):
 def refusal(url: str, exc: BaseException) -> tuple[str, str] | None:
     """``(kind, detail)`` when ``exc``, raised by the first command on ``url``, is a refusal that
     waiting will not end: kind ``password`` (a wrong user name or password), ``no password`` (Redis
-    requires one and the URL gives none), ``permission`` (the ACL user may not run PING or INFO) or
+    requires one and the URL gives none), ``permission`` (the ACL user may not run PING, PUBLISH or INFO, or use every channel) or
     ``certificate`` (TLS: the server's certificate did not verify), and the detail as the library
     says it; None for anything else (Redis down, a timeout).  Pure."""
     text = " ".join(str(exc).split())
@@ -78,6 +81,9 @@ _MESSAGES = {
                   "lists (Configuration, Redis users: ~* &* +@all -@dangerous +info)",
     "certificate": "the TLS certificate of the Redis of {names} did not verify ({detail}): set ssl_ca_certs in the URL to the CA "
                    "file that signed it (a percent-encoded path), and write the host as the certificate names it",
+    "tls only": "the Redis of {names} serves TLS only, and a plain redis:// URL reaches it ({detail}): write "
+                "rediss://...?ssl_cert_reqs=required&ssl_ca_certs=CA-FILE (a percent-encoded path; README, Configuration, "
+                "Redis users, passwords and TLS)",
 }
 
 
@@ -154,20 +160,46 @@ def told_as_refusals() -> Iterator[None]:
         raise told from exc
 
 
+#: The channel :func:`problem` publishes an empty message on: no one subscribes to it.
+CHECK_CHANNEL = "push:login-check"
+
+
+def speaks_tls(url: str) -> bool:
+    """Whether the server at a ``redis://`` URL's host and port completes a TLS handshake (its
+    certificate not checked): a Redis that serves TLS only resets a plain connection at its first
+    command, which looks like an outage.  Only where such a reset happened."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "localhost"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, parts.port or 6379), timeout=TIMEOUT) as raw, context.wrap_socket(raw, server_hostname=host):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def problem(url: str, info: bool = False) -> tuple[str, str] | None:
     """Logs in to ``url`` (redis-py, which reads the URL as the platform's clients do) and sends
-    PING, and with ``info`` ``INFO server``: the :func:`refusal`, or None when it works or Redis
-    does not answer."""
+    PING, a PUBLISH on :data:`CHECK_CHANNEL` (every process needs channels: the revocation
+    announcements, Celery's broadcasts and results), and with ``info`` ``INFO server``: the
+    :func:`refusal`, or None when it works or Redis does not answer.  A plain ``redis://`` URL whose
+    connection Redis closes at once is told as ``tls only`` when the port serves TLS."""
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
     except (RedisError, ValueError):
         return None  # a URL redis-py reads otherwise than the libraries that use it: theirs to say
     try:
         client.ping()
+        client.publish(CHECK_CHANNEL, "")
         if info:
             client.info("server")
     except RedisError as exc:
-        return refusal(url, exc)
+        found = refusal(url, exc)
+        if found is None and type(exc) is redis.exceptions.ConnectionError and url.partition("://")[0] == "redis" and speaks_tls(url):
+            return "tls only", " ".join(str(exc).split())
+        return found
     except Exception:  # noqa: BLE001 - an option redis-py takes otherwise (kombu's credential_provider=): theirs to say
         return None
     finally:

@@ -221,3 +221,31 @@ def test_the_cluster_command_given_a_wrong_password_says_so_rather_than_start_a_
     assert done.returncode == 1, done.stdout[-3000:]
     assert "cannot start the cluster: Redis refused the user name and password of REDIS_URL (redis://:***@" in done.stdout, done.stdout[-3000:]
     assert "private" not in done.stdout and "not-the-password" not in done.stdout + done.stderr
+
+
+def test_a_plain_redis_url_to_a_redis_that_serves_tls_only_stops_a_node_saying_to_write_rediss(tls_redis, tmp_path):
+    """Redis resets a plain connection to its TLS port: every process took that for an outage and
+    waited for ever ("Redis did not answer ... check that Redis is running"), and cluster.py started
+    a private Redis in its place."""
+    plain = tls_redis.url(1).replace("rediss://", "redis://", 1).partition("?")[0]
+    env = launcher.cluster_env(plain, tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
+    done = subprocess.run([sys.executable, "-m", "wsnode", "--port", str(launcher.free_port())], cwd=launcher.REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "python -m wsnode: error: the Redis of REDIS_URL (redis://push-app:***@" in done.stderr, done.stderr[-3000:]
+    assert "serves TLS only" in done.stderr and "rediss://" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_worker_and_a_node_whose_redis_user_has_no_channels_stop_at_start_saying_what_to_grant(tmp_path):
+    """Redis 7 gives a new user no channels (acl-pubsub-default resetchannels): without ``&*`` the
+    worker died at start with Celery's "Unrecoverable error" traceback, and a node said it was ready
+    while it could not hear a revocation and its replays timed out."""
+    with launcher.RedisServer(data_dir=tmp_path / "redis", password=PASSWORD, user="push-app", acl="~* +@all -@dangerous +info") as server:
+        env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
+        commands = {"worker": [sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1", "--without-gossip", "--without-mingle"],
+                    "node": [sys.executable, "-m", "wsnode", "--port", str(launcher.free_port())]}
+        for name, argv in commands.items():
+            done = subprocess.run(argv, cwd=launcher.REPO_ROOT, env=env, capture_output=True, text=True, timeout=30)
+            assert done.returncode == 2, f"{name}: {done.stderr[-3000:]}"
+            assert "no permissions to access one of the channels" in done.stderr and "&*" in done.stderr, done.stderr[-3000:]
+            assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -92,3 +92,11 @@ def test_a_refusal_retold_keeps_its_type_so_it_is_retried_or_not_as_before_and_k
     assert redislogin.retold(down, ("REDIS_URL",)) is down
     assert redislogin.variables_of(OperationalError("x")) == ("BROKER_URL",)
     assert redislogin.variables_of(down, ("RESULT_BACKEND",)) == ("RESULT_BACKEND",)
+
+
+def test_a_plain_url_to_a_tls_port_is_told_with_the_form_to_write_and_a_closed_port_speaks_no_tls():
+    line = redislogin.message([("REDIS_URL", URL, "tls only", "Connection reset by peer")])
+    assert line.startswith("the Redis of REDIS_URL (redis://push-app:***@cache:6379/1) serves TLS only")
+    assert "rediss://...?ssl_cert_reqs=required&ssl_ca_certs=" in line and "s3cret" not in line
+    import launcher
+    assert not redislogin.speaks_tls(f"redis://127.0.0.1:{launcher.free_port()}/0")  # nothing listens: an outage, as before
