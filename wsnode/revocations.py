@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 import redislogin
@@ -44,6 +45,8 @@ RESUBSCRIBE_SECONDS = 1.0
 #: takes the connection for lost when no answer came after as long again: a connection that died
 #: without a reset (a network partition) is otherwise silent for ever.
 PING_SECONDS = 30.0
+#: Seconds the listener waits for Redis's answer to its SUBSCRIBE.
+SUBSCRIBE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -164,9 +167,10 @@ class RevocationListener:
     async def _run(self) -> None:
         lost, first, refused = False, True, None
         while not self._stopping:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
+                await _confirmed(pubsub)
                 self.subscribed, refused = True, None
                 if lost or first:
                     if lost:
@@ -205,3 +209,17 @@ class RevocationListener:
                     pass
             if not self._stopping:
                 await asyncio.sleep(RESUBSCRIBE_SECONDS)
+
+
+async def _confirmed(pubsub) -> None:
+    """Wait for Redis's answer to the SUBSCRIBE just sent: redis-py sends it without reading the
+    answer, so a refusal (NOPERM, a user without the channel) came with the next read, after the
+    listener had said it was subscribed again, once a second.  Raises what Redis answered instead,
+    or :class:`ConnectionError` when nothing comes within :data:`SUBSCRIBE_SECONDS`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SUBSCRIBE_SECONDS
+    while (left := deadline - loop.time()) > 0:
+        message = await pubsub.get_message(timeout=left)
+        if message is not None and message.get("type") == "subscribe":
+            return
+    raise RedisConnectionError(f"no answer to SUBSCRIBE {CHANNEL} within {SUBSCRIBE_SECONDS:g} s")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from redis.exceptions import NoPermissionError
 
 from auth.revocations import JTI_PREFIX, USER_PREFIX, revoked_by
 from wsnode.auth import Identity
@@ -100,3 +101,42 @@ def test_a_recent_revocation_is_kept_for_its_seconds_however_many_come_after_it(
     assert recent.covering(Identity("user-7", "t-7", 1), now=110.1)
     assert len(recent) == 5000
     assert not recent.covering(Identity("user-7", "t-7", 1), now=111.0) and len(recent) == 0
+
+
+class _RefusingPubSub:
+    """redis-py's asyncio PubSub against a user without the channel: SUBSCRIBE is sent without its
+    answer read, and Redis's NOPERM comes with the next read."""
+
+    async def subscribe(self, channel):
+        pass
+
+    async def get_message(self, timeout=None):
+        raise NoPermissionError("this user has no permissions to access one of the channels used as arguments")
+
+    async def aclose(self):
+        pass
+
+
+async def test_a_user_without_the_channel_is_told_once_and_never_as_subscribed_again(monkeypatch, caplog):
+    """The listener took SUBSCRIBE for done when it was sent: it logged "subscribed ... again" and
+    "no subscription ..." (and checked every connection against the revocation list) once a second."""
+    import asyncio
+    import logging
+
+    import wsnode.revocations as revocations
+
+    monkeypatch.setattr(revocations, "RESUBSCRIBE_SECONDS", 0.01)
+    resubscribed = []
+
+    async def on_resubscribed():
+        resubscribed.append(1)
+
+    listener = revocations.RevocationListener("redis://push-app:pw@127.0.0.1:1/1", "test", lambda revocation: None, on_resubscribed)
+    monkeypatch.setattr(listener._redis, "pubsub", lambda **kw: _RefusingPubSub())
+    with caplog.at_level(logging.INFO, logger="wsnode.revocations"):
+        listener.start()
+        await asyncio.sleep(0.3)
+        await listener.stop()
+    lines = [record.getMessage() for record in caplog.records]
+    assert len([line for line in lines if "no subscription to" in line]) == 1, lines
+    assert not [line for line in lines if "subscribed to" in line and "again" in line] and not resubscribed and not listener.subscribed
