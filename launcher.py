@@ -333,14 +333,15 @@ def start_auth(env: Mapping[str, str], port: int, *, name: str = "auth", timeout
 
 def start_worker(env: Mapping[str, str], name: str = "worker", queues: str | Sequence[str] | None = None,
                  concurrency: int | None = None, *, pool: str | None = None, events: bool = False, options: Sequence[str] = (),
-                 timeout: float = 60.0, app: str = "worker", **service_kw) -> Service:
+                 timeout: float = 60.0, app: str = "worker", mingle: bool = False, **service_kw) -> Service:
     """``celery -A worker worker -n NAME@%h``; returns once it logs "ready." (at ``LOG_LEVEL`` WARNING
     or ERROR, which hide that line, once it answers a ping through the broker).  ``queues`` maps to ``-Q``,
     ``concurrency`` to ``-c``, ``pool`` to ``-P`` (Celery's default: prefork) and ``events`` to ``-E``;
     ``options`` are more of the worker's command-line options (e.g. ``["--time-limit=5"]``); ``app``
-    the module of ``-A`` (a test's variant of ``worker``)."""
+    the module of ``-A`` (a test's variant of ``worker``); ``mingle`` leaves on Celery's hello to the
+    other workers at each connection (``--without-mingle`` otherwise, as gossip: a second each)."""
     argv = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", f"{name}@%h", f"--loglevel={env.get('LOG_LEVEL') or 'INFO'}",
-            "--without-gossip", "--without-mingle"]
+            "--without-gossip", *(() if mingle else ("--without-mingle",))]
     if queues:
         argv += ["-Q", queues if isinstance(queues, str) else ",".join(queues)]
     if concurrency:

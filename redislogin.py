@@ -72,13 +72,15 @@ def refusal(url: str, exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
+#: What a Redis user that lacks a right is to be given.
+RIGHTS_HINT = "give it the rights the README lists (Configuration, Redis users: ~* &* +@all -@dangerous +info)"
+
 #: What to say for each kind of :func:`refusal`: ``{names}`` the variables (with their URLs, without
 #: passwords), ``{detail}`` the library's words.
 _MESSAGES = {
     "password": "Redis refused the user name and password of {names} ({detail}): correct them; " + _URL_FORM,
     "no password": "Redis requires a password, and {names} gives none ({detail}): write it in the URL; " + _URL_FORM,
-    "permission": "the Redis user of {names} may not run a command the platform needs ({detail}): give it the rights the README "
-                  "lists (Configuration, Redis users: ~* &* +@all -@dangerous +info)",
+    "permission": "the Redis user of {names} may not run a command the platform needs ({detail}): " + RIGHTS_HINT,
     "certificate": "the TLS certificate of the Redis of {names} did not verify ({detail}): set ssl_ca_certs in the URL to the CA "
                    "file that signed it (a percent-encoded path), and write the host as the certificate names it",
     "tls only": "the Redis of {names} serves TLS only, and a plain redis:// URL reaches it ({detail}): write "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 import redisfull
+import redislogin
 
 #: Seconds before the second connection of a run of channel errors (the first is at once); each
 #: next one waits twice as long, up to ``MAX_DELAY``.
@@ -105,6 +106,8 @@ def advice(error: object) -> str:
     if "Link with MASTER is down" in text:  # MASTERDOWN (redis-py's MasterDownError drops the word)
         return ("the Redis broker is a replica cut off from its primary that serves no stale data (replica-serve-stale-data no; "
                 "a failover?): the worker connects again until it is in sync or promoted, or point BROKER_URL at the primary")
+    if "no permissions" in text or "NOPERM" in text:  # redis-py's NoPermissionError drops the "NOPERM"
+        return f"the Redis broker's user (BROKER_URL) lacks a right the worker uses: {redislogin.RIGHTS_HINT}; the worker connects again until it has it"
     if redisfull.is_full(error):  # by its text: redis-py's OutOfMemoryError drops the "OOM" of Redis's reply
         return redisfull.HINT
     return "the broker refused a command on the worker's channel"

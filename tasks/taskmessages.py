@@ -49,12 +49,14 @@ from celery import signals
 from celery.exceptions import CPendingDeprecationWarning, InvalidTaskError, NotRegistered
 from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer.connection import Connection as ConnectionStep
 from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY, INVALID_TASK_ERROR, MESSAGE_DECODE_ERROR, UNKNOWN_TASK_ERROR, dump_body
 from celery.worker.consumer.consumer import logger as celery_consumer_log
 from celery.utils.time import timezone
 from celery.worker.request import Request as CeleryRequest
 from celery.worker.state import maybe_shutdown
 from kombu import serialization
+from kombu.exceptions import OperationalError as LibraryOperationalError
 from kombu.common import ignore_errors
 from kombu.asynchronous.timer import to_timestamp
 from kombu.utils import json as kombu_json
@@ -180,6 +182,28 @@ def _told_refusal(record: logging.LogRecord) -> bool:
     return True
 
 
+def _broker_errors_unwrapped(start, consumer):
+    """A consumer step's ``start`` that raises the transport's own error where kombu wrapped it in
+    its ``OperationalError``, which Celery does not count as recoverable: the mingle step's hello
+    to the other workers (a PUBLISH, sent on every connection) refused by a Redis whose user lost
+    its channel rights (``&*``) stopped the worker for good ("Unrecoverable error"), where a refused
+    command on the connection is retried (:meth:`Consumer.on_connection_error_after_connected`) and
+    the worker goes on once the rights are back; a connection lost during it, likewise.  Every step
+    but the connection's, which starts first."""
+
+    @functools.wraps(start)
+    def started(parent):
+        try:
+            return start(parent)
+        except LibraryOperationalError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, tuple(consumer.connection_errors) + tuple(consumer.channel_errors)):
+                raise cause from None
+            raise
+
+    return started
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer, which refuses a message whose envelope it cannot run
     (:func:`envelope_problem`) and stores a result for every message it discards that has a
@@ -200,6 +224,9 @@ class Consumer(CeleryConsumer):
         self.channel_error_backoff = ChannelErrorBackoff()
         celery_consumer_log.addFilter(_told_refusal)  # once: a filter already there is not added again
         super().__init__(*args, **kwargs)
+        for step in self.steps:
+            if not isinstance(step, ConnectionStep):  # its retries exhausted (broker_connection_max_retries) stop the worker, as ever
+                step.start = _broker_errors_unwrapped(step.start, self)
 
     def on_ready(self):
         self._consumed = True

@@ -16,6 +16,7 @@ import sys
 import urllib.parse
 import urllib.request
 
+import celery
 import pytest
 import redis as redis_lib
 
@@ -249,3 +250,30 @@ def test_a_worker_and_a_node_whose_redis_user_has_no_channels_stop_at_start_sayi
             assert done.returncode == 2, f"{name}: {done.stderr[-3000:]}"
             assert "no permissions to access one of the channels" in done.stderr and "&*" in done.stderr, done.stderr[-3000:]
             assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_worker_whose_user_loses_its_channel_rights_while_it_runs_reconnects_until_they_are_back(tmp_path):
+    """A worker as the README starts it (Celery's mingle on: a hello PUBLISHed to the other workers
+    at each connection).  The user's channels taken away (``ACL SETUSER ... resetchannels``) and its
+    connections cut: the refused hello stopped the worker for good ("Unrecoverable error:
+    OperationalError"), where the README says it goes on by itself once the rights are back."""
+    with launcher.RedisServer(data_dir=tmp_path / "redis", password=PASSWORD, user="push-app", acl="~* &* +@all") as server:
+        env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
+        worker = launcher.start_worker(env, concurrency=1, mingle=True, log_path=tmp_path / "worker.log")
+        admin = redis_lib.Redis.from_url(server.url(1))
+        business = celery.Celery(broker=server.url(0), backend=server.url(1))
+        try:
+            admin.execute_command("ACL", "SETUSER", "push-app", "resetchannels")
+            admin.execute_command("CLIENT", "KILL", "USER", "push-app", "SKIPME", "yes")
+            worker.wait_log("lacks a right the worker uses", timeout=30)
+            assert worker.alive
+            admin.execute_command("ACL", "SETUSER", "push-app", "&*")
+            assert business.send_task("tasks.presence", args=[["nobody"]], queue="dispatch").get(timeout=60) == {"nobody": []}
+            assert worker.alive
+        finally:
+            business.close()
+            admin.close()
+            worker.terminate(10)
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert "Unrecoverable error" not in log
+    assert "the broker refused a command on the worker's channel: this user has no permissions to access one of the channels" in log

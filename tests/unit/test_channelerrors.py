@@ -83,6 +83,8 @@ def test_consuming_steadily_again_ends_the_run():
     ("Link with MASTER is down and replica-serve-stale-data is set to 'no'.", "a replica cut off from its primary"),  # MasterDownError
     ("(404) NOT_FOUND - no queue 'collect' in vhost 'v'", "missing on the broker"),
     ("ERR something new", "the broker refused a command"),
+    ("this user has no permissions to access one of the channels used as arguments", "the Redis broker's user (BROKER_URL) lacks a right"),
+    ("NOPERM this user has no permissions to run the 'publish' command", "~* &* +@all -@dangerous +info"),
     ("OOM command not allowed when used memory > 'maxmemory'.", "Redis is out of memory (maxmemory): raise maxmemory or free memory"),
 ])
 def test_the_log_says_what_a_channel_error_means(error, says):
