@@ -185,7 +185,9 @@ def speaks_tls(url: str) -> bool:
 def problem(url: str, info: bool = False) -> tuple[str, str] | None:
     """Logs in to ``url`` (redis-py, which reads the URL as the platform's clients do) and sends
     PING, a PUBLISH on :data:`CHECK_CHANNEL` (every process needs channels: the revocation
-    announcements, Celery's broadcasts and results), and with ``info`` ``INFO server``: the
+    announcements, Celery's broadcasts and results), an ``EVAL`` (nodes and workers run Lua
+    scripts: a user without ``@scripting`` failed each task with a traceback), and with ``info``
+    ``INFO server``: the
     :func:`refusal`, or None when it works or Redis does not answer.  A plain ``redis://`` URL whose
     connection Redis closes at once is told as ``tls only`` when the port serves TLS."""
     try:
@@ -195,6 +197,7 @@ def problem(url: str, info: bool = False) -> tuple[str, str] | None:
     try:
         client.ping()
         client.publish(CHECK_CHANNEL, "")
+        client.eval("return 1", 0)  # the leases, routes and pending marks are Lua scripts
         if info:
             client.info("server")
     except RedisError as exc:

@@ -277,3 +277,15 @@ def test_a_worker_whose_user_loses_its_channel_rights_while_it_runs_reconnects_u
     log = (tmp_path / "worker.log").read_text(errors="replace")
     assert "Unrecoverable error" not in log
     assert "the broker refused a command on the worker's channel: this user has no permissions to access one of the channels" in log
+
+
+def test_a_worker_whose_redis_user_may_not_run_scripts_stops_at_start_saying_what_to_grant(tmp_path):
+    """The leases, the routes and the pending marks are Lua scripts: a user without @scripting
+    started, and each dispatch failed with a traceback."""
+    with launcher.RedisServer(data_dir=tmp_path / "redis", password=PASSWORD, user="push-app", acl=f"{LEAST_ACL} -@scripting") as server:
+        env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
+        done = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker", "-c", "1", "--without-gossip", "--without-mingle"],
+                              cwd=launcher.REPO_ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "celery -A worker worker: error: the Redis user of" in done.stderr
+    assert "no permissions to run the 'eval' command" in done.stderr and "+@all -@dangerous +info" in done.stderr
