@@ -65,3 +65,28 @@ def test_threads_of_one_process_remember_their_declarations_at_once_past_the_bou
     finally:
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+def test_kombus_own_record_of_the_node_queues_stays_bounded_as_addresses_come_and_go(declared, monkeypatch):
+    """kombu's virtual transports (Redis) keep, per connection, every exchange and binding declared
+    through it (``BrokerState``) and, on Redis, per channel every queue's ``x-expires``: a worker
+    process that published to node after node kept about 2.9 KB per address it ever declared
+    (+8.6 MB of RSS for 3,000 addresses, measured against a Redis broker), whatever
+    ``_declared_at`` forgot.  Those of the nodes forgotten there are forgotten in kombu too."""
+    from celery import Celery
+
+    memory = Celery("declared-test", broker="memory://", set_as_current=False)
+    monkeypatch.setattr(dispatch, "app", memory)
+    monkeypatch.setattr(dispatch, "MAX_DECLARED_NODES", 20)
+    monkeypatch.setattr(dispatch, "DECLARE_EVERY_SECONDS", 0.0)  # every node stale as soon as declared
+    with memory.connection_for_write() as conn:
+        state = conn.transport.state
+        state.clear()
+        for n in range(200):
+            dispatch.publish_all([(f"10.1.{n // 250}.{n % 250}:8101", [{"id": "m", "to": "u", "data": 1}], {})])
+        nodes = [name for name in state.exchanges if name.startswith("10.1.")]
+        bound = {queue for queue, _, _ in state.bindings if queue.startswith("10.1.")}
+        assert len(nodes) <= dispatch.MAX_DECLARED_NODES + 1, len(nodes)
+        assert len(bound) <= dispatch.MAX_DECLARED_NODES + 1, len(bound)
+        assert len([q for q in state.queue_index if q.startswith("10.1.")]) <= dispatch.MAX_DECLARED_NODES + 1
+        state.clear()
