@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 from tornado.ioloop import IOLoop
@@ -57,7 +58,9 @@ class Deliveries:
         ``tasks.replay_many`` (:mod:`wsnode.replays`)."""
         if self._replays.add((conn, {"conn": conn.conn_id, "user": conn.user_id, "since": conn.session.since})):
             self._loop.call_later(REPLAY_GATHER_SECONDS, self._start_replay_round)
-        self._loop.call_later(settings.REPLAY_TIMEOUT, self._replay_failed, conn, "replay timed out")
+        # A weak reference: the timer outlives most replays by seconds, and held every connection
+        # that closed meanwhile (its stream, buffers and request) for REPLAY_TIMEOUT after it left.
+        self._loop.call_later(settings.REPLAY_TIMEOUT, self._replay_timed_out, weakref.ref(conn))
 
     def _start_replay_round(self) -> None:
         try:
@@ -75,6 +78,12 @@ class Deliveries:
             except Exception as exc:  # noqa: BLE001 - each connection is told, and closed to retry
                 for conn, _ in batch:
                     self._loop.add_callback(self._replay_failed, conn, f"replay request not sent: {exc}")
+
+    def _replay_timed_out(self, ref: weakref.ref) -> None:
+        """``REPLAY_TIMEOUT`` after a replay request: the connection, if still open, is closed
+        unless its replay ended (a connection gone meanwhile was freed: nothing to do)."""
+        if (conn := ref()) is not None:
+            self._replay_failed(conn, "replay timed out")
 
     def _replay_failed(self, conn: PushHandler, why: str) -> None:
         if conn.session.replaying and self.hub.get(conn.conn_id) is conn and not conn.closing:
