@@ -109,26 +109,26 @@ BUSINESS_TASKS = [
 ]
 
 
-@pytest.mark.parametrize("task, queue, args, kwargs", BUSINESS_TASKS, ids=[task for task, *_ in BUSINESS_TASKS])
-async def test_a_request_whose_eta_is_no_time_the_worker_holds_shows_as_failed_with_its_reason(held_cluster, task, queue, args, kwargs):
+async def test_a_request_whose_eta_is_no_time_the_worker_holds_shows_as_failed_with_its_reason(held_cluster):
     """An eta that parses but that the worker's clock cannot hold (the year 1, east of UTC) fails
     its request with ``not run: ...`` as its result, and shows as failed, with that reason, where
     an operator watches (Flower, from the task events), as every message the worker refuses
     before it runs does.  A collect sent no event at all, and Flower never listed it; a status or
     presence request ran at once, its eta ignored, after Celery logged the eta with a traceback
-    as an ERROR and sent task-rejected."""
+    as an ERROR and sent task-rejected.  Each business task in turn, on one cluster."""
     cluster = held_cluster
     events = await asyncio.to_thread(TaskEvents(cluster).start)
     eta = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5)))
-    result = cluster.business.send_task(task, args=args, kwargs=kwargs, queue=queue, eta=eta)
-    with pytest.raises(Exception, match="not run: its eta .* cannot be read as a time"):
-        await cluster.result(result, 30)
-    deadline = time.monotonic() + 15
-    while "task-failed" not in events.types(result.id) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert events.types(result.id)[:2] == ["task-received", "task-failed"]  # then Celery's task-rejected, as it drops the message
-    (failed,) = [event for event in events.by_task[result.id] if event["type"] == "task-failed"]
-    assert failed["exception"].startswith("InvalidMessage: not run: its eta 0001-01-01T00:00:00+05:00 cannot be read as a time")
+    for task, queue, args, kwargs in BUSINESS_TASKS:
+        result = cluster.business.send_task(task, args=args, kwargs=kwargs, queue=queue, eta=eta)
+        with pytest.raises(Exception, match="not run: its eta .* cannot be read as a time"):
+            await cluster.result(result, 30)
+        deadline = time.monotonic() + 15
+        while "task-failed" not in events.types(result.id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert events.types(result.id)[:2] == ["task-received", "task-failed"], task  # then Celery's task-rejected, as it drops the message
+        (failed,) = [event for event in events.by_task[result.id] if event["type"] == "task-failed"]
+        assert failed["exception"].startswith("InvalidMessage: not run: its eta 0001-01-01T00:00:00+05:00 cannot be read as a time"), task
     events.stop()
 
 
