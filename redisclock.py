@@ -17,7 +17,8 @@ wall clock (an NTP correction, a VM resumed) do not move.  Auth anchors again ev
 that anchor (``tasks.dispatch.clock``).  Until its first anchor (Redis not reachable yet) a
 process reads the host's clock, and an anchor that fails keeps the previous one; a Redis whose
 ``TIME`` never comes back within :data:`MAX_ROUND_TRIP_SECONDS` is anchored to roughly after
-:data:`ROUGH_AFTER_ATTEMPTS` attempts.  A host whose clock is more than
+:data:`ROUGH_AFTER_ATTEMPTS` slow readings (a worker's one sync before its pool forks reads
+:data:`SAMPLES`: its pool processes share that anchor).  A host whose clock is more than
 :data:`WARN_SECONDS` off Redis's is logged once (and again when it comes back): the platform no
 longer depends on it, but logs, receipts' times and the latency metric still do.
 
@@ -48,7 +49,7 @@ WARN_SECONDS = 1.0
 #: by a long script or a fork, or the caller's loop busy: the reading could be off by half of it),
 #: and is read again after :data:`RETRY_SECONDS`.
 MAX_ROUND_TRIP_SECONDS = 0.25
-#: Attempts whose readings were all too slow after which a clock with no anchor yet takes the
+#: Readings too slow, one after another, after which a clock with no anchor yet takes the
 #: best of them anyway (a Redis further than half of :data:`MAX_ROUND_TRIP_SECONDS` away, over a
 #: WAN link, never answered within it, and its processes kept their hosts' clocks for good): off
 #: by at most half its round trip, where a host's clock may be off by any amount.
@@ -99,20 +100,23 @@ class RedisClock:
         sooner after an attempt that failed (:meth:`tried`)."""
         return self._monotonic() >= self._next
 
-    def anchor(self, before: float, reply, after: float, wall_after: float) -> bool:
+    def anchor(self, before: float, reply, after: float, wall_after: float, readings: int = 1) -> bool:
         """Anchor to ``reply``, a ``TIME`` read between the monotonic times ``before`` and
         ``after``; ``wall_after`` is this host's clock read just after it (for :attr:`offset`).
         False, and nothing changed, when the round trip took over :data:`MAX_ROUND_TRIP_SECONDS`,
-        unless the clock has no anchor after :data:`ROUGH_AFTER_ATTEMPTS` attempts (then it is
-        taken, and logged: off by at most half the round trip)."""
+        unless the clock has no anchor after :data:`ROUGH_AFTER_ATTEMPTS` slow readings (then it
+        is taken, and logged: off by at most half the round trip).  ``readings``: how many
+        readings ``reply`` is the quickest of (:meth:`SyncRedisClock.sync`'s :data:`SAMPLES`),
+        each counted: a worker's one sync before its pool forks anchors it there, where each
+        pool process took a rough anchor of its own, off by up to half a round trip each."""
         if after - before > MAX_ROUND_TRIP_SECONDS:
-            if self._anchor is not None or self._slow < ROUGH_AFTER_ATTEMPTS:
-                self._slow += 1
+            if self._anchor is not None or self._slow + readings <= ROUGH_AFTER_ATTEMPTS:
+                self._slow += readings
                 log.debug("%s: Redis's TIME took %.3f s to come back; not anchored to it", self.name, after - before)
                 return False
-            log.warning("%s: Redis's TIME took %.3f s to come back, over %.2f s at each of %d attempts: anchored to it anyway, "
+            log.warning("%s: Redis's TIME took %.3f s to come back, over %.2f s at each of %d readings: anchored to it anyway, "
                         "within %.3f s (a Redis that far away slows every request; keep it near the platform's processes)",
-                        self.name, after - before, MAX_ROUND_TRIP_SECONDS, self._slow + 1, (after - before) / 2)
+                        self.name, after - before, MAX_ROUND_TRIP_SECONDS, self._slow + readings, (after - before) / 2)
         redis_now, middle = redis_time(reply), (before + after) / 2
         self._anchor = (redis_now, middle)
         offset = wall_after - (after - middle) - redis_now
@@ -155,12 +159,13 @@ class SyncRedisClock(RedisClock):
     def sync(self) -> None:
         """Anchor now, to the reading of :data:`SAMPLES` with the shortest round trip; a Redis that
         does not answer leaves the previous anchor (or the host's clock)."""
-        best = None
+        best, read = None, 0
         try:
             for _ in range(SAMPLES):
                 before = self._monotonic()
                 reply = self._client.time()
                 after = self._monotonic()
+                read += 1
                 if best is None or after - before < best[2] - best[0]:
                     best = (before, reply, after, self._wall())
         except (redis.RedisError, OSError) as exc:
@@ -168,7 +173,7 @@ class SyncRedisClock(RedisClock):
                 log.debug("%s: Redis's clock not read (%s); keeping %s", self.name, exc, "the last anchor" if self._anchor else "this host's clock")
                 self.tried(False)
                 return
-        self.tried(self.anchor(*best))
+        self.tried(self.anchor(*best, readings=read))
 
 
 async def anchor_async(clock: RedisClock, client) -> None:

@@ -135,7 +135,7 @@ def test_a_redis_whose_time_never_comes_back_fast_is_anchored_to_roughly_after_a
     with caplog.at_level(logging.WARNING, logger="redisclock"):
         assert clock.anchor(clocks.monotonic() - far, (5000, 0), clocks.monotonic(), clocks.wall())
     assert abs(clock.now() - 5000.15) < 1e-9  # TIME's middle: 150 ms ago
-    assert any(f"at each of {ROUGH_AFTER_ATTEMPTS + 1} attempts: anchored to it anyway, within 0.150 s" in r.getMessage() for r in caplog.records)
+    assert any(f"at each of {ROUGH_AFTER_ATTEMPTS + 1} readings: anchored to it anyway, within 0.150 s" in r.getMessage() for r in caplog.records)
     clock.tried(True)
     clocks.advance(RESYNC_SECONDS)
     assert not clock.anchor(clocks.monotonic() - far, (6000, 0), clocks.monotonic(), clocks.wall()), \
@@ -151,3 +151,36 @@ def test_readings_refused_for_errors_do_not_count_as_slow_ones():
     for _ in range(ROUGH_AFTER_ATTEMPTS + 2):
         clock.tried(False)  # Redis did not answer
     assert not clock.anchor(clocks.monotonic() - MAX_ROUND_TRIP_SECONDS - 0.01, (4000, 0), clocks.monotonic(), clocks.wall())
+
+
+def test_a_workers_one_sync_before_its_pool_forks_takes_a_far_redis_rough_anchor_for_all_its_pool_processes():
+    """A worker anchors once, in its main process before the pool forks (``worker.py``), so that
+    every pool process reads one clock (``tasks.dispatch.clock``).  With a Redis 300 ms away that
+    one sync, SAMPLES slow readings, counted as one slow attempt: each pool process went on to
+    take a rough anchor of its own, off by up to half a round trip each (ids out of order by up to
+    a round trip between processes of one worker, for good), where they had shared the host's
+    clock.  A sync whose every reading was slow counts each of them."""
+    import copy
+
+    from redisclock import SAMPLES, SyncRedisClock
+
+    clocks = Clocks(wall=5009.0)
+
+    class FarRedis:
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def time(self):
+            self.reads += 1
+            clocks.advance(0.3 + 0.01 * self.reads)  # every reading slower than the one before
+            return (5000 + int(clocks.monotonic_now - 1000.0), 0)
+
+    assert SAMPLES >= ROUGH_AFTER_ATTEMPTS + 1
+    client = FarRedis()
+    main = SyncRedisClock(client, "worker", wall=clocks.wall, monotonic=clocks.monotonic, resync=None)
+    main.sync()  # worker_init
+    assert main.offset is not None, "anchored before the fork"
+    pool = [copy.copy(main) for _ in range(2)]  # what each forked pool process inherits
+    reads = client.reads
+    clocks.advance(RETRY_SECONDS * 8)
+    assert pool[0].now() == pool[1].now() and client.reads == reads, "the pool processes keep the main process's anchor"
