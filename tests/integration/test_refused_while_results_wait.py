@@ -57,11 +57,12 @@ def _results_apart(request, tmp_path, proxied: bool = False, worker_kw: dict | N
     cluster.stop(at_once=True)
 
 
-@pytest.fixture(params=["redis", "amqp"])
-def results_apart_cluster(request, tmp_path):
+@pytest.fixture(scope="module", params=["redis", "amqp"])
+def results_apart_cluster(request, tmp_path_factory):
     """A private cluster on the broker the parameter names, one node, with the events on (``-E``),
-    whose results Redis is a server of its own; yields it and that server."""
-    for cluster, results_server, _ in _results_apart(request, tmp_path):
+    whose results Redis is a server of its own; yields it and that server.  One per broker for the
+    module: each test leaves its results Redis a primary again."""
+    for cluster, results_server, _ in _results_apart(request, tmp_path_factory.mktemp(f"results-apart-{request.param}")):
         yield cluster, results_server
 
 
@@ -180,8 +181,9 @@ async def _an_unreadable_eta_while_results_refuse(cluster, results_server):
 async def test_a_refused_messages_failure_waits_for_the_results_redis_while_the_worker_runs_other_tasks(results_apart_cluster, kind):
     cluster, results_server = results_apart_cluster
     _, read_line, says, told = REFUSED[kind]
-    client = await cluster.connect("overtaken")
-    assert await cluster.collect("overtaken", "before", timeout=20)
+    user = f"overtaken-{kind}"
+    client = await cluster.connect(user)
+    assert await cluster.collect(user, "before", timeout=20)
     assert [f["data"] for f in await client.messages(1)] == ["before"]
     events = await asyncio.to_thread(TaskEvents(cluster).start)
     results = redis_lib.Redis.from_url(results_server.url(1), socket_timeout=5)
@@ -193,7 +195,7 @@ async def test_a_refused_messages_failure_waits_for_the_results_redis_while_the_
         # Not acknowledged while its failure waits: a worker that stopped now would have it back.
         assert await asyncio.to_thread(_unacked, cluster, task_id)
         waiting = asyncio.create_task(cluster.result(cluster.business.AsyncResult(task_id), 90))  # a caller waiting on it
-        sent = cluster.send(to="overtaken", data="while a failure waits")
+        sent = cluster.send(to=user, data="while a failure waits")
         # Delivered while the refused message's failure waits: the worker read and ran it.
         assert [f["data"] for f in await client.messages(1, timeout=30)] == ["while a failure waits"]
         assert results.get(f"celery-task-meta-{task_id}") is None, "the failure was written while the results Redis was a replica"
