@@ -10,6 +10,7 @@ what :func:`envelope_problem` finds before Celery reads it).  :func:`depth_probl
 
 from __future__ import annotations
 
+import json
 import re
 
 from kombu.exceptions import ContentDisallowed
@@ -156,6 +157,41 @@ def task_id_of(headers: object, body: object) -> str | None:
         if isinstance(fields, dict) and _named(fields.get("id")):
             return fields["id"]
     return None
+
+
+#: The content type the worker decodes (kombu's ``json`` serializer): the only one it accepts.
+JSON_CONTENT_TYPE = "application/json"
+#: Longest undecoded body :func:`raw_task_id` parses for its task id.
+MAX_RAW_ID_BODY = 1 << 20
+
+
+def content_type_problem(content_type: object, body: object) -> str | None:
+    """Why a message whose body kombu left undecoded (``body`` bytes or text: its content type was
+    missing, or one kombu trusts without a decoder, such as ``application/data``) cannot be run, or
+    None for a body that was decoded as JSON.  Celery took such a protocol 1 message for one that
+    is not a task message at all ("Received and deleted unknown message"), and a protocol 2 one
+    was refused as "its body is of type bytes".  Pure."""
+    if not isinstance(body, (bytes, bytearray, str)) or content_type == JSON_CONTENT_TYPE:
+        return None
+    told = f"its content type is {content_type!r:.60}" if content_type else "it has no content type"
+    return f"{told}, so its body was not decoded: send it as {JSON_CONTENT_TYPE} (content-encoding utf-8)"
+
+
+def raw_task_id(body: object) -> str | None:
+    """The task id in a protocol 1 body the worker did not decode (its content type missing, or
+    one it refuses, such as ``application/json; charset=utf-8``), read as JSON for that id alone,
+    so that its failure is stored where its caller waits; None when there is none, or none that
+    :func:`envelope_problem` would let through (a control character, a lone surrogate).  Pure."""
+    if not isinstance(body, (bytes, bytearray, str)) or len(body) > MAX_RAW_ID_BODY:
+        return None
+    try:
+        fields = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    task_id = task_id_of(None, fields)
+    if task_id is None or not_unicode(task_id) is not None or _CONTROL.search(task_id):
+        return None
+    return task_id
 
 
 def not_a_task_message(problem: str) -> InvalidMessage:

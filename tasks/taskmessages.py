@@ -56,6 +56,7 @@ from celery.utils.time import timezone
 from celery.worker.request import Request as CeleryRequest
 from celery.worker.state import maybe_shutdown
 from kombu import serialization
+from kombu.exceptions import ContentDisallowed
 from kombu.exceptions import OperationalError as LibraryOperationalError
 from kombu.common import ignore_errors
 from kombu.asynchronous.timer import to_timestamp
@@ -65,7 +66,7 @@ from kombu.utils.encoding import safe_repr
 import redislogin
 from tasks.channelerrors import ChannelErrorBackoff, advice
 from tasks.failurewriter import FailureWriter
-from tasks.envelopes import envelope_problem, not_a_task_message, not_run, task_id_of
+from tasks.envelopes import content_type_problem, envelope_problem, not_a_task_message, not_run, raw_task_id, task_id_of
 from tasks.messages import InvalidMessage
 
 log = logging.getLogger(__name__)
@@ -399,6 +400,8 @@ class Consumer(CeleryConsumer):
             except Exception:  # noqa: BLE001 - Celery's handler reports it (on_decode_error)
                 return on_task_received(message)
             try:
+                if (problem := content_type_problem(message.content_type, body)) is not None:
+                    return self.refuse(message, body, InvalidMessage(f"not run: {problem}"))
                 problem = envelope_problem(message.headers, body)
             except Exception as exc:  # noqa: BLE001 - a check that fails refuses that message alone, never stops the worker
                 problem = f"it could not be checked ({exc!r:.200})"
@@ -409,7 +412,7 @@ class Consumer(CeleryConsumer):
         return checked
 
     def refuse(self, message, body, error: Exception) -> None:
-        task_id = task_id_of(message.headers, body)
+        task_id = task_id_of(message.headers, body) or raw_task_id(body)
         log.error("refused a message of queue %r (task id %r): %s", (message.delivery_info or {}).get("routing_key"), task_id, error)
         self._failed(message, body, task_id, error, functools.partial(self._reject, message, error))
 
@@ -424,8 +427,11 @@ class Consumer(CeleryConsumer):
         written (:meth:`_failed`): Celery acknowledged it first."""
         celery_consumer_log.critical(MESSAGE_DECODE_ERROR, exc, message.content_type, message.content_encoding,  # Celery's line
                                      safe_repr(message.headers), dump_body(message, message.body), exc_info=True)
-        self._failed(message, None, task_id_of(message.headers, None),
-                     InvalidMessage(f"not run: its body could not be decoded as {message.content_type} ({exc})"),
+        # A protocol 1 message keeps its task id in the body that did not decode: its content
+        # type refused ("application/json; charset=utf-8"), the id is read from it as JSON.
+        error = not_run(exc) if isinstance(exc, ContentDisallowed) else InvalidMessage(
+            f"not run: its body could not be decoded as {message.content_type} ({exc})")
+        self._failed(message, None, task_id_of(message.headers, None) or raw_task_id(message.body), error,
                      functools.partial(message.ack_log_error, log, self.connection_errors))
 
     def on_unknown_task(self, body, message, exc):

@@ -293,3 +293,79 @@ def test_an_eta_no_clock_holds_raises_where_one_a_second_ahead_gives_a_time_a_se
     for utc in (True, False):
         soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
         assert eta_timestamp(soon, utc, ZoneInfo("UTC")) - time.monotonic() == pytest.approx(1, abs=0.2)
+
+
+def _consumer_that_records(handed_back=None):
+    import threading
+    from types import SimpleNamespace
+
+    from tasks.taskmessages import Consumer
+
+    handed_back = handed_back or threading.Event()
+    consumer = Consumer.__new__(Consumer)
+    consumer.app = SimpleNamespace(backend=_Backend())
+    consumer.connection_errors = ()
+    consumer.call_soon = lambda then: (then(), handed_back.set())
+    return consumer, handed_back
+
+
+PROTOCOL_1_BODY = json.dumps({"id": TASK_ID, "task": "tasks.collect", "args": [], "kwargs": {"to": "alice", "data": 1}}).encode()
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON", "text/plain"])
+def test_a_protocol_1_message_of_a_content_type_kombu_refuses_fails_under_the_task_id_of_its_body(content_type):
+    """Another client's protocol 1 message (gocelery, PHP, pika by hand) keeps its task id in its
+    body: Celery's decode error of it stored nothing, and its caller waited for ever."""
+    from types import SimpleNamespace
+
+    from kombu.exceptions import ContentDisallowed
+
+    consumer, handed_back = _consumer_that_records()
+    channel = object()
+    consumer.task_consumer = SimpleNamespace(channel=channel)
+    message = SimpleNamespace(headers={}, properties={}, body=PROTOCOL_1_BODY, channel=channel, content_type=content_type,
+                              content_encoding="utf-8", ack_log_error=lambda logger, errors: None)
+    consumer.on_decode_error(message, ContentDisallowed(f"Refusing to deserialize untrusted content of type {content_type}"))
+    assert handed_back.wait(10)
+    ((task_id, error),) = consumer.app.backend.failed
+    assert task_id == TASK_ID
+    assert str(error).startswith("not run: Refusing to deserialize untrusted content") and "accepts JSON only" in str(error)
+
+
+@pytest.mark.parametrize("content_type, says", [(None, "it has no content type"), ("", "it has no content type"),
+                                                ("application/data", "its content type is 'application/data'")])
+def test_a_message_whose_body_kombu_left_undecoded_is_refused_for_its_content_type(content_type, says):
+    """Without a content type kombu hands the body over as it came: Celery called a protocol 1 one
+    "unknown message" and dropped it with no result, and refused a protocol 2 one as "its body is
+    of type bytes"."""
+    from tasks.envelopes import content_type_problem
+
+    assert content_type_problem(content_type, PROTOCOL_1_BODY) == (
+        f"{says}, so its body was not decoded: send it as application/json (content-encoding utf-8)")
+    assert content_type_problem("application/json", {"id": TASK_ID}) is None
+    assert content_type_problem("application/json", "a JSON string") is None
+
+
+def test_an_undecoded_protocol_1_message_is_refused_under_the_task_id_of_its_body():
+    from types import SimpleNamespace
+
+    from tasks.envelopes import content_type_problem
+    from tasks.messages import InvalidMessage
+
+    consumer, handed_back = _consumer_that_records()
+    channel = object()
+    consumer.task_consumer = SimpleNamespace(channel=channel)
+    rejected = []
+    message = SimpleNamespace(headers={}, properties={}, delivery_info={"routing_key": "collect"}, channel=channel,
+                              reject_log_error=lambda logger, errors: rejected.append(True))
+    consumer.refuse(message, PROTOCOL_1_BODY, InvalidMessage(f"not run: {content_type_problem(None, PROTOCOL_1_BODY)}"))
+    assert handed_back.wait(10) and rejected == [True]
+    ((task_id, error),) = consumer.app.backend.failed
+    assert task_id == TASK_ID and "it has no content type" in str(error)
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", json.dumps({"id": "a\nb"}).encode(), json.dumps({"id": "\ud800"}).encode(), b"x" * (2 << 20)])
+def test_no_task_id_is_read_from_an_undecoded_body_without_one_envelope_problem_would_accept(body):
+    from tasks.envelopes import raw_task_id
+
+    assert raw_task_id(body) is None
