@@ -416,10 +416,12 @@ def test_revocation_keys_expire_with_the_tokens_they_cover(auth, redis_port):
 @pytest.fixture
 def auth_that_cannot_publish(tmp, redis_port):
     """An auth process whose Redis user may read and write every key but publish on no channel
-    (a Redis 7 ACL user without channel permissions); yields its URL.  The ACL user goes after."""
-    assert redis_command(redis_port, "ACL", "SETUSER", "authsvc", "on", ">authsvc-pw", "~*", "+@all", "resetchannels") == "OK"
+    (a Redis 7 ACL user whose channel permissions went after auth started: auth refuses to start
+    without them); yields its URL.  The ACL user goes after."""
+    assert redis_command(redis_port, "ACL", "SETUSER", "authsvc", "on", ">authsvc-pw", "~*", "+@all", "allchannels") == "OK"
     try:
         with auth_service(tmp, redis_port, REDIS_URL=f"redis://authsvc:authsvc-pw@127.0.0.1:{redis_port}/1") as (base, _):
+            assert redis_command(redis_port, "ACL", "SETUSER", "authsvc", "resetchannels") == "OK"
             yield base
     finally:
         redis_command(redis_port, "ACL", "DELUSER", "authsvc")

@@ -34,7 +34,11 @@ async def test_each_of_120_users_across_two_nodes_gets_exactly_its_own_messages_
     for user, client, frames in zip(users, clients, received):
         assert [f["data"] for f in frames] == [{"user": user, "n": n} for n in range(PER_USER + 1)]
     extras = await asyncio.gather(*(c.quiet(0.5) for c in clients))
-    assert not any(extras), "a user received messages that were not addressed to them"
+    # On a loaded machine an ack can come after REDELIVER_AFTER (4 s here), and housekeeping sends
+    # the message again (at least once: a client drops an id it has seen).  Nothing else may come.
+    for user, frames, more in zip(users, received, extras):
+        assert all(f["data"]["user"] == user and f["id"] in {g["id"] for g in frames} for f in more), \
+            f"{user} received messages that were not addressed to them, or new ones: {more}"
     assert [f["id"] for f in received[0]] == sorted(f["id"] for f in received[0])
     assert singles[0] in {f["id"] for f in received[0]}
     for c in clients:
