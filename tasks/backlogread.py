@@ -39,9 +39,10 @@ log = logging.getLogger("tasks.redis_transport")
 TAKE_MAX = 100
 
 # KEYS: the queue's list, kombu's unacked index (sorted set) and unacked hash.  ARGV: the time,
-# how many more to pop, then the tag and unacked record of the message BRPOP brought.  Records it,
-# pops up to that many more and records each (tag and record built from the message's own JSON as
-# kombu's QoS.append builds them: [message, exchange, routing key]); a message that does not parse
+# how many more to pop, the tag and unacked record of the message BRPOP brought, then the queue's
+# name.  Records it, pops up to that many more and records each (tag and record built from the
+# message's own JSON as kombu's QoS.append builds them, [message, exchange, routing key], but with
+# the default exchange and the queue it was read from: :func:`record`); a message that does not parse
 # as kombu's, or whose tag is recorded already, goes back to the list, with all after it, for a
 # BRPOP of its own.  Returns the popped as tag, item, tag, item...: Lua's cjson takes JSON that
 # Python's json refuses (0x10, inf, nan, a tab inside a string), so an item recorded here may be one
@@ -74,7 +75,7 @@ for i, raw in ipairs(items) do
     break
   end
   redis.call('ZADD', KEYS[2], now, tag)
-  redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+  redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',"",' .. cjson.encode(ARGV[5]) .. ']')
   taken[#taken + 1] = tag
   taken[#taken + 1] = raw
 end
@@ -119,11 +120,9 @@ class BacklogRead:
             return []
         try:
             tag = payload["properties"]["delivery_tag"]
-            info = payload["properties"]["delivery_info"]
-            # kombu's record, dumps([message, exchange, routing key]), around the message's own JSON
-            record = f'[{raw},{dumps(info["exchange"])},{dumps(info["routing_key"])}]'
         except (KeyError, TypeError):
             return []  # not kombu's message format: the consumer rejects it the usual way
+        recorded = record(raw, queue)
         room = self.qos.can_consume_max_estimate()
         more = TAKE_MAX if room is None else max(0, min(TAKE_MAX, room - 1))
         if "can_consume" in vars(self.qos):
@@ -139,7 +138,7 @@ class BacklogRead:
                 self._take_script = client.register_script(self._take_script_text)
             try:
                 try:
-                    taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
+                    taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, recorded, queue], client=client)
                 except ResponseError as exc:
                     if not (flags_unsupported(str(exc)) and self._take_script_text == _TAKE_MORE):
                         raise
@@ -150,7 +149,7 @@ class BacklogRead:
                     _warn_no_script_flags(exc)
                     self._take_script_text = _TAKE_MORE_NO_FLAGS
                     self._take_script = client.register_script(self._take_script_text)
-                    taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, record], client=client)
+                    taken = self._take_script(keys=[key, self.unacked_index_key, self.unacked_key], args=[time(), more, tag, recorded, queue], client=client)
             except ResponseError as exc:
                 # A script stops at the command that fails: here RPOP (before it took anything)
                 # or the first record.  kombu's append then records the message BRPOP brought
@@ -178,6 +177,17 @@ class BacklogRead:
         self.qos.recorded.add(tag)
         self.qos.recorded.update(p["properties"]["delivery_tag"] for p in payloads)
         return payloads
+
+
+def record(raw: str, queue: str) -> str:
+    """The unacknowledged record of the message ``raw`` read from ``queue``: kombu's,
+    ``dumps([message, exchange, routing key])`` around the message's own JSON, but with the default
+    exchange and the queue's name, which a restore pushes it back to.  kombu records the exchange
+    and routing key the message names, and a restore looks up the queues bound to them: a message
+    whose ``delivery_info`` names an exchange that routes nowhere here (gocelery writes
+    ``"celery"`` whatever queue it pushes to) was read, then lost when the worker stopped or died
+    holding it ("Restoring 1 unacknowledged message(s)", and nothing came back).  Pure."""
+    return f'[{raw},"",{dumps(queue)}]'
 
 
 def kombu_message(raw: str) -> dict | None:

@@ -54,6 +54,7 @@ transport (this one only adds to kombu's channel).  ``amqp://`` keeps kombu's ow
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from queue import Empty
@@ -62,10 +63,10 @@ import kombu.transport
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 from kombu.utils.url import parse_url
 
-from tasks.backlogread import BacklogRead, kombu_message, log_dropped
+from tasks.backlogread import BacklogRead, kombu_message, log_dropped, record
 from tasks.lostbrpop import LostBrpop
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,21 @@ class QoS(kombu_redis.QoS):
         #: Delivery tags the channel's read already recorded as unacknowledged in Redis.
         self.recorded: set = set()
 
+    #: The queue the channel's read is delivering from (set around its delivery), or None.
+    read_from: str | None = None
+
     def append(self, message, delivery_tag) -> None:
         if delivery_tag in self.recorded:
             self.recorded.discard(delivery_tag)
             virtual.QoS.append(self, message, delivery_tag)  # the local bookkeeping kombu's append ends with
             return
-        super().append(message, delivery_tag)
+        if self.read_from is None:
+            super().append(message, delivery_tag)
+            return
+        # kombu's append, recording the queue the message was read from (tasks.backlogread.record)
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(self.unacked_key, delivery_tag, record(dumps(message._raw), self.read_from)).execute()
+            virtual.QoS.append(self, message, delivery_tag)
 
     def restore_by_tag(self, tag, client=None, leftmost=False) -> None:
         """kombu 5.7's ``QoS.restore_by_tag``, except that a record it cannot read as [message,
@@ -220,7 +230,9 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
                 return True
             payloads = [payload, *self._take_more(key, dest, raw, payload)]
             delivered = 0
+            qos = self.qos
             try:
+                qos.read_from = dest
                 for payload in payloads:
                     self.connection._deliver(payload, dest)
                     delivered += 1
@@ -230,6 +242,7 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
                 self._put_back(payloads[delivered + 1:])
                 raise
             finally:
+                qos.read_from = None
                 # a message recorded and not delivered comes back after the visibility timeout;
                 # kombu's own QoS (ack_emulation off) has no record of them
                 recorded = getattr(self.qos, "recorded", None)

@@ -889,3 +889,31 @@ async def test_a_node_consumer_ends_the_brpop_a_nat_left_blocked_so_a_delivery_p
         direct.delete(node_queue(address).name)
         direct.close()
         proxy.close()
+
+
+@pytest.mark.parametrize("read", ["backlog", "kombu's append"])
+def test_a_message_naming_an_exchange_that_routes_nowhere_comes_back_to_its_queue_when_restored(redis_server, read):
+    """gocelery (and other producers that are not Celery) push to a queue's list a message whose
+    ``delivery_info`` names the exchange and routing key ``celery``, bound to nothing here.  kombu
+    recorded those as the message's way back, and a restore (the worker stopping, or dying, with
+    it unacknowledged) found no queue for them: "Restoring 1 unacknowledged message(s)", and it
+    was gone.  The record now names the queue it was read from."""
+    with _published(2) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            message = json.loads(client.lindex(queue.name, 0))
+            message["body"] = base64.b64encode(b'{"n": 9}').decode()
+            message["properties"]["delivery_tag"] = str(uuid.uuid4())
+            message["properties"]["delivery_info"] = {"priority": 0, "routing_key": "celery", "exchange": "celery"}
+            client.rpush(queue.name, json.dumps(message))  # read first
+        if read == "kombu's append":
+            channel._take_more_ok = False
+        channel.basic_qos(0, 10, False)
+        got = _consume(conn, channel, queue, 3)  # none acked
+        assert sorted(m.payload["n"] for m in got) == [0, 1, 9]
+        channel.qos.restore_unacked_once()  # as a worker's channel does when it closes
+        back = sorted(_queued(channel, queue))
+        with channel.conn_or_acquire() as client:
+            unacked = client.hlen(channel.unacked_key)
+
+    assert back == [0, 1, 9], "a restored message was lost"
+    assert unacked == 0
