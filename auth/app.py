@@ -90,6 +90,24 @@ class Reject(tornado.web.HTTPError):
         self.headers = headers or {}
 
 
+access_log = logging.getLogger("tornado.access")
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log, at levels an operator can read in an outage, and without the query
+    string (as on the nodes).  A 401 is INFO: on ``/verify`` it is a node asking about an expired
+    or bad token, an expected event (one WARNING per browser reconnecting with an old token
+    before); on an admin request the refusal has a WARNING line of its own.  A 503 is INFO: it is
+    Redis unavailable, which :meth:`AuthService.redis_failed` logs once per change (an ERROR line
+    per request before, two with ``cannot verify``).  Other 4xx are WARNING and 5xx ERROR, as
+    Tornado's own."""
+    status = handler.get_status()
+    request = handler.request
+    level = (logging.INFO if status < 400 or status in (401, 503)
+             else logging.WARNING if status < 500 else logging.ERROR)
+    access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path, request.remote_ip, 1000 * request.request_time())
+
+
 class AuthService:
     """The Auth HTTP server: ``start()`` on the loop, ``await stop()`` on the same loop.
 
@@ -127,7 +145,12 @@ class AuthService:
             ],
             default_handler_class=NotFoundHandler,
             default_handler_args=args,
+            log_function=_log_request,
         )
+        #: Redis's outage as seen by auth, logged once per change (:meth:`redis_failed`): when the
+        #: first request found it unavailable (``time.monotonic()``) and how many failed since.
+        self._redis_down_since: float | None = None
+        self._redis_failures = 0
         self._server: tornado.httpserver.HTTPServer | None = None
 
     def verify(self, token: object) -> tokens.Claims:
@@ -142,6 +165,23 @@ class AuthService:
             self._previous_key_senders.add(address)
             log.warning("admin request from %s accepted with a key of AUTH_ADMIN_KEY_PREVIOUS: move that backend to AUTH_ADMIN_KEY "
                         "(logged once per address; auth_admin_previous_key_requests_total counts them all)", address)
+
+    def redis_failed(self, exc: RevocationsUnavailable) -> None:
+        """A request could not read Redis: an ERROR line the first time, with what to do; the
+        requests after it log at INFO until :meth:`redis_answered`."""
+        if self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+            self._redis_failures = 0
+            log.error("Redis unavailable: %s; /verify and /healthz answer 503 (nodes refuse new connections with 1013) "
+                      "until it answers again", exc)
+        self._redis_failures += 1
+
+    def redis_answered(self) -> None:
+        """Redis answered a request: say so once after an outage."""
+        if self._redis_down_since is not None:
+            log.info("Redis answers again after %.0f s; %d requests failed meanwhile",
+                     time.monotonic() - self._redis_down_since, self._redis_failures)
+            self._redis_down_since = None
 
     def start(self, port: int, address: str) -> int:
         """Listen on ``address:port`` (port 0 picks a free one); returns the port bound."""
@@ -299,8 +339,10 @@ class VerifyHandler(JsonHandler):
             # 401 it was never sent.
             for _ in tokens_:
                 self.service.metrics.verified("unavailable")
-            log.error("cannot verify %s: %s", ", ".join(f"jti={claims.jti} user={claims.user_id}" for claims in signed), exc)
+            self.service.redis_failed(exc)  # the outage's ERROR line, once; this request's at INFO
+            log.info("cannot verify %s: %s", ", ".join(f"jti={claims.jti} user={claims.user_id}" for claims in signed), exc)
             raise Reject(503, {"error": _unavailable(exc)}) from None
+        self.service.redis_answered()
         for result in refused:
             self.service.metrics.verified(result)
         claims_left = iter(signed)
@@ -374,10 +416,12 @@ class HealthHandler(JsonHandler):
         try:
             await self.service.revocations.ping()
         except RevocationsUnavailable as exc:
-            log.warning("health check: %s", exc)
+            self.service.redis_failed(exc)  # the outage's ERROR line, once; each probe's at INFO
+            log.info("health check: %s", exc)
             if isinstance(exc, RedisRefused):
                 raise Reject(503, {"status": "redis refused", "reason": str(exc)}) from None
             raise Reject(503, {"status": "redis unavailable"}) from None
+        self.service.redis_answered()
         self.finish({"status": "ok"})
 
 

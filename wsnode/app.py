@@ -366,7 +366,8 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
                 if self.hub.get(conn.conn_id) is not conn:
                     return  # refused while the lease was written (by the drain, a revocation...): told and counted once
                 self.hub.remove(conn)
-                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({redislogin.explain(exc)})")
+                # INFO: Redis's outage is a WARNING once per change (health: PING, lease renewal).
+                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({redislogin.explain(exc)})", level=logging.INFO)
                 return
             if self.hub.get(conn.conn_id) is not conn or conn.closing:
                 return  # closed while the lease was written (by the drain, a revocation...): never bound, on_close unbinds it

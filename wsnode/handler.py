@@ -43,6 +43,8 @@ class PushHandler(WebSocketHandler):
         self.revocation_checks_seen: int | None = None
         self.acks = AckBudget()
         self._refusal: tuple[CloseCode, str] | None = None
+        #: The refusal's log level when its cause is logged once per change elsewhere (auth down).
+        self._refusal_level: int | None = None
         #: Bound and counted as connected (its lease written, hello sent): only such a connection
         #: counts as a disconnect when it closes.
         self.bound = False
@@ -124,8 +126,10 @@ class PushHandler(WebSocketHandler):
         except AuthRejected as exc:
             self._refusal = (CloseCode.UNAUTHORIZED, short_reason(str(exc)))
         except AuthUnavailable as exc:
-            log.warning("conn=%s refused, auth unavailable: %s", self.conn_id, exc)
+            # INFO: the outage itself is a WARNING once per change (wsnode.auth), not one per connect.
+            log.info("conn=%s node=%s refused, auth unavailable: %s", self.conn_id, self.node.address, exc)
             self._refusal = (CloseCode.TRY_AGAIN_LATER, CloseCode.TRY_AGAIN_LATER.reason)
+            self._refusal_level = logging.INFO
         finally:
             self.node.checking.discard(self)
 
@@ -152,7 +156,7 @@ class PushHandler(WebSocketHandler):
             log.info("conn=%s user=%s node=%s left during its handshake: not bound", self.conn_id, self.user_id, self.node.address)
             return
         if self._refusal is not None:
-            self.refuse(*self._refusal)
+            self.refuse(*self._refusal, level=self._refusal_level)
             return
         await self.node.attach(self)
 
@@ -277,11 +281,15 @@ class PushHandler(WebSocketHandler):
         except StreamClosedError:
             raise WebSocketClosedError() from None
 
-    def refuse(self, code: CloseCode, reason: str | None = None, why: str | None = None) -> None:
+    def refuse(self, code: CloseCode, reason: str | None = None, why: str | None = None, level: int | None = None) -> None:
         """Close a connection that was never bound (or was unbound at once): logged with ``why``
-        (default: the close reason, which the client sees) and counted as rejected."""
+        (default: the close reason, which the client sees) and counted as rejected.  At WARNING
+        for 1013 (a backend is down), unless ``level`` says otherwise: INFO where the outage is
+        logged once per change (auth unavailable, a lease write Redis did not take), since one
+        WARNING per refused connect in a reconnect storm buried it."""
         self._refusal = (code, reason or code.reason)
-        level = logging.WARNING if code == CloseCode.TRY_AGAIN_LATER else logging.INFO  # a backend is down
+        if level is None:
+            level = logging.WARNING if code == CloseCode.TRY_AGAIN_LATER else logging.INFO
         log.log(level, "conn=%s user=%s node=%s rejected with %d: %s", self.conn_id, self.user_id, self.node.address, code, why or self._refusal[1])
         self.node.metrics.rejected(code)
         self.close(code, short_reason(self._refusal[1]))

@@ -129,8 +129,11 @@ class LeaseKeeper:
                 if back and not self.draining:
                     await self._write_leases(back)
         except RedisError as exc:
-            log.warning("node=%s leases of %d users who left not released (%s); they expire within %.0f s",
-                        self.address, len(users), exc, settings.LEASE_TTL)
+            # WARNING until the node knows Redis is down (its PING line says so once): then INFO,
+            # or each disconnect during the outage was a WARNING of its own.
+            log.log(logging.WARNING if self.redis_ok else logging.INFO,
+                    "node=%s leases of %d users who left not released (%s); they expire within %.0f s",
+                    self.address, len(users), exc, settings.LEASE_TTL)
 
     async def _renew(self) -> None:
         try:
