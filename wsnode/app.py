@@ -168,6 +168,9 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
         self.redis_refused: str | None = None
         #: What the last PING's refusal said (None: answered, or did not), so each is logged once.
         self._ping_refused: str | None = None
+        #: The last PING was answered: its next failure is logged, even when a failed lease write
+        #: set ``redis_ok`` False first (the PING line was then never written: health.py).
+        self._ping_answered = False
         self.metrics = NodeMetrics(self.address)
         self.metrics.track(lambda: self.hub.connection_count, lambda: self.hub.user_count, self.health)
         self._publisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="publish")

@@ -197,6 +197,7 @@ class AuthClient:
 
     def _fail_waiting(self, cause: AuthUnavailable) -> None:
         failed = self._checks.fail_waiting(AuthUnavailable(f"{cause} (while this token waited for that check: not asked)"))
+        self._failed_while_down += failed
         if failed:
             log.info("%d token checks that waited for auth failed unasked: the check before them got no answer or a 503 (%s)", failed, cause)
 

@@ -73,13 +73,15 @@ class NodeHealth:
             if refused is not None and refused != self._ping_refused:  # once per change, as the line below
                 log.warning("node=%s Redis refuses PING: %s; not ready until it takes it (retrying every %.0f s)", self.address, refused,
                             REDIS_PING_SECONDS)
-            elif refused is None and (self.redis_ok or self._ping_refused is not None):
+            elif refused is None and (self.redis_ok or self._ping_answered or self._ping_refused is not None):
                 log.warning("node=%s Redis does not answer PING (%s); not ready until it does", self.address, ping_failure(exc))
             self.redis_ok = False
             self.redis_full = False
             self.redis_refused = self._ping_refused = refused
+            self._ping_answered = False
             return
         self._ping_refused = None
+        self._ping_answered = True
         if not self.redis_ok:
             await self._renew()
 

@@ -37,3 +37,29 @@ async def test_a_ping_that_gets_no_answer_says_so_in_its_log_line(caplog):
             assert f"node={node.address} Redis does not answer PING (no answer within 2 s); not ready until it does" in caplog.messages
         finally:
             await node.redis.aclose()
+
+
+async def test_a_ping_that_fails_after_a_failed_lease_write_is_still_logged_once(caplog):
+    # A lease write that failed first set redis_ok False: the PING's line, the one WARNING that says
+    # Redis is down, was never written (the refusals it explains log at INFO).
+    with launcher.RedisServer() as server:
+        node = PushNode(launcher.free_port(), celery_app=object())
+        await node.redis.aclose()
+        node.redis = aioredis.Redis.from_url(server.url(1), socket_timeout=30)
+        node.leases = Leases(node.redis, node.address, 30)
+        node.claim = AddressClaim(node.redis, node.address, 30)
+        try:
+            await node._ping_redis()
+            assert node.redis_ok
+            os.kill(server.service.pid, signal.SIGSTOP)
+            try:
+                node._redis_failed(ConnectionError("a lease write failed"))  # as app.py does when a lease write fails
+                with caplog.at_level(logging.WARNING, logger="wsnode.app"):
+                    await node._ping_redis()
+                    await node._ping_redis()
+            finally:
+                os.kill(server.service.pid, signal.SIGCONT)
+            assert [m for m in caplog.messages if "Redis does not answer PING" in m] == [
+                f"node={node.address} Redis does not answer PING (no answer within 2 s); not ready until it does"]
+        finally:
+            await node.redis.aclose()
