@@ -449,7 +449,9 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
 
     def _send_receipts(self, batch: list[dict]) -> None:
         future = self._publisher.submit(self._publish_receipts, batch)
-        future.add_done_callback(lambda f: not f.cancelled() and f.exception() and log.warning("%d receipts not sent: %s", len(batch), f.exception()))
+        future.add_done_callback(lambda f: not f.cancelled() and f.exception() and log.warning(
+            "node=%s %d receipts not sent: %s; their messages stay unacked and are sent again after REDELIVER_AFTER "
+            "(clients drop the repeats): check the broker at BROKER_URL", self.address, len(batch), f.exception()))
 
     def _publish_receipts(self, batch: list[dict]) -> None:
         """Publisher thread."""
