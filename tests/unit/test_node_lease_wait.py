@@ -42,7 +42,7 @@ class Connection:
         if not self.closing:
             self.closes.append(("closed", code))
 
-    def refuse(self, code: CloseCode, reason: str | None = None, why: str | None = None) -> None:
+    def refuse(self, code: CloseCode, reason: str | None = None, why: str | None = None, level: int | None = None) -> None:
         self.closes.append(("refused", code))
 
 
