@@ -16,14 +16,21 @@ from wsnode.app import PushNode
 from wsnode.registry import Leases
 
 
+async def node_on(server: launcher.RedisServer) -> PushNode:
+    """A node (not started: no sockets of its own) whose Redis client, leases and address claim
+    use ``server``: the renewal takes the claim too, and on the settings' Redis it failed alone."""
+    node = PushNode(launcher.free_port(), celery_app=object())
+    await node.redis.aclose()
+    node.redis = aioredis.Redis.from_url(server.url(1), socket_timeout=30)
+    node.leases = Leases(node.redis, node.address, 30)
+    node.claim = AddressClaim(node.redis, node.address, 30)
+    return node
+
+
 async def test_a_ping_that_gets_no_answer_says_so_in_its_log_line(caplog):
     # A ping with no answer raises asyncio.TimeoutError, whose text is empty: the line read "PING ()".
     with launcher.RedisServer() as server:
-        node = PushNode(launcher.free_port(), celery_app=object())
-        await node.redis.aclose()
-        node.redis = aioredis.Redis.from_url(server.url(1), socket_timeout=30)
-        node.leases = Leases(node.redis, node.address, 30)
-        node.claim = AddressClaim(node.redis, node.address, 30)  # the renewal takes it too: on the old client it failed alone
+        node = await node_on(server)
         try:
             await node._ping_redis()
             assert node.redis_ok
@@ -43,11 +50,7 @@ async def test_a_ping_that_fails_after_a_failed_lease_write_is_still_logged_once
     # A lease write that failed first set redis_ok False: the PING's line, the one WARNING that says
     # Redis is down, was never written (the refusals it explains log at INFO).
     with launcher.RedisServer() as server:
-        node = PushNode(launcher.free_port(), celery_app=object())
-        await node.redis.aclose()
-        node.redis = aioredis.Redis.from_url(server.url(1), socket_timeout=30)
-        node.leases = Leases(node.redis, node.address, 30)
-        node.claim = AddressClaim(node.redis, node.address, 30)
+        node = await node_on(server)
         try:
             await node._ping_redis()
             assert node.redis_ok
