@@ -342,7 +342,10 @@ class VerifyHandler(JsonHandler):
             self.service.redis_failed(exc)  # the outage's ERROR line, once; this request's at INFO
             log.info("cannot verify %s: %s", ", ".join(f"jti={claims.jti} user={claims.user_id}" for claims in signed), exc)
             raise Reject(503, {"error": _unavailable(exc)}) from None
-        self.service.redis_answered()
+        if signed:
+            # Only a read says Redis answered: tokens refused here (expired, bad) read nothing, and
+            # "answers again" for them mid-outage made the next request log the outage's ERROR again.
+            self.service.redis_answered()
         for result in refused:
             self.service.metrics.verified(result)
         claims_left = iter(signed)

@@ -86,3 +86,45 @@ async def test_a_node_logs_auth_down_once_and_each_connect_it_refuses_at_info(cl
         assert "3 token checks failed meanwhile" in node.log_tail(20), node.log_tail(20)
     finally:
         auth.terminate()
+
+
+async def test_auth_logs_its_redis_outage_once_when_tokens_it_refuses_without_redis_come_between(caplog):
+    """A /verify of expired or bad tokens only reads nothing from Redis: it says nothing of Redis.
+    It said "Redis answers again" during the outage, and the next request logged the outage's
+    ERROR line again: one pair per such request in a reconnect storm of old tokens."""
+    import logging
+
+    import redis.asyncio
+    from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+    from auth.app import AuthService
+
+    secret, admin_key = "outage-test-secret-0123456789-abcdefghijklmnop", "outage-test-admin-key-0123456789"
+    client = redis.asyncio.Redis(host="127.0.0.1", port=launcher.free_port(), socket_connect_timeout=1)
+    service = AuthService(secret, admin_key, client, token_ttl=3600)
+    base = f"http://127.0.0.1:{service.start(0, '127.0.0.1')}"
+
+    async def post(path: str, body: dict, admin: bool = False) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin else {}
+        try:
+            response = await AsyncHTTPClient().fetch(base + path, method="POST", body=json.dumps(body), headers=headers)
+        except HTTPClientError as exc:
+            return exc.code, json.loads(exc.response.body)
+        return response.code, json.loads(response.body)
+
+    try:
+        status, issued = await post("/tokens", {"user_id": "alice"}, admin=True)
+        assert status == 200, issued
+        caplog.set_level(logging.INFO, logger="auth.app")
+        statuses = []
+        for _ in range(3):
+            statuses.append((await post("/verify", {"token": issued["token"]}))[0])
+            statuses.append((await post("/verify", {"token": "not-a-token"}))[0])
+            statuses.append((await post("/verify", {"tokens": ["not-a-token", "nor-this"]}))[0])
+        assert statuses == [503, 401, 200] * 3
+        errors = [r.getMessage() for r in caplog.records if r.name == "auth.app" and r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].startswith("Redis unavailable:"), errors
+        assert not [r for r in caplog.records if "Redis answers again" in r.getMessage()]
+    finally:
+        await service.stop()
+        await client.aclose()
