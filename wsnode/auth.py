@@ -168,8 +168,11 @@ class AuthClient:
                 self._fail_waiting(exc)
             raise
         failed = [result for result in results if isinstance(result, AuthUnavailable)]
-        if len(failed) < len(results):
-            self._outage(None)  # auth answered (a 200 or a 401)
+        if any(isinstance(result, Identity) for result in results):
+            # Auth answered a 200, which needs its Redis.  Not a 401: auth refuses an expired or
+            # bad token without reading Redis, even while it answers 503 for every other one (a
+            # 401 ended the outage, and the next 503 logged its WARNING again).
+            self._outage(None)
         if failed:
             self._outage(failed[0], len(failed))
         unanswered = next((result for result in failed if result.unanswered), None)

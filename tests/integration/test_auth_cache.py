@@ -13,7 +13,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from wsnode.auth import AuthClient, AuthUnavailable
+from wsnode.auth import AuthClient, AuthRejected, AuthUnavailable
 
 
 class HeldVerifyHandler(tornado.web.RequestHandler):
@@ -154,6 +154,64 @@ async def test_only_a_check_auth_did_not_answer_or_answered_503_fails_the_checks
         else:
             assert [getattr(result, "user_id", result) for result in results] == ["u0", "u1", "u2"]
             assert len(seen) == 2
+    finally:
+        client._http.close()
+        server.stop()
+        await server.close_all_connections()
+
+
+class RedisDownVerifyHandler(tornado.web.RequestHandler):
+    """``POST /verify`` of an auth that cannot read Redis while ``down`` is set: a signed token
+    (``user:<id>``) gets 503, a bad one 401 (auth refuses it without reading Redis)."""
+
+    def initialize(self, down: list) -> None:
+        self.down = down
+
+    def post(self) -> None:
+        body = json.loads(self.request.body)
+        tokens = body.get("tokens", [body.get("token")])
+        if self.down and any(token.startswith("user:") for token in tokens):
+            self.set_status(503)
+            self.finish({"error": "Redis did not answer"})
+            return
+        answers = [{"user_id": token.removeprefix("user:"), "token_id": f"jti-{token}", "issued_at_us": 1, "expires_at": int(time.time()) + 600}
+                   if token.startswith("user:") else {"error": "token invalid: bad"} for token in tokens]
+        if "tokens" in body:
+            self.finish({"results": answers})
+        elif "error" in answers[0]:
+            self.set_status(401)
+            self.finish(answers[0])
+        else:
+            self.finish(answers[0])
+
+
+async def test_a_node_logs_auths_outage_once_when_tokens_auth_refuses_without_redis_come_between(caplog):
+    """A 401 for a bad or expired token is no sign that auth can check tokens again (auth refuses
+    those without reading Redis): it logged "auth answers again" during auth's Redis outage, and
+    the next check the outage's WARNING again, one pair per such check in a reconnect storm."""
+    import logging
+
+    down = [True]
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/verify", RedisDownVerifyHandler, {"down": down})]))
+    server.add_sockets(sockets)
+    client = AuthClient(f"http://127.0.0.1:{sockets[0].getsockname()[1]}", cache_seconds=0)
+    caplog.set_level(logging.INFO, logger="wsnode.auth")
+    try:
+        for index in range(3):
+            with pytest.raises(AuthUnavailable):
+                await client.verify(f"user:u{index}")
+            with pytest.raises(AuthRejected):
+                await client.verify("bad-token")
+            results = await asyncio.gather(client.verify("bad-1"), client.verify("bad-2"), return_exceptions=True)
+            assert all(isinstance(result, AuthRejected) for result in results), results
+        warnings = [r.getMessage() for r in caplog.records if r.name == "wsnode.auth" and r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].startswith("auth unavailable:"), warnings
+        assert not [r for r in caplog.records if "answers again" in r.getMessage()]
+        down.clear()
+        assert (await client.verify("user:back")).user_id == "back"
+        [again] = [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
+        assert "3 token checks failed meanwhile" in again, again
     finally:
         client._http.close()
         server.stop()
