@@ -151,6 +151,8 @@ class AuthService:
         #: first request found it unavailable (``time.monotonic()``) and how many failed since.
         self._redis_down_since: float | None = None
         self._redis_failures = 0
+        #: The kind of failure last logged (:meth:`redis_failed`): a change is logged again.
+        self._redis_down_cause: str | None = None
         self._server: tornado.httpserver.HTTPServer | None = None
 
     def verify(self, token: object) -> tokens.Claims:
@@ -169,9 +171,14 @@ class AuthService:
     def redis_failed(self, exc: RevocationsUnavailable) -> None:
         """A request could not read Redis: an ERROR line the first time, with what to do; the
         requests after it log at INFO until :meth:`redis_answered`."""
-        if self._redis_down_since is None:
-            self._redis_down_since = time.monotonic()
-            self._redis_failures = 0
+        # What to fix changes within one outage (Redis back, refusing a changed password or
+        # rights: RedisRefused): logged again, or the fix was in INFO lines only.
+        cause = str(exc) if isinstance(exc, RedisRefused) else type(exc).__name__
+        if self._redis_down_since is None or cause != self._redis_down_cause:
+            if self._redis_down_since is None:
+                self._redis_down_since = time.monotonic()
+                self._redis_failures = 0
+            self._redis_down_cause = cause
             log.error("Redis unavailable: %s; /verify and /healthz answer 503 (nodes refuse new connections with 1013) "
                       "until it answers again", exc)
         self._redis_failures += 1

@@ -128,3 +128,27 @@ async def test_auth_logs_its_redis_outage_once_when_tokens_it_refuses_without_re
     finally:
         await service.stop()
         await client.aclose()
+
+
+async def test_auth_logs_its_redis_outage_again_when_what_to_fix_changes(caplog):
+    """Redis back within an outage but refusing auth (a changed password or ACL) is logged as an
+    ERROR with what to fix; it was in INFO lines only (the outage's one ERROR said it did not answer)."""
+    import logging
+
+    import redis.asyncio
+
+    from auth.app import AuthService
+    from auth.revocations import RedisRefused, RevocationsUnavailable
+
+    client = redis.asyncio.Redis(host="127.0.0.1", port=launcher.free_port())
+    service = AuthService("outage-test-secret-0123456789-abcdefghijklmnop", "outage-test-admin-key-0123456789", client, token_ttl=3600)
+    caplog.set_level(logging.INFO, logger="auth.app")
+    try:
+        for exc in [RevocationsUnavailable("Redis did not answer (ConnectionError)")] * 2 + [RedisRefused("WRONGPASS: fix REDIS_URL's password")] * 3:
+            service.redis_failed(exc)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 2 and "WRONGPASS" in errors[1], errors
+        service.redis_answered()
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Redis answers again")][0].endswith("5 requests failed meanwhile")
+    finally:
+        await client.aclose()
