@@ -32,11 +32,14 @@ import time
 import redis.asyncio as aioredis
 import tornado.netutil
 import tornado.web
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.websocket import WebSocketClosedError
 
+import redisfull
 import redislogin
 import settings
 from tasks.queues import node_address
@@ -369,8 +372,13 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
                 if self.hub.get(conn.conn_id) is not conn:
                     return  # refused while the lease was written (by the drain, a revocation...): told and counted once
                 self.hub.remove(conn)
-                # INFO: Redis's outage is a WARNING once per change (health: PING, lease renewal).
-                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({redislogin.explain(exc)})", level=logging.INFO)
+                # INFO when Redis did not answer or is full: that outage is a WARNING once per
+                # change (health: PING, lease renewal).  Any other refusal (NOPERM on a key only a
+                # connect writes, a WRONGTYPE, a script error) neither PING nor a renewal meets:
+                # a WARNING each, or every connect failed at INFO with the node ready.
+                quiet = isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or redisfull.is_full(exc)
+                conn.refuse(CloseCode.TRY_AGAIN_LATER, why=f"lease not written ({redislogin.explain(exc)})",
+                            level=logging.INFO if quiet else None)
                 return
             if self.hub.get(conn.conn_id) is not conn or conn.closing:
                 return  # closed while the lease was written (by the drain, a revocation...): never bound, on_close unbinds it

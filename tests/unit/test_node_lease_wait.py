@@ -7,6 +7,7 @@ closed (no socket)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import redis.asyncio as aioredis
@@ -33,6 +34,7 @@ class Connection:
         self.bound = False
         self.closes: list[tuple[str, int]] = []
         self.unsent_bytes = 0
+        self.levels: list[int | None] = []  # the log level each refusal asked for
 
     @property
     def closing(self) -> bool:
@@ -44,6 +46,7 @@ class Connection:
 
     def refuse(self, code: CloseCode, reason: str | None = None, why: str | None = None, level: int | None = None) -> None:
         self.closes.append(("refused", code))
+        self.levels.append(level)
 
 
 @pytest.fixture
@@ -134,3 +137,28 @@ async def test_a_connection_whose_check_began_before_a_catch_up_is_refused_with_
 
     assert (late.closes, late.bound, node.hub.get("c2")) == ([("refused", CloseCode.TRY_AGAIN_LATER)], False, None)
     assert node.hub.get("c1") is bound
+
+
+class RefusingLeases:
+    """Leases whose write Redis refuses with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def register(self, users, node: bool = False) -> bool:
+        raise self.error
+
+
+@pytest.mark.parametrize("error, level", [
+    (__import__("redis").exceptions.ConnectionError("Error 111 connecting"), logging.INFO),
+    (__import__("redis").exceptions.NoPermissionError("NOPERM this user has no permissions to access one of the keys"), None),
+    (__import__("redis").exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), None),
+])
+async def test_a_lease_write_redis_refuses_other_than_by_an_outage_is_a_warning_per_refused_connect(node, error, level):
+    """Redis not answering is logged once per change by the PING (each refused connect at INFO);
+    a refusal that PING and the renewal do not meet (rights on a key only a connect writes, a key
+    of the wrong type) was at INFO only, every connect refused while the node said it was ready."""
+    node.leases = RefusingLeases(error)
+    conn = Connection("alice")
+    await node.attach(conn)
+    assert (conn.closes, conn.levels) == ([("refused", CloseCode.TRY_AGAIN_LATER)], [level])
