@@ -8,8 +8,9 @@ leases, its queue and its subscription for ever ("broker connection lost"), and 
 consumer logged "Cannot connect ... Trying again" up to a hundred times.
 
 So auth, each push node and the worker (``celery -A worker worker``, before its pool starts) first
-log in to each Redis URL they use, with one ``PING`` and one ``PUBLISH`` (every process uses
-channels, which Redis 7 gives a new ACL user none of), and the worker ``INFO server`` on
+log in to each Redis URL they use, with one ``PING``, one ``PUBLISH`` (every process uses
+channels, which Redis 7 gives a new ACL user none of) and one ``EVAL`` (nodes and workers run Lua
+scripts), and the worker ``INFO server`` on
 ``REDIS_URL``, which its housekeeping reads: a refusal (or a plain ``redis://`` URL to a Redis that
 serves TLS only, which resets the connection) stops the process with one line
 naming the variable and what to fix (``PROG: error: ...``, exit status 2, as a bad setting does:
