@@ -248,6 +248,19 @@ def broker_url_for(kind: str, redis_server: launcher.RedisServer, request) -> st
     return vhost.url
 
 
+async def post_json(url: str, body: dict, bearer: str | None = None) -> tuple[int, dict]:
+    """POST ``body`` as JSON to ``url`` (with ``Authorization: Bearer bearer`` when given) on the
+    running loop: ``(status, decoded JSON reply)``, an HTTP error's included."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+    headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+    try:
+        response = await AsyncHTTPClient().fetch(url, method="POST", body=json.dumps(body), headers=headers)
+    except HTTPClientError as exc:
+        return exc.code, json.loads(exc.response.body)
+    return response.code, json.loads(response.body)
+
+
 def start_or_explain(cluster: Cluster, **kwargs) -> Cluster:
     try:
         return cluster.start(**kwargs)

@@ -9,16 +9,15 @@ expired, and the revoked token verified again meanwhile.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 import redis.asyncio
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 import launcher
 from auth.app import AuthService
 from auth.revocations import CLOCK_MARGIN_SECONDS
+from tests.integration.conftest import post_json
 
 SECRET = "clock-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 ADMIN_KEY = "clock-test-admin-key-0123456789"
@@ -48,12 +47,7 @@ async def auth_behind(redis_server):
 
 
 async def post(base: str, path: str, body: dict, admin: bool = False) -> tuple[int, dict]:
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}"} if admin else {}
-    try:
-        response = await AsyncHTTPClient().fetch(base + path, method="POST", body=json.dumps(body), headers=headers)
-    except HTTPClientError as exc:
-        return exc.code, json.loads(exc.response.body)
-    return response.code, json.loads(response.body)
+    return await post_json(base + path, body, ADMIN_KEY if admin else None)
 
 
 @pytest.mark.parametrize("revoke", ["token", "user_id"])

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 
 import launcher
-from tests.integration.conftest import ADMIN_KEY
+from tests.integration.conftest import ADMIN_KEY, post_json
 from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
 
@@ -95,7 +95,6 @@ async def test_auth_logs_its_redis_outage_once_when_tokens_it_refuses_without_re
     import logging
 
     import redis.asyncio
-    from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
     from auth.app import AuthService
 
@@ -105,12 +104,7 @@ async def test_auth_logs_its_redis_outage_once_when_tokens_it_refuses_without_re
     base = f"http://127.0.0.1:{service.start(0, '127.0.0.1')}"
 
     async def post(path: str, body: dict, admin: bool = False) -> tuple[int, dict]:
-        headers = {"Authorization": f"Bearer {admin_key}"} if admin else {}
-        try:
-            response = await AsyncHTTPClient().fetch(base + path, method="POST", body=json.dumps(body), headers=headers)
-        except HTTPClientError as exc:
-            return exc.code, json.loads(exc.response.body)
-        return response.code, json.loads(response.body)
+        return await post_json(base + path, body, admin_key if admin else None)
 
     try:
         status, issued = await post("/tokens", {"user_id": "alice"}, admin=True)
