@@ -4,7 +4,7 @@ the PING of the node's Redis that keeps it honest between lease renewals.
 :class:`NodeHealth` is a part of :class:`wsnode.app.PushNode` (a mixin, as
 :class:`wsnode.tokenwatch.TokenWatch`), written apart because it is one concept: it uses the node's
 ``hub``, ``redis``, ``address``, ``draining``, ``full``, ``redis_ok``, ``redis_full``,
-``redis_refused``, ``_ping_refused``, ``_consumer`` and, from
+``redis_refused``, ``_ping_refused``, ``_consumer``, ``_revocations`` and, from
 :class:`wsnode.leasekeeper.LeaseKeeper`, ``_renew``.  Loop thread only.
 """
 
@@ -102,6 +102,12 @@ class NodeHealth:
             "queue": consumer_ok,
             "draining": self.draining,
             "full": full,
+            # Not a part of "ready": a token is checked against the revocation list by auth at
+            # every connect, so new connections are safe without it, and once the subscription is
+            # back every open connection is checked against the list (revocations made
+            # meanwhile close theirs then).  It is what an operator watches for a node that hears
+            # no revocations (its Redis user without channel rights).
+            "revocations": self._revocations.subscribed,
             "connections": self.hub.connection_count,
             "users": self.hub.user_count,
             "time": time.time(),

@@ -51,6 +51,7 @@ class NodeMetrics:
         self.ready = Gauge("push_node_ready", "1 while /healthz answers 200 (Redis and the queue consumer work, not draining, not full).", registry=r)
         self.redis_up = Gauge("push_node_redis_up", "1 while the routing Redis answered the last PING or lease write.", registry=r)
         self.queue_up = Gauge("push_node_queue_consumer_up", "1 while the queue consumer holds a broker connection.", registry=r)
+        self.revocations = Gauge("push_node_revocations_subscribed", "1 while the node is subscribed to auth's revocations (auth:revocations).", registry=r)
         self.draining = Gauge("push_node_draining", "1 once the node is shutting down (SIGTERM).", registry=r)
         self._connects = Counter("push_node_connects", "Connections accepted and bound (after token check and lease write).", registry=r)
         self._disconnects = Counter("push_node_disconnects", "Bound connections that closed, for any reason.", registry=r)
@@ -119,12 +120,14 @@ class NodeMetrics:
 
     def track(self, connections: Callable[[], float], users: Callable[[], float], health: Callable[[], dict]) -> None:
         """Read the gauges from the node at each scrape: counts from the hub, the rest from
-        ``health()`` (a dict with booleans ``ready``, ``redis``, ``queue`` and ``draining``)."""
+        ``health()`` (a dict with booleans ``ready``, ``redis``, ``queue``, ``revocations`` and
+        ``draining``)."""
         self.connections.set_function(connections)
         self.users.set_function(users)
         self.ready.set_function(lambda: float(health()["ready"]))
         self.redis_up.set_function(lambda: float(health()["redis"]))
         self.queue_up.set_function(lambda: float(health()["queue"]))
+        self.revocations.set_function(lambda: float(health()["revocations"]))
         self.draining.set_function(lambda: float(health()["draining"]))
 
     # --- events -------------------------------------------------------------------------------

@@ -157,6 +157,36 @@ def test_a_node_whose_redis_users_rights_are_narrowed_says_what_to_grant_in_heal
         node.terminate()
 
 
+def scrape(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_a_node_whose_redis_user_loses_its_channels_stays_ready_and_says_it_hears_no_revocations(server, tmp_path):
+    env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO",
+                               REDIS_URL=f"redis://{USER}:{USER_PASSWORD}@127.0.0.1:{server.port}/1")
+    port = launcher.free_port()
+    node = launcher.start_node(env, port, log_path=tmp_path / "node.log")
+    admin = _admin(server, PASSWORD)
+    try:
+        node.wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        wait_for(lambda: health(port)[1]["revocations"], 10, "subscribed")
+        assert scrape(port, "push_node_revocations_subscribed") == 1
+        admin.execute_command("ACL", "SETUSER", USER, "resetchannels")  # Redis drops the subscription it no longer allows
+        node.wait_log("no subscription to auth:revocations: ", timeout=10)
+        status, body = health(port)
+        assert status == 200 and body["ready"] is True and body["revocations"] is False, body
+        assert scrape(port, "push_node_revocations_subscribed") == 0
+        admin.execute_command("ACL", "SETUSER", USER, "allchannels")
+        wait_for(lambda: health(port)[1]["revocations"], 10, "subscribed again")
+        assert scrape(port, "push_node_revocations_subscribed") == 1
+    finally:
+        admin.execute_command("ACL", "SETUSER", USER, "allchannels")
+        admin.close()
+        node.terminate()
+
+
 def test_a_worker_says_redis_refuses_its_password_where_celery_said_cannot_connect_and_goes_on_once_it_is_given_back(server, tmp_path):
     env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO", HOUSEKEEPING_SECONDS=1)
     worker = launcher.start_worker(env, concurrency=1, log_path=tmp_path / "worker.log")

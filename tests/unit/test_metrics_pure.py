@@ -105,13 +105,15 @@ def test_gauges_read_the_node_at_each_scrape():
     state = {"connections": 0, "ready": False}
     metrics = NodeMetrics("127.0.0.1:8101")
     metrics.track(lambda: state["connections"], lambda: 1,
-                  lambda: {"ready": state["ready"], "redis": True, "queue": state["ready"], "draining": False})
+                  lambda: {"ready": state["ready"], "redis": True, "queue": state["ready"], "revocations": not state["ready"], "draining": False})
     assert sample(metrics, "push_node_connections") == 0
     assert sample(metrics, "push_node_ready") == 0
+    assert sample(metrics, "push_node_revocations_subscribed") == 1
     state.update(connections=7, ready=True)
     assert sample(metrics, "push_node_connections") == 7
     assert sample(metrics, "push_node_ready") == 1
     assert sample(metrics, "push_node_queue_consumer_up") == 1
+    assert sample(metrics, "push_node_revocations_subscribed") == 0
     assert sample(metrics, "push_node_users") == 1
 
 
