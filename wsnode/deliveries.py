@@ -19,8 +19,6 @@ import logging
 import weakref
 from typing import TYPE_CHECKING
 
-from tornado.ioloop import IOLoop
-
 import settings
 from tasks import publishing, wirejson
 from tasks.ids import is_message_id
@@ -84,6 +82,13 @@ class Deliveries:
         unless its replay ended (a connection gone meanwhile was freed: nothing to do)."""
         if (conn := ref()) is not None:
             self._replay_failed(conn, "replay timed out")
+
+    @staticmethod
+    def _forget_replayed(ref: weakref.ref) -> None:
+        """``REPLAY_DEDUP_SECONDS`` after a replay ended: its connection, if still open, stops
+        dropping live copies of the messages it replayed."""
+        if (conn := ref()) is not None:
+            conn.session.forget_replayed()
 
     def _replay_failed(self, conn: PushHandler, why: str) -> None:
         if conn.session.replaying and self.hub.get(conn.conn_id) is conn and not conn.closing:
@@ -170,7 +175,9 @@ class Deliveries:
                      int(info.get("count", 0)), f"since={conn.session.since}" if conn.session.since else "the inbox",
                      ", truncated" if truncated else "")
         if info.get("last"):
-            IOLoop.current().call_later(settings.REPLAY_DEDUP_SECONDS, conn.session.forget_replayed)
+            # A weak reference, as the replay timeout's: the timer held each connection's session
+            # (the ids it replayed) for REPLAY_DEDUP_SECONDS after the connection left.
+            self._loop.call_later(settings.REPLAY_DEDUP_SECONDS, self._forget_replayed, weakref.ref(conn))
 
     def _queue_connection_lost(self, why: str) -> None:
         """The queue consumer gave up on its broker connection, which stopped answering (or was

@@ -2,7 +2,8 @@
 does not keep a connection that closed alive: under churn the node held every connection that left
 (its handler, stream, buffers and request) for ``REPLAY_TIMEOUT`` seconds after it did, which set
 the node's memory high-water mark (780 closed handlers held right after 1,300 connects in six
-seconds).  Pure: a loop that never runs, a stand-in connection."""
+seconds).  Nor does the timer that ends a replay's dedup window (``REPLAY_DEDUP_SECONDS``) keep the
+connection's session.  Pure: a loop that never runs, a stand-in connection."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import gc
 import weakref
 
 import settings
+from wsnode.consumer import Delivery
 from wsnode.deliveries import Deliveries
 from wsnode.replays import ReplayRequests
 
@@ -88,5 +90,70 @@ def test_an_open_connection_whose_replay_never_came_is_still_closed_at_the_timeo
         timeout._run()
         assert conn.closed_with is not None
         assert node.metrics.replays == ["failed"]
+    finally:
+        loop.close()
+
+
+class _ReplaySession(_Session):
+    def __init__(self) -> None:
+        self.forgotten = False
+
+    def replay_page(self, items, last, count, truncated, cursor):
+        return [frame for _, frame in items]
+
+    def forget_replayed(self) -> None:
+        self.forgotten = True
+
+
+class _ReplayConn(_Conn):
+    def __init__(self, conn_id: str) -> None:
+        super().__init__(conn_id)
+        self.session = _ReplaySession()
+
+    def send(self, frames):
+        return frames
+
+
+def _replay_page(conn_id: str) -> Delivery:
+    return Delivery(envelopes=[{"id": "0000000000001-aaaa", "to": ["u"], "data": {}}], conn=conn_id,
+                    replay={"last": True, "count": 1})
+
+
+class _CountingMetrics(_Metrics):
+    def delivered(self, kind: str, frames: int) -> None:
+        pass
+
+
+def test_a_connection_gone_before_its_replayed_ids_are_forgotten_is_not_held_by_that_timer():
+    loop = asyncio.new_event_loop()
+    try:
+        node = _Node(loop)
+        node.metrics = _CountingMetrics()
+        conn = _ReplayConn("c3")
+        node.hub["c3"] = conn
+        node._deliver_replay(_replay_page("c3"))
+        (dedup,) = [h for h in _timers(loop) if h.when() - loop.time() > settings.REPLAY_DEDUP_SECONDS / 2]
+        del node.hub["c3"]
+        ref, session = weakref.ref(conn), weakref.ref(conn.session)
+        del conn
+        gc.collect()
+        assert ref() is None and session() is None, "the replay's dedup timer still holds the closed connection's session"
+        dedup._run()  # fires later and does nothing
+    finally:
+        loop.close()
+
+
+def test_an_open_connection_forgets_its_replayed_ids_after_the_dedup_window():
+    loop = asyncio.new_event_loop()
+    try:
+        node = _Node(loop)
+        node.metrics = _CountingMetrics()
+        conn = _ReplayConn("c4")
+        node.hub["c4"] = conn
+        node._deliver_replay(_replay_page("c4"))
+        (dedup,) = [h for h in _timers(loop) if h.when() - loop.time() > settings.REPLAY_DEDUP_SECONDS / 2]
+        assert not conn.session.forgotten
+        dedup._run()
+        assert conn.session.forgotten
     finally:
         loop.close()
