@@ -124,15 +124,22 @@ class _CountingMetrics(_Metrics):
         pass
 
 
+def _replayed(loop, conn_id: str):
+    """A node on ``loop`` that served a connection ``conn_id`` its last replay page: the node, the
+    connection and the timer that ends the replay's dedup window."""
+    node = _Node(loop)
+    node.metrics = _CountingMetrics()
+    conn = _ReplayConn(conn_id)
+    node.hub[conn_id] = conn
+    node._deliver_replay(_replay_page(conn_id))
+    (dedup,) = [h for h in _timers(loop) if h.when() - loop.time() > settings.REPLAY_DEDUP_SECONDS / 2]
+    return node, conn, dedup
+
+
 def test_a_connection_gone_before_its_replayed_ids_are_forgotten_is_not_held_by_that_timer():
     loop = asyncio.new_event_loop()
     try:
-        node = _Node(loop)
-        node.metrics = _CountingMetrics()
-        conn = _ReplayConn("c3")
-        node.hub["c3"] = conn
-        node._deliver_replay(_replay_page("c3"))
-        (dedup,) = [h for h in _timers(loop) if h.when() - loop.time() > settings.REPLAY_DEDUP_SECONDS / 2]
+        node, conn, dedup = _replayed(loop, "c3")
         del node.hub["c3"]
         ref, session = weakref.ref(conn), weakref.ref(conn.session)
         del conn
@@ -146,12 +153,7 @@ def test_a_connection_gone_before_its_replayed_ids_are_forgotten_is_not_held_by_
 def test_an_open_connection_forgets_its_replayed_ids_after_the_dedup_window():
     loop = asyncio.new_event_loop()
     try:
-        node = _Node(loop)
-        node.metrics = _CountingMetrics()
-        conn = _ReplayConn("c4")
-        node.hub["c4"] = conn
-        node._deliver_replay(_replay_page("c4"))
-        (dedup,) = [h for h in _timers(loop) if h.when() - loop.time() > settings.REPLAY_DEDUP_SECONDS / 2]
+        _, conn, dedup = _replayed(loop, "c4")
         assert not conn.session.forgotten
         dedup._run()
         assert conn.session.forgotten
