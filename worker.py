@@ -24,7 +24,7 @@ with startup.exit_on_bad_settings("celery -A worker", startup.imported_by_celery
     import redislogin
     import settings
     from tasks.queues import COLLECT_QUEUE, DISPATCH_QUEUE
-    from tasks import redis_transport, resultbackend, taskmessages, wirejson
+    from tasks import jsondecoder, redis_transport, resultbackend, wirejson
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ if startup.imported_by_celery_command():
 
 # redis:// and rediss:// brokers: kombu's Redis transport with one client object per channel (tasks/redis_transport.py).
 redis_transport.install()
-# JSON objects shaped like kombu's encoded values that are none are kept as sent (tasks/taskmessages.py).
-taskmessages.register_json()
+# JSON objects shaped like kombu's encoded values that are none are kept as sent (tasks/jsondecoder.py).
+jsondecoder.register_json()
 # The platform's own messages (node-queue batches, receipts, replay requests) are encoded with orjson (tasks/wirejson.py).
 wirejson.register()
 

@@ -40,7 +40,7 @@ from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 
 import settings
-from tasks import batchevents, envelopes, links, redis_transport, taskmessages
+from tasks import batchevents, envelopes, links, redis_transport, taskrequest
 from tasks.batching import FlushGate, batch_time_limits, messages_in, ordered_batches, request_users
 from tasks.heldrequests import HeldRequests
 from tasks.lost import LostRequests, exception_of, lost_too_often, shutting_down
@@ -89,7 +89,7 @@ class CollectBatches(HeldRequests, Batches):
 
     abstract = True
     #: Celery's request, which refuses an eta no clock holds as it is made, as for any task.
-    Request = taskmessages.Request
+    Request = taskrequest.Request
 
     #: The most messages one batch stores and routes (a request of ``tasks.collect_many`` counts
     #: its items, any other request one): a flush of more goes to the pool as several batches.

@@ -20,7 +20,7 @@ import time
 from celery.worker import state as worker_state
 from celery_batches import consume_queue
 
-from tasks import batchevents, taskmessages
+from tasks import batchevents, taskrequest
 from tasks.lost import shutting_down
 
 #: A request whose eta is at most this far ahead (seconds) runs with the batch at hand rather than
@@ -74,10 +74,10 @@ class HeldRequests:
     def _due(self, req) -> float:
         """When ``req`` may run, on the worker timer's clock (0 for now).  An eta that is no time
         that clock holds never comes here: the request is refused as it is made, as any task's
-        (:class:`tasks.taskmessages.Request`)."""
+        (:class:`tasks.taskrequest.Request`)."""
         if not req.eta:
             return 0.0
-        return taskmessages.eta_timestamp(req.eta, req.utc, self.app.timezone)
+        return taskrequest.eta_timestamp(req.eta, req.utc, self.app.timezone)
 
     def _hold(self, req, due: float) -> None:
         """Keep ``req`` on the worker's timer until ``due`` (Celery's ``default`` strategy for a

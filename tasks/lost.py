@@ -40,7 +40,7 @@ from celery import Task as CeleryTask
 from celery.exceptions import WorkerLostError
 from celery.worker import state as worker_state
 
-from tasks import taskmessages
+from tasks import taskrequest
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,10 @@ def lost_too_often(task_name: str, request_id: str, times: int, alone: bool = Fa
 _LOST = LostRequests()
 
 
-class Request(taskmessages.Request):
+class Request(taskrequest.Request):
     """Celery's request, failed with :class:`LostWithItsProcess` once its pool process died
     running it ``FAIL_AFTER`` times, instead of being put back on its queue again.  What it does
-    otherwise is Celery's own, but for the eta it checks as it is made (:class:`tasks.taskmessages.Request`).
+    otherwise is Celery's own, but for the eta it checks as it is made (:class:`tasks.taskrequest.Request`).
     Main process only (see the module docstring)."""
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):

@@ -16,12 +16,13 @@ logged, stored as the task's result when the message has a task id, and the mess
 as Celery discards an invalid task message.  It also stores a result for the messages Celery
 refuses itself and only logged (an unreadable ``eta`` or ``expires``, a content type the worker
 does not accept, a body that does not decode), so that a caller waiting on one is told why instead
-of waiting forever; and every task's :class:`Request` refuses so an eta that parses but is no time
-the worker's clock holds, which Celery ran at once.  A refused message's failure is written on the
-failure writer's thread (:mod:`tasks.failurewriter`), which a results Redis refusing writes for a
-while holds instead of the loop, and so is the ``NotRegistered`` of a message naming a task the
-worker does not know (Celery wrote it on the loop); the message is discarded (rejected, or
-acknowledged for a body that does not decode) only once its failure is written or given up.
+of waiting forever; and every task's request (:class:`tasks.taskrequest.Request`) refuses so an
+eta that parses but is no time the worker's clock holds, which Celery ran at once.  A refused
+message's failure is written on the failure writer's thread (:mod:`tasks.failurewriter`), which a
+results Redis refusing writes for a while holds instead of the loop, and so is the
+``NotRegistered`` of a message naming a task the worker does not know (Celery wrote it on the
+loop); the message is discarded (rejected, or acknowledged for a body that does not decode) only
+once its failure is written or given up.
 
 :func:`tasks.envelopes.depth_problem` is for ``tasks.collect``'s strategy: its batches are pickled in this process
 for the pool, and arguments nested near Python's recursion limit raised out of the loop there.
@@ -34,7 +35,10 @@ One raised as the worker first connects, before it declares anything (a Redis ov
 or a replica, refuses the transport's first write), is retried so too
 (:meth:`Consumer.on_connection_error_before_connected`).  And on RabbitMQ, a queue of the worker
 deleted while it consumes it (or whose leader moved) is declared and consumed again on the same
-connection (:meth:`Consumer.on_consumer_cancelled`).
+connection (:meth:`Consumer.on_consumer_cancelled`, :mod:`tasks.consumercancels`'s part of the
+consumer).
+
+The worker's decoder of JSON message bodies is :mod:`tasks.jsondecoder`'s.
 """
 
 from __future__ import annotations
@@ -46,91 +50,26 @@ import time
 import warnings
 
 from celery import signals
-from celery.exceptions import CPendingDeprecationWarning, InvalidTaskError, NotRegistered
+from celery.exceptions import CPendingDeprecationWarning, NotRegistered
 from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.connection import Connection as ConnectionStep
 from celery.worker.consumer.consumer import CONNECTION_ERROR, CONNECTION_RETRY, INVALID_TASK_ERROR, MESSAGE_DECODE_ERROR, UNKNOWN_TASK_ERROR, dump_body
 from celery.worker.consumer.consumer import logger as celery_consumer_log
-from celery.utils.time import timezone
-from celery.worker.request import Request as CeleryRequest
 from celery.worker.state import maybe_shutdown
-from kombu import serialization
 from kombu.exceptions import ContentDisallowed
 from kombu.exceptions import OperationalError as LibraryOperationalError
 from kombu.common import ignore_errors
-from kombu.asynchronous.timer import to_timestamp
-from kombu.utils import json as kombu_json
 from kombu.utils.encoding import safe_repr
 
 import redislogin
 from tasks.channelerrors import ChannelErrorBackoff, advice
+from tasks.consumercancels import ConsumerCancels
 from tasks.failurewriter import FailureWriter
 from tasks.envelopes import content_type_problem, envelope_problem, not_a_task_message, not_run, raw_task_id, task_id_of
 from tasks.messages import InvalidMessage
 
 log = logging.getLogger(__name__)
-
-
-def eta_timestamp(eta, utc: bool, app_timezone) -> float:
-    """When a request whose ``eta`` (an aware datetime, as Celery's request reads it) is due, on
-    the worker timer's clock, as Celery's strategy converts it (``utc``: the request's).  Raises
-    OverflowError or ValueError for an eta that parses but is no time that clock holds (the year
-    1 east of UTC).  Pure but for reading the clocks."""
-    if utc:
-        return to_timestamp(timezone.to_system(eta))
-    return to_timestamp(eta, app_timezone)
-
-
-class Request(CeleryRequest):
-    """Celery's request of any task (the plain tasks' :class:`tasks.lost.Request` and
-    ``tasks.collect``'s), refused as it is made when its eta parses but is no time the worker's
-    clock holds: ``InvalidTaskError``, as Celery refuses an eta it cannot parse, so that
-    :class:`Consumer` stores the failure where its caller waits and sends its task events
-    (:meth:`Consumer.on_invalid_task`).  Celery's strategy logged it with a traceback and ran a
-    plain task at once, its eta ignored; celery-batches rejected a collect and logged it only.
-    Worker main process."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self._eta is not None:
-            try:
-                eta_timestamp(self._eta, self._utc, self._app.timezone)
-            except (OverflowError, ValueError) as exc:
-                raise InvalidTaskError(f"its eta {self._eta.isoformat()} cannot be read as a time ({exc}): "
-                                       "send a countdown, or an eta within the years 1 to 9999 in UTC") from exc
-
-
-#: The keys of an object kombu's JSON encoder made from a date, UUID, decimal or bytes.
-_TYPED_KEYS = frozenset(("__type__", "__value__"))
-
-
-def _typed_value_or_object(obj: dict) -> object:
-    """kombu's JSON object hook, which reads an object whose only keys are ``__type__`` and
-    ``__value__`` as the date, UUID, decimal or bytes it encodes; one it cannot read so (a type it
-    does not know, a value that is not one) was not made by its encoder and is kept as it is.
-    kombu's raised, and failed the decoding of the whole message: a ``tasks.collect_many`` whose
-    one item's data had that shape failed whole, with none of its other items stored.  Any other
-    object is returned here, as kombu's hook returns it: calling that hook too cost a second
-    Python call per object of every message the worker reads (a tenth of decoding a node's
-    receipts).  Pure."""
-    if obj.keys() != _TYPED_KEYS:
-        return obj
-    try:
-        return kombu_json.object_hook(obj)
-    except Exception:  # noqa: BLE001 - ValueError, TypeError, AttributeError, decimal's errors ...: not an encoded value
-        return obj
-
-
-def json_loads(data: bytes | str) -> object:
-    """kombu's ``json`` decoder, with :func:`_typed_value_or_object` as its object hook."""
-    return kombu_json.loads(data, object_hook=_typed_value_or_object)
-
-
-def register_json() -> None:
-    """Make :func:`json_loads` this process's decoder of ``application/json`` (kombu's ``json``
-    serializer, its encoder unchanged).  Idempotent."""
-    serialization.registry.register("json", kombu_json.dumps, json_loads, content_type="application/json", content_encoding="utf-8")
 
 
 def caller(reply_to: object, correlation_id: object) -> Bunch:
@@ -205,7 +144,7 @@ def _broker_errors_unwrapped(start, consumer):
     return started
 
 
-class Consumer(CeleryConsumer):
+class Consumer(ConsumerCancels, CeleryConsumer):
     """Celery's consumer, which refuses a message whose envelope it cannot run
     (:func:`envelope_problem`) and stores a result for every message it discards that has a
     task id."""
@@ -234,53 +173,6 @@ class Consumer(CeleryConsumer):
         self.channel_error_backoff.consuming(time.monotonic())
         self._watch_cancels()  # before the loop reads anything on this connection
         super().on_ready()
-
-    def add_task_queue(self, *args, **kwargs):
-        super().add_task_queue(*args, **kwargs)  # `celery control add_consumer`
-        self._watch_cancels()
-
-    def _watch_cancels(self) -> None:
-        """Has py-amqp call :meth:`on_consumer_cancelled` when RabbitMQ cancels one of the task
-        consumer's consumers, where it raised ConsumerCancelled (kombu's Consumer passes no
-        ``on_cancel`` to ``basic_consume``; py-amqp keeps them in ``cancel_callbacks``, by consumer
-        tag).  Only py-amqp channels have one: the Redis broker cancels no consumer.  The worker's
-        main thread, before its loop reads the connection again."""
-        consumer = self.task_consumer
-        callbacks = getattr(getattr(consumer, "channel", None), "cancel_callbacks", None)
-        if callbacks is None:
-            return
-        for name, tag in consumer._active_tags.items():
-            callbacks[tag] = functools.partial(self.on_consumer_cancelled, consumer, name)
-
-    def on_consumer_cancelled(self, consumer, name: str, tag: str) -> None:
-        """RabbitMQ cancelled the consumer ``tag`` of queue ``name``: the queue was deleted (an
-        operator purging it or declaring it with other arguments) or its leader
-        moved to another node.  py-amqp raised ConsumerCancelled, which Celery took for a lost
-        connection (a reconnection with its warning and traceback; the requests the worker held
-        came back), and swallowed in the first tenth of a second on a connection (its loop's
-        first drain): the worker then consumed nothing from the queue, silently, and nobody
-        declared it again, so what was sent to it was dropped.
-
-        py-amqp calls this wherever it reads the cancel, maybe within a wait for another reply:
-        the queue is declared and consumed again from the worker's loop, next."""
-        self.call_soon(self._consume_again, consumer, name, tag)
-
-    def _consume_again(self, consumer, name: str, tag: str) -> None:
-        """Declares queue ``name`` again, with its exchange, binding and arguments, and consumes it
-        on the same channel, unless the worker connected again since, or stopped consuming it
-        (``celery control cancel_consumer``).  A channel error (the queue declared again by
-        someone else with other arguments) is one while consuming (:meth:`on_connection_error_after_connected`).
-        The worker's main thread, on its loop."""
-        queue = next((queue for queue in consumer.queues if queue.name == name), None)
-        if (consumer is not self.task_consumer or queue is None or consumer._active_tags.get(name) != tag
-                or not getattr(consumer.channel, "is_open", False)):
-            return
-        log.warning("queue %r was deleted on the broker while the worker consumed it, or its leader moved to another node "
-                    "(RabbitMQ cancelled the worker's consumer): declaring and consuming it again", name)
-        consumer.cancel_by_queue(name)  # forgets the tag; RabbitMQ answers the cancel of a consumer it no longer has
-        consumer.add_queue(queue)  # declares it
-        consumer.consume()  # the queues not consumed: this one
-        self._watch_cancels()
 
     def _channel_error(self, exc) -> bool:
         """Whether ``exc`` is the broker refusing a command (a channel error), not a lost connection."""

@@ -1,5 +1,5 @@
 """What a worker refuses before Celery handles a message on its task queues
-(``tasks.envelopes``, and ``tasks.taskmessages``'s decoder and consumer)."""
+(``tasks.envelopes``, ``tasks.jsondecoder``, ``tasks.taskrequest``'s eta and ``tasks.taskmessages``'s consumer)."""
 
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def test_the_workers_json_decoder_gives_kombus_hook_only_the_objects_shaped_like
 
     from kombu.utils import json as kombu_json
 
-    from tasks.taskmessages import json_loads
+    from tasks.jsondecoder import json_loads
 
     given = []
     kombus = kombu_json.object_hook
@@ -285,7 +285,7 @@ def test_an_eta_no_clock_holds_raises_where_one_a_second_ahead_gives_a_time_a_se
     import time
     from zoneinfo import ZoneInfo
 
-    from tasks.taskmessages import eta_timestamp
+    from tasks.taskrequest import eta_timestamp
 
     year_1_east = datetime.datetime(1, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5)))
     with pytest.raises((OverflowError, ValueError)):  # read as UTC (what Celery's clients send), it is before the year 1
