@@ -35,7 +35,9 @@ Two engines, one code path:
 
 The documents it writes and reads are :mod:`tasks.storedocs`'s; its errors, and what a driver's
 or SQLite's error becomes, :mod:`tasks.storeerrors`'s; the embedded engine's lock on claiming
-idempotency keys, :mod:`tasks.keylock`'s.
+idempotency keys, :mod:`tasks.keylock`'s; the reads of a replay and of an inbox (with
+``_EMBEDDED_RANGE_ROWS``), :mod:`tasks.storereplays`'s (:class:`~tasks.storereplays.StoreReplays`, a
+part of :class:`Store`).
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ from pymongo import errors
 
 import settings
 from tasks import checkpoints, ids, keylock, storedisk, storesql
-from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, id_time, late_among, message_documents, newest_first, receipt_documents, replays_from, status_of
+from tasks.storedocs import BROADCAST, UTC, Cut, as_collected, id_time, late_among, message_documents, receipt_documents, status_of
 from tasks.storeerrors import ACCESS_CODES, StoreError, StoreUnavailable, duplicates_only, embedded_folder, opening_embedded, opening_mongo, translated
+from tasks.storereplays import StoreReplays
 
 #: What the tasks import from here: the store, and its documents' and errors' names they need.
 __all__ = ["BROADCAST", "Cut", "Store", "StoreError", "StoreUnavailable", "get_store"]
@@ -69,16 +72,13 @@ log = logging.getLogger(__name__)
 TIMEOUT_MS = 5000
 _OPEN_ATTEMPTS = 10
 _EMBEDDED_ID_BATCH = 2000
-#: On the embedded engine a replay reads every message after its ``since`` through the primary key
-#: when there are at most this many (about 10 us each to decode here); beyond, through the index.
-_EMBEDDED_RANGE_ROWS = 5000
 _INDEX_OPTIONS_CONFLICT = 85
 #: Ids per update of records routed late again: one update of 20,000 took the embedded engine
 #: about 30 s (each row checked against the whole list), 256 at a time about 2 s.
 _LATE_UPDATE_IDS = 256
 _COLLECTIONS = ("messages", "receipts", "keys", "late")
 ACKED = "acked"
-class Store:
+class Store(StoreReplays):
     """One connection to the message store.  Worker process only, one thread (on the embedded
     engine, plus the checkpoint thread it starts, which has connections of its own)."""
 
@@ -187,84 +187,6 @@ class Store:
         with translated(f"storing {len(docs)} messages"):
             return {doc["_id"] for doc in _insert_new(self._messages, docs, encoded if table is not None else None)}
 
-    def replay(self, user: str, after_id: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
-        """Envelopes ``{"id", "data"}`` of the messages to ``user`` or to everyone with an id above
-        ``after_id``, oldest first.  At most the newest ``limit``; True when older ones were left out.
-
-        ``cut`` (:data:`Cut`, e.g. :func:`tasks.replay.newest_within` with ``REPLAY_MAX_BYTES``)
-        is given those newest ``limit`` newest first, as their data is read, and returns what it
-        keeps, oldest first, and whether it left any out (then the replay is truncated too); the
-        data is read in growing reads (``_REPLAY_READ_IDS``, then twice as many each time), and no
-        further once the cut returns."""
-        return self.replays([(user, after_id)], limit, cut)[0]
-
-    def replays(self, wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> list[tuple[list[dict], bool]]:
-        """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order: :meth:`each_replay`, all read."""
-        return list(self.each_replay(wanted, limit, cut))
-
-    def each_replay(self, wanted: list[tuple[str, str]], limit: int, cut: Cut | None = None) -> Iterator[tuple[list[dict], bool]]:
-        """:meth:`replay` for each ``(user, after_id)`` of ``wanted``, in order, each read as it is
-        taken, so a caller that lets go of one before it takes the next holds one at a time.
-
-        On the embedded engine, when at most ``_EMBEDDED_RANGE_ROWS`` messages were stored after
-        the earliest ``after_id`` (a browser back after seconds or minutes), one read of them all,
-        whoever they are for, through the primary key serves every replay (the connections of one
-        ``tasks.replay_many``, often a reconnect storm's), rather than have mongomock rebuild the
-        index of the whole collection first (another process nearly always wrote since its last
-        read while messages flow).  Otherwise each replay from that earliest id goes through the
-        index, and each of the others tries the same for itself.  (That one read holds every message
-        it finds, at most ``_EMBEDDED_RANGE_ROWS``: ``cut`` bounds what each replay keeps of it.)"""
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit!r}")
-        return self._each_replay(wanted, limit, cut)
-
-    def _each_replay(self, wanted: list[tuple[str, str]], limit: int, cut: Cut | None) -> Iterator[tuple[list[dict], bool]]:
-        if not wanted:
-            return
-        first = min(after for _, after in wanted)
-        with translated(f"replaying for {len(wanted)} connections"):
-            recent = storesql.id_range(self._messages, first, first_included=False, most=_EMBEDDED_RANGE_ROWS)
-        if recent is not None:
-            yield from replays_from(recent, wanted, limit, cut)
-            return
-        for user, after in wanted:
-            yield self._replay_by_index(user, after, limit, cut) if after == first else self.replays([(user, after)], limit, cut)[0]
-
-    def _replay_by_index(self, user: str, after_id: str, limit: int, cut: Cut | None) -> tuple[list[dict], bool]:
-        """:meth:`replay` through the ``to`` index (on the embedded engine, mongomock's)."""
-        query = {"to": {"$in": [user, BROADCAST]}, "_id": {"$gt": after_id}}
-        with translated(f"replaying for user {user!r}"):
-            if self.embedded:
-                # mongomock's cursor copies its result list on every next() (quadratic); distinct() doesn't.
-                newest = sorted(self._messages.distinct("_id", query), reverse=True)[: limit + 1]
-            else:
-                newest = [doc["_id"] for doc in self._messages.find(query, {"_id": 1}).sort("_id", -1).limit(limit + 1)]
-            truncated = len(newest) > limit
-            envelopes, cut_short = self._envelopes(sorted(newest[:limit]), cut)
-        return envelopes, truncated or cut_short
-
-    def _envelopes(self, mids: list[str], cut: Cut | None) -> tuple[list[dict], bool]:
-        """Envelopes of the messages ``mids`` (oldest first) that are still stored (a message purged
-        since its id was read is simply missing), oldest first, and whether ``cut`` left any out.
-        With ``cut``, their data is read newest first, in growing reads (:func:`storedocs.newest_first`),
-        and only until the cut stops taking them; without, in one go."""
-        if cut is None:
-            found = self.message_data(mids)
-            return [{"id": mid, "data": found[mid]} for mid in mids if mid in found], False
-        return cut(newest_first(mids, self.message_data))
-
-    @contextlib.contextmanager
-    def index_pinned(self) -> Iterator[None]:
-        """On the embedded engine, the reads inside use the query index as of the first of them,
-        even when other processes write meanwhile, instead of rebuilding it from the whole
-        collection at each read that follows a write elsewhere (about 1.3 s per 100,000 messages
-        here, at every read of a busy store).  Only for reads that may miss what other processes
-        write while they run: a ``tasks.replay_many``, whose connections' routes were registered
-        before it started, so that a message stored after its first read is routed to them live.
-        The first read after the block sees everything again.  Nothing to do on MongoDB."""
-        with storesql.index_pinned((self._messages, self._receipts) if self.embedded else ()):
-            yield
-
     def claim_ids(self, key: str, ids: list[str]) -> list[str]:
         """Bind idempotency ``key`` to ``ids``, or return the ids it was bound to before."""
         (claimed,) = self.claim_many([(key, ids)])
@@ -355,17 +277,6 @@ class Store:
                 query = {"to": {"$in": wanted}, "r": {"$gte": routed_from_ms}}
                 return [(doc["_id"], doc["to"], doc["r"]) for doc in self._late.find(query, {"to": 1, "r": 1})]
             return late_among(candidates, wanted, routed_from_ms)
-
-    def unacked(self, user: str, limit: int, cut: Cut | None = None) -> tuple[list[dict], bool]:
-        """Envelopes of the messages addressed to ``user`` (broadcasts excluded) that no device of
-        theirs acked, oldest first: the newest ``limit``, and True when older ones were left out.
-        ``cut``: as for :meth:`replay`."""
-        with translated(f"reading the inbox of user {user!r}"):
-            mids = sorted(self._distinct(self._messages, "_id", {"to": user}))  # a user id is never "*"
-            acked = self._acked([(mid, user) for mid in mids])
-            pending = [mid for mid in mids if (mid, user) not in acked]
-            envelopes, cut_short = self._envelopes(pending[-limit:], cut)
-        return envelopes, len(pending) > limit or cut_short
 
     def deliveries_between(self, start: datetime.datetime, end: datetime.datetime) -> list[tuple[str, str]]:
         """``(message id, user)`` of the messages stored between ``start`` and ``end``, acked or

@@ -22,7 +22,7 @@ import pytest
 from pymongo import errors
 
 import settings
-from tasks import checkpoints, storedocs, storesql, wirejson
+from tasks import checkpoints, storedocs, storereplays, storesql, wirejson
 from tasks import store as store_module
 from tasks.ids import IdGenerator
 from tasks.replay import frame_bytes, newest_within
@@ -835,7 +835,7 @@ def test_a_replay_finds_the_same_through_the_range_of_ids_and_through_the_index(
     through_range = replays()
     assert storesql.id_range(store.database["messages"], "", first_included=False, most=100) is not None, \
         "litemongo's table is not what tasks.store reads"
-    monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", 3)  # more than that since "" and since messages[0]
+    monkeypatch.setattr(storereplays, "_EMBEDDED_RANGE_ROWS", 3)  # more than that since "" and since messages[0]
     mixed = replays()
     monkeypatch.setattr(storesql, "id_range", lambda *_, **__: None)
     through_index = replays()
@@ -858,7 +858,7 @@ def test_replays_of_several_connections_are_each_what_its_own_replay_is(store, r
     afters = ["", messages[1]["id"], messages[4]["id"], messages[7]["id"]]
     wanted = [(user, after) for after in afters for user in ("ann", "bob", "dee")]
     alone = {limit: [store.replay(user, after, limit) for user, after in wanted] for limit in (1, 2, 100)}
-    monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", rows)
+    monkeypatch.setattr(storereplays, "_EMBEDDED_RANGE_ROWS", rows)
 
     for limit in (1, 2, 100):
         assert store.replays(wanted, limit) == alone[limit]
@@ -883,7 +883,7 @@ def test_a_replay_over_its_byte_budget_keeps_its_newest_messages_and_says_it_was
     store.insert_messages(messages)
     frame = frame_bytes({"id": messages[0]["id"], "data": "x" * 100})
     mine = [{"id": m["id"], "data": m["data"]} for m in messages if m["to"] == "*" or "ann" in m["to"]]
-    monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", rows)
+    monkeypatch.setattr(storereplays, "_EMBEDDED_RANGE_ROWS", rows)
     if rows == 0:  # every read through mongomock's queries, as on MongoDB
         monkeypatch.setattr(storesql, "id_range", lambda *_, **__: None)
         monkeypatch.setattr(storesql, "by_id", lambda *_, **__: None)
@@ -918,7 +918,7 @@ def test_a_replay_over_its_byte_budget_reads_the_data_of_its_newest_messages_onl
     gen = IdGenerator()
     messages = [make(gen, ["ann"], "z" * 200) for _ in range(450)]
     store.insert_messages(messages)
-    monkeypatch.setattr(store_module, "_EMBEDDED_RANGE_ROWS", 10)  # through the index, as on MongoDB past it
+    monkeypatch.setattr(storereplays, "_EMBEDDED_RANGE_ROWS", 10)  # through the index, as on MongoDB past it
     reads: list[list[str]] = []
     data_of = store.message_data
     monkeypatch.setattr(store, "message_data", lambda mids: reads.append(list(mids)) or data_of(mids))
