@@ -5,8 +5,8 @@ but is no time the worker's clock holds (:class:`Request`), and when an eta is d
 Celery's strategy logged such an eta with a traceback and ran a plain task at once, its eta
 ignored; celery-batches rejected a collect and logged it only.  Refused here with
 ``InvalidTaskError``, the failure is stored and its task events sent by the worker's consumer
-(:class:`tasks.taskmessages.Consumer`).  The plain tasks' request (:class:`tasks.lost.Request`) and
-``tasks.collect``'s (:class:`tasks.collectbatches.CollectBatches`) are this one.
+(:class:`tasks.taskmessages.Consumer`).  The plain tasks' request (:class:`tasks.lost.Request`)
+extends this one, and ``tasks.collect``'s is it (``tasks.collectbatches.CollectBatches.Request``).
 
 Worker main process (Celery makes a request on its event loop as the message is read); nothing is
 shared between requests.
