@@ -13,9 +13,12 @@ with one, a read of up to the window costs two.  Only queues consumed with ackno
 take part (a push node's queue is read with ``no_ack`` and keeps kombu's one message per ``BRPOP``).
 
 An item of a queue's list that is not a kombu message (not JSON, without the properties kombu
-reads, or with a body its encoding does not decode) is logged and dropped: kombu's channel raised
-on it, out of the worker's event loop, which stopped the worker ("Unrecoverable error"); a push
-node's consumer took it for a lost broker connection and connected again.
+reads, or with a body its encoding does not decode) is logged and dropped:
+kombu's channel raised on it, out of the worker's event loop, which stopped the worker
+("Unrecoverable error"); a push node's consumer took it for a lost broker connection and connected
+again.  One that lacks only kombu's bookkeeping (a delivery tag, a ``delivery_info``) is not
+dropped: the channel's ``BRPOP`` read supplies it (:func:`tasks.queueitems.with_bookkeeping`), and
+the script below, which reads items as Lua, puts such an item back for a ``BRPOP`` of its own.
 
 Like every kombu channel object, used from the thread that owns the connection only (the worker's
 main process loop, a push node's queue thread).  Logs as ``tasks.redis_transport``, the channel's
@@ -25,12 +28,13 @@ logger, so that operators' filters match what they matched before it was a modul
 from __future__ import annotations
 
 import logging
-from base64 import b64decode
 from time import time
 
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 from redis.exceptions import ResponseError
+
+from tasks.queueitems import kombu_message
 
 log = logging.getLogger("tasks.redis_transport")
 
@@ -44,7 +48,11 @@ TAKE_MAX = 100
 # message's own JSON as kombu's QoS.append builds them, [message, exchange, routing key], but with
 # the default exchange and the queue it was read from: :func:`record`); a message that does not parse
 # as kombu's, or whose tag is recorded already, goes back to the list, with all after it, for a
-# BRPOP of its own.  Returns the popped as tag, item, tag, item...: Lua's cjson takes JSON that
+# BRPOP of its own: so does one without a delivery tag or delivery_info, which Python supplies as
+# it reads it (tasks.queueitems.with_bookkeeping) and records with them, so that a restore gives
+# back the message with its tag.  Supplied here, the record would be written by cjson.encode,
+# which does not give back what it read (an empty list becomes an object, a large integer a
+# float).  Returns the popped as tag, item, tag, item...: Lua's cjson takes JSON that
 # Python's json refuses (0x10, inf, nan, a tab inside a string), so an item recorded here may be one
 # Python cannot read, and its tag is what removes its record again.  A record never replaces one
 # already there, so that removal removes nothing but that item's own.  Exchange and routing key
@@ -188,37 +196,6 @@ def record(raw: str, queue: str) -> str:
     ``"celery"`` whatever queue it pushes to) was read, then lost when the worker stopped or died
     holding it ("Restoring 1 unacknowledged message(s)", and nothing came back).  Pure."""
     return f'[{raw},"",{dumps(queue)}]'
-
-
-def kombu_message(raw: str) -> dict | None:
-    """``raw`` decoded, if it is a message as kombu's Redis channel stores one, with everything
-    its ``Message`` and QoS read before a consumer sees it: ``properties`` with a string
-    ``delivery_tag`` and a ``delivery_info`` naming the exchange and routing key, ``headers`` that
-    are an object, a ``content-type`` and ``content-encoding`` that are strings (each may be
-    absent), and a body its ``body_encoding`` decodes (none, utf-8 or base64); else None.  Pure."""
-    try:
-        payload = loads(raw)
-    except Exception:  # noqa: BLE001 - kombu's decoder also rebuilds tagged values ({"__type__": "decimal", ...}),
-        return None    # with hooks that raise what they raise; and deep nesting raises RecursionError
-    properties = payload.get("properties") if isinstance(payload, dict) else None
-    if not isinstance(properties, dict) or not isinstance(properties.get("delivery_tag"), str):
-        return None
-    info = properties.get("delivery_info")
-    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
-        return None
-    if payload.get("headers") and not isinstance(payload["headers"], dict):
-        return None  # kombu's Message reads headers.get("compression") as it is made
-    if not all(isinstance(payload.get(name) or "", str) for name in ("content-type", "content-encoding")):
-        return None  # kombu's decoder looks the type up in a set and lowercases the encoding
-    body, encoding = payload.get("body"), properties.get("body_encoding")
-    if body and encoding and not (isinstance(encoding, str) and encoding.lower() == "utf-8"):
-        if encoding != "base64" or not isinstance(body, str):
-            return None
-        try:
-            b64decode(body)  # as kombu's codec decodes it
-        except ValueError:  # binascii.Error, and non-ASCII text
-            return None
-    return payload
 
 
 def flags_unsupported(error: str) -> bool:

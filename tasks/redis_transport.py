@@ -23,8 +23,10 @@ backlog, :class:`Channel` takes the messages waiting behind the one ``BRPOP`` br
 round trip as that record (:mod:`tasks.backlogread`).
 
 An item of a queue's list that is not a kombu message is logged and dropped
-(:func:`tasks.backlogread.kombu_message`): kombu's channel raised on it, out of the worker's event
-loop, which stopped the worker; a push node's consumer took it for a lost broker connection.
+(:func:`tasks.queueitems.kombu_message`): kombu's channel raised on it, out of the worker's event
+loop, which stopped the worker; a push node's consumer took it for a lost broker connection.  One
+that lacks only kombu's bookkeeping (a delivery tag, a ``delivery_info``: a producer that is not
+Celery) has it supplied as it is read (:func:`tasks.queueitems.with_bookkeeping`).
 
 And a fifth, for a push node: :attr:`Channel.abandoned_reads` counts the ``BRPOP`` replies the
 channel gave up on without reading them: kombu drops the connection of a ``BRPOP`` that got no reply
@@ -66,7 +68,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.url import parse_url
 
-from tasks.backlogread import BacklogRead, kombu_message, log_dropped, record
+from tasks.backlogread import BacklogRead, log_dropped, record
+from tasks.queueitems import kombu_message, with_bookkeeping
 from tasks.lostbrpop import LostBrpop
 
 log = logging.getLogger(__name__)
@@ -226,8 +229,14 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
             raw = bytes_to_str(item)
             payload = kombu_message(raw)
             if payload is None:
-                log_dropped(dest, raw)
-                return True
+                # A message without kombu's bookkeeping (a producer that is not Celery): supplied
+                # here, before the message is recorded, so that its record holds them too.
+                amended = with_bookkeeping(raw, dest, self._next_delivery_tag())
+                payload = None if amended is None else kombu_message(amended)
+                if payload is None:
+                    log_dropped(dest, raw)
+                    return True
+                raw = amended
             payloads = [payload, *self._take_more(key, dest, raw, payload)]
             delivered = 0
             qos = self.qos

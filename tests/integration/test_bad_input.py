@@ -400,6 +400,47 @@ async def test_items_of_the_redis_queues_that_are_not_messages_are_dropped_and_t
         redis_server.stop()
 
 
+def hand_built(task_id: str, kwargs: dict, task: str = "tasks.collect", args: list | None = None, **fields) -> str:
+    """A Celery protocol 2 message as a producer that is not Celery pushes it onto a queue's Redis
+    list: kombu's envelope without its bookkeeping (no ``delivery_tag``, no ``delivery_info``);
+    ``fields`` replace the envelope's."""
+    body = base64.b64encode(json.dumps([args or [], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()).decode()
+    return json.dumps({"body": body, "content-type": "application/json", "content-encoding": "utf-8",
+                       "headers": {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None, "group": None},
+                       "properties": {"correlation_id": task_id, "body_encoding": "base64"}, **fields})
+
+
+@pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
+async def test_a_celery_message_pushed_without_kombus_delivery_tag_and_delivery_info_runs_and_its_result_is_read(fault_cluster):
+    """A producer that is not Celery (a hand-built ``LPUSH``) pushes a valid Celery message without
+    kombu's bookkeeping properties: it was dropped as "not a kombu message", with no result, and its
+    caller waited for ever.  The transport now supplies them as it reads it, on the worker's queues
+    (several in a row, behind each other, and beside Celery's own messages) and on a node's."""
+    cluster = fault_cluster
+    port = cluster.node_ports[0]
+    client = await cluster.connect("hand-built", port)
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+    task_ids = [f"hand-built-{n}-{uuid.uuid4()}" for n in range(3)]
+    broker.lpush("collect", hand_built(task_ids[0], {"to": "hand-built", "data": 0}),
+                 # properties null, and its body as JSON text (no body_encoding)
+                 hand_built(task_ids[1], {"to": "hand-built", "data": 1}, properties=None,
+                            body=json.dumps([[], {"to": "hand-built", "data": 1}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])),
+                 hand_built(task_ids[2], {"to": "hand-built", "data": 2}, properties={"body_encoding": "base64", "delivery_info": {"priority": 0}}))
+    ids = [await cluster.result(cluster.business.AsyncResult(task_id), timeout=30) for task_id in task_ids]
+    ids.append(await cluster.collect("hand-built", 3, timeout=30))
+    frames = await client.messages(4, timeout=30)
+    assert sorted((frame["id"], frame["data"]) for frame in frames) == sorted(zip(ids, range(4)))
+
+    # a node's queue, read without acknowledgements: a hand-built wsnode.deliver is delivered too
+    envelope = {"id": "018bcfe56800000003a1b2c3", "to": ["hand-built"], "data": {"n": 4}}
+    broker.lpush(f"127.0.0.1:{port}", hand_built(f"deliver-{uuid.uuid4()}", {}, task="wsnode.deliver", args=[[envelope]]))
+    (frame,) = await client.messages(1, timeout=30)
+    assert frame == {"type": "message", "id": envelope["id"], "data": envelope["data"]}
+    for log_name in ("worker", f"node-{port}"):
+        assert "not a kombu message" not in cluster._log(log_name).read_text(errors="replace"), log_name
+    client.close()
+
+
 #: Headers Celery reads as the request is built or checked for revocation, in the worker's main
 #: process, with (what it says) when they are not what Celery sends.
 STAMP_AND_SHADOW_HEADERS = [

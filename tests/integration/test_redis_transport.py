@@ -354,7 +354,7 @@ def _shaped(body: object = "e30=", tag: object = "t", info: object = None, encod
 BAD_TAGGED = ['{"__type__": "decimal", "__value__": "x"}', '{"__type__": "bytes", "__value__": 5}']
 GARBAGE = [b"\xff\xfe not json", b'{"not": "kombu"}', b"[1, 2]", b'{"properties": {"delivery_tag": "t"}}', b'{"__type__": "datetime", "__value__": 7}',
            *(t.encode() for t in BAD_TAGGED), b"[" * 5000 + b"]" * 5000,  # RecursionError
-           _shaped(tag=["t"]), _shaped(tag=7), _shaped(info={"exchange": ""})]
+           _shaped(tag=["t"]), _shaped(tag=7), _shaped(info="celery")]
 #: kombu's format, and a body its encoding does not decode: the read script takes them (it checks
 #: the properties only), kombu's Message raised on them.
 BAD_BODIES = [_shaped(body="!!!not base64"), _shaped(body="é"), _shaped(body=5), _shaped(encoding="rot13")]
@@ -635,6 +635,50 @@ def test_tasks_a_killed_worker_had_read_in_bulk_come_back_and_run_once(tmp_path)
     assert left + recorded == total  # every task out of the list was recorded as it was read
     assert len(ids) == total, f"{total - len(ids)} tasks never ran after the kill"
     assert len(set(ids)) == total  # each ran once
+
+
+def test_celery_messages_pushed_without_kombus_bookkeeping_that_a_killed_worker_held_come_back_and_run_once(tmp_path):
+    """Celery messages a producer that is not Celery pushed without ``delivery_tag`` and
+    ``delivery_info`` (a hand-built ``LPUSH``), read by a worker that is then killed before its
+    pool runs them: the transport supplied the tag before it recorded each as unacknowledged, so
+    the record holds it, the next worker's restore brings each back, and each runs once.  They were
+    dropped as "not a kombu message" and never ran."""
+    from tests.integration.conftest import Cluster
+    from tests.integration.test_bad_input import hand_built
+
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    cluster = Cluster(redis_server, tmp_path, auth_port=launcher.free_port(), VISIBILITY_TIMEOUT=2, UNACKED_RESTORE_SECONDS=1)
+    task_ids = [f"hand-built-{n}-{uuid.uuid4()}" for n in range(5)]
+    try:
+        worker = cluster.start_worker("hand-built-reader")
+        for process in psutil.Process(worker.pid).children():
+            process.suspend()
+        broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+        broker.lpush("collect", *(hand_built(task_id, {"to": "hand-built", "data": n}) for n, task_id in enumerate(task_ids)))
+        deadline = time.monotonic() + 30
+        while broker.llen("collect") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        records = [json.loads(record) for record in broker.hvals("unacked")]
+        held = {record[0]["headers"]["id"]: record for record in records if record[0].get("headers", {}).get("id") in task_ids}
+        worker.kill()
+        cluster.start_worker("after-the-kill")
+        results = [cluster.business.AsyncResult(task_id) for task_id in task_ids]
+        deadline = time.monotonic() + 60  # the visibility timeout, then the next worker's restore scan (1 s)
+        while not all(r.ready() for r in results) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ids = [r.result for r in results if r.successful()]
+        log = cluster._log("hand-built-reader").read_text(errors="replace")
+    finally:
+        cluster.stop(at_once=True)
+        redis_server.stop()
+
+    assert "not a kombu message" not in log
+    assert sorted(held) == sorted(task_ids), "every message read was recorded as unacknowledged"
+    assert all(isinstance(record[0]["properties"]["delivery_tag"], str) and record[1:] == ["", "collect"] for record in held.values())
+    assert all(record[0]["properties"]["delivery_info"] == {"exchange": "", "routing_key": "collect"} for record in held.values())
+    assert len(ids) == len(task_ids), f"{len(task_ids) - len(ids)} tasks never ran after the kill"
+    assert len(set(ids)) == len(task_ids)  # each ran once
 
 
 def _close_wait(pid: int, port: int) -> list:

@@ -1,0 +1,49 @@
+"""The items of a queue's Redis list as the broker channel tells them apart (``tasks.queueitems``):
+pure, on JSON text."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from tasks.queueitems import kombu_message, with_bookkeeping
+
+BODY = base64.b64encode(json.dumps([[], {"to": "u", "data": 1}, {}]).encode()).decode()
+HAND_BUILT = {"body": BODY, "content-type": "application/json", "content-encoding": "utf-8",
+              "headers": {"task": "tasks.collect", "id": "task-1"}, "properties": {"body_encoding": "base64"}}
+
+
+def test_a_message_without_a_delivery_tag_or_delivery_info_gets_them_and_keeps_the_rest():
+    amended = with_bookkeeping(json.dumps(HAND_BUILT), "collect", "tag-1")
+    message = kombu_message(amended)
+    assert message["properties"] == {"body_encoding": "base64", "delivery_tag": "tag-1", "delivery_info": {"exchange": "", "routing_key": "collect"}}
+    assert {key: value for key, value in message.items() if key != "properties"} == {k: v for k, v in HAND_BUILT.items() if k != "properties"}
+
+
+def test_a_delivery_info_without_its_exchange_or_routing_key_has_them_filled_in_and_keeps_the_rest():
+    item = {**HAND_BUILT, "properties": {"delivery_tag": "mine", "delivery_info": {"priority": 3, "exchange": "celery"}}}
+    properties = kombu_message(with_bookkeeping(json.dumps(item), "collect", "unused"))["properties"]
+    assert properties == {"delivery_tag": "mine", "delivery_info": {"priority": 3, "exchange": "celery", "routing_key": "collect"}}
+
+
+def test_without_properties_or_with_null_ones_they_are_supplied_whole():
+    for properties in (None, {"delivery_tag": None, "delivery_info": None}):
+        item = {key: value for key, value in HAND_BUILT.items() if key != "properties"}
+        if properties is not None:
+            item["properties"] = properties
+        assert kombu_message(with_bookkeeping(json.dumps(item), "q", "t"))["properties"]["delivery_tag"] == "t"
+
+
+def test_a_complete_message_or_one_that_is_not_kombus_shape_gets_nothing():
+    complete = {**HAND_BUILT, "properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": "q"}}}
+    for item in (complete, {"not": "kombu"}, [1, 2], {**HAND_BUILT, "body": None}, {**HAND_BUILT, "properties": "x"},
+                 {**HAND_BUILT, "properties": {"delivery_info": "celery"}}):
+        assert with_bookkeeping(json.dumps(item), "q", "t") is None, item
+    assert with_bookkeeping("not json", "q", "t") is None
+    # a tag of the wrong type is not replaced: the message stays refused
+    assert kombu_message(with_bookkeeping(json.dumps({**HAND_BUILT, "properties": {"delivery_tag": 7}}), "q", "t")) is None
+
+
+def test_values_python_reads_come_back_as_they_were_read():
+    raw = json.dumps(HAND_BUILT)[:-1] + ', "x": [1e400, NaN, 12345678901234567890123, [], {}, "\\ud800"]}'
+    assert json.loads(with_bookkeeping(raw, "q", "t"))["x"][2:] == [12345678901234567890123, [], {}, "\ud800"]
