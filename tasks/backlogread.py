@@ -13,12 +13,14 @@ with one, a read of up to the window costs two.  Only queues consumed with ackno
 take part (a push node's queue is read with ``no_ack`` and keeps kombu's one message per ``BRPOP``).
 
 An item of a queue's list that is not a kombu message (not JSON, without the properties kombu
-reads, or with a body its encoding does not decode) is logged and dropped:
+reads, or with a body its encoding does not decode) is logged and dropped (:meth:`BacklogRead._drop`):
 kombu's channel raised on it, out of the worker's event loop, which stopped the worker
 ("Unrecoverable error"); a push node's consumer took it for a lost broker connection and connected
 again.  One that lacks only kombu's bookkeeping (a delivery tag, a ``delivery_info``) is not
 dropped: the channel's ``BRPOP`` read supplies it (:func:`tasks.queueitems.with_bookkeeping`), and
-the script below, which reads items as Lua, puts such an item back for a ``BRPOP`` of its own.
+the script below, which reads items as Lua, puts such an item back for a ``BRPOP`` of its own.  A
+dropped item that names a task id is handed to :attr:`BacklogRead.on_dropped` (the worker's
+consumer stores that task's failure), so that its caller is told why rather than waiting for ever.
 
 Like every kombu channel object, used from the thread that owns the connection only (the worker's
 main process loop, a push node's queue thread).  Logs as ``tasks.redis_transport``, the channel's
@@ -28,13 +30,14 @@ logger, so that operators' filters match what they matched before it was a modul
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import time
 
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps
 from redis.exceptions import ResponseError
 
-from tasks.queueitems import kombu_message
+from tasks.queueitems import item_task_id, kombu_message, why_dropped
 
 log = logging.getLogger("tasks.redis_transport")
 
@@ -119,6 +122,26 @@ class BacklogRead:
     #: False once the server refused the read of several messages (Redis older than 6.2).
     _take_more_ok = True
 
+    #: Called as ``on_dropped(queue, task_id, problem, properties)`` for each item dropped that
+    #: names a task id (:meth:`_drop`), or None (a push node's channel).  The worker's consumer sets
+    #: it (``tasks.taskmessages``) on the channel that reads its task queues, to store the failure.
+    #: It runs in the thread that reads, within the read: it must not read or write the channel.
+    on_dropped: Callable[[str, str, str, dict | None], None] | None = None
+
+    def _drop(self, queue: str, raw: str, amended: str | None = None) -> None:
+        """Logs the item ``raw`` of ``queue``, which is not a message kombu's channel can deliver
+        and is out of the list for good, and hands it to :attr:`on_dropped` when it names a task
+        id; ``amended``: the item with the bookkeeping the read supplied, what the problem is told
+        of.  An error there is logged: it never stops the read."""
+        log_dropped(queue, raw)
+        if self.on_dropped is None or (task_id := item_task_id(raw)) is None:
+            return
+        problem, properties = why_dropped(amended or raw)
+        try:
+            self.on_dropped(queue, task_id, problem, properties)
+        except Exception:  # noqa: BLE001 - the item is dropped anyway; only its caller's answer is lost
+            log.exception("task %r: the failure of its dropped item of queue %r could not be handed on", task_id, queue)
+
     def _take_more(self, key, queue: str, raw: str, payload) -> list:
         """Record the message ``raw`` (decoded: ``payload``) as unacknowledged and pop (and
         record) the messages waiting behind it, in one round trip; returns the popped ones,
@@ -176,7 +199,7 @@ class BacklogRead:
             # the one the script recorded, so no ack would remove that record.  Either is removed
             # by the tag the script recorded.
             if message is None or message["properties"]["delivery_tag"].encode(errors="surrogatepass") != item_tag:
-                log_dropped(queue, item)
+                self._drop(queue, item)
                 dropped.append(item_tag)
             else:
                 payloads.append(message)

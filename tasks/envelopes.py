@@ -188,15 +188,31 @@ def raw_task_id(body: object) -> str | None:
         fields = json.loads(body)
     except (ValueError, TypeError, RecursionError):
         return None
-    task_id = task_id_of(None, fields)
-    if task_id is None or not_unicode(task_id) is not None or _CONTROL.search(task_id):
+    return usable_task_id(task_id_of(None, fields))
+
+
+def usable_task_id(value: object) -> str | None:
+    """``value``, if it is a task id a failure can be stored under and logged: a string that is
+    not empty and holds neither a lone surrogate nor a control character (as
+    :func:`envelope_problem` requires); else None.  Pure."""
+    if not _named(value) or not_unicode(value) is not None or _CONTROL.search(value):
         return None
-    return task_id
+    return value
 
 
 def not_a_task_message(problem: str) -> InvalidMessage:
     return InvalidMessage(f"not a Celery task message: {problem}; expected a body [args (a list), kwargs (an object), "
                           "embed (an object)] and headers with the task's name and id: send it with Celery's send_task or apply_async")
+
+
+def not_a_kombu_message(queue: str, problem: str) -> InvalidMessage:
+    """The error of an item of ``queue``'s Redis list that names a task id but is not a message
+    the broker channel can deliver (``problem``: :func:`tasks.queueitems.item_problem`).  Pure."""
+    return InvalidMessage(
+        f"not run: the item pushed to queue {queue!r:.100} is not a message the worker can read: {problem}; push a JSON object "
+        '{"body": the base64 of the JSON [args, kwargs, embed], "content-type": "application/json", "content-encoding": "utf-8", '
+        '"headers": {"task": the task\'s name, "id": the task id}, "properties": {"body_encoding": "base64"}} '
+        "(a delivery_tag and delivery_info may be left out: the worker supplies them), or send it with Celery's send_task")
 
 
 def not_run(exc: Exception) -> InvalidMessage:

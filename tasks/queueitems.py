@@ -22,6 +22,9 @@ from base64 import b64decode
 
 from kombu.utils.json import loads
 
+from tasks.envelopes import usable_task_id
+
+
 def _type(value: object) -> str:
     return type(value).__name__
 
@@ -102,3 +105,55 @@ def with_bookkeeping(raw: str, queue: str, tag: str) -> str | None:
         return None
     payload["properties"] = {**properties, **supplied}
     return json.dumps(payload)
+
+
+def item_task_id(raw: str) -> str | None:
+    """The task id an item that cannot be delivered names, so that its failure is stored where its
+    caller waits: its headers' ``id``, or the ``id`` of a protocol 1 body (as text, or base64 when
+    its ``body_encoding`` says so); None when it names none, or one a result cannot be stored under
+    (:func:`tasks.envelopes.usable_task_id`).  Pure."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    headers = payload.get("headers")
+    if isinstance(headers, dict) and (task_id := usable_task_id(headers.get("id"))) is not None:
+        return task_id
+    body, properties = payload.get("body"), payload.get("properties")
+    if isinstance(properties, dict) and properties.get("body_encoding") == "base64" and isinstance(body, str):
+        try:
+            body = b64decode(body)
+        except ValueError:
+            return None
+    if not isinstance(body, (str, bytes)) or len(body) > MAX_ID_BODY:
+        return None
+    try:
+        fields = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return usable_task_id(fields.get("id")) if isinstance(fields, dict) else None
+
+
+def why_dropped(raw: str) -> tuple[str, dict | None]:
+    """Why the item ``raw`` cannot be delivered, for its caller (:func:`item_problem`, or that
+    it has no body, or is not JSON kombu's decoder reads), and its ``properties`` (where its caller
+    waits: ``reply_to``), if it has them.  Pure."""
+    try:
+        payload = loads(raw)
+    except Exception:  # noqa: BLE001 - as kombu_message
+        return "it is not JSON that kombu's decoder reads", None
+    properties = payload.get("properties") if isinstance(payload, dict) else None
+    properties = properties if isinstance(properties, dict) else None
+    # None: a message Python reads, which the read script recorded under another delivery tag
+    # (bytes that are not UTF-8)
+    problem = item_problem(payload) or "its delivery_tag is not UTF-8 text"
+    if isinstance(payload, dict) and payload.get("body") is None:
+        # without a body, the read supplies no bookkeeping: that is not what to tell
+        problem = "it has no body" if "properties" in problem else f"it has no body, and {problem}"
+    return problem, properties
+
+
+#: Longest body :func:`item_task_id` parses for its task id.
+MAX_ID_BODY = 1 << 20

@@ -26,7 +26,9 @@ An item of a queue's list that is not a kombu message is logged and dropped
 (:func:`tasks.queueitems.kombu_message`): kombu's channel raised on it, out of the worker's event
 loop, which stopped the worker; a push node's consumer took it for a lost broker connection.  One
 that lacks only kombu's bookkeeping (a delivery tag, a ``delivery_info``: a producer that is not
-Celery) has it supplied as it is read (:func:`tasks.queueitems.with_bookkeeping`).
+Celery) has it supplied as it is read (:func:`tasks.queueitems.with_bookkeeping`), and one dropped
+that names a task id is handed to the worker's consumer, which stores that task's failure
+(``BacklogRead.on_dropped``).
 
 And a fifth, for a push node: :attr:`Channel.abandoned_reads` counts the ``BRPOP`` replies the
 channel gave up on without reading them: kombu drops the connection of a ``BRPOP`` that got no reply
@@ -68,7 +70,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.url import parse_url
 
-from tasks.backlogread import BacklogRead, log_dropped, record
+from tasks.backlogread import BacklogRead, record
 from tasks.queueitems import kombu_message, with_bookkeeping
 from tasks.lostbrpop import LostBrpop
 
@@ -234,7 +236,7 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
                 amended = with_bookkeeping(raw, dest, self._next_delivery_tag())
                 payload = None if amended is None else kombu_message(amended)
                 if payload is None:
-                    log_dropped(dest, raw)
+                    self._drop(dest, raw, amended)
                     return True
                 raw = amended
             payloads = [payload, *self._take_more(key, dest, raw, payload)]

@@ -22,7 +22,9 @@ message's failure is written on the failure writer's thread (:mod:`tasks.failure
 results Redis refusing writes for a while holds instead of the loop, and so is the
 ``NotRegistered`` of a message naming a task the worker does not know (Celery wrote it on the
 loop); the message is discarded (rejected, or acknowledged for a body that does not decode) only
-once its failure is written or given up.
+once its failure is written or given up.  So is the failure of a task whose item of a Redis queue
+the broker channel dropped, as no message it can deliver (:meth:`Consumer.on_dropped_item`, from
+:mod:`tasks.backlogread`).
 
 :func:`tasks.envelopes.depth_problem` is for ``tasks.collect``'s strategy: its batches are pickled in this process
 for the pool, and arguments nested near Python's recursion limit raised out of the loop there.
@@ -66,7 +68,7 @@ import redislogin
 from tasks.channelerrors import ChannelErrorBackoff, advice
 from tasks.consumercancels import ConsumerCancels
 from tasks.failurewriter import FailureWriter
-from tasks.envelopes import content_type_problem, envelope_problem, not_a_task_message, not_run, raw_task_id, task_id_of
+from tasks.envelopes import content_type_problem, envelope_problem, not_a_kombu_message, not_a_task_message, not_run, raw_task_id, task_id_of
 from tasks.messages import InvalidMessage
 
 log = logging.getLogger(__name__)
@@ -172,7 +174,32 @@ class Consumer(ConsumerCancels, CeleryConsumer):
         self._consumed = True
         self.channel_error_backoff.consuming(time.monotonic())
         self._watch_cancels()  # before the loop reads anything on this connection
+        self._watch_dropped()
         super().on_ready()
+
+    def add_task_queue(self, *args, **kwargs):
+        super().add_task_queue(*args, **kwargs)  # `celery control add_consumer` (ConsumerCancels' watches its cancels)
+        self._watch_dropped()
+
+    def _watch_dropped(self) -> None:
+        """Has the Redis transport's channel that reads the task queues hand each item it drops
+        (one that is not a message kombu can deliver) that names a task id to
+        :meth:`on_dropped_item`.  Only that transport's channels have ``on_dropped``.  The worker's
+        main thread, before its loop reads the connection again."""
+        channel = getattr(getattr(self, "task_consumer", None), "channel", None)
+        if channel is not None and hasattr(channel, "on_dropped"):
+            channel.on_dropped = self.on_dropped_item
+
+    def on_dropped_item(self, queue: str, task_id: str, problem: str, properties: dict | None) -> None:
+        """Stores the failure of the task ``task_id``, whose item of ``queue``'s Redis list the
+        transport dropped (``problem``: why), so that its caller is told what was wrong and what
+        to push instead of waiting for ever; on the failure writer's thread, as every refused
+        message's.  The item is out of the list and unrecorded already (nothing to settle): a
+        worker that stops before the write loses the failure, not a task.  The loop thread (the
+        transport's read, within the event loop)."""
+        error = not_a_kombu_message(queue, problem)
+        log.error("task %r: its item of queue %r cannot be read (%s): storing that as its failure", task_id, queue, problem)
+        self._writer().submit(task_id, error, properties, lambda: None)
 
     def _channel_error(self, exc) -> bool:
         """Whether ``exc`` is the broker refusing a command (a channel error), not a lost connection."""
@@ -389,10 +416,14 @@ class Consumer(ConsumerCancels, CeleryConsumer):
                 return
             then()
 
+        self._writer().submit(task_id, error, message.properties, on_its_channel)
+
+    def _writer(self) -> FailureWriter:
+        """The failure writer, made by the first failure.  The loop thread."""
         if self._failure_writer is None:
             self._failure_writer = FailureWriter(
                 lambda task_id, error, properties: store_failure(self.app.backend, task_id, error, properties), self.call_soon)
-        self._failure_writer.submit(task_id, error, message.properties, on_its_channel)
+        return self._failure_writer
 
     def _send_failed_events(self, message, body, task_id: str | None, error: Exception) -> None:
         """With task events on, sends a refused message's ``task-received`` and ``task-failed``

@@ -441,6 +441,31 @@ async def test_a_celery_message_pushed_without_kombus_delivery_tag_and_delivery_
     client.close()
 
 
+@pytest.mark.parametrize("fault_cluster", ["redis"], indirect=True)
+async def test_an_item_that_cannot_be_delivered_but_names_a_task_id_fails_that_task_saying_what_to_push(fault_cluster):
+    """An item of the ``collect`` list that is no message the worker can read (no body, a body
+    that is not the base64 it says, headers that are not an object, a tag that is not a string)
+    was dropped with no result: its caller waited for ever.  Where it names a task id (its
+    headers', or its protocol 1 body's), that task now fails, saying what was wrong and what to
+    push; the worker goes on."""
+    cluster = fault_cluster
+    broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"])
+    task_ids = [str(uuid.uuid4()) for _ in range(4)]
+    protocol_1 = base64.b64encode(json.dumps({"task": "tasks.collect", "id": task_ids[3], "args": [], "kwargs": {}}).encode()).decode()
+    cases = [({"body": None}, "it has no body"),
+             ({"body": "abcde"}, "its body is not valid base64, which its body_encoding says it is"),
+             ({"properties": {"body_encoding": "base64", "delivery_tag": 7}}, "its properties' delivery_tag is of type int, not a string"),
+             ({"headers": ["x"], "body": protocol_1}, "its headers are of type list, not an object")]  # its id in its protocol 1 body
+    for task_id, (fields, _) in zip(task_ids, cases, strict=True):
+        broker.lpush("collect", hand_built(task_id, {"to": "x", "data": 0}, **fields))
+    for task_id, (_, said) in zip(task_ids, cases, strict=True):
+        with pytest.raises(Exception, match=re.escape(f"not run: the item pushed to queue 'collect' is not a message the worker can read: {said}; push")):
+            await cluster.result(cluster.business.AsyncResult(task_id), timeout=30)
+    assert await cluster.collect("after-undeliverable", 1, timeout=30)
+    assert cluster.worker.alive
+    assert "Unrecoverable error" not in cluster._log("worker").read_text(errors="replace")
+
+
 #: Headers Celery reads as the request is built or checked for revocation, in the worker's main
 #: process, with (what it says) when they are not what Celery sends.
 STAMP_AND_SHADOW_HEADERS = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 
-from tasks.queueitems import kombu_message, with_bookkeeping
+from tasks.queueitems import item_task_id, kombu_message, why_dropped, with_bookkeeping
 
 BODY = base64.b64encode(json.dumps([[], {"to": "u", "data": 1}, {}]).encode()).decode()
 HAND_BUILT = {"body": BODY, "content-type": "application/json", "content-encoding": "utf-8",
@@ -47,3 +47,22 @@ def test_a_complete_message_or_one_that_is_not_kombus_shape_gets_nothing():
 def test_values_python_reads_come_back_as_they_were_read():
     raw = json.dumps(HAND_BUILT)[:-1] + ', "x": [1e400, NaN, 12345678901234567890123, [], {}, "\\ud800"]}'
     assert json.loads(with_bookkeeping(raw, "q", "t"))["x"][2:] == [12345678901234567890123, [], {}, "\ud800"]
+
+
+def test_the_task_id_of_an_item_is_its_headers_or_its_protocol_1_bodys():
+    assert item_task_id(json.dumps({**HAND_BUILT, "body": "abcde"})) == "task-1"
+    p1 = base64.b64encode(json.dumps({"task": "t", "id": "p1"}).encode()).decode()
+    assert item_task_id(json.dumps({"body": p1, "headers": ["x"], "properties": {"body_encoding": "base64"}})) == "p1"
+    assert item_task_id(json.dumps({"body": json.dumps({"id": "p1-text"})})) == "p1-text"
+    for item in ({"headers": {"id": "a\nb"}}, {"headers": {"id": ""}}, {"body": "!!", "properties": {"body_encoding": "base64"}}, [1]):
+        assert item_task_id(json.dumps(item)) is None, item
+    assert item_task_id("not json") is None
+
+
+def test_why_an_item_is_dropped_is_told_as_what_it_lacks():
+    assert why_dropped(json.dumps({"headers": {"id": "x"}}))[0] == "it has no body"
+    assert why_dropped(json.dumps({"headers": ["x"], "properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": "q"}}}))[0] == \
+        "it has no body, and its headers are of type list, not an object"
+    bad_base64 = with_bookkeeping(json.dumps({**HAND_BUILT, "body": "abcde"}), "q", "t")
+    assert why_dropped(bad_base64) == ("its body is not valid base64, which its body_encoding says it is", json.loads(bad_base64)["properties"])
+    assert why_dropped("\xff not json") == ("it is not JSON that kombu's decoder reads", None)
