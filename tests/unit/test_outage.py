@@ -1,0 +1,58 @@
+"""An outage logged once per change (``outage.Outage``): when a failure is to be logged, and what
+the one line after it says; fed failures and a clock by hand."""
+
+from __future__ import annotations
+
+from outage import Outage, Recovery
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_only_the_first_failure_of_an_outage_is_to_be_logged():
+    outage = Outage(Clock())
+    assert [outage.failed() for _ in range(4)] == [True, False, False, False]
+
+
+def test_a_failure_whose_cause_changes_is_to_be_logged_again_and_one_whose_cause_comes_back_too():
+    outage = Outage(Clock())
+    causes = ["no answer", "no answer", "wrong password", "wrong password", "no answer"]
+    assert [outage.failed(cause) for cause in causes] == [True, False, True, False, True]
+
+
+def test_the_answer_that_ends_an_outage_says_how_long_it_lasted_from_its_first_failure_and_how_many_failed():
+    clock = Clock()
+    outage = Outage(clock)
+    outage.failed("no answer", count=3)
+    clock.now += 7
+    outage.failed("no answer")
+    outage.failed("wrong password", count=2)
+    clock.now += 5
+    assert outage.answered() == Recovery(seconds=12, failures=6)
+
+
+def test_an_answer_with_no_outage_before_it_says_nothing_and_an_outage_ends_once():
+    outage = Outage(Clock())
+    assert outage.answered() is None
+    outage.failed()
+    assert outage.down
+    assert outage.answered() is not None
+    assert not outage.down
+    assert outage.answered() is None
+
+
+def test_the_next_outage_is_logged_again_and_counted_from_naught_even_with_the_same_cause():
+    clock = Clock()
+    outage = Outage(clock)
+    outage.failed("no answer", count=5)
+    outage.answered()
+    clock.now += 60
+    assert outage.failed("no answer") is True
+    clock.now += 2
+    assert outage.answered() == Recovery(seconds=2, failures=1)
+
