@@ -50,6 +50,7 @@ import redisfull
 from auth import tokens
 from auth.metrics import AuthMetrics
 from auth.revocations import CHANNEL, RedisFull, RedisRefused, RevocationNotAnnounced, Revocations, RevocationsUnavailable
+from outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,9 @@ class AuthService:
             default_handler_args=args,
             log_function=_log_request,
         )
-        #: Redis's outage as seen by auth, logged once per change (:meth:`redis_failed`): when the
-        #: first request found it unavailable (``time.monotonic()``) and how many failed since.
-        self._redis_down_since: float | None = None
-        self._redis_failures = 0
-        #: The kind of failure last logged (:meth:`redis_failed`): a change is logged again.
-        self._redis_down_cause: str | None = None
+        #: Redis's outage as seen by auth, logged once per change (:meth:`redis_failed`), counted in
+        #: requests that failed.
+        self._redis_outage = Outage()
         self._server: tornado.httpserver.HTTPServer | None = None
 
     def verify(self, token: object) -> tokens.Claims:
@@ -174,21 +172,14 @@ class AuthService:
         # What to fix changes within one outage (Redis back, refusing a changed password or
         # rights: RedisRefused): logged again, or the fix was in INFO lines only.
         cause = str(exc) if isinstance(exc, RedisRefused) else type(exc).__name__
-        if self._redis_down_since is None or cause != self._redis_down_cause:
-            if self._redis_down_since is None:
-                self._redis_down_since = time.monotonic()
-                self._redis_failures = 0
-            self._redis_down_cause = cause
+        if self._redis_outage.failed(cause):
             log.error("Redis unavailable: %s; /verify and /healthz answer 503 (nodes refuse new connections with 1013) "
                       "until it answers again", exc)
-        self._redis_failures += 1
 
     def redis_answered(self) -> None:
         """Redis answered a request: say so once after an outage."""
-        if self._redis_down_since is not None:
-            log.info("Redis answers again after %.0f s; %d requests failed meanwhile",
-                     time.monotonic() - self._redis_down_since, self._redis_failures)
-            self._redis_down_since = None
+        if (recovery := self._redis_outage.answered()) is not None:
+            log.info("Redis answers again after %.0f s; %d requests failed meanwhile", recovery.seconds, recovery.failures)
 
     def start(self, port: int, address: str) -> int:
         """Listen on ``address:port`` (port 0 picks a free one); returns the port bound."""

@@ -44,6 +44,7 @@ from cachetools import TTLCache
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
+from outage import Outage
 from settings import redact
 from wsnode.coalesce import Coalescer
 
@@ -120,10 +121,9 @@ class AuthClient:
         self._checks: Coalescer[str, Identity] = Coalescer(self._check_many, max_items=MAX_VERIFY_BATCH)
         self._list_form = True  # False once auth said it does not know {"tokens": [...]}
         self._generation = 0  # bumped by forget(): an answer asked for before it is not cached
-        #: Auth's outage, logged once per change (:meth:`_outage`): when the first check failed
-        #: (``time.monotonic()``), and how many tokens failed since; None while auth answers.
-        self._down_since: float | None = None
-        self._failed_while_down = 0
+        #: Auth's outage, logged once (:meth:`_failed`, :meth:`_answered`), counted in token checks
+        #: that failed.
+        self._outage = Outage()
 
     def forget(self) -> None:
         """Drop every cached answer (a token was revoked: the next check of each asks auth), and
@@ -163,7 +163,7 @@ class AuthClient:
         try:
             results = await self._check_tokens(tokens)
         except AuthUnavailable as exc:
-            self._outage(exc, len(tokens))
+            self._failed(exc, len(tokens))
             if exc.unanswered:
                 self._fail_waiting(exc)
             raise
@@ -172,36 +172,34 @@ class AuthClient:
             # Auth answered a 200, which needs its Redis.  Not a 401: auth refuses an expired or
             # bad token without reading Redis, even while it answers 503 for every other one (a
             # 401 ended the outage, and the next 503 logged its WARNING again).
-            self._outage(None)
+            self._answered()
         if failed:
-            self._outage(failed[0], len(failed))
+            self._failed(failed[0], len(failed))
         unanswered = next((result for result in failed if result.unanswered), None)
         if unanswered is not None:
             self._fail_waiting(unanswered)
         return results
 
-    def _outage(self, cause: AuthUnavailable | None, tokens: int = 0) -> None:
-        """Log auth's outage once per change: a WARNING when a check first fails (each refused
-        connection then gets an INFO line only: in a reconnect storm against a stopped auth, or one
-        that cannot read Redis, there were two WARNING lines per connect), an INFO line when auth
-        answers again."""
-        if cause is None:
-            if self._down_since is not None:
-                log.info("auth answers again at %s after %.0f s; %d token checks failed meanwhile (their connections got 1013)",
-                         self._shown_url, time.monotonic() - self._down_since, self._failed_while_down)
-                self._down_since = None
-            return
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            self._failed_while_down = 0
+    def _failed(self, cause: AuthUnavailable, tokens: int) -> None:
+        """``tokens`` checks failed for ``cause``: a WARNING when the first check of auth's outage
+        fails, and none after it until :meth:`_answered` (each refused connection then gets an INFO
+        line only: in a reconnect storm against a stopped auth, or one that cannot read Redis, there
+        were two WARNING lines per connect).  Once per outage, whatever its cause: the fix the line
+        says (auth running, its /healthz answering) is the same for each."""
+        if self._outage.failed(count=tokens):
             log.warning("auth unavailable: %s; new connections are refused with 1013 and refreshes answered refresh_error until "
                         "it answers: check that auth runs at AUTH_URL and that its /healthz answers 200 (it needs its Redis)", cause)
-        self._failed_while_down += tokens
+
+    def _answered(self) -> None:
+        """Auth answered a check with a 200: an INFO line when that ends an outage."""
+        if (recovery := self._outage.answered()) is not None:
+            log.info("auth answers again at %s after %.0f s; %d token checks failed meanwhile (their connections got 1013)",
+                     self._shown_url, recovery.seconds, recovery.failures)
 
     def _fail_waiting(self, cause: AuthUnavailable) -> None:
         failed = self._checks.fail_waiting(AuthUnavailable(f"{cause} (while this token waited for that check: not asked)"))
-        self._failed_while_down += failed
         if failed:
+            self._failed(cause, failed)
             log.info("%d token checks that waited for auth failed unasked: the check before them got no answer or a 503 (%s)", failed, cause)
 
     async def _check_tokens(self, tokens: list[str]) -> list[Identity | Exception]:
