@@ -42,6 +42,7 @@ from tornado.websocket import WebSocketClosedError
 import redisfull
 import redislogin
 import settings
+from outage import Outage
 from tasks.queues import node_address
 from tasks import publishing, wirejson
 from tasks.reclaim import hand_back
@@ -161,6 +162,8 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
         #: the wall clock is not a write that failed.  Redis counts the leases from its own clock when
         #: the write runs, after it started here, so they end no earlier than this says.
         self._leases_until = float("inf")
+        #: The outage of the lease renewals, logged once per cause (:meth:`_renew`), counted in renewals.
+        self._lease_outage = Outage()
         self.receipts = ReceiptBuffer(self._send_receipts, settings.RECEIPT_BATCH)
         self.draining = False
         self.redis_ok = False

@@ -9,7 +9,7 @@ so that they resume with ``since`` instead of missing what Dispatch could not ro
 :class:`wsnode.tokenwatch.TokenWatch`), written apart because it is one concept: it uses the node's
 ``hub``, ``leases`` (:class:`wsnode.registry.Leases`), ``claim`` (:class:`wsnode.addressclaim.AddressClaim`), ``metrics``, ``address``, ``draining``,
 ``connect_rate``, ``redis_ok``, ``redis_refused``, ``_redis_failed`` and the lease state that
-:class:`~wsnode.app.PushNode` sets up (``_lease_writes``, ``_leasing``, ``_leases_until``).
+:class:`~wsnode.app.PushNode` sets up (``_lease_writes``, ``_leasing``, ``_leases_until``, ``_lease_outage``).
 Loop thread only.
 """
 
@@ -20,8 +20,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+import redisfull
 import redislogin
 import settings
 from wsnode import connectrate
@@ -36,6 +39,20 @@ log = logging.getLogger("wsnode.app")  # the node's own log, as before this part
 #: The close reason of a connection whose user's lease (or the node's own) a lease write found gone
 #: or ended while the node's writes worked (:meth:`LeaseKeeper._close_unroutable`).
 LEASE_LOST_REASON = "routes lost (leases gone from Redis), reconnect with since"
+
+
+def renewal_failure(exc: RedisError) -> str:
+    """What tells apart the fixes of a lease renewal that failed, for its :class:`outage.Outage`:
+    Redis refusing REDIS_URL's login or rights (:func:`redislogin.refused`'s line: what to fix),
+    Redis full, or Redis not answering (a refused connection and a timeout alike: one outage shows
+    both in turn, with one fix).  Any other error by its type.  Reads ``settings``."""
+    if (refused := redislogin.refused(exc)) is not None:
+        return refused
+    if redisfull.is_full(exc):
+        return "full"
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return "no answer"
+    return type(exc).__name__
 
 
 class LeaseKeeper:
@@ -154,13 +171,20 @@ class LeaseKeeper:
                     again = self._close_unroutable(lapsed)
                     if again or lapsed.node:
                         await self.leases.register(again, node=lapsed.node)
-            if not self.redis_ok:
+            if (recovery := self._lease_outage.answered()) is not None:
+                log.info("node=%s leases written for %d users after %.0f s; %d renewals failed meanwhile",
+                         self.address, self.hub.user_count, recovery.seconds, recovery.failures)
+            elif not self.redis_ok:  # a PING or a first lease write failed, and no renewal
                 log.info("node=%s leases written for %d users", self.address, self.hub.user_count)
             self.redis_ok, self.redis_refused = True, None
         except RedisError as exc:
             self.metrics.lease_failure()
-            log.warning("node=%s lease renewal failed for %d users (%s): their leases expire within %.0f s unless Redis is back; retrying every %.0f s",
-                        self.address, self.hub.user_count, redislogin.explain(exc), settings.LEASE_TTL, settings.LEASE_TTL / 3)
+            # Once per outage and cause: a WARNING every retry (every LEASE_TTL/3) for as long as
+            # Redis was down, "for 0 users" on an idle node, buried the line that said why.
+            if self._lease_outage.failed(renewal_failure(exc)):
+                log.warning("node=%s lease renewal failed for %d users (%s): their leases expire within %.0f s unless Redis is back; "
+                            "retrying every %.0f s", self.address, self.hub.user_count, redislogin.explain(exc), settings.LEASE_TTL,
+                            settings.LEASE_TTL / 3)
             self._redis_failed(exc)
 
     def _check_leases(self) -> None:

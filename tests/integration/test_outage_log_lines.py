@@ -11,6 +11,9 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 import launcher
 from tests.integration.conftest import ADMIN_KEY, post_json
 from tests.integration.wsclient import Client
@@ -59,6 +62,44 @@ def test_auth_logs_its_redis_outage_once_as_an_error_and_each_refused_request_at
         assert "5 requests failed meanwhile" in auth.log_tail(5)
     finally:
         auth.terminate()
+        redis.stop()
+
+
+def renewals_failed(port: int) -> float:
+    """What the node on ``port`` counts as lease renewals that failed (its ``/metrics``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        body = answer.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(body) for sample in family.samples
+               if sample.name == "push_node_lease_renewal_failures_total")
+
+
+def test_a_node_logs_its_lease_renewals_redis_outage_once_and_how_many_failed_once_it_is_back(tmp_path):
+    """A renewal that fails is retried every LEASE_TTL/3 (10 s by default): each wrote the same
+    WARNING for as long as Redis was down, "for 0 users" on an idle node."""
+    redis = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    env = launcher.cluster_env(redis.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO", LEASE_TTL=3)  # a renewal every second
+    port = launcher.free_port()
+    node = launcher.start_node(env, port, log_path=tmp_path / "node.log")
+    try:
+        redis.stop()
+        deadline = time.monotonic() + 30
+        while renewals_failed(port) < 4:
+            if time.monotonic() > deadline:
+                pytest.fail(f"fewer than 4 lease renewals failed within 30 s of Redis stopping:\n{node.log_tail(20)}")
+            time.sleep(0.2)
+        log = (tmp_path / "node.log").read_text(errors="replace")
+        renewal_warnings = [line for line in lines_at(log, "WARNING") if "lease renewal failed for" in line]
+        assert len(renewal_warnings) == 1 and "wsnode.app: node=" in renewal_warnings[0], renewal_warnings
+
+        redis = launcher.RedisServer(port=redis.port, data_dir=tmp_path / "redis").start()
+        node.wait_log("renewals failed meanwhile", timeout=20)
+        failed = renewals_failed(port)
+        log = (tmp_path / "node.log").read_text(errors="replace")
+        [written] = [line for line in log.splitlines() if "renewals failed meanwhile" in line]
+        assert " INFO " in written and "leases written for 0 users after " in written and f"; {failed:.0f} renewals failed meanwhile" in written, written
+        assert len([line for line in lines_at(log, "WARNING") if "lease renewal failed for" in line]) == 1
+    finally:
+        node.terminate()
         redis.stop()
 
 

@@ -3,7 +3,10 @@ the one line after it says; fed failures and a clock by hand."""
 
 from __future__ import annotations
 
+from redis.exceptions import AuthenticationError, ConnectionError, ResponseError, TimeoutError
+
 from outage import Outage, Recovery
+from wsnode.leasekeeper import renewal_failure
 
 
 class Clock:
@@ -56,3 +59,12 @@ def test_the_next_outage_is_logged_again_and_counted_from_naught_even_with_the_s
     clock.now += 2
     assert outage.answered() == Recovery(seconds=2, failures=1)
 
+
+def test_a_lease_renewal_refused_connection_and_timeout_are_one_cause_and_a_refused_login_or_a_full_redis_another_each():
+    unanswered = {renewal_failure(ConnectionError("Error 111 connecting to 127.0.0.1:6390. Connection refused.")),
+                  renewal_failure(TimeoutError("Timeout reading from socket"))}
+    refused = renewal_failure(AuthenticationError("invalid username-password pair or user is disabled."))
+    full = renewal_failure(ResponseError("OOM command not allowed when used memory > 'maxmemory'."))
+    assert len(unanswered) == 1
+    assert len(unanswered | {refused, full}) == 3
+    assert "REDIS_URL" in refused  # what to fix, which a change of it logs again
