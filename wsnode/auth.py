@@ -44,6 +44,7 @@ from cachetools import TTLCache
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
+from auth.tokens import printable
 from outage import Outage
 from settings import redact
 from wsnode.coalesce import Coalescer
@@ -230,7 +231,7 @@ class AuthClient:
             results = json.loads(response.body)["results"]
             if len(results) != len(tokens):
                 raise ValueError(f"{len(results)} results for {len(tokens)} tokens")
-            return [Identity.from_answer(result) if "user_id" in result else AuthRejected(str(result["error"])) for result in results]
+            return [Identity.from_answer(result) if "user_id" in result else AuthRejected(printable(str(result["error"]))) for result in results]
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise AuthUnavailable(f"auth service gave an unexpected answer at {self._shown_url} ({exc})") from None
 
@@ -287,7 +288,11 @@ def _small_buffers(curl: pycurl.Curl) -> None:
 
 
 def _error_text(exc: HTTPClientError) -> str:
+    """The error of auth's answer, as one printable line (:func:`auth.tokens.printable`): the node
+    logs it and sends it as a close reason, and an auth of an earlier version quoted in it parts
+    of a browser's token (its header, which nobody signed): a line break in it forged a line of
+    the node's log, and a lone surrogate answered the handshake 500."""
     try:
-        return json.loads(exc.response.body)["error"]
+        return printable(str(json.loads(exc.response.body)["error"]))
     except Exception:  # the reason is only informative
         return "token rejected"

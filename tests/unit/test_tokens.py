@@ -161,6 +161,21 @@ def test_error_messages_never_contain_the_token():
     assert token.split(".")[2] not in str(caught.value)
 
 
+@pytest.mark.parametrize("name", ["x\n2026-12-07 04:00:00,000 ERROR wsnode.app: forged", "\ud800", "\x1b[31m\u2028", "x" * 3000])
+def test_a_header_naming_a_critical_extension_of_any_text_is_invalid_with_a_reason_of_one_printable_line(name):
+    """PyJWT quotes the name in its message (``Unsupported critical extension: ...``) before any
+    signature is checked: nodes log the reason and send it as a close reason."""
+    header = {"alg": "HS256", "typ": "JWT", "crit": [name]}
+    token = f"{b64(header)}.{b64(good_claims())}.c2ln"
+
+    with pytest.raises(TokenInvalid) as raised:
+        tokens.verify(SECRET, token, NOW)
+
+    reason = str(raised.value)
+    assert reason.startswith("malformed (Unsupported critical extension: "), reason
+    assert reason.isascii() and reason.isprintable() and len(reason) < 300, reason
+
+
 @pytest.mark.parametrize(
     "user_id",
     ["", " ", "al ice", "alice\n", "\talice", "a\x00b", "a\x7fb", "zero\u200bwidth", "nb\u00a0sp", "x" * 129, "*", None, 42, ["alice"]],
