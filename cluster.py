@@ -79,8 +79,8 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-#: The key a running cluster claims in each Redis it uses that answered already (REDIS_URL's, and a
-#: Redis BROKER_URL's), for ``CLAIM_SECONDS``, renewed while it runs.
+#: The key a running cluster claims in each Redis it uses (REDIS_URL's, or the private one it
+#: started, and a Redis BROKER_URL's), for ``CLAIM_SECONDS``, renewed while it runs.
 CLAIM_KEY = "push:cluster"
 CLAIM_SECONDS = 30
 
@@ -256,13 +256,16 @@ class Cluster:
                  f"(data in {self.data_dir / 'redis'})")
         self.redis = launcher.RedisServer(data_dir=self.data_dir / "redis", persistent=True, echo=True, **self._echo("redis"))
         self.redis.start()
+        # Claimed as any other: the banner prints its address, and a second cluster given it
+        # would share its queues and routes as on a system Redis.
+        self.claims.take("REDIS_URL", self.redis.url(1))
         # BROKER_URL is kept when it is RabbitMQ, or a Redis that answers (set to one of the
         # reader's own: the business code they wrote sends there); else the private Redis's db 0.
         scheme = urllib.parse.urlsplit(settings.BROKER_URL).scheme
         keep = scheme in ("amqp", "amqps", "pyamqp") or (scheme in ("redis", "rediss") and redis_answers(settings.BROKER_URL))
-        if keep and scheme in ("redis", "rediss"):
-            self.claims.take("BROKER_URL", settings.BROKER_URL)
         self.broker_url = settings.BROKER_URL if keep else self.redis.url(0)
+        if urllib.parse.urlsplit(self.broker_url).scheme in ("redis", "rediss"):
+            self.claims.take("BROKER_URL", self.broker_url)
         self.redis_url = self.redis.url(1)
         return launcher.cluster_env(self.redis.url(0), self.data_dir, self.auth_port, broker_url=self.broker_url)
 

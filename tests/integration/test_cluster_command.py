@@ -113,6 +113,35 @@ def test_a_second_cluster_on_the_redis_of_a_running_one_stops_at_once_naming_it(
     assert redis_lib.Redis.from_url(redis_url).get("push:cluster") in (None, b"released"), "the stopped cluster left its claim"
 
 
+def test_a_second_cluster_on_the_private_redis_of_a_running_one_stops_at_once_naming_it(tmp_path):
+    """The private Redis a cluster starts (none answered at its REDIS_URL) was not claimed: a
+    second cluster given the Redis the first one's banner prints (REDIS_URL, and its db 0 as
+    BROKER_URL) started, and the two shared its queues and routes, as on a system Redis."""
+    first_env = launcher.cluster_env(f"redis://127.0.0.1:{launcher.free_port()}", tmp_path / "first", launcher.free_port())
+    first = launcher.Service("first", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
+                             first_env, log_path=tmp_path / "first.log").start()
+    try:
+        first.wait_log(READY, timeout=90)
+        banner = first.log_tail(400)
+        [redis_url] = [line.split()[1] for line in banner.splitlines() if line.startswith("  redis ") and "(private)" in line]
+        [broker_url] = [line.split()[1] for line in banner.splitlines() if line.startswith("  broker ")]
+        env = launcher.cluster_env(redis_url, tmp_path / "second", launcher.free_port(), broker_url=broker_url, REDIS_URL=redis_url)
+        second = launcher.Service("second", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
+                                  env, log_path=tmp_path / "second.log").start()
+        try:
+            assert second.wait(30) == 1, second.log_tail(60)
+            out = second.log_tail(60)
+            assert f"another cluster uses the Redis at REDIS_URL={redis_url}" in out, out
+            assert str(tmp_path / "first") in out and "starting auth" not in out, out
+        finally:
+            if second.alive:
+                second.terminate(timeout=90)
+        assert first.alive
+    finally:
+        first.terminate(timeout=90)
+    assert first.returncode == 0, first.log_tail(60)
+
+
 def test_the_clusters_claim_is_renewed_from_when_it_is_taken_not_only_once_the_cluster_watches(tmp_path, redis_server, monkeypatch):
     """The claim was renewed only by ``watch``, after every process answered: a start-up longer
     than ``CLAIM_SECONDS`` (a slow worker on a loaded machine) let it lapse, and a second cluster
