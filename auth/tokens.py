@@ -104,7 +104,7 @@ def forbidden_character(user_id: str) -> str | None:
 
 def check_user_id(user_id: object) -> str:
     """Return ``user_id`` if it is acceptable, else raise ``InvalidUserId`` saying what is expected."""
-    expected = f"expected a user id: a string of 1 to {MAX_USER_ID_LENGTH} characters without whitespace or control characters"
+    expected = f"expected a user id: a string of 1 to {MAX_USER_ID_LENGTH} characters without whitespace, control, format (invisible) or surrogate characters"
     if not isinstance(user_id, str):
         raise InvalidUserId(f"{expected}, got {type(user_id).__name__}")
     if not user_id:

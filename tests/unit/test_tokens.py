@@ -185,6 +185,14 @@ def test_a_bad_user_id_is_refused_with_what_was_expected(user_id):
         tokens.issue(SECRET, user_id, NOW, TTL)
 
 
+@pytest.mark.parametrize("user_id", ["zero\u200bwidth", "bom\ufeff", "lone\ud800surrogate"])
+def test_a_user_id_refused_for_a_format_or_surrogate_character_is_told_that_such_characters_are_refused(user_id):
+    """The error listed whitespace and control characters only: a zero-width space was refused
+    "without whitespace or control characters", naming a character that is neither."""
+    with pytest.raises(InvalidUserId, match=r"without whitespace, control, format \(invisible\) or surrogate characters"):
+        tokens.issue(SECRET, user_id, NOW, TTL)
+
+
 @pytest.mark.parametrize("user_id", ["alice", "x" * 128, "alice@example.com", "user:42", "用户", "Ünïcödé"])
 def test_a_good_user_id_is_accepted(user_id):
     issued = tokens.issue(SECRET, user_id, NOW, TTL)
