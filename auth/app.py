@@ -14,9 +14,10 @@ Every response is JSON.  Routes:
 - ``POST /revoke``  (admin) ``{"token": "..."}`` or ``{"user_id": "alice"}`` -> 200 ``{"revoked": "token" | "user"}``;
   503 when Redis cannot record it, or when it is recorded but not announced to the push nodes
   (``NOT_ANNOUNCED``: they would keep its open connections), and the caller must retry
-- ``GET /healthz`` -> 200 ``{"status": "ok"}``, or 503 ``{"status": "redis unavailable"}`` (it PINGs
-  Redis on every call: revocations live there, so without Redis no token can be verified), or 503
-  ``{"status": "redis refused", "reason": ...}`` when Redis refuses REDIS_URL's login or PING (its
+- ``GET /healthz`` -> 200 ``{"status": "ok"}``, or 503 ``{"status": "redis unavailable"}`` (it reads
+  Redis on every call as ``/verify`` does: revocations live there, so without reading them no token
+  can be verified), or 503
+  ``{"status": "redis refused", "reason": ...}`` when Redis refuses REDIS_URL's login or that read (its
   password or user changed, the user's rights narrowed, its certificate replaced), the reason
   naming the variable and the fix; the 503s of ``/verify`` and ``/revoke`` say so too
 - ``GET /metrics`` -> Prometheus metrics (``auth.metrics``): tokens issued, verifications by result,

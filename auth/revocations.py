@@ -166,8 +166,12 @@ class Revocations:
         return [revoked_by(by_jti, user_cutoff, claims.issued_at_us) for claims, by_jti, user_cutoff in zip(many, values[0::2], values[1::2])]
 
     async def ping(self) -> None:
-        """Raise ``RevocationsUnavailable`` unless Redis answers PING."""
-        await self._call(self._redis.ping())
+        """Raise ``RevocationsUnavailable`` unless Redis answers the read that :meth:`are_revoked`
+        sends (an ``MGET`` of a token's and a user's entry, of no real token): a PING is answered
+        for a user whose rights were narrowed so that it may not read the list (``-mget``, its key
+        patterns), and ``/healthz`` answered 200 while every ``/verify`` answered 503 (and each
+        probe ended the outage, whose ERROR line the next ``/verify`` wrote again)."""
+        await self._call(self._redis.mget([JTI_PREFIX + "healthz", USER_PREFIX + "healthz"]))
 
     @staticmethod
     async def _call(awaitable):

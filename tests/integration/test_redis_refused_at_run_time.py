@@ -107,6 +107,37 @@ def test_auth_answers_a_changed_password_as_a_refusal_naming_redis_url_and_works
         auth.terminate()
 
 
+def test_auth_whose_redis_user_may_not_read_the_revocation_list_answers_healthz_503_and_logs_its_error_once(server, tmp_path):
+    """A user that may PING but not MGET (its rights narrowed): /healthz PINGed, answered 200 while
+    every /verify answered 503, and each probe ended auth's outage, whose ERROR line the next
+    /verify wrote again (one per probe, and "Redis answers again after 0 s" between them)."""
+    env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO",
+                               REDIS_URL=f"redis://{USER}:{USER_PASSWORD}@127.0.0.1:{server.port}/1")
+    port = int(env["AUTH_PORT"])
+    auth = launcher.start_auth(env, port, log_path=tmp_path / "auth.log")
+    admin = _admin(server, PASSWORD)
+    try:
+        status, issued = http(port, "/tokens", {"user_id": "alice"}, {"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert status == 200, issued
+        admin.execute_command("ACL", "SETUSER", USER, "-mget")  # NOPERM at once, on the open connections too
+        for _ in range(3):
+            status, verified = http(port, "/verify", {"token": issued["token"]})
+            assert status == 503 and "no permissions to run the 'mget' command" in verified["error"], verified
+            status, body = health(port)
+            assert status == 503 and body["status"] == "redis refused" and "'mget'" in body["reason"], body
+        auth.wait_log("health check:")
+        log = (tmp_path / "auth.log").read_text(errors="replace")
+        assert log.count("auth.app: Redis unavailable:") == 1 and "Redis answers again" not in log, log
+        admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
+        assert health(port) == (200, {"status": "ok"})
+        auth.wait_log("Redis answers again after")
+        assert "6 requests failed meanwhile" in auth.log_tail(5)
+    finally:
+        admin.execute_command("ACL", "SETUSER", USER, "+@all", "-@dangerous", "+info")
+        admin.close()
+        auth.terminate()
+
+
 def health(port: int) -> tuple[int, dict]:
     return http(port, "/healthz")
 
