@@ -21,7 +21,8 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002
     #: The answer to a client's close frame whose reason is not UTF-8.  The client was closing.
     INVALID_PAYLOAD = 1007
-    #: A frame larger than ``MAX_FRAME_BYTES`` (Tornado closes with it by itself).
+    #: A frame larger than ``MAX_FRAME_BYTES`` (:mod:`wsnode.reader`, with Tornado's reason), or one
+    #: whose compressed payload inflates past it (``message too big after decompression``).
     MESSAGE_TOO_BIG = 1009
     #: Reserved for an unexpected error on the node (reconnect with backoff and resume with
     #: ``since``); not sent by this version: Tornado aborts a connection whose callback raised
@@ -59,7 +60,7 @@ _REASONS = {
     CloseCode.GOING_AWAY: "node shutting down, reconnect elsewhere",
     CloseCode.PROTOCOL_ERROR: "bad close frame",
     CloseCode.INVALID_PAYLOAD: "close reason is not UTF-8",
-    CloseCode.MESSAGE_TOO_BIG: "frame too big",
+    CloseCode.MESSAGE_TOO_BIG: "message too big",  # Tornado's own, which clients may already match
     CloseCode.INTERNAL_ERROR: "internal error, reconnect with since",
     CloseCode.TRY_AGAIN_LATER: "backend unavailable, try again later",
     CloseCode.SLOW_CLIENT: "client too slow, reconnect with since",

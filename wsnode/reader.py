@@ -30,6 +30,7 @@ from tornado.util import _websocket_mask
 from tornado.websocket import WebSocketProtocol13, _DecompressTooLargeError, _WebSocketParams
 
 from wsnode import wire
+from wsnode.closecodes import CloseCode
 
 #: The most bytes taken from the socket's buffer in one read.
 READ_CHUNK = 65536
@@ -117,7 +118,7 @@ class BatchReadingProtocol(WebSocketProtocol13):
             # Not Tornado's abort: the rest of the frame would be left unread, and closing a socket
             # with unread bytes sends a reset, which can reach a client still sending before the
             # close frame does.  The frame and what follows it are dropped as they come instead.
-            self.close(1009, "message too big")
+            self.close(CloseCode.MESSAGE_TOO_BIG, CloseCode.MESSAGE_TOO_BIG.reason)
             self._too_big = True
             self._fragmented_message_buffer = None
         return True
@@ -169,7 +170,7 @@ class BatchReadingProtocol(WebSocketProtocol13):
             try:
                 data = self._decompressor.decompress(data)
             except _DecompressTooLargeError:
-                self.close(1009, "message too big after decompression")
+                self.close(CloseCode.MESSAGE_TOO_BIG, CloseCode.MESSAGE_TOO_BIG.reason + " after decompression")
                 self._abort()
                 return None
         self._message_bytes_in += len(data)

@@ -148,6 +148,7 @@ class RevocationListener:
     async def stop(self) -> None:
         """End the subscription; within a second or two whatever Redis does."""
         self._stopping = True
+        self.subscribed = False
         task = self._task
         if task is not None:
             # redis-py can take a cancellation that lands while get_message waits for its timeout
