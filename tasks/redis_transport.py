@@ -264,6 +264,17 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
             self._in_poll = None
             self._flush_brpop_reauth()
 
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
+        """kombu 5.7's, for a message whose headers are empty but not an object too (``null``,
+        as gocelery pushes every message; ``[]``, ``""``: :func:`tasks.queueitems.item_problem`
+        lets those through, and kombu's ``Message`` reads them as ``{}``).  kombu's marks the
+        message it puts back with ``headers["redelivered"]``, which raised on them ("Could not
+        restore message", a TypeError it only logs), after its record was removed: the message was
+        lost when the worker stopped or died holding it.  Those headers are restored as ``{}``."""
+        if isinstance(payload, dict) and "headers" in payload and not isinstance(payload["headers"], dict) and not payload["headers"]:
+            payload["headers"] = {}
+        return super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+
     def _put_back(self, payloads: list) -> None:
         """Push the messages ``payloads``, recorded as unacknowledged and never delivered, back
         where the next read takes them, in their order: when a callback raised on a message of a

@@ -964,3 +964,30 @@ def test_a_message_naming_an_exchange_that_routes_nowhere_comes_back_to_its_queu
 
     assert back == [0, 1, 9], "a restored message was lost"
     assert unacked == 0
+
+
+@pytest.mark.parametrize("headers", [None, [], ""], ids=["null", "empty list", "empty string"])
+def test_a_message_whose_headers_are_null_comes_back_to_its_queue_when_restored(redis_server, headers):
+    """gocelery pushes its messages with ``"headers": null`` (a protocol 1 message: the task's
+    name and id are in its body), and a producer that is not Celery may push other empty headers
+    without kombu's bookkeeping, which the read supplies.  kombu's Message reads such headers as
+    ``{}`` and the worker runs the task; but kombu's restore marks the message it puts back with
+    ``headers["redelivered"]``, which raised on them ("Could not restore message"): the record
+    was removed and the message never came back, when the worker stopped or died holding it."""
+    with _published(1) as (conn, channel, queue):
+        gocelery = {"body": base64.b64encode(b'{"n": 8}').decode(), "headers": headers, "content-type": "application/json",
+                    "content-encoding": "utf-8", "properties": {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+                                                                "delivery_info": {"priority": 0, "routing_key": "celery", "exchange": "celery"}}}
+        without_bookkeeping = {**gocelery, "body": base64.b64encode(b'{"n": 9}').decode(), "properties": {"body_encoding": "base64"}}
+        with channel.conn_or_acquire() as client:
+            client.rpush(queue.name, json.dumps(gocelery), json.dumps(without_bookkeeping))  # read first
+        channel.basic_qos(0, 10, False)
+        got = _consume(conn, channel, queue, 3)  # none acked
+        assert sorted(m.payload["n"] for m in got) == [0, 8, 9]
+        channel.qos.restore_unacked_once()  # as a worker's channel does when it closes
+        back = sorted(_queued(channel, queue))
+        again = []
+        _drain(conn, channel, queue, again, 3)  # acked
+
+    assert back == [0, 8, 9], "a restored message was lost"
+    assert sorted(again) == [0, 8, 9]
