@@ -26,7 +26,8 @@ An item of a queue's list that is not a kombu message is logged and dropped
 (:func:`tasks.queueitems.kombu_message`): kombu's channel raised on it, out of the worker's event
 loop, which stopped the worker; a push node's consumer took it for a lost broker connection.  One
 that lacks only kombu's bookkeeping (a delivery tag, a ``delivery_info``: a producer that is not
-Celery) has it supplied as it is read (:func:`tasks.queueitems.with_bookkeeping`), and one dropped
+Celery) has it supplied as it is read (:func:`tasks.queueitems.with_bookkeeping`), by ``BRPOP``
+and by ``basic_get`` (the hand-back of a node's queue, ``tasks.reclaim``) alike, and one dropped
 that names a task id is handed to the worker's consumer, which stores that task's failure
 (``BacklogRead.on_dropped``).
 
@@ -228,17 +229,9 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
             key, item = dest__item
             dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            raw = bytes_to_str(item)
-            payload = kombu_message(raw)
+            payload, raw = self._read_item(bytes_to_str(item), dest)
             if payload is None:
-                # A message without kombu's bookkeeping (a producer that is not Celery): supplied
-                # here, before the message is recorded, so that its record holds them too.
-                amended = with_bookkeeping(raw, dest, self._next_delivery_tag())
-                payload = None if amended is None else kombu_message(amended)
-                if payload is None:
-                    self._drop(dest, raw, amended)
-                    return True
-                raw = amended
+                return True
             payloads = [payload, *self._take_more(key, dest, raw, payload)]
             delivered = 0
             qos = self.qos
@@ -263,6 +256,38 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _read_item(self, raw: str, queue: str) -> tuple[dict | None, str]:
+        """``(payload, raw)``: the item ``raw`` of ``queue``'s list decoded as a kombu message,
+        with the bookkeeping a producer that is not Celery left out supplied, before the message
+        is recorded, so that its record holds them too (``raw`` then is the item with them); or
+        ``(None, raw)`` for an item that is no message, which is dropped (:meth:`_drop`)."""
+        payload = kombu_message(raw)
+        if payload is not None:
+            return payload, raw
+        amended = with_bookkeeping(raw, queue, self._next_delivery_tag())
+        payload = None if amended is None else kombu_message(amended)
+        if payload is None:
+            self._drop(queue, raw, amended)
+            return None, raw
+        return payload, amended
+
+    def _get(self, queue):
+        """kombu 5.7's ``Channel._get`` (what ``basic_get`` reads: the hand-back of a node's
+        queue, ``tasks.reclaim``), reading each item as :meth:`_brpop_read` does
+        (:meth:`_read_item`); one that is no message is dropped and the next one read.  kombu's
+        decoded what it popped, and raised on an item that is no message (its decoder) or lacks
+        kombu's bookkeeping (its Message: KeyError ``delivery_tag``): out of the hand-back, with
+        the item lost and nothing behind it handed back in that run."""
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                while item := client.rpop(self._q_for_pri(queue, pri)):
+                    self._maybe_update_queues_expire(client, queue)
+                    payload, _ = self._read_item(bytes_to_str(item), queue)
+                    if payload is not None:
+                        return payload
+            self._maybe_update_queues_expire(client, queue)
+            raise Empty()
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
         """kombu 5.7's, for a message whose headers are empty but not an object too (``null``,

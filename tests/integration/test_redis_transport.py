@@ -991,3 +991,39 @@ def test_a_message_whose_headers_are_null_comes_back_to_its_queue_when_restored(
 
     assert back == [0, 8, 9], "a restored message was lost"
     assert sorted(again) == [0, 8, 9]
+
+
+def test_the_hand_back_of_a_node_queue_reads_an_item_without_kombus_bookkeeping_and_skips_one_that_is_no_message(redis_server, caplog):
+    """The hand-back of a node's queue (``tasks.reclaim``: a draining node's, housekeeping's of a
+    dead node) reads it with ``basic_get``, kombu's ``_get``, not the ``BRPOP`` read: a
+    ``wsnode.deliver`` pushed without kombu's ``delivery_tag`` (which a live node reads) raised
+    KeyError out of kombu's Message, and an item that is no message raised out of kombu's decoder,
+    after each was popped: it was lost, and nothing behind it was handed back in that run."""
+    from tasks.queues import DELIVER_TASK
+    from tasks.reclaim import hand_back
+    from tests.integration.test_bad_input import hand_built
+
+    address = f"127.0.0.1:hand-back-{uuid.uuid4().hex[:8]}"
+    ids = [f"018bcfe5680000000{n}a1b2c3" for n in range(2)]
+    client = redis_lib.Redis.from_url(app.conf.broker_url)
+    client.lpush(address, hand_built(str(uuid.uuid4()), {}, task=DELIVER_TASK, args=[[{"id": ids[0], "to": ["u"], "data": 0}]]),
+                 b"\xff\xfe not json",
+                 hand_built(str(uuid.uuid4()), {}, task=DELIVER_TASK, args=[[{"id": ids[1], "to": ["u"], "data": 1}]]))
+    try:
+        with caplog.at_level(logging.ERROR, logger="tasks.redis_transport"):
+            handed = hand_back(app, address)
+        dispatched = []
+        for item in client.lrange("dispatch", 0, -1):
+            message = json.loads(item)
+            envelopes = json.loads(base64.b64decode(message["body"]))[0][0]
+            if any(envelope["id"] in ids for envelope in envelopes):
+                dispatched += [envelope["id"] for envelope in envelopes]
+                client.lrem("dispatch", 1, item)
+        left = client.llen(address)
+    finally:
+        client.delete(address)
+
+    assert handed == 2
+    assert sorted(dispatched) == ids
+    assert left == 0
+    assert any("is not a kombu message" in r.getMessage() for r in caplog.records)
