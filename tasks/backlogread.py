@@ -18,7 +18,8 @@ kombu's channel raised on it, out of the worker's event loop, which stopped the 
 ("Unrecoverable error"); a push node's consumer took it for a lost broker connection and connected
 again.  One that lacks only kombu's bookkeeping (a delivery tag, a ``delivery_info``) is not
 dropped: the channel's ``BRPOP`` read supplies it (:func:`tasks.queueitems.with_bookkeeping`), and
-the script below, which reads items as Lua, puts such an item back for a ``BRPOP`` of its own.  A
+the script below, which reads items as Lua, leaves such an item in the list for a ``BRPOP`` of its
+own.  A
 dropped item that names a task id is handed to :attr:`BacklogRead.on_dropped` (the worker's
 consumer stores that task's failure), so that its caller is told why rather than waiting for ever.
 
@@ -49,13 +50,16 @@ TAKE_MAX = 100
 # how many more to pop, the tag and unacked record of the message BRPOP brought, then the queue's
 # name.  Records it, pops up to that many more and records each (tag and record built from the
 # message's own JSON as kombu's QoS.append builds them, [message, exchange, routing key], but with
-# the default exchange and the queue it was read from: :func:`record`); a message that does not parse
-# as kombu's, or whose tag is recorded already, goes back to the list, with all after it, for a
-# BRPOP of its own: so does one without a delivery tag or delivery_info, which Python supplies as
-# it reads it (tasks.queueitems.with_bookkeeping) and records with them, so that a restore gives
-# back the message with its tag.  Supplied here, the record would be written by cjson.encode,
-# which does not give back what it read (an empty list becomes an object, a large integer a
-# float).  Returns the popped as tag, item, tag, item...: Lua's cjson takes JSON that
+# the default exchange and the queue it was read from: :func:`record`).  It looks at the items
+# before it pops them (LINDEX, then LRANGE) and pops only those before the first it cannot take,
+# which stays in the list, with all after it, for a BRPOP of its own: a message that does not parse
+# as kombu's, or whose tag is recorded already (or taken in this read), and one without a delivery
+# tag or delivery_info, which Python supplies as it reads it (tasks.queueitems.with_bookkeeping)
+# and records with them, so that a restore gives back the message with its tag.  (It popped them
+# and pushed back the rest: up to 100 list writes per read, each replicated and written to the
+# AOF, for every message of a backlog of such messages.)  Supplied here, the record would be
+# written by cjson.encode, which does not give back what it read (an empty list becomes an
+# object, a large integer a float).  Returns the popped as tag, item, tag, item...: Lua's cjson takes JSON that
 # Python's json refuses (0x10, inf, nan, a tab inside a string), so an item recorded here may be one
 # Python cannot read, and its tag is what removes its record again.  A record never replaces one
 # already there, so that removal removes nothing but that item's own.  Exchange and routing key
@@ -72,22 +76,37 @@ local now, more = ARGV[1], tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 if more < 1 then return {} end
-local items = redis.call('RPOP', KEYS[1], more)
-if not items then return {} end
-local taken = {}
-for i, raw in ipairs(items) do
+local seen = {[ARGV[3]] = true}
+local function tag_of(raw)
   local ok, message = pcall(cjson.decode, raw)
   local props = ok and type(message) == 'table' and message['properties']
   local info = type(props) == 'table' and props['delivery_info']
   local tag = type(props) == 'table' and props['delivery_tag']
   if type(info) ~= 'table' or type(tag) ~= 'string' or type(info['exchange']) ~= 'string' or type(info['routing_key']) ~= 'string'
-      or redis.call('HEXISTS', KEYS[3], tag) == 1 then
-    for j = #items, i, -1 do redis.call('RPUSH', KEYS[1], items[j]) end
-    break
+      or seen[tag] or redis.call('HEXISTS', KEYS[3], tag) == 1 then
+    return nil
   end
-  redis.call('ZADD', KEYS[2], now, tag)
-  redis.call('HSET', KEYS[3], tag, '[' .. raw .. ',"",' .. cjson.encode(ARGV[5]) .. ']')
-  taken[#taken + 1] = tag
+  seen[tag] = true
+  return tag
+end
+local tags = {}
+local first = redis.call('LINDEX', KEYS[1], -1)
+if first then tags[1] = tag_of(first) end
+if #tags == 0 then return {} end
+if more > 1 then
+  local items = redis.call('LRANGE', KEYS[1], -more, -2)
+  for i = #items, 1, -1 do
+    local tag = tag_of(items[i])
+    if not tag then break end
+    tags[#tags + 1] = tag
+  end
+end
+local popped = redis.call('RPOP', KEYS[1], #tags)
+local taken = {}
+for i, raw in ipairs(popped) do
+  redis.call('ZADD', KEYS[2], now, tags[i])
+  redis.call('HSET', KEYS[3], tags[i], '[' .. raw .. ',"",' .. cjson.encode(ARGV[5]) .. ']')
+  taken[#taken + 1] = tags[i]
   taken[#taken + 1] = raw
 end
 return taken

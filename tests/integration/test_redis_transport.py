@@ -1027,3 +1027,42 @@ def test_the_hand_back_of_a_node_queue_reads_an_item_without_kombus_bookkeeping_
     assert sorted(dispatched) == ids
     assert left == 0
     assert any("is not a kombu message" in r.getMessage() for r in caplog.records)
+
+
+def test_a_backlog_of_messages_without_kombus_bookkeeping_is_read_in_order_without_popping_and_pushing_back(redis_server):
+    """Messages a producer that is not Celery pushed without ``delivery_tag`` and
+    ``delivery_info``, in a backlog with Celery's: the read script cannot take such a message (its
+    tag is supplied in Python, before a ``BRPOP`` of its own reads it), and it popped up to 100
+    items and pushed back all from that one on: about 100 list writes per message read from a
+    backlog of them, each replicated and written to the AOF.  It now looks before it pops, and
+    pops only what it takes; the order holds."""
+    from tests.integration.test_bad_input import hand_built
+
+    got = []
+    with _published(0) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            for n in range(60):
+                if n % 3:
+                    client.lpush(queue.name, hand_built(str(uuid.uuid4()), {}, args=[n]))
+                else:
+                    Producer(channel).publish([[n], {}, {}], exchange=queue.exchange, routing_key=queue.name, serializer="json")
+            channel.basic_qos(0, 100, False)
+            before = client.info("commandstats").get("cmdstat_rpush", {}).get("calls", 0)
+
+            def on_message(body, message):
+                got.append(body[0][0])
+                message.ack()
+
+            with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"]):
+                deadline = time.monotonic() + 20
+                while len(got) < 60 and time.monotonic() < deadline:
+                    try:
+                        conn.drain_events(timeout=1)
+                    except TimeoutError:
+                        pass
+            pushed_back = client.info("commandstats").get("cmdstat_rpush", {}).get("calls", 0) - before
+            left = client.llen(queue.name)
+
+    assert got == list(range(60))
+    assert left == 0
+    assert pushed_back == 0
