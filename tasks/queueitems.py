@@ -107,6 +107,19 @@ def with_bookkeeping(raw: str, queue: str, tag: str) -> str | None:
     return json.dumps(payload)
 
 
+def route_back(payload: dict, queue: str) -> None:
+    """Make the ``delivery_info`` of ``payload``, a message read from ``queue``'s list
+    (:func:`kombu_message`), name the way back to ``queue`` (the default exchange, ``queue`` as the
+    routing key) where its routing key is another: Celery's retry of a task publishes it again to
+    the exchange and routing key its ``delivery_info`` names, and one that named gocelery's
+    ``celery``, bound to nothing here, sent the retry nowhere (dropped, with a warning kombu logs),
+    while its caller waited for ever.  A message Celery sent to ``queue`` names it already and is
+    left as it is (what Flower and the task's request show).  In place; pure."""
+    info = payload["properties"]["delivery_info"]
+    if info.get("routing_key") != queue:
+        info["exchange"], info["routing_key"] = "", queue
+
+
 def item_task_id(raw: str) -> str | None:
     """The task id an item that cannot be delivered names, so that its failure is stored where its
     caller waits: its headers' ``id``, or the ``id`` of a protocol 1 body (as text, or base64 when

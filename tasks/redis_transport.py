@@ -72,7 +72,7 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.url import parse_url
 
 from tasks.backlogread import BacklogRead, record
-from tasks.queueitems import kombu_message, with_bookkeeping
+from tasks.queueitems import kombu_message, route_back, with_bookkeeping
 from tasks.lostbrpop import LostBrpop
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,7 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
             try:
                 qos.read_from = dest
                 for payload in payloads:
+                    route_back(payload, dest)
                     self.connection._deliver(payload, dest)
                     delivered += 1
             except BaseException:
@@ -285,6 +286,7 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
                     self._maybe_update_queues_expire(client, queue)
                     payload, _ = self._read_item(bytes_to_str(item), queue)
                     if payload is not None:
+                        route_back(payload, queue)
                         return payload
             self._maybe_update_queues_expire(client, queue)
             raise Empty()

@@ -1066,3 +1066,38 @@ def test_a_backlog_of_messages_without_kombus_bookkeeping_is_read_in_order_witho
     assert got == list(range(60))
     assert left == 0
     assert pushed_back == 0
+
+
+def test_a_message_whose_delivery_info_names_another_way_is_read_as_from_its_queue_and_a_retry_goes_back_there(redis_server):
+    """gocelery names exchange and routing key ``celery`` in every message's ``delivery_info``,
+    whatever list it pushes it onto.  Celery's retry of a task publishes it again to what its
+    ``delivery_info`` names: bound to nothing here, the retry was dropped (kombu warns "no queues
+    bound") and its caller waited for ever.  A message read from a queue now names the way back
+    to it; one Celery sent names it already, and is left as it is."""
+    name = f"test-transport-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    gocelery = dumps({"body": base64.b64encode(b'{"n": 0}').decode(), "content-type": "application/json", "content-encoding": "utf-8",
+                      "headers": None, "properties": {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4()), "delivery_mode": 2,
+                                                      "delivery_info": {"priority": 0, "exchange": "celery", "routing_key": "celery"}}})
+    got = []
+    with app.connection_for_write() as conn:
+        channel = conn.channel()
+        try:
+            producer = Producer(channel)
+            producer.maybe_declare(queue)
+            producer.publish({"n": 1}, exchange=queue.exchange, routing_key=name, serializer="json")
+            with channel.conn_or_acquire() as client:
+                client.rpush(name, gocelery)  # read first: BRPOP pops the right end
+            with conn.Consumer([queue], channel=channel, accept=["json"],
+                               callbacks=[lambda body, message: (got.append((body["n"], dict(message.delivery_info))), message.ack())]):
+                while len(got) < 2:
+                    conn.drain_events(timeout=5)
+            assert [(n, info["exchange"], info["routing_key"]) for n, info in got] == [(0, "", name), (1, name, name)]
+            for n, info in got:  # as Celery's retry publishes the task again
+                producer.publish({"n": n}, exchange=info["exchange"], routing_key=info["routing_key"], serializer="json")
+            with channel.conn_or_acquire() as client:
+                assert client.llen(name) == 2
+        finally:
+            with channel.conn_or_acquire() as client:
+                client.delete(name)
+            channel.close()

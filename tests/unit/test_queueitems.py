@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 
-from tasks.queueitems import item_task_id, kombu_message, why_dropped, with_bookkeeping
+from tasks.queueitems import item_task_id, kombu_message, route_back, why_dropped, with_bookkeeping
 
 BODY = base64.b64encode(json.dumps([[], {"to": "u", "data": 1}, {}]).encode()).decode()
 HAND_BUILT = {"body": BODY, "content-type": "application/json", "content-encoding": "utf-8",
@@ -66,3 +66,12 @@ def test_why_an_item_is_dropped_is_told_as_what_it_lacks():
     bad_base64 = with_bookkeeping(json.dumps({**HAND_BUILT, "body": "abcde"}), "q", "t")
     assert why_dropped(bad_base64) == ("its body is not valid base64, which its body_encoding says it is", json.loads(bad_base64)["properties"])
     assert why_dropped("\xff not json") == ("it is not JSON that kombu's decoder reads", None)
+
+
+def test_a_message_is_routed_back_to_the_queue_it_was_read_from_unless_it_names_it_already():
+    gocelery = {"properties": {"delivery_info": {"exchange": "celery", "routing_key": "celery", "priority": 0}}}
+    route_back(gocelery, "collect")
+    assert gocelery["properties"]["delivery_info"] == {"exchange": "", "routing_key": "collect", "priority": 0}
+    celery = {"properties": {"delivery_info": {"exchange": "collect", "routing_key": "collect"}}}
+    route_back(celery, "collect")
+    assert celery["properties"]["delivery_info"] == {"exchange": "collect", "routing_key": "collect"}
