@@ -62,10 +62,18 @@ class Outage:
         self._failures += count
         return new
 
-    def answered(self) -> Recovery | None:
+    def asking(self) -> float:
+        """When a request is sent, on the outage's clock: what to give :meth:`answered` with its answer."""
+        return self._clock()
+
+    def answered(self, asked_at: float | None = None) -> Recovery | None:
         """The backend answered: the outage that this ends, for the caller's one line, or None when
-        there was none (it answered before too, and nothing is to be logged)."""
-        if self._since is None:
+        there was none (it answered before too, and nothing is to be logged).  An answer to a
+        request sent before the outage's first failure (``asked_at``, from :meth:`asking`) says
+        nothing of the backend now, and ends nothing: a slow request that began before Redis went
+        down and was answered after another request failed ended that outage, and the next
+        failure logged its line again."""
+        if self._since is None or (asked_at is not None and asked_at < self._since):
             return None
         recovery = Recovery(self._clock() - self._since, self._failures)
         self._since = None

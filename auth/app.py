@@ -177,9 +177,14 @@ class AuthService:
             log.error("Redis unavailable: %s; /verify and /healthz answer 503 (nodes refuse new connections with 1013) "
                       "until it answers again", exc)
 
-    def redis_answered(self) -> None:
-        """Redis answered a request: say so once after an outage."""
-        if (recovery := self._redis_outage.answered()) is not None:
+    def redis_asking(self) -> float:
+        """When a request is about to read Redis: what :meth:`redis_answered` takes with its answer."""
+        return self._redis_outage.asking()
+
+    def redis_answered(self, asked_at: float | None = None) -> None:
+        """Redis answered a request (asked at ``asked_at``, :meth:`redis_asking`): say so once after
+        an outage that began before it was asked."""
+        if (recovery := self._redis_outage.answered(asked_at)) is not None:
             log.info("Redis answers again after %.0f s; %d requests failed meanwhile", recovery.seconds, recovery.failures)
 
     def start(self, port: int, address: str) -> int:
@@ -331,6 +336,7 @@ class VerifyHandler(JsonHandler):
             except tokens.TokenInvalid as exc:
                 refused.append("invalid")
                 answers.append((401, {"error": f"token invalid: {exc}"}))
+        asked = self.service.redis_asking()
         try:
             revoked = iter(await self.service.revocations.are_revoked(signed))
         except RevocationsUnavailable as exc:
@@ -344,7 +350,7 @@ class VerifyHandler(JsonHandler):
         if signed:
             # Only a read says Redis answered: tokens refused here (expired, bad) read nothing, and
             # "answers again" for them mid-outage made the next request log the outage's ERROR again.
-            self.service.redis_answered()
+            self.service.redis_answered(asked)
         for result in refused:
             self.service.metrics.verified(result)
         claims_left = iter(signed)
@@ -415,6 +421,7 @@ class RevokeHandler(JsonHandler):
 
 class HealthHandler(JsonHandler):
     async def get(self) -> None:
+        asked = self.service.redis_asking()
         try:
             await self.service.revocations.ping()
         except RevocationsUnavailable as exc:
@@ -423,7 +430,7 @@ class HealthHandler(JsonHandler):
             if isinstance(exc, RedisRefused):
                 raise Reject(503, {"status": "redis refused", "reason": str(exc)}) from None
             raise Reject(503, {"status": "redis unavailable"}) from None
-        self.service.redis_answered()
+        self.service.redis_answered(asked)
         self.finish({"status": "ok"})
 
 

@@ -161,6 +161,7 @@ class AuthClient:
         (checks / ``MAX_VERIFY_BATCH``) timeouts for their 1013, and came back with more checks
         meanwhile.  Any other error (a 500 for one bad token of the list, a proxy's 502, an
         unexpected body) came at once: the next request is asked as usual."""
+        asked = self._outage.asking()
         try:
             results = await self._check_tokens(tokens)
         except AuthUnavailable as exc:
@@ -173,7 +174,7 @@ class AuthClient:
             # Auth answered a 200, which needs its Redis.  Not a 401: auth refuses an expired or
             # bad token without reading Redis, even while it answers 503 for every other one (a
             # 401 ended the outage, and the next 503 logged its WARNING again).
-            self._answered()
+            self._answered(asked)
         if failed:
             self._failed(failed[0], len(failed))
         unanswered = next((result for result in failed if result.unanswered), None)
@@ -191,9 +192,10 @@ class AuthClient:
             log.warning("auth unavailable: %s; new connections are refused with 1013 and refreshes answered refresh_error until "
                         "it answers: check that auth runs at AUTH_URL and that its /healthz answers 200 (it needs its Redis)", cause)
 
-    def _answered(self) -> None:
-        """Auth answered a check with a 200: an INFO line when that ends an outage."""
-        if (recovery := self._outage.answered()) is not None:
+    def _answered(self, asked_at: float) -> None:
+        """Auth answered a check sent at ``asked_at`` with a 200: an INFO line when that ends an
+        outage (one that began before it was sent: :meth:`outage.Outage.answered`)."""
+        if (recovery := self._outage.answered(asked_at)) is not None:
             log.info("auth answers again at %s after %.0f s; %d token checks failed meanwhile (their connections got 1013)",
                      self._shown_url, recovery.seconds, recovery.failures)
 

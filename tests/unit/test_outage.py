@@ -39,6 +39,21 @@ def test_the_answer_that_ends_an_outage_says_how_long_it_lasted_from_its_first_f
     assert outage.answered() == Recovery(seconds=12, failures=6)
 
 
+def test_an_answer_to_a_request_sent_before_the_outage_began_ends_nothing_and_one_sent_after_ends_it():
+    clock = Clock()
+    outage = Outage(clock)
+    slow = outage.asking()  # sent while the backend answered; its answer comes late
+    clock.now += 1
+    assert outage.failed()
+    clock.now += 1
+    assert outage.answered(slow) is None and outage.down
+    assert not outage.failed()  # the same outage: nothing logged again
+    fresh = outage.asking()
+    clock.now += 1
+    assert outage.answered(fresh) == Recovery(seconds=2, failures=2)
+    assert not outage.down
+
+
 def test_an_answer_with_no_outage_before_it_says_nothing_and_an_outage_ends_once():
     outage = Outage(Clock())
     assert outage.answered() is None
