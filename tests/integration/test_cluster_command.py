@@ -83,21 +83,26 @@ async def test_the_cluster_command_delivers_the_banners_message_and_sighup_stops
                 pass
 
 
+def cluster_command(name: str, env: dict, log_path) -> launcher.Service:
+    """``python cluster.py`` on one free node port, without Flower and the demo page, started."""
+    return launcher.Service(name, [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
+                            env, log_path=log_path).start()
+
+
 def test_a_second_cluster_on_the_redis_of_a_running_one_stops_at_once_naming_it(tmp_path, redis_server):
     """Two clusters on one Redis (the second given other ports, as the busy-port message said,
     but the same system Redis) shared its queues and routes: each worker stored what it took in
     its own DATA_DIR, and half of each cluster's messages never reached the other's browsers."""
     redis_url, broker_url = redis_server.url(11), redis_server.url(12)
 
-    def cluster_command(name: str) -> launcher.Service:
+    def started(name: str) -> launcher.Service:
         env = launcher.cluster_env(redis_url, tmp_path / name, launcher.free_port(), broker_url=broker_url, REDIS_URL=redis_url)
-        return launcher.Service(name, [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
-                                env, log_path=tmp_path / f"{name}.log").start()
+        return cluster_command(name, env, tmp_path / f"{name}.log")
 
-    first = cluster_command("first")
+    first = started("first")
     try:
         first.wait_log(READY, timeout=90)
-        second = cluster_command("second")
+        second = started("second")
         try:
             assert second.wait(30) == 1, second.log_tail(60)
             out = second.log_tail(60)
@@ -118,16 +123,14 @@ def test_a_second_cluster_on_the_private_redis_of_a_running_one_stops_at_once_na
     second cluster given the Redis the first one's banner prints (REDIS_URL, and its db 0 as
     BROKER_URL) started, and the two shared its queues and routes, as on a system Redis."""
     first_env = launcher.cluster_env(f"redis://127.0.0.1:{launcher.free_port()}", tmp_path / "first", launcher.free_port())
-    first = launcher.Service("first", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
-                             first_env, log_path=tmp_path / "first.log").start()
+    first = cluster_command("first", first_env, tmp_path / "first.log")
     try:
         first.wait_log(READY, timeout=90)
         banner = first.log_tail(400)
         [redis_url] = [line.split()[1] for line in banner.splitlines() if line.startswith("  redis ") and "(private)" in line]
         [broker_url] = [line.split()[1] for line in banner.splitlines() if line.startswith("  broker ")]
         env = launcher.cluster_env(redis_url, tmp_path / "second", launcher.free_port(), broker_url=broker_url, REDIS_URL=redis_url)
-        second = launcher.Service("second", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
-                                  env, log_path=tmp_path / "second.log").start()
+        second = cluster_command("second", env, tmp_path / "second.log")
         try:
             assert second.wait(30) == 1, second.log_tail(60)
             out = second.log_tail(60)
@@ -171,8 +174,7 @@ def test_the_cluster_command_names_broker_url_at_once_when_only_redis_url_answer
     BROKER_URL, instead of waiting a minute for a worker that retries the broker."""
     dead_broker = f"redis://127.0.0.1:{launcher.free_port()}/0"
     env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port(), broker_url=dead_broker)
-    cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
-                               env, log_path=tmp_path / "cluster.log").start()
+    cluster = cluster_command("cluster", env, tmp_path / "cluster.log")
     try:
         assert cluster.wait(20) == 1, cluster.log_tail(60)
         out = cluster.log_tail(60)
@@ -191,8 +193,7 @@ def test_the_cluster_command_with_a_data_dir_it_cannot_use_stops_at_once_saying_
     not_a_folder.write_text("a file")
     dead = f"redis://127.0.0.1:{launcher.free_port()}"
     env = launcher.cluster_env(f"{dead}/0", not_a_folder, launcher.free_port(), broker_url=f"{dead}/0", REDIS_URL=f"{dead}/1")
-    cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
-                               env, log_path=tmp_path / "cluster.log").start()
+    cluster = cluster_command("cluster", env, tmp_path / "cluster.log")
     try:
         assert cluster.wait(20) == 1, cluster.log_tail(60)
         out = cluster.log_tail(60)
@@ -210,8 +211,7 @@ def test_the_cluster_command_with_a_private_redis_keeps_a_redis_broker_url_that_
     business code's tasks waited on a broker no worker read."""
     broker = redis_server.url(5)
     env = launcher.cluster_env(f"redis://127.0.0.1:{launcher.free_port()}", tmp_path / "data", launcher.free_port(), broker_url=broker)
-    cluster = launcher.Service("cluster", [sys.executable, "cluster.py", "--nodes", str(launcher.free_port()), "--no-flower", "--no-demo"],
-                               env, log_path=tmp_path / "cluster.log").start()
+    cluster = cluster_command("cluster", env, tmp_path / "cluster.log")
     try:
         cluster.wait_log(READY, timeout=90)
         out = cluster.log_tail(400)
