@@ -89,6 +89,17 @@ def cluster_command(name: str, env: dict, log_path) -> launcher.Service:
                             env, log_path=log_path).start()
 
 
+def stopped_at_once(cluster: launcher.Service, timeout: float = 30) -> str:
+    """The end of the log of a ``cluster.py`` that must stop at once with exit status 1 (stopped
+    when it does not)."""
+    try:
+        assert cluster.wait(timeout) == 1, cluster.log_tail(60)
+        return cluster.log_tail(60)
+    finally:
+        if cluster.alive:
+            cluster.terminate(timeout=90)
+
+
 def test_a_second_cluster_on_the_redis_of_a_running_one_stops_at_once_naming_it(tmp_path, redis_server):
     """Two clusters on one Redis (the second given other ports, as the busy-port message said,
     but the same system Redis) shared its queues and routes: each worker stored what it took in
@@ -103,15 +114,10 @@ def test_a_second_cluster_on_the_redis_of_a_running_one_stops_at_once_naming_it(
     try:
         first.wait_log(READY, timeout=90)
         second = started("second")
-        try:
-            assert second.wait(30) == 1, second.log_tail(60)
-            out = second.log_tail(60)
-            assert f"another cluster uses the Redis at REDIS_URL={redis_url}" in out and "give this one a Redis of its own" in out, out
-            assert str(tmp_path / "first") in out, out
-            assert "starting auth" not in out, out
-        finally:
-            if second.alive:
-                second.terminate(timeout=90)
+        out = stopped_at_once(second)
+        assert f"another cluster uses the Redis at REDIS_URL={redis_url}" in out and "give this one a Redis of its own" in out, out
+        assert str(tmp_path / "first") in out, out
+        assert "starting auth" not in out, out
         assert first.alive
     finally:
         first.terminate(timeout=90)
@@ -131,14 +137,9 @@ def test_a_second_cluster_on_the_private_redis_of_a_running_one_stops_at_once_na
         [broker_url] = [line.split()[1] for line in banner.splitlines() if line.startswith("  broker ")]
         env = launcher.cluster_env(redis_url, tmp_path / "second", launcher.free_port(), broker_url=broker_url, REDIS_URL=redis_url)
         second = cluster_command("second", env, tmp_path / "second.log")
-        try:
-            assert second.wait(30) == 1, second.log_tail(60)
-            out = second.log_tail(60)
-            assert f"another cluster uses the Redis at REDIS_URL={redis_url}" in out, out
-            assert str(tmp_path / "first") in out and "starting auth" not in out, out
-        finally:
-            if second.alive:
-                second.terminate(timeout=90)
+        out = stopped_at_once(second)
+        assert f"another cluster uses the Redis at REDIS_URL={redis_url}" in out, out
+        assert str(tmp_path / "first") in out and "starting auth" not in out, out
         assert first.alive
     finally:
         first.terminate(timeout=90)
@@ -175,15 +176,10 @@ def test_the_cluster_command_names_broker_url_at_once_when_only_redis_url_answer
     dead_broker = f"redis://127.0.0.1:{launcher.free_port()}/0"
     env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port(), broker_url=dead_broker)
     cluster = cluster_command("cluster", env, tmp_path / "cluster.log")
-    try:
-        assert cluster.wait(20) == 1, cluster.log_tail(60)
-        out = cluster.log_tail(60)
-        assert f"none at BROKER_URL={dead_broker}" in out, out
-        assert f"BROKER_URL={redis_server.url(0)} for the same Redis" in out, out
-        assert "starting auth" not in out, out
-    finally:
-        if cluster.alive:
-            cluster.terminate(timeout=90)  # the old behaviour: cluster.py stops what it started
+    out = stopped_at_once(cluster, 20)
+    assert f"none at BROKER_URL={dead_broker}" in out, out
+    assert f"BROKER_URL={redis_server.url(0)} for the same Redis" in out, out
+    assert "starting auth" not in out, out
 
 
 def test_the_cluster_command_with_a_data_dir_it_cannot_use_stops_at_once_saying_so(tmp_path):
@@ -194,14 +190,9 @@ def test_the_cluster_command_with_a_data_dir_it_cannot_use_stops_at_once_saying_
     dead = f"redis://127.0.0.1:{launcher.free_port()}"
     env = launcher.cluster_env(f"{dead}/0", not_a_folder, launcher.free_port(), broker_url=f"{dead}/0", REDIS_URL=f"{dead}/1")
     cluster = cluster_command("cluster", env, tmp_path / "cluster.log")
-    try:
-        assert cluster.wait(20) == 1, cluster.log_tail(60)
-        out = cluster.log_tail(60)
-        assert f"cannot start the cluster: DATA_DIR={str(not_a_folder)!r}" in out and "set DATA_DIR to a writable local folder" in out, out
-        assert "Traceback" not in out and "starting" not in out, out
-    finally:
-        if cluster.alive:
-            cluster.terminate(timeout=90)
+    out = stopped_at_once(cluster, 20)
+    assert f"cannot start the cluster: DATA_DIR={str(not_a_folder)!r}" in out and "set DATA_DIR to a writable local folder" in out, out
+    assert "Traceback" not in out and "starting" not in out, out
 
 
 def test_the_cluster_command_with_a_private_redis_keeps_a_redis_broker_url_that_answers(tmp_path, redis_server):
