@@ -431,15 +431,16 @@ def _stored(client, channel, tag) -> bool:
     return bool(client.hexists(channel.unacked_key, tag)) or client.zscore(channel.unacked_index_key, tag) is not None
 
 
-def _drain(conn, channel, queue, got: list, count: int, during=None, **consumer) -> None:
-    """Consume ``queue`` into ``got`` (each body's ``n``), acking, until it holds ``count``, for 10 s
-    at most; within the context manager ``during`` (entered once the consumer declared the queue)."""
+def _drain(conn, channel, queue, got: list, count: int, during=None, read=lambda body: body["n"], seconds: float = 10, **consumer) -> None:
+    """Consume ``queue`` into ``got`` (``read`` of each body: its ``n``), acking, until it holds
+    ``count``, for ``seconds`` at most; within the context manager ``during`` (entered once the
+    consumer declared the queue)."""
     def on_message(body, message):
-        got.append(body["n"])
+        got.append(read(body))
         message.ack()
 
     with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"], **consumer), during or nullcontext():
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + seconds
         while len(got) < count and time.monotonic() < deadline:
             try:
                 conn.drain_events(timeout=1)
@@ -1048,18 +1049,7 @@ def test_a_backlog_of_messages_without_kombus_bookkeeping_is_read_in_order_witho
                     Producer(channel).publish([[n], {}, {}], exchange=queue.exchange, routing_key=queue.name, serializer="json")
             channel.basic_qos(0, 100, False)
             before = client.info("commandstats").get("cmdstat_rpush", {}).get("calls", 0)
-
-            def on_message(body, message):
-                got.append(body[0][0])
-                message.ack()
-
-            with conn.Consumer([queue], channel=channel, callbacks=[on_message], accept=["json"]):
-                deadline = time.monotonic() + 20
-                while len(got) < 60 and time.monotonic() < deadline:
-                    try:
-                        conn.drain_events(timeout=1)
-                    except TimeoutError:
-                        pass
+            _drain(conn, channel, queue, got, 60, read=lambda body: body[0][0], seconds=20)
             pushed_back = client.info("commandstats").get("cmdstat_rpush", {}).get("calls", 0) - before
             left = client.llen(queue.name)
 
