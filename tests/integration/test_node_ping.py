@@ -4,6 +4,7 @@ answering, and that it is ready again once Redis answers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -27,42 +28,46 @@ async def node_on(server: launcher.RedisServer) -> PushNode:
     return node
 
 
-async def test_a_ping_that_gets_no_answer_says_so_in_its_log_line(caplog):
-    # A ping with no answer raises asyncio.TimeoutError, whose text is empty: the line read "PING ()".
+@contextlib.asynccontextmanager
+async def answered_node():
+    """A node (:func:`node_on`) on a redis-server of its own, whose first PING was answered."""
     with launcher.RedisServer() as server:
         node = await node_on(server)
         try:
             await node._ping_redis()
             assert node.redis_ok
-            os.kill(server.service.pid, signal.SIGSTOP)  # stops answering, its sockets open
-            try:
-                with caplog.at_level(logging.WARNING, logger="wsnode.app"):
-                    await node._ping_redis()
-            finally:
-                os.kill(server.service.pid, signal.SIGCONT)
-            assert not node.redis_ok
-            assert f"node={node.address} Redis does not answer PING (no answer within 2 s); not ready until it does" in caplog.messages
+            yield node, server
         finally:
             await node.redis.aclose()
+
+
+@contextlib.contextmanager
+def not_answering(server: launcher.RedisServer):
+    """``server`` stops answering (SIGSTOP), its sockets open; it goes on at the end."""
+    os.kill(server.service.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.service.pid, signal.SIGCONT)
+
+
+async def test_a_ping_that_gets_no_answer_says_so_in_its_log_line(caplog):
+    # A ping with no answer raises asyncio.TimeoutError, whose text is empty: the line read "PING ()".
+    async with answered_node() as (node, server):
+        with not_answering(server), caplog.at_level(logging.WARNING, logger="wsnode.app"):
+            await node._ping_redis()
+        assert not node.redis_ok
+        assert f"node={node.address} Redis does not answer PING (no answer within 2 s); not ready until it does" in caplog.messages
 
 
 async def test_a_ping_that_fails_after_a_failed_lease_write_is_still_logged_once(caplog):
     # A lease write that failed first set redis_ok False: the PING's line, the one WARNING that says
     # Redis is down, was never written (the refusals it explains log at INFO).
-    with launcher.RedisServer() as server:
-        node = await node_on(server)
-        try:
-            await node._ping_redis()
-            assert node.redis_ok
-            os.kill(server.service.pid, signal.SIGSTOP)
-            try:
-                node._redis_failed(ConnectionError("a lease write failed"))  # as app.py does when a lease write fails
-                with caplog.at_level(logging.WARNING, logger="wsnode.app"):
-                    await node._ping_redis()
-                    await node._ping_redis()
-            finally:
-                os.kill(server.service.pid, signal.SIGCONT)
-            assert [m for m in caplog.messages if "Redis does not answer PING" in m] == [
-                f"node={node.address} Redis does not answer PING (no answer within 2 s); not ready until it does"]
-        finally:
-            await node.redis.aclose()
+    async with answered_node() as (node, server):
+        with not_answering(server):
+            node._redis_failed(ConnectionError("a lease write failed"))  # as app.py does when a lease write fails
+            with caplog.at_level(logging.WARNING, logger="wsnode.app"):
+                await node._ping_redis()
+                await node._ping_redis()
+        assert [m for m in caplog.messages if "Redis does not answer PING" in m] == [
+            f"node={node.address} Redis does not answer PING (no answer within 2 s); not ready until it does"]
