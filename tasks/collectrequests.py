@@ -72,6 +72,14 @@ def _task_of(req) -> str:
 #: one result, held in the worker's memory all at once.  The same figure as ``MAX_RECIPIENTS``'s default.
 COLLECT_MANY_MAX_ITEMS = 10_000
 
+#: The most deliveries (each item's recipients, summed; ``"*"`` counts none) one
+#: ``tasks.collect_many`` request may make, or ``MAX_RECIPIENTS`` when that is more (one message
+#: to as many users as a message may name always fits); more fails the request whole, telling the
+#: sender to split it.  Each delivery is a pending record in Redis, a receipt in the store and an
+#: envelope on a node's queue: 10,000 items of 10,000 recipients each (each within its own bound)
+#: were a hundred million of them from one request, minutes of the worker and gigabytes of Redis.
+COLLECT_MANY_MAX_DELIVERIES = 100_000
+
 
 def _parse_collect_many(req):
     """The valid messages of one ``tasks.collect_many`` request, its key, and the function that
@@ -103,6 +111,11 @@ def _parse_collect_many(req):
         except validation.InvalidMessage as exc:
             results[index] = {"index": index, "error": f"messages[{index}]: {exc}"}
             log.warning("collect_many %s rejected messages[%d]: %s", req.id, index, exc)
+
+    most = max(COLLECT_MANY_MAX_DELIVERIES, settings.MAX_RECIPIENTS)
+    if (deliveries := sum(len(m.to) for m in valid if m.to != validation.BROADCAST)) > most:
+        raise validation.InvalidMessage(f'"messages" name {deliveries} deliveries (recipients summed over the items); at most {most} per '
+                                        "tasks.collect_many request: split the list into several requests")
 
     def result(ids: list[str]) -> list:
         for index, message_id in zip(positions, ids):

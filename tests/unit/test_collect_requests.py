@@ -141,6 +141,23 @@ def test_a_collect_many_list_longer_than_its_bound_fails_whole_telling_to_split_
         parse(COLLECT_MANY_MAX_ITEMS + 1)
 
 
+def test_a_collect_many_request_of_more_deliveries_than_its_bound_fails_whole_telling_to_split_it():
+    from tasks.collectrequests import COLLECT_MANY_MAX_DELIVERIES, _parse_collect_many
+
+    users = [f"user-{n}" for n in range(10_000)]
+    per_item = len(users)
+
+    def parse(items: list):
+        return _parse_collect_many(SimpleRequest("t-1", "tasks.collect_many", (), {"messages": items}, {}, "worker@host", False, None, None, {}))
+
+    fits = [{"to": users, "data": n} for n in range(COLLECT_MANY_MAX_DELIVERIES // per_item)] + [{"to": "*", "data": "all"}]
+    valid, _, _ = parse(fits)
+    assert len(valid) == len(fits)
+    over = COLLECT_MANY_MAX_DELIVERIES + 1
+    with pytest.raises(InvalidMessage, match=f'"messages" name {over} deliveries .*; at most {COLLECT_MANY_MAX_DELIVERIES} .*split the list'):
+        parse(fits + [{"to": "one-more", "data": 0}])
+
+
 def test_a_reused_key_is_told_to_use_a_new_key_and_a_reused_task_id_a_new_task_id():
     assert str(key_reused("key:order-1", 1, 2)) == "idempotency key 'key:order-1' was used before for 1 message(s), not 2: use a new key per task"
     assert str(key_reused("task:t-1", 1, 2)).endswith("not 2: send each new request with a new task id (Celery's default: leave task_id unset)")
