@@ -279,10 +279,12 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
         (:meth:`_read_item`); one that is no message is dropped and the next one read.  kombu's
         decoded what it popped, and raised on an item that is no message (its decoder) or lacks
         kombu's bookkeeping (its Message: KeyError ``delivery_tag``): out of the hand-back, with
-        the item lost and nothing behind it handed back in that run."""
+        the item lost and nothing behind it handed back in that run.  An empty item is one too
+        (kombu's took it for the end of the list: the hand-back stopped with messages behind it,
+        and deleted a dead node's queue with them on it)."""
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:
-                while item := client.rpop(self._q_for_pri(queue, pri)):
+                while (item := client.rpop(self._q_for_pri(queue, pri))) is not None:
                     self._maybe_update_queues_expire(client, queue)
                     payload, _ = self._read_item(bytes_to_str(item), queue)
                     if payload is not None:

@@ -1091,3 +1091,21 @@ def test_a_message_whose_delivery_info_names_another_way_is_read_as_from_its_que
             with channel.conn_or_acquire() as client:
                 client.delete(name)
             channel.close()
+
+
+def test_basic_get_drops_an_empty_item_and_reads_the_message_behind_it(redis_server, caplog):
+    """An empty string is an item a list may hold (a hand-built ``LPUSH ''``).  The ``BRPOP`` read
+    logs and drops it as no message; ``basic_get`` (the hand-back of a node's queue) took it for
+    the end of the queue: it answered nothing with messages still behind it, and the hand-back
+    that met it first stopped there, and deleted a dead node's queue with them on it."""
+    with _published(2) as (conn, channel, queue):
+        with channel.conn_or_acquire() as client:
+            client.rpush(queue.name, "")  # read first: basic_get pops the right end
+        with caplog.at_level(logging.ERROR, logger="tasks.redis_transport"):
+            got = [channel.basic_get(queue.name, no_ack=True) for _ in range(3)]
+        with channel.conn_or_acquire() as client:
+            left = client.llen(queue.name)
+
+    assert [None if message is None else loads(message.body)["n"] for message in got] == [0, 1, None]
+    assert left == 0
+    assert any("not a kombu message (0 bytes)" in r.getMessage() for r in caplog.records)
