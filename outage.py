@@ -42,18 +42,28 @@ class Outage:
         self._failures = 0
         #: The cause of the failure last logged; kept after the outage ends, and of no effect then.
         self._cause: Hashable = None
+        #: When the last outage ended (``clock()``, :meth:`answered`); None before the first.
+        self._ended: float | None = None
 
     @property
     def down(self) -> bool:
         """Whether a failure came since the backend last answered."""
         return self._since is not None
 
-    def failed(self, cause: Hashable = None, count: int = 1) -> bool:
+    def failed(self, cause: Hashable = None, count: int = 1, asked_at: float | None = None) -> bool:
         """Count ``count`` failures of the backend; True when the caller is to log this one: the
         first of an outage, or the first whose ``cause`` differs from the previous one's (what to
         fix changed: Redis back but refusing a changed password).  A cause is whatever tells such
         fixes apart (a refusal's text, an exception's type); a caller whose fix never changes
-        gives none, and is told to log the first failure only."""
+        gives none, and is told to log the first failure only.
+
+        A failure of a request sent before the last outage ended (``asked_at``, from
+        :meth:`asking`) is of that outage, logged and over: it counts nothing and begins nothing,
+        as :meth:`answered` ends nothing for an answer to a request sent before it began (a request
+        sent while Redis was down that failed, at its timeout, after another request's answer had
+        ended the outage began a new one, and logged its line again)."""
+        if asked_at is not None and self._ended is not None and asked_at < self._ended:
+            return False
         new = self._since is None or cause != self._cause
         if self._since is None:
             self._since = self._clock()
@@ -75,6 +85,7 @@ class Outage:
         failure logged its line again."""
         if self._since is None or (asked_at is not None and asked_at < self._since):
             return None
-        recovery = Recovery(self._clock() - self._since, self._failures)
+        self._ended = self._clock()
+        recovery = Recovery(self._ended - self._since, self._failures)
         self._since = None
         return recovery

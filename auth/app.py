@@ -167,13 +167,15 @@ class AuthService:
             log.warning("admin request from %s accepted with a key of AUTH_ADMIN_KEY_PREVIOUS: move that backend to AUTH_ADMIN_KEY "
                         "(logged once per address; auth_admin_previous_key_requests_total counts them all)", address)
 
-    def redis_failed(self, exc: RevocationsUnavailable) -> None:
-        """A request could not read Redis: an ERROR line the first time, with what to do; the
-        requests after it log at INFO until :meth:`redis_answered`."""
+    def redis_failed(self, exc: RevocationsUnavailable, asked_at: float | None = None) -> None:
+        """A request (asked at ``asked_at``, :meth:`redis_asking`) could not read Redis: an ERROR
+        line the first time, with what to do; the requests after it log at INFO until
+        :meth:`redis_answered`.  One asked before the last outage ended is of that outage, and
+        begins no new one (:meth:`outage.Outage.failed`)."""
         # What to fix changes within one outage (Redis back, refusing a changed password or
         # rights: RedisRefused): logged again, or the fix was in INFO lines only.
         cause = str(exc) if isinstance(exc, RedisRefused) else type(exc).__name__
-        if self._redis_outage.failed(cause):
+        if self._redis_outage.failed(cause, asked_at=asked_at):
             log.error("Redis unavailable: %s; /verify and /healthz answer 503 (nodes refuse new connections with 1013) "
                       "until it answers again", exc)
 
@@ -344,7 +346,7 @@ class VerifyHandler(JsonHandler):
             # 401 it was never sent.
             for _ in tokens_:
                 self.service.metrics.verified("unavailable")
-            self.service.redis_failed(exc)  # the outage's ERROR line, once; this request's at INFO
+            self.service.redis_failed(exc, asked)  # the outage's ERROR line, once; this request's at INFO
             log.info("cannot verify %s: %s", ", ".join(f"jti={claims.jti} user={claims.user_id}" for claims in signed), exc)
             raise Reject(503, {"error": _unavailable(exc)}) from None
         if signed:
@@ -425,7 +427,7 @@ class HealthHandler(JsonHandler):
         try:
             await self.service.revocations.ping()
         except RevocationsUnavailable as exc:
-            self.service.redis_failed(exc)  # the outage's ERROR line, once; each probe's at INFO
+            self.service.redis_failed(exc, asked)  # the outage's ERROR line, once; each probe's at INFO
             log.info("health check: %s", exc)
             if isinstance(exc, RedisRefused):
                 raise Reject(503, {"status": "redis refused", "reason": str(exc)}) from None

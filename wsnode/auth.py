@@ -165,9 +165,9 @@ class AuthClient:
         try:
             results = await self._check_tokens(tokens)
         except AuthUnavailable as exc:
-            self._failed(exc, len(tokens))
+            self._failed(exc, len(tokens), asked)
             if exc.unanswered:
-                self._fail_waiting(exc)
+                self._fail_waiting(exc, asked)
             raise
         failed = [result for result in results if isinstance(result, AuthUnavailable)]
         if any(isinstance(result, Identity) for result in results):
@@ -176,19 +176,21 @@ class AuthClient:
             # 401 ended the outage, and the next 503 logged its WARNING again).
             self._answered(asked)
         if failed:
-            self._failed(failed[0], len(failed))
+            self._failed(failed[0], len(failed), asked)
         unanswered = next((result for result in failed if result.unanswered), None)
         if unanswered is not None:
-            self._fail_waiting(unanswered)
+            self._fail_waiting(unanswered, asked)
         return results
 
-    def _failed(self, cause: AuthUnavailable, tokens: int) -> None:
-        """``tokens`` checks failed for ``cause``: a WARNING when the first check of auth's outage
-        fails, and none after it until :meth:`_answered` (each refused connection then gets an INFO
-        line only: in a reconnect storm against a stopped auth, or one that cannot read Redis, there
-        were two WARNING lines per connect).  Once per outage, whatever its cause: the fix the line
-        says (auth running, its /healthz answering) is the same for each."""
-        if self._outage.failed(count=tokens):
+    def _failed(self, cause: AuthUnavailable, tokens: int, asked_at: float) -> None:
+        """``tokens`` checks failed for ``cause`` (asked at ``asked_at``): a WARNING when the first
+        check of auth's outage fails, and none after it until :meth:`_answered` (each refused
+        connection then gets an INFO line only: in a reconnect storm against a stopped auth, or one
+        that cannot read Redis, there were two WARNING lines per connect).  Once per outage,
+        whatever its cause: the fix the line says (auth running, its /healthz answering) is the
+        same for each.  Checks asked before the last outage ended begin no new one
+        (:meth:`outage.Outage.failed`)."""
+        if self._outage.failed(count=tokens, asked_at=asked_at):
             log.warning("auth unavailable: %s; new connections are refused with 1013 and refreshes answered refresh_error until "
                         "it answers: check that auth runs at AUTH_URL and that its /healthz answers 200 (it needs its Redis)", cause)
 
@@ -199,10 +201,10 @@ class AuthClient:
             log.info("auth answers again at %s after %.0f s; %d token checks failed meanwhile (their connections got 1013)",
                      self._shown_url, recovery.seconds, recovery.failures)
 
-    def _fail_waiting(self, cause: AuthUnavailable) -> None:
+    def _fail_waiting(self, cause: AuthUnavailable, asked_at: float) -> None:
         failed = self._checks.fail_waiting(AuthUnavailable(f"{cause} (while this token waited for that check: not asked)"))
         if failed:
-            self._failed(cause, failed)
+            self._failed(cause, failed, asked_at)
             log.info("%d token checks that waited for auth failed unasked: the check before them got no answer or a 503 (%s)", failed, cause)
 
     async def _check_tokens(self, tokens: list[str]) -> list[Identity | Exception]:

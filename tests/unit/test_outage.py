@@ -83,3 +83,24 @@ def test_a_lease_renewal_refused_connection_and_timeout_are_one_cause_and_a_refu
     assert len(unanswered) == 1
     assert len(unanswered | {refused, full}) == 3
     assert "REDIS_URL" in refused  # what to fix, which a change of it logs again
+
+
+def test_a_failure_of_a_request_sent_before_the_outage_ended_starts_nothing_and_one_sent_after_starts_the_next():
+    """The mirror of an answer to a request sent before the outage: a slow request sent while
+    Redis was down (a connection cut, waiting for its timeout) that failed after another request's
+    answer had ended the outage began a new one: its ERROR line again, and "answers again after 0 s"
+    at the next answer."""
+    clock = Clock()
+    outage = Outage(clock)
+    assert outage.failed()
+    slow = outage.asking()  # sent while the backend is down; its failure comes late
+    clock.now += 1
+    assert outage.answered(outage.asking()) == Recovery(seconds=1, failures=1)
+    clock.now += 1
+    assert outage.failed(asked_at=slow) is False and not outage.down
+    assert outage.answered() is None  # nothing to say: no outage began
+    fresh = outage.asking()
+    assert outage.failed(asked_at=fresh) is True and outage.down
+    assert outage.failed("another cause", asked_at=slow) is False  # nor does it count in the next one, or change its cause
+    clock.now += 2
+    assert outage.answered() == Recovery(seconds=2, failures=1)
