@@ -42,6 +42,9 @@ And a sixth, for a connection lost while its ``BRPOP`` waited, on a reset Redis 
 or load balancer dropping its state): :meth:`Channel.close` ends that client in Redis, or waits
 its ``BRPOP`` out, before it pushes back what it held unacknowledged (:mod:`tasks.lostbrpop`).
 
+And a seventh: a publish on a channel kombu closed meanwhile raises a connection error, which
+kombu's publish retry takes, instead of ``AttributeError`` (:meth:`Channel.basic_publish`).
+
 kombu acknowledges one message per round trip too (a pipeline removing it from the unacked index
 and hash).  :func:`acknowledge` acknowledges a group of Celery requests with one such pipeline per
 channel: ``tasks.collect`` acks each batch of requests with it once the batch ran.
@@ -65,6 +68,7 @@ from contextlib import contextmanager
 from queue import Empty
 
 import kombu.transport
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -190,6 +194,20 @@ class Channel(BacklogRead, LostBrpop, kombu_redis.Channel):
         # kombu keeps one callback per queue, the last consumer's: so does this.
         (self._acked_queues.discard if no_ack else self._acked_queues.add)(queue)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        """kombu's, on an open channel.  On one kombu closed meanwhile it raises a connection
+        error, which the publish's retry (``Connection.ensure``) answers by publishing again on
+        a new channel: kombu's ``Producer._publish`` takes its channel, then declares the queue
+        with retries of its own, and when Redis fails that declaration (a restart: refused, or
+        ``LOADING``) that retry reconnects and closes the very channel ``_publish`` then
+        publishes on.  kombu's raised ``AttributeError`` (the closed channel has no connection),
+        which no retry takes: a Collect batch handing its stored messages to ``tasks.dispatch``
+        during a Redis restart failed its requests at once instead of waiting for Redis."""
+        if self.connection is None:
+            raise redis.ConnectionError(f"the broker channel was closed while it published to {routing_key or exchange!r} "
+                                        "(its connection was lost and made again): publishing on a new channel")
+        return super().basic_publish(message, exchange, routing_key, **kwargs)
 
     def basic_cancel(self, consumer_tag):
         queue = self._tag_to_queue.get(consumer_tag)

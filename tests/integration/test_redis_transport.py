@@ -1109,3 +1109,30 @@ def test_basic_get_drops_an_empty_item_and_reads_the_message_behind_it(redis_ser
     assert [None if message is None else loads(message.body)["n"] for message in got] == [0, 1, None]
     assert left == 0
     assert any("not a kombu message (0 bytes)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_publish_whose_queue_declaration_outlasted_a_redis_restart_is_published_on_a_new_channel(tmp_path):
+    """kombu's ``Producer._publish`` takes its channel, then declares the queue with retries of
+    its own: Redis down at that declaration, the retry reconnected once Redis was back and closed
+    the channel, on which the publish then raised ``AttributeError`` (no retry takes it: a Collect
+    batch that handed its stored messages to ``tasks.dispatch`` during a Redis restart failed its
+    requests).  The channel was open before Redis stopped, its queue not declared yet, as on a
+    connection made just before a restart."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    name = f"test-transport-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
+    try:
+        with app.connection_for_write(redis_server.url(0)) as conn:
+            conn.default_channel  # connected, nothing declared yet
+            producer = Producer(conn)
+            redis_server.service.terminate()
+            back = threading.Thread(target=lambda: (time.sleep(1.0), redis_server.start()))
+            back.start()
+            try:
+                producer.publish({"n": 1}, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json", retry=True,
+                                 retry_policy={"max_retries": 20, "interval_start": 0.3, "interval_step": 0.3, "interval_max": 0.3})
+            finally:
+                back.join()
+        assert redis_lib.Redis.from_url(redis_server.url(0)).llen(name) == 1
+    finally:
+        redis_server.stop()
