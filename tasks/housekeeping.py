@@ -38,7 +38,9 @@ import logging
 import os
 import time
 
+from redis import ConnectionError as RedisConnectionError
 from redis import RedisError
+from redis import TimeoutError as RedisTimeoutError
 
 import redislogin
 import settings
@@ -47,7 +49,8 @@ from tasks import pending
 from tasks.dispatch import _redis, clock, route
 from tasks.ids import timestamp_ms
 from tasks.reclaim import hand_back
-from tasks.store import get_store
+from tasks.resultbackend import REFUSED_FOR_NOW
+from tasks.store import StoreUnavailable, get_store
 from worker import app
 from wsnode.registry import NODES_KEY, RouteTable
 
@@ -344,7 +347,17 @@ def reclaim_dead_nodes(now: float) -> int:
     return handed
 
 
-@app.task(name="tasks.housekeeping", ignore_result=True)
+#: What a run meets while Redis or the store is away for a while (a restart, ``LOADING`` after
+#: one, a failover, a full Redis): the next run, ``HOUSEKEEPING_SECONDS`` later, does the work.
+#: Celery logs the run's failure with one of these at INFO, without a traceback (the task's
+#: ``throws``), and each step's line is a WARNING: an ERROR line and Celery's traceback at every
+#: run of a Redis restart read as a crash, beside the lines that say Redis is down.  A Redis that
+#: refuses the login or rights (:func:`redislogin.refused`) is no passing trouble: its step's line
+#: stays an ERROR, with what to fix.
+PASSING_ERRORS = (RedisConnectionError, RedisTimeoutError, *REFUSED_FOR_NOW, StoreUnavailable)
+
+
+@app.task(name="tasks.housekeeping", ignore_result=True, throws=PASSING_ERRORS)
 def housekeeping() -> dict:
     """One run; skipped while another holds ``RUN_LOCK`` (a slow run is not overlapped by the next
     one, on another process).  Each step runs whatever the one before did: a failure is raised
@@ -369,7 +382,9 @@ def _housekeeping() -> dict:
             try:
                 result[name] = step(now)
             except Exception as exc:  # noqa: BLE001 - raised once the other steps ran
-                log.error("housekeeping: %s failed: %s", step.__name__, redislogin.refused(exc, redislogin.variables_of(exc)) or repr(exc))
+                refused = redislogin.refused(exc, redislogin.variables_of(exc))
+                level = logging.WARNING if refused is None and isinstance(exc, PASSING_ERRORS) else logging.ERROR
+                log.log(level, "housekeeping: %s failed: %s", step.__name__, refused or repr(exc))
                 failed = failed or exc
         if _redis.set(PURGE_LOCK, "1", nx=True, ex=PURGE_EVERY_SECONDS):
             result["purged"] = get_store().purge()
