@@ -117,6 +117,19 @@ class QoS(kombu_redis.QoS):
             pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(self.unacked_key, delivery_tag, record(dumps(message._raw), self.read_from)).execute()
             virtual.QoS.append(self, message, delivery_tag)
 
+    def restore_unacked(self, client=None):
+        """kombu 5.7's ``QoS.restore_unacked`` (what a channel's close calls: a worker's warm
+        shutdown, a consumer collecting its connection), except that it puts the messages back
+        newest first.  Each goes to the end of the queue that reads take from, so kombu's oldest
+        first put the oldest deepest: the next worker ran what this one had read and not started in
+        reverse, and one user's requests, sent in order by one business process, got their ids
+        (and arrived) in reverse order.  ``restore_visible`` (a dead worker's, after the
+        visibility timeout) already reads its records newest first."""
+        with self.channel.conn_or_acquire(client) as client:
+            for tag in reversed(list(self._delivered)):
+                self.restore_by_tag(tag, client=client)
+        self._delivered.clear()
+
     def restore_by_tag(self, tag, client=None, leftmost=False) -> None:
         """kombu 5.7's ``QoS.restore_by_tag``, except that a record it cannot read as [message,
         exchange, routing key] is logged and removed instead of raising.  kombu's raised out of
