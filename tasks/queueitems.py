@@ -22,7 +22,7 @@ from base64 import b64decode
 
 from kombu.utils.json import loads
 
-from tasks.envelopes import usable_task_id
+from tasks.envelopes import raw_task_id, usable_task_id
 
 
 def _type(value: object) -> str:
@@ -123,7 +123,7 @@ def route_back(payload: dict, queue: str) -> None:
 def item_task_id(raw: str) -> str | None:
     """The task id an item that cannot be delivered names, so that its failure is stored where its
     caller waits: its headers' ``id``, or the ``id`` of a protocol 1 body (as text, or base64 when
-    its ``body_encoding`` says so); None when it names none, or one a result cannot be stored under
+    its ``body_encoding`` says so: :func:`tasks.envelopes.raw_task_id`); None when it names none, or one a result cannot be stored under
     (:func:`tasks.envelopes.usable_task_id`).  Pure."""
     try:
         payload = json.loads(raw)
@@ -140,13 +140,7 @@ def item_task_id(raw: str) -> str | None:
             body = b64decode(body)
         except ValueError:
             return None
-    if not isinstance(body, (str, bytes)) or len(body) > MAX_ID_BODY:
-        return None
-    try:
-        fields = json.loads(body)
-    except (ValueError, TypeError, RecursionError):
-        return None
-    return usable_task_id(fields.get("id")) if isinstance(fields, dict) else None
+    return raw_task_id(body)
 
 
 def why_dropped(raw: str) -> tuple[str, dict | None]:
@@ -166,7 +160,3 @@ def why_dropped(raw: str) -> tuple[str, dict | None]:
         # without a body, the read supplies no bookkeeping: that is not what to tell
         problem = "it has no body" if "properties" in problem else f"it has no body, and {problem}"
     return problem, properties
-
-
-#: Longest body :func:`item_task_id` parses for its task id.
-MAX_ID_BODY = 1 << 20
