@@ -1,7 +1,10 @@
 """REPLAY_MAX_BYTES on a real cluster: an opening replay whose messages' frames take more than the
 budget sends the newest that fit, in order, says ``truncated``, and live messages follow with no gap;
 one within the budget is whole.  A private cluster with a budget of 4 KB (and MAX_MESSAGE_BYTES
-of 1 KB, which the budget must hold), so that a backlog of a few small messages passes it."""
+of 1 KB, which the budget must hold), so that a backlog of a few small messages passes it.  Its
+clients do not ack, and redelivery is not what these tests look at: it waits an hour here, where
+the other clusters' 4 s (``REDELIVER_AFTER``) sent the unacked messages a truncated replay left out
+again, after the live ones, into a test that a slow machine had kept running that long."""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ def budget_cluster(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("replay-budget")
     redis_server = launcher.RedisServer(data_dir=workdir / "redis").start()
     try:
-        cluster = Cluster(redis_server, workdir, auth_port=launcher.free_port(), MAX_MESSAGE_BYTES=1024, REPLAY_MAX_BYTES=BUDGET)
+        cluster = Cluster(redis_server, workdir, auth_port=launcher.free_port(), MAX_MESSAGE_BYTES=1024, REPLAY_MAX_BYTES=BUDGET,
+                          REDELIVER_AFTER=3600)
         start_or_explain(cluster, nodes=1)
         try:
             yield cluster
