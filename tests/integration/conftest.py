@@ -21,6 +21,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 from celery import Celery
+from celery.exceptions import TimeoutError as ResultTimeout
 from kombu import Connection, Exchange, Queue
 
 import launcher
@@ -55,6 +57,26 @@ def business_app(broker_url: str, backend_url: str | None = None) -> Celery:
     app.conf.update(redis_socket_timeout=10, redis_socket_connect_timeout=5,
                     result_backend_transport_options={"retry_policy": {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}})
     return app
+
+
+#: Seconds each ``.get()`` of :func:`get_result` waits before the result is read again.
+RESULT_REREAD_SECONDS = 2.0
+
+
+def get_result(async_result, timeout: float, reread: float = RESULT_REREAD_SECONDS):
+    """``async_result.get()`` until ``timeout`` has passed, asked again every ``reread`` seconds.
+    Each ``get()`` reads the stored result first, then waits for its notice on the app's pub/sub
+    connection to the result backend.  After a Redis restart, redis-py connects that subscription
+    again by itself, and a result published before it re-subscribed is missed: Celery reads the
+    stored results again only when it reconnects itself, so one ``get()`` waited its whole timeout
+    for a result that was stored (the README's "Sending tasks", a Redis restart)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return async_result.get(timeout=max(0.01, min(reread, deadline - time.monotonic())))
+        except ResultTimeout:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def release_results(app: Celery) -> None:
@@ -170,11 +192,11 @@ class Cluster:
         return await self.result(self.send("tasks.collect_many", messages=messages), timeout)
 
     async def result(self, async_result, timeout: float):
-        """``async_result.get()`` on a thread, one thread at a time: Celery's Redis result
-        consumer (one pub/sub connection per app) is not thread-safe."""
+        """:func:`get_result` on a thread, one thread at a time: Celery's Redis result consumer
+        (one pub/sub connection per app) is not thread-safe."""
         def get():
             with self._results_lock:
-                return async_result.get(timeout=timeout)
+                return get_result(async_result, timeout)
 
         return await asyncio.to_thread(get)
 

@@ -1,12 +1,19 @@
-"""The tests' business-process Celery app (``conftest.business_app``) and its release before its
-result backend stops (``conftest.release_results``), on a real Redis."""
+"""The tests' business-process Celery app (``conftest.business_app``), its release before its
+result backend stops (``conftest.release_results``), and its wait for a result across a Redis
+restart (``conftest.get_result``), on a real Redis."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import time
+
 import pytest
+import redis as redis_lib
+from celery.exceptions import TimeoutError as ResultTimeout
 
 import launcher
-from tests.integration.conftest import business_app, release_results
+from tests.integration.conftest import business_app, get_result, release_results
 
 
 def _finalised_after_its_redis_stopped(tmp_path, release: bool) -> None:
@@ -43,3 +50,44 @@ def test_without_the_release_a_result_finalised_later_reconnects_to_the_stopped_
     second apart), inside whatever code the garbage collector ran in."""
     with pytest.raises(RuntimeError, match="Retry limit exceeded while trying to reconnect to the Celery result store"):
         _finalised_after_its_redis_stopped(tmp_path, release=False)
+
+
+
+
+def _gets(admin) -> int:
+    """How many GETs the server has run (``INFO commandstats``)."""
+    return admin.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+
+
+def _stored_while_waiting(app, admin, task_id: str, wait):
+    """``wait(result)`` on a thread; once it has read the result (none yet), the result is stored
+    as it is after a missed notice: a plain ``SET`` of Celery's key, no ``PUBLISH`` reaching the
+    subscriber.  Returns what ``wait`` returned, or raises what it raised."""
+    result = app.AsyncResult(task_id)
+    read_before = _gets(admin)
+    waiting = concurrent.futures.ThreadPoolExecutor(1).submit(wait, result)
+    deadline = time.monotonic() + 30
+    while _gets(admin) == read_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    meta = {"status": "SUCCESS", "result": f"id-of-{task_id}", "traceback": None, "children": [], "task_id": task_id}
+    admin.set(app.backend.get_key_for_task(task_id), json.dumps(meta))
+    return waiting.result(timeout=60)
+
+
+def test_a_result_stored_whose_notice_was_missed_is_waited_for_by_get_and_read_by_get_result(tmp_path):
+    """Why the tests wait on results with ``get_result``: a ``get()`` reads the stored result once,
+    then waits for its notice (``PUBLISH``).  Celery's reconnection after a Redis restart reads the
+    stored results before it subscribes again, and a result published in between is never
+    noticed: one ``get()`` waits its whole timeout for a result that is stored; ``get_result``
+    asks again and reads it."""
+    server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    app = business_app(server.url(0), server.url(1))
+    admin = redis_lib.Redis.from_url(server.url(1))
+    try:
+        with pytest.raises(ResultTimeout):
+            _stored_while_waiting(app, admin, "one-get", lambda result: result.get(timeout=3))
+        assert _stored_while_waiting(app, admin, "get-result", lambda result: get_result(result, timeout=10, reread=1)) == "id-of-get-result"
+    finally:
+        admin.close()
+        release_results(app)
+        server.stop()

@@ -16,12 +16,11 @@ import sys
 import urllib.parse
 import urllib.request
 
-import celery
 import pytest
 import redis as redis_lib
 
 import launcher
-from tests.integration.conftest import Cluster, start_or_explain
+from tests.integration.conftest import Cluster, business_app, get_result, release_results, start_or_explain
 from wsnode.closecodes import CloseCode
 
 #: Every character a URL gives a meaning to, and a space: percent-encoded in the URLs (launcher.RedisServer.url).
@@ -264,16 +263,18 @@ def test_a_worker_whose_user_loses_its_channel_rights_while_it_runs_reconnects_u
         env = launcher.cluster_env(server.url(0), tmp_path, launcher.free_port(), LOG_LEVEL="INFO")
         worker = launcher.start_worker(env, concurrency=1, mingle=True, log_path=tmp_path / "worker.log")
         admin = redis_lib.Redis.from_url(server.url(1))
-        business = celery.Celery(broker=server.url(0), backend=server.url(1))
+        business = business_app(server.url(0), server.url(1))
         try:
             admin.execute_command("ACL", "SETUSER", "push-app", "resetchannels")
             admin.execute_command("CLIENT", "KILL", "USER", "push-app", "SKIPME", "yes")
             worker.wait_log("lacks a right the worker uses", timeout=30)
             assert worker.alive
             admin.execute_command("ACL", "SETUSER", "push-app", "&*")
-            assert business.send_task("tasks.presence", args=[["nobody"]], queue="dispatch").get(timeout=60) == {"nobody": []}
+            # get_result: the business app's own connections are this user's, cut above as well.
+            assert get_result(business.send_task("tasks.presence", args=[["nobody"]], queue="dispatch"), timeout=60) == {"nobody": []}
             assert worker.alive
         finally:
+            release_results(business)
             business.close()
             admin.close()
             worker.terminate(10)
