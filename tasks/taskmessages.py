@@ -265,7 +265,12 @@ class Consumer(ConsumerCancels, CeleryConsumer):
             # Without this, a run of channel errors long fixed went on after a lost connection:
             # a channel error soon after the reconnection waited as the next of that run.
             self.channel_error_backoff.lost(time.monotonic())
-            return super().on_connection_error_after_connected(exc)
+            # One line, for what every broker restart or network blip does: Celery's came with
+            # the error's traceback (three chained ones from redis-py) and its warning that
+            # running tasks are not cancelled (the platform's choice: Celery's default).
+            log.warning("consumer: Connection to broker lost (%s: %s). Trying to re-establish the connection...", type(exc).__name__, exc)
+            with _without_celerys_warning():
+                return super().on_connection_error_after_connected(exc)
         backoff = self.channel_error_backoff
         now = time.monotonic()
         delay = backoff.failed(now)
