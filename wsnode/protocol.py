@@ -19,7 +19,8 @@ Server -> client (JSON text frames):
 - ``{"type": "refreshed", "expires_at": <unix s>, "expires_in": <s>}``: the node took the token of
   a ``refresh``, and the connection now expires with it.
 - ``{"type": "refresh_error", "reason": "..."}``: the node could not check a ``refresh`` now (auth
-  unavailable, or another refresh in flight): the connection stays as it was; send it again later.
+  unavailable, Redis unavailable for the revocation list, or another refresh in flight): the
+  connection stays as it was; send it again later.
 - ``{"type": "pong"}``: the answer to a client's ``ping``.
 
 A connection whose token expired is closed with 4401 ``token expired`` ``TOKEN_EXPIRY_GRACE``
