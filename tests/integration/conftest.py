@@ -66,10 +66,10 @@ RESULT_REREAD_SECONDS = 2.0
 def get_result(async_result, timeout: float, reread: float = RESULT_REREAD_SECONDS):
     """``async_result.get()`` until ``timeout`` has passed, asked again every ``reread`` seconds.
     Each ``get()`` reads the stored result first, then waits for its notice on the app's pub/sub
-    connection to the result backend.  After a Redis restart, redis-py connects that subscription
-    again by itself, and a result published before it re-subscribed is missed: Celery reads the
-    stored results again only when it reconnects itself, so one ``get()`` waited its whole timeout
-    for a result that was stored (the README's "Sending tasks", a Redis restart)."""
+    connection to the result backend.  After a Redis restart, Celery's result consumer reconnects:
+    it reads the stored results, then subscribes again, and never hears of a result published in
+    between, so one ``get()`` waited its whole timeout for a result that was stored (the README
+    says so to business code, beside "Pass a ``timeout`` to every ``.get()``")."""
     deadline = time.monotonic() + timeout
     while True:
         try:

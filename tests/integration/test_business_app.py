@@ -52,8 +52,6 @@ def test_without_the_release_a_result_finalised_later_reconnects_to_the_stopped_
         _finalised_after_its_redis_stopped(tmp_path, release=False)
 
 
-
-
 def _gets(admin) -> int:
     """How many GETs the server has run (``INFO commandstats``)."""
     return admin.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
@@ -65,13 +63,14 @@ def _stored_while_waiting(app, admin, task_id: str, wait):
     subscriber.  Returns what ``wait`` returned, or raises what it raised."""
     result = app.AsyncResult(task_id)
     read_before = _gets(admin)
-    waiting = concurrent.futures.ThreadPoolExecutor(1).submit(wait, result)
-    deadline = time.monotonic() + 30
-    while _gets(admin) == read_before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    meta = {"status": "SUCCESS", "result": f"id-of-{task_id}", "traceback": None, "children": [], "task_id": task_id}
-    admin.set(app.backend.get_key_for_task(task_id), json.dumps(meta))
-    return waiting.result(timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(wait, result)
+        deadline = time.monotonic() + 30
+        while _gets(admin) == read_before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        meta = {"status": "SUCCESS", "result": f"id-of-{task_id}", "traceback": None, "children": [], "task_id": task_id}
+        admin.set(app.backend.get_key_for_task(task_id), json.dumps(meta))
+        return waiting.result(timeout=60)
 
 
 def test_a_result_stored_whose_notice_was_missed_is_waited_for_by_get_and_read_by_get_result(tmp_path):
