@@ -96,7 +96,8 @@ def _post(url: str, body: dict, admin: bool = True, timeout: float = 10.0) -> tu
         with _OPENER.open(request, timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
-        return exc.code, {}
+        with exc:  # closes the response: left to the garbage collector, its close raised
+            return exc.code, {}
 
 
 def issue(auth_port: int, user: str, ttl: int) -> str:

@@ -129,7 +129,8 @@ def call(base: str, method: str, path: str, body=None, key: str | None = None, r
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        with exc:  # closes the response: left to the garbage collector, its close raised
+            return exc.code, json.loads(exc.read())
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return 0, None
 

@@ -118,7 +118,8 @@ def post(url: str, body: bytes, headers: dict) -> tuple[int, dict]:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        with exc:  # closes the response: left to the garbage collector, its close raised
+            return exc.code, json.loads(exc.read() or b"{}")
 
 
 @REDIS_ONLY

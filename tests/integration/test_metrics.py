@@ -33,7 +33,8 @@ def get(url: str) -> tuple[int, bytes]:
         with urllib.request.urlopen(url, timeout=10) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        with exc:  # closes the response: left to the garbage collector, its close raised
+            return exc.code, exc.read()
 
 
 def scrape(port: int) -> Samples:

@@ -27,7 +27,8 @@ def http(port: int, path: str, body: dict | None = None, headers: dict | None = 
         with urllib.request.urlopen(request, timeout=10) as answer:
             return answer.status
     except urllib.error.HTTPError as exc:
-        return exc.code
+        with exc:  # closes the response: left to the garbage collector, its close raised
+            return exc.code
 
 
 def lines_at(log: str, level: str) -> list[str]:

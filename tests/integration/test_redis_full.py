@@ -68,7 +68,8 @@ def post(cluster: Cluster, path: str, body: dict) -> tuple[int, dict]:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        with exc:  # closes the response: left to the garbage collector, its close raised
+            return exc.code, json.loads(exc.read())
 
 
 async def test_a_collect_queued_before_redis_filled_up_is_stored_and_delivered_once_it_has_room(full_cluster):
@@ -105,7 +106,8 @@ def node_health(port: int) -> tuple[int, dict]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        with exc:  # closes the response: left to the garbage collector, its close raised
+            return exc.code, json.loads(exc.read())
 
 
 async def test_a_full_redis_is_named_by_auth_revoke_and_node_healthz(full_cluster):

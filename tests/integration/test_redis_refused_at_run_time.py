@@ -71,7 +71,8 @@ def http(port: int, path: str, body: dict | None = None, headers: dict | None = 
         with urllib.request.urlopen(request, timeout=10) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        with exc:  # closes the response: left to the garbage collector, its close raised
+            return exc.code, json.loads(exc.read())
 
 
 def wait_for(check, timeout: float, what: str):
