@@ -11,12 +11,15 @@ given up at once ('result not stored'), and a caller asking for it afterwards wa
 (:func:`tasks.batchresults.store_results`) go by it.
 
 :func:`install` makes ``redis://``, ``rediss://`` and ``sentinel://`` result backends of an app
-these classes (Celery's loader's ``override_backends``), its URL and settings unchanged.
+these classes (Celery's loader's ``override_backends``), its URL and settings unchanged.  Their
+:class:`ResultConsumer`, what a caller's ``.get()`` waits with, subscribes again before it reads the
+stored results when it reconnects.
 """
 
 from __future__ import annotations
 
 from celery.backends.redis import RedisBackend as CeleryRedisBackend
+from celery.backends.redis import ResultConsumer as CeleryResultConsumer
 from celery.backends.redis import SentinelBackend as CelerySentinelBackend
 from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError
 
@@ -41,16 +44,43 @@ def refused_for_now(exc: BaseException) -> bool:
     return isinstance(exc, REFUSED_FOR_NOW) or redisfull.is_full(exc)
 
 
+class ResultConsumer(CeleryResultConsumer):
+    """Celery's, which waits for results by their notices on one pub/sub connection (the thread
+    of the ``.get()`` that drains it).  When that connection breaks (Redis restarted, a network
+    cut), Celery's reconnection read the results stored meanwhile, then subscribed again: a result
+    stored in between was never heard of, and its ``.get()`` waited its whole timeout for a
+    result that was there.  Here it subscribes first, then reads: a result stored after the
+    subscription comes by its notice, one stored before by the read (one that comes both ways is
+    taken once)."""
+
+    def _reconnect_pubsub(self):
+        if not self.subscribed_to:
+            return super()._reconnect_pubsub()
+        self._pubsub = None
+        self.backend.client.connection_pool.reset()
+        self._pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+        keys = list(self.subscribed_to)
+        self._pubsub.subscribe(*keys)
+        for meta in self.backend.client.mget(keys):
+            if meta:
+                self.on_state_change(self._decode_result(meta), None)
+
+
 class RedisBackend(CeleryRedisBackend):
     """Celery's Redis result backend, which retries what :func:`refused_for_now` accepts as it
-    retries a Redis that does not answer."""
+    retries a Redis that does not answer, and whose results are waited for with
+    :class:`ResultConsumer`."""
+
+    ResultConsumer = ResultConsumer
 
     def exception_safe_to_retry(self, exc):
         return super().exception_safe_to_retry(exc) or refused_for_now(exc)
 
 
 class SentinelBackend(CelerySentinelBackend):
-    """Celery's Sentinel result backend, which retries as :class:`RedisBackend` does."""
+    """Celery's Sentinel result backend, which retries and waits as :class:`RedisBackend` does."""
+
+    ResultConsumer = ResultConsumer
 
     def exception_safe_to_retry(self, exc):
         return super().exception_safe_to_retry(exc) or refused_for_now(exc)
