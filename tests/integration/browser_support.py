@@ -15,11 +15,10 @@ import json
 import os
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import launcher
+from tests.integration.conftest import http_call
 
 CHROMIUM = "/usr/bin/chromium"
 #: Flags the browser tests run Chromium with (headless, as root in a container, no GPU, quiet).
@@ -81,14 +80,8 @@ class DemoPage:
 
     def call(self, path: str, body: dict | None = None) -> tuple[int, dict]:
         """``GET`` (no body) or ``POST`` JSON to the demo; returns (status, JSON answer)."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            with exc:  # closes the response: left to the garbage collector, its close raised
-                return exc.code, json.loads(exc.read() or b"{}")
+        status, answer = http_call(self.url + path, body, {"Content-Type": "application/json"}, timeout=30)
+        return status, json.loads(answer or b"{}")
 
     def send(self, to: str, text: str) -> str:
         """Send through the demo's API, as the page's form does; returns the message id."""

@@ -22,6 +22,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -268,6 +269,26 @@ def broker_url_for(kind: str, redis_server: launcher.RedisServer, request) -> st
     vhost = RabbitVhost().create()
     request.addfinalizer(vhost.delete)
     return vhost.url
+
+
+def http_call(url: str, body=None, headers: dict | None = None, method: str | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    """A blocking HTTP request to ``url``: ``(status, body)``, an HTTP error's included.  ``body``:
+    bytes as they are, anything else as JSON (GET when None, unless ``method`` says).  An error's
+    response is closed here: left to the garbage collector, its close raised inside a later test."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+def http_json(url: str, body=None, headers: dict | None = None, timeout: float = 10) -> tuple[int, dict]:
+    """:func:`http_call` of an answer in JSON: ``(status, decoded body)``."""
+    status, answer = http_call(url, body, headers, timeout=timeout)
+    return status, json.loads(answer)
 
 
 async def post_json(url: str, body: dict, bearer: str | None = None) -> tuple[int, dict]:

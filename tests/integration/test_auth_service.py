@@ -27,6 +27,7 @@ import redis.asyncio
 import launcher
 from auth import tokens
 from auth.revocations import CHANNEL, CLOCK_MARGIN_SECONDS, Revocations
+from tests.integration.conftest import http_call
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "integration-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -121,16 +122,10 @@ def auth_service(tmp: Path, redis_port: int, **env):
 
 def call(base: str, method: str, path: str, body=None, key: str | None = None, raw: bytes | None = None, headers: dict | None = None, timeout: float = 10):
     """``(status, json body)``; status 0 when nothing answered."""
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(base + path, data=data, method=method, headers=dict(headers or {}))
-    if key is not None:
-        request.add_header("Authorization", f"Bearer {key}")
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key is not None else {})}
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:  # closes the response: left to the garbage collector, its close raised
-            return exc.code, json.loads(exc.read())
+        status, answer = http_call(base + path, raw if raw is not None else body, headers, method, timeout)
+        return status, json.loads(answer)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return 0, None
 

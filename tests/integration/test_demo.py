@@ -19,6 +19,7 @@ import pytest
 
 import launcher
 from tests.integration.browser_support import DemoPage, push_js
+from tests.integration.conftest import http_call
 from tests.integration.wsclient import Client
 
 REDIS_ONLY = pytest.mark.parametrize("cluster", ["redis"], indirect=True)
@@ -113,13 +114,8 @@ def test_a_bad_send_form_gets_400_saying_what_to_fix(cluster, demo, body, error)
 
 
 def post(url: str, body: bytes, headers: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:  # closes the response: left to the garbage collector, its close raised
-            return exc.code, json.loads(exc.read() or b"{}")
+    status, answer = http_call(url, body, headers, timeout=30)
+    return status, json.loads(answer or b"{}")
 
 
 @REDIS_ONLY

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import launcher
 import settings
-from tests.integration.conftest import ADMIN_KEY
+from tests.integration.conftest import ADMIN_KEY, http_call
 from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
 from wsnode.leasekeeper import LEASE_LOST_REASON
@@ -29,12 +29,7 @@ Samples = dict[tuple[str, frozenset], float]
 
 
 def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:  # closes the response: left to the garbage collector, its close raised
-            return exc.code, exc.read()
+    return http_call(url)
 
 
 def scrape(port: int) -> Samples:

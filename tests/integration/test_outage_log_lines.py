@@ -15,20 +15,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import launcher
-from tests.integration.conftest import ADMIN_KEY, post_json
+from tests.integration.conftest import ADMIN_KEY, http_call, post_json
 from tests.integration.wsclient import Client
 from wsnode.closecodes import CloseCode
 
 
 def http(port: int, path: str, body: dict | None = None, headers: dict | None = None) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=None if body is None else json.dumps(body).encode(),
-                                     headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status
-    except urllib.error.HTTPError as exc:
-        with exc:  # closes the response: left to the garbage collector, its close raised
-            return exc.code
+    return http_call(f"http://127.0.0.1:{port}{path}", body, headers)[0]
 
 
 def lines_at(log: str, level: str) -> list[str]:

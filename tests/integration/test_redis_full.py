@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import redis as redis_lib
@@ -23,7 +20,7 @@ import redis as redis_lib
 import launcher
 from redisfull import HINT
 from tests.conftest import skip_before_redis_7
-from tests.integration.conftest import ADMIN_KEY, HOUSEKEEPING_SECONDS, LEASE_TTL, Cluster, start_or_explain
+from tests.integration.conftest import ADMIN_KEY, HOUSEKEEPING_SECONDS, LEASE_TTL, Cluster, http_json, start_or_explain
 from tests.conftest import redis_now
 from wsnode.registry import NODES_KEY
 
@@ -62,14 +59,8 @@ def over_maxmemory(admin: redis_lib.Redis):
 
 
 def post(cluster: Cluster, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{cluster.auth_port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:  # closes the response: left to the garbage collector, its close raised
-            return exc.code, json.loads(exc.read())
+    return http_json(f"http://127.0.0.1:{cluster.auth_port}{path}", body,
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"})
 
 
 async def test_a_collect_queued_before_redis_filled_up_is_stored_and_delivered_once_it_has_room(full_cluster):
@@ -102,12 +93,7 @@ async def test_a_collect_queued_before_redis_filled_up_is_stored_and_delivered_o
 
 
 def node_health(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:  # closes the response: left to the garbage collector, its close raised
-            return exc.code, json.loads(exc.read())
+    return http_json(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
 
 async def test_a_full_redis_is_named_by_auth_revoke_and_node_healthz(full_cluster):

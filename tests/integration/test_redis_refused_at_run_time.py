@@ -12,7 +12,6 @@ One private ``redis-server`` with a password for the module; each test gives the
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 import urllib.error
@@ -23,7 +22,7 @@ import redis as redis_lib
 
 import launcher
 from tasks.ids import IdGenerator
-from tests.integration.conftest import ADMIN_KEY, business_app, release_results
+from tests.integration.conftest import ADMIN_KEY, business_app, http_json, release_results
 
 PASSWORD = "the-password"
 USER, USER_PASSWORD = "push-app", "user-password"
@@ -65,14 +64,7 @@ def password_changed(server: launcher.RedisServer):
 
 
 def http(port: int, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=None if body is None else json.dumps(body).encode(),
-                                     headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        with exc:  # closes the response: left to the garbage collector, its close raised
-            return exc.code, json.loads(exc.read())
+    return http_json(f"http://127.0.0.1:{port}{path}", body, headers)
 
 
 def wait_for(check, timeout: float, what: str):
