@@ -220,7 +220,7 @@ class Cluster:
             return ids
 
     def status(self, message_id: str) -> dict:
-        return self.business.send_task("tasks.status", args=[message_id], queue="dispatch").get(timeout=20)
+        return get_result(self.business.send_task("tasks.status", args=[message_id], queue="dispatch"), 20)
 
     @contextlib.contextmanager
     def store_locked(self) -> Iterator[None]:
