@@ -1,7 +1,8 @@
 """Pieces shared by bench/compare.py and bench/capacity.py (bench/e2e.py's helpers are imported from e2e).
 
 - :class:`Cleanup`: a stack of stop actions, run in reverse on exit, on Ctrl-C and on errors;
-- :class:`ProcSampler`: CPU time per named process (user + system, from psutil) per segment, with the
+- :class:`ProcSampler`: CPU time per named process (each thread's run time on Linux, else user + system
+  from psutil) per segment, with the
   mean and the peak (1 s samples) in % of one core, plus the whole machine;
 - the peer (python-socketio behind uvicorn, ``bench/peer_app.py``): :func:`start_peer_node`;
 - :func:`peer_clients_main`: the Socket.IO counterpart of ``e2e.clients_main``, same shape and same
@@ -151,8 +152,12 @@ class ProcSampler:
     """CPU time (user + system) of named processes, per labelled segment.
 
     ``add(name, pid, children=...)``: ``"self"`` counts the process only, ``"only"`` its children only
-    (a Celery prefork pool), ``"all"`` both. :meth:`start` opens a segment; :meth:`end` closes it and
-    returns ``{name: {"cpu_s", "mean", "max"}}`` (mean and max in % of one core; max over 1 s samples),
+    (a Celery prefork pool), ``"all"`` both, and ``"threads"`` the process only, from its threads' run
+    times in nanoseconds (:meth:`_threads_clock`; for long-lived processes such as the push nodes).
+    :meth:`start` opens a segment; :meth:`end` closes it and returns ``{name: {"cpu_s", "mean", "max"}}``
+    (mean and max in % of one core; max over 1 s samples; a ``"threads"`` process also has
+    ``"main_s"``, its main thread's CPU, a node's IOLoop, and ``"main_runs"``, how many times the
+    kernel ran that thread: its wake-ups, and its preemptions),
     plus ``machine (all cores)``, ``kernel irq+softirq`` and ``steal`` (charged to no process) and ``rest of the
     machine`` (what the machine used beyond the named processes and those two: other processes).
     """
@@ -164,9 +169,15 @@ class ProcSampler:
         self._procs: dict[str, tuple[object, str]] = {}
         self._frozen: dict[str, float] = {}
         self._lock = threading.Lock()
+        #: pid -> (each thread's ns at the last reading, ns counted since the first): :meth:`_threads_clock`.
+        self._clocks: dict[int, tuple[dict[str, int], int]] = {}
+        #: pid -> (its main thread's ns, the times it was run) at the last reading.
+        self._mains: dict[int, tuple[int, int]] = {}
+        self._clock_lock = threading.Lock()
         self._interval = interval
         self._label: str | None = None
         self._base: dict[str, float] = {}
+        self._base_mains: dict[str, tuple[int, int]] = {}
         self._last: dict[str, float] = {}
         self._peaks: dict[str, float] = {}
         self._t0 = self._t_last = 0.0
@@ -210,6 +221,11 @@ class ProcSampler:
     def _cpu_of(self, proc, children: str) -> float | None:
         try:
             total = 0.0
+            if children == "threads":
+                precise = self._threads_clock(proc.pid)
+                if precise is not None:
+                    return precise
+                children = "self"
             if children in ("self", "all"):
                 t = proc.cpu_times()
                 total += t.user + t.system
@@ -225,6 +241,46 @@ class ProcSampler:
             return total
         except self._psutil.Error:
             return None
+
+    def _threads_clock(self, pid: int) -> float | None:
+        """Seconds of CPU that process ``pid``'s threads ran since it was first read here, in
+        nanoseconds' resolution (Linux: each thread's ``/proc/PID/task/TID/schedstat``), or None where
+        that cannot be read (then the caller uses psutil's).  psutil's ``cpu_times`` counts clock ticks
+        (10 ms here): a push node spends 0.1-0.2 s of CPU in a throughput row, so one tick was 5-10 %
+        of it, and the node-CPU growth from 2 to 4 nodes (four nodes' ticks against two's) moved
+        by a tenth from the ticks alone.  A thread first seen in a reading started after the one
+        before, so all of its time counts; a thread that exits loses what it ran since the last
+        reading (1 s at most), which for the long-lived threads of a node or the peer's uvicorn is
+        nothing, but not for a sender that exits at the end of its row: hence ``children="threads"``
+        is asked for per process (:meth:`add`).  Readings of one pid must not run concurrently (callers hold no lock: the sampler
+        thread and the segment ends may overlap, so it takes :attr:`_clock_lock`)."""
+        task_dir = f"/proc/{pid}/task"
+        try:
+            tids = os.listdir(task_dir)
+        except OSError:
+            tids = []
+        now: dict[str, int] = {}
+        main = None
+        for tid in tids:
+            try:
+                with open(f"{task_dir}/{tid}/schedstat") as f:
+                    ran, _, runs = (int(x) for x in f.read().split()[:3])
+            except (OSError, ValueError):
+                continue  # exited meanwhile
+            now[tid] = ran
+            if tid == str(pid):
+                main = (ran, runs)
+        with self._clock_lock:
+            if not now:  # gone, or no /proc: its last reading stands (never psutil's, another clock)
+                return self._clocks[pid][1] / 1e9 if pid in self._clocks else None
+            seen, total = self._clocks.get(pid, ({}, 0))
+            first = pid not in self._clocks
+            for tid, ns in now.items():
+                total += max(0, ns - seen.get(tid, 0 if not first else ns))
+            self._clocks[pid] = (now, total)
+            if main is not None:
+                self._mains[pid] = main
+        return total / 1e9
 
     def _machine(self) -> dict[str, float]:
         t = self._psutil.cpu_times()
@@ -247,14 +303,24 @@ class ProcSampler:
         out.update(self._machine())
         return out
 
+    def _main_threads(self) -> dict[str, tuple[int, int]]:
+        """``{name: (ns, runs)}`` of the main threads of the ``"threads"`` processes, as last read."""
+        with self._lock:
+            pids = {name: proc.pid for name, (proc, children) in self._procs.items() if children == "threads"}
+        with self._clock_lock:
+            return {name: self._mains[pid] for name, pid in pids.items() if pid in self._mains}
+
     def start(self, label: str) -> None:
         snap = self._snapshot()
+        mains = self._main_threads()
         with self._lock:
             self._label, self._base, self._last, self._peaks = label, snap, dict(snap), {}
+            self._base_mains = mains
             self._t0 = self._t_last = time.monotonic()
 
     def end(self) -> dict[str, dict[str, float]]:
         snap = self._snapshot()
+        mains = self._main_threads()
         now = time.monotonic()
         with self._lock:
             self._record(snap, now)
@@ -265,6 +331,10 @@ class ProcSampler:
                     cpu = max(0.0, value - self._base[name])
                     mean = 100 * cpu / wall
                     out[name] = {"cpu_s": round(cpu, 3), "mean": round(mean, 1), "max": round(max(mean, self._peaks.get(name, 0.0)), 1)}
+                    if name in mains and name in self._base_mains:
+                        (ran, runs), (ran0, runs0) = mains[name], self._base_mains[name]
+                        out[name]["main_s"] = round((ran - ran0) / 1e9, 4)
+                        out[name]["main_runs"] = runs - runs0
             self._label = None
         ours = sum(v["cpu_s"] for k, v in out.items() if k not in MACHINE_ROWS)
         machine = out.get("machine (all cores)", {"cpu_s": 0.0})["cpu_s"]

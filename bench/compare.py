@@ -58,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,6 +70,27 @@ from wsclients import ClientProcess, wait_pipe  # noqa: E402
 PLATFORM_OURS = ("redis", "auth", "worker main", "worker pool")
 PLATFORM_PEER = ("redis",)
 NOT_PROCESSES = common.MACHINE_ROWS
+
+
+def queue_counters(ports) -> dict[str, float] | None:
+    """The queue messages and batches ours' nodes on ``ports`` have read, summed, from their
+    ``/metrics`` (``push_node_queue_messages_total``, ``push_node_queue_batches_total``); None for the
+    peer (no ports) or when a node did not answer."""
+    totals = {"messages": 0.0, "batches": 0.0}
+    names = {"push_node_queue_messages_total": "messages", "push_node_queue_batches_total": "batches"}
+    if not ports:
+        return None
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in names:
+                totals[names[name]] += float(value)
+    return totals
 
 
 def versions() -> dict[str, str]:
@@ -135,16 +157,18 @@ class Runner:
         print(f"  ours: {len(targets)} clients connected and resumed over {n} nodes in {time.time() - t0:.1f} s", file=sys.stderr)
         sampler = ProcSampler()
         phase.push("sampler", sampler.stop)
-        sampler.add("redis", redis.service.pid)
-        sampler.add("auth", auth.pid)
-        sampler.add("worker main", worker.pid)
+        # "threads": the long-lived processes are read in nanoseconds (common.ProcSampler), the pool
+        # (whose processes may be replaced) and the senders (which exit) in clock ticks
+        sampler.add("redis", redis.service.pid, children="threads")
+        sampler.add("auth", auth.pid, children="threads")
+        sampler.add("worker main", worker.pid, children="threads")
         sampler.add("worker pool", worker.pid, children="only")
         for k, node in enumerate(nodes):
-            sampler.add(f"node {k + 1}", node.pid)
-        sampler.add("clients", clients.proc.pid)
+            sampler.add(f"node {k + 1}", node.pid, children="threads")
+        sampler.add("clients", clients.proc.pid, children="threads")
         sampler.add("bench", os.getpid())
         return {"system": "ours", "nodes": n, "clients": clients, "sampler": sampler, "broker": env["BROKER_URL"],
-                "platform": PLATFORM_OURS, "logs": logs}
+                "platform": PLATFORM_OURS, "logs": logs, "node_ports": [node.port for node in nodes]}
 
     def start_peer(self, n: int, phase: Cleanup, folder: Path) -> dict:
         import launcher
@@ -169,10 +193,10 @@ class Runner:
             raise RuntimeError(f"only {subscribed} of {n} peer nodes subscribed to Redis")
         sampler = ProcSampler()
         phase.push("sampler", sampler.stop)
-        sampler.add("redis", redis.service.pid)
+        sampler.add("redis", redis.service.pid, children="threads")
         for k, node in enumerate(nodes):
-            sampler.add(f"node {k + 1}", node.pid)
-        sampler.add("clients", clients.proc.pid)
+            sampler.add(f"node {k + 1}", node.pid, children="threads")
+        sampler.add("clients", clients.proc.pid, children="threads")
         sampler.add("bench", os.getpid())
         return {"system": "peer", "nodes": n, "clients": clients, "sampler": sampler, "redis_url": redis_url,
                 "platform": PLATFORM_PEER, "logs": logs}
@@ -204,6 +228,7 @@ class Runner:
             conn.recv()
             sampler.add("sender", sender.pid)
             label = f"{sysinfo['system']} {n} {row}"
+            queue_before = queue_counters(sysinfo.get("node_ports", ()))
             sampler.start(label)
             conn.send(("go",))
             records: list = []
@@ -240,6 +265,7 @@ class Runner:
                     break
                 time.sleep(0.25)
             cpu = sampler.end()
+            queue_after = queue_counters(sysinfo.get("node_ports", ()))
             time.sleep(args.settle)  # late duplicates, if any, arrive now
             collect()
         finally:
@@ -268,6 +294,21 @@ class Runner:
         result["node_cpu_us_per_msg"] = round(1e6 * sum(node_cpu) / delivered, 1) if delivered else None
         result["node_cpu_us_per_own_msg"] = [round(1e6 * c / d, 1) if d else None for c, d in zip(node_cpu, per_node)]
         result["platform_cpu_us_per_msg"] = round(1e6 * platform_cpu / delivered, 1) if delivered else None
+        loop_s = [cpu.get(f"node {k + 1}", {}).get("main_s") for k in range(n)]
+        loop_runs = [cpu.get(f"node {k + 1}", {}).get("main_runs") for k in range(n)]
+        if delivered and None not in loop_s and None not in loop_runs:
+            # the nodes' main threads (ours' IOLoop; the peer's asyncio loop) apart from their other
+            # threads, and how many times the kernel ran them: a node's loop pays a fixed cost each
+            # time it runs, shared by what it finds ready
+            result["node_loop_cpu_us_per_msg"] = round(1e6 * sum(loop_s) / delivered, 1)
+            result["node_loop_runs_per_1000_msgs"] = round(1000 * sum(loop_runs) / delivered, 1)
+            result["node_other_cpu_us_per_msg"] = round(max(0.0, 1e6 * (sum(node_cpu) - sum(loop_s)) / delivered), 1)
+        if queue_before is not None and queue_after is not None:
+            # what the nodes read from their queues during the row: a queue message's own cost
+            # (its BRPOP, its hand-over to the loop) is spread over the envelopes it carries
+            read = {key: queue_after[key] - queue_before[key] for key in queue_after}
+            result["node_queue_messages"] = read["messages"]
+            result["envelopes_per_queue_message"] = round(delivered / read["messages"], 1) if read["messages"] else None
         procs = sorted(((name, v["mean"]) for name, v in cpu.items() if name not in NOT_PROCESSES), key=lambda x: -x[1])
         result["top_cpu"] = procs[:4]
         result["machine_pct"] = cpu.get("machine (all cores)", {}).get("mean")
@@ -365,9 +406,9 @@ def format_row(r: dict) -> str:
     return "  ".join(str(c) for c in _cells(r))
 
 
-def markdown(header: tuple, rows: list[tuple], left: int = 3) -> str:
+def markdown(header: tuple, rows: list[tuple], left: int = 3, last_left: bool = True) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["| " + " | ".join(f"{c:<{w}}" if i < left or i == len(header) - 1 and left == 3 else f"{c:>{w}}"
+    lines = ["| " + " | ".join(f"{c:<{w}}" if i < left or i == len(header) - 1 and left == 3 and last_left else f"{c:>{w}}"
                                for i, (c, w) in enumerate(zip(row, widths))) + " |" for row in [header, *rows]]
     lines.insert(1, "|" + "|".join(("-" * (w + 2)) if i < left else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|")
     return "\n".join(lines)
@@ -489,6 +530,18 @@ def format_cpu(rows: list[dict]) -> str:
     return markdown(header, body, left=1)
 
 
+def format_nodes(rows: list[dict]) -> str:
+    """Where the nodes' CPU of each throughput row of every round went (the rows with the
+    breakdown: the threads' clock of :class:`common.ProcSampler` read them)."""
+    rows = [r for r in rows if "node_loop_cpu_us_per_msg" in r and not r["row"].startswith("latency")]
+    header = ("system", "nodes", "row", "node CPU µs/msg", "of it the loop thread", "other threads", "loop runs per 1,000 msgs",
+              "envelopes per queue msg")
+    body = [(r["system"], r["nodes"], r["row"], _fmt(r["node_cpu_us_per_msg"]), _fmt(r["node_loop_cpu_us_per_msg"]),
+             _fmt(r["node_other_cpu_us_per_msg"]), _fmt(r["node_loop_runs_per_1000_msgs"]),
+             _fmt(r.get("envelopes_per_queue_message"))) for r in rows]
+    return markdown(header, body, last_left=False) if body else ""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Compare this platform with python-socketio + Redis on the same workload.")
     parser.add_argument("--users", type=int, default=200, help="WebSocket clients, one user each (default 200)")
@@ -562,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_ratios(ratio_items))
     print()
     print(format_cpu(rows))
+    nodes_table = format_nodes(rows)
+    if nodes_table:
+        print()
+        print(nodes_table)
     problems = [f"{r['system']} {r['nodes']} {r['row']}: {p}" for r in rows for p in r["problems"]]
     if problems:
         print("\nproblems:\n" + "\n".join(problems[:30]))
