@@ -536,7 +536,7 @@ def format_nodes(rows: list[dict]) -> str:
     rows = [r for r in rows if "node_loop_cpu_us_per_msg" in r and not r["row"].startswith("latency")]
     header = ("system", "nodes", "row", "node CPU µs/msg", "of it the loop thread", "other threads", "loop runs per 1,000 msgs",
               "envelopes per queue msg")
-    body = [(r["system"], r["nodes"], r["row"], _fmt(r["node_cpu_us_per_msg"]), _fmt(r["node_loop_cpu_us_per_msg"]),
+    body = [(r["system"], str(r["nodes"]), _row_label(r), _fmt(r["node_cpu_us_per_msg"]), _fmt(r["node_loop_cpu_us_per_msg"]),
              _fmt(r["node_other_cpu_us_per_msg"]), _fmt(r["node_loop_runs_per_1000_msgs"]),
              _fmt(r.get("envelopes_per_queue_message"))) for r in rows]
     return markdown(header, body, last_left=False) if body else ""

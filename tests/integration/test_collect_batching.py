@@ -1,7 +1,7 @@
 """How the worker batches ``tasks.collect`` and ``tasks.collect_many`` requests (``tasks.batching``),
 on a real worker whose flush timer and batch size are set so high that neither ever fires: a lone
 request runs at once, and requests that come while a batch runs gather and run together once it
-returns, ``collect_many`` up to 1,000 messages a batch."""
+returns, ``collect_many`` up to ``COLLECT_MANY_MESSAGES`` (4,000) messages a batch."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from celery import Celery
 from kombu import Connection
 
 import launcher
+from tasks.collect import COLLECT_MANY_MESSAGES
 from tests.integration.conftest import Cluster, start_or_explain
 from tests.unit.test_taskmessages import nested
 
@@ -143,13 +144,13 @@ async def test_a_lone_request_runs_at_once_and_a_burst_on_a_busy_pool_gathers_in
 
 
 @pytest.mark.parametrize("positional", [False, True], ids=["kwargs", "args"])
-async def test_collect_many_requests_that_gather_run_together_up_to_a_thousand_messages_a_batch(lazy_timer_cluster, positional):
+async def test_collect_many_requests_that_gather_run_together_up_to_the_messages_a_batch_holds(lazy_timer_cluster, positional):
     """Also with the list as the one positional argument (``collect_many.delay([...])``, or from
     the task before it in a chain): such a request counted as one message, and thirty of them,
-    1,500 messages, went to the store and the route lookup as one batch."""
+    more messages than a batch holds, went to the store and the route lookup as one batch."""
     cluster = lazy_timer_cluster
     clients = {user: await cluster.connect(user) for user in ("many-a", "many-b")}
-    tasks, per_task = 30, 50  # 1,500 messages: more than one batch may hold
+    tasks, per_task = 30, COLLECT_MANY_MESSAGES * 3 // 2 // 30  # more messages than one batch may hold
 
     def send(messages):
         if positional:
@@ -171,7 +172,7 @@ async def test_collect_many_requests_that_gather_run_together_up_to_a_thousand_m
         client.close()
     batches = batch_sizes(cluster, "tasks.collect_many", requests=1 + tasks)
     assert sum(m for _, m in batches) == tasks * per_task
-    assert all(m <= 1000 for _, m in batches), batches
+    assert all(m <= COLLECT_MANY_MESSAGES for _, m in batches), batches
     assert len(batches) <= 4 and max(r for r, _ in batches) >= 10, batches  # gathered, not one per task
 
 
@@ -421,7 +422,7 @@ async def test_a_retries_header_that_is_not_a_count_fails_its_request_and_the_ba
 def count_cluster(request, tmp_path):
     """A worker whose flush timer never fires and whose count fires every 3 requests: celery-batches
     then flushes what the worker read beside a batch that runs (COLLECT_BATCH is also the most
-    messages of a ``tasks.collect`` batch; a ``tasks.collect_many`` batch holds up to 1,000); with
+    messages of a ``tasks.collect`` batch; a ``tasks.collect_many`` batch holds up to 4,000); with
     ``COLLECT_ORDER`` user (the default) and none."""
     redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
     request.addfinalizer(redis_server.stop)
@@ -442,7 +443,7 @@ async def test_a_request_waits_for_the_running_batch_of_its_user_while_other_use
     ordered = cluster.env["COLLECT_ORDER"] == "user"
     users = ("order-x", "order-y")
     clients = {user: await cluster.connect(user) for user in users}
-    per_task = 600  # two of them are more than one collect_many batch holds (1,000)
+    per_task = COLLECT_MANY_MESSAGES * 6 // 10  # two of them are more than one collect_many batch holds
 
     def items(user: str, start: int) -> list[dict]:
         return [{"to": user, "data": start + n} for n in range(per_task)]
