@@ -252,8 +252,8 @@ class ProcSampler:
         before, so all of its time counts; a thread that exits loses what it ran since the last
         reading (1 s at most), which for the long-lived threads of a node or the peer's uvicorn is
         nothing, but not for a sender that exits at the end of its row: hence ``children="threads"``
-        is asked for per process (:meth:`add`).  Readings of one pid must not run concurrently (callers hold no lock: the sampler
-        thread and the segment ends may overlap, so it takes :attr:`_clock_lock`)."""
+        is asked for per process (:meth:`add`).  Any thread: the sampler's and the segment ends'
+        readings may overlap, so the bookkeeping is under :attr:`_clock_lock`."""
         task_dir = f"/proc/{pid}/task"
         try:
             tids = os.listdir(task_dir)
@@ -273,10 +273,11 @@ class ProcSampler:
         with self._clock_lock:
             if not now:  # gone, or no /proc: its last reading stands (never psutil's, another clock)
                 return self._clocks[pid][1] / 1e9 if pid in self._clocks else None
-            seen, total = self._clocks.get(pid, ({}, 0))
-            first = pid not in self._clocks
-            for tid, ns in now.items():
-                total += max(0, ns - seen.get(tid, 0 if not first else ns))
+            if pid in self._clocks:
+                seen, total = self._clocks[pid]
+                total += sum(max(0, ns - seen.get(tid, 0)) for tid, ns in now.items())
+            else:
+                total = 0  # the first reading is the zero
             self._clocks[pid] = (now, total)
             if main is not None:
                 self._mains[pid] = main

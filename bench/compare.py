@@ -72,14 +72,12 @@ PLATFORM_PEER = ("redis",)
 NOT_PROCESSES = common.MACHINE_ROWS
 
 
-def queue_counters(ports) -> dict[str, float] | None:
-    """The queue messages and batches ours' nodes on ``ports`` have read, summed, from their
-    ``/metrics`` (``push_node_queue_messages_total``, ``push_node_queue_batches_total``); None for the
-    peer (no ports) or when a node did not answer."""
-    totals = {"messages": 0.0, "batches": 0.0}
-    names = {"push_node_queue_messages_total": "messages", "push_node_queue_batches_total": "batches"}
+def queue_messages(ports) -> float | None:
+    """The queue messages ours' nodes on ``ports`` have read, summed, from their ``/metrics``
+    (``push_node_queue_messages_total``); None for the peer (no ports) or when a node did not answer."""
     if not ports:
         return None
+    total = 0.0
     for port in ports:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -88,9 +86,9 @@ def queue_counters(ports) -> dict[str, float] | None:
             return None
         for line in text.splitlines():
             name, _, value = line.partition(" ")
-            if name in names:
-                totals[names[name]] += float(value)
-    return totals
+            if name == "push_node_queue_messages_total":
+                total += float(value)
+    return total
 
 
 def versions() -> dict[str, str]:
@@ -228,7 +226,7 @@ class Runner:
             conn.recv()
             sampler.add("sender", sender.pid)
             label = f"{sysinfo['system']} {n} {row}"
-            queue_before = queue_counters(sysinfo.get("node_ports", ()))
+            queue_before = queue_messages(sysinfo.get("node_ports", ()))
             sampler.start(label)
             conn.send(("go",))
             records: list = []
@@ -265,7 +263,7 @@ class Runner:
                     break
                 time.sleep(0.25)
             cpu = sampler.end()
-            queue_after = queue_counters(sysinfo.get("node_ports", ()))
+            queue_after = queue_messages(sysinfo.get("node_ports", ()))
             time.sleep(args.settle)  # late duplicates, if any, arrive now
             collect()
         finally:
@@ -306,9 +304,9 @@ class Runner:
         if queue_before is not None and queue_after is not None:
             # what the nodes read from their queues during the row: a queue message's own cost
             # (its BRPOP, its hand-over to the loop) is spread over the envelopes it carries
-            read = {key: queue_after[key] - queue_before[key] for key in queue_after}
-            result["node_queue_messages"] = read["messages"]
-            result["envelopes_per_queue_message"] = round(delivered / read["messages"], 1) if read["messages"] else None
+            read = queue_after - queue_before
+            result["node_queue_messages"] = read
+            result["envelopes_per_queue_message"] = round(delivered / read, 1) if read else None
         procs = sorted(((name, v["mean"]) for name, v in cpu.items() if name not in NOT_PROCESSES), key=lambda x: -x[1])
         result["top_cpu"] = procs[:4]
         result["machine_pct"] = cpu.get("machine (all cores)", {}).get("mean")
