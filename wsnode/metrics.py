@@ -9,12 +9,16 @@ registry.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections.abc import Callable, Iterable
 
 import tornado.web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from tasks.ids import MessageIdError, timestamp_ms
 from wsnode.closecodes import CloseCode
@@ -36,6 +40,36 @@ REPLAY_OUTCOMES = ("served", "truncated", "failed")
 #: expired, revoked or another user's token: closed with 4401); ``unavailable`` (auth could not be
 #: asked: the client was told to try again); ``busy`` (one was already in flight).
 REFRESH_OUTCOMES = ("ok", "rejected", "unavailable", "busy")
+
+
+class LatencyHistogram:
+    """A histogram collector for the delivery latency, which the node observes once per message
+    written: prometheus_client's ``Histogram.observe`` took 0.53 µs a call here (a lock for the
+    bucket's count and one for the sum), half of the 1.2 µs per message of :meth:`NodeMetrics.latencies`,
+    about a tenth of a node's CPU per delivery in the batch benchmark.  This one finds the bucket with
+    ``bisect`` and counts in a list, and renders the same ``_bucket``, ``_count`` and ``_sum`` series
+    (not the ``_created`` one).  Loop thread only, like the rest of the module: the node observes on
+    the loop and ``/metrics`` renders on the loop."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = sorted(float(b) for b in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # per bucket, not cumulative; the last: over every bound
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        # le is inclusive: the first bound at or above the value (bisect_left), as Histogram does
+        self._counts[bisect.bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+
+    def collect(self):
+        cumulative = list(itertools.accumulate(self._counts))
+        family = HistogramMetricFamily(self._name, self._documentation)
+        family.add_metric([], [*((floatToGoString(bound), count) for bound, count in zip(self._bounds, cumulative)), ("+Inf", cumulative[-1])],
+                          self._sum)
+        yield family
 
 
 class NodeMetrics:
@@ -78,12 +112,12 @@ class NodeMetrics:
         )
         self._batches = Counter("push_node_queue_batches", "Batches the queue consumer handed to the loop.", registry=r)
         self._queue_messages = Counter("push_node_queue_messages", "wsnode.deliver messages read from the node queue (live and replay pages).", registry=r)
-        self._latency = Histogram(
+        self._latency = LatencyHistogram(
             "push_node_delivery_latency_seconds",
             "Seconds from collect (the millisecond timestamp in the message id, made by the worker) to the write "
             "to the first socket on this node; live messages only, one observation per message and node. Includes "
             "redeliveries; clock skew between worker and node hosts shifts it.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            LATENCY_BUCKETS, r,
         )
         self._replays = Counter(
             "push_node_replays",
