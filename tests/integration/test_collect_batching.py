@@ -1,7 +1,7 @@
 """How the worker batches ``tasks.collect`` and ``tasks.collect_many`` requests (``tasks.batching``),
 on a real worker whose flush timer and batch size are set so high that neither ever fires: a lone
 request runs at once, and requests that come while a batch runs gather and run together once it
-returns, ``collect_many`` up to ``COLLECT_MANY_MESSAGES`` (4,000) messages a batch."""
+returns, ``collect_many`` up to ``COLLECT_MANY_MESSAGES`` (1,000) messages a batch."""
 
 from __future__ import annotations
 
@@ -422,7 +422,7 @@ async def test_a_retries_header_that_is_not_a_count_fails_its_request_and_the_ba
 def count_cluster(request, tmp_path):
     """A worker whose flush timer never fires and whose count fires every 3 requests: celery-batches
     then flushes what the worker read beside a batch that runs (COLLECT_BATCH is also the most
-    messages of a ``tasks.collect`` batch; a ``tasks.collect_many`` batch holds up to 4,000); with
+    messages of a ``tasks.collect`` batch; a ``tasks.collect_many`` batch holds up to ``COLLECT_MANY_MESSAGES``); with
     ``COLLECT_ORDER`` user (the default) and none."""
     redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
     request.addfinalizer(redis_server.stop)
