@@ -32,7 +32,25 @@ for _p in (str(REPO_ROOT), str(BENCH_DIR)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
+
+
+def node_metrics(port: int, names) -> dict[str, float] | None:
+    """The unlabelled samples ``names`` (e.g. ``push_node_users``, ``push_node_queue_messages_total``)
+    of the ``/metrics`` a node serves on 127.0.0.1:``port``, those it has; None when it does not
+    answer."""
+    try:
+        with _OPENER.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except Exception:  # noqa: BLE001 - a node that is gone or stuck answers nothing
+        return None
+    wanted = set(names)
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            out[name] = float(value)
+    return out
 
 
 # =============================================================================================

@@ -58,7 +58,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,15 +78,10 @@ def queue_messages(ports) -> float | None:
         return None
     total = 0.0
     for port in ports:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
+        samples = common.node_metrics(port, ("push_node_queue_messages_total",))
+        if samples is None:
             return None
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name == "push_node_queue_messages_total":
-                total += float(value)
+        total += samples.get("push_node_queue_messages_total", 0.0)
     return total
 
 

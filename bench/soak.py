@@ -63,7 +63,8 @@ for _p in (str(REPO_ROOT), str(REPO_ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from common import Cleanup, interrupt_on_signals  # noqa: E402 - after the path set-up
+import common  # noqa: E402 - after the path set-up
+from common import Cleanup, interrupt_on_signals  # noqa: E402
 
 #: What the client process imports that the project's requirements.txt does not install (bench/requirements.txt does).
 CLIENT_MODULE = "websockets"
@@ -520,17 +521,8 @@ def sample_store(data_dir: Path) -> dict[str, float]:
 
 
 def sample_metrics(name: str, port: int) -> dict[str, float]:
-    out: dict[str, float] = {}
-    try:
-        with _OPENER.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except Exception:  # noqa: BLE001
-        return out
-    for line in text.splitlines():
-        for metric in ("push_node_connections", "push_node_users"):
-            if line.startswith(metric + " "):
-                out[f"{name} {metric}"] = float(line.split()[1])
-    return out
+    samples = common.node_metrics(port, ("push_node_connections", "push_node_users")) or {}
+    return {f"{name} {metric}": value for metric, value in samples.items()}
 
 
 def read_json(path: Path) -> dict:
