@@ -341,15 +341,18 @@ def _mark_as_retry(req, exc: Exception) -> None:
 #: message from one batch (when every recipient is on it; :func:`tasks.queues.by_size` splits it
 #: by bytes).  Since a user's requests never run in two batches at once, the several batches of
 #: one flush that name the same users run one after the other, each with its own claim, insert,
-#: route lookup, publish and hand-overs between the worker's processes: lists of 100 to 200 users
-#: sent faster than the worker stores them go through in flushes of four or five such batches in
-#: a row.  4,000 (``bench/compare.py``, 2026-12-07, runs of one machine state) delivered 24,216-27,957
-#: msg/s at 2 nodes against 19,731-22,136, with the nodes' CPU per delivery 10.8-13.5 µs against
-#: 16.2-20.1; but in one of the four CI runs made with it, a warm shutdown of a worker under load
-#: (``test_faults``' SIGTERM test, on RabbitMQ) took over 45 s, which no run had shown before and
-#: twelve runs of that test alone did not show again.  Until that is understood the bound stays
-#: at 1,000 (bench/HISTORY.md, 2026-12-07 11:05).
-COLLECT_MANY_MESSAGES = 1000
+#: route lookup, publish and hand-overs between the worker's processes: at 1,000, lists of 100
+#: to 200 users sent faster than the worker stores them went through in flushes of four or five
+#: such batches in a row.  4,000 (``bench/compare.py``, 2026-12-07, runs of one machine state):
+#: 24,216-27,957 delivered msg/s at 2 nodes against 19,731-22,136, the nodes' CPU per delivery
+#: 10.8-13.5 µs against 16.2-20.1 (each node message carries 1,429 envelopes, not 476); 10,000
+#: delivered no more (19,213-25,570: fewer, longer batches overlap less with the nodes' and the
+#: clients' work).  No new largest batch: one request alone may hold ``COLLECT_MANY_MAX_ITEMS``
+#: (10,000) messages, and goes alone.  What a bigger batch costs is at a warm shutdown that lands
+#: just after a batch went to a pool process: Celery's pool forgets the batch, the process runs it
+#: to the end all the same and then waits 30 s before it exits (bench/HISTORY.md, 2026-12-07
+#: 12:10; README, Operations), so such a stop takes 30 s plus one batch.
+COLLECT_MANY_MESSAGES = 4000
 
 
 @app.task(name=COLLECT_MANY_TASK, base=CollectBatches, bind=True, acks_late=True,

@@ -1,7 +1,7 @@
 """How the worker batches ``tasks.collect`` and ``tasks.collect_many`` requests (``tasks.batching``),
 on a real worker whose flush timer and batch size are set so high that neither ever fires: a lone
 request runs at once, and requests that come while a batch runs gather and run together once it
-returns, ``collect_many`` up to ``COLLECT_MANY_MESSAGES`` (1,000) messages a batch."""
+returns, ``collect_many`` up to ``COLLECT_MANY_MESSAGES`` messages a batch."""
 
 from __future__ import annotations
 
