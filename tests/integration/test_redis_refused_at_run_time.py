@@ -142,7 +142,10 @@ def test_a_node_says_redis_refuses_its_password_in_healthz_and_its_log_lines_and
     try:
         with password_changed(server):
             refused_both = WRONG_PASSWORD.format(name="REDIS_URL")
-            status, body = wait_for(lambda: (answer := health(port))[0] == 503 and "BROKER_URL" in answer[1]["reason"] and answer,
+            # The queue consumer may see the refusal before the node's PING does (every
+            # REDIS_PING_SECONDS): wait for both, not for the first of them.
+            status, body = wait_for(lambda: ((answer := health(port))[0] == 503 and answer[1]["reason"].startswith(refused_both)
+                                             and "BROKER_URL" in answer[1]["reason"] and answer),
                                     15, "503 naming both variables")
             assert body["reason"].startswith(refused_both) and "correct them" in body["reason"], body
             assert "queue consumer not connected to the broker: " + WRONG_PASSWORD.format(name="BROKER_URL") in body["reason"], body
