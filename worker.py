@@ -91,6 +91,10 @@ app.conf.update(
     # holds its requests unacked until it ends: the prefetch window (this times the number of
     # worker processes) must hold a batch and the next one.
     worker_prefetch_multiplier=max(4, settings.COLLECT_BATCH),
+    # Celery's prefork pool, but a warm shutdown no longer forgets a job a pool process was already
+    # sent (the stop waited 30 s more, the job ran again) nor leaves one half written (the stop
+    # never ended): tasks/prefork.py.
+    worker_pool="tasks.prefork:TaskPool",
     # Results hold message ids for business code; an hour is plenty to read them.
     result_expires=3600,
     # Task events cost about a third of the worker's main process and a publish per task sent.

@@ -147,15 +147,13 @@ async def test_sigterm_of_the_worker_under_load_stops_it_and_loses_nothing(fault
     stopped the main process's loop between two pieces, the worker never exited: it blocked for
     ever reading the rest (``tasks.collectbatches._apply_batch``).  It now stops in 2-3 s here.
 
-    Or in 30 s more, four stops in 137 here: when SIGTERM lands just after a batch went to
-    a pool process, before the main process read that the process took it, Celery's pool
-    (``AsynPool.flush``) forgets the job, as not started; the process runs the batch to the end
-    all the same, and then waits billiard's 30 s for the main process to count its result
-    (``GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT``), which it never does.  Its requests, never
-    acked, come back to the next worker, which runs them again under their ids.  Such a stop takes
-    30 s plus that batch, up to ``COLLECT_MANY_MESSAGES`` messages: several seconds with the cores
-    shared by the other test processes, so the wait here is 90 s (systemd's default stop timeout;
-    the README advises a minute or more), which still catches a worker that never stops."""
+    With Celery's own prefork pool, a SIGTERM that landed just after a batch went to a pool process
+    made the stop take 30 s more (four stops in 137 here), or never end (the batch half written to
+    the process's pipe); the worker's pool (``tasks.prefork``) mends both, and
+    ``test_worker_stop.py`` makes each case happen every time.  The wait here stays generous, 90 s
+    (systemd's default stop timeout; the README advises a minute or more): the stop finishes the
+    batches running, each up to ``COLLECT_MANY_MESSAGES`` messages, with the cores shared by the
+    other test processes."""
     cluster = fault_cluster
     sent = []
     # A round of 15 batches can run whole before this process polls again (it shares the cores with

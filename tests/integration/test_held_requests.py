@@ -329,7 +329,7 @@ async def test_requests_held_for_their_countdown_by_a_worker_that_stops_run_on_t
     held = [cluster.business.send_task("tasks.collect", kwargs={"to": "handed-on", "data": n}, queue="collect", countdown=12) for n in range(20)]
     assert await scheduled_on_worker(cluster, {result.id for result in held}, within=5) == {result.id for result in held}
     assert time.time() - sent < 11, "too slow to list the requests before their countdown (12 s) ran out"
-    # A clean stop, not a quick one: it can take about 30 s under load (README, "Stopping a worker").
+    # A clean stop, not a quick one: the worker finishes what its pool runs (README, "Stopping a worker").
     assert await asyncio.to_thread(cluster.worker.terminate, 60) == 0
     assert all(result.state == "PENDING" for result in held), "run by the worker that stopped"
     ids, started, frames = await _run_by_the_next_worker(cluster, client, events, held)

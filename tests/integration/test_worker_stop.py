@@ -1,0 +1,92 @@
+"""A warm shutdown (SIGTERM) that lands just after a task went to a pool process
+(:mod:`tasks.prefork`): the worker finishes writing it, reads its result and stops.
+
+Celery's own prefork pool did neither:
+
+- a task written whole to the pool process's pipe, whose ACK the main process had not read yet,
+  was forgotten: the process ran it, then waited 30 s for the main process to count its result, and
+  the task ran again on the next worker;
+- a task whose write had begun (a payload over the pipe's 64 KB) was left half written, because
+  Celery closes the pool before it flushes it and its flush finishes writes only in a running pool:
+  the process waited for ever for the rest, and the worker never exited.
+
+Each test makes its case happen every time: the pool process is stopped (SIGSTOP), so it reads
+nothing; a task is sent; the worker gets SIGTERM; the process is resumed a second later."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import psutil
+import pytest
+import redis as redis_lib
+
+import launcher
+from tests.integration.conftest import business_app, get_result, release_results, unacked_task_ids
+
+#: Seconds the stop may take: well under the 30 s that billiard's pool process waits for a result
+#: nobody counts (``GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT``), which Celery's own pool took.
+STOP_SECONDS = 20
+
+pytestmark = pytest.mark.timeout(120)
+
+#: A batch whose pickled payload to the pool process is several times a pipe's 64 KB.
+BIG = [{"to": f"u{i % 50}", "data": {"i": i, "pad": "x" * 100}} for i in range(1000)]
+
+
+def _idle(business, name: str) -> bool:
+    """Whether the worker's main process has read the result of everything it ran (so its pool
+    process is free for the next task: Celery writes a task only to a process that is not busy)."""
+    active = business.control.inspect(destination=[name], timeout=3).active() or {}
+    return name in active and not active[name]
+
+
+@pytest.mark.parametrize(("task", "queue", "kwargs", "expected"), [
+    pytest.param("tasks.presence", "dispatch", {"users": ["caught"]}, {"caught": []}, id="written-whole"),
+    pytest.param("tasks.collect_many", "collect", {"messages": BIG}, 1000, id="half-written"),
+])
+def test_a_worker_stopped_just_after_a_task_went_to_its_pool_process_finishes_it_and_stops(tmp_path, task, queue, kwargs, expected):
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    worker = business = None
+    try:
+        env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port())
+        worker = launcher.start_worker(env, queues=queue, concurrency=1, log_path=tmp_path / "worker.log")
+        name = f"worker@{socket.gethostname()}"
+        business = business_app(env["BROKER_URL"], env["REDIS_URL"])
+        assert get_result(business.send_task("tasks.presence", args=[["first"]], queue=queue), 30) == {"first": []}
+        for _ in range(50):
+            if _idle(business, name):
+                break
+        else:
+            raise AssertionError("the worker still counts a task as running")
+        (process,) = psutil.Process(worker.pid).children()
+        broker = redis_lib.Redis.from_url(env["BROKER_URL"])
+
+        process.suspend()
+        result = business.send_task(task, kwargs=kwargs, queue=queue)
+        for _ in range(100):  # read by the main process, which holds it unacked and writes it to the pipe
+            if result.id in unacked_task_ids(broker):
+                break
+            threading.Event().wait(0.1)
+        else:
+            raise AssertionError("the worker did not read the task")
+        threading.Event().wait(0.5)
+        threading.Timer(1.0, process.resume).start()  # after the SIGTERM's flush of the pool
+        assert worker.terminate(STOP_SECONDS) == 0, f"the worker did not stop within {STOP_SECONDS} s of SIGTERM"
+        worker = None
+
+        answer = get_result(result, 10)
+        assert (len(answer) if isinstance(expected, int) else answer) == expected, answer
+        assert result.id not in unacked_task_ids(broker), "the task was left to the next worker: it would run again"
+        assert not broker.llen(queue), "the task went back to the queue: it would run again"
+        log = (tmp_path / "worker.log").read_text(errors="replace")
+        assert "could not ensure all messages were consumed" not in log, log[-3000:]
+    finally:
+        if business is not None:
+            release_results(business)
+            business.close()
+        if worker is not None:
+            worker.terminate(timeout=30)
+        redis_server.stop()
+
