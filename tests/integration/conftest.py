@@ -80,6 +80,37 @@ def get_result(async_result, timeout: float, reread: float = RESULT_REREAD_SECON
                 raise
 
 
+class LoneWorker:
+    """What :func:`lone_worker` started: ``env``, the ``worker`` (a test that stops it itself sets it
+    to None) and the ``business`` app."""
+
+    def __init__(self, env: dict[str, str], worker: launcher.Service, business: Celery) -> None:
+        self.env, self.worker, self.business = env, worker, business
+
+
+@contextlib.contextmanager
+def lone_worker(tmp_path: Path, queues: str, **env_extra: object) -> Iterator[LoneWorker]:
+    """A private Redis, one worker with one pool process on ``queues`` (its log in
+    ``tmp_path / "worker.log"``) and a business app; all stopped on the way out."""
+    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    worker = business = None
+    started = None
+    try:
+        env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port(), **env_extra)
+        worker = launcher.start_worker(env, queues=queues, concurrency=1, log_path=tmp_path / "worker.log")
+        business = business_app(env["BROKER_URL"], env["REDIS_URL"])
+        started = LoneWorker(env, worker, business)
+        yield started
+    finally:
+        if business is not None:
+            release_results(business)
+            business.close()
+        worker = started.worker if started is not None else worker
+        if worker is not None:
+            worker.terminate(timeout=30)
+        redis_server.stop()
+
+
 def release_results(app: Celery) -> None:
     """Finalise ``app``'s results and drop its pub/sub connection to the result backend, while that
     Redis still runs.  An ``AsyncResult`` whose ``.get()`` raised lives as long as the app (the

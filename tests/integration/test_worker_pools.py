@@ -18,7 +18,7 @@ import redis as redis_lib
 from kombu import Connection
 
 import launcher
-from tests.integration.conftest import Cluster, business_app, release_results, start_or_explain, unacked_task_ids
+from tests.integration.conftest import Cluster, lone_worker, start_or_explain, unacked_task_ids
 from tests.integration.taskevents import TaskEvents
 
 USERS = ["pool-a", "pool-b", "pool-c"]
@@ -142,25 +142,13 @@ def test_a_pool_process_started_while_mongodb_is_unreachable_comes_up_and_runs_w
     """A pool process opens the store before it reports up, and Celery killed one not up within 4 s:
     with MongoDB unreachable (each round trip of the open waits 5 s), the process that replaced
     one that died was killed, and replaced, every 5 s, and the worker ran nothing meanwhile."""
-    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
-    worker = business = None
-    try:
-        env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port(), MONGO_URL=f"mongodb://127.0.0.1:{launcher.free_port()}/")
-        worker = launcher.start_worker(env, queues="dispatch", concurrency=1, log_path=tmp_path / "worker.log")
-        (first,) = psutil.Process(worker.pid).children()
+    with lone_worker(tmp_path, "dispatch", MONGO_URL=f"mongodb://127.0.0.1:{launcher.free_port()}/") as lone:
+        (first,) = psutil.Process(lone.worker.pid).children()
         os.kill(first.pid, signal.SIGKILL)
-        business = business_app(env["BROKER_URL"], env["REDIS_URL"])
 
         # tasks.presence reads Redis only; it runs once the new process is up, after its store's open gave up.
-        assert business.send_task("tasks.presence", args=[["nobody"]], queue="dispatch").get(timeout=40) == {"nobody": []}
+        assert lone.business.send_task("tasks.presence", args=[["nobody"]], queue="dispatch").get(timeout=40) == {"nobody": []}
         time.sleep(1)
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert "Timed out waiting for UP message" not in log, log[-3000:]
         assert "message store not available at start" in log, log[-3000:]
-    finally:
-        if business is not None:
-            release_results(business)
-            business.close()
-        if worker is not None:
-            worker.terminate(timeout=30)
-        redis_server.stop()

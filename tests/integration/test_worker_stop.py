@@ -22,8 +22,7 @@ import psutil
 import pytest
 import redis as redis_lib
 
-import launcher
-from tests.integration.conftest import business_app, get_result, release_results, unacked_task_ids
+from tests.integration.conftest import get_result, lone_worker, unacked_task_ids
 
 #: Seconds the stop may take: well under the 30 s that billiard's pool process waits for a result
 #: nobody counts (``GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT``), which Celery's own pool took.
@@ -47,21 +46,17 @@ def _idle(business, name: str) -> bool:
     pytest.param("tasks.collect_many", "collect", {"messages": BIG}, 1000, id="half-written"),
 ])
 def test_a_worker_stopped_just_after_a_task_went_to_its_pool_process_finishes_it_and_stops(tmp_path, task, queue, kwargs, expected):
-    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
-    worker = business = None
-    try:
-        env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port())
-        worker = launcher.start_worker(env, queues=queue, concurrency=1, log_path=tmp_path / "worker.log")
+    with lone_worker(tmp_path, queue) as lone:
         name = f"worker@{socket.gethostname()}"
-        business = business_app(env["BROKER_URL"], env["REDIS_URL"])
+        business = lone.business
         assert get_result(business.send_task("tasks.presence", args=[["first"]], queue=queue), 30) == {"first": []}
         for _ in range(50):
             if _idle(business, name):
                 break
         else:
             raise AssertionError("the worker still counts a task as running")
-        (process,) = psutil.Process(worker.pid).children()
-        broker = redis_lib.Redis.from_url(env["BROKER_URL"])
+        (process,) = psutil.Process(lone.worker.pid).children()
+        broker = redis_lib.Redis.from_url(lone.env["BROKER_URL"])
 
         process.suspend()
         result = business.send_task(task, kwargs=kwargs, queue=queue)
@@ -73,8 +68,8 @@ def test_a_worker_stopped_just_after_a_task_went_to_its_pool_process_finishes_it
             raise AssertionError("the worker did not read the task")
         threading.Event().wait(0.5)
         threading.Timer(1.0, process.resume).start()  # after the SIGTERM's flush of the pool
-        assert worker.terminate(STOP_SECONDS) == 0, f"the worker did not stop within {STOP_SECONDS} s of SIGTERM"
-        worker = None
+        assert lone.worker.terminate(STOP_SECONDS) == 0, f"the worker did not stop within {STOP_SECONDS} s of SIGTERM"
+        lone.worker = None
 
         answer = get_result(result, 10)
         assert (len(answer) if isinstance(expected, int) else answer) == expected, answer
@@ -82,11 +77,3 @@ def test_a_worker_stopped_just_after_a_task_went_to_its_pool_process_finishes_it
         assert not broker.llen(queue), "the task went back to the queue: it would run again"
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert "could not ensure all messages were consumed" not in log, log[-3000:]
-    finally:
-        if business is not None:
-            release_results(business)
-            business.close()
-        if worker is not None:
-            worker.terminate(timeout=30)
-        redis_server.stop()
-
