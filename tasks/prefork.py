@@ -20,8 +20,8 @@ closes the pool, then its consumer flushes it (``AsynPool.flush``):
 
 It happened when SIGTERM landed just after a task went to a pool process: four stops in 137 of a
 worker kept busy with batches took 30 s more, and the housekeeping run, sent every
-``HOUSEKEEPING_SECONDS``, met it too; three in 110 never ended once this pool kept the jobs (it
-found no more than Celery's the half-written ones, and then waited for them).
+``HOUSEKEEPING_SECONDS``, met it too.  Three in 110 never ended when this pool first kept the jobs
+without finishing their writes: it then waited for the result of a job its process never had whole.
 
 :class:`AsynPool`'s flush, when it comes from a stop, first writes to the end every job a live
 process has begun to receive, then keeps in the cache the jobs written to a live process, so that
