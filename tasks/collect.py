@@ -348,10 +348,9 @@ def _mark_as_retry(req, exc: Exception) -> None:
 #: 10.8-13.5 µs against 16.2-20.1 (each node message carries 1,429 envelopes, not 476); 10,000
 #: delivered no more (19,213-25,570: fewer, longer batches overlap less with the nodes' and the
 #: clients' work).  No new largest batch: one request alone may hold ``COLLECT_MANY_MAX_ITEMS``
-#: (10,000) messages, and goes alone.  What a bigger batch costs is at a warm shutdown that lands
-#: just after a batch went to a pool process: Celery's pool forgets the batch, the process runs it
-#: to the end all the same and then waits 30 s before it exits (bench/HISTORY.md, 2026-12-07
-#: 12:10; README, Operations), so such a stop takes 30 s plus one batch.
+#: (10,000) messages, and goes alone.  What a bigger batch costs is at a warm shutdown, which
+#: finishes the batches running and those just sent to a pool process (``tasks.prefork``): it
+#: waits for one batch of up to this many messages per process.
 COLLECT_MANY_MESSAGES = 4000
 
 
