@@ -234,7 +234,7 @@ async def test_a_worker_stopped_while_a_refused_messages_failure_waits_leaves_th
         # A clean stop, not a quick one: the worker finishes what its pool runs (README, "Stopping
         # a worker"); with Celery's own pool, 30 s more when the SIGTERM landed just after a task
         # (here the housekeeping run, every second) went to a pool process (tests/integration/test_worker_stop.py).
-        assert await asyncio.to_thread(cluster.worker.terminate, 60) == 0
+        assert await asyncio.to_thread(cluster.worker.terminate, 30) == 0
         assert results.get(f"celery-task-meta-{task_id}") is None
         assert await asyncio.to_thread(_held_by_broker, cluster, task_id), "the broker no longer holds the refused message"
     cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
