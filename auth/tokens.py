@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import jwt
 
 from auth import AuthError
+from logtext import printable
 
 ALGORITHM = "HS256"
 MAX_USER_ID_LENGTH = 128
 REQUIRED_CLAIMS = ("sub", "jti", "iat", "exp")
-#: The most characters of PyJWT's message that a ``malformed (...)`` reason shows (:func:`printable`).
+#: The most characters of PyJWT's message that a ``malformed (...)`` reason shows (:func:`logtext.printable`).
 MAX_REASON_CHARS = 200
 
 # Whitespace, control, format (invisible) and surrogate characters may not appear in a user id.
@@ -153,21 +154,6 @@ def verify(secret: str, token: object, now: float, previous: Sequence[str] = ())
     raise TokenInvalid("signature does not match (signed with another secret, or altered)")
 
 
-def printable(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` as one line of printable ASCII, at most ``limit`` characters: line breaks, other
-    control characters and non-ASCII written as Python escapes (``\\n``, ``\\x1b``, ``\\ud800``),
-    the rest as it is.  For PyJWT's messages, which quote parts of a token's header before any
-    signature is checked (``Unsupported critical extension: <name>``): so anyone could put a line
-    break into a reason that push nodes log (a forged log line), or a lone surrogate, which no
-    UTF-8 encoder takes (a node answered such a handshake 500, and left such a refresh
-    unanswered).  Pure."""
-    if not (text.isascii() and text.isprintable()):
-        # Character by character, so that text shown this way once is left as it is (a backslash
-        # is printable): a node shows auth's reasons with this too.
-        text = "".join(char if char.isascii() and char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _decode(token: str, key: str) -> dict:
     """The payload of ``token`` signed with ``key``; raises ``jwt.InvalidSignatureError`` when
     ``key`` did not sign it, ``TokenInvalid`` when it is wrong whatever the key."""
@@ -186,7 +172,7 @@ def _decode(token: str, key: str) -> dict:
     except jwt.MissingRequiredClaimError as exc:
         raise TokenInvalid(f"missing claim {exc.claim!r}") from None
     except jwt.PyJWTError as exc:
-        raise TokenInvalid(f"malformed ({printable(str(exc))})") from None
+        raise TokenInvalid(f"malformed ({printable(str(exc), MAX_REASON_CHARS)})") from None
 
 
 def _claims(payload: dict, now: float, signed_with_previous: bool) -> Claims:

@@ -44,7 +44,7 @@ from cachetools import TTLCache
 from tornado.curl_httpclient import CurlAsyncHTTPClient
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
-from auth.tokens import printable
+from logtext import printable
 from outage import Outage
 from settings import redact
 from wsnode.coalesce import Coalescer
@@ -292,7 +292,7 @@ def _small_buffers(curl: pycurl.Curl) -> None:
 
 
 def _error_text(exc: HTTPClientError) -> str:
-    """The error of auth's answer, as one printable line (:func:`auth.tokens.printable`): the node
+    """The error of auth's answer, as one printable line (:func:`logtext.printable`): the node
     logs it and sends it as a close reason, and an auth of an earlier version quoted in it parts
     of a browser's token (its header, which nobody signed): a line break in it forged a line of
     the node's log, and a lone surrogate answered the handshake 500."""
