@@ -466,41 +466,33 @@ def peer_clients_main(conn, targets: list[tuple[str, str]], connect_timeout: flo
 async def _peer_clients(conn, targets, connect_timeout: float) -> None:
     from wsclients import ClientSet
 
-    loads, now = json.loads, time.time
+    loads = json.loads
     clients = ClientSet(len(targets))
     ready, sockets = clients.ready, clients.sockets  # fixed lists; take() swaps records, closed and other
 
-    def callback(index: int):
-        def on_message(raw) -> None:
-            t_recv = now()
-            if raw is None:
-                clients.on_closed(index)
-                return
-            if raw.startswith("42"):
-                event = loads(raw[2:])
-                data = event[1] if len(event) > 1 and isinstance(event[1], dict) else {}
-                seq = data.get("seq")
-                clients.records.append((index, "%012d" % seq if isinstance(seq, int) else str(seq), seq, data.get("t"), t_recv))
-            elif raw == "2":
-                clients.write(index, "3")
-            elif raw.startswith("40"):
-                clients.settle(ready[index], raw)
-            elif raw.startswith("0"):
-                if sockets[index] is not None:
-                    clients.write(index, "40")
-                else:
-                    clients.early[index] = True
+    def on_frame(index: int, raw: str, t_recv: float) -> None:
+        if raw.startswith("42"):
+            event = loads(raw[2:])
+            data = event[1] if len(event) > 1 and isinstance(event[1], dict) else {}
+            seq = data.get("seq")
+            clients.records.append((index, "%012d" % seq if isinstance(seq, int) else str(seq), seq, data.get("t"), t_recv))
+        elif raw == "2":
+            clients.write(index, "3")
+        elif raw.startswith("40"):
+            clients.settle(ready[index], raw)
+        elif raw.startswith("0"):
+            if sockets[index] is not None:
+                clients.write(index, "40")
             else:
-                clients.other.append((index, raw[:200]))
-        return on_message
+                clients.early[index] = True
+        else:
+            clients.other.append((index, raw[:200]))
 
     def on_open(index: int) -> None:
         if clients.early[index]:
             clients.write(index, "40")
 
-    errors = await clients.connect_all([url for _, url in targets], callback, connect_timeout, on_open=on_open, label=lambda i: targets[i][0])
-    conn.send(("ready", len(targets) - len(errors), errors))  # each connection is ready or has its error
-    await clients.serve(conn)
+    await clients.run(conn, targets, connect_timeout, on_frame, on_open=on_open)
 
 
 def peer_sender_main(conn, redis_url: str, tasks: list, rate: float) -> None:

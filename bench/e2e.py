@@ -87,36 +87,28 @@ def clients_main(conn, targets: list[tuple[str, str]], connect_timeout: float) -
 async def _clients(conn, targets, connect_timeout: float) -> None:
     from wsclients import ClientSet
 
-    loads, now = json.loads, time.time
+    loads = json.loads
     # A connection is ready at its "resumed" frame: bound ("hello"), and its opening replay done,
     # so that live messages are not held back behind it.
     clients = ClientSet(len(targets))
     ready, sockets = clients.ready, clients.sockets  # fixed lists; take() swaps records, closed and other
 
-    def callback(index: int):
-        def on_message(raw) -> None:
-            t_recv = now()
-            if raw is None:
-                clients.on_closed(index)
-                return
-            frame = loads(raw)
-            kind = frame.get("type")
-            if kind == "message":
-                message_id, data = frame["id"], frame.get("data") or {}
-                clients.records.append((index, message_id, data.get("seq"), data.get("t"), t_recv))
-                if sockets[index] is not None:  # always set: sending starts once every connection resumed
-                    clients.ack(index, message_id)
-            elif kind == "hello":
-                clients.ack_ids[index] = frame.get("ack_ids") or 0
-            elif kind == "resumed":
-                clients.settle(ready[index], frame)
-            else:
-                clients.other.append((index, frame))
-        return on_message
+    def on_frame(index: int, raw: str, t_recv: float) -> None:
+        frame = loads(raw)
+        kind = frame.get("type")
+        if kind == "message":
+            message_id, data = frame["id"], frame.get("data") or {}
+            clients.records.append((index, message_id, data.get("seq"), data.get("t"), t_recv))
+            if sockets[index] is not None:  # always set: sending starts once every connection resumed
+                clients.ack(index, message_id)
+        elif kind == "hello":
+            clients.ack_ids[index] = frame.get("ack_ids") or 0
+        elif kind == "resumed":
+            clients.settle(ready[index], frame)
+        else:
+            clients.other.append((index, frame))
 
-    errors = await clients.connect_all([url for _, url in targets], callback, connect_timeout, label=lambda i: targets[i][0])
-    conn.send(("ready", len(targets) - len(errors), errors))  # each connection is ready or has its error
-    await clients.serve(conn)
+    await clients.run(conn, targets, connect_timeout, on_frame)
 
 
 # =============================================================================================

@@ -116,6 +116,28 @@ class ClientSet:
 
         return [e for e in await asyncio.gather(*(connect(i) for i in range(len(urls)))) if e]
 
+    async def run(self, conn, targets: list[tuple[str, str]], connect_timeout: float, on_frame: Callable[[int, str, float], None],
+                  on_open: Callable[[int], None] | None = None) -> None:
+        """A client process's life, whatever protocol it speaks: one connection per ``(user, url)``
+        of ``targets``, each text frame handed to ``on_frame(index, frame, t_recv)`` with the time it
+        was read (a closed connection is recorded here, :meth:`on_closed`), ``("ready", connected,
+        errors)`` sent on ``conn`` once each connection is ready or failed, then the orchestrator's
+        commands until ``("stop",)`` (:meth:`serve`)."""
+        now, on_closed = time.time, self.on_closed
+
+        def callback(index: int) -> Callable:
+            def on_message(raw) -> None:
+                t_recv = now()
+                if raw is None:
+                    on_closed(index)
+                    return
+                on_frame(index, raw, t_recv)
+            return on_message
+
+        errors = await self.connect_all([url for _, url in targets], callback, connect_timeout, on_open=on_open, label=lambda i: targets[i][0])
+        conn.send(("ready", len(targets) - len(errors), errors))  # each connection is ready or has its error
+        await self.serve(conn)
+
     def take(self) -> tuple[list, list, list]:
         """What arrived since the last take: (records, closed, other frames)."""
         taken = self.records, self.closed, self.other
