@@ -111,6 +111,22 @@ def lone_worker(tmp_path: Path, queues: str, **env_extra: object) -> Iterator[Lo
         redis_server.stop()
 
 
+@contextlib.contextmanager
+def private_business_app(tmp_path: Path) -> Iterator[tuple[launcher.RedisServer, Celery]]:
+    """A private Redis, and a business app (:func:`business_app`) with its database 0 as the broker
+    and 1 as the result backend; the app released (:func:`release_results`) and the Redis stopped on
+    the way out."""
+    server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+    app = None
+    try:
+        app = business_app(server.url(0), server.url(1))
+        yield server, app
+    finally:
+        if app is not None:
+            release_results(app)
+        server.stop()
+
+
 def release_results(app: Celery) -> None:
     """Finalise ``app``'s results and drop its pub/sub connection to the result backend, while that
     Redis still runs.  An ``AsyncResult`` whose ``.get()`` raised lives as long as the app (the

@@ -13,7 +13,7 @@ import redis as redis_lib
 from celery.exceptions import TimeoutError as ResultTimeout
 
 import launcher
-from tests.integration.conftest import business_app, get_result, release_results
+from tests.integration.conftest import business_app, get_result, private_business_app, release_results
 
 
 def _finalised_after_its_redis_stopped(tmp_path, release: bool) -> None:
@@ -79,14 +79,11 @@ def test_a_result_stored_whose_notice_was_missed_is_waited_for_by_get_and_read_b
     stored results before it subscribes again, and a result published in between is never
     noticed: one ``get()`` waits its whole timeout for a result that is stored; ``get_result``
     asks again and reads it."""
-    server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
-    app = business_app(server.url(0), server.url(1))
-    admin = redis_lib.Redis.from_url(server.url(1))
-    try:
-        with pytest.raises(ResultTimeout):
-            _stored_while_waiting(app, admin, "one-get", lambda result: result.get(timeout=3))
-        assert _stored_while_waiting(app, admin, "get-result", lambda result: get_result(result, timeout=10, reread=1)) == "id-of-get-result"
-    finally:
-        admin.close()
-        release_results(app)
-        server.stop()
+    with private_business_app(tmp_path) as (server, app):
+        admin = redis_lib.Redis.from_url(server.url(1))
+        try:
+            with pytest.raises(ResultTimeout):
+                _stored_while_waiting(app, admin, "one-get", lambda result: result.get(timeout=3))
+            assert _stored_while_waiting(app, admin, "get-result", lambda result: get_result(result, timeout=10, reread=1)) == "id-of-get-result"
+        finally:
+            admin.close()

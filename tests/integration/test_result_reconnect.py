@@ -10,9 +10,8 @@ import pytest
 import redis as redis_lib
 from celery.exceptions import TimeoutError as ResultTimeout
 
-import launcher
 from tasks import resultbackend
-from tests.integration.conftest import business_app, release_results
+from tests.integration.conftest import private_business_app
 
 
 #: What the test sends when it has seen enough, to find the end of what ``MONITOR`` showed.
@@ -32,10 +31,8 @@ def test_a_get_across_a_redis_restart_subscribes_again_before_it_reads_the_store
     written in between was never heard of, and its ``.get()`` waited its whole timeout for a result
     that was stored.  Subscribed first, a result written after the read comes by its notice, and one
     written before by the read."""
-    server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
-    app = business_app(server.url(0), server.url(1))
-    resultbackend.install(app)
-    try:
+    with private_business_app(tmp_path) as (server, app):
+        resultbackend.install(app)
         result = app.AsyncResult("restart-straddler")
         with pytest.raises(ResultTimeout):
             result.get(timeout=0.2)  # subscribed to its notice
@@ -51,6 +48,3 @@ def test_a_get_across_a_redis_restart_subscribes_again_before_it_reads_the_store
         read = commands.index("MGET")
         assert "SUBSCRIBE" in commands[:read] and "SUBSCRIBE" not in commands[read:], commands
         watcher.close()
-    finally:
-        release_results(app)
-        server.stop()
