@@ -26,17 +26,27 @@ without finishing their writes: it then waited for the result of a job its proce
 :class:`AsynPool`'s flush, when it comes from a stop, first writes to the end every job a live
 process has begun to receive, then keeps in the cache the jobs written to a live process, so that
 the stop reads their results like those of the jobs already running: the worker stops once they
-are done, and their requests are acked.  A flush for a lost broker connection, the worker running
+are done, and their requests are acked.  A process that dies during the stop (killed while a job
+was being written to it) is not told to stop (:func:`tell_to_stop`): Celery's pool wrote that word
+to its full pipe and waited for ever, with its own pool too.  The job's requests, never acked, go
+back to the queue as the stop closes the broker channel (kombu restores what it held unacked), and
+the next worker runs them.  A flush for a lost broker connection, the worker running
 on, is Celery's, unchanged.  Threading: the worker's main process, in its stop, as Celery's pool.
 """
 
 from __future__ import annotations
 
+import errno
 import inspect
+import select
 
+from billiard.compat import setblocking
 from celery.concurrency import asynpool, prefork
 
 from tasks.lost import shutting_down
+
+#: Seconds between two looks at whether a pool process that has no room in its pipe is still alive.
+_ALIVE_POLL_SECONDS = 0.5
 
 
 def sent_to_a_process(jobs) -> list:
@@ -57,7 +67,38 @@ def unfinished_write(job):
     return None
 
 
+def tell_to_stop(proc, poll: float = _ALIVE_POLL_SECONDS) -> bool:
+    """Celery's word to a pool process that the pool stops (``None`` on its pipe, written blocking as
+    Celery writes it), once the pipe has room; never to a dead process, whose pipe may be full for
+    ever.  Returns whether it was written.  Main process, at the pool's join only."""
+    fd = proc.inqW_fd
+    while proc._is_alive():
+        try:
+            _, writable, _ = select.select([], [fd], [], poll)
+        except (OSError, ValueError):
+            return False  # the pipe is closed already
+        if not writable:
+            continue
+        try:
+            setblocking(proc.inq._writer, 1)
+            proc.inq.put(None)
+        except OSError as exc:
+            if exc.errno not in (errno.EBADF, errno.EPIPE):
+                raise
+            return False
+        return True
+    return False
+
+
 class AsynPool(asynpool.AsynPool):
+    @staticmethod
+    def _stop_task_handler(task_handler) -> None:
+        # Celery's writes None to every process's pipe, blocking: a process that died with its
+        # pipe full (killed while the stop finished writing it a job over the pipe's 64 KB) never
+        # reads it, the main process holds the pipe's other end too, and the write waited for ever.
+        for proc in task_handler.pool:
+            tell_to_stop(proc)
+
     def flush(self) -> None:
         kept = sent_to_a_process(self._cache.values()) if shutting_down() else []
         for job in kept:

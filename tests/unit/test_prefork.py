@@ -1,13 +1,16 @@
 """What the worker's pool (:mod:`tasks.prefork`) keeps and finishes at a warm shutdown: the pure
-parts, on billiard's own job records (``ApplyResult``)."""
+parts, on billiard's own job records (``ApplyResult``), and its word to stop, on billiard's own
+pipe (``_SimpleQueue``), with no process behind it."""
 
 from __future__ import annotations
 
+import os
 import weakref
 
 from billiard.pool import ApplyResult
+from billiard.queues import _SimpleQueue
 
-from tasks.prefork import sent_to_a_process, unfinished_write
+from tasks.prefork import sent_to_a_process, tell_to_stop, unfinished_write
 
 
 class Process:
@@ -53,3 +56,46 @@ def test_a_write_is_unfinished_only_while_its_generator_is_suspended():
     assert unfinished_write(record) is None  # written whole
     del writer
     assert unfinished_write(record) is None  # gone with its generator
+
+
+class PipedProcess:
+    """A pool process as :func:`tasks.prefork.tell_to_stop` sees it: its pipe (billiard's own, the
+    process's reading end left open as the main process leaves it) and whether it is alive, as the
+    answers ``alive`` gives one by one (the last one again when they run out)."""
+
+    def __init__(self, *alive: bool) -> None:
+        self.inq = _SimpleQueue()
+        self.inqW_fd = self.inq._writer.fileno()
+        self._answers = list(alive)
+
+    def _is_alive(self) -> bool:
+        return self._answers.pop(0) if len(self._answers) > 1 else self._answers[0]
+
+    def fill(self) -> None:
+        """Fill the pipe, as a job half written to a process that stopped reading leaves it."""
+        os.set_blocking(self.inqW_fd, False)
+        try:
+            while True:
+                os.write(self.inqW_fd, b"x" * 4096)
+        except BlockingIOError:
+            pass
+        os.set_blocking(self.inqW_fd, True)
+
+
+def test_a_live_process_with_room_in_its_pipe_is_told_to_stop():
+    proc = PipedProcess(True)
+    assert tell_to_stop(proc, poll=0.01) is True
+    assert proc.inq.get() is None  # what a pool process reads as "stop"
+
+
+def test_a_dead_process_with_a_full_pipe_is_not_written_to():
+    proc = PipedProcess(False)
+    proc.fill()
+    assert tell_to_stop(proc, poll=0.01) is False  # Celery's blocking write never returned here
+
+
+def test_a_process_that_dies_while_its_pipe_is_full_is_given_up_on():
+    proc = PipedProcess(True, True, True, False)
+    proc.fill()
+    assert tell_to_stop(proc, poll=0.01) is False
+    assert proc._answers == [False]  # asked again after each wait for room, until it was dead
