@@ -3,7 +3,8 @@
 Starts, in this order, and waits until each one answers:
 
 - Redis: the one at ``REDIS_URL`` when it answers PING (then a Redis ``BROKER_URL`` must answer
-  too), else a private one on a free port with its (append-only, persistent) data in
+  too), else a private one (on ``REDIS_URL``'s port when that URL is on this host and the port is
+  free, so that the default URLs reach it; else on a free port) with its (append-only, persistent) data in
   ``DATA_DIR/redis``, also the broker unless ``BROKER_URL`` is RabbitMQ or a Redis that answers;
   one that refuses the login (a wrong password) stops the run, saying so;
 - auth on ``AUTH_PORT`` (8000), the worker (collect and dispatch queues), two push nodes (8101 and
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import launcher
@@ -77,6 +79,38 @@ def redis_answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
     except Exception:  # noqa: BLE001 - unreachable, refused: "not usable" (a wrong password is told before: redislogin)
         return False
+
+
+#: Redis's own port, where a URL names none.
+REDIS_DEFAULT_PORT = 6379
+
+
+def private_redis_port(url: str, free: Callable[[int], bool] | None = None) -> int | None:
+    """The port for the private Redis started when none answers at ``url`` (``REDIS_URL``): that
+    URL's own, when it is a plain ``redis://`` URL on this host (``127.0.0.1`` or ``localhost``) and
+    ``free(port)`` (default :func:`port_free`), so that the default URLs, business code's
+    ``redis://127.0.0.1:6379/0`` among them, reach it, and it keeps its address and data from one
+    start to the next; else None (any free port)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or REDIS_DEFAULT_PORT
+    except ValueError:
+        return None
+    if parts.scheme != "redis" or parts.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    return port if (free or port_free)(port) else None
+
+
+def port_free(port: int) -> bool:
+    """Whether a server could listen on ``127.0.0.1:port`` now (as Redis binds: ``SO_REUSEADDR``,
+    so that connections of a Redis just stopped, in TIME_WAIT, do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 #: The key a running cluster claims in each Redis it uses (REDIS_URL's, or the private one it
@@ -252,10 +286,16 @@ class Cluster:
             self.broker_url, self.redis_url = settings.BROKER_URL, settings.REDIS_URL
             return launcher.cluster_env(settings.REDIS_URL, self.data_dir, self.auth_port, broker_url=self.broker_url,
                                         REDIS_URL=self.redis_url, RESULT_BACKEND=settings.RESULT_BACKEND)
-        self.say(f"no Redis answers at {settings.redact(settings.REDIS_URL)}: starting a private one "
-                 f"(data in {self.data_dir / 'redis'})")
-        self.redis = launcher.RedisServer(data_dir=self.data_dir / "redis", persistent=True, echo=True, **self._echo("redis"))
-        self.redis.start()
+        port = private_redis_port(settings.REDIS_URL)
+        where = f"on port {port}, REDIS_URL's" if port else "on a free port"
+        self.say(f"no Redis answers at {settings.redact(settings.REDIS_URL)}: starting a private one ({where}; data in {self.data_dir / 'redis'})")
+        try:
+            self.redis = launcher.RedisServer(port=port, data_dir=self.data_dir / "redis", persistent=True, echo=True, **self._echo("redis")).start()
+        except launcher.LauncherError:
+            if port is None:
+                raise
+            self.say(f"the private Redis could not listen on port {port} (taken meanwhile?): starting it on a free port")
+            self.redis = launcher.RedisServer(data_dir=self.data_dir / "redis", persistent=True, echo=True, **self._echo("redis")).start()
         # Claimed as any other: the banner prints its address, and a second cluster given it
         # would share its queues and routes as on a system Redis.
         self.claims.take("REDIS_URL", self.redis.url(1))
