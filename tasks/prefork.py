@@ -71,12 +71,11 @@ def tell_to_stop(proc, poll: float = _ALIVE_POLL_SECONDS) -> bool:
     """Celery's word to a pool process that the pool stops (``None`` on its pipe, written blocking as
     Celery writes it), once the pipe has room; never to a dead process, whose pipe may be full for
     ever.  Returns whether it was written.  Main process, at the pool's join only."""
-    fd = proc.inqW_fd
     while proc._is_alive():
         try:
-            _, writable, _ = select.select([], [fd], [], poll)
+            _, writable, _ = select.select([], [proc.inq._writer.fileno()], [], poll)
         except (OSError, ValueError):
-            return False  # the pipe is closed already
+            return False  # the pipe is closed already (Celery's own skips such a process too)
         if not writable:
             continue
         try:

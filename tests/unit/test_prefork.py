@@ -99,3 +99,9 @@ def test_a_process_that_dies_while_its_pipe_is_full_is_given_up_on():
     proc.fill()
     assert tell_to_stop(proc, poll=0.01) is False
     assert proc._answers == [False]  # asked again after each wait for room, until it was dead
+
+
+def test_a_process_whose_pipe_is_closed_already_is_skipped():
+    proc = PipedProcess(True)
+    proc.inq._writer.close()
+    assert tell_to_stop(proc, poll=0.01) is False
