@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 import urllib.error
@@ -89,14 +90,18 @@ class LoneWorker:
 
 
 @contextlib.contextmanager
-def lone_worker(tmp_path: Path, queues: str, **env_extra: object) -> Iterator[LoneWorker]:
+def lone_worker(tmp_path: Path, queues: str, broker: str = "redis", **env_extra: object) -> Iterator[LoneWorker]:
     """A private Redis, one worker with one pool process on ``queues`` (its log in
-    ``tmp_path / "worker.log"``) and a business app; all stopped on the way out."""
-    redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
-    worker = business = None
+    ``tmp_path / "worker.log"``) and a business app; all stopped on the way out.  ``broker``
+    ``"amqp"``: a private vhost on the local RabbitMQ is the broker (:class:`RabbitVhost`, skipped
+    where none can be had), removed on the way out; else the private Redis's database 0."""
+    vhost = RabbitVhost().create() if broker == "amqp" else None
+    redis_server = worker = business = None
     started = None
     try:
-        env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port(), **env_extra)
+        redis_server = launcher.RedisServer(data_dir=tmp_path / "redis").start()
+        env = launcher.cluster_env(redis_server.url(), tmp_path / "data", launcher.free_port(),
+                                   broker_url=vhost.url if vhost is not None else None, **env_extra)
         worker = launcher.start_worker(env, queues=queues, concurrency=1, log_path=tmp_path / "worker.log")
         business = business_app(env["BROKER_URL"], env["REDIS_URL"])
         started = LoneWorker(env, worker, business)
@@ -108,7 +113,10 @@ def lone_worker(tmp_path: Path, queues: str, **env_extra: object) -> Iterator[Lo
         worker = started.worker if started is not None else worker
         if worker is not None:
             worker.terminate(timeout=30)
-        redis_server.stop()
+        if redis_server is not None:
+            redis_server.stop()
+        if vhost is not None:
+            vhost.delete()
 
 
 @contextlib.contextmanager
@@ -400,6 +408,19 @@ def pytest_runtest_makereport(item, call):
             (value[0] for value in values if isinstance(value, tuple) and value and is_cluster(value[0])), None)
         if cluster is not None:
             report.sections.append(("process logs", cluster.log_tails()))
+
+
+def rabbit_counts(broker_url: str, queue: str) -> tuple[int, int]:
+    """What RabbitMQ holds of ``queue`` in the vhost of ``broker_url``: its ready and its
+    unacknowledged messages (``rabbitmqctl list_queues``; RabbitMQ lists no message by id)."""
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(broker_url).path.lstrip("/"))
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages_ready", "messages_unacknowledged"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and fields[0] == queue:
+            return int(fields[1]), int(fields[2])
+    return 0, 0
 
 
 def unacked_task_ids(broker: redis_lib.Redis) -> set[str]:

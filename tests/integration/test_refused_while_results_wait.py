@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 import time
-import urllib.parse
 import uuid
 
 import pytest
@@ -29,7 +27,7 @@ import redis as redis_lib
 from kombu import Connection
 
 import launcher
-from tests.integration.conftest import Cluster, broker_url_for, business_app, start_or_explain, unacked_task_ids
+from tests.integration.conftest import Cluster, broker_url_for, business_app, rabbit_counts, start_or_explain, unacked_task_ids
 from tests.integration.taskevents import TaskEvents
 from tests.integration.tcpproxy import FreezableProxy
 
@@ -123,26 +121,13 @@ def _queued_task_ids(broker: redis_lib.Redis, queue: str) -> set[str]:
     return {json.loads(raw)["headers"].get("id") for raw in broker.lrange(queue, 0, -1)}
 
 
-def _rabbit_counts(cluster, queue: str) -> tuple[int, int]:
-    """What RabbitMQ holds of a queue of the cluster's vhost: its ready and its unacknowledged
-    messages (``rabbitmqctl list_queues``; RabbitMQ lists no message by id)."""
-    vhost = urllib.parse.unquote(urllib.parse.urlsplit(cluster.env["BROKER_URL"]).path.lstrip("/"))
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages_ready", "messages_unacknowledged"],
-                         check=True, capture_output=True, text=True, timeout=60).stdout
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) == 3 and fields[0] == queue:
-            return int(fields[1]), int(fields[2])
-    return 0, 0
-
-
 def _unacked(cluster, task_id: str) -> bool:
     """Whether the worker holds the refused message ``task_id`` unacknowledged: on the Redis
     broker, by its id; on RabbitMQ, the one unacknowledged message of the collect queue (the test
     has no other unacknowledged there when it asks)."""
     if cluster.broker == "redis":
         return task_id in unacked_task_ids(redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5))
-    return _rabbit_counts(cluster, "collect")[1] > 0
+    return rabbit_counts(cluster.env["BROKER_URL"], "collect")[1] > 0
 
 
 def _held_by_broker(cluster, task_id: str) -> bool:
@@ -151,7 +136,7 @@ def _held_by_broker(cluster, task_id: str) -> bool:
     if cluster.broker == "redis":
         broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
         return task_id in _queued_task_ids(broker, "collect") | unacked_task_ids(broker)
-    return sum(_rabbit_counts(cluster, "collect")) > 0
+    return sum(rabbit_counts(cluster.env["BROKER_URL"], "collect")) > 0
 
 
 def _publish(cluster, kind: str, task_id: str) -> None:

@@ -24,7 +24,7 @@ import pytest
 import redis as redis_lib
 
 import launcher
-from tests.integration.conftest import get_result, lone_worker, unacked_task_ids
+from tests.integration.conftest import get_result, lone_worker, rabbit_counts, unacked_task_ids
 
 #: Seconds the stop may take: well under the 30 s that billiard's pool process waits for a result
 #: nobody counts (``GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT``), which Celery's own pool took.
@@ -44,15 +44,32 @@ def _idle(business, name: str) -> bool:
 
 
 CASES = [
-    pytest.param("tasks.presence", "dispatch", {"users": ["caught"]}, {"caught": []}, id="written-whole"),
-    pytest.param("tasks.collect_many", "collect", {"messages": BIG}, 1000, id="half-written"),
+    pytest.param("tasks.presence", "dispatch", {"users": ["caught"]}, {"caught": []}, "redis", id="written-whole"),
+    pytest.param("tasks.collect_many", "collect", {"messages": BIG}, 1000, "redis", id="half-written"),
+    pytest.param("tasks.collect_many", "collect", {"messages": BIG}, 1000, "amqp", id="half-written-amqp"),
 ]
+
+
+class Broker:
+    """What the lone worker's broker holds of the test's one task on ``queue``: held unacknowledged
+    by a worker, and waiting on the queue.  On Redis by the task's id; on RabbitMQ, which lists no
+    message by id, by the queue's counts (the test's task is the only message there)."""
+
+    def __init__(self, lone, queue: str) -> None:
+        self.url, self.queue = lone.env["BROKER_URL"], queue
+        self.redis = redis_lib.Redis.from_url(self.url) if self.url.startswith("redis") else None
+
+    def held(self, task_id: str) -> bool:
+        return task_id in unacked_task_ids(self.redis) if self.redis is not None else rabbit_counts(self.url, self.queue)[1] > 0
+
+    def queued(self) -> int:
+        return self.redis.llen(self.queue) if self.redis is not None else rabbit_counts(self.url, self.queue)[0]
 
 
 def _caught_in_the_pipe(lone, task: str, queue: str, kwargs: dict):
     """The lone worker's pool process stopped (SIGSTOP) once it is idle, and ``task`` sent: returns
-    its result, the process and the broker, once the main process holds the task unacked and has
-    had half a second to write it to the pipe."""
+    its result, the process and the :class:`Broker`, once the main process holds the task unacked
+    and has had half a second to write it to the pipe."""
     name = f"worker@{socket.gethostname()}"
     business = lone.business
     assert get_result(business.send_task("tasks.presence", args=[["first"]], queue=queue), 30) == {"first": []}
@@ -62,12 +79,12 @@ def _caught_in_the_pipe(lone, task: str, queue: str, kwargs: dict):
     else:
         raise AssertionError("the worker still counts a task as running")
     (process,) = psutil.Process(lone.worker.pid).children()
-    broker = redis_lib.Redis.from_url(lone.env["BROKER_URL"])
+    broker = Broker(lone, queue)
 
     process.suspend()
     result = business.send_task(task, kwargs=kwargs, queue=queue)
     for _ in range(100):  # read by the main process, which holds it unacked and writes it to the pipe
-        if result.id in unacked_task_ids(broker):
+        if broker.held(result.id):
             break
         threading.Event().wait(0.1)
     else:
@@ -76,9 +93,9 @@ def _caught_in_the_pipe(lone, task: str, queue: str, kwargs: dict):
     return result, process, broker
 
 
-@pytest.mark.parametrize(("task", "queue", "kwargs", "expected"), CASES)
-def test_a_worker_stopped_just_after_a_task_went_to_its_pool_process_finishes_it_and_stops(tmp_path, task, queue, kwargs, expected):
-    with lone_worker(tmp_path, queue) as lone:
+@pytest.mark.parametrize(("task", "queue", "kwargs", "expected", "broker_kind"), CASES)
+def test_a_worker_stopped_just_after_a_task_went_to_its_pool_process_finishes_it_and_stops(tmp_path, task, queue, kwargs, expected, broker_kind):
+    with lone_worker(tmp_path, queue, broker=broker_kind) as lone:
         result, process, broker = _caught_in_the_pipe(lone, task, queue, kwargs)
         threading.Timer(1.0, process.resume).start()  # after the SIGTERM's flush of the pool
         assert lone.worker.terminate(STOP_SECONDS) == 0, f"the worker did not stop within {STOP_SECONDS} s of SIGTERM"
@@ -86,27 +103,28 @@ def test_a_worker_stopped_just_after_a_task_went_to_its_pool_process_finishes_it
 
         answer = get_result(result, 10)
         assert (len(answer) if isinstance(expected, int) else answer) == expected, answer
-        assert result.id not in unacked_task_ids(broker), "the task was left to the next worker: it would run again"
-        assert not broker.llen(queue), "the task went back to the queue: it would run again"
+        assert not broker.held(result.id), "the task was left to the next worker: it would run again"
+        assert not broker.queued(), "the task went back to the queue: it would run again"
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert "could not ensure all messages were consumed" not in log, log[-3000:]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("task", "queue", "kwargs", "expected"), CASES)
-def test_a_task_kept_at_a_stop_whose_pool_process_dies_runs_on_the_next_worker(tmp_path, task, queue, kwargs, expected):
+@pytest.mark.parametrize(("task", "queue", "kwargs", "expected", "broker_kind"), CASES)
+def test_a_task_kept_at_a_stop_whose_pool_process_dies_runs_on_the_next_worker(tmp_path, task, queue, kwargs, expected, broker_kind):
     """The kept job's process is killed (SIGKILL) during the stop instead of resumed: the worker
     still stops, and the task, which never ran, is not lost: the stop puts it back on the queue
-    (kombu's restore of what the channel held unacked; were that to fail, the next worker would
-    restore it after ``VISIBILITY_TIMEOUT``), and the next worker runs it.  With a job half written,
-    Celery's pool (this one too, before ``tell_to_stop``) then waited for ever at its join, writing
-    its word to stop to the dead process's full pipe."""
-    with lone_worker(tmp_path, queue, VISIBILITY_TIMEOUT=8) as lone:
+    (kombu's restore of what the channel held unacked on Redis, were that to fail the next worker's
+    after ``VISIBILITY_TIMEOUT``; RabbitMQ's requeue of a closed connection's unacked messages), and
+    the next worker runs it.  With a job half written, Celery's pool (this one too, before
+    ``tell_to_stop``) then waited for ever at its join, writing its word to stop to the dead
+    process's full pipe."""
+    with lone_worker(tmp_path, queue, broker=broker_kind, VISIBILITY_TIMEOUT=8) as lone:
         result, process, broker = _caught_in_the_pipe(lone, task, queue, kwargs)
         threading.Timer(1.0, process.kill).start()  # after the SIGTERM's flush of the pool
         assert lone.worker.terminate(STOP_SECONDS) == 0, f"the worker did not stop within {STOP_SECONDS} s of SIGTERM"
         assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-        assert result.id in unacked_task_ids(broker) or broker.llen(queue), "the task is neither queued nor held unacked: lost"
+        assert broker.held(result.id) or broker.queued(), "the task is neither queued nor held unacked: lost"
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert "Traceback" not in log.partition("Warm shutdown")[2], log[-3000:]
 
@@ -114,7 +132,7 @@ def test_a_task_kept_at_a_stop_whose_pool_process_dies_runs_on_the_next_worker(t
         answer = get_result(result, 90)
         assert (len(answer) if isinstance(expected, int) else answer) == expected, answer
         for _ in range(50):
-            if result.id not in unacked_task_ids(broker):
+            if not broker.held(result.id):
                 break
             threading.Event().wait(0.1)
-        assert result.id not in unacked_task_ids(broker) and not broker.llen(queue), "the task is still held or queued: it would run again"
+        assert not broker.held(result.id) and not broker.queued(), "the task is still held or queued: it would run again"
