@@ -423,6 +423,33 @@ def rabbit_counts(broker_url: str, queue: str) -> tuple[int, int]:
     return 0, 0
 
 
+class BrokerHolds:
+    """What the broker at ``broker_url`` holds of a task sent to ``queue``: held unacknowledged by
+    a worker, or waiting on the queue.  On Redis by the task's id (kombu's ``unacked`` hash, the
+    queue's list); on RabbitMQ, which lists no message by id, by the queue's counts
+    (:func:`rabbit_counts`): the callers' task is the only message there when they ask."""
+
+    def __init__(self, broker_url: str, queue: str) -> None:
+        self.url, self.queue = broker_url, queue
+        self.redis = redis_lib.Redis.from_url(broker_url, socket_timeout=5) if broker_url.startswith(("redis://", "rediss://")) else None
+
+    def unacked(self, task_id: str) -> bool:
+        if self.redis is None:
+            return rabbit_counts(self.url, self.queue)[1] > 0
+        return task_id in unacked_task_ids(self.redis)
+
+    def queued(self, task_id: str) -> bool:
+        if self.redis is None:
+            return rabbit_counts(self.url, self.queue)[0] > 0
+        return task_id in {json.loads(raw)["headers"].get("id") for raw in self.redis.lrange(self.queue, 0, -1)}
+
+    def holds(self, task_id: str) -> bool:
+        """Queued or unacknowledged (one look at RabbitMQ's counts)."""
+        if self.redis is None:
+            return sum(rabbit_counts(self.url, self.queue)) > 0
+        return self.unacked(task_id) or self.queued(task_id)
+
+
 def unacked_task_ids(broker: redis_lib.Redis) -> set[str]:
     """The task ids of what a worker holds unacknowledged on the Redis broker (kombu's
     ``unacked`` hash: what the broker gives back if the worker stops)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 
@@ -27,7 +26,7 @@ import redis as redis_lib
 from kombu import Connection
 
 import launcher
-from tests.integration.conftest import Cluster, broker_url_for, business_app, rabbit_counts, start_or_explain, unacked_task_ids
+from tests.integration.conftest import BrokerHolds, Cluster, broker_url_for, business_app, start_or_explain
 from tests.integration.taskevents import TaskEvents
 from tests.integration.tcpproxy import FreezableProxy
 
@@ -116,27 +115,16 @@ REFUSED = {
 }
 
 
-def _queued_task_ids(broker: redis_lib.Redis, queue: str) -> set[str]:
-    """The task ids of what waits on a queue of the Redis broker (its list)."""
-    return {json.loads(raw)["headers"].get("id") for raw in broker.lrange(queue, 0, -1)}
-
-
 def _unacked(cluster, task_id: str) -> bool:
-    """Whether the worker holds the refused message ``task_id`` unacknowledged: on the Redis
-    broker, by its id; on RabbitMQ, the one unacknowledged message of the collect queue (the test
-    has no other unacknowledged there when it asks)."""
-    if cluster.broker == "redis":
-        return task_id in unacked_task_ids(redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5))
-    return rabbit_counts(cluster.env["BROKER_URL"], "collect")[1] > 0
+    """Whether the worker holds the refused message ``task_id`` unacknowledged (on RabbitMQ: the
+    one unacknowledged message of the collect queue; the test has no other there when it asks)."""
+    return BrokerHolds(cluster.env["BROKER_URL"], "collect").unacked(task_id)
 
 
 def _held_by_broker(cluster, task_id: str) -> bool:
     """Whether the broker still holds the message ``task_id``, queued or unacknowledged (on
     RabbitMQ: any message of the collect queue, the test's only one there)."""
-    if cluster.broker == "redis":
-        broker = redis_lib.Redis.from_url(cluster.env["BROKER_URL"], socket_timeout=5)
-        return task_id in _queued_task_ids(broker, "collect") | unacked_task_ids(broker)
-    return sum(rabbit_counts(cluster.env["BROKER_URL"], "collect")) > 0
+    return BrokerHolds(cluster.env["BROKER_URL"], "collect").holds(task_id)
 
 
 def _publish(cluster, kind: str, task_id: str) -> None:

@@ -21,10 +21,9 @@ import threading
 
 import psutil
 import pytest
-import redis as redis_lib
 
 import launcher
-from tests.integration.conftest import get_result, lone_worker, rabbit_counts, unacked_task_ids
+from tests.integration.conftest import BrokerHolds, get_result, lone_worker
 
 #: Seconds the stop may take: well under the 30 s that billiard's pool process waits for a result
 #: nobody counts (``GUARANTEE_MESSAGE_CONSUMPTION_RETRY_LIMIT``), which Celery's own pool took.
@@ -50,25 +49,9 @@ CASES = [
 ]
 
 
-class Broker:
-    """What the lone worker's broker holds of the test's one task on ``queue``: held unacknowledged
-    by a worker, and waiting on the queue.  On Redis by the task's id; on RabbitMQ, which lists no
-    message by id, by the queue's counts (the test's task is the only message there)."""
-
-    def __init__(self, lone, queue: str) -> None:
-        self.url, self.queue = lone.env["BROKER_URL"], queue
-        self.redis = redis_lib.Redis.from_url(self.url) if self.url.startswith("redis") else None
-
-    def held(self, task_id: str) -> bool:
-        return task_id in unacked_task_ids(self.redis) if self.redis is not None else rabbit_counts(self.url, self.queue)[1] > 0
-
-    def queued(self) -> int:
-        return self.redis.llen(self.queue) if self.redis is not None else rabbit_counts(self.url, self.queue)[0]
-
-
 def _caught_in_the_pipe(lone, task: str, queue: str, kwargs: dict):
     """The lone worker's pool process stopped (SIGSTOP) once it is idle, and ``task`` sent: returns
-    its result, the process and the :class:`Broker`, once the main process holds the task unacked
+    its result, the process and the broker's :class:`BrokerHolds`, once the main process holds the task unacked
     and has had half a second to write it to the pipe."""
     name = f"worker@{socket.gethostname()}"
     business = lone.business
@@ -79,12 +62,12 @@ def _caught_in_the_pipe(lone, task: str, queue: str, kwargs: dict):
     else:
         raise AssertionError("the worker still counts a task as running")
     (process,) = psutil.Process(lone.worker.pid).children()
-    broker = Broker(lone, queue)
+    broker = BrokerHolds(lone.env["BROKER_URL"], queue)
 
     process.suspend()
     result = business.send_task(task, kwargs=kwargs, queue=queue)
     for _ in range(100):  # read by the main process, which holds it unacked and writes it to the pipe
-        if broker.held(result.id):
+        if broker.unacked(result.id):
             break
         threading.Event().wait(0.1)
     else:
@@ -103,8 +86,8 @@ def test_a_worker_stopped_just_after_a_task_went_to_its_pool_process_finishes_it
 
         answer = get_result(result, 10)
         assert (len(answer) if isinstance(expected, int) else answer) == expected, answer
-        assert not broker.held(result.id), "the task was left to the next worker: it would run again"
-        assert not broker.queued(), "the task went back to the queue: it would run again"
+        assert not broker.unacked(result.id), "the task was left to the next worker: it would run again"
+        assert not broker.queued(result.id), "the task went back to the queue: it would run again"
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert "could not ensure all messages were consumed" not in log, log[-3000:]
 
@@ -124,7 +107,7 @@ def test_a_task_kept_at_a_stop_whose_pool_process_dies_runs_on_the_next_worker(t
         threading.Timer(1.0, process.kill).start()  # after the SIGTERM's flush of the pool
         assert lone.worker.terminate(STOP_SECONDS) == 0, f"the worker did not stop within {STOP_SECONDS} s of SIGTERM"
         assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-        assert broker.held(result.id) or broker.queued(), "the task is neither queued nor held unacked: lost"
+        assert broker.holds(result.id), "the task is neither queued nor held unacked: lost"
         log = (tmp_path / "worker.log").read_text(errors="replace")
         assert "Traceback" not in log.partition("Warm shutdown")[2], log[-3000:]
 
@@ -132,7 +115,7 @@ def test_a_task_kept_at_a_stop_whose_pool_process_dies_runs_on_the_next_worker(t
         answer = get_result(result, 90)
         assert (len(answer) if isinstance(expected, int) else answer) == expected, answer
         for _ in range(50):
-            if not broker.held(result.id):
+            if not broker.unacked(result.id):
                 break
             threading.Event().wait(0.1)
-        assert not broker.held(result.id) and not broker.queued(), "the task is still held or queued: it would run again"
+        assert not broker.holds(result.id), "the task is still held or queued: it would run again"
