@@ -92,8 +92,9 @@ app.conf.update(
     # worker processes) must hold a batch and the next one.
     worker_prefetch_multiplier=max(4, settings.COLLECT_BATCH),
     # Celery's prefork pool, but a warm shutdown no longer forgets a job a pool process was already
-    # sent (the stop waited 30 s more, the job ran again) nor leaves one half written (the stop
-    # never ended): tasks/prefork.py.
+    # sent (the stop waited 30 s more, the job ran again), nor leaves one half written, nor writes
+    # to the full pipe of a process killed during the stop (either way the stop never ended):
+    # tasks/prefork.py.
     worker_pool="tasks.prefork:TaskPool",
     # Results hold message ids for business code; an hour is plenty to read them.
     result_expires=3600,

@@ -1,5 +1,6 @@
 """Celery's prefork pool, with one change: a warm shutdown no longer forgets a job that a pool
-process has already been sent, nor leaves it half written.  It is the worker's pool
+process has already been sent, nor leaves it half written, nor waits for ever on the full pipe of
+a process that died during it.  It is the worker's pool
 (``worker_pool`` in ``worker.py``), also with ``-P prefork``, which Celery's command line takes for
 "the configured pool"; the banner says ``(prefork)``.  Celery's own stays at hand:
 ``CELERY_CUSTOM_WORKER_POOL=celery.concurrency.prefork:TaskPool`` and ``-P custom``.
