@@ -372,9 +372,13 @@ def _answers_ping(broker_url: str, name: str, timeout: float) -> Callable[[Servi
     return wait
 
 
-def start_node(env: Mapping[str, str], port: int, *, name: str | None = None, timeout: float = 30.0, **service_kw) -> Service:
-    """``python -m wsnode --port PORT``; returns once ``GET /healthz`` answers 200."""
+def start_node(env: Mapping[str, str], port: int, *, name: str | None = None, timeout: float = 30.0,
+               internal_port: int | None = None, **service_kw) -> Service:
+    """``python -m wsnode --port PORT`` (and ``--internal-port``, when given); returns once ``GET
+    /healthz`` answers 200."""
     argv = [sys.executable, "-m", "wsnode", "--port", str(port)]
+    if internal_port is not None:
+        argv += ["--internal-port", str(internal_port)]
     return _launch(name or f"node-{port}", argv, env, _http_ok(port, "/healthz", timeout), service_kw)
 
 

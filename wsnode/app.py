@@ -114,10 +114,13 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
     :class:`~wsnode.leasekeeper.LeaseKeeper`, :class:`~wsnode.deliveries.Deliveries`,
     :class:`~wsnode.tokenwatch.TokenWatch` and :class:`~wsnode.health.NodeHealth`)."""
 
-    def __init__(self, port: int, host: str = settings.NODE_HOST, celery_app=None) -> None:
+    def __init__(self, port: int, host: str = settings.NODE_HOST, celery_app=None, internal_port: int | None = None) -> None:
         if celery_app is None:
             from worker import app as celery_app
         self.port = port
+        #: ``--internal-port``: where ``/metrics`` and the whole ``/healthz`` answer instead of
+        #: ``port``, whose ``/healthz`` then says only whether the node is ready (None: all on ``port``).
+        self.internal_port = internal_port
         self.address = node_address(host, port)
         self.celery = celery_app
         self.hub = Hub()
@@ -184,6 +187,7 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
         self._origins = settings.ALLOWED_ORIGINS
         self._consumer: NodeQueueConsumer | None = None
         self._server: HTTPServer | None = None
+        self._internal_server: HTTPServer | None = None
         self._timers: list[PeriodicCallback] = []
         self._loop: IOLoop | None = None
         #: Leases of users whose last connection here closed: one release for all who left meanwhile.
@@ -201,11 +205,14 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
     # --- lifecycle -------------------------------------------------------------------------
 
     def make_app(self) -> tornado.web.Application:
+        """The public port's routes: with an internal port, ``/metrics`` is not one of them and
+        ``/healthz`` says only whether the node is ready (:func:`wsnode.health.public_health`)."""
+        internal = self.internal_port is not None
         return tornado.web.Application(
             [
                 (r"/ws", PushHandler, {"node": self}),
-                (r"/healthz", HealthHandler, {"node": self}),
-                (r"/metrics", MetricsHandler, {"metrics": self.metrics}),
+                (r"/healthz", HealthHandler, {"node": self, "full": not internal}),
+                *([] if internal else [(r"/metrics", MetricsHandler, {"metrics": self.metrics})]),
                 (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
             ],
             # No websocket_ping_interval: Tornado's pings cost a Task per connection; the node's
@@ -214,13 +221,30 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
             log_function=_log_request,
         )
 
+    def make_internal_app(self) -> tornado.web.Application:
+        """The internal port's routes (``--internal-port``): for scrapers and operators, not browsers."""
+        return tornado.web.Application(
+            [
+                (r"/healthz", HealthHandler, {"node": self}),
+                (r"/metrics", MetricsHandler, {"metrics": self.metrics}),
+            ],
+            log_function=_log_request,
+        )
+
+    def _serve(self, app: tornado.web.Application, sockets: list) -> HTTPServer:
+        server = HTTPServer(app, max_buffer_size=1 << 20, idle_connection_timeout=REQUEST_TIMEOUT_SECONDS,
+                            body_timeout=REQUEST_TIMEOUT_SECONDS)
+        server.add_sockets(sockets)
+        return server
+
     async def start(self) -> None:
         self._loop = IOLoop.current()
         log.info("node %s: redis %s, broker %s, auth %s", self.address, settings.redact(settings.REDIS_URL), settings.redact(settings.BROKER_URL), settings.redact(settings.AUTH_URL))
         # The port first: the queue is named by the address, so a second node started on a port in
         # use would otherwise consume the first one's queue before failing.  Connections wait in
         # the listen backlog until the server takes the sockets, once the consumer runs.
-        sockets = self._bind()
+        sockets = self._bind(self.port, "--port")
+        internal_sockets = self._bind(self.internal_port, "--internal-port") if self.internal_port is not None else []
         # The address before the lease and the queue: a node of another host given the same
         # NODE_HOST:PORT would read this one's queue (wsnode.addressclaim).
         await self.claim.wait()
@@ -231,9 +255,9 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
         self._consumer = NodeQueueConsumer(self.celery, self.address, self._loop, self.deliver, hostname=node_name(self.address),
                                            on_lost=self._queue_connection_lost)
         self._consumer.start()
-        self._server = HTTPServer(self.make_app(), max_buffer_size=1 << 20, idle_connection_timeout=REQUEST_TIMEOUT_SECONDS,
-                                  body_timeout=REQUEST_TIMEOUT_SECONDS)
-        self._server.add_sockets(sockets)
+        self._server = self._serve(self.make_app(), sockets)
+        if internal_sockets:
+            self._internal_server = self._serve(self.make_internal_app(), internal_sockets)
         self._timers = [
             PeriodicCallback(self._renew, settings.LEASE_TTL / 3 * 1000),
             PeriodicCallback(self._ping_redis, REDIS_PING_SECONDS * 1000),
@@ -245,15 +269,20 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
             timer.start()
         self._revocations.start()
         log.info("node %s listening on %s:%d", self.address, settings.BIND_ADDRESS, self.port)
+        if self._internal_server is not None:
+            log.info("node %s: /metrics and /healthz for operators on %s:%d (the internal port: keep it off the public network)",
+                     self.address, settings.BIND_ADDRESS, self.internal_port)
 
-    def _bind(self) -> list:
+    def _bind(self, port: int, flag: str) -> list:
         try:
-            return tornado.netutil.bind_sockets(self.port, address=settings.BIND_ADDRESS)
+            return tornado.netutil.bind_sockets(port, address=settings.BIND_ADDRESS)
         except OSError as exc:
-            raise NodeStartError(
-                f"node {self.address} cannot listen on {settings.BIND_ADDRESS}:{self.port}: {exc.strerror or exc}. "
-                f"If another process holds the port (another push node would share this one's queue, "
-                f"{self.address!r}), stop it or give this node another --port; check BIND_ADDRESS otherwise") from exc
+            if flag == "--port":
+                hint = (f"If another process holds the port (another push node would share this one's queue, "
+                        f"{self.address!r}), stop it or give this node another --port; check BIND_ADDRESS otherwise")
+            else:
+                hint = f"Give this node an {flag} no other process holds; check BIND_ADDRESS otherwise"
+            raise NodeStartError(f"node {self.address} cannot listen on {settings.BIND_ADDRESS}:{port} ({flag}): {exc.strerror or exc}. {hint}") from exc
 
     def _node_back(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether a node holds this node's address again, for the hand-back of its queue at
@@ -318,6 +347,11 @@ class PushNode(LeaseKeeper, Deliveries, TokenWatch, NodeHealth):
             handler.drained_during_check()
         await self._revocations.stop()
         await self.redis.aclose()
+        # The internal port last: its /healthz said "draining" (503) and /metrics was scraped
+        # throughout the drain.
+        if self._internal_server is not None:
+            self._internal_server.stop()
+            await self._internal_server.close_all_connections()
         log.info("node=%s drained and stopped: closed %d connections", self.address, len(conns))
 
     # --- connections (loop thread) ------------------------------------------------------------

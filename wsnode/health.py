@@ -40,14 +40,27 @@ def ping_failure(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def public_health(status: dict) -> dict:
+    """What ``/healthz`` says on the public port of a node that has an internal one
+    (``--internal-port``): whether it is ready, as its status code says too, and nothing of what
+    :meth:`NodeHealth.health` adds for operators (its Redis's answers, which name ``REDIS_URL``'s
+    host and user, its broker's, its load), which the internal port's ``/healthz`` keeps."""
+    return {"ready": status["ready"]}
+
+
 class HealthHandler(tornado.web.RequestHandler):
-    def initialize(self, node: PushNode) -> None:
+    """``GET /healthz``: 200 when the node is ready, else 503; the whole of
+    :meth:`NodeHealth.health`, or only :func:`public_health` (``full=False``: the public port of a
+    node that has an internal one)."""
+
+    def initialize(self, node: PushNode, full: bool = True) -> None:
         self.node = node
+        self.full = full
 
     def get(self) -> None:
         status = self.node.health()
         self.set_status(200 if status["ready"] else 503)
-        self.finish(status)
+        self.finish(status if self.full else public_health(status))
 
 
 class NodeHealth:

@@ -8,10 +8,16 @@ stopped and started again), so the shared cluster is never disturbed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import redis as redis_lib
@@ -133,11 +139,22 @@ async def test_a_connection_is_logged_once_with_its_user_and_handshake_time_and_
 # --- health ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def lone_node(tmp_path):
-    """One node with its own routing Redis (which the test stops) and its own broker Redis, plus
-    auth; no worker (no replay ever answers, so REPLAY_TIMEOUT is long).  Lease renewal runs every
-    100 s: only the node's PING can notice an outage within the test."""
+class LoneNode(NamedTuple):
+    """What :func:`lone_node_of` started."""
+
+    registry: launcher.RedisServer
+    auth_port: int
+    port: int
+    internal_port: int | None
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def lone_node_of(tmp_path: Path, internal_port: int | None = None) -> Iterator[LoneNode]:
+    """One node (``--internal-port internal_port`` when given) with its own routing Redis (which
+    the test stops) and its own broker Redis, plus auth; no worker (no replay ever answers, so
+    REPLAY_TIMEOUT is long).  Lease renewal runs every 100 s: only the node's PING can notice an
+    outage within the test."""
     registry = launcher.RedisServer(data_dir=tmp_path / "registry").start()
     broker = launcher.RedisServer(data_dir=tmp_path / "broker").start()
     auth_port, port = launcher.free_port(), launcher.free_port()
@@ -145,8 +162,8 @@ def lone_node(tmp_path):
     services = []
     try:
         services.append(launcher.start_auth(env, auth_port, log_path=tmp_path / "auth.log"))
-        services.append(launcher.start_node(env, port, log_path=tmp_path / "node.log"))
-        yield registry, auth_port, port
+        services.append(launcher.start_node(env, port, log_path=tmp_path / "node.log", internal_port=internal_port))
+        yield LoneNode(registry, auth_port, port, internal_port, env)
     except BaseException:
         for service in services:
             print(f"--- {service.name} ---\n{service.log_tail(30)}")
@@ -156,6 +173,13 @@ def lone_node(tmp_path):
             service.terminate(timeout=10)
         broker.stop()
         registry.stop()
+
+
+@pytest.fixture
+def lone_node(tmp_path):
+    """:func:`lone_node_of` without an internal port: ``(registry, auth_port, port)``."""
+    with lone_node_of(tmp_path) as node:
+        yield node.registry, node.auth_port, node.port
 
 
 def health(port: int) -> tuple[int, dict]:
@@ -220,3 +244,53 @@ async def test_a_node_whose_restarted_redis_lost_its_leases_closes_their_connect
     assert routes.exists(route_key("lease-back"))
     routes.close()
     back.close()
+
+
+# --- the internal port -----------------------------------------------------------------------
+
+
+async def test_with_an_internal_port_metrics_and_the_whole_healthz_answer_there_and_the_public_healthz_says_only_ready(tmp_path):
+    """``--internal-port``: ``/metrics`` and ``/healthz`` with its reasons (which name Redis) answer
+    on it; the public port (browsers') answers ``/healthz`` with the same status and only
+    ``{"ready": ...}``, and no ``/metrics``, in an outage of Redis too."""
+    with lone_node_of(tmp_path, internal_port=launcher.free_port()) as node:
+        port, internal = node.port, node.internal_port
+        assert await asyncio.to_thread(health, port) == (200, {"ready": True})
+        status, body = await asyncio.to_thread(health, internal)
+        assert status == 200 and body["ready"] is True and body["node"] == f"127.0.0.1:{port}" and body["redis"] is True
+        assert (await asyncio.to_thread(get, f"http://127.0.0.1:{port}/metrics"))[0] == 404
+        assert value(await asyncio.to_thread(scrape, internal), "push_node_redis_up") == 1
+
+        await asyncio.to_thread(node.registry.stop)
+        await wait_for(lambda: health(internal)[0] == 503, "503 on the internal port while Redis is down")
+        assert await asyncio.to_thread(health, port) == (503, {"ready": False})
+        status, body = await asyncio.to_thread(health, internal)
+        assert status == 503 and "Redis" in body["reason"] and body["redis"] is False
+        assert value(await asyncio.to_thread(scrape, internal), "push_node_redis_up") == 0
+
+        await asyncio.to_thread(node.registry.start)
+        await wait_for(lambda: health(port) == (200, {"ready": True}), "200 on the public port once Redis is back")
+        # Browsers still connect on the public port.
+        token = await asyncio.to_thread(issue_token, node.auth_port, "internal-port-user")
+        client = await Client.connect(f"ws://127.0.0.1:{port}/ws?token={token}")
+        client.close()
+
+        # A second node given the same internal port stops at once, naming the option.
+        second = launcher.free_port()
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "wsnode", "--port", str(second), "--internal-port", str(internal)],
+            env=node.env, cwd=launcher.REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert f"cannot listen on 127.0.0.1:{internal} (--internal-port)" in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+        routes = redis_lib.Redis.from_url(node.registry.url(1))
+        assert routes.zscore(NODES_KEY, f"127.0.0.1:{second}") is None, "the node wrote its lease though it could not listen"
+        routes.close()
+
+
+def test_an_internal_port_that_is_the_public_port_is_refused_before_the_node_starts():
+    port = launcher.free_port()
+    done = subprocess.run([sys.executable, "-m", "wsnode", "--port", str(port), "--internal-port", str(port)],
+                          cwd=launcher.REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--internal-port {port} is --port too" in done.stderr, done.stderr[-2000:]
