@@ -53,9 +53,18 @@ class Browser:
         if self._task is not None:
             await asyncio.wait_for(self._task, 10)
 
+    def _going_on(self) -> bool:
+        """Whether to go on reading or connecting: not once :meth:`stop` was called, and never once
+        the task was cancelled, even where a wait dropped the cancel (``asyncio.wait_for`` in
+        Python 3.11, :func:`tests.integration.wsclient.within`): a failed test leaves its browsers
+        running, and the event loop's teardown cancels them once, then waits for them to end."""
+        if asyncio.current_task().cancelling():
+            raise asyncio.CancelledError
+        return not self._stop.is_set()
+
     async def _run(self) -> None:
         delay = 0.1
-        while not self._stop.is_set():
+        while self._going_on():
             port = self.ports[self._next % len(self.ports)]
             self._next += 1
             try:
@@ -65,7 +74,7 @@ class Browser:
                 self._client = await Client.connect(url, timeout=5)
                 self.connections += 1
                 delay = 0.1
-                while not self._stop.is_set():
+                while self._going_on():
                     frame = await self._client.next_frame(timeout=3600)
                     if frame["type"] == "message":
                         self.messages.append(frame)
@@ -78,7 +87,7 @@ class Browser:
                     raise AssertionError(f"{self.user}: closed with terminal code {code}: {exc}")
             finally:
                 self._client = None
-            if not self._stop.is_set():
+            if self._going_on():
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 1.6)
 

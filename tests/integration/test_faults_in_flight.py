@@ -147,15 +147,39 @@ async def test_a_node_drained_while_redis_restarts_loses_nothing(fault_cluster):
     assert "could not release leases" in drained, "the drain ran after Redis was back: the test did not make its case"
 
 
+async def answers_sending_again_the_lost(cluster, sent: list, kwargs: list[dict], wait: float) -> tuple[list, list[str]]:
+    """What business code that needs every answer does (README, **Delivery**): wait up to ``wait``
+    seconds for all of ``sent`` (``tasks.collect_many`` results, sent with ``kwargs``), then send
+    each that has no answer yet again under its task id, which gives the same ids and stores
+    nothing twice, and wait for those.  Returns every request's ids, and the task ids sent again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while not all(await asyncio.to_thread(lambda: [result.ready() for result in sent])) and loop.time() < deadline:
+        await asyncio.sleep(0.5)
+    again = []
+    for n, result in enumerate(sent):
+        if not await asyncio.to_thread(result.ready):
+            again.append(result.id)
+            sent[n] = cluster.business.send_task("tasks.collect_many", kwargs=kwargs[n], queue="collect", task_id=result.id)
+    return [await cluster.result(result, 60) for result in sent], again
+
+
+@pytest.mark.timeout(240)  # the wait for the rerun (78 s), and for a batch the Redis broker lost, sent again
 async def test_a_worker_killed_whole_mid_batch_answers_each_waiting_caller_on_the_rerun_and_delivers_each_message_once(fault_cluster):
     """The worker's main process and its pool (the whole group, as a host crash would) SIGKILLed
     once the first of eight ``tasks.collect_many`` batches of 1,000 messages reached users online,
     with some of them not done yet (taken by the worker, running or waiting in its prefetch); a new
-    worker starts.  Business code that simply waits on ``.get()`` (long enough
-    for the broker to give the killed worker's tasks back: at once on RabbitMQ, after
-    ``VISIBILITY_TIMEOUT`` plus the restore scan on Redis) gets every request's ids, and each user
-    gets each of its messages under exactly one id: what the first run stored and routed before the
-    kill comes again under the same ids (the task id is the key), never under new ones."""
+    worker starts.  Business code that waits on ``.get()`` (long enough for the broker to give the
+    killed worker's tasks back: at once on RabbitMQ, after ``VISIBILITY_TIMEOUT`` plus the restore
+    scan on Redis) gets every request's ids, and each user gets each of its messages under exactly
+    one id: what the first run stored and routed before the kill comes again under the same ids
+    (the task id is the key), never under new ones.
+
+    On the Redis broker the batch the killed worker had just taken with ``BRPOP``, and not yet
+    recorded as unacknowledged, is lost with it (the README's window: in a run under two CPU-bound
+    processes, the broker's log showed the eighth batch popped and never recorded): business code
+    that needs every answer sends a batch without one again under its task id, as the README
+    says, and gets the same ids.  On RabbitMQ no batch is sent again."""
     cluster = fault_cluster
     users = [f"{cluster.broker}-killed-worker-{n}" for n in range(20)]
     browsers = [Browser(cluster, user, cluster.node_ports, first=n) for n, user in enumerate(users)]
@@ -164,15 +188,18 @@ async def test_a_worker_killed_whole_mid_batch_answers_each_waiting_caller_on_th
     await asyncio.gather(*(b.connected() for b in browsers))
     batches, per_batch = 8, 1000
     per_user = batches * per_batch // len(users)
-    sent = [cluster.send("tasks.collect_many", messages=[{"to": users[i % len(users)], "data": {"u": users[i % len(users)], "n": b * (per_batch // len(users)) + i // len(users)}}
-                                                         for i in range(per_batch)]) for b in range(batches)]
+    kwargs = [{"messages": [{"to": users[i % len(users)], "data": {"u": users[i % len(users)], "n": b * (per_batch // len(users)) + i // len(users)}}
+                            for i in range(per_batch)]} for b in range(batches)]
+    sent = [cluster.send("tasks.collect_many", **batch) for batch in kwargs]
     # Mid-stream: some messages reached a browser, not every request has its ids yet.
     await wait_for(lambda: any(b.messages for b in browsers), 30, "a first message reached a browser")
     ready = sum(result.ready() for result in sent)
     await asyncio.to_thread(cluster.worker.kill)
     assert ready < batches, "every batch was done before the kill: the test did not make its case"
     cluster.worker = await asyncio.to_thread(cluster.start_worker, "worker2")
-    results = [await cluster.result(result, 8 + 10 + 60) for result in sent]  # VISIBILITY_TIMEOUT, UNACKED_RESTORE_SECONDS, the rerun
+    results, again = await answers_sending_again_the_lost(cluster, sent, kwargs, 8 + 10 + 60)  # VISIBILITY_TIMEOUT, UNACKED_RESTORE_SECONDS, the rerun
+    assert cluster.broker == "redis" or again == [], f"RabbitMQ gave back every task of the killed worker, yet {again} had no answer"
+    assert len(again) <= 1, f"more than the one task a BRPOP can take had no answer: {again}"
     assert all(len(ids) == per_batch and len(set(ids)) == per_batch for ids in results)
     await wait_complete(browsers, per_user, 60)
     await asyncio.gather(*(b.stop() for b in browsers))
