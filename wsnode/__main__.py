@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 
 import startup
@@ -30,6 +31,17 @@ async def main(port: int, host: str, internal_port: int | None) -> None:
     await stop.wait()
     log.info("node %s: stop requested", node.address)
     await node.stop()
+    # Drained: a SIGTERM or Ctrl-C from now on (a second one, from a supervisor or an operator)
+    # ends the process at once with status 0.  By default it came while the interpreter exited
+    # (joining the consumer's and the publisher's threads), and killed it: status -15 for a clean
+    # drain.  Here until the loop closes, then in the ``__main__`` block (:func:`_exit_drained`).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, os._exit, 0)
+
+
+def _exit_drained(signum, frame) -> None:
+    """A SIGTERM or SIGINT after the drain ended: exit now, with status 0."""
+    os._exit(0)
 
 
 if __name__ == "__main__":
@@ -52,3 +64,6 @@ if __name__ == "__main__":
     except NodeStartError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
+    # The loop closed (and gave the signals back to their defaults) after the drain: see main().
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_drained)

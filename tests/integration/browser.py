@@ -55,9 +55,12 @@ class Browser:
 
     def _going_on(self) -> bool:
         """Whether to go on reading or connecting: not once :meth:`stop` was called, and never once
-        the task was cancelled, even where a wait dropped the cancel (``asyncio.wait_for`` in
-        Python 3.11, :func:`tests.integration.wsclient.within`): a failed test leaves its browsers
-        running, and the event loop's teardown cancels them once, then waits for them to end."""
+        the task was cancelled, even where a wait dropped the cancel.  Python 3.11's
+        ``asyncio.wait_for`` returns a result that arrives in the loop iteration of a cancel and
+        drops the cancel (which is also what keeps a frame read at its timeout from being lost:
+        the test client keeps it).  A failed test leaves its browsers running, and the event
+        loop's teardown cancels them once, then waits for them to end: one that read a close
+        frame so went on connecting and reading, and the test process waited for it for ever."""
         if asyncio.current_task().cancelling():
             raise asyncio.CancelledError
         return not self._stop.is_set()

@@ -54,6 +54,31 @@ async def test_sigterm_closes_clients_with_1001_and_releases_the_node_leases(clu
     assert all(cluster.routes.zscore(route_key(f"sigterm-{i}"), address) is None for i in range(3))
 
 
+@pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the node's own signal handling, whatever the broker
+async def test_a_node_sent_sigterm_again_and_again_while_it_drains_and_exits_still_exits_with_0(cluster):
+    """A supervisor or an operator that sends SIGTERM more than once: during the drain each is one
+    stop request, and one that comes once the drain ended, while the interpreter exits (it joins
+    the node's threads), ends the process at once with status 0.  It used to kill it by the
+    signal, status -15, for a clean drain (a test that terminated a node right as its drain ended
+    failed so).  SIGTERM every millisecond from the first until the node has exited."""
+    node = cluster.start_node()
+
+    def storm() -> int | None:
+        sent = 0
+        while node.alive:
+            try:
+                os.kill(node.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+            sent += 1
+            time.sleep(0.001)
+        assert sent > 1, "the node exited at the first SIGTERM: nothing came while it drained and exited"
+        return node.returncode
+
+    assert await asyncio.to_thread(storm) == 0
+    assert "drained and stopped" in cluster._log(f"node-{node.port}").read_text(errors="replace")
+
+
 @pytest.mark.parametrize("cluster", ["redis"], indirect=True)  # the claim is in Redis whatever the broker
 async def test_a_second_node_given_the_same_address_waits_for_the_first_to_drain_instead_of_splitting_its_queue(cluster):
     """Two hosts that both left NODE_HOST at its default, with the same --port (here two loopback

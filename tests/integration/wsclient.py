@@ -15,16 +15,6 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
 
-async def within(awaitable, seconds: float):
-    """``await awaitable``, or ``TimeoutError`` after ``seconds``: ``asyncio.wait_for``, except that a
-    cancel that lands in the loop iteration that brings the result is never swallowed.  Python
-    3.11's ``wait_for`` returns the result then and drops the cancel (fixed in 3.12): a
-    :class:`tests.integration.browser.Browser` left running by a failed test read its next frame
-    instead of stopping, connected again, and the test process's teardown waited for it for ever."""
-    async with asyncio.timeout(seconds):
-        return await awaitable
-
-
 class Client:
     """Acks every message it reads, as the browser client does (``auto_ack=False`` to stop that)."""
 
@@ -42,7 +32,7 @@ class Client:
     @classmethod
     async def connect(cls, url: str, expect_hello: bool = True, timeout: float = 10.0, auto_ack: bool = True, wait_resumed: bool = False) -> "Client":
         """Open a connection; ``wait_resumed`` also reads the opening replay (kept in ``inbox``)."""
-        ws = await within(websocket_connect(url, max_message_size=1 << 24), timeout)
+        ws = await asyncio.wait_for(websocket_connect(url, max_message_size=1 << 24), timeout)
         client = cls(ws, url, auto_ack)
         if expect_hello:
             client.hello = await client.next_frame(timeout)
@@ -53,7 +43,7 @@ class Client:
         return client
 
     async def next_frame(self, timeout: float = 10.0) -> dict:
-        raw = await within(self.ws.read_message(), timeout)
+        raw = await asyncio.wait_for(self.ws.read_message(), timeout)
         if raw is None:
             raise ConnectionError(f"closed with {self.ws.close_code} {self.ws.close_reason!r}")
         frame = json.loads(raw)
@@ -107,7 +97,7 @@ class Client:
         """Wait for the server to close; returns (code, reason)."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            raw = await within(self.ws.read_message(), deadline - asyncio.get_running_loop().time())
+            raw = await asyncio.wait_for(self.ws.read_message(), deadline - asyncio.get_running_loop().time())
             if raw is None:
                 return self.ws.close_code, self.ws.close_reason
 
